@@ -1,0 +1,270 @@
+"""Redis metadata store: shared by the router and every worker, survives their restarts.
+
+The key schema, field encoding, time-index and retention design are documented in ``schema.py``.
+Redis errors (``redis.exceptions.ConnectionError``, ``TimeoutError``) propagate unchanged; the router maps
+them to UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import redis
+from redis.client import Pipeline
+
+from mosaic_core.errors import ConfigError, UnknownStreamError
+from services.metadata.base import ClusterMeta, MetadataStore, StreamRecord, validate_id
+from services.metadata.schema import (
+    DEFAULT_NAMESPACE,
+    MAX_SPAN_FIELD,
+    MOVE_CLUSTER_LUA,
+    Keys,
+    decode_cluster,
+    decode_stream,
+    encode_cluster,
+    encode_stream,
+)
+
+T = TypeVar("T")
+_DELETE_CHUNK_KEYS = 1024  # keys per DEL command, so one huge stream does not make one huge command
+
+
+def _score(value: float) -> str:
+    return repr(float(value))
+
+
+class RedisMetadataStore(MetadataStore):
+    """``MetadataStore`` on one Redis primary.
+
+    Args:
+        client: a ``redis.Redis`` created with ``decode_responses=True``.
+        namespace: key prefix, so several deployments can share a database.
+        clock: wall-clock source for ``updated_s`` (seconds).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not client.connection_pool.connection_kwargs.get("decode_responses", False):
+            raise ConfigError("RedisMetadataStore needs a redis.Redis client with decode_responses=True")
+        self._client = client
+        self._keys = Keys(namespace)
+        self._clock = clock
+        self._move_script = client.register_script(MOVE_CLUSTER_LUA)
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, clock: Callable[[], float] = time.time
+    ) -> RedisMetadataStore:
+        """Connects to ``redis://host:port/db`` (or ``rediss://``, ``unix://``)."""
+        return cls(redis.Redis.from_url(url, decode_responses=True), namespace=namespace, clock=clock)
+
+    @property
+    def keys(self) -> Keys:
+        return self._keys
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- streams -----------------------------------------------------------------------------------
+
+    def put_stream(self, record: StreamRecord, *, if_absent: bool = False) -> bool:
+        key = self._keys.stream(record.stream_id)
+
+        def write(pipe: Pipeline) -> bool:
+            exists = pipe.exists(key)
+            if exists and if_absent:
+                return False
+            old_worker = pipe.hget(key, "worker_id") or None
+            pipe.multi()
+            pipe.hset(key, mapping=encode_stream(record))
+            if not exists:
+                pipe.hset(key, MAX_SPAN_FIELD, _score(0.0))
+            pipe.sadd(self._keys.streams(), record.stream_id)
+            self._queue_assign(pipe, record.stream_id, old_worker, record.worker_id)
+            pipe.execute()
+            return True
+
+        return self._atomic(write, key)
+
+    def get_stream(self, stream_id: str) -> StreamRecord | None:
+        fields = self._client.hgetall(self._keys.stream(stream_id))
+        return decode_stream(fields) if fields else None
+
+    def list_streams(self) -> list[StreamRecord]:
+        stream_ids = sorted(self._client.smembers(self._keys.streams()))
+        rows = self._read_hashes(self._keys.stream(s) for s in stream_ids)
+        return [decode_stream(fields) for fields in rows if fields]
+
+    def delete_stream(self, stream_id: str) -> bool:
+        stream_key, tindex_key = self._keys.stream(stream_id), self._keys.tindex(stream_id)
+
+        def remove(pipe: Pipeline) -> bool:
+            if not pipe.exists(stream_key):
+                return False
+            worker_id = pipe.hget(stream_key, "worker_id") or None
+            cluster_keys = [self._keys.cluster(stream_id, c) for c in pipe.zrange(tindex_key, 0, -1)]
+            pipe.multi()
+            all_keys = [stream_key, tindex_key, *cluster_keys]
+            for i in range(0, len(all_keys), _DELETE_CHUNK_KEYS):
+                pipe.delete(*all_keys[i : i + _DELETE_CHUNK_KEYS])
+            pipe.srem(self._keys.streams(), stream_id)
+            self._queue_assign(pipe, stream_id, worker_id, None)
+            pipe.execute()
+            return True
+
+        # Watching the index makes a concurrent put_cluster restart this read, so no cluster is orphaned.
+        return self._atomic(remove, stream_key, tindex_key)
+
+    def set_worker(self, stream_id: str, worker_id: str | None) -> None:
+        if worker_id is not None:
+            validate_id("worker_id", worker_id)
+        key = self._keys.stream(stream_id)
+
+        def assign(pipe: Pipeline) -> None:
+            if not pipe.exists(key):
+                raise UnknownStreamError(f"unknown stream {stream_id!r}")
+            old_worker = pipe.hget(key, "worker_id") or None
+            pipe.multi()
+            pipe.hset(key, "worker_id", worker_id or "")
+            self._queue_assign(pipe, stream_id, old_worker, worker_id)
+            pipe.execute()
+
+        self._atomic(assign, key)
+
+    def streams_on_worker(self, worker_id: str) -> list[str]:
+        return sorted(self._client.smembers(self._keys.worker_streams(worker_id)))
+
+    def assignments(self) -> dict[str, str]:
+        stream_ids = sorted(self._client.smembers(self._keys.streams()))
+        pipe = self._client.pipeline(transaction=False)
+        for stream_id in stream_ids:
+            pipe.hget(self._keys.stream(stream_id), "worker_id")
+        return {s: w for s, w in zip(stream_ids, pipe.execute(), strict=True) if w}
+
+    # --- clusters ----------------------------------------------------------------------------------
+
+    def put_cluster(self, meta: ClusterMeta) -> None:
+        stream_key = self._keys.stream(meta.stream_id)
+        fields = encode_cluster(meta)
+        fields["updated_s"] = _score(self._clock())
+        span_s = meta.span_s
+
+        def write(pipe: Pipeline) -> None:
+            max_span = pipe.hget(stream_key, MAX_SPAN_FIELD)
+            if max_span is None:
+                raise UnknownStreamError(f"unknown stream {meta.stream_id!r} for cluster {meta.cluster_id!r}")
+            pipe.multi()
+            pipe.hset(self._keys.cluster(meta.stream_id, meta.cluster_id), mapping=fields)
+            pipe.zadd(self._keys.tindex(meta.stream_id), {meta.cluster_id: meta.start_s})
+            if span_s > float(max_span):
+                pipe.hset(stream_key, MAX_SPAN_FIELD, _score(span_s))
+            pipe.execute()
+
+        # Watching the stream hash: a concurrent delete_stream (or a concurrent max_span_s raise) restarts us.
+        self._atomic(write, stream_key)
+
+    def get_cluster(self, stream_id: str, cluster_id: str) -> ClusterMeta | None:
+        fields = self._client.hgetall(self._keys.cluster(stream_id, cluster_id))
+        return decode_cluster(fields) if fields else None
+
+    def list_clusters(self, stream_id: str) -> list[ClusterMeta]:
+        cluster_ids = self._client.zrange(self._keys.tindex(stream_id), 0, -1)
+        return self._read_clusters(stream_id, cluster_ids)
+
+    def clusters_in_range(self, stream_id: str, start_s: float, end_s: float) -> list[ClusterMeta]:
+        self._check_range(start_s, end_s)
+        max_span = self._client.hget(self._keys.stream(stream_id), MAX_SPAN_FIELD)
+        if max_span is None:
+            return []
+        lo = start_s - float(max_span)
+        cluster_ids = self._client.zrangebyscore(self._keys.tindex(stream_id), _score(lo), _score(end_s))
+        return [m for m in self._read_clusters(stream_id, cluster_ids) if m.end_s >= start_s]
+
+    def move_cluster(
+        self, stream_id: str, cluster_id: str, *, from_tier: str, to_tier: str, location: str
+    ) -> bool:
+        self._check_move(from_tier, to_tier, location)
+        moved = self._move_script(
+            keys=[self._keys.cluster(stream_id, cluster_id)],
+            args=[from_tier, to_tier, location, _score(self._clock())],
+        )
+        return bool(moved)
+
+    def delete_cluster(self, stream_id: str, cluster_id: str) -> bool:
+        pipe = self._client.pipeline(transaction=True)
+        pipe.delete(self._keys.cluster(stream_id, cluster_id))
+        pipe.zrem(self._keys.tindex(stream_id), cluster_id)
+        num_deleted, _ = pipe.execute()
+        return num_deleted > 0
+
+    def apply_retention(self, stream_id: str, now_s: float) -> list[str]:
+        retention = self._client.hget(self._keys.stream(stream_id), "retention_s")
+        if retention is None:
+            raise UnknownStreamError(f"unknown stream {stream_id!r}")
+        if float(retention) <= 0:
+            return []
+        cutoff_s = now_s - float(retention)
+        tindex_key = self._keys.tindex(stream_id)
+
+        def expire(pipe: Pipeline) -> list[str]:
+            candidates = pipe.zrangebyscore(tindex_key, "-inf", f"({_score(cutoff_s)}")
+            if not candidates:
+                return []
+            cluster_keys = [self._keys.cluster(stream_id, c) for c in candidates]
+            # A candidate that grows (its end_s moves past the cutoff) after this read aborts the EXEC.
+            pipe.watch(tindex_key, *cluster_keys)
+            reader = self._client.pipeline(transaction=False)
+            for key in cluster_keys:
+                reader.hget(key, "end_s")
+            ends = reader.execute()
+            expired = [
+                c
+                for c, end in zip(candidates, ends, strict=True)
+                if end is not None and float(end) < cutoff_s
+            ]
+            pipe.multi()
+            if expired:
+                pipe.delete(*(self._keys.cluster(stream_id, c) for c in expired))
+                pipe.zrem(tindex_key, *expired)
+            pipe.execute()
+            return expired
+
+        return self._atomic(expire, tindex_key)
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _atomic(self, body: Callable[[Pipeline], T], *watched: str) -> T:
+        """Runs ``body`` under WATCH of ``watched`` until its MULTI/EXEC commits (optimistic locking)."""
+        with self._client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(*watched)
+                    return body(pipe)
+                except redis.WatchError:
+                    continue  # another writer committed first; re-read and retry
+
+    def _queue_assign(
+        self, pipe: Pipeline, stream_id: str, old_worker: str | None, new_worker: str | None
+    ) -> None:
+        if old_worker is not None and old_worker != new_worker:
+            pipe.srem(self._keys.worker_streams(old_worker), stream_id)
+        if new_worker is not None:
+            pipe.sadd(self._keys.worker_streams(new_worker), stream_id)
+
+    def _read_hashes(self, keys: Iterable[str]) -> list[dict[str, str]]:
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        return pipe.execute()
+
+    def _read_clusters(self, stream_id: str, cluster_ids: list[str]) -> list[ClusterMeta]:
+        rows = self._read_hashes(self._keys.cluster(stream_id, c) for c in cluster_ids)
+        # A cluster deleted between the index read and this one is simply absent from the answer.
+        return [decode_cluster(fields) for fields in rows if fields]

@@ -1,0 +1,399 @@
+"""Prometheus metrics of the Mosaic service (the names and labels of SERVICE_SPEC.md, kept exactly).
+
+One ``MosaicMetrics`` object owns every metric on an injected ``CollectorRegistry`` (a fresh one by default,
+never the process-global registry, so tests and several servers in one process do not collide). The
+router and the workers call its small methods; nothing else in the code base touches prometheus_client.
+
+Cardinality is bounded on purpose:
+- ``stream``: the first ``max_stream_labels`` streams get their own value; later ones share ``_other``.
+  For ``_other`` the queue-depth gauge reports the sum over those streams and the lag gauge the maximum,
+  so the overflow bucket still answers "how much is queued" and "how far behind is the worst stream".
+  ``forget_stream`` drops a deleted stream's series and frees its slot for the next new stream.
+- ``worker`` is the worker index ("0", "1", ...); enum-like labels (``reason``, ``outcome``, ``mode``,
+  ``direction``, ``tier``, ``code``) accept only their listed values and raise ``ValueError`` otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.metadata.base import TIERS
+
+STREAM_OTHER = "_other"
+DEFAULT_MAX_STREAM_LABELS = 64
+DROP_REASONS = ("queue_full", "decode_error", "invalid", "stream_deleted")
+QUERY_OUTCOMES = ("ok", "error", "rejected", "deadline")
+MODES = ("full", "token", "cluster")
+TRANSFER_DIRECTIONS = ("host_to_device", "device_to_host", "host_to_disk", "disk_to_host")
+# Every gRPC status code an RPC can fail with (OK is not an error).
+ERROR_CODES = (
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+
+# Latency buckets in seconds. TTFT targets are tens of ms, decode steps single ms, ingest up to seconds.
+INGEST_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_FRAMES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+INTER_TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
+RETRIEVAL_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def _check(kind: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{kind} {value!r} is not one of {allowed}")
+    return value
+
+
+def _worker(worker: int | str) -> str:
+    label = str(worker)
+    if not label.isdigit() or not label.isascii():
+        raise ValueError(f"worker {worker!r} must be a worker index such as '0' or 1")
+    return label
+
+
+def _non_negative(name: str, value: float) -> float:
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{name}={value!r} must be >= 0")
+    return value
+
+
+@dataclass(slots=True)
+class MetricsServer:
+    """A running /metrics HTTP endpoint; ``close()`` stops it and frees the port."""
+
+    httpd: WSGIServer
+    thread: threading.Thread
+    closed: bool = field(default=False, init=False)
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    def close(self) -> None:
+        """Stops serving; calling it again does nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+class MosaicMetrics:
+    """Every Mosaic metric, with validated, bounded labels.
+
+    Args:
+        registry: where the metrics are registered; a new private registry if None.
+        max_stream_labels: streams that get their own ``stream`` label value before ``_other``.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, max_stream_labels: int = DEFAULT_MAX_STREAM_LABELS
+    ) -> None:
+        if max_stream_labels < 0:
+            raise ValueError(f"max_stream_labels={max_stream_labels} must be >= 0")
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.max_stream_labels = max_stream_labels
+        self._lock = threading.Lock()
+        self._stream_labels: set[str] = set()
+        self._overflow_depth: dict[str, int] = {}
+        self._overflow_lag_s: dict[str, float] = {}
+        self._overflow: set[str] = set()
+        r = self.registry
+        # --- ingest ---
+        self.frames_received_total = Counter(
+            "mosaic_frames_received_total", "Frames accepted from clients or sources.", ["stream"], registry=r
+        )
+        self.frames_ingested_total = Counter(
+            "mosaic_frames_ingested_total", "Frames encoded into the KV cache.", ["stream"], registry=r
+        )
+        self.frames_dropped_total = Counter(
+            "mosaic_frames_dropped_total", "Frames dropped, by reason.", ["stream", "reason"], registry=r
+        )
+        self.ingest_queue_depth = Gauge(
+            "mosaic_ingest_queue_depth",
+            "Frames waiting in the stream's bounded ingest queue.",
+            ["stream"],
+            registry=r,
+        )
+        self.stream_lag_seconds = Gauge(
+            "mosaic_stream_lag_seconds",
+            "Wall-clock now minus the timestamp of the newest ingested frame.",
+            ["stream"],
+            registry=r,
+        )
+        self.ingest_latency_seconds = Histogram(
+            "mosaic_ingest_latency_seconds",
+            "Time from frame receipt to KV written.",
+            ["worker"],
+            buckets=INGEST_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.ingest_batch_frames = Histogram(
+            "mosaic_ingest_batch_frames",
+            "Frames per cross-stream ingest batch.",
+            ["worker"],
+            buckets=BATCH_FRAMES_BUCKETS,
+            registry=r,
+        )
+        # --- questions ---
+        self.query_queue_depth = Gauge(
+            "mosaic_query_queue_depth", "Questions waiting in the router's bounded queue.", registry=r
+        )
+        self.queries_total = Counter(
+            "mosaic_queries_total", "Questions finished, by outcome.", ["outcome"], registry=r
+        )
+        self.time_to_first_token_seconds = Histogram(
+            "mosaic_time_to_first_token_seconds",
+            "Question received to first answer token.",
+            ["mode"],
+            buckets=TTFT_BUCKETS_S,
+            registry=r,
+        )
+        self.inter_token_latency_seconds = Histogram(
+            "mosaic_inter_token_latency_seconds",
+            "Gap between answer tokens.",
+            ["mode"],
+            buckets=INTER_TOKEN_BUCKETS_S,
+            registry=r,
+        )
+        self.retrieval_latency_seconds = Histogram(
+            "mosaic_retrieval_latency_seconds",
+            "Scoring and fetching clusters for one question.",
+            ["mode"],
+            buckets=RETRIEVAL_BUCKETS_S,
+            registry=r,
+        )
+        # --- memory tiers ---
+        self.transfer_bytes_total = Counter(
+            "mosaic_transfer_bytes_total",
+            "KV bytes moved between tiers.",
+            ["worker", "direction"],
+            registry=r,
+        )
+        self.tier_used_bytes = Gauge(
+            "mosaic_tier_used_bytes", "KV bytes held per tier.", ["worker", "tier"], registry=r
+        )
+        self.tier_capacity_bytes = Gauge(
+            "mosaic_tier_capacity_bytes", "Configured KV budget per tier.", ["worker", "tier"], registry=r
+        )
+        self.clusters = Gauge(
+            "mosaic_clusters", "Clusters resident per tier.", ["worker", "tier"], registry=r
+        )
+        self.cluster_device_hit_ratio = Gauge(
+            "mosaic_cluster_device_hit_ratio",
+            "Fraction of retrieved clusters already on device, since start.",
+            ["worker"],
+            registry=r,
+        )
+        # --- service ---
+        self.active_streams = Gauge("mosaic_active_streams", "Open streams.", registry=r)
+        self.workers_up = Gauge("mosaic_workers_up", "Live worker actors.", registry=r)
+        self.errors_total = Counter(
+            "mosaic_errors_total", "Errors returned, by gRPC status code name.", ["code"], registry=r
+        )
+
+    # --- stream label mapping ----------------------------------------------------------------------
+
+    def stream_label(self, stream_id: str) -> str:
+        """The ``stream`` label value for ``stream_id``: itself while slots last, else ``_other``."""
+        with self._lock:
+            return self._stream_label_locked(stream_id)
+
+    def _stream_label_locked(self, stream_id: str) -> str:
+        if stream_id in self._stream_labels:
+            return stream_id
+        if stream_id in self._overflow or stream_id == STREAM_OTHER:
+            return STREAM_OTHER
+        if len(self._stream_labels) < self.max_stream_labels:
+            self._stream_labels.add(stream_id)
+            return stream_id
+        self._overflow.add(stream_id)
+        return STREAM_OTHER
+
+    def forget_stream(self, stream_id: str) -> None:
+        """Drops a deleted stream's own series (or its share of ``_other``) and frees its label slot."""
+        with self._lock:
+            if stream_id in self._stream_labels:
+                self._stream_labels.discard(stream_id)
+                for metric in (
+                    self.frames_received_total,
+                    self.frames_ingested_total,
+                    self.ingest_queue_depth,
+                    self.stream_lag_seconds,
+                ):
+                    metric.remove(stream_id)
+                for reason in DROP_REASONS:
+                    self.frames_dropped_total.remove(stream_id, reason)
+            elif stream_id in self._overflow:
+                # Counters of _other keep their totals; only the gauges' aggregates lose this stream.
+                self._overflow.discard(stream_id)
+                self._overflow_depth.pop(stream_id, None)
+                self._overflow_lag_s.pop(stream_id, None)
+                self._publish_overflow_gauges()
+
+    def _publish_overflow_gauges(self) -> None:
+        self.ingest_queue_depth.labels(STREAM_OTHER).set(sum(self._overflow_depth.values()))
+        self.stream_lag_seconds.labels(STREAM_OTHER).set(max(self._overflow_lag_s.values(), default=0.0))
+
+    # --- ingest ------------------------------------------------------------------------------------
+
+    def frame_received(self, stream_id: str, n: int = 1) -> None:
+        self.frames_received_total.labels(self.stream_label(stream_id)).inc(n)
+
+    def frames_ingested(self, stream_id: str, n: int) -> None:
+        self.frames_ingested_total.labels(self.stream_label(stream_id)).inc(n)
+
+    def frame_dropped(self, stream_id: str, reason: str, n: int = 1) -> None:
+        _check("reason", reason, DROP_REASONS)
+        self.frames_dropped_total.labels(self.stream_label(stream_id), reason).inc(n)
+
+    def set_ingest_queue_depth(self, stream_id: str, n: int) -> None:
+        _non_negative("ingest queue depth", n)
+        with self._lock:
+            label = self._stream_label_locked(stream_id)
+            if label == STREAM_OTHER:
+                self._overflow_depth[stream_id] = n
+                self._publish_overflow_gauges()
+            else:
+                self.ingest_queue_depth.labels(label).set(n)
+
+    def set_stream_lag(self, stream_id: str, s: float) -> None:
+        # Lag may be briefly negative when a camera clock runs ahead; it is reported as it is.
+        with self._lock:
+            label = self._stream_label_locked(stream_id)
+            if label == STREAM_OTHER:
+                self._overflow_lag_s[stream_id] = s
+                self._publish_overflow_gauges()
+            else:
+                self.stream_lag_seconds.labels(label).set(s)
+
+    def observe_ingest_latency(self, worker: int | str, s: float) -> None:
+        self.ingest_latency_seconds.labels(_worker(worker)).observe(_non_negative("ingest latency", s))
+
+    def observe_ingest_batch(self, worker: int | str, n: int) -> None:
+        self.ingest_batch_frames.labels(_worker(worker)).observe(_non_negative("batch frames", n))
+
+    # --- questions ---------------------------------------------------------------------------------
+
+    def set_query_queue_depth(self, n: int) -> None:
+        self.query_queue_depth.set(_non_negative("query queue depth", n))
+
+    def query_finished(self, outcome: str) -> None:
+        self.queries_total.labels(_check("outcome", outcome, QUERY_OUTCOMES)).inc()
+
+    def observe_ttft(self, mode: str, s: float) -> None:
+        self.time_to_first_token_seconds.labels(_check("mode", mode, MODES)).observe(_non_negative("ttft", s))
+
+    def observe_inter_token(self, mode: str, s: float) -> None:
+        mode = _check("mode", mode, MODES)
+        self.inter_token_latency_seconds.labels(mode).observe(_non_negative("inter-token latency", s))
+
+    def observe_retrieval(self, mode: str, s: float) -> None:
+        mode = _check("mode", mode, MODES)
+        self.retrieval_latency_seconds.labels(mode).observe(_non_negative("retrieval latency", s))
+
+    # --- memory tiers ------------------------------------------------------------------------------
+
+    def add_transfer_bytes(self, worker: int | str, direction: str, n: int) -> None:
+        _check("direction", direction, TRANSFER_DIRECTIONS)
+        self.transfer_bytes_total.labels(_worker(worker), direction).inc(n)
+
+    def set_tier(
+        self, worker: int | str, tier: str, used_bytes: int, capacity_bytes: int, num_clusters: int
+    ) -> None:
+        labels = (_worker(worker), _check("tier", tier, TIERS))
+        self.tier_used_bytes.labels(*labels).set(_non_negative("used_bytes", used_bytes))
+        self.tier_capacity_bytes.labels(*labels).set(_non_negative("capacity_bytes", capacity_bytes))
+        self.clusters.labels(*labels).set(_non_negative("num_clusters", num_clusters))
+
+    def set_hit_ratio(self, worker: int | str, r: float) -> None:
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"hit ratio {r!r} must be within [0, 1]")
+        self.cluster_device_hit_ratio.labels(_worker(worker)).set(r)
+
+    def forget_worker(self, worker: int | str) -> None:
+        """Drops every series of a worker that left (its gauges would otherwise freeze at the last value)."""
+        label = _worker(worker)
+        for metric in (self.ingest_latency_seconds, self.ingest_batch_frames, self.cluster_device_hit_ratio):
+            metric.remove(label)
+        for direction in TRANSFER_DIRECTIONS:
+            self.transfer_bytes_total.remove(label, direction)
+        for tier in TIERS:
+            for metric in (self.tier_used_bytes, self.tier_capacity_bytes, self.clusters):
+                metric.remove(label, tier)
+
+    # --- service -----------------------------------------------------------------------------------
+
+    def set_active_streams(self, n: int) -> None:
+        self.active_streams.set(_non_negative("active streams", n))
+
+    def set_workers_up(self, n: int) -> None:
+        self.workers_up.set(_non_negative("workers up", n))
+
+    def error(self, code_name: str) -> None:
+        self.errors_total.labels(_check("code", code_name, ERROR_CODES)).inc()
+
+    # --- exposition --------------------------------------------------------------------------------
+
+    def prime(self, worker_ids: tuple[int | str, ...] = ("0",)) -> None:
+        """Creates a zero-valued series in every family, so a fresh scrape lists every metric.
+
+        Enum-labelled families get every value; stream families get ``_other``; worker families get
+        ``worker_ids``. Priming never changes a value that is already there.
+        """
+        for metric in (self.frames_received_total, self.frames_ingested_total):
+            metric.labels(STREAM_OTHER)
+        for reason in DROP_REASONS:
+            self.frames_dropped_total.labels(STREAM_OTHER, reason)
+        with self._lock:
+            self._publish_overflow_gauges()
+        for outcome in QUERY_OUTCOMES:
+            self.queries_total.labels(outcome)
+        for mode in MODES:
+            for metric in (
+                self.time_to_first_token_seconds,
+                self.inter_token_latency_seconds,
+                self.retrieval_latency_seconds,
+            ):
+                metric.labels(mode)
+        for code in ERROR_CODES:
+            self.errors_total.labels(code)
+        for worker in map(_worker, worker_ids):
+            self.ingest_latency_seconds.labels(worker)
+            self.ingest_batch_frames.labels(worker)
+            self.cluster_device_hit_ratio.labels(worker)
+            for direction in TRANSFER_DIRECTIONS:
+                self.transfer_bytes_total.labels(worker, direction)
+            for tier in TIERS:
+                for metric in (self.tier_used_bytes, self.tier_capacity_bytes, self.clusters):
+                    metric.labels(worker, tier)
+
+    def scrape(self) -> str:
+        """The registry in the Prometheus text format, as the HTTP endpoint serves it."""
+        return prometheus_client.generate_latest(self.registry).decode()
+
+    def start_http_server(self, port: int, addr: str = "0.0.0.0") -> MetricsServer:
+        """Serves the registry at ``http://addr:port/metrics`` from a daemon thread (port 0: any free one)."""
+        httpd, thread = prometheus_client.start_http_server(port, addr=addr, registry=self.registry)
+        return MetricsServer(httpd=httpd, thread=thread)

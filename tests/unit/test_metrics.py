@@ -1,0 +1,214 @@
+"""MosaicMetrics: the spec's names and types, bounded labels, label validation and a parseable scrape."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.metrics import STREAM_OTHER, MosaicMetrics
+
+# name -> (type, labels), copied from SERVICE_SPEC.md.
+SPEC = {
+    "mosaic_frames_received_total": ("counter", {"stream"}),
+    "mosaic_frames_ingested_total": ("counter", {"stream"}),
+    "mosaic_frames_dropped_total": ("counter", {"stream", "reason"}),
+    "mosaic_ingest_queue_depth": ("gauge", {"stream"}),
+    "mosaic_stream_lag_seconds": ("gauge", {"stream"}),
+    "mosaic_ingest_latency_seconds": ("histogram", {"worker"}),
+    "mosaic_ingest_batch_frames": ("histogram", {"worker"}),
+    "mosaic_query_queue_depth": ("gauge", set()),
+    "mosaic_queries_total": ("counter", {"outcome"}),
+    "mosaic_time_to_first_token_seconds": ("histogram", {"mode"}),
+    "mosaic_inter_token_latency_seconds": ("histogram", {"mode"}),
+    "mosaic_retrieval_latency_seconds": ("histogram", {"mode"}),
+    "mosaic_transfer_bytes_total": ("counter", {"worker", "direction"}),
+    "mosaic_tier_used_bytes": ("gauge", {"worker", "tier"}),
+    "mosaic_tier_capacity_bytes": ("gauge", {"worker", "tier"}),
+    "mosaic_clusters": ("gauge", {"worker", "tier"}),
+    "mosaic_cluster_device_hit_ratio": ("gauge", {"worker"}),
+    "mosaic_active_streams": ("gauge", set()),
+    "mosaic_workers_up": ("gauge", set()),
+    "mosaic_errors_total": ("counter", {"code"}),
+}
+
+
+def families(metrics: MosaicMetrics) -> dict:
+    """Parsed scrape keyed by exposed name (counters get their _total back).
+
+    prometheus_client also exposes a ``<name>_created`` gauge per counter and histogram in the text format
+    (unless PROMETHEUS_DISABLE_CREATED_SERIES is set); those are exposition details, not spec metrics.
+    """
+    out = {}
+    for family in text_string_to_metric_families(metrics.scrape()):
+        if family.name.endswith("_created"):
+            assert family.name.startswith("mosaic_")
+            continue
+        name = family.name + "_total" if family.type == "counter" else family.name
+        out[name] = family
+    return out
+
+
+def sample(metrics: MosaicMetrics, name: str, **labels: str) -> float | None:
+    value = metrics.registry.get_sample_value(name, labels)
+    return value
+
+
+def test_primed_scrape_lists_exactly_the_spec_families() -> None:
+    metrics = MosaicMetrics()
+    metrics.prime()
+    got = families(metrics)
+    assert set(got) == set(SPEC)
+    for name, (kind, labels) in SPEC.items():
+        family = got[name]
+        assert family.type == kind, name
+        assert family.documentation, f"{name} has no help text"
+        assert family.samples, f"{name} emits no sample after prime()"
+        for s in family.samples:
+            assert s.name.startswith("mosaic_")
+            assert set(s.labels) - {"le"} == labels, (name, s.labels)
+        if kind == "counter":
+            assert name.endswith("_total")
+        else:
+            assert not name.endswith("_total")
+
+
+def test_unprimed_registry_is_private_and_histograms_without_labels_still_scrape() -> None:
+    a, b = MosaicMetrics(), MosaicMetrics()  # two instances must not clash on the global registry
+    a.set_workers_up(3)
+    assert sample(b, "mosaic_workers_up") == 0.0
+    registry = CollectorRegistry()
+    c = MosaicMetrics(registry)
+    assert c.registry is registry
+    assert "mosaic_active_streams" in families(c)
+
+
+def test_every_method_moves_its_metric() -> None:
+    m = MosaicMetrics()
+    m.frame_received("cam-1")
+    m.frame_received("cam-1", 4)
+    m.frames_ingested("cam-1", 3)
+    m.frame_dropped("cam-1", "queue_full")
+    m.set_ingest_queue_depth("cam-1", 7)
+    m.set_stream_lag("cam-1", 1.5)
+    m.observe_ingest_latency(0, 0.2)
+    m.observe_ingest_batch("1", 16)
+    m.set_query_queue_depth(2)
+    m.query_finished("deadline")
+    m.observe_ttft("cluster", 0.03)
+    m.observe_inter_token("token", 0.008)
+    m.observe_retrieval("full", 0.001)
+    m.add_transfer_bytes(0, "host_to_device", 1 << 20)
+    m.set_tier(0, "host", used_bytes=100, capacity_bytes=1000, num_clusters=4)
+    m.set_hit_ratio(0, 0.75)
+    m.set_active_streams(12)
+    m.set_workers_up(2)
+    m.error("RESOURCE_EXHAUSTED")
+    s = lambda name, **kw: sample(m, name, **kw)  # noqa: E731
+    assert s("mosaic_frames_received_total", stream="cam-1") == 5
+    assert s("mosaic_frames_ingested_total", stream="cam-1") == 3
+    assert s("mosaic_frames_dropped_total", stream="cam-1", reason="queue_full") == 1
+    assert s("mosaic_ingest_queue_depth", stream="cam-1") == 7
+    assert s("mosaic_stream_lag_seconds", stream="cam-1") == 1.5
+    assert s("mosaic_ingest_latency_seconds_count", worker="0") == 1
+    assert s("mosaic_ingest_batch_frames_sum", worker="1") == 16
+    assert s("mosaic_query_queue_depth") == 2
+    assert s("mosaic_queries_total", outcome="deadline") == 1
+    assert s("mosaic_time_to_first_token_seconds_bucket", mode="cluster", le="0.04") == 1
+    assert s("mosaic_time_to_first_token_seconds_bucket", mode="cluster", le="0.02") == 0
+    assert s("mosaic_inter_token_latency_seconds_count", mode="token") == 1
+    assert s("mosaic_retrieval_latency_seconds_count", mode="full") == 1
+    assert s("mosaic_transfer_bytes_total", worker="0", direction="host_to_device") == 1 << 20
+    assert s("mosaic_tier_used_bytes", worker="0", tier="host") == 100
+    assert s("mosaic_tier_capacity_bytes", worker="0", tier="host") == 1000
+    assert s("mosaic_clusters", worker="0", tier="host") == 4
+    assert s("mosaic_cluster_device_hit_ratio", worker="0") == 0.75
+    assert s("mosaic_active_streams") == 12
+    assert s("mosaic_workers_up") == 2
+    assert s("mosaic_errors_total", code="RESOURCE_EXHAUSTED") == 1
+
+
+def test_stream_labels_are_bounded() -> None:
+    m = MosaicMetrics(max_stream_labels=64)
+    for i in range(200):
+        m.frame_received(f"cam-{i}")
+        m.frame_dropped(f"cam-{i}", "invalid")
+        m.set_ingest_queue_depth(f"cam-{i}", 1)
+    for name in ("mosaic_frames_received_total", "mosaic_frames_dropped_total", "mosaic_ingest_queue_depth"):
+        values = {s.labels["stream"] for s in families(m)[name].samples if s.name == name}
+        assert len(values) == 65, name
+        assert STREAM_OTHER in values and "cam-63" in values and "cam-64" not in values
+    assert sample(m, "mosaic_frames_received_total", stream=STREAM_OTHER) == 136
+    assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 136  # a sum over the overflow
+
+
+def test_overflow_gauges_aggregate_and_forget() -> None:
+    m = MosaicMetrics(max_stream_labels=1)
+    m.set_stream_lag("own", 9.0)
+    m.set_stream_lag("a", 2.0)
+    m.set_stream_lag("b", 5.0)
+    m.set_ingest_queue_depth("a", 3)
+    m.set_ingest_queue_depth("b", 4)
+    assert sample(m, "mosaic_stream_lag_seconds", stream=STREAM_OTHER) == 5.0  # the worst overflow stream
+    assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 7
+    m.forget_stream("b")
+    assert sample(m, "mosaic_stream_lag_seconds", stream=STREAM_OTHER) == 2.0
+    assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 3
+
+
+def test_forget_stream_frees_its_series_and_slot() -> None:
+    m = MosaicMetrics(max_stream_labels=2)
+    m.frame_received("a")
+    m.frame_dropped("a", "decode_error")
+    m.frame_received("b")
+    m.frame_received("c")  # overflow
+    m.forget_stream("a")
+    assert sample(m, "mosaic_frames_received_total", stream="a") is None
+    assert sample(m, "mosaic_frames_dropped_total", stream="a", reason="decode_error") is None
+    assert m.stream_label("d") == "d"  # the freed slot goes to the next new stream
+    assert m.stream_label("c") == STREAM_OTHER  # an overflow stream stays where it was counted
+    assert m.stream_label(STREAM_OTHER) == STREAM_OTHER
+
+
+def test_forget_worker() -> None:
+    m = MosaicMetrics()
+    m.set_tier(3, "disk", 1, 2, 3)
+    m.add_transfer_bytes(3, "disk_to_host", 5)
+    m.set_hit_ratio(3, 0.5)
+    m.forget_worker("3")
+    text = m.scrape()
+    assert 'worker="3"' not in text
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.frame_dropped("a", "overflow"),
+        lambda m: m.query_finished("success"),
+        lambda m: m.observe_ttft("mosaic", 0.1),
+        lambda m: m.add_transfer_bytes(0, "device_to_disk", 1),
+        lambda m: m.set_tier(0, "gpu", 1, 1, 1),
+        lambda m: m.error("OK"),
+        lambda m: m.error("not_found"),
+        lambda m: m.observe_ingest_latency("gpu0", 0.1),
+        lambda m: m.set_hit_ratio(0, 1.5),
+        lambda m: m.set_ingest_queue_depth("a", -1),
+        lambda m: m.observe_retrieval("cluster", float("nan")),
+        lambda m: m.add_transfer_bytes(0, "host_to_disk", -1),
+    ],
+)
+def test_invalid_label_values_and_amounts_raise(call) -> None:
+    m = MosaicMetrics()
+    with pytest.raises(ValueError):
+        call(m)
+
+
+def test_prime_keeps_existing_values() -> None:
+    m = MosaicMetrics(max_stream_labels=0)
+    m.frame_received("x", 3)
+    m.set_ingest_queue_depth("x", 5)
+    m.prime(worker_ids=("0", 1))
+    assert sample(m, "mosaic_frames_received_total", stream=STREAM_OTHER) == 3
+    assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 5
+    assert sample(m, "mosaic_tier_capacity_bytes", worker="1", tier="disk") == 0
+    assert sample(m, "mosaic_errors_total", code="UNAVAILABLE") == 0
