@@ -1,0 +1,42 @@
+"""Cluster and residency bookkeeping: plain Python, no torch, testable in milliseconds.
+
+- ``tiers``: the tier enum, byte budgets, and planned moves between tiers.
+- ``residency``: which tier each cluster is in, reservations, pins, two-phase spill/fetch plans.
+- ``policies``: eviction policies ("lru", "heat") ranking clusters coldest first.
+- ``formation``: per-stream online clustering of frames by visual coherence.
+- ``maintenance``: co-retrieval statistics that propose merging adjacent clusters.
+"""
+
+from mosaic_core.bookkeeping.formation import (
+    FORMATION_REASONS,
+    ClusterFormer,
+    ClusterRecord,
+    FormationConfig,
+    FormationDecision,
+)
+from mosaic_core.bookkeeping.maintenance import CoRetrievalTracker, MergeProposal
+from mosaic_core.bookkeeping.policies import POLICY_NAMES, EvictionPolicy, HeatPolicy, LruPolicy, make_policy
+from mosaic_core.bookkeeping.residency import ClusterResidency, ResidencyManager, ResidencyStats
+from mosaic_core.bookkeeping.tiers import Move, MovePlan, Tier, TierBudgets
+
+__all__ = [
+    "FORMATION_REASONS",
+    "POLICY_NAMES",
+    "ClusterFormer",
+    "ClusterRecord",
+    "ClusterResidency",
+    "CoRetrievalTracker",
+    "EvictionPolicy",
+    "FormationConfig",
+    "FormationDecision",
+    "HeatPolicy",
+    "LruPolicy",
+    "MergeProposal",
+    "Move",
+    "MovePlan",
+    "ResidencyManager",
+    "ResidencyStats",
+    "Tier",
+    "TierBudgets",
+    "make_policy",
+]

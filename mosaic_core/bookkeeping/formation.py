@@ -1,0 +1,340 @@
+"""Online cluster formation by visual coherence, one ``ClusterFormer`` per stream.
+
+The torch layer keeps each open cluster's running centroid. For every arriving frame it computes the cosine
+similarity of the frame's vision embedding to that centroid and the cohesion the cluster would have with
+the frame added (mean cosine of members to the new centroid). ``decide`` turns those numbers, plus time and
+size, into join-or-start; ``commit`` records the outcome once the frame's KV has really been placed.
+
+    frames:   f0  f1  f2 | f3  f4 | (gap > max_gap_s) f5 ...
+    clusters: c000000    | c000001 | c000002
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from mosaic_core.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    StateError,
+    TimestampOrderError,
+    UnknownClusterError,
+)
+
+# "young" joins a frame that failed the similarity checks because the open cluster is shorter than
+# min_frames_before_split; every other reason is a start of a new cluster except "similar".
+FORMATION_REASONS: tuple[str, ...] = ("first", "similar", "young", "dissimilar", "incoherent", "full", "gap")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FormationConfig:
+    """When a frame joins the open cluster.
+
+    Attributes:
+        min_similarity: lowest cosine of a frame to the open cluster's centroid that still joins.
+        min_cohesion: lowest cohesion the cluster may have after the frame joins.
+        max_tokens: size cap of one cluster, in visual tokens.
+        max_gap_s: a frame later than this after the cluster's last frame starts a new cluster.
+        min_frames_before_split: a cluster with fewer frames takes the next frame even if it is dissimilar.
+    """
+
+    min_similarity: float = 0.85
+    min_cohesion: float = 0.8
+    max_tokens: int = 2048
+    max_gap_s: float = 5.0
+    min_frames_before_split: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("min_similarity", "min_cohesion"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and -1.0 <= value <= 1.0):
+                raise ConfigError(f"FormationConfig.{name} must be a cosine in [-1, 1], got {value!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens <= 0:
+            raise ConfigError(f"FormationConfig.max_tokens must be an int > 0, got {self.max_tokens!r}")
+        if not (isinstance(self.max_gap_s, int | float) and self.max_gap_s > 0):
+            raise ConfigError(f"FormationConfig.max_gap_s must be > 0, got {self.max_gap_s!r}")
+        if not _is_int(self.min_frames_before_split) or self.min_frames_before_split < 1:
+            value = self.min_frames_before_split
+            raise ConfigError(f"FormationConfig.min_frames_before_split must be an int >= 1, got {value!r}")
+
+
+@dataclass(slots=True)
+class FormationDecision:
+    """Whether the frame joins the open cluster, which cluster it goes to, and why."""
+
+    join: bool
+    cluster_id: str
+    reason: str
+
+
+@dataclass(slots=True)
+class ClusterRecord:
+    """One cluster's frames and time span. ``frame_*`` lists run parallel to ``frame_indices``."""
+
+    cluster_id: str
+    stream_id: str
+    frame_indices: list[int]
+    start_s: float
+    end_s: float
+    num_tokens: int
+    sealed: bool = False
+    frame_timestamps_s: list[float] = field(default_factory=list)
+    frame_num_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frame_indices)
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+    def copy(self) -> ClusterRecord:
+        return dataclasses.replace(
+            self,
+            frame_indices=list(self.frame_indices),
+            frame_timestamps_s=list(self.frame_timestamps_s),
+            frame_num_tokens=list(self.frame_num_tokens),
+        )
+
+
+class ClusterFormer:
+    """Groups one stream's frames into clusters and keeps their records in temporal order.
+
+    Cluster ids are ``f"{stream_id}/c{n:06d}"`` from one counter per stream, never reused, including the ids
+    of clusters made by ``merge_records`` and ``split_record``.
+    """
+
+    def __init__(self, stream_id: str, config: FormationConfig | None = None) -> None:
+        self.stream_id = stream_id
+        self.config = config if config is not None else FormationConfig()
+        self._records: list[ClusterRecord] = []  # temporal order; only the last one may be open
+        self._next_number = 0
+        self._last_frame_index: int | None = None
+        self._last_timestamp_s: float | None = None
+
+    # -- per frame ----------------------------------------------------------------------------------------
+
+    def decide(
+        self, *, timestamp_s: float, num_tokens: int, similarity: float | None, cohesion_after: float | None
+    ) -> FormationDecision:
+        """Decide where a frame goes, without changing anything.
+
+        Args:
+            timestamp_s: the frame's time; must be later than the last committed frame's.
+            num_tokens: the frame's visual tokens; at most ``config.max_tokens``.
+            similarity: cosine of the frame to the open cluster's centroid; may be None only when there is no
+                open cluster or the time gap or size cap already forces a new one.
+            cohesion_after: the open cluster's cohesion with the frame added; None skips that check.
+
+        Raises:
+            InvalidArgumentError: bad token count, non-finite score, or a needed similarity is missing.
+            TimestampOrderError: the frame is not later than the previous one.
+        """
+        self._check_frame(timestamp_s, num_tokens)
+        for name, score in (("similarity", similarity), ("cohesion_after", cohesion_after)):
+            if score is not None and not math.isfinite(score):
+                raise InvalidArgumentError(f"{name} must be finite, got {score!r}")
+        cfg, open_rec = self.config, self._open()
+        if open_rec is None:
+            return self._start("first")
+        if timestamp_s - open_rec.end_s > cfg.max_gap_s:
+            return self._start("gap")
+        if open_rec.num_tokens + num_tokens > cfg.max_tokens:
+            return self._start("full")
+        if open_rec.num_frames < cfg.min_frames_before_split:
+            return FormationDecision(join=True, cluster_id=open_rec.cluster_id, reason="young")
+        if similarity is None:
+            raise InvalidArgumentError(f"stream {self.stream_id!r}: similarity is needed to join or split")
+        if similarity < cfg.min_similarity:
+            return self._start("dissimilar")
+        if cohesion_after is not None and cohesion_after < cfg.min_cohesion:
+            return self._start("incoherent")
+        return FormationDecision(join=True, cluster_id=open_rec.cluster_id, reason="similar")
+
+    def commit(
+        self, decision: FormationDecision, *, frame_index: int, timestamp_s: float, num_tokens: int
+    ) -> ClusterRecord:
+        """Record a frame as ``decision`` said; returns a copy of the cluster it went to.
+
+        Raises:
+            StateError: ``decision`` is stale (another frame was committed or the cluster sealed since).
+            InvalidArgumentError: the frame index does not increase, or the frame no longer fits.
+        """
+        self._check_frame(timestamp_s, num_tokens)
+        if self._last_frame_index is not None and frame_index <= self._last_frame_index:
+            raise InvalidArgumentError(
+                f"stream {self.stream_id!r}: frame index {frame_index} after {self._last_frame_index}"
+            )
+        open_rec = self._open()
+        if decision.join:
+            if open_rec is None or open_rec.cluster_id != decision.cluster_id:
+                raise StateError(f"stale decision: cluster {decision.cluster_id!r} is not the open cluster")
+            if open_rec.num_tokens + num_tokens > self.config.max_tokens:
+                raise InvalidArgumentError(
+                    f"{num_tokens} tokens overflow {open_rec.cluster_id!r} ({open_rec.num_tokens} of "
+                    f"{self.config.max_tokens})"
+                )
+            record = open_rec
+        else:
+            if decision.cluster_id != self._peek_id():
+                raise StateError(
+                    f"stale decision: next cluster is {self._peek_id()!r}, not {decision.cluster_id!r}"
+                )
+            self.seal()
+            record = ClusterRecord(self._take_id(), self.stream_id, [], timestamp_s, timestamp_s, 0)
+            self._records.append(record)
+        record.frame_indices.append(frame_index)
+        record.frame_timestamps_s.append(timestamp_s)
+        record.frame_num_tokens.append(num_tokens)
+        record.end_s = timestamp_s
+        record.num_tokens += num_tokens
+        self._last_frame_index, self._last_timestamp_s = frame_index, timestamp_s
+        return record.copy()
+
+    def seal(self) -> ClusterRecord | None:
+        """Close the open cluster (the next frame starts a new one); returns it, or None if none was open."""
+        open_rec = self._open()
+        if open_rec is None:
+            return None
+        open_rec.sealed = True
+        return open_rec.copy()
+
+    # -- queries ------------------------------------------------------------------------------------------
+
+    def records(self) -> list[ClusterRecord]:
+        """Copies of every record, in temporal order (the open cluster, if any, last)."""
+        return [record.copy() for record in self._records]
+
+    def open_cluster(self) -> ClusterRecord | None:
+        open_rec = self._open()
+        return None if open_rec is None else open_rec.copy()
+
+    def get(self, cluster_id: str) -> ClusterRecord:
+        return self._records[self._position(cluster_id)].copy()
+
+    # -- maintenance --------------------------------------------------------------------------------------
+
+    def merge_records(self, a: ClusterRecord, b: ClusterRecord) -> ClusterRecord:
+        """Replace two temporally adjacent sealed clusters (``a`` right before ``b``) by one with a new id.
+
+        Raises:
+            UnknownClusterError: either is no longer a record of this stream.
+            StateError: either is still open.
+            InvalidArgumentError: not adjacent in that order, or the result exceeds ``config.max_tokens``.
+        """
+        pos_a, pos_b = self._sealed_position(a.cluster_id), self._sealed_position(b.cluster_id)
+        if pos_b != pos_a + 1:
+            raise InvalidArgumentError(
+                f"cannot merge {a.cluster_id!r} and {b.cluster_id!r}: not adjacent in order"
+            )
+        left, right = self._records[pos_a], self._records[pos_b]
+        num_tokens = left.num_tokens + right.num_tokens
+        if num_tokens > self.config.max_tokens:
+            raise InvalidArgumentError(
+                f"merging {a.cluster_id!r} and {b.cluster_id!r} gives {num_tokens} tokens,"
+                f" over max_tokens={self.config.max_tokens}"
+            )
+        merged = ClusterRecord(
+            cluster_id=self._take_id(),
+            stream_id=self.stream_id,
+            frame_indices=left.frame_indices + right.frame_indices,
+            start_s=left.start_s,
+            end_s=right.end_s,
+            num_tokens=num_tokens,
+            sealed=True,
+            frame_timestamps_s=left.frame_timestamps_s + right.frame_timestamps_s,
+            frame_num_tokens=left.frame_num_tokens + right.frame_num_tokens,
+        )
+        self._records[pos_a : pos_b + 1] = [merged]
+        return merged.copy()
+
+    def split_record(self, rec: ClusterRecord, at_frame_index: int) -> tuple[ClusterRecord, ClusterRecord]:
+        """Replace a sealed cluster by two: frames before ``at_frame_index``, and from it on; new ids.
+
+        Raises:
+            UnknownClusterError: the cluster is no longer a record of this stream.
+            StateError: the cluster is open, or its record lacks per-frame times and sizes.
+            InvalidArgumentError: ``at_frame_index`` is not one of its frames, or is its first frame.
+        """
+        pos = self._sealed_position(rec.cluster_id)
+        whole = self._records[pos]
+        if (
+            len(whole.frame_timestamps_s) != whole.num_frames
+            or len(whole.frame_num_tokens) != whole.num_frames
+        ):
+            raise StateError(f"cluster {rec.cluster_id!r} has no per-frame times and sizes to split by")
+        if at_frame_index not in whole.frame_indices[1:]:
+            raise InvalidArgumentError(
+                f"cannot split {rec.cluster_id!r} at frame {at_frame_index}: frames {whole.frame_indices}"
+            )
+        cut = whole.frame_indices.index(at_frame_index)
+        halves = tuple(
+            ClusterRecord(
+                cluster_id=self._take_id(),
+                stream_id=self.stream_id,
+                frame_indices=whole.frame_indices[part],
+                start_s=whole.frame_timestamps_s[part][0],
+                end_s=whole.frame_timestamps_s[part][-1],
+                num_tokens=sum(whole.frame_num_tokens[part]),
+                sealed=True,
+                frame_timestamps_s=whole.frame_timestamps_s[part],
+                frame_num_tokens=whole.frame_num_tokens[part],
+            )
+            for part in (slice(None, cut), slice(cut, None))
+        )
+        self._records[pos : pos + 1] = list(halves)
+        return halves[0].copy(), halves[1].copy()
+
+    def remove(self, cluster_id: str) -> ClusterRecord:
+        """Forget a sealed cluster (retention dropped it); returns its last record."""
+        return self._records.pop(self._sealed_position(cluster_id))
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _open(self) -> ClusterRecord | None:
+        if self._records and not self._records[-1].sealed:
+            return self._records[-1]
+        return None
+
+    def _peek_id(self) -> str:
+        return f"{self.stream_id}/c{self._next_number:06d}"
+
+    def _take_id(self) -> str:
+        cluster_id = self._peek_id()
+        self._next_number += 1
+        return cluster_id
+
+    def _start(self, reason: str) -> FormationDecision:
+        return FormationDecision(join=False, cluster_id=self._peek_id(), reason=reason)
+
+    def _position(self, cluster_id: str) -> int:
+        # Newest first: maintenance and lookups mostly touch recent clusters.
+        for pos in range(len(self._records) - 1, -1, -1):
+            if self._records[pos].cluster_id == cluster_id:
+                return pos
+        raise UnknownClusterError(f"stream {self.stream_id!r} has no cluster {cluster_id!r}")
+
+    def _sealed_position(self, cluster_id: str) -> int:
+        pos = self._position(cluster_id)
+        if not self._records[pos].sealed:
+            raise StateError(f"cluster {cluster_id!r} is still open; seal it first")
+        return pos
+
+    def _check_frame(self, timestamp_s: float, num_tokens: int) -> None:
+        if not _is_int(num_tokens) or not 0 < num_tokens <= self.config.max_tokens:
+            raise InvalidArgumentError(
+                f"a frame needs 1..{self.config.max_tokens} tokens (max_tokens), got {num_tokens!r}"
+            )
+        if not math.isfinite(timestamp_s):
+            raise InvalidArgumentError(f"timestamp_s must be finite, got {timestamp_s!r}")
+        if self._last_timestamp_s is not None and timestamp_s <= self._last_timestamp_s:
+            raise TimestampOrderError(
+                f"stream {self.stream_id!r}: frame at {timestamp_s}s is not after {self._last_timestamp_s}s"
+            )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,468 @@
+"""Which tier every cluster lives in, and how many bytes each tier has left.
+
+One ``ResidencyManager`` per engine covers all the streams that share the worker's budgets. It never moves
+bytes itself: it plans moves, the torch layer performs them, and ``apply`` then commits the bookkeeping.
+
+    plan = residency.plan_fetch_many(top_ids)      # None: not possible now (everything else pinned)
+    transfers.run(plan.moves)                      # torch layer, in plan order
+    residency.apply(plan)
+
+Plans are sequential: every move fits in its destination at the moment it runs, given the moves before it.
+So spills come before the fetch they make room for, and a spill into a full host tier is preceded by the
+host->disk spills that make room for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from mosaic_core.bookkeeping.policies import EvictionPolicy, make_policy
+from mosaic_core.bookkeeping.tiers import Move, MovePlan, Tier, TierBudgets
+from mosaic_core.errors import (
+    AlreadyExistsError,
+    CapacityError,
+    InvalidArgumentError,
+    NotFoundError,
+    StateError,
+    UnknownClusterError,
+)
+
+
+@dataclass(slots=True)
+class ClusterResidency:
+    """Where one cluster's KV bytes are, and how many readers pin it there."""
+
+    cluster_id: str
+    stream_id: str
+    num_bytes: int
+    tier: Tier
+    pin_count: int = 0
+
+    @property
+    def on_device(self) -> bool:
+        return self.tier == Tier.DEVICE
+
+    @property
+    def on_host(self) -> bool:
+        return self.tier == Tier.HOST
+
+    @property
+    def on_disk(self) -> bool:
+        return self.tier == Tier.DISK
+
+    @property
+    def pinned(self) -> bool:
+        return self.pin_count > 0
+
+
+@dataclass(slots=True)
+class ResidencyStats:
+    """A snapshot for metrics. Device used bytes include reservations."""
+
+    device_used_bytes: int
+    device_capacity_bytes: int
+    host_used_bytes: int
+    host_capacity_bytes: int
+    disk_used_bytes: int
+    disk_capacity_bytes: int
+    reserved_bytes: int
+    num_device_clusters: int
+    num_host_clusters: int
+    num_disk_clusters: int
+    num_pinned: int
+
+    @property
+    def num_clusters(self) -> int:
+        return self.num_device_clusters + self.num_host_clusters + self.num_disk_clusters
+
+
+class ResidencyManager:
+    """Tracks every cluster's tier and size, plus fixed device reservations, against shared byte budgets.
+
+    Args:
+        budgets: byte capacity per tier.
+        policy: eviction policy name (see ``make_policy``) or a policy object.
+    """
+
+    def __init__(self, budgets: TierBudgets, *, policy: str | EvictionPolicy = "lru") -> None:
+        self.budgets = budgets
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self._records: dict[str, ClusterResidency] = {}
+        # Insertion-ordered sets (dict keys), so that listings and plans are deterministic.
+        self._by_tier: dict[Tier, dict[str, None]] = {tier: {} for tier in Tier}
+        self._by_stream: dict[str, dict[str, None]] = {}
+        self._used_bytes = dict.fromkeys(Tier, 0)
+        self._reservations: dict[str, int] = {}
+        self._num_pinned = 0
+
+    # -- accounting ---------------------------------------------------------------------------------------
+
+    def capacity_bytes(self, tier: Tier) -> int:
+        return self.budgets.capacity_bytes(tier)
+
+    def used_bytes(self, tier: Tier) -> int:
+        return self._used_bytes[Tier(tier)]
+
+    def free_bytes(self, tier: Tier) -> int:
+        return self.capacity_bytes(tier) - self.used_bytes(tier)
+
+    def stats(self) -> ResidencyStats:
+        used, cap, members = self._used_bytes, self.budgets.capacity_bytes, self._by_tier
+        return ResidencyStats(
+            device_used_bytes=used[Tier.DEVICE],
+            device_capacity_bytes=cap(Tier.DEVICE),
+            host_used_bytes=used[Tier.HOST],
+            host_capacity_bytes=cap(Tier.HOST),
+            disk_used_bytes=used[Tier.DISK],
+            disk_capacity_bytes=cap(Tier.DISK),
+            reserved_bytes=self.reserved_bytes(),
+            num_device_clusters=len(members[Tier.DEVICE]),
+            num_host_clusters=len(members[Tier.HOST]),
+            num_disk_clusters=len(members[Tier.DISK]),
+            num_pinned=self._num_pinned,
+        )
+
+    # -- reservations (device only, never evicted) -------------------------------------------------------
+
+    def can_reserve(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` fit in the device's free bytes right now (no spills considered)."""
+        return _check_nbytes(nbytes) <= self.free_bytes(Tier.DEVICE)
+
+    def reserve(self, owner: str, nbytes: int) -> None:
+        """Hold ``nbytes`` of device memory for ``owner``: sink tokens, a local window, a working set.
+
+        Only free bytes count: make room first with ``plan_make_room(Tier.DEVICE, nbytes)`` and ``apply``.
+
+        Raises:
+            AlreadyExistsError: ``owner`` already holds a reservation.
+            CapacityError: not enough free device bytes.
+        """
+        if owner in self._reservations:
+            raise AlreadyExistsError(
+                f"reservation owner {owner!r} already holds {self._reservations[owner]} bytes"
+            )
+        if not self.can_reserve(nbytes):
+            free_bytes = self.free_bytes(Tier.DEVICE)
+            raise CapacityError(
+                f"cannot reserve {nbytes} bytes for {owner!r}: {free_bytes} device bytes free"
+            )
+        self._reservations[owner] = nbytes
+        self._used_bytes[Tier.DEVICE] += nbytes
+
+    def release(self, owner: str) -> None:
+        """Give back ``owner``'s reservation. Raises NotFoundError if it holds none."""
+        nbytes = self._reservations.pop(owner, None)
+        if nbytes is None:
+            raise NotFoundError(f"no reservation held by {owner!r}")
+        self._used_bytes[Tier.DEVICE] -= nbytes
+
+    def reserved_bytes(self, owner: str | None = None) -> int:
+        """Reserved device bytes of ``owner`` (0 if it holds none), or of all owners."""
+        if owner is None:
+            return sum(self._reservations.values())
+        return self._reservations.get(owner, 0)
+
+    # -- clusters -----------------------------------------------------------------------------------------
+
+    def __contains__(self, cluster_id: object) -> bool:
+        return cluster_id in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def add(
+        self, cluster_id: str, stream_id: str, num_bytes: int, tier: Tier, *, now_s: float | None = None
+    ) -> None:
+        """Track a new cluster in ``tier``. The caller must have made room (see ``plan_make_room``).
+
+        Raises:
+            AlreadyExistsError: ``cluster_id`` is already tracked.
+        """
+        tier = self._enabled(tier)
+        if cluster_id in self._records:
+            raise AlreadyExistsError(f"cluster {cluster_id!r} is already tracked")
+        _check_nbytes(num_bytes)
+        assert num_bytes <= self.free_bytes(tier), (
+            f"add {cluster_id!r}: {num_bytes} bytes do not fit in {tier.name} ({self.free_bytes(tier)} free)"
+        )
+        self._records[cluster_id] = ClusterResidency(cluster_id, stream_id, num_bytes, tier)
+        self._by_tier[tier][cluster_id] = None
+        self._by_stream.setdefault(stream_id, {})[cluster_id] = None
+        self._used_bytes[tier] += num_bytes
+        self.policy.on_add(cluster_id, _now(now_s))
+
+    def grow(self, cluster_id: str, extra_bytes: int) -> bool:
+        """Grow a cluster in place (the open cluster gains a frame). Returns False if its tier has no room."""
+        record = self._get(cluster_id)
+        if _check_nbytes(extra_bytes) > self.free_bytes(record.tier):
+            return False
+        record.num_bytes += extra_bytes
+        self._used_bytes[record.tier] += extra_bytes
+        return True
+
+    def remove(self, cluster_id: str) -> None:
+        """Stop tracking a cluster and free its bytes.
+
+        Raises:
+            UnknownClusterError: not tracked (including a second remove).
+            StateError: the cluster is pinned.
+        """
+        record = self._get(cluster_id)
+        if record.pinned:
+            raise StateError(f"cannot remove cluster {cluster_id!r}: pinned {record.pin_count} time(s)")
+        self._forget(record)
+
+    def drop_stream(self, stream_id: str) -> list[str]:
+        """Remove every cluster of ``stream_id``; returns their ids ([] for a stream with none).
+
+        Raises:
+            StateError: one of its clusters is pinned (then nothing is removed).
+        """
+        cluster_ids = list(self._by_stream.get(stream_id, ()))
+        pinned = [cid for cid in cluster_ids if self._records[cid].pinned]
+        if pinned:
+            raise StateError(f"cannot drop stream {stream_id!r}: clusters {pinned} are pinned")
+        for cluster_id in cluster_ids:
+            self._forget(self._records[cluster_id])
+        return cluster_ids
+
+    def tier_of(self, cluster_id: str) -> Tier:
+        return self._get(cluster_id).tier
+
+    def record(self, cluster_id: str) -> ClusterResidency:
+        """A copy of the cluster's residency record."""
+        return dataclasses.replace(self._get(cluster_id))
+
+    def clusters(self, stream_id: str | None = None, tier: Tier | None = None) -> list[str]:
+        """Tracked cluster ids, optionally of one stream and/or one tier, in the order they were added."""
+        pool: Iterable[str] = self._records if stream_id is None else self._by_stream.get(stream_id, ())
+        if tier is None:
+            return list(pool)
+        return [cid for cid in pool if self._records[cid].tier == tier]
+
+    # -- pins and policy hooks ----------------------------------------------------------------------------
+
+    def pin(self, cluster_id: str) -> None:
+        """Keep the cluster where it is (a question is reading it): no plan moves a pinned cluster."""
+        record = self._get(cluster_id)
+        record.pin_count += 1
+        self._num_pinned += record.pin_count == 1
+
+    def unpin(self, cluster_id: str) -> None:
+        """Undo one ``pin``. Raises StateError if the cluster is not pinned."""
+        record = self._get(cluster_id)
+        if record.pin_count == 0:
+            raise StateError(f"cannot unpin cluster {cluster_id!r}: it is not pinned")
+        record.pin_count -= 1
+        self._num_pinned -= record.pin_count == 0
+
+    def touch(self, cluster_id: str, *, retrieved: bool = False, now_s: float | None = None) -> None:
+        """Tell the eviction policy about an access (``retrieved``: a question's retrieval chose it)."""
+        self._get(cluster_id)
+        self.policy.on_touch(cluster_id, _now(now_s), retrieved)
+
+    # -- planning -----------------------------------------------------------------------------------------
+
+    def pick_victims(
+        self, tier: Tier, nbytes: int, *, exclude: frozenset[str] = frozenset(), now_s: float | None = None
+    ) -> list[str] | None:
+        """Coldest unpinned, non-excluded clusters of ``tier`` whose bytes add up to at least ``nbytes``.
+
+        Ignores free space; useful to choose what to drop from the coldest tier. None if there are not enough.
+        """
+        return self._pick(self._enabled(tier), _check_nbytes(nbytes), exclude, _now(now_s))
+
+    def plan_make_room(
+        self, tier: Tier, nbytes: int, *, exclude: frozenset[str] = frozenset(), now_s: float | None = None
+    ) -> MovePlan | None:
+        """Spills that leave at least ``nbytes`` free in ``tier``, cascading to colder tiers as needed.
+
+        Returns an empty plan if the bytes are already free, and None if no set of unpinned, non-excluded
+        clusters can make room (every colder tier full of pinned data, or no colder tier at all).
+        """
+        moves = self._make_room(self._enabled(tier), _check_nbytes(nbytes), exclude, _now(now_s))
+        return None if moves is None else MovePlan(moves)
+
+    def plan_fetch(
+        self,
+        cluster_id: str,
+        to: Tier = Tier.DEVICE,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        now_s: float | None = None,
+    ) -> MovePlan | None:
+        """Spills needed plus the fetch of ``cluster_id`` into ``to``; see ``plan_fetch_many``."""
+        return self.plan_fetch_many([cluster_id], to, exclude=exclude, now_s=now_s)
+
+    def plan_fetch_many(
+        self,
+        cluster_ids: Sequence[str],
+        to: Tier = Tier.DEVICE,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        now_s: float | None = None,
+    ) -> MovePlan | None:
+        """Bring several clusters to ``to`` together, so that fetching one never evicts another.
+
+        Clusters already in ``to`` or hotter stay where they are. Returns None if room cannot be made.
+
+        Raises:
+            UnknownClusterError: an id is not tracked.
+            StateError: a cluster that would have to move is pinned.
+        """
+        to = self._enabled(to)
+        records = [self._get(cid) for cid in dict.fromkeys(cluster_ids)]
+        moving = [record for record in records if record.tier > to]
+        pinned = [record.cluster_id for record in moving if record.pinned]
+        if pinned:
+            raise StateError(f"cannot fetch pinned clusters {pinned}: unpin them first")
+        keep = exclude | {record.cluster_id for record in records}
+        spills = self._make_room(to, sum(r.num_bytes for r in moving), keep, _now(now_s))
+        if spills is None:
+            return None
+        return MovePlan(spills + [Move(r.cluster_id, r.tier, to, r.num_bytes) for r in moving])
+
+    def plan_spill(
+        self, cluster_id: str, to: Tier, *, exclude: frozenset[str] = frozenset(), now_s: float | None = None
+    ) -> MovePlan | None:
+        """Move ``cluster_id`` to the colder tier ``to``, spilling others from ``to`` onwards if it is full.
+
+        Raises:
+            InvalidArgumentError: ``to`` is hotter than the cluster's tier.
+            StateError: the cluster is pinned.
+        """
+        to = self._enabled(to)
+        record = self._get(cluster_id)
+        if to < record.tier:
+            raise InvalidArgumentError(f"cannot spill {cluster_id!r} from {record.tier.name} up to {to.name}")
+        if to == record.tier:
+            return MovePlan()
+        if record.pinned:
+            raise StateError(f"cannot spill pinned cluster {cluster_id!r}")
+        room = self._make_room(to, record.num_bytes, exclude | {cluster_id}, _now(now_s))
+        if room is None:
+            return None
+        return MovePlan([*room, Move(cluster_id, record.tier, to, record.num_bytes)])
+
+    def is_valid(self, plan: MovePlan) -> bool:
+        """Whether ``plan`` still applies to the current state (nothing changed under it since planning)."""
+        return self._plan_error(plan) is None
+
+    def apply(self, plan: MovePlan) -> None:
+        """Commit a plan after the torch layer has moved the bytes, in plan order."""
+        error = self._plan_error(plan)
+        assert error is None, f"stale or inconsistent move plan: {error}"
+        for move in plan.moves:
+            record = self._records[move.cluster_id]
+            del self._by_tier[move.src][move.cluster_id]
+            self._by_tier[move.dst][move.cluster_id] = None
+            self._used_bytes[move.src] -= move.num_bytes
+            self._used_bytes[move.dst] += move.num_bytes
+            record.tier = move.dst
+
+    def check_invariants(self) -> None:
+        """Assert the internal indexes agree with each other (for tests and debugging)."""
+        for tier in Tier:
+            cluster_bytes = sum(self._records[cid].num_bytes for cid in self._by_tier[tier])
+            reserved = self.reserved_bytes() if tier == Tier.DEVICE else 0
+            assert self._used_bytes[tier] == cluster_bytes + reserved, f"{tier.name} byte count drifted"
+            assert 0 <= self._used_bytes[tier] <= self.capacity_bytes(tier), f"{tier.name} over budget"
+        assert sum(len(members) for members in self._by_tier.values()) == len(self._records)
+        assert sum(len(members) for members in self._by_stream.values()) == len(self._records)
+        assert self._num_pinned == sum(record.pinned for record in self._records.values())
+        for cid, record in self._records.items():
+            assert cid in self._by_tier[record.tier] and cid in self._by_stream[record.stream_id]
+            assert record.pin_count >= 0
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _get(self, cluster_id: str) -> ClusterResidency:
+        record = self._records.get(cluster_id)
+        if record is None:
+            raise UnknownClusterError(f"cluster {cluster_id!r} is not tracked")
+        return record
+
+    def _enabled(self, tier: Tier) -> Tier:
+        tier = Tier(tier)
+        if self.capacity_bytes(tier) == 0:
+            raise InvalidArgumentError(f"tier {tier.name} has a budget of 0 bytes and is switched off")
+        return tier
+
+    def _colder(self, tier: Tier) -> Tier | None:
+        return next((t for t in Tier if t > tier and self.capacity_bytes(t) > 0), None)
+
+    def _forget(self, record: ClusterResidency) -> None:
+        cid = record.cluster_id
+        del self._records[cid]
+        del self._by_tier[record.tier][cid]
+        stream_members = self._by_stream[record.stream_id]
+        del stream_members[cid]
+        if not stream_members:
+            del self._by_stream[record.stream_id]
+        self._used_bytes[record.tier] -= record.num_bytes
+        self.policy.on_remove(cid)
+
+    def _pick(self, tier: Tier, nbytes: int, exclude: frozenset[str], now_s: float) -> list[str] | None:
+        victims: list[str] = []
+        freed_bytes = 0
+        if nbytes <= 0:
+            return victims
+        for cid in self.policy.victims(self._by_tier[tier], now_s):
+            record = self._records[cid]
+            # Zero-byte clusters free nothing; moving them would only add transfer calls.
+            if cid in exclude or record.num_bytes == 0:
+                continue
+            victims.append(cid)
+            freed_bytes += record.num_bytes
+            if freed_bytes >= nbytes:
+                return victims
+        return None
+
+    def _make_room(self, tier: Tier, nbytes: int, exclude: frozenset[str], now_s: float) -> list[Move] | None:
+        shortfall = nbytes - self.free_bytes(tier)
+        if shortfall <= 0:
+            return []
+        dst = self._colder(tier)
+        if dst is None or nbytes > self.capacity_bytes(tier):
+            return None
+        victims = self._pick(tier, shortfall, exclude, now_s)
+        if victims is None:
+            return None
+        moves = [Move(cid, tier, dst, self._records[cid].num_bytes) for cid in victims]
+        # The colder tier must first make room for what lands in it; those spills run first.
+        room = self._make_room(dst, sum(move.num_bytes for move in moves), exclude, now_s)
+        return None if room is None else room + moves
+
+    def _plan_error(self, plan: MovePlan) -> str | None:
+        tiers: dict[str, Tier] = {}
+        used = dict(self._used_bytes)
+        for index, move in enumerate(plan.moves):
+            record = self._records.get(move.cluster_id)
+            if record is None:
+                return f"move {index}: cluster {move.cluster_id!r} is not tracked"
+            src = tiers.get(move.cluster_id, record.tier)
+            if src != move.src:
+                return f"move {index}: {move.cluster_id!r} is in {src.name}, plan says {move.src.name}"
+            if move.num_bytes != record.num_bytes:
+                return f"move {index}: {move.cluster_id!r} has {record.num_bytes} bytes, not {move.num_bytes}"
+            if record.pinned:
+                return f"move {index}: {move.cluster_id!r} is pinned"
+            if used[move.dst] + move.num_bytes > self.capacity_bytes(move.dst):
+                return f"move {index}: {move.num_bytes} bytes of {move.cluster_id!r} overflow {move.dst.name}"
+            used[move.src] -= move.num_bytes
+            used[move.dst] += move.num_bytes
+            tiers[move.cluster_id] = move.dst
+        return None
+
+
+def _now(now_s: float | None) -> float:
+    return time.monotonic() if now_s is None else now_s
+
+
+def _check_nbytes(nbytes: int) -> int:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise InvalidArgumentError(f"byte counts must be ints >= 0, got {nbytes!r}")
+    return nbytes
