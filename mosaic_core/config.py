@@ -1,0 +1,113 @@
+"""Engine configuration: frozen, keyword-only, with units in the names.
+
+Pydantic and config files live at the service edge; the core takes these dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.errors import ConfigError, UnknownPolicyError
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+class RetrievalMode(StrEnum):
+    """How a question finds the stream history it attends to.
+
+    - FULL keeps every KV state on the device and attends to all of it (the plain-transformers baseline).
+    - TOKEN is the ReKV-style baseline: frame-sized blocks, scored by their mean key, copied block by block.
+    - CLUSTER is Mosaic: cross-modal clusters scored by centroid and spread, moved and cached whole.
+    """
+
+    FULL = "full"
+    TOKEN = "token"
+    CLUSTER = "cluster"
+
+    @classmethod
+    def parse(cls, name: str | RetrievalMode) -> RetrievalMode:
+        try:
+            return cls(name)
+        except ValueError:
+            valid = ", ".join(m.value for m in cls)
+            raise UnknownPolicyError(f"unknown retrieval mode {name!r}; valid modes are: {valid}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Everything the engine needs to know besides the model.
+
+    Attributes:
+        mode: retrieval mode, one switch for the whole engine.
+        target_tokens_per_frame: visual tokens per frame the frame size is chosen for.
+        local_window_tokens: recent KV every new frame and question attends to.
+        max_frames_per_pass: consecutive frames of one stream that may share a forward pass (a backlog catches
+            up faster; each frame still attends only to sink + window + the frames before it in the pass).
+        retrieval_budget_tokens: history KV a question may retrieve per layer.
+        device_budget_bytes: device-tier bytes shared by all streams (GPU memory, or an accounted CPU pool).
+        host_budget_bytes: host-tier bytes (pinned when CUDA is present).
+        disk_budget_bytes: disk-tier bytes; 0 disables the disk tier.
+        disk_dir: where the disk tier keeps its files; required when disk_budget_bytes > 0.
+        eviction_policy: name of the policy that picks which clusters to spill ("lru" or "heat").
+        rescore_every_tokens: decode steps between re-scoring clusters; 0 scores once per question.
+        max_question_tokens: questions longer than this are rejected.
+        max_new_tokens_limit: upper bound a caller may ask for per answer.
+        evidence_spans: how many ranked evidence spans an answer carries.
+        merge_min_questions: questions that must retrieve a pair of neighbours before maintenance merges them.
+        merge_min_joint_fraction: share of those questions that must retrieve both neighbours.
+        formation: visual-coherence rules for forming clusters online.
+    """
+
+    mode: RetrievalMode = RetrievalMode.CLUSTER
+    target_tokens_per_frame: int = 128
+    local_window_tokens: int = 1024
+    max_frames_per_pass: int = 1
+    retrieval_budget_tokens: int = 4096
+    device_budget_bytes: int = 2 * GIB
+    host_budget_bytes: int = 16 * GIB
+    disk_budget_bytes: int = 0
+    disk_dir: str | None = None
+    eviction_policy: str = "lru"
+    rescore_every_tokens: int = 0
+    max_question_tokens: int = 512
+    max_new_tokens_limit: int = 512
+    evidence_spans: int = 5
+    merge_min_questions: int = 3
+    merge_min_joint_fraction: float = 0.8
+    formation: FormationConfig = field(default_factory=FormationConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", RetrievalMode.parse(self.mode))
+        positive = {
+            "target_tokens_per_frame": self.target_tokens_per_frame,
+            "local_window_tokens": self.local_window_tokens,
+            "max_frames_per_pass": self.max_frames_per_pass,
+            "retrieval_budget_tokens": self.retrieval_budget_tokens,
+            "device_budget_bytes": self.device_budget_bytes,
+            "host_budget_bytes": self.host_budget_bytes,
+            "max_question_tokens": self.max_question_tokens,
+            "max_new_tokens_limit": self.max_new_tokens_limit,
+            "evidence_spans": self.evidence_spans,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.disk_budget_bytes < 0 or self.rescore_every_tokens < 0:
+            raise ConfigError(
+                f"disk_budget_bytes and rescore_every_tokens must be >= 0, got "
+                f"{self.disk_budget_bytes} and {self.rescore_every_tokens}"
+            )
+        if self.disk_budget_bytes > 0 and not self.disk_dir:
+            raise ConfigError(f"disk_budget_bytes={self.disk_budget_bytes} needs disk_dir to be set")
+        if self.formation.max_tokens > self.retrieval_budget_tokens:
+            raise ConfigError(
+                f"formation.max_tokens={self.formation.max_tokens} exceeds retrieval_budget_tokens="
+                f"{self.retrieval_budget_tokens}: a cluster must fit in one retrieval"
+            )
+        if not 0.0 < self.merge_min_joint_fraction <= 1.0:
+            raise ConfigError(
+                f"merge_min_joint_fraction must be in (0, 1], got {self.merge_min_joint_fraction}"
+            )

@@ -1,0 +1,1 @@
+"""The streaming engine: attention plans, per-stream state, retrieval and the Engine facade."""

@@ -1,0 +1,434 @@
+"""The engine facade: open streams, ingest frames from many streams in batches, ask questions.
+
+One process, no Ray, gRPC or Redis. Not thread-safe: the service runs one engine per worker actor and calls it
+from one thread at a time.
+
+    engine = Engine.from_model("tiny", EngineConfig(mode="cluster"))
+    engine.open_stream("cam-1", fps=1.0)
+    engine.ingest([FrameInput("cam-1", t, rgb), ...])
+    answer = engine.answer("cam-1", "when did the van leave?")
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mosaic_core.bookkeeping.formation import ClusterFormer
+from mosaic_core.bookkeeping.maintenance import CoRetrievalTracker
+from mosaic_core.bookkeeping.residency import ResidencyManager
+from mosaic_core.bookkeeping.tiers import Tier, TierBudgets
+from mosaic_core.config import EngineConfig, RetrievalMode
+from mosaic_core.engine import questions
+from mosaic_core.engine.plans import IngestPlan
+from mosaic_core.engine.results import (
+    Answer,
+    ClusterInfo,
+    EngineStats,
+    FrameInput,
+    IngestResult,
+    StreamStats,
+    TokenEvent,
+)
+from mosaic_core.engine.stream import LocalFrame, StreamState, check_stream_id
+from mosaic_core.engine.summaries import SummaryIndex
+from mosaic_core.engine.tiering import TierManager
+from mosaic_core.errors import (
+    AlreadyExistsError,
+    BudgetError,
+    EmptyBatchError,
+    InvalidArgumentError,
+    UnknownStreamError,
+)
+from mosaic_core.memory.tiers import KVTiers
+from mosaic_core.model.pixels import validate_frames
+from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
+from mosaic_core.model.tokenizer import chat_prefix
+
+DEFAULT_SYSTEM_PROMPT = "You are watching a live camera. Answer questions about what it has seen, and when."
+UNLIMITED_BYTES = 1 << 62
+
+
+class Engine:
+    """Streams of frames in, answers with evidence out, within the configured memory budgets."""
+
+    def __init__(self, model: Qwen25VLAdapter, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.spec = model.kv_spec
+        # Full mode is the no-eviction baseline: its device tier is accounted but never limits.
+        device_bytes = (
+            UNLIMITED_BYTES if self.config.mode is RetrievalMode.FULL else self.config.device_budget_bytes
+        )
+        budgets = TierBudgets(
+            device_bytes=device_bytes,
+            host_bytes=self.config.host_budget_bytes,
+            disk_bytes=self.config.disk_budget_bytes,
+        )
+        residency = ResidencyManager(budgets, policy=self.config.eviction_policy)
+        tiers = KVTiers(self.spec, device=model.device, disk_dir=self.config.disk_dir)
+        self.tiering = TierManager(residency, tiers)
+        self.tracker = CoRetrievalTracker()
+        self.streams: dict[str, StreamState] = {}
+        working_set = self.config.retrieval_budget_tokens * self.spec.bytes_per_token
+        window = self.config.local_window_tokens * self.spec.bytes_per_token
+        if self.config.mode is not RetrievalMode.FULL and device_bytes < working_set + window:
+            raise BudgetError(
+                f"device budget {device_bytes} bytes is smaller than one question's working set plus a local "
+                f"window ({working_set} + {window} bytes at {self.spec.bytes_per_token} bytes per token)"
+            )
+
+    @classmethod
+    def from_model(
+        cls,
+        name_or_path: str,
+        config: EngineConfig | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Engine:
+        """Builds the engine over a preset name (random weights) or a local checkpoint directory."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(Qwen25VLAdapter.load(name_or_path, device=device, dtype=dtype), config)
+
+    # -- streams ------------------------------------------------------------------------------------------------
+    def open_stream(
+        self, stream_id: str, *, fps: float = 1.0, system_prompt: str | None = None
+    ) -> StreamStats:
+        """Registers a stream and prefills its preamble, whose KV becomes the stream's attention sink."""
+        check_stream_id(stream_id)
+        if stream_id in self.streams:
+            raise AlreadyExistsError(f"stream {stream_id!r} is already open on this engine")
+        if not fps > 0:
+            raise InvalidArgumentError(f"fps must be positive, got {fps}")
+        formation = self.config.formation
+        state = StreamState(
+            stream_id,
+            fps=fps,
+            former=ClusterFormer(stream_id, formation),
+            summaries=SummaryIndex(self.spec, device=self.model.device),
+        )
+        ids = self.model.encode_text(chat_prefix(system_prompt or DEFAULT_SYSTEM_PROMPT) + "<|vision_start|>")
+        self._reserve_stream(stream_id, len(ids))
+        plan = IngestPlan([state], self.spec)
+        input_ids = torch.tensor([ids], device=self.model.device)
+        positions = self.model.text_positions(0, len(ids))[:, None, :]
+        self.model.forward(input_ids=input_ids, position_ids=positions, plan=plan)
+        state.sink = plan.row_kv(0)
+        state.position_base = state.text_cursor = len(ids)
+        self.streams[stream_id] = state
+        return self.stream_stats(stream_id)
+
+    def close_stream(self, stream_id: str) -> None:
+        """Closes a stream and frees every byte it held in every tier."""
+        state = self.stream(stream_id)
+        state.closed = True
+        for cluster_id in self.tiering.residency.drop_stream(stream_id):
+            self.tiering.tiers.delete(cluster_id)
+            self.tracker.forget(cluster_id)
+        self.tiering.residency.release(f"{stream_id}:sink+window")
+        del self.streams[stream_id]
+
+    def stream(self, stream_id: str) -> StreamState:
+        state = self.streams.get(stream_id)
+        if state is None:
+            raise UnknownStreamError(f"no stream {stream_id!r} is open on this engine")
+        return state
+
+    def _reserve_stream(self, stream_id: str, sink_tokens: int) -> None:
+        # Between a pass and the eviction after it, the window holds up to one pass of frames more than its
+        # size; frame sizes may round above the target, hence the 25% margin on those frames.
+        extra_frames = self.config.max_frames_per_pass + 1
+        tokens = (
+            sink_tokens
+            + self.config.local_window_tokens
+            + extra_frames * self.config.target_tokens_per_frame * 5 // 4
+        )
+        num_bytes = tokens * self.spec.bytes_per_token
+        plan = self.tiering.residency.plan_make_room(Tier.DEVICE, num_bytes)
+        if plan is None:
+            raise BudgetError(
+                f"device budget cannot hold stream {stream_id!r}'s sink + local window ({tokens} tokens, "
+                f"{num_bytes} bytes; {self.tiering.residency.free_bytes(Tier.DEVICE)} bytes can be freed)"
+            )
+        self.tiering.execute(plan)
+        self.tiering.residency.reserve(f"{stream_id}:sink+window", num_bytes)
+
+    # -- ingest -------------------------------------------------------------------------------------------------
+    def ingest(self, frames: Sequence[FrameInput]) -> IngestResult:
+        """Encodes a batch of frames from any number of streams.
+
+        The batch is checked whole before anything changes, so a bad frame rejects the call and leaves every
+        stream as it was. Frames of different streams share forward passes, one row per stream; a row carries
+        up to ``config.max_frames_per_pass`` consecutive frames of its stream (a backlog catches up in fewer
+        passes, still attending only to sink + local window + the row itself).
+        """
+        if not frames:
+            raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
+        by_stream = self._validate(frames)
+        start = time.perf_counter()
+        features = self._encode(by_stream)
+        encode_s = time.perf_counter() - start
+        attended: list[int] = []
+        num_opened = num_passes = 0
+        chunk = self.config.max_frames_per_pass
+        rounds = max(-(-len(items) // chunk) for items in by_stream.values())
+        for r in range(rounds):
+            rows = [
+                (
+                    sid,
+                    list(range(r * chunk, min(len(items), (r + 1) * chunk))),
+                    [f for f, _ in items[r * chunk :][:chunk]],
+                )
+                for sid, items in by_stream.items()
+                if r * chunk < len(items)
+            ]
+            for group in _by_token_count(rows, features):
+                opened, tokens = self._ingest_pass(group, features)
+                num_passes += 1
+                num_opened += opened
+                attended.extend(tokens)
+        return IngestResult(
+            num_frames=len(frames),
+            num_forward_passes=num_passes,
+            num_clusters_opened=num_opened,
+            encode_s=encode_s,
+            prefill_s=time.perf_counter() - start - encode_s,
+            attended_tokens_per_frame=attended,
+        )
+
+    def _validate(self, frames: Sequence[FrameInput]) -> dict[str, list[tuple[FrameInput, np.ndarray]]]:
+        by_stream: dict[str, list[tuple[FrameInput, np.ndarray]]] = defaultdict(list)
+        for frame in frames:
+            state = self.stream(frame.stream_id)
+            state.check_open()
+            previous = by_stream[frame.stream_id][-1][0].timestamp_s if by_stream[frame.stream_id] else None
+            state.check_timestamp(
+                frame.timestamp_s, previous if previous is not None else state.last_timestamp_s
+            )
+            rgb = validate_frames(frame.rgb)[0]
+            by_stream[frame.stream_id].append((frame, rgb))
+        return dict(by_stream)
+
+    def _encode(self, by_stream) -> dict[tuple[str, int], object]:
+        """Vision tower over every frame of the batch, grouped by source size and geometry."""
+        groups: dict[tuple, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
+        for stream_id, items in by_stream.items():
+            state = self.streams[stream_id]
+            for i, (_, rgb) in enumerate(items):
+                if state.geometry is None:
+                    state.geometry = self.model.choose_geometry(
+                        *rgb.shape[:2], self.config.target_tokens_per_frame
+                    )
+                    self._check_geometry(state)
+                groups[(rgb.shape, state.geometry)].append((stream_id, i, rgb))
+        features = {}
+        for (_, geometry), members in groups.items():
+            out = self.model.encode_frames(np.stack([m[2] for m in members]), geometry)
+            for j, (stream_id, i, _) in enumerate(members):
+                features[(stream_id, i)] = (out.embeds[j], out.summaries[j])
+        return features
+
+    def _check_geometry(self, state: StreamState) -> None:
+        if state.geometry.tokens_per_frame > self.config.formation.max_tokens:
+            raise BudgetError(
+                f"a frame of stream {state.stream_id!r} has {state.geometry.tokens_per_frame} tokens, more "
+                f"than the cluster size cap formation.max_tokens={self.config.formation.max_tokens}"
+            )
+
+    def _ingest_pass(self, rows, features) -> tuple[int, list[int]]:
+        """One forward pass; rows are ``(stream_id, frame indices in the batch, frames)``, one row per stream.
+
+        Row layout, for a row carrying frames f0 f1 of one stream:
+
+            tokens:    [ f0 visual tokens | f1 visual tokens ]
+            attends:   sink + local window + causal within the row
+        """
+        states = [self.streams[sid] for sid, _, _ in rows]
+        positions = []
+        for state, (_, _, frames) in zip(states, rows, strict=True):
+            if state.first_timestamp_s is None:
+                state.first_timestamp_s = frames[0].timestamp_s
+            positions.append(
+                torch.cat(
+                    [
+                        self.model.frame_positions(
+                            state.geometry,
+                            base=state.position_base,
+                            offset_s=f.timestamp_s - state.first_timestamp_s,
+                        )
+                        for f in frames
+                    ],
+                    dim=1,
+                )
+            )
+        embeds = torch.cat([features[(sid, i)][0] for sid, indices, _ in rows for i in indices])
+        input_ids = torch.full(
+            (len(rows), positions[0].shape[1]), self.model.video_token_id, device=self.model.device
+        )
+        plan = IngestPlan(states, self.spec)
+        self.model.forward(
+            input_ids=input_ids, position_ids=torch.stack(positions, dim=1), plan=plan, frame_embeds=embeds
+        )
+        opened, attended = 0, []
+        for row, (state, (sid, indices, frames)) in enumerate(zip(states, rows, strict=True)):
+            row_kv = plan.row_kv(row)
+            start = 0
+            for i, frame in zip(indices, frames, strict=True):
+                frame_embeds, summary = features[(sid, i)]
+                end = start + frame_embeds.shape[0]
+                opened += self._place_frame(state, frame, row_kv[:, :, :, start:end], summary)
+                attended.append(plan.attended_tokens[row] - (row_kv.shape[3] - end))
+                start = end
+        return opened, attended
+
+    def _place_frame(
+        self, state: StreamState, frame: FrameInput, kv: torch.Tensor, summary: torch.Tensor
+    ) -> int:
+        similarity, cohesion = _coherence(state.open_embeds, summary)
+        if self.config.mode is RetrievalMode.TOKEN:
+            similarity, cohesion = -1.0, None  # ReKV blocks: every frame is its own block
+        num_tokens = kv.shape[3]
+        decision = state.former.decide(
+            timestamp_s=frame.timestamp_s,
+            num_tokens=num_tokens,
+            similarity=similarity,
+            cohesion_after=cohesion,
+        )
+        record = state.former.commit(
+            decision, frame_index=state.frames_ingested, timestamp_s=frame.timestamp_s, num_tokens=num_tokens
+        )
+        state.open_embeds = [*state.open_embeds, summary] if decision.join else [summary]
+        state.push_local(LocalFrame(state.frames_ingested, record.cluster_id, frame.timestamp_s, kv))
+        state.frames_ingested += 1
+        state.last_timestamp_s = frame.timestamp_s
+        offset_s = frame.timestamp_s - state.first_timestamp_s
+        state.text_cursor = max(
+            state.text_cursor,
+            self.model.frame_position_end(state.geometry, base=state.position_base, offset_s=offset_s),
+        )
+        for old in state.pop_overflow(self.config.local_window_tokens):
+            self._store_in_cluster(state, old)
+        return 0 if decision.join else 1
+
+    def _store_in_cluster(self, state: StreamState, frame: LocalFrame) -> None:
+        """A frame leaving the local window joins its cluster's KV, wherever that cluster lives."""
+        if frame.cluster_id in self.tiering.residency:
+            self.tiering.append(frame.cluster_id, frame.kv)
+        else:
+            prefer = Tier.HOST if self.config.mode is RetrievalMode.TOKEN else Tier.DEVICE
+            self.tiering.admit(frame.cluster_id, state.stream_id, frame.kv, prefer=prefer)
+        state.summaries.add(frame.cluster_id, frame.kv[:, 0])
+
+    # -- questions ----------------------------------------------------------------------------------------------
+    def ask(
+        self,
+        stream_id: str,
+        question: str,
+        *,
+        max_new_tokens: int = 32,
+        time_range: tuple[float, float] | None = None,
+        measure_recall: bool = False,
+    ) -> Iterator[TokenEvent | Answer]:
+        """Answers ``question`` about one stream: yields each ``TokenEvent``, then the ``Answer``."""
+        return questions.ask(
+            self,
+            self.stream(stream_id),
+            question,
+            max_new_tokens=max_new_tokens,
+            time_range=time_range,
+            measure_recall=measure_recall,
+        )
+
+    def answer(self, stream_id: str, question: str, **kwargs) -> Answer:
+        """``ask`` run to the end; returns only the ``Answer``."""
+        events = list(self.ask(stream_id, question, **kwargs))
+        return events[-1]
+
+    # -- introspection ------------------------------------------------------------------------------------------
+    def clusters(self, stream_id: str) -> list[ClusterInfo]:
+        """Clusters of a stream that hold KV (frames still in the local window are not in one yet)."""
+        state = self.stream(stream_id)
+        residency = self.tiering.residency
+        infos = []
+        for record in state.former.records():
+            if record.cluster_id not in residency:
+                continue
+            res = residency.record(record.cluster_id)
+            infos.append(
+                ClusterInfo(
+                    cluster_id=record.cluster_id,
+                    stream_id=stream_id,
+                    start_s=record.start_s,
+                    end_s=record.end_s,
+                    first_frame=record.frame_indices[0],
+                    last_frame=record.frame_indices[-1],
+                    num_tokens=state.summaries.count(record.cluster_id),
+                    num_bytes=res.num_bytes,
+                    tier=res.tier.name.lower(),
+                )
+            )
+        return infos
+
+    def stream_stats(self, stream_id: str) -> StreamStats:
+        state = self.stream(stream_id)
+        infos = self.clusters(stream_id)
+        by_tier = {tier.name.lower(): 0 for tier in Tier}
+        bytes_by_tier = dict(by_tier)
+        for info in infos:
+            by_tier[info.tier] += 1
+            bytes_by_tier[info.tier] += info.num_bytes
+        return StreamStats(
+            stream_id=stream_id,
+            fps=state.fps,
+            frames_ingested=state.frames_ingested,
+            first_timestamp_s=state.first_timestamp_s,
+            last_timestamp_s=state.last_timestamp_s,
+            num_clusters=len(infos),
+            clusters_by_tier=by_tier,
+            bytes_by_tier=bytes_by_tier,
+            local_window_tokens=state.local_tokens,
+            sink_tokens=state.sink_tokens,
+            tokens_per_frame=None if state.geometry is None else state.geometry.tokens_per_frame,
+            closed=state.closed,
+        )
+
+    def stats(self) -> EngineStats:
+        residency = self.tiering.residency
+        names = {tier: tier.name.lower() for tier in Tier}
+        return EngineStats(
+            mode=self.config.mode.value,
+            num_streams=len(self.streams),
+            used_bytes_by_tier={names[t]: residency.used_bytes(t) for t in Tier},
+            capacity_bytes_by_tier={names[t]: residency.capacity_bytes(t) for t in Tier},
+            clusters_by_tier={names[t]: len(residency.clusters(tier=t)) for t in Tier},
+            transfer_bytes_by_direction=dict(self.tiering.tiers.stats.bytes_by_direction),
+            transfer_copies_by_direction=dict(self.tiering.tiers.stats.copies_by_direction),
+            device_hit_ratio=self.tiering.hit_ratio,
+        )
+
+
+def _coherence(members: list[torch.Tensor], frame: torch.Tensor) -> tuple[float | None, float | None]:
+    """Cosine of ``frame`` to the open cluster's centroid, and the cluster's cohesion with it added."""
+    if not members:
+        return None, None
+    stacked = torch.stack(members)
+    centroid = stacked.mean(dim=0)
+    similarity = torch.nn.functional.cosine_similarity(frame, centroid, dim=0).item()
+    with_frame = torch.cat([stacked, frame[None]])
+    new_centroid = with_frame.mean(dim=0, keepdim=True)
+    cohesion = torch.nn.functional.cosine_similarity(with_frame, new_centroid, dim=1).mean().item()
+    return similarity, cohesion
+
+
+def _by_token_count(rows, features) -> list[list]:
+    """Splits a pass's rows by token count, since one forward pass needs rows of equal length."""
+    groups: dict[int, list] = defaultdict(list)
+    for stream_id, indices, frames in rows:
+        num_tokens = sum(features[(stream_id, i)][0].shape[0] for i in indices)
+        groups[num_tokens].append((stream_id, indices, frames))
+    return list(groups.values())

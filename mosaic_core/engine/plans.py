@@ -1,0 +1,147 @@
+"""Attention plans: what each layer attends to during one forward pass, and what it keeps.
+
+- ``IngestPlan``: a batch of rows, one frame (or the preamble) of one stream each. Each row attends to its
+  stream's sink + local window + itself; the new KV is kept for the caller to place in the window.
+- ``QuestionPlan``: one stream's question and then its answer, token by token. Each layer attends to
+  sink + retrieved clusters + local window + the question and answer so far. Clusters are chosen when the question
+  is prefilled and, if configured, again every ``rescore_every_tokens`` decode steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mosaic_core.engine.attend import attend_batch, attend_new_tokens, concat_past
+from mosaic_core.engine.retrieval import LayerSelection, Retriever
+from mosaic_core.engine.stream import StreamState
+from mosaic_core.memory.layout import KVSpec
+
+
+class IngestPlan:
+    """Bounded attention for a batch of streams: the cost per frame is independent of stream length."""
+
+    def __init__(self, streams: list[StreamState], spec: KVSpec) -> None:
+        self.streams = streams
+        self.spec = spec
+        self.new_kv: list[torch.Tensor | None] = [None] * spec.num_layers  # each [B, 2, H, T, D]
+        self.attended_tokens: list[int] = [0] * len(streams)
+
+    def attend(self, layer_idx, query, key, value, scale):
+        pasts = [self._past(stream, layer_idx) for stream in self.streams]
+        self.new_kv[layer_idx] = torch.stack([key, value], dim=1)
+        if layer_idx == 0:
+            self.attended_tokens = [(0 if p is None else p.shape[2]) + key.shape[2] for p in pasts]
+        return attend_batch(query, key, value, pasts, scale)
+
+    @staticmethod
+    def _past(stream: StreamState, layer: int) -> torch.Tensor | None:
+        pieces = [] if stream.sink is None else [stream.sink[layer]]
+        local = stream.local_layer(layer)
+        if local is not None:
+            pieces.append(local)
+        return concat_past(pieces) if pieces else None
+
+    def row_kv(self, row: int) -> torch.Tensor:
+        """The new KV of one row, ``[num_layers, 2, H, T, D]``."""
+        return torch.stack([kv[row] for kv in self.new_kv])
+
+
+class QuestionPlan:
+    """Retrieval-augmented attention for one question and its answer."""
+
+    def __init__(
+        self,
+        stream: StreamState,
+        retriever: Retriever,
+        *,
+        rescore_every_tokens: int,
+        recall_probe: RecallProbe | None = None,
+    ) -> None:
+        self.stream = stream
+        self.retriever = retriever
+        self.rescore_every_tokens = rescore_every_tokens
+        self.recall_probe = recall_probe
+        num_layers = retriever.spec.num_layers
+        self.selections: list[LayerSelection | None] = [None] * num_layers
+        self.generated: list[torch.Tensor | None] = [None] * num_layers  # question + answer KV per layer
+        self.steps = 0  # forward passes so far: 0 is the question prefill
+        self.selection_history: list[list[LayerSelection]] = []
+
+    def attend(self, layer_idx, query, key, value, scale):
+        if self._should_score():
+            selection = self.retriever.select(layer_idx, query[0])
+            self.selections[layer_idx] = selection
+            if self.recall_probe is not None and self.steps == 0:
+                self.recall_probe.observe(layer_idx, query[0], selection)
+            if layer_idx == len(self.selections) - 1:
+                self.selection_history.append(list(self.selections))
+        selection = self.selections[layer_idx]
+        pieces = [self.stream.sink[layer_idx]]
+        if selection is not None and selection.kv is not None:
+            pieces.append(selection.kv)
+        local = self.stream.local_layer(layer_idx)
+        if local is not None:
+            pieces.append(local)
+        if self.generated[layer_idx] is not None:
+            pieces.append(self.generated[layer_idx])
+        new_kv = torch.stack([key[0], value[0]])  # [2, H, T, D]
+        out = attend_new_tokens(query[0], new_kv, concat_past(pieces), scale)
+        previous = self.generated[layer_idx]
+        self.generated[layer_idx] = new_kv if previous is None else torch.cat([previous, new_kv], dim=2)
+        if layer_idx == len(self.selections) - 1:
+            self.steps += 1
+        return out[None]
+
+    def _should_score(self) -> bool:
+        if self.steps == 0:
+            return True
+        return self.rescore_every_tokens > 0 and self.steps % self.rescore_every_tokens == 0
+
+
+class RecallProbe:
+    """Measures attention recall of the retrieved set against an oracle top-k of full attention.
+
+    For each layer, full attention of the question over sink + every history token + local window gives each
+    history token its attention mass (summed over heads and question tokens). The oracle keeps the ``budget``
+    heaviest history tokens; recall is the mass the retrieved tokens carry over the mass the oracle carries.
+    """
+
+    def __init__(
+        self, stream: StreamState, tiering, *, candidates: list[str], budget_tokens: int, spec: KVSpec
+    ) -> None:
+        self.stream = stream
+        self.candidates = candidates
+        self.tiering = tiering
+        self.budget_tokens = budget_tokens
+        self.spec = spec
+        self.per_layer: list[float] = []
+
+    def observe(self, layer: int, query: torch.Tensor, selection: LayerSelection) -> None:
+        candidates = self.candidates
+        if not candidates:
+            return
+        history = [self.tiering.tiers.read(cid)[layer].to(query.device) for cid in candidates]
+        sizes = [h.shape[2] for h in history]
+        pieces = [self.stream.sink[layer], *history]
+        local = self.stream.local_layer(layer)
+        if local is not None:
+            pieces.append(local)
+        keys = torch.cat([p[0] for p in pieces], dim=1).float()  # [H, N, D]
+        keys = keys.repeat_interleave(self.spec.group_size, dim=0)  # [Hq, N, D]
+        probs = torch.softmax(torch.einsum("htd,hnd->htn", query.float(), keys) * self.spec.scale, dim=-1)
+        mass = probs.sum(dim=(0, 1))
+        start = self.stream.sink_tokens
+        history_mass = mass[start : start + sum(sizes)]
+        oracle = history_mass.topk(min(self.budget_tokens, history_mass.numel())).values.sum()
+        chosen = set(selection.cluster_ids)
+        retrieved, offset = history_mass.new_zeros(()), 0
+        for cid, size in zip(candidates, sizes, strict=True):
+            if cid in chosen:
+                retrieved += history_mass[offset : offset + size].sum()
+            offset += size
+        # Retrieving more tokens than the budget (full mode) can carry more mass than the oracle: cap at 1.
+        self.per_layer.append(min(1.0, float(retrieved / oracle.clamp_min(1e-12))))
+
+    @property
+    def recall(self) -> float | None:
+        return sum(self.per_layer) / len(self.per_layer) if self.per_layer else None

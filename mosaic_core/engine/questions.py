@@ -1,0 +1,219 @@
+"""Answering a question about one stream: prefill with retrieval, greedy decode, evidence, maintenance.
+
+The question and its answer are transient: their KV is dropped when the answer ends, and the stream's own KV
+(sink, clusters, window) is unchanged, except that retrieval may have moved clusters between tiers and
+maintenance may have merged clusters that questions keep retrieving together.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from mosaic_core.engine.maintenance import apply_merges
+from mosaic_core.engine.plans import QuestionPlan, RecallProbe
+from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, RetrievalStats, TokenEvent
+from mosaic_core.engine.retrieval import Retriever
+from mosaic_core.engine.stream import StreamState
+from mosaic_core.errors import InvalidArgumentError, OutOfRangeError
+from mosaic_core.model.tokenizer import question_prompt
+
+if TYPE_CHECKING:
+    from mosaic_core.engine.engine import Engine
+
+
+def ask(
+    engine: Engine,
+    state: StreamState,
+    question: str,
+    *,
+    max_new_tokens: int,
+    time_range: tuple[float, float] | None,
+    measure_recall: bool,
+) -> Iterator[TokenEvent | Answer]:
+    state.check_open()
+    config = engine.config
+    question_ids = _check_question(engine, question, max_new_tokens)
+    candidates = _candidates(engine, state, time_range)
+    retriever = Retriever(
+        mode=config.mode,
+        spec=engine.spec,
+        tiering=engine.tiering,
+        stream=state,
+        candidates=candidates,
+        budget_tokens=config.retrieval_budget_tokens,
+    )
+    probe = None
+    if measure_recall:
+        probe = RecallProbe(
+            state,
+            engine.tiering,
+            candidates=candidates,
+            budget_tokens=config.retrieval_budget_tokens,
+            spec=engine.spec,
+        )
+    plan = QuestionPlan(
+        state, retriever, rescore_every_tokens=config.rescore_every_tokens, recall_probe=probe
+    )
+    return _generate(engine, state, question, question_ids, plan, max_new_tokens)
+
+
+def _generate(engine, state, question, question_ids, plan, max_new_tokens) -> Iterator[TokenEvent | Answer]:
+    model, tiers = engine.model, engine.tiering.tiers
+    bytes_before = dict(tiers.stats.bytes_by_direction)
+    copies_before = dict(tiers.stats.copies_by_direction)
+    hits_before, lookups_before = engine.tiering.device_hits, engine.tiering.device_lookups
+    timings = AnswerTimings()
+    start = time.perf_counter()
+    cursor = state.text_cursor
+    token_ids: list[int] = []
+    try:
+        input_ids = torch.tensor([question_ids], device=model.device)
+        hidden = model.forward(
+            input_ids=input_ids,
+            position_ids=model.text_positions(cursor, len(question_ids))[:, None],
+            plan=plan,
+        )
+        last_hidden = hidden[0, -1].float().cpu()
+        next_id = int(model.logits(hidden[:, -1]).argmax(-1).item())
+        _sync(model.device)
+        timings.prefill_s = timings.time_to_first_token_s = time.perf_counter() - start
+        timings.score_s, timings.fetch_s = plan.retriever.score_s, plan.retriever.fetch_s
+        timings.retrieval_s = timings.score_s + timings.fetch_s
+        cursor += len(question_ids)
+        decode_start = time.perf_counter()
+        while True:
+            token_ids.append(next_id)
+            yield TokenEvent(next_id, model.decode_tokens([next_id]))
+            if next_id in model.eos_token_ids or len(token_ids) >= max_new_tokens:
+                break
+            hidden = model.forward(
+                input_ids=torch.tensor([[next_id]], device=model.device),
+                position_ids=model.text_positions(cursor, 1)[:, None],
+                plan=plan,
+            )
+            cursor += 1
+            next_id = int(model.logits(hidden[:, -1]).argmax(-1).item())
+        _sync(model.device)
+        timings.decode_s = time.perf_counter() - decode_start
+    finally:
+        plan.retriever.release()
+    timings.num_tokens = len(token_ids)
+    retrieval = _retrieval_stats(engine, plan, bytes_before, copies_before, hits_before, lookups_before)
+    evidence = _evidence(state, plan, engine.config.evidence_spans)
+    _maintain(engine, state, plan)
+    yield Answer(
+        stream_id=state.stream_id,
+        question=question,
+        text=model.decode_tokens(token_ids),
+        token_ids=token_ids,
+        evidence=evidence,
+        timings=timings,
+        retrieval=retrieval,
+        last_hidden=last_hidden,
+    )
+
+
+def _check_question(engine, question: str, max_new_tokens: int) -> list[int]:
+    if not isinstance(question, str) or not question.strip():
+        raise InvalidArgumentError("the question is empty; ask something about the stream")
+    limit = engine.config.max_new_tokens_limit
+    if not 0 < max_new_tokens <= limit:
+        raise InvalidArgumentError(f"max_new_tokens must be in 1..{limit}, got {max_new_tokens}")
+    ids = engine.model.encode_text(question_prompt(question))
+    if len(ids) > engine.config.max_question_tokens:
+        raise InvalidArgumentError(
+            f"the question is {len(ids)} tokens long; the limit is {engine.config.max_question_tokens}"
+        )
+    return ids
+
+
+def _candidates(engine, state: StreamState, time_range) -> list[str]:
+    records = [r for r in state.former.records() if r.cluster_id in engine.tiering.residency]
+    if time_range is None:
+        return [r.cluster_id for r in records]
+    start_s, end_s = time_range
+    if not start_s <= end_s:
+        raise InvalidArgumentError(f"time range start {start_s} is after its end {end_s}")
+    first, last = state.first_timestamp_s, state.last_timestamp_s
+    if first is None or end_s < first or start_s > last:
+        held = "nothing yet" if first is None else f"{first:.3f}s to {last:.3f}s"
+        raise OutOfRangeError(
+            f"time range {start_s:.3f}s to {end_s:.3f}s is outside what stream {state.stream_id!r} holds ({held})"
+        )
+    return [r.cluster_id for r in records if r.start_s <= end_s and r.end_s >= start_s]
+
+
+def _retrieval_stats(
+    engine, plan, bytes_before, copies_before, hits_before, lookups_before
+) -> RetrievalStats:
+    tiers, tiering = engine.tiering.tiers, engine.tiering
+    to_device = ("host_to_device", "disk_to_device")
+    bytes_fetched = sum(tiers.stats.bytes_by_direction[d] - bytes_before[d] for d in to_device)
+    copies = sum(tiers.stats.copies_by_direction[d] - copies_before[d] for d in to_device)
+    first = plan.selection_history[0] if plan.selection_history else []
+    retrieved = {cid for sel in first if sel is not None for cid in sel.cluster_ids}
+    tokens = [sel.num_tokens for sel in first if sel is not None]
+    lookups = tiering.device_lookups - lookups_before
+    hits = tiering.device_hits - hits_before
+    if engine.config.mode.value == "token":  # blocks are never cached on the device: every lookup misses
+        lookups, hits = sum(len(sel.cluster_ids) for sel in first if sel is not None), 0
+    return RetrievalStats(
+        num_clusters_retrieved=len(retrieved),
+        num_tokens_retrieved=max(tokens, default=0),
+        bytes_fetched=bytes_fetched,
+        num_copies=copies,
+        device_hits=hits,
+        device_lookups=lookups,
+        attention_recall=None if plan.recall_probe is None else plan.recall_probe.recall,
+    )
+
+
+def _evidence(state: StreamState, plan: QuestionPlan, limit: int) -> list[EvidenceSpan]:
+    """Clusters ranked by the attention mass their summaries promise, averaged over layers and re-scorings."""
+    mass: dict[str, float] = defaultdict(float)
+    num_scored = 0
+    for selections in plan.selection_history:
+        for selection in selections:
+            if selection is None:
+                continue
+            num_scored += 1
+            for cluster_id in selection.cluster_ids:
+                mass[cluster_id] += selection.probabilities.get(cluster_id, 0.0)
+    records = state.records()
+    ranked = sorted(mass.items(), key=lambda item: (-item[1], item[0]))[:limit]
+    return [
+        EvidenceSpan(
+            stream_id=state.stream_id,
+            cluster_id=cluster_id,
+            start_s=records[cluster_id].start_s,
+            end_s=records[cluster_id].end_s,
+            score=score / max(1, num_scored),
+            rank=rank,
+        )
+        for rank, (cluster_id, score) in enumerate(ranked, start=1)
+        if cluster_id in records
+    ]
+
+
+def _maintain(engine, state: StreamState, plan: QuestionPlan) -> None:
+    """Feeds what the question retrieved together to maintenance, and applies the merges it proposes."""
+    if not plan.selection_history or engine.config.mode.value != "cluster":
+        return
+    first = [sel for sel in plan.selection_history[0] if sel is not None]
+    # A cluster counts as retrieved when at least half of the layers chose it.
+    votes: dict[str, int] = defaultdict(int)
+    for selection in first:
+        for cluster_id in selection.cluster_ids:
+            votes[cluster_id] += 1
+    retrieved = [cid for cid, n in votes.items() if 2 * n >= len(first)]
+    apply_merges(engine, state, retrieved)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,129 @@
+"""Small result types at the engine's boundary: ids, counts, spans and timings, no tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class FrameInput:
+    """One frame for ``Engine.ingest``: RGB ``[H, W, 3]`` uint8 at ``timestamp_s`` (seconds, any epoch)."""
+
+    stream_id: str
+    timestamp_s: float
+    rgb: np.ndarray
+
+
+@dataclass(slots=True)
+class IngestResult:
+    num_frames: int
+    num_forward_passes: int
+    num_clusters_opened: int
+    encode_s: float
+    prefill_s: float
+    attended_tokens_per_frame: list[int]
+
+
+@dataclass(slots=True)
+class EvidenceSpan:
+    """A retrieved cluster the answer drew on, with its time span. Rank 1 is the strongest."""
+
+    stream_id: str
+    cluster_id: str
+    start_s: float
+    end_s: float
+    score: float
+    rank: int
+
+
+@dataclass(slots=True)
+class RetrievalStats:
+    num_clusters_retrieved: int = 0
+    num_tokens_retrieved: int = 0
+    bytes_fetched: int = 0
+    num_copies: int = 0
+    device_hits: int = 0
+    device_lookups: int = 0
+    attention_recall: float | None = None
+
+
+@dataclass(slots=True)
+class AnswerTimings:
+    """Seconds per stage. ``retrieval_s`` = ``score_s`` + ``fetch_s``, and is part of ``prefill_s``."""
+
+    prefill_s: float = 0.0
+    retrieval_s: float = 0.0
+    score_s: float = 0.0
+    fetch_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0
+    num_tokens: int = 0
+
+    @property
+    def decode_s_per_token(self) -> float:
+        return self.decode_s / max(1, self.num_tokens - 1)
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """One streamed piece of the answer."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(slots=True)
+class Answer:
+    """The finished answer, after every ``TokenEvent``."""
+
+    stream_id: str
+    question: str
+    text: str
+    token_ids: list[int]
+    evidence: list[EvidenceSpan]
+    timings: AnswerTimings
+    retrieval: RetrievalStats
+    last_hidden: object = field(default=None, repr=False)  # torch tensor, kept for fidelity checks
+
+
+@dataclass(slots=True)
+class ClusterInfo:
+    cluster_id: str
+    stream_id: str
+    start_s: float
+    end_s: float
+    first_frame: int
+    last_frame: int
+    num_tokens: int
+    num_bytes: int
+    tier: str
+
+
+@dataclass(slots=True)
+class StreamStats:
+    stream_id: str
+    fps: float
+    frames_ingested: int
+    first_timestamp_s: float | None
+    last_timestamp_s: float | None
+    num_clusters: int
+    clusters_by_tier: dict[str, int]
+    bytes_by_tier: dict[str, int]
+    local_window_tokens: int
+    sink_tokens: int
+    tokens_per_frame: int | None
+    closed: bool
+
+
+@dataclass(slots=True)
+class EngineStats:
+    mode: str
+    num_streams: int
+    used_bytes_by_tier: dict[str, int]
+    capacity_bytes_by_tier: dict[str, int]
+    clusters_by_tier: dict[str, int]
+    transfer_bytes_by_direction: dict[str, int]
+    transfer_copies_by_direction: dict[str, int]
+    device_hit_ratio: float

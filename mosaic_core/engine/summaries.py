@@ -1,0 +1,118 @@
+"""Per-cluster key summaries that let a question score every cluster of a stream in one pass per layer.
+
+For each cluster, layer and KV head we keep the running sum and sum of squares of the cluster's keys. From them:
+the centroid ``mu`` and the diagonal variance ``var``. A question query ``q`` then estimates the cluster's
+attention mass (log of the sum of ``exp(scale * q.k)`` over its keys) as if its keys were Gaussian:
+
+    log_mass ~ log(n) + scale * q.mu + 0.5 * scale^2 * sum_d q_d^2 var_d
+
+The log-count and the spread enter explicitly, so a big diffuse cluster is not mistaken for a small sharp one
+(the failure of centroid-only scoring). Token mode scores with the centroid alone, as ReKV and InfLLM do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mosaic_core.memory.layout import KVSpec
+
+
+class SummaryIndex:
+    """Rows of key statistics, one row per cluster of one stream, kept on the engine's device."""
+
+    def __init__(self, spec: KVSpec, *, device: torch.device) -> None:
+        self.spec = spec
+        self.device = device
+        self._rows: dict[str, int] = {}
+        self._ids: list[str | None] = []
+        capacity = 16
+        # [capacity, num_layers, num_kv_heads, head_dim]
+        self._sum = torch.zeros(capacity, spec.num_layers, spec.num_kv_heads, spec.head_dim, device=device)
+        self._sumsq = torch.zeros_like(self._sum)
+        self._count = torch.zeros(capacity, device=device)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, cluster_id: str, keys: torch.Tensor) -> None:
+        """Adds keys ``[num_layers, num_kv_heads, n, head_dim]`` to a cluster's row (creating it)."""
+        row = self._rows.get(cluster_id)
+        if row is None:
+            row = self._new_row(cluster_id)
+        keys = keys.float()
+        self._sum[row] += keys.sum(dim=2)
+        self._sumsq[row] += keys.square().sum(dim=2)
+        self._count[row] += keys.shape[2]
+
+    def merge(self, left_id: str, right_id: str, merged_id: str) -> None:
+        left, right = self._rows.pop(left_id), self._rows.pop(right_id)
+        self._ids[left] = self._ids[right] = None
+        row = self._new_row(merged_id)
+        for stat in (self._sum, self._sumsq, self._count):
+            stat[row] = stat[left] + stat[right]
+            stat[left] = 0
+            stat[right] = 0
+
+    def remove(self, cluster_id: str) -> None:
+        row = self._rows.pop(cluster_id)
+        self._ids[row] = None
+        for stat in (self._sum, self._sumsq, self._count):
+            stat[row] = 0
+
+    def count(self, cluster_id: str) -> int:
+        return int(self._count[self._rows[cluster_id]].item())
+
+    def layer_summaries(
+        self, layer: int, cluster_ids: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Centroids and variances ``[C, num_kv_heads, head_dim]`` and log-counts ``[C]`` of ``cluster_ids``."""
+        rows = torch.tensor([self._rows[c] for c in cluster_ids], device=self.device, dtype=torch.long)
+        count = self._count[rows].clamp_min(1.0)
+        mean = self._sum[rows, layer] / count[:, None, None]
+        var = (self._sumsq[rows, layer] / count[:, None, None] - mean.square()).clamp_min(0.0)
+        return mean, var, count.log()
+
+    def _new_row(self, cluster_id: str) -> int:
+        row = len(self._ids)
+        if row == self._sum.shape[0]:
+            self._sum = _grow(self._sum)
+            self._sumsq = _grow(self._sumsq)
+            self._count = _grow(self._count)
+        self._ids.append(cluster_id)
+        self._rows[cluster_id] = row
+        return row
+
+
+def _grow(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, torch.zeros_like(t)])
+
+
+def score_clusters(
+    query: torch.Tensor,
+    centroids: torch.Tensor,
+    variances: torch.Tensor,
+    log_counts: torch.Tensor,
+    *,
+    scale: float,
+    use_spread: bool,
+) -> torch.Tensor:
+    """Scores every cluster for one layer; returns ``[C]`` float32.
+
+    Args:
+        query: ``[num_q_heads, num_q_tokens, head_dim]`` post-RoPE question queries.
+        centroids, variances: ``[C, num_kv_heads, head_dim]``.
+        log_counts: ``[C]``.
+        use_spread: cluster mode (mass estimate) if True, token mode (centroid dot product) if False.
+
+    Per KV head, the estimate is maximised over the head's query group and the query tokens; heads are then
+    combined by log-sum-exp, i.e. the total estimated attention mass across heads.
+    """
+    num_kv_heads = centroids.shape[1]
+    group = query.shape[0] // num_kv_heads
+    q = query.float().reshape(num_kv_heads, group * query.shape[1], -1)  # [H, G*T, D]
+    dots = torch.einsum("hqd,chd->chq", q, centroids.float()) * scale  # [C, H, G*T]
+    if use_spread:
+        spread = torch.einsum("hqd,chd->chq", q.square(), variances.float()) * (0.5 * scale * scale)
+        dots = dots + spread + log_counts.float()[:, None, None]
+    per_head = dots.amax(dim=2)  # [C, H]
+    return torch.logsumexp(per_head, dim=1)

@@ -1,0 +1,185 @@
+"""Where cluster KV bytes physically live: device tensors, host tensors (pinned under CUDA) and disk files.
+
+``ResidencyManager`` (plain Python) decides; this module only does. Each cluster is one contiguous tensor
+``[num_layers, 2, num_kv_heads, num_tokens, head_dim]`` in exactly one tier; moving it is one copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.errors import UnknownClusterError
+from mosaic_core.memory.layout import KVSpec
+
+DIRECTIONS = {
+    (Tier.HOST, Tier.DEVICE): "host_to_device",
+    (Tier.DEVICE, Tier.HOST): "device_to_host",
+    (Tier.HOST, Tier.DISK): "host_to_disk",
+    (Tier.DISK, Tier.HOST): "disk_to_host",
+    (Tier.DEVICE, Tier.DISK): "device_to_disk",
+    (Tier.DISK, Tier.DEVICE): "disk_to_device",
+}
+
+
+@dataclass(slots=True)
+class TransferStats:
+    """Bytes and copy calls per direction, since the engine started."""
+
+    bytes_by_direction: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS.values(), 0))
+    copies_by_direction: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS.values(), 0))
+    seconds_by_direction: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(DIRECTIONS.values(), 0.0)
+    )
+
+    def record(self, src: Tier, dst: Tier, num_bytes: int, seconds: float, num_copies: int = 1) -> None:
+        direction = DIRECTIONS[(src, dst)]
+        self.bytes_by_direction[direction] += num_bytes
+        self.copies_by_direction[direction] += num_copies
+        self.seconds_by_direction[direction] += seconds
+
+
+class DiskTier:
+    """Cluster files under one directory; reopening the directory finds them again.
+
+    Layout: ``<root>/<stream_id>/<cluster name>.safetensors``, where the cluster id is ``<stream_id>/<name>``.
+    A ``manifest.json`` per stream lists the clusters written there, so a restarted worker can rebuild.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, cluster_id: str) -> Path:
+        return self.root / f"{cluster_id}.safetensors"
+
+    def write(self, cluster_id: str, kv: torch.Tensor) -> None:
+        path = self.path(cluster_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"kv": kv.contiguous().cpu()}, str(tmp))
+        os.replace(tmp, path)  # a reader never sees half a file
+        self._update_manifest(cluster_id, present=True)
+
+    def read(self, cluster_id: str) -> torch.Tensor:
+        path = self.path(cluster_id)
+        if not path.exists():
+            raise UnknownClusterError(f"cluster {cluster_id!r} has no file in the disk tier at {self.root}")
+        return load_file(str(path))["kv"]
+
+    def delete(self, cluster_id: str) -> None:
+        self.path(cluster_id).unlink(missing_ok=True)
+        self._update_manifest(cluster_id, present=False)
+
+    def list_clusters(self, stream_id: str) -> list[str]:
+        manifest = self.root / stream_id / "manifest.json"
+        if not manifest.exists():
+            return []
+        return json.loads(manifest.read_text())["clusters"]
+
+    def _update_manifest(self, cluster_id: str, *, present: bool) -> None:
+        stream_id = cluster_id.rsplit("/", 1)[0]
+        manifest = self.root / stream_id / "manifest.json"
+        clusters = set(self.list_clusters(stream_id))
+        (clusters.add if present else clusters.discard)(cluster_id)
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({"clusters": sorted(clusters)}))
+
+
+class KVTiers:
+    """Holds every cluster's KV tensor in the tier the residency manager put it in."""
+
+    def __init__(self, spec: KVSpec, *, device: torch.device, disk_dir: str | None = None) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.pin_host = self.device.type == "cuda"
+        self.disk = DiskTier(disk_dir) if disk_dir else None
+        self.stats = TransferStats()
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._tiers: dict[str, Tier] = {}
+
+    def __contains__(self, cluster_id: str) -> bool:
+        return cluster_id in self._tiers
+
+    def tier_of(self, cluster_id: str) -> Tier:
+        try:
+            return self._tiers[cluster_id]
+        except KeyError:
+            raise UnknownClusterError(f"cluster {cluster_id!r} holds no KV in any tier") from None
+
+    def put(self, cluster_id: str, kv: torch.Tensor, tier: Tier) -> None:
+        """Stores a new cluster's KV ``[L, 2, H, n, D]`` in ``tier``."""
+        assert cluster_id not in self._tiers, f"cluster {cluster_id} stored twice"
+        self._store(cluster_id, kv, tier)
+
+    def append(self, cluster_id: str, chunk: torch.Tensor) -> None:
+        """Grows a cluster by ``chunk`` ``[L, 2, H, n, D]`` along the token axis, in its current tier."""
+        tier = self.tier_of(cluster_id)
+        grown = torch.cat([self.read(cluster_id).to(chunk.device), chunk], dim=3)
+        self._store(cluster_id, grown, tier)
+
+    def read(self, cluster_id: str) -> torch.Tensor:
+        """The whole cluster, where it lives (disk clusters are read into host memory)."""
+        tier = self.tier_of(cluster_id)
+        if tier is Tier.DISK:
+            return self.disk.read(cluster_id)
+        return self._tensors[cluster_id]
+
+    def layer_on_device(self, cluster_id: str, layer: int) -> tuple[torch.Tensor, int]:
+        """One layer ``[2, H, n, D]`` on the device; returns it and the bytes copied to get it there."""
+        tier = self.tier_of(cluster_id)
+        if tier is Tier.DEVICE:
+            return self._tensors[cluster_id][layer], 0
+        source = self.read(cluster_id)[layer]
+        start = self._clock()
+        moved = source.to(self.device, non_blocking=self.pin_host and tier is Tier.HOST)
+        num_bytes = source.numel() * source.element_size()
+        self.stats.record(tier, Tier.DEVICE, num_bytes, self._clock() - start)
+        return moved, num_bytes
+
+    def move(self, cluster_id: str, dst: Tier) -> int:
+        """Moves a whole cluster to ``dst`` in one copy; returns the bytes moved."""
+        src = self.tier_of(cluster_id)
+        if src is dst:
+            return 0
+        start = self._clock()
+        kv = self.read(cluster_id)
+        num_bytes = kv.numel() * kv.element_size()
+        if src is Tier.DISK:
+            self.disk.delete(cluster_id)
+        self._tensors.pop(cluster_id, None)
+        self._store(cluster_id, kv, dst)
+        self.stats.record(src, dst, num_bytes, self._clock() - start)
+        return num_bytes
+
+    def delete(self, cluster_id: str) -> None:
+        tier = self._tiers.pop(cluster_id, None)
+        self._tensors.pop(cluster_id, None)
+        if tier is Tier.DISK:
+            self.disk.delete(cluster_id)
+
+    def _clock(self) -> float:
+        """Transfer timing: on CUDA the copy is synchronised, so the time is the copy's own."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _store(self, cluster_id: str, kv: torch.Tensor, tier: Tier) -> None:
+        if tier is Tier.DISK:
+            assert self.disk is not None, "disk tier used but not configured"
+            self.disk.write(cluster_id, kv)
+            self._tensors.pop(cluster_id, None)
+        elif tier is Tier.HOST:
+            host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=self.pin_host)
+            host.copy_(kv)
+            self._tensors[cluster_id] = host
+        else:
+            self._tensors[cluster_id] = kv.to(self.device).contiguous()
+        self._tiers[cluster_id] = tier

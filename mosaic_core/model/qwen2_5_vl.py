@@ -1,0 +1,192 @@
+"""Qwen2.5-VL adapter: the only module that knows this architecture's inputs and positions.
+
+The engine talks to a ``VlmAdapter`` (see ``adapter.py``); a LLaVA-OneVision adapter would implement the same
+methods, and nothing in the cache or the engine would change.
+
+Positions are explicit 3-D M-RoPE ids, always. A stream is one endless video: its preamble text takes
+positions ``0..P-1`` on all three axes, and a frame at ``t`` seconds after the stream's first frame takes
+
+    temporal = P + round(t * tokens_per_second)
+    height   = P + row      (row of the merged patch grid)
+    width    = P + col
+
+which is what ``get_rope_index`` gives one video whose frames are ``t`` seconds apart. Text after the frames
+(a question) continues from one past the largest position used so far; that cursor is the stream's rope delta and
+lives in the stream's state, never on this shared object.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from mosaic_core.errors import ConfigError
+from mosaic_core.memory.layout import KVSpec
+from mosaic_core.model.attention_hook import MOSAIC_ATTENTION, PLAN_KWARG, AttentionPlan
+from mosaic_core.model.pixels import VisionGeometry, choose_geometry, frames_to_vision_input
+from mosaic_core.model.presets import PRESETS, preset_config_kwargs
+from mosaic_core.model.tokenizer import load_qwen_tokenizer
+
+# Mosaic attention for the language model; the vision tower keeps SDPA.
+ATTENTION_BY_PART = {"": "sdpa", "text_config": MOSAIC_ATTENTION, "vision_config": "sdpa"}
+TEXT_TOKEN_TYPE = 0
+VIDEO_TOKEN_TYPE = 2
+
+
+@dataclass(slots=True)
+class FrameFeatures:
+    """Vision-tower output for a batch of frames."""
+
+    embeds: torch.Tensor  # [num_frames, tokens_per_frame, hidden]
+    summaries: torch.Tensor  # [num_frames, hidden], mean visual token, float32: what clustering compares
+
+
+class Qwen25VLAdapter:
+    """Wraps a ``Qwen2_5_VLForConditionalGeneration`` for streaming use."""
+
+    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, *, name: str) -> None:
+        self.model = model.eval()
+        self.name = name
+        self.config: Qwen2_5_VLConfig = model.config
+        text = self.config.text_config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.kv_spec = KVSpec(
+            num_layers=text.num_hidden_layers,
+            num_kv_heads=text.num_key_value_heads,
+            num_q_heads=text.num_attention_heads,
+            head_dim=text.hidden_size // text.num_attention_heads,
+            dtype=self.dtype,
+        )
+        vision = self.config.vision_config
+        self.patch_size = vision.patch_size
+        self.merge_size = vision.spatial_merge_size
+        self.temporal_patch_size = vision.temporal_patch_size
+        self.tokens_per_second = float(vision.tokens_per_second)
+        self.video_token_id = self.config.video_token_id
+        self.tokenizer = load_qwen_tokenizer()
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> Qwen25VLAdapter:
+        """Builds a named shape preset with random weights (seeded, so runs are reproducible)."""
+        config = Qwen2_5_VLConfig(**preset_config_kwargs(name))
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration._from_config(
+                config, dtype=dtype, attn_implementation=ATTENTION_BY_PART
+            )
+        return cls(model, name=name)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> Qwen25VLAdapter:
+        """Loads a local Qwen2.5-VL checkpoint directory (config.json + weights)."""
+        if not os.path.isdir(path):
+            raise ConfigError(f"model path {str(path)!r} is not a directory with a Qwen2.5-VL checkpoint")
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path,
+            dtype=dtype or "auto",
+            attn_implementation=ATTENTION_BY_PART,
+        )
+        return cls(model.to(device), name=str(path))
+
+    @classmethod
+    def load(cls, name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        """A preset name or a checkpoint directory, whichever ``name_or_path`` is."""
+        if name_or_path in PRESETS:
+            return cls.from_preset(name_or_path, device=device, dtype=dtype or torch.float32)
+        return cls.from_pretrained(name_or_path, device=device, dtype=dtype)
+
+    # -- text ---------------------------------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode_tokens(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return {self.config.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+
+    # -- vision -------------------------------------------------------------------------------------------------
+    def choose_geometry(self, height: int, width: int, target_tokens: int) -> VisionGeometry:
+        return choose_geometry(
+            height,
+            width,
+            target_tokens=target_tokens,
+            patch_size=self.patch_size,
+            merge_size=self.merge_size,
+            temporal_patch_size=self.temporal_patch_size,
+        )
+
+    @torch.inference_mode()
+    def encode_frames(self, frames: np.ndarray, geometry: VisionGeometry) -> FrameFeatures:
+        """Runs the vision tower on ``frames`` ([N, H, W, 3] uint8), all in one call."""
+        vision = frames_to_vision_input(frames, geometry, dtype=self.dtype, device=self.device)
+        out = self.model.model.get_video_features(vision.pixel_values_videos, vision.video_grid_thw)
+        embeds = torch.stack(list(out.pooler_output))  # [N, tokens_per_frame, hidden]
+        return FrameFeatures(embeds=embeds, summaries=embeds.float().mean(dim=1))
+
+    # -- positions ----------------------------------------------------------------------------------------------
+    def frame_positions(self, geometry: VisionGeometry, *, base: int, offset_s: float) -> torch.Tensor:
+        """M-RoPE ids of one frame's tokens: ``[3, tokens_per_frame]``."""
+        temporal = base + round(offset_s * self.tokens_per_second)
+        rows = torch.arange(geometry.llm_grid_h, device=self.device) + base
+        cols = torch.arange(geometry.llm_grid_w, device=self.device) + base
+        grid_h, grid_w = torch.meshgrid(rows, cols, indexing="ij")
+        temporal_ids = torch.full_like(grid_h, temporal)
+        return torch.stack([temporal_ids, grid_h, grid_w]).reshape(3, -1)
+
+    def frame_position_end(self, geometry: VisionGeometry, *, base: int, offset_s: float) -> int:
+        """One past the largest position a frame uses: where text after it may start."""
+        temporal = base + round(offset_s * self.tokens_per_second)
+        return max(temporal, base + max(geometry.llm_grid_h, geometry.llm_grid_w) - 1) + 1
+
+    def text_positions(self, start: int, num_tokens: int) -> torch.Tensor:
+        return (torch.arange(num_tokens, device=self.device) + start).expand(3, -1)
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        plan: AttentionPlan,
+        frame_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One language-model pass under ``plan``; returns the final hidden states ``[B, T, hidden]``.
+
+        ``input_ids`` hold ``<|video_pad|>`` where ``frame_embeds`` (``[num_video_tokens, hidden]``) go.
+        """
+        mm_token_type_ids = torch.where(input_ids == self.video_token_id, VIDEO_TOKEN_TYPE, TEXT_TOKEN_TYPE)
+        encoder_outputs = {}
+        if frame_embeds is not None:
+            encoder_outputs["video"] = BaseModelOutputWithPooling(pooler_output=(frame_embeds,))
+        out = self.model.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=encoder_outputs or None,
+            use_cache=False,
+            **{PLAN_KWARG: plan},
+        )
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()

@@ -1,0 +1,28 @@
+"""Small builders for engine tests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.config import MIB, EngineConfig
+from mosaic_core.engine.engine import Engine
+from mosaic_core.engine.results import FrameInput
+
+SMALL = EngineConfig(
+    target_tokens_per_frame=16,
+    local_window_tokens=48,
+    retrieval_budget_tokens=96,
+    device_budget_bytes=8 * MIB,
+    formation=FormationConfig(max_tokens=48),
+)
+
+
+def make_engine(model, **overrides) -> Engine:
+    return Engine(model, dataclasses.replace(SMALL, **overrides))
+
+
+def feed(engine: Engine, stream_id: str, frames, *, batch: int = 8, offset_s: float = 0.0) -> None:
+    items = [FrameInput(stream_id, t + offset_s, rgb) for t, rgb in frames]
+    for i in range(0, len(items), batch):
+        engine.ingest(items[i : i + batch])

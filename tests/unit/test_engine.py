@@ -1,0 +1,177 @@
+"""Engine behaviour on the tiny preset with real sample-clip frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import SMALL, feed, make_engine
+
+from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.config import MIB
+from mosaic_core.engine.maintenance import apply_merges, mergeable_clusters
+from mosaic_core.engine.results import Answer, FrameInput, TokenEvent
+
+QUESTION = "When did the cyclist pass the camera?"
+
+
+def _hidden(engine, stream_id="cam", **kwargs):
+    return engine.answer(stream_id, QUESTION, max_new_tokens=1, **kwargs).last_hidden
+
+
+@pytest.mark.parametrize("mode", ["token", "cluster"])
+def test_budget_covering_the_stream_matches_full(tiny_model, bikes_frames, mode):
+    full = make_engine(tiny_model, mode="full")
+    other = make_engine(tiny_model, mode=mode, retrieval_budget_tokens=2_000, device_budget_bytes=64 * MIB)
+    for engine in (full, other):
+        engine.open_stream("cam")
+        feed(engine, "cam", bikes_frames[:24])
+    expected, got = _hidden(full), _hidden(other)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), (got - expected).abs().max()
+    logits_full = tiny_model.logits(expected[None].to(tiny_model.dtype))
+    logits_other = tiny_model.logits(got[None].to(tiny_model.dtype))
+    assert torch.allclose(logits_full, logits_other, rtol=1e-4, atol=1e-4)
+
+
+def test_attended_kv_per_frame_stays_bounded_as_stream_grows_tenfold(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, mode="cluster")
+    engine.open_stream("cam")
+    short = engine.ingest([FrameInput("cam", t, rgb) for t, rgb in bikes_frames[:4]])
+    attended = list(short.attended_tokens_per_frame)
+    for i in range(4, 40, 4):
+        attended += engine.ingest(
+            [FrameInput("cam", t, rgb) for t, rgb in bikes_frames[i : i + 4]]
+        ).attended_tokens_per_frame
+    stats = engine.stream_stats("cam")
+    bound = stats.sink_tokens + SMALL.local_window_tokens + 2 * stats.tokens_per_frame
+    assert stats.frames_ingested == 40
+    assert max(attended) <= bound
+    # the stream grew 10x but the last frames attended no more than the early ones once the window filled
+    assert max(attended[-10:]) == max(attended[4:14])
+
+
+def test_device_tier_stays_within_budget_and_clusters_spill_whole(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, mode="cluster", device_budget_bytes=int(1.3 * MIB))
+    engine.open_stream("cam")
+    for i in range(0, 40, 4):
+        feed(engine, "cam", bikes_frames[i : i + 4])
+        residency = engine.tiering.residency
+        assert residency.used_bytes(Tier.DEVICE) <= residency.capacity_bytes(Tier.DEVICE)
+        residency.check_invariants()
+    assert engine.stats().clusters_by_tier["host"] > 0, "a tight budget must spill clusters to the host tier"
+    # the oldest clusters were spilled first (LRU), so asking about the start must fetch from the host
+    answer = engine.answer("cam", QUESTION, max_new_tokens=3, time_range=(0.0, 2.0))
+    assert answer.retrieval.bytes_fetched > 0
+    assert engine.tiering.residency.used_bytes(Tier.DEVICE) <= engine.tiering.residency.capacity_bytes(
+        Tier.DEVICE
+    )
+    for info in engine.clusters("cam"):  # every cluster lives whole in exactly one tier
+        kv = engine.tiering.tiers.read(info.cluster_id)
+        assert kv.shape[3] == info.num_tokens
+        assert info.tier == engine.tiering.tiers.tier_of(info.cluster_id).name.lower()
+
+
+def test_token_mode_copies_block_by_block_and_cluster_mode_reuses_device_clusters(tiny_model, bikes_frames):
+    results = {}
+    for mode in ("token", "cluster"):
+        engine = make_engine(tiny_model, mode=mode, device_budget_bytes=4 * MIB)
+        engine.open_stream("cam")
+        feed(engine, "cam", bikes_frames[:32])
+        first = engine.answer("cam", QUESTION, max_new_tokens=1)
+        second = engine.answer("cam", QUESTION, max_new_tokens=1)
+        results[mode] = (first.retrieval, second.retrieval)
+    token_first, token_second = results["token"]
+    assert token_first.num_copies >= token_first.num_clusters_retrieved  # one copy per block and layer
+    assert token_second.bytes_fetched == token_first.bytes_fetched  # nothing is cached between questions
+    _, cluster_second = results["cluster"]
+    assert cluster_second.device_hits == cluster_second.device_lookups  # the second question hits the cache
+    assert cluster_second.bytes_fetched == 0
+
+
+def test_answer_streams_tokens_then_evidence_inside_the_stream(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, mode="cluster")
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:24], offset_s=1000.0)
+    events = list(engine.ask("cam", QUESTION, max_new_tokens=4))
+    assert all(isinstance(e, TokenEvent) for e in events[:-1]) and isinstance(events[-1], Answer)
+    answer = events[-1]
+    assert 1 <= len(answer.token_ids) <= 4 and len(events) == len(answer.token_ids) + 1
+    assert answer.evidence, "a stream longer than the window must give evidence"
+    assert [span.rank for span in answer.evidence] == list(range(1, len(answer.evidence) + 1))
+    first, last = bikes_frames[0][0] + 1000.0, bikes_frames[23][0] + 1000.0
+    for span in answer.evidence:
+        assert first <= span.start_s <= span.end_s <= last
+    scores = [span.score for span in answer.evidence]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_time_range_restricts_candidates(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, mode="cluster")
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:32])
+    answer = engine.answer("cam", QUESTION, max_new_tokens=1, time_range=(0.0, 2.0))
+    assert answer.evidence and all(span.start_s <= 2.0 for span in answer.evidence)
+
+
+def test_streams_batched_together_match_streams_run_alone(tiny_model, bikes_frames):
+    together = make_engine(tiny_model, mode="cluster")
+    alone = make_engine(tiny_model, mode="cluster")
+    for stream_id in ("a", "b"):
+        together.open_stream(stream_id)
+    alone.open_stream("a")
+    reversed_frames = [(t, np.ascontiguousarray(rgb[::-1])) for t, rgb in bikes_frames[:16]]
+    for i in range(0, 16, 4):
+        batch = [FrameInput("a", t, rgb) for t, rgb in bikes_frames[i : i + 4]]
+        batch += [FrameInput("b", t, rgb) for t, rgb in reversed_frames[i : i + 4]]
+        result = together.ingest(batch)
+        assert result.num_forward_passes == 4  # both cameras share each pass
+        feed(alone, "a", bikes_frames[i : i + 4])
+    assert torch.allclose(_hidden(together, "a"), _hidden(alone, "a"), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(_hidden(together, "a"), _hidden(together, "b"), atol=1e-3)
+    assert {c.stream_id for c in together.clusters("b")} == {"b"}
+
+
+def test_co_retrieved_neighbours_merge_into_one_cluster(tiny_model, bikes_frames):
+    # min_similarity=1 makes every frame its own cluster, so two neighbours fit under the size cap together
+    one_frame_clusters = FormationConfig(max_tokens=48, min_similarity=1.0)
+    engine = make_engine(tiny_model, mode="cluster", merge_min_questions=3, formation=one_frame_clusters)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:32])
+    state = engine.stream("cam")
+    ordered = mergeable_clusters(engine, state)
+    assert len(ordered) >= 3
+    left, right = ordered[0], ordered[1]
+    expected_kv = torch.cat([engine.tiering.tiers.read(left), engine.tiering.tiers.read(right)], dim=3)
+    before = len(engine.clusters("cam"))
+    merged = []
+    for _ in range(3):  # questions that keep retrieving both neighbours, and nothing else
+        merged += apply_merges(engine, state, [left, right])
+    assert len(merged) == 1
+    assert len(engine.clusters("cam")) == before - 1
+    assert left not in engine.tiering.residency and right not in engine.tiering.residency
+    assert torch.equal(engine.tiering.tiers.read(merged[0]).to(expected_kv.device), expected_kv)
+    assert state.summaries.count(merged[0]) == expected_kv.shape[3]
+    record = state.former.get(merged[0])
+    assert record.start_s == bikes_frames[0][0]
+    engine.answer("cam", QUESTION, max_new_tokens=1)  # the stream still answers
+
+
+def test_unrelated_clusters_do_not_merge(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, mode="cluster", merge_min_questions=3)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:32])
+    state = engine.stream("cam")
+    ordered = mergeable_clusters(engine, state)
+    for i in range(4):  # each question retrieves a different single cluster
+        assert apply_merges(engine, state, [ordered[i % len(ordered)]]) == []
+
+
+def test_close_stream_frees_every_tier(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, mode="cluster", device_budget_bytes=int(1.3 * MIB))
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:24])
+    engine.close_stream("cam")
+    for tier in Tier:
+        assert engine.tiering.residency.used_bytes(tier) == 0
+    engine.open_stream("cam")  # the id can be reused

@@ -1,0 +1,77 @@
+"""The Qwen2.5-VL adapter: presets, checkpoint loading, M-RoPE positions, and the attention hook."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import feed, make_engine
+
+from mosaic_core.errors import ConfigError
+from mosaic_core.model.presets import PRESETS, preset_config_kwargs
+from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
+
+
+def test_presets_have_the_published_7b_shape():
+    kwargs = preset_config_kwargs("qwen2.5-vl-7b")
+    text, vision = kwargs["text_config"], kwargs["vision_config"]
+    assert (text["num_hidden_layers"], text["hidden_size"], text["num_key_value_heads"]) == (28, 3584, 4)
+    assert text["hidden_size"] // text["num_attention_heads"] == 128
+    assert sum(text["rope_parameters"]["mrope_section"]) == 64
+    assert (vision["depth"], vision["hidden_size"], vision["out_hidden_size"]) == (32, 1280, 3584)
+    assert set(PRESETS) == {"tiny", "qwen2.5-vl-7b"}
+    with pytest.raises(ConfigError, match="tiny"):
+        preset_config_kwargs("huge")
+
+
+def test_from_pretrained_reloads_a_saved_checkpoint(tiny_model, bikes_frames, tmp_path):
+    tiny_model.model.save_pretrained(tmp_path / "ckpt")
+    reloaded = Qwen25VLAdapter.load(str(tmp_path / "ckpt"), device="cpu")
+    assert reloaded.model.config.text_config._attn_implementation == "mosaic"
+    assert reloaded.model.config.vision_config._attn_implementation == "sdpa"
+    hidden = []
+    for model in (tiny_model, reloaded):
+        engine = make_engine(model, mode="cluster")
+        engine.open_stream("cam")
+        feed(engine, "cam", bikes_frames[:8])
+        hidden.append(engine.answer("cam", "what moved?", max_new_tokens=1).last_hidden)
+    assert torch.allclose(hidden[0], hidden[1], atol=1e-5)
+
+
+def test_missing_checkpoint_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not a directory"):
+        Qwen25VLAdapter.load(str(tmp_path / "absent"))
+
+
+def test_frame_positions_match_get_rope_index_for_a_video(tiny_model):
+    """Our per-frame M-RoPE ids equal transformers' for one video of frames 0.5 s apart."""
+    geometry = tiny_model.choose_geometry(96, 128, 16)
+    num_frames, interval_s, prefix = 3, 0.5, 5
+    tokens = geometry.tokens_per_frame
+    video_ids = [tiny_model.video_token_id] * (tokens * num_frames)
+    input_ids = torch.tensor([[1] * prefix + video_ids])
+    mm_types = torch.tensor([[0] * prefix + [2] * len(video_ids)])
+    grid = torch.tensor([[num_frames, geometry.grid_h, geometry.grid_w]])
+    seconds_per_grid = torch.tensor([interval_s])
+    expected, _ = tiny_model.model.model.get_rope_index(
+        input_ids, mm_types, video_grid_thw=grid, second_per_grid_ts=seconds_per_grid
+    )
+    ours = [
+        tiny_model.frame_positions(geometry, base=prefix, offset_s=i * interval_s) for i in range(num_frames)
+    ]
+    assert torch.equal(expected[:, 0, prefix:], torch.cat(ours, dim=1))
+    assert torch.equal(expected[:, 0, :prefix], tiny_model.text_positions(0, prefix))
+
+
+def test_encode_frames_batches_the_vision_tower(tiny_model):
+    frames = np.random.default_rng(1).integers(0, 255, (3, 96, 128, 3), dtype=np.uint8)
+    geometry = tiny_model.choose_geometry(96, 128, 16)
+    features = tiny_model.encode_frames(frames, geometry)
+    assert features.embeds.shape == (3, geometry.tokens_per_frame, tiny_model.config.text_config.hidden_size)
+    single = tiny_model.encode_frames(frames[1:2], geometry)
+    assert torch.allclose(features.embeds[1], single.embeds[0], atol=1e-5)
+
+
+def test_attention_without_a_plan_is_refused(tiny_model):
+    with pytest.raises(RuntimeError, match="attention plan"):
+        tiny_model.model.model.language_model(inputs_embeds=torch.zeros(1, 2, 128))
