@@ -1,0 +1,154 @@
+{{/*
+Names. Kubernetes names are capped at 63 characters; the suffixes appended below stay within that when the
+prefix is cut to 40.
+*/}}
+{{- define "mosaic.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "mosaic.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "mosaic.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of one component: include "mosaic.selectorLabels" (list . "router") */}}
+{{- define "mosaic.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "mosaic.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/* Full labels of one component: include "mosaic.labels" (list . "router") */}}
+{{- define "mosaic.labels" -}}
+{{- $root := index . 0 -}}
+helm.sh/chart: {{ include "mosaic.chart" $root }}
+{{ include "mosaic.selectorLabels" . }}
+app.kubernetes.io/version: {{ $root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ $root.Release.Service }}
+app.kubernetes.io/part-of: mosaic
+{{- end }}
+
+{{- define "mosaic.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "mosaic.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "mosaic.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "mosaic.rayClusterName" -}}
+{{- printf "%s-ray" (include "mosaic.fullname" .) }}
+{{- end }}
+
+{{/* KubeRay names the head Service "<raycluster>-head-svc". */}}
+{{- define "mosaic.rayAddress" -}}
+{{- printf "ray://%s-head-svc.%s.svc:%d" (include "mosaic.rayClusterName" .) .Release.Namespace (int .Values.ray.clientPort) }}
+{{- end }}
+
+{{- define "mosaic.routerName" -}}
+{{- printf "%s-router" (include "mosaic.fullname" .) }}
+{{- end }}
+
+{{- define "mosaic.redisName" -}}
+{{- printf "%s-redis" (include "mosaic.fullname" .) }}
+{{- end }}
+
+{{- define "mosaic.redisPasswordSecret" -}}
+{{- default (include "mosaic.redisName" .) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{- define "mosaic.apiKeySecret" -}}
+{{- default (printf "%s-api-key" (include "mosaic.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{- define "mosaic.tlsSecret" -}}
+{{- default (printf "%s-tls" (include "mosaic.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
+{{/*
+Bytes from an integer or a Kubernetes quantity string with a binary (Ki..Pi) or decimal (k..P) suffix.
+Numbers arrive from values as float64, which is exact for every byte count below 2^53.
+*/}}
+{{- define "mosaic.bytes" -}}
+{{- if kindIs "string" . }}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 }}
+{{- $suffix := regexFind "(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)$" . }}
+{{- $digits := trimSuffix $suffix . }}
+{{- if not (regexMatch "^[0-9]+$" $digits) }}
+{{- fail (printf "%q is not a byte size (an integer, optionally with a Ki/Mi/Gi/Ti/Pi or k/M/G/T/P suffix)" .) }}
+{{- end }}
+{{- if $suffix }}
+{{- mul (int64 $digits) (get $units $suffix) }}
+{{- else }}
+{{- int64 $digits }}
+{{- end }}
+{{- else }}
+{{- int64 . }}
+{{- end }}
+{{- end }}
+
+{{/* GPUs of the worker group divided by GPUs per actor, rounded down. */}}
+{{- define "mosaic.numWorkers" -}}
+{{- $gpus := mulf (float64 .Values.ray.worker.replicas) (float64 .Values.ray.worker.gpusPerPod) }}
+{{- $n := floor (divf $gpus (float64 .Values.engine.workerGpus)) | int }}
+{{- if lt $n 1 }}
+{{- fail (printf "the worker group has %v GPUs, fewer than engine.workerGpus=%v: no worker actor fits" $gpus .Values.engine.workerGpus) }}
+{{- end }}
+{{- $n }}
+{{- end }}
+
+{{/* Worker actors on one worker pod. */}}
+{{- define "mosaic.actorsPerPod" -}}
+{{- floor (divf (float64 .Values.ray.worker.gpusPerPod) (float64 .Values.engine.workerGpus)) | int | max 1 }}
+{{- end }}
+
+{{/* A `ray start` parameter as a string; whole numbers print without an exponent (1e+09). */}}
+{{- define "mosaic.paramString" -}}
+{{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) }}
+{{- int64 . }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{- define "mosaic.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+capabilities:
+  drop:
+    - ALL
+{{- end }}
+
+{{/* Volume for the model checkpoints, when enabled. */}}
+{{- define "mosaic.modelVolume" -}}
+{{- if .Values.modelStorage.enabled }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ required "modelStorage.existingClaim is required when modelStorage.enabled" .Values.modelStorage.existingClaim }}
+    readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "mosaic.modelVolumeMount" -}}
+{{- if .Values.modelStorage.enabled }}
+- name: models
+  mountPath: {{ .Values.modelStorage.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}

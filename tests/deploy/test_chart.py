@@ -1,0 +1,476 @@
+"""The Helm chart, rendered offline: lint, schema validation, toggles both ways, and what the pods run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO_ROOT / "helm" / "mosaic"
+GIB = 1024**3
+VALUE_SET_NAMES = ("default", "all-enabled", "external-redis")
+
+
+def _find(manifests: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [m for m in manifests if m["kind"] == kind and (name is None or m["metadata"]["name"] == name)]
+
+
+def _one(manifests: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = _find(manifests, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _router(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    return _one(manifests, "Deployment", "mosaic-router")["spec"]["template"]["spec"]["containers"][0]
+
+
+def _worker_pod(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    return _one(manifests, "RayCluster")["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+
+
+def _engine_config(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    return yaml.safe_load(_one(manifests, "ConfigMap", "mosaic-engine")["data"]["engine.yaml"])
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.fixture(scope="module")
+def render(check_chart):
+    """render_manifests, memoised per values: many tests render the same few value sets."""
+    cache: dict[str, list[dict[str, Any]]] = {}
+
+    def render_manifests(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        key = json.dumps(values or {}, sort_keys=True)
+        if key not in cache:
+            cache[key] = check_chart.render_manifests(values)
+        return copy.deepcopy(cache[key])
+
+    return render_manifests
+
+
+# ---- lint, validation, yamllint -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALUE_SET_NAMES)
+def test_lint_strict(check_chart, name: str) -> None:
+    assert check_chart.lint(check_chart.VALUE_SETS[name]) == []
+
+
+@pytest.mark.parametrize("name", VALUE_SET_NAMES)
+def test_manifests_validate_against_current_kubernetes(check_chart, rendered, name: str) -> None:
+    assert check_chart.validate(rendered[name], check_chart.KUBE_VERSIONS[-1]) == []
+
+
+def test_manifests_validate_against_the_oldest_supported_kubernetes(check_chart, rendered) -> None:
+    assert check_chart.validate(rendered["all-enabled"], check_chart.KUBE_VERSIONS[0]) == []
+
+
+def test_custom_resources_get_the_crd_structure_check(check_chart, rendered) -> None:
+    """No installed package ships the KubeRay or Prometheus Operator CRD schemas, so these three kinds are
+    checked against check_chart.CRD_SPECS; every other kind must have a Kubernetes schema (validate() reports
+    a kind it has no schema for)."""
+    custom = {(m["apiVersion"], m["kind"]) for m in rendered["all-enabled"] if "." in m["apiVersion"].split("/")[0]}
+    crds = {("ray.io/v1", "RayCluster"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
+    crds.add(("monitoring.coreos.com/v1", "PrometheusRule"))
+    assert crds <= custom and crds == set(check_chart.CRD_SPECS)
+    unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    assert check_chart.validate([unknown]), "a kind without any schema must be reported, not passed"
+
+
+def test_lint_reports_problems(check_chart) -> None:
+    assert check_chart.lint({"engine": {"mode": "fast"}})
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "value", "expected"),
+    [
+        ("Deployment", ["spec", "template", "spec", "containers", 0, "grcpProbe"], {}, "grcpProbe"),
+        ("RayCluster", ["spec", "workerGroupSpecs", 0, "gpus"], 1, "gpus"),
+        ("RayCluster", ["spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "gpu"], 1, "gpu"),
+        ("RayCluster", ["spec", "headGroupSpec", "template", "spec", "nodeSelector"], "x", "nodeSelector"),
+        ("ServiceMonitor", ["spec", "endpoints", 0, "interval"], "15 seconds", "interval"),
+        ("ServiceMonitor", ["spec", "selector", "matchLabel"], {}, "matchLabel"),
+        ("PrometheusRule", ["spec", "groups", 0, "rules", 0, "expresion"], "up", "expresion"),
+        ("PrometheusRule", ["metadata", "labelz"], {}, "labelz"),
+    ],
+)
+def test_validation_catches_mistakes(check_chart, rendered, kind, path, value, expected) -> None:
+    """The validators are strict: a misspelt or mistyped field anywhere is reported."""
+    manifest = copy.deepcopy(_one(rendered["all-enabled"], kind))
+    assert check_chart.validate([manifest]) == []
+    node = manifest
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    problems = check_chart.validate([manifest])
+    assert problems and any(expected in p for p in problems), problems
+
+
+def test_yamllint_clean(check_chart) -> None:
+    assert check_chart.yamllint_problems() == []
+
+
+def test_deploy_copies_are_identical(check_chart) -> None:
+    assert check_chart.check_copies() == []
+
+
+def test_rendered_prometheus_rule_passes_promtool(check_chart, rendered) -> None:
+    rule = _one(rendered["all-enabled"], "PrometheusRule")
+    # 2 pods x 2 GPUs / 0.5 GPU per actor.
+    record = next(r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("record") == "mosaic:workers_expected")
+    assert record["expr"] == "vector(8)"
+    assert check_chart.promtool_check(rendered["all-enabled"]) == []
+
+
+# ---- toggles, both ways -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("on", "off", "kind"),
+    [
+        ({"monitoring": {"serviceMonitor": {"enabled": True}}}, {}, "ServiceMonitor"),
+        ({"monitoring": {"prometheusRule": {"enabled": True}}}, {}, "PrometheusRule"),
+        ({"ingress": {"enabled": True}}, {}, "Ingress"),
+        (
+            {"serviceAccount": {"create": True}},
+            {"serviceAccount": {"create": False, "name": "x"}},
+            "ServiceAccount",
+        ),
+        ({}, {"redis": {"enabled": False}, "externalRedis": {"existingSecret": "r"}}, "StatefulSet"),
+    ],
+)
+def test_optional_resources_follow_their_flag(render, on, off, kind) -> None:
+    assert len(_find(render(on), kind)) == 1
+    assert _find(render(off), kind) == []
+
+
+def test_dashboard_configmap(render) -> None:
+    assert _find(render({}), "ConfigMap", "mosaic-dashboard") == []
+    dashboard = _one(render({"monitoring": {"dashboard": {"enabled": True}}}), "ConfigMap", "mosaic-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    source = (REPO_ROOT / "deploy" / "grafana" / "mosaic-dashboard.json").read_text()
+    assert dashboard["data"]["mosaic-dashboard.json"] == source.rstrip("\n")
+
+
+def test_bundled_redis(render) -> None:
+    manifests = render({})
+    statefulset = _one(manifests, "StatefulSet", "mosaic-redis")
+    assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    headless = _one(manifests, "Service", "mosaic-redis-headless")
+    assert headless["spec"]["clusterIP"] == "None" and statefulset["spec"]["serviceName"] == "mosaic-redis-headless"
+    secret = _one(manifests, "Secret", "mosaic-redis")
+    assert len(secret["data"]["redis-password"]) > 20
+    redis = statefulset["spec"]["template"]["spec"]["containers"][0]
+    assert "requirepass" in redis["command"][-1] and "$REDIS_PASSWORD" in redis["command"][-1]
+    assert _env(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mosaic-redis"
+    env = _env(_router(manifests))
+    assert env["MOSAIC_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mosaic-redis",
+        "key": "redis-password",
+    }
+    assert (
+        env["MOSAIC_REDIS_URL"]["value"] == "redis://:$(MOSAIC_REDIS_PASSWORD)@mosaic-redis-headless.mosaic.svc:6379/0"
+    )
+    no_pvc = _one(render({"redis": {"persistence": {"enabled": False}}}), "StatefulSet")
+    assert "volumeClaimTemplates" not in no_pvc["spec"]
+    assert {"name": "data", "emptyDir": {}} in no_pvc["spec"]["template"]["spec"]["volumes"]
+    existing = render({"redis": {"auth": {"existingSecret": "my-redis", "existingSecretKey": "pw"}}})
+    assert _find(existing, "Secret", "mosaic-redis") == []
+    assert _env(_router(existing))["MOSAIC_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "my-redis",
+        "key": "pw",
+    }
+
+
+def test_external_redis(rendered) -> None:
+    manifests = rendered["external-redis"]
+    assert _find(manifests, "StatefulSet") == [] and _find(manifests, "Service", "mosaic-redis-headless") == []
+    assert not [s for s in _find(manifests, "Secret") if "redis" in s["metadata"]["name"]]
+    env = _env(_router(manifests))
+    assert env["MOSAIC_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mosaic-redis-url",
+        "key": "redis-url",
+    }
+    assert "MOSAIC_REDIS_PASSWORD" not in env
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_api_key(render, enabled: bool) -> None:
+    manifests = render({"auth": {"enabled": enabled}})
+    secrets = _find(manifests, "Secret", "mosaic-api-key")
+    env = _env(_router(manifests))
+    if not enabled:
+        assert secrets == [] and "MOSAIC_API_KEY" not in env
+        return
+    assert len(secrets) == 1 and len(secrets[0]["data"]["api-key"]) > 40  # generated, base64 of 40 characters
+    assert env["MOSAIC_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "mosaic-api-key", "key": "api-key"}
+
+
+def test_api_key_from_existing_secret(rendered) -> None:
+    manifests = rendered["external-redis"]
+    assert _find(manifests, "Secret", "mosaic-api-key") == []
+    ref = _env(_router(manifests))["MOSAIC_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "mosaic-api-key", "key": "api-key"}
+
+
+def test_tls_off_uses_native_grpc_probes(rendered) -> None:
+    router = _router(rendered["default"])
+    assert "--tls-cert" not in router["args"]
+    assert router["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
+    assert router["startupProbe"]["grpc"] == {"port": 50051, "service": ""}
+    assert router["readinessProbe"]["grpc"] == {"port": 50051, "service": "mosaic.v1.Mosaic"}
+    assert _find(rendered["default"], "Secret", "mosaic-tls") == []
+
+
+@pytest.mark.parametrize("name", ["all-enabled", "external-redis"])
+def test_tls_on_serves_tls_and_probes_over_it(rendered, name: str) -> None:
+    manifests = rendered[name]
+    router = _router(manifests)
+    args = router["args"]
+    assert args[args.index("--tls-cert") + 1] == "/etc/mosaic/tls/tls.crt"
+    assert args[args.index("--tls-key") + 1] == "/etc/mosaic/tls/tls.key"
+    probe = router["readinessProbe"]["exec"]["command"]
+    assert probe[0] == "mosaic-healthcheck" and probe[-2:] == ["--service", "mosaic.v1.Mosaic"]
+    assert "grpc" not in router["livenessProbe"] and "--tls-ca" in router["livenessProbe"]["exec"]["command"]
+    volumes = _one(manifests, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    tls_secret = next(v["secret"]["secretName"] for v in volumes if v["name"] == "tls")
+    if name == "all-enabled":
+        secret = _one(manifests, "Secret", "mosaic-tls")
+        assert secret["type"] == "kubernetes.io/tls" and tls_secret == "mosaic-tls"
+        assert {"tls.crt", "tls.key", "ca.crt"} == set(secret["data"])
+    else:
+        assert _find(manifests, "Secret", "mosaic-tls") == [] and tls_secret == "mosaic-router-tls"
+
+
+@pytest.mark.parametrize(("router_on", "workers_on"), [(True, True), (False, False)])
+def test_pod_disruption_budgets(render, router_on: bool, workers_on: bool) -> None:
+    manifests = render(
+        {
+            "router": {"podDisruptionBudget": {"enabled": router_on}},
+            "ray": {"worker": {"podDisruptionBudget": {"enabled": workers_on}}},
+        }
+    )
+    assert len(_find(manifests, "PodDisruptionBudget", "mosaic-router")) == int(router_on)
+    assert len(_find(manifests, "PodDisruptionBudget", "mosaic-ray-worker")) == int(workers_on)
+    if workers_on:
+        pdb = _one(manifests, "PodDisruptionBudget", "mosaic-ray-worker")
+        labels = _one(manifests, "RayCluster")["spec"]["workerGroupSpecs"][0]["template"]["metadata"]["labels"]
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_disk_tier(render, rendered) -> None:
+    off = rendered["default"]
+    assert "kv-disk" not in {v["name"] for v in _worker_pod(off)["volumes"]}
+    assert _engine_config(off)["disk_budget_bytes"] == 0 and "disk_dir" not in _engine_config(off)
+    local = render({"diskTier": {"enabled": True}})
+    volume = next(v for v in _worker_pod(local)["volumes"] if v["name"] == "kv-disk")
+    assert volume == {"name": "kv-disk", "emptyDir": {"sizeLimit": "220Gi"}}
+    assert _engine_config(local)["disk_budget_bytes"] == 200 * GIB
+    pvc = rendered["all-enabled"]
+    volume = next(v for v in _worker_pod(pvc)["volumes"] if v["name"] == "kv-disk")
+    claim = volume["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim["resources"]["requests"]["storage"] == "450Gi" and claim["accessModes"] == ["ReadWriteOnce"]
+    mounts = _worker_pod(pvc)["containers"][0]["volumeMounts"]
+    assert {"name": "kv-disk", "mountPath": "/var/lib/mosaic/kv-disk"} in mounts
+    assert _engine_config(pvc)["disk_dir"] == "/var/lib/mosaic/kv-disk"
+
+
+# ---- what the pods run ---------------------------------------------------------------------------------
+
+
+def test_ray_cluster_gpu_workers(rendered) -> None:
+    cluster = _one(rendered["all-enabled"], "RayCluster")
+    group = cluster["spec"]["workerGroupSpecs"][0]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    pod = group["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 2
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert {"name": "shm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    # Ray's object store must fit in /dev/shm, or Ray falls back to disk.
+    assert group["rayStartParams"]["object-store-memory"] == str(16 * GIB * 4 // 5)
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    assert head["rayStartParams"]["object-store-memory"] == "1000000000"  # not 1e+09
+    assert "runtimeClassName" not in _worker_pod(rendered["default"])
+
+
+def test_router_runs_mosaic_serve_against_the_ray_head(rendered) -> None:
+    manifests = rendered["default"]
+    router = _router(manifests)
+    args = router["args"]
+    assert "command" not in router, "the image's ENTRYPOINT (mosaic) must stay in charge"
+    assert args[0] == "serve"
+    cluster = _one(manifests, "RayCluster")["metadata"]["name"]
+    # KubeRay names the head Service <raycluster>-head-svc; 10001 is the Ray client port.
+    assert args[args.index("--ray-address") + 1] == f"ray://{cluster}-head-svc.mosaic.svc:10001"
+    assert args[args.index("--config") + 1] == "/etc/mosaic/engine.yaml"
+    assert "--redis-url" not in args and "--api-key" not in args, "secrets belong in env, not in argv"
+    assert {p["name"]: p["containerPort"] for p in router["ports"]} == {"grpc": 50051, "metrics": 9464}
+    service = _one(manifests, "Service", "mosaic-router")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 50051, "metrics": 9464}
+
+
+def test_router_args_parse_with_the_real_cli(rendered) -> None:
+    """Fails, not skips, until `mosaic serve` exists: the chart must never call flags the CLI lacks."""
+    from mosaic_core.cli import build_parser
+
+    for name in VALUE_SET_NAMES:
+        build_parser().parse_args(_router(rendered[name])["args"])
+
+
+def test_engine_config_is_accepted_by_the_service(rendered, tmp_path: Path) -> None:
+    """`mosaic serve --config` loads the rendered file, and every worker gets a valid core EngineConfig."""
+    from services.config import load_config
+
+    for name in VALUE_SET_NAMES:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(_one(rendered[name], "ConfigMap", "mosaic-engine")["data"]["engine.yaml"])
+        config = load_config(path)
+        engine = config.engine_config(disk_subdir="worker-0")
+        assert engine.host_budget_bytes == _engine_config(rendered[name])["host_budget_bytes"]
+        assert config.workers >= 1 and config.worker_gpus > 0
+
+
+def test_engine_budgets_are_bytes(rendered) -> None:
+    config = _engine_config(rendered["default"])
+    assert config["host_budget_bytes"] == 64 * GIB and config["device_budget_bytes"] == 40 * GIB
+    assert config["max_message_bytes"] == 16 * 1024**2
+    assert config["workers"] == 1
+    config = _engine_config(rendered["all-enabled"])
+    assert config["workers"] == 8 and config["host_budget_bytes"] == 48 * GIB
+    assert config["engine"]["eviction_policy"] == "heat" and config["query_concurrency"] == 8
+
+
+def test_sizing_example_of_the_docs_renders(render) -> None:
+    """docs/deploy.md's worked example (100 cameras on 4 GPUs) is a valid values file."""
+    manifests = render(
+        {
+            "engine": {"deviceBudget": "24Gi", "hostBudget": "160Gi"},
+            "diskTier": {"enabled": True, "budget": "2500Gi", "volumeSize": "2750Gi"},
+            "ray": {"worker": {"replicas": 4, "resources": {"limits": {"memory": "224Gi"}}}},
+        }
+    )
+    config = _engine_config(manifests)
+    assert config["workers"] == 4 and config["host_budget_bytes"] == 160 * GIB
+    assert config["disk_budget_bytes"] == 2500 * GIB
+
+
+def test_config_change_rolls_the_router(render) -> None:
+    def checksum(values):
+        return _one(render(values), "Deployment")["spec"]["template"]["metadata"]["annotations"][
+            "checksum/engine-config"
+        ]
+
+    assert checksum({}) != checksum({"engine": {"hostBudget": "32Gi"}})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"ray": {"worker": {"resources": {"limits": {"memory": "64Gi"}}}}}, "limits.memory"),
+        ({"diskTier": {"enabled": True, "volumeSize": "100Gi"}}, "diskTier.volumeSize"),
+        ({"engine": {"workerGpus": 2}}, "no worker actor fits"),
+        ({"modelStorage": {"enabled": True}}, "modelStorage.existingClaim"),
+    ],
+)
+def test_inconsistent_values_fail_with_a_clear_message(render, values, message: str) -> None:
+    with pytest.raises(helm_python.HelmError, match=re.escape(message)):
+        render(values)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"engine": {"mode": "fast"}},
+        {"engine": {"hostBudget": "64GB"}},
+        {"ray": {"worker": {"replicas": 0}}},
+        {"router": {"grpcPort": 70000}},
+        {"router": {"service": {"type": "Ingress"}}},
+        {"redis": {"enabled": False}},
+        {"tls": {"enabled": True}},
+        {"redis": {"auth": {"password": "p@ss word"}}},
+        {"monitoring": {"serviceMonitor": {"interval": "15 seconds"}}},
+        {"replicaCount": 3},
+    ],
+)
+def test_schema_rejects_bad_values(render, values) -> None:
+    with pytest.raises(helm_python.HelmValuesError):
+        render(values)
+
+
+# ---- chart conventions ---------------------------------------------------------------------------------
+
+
+def test_values_are_camel_case_with_a_comment_above_each() -> None:
+    lines = (CHART_DIR / "values.yaml").read_text().splitlines()
+    key = re.compile(r"^(\s*)([A-Za-z][A-Za-z0-9]*):")
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    for i, line in enumerate(lines):
+        match = key.match(line)
+        if not match:
+            continue
+        parent = next((p for p in reversed(lines[:i]) if p.strip() and indent(p) < indent(line)), "")
+        if parent.lstrip().startswith("-"):
+            continue  # a field of a list item (a toleration, say), documented by the list's comment
+        name = match.group(2)
+        assert re.fullmatch(r"[a-z][a-zA-Z0-9]*", name), f"values.yaml:{i + 1}: {name} is not camelCase"
+        assert lines[i - 1].strip().startswith("#"), f"values.yaml:{i + 1}: {name} has no comment above it"
+
+
+def test_one_resource_per_template_named_kind_component(check_chart) -> None:
+    rendered = check_chart.render(check_chart.VALUE_SETS["all-enabled"])
+    for path, text in rendered.items():
+        file = Path(path).name
+        if file == "NOTES.txt":
+            continue
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        assert len(docs) == 1, f"{file} renders {len(docs)} resources"
+        assert file.startswith(docs[0]["kind"].lower() + "-"), f"{file} holds a {docs[0]['kind']}"
+        assert not [line for line in text.splitlines() if line != line.rstrip()], f"{file}: trailing whitespace"
+
+
+def test_helpers_are_prefixed_with_the_chart_name() -> None:
+    helpers = (CHART_DIR / "templates" / "_helpers.tpl").read_text()
+    names = re.findall(r'define "([^"]+)"', helpers)
+    assert names and all(n.startswith("mosaic.") for n in names)
+
+
+def test_every_resource_carries_the_standard_labels(rendered) -> None:
+    for manifest in rendered["all-enabled"]:
+        labels = manifest["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/instance") == "mosaic", manifest["metadata"]["name"]
+        assert labels.get("app.kubernetes.io/name") == "mosaic"
+
+
+def test_long_release_names_stay_within_kubernetes_limits(check_chart) -> None:
+    manifests = check_chart.render_manifests(check_chart.VALUE_SETS["all-enabled"], release="r" * 53)
+    for manifest in manifests:
+        name = manifest["metadata"]["name"]
+        assert len(name) <= 63, name
+        if manifest["kind"] == "RayCluster":
+            assert len(f"{name}-head-svc") <= 63  # the Service KubeRay creates
+
+
+def test_notes_tell_how_to_reach_the_service(check_chart) -> None:
+    notes = check_chart.render({})["mosaic/templates/NOTES.txt"]
+    assert "mosaic-router.mosaic.svc:50051" in notes and "port-forward service/mosaic-router 50051" in notes
+    notes = check_chart.render(check_chart.VALUE_SETS["all-enabled"])["mosaic/templates/NOTES.txt"]
+    assert "x-api-key" in notes and "mosaic.example.com:443" in notes
