@@ -49,6 +49,21 @@ def attend_new_tokens(
     return out[0].transpose(0, 1)
 
 
+def attend_over(query: torch.Tensor, kv: torch.Tensor, num_new: int, scale: float) -> torch.Tensor:
+    """Attention of the last ``num_new`` tokens of ``kv`` ``[2, H, S, D]`` (whose queries are ``query``
+    ``[num_q_heads, num_new, D]``) over all of ``kv``, causal among the new ones; returns ``[num_new, Hq, D]``."""
+    mask = None
+    if num_new > 1:
+        num_all = kv.shape[2]
+        new_idx = torch.arange(num_new, device=query.device)[:, None]
+        key_idx = torch.arange(num_all, device=query.device)[None, :]
+        mask = key_idx <= new_idx + (num_all - num_new)
+    out = F.scaled_dot_product_attention(
+        query[None], kv[0][None], kv[1][None], attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return out[0].transpose(0, 1)
+
+
 def attend_batch(
     query: torch.Tensor,
     new_k: torch.Tensor,
@@ -70,12 +85,9 @@ def attend_batch(
         new_idx = torch.arange(num_new, device=query.device)[:, None]
         key_idx = torch.arange(num_all, device=query.device)[None, :]
         mask = key_idx <= new_idx + (num_all - num_new)
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-        )
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         return out.transpose(1, 2)
     rows = [
-        attend_new_tokens(query[b], torch.stack([new_k[b], new_v[b]]), pasts[b], scale)
-        for b in range(query.shape[0])
+        attend_new_tokens(query[b], torch.stack([new_k[b], new_v[b]]), pasts[b], scale) for b in range(query.shape[0])
     ]
     return torch.stack(rows)

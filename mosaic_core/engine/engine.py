@@ -61,9 +61,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.spec = model.kv_spec
         # Full mode is the no-eviction baseline: its device tier is accounted but never limits.
-        device_bytes = (
-            UNLIMITED_BYTES if self.config.mode is RetrievalMode.FULL else self.config.device_budget_bytes
-        )
+        device_bytes = UNLIMITED_BYTES if self.config.mode is RetrievalMode.FULL else self.config.device_budget_bytes
         budgets = TierBudgets(
             device_bytes=device_bytes,
             host_bytes=self.config.host_budget_bytes,
@@ -96,9 +94,7 @@ class Engine:
         return cls(Qwen25VLAdapter.load(name_or_path, device=device, dtype=dtype), config)
 
     # -- streams ------------------------------------------------------------------------------------------------
-    def open_stream(
-        self, stream_id: str, *, fps: float = 1.0, system_prompt: str | None = None
-    ) -> StreamStats:
+    def open_stream(self, stream_id: str, *, fps: float = 1.0, system_prompt: str | None = None) -> StreamStats:
         """Registers a stream and prefills its preamble, whose KV becomes the stream's attention sink."""
         check_stream_id(stream_id)
         if stream_id in self.streams:
@@ -144,9 +140,7 @@ class Engine:
         # size; frame sizes may round above the target, hence the 25% margin on those frames.
         extra_frames = self.config.max_frames_per_pass + 1
         tokens = (
-            sink_tokens
-            + self.config.local_window_tokens
-            + extra_frames * self.config.target_tokens_per_frame * 5 // 4
+            sink_tokens + self.config.local_window_tokens + extra_frames * self.config.target_tokens_per_frame * 5 // 4
         )
         num_bytes = tokens * self.spec.bytes_per_token
         plan = self.tiering.residency.plan_make_room(Tier.DEVICE, num_bytes)
@@ -207,9 +201,7 @@ class Engine:
             state = self.stream(frame.stream_id)
             state.check_open()
             previous = by_stream[frame.stream_id][-1][0].timestamp_s if by_stream[frame.stream_id] else None
-            state.check_timestamp(
-                frame.timestamp_s, previous if previous is not None else state.last_timestamp_s
-            )
+            state.check_timestamp(frame.timestamp_s, previous if previous is not None else state.last_timestamp_s)
             rgb = validate_frames(frame.rgb)[0]
             by_stream[frame.stream_id].append((frame, rgb))
         return dict(by_stream)
@@ -221,9 +213,7 @@ class Engine:
             state = self.streams[stream_id]
             for i, (_, rgb) in enumerate(items):
                 if state.geometry is None:
-                    state.geometry = self.model.choose_geometry(
-                        *rgb.shape[:2], self.config.target_tokens_per_frame
-                    )
+                    state.geometry = self.model.choose_geometry(*rgb.shape[:2], self.config.target_tokens_per_frame)
                     self._check_geometry(state)
                 groups[(rgb.shape, state.geometry)].append((stream_id, i, rgb))
         features = {}
@@ -267,9 +257,7 @@ class Engine:
                 )
             )
         embeds = torch.cat([features[(sid, i)][0] for sid, indices, _ in rows for i in indices])
-        input_ids = torch.full(
-            (len(rows), positions[0].shape[1]), self.model.video_token_id, device=self.model.device
-        )
+        input_ids = torch.full((len(rows), positions[0].shape[1]), self.model.video_token_id, device=self.model.device)
         plan = IngestPlan(states, self.spec)
         self.model.forward(
             input_ids=input_ids, position_ids=torch.stack(positions, dim=1), plan=plan, frame_embeds=embeds
@@ -286,9 +274,7 @@ class Engine:
                 start = end
         return opened, attended
 
-    def _place_frame(
-        self, state: StreamState, frame: FrameInput, kv: torch.Tensor, summary: torch.Tensor
-    ) -> int:
+    def _place_frame(self, state: StreamState, frame: FrameInput, kv: torch.Tensor, summary: torch.Tensor) -> int:
         similarity, cohesion = _coherence(state.open_embeds, summary)
         if self.config.mode is RetrievalMode.TOKEN:
             similarity, cohesion = -1.0, None  # ReKV blocks: every frame is its own block
@@ -333,8 +319,13 @@ class Engine:
         max_new_tokens: int = 32,
         time_range: tuple[float, float] | None = None,
         measure_recall: bool = False,
+        profile: bool = False,
     ) -> Iterator[TokenEvent | Answer]:
-        """Answers ``question`` about one stream: yields each ``TokenEvent``, then the ``Answer``."""
+        """Answers ``question`` about one stream: yields each ``TokenEvent``, then the ``Answer``.
+
+        ``measure_recall`` adds the attention-recall probe (slow: it reads every cluster); ``profile`` times
+        scoring and fetching separately (it synchronises the device at each stage).
+        """
         return questions.ask(
             self,
             self.stream(stream_id),
@@ -342,6 +333,7 @@ class Engine:
             max_new_tokens=max_new_tokens,
             time_range=time_range,
             measure_recall=measure_recall,
+            profile=profile,
         )
 
     def answer(self, stream_id: str, question: str, **kwargs) -> Answer:

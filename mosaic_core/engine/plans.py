@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mosaic_core.engine.attend import attend_batch, attend_new_tokens, concat_past
+from mosaic_core.engine.attend import attend_batch, attend_over, concat_past
 from mosaic_core.engine.retrieval import LayerSelection, Retriever
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.memory.layout import KVSpec
@@ -47,7 +47,15 @@ class IngestPlan:
 
 
 class QuestionPlan:
-    """Retrieval-augmented attention for one question and its answer."""
+    """Retrieval-augmented attention for one question and its answer.
+
+    Each layer keeps one device buffer, filled once per scoring and then appended to in place:
+
+        [ sink | retrieved clusters | local window | question + answer so far | free ... ]
+          <----------- static: rebuilt on scoring ---> <-- grows one token per decode step -->
+
+    so a decode step copies only its own new KV, not the whole attended set.
+    """
 
     def __init__(
         self,
@@ -55,15 +63,19 @@ class QuestionPlan:
         retriever: Retriever,
         *,
         rescore_every_tokens: int,
+        capacity_tokens: int,
         recall_probe: RecallProbe | None = None,
     ) -> None:
         self.stream = stream
         self.retriever = retriever
         self.rescore_every_tokens = rescore_every_tokens
+        self.capacity_tokens = capacity_tokens
         self.recall_probe = recall_probe
         num_layers = retriever.spec.num_layers
         self.selections: list[LayerSelection | None] = [None] * num_layers
-        self.generated: list[torch.Tensor | None] = [None] * num_layers  # question + answer KV per layer
+        self.buffers: list[torch.Tensor | None] = [None] * num_layers  # [2, H, static + capacity, D]
+        self.static_tokens = [0] * num_layers
+        self.filled_tokens = [0] * num_layers
         self.steps = 0  # forward passes so far: 0 is the question prefill
         self.selection_history: list[list[LayerSelection]] = []
 
@@ -73,24 +85,38 @@ class QuestionPlan:
             self.selections[layer_idx] = selection
             if self.recall_probe is not None and self.steps == 0:
                 self.recall_probe.observe(layer_idx, query[0], selection)
+            self._rebuild(layer_idx, selection, key.dtype)
             if layer_idx == len(self.selections) - 1:
                 self.selection_history.append(list(self.selections))
-        selection = self.selections[layer_idx]
-        pieces = [self.stream.sink[layer_idx]]
-        if selection is not None and selection.kv is not None:
-            pieces.append(selection.kv)
-        local = self.stream.local_layer(layer_idx)
-        if local is not None:
-            pieces.append(local)
-        if self.generated[layer_idx] is not None:
-            pieces.append(self.generated[layer_idx])
-        new_kv = torch.stack([key[0], value[0]])  # [2, H, T, D]
-        out = attend_new_tokens(query[0], new_kv, concat_past(pieces), scale)
-        previous = self.generated[layer_idx]
-        self.generated[layer_idx] = new_kv if previous is None else torch.cat([previous, new_kv], dim=2)
+        buffer, start = self.buffers[layer_idx], self.filled_tokens[layer_idx]
+        end = start + key.shape[2]
+        assert end <= buffer.shape[2], f"question plan capacity {self.capacity_tokens} tokens exceeded"
+        buffer[0, :, start:end] = key[0]
+        buffer[1, :, start:end] = value[0]
+        self.filled_tokens[layer_idx] = end
+        out = attend_over(query[0], buffer[:, :, :end], key.shape[2], scale)
         if layer_idx == len(self.selections) - 1:
             self.steps += 1
         return out[None]
+
+    def _rebuild(self, layer: int, selection: LayerSelection, dtype: torch.dtype) -> None:
+        pieces = [self.stream.sink[layer]]
+        if selection.kv is not None:
+            pieces.append(selection.kv)
+        local = self.stream.local_layer(layer)
+        if local is not None:
+            pieces.append(local)
+        old, old_static, old_filled = self.buffers[layer], self.static_tokens[layer], self.filled_tokens[layer]
+        generated = None if old is None else old[:, :, old_static:old_filled]
+        static = sum(p.shape[2] for p in pieces)
+        first = pieces[0]
+        buffer = first.new_empty((2, first.shape[1], static + self.capacity_tokens, first.shape[3]), dtype=dtype)
+        torch.cat(pieces, dim=2, out=buffer[:, :, :static])
+        filled = static
+        if generated is not None and generated.shape[2]:
+            buffer[:, :, static : static + generated.shape[2]] = generated
+            filled += generated.shape[2]
+        self.buffers[layer], self.static_tokens[layer], self.filled_tokens[layer] = buffer, static, filled
 
     def _should_score(self) -> bool:
         if self.steps == 0:

@@ -34,6 +34,7 @@ def ask(
     max_new_tokens: int,
     time_range: tuple[float, float] | None,
     measure_recall: bool,
+    profile: bool = False,
 ) -> Iterator[TokenEvent | Answer]:
     state.check_open()
     config = engine.config
@@ -46,6 +47,7 @@ def ask(
         stream=state,
         candidates=candidates,
         budget_tokens=config.retrieval_budget_tokens,
+        profile=profile,
     )
     probe = None
     if measure_recall:
@@ -57,7 +59,11 @@ def ask(
             spec=engine.spec,
         )
     plan = QuestionPlan(
-        state, retriever, rescore_every_tokens=config.rescore_every_tokens, recall_probe=probe
+        state,
+        retriever,
+        rescore_every_tokens=config.rescore_every_tokens,
+        capacity_tokens=len(question_ids) + max_new_tokens,
+        recall_probe=probe,
     )
     return _generate(engine, state, question, question_ids, plan, max_new_tokens)
 
@@ -71,39 +77,37 @@ def _generate(engine, state, question, question_ids, plan, max_new_tokens) -> It
     start = time.perf_counter()
     cursor = state.text_cursor
     token_ids: list[int] = []
-    try:
-        input_ids = torch.tensor([question_ids], device=model.device)
+    input_ids = torch.tensor([question_ids], device=model.device)
+    hidden = model.forward(
+        input_ids=input_ids,
+        position_ids=model.text_positions(cursor, len(question_ids))[:, None],
+        plan=plan,
+    )
+    last_hidden = hidden[0, -1].float().cpu()
+    next_id = int(model.logits(hidden[:, -1]).argmax(-1).item())
+    _sync(model.device)
+    timings.prefill_s = timings.time_to_first_token_s = time.perf_counter() - start
+    timings.score_s, timings.fetch_s = plan.retriever.score_s, plan.retriever.fetch_s
+    timings.retrieval_s = timings.score_s + timings.fetch_s
+    cursor += len(question_ids)
+    decode_start = time.perf_counter()
+    while True:
+        token_ids.append(next_id)
+        yield TokenEvent(next_id, model.decode_tokens([next_id]))
+        if next_id in model.eos_token_ids or len(token_ids) >= max_new_tokens:
+            break
         hidden = model.forward(
-            input_ids=input_ids,
-            position_ids=model.text_positions(cursor, len(question_ids))[:, None],
+            input_ids=torch.tensor([[next_id]], device=model.device),
+            position_ids=model.text_positions(cursor, 1)[:, None],
             plan=plan,
         )
-        last_hidden = hidden[0, -1].float().cpu()
+        cursor += 1
         next_id = int(model.logits(hidden[:, -1]).argmax(-1).item())
-        _sync(model.device)
-        timings.prefill_s = timings.time_to_first_token_s = time.perf_counter() - start
-        timings.score_s, timings.fetch_s = plan.retriever.score_s, plan.retriever.fetch_s
-        timings.retrieval_s = timings.score_s + timings.fetch_s
-        cursor += len(question_ids)
-        decode_start = time.perf_counter()
-        while True:
-            token_ids.append(next_id)
-            yield TokenEvent(next_id, model.decode_tokens([next_id]))
-            if next_id in model.eos_token_ids or len(token_ids) >= max_new_tokens:
-                break
-            hidden = model.forward(
-                input_ids=torch.tensor([[next_id]], device=model.device),
-                position_ids=model.text_positions(cursor, 1)[:, None],
-                plan=plan,
-            )
-            cursor += 1
-            next_id = int(model.logits(hidden[:, -1]).argmax(-1).item())
-        _sync(model.device)
-        timings.decode_s = time.perf_counter() - decode_start
-    finally:
-        plan.retriever.release()
+    _sync(model.device)
+    timings.decode_s = time.perf_counter() - decode_start
     timings.num_tokens = len(token_ids)
     retrieval = _retrieval_stats(engine, plan, bytes_before, copies_before, hits_before, lookups_before)
+    plan.retriever.promote()
     evidence = _evidence(state, plan, engine.config.evidence_spans)
     _maintain(engine, state, plan)
     yield Answer(
@@ -148,9 +152,7 @@ def _candidates(engine, state: StreamState, time_range) -> list[str]:
     return [r.cluster_id for r in records if r.start_s <= end_s and r.end_s >= start_s]
 
 
-def _retrieval_stats(
-    engine, plan, bytes_before, copies_before, hits_before, lookups_before
-) -> RetrievalStats:
+def _retrieval_stats(engine, plan, bytes_before, copies_before, hits_before, lookups_before) -> RetrievalStats:
     tiers, tiering = engine.tiering.tiers, engine.tiering
     to_device = ("host_to_device", "disk_to_device")
     bytes_fetched = sum(tiers.stats.bytes_by_direction[d] - bytes_before[d] for d in to_device)
@@ -177,13 +179,15 @@ def _evidence(state: StreamState, plan: QuestionPlan, limit: int) -> list[Eviden
     """Clusters ranked by the attention mass their summaries promise, averaged over layers and re-scorings."""
     mass: dict[str, float] = defaultdict(float)
     num_scored = 0
+    candidates = plan.retriever.candidates
     for selections in plan.selection_history:
         for selection in selections:
             if selection is None:
                 continue
             num_scored += 1
+            probabilities = selection.probabilities(candidates)
             for cluster_id in selection.cluster_ids:
-                mass[cluster_id] += selection.probabilities.get(cluster_id, 0.0)
+                mass[cluster_id] += probabilities.get(cluster_id, 0.0)
     records = state.records()
     ranked = sorted(mass.items(), key=lambda item: (-item[1], item[0]))[:limit]
     return [

@@ -3,18 +3,19 @@
 - ``full``: every cluster, already on the device; no choice, no copy.
 - ``token``: frame-sized blocks scored by their mean key (ReKV-style), each chosen block's layer copied on its
   own, nothing cached on the device between questions.
-- ``cluster``: clusters scored by centroid and spread; chosen clusters are brought to the device whole (one copy
-  each, all layers, so later layers and later questions find them there) and pinned for the question. A cluster
-  that cannot be made resident falls back to a copy of the one layer needed.
+- ``cluster``: clusters scored by centroid and spread. A chosen cluster already on the device (the GPU cluster
+  cache) costs nothing; otherwise its layer slab moves in one contiguous copy. After the answer, the clusters
+  most layers chose are promoted to the device whole, off the question's critical path, for the next question.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.attend import concat_past
 from mosaic_core.engine.stream import StreamState
@@ -32,11 +33,17 @@ class LayerSelection:
     num_tokens: int
     bytes_copied: int
     num_copies: int
-    probabilities: dict[str, float] = field(default_factory=dict)  # softmax of scores over candidates
+    scores: torch.Tensor | None = None  # [num_candidates], kept on the device until the answer ends
+
+    def probabilities(self, candidates: list[str]) -> dict[str, float]:
+        """Softmax of the scores over the candidates: each chosen cluster's predicted share of attention."""
+        if self.scores is None:
+            return {}
+        return dict(zip(candidates, torch.softmax(self.scores, 0).tolist(), strict=True))
 
 
 class Retriever:
-    """Selects clusters per layer for one question and keeps track of what it pinned."""
+    """Selects clusters per layer for one question and counts how many layers chose each."""
 
     def __init__(
         self,
@@ -47,6 +54,7 @@ class Retriever:
         stream: StreamState,
         candidates: list[str],
         budget_tokens: int,
+        profile: bool = False,
     ) -> None:
         self.mode = mode
         self.spec = spec
@@ -54,17 +62,20 @@ class Retriever:
         self.stream = stream
         self.candidates = candidates
         self.budget_tokens = budget_tokens
-        self.pinned: set[str] = set()
-        self.score_s = 0.0  # stage timers for the benchmark's breakdown (synchronised on CUDA)
+        self.votes: dict[str, int] = {}  # cluster -> layers that chose it
+        # Stage timers for the benchmark's breakdown. They synchronise the device, so they are off by default.
+        self.profile = profile
+        self.score_s = 0.0
         self.fetch_s = 0.0
         self._sizes = {cid: stream.summaries.count(cid) for cid in candidates}
+        self._rows = stream.summaries.rows(candidates) if candidates else None
 
     def select(self, layer: int, query: torch.Tensor) -> LayerSelection:
         """Scores the candidates with ``query`` ``[num_q_heads, T, D]`` and gathers the chosen layer KV."""
         if not self.candidates:
             return LayerSelection([], None, 0, 0, 0)
-        start = _now(query.device)
-        mean, var, log_count = self.stream.summaries.layer_summaries(layer, self.candidates)
+        start = self._now(query.device)
+        mean, var, log_count = self.stream.summaries.layer_summaries(layer, self._rows)
         scores = score_clusters(
             query,
             mean,
@@ -73,25 +84,28 @@ class Retriever:
             scale=self.spec.scale,
             use_spread=self.mode is not RetrievalMode.TOKEN,
         )
-        probabilities = dict(zip(self.candidates, torch.softmax(scores, 0).tolist(), strict=True))
         if self.mode is RetrievalMode.FULL:
             chosen = list(self.candidates)
         else:
             order = torch.argsort(scores, descending=True).tolist()
             chosen = self._fill_budget([self.candidates[i] for i in order])
-        scored = _now(query.device)
+        scored = self._now(query.device)
         pieces, bytes_copied, num_copies = self._gather(layer, chosen)
         kv = concat_past(pieces) if pieces else None
         self.score_s += scored - start
-        self.fetch_s += _now(query.device) - scored
+        self.fetch_s += self._now(query.device) - scored
         num_tokens = 0 if kv is None else kv.shape[2]
-        return LayerSelection(chosen, kv, num_tokens, bytes_copied, num_copies, probabilities)
+        return LayerSelection(chosen, kv, num_tokens, bytes_copied, num_copies, scores)
 
-    def release(self) -> None:
-        """Unpins what this question pinned."""
-        for cluster_id in self.pinned:
-            self.tiering.residency.unpin(cluster_id)
-        self.pinned.clear()
+    def promote(self) -> list[str]:
+        """After the answer: caches on the device the clusters that at least half of the layers chose."""
+        if self.mode is not RetrievalMode.CLUSTER or not self.votes:
+            return []
+        num_layers = self.spec.num_layers
+        wanted = [cid for cid, n in sorted(self.votes.items(), key=lambda kv: -kv[1]) if 2 * n >= num_layers]
+        for cluster_id in self.votes:
+            self.tiering.residency.touch(cluster_id, retrieved=True)
+        return self.tiering.promote(wanted, keep=frozenset(self.votes))
 
     def _fill_budget(self, ranked: list[str]) -> list[str]:
         chosen, used = [], 0
@@ -103,28 +117,20 @@ class Retriever:
         return chosen
 
     def _gather(self, layer: int, chosen: list[str]) -> tuple[list[torch.Tensor], int, int]:
-        if self.mode is RetrievalMode.CLUSTER:
-            self._make_resident(chosen)
         pieces, bytes_copied, num_copies = [], 0, 0
         for cluster_id in chosen:
+            if self.mode is RetrievalMode.CLUSTER and cluster_id not in self.votes:
+                self.tiering.record_lookup(hit=self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE)
+            self.votes[cluster_id] = self.votes.get(cluster_id, 0) + 1
             kv, copied = self.tiering.tiers.layer_on_device(cluster_id, layer)
             pieces.append(kv)
             bytes_copied += copied
             num_copies += copied > 0
         return pieces, bytes_copied, num_copies
 
-    def _make_resident(self, chosen: list[str]) -> None:
-        wanted = [cid for cid in chosen if cid not in self.pinned]
-        if not wanted:
-            return
-        resident = self.tiering.try_fetch_to_device(wanted, keep=frozenset(self.pinned))
-        for cluster_id in resident:
-            self.tiering.residency.pin(cluster_id)
-            self.tiering.residency.touch(cluster_id, retrieved=True)
-            self.pinned.add(cluster_id)
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+    def _now(self, device: torch.device) -> float:
+        if not self.profile:
+            return 0.0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()

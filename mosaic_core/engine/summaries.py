@@ -62,11 +62,12 @@ class SummaryIndex:
     def count(self, cluster_id: str) -> int:
         return int(self._count[self._rows[cluster_id]].item())
 
-    def layer_summaries(
-        self, layer: int, cluster_ids: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Centroids and variances ``[C, num_kv_heads, head_dim]`` and log-counts ``[C]`` of ``cluster_ids``."""
-        rows = torch.tensor([self._rows[c] for c in cluster_ids], device=self.device, dtype=torch.long)
+    def rows(self, cluster_ids: list[str]) -> torch.Tensor:
+        """Row indices of ``cluster_ids``, for ``layer_summaries`` (valid until the next merge or removal)."""
+        return torch.tensor([self._rows[c] for c in cluster_ids], device=self.device, dtype=torch.long)
+
+    def layer_summaries(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Centroids and variances ``[C, num_kv_heads, head_dim]`` and log-counts ``[C]`` of ``rows``."""
         count = self._count[rows].clamp_min(1.0)
         mean = self._sum[rows, layer] / count[:, None, None]
         var = (self._sumsq[rows, layer] / count[:, None, None] - mean.square()).clamp_min(0.0)

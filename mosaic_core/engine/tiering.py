@@ -65,14 +65,10 @@ class TierManager:
             tier = self.residency.tier_of(cluster_id)
             plan = self.residency.plan_make_room(tier, extra, exclude=frozenset({cluster_id}))
             if plan is None:
-                colder = next(
-                    (t for t in _tiers_from(tier) if t > tier and self.residency.capacity_bytes(t)), None
-                )
+                colder = next((t for t in _tiers_from(tier) if t > tier and self.residency.capacity_bytes(t)), None)
                 plan = None if colder is None else self.residency.plan_spill(cluster_id, colder)
                 if plan is None:
-                    raise CapacityError(
-                        f"no room to grow cluster {cluster_id!r} by {extra} bytes in any tier"
-                    )
+                    raise CapacityError(f"no room to grow cluster {cluster_id!r} by {extra} bytes in any tier")
                 self.execute(plan)
                 return self.append(cluster_id, chunk)
             self.execute(plan)
@@ -80,24 +76,27 @@ class TierManager:
             assert grown, f"room was made for cluster {cluster_id} but growing it failed"
         self.tiers.append(cluster_id, chunk)
 
-    def try_fetch_to_device(self, cluster_ids: list[str], *, keep: frozenset[str]) -> list[str]:
-        """Brings whole clusters to the device where room can be made; returns the ones now resident.
+    def record_lookup(self, *, hit: bool) -> None:
+        """A question looked for a cluster on the device (for the cluster-cache hit ratio)."""
+        self.device_lookups += 1
+        self.device_hits += hit
 
-        Clusters in ``keep`` (already pinned by this question) are never spilled to make room.
+    def promote(self, cluster_ids: list[str], *, keep: frozenset[str]) -> list[str]:
+        """Brings whole clusters to the device where room can be made without spilling ``keep``.
+
+        Called after a question, off its critical path: the clusters it leaned on most become device-resident,
+        so the next questions (and the next decode steps of other answers) find them without a copy.
         """
-        resident = []
+        promoted = []
         for cluster_id in cluster_ids:
-            self.device_lookups += 1
             if self.residency.tier_of(cluster_id) is Tier.DEVICE:
-                self.device_hits += 1
-                resident.append(cluster_id)
                 continue
-            plan = self.residency.plan_fetch(cluster_id, Tier.DEVICE, exclude=keep | frozenset(resident))
+            plan = self.residency.plan_fetch(cluster_id, Tier.DEVICE, exclude=keep)
             if plan is None:
-                continue
+                break
             self.execute(plan)
-            resident.append(cluster_id)
-        return resident
+            promoted.append(cluster_id)
+        return promoted
 
     def remove(self, cluster_id: str) -> None:
         self.residency.remove(cluster_id)

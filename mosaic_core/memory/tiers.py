@@ -35,9 +35,7 @@ class TransferStats:
 
     bytes_by_direction: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS.values(), 0))
     copies_by_direction: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS.values(), 0))
-    seconds_by_direction: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys(DIRECTIONS.values(), 0.0)
-    )
+    seconds_by_direction: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS.values(), 0.0))
 
     def record(self, src: Tier, dst: Tier, num_bytes: int, seconds: float, num_copies: int = 1) -> None:
         direction = DIRECTIONS[(src, dst)]
