@@ -180,9 +180,7 @@ class ClusterFormer:
             record = open_rec
         else:
             if decision.cluster_id != self._peek_id():
-                raise StateError(
-                    f"stale decision: next cluster is {self._peek_id()!r}, not {decision.cluster_id!r}"
-                )
+                raise StateError(f"stale decision: next cluster is {self._peek_id()!r}, not {decision.cluster_id!r}")
             self.seal()
             record = ClusterRecord(self._take_id(), self.stream_id, [], timestamp_s, timestamp_s, 0)
             self._records.append(record)
@@ -227,9 +225,7 @@ class ClusterFormer:
         """
         pos_a, pos_b = self._sealed_position(a.cluster_id), self._sealed_position(b.cluster_id)
         if pos_b != pos_a + 1:
-            raise InvalidArgumentError(
-                f"cannot merge {a.cluster_id!r} and {b.cluster_id!r}: not adjacent in order"
-            )
+            raise InvalidArgumentError(f"cannot merge {a.cluster_id!r} and {b.cluster_id!r}: not adjacent in order")
         left, right = self._records[pos_a], self._records[pos_b]
         num_tokens = left.num_tokens + right.num_tokens
         if num_tokens > self.config.max_tokens:
@@ -261,10 +257,7 @@ class ClusterFormer:
         """
         pos = self._sealed_position(rec.cluster_id)
         whole = self._records[pos]
-        if (
-            len(whole.frame_timestamps_s) != whole.num_frames
-            or len(whole.frame_num_tokens) != whole.num_frames
-        ):
+        if len(whole.frame_timestamps_s) != whole.num_frames or len(whole.frame_num_tokens) != whole.num_frames:
             raise StateError(f"cluster {rec.cluster_id!r} has no per-frame times and sizes to split by")
         if at_frame_index not in whole.frame_indices[1:]:
             raise InvalidArgumentError(

@@ -59,15 +59,11 @@ class CoRetrievalTracker:
         Call it when clusters are sealed, merged, split or dropped.
         """
         if len(set(ordered_cluster_ids)) != len(ordered_cluster_ids):
-            raise InvalidArgumentError(
-                f"stream {stream_id!r}: duplicate cluster ids in {list(ordered_cluster_ids)}"
-            )
+            raise InvalidArgumentError(f"stream {stream_id!r}: duplicate cluster ids in {list(ordered_cluster_ids)}")
         for cluster_id in ordered_cluster_ids:
             self._check_owner(stream_id, cluster_id)
         # Only adjacent pairs ever get statistics, so the stream's old pairs are exactly its old links.
-        old_pairs = {
-            (cid, self._right[cid]) for cid in self._members.get(stream_id, ()) if cid in self._right
-        }
+        old_pairs = {(cid, self._right[cid]) for cid in self._members.get(stream_id, ()) if cid in self._right}
         new_pairs = set(itertools.pairwise(ordered_cluster_ids))
         for left, right in old_pairs:
             del self._right[left], self._left[right]
@@ -131,9 +127,7 @@ class CoRetrievalTracker:
             fraction = stats.num_joint / stats.num_either
             num_tokens = cluster_tokens[left] + cluster_tokens[right]
             if fraction >= min_joint_fraction and num_tokens <= max_tokens:
-                candidates.append(
-                    MergeProposal(pair_stream, left, right, fraction, stats.num_either, num_tokens)
-                )
+                candidates.append(MergeProposal(pair_stream, left, right, fraction, stats.num_either, num_tokens))
         candidates.sort(key=lambda p: (-p.joint_fraction, -p.num_questions, p.stream_id, p.left_id))
         chosen: list[MergeProposal] = []
         used: set[str] = set()
@@ -180,9 +174,7 @@ class CoRetrievalTracker:
     def _check_owner(self, stream_id: str, cluster_id: str) -> None:
         owner = self._stream_of.get(cluster_id, stream_id)
         if owner != stream_id:
-            raise InvalidArgumentError(
-                f"cluster {cluster_id!r} belongs to stream {owner!r}, not {stream_id!r}"
-            )
+            raise InvalidArgumentError(f"cluster {cluster_id!r} belongs to stream {owner!r}, not {stream_id!r}")
 
     def _own(self, stream_id: str, cluster_id: str) -> None:
         self._check_owner(stream_id, cluster_id)

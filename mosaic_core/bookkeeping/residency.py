@@ -141,14 +141,10 @@ class ResidencyManager:
             CapacityError: not enough free device bytes.
         """
         if owner in self._reservations:
-            raise AlreadyExistsError(
-                f"reservation owner {owner!r} already holds {self._reservations[owner]} bytes"
-            )
+            raise AlreadyExistsError(f"reservation owner {owner!r} already holds {self._reservations[owner]} bytes")
         if not self.can_reserve(nbytes):
             free_bytes = self.free_bytes(Tier.DEVICE)
-            raise CapacityError(
-                f"cannot reserve {nbytes} bytes for {owner!r}: {free_bytes} device bytes free"
-            )
+            raise CapacityError(f"cannot reserve {nbytes} bytes for {owner!r}: {free_bytes} device bytes free")
         self._reservations[owner] = nbytes
         self._used_bytes[Tier.DEVICE] += nbytes
 
@@ -173,9 +169,7 @@ class ResidencyManager:
     def __len__(self) -> int:
         return len(self._records)
 
-    def add(
-        self, cluster_id: str, stream_id: str, num_bytes: int, tier: Tier, *, now_s: float | None = None
-    ) -> None:
+    def add(self, cluster_id: str, stream_id: str, num_bytes: int, tier: Tier, *, now_s: float | None = None) -> None:
         """Track a new cluster in ``tier``. The caller must have made room (see ``plan_make_room``).
 
         Raises:
@@ -413,7 +407,7 @@ class ResidencyManager:
         for cid in self.policy.victims(self._by_tier[tier], now_s):
             record = self._records[cid]
             # Zero-byte clusters free nothing; moving them would only add transfer calls.
-            if cid in exclude or record.num_bytes == 0:
+            if record.pinned or cid in exclude or record.num_bytes == 0:
                 continue
             victims.append(cid)
             freed_bytes += record.num_bytes

@@ -81,9 +81,7 @@ DECISION_TABLE = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("name", "frames", "reasons", "sizes"), DECISION_TABLE, ids=[r[0] for r in DECISION_TABLE]
-)
+@pytest.mark.parametrize(("name", "frames", "reasons", "sizes"), DECISION_TABLE, ids=[r[0] for r in DECISION_TABLE])
 def test_decisions(name: str, frames: list, reasons: str, sizes: list[int]) -> None:
     former = ClusterFormer("cam", CFG)
     assert feed(former, frames) == reasons.split()
@@ -121,9 +119,7 @@ def test_decide_does_not_commit_and_ids_are_stable() -> None:
     assert split.cluster_id == "cam/c000001"
     former.commit(split, frame_index=8, timestamp_s=1.0, num_tokens=10)
     with pytest.raises(StateError, match="stale decision"):
-        former.commit(
-            FormationDecision(True, "cam/c000000", "similar"), frame_index=9, timestamp_s=2.0, num_tokens=1
-        )
+        former.commit(FormationDecision(True, "cam/c000000", "similar"), frame_index=9, timestamp_s=2.0, num_tokens=1)
 
 
 def test_seal_makes_the_next_frame_start_a_cluster() -> None:

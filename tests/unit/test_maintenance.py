@@ -11,9 +11,7 @@ IDS = ["s/c0", "s/c1", "s/c2", "s/c3"]
 SIZES = dict.fromkeys(IDS, 100)
 
 
-def tracker_with(
-    questions: list[list[str]], ids: list[str] = IDS, stream_id: str = "s"
-) -> CoRetrievalTracker:
+def tracker_with(questions: list[list[str]], ids: list[str] = IDS, stream_id: str = "s") -> CoRetrievalTracker:
     tracker = CoRetrievalTracker()
     tracker.set_neighbours(stream_id, ids)
     for retrieved in questions:
@@ -60,9 +58,7 @@ def test_non_adjacent_clusters_are_not_proposed() -> None:
         (2, 0, 0.8, False),
     ],  # last: too few questions
 )
-def test_joint_fraction_threshold(
-    num_joint: int, num_alone: int, min_fraction: float, expected: bool
-) -> None:
+def test_joint_fraction_threshold(num_joint: int, num_alone: int, min_fraction: float, expected: bool) -> None:
     tracker = tracker_with([["s/c0", "s/c1"]] * num_joint + [["s/c0"]] * num_alone)
     proposals = tracker.proposals(max_tokens=400, cluster_tokens=SIZES, min_joint_fraction=min_fraction)
     assert bool(proposals) == expected
@@ -125,9 +121,7 @@ def test_streams_are_isolated() -> None:
         tracker.observe("b", ["b/c0", "b/c1"])
     sizes = dict.fromkeys(["a/c0", "a/c1", "b/c0", "b/c1"], 10)
     assert {p.stream_id for p in tracker.proposals(max_tokens=100, cluster_tokens=sizes)} == {"a", "b"}
-    assert [p.stream_id for p in tracker.proposals(max_tokens=100, cluster_tokens=sizes, stream_id="b")] == [
-        "b"
-    ]
+    assert [p.stream_id for p in tracker.proposals(max_tokens=100, cluster_tokens=sizes, stream_id="b")] == ["b"]
     with pytest.raises(InvalidArgumentError, match="belongs to stream 'a'"):
         tracker.observe("b", ["a/c0"])
     with pytest.raises(InvalidArgumentError, match="belongs to stream 'a'"):
