@@ -100,18 +100,18 @@ class QuestionPlan:
         return out[None]
 
     def _rebuild(self, layer: int, selection: LayerSelection, dtype: torch.dtype) -> None:
-        pieces = [self.stream.sink[layer]]
-        if selection.kv is not None:
-            pieces.append(selection.kv)
+        sink = self.stream.sink[layer]
         local = self.stream.local_layer(layer)
-        if local is not None:
-            pieces.append(local)
+        num_local = 0 if local is None else local.shape[2]
         old, old_static, old_filled = self.buffers[layer], self.static_tokens[layer], self.filled_tokens[layer]
         generated = None if old is None else old[:, :, old_static:old_filled]
-        static = sum(p.shape[2] for p in pieces)
-        first = pieces[0]
-        buffer = first.new_empty((2, first.shape[1], static + self.capacity_tokens, first.shape[3]), dtype=dtype)
-        torch.cat(pieces, dim=2, out=buffer[:, :, :static])
+        static = sink.shape[2] + selection.num_tokens + num_local
+        num_heads, head_dim = sink.shape[1], sink.shape[3]
+        buffer = sink.new_empty((2, num_heads, static + self.capacity_tokens, head_dim), dtype=dtype)
+        buffer[:, :, : sink.shape[2]] = sink
+        end = self.retriever.gather_into(selection, buffer, sink.shape[2])
+        if local is not None:
+            buffer[:, :, end : end + num_local] = local
         filled = static
         if generated is not None and generated.shape[2]:
             buffer[:, :, static : static + generated.shape[2]] = generated

@@ -171,6 +171,7 @@ def _retrieval_stats(engine, plan, bytes_before, copies_before, hits_before, loo
         num_copies=copies,
         device_hits=hits,
         device_lookups=lookups,
+        transfer_s=plan.retriever.transfer_seconds(),
         attention_recall=None if plan.recall_probe is None else plan.recall_probe.recall,
     )
 

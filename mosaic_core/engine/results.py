@@ -46,6 +46,7 @@ class RetrievalStats:
     num_copies: int = 0
     device_hits: int = 0
     device_lookups: int = 0
+    transfer_s: float = 0.0  # device time of the gathers that copied retrieved KV (CUDA only)
     attention_recall: float | None = None
 
 

@@ -17,10 +17,10 @@ import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import RetrievalMode
-from mosaic_core.engine.attend import concat_past
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.summaries import score_clusters
 from mosaic_core.engine.tiering import TierManager
+from mosaic_core.kernels.slab_gather import gather_slabs, gather_slabs_reference
 from mosaic_core.memory.layout import KVSpec
 
 
@@ -29,10 +29,9 @@ class LayerSelection:
     """What one layer retrieved."""
 
     cluster_ids: list[str]
-    kv: torch.Tensor | None  # [2, num_kv_heads, num_tokens, head_dim] on device
+    slabs: list[torch.Tensor]  # each [2, num_kv_heads, n_c, head_dim], where its cluster lives
+    on_device: list[bool]  # per slab: its cluster is in the device tier (no transfer needed)
     num_tokens: int
-    bytes_copied: int
-    num_copies: int
     scores: torch.Tensor | None = None  # [num_candidates], kept on the device until the answer ends
 
     def probabilities(self, candidates: list[str]) -> dict[str, float]:
@@ -68,18 +67,22 @@ class Retriever:
         self.score_s = 0.0
         self.fetch_s = 0.0
         self._sizes = {cid: stream.summaries.count(cid) for cid in candidates}
-        self._rows = stream.summaries.rows(candidates) if candidates else None
+        # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
+        self._summaries = stream.summaries.all_layers(candidates) if candidates else None
+        self._gather_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.bytes_copied = 0
+        self.num_copies = 0
 
     def select(self, layer: int, query: torch.Tensor) -> LayerSelection:
-        """Scores the candidates with ``query`` ``[num_q_heads, T, D]`` and gathers the chosen layer KV."""
+        """Scores the candidates with ``query`` ``[num_q_heads, T, D]``; the chosen slabs are not moved yet."""
         if not self.candidates:
-            return LayerSelection([], None, 0, 0, 0)
+            return LayerSelection([], [], [], 0)
         start = self._now(query.device)
-        mean, var, log_count = self.stream.summaries.layer_summaries(layer, self._rows)
+        mean, var, log_count = self._summaries
         scores = score_clusters(
             query,
-            mean,
-            var,
+            mean[:, layer],
+            var[:, layer],
             log_count,
             scale=self.spec.scale,
             use_spread=self.mode is not RetrievalMode.TOKEN,
@@ -89,13 +92,43 @@ class Retriever:
         else:
             order = torch.argsort(scores, descending=True).tolist()
             chosen = self._fill_budget([self.candidates[i] for i in order])
-        scored = self._now(query.device)
-        pieces, bytes_copied, num_copies = self._gather(layer, chosen)
-        kv = concat_past(pieces) if pieces else None
-        self.score_s += scored - start
-        self.fetch_s += self._now(query.device) - scored
-        num_tokens = 0 if kv is None else kv.shape[2]
-        return LayerSelection(chosen, kv, num_tokens, bytes_copied, num_copies, scores)
+        slabs = [self._slab(cluster_id, layer) for cluster_id in chosen]
+        on_device = [self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE for cluster_id in chosen]
+        self.score_s += self._now(query.device) - start
+        return LayerSelection(chosen, slabs, on_device, sum(slab.shape[2] for slab in slabs), scores)
+
+    def gather_into(self, selection: LayerSelection, buffer: torch.Tensor, first_token: int) -> int:
+        """Copies a layer's chosen slabs into ``buffer[:, :, first_token:]``; returns the end offset.
+
+        ``cluster`` and ``full`` modes move every slab of the layer in one kernel launch that reads pinned host
+        and device memory in place (on CUDA). ``token`` mode keeps the ReKV baseline: one copy per block.
+        """
+        start = self._now(buffer.device)
+        events = _event_pair(buffer.device)
+        host = [slab for slab, resident in zip(selection.slabs, selection.on_device, strict=True) if not resident]
+        batched = self.mode is not RetrievalMode.TOKEN and buffer.is_cuda and all(s.is_pinned() for s in host)
+        if batched:
+            end = gather_slabs(selection.slabs, buffer, first_token)
+        else:
+            end = gather_slabs_reference(selection.slabs, buffer, first_token)
+        num_bytes = sum(slab.numel() * slab.element_size() for slab in host)
+        if host:
+            num_copies = 1 if batched else len(host)
+            self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, 0.0, num_copies)
+            self.bytes_copied += num_bytes
+            self.num_copies += num_copies
+            if events is not None:
+                events[1].record()
+                self._gather_events.append(events)
+        self.fetch_s += self._now(buffer.device) - start
+        return end
+
+    def transfer_seconds(self) -> float:
+        """Device time spent gathering retrieved KV that had to be copied (waits for the copies to finish)."""
+        if not self._gather_events:
+            return 0.0
+        self._gather_events[-1][1].synchronize()
+        return sum(start.elapsed_time(end) for start, end in self._gather_events) / 1e3
 
     def promote(self) -> list[str]:
         """After the answer: caches on the device the clusters that at least half of the layers chose."""
@@ -116,17 +149,11 @@ class Retriever:
                 used += size
         return chosen
 
-    def _gather(self, layer: int, chosen: list[str]) -> tuple[list[torch.Tensor], int, int]:
-        pieces, bytes_copied, num_copies = [], 0, 0
-        for cluster_id in chosen:
-            if self.mode is RetrievalMode.CLUSTER and cluster_id not in self.votes:
-                self.tiering.record_lookup(hit=self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE)
-            self.votes[cluster_id] = self.votes.get(cluster_id, 0) + 1
-            kv, copied = self.tiering.tiers.layer_on_device(cluster_id, layer)
-            pieces.append(kv)
-            bytes_copied += copied
-            num_copies += copied > 0
-        return pieces, bytes_copied, num_copies
+    def _slab(self, cluster_id: str, layer: int) -> torch.Tensor:
+        if self.mode is RetrievalMode.CLUSTER and cluster_id not in self.votes:
+            self.tiering.record_lookup(hit=self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE)
+        self.votes[cluster_id] = self.votes.get(cluster_id, 0) + 1
+        return self.tiering.tiers.layer_slab(cluster_id, layer)
 
     def _now(self, device: torch.device) -> float:
         if not self.profile:
@@ -134,3 +161,12 @@ class Retriever:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
+
+
+def _event_pair(device: torch.device) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
+    """A started pair of CUDA events (the end one is recorded by the caller), or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    return start, end

@@ -63,14 +63,15 @@ class SummaryIndex:
         return int(self._count[self._rows[cluster_id]].item())
 
     def rows(self, cluster_ids: list[str]) -> torch.Tensor:
-        """Row indices of ``cluster_ids``, for ``layer_summaries`` (valid until the next merge or removal)."""
+        """Row indices of ``cluster_ids`` (valid until the next merge or removal)."""
         return torch.tensor([self._rows[c] for c in cluster_ids], device=self.device, dtype=torch.long)
 
-    def layer_summaries(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Centroids and variances ``[C, num_kv_heads, head_dim]`` and log-counts ``[C]`` of ``rows``."""
+    def all_layers(self, cluster_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Centroids and variances ``[C, num_layers, num_kv_heads, head_dim]`` and log-counts ``[C]``."""
+        rows = self.rows(cluster_ids)
         count = self._count[rows].clamp_min(1.0)
-        mean = self._sum[rows, layer] / count[:, None, None]
-        var = (self._sumsq[rows, layer] / count[:, None, None] - mean.square()).clamp_min(0.0)
+        mean = self._sum[rows] / count[:, None, None, None]
+        var = (self._sumsq[rows] / count[:, None, None, None] - mean.square()).clamp_min(0.0)
         return mean, var, count.log()
 
     def _new_row(self, cluster_id: str) -> int:

@@ -130,17 +130,14 @@ class KVTiers:
             return self.disk.read(cluster_id)
         return self._tensors[cluster_id]
 
-    def layer_on_device(self, cluster_id: str, layer: int) -> tuple[torch.Tensor, int]:
-        """One layer ``[2, H, n, D]`` on the device; returns it and the bytes copied to get it there."""
+    def layer_slab(self, cluster_id: str, layer: int) -> torch.Tensor:
+        """One layer ``[2, H, n, D]`` of a cluster where it lives: a view on device or host (pinned under
+        CUDA); a disk cluster's layer is read into pinned memory."""
         tier = self.tier_of(cluster_id)
-        if tier is Tier.DEVICE:
-            return self._tensors[cluster_id][layer], 0
-        source = self.read(cluster_id)[layer]
-        start = self._clock()
-        moved = source.to(self.device, non_blocking=self.pin_host and tier is Tier.HOST)
-        num_bytes = source.numel() * source.element_size()
-        self.stats.record(tier, Tier.DEVICE, num_bytes, self._clock() - start)
-        return moved, num_bytes
+        if tier is Tier.DISK:
+            slab = self.disk.read(cluster_id)[layer]
+            return slab.pin_memory() if self.pin_host else slab
+        return self._tensors[cluster_id][layer]
 
     def move(self, cluster_id: str, dst: Tier) -> int:
         """Moves a whole cluster to ``dst`` in one copy; returns the bytes moved."""
