@@ -1,0 +1,509 @@
+"""Split-K attention over long KV sets: decode (contiguous or paged) and causal prefill, with GQA.
+
+One stage-1 kernel serves all three entry points. Its rows are (query token, q head) pairs of one kv group,
+packed token-major so that every K/V tile it loads is shared by the whole group:
+
+    row r of kv group g  ->  token t = r // group_size,  q head h = g * group_size + r % group_size
+    grid = (cdiv(q_len * group_size, BLOCK_M), batch * num_kv_heads, num_splits)
+
+Split s covers keys [s * split_tokens, (s + 1) * split_tokens). Query token t sees key j when
+j < kv_len and j < kv_len - q_len + causal_shift + t + 1 (bottom-right causal; decode has q_len = 1, so it
+sees all kv_len keys). Each split writes a normalized partial output and its log2-sum-exp; a second kernel
+merges the splits (flash-decoding). With one split, stage 1 writes the final output and no merge runs.
+
+Paged KV: key j of sequence b is at page page_table[b, j // PAGE_TOKENS], slot j % PAGE_TOKENS. A page id < 0
+masks its keys, so -1 padding is never dereferenced.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mosaic_core.errors import InvalidArgumentError
+from mosaic_core.kernels import (
+    cdiv,
+    check_float_dtype,
+    check_index_dtype,
+    check_kernel_device,
+    check_out,
+    check_rank,
+    interpret_mode,
+    launchable,
+    next_power_of_2,
+)
+
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 64
+_MIN_SPLIT_BLOCKS = 4  # a split shorter than this many key blocks costs more to merge than it saves
+# Tests set this to fill the split workspace with NaN, so that any partial the first stage fails to write
+# poisons the output instead of silently reading stale memory.
+_POISON_WORKSPACE = False
+# Elements of the [rows, splits, head_dim] tile one merge program holds: registers on a GPU; in the
+# interpreter each program costs milliseconds whatever its size, so fewer, bigger ones.
+_MERGE_TILE_ELEMS = 8192
+_MERGE_TILE_ELEMS_INTERPRETED = 1 << 18
+
+
+@triton.jit
+def attention_partial_kernel(
+    q_ptr, k_ptr, v_ptr, page_table_ptr, kv_lens_ptr, out_ptr, lse_ptr,
+    q_len, num_kv_heads, max_kv_tokens, causal_shift, split_tokens, head_dim,
+    qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    q_batch_stride, q_head_stride, q_token_stride, q_dim_stride,
+    k_batch_stride, k_head_stride, k_token_stride, k_dim_stride,  # batch stride = page stride when PAGED
+    v_batch_stride, v_head_stride, v_token_stride, v_dim_stride,
+    pt_batch_stride, pt_page_stride,
+    out_batch_stride, out_head_stride, out_token_stride, out_split_stride, out_dim_stride,
+    lse_batch_stride, lse_head_stride, lse_token_stride, lse_split_stride,
+    GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_TOKENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,  # the interpreter multiplies bfloat16 as raw integers, so upcast there
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)  # int64: batch * stride may pass 2**31
+    kv_head = tl.program_id(1) % num_kv_heads
+    split = tl.program_id(2)
+    kv_len = max_kv_tokens
+    if HAS_KV_LENS:
+        kv_len = tl.load(kv_lens_ptr + batch).to(tl.int32)
+
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    tokens = rows // GROUP_SIZE
+    heads = kv_head * GROUP_SIZE + rows % GROUP_SIZE
+    row_mask = tokens < q_len
+    dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    dim_mask = dims < head_dim
+    row_limit = tl.minimum(kv_len, kv_len - q_len + causal_shift + tokens + 1)  # [BLOCK_M] exclusive
+    last_token = tl.minimum(q_len - 1, (tl.program_id(0) * BLOCK_M + BLOCK_M - 1) // GROUP_SIZE)
+    tile_limit = tl.minimum(kv_len, kv_len - q_len + causal_shift + last_token + 1)
+    lo = split * split_tokens
+    hi = tl.minimum(lo + split_tokens, tile_limit)
+
+    q_ptrs = q_ptr + batch * q_batch_stride + heads[:, None] * q_head_stride + tokens[:, None] * q_token_stride
+    q = tl.load(q_ptrs + dims[None, :] * q_dim_stride, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    if DOT_IN_FP32:
+        q = q.to(tl.float32)  # [BLOCK_M, BLOCK_D]
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+        col_mask = cols < hi
+        if PAGED:
+            page = tl.load(
+                page_table_ptr + batch * pt_batch_stride + (cols // PAGE_TOKENS) * pt_page_stride,
+                mask=col_mask,
+                other=-1,
+            )
+            col_mask = col_mask & (page >= 0)
+            page = tl.maximum(page, 0).to(tl.int64)
+            k_cols = page * k_batch_stride + (cols % PAGE_TOKENS) * k_token_stride
+            v_cols = page * v_batch_stride + (cols % PAGE_TOKENS) * v_token_stride
+        else:
+            k_cols = batch * k_batch_stride + cols * k_token_stride
+            v_cols = batch * v_batch_stride + cols * v_token_stride
+        kv_mask = col_mask[:, None] & dim_mask[None, :]
+        k = tl.load(
+            k_ptr + kv_head * k_head_stride + k_cols[:, None] + dims[None, :] * k_dim_stride,
+            mask=kv_mask,
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        v = tl.load(
+            v_ptr + kv_head * v_head_stride + v_cols[:, None] + dims[None, :] * v_dim_stride,
+            mask=kv_mask,
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        if DOT_IN_FP32:
+            k = k.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        visible = col_mask[None, :] & (cols[None, :] < row_limit[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        # A row with no visible key so far keeps m = -inf; shift by 0 instead, so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(scores - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p = p.to(v.dtype)  # like flash attention: probabilities enter the second matmul in the KV dtype
+        if DOT_IN_FP32:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out_ptrs = out_ptr + batch * out_batch_stride + heads[:, None] * out_head_stride
+    out_ptrs += tokens[:, None] * out_token_stride + split * out_split_stride + dims[None, :] * out_dim_stride
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+    if STORE_LSE:
+        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        lse_ptrs = lse_ptr + batch * lse_batch_stride + heads * lse_head_stride + tokens * lse_token_stride
+        tl.store(lse_ptrs + split * lse_split_stride, lse, mask=row_mask)
+
+
+@triton.jit
+def attention_merge_kernel(
+    part_ptr,  # [batch, num_q_heads, q_len, num_splits, head_dim] float32, contiguous
+    lse_ptr,  # [batch, num_q_heads, q_len, num_splits] float32, contiguous
+    out_ptr,
+    num_rows,  # batch * num_q_heads * q_len
+    num_q_heads, q_len, num_splits, head_dim,
+    out_batch_stride, out_head_stride, out_token_stride, out_dim_stride,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BLOCK_R] (batch, head, token)
+    splits = tl.arange(0, BLOCK_S)  # [BLOCK_S]
+    dims = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    row_mask = rows < num_rows
+    lse_mask = row_mask[:, None] & (splits < num_splits)[None, :]
+    lse = tl.load(lse_ptr + rows[:, None] * num_splits + splits[None, :], mask=lse_mask, other=float("-inf"))
+    lse_max = tl.max(lse, axis=1)
+    weights = tl.math.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max)[:, None])  # [BLOCK_R, BLOCK_S]
+    part_ptrs = part_ptr + ((rows[:, None] * num_splits + splits[None, :]) * head_dim)[:, :, None]
+    part_mask = lse_mask[:, :, None] & (dims < head_dim)[None, None, :]
+    part = tl.load(part_ptrs + dims[None, None, :], mask=part_mask, other=0.0)  # [BLOCK_R, BLOCK_S, BLOCK_D]
+    total = tl.sum(weights, axis=1)
+    out = tl.sum(weights[:, :, None] * part, axis=1) / tl.where(total > 0.0, total, 1.0)[:, None]
+    batch = rows // (num_q_heads * q_len)
+    head = (rows // q_len) % num_q_heads
+    token = rows % q_len
+    out_ptrs = out_ptr + batch * out_batch_stride + head * out_head_stride + token * out_token_stride
+    out_mask = row_mask[:, None] & (dims < head_dim)[None, :]
+    tl.store(out_ptrs[:, None] + dims[None, :] * out_dim_stride, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Launch:
+    """Everything the stage-1 launch needs beyond the tensors, for one call."""
+
+    batch: int
+    num_q_heads: int
+    num_kv_heads: int
+    q_len: int
+    head_dim: int
+    max_kv_tokens: int
+    causal_shift: int
+    page_tokens: int  # 0 when not paged
+
+    @property
+    def group_size(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _kernel_config(launch: _Launch) -> _Config:
+    """Tile sizes and launch shape for the stage-1 kernel.
+
+    Swept on one H200 (bf16, 28 q / 4 kv heads, head_dim 128; decode b1-b32 over 4k-16k keys, prefill
+    32x16k, 128x4k, 1024x1024): 64x64 tiles, 4 warps and 3 stages were best or within noise of the best
+    everywhere, and the split plan below beat every fixed split count.
+    """
+    rows = launch.q_len * launch.group_size
+    return _Config(
+        block_m=max(16, min(64, next_power_of_2(rows))),
+        block_n=64 if launch.head_dim <= 128 else 32,
+        num_warps=4,
+        num_stages=3,
+    )
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _plan_splits(
+    launch: _Launch, block_m: int, block_n: int, num_splits: int | None, device: torch.device
+) -> tuple[int, int]:
+    """Picks (num_splits, split_tokens): enough programs to fill the GPU twice, splits of >= 4 key blocks."""
+    max_blocks = max(1, cdiv(launch.max_kv_tokens, block_n))
+    if num_splits is None:
+        tiles = cdiv(launch.q_len * launch.group_size, block_m) * launch.batch * launch.num_kv_heads
+        wanted = cdiv(2 * _num_sms(device), tiles)
+        num_splits = max(1, min(wanted, max_blocks // _MIN_SPLIT_BLOCKS, _MAX_SPLITS))
+    if not 1 <= num_splits <= _MAX_SPLITS:
+        raise InvalidArgumentError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
+    split_tokens = cdiv(max_blocks, num_splits) * block_n
+    return cdiv(max(launch.max_kv_tokens, 1), split_tokens), split_tokens
+
+
+def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    if _POISON_WORKSPACE:
+        return torch.full(shape, math.nan, dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _run(
+    launch: _Launch,
+    q4: torch.Tensor,  # [batch, num_q_heads, q_len, head_dim] (view)
+    k: torch.Tensor,  # [batch or num_pages, num_kv_heads, tokens, head_dim]
+    v: torch.Tensor,
+    page_table: torch.Tensor | None,  # [batch, max_pages]
+    kv_lens: torch.Tensor | None,  # [batch]
+    out4: torch.Tensor,  # [batch, num_q_heads, q_len, head_dim] (view of the caller's out)
+    *,
+    scale: float,
+    num_splits: int | None,
+    block_n: int | None,
+) -> None:
+    rows = launch.q_len * launch.group_size
+    config = _kernel_config(launch)
+    block_m, block_n = config.block_m, block_n or config.block_n
+    splits, split_tokens = _plan_splits(launch, block_m, block_n, num_splits, q4.device)
+    if splits == 1:
+        part, lse = out4.unsqueeze(3), None  # stage 1 writes the final output; split stride is unused
+    else:
+        shape = (launch.batch, launch.num_q_heads, launch.q_len, splits)
+        part = _workspace((*shape, launch.head_dim), q4.device)
+        lse = _workspace(shape, q4.device)
+    dummy = kv_lens if kv_lens is not None else q4  # never dereferenced when its flag is off
+    pt_strides = page_table.stride() if page_table is not None else (0, 0)
+    grid = (cdiv(rows, block_m), launch.batch * launch.num_kv_heads, splits)
+    launchable(attention_partial_kernel)[grid](
+        q4, k, v, page_table if page_table is not None else dummy, dummy, part,
+        lse if lse is not None else part,
+        launch.q_len, launch.num_kv_heads, launch.max_kv_tokens, launch.causal_shift, split_tokens,
+        launch.head_dim, scale * _LOG2E,
+        *q4.stride(), *k.stride(), *v.stride(), *pt_strides, *part.stride(),
+        *(lse.stride() if lse is not None else (0, 0, 0, 0)),
+        GROUP_SIZE=launch.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, next_power_of_2(launch.head_dim)),
+        PAGED=page_table is not None, PAGE_TOKENS=max(launch.page_tokens, 1), HAS_KV_LENS=kv_lens is not None,
+        STORE_LSE=lse is not None, DOT_IN_FP32=interpret_mode() and q4.dtype == torch.bfloat16,
+        INPUT_PRECISION="ieee" if q4.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if lse is not None:
+        num_rows = launch.batch * launch.num_q_heads * launch.q_len
+        block_s, block_d = next_power_of_2(splits), max(16, next_power_of_2(launch.head_dim))
+        tile_elems = _MERGE_TILE_ELEMS_INTERPRETED if interpret_mode() else _MERGE_TILE_ELEMS
+        block_r = max(1, min(next_power_of_2(num_rows), tile_elems // (block_s * block_d)))
+        launchable(attention_merge_kernel)[(cdiv(num_rows, block_r),)](
+            part, lse, out4, num_rows, launch.num_q_heads, launch.q_len, splits, launch.head_dim,
+            *out4.stride(), BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+
+
+def _check_attention_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_q_heads: int, num_kv_heads: int, scale: float
+) -> None:
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_float_dtype(name, tensor)
+        check_kernel_device(name, tensor, q.device)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise InvalidArgumentError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if v.shape != k.shape:
+        raise InvalidArgumentError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
+    if q.shape[-1] != k.shape[-1] or q.shape[-1] == 0:
+        raise InvalidArgumentError(f"head_dim differs or is 0: q {tuple(q.shape)} vs k {tuple(k.shape)}")
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
+        raise InvalidArgumentError(
+            f"num_q_heads={num_q_heads} (q {tuple(q.shape)}) is not a multiple of "
+            f"num_kv_heads={num_kv_heads} (k {tuple(k.shape)})"
+        )
+    if not math.isfinite(scale):
+        raise InvalidArgumentError(f"scale must be finite, got {scale}")
+
+
+def _check_kv_lens(kv_lens: torch.Tensor, batch: int, max_tokens: int, device: torch.device, validate: bool) -> None:
+    check_rank("kv_lens", kv_lens, 1, "[batch]")
+    check_index_dtype("kv_lens", kv_lens)
+    check_kernel_device("kv_lens", kv_lens, device)
+    if kv_lens.shape[0] != batch:
+        raise InvalidArgumentError(f"kv_lens {tuple(kv_lens.shape)} must have batch={batch} entries")
+    if validate and batch and (int(kv_lens.min()) < 0 or int(kv_lens.max()) > max_tokens):
+        raise InvalidArgumentError(f"kv_lens {kv_lens.tolist()} must lie in [0, {max_tokens}]")
+
+
+def _out_4d(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    check_out(out, shape, like.dtype, like.device)
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,  # [batch, num_q_heads, head_dim]
+    k: torch.Tensor,  # [batch, num_kv_heads, max_kv, head_dim]
+    v: torch.Tensor,  # [batch, num_kv_heads, max_kv, head_dim]
+    kv_lens: torch.Tensor | None = None,  # [batch] int32
+    *,
+    scale: float,
+    out: torch.Tensor | None = None,  # [batch, num_q_heads, head_dim]
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    validate: bool = True,
+) -> torch.Tensor:  # [batch, num_q_heads, head_dim]
+    """Attention of one new token per sequence over a long padded KV set, split over keys (flash-decoding).
+
+    Args:
+        q: The new token's queries; float16/bfloat16/float32, any strides (as are k and v).
+        k: Keys, padded to ``max_kv``; q head ``h`` reads kv head ``h // (num_q_heads // num_kv_heads)``.
+        v: Values, same shape as ``k``.
+        kv_lens: Valid keys per sequence (default: all ``max_kv``). A sequence with 0 keys gets zeros.
+        scale: Softmax scale.
+        out: Optional output in ``q``'s dtype.
+        num_splits: Key splits (default: enough programs to fill the GPU twice).
+        block_n: Keys per inner step (power of two, >= 16).
+        validate: Check the ``kv_lens`` values; this synchronizes with the device.
+
+    Returns:
+        The attention output in ``q``'s dtype; float32 accumulation.
+
+    Raises:
+        InvalidArgumentError: On mismatched shapes, dtypes or devices, or ``kv_lens`` outside [0, max_kv].
+    """
+    check_rank("q", q, 3, "[batch, num_q_heads, head_dim]")
+    check_rank("k", k, 4, "[batch, num_kv_heads, max_kv, head_dim]")
+    _check_attention_args(q, k, v, q.shape[1], k.shape[1], scale)
+    if k.shape[0] != q.shape[0]:
+        raise InvalidArgumentError(f"batch differs: q {tuple(q.shape)} vs k {tuple(k.shape)}")
+    if kv_lens is not None:
+        _check_kv_lens(kv_lens, q.shape[0], k.shape[2], q.device, validate)
+    out = _out_4d(out, tuple(q.shape), q)
+    launch = _Launch(
+        batch=q.shape[0], num_q_heads=q.shape[1], num_kv_heads=k.shape[1], q_len=1, head_dim=q.shape[2],
+        max_kv_tokens=k.shape[2], causal_shift=0, page_tokens=0,
+    )  # fmt: skip
+    if out.numel():
+        _run(launch, q.unsqueeze(2), k, v, None, kv_lens, out.unsqueeze(2), scale=scale,
+             num_splits=num_splits, block_n=block_n)  # fmt: skip
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [batch, num_q_heads, head_dim]
+    k_pages: torch.Tensor,  # [num_pages, num_kv_heads, page_tokens, head_dim]
+    v_pages: torch.Tensor,  # [num_pages, num_kv_heads, page_tokens, head_dim]
+    page_table: torch.Tensor,  # [batch, max_pages] int32, -1 padded
+    kv_lens: torch.Tensor,  # [batch] int32
+    *,
+    scale: float,
+    out: torch.Tensor | None = None,  # [batch, num_q_heads, head_dim]
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    validate: bool = True,
+) -> torch.Tensor:  # [batch, num_q_heads, head_dim]
+    """Decode attention over KV scattered in pages, read in place through a page table (no gather copy).
+
+    Key ``j`` of sequence ``b`` is slot ``j % page_tokens`` of page ``page_table[b, j // page_tokens]``; this
+    is how retrieved clusters that are not contiguous in the GPU pool are attended.
+
+    Args:
+        q: The new token's queries; float16/bfloat16/float32.
+        k_pages: Key pages of the pool; any strides (as are v_pages).
+        v_pages: Value pages, same shape as ``k_pages``.
+        page_table: Pages of each sequence in key order; entries past a sequence's last page are ignored.
+        kv_lens: Valid keys per sequence, at most ``max_pages * page_tokens``.
+        scale: Softmax scale.
+        out: Optional output in ``q``'s dtype.
+        num_splits: Key splits (default: enough programs to fill the GPU twice).
+        block_n: Keys per inner step (power of two, >= 16).
+        validate: Check ``kv_lens`` and the page ids in use; this synchronizes with the device.
+
+    Returns:
+        The attention output in ``q``'s dtype; float32 accumulation.
+
+    Raises:
+        InvalidArgumentError: On mismatched shapes, dtypes or devices, or lengths or page ids out of range.
+    """
+    check_rank("q", q, 3, "[batch, num_q_heads, head_dim]")
+    check_rank("k_pages", k_pages, 4, "[num_pages, num_kv_heads, page_tokens, head_dim]")
+    check_rank("page_table", page_table, 2, "[batch, max_pages]")
+    _check_attention_args(q, k_pages, v_pages, q.shape[1], k_pages.shape[1], scale)
+    check_index_dtype("page_table", page_table)
+    check_kernel_device("page_table", page_table, q.device)
+    batch, page_tokens = q.shape[0], k_pages.shape[2]
+    if page_table.shape[0] != batch or page_tokens == 0:
+        raise InvalidArgumentError(
+            f"page_table {tuple(page_table.shape)} must have batch={batch} rows (q {tuple(q.shape)}), "
+            f"k_pages {tuple(k_pages.shape)} must have page_tokens > 0"
+        )
+    max_tokens = page_table.shape[1] * page_tokens
+    _check_kv_lens(kv_lens, batch, max_tokens, q.device, validate)
+    if validate and batch:
+        used = torch.arange(page_table.shape[1], device=q.device)[None, :] * page_tokens < kv_lens[:, None]
+        pages = page_table[used]
+        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_pages.shape[0]):
+            raise InvalidArgumentError(
+                f"page ids in use span [{int(pages.min())}, {int(pages.max())}], outside the "
+                f"{k_pages.shape[0]} pages of k_pages {tuple(k_pages.shape)}"
+            )
+    out = _out_4d(out, tuple(q.shape), q)
+    launch = _Launch(
+        batch=batch, num_q_heads=q.shape[1], num_kv_heads=k_pages.shape[1], q_len=1, head_dim=q.shape[2],
+        max_kv_tokens=max_tokens, causal_shift=0, page_tokens=page_tokens,
+    )  # fmt: skip
+    if out.numel():
+        _run(launch, q.unsqueeze(2), k_pages, v_pages, page_table, kv_lens, out.unsqueeze(2), scale=scale,
+             num_splits=num_splits, block_n=block_n)  # fmt: skip
+    return out
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [num_q_heads, q_len, head_dim]
+    k: torch.Tensor,  # [num_kv_heads, kv_len, head_dim]
+    v: torch.Tensor,  # [num_kv_heads, kv_len, head_dim]
+    *,
+    scale: float,
+    causal_offset: int | None = None,
+    out: torch.Tensor | None = None,  # [num_q_heads, q_len, head_dim]
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:  # [num_q_heads, q_len, head_dim]
+    """Causal attention of ``q_len`` new tokens over ``kv_len`` keys that end with those tokens.
+
+    Bottom-right aligned: query ``i`` sees keys ``j <= causal_offset + i``, with ``causal_offset`` defaulting
+    to ``kv_len - q_len`` (all the past plus causal among the new tokens).
+
+    Args:
+        q: Queries of the new tokens; float16/bfloat16/float32, any strides (as are k and v).
+        k: Keys (past, then the new tokens); GQA as in :func:`decode_attention`.
+        v: Values, same shape as ``k``.
+        scale: Softmax scale.
+        causal_offset: Keys visible to query 0 minus one; must be >= 0.
+        out: Optional output in ``q``'s dtype.
+        num_splits: Key splits (default: enough programs to fill the GPU twice).
+        block_n: Keys per inner step (power of two, >= 16).
+
+    Returns:
+        The attention output in ``q``'s dtype; float32 accumulation.
+
+    Raises:
+        InvalidArgumentError: On mismatched shapes, dtypes or devices, or a negative ``causal_offset``.
+    """
+    check_rank("q", q, 3, "[num_q_heads, q_len, head_dim]")
+    check_rank("k", k, 3, "[num_kv_heads, kv_len, head_dim]")
+    _check_attention_args(q, k, v, q.shape[0], k.shape[0], scale)
+    q_len, kv_len = q.shape[1], k.shape[1]
+    offset = kv_len - q_len if causal_offset is None else causal_offset
+    if offset < 0:
+        raise InvalidArgumentError(
+            f"causal_offset={offset} must be >= 0 (q {tuple(q.shape)}, k {tuple(k.shape)}): a query would see no key"
+        )
+    out = _out_4d(out, tuple(q.shape), q)
+    launch = _Launch(
+        batch=1, num_q_heads=q.shape[0], num_kv_heads=k.shape[0], q_len=q_len, head_dim=q.shape[2],
+        max_kv_tokens=kv_len, causal_shift=offset - (kv_len - q_len), page_tokens=0,
+    )  # fmt: skip
+    if out.numel():
+        _run(launch, q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, None, out.unsqueeze(0),
+             scale=scale, num_splits=num_splits, block_n=block_n)  # fmt: skip
+    return out
