@@ -105,11 +105,14 @@ class Retriever:
         """
         start = self._now(buffer.device)
         events = _event_pair(buffer.device)
+        record_start = None if events is None else events[0].record
         host = [slab for slab, resident in zip(selection.slabs, selection.on_device, strict=True) if not resident]
         batched = self.mode is not RetrievalMode.TOKEN and buffer.is_cuda and all(s.is_pinned() for s in host)
         if batched:
-            end = gather_slabs(selection.slabs, buffer, first_token)
+            end = gather_slabs(selection.slabs, buffer, first_token, on_launch=record_start)
         else:
+            if record_start is not None:
+                record_start()
             end = gather_slabs_reference(selection.slabs, buffer, first_token)
         num_bytes = sum(slab.numel() * slab.element_size() for slab in host)
         if host:
@@ -164,9 +167,7 @@ class Retriever:
 
 
 def _event_pair(device: torch.device) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
-    """A started pair of CUDA events (the end one is recorded by the caller), or None off CUDA."""
+    """A pair of timing CUDA events, both recorded by the caller, or None off CUDA."""
     if device.type != "cuda":
         return None
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    return start, end
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -14,6 +14,8 @@ the same launch. That replaces one copy call per cluster (about 5 us each) with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -48,13 +50,17 @@ def gather_slabs_kernel(
         tl.store(dst, tile, mask=mask)
 
 
-def gather_slabs(slabs: list[torch.Tensor], out: torch.Tensor, first_token: int) -> int:
+def gather_slabs(
+    slabs: list[torch.Tensor], out: torch.Tensor, first_token: int, *, on_launch: Callable[[], None] | None = None
+) -> int:
     """Copies ``slabs`` (each ``[2, H, n_c, D]``, contiguous) into ``out[:, :, first_token:]`` back to back.
 
     Args:
         slabs: layer slabs of the chosen clusters, on the device or in pinned host memory.
         out: ``[2, H, S, D]`` on the device, contiguous along tokens and head_dim.
         first_token: where the first slab lands in ``out``.
+        on_launch: called right before the launch (after the host has built the address table), so a caller
+            can time the transfer itself with a device event.
 
     Returns:
         The token offset one past the last slab.
@@ -79,6 +85,8 @@ def gather_slabs(slabs: list[torch.Tensor], out: torch.Tensor, first_token: int)
     table_t = host_table.pin_memory().to(out.device, non_blocking=True) if out.is_cuda else host_table
     block_t = min(64, next_power_of_2(longest))
     grid = (len(slabs), 2 * num_heads, triton.cdiv(longest, block_t))
+    if on_launch is not None:
+        on_launch()
     launchable(gather_slabs_kernel)[grid](
         table_t, out, 2 * num_heads, out.stride(1), out.stride(2),
         ELEM=_TL_DTYPES[out.dtype], HEAD_DIM=head_dim, BLOCK_T=block_t,

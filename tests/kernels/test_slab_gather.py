@@ -36,8 +36,11 @@ def test_gather_slabs_matches_one_copy_per_slab(dtype, sizes, heads, dim):
 def test_gather_slabs_rejects_what_does_not_fit():
     out = torch.zeros(2, 2, 8, 16, device=DEVICE)
     with pytest.raises(InvalidArgumentError, match="do not fit"):
-        gather_slabs([torch.zeros(2, 2, 9, 16)], out, 0)
+        gather_slabs([torch.zeros(2, 2, 9, 16, device=DEVICE)], out, 0)
     with pytest.raises(InvalidArgumentError, match="does not match"):
-        gather_slabs([torch.zeros(2, 3, 4, 16)], out, 0)
+        gather_slabs([torch.zeros(2, 3, 4, 16, device=DEVICE)], out, 0)
     with pytest.raises(InvalidArgumentError, match="dtype"):
-        gather_slabs([torch.zeros(2, 2, 4, 16, dtype=torch.float16)], out, 0)
+        gather_slabs([torch.zeros(2, 2, 4, 16, dtype=torch.float16, device=DEVICE)], out, 0)
+    if DEVICE == "cuda":
+        with pytest.raises(InvalidArgumentError, match="pinned"):
+            gather_slabs([torch.zeros(2, 2, 4, 16)], out, 0)
