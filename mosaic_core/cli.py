@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 import time
 
@@ -52,9 +53,7 @@ def _add_optional_commands(sub, module_name: str, register: str) -> None:
 
 
 def _add_common_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default="tiny", help="preset name (tiny, qwen2.5-vl-7b) or checkpoint directory"
-    )
+    p.add_argument("--model", default="tiny", help="preset name (tiny, qwen2.5-vl-7b) or checkpoint directory")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video")
     p.add_argument("--tokens-per-frame", type=int, default=64, help="target visual tokens per frame")
@@ -73,7 +72,13 @@ def _add_ask_video(sub) -> None:
     p.add_argument("--question", required=True)
     p.add_argument("--mode", default="cluster", choices=["full", "token", "cluster"])
     p.add_argument("--budget-tokens", type=int, default=512, help="history tokens retrieved per layer")
-    p.add_argument("--device-budget-mib", type=float, default=64.0, help="device-tier budget in MiB")
+    p.add_argument(
+        "--device-budget-mib",
+        type=float,
+        default=None,
+        help="device-tier budget in MiB (default: twice one question's working set plus the window, so that "
+        "even a short clip spills clusters to the host tier)",
+    )
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many sampled frames")
     p.add_argument("--max-new-tokens", type=int, default=24)
     _add_common_engine_args(p)
@@ -85,7 +90,7 @@ def _add_fidelity(sub) -> None:
     p.add_argument("--video", default="bikes.mp4", help="video file or sample clip name")
     p.add_argument("--budgets", default="128,256,512", help="comma-separated retrieval budgets in tokens")
     p.add_argument("--max-frames", type=int, default=48)
-    p.add_argument("--device-budget-mib", type=float, default=8.0, help="device-tier budget in MiB")
+    p.add_argument("--device-budget-mib", type=float, default=2.0, help="device-tier budget in MiB")
     _add_common_engine_args(p)
     p.set_defaults(func=_run_fidelity)
 
@@ -102,22 +107,30 @@ def _run_ask_video(args) -> int:
     from mosaic_core.config import MIB, EngineConfig
     from mosaic_core.engine.engine import Engine
     from mosaic_core.engine.results import Answer, FrameInput
+    from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
     from mosaic_core.model.video import iter_video_frames, probe_video
 
     source = _clip_or_path(args.video)
     info = probe_video(source)
+    _status(f"loading model {args.model} ...")
+    model = Qwen25VLAdapter.load(args.model, device=args.device or _default_device())
+    working_set_tokens = args.budget_tokens + args.window_tokens
+    device_budget = (
+        int(args.device_budget_mib * MIB)
+        if args.device_budget_mib
+        else 2 * working_set_tokens * model.kv_spec.bytes_per_token
+    )
     config = EngineConfig(
         mode=args.mode,
         target_tokens_per_frame=args.tokens_per_frame,
         local_window_tokens=args.window_tokens,
         retrieval_budget_tokens=args.budget_tokens,
-        device_budget_bytes=int(args.device_budget_mib * MIB),
+        device_budget_bytes=device_budget,
         formation=_formation(args, args.budget_tokens),
     )
-    _status(f"loading model {args.model} ...")
-    engine = Engine.from_model(args.model, config, device=args.device)
+    engine = Engine(model, config)
     engine.open_stream("video", fps=args.fps)
-    expected = int(info.duration_s * args.fps) + 1
+    expected = math.ceil((info.duration_s or 0.0) * args.fps - 1e-6) or 1
     if args.max_frames:
         expected = min(expected, args.max_frames)
     start = time.perf_counter()
@@ -154,9 +167,7 @@ def _run_ask_video(args) -> int:
 def _print_evidence(answer) -> None:
     print("evidence (ranked time spans the answer drew on):")
     for span in answer.evidence:
-        print(
-            f"  #{span.rank}  {span.start_s:7.2f}s - {span.end_s:7.2f}s  score {span.score:.3f}  {span.cluster_id}"
-        )
+        print(f"  #{span.rank}  {span.start_s:7.2f}s - {span.end_s:7.2f}s  score {span.score:.3f}  {span.cluster_id}")
     if not answer.evidence:
         print("  (none: the stream is still shorter than the local window)")
 
@@ -217,7 +228,8 @@ def _run_fidelity(args) -> int:
 def _formation(args, budget_tokens: int):
     from mosaic_core.bookkeeping.formation import FormationConfig
 
-    cap = args.cluster_tokens or max(args.tokens_per_frame * 2, budget_tokens // 4)
+    # at least four frames (frame sizes round a little above the target, hence the margin)
+    cap = args.cluster_tokens or max(args.tokens_per_frame * 5, budget_tokens // 4)
     return FormationConfig(max_tokens=min(cap, budget_tokens))
 
 
@@ -237,9 +249,7 @@ def _progress(done: int, total: int, start: float) -> None:
     width = 30
     filled = min(width, int(width * done / max(total, 1)))
     bar = "#" * filled + "." * (width - filled)
-    print(
-        f"\rencoding [{bar}] {done}/{total} frames, {rate:.1f} frames/s", end="", file=sys.stderr, flush=True
-    )
+    print(f"\rencoding [{bar}] {done}/{total} frames, {rate:.1f} frames/s", end="", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
