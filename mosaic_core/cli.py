@@ -88,11 +88,11 @@ def _add_ask_video(sub) -> None:
 def _add_fidelity(sub) -> None:
     p = sub.add_parser("fidelity", help="compare full, token and cluster modes at several budgets")
     p.add_argument("--video", default="bikes.mp4", help="video file or sample clip name")
-    p.add_argument("--budgets", default="128,256,512", help="comma-separated retrieval budgets in tokens")
-    p.add_argument("--max-frames", type=int, default=48)
+    p.add_argument("--budgets", default="192,384,768", help="comma-separated retrieval budgets in tokens")
+    p.add_argument("--max-frames", type=int, default=40)
     p.add_argument("--device-budget-mib", type=float, default=2.0, help="device-tier budget in MiB")
     _add_common_engine_args(p)
-    p.set_defaults(func=_run_fidelity)
+    p.set_defaults(func=_run_fidelity, fps=4.0, tokens_per_frame=32, window_tokens=128)
 
 
 def _clip_or_path(source: str) -> str:

@@ -1,0 +1,151 @@
+"""Service settings, validated at the edge: defaults < ``--config`` YAML < environment < command-line flags.
+
+The YAML file uses the ``mosaic serve`` option names with underscores at the top level; a nested ``engine:``
+mapping passes further ``EngineConfig`` fields through (``target_tokens_per_frame``, ``eviction_policy``,
+...; ``formation:`` is a nested ``FormationConfig`` mapping whose ``max_tokens`` defaults to a quarter of
+the retrieval budget)::
+
+    model: tiny
+    workers: 2
+    device_budget_bytes: 268435456
+    engine:
+      target_tokens_per_frame: 64
+
+The core takes frozen dataclasses; only this module knows pydantic.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.config import MIB, EngineConfig
+from mosaic_core.errors import ConfigError
+
+API_KEY_ENV = "MOSAIC_API_KEY"
+# Flags whose value may also come from the environment when neither the flag nor the file sets them.
+_ENV_FIELDS = {"api_key": API_KEY_ENV, "redis_url": "MOSAIC_REDIS_URL"}
+
+
+class ServiceConfig(BaseModel):
+    """Everything ``mosaic serve`` needs. Sizes are bytes, times seconds.
+
+    Engine-facing fields (mode, budgets, tokens) are turned into an ``EngineConfig`` by ``engine_config``; the
+    defaults suit the ``tiny`` preset on a CPU, a real deployment sets them in its YAML file.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- network ---
+    host: str = "0.0.0.0"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    api_key: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_message_bytes: int = Field(16 * MIB, ge=1024)
+    # --- cluster ---
+    ray_address: str = "local"
+    ray_num_cpus: float | None = Field(None, gt=0)
+    ray_log_to_driver: bool = True
+    redis_url: str | None = None
+    redis_namespace: str = "mosaic"
+    workers: int = Field(1, ge=1, le=1024)
+    worker_gpus: float = Field(0.0, ge=0)
+    worker_cpus: float = Field(0.5, gt=0)
+    worker_start_timeout_s: float = Field(180.0, gt=0)
+    # --- engine ---
+    model: str = "tiny"
+    mode: Literal["full", "token", "cluster"] = "cluster"
+    device_budget_bytes: int = Field(256 * MIB, gt=0)
+    host_budget_bytes: int = Field(1024 * MIB, ge=0)
+    disk_dir: str | None = None
+    disk_budget_bytes: int = Field(0, ge=0)
+    engine: dict[str, Any] = Field(default_factory=dict)
+    # --- scheduling ---
+    query_queue_size: int = Field(64, ge=1)
+    query_concurrency: int = Field(4, ge=1)
+    default_max_new_tokens: int = Field(32, ge=1)
+    ingest_queue_frames: int = Field(32, ge=1)
+    max_batch_frames: int = Field(16, ge=1)
+    max_push_calls: int = Field(64, ge=1)
+    max_stream_labels: int = Field(64, ge=0)
+    telemetry_interval_s: float = Field(1.0, gt=0)
+    shutdown_grace_s: float = Field(5.0, ge=0)
+    shutdown_drain_s: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> ServiceConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                f"tls_cert and tls_key go together, got tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}"
+            )
+        if self.disk_budget_bytes > 0 and not self.disk_dir:
+            raise ValueError(f"disk_budget_bytes={self.disk_budget_bytes} needs disk_dir")
+        return self
+
+    def engine_config(self, *, disk_subdir: str | None = None) -> EngineConfig:
+        """The worker's ``EngineConfig``; ``disk_subdir`` gives each worker's disk tier its own directory."""
+        disk_dir = self.disk_dir
+        if disk_dir and disk_subdir:
+            disk_dir = str(Path(disk_dir) / disk_subdir)
+        fields: dict[str, Any] = {
+            "target_tokens_per_frame": 64,
+            "local_window_tokens": 256,
+            "retrieval_budget_tokens": 512,
+            **self.engine,
+            "mode": self.mode,
+            "device_budget_bytes": self.device_budget_bytes,
+            "host_budget_bytes": self.host_budget_bytes,
+            "disk_budget_bytes": self.disk_budget_bytes,
+            "disk_dir": disk_dir,
+        }
+        formation = fields.get("formation") or {}
+        if isinstance(formation, dict):
+            # A cluster must fit in one retrieval, and several should: a quarter of the budget by default,
+            # but never below two frames (a frame larger than the cap is refused).
+            budget, per_frame = int(fields["retrieval_budget_tokens"]), int(fields["target_tokens_per_frame"])
+            cap = min(budget, max(budget // 4, 2 * per_frame))
+            formation = {"max_tokens": cap, **formation}
+            fields["formation"] = FormationConfig(**formation)
+        try:
+            return EngineConfig(**fields)
+        except TypeError as err:
+            raise ConfigError(
+                f"unknown engine setting in `engine:` ({err}); see mosaic_core.config.EngineConfig"
+            ) from err
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServiceConfig:
+    """Builds the config from an optional YAML file, the environment and explicit overrides.
+
+    Args:
+        path: YAML file with ``ServiceConfig`` fields; ``None`` for defaults only.
+        **overrides: values that win over the file (command-line flags); ``None`` values are ignored.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, or a value out of range (the message names it).
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    for name, env in _ENV_FIELDS.items():
+        if values.get(name) is None and os.environ.get(env):
+            values[name] = os.environ[env]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServiceConfig(**values)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"invalid service config: {problems}") from None

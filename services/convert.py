@@ -1,0 +1,125 @@
+"""Protobuf <-> core dataclasses, in one place so the servicer stays thin."""
+
+from __future__ import annotations
+
+import time
+
+from mosaic_core.engine.results import Answer, EvidenceSpan
+from mosaic_core.errors import InvalidArgumentError
+from services.gen.mosaic.v1 import mosaic_pb2 as pb
+from services.metadata.base import StreamRecord
+from services.worker import PushResult, StreamInfo
+
+DEFAULT_FPS = 1.0
+MAX_FRAME_ERRORS = 100
+_TIER_ENUM = {"device": pb.TIER_DEVICE, "host": pb.TIER_HOST, "disk": pb.TIER_DISK}
+
+
+def record_from_request(request: pb.CreateStreamRequest) -> StreamRecord:
+    """A new stream's record; fps 0 (unset) means ``DEFAULT_FPS``."""
+    fps = request.fps if request.fps != 0 else DEFAULT_FPS
+    source_url = request.source_url if request.HasField("source_url") else None
+    return StreamRecord(
+        stream_id=request.stream_id,
+        fps=fps,
+        source_url=source_url or None,
+        loop_source=request.loop_source,
+        retention_s=request.retention_s,
+        created_s=time.time(),
+        labels=dict(request.labels),
+    )
+
+
+def stream_to_proto(info: StreamInfo) -> pb.Stream:
+    record = info.record
+    stats = pb.StreamStats(
+        frames_received=info.frames_received,
+        frames_ingested=info.frames_ingested,
+        frames_dropped=info.frames_dropped,
+        num_clusters=info.num_clusters,
+        tiers=[
+            pb.TierUsage(
+                tier=_TIER_ENUM[tier],
+                num_clusters=info.clusters_by_tier.get(tier, 0),
+                num_bytes=info.bytes_by_tier.get(tier, 0),
+            )
+            for tier in ("device", "host", "disk")
+        ],
+        lag_s=info.lag_s,
+        ingest_queue_frames=info.queue_frames,
+    )
+    if info.first_timestamp_s is not None:
+        stats.first_timestamp_s = info.first_timestamp_s
+    if info.last_timestamp_s is not None:
+        stats.last_timestamp_s = info.last_timestamp_s
+    stream = pb.Stream(
+        stream_id=record.stream_id,
+        fps=record.fps,
+        loop_source=record.loop_source,
+        retention_s=record.retention_s,
+        labels=record.labels,
+        worker_id=record.worker_id or "",
+        created_s=record.created_s,
+        source_state=info.source_state,
+        source_error=info.source_error,
+        stats=stats,
+    )
+    if record.source_url:
+        stream.source_url = record.source_url
+    return stream
+
+
+def push_response(result: PushResult) -> pb.PushFramesResponse:
+    return pb.PushFramesResponse(
+        frames_accepted=result.accepted,
+        frames_dropped=result.dropped,
+        frames_rejected=len(result.rejected),
+        errors=[
+            pb.FrameError(index=r.index, reason=r.reason, stream_id=r.stream_id)
+            for r in result.rejected[:MAX_FRAME_ERRORS]
+        ],
+    )
+
+
+def time_range_from_request(request: pb.QueryRequest) -> tuple[float, float] | None:
+    if not request.HasField("time_range"):
+        return None
+    start_s, end_s = request.time_range.start_s, request.time_range.end_s
+    if not start_s <= end_s:
+        raise InvalidArgumentError(f"time range start {start_s} is after its end {end_s}")
+    return (start_s, end_s)
+
+
+def evidence_event(spans: list[EvidenceSpan]) -> pb.QueryEvent:
+    return pb.QueryEvent(
+        evidence=pb.Evidence(
+            spans=[
+                pb.EvidenceSpan(
+                    stream_id=s.stream_id,
+                    cluster_id=s.cluster_id,
+                    start_s=s.start_s,
+                    end_s=s.end_s,
+                    score=s.score,
+                    rank=s.rank,
+                )
+                for s in spans
+            ]
+        )
+    )
+
+
+def timings_event(answers: list[Answer], *, queue_s: float, ttft_s: float, decode_s: float) -> pb.QueryEvent:
+    return pb.QueryEvent(
+        timings=pb.QueryTimings(
+            queue_s=queue_s,
+            retrieval_s=max((a.timings.retrieval_s for a in answers), default=0.0),
+            time_to_first_token_s=ttft_s,
+            decode_s=decode_s,
+            num_tokens=sum(a.timings.num_tokens for a in answers),
+            bytes_fetched=sum(a.retrieval.bytes_fetched for a in answers),
+        )
+    )
+
+
+def token_event(text: str, token_id: int | None) -> pb.QueryEvent:
+    return pb.QueryEvent(token=pb.TokenChunk(text=text, token_ids=[] if token_id is None else [token_id]))

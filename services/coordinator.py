@@ -1,0 +1,202 @@
+"""The router's view of the cluster: worker actors, stream placement, and routing of frames and questions.
+
+Works on core dataclasses only (``StreamRecord``, ``StreamInfo``, ``PushResult``, engine events); the
+servicer converts to and from protobuf. Metadata-store calls block, so they run in a thread.
+
+**Placement by free budget.** A new stream goes to the live worker with the most free device + host KV
+bytes (after the sink + window reservations of the streams it already has); ties go to the worker with
+fewer streams. Creations are serialised, so each one sees the previous one's reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+import ray
+
+from mosaic_core.engine.stream import check_stream_id
+from mosaic_core.errors import AlreadyExistsError, UnknownStreamError
+from services.errors import UnavailableError, unwrap
+from services.metadata.base import MetadataStore, StreamRecord
+from services.metrics import MosaicMetrics
+from services.telemetry import apply_delta
+from services.worker import FrameRejection, PushResult, StreamInfo, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """Streams, workers and routing for one router process.
+
+    Args:
+        workers: Ray actor handles of ``WorkerCore``, index = worker id.
+        store: metadata store shared with the workers.
+        metrics: the router's metrics.
+    """
+
+    def __init__(self, workers: list, store: MetadataStore | None, metrics: MosaicMetrics) -> None:
+        self.workers = workers
+        self.store = store
+        self.metrics = metrics
+        self.placement: dict[str, int] = {}  # stream -> worker index
+        self._create_lock = asyncio.Lock()
+        self._alive: set[int] = set()
+
+    async def start(self, timeout_s: float) -> list[WorkerInfo]:
+        """Waits for every worker to build its engine; reloads the placement from the store."""
+        infos = await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self.workers)), timeout_s)
+        self._alive = set(range(len(self.workers)))
+        assignments = await asyncio.to_thread(self.store.assignments)
+        self.placement = {s: int(w) for s, w in assignments.items() if w.isdigit() and int(w) < len(self.workers)}
+        self.metrics.set_workers_up(len(self._alive))
+        self.metrics.set_active_streams(len(self.placement))
+        return infos
+
+    def worker_of(self, stream_id: str):
+        index = self.placement.get(stream_id)
+        if index is None:
+            raise UnknownStreamError(f"unknown stream {stream_id!r}; create it first or check ListStreams")
+        return self.workers[index]
+
+    # -- streams ------------------------------------------------------------------------------------
+    async def create_stream(self, record: StreamRecord) -> StreamInfo:
+        check_stream_id(record.stream_id)
+        async with self._create_lock:
+            if record.stream_id in self.placement:
+                raise AlreadyExistsError(f"stream {record.stream_id!r} already exists")
+            index = await self._choose_worker()
+            record.worker_id = str(index)
+            if not await asyncio.to_thread(self.store.put_stream, record, if_absent=True):
+                raise AlreadyExistsError(f"stream {record.stream_id!r} already exists")
+            try:
+                await self._call(index, self.workers[index].open_stream.remote(record))
+            except BaseException:
+                await asyncio.to_thread(self.store.delete_stream, record.stream_id)
+                raise
+            self.placement[record.stream_id] = index
+        self.metrics.set_active_streams(len(self.placement))
+        return await self.get_stream(record.stream_id)
+
+    async def delete_stream(self, stream_id: str) -> int:
+        worker = self.worker_of(stream_id)
+        index = self.placement.pop(stream_id)
+        try:
+            num_clusters = await self._call(index, worker.close_stream.remote(stream_id))
+        except UnknownStreamError:
+            num_clusters = 0  # the worker restarted without it; the records still go
+        await asyncio.to_thread(self.store.delete_stream, stream_id)
+        self.metrics.forget_stream(stream_id)
+        self.metrics.set_active_streams(len(self.placement))
+        return num_clusters
+
+    async def get_stream(self, stream_id: str) -> StreamInfo:
+        index = self.placement.get(stream_id)
+        if index is None:
+            raise UnknownStreamError(f"unknown stream {stream_id!r}")
+        info = await self._call(index, self.workers[index].stream_info.remote(stream_id))
+        info.record.worker_id = str(index)
+        return info
+
+    async def list_streams(self) -> list[StreamInfo]:
+        live = sorted(self._alive)
+        results = await asyncio.gather(
+            *(self._call(i, self.workers[i].stream_infos.remote()) for i in live), return_exceptions=True
+        )
+        infos: list[StreamInfo] = []
+        for index, result in zip(live, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("worker %d did not list its streams: %s", index, result)
+                continue
+            for info in result:
+                info.record.worker_id = str(index)
+                infos.append(info)
+        return sorted(infos, key=lambda i: i.record.stream_id)
+
+    async def _choose_worker(self) -> int:
+        live = sorted(self._alive)
+        results = await asyncio.gather(*(self.workers[i].info.remote() for i in live), return_exceptions=True)
+        ranked = [
+            (-info.free_bytes, info.num_streams, index)
+            for index, info in zip(live, results, strict=True)
+            if not isinstance(info, BaseException)
+        ]
+        if not ranked:
+            raise UnavailableError("no worker is up to take the stream; retry shortly")
+        return min(ranked)[2]
+
+    # -- ingest -------------------------------------------------------------------------------------
+    async def push(self, frames: list[tuple[int, str, float, object]]) -> PushResult:
+        """Routes decoded frames ``(index, stream, timestamp_s, rgb)`` to their workers."""
+        result = PushResult()
+        by_worker: dict[int, list] = defaultdict(list)
+        for item in frames:
+            index = self.placement.get(item[1])
+            if index is None:
+                reason = f"unknown stream {item[1]!r}"
+                result.rejected.append(FrameRejection(item[0], item[1], reason, UnknownStreamError.grpc_code))
+            else:
+                by_worker[index].append(item)
+        calls = [self._call(i, self.workers[i].push.remote(items)) for i, items in by_worker.items()]
+        for part in await asyncio.gather(*calls):
+            result.accepted += part.accepted
+            result.dropped += part.dropped
+            result.rejected.extend(part.rejected)
+        result.rejected.sort(key=lambda r: r.index)
+        return result
+
+    # -- questions ----------------------------------------------------------------------------------
+    async def ask(
+        self,
+        question_id: str,
+        stream_id: str,
+        question: str,
+        *,
+        max_new_tokens: int,
+        time_range,
+        timeout_s: float,
+    ) -> AsyncIterator[object]:
+        """One stream's answer: ``TokenEvent``s then the ``Answer``; cancels the worker side if abandoned."""
+        index = self.placement.get(stream_id)
+        if index is None:
+            raise UnknownStreamError(f"unknown stream {stream_id!r}")
+        worker = self.workers[index]
+        refs = worker.ask.remote(question_id, stream_id, question, max_new_tokens, time_range, timeout_s)
+        finished = False
+        try:
+            async for ref in refs:
+                yield await self._call(index, ref)
+            finished = True
+        finally:
+            if not finished:
+                worker.cancel.remote(question_id)
+
+    async def _call(self, index: int, ref):
+        """Awaits a worker call, unwrapping its error; a dead worker is UNAVAILABLE."""
+        try:
+            return await ref
+        except ray.exceptions.RayTaskError as err:
+            raise unwrap(err) from None
+        except ray.exceptions.RayActorError as err:
+            raise UnavailableError(f"worker {index} is unavailable (restarting or gone): {err}") from None
+
+    # -- telemetry ----------------------------------------------------------------------------------
+    async def poll_telemetry(self, timeout_s: float = 5.0) -> None:
+        """Drains every worker's counters into the router's metrics; tracks which workers answer."""
+        live = list(range(len(self.workers)))
+        # A restarting worker queues calls until it is back; the timeout keeps one from stalling the poll.
+        calls = (
+            asyncio.wait_for(self._call(i, w.drain_telemetry.remote()), timeout_s) for i, w in enumerate(self.workers)
+        )
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        alive = set()
+        for index, result in zip(live, results, strict=True):
+            if isinstance(result, BaseException):
+                continue
+            alive.add(index)
+            apply_delta(self.metrics, result, open_streams=set(self.placement))
+        self._alive = alive
+        self.metrics.set_workers_up(len(alive))
+        self.metrics.set_active_streams(len(self.placement))

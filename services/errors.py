@@ -1,0 +1,118 @@
+"""Errors to gRPC statuses: every failure leaves the service as a status code with one human sentence.
+
+- Typed errors (``mosaic_core.errors`` and the service errors below) name their code in ``grpc_code``.
+- A worker's error crosses Ray wrapped in ``RayTaskError``; it is unwrapped to the original first.
+- A dead or restarting worker, or an unreachable Redis, is ``UNAVAILABLE``: retrying later may work.
+- Anything else is a bug: ``INTERNAL``, logged with its traceback and an incident id the client sees.
+
+``RESOURCE_EXHAUSTED`` carries a retry hint twice: in the sentence, and as trailing metadata
+``retry-after-ms`` (an integer) for programs.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from mosaic_core.errors import CapacityError, MosaicError
+
+RETRY_AFTER_KEY = "retry-after-ms"
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(CapacityError):
+    """A bounded queue is full; ``retry_after_s`` estimates when room frees up."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineError(MosaicError):
+    """The caller's deadline passed before the work finished."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class UnavailableError(MosaicError):
+    """A worker or the metadata store cannot be reached right now."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class UnauthenticatedError(MosaicError):
+    """The call carried no API key, or the wrong one."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+@dataclass(slots=True)
+class Status:
+    """What one failed call returns: code, sentence and trailing metadata."""
+
+    code: grpc.StatusCode
+    message: str
+    trailing_metadata: tuple[tuple[str, str], ...] = ()
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The original exception behind Ray's ``RayTaskError`` wrappers (nested ones included)."""
+    try:
+        from ray.exceptions import RayTaskError
+    except ImportError:  # pragma: no cover - ray is a service dependency
+        return exc
+    while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+        exc = exc.cause
+    return exc
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    try:
+        from ray.exceptions import GetTimeoutError, RayActorError
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(exc, RayActorError | GetTimeoutError):
+        return True
+    try:
+        import redis.exceptions
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    return text if text[-1] in ".!?" else text + "."
+
+
+def status_for(exc: BaseException) -> Status:
+    """Maps an exception to the status the client sees; logs the unexpected ones."""
+    exc = unwrap(exc)
+    if isinstance(exc, MosaicError):
+        code = getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
+        trailing: tuple[tuple[str, str], ...] = ()
+        if isinstance(exc, QueueFullError):
+            trailing = ((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+        return Status(code, _message(exc), trailing)
+    if _is_unavailable(exc):
+        log.warning("backend unavailable: %s", exc)
+        return Status(
+            grpc.StatusCode.UNAVAILABLE,
+            f"A worker or the metadata store is unavailable ({type(exc).__name__}); retry shortly.",
+        )
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error, incident %s", incident, exc_info=(type(exc), exc, exc.__traceback__))
+    return Status(grpc.StatusCode.INTERNAL, f"Internal error (incident {incident}); the server log has details.")
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, metrics=None) -> None:
+    """Ends the call with ``exc``'s status (counted in ``mosaic_errors_total``); never returns."""
+    status = status_for(exc)
+    if metrics is not None:
+        metrics.error(status.code.name)
+    await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata)

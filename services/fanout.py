@@ -1,0 +1,110 @@
+"""Cross-camera questions ("which camera saw the forklift?"): one question, several streams, one answer.
+
+The question runs on every target stream at once (their workers may differ), and the answers are merged
+**answer by answer, never token by token** (interleaved tokens of two answers would be unreadable):
+
+- the first stream to produce a token streams live; the others keep decoding and buffer;
+- when it ends, the stream with the most buffered output goes next, and so on;
+- each answer is introduced by a header chunk ``[stream_id] `` (text only, no token ids) and closed by a
+  newline chunk, so a client can split the text per camera;
+- the evidence of all answers is merged and ranked by score, so the top span names the camera whose
+  history best matches the question ("which camera saw X" reads off ``evidence.spans[0].stream_id``).
+
+A stream whose history does not reach the question's time range (OUT_OF_RANGE) is left out of a
+multi-stream answer; the call fails with OUT_OF_RANGE only when every stream is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from mosaic_core.engine.results import Answer, EvidenceSpan, TokenEvent
+from mosaic_core.errors import OutOfRangeError
+
+_END = object()
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A piece of merged output: a token of ``stream_id``'s answer, or a header (``token_id`` None)."""
+
+    stream_id: str
+    text: str
+    token_id: int | None = None
+
+
+async def merge_answers(sources: dict[str, AsyncIterator[object]], *, headers: bool) -> AsyncIterator[Chunk | Answer]:
+    """Yields every stream's tokens as contiguous runs (``Chunk``), then each stream's ``Answer``."""
+    queues: dict[str, asyncio.Queue] = {sid: asyncio.Queue() for sid in sources}
+    arrived = asyncio.Event()
+
+    async def pump(stream_id: str, events: AsyncIterator[object]) -> None:
+        try:
+            async for event in events:
+                await queues[stream_id].put(event)
+                arrived.set()
+            await queues[stream_id].put(_END)
+        except Exception as err:
+            await queues[stream_id].put(err)
+        arrived.set()
+
+    tasks = [asyncio.create_task(pump(sid, events)) for sid, events in sources.items()]
+    answers: list[Answer] = []
+    out_of_range: list[OutOfRangeError] = []
+    try:
+        remaining = list(sources)
+        while remaining:
+            active = await _next_ready(remaining, queues, arrived)
+            remaining.remove(active)
+            async for item in _drain(active, queues[active], headers=headers, out_of_range=out_of_range):
+                if isinstance(item, Answer):
+                    answers.append(item)
+                else:
+                    yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if not answers and out_of_range:
+        raise out_of_range[0]
+    for answer in answers:
+        yield answer
+
+
+async def _next_ready(remaining: list[str], queues: dict[str, asyncio.Queue], arrived: asyncio.Event) -> str:
+    while True:
+        arrived.clear()
+        ready = [sid for sid in remaining if not queues[sid].empty()]
+        if ready:
+            return max(ready, key=lambda sid: queues[sid].qsize())
+        await arrived.wait()
+
+
+async def _drain(stream_id: str, queue: asyncio.Queue, *, headers: bool, out_of_range: list) -> AsyncIterator:
+    started = False
+    while (event := await queue.get()) is not _END:
+        if isinstance(event, OutOfRangeError) and headers:
+            out_of_range.append(event)  # nothing of this camera in the range; the others still answer
+            return
+        if isinstance(event, BaseException):
+            raise event
+        if isinstance(event, TokenEvent):
+            if headers and not started:
+                yield Chunk(stream_id, f"[{stream_id}] ")
+            started = True
+            yield Chunk(stream_id, event.text, event.token_id)
+        elif isinstance(event, Answer):
+            if headers and started:
+                yield Chunk(stream_id, "\n")
+            yield event
+
+
+def merged_evidence(answers: list[Answer], limit: int) -> list[EvidenceSpan]:
+    """Every answer's spans ranked by score (best first), renumbered from rank 0."""
+    spans = sorted(
+        (span for answer in answers for span in answer.evidence),
+        key=lambda s: (-s.score, s.stream_id, s.start_s),
+    )[:limit]
+    return [EvidenceSpan(s.stream_id, s.cluster_id, s.start_s, s.end_s, s.score, rank) for rank, s in enumerate(spans)]

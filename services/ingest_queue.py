@@ -1,0 +1,157 @@
+"""Per-stream bounded ingest queues with drop-oldest, fps sampling, and round-robin batch taking.
+
+Plain Python and thread-safe: producers (PushFrames, source readers) call ``put`` from any thread, the
+worker's engine loop calls ``take_batch``. A full queue drops its *oldest* frame, because for a live
+camera the newest frame is the one worth encoding; every drop is counted by the caller.
+
+Sampling to the stream's fps runs on a grid anchored at the stream's first frame: frame ``t`` is kept when
+``floor((t - t0) * fps)`` is larger than that of the last kept frame, so 25 fps pushed into a 5 fps stream
+keeps every fifth frame without drift.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from mosaic_core.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    TimestampOrderError,
+    UnknownStreamError,
+)
+
+_GRID_EPS = 1e-9
+
+
+class PutOutcome(Enum):
+    """What happened to one offered frame."""
+
+    QUEUED = "queued"  # queued, nothing dropped
+    QUEUED_DROPPED_OLDEST = "queued_dropped_oldest"  # queued, and the oldest queued frame was dropped
+    SAMPLED_OUT = "sampled_out"  # too close to the last kept frame for the stream's fps; not an error
+
+
+@dataclass(slots=True)
+class QueuedFrame:
+    stream_id: str
+    timestamp_s: float
+    rgb: np.ndarray  # [H, W, 3] uint8
+    received_s: float  # time.monotonic() when the frame arrived, for ingest latency
+
+
+@dataclass(slots=True)
+class _StreamQueue:
+    fps: float
+    frames: deque[QueuedFrame] = field(default_factory=deque)
+    first_timestamp_s: float | None = None
+    last_timestamp_s: float | None = None
+    last_slot: int = -1
+
+
+class IngestQueues:
+    """Bounded FIFO per stream; ``wake`` is set whenever a frame is queued.
+
+    Args:
+        max_frames_per_stream: queue bound; the oldest frame is dropped to admit a new one beyond it.
+        wake: event the engine loop sleeps on.
+    """
+
+    def __init__(self, max_frames_per_stream: int, wake: threading.Event | None = None) -> None:
+        if max_frames_per_stream < 1:
+            raise InvalidArgumentError(f"max_frames_per_stream must be >= 1, got {max_frames_per_stream}")
+        self.max_frames_per_stream = max_frames_per_stream
+        self.wake = wake or threading.Event()
+        self._lock = threading.Lock()
+        self._queues: dict[str, _StreamQueue] = {}
+        self._cursor = 0  # round-robin start, so no stream always goes first
+
+    def add_stream(self, stream_id: str, fps: float) -> None:
+        with self._lock:
+            if stream_id in self._queues:
+                raise AlreadyExistsError(f"stream {stream_id!r} already has an ingest queue")
+            self._queues[stream_id] = _StreamQueue(fps=fps)
+
+    def remove_stream(self, stream_id: str) -> int:
+        """Forgets the stream; returns how many queued frames were discarded with it."""
+        with self._lock:
+            queue = self._queues.pop(stream_id, None)
+            return 0 if queue is None else len(queue.frames)
+
+    def put(self, frame: QueuedFrame) -> PutOutcome:
+        """Offers one frame.
+
+        Raises:
+            UnknownStreamError: the stream has no queue on this worker.
+            TimestampOrderError: the timestamp is not after the stream's previous frame.
+        """
+        if not math.isfinite(frame.timestamp_s):
+            raise InvalidArgumentError(f"frame timestamp {frame.timestamp_s!r} must be finite")
+        with self._lock:
+            queue = self._queues.get(frame.stream_id)
+            if queue is None:
+                raise UnknownStreamError(f"unknown stream {frame.stream_id!r}")
+            last = queue.last_timestamp_s
+            if last is not None and not frame.timestamp_s > last:
+                raise TimestampOrderError(
+                    f"stream {frame.stream_id!r}: timestamp {frame.timestamp_s:.3f}s is not after the "
+                    f"previous frame's {last:.3f}s; timestamps must increase"
+                )
+            queue.last_timestamp_s = frame.timestamp_s
+            if queue.first_timestamp_s is None:
+                queue.first_timestamp_s = frame.timestamp_s
+            slot = math.floor((frame.timestamp_s - queue.first_timestamp_s) * queue.fps + _GRID_EPS)
+            if slot <= queue.last_slot:
+                return PutOutcome.SAMPLED_OUT
+            queue.last_slot = slot
+            dropped = len(queue.frames) >= self.max_frames_per_stream
+            if dropped:
+                queue.frames.popleft()
+            queue.frames.append(frame)
+        self.wake.set()
+        return PutOutcome.QUEUED_DROPPED_OLDEST if dropped else PutOutcome.QUEUED
+
+    def take_batch(
+        self, max_frames: int, *, exclude: frozenset[str] = frozenset(), max_rounds: int = 2
+    ) -> list[QueuedFrame]:
+        """Takes up to ``max_frames`` frames, oldest first, one per stream per round (cross-stream batch).
+
+        Streams in ``exclude`` (a question is reading them) keep their frames for a later batch.
+        """
+        batch: list[QueuedFrame] = []
+        with self._lock:
+            ids = list(self._queues)
+            if not ids:
+                return batch
+            start = self._cursor % len(ids)
+            order = [ids[(start + i) % len(ids)] for i in range(len(ids))]
+            self._cursor += 1
+            for _ in range(max_rounds):
+                took = False
+                for stream_id in order:
+                    queue = self._queues[stream_id]
+                    if stream_id in exclude or not queue.frames or len(batch) >= max_frames:
+                        continue
+                    batch.append(queue.frames.popleft())
+                    took = True
+                if not took:
+                    break
+        return batch
+
+    def depth(self, stream_id: str) -> int:
+        with self._lock:
+            queue = self._queues.get(stream_id)
+            return 0 if queue is None else len(queue.frames)
+
+    def depths(self) -> dict[str, int]:
+        with self._lock:
+            return {s: len(q.frames) for s, q in self._queues.items()}
+
+    def total_frames(self, *, exclude: frozenset[str] = frozenset()) -> int:
+        with self._lock:
+            return sum(len(q.frames) for s, q in self._queues.items() if s not in exclude)

@@ -1,0 +1,261 @@
+"""The router process: gRPC server (asyncio), health, reflection, auth, TLS, metrics, workers, shutdown.
+
+Start-up order, chosen so probes always get an answer:
+
+1. metrics HTTP endpoint (every family primed, so the first scrape lists them all);
+2. gRPC server with health ``""`` SERVING (the process is alive) and ``mosaic.v1.Mosaic`` NOT_SERVING;
+3. Ray, the metadata store (Redis, or the in-memory store actor) and the worker actors, which take
+   seconds to minutes to build their engines;
+4. ``mosaic.v1.Mosaic`` flips to SERVING once every worker answered.
+
+Shutdown (SIGINT/SIGTERM or ``stop``): every health service goes NOT_SERVING first, new calls are
+refused, running ones get ``shutdown_grace_s``, then workers, the store actor and Ray are stopped.
+
+Authentication: with an API key configured, every call except health and reflection must carry it in the
+``x-api-key`` metadata header; otherwise UNAUTHENTICATED (counted in ``mosaic_errors_total``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import ray
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.config import ServiceConfig
+from services.coordinator import Coordinator
+from services.errors import UnauthenticatedError, status_for
+from services.gen.mosaic.v1 import mosaic_pb2, mosaic_pb2_grpc
+from services.metrics import MosaicMetrics
+from services.scheduler import QueryQueue
+from services.servicer import MosaicServicer
+from services.store_actor import RayMetadataStore, connect_store
+from services.worker import worker_actor
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = mosaic_pb2.DESCRIPTOR.services_by_name["Mosaic"].full_name
+API_KEY_HEADER = "x-api-key"
+_OPEN_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without the right ``x-api-key``; health and reflection stay open to probes."""
+
+    def __init__(self, api_key: str, metrics: MosaicMetrics) -> None:
+        self._key = api_key.encode()
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_OPEN_METHOD_PREFIXES):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = metadata.get(API_KEY_HEADER, "")
+        given = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given, self._key):
+            return handler
+        return _deny(handler, self._metrics, "missing" if not given else "wrong")
+
+
+def _deny(handler: grpc.RpcMethodHandler, metrics: MosaicMetrics, what: str) -> grpc.RpcMethodHandler:
+    status = status_for(
+        UnauthenticatedError(f"the {API_KEY_HEADER} metadata header is {what}; send the server's API key")
+    )
+
+    async def refuse(request, context):
+        metrics.error(status.code.name)
+        await context.abort(status.code, status.message)
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class MosaicServer:
+    """One router: call ``start``, then ``wait`` or ``stop``.
+
+    Args:
+        config: service settings; ports 0 pick free ports (see ``grpc_port``/``metrics_port`` after start).
+    """
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.metrics = MosaicMetrics(max_stream_labels=config.max_stream_labels)
+        self.health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self.coordinator: Coordinator | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server = None
+        self._workers: list = []
+        self._store_actor = None
+        self._started_ray = False
+        self._telemetry_task: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.metrics.prime(tuple(str(i) for i in range(cfg.workers)))
+        self._metrics_server = self.metrics.start_http_server(cfg.metrics_port, addr=cfg.host)
+        self.metrics_port = self._metrics_server.port
+        queue = QueryQueue(
+            max_waiting=cfg.query_queue_size,
+            max_running=cfg.query_concurrency,
+            on_depth=self.metrics.set_query_queue_depth,
+        )
+        # Ray first: it forks its daemons, which is noisy (and unsafe) once gRPC threads are running.
+        self.start_ray()
+        await self._start_grpc(queue)
+        try:
+            await self._start_backend()
+        except BaseException:
+            await self.stop()
+            raise
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._telemetry_task = asyncio.create_task(self._telemetry_loop())
+        log.info("mosaic serving gRPC on %s:%d, metrics on :%d", cfg.host, self.grpc_port, self.metrics_port)
+
+    async def _start_grpc(self, queue: QueryQueue) -> None:
+        cfg = self.config
+        interceptors = [ApiKeyInterceptor(cfg.api_key, self.metrics)] if cfg.api_key else []
+        options = [
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._server = grpc.aio.server(interceptors=interceptors, options=options)
+        # Handlers must be registered before start; until the workers are up the coordinator has none, so
+        # calls fail with NOT_FOUND/UNAVAILABLE while readiness reports NOT_SERVING.
+        self.coordinator = Coordinator([], None, self.metrics)
+        servicer = MosaicServicer(
+            self.coordinator,
+            queue,
+            self.metrics,
+            mode=cfg.mode,
+            default_max_new_tokens=cfg.default_max_new_tokens,
+            max_push_calls=cfg.max_push_calls,
+        )
+        mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        address = f"{cfg.host}:{cfg.grpc_port}"
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            self.grpc_port = self._server.add_secure_port(address, creds)
+        else:
+            self.grpc_port = self._server.add_insecure_port(address)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.start()
+
+    def start_ray(self) -> None:
+        """Initialises Ray unless this process already did (blocking; idempotent)."""
+        cfg = self.config
+        if ray.is_initialized():
+            return  # an embedding process (tests, notebooks) or an earlier call owns Ray
+        if cfg.ray_address == "local":
+            num_cpus = cfg.ray_num_cpus or os.cpu_count()
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=cfg.ray_log_to_driver)
+        else:
+            ray.init(address=cfg.ray_address, log_to_driver=cfg.ray_log_to_driver)
+        self._started_ray = True
+
+    async def _start_backend(self) -> None:
+        cfg = self.config
+        if cfg.redis_url:
+            worker_store = None  # each worker connects to Redis itself
+            store = await asyncio.to_thread(connect_store, cfg.redis_url, namespace=cfg.redis_namespace)
+        else:
+            store = RayMetadataStore.start()
+            self._store_actor, worker_store = store.actor, store  # pickles as the actor's name
+        self.coordinator.store = store
+        actor_cls = worker_actor(cfg)
+        self._workers = [actor_cls.remote(str(i), cfg, worker_store) for i in range(cfg.workers)]
+        self.coordinator.workers = self._workers
+        await self.coordinator.start(cfg.worker_start_timeout_s)
+
+    async def _telemetry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.telemetry_interval_s)
+            try:
+                await self.coordinator.poll_telemetry()
+            except Exception:
+                log.exception("telemetry poll failed")
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Flips health to NOT_SERVING, drains calls for ``grace_s``, then stops workers and Ray."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.health.enter_graceful_shutdown()
+        # Let load balancers and readiness probes see NOT_SERVING before new calls are refused.
+        await asyncio.sleep(self.config.shutdown_drain_s)
+        if self._telemetry_task is not None:
+            self._telemetry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._telemetry_task
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
+        for worker in self._workers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(worker.shutdown.remote(), 10)
+            ray.kill(worker, no_restart=True)
+        if self._store_actor is not None:
+            ray.kill(self._store_actor, no_restart=True)
+        if self.coordinator is not None and self.coordinator.store is not None:
+            self.coordinator.store.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        if self._started_ray:
+            ray.shutdown()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: ServiceConfig, *, on_ready=None) -> int:
+    """Runs a server until SIGINT/SIGTERM; ``on_ready(server)`` is called once it serves. Returns 0."""
+    server = MosaicServer(config)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    # Ray installs its own SIGTERM handler when it starts on the main thread; ours must come after it.
+    server.start_ray()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    try:
+        # A signal during the (long) start-up must stop it too, so start and the signal race.
+        starting = asyncio.create_task(server.start())
+        stopping = asyncio.create_task(stop_requested.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # raises if start-up failed
+            if on_ready is not None:
+                on_ready(server)
+            await stopping
+        else:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        log.info("shutting down: health NOT_SERVING, draining calls for %.1fs", config.shutdown_grace_s)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+    return 0

@@ -1,0 +1,238 @@
+"""The ``mosaic.v1.Mosaic`` servicer: proto in, coordinator call, proto out; every failure via ``abort``.
+
+Questions (``Query``) go through the bounded ``QueryQueue`` (RESOURCE_EXHAUSTED with a retry hint when
+full), run under the call's deadline (DEADLINE_EXCEEDED, a little before the client's own deadline so the
+server reports it with a sentence), and fan out over the target streams (``fanout.merge_answers``).
+Event order of one answer: token chunks, then the merged evidence, then the timings.
+
+PushFrames reports unusable frames per frame (``PushFramesResponse.errors``) and keeps the good ones; only
+when *no* frame of the call was usable does the call itself fail, with the first frame's status
+(INVALID_ARGUMENT for a corrupt frame or bad shape, NOT_FOUND for an unknown stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+
+from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, MosaicError, UnknownStreamError
+from services import convert
+from services.coordinator import Coordinator
+from services.errors import DeadlineError, QueueFullError, abort
+from services.fanout import Chunk, merge_answers, merged_evidence
+from services.frames import decode_frame
+from services.gen.mosaic.v1 import mosaic_pb2 as pb
+from services.gen.mosaic.v1 import mosaic_pb2_grpc
+from services.metrics import MosaicMetrics
+from services.scheduler import QueryQueue
+from services.worker import FrameRejection, PushResult
+
+log = logging.getLogger(__name__)
+DEADLINE_MARGIN_S = 0.05  # answer DEADLINE_EXCEEDED ourselves just before the client gives up
+NO_DEADLINE_TIMEOUT_S = 600.0  # a question without a deadline still ends
+PUSH_RETRY_AFTER_S = 1.0
+
+
+class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
+    """Thin adapter from gRPC to the ``Coordinator``.
+
+    Args:
+        coordinator: streams, workers and routing.
+        queue: the bounded question queue.
+        metrics: the router's metrics.
+        mode: retrieval mode label for the latency histograms.
+        default_max_new_tokens: used when a question asks for 0.
+        max_push_calls: concurrent PushFrames calls accepted; beyond, RESOURCE_EXHAUSTED.
+        evidence_spans: spans in a merged answer.
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        queue: QueryQueue,
+        metrics: MosaicMetrics,
+        *,
+        mode: str,
+        default_max_new_tokens: int,
+        max_push_calls: int,
+        evidence_spans: int = 5,
+    ) -> None:
+        self.coordinator = coordinator
+        self.queue = queue
+        self.metrics = metrics
+        self.mode = mode
+        self.default_max_new_tokens = default_max_new_tokens
+        self.max_push_calls = max_push_calls
+        self.evidence_spans = evidence_spans
+        self._num_push_calls = 0
+
+    # -- streams ------------------------------------------------------------------------------------
+    async def CreateStream(self, request, context):
+        try:
+            info = await self.coordinator.create_stream(convert.record_from_request(request))
+            return convert.stream_to_proto(info)
+        except Exception as err:
+            await abort(context, err, self.metrics)
+
+    async def DeleteStream(self, request, context):
+        try:
+            num_clusters = await self.coordinator.delete_stream(request.stream_id)
+            return pb.DeleteStreamResponse(num_clusters_deleted=num_clusters)
+        except Exception as err:
+            await abort(context, err, self.metrics)
+
+    async def GetStream(self, request, context):
+        try:
+            return convert.stream_to_proto(await self.coordinator.get_stream(request.stream_id))
+        except Exception as err:
+            await abort(context, err, self.metrics)
+
+    async def ListStreams(self, request, context):
+        try:
+            infos = await self.coordinator.list_streams()
+            return pb.ListStreamsResponse(streams=[convert.stream_to_proto(i) for i in infos])
+        except Exception as err:
+            await abort(context, err, self.metrics)
+
+    # -- ingest -------------------------------------------------------------------------------------
+    async def PushFrames(self, request_iterator, context):
+        if self._num_push_calls >= self.max_push_calls:
+            err = QueueFullError(
+                f"the server is taking {self._num_push_calls} PushFrames calls already, its limit; "
+                f"retry in about {PUSH_RETRY_AFTER_S * 1000:.0f} ms or send several streams in one call",
+                retry_after_s=PUSH_RETRY_AFTER_S,
+            )
+            await abort(context, err, self.metrics)
+        self._num_push_calls += 1
+        try:
+            totals = PushResult()
+            index = 0
+            async for frame in request_iterator:
+                part = await self._push_one(index, frame)
+                totals.accepted += part.accepted
+                totals.dropped += part.dropped
+                totals.rejected.extend(part.rejected)
+                index += 1
+            if totals.rejected and not totals.accepted:
+                raise _all_refused(totals)
+            return convert.push_response(totals)
+        except Exception as err:
+            await abort(context, err, self.metrics)
+        finally:
+            self._num_push_calls -= 1
+
+    async def _push_one(self, index: int, frame) -> PushResult:
+        try:
+            # JPEG/PNG decoding takes milliseconds: off the event loop. Raw frames only get reshaped.
+            if frame.WhichOneof("payload") == "encoded":
+                rgb = await asyncio.to_thread(decode_frame, frame)
+            else:
+                rgb = decode_frame(frame)
+        except InvalidFrameError as err:
+            if frame.stream_id in self.coordinator.placement:
+                self.metrics.frame_dropped(frame.stream_id, "decode_error")
+            return PushResult(rejected=[FrameRejection(index, frame.stream_id, str(err), err.grpc_code)])
+        return await self.coordinator.push([(index, frame.stream_id, frame.timestamp_s, rgb)])
+
+    # -- questions ----------------------------------------------------------------------------------
+    async def Query(self, request, context):
+        received_s = time.monotonic()
+        try:
+            stream_ids, time_range = self._check_query(request)
+            remaining = context.time_remaining()
+            budget_s = NO_DEADLINE_TIMEOUT_S if remaining is None else max(0.0, remaining - DEADLINE_MARGIN_S)
+            ticket = self.queue.admit(",".join(stream_ids), request.priority or pb.PRIORITY_NORMAL)
+        except Exception as err:
+            self.metrics.query_finished("rejected" if isinstance(err, QueueFullError) else "error")
+            await abort(context, err, self.metrics)
+        try:
+            queue_s = await self.queue.wait_turn(ticket, budget_s)
+            left_s = budget_s - (time.monotonic() - received_s)
+            async with asyncio.timeout(max(0.0, left_s)):
+                async for event in self._answer(request, stream_ids, time_range, left_s, received_s, queue_s):
+                    yield event
+            self.metrics.query_finished("ok")
+        except (DeadlineError, TimeoutError):
+            self.metrics.query_finished("deadline")
+            await abort(context, DeadlineError(_deadline_sentence(received_s)), self.metrics)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            self.metrics.query_finished("deadline" if remaining is not None and remaining <= 0 else "error")
+            raise
+        except Exception as err:
+            self.metrics.query_finished("error")
+            await abort(context, err, self.metrics)
+        finally:
+            self.queue.release(ticket)
+
+    def _check_query(self, request) -> tuple[list[str], tuple[float, float] | None]:
+        if not request.question.strip():
+            raise InvalidArgumentError("the question is empty; ask something about the streams")
+        stream_ids = list(dict.fromkeys(request.stream_ids)) or sorted(self.coordinator.placement)
+        if not stream_ids:
+            raise UnknownStreamError("there are no streams to ask about; create one first")
+        for stream_id in stream_ids:
+            self.coordinator.worker_of(stream_id)
+        if request.max_new_tokens < 0:
+            raise InvalidArgumentError(f"max_new_tokens must be >= 0 (0: server default), got {request.max_new_tokens}")
+        return stream_ids, convert.time_range_from_request(request)
+
+    async def _answer(self, request, stream_ids, time_range, timeout_s, received_s, queue_s):
+        question_id = uuid.uuid4().hex
+        max_new_tokens = request.max_new_tokens or self.default_max_new_tokens
+        sources = {
+            sid: self.coordinator.ask(
+                f"{question_id}:{sid}",
+                sid,
+                request.question,
+                max_new_tokens=max_new_tokens,
+                time_range=time_range,
+                timeout_s=timeout_s,
+            )
+            for sid in stream_ids
+        }
+        answers = []
+        first_token_s = last_token_s = None
+        async with contextlib.aclosing(merge_answers(sources, headers=len(stream_ids) > 1)) as merged:
+            async for item in merged:
+                if not isinstance(item, Chunk):
+                    answers.append(item)
+                    continue
+                now = time.monotonic()
+                if item.token_id is not None:
+                    if first_token_s is None:
+                        first_token_s = now
+                        self.metrics.observe_ttft(self.mode, now - received_s)
+                    else:
+                        self.metrics.observe_inter_token(self.mode, now - last_token_s)
+                    last_token_s = now
+                yield convert.token_event(item.text, item.token_id)
+        for answer in answers:
+            self.metrics.observe_retrieval(self.mode, answer.timings.retrieval_s)
+        yield convert.evidence_event(merged_evidence(answers, self.evidence_spans * len(stream_ids)))
+        ttft_s = 0.0 if first_token_s is None else first_token_s - received_s
+        decode_s = 0.0 if first_token_s is None else last_token_s - first_token_s
+        yield convert.timings_event(answers, queue_s=queue_s, ttft_s=ttft_s, decode_s=decode_s)
+
+
+class _RefusedFramesError(MosaicError):
+    """Every frame of a PushFrames call was refused: the call fails with the first refusal's status."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.grpc_code = code
+
+
+def _all_refused(totals: PushResult) -> _RefusedFramesError:
+    first = totals.rejected[0]
+    count = len(totals.rejected)
+    what = "the frame" if count == 1 else f"all {count} frames"
+    return _RefusedFramesError(f"{what} of this call refused; frame {first.index}: {first.reason}", first.code)
+
+
+def _deadline_sentence(received_s: float) -> str:
+    waited_s = time.monotonic() - received_s
+    return f"the deadline passed {waited_s:.2f}s after the question arrived, before it was answered"

@@ -1,0 +1,148 @@
+"""Worker-side counters drained by the router into its ``MosaicMetrics`` (one /metrics endpoint per service).
+
+Workers are separate processes, so they cannot share the router's Prometheus registry. Each worker counts
+into a ``WorkerTelemetry``; the router calls the worker's ``drain_telemetry`` every
+``telemetry_interval_s`` and gets a ``TelemetryDelta``: counter increments and histogram observations
+since the previous drain, plus current gauge values. Drain semantics make a worker restart harmless: the
+new process starts from zero and the router simply keeps adding deltas, so counters stay monotonic.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from services.metrics import TRANSFER_DIRECTIONS, MosaicMetrics
+
+MAX_BUFFERED_OBSERVATIONS = 10_000  # per drain interval; beyond it the oldest observations are skipped
+
+
+@dataclass(slots=True)
+class StreamTotals:
+    received: int = 0
+    ingested: int = 0
+    dropped: int = 0
+
+
+@dataclass(slots=True)
+class TierGauges:
+    used_bytes: int
+    capacity_bytes: int
+    num_clusters: int
+
+
+@dataclass(slots=True)
+class TelemetryDelta:
+    """What changed on one worker since the previous drain."""
+
+    worker_id: str
+    received: dict[str, int] = field(default_factory=dict)
+    ingested: dict[str, int] = field(default_factory=dict)
+    dropped: dict[tuple[str, str], int] = field(default_factory=dict)
+    ingest_latencies_s: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    queue_depths: dict[str, int] = field(default_factory=dict)
+    lags_s: dict[str, float] = field(default_factory=dict)
+    tiers: dict[str, TierGauges] = field(default_factory=dict)
+    transfer_bytes: dict[str, int] = field(default_factory=dict)
+    device_hit_ratio: float = 0.0
+
+
+class WorkerTelemetry:
+    """Thread-safe accumulator on the worker (producers, engine loop and drain run on different threads)."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self._lock = threading.Lock()
+        self._delta = TelemetryDelta(worker_id)
+        self._transfer_seen: dict[str, int] = dict.fromkeys(TRANSFER_DIRECTIONS, 0)
+        self._totals: dict[str, StreamTotals] = {}
+
+    def totals(self, stream_id: str) -> StreamTotals:
+        """Frames received, ingested and dropped by the stream since it opened on this worker."""
+        with self._lock:
+            t = self._totals.get(stream_id) or StreamTotals()
+            return StreamTotals(t.received, t.ingested, t.dropped)
+
+    def forget(self, stream_id: str) -> None:
+        with self._lock:
+            self._totals.pop(stream_id, None)
+
+    def _total(self, stream_id: str) -> StreamTotals:
+        return self._totals.setdefault(stream_id, StreamTotals())
+
+    def received(self, stream_id: str, n: int = 1) -> None:
+        with self._lock:
+            self._delta.received[stream_id] = self._delta.received.get(stream_id, 0) + n
+            self._total(stream_id).received += n
+
+    def dropped(self, stream_id: str, reason: str, n: int = 1) -> None:
+        with self._lock:
+            key = (stream_id, reason)
+            self._delta.dropped[key] = self._delta.dropped.get(key, 0) + n
+            self._total(stream_id).dropped += n
+
+    def ingested_batch(self, per_stream: dict[str, int], latencies_s: list[float]) -> None:
+        with self._lock:
+            for stream_id, n in per_stream.items():
+                self._delta.ingested[stream_id] = self._delta.ingested.get(stream_id, 0) + n
+                self._total(stream_id).ingested += n
+            self._delta.batch_sizes.append(sum(per_stream.values()))
+            self._delta.ingest_latencies_s.extend(latencies_s)
+            del self._delta.ingest_latencies_s[:-MAX_BUFFERED_OBSERVATIONS]
+            del self._delta.batch_sizes[:-MAX_BUFFERED_OBSERVATIONS]
+
+    def drain(self, *, queue_depths: dict[str, int], lags_s: dict[str, float], engine_stats) -> TelemetryDelta:
+        """Returns the delta since the last drain and starts a new one; gauges come from the caller."""
+        with self._lock:
+            delta, self._delta = self._delta, TelemetryDelta(self.worker_id)
+        delta.queue_depths = queue_depths
+        delta.lags_s = lags_s
+        if engine_stats is not None:
+            delta.tiers = {
+                tier: TierGauges(
+                    used_bytes=engine_stats.used_bytes_by_tier[tier],
+                    capacity_bytes=min(engine_stats.capacity_bytes_by_tier[tier], 1 << 62),
+                    num_clusters=engine_stats.clusters_by_tier[tier],
+                )
+                for tier in engine_stats.used_bytes_by_tier
+            }
+            for direction in TRANSFER_DIRECTIONS:
+                total = engine_stats.transfer_bytes_by_direction.get(direction, 0)
+                delta.transfer_bytes[direction] = max(0, total - self._transfer_seen[direction])
+                self._transfer_seen[direction] = total
+            delta.device_hit_ratio = engine_stats.device_hit_ratio
+        return delta
+
+
+def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: set[str]) -> None:
+    """Feeds one worker's delta into the router's metrics (router side).
+
+    Streams deleted since the worker counted are skipped, so a deleted stream's label is not recreated.
+    """
+    worker = delta.worker_id
+    for stream_id, n in delta.received.items():
+        if stream_id in open_streams:
+            metrics.frame_received(stream_id, n)
+    for stream_id, n in delta.ingested.items():
+        if stream_id in open_streams:
+            metrics.frames_ingested(stream_id, n)
+    for (stream_id, reason), n in delta.dropped.items():
+        if stream_id in open_streams:
+            metrics.frame_dropped(stream_id, reason, n)
+    for seconds in delta.ingest_latencies_s:
+        metrics.observe_ingest_latency(worker, seconds)
+    for n in delta.batch_sizes:
+        metrics.observe_ingest_batch(worker, n)
+    for stream_id, n in delta.queue_depths.items():
+        if stream_id in open_streams:
+            metrics.set_ingest_queue_depth(stream_id, n)
+    for stream_id, seconds in delta.lags_s.items():
+        if stream_id in open_streams:
+            metrics.set_stream_lag(stream_id, seconds)
+    for tier, gauges in delta.tiers.items():
+        metrics.set_tier(worker, tier, gauges.used_bytes, gauges.capacity_bytes, gauges.num_clusters)
+    for direction, n in delta.transfer_bytes.items():
+        if n:
+            metrics.add_transfer_bytes(worker, direction, n)
+    metrics.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))

@@ -1,0 +1,374 @@
+"""A GPU worker: a Ray actor that owns one engine and the stream sessions placed on it.
+
+``WorkerCore`` is plain Python (tests can build it in-process); ``worker_actor`` wraps it as a Ray actor
+with fractional CPU (no GPU here) or ``worker_gpus`` GPUs, ``max_restarts`` and enough threads for
+concurrent calls. Inside, one engine thread (``EngineLoop``) does all engine work; producers (PushFrames
+calls, source readers) only touch the bounded, drop-oldest ingest queues.
+
+**Restore after a restart (designed in, partly implemented).** Ray restarts a dead worker by running
+``__init__`` again with the same arguments (``max_restarts``). The metadata store outlives the worker
+(Redis, or the store actor), so the new process:
+
+1. *(implemented)* reads ``streams_on_worker(worker_id)`` and re-opens each stream with its recorded fps,
+   retention and source: pushed streams accept frames again at once, source streams resume pulling;
+2. *(implemented)* deletes the stream's old cluster records, whose device and host KV bytes died with the
+   process, so the router never points a question at bytes that no longer exist;
+3. *(not yet)* re-adopts disk-tier clusters instead of deleting them. The bytes survive on disk
+   (``DiskTier`` keeps a per-stream ``manifest.json`` under ``disk_dir/worker-<id>/``) and the store still
+   has each cluster's span, frame range and token count, so the engine could rebuild its formation records,
+   recompute the retrieval summaries from the keys (``SummaryIndex.add(kv[:, 0])``), register residency in
+   the disk tier, and continue rope positions from the stream's first timestamp. That needs an engine call
+   (``Engine.adopt_clusters(stream_id, metas)``) that does not exist yet; until it does, a restart keeps
+   streams and loses their history, which the router reports as an empty time range (OUT_OF_RANGE).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mosaic_core.errors import AlreadyExistsError, ConfigError, MosaicError, UnknownStreamError
+from mosaic_core.model.pixels import validate_frames
+from mosaic_core.model.video import probe_video
+from services.config import ServiceConfig
+from services.engine_loop import DONE, EngineLoop, QuestionJob
+from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
+from services.metadata.base import MetadataStore, StreamRecord
+from services.sources import NETWORK_SCHEMES, SourceReader, SourceState
+from services.store_actor import connect_store
+from services.telemetry import TelemetryDelta, WorkerTelemetry
+from services.tier_sync import TierSync
+
+log = logging.getLogger(__name__)
+MAX_RESTARTS = 3
+EPOCH_THRESHOLD_S = 1e9  # timestamps above this are Unix time; below, seconds since the stream started
+
+
+@dataclass(slots=True)
+class StreamInfo:
+    """One stream as its worker sees it (converted to ``mosaic.v1.Stream`` by the servicer)."""
+
+    record: StreamRecord
+    frames_received: int
+    frames_ingested: int
+    frames_dropped: int
+    num_clusters: int
+    clusters_by_tier: dict[str, int]
+    bytes_by_tier: dict[str, int]
+    first_timestamp_s: float | None
+    last_timestamp_s: float | None
+    lag_s: float
+    queue_frames: int
+    source_state: int
+    source_error: str
+
+
+@dataclass(slots=True)
+class FrameRejection:
+    """Why one pushed frame was refused; ``code`` is the gRPC status name it would fail a call with."""
+
+    index: int
+    stream_id: str
+    reason: str
+    code: str = "INVALID_ARGUMENT"
+
+
+@dataclass(slots=True)
+class PushResult:
+    accepted: int = 0
+    dropped: int = 0
+    rejected: list[FrameRejection] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    worker_id: str
+    device: str
+    num_streams: int
+    free_bytes: int
+    restored_streams: list[str]
+    rss_bytes: int
+
+
+@dataclass(slots=True)
+class _Session:
+    record: StreamRecord
+    source: SourceReader | None = None
+    anchor: tuple[float, float] | None = None  # (monotonic at first frame, its timestamp)
+
+
+class WorkerCore:
+    """Engine, streams, queues and metadata sync of one worker.
+
+    Args:
+        worker_id: worker index ("0", "1", ...).
+        config: service settings (engine budgets, queue sizes, store).
+        store: the metadata store; None connects to ``config.redis_url`` (a Redis client does not pickle,
+            so Ray workers connect themselves; the in-memory store actor's proxy is passed in).
+        engine: a ready engine (tests); built from ``config`` when None.
+    """
+
+    def __init__(self, worker_id: str, config: ServiceConfig, store: MetadataStore | None = None, engine=None) -> None:
+        self.worker_id = worker_id
+        self.config = config
+        if store is None and not config.redis_url:
+            raise ConfigError("a worker needs a metadata store: pass one, or set redis_url")
+        self.store = store if store is not None else connect_store(config.redis_url, namespace=config.redis_namespace)
+        self.engine = engine if engine is not None else _build_engine(worker_id, config)
+        self.telemetry = WorkerTelemetry(worker_id)
+        self.queues = IngestQueues(config.ingest_queue_frames)
+        self.tier_sync = TierSync(self.engine, self.store, worker_id)
+        self.sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
+        self.loop = EngineLoop(
+            self.engine,
+            self.queues,
+            self.tier_sync,
+            self.telemetry,
+            max_batch_frames=config.max_batch_frames,
+            retention_s=self._retention_s,
+        )
+        self.loop.start()
+        self.restored_streams = self._restore()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def info(self) -> WorkerInfo:
+        """Readiness probe and placement input: free device + host bytes after every reservation."""
+        stats = self.loop.call(self.engine.stats)  # fresh: the previous placement's reservation must show
+        free = sum(max(0, stats.capacity_bytes_by_tier[t] - stats.used_bytes_by_tier[t]) for t in ("device", "host"))
+        return WorkerInfo(
+            self.worker_id, str(self.engine.model.device), len(self.sessions), free, self.restored_streams, _rss_bytes()
+        )
+
+    def shutdown(self) -> None:
+        for session in list(self.sessions.values()):
+            if session.source is not None:
+                session.source.stop()
+        self.loop.stop()
+        self.store.close()
+
+    def _restore(self) -> list[str]:
+        restored = []
+        for stream_id in self.store.streams_on_worker(self.worker_id):
+            record = self.store.get_stream(stream_id)
+            if record is None:
+                continue
+            for meta in self.store.list_clusters(stream_id):  # their KV died with the old process
+                self.store.delete_cluster(stream_id, meta.cluster_id)
+            try:
+                self.open_stream(record)
+            except MosaicError as err:
+                log.error("could not restore stream %s on worker %s: %s", stream_id, self.worker_id, err)
+                continue
+            restored.append(stream_id)
+        if restored:
+            log.warning("worker %s restored streams %s (history before the restart is lost)", self.worker_id, restored)
+        return restored
+
+    # -- streams ------------------------------------------------------------------------------------
+    def open_stream(self, record: StreamRecord) -> None:
+        """Opens the stream in the engine and, for a source stream, starts pulling it."""
+        with self._lock:
+            if record.stream_id in self.sessions:
+                raise AlreadyExistsError(f"stream {record.stream_id!r} is already open on worker {self.worker_id}")
+            self.sessions[record.stream_id] = _Session(record)
+        try:
+            if record.source_url and not record.source_url.lower().startswith(NETWORK_SCHEMES):
+                probe_video(record.source_url)  # a missing or unreadable file fails CreateStream at once
+            self.loop.call(self.engine.open_stream, record.stream_id, fps=record.fps)
+            self.queues.add_stream(record.stream_id, record.fps)
+        except BaseException:
+            with self._lock:
+                self.sessions.pop(record.stream_id, None)
+            raise
+        if record.source_url:
+            sink = lambda ts, rgb, sid=record.stream_id: self._offer(sid, ts, rgb)  # noqa: E731
+            reader = SourceReader(
+                record.source_url,
+                fps=record.fps,
+                sink=sink,
+                loop=record.loop_source,
+                name=f"source-{record.stream_id}",
+            )
+            self.sessions[record.stream_id].source = reader.start()
+
+    def close_stream(self, stream_id: str) -> int:
+        """Stops the stream's source, drops its queued frames, frees its KV; returns clusters freed."""
+        with self._lock:
+            session = self.sessions.pop(stream_id, None)
+        if session is None:
+            raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
+        if session.source is not None:
+            session.source.stop()
+        queued = self.queues.remove_stream(stream_id)
+        if queued:
+            self.telemetry.dropped(stream_id, "stream_deleted", queued)
+
+        def close() -> int:
+            self.loop.cancel_stream_questions(stream_id)
+            num_clusters = len(self.engine.clusters(stream_id))
+            self.engine.close_stream(stream_id)
+            self.tier_sync.forget_stream(stream_id)
+            self.loop.last_ingested_s.pop(stream_id, None)
+            return num_clusters
+
+        num_clusters = self.loop.call(close)
+        self.telemetry.forget(stream_id)
+        return num_clusters
+
+    def stream_ids(self) -> list[str]:
+        return sorted(self.sessions)
+
+    def stream_info(self, stream_id: str) -> StreamInfo:
+        session = self.sessions.get(stream_id)
+        if session is None:
+            raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
+        stats = self.loop.call(self.engine.stream_stats, stream_id)
+        totals = self.telemetry.totals(stream_id)
+        progress = session.source.progress() if session.source is not None else None
+        return StreamInfo(
+            record=session.record,
+            frames_received=totals.received,
+            frames_ingested=stats.frames_ingested,
+            frames_dropped=totals.dropped,
+            num_clusters=stats.num_clusters,
+            clusters_by_tier=dict(stats.clusters_by_tier),
+            bytes_by_tier=dict(stats.bytes_by_tier),
+            first_timestamp_s=stats.first_timestamp_s,
+            last_timestamp_s=stats.last_timestamp_s,
+            lag_s=self._lag_s(stream_id, session),
+            queue_frames=self.queues.depth(stream_id),
+            source_state=int(progress.state) if progress else int(SourceState.PUSH),
+            source_error=progress.error if progress else "",
+        )
+
+    def stream_infos(self) -> list[StreamInfo]:
+        infos = []
+        for stream_id in self.stream_ids():
+            try:
+                infos.append(self.stream_info(stream_id))
+            except UnknownStreamError:
+                continue  # deleted meanwhile
+        return infos
+
+    # -- ingest -------------------------------------------------------------------------------------
+    def push(self, frames: list[tuple[int, str, float, np.ndarray]]) -> PushResult:
+        """Queues decoded frames ``(index in the call, stream, timestamp_s, rgb)``; never raises per frame."""
+        result = PushResult()
+        for index, stream_id, timestamp_s, rgb in frames:
+            try:
+                outcome = self._offer(stream_id, timestamp_s, rgb)
+            except MosaicError as err:
+                result.rejected.append(FrameRejection(index, stream_id, str(err), err.grpc_code))
+                if stream_id in self.sessions:
+                    self.telemetry.dropped(stream_id, "invalid")
+                continue
+            result.accepted += 1
+            result.dropped += outcome is PutOutcome.QUEUED_DROPPED_OLDEST
+        return result
+
+    def _offer(self, stream_id: str, timestamp_s: float, rgb: np.ndarray) -> PutOutcome:
+        session = self.sessions.get(stream_id)
+        if session is None:
+            raise UnknownStreamError(f"unknown stream {stream_id!r}")
+        rgb = validate_frames(rgb)[0]  # a bad frame is refused here, never reaching a shared batch
+        now = time.monotonic()
+        outcome = self.queues.put(QueuedFrame(stream_id, timestamp_s, rgb, now))
+        if outcome is PutOutcome.SAMPLED_OUT:
+            return outcome
+        if session.anchor is None:
+            session.anchor = (now, timestamp_s)
+        self.telemetry.received(stream_id)
+        if outcome is PutOutcome.QUEUED_DROPPED_OLDEST:
+            self.telemetry.dropped(stream_id, "queue_full")
+        return outcome
+
+    # -- questions ----------------------------------------------------------------------------------
+    def ask(
+        self,
+        question_id: str,
+        stream_id: str,
+        question: str,
+        max_new_tokens: int,
+        time_range,
+        timeout_s: float,
+    ):
+        """Streams ``TokenEvent``s then the ``Answer`` (a Ray streaming generator across processes)."""
+        session = self.sessions.get(stream_id)
+        if session is None:
+            raise UnknownStreamError(f"unknown stream {stream_id!r}")
+        job = QuestionJob(
+            question_id=question_id or uuid.uuid4().hex,
+            stream_id=stream_id,
+            question=question,
+            max_new_tokens=max_new_tokens,
+            time_range=None if time_range is None else (float(time_range[0]), float(time_range[1])),
+            deadline_s=time.monotonic() + timeout_s,
+            retention_s=session.record.retention_s,
+        )
+        self.loop.submit(job)
+        try:
+            while (item := job.events.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            job.cancelled.set()
+
+    def cancel(self, question_id: str) -> bool:
+        return self.loop.cancel(question_id)
+
+    # -- telemetry ----------------------------------------------------------------------------------
+    def drain_telemetry(self) -> TelemetryDelta:
+        lags = {sid: self._lag_s(sid, s) for sid, s in list(self.sessions.items())}
+        return self.telemetry.drain(queue_depths=self.queues.depths(), lags_s=lags, engine_stats=self.loop.stats)
+
+    def _lag_s(self, stream_id: str, session: _Session) -> float:
+        newest = self.loop.last_ingested_s.get(stream_id)
+        if newest is None or session.anchor is None:
+            return 0.0
+        if newest >= EPOCH_THRESHOLD_S:
+            return time.time() - newest
+        anchor_mono, anchor_ts = session.anchor
+        return (time.monotonic() - anchor_mono) - (newest - anchor_ts)
+
+    def _retention_s(self, stream_id: str) -> float:
+        session = self.sessions.get(stream_id)
+        return 0.0 if session is None else session.record.retention_s
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _build_engine(worker_id: str, config: ServiceConfig):
+    import torch
+
+    from mosaic_core.engine.engine import Engine
+
+    device = "cuda" if config.worker_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return Engine.from_model(config.model, config.engine_config(disk_subdir=f"worker-{worker_id}"), device=device)
+
+
+def worker_actor(config: ServiceConfig):
+    """The Ray actor class of a worker, with its resources, restarts and thread count."""
+    import ray
+
+    return ray.remote(WorkerCore).options(
+        num_cpus=config.worker_cpus,
+        num_gpus=config.worker_gpus,
+        max_restarts=MAX_RESTARTS,
+        max_task_retries=0,
+        max_concurrency=config.query_concurrency + 8,
+    )

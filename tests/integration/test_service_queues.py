@@ -1,0 +1,162 @@
+"""The service's queues in isolation: per-stream ingest queues, the question queue, cross-stream merging."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, RetrievalStats, TokenEvent
+from mosaic_core.errors import OutOfRangeError, TimestampOrderError, UnknownStreamError
+from services.errors import DeadlineError, QueueFullError, status_for
+from services.fanout import Chunk, merge_answers, merged_evidence
+from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
+from services.scheduler import QueryQueue
+
+RGB = np.zeros((4, 4, 3), np.uint8)
+
+
+def _frame(stream_id: str, t: float) -> QueuedFrame:
+    return QueuedFrame(stream_id, t, RGB, 0.0)
+
+
+# -- ingest queues ---------------------------------------------------------------------------------
+
+
+def test_full_queue_drops_oldest_and_keeps_the_newest():
+    queues = IngestQueues(3)
+    queues.add_stream("a", fps=100.0)
+    outcomes = [queues.put(_frame("a", t / 10)) for t in range(5)]
+    assert outcomes.count(PutOutcome.QUEUED_DROPPED_OLDEST) == 2
+    assert queues.depth("a") == 3
+    assert [f.timestamp_s for f in queues.take_batch(10, max_rounds=5)] == [0.2, 0.3, 0.4]
+
+
+def test_sampling_keeps_one_frame_per_fps_slot_without_drift():
+    queues = IngestQueues(100)
+    queues.add_stream("a", fps=5.0)
+    kept = [t for t in range(100) if queues.put(_frame("a", t / 25)) is not PutOutcome.SAMPLED_OUT]
+    assert kept == list(range(0, 100, 5))  # 25 fps pushed into a 5 fps stream: every fifth frame
+
+
+def test_out_of_order_and_unknown_frames_are_refused():
+    queues = IngestQueues(4)
+    queues.add_stream("a", fps=1.0)
+    queues.put(_frame("a", 5.0))
+    with pytest.raises(TimestampOrderError):
+        queues.put(_frame("a", 5.0))
+    with pytest.raises(UnknownStreamError):
+        queues.put(_frame("zz", 1.0))
+
+
+def test_batches_take_one_frame_per_stream_per_round_and_skip_busy_streams():
+    queues = IngestQueues(10)
+    for stream_id in ("a", "b", "c"):
+        queues.add_stream(stream_id, fps=100.0)
+        for t in range(3):
+            queues.put(_frame(stream_id, t / 10))
+    batch = queues.take_batch(4, exclude=frozenset({"b"}), max_rounds=2)
+    assert sorted(f.stream_id for f in batch) == ["a", "a", "c", "c"]
+    assert queues.depths() == {"a": 1, "b": 3, "c": 1}
+    assert queues.remove_stream("b") == 3
+
+
+# -- question queue --------------------------------------------------------------------------------
+
+
+def test_question_queue_is_fair_across_streams_and_respects_priority():
+    async def scenario():
+        queue = QueryQueue(max_waiting=10, max_running=1)
+        running = queue.admit("cam-1", 2)
+        waiting = [
+            queue.admit(key, prio) for key, prio in [("cam-1", 2), ("cam-1", 2), ("cam-2", 2), ("x", 1), ("y", 3)]
+        ]
+        order = []
+        for _ in waiting:
+            queue.release(running)
+            running = next(t for t in waiting if t.granted.done() and t not in order)
+            order.append(running)
+        return [(t.key, t.priority) for t in order]
+
+    # HIGH first, then NORMAL round-robin across cam-1 and cam-2, then LOW.
+    assert asyncio.run(scenario()) == [("y", 3), ("cam-1", 2), ("cam-2", 2), ("cam-1", 2), ("x", 1)]
+
+
+def test_full_question_queue_refuses_with_a_retry_hint():
+    async def scenario():
+        queue = QueryQueue(max_waiting=2, max_running=1)
+        queue.admit("a", 2)
+        queue.admit("a", 2)
+        queue.admit("b", 2)
+        with pytest.raises(QueueFullError) as info:
+            queue.admit("c", 2)
+        return info.value
+
+    err = asyncio.run(scenario())
+    status = status_for(err)
+    assert status.code.name == "RESOURCE_EXHAUSTED"
+    assert "retry in about" in status.message
+    assert dict(status.trailing_metadata)["retry-after-ms"].isdigit()
+
+
+def test_waiting_past_the_deadline_leaves_the_queue():
+    async def scenario():
+        queue = QueryQueue(max_waiting=2, max_running=1)
+        queue.admit("a", 2)
+        late = queue.admit("b", 2)
+        with pytest.raises(DeadlineError):
+            await queue.wait_turn(late, 0.05)
+        return queue.num_waiting
+
+    assert asyncio.run(scenario()) == 0
+
+
+# -- cross-stream merging --------------------------------------------------------------------------
+
+
+def _answer(stream_id: str, score: float) -> Answer:
+    span = EvidenceSpan(stream_id, f"{stream_id}/c000000", 0.0, 1.0, score, 1)
+    return Answer(stream_id, "q", "", [], [span], AnswerTimings(), RetrievalStats())
+
+
+async def _events(stream_id: str, n: int, delay_s: float, score: float, error=None):
+    for i in range(n):
+        await asyncio.sleep(delay_s)
+        yield TokenEvent(i, f"{stream_id}{i} ")
+    if error is not None:
+        raise error
+    yield _answer(stream_id, score)
+
+
+def test_merge_streams_whole_answers_and_ranks_evidence_across_streams():
+    async def scenario():
+        sources = {"slow": _events("slow", 3, 0.03, 0.9), "fast": _events("fast", 3, 0.001, 0.2)}
+        return [item async for item in merge_answers(sources, headers=True)]
+
+    items = asyncio.run(scenario())
+    chunks = [i for i in items if isinstance(i, Chunk)]
+    text = "".join(c.text for c in chunks)
+    assert text == "[fast] fast0 fast1 fast2 \n[slow] slow0 slow1 slow2 \n"  # answers never interleave
+    answers = [i for i in items if isinstance(i, Answer)]
+    ranked = merged_evidence(answers, limit=5)
+    assert [(s.stream_id, s.rank) for s in ranked] == [("slow", 0), ("fast", 1)]
+
+
+def test_merge_skips_a_stream_out_of_range_but_fails_when_all_are():
+    async def scenario(sources):
+        return [item async for item in merge_answers(sources, headers=True)]
+
+    items = asyncio.run(
+        scenario({"a": _events("a", 2, 0.0, 0.5), "b": _events("b", 0, 0.0, 0.5, OutOfRangeError("b: nothing"))})
+    )
+    assert "".join(i.text for i in items if isinstance(i, Chunk)).startswith("[a] ")
+    with pytest.raises(OutOfRangeError):
+        asyncio.run(
+            scenario(
+                {
+                    "b": _events("b", 0, 0.0, 0.5, OutOfRangeError("b: nothing")),
+                    "c": _events("c", 0, 0.0, 0.5, OutOfRangeError("c")),
+                }
+            )
+        )

@@ -1,0 +1,161 @@
+"""A worker (in-process, no Ray) against a real redis-server: cluster records, atomic tier moves, retention,
+restore after a restart. The engine is real (tiny preset on CPU) and its budgets are small enough that
+clusters spill device -> host -> disk while frames arrive.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.config import MIB
+from mosaic_core.engine.engine import Engine
+from mosaic_core.engine.results import Answer
+from services.config import load_config
+from services.metadata import StreamRecord
+from services.metadata.redis_store import RedisMetadataStore
+from services.metadata.schema import Keys
+from services.worker import WorkerCore
+
+FPS = 4.0
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return load_config(
+        None,
+        device_budget_bytes=1 * MIB,
+        host_budget_bytes=256 * 1024,
+        disk_budget_bytes=16 * MIB,
+        disk_dir=str(tmp_path_factory.mktemp("kv-disk")),
+        ingest_queue_frames=64,
+        max_batch_frames=8,
+        engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 128},
+    )
+
+
+@pytest.fixture
+def store(redis_client, redis_namespace):
+    store = RedisMetadataStore(redis_client, namespace=redis_namespace)
+    yield store
+
+
+def _worker(tiny_model, config, store) -> WorkerCore:
+    engine = Engine(tiny_model, config.engine_config(disk_subdir="worker-0"))
+    return WorkerCore("0", config, store=store, engine=engine)
+
+
+def _open(worker: WorkerCore, store, stream_id: str, **fields) -> None:
+    record = StreamRecord(stream_id=stream_id, fps=FPS, worker_id="0", created_s=time.time(), **fields)
+    assert store.put_stream(record, if_absent=True)
+    worker.open_stream(record)
+
+
+def _push_and_wait(worker: WorkerCore, stream_id: str, frames, *, offset_s: float = 0.0) -> None:
+    items = [(i, stream_id, offset_s + t, rgb) for i, (t, rgb) in enumerate(frames)]
+    result = worker.push(items)
+    assert result.accepted == len(frames) and not result.rejected
+    target = worker.telemetry.totals(stream_id).ingested + len(frames)
+    deadline = time.monotonic() + 120
+    while worker.telemetry.totals(stream_id).ingested < target:
+        assert time.monotonic() < deadline, "ingest did not finish"
+        time.sleep(0.05)
+    worker.loop.call(lambda: None)  # the iteration that ingested has flushed its metadata by now
+
+
+def _engine_view(worker: WorkerCore, stream_id: str) -> dict:
+    infos = worker.loop.call(worker.engine.clusters, stream_id)
+    return {i.cluster_id: (i.tier, i.num_bytes, i.start_s, i.end_s) for i in infos}
+
+
+def _store_view(store, stream_id: str) -> dict:
+    return {m.cluster_id: (m.tier, m.num_bytes, m.start_s, m.end_s) for m in store.list_clusters(stream_id)}
+
+
+def _check_location(tier: str, location: str) -> None:
+    assert location.startswith(f"{tier}:"), f"tier {tier!r} disagrees with location {location!r}"
+
+
+def test_clusters_tiers_and_locations_mirror_the_engine_atomically(
+    tiny_model, config, store, redis_client, bikes_frames
+):
+    worker = _worker(tiny_model, config, store)
+    keys = Keys(store.keys.namespace)
+    torn: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:  # HGETALL is atomic: tier and location must always agree
+        while not stop.is_set():
+            for key in redis_client.scan_iter(match=keys.cluster("*", "*"), count=500):
+                fields = redis_client.hgetall(key)
+                if fields and not fields["location"].startswith(fields["tier"] + ":"):
+                    torn.append(f"{key}: {fields['tier']} @ {fields['location']}")
+
+    thread = threading.Thread(target=reader, daemon=True)
+    try:
+        _open(worker, store, "cam-a")
+        _open(worker, store, "cam-b")
+        thread.start()
+        _push_and_wait(worker, "cam-a", bikes_frames[:24])
+        _push_and_wait(worker, "cam-b", bikes_frames[:24], offset_s=100.0)
+        for stream_id in ("cam-a", "cam-b"):
+            assert _store_view(store, stream_id) == _engine_view(worker, stream_id)
+        tiers = {t for s in ("cam-a", "cam-b") for t, *_ in _store_view(store, s).values()}
+        assert {"device", "host", "disk"} <= tiers, f"budgets should spill through every tier, saw {tiers}"
+        assert worker.tier_sync.num_moves_applied > 0
+        for meta in store.list_clusters("cam-a"):
+            _check_location(meta.tier, meta.location)
+
+        # A question fetches clusters back towards the device; the store follows.
+        events = list(worker.ask("q1", "cam-a", "what moved?", 4, None, 60.0))
+        assert isinstance(events[-1], Answer) and events[-1].evidence
+        worker.loop.call(lambda: None)
+        assert _store_view(store, "cam-a") == _engine_view(worker, "cam-a")
+        # Time-index queries see the same clusters as the engine's spans.
+        in_range = store.clusters_in_range("cam-b", 101.0, 102.0)
+        assert in_range and all(m.start_s <= 102.0 and m.end_s >= 101.0 for m in in_range)
+    finally:
+        stop.set()
+        thread.join(5)
+        worker.shutdown()
+    assert not torn, torn[:3]
+
+
+def test_retention_drops_old_clusters_from_engine_and_store(tiny_model, config, store, bikes_frames):
+    worker = _worker(tiny_model, config, store)
+    try:
+        _open(worker, store, "cam-r", retention_s=2.0)
+        _push_and_wait(worker, "cam-r", bikes_frames[:12])
+        time.sleep(1.1)  # retention passes run at most once a second per stream
+        _push_and_wait(worker, "cam-r", bikes_frames[12:24])
+        assert "cam-r/c000000" not in _engine_view(worker, "cam-r")  # the loop's own pass dropped the oldest
+        # One more pass now (the rate limit is per second of monotonic time) makes the result exact.
+        dropped = worker.loop.call(worker.tier_sync.apply_retention, "cam-r", 2.0, now_s=time.monotonic() + 60)
+        view = _store_view(store, "cam-r")
+        assert view == _engine_view(worker, "cam-r") != {}
+        newest = bikes_frames[23][0]
+        assert all(end >= newest - 2.0 for _, _, _, end in view.values()), (dropped, view)
+        assert not set(dropped) & set(view)
+    finally:
+        worker.shutdown()
+
+
+def test_restarted_worker_reopens_its_streams_from_the_store(tiny_model, config, store, bikes_frames):
+    first = _worker(tiny_model, config, store)
+    _open(first, store, "cam-x")
+    _push_and_wait(first, "cam-x", bikes_frames[:12])
+    assert store.list_clusters("cam-x")
+    first.loop.stop()  # the process "dies": nothing is closed or cleaned up
+
+    second = _worker(tiny_model, config, store)
+    try:
+        assert second.restored_streams == ["cam-x"]
+        assert store.list_clusters("cam-x") == []  # their KV died with the old process
+        _push_and_wait(second, "cam-x", bikes_frames[12:24])  # the stream takes frames again at once
+        assert _store_view(store, "cam-x") == _engine_view(second, "cam-x") != {}
+        assert second.engine.tiering.residency.tier_of(next(iter(_engine_view(second, "cam-x")))) in Tier
+    finally:
+        second.shutdown()
