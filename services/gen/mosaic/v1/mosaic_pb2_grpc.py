@@ -106,7 +106,8 @@ class MosaicServicer:
         """Client-streaming ingest. Frames of several streams may be interleaved in one call. A frame that cannot
         be used is counted and reported in PushFramesResponse.errors instead of failing the whole call; frames
         dropped by a full ingest queue (drop-oldest) are counted in frames_dropped. The call fails with
-        RESOURCE_EXHAUSTED only when the server cannot accept frames at all.
+        RESOURCE_EXHAUSTED only when the server cannot accept frames at all, and with the first frame's status
+        (INVALID_ARGUMENT, NOT_FOUND, ...) when no frame of the call was usable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,7 +115,11 @@ class MosaicServicer:
 
     def Query(self, request, context):
         """Asks a question over one, several or all streams. The response stream carries the answer as
-        TokenChunk events, an Evidence event (before the first token), and a final QueryTimings event.
+        TokenChunk events, then an Evidence event (evidence is ranked once the answer is complete), and a final
+        QueryTimings event. Over several streams, every stream answers in parallel: the first to produce a token
+        streams live and the others follow whole, each answer starting with a "[stream_id] " chunk; the
+        Evidence event merges all streams' spans ranked by score, so spans[0].stream_id names the camera that
+        best matches (for "which camera saw the forklift?").
         RESOURCE_EXHAUSTED when the question queue is full; NOT_FOUND when a named stream does not exist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
