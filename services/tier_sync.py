@@ -142,19 +142,8 @@ class TierSync:
         state = self.engine.stream(stream_id)
         if state.last_timestamp_s is None:
             return []
-        cutoff_s = state.last_timestamp_s - retention_s
-        residency, in_window = self.engine.tiering.residency, state.local_cluster_ids()
-        expired = [
-            r.cluster_id
-            for r in state.former.records()
-            if r.sealed
-            and r.end_s < cutoff_s
-            and r.cluster_id in residency
-            and r.cluster_id not in in_window
-            and not residency.record(r.cluster_id).pinned
-        ]
+        expired = self.engine.drop_clusters_before(stream_id, state.last_timestamp_s - retention_s)
         for cluster_id in expired:
-            _drop_cluster(self.engine, state, cluster_id)
             if self._written.pop(cluster_id, None) is not None:
                 self.store.delete_cluster(stream_id, cluster_id)
         return expired
@@ -162,15 +151,3 @@ class TierSync:
 
 def _replace_tier(written: _Written, tier: str) -> _Written:
     return _Written(written.stream_id, tier, written.end_s, written.num_bytes, written.last_frame)
-
-
-def _drop_cluster(engine, state, cluster_id: str) -> None:
-    """Forgets one sealed cluster everywhere in the engine.
-
-    The engine has no public call for this yet; these are the four places a cluster lives (bytes and
-    residency, formation record, retrieval summary, co-retrieval statistics). To move into the engine.
-    """
-    engine.tiering.remove(cluster_id)
-    state.former.remove(cluster_id)
-    state.summaries.remove(cluster_id)
-    engine.tracker.forget(cluster_id)

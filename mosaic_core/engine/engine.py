@@ -129,6 +129,30 @@ class Engine:
         self.tiering.residency.release(f"{stream_id}:sink+window")
         del self.streams[stream_id]
 
+    def drop_clusters_before(self, stream_id: str, cutoff_s: float) -> list[str]:
+        """Retention: forgets every sealed cluster of a stream that ended before ``cutoff_s``.
+
+        Clusters with frames still in the local window, or read by a question right now, are kept. Returns the
+        dropped ids; their bytes are freed in whichever tier held them.
+        """
+        state = self.stream(stream_id)
+        residency, in_window = self.tiering.residency, state.local_cluster_ids()
+        expired = [
+            r.cluster_id
+            for r in state.former.records()
+            if r.sealed
+            and r.end_s < cutoff_s
+            and r.cluster_id in residency
+            and r.cluster_id not in in_window
+            and not residency.record(r.cluster_id).pinned
+        ]
+        for cluster_id in expired:
+            self.tiering.remove(cluster_id)
+            state.former.remove(cluster_id)
+            state.summaries.remove(cluster_id)
+            self.tracker.forget(cluster_id)
+        return expired
+
     def stream(self, stream_id: str) -> StreamState:
         state = self.streams.get(stream_id)
         if state is None:

@@ -175,3 +175,18 @@ def test_close_stream_frees_every_tier(tiny_model, bikes_frames):
     for tier in Tier:
         assert engine.tiering.residency.used_bytes(tier) == 0
     engine.open_stream("cam")  # the id can be reused
+
+
+def test_retention_drops_old_sealed_clusters_from_every_tier(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, mode="cluster", device_budget_bytes=int(1.3 * MIB))
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:32])
+    before = engine.clusters("cam")
+    cutoff = bikes_frames[16][0]
+    dropped = engine.drop_clusters_before("cam", cutoff)
+    assert dropped and all(c.end_s < cutoff for c in before if c.cluster_id in dropped)
+    after = engine.clusters("cam")
+    assert {c.cluster_id for c in after} == {c.cluster_id for c in before} - set(dropped)
+    assert all(c.end_s >= cutoff for c in after)
+    engine.tiering.residency.check_invariants()
+    engine.answer("cam", QUESTION, max_new_tokens=1)  # retention leaves a working stream
