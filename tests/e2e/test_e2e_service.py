@@ -67,7 +67,7 @@ def test_each_camera_answers_with_evidence_inside_its_time_range(client, cameras
     assert kinds[-2:] == ["evidence", "timings"] and kinds.count("token") == 6
     spans = events[-2].evidence.spans
     assert {s.stream_id for s in spans} == {stream_id}
-    assert [s.rank for s in spans] == list(range(len(spans)))
+    assert [s.rank for s in spans] == list(range(1, len(spans) + 1))
     _assert_evidence_inside(client, spans)
     timings = events[-1].timings
     assert timings.num_tokens == 6 and 0 < timings.time_to_first_token_s < 60

@@ -140,7 +140,7 @@ def test_merge_streams_whole_answers_and_ranks_evidence_across_streams():
     assert text == "[fast] fast0 fast1 fast2 \n[slow] slow0 slow1 slow2 \n"  # answers never interleave
     answers = [i for i in items if isinstance(i, Answer)]
     ranked = merged_evidence(answers, limit=5)
-    assert [(s.stream_id, s.rank) for s in ranked] == [("slow", 0), ("fast", 1)]
+    assert [(s.stream_id, s.rank) for s in ranked] == [("slow", 1), ("fast", 2)]
 
 
 def test_merge_skips_a_stream_out_of_range_but_fails_when_all_are():
