@@ -305,6 +305,9 @@ def scenario_b(model, s: BenchSettings, log) -> dict:
             max_frames_per_pass=1,
             local_window_tokens=s.camera_window_tokens,
             device_budget_bytes=s.camera_device_budget_bytes,
+            # 32 open clusters of 8 frames fit next to 32 windows in the budget, so cameras grow their clusters
+            # on the device and spill them once sealed
+            formation=FormationConfig(max_tokens=min(s.cluster_tokens, 8 * s.tokens_per_frame)),
         )
         engine = Engine(model, config)
         for c in range(s.cameras):

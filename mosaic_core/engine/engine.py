@@ -434,10 +434,11 @@ def _coherence(members: list[torch.Tensor], frame: torch.Tensor) -> tuple[float 
         return None, None
     stacked = torch.stack(members)
     centroid = stacked.mean(dim=0)
-    similarity = torch.nn.functional.cosine_similarity(frame, centroid, dim=0).item()
+    similarity = torch.nn.functional.cosine_similarity(frame, centroid, dim=0)
     with_frame = torch.cat([stacked, frame[None]])
     new_centroid = with_frame.mean(dim=0, keepdim=True)
-    cohesion = torch.nn.functional.cosine_similarity(with_frame, new_centroid, dim=1).mean().item()
+    cohesion = torch.nn.functional.cosine_similarity(with_frame, new_centroid, dim=1).mean()
+    similarity, cohesion = torch.stack([similarity, cohesion]).tolist()  # one device sync, not two
     return similarity, cohesion
 
 

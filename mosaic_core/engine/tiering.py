@@ -59,8 +59,13 @@ class TierManager:
         )
 
     def append(self, cluster_id: str, chunk: torch.Tensor) -> None:
-        """Grows a cluster by ``chunk``, spilling others, or moving the cluster colder, to make room."""
+        """Grows a cluster by ``chunk``, spilling others, or moving the cluster colder, to make room.
+
+        A growing cluster counts as just used: the open cluster of a live camera is the last thing to spill,
+        since growing a cluster outside the device tier re-copies it frame after frame.
+        """
         extra = chunk.numel() * chunk.element_size()
+        self.residency.touch(cluster_id)
         if not self.residency.grow(cluster_id, extra):
             tier = self.residency.tier_of(cluster_id)
             plan = self.residency.plan_make_room(tier, extra, exclude=frozenset({cluster_id}))
