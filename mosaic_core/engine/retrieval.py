@@ -117,7 +117,7 @@ class Retriever:
         num_bytes = sum(slab.numel() * slab.element_size() for slab in host)
         if host:
             num_copies = 1 if batched else len(host)
-            self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, 0.0, num_copies)
+            self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, num_copies)
             self.bytes_copied += num_bytes
             self.num_copies += num_copies
             if events is not None:

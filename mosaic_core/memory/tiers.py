@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +34,11 @@ class TransferStats:
 
     bytes_by_direction: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS.values(), 0))
     copies_by_direction: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS.values(), 0))
-    seconds_by_direction: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS.values(), 0.0))
 
-    def record(self, src: Tier, dst: Tier, num_bytes: int, seconds: float, num_copies: int = 1) -> None:
+    def record(self, src: Tier, dst: Tier, num_bytes: int, num_copies: int = 1) -> None:
         direction = DIRECTIONS[(src, dst)]
         self.bytes_by_direction[direction] += num_bytes
         self.copies_by_direction[direction] += num_copies
-        self.seconds_by_direction[direction] += seconds
 
 
 class DiskTier:
@@ -144,14 +141,13 @@ class KVTiers:
         src = self.tier_of(cluster_id)
         if src is dst:
             return 0
-        start = self._clock()
         kv = self.read(cluster_id)
         num_bytes = kv.numel() * kv.element_size()
         if src is Tier.DISK:
             self.disk.delete(cluster_id)
         self._tensors.pop(cluster_id, None)
         self._store(cluster_id, kv, dst)
-        self.stats.record(src, dst, num_bytes, self._clock() - start)
+        self.stats.record(src, dst, num_bytes)
         return num_bytes
 
     def delete(self, cluster_id: str) -> None:
@@ -159,12 +155,6 @@ class KVTiers:
         self._tensors.pop(cluster_id, None)
         if tier is Tier.DISK:
             self.disk.delete(cluster_id)
-
-    def _clock(self) -> float:
-        """Transfer timing: on CUDA the copy is synchronised, so the time is the copy's own."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
 
     def _store(self, cluster_id: str, kv: torch.Tensor, tier: Tier) -> None:
         if tier is Tier.DISK:
