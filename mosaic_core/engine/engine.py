@@ -11,11 +11,8 @@ from one thread at a time.
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.formation import ClusterFormer
@@ -23,7 +20,7 @@ from mosaic_core.bookkeeping.maintenance import CoRetrievalTracker
 from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier, TierBudgets
 from mosaic_core.config import EngineConfig, RetrievalMode
-from mosaic_core.engine import questions
+from mosaic_core.engine import ingest, questions
 from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import (
     Answer,
@@ -34,18 +31,16 @@ from mosaic_core.engine.results import (
     StreamStats,
     TokenEvent,
 )
-from mosaic_core.engine.stream import LocalFrame, StreamState, check_stream_id
+from mosaic_core.engine.stream import StreamState, check_stream_id
 from mosaic_core.engine.summaries import SummaryIndex
 from mosaic_core.engine.tiering import TierManager
 from mosaic_core.errors import (
     AlreadyExistsError,
     BudgetError,
-    EmptyBatchError,
     InvalidArgumentError,
     UnknownStreamError,
 )
 from mosaic_core.memory.tiers import KVTiers
-from mosaic_core.model.pixels import validate_frames
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 from mosaic_core.model.tokenizer import chat_prefix
 
@@ -185,154 +180,7 @@ class Engine:
         up to ``config.max_frames_per_pass`` consecutive frames of its stream (a backlog catches up in fewer
         passes, still attending only to sink + local window + the row itself).
         """
-        if not frames:
-            raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
-        by_stream = self._validate(frames)
-        start = time.perf_counter()
-        features = self._encode(by_stream)
-        encode_s = time.perf_counter() - start
-        attended: list[int] = []
-        num_opened = num_passes = 0
-        chunk = self.config.max_frames_per_pass
-        rounds = max(-(-len(items) // chunk) for items in by_stream.values())
-        for r in range(rounds):
-            rows = [
-                (
-                    sid,
-                    list(range(r * chunk, min(len(items), (r + 1) * chunk))),
-                    [f for f, _ in items[r * chunk :][:chunk]],
-                )
-                for sid, items in by_stream.items()
-                if r * chunk < len(items)
-            ]
-            for group in _by_token_count(rows, features):
-                opened, tokens = self._ingest_pass(group, features)
-                num_passes += 1
-                num_opened += opened
-                attended.extend(tokens)
-        return IngestResult(
-            num_frames=len(frames),
-            num_forward_passes=num_passes,
-            num_clusters_opened=num_opened,
-            encode_s=encode_s,
-            prefill_s=time.perf_counter() - start - encode_s,
-            attended_tokens_per_frame=attended,
-        )
-
-    def _validate(self, frames: Sequence[FrameInput]) -> dict[str, list[tuple[FrameInput, np.ndarray]]]:
-        by_stream: dict[str, list[tuple[FrameInput, np.ndarray]]] = defaultdict(list)
-        for frame in frames:
-            state = self.stream(frame.stream_id)
-            state.check_open()
-            previous = by_stream[frame.stream_id][-1][0].timestamp_s if by_stream[frame.stream_id] else None
-            state.check_timestamp(frame.timestamp_s, previous if previous is not None else state.last_timestamp_s)
-            rgb = validate_frames(frame.rgb)[0]
-            by_stream[frame.stream_id].append((frame, rgb))
-        return dict(by_stream)
-
-    def _encode(self, by_stream) -> dict[tuple[str, int], object]:
-        """Vision tower over every frame of the batch, grouped by source size and geometry."""
-        groups: dict[tuple, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
-        for stream_id, items in by_stream.items():
-            state = self.streams[stream_id]
-            for i, (_, rgb) in enumerate(items):
-                if state.geometry is None:
-                    state.geometry = self.model.choose_geometry(*rgb.shape[:2], self.config.target_tokens_per_frame)
-                    self._check_geometry(state)
-                groups[(rgb.shape, state.geometry)].append((stream_id, i, rgb))
-        features = {}
-        for (_, geometry), members in groups.items():
-            out = self.model.encode_frames(np.stack([m[2] for m in members]), geometry)
-            for j, (stream_id, i, _) in enumerate(members):
-                features[(stream_id, i)] = (out.embeds[j], out.summaries[j])
-        return features
-
-    def _check_geometry(self, state: StreamState) -> None:
-        if state.geometry.tokens_per_frame > self.config.formation.max_tokens:
-            raise BudgetError(
-                f"a frame of stream {state.stream_id!r} has {state.geometry.tokens_per_frame} tokens, more "
-                f"than the cluster size cap formation.max_tokens={self.config.formation.max_tokens}"
-            )
-
-    def _ingest_pass(self, rows, features) -> tuple[int, list[int]]:
-        """One forward pass; rows are ``(stream_id, frame indices in the batch, frames)``, one row per stream.
-
-        Row layout, for a row carrying frames f0 f1 of one stream:
-
-            tokens:    [ f0 visual tokens | f1 visual tokens ]
-            attends:   sink + local window + causal within the row
-        """
-        states = [self.streams[sid] for sid, _, _ in rows]
-        positions = []
-        for state, (_, _, frames) in zip(states, rows, strict=True):
-            if state.first_timestamp_s is None:
-                state.first_timestamp_s = frames[0].timestamp_s
-            positions.append(
-                torch.cat(
-                    [
-                        self.model.frame_positions(
-                            state.geometry,
-                            base=state.position_base,
-                            offset_s=f.timestamp_s - state.first_timestamp_s,
-                        )
-                        for f in frames
-                    ],
-                    dim=1,
-                )
-            )
-        embeds = torch.cat([features[(sid, i)][0] for sid, indices, _ in rows for i in indices])
-        input_ids = torch.full((len(rows), positions[0].shape[1]), self.model.video_token_id, device=self.model.device)
-        plan = IngestPlan(states, self.spec)
-        self.model.forward(
-            input_ids=input_ids, position_ids=torch.stack(positions, dim=1), plan=plan, frame_embeds=embeds
-        )
-        opened, attended = 0, []
-        for row, (state, (sid, indices, frames)) in enumerate(zip(states, rows, strict=True)):
-            row_kv = plan.row_kv(row)
-            start = 0
-            for i, frame in zip(indices, frames, strict=True):
-                frame_embeds, summary = features[(sid, i)]
-                end = start + frame_embeds.shape[0]
-                opened += self._place_frame(state, frame, row_kv[:, :, :, start:end], summary)
-                attended.append(plan.attended_tokens[row] - (row_kv.shape[3] - end))
-                start = end
-        return opened, attended
-
-    def _place_frame(self, state: StreamState, frame: FrameInput, kv: torch.Tensor, summary: torch.Tensor) -> int:
-        similarity, cohesion = _coherence(state.open_embeds, summary)
-        if self.config.mode is RetrievalMode.TOKEN:
-            similarity, cohesion = -1.0, None  # ReKV blocks: every frame is its own block
-        num_tokens = kv.shape[3]
-        decision = state.former.decide(
-            timestamp_s=frame.timestamp_s,
-            num_tokens=num_tokens,
-            similarity=similarity,
-            cohesion_after=cohesion,
-        )
-        record = state.former.commit(
-            decision, frame_index=state.frames_ingested, timestamp_s=frame.timestamp_s, num_tokens=num_tokens
-        )
-        state.open_embeds = [*state.open_embeds, summary] if decision.join else [summary]
-        state.push_local(LocalFrame(state.frames_ingested, record.cluster_id, frame.timestamp_s, kv))
-        state.frames_ingested += 1
-        state.last_timestamp_s = frame.timestamp_s
-        offset_s = frame.timestamp_s - state.first_timestamp_s
-        state.text_cursor = max(
-            state.text_cursor,
-            self.model.frame_position_end(state.geometry, base=state.position_base, offset_s=offset_s),
-        )
-        for old in state.pop_overflow(self.config.local_window_tokens):
-            self._store_in_cluster(state, old)
-        return 0 if decision.join else 1
-
-    def _store_in_cluster(self, state: StreamState, frame: LocalFrame) -> None:
-        """A frame leaving the local window joins its cluster's KV, wherever that cluster lives."""
-        if frame.cluster_id in self.tiering.residency:
-            self.tiering.append(frame.cluster_id, frame.kv)
-        else:
-            prefer = Tier.HOST if self.config.mode is RetrievalMode.TOKEN else Tier.DEVICE
-            self.tiering.admit(frame.cluster_id, state.stream_id, frame.kv, prefer=prefer)
-        state.summaries.add(frame.cluster_id, frame.kv[:, 0])
+        return ingest.ingest(self, frames)
 
     # -- questions ----------------------------------------------------------------------------------------------
     def ask(
@@ -426,26 +274,3 @@ class Engine:
             transfer_copies_by_direction=dict(self.tiering.tiers.stats.copies_by_direction),
             device_hit_ratio=self.tiering.hit_ratio,
         )
-
-
-def _coherence(members: list[torch.Tensor], frame: torch.Tensor) -> tuple[float | None, float | None]:
-    """Cosine of ``frame`` to the open cluster's centroid, and the cluster's cohesion with it added."""
-    if not members:
-        return None, None
-    stacked = torch.stack(members)
-    centroid = stacked.mean(dim=0)
-    similarity = torch.nn.functional.cosine_similarity(frame, centroid, dim=0)
-    with_frame = torch.cat([stacked, frame[None]])
-    new_centroid = with_frame.mean(dim=0, keepdim=True)
-    cohesion = torch.nn.functional.cosine_similarity(with_frame, new_centroid, dim=1).mean()
-    similarity, cohesion = torch.stack([similarity, cohesion]).tolist()  # one device sync, not two
-    return similarity, cohesion
-
-
-def _by_token_count(rows, features) -> list[list]:
-    """Splits a pass's rows by token count, since one forward pass needs rows of equal length."""
-    groups: dict[int, list] = defaultdict(list)
-    for stream_id, indices, frames in rows:
-        num_tokens = sum(features[(stream_id, i)][0].shape[0] for i in indices)
-        groups[num_tokens].append((stream_id, indices, frames))
-    return list(groups.values())

@@ -1,0 +1,215 @@
+"""Ingest: frames of many streams, encoded in shared forward passes with bounded attention.
+
+vision tower (all frames of the batch, grouped by size)
+  -> pass r: row per stream carrying its next frames  -> attends to sink + local window + the row
+  -> each frame joins a cluster (visual coherence) and enters the local window
+  -> frames leaving the window are appended to their cluster, in whichever tier it lives
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.config import RetrievalMode
+from mosaic_core.engine.plans import IngestPlan
+from mosaic_core.engine.results import FrameInput, IngestResult
+from mosaic_core.engine.stream import LocalFrame, StreamState
+from mosaic_core.errors import BudgetError, EmptyBatchError
+from mosaic_core.model.pixels import validate_frames
+
+if TYPE_CHECKING:
+    from mosaic_core.engine.engine import Engine
+
+
+def ingest(engine: Engine, frames: Sequence[FrameInput]) -> IngestResult:
+    """Encodes a batch of frames from any number of streams.
+
+    The batch is checked whole before anything changes, so a bad frame rejects the call and leaves every
+    stream as it was. Frames of different streams share forward passes, one row per stream; a row carries
+    up to ``config.max_frames_per_pass`` consecutive frames of its stream (a backlog catches up in fewer
+    passes, still attending only to sink + local window + the row itself).
+    """
+    if not frames:
+        raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
+    by_stream = _validate(engine, frames)
+    start = time.perf_counter()
+    features = _encode(engine, by_stream)
+    encode_s = time.perf_counter() - start
+    attended: list[int] = []
+    num_opened = num_passes = 0
+    chunk = engine.config.max_frames_per_pass
+    rounds = max(-(-len(items) // chunk) for items in by_stream.values())
+    for r in range(rounds):
+        rows = [
+            (
+                sid,
+                list(range(r * chunk, min(len(items), (r + 1) * chunk))),
+                [f for f, _ in items[r * chunk :][:chunk]],
+            )
+            for sid, items in by_stream.items()
+            if r * chunk < len(items)
+        ]
+        for group in _by_token_count(rows, features):
+            opened, tokens = _ingest_pass(engine, group, features)
+            num_passes += 1
+            num_opened += opened
+            attended.extend(tokens)
+    return IngestResult(
+        num_frames=len(frames),
+        num_forward_passes=num_passes,
+        num_clusters_opened=num_opened,
+        encode_s=encode_s,
+        prefill_s=time.perf_counter() - start - encode_s,
+        attended_tokens_per_frame=attended,
+    )
+
+
+def _validate(engine: Engine, frames: Sequence[FrameInput]) -> dict[str, list[tuple[FrameInput, np.ndarray]]]:
+    by_stream: dict[str, list[tuple[FrameInput, np.ndarray]]] = defaultdict(list)
+    for frame in frames:
+        state = engine.stream(frame.stream_id)
+        state.check_open()
+        previous = by_stream[frame.stream_id][-1][0].timestamp_s if by_stream[frame.stream_id] else None
+        state.check_timestamp(frame.timestamp_s, previous if previous is not None else state.last_timestamp_s)
+        rgb = validate_frames(frame.rgb)[0]
+        by_stream[frame.stream_id].append((frame, rgb))
+    return dict(by_stream)
+
+
+def _encode(engine: Engine, by_stream) -> dict[tuple[str, int], object]:
+    """Vision tower over every frame of the batch, grouped by source size and geometry."""
+    groups: dict[tuple, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
+    for stream_id, items in by_stream.items():
+        state = engine.streams[stream_id]
+        for i, (_, rgb) in enumerate(items):
+            if state.geometry is None:
+                state.geometry = engine.model.choose_geometry(*rgb.shape[:2], engine.config.target_tokens_per_frame)
+                _check_geometry(engine, state)
+            groups[(rgb.shape, state.geometry)].append((stream_id, i, rgb))
+    features = {}
+    for (_, geometry), members in groups.items():
+        out = engine.model.encode_frames(np.stack([m[2] for m in members]), geometry)
+        for j, (stream_id, i, _) in enumerate(members):
+            features[(stream_id, i)] = (out.embeds[j], out.summaries[j])
+    return features
+
+
+def _check_geometry(engine: Engine, state: StreamState) -> None:
+    if state.geometry.tokens_per_frame > engine.config.formation.max_tokens:
+        raise BudgetError(
+            f"a frame of stream {state.stream_id!r} has {state.geometry.tokens_per_frame} tokens, more "
+            f"than the cluster size cap formation.max_tokens={engine.config.formation.max_tokens}"
+        )
+
+
+def _ingest_pass(engine: Engine, rows, features) -> tuple[int, list[int]]:
+    """One forward pass; rows are ``(stream_id, frame indices in the batch, frames)``, one row per stream.
+
+    Row layout, for a row carrying frames f0 f1 of one stream:
+
+        tokens:    [ f0 visual tokens | f1 visual tokens ]
+        attends:   sink + local window + causal within the row
+    """
+    states = [engine.streams[sid] for sid, _, _ in rows]
+    positions = []
+    for state, (_, _, frames) in zip(states, rows, strict=True):
+        if state.first_timestamp_s is None:
+            state.first_timestamp_s = frames[0].timestamp_s
+        positions.append(
+            torch.cat(
+                [
+                    engine.model.frame_positions(
+                        state.geometry,
+                        base=state.position_base,
+                        offset_s=f.timestamp_s - state.first_timestamp_s,
+                    )
+                    for f in frames
+                ],
+                dim=1,
+            )
+        )
+    embeds = torch.cat([features[(sid, i)][0] for sid, indices, _ in rows for i in indices])
+    input_ids = torch.full((len(rows), positions[0].shape[1]), engine.model.video_token_id, device=engine.model.device)
+    plan = IngestPlan(states, engine.spec)
+    engine.model.forward(
+        input_ids=input_ids, position_ids=torch.stack(positions, dim=1), plan=plan, frame_embeds=embeds
+    )
+    opened, attended = 0, []
+    for row, (state, (sid, indices, frames)) in enumerate(zip(states, rows, strict=True)):
+        row_kv = plan.row_kv(row)
+        start = 0
+        for i, frame in zip(indices, frames, strict=True):
+            frame_embeds, summary = features[(sid, i)]
+            end = start + frame_embeds.shape[0]
+            opened += _place_frame(engine, state, frame, row_kv[:, :, :, start:end], summary)
+            attended.append(plan.attended_tokens[row] - (row_kv.shape[3] - end))
+            start = end
+    return opened, attended
+
+
+def _place_frame(engine: Engine, state: StreamState, frame: FrameInput, kv: torch.Tensor, summary: torch.Tensor) -> int:
+    similarity, cohesion = _coherence(state.open_embeds, summary)
+    if engine.config.mode is RetrievalMode.TOKEN:
+        similarity, cohesion = -1.0, None  # ReKV blocks: every frame is its own block
+    num_tokens = kv.shape[3]
+    decision = state.former.decide(
+        timestamp_s=frame.timestamp_s,
+        num_tokens=num_tokens,
+        similarity=similarity,
+        cohesion_after=cohesion,
+    )
+    record = state.former.commit(
+        decision, frame_index=state.frames_ingested, timestamp_s=frame.timestamp_s, num_tokens=num_tokens
+    )
+    state.open_embeds = [*state.open_embeds, summary] if decision.join else [summary]
+    state.push_local(LocalFrame(state.frames_ingested, record.cluster_id, frame.timestamp_s, kv))
+    state.frames_ingested += 1
+    state.last_timestamp_s = frame.timestamp_s
+    offset_s = frame.timestamp_s - state.first_timestamp_s
+    state.text_cursor = max(
+        state.text_cursor,
+        engine.model.frame_position_end(state.geometry, base=state.position_base, offset_s=offset_s),
+    )
+    for old in state.pop_overflow(engine.config.local_window_tokens):
+        _store_in_cluster(engine, state, old)
+    return 0 if decision.join else 1
+
+
+def _store_in_cluster(engine: Engine, state: StreamState, frame: LocalFrame) -> None:
+    """A frame leaving the local window joins its cluster's KV, wherever that cluster lives."""
+    if frame.cluster_id in engine.tiering.residency:
+        engine.tiering.append(frame.cluster_id, frame.kv)
+    else:
+        prefer = Tier.HOST if engine.config.mode is RetrievalMode.TOKEN else Tier.DEVICE
+        engine.tiering.admit(frame.cluster_id, state.stream_id, frame.kv, prefer=prefer)
+    state.summaries.add(frame.cluster_id, frame.kv[:, 0])
+
+
+def _coherence(members: list[torch.Tensor], frame: torch.Tensor) -> tuple[float | None, float | None]:
+    """Cosine of ``frame`` to the open cluster's centroid, and the cluster's cohesion with it added."""
+    if not members:
+        return None, None
+    stacked = torch.stack(members)
+    centroid = stacked.mean(dim=0)
+    similarity = torch.nn.functional.cosine_similarity(frame, centroid, dim=0)
+    with_frame = torch.cat([stacked, frame[None]])
+    new_centroid = with_frame.mean(dim=0, keepdim=True)
+    cohesion = torch.nn.functional.cosine_similarity(with_frame, new_centroid, dim=1).mean()
+    similarity, cohesion = torch.stack([similarity, cohesion]).tolist()  # one device sync, not two
+    return similarity, cohesion
+
+
+def _by_token_count(rows, features) -> list[list]:
+    """Splits a pass's rows by token count, since one forward pass needs rows of equal length."""
+    groups: dict[int, list] = defaultdict(list)
+    for stream_id, indices, frames in rows:
+        num_tokens = sum(features[(stream_id, i)][0].shape[0] for i in indices)
+        groups[num_tokens].append((stream_id, indices, frames))
+    return list(groups.values())
