@@ -58,7 +58,7 @@ BAD_FRAMES = [
         "zero size",
         lambda ts: [FrameInput("cam", ts + 1, np.zeros((0, 128, 3), np.uint8))],
         InvalidFrameError,
-        "",
+        "empty side",
     ),
     (
         "huge",
@@ -78,7 +78,7 @@ BAD_FRAMES = [
         "good then bad",
         lambda ts: [FrameInput("cam", ts + 1, _rgb()), FrameInput("cam", ts + 2, _rgb()[:, :, :2])],
         InvalidFrameError,
-        "",
+        "3 RGB channels",
     ),
 ]
 
