@@ -54,7 +54,7 @@ def test_streams_and_query_commands_talk_to_a_running_server(service, cli_stream
         "--target", service.target, "--tls-ca", service.tls_ca_path, "--api-key", API_KEY, timeout_s=60,
     )  # fmt: skip
     assert asked.returncode == 0, asked.stderr
-    assert "evidence:" in asked.stdout and f"#0 {STREAM}" in asked.stdout and "3 tokens" in asked.stdout
+    assert "evidence:" in asked.stdout and f"#1 {STREAM}" in asked.stdout and "3 tokens" in asked.stdout
 
     refused = _mosaic(
         "streams", "--target", service.target, "--tls-ca", service.tls_ca_path, "--api-key", "wrong", timeout_s=60
@@ -70,7 +70,7 @@ def test_demo_runs_from_scratch_and_exits_cleanly():
     assert "random weights" in out
     assert "ingest: cam-bikes" in out  # progress
     assert "Q (cam-bikes)" in out and "Q (all cameras)" in out
-    assert out.count("evidence:") == 2 and "#0 cam-" in out
+    assert out.count("evidence:") == 2 and "#1 cam-" in out
     for row in ("frames ingested", "questions ok", "mean time to first token", "workers up"):
         assert row in out
     assert out.rstrip().endswith("done.")
