@@ -1,11 +1,12 @@
 """Choosing and fetching the history a question attends to, one layer at a time, in each of the three modes.
 
-- ``full``: every cluster, already on the device; no choice, no copy.
+- ``full``: every cluster, already on the device; no choice and no host transfer.
 - ``token``: frame-sized blocks scored by their mean key (ReKV-style), each chosen block's layer copied on its
   own, nothing cached on the device between questions.
 - ``cluster``: clusters scored by centroid and spread. A chosen cluster already on the device (the GPU cluster
-  cache) costs nothing; otherwise its layer slab moves in one contiguous copy. After the answer, the clusters
-  most layers chose are promoted to the device whole, off the question's critical path, for the next question.
+  cache) costs no transfer; the chosen layer slabs of one layer, wherever they live, move into the question's
+  buffer in one gather launch (on CUDA). After the answer, the clusters most layers chose are promoted to the
+  device whole, off the question's critical path, for the next question.
 """
 
 from __future__ import annotations
