@@ -260,8 +260,6 @@ def scenario_a(model, s: BenchSettings, pcie_gbs: float, log) -> tuple[dict, dic
             "profiled_ttft_ms": statistics.median(r["ttft_s"] for r in profiled) * 1e3,
             "floor_ms": (bytes_q / (pcie_gbs * 1e9) if pcie_gbs else 0.0) * 1e3 + bare_ms,
         }
-        if pcie_gbs:
-            results[mode.value]["fraction_of_pcie"] = results[mode.value]["effective_gbs"] / pcie_gbs
         log(f"A/{mode.value}: {json.dumps(results[mode.value])}")
         del engine
         if s.device.startswith("cuda"):

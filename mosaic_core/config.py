@@ -108,6 +108,4 @@ class EngineConfig:
                 f"{self.retrieval_budget_tokens}: a cluster must fit in one retrieval"
             )
         if not 0.0 < self.merge_min_joint_fraction <= 1.0:
-            raise ConfigError(
-                f"merge_min_joint_fraction must be in (0, 1], got {self.merge_min_joint_fraction}"
-            )
+            raise ConfigError(f"merge_min_joint_fraction must be in (0, 1], got {self.merge_min_joint_fraction}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mosaic_core.engine.attend import attend_batch, attend_over, concat_past
+from mosaic_core.engine.attend import attend_batch, attend_over
 from mosaic_core.engine.retrieval import LayerSelection, Retriever
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.memory.layout import KVSpec
@@ -27,19 +27,11 @@ class IngestPlan:
         self.attended_tokens: list[int] = [0] * len(streams)
 
     def attend(self, layer_idx, query, key, value, scale):
-        pasts = [self._past(stream, layer_idx) for stream in self.streams]
+        pasts = [stream.past_layer(layer_idx) for stream in self.streams]
         self.new_kv[layer_idx] = torch.stack([key, value], dim=1)
         if layer_idx == 0:
             self.attended_tokens = [(0 if p is None else p.shape[2]) + key.shape[2] for p in pasts]
         return attend_batch(query, key, value, pasts, scale)
-
-    @staticmethod
-    def _past(stream: StreamState, layer: int) -> torch.Tensor | None:
-        pieces = [] if stream.sink is None else [stream.sink[layer]]
-        local = stream.local_layer(layer)
-        if local is not None:
-            pieces.append(local)
-        return concat_past(pieces) if pieces else None
 
     def row_kv(self, row: int) -> torch.Tensor:
         """The new KV of one row, ``[num_layers, 2, H, T, D]``."""
@@ -51,8 +43,8 @@ class QuestionPlan:
 
     Each layer keeps one device buffer, filled once per scoring and then appended to in place:
 
-        [ sink | retrieved clusters | local window | question + answer so far | free ... ]
-          <----------- static: rebuilt on scoring ---> <-- grows one token per decode step -->
+        [ sink + local window | retrieved clusters | question + answer so far | free ... ]
+          <---------- static: rebuilt on scoring -----> <-- grows one token per decode step -->
 
     so a decode step copies only its own new KV, not the whole attended set.
     """
@@ -100,18 +92,15 @@ class QuestionPlan:
         return out[None]
 
     def _rebuild(self, layer: int, selection: LayerSelection, dtype: torch.dtype) -> None:
-        sink = self.stream.sink[layer]
-        local = self.stream.local_layer(layer)
-        num_local = 0 if local is None else local.shape[2]
+        past = self.stream.past_layer(layer)
         old, old_static, old_filled = self.buffers[layer], self.static_tokens[layer], self.filled_tokens[layer]
         generated = None if old is None else old[:, :, old_static:old_filled]
-        static = sink.shape[2] + selection.num_tokens + num_local
-        num_heads, head_dim = sink.shape[1], sink.shape[3]
-        buffer = sink.new_empty((2, num_heads, static + self.capacity_tokens, head_dim), dtype=dtype)
-        buffer[:, :, : sink.shape[2]] = sink
-        end = self.retriever.gather_into(selection, buffer, sink.shape[2])
-        if local is not None:
-            buffer[:, :, end : end + num_local] = local
+        static = past.shape[2] + selection.num_tokens
+        num_heads, head_dim = past.shape[1], past.shape[3]
+        buffer = past.new_empty((2, num_heads, static + self.capacity_tokens, head_dim), dtype=dtype)
+        buffer[:, :, : past.shape[2]] = past
+        end = self.retriever.gather_into(selection, buffer, past.shape[2])
+        assert end == static, f"gathered {end - past.shape[2]} tokens, selection said {selection.num_tokens}"
         filled = static
         if generated is not None and generated.shape[2]:
             buffer[:, :, static : static + generated.shape[2]] = generated
@@ -148,15 +137,12 @@ class RecallProbe:
             return
         history = [self.tiering.tiers.read(cid)[layer].to(query.device) for cid in candidates]
         sizes = [h.shape[2] for h in history]
-        pieces = [self.stream.sink[layer], *history]
-        local = self.stream.local_layer(layer)
-        if local is not None:
-            pieces.append(local)
-        keys = torch.cat([p[0] for p in pieces], dim=1).float()  # [H, N, D]
+        past = self.stream.past_layer(layer)
+        keys = torch.cat([p[0] for p in [past, *history]], dim=1).float()  # [H, N, D]: sink+window, then history
         keys = keys.repeat_interleave(self.spec.group_size, dim=0)  # [Hq, N, D]
         probs = torch.softmax(torch.einsum("htd,hnd->htn", query.float(), keys) * self.spec.scale, dim=-1)
         mass = probs.sum(dim=(0, 1))
-        start = self.stream.sink_tokens
+        start = past.shape[2]
         history_mass = mass[start : start + sum(sizes)]
         oracle = history_mass.topk(min(self.budget_tokens, history_mass.numel())).values.sum()
         chosen = set(selection.cluster_ids)

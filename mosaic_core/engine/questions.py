@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.maintenance import apply_merges
 from mosaic_core.engine.plans import QuestionPlan, RecallProbe
 from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, RetrievalStats, TokenEvent
@@ -86,7 +87,7 @@ def _generate(engine, state, question, question_ids, plan, max_new_tokens) -> It
     last_hidden = hidden[0, -1].float().cpu()
     next_id = int(model.logits(hidden[:, -1]).argmax(-1).item())
     _sync(model.device)
-    timings.prefill_s = timings.time_to_first_token_s = time.perf_counter() - start
+    timings.time_to_first_token_s = time.perf_counter() - start
     timings.score_s, timings.fetch_s = plan.retriever.score_s, plan.retriever.fetch_s
     timings.retrieval_s = timings.score_s + timings.fetch_s
     cursor += len(question_ids)
@@ -160,17 +161,13 @@ def _retrieval_stats(engine, plan, bytes_before, copies_before, hits_before, loo
     first = plan.selection_history[0] if plan.selection_history else []
     retrieved = {cid for sel in first if sel is not None for cid in sel.cluster_ids}
     tokens = [sel.num_tokens for sel in first if sel is not None]
-    lookups = tiering.device_lookups - lookups_before
-    hits = tiering.device_hits - hits_before
-    if engine.config.mode.value == "token":  # blocks are never cached on the device: every lookup misses
-        lookups, hits = sum(len(sel.cluster_ids) for sel in first if sel is not None), 0
     return RetrievalStats(
         num_clusters_retrieved=len(retrieved),
         num_tokens_retrieved=max(tokens, default=0),
         bytes_fetched=bytes_fetched,
         num_copies=copies,
-        device_hits=hits,
-        device_lookups=lookups,
+        device_hits=tiering.device_hits - hits_before,
+        device_lookups=tiering.device_lookups - lookups_before,
         transfer_s=plan.retriever.transfer_seconds(),
         attention_recall=None if plan.recall_probe is None else plan.recall_probe.recall,
     )
@@ -207,7 +204,7 @@ def _evidence(state: StreamState, plan: QuestionPlan, limit: int) -> list[Eviden
 
 def _maintain(engine, state: StreamState, plan: QuestionPlan) -> None:
     """Feeds what the question retrieved together to maintenance, and applies the merges it proposes."""
-    if not plan.selection_history or engine.config.mode.value != "cluster":
+    if not plan.selection_history or engine.config.mode is not RetrievalMode.CLUSTER:
         return
     first = [sel for sel in plan.selection_history[0] if sel is not None]
     # A cluster counts as retrieved when at least half of the layers chose it.

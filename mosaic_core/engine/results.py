@@ -52,9 +52,9 @@ class RetrievalStats:
 
 @dataclass(slots=True)
 class AnswerTimings:
-    """Seconds per stage. ``retrieval_s`` = ``score_s`` + ``fetch_s``, and is part of ``prefill_s``."""
+    """Seconds per stage. ``retrieval_s`` = ``score_s`` + ``fetch_s``, part of ``time_to_first_token_s`` (the
+    question's prefill)."""
 
-    prefill_s: float = 0.0
     retrieval_s: float = 0.0
     score_s: float = 0.0
     fetch_s: float = 0.0

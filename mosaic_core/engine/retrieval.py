@@ -71,8 +71,6 @@ class Retriever:
         # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
         self._summaries = stream.summaries.all_layers(candidates) if candidates else None
         self._gather_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.bytes_copied = 0
-        self.num_copies = 0
 
     def select(self, layer: int, query: torch.Tensor) -> LayerSelection:
         """Scores the candidates with ``query`` ``[num_q_heads, T, D]``; the chosen slabs are not moved yet."""
@@ -119,8 +117,6 @@ class Retriever:
         if host:
             num_copies = 1 if batched else len(host)
             self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, num_copies)
-            self.bytes_copied += num_bytes
-            self.num_copies += num_copies
             if events is not None:
                 events[1].record()
                 self._gather_events.append(events)
@@ -154,7 +150,8 @@ class Retriever:
         return chosen
 
     def _slab(self, cluster_id: str, layer: int) -> torch.Tensor:
-        if self.mode is RetrievalMode.CLUSTER and cluster_id not in self.votes:
+        # One lookup per cluster and question; token-mode blocks live on the host, so they always miss.
+        if self.mode is not RetrievalMode.FULL and cluster_id not in self.votes:
             self.tiering.record_lookup(hit=self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE)
         self.votes[cluster_id] = self.votes.get(cluster_id, 0) + 1
         return self.tiering.tiers.layer_slab(cluster_id, layer)

@@ -60,7 +60,7 @@ class StreamState:
         self.frames_ingested = 0
         self.local: deque[LocalFrame] = deque()
         self.local_tokens = 0
-        self._local_cache: dict[int, torch.Tensor] = {}
+        self._past_cache: dict[int, torch.Tensor] = {}
         # Vision-embedding statistics of the open cluster, for visual coherence.
         self.open_embeds: list[torch.Tensor] = []
 
@@ -84,7 +84,7 @@ class StreamState:
     def push_local(self, frame: LocalFrame) -> None:
         self.local.append(frame)
         self.local_tokens += frame.kv.shape[3]
-        self._local_cache.clear()
+        self._past_cache.clear()
 
     def pop_overflow(self, window_tokens: int) -> list[LocalFrame]:
         """Frames that no longer fit in the local window, oldest first."""
@@ -94,16 +94,22 @@ class StreamState:
             self.local_tokens -= frame.kv.shape[3]
             evicted.append(frame)
         if evicted:
-            self._local_cache.clear()
+            self._past_cache.clear()
         return evicted
 
-    def local_layer(self, layer: int) -> torch.Tensor | None:
-        """The local window of one layer, ``[2, num_kv_heads, local_tokens, head_dim]`` (cached per layer)."""
-        if not self.local:
-            return None
-        if layer not in self._local_cache:
-            self._local_cache[layer] = torch.cat([f.kv[layer] for f in self.local], dim=2)
-        return self._local_cache[layer]
+    def past_layer(self, layer: int) -> torch.Tensor | None:
+        """Sink + local window of one layer, ``[2, num_kv_heads, sink + local tokens, head_dim]``.
+
+        Every new frame and every question attends to exactly this; it is built once per layer and kept until
+        the window changes, so the frames of one pass and all layers of a question share the concatenation.
+        """
+        if layer not in self._past_cache:
+            pieces = [] if self.sink is None else [self.sink[layer]]
+            pieces += [f.kv[layer] for f in self.local]
+            if not pieces:
+                return None
+            self._past_cache[layer] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+        return self._past_cache[layer]
 
     def local_cluster_ids(self) -> set[str]:
         return {f.cluster_id for f in self.local}

@@ -25,6 +25,7 @@ class SummaryIndex:
         self.device = device
         self._rows: dict[str, int] = {}
         self._ids: list[str | None] = []
+        self._num_tokens: dict[str, int] = {}  # host-side copy of the counts, so sizes never sync the device
         capacity = 16
         # [capacity, num_layers, num_kv_heads, head_dim]
         self._sum = torch.zeros(capacity, spec.num_layers, spec.num_kv_heads, spec.head_dim, device=device)
@@ -43,11 +44,13 @@ class SummaryIndex:
         self._sum[row] += keys.sum(dim=2)
         self._sumsq[row] += keys.square().sum(dim=2)
         self._count[row] += keys.shape[2]
+        self._num_tokens[cluster_id] = self._num_tokens.get(cluster_id, 0) + keys.shape[2]
 
     def merge(self, left_id: str, right_id: str, merged_id: str) -> None:
         left, right = self._rows.pop(left_id), self._rows.pop(right_id)
         self._ids[left] = self._ids[right] = None
         row = self._new_row(merged_id)
+        self._num_tokens[merged_id] = self._num_tokens.pop(left_id) + self._num_tokens.pop(right_id)
         for stat in (self._sum, self._sumsq, self._count):
             stat[row] = stat[left] + stat[right]
             stat[left] = 0
@@ -56,11 +59,13 @@ class SummaryIndex:
     def remove(self, cluster_id: str) -> None:
         row = self._rows.pop(cluster_id)
         self._ids[row] = None
+        del self._num_tokens[cluster_id]
         for stat in (self._sum, self._sumsq, self._count):
             stat[row] = 0
 
     def count(self, cluster_id: str) -> int:
-        return int(self._count[self._rows[cluster_id]].item())
+        """Tokens summarised for a cluster (its stored KV)."""
+        return self._num_tokens[cluster_id]
 
     def rows(self, cluster_ids: list[str]) -> torch.Tensor:
         """Row indices of ``cluster_ids`` (valid until the next merge or removal)."""

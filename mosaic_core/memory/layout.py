@@ -41,8 +41,3 @@ class KVSpec:
     @property
     def scale(self) -> float:
         return self.head_dim**-0.5
-
-    def empty(self, num_tokens: int, *, device: torch.device | str = "cpu", pin: bool = False) -> torch.Tensor:
-        # [num_layers, 2, num_kv_heads, num_tokens, head_dim]
-        shape = (self.num_layers, 2, self.num_kv_heads, num_tokens, self.head_dim)
-        return torch.empty(shape, dtype=self.dtype, device=device, pin_memory=pin)

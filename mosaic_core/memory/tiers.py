@@ -117,7 +117,9 @@ class KVTiers:
     def append(self, cluster_id: str, chunk: torch.Tensor) -> None:
         """Grows a cluster by ``chunk`` ``[L, 2, H, n, D]`` along the token axis, in its current tier."""
         tier = self.tier_of(cluster_id)
-        grown = torch.cat([self.read(cluster_id).to(chunk.device), chunk], dim=3)
+        current = self.read(cluster_id)
+        # Concatenate where the cluster lives, so a host-tier cluster never makes a round trip to the device.
+        grown = torch.cat([current, chunk.to(current.device)], dim=3)
         self._store(cluster_id, grown, tier)
 
     def read(self, cluster_id: str) -> torch.Tensor:

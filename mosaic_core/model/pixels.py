@@ -179,9 +179,7 @@ def validate_frames(frames: np.ndarray) -> np.ndarray:
         InvalidFrameError: wrong type, dtype, rank or channel count, an empty side, or a side over 8192 px.
     """
     if not isinstance(frames, np.ndarray):
-        raise InvalidFrameError(
-            f"Frames must be a numpy array of uint8 RGB pixels, got {type(frames).__name__}."
-        )
+        raise InvalidFrameError(f"Frames must be a numpy array of uint8 RGB pixels, got {type(frames).__name__}.")
     if frames.dtype != np.uint8:
         raise InvalidFrameError(f"Frames must have dtype uint8, got {frames.dtype}.")
     if frames.ndim == 3:
@@ -194,9 +192,7 @@ def validate_frames(frames: np.ndarray) -> np.ndarray:
     if num_frames == 0:
         raise EmptyBatchError(f"The frame batch is empty: shape {frames.shape}.")
     if channels != NUM_CHANNELS:
-        raise InvalidFrameError(
-            f"Frames must have 3 RGB channels last, got {channels} in shape {frames.shape}."
-        )
+        raise InvalidFrameError(f"Frames must have 3 RGB channels last, got {channels} in shape {frames.shape}.")
     if height == 0 or width == 0:
         raise InvalidFrameError(f"Frames must not have an empty side, got shape {frames.shape}.")
     if height > MAX_FRAME_SIDE_PX or width > MAX_FRAME_SIDE_PX:
@@ -206,9 +202,7 @@ def validate_frames(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
-def resize_frames(
-    frames: np.ndarray, geometry: VisionGeometry, *, device: str | torch.device = "cpu"
-) -> torch.Tensor:
+def resize_frames(frames: np.ndarray, geometry: VisionGeometry, *, device: str | torch.device = "cpu") -> torch.Tensor:
     """Resizes validated ``[N, H, W, 3]`` uint8 frames to the geometry exactly as torchvision would.
 
     torchvision resizes uint8 natively on CPU (fixed-point bicubic, clamped between its two passes);

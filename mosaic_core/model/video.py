@@ -73,9 +73,7 @@ def iter_video_frames(
         raise InvalidArgumentError(f"Sampling fps must be a finite number above 0, got {fps!r}.")
     if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 0):
         raise InvalidArgumentError(f"max_frames must be None or an integer >= 0, got {max_frames!r}.")
-    if not (
-        isinstance(start_offset_s, (int, float)) and math.isfinite(start_offset_s) and start_offset_s >= 0
-    ):
+    if not (isinstance(start_offset_s, (int, float)) and math.isfinite(start_offset_s) and start_offset_s >= 0):
         raise InvalidArgumentError(f"start_offset_s must be a finite number >= 0, got {start_offset_s!r}.")
     sampler = _Sampler(fps=Fraction(fps))
     pass_offset = Fraction(0)
@@ -87,9 +85,7 @@ def iter_video_frames(
             stream_time = pass_offset + rel_time
             if not sampler.take(stream_time):
                 continue
-            yield SampledFrame(
-                timestamp_s=start_offset_s + float(stream_time), rgb=frame.to_ndarray(format="rgb24")
-            )
+            yield SampledFrame(timestamp_s=start_offset_s + float(stream_time), rgb=frame.to_ndarray(format="rgb24"))
             num_yielded += 1
             if max_frames is not None and num_yielded >= max_frames:
                 return
