@@ -59,6 +59,8 @@ class BenchSettings:
     device_budget_bytes: int
     num_questions: int
     recall_questions: int
+    decode_questions: int
+    recall_decode_tokens: int
     max_new_tokens: int
     frames_per_pass: int
     cameras: int
@@ -82,6 +84,8 @@ class BenchSettings:
                 device_budget_bytes=4 * MIB,
                 num_questions=3,
                 recall_questions=1,
+                decode_questions=2,
+                recall_decode_tokens=3,
                 max_new_tokens=4,
                 frames_per_pass=4,
                 cameras=4,
@@ -102,6 +106,8 @@ class BenchSettings:
             device_budget_bytes=int(args.device_budget_gib * GIB),
             num_questions=args.questions,
             recall_questions=3,
+            decode_questions=5,
+            recall_decode_tokens=6,
             max_new_tokens=16,
             frames_per_pass=16,
             cameras=args.cameras,
@@ -188,6 +194,7 @@ def ask_many(
                 "transfer_s": transfer_s,
                 "score_s": tm.score_s,
                 "fetch_s": tm.fetch_s,
+                "layers_scored": r.num_layers_scored,
             }
         )
     return rows
@@ -198,11 +205,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def scenario_a(model, s: BenchSettings, pcie_gbs: float, log) -> tuple[dict, dict]:
+def scenario_a(model, s: BenchSettings, pcie_gbs: float, log) -> tuple[dict, dict, dict]:
     """Long stream per mode, with scaling checkpoints (scenario C)."""
     total_s = int(s.minutes * 60)
     frames = looped_frames(total_s, stream_id="cam", clip=CLIPS[0])
-    results, scaling = {}, {}
+    results, scaling, decode = {}, {}, {}
     bare_ms = bare_question_ms(model, s)
     log(f"A: question forward without retrieval {bare_ms:.1f} ms")
     for mode in RetrievalMode:
@@ -229,42 +236,95 @@ def scenario_a(model, s: BenchSettings, pcie_gbs: float, log) -> tuple[dict, dic
                     "peak_bytes": peak,
                 }
             )
-        if s.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(s.num_questions)]
-        rows = ask_many(engine, s, "cam", questions, s.device)
-        profiled = ask_many(engine, s, "cam", questions[:3], s.device, profile=True)
-        recalls = [
-            engine.answer("cam", q, max_new_tokens=1, measure_recall=True).retrieval.attention_recall
-            for q in questions[: s.recall_questions]
-        ]
-        peak = torch.cuda.max_memory_allocated() if s.device.startswith("cuda") else 0
-        ttfts = [r["ttft_s"] for r in rows]
-        bytes_q = statistics.mean(r["bytes"] for r in rows)
-        results[mode.value] = {
-            "ttft_p50_ms": percentile(ttfts, 0.5) * 1e3,
-            "ttft_p95_ms": percentile(ttfts, 0.95) * 1e3,
-            "decode_ms_per_token": statistics.median(r["decode_s_per_token"] for r in rows) * 1e3,
-            "bytes_per_question": bytes_q,
-            "copies_per_question": statistics.mean(r["copies"] for r in rows),
-            "peak_gpu_bytes": peak,
-            "recall": statistics.mean(x for x in recalls if x is not None) if any(recalls) else None,
-            "ingest_frames_per_s": total_s / ingest_s,
-            "clusters": len(engine.clusters("cam")),
-            "first_question_bytes": rows[0]["bytes"],
-            "first_question_ttft_ms": rows[0]["ttft_s"] * 1e3,
-            "effective_gbs": _effective_gbs(rows),
-            "transfer_gbs": _transfer_gbs(rows),
-            "score_ms": statistics.median(r["score_s"] for r in profiled) * 1e3,
-            "fetch_ms": statistics.median(r["fetch_s"] for r in profiled) * 1e3,
-            "profiled_ttft_ms": statistics.median(r["ttft_s"] for r in profiled) * 1e3,
-            "floor_ms": (bytes_q / (pcie_gbs * 1e9) if pcie_gbs else 0.0) * 1e3 + bare_ms,
-        }
+        ingest_fps = total_s / ingest_s
+        results[mode.value] = measure_questions(engine, s, pcie_gbs, bare_ms, ingest_fps)
         log(f"A/{mode.value}: {json.dumps(results[mode.value])}")
+        if mode is RetrievalMode.CLUSTER:
+            default = engine.config
+            for label, layer in cluster_variants(s, default.prefetch_after_layer):
+                engine.config = dataclasses.replace(default, prefetch_after_layer=layer)
+                results[label] = measure_questions(engine, s, pcie_gbs, bare_ms, ingest_fps)
+                log(f"A/{label}: {json.dumps(results[label])}")
+            engine.config = default
+            decode = decode_rescoring(engine, s, log)
         del engine
         if s.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    return results, scaling
+    return results, scaling, decode
+
+
+def cluster_variants(s: BenchSettings, default_layer: int | None) -> list[tuple[str, int | None]]:
+    """The same cluster-mode stream asked again with each way of choosing later layers' clusters."""
+    layers = [None, 0, 1, 3] if s.model != "tiny" else [None, 0]
+    return [(_variant_label(layer), layer) for layer in layers if layer != default_layer]
+
+
+def _variant_label(layer: int | None) -> str:
+    return "cluster/per-layer" if layer is None else f"cluster/prefetch@{layer}"
+
+
+def measure_questions(engine: Engine, s: BenchSettings, pcie_gbs: float, bare_ms: float, ingest_fps: float) -> dict:
+    if s.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(s.num_questions)]
+    rows = ask_many(engine, s, "cam", questions, s.device)
+    profiled = ask_many(engine, s, "cam", questions[:3], s.device, profile=True)
+    recalls = [
+        engine.answer("cam", q, max_new_tokens=1, measure_recall=True).retrieval.attention_recall
+        for q in questions[: s.recall_questions]
+    ]
+    peak = torch.cuda.max_memory_allocated() if s.device.startswith("cuda") else 0
+    ttfts = [r["ttft_s"] for r in rows]
+    bytes_q = statistics.mean(r["bytes"] for r in rows)
+    return {
+        "prefetch_after_layer": engine.config.prefetch_after_layer,
+        "layers_scored": rows[0]["layers_scored"],
+        "ttft_p50_ms": percentile(ttfts, 0.5) * 1e3,
+        "ttft_p95_ms": percentile(ttfts, 0.95) * 1e3,
+        "decode_ms_per_token": statistics.median(r["decode_s_per_token"] for r in rows) * 1e3,
+        "bytes_per_question": bytes_q,
+        "copies_per_question": statistics.mean(r["copies"] for r in rows),
+        "peak_gpu_bytes": peak,
+        "recall": statistics.mean(x for x in recalls if x is not None) if any(recalls) else None,
+        "ingest_frames_per_s": ingest_fps,
+        "clusters": len(engine.clusters("cam")),
+        "first_question_bytes": rows[0]["bytes"],
+        "first_question_ttft_ms": rows[0]["ttft_s"] * 1e3,
+        "hit_ratio": sum(r["hits"] for r in rows) / max(1, sum(r["lookups"] for r in rows)),
+        "effective_gbs": _effective_gbs(rows),
+        "transfer_gbs": _transfer_gbs(rows),
+        "score_ms": statistics.median(r["score_s"] for r in profiled) * 1e3,
+        "fetch_ms": statistics.median(r["fetch_s"] for r in profiled) * 1e3,
+        "profiled_ttft_ms": statistics.median(r["ttft_s"] for r in profiled) * 1e3,
+        "floor_ms": (bytes_q / (pcie_gbs * 1e9) if pcie_gbs else 0.0) * 1e3 + bare_ms,
+    }
+
+
+def decode_rescoring(engine: Engine, s: BenchSettings, log) -> dict:
+    """Decode speed and fidelity when clusters are re-chosen every N generated tokens (0: once per question).
+
+    Fidelity is the attention recall of each decode step's queries against the oracle top-k over the whole
+    history, with the clusters that step actually attended to.
+    """
+    default, results = engine.config, {}
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(s.decode_questions)]
+    for every in (0, 8, 4, 1):
+        engine.config = dataclasses.replace(default, rescore_every_tokens=every)
+        rows = ask_many(engine, s, "cam", questions, s.device)
+        probed = [
+            engine.answer("cam", q, max_new_tokens=s.recall_decode_tokens, measure_recall=True).retrieval
+            for q in questions[:2]
+        ]
+        decode_recalls = [r.decode_attention_recall for r in probed if r.decode_attention_recall is not None]
+        results[str(every)] = {
+            "decode_ms_per_token": statistics.median(r["decode_s_per_token"] for r in rows) * 1e3,
+            "decode_bytes_per_question": statistics.mean(r["bytes"] for r in rows),
+            "decode_recall": statistics.mean(decode_recalls) if decode_recalls else None,
+            "prefill_recall": statistics.mean(r.attention_recall for r in probed),
+        }
+        log(f"decode/rescore every {every}: {json.dumps(results[str(every)])}")
+    engine.config = default
+    return results
 
 
 def _transfer_gbs(rows) -> float:
@@ -367,7 +427,7 @@ def main(argv=None) -> int:
         report["gpu"] = torch.cuda.get_device_name()
     scenarios = set(args.scenarios.upper().split(","))
     if "A" in scenarios:
-        report["A"], report["C"] = scenario_a(model, s, pcie, log)
+        report["A"], report["C"], report["decode"] = scenario_a(model, s, pcie, log)
     if "B" in scenarios:
         report["B"] = scenario_b(model, s, log)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -244,6 +244,48 @@ def bench_prefill(cuda: bool, quick: bool, dev: torch.device) -> list[Row]:
     return rows
 
 
+def bench_slabs(cuda: bool, quick: bool, dev: torch.device) -> list[Row]:
+    """One layer of many clusters from pinned host memory into a question buffer: the retrieval gather.
+
+    Sizes as in scenario A at 60 minutes: ~50 clusters of 200-460 tokens (16k tokens), 7B KV layout.
+    """
+    from mosaic_core.kernels.slab_gather import gather_slabs, gather_slabs_reference
+
+    layers, heads, dim = (3, 2, 32) if quick else (28, 4, 128)
+    gen = torch.Generator().manual_seed(0)
+    sizes = [int(n) for n in torch.randint(4 if quick else 200, 12 if quick else 460, (50,), generator=gen)]
+    pin = cuda
+    clusters = [torch.randn(layers, 2, heads, n, dim, generator=gen).to(torch.bfloat16) for n in sizes]
+    clusters = [c.pin_memory() if pin else c for c in clusters]
+    slabs = [c[1] for c in clusters]
+    total = sum(sizes)
+    out = torch.empty(2, heads, total, dim, dtype=torch.bfloat16, device=dev)
+    expected = torch.cat(slabs, dim=2).to(dev)
+    moved = expected.numel() * expected.element_size()
+    case = f"{len(sizes)} slabs, {total} tokens, {moved >> 20} MiB"
+    rows = [
+        measure("slabs", case, "copy_ per slab", lambda: gather_slabs_reference(slabs, out, 0), cuda,
+                graph=False, bytes_moved=moved),
+    ]  # fmt: skip
+    if cuda:
+        flat = torch.empty(moved, dtype=torch.uint8, pin_memory=True)
+        flat_dst = torch.empty(moved, dtype=torch.uint8, device=dev)
+        rows.append(
+            measure("slabs", case, "one contiguous copy (PCIe peak)",
+                    lambda: flat_dst.copy_(flat, non_blocking=True), cuda, graph=False, bytes_moved=moved)
+        )  # fmt: skip
+    configs = [(64, 4)] if quick else [(t, w) for t in (32, 64, 128, 256) for w in (2, 4, 8)]
+    for block_tokens, num_warps in configs:
+        fn = partial(gather_slabs, slabs, out, 0, block_tokens=block_tokens, num_warps=num_warps)
+        fn()
+        err = max_err(out, expected)
+        rows.append(
+            measure("slabs", case, f"triton gather T={block_tokens} warps={num_warps}", fn, cuda, graph=False,
+                    bytes_moved=moved, err=err)
+        )  # fmt: skip
+    return rows
+
+
 def _gbps(nbytes: int, ms: float | None) -> str:
     return "" if not nbytes or not ms else f"{nbytes / ms / 1e6:.1f}"
 
@@ -270,7 +312,7 @@ def print_table(rows: list[Row]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes; runs on CPU in the Triton interpreter")
-    parser.add_argument("--only", default="scoring,gather,decode,paged,prefill", help="comma-separated sections")
+    parser.add_argument("--only", default="scoring,gather,slabs,decode,paged,prefill", help="comma-separated sections")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -281,6 +323,7 @@ def main() -> None:
     sections = {
         "scoring": bench_scoring,
         "gather": bench_gather,
+        "slabs": bench_slabs,
         "decode": bench_decode,
         "paged": bench_paged,
         "prefill": bench_prefill,

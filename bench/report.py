@@ -40,6 +40,8 @@ def format_report(report: dict) -> str:
                     frac,
                     _fmt_bytes(r["peak_gpu_bytes"]),
                     recall,
+                    f"{r.get('hit_ratio', 0):.2f}",
+                    str(r.get("layers_scored", "-")),
                     f"{r['ingest_frames_per_s']:.1f}",
                 ]
             )
@@ -54,6 +56,8 @@ def format_report(report: dict) -> str:
             "of peak",
             "peak GPU mem",
             "recall",
+            "hit ratio",
+            "layers scored",
             "ingest fps",
         ]
         parts.append(_table("Scenario A: one long stream", header, rows))
@@ -65,6 +69,20 @@ def format_report(report: dict) -> str:
             breakdown.append([*row, f"{r.get('floor_ms', 0):.1f}"])
         title = "Scenario A: time to first token by stage (median ms of profiled questions, each stage synchronised)"
         parts.append(_table(title, ["mode", "TTFT", "score", "fetch", "forward+rest", "floor"], breakdown))
+    decode = report.get("decode")
+    if decode:
+        rows = [
+            [
+                "once per question" if every == "0" else f"every {every} tokens",
+                f"{r['decode_ms_per_token']:.1f}",
+                _fmt_bytes(r["decode_bytes_per_question"]),
+                "-" if r["decode_recall"] is None else f"{r['decode_recall']:.3f}",
+                f"{r['prefill_recall']:.3f}",
+            ]
+            for every, r in decode.items()
+        ]
+        header = ["re-scoring", "decode ms/tok", "bytes/answer", "decode recall", "prefill recall"]
+        parts.append(_table("Decode: re-scoring interval (cluster mode)", header, rows))
     c = report.get("C")
     if c:
         rows = [

@@ -52,6 +52,9 @@ class EngineConfig:
         disk_budget_bytes: disk-tier bytes; 0 disables the disk tier.
         disk_dir: where the disk tier keeps its files; required when disk_budget_bytes > 0.
         eviction_policy: name of the policy that picks which clusters to spill ("lru" or "heat").
+        prefetch_after_layer: in cluster mode, the layer whose choice of clusters every later layer reuses, so
+            their gathers are queued at once and move while the layers before them compute; layers up to it
+            score their own queries. None scores every layer itself (each waits for its own choice and gather).
         rescore_every_tokens: decode steps between re-scoring clusters; 0 scores once per question.
         max_question_tokens: questions longer than this are rejected.
         max_new_tokens_limit: upper bound a caller may ask for per answer.
@@ -71,6 +74,7 @@ class EngineConfig:
     disk_budget_bytes: int = 0
     disk_dir: str | None = None
     eviction_policy: str = "lru"
+    prefetch_after_layer: int | None = 1
     rescore_every_tokens: int = 0
     max_question_tokens: int = 512
     max_new_tokens_limit: int = 512
@@ -107,5 +111,7 @@ class EngineConfig:
                 f"formation.max_tokens={self.formation.max_tokens} exceeds retrieval_budget_tokens="
                 f"{self.retrieval_budget_tokens}: a cluster must fit in one retrieval"
             )
+        if self.prefetch_after_layer is not None and self.prefetch_after_layer < 0:
+            raise ConfigError(f"prefetch_after_layer must be >= 0 or None, got {self.prefetch_after_layer}")
         if not 0.0 < self.merge_min_joint_fraction <= 1.0:
             raise ConfigError(f"merge_min_joint_fraction must be in (0, 1], got {self.merge_min_joint_fraction}")

@@ -4,7 +4,8 @@
   stream's sink + local window + itself; the new KV is kept for the caller to place in the window.
 - ``QuestionPlan``: one stream's question and then its answer, token by token. Each layer attends to
   sink + retrieved clusters + local window + the question and answer so far. Clusters are chosen when the question
-  is prefilled and, if configured, again every ``rescore_every_tokens`` decode steps.
+  is prefilled and, if configured, again every ``rescore_every_tokens`` decode steps. A layer's retrieved KV is
+  gathered on the transfer engine's side stream; the layer waits for its own gather only, right before it attends.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mosaic_core.engine.attend import attend_batch, attend_over
 from mosaic_core.engine.retrieval import LayerSelection, Retriever
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.memory.layout import KVSpec
+from mosaic_core.memory.transfer import Moved
 
 
 class IngestPlan:
@@ -46,7 +48,9 @@ class QuestionPlan:
         [ sink + local window | retrieved clusters | question + answer so far | free ... ]
           <---------- static: rebuilt on scoring -----> <-- grows one token per decode step -->
 
-    so a decode step copies only its own new KV, not the whole attended set.
+    so a decode step copies only its own new KV, not the whole attended set. When the retriever shares one
+    layer's choice with all later layers, their buffers are built and their gathers queued as soon as that layer
+    has chosen, so layer l+1's clusters move while layer l computes.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class QuestionPlan:
         num_layers = retriever.spec.num_layers
         self.selections: list[LayerSelection | None] = [None] * num_layers
         self.buffers: list[torch.Tensor | None] = [None] * num_layers  # [2, H, static + capacity, D]
+        self.gathers: list[Moved] = [Moved()] * num_layers
         self.static_tokens = [0] * num_layers
         self.filled_tokens = [0] * num_layers
         self.steps = 0  # forward passes so far: 0 is the question prefill
@@ -73,13 +78,10 @@ class QuestionPlan:
 
     def attend(self, layer_idx, query, key, value, scale):
         if self._should_score():
-            selection = self.retriever.select(layer_idx, query[0])
-            self.selections[layer_idx] = selection
-            if self.recall_probe is not None and self.steps == 0:
-                self.recall_probe.observe(layer_idx, query[0], selection)
-            self._rebuild(layer_idx, selection, key.dtype)
-            if layer_idx == len(self.selections) - 1:
-                self.selection_history.append(list(self.selections))
+            self._choose(layer_idx, query[0], key.dtype)
+        if self.recall_probe is not None:
+            self.recall_probe.observe(layer_idx, query[0], self.selections[layer_idx], step=self.steps)
+        self.retriever.tiering.tiers.transfers.wait(self.gathers[layer_idx])
         buffer, start = self.buffers[layer_idx], self.filled_tokens[layer_idx]
         end = start + key.shape[2]
         assert end <= buffer.shape[2], f"question plan capacity {self.capacity_tokens} tokens exceeded"
@@ -91,6 +93,18 @@ class QuestionPlan:
             self.steps += 1
         return out[None]
 
+    def _choose(self, layer: int, query: torch.Tensor, dtype: torch.dtype) -> None:
+        anchor, last = self.retriever.prefetch_after_layer, len(self.selections) - 1
+        if anchor is not None and layer > anchor:
+            return  # chosen, and its gather queued, when the anchor layer ran
+        selection = self.retriever.select(layer, query)
+        self._rebuild(layer, selection, dtype)
+        if layer == anchor:
+            for later in range(layer + 1, last + 1):
+                self._rebuild(later, self.retriever.reuse(later, selection), dtype)
+        if layer in (anchor, last):
+            self.selection_history.append(list(self.selections))
+
     def _rebuild(self, layer: int, selection: LayerSelection, dtype: torch.dtype) -> None:
         past = self.stream.past_layer(layer)
         old, old_static, old_filled = self.buffers[layer], self.static_tokens[layer], self.filled_tokens[layer]
@@ -99,12 +113,13 @@ class QuestionPlan:
         num_heads, head_dim = past.shape[1], past.shape[3]
         buffer = past.new_empty((2, num_heads, static + self.capacity_tokens, head_dim), dtype=dtype)
         buffer[:, :, : past.shape[2]] = past
-        end = self.retriever.gather_into(selection, buffer, past.shape[2])
+        end, self.gathers[layer] = self.retriever.gather_into(selection, buffer, past.shape[2])
         assert end == static, f"gathered {end - past.shape[2]} tokens, selection said {selection.num_tokens}"
         filled = static
         if generated is not None and generated.shape[2]:
             buffer[:, :, static : static + generated.shape[2]] = generated
             filled += generated.shape[2]
+        self.selections[layer] = selection
         self.buffers[layer], self.static_tokens[layer], self.filled_tokens[layer] = buffer, static, filled
 
     def _should_score(self) -> bool:
@@ -119,6 +134,8 @@ class RecallProbe:
     For each layer, full attention of the question over sink + every history token + local window gives each
     history token its attention mass (summed over heads and question tokens). The oracle keeps the ``budget``
     heaviest history tokens; recall is the mass the retrieved tokens carry over the mass the oracle carries.
+    Step 0 is the question's prefill; later steps are decode steps (observed when the answer is longer than one
+    token), which show what reusing the question's choice costs as the answer grows.
     """
 
     def __init__(
@@ -129,9 +146,9 @@ class RecallProbe:
         self.tiering = tiering
         self.budget_tokens = budget_tokens
         self.spec = spec
-        self.per_layer: list[float] = []
+        self.per_step: dict[int, list[float]] = {}  # step -> recall of each layer
 
-    def observe(self, layer: int, query: torch.Tensor, selection: LayerSelection) -> None:
+    def observe(self, layer: int, query: torch.Tensor, selection: LayerSelection, *, step: int = 0) -> None:
         candidates = self.candidates
         if not candidates:
             return
@@ -152,8 +169,18 @@ class RecallProbe:
                 retrieved += history_mass[offset : offset + size].sum()
             offset += size
         # Retrieving more tokens than the budget (full mode) can carry more mass than the oracle: cap at 1.
-        self.per_layer.append(min(1.0, float(retrieved / oracle.clamp_min(1e-12))))
+        self.per_step.setdefault(step, []).append(min(1.0, float(retrieved / oracle.clamp_min(1e-12))))
 
     @property
     def recall(self) -> float | None:
-        return sum(self.per_layer) / len(self.per_layer) if self.per_layer else None
+        """Mean over layers at the question's prefill."""
+        return _mean(self.per_step.get(0, []))
+
+    @property
+    def decode_recall(self) -> float | None:
+        """Mean over layers and decode steps; None when only the prefill was observed."""
+        return _mean([r for step, values in self.per_step.items() if step > 0 for r in values])
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

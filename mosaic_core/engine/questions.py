@@ -48,6 +48,7 @@ def ask(
         stream=state,
         candidates=candidates,
         budget_tokens=config.retrieval_budget_tokens,
+        prefetch_after_layer=config.prefetch_after_layer,
         profile=profile,
     )
     probe = None
@@ -164,12 +165,14 @@ def _retrieval_stats(engine, plan, bytes_before, copies_before, hits_before, loo
     return RetrievalStats(
         num_clusters_retrieved=len(retrieved),
         num_tokens_retrieved=max(tokens, default=0),
+        num_layers_scored=sum(1 for sel in first if sel is not None and sel.scores is not None),
         bytes_fetched=bytes_fetched,
         num_copies=copies,
         device_hits=tiering.device_hits - hits_before,
         device_lookups=tiering.device_lookups - lookups_before,
         transfer_s=plan.retriever.transfer_seconds(),
         attention_recall=None if plan.recall_probe is None else plan.recall_probe.recall,
+        decode_attention_recall=None if plan.recall_probe is None else plan.recall_probe.decode_recall,
     )
 
 
@@ -183,6 +186,8 @@ def _evidence(state: StreamState, plan: QuestionPlan, limit: int) -> list[Eviden
             if selection is None:
                 continue
             num_scored += 1
+            if selection.scores is None:
+                continue  # a layer that reused another layer's choice adds no evidence of its own
             probabilities = selection.probabilities(candidates)
             for cluster_id in selection.cluster_ids:
                 mass[cluster_id] += probabilities.get(cluster_id, 0.0)

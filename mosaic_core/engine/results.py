@@ -42,12 +42,14 @@ class EvidenceSpan:
 class RetrievalStats:
     num_clusters_retrieved: int = 0
     num_tokens_retrieved: int = 0
+    num_layers_scored: int = 0  # layers that chose with their own queries; the rest reused an earlier choice
     bytes_fetched: int = 0
     num_copies: int = 0
     device_hits: int = 0
     device_lookups: int = 0
     transfer_s: float = 0.0  # device time of the gathers that copied retrieved KV (CUDA only)
-    attention_recall: float | None = None
+    attention_recall: float | None = None  # at the question's prefill (measure_recall only)
+    decode_attention_recall: float | None = None  # over the decode steps, with the clusters then in use
 
 
 @dataclass(slots=True)

@@ -5,8 +5,13 @@
   own, nothing cached on the device between questions.
 - ``cluster``: clusters scored by centroid and spread. A chosen cluster already on the device (the GPU cluster
   cache) costs no transfer; the chosen layer slabs of one layer, wherever they live, move into the question's
-  buffer in one gather launch (on CUDA). After the answer, the clusters most layers chose are promoted to the
-  device whole, off the question's critical path, for the next question.
+  buffer in one gather launch (on CUDA). With ``prefetch_after_layer`` set, the layers up to it score their own
+  queries and every later layer takes that layer's choice, so their gathers are queued on the transfer engine's
+  side stream at once and run while the earlier layers compute. After the answer, the clusters most layers chose
+  are promoted to the device whole, off the question's critical path, for the next question.
+
+Gathers are queued, never waited for here: the plan makes the compute stream wait for a layer's gather right
+before that layer attends.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.summaries import score_clusters
 from mosaic_core.engine.tiering import TierManager
-from mosaic_core.kernels.slab_gather import gather_slabs, gather_slabs_reference
 from mosaic_core.memory.layout import KVSpec
+from mosaic_core.memory.transfer import Moved
 
 
 @dataclass(slots=True)
@@ -54,6 +59,7 @@ class Retriever:
         stream: StreamState,
         candidates: list[str],
         budget_tokens: int,
+        prefetch_after_layer: int | None = None,
         profile: bool = False,
     ) -> None:
         self.mode = mode
@@ -62,6 +68,9 @@ class Retriever:
         self.stream = stream
         self.candidates = candidates
         self.budget_tokens = budget_tokens
+        last = spec.num_layers - 1
+        shared = mode is RetrievalMode.CLUSTER and prefetch_after_layer is not None and prefetch_after_layer < last
+        self.prefetch_after_layer = prefetch_after_layer if shared else None
         self.votes: dict[str, int] = {}  # cluster -> layers that chose it
         # Stage timers for the benchmark's breakdown. They synchronise the device, so they are off by default.
         self.profile = profile
@@ -70,7 +79,7 @@ class Retriever:
         self._sizes = {cid: stream.summaries.count(cid) for cid in candidates}
         # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
         self._summaries = stream.summaries.all_layers(candidates) if candidates else None
-        self._gather_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._timed_gathers: list[Moved] = []
 
     def select(self, layer: int, query: torch.Tensor) -> LayerSelection:
         """Scores the candidates with ``query`` ``[num_q_heads, T, D]``; the chosen slabs are not moved yet."""
@@ -96,39 +105,32 @@ class Retriever:
         self.score_s += self._now(query.device) - start
         return LayerSelection(chosen, slabs, on_device, sum(slab.shape[2] for slab in slabs), scores)
 
-    def gather_into(self, selection: LayerSelection, buffer: torch.Tensor, first_token: int) -> int:
-        """Copies a layer's chosen slabs into ``buffer[:, :, first_token:]``; returns the end offset.
+    def reuse(self, layer: int, chosen: LayerSelection) -> LayerSelection:
+        """Layer ``layer``'s slabs of clusters another layer chose (no scoring of its own)."""
+        slabs = [self._slab(cluster_id, layer) for cluster_id in chosen.cluster_ids]
+        return LayerSelection(list(chosen.cluster_ids), slabs, list(chosen.on_device), chosen.num_tokens)
+
+    def gather_into(self, selection: LayerSelection, buffer: torch.Tensor, first_token: int) -> tuple[int, Moved]:
+        """Queues a layer's chosen slabs into ``buffer[:, :, first_token:]``; returns the end offset and the move
+        to wait for before reading the buffer.
 
         ``cluster`` and ``full`` modes move every slab of the layer in one kernel launch that reads pinned host
         and device memory in place (on CUDA). ``token`` mode keeps the ReKV baseline: one copy per block.
         """
         start = self._now(buffer.device)
-        events = _event_pair(buffer.device)
-        record_start = None if events is None else events[0].record
         host = [slab for slab, resident in zip(selection.slabs, selection.on_device, strict=True) if not resident]
         batched = self.mode is not RetrievalMode.TOKEN and buffer.is_cuda and all(s.is_pinned() for s in host)
-        if batched:
-            end = gather_slabs(selection.slabs, buffer, first_token, on_launch=record_start)
-        else:
-            if record_start is not None:
-                record_start()
-            end = gather_slabs_reference(selection.slabs, buffer, first_token)
-        num_bytes = sum(slab.numel() * slab.element_size() for slab in host)
+        end, moved = self.tiering.tiers.transfers.gather(selection.slabs, buffer, first_token, batched=batched)
         if host:
-            num_copies = 1 if batched else len(host)
-            self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, num_copies)
-            if events is not None:
-                events[1].record()
-                self._gather_events.append(events)
+            num_bytes = sum(slab.numel() * slab.element_size() for slab in host)
+            self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, 1 if batched else len(host))
+            self._timed_gathers.append(moved)
         self.fetch_s += self._now(buffer.device) - start
-        return end
+        return end, moved
 
     def transfer_seconds(self) -> float:
         """Device time spent gathering retrieved KV that had to be copied (waits for the copies to finish)."""
-        if not self._gather_events:
-            return 0.0
-        self._gather_events[-1][1].synchronize()
-        return sum(start.elapsed_time(end) for start, end in self._gather_events) / 1e3
+        return sum(moved.seconds() for moved in self._timed_gathers)
 
     def promote(self) -> list[str]:
         """After the answer: caches on the device the clusters that at least half of the layers chose."""
@@ -162,10 +164,3 @@ class Retriever:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
-
-
-def _event_pair(device: torch.device) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
-    """A pair of timing CUDA events, both recorded by the caller, or None off CUDA."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -51,7 +51,13 @@ def gather_slabs_kernel(
 
 
 def gather_slabs(
-    slabs: list[torch.Tensor], out: torch.Tensor, first_token: int, *, on_launch: Callable[[], None] | None = None
+    slabs: list[torch.Tensor],
+    out: torch.Tensor,
+    first_token: int,
+    *,
+    on_launch: Callable[[], None] | None = None,
+    block_tokens: int = 64,
+    num_warps: int = 4,
 ) -> int:
     """Copies ``slabs`` (each ``[2, H, n_c, D]``, contiguous) into ``out[:, :, first_token:]`` back to back.
 
@@ -61,6 +67,8 @@ def gather_slabs(
         first_token: where the first slab lands in ``out``.
         on_launch: called right before the launch (after the host has built the address table), so a caller
             can time the transfer itself with a device event.
+        block_tokens, num_warps: tile of one program (tokens of one head's K or V) and its warps; the defaults
+            are what ``bench/kernels_bench.py --only slabs`` found fastest (bench/NOTES.md).
 
     Returns:
         The token offset one past the last slab.
@@ -83,13 +91,13 @@ def gather_slabs(
         raise InvalidArgumentError(f"{offset} tokens do not fit out {tuple(out.shape)} (or out is strided)")
     host_table = torch.tensor(table, dtype=torch.int64)
     table_t = host_table.pin_memory().to(out.device, non_blocking=True) if out.is_cuda else host_table
-    block_t = min(64, next_power_of_2(longest))
+    block_t = min(block_tokens, next_power_of_2(longest))
     grid = (len(slabs), 2 * num_heads, triton.cdiv(longest, block_t))
     if on_launch is not None:
         on_launch()
     launchable(gather_slabs_kernel)[grid](
         table_t, out, 2 * num_heads, out.stride(1), out.stride(2),
-        ELEM=_TL_DTYPES[out.dtype], HEAD_DIM=head_dim, BLOCK_T=block_t,
+        ELEM=_TL_DTYPES[out.dtype], HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=num_warps,
     )  # fmt: skip
     return offset
 

@@ -1,7 +1,10 @@
 """Where cluster KV bytes physically live: device tensors, host tensors (pinned under CUDA) and disk files.
 
 ``ResidencyManager`` (plain Python) decides; this module only does. Each cluster is one contiguous tensor
-``[num_layers, 2, num_kv_heads, num_tokens, head_dim]`` in exactly one tier; moving it is one copy.
+``[num_layers, 2, num_kv_heads, num_tokens, head_dim]`` in exactly one tier; moving it is one copy, queued on the
+transfer engine's side stream under CUDA. Until that copy has run, the cluster is "moving": ``read`` waits for it
+(the compute stream for device bytes, the host for host bytes), while ``layer_slab`` does not, because its reader
+is a gather queued on the same side stream after the move.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.errors import UnknownClusterError
 from mosaic_core.memory.layout import KVSpec
+from mosaic_core.memory.transfer import Moved, TransferEngine
 
 DIRECTIONS = {
     (Tier.HOST, Tier.DEVICE): "host_to_device",
@@ -97,8 +101,10 @@ class KVTiers:
         self.pin_host = self.device.type == "cuda"
         self.disk = DiskTier(disk_dir) if disk_dir else None
         self.stats = TransferStats()
+        self.transfers = TransferEngine(self.device)
         self._tensors: dict[str, torch.Tensor] = {}
         self._tiers: dict[str, Tier] = {}
+        self._moving: dict[str, Moved] = {}
 
     def __contains__(self, cluster_id: str) -> bool:
         return cluster_id in self._tiers
@@ -123,10 +129,12 @@ class KVTiers:
         self._store(cluster_id, grown, tier)
 
     def read(self, cluster_id: str) -> torch.Tensor:
-        """The whole cluster, where it lives (disk clusters are read into host memory)."""
+        """The whole cluster, where it lives (disk clusters are read into host memory), safe to use from the
+        compute stream and the host."""
         tier = self.tier_of(cluster_id)
         if tier is Tier.DISK:
             return self.disk.read(cluster_id)
+        self._settle(cluster_id)
         return self._tensors[cluster_id]
 
     def layer_slab(self, cluster_id: str, layer: int) -> torch.Tensor:
@@ -143,7 +151,8 @@ class KVTiers:
         src = self.tier_of(cluster_id)
         if src is dst:
             return 0
-        kv = self.read(cluster_id)
+        # Between host and device the copy is queued behind any earlier move of the cluster: no wait needed.
+        kv = self.read(cluster_id) if Tier.DISK in (src, dst) else self._tensors[cluster_id]
         num_bytes = kv.numel() * kv.element_size()
         if src is Tier.DISK:
             self.disk.delete(cluster_id)
@@ -155,6 +164,7 @@ class KVTiers:
     def delete(self, cluster_id: str) -> None:
         tier = self._tiers.pop(cluster_id, None)
         self._tensors.pop(cluster_id, None)
+        self._moving.pop(cluster_id, None)
         if tier is Tier.DISK:
             self.disk.delete(cluster_id)
 
@@ -163,10 +173,24 @@ class KVTiers:
             assert self.disk is not None, "disk tier used but not configured"
             self.disk.write(cluster_id, kv)
             self._tensors.pop(cluster_id, None)
-        elif tier is Tier.HOST:
-            host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=self.pin_host)
-            host.copy_(kv)
-            self._tensors[cluster_id] = host
+            self._tiers[cluster_id] = tier
+            return
+        if tier is Tier.HOST:
+            stored, moved = self.transfers.to_host(kv, pin=self.pin_host)
         else:
-            self._tensors[cluster_id] = kv.to(self.device).contiguous()
+            stored, moved = self.transfers.to_device(kv)
+        self._tensors[cluster_id] = stored
         self._tiers[cluster_id] = tier
+        if moved.ready is None:
+            self._moving.pop(cluster_id, None)
+        else:
+            self._moving[cluster_id] = moved
+
+    def _settle(self, cluster_id: str) -> None:
+        moved = self._moving.pop(cluster_id, None)
+        if moved is None:
+            return
+        if self._tensors[cluster_id].is_cuda:
+            self.transfers.wait(moved)
+        else:
+            moved.ready.synchronize()

@@ -20,10 +20,16 @@ def _hidden(engine, stream_id="cam", **kwargs):
     return engine.answer(stream_id, QUESTION, max_new_tokens=1, **kwargs).last_hidden
 
 
-@pytest.mark.parametrize("mode", ["token", "cluster"])
-def test_budget_covering_the_stream_matches_full(tiny_model, bikes_frames, mode):
+@pytest.mark.parametrize(("mode", "prefetch_after_layer"), [("token", None), ("cluster", None), ("cluster", 0)])
+def test_budget_covering_the_stream_matches_full(tiny_model, bikes_frames, mode, prefetch_after_layer):
     full = make_engine(tiny_model, mode="full")
-    other = make_engine(tiny_model, mode=mode, retrieval_budget_tokens=2_000, device_budget_bytes=64 * MIB)
+    other = make_engine(
+        tiny_model,
+        mode=mode,
+        retrieval_budget_tokens=2_000,
+        device_budget_bytes=64 * MIB,
+        prefetch_after_layer=prefetch_after_layer,
+    )
     for engine in (full, other):
         engine.open_stream("cam")
         feed(engine, "cam", bikes_frames[:24])
@@ -32,6 +38,37 @@ def test_budget_covering_the_stream_matches_full(tiny_model, bikes_frames, mode)
     logits_full = tiny_model.logits(expected[None].to(tiny_model.dtype))
     logits_other = tiny_model.logits(got[None].to(tiny_model.dtype))
     assert torch.allclose(logits_full, logits_other, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("prefetch_after_layer", "scored"), [(None, 4), (0, 1), (1, 2), (3, 4), (9, 4)])
+def test_layers_after_the_prefetch_layer_reuse_its_choice(tiny_model, bikes_frames, prefetch_after_layer, scored):
+    engine = make_engine(tiny_model, mode="cluster", prefetch_after_layer=prefetch_after_layer)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:40])
+    answer = engine.answer("cam", QUESTION, max_new_tokens=3, measure_recall=True)
+    assert tiny_model.kv_spec.num_layers == 4
+    assert answer.retrieval.num_layers_scored == scored
+    assert 0 < answer.retrieval.num_tokens_retrieved <= SMALL.retrieval_budget_tokens
+    assert answer.evidence, "layers that scored must still rank evidence"
+    assert 0.0 < answer.retrieval.attention_recall <= 1.0
+    assert 0.0 < answer.retrieval.decode_attention_recall <= 1.0
+
+
+def test_token_mode_never_shares_one_layer_choice(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, mode="token", prefetch_after_layer=0)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:24])
+    assert engine.answer("cam", QUESTION, max_new_tokens=1).retrieval.num_layers_scored == 4
+
+
+def test_rescoring_every_decode_step_keeps_decode_recall_whole_when_the_budget_covers_all(tiny_model, bikes_frames):
+    engine = make_engine(
+        tiny_model, mode="cluster", retrieval_budget_tokens=2_000, device_budget_bytes=64 * MIB, rescore_every_tokens=1
+    )
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:24])
+    answer = engine.answer("cam", QUESTION, max_new_tokens=3, measure_recall=True)
+    assert answer.retrieval.decode_attention_recall == pytest.approx(1.0)
 
 
 def test_attended_kv_per_frame_stays_bounded_as_stream_grows_tenfold(tiny_model, bikes_frames):
@@ -63,9 +100,7 @@ def test_device_tier_stays_within_budget_and_clusters_spill_whole(tiny_model, bi
     # the oldest clusters were spilled first (LRU), so asking about the start must fetch from the host
     answer = engine.answer("cam", QUESTION, max_new_tokens=3, time_range=(0.0, 2.0))
     assert answer.retrieval.bytes_fetched > 0
-    assert engine.tiering.residency.used_bytes(Tier.DEVICE) <= engine.tiering.residency.capacity_bytes(
-        Tier.DEVICE
-    )
+    assert engine.tiering.residency.used_bytes(Tier.DEVICE) <= engine.tiering.residency.capacity_bytes(Tier.DEVICE)
     for info in engine.clusters("cam"):  # every cluster lives whole in exactly one tier
         kv = engine.tiering.tiers.read(info.cluster_id)
         assert kv.shape[3] == info.num_tokens

@@ -1,0 +1,105 @@
+"""Every move of cluster KV between host and device, on one side CUDA stream ordered by events.
+
+Compute (the model's forward passes) runs on the default stream; moves run on a side stream, so a question's
+later layers can be gathered while its earlier layers compute, and a spill to the host does not stall ingest.
+
+    default:  ... layer l-1 | wait(ready[l]) layer l | wait(ready[l+1]) layer l+1 ...
+    side:     wait(default so far) gather l+1 | gather l+2 | spill c7 | ...
+                                     ready[l+1]^  ready[l+2]^
+
+Rules that keep it correct:
+- each move first waits for the compute queued so far (its source or destination may still be in use there);
+- a consumer waits for the move's ``ready`` event: the default stream with ``wait_event`` (no host sync), the host
+  with ``synchronize`` (only before the CPU itself reads the bytes);
+- a tensor allocated on the default stream that a move touches is marked used by the side stream, so the caching
+  allocator does not hand its memory out again before the move ran.
+
+Off CUDA there is no side stream: every move is a plain copy and ``ready`` is None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from mosaic_core.kernels.slab_gather import gather_slabs, gather_slabs_reference
+
+
+@dataclass(slots=True)
+class Moved:
+    """A move that was queued: its ``ready`` event, and the events that time its own span on the side stream."""
+
+    ready: torch.cuda.Event | None = None
+    started: torch.cuda.Event | None = None
+
+    def seconds(self) -> float:
+        """Device time of the move itself (waits for it to finish); 0 off CUDA."""
+        if self.ready is None or self.started is None:
+            return 0.0
+        self.ready.synchronize()
+        return self.started.elapsed_time(self.ready) / 1e3
+
+
+class TransferEngine:
+    """Queues host<->device moves on a side stream of ``device`` (or copies in place off CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def to_host(self, kv: torch.Tensor, *, pin: bool) -> tuple[torch.Tensor, Moved]:
+        """A host copy of ``kv``; from the device it is filled asynchronously (the source stays allocated)."""
+        host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=pin)
+        if not kv.is_cuda or self.side is None:
+            host.copy_(kv)
+            return host, Moved()
+        with self._on_side(kv) as moved:
+            host.copy_(kv, non_blocking=True)
+        return host, moved
+
+    def to_device(self, kv: torch.Tensor) -> tuple[torch.Tensor, Moved]:
+        """A device copy of ``kv``; asynchronous from pinned host memory."""
+        if kv.is_cuda or self.side is None or not kv.is_pinned():
+            return kv.to(self.device).contiguous(), Moved()
+        out = torch.empty(kv.shape, dtype=kv.dtype, device=self.device)
+        with self._on_side(out) as moved:
+            out.copy_(kv, non_blocking=True)
+        return out, moved
+
+    def gather(self, slabs: list[torch.Tensor], out: torch.Tensor, first_token: int, *, batched: bool):
+        """Queues ``slabs`` into ``out[:, :, first_token:]`` back to back; returns ``(end offset, Moved)``.
+
+        ``batched``: one slab-gather launch reading pinned host and device memory in place; otherwise one copy
+        per slab (the page-by-page path).
+        """
+        if self.side is None or not out.is_cuda:
+            return gather_slabs_reference(slabs, out, first_token), Moved()
+        with self._on_side(out, timed=True) as moved:
+            # The timing starts right before the copies, after the host has built the kernel's address table.
+            if batched:
+                end = gather_slabs(slabs, out, first_token, on_launch=moved.started.record)
+            else:
+                moved.started.record()
+                end = gather_slabs_reference(slabs, out, first_token)
+        return end, moved
+
+    def wait(self, moved: Moved) -> None:
+        """The current (compute) stream waits for a move, without stopping the host."""
+        if moved.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(moved.ready)
+
+    @contextmanager
+    def _on_side(self, *used: torch.Tensor, timed: bool = False) -> Iterator[Moved]:
+        assert self.side is not None
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        moved = Moved(ready=torch.cuda.Event(enable_timing=timed))
+        if timed:
+            moved.started = torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.side):
+            yield moved
+            moved.ready.record()
+        for tensor in used:
+            tensor.record_stream(self.side)
