@@ -237,15 +237,14 @@ def scenario_a(model, s: BenchSettings, pcie_gbs: float, log) -> tuple[dict, dic
                 }
             )
         ingest_fps = total_s / ingest_s
-        results[mode.value] = measure_questions(engine, s, pcie_gbs, bare_ms, ingest_fps)
-        log(f"A/{mode.value}: {json.dumps(results[mode.value])}")
+        configs = {mode.value: engine.config}
         if mode is RetrievalMode.CLUSTER:
-            default = engine.config
-            for label, layer in cluster_variants(s, default.prefetch_after_layer):
-                engine.config = dataclasses.replace(default, prefetch_after_layer=layer)
-                results[label] = measure_questions(engine, s, pcie_gbs, bare_ms, ingest_fps)
-                log(f"A/{label}: {json.dumps(results[label])}")
-            engine.config = default
+            for label, layer in cluster_variants(s, engine.config.prefetch_after_layer):
+                configs[label] = dataclasses.replace(engine.config, prefetch_after_layer=layer)
+        for label, result in measure_questions(engine, s, configs, pcie_gbs, bare_ms, ingest_fps).items():
+            results[label] = result
+            log(f"A/{label}: {json.dumps(result)}")
+        if mode is RetrievalMode.CLUSTER:
             decode = decode_rescoring(engine, s, log)
         del engine
         if s.device.startswith("cuda"):
@@ -263,31 +262,49 @@ def _variant_label(layer: int | None) -> str:
     return "cluster/per-layer" if layer is None else f"cluster/prefetch@{layer}"
 
 
-def measure_questions(engine: Engine, s: BenchSettings, pcie_gbs: float, bare_ms: float, ingest_fps: float) -> dict:
+def measure_questions(
+    engine: Engine, s: BenchSettings, configs: dict[str, EngineConfig], pcie_gbs: float, bare_ms: float, ingest_fps
+) -> dict[str, dict]:
+    """Asks the same questions under each config of one engine, round-robin with the order rotated per
+    question, so drift over the run and the GPU cluster cache's warmth fall on every config alike."""
+    labels = list(configs)
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(s.num_questions)]
+    rows: dict[str, list[dict]] = {label: [] for label in labels}
+    profiled: dict[str, list[dict]] = {label: [] for label in labels}
+    recalls: dict[str, list[float]] = {label: [] for label in labels}
     if s.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(s.num_questions)]
-    rows = ask_many(engine, s, "cam", questions, s.device)
-    profiled = ask_many(engine, s, "cam", questions[:3], s.device, profile=True)
-    recalls = [
-        engine.answer("cam", q, max_new_tokens=1, measure_recall=True).retrieval.attention_recall
-        for q in questions[: s.recall_questions]
-    ]
+    for i, question in enumerate(questions):
+        for label in labels[i % len(labels) :] + labels[: i % len(labels)]:
+            engine.config = configs[label]
+            rows[label] += ask_many(engine, s, "cam", [question], s.device)
+            if i < 3:
+                profiled[label] += ask_many(engine, s, "cam", [question], s.device, profile=True)
+            if i < s.recall_questions:
+                answer = engine.answer("cam", question, max_new_tokens=1, measure_recall=True)
+                recalls[label].append(answer.retrieval.attention_recall)
+    engine.config = configs[labels[0]]
     peak = torch.cuda.max_memory_allocated() if s.device.startswith("cuda") else 0
+    return {label: _summary(configs[label], rows[label], profiled[label], recalls[label], peak) | {
+        "ingest_frames_per_s": ingest_fps,
+        "clusters": len(engine.clusters("cam")),
+        "floor_ms": _floor_ms(rows[label], pcie_gbs, bare_ms),
+    } for label in labels}  # fmt: skip
+
+
+def _summary(config: EngineConfig, rows: list[dict], profiled: list[dict], recalls: list, peak: int) -> dict:
     ttfts = [r["ttft_s"] for r in rows]
-    bytes_q = statistics.mean(r["bytes"] for r in rows)
+    recalls = [x for x in recalls if x is not None]
     return {
-        "prefetch_after_layer": engine.config.prefetch_after_layer,
+        "prefetch_after_layer": config.prefetch_after_layer,
         "layers_scored": rows[0]["layers_scored"],
         "ttft_p50_ms": percentile(ttfts, 0.5) * 1e3,
         "ttft_p95_ms": percentile(ttfts, 0.95) * 1e3,
         "decode_ms_per_token": statistics.median(r["decode_s_per_token"] for r in rows) * 1e3,
-        "bytes_per_question": bytes_q,
+        "bytes_per_question": statistics.mean(r["bytes"] for r in rows),
         "copies_per_question": statistics.mean(r["copies"] for r in rows),
-        "peak_gpu_bytes": peak,
-        "recall": statistics.mean(x for x in recalls if x is not None) if any(recalls) else None,
-        "ingest_frames_per_s": ingest_fps,
-        "clusters": len(engine.clusters("cam")),
+        "peak_gpu_bytes": peak,  # of all configs asked on this engine together
+        "recall": statistics.mean(recalls) if recalls else None,
         "first_question_bytes": rows[0]["bytes"],
         "first_question_ttft_ms": rows[0]["ttft_s"] * 1e3,
         "hit_ratio": sum(r["hits"] for r in rows) / max(1, sum(r["lookups"] for r in rows)),
@@ -296,8 +313,13 @@ def measure_questions(engine: Engine, s: BenchSettings, pcie_gbs: float, bare_ms
         "score_ms": statistics.median(r["score_s"] for r in profiled) * 1e3,
         "fetch_ms": statistics.median(r["fetch_s"] for r in profiled) * 1e3,
         "profiled_ttft_ms": statistics.median(r["ttft_s"] for r in profiled) * 1e3,
-        "floor_ms": (bytes_q / (pcie_gbs * 1e9) if pcie_gbs else 0.0) * 1e3 + bare_ms,
     }
+
+
+def _floor_ms(rows: list[dict], pcie_gbs: float, bare_ms: float) -> float:
+    """Bytes moved at the measured PCIe peak, plus one question forward without retrieval."""
+    bytes_q = statistics.mean(r["bytes"] for r in rows)
+    return (bytes_q / (pcie_gbs * 1e9) if pcie_gbs else 0.0) * 1e3 + bare_ms
 
 
 def decode_rescoring(engine: Engine, s: BenchSettings, log) -> dict:
@@ -349,7 +371,25 @@ def _effective_gbs(rows) -> float:
     return statistics.median(b / t for b, t in moved) / 1e9
 
 
-def scenario_b(model, s: BenchSettings, log) -> dict:
+def profile_ingest(engine: Engine, batches: list[list[FrameInput]], path: Path) -> None:
+    """torch.profiler over a few ingest calls: where an ingest pass spends host and device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    # after everything the cameras sent so far
+    shifted = [[dataclasses.replace(f, timestamp_s=10_000.0 + k) for f in batch] for k, batch in enumerate(batches)]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for batch in shifted:
+            engine.ingest(batch)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    path.write_text(
+        averages.table(sort_by="self_cpu_time_total", row_limit=30)
+        + "\n\n"
+        + averages.table(sort_by="self_cuda_time_total", row_limit=30)
+    )
+
+
+def scenario_b(model, s: BenchSettings, log, profile_to: Path | None = None) -> dict:
     """Many cameras, batched ingest under a small device budget, then questions while ingest continues."""
     per_camera = [
         looped_frames(s.camera_seconds, stream_id=f"cam{c:03d}", clip=CLIPS[c % len(CLIPS)], start_s=0.0)
@@ -371,13 +411,16 @@ def scenario_b(model, s: BenchSettings, log) -> dict:
         for c in range(s.cameras):
             engine.open_stream(f"cam{c:03d}")
         half = s.camera_seconds // 2
+        engine.ingest([frames[0] for frames in per_camera])  # warm-up: the first pass compiles and allocates
         t0 = time.perf_counter()
-        for second in range(half):
-            engine.ingest([frames[second] for frames in per_camera])
+        encode_s = []
+        for second in range(1, half):
+            encode_s.append(engine.ingest([frames[second] for frames in per_camera]).encode_s)
         if s.device.startswith("cuda"):
             torch.cuda.synchronize()
         ingest_s = time.perf_counter() - t0
-        fps = s.cameras * half / ingest_s
+        fps = s.cameras * (half - 1) / ingest_s
+
         rng = random.Random(0)
         ttfts = []
         for second in range(half, s.camera_seconds):
@@ -385,6 +428,8 @@ def scenario_b(model, s: BenchSettings, log) -> dict:
             camera = f"cam{rng.randrange(s.cameras):03d}"
             answer = engine.answer(camera, rng.choice(QUESTIONS), max_new_tokens=2)
             ttfts.append(answer.timings.time_to_first_token_s)
+        if profile_to is not None and mode is RetrievalMode.CLUSTER:
+            profile_ingest(engine, [[frames[k] for frames in per_camera] for k in range(3)], profile_to)
         stats = engine.stats()
         total_kv = sum(sum(engine.stream_stats(f"cam{c:03d}").bytes_by_tier.values()) for c in range(s.cameras))
         results[mode.value] = {
@@ -393,6 +438,8 @@ def scenario_b(model, s: BenchSettings, log) -> dict:
             "device_budget_bytes": config.device_budget_bytes,
             "ingest_frames_per_s": fps,
             "realtime_cameras": fps / 1.0,
+            "ingest_pass_ms": ingest_s / (half - 1) * 1e3,
+            "vision_ms_per_pass": statistics.median(encode_s) * 1e3,
             "ttft_p50_ms": percentile(ttfts, 0.5) * 1e3,
             "ttft_p99_ms": percentile(ttfts, 0.99) * 1e3,
             "hit_ratio": stats.device_hit_ratio if mode is RetrievalMode.CLUSTER else 0.0,
@@ -415,6 +462,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cameras", type=int, default=32)
     parser.add_argument("--scenarios", default="A,B", help="comma-separated: A (with C), B")
     parser.add_argument("--out", default="bench/out/results.json")
+    parser.add_argument("--profile-ingest", action="store_true", help="write a torch.profiler table of B's ingest")
     args = parser.parse_args(argv)
     s = BenchSettings.from_args(args)
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
@@ -429,7 +477,8 @@ def main(argv=None) -> int:
     if "A" in scenarios:
         report["A"], report["C"], report["decode"] = scenario_a(model, s, pcie, log)
     if "B" in scenarios:
-        report["B"] = scenario_b(model, s, log)
+        profile_to = Path(args.out).with_suffix(".ingest-profile.txt") if args.profile_ingest else None
+        report["B"] = scenario_b(model, s, log, profile_to if s.device.startswith("cuda") else None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     from bench.report import format_report

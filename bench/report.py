@@ -100,6 +100,8 @@ def format_report(report: dict) -> str:
                 mode,
                 f"{r['ingest_frames_per_s']:.1f}",
                 f"{r['realtime_cameras']:.0f}",
+                f"{r.get('ingest_pass_ms', 0):.0f}",
+                f"{r.get('vision_ms_per_pass', 0):.0f}",
                 f"{r['ttft_p50_ms']:.1f}",
                 f"{r['ttft_p99_ms']:.1f}",
                 f"{r['hit_ratio']:.2f}",
@@ -108,7 +110,18 @@ def format_report(report: dict) -> str:
             ]
             for mode, r in b.items()
         ]
-        header = ["mode", "ingest fps", "1-fps cams", "TTFT p50 ms", "p99 ms", "hit ratio", "device", "host"]
+        header = [
+            "mode",
+            "ingest fps",
+            "1-fps cams",
+            "pass ms",
+            "vision ms",
+            "TTFT p50 ms",
+            "p99 ms",
+            "hit ratio",
+            "device",
+            "host",
+        ]
         parts.append(_table("Scenario B: many cameras", header, rows))
     parts.append(_targets(report))
     return "\n\n".join(parts)

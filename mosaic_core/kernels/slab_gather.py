@@ -56,7 +56,7 @@ def gather_slabs(
     first_token: int,
     *,
     on_launch: Callable[[], None] | None = None,
-    block_tokens: int = 64,
+    block_tokens: int = 256,
     num_warps: int = 4,
 ) -> int:
     """Copies ``slabs`` (each ``[2, H, n_c, D]``, contiguous) into ``out[:, :, first_token:]`` back to back.

@@ -31,6 +31,7 @@ from mosaic_core.model.attention_hook import MOSAIC_ATTENTION, PLAN_KWARG, Atten
 from mosaic_core.model.pixels import VisionGeometry, choose_geometry, frames_to_vision_input
 from mosaic_core.model.presets import PRESETS, preset_config_kwargs
 from mosaic_core.model.tokenizer import load_qwen_tokenizer
+from mosaic_core.model.vision_attention import batch_vision_chunks
 
 # Mosaic attention for the language model; the vision tower keeps SDPA.
 ATTENTION_BY_PART = {"": "sdpa", "text_config": MOSAIC_ATTENTION, "vision_config": "sdpa"}
@@ -51,6 +52,7 @@ class Qwen25VLAdapter:
 
     def __init__(self, model: Qwen2_5_VLForConditionalGeneration, *, name: str) -> None:
         self.model = model.eval()
+        batch_vision_chunks(model)
         self.name = name
         self.config: Qwen2_5_VLConfig = model.config
         text = self.config.text_config

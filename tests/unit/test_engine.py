@@ -35,8 +35,8 @@ def test_budget_covering_the_stream_matches_full(tiny_model, bikes_frames, mode,
         feed(engine, "cam", bikes_frames[:24])
     expected, got = _hidden(full), _hidden(other)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), (got - expected).abs().max()
-    logits_full = tiny_model.logits(expected[None].to(tiny_model.dtype))
-    logits_other = tiny_model.logits(got[None].to(tiny_model.dtype))
+    logits_full = tiny_model.logits(expected[None].to(tiny_model.device, tiny_model.dtype))
+    logits_other = tiny_model.logits(got[None].to(tiny_model.device, tiny_model.dtype))
     assert torch.allclose(logits_full, logits_other, rtol=1e-4, atol=1e-4)
 
 

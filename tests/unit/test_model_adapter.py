@@ -56,9 +56,7 @@ def test_frame_positions_match_get_rope_index_for_a_video(tiny_model):
     expected, _ = tiny_model.model.model.get_rope_index(
         input_ids, mm_types, video_grid_thw=grid, second_per_grid_ts=seconds_per_grid
     )
-    ours = [
-        tiny_model.frame_positions(geometry, base=prefix, offset_s=i * interval_s) for i in range(num_frames)
-    ]
+    ours = [tiny_model.frame_positions(geometry, base=prefix, offset_s=i * interval_s) for i in range(num_frames)]
     assert torch.equal(expected[:, 0, prefix:], torch.cat(ours, dim=1))
     assert torch.equal(expected[:, 0, :prefix], tiny_model.text_positions(0, prefix))
 
@@ -75,3 +73,25 @@ def test_encode_frames_batches_the_vision_tower(tiny_model):
 def test_attention_without_a_plan_is_refused(tiny_model):
     with pytest.raises(RuntimeError, match="attention plan"):
         tiny_model.model.model.language_model(inputs_embeds=torch.zeros(1, 2, 128))
+
+
+@pytest.mark.parametrize(("height", "width"), [(224, 448), (96, 128)])
+def test_batched_vision_chunks_equal_transformers_attention(tiny_model, height, width):
+    """224x448 cuts into equal windows (one call); 96x128 (resized to 280x364) into windows of four lengths."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
+
+    from mosaic_core.model.vision_attention import BatchedChunkAttention
+
+    frames = np.random.default_rng(2).integers(0, 255, (3, height, width, 3), dtype=np.uint8)
+    geometry = tiny_model.choose_geometry(height, width, 128)
+    attentions = [m for m in tiny_model.model.modules() if isinstance(m, Qwen2_5_VLVisionAttention)]
+    assert attentions and all(type(m) is BatchedChunkAttention for m in attentions)
+    batched = tiny_model.encode_frames(frames, geometry).embeds
+    try:
+        for module in attentions:
+            module.__class__ = Qwen2_5_VLVisionAttention
+        reference = tiny_model.encode_frames(frames, geometry).embeds
+    finally:
+        for module in attentions:
+            module.__class__ = BatchedChunkAttention
+    assert torch.allclose(batched, reference, atol=1e-5, rtol=1e-5), (batched - reference).abs().max()

@@ -1,0 +1,85 @@
+"""Vision-tower attention over equal-sized chunks in one batched call.
+
+Without flash-attention, transformers' Qwen2.5-VL vision attention runs SDPA once per ``cu_seqlens`` chunk: once
+per window in the windowed layers (8 windows per 224x448 frame, so 256 calls per layer for a batch of 32 frames)
+and once per frame in the full-attention layers. Chunks are independent attention problems, so all chunks of
+one length can share one SDPA over ``[num_chunks, heads, length, head_dim]`` and compute exactly the same thing.
+Frames whose size is a whole number of windows have one length only (one call, no gather); other sizes have a
+few (edge windows), each gathered by index, attended in one call and scattered back.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VLVisionAttention,
+    apply_rotary_pos_emb_vision,
+)
+
+# The tower passes the same two cu_seqlens tensors (windows, frames) to every block of one forward pass, so
+# their chunk plans are built (and the lengths read back from the device) once per pass, not once per block.
+_recent_plans: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor | None]]]] = []
+
+
+class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
+    """``Qwen2_5_VLVisionAttention`` whose equal-length chunks share one SDPA call."""
+
+    def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+        if self.config._attn_implementation != "sdpa" or position_embeddings is None:
+            return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+        seq_length = hidden_states.shape[0]
+        qkv = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3)
+        query, key, value = qkv.unbind(0)  # each [seq, heads, head_dim]
+        query, key = apply_rotary_pos_emb_vision(query, key, *position_embeddings)
+        groups = _chunk_plan(cu_seqlens)
+        if len(groups) == 1 and groups[0][1] is None:
+            out = self._attend_chunks(query, key, value, groups[0][0])
+        else:
+            out = torch.empty_like(query)
+            for length, index in groups:
+                out[index] = self._attend_chunks(query[index], key[index], value[index], length)
+        return self.proj(out.reshape(seq_length, -1))
+
+    def _attend_chunks(self, query, key, value, length: int) -> torch.Tensor:
+        """Attention within consecutive chunks of ``length`` tokens; ``[tokens, heads, head_dim]`` in and out."""
+
+        def by_chunk(t: torch.Tensor) -> torch.Tensor:  # [chunks, heads, length, head_dim]
+            return t.reshape(-1, length, self.num_heads, t.shape[-1]).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(by_chunk(query), by_chunk(key), by_chunk(value), scale=self.scaling)
+        return out.transpose(1, 2).reshape(query.shape)
+
+
+def batch_vision_chunks(model: torch.nn.Module) -> int:
+    """Switches every vision attention of ``model`` to the batched forward; returns how many."""
+    switched = 0
+    for module in model.modules():
+        if type(module) is Qwen2_5_VLVisionAttention:
+            module.__class__ = BatchedChunkAttention
+            switched += 1
+    return switched
+
+
+def _chunk_plan(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """``(length, token index)`` per distinct chunk length; the index is None when every chunk has one length."""
+    for tensor, plan in _recent_plans:
+        if tensor is cu_seqlens:
+            return plan
+    bounds = cu_seqlens.tolist()
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            starts_by_length.setdefault(end - start, []).append(start)
+    if len(starts_by_length) == 1:
+        plan = [(next(iter(starts_by_length)), None)]
+    else:
+        plan = [
+            (length, (torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(cu_seqlens.device))
+            for length, starts in starts_by_length.items()
+        ]
+    _recent_plans.insert(0, (cu_seqlens, plan))
+    del _recent_plans[2:]
+    return plan
