@@ -49,6 +49,9 @@ class EngineConfig:
         retrieval_budget_tokens: history KV a question may retrieve per layer.
         device_budget_bytes: device-tier bytes shared by all streams (GPU memory, or an accounted CPU pool).
         host_budget_bytes: host-tier bytes (pinned when CUDA is present).
+        pinned_host_bytes: host memory pinned once when the engine starts (under CUDA) and handed out to
+            host-tier clusters, so a spill never pins memory on the ingest path; beyond it, clusters are pinned
+            one by one. Size it to the host tier the streams will fill; 0 pins on demand only.
         disk_budget_bytes: disk-tier bytes; 0 disables the disk tier.
         disk_dir: where the disk tier keeps its files; required when disk_budget_bytes > 0.
         eviction_policy: name of the policy that picks which clusters to spill ("lru" or "heat").
@@ -71,6 +74,7 @@ class EngineConfig:
     retrieval_budget_tokens: int = 4096
     device_budget_bytes: int = 2 * GIB
     host_budget_bytes: int = 16 * GIB
+    pinned_host_bytes: int = 0
     disk_budget_bytes: int = 0
     disk_dir: str | None = None
     eviction_policy: str = "lru"
@@ -99,6 +103,11 @@ class EngineConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        if not 0 <= self.pinned_host_bytes <= self.host_budget_bytes:
+            raise ConfigError(
+                f"pinned_host_bytes must be in 0..host_budget_bytes={self.host_budget_bytes}, "
+                f"got {self.pinned_host_bytes}"
+            )
         if self.disk_budget_bytes < 0 or self.rescore_every_tokens < 0:
             raise ConfigError(
                 f"disk_budget_bytes and rescore_every_tokens must be >= 0, got "

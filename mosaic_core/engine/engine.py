@@ -40,6 +40,7 @@ from mosaic_core.errors import (
     InvalidArgumentError,
     UnknownStreamError,
 )
+from mosaic_core.memory.pinned import PinnedPool
 from mosaic_core.memory.tiers import KVTiers
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 from mosaic_core.model.tokenizer import chat_prefix
@@ -63,7 +64,10 @@ class Engine:
             disk_bytes=self.config.disk_budget_bytes,
         )
         residency = ResidencyManager(budgets, policy=self.config.eviction_policy)
-        tiers = KVTiers(self.spec, device=model.device, disk_dir=self.config.disk_dir)
+        pool = None
+        if model.device.type == "cuda" and self.config.pinned_host_bytes:
+            pool = PinnedPool(self.config.pinned_host_bytes)
+        tiers = KVTiers(self.spec, device=model.device, disk_dir=self.config.disk_dir, pinned_pool=pool)
         self.tiering = TierManager(residency, tiers)
         self.tracker = CoRetrievalTracker()
         self.streams: dict[str, StreamState] = {}

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.errors import UnknownClusterError
 from mosaic_core.memory.layout import KVSpec
+from mosaic_core.memory.pinned import PinnedPool
 from mosaic_core.memory.transfer import Moved, TransferEngine
 
 DIRECTIONS = {
@@ -95,10 +96,13 @@ class DiskTier:
 class KVTiers:
     """Holds every cluster's KV tensor in the tier the residency manager put it in."""
 
-    def __init__(self, spec: KVSpec, *, device: torch.device, disk_dir: str | None = None) -> None:
+    def __init__(
+        self, spec: KVSpec, *, device: torch.device, disk_dir: str | None = None, pinned_pool: PinnedPool | None = None
+    ) -> None:
         self.spec = spec
         self.device = torch.device(device)
         self.pin_host = self.device.type == "cuda"
+        self.pool = pinned_pool
         self.disk = DiskTier(disk_dir) if disk_dir else None
         self.stats = TransferStats()
         self.transfers = TransferEngine(self.device)
@@ -126,7 +130,9 @@ class KVTiers:
         current = self.read(cluster_id)
         # Concatenate where the cluster lives, so a host-tier cluster never makes a round trip to the device.
         grown = torch.cat([current, chunk.to(current.device)], dim=3)
+        self._tensors.pop(cluster_id)
         self._store(cluster_id, grown, tier)
+        self._release(current)
 
     def read(self, cluster_id: str) -> torch.Tensor:
         """The whole cluster, where it lives (disk clusters are read into host memory), safe to use from the
@@ -158,13 +164,16 @@ class KVTiers:
             self.disk.delete(cluster_id)
         self._tensors.pop(cluster_id, None)
         self._store(cluster_id, kv, dst)
+        self._release(kv)  # after the copy out of it was queued
         self.stats.record(src, dst, num_bytes)
         return num_bytes
 
     def delete(self, cluster_id: str) -> None:
         tier = self._tiers.pop(cluster_id, None)
-        self._tensors.pop(cluster_id, None)
         self._moving.pop(cluster_id, None)
+        tensor = self._tensors.pop(cluster_id, None)
+        if tensor is not None:
+            self._release(tensor)
         if tier is Tier.DISK:
             self.disk.delete(cluster_id)
 
@@ -176,7 +185,8 @@ class KVTiers:
             self._tiers[cluster_id] = tier
             return
         if tier is Tier.HOST:
-            stored, moved = self.transfers.to_host(kv, pin=self.pin_host)
+            out = None if self.pool is None else self.pool.allocate(kv.shape, kv.dtype)
+            stored, moved = self.transfers.to_host(kv, pin=self.pin_host, out=out)
         else:
             stored, moved = self.transfers.to_device(kv)
         self._tensors[cluster_id] = stored
@@ -185,6 +195,11 @@ class KVTiers:
             self._moving.pop(cluster_id, None)
         else:
             self._moving[cluster_id] = moved
+
+    def _release(self, tensor: torch.Tensor) -> None:
+        """Gives a pooled host tensor's range back once the moves queued so far (its readers) have run."""
+        if self.pool is not None and self.pool.owns(tensor):
+            self.pool.release(tensor, fence=self.transfers.fence())
 
     def _settle(self, cluster_id: str) -> None:
         moved = self._moving.pop(cluster_id, None)

@@ -50,9 +50,10 @@ class TransferEngine:
         self.device = torch.device(device)
         self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def to_host(self, kv: torch.Tensor, *, pin: bool) -> tuple[torch.Tensor, Moved]:
-        """A host copy of ``kv``; from the device it is filled asynchronously (the source stays allocated)."""
-        host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=pin)
+    def to_host(self, kv: torch.Tensor, *, pin: bool, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Moved]:
+        """A host copy of ``kv`` (into ``out`` when given); from the device it is filled asynchronously (the
+        source stays allocated until then)."""
+        host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=pin) if out is None else out
         if not kv.is_cuda or self.side is None:
             host.copy_(kv)
             return host, Moved()
@@ -85,6 +86,14 @@ class TransferEngine:
                 moved.started.record()
                 end = gather_slabs_reference(slabs, out, first_token)
         return end, moved
+
+    def fence(self) -> torch.cuda.Event | None:
+        """An event that passes once every move queued so far has run (None off CUDA)."""
+        if self.side is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.side)
+        return event
 
     def wait(self, moved: Moved) -> None:
         """The current (compute) stream waits for a move, without stopping the host."""

@@ -11,6 +11,7 @@ import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.memory.layout import KVSpec
+from mosaic_core.memory.pinned import PinnedPool
 from mosaic_core.memory.tiers import KVTiers
 from mosaic_core.memory.transfer import TransferEngine
 
@@ -84,3 +85,42 @@ def test_a_layer_slab_of_a_cluster_just_spilled_is_gathered_intact(tmp_path, dst
     _, moved = tiers.transfers.gather([slab], out, 0, batched=batched)
     tiers.transfers.wait(moved)
     assert torch.equal(out.cpu(), kv[2])
+
+
+def test_pool_reuses_released_ranges_and_coalesces_neighbours():
+    pool = PinnedPool(8 * 1024, chunk_bytes=4 * 1024, pin=False)
+    a = pool.allocate((256,), torch.float32)  # 1 KiB
+    b = pool.allocate((256,), torch.float32)
+    c = pool.allocate((512,), torch.float32)  # 2 KiB: fills the first chunk
+    d = pool.allocate((1024,), torch.float32)  # 4 KiB: the whole second chunk
+    assert pool.allocate((1,), torch.float32) is None, "a full pool says so instead of overflowing"
+    for t, value in ((a, 1.0), (b, 2.0), (c, 3.0), (d, 4.0)):
+        t.fill_(value)
+    assert (a == 1).all() and (b == 2).all() and (c == 3).all() and (d == 4).all(), "ranges must not overlap"
+    pool.release(a, fence=None)
+    pool.release(b, fence=None)
+    merged = pool.allocate((512,), torch.float32)  # fits only because a and b coalesced
+    assert merged is not None and merged.data_ptr() == a.data_ptr()
+    assert (c == 3).all()
+    pool.release(merged, fence=None)
+    pool.release(c, fence=None)
+    pool.release(d, fence=None)
+    assert pool.free_bytes == 8 * 1024
+    assert pool.allocate((1024,), torch.float32) is not None
+
+
+def test_tiers_place_spilled_clusters_in_the_pool_and_free_them_on_every_way_out(tmp_path):
+    pool = PinnedPool(1 << 20, pin=DEVICE.type == "cuda")
+    tiers = KVTiers(SPEC, device=DEVICE, disk_dir=str(tmp_path), pinned_pool=pool)
+    kvs = {f"cam/c{i:06d}": _kv(30, i) for i in range(3)}
+    for cluster_id, kv in kvs.items():
+        tiers.put(cluster_id, kv.to(DEVICE), Tier.HOST)
+        assert pool.owns(tiers.read(cluster_id))
+    tiers.append("cam/c000000", _kv(2, 50).to(DEVICE))  # grows: a new range, the old one released
+    tiers.move("cam/c000001", Tier.DEVICE)
+    tiers.move("cam/c000002", Tier.DISK)
+    assert torch.equal(tiers.read("cam/c000000"), torch.cat([kvs["cam/c000000"], _kv(2, 50)], dim=3))
+    assert torch.equal(tiers.read("cam/c000001").cpu(), kvs["cam/c000001"])
+    assert torch.equal(tiers.read("cam/c000002"), kvs["cam/c000002"])
+    tiers.delete("cam/c000000")
+    assert pool.free_bytes == 1 << 20
