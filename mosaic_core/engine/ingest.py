@@ -142,20 +142,25 @@ def _ingest_pass(engine: Engine, rows, features) -> tuple[int, list[int]]:
         input_ids=input_ids, position_ids=torch.stack(positions, dim=1), plan=plan, frame_embeds=embeds
     )
     opened, attended = 0, []
+    # Each row's first frame is compared with its open cluster in one batch (one device sync per pass); later
+    # frames of a row depend on the decisions before them, so they are compared one by one.
+    first_summaries = [features[(sid, indices[0])][1] for sid, indices, _ in rows]
+    first = _coherence_batch([state.open_embeds for state in states], first_summaries)
     for row, (state, (sid, indices, frames)) in enumerate(zip(states, rows, strict=True)):
         row_kv = plan.row_kv(row)
         start = 0
-        for i, frame in zip(indices, frames, strict=True):
+        for n, (i, frame) in enumerate(zip(indices, frames, strict=True)):
             frame_embeds, summary = features[(sid, i)]
             end = start + frame_embeds.shape[0]
-            opened += _place_frame(engine, state, frame, row_kv[:, :, :, start:end], summary)
+            coherence = first[row] if n == 0 else _coherence(state.open_embeds, summary)
+            opened += _place_frame(engine, state, frame, row_kv[:, :, :, start:end], summary, coherence)
             attended.append(plan.attended_tokens[row] - (row_kv.shape[3] - end))
             start = end
     return opened, attended
 
 
-def _place_frame(engine: Engine, state: StreamState, frame: FrameInput, kv: torch.Tensor, summary: torch.Tensor) -> int:
-    similarity, cohesion = _coherence(state.open_embeds, summary)
+def _place_frame(engine: Engine, state: StreamState, frame: FrameInput, kv: torch.Tensor, summary, coherence) -> int:
+    similarity, cohesion = coherence
     if engine.config.mode is RetrievalMode.TOKEN:
         similarity, cohesion = -1.0, None  # ReKV blocks: every frame is its own block
     num_tokens = kv.shape[3]
@@ -194,16 +199,24 @@ def _store_in_cluster(engine: Engine, state: StreamState, frame: LocalFrame) -> 
 
 def _coherence(members: list[torch.Tensor], frame: torch.Tensor) -> tuple[float | None, float | None]:
     """Cosine of ``frame`` to the open cluster's centroid, and the cluster's cohesion with it added."""
-    if not members:
-        return None, None
+    return _coherence_batch([members], [frame])[0]
+
+
+def _coherence_batch(members: list[list[torch.Tensor]], frames: list[torch.Tensor]) -> list[tuple]:
+    """``_coherence`` of several (open cluster, frame) pairs, read back from the device together."""
+    pairs = [_coherence_on_device(m, f) for m, f in zip(members, frames, strict=True) if m]
+    values = iter(torch.stack(pairs).tolist() if pairs else [])
+    return [tuple(next(values)) if m else (None, None) for m in members]
+
+
+def _coherence_on_device(members: list[torch.Tensor], frame: torch.Tensor) -> torch.Tensor:
     stacked = torch.stack(members)
     centroid = stacked.mean(dim=0)
     similarity = torch.nn.functional.cosine_similarity(frame, centroid, dim=0)
     with_frame = torch.cat([stacked, frame[None]])
     new_centroid = with_frame.mean(dim=0, keepdim=True)
     cohesion = torch.nn.functional.cosine_similarity(with_frame, new_centroid, dim=1).mean()
-    similarity, cohesion = torch.stack([similarity, cohesion]).tolist()  # one device sync, not two
-    return similarity, cohesion
+    return torch.stack([similarity, cohesion])
 
 
 def _by_token_count(rows, features) -> list[list]:
