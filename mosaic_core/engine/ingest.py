@@ -159,7 +159,14 @@ def _ingest_pass(engine: Engine, rows, features) -> tuple[int, list[int]]:
     return opened, attended
 
 
-def _place_frame(engine: Engine, state: StreamState, frame: FrameInput, kv: torch.Tensor, summary, coherence) -> int:
+def _place_frame(
+    engine: Engine,
+    state: StreamState,
+    frame: FrameInput,
+    kv: torch.Tensor,
+    summary: torch.Tensor,
+    coherence: tuple[float | None, float | None],
+) -> int:
     similarity, cohesion = coherence
     if engine.config.mode is RetrievalMode.TOKEN:
         similarity, cohesion = -1.0, None  # ReKV blocks: every frame is its own block
