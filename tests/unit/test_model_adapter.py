@@ -26,7 +26,7 @@ def test_presets_have_the_published_7b_shape():
 
 def test_from_pretrained_reloads_a_saved_checkpoint(tiny_model, bikes_frames, tmp_path):
     tiny_model.model.save_pretrained(tmp_path / "ckpt")
-    reloaded = Qwen25VLAdapter.load(str(tmp_path / "ckpt"), device="cpu")
+    reloaded = Qwen25VLAdapter.load(str(tmp_path / "ckpt"), device=tiny_model.device)
     assert reloaded.model.config.text_config._attn_implementation == "mosaic"
     assert reloaded.model.config.vision_config._attn_implementation == "sdpa"
     hidden = []
@@ -49,10 +49,11 @@ def test_frame_positions_match_get_rope_index_for_a_video(tiny_model):
     num_frames, interval_s, prefix = 3, 0.5, 5
     tokens = geometry.tokens_per_frame
     video_ids = [tiny_model.video_token_id] * (tokens * num_frames)
-    input_ids = torch.tensor([[1] * prefix + video_ids])
-    mm_types = torch.tensor([[0] * prefix + [2] * len(video_ids)])
-    grid = torch.tensor([[num_frames, geometry.grid_h, geometry.grid_w]])
-    seconds_per_grid = torch.tensor([interval_s])
+    on_model = {"device": tiny_model.device}
+    input_ids = torch.tensor([[1] * prefix + video_ids], **on_model)
+    mm_types = torch.tensor([[0] * prefix + [2] * len(video_ids)], **on_model)
+    grid = torch.tensor([[num_frames, geometry.grid_h, geometry.grid_w]], **on_model)
+    seconds_per_grid = torch.tensor([interval_s], **on_model)
     expected, _ = tiny_model.model.model.get_rope_index(
         input_ids, mm_types, video_grid_thw=grid, second_per_grid_ts=seconds_per_grid
     )
@@ -72,7 +73,7 @@ def test_encode_frames_batches_the_vision_tower(tiny_model):
 
 def test_attention_without_a_plan_is_refused(tiny_model):
     with pytest.raises(RuntimeError, match="attention plan"):
-        tiny_model.model.model.language_model(inputs_embeds=torch.zeros(1, 2, 128))
+        tiny_model.model.model.language_model(inputs_embeds=torch.zeros(1, 2, 128, device=tiny_model.device))
 
 
 @pytest.mark.parametrize(("height", "width"), [(224, 448), (96, 128)])
