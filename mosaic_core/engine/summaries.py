@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from mosaic_core.kernels import kernels_ready
 from mosaic_core.memory.layout import KVSpec
 
 
@@ -112,8 +113,28 @@ def score_clusters(
         use_spread: cluster mode (mass estimate) if True, token mode (centroid dot product) if False.
 
     Per KV head, the estimate is maximised over the head's query group and the query tokens; heads are then
-    combined by log-sum-exp, i.e. the total estimated attention mass across heads.
+    combined by log-sum-exp, i.e. the total estimated attention mass across heads. On CUDA, cluster mode's per-head
+    estimate is the Triton scoring kernel (one launch for all clusters); elsewhere, and for token mode, torch.
     """
+    if use_spread and query.is_cuda and kernels_ready():
+        from mosaic_core.kernels.scoring import cluster_scores
+
+        per_head = cluster_scores(query, centroids, variances, log_counts.float(), scale=scale)
+    else:
+        per_head = per_head_scores(query, centroids, variances, log_counts, scale=scale, use_spread=use_spread)
+    return torch.logsumexp(per_head, dim=1)
+
+
+def per_head_scores(
+    query: torch.Tensor,
+    centroids: torch.Tensor,
+    variances: torch.Tensor,
+    log_counts: torch.Tensor,
+    *,
+    scale: float,
+    use_spread: bool,
+) -> torch.Tensor:
+    """The torch twin of the scoring kernel: ``[C, num_kv_heads]`` float32."""
     num_kv_heads = centroids.shape[1]
     group = query.shape[0] // num_kv_heads
     q = query.float().reshape(num_kv_heads, group * query.shape[1], -1)  # [H, G*T, D]
@@ -121,5 +142,4 @@ def score_clusters(
     if use_spread:
         spread = torch.einsum("hqd,chd->chq", q.square(), variances.float()) * (0.5 * scale * scale)
         dots = dots + spread + log_counts.float()[:, None, None]
-    per_head = dots.amax(dim=2)  # [C, H]
-    return torch.logsumexp(per_head, dim=1)
+    return dots.amax(dim=2)

@@ -8,6 +8,7 @@ first kernel runs, even after triton or a kernel module was imported.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -76,6 +77,12 @@ def triton_available() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     return interpret_mode() or torch.cuda.is_available()
+
+
+@functools.cache
+def kernels_ready() -> bool:
+    """``triton_available()``, asked once per process: callers ask on every layer of every decode step."""
+    return triton_available()
 
 
 def prepare_interpreter() -> None:
