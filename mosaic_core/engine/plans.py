@@ -16,7 +16,7 @@ from mosaic_core.engine.attend import attend_batch, attend_over
 from mosaic_core.engine.retrieval import LayerSelection, Retriever
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.memory.layout import KVSpec
-from mosaic_core.memory.transfer import Moved
+from mosaic_core.memory.transfer import NOTHING_PENDING, Moved
 
 
 class IngestPlan:
@@ -70,7 +70,7 @@ class QuestionPlan:
         num_layers = retriever.spec.num_layers
         self.selections: list[LayerSelection | None] = [None] * num_layers
         self.buffers: list[torch.Tensor | None] = [None] * num_layers  # [2, H, static + capacity, D]
-        self.gathers: list[Moved] = [Moved()] * num_layers
+        self.gathers: list[Moved] = [NOTHING_PENDING] * num_layers
         self.static_tokens = [0] * num_layers
         self.filled_tokens = [0] * num_layers
         self.steps = 0  # forward passes so far: 0 is the question prefill
@@ -82,6 +82,7 @@ class QuestionPlan:
         if self.recall_probe is not None:
             self.recall_probe.observe(layer_idx, query[0], self.selections[layer_idx], step=self.steps)
         self.retriever.tiering.tiers.transfers.wait(self.gathers[layer_idx])
+        self.gathers[layer_idx] = NOTHING_PENDING  # waited for once; later decode steps need no wait
         buffer, start = self.buffers[layer_idx], self.filled_tokens[layer_idx]
         end = start + key.shape[2]
         assert end <= buffer.shape[2], f"question plan capacity {self.capacity_tokens} tokens exceeded"

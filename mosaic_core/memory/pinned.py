@@ -38,7 +38,7 @@ class PinnedPool:
 
     def allocate(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
         """A pinned tensor of ``shape`` from the pool, or None when no free range is large enough."""
-        size = _aligned(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
+        size = _aligned(torch.Size(shape).numel() * dtype.itemsize)
         self._reclaim(wait=False)
         found = self._first_fit(size)
         if found is None and self._fenced:

@@ -43,6 +43,9 @@ class Moved:
         return self.started.elapsed_time(self.ready) / 1e3
 
 
+NOTHING_PENDING = Moved()
+
+
 class TransferEngine:
     """Queues host<->device moves on a side stream of ``device`` (or copies in place off CUDA)."""
 
