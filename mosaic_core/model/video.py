@@ -6,6 +6,16 @@ source is slower than ``fps`` some instants are skipped rather than a frame repe
 fractions (PyAV time bases are rational), so a 25 fps clip sampled at 5 fps gives every fifth frame forever,
 with no drift. A looping source continues the same clock: the next pass starts one clip duration later.
 
+Only the frames that are sampled need decoding, where the container allows it: in a local file, when the next
+instant lies more than ``SEEK_MIN_GAP_S`` ahead, the decoder seeks to the keyframe at or before it and decodes
+from there (a sparse sampler skips whole groups of pictures); and a pass ends as soon as the next instant lies
+beyond the clip's known duration. Frames from a keyframe on decode exactly as in a full pass, so the samples
+are the same pixels either way.
+
+FFmpeg opens only the protocols the source's own scheme needs (``protocol_whitelist``): a local file reads
+files only, an ``http(s)`` URL speaks HTTP over TCP/TLS only, ``rtsp(s)`` RTSP/RTP over TCP/UDP/TLS; any other
+scheme (``concat:``, ``data:``, ``ftp://``, ``tcp://``...) is refused before FFmpeg sees it.
+
     pass 0 frames  |0    |1    |2    |3        clip duration D = last frame time + its duration
     pass 1 frames                        |D   |D+1  ...
     instants       ^k=0      ^k=1      ^k=2      (fps = 1 / 1.6 frames here)
@@ -15,7 +25,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -26,6 +37,15 @@ import numpy as np
 from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, NotFoundError
 
 OPEN_TIMEOUT_S = 10.0  # for network sources; a stalled camera must not hang a worker forever
+SEEK_MIN_GAP_S = 1.0  # seek only past more than this much video; shorter gaps are cheaper to decode through
+# FFmpeg protocols each source scheme may use, nested ones included (RTSP runs over RTP/UDP/TCP, HTTPS over TLS).
+PROTOCOLS_BY_SCHEME = {
+    "file": "file",
+    "rtsp": "rtsp,rtp,srtp,udp,tcp,tls",
+    "rtsps": "rtsp,rtp,srtp,udp,tcp,tls",
+    "http": "http,https,tcp,tls,crypto,httpproxy",
+    "https": "http,https,tcp,tls,crypto,httpproxy",
+}
 _VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".yuv")
 
 
@@ -79,15 +99,18 @@ def iter_video_frames(
     pass_offset = Fraction(0)
     num_yielded = 0
     while max_frames is None or num_yielded < max_frames:
+        samples = _sample_pass(source, sampler, pass_offset)
         clip_duration = Fraction(0)
-        for rel_time, frame_duration, frame in _decode_pass(source):
-            clip_duration = rel_time + frame_duration
-            stream_time = pass_offset + rel_time
-            if not sampler.take(stream_time):
-                continue
+        while True:
+            try:
+                stream_time, frame = next(samples)
+            except StopIteration as end:
+                clip_duration = end.value
+                break
             yield SampledFrame(timestamp_s=start_offset_s + float(stream_time), rgb=frame.to_ndarray(format="rgb24"))
             num_yielded += 1
             if max_frames is not None and num_yielded >= max_frames:
+                samples.close()
                 return
         if not loop:
             return
@@ -144,6 +167,10 @@ class _Sampler:
         self.fps = fps
         self.next_instant = 0  # k of the next instant still waiting for a frame
 
+    def next_time(self) -> Fraction:
+        """Stream time of the next instant still waiting for a frame."""
+        return self.next_instant / self.fps
+
     def take(self, stream_time: Fraction) -> bool:
         if stream_time * self.fps < self.next_instant:
             return False
@@ -152,8 +179,34 @@ class _Sampler:
         return True
 
 
+def source_scheme(source: str) -> str:
+    """The URL scheme of ``source`` in lower case; ``file`` for a plain path."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", str(source))
+    if match is None or len(match.group(1)) == 1:  # "C:" is a drive letter, not a scheme
+        return "file"
+    return match.group(1).lower()
+
+
+def protocol_whitelist(source: str) -> str:
+    """FFmpeg's ``protocol_whitelist`` for ``source``: only what its own scheme needs.
+
+    Raises:
+        InvalidArgumentError: a scheme that no camera or video file uses (``concat:``, ``data:``, ``ftp://``...).
+    """
+    scheme = source_scheme(source)
+    if str(source).lower().startswith("file:"):
+        scheme = "file:"  # file: URLs are refused: a local source is a plain path
+    protocols = PROTOCOLS_BY_SCHEME.get(scheme)
+    if protocols is None:
+        allowed = ", ".join(f"{s}://" for s in PROTOCOLS_BY_SCHEME if s != "file")
+        raise InvalidArgumentError(f"Video source scheme {scheme!r} is not supported; use a file path or {allowed}.")
+    return protocols
+
+
 def _open(source: str) -> av.container.InputContainer:
-    options = {"rtsp_transport": "tcp"} if str(source).startswith(("rtsp://", "rtsps://")) else {}
+    options = {"protocol_whitelist": protocol_whitelist(source)}
+    if str(source).startswith(("rtsp://", "rtsps://")):
+        options["rtsp_transport"] = "tcp"
     try:
         container = av.open(str(source), mode="r", timeout=OPEN_TIMEOUT_S, options=options)
     except (av.FFmpegError, OSError) as err:
@@ -164,8 +217,13 @@ def _open(source: str) -> av.container.InputContainer:
     return container
 
 
-def _decode_pass(source: str) -> Iterator[tuple[Fraction, Fraction, av.VideoFrame]]:
-    """Yields ``(time since the first frame, frame duration, frame)`` in increasing time, for one pass."""
+def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Generator[tuple, None, Fraction]:
+    """Yields ``(stream time, frame)`` of the frames ``sampler`` takes in one pass; returns the clip duration.
+
+    In a local file it seeks over long gaps between instants and stops once the next instant is past the
+    clip's end (module doc); elsewhere it decodes every frame in order.
+    """
+    seekable = source_scheme(source) == "file"
     with _open(source) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -173,22 +231,43 @@ def _decode_pass(source: str) -> Iterator[tuple[Fraction, Fraction, av.VideoFram
         rate = stream.average_rate or stream.guessed_rate
         default_step = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)
         first_pts: int | None = None
+        end_time: Fraction | None = None  # the clip's duration from the container, once first_pts is known
         last_time: Fraction | None = None
+        last_step = Fraction(0)
+        sought: Fraction | None = None  # the instant the last seek went for; never seek for one twice
         num_frames = 0
+        frames = container.decode(stream)
         try:
-            for frame in container.decode(stream):
+            while True:
+                try:
+                    frame = next(frames)
+                except StopIteration:
+                    break
                 step = frame.duration * time_base if frame.duration else default_step
                 if frame.pts is None:  # some raw streams carry no timestamps: assume a steady rate
                     rel_time = Fraction(0) if last_time is None else last_time + step
                 else:
-                    first_pts = frame.pts if first_pts is None else first_pts
+                    if first_pts is None:
+                        first_pts = frame.pts
+                        if seekable and stream.duration:
+                            start = stream.start_time if stream.start_time is not None else first_pts
+                            end_time = (stream.duration - (first_pts - start)) * time_base
                     rel_time = (frame.pts - first_pts) * time_base
                 if last_time is not None and rel_time <= last_time:
                     continue  # out of order or repeated: the stream clock only moves forward
-                last_time = rel_time
+                last_time, last_step = rel_time, step
                 num_frames += 1
-                yield rel_time, step, frame
+                if sampler.take(pass_offset + rel_time):
+                    yield pass_offset + rel_time, frame
+                wanted = sampler.next_time() - pass_offset  # the next instant, in this pass's time
+                if end_time is not None and wanted >= end_time:
+                    return end_time  # no frame of this pass is sampled any more
+                if seekable and first_pts is not None and wanted - rel_time > SEEK_MIN_GAP_S and wanted != sought:
+                    sought = wanted
+                    container.seek(first_pts + math.floor(wanted / time_base), stream=stream, backward=True)
+                    frames = container.decode(stream)
         except av.FFmpegError as err:
             raise InvalidFrameError(f"Decoding {source!r} failed after {num_frames} frames: {err}.") from err
     if num_frames == 0:
         raise InvalidArgumentError(f"Video source {source!r} has a video stream but no decodable frames.")
+    return last_time + last_step

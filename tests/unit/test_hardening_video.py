@@ -1,0 +1,82 @@
+"""Sparse sampling decodes only what it samples, and FFmpeg opens only what the source's scheme needs."""
+
+from __future__ import annotations
+
+import time
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from mosaic_core.errors import InvalidArgumentError
+from mosaic_core.model import video
+from mosaic_core.model.video import iter_video_frames, protocol_whitelist, sample_clip_path
+
+BIKES = "bikes.mp4"  # 640x272, 250 frames at 25 fps, a keyframe about every 2 s
+
+
+def _every_frame(path: str) -> list[tuple[Fraction, np.ndarray]]:
+    """Reference: every frame of one pass, decoded in order, with its time since the first frame."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        frames = [(frame.pts, frame.to_ndarray(format="rgb24")) for frame in container.decode(stream)]
+        time_base = stream.time_base
+    first = frames[0][0]
+    return [((pts - first) * time_base, rgb) for pts, rgb in frames]
+
+
+def _reference_samples(path: str, fps: Fraction, num_passes: int, clip_s: Fraction):
+    """The first frame at or after each instant k / fps, over looping passes, from a full decode."""
+    frames = _every_frame(path)
+    out, next_k = [], 0
+    for p in range(num_passes):
+        for rel, rgb in frames:
+            t = p * clip_s + rel
+            if t * fps >= next_k:
+                out.append((float(t), rgb))
+                next_k = int(t * fps) + 1
+    return out
+
+
+@pytest.mark.parametrize("fps", [Fraction(1, 5), Fraction(1, 3), Fraction(2, 1)])
+def test_seeking_sampler_gives_the_same_frames_as_a_full_decode(fps: Fraction) -> None:
+    path = sample_clip_path(BIKES)
+    # The sampler runs on the float fps it is given, exactly (1/3 as a float is a little under 1/3).
+    reference = _reference_samples(path, Fraction(float(fps)), num_passes=3, clip_s=Fraction(10))
+    reference = [r for r in reference if r[0] < 30.0]
+    got = list(iter_video_frames(path, fps=float(fps), loop=True, max_frames=len(reference)))
+    assert [f.timestamp_s for f in got] == pytest.approx([t for t, _ in reference], abs=1e-9)
+    for frame, (_, rgb) in zip(got, reference, strict=True):
+        np.testing.assert_array_equal(frame.rgb, rgb)
+
+
+def test_sparse_sampling_costs_less_cpu_than_decoding_every_frame(monkeypatch) -> None:
+    path = sample_clip_path(BIKES)
+
+    def cpu_s() -> float:
+        start = time.process_time()
+        frames = list(iter_video_frames(path, fps=0.2, loop=True, max_frames=8))
+        assert len(frames) == 8
+        return time.process_time() - start
+
+    sparse = min(cpu_s() for _ in range(2))
+    monkeypatch.setattr(video, "SEEK_MIN_GAP_S", float("inf"))  # no seeking: decode through every frame
+    dense = min(cpu_s() for _ in range(2))
+    assert sparse < 0.6 * dense, (sparse, dense)
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["concat:/etc/hostname|/etc/hostname", "data:video/mp4;base64,AAAA", "ftp://127.0.0.1/x.mp4",
+     "tcp://127.0.0.1:9/", "file:///etc/hostname", "udp://127.0.0.1:9", "gopher://x/"],
+)  # fmt: skip
+def test_schemes_no_camera_uses_are_refused_before_ffmpeg(source: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="not supported"):
+        next(iter_video_frames(source, fps=1.0))
+
+
+def test_whitelist_follows_the_scheme() -> None:
+    assert protocol_whitelist("/data/clip.mp4") == "file"
+    assert "file" not in protocol_whitelist("https://example.com/a.mp4").split(",")
+    assert "file" not in protocol_whitelist("rtsp://cam/stream").split(",")
