@@ -53,7 +53,11 @@ class EngineConfig:
             host-tier clusters, so a spill never pins memory on the ingest path; beyond it, clusters are pinned
             one by one. Size it to the host tier the streams will fill; 0 pins on demand only.
         disk_budget_bytes: disk-tier bytes; 0 disables the disk tier.
-        disk_dir: where the disk tier keeps its files; required when disk_budget_bytes > 0.
+        disk_dir: where the disk tier keeps its files; required when disk_budget_bytes > 0 unless data_dir is set.
+        data_dir: where camera history is kept durably: every sealed cluster is written behind to a record file
+            with a per-stream manifest, and a new engine on the same directory re-adopts it (see
+            ``mosaic_core.durable``). With it, the disk tier is always on: sealed clusters spill to disk by
+            dropping their memory copy, and disk_budget_bytes (0: no limit; retention bounds history) caps it.
         eviction_policy: name of the policy that picks which clusters to spill ("lru" or "heat").
         prefetch_after_layer: in cluster mode, the layer whose choice of clusters every later layer reuses, so
             their gathers are queued at once and move while the layers before them compute; layers up to it
@@ -77,6 +81,7 @@ class EngineConfig:
     pinned_host_bytes: int = 0
     disk_budget_bytes: int = 0
     disk_dir: str | None = None
+    data_dir: str | None = None
     eviction_policy: str = "lru"
     prefetch_after_layer: int | None = 1
     rescore_every_tokens: int = 0
@@ -113,7 +118,7 @@ class EngineConfig:
                 f"disk_budget_bytes and rescore_every_tokens must be >= 0, got "
                 f"{self.disk_budget_bytes} and {self.rescore_every_tokens}"
             )
-        if self.disk_budget_bytes > 0 and not self.disk_dir:
+        if self.disk_budget_bytes > 0 and not (self.disk_dir or self.data_dir):
             raise ConfigError(f"disk_budget_bytes={self.disk_budget_bytes} needs disk_dir to be set")
         if self.formation.max_tokens > self.retrieval_budget_tokens:
             raise ConfigError(

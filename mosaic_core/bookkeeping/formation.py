@@ -281,6 +281,42 @@ class ClusterFormer:
         self._records[pos : pos + 1] = list(halves)
         return halves[0].copy(), halves[1].copy()
 
+    def adopt(
+        self,
+        records: list[ClusterRecord],
+        *,
+        next_number: int,
+        last_frame_index: int | None,
+        last_timestamp_s: float | None,
+    ) -> None:
+        """Takes back a restarted stream's sealed clusters (temporal order) and continues after them: ids from
+        ``next_number`` on, frames after ``last_frame_index`` and ``last_timestamp_s``.
+
+        Raises:
+            StateError: the stream already has clusters.
+            InvalidArgumentError: a record is open, out of order, or numbered at or past ``next_number``.
+        """
+        if self._records:
+            raise StateError(f"stream {self.stream_id!r} already has clusters; adopt only into a new former")
+        previous_end = float("-inf")
+        for record in records:
+            number = int(record.cluster_id.rsplit("/c", 1)[1])
+            if not record.sealed or record.start_s < previous_end or number >= next_number:
+                raise InvalidArgumentError(
+                    f"cannot adopt {record.cluster_id!r}: it must be sealed, after the cluster before it and "
+                    f"numbered below {next_number}"
+                )
+            previous_end = record.end_s
+        self._records = [record.copy() for record in records]
+        self._next_number = next_number
+        self._last_frame_index = last_frame_index
+        self._last_timestamp_s = last_timestamp_s
+
+    @property
+    def next_number(self) -> int:
+        """The number the next new cluster will get."""
+        return self._next_number
+
     def remove(self, cluster_id: str) -> ClusterRecord:
         """Forget a sealed cluster (retention dropped it); returns its last record."""
         return self._records.pop(self._sealed_position(cluster_id))

@@ -11,7 +11,9 @@ from one thread at a time.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -20,7 +22,9 @@ from mosaic_core.bookkeeping.maintenance import CoRetrievalTracker
 from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier, TierBudgets
 from mosaic_core.config import EngineConfig, RetrievalMode
+from mosaic_core.durable.store import DurableStore
 from mosaic_core.engine import ingest, questions
+from mosaic_core.engine.history import HistoryKeeper, RestoredStream
 from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import (
     Answer,
@@ -58,17 +62,26 @@ class Engine:
         self.spec = model.kv_spec
         # Full mode is the no-eviction baseline: its device tier is accounted but never limits.
         device_bytes = UNLIMITED_BYTES if self.config.mode is RetrievalMode.FULL else self.config.device_budget_bytes
+        disk_bytes, disk_dir, durable = self.config.disk_budget_bytes, self.config.disk_dir, None
+        if self.config.data_dir:
+            durable = DurableStore(self.config.data_dir)
+            # Sealed clusters are on disk anyway: the disk tier is on, bounded by retention unless a budget is set.
+            disk_bytes = disk_bytes or UNLIMITED_BYTES
+            if disk_dir is None:
+                disk_dir = str(Path(self.config.data_dir) / ".spill")
+                shutil.rmtree(disk_dir, ignore_errors=True)  # spills of unsealed clusters do not outlive a process
         budgets = TierBudgets(
             device_bytes=device_bytes,
             host_bytes=self.config.host_budget_bytes,
-            disk_bytes=self.config.disk_budget_bytes,
+            disk_bytes=disk_bytes,
         )
         residency = ResidencyManager(budgets, policy=self.config.eviction_policy)
         pool = None
         if model.device.type == "cuda" and self.config.pinned_host_bytes:
             pool = PinnedPool(self.config.pinned_host_bytes)
-        tiers = KVTiers(self.spec, device=model.device, disk_dir=self.config.disk_dir, pinned_pool=pool)
+        tiers = KVTiers(self.spec, device=model.device, disk_dir=disk_dir, pinned_pool=pool, durable=durable)
         self.tiering = TierManager(residency, tiers)
+        self.history = None if durable is None else HistoryKeeper(durable, self.tiering)
         self.tracker = CoRetrievalTracker()
         self.streams: dict[str, StreamState] = {}
         working_set = self.config.retrieval_budget_tokens * self.spec.bytes_per_token
@@ -93,13 +106,58 @@ class Engine:
         return cls(Qwen25VLAdapter.load(name_or_path, device=device, dtype=dtype), config)
 
     # -- streams ------------------------------------------------------------------------------------------------
-    def open_stream(self, stream_id: str, *, fps: float = 1.0, system_prompt: str | None = None) -> StreamStats:
-        """Registers a stream and prefills its preamble, whose KV becomes the stream's attention sink."""
+    def open_stream(
+        self, stream_id: str, *, fps: float = 1.0, system_prompt: str | None = None, meta: dict | None = None
+    ) -> StreamStats:
+        """Registers a stream and prefills its preamble, whose KV becomes the stream's attention sink.
+
+        With a data directory the stream is recorded durably before this returns, with ``meta`` (any JSON the
+        caller wants back from ``restore_streams`` after a restart).
+        """
         check_stream_id(stream_id)
         if stream_id in self.streams:
             raise AlreadyExistsError(f"stream {stream_id!r} is already open on this engine")
         if not fps > 0:
             raise InvalidArgumentError(f"fps must be positive, got {fps}")
+        state = self._open_state(stream_id, fps, system_prompt)
+        if self.history is not None:
+            try:
+                self.history.create(state, system_prompt=system_prompt, meta=meta or {})
+            except BaseException:
+                self._forget_stream(state)
+                raise
+        return self.stream_stats(stream_id)
+
+    def restore_streams(self) -> list[RestoredStream]:
+        """Re-opens every stream found in the data directory and re-adopts its sealed clusters (disk tier).
+
+        Frames of the lost local window and open cluster are gone; the stream clock, frame count and cluster
+        ids continue after the last recorded ones. Returns nothing without a data directory.
+        """
+        if self.history is None:
+            return []
+        restored = []
+        for stored in self.history.store.load_streams():
+            stream = stored.stream
+            state = self._open_state(stored.stream_id, float(stream["fps"]), stream.get("system_prompt"))
+            restored.append(self.history.adopt(state, stored))
+        return restored
+
+    def checkpoint(self) -> None:
+        """Seals every open cluster, moves every local window into its clusters and waits until all of it is
+        durable: a graceful shutdown loses nothing. Frames after this start new clusters."""
+        for state in self.streams.values():
+            state.former.seal()
+            ingest.flush_window(self, state)
+        if self.history is not None:
+            self.history.store.flush()
+
+    def close(self) -> None:
+        """Stops the durable writer after it has written everything queued."""
+        if self.history is not None:
+            self.history.store.close()
+
+    def _open_state(self, stream_id: str, fps: float, system_prompt: str | None) -> StreamState:
         formation = self.config.formation
         state = StreamState(
             stream_id,
@@ -116,17 +174,22 @@ class Engine:
         state.sink = plan.row_kv(0)
         state.position_base = state.text_cursor = len(ids)
         self.streams[stream_id] = state
-        return self.stream_stats(stream_id)
+        return state
 
     def close_stream(self, stream_id: str) -> None:
-        """Closes a stream and frees every byte it held in every tier."""
+        """Closes a stream and frees every byte it held in every tier, its durable history included."""
         state = self.stream(stream_id)
+        if self.history is not None:
+            self.history.close(stream_id)  # first: once this returns, a restart cannot bring the stream back
+        self._forget_stream(state)
+
+    def _forget_stream(self, state: StreamState) -> None:
         state.closed = True
-        for cluster_id in self.tiering.residency.drop_stream(stream_id):
+        for cluster_id in self.tiering.residency.drop_stream(state.stream_id):
             self.tiering.tiers.delete(cluster_id)
             self.tracker.forget(cluster_id)
-        self.tiering.residency.release(f"{stream_id}:sink+window")
-        del self.streams[stream_id]
+        self.tiering.residency.release(f"{state.stream_id}:sink+window")
+        del self.streams[state.stream_id]
 
     def drop_clusters_before(self, stream_id: str, cutoff_s: float) -> list[str]:
         """Retention: forgets every sealed cluster of a stream that ended before ``cutoff_s``.
@@ -150,6 +213,8 @@ class Engine:
             state.former.remove(cluster_id)
             state.summaries.remove(cluster_id)
             self.tracker.forget(cluster_id)
+        if self.history is not None:
+            self.history.on_drop(state, expired)
         return expired
 
     def stream(self, stream_id: str) -> StreamState:

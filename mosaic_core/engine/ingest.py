@@ -61,6 +61,9 @@ def ingest(engine: Engine, frames: Sequence[FrameInput]) -> IngestResult:
             num_passes += 1
             num_opened += opened
             attended.extend(tokens)
+    if engine.history is not None:
+        for stream_id in by_stream:
+            engine.history.note_progress(engine.streams[stream_id])
     return IngestResult(
         num_frames=len(frames),
         num_forward_passes=num_passes,
@@ -180,6 +183,8 @@ def _place_frame(
     record = state.former.commit(
         decision, frame_index=state.frames_ingested, timestamp_s=frame.timestamp_s, num_tokens=num_tokens
     )
+    if engine.history is not None and not decision.join:
+        engine.history.ensure_ids(state)
     state.open_embeds = [*state.open_embeds, summary] if decision.join else [summary]
     state.push_local(LocalFrame(state.frames_ingested, record.cluster_id, frame.timestamp_s, kv))
     state.frames_ingested += 1
@@ -202,6 +207,14 @@ def _store_in_cluster(engine: Engine, state: StreamState, frame: LocalFrame) -> 
         prefer = Tier.HOST if engine.config.mode is RetrievalMode.TOKEN else Tier.DEVICE
         engine.tiering.admit(frame.cluster_id, state.stream_id, frame.kv, prefer=prefer)
     state.summaries.add(frame.cluster_id, frame.kv[:, 0])
+    if engine.history is not None:
+        engine.history.on_stored(state, frame.cluster_id)
+
+
+def flush_window(engine: Engine, state: StreamState) -> None:
+    """Moves every frame of the local window into its cluster (a checkpoint before shutdown)."""
+    for old in state.pop_overflow(0):
+        _store_in_cluster(engine, state, old)
 
 
 def _coherence(members: list[torch.Tensor], frame: torch.Tensor) -> tuple[float | None, float | None]:

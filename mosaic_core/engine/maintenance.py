@@ -61,4 +61,6 @@ def merge_clusters(engine: Engine, state: StreamState, left_id: str, right_id: s
         engine.tracker.forget(cluster_id)
     tiering.admit(record.cluster_id, state.stream_id, kv, prefer=Tier(prefer))
     state.summaries.merge(left_id, right_id, record.cluster_id)
+    if engine.history is not None:
+        engine.history.on_merge(state, record.cluster_id, [left_id, right_id])
     return record.cluster_id

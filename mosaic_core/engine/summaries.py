@@ -47,6 +47,20 @@ class SummaryIndex:
         self._count[row] += keys.shape[2]
         self._num_tokens[cluster_id] = self._num_tokens.get(cluster_id, 0) + keys.shape[2]
 
+    def add_stats(self, cluster_id: str, key_sum: torch.Tensor, key_sumsq: torch.Tensor, count: float) -> None:
+        """Restores a cluster's row from saved statistics ``[num_layers, num_kv_heads, head_dim]``."""
+        assert cluster_id not in self._rows, f"summary of {cluster_id} restored twice"
+        row = self._new_row(cluster_id)
+        self._sum[row] = key_sum.to(self.device, torch.float32)
+        self._sumsq[row] = key_sumsq.to(self.device, torch.float32)
+        self._count[row] = float(count)
+        self._num_tokens[cluster_id] = round(count)
+
+    def stats_of(self, cluster_id: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A cluster's key sum and sum of squares (host copies) and its token count, for its durable record."""
+        row = self._rows[cluster_id]
+        return self._sum[row].cpu(), self._sumsq[row].cpu(), float(self._num_tokens[cluster_id])
+
     def merge(self, left_id: str, right_id: str, merged_id: str) -> None:
         left, right = self._rows.pop(left_id), self._rows.pop(right_id)
         self._ids[left] = self._ids[right] = None

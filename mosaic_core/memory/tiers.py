@@ -5,6 +5,10 @@
 transfer engine's side stream under CUDA. Until that copy has run, the cluster is "moving": ``read`` waits for it
 (the compute stream for device bytes, the host for host bytes), while ``layer_slab`` does not, because its reader
 is a gather queued on the same side stream after the move.
+
+With a ``DurableStore``, a sealed cluster's bytes also live in its record file. Such a cluster spills to the disk
+tier by dropping its memory copy (no write), and comes back by reading its record, which stays. Only clusters
+that are not durable yet (open, or still partly in the local window) are written to separate spill files.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.durable.store import DurableStore
 from mosaic_core.errors import UnknownClusterError
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.pinned import PinnedPool
@@ -97,13 +102,20 @@ class KVTiers:
     """Holds every cluster's KV tensor in the tier the residency manager put it in."""
 
     def __init__(
-        self, spec: KVSpec, *, device: torch.device, disk_dir: str | None = None, pinned_pool: PinnedPool | None = None
+        self,
+        spec: KVSpec,
+        *,
+        device: torch.device,
+        disk_dir: str | None = None,
+        pinned_pool: PinnedPool | None = None,
+        durable: DurableStore | None = None,
     ) -> None:
         self.spec = spec
         self.device = torch.device(device)
         self.pin_host = self.device.type == "cuda"
         self.pool = pinned_pool
         self.disk = DiskTier(disk_dir) if disk_dir else None
+        self.durable = durable
         self.stats = TransferStats()
         self.transfers = TransferEngine(self.device)
         self._tensors: dict[str, torch.Tensor] = {}
@@ -139,16 +151,45 @@ class KVTiers:
         compute stream and the host."""
         tier = self.tier_of(cluster_id)
         if tier is Tier.DISK:
-            return self.disk.read(cluster_id)
+            return self._read_disk(cluster_id)
         self._settle(cluster_id)
         return self._tensors[cluster_id]
+
+    def adopt(self, cluster_id: str) -> None:
+        """Registers a durable cluster found after a restart: it lives in the disk tier, in its record file."""
+        assert self.durable is not None and self.durable.owns(cluster_id), f"{cluster_id} has no durable record"
+        assert cluster_id not in self._tiers, f"cluster {cluster_id} adopted twice"
+        self._tiers[cluster_id] = Tier.DISK
+
+    def snapshot(self, cluster_id: str) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """A host copy of a (sealed, no longer growing) cluster that later moves cannot touch, and the event
+        after which it is filled (None when it is filled already)."""
+        kv = self.read(cluster_id)
+        if kv.is_cuda:
+            host, moved = self.transfers.to_host(kv, pin=False)
+            return host, moved.ready
+        if self.pool is not None and self.pool.owns(kv):
+            return kv.clone(), None  # pooled memory is handed out again once the cluster moves
+        return kv, None  # a plain host tensor is never written in place: a move or growth makes a new one
+
+    def _durable(self, cluster_id: str) -> bool:
+        return self.durable is not None and self.durable.owns(cluster_id)
+
+    def _delete_spill(self, cluster_id: str) -> None:
+        if self.disk is not None and self.disk.path(cluster_id).exists():
+            self.disk.delete(cluster_id)
+
+    def _read_disk(self, cluster_id: str) -> torch.Tensor:
+        if self._durable(cluster_id):
+            return self.durable.read_kv(cluster_id)
+        return self.disk.read(cluster_id)
 
     def layer_slab(self, cluster_id: str, layer: int) -> torch.Tensor:
         """One layer ``[2, H, n, D]`` of a cluster where it lives: a view on device or host (pinned under
         CUDA); a disk cluster's layer is read into pinned memory."""
         tier = self.tier_of(cluster_id)
         if tier is Tier.DISK:
-            slab = self.disk.read(cluster_id)[layer]
+            slab = self._read_disk(cluster_id)[layer]
             return slab.pin_memory() if self.pin_host else slab
         return self._tensors[cluster_id][layer]
 
@@ -161,7 +202,7 @@ class KVTiers:
         kv = self.read(cluster_id) if Tier.DISK in (src, dst) else self._tensors[cluster_id]
         num_bytes = kv.numel() * kv.element_size()
         if src is Tier.DISK:
-            self.disk.delete(cluster_id)
+            self._delete_spill(cluster_id)
         self._tensors.pop(cluster_id, None)
         self._store(cluster_id, kv, dst)
         self._release(kv)  # after the copy out of it was queued
@@ -175,12 +216,15 @@ class KVTiers:
         if tensor is not None:
             self._release(tensor)
         if tier is Tier.DISK:
-            self.disk.delete(cluster_id)
+            self._delete_spill(cluster_id)  # a durable record is removed through the store's journal
 
     def _store(self, cluster_id: str, kv: torch.Tensor, tier: Tier) -> None:
         if tier is Tier.DISK:
-            assert self.disk is not None, "disk tier used but not configured"
-            self.disk.write(cluster_id, kv)
+            if self._durable(cluster_id):
+                self.durable.wait_durable(cluster_id)  # its record file holds the bytes: nothing to write
+            else:
+                assert self.disk is not None, "disk tier used but not configured"
+                self.disk.write(cluster_id, kv)
             self._tensors.pop(cluster_id, None)
             self._tiers[cluster_id] = tier
             return

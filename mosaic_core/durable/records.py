@@ -1,0 +1,93 @@
+"""One sealed cluster, one file: its KV pages in order, its key summary, and a checksum over both.
+
+The file is a safetensors file (a JSON header, then raw tensors), so any tool can open it:
+
+    pages      [num_pages, num_layers, 2, num_kv_heads, page_tokens, head_dim]   one page per frame, in order
+    key_sum    [num_layers, num_kv_heads, head_dim] float32                      the summary the retriever scores
+    key_sumsq  [num_layers, num_kv_heads, head_dim] float32
+    key_count  [1] float32
+
+Pages are frame-sized and page-major on disk, so a paged arena can read page ``p`` as one contiguous run of
+bytes; today's engine, which holds a cluster as ``[num_layers, 2, num_kv_heads, num_tokens, head_dim]``, turns
+them into that layout with one permute. The header's metadata carries the format tag and the payload checksum
+(CRC-32 of the tensors' bytes in the order above), which ``read_cluster`` checks.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load, save
+
+from mosaic_core.errors import MosaicError
+
+FORMAT = "mosaic.cluster/1"
+
+
+class CorruptRecordError(MosaicError):
+    """A cluster record file is unreadable, or its bytes do not match their checksum."""
+
+    grpc_code = "DATA_LOSS"
+
+
+@dataclass(slots=True)
+class ClusterSummary:
+    """Per layer and KV head: the sum and sum of squares of the cluster's keys, and their count."""
+
+    key_sum: torch.Tensor  # [num_layers, num_kv_heads, head_dim] float32
+    key_sumsq: torch.Tensor  # [num_layers, num_kv_heads, head_dim] float32
+    key_count: float
+
+
+def to_pages(kv: torch.Tensor, page_tokens: int) -> torch.Tensor:
+    """``[L, 2, H, n, D]`` -> ``[n // page_tokens, L, 2, H, page_tokens, D]`` (contiguous)."""
+    num_layers, two, heads, num_tokens, head_dim = kv.shape
+    assert num_tokens % page_tokens == 0, f"{num_tokens} tokens are not whole pages of {page_tokens}"
+    pages = kv.reshape(num_layers, two, heads, num_tokens // page_tokens, page_tokens, head_dim)
+    return pages.permute(3, 0, 1, 2, 4, 5).contiguous()
+
+
+def from_pages(pages: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``to_pages``."""
+    num_pages, num_layers, two, heads, page_tokens, head_dim = pages.shape
+    kv = pages.permute(1, 2, 3, 0, 4, 5).reshape(num_layers, two, heads, num_pages * page_tokens, head_dim)
+    return kv.contiguous()
+
+
+def payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    crc = 0
+    for name in ("pages", "key_sum", "key_sumsq", "key_count"):
+        crc = zlib.crc32(tensors[name].contiguous().view(torch.uint8).numpy().data, crc)
+    return f"{crc:08x}"
+
+
+def encode_cluster(kv: torch.Tensor, summary: ClusterSummary, *, page_tokens: int) -> tuple[bytes, str]:
+    """The file's bytes and the payload checksum, from a host tensor ``[L, 2, H, n, D]``."""
+    tensors = {
+        "pages": to_pages(kv.cpu(), page_tokens),
+        "key_sum": summary.key_sum.float().cpu().contiguous(),
+        "key_sumsq": summary.key_sumsq.float().cpu().contiguous(),
+        "key_count": torch.tensor([summary.key_count], dtype=torch.float32),
+    }
+    checksum = payload_checksum(tensors)
+    return save(tensors, metadata={"format": FORMAT, "checksum": checksum}), checksum
+
+
+def decode_cluster(data: bytes, *, expect_checksum: str | None, name: str) -> tuple[torch.Tensor, ClusterSummary]:
+    """``(kv [L, 2, H, n, D], summary)`` from a record file's bytes, checked against its checksum."""
+    try:
+        tensors = load(data)
+    except Exception as err:  # safetensors raises its own error types for a truncated or garbled header
+        raise CorruptRecordError(f"cluster record {name} cannot be read: {err}") from err
+    missing = {"pages", "key_sum", "key_sumsq", "key_count"} - tensors.keys()
+    if missing:
+        raise CorruptRecordError(f"cluster record {name} lacks {sorted(missing)}")
+    actual = payload_checksum(tensors)
+    if expect_checksum is not None and actual != expect_checksum:
+        raise CorruptRecordError(
+            f"cluster record {name} is corrupt: checksum {actual} does not match the manifest's {expect_checksum}"
+        )
+    summary = ClusterSummary(tensors["key_sum"], tensors["key_sumsq"], float(tensors["key_count"][0]))
+    return from_pages(tensors["pages"]), summary

@@ -1,0 +1,391 @@
+"""Writes sealed clusters behind to disk, off the engine thread, and finds them again after a restart.
+
+The engine thread only hands over work: ``submit`` queues a commit (clusters to add, with host snapshots of
+their KV, and clusters to remove) and returns. One writer thread runs the queue in order:
+
+    engine thread:  seal c12 -> submit(add c12)      merge c12+c13 -> submit(add c14, remove c12 c13)
+    writer thread:  write c12.mkv (tmp, fsync, rename) ; journal line ; ... write c14.mkv ; journal line ;
+                    unlink c12.mkv c13.mkv
+
+Because the queue is FIFO, a removal always follows the write it undoes, and a journal line is appended only
+after the files it names are on disk. Until its line is written a cluster is "pending": reads are served from
+its snapshot. Pending bytes are bounded (``max_pending_bytes``); past that, ``submit`` waits for the writer,
+which holds ingest back rather than dropping history.
+
+Deleting a stream is synchronous and atomic: its directory is renamed into ``.trash`` (then removed in the
+background), so a crash right after a delete never brings the stream back.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mosaic_core.durable.manifest import (
+    RECORD_SUFFIX,
+    STATE_NAME,
+    ClusterEntry,
+    ManifestState,
+    ManifestWriter,
+    fsync_dir,
+    read_state,
+    replay,
+    write_atomic,
+)
+from mosaic_core.durable.records import ClusterSummary, decode_cluster, encode_cluster
+from mosaic_core.errors import AlreadyExistsError, UnknownClusterError
+
+log = logging.getLogger(__name__)
+TRASH = ".trash"
+RETRY_S = (0.1, 0.5, 2.0, 5.0)
+
+
+@dataclass(slots=True)
+class Seal:
+    """A cluster handed to the writer: its manifest entry (checksum filled in on write) and KV snapshot."""
+
+    entry: ClusterEntry
+    kv: torch.Tensor  # [L, 2, H, n, D] on the host (being filled until ``ready`` passes, under CUDA)
+    summary: ClusterSummary
+    page_tokens: int
+    ready: object = None  # torch.cuda.Event or None
+    submitted_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+@dataclass(slots=True)
+class StoredStream:
+    """One stream found on disk: what it was opened with, its clock and counters, its sealed clusters."""
+
+    stream_id: str
+    stream: dict
+    state: dict
+    clusters: list[ClusterEntry]
+    next_cluster_number: int
+
+
+@dataclass(slots=True)
+class DurableStats:
+    clusters_written: int = 0
+    bytes_written: int = 0
+    write_errors: int = 0
+    last_error: str = ""
+    pending_clusters: int = 0
+    pending_bytes: int = 0
+    oldest_pending_s: float = 0.0
+    seal_to_durable_s_sum: float = 0.0
+    seal_to_durable_s_max: float = 0.0
+
+
+@dataclass(slots=True)
+class _Commit:
+    stream_id: str
+    add: list[Seal]
+    remove: list[str]
+
+
+class DurableStore:
+    """The cluster records and manifests of one engine, under ``root`` (one directory per stream).
+
+    Args:
+        root: the engine's data directory; created if missing.
+        max_pending_bytes: snapshot bytes that may wait for the writer before ``submit`` blocks.
+        state_interval_s: how often a changed stream state (clock, counters) is written.
+    """
+
+    def __init__(self, root: str | Path, *, max_pending_bytes: int = 1 << 30, state_interval_s: float = 1.0) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_pending_bytes = max_pending_bytes
+        self.state_interval_s = state_interval_s
+        self.stats = DurableStats()
+        self._cv = threading.Condition()
+        self._io = threading.Lock()  # held by the writer for a whole commit, and by stream create/delete
+        self._queue: deque[_Commit | Path] = deque()
+        self._busy = False
+        self._writers: dict[str, ManifestWriter] = {}
+        self._pending: dict[str, Seal] = {}
+        self._states: dict[str, dict] = {}
+        self._dirty: set[str] = set()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="durable-writer", daemon=True)
+        self._thread.start()
+
+    # -- streams (engine thread) --------------------------------------------------------------------------
+    def load_streams(self) -> list[StoredStream]:
+        """Every stream under ``root``, replayed from its manifest; deletes crash leftovers (orphan files,
+        temporary files, the trash)."""
+        shutil.rmtree(self.root / TRASH, ignore_errors=True)
+        found = []
+        for stream_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            manifest = replay(stream_dir)
+            if not manifest.stream:
+                log.warning("ignoring %s: it has no readable manifest", stream_dir)
+                continue
+            stream_id = manifest.stream["stream_id"]
+            live = {entry.file for entry in manifest.clusters.values()}
+            for path in stream_dir.iterdir():
+                if path.name.endswith(".tmp") or (path.suffix == RECORD_SUFFIX and path.name not in live):
+                    path.unlink(missing_ok=True)
+            with self._io:
+                self._writers[stream_id] = ManifestWriter(stream_dir, manifest)
+            state = read_state(stream_dir)
+            with self._cv:
+                self._states[stream_id] = dict(state)
+            found.append(
+                StoredStream(
+                    stream_id, dict(manifest.stream), state, list(manifest.clusters.values()),
+                    manifest.next_cluster_number,
+                )
+            )  # fmt: skip
+        return found
+
+    def create_stream(self, stream_id: str, stream: dict) -> None:
+        """Makes the stream's directory and manifest, durably, before the stream takes frames."""
+        stream_dir = self.stream_dir(stream_id)
+        with self._io:
+            if stream_id in self._writers or stream_dir.exists():
+                raise AlreadyExistsError(f"stream {stream_id!r} already has history in {self.root}")
+            stream_dir.mkdir(parents=True)
+            writer = ManifestWriter(stream_dir, ManifestState())
+            writer.append({"op": "open", "stream": {**stream, "stream_id": stream_id}})
+            fsync_dir(stream_dir.parent)
+            self._writers[stream_id] = writer
+        with self._cv:
+            self._states[stream_id] = {}
+
+    def delete_stream(self, stream_id: str) -> None:
+        """Forgets the stream at once and for good: its directory moves to the trash in one rename."""
+        with self._io:
+            with self._cv:
+                self._queue = deque(op for op in self._queue if not _belongs(op, stream_id))
+                for cluster_id in [c for c, s in self._pending.items() if _stream_of(c) == stream_id]:
+                    self._forget_pending(self._pending[cluster_id])
+                self._states.pop(stream_id, None)
+                self._dirty.discard(stream_id)
+            self._writers.pop(stream_id, None)
+            stream_dir = self.stream_dir(stream_id)
+            if stream_dir.exists():
+                trash = self.root / TRASH
+                trash.mkdir(exist_ok=True)
+                target = trash / f"{stream_id}-{uuid.uuid4().hex[:8]}"
+                stream_dir.rename(target)
+                fsync_dir(self.root)
+                self._enqueue(target)
+
+    def reserve_ids(self, stream_id: str, next_number: int) -> None:
+        """Records, durably, that cluster numbers below ``next_number`` may be in use (never reused)."""
+        with self._io:
+            self._writers[stream_id].append({"op": "ids", "next": next_number})
+
+    def update_state(self, stream_id: str, **fields) -> None:
+        """Merges clock or counter fields into the stream's state; written within ``state_interval_s``."""
+        with self._cv:
+            if stream_id in self._states:
+                self._states[stream_id].update(fields)
+                self._dirty.add(stream_id)
+
+    def state(self, stream_id: str) -> dict:
+        with self._cv:
+            return dict(self._states.get(stream_id, {}))
+
+    def stream_dir(self, stream_id: str) -> Path:
+        return self.root / stream_id
+
+    # -- clusters (engine thread) -------------------------------------------------------------------------
+    def submit(self, stream_id: str, *, add: list[Seal] = (), remove: list[str] = ()) -> None:
+        """Queues one commit: files for ``add`` are written, then one journal line, then ``remove``'s files
+        are unlinked. Blocks while more than ``max_pending_bytes`` of snapshots wait."""
+        commit = _Commit(stream_id, list(add), list(remove))
+        with self._cv:
+            while self.stats.pending_bytes > self.max_pending_bytes and not self._stop:
+                self._cv.wait(0.5)
+            for seal in commit.add:
+                self._pending[seal.entry.cluster_id] = seal
+                self.stats.pending_clusters += 1
+                self.stats.pending_bytes += seal.num_bytes
+        self._enqueue(commit)
+
+    def owns(self, cluster_id: str) -> bool:
+        """Whether the cluster is durable or on its way (its bytes can always be read from here)."""
+        if cluster_id in self._pending:
+            return True
+        writer = self._writers.get(_stream_of(cluster_id))
+        return writer is not None and cluster_id in writer.state.clusters
+
+    def entry(self, cluster_id: str) -> ClusterEntry:
+        seal = self._pending.get(cluster_id)
+        if seal is not None:
+            return seal.entry
+        writer = self._writers.get(_stream_of(cluster_id))
+        if writer is None or cluster_id not in writer.state.clusters:
+            raise UnknownClusterError(f"cluster {cluster_id!r} has no durable record")
+        return writer.state.clusters[cluster_id]
+
+    def read_kv(self, cluster_id: str) -> torch.Tensor:
+        """The cluster's KV ``[L, 2, H, n, D]`` on the host: its snapshot while pending, else its file
+        (checked against the manifest's checksum)."""
+        seal = self._pending.get(cluster_id)
+        if seal is not None:
+            if seal.ready is not None:
+                seal.ready.synchronize()
+            return seal.kv
+        entry = self.entry(cluster_id)
+        path = self.stream_dir(_stream_of(cluster_id)) / entry.file
+        kv, _ = decode_cluster(path.read_bytes(), expect_checksum=entry.checksum, name=str(path))
+        return kv
+
+    def read_summary(self, cluster_id: str) -> ClusterSummary:
+        entry = self.entry(cluster_id)
+        path = self.stream_dir(_stream_of(cluster_id)) / entry.file
+        return decode_cluster(path.read_bytes(), expect_checksum=entry.checksum, name=str(path))[1]
+
+    def wait_durable(self, cluster_id: str, timeout_s: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while cluster_id in self._pending and time.monotonic() < deadline:
+                self._cv.wait(0.1)
+            return cluster_id not in self._pending
+
+    def flush(self, timeout_s: float = 60.0) -> bool:
+        """Waits until every queued commit and changed state is on disk; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            self._cv.notify_all()
+            while (self._queue or self._busy or self._dirty) and time.monotonic() < deadline:
+                self._cv.wait(0.05)
+            return not (self._queue or self._busy or self._dirty)
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        self.flush(timeout_s)
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout_s)
+
+    def snapshot_stats(self) -> DurableStats:
+        with self._cv:
+            stats = DurableStats(**asdict(self.stats))
+            if self._pending:
+                stats.oldest_pending_s = time.monotonic() - min(s.submitted_s for s in self._pending.values())
+            return stats
+
+    # -- writer thread ------------------------------------------------------------------------------------
+    def _enqueue(self, op) -> None:
+        with self._cv:
+            self._queue.append(op)
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        last_state_s = 0.0
+        while True:
+            with self._cv:
+                while (
+                    not self._queue
+                    and not self._stop
+                    and not (self._dirty and time.monotonic() - last_state_s >= self.state_interval_s)
+                ):
+                    self._cv.wait(self.state_interval_s / 2)
+                if self._stop and not self._queue:
+                    return
+                op = self._queue[0] if self._queue else None
+                self._busy = op is not None
+            if op is not None:
+                self._run_with_retry(op)
+            if time.monotonic() - last_state_s >= self.state_interval_s or op is None:
+                self._write_states()
+                last_state_s = time.monotonic()
+
+    def _run_with_retry(self, op) -> None:
+        for attempt in range(len(RETRY_S) + 1):
+            try:
+                with self._io:
+                    if isinstance(op, Path):
+                        shutil.rmtree(op, ignore_errors=True)
+                    elif op.stream_id in self._writers:  # else the stream was deleted meanwhile
+                        self._commit(op)
+                break
+            except OSError as err:
+                with self._cv:
+                    self.stats.write_errors += 1
+                    self.stats.last_error = f"{type(err).__name__}: {err}"
+                log.error("durable write failed (attempt %d): %s", attempt + 1, err)
+                if attempt == len(RETRY_S) or self._stop:
+                    log.error("giving up on %s after %d attempts; it stays in memory only", op, attempt + 1)
+                    break
+                time.sleep(RETRY_S[attempt])
+        with self._cv:
+            if self._queue and self._queue[0] is op:
+                self._queue.popleft()
+            self._busy = False
+            self._cv.notify_all()
+
+    def _commit(self, commit: _Commit) -> None:
+        writer = self._writers[commit.stream_id]
+        entries = []
+        for seal in commit.add:
+            if seal.ready is not None:
+                seal.ready.synchronize()
+            data, checksum = encode_cluster(seal.kv, seal.summary, page_tokens=seal.page_tokens)
+            seal.entry.checksum = checksum
+            write_atomic(writer.stream_dir / seal.entry.file, data)
+            entries.append(asdict(seal.entry))
+            with self._cv:
+                self.stats.bytes_written += len(data)
+        removed_files = [writer.state.clusters[c].file for c in commit.remove if c in writer.state.clusters]
+        writer.append({"op": "commit", "add": entries, "remove": commit.remove})
+        for name in removed_files:
+            (writer.stream_dir / name).unlink(missing_ok=True)
+        now = time.monotonic()
+        with self._cv:
+            for seal in commit.add:
+                latency = now - seal.submitted_s
+                self.stats.clusters_written += 1
+                self.stats.seal_to_durable_s_sum += latency
+                self.stats.seal_to_durable_s_max = max(self.stats.seal_to_durable_s_max, latency)
+                self._forget_pending(seal)
+
+    def _forget_pending(self, seal: Seal) -> None:
+        if self._pending.pop(seal.entry.cluster_id, None) is not None:
+            self.stats.pending_clusters -= 1
+            self.stats.pending_bytes -= seal.num_bytes
+
+    def _write_states(self) -> None:
+        with self._cv:
+            dirty = {sid: dict(self._states[sid]) for sid in self._dirty if sid in self._states}
+            self._dirty.clear()
+        for stream_id, state in dirty.items():
+            with self._io:
+                if stream_id not in self._writers:
+                    continue
+                try:
+                    write_atomic(self.stream_dir(stream_id) / STATE_NAME, _json_bytes(state))
+                except OSError as err:
+                    log.error("could not write the state of stream %s: %s", stream_id, err)
+        with self._cv:
+            self._cv.notify_all()
+
+
+def _json_bytes(value: dict) -> bytes:
+    import json
+
+    return json.dumps(value, sort_keys=True).encode()
+
+
+def _stream_of(cluster_id: str) -> str:
+    return cluster_id.rsplit("/", 1)[0]
+
+
+def _belongs(op, stream_id: str) -> bool:
+    return isinstance(op, _Commit) and op.stream_id == stream_id

@@ -1,0 +1,181 @@
+"""Durable camera history for the engine: sealed clusters go to record files, and come back after a restart.
+
+A cluster becomes durable once it is sealed *and* its last frame has left the local window: only then is its KV
+complete and immutable. So a crash loses at most the open cluster, the frames still in the local window and the
+commits the writer has not finished (``DurableStore.snapshot_stats``), all of them recent video.
+
+    ingest: frame leaves the window -> appended to c12 -> c12 sealed and complete -> Seal(c12) -> DurableStore
+    restart: DurableStore.load_streams -> sink prefilled again -> c0..c12 adopted into the disk tier
+
+Cluster numbers are handed out in blocks recorded in the manifest before any is used, so a restarted stream
+never reuses an id, even one of a cluster that was open when the process died.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from safetensors import safe_open
+
+from mosaic_core.bookkeeping.formation import ClusterRecord
+from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.durable.manifest import RECORD_SUFFIX, ClusterEntry
+from mosaic_core.durable.records import ClusterSummary
+from mosaic_core.durable.store import DurableStore, Seal, StoredStream
+from mosaic_core.engine.stream import StreamState
+from mosaic_core.engine.tiering import TierManager
+
+log = logging.getLogger(__name__)
+ID_BLOCK = 64
+
+
+@dataclass(slots=True)
+class RestoredStream:
+    """A stream brought back from disk: what its opener stored with it, its saved state, its history."""
+
+    stream_id: str
+    meta: dict
+    state: dict
+    num_clusters: int
+    last_timestamp_s: float | None
+
+
+class HistoryKeeper:
+    """Writes one engine's sealed clusters behind and re-adopts them after a restart."""
+
+    def __init__(self, store: DurableStore, tiering: TierManager) -> None:
+        self.store = store
+        self.tiering = tiering
+        self._reserved: dict[str, int] = {}  # stream -> cluster numbers below this are recorded as possibly used
+        self.num_unreadable = 0  # clusters of the last adopted stream whose record could not be read
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def create(self, state: StreamState, *, system_prompt: str | None, meta: dict) -> None:
+        self.store.create_stream(state.stream_id, {"fps": state.fps, "system_prompt": system_prompt, "meta": meta})
+        self._reserved[state.stream_id] = 0
+        self.ensure_ids(state)
+
+    def close(self, stream_id: str) -> None:
+        self.store.delete_stream(stream_id)
+        self._reserved.pop(stream_id, None)
+
+    # -- ingest and maintenance ---------------------------------------------------------------------------
+    def ensure_ids(self, state: StreamState) -> None:
+        """Call right after the former took a new cluster number, before the id is seen anywhere else."""
+        if state.former.next_number >= self._reserved[state.stream_id]:
+            reserved = state.former.next_number + ID_BLOCK
+            self.store.reserve_ids(state.stream_id, reserved)
+            self._reserved[state.stream_id] = reserved
+
+    def on_stored(self, state: StreamState, cluster_id: str) -> None:
+        """A frame of ``cluster_id`` left the local window; if that completed a sealed cluster, persist it."""
+        if state.local and state.local[0].cluster_id == cluster_id:
+            return  # more of its frames are still in the window
+        record = state.former.get(cluster_id)
+        if record.sealed:
+            self.store.submit(state.stream_id, add=[self._seal(state, record)])
+
+    def on_merge(self, state: StreamState, merged_id: str, removed_ids: list[str]) -> None:
+        self.ensure_ids(state)
+        seal = self._seal(state, state.former.get(merged_id))
+        self.store.submit(state.stream_id, add=[seal], remove=removed_ids)
+
+    def on_drop(self, state: StreamState, cluster_ids: list[str]) -> None:
+        if cluster_ids:
+            self.store.submit(state.stream_id, remove=cluster_ids)
+
+    def note_progress(self, state: StreamState) -> None:
+        self.store.update_state(
+            state.stream_id,
+            first_timestamp_s=state.first_timestamp_s,
+            last_timestamp_s=state.last_timestamp_s,
+            frames_ingested=state.frames_ingested,
+            text_cursor=state.text_cursor,
+        )
+
+    def _seal(self, state: StreamState, record: ClusterRecord) -> Seal:
+        kv, ready = self.tiering.tiers.snapshot(record.cluster_id)
+        key_sum, key_sumsq, count = state.summaries.stats_of(record.cluster_id)
+        page_tokens = record.frame_num_tokens[0]
+        assert all(n == page_tokens for n in record.frame_num_tokens), f"{record.cluster_id}: unequal frame sizes"
+        entry = ClusterEntry(
+            cluster_id=record.cluster_id,
+            file=record.cluster_id.rsplit("/", 1)[1] + RECORD_SUFFIX,
+            start_s=record.start_s,
+            end_s=record.end_s,
+            frame_indices=list(record.frame_indices),
+            frame_timestamps_s=list(record.frame_timestamps_s),
+            frame_num_tokens=list(record.frame_num_tokens),
+            num_bytes=kv.numel() * kv.element_size(),
+            checksum="",
+            position_end=state.text_cursor,
+        )
+        return Seal(entry, kv, ClusterSummary(key_sum, key_sumsq, count), page_tokens, ready)
+
+    # -- restart ------------------------------------------------------------------------------------------
+    def adopt(self, state: StreamState, stored: StoredStream) -> RestoredStream:
+        """Gives a freshly opened stream (sink prefilled, empty window) its history back from disk."""
+        summaries, entries, self.num_unreadable = {}, [], 0
+        for entry in sorted(stored.clusters, key=lambda e: (e.start_s, e.cluster_id)):
+            try:
+                summaries[entry.cluster_id] = self._read_summary(state.stream_id, entry)
+            except Exception as err:  # a missing or garbled file costs that cluster, not the stream
+                log.error("cannot restore cluster %s: %s", entry.cluster_id, err)
+                self.num_unreadable += 1
+                continue
+            entries.append(entry)
+        saved = stored.state
+        last_ts = _max(saved.get("last_timestamp_s"), *(e.end_s for e in entries))
+        num_frames = max([saved.get("frames_ingested") or 0] + [e.frame_indices[-1] + 1 for e in entries])
+        records = [
+            ClusterRecord(
+                cluster_id=e.cluster_id,
+                stream_id=state.stream_id,
+                frame_indices=list(e.frame_indices),
+                start_s=e.start_s,
+                end_s=e.end_s,
+                num_tokens=e.num_tokens,
+                sealed=True,
+                frame_timestamps_s=list(e.frame_timestamps_s),
+                frame_num_tokens=list(e.frame_num_tokens),
+            )
+            for e in entries
+        ]
+        next_number = stored.next_cluster_number
+        state.former.adopt(
+            records,
+            next_number=next_number,
+            last_frame_index=num_frames - 1 if num_frames else None,
+            last_timestamp_s=last_ts,
+        )
+        self._reserved[state.stream_id] = next_number
+        self.ensure_ids(state)
+        state.first_timestamp_s = _min(saved.get("first_timestamp_s"), *(e.start_s for e in entries))
+        state.last_timestamp_s = last_ts
+        state.frames_ingested = num_frames
+        state.text_cursor = max([state.text_cursor, saved.get("text_cursor") or 0] + [e.position_end for e in entries])
+        for entry in entries:
+            summary = summaries[entry.cluster_id]
+            state.summaries.add_stats(entry.cluster_id, summary.key_sum, summary.key_sumsq, summary.key_count)
+            self.tiering.residency.add(entry.cluster_id, state.stream_id, entry.num_bytes, Tier.DISK)
+            self.tiering.tiers.adopt(entry.cluster_id)
+        return RestoredStream(state.stream_id, stored.stream.get("meta") or {}, saved, len(entries), last_ts)
+
+    def _read_summary(self, stream_id: str, entry: ClusterEntry) -> ClusterSummary:
+        # Only the small summary tensors are read here; the KV pages are read (and checksummed) when fetched.
+        path = self.store.stream_dir(stream_id) / entry.file
+        with safe_open(str(path), framework="pt") as f:
+            return ClusterSummary(
+                f.get_tensor("key_sum"), f.get_tensor("key_sumsq"), float(f.get_tensor("key_count")[0])
+            )
+
+
+def _max(*values):
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _min(*values):
+    present = [v for v in values if v is not None]
+    return min(present) if present else None

@@ -1,0 +1,131 @@
+"""Durable history in one process: sealed clusters survive a new engine on the same data directory."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from engine_helpers import feed, make_engine
+
+from mosaic_core.durable.manifest import MANIFEST_NAME, encode_line, replay
+from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, encode_cluster
+
+
+def _durable_view(engine, stream_id):
+    """Sealed, durable clusters: id -> (span, tokens, KV checksum)."""
+    store = engine.history.store
+    assert store.flush(30)
+    return {
+        e.cluster_id: (e.start_s, e.end_s, e.num_tokens, e.checksum)
+        for e in replay(store.stream_dir(stream_id)).clusters.values()
+    }
+
+
+def _kv_crc(kv: torch.Tensor) -> int:
+    return zlib.crc32(kv.contiguous().view(torch.uint8).numpy().data)
+
+
+def test_sealed_clusters_come_back_in_a_new_engine(tiny_model, bikes_frames, tmp_path):
+    first = make_engine(tiny_model, data_dir=str(tmp_path))
+    first.open_stream("cam", fps=2.0, meta={"source": "bikes"})
+    feed(first, "cam", bikes_frames[:24])
+    before = _durable_view(first, "cam")
+    assert len(before) >= 3, "24 frames must seal several clusters"
+    kv_before = {cid: _kv_crc(first.tiering.tiers.read(cid)) for cid in before}
+    last_ts = first.stream("cam").last_timestamp_s
+    first.close()
+
+    second = make_engine(tiny_model, data_dir=str(tmp_path))
+    restored = second.restore_streams()
+    assert [(r.stream_id, r.meta, r.num_clusters) for r in restored] == [("cam", {"source": "bikes"}, len(before))]
+    infos = {c.cluster_id: c for c in second.clusters("cam")}
+    assert set(infos) == set(before)
+    for cid, (start_s, end_s, num_tokens, _) in before.items():
+        assert (infos[cid].start_s, infos[cid].end_s, infos[cid].num_tokens, infos[cid].tier) == (
+            start_s,
+            end_s,
+            num_tokens,
+            "disk",
+        )
+        assert _kv_crc(second.tiering.tiers.read(cid)) == kv_before[cid]
+    earliest = min(before, key=lambda c: before[c][0])
+    answer = second.answer("cam", "what happened first?", max_new_tokens=2, time_range=(0.0, before[earliest][1]))
+    assert answer.evidence and {span.cluster_id for span in answer.evidence} <= set(before)
+
+    # The clock and the ids continue: old timestamps are refused, new clusters get new numbers.
+    with pytest.raises(Exception, match="not after"):
+        feed(second, "cam", bikes_frames[:1], offset_s=-100.0)
+    feed(second, "cam", bikes_frames[:12], offset_s=last_ts + 1.0)
+    new_ids = {c.cluster_id for c in second.clusters("cam")} - set(before)
+    assert new_ids and min(new_ids) > max(before)
+    second.close()
+
+
+def test_a_torn_journal_line_and_orphan_files_are_ignored(tiny_model, bikes_frames, tmp_path):
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:16])
+    before = _durable_view(engine, "cam")
+    engine.close()
+    stream_dir = tmp_path / "cam"
+    line = encode_line({"op": "commit", "add": [], "remove": sorted(before)})
+    with (stream_dir / MANIFEST_NAME).open("ab") as f:
+        f.write(line[: len(line) // 2])  # a crash in the middle of a line: it removes nothing
+    (stream_dir / "c999999.mkv").write_bytes(b"orphan")
+    restored = make_engine(tiny_model, data_dir=str(tmp_path))
+    assert restored.restore_streams()[0].num_clusters == len(before)
+    assert not (stream_dir / "c999999.mkv").exists()
+    restored.close()
+
+
+def test_a_deleted_stream_stays_deleted(tiny_model, bikes_frames, tmp_path):
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    engine.open_stream("gone", fps=2.0)
+    engine.open_stream("kept", fps=2.0)
+    feed(engine, "gone", bikes_frames[:12])
+    engine.close_stream("gone")
+    engine.close()
+    again = make_engine(tiny_model, data_dir=str(tmp_path))
+    assert [r.stream_id for r in again.restore_streams()] == ["kept"]
+    again.open_stream("gone", fps=2.0)  # the id is free again
+    again.close()
+
+
+def test_retention_and_merges_are_journalled(tiny_model, bikes_frames, tmp_path):
+    engine = make_engine(tiny_model, data_dir=str(tmp_path), merge_min_questions=1, merge_min_joint_fraction=0.5)
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:24])
+    for _ in range(3):
+        engine.answer("cam", "what moved?", max_new_tokens=1)
+    dropped = engine.drop_clusters_before("cam", engine.stream("cam").last_timestamp_s - 4.0)
+    assert dropped
+    view = _durable_view(engine, "cam")
+    live = {c.cluster_id for c in engine.clusters("cam")}
+    assert not set(dropped) & set(view)
+    assert set(view) <= live
+    files = {p.name for p in (tmp_path / "cam").glob("*.mkv")}
+    assert files == {cid.rsplit("/", 1)[1] + ".mkv" for cid in view}
+    engine.close()
+
+
+def test_a_graceful_checkpoint_loses_no_frame(tiny_model, bikes_frames, tmp_path):
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:13])
+    engine.checkpoint()
+    view = _durable_view(engine, "cam")
+    assert sum(tokens for _, _, tokens, _ in view.values()) == 13 * engine.stream("cam").geometry.tokens_per_frame
+    engine.close()
+
+
+def test_a_corrupt_record_is_refused():
+    kv = torch.randn(2, 2, 1, 6, 4)
+    summary = ClusterSummary(torch.zeros(2, 1, 4), torch.ones(2, 1, 4), 6.0)
+    data, checksum = encode_cluster(kv, summary, page_tokens=3)
+    decoded, back = decode_cluster(data, expect_checksum=checksum, name="ok")
+    assert torch.equal(decoded, kv) and back.key_count == 6.0
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF
+    with pytest.raises(CorruptRecordError, match="checksum"):
+        decode_cluster(bytes(flipped), expect_checksum=checksum, name="bad")
