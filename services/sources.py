@@ -1,4 +1,11 @@
-"""Server-side ingest from a file, URL or ``rtsp://`` source: sample at the stream's fps, pace, reconnect.
+"""Server-side ingest from a file, URL or ``rtsp://`` source: check, sample at the stream's fps, pace, reconnect.
+
+**Which sources are allowed** (``check_source_url``, called at CreateStream): a URL whose scheme is on the
+allow-list (default ``rtsp``, ``rtsps``, ``http``, ``https``), or the path of a file under one of the
+configured source roots (none by default: no local files). Everything else (``file://``, ``concat:``,
+``data:``, ``tcp://``, ``ftp://``, a path outside the roots, a missing file under a root) is refused with one
+sentence that does not say whether a path exists. FFmpeg itself opens only the protocols the source's own
+scheme needs (``mosaic_core.model.video.protocol_whitelist``), so a redirect cannot reach another protocol.
 
 One ``SourceReader`` thread per stream decodes with PyAV (``mosaic_core.model.video.iter_video_frames``)
 and hands each sampled frame to a callback (the worker's bounded, drop-oldest ingest queue). Frames are
@@ -6,27 +13,95 @@ paced to real time: sample ``k`` is released at ``start + k / fps`` wall-clock s
 like a live camera and never floods the queue. ``loop`` restarts a file or URL at its end (demo cameras).
 
 Failures: network sources (rtsp, http) reconnect with exponential backoff (``backoff_s`` doubling up to
-``max_backoff_s``); the stream clock continues where it stopped, so timestamps keep increasing. A local
-file that cannot be opened or decoded ends in ``SourceState.ERROR`` with the reason.
+``max_backoff_s``); the stream clock continues where it stopped, so timestamps keep increasing. After
+``max_failures`` attempts in a row that read no frame, or ``max_refused_frames`` frames in a row that the
+sink refused, the reader stops in ``SourceState.ERROR`` with the last error: it never loops forever. A local
+file that cannot be opened or decoded ends in ERROR at once. The first failure is logged as one line; repeats
+are logged at most once per ``LOG_EVERY_S`` with a count, never with a traceback for an expected error.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from mosaic_core.errors import MosaicError
-from mosaic_core.model.video import iter_video_frames
+from mosaic_core.errors import ConfigError, InvalidArgumentError, MosaicError
+from mosaic_core.model.video import PROTOCOLS_BY_SCHEME, iter_video_frames, source_scheme
 
 log = logging.getLogger(__name__)
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "udp://", "tcp://")
 NETWORK_SCHEMES = (*LIVE_SCHEMES, "http://", "https://")
+DEFAULT_SOURCE_SCHEMES = ("rtsp", "rtsps", "http", "https")
+SUPPORTED_SOURCE_SCHEMES = tuple(s for s in PROTOCOLS_BY_SCHEME if s != "file")
+DEFAULT_MAX_FAILURES = 10
+DEFAULT_MAX_REFUSED_FRAMES = 100
+LOG_EVERY_S = 60.0
+_MAX_URL_CHARS = 2048
+
+
+def check_source_schemes(schemes: Iterable[str]) -> tuple[str, ...]:
+    """Validates an allow-list of source schemes (config); returns it in lower case.
+
+    Raises:
+        ConfigError: a scheme the video reader cannot open (the message lists the supported ones).
+    """
+    out = tuple(str(s).lower().removesuffix("://") for s in schemes)
+    unknown = [s for s in out if s not in SUPPORTED_SOURCE_SCHEMES]
+    if unknown:
+        raise ConfigError(
+            f"allowed_source_schemes {unknown} are not supported; choose from {list(SUPPORTED_SOURCE_SCHEMES)}"
+        )
+    return out
+
+
+def check_source_url(
+    url: str,
+    *,
+    allowed_schemes: Iterable[str] = DEFAULT_SOURCE_SCHEMES,
+    source_roots: Iterable[str] = (),
+    must_exist: bool = True,
+) -> str:
+    """The source to open for ``url``, or ``InvalidArgumentError`` with one sentence for every refusal.
+
+    A URL must use an allowed scheme and name a host. A local source must be a plain path (not ``file://``)
+    to a regular file inside one of ``source_roots`` after resolving symlinks and ``..``; the resolved path
+    is returned. ``must_exist=False`` skips the file-system check (a process that does not hold the files).
+    The refusal never depends on whether the path exists, so a caller cannot probe the file system.
+    """
+    schemes = check_source_schemes(allowed_schemes)
+    roots = [os.path.realpath(r) for r in source_roots]
+    refused = InvalidArgumentError(_refusal(url, schemes, bool(roots)))
+    if not isinstance(url, str) or not url or len(url) > _MAX_URL_CHARS or not url.isprintable():
+        raise refused
+    scheme = source_scheme(url)
+    if scheme != "file" or url.lower().startswith("file:"):
+        rest = url[len(scheme) + 3 :] if url.lower().startswith(f"{scheme}://") else ""
+        if scheme in schemes and rest and not rest.startswith("/"):
+            return url
+        raise refused
+    if not roots or not os.path.isabs(url):
+        raise refused
+    path = os.path.realpath(url)
+    inside = any(os.path.commonpath([path, root]) == root and path != root for root in roots)
+    if not inside or (must_exist and not os.path.isfile(path)):
+        raise refused
+    return path
+
+
+def _refusal(url: object, schemes: tuple[str, ...], has_roots: bool) -> str:
+    shown = repr(url) if isinstance(url, str) and len(url) <= 200 else "the given source_url"
+    urls = ", ".join(f"{s}://" for s in schemes) or "no URL scheme"
+    files = "the path of a video file under one of its source roots" if has_roots else "no local files"
+    if not has_roots:
+        return f"source_url {shown} is not allowed: this server opens {urls} URLs and {files}"
+    return f"source_url {shown} is not allowed: this server opens {urls} URLs or {files}"
 
 
 class SourceState(enum.IntEnum):
@@ -63,6 +138,8 @@ class SourceReader:
         loop: restart the source at its end (files and URLs).
         realtime: pace frames to wall-clock time (False reads as fast as decoding allows).
         backoff_s: first reconnect delay; doubles up to ``max_backoff_s``.
+        max_failures: attempts in a row that read no frame before the reader gives up in ERROR.
+        max_refused_frames: frames in a row the sink refused before the reader gives up in ERROR.
     """
 
     def __init__(
@@ -75,8 +152,12 @@ class SourceReader:
         realtime: bool = True,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        max_failures: int = DEFAULT_MAX_FAILURES,
+        max_refused_frames: int = DEFAULT_MAX_REFUSED_FRAMES,
         name: str = "source",
     ) -> None:
+        if max_failures < 1 or max_refused_frames < 1:
+            raise ConfigError(f"max_failures={max_failures} and max_refused_frames={max_refused_frames} must be >= 1")
         self.url = url
         self.fps = fps
         self.sink = sink
@@ -84,6 +165,11 @@ class SourceReader:
         self.realtime = realtime
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.max_failures = max_failures
+        self.max_refused_frames = max_refused_frames
+        self._num_refused = 0  # frames in a row the sink refused
+        self._logged: dict[str, float] = {}  # what -> monotonic time it was last logged
+        self._num_unlogged: dict[str, int] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._progress = SourceProgress(SourceState.CONNECTING, 0, None, 0, "")
@@ -119,16 +205,28 @@ class SourceReader:
 
     def _run(self) -> None:
         delay_s = self.backoff_s
+        num_failures = 0
         while not self._stop.is_set():
             self._set(state=SourceState.CONNECTING)
+            frames_before = self.progress().frames_read
             try:
                 ended = self._read_once()
-            except MosaicError as err:
-                self._set(state=SourceState.ERROR, error=str(err))
-                log.warning("source %s failed: %s", self.url, err)
+            except _SinkRefused as err:
+                return self._give_up(f"{self.max_refused_frames} frames in a row were refused: {err.reason}")
+            except Exception as err:  # any failure ends in ERROR, never in a dead thread
+                reason = str(err) if isinstance(err, MosaicError) else f"{type(err).__name__}: {err}"
+                self._set(state=SourceState.ERROR, error=reason)
+                num_failures = 0 if self.progress().frames_read > frames_before else num_failures
+                num_failures += 1
                 if not self.is_network:
-                    return
+                    return self._give_up(reason)
+                if num_failures >= self.max_failures:
+                    return self._give_up(f"{num_failures} attempts in a row failed; the last: {reason}")
+                self._log_limited(
+                    "failure", "source %s failed (attempt %d of %d): %s", num_failures, self.max_failures, reason
+                )
             else:
+                num_failures = 0
                 if ended and not (self.is_live or (self.is_network and self.loop)):
                     self._set(state=SourceState.ENDED)
                     return
@@ -138,6 +236,22 @@ class SourceReader:
             if self._stop.wait(delay_s):
                 return
             delay_s = min(self.max_backoff_s, delay_s * 2)
+
+    def _give_up(self, reason: str) -> None:
+        self._set(state=SourceState.ERROR, error=reason)
+        log.warning("source %s stopped in ERROR: %s", self.url, reason)
+
+    def _log_limited(self, what: str, message: str, *args) -> None:
+        """Logs ``message`` the first time and then at most once per ``LOG_EVERY_S``, with a repeat count."""
+        now = time.monotonic()
+        last = self._logged.get(what)
+        if last is not None and now - last < LOG_EVERY_S:
+            self._num_unlogged[what] = self._num_unlogged.get(what, 0) + 1
+            return
+        repeats = self._num_unlogged.pop(what, 0)
+        suffix = f" ({repeats} more like it since the last report)" if repeats else ""
+        self._logged[what] = now
+        log.warning(message + "%s", self.url, *args, suffix)
 
     def _read_once(self) -> bool:
         """Reads until the source ends (True) or the reader is stopped (False)."""
@@ -160,8 +274,28 @@ class SourceReader:
                 self._progress.frames_read += 1
                 self._progress.last_timestamp_s = frame.timestamp_s
                 self._progress.error = ""
-            try:
-                self.sink(frame.timestamp_s, frame.rgb)
-            except Exception:
-                log.exception("source %s: frame at %.3fs was not accepted", self.url, frame.timestamp_s)
+            self._offer(frame.timestamp_s, frame.rgb)
         return True
+
+    def _offer(self, timestamp_s: float, rgb: np.ndarray) -> None:
+        try:
+            self.sink(timestamp_s, rgb)
+        except Exception as err:  # a refusal must not end the thread silently
+            self._num_refused += 1
+            reason = str(err) if isinstance(err, MosaicError) else f"{type(err).__name__}: {err}"
+            self._set(error=f"frame at {timestamp_s:.3f}s refused: {reason}")
+            if not isinstance(err, MosaicError) and self._num_refused == 1:
+                log.error("source %s: unexpected error from the sink", self.url, exc_info=err)
+            self._log_limited("refused", "source %s: frame at %.3fs refused: %s", timestamp_s, reason)
+            if self._num_refused >= self.max_refused_frames:
+                raise _SinkRefused(reason) from None
+        else:
+            self._num_refused = 0
+
+
+class _SinkRefused(Exception):
+    """The sink refused ``max_refused_frames`` frames in a row."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,0 +1,132 @@
+"""Sources that cannot be abused: one allow-list check with one refusal sentence, and readers that give up.
+
+Real PyAV, real sockets (a loopback port with nothing listening), real files under a temporary source root.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from mosaic_core.errors import ConfigError, InvalidArgumentError, TimestampOrderError
+from mosaic_core.model.video import sample_clip_path
+from services.sources import SourceReader, SourceState, check_source_schemes, check_source_url
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A source root holding one real clip, plus a file outside it and a symlink that points out of it."""
+    inside = tmp_path / "clips"
+    inside.mkdir()
+    clip = inside / "cam.mp4"
+    clip.write_bytes(Path(sample_clip_path("carphone_pristine.mp4")).read_bytes())
+    outside = tmp_path / "secret.mp4"
+    outside.write_bytes(clip.read_bytes())
+    os.symlink(outside, inside / "link.mp4")
+    return inside
+
+
+def _refusal_shape(message: str, url: str) -> str:
+    return message.replace(repr(url), "<url>")
+
+
+def test_every_refused_source_gets_the_same_sentence(root):
+    refused = [
+        "file:///etc/hostname",
+        f"file://{root}/cam.mp4",
+        "concat:/etc/hostname|/etc/hostname",
+        "data:video/mp4;base64,AAAA",
+        "tcp://127.0.0.1:9",
+        "ftp://127.0.0.1/x.mp4",
+        "udp://127.0.0.1:9",
+        "rtmp://cam/live",
+        "/etc/hostname",  # exists, outside the root
+        "/no/such/clip.mp4",  # missing, outside the root
+        str(root / "missing.mp4"),  # missing, under the root
+        str(root / "link.mp4"),  # exists under the root, resolves outside it
+        str(root / ".." / "secret.mp4"),  # exists, escapes with ..
+        str(root),  # the root itself is a directory
+        "clips/cam.mp4",  # relative
+        "http:///no-host",
+        "rtsp://cam/\x00x",
+        "",
+    ]
+    shapes = set()
+    for url in refused:
+        with pytest.raises(InvalidArgumentError) as info:
+            check_source_url(url, source_roots=[str(root)])
+        shapes.add(_refusal_shape(str(info.value), url))
+    assert len(shapes) == 1, shapes
+    (shape,) = shapes
+    assert "rtsp://" in shape and "https://" in shape and "source roots" in shape
+
+
+def test_allowed_sources_pass_and_local_paths_resolve(root):
+    assert check_source_url("rtsp://10.0.0.3/live") == "rtsp://10.0.0.3/live"
+    assert check_source_url("HTTPS://cams.example/a.m3u8") == "HTTPS://cams.example/a.m3u8"
+    assert check_source_url(str(root / "cam.mp4"), source_roots=[str(root)]) == os.path.realpath(root / "cam.mp4")
+    # The router may not hold the files: it checks the path only.
+    assert check_source_url(str(root / "later.mp4"), source_roots=[str(root)], must_exist=False)
+
+
+def test_without_roots_no_local_file_is_allowed_and_the_sentence_says_so(root):
+    with pytest.raises(InvalidArgumentError, match="no local files") as info:
+        check_source_url(str(root / "cam.mp4"))
+    with pytest.raises(InvalidArgumentError) as other:
+        check_source_url("/no/such/clip.mp4")
+    assert _refusal_shape(str(info.value), str(root / "cam.mp4")) == _refusal_shape(
+        str(other.value), "/no/such/clip.mp4"
+    )
+
+
+def test_the_scheme_allow_list_is_configurable_and_checked():
+    with pytest.raises(InvalidArgumentError):
+        check_source_url("http://cam/a.mp4", allowed_schemes=["rtsp"])
+    assert check_source_url("rtsp://cam/a", allowed_schemes=["rtsp"])
+    with pytest.raises(ConfigError, match="ftp"):
+        check_source_schemes(["rtsp", "ftp"])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme", ["http", "https", "rtsp", "rtsps"])
+def test_an_unreachable_source_ends_in_error_the_same_way_over_every_allowed_scheme(scheme, caplog):
+    url = f"{scheme}://127.0.0.1:{_free_port()}/cam"
+    caplog.set_level(logging.WARNING, logger="services.sources")
+    reader = SourceReader(url, fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01, max_failures=4).start()
+    deadline = time.monotonic() + 20
+    while reader.progress().state is not SourceState.ERROR or reader._thread.is_alive():
+        assert time.monotonic() < deadline, reader.progress()
+        time.sleep(0.02)
+    progress = reader.progress()
+    assert progress.num_reconnects == 3 and "4 attempts in a row failed" in progress.error
+    assert "Cannot open" in progress.error
+    records = [r for r in caplog.records if r.name == "services.sources"]
+    assert len(records) == 2, [r.getMessage() for r in records]  # the first failure and the giving up
+    assert all(r.exc_info is None for r in records)
+
+
+def test_a_source_whose_frames_keep_being_refused_stops_in_error_with_bounded_logs(caplog):
+    caplog.set_level(logging.WARNING, logger="services.sources")
+
+    def sink(timestamp_s, rgb):
+        raise TimestampOrderError(f"timestamp {timestamp_s:.3f}s is not after the previous frame's 1000000.000s")
+
+    clip = sample_clip_path("carphone_pristine.mp4")
+    reader = SourceReader(clip, fps=30.0, sink=sink, loop=True, realtime=False, max_refused_frames=50).start()
+    reader._thread.join(30)
+    progress = reader.progress()
+    assert not reader._thread.is_alive()
+    assert progress.state is SourceState.ERROR and progress.frames_read == 50
+    assert "50 frames in a row were refused" in progress.error and "1000000.000s" in progress.error
+    records = [r for r in caplog.records if r.name == "services.sources"]
+    assert len(records) == 2 and all(r.exc_info is None for r in records), [r.getMessage() for r in records]
