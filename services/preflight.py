@@ -1,0 +1,141 @@
+"""Checks ``mosaic serve`` makes before it starts Ray: each problem is one sentence naming the thing and the fix.
+
+Every check is cheap (a socket bind, one Redis PING with a one-second timeout, a few ``stat`` calls), so a
+misconfigured server says what is wrong in well under two seconds instead of failing after Ray and the
+workers have started.
+
+    problems = preflight_problems(config)
+    if problems: print each one, exit 2
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+from mosaic_core.cli import model_problem
+from services.config import ServiceConfig
+
+REDIS_TIMEOUT_S = 1.0
+
+
+def preflight_problems(config: ServiceConfig) -> list[str]:
+    """Every problem found, as sentences ending in a full stop; empty when the server may start."""
+    checks = [
+        _port_problem(config.host, config.grpc_port, "gRPC", "--grpc-port"),
+        _port_problem(config.host, config.metrics_port, "metrics", "--metrics-port"),
+        _same_port_problem(config),
+        _redis_problem(config.redis_url) if config.redis_url else None,
+        _model_problem(config.model),
+        _device_problem(config),
+        _dir_problem(config.data_dir, "data directory", "--data-dir"),
+        _dir_problem(config.disk_dir, "disk-tier directory", "--disk-dir"),
+        *(_source_root_problem(root) for root in getattr(config, "source_roots", None) or ()),
+        *(_file_problem(path, flag) for path, flag in ((config.tls_cert, "--tls-cert"), (config.tls_key, "--tls-key"))),
+    ]
+    return [problem for problem in checks if problem]
+
+
+def port_in_use(host: str, port: int) -> OSError | None:
+    """The error binding ``host:port`` gives, or ``None`` if it is free (the socket is closed again)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # as servers do: a port whose old connections linger in TIME_WAIT is free to listen on
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            return err
+    return None
+
+
+def _port_problem(host: str, port: int, what: str, flag: str) -> str | None:
+    if port == 0:
+        return None  # the server picks a free one
+    err = port_in_use(host, port)
+    if err is None:
+        return None
+    if err.errno == errno.EADDRINUSE:
+        return (
+            f"The {what} port {port} on {host} is already in use; stop what listens there or pass {flag} "
+            "with a free port."
+        )
+    if err.errno == errno.EACCES:
+        return f"The {what} port {port} on {host} needs root (it is below 1024); pass {flag} above 1023."
+    return f"Cannot bind the {what} port {host}:{port} ({err.strerror}); check --host and {flag}."
+
+
+def _same_port_problem(config: ServiceConfig) -> str | None:
+    if config.grpc_port and config.grpc_port == config.metrics_port:
+        return f"--grpc-port and --metrics-port are both {config.grpc_port}; give them different ports."
+    return None
+
+
+def _redis_problem(url: str) -> str | None:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S)
+    except ValueError as err:
+        return f"--redis-url {url!r} is not a Redis URL ({err}); use redis://HOST:PORT/DB."
+    try:
+        client.ping()
+    except redis.AuthenticationError:
+        return f"Redis at {url} refused the credentials; put the right password in --redis-url (redis://:PASSWORD@HOST:PORT/DB)."
+    except redis.RedisError as err:
+        reason = str(err).split(". ")[0].rstrip(".") or type(err).__name__
+        return f"Redis at {url} does not answer ({reason}); start redis-server there or fix --redis-url."
+    finally:
+        client.close()
+    return None
+
+
+def _model_problem(model: str) -> str | None:
+    problem = model_problem(model)
+    if problem is None:
+        return None
+    return f"{problem[0].upper()}{problem[1:]}; pass --model with a preset name or a Qwen2.5-VL checkpoint directory."
+
+
+def _device_problem(config: ServiceConfig) -> str | None:
+    if config.worker_gpus <= 0 or config.ray_address != "local":
+        return None  # a joined cluster's GPUs are on its own nodes; Ray places the workers there
+    # No torch import (seconds): the NVIDIA driver exposes its GPUs under /proc and /dev.
+    if glob.glob("/proc/driver/nvidia/gpus/*") or glob.glob("/dev/nvidia[0-9]*"):
+        return None
+    return (
+        f"--worker-gpus {config.worker_gpus:g} asks for GPUs, but this machine has no NVIDIA GPU driver; "
+        "use --worker-gpus 0 to run the workers on the CPU."
+    )
+
+
+def _dir_problem(path: str | None, what: str, flag: str) -> str | None:
+    if not path:
+        return None
+    directory = Path(path).expanduser()
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"The {what} {path!r} is not a directory ({str(existing)!r} is a file); pass {flag} with a directory."
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".mosaic-preflight-"):
+            pass
+    except OSError as err:
+        return f"The {what} {path!r} is not writable ({err.strerror}); fix its permissions or pass {flag} elsewhere."
+    return None
+
+
+def _source_root_problem(root: str) -> str | None:
+    if os.path.isdir(root):
+        return None
+    return f"The source root {root!r} is not a directory; pass --source-root with a folder that holds the videos."
+
+
+def _file_problem(path: str | None, flag: str) -> str | None:
+    if not path or os.access(path, os.R_OK):
+        return None
+    return f"{flag} {path!r} cannot be read; check the path and its permissions."
