@@ -155,6 +155,7 @@ def _run_bench(name: str, argv: list[str]) -> int:
             return 2
         print(f"error: {_missing_module_sentence(error)}", file=sys.stderr)
         return 2
+    sys.argv[0] = f"mosaic bench {name}"  # the usage line of a parser that takes its name from argv
     try:
         return int(module.main(argv) or 0)
     except KeyboardInterrupt:

@@ -161,21 +161,26 @@ def start_ray(config, *, debug: bool, log_to_driver: bool) -> str:
     import ray
 
     ray_logger = logging.getLogger("ray")
-    driver_log = None
+    driver_log = handler = None
     if not debug:
         driver_log = Path(tempfile.gettempdir()) / "ray" / f"mosaic-driver-{os.getpid()}.log"
         driver_log.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(driver_log)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        ray_logger.handlers = [handler]
-        ray_logger.propagate = False
-        ray_logger.setLevel(logging.INFO)
+        # ray.init clears the "ray" logger's handlers when it does not configure logging, so its own start-up
+        # lines (from ray._private.*) are caught one level down, and "ray" gets the file again afterwards.
+        for name in ("ray", "ray._private"):
+            logging.getLogger(name).handlers = [handler]
+            logging.getLogger(name).propagate = False
+            logging.getLogger(name).setLevel(logging.INFO)
     options = {"log_to_driver": log_to_driver, "configure_logging": debug}
     if config.ray_address == "local":
         num_cpus = config.ray_num_cpus or os.cpu_count()
         ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
     else:
         ray.init(address=config.ray_address, **options)
+    if driver_log is not None:
+        ray_logger.handlers = [handler]
     try:
         session_logs = ray._private.worker._global_node.get_logs_dir_path()
     except AttributeError:  # a private path; only the message depends on it
@@ -211,7 +216,10 @@ def print_event(event, client, *, indent: str = "") -> None:
     """Prints one ``QueryEvent``: token text escaped for the terminal, evidence with readable times."""
     kind = event.WhichOneof("event")
     if kind == "token":
-        print(escape_for_terminal(event.token.text), end="", flush=True)
+        text = event.token.text
+        if event.token.token_ids:  # model text is escaped; the server's per-camera headers keep their newlines
+            text = escape_for_terminal(text)
+        print(text, end="", flush=True)
     elif kind == "evidence":
         print(f"\n{indent}evidence:")
         starts = stream_starts(client, {s.stream_id for s in event.evidence.spans})

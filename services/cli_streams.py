@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mosaic_core.cli import positive_float
-from mosaic_core.terminal import Progress, escape_for_terminal, iso_time
+from mosaic_core.terminal import UNIX_TIME_THRESHOLD_S, Progress, escape_for_terminal, iso_time
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 API_KEY_ENV = "MOSAIC_API_KEY"  # services.config.API_KEY_ENV (not imported: it pulls in pydantic)
@@ -220,7 +220,7 @@ def _stamp(stats, field: str) -> str:
     if not stats.HasField(field):
         return "-"
     value = getattr(stats, field)
-    return f"{value:.2f}s ({iso_time(value)})" if value > 1e9 else f"{value:.2f}s"
+    return iso_time(value) if value > UNIX_TIME_THRESHOLD_S else f"{value:.2f}s"
 
 
 def _tier_name(tier: int) -> str:
@@ -263,6 +263,8 @@ def run_push(args) -> int:
             print(f"error: {sentence}", file=sys.stderr)
             return 2
         fps = args.fps or stream.fps or 1.0
+        if stream.fps and fps > stream.fps:
+            print(f"note: {args.stream_id} keeps {stream.fps:g} frames/s, so it samples what is pushed at {fps:g}")
         # A pushed camera's clock is wall-clock time, and it must keep increasing: continue after its last frame.
         start_s = time.time() if args.start_s is None else args.start_s
         if stream.stats.HasField("last_timestamp_s"):
