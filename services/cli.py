@@ -152,7 +152,7 @@ def run_serve(args) -> int:
         ray.shutdown()
 
 
-def start_ray(config, *, debug: bool, log_to_driver: bool) -> str:
+def start_ray(config, *, debug: bool, log_to_driver: bool, show_flag: str = "--log-level DEBUG") -> str:
     """Starts or joins Ray for ``config`` in this process; returns a sentence saying where Ray's log lines go.
 
     Unless ``debug``, the driver's own Ray lines (start-up, the token-auth notice) go to a file and the
@@ -187,7 +187,7 @@ def start_ray(config, *, debug: bool, log_to_driver: bool) -> str:
         session_logs = "Ray's session directory"
     if driver_log is None:
         return f"Ray's lines are shown here; its session logs are in {session_logs}"
-    return f"Ray's own log lines go to {driver_log} and {session_logs} (--log-level DEBUG shows them here)"
+    return f"Ray's own log lines go to {driver_log} and {session_logs} ({show_flag} shows them here)"
 
 
 # -- query ----------------------------------------------------------------------------------------------------

@@ -67,7 +67,10 @@ def run_demo(args) -> int:
     print(f"[{_t(started)}] starting the server ({args.workers} worker(s); building engines takes a while) ...")
     # Ray starts here, on the main thread; the server (on its own thread) then uses it.
     ray_log = start_ray(
-        config.model_copy(update={"ray_num_cpus": os.cpu_count()}), debug=args.verbose, log_to_driver=args.verbose
+        config.model_copy(update={"ray_num_cpus": os.cpu_count()}),
+        debug=args.verbose,
+        log_to_driver=args.verbose,
+        show_flag="--verbose",
     )
     print(f"[{_t(started)}] {ray_log}")
     try:
