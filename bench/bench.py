@@ -4,12 +4,15 @@
     python -m bench.bench --quick         # CPU: tiny preset, small sizes (CI runs this so it cannot rot)
 
 Scenarios (see issue 4):
-- A: one long stream (1 fps, about 128 visual tokens per frame, real sample-clip frames looped), then questions
-  at a retrieval budget; time to first token p50/p95, decode ms/token, bytes and copies per question, effective
-  host->device bandwidth against the PCIe peak measured at the start of the same run, peak GPU memory, and
-  attention recall against an oracle top-k.
-- B: many cameras ingested with cross-stream batching under a device budget far below their total KV; frames/s
-  and the real-time factor; then questions at random cameras while ingest continues.
+- A: one long stream (1 fps, 126 visual tokens per frame from the 196x504 clip, real sample-clip frames looped),
+  one engine per variant on equal machinery (``bench/scenario_a.py``): full, ReKV-style token, frame blocks,
+  cluster, random clusters; distinct questions with ingest between them; time to first token p50/p95, decode
+  ms/token, bytes and slabs per question (promotion and merges included), transfer rate against the PCIe peak
+  measured in the same run, peak GPU memory, attention recall against an oracle top-k and against chance,
+  planted-attention probes, hidden-state error and next-token KL against full.
+- B: many cameras ingested with cross-stream batching under a device budget far below their total KV; aggregate
+  ingest frames/s of pre-decoded frames (not a real-time camera count: that is the service benchmark's); then
+  questions at random cameras between ingest passes.
 - C: peak memory and time to first token at growing stream lengths (checkpoints of scenario A's ingest).
 
 Timings on CUDA use events around the region after a warm-up question, and medians.
@@ -59,6 +62,8 @@ class BenchSettings:
     device_budget_bytes: int
     num_questions: int
     recall_questions: int
+    probes: int
+    probe_span_frames: int
     decode_questions: int
     recall_decode_tokens: int
     max_new_tokens: int
@@ -84,6 +89,8 @@ class BenchSettings:
                 device_budget_bytes=4 * MIB,
                 num_questions=3,
                 recall_questions=1,
+                probes=3,
+                probe_span_frames=2,
                 decode_questions=2,
                 recall_decode_tokens=3,
                 max_new_tokens=4,
@@ -105,7 +112,9 @@ class BenchSettings:
             cluster_tokens=2048,
             device_budget_bytes=int(args.device_budget_gib * GIB),
             num_questions=args.questions,
-            recall_questions=3,
+            recall_questions=2,
+            probes=6,
+            probe_span_frames=4,
             decode_questions=5,
             recall_decode_tokens=6,
             max_new_tokens=16,
@@ -159,7 +168,7 @@ def looped_frames(seconds: int, *, stream_id: str, clip: str, start_s: float = 0
     return [FrameInput(stream_id, f.timestamp_s, f.rgb) for f in frames]
 
 
-def engine_config(s: BenchSettings, mode: RetrievalMode) -> EngineConfig:
+def engine_config(s: BenchSettings, mode: RetrievalMode | str) -> EngineConfig:
     return EngineConfig(
         mode=mode,
         target_tokens_per_frame=s.tokens_per_frame,
@@ -173,197 +182,27 @@ def engine_config(s: BenchSettings, mode: RetrievalMode) -> EngineConfig:
     )
 
 
-def ask_many(
-    engine: Engine, s: BenchSettings, stream_id: str, questions: list[str], timer_device: str, *, profile=False
-):
-    rows = []
-    for q in questions:
-        with Timer(timer_device) as t:
-            answer = engine.answer(stream_id, q, max_new_tokens=s.max_new_tokens, profile=profile)
-        r, tm = answer.retrieval, answer.timings
-        transfer_s = r.transfer_s
-        rows.append(
-            {
-                "ttft_s": tm.time_to_first_token_s,
-                "decode_s_per_token": tm.decode_s_per_token,
-                "bytes": r.bytes_fetched,
-                "copies": r.num_copies,
-                "total_s": t.seconds,
-                "hits": r.device_hits,
-                "lookups": r.device_lookups,
-                "transfer_s": transfer_s,
-                "score_s": tm.score_s,
-                "fetch_s": tm.fetch_s,
-                "layers_scored": r.num_layers_scored,
-            }
-        )
-    return rows
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def scenario_a(model, s: BenchSettings, pcie_gbs: float, log) -> tuple[dict, dict, dict]:
-    """Long stream per mode, with scaling checkpoints (scenario C)."""
-    total_s = int(s.minutes * 60)
-    frames = looped_frames(total_s, stream_id="cam", clip=CLIPS[0])
-    results, scaling, decode = {}, {}, {}
+def scenario_a(model, s: BenchSettings, pcie_gbs: float, log, save=None) -> tuple[dict, dict]:
+    """Long stream, one engine per variant (``bench/scenario_a.py``), with scaling checkpoints (scenario C)."""
+    from bench import scenario_a as equal_machinery
+
+    frames = looped_frames(int(s.minutes * 60), stream_id="cam", clip=CLIPS[0])
     bare_ms = bare_question_ms(model, s)
     log(f"A: question forward without retrieval {bare_ms:.1f} ms")
-    history_bytes = total_s * s.tokens_per_frame * model.kv_spec.bytes_per_token
-    for mode in RetrievalMode:
-        config = engine_config(s, mode)
-        if mode is not RetrievalMode.FULL:  # pin the host tier once, up front, as a deployment would
-            config = dataclasses.replace(config, pinned_host_bytes=pinned_bytes(history_bytes, s))
-        log(f"A/{mode.value}: pinning {config.pinned_host_bytes / GIB:.1f} GiB of host memory")
-        engine = Engine(model, config)
-        engine.open_stream("cam")
-        done, ingest_s = 0, 0.0
-        checkpoints = [int(m * 60) for m in s.checkpoints_min]
-        for checkpoint in checkpoints:
-            if s.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            for i in range(done, checkpoint, 64):
-                engine.ingest(frames[i : min(i + 64, checkpoint)])
-                log(f"A/{mode.value}: ingested {min(i + 64, checkpoint)}/{total_s} frames")
-            ingest_s += time.perf_counter() - t0
-            done = checkpoint
-            engine.answer("cam", QUESTIONS[0], max_new_tokens=2)  # warm-up
-            rows = ask_many(engine, s, "cam", QUESTIONS[:2], s.device)
-            peak = torch.cuda.max_memory_allocated() if s.device.startswith("cuda") else 0
-            scaling.setdefault(mode.value, []).append(
-                {
-                    "minutes": checkpoint / 60,
-                    "ttft_s": statistics.median(r["ttft_s"] for r in rows),
-                    "peak_bytes": peak,
-                }
-            )
-        ingest_fps = total_s / ingest_s
-        configs = {mode.value: engine.config}
-        if mode is RetrievalMode.CLUSTER:
-            for label, layer in cluster_variants(s, engine.config.prefetch_after_layer):
-                configs[label] = dataclasses.replace(engine.config, prefetch_after_layer=layer)
-        for label, result in measure_questions(engine, s, configs, pcie_gbs, bare_ms, ingest_fps).items():
-            results[label] = result
-            log(f"A/{label}: {json.dumps(result)}")
-        if mode is RetrievalMode.CLUSTER:
-            decode = decode_rescoring(engine, s, log)
-        del engine
-        if s.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    return results, scaling, decode
+    return equal_machinery.run(
+        model, s, frames, pcie_gbs, bare_ms, log, engine_config=engine_config, pinned_bytes=pinned_bytes, save=save
+    )
 
 
 def pinned_bytes(history_bytes: int, s: BenchSettings) -> int:
     """Host memory to pin up front for a run that keeps ``history_bytes`` of KV (token mode keeps it all on the
     host), plus slack for the ranges of growing clusters."""
     return int(history_bytes * 1.1) if s.device.startswith("cuda") else 0
-
-
-def cluster_variants(s: BenchSettings, default_layer: int | None) -> list[tuple[str, int | None]]:
-    """The same cluster-mode stream asked again with each way of choosing later layers' clusters."""
-    layers = [None, 0, 1, 3] if s.model != "tiny" else [None, 0]
-    return [(_variant_label(layer), layer) for layer in layers if layer != default_layer]
-
-
-def _variant_label(layer: int | None) -> str:
-    return "cluster/per-layer" if layer is None else f"cluster/prefetch@{layer}"
-
-
-def measure_questions(
-    engine: Engine, s: BenchSettings, configs: dict[str, EngineConfig], pcie_gbs: float, bare_ms: float, ingest_fps
-) -> dict[str, dict]:
-    """Asks the same questions under each config of one engine, round-robin with the order rotated per
-    question, so drift over the run and the GPU cluster cache's warmth fall on every config alike."""
-    labels = list(configs)
-    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(s.num_questions)]
-    rows: dict[str, list[dict]] = {label: [] for label in labels}
-    profiled: dict[str, list[dict]] = {label: [] for label in labels}
-    recalls: dict[str, list[float]] = {label: [] for label in labels}
-    if s.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    for i, question in enumerate(questions):
-        for label in labels[i % len(labels) :] + labels[: i % len(labels)]:
-            engine.config = configs[label]
-            rows[label] += ask_many(engine, s, "cam", [question], s.device)
-            if i < 3:
-                profiled[label] += ask_many(engine, s, "cam", [question], s.device, profile=True)
-            if i < s.recall_questions:
-                answer = engine.answer("cam", question, max_new_tokens=1, measure_recall=True)
-                recalls[label].append(answer.retrieval.attention_recall)
-    engine.config = configs[labels[0]]
-    peak = torch.cuda.max_memory_allocated() if s.device.startswith("cuda") else 0
-    return {label: _summary(configs[label], rows[label], profiled[label], recalls[label], peak) | {
-        "ingest_frames_per_s": ingest_fps,
-        "clusters": len(engine.clusters("cam")),
-        "floor_ms": _floor_ms(rows[label], pcie_gbs, bare_ms),
-    } for label in labels}  # fmt: skip
-
-
-def _summary(config: EngineConfig, rows: list[dict], profiled: list[dict], recalls: list, peak: int) -> dict:
-    ttfts = [r["ttft_s"] for r in rows]
-    recalls = [x for x in recalls if x is not None]
-    return {
-        "prefetch_after_layer": config.prefetch_after_layer,
-        "layers_scored": rows[0]["layers_scored"],
-        "ttft_p50_ms": percentile(ttfts, 0.5) * 1e3,
-        "ttft_p95_ms": percentile(ttfts, 0.95) * 1e3,
-        "decode_ms_per_token": statistics.median(r["decode_s_per_token"] for r in rows) * 1e3,
-        "bytes_per_question": statistics.mean(r["bytes"] for r in rows),
-        "copies_per_question": statistics.mean(r["copies"] for r in rows),
-        "peak_gpu_bytes": peak,  # of all configs asked on this engine together
-        "recall": statistics.mean(recalls) if recalls else None,
-        "first_question_bytes": rows[0]["bytes"],
-        "first_question_ttft_ms": rows[0]["ttft_s"] * 1e3,
-        "hit_ratio": sum(r["hits"] for r in rows) / max(1, sum(r["lookups"] for r in rows)),
-        "effective_gbs": _effective_gbs(rows),
-        "transfer_gbs": _transfer_gbs(rows),
-        "score_ms": statistics.median(r["score_s"] for r in profiled) * 1e3,
-        "fetch_ms": statistics.median(r["fetch_s"] for r in profiled) * 1e3,
-        "profiled_ttft_ms": statistics.median(r["ttft_s"] for r in profiled) * 1e3,
-    }
-
-
-def _floor_ms(rows: list[dict], pcie_gbs: float, bare_ms: float) -> float:
-    """Bytes moved at the measured PCIe peak, plus one question forward without retrieval."""
-    bytes_q = statistics.mean(r["bytes"] for r in rows)
-    return (bytes_q / (pcie_gbs * 1e9) if pcie_gbs else 0.0) * 1e3 + bare_ms
-
-
-def decode_rescoring(engine: Engine, s: BenchSettings, log) -> dict:
-    """Decode speed and fidelity when clusters are re-chosen every N generated tokens (0: once per question).
-
-    Fidelity is the attention recall of each decode step's queries against the oracle top-k over the whole
-    history, with the clusters that step actually attended to.
-    """
-    default, results = engine.config, {}
-    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(s.decode_questions)]
-    for every in (0, 8, 4, 1):
-        engine.config = dataclasses.replace(default, rescore_every_tokens=every)
-        rows = ask_many(engine, s, "cam", questions, s.device)
-        probed = [
-            engine.answer("cam", q, max_new_tokens=s.recall_decode_tokens, measure_recall=True).retrieval
-            for q in questions[:2]
-        ]
-        decode_recalls = [r.decode_attention_recall for r in probed if r.decode_attention_recall is not None]
-        results[str(every)] = {
-            "decode_ms_per_token": statistics.median(r["decode_s_per_token"] for r in rows) * 1e3,
-            "decode_bytes_per_question": statistics.mean(r["bytes"] for r in rows),
-            "decode_recall": statistics.mean(decode_recalls) if decode_recalls else None,
-            "prefill_recall": statistics.mean(r.attention_recall for r in probed),
-        }
-        log(f"decode/rescore every {every}: {json.dumps(results[str(every)])}")
-    engine.config = default
-    return results
-
-
-def _transfer_gbs(rows) -> float:
-    moved = sum(r["bytes"] for r in rows)
-    seconds = sum(r["transfer_s"] for r in rows)
-    return moved / seconds / 1e9 if seconds > 0 else 0.0
 
 
 def bare_question_ms(model, s: BenchSettings) -> float:
@@ -373,13 +212,6 @@ def bare_question_ms(model, s: BenchSettings) -> float:
     engine.answer("bare", QUESTIONS[0], max_new_tokens=1)
     times = [engine.answer("bare", q, max_new_tokens=1).timings.time_to_first_token_s for q in QUESTIONS]
     return statistics.median(times) * 1e3
-
-
-def _effective_gbs(rows) -> float:
-    moved = [(r["bytes"], r["ttft_s"]) for r in rows if r["bytes"] > 0]
-    if not moved:
-        return 0.0
-    return statistics.median(b / t for b, t in moved) / 1e9
 
 
 def profile_ingest(engine: Engine, batches: list[list[FrameInput]], path: Path) -> None:
@@ -450,12 +282,11 @@ def scenario_b(model, s: BenchSettings, log, profile_to: Path | None = None) -> 
             "total_kv_bytes": total_kv,
             "device_budget_bytes": config.device_budget_bytes,
             "ingest_frames_per_s": fps,
-            "realtime_cameras": fps / 1.0,
             "ingest_pass_ms": ingest_s / (half - 1) * 1e3,
             "vision_ms_per_pass": statistics.median(encode_s) * 1e3,
             "ttft_p50_ms": percentile(ttfts, 0.5) * 1e3,
             "ttft_p99_ms": percentile(ttfts, 0.99) * 1e3,
-            "hit_ratio": stats.device_hit_ratio if mode is RetrievalMode.CLUSTER else 0.0,
+            "hit_ratio": stats.device_hit_ratio,  # measured in every mode
             "device_bytes_used": stats.used_bytes_by_tier["device"],
             "host_bytes_used": stats.used_bytes_by_tier["host"],
         }
@@ -487,8 +318,17 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         report["gpu"] = torch.cuda.get_device_name()
     scenarios = set(args.scenarios.upper().split(","))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if "A" in scenarios:
-        report["A"], report["C"], report["decode"] = scenario_a(model, s, pcie, log)
+        report["history_tokens"] = int(s.minutes * 60) * s.tokens_per_frame
+        report["budget_tokens"] = s.budget_tokens
+
+        def save(rows, scaling):  # after each variant, so a run cut short keeps what it measured
+            report["A"], report["C"] = rows, scaling
+            out.write_text(json.dumps(report, indent=2))
+
+        report["A"], report["C"] = scenario_a(model, s, pcie, log, save=save)
     if "B" in scenarios:
         profile_to = Path(args.out).with_suffix(".ingest-profile.txt") if args.profile_ingest else None
         report["B"] = scenario_b(model, s, log, profile_to if s.device.startswith("cuda") else None)

@@ -21,54 +21,10 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 def format_report(report: dict) -> str:
     parts = [f"GPU: {report.get('gpu', 'none (CPU)')}; pinned host->device peak {report['pcie_gbs']:.1f} GB/s"]
-    a = report.get("A")
-    if a:
-        rows = []
-        for mode, r in a.items():
-            recall = "-" if r["recall"] is None else f"{r['recall']:.3f}"
-            peak = report["pcie_gbs"]
-            frac = f"{r['transfer_gbs'] / peak:.0%}" if peak and r.get("transfer_gbs") else "-"
-            rows.append(
-                [
-                    mode,
-                    f"{r['ttft_p50_ms']:.1f}",
-                    f"{r['ttft_p95_ms']:.1f}",
-                    f"{r['decode_ms_per_token']:.1f}",
-                    _fmt_bytes(r["bytes_per_question"]),
-                    f"{r['copies_per_question']:.0f}",
-                    f"{r['transfer_gbs']:.1f}" if r.get("transfer_gbs") else "-",
-                    frac,
-                    _fmt_bytes(r["peak_gpu_bytes"]),
-                    recall,
-                    f"{r.get('hit_ratio', 0):.2f}",
-                    str(r.get("layers_scored", "-")),
-                    f"{r['ingest_frames_per_s']:.1f}",
-                ]
-            )
-        header = [
-            "mode",
-            "TTFT p50 ms",
-            "p95 ms",
-            "decode ms/tok",
-            "bytes/q",
-            "copies/q",
-            "xfer GB/s",
-            "of peak",
-            "peak GPU mem",
-            "recall",
-            "hit ratio",
-            "layers scored",
-            "ingest fps",
-        ]
-        parts.append(_table("Scenario A: one long stream", header, rows))
-        breakdown = []
-        for mode, r in a.items():
-            profiled = r.get("profiled_ttft_ms", r["ttft_p50_ms"])
-            score, fetch = r.get("score_ms", 0.0), r.get("fetch_ms", 0.0)
-            row = [mode, f"{profiled:.1f}", f"{score:.1f}", f"{fetch:.1f}", f"{profiled - score - fetch:.1f}"]
-            breakdown.append([*row, f"{r.get('floor_ms', 0):.1f}"])
-        title = "Scenario A: time to first token by stage (median ms of profiled questions, each stage synchronised)"
-        parts.append(_table(title, ["mode", "TTFT", "score", "fetch", "forward+rest", "floor"], breakdown))
+    if report.get("A"):
+        from bench.scenario_a import format_scenario_a
+
+        parts += [_table(title, header, rows) for title, header, rows in format_scenario_a(report)]
     decode = report.get("decode")
     if decode:
         rows = [
@@ -99,7 +55,6 @@ def format_report(report: dict) -> str:
             [
                 mode,
                 f"{r['ingest_frames_per_s']:.1f}",
-                f"{r['realtime_cameras']:.0f}",
                 f"{r.get('ingest_pass_ms', 0):.0f}",
                 f"{r.get('vision_ms_per_pass', 0):.0f}",
                 f"{r['ttft_p50_ms']:.1f}",
@@ -112,8 +67,7 @@ def format_report(report: dict) -> str:
         ]
         header = [
             "mode",
-            "ingest fps",
-            "1-fps cams",
+            "ingest frames/s",
             "pass ms",
             "vision ms",
             "TTFT p50 ms",
@@ -122,7 +76,7 @@ def format_report(report: dict) -> str:
             "device",
             "host",
         ]
-        parts.append(_table("Scenario B: many cameras", header, rows))
+        parts.append(_table("Scenario B: many cameras (aggregate frames/s of pre-decoded frames)", header, rows))
     parts.append(_targets(report))
     return "\n\n".join(parts)
 
@@ -130,26 +84,38 @@ def format_report(report: dict) -> str:
 def _targets(report: dict) -> str:
     lines = ["Targets:"]
     a, b = report.get("A", {}), report.get("B", {})
-    if "cluster" in a and "token" in a:
-        cl, tk = a["cluster"], a["token"]
-        speedup = tk["ttft_p50_ms"] / max(cl["ttft_p50_ms"], 1e-9)
-        recall_ok = (cl["recall"] or 0) >= (tk["recall"] or 0) - 1e-9
-        lines.append(
-            _line(
-                speedup >= 1.5 and recall_ok,
-                f"cluster TTFT {speedup:.2f}x faster than token (>= 1.5x), recall "
-                f"{cl['recall'] or 0:.3f} vs {tk['recall'] or 0:.3f} (>=)",
-            )
-        )
-        frac = cl.get("transfer_gbs", 0) / report["pcie_gbs"] if report["pcie_gbs"] else 0
+    if "cluster" in a and "frame" in a:
+        cl, fr = a["cluster"], a["frame"]
+        speedup = fr["ttft_p50_ms"] / max(cl["ttft_p50_ms"], 1e-9)
+        lines.append(_line(speedup >= 1.0, f"cluster TTFT {speedup:.2f}x frame blocks' on equal machinery (>= 1x)"))
+        lines.append(_compare("recall", cl.get("recall"), fr.get("recall")))
+        lines.append(_compare("planted-probe found fraction", cl.get("probe_found"), fr.get("probe_found")))
+        rand = a.get("random", {}).get("probe_found")
+        lines.append(_compare("planted-probe found fraction vs random clusters", cl.get("probe_found"), rand))
+        gbs = cl.get("transfer_gbs") or 0.0
+        frac = gbs / report["pcie_gbs"] if report["pcie_gbs"] else 0.0
         lines.append(_line(frac >= 0.9, f"cluster retrieval transfers at {frac:.0%} of the measured peak (>= 90%)"))
         floor = cl.get("floor_ms", 0)
         ratio = cl["ttft_p50_ms"] / floor if floor else float("inf")
         lines.append(_line(ratio <= 2.0, f"cluster TTFT {ratio:.2f}x its floor of {floor:.1f} ms (<= 2x)"))
     if "cluster" in b:
-        cams = b["cluster"]["realtime_cameras"]
-        lines.append(_line(cams >= 100, f"{cams:.0f} real-time 1-fps cameras ingested (>= 100)"))
+        fps = b["cluster"]["ingest_frames_per_s"]
+        lines.append(
+            f"  [info] cluster ingest {fps:.0f} frames/s aggregate, pre-decoded frames, questions between passes "
+            "(the real-time camera target is the service benchmark's)"
+        )
     return "\n".join(lines)
+
+
+def _compare(what: str, cluster: float | None, other: float | None) -> str:
+    """cluster >= other; a missing value is reported as not measured, never as 0."""
+    if cluster is None or other is None:
+        return f"  [not measured] {what}: cluster {_opt(cluster)} vs {_opt(other)}"
+    return _line(cluster >= other - 1e-9, f"{what}: cluster {cluster:.3f} vs {other:.3f} (>=)")
+
+
+def _opt(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.3f}"
 
 
 def _line(met: bool, text: str) -> str:

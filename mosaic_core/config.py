@@ -13,19 +13,36 @@ from mosaic_core.errors import ConfigError, UnknownPolicyError
 
 MIB = 1 << 20
 GIB = 1 << 30
+SCORER_NAMES = ("spread", "mean_key", "random", "recent")
 
 
 class RetrievalMode(StrEnum):
     """How a question finds the stream history it attends to.
 
     - FULL keeps every KV state on the device and attends to all of it (the plain-transformers baseline).
-    - TOKEN is the ReKV-style baseline: frame-sized blocks, scored by their mean key, copied block by block.
+    - TOKEN is the ReKV-style baseline: frame-sized blocks, scored by their mean key, copied block by block,
+      never cached on the device, every layer scoring for itself (what ReKV's own code does).
+    - FRAME is frame blocks on Mosaic's machinery: one-frame units scored by their mean key, but gathered in one
+      launch, cached on the device and shared across layers exactly like clusters. Beside CLUSTER it isolates what
+      the retrieval unit alone buys.
     - CLUSTER is Mosaic: cross-modal clusters scored by centroid and spread, moved and cached whole.
     """
 
     FULL = "full"
     TOKEN = "token"
+    FRAME = "frame"
     CLUSTER = "cluster"
+
+    @property
+    def one_frame_units(self) -> bool:
+        """Every frame is its own retrieval unit (no clustering)."""
+        return self in (RetrievalMode.TOKEN, RetrievalMode.FRAME)
+
+    @property
+    def caches_on_device(self) -> bool:
+        """New units go to the device tier and retrieved ones are promoted there; the ReKV baseline keeps its
+        blocks on the host."""
+        return self is not RetrievalMode.TOKEN
 
     @classmethod
     def parse(cls, name: str | RetrievalMode) -> RetrievalMode:
@@ -69,6 +86,9 @@ class EngineConfig:
         merge_min_questions: questions that must retrieve a pair of neighbours before maintenance merges them.
         merge_min_joint_fraction: share of those questions that must retrieve both neighbours.
         formation: visual-coherence rules for forming clusters online.
+        scorer: how a question ranks units: None takes the mode's own ("spread" for cluster, "mean_key" for
+            token and frame); "random" and "recent" are the chance and recency baselines (see
+            ``mosaic_core.engine.scorers``).
     """
 
     mode: RetrievalMode = RetrievalMode.CLUSTER
@@ -91,6 +111,7 @@ class EngineConfig:
     merge_min_questions: int = 3
     merge_min_joint_fraction: float = 0.8
     formation: FormationConfig = field(default_factory=FormationConfig)
+    scorer: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", RetrievalMode.parse(self.mode))
@@ -127,5 +148,7 @@ class EngineConfig:
             )
         if self.prefetch_after_layer is not None and self.prefetch_after_layer < 0:
             raise ConfigError(f"prefetch_after_layer must be >= 0 or None, got {self.prefetch_after_layer}")
+        if self.scorer is not None and self.scorer not in SCORER_NAMES:
+            raise UnknownPolicyError(f"unknown scorer {self.scorer!r}; valid scorers are: {', '.join(SCORER_NAMES)}")
         if not 0.0 < self.merge_min_joint_fraction <= 1.0:
             raise ConfigError(f"merge_min_joint_fraction must be in (0, 1], got {self.merge_min_joint_fraction}")

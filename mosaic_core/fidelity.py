@@ -4,7 +4,15 @@ For each budget, every mode ingests the same frames into its own engine (sharing
 questions, and is compared with ``full``:
 - attention recall of the retrieved set against an oracle top-k of full attention at the same budget;
 - relative error of the question's last hidden state against ``full``;
-- bytes moved to the device, and the number of copy operations, per question.
+- bytes moved to the device, and the number of copy operations, per question;
+- next-token KL(full || mode);
+- recall against chance: what a random and a most-recent choice, and the other key scorer (mean key for
+  clusters, spread for frame blocks), would have retrieved over the same units for the same queries;
+- planted-attention probes (``mosaic_core.engine.probes``): the fraction of a planted span each choice finds.
+
+With random weights (the presets) attention is nearly uniform, so recall barely separates any scorer from chance;
+only the planted probes measure retrieval precision then. A real checkpoint (``--model PATH``) is needed for what
+real questions attend to.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch
 
 from mosaic_core.config import EngineConfig, RetrievalMode
 from mosaic_core.engine.engine import Engine
+from mosaic_core.engine.probes import ENGINE, ProbeRequest, next_token_kl, probe_spans, probing
 from mosaic_core.engine.results import FrameInput
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 
@@ -25,17 +34,23 @@ DEFAULT_QUESTIONS = (
     "What happened at the start of the video?",
     "Summarise the last few seconds.",
 )
+SWEEP = ("spread", "mean_key", "random", "recent")
+NUM_PROBES = 3
 
 
 @dataclass(slots=True)
 class FidelityRow:
     budget_tokens: int
     mode: str
-    attention_recall: float
+    attention_recall: float | None
     hidden_rel_error: float
     bytes_per_question: float
     copies_per_question: float
     clusters: int
+    kl_vs_full: float = 0.0
+    recall_by_scorer: dict[str, float] = dataclasses.field(default_factory=dict)
+    probe_found_by_scorer: dict[str, float] = dataclasses.field(default_factory=dict)
+    probe_span_mass: float | None = None
 
 
 def run_fidelity(
@@ -55,7 +70,7 @@ def run_fidelity(
     """
     rows = []
     num_batches = -(-len(frames) // batch_frames)
-    total = len(budgets) * len(RetrievalMode) * (num_batches + len(questions))
+    total = len(budgets) * len(RetrievalMode) * (num_batches + len(questions) + NUM_PROBES)
     done = 0
 
     def step(note: str) -> None:
@@ -77,10 +92,19 @@ def run_fidelity(
             for i in range(0, len(frames), batch_frames):
                 engine.ingest(frames[i : i + batch_frames])
                 step(f"{where}: ingesting")
-            answers = []
+            answers, sweeps = [], []
             for question in questions:
-                answers.append(engine.answer(stream_id, question, max_new_tokens=1, measure_recall=True))
+                with probing(ProbeRequest(sweep_scorers=SWEEP)) as request:
+                    answers.append(engine.answer(stream_id, question, max_new_tokens=1, measure_recall=True))
+                sweeps.append(request.recall)
                 step(f"{where}: questions")
+            probes = []
+            window_frames = base.local_window_tokens // max(1, engine.stream_stats(stream_id).tokens_per_frame or 1)
+            for span in probe_spans(len(frames) - window_frames - 1, NUM_PROBES, span_frames=2):
+                with probing(ProbeRequest(span=span, sweep_scorers=SWEEP)) as request:
+                    engine.answer(stream_id, "Planted probe.", max_new_tokens=1)
+                probes.append(request)
+                step(f"{where}: planted probes")
             hidden = [a.last_hidden for a in answers]
             if mode is RetrievalMode.FULL:
                 reference = hidden
@@ -92,11 +116,15 @@ def run_fidelity(
                 FidelityRow(
                     budget_tokens=budget,
                     mode=mode.value,
-                    attention_recall=_mean([a.retrieval.attention_recall or 0.0 for a in answers]),
+                    attention_recall=_mean_or_none([a.retrieval.attention_recall for a in answers]),
                     hidden_rel_error=_mean(errors),
                     bytes_per_question=_mean([a.retrieval.bytes_fetched for a in answers]),
                     copies_per_question=_mean([a.retrieval.num_copies for a in answers]),
                     clusters=len(engine.clusters(stream_id)),
+                    kl_vs_full=_mean([next_token_kl(model, r, h) for h, r in zip(hidden, reference, strict=True)]),
+                    recall_by_scorer=_mean_by_key(sweeps),
+                    probe_found_by_scorer=_mean_by_key([p.span_found for p in probes]),
+                    probe_span_mass=_mean_or_none([p.span_mass for p in probes]),
                 )
             )
     return rows
@@ -104,16 +132,45 @@ def run_fidelity(
 
 def format_table(rows: Sequence[FidelityRow]) -> str:
     header = (
-        f"{'budget':>7} {'mode':>8} {'recall':>7} {'hidden rel err':>15} {'bytes/question':>15} "
-        f"{'copies/question':>16} {'units':>6}"
+        f"{'budget':>7} {'mode':>8} {'recall':>7} {'random':>7} {'recent':>7} {'other':>7} {'probe':>6} "
+        f"{'p.rand':>6} {'hidden rel err':>15} {'KL vs full':>11} {'bytes/question':>15} {'copies/question':>16} "
+        f"{'units':>6}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
+        other = "mean_key" if r.mode == "cluster" else "spread"
+        recall, found = r.recall_by_scorer, r.probe_found_by_scorer
         lines.append(
-            f"{r.budget_tokens:>7} {r.mode:>8} {r.attention_recall:>7.3f} {r.hidden_rel_error:>15.2e} "
+            f"{r.budget_tokens:>7} {r.mode:>8} {_cell(r.attention_recall, 7)} {_cell(recall.get('random'), 7)} "
+            f"{_cell(recall.get('recent'), 7)} {_cell(recall.get(other), 7)} {_cell(found.get(ENGINE), 6, 2)} "
+            f"{_cell(found.get('random'), 6, 2)} {r.hidden_rel_error:>15.2e} {r.kl_vs_full:>11.2e} "
             f"{r.bytes_per_question:>15,.0f} {r.copies_per_question:>16.1f} {r.clusters:>6}"
         )
+    masses = [r.probe_span_mass for r in rows if r.probe_span_mass is not None]
+    lines += [
+        "",
+        "recall: attention recall vs an oracle top-k; random / recent / other: the same measure for a random choice,",
+        "the newest units, and the other key scorer (mean key for clusters, spread for frame blocks) over the same",
+        "units and queries. probe / p.rand: fraction of a planted span found by the mode's own choice / at random",
+        f"(the planted span got {min(masses, default=0):.2f}-{max(masses, default=0):.2f} of full attention).",
+        "With random weights attention is nearly uniform, so recall barely separates any scorer from chance;",
+        "only the planted probes measure precision. Real questions need a real checkpoint: --model PATH.",
+    ]
     return "\n".join(lines)
+
+
+def _cell(value: float | None, width: int, digits: int = 3) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def _mean_or_none(values) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _mean_by_key(dicts: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for d in dicts for k in d}
+    return {k: _mean([d[k] for d in dicts if k in d]) for k in sorted(keys)}
 
 
 def _mean(values: Sequence[float]) -> float:

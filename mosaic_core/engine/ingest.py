@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
-from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import FrameInput, IngestResult
 from mosaic_core.engine.stream import LocalFrame, StreamState
@@ -171,8 +170,8 @@ def _place_frame(
     coherence: tuple[float | None, float | None],
 ) -> int:
     similarity, cohesion = coherence
-    if engine.config.mode is RetrievalMode.TOKEN:
-        similarity, cohesion = -1.0, None  # ReKV blocks: every frame is its own block
+    if engine.config.mode.one_frame_units:
+        similarity, cohesion = -1.0, None  # frame blocks (token, frame modes): every frame is its own block
     num_tokens = kv.shape[3]
     decision = state.former.decide(
         timestamp_s=frame.timestamp_s,
@@ -204,7 +203,7 @@ def _store_in_cluster(engine: Engine, state: StreamState, frame: LocalFrame) -> 
     if frame.cluster_id in engine.tiering.residency:
         engine.tiering.append(frame.cluster_id, frame.kv)
     else:
-        prefer = Tier.HOST if engine.config.mode is RetrievalMode.TOKEN else Tier.DEVICE
+        prefer = Tier.DEVICE if engine.config.mode.caches_on_device else Tier.HOST
         engine.tiering.admit(frame.cluster_id, state.stream_id, frame.kv, prefer=prefer)
     state.summaries.add(frame.cluster_id, frame.kv[:, 0])
     if engine.history is not None:

@@ -10,10 +10,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mosaic_core.engine.attend import attend_batch, attend_over
+from mosaic_core.engine.probes import ENGINE, ProbeRequest, QueryPlanter
 from mosaic_core.engine.retrieval import LayerSelection, Retriever
+from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import NOTHING_PENDING, Moved
@@ -61,12 +65,15 @@ class QuestionPlan:
         rescore_every_tokens: int,
         capacity_tokens: int,
         recall_probe: RecallProbe | None = None,
+        plant_queries: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.stream = stream
         self.retriever = retriever
         self.rescore_every_tokens = rescore_every_tokens
         self.capacity_tokens = capacity_tokens
         self.recall_probe = recall_probe
+        # Measurement only (mosaic_core.engine.probes): replaces the question's queries at its prefill.
+        self.plant_queries = plant_queries
         num_layers = retriever.spec.num_layers
         self.selections: list[LayerSelection | None] = [None] * num_layers
         self.buffers: list[torch.Tensor | None] = [None] * num_layers  # [2, H, static + capacity, D]
@@ -77,6 +84,8 @@ class QuestionPlan:
         self.selection_history: list[list[LayerSelection]] = []
 
     def attend(self, layer_idx, query, key, value, scale):
+        if self.plant_queries is not None and self.steps == 0:
+            query = self.plant_queries(layer_idx, query)
         if self._should_score():
             self._choose(layer_idx, query[0], key.dtype)
         if self.recall_probe is not None:
@@ -137,17 +146,38 @@ class RecallProbe:
     heaviest history tokens; recall is the mass the retrieved tokens carry over the mass the oracle carries.
     Step 0 is the question's prefill; later steps are decode steps (observed when the answer is longer than one
     token), which show what reusing the question's choice costs as the answer grows.
+
+    With a ``ProbeRequest`` it also scores, at the prefill, the choices other scorers would have made over the
+    same units and queries (following the engine's rule for which layers share a choice), and with a planter the
+    fraction of the planted span each choice found and the share of full attention the span really got.
     """
 
     def __init__(
-        self, stream: StreamState, tiering, *, candidates: list[str], budget_tokens: int, spec: KVSpec
+        self,
+        stream: StreamState,
+        tiering,
+        *,
+        candidates: list[str],
+        budget_tokens: int,
+        spec: KVSpec,
+        retriever: Retriever | None = None,
+        request: ProbeRequest | None = None,
+        planter: QueryPlanter | None = None,
     ) -> None:
         self.stream = stream
         self.candidates = candidates
         self.tiering = tiering
         self.budget_tokens = budget_tokens
         self.spec = spec
+        self.retriever = retriever
+        self.planter = planter
         self.per_step: dict[int, list[float]] = {}  # step -> recall of each layer
+        names = request.sweep_scorers if request is not None and retriever is not None else ()
+        self.sweep = {name: scorer_by_name(name, seed=retriever.seed + 1) for name in names}
+        self.sweep_recall: dict[str, list[float]] = {name: [] for name in (ENGINE, *names)}
+        self.sweep_found: dict[str, list[float]] = {name: [] for name in (ENGINE, *names)}
+        self._sweep_choice: dict[str, set[str]] = {}
+        self.span_masses: list[float] = []
 
     def observe(self, layer: int, query: torch.Tensor, selection: LayerSelection, *, step: int = 0) -> None:
         candidates = self.candidates
@@ -162,15 +192,44 @@ class RecallProbe:
         mass = probs.sum(dim=(0, 1))
         start = past.shape[2]
         history_mass = mass[start : start + sum(sizes)]
-        oracle = history_mass.topk(min(self.budget_tokens, history_mass.numel())).values.sum()
+        oracle = history_mass.topk(min(self.budget_tokens, history_mass.numel())).values.sum().clamp_min(1e-12)
+        unit_mass = torch.stack([part.sum() for part in history_mass.split(sizes)]).tolist()
         chosen = set(selection.cluster_ids)
-        retrieved, offset = history_mass.new_zeros(()), 0
-        for cid, size in zip(candidates, sizes, strict=True):
-            if cid in chosen:
-                retrieved += history_mass[offset : offset + size].sum()
-            offset += size
+        recall = self._recall(chosen, unit_mass, float(oracle))
+        self.per_step.setdefault(step, []).append(recall)
+        if step != 0:
+            return
+        self.sweep_recall[ENGINE].append(recall)
+        if self.planter is not None:
+            self.sweep_found[ENGINE].append(self.planter.found(chosen, candidates))
+            span = self.planter.span_mask(sizes, history_mass.device)
+            self.span_masses.append(float(history_mass[span].sum() / history_mass.sum().clamp_min(1e-12)))
+        for name, scorer in self.sweep.items():
+            other = self._sweep_choose(name, scorer, layer, query)
+            self.sweep_recall[name].append(self._recall(other, unit_mass, float(oracle)))
+            if self.planter is not None:
+                self.sweep_found[name].append(self.planter.found(other, candidates))
+
+    def _recall(self, chosen: set[str], unit_mass: list[float], oracle: float) -> float:
+        retrieved = sum(m for cid, m in zip(self.candidates, unit_mass, strict=True) if cid in chosen)
         # Retrieving more tokens than the budget (full mode) can carry more mass than the oracle: cap at 1.
-        self.per_step.setdefault(step, []).append(min(1.0, float(retrieved / oracle.clamp_min(1e-12))))
+        return min(1.0, retrieved / oracle)
+
+    def _sweep_choose(self, name: str, scorer, layer: int, query: torch.Tensor) -> set[str]:
+        retriever = self.retriever
+        anchor = retriever.prefetch_after_layer
+        if anchor is not None and layer > anchor and name in self._sweep_choice:
+            return self._sweep_choice[name]
+        mean, var, log_count = retriever.summaries
+        scores = scorer.scores(query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale)
+        self._sweep_choice[name] = set(retriever.fill_budget(scores))
+        return self._sweep_choice[name]
+
+    def report(self, request: ProbeRequest) -> None:
+        """Writes the prefill's per-scorer means into ``request``."""
+        request.recall = {name: v for name, values in self.sweep_recall.items() if (v := _mean(values)) is not None}
+        request.span_found = {name: v for name, values in self.sweep_found.items() if (v := _mean(values)) is not None}
+        request.span_mass = _mean(self.span_masses)
 
     @property
     def recall(self) -> float | None:

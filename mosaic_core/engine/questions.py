@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.maintenance import apply_merges
 from mosaic_core.engine.plans import QuestionPlan, RecallProbe
+from mosaic_core.engine.probes import QueryPlanter, active_request
 from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, RetrievalStats, TokenEvent
-from mosaic_core.engine.retrieval import Retriever
+from mosaic_core.engine.retrieval import Retriever, machinery_for
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.errors import InvalidArgumentError, OutOfRangeError
 from mosaic_core.model.tokenizer import question_prompt
@@ -42,23 +44,31 @@ def ask(
     question_ids = _check_question(engine, question, max_new_tokens)
     candidates = _candidates(engine, state, time_range)
     retriever = Retriever(
-        mode=config.mode,
+        machinery=machinery_for(config),
         spec=engine.spec,
         tiering=engine.tiering,
         stream=state,
         candidates=candidates,
         budget_tokens=config.retrieval_budget_tokens,
-        prefetch_after_layer=config.prefetch_after_layer,
+        # distinct per question and stream state, repeatable across runs and engines (random scorer only)
+        seed=(state.frames_ingested * 1_000_003 + sum(question_ids) * 131 + len(question_ids)) % (1 << 31),
         profile=profile,
     )
+    request = active_request()  # measurement hook (mosaic_core.engine.probes); None when serving
+    planter = None
+    if request is not None and request.span is not None and candidates:
+        planter = QueryPlanter(state, engine.tiering, candidates, engine.spec, request)
     probe = None
-    if measure_recall:
+    if measure_recall or request is not None:
         probe = RecallProbe(
             state,
             engine.tiering,
             candidates=candidates,
             budget_tokens=config.retrieval_budget_tokens,
             spec=engine.spec,
+            retriever=retriever,
+            request=request,
+            planter=planter,
         )
     plan = QuestionPlan(
         state,
@@ -66,11 +76,14 @@ def ask(
         rescore_every_tokens=config.rescore_every_tokens,
         capacity_tokens=len(question_ids) + max_new_tokens,
         recall_probe=probe,
+        plant_queries=None if planter is None else planter.plant,
     )
-    return _generate(engine, state, question, question_ids, plan, max_new_tokens)
+    return _generate(engine, state, question, question_ids, plan, max_new_tokens, request)
 
 
-def _generate(engine, state, question, question_ids, plan, max_new_tokens) -> Iterator[TokenEvent | Answer]:
+def _generate(
+    engine, state, question, question_ids, plan, max_new_tokens, request=None
+) -> Iterator[TokenEvent | Answer]:
     model, tiers = engine.model, engine.tiering.tiers
     bytes_before = dict(tiers.stats.bytes_by_direction)
     copies_before = dict(tiers.stats.copies_by_direction)
@@ -109,6 +122,8 @@ def _generate(engine, state, question, question_ids, plan, max_new_tokens) -> It
     timings.decode_s = time.perf_counter() - decode_start
     timings.num_tokens = len(token_ids)
     retrieval = _retrieval_stats(engine, plan, bytes_before, copies_before, hits_before, lookups_before)
+    if request is not None and plan.recall_probe is not None:
+        plan.recall_probe.report(request)
     plan.retriever.promote()
     evidence = _evidence(state, plan, engine.config.evidence_spans)
     _maintain(engine, state, plan)
@@ -218,7 +233,26 @@ def _maintain(engine, state: StreamState, plan: QuestionPlan) -> None:
         for cluster_id in selection.cluster_ids:
             votes[cluster_id] += 1
     retrieved = [cid for cid, n in votes.items() if 2 * n >= len(first)]
-    apply_merges(engine, state, retrieved)
+    residency = engine.tiering.residency
+    before = {
+        r.cluster_id: residency.tier_of(r.cluster_id) for r in state.former.records() if r.cluster_id in residency
+    }
+    sizes = {cid: state.summaries.count(cid) * engine.spec.bytes_per_token for cid in before}
+    merged = apply_merges(engine, state, retrieved)
+    _count_merge_bytes(engine, before, sizes, merged)
+
+
+def _count_merge_bytes(engine, before: dict, sizes: dict[str, int], merged: list[str]) -> None:
+    """A merge reads both halves onto the device and stores the result in the hotter tier; those moves bypass
+    the tier stats, so they are recorded here and the question that caused them is charged for them."""
+    residency, stats = engine.tiering.residency, engine.tiering.tiers.stats
+    for cluster_id, tier in before.items():
+        if cluster_id not in residency and tier is not Tier.DEVICE:
+            stats.record(tier, Tier.DEVICE, sizes[cluster_id])
+    for cluster_id in merged:
+        tier = residency.tier_of(cluster_id)
+        if tier is not Tier.DEVICE:
+            stats.record(Tier.DEVICE, tier, residency.record(cluster_id).num_bytes)
 
 
 def _sync(device: torch.device) -> None:

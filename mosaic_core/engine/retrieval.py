@@ -1,14 +1,29 @@
-"""Choosing and fetching the history a question attends to, one layer at a time, in each of the three modes.
+"""Choosing and fetching the history a question attends to, one layer at a time.
 
-- ``full``: every cluster, already on the device; no choice and no host transfer.
-- ``token``: frame-sized blocks scored by their mean key (ReKV-style), each chosen block's layer copied on its
-  own, nothing cached on the device between questions.
-- ``cluster``: clusters scored by centroid and spread. A chosen cluster already on the device (the GPU cluster
-  cache) costs no transfer; the chosen layer slabs of one layer, wherever they live, move into the question's
-  buffer in one gather launch (on CUDA). With ``prefetch_after_layer`` set, the layers up to it score their own
-  queries and every later layer takes that layer's choice, so their gathers are queued on the transfer engine's
-  side stream at once and run while the earlier layers compute. After the answer, the clusters most layers chose
-  are promoted to the device whole, off the question's critical path, for the next question.
+The mode picks the retrieval unit and the machinery (``Machinery``); everything below reads the machinery, never
+the mode, so two modes with the same machinery differ only in their unit and scorer:
+
+| mode    | unit          | scorer (default) | gather                 | shared choice | device cache |
+| ------- | ------------- | ---------------- | ---------------------- | ------------- | ------------ |
+| full    | cluster       | none: everything | one launch per layer   | no            | all resident |
+| token   | one frame     | mean key         | one copy per block     | no            | no           |
+| frame   | one frame     | mean key         | one launch per layer   | yes           | yes          |
+| cluster | cluster       | spread           | one launch per layer   | yes           | yes          |
+
+``token`` is the faithful ReKV stand-in (ReKV's own code copies block by block, scores every layer and keeps
+nothing on the GPU); ``frame`` is the same unit on Mosaic's machinery, so ``frame`` vs ``cluster`` is what the unit
+alone buys. ``EngineConfig.scorer`` swaps the scorer of any mode (random, recent, or the other key scorer).
+
+- The gather: the chosen slabs of one layer, wherever they live, move into the question's buffer in one launch
+  that reads pinned host and device memory in place (on CUDA); otherwise one ``copy_`` per slab.
+- The shared choice: with ``prefetch_after_layer`` set, layers up to it score their own queries and every later
+  layer takes that layer's choice, so their gathers are queued on the side stream at once and overlap compute.
+- The device cache: units are admitted to the device tier, and after the answer the units at least half the
+  layers chose are promoted to the device whole, off the question's critical path.
+
+Counting is the same for every mode: ``num_copies`` counts the contiguous host slabs moved (one per unit and
+layer that was not on the device), whether one launch or one copy call moved them; the transfer timer starts
+before the host prepares the move (building the address table, or issuing the copies) in both paths.
 
 Gathers are queued, never waited for here: the plan makes the compute stream wait for a layer's gather right
 before that layer attends.
@@ -22,12 +37,36 @@ from dataclasses import dataclass
 import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
-from mosaic_core.config import RetrievalMode
+from mosaic_core.config import EngineConfig, RetrievalMode
+from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.engine.stream import StreamState
-from mosaic_core.engine.summaries import score_clusters
 from mosaic_core.engine.tiering import TierManager
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import Moved
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Machinery:
+    """How a question's units are scored, moved and cached; derived from the config by ``machinery_for``."""
+
+    choose_all: bool  # full mode: no choice, every unit
+    scorer: str
+    batched_gather: bool
+    prefetch_after_layer: int | None
+    device_cache: bool
+
+
+def machinery_for(config: EngineConfig) -> Machinery:
+    mode = config.mode
+    default_scorer = "spread" if mode in (RetrievalMode.CLUSTER, RetrievalMode.FULL) else "mean_key"
+    rekv = mode is RetrievalMode.TOKEN
+    return Machinery(
+        choose_all=mode is RetrievalMode.FULL,
+        scorer=config.scorer or default_scorer,
+        batched_gather=not rekv,
+        prefetch_after_layer=None if rekv or mode is RetrievalMode.FULL else config.prefetch_after_layer,
+        device_cache=mode.caches_on_device,
+    )
 
 
 @dataclass(slots=True)
@@ -48,29 +87,30 @@ class LayerSelection:
 
 
 class Retriever:
-    """Selects clusters per layer for one question and counts how many layers chose each."""
+    """Selects units per layer for one question and counts how many layers chose each."""
 
     def __init__(
         self,
         *,
-        mode: RetrievalMode,
+        machinery: Machinery,
         spec: KVSpec,
         tiering: TierManager,
         stream: StreamState,
         candidates: list[str],
         budget_tokens: int,
-        prefetch_after_layer: int | None = None,
+        seed: int = 0,
         profile: bool = False,
     ) -> None:
-        self.mode = mode
+        self.machinery = machinery
+        self.seed = seed
+        self.scorer = scorer_by_name(machinery.scorer, seed=seed)
         self.spec = spec
         self.tiering = tiering
         self.stream = stream
         self.candidates = candidates
         self.budget_tokens = budget_tokens
-        last = spec.num_layers - 1
-        shared = mode is RetrievalMode.CLUSTER and prefetch_after_layer is not None and prefetch_after_layer < last
-        self.prefetch_after_layer = prefetch_after_layer if shared else None
+        last, anchor = spec.num_layers - 1, machinery.prefetch_after_layer
+        self.prefetch_after_layer = anchor if anchor is not None and anchor < last else None
         self.votes: dict[str, int] = {}  # cluster -> layers that chose it
         # Stage timers for the benchmark's breakdown. They synchronise the device, so they are off by default.
         self.profile = profile
@@ -80,6 +120,7 @@ class Retriever:
         # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
         self._summaries = stream.summaries.all_layers(candidates) if candidates else None
         self._timed_gathers: list[Moved] = []
+        self.num_launches = 0  # gather launches or copy calls issued, for the benchmark
 
     def select(self, layer: int, query: torch.Tensor) -> LayerSelection:
         """Scores the candidates with ``query`` ``[num_q_heads, T, D]``; the chosen slabs are not moved yet."""
@@ -87,19 +128,8 @@ class Retriever:
             return LayerSelection([], [], [], 0)
         start = self._now(query.device)
         mean, var, log_count = self._summaries
-        scores = score_clusters(
-            query,
-            mean[:, layer],
-            var[:, layer],
-            log_count,
-            scale=self.spec.scale,
-            use_spread=self.mode is not RetrievalMode.TOKEN,
-        )
-        if self.mode is RetrievalMode.FULL:
-            chosen = list(self.candidates)
-        else:
-            order = torch.argsort(scores, descending=True).tolist()
-            chosen = self._fill_budget([self.candidates[i] for i in order])
+        scores = self.scorer.scores(query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale)
+        chosen = list(self.candidates) if self.machinery.choose_all else self.fill_budget(scores)
         slabs = [self._slab(cluster_id, layer) for cluster_id in chosen]
         on_device = [self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE for cluster_id in chosen]
         self.score_s += self._now(query.device) - start
@@ -114,16 +144,18 @@ class Retriever:
         """Queues a layer's chosen slabs into ``buffer[:, :, first_token:]``; returns the end offset and the move
         to wait for before reading the buffer.
 
-        ``cluster`` and ``full`` modes move every slab of the layer in one kernel launch that reads pinned host
-        and device memory in place (on CUDA). ``token`` mode keeps the ReKV baseline: one copy per block.
+        With the batched gather every slab of the layer moves in one kernel launch that reads pinned host and
+        device memory in place (on CUDA); otherwise (the ReKV baseline) one copy per slab. Either way the copies
+        counted are the host slabs moved.
         """
         start = self._now(buffer.device)
         host = [slab for slab, resident in zip(selection.slabs, selection.on_device, strict=True) if not resident]
-        batched = self.mode is not RetrievalMode.TOKEN and buffer.is_cuda and all(s.is_pinned() for s in host)
+        batched = self.machinery.batched_gather and buffer.is_cuda and all(s.is_pinned() for s in host)
         end, moved = self.tiering.tiers.transfers.gather(selection.slabs, buffer, first_token, batched=batched)
+        self.num_launches += 1 if batched else len(selection.slabs)
         if host:
             num_bytes = sum(slab.numel() * slab.element_size() for slab in host)
-            self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, 1 if batched else len(host))
+            self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, len(host))
             self._timed_gathers.append(moved)
         self.fetch_s += self._now(buffer.device) - start
         return end, moved
@@ -133,8 +165,8 @@ class Retriever:
         return sum(moved.seconds() for moved in self._timed_gathers)
 
     def promote(self) -> list[str]:
-        """After the answer: caches on the device the clusters that at least half of the layers chose."""
-        if self.mode is not RetrievalMode.CLUSTER or not self.votes:
+        """After the answer: caches on the device the units that at least half of the layers chose."""
+        if not self.machinery.device_cache or not self.votes:
             return []
         num_layers = self.spec.num_layers
         wanted = [cid for cid, n in sorted(self.votes.items(), key=lambda kv: -kv[1]) if 2 * n >= num_layers]
@@ -142,9 +174,17 @@ class Retriever:
             self.tiering.residency.touch(cluster_id, retrieved=True)
         return self.tiering.promote(wanted, keep=frozenset(self.votes))
 
-    def _fill_budget(self, ranked: list[str]) -> list[str]:
+    @property
+    def summaries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Centroids, variances ``[C, num_layers, num_kv_heads, head_dim]`` and log-counts ``[C]`` of the
+        candidates (None without candidates)."""
+        return self._summaries
+
+    def fill_budget(self, scores: torch.Tensor) -> list[str]:
+        """Candidates in descending ``scores`` order, each taken while it still fits the token budget."""
         chosen, used = [], 0
-        for cluster_id in ranked:
+        for i in torch.argsort(scores, descending=True).tolist():
+            cluster_id = self.candidates[i]
             size = self._sizes[cluster_id]
             if used + size <= self.budget_tokens:
                 chosen.append(cluster_id)
@@ -152,8 +192,8 @@ class Retriever:
         return chosen
 
     def _slab(self, cluster_id: str, layer: int) -> torch.Tensor:
-        # One lookup per cluster and question; token-mode blocks live on the host, so they always miss.
-        if self.mode is not RetrievalMode.FULL and cluster_id not in self.votes:
+        # One lookup per unit and question, measured in every mode (ReKV-style blocks live on the host: they miss).
+        if not self.machinery.choose_all and cluster_id not in self.votes:
             self.tiering.record_lookup(hit=self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE)
         self.votes[cluster_id] = self.votes.get(cluster_id, 0) + 1
         return self.tiering.tiers.layer_slab(cluster_id, layer)

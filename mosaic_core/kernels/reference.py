@@ -20,10 +20,12 @@ def cluster_scores_reference(
     log_counts: torch.Tensor,  # [num_clusters]
     *,
     scale: float,
+    use_spread: bool = True,
 ) -> torch.Tensor:  # [num_clusters, num_kv_heads] float32
     """Max over the q heads of each kv group and over the query tokens of the Gaussian log-mass estimate.
 
     est = log_count + scale * <q, mu> + 0.5 * scale^2 * sum_d q_d^2 * var_d
+    With ``use_spread=False`` only the mean-key term ``scale * <q, mu>`` (ReKV / InfLLM block scoring).
     """
     num_q_heads, num_q_tokens, head_dim = query.shape
     num_kv_heads = centroids.shape[1]
@@ -31,7 +33,10 @@ def cluster_scores_reference(
     q = query.float().reshape(num_kv_heads, group_size * num_q_tokens, head_dim)  # [G, R, D]
     mu = centroids.float().permute(1, 2, 0)  # [G, D, C]
     var = variances.float().permute(1, 2, 0)  # [G, D, C]
-    est = scale * torch.bmm(q, mu) + (0.5 * scale * scale) * torch.bmm(q * q, var)  # [G, R, C]
+    est = scale * torch.bmm(q, mu)  # [G, R, C]
+    if not use_spread:
+        return est.amax(dim=1).transpose(0, 1)
+    est = est + (0.5 * scale * scale) * torch.bmm(q * q, var)
     best = est.amax(dim=1).transpose(0, 1)  # [C, G]
     return best + log_counts.float()[:, None]
 

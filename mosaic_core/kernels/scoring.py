@@ -46,6 +46,7 @@ def cluster_scores_kernel(
     log_counts_stride, out_cluster_stride, out_head_stride,
     scale,
     GROUP_SIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_SPREAD: tl.constexpr,
 ):  # fmt: skip
     kv_head = tl.program_id(1)
     clusters = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
@@ -56,11 +57,12 @@ def cluster_scores_kernel(
 
     mu_ptrs = centroids_ptr + clusters[:, None] * c_cluster_stride + kv_head * c_head_stride
     mu = tl.load(mu_ptrs + dims[None, :] * c_dim_stride, mask=summary_mask, other=0.0)  # [BLOCK_C, BLOCK_D]
-    var_ptrs = variances_ptr + clusters[:, None] * var_cluster_stride + kv_head * var_head_stride
-    var = tl.load(var_ptrs + dims[None, :] * var_dim_stride, mask=summary_mask, other=0.0)
     # Fold the scales into the summaries once instead of into every score.
     mu_t = tl.trans(mu.to(tl.float32) * scale)  # [BLOCK_D, BLOCK_C]
-    var_t = tl.trans(var.to(tl.float32) * (0.5 * scale * scale))  # [BLOCK_D, BLOCK_C]
+    if USE_SPREAD:
+        var_ptrs = variances_ptr + clusters[:, None] * var_cluster_stride + kv_head * var_head_stride
+        var = tl.load(var_ptrs + dims[None, :] * var_dim_stride, mask=summary_mask, other=0.0)
+        var_t = tl.trans(var.to(tl.float32) * (0.5 * scale * scale))  # [BLOCK_D, BLOCK_C]
 
     best = tl.full((BLOCK_C,), float("-inf"), dtype=tl.float32)
     num_rows = GROUP_SIZE * num_q_tokens
@@ -73,13 +75,16 @@ def cluster_scores_kernel(
         q = tl.load(q_ptrs + dims[None, :] * q_dim_stride, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
         q = q.to(tl.float32)  # [BLOCK_Q, BLOCK_D]
         est = tl.dot(q, mu_t, input_precision="ieee")  # [BLOCK_Q, BLOCK_C]
-        est += tl.dot(q * q, var_t, input_precision="ieee")
+        if USE_SPREAD:
+            est += tl.dot(q * q, var_t, input_precision="ieee")
         est = tl.where(row_mask[:, None], est, float("-inf"))
         best = tl.maximum(best, tl.max(est, axis=0))
 
-    log_counts = tl.load(log_counts_ptr + clusters * log_counts_stride, mask=cluster_mask, other=0.0)
+    if USE_SPREAD:
+        log_counts = tl.load(log_counts_ptr + clusters * log_counts_stride, mask=cluster_mask, other=0.0)
+        best += log_counts.to(tl.float32)
     out_ptrs = out_ptr + clusters * out_cluster_stride + kv_head * out_head_stride
-    tl.store(out_ptrs, best + log_counts.to(tl.float32), mask=cluster_mask)
+    tl.store(out_ptrs, best, mask=cluster_mask)
 
 
 def _check_scoring_args(
@@ -130,6 +135,7 @@ def cluster_scores(
     out: torch.Tensor | None = None,  # [num_clusters, num_kv_heads] float32
     block_c: int = 32,
     block_q: int = 32,
+    use_spread: bool = True,
 ) -> torch.Tensor:  # [num_clusters, num_kv_heads] float32
     """Scores every cluster of one stream and layer against the question's queries, in one launch.
 
@@ -142,6 +148,8 @@ def cluster_scores(
         out: Optional float32 output to write into.
         block_c: Clusters per program (power of two, >= 16).
         block_q: Query rows per inner step (power of two, >= 16).
+        use_spread: False scores by the mean key alone (``scale * q.mu``, no variance or count term): ReKV's
+            block scoring, in the same launch shape, so that baseline is not handicapped by a slower scorer.
 
     Returns:
         ``[num_clusters, num_kv_heads]`` float32: per cluster and kv head, the largest estimated log attention
@@ -179,6 +187,7 @@ def cluster_scores(
         BLOCK_C=block_c,
         BLOCK_Q=block_q,
         BLOCK_D=max(16, next_power_of_2(head_dim)),
+        USE_SPREAD=use_spread,
         num_warps=4,
     )
     return out

@@ -65,8 +65,9 @@ def gather_slabs(
         slabs: layer slabs of the chosen clusters, on the device or in pinned host memory.
         out: ``[2, H, S, D]`` on the device, contiguous along tokens and head_dim.
         first_token: where the first slab lands in ``out``.
-        on_launch: called right before the launch (after the host has built the address table), so a caller
-            can time the transfer itself with a device event.
+        on_launch: called before the host builds the address table, so a caller timing the transfer with a
+            device event counts the host's preparation too, exactly as it does for the per-slab copy path (where
+            the host issues each copy inside the timed span).
         block_tokens, num_warps: tile of one program (tokens of one head's K or V) and its warps; the defaults
             are what ``bench/kernels_bench.py --only slabs`` found fastest (bench/NOTES.md).
 
@@ -75,6 +76,8 @@ def gather_slabs(
     """
     if not slabs:
         return first_token
+    if on_launch is not None:
+        on_launch()
     _, num_heads, capacity, head_dim = out.shape
     table, offset, longest = [], first_token, 0
     for slab in slabs:
@@ -93,8 +96,6 @@ def gather_slabs(
     table_t = host_table.pin_memory().to(out.device, non_blocking=True) if out.is_cuda else host_table
     block_t = min(block_tokens, next_power_of_2(longest))
     grid = (len(slabs), 2 * num_heads, triton.cdiv(longest, block_t))
-    if on_launch is not None:
-        on_launch()
     launchable(gather_slabs_kernel)[grid](
         table_t, out, 2 * num_heads, out.stride(1), out.stride(2),
         ELEM=_TL_DTYPES[out.dtype], HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=num_warps,

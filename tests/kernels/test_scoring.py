@@ -30,9 +30,10 @@ def _summaries(randn, num_clusters, num_kv_heads, head_dim, dtype, device):
     return centroids, variances, log_counts
 
 
+@pytest.mark.parametrize("use_spread", [True, False], ids=["spread", "mean_key"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "q{}kv{}t{}d{}c{}".format(*c))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_reference(case, dtype, device, randn, assert_close):
+def test_matches_reference(case, dtype, use_spread, device, randn, assert_close):
     num_q_heads, num_kv_heads, num_q_tokens, head_dim, num_clusters = case
     # A slice of a longer token axis: the query is not contiguous.
     query = randn(num_q_heads, num_q_tokens + 2, head_dim, dtype=dtype, device=device)[:, 1:-1]
@@ -40,11 +41,22 @@ def test_matches_reference(case, dtype, device, randn, assert_close):
     scale = head_dim**-0.5
     out = torch.full((num_clusters, num_kv_heads), math.nan, device=device)
 
-    result = cluster_scores(query, centroids, variances, log_counts, scale=scale, out=out)
+    result = cluster_scores(query, centroids, variances, log_counts, scale=scale, out=out, use_spread=use_spread)
 
     assert result is out
-    expected = cluster_scores_reference(query, centroids, variances, log_counts, scale=scale)
+    expected = cluster_scores_reference(query, centroids, variances, log_counts, scale=scale, use_spread=use_spread)
     assert_close(out, expected, dtype)
+
+
+def test_mean_key_scores_are_the_plain_dot_product_with_the_centroid(device, randn, assert_close):
+    """Mean-key scoring ignores the variance and the count: an independent einsum, not the reference, checks it."""
+    query = randn(4, 9, 64, device=device)
+    centroids, variances, log_counts = _summaries(randn, 21, 2, 64, torch.float32, device)
+    dots = torch.einsum("gtd,cgd->cgt", query.float().reshape(2, 18, 64), centroids.float()) * 0.125
+
+    out = cluster_scores(query, centroids, variances * 100, log_counts + 50, scale=0.125, use_spread=False)
+
+    assert_close(out, dots.amax(dim=2), torch.float32)
 
 
 def test_small_blocks_cover_every_cluster_and_row(device, randn, assert_close):

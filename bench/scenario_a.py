@@ -1,0 +1,279 @@
+"""Scenario A, on equal machinery: one long stream, one engine per variant, the same schedule for every variant.
+
+Rows (``VARIANTS``):
+- ``full``: everything on the device, no choice (the reference for hidden-state error and KL).
+- ``rekv-token``: the faithful ReKV stand-in: one-frame blocks, mean-key scores, one copy per block and layer,
+  every layer scoring, nothing cached on the GPU.
+- ``frame``: one-frame blocks with mean-key scores on Mosaic's machinery (one-launch gather, layer-1 choice
+  shared, GPU cache, scoring kernel). ``frame`` vs ``cluster`` is what the retrieval unit alone buys.
+- ``cluster``: Mosaic.
+- ``random``: cluster machinery choosing clusters at random (chance, with the same bytes-per-unit profile).
+
+Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
+last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
+``num_questions`` distinct questions, each after ``gap`` more frames. Then, on the final stream, the fidelity
+questions (their recall probes synchronise and read the whole history, so they are never timed):
+``recall_questions`` real questions with the scorer sweep, and ``probes`` planted-attention probes at fixed
+random spans. Bytes per question count everything moved during the answer call: the retrieval, then the
+promotion and merges it triggers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from mosaic_core.config import GIB, EngineConfig
+from mosaic_core.engine.engine import Engine
+from mosaic_core.engine.probes import ENGINE, ProbeRequest, next_token_kl, probing
+
+VARIANTS = {
+    "full": {"mode": "full"},
+    "rekv-token": {"mode": "token"},
+    "frame": {"mode": "frame"},
+    "cluster": {"mode": "cluster"},
+    "random": {"mode": "cluster", "scorer": "random"},
+}
+SWEEP = ("spread", "mean_key", "random", "recent")
+_SUBJECTS = ("cyclist", "red car", "person in a jacket", "dog", "bus", "delivery van", "child", "truck")
+_TEMPLATES = ("When did the {} pass the camera?", "Was there a {} near the road?", "How often did a {} appear?")
+QUESTIONS = [t.format(s) for t in _TEMPLATES for s in _SUBJECTS]  # 24 distinct questions
+
+
+def run(model, s, frames, pcie_gbs: float, bare_ms: float, log, *, engine_config, pinned_bytes, save=None):
+    """Every variant in turn; returns ``(rows, scaling)`` and calls ``save`` after each variant."""
+    total = len(frames)
+    gap = max(1, min(8, total // (4 * max(1, s.num_questions))))
+    bulk = total - s.num_questions * gap
+    history_bytes = total * s.tokens_per_frame * model.kv_spec.bytes_per_token
+    spans = _probe_spans(bulk, s, seed=0)
+    rows, scaling, hidden = {}, {}, {}
+    for label, overrides in VARIANTS.items():
+        config = dataclasses.replace(engine_config(s, overrides["mode"]), scorer=overrides.get("scorer"))
+        if config.mode.value != "full":
+            config = dataclasses.replace(config, pinned_host_bytes=pinned_bytes(history_bytes, s))
+        started = time.perf_counter()
+        engine = Engine(model, config)
+        engine.open_stream("cam")
+        _reset_peak(s)
+        ingest_s = _ingest(engine, frames, 0, bulk, s, scaling.setdefault(label, []), log, label)
+        engine.answer("cam", "Describe the scene.", max_new_tokens=2)  # warm-up
+        timed, hidden[label] = [], []
+        for i in range(s.num_questions):
+            t0 = time.perf_counter()
+            engine.ingest(frames[bulk + i * gap : bulk + (i + 1) * gap])
+            ingest_s += time.perf_counter() - t0
+            row, last_hidden = _ask(engine, s, QUESTIONS[i % len(QUESTIONS)])
+            timed.append(row)
+            hidden[label].append(last_hidden)
+        fidelity = _fidelity(engine, s, spans, measure=label != "full")
+        peak = torch.cuda.max_memory_allocated() if s.device.startswith("cuda") else 0
+        rows[label] = _summary(label, config, timed, fidelity, peak, total / ingest_s, pcie_gbs, bare_ms)
+        rows[label]["units"] = len(engine.clusters("cam"))
+        rows[label]["variant_s"] = time.perf_counter() - started
+        log(f"A/{label}: {json.dumps(rows[label])}")
+        del engine
+        if s.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        _divergence(model, rows, hidden)
+        if save is not None:
+            save(rows, scaling)
+    return rows, scaling
+
+
+def _ingest(engine, frames, start, end, s, scaling, log, label) -> float:
+    """Ingests ``frames[start:end]``, asking two questions at each of scenario C's checkpoints on the way."""
+    ingest_s, done = 0.0, start
+    for checkpoint in [int(m * 60) for m in s.checkpoints_min if start < int(m * 60) <= end] + [end]:
+        t0 = time.perf_counter()
+        for i in range(done, checkpoint, 64):
+            engine.ingest(frames[i : min(i + 64, checkpoint)])
+            log(f"A/{label}: ingested {min(i + 64, checkpoint)}/{len(frames)} frames")
+        ingest_s += time.perf_counter() - t0
+        done = checkpoint
+        if checkpoint != end:
+            ttfts = [_ask(engine, s, q)[0]["ttft_s"] for q in ("Scaling check one.", "Scaling check two.")]
+            peak = torch.cuda.max_memory_allocated() if s.device.startswith("cuda") else 0
+            scaling.append({"minutes": checkpoint / 60, "ttft_s": statistics.median(ttfts), "peak_bytes": peak})
+    return ingest_s
+
+
+def _ask(engine: Engine, s, question: str) -> tuple[dict, torch.Tensor]:
+    stats = engine.tiering.tiers.stats
+    bytes_before, copies_before = sum(stats.bytes_by_direction.values()), sum(stats.copies_by_direction.values())
+    answer = engine.answer("cam", question, max_new_tokens=s.max_new_tokens)
+    r, tm = answer.retrieval, answer.timings
+    return {
+        "ttft_s": tm.time_to_first_token_s,
+        "decode_s_per_token": tm.decode_s_per_token,
+        "bytes": r.bytes_fetched,
+        "bytes_all": sum(stats.bytes_by_direction.values()) - bytes_before,  # + promotion, merges, their spills
+        "copies": r.num_copies,
+        "copies_all": sum(stats.copies_by_direction.values()) - copies_before,
+        "hits": r.device_hits,
+        "lookups": r.device_lookups,
+        "transfer_s": r.transfer_s,
+        "layers_scored": r.num_layers_scored,
+    }, answer.last_hidden
+
+
+def _probe_spans(bulk: int, s, *, seed: int) -> list[tuple[int, int]]:
+    """Fixed random spans of ``probe_span_frames`` frames inside the history every variant has stored."""
+    rng = random.Random(seed)
+    last_start = bulk - s.probe_span_frames - s.window_tokens // max(1, s.tokens_per_frame) - 2
+    starts = sorted(rng.randrange(0, max(1, last_start)) for _ in range(s.probes))
+    return [(a, a + s.probe_span_frames - 1) for a in starts]
+
+
+def _fidelity(engine: Engine, s, spans, *, measure: bool) -> dict:
+    if not measure:
+        return {}
+    recall: dict[str, list[float]] = {}
+    for question in QUESTIONS[-s.recall_questions :] if s.recall_questions else []:
+        with probing(ProbeRequest(sweep_scorers=SWEEP)) as request:
+            engine.answer("cam", question, max_new_tokens=1)
+        for name, value in request.recall.items():
+            recall.setdefault(name, []).append(value)
+    found: dict[str, list[float]] = {}
+    masses = []
+    for span in spans:
+        with probing(ProbeRequest(span=span, sweep_scorers=SWEEP)) as request:
+            engine.answer("cam", "Planted probe.", max_new_tokens=1)
+        for name, value in request.span_found.items():
+            found.setdefault(name, []).append(value)
+        masses.append(request.span_mass)
+    return {
+        "recall": {k: statistics.mean(v) for k, v in recall.items()},
+        "probe_found": {k: statistics.mean(v) for k, v in found.items()},
+        "probe_span_mass": statistics.mean(masses) if masses else None,
+    }
+
+
+def _summary(label, config: EngineConfig, rows, fidelity, peak, ingest_fps, pcie_gbs, bare_ms) -> dict:
+    ttfts = [r["ttft_s"] for r in rows]
+    moved = sum(r["bytes"] for r in rows)
+    transfer_s = sum(r["transfer_s"] for r in rows)
+    bytes_q = statistics.mean(r["bytes"] for r in rows)
+    recall = fidelity.get("recall", {})
+    found = fidelity.get("probe_found", {})
+    return {
+        "mode": config.mode.value,
+        "scorer": config.scorer,
+        "ttft_p50_ms": _percentile(ttfts, 0.5) * 1e3,
+        "ttft_p95_ms": _percentile(ttfts, 0.95) * 1e3,
+        "decode_ms_per_token": statistics.median(r["decode_s_per_token"] for r in rows) * 1e3,
+        "bytes_per_question": bytes_q,
+        "bytes_all_per_question": statistics.mean(r["bytes_all"] for r in rows),
+        "copies_per_question": statistics.mean(r["copies"] for r in rows),
+        "copies_all_per_question": statistics.mean(r["copies_all"] for r in rows),
+        "transfer_gbs": moved / transfer_s / 1e9 if transfer_s > 0 else None,
+        "hit_ratio": sum(r["hits"] for r in rows) / sum(r["lookups"] for r in rows)
+        if sum(r["lookups"] for r in rows)
+        else None,
+        "layers_scored": rows[0]["layers_scored"],
+        "peak_gpu_bytes": peak,
+        "ingest_frames_per_s": ingest_fps,
+        "floor_ms": (bytes_q / (pcie_gbs * 1e9) if pcie_gbs else 0.0) * 1e3 + bare_ms,
+        "recall": recall.get(ENGINE) if label != "full" else 1.0,
+        "recall_by_scorer": recall,
+        "probe_found": found.get(ENGINE) if label != "full" else 1.0,
+        "probe_found_by_scorer": found,
+        "probe_span_mass": fidelity.get("probe_span_mass"),
+    }
+
+
+def _divergence(model, rows: dict, hidden: dict) -> None:
+    """Hidden-state error and next-token KL(full || variant) per question, averaged, for every finished row."""
+    if "full" not in hidden:
+        return
+    for label, states in hidden.items():
+        errors, kls = [], []
+        for ref, got in zip(hidden["full"], states, strict=True):
+            errors.append(float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)))
+            kls.append(next_token_kl(model, ref, got))
+        rows[label]["hidden_rel_error"] = statistics.mean(errors)
+        rows[label]["kl_vs_full"] = statistics.mean(kls)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _reset_peak(s) -> None:
+    if s.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def format_scenario_a(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The scenario A tables as ``(title, header, rows)``: the headline, then recall against chance."""
+    a, pcie = report["A"], report.get("pcie_gbs", 0.0)
+    history = report.get("history_tokens")
+    budget = report.get("budget_tokens")
+    share = f"{budget / history:.1%} of {history:,} history tokens" if budget and history else "?"
+    headline = []
+    for label, r in a.items():
+        headline.append(
+            [
+                label,
+                f"{r['ttft_p50_ms']:.1f}",
+                f"{r['ttft_p95_ms']:.1f}",
+                f"{r['decode_ms_per_token']:.1f}",
+                _mib(r["bytes_per_question"]),
+                _mib(r["bytes_all_per_question"]),
+                f"{r['copies_per_question']:.0f}",
+                _num(r["transfer_gbs"], "{:.1f}"),
+                _num(r["hit_ratio"], "{:.2f}"),
+                f"{r['peak_gpu_bytes'] / GIB:.1f}",
+                _num(r["recall"], "{:.3f}"),
+                _num(r["probe_found"], "{:.3f}"),
+                _num(r.get("kl_vs_full"), "{:.2e}"),
+                _num(r.get("hidden_rel_error"), "{:.2e}"),
+            ]
+        )
+    header = [
+        "variant", "TTFT p50 ms", "p95", "decode ms/tok", "MiB/q retr", "MiB/q all", "slabs/q", "xfer GB/s",
+        "hit", "peak GiB", "recall", "probe found", "KL vs full", "hidden err",
+    ]  # fmt: skip
+    title = f"Scenario A: one stream, one engine per variant (budget {share}; PCIe {pcie:.1f} GB/s)"
+    tables = [(title, header, headline)]
+    chance = []
+    for label in ("rekv-token", "frame", "cluster"):
+        r = a.get(label)
+        if not r or not r.get("recall_by_scorer"):
+            continue
+        unit = "clusters" if r["mode"] == "cluster" else "frame blocks"
+        for name in SWEEP:
+            chance.append(
+                [
+                    f"{unit} ({label} engine)",
+                    name + (" (own)" if name == (r["scorer"] or _own(r["mode"])) else ""),
+                    _num(r["recall_by_scorer"].get(name), "{:.3f}"),
+                    _num(r["probe_found_by_scorer"].get(name), "{:.3f}"),
+                ]
+            )
+    if chance:
+        masses = [f"{r['probe_span_mass']:.2f}" for r in a.values() if r.get("probe_span_mass") is not None]
+        title = (
+            "Recall against chance: the same queries and units, each scorer's choice (planted span's share of full "
+            f"attention: {', '.join(masses)})"
+        )
+        tables.append((title, ["units", "scorer", "recall (real queries)", "planted span found"], chance))
+    return tables
+
+
+def _own(mode: str) -> str:
+    return "spread" if mode == "cluster" else "mean_key"
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f}"
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)

@@ -1,0 +1,89 @@
+"""How a question ranks the retrieval units (clusters or frame blocks) of one layer: strategies chosen by name.
+
+Every scorer returns ``[C]`` float32 scores on the query's device; the retriever fills its budget in score order.
+
+- ``spread`` (Mosaic's own): the Gaussian estimate of each unit's attention mass,
+  ``log n + s q.mu + 1/2 s^2 sum_d q_d^2 var_d``, maximised over the query rows of each KV head, heads combined by
+  log-sum-exp.
+- ``mean_key`` (ReKV / InfLLM): the dot product of the queries with the unit's mean key, same reduction.
+- ``random``: a uniformly random order (chance), seeded per question so reruns repeat.
+- ``recent``: newest units first (what a sliding window would keep).
+
+``spread`` and ``mean_key`` run as the same Triton scoring kernel on CUDA (``use_spread`` switches the variance and
+count terms off), so no mode gets a faster scorer than another; elsewhere, the kernel's torch twin.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from mosaic_core.config import SCORER_NAMES
+from mosaic_core.errors import UnknownPolicyError
+from mosaic_core.kernels import kernels_ready
+
+
+class Scorer(Protocol):
+    name: str
+
+    def scores(
+        self, query: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, log_count: torch.Tensor, *, scale: float
+    ) -> torch.Tensor:
+        """``query`` ``[Hq, T, D]``; ``mean``/``var`` ``[C, Hkv, D]``; ``log_count`` ``[C]`` -> ``[C]`` float32."""
+        ...
+
+
+class KeyScorer:
+    """``spread`` or ``mean_key``: one kernel launch per scored layer on CUDA."""
+
+    def __init__(self, *, use_spread: bool) -> None:
+        self.use_spread = use_spread
+        self.name = "spread" if use_spread else "mean_key"
+
+    def scores(self, query, mean, var, log_count, *, scale):
+        if query.is_cuda and kernels_ready():
+            from mosaic_core.kernels.scoring import cluster_scores
+
+            per_head = cluster_scores(query, mean, var, log_count.float(), scale=scale, use_spread=self.use_spread)
+        else:
+            from mosaic_core.kernels.reference import cluster_scores_reference
+
+            per_head = cluster_scores_reference(
+                query, mean, var, log_count.float(), scale=scale, use_spread=self.use_spread
+            )
+        return torch.logsumexp(per_head, dim=1)
+
+
+class RandomScorer:
+    """Chance: a random permutation of the units; the same seed gives the same order."""
+
+    name = "random"
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def scores(self, query, mean, var, log_count, *, scale):
+        return torch.rand(mean.shape[0], generator=self.generator).to(query.device)
+
+
+class RecentScorer:
+    """Newest first: candidates arrive oldest first, so the score is the position."""
+
+    name = "recent"
+
+    def scores(self, query, mean, var, log_count, *, scale):
+        return torch.arange(mean.shape[0], dtype=torch.float32, device=query.device)
+
+
+def scorer_by_name(name: str, *, seed: int = 0) -> Scorer:
+    """The scorer called ``name``; an unknown name raises and lists the valid ones."""
+    if name == "spread":
+        return KeyScorer(use_spread=True)
+    if name == "mean_key":
+        return KeyScorer(use_spread=False)
+    if name == "random":
+        return RandomScorer(seed)
+    if name == "recent":
+        return RecentScorer()
+    raise UnknownPolicyError(f"unknown scorer {name!r}; valid scorers are: {', '.join(SCORER_NAMES)}")

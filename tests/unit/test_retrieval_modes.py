@@ -1,0 +1,115 @@
+"""The retrieval unit and the machinery are independent: frame blocks on cluster machinery, scorers by name,
+transfer counting that means the same in every mode, and planted-attention probes that can tell a scorer from
+chance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import feed, make_engine
+
+from mosaic_core.config import MIB, EngineConfig
+from mosaic_core.engine.probes import ENGINE, ProbeRequest, probing
+from mosaic_core.errors import UnknownPolicyError
+
+QUESTION = "When did the cyclist pass the camera?"
+SPANS = [(2, 3), (9, 10), (15, 16), (21, 22), (26, 27)]  # stored frames (the window holds the newest ones)
+
+
+@pytest.mark.parametrize(
+    ("mode", "scorer", "prefetch_after_layer"),
+    [("frame", None, 1), ("frame", "spread", None), ("cluster", "mean_key", 1), ("cluster", "random", 0)],
+)
+def test_budget_covering_the_stream_matches_full(tiny_model, bikes_frames, mode, scorer, prefetch_after_layer):
+    full = make_engine(tiny_model, mode="full")
+    other = make_engine(
+        tiny_model,
+        mode=mode,
+        scorer=scorer,
+        retrieval_budget_tokens=2_000,
+        device_budget_bytes=64 * MIB,
+        prefetch_after_layer=prefetch_after_layer,
+    )
+    for engine in (full, other):
+        engine.open_stream("cam")
+        feed(engine, "cam", bikes_frames[:24])
+    expected = full.answer("cam", QUESTION, max_new_tokens=1).last_hidden
+    got = other.answer("cam", QUESTION, max_new_tokens=1).last_hidden
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), (got - expected).abs().max()
+
+
+def test_frame_mode_keeps_one_frame_units_on_cluster_machinery(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, mode="frame", device_budget_bytes=int(0.8 * MIB))
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:32])
+    units = engine.clusters("cam")
+    assert all(u.first_frame == u.last_frame for u in units), "frame mode must never group frames"
+    assert {u.tier for u in units} >= {"device", "host"}, "frame blocks are admitted to the device and spill"
+    first = engine.answer("cam", QUESTION, max_new_tokens=1, time_range=(0.0, 2.0))
+    assert first.retrieval.num_layers_scored == 2  # layer 1's choice is shared, as in cluster mode
+    assert first.retrieval.bytes_fetched > 0
+    second = engine.answer("cam", QUESTION, max_new_tokens=1, time_range=(0.0, 2.0))
+    assert second.retrieval.device_lookups > 0
+    assert second.retrieval.bytes_fetched < first.retrieval.bytes_fetched, "promotion must cache frame blocks"
+
+
+@pytest.mark.parametrize("mode", ["token", "frame"])
+def test_copies_count_the_host_slabs_moved_in_every_mode(tiny_model, bikes_frames, mode):
+    engine = make_engine(tiny_model, mode=mode, device_budget_bytes=int(0.8 * MIB))
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:32])
+    stats = engine.answer("cam", QUESTION, max_new_tokens=1, time_range=(0.0, 3.0)).retrieval
+    spec = tiny_model.kv_spec
+    tokens_per_frame = engine.stream_stats("cam").tokens_per_frame
+    slab_bytes = 2 * spec.num_kv_heads * tokens_per_frame * spec.head_dim * spec.dtype.itemsize
+    assert stats.num_copies > 0
+    assert stats.bytes_fetched == stats.num_copies * slab_bytes  # one count per one-frame layer slab moved
+    assert 0 <= stats.device_hits <= stats.device_lookups and stats.device_lookups > 0  # measured, not assumed
+
+
+def test_unknown_scorer_names_the_valid_ones():
+    with pytest.raises(UnknownPolicyError, match="spread, mean_key, random, recent"):
+        EngineConfig(scorer="oracle")
+
+
+def _probe(engine, span, sweep=("random", "recent")):
+    with probing(ProbeRequest(span=span, sweep_scorers=sweep)) as request:
+        engine.answer("cam", QUESTION, max_new_tokens=1)
+    return request
+
+
+@pytest.mark.parametrize("mode", ["frame", "cluster"])
+def test_planted_spans_are_found_far_above_chance(tiny_model, bikes_frames, mode):
+    engine = make_engine(tiny_model, mode=mode)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:32])
+    requests = [_probe(engine, span) for span in SPANS]
+    assert min(r.span_mass for r in requests) > 0.3, "the planted queries must really attend to the span"
+    found = {name: sum(r.span_found[name] for r in requests) / len(requests) for name in (ENGINE, "random", "recent")}
+    assert found[ENGINE] >= 0.8
+    assert found[ENGINE] >= found["random"] + 0.3
+    assert found["recent"] < 0.5, "old spans are outside what a recency window keeps"
+
+
+def test_a_random_engine_finds_planted_spans_only_by_chance(tiny_model, bikes_frames):
+    """The probe can fail: the same measurement on an engine that retrieves at random scores low."""
+    engine = make_engine(tiny_model, mode="cluster", scorer="random")
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:32])
+    requests = [_probe(engine, span, sweep=("spread",)) for span in SPANS]
+    engine_found = sum(r.span_found[ENGINE] for r in requests) / len(requests)
+    spread_found = sum(r.span_found["spread"] for r in requests) / len(requests)
+    assert engine_found < 0.6
+    assert spread_found >= engine_found + 0.3
+
+
+def test_planted_queries_are_measurement_only(tiny_model, bikes_frames):
+    """Outside ``probing`` a question uses its own queries: same answer state as before any probe."""
+    engine = make_engine(tiny_model, mode="cluster", retrieval_budget_tokens=2_000, device_budget_bytes=64 * MIB)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:24])
+    before = engine.answer("cam", QUESTION, max_new_tokens=1).last_hidden
+    planted = _probe(engine, (2, 3))
+    after = engine.answer("cam", QUESTION, max_new_tokens=1).last_hidden
+    assert planted.span_found[ENGINE] == 1.0  # the budget covers the stream
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-4)
