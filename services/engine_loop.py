@@ -1,18 +1,29 @@
-"""The one thread that drives a worker's engine: cross-stream ingest batches interleaved with answer tokens.
+"""The one thread that drives a worker's engine: cross-stream ingest passes interleaved with answer tokens.
 
 The engine is not thread-safe, so every engine call runs here. One iteration:
 
-    commands (open/close stream, stats)  ->  one ingest batch (up to max_batch_frames, one frame per stream
-    per round, all streams in shared forward passes)  ->  one step (prefill or one token) of every running
-    question, round-robin  ->  metadata sync  ->  sleep until woken if nothing happened
+    commands (open/close stream, stats)  ->  one ingest pass: every stream with waiting frames gives up to
+    ``frames_per_stream_pass`` of them, in shared forward passes of up to ``max_batch_frames``  ->  start the
+    questions that may start  ->  one step (prefill or one token) of every running question  ->  metadata
+    sync  ->  sleep until woken if nothing happened
 
-**Priority keeps ingest real-time.** Ingest goes first in every iteration, and a question advances one token
-per iteration, so a long answer never holds cameras back for more than one token's time. A stream that a
-question is reading is left out of ingest batches until the answer ends (its frames wait in the bounded
-queue), because a frame entering the window mid-answer would change the history the answer attends to.
+**Ingest is never starved by questions.** Ingest goes first in every iteration and reaches every stream, and
+a question advances one token per iteration. A stream that a question is reading is *held*: it is left out of
+ingest passes until its answers end (its frames wait in the bounded queue), because a frame entering the local
+window mid-answer would change the history the answer attends to (a re-scoring rebuilds the answer's
+buffer from the stream's current window and clusters, sized by the summaries taken when it started). A hold is
+bounded, so a burst of questions cannot freeze a camera:
 
-**Deadlines and cancellation** are checked before each step: an expired or cancelled question is closed
-(its retrieval pins released) and ends with ``DeadlineError`` or ``CancelledError``.
+- questions of a held stream may join the hold only within ``max_hold_s`` of its start;
+- after a hold, the stream's next questions wait until every frame that arrived during the hold is ingested;
+- at most ``max_questions_per_stream`` questions per stream are running or waiting here; more are refused
+  with ``QueueFullError`` (RESOURCE_EXHAUSTED).
+
+So a stream is held for at most ``max_hold_s`` plus one answer, then catches up before the next hold.
+
+**Deadlines and cancellation** are checked before each step and while a question waits: an expired or
+cancelled question is closed (its retrieval pins released) and ends with ``DeadlineError`` or
+``CancelledError``. A deadline miss is logged as one line, without a traceback.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from dataclasses import dataclass, field
 
 from mosaic_core.engine.results import Answer, FrameInput
 from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError
-from services.errors import DeadlineError
+from services.errors import DeadlineError, QueueFullError
 from services.ingest_queue import IngestQueues, QueuedFrame
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
@@ -35,6 +46,9 @@ from services.tier_sync import TierSync
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
 STATS_REFRESH_S = 0.5
+DEFAULT_MAX_QUESTIONS_PER_STREAM = 4
+DEFAULT_MAX_HOLD_S = 2.0
+DEFAULT_FRAMES_PER_STREAM_PASS = 2
 DONE = object()  # ends a question's event queue
 
 
@@ -70,6 +84,9 @@ class EngineLoop:
         telemetry: counts ingested frames and batch sizes.
         max_batch_frames: frames per ingest call.
         retention_s: returns a stream's retention (0 keeps everything), read at each retention pass.
+        max_questions_per_stream: questions of one stream running or waiting here; more are refused.
+        max_hold_s: how long after a stream's first running question others may still join it (module doc).
+        frames_per_stream_pass: frames each stream gives to one ingest pass.
     """
 
     def __init__(
@@ -81,7 +98,15 @@ class EngineLoop:
         *,
         max_batch_frames: int,
         retention_s,
+        max_questions_per_stream: int = DEFAULT_MAX_QUESTIONS_PER_STREAM,
+        max_hold_s: float = DEFAULT_MAX_HOLD_S,
+        frames_per_stream_pass: int = DEFAULT_FRAMES_PER_STREAM_PASS,
     ) -> None:
+        if max_questions_per_stream < 1 or frames_per_stream_pass < 1 or not max_hold_s >= 0:
+            raise ValueError(
+                f"max_questions_per_stream={max_questions_per_stream} and frames_per_stream_pass="
+                f"{frames_per_stream_pass} must be >= 1 and max_hold_s={max_hold_s} >= 0"
+            )
         self.engine = engine
         self.queues = queues
         self.wake = queues.wake
@@ -89,6 +114,9 @@ class EngineLoop:
         self.telemetry = telemetry
         self.max_batch_frames = max_batch_frames
         self.retention_s = retention_s
+        self.max_questions_per_stream = max_questions_per_stream
+        self.max_hold_s = max_hold_s
+        self.frames_per_stream_pass = frames_per_stream_pass
         self.stats = None  # latest EngineStats, refreshed every STATS_REFRESH_S
         self.last_ingested_s: dict[str, float] = {}  # stream -> timestamp of the newest ingested frame
         self._stats_at = 0.0
@@ -96,6 +124,10 @@ class EngineLoop:
         self._questions: list[QuestionJob] = []
         self._pending_questions: deque[QuestionJob] = deque()
         self._by_id: dict[str, QuestionJob] = {}
+        self._jobs_lock = threading.Lock()
+        self._num_jobs: dict[str, int] = defaultdict(int)  # stream -> questions running or waiting here
+        self._held_since: dict[str, float] = {}  # stream -> monotonic start of its current hold
+        self._owed_until: dict[str, float] = {}  # stream -> frames that arrived by then go in before questions
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -118,6 +150,20 @@ class EngineLoop:
         return future.result(timeout_s)
 
     def submit(self, job: QuestionJob) -> QuestionJob:
+        """Queues a question for the engine thread.
+
+        Raises:
+            QueueFullError: the stream already has ``max_questions_per_stream`` questions here.
+        """
+        with self._jobs_lock:
+            num_jobs = self._num_jobs[job.stream_id]
+            if num_jobs >= self.max_questions_per_stream:
+                raise QueueFullError(
+                    f"stream {job.stream_id!r} already has {num_jobs} questions running or waiting, its limit; "
+                    f"retry in about {self.max_hold_s * 1000:.0f} ms",
+                    retry_after_s=max(0.1, self.max_hold_s),
+                )
+            self._num_jobs[job.stream_id] = num_jobs + 1
         self._by_id[job.question_id] = job
         self._pending_questions.append(job)
         self.wake.set()
@@ -135,6 +181,10 @@ class EngineLoop:
     def busy_streams(self) -> frozenset[str]:
         return frozenset(job.stream_id for job in self._questions)
 
+    def oldest_wait_s(self, stream_id: str) -> float:
+        """The stream's ingest lag: seconds since its oldest frame still waiting for ingest arrived."""
+        return self.queues.oldest_wait_s(stream_id)
+
     # -- engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -142,6 +192,7 @@ class EngineLoop:
             try:
                 worked = self._run_commands()
                 worked |= self._ingest_once()
+                worked |= self._start_questions()
                 worked |= self._step_questions()
                 self._refresh_stats()
             except Exception:
@@ -166,10 +217,16 @@ class EngineLoop:
         return worked
 
     def _ingest_once(self) -> bool:
-        batch = self.queues.take_batch(self.max_batch_frames, exclude=self.busy_streams)
-        if not batch:
+        """One ingest pass over every stream that is not held, in forward passes of ``max_batch_frames``."""
+        taken = self.queues.take_pass(self.frames_per_stream_pass, exclude=self.busy_streams)
+        if not taken:
             return False
-        batch = [f for f in batch if f.stream_id in self.engine.streams]
+        taken = [f for f in taken if f.stream_id in self.engine.streams]
+        for start in range(0, len(taken), self.max_batch_frames):
+            self._ingest_batch(taken[start : start + self.max_batch_frames])
+        return True
+
+    def _ingest_batch(self, batch: list[QueuedFrame]) -> None:
         ingested = self._ingest(batch)
         done_s = time.monotonic()
         per_stream: dict[str, int] = defaultdict(int)
@@ -182,7 +239,6 @@ class EngineLoop:
         self.tier_sync.flush(streams)
         for stream_id in streams:
             self.tier_sync.apply_retention(stream_id, self.retention_s(stream_id))
-        return True
 
     def _ingest(self, batch: list[QueuedFrame]) -> list[QueuedFrame]:
         """Ingests the batch; if the engine refuses it, retries stream by stream so one bad camera only
@@ -203,9 +259,37 @@ class EngineLoop:
             by_stream[frame.stream_id].append(frame)
         return [f for frames in by_stream.values() for f in self._ingest(frames)]
 
+    def _start_questions(self) -> bool:
+        """Moves waiting questions that may start now to the running set (hold rules in the module doc)."""
+        now = time.monotonic()
+        started = False
+        for job in list(self._pending_questions):
+            if job.cancelled.is_set() or now > job.deadline_s:
+                self._pending_questions.remove(job)
+                self._step(job)  # ends it with its cancellation or deadline
+                continue
+            if not self._may_start(job.stream_id, now):
+                continue
+            self._pending_questions.remove(job)
+            self._held_since.setdefault(job.stream_id, now)
+            self._questions.append(job)
+            started = True
+        return started
+
+    def _may_start(self, stream_id: str, now: float) -> bool:
+        held_since = self._held_since.get(stream_id)
+        if held_since is not None:
+            return now - held_since <= self.max_hold_s
+        owed_until = self._owed_until.get(stream_id)
+        if owed_until is None:
+            return True
+        oldest = self.queues.oldest_received_s(stream_id)
+        if oldest is not None and oldest <= owed_until:
+            return False  # frames that waited during the last hold go in first
+        del self._owed_until[stream_id]
+        return True
+
     def _step_questions(self) -> bool:
-        while self._pending_questions:
-            self._questions.append(self._pending_questions.popleft())
         if not self._questions:
             return False
         for job in list(self._questions):
@@ -215,10 +299,11 @@ class EngineLoop:
     def _step(self, job: QuestionJob) -> None:
         if job.cancelled.is_set():
             return self._finish(job, QuestionCancelled(f"question {job.question_id} was cancelled"))
-        if time.monotonic() > job.deadline_s:
-            return self._finish(
-                job, DeadlineError(f"the deadline passed while answering about stream {job.stream_id!r}")
-            )
+        late_s = time.monotonic() - job.deadline_s
+        if late_s > 0:
+            what = "waiting" if job.gen is None else "answering"
+            log.info("question %s on stream %s missed its deadline while %s", job.question_id, job.stream_id, what)
+            return self._finish(job, DeadlineError(f"the deadline passed while {what} about stream {job.stream_id!r}"))
         try:
             if job.gen is None:
                 job.gen = self.engine.ask(
@@ -226,6 +311,7 @@ class EngineLoop:
                     job.question,
                     max_new_tokens=job.max_new_tokens,
                     time_range=self._retained_range(job),
+                    profile=True,  # fills AnswerTimings.retrieval_s; synchronises the device at each stage
                 )
             event = next(job.gen)
         except StopIteration:
@@ -259,10 +345,21 @@ class EngineLoop:
             job.gen.close()  # runs the engine's finally: releases the retrieval pins
         if job in self._questions:
             self._questions.remove(job)
+            if not any(j.stream_id == job.stream_id for j in self._questions):
+                self._end_hold(job.stream_id)
+        with self._jobs_lock:
+            if job.question_id in self._by_id:
+                self._num_jobs[job.stream_id] -= 1
+                if self._num_jobs[job.stream_id] <= 0:
+                    del self._num_jobs[job.stream_id]
         if error is not None:
             job.events.put(error)
         job.events.put(DONE)
         self._by_id.pop(job.question_id, None)
+
+    def _end_hold(self, stream_id: str) -> None:
+        if self._held_since.pop(stream_id, None) is not None and self.queues.oldest_received_s(stream_id) is not None:
+            self._owed_until[stream_id] = time.monotonic()
 
     def _refresh_stats(self) -> None:
         now = time.monotonic()
@@ -276,3 +373,5 @@ class EngineLoop:
             if job in self._pending_questions:
                 self._pending_questions.remove(job)
             self._finish(job, QuestionCancelled(f"stream {stream_id!r} was deleted"))
+        self._held_since.pop(stream_id, None)
+        self._owed_until.pop(stream_id, None)

@@ -7,12 +7,17 @@ camera the newest frame is the one worth encoding; every drop is counted by the 
 Sampling to the stream's fps runs on a grid anchored at the stream's first frame: frame ``t`` is kept when
 ``floor((t - t0) * fps)`` is larger than that of the last kept frame, so 25 fps pushed into a 5 fps stream
 keeps every fifth frame without drift.
+
+**How far behind a stream is** (``oldest_wait_s``) is measured from the arrival of the oldest frame still
+waiting, and frames dropped while waiting do not reset it: a stream whose queue keeps overflowing because
+ingest does not reach it reports a lag that keeps growing, not the age of its newest frames.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -52,6 +57,9 @@ class _StreamQueue:
     first_timestamp_s: float | None = None
     last_timestamp_s: float | None = None
     last_slot: int = -1
+    # Arrival (time.monotonic()) of the oldest frame not yet taken by ingest, dropped ones included; None
+    # when nothing waits.
+    behind_since_s: float | None = None
 
 
 class IngestQueues:
@@ -113,6 +121,8 @@ class IngestQueues:
             if dropped:
                 queue.frames.popleft()
             queue.frames.append(frame)
+            if queue.behind_since_s is None:
+                queue.behind_since_s = frame.received_s
         self.wake.set()
         return PutOutcome.QUEUED_DROPPED_OLDEST if dropped else PutOutcome.QUEUED
 
@@ -138,10 +148,50 @@ class IngestQueues:
                     if stream_id in exclude or not queue.frames or len(batch) >= max_frames:
                         continue
                     batch.append(queue.frames.popleft())
+                    queue.behind_since_s = queue.frames[0].received_s if queue.frames else None
                     took = True
                 if not took:
                     break
         return batch
+
+    def take_pass(self, max_per_stream: int, *, exclude: frozenset[str] = frozenset()) -> list[QueuedFrame]:
+        """Every stream with waiting frames, except ``exclude``, gives up to ``max_per_stream`` of its oldest.
+
+        This is one ingest pass: no stream is left out because others had more frames queued. The order of
+        streams rotates from call to call.
+        """
+        taken: list[QueuedFrame] = []
+        with self._lock:
+            ids = list(self._queues)
+            if not ids:
+                return taken
+            start = self._cursor % len(ids)
+            self._cursor += 1
+            for stream_id in ids[start:] + ids[:start]:
+                queue = self._queues[stream_id]
+                if stream_id in exclude:
+                    continue
+                for _ in range(min(max_per_stream, len(queue.frames))):
+                    taken.append(queue.frames.popleft())
+                queue.behind_since_s = queue.frames[0].received_s if queue.frames else None
+        return taken
+
+    def oldest_wait_s(self, stream_id: str, now_s: float | None = None) -> float:
+        """Seconds since the oldest frame still waiting for ingest arrived (dropped ones count); 0 if none.
+
+        This is the stream's ingest lag: it grows while ingest does not reach the stream.
+        """
+        with self._lock:
+            queue = self._queues.get(stream_id)
+            if queue is None or queue.behind_since_s is None:
+                return 0.0
+            return max(0.0, (time.monotonic() if now_s is None else now_s) - queue.behind_since_s)
+
+    def oldest_received_s(self, stream_id: str) -> float | None:
+        """Arrival time of the oldest frame still queued for the stream, or None when none is."""
+        with self._lock:
+            queue = self._queues.get(stream_id)
+            return queue.frames[0].received_s if queue is not None and queue.frames else None
 
     def depth(self, stream_id: str) -> int:
         with self._lock:
