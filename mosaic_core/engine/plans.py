@@ -178,17 +178,19 @@ class RecallProbe:
         self.sweep_found: dict[str, list[float]] = {name: [] for name in (ENGINE, *names)}
         self._sweep_choice: dict[str, set[str]] = {}
         self.span_masses: list[float] = []
+        self._keys: torch.Tensor | None = None
+        self._sizes: list[int] = []
 
     def observe(self, layer: int, query: torch.Tensor, selection: LayerSelection, *, step: int = 0) -> None:
         candidates = self.candidates
         if not candidates:
             return
-        history = [self.tiering.tiers.read(cid)[layer].to(query.device) for cid in candidates]
-        sizes = [h.shape[2] for h in history]
+        keys, sizes = self._history_keys(layer, query.device)  # [H, N_history, D]
         past = self.stream.past_layer(layer)
-        keys = torch.cat([p[0] for p in [past, *history]], dim=1).float()  # [H, N, D]: sink+window, then history
-        keys = keys.repeat_interleave(self.spec.group_size, dim=0)  # [Hq, N, D]
-        probs = torch.softmax(torch.einsum("htd,hnd->htn", query.float(), keys) * self.spec.scale, dim=-1)
+        keys = torch.cat([past[0].to(keys.dtype), keys], dim=1).float()  # [H, N, D]: sink+window, then history
+        num_kv_heads = keys.shape[0]
+        grouped = query.float().reshape(num_kv_heads, -1, query.shape[-1])  # [H, group * T, D]
+        probs = torch.softmax(torch.einsum("gqd,gnd->gqn", grouped, keys) * self.spec.scale, dim=-1)
         mass = probs.sum(dim=(0, 1))
         start = past.shape[2]
         history_mass = mass[start : start + sum(sizes)]
@@ -209,6 +211,16 @@ class RecallProbe:
             self.sweep_recall[name].append(self._recall(other, unit_mass, float(oracle)))
             if self.planter is not None:
                 self.sweep_found[name].append(self.planter.found(other, candidates))
+
+    def _history_keys(self, layer: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+        """Every candidate's keys of ``layer``, in candidate order; each unit is read from its tier once per question
+        (all layers at once), not once per layer: at 60 minutes of one-frame units that is 3,600 reads, not 100k."""
+        if self._keys is None:
+            # each unit's keys [L, H, n, D]; its values are dropped at once
+            units = [self.tiering.tiers.read(cid).to(device)[:, 0].contiguous() for cid in self.candidates]
+            self._sizes = [u.shape[2] for u in units]
+            self._keys = torch.cat(units, dim=2)  # [L, H, N, D]
+        return self._keys[layer], self._sizes
 
     def _recall(self, chosen: set[str], unit_mass: list[float], oracle: float) -> float:
         retrieved = sum(m for cid, m in zip(self.candidates, unit_mass, strict=True) if cid in chosen)
