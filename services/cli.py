@@ -115,6 +115,7 @@ def run_serve(args) -> int:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
         return 2
+    log.info("preflight passed after %.1fs; loading Ray, gRPC and the engine's modules ...", time.monotonic() - started)
 
     def ready(server) -> None:
         log.info("ready after %.1fs", time.monotonic() - started)
