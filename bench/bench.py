@@ -349,6 +349,7 @@ def main(argv=None) -> int:
     from bench.report import format_report
 
     print(format_report(report))
+    print(f"\nraw results (JSON): {out.resolve()}")
     return 0
 
 
