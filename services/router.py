@@ -6,7 +6,8 @@ Start-up order, chosen so probes always get an answer:
 2. gRPC server with health ``""`` SERVING (the process is alive) and ``mosaic.v1.Mosaic`` NOT_SERVING;
 3. Ray, the metadata store (Redis, or the in-memory store actor) and the worker actors, which take
    seconds to minutes to build their engines;
-4. ``mosaic.v1.Mosaic`` flips to SERVING once every worker answered.
+4. ``mosaic.v1.Mosaic`` flips to SERVING once every worker answered; afterwards it follows the telemetry
+   poll: NOT_SERVING while no worker answers (no one could take a question), SERVING again when one does.
 
 Shutdown (SIGINT/SIGTERM or ``stop``): every health service goes NOT_SERVING first, new calls are
 refused, running ones get ``shutdown_grace_s``, then workers, the store actor and Ray are stopped.
@@ -20,17 +21,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import grpc
 import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from services.config import ServiceConfig
+from services.convert import DEFAULT_MAX_FPS
 from services.coordinator import Coordinator
 from services.errors import UnauthenticatedError, status_for
 from services.gen.mosaic.v1 import mosaic_pb2, mosaic_pb2_grpc
@@ -44,6 +49,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = mosaic_pb2.DESCRIPTOR.services_by_name["Mosaic"].full_name
 API_KEY_HEADER = "x-api-key"
 _OPEN_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+RAY_AUTH_ENV = "RAY_AUTH_MODE"
+LOOPBACK = "127.0.0.1"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -107,8 +115,10 @@ class MosaicServer:
         self._workers: list = []
         self._store_actor = None
         self._started_ray = False
+        self._temp_data_dir: str | None = None
         self._telemetry_task: asyncio.Task | None = None
         self._stopped = asyncio.Event()
+        self._ready = False  # what mosaic.v1.Mosaic's health says
 
     async def start(self) -> None:
         cfg = self.config
@@ -129,6 +139,7 @@ class MosaicServer:
             await self.stop()
             raise
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._ready = True
         self._telemetry_task = asyncio.create_task(self._telemetry_loop())
         log.info("mosaic serving gRPC on %s:%d, metrics on :%d", cfg.host, self.grpc_port, self.metrics_port)
 
@@ -151,10 +162,11 @@ class MosaicServer:
             mode=cfg.mode,
             default_max_new_tokens=cfg.default_max_new_tokens,
             max_push_calls=cfg.max_push_calls,
+            max_fps=getattr(cfg, "max_stream_fps", DEFAULT_MAX_FPS),  # a config field once the config has it
         )
         mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        _enable_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1), self._server)
         address = f"{cfg.host}:{cfg.grpc_port}"
         if cfg.tls_cert:
             creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
@@ -167,17 +179,20 @@ class MosaicServer:
 
     def start_ray(self) -> None:
         """Initialises Ray unless this process already did (blocking; idempotent)."""
-        cfg = self.config
         if ray.is_initialized():
             return  # an embedding process (tests, notebooks) or an earlier call owns Ray
-        if cfg.ray_address == "local":
-            num_cpus = cfg.ray_num_cpus or os.cpu_count()
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=cfg.ray_log_to_driver)
-        else:
-            ray.init(address=cfg.ray_address, log_to_driver=cfg.ray_log_to_driver)
+        init_ray(self.config, log_to_driver=self.config.ray_log_to_driver)
         self._started_ray = True
 
     async def _start_backend(self) -> None:
+        if self.config.data_dir is None:
+            # No --data-dir: history lives in a folder of this server's own, so it survives worker restarts
+            # (Ray re-creates a dead worker with the same config) but not the server.
+            self._temp_data_dir = tempfile.mkdtemp(prefix="mosaic-data-")
+            self.config = self.config.model_copy(update={"data_dir": self._temp_data_dir})
+            log.warning(
+                "no --data-dir: camera history is kept in %s and deleted when the server stops", self._temp_data_dir
+            )
         cfg = self.config
         if cfg.redis_url:
             worker_store = None  # each worker connects to Redis itself
@@ -198,6 +213,25 @@ class MosaicServer:
                 await self.coordinator.poll_telemetry()
             except Exception:
                 log.exception("telemetry poll failed")
+            await self._set_readiness()
+
+    def _num_alive_workers(self) -> int:
+        """Workers that answered the last telemetry poll (the coordinator's view)."""
+        alive = getattr(self.coordinator, "alive_workers", None)
+        return len(alive if alive is not None else self.coordinator._alive)
+
+    async def _set_readiness(self) -> None:
+        """``mosaic.v1.Mosaic`` is SERVING only while some worker can take questions; never during shutdown."""
+        if self._stopped.is_set():
+            return
+        ready = self._num_alive_workers() > 0
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        if ready != self._ready:
+            log.warning(
+                "readiness: %s (%d workers answer)", "SERVING" if ready else "NOT_SERVING", self._num_alive_workers()
+            )
+            self._ready = ready
+        await self.health.set(SERVICE_NAME, status)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Flips health to NOT_SERVING, drains calls for ``grace_s``, then stops workers and Ray."""
@@ -225,9 +259,83 @@ class MosaicServer:
             self._metrics_server.close()
         if self._started_ray:
             ray.shutdown()
+        if self._temp_data_dir is not None:
+            shutil.rmtree(self._temp_data_dir, ignore_errors=True)
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def _enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:
+    """Serves reflection as ``grpc.reflection.v1alpha`` and ``grpc.reflection.v1``.
+
+    grpcio-reflection ships only v1alpha; v1's messages are the same fields under a new package name, so the
+    same servicer answers both (clients such as grpcurl and Postman try v1 first).
+    """
+    reflection.enable_server_reflection(service_names, server)
+    servicer = reflection.aio.ReflectionServicer(service_names)
+    method = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": method})]
+    )
+
+
+def init_ray(config: ServiceConfig, **overrides) -> None:
+    """Starts (or joins) Ray for ``config`` with ``ray_init_options``, bound to loopback when the host is."""
+    options = ray_init_options(config, **overrides)
+    if options.get("_node_ip_address") != LOOPBACK:
+        return ray.init(**options)
+    # Ray replaces a 127.0.0.1 node address by the machine's routable one (so other nodes can reach it) unless
+    # it runs as a single-machine cluster, which a private constant decides; the address becomes the one every
+    # Ray process binds to. Set for this call only.
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # pragma: no cover - a Ray without it binds where it likes; say so
+        log.warning("this Ray cannot be bound to loopback; its ports may listen on every interface")
+        return ray.init(**options)
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(**options)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def ray_init_options(config: ServiceConfig, **overrides) -> dict:
+    """Keyword arguments for ``ray.init`` that keep a local Ray cluster as private as the service.
+
+    - Ray's processes (gcs_server, raylet, dashboard agent, workers) bind to the service's host when it is a
+      loopback address, so ``--host 127.0.0.1`` exposes no Ray port beyond this machine.
+    - The dashboard is off unless ``ray_dashboard`` is set; then it listens on loopback only.
+    - Ray's token authentication stays on: a new local cluster turns it on by itself unless ``RAY_AUTH_MODE``
+      says otherwise (setting the variable here would not reach Ray's already-loaded config), so this only
+      warns when an operator turned it off.
+
+    ``overrides`` win (e.g. ``num_cpus``, ``log_to_driver``). Joining a cluster (``ray_address``) only passes
+    the address: that cluster's own settings decide where it listens.
+    """
+    if config.ray_address != "local":
+        return {"address": config.ray_address, **overrides}
+    if os.environ.get(RAY_AUTH_ENV, "").lower() not in ("", "token"):
+        log.warning("%s=%s turns off Ray's token authentication", RAY_AUTH_ENV, os.environ[RAY_AUTH_ENV])
+    dashboard = bool(getattr(config, "ray_dashboard", False))
+    options: dict = {"num_cpus": config.ray_num_cpus or os.cpu_count(), "include_dashboard": dashboard}
+    if dashboard:
+        options["dashboard_host"] = LOOPBACK
+    if _is_loopback(config.host):
+        options["_node_ip_address"] = LOOPBACK
+    return {**options, **overrides}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def serve(config: ServiceConfig, *, on_ready=None) -> int:
