@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from mosaic_core.engine.results import Answer, EvidenceSpan
@@ -11,13 +12,28 @@ from services.metadata.base import StreamRecord
 from services.worker import PushResult, StreamInfo
 
 DEFAULT_FPS = 1.0
+DEFAULT_MAX_FPS = 60.0  # a camera sampled faster than this is a mistake or an attack on the worker
 MAX_FRAME_ERRORS = 100
 _TIER_ENUM = {"device": pb.TIER_DEVICE, "host": pb.TIER_HOST, "disk": pb.TIER_DISK}
 
 
-def record_from_request(request: pb.CreateStreamRequest) -> StreamRecord:
-    """A new stream's record; fps 0 (unset) means ``DEFAULT_FPS``."""
+def record_from_request(request: pb.CreateStreamRequest, *, max_fps: float = DEFAULT_MAX_FPS) -> StreamRecord:
+    """A new stream's record; fps 0 (unset) means ``DEFAULT_FPS``.
+
+    Raises:
+        InvalidArgumentError: fps not finite, not above 0 or above ``max_fps``; retention not finite or < 0.
+    """
     fps = request.fps if request.fps != 0 else DEFAULT_FPS
+    if not (math.isfinite(fps) and fps > 0):
+        raise InvalidArgumentError(
+            f"fps must be a finite number above 0 (0 means the default, {DEFAULT_FPS:g} fps), got {fps!r}"
+        )
+    if fps > max_fps:
+        raise InvalidArgumentError(f"fps {fps:g} is above this server's limit of {max_fps:g} frames per second")
+    if not (math.isfinite(request.retention_s) and request.retention_s >= 0):
+        raise InvalidArgumentError(
+            f"retention_s must be a finite number of seconds >= 0 (0 keeps everything), got {request.retention_s!r}"
+        )
     source_url = request.source_url if request.HasField("source_url") else None
     return StreamRecord(
         stream_id=request.stream_id,
@@ -85,6 +101,10 @@ def time_range_from_request(request: pb.QueryRequest) -> tuple[float, float] | N
     if not request.HasField("time_range"):
         return None
     start_s, end_s = request.time_range.start_s, request.time_range.end_s
+    if not (math.isfinite(start_s) and math.isfinite(end_s)):
+        raise InvalidArgumentError(
+            f"time range start and end must be finite numbers of seconds, got start {start_s!r} and end {end_s!r}"
+        )
     if not start_s <= end_s:
         raise InvalidArgumentError(f"time range start {start_s} is after its end {end_s}")
     return (start_s, end_s)

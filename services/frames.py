@@ -1,12 +1,15 @@
 """Frame payloads to RGB arrays and back: JPEG and PNG through PyAV's codecs, or raw RGB with its shape.
 
 PyAV is already a core dependency (video sources), so images need no extra library. The format is sniffed
-from the magic bytes rather than trusted from the client. Every failure is an ``InvalidFrameError``
+from the magic bytes rather than trusted from the client, and the picture's size is read from its header
+(PNG ``IHDR``, JPEG ``SOFn``) before anything is decoded: a small file that claims a huge picture is refused
+with the size limit, and never costs the decoder its memory. Every failure is an ``InvalidFrameError``
 (INVALID_ARGUMENT) naming what was wrong; nothing here touches a stream, so a bad frame harms no one.
 """
 
 from __future__ import annotations
 
+import struct
 from fractions import Fraction
 
 import av
@@ -30,9 +33,55 @@ def sniff_codec(data: bytes) -> str:
     raise InvalidFrameError(f"the encoded frame is neither JPEG nor PNG (it starts with {head})")
 
 
+def image_size(data: bytes, codec: str) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG or JPEG header without decoding; None when the header cannot be read
+    (the decoder then reports what is wrong)."""
+    if codec == "png":
+        # signature (8) | IHDR length (4) | "IHDR" | width (4) | height (4)
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            return None
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    pos = 2  # JPEG: walk the marker segments to the first start-of-frame
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if pos + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return width, height
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def check_image_size(data: bytes, codec: str) -> None:
+    """Refuses a picture whose header claims an empty side or one over ``MAX_SIDE_PX``."""
+    size = image_size(data, codec)
+    if size is None:
+        return
+    width, height = size
+    if not (0 < height <= MAX_SIDE_PX and 0 < width <= MAX_SIDE_PX):
+        raise InvalidFrameError(
+            f"the {codec_name(codec)} frame is {width}x{height} px (width x height): "
+            f"each side must be 1..{MAX_SIDE_PX} px"
+        )
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """Decodes JPEG or PNG bytes to an ``[H, W, 3]`` uint8 RGB array."""
+    """Decodes JPEG or PNG bytes to an ``[H, W, 3]`` uint8 RGB array (size checked from the header first)."""
     codec = sniff_codec(data)
+    check_image_size(data, codec)
     try:
         ctx = av.CodecContext.create(codec, "r")
         frames = ctx.decode(av.Packet(data)) or ctx.decode(None)
@@ -49,7 +98,9 @@ def decode_raw(rgb: bytes, *, height: int, width: int, channels: int) -> np.ndar
     if channels != 3:
         raise InvalidFrameError(f"raw frames must have 3 channels (RGB), got channels={channels}")
     if not (0 < height <= MAX_SIDE_PX and 0 < width <= MAX_SIDE_PX):
-        raise InvalidFrameError(f"raw frame shape {height}x{width} is invalid: each side must be 1..{MAX_SIDE_PX}")
+        raise InvalidFrameError(
+            f"the raw frame is {width}x{height} px (width x height): each side must be 1..{MAX_SIDE_PX} px"
+        )
     expected = height * width * channels
     if len(rgb) != expected:
         raise InvalidFrameError(

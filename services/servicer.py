@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 
+from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, MosaicError, UnknownStreamError
 from services import convert
 from services.coordinator import Coordinator
@@ -32,6 +33,10 @@ from services.worker import FrameRejection, PushResult
 
 log = logging.getLogger(__name__)
 DEADLINE_MARGIN_S = 0.05  # answer DEADLINE_EXCEEDED ourselves just before the client gives up
+# The worker ends an overdue question this much before the router would, so its DeadlineError (a sentence)
+# arrives and is read, instead of the router abandoning the answer stream with the error still in flight.
+WORKER_DEADLINE_MARGIN_S = 0.05
+PRIORITIES = {value: name for name, value in pb.Priority.items()}
 NO_DEADLINE_TIMEOUT_S = 600.0  # a question without a deadline still ends
 PUSH_RETRY_AFTER_S = 1.0
 
@@ -47,6 +52,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         default_max_new_tokens: used when a question asks for 0.
         max_push_calls: concurrent PushFrames calls accepted; beyond, RESOURCE_EXHAUSTED.
         evidence_spans: spans in a merged answer.
+        max_fps: the highest fps a stream may ask for.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         default_max_new_tokens: int,
         max_push_calls: int,
         evidence_spans: int = 5,
+        max_fps: float = convert.DEFAULT_MAX_FPS,
     ) -> None:
         self.coordinator = coordinator
         self.queue = queue
@@ -67,35 +74,45 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         self.default_max_new_tokens = default_max_new_tokens
         self.max_push_calls = max_push_calls
         self.evidence_spans = evidence_spans
+        self.max_fps = max_fps
         self._num_push_calls = 0
+        # Frames refused here (undecodable) never reach a worker, whose counts GetStream reports: they are
+        # added back so GetStream's frames_dropped and mosaic_frames_dropped_total agree.
+        self._decode_drops: dict[str, int] = {}
 
     # -- streams ------------------------------------------------------------------------------------
     async def CreateStream(self, request, context):
         try:
-            info = await self.coordinator.create_stream(convert.record_from_request(request))
-            return convert.stream_to_proto(info)
+            info = await self.coordinator.create_stream(convert.record_from_request(request, max_fps=self.max_fps))
+            self._decode_drops.pop(info.record.stream_id, None)
+            return self._stream_proto(info)
         except Exception as err:
             await abort(context, err, self.metrics)
 
     async def DeleteStream(self, request, context):
         try:
-            num_clusters = await self.coordinator.delete_stream(request.stream_id)
+            num_clusters = await self.coordinator.delete_stream(check_stream_id(request.stream_id))
+            self._decode_drops.pop(request.stream_id, None)
             return pb.DeleteStreamResponse(num_clusters_deleted=num_clusters)
         except Exception as err:
             await abort(context, err, self.metrics)
 
     async def GetStream(self, request, context):
         try:
-            return convert.stream_to_proto(await self.coordinator.get_stream(request.stream_id))
+            return self._stream_proto(await self.coordinator.get_stream(check_stream_id(request.stream_id)))
         except Exception as err:
             await abort(context, err, self.metrics)
 
     async def ListStreams(self, request, context):
         try:
             infos = await self.coordinator.list_streams()
-            return pb.ListStreamsResponse(streams=[convert.stream_to_proto(i) for i in infos])
+            return pb.ListStreamsResponse(streams=[self._stream_proto(i) for i in infos])
         except Exception as err:
             await abort(context, err, self.metrics)
+
+    def _stream_proto(self, info) -> pb.Stream:
+        info.frames_dropped += self._decode_drops.get(info.record.stream_id, 0)
+        return convert.stream_to_proto(info)
 
     # -- ingest -------------------------------------------------------------------------------------
     async def PushFrames(self, request_iterator, context):
@@ -126,6 +143,10 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
 
     async def _push_one(self, index: int, frame) -> PushResult:
         try:
+            check_stream_id(frame.stream_id)
+        except InvalidArgumentError as err:
+            return PushResult(rejected=[FrameRejection(index, frame.stream_id, str(err), err.grpc_code)])
+        try:
             # JPEG/PNG decoding takes milliseconds: off the event loop. Raw frames only get reshaped.
             if frame.WhichOneof("payload") == "encoded":
                 rgb = await asyncio.to_thread(decode_frame, frame)
@@ -134,6 +155,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         except InvalidFrameError as err:
             if frame.stream_id in self.coordinator.placement:
                 self.metrics.frame_dropped(frame.stream_id, "decode_error")
+                self._decode_drops[frame.stream_id] = self._decode_drops.get(frame.stream_id, 0) + 1
             return PushResult(rejected=[FrameRejection(index, frame.stream_id, str(err), err.grpc_code)])
         return await self.coordinator.push([(index, frame.stream_id, frame.timestamp_s, rgb)])
 
@@ -171,7 +193,12 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
     def _check_query(self, request) -> tuple[list[str], tuple[float, float] | None]:
         if not request.question.strip():
             raise InvalidArgumentError("the question is empty; ask something about the streams")
-        stream_ids = list(dict.fromkeys(request.stream_ids)) or sorted(self.coordinator.placement)
+        if request.priority not in PRIORITIES:
+            names = ", ".join(f"{value} ({name})" for value, name in sorted(PRIORITIES.items()))
+            raise InvalidArgumentError(f"priority {request.priority} is not one of {names}")
+        stream_ids = [check_stream_id(s) for s in dict.fromkeys(request.stream_ids)] or sorted(
+            self.coordinator.placement
+        )
         if not stream_ids:
             raise UnknownStreamError("there are no streams to ask about; create one first")
         for stream_id in stream_ids:
@@ -190,7 +217,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
                 request.question,
                 max_new_tokens=max_new_tokens,
                 time_range=time_range,
-                timeout_s=timeout_s,
+                timeout_s=max(0.0, timeout_s - WORKER_DEADLINE_MARGIN_S),
             )
             for sid in stream_ids
         }
