@@ -62,6 +62,38 @@ def test_streams_and_query_commands_talk_to_a_running_server(service, cli_stream
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
 
 
+def test_a_camera_added_pushed_asked_and_removed_from_the_command_line(service, client, tmp_path):
+    from services.frames import encode_image
+
+    flags = ("--target", service.target, "--tls-ca", service.tls_ca_path, "--api-key", API_KEY)
+    for i, (_, rgb) in enumerate(clip_frames("bikes.mp4", fps=2.0, num_frames=6)):
+        (tmp_path / f"{i:03d}.jpg").write_bytes(encode_image(rgb))
+
+    added = _mosaic("streams", "add", "cli-pushed", "--push", "--fps", "2", *flags, timeout_s=60)
+    assert added.returncode == 0, added.stderr
+    assert "created stream cli-pushed" in added.stdout
+
+    pushed = _mosaic("push", "cli-pushed", str(tmp_path), *flags, timeout_s=60)
+    assert pushed.returncode == 0, pushed.stderr
+    assert "6 accepted, 0 dropped, 0 rejected" in pushed.stdout
+    wait_ingested(client, "cli-pushed", 6)
+
+    shown = _mosaic("streams", "show", "cli-pushed", *flags, timeout_s=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "6 received, 6 ingested" in shown.stdout and "source               push" in shown.stdout
+
+    asked = _mosaic("query", "cli-pushed", "--question", "What moved?", "--max-new-tokens", "2", *flags, timeout_s=60)
+    assert asked.returncode == 0, asked.stderr
+    # pushed frames carry wall-clock timestamps: evidence shows stream seconds and the UTC time
+    evidence = next(line for line in asked.stdout.splitlines() if line.strip().startswith("#1 cli-pushed"))
+    assert "s (20" in evidence and "Z" in evidence, evidence
+
+    removed = _mosaic("streams", "rm", "cli-pushed", *flags, timeout_s=60)
+    assert removed.returncode == 0 and "deleted stream cli-pushed" in removed.stdout
+    again = _mosaic("streams", "show", "cli-pushed", *flags, timeout_s=60)
+    assert again.returncode == 1 and "NOT_FOUND" in again.stderr and "Traceback" not in again.stderr
+
+
 def test_demo_runs_from_scratch_and_exits_cleanly():
     started = time.monotonic()
     result = _mosaic("demo", timeout_s=400)
@@ -70,6 +102,7 @@ def test_demo_runs_from_scratch_and_exits_cleanly():
     assert "random weights" in out
     assert "ingest: cam-bikes" in out  # progress
     assert "Q (cam-bikes)" in out and "Q (all cameras)" in out
+    assert "camera history is kept in" in out and "Token authentication" not in out + result.stderr
     assert out.count("evidence:") == 2 and "#1 cam-" in out
     for row in ("frames ingested", "questions ok", "mean time to first token", "workers up"):
         assert row in out
