@@ -1,0 +1,183 @@
+"""Issue 10 at the service edge, against the session server (real Ray, Redis, gRPC over TLS): limits and
+messages, retrieval time in QueryTimings, drop counts that agree, reflection v1 and v1alpha, and readiness
+that follows the workers (a server of its own, whose only worker is killed)."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from fractions import Fraction
+
+import av
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2
+from service_support import API_KEY, clip_frames, connect, metric, samples, scrape, wait_for, wait_ingested
+
+from services.client import frame_message
+from services.gen.mosaic.v1 import mosaic_pb2 as pb
+
+STREAM = "hard-main"
+
+
+def _png(width: int, height: int) -> bytes:
+    """A valid 1-bit greyscale PNG of any size, all black, streamed row by row (20000^2 is 50 KB)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row, parts = zlib.compressobj(9), b"\x00" * (1 + (width + 7) // 8), []
+    for _ in range(height):
+        parts.append(packer.compress(row))
+    parts.append(packer.flush())
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    ctx = av.CodecContext.create("mjpeg", "w")
+    ctx.width, ctx.height, ctx.pix_fmt, ctx.time_base = width, height, "yuvj420p", Fraction(1, 25)
+    picture = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
+    packets = ctx.encode(picture.reformat(format="yuvj420p")) + ctx.encode(None)
+    return b"".join(bytes(p) for p in packets)
+
+
+@pytest.fixture(scope="module")
+def stream(client):
+    client.create_stream(STREAM, fps=2.0)
+    client.push_frames((STREAM, t, rgb) for t, rgb in clip_frames("bikes.mp4", fps=2.0, num_frames=16))
+    wait_ingested(client, STREAM, 16)
+    yield STREAM
+    client.delete_stream(STREAM)
+
+
+def _create(client, **fields):
+    return client.stub.CreateStream(pb.CreateStreamRequest(**fields), timeout=30, metadata=client.metadata)
+
+
+def _query(client, **fields):
+    request = pb.QueryRequest(question="what happened?", stream_ids=[STREAM], max_new_tokens=2, **fields)
+    return list(client.stub.Query(request, timeout=60, metadata=client.metadata))
+
+
+def _nan_range(client):
+    request = pb.QueryRequest(question="what?", stream_ids=[STREAM], time_range=pb.TimeRange(start_s=float("nan")))
+    return list(client.stub.Query(request, timeout=60, metadata=client.metadata))
+
+
+def _push(client, data: bytes):
+    return client.push_frames([pb.Frame(stream_id=STREAM, timestamp_s=1000.0, encoded=data)])
+
+
+# (case id, call, code, words the sentence must contain, words it must not contain)
+CASES = [
+    ("fps-huge", lambda c: _create(c, stream_id="h-fps", fps=1e9), "INVALID_ARGUMENT", "limit of 60 frames", ""),
+    ("fps-nan", lambda c: _create(c, stream_id="h-fps", fps=float("nan")), "INVALID_ARGUMENT", "finite", ""),
+    ("fps-inf", lambda c: _create(c, stream_id="h-fps", fps=float("inf")), "INVALID_ARGUMENT", "finite", ""),
+    ("retention-nan", lambda c: _create(c, stream_id="h-r", retention_s=float("nan")), "INVALID_ARGUMENT",
+     "retention_s", ""),
+    ("priority-99", lambda c: _query(c, priority=99), "INVALID_ARGUMENT", "priority 99 is not one of", ""),
+    ("priority-negative", lambda c: _query(c, priority=-1), "INVALID_ARGUMENT", "priority -1", ""),
+    ("range-nan", _nan_range, "INVALID_ARGUMENT", "must be finite", "after its end"),
+    ("png-20000", lambda c: _push(c, _png(20000, 20000)), "INVALID_ARGUMENT", "20000x20000 px", "invalid data"),
+    ("jpeg-9000", lambda c: _push(c, _jpeg(9000, 16)), "INVALID_ARGUMENT", "each side must be 1..8192", ""),
+    ("get-bad-id", lambda c: c.get_stream("bad id!"), "INVALID_ARGUMENT", "letters, digits", "'/'"),
+    ("get-slash-id", lambda c: c.get_stream("a/b"), "INVALID_ARGUMENT", "letters, digits", "'/'"),
+    ("create-slash-id", lambda c: c.create_stream("a/b"), "INVALID_ARGUMENT", "letters, digits", "'/'"),
+    ("delete-bad-id", lambda c: c.delete_stream("a b"), "INVALID_ARGUMENT", "letters, digits", "'/'"),
+    ("query-bad-id", lambda c: c.ask("what?", ["a/b"]), "INVALID_ARGUMENT", "letters, digits", "'/'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("call", "code", "words", "never"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_limits_and_messages(client, stream, call, code, words, never):
+    with pytest.raises(grpc.RpcError) as info:
+        call(client)
+    details = info.value.details() or ""
+    assert info.value.code().name == code, details
+    assert words.lower() in details.lower(), details
+    assert not never or never.lower() not in details.lower(), details
+
+
+def test_the_id_sentence_is_the_same_wherever_an_id_is_refused(client, stream):
+    sentences = set()
+    for call in (client.get_stream, client.create_stream, client.delete_stream):
+        with pytest.raises(grpc.RpcError) as info:
+            call("a/b")
+        sentences.add(info.value.details())
+    assert len(sentences) == 1, sentences
+
+
+def test_answers_report_their_retrieval_time(client, stream):
+    result = client.ask("what happened?", [STREAM], max_new_tokens=2, timeout_s=60)
+    assert result.evidence, "the stream has clusters to retrieve"
+    assert result.timings.retrieval_s > 0, result.timings
+    assert result.timings.retrieval_s <= result.timings.time_to_first_token_s
+
+
+def test_getstream_and_the_metric_count_the_same_drops(client, service):
+    stream_id = "hard-drops"
+    client.create_stream(stream_id, fps=2.0)
+    try:
+        corrupt = [pb.Frame(stream_id=stream_id, timestamp_s=50.0 + i, encoded=b"\xff\xd8\xff\xe0" + b"\x13" * 64)
+                   for i in range(3)]  # fmt: skip
+        good = clip_frames("bikes.mp4", fps=2.0, num_frames=4)
+        frames = corrupt + [frame_message(stream_id, t, rgb) for t, rgb in good]
+        frames.append(frame_message(stream_id, 0.1, good[0][1]))  # timestamps must increase: refused
+        response = client.push_frames(frames)
+        assert (response.frames_accepted, response.frames_rejected) == (4, 4)
+        wait_ingested(client, stream_id, 4)
+
+        def agree():
+            got = client.get_stream(stream_id).stats.frames_dropped
+            counted = metric(service.metrics_url, "mosaic_frames_dropped_total", stream=stream_id)
+            return got == counted == 4 and got
+
+        wait_for(agree, timeout_s=30, what="GetStream and mosaic_frames_dropped_total to agree on 4 drops")
+    finally:
+        client.delete_stream(stream_id)
+
+
+@pytest.mark.parametrize("package", ["grpc.reflection.v1", "grpc.reflection.v1alpha"])
+def test_reflection_is_served_as_v1_and_v1alpha(service, package):
+    with connect(service) as anonymous:  # reflection needs no API key
+        call = anonymous.channel.stream_stream(
+            f"/{package}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        (response,) = list(call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        names = {s.name for s in response.list_services_response.service}
+        assert {"mosaic.v1.Mosaic", "grpc.reflection.v1.ServerReflection"} <= names
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="mosaic.v1.Mosaic")
+        (described,) = list(call(iter([request]), timeout=10))
+        assert described.file_descriptor_response.file_descriptor_proto
+
+
+def test_readiness_is_not_serving_while_no_worker_can_answer(ray_cluster, redis_server, tmp_path_factory):
+    import ray
+
+    from services.config import load_config
+    from services.embedded import ServerThread
+
+    config = load_config(
+        None, host="127.0.0.1", grpc_port=0, metrics_port=0, workers=1, worker_cpus=0.25,
+        redis_url=redis_server.url, redis_namespace="hard-ready", api_key=API_KEY,
+        telemetry_interval_s=0.25, shutdown_grace_s=0.5, shutdown_drain_s=0.1,
+        engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 128},
+    )  # fmt: skip
+    server = ServerThread(config).start(timeout_s=400)
+    try:
+        from services.client import MosaicClient
+
+        with MosaicClient(server.target, api_key=API_KEY) as client:
+            assert client.health_status("mosaic.v1.Mosaic") == "SERVING"
+            ray.kill(server.server.coordinator.workers[0], no_restart=True)
+            wait_for(lambda: client.health_status("mosaic.v1.Mosaic") == "NOT_SERVING", timeout_s=30,
+                     what="readiness to drop with the only worker gone")  # fmt: skip
+            assert client.health_status("") == "SERVING"  # the process itself is alive
+            text = scrape(server.metrics_url)
+            assert samples(text)[("mosaic_workers_up", ())] == 0
+    finally:
+        server.stop()
