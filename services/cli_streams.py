@@ -171,7 +171,7 @@ def _server_source(source: str) -> str:
         return source
     if os.path.exists(source):
         return str(Path(source).resolve())
-    from mosaic_core.cli import resolve_video
+    from mosaic_core.checks import resolve_video
 
     return resolve_video(source)  # NotFoundError: one sentence, exit 2
 
@@ -236,7 +236,7 @@ def run_push(args) -> int:
 
     path = Path(args.path)
     if not path.exists():
-        from mosaic_core.cli import resolve_video
+        from mosaic_core.checks import resolve_video
 
         path = Path(resolve_video(args.path))  # a sample clip name; otherwise NotFoundError, one sentence
     images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else None

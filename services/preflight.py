@@ -17,7 +17,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from mosaic_core.cli import model_problem
+from mosaic_core.checks import model_problem
 from services.config import ServiceConfig
 
 REDIS_TIMEOUT_S = 1.0
