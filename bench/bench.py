@@ -38,6 +38,7 @@ from mosaic_core.config import GIB, MIB, EngineConfig, RetrievalMode
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.results import FrameInput
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
+from mosaic_core.terminal import Progress
 
 QUESTIONS = [
     "When did the cyclist pass the camera?",
@@ -271,8 +272,10 @@ def scenario_b(model, s: BenchSettings, log, profile_to: Path | None = None) -> 
         engine.ingest([frames[0] for frames in per_camera])  # warm-up: the first pass compiles and allocates
         t0 = time.perf_counter()
         encode_s = []
+        progress = Progress(f"B/{mode.value}: passes", s.camera_seconds - 1)  # a line every 5 s, with an ETA
         for second in range(1, half):
             encode_s.append(engine.ingest([frames[second] for frames in per_camera]).encode_s)
+            progress.update(second, "ingest only")
         if s.device.startswith("cuda"):
             torch.cuda.synchronize()
         ingest_s = time.perf_counter() - t0
@@ -285,6 +288,7 @@ def scenario_b(model, s: BenchSettings, log, profile_to: Path | None = None) -> 
             camera = f"cam{rng.randrange(s.cameras):03d}"
             answer = engine.answer(camera, rng.choice(QUESTIONS), max_new_tokens=2)
             ttfts.append(answer.timings.time_to_first_token_s)
+            progress.update(second, "ingest and questions")
         if profile_to is not None and mode is RetrievalMode.CLUSTER:
             profile_ingest(engine, [[frames[k] for frames in per_camera] for k in range(3)], profile_to)
         stats = engine.stats()
