@@ -24,7 +24,7 @@ def _raw_frames(stream_id: str, num_frames: int, *, height: int = 480, width: in
     for i in range(num_frames):
         rgb = np.roll(base, i, axis=1)
         raw = pb.RawFrame(rgb=rgb.tobytes(), height=height, width=width, channels=3)
-        yield pb.Frame(stream_id=stream_id, timestamp_s=i * 0.001, raw=raw)
+        yield pb.Frame(stream_id=stream_id, timestamp_s=i / 50, raw=raw)  # 50 fps: every frame has its slot
 
 
 def _worker_rss(service, stream_id: str) -> int:
@@ -37,7 +37,7 @@ def _worker_rss(service, stream_id: str) -> int:
 
 def test_flooding_client_fills_the_queue_drops_oldest_counts_and_stays_bounded(client, service):
     stream_id = "bp-flood"
-    client.create_stream(stream_id, fps=1000.0)  # no sampling: every pushed frame reaches the queue
+    client.create_stream(stream_id, fps=50.0)  # no sampling (the fps cap is 60): every frame reaches the queue
     try:
         rss_before = _worker_rss(service, stream_id)
         num_frames = 300  # 300 x 0.9 MB raw frames: about 280 MB if nothing were dropped
