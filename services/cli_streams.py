@@ -20,6 +20,7 @@ from mosaic_core.terminal import UNIX_TIME_THRESHOLD_S, Progress, escape_for_ter
 DEFAULT_TARGET = "127.0.0.1:50051"
 API_KEY_ENV = "MOSAIC_API_KEY"  # services.config.API_KEY_ENV (not imported: it pulls in pydantic)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".yuv", ".ts", ".m4v")
 _STATES = {0: "?", 1: "push", 2: "connecting", 3: "running", 4: "ended", 5: "error"}
 
 
@@ -65,9 +66,9 @@ def rpc_sentence(err, target: str) -> str:
     code = err.code().name if err.code() else "UNKNOWN"
     details = (err.details() or "").strip().rstrip(".")
     if code == "UNAVAILABLE":
-        return f"no Mosaic server answers at {target}; start one with `mosaic serve` or pass --target HOST:PORT."
+        return f"No Mosaic server answers at {target}; start one with `mosaic serve` or pass --target HOST:PORT."
     if code == "DEADLINE_EXCEEDED":
-        return f"the server at {target} did not answer in time ({details or 'deadline exceeded'})."
+        return f"The server at {target} did not answer in time ({details or 'deadline exceeded'})."
     return f"{code}: {details}."
 
 
@@ -235,13 +236,17 @@ def run_push(args) -> int:
     import grpc
 
     path = Path(args.path)
+    if not path.exists() and (args.path.endswith(os.sep) or path.suffix.lower() not in ("", *_VIDEO_SUFFIXES)):
+        sentence = f"{args.path!r} does not exist; give a video file, a sample clip name or an image folder."
+        print(f"error: {sentence}", file=sys.stderr)
+        return 2
     if not path.exists():
         from mosaic_core.checks import resolve_video
 
         path = Path(resolve_video(args.path))  # a sample clip name; otherwise NotFoundError, one sentence
     images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else None
     if images == []:
-        print(f"error: folder {args.path!r} has no .jpg, .jpeg or .png images.", file=sys.stderr)
+        print(f"error: Folder {args.path!r} has no .jpg, .jpeg or .png images.", file=sys.stderr)
         return 2
     with open_client(args) as client:
         try:
@@ -250,7 +255,7 @@ def run_push(args) -> int:
             if err.code() != grpc.StatusCode.NOT_FOUND or not args.create:
                 if err.code() == grpc.StatusCode.NOT_FOUND:
                     print(
-                        f"error: stream {args.stream_id!r} does not exist; create it with "
+                        f"error: Stream {args.stream_id!r} does not exist; create it with "
                         f"`mosaic streams add {args.stream_id} --push` or pass --create.",
                         file=sys.stderr,
                     )
@@ -259,7 +264,7 @@ def run_push(args) -> int:
             stream = client.create_stream(args.stream_id, fps=args.fps or 1.0)
             print(f"created stream {args.stream_id} (push) on worker {stream.worker_id or '-'}")
         if stream.HasField("source_url"):
-            sentence = f"stream {args.stream_id!r} pulls {stream.source_url}; push only to a stream added with --push."
+            sentence = f"Stream {args.stream_id!r} pulls {stream.source_url}; push only to a stream added with --push."
             print(f"error: {sentence}", file=sys.stderr)
             return 2
         fps = args.fps or stream.fps or 1.0

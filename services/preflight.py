@@ -87,7 +87,8 @@ def _redis_problem(url: str) -> str | None:
     except redis.AuthenticationError:
         return f"Redis at {url} refused the credentials; put the right password in --redis-url (redis://:PASSWORD@HOST:PORT/DB)."
     except redis.RedisError as err:
-        reason = str(err).split(". ")[0].rstrip(".") or type(err).__name__
+        # redis-py says "Error 111 connecting to HOST:PORT. Connection refused."; the last part is the reason
+        reason = str(err).rstrip(".").split(". ")[-1] or type(err).__name__
         return f"Redis at {url} does not answer ({reason}); start redis-server there or fix --redis-url."
     finally:
         client.close()

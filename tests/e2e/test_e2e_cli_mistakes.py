@@ -101,7 +101,7 @@ def test_redis_that_does_not_answer():
     url = f"redis://127.0.0.1:{free_port()}/0"
     result = serve("--redis-url", url, importtime=True)
     assert result.returncode == 2
-    assert f"Redis at {url} does not answer" in error_sentence(result)
+    assert f"Redis at {url} does not answer (Connection refused)" in error_sentence(result)
     assert "ray" not in imported(result)
 
 
@@ -169,13 +169,16 @@ def test_client_commands_without_a_server():
     for args in (("streams",), ("query", "--question", "hi?"), ("streams", "add", "cam-1", "--push")):
         result = mosaic(*args, "--target", target)
         assert result.returncode == 1, result.stderr
-        assert f"no Mosaic server answers at {target}" in error_sentence(result)
+        assert f"No Mosaic server answers at {target}" in error_sentence(result)
 
 
 def test_push_of_a_missing_path_or_an_empty_folder(tmp_path):
     missing = mosaic("push", "cam-1", str(tmp_path / "clip.mp4"))
     assert missing.returncode == 2
     assert "does not exist" in error_sentence(missing)
+    folder = mosaic("push", "cam-1", str(tmp_path / "frames") + os.sep)
+    assert folder.returncode == 2
+    assert "does not exist" in error_sentence(folder)
     empty = mosaic("push", "cam-1", str(tmp_path))
     assert empty.returncode == 2
     assert "has no .jpg, .jpeg or .png images" in error_sentence(empty)
