@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from mosaic_core.engine.results import Answer, FrameInput
 from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError
-from services.errors import DeadlineError, QueueFullError
+from services.errors import DeadlineError, NoFramesYetError, QueueFullError
 from services.ingest_queue import IngestQueues, QueuedFrame
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
@@ -302,10 +302,15 @@ class EngineLoop:
         late_s = time.monotonic() - job.deadline_s
         if late_s > 0:
             what = "waiting" if job.gen is None else "answering"
-            log.info("question %s on stream %s missed its deadline while %s", job.question_id, job.stream_id, what)
+            log.warning("question %s on stream %s missed its deadline while %s", job.question_id, job.stream_id, what)
             return self._finish(job, DeadlineError(f"the deadline passed while {what} about stream {job.stream_id!r}"))
         try:
             if job.gen is None:
+                if self.engine.stream(job.stream_id).frames_ingested == 0:
+                    raise NoFramesYetError(
+                        f"stream {job.stream_id!r} has ingested no frames yet, so there is nothing to answer from; "
+                        "ask again once its first frames are in (GetStream shows frames_ingested)"
+                    )
                 job.gen = self.engine.ask(
                     job.stream_id,
                     job.question,

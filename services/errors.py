@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from mosaic_core.errors import CapacityError, MosaicError
+from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError
 
 RETRY_AFTER_KEY = "retry-after-ms"
 log = logging.getLogger(__name__)
@@ -35,6 +35,16 @@ class DeadlineError(MosaicError):
     """The caller's deadline passed before the work finished."""
 
     grpc_code = "DEADLINE_EXCEEDED"
+
+
+class NoFramesYetError(OutOfRangeError):
+    """A question about a stream that has ingested nothing yet.
+
+    FAILED_PRECONDITION for the caller; an ``OutOfRangeError`` inside, so that a question over several
+    streams skips such a stream the way it skips one whose history misses the time range.
+    """
+
+    grpc_code = "FAILED_PRECONDITION"
 
 
 class UnavailableError(MosaicError):

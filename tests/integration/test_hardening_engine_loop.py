@@ -178,3 +178,11 @@ def test_an_ingest_pass_reaches_every_stream_however_many_frames_others_hold():
     taken = queues.take_pass(2, exclude=frozenset({"d"}))
     assert sorted(f.stream_id for f in taken) == ["a", "a", "b", "c"]
     assert queues.depths() == {"a": 48, "b": 0, "c": 0, "d": 1}
+
+
+def test_a_question_on_a_stream_with_no_frames_is_failed_precondition(loop):
+    events = _events(_ask(loop, "cam-2", 1))
+    assert len(events) == 1
+    status = status_for(events[0])
+    assert status.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert "'cam-2' has ingested no frames yet" in status.message
