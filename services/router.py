@@ -42,6 +42,7 @@ from services.gen.mosaic.v1 import mosaic_pb2, mosaic_pb2_grpc
 from services.metrics import MosaicMetrics
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
+from services.sources import DEFAULT_SOURCE_SCHEMES
 from services.store_actor import RayMetadataStore, connect_store
 from services.worker import worker_actor
 
@@ -163,6 +164,7 @@ class MosaicServer:
             default_max_new_tokens=cfg.default_max_new_tokens,
             max_push_calls=cfg.max_push_calls,
             max_fps=getattr(cfg, "max_stream_fps", DEFAULT_MAX_FPS),  # a config field once the config has it
+            source_policy=_source_policy(cfg),
         )
         mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -264,6 +266,14 @@ class MosaicServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def _source_policy(cfg: ServiceConfig) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """``(allowed schemes, source roots)`` for the servicer's ``source_url`` check, once the config has them."""
+    roots = getattr(cfg, "source_roots", None)
+    if roots is None:
+        return None  # a config without the source settings: the workers decide alone
+    return tuple(getattr(cfg, "allowed_source_schemes", DEFAULT_SOURCE_SCHEMES)), tuple(roots)
 
 
 def _enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:

@@ -29,6 +29,7 @@ from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.gen.mosaic.v1 import mosaic_pb2_grpc
 from services.metrics import MosaicMetrics
 from services.scheduler import QueryQueue
+from services.sources import check_source_url
 from services.worker import FrameRejection, PushResult
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         max_push_calls: concurrent PushFrames calls accepted; beyond, RESOURCE_EXHAUSTED.
         evidence_spans: spans in a merged answer.
         max_fps: the highest fps a stream may ask for.
+        source_policy: ``(allowed_schemes, source_roots)`` that ``source_url`` is checked against here, before
+            placement (paths only: the router may not hold the files; the worker checks they exist); None
+            leaves the check to the workers.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         max_push_calls: int,
         evidence_spans: int = 5,
         max_fps: float = convert.DEFAULT_MAX_FPS,
+        source_policy: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.queue = queue
@@ -75,6 +80,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         self.max_push_calls = max_push_calls
         self.evidence_spans = evidence_spans
         self.max_fps = max_fps
+        self.source_policy = source_policy
         self._num_push_calls = 0
         # Frames refused here (undecodable) never reach a worker, whose counts GetStream reports: they are
         # added back so GetStream's frames_dropped and mosaic_frames_dropped_total agree.
@@ -83,7 +89,11 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
     # -- streams ------------------------------------------------------------------------------------
     async def CreateStream(self, request, context):
         try:
-            info = await self.coordinator.create_stream(convert.record_from_request(request, max_fps=self.max_fps))
+            record = convert.record_from_request(request, max_fps=self.max_fps)
+            if record.source_url is not None and self.source_policy is not None:
+                schemes, roots = self.source_policy
+                check_source_url(record.source_url, allowed_schemes=schemes, source_roots=roots, must_exist=False)
+            info = await self.coordinator.create_stream(record)
             self._decode_drops.pop(info.record.stream_id, None)
             return self._stream_proto(info)
         except Exception as err:

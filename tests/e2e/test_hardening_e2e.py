@@ -155,29 +155,86 @@ def test_reflection_is_served_as_v1_and_v1alpha(service, package):
         assert described.file_descriptor_response.file_descriptor_proto
 
 
-def test_readiness_is_not_serving_while_no_worker_can_answer(ray_cluster, redis_server, tmp_path_factory):
-    import ray
+@pytest.fixture(scope="module")
+def own_server(ray_cluster, redis_server, tmp_path_factory):
+    """A one-worker server of this module's own (its worker gets killed), with a source root holding a clip.
 
-    from services.config import load_config
+    The config class adds the source settings the service config is getting; the router reads them by name.
+    """
+    from pathlib import Path
+
+    from mosaic_core.model.video import sample_clip_path
+    from services.client import MosaicClient
+    from services.config import ServiceConfig
     from services.embedded import ServerThread
 
-    config = load_config(
-        None, host="127.0.0.1", grpc_port=0, metrics_port=0, workers=1, worker_cpus=0.25,
-        redis_url=redis_server.url, redis_namespace="hard-ready", api_key=API_KEY,
-        telemetry_interval_s=0.25, shutdown_grace_s=0.5, shutdown_drain_s=0.1,
+    class WithSources(ServiceConfig):
+        source_roots: tuple[str, ...] = ()
+        allowed_source_schemes: tuple[str, ...] = ("rtsp", "rtsps", "http", "https")
+
+    root = tmp_path_factory.mktemp("sources")
+    (root / "cam.mp4").write_bytes(Path(sample_clip_path("carphone_pristine.mp4")).read_bytes())
+    config = WithSources(
+        host="127.0.0.1", grpc_port=0, metrics_port=0, workers=1, worker_cpus=0.25,
+        redis_url=redis_server.url, redis_namespace="hard-own", api_key=API_KEY,
+        telemetry_interval_s=0.25, shutdown_grace_s=0.5, shutdown_drain_s=0.1, source_roots=(str(root),),
         engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 128},
     )  # fmt: skip
     server = ServerThread(config).start(timeout_s=400)
+    server.source_root = root
     try:
-        from services.client import MosaicClient
-
         with MosaicClient(server.target, api_key=API_KEY) as client:
-            assert client.health_status("mosaic.v1.Mosaic") == "SERVING"
-            ray.kill(server.server.coordinator.workers[0], no_restart=True)
-            wait_for(lambda: client.health_status("mosaic.v1.Mosaic") == "NOT_SERVING", timeout_s=30,
-                     what="readiness to drop with the only worker gone")  # fmt: skip
-            assert client.health_status("") == "SERVING"  # the process itself is alive
-            text = scrape(server.metrics_url)
-            assert samples(text)[("mosaic_workers_up", ())] == 0
+            yield server, client
     finally:
         server.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_source_urls_outside_the_policy_get_one_sentence(own_server):
+    server, client = own_server
+    shapes = set()
+    refused = [
+        "file:///etc/hostname", "concat:/etc/hostname|/etc/hostname", "data:,x", "tcp://127.0.0.1:9",
+        "ftp://127.0.0.1/a.mp4", "/etc/hostname", "/no/such/clip.mp4", f"{server.source_root}/../x.mp4",
+    ]  # fmt: skip
+    for url in refused:
+        with pytest.raises(grpc.RpcError) as info:
+            client.create_stream("h-src", source_url=url)
+        assert info.value.code().name == "INVALID_ARGUMENT", info.value.details()
+        shapes.add(info.value.details().replace(repr(url), "<url>"))
+    assert len(shapes) == 1, shapes
+    created = client.create_stream("h-src-ok", fps=2.0, source_url=str(server.source_root / "cam.mp4"))
+    wait_for(lambda: client.get_stream("h-src-ok").stats.frames_ingested > 0, what="the file under the root")
+    client.delete_stream(created.stream_id)
+
+
+@pytest.mark.parametrize("scheme", ["http", "rtsp"])
+def test_an_unreachable_source_is_accepted_and_reports_its_error_alike_over_every_scheme(own_server, scheme):
+    _, client = own_server
+    stream_id = f"h-down-{scheme}"
+    client.create_stream(stream_id, source_url=f"{scheme}://127.0.0.1:{_free_port()}/cam")
+    try:
+        stream = wait_for(lambda: "Cannot open" in (s := client.get_stream(stream_id)).source_error and s,
+                          timeout_s=30, what=f"the {scheme} source's error")  # fmt: skip
+        assert stream.source_state in (pb.SOURCE_STATE_ERROR, pb.SOURCE_STATE_CONNECTING)
+    finally:
+        client.delete_stream(stream_id)
+
+
+def test_readiness_is_not_serving_while_no_worker_can_answer(own_server):
+    import ray
+
+    server, client = own_server
+    assert client.health_status("mosaic.v1.Mosaic") == "SERVING"
+    ray.kill(server.server.coordinator.workers[0], no_restart=True)
+    wait_for(lambda: client.health_status("mosaic.v1.Mosaic") == "NOT_SERVING", timeout_s=30,
+             what="readiness to drop with the only worker gone")  # fmt: skip
+    assert client.health_status("") == "SERVING"  # the process itself is alive
+    assert samples(scrape(server.metrics_url))[("mosaic_workers_up", ())] == 0
