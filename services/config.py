@@ -64,6 +64,9 @@ class ServiceConfig(BaseModel):
     mode: Literal["full", "token", "cluster"] = "cluster"
     device_budget_bytes: int = Field(256 * MIB, gt=0)
     host_budget_bytes: int = Field(1024 * MIB, ge=0)
+    # Camera history (sealed clusters, stream records) is kept here, one folder per worker, and survives
+    # restarts; None keeps it in a temporary folder for the server's lifetime (it survives worker restarts only).
+    data_dir: str | None = None
     disk_dir: str | None = None
     disk_budget_bytes: int = Field(0, ge=0)
     engine: dict[str, Any] = Field(default_factory=dict)
@@ -74,6 +77,11 @@ class ServiceConfig(BaseModel):
     ingest_queue_frames: int = Field(32, ge=1)
     max_batch_frames: int = Field(16, ge=1)
     max_push_calls: int = Field(64, ge=1)
+    # A pushed frame may run at most this far ahead of its stream's clock (real time since the first frame, or
+    # Unix time, but never behind the newest frame); one wild timestamp would otherwise freeze the camera.
+    max_push_skew_s: float = Field(120.0, gt=0)
+    metadata_queue_size: int = Field(10_000, ge=1)
+    metadata_resync_interval_s: float = Field(5.0, gt=0)
     max_stream_labels: int = Field(64, ge=0)
     telemetry_interval_s: float = Field(1.0, gt=0)
     shutdown_grace_s: float = Field(5.0, ge=0)
@@ -89,11 +97,12 @@ class ServiceConfig(BaseModel):
             raise ValueError(f"disk_budget_bytes={self.disk_budget_bytes} needs disk_dir")
         return self
 
-    def engine_config(self, *, disk_subdir: str | None = None) -> EngineConfig:
-        """The worker's ``EngineConfig``; ``disk_subdir`` gives each worker's disk tier its own directory."""
-        disk_dir = self.disk_dir
-        if disk_dir and disk_subdir:
-            disk_dir = str(Path(disk_dir) / disk_subdir)
+    def engine_config(self, *, worker_subdir: str | None = None) -> EngineConfig:
+        """The worker's ``EngineConfig``; ``worker_subdir`` gives each worker its own disk-tier and data folder."""
+        disk_dir, data_dir = self.disk_dir, self.data_dir
+        if worker_subdir:
+            disk_dir = disk_dir and str(Path(disk_dir) / worker_subdir)
+            data_dir = data_dir and str(Path(data_dir) / worker_subdir)
         fields: dict[str, Any] = {
             "target_tokens_per_frame": 64,
             "local_window_tokens": 256,
@@ -104,6 +113,7 @@ class ServiceConfig(BaseModel):
             "host_budget_bytes": self.host_budget_bytes,
             "disk_budget_bytes": self.disk_budget_bytes,
             "disk_dir": disk_dir,
+            "data_dir": data_dir,
         }
         formation = fields.get("formation") or {}
         if isinstance(formation, dict):

@@ -1,11 +1,16 @@
 """The router's view of the cluster: worker actors, stream placement, and routing of frames and questions.
 
 Works on core dataclasses only (``StreamRecord``, ``StreamInfo``, ``PushResult``, engine events); the
-servicer converts to and from protobuf. Metadata-store calls block, so they run in a thread.
+servicer converts to and from protobuf.
 
 **Placement by free budget.** A new stream goes to the live worker with the most free device + host KV
 bytes (after the sink + window reservations of the streams it already has); ties go to the worker with
-fewer streams. Creations are serialised, so each one sees the previous one's reservation.
+fewer streams; a worker that cannot hold it after all (RESOURCE_EXHAUSTED) passes it to the next. Creations
+are serialised, so each one sees the previous one's reservation.
+
+**The workers are the truth.** Placement is read from the workers themselves at start-up (each restores its
+streams from its data directory), never from the metadata store, which the workers publish to behind their
+engines. Until the workers answer, calls about streams get UNAVAILABLE with a retry hint, not NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import AsyncIterator
 import ray
 
 from mosaic_core.engine.stream import check_stream_id
-from mosaic_core.errors import AlreadyExistsError, UnknownStreamError
+from mosaic_core.errors import AlreadyExistsError, CapacityError, UnknownStreamError
 from services.errors import UnavailableError, unwrap
 from services.metadata.base import MetadataStore, StreamRecord
 from services.metrics import MosaicMetrics
@@ -44,78 +49,110 @@ class Coordinator:
         self.placement: dict[str, int] = {}  # stream -> worker index
         self._create_lock = asyncio.Lock()
         self._alive: set[int] = set()
+        self.started = False
 
     async def start(self, timeout_s: float) -> list[WorkerInfo]:
-        """Waits for every worker to build its engine; reloads the placement from the store."""
+        """Waits for every worker to build its engine and restore its streams; takes placement from them."""
         infos = await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self.workers)), timeout_s)
+        owned = await asyncio.gather(*(w.stream_ids.remote() for w in self.workers))
         self._alive = set(range(len(self.workers)))
-        assignments = await asyncio.to_thread(self.store.assignments)
-        self.placement = {s: int(w) for s, w in assignments.items() if w.isdigit() and int(w) < len(self.workers)}
+        self.placement = {stream_id: index for index, ids in enumerate(owned) for stream_id in ids}
+        self.started = True
         self.metrics.set_workers_up(len(self._alive))
         self.metrics.set_active_streams(len(self.placement))
         return infos
 
-    def worker_of(self, stream_id: str):
+    @property
+    def alive_workers(self) -> frozenset[int]:
+        """Workers that answered the last telemetry poll."""
+        return frozenset(self._alive)
+
+    def _index_of(self, stream_id: str) -> int:
         index = self.placement.get(stream_id)
         if index is None:
+            if not self.started:
+                raise UnavailableError(
+                    "the server is starting and its workers are restoring their streams; retry in a few seconds"
+                )
             raise UnknownStreamError(f"unknown stream {stream_id!r}; create it first or check ListStreams")
-        return self.workers[index]
+        return index
+
+    def worker_of(self, stream_id: str):
+        return self.workers[self._index_of(stream_id)]
 
     # -- streams ------------------------------------------------------------------------------------
     async def create_stream(self, record: StreamRecord) -> StreamInfo:
         check_stream_id(record.stream_id)
+        if not self.started:
+            raise UnavailableError("the server is starting; retry CreateStream in a few seconds")
         async with self._create_lock:
             if record.stream_id in self.placement:
                 raise AlreadyExistsError(f"stream {record.stream_id!r} already exists")
-            index = await self._choose_worker()
-            record.worker_id = str(index)
-            if not await asyncio.to_thread(self.store.put_stream, record, if_absent=True):
-                raise AlreadyExistsError(f"stream {record.stream_id!r} already exists")
-            try:
-                await self._call(index, self.workers[index].open_stream.remote(record))
-            except BaseException:
-                await asyncio.to_thread(self.store.delete_stream, record.stream_id)
-                raise
-            self.placement[record.stream_id] = index
+            refusals = []
+            for index in await self._rank_workers():
+                record.worker_id = str(index)
+                try:
+                    await self._call(index, self.workers[index].open_stream.remote(record))
+                except CapacityError as err:
+                    refusals.append(str(err))
+                    continue
+                self.placement[record.stream_id] = index
+                break
+            else:
+                raise CapacityError(
+                    f"no worker has room for stream {record.stream_id!r}: "
+                    + "; ".join(refusals)
+                    + ". Delete streams, shorten retention or add workers"
+                )
         self.metrics.set_active_streams(len(self.placement))
         return await self.get_stream(record.stream_id)
 
     async def delete_stream(self, stream_id: str) -> int:
-        worker = self.worker_of(stream_id)
-        index = self.placement.pop(stream_id)
+        """All or nothing: the worker forgets the stream (its history in one rename) or the call fails and
+        the stream stays. The worker's publisher then removes it from the metadata store, retrying through
+        an outage."""
+        index = self._index_of(stream_id)
         try:
-            num_clusters = await self._call(index, worker.close_stream.remote(stream_id))
+            num_clusters = await self._call(index, self.workers[index].close_stream.remote(stream_id))
         except UnknownStreamError:
-            num_clusters = 0  # the worker restarted without it; the records still go
-        await asyncio.to_thread(self.store.delete_stream, stream_id)
+            num_clusters = 0  # the worker no longer has it
+        self.placement.pop(stream_id, None)
         self.metrics.forget_stream(stream_id)
         self.metrics.set_active_streams(len(self.placement))
         return num_clusters
 
     async def get_stream(self, stream_id: str) -> StreamInfo:
-        index = self.placement.get(stream_id)
-        if index is None:
-            raise UnknownStreamError(f"unknown stream {stream_id!r}")
+        index = self._index_of(stream_id)
         info = await self._call(index, self.workers[index].stream_info.remote(stream_id))
         info.record.worker_id = str(index)
         return info
 
     async def list_streams(self) -> list[StreamInfo]:
-        live = sorted(self._alive)
+        """Every stream of every worker; UNAVAILABLE, naming the workers, if any cannot answer (a partial list
+        would read as streams that no longer exist)."""
+        if not self.started:
+            raise UnavailableError("the server is starting and its workers are restoring their streams; retry")
+        indices = range(len(self.workers))
         results = await asyncio.gather(
-            *(self._call(i, self.workers[i].stream_infos.remote()) for i in live), return_exceptions=True
+            *(asyncio.wait_for(self._call(i, self.workers[i].stream_infos.remote()), 10.0) for i in indices),
+            return_exceptions=True,
         )
+        down = [str(i) for i, result in zip(indices, results, strict=True) if isinstance(result, BaseException)]
+        if down:
+            owned = sum(1 for index in self.placement.values() if str(index) in down)
+            raise UnavailableError(
+                f"worker {', '.join(down)} is not answering (restarting?); its {owned} streams cannot be listed. "
+                "Retry shortly"
+            )
         infos: list[StreamInfo] = []
-        for index, result in zip(live, results, strict=True):
-            if isinstance(result, BaseException):
-                log.warning("worker %d did not list its streams: %s", index, result)
-                continue
+        for index, result in zip(indices, results, strict=True):
             for info in result:
                 info.record.worker_id = str(index)
                 infos.append(info)
         return sorted(infos, key=lambda i: i.record.stream_id)
 
-    async def _choose_worker(self) -> int:
+    async def _rank_workers(self) -> list[int]:
+        """Live workers, most free budget first."""
         live = sorted(self._alive)
         results = await asyncio.gather(*(self.workers[i].info.remote() for i in live), return_exceptions=True)
         ranked = [
@@ -125,7 +162,7 @@ class Coordinator:
         ]
         if not ranked:
             raise UnavailableError("no worker is up to take the stream; retry shortly")
-        return min(ranked)[2]
+        return [index for *_, index in sorted(ranked)]
 
     # -- ingest -------------------------------------------------------------------------------------
     async def push(self, frames: list[tuple[int, str, float, object]]) -> PushResult:
@@ -135,6 +172,8 @@ class Coordinator:
         for item in frames:
             index = self.placement.get(item[1])
             if index is None:
+                if not self.started:
+                    raise UnavailableError("the server is starting; retry PushFrames in a few seconds")
                 reason = f"unknown stream {item[1]!r}"
                 result.rejected.append(FrameRejection(item[0], item[1], reason, UnknownStreamError.grpc_code))
             else:
@@ -159,9 +198,7 @@ class Coordinator:
         timeout_s: float,
     ) -> AsyncIterator[object]:
         """One stream's answer: ``TokenEvent``s then the ``Answer``; cancels the worker side if abandoned."""
-        index = self.placement.get(stream_id)
-        if index is None:
-            raise UnknownStreamError(f"unknown stream {stream_id!r}")
+        index = self._index_of(stream_id)
         worker = self.workers[index]
         refs = worker.ask.remote(question_id, stream_id, question, max_new_tokens, time_range, timeout_s)
         finished = False

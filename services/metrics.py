@@ -15,6 +15,7 @@ Cardinality is bounded on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
@@ -160,9 +161,7 @@ class MosaicMetrics:
         self.query_queue_depth = Gauge(
             "mosaic_query_queue_depth", "Questions waiting in the router's bounded queue.", registry=r
         )
-        self.queries_total = Counter(
-            "mosaic_queries_total", "Questions finished, by outcome.", ["outcome"], registry=r
-        )
+        self.queries_total = Counter("mosaic_queries_total", "Questions finished, by outcome.", ["outcome"], registry=r)
         self.time_to_first_token_seconds = Histogram(
             "mosaic_time_to_first_token_seconds",
             "Question received to first answer token.",
@@ -197,9 +196,7 @@ class MosaicMetrics:
         self.tier_capacity_bytes = Gauge(
             "mosaic_tier_capacity_bytes", "Configured KV budget per tier.", ["worker", "tier"], registry=r
         )
-        self.clusters = Gauge(
-            "mosaic_clusters", "Clusters resident per tier.", ["worker", "tier"], registry=r
-        )
+        self.clusters = Gauge("mosaic_clusters", "Clusters resident per tier.", ["worker", "tier"], registry=r)
         self.cluster_device_hit_ratio = Gauge(
             "mosaic_cluster_device_hit_ratio",
             "Fraction of retrieved clusters already on device, since start.",
@@ -211,6 +208,41 @@ class MosaicMetrics:
         self.workers_up = Gauge("mosaic_workers_up", "Live worker actors.", registry=r)
         self.errors_total = Counter(
             "mosaic_errors_total", "Errors returned, by gRPC status code name.", ["code"], registry=r
+        )
+        # --- durability and the metadata index ---
+        self.worker_pid = Gauge("mosaic_worker_pid", "Process id of each live worker.", ["worker"], registry=r)
+        self.metadata_store_up = Gauge(
+            "mosaic_metadata_store_up", "1 if the worker's last metadata write succeeded.", ["worker"], registry=r
+        )
+        self.metadata_queue_depth = Gauge(
+            "mosaic_metadata_write_queue_depth", "Metadata writes waiting behind the engine.", ["worker"], registry=r
+        )
+        self.metadata_writes_dropped_total = Counter(
+            "mosaic_metadata_writes_dropped_total",
+            "Metadata writes dropped from the full write-behind queue (a full resync repairs the index).",
+            ["worker"],
+            registry=r,
+        )
+        self.metadata_resyncs_total = Counter(
+            "mosaic_metadata_resyncs_total",
+            "Full re-publications of a worker's streams and clusters.",
+            ["worker"],
+            registry=r,
+        )
+        self.durable_pending_clusters = Gauge(
+            "mosaic_durable_pending_clusters", "Sealed clusters not yet on disk.", ["worker"], registry=r
+        )
+        self.durable_oldest_pending_seconds = Gauge(
+            "mosaic_durable_oldest_pending_seconds",
+            "Age of the oldest sealed cluster not yet on disk.",
+            ["worker"],
+            registry=r,
+        )
+        self.durable_clusters_written_total = Counter(
+            "mosaic_durable_clusters_written_total", "Sealed clusters written to disk.", ["worker"], registry=r
+        )
+        self.durable_write_errors_total = Counter(
+            "mosaic_durable_write_errors_total", "Failed writes of cluster records.", ["worker"], registry=r
         )
 
     # --- stream label mapping ----------------------------------------------------------------------
@@ -319,13 +351,24 @@ class MosaicMetrics:
         _check("direction", direction, TRANSFER_DIRECTIONS)
         self.transfer_bytes_total.labels(_worker(worker), direction).inc(n)
 
-    def set_tier(
-        self, worker: int | str, tier: str, used_bytes: int, capacity_bytes: int, num_clusters: int
-    ) -> None:
+    def set_tier(self, worker: int | str, tier: str, used_bytes: int, capacity_bytes: int, num_clusters: int) -> None:
         labels = (_worker(worker), _check("tier", tier, TIERS))
         self.tier_used_bytes.labels(*labels).set(_non_negative("used_bytes", used_bytes))
         self.tier_capacity_bytes.labels(*labels).set(_non_negative("capacity_bytes", capacity_bytes))
         self.clusters.labels(*labels).set(_non_negative("num_clusters", num_clusters))
+
+    def set_durability(self, worker: int | str, health) -> None:
+        """Applies a worker's ``DurabilityHealth`` (gauges as values, counters as increments)."""
+        label = _worker(worker)
+        self.worker_pid.labels(label).set(health.pid)
+        self.metadata_store_up.labels(label).set(1 if health.store_up else 0)
+        self.metadata_queue_depth.labels(label).set(_non_negative("queue depth", health.queue_depth))
+        self.metadata_writes_dropped_total.labels(label).inc(_non_negative("dropped", health.writes_dropped))
+        self.metadata_resyncs_total.labels(label).inc(_non_negative("resyncs", health.resyncs))
+        self.durable_pending_clusters.labels(label).set(_non_negative("pending", health.pending_clusters))
+        self.durable_oldest_pending_seconds.labels(label).set(_non_negative("pending age", health.oldest_pending_s))
+        self.durable_clusters_written_total.labels(label).inc(_non_negative("written", health.clusters_written))
+        self.durable_write_errors_total.labels(label).inc(_non_negative("write errors", health.write_errors))
 
     def set_hit_ratio(self, worker: int | str, r: float) -> None:
         if not 0.0 <= r <= 1.0:
@@ -335,8 +378,13 @@ class MosaicMetrics:
     def forget_worker(self, worker: int | str) -> None:
         """Drops every series of a worker that left (its gauges would otherwise freeze at the last value)."""
         label = _worker(worker)
-        for metric in (self.ingest_latency_seconds, self.ingest_batch_frames, self.cluster_device_hit_ratio):
-            metric.remove(label)
+        for metric in (
+            self.ingest_latency_seconds, self.ingest_batch_frames, self.cluster_device_hit_ratio, self.worker_pid,
+            self.metadata_store_up, self.metadata_queue_depth, self.durable_pending_clusters,
+            self.durable_oldest_pending_seconds,
+        ):  # fmt: skip
+            with contextlib.suppress(KeyError):  # a series never set
+                metric.remove(label)
         for direction in TRANSFER_DIRECTIONS:
             self.transfer_bytes_total.remove(label, direction)
         for tier in TIERS:
@@ -383,6 +431,12 @@ class MosaicMetrics:
             self.ingest_latency_seconds.labels(worker)
             self.ingest_batch_frames.labels(worker)
             self.cluster_device_hit_ratio.labels(worker)
+            for metric in (
+                self.metadata_store_up, self.metadata_queue_depth, self.metadata_writes_dropped_total,
+                self.metadata_resyncs_total, self.durable_pending_clusters, self.durable_oldest_pending_seconds,
+                self.durable_clusters_written_total, self.durable_write_errors_total,
+            ):  # fmt: skip
+                metric.labels(worker)
             for direction in TRANSFER_DIRECTIONS:
                 self.transfer_bytes_total.labels(worker, direction)
             for tier in TIERS:

@@ -4,11 +4,13 @@ Workers are separate processes, so they cannot share the router's Prometheus reg
 into a ``WorkerTelemetry``; the router calls the worker's ``drain_telemetry`` every
 ``telemetry_interval_s`` and gets a ``TelemetryDelta``: counter increments and histogram observations
 since the previous drain, plus current gauge values. Drain semantics make a worker restart harmless: the
-new process starts from zero and the router simply keeps adding deltas, so counters stay monotonic.
+new process starts from zero and the router simply keeps adding deltas, so counters stay monotonic. The
+per-stream totals that GetStream reports are saved with the stream's durable state and restored with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 
@@ -32,6 +34,41 @@ class TierGauges:
 
 
 @dataclass(slots=True)
+class DurabilityHealth:
+    """A worker's durable writer and metadata publisher: gauges, and counter increments since the last drain."""
+
+    pid: int = 0
+    store_up: bool = True
+    queue_depth: int = 0
+    writes_dropped: int = 0
+    resyncs: int = 0
+    pending_clusters: int = 0
+    oldest_pending_s: float = 0.0
+    clusters_written: int = 0
+    write_errors: int = 0
+
+    def increments_since(self, seen: DurabilityHealth) -> DurabilityHealth:
+        """The same gauges, with each counter replaced by its growth since ``seen``."""
+        counters = ("writes_dropped", "resyncs", "clusters_written", "write_errors")
+        return dataclasses.replace(self, **{c: getattr(self, c) - getattr(seen, c) for c in counters})
+
+
+def durability_health(pid: int, published, durable) -> DurabilityHealth:
+    """A worker's totals from its ``PublisherStats`` and ``DurableStats`` (None without a data directory)."""
+    return DurabilityHealth(
+        pid=pid,
+        store_up=published.store_up,
+        queue_depth=published.queue_depth,
+        writes_dropped=published.writes_dropped,
+        resyncs=published.resyncs,
+        pending_clusters=durable.pending_clusters if durable else 0,
+        oldest_pending_s=durable.oldest_pending_s if durable else 0.0,
+        clusters_written=durable.clusters_written if durable else 0,
+        write_errors=durable.write_errors if durable else 0,
+    )
+
+
+@dataclass(slots=True)
 class TelemetryDelta:
     """What changed on one worker since the previous drain."""
 
@@ -46,6 +83,7 @@ class TelemetryDelta:
     tiers: dict[str, TierGauges] = field(default_factory=dict)
     transfer_bytes: dict[str, int] = field(default_factory=dict)
     device_hit_ratio: float = 0.0
+    durability: DurabilityHealth | None = None
 
 
 class WorkerTelemetry:
@@ -63,6 +101,11 @@ class WorkerTelemetry:
         with self._lock:
             t = self._totals.get(stream_id) or StreamTotals()
             return StreamTotals(t.received, t.ingested, t.dropped)
+
+    def restore(self, stream_id: str, totals: StreamTotals) -> None:
+        """Continues a restored stream's totals from what its previous process saved."""
+        with self._lock:
+            self._totals[stream_id] = StreamTotals(totals.received, totals.ingested, totals.dropped)
 
     def forget(self, stream_id: str) -> None:
         with self._lock:
@@ -146,3 +189,5 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
         if n:
             metrics.add_transfer_bytes(worker, direction, n)
     metrics.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
+    if delta.durability is not None:
+        metrics.set_durability(worker, delta.durability)

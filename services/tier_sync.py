@@ -1,37 +1,31 @@
-"""Keeps the metadata store in step with one worker's engine: cluster records, tier placement, retention.
+"""Turns one worker's engine changes into metadata ops for the write-behind publisher; applies retention.
 
-The engine's ``TierManager`` enforces the budgets (spilling cold clusters device -> host -> disk and
-fetching them back on demand); this class mirrors what it did into the store:
+Runs on the worker's engine-loop thread, the only thread that touches the engine, and does no network I/O:
 
-- **moves**: the engine's move listener only appends the committed ``Move`` to a list (no network I/O on
-  the engine's hot path, which may be the middle of a question's retrieval). ``flush`` then applies each
-  with ``MetadataStore.move_cluster``, an atomic compare-and-set of tier *and* location (a Lua script on
-  Redis), so a reader never sees a tier with another placement's location;
-- **cluster records**: ``flush`` diffs ``engine.clusters(stream)`` against what it last wrote and
-  ``put_cluster``s new or grown clusters (one MULTI/EXEC with the time index) and deletes the ones that
-  maintenance merged away;
+- **clusters**: ``flush`` diffs ``engine.clusters(stream)`` against what it last published and enqueues a put
+  for each new, grown or moved cluster (tier and location change together in one record) and a delete for
+  each cluster maintenance merged away. Tier moves only mark their stream for the next diff;
 - **retention**: sealed, unpinned clusters that ended before ``newest frame - retention_s`` are dropped from
-  the engine and from the store.
+  the engine (and so from its durable history) and their records deleted from the store.
 
-All methods run on the worker's engine-loop thread, the only thread that touches the engine.
+``snapshot`` gives the publisher the whole current view when the store must be rebuilt.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
 from mosaic_core.bookkeeping.tiers import Move, Tier
-from services.metadata.base import ClusterMeta, MetadataStore
+from services.metadata.base import ClusterMeta
+from services.publisher import DeleteCluster, MetadataPublisher, PutCluster
 
-log = logging.getLogger(__name__)
 RETENTION_CHECK_INTERVAL_S = 1.0
 
 
 @dataclass(slots=True, frozen=True)
 class _Written:
-    """What the store holds for one cluster (as far as this worker wrote it)."""
+    """What was last published for one cluster."""
 
     stream_id: str
     tier: str
@@ -41,90 +35,71 @@ class _Written:
 
 
 class TierSync:
-    """Mirrors one engine's clusters into a ``MetadataStore``.
+    """Mirrors one engine's clusters into the metadata store through a ``MetadataPublisher``.
 
     Args:
         engine: the worker's engine; a move listener is attached to it.
-        store: the metadata store shared with the router.
+        publisher: applies the ops off this thread.
         worker_id: worker index, part of each cluster's location string.
     """
 
-    def __init__(self, engine, store: MetadataStore, worker_id: str) -> None:
+    def __init__(self, engine, publisher: MetadataPublisher, worker_id: str) -> None:
         self.engine = engine
-        self.store = store
+        self.publisher = publisher
         self.worker_id = worker_id
-        self._pending: list[Move] = []
+        self._moved_streams: set[str] = set()
         self._written: dict[str, _Written] = {}
         self._last_retention_s: dict[str, float] = {}
-        self.num_moves_applied = 0
-        engine.tiering.listeners.append(self._pending.append)
+        engine.tiering.listeners.append(self._on_move)
 
     def location(self, cluster_id: str, tier: Tier) -> str:
-        """Where the bytes are: ``device:<worker>``, ``host:<worker>`` or ``disk:<file path>``."""
-        if tier is Tier.DISK and self.engine.tiering.tiers.disk is not None:
-            return f"disk:{self.engine.tiering.tiers.disk.path(cluster_id)}"
+        """Where the bytes are: ``device:<worker>``, ``host:<worker>`` or ``disk:<worker>``."""
         return f"{tier.name.lower()}:{self.worker_id}"
 
     def flush(self, stream_ids) -> None:
-        """Applies pending moves, then writes new, grown or merged-away clusters of ``stream_ids``."""
-        moves, self._pending[:] = list(self._pending), []
-        for move in moves:
-            self._apply_move(move)
-        for stream_id in stream_ids:
+        """Publishes new, grown, moved or merged-away clusters of ``stream_ids`` and of streams with moves."""
+        streams, self._moved_streams = set(stream_ids) | self._moved_streams, set()
+        for stream_id in streams:
             if stream_id in self.engine.streams:
-                self._reconcile(stream_id)
+                self._diff(stream_id)
 
     def forget_stream(self, stream_id: str) -> None:
-        """Drops what this worker remembers of a deleted stream (the store deletes its own records)."""
+        """Drops what this worker remembers of a deleted stream (the publisher deletes its records)."""
         for cluster_id in [c for c, w in self._written.items() if w.stream_id == stream_id]:
             del self._written[cluster_id]
         self._last_retention_s.pop(stream_id, None)
+        self._moved_streams.discard(stream_id)
 
-    def _apply_move(self, move: Move) -> None:
-        written = self._written.get(move.cluster_id)
-        if written is None:
-            return  # not in the store yet: the next reconcile writes it with its current tier
-        src, dst = move.src.name.lower(), move.dst.name.lower()
-        moved = self.store.move_cluster(
-            written.stream_id,
-            move.cluster_id,
-            from_tier=src,
-            to_tier=dst,
-            location=self.location(move.cluster_id, move.dst),
+    def cluster_metas(self, stream_id: str) -> list[ClusterMeta]:
+        """The stream's clusters as the store records them (engine thread)."""
+        return [self._meta(stream_id, info) for info in self.engine.clusters(stream_id)]
+
+    def _on_move(self, move: Move) -> None:
+        self._moved_streams.add(move.cluster_id.rsplit("/", 1)[0])
+
+    def _meta(self, stream_id: str, info) -> ClusterMeta:
+        return ClusterMeta(
+            cluster_id=info.cluster_id,
+            stream_id=stream_id,
+            start_s=info.start_s,
+            end_s=info.end_s,
+            first_frame=info.first_frame,
+            last_frame=info.last_frame,
+            num_tokens=info.num_tokens,
+            num_bytes=info.num_bytes,
+            tier=info.tier,
+            location=self.location(info.cluster_id, Tier[info.tier.upper()]),
         )
-        if moved:
-            self.num_moves_applied += 1
-            self._written[move.cluster_id] = _replace_tier(written, dst)
-        else:
-            # The store disagreed about the source tier (or the record is gone): rewrite it from the engine.
-            log.warning("tier move %s %s->%s did not match the store; rewriting", move.cluster_id, src, dst)
-            del self._written[move.cluster_id]
 
-    def _reconcile(self, stream_id: str) -> None:
+    def _diff(self, stream_id: str) -> None:
         infos = {info.cluster_id: info for info in self.engine.clusters(stream_id)}
         for cluster_id, info in infos.items():
-            written = self._written.get(cluster_id)
             current = _Written(stream_id, info.tier, info.end_s, info.num_bytes, info.last_frame)
-            if written == current:
-                continue
-            self.store.put_cluster(
-                ClusterMeta(
-                    cluster_id=cluster_id,
-                    stream_id=stream_id,
-                    start_s=info.start_s,
-                    end_s=info.end_s,
-                    first_frame=info.first_frame,
-                    last_frame=info.last_frame,
-                    num_tokens=info.num_tokens,
-                    num_bytes=info.num_bytes,
-                    tier=info.tier,
-                    location=self.location(cluster_id, Tier[info.tier.upper()]),
-                )
-            )
-            self._written[cluster_id] = current
-        gone = [c for c, w in self._written.items() if w.stream_id == stream_id and c not in infos]
-        for cluster_id in gone:
-            self.store.delete_cluster(stream_id, cluster_id)
+            if self._written.get(cluster_id) != current:
+                self.publisher.enqueue(PutCluster(self._meta(stream_id, info)))
+                self._written[cluster_id] = current
+        for cluster_id in [c for c, w in self._written.items() if w.stream_id == stream_id and c not in infos]:
+            self.publisher.enqueue(DeleteCluster(stream_id, cluster_id))
             del self._written[cluster_id]
 
     def apply_retention(self, stream_id: str, retention_s: float, *, now_s: float | None = None) -> list[str]:
@@ -145,9 +120,5 @@ class TierSync:
         expired = self.engine.drop_clusters_before(stream_id, state.last_timestamp_s - retention_s)
         for cluster_id in expired:
             if self._written.pop(cluster_id, None) is not None:
-                self.store.delete_cluster(stream_id, cluster_id)
+                self.publisher.enqueue(DeleteCluster(stream_id, cluster_id))
         return expired
-
-
-def _replace_tier(written: _Written, tier: str) -> _Written:
-    return _Written(written.stream_id, tier, written.end_s, written.num_bytes, written.last_frame)

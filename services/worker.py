@@ -5,25 +5,17 @@ with fractional CPU (no GPU here) or ``worker_gpus`` GPUs, ``max_restarts`` and 
 concurrent calls. Inside, one engine thread (``EngineLoop``) does all engine work; producers (PushFrames
 calls, source readers) only touch the bounded, drop-oldest ingest queues.
 
-**Restore after a restart (designed in, partly implemented).** Ray restarts a dead worker by running
-``__init__`` again with the same arguments (``max_restarts``). The metadata store outlives the worker
-(Redis, or the store actor), so the new process:
-
-1. *(implemented)* reads ``streams_on_worker(worker_id)`` and re-opens each stream with its recorded fps,
-   retention and source: pushed streams accept frames again at once, source streams resume pulling;
-2. *(implemented)* deletes the stream's old cluster records, whose device and host KV bytes died with the
-   process, so the router never points a question at bytes that no longer exist;
-3. *(not yet)* re-adopts disk-tier clusters instead of deleting them. The bytes survive on disk
-   (``DiskTier`` keeps a per-stream ``manifest.json`` under ``disk_dir/worker-<id>/``) and the store still
-   has each cluster's span, frame range and token count, so the engine could rebuild its formation records,
-   recompute the retrieval summaries from the keys (``SummaryIndex.add(kv[:, 0])``), register residency in
-   the disk tier, and continue rope positions from the stream's first timestamp. That needs an engine call
-   (``Engine.adopt_clusters(stream_id, metas)``) that does not exist yet; until it does, a restart keeps
-   streams and loses their history, which the router reports as an empty time range (OUT_OF_RANGE).
+**The worker is the truth about its streams.** Its engine keeps every stream, and every sealed cluster, in the
+worker's data directory (``mosaic_core.durable``). When Ray restarts a dead worker (``max_restarts``), or a new
+server starts on the same data directory, ``__init__`` re-opens every stream found there with its record (fps,
+source, retention, labels), re-adopts its sealed clusters, and resumes pulling sources with the clock
+continuing past the last recorded frame. The metadata store is an index that ``MetadataPublisher`` rebuilds
+from the worker, never the other way round.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -33,21 +25,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mosaic_core.errors import AlreadyExistsError, ConfigError, MosaicError, UnknownStreamError
+from mosaic_core.errors import (
+    AlreadyExistsError,
+    BudgetError,
+    CapacityError,
+    ConfigError,
+    MosaicError,
+    UnknownStreamError,
+)
 from mosaic_core.model.pixels import validate_frames
 from mosaic_core.model.video import probe_video
 from services.config import ServiceConfig
 from services.engine_loop import DONE, EngineLoop, QuestionJob
 from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
 from services.metadata.base import MetadataStore, StreamRecord
+from services.publisher import DeleteStream, MetadataPublisher, PutStream, WorkerView
+from services.session import EPOCH_THRESHOLD_S, StreamSession
 from services.sources import NETWORK_SCHEMES, SourceReader, SourceState
 from services.store_actor import connect_store
-from services.telemetry import TelemetryDelta, WorkerTelemetry
+from services.telemetry import DurabilityHealth, StreamTotals, TelemetryDelta, WorkerTelemetry, durability_health
 from services.tier_sync import TierSync
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 3
-EPOCH_THRESHOLD_S = 1e9  # timestamps above this are Unix time; below, seconds since the stream started
 
 
 @dataclass(slots=True)
@@ -94,13 +94,7 @@ class WorkerInfo:
     free_bytes: int
     restored_streams: list[str]
     rss_bytes: int
-
-
-@dataclass(slots=True)
-class _Session:
-    record: StreamRecord
-    source: SourceReader | None = None
-    anchor: tuple[float, float] | None = None  # (monotonic at first frame, its timestamp)
+    pid: int = 0
 
 
 class WorkerCore:
@@ -123,9 +117,17 @@ class WorkerCore:
         self.engine = engine if engine is not None else _build_engine(worker_id, config)
         self.telemetry = WorkerTelemetry(worker_id)
         self.queues = IngestQueues(config.ingest_queue_frames)
-        self.tier_sync = TierSync(self.engine, self.store, worker_id)
-        self.sessions: dict[str, _Session] = {}
+        self.publisher = MetadataPublisher(
+            self.store,
+            worker_id,
+            self._view,
+            max_queue=config.metadata_queue_size,
+            resync_interval_s=config.metadata_resync_interval_s,
+        )
+        self.tier_sync = TierSync(self.engine, self.publisher, worker_id)
+        self.sessions: dict[str, StreamSession] = {}
         self._lock = threading.Lock()
+        self._health_seen = DurabilityHealth()
         self.loop = EngineLoop(
             self.engine,
             self.queues,
@@ -136,6 +138,7 @@ class WorkerCore:
         )
         self.loop.start()
         self.restored_streams = self._restore()
+        self.publisher.start()
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
@@ -143,33 +146,63 @@ class WorkerCore:
         stats = self.loop.call(self.engine.stats)  # fresh: the previous placement's reservation must show
         free = sum(max(0, stats.capacity_bytes_by_tier[t] - stats.used_bytes_by_tier[t]) for t in ("device", "host"))
         return WorkerInfo(
-            self.worker_id, str(self.engine.model.device), len(self.sessions), free, self.restored_streams, _rss_bytes()
+            self.worker_id,
+            str(self.engine.model.device),
+            len(self.sessions),
+            free,
+            self.restored_streams,
+            _rss_bytes(),
+            os.getpid(),
         )
 
     def shutdown(self) -> None:
+        """Stops sources, makes every stream's history durable (open clusters and windows included), and lets
+        the publisher finish before the store closes."""
         for session in list(self.sessions.values()):
             if session.source is not None:
                 session.source.stop()
+        try:
+            self.loop.call(self._checkpoint, timeout_s=60.0)
+        except Exception as err:  # a shutdown still goes on; what was sealed before is on disk
+            log.error("worker %s: checkpoint at shutdown failed: %s", self.worker_id, err)
+        self.publisher.wait_idle(5.0)
+        self.publisher.stop()
         self.loop.stop()
+        self.engine.close()
         self.store.close()
 
+    def _checkpoint(self) -> None:
+        self._save_counters()
+        self.engine.checkpoint()
+        self.tier_sync.flush(list(self.engine.streams))
+
     def _restore(self) -> list[str]:
+        """Re-opens the streams of this worker's data directory, with their history and counters."""
         restored = []
-        for stream_id in self.store.streams_on_worker(self.worker_id):
-            record = self.store.get_stream(stream_id)
-            if record is None:
-                continue
-            for meta in self.store.list_clusters(stream_id):  # their KV died with the old process
-                self.store.delete_cluster(stream_id, meta.cluster_id)
-            try:
-                self.open_stream(record)
-            except MosaicError as err:
-                log.error("could not restore stream %s on worker %s: %s", stream_id, self.worker_id, err)
-                continue
-            restored.append(stream_id)
-        if restored:
-            log.warning("worker %s restored streams %s (history before the restart is lost)", self.worker_id, restored)
+        for stream in self.loop.call(self.engine.restore_streams, timeout_s=None):
+            record = StreamRecord(**{**stream.meta, "worker_id": self.worker_id})
+            counters = stream.state.get("counters") or {}
+            self.telemetry.restore(record.stream_id, StreamTotals(**counters))
+            session = StreamSession(record, clock_epoch_unix=stream.state.get("clock_epoch_unix"))
+            session.last_offered_s = stream.last_timestamp_s
+            with self._lock:
+                self.sessions[record.stream_id] = session
+            self.queues.add_stream(record.stream_id, record.fps)
+            if record.source_url:
+                self._start_source(record, resume_after_s=stream.last_timestamp_s)
+            restored.append(record.stream_id)
+            log.info("worker %s restored stream %s with %d sealed clusters", self.worker_id, record.stream_id,
+                     stream.num_clusters)  # fmt: skip
         return restored
+
+    def _view(self) -> WorkerView:
+        """What the metadata store should hold for this worker (called by the publisher's thread)."""
+
+        def collect() -> WorkerView:
+            streams = {sid: s.record for sid, s in list(self.sessions.items()) if sid in self.engine.streams}
+            return WorkerView(streams, {sid: self.tier_sync.cluster_metas(sid) for sid in streams})
+
+        return self.loop.call(collect)
 
     # -- streams ------------------------------------------------------------------------------------
     def open_stream(self, record: StreamRecord) -> None:
@@ -177,26 +210,41 @@ class WorkerCore:
         with self._lock:
             if record.stream_id in self.sessions:
                 raise AlreadyExistsError(f"stream {record.stream_id!r} is already open on worker {self.worker_id}")
-            self.sessions[record.stream_id] = _Session(record)
+            self.sessions[record.stream_id] = StreamSession(record)
         try:
             if record.source_url and not record.source_url.lower().startswith(NETWORK_SCHEMES):
                 probe_video(record.source_url)  # a missing or unreadable file fails CreateStream at once
-            self.loop.call(self.engine.open_stream, record.stream_id, fps=record.fps)
+            meta = {k: v for k, v in dataclasses.asdict(record).items() if k != "worker_id"}
+            try:
+                self.loop.call(self.engine.open_stream, record.stream_id, fps=record.fps, meta=meta)
+            except BudgetError as err:
+                raise CapacityError(f"worker {self.worker_id} cannot take stream {record.stream_id!r}: {err}") from None
             self.queues.add_stream(record.stream_id, record.fps)
         except BaseException:
             with self._lock:
                 self.sessions.pop(record.stream_id, None)
             raise
+        self.publisher.enqueue(PutStream(record))
         if record.source_url:
-            sink = lambda ts, rgb, sid=record.stream_id: self._offer(sid, ts, rgb)  # noqa: E731
-            reader = SourceReader(
-                record.source_url,
-                fps=record.fps,
-                sink=sink,
-                loop=record.loop_source,
-                name=f"source-{record.stream_id}",
-            )
-            self.sessions[record.stream_id].source = reader.start()
+            self._start_source(record, resume_after_s=None)
+
+    def _start_source(self, record: StreamRecord, *, resume_after_s: float | None) -> None:
+        """Starts pulling. After a restart the stream clock goes on from where it was: past the last recorded
+        frame, and, when the source's wall-clock start is known, at the wall-clock time that passed since."""
+        session = self.sessions[record.stream_id]
+        offset_s = 0.0
+        if resume_after_s is not None:
+            offset_s = resume_after_s + 1.0 / record.fps
+            if session.clock_epoch_unix is not None:
+                offset_s = max(offset_s, time.time() - session.clock_epoch_unix)
+
+        def sink(timestamp_s: float, rgb: np.ndarray, sid: str = record.stream_id) -> None:
+            self._offer(sid, timestamp_s + offset_s, rgb)
+
+        reader = SourceReader(
+            record.source_url, fps=record.fps, sink=sink, loop=record.loop_source, name=f"source-{record.stream_id}"
+        )
+        session.source = reader.start()
 
     def close_stream(self, stream_id: str) -> int:
         """Stops the stream's source, drops its queued frames, frees its KV; returns clusters freed."""
@@ -213,12 +261,13 @@ class WorkerCore:
         def close() -> int:
             self.loop.cancel_stream_questions(stream_id)
             num_clusters = len(self.engine.clusters(stream_id))
-            self.engine.close_stream(stream_id)
+            self.engine.close_stream(stream_id)  # its durable history goes first, in one rename
             self.tier_sync.forget_stream(stream_id)
             self.loop.last_ingested_s.pop(stream_id, None)
             return num_clusters
 
         num_clusters = self.loop.call(close)
+        self.publisher.enqueue(DeleteStream(stream_id))
         self.telemetry.forget(stream_id)
         return num_clusters
 
@@ -263,7 +312,7 @@ class WorkerCore:
         result = PushResult()
         for index, stream_id, timestamp_s, rgb in frames:
             try:
-                outcome = self._offer(stream_id, timestamp_s, rgb)
+                outcome = self._offer(stream_id, timestamp_s, rgb, pushed=True)
             except MosaicError as err:
                 result.rejected.append(FrameRejection(index, stream_id, str(err), err.grpc_code))
                 if stream_id in self.sessions:
@@ -273,17 +322,23 @@ class WorkerCore:
             result.dropped += outcome is PutOutcome.QUEUED_DROPPED_OLDEST
         return result
 
-    def _offer(self, stream_id: str, timestamp_s: float, rgb: np.ndarray) -> PutOutcome:
+    def _offer(self, stream_id: str, timestamp_s: float, rgb: np.ndarray, *, pushed: bool = False) -> PutOutcome:
         session = self.sessions.get(stream_id)
         if session is None:
             raise UnknownStreamError(f"unknown stream {stream_id!r}")
-        rgb = validate_frames(rgb)[0]  # a bad frame is refused here, never reaching a shared batch
         now = time.monotonic()
+        if pushed:
+            session.check_push(timestamp_s, now=now, max_skew_s=self.config.max_push_skew_s)
+        rgb = validate_frames(rgb)[0]  # a bad frame is refused here, never reaching a shared batch
         outcome = self.queues.put(QueuedFrame(stream_id, timestamp_s, rgb, now))
         if outcome is PutOutcome.SAMPLED_OUT:
             return outcome
+        session.last_offered_s = timestamp_s
         if session.anchor is None:
             session.anchor = (now, timestamp_s)
+            if not pushed and session.clock_epoch_unix is None:
+                session.clock_epoch_unix = time.time() - timestamp_s
+                self.engine.save_stream_state(stream_id, clock_epoch_unix=session.clock_epoch_unix)
         self.telemetry.received(stream_id)
         if outcome is PutOutcome.QUEUED_DROPPED_OLDEST:
             self.telemetry.dropped(stream_id, "queue_full")
@@ -303,6 +358,8 @@ class WorkerCore:
         session = self.sessions.get(stream_id)
         if session is None:
             raise UnknownStreamError(f"unknown stream {stream_id!r}")
+        state = self.engine.streams.get(stream_id)
+        session.check_answerable(0 if state is None else state.frames_ingested)
         job = QuestionJob(
             question_id=question_id or uuid.uuid4().hex,
             stream_id=stream_id,
@@ -327,9 +384,23 @@ class WorkerCore:
     # -- telemetry ----------------------------------------------------------------------------------
     def drain_telemetry(self) -> TelemetryDelta:
         lags = {sid: self._lag_s(sid, s) for sid, s in list(self.sessions.items())}
-        return self.telemetry.drain(queue_depths=self.queues.depths(), lags_s=lags, engine_stats=self.loop.stats)
+        delta = self.telemetry.drain(queue_depths=self.queues.depths(), lags_s=lags, engine_stats=self.loop.stats)
+        delta.durability = self._durability_delta()
+        self._save_counters()
+        return delta
 
-    def _lag_s(self, stream_id: str, session: _Session) -> float:
+    def _durability_delta(self) -> DurabilityHealth:
+        durable = None if self.engine.history is None else self.engine.history.store.snapshot_stats()
+        now = durability_health(os.getpid(), self.publisher.snapshot_stats(), durable)
+        seen, self._health_seen = self._health_seen, now
+        return now.increments_since(seen)
+
+    def _save_counters(self) -> None:
+        for stream_id in list(self.sessions):
+            totals = self.telemetry.totals(stream_id)
+            self.engine.save_stream_state(stream_id, counters=dataclasses.asdict(totals))
+
+    def _lag_s(self, stream_id: str, session: StreamSession) -> float:
         newest = self.loop.last_ingested_s.get(stream_id)
         if newest is None or session.anchor is None:
             return 0.0
@@ -358,7 +429,7 @@ def _build_engine(worker_id: str, config: ServiceConfig):
     from mosaic_core.engine.engine import Engine
 
     device = "cuda" if config.worker_gpus > 0 and torch.cuda.is_available() else "cpu"
-    return Engine.from_model(config.model, config.engine_config(disk_subdir=f"worker-{worker_id}"), device=device)
+    return Engine.from_model(config.model, config.engine_config(worker_subdir=f"worker-{worker_id}"), device=device)
 
 
 def worker_actor(config: ServiceConfig):

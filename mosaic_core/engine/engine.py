@@ -152,6 +152,14 @@ class Engine:
         if self.history is not None:
             self.history.store.flush()
 
+    def save_stream_state(self, stream_id: str, **fields) -> None:
+        """Keeps caller fields (JSON values) with the stream's durable state; ``restore_streams`` returns them.
+
+        Safe from any thread (it only touches the durable store); a no-op without a data directory.
+        """
+        if self.history is not None:
+            self.history.store.update_state(stream_id, **fields)
+
     def close(self) -> None:
         """Stops the durable writer after it has written everything queued."""
         if self.history is not None:

@@ -285,6 +285,25 @@ def test_disk_tier(render, rendered) -> None:
     assert _engine_config(pvc)["disk_dir"] == "/var/lib/mosaic/kv-disk"
 
 
+def test_history_volume(render, rendered) -> None:
+    default = rendered["default"]
+    claim = _one(default, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    volume = next(v for v in _worker_pod(default)["volumes"] if v["name"] == "history")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    mounts = _worker_pod(default)["containers"][0]["volumeMounts"]
+    assert {"name": "history", "mountPath": "/var/lib/mosaic/history"} in mounts
+    assert _engine_config(default)["data_dir"] == "/var/lib/mosaic/history"
+    existing = render({"history": {"enabled": True, "existingClaim": "cams"}})
+    assert _find(existing, "PersistentVolumeClaim") == []
+    volume = next(v for v in _worker_pod(existing)["volumes"] if v["name"] == "history")
+    assert volume["persistentVolumeClaim"]["claimName"] == "cams"
+    off = render({"history": {"enabled": False}})
+    assert _find(off, "PersistentVolumeClaim") == []
+    assert next(v for v in _worker_pod(off)["volumes"] if v["name"] == "history") == {"name": "history", "emptyDir": {}}
+
+
 # ---- what the pods run ---------------------------------------------------------------------------------
 
 
@@ -341,7 +360,7 @@ def test_engine_config_is_accepted_by_the_service(rendered, tmp_path: Path) -> N
         path = tmp_path / f"{name}.yaml"
         path.write_text(_one(rendered[name], "ConfigMap", "mosaic-engine")["data"]["engine.yaml"])
         config = load_config(path)
-        engine = config.engine_config(disk_subdir="worker-0")
+        engine = config.engine_config(worker_subdir="worker-0")
         assert engine.host_budget_bytes == _engine_config(rendered[name])["host_budget_bytes"]
         assert config.workers >= 1 and config.worker_gpus > 0
 

@@ -1,6 +1,7 @@
-"""A worker (in-process, no Ray) against a real redis-server: cluster records, atomic tier moves, retention,
-restore after a restart. The engine is real (tiny preset on CPU) and its budgets are small enough that
-clusters spill device -> host -> disk while frames arrive.
+"""A worker (in-process, no Ray) against a real redis-server: cluster records published behind the engine,
+tier and location always together, retention, restore after a restart from the worker's data directory. The
+engine is real (tiny preset on CPU) and its budgets are small enough that clusters spill device -> host -> disk
+while frames arrive.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import time
 
 import pytest
 
-from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.results import Answer
@@ -23,10 +23,11 @@ from services.worker import WorkerCore
 FPS = 4.0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def config(tmp_path_factory):
     return load_config(
         None,
+        data_dir=str(tmp_path_factory.mktemp("data")),
         device_budget_bytes=1 * MIB,
         host_budget_bytes=256 * 1024,
         disk_budget_bytes=16 * MIB,
@@ -44,13 +45,12 @@ def store(redis_client, redis_namespace):
 
 
 def _worker(tiny_model, config, store) -> WorkerCore:
-    engine = Engine(tiny_model, config.engine_config(disk_subdir="worker-0"))
+    engine = Engine(tiny_model, config.engine_config(worker_subdir="worker-0"))
     return WorkerCore("0", config, store=store, engine=engine)
 
 
 def _open(worker: WorkerCore, store, stream_id: str, **fields) -> None:
     record = StreamRecord(stream_id=stream_id, fps=FPS, worker_id="0", created_s=time.time(), **fields)
-    assert store.put_stream(record, if_absent=True)
     worker.open_stream(record)
 
 
@@ -63,7 +63,8 @@ def _push_and_wait(worker: WorkerCore, stream_id: str, frames, *, offset_s: floa
     while worker.telemetry.totals(stream_id).ingested < target:
         assert time.monotonic() < deadline, "ingest did not finish"
         time.sleep(0.05)
-    worker.loop.call(lambda: None)  # the iteration that ingested has flushed its metadata by now
+    worker.loop.call(lambda: None)  # the iteration that ingested has queued its metadata by now
+    assert worker.publisher.wait_idle(30), f"the publisher did not catch up: {worker.publisher.snapshot_stats()}"
 
 
 def _engine_view(worker: WorkerCore, stream_id: str) -> dict:
@@ -105,7 +106,7 @@ def test_clusters_tiers_and_locations_mirror_the_engine_atomically(
             assert _store_view(store, stream_id) == _engine_view(worker, stream_id)
         tiers = {t for s in ("cam-a", "cam-b") for t, *_ in _store_view(store, s).values()}
         assert {"device", "host", "disk"} <= tiers, f"budgets should spill through every tier, saw {tiers}"
-        assert worker.tier_sync.num_moves_applied > 0
+        assert store.get_stream("cam-a").worker_id == "0"
         for meta in store.list_clusters("cam-a"):
             _check_location(meta.tier, meta.location)
 
@@ -113,6 +114,7 @@ def test_clusters_tiers_and_locations_mirror_the_engine_atomically(
         events = list(worker.ask("q1", "cam-a", "what moved?", 4, None, 60.0))
         assert isinstance(events[-1], Answer) and events[-1].evidence
         worker.loop.call(lambda: None)
+        assert worker.publisher.wait_idle(30)
         assert _store_view(store, "cam-a") == _engine_view(worker, "cam-a")
         # Time-index queries see the same clusters as the engine's spans.
         in_range = store.clusters_in_range("cam-b", 101.0, 102.0)
@@ -134,6 +136,7 @@ def test_retention_drops_old_clusters_from_engine_and_store(tiny_model, config, 
         assert "cam-r/c000000" not in _engine_view(worker, "cam-r")  # the loop's own pass dropped the oldest
         # One more pass now (the rate limit is per second of monotonic time) makes the result exact.
         dropped = worker.loop.call(worker.tier_sync.apply_retention, "cam-r", 2.0, now_s=time.monotonic() + 60)
+        assert worker.publisher.wait_idle(30)
         view = _store_view(store, "cam-r")
         assert view == _engine_view(worker, "cam-r") != {}
         newest = bikes_frames[23][0]
@@ -143,19 +146,37 @@ def test_retention_drops_old_clusters_from_engine_and_store(tiny_model, config, 
         worker.shutdown()
 
 
-def test_restarted_worker_reopens_its_streams_from_the_store(tiny_model, config, store, bikes_frames):
+def test_restarted_worker_restores_streams_and_history_from_its_data_dir(tiny_model, config, store, bikes_frames):
     first = _worker(tiny_model, config, store)
-    _open(first, store, "cam-x")
-    _push_and_wait(first, "cam-x", bikes_frames[:12])
-    assert store.list_clusters("cam-x")
+    _open(first, store, "cam-x", labels={"site": "gate"})
+    _push_and_wait(first, "cam-x", bikes_frames[:16])
+    assert first.engine.history.store.flush(30)
+    sealed = {
+        c.cluster_id: (c.start_s, c.end_s, c.num_tokens)
+        for c in first.loop.call(first.engine.clusters, "cam-x")
+        if first.engine.history.store.owns(c.cluster_id)
+    }
+    assert sealed
+    totals = first.telemetry.totals("cam-x")
+    first.drain_telemetry()  # saves the counters with the stream's state, as the router's poll does
+    assert first.engine.history.store.flush(30)
     first.loop.stop()  # the process "dies": nothing is closed or cleaned up
+    first.publisher.stop()
+    store.delete_stream("cam-x")  # and the index lost the stream meanwhile (Redis restarted empty)
 
     second = _worker(tiny_model, config, store)
     try:
         assert second.restored_streams == ["cam-x"]
-        assert store.list_clusters("cam-x") == []  # their KV died with the old process
-        _push_and_wait(second, "cam-x", bikes_frames[12:24])  # the stream takes frames again at once
-        assert _store_view(store, "cam-x") == _engine_view(second, "cam-x") != {}
-        assert second.engine.tiering.residency.tier_of(next(iter(_engine_view(second, "cam-x")))) in Tier
+        restored = {c.cluster_id: (c.start_s, c.end_s, c.num_tokens) for c in second.engine.clusters("cam-x")}
+        assert restored == sealed
+        assert second.telemetry.totals("cam-x") == totals
+        assert second.publisher.wait_idle(30)
+        assert store.get_stream("cam-x").labels == {"site": "gate"}  # republished from the worker
+        assert _store_view(store, "cam-x") == _engine_view(second, "cam-x")
+        # The stream takes frames again at once, after its last recorded time; old times are refused.
+        late = second.push([(0, "cam-x", bikes_frames[0][0], bikes_frames[0][1])])
+        assert late.rejected and "not after" in late.rejected[0].reason
+        _push_and_wait(second, "cam-x", bikes_frames[:8], offset_s=100.0)
+        assert set(_engine_view(second, "cam-x")) > set(sealed)
     finally:
         second.shutdown()

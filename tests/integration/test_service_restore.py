@@ -1,0 +1,80 @@
+"""A worker (in-process, no Ray) restarted on its data directory: a pulled source's clock goes on, and a full
+device budget at CreateStream is RESOURCE_EXHAUSTED with a sentence."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mosaic_core.config import MIB
+from mosaic_core.engine.engine import Engine
+from mosaic_core.errors import CapacityError
+from mosaic_core.model.video import sample_clip_path
+from services.config import load_config
+from services.metadata import StreamRecord
+from services.metadata.memory import InMemoryMetadataStore
+from services.worker import WorkerCore
+
+
+def _worker(tiny_model, config, store) -> WorkerCore:
+    return WorkerCore("0", config, store=store, engine=Engine(tiny_model, config.engine_config(worker_subdir="w0")))
+
+
+def _wait_ingested(worker: WorkerCore, stream_id: str, n: int, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while worker.telemetry.totals(stream_id).ingested < n:
+        assert time.monotonic() < deadline, f"{stream_id} did not ingest {n} frames in {timeout_s}s"
+        time.sleep(0.1)
+
+
+def test_a_pulled_source_resumes_after_its_last_recorded_frame(tiny_model, tmp_path):
+    config = load_config(None, data_dir=str(tmp_path), engine={"target_tokens_per_frame": 16})
+    store = InMemoryMetadataStore()
+    first = _worker(tiny_model, config, store)
+    record = StreamRecord(stream_id="gate", fps=4.0, source_url=sample_clip_path("bikes.mp4"), loop_source=True)
+    first.open_stream(record)
+    _wait_ingested(first, "gate", 6)
+    first.sessions["gate"].source.stop()
+    deadline = time.monotonic() + 30
+    while first.queues.depth("gate"):  # let the queued frames in, so the clock below is the last one
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.loop.call(lambda: None)
+    first.loop.call(lambda: None)
+    last_s = first.engine.streams["gate"].last_timestamp_s
+    assert first.engine.history.store.flush(30)
+    first.loop.stop()  # the process dies
+    first.publisher.stop()
+
+    second = _worker(tiny_model, config, store)
+    try:
+        assert second.restored_streams == ["gate"]
+        restored_last = second.engine.streams["gate"].last_timestamp_s
+        assert restored_last == last_s
+        _wait_ingested(second, "gate", second.telemetry.totals("gate").ingested + 3)
+        newest = second.loop.last_ingested_s["gate"]
+        # The file restarts at 0, but the stream clock goes on past what was recorded before the crash.
+        assert newest > last_s, (newest, last_s)
+    finally:
+        second.shutdown()
+
+
+def test_a_full_device_budget_is_resource_exhausted(tiny_model, tmp_path):
+    config = load_config(
+        None,
+        data_dir=str(tmp_path),
+        device_budget_bytes=1 * MIB,
+        engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 128},
+    )
+    worker = _worker(tiny_model, config, InMemoryMetadataStore())
+    try:
+        opened = 0
+        with pytest.raises(CapacityError, match="cannot take stream") as refused:
+            for n in range(64):
+                worker.open_stream(StreamRecord(stream_id=f"cam-{n}", fps=1.0))
+                opened += 1
+        assert opened > 0 and refused.value.grpc_code == "RESOURCE_EXHAUSTED"
+        assert f"cam-{opened}" not in worker.sessions
+    finally:
+        worker.shutdown()
