@@ -34,6 +34,16 @@ SPEC = {
     "mosaic_active_streams": "gauge",
     "mosaic_workers_up": "gauge",
     "mosaic_errors": "counter",
+    # Durability and the metadata index (docs/durability.md).
+    "mosaic_worker_pid": "gauge",
+    "mosaic_metadata_store_up": "gauge",
+    "mosaic_metadata_write_queue_depth": "gauge",
+    "mosaic_metadata_writes_dropped": "counter",
+    "mosaic_metadata_resyncs": "counter",
+    "mosaic_durable_pending_clusters": "gauge",
+    "mosaic_durable_oldest_pending_seconds": "gauge",
+    "mosaic_durable_clusters_written": "counter",
+    "mosaic_durable_write_errors": "counter",
 }
 STREAM = "metrics-cam"
 
