@@ -19,6 +19,10 @@ REQUIRED_ALERTS = {
     "MosaicTimeToFirstTokenHigh",
     "MosaicTierNearCapacity",
     "MosaicWorkerDown",
+    "MosaicStreamStalled",
+    "MosaicMetadataStoreDown",
+    "MosaicDurableBacklog",
+    "MosaicMetadataBacklog",
 }
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
