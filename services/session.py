@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from mosaic_core.errors import InvalidArgumentError, StateError
+from services.errors import NoFramesYetError
 from services.metadata.base import StreamRecord
 from services.sources import SourceReader, SourceState
 
@@ -64,11 +65,17 @@ class StreamSession:
         A source that failed after frames arrived does not block questions about what was seen before.
 
         Raises:
-            StateError: no frame was ingested yet (FAILED_PRECONDITION), naming the source's error if it failed.
+            NoFramesYetError: no frame was ingested yet (FAILED_PRECONDITION), naming the source's error if it
+                failed; a question over several streams skips such a stream.
         """
         if frames_ingested > 0:
             return
         progress = self.source.progress() if self.source is not None else None
         if progress is not None and progress.state is SourceState.ERROR:
-            raise StateError(f"stream {self.stream_id!r} has no frames yet: its source failed ({progress.error})")
-        raise StateError(f"stream {self.stream_id!r} has no frames yet; ask again once frames have been ingested")
+            raise NoFramesYetError(
+                f"stream {self.stream_id!r} has ingested no frames: its source failed ({progress.error})"
+            )
+        raise NoFramesYetError(
+            f"stream {self.stream_id!r} has ingested no frames yet, so there is nothing to answer from; "
+            "ask again once its first frames are in (GetStream shows frames_ingested)"
+        )
