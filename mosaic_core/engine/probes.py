@@ -128,12 +128,12 @@ class QueryPlanter:
         """``query`` ``[B, Hq, T, D]`` -> the planted query of the same shape and dtype."""
         keys = torch.cat(
             [
-                self._tiering.tiers.read(cid)[layer, 0][:, r.start : r.stop]
-                for cid, ranges in self._span_units
+                self._tiering.tiers.read(cid)[layer, 0][:, r.start : r.stop].to(query.device, torch.float32)
+                for cid, ranges in self._span_units  # units of one span may live in different tiers
                 for r in ranges
             ],
             dim=1,
-        ).to(query.device, torch.float32)  # [H, n, D]
+        )  # [H, n, D]
         span_mean = keys.mean(dim=1)  # [H, D]
         direction = span_mean - self._history_mean[layer].to(query.device)
         direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-6)
