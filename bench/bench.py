@@ -337,7 +337,6 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if "A" in scenarios:
-        report["history_tokens"] = int(s.minutes * 60) * s.tokens_per_frame
         report["budget_tokens"] = s.budget_tokens
 
         def save(rows, scaling):  # after each variant, so a run cut short keeps what it measured

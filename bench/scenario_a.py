@@ -76,6 +76,7 @@ def run(model, s, frames, pcie_gbs: float, bare_ms: float, log, *, engine_config
         fidelity = _fidelity(engine, s, spans, measure=label != "full")
         rows[label] = _summary(label, config, timed, fidelity, peak, total / ingest_s, pcie_gbs, bare_ms)
         rows[label]["units"] = len(engine.clusters("cam"))
+        rows[label]["history_tokens"] = total * engine.stream_stats("cam").tokens_per_frame  # 126 per frame here
         rows[label]["variant_s"] = time.perf_counter() - started
         log(f"A/{label}: {json.dumps(rows[label])}")
         del engine
@@ -214,7 +215,8 @@ def _reset_peak(s) -> None:
 def format_scenario_a(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """The scenario A tables as ``(title, header, rows)``: the headline, then recall against chance."""
     a, pcie = report["A"], report.get("pcie_gbs", 0.0)
-    history = report.get("history_tokens")
+    # measured per row by newer runs; older results files carry one figure that assumed 128 tokens per frame
+    history = next((r["history_tokens"] for r in a.values() if "history_tokens" in r), report.get("history_tokens"))
     budget = report.get("budget_tokens")
     share = f"{budget / history:.1%} of {history:,} history tokens" if budget and history else "?"
     headline = []
