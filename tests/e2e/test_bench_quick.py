@@ -17,7 +17,7 @@ def test_bench_quick_prints_every_table_and_writes_json(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    for title in ("Scenario A", "Recall against chance", "Scenario B", "Scenario C", "Targets:"):
+    for title in ("Scenario A", "Recall against chance", "Scenario B", "Scenario C", "Targets"):
         assert title in result.stdout
     report = json.loads(out.read_text())
     a = report["A"]
