@@ -97,9 +97,13 @@ def bench_scoring(cuda: bool, quick: bool, dev: torch.device) -> list[Row]:
     err = max_err(kernels.cluster_scores(*args, scale=scale), ref)
     kernel = partial(kernels.cluster_scores, *args, scale=scale)
     reference = partial(kernels.cluster_scores_reference, *args, scale=scale)
+    mean_ref = kernels.cluster_scores_reference(*args, scale=scale, use_spread=False)
+    mean_err = max_err(kernels.cluster_scores(*args, scale=scale, use_spread=False), mean_ref)
+    mean_key = partial(kernels.cluster_scores, *args, scale=scale, use_spread=False)
     return [
         measure("scoring", case, "cluster_scores (triton)", kernel, cuda, err=err),
         measure("scoring", case, "reference (torch bmm)", reference, cuda),
+        measure("scoring", case, "cluster_scores mean key (triton)", mean_key, cuda, err=mean_err),
     ]
 
 
