@@ -40,6 +40,7 @@ VARIANTS = {
     "random": {"mode": "cluster", "scorer": "random"},
 }
 SWEEP = ("spread", "mean_key", "random", "recent")
+BUDGET_FRACTIONS = (0.01, 0.02, 0.05, 0.10)  # planted probes are also scored at these shares of the history
 _SUBJECTS = ("cyclist", "red car", "person in a jacket", "dog", "bus", "delivery van", "child", "truck")
 _TEMPLATES = ("When did the {} pass the camera?", "Was there a {} near the road?", "How often did a {} appear?")
 QUESTIONS = [t.format(s) for t in _TEMPLATES for s in _SUBJECTS]  # 24 distinct questions
@@ -73,7 +74,8 @@ def run(model, s, frames, pcie_gbs: float, bare_ms: float, log, *, engine_config
             hidden[label].append(last_hidden)
         # before the fidelity questions: their recall probes copy the whole history's keys to the device
         peak = torch.cuda.max_memory_allocated() if s.device.startswith("cuda") else 0
-        fidelity = _fidelity(engine, s, spans, measure=label != "full")
+        budgets = tuple(round(f * total * engine.stream_stats("cam").tokens_per_frame) for f in BUDGET_FRACTIONS)
+        fidelity = _fidelity(engine, s, spans, budgets, measure=label != "full")
         rows[label] = _summary(label, config, timed, fidelity, peak, total / ingest_s, pcie_gbs, bare_ms)
         rows[label]["units"] = len(engine.clusters("cam"))
         rows[label]["history_tokens"] = total * engine.stream_stats("cam").tokens_per_frame  # 126 per frame here
@@ -132,7 +134,7 @@ def _probe_spans(bulk: int, s, *, seed: int) -> list[tuple[int, int]]:
     return [(a, a + s.probe_span_frames - 1) for a in starts]
 
 
-def _fidelity(engine: Engine, s, spans, *, measure: bool) -> dict:
+def _fidelity(engine: Engine, s, spans, budgets: tuple[int, ...], *, measure: bool) -> dict:
     if not measure:
         return {}
     recall: dict[str, list[float]] = {}
@@ -142,16 +144,20 @@ def _fidelity(engine: Engine, s, spans, *, measure: bool) -> dict:
         for name, value in request.recall.items():
             recall.setdefault(name, []).append(value)
     found: dict[str, list[float]] = {}
+    found_at: dict[str, list[float]] = {}
     masses = []
     for span in spans:
-        with probing(ProbeRequest(span=span, sweep_scorers=SWEEP)) as request:
+        with probing(ProbeRequest(span=span, sweep_scorers=SWEEP, sweep_budgets=budgets)) as request:
             engine.answer("cam", "Planted probe.", max_new_tokens=1)
         for name, value in request.span_found.items():
             found.setdefault(name, []).append(value)
+        for (name, budget), value in request.span_found_at.items():
+            found_at.setdefault(f"{name}@{budget}", []).append(value)
         masses.append(request.span_mass)
     return {
         "recall": {k: statistics.mean(v) for k, v in recall.items()},
         "probe_found": {k: statistics.mean(v) for k, v in found.items()},
+        "probe_found_at": {k: statistics.mean(v) for k, v in found_at.items()},
         "probe_span_mass": statistics.mean(masses) if masses else None,
     }
 
@@ -185,6 +191,7 @@ def _summary(label, config: EngineConfig, rows, fidelity, peak, ingest_fps, pcie
         "recall_by_scorer": recall,
         "probe_found": found.get(ENGINE) if label != "full" else 1.0,
         "probe_found_by_scorer": found,
+        "probe_found_at": fidelity.get("probe_found_at", {}),
         "probe_span_mass": fidelity.get("probe_span_mass"),
     }
 
@@ -267,7 +274,31 @@ def format_scenario_a(report: dict) -> list[tuple[str, list[str], list[list[str]
             f"attention: {', '.join(masses)})"
         )
         tables.append((title, ["units", "scorer", "recall (real queries)", "planted span found"], chance))
+    by_budget = _by_budget(a)
+    if by_budget:
+        tables.append(by_budget)
     return tables
+
+
+def _by_budget(a: dict):
+    """Planted span found at each budget (share of the history), per unit and scorer."""
+    rows, budgets = [], None
+    for label in ("frame", "cluster"):
+        r = a.get(label)
+        if not r or not r.get("probe_found_at"):
+            continue
+        at = r["probe_found_at"]
+        budgets = sorted({int(key.split("@")[1]) for key in at})
+        history = r.get("history_tokens") or 0
+        unit = "clusters" if r["mode"] == "cluster" else "frame blocks"
+        for name in SWEEP:
+            cells = [_num(at.get(f"{name}@{b}"), "{:.3f}") for b in budgets]
+            own = " (own)" if name == (r["scorer"] or _own(r["mode"])) else ""
+            rows.append([unit, name + own, *cells])
+    if not rows:
+        return None
+    header = ["units", "scorer", *(f"{b:,} ({b / history:.0%})" if history else f"{b:,}" for b in budgets)]
+    return ("Planted span found by budget (tokens, share of the history)", header, rows)
 
 
 def _own(mode: str) -> str:

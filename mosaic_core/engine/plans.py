@@ -176,7 +176,9 @@ class RecallProbe:
         self.sweep = {name: scorer_by_name(name, seed=retriever.seed + 1) for name in names}
         self.sweep_recall: dict[str, list[float]] = {name: [] for name in (ENGINE, *names)}
         self.sweep_found: dict[str, list[float]] = {name: [] for name in (ENGINE, *names)}
-        self._sweep_choice: dict[str, set[str]] = {}
+        self.budgets = (request.sweep_budgets if request is not None else ()) or ()
+        self.found_at: dict[tuple[str, int], list[float]] = {(n, b): [] for n in names for b in self.budgets}
+        self._sweep_choice: dict[tuple[str, int | None], set[str]] = {}
         self.span_masses: list[float] = []
         self._keys: torch.Tensor | None = None
         self._sizes: list[int] = []
@@ -207,10 +209,13 @@ class RecallProbe:
             span = self.planter.span_mask(sizes, history_mass.device)
             self.span_masses.append(float(history_mass[span].sum() / history_mass.sum().clamp_min(1e-12)))
         for name, scorer in self.sweep.items():
-            other = self._sweep_choose(name, scorer, layer, query)
+            choices = self._sweep_choose(name, scorer, layer, query)
+            other = choices[None]
             self.sweep_recall[name].append(self._recall(other, unit_mass, float(oracle)))
             if self.planter is not None:
                 self.sweep_found[name].append(self.planter.found(other, candidates))
+                for budget in self.budgets:
+                    self.found_at[(name, budget)].append(self.planter.found(choices[budget], candidates))
 
     def _history_keys(self, layer: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
         """Every candidate's keys of ``layer``, in candidate order; each unit is read from its tier once per question
@@ -227,20 +232,23 @@ class RecallProbe:
         # Retrieving more tokens than the budget (full mode) can carry more mass than the oracle: cap at 1.
         return min(1.0, retrieved / oracle)
 
-    def _sweep_choose(self, name: str, scorer, layer: int, query: torch.Tensor) -> set[str]:
+    def _sweep_choose(self, name: str, scorer, layer: int, query: torch.Tensor) -> dict[int | None, set[str]]:
+        """The scorer's choice at the question's budget (key None) and at each swept budget."""
         retriever = self.retriever
         anchor = retriever.prefetch_after_layer
-        if anchor is not None and layer > anchor and name in self._sweep_choice:
-            return self._sweep_choice[name]
+        if anchor is not None and layer > anchor and (name, None) in self._sweep_choice:
+            return {b: self._sweep_choice[(name, b)] for b in (None, *self.budgets)}
         mean, var, log_count = retriever.summaries
         scores = scorer.scores(query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale)
-        self._sweep_choice[name] = set(retriever.fill_budget(scores))
-        return self._sweep_choice[name]
+        for budget in (None, *self.budgets):
+            self._sweep_choice[(name, budget)] = set(retriever.fill_budget(scores, budget))
+        return {b: self._sweep_choice[(name, b)] for b in (None, *self.budgets)}
 
     def report(self, request: ProbeRequest) -> None:
         """Writes the prefill's per-scorer means into ``request``."""
         request.recall = {name: v for name, values in self.sweep_recall.items() if (v := _mean(values)) is not None}
         request.span_found = {name: v for name, values in self.sweep_found.items() if (v := _mean(values)) is not None}
+        request.span_found_at = {key: v for key, values in self.found_at.items() if (v := _mean(values)) is not None}
         request.span_mass = _mean(self.span_masses)
 
     @property

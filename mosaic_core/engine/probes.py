@@ -57,14 +57,19 @@ class ProbeRequest:
         recall: per scorer (``ENGINE`` for the engine's own choice), attention recall against the oracle top-k,
             mean over layers.
         span_found: per scorer, the fraction of the span's tokens retrieved, mean over layers.
+        sweep_budgets: other token budgets at which every swept scorer's choice is also scored (a choice at
+            budget B is what the engine would retrieve with that scorer and budget, shared layers included).
+        span_found_at: per (scorer, budget in ``sweep_budgets``), the same fraction.
         span_mass: share of full attention over the history that lands on the span (did the plant work).
     """
 
     span: tuple[int, int] | None = None
     sweep_scorers: tuple[str, ...] = ()
+    sweep_budgets: tuple[int, ...] = ()
     margin: float = 4.0
     recall: dict[str, float] = field(default_factory=dict)
     span_found: dict[str, float] = field(default_factory=dict)
+    span_found_at: dict[tuple[str, int], float] = field(default_factory=dict)
     span_mass: float | None = None
 
 

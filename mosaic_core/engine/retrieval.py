@@ -180,13 +180,15 @@ class Retriever:
         candidates (None without candidates)."""
         return self._summaries
 
-    def fill_budget(self, scores: torch.Tensor) -> list[str]:
-        """Candidates in descending ``scores`` order, each taken while it still fits the token budget."""
+    def fill_budget(self, scores: torch.Tensor, budget_tokens: int | None = None) -> list[str]:
+        """Candidates in descending ``scores`` order, each taken while it still fits the token budget (the
+        question's, unless ``budget_tokens`` names another, as the fidelity probes do)."""
+        budget = self.budget_tokens if budget_tokens is None else budget_tokens
         chosen, used = [], 0
         for i in torch.argsort(scores, descending=True).tolist():
             cluster_id = self.candidates[i]
             size = self._sizes[cluster_id]
-            if used + size <= self.budget_tokens:
+            if used + size <= budget:
                 chosen.append(cluster_id)
                 used += size
         return chosen
