@@ -196,6 +196,7 @@ class Engine:
         for cluster_id in self.tiering.residency.drop_stream(state.stream_id):
             self.tiering.tiers.delete(cluster_id)
             self.tracker.forget(cluster_id)
+        self.tracker.drop_stream(state.stream_id)
         self.tiering.residency.release(f"{state.stream_id}:sink+window")
         del self.streams[state.stream_id]
 

@@ -26,6 +26,7 @@ class SummaryIndex:
         self.device = device
         self._rows: dict[str, int] = {}
         self._ids: list[str | None] = []
+        self._free_rows: list[int] = []  # rows of removed clusters, reused first: a long stream never grows
         self._num_tokens: dict[str, int] = {}  # host-side copy of the counts, so sizes never sync the device
         capacity = 16
         # [capacity, num_layers, num_kv_heads, head_dim]
@@ -70,6 +71,7 @@ class SummaryIndex:
             stat[row] = stat[left] + stat[right]
             stat[left] = 0
             stat[right] = 0
+        self._free_rows += [left, right]
 
     def remove(self, cluster_id: str) -> None:
         row = self._rows.pop(cluster_id)
@@ -77,6 +79,7 @@ class SummaryIndex:
         del self._num_tokens[cluster_id]
         for stat in (self._sum, self._sumsq, self._count):
             stat[row] = 0
+        self._free_rows.append(row)
 
     def count(self, cluster_id: str) -> int:
         """Tokens summarised for a cluster (its stored KV)."""
@@ -95,6 +98,11 @@ class SummaryIndex:
         return mean, var, count.log()
 
     def _new_row(self, cluster_id: str) -> int:
+        if self._free_rows:
+            row = self._free_rows.pop()
+            self._ids[row] = cluster_id
+            self._rows[cluster_id] = row
+            return row
         row = len(self._ids)
         if row == self._sum.shape[0]:
             self._sum = _grow(self._sum)
