@@ -125,7 +125,7 @@ def _targets(report: dict) -> str:
             "(the real-time camera target is the service benchmark's)"
         )
     if "gpu" not in report:  # the targets are a GPU's; a CPU run shows the benchmark works, not how fast it is
-        lines[0] = "Targets (GPU targets, judged on a GPU only: this CPU run shows the values, not met or NOT met):"
+        lines[0] = "Targets: GPU targets are judged on a GPU only; this CPU run shows the values, not met or NOT met."
         lines = [
             lines[0],
             *(line.replace("[met]", "[CPU run]").replace("[NOT met]", "[CPU run]") for line in lines[1:]),
