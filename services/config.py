@@ -69,6 +69,11 @@ class ServiceConfig(BaseModel):
     data_dir: str | None = None
     disk_dir: str | None = None
     disk_budget_bytes: int = Field(0, ge=0)
+    # --- sources ---
+    # URL schemes a stream's source_url may use (services.sources.SUPPORTED_SOURCE_SCHEMES lists the choices).
+    allowed_source_schemes: list[str] = Field(default_factory=lambda: ["rtsp", "rtsps", "http", "https"])
+    # Local video files are accepted only under these folders; none by default.
+    source_roots: list[str] = Field(default_factory=list)
     engine: dict[str, Any] = Field(default_factory=dict)
     # --- scheduling ---
     query_queue_size: int = Field(64, ge=1)

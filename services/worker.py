@@ -41,7 +41,7 @@ from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
 from services.metadata.base import MetadataStore, StreamRecord
 from services.publisher import DeleteStream, MetadataPublisher, PutStream, WorkerView
 from services.session import EPOCH_THRESHOLD_S, StreamSession
-from services.sources import NETWORK_SCHEMES, SourceReader, SourceState
+from services.sources import NETWORK_SCHEMES, SourceReader, SourceState, check_source_url
 from services.store_actor import connect_store
 from services.telemetry import DurabilityHealth, StreamTotals, TelemetryDelta, WorkerTelemetry, durability_health
 from services.tier_sync import TierSync
@@ -212,8 +212,13 @@ class WorkerCore:
                 raise AlreadyExistsError(f"stream {record.stream_id!r} is already open on worker {self.worker_id}")
             self.sessions[record.stream_id] = StreamSession(record)
         try:
-            if record.source_url and not record.source_url.lower().startswith(NETWORK_SCHEMES):
-                probe_video(record.source_url)  # a missing or unreadable file fails CreateStream at once
+            if record.source_url:
+                cfg = self.config
+                check_source_url(
+                    record.source_url, allowed_schemes=cfg.allowed_source_schemes, source_roots=cfg.source_roots
+                )
+                if not record.source_url.lower().startswith(NETWORK_SCHEMES):
+                    probe_video(record.source_url)  # an unreadable file under a source root fails at once
             meta = {k: v for k, v in dataclasses.asdict(record).items() if k != "worker_id"}
             try:
                 self.loop.call(self.engine.open_stream, record.stream_id, fps=record.fps, meta=meta)

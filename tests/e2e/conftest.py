@@ -8,6 +8,7 @@ ids so they do not see each other.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ def tls_files(tmp_path_factory) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def service(ray_cluster, redis_server, tls_files, tmp_path_factory):  # noqa: F811 - the imported fixture
     from mosaic_core.config import MIB
+    from mosaic_core.model.video import sample_clip_path
     from services.config import load_config
     from services.embedded import ServerThread
 
@@ -65,6 +67,8 @@ def service(ray_cluster, redis_server, tls_files, tmp_path_factory):  # noqa: F8
         host_budget_bytes=1 * MIB,
         disk_budget_bytes=32 * MIB,
         disk_dir=str(tmp_path_factory.mktemp("kv-disk")),
+        data_dir=str(tmp_path_factory.mktemp("history")),
+        source_roots=[os.path.dirname(sample_clip_path("bikes.mp4"))],  # the sample clips, as `mosaic demo` does
         ingest_queue_frames=32,
         max_batch_frames=8,
         query_queue_size=3,

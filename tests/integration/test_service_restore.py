@@ -3,6 +3,7 @@ device budget at CreateStream is RESOURCE_EXHAUSTED with a sentence."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -29,7 +30,8 @@ def _wait_ingested(worker: WorkerCore, stream_id: str, n: int, timeout_s: float 
 
 
 def test_a_pulled_source_resumes_after_its_last_recorded_frame(tiny_model, tmp_path):
-    config = load_config(None, data_dir=str(tmp_path), engine={"target_tokens_per_frame": 16})
+    clips = os.path.dirname(sample_clip_path("bikes.mp4"))
+    config = load_config(None, data_dir=str(tmp_path), source_roots=[clips], engine={"target_tokens_per_frame": 16})
     store = InMemoryMetadataStore()
     first = _worker(tiny_model, config, store)
     record = StreamRecord(stream_id="gate", fps=4.0, source_url=sample_clip_path("bikes.mp4"), loop_source=True)
