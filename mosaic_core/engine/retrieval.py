@@ -120,7 +120,6 @@ class Retriever:
         # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
         self._summaries = stream.summaries.all_layers(candidates) if candidates else None
         self._timed_gathers: list[Moved] = []
-        self.num_launches = 0  # gather launches or copy calls issued, for the benchmark
 
     def select(self, layer: int, query: torch.Tensor) -> LayerSelection:
         """Scores the candidates with ``query`` ``[num_q_heads, T, D]``; the chosen slabs are not moved yet."""
@@ -152,7 +151,6 @@ class Retriever:
         host = [slab for slab, resident in zip(selection.slabs, selection.on_device, strict=True) if not resident]
         batched = self.machinery.batched_gather and buffer.is_cuda and all(s.is_pinned() for s in host)
         end, moved = self.tiering.tiers.transfers.gather(selection.slabs, buffer, first_token, batched=batched)
-        self.num_launches += 1 if batched else len(selection.slabs)
         if host:
             num_bytes = sum(slab.numel() * slab.element_size() for slab in host)
             self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, len(host))
