@@ -32,9 +32,9 @@ def preflight_problems(config: ServiceConfig) -> list[str]:
         _redis_problem(config.redis_url) if config.redis_url else None,
         _model_problem(config.model),
         _device_problem(config),
-        _dir_problem(config.data_dir, "data directory", "--data-dir"),
-        _dir_problem(config.disk_dir, "disk-tier directory", "--disk-dir"),
-        *(_source_root_problem(root) for root in getattr(config, "source_roots", None) or ()),
+        # Folders the workers use are checked only when the workers run here; a router that joins a Ray cluster
+        # (Helm) does not mount them.
+        *(_worker_folder_problems(config) if config.ray_address == "local" else ()),
         *(_file_problem(path, flag) for path, flag in ((config.tls_cert, "--tls-cert"), (config.tls_key, "--tls-key"))),
     ]
     return [problem for problem in checks if problem]
@@ -112,6 +112,14 @@ def _device_problem(config: ServiceConfig) -> str | None:
         f"--worker-gpus {config.worker_gpus:g} asks for GPUs, but this machine has no NVIDIA GPU driver; "
         "use --worker-gpus 0 to run the workers on the CPU."
     )
+
+
+def _worker_folder_problems(config: ServiceConfig) -> list[str | None]:
+    return [
+        _dir_problem(config.data_dir, "data directory", "--data-dir"),
+        _dir_problem(config.disk_dir, "disk-tier directory", "--disk-dir"),
+        *(_source_root_problem(root) for root in config.source_roots),
+    ]
 
 
 def _dir_problem(path: str | None, what: str, flag: str) -> str | None:
