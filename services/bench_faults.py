@@ -19,23 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mosaic_core.durable.manifest import replay
+from services.local_service import LocalService, wait_until
 
 STREAMS = ("cam-a", "cam-b")
 DELETED = "cam-gone"
@@ -57,144 +53,6 @@ class FaultResult:
     @property
     def ok(self) -> bool:
         return not self.lost and not self.checks and self.recovery_s is not None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.25):
-    """Polls ``predicate`` until it returns a truthy value (returned) or ``timeout_s`` passes (None)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    return None
-
-
-class LocalService:
-    """A redis-server and a ``mosaic serve`` as child processes, on loopback, sharing ``workdir``."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.data_dir = workdir / "data"
-        self.redis_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
-        self.redis: subprocess.Popen | None = None
-        self.server: subprocess.Popen | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def start_redis(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed (Debian package redis-server); it is needed here")
-        args = [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.redis = subprocess.Popen(args, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not wait_until(self._redis_answers, 20):
-            raise RuntimeError(f"redis-server did not start on port {self.redis_port}")
-
-    def _redis_answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.redis_port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def start_server(self, timeout_s: float = 240.0) -> None:
-        config = {
-            "host": "127.0.0.1",
-            "grpc_port": self.grpc_port,
-            "metrics_port": self.metrics_port,
-            "redis_url": f"redis://127.0.0.1:{self.redis_port}/0",
-            "redis_namespace": "faults",
-            "data_dir": str(self.data_dir),
-            "model": "tiny",
-            "workers": 1,
-            "ray_num_cpus": 2,
-            "ray_log_to_driver": False,
-            "metadata_resync_interval_s": 2.0,
-            "telemetry_interval_s": 0.5,
-            # Maintenance merges would rename clusters on purpose; this benchmark counts renames as losses.
-            "engine": {"target_tokens_per_frame": 16, "local_window_tokens": 64, "merge_min_questions": 1_000_000},
-        }
-        path = self.workdir / "serve.yaml"
-        path.write_text(json.dumps(config))  # JSON is YAML
-        log = (self.workdir / "serve.log").open("ab")
-        self.server = subprocess.Popen(
-            [sys.executable, "-m", "mosaic_core.cli", "serve", "--config", str(path)],
-            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        if not wait_until(lambda: self.health() == "SERVING" or self.server.poll() is not None, timeout_s, 0.5):
-            raise RuntimeError(f"mosaic serve did not become ready in {timeout_s:.0f}s; see {self.workdir}/serve.log")
-        if self.server.poll() is not None:
-            raise RuntimeError(f"mosaic serve exited with {self.server.returncode}; see {self.workdir}/serve.log")
-
-    def stop_server(self, sig: int = signal.SIGTERM, timeout_s: float = 90.0) -> None:
-        if self.server is None or self.server.poll() is not None:
-            return
-        self.server.send_signal(sig)
-        try:
-            self.server.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.server.kill()
-            self.server.wait(10)
-
-    def stop(self) -> None:
-        self.stop_server()
-        if self.redis is not None and self.redis.poll() is None:
-            self.redis.kill()
-            self.redis.wait(10)
-
-    def client(self):
-        from services.client import MosaicClient
-
-        return MosaicClient(self.target, timeout_s=15.0)
-
-    def health(self) -> str:
-        try:
-            with self.client() as client:
-                return client.health_status(timeout_s=2.0)
-        except Exception:
-            return "UNREACHABLE"
-
-    def metric(self, name: str, labels: str) -> float | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=3) as response:
-                text = response.read().decode()
-        except OSError:
-            return None
-        match = re.search(rf"^{re.escape(name)}{{{re.escape(labels)}}} (\S+)$", text, re.MULTILINE)
-        return float(match.group(1)) if match else None
-
-    def worker_pid(self) -> int | None:
-        value = self.metric("mosaic_worker_pid", 'worker="0"')
-        return int(value) if value else None
-
-    def sealed(self, stream_id: str) -> dict[str, tuple]:
-        """The stream's sealed clusters as its manifest records them: id -> (start, end, tokens, checksum)."""
-        stream_dir = self.data_dir / "worker-0" / stream_id
-        return {
-            e.cluster_id: (e.start_s, e.end_s, e.num_tokens, e.checksum) for e in replay(stream_dir).clusters.values()
-        }
-
-    def redis_cluster_ids(self, stream_id: str) -> set[str] | None:
-        from services.metadata.redis_store import RedisMetadataStore
-
-        try:
-            store = RedisMetadataStore.from_url(f"redis://127.0.0.1:{self.redis_port}/0", namespace="faults")
-            try:
-                return {m.cluster_id for m in store.list_clusters(stream_id)}
-            finally:
-                store.close()
-        except Exception:
-            return None
 
 
 class Pusher:
