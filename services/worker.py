@@ -180,7 +180,13 @@ class WorkerCore:
         """Re-opens the streams of this worker's data directory, with their history and counters."""
         restored = []
         for stream in self.loop.call(self.engine.restore_streams, timeout_s=None):
-            record = StreamRecord(**{**stream.meta, "worker_id": self.worker_id})
+            try:
+                record = StreamRecord(**{**stream.meta, "worker_id": self.worker_id})
+            except (TypeError, MosaicError) as err:  # a record this version no longer accepts
+                log.error("worker %s keeps stream %s on disk but cannot serve it: %s", self.worker_id,
+                          stream.stream_id, err)  # fmt: skip
+                self.loop.call(self.engine.close_stream, stream.stream_id, forget_history=False)
+                continue
             counters = stream.state.get("counters") or {}
             self.telemetry.restore(record.stream_id, StreamTotals(**counters))
             session = StreamSession(record, clock_epoch_unix=stream.state.get("clock_epoch_unix"))

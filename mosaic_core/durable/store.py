@@ -310,11 +310,12 @@ class DurableStore:
     def _run_with_retry(self, op) -> None:
         for attempt in range(len(RETRY_S) + 1):
             try:
-                with self._io:
-                    if isinstance(op, Path):
-                        shutil.rmtree(op, ignore_errors=True)
-                    elif op.stream_id in self._writers:  # else the stream was deleted meanwhile
-                        self._commit(op)
+                if isinstance(op, Path):
+                    shutil.rmtree(op, ignore_errors=True)  # in the trash: nothing else touches it
+                else:
+                    with self._io:
+                        if op.stream_id in self._writers:  # else the stream was deleted meanwhile
+                            self._commit(op)
                 break
             except OSError as err:
                 with self._cv:

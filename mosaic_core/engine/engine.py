@@ -184,10 +184,11 @@ class Engine:
         self.streams[stream_id] = state
         return state
 
-    def close_stream(self, stream_id: str) -> None:
-        """Closes a stream and frees every byte it held in every tier, its durable history included."""
+    def close_stream(self, stream_id: str, *, forget_history: bool = True) -> None:
+        """Closes a stream and frees every byte it held in every tier, its durable history included unless
+        ``forget_history`` is False (the stream comes back at the next restart)."""
         state = self.stream(stream_id)
-        if self.history is not None:
+        if self.history is not None and forget_history:
             self.history.close(stream_id)  # first: once this returns, a restart cannot bring the stream back
         self._forget_stream(state)
 
