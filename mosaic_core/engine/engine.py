@@ -46,8 +46,7 @@ from mosaic_core.errors import (
 )
 from mosaic_core.memory.pinned import PinnedPool
 from mosaic_core.memory.tiers import KVTiers
-from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
-from mosaic_core.model.tokenizer import chat_prefix
+from mosaic_core.model.adapter import VlmAdapter
 
 DEFAULT_SYSTEM_PROMPT = "You are watching a live camera. Answer questions about what it has seen, and when."
 UNLIMITED_BYTES = 1 << 62
@@ -56,7 +55,7 @@ UNLIMITED_BYTES = 1 << 62
 class Engine:
     """Streams of frames in, answers with evidence out, within the configured memory budgets."""
 
-    def __init__(self, model: Qwen25VLAdapter, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: VlmAdapter, config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
         self.spec = model.kv_spec
@@ -102,6 +101,8 @@ class Engine:
         dtype: torch.dtype | None = None,
     ) -> Engine:
         """Builds the engine over a preset name (random weights) or a local checkpoint directory."""
+        from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter  # the one architecture so far
+
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(Qwen25VLAdapter.load(name_or_path, device=device, dtype=dtype), config)
 
@@ -173,7 +174,7 @@ class Engine:
             former=ClusterFormer(stream_id, formation),
             summaries=SummaryIndex(self.spec, device=self.model.device),
         )
-        ids = self.model.encode_text(chat_prefix(system_prompt or DEFAULT_SYSTEM_PROMPT) + "<|vision_start|>")
+        ids = self.model.stream_preamble(system_prompt or DEFAULT_SYSTEM_PROMPT)
         self._reserve_stream(stream_id, len(ids))
         plan = IngestPlan([state], self.spec)
         input_ids = torch.tensor([ids], device=self.model.device)

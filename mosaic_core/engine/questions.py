@@ -23,7 +23,6 @@ from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, Retr
 from mosaic_core.engine.retrieval import Retriever, machinery_for
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.errors import InvalidArgumentError, OutOfRangeError
-from mosaic_core.model.tokenizer import question_prompt
 
 if TYPE_CHECKING:
     from mosaic_core.engine.engine import Engine
@@ -145,7 +144,7 @@ def _check_question(engine, question: str, max_new_tokens: int) -> list[int]:
     limit = engine.config.max_new_tokens_limit
     if not 0 < max_new_tokens <= limit:
         raise InvalidArgumentError(f"max_new_tokens must be in 1..{limit}, got {max_new_tokens}")
-    ids = engine.model.encode_text(question_prompt(question))
+    ids = engine.model.question_ids(question)
     if len(ids) > engine.config.max_question_tokens:
         raise InvalidArgumentError(
             f"the question is {len(ids)} tokens long; the limit is {engine.config.max_question_tokens}"

@@ -30,7 +30,7 @@ from mosaic_core.memory.layout import KVSpec
 from mosaic_core.model.attention_hook import MOSAIC_ATTENTION, PLAN_KWARG, AttentionPlan
 from mosaic_core.model.pixels import VisionGeometry, choose_geometry, frames_to_vision_input
 from mosaic_core.model.presets import PRESETS, preset_config_kwargs
-from mosaic_core.model.tokenizer import load_qwen_tokenizer
+from mosaic_core.model.tokenizer import chat_prefix, load_qwen_tokenizer, question_prompt
 from mosaic_core.model.vision_attention import batch_vision_chunks
 
 # Mosaic attention for the language model; the vision tower keeps SDPA.
@@ -114,6 +114,14 @@ class Qwen25VLAdapter:
         return cls.from_pretrained(name_or_path, device=device, dtype=dtype)
 
     # -- text ---------------------------------------------------------------------------------------------------
+    def stream_preamble(self, system_prompt: str) -> list[int]:
+        """Qwen's chat template up to the user turn's video: ``<|im_start|>system ... <|vision_start|>``."""
+        return self.encode_text(chat_prefix(system_prompt) + "<|vision_start|>")
+
+    def question_ids(self, question: str) -> list[int]:
+        """Qwen's chat template after the video: the question, then the opening of the assistant turn."""
+        return self.encode_text(question_prompt(question))
+
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 

@@ -96,3 +96,13 @@ def test_batched_vision_chunks_equal_transformers_attention(tiny_model, height, 
         for module in attentions:
             module.__class__ = BatchedChunkAttention
     assert torch.allclose(batched, reference, atol=1e-5, rtol=1e-5), (batched - reference).abs().max()
+
+
+def test_the_qwen_adapter_is_a_vlm_adapter_and_owns_its_chat_template(tiny_model):
+    from mosaic_core.model.adapter import VlmAdapter
+
+    assert isinstance(tiny_model, VlmAdapter)
+    preamble = tiny_model.decode_tokens(tiny_model.stream_preamble("watch the gate"))
+    assert "watch the gate" in preamble
+    question = tiny_model.question_ids("when did the van leave?")
+    assert tiny_model.decode_tokens(question).strip().startswith("when did the van leave?")
