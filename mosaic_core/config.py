@@ -29,8 +29,8 @@ class RetrievalMode(StrEnum):
     """
 
     FULL = "full"
-    TOKEN = "token"
     FRAME = "frame"
+    TOKEN = "token"
     CLUSTER = "cluster"
 
     @property
