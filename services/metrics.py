@@ -210,7 +210,9 @@ class MosaicMetrics:
             "mosaic_errors_total", "Errors returned, by gRPC status code name.", ["code"], registry=r
         )
         # --- durability and the metadata index ---
-        self.worker_pid = Gauge("mosaic_worker_pid", "Process id of each live worker.", ["worker"], registry=r)
+        self.worker_pid = Gauge(
+            "mosaic_worker_pid", "Process id of each worker (0 until it first reports).", ["worker"], registry=r
+        )
         self.metadata_store_up = Gauge(
             "mosaic_metadata_store_up", "1 if the worker's last metadata write succeeded.", ["worker"], registry=r
         )
@@ -432,7 +434,7 @@ class MosaicMetrics:
             self.ingest_batch_frames.labels(worker)
             self.cluster_device_hit_ratio.labels(worker)
             for metric in (
-                self.metadata_store_up, self.metadata_queue_depth, self.metadata_writes_dropped_total,
+                self.worker_pid, self.metadata_store_up, self.metadata_queue_depth, self.metadata_writes_dropped_total,
                 self.metadata_resyncs_total, self.durable_pending_clusters, self.durable_oldest_pending_seconds,
                 self.durable_clusters_written_total, self.durable_write_errors_total,
             ):  # fmt: skip

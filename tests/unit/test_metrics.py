@@ -30,6 +30,16 @@ SPEC = {
     "mosaic_active_streams": ("gauge", set()),
     "mosaic_workers_up": ("gauge", set()),
     "mosaic_errors_total": ("counter", {"code"}),
+    # Durability and the metadata index (docs/durability.md).
+    "mosaic_worker_pid": ("gauge", {"worker"}),
+    "mosaic_metadata_store_up": ("gauge", {"worker"}),
+    "mosaic_metadata_write_queue_depth": ("gauge", {"worker"}),
+    "mosaic_metadata_writes_dropped_total": ("counter", {"worker"}),
+    "mosaic_metadata_resyncs_total": ("counter", {"worker"}),
+    "mosaic_durable_pending_clusters": ("gauge", {"worker"}),
+    "mosaic_durable_oldest_pending_seconds": ("gauge", {"worker"}),
+    "mosaic_durable_clusters_written_total": ("counter", {"worker"}),
+    "mosaic_durable_write_errors_total": ("counter", {"worker"}),
 }
 
 
