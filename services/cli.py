@@ -40,7 +40,7 @@ _SERVE_FLAGS = (
     ("--data-dir", str, "directory that keeps camera history durably, so it survives restarts"),
     ("--disk-dir", str, "directory of the disk tier"),
     ("--disk-budget-bytes", int, "disk KV budget per worker (0: no disk tier)"),
-    ("--mode", str, "retrieval mode: full, token or cluster (default cluster)"),
+    ("--mode", str, "retrieval mode: full, token, frame or cluster (default cluster)"),
     ("--api-key", str, f"require this key in x-api-key (or set {API_KEY_ENV})"),
     ("--tls-cert", str, "PEM certificate chain; enables TLS with --tls-key"),
     ("--tls-key", str, "PEM private key"),

@@ -61,7 +61,7 @@ class ServiceConfig(BaseModel):
     worker_start_timeout_s: float = Field(180.0, gt=0)
     # --- engine ---
     model: str = "tiny"
-    mode: Literal["full", "token", "cluster"] = "cluster"
+    mode: Literal["full", "token", "frame", "cluster"] = "cluster"
     device_budget_bytes: int = Field(256 * MIB, gt=0)
     host_budget_bytes: int = Field(1024 * MIB, ge=0)
     # Camera history (sealed clusters, stream records) is kept here, one folder per worker, and survives

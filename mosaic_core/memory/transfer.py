@@ -82,7 +82,8 @@ class TransferEngine:
         if self.side is None or not out.is_cuda:
             return gather_slabs_reference(slabs, out, first_token), Moved()
         with self._on_side(out, timed=True) as moved:
-            # The timing starts right before the copies, after the host has built the kernel's address table.
+            # The timing starts before the host builds the kernel's address table, as it starts before the first
+            # per-slab copy is issued: both paths are timed with their host work.
             if batched:
                 end = gather_slabs(slabs, out, first_token, on_launch=moved.started.record)
             else:
