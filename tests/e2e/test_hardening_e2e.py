@@ -157,27 +157,20 @@ def test_reflection_is_served_as_v1_and_v1alpha(service, package):
 
 @pytest.fixture(scope="module")
 def own_server(ray_cluster, redis_server, tmp_path_factory):
-    """A one-worker server of this module's own (its worker gets killed), with a source root holding a clip.
-
-    The config class adds the source settings the service config is getting; the router reads them by name.
-    """
+    """A one-worker server of this module's own (its worker gets killed), with a source root holding a clip."""
     from pathlib import Path
 
     from mosaic_core.model.video import sample_clip_path
     from services.client import MosaicClient
-    from services.config import ServiceConfig
+    from services.config import load_config
     from services.embedded import ServerThread
-
-    class WithSources(ServiceConfig):
-        source_roots: tuple[str, ...] = ()
-        allowed_source_schemes: tuple[str, ...] = ("rtsp", "rtsps", "http", "https")
 
     root = tmp_path_factory.mktemp("sources")
     (root / "cam.mp4").write_bytes(Path(sample_clip_path("carphone_pristine.mp4")).read_bytes())
-    config = WithSources(
-        host="127.0.0.1", grpc_port=0, metrics_port=0, workers=1, worker_cpus=0.25,
+    config = load_config(
+        None, host="127.0.0.1", grpc_port=0, metrics_port=0, workers=1, worker_cpus=0.25,
         redis_url=redis_server.url, redis_namespace="hard-own", api_key=API_KEY,
-        telemetry_interval_s=0.25, shutdown_grace_s=0.5, shutdown_drain_s=0.1, source_roots=(str(root),),
+        telemetry_interval_s=0.25, shutdown_grace_s=0.5, shutdown_drain_s=0.1, source_roots=[str(root)],
         engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 128},
     )  # fmt: skip
     server = ServerThread(config).start(timeout_s=400)
