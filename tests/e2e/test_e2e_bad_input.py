@@ -58,7 +58,13 @@ CASES = [
         "missing-source",
         lambda c, s: c.create_stream("bad-src", source_url="/no/such/clip.mp4"),
         "INVALID_ARGUMENT",
-        "open",
+        "is not allowed",  # the source policy's one sentence: it does not say whether the file exists
+    ),
+    (
+        "ftp-source",
+        lambda c, s: c.create_stream("bad-src", source_url="ftp://127.0.0.1/clip.mp4"),
+        "INVALID_ARGUMENT",
+        "is not allowed",
     ),
     ("corrupt-frame", lambda c, s: c.push_frames([CORRUPT_JPEG]), "INVALID_ARGUMENT", "cannot be decoded"),
     (
