@@ -83,10 +83,32 @@ def ask(
 def _generate(
     engine, state, question, question_ids, plan, max_new_tokens, request=None
 ) -> Iterator[TokenEvent | Answer]:
-    model, tiers = engine.model, engine.tiering.tiers
-    bytes_before = dict(tiers.stats.bytes_by_direction)
-    copies_before = dict(tiers.stats.copies_by_direction)
-    hits_before, lookups_before = engine.tiering.device_hits, engine.tiering.device_lookups
+    try:
+        decoded = yield from _decode(engine, state, question_ids, plan, max_new_tokens)
+    finally:
+        plan.retriever.release()  # also when the caller abandons the answer (deadline, cancel, stream deleted)
+    token_ids, timings, retrieval, last_hidden = decoded
+    if request is not None and plan.recall_probe is not None:
+        plan.recall_probe.report(request)
+    plan.retriever.promote()
+    evidence = _evidence(state, plan, engine.config.evidence_spans)
+    _maintain(engine, state, plan)
+    yield Answer(
+        stream_id=state.stream_id,
+        question=question,
+        text=engine.model.decode_tokens(token_ids),
+        token_ids=token_ids,
+        evidence=evidence,
+        timings=timings,
+        retrieval=retrieval,
+        last_hidden=last_hidden,
+    )
+
+
+def _decode(engine, state, question_ids, plan, max_new_tokens):
+    """The question's forward pass and its decode steps, yielding each ``TokenEvent``; returns
+    ``(token_ids, timings, retrieval stats, last hidden state)``."""
+    model = engine.model
     timings = AnswerTimings()
     start = time.perf_counter()
     cursor = state.text_cursor
@@ -120,22 +142,8 @@ def _generate(
     _sync(model.device)
     timings.decode_s = time.perf_counter() - decode_start
     timings.num_tokens = len(token_ids)
-    retrieval = _retrieval_stats(engine, plan, bytes_before, copies_before, hits_before, lookups_before)
-    if request is not None and plan.recall_probe is not None:
-        plan.recall_probe.report(request)
-    plan.retriever.promote()
-    evidence = _evidence(state, plan, engine.config.evidence_spans)
-    _maintain(engine, state, plan)
-    yield Answer(
-        stream_id=state.stream_id,
-        question=question,
-        text=model.decode_tokens(token_ids),
-        token_ids=token_ids,
-        evidence=evidence,
-        timings=timings,
-        retrieval=retrieval,
-        last_hidden=last_hidden,
-    )
+    retrieval = _retrieval_stats(plan)
+    return token_ids, timings, retrieval, last_hidden
 
 
 def _check_question(engine, question: str, max_new_tokens: int) -> list[int]:
@@ -168,11 +176,9 @@ def _candidates(engine, state: StreamState, time_range) -> list[str]:
     return [r.cluster_id for r in records if r.start_s <= end_s and r.end_s >= start_s]
 
 
-def _retrieval_stats(engine, plan, bytes_before, copies_before, hits_before, lookups_before) -> RetrievalStats:
-    tiers, tiering = engine.tiering.tiers, engine.tiering
-    to_device = ("host_to_device", "disk_to_device")
-    bytes_fetched = sum(tiers.stats.bytes_by_direction[d] - bytes_before[d] for d in to_device)
-    copies = sum(tiers.stats.copies_by_direction[d] - copies_before[d] for d in to_device)
+def _retrieval_stats(plan) -> RetrievalStats:
+    """This question's own counts, kept by its retriever: right even when other questions interleave with it."""
+    retriever = plan.retriever
     first = plan.selection_history[0] if plan.selection_history else []
     retrieved = {cid for sel in first if sel is not None for cid in sel.cluster_ids}
     tokens = [sel.num_tokens for sel in first if sel is not None]
@@ -180,11 +186,11 @@ def _retrieval_stats(engine, plan, bytes_before, copies_before, hits_before, loo
         num_clusters_retrieved=len(retrieved),
         num_tokens_retrieved=max(tokens, default=0),
         num_layers_scored=sum(1 for sel in first if sel is not None and sel.scores is not None),
-        bytes_fetched=bytes_fetched,
-        num_copies=copies,
-        device_hits=tiering.device_hits - hits_before,
-        device_lookups=tiering.device_lookups - lookups_before,
-        transfer_s=plan.retriever.transfer_seconds(),
+        bytes_fetched=retriever.bytes_fetched,
+        num_copies=retriever.num_copies,
+        device_hits=retriever.device_hits,
+        device_lookups=retriever.device_lookups,
+        transfer_s=retriever.transfer_seconds(),
         attention_recall=None if plan.recall_probe is None else plan.recall_probe.recall,
         decode_attention_recall=None if plan.recall_probe is None else plan.recall_probe.decode_recall,
     )

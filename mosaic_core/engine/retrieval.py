@@ -112,6 +112,12 @@ class Retriever:
         last, anchor = spec.num_layers - 1, machinery.prefetch_after_layer
         self.prefetch_after_layer = anchor if anchor is not None and anchor < last else None
         self.votes: dict[str, int] = {}  # cluster -> layers that chose it
+        self._pinned: set[str] = set()  # units read so far, pinned until ``release``
+        # This question's own counts (engine-wide counters also move, but other questions move them too).
+        self.bytes_fetched = 0
+        self.num_copies = 0
+        self.device_hits = 0
+        self.device_lookups = 0
         # Stage timers for the benchmark's breakdown. They synchronise the device, so they are off by default.
         self.profile = profile
         self.score_s = 0.0
@@ -154,6 +160,8 @@ class Retriever:
         if host:
             num_bytes = sum(slab.numel() * slab.element_size() for slab in host)
             self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, len(host))
+            self.bytes_fetched += num_bytes
+            self.num_copies += len(host)
             self._timed_gathers.append(moved)
         self.fetch_s += self._now(buffer.device) - start
         return end, moved
@@ -161,6 +169,12 @@ class Retriever:
     def transfer_seconds(self) -> float:
         """Device time spent gathering retrieved KV that had to be copied (waits for the copies to finish)."""
         return sum(moved.seconds() for moved in self._timed_gathers)
+
+    def release(self) -> None:
+        """Unpins every unit this question read (once; the question is over or was abandoned)."""
+        for cluster_id in self._pinned:
+            self.tiering.residency.unpin(cluster_id)
+        self._pinned.clear()
 
     def promote(self) -> list[str]:
         """After the answer: caches on the device the units that at least half of the layers chose."""
@@ -193,8 +207,15 @@ class Retriever:
 
     def _slab(self, cluster_id: str, layer: int) -> torch.Tensor:
         # One lookup per unit and question, measured in every mode (ReKV-style blocks live on the host: they miss).
-        if not self.machinery.choose_all and cluster_id not in self.votes:
-            self.tiering.record_lookup(hit=self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE)
+        if cluster_id not in self._pinned:
+            # Pinned until the question ends: maintenance, retention and eviction leave it where it is.
+            self.tiering.residency.pin(cluster_id)
+            self._pinned.add(cluster_id)
+        if cluster_id not in self.votes and not self.machinery.choose_all:
+            hit = self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE
+            self.tiering.record_lookup(hit=hit)
+            self.device_lookups += 1
+            self.device_hits += hit
         self.votes[cluster_id] = self.votes.get(cluster_id, 0) + 1
         return self.tiering.tiers.layer_slab(cluster_id, layer)
 

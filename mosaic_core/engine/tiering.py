@@ -94,7 +94,8 @@ class TierManager:
         """
         promoted = []
         for cluster_id in cluster_ids:
-            if self.residency.tier_of(cluster_id) is Tier.DEVICE:
+            record = self.residency.record(cluster_id)
+            if record.tier is Tier.DEVICE or record.pinned:  # another question is reading it where it is
                 continue
             plan = self.residency.plan_fetch(cluster_id, Tier.DEVICE, exclude=keep)
             if plan is None:
