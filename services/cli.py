@@ -174,12 +174,9 @@ def start_ray(config, *, debug: bool, log_to_driver: bool, show_flag: str = "--l
             logging.getLogger(name).handlers = [handler]
             logging.getLogger(name).propagate = False
             logging.getLogger(name).setLevel(logging.INFO)
-    options = {"log_to_driver": log_to_driver, "configure_logging": debug}
-    if config.ray_address == "local":
-        num_cpus = config.ray_num_cpus or os.cpu_count()
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
-    else:
-        ray.init(address=config.ray_address, **options)
+    from services.router import init_ray  # binds Ray to loopback with a loopback --host, dashboard off
+
+    init_ray(config, log_to_driver=log_to_driver, configure_logging=debug)
     if driver_log is not None:
         ray_logger.handlers = [handler]
     try:

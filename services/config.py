@@ -53,6 +53,8 @@ class ServiceConfig(BaseModel):
     ray_address: str = "local"
     ray_num_cpus: float | None = Field(None, gt=0)
     ray_log_to_driver: bool = True
+    # Ray's dashboard (and its job API) stays off unless asked for; then it listens on loopback only.
+    ray_dashboard: bool = False
     redis_url: str | None = None
     redis_namespace: str = "mosaic"
     workers: int = Field(1, ge=1, le=1024)
@@ -82,6 +84,14 @@ class ServiceConfig(BaseModel):
     ingest_queue_frames: int = Field(32, ge=1)
     max_batch_frames: int = Field(16, ge=1)
     max_push_calls: int = Field(64, ge=1)
+    max_stream_fps: float = Field(60.0, gt=0)
+    # Questions one stream may have running or waiting; past it, RESOURCE_EXHAUSTED with a retry hint.
+    max_questions_per_stream: int = Field(4, ge=1)
+    # How long questions may keep a stream's new frames out of ingest (frames cannot enter mid-answer).
+    max_question_hold_s: float = Field(2.0, ge=0)
+    # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
+    source_max_failures: int = Field(10, ge=1)
+    source_max_refused_frames: int = Field(100, ge=1)
     # A pushed frame may run at most this far ahead of its stream's clock (real time since the first frame, or
     # Unix time, but never behind the newest frame); one wild timestamp would otherwise freeze the camera.
     max_push_skew_s: float = Field(120.0, gt=0)
@@ -94,6 +104,9 @@ class ServiceConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_pairs(self) -> ServiceConfig:
+        from services.sources import check_source_schemes  # raises ConfigError naming an unsupported scheme
+
+        check_source_schemes(self.allowed_source_schemes)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(
                 f"tls_cert and tls_key go together, got tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}"

@@ -35,14 +35,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from services.config import ServiceConfig
-from services.convert import DEFAULT_MAX_FPS
 from services.coordinator import Coordinator
 from services.errors import UnauthenticatedError, status_for
 from services.gen.mosaic.v1 import mosaic_pb2, mosaic_pb2_grpc
 from services.metrics import MosaicMetrics
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
-from services.sources import DEFAULT_SOURCE_SCHEMES
 from services.store_actor import RayMetadataStore, connect_store
 from services.worker import worker_actor
 
@@ -163,7 +161,7 @@ class MosaicServer:
             mode=cfg.mode,
             default_max_new_tokens=cfg.default_max_new_tokens,
             max_push_calls=cfg.max_push_calls,
-            max_fps=getattr(cfg, "max_stream_fps", DEFAULT_MAX_FPS),  # a config field once the config has it
+            max_fps=cfg.max_stream_fps,
             source_policy=_source_policy(cfg),
         )
         mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, self._server)
@@ -268,12 +266,9 @@ class MosaicServer:
         await self._stopped.wait()
 
 
-def _source_policy(cfg: ServiceConfig) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """``(allowed schemes, source roots)`` for the servicer's ``source_url`` check, once the config has them."""
-    roots = getattr(cfg, "source_roots", None)
-    if roots is None:
-        return None  # a config without the source settings: the workers decide alone
-    return tuple(getattr(cfg, "allowed_source_schemes", DEFAULT_SOURCE_SCHEMES)), tuple(roots)
+def _source_policy(cfg: ServiceConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(allowed schemes, source roots)`` for the servicer's ``source_url`` check."""
+    return tuple(cfg.allowed_source_schemes), tuple(cfg.source_roots)
 
 
 def _enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:
@@ -332,7 +327,7 @@ def ray_init_options(config: ServiceConfig, **overrides) -> dict:
         return {"address": config.ray_address, **overrides}
     if os.environ.get(RAY_AUTH_ENV, "").lower() not in ("", "token"):
         log.warning("%s=%s turns off Ray's token authentication", RAY_AUTH_ENV, os.environ[RAY_AUTH_ENV])
-    dashboard = bool(getattr(config, "ray_dashboard", False))
+    dashboard = config.ray_dashboard
     options: dict = {"num_cpus": config.ray_num_cpus or os.cpu_count(), "include_dashboard": dashboard}
     if dashboard:
         options["dashboard_host"] = LOOPBACK

@@ -40,7 +40,7 @@ from services.engine_loop import DONE, EngineLoop, QuestionJob
 from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
 from services.metadata.base import MetadataStore, StreamRecord
 from services.publisher import DeleteStream, MetadataPublisher, PutStream, WorkerView
-from services.session import EPOCH_THRESHOLD_S, StreamSession
+from services.session import StreamSession
 from services.sources import NETWORK_SCHEMES, SourceReader, SourceState, check_source_url
 from services.store_actor import connect_store
 from services.telemetry import DurabilityHealth, StreamTotals, TelemetryDelta, WorkerTelemetry, durability_health
@@ -135,6 +135,8 @@ class WorkerCore:
             self.telemetry,
             max_batch_frames=config.max_batch_frames,
             retention_s=self._retention_s,
+            max_questions_per_stream=config.max_questions_per_stream,
+            max_hold_s=config.max_question_hold_s,
         )
         self.loop.start()
         self.restored_streams = self._restore()
@@ -252,8 +254,18 @@ class WorkerCore:
         def sink(timestamp_s: float, rgb: np.ndarray, sid: str = record.stream_id) -> None:
             self._offer(sid, timestamp_s + offset_s, rgb)
 
+        cfg = self.config
+        source = check_source_url(
+            record.source_url, allowed_schemes=cfg.allowed_source_schemes, source_roots=cfg.source_roots
+        )  # the path to open: symlinks and '..' resolved, checked against the roots
         reader = SourceReader(
-            record.source_url, fps=record.fps, sink=sink, loop=record.loop_source, name=f"source-{record.stream_id}"
+            source,
+            fps=record.fps,
+            sink=sink,
+            loop=record.loop_source,
+            max_failures=cfg.source_max_failures,
+            max_refused_frames=cfg.source_max_refused_frames,
+            name=f"source-{record.stream_id}",
         )
         session.source = reader.start()
 
@@ -412,13 +424,8 @@ class WorkerCore:
             self.engine.save_stream_state(stream_id, counters=dataclasses.asdict(totals))
 
     def _lag_s(self, stream_id: str, session: StreamSession) -> float:
-        newest = self.loop.last_ingested_s.get(stream_id)
-        if newest is None or session.anchor is None:
-            return 0.0
-        if newest >= EPOCH_THRESHOLD_S:
-            return time.time() - newest
-        anchor_mono, anchor_ts = session.anchor
-        return (time.monotonic() - anchor_mono) - (newest - anchor_ts)
+        """How far ingest trails: seconds since the stream's oldest frame still waiting for ingest arrived."""
+        return self.queues.oldest_wait_s(stream_id)
 
     def _retention_s(self, stream_id: str) -> float:
         session = self.sessions.get(stream_id)
