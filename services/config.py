@@ -85,6 +85,8 @@ class ServiceConfig(BaseModel):
     max_batch_frames: int = Field(16, ge=1)
     max_push_calls: int = Field(64, ge=1)
     max_stream_fps: float = Field(60.0, gt=0)
+    # Share of a worker's measured ingest rate that its streams' fps may add up to; 0 admits every stream.
+    ingest_headroom: float = Field(0.8, ge=0, le=1)
     # Questions one stream may have running or waiting; past it, RESOURCE_EXHAUSTED with a retry hint.
     max_questions_per_stream: int = Field(4, ge=1)
     # How long questions may keep a stream's new frames out of ingest (frames cannot enter mid-answer).

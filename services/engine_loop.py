@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from mosaic_core.engine.results import Answer, FrameInput
 from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError
+from services.admission import IngestCapacity
 from services.errors import DeadlineError, NoFramesYetError, QueueFullError
 from services.ingest_queue import IngestQueues, QueuedFrame
 from services.telemetry import WorkerTelemetry
@@ -119,6 +120,7 @@ class EngineLoop:
         self.frames_per_stream_pass = frames_per_stream_pass
         self.stats = None  # latest EngineStats, refreshed every STATS_REFRESH_S
         self.last_ingested_s: dict[str, float] = {}  # stream -> timestamp of the newest ingested frame
+        self.capacity = IngestCapacity()  # frames/s this engine has been seen to ingest, for admission
         self._stats_at = 0.0
         self._commands: deque[tuple[tuple, Future]] = deque()
         self._questions: list[QuestionJob] = []
@@ -227,8 +229,10 @@ class EngineLoop:
         return True
 
     def _ingest_batch(self, batch: list[QueuedFrame]) -> None:
+        started_s = time.monotonic()
         ingested = self._ingest(batch)
         done_s = time.monotonic()
+        self.capacity.observe(len(ingested), done_s - started_s)
         per_stream: dict[str, int] = defaultdict(int)
         for frame in ingested:
             per_stream[frame.stream_id] += 1

@@ -35,6 +35,7 @@ from mosaic_core.errors import (
 )
 from mosaic_core.model.pixels import validate_frames
 from mosaic_core.model.video import probe_video
+from services.admission import check_admission
 from services.config import ServiceConfig
 from services.engine_loop import DONE, EngineLoop, QuestionJob
 from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
@@ -218,6 +219,14 @@ class WorkerCore:
         with self._lock:
             if record.stream_id in self.sessions:
                 raise AlreadyExistsError(f"stream {record.stream_id!r} is already open on worker {self.worker_id}")
+            check_admission(
+                self.loop.capacity.frames_per_s(),
+                offered_fps=sum(s.record.fps for s in self.sessions.values()),
+                new_fps=record.fps,
+                headroom=self.config.ingest_headroom,
+                worker_id=self.worker_id,
+                stream_id=record.stream_id,
+            )
             self.sessions[record.stream_id] = StreamSession(record)
         try:
             if record.source_url:

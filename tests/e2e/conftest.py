@@ -70,6 +70,7 @@ def service(ray_cluster, redis_server, tls_files, tmp_path_factory):  # noqa: F8
         data_dir=str(tmp_path_factory.mktemp("history")),
         source_roots=[os.path.dirname(sample_clip_path("bikes.mp4"))],  # the sample clips, as `mosaic demo` does
         ingest_queue_frames=32,
+        ingest_headroom=0.0,  # tests here create streams at whatever fps they need; admission has its own test
         max_batch_frames=8,
         query_queue_size=3,
         query_concurrency=2,

@@ -80,3 +80,20 @@ def test_a_full_device_budget_is_resource_exhausted(tiny_model, tmp_path):
         assert f"cam-{opened}" not in worker.sessions
     finally:
         worker.shutdown()
+
+
+def test_a_worker_refuses_streams_beyond_what_it_has_measured(tiny_model, bikes_frames, tmp_path):
+    config = load_config(None, data_dir=str(tmp_path), ingest_headroom=0.8, engine={"target_tokens_per_frame": 16})
+    worker = _worker(tiny_model, config, InMemoryMetadataStore())
+    try:
+        worker.open_stream(StreamRecord(stream_id="cam-0", fps=1.0))
+        frames = [(i, "cam-0", float(i), rgb) for i, (_, rgb) in enumerate(bikes_frames[:8])]
+        assert not worker.push(frames).rejected
+        _wait_ingested(worker, "cam-0", 8)
+        measured = worker.loop.capacity.frames_per_s()
+        assert measured is not None and measured > 0
+        with pytest.raises(CapacityError, match="would not be kept real-time"):
+            worker.open_stream(StreamRecord(stream_id="cam-fast", fps=min(1000.0, 2 * measured)))
+        assert "cam-fast" not in worker.sessions
+    finally:
+        worker.shutdown()
