@@ -39,6 +39,7 @@ from services.coordinator import Coordinator
 from services.errors import UnauthenticatedError, status_for
 from services.gen.mosaic.v1 import mosaic_pb2, mosaic_pb2_grpc
 from services.metrics import MosaicMetrics
+from services.request_log import RequestLogInterceptor
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
 from services.store_actor import RayMetadataStore, connect_store
@@ -144,7 +145,9 @@ class MosaicServer:
 
     async def _start_grpc(self, queue: QueryQueue) -> None:
         cfg = self.config
-        interceptors = [ApiKeyInterceptor(cfg.api_key, self.metrics)] if cfg.api_key else []
+        interceptors = [RequestLogInterceptor()]  # outermost: refused calls are logged too
+        if cfg.api_key:
+            interceptors.append(ApiKeyInterceptor(cfg.api_key, self.metrics))
         options = [
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.max_receive_message_length", cfg.max_message_bytes),

@@ -1,0 +1,44 @@
+"""``--log-level DEBUG`` logs one line per gRPC request: a real aio server with the interceptor, real calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.request_log import RequestLogInterceptor
+
+
+async def _serve_and_call() -> None:
+    server = grpc.aio.server(interceptors=[RequestLogInterceptor()])
+    servicer = health.aio.HealthServicer()
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+    finally:
+        await server.stop(None)
+
+
+def test_each_request_is_one_debug_line_with_its_status(caplog):
+    with caplog.at_level(logging.DEBUG, logger="mosaic.requests"):
+        asyncio.run(_serve_and_call())
+    lines = [r.getMessage() for r in caplog.records if r.name == "mosaic.requests"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("/grpc.health.v1.Health/Check from ") and " -> OK in " in lines[0]
+    assert " -> NOT_FOUND in " in lines[1]
+
+
+def test_nothing_is_logged_above_debug(caplog):
+    with caplog.at_level(logging.INFO, logger="mosaic.requests"):
+        asyncio.run(_serve_and_call())
+    assert not [r for r in caplog.records if r.name == "mosaic.requests"]
