@@ -68,12 +68,11 @@ class HistoryKeeper:
             self.store.reserve_ids(state.stream_id, reserved)
             self._reserved[state.stream_id] = reserved
 
-    def on_stored(self, state: StreamState, cluster_id: str) -> None:
-        """A frame of ``cluster_id`` left the local window; if that completed a sealed cluster, persist it."""
-        if state.local and state.local[0].cluster_id == cluster_id:
-            return  # more of its frames are still in the window
+    def on_stored(self, state: StreamState, cluster_id: str, frame_index: int) -> None:
+        """Frame ``frame_index`` left the local window and joined ``cluster_id``'s KV; if it was the last frame
+        of a sealed cluster, the cluster is complete: persist it."""
         record = state.former.get(cluster_id)
-        if record.sealed:
+        if record.sealed and frame_index == record.frame_indices[-1]:
             self.store.submit(state.stream_id, add=[self._seal(state, record)])
 
     def on_merge(self, state: StreamState, merged_id: str, removed_ids: list[str]) -> None:

@@ -207,7 +207,7 @@ def _store_in_cluster(engine: Engine, state: StreamState, frame: LocalFrame) -> 
         engine.tiering.admit(frame.cluster_id, state.stream_id, frame.kv, prefer=prefer)
     state.summaries.add(frame.cluster_id, frame.kv[:, 0])
     if engine.history is not None:
-        engine.history.on_stored(state, frame.cluster_id)
+        engine.history.on_stored(state, frame.cluster_id, frame.frame_index)
 
 
 def flush_window(engine: Engine, state: StreamState) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zlib
 
 import pytest
@@ -144,4 +145,20 @@ def test_retention_keeps_the_summary_rows_bounded(tiny_model, bikes_frames, tmp_
         capacities.append(summaries._sum.shape[0])
     assert len(summaries) <= 10, "retention keeps only the last few seconds"
     assert capacities[-1] == capacities[1], f"summary rows grew with every lap: {capacities}"
+    engine.close()
+
+
+def test_each_sealed_cluster_is_written_once_and_whole(tiny_model, bikes_frames, tmp_path):
+    """Frames leave the window several at a time (a pass of many frames, a checkpoint): a cluster is written
+    only when its last frame has joined it, never half-filled and rewritten."""
+    engine = make_engine(tiny_model, data_dir=str(tmp_path), max_frames_per_pass=4)
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:24], batch=12)
+    engine.checkpoint()
+    lines = (tmp_path / "cam" / "manifest.jsonl").read_text().splitlines()
+    added = [entry["cluster_id"] for line in lines for entry in json.loads(line.split(" ", 1)[1]).get("add", [])]
+    assert len(added) == len(set(added)), f"clusters written more than once: {added}"
+    for entry in replay(tmp_path / "cam").clusters.values():
+        kv = engine.history.store.read_kv(entry.cluster_id)
+        assert kv.shape[3] == entry.num_tokens, f"{entry.cluster_id}: {kv.shape[3]} tokens, {entry.num_tokens} recorded"
     engine.close()
