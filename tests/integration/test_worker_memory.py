@@ -65,8 +65,9 @@ def test_footprint_stops_growing_and_falls_when_streams_go(tiny_model, bikes_fra
         clock_s, sizes = 0.0, []
         for lap in range(6):
             clock_s = _lap(worker, frames, clock_s)
-            for stream_id in CAMERAS:  # the loop's own pass is rate-limited to once a second: run one now
-                worker.loop.call(worker.tier_sync.apply_retention, stream_id, 4.0, now_s=time.monotonic() + 60 * (lap + 1))
+            pass_at_s = time.monotonic() + 60 * (lap + 1)  # the loop's own pass is rate-limited: run one now
+            for stream_id in CAMERAS:
+                worker.loop.call(worker.tier_sync.apply_retention, stream_id, 4.0, now_s=pass_at_s)
             types, tensor_bytes = _footprint()
             sizes.append(tensor_bytes)
             if lap == 2:
