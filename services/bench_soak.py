@@ -78,12 +78,14 @@ class Load:
     def _push(self) -> None:
         import grpc
 
-        clock_s, index = 0.0, 0
+        index, start = 0, time.monotonic()
         with self.service.client() as client:
-            while not self._stop.wait(1.0 / self.fps):
-                clock_s += 1.0 / self.fps
+            # Frame k is due at start + k/fps and carries that time: the stream clock stays on the wall clock
+            # however long a push takes (frames due while a push ran are skipped, as a live camera's would be).
+            while not self._stop.wait(max(0.0, start + (index + 1) / self.fps - time.monotonic())):
+                index = max(index + 1, int((time.monotonic() - start) * self.fps))
+                clock_s = index / self.fps
                 rgb = self.frames[index % len(self.frames)]
-                index += 1
                 try:
                     client.push_frames([(f"soak-{c}", clock_s, rgb) for c in range(self.cameras)], timeout_s=30)
                 except grpc.RpcError as err:
