@@ -57,6 +57,11 @@ def _logged(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandle
             finally:
                 finish(context, started, error)
 
+    return replace_behaviour(handler, behaviour)
+
+
+def replace_behaviour(handler: grpc.RpcMethodHandler, behaviour) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and (de)serializers as ``handler`` that runs ``behaviour`` instead."""
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,

@@ -39,7 +39,7 @@ from services.coordinator import Coordinator
 from services.errors import UnauthenticatedError, status_for
 from services.gen.mosaic.v1 import mosaic_pb2, mosaic_pb2_grpc
 from services.metrics import MosaicMetrics
-from services.request_log import RequestLogInterceptor
+from services.request_log import RequestLogInterceptor, replace_behaviour
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
 from services.store_actor import RayMetadataStore, connect_store
@@ -82,18 +82,7 @@ def _deny(handler: grpc.RpcMethodHandler, metrics: MosaicMetrics, what: str) -> 
         metrics.error(status.code.name)
         await context.abort(status.code, status.message)
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(
-        refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return replace_behaviour(handler, refuse)
 
 
 class MosaicServer:
