@@ -3,7 +3,6 @@ sentence that names the problem, the right exit code, and no traceback. None of 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -182,13 +181,6 @@ def test_push_of_a_missing_path_or_an_empty_folder(tmp_path):
     empty = mosaic("push", "cam-1", str(tmp_path))
     assert empty.returncode == 2
     assert "has no .jpg, .jpeg or .png images" in error_sentence(empty)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("services.bench_faults") is not None, reason="the module exists")
-def test_bench_faults_without_its_module():
-    result = mosaic("bench", "faults", "--quick")
-    assert result.returncode == 2
-    assert "services.bench_faults" in error_sentence(result)
 
 
 def test_version():
