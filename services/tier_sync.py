@@ -52,7 +52,7 @@ class TierSync:
         self._last_retention_s: dict[str, float] = {}
         engine.tiering.listeners.append(self._on_move)
 
-    def location(self, cluster_id: str, tier: Tier) -> str:
+    def location(self, tier: Tier) -> str:
         """Where the bytes are: ``device:<worker>``, ``host:<worker>`` or ``disk:<worker>``."""
         return f"{tier.name.lower()}:{self.worker_id}"
 
@@ -88,7 +88,7 @@ class TierSync:
             num_tokens=info.num_tokens,
             num_bytes=info.num_bytes,
             tier=info.tier,
-            location=self.location(info.cluster_id, Tier[info.tier.upper()]),
+            location=self.location(Tier[info.tier.upper()]),
         )
 
     def _diff(self, stream_id: str) -> None:

@@ -323,7 +323,7 @@ class WorkerCore:
             bytes_by_tier=dict(stats.bytes_by_tier),
             first_timestamp_s=stats.first_timestamp_s,
             last_timestamp_s=stats.last_timestamp_s,
-            lag_s=self._lag_s(stream_id, session),
+            lag_s=self.queues.oldest_wait_s(stream_id),
             queue_frames=self.queues.depth(stream_id),
             source_state=int(progress.state) if progress else int(SourceState.PUSH),
             source_error=progress.error if progress else "",
@@ -415,7 +415,7 @@ class WorkerCore:
 
     # -- telemetry ----------------------------------------------------------------------------------
     def drain_telemetry(self) -> TelemetryDelta:
-        lags = {sid: self._lag_s(sid, s) for sid, s in list(self.sessions.items())}
+        lags = {sid: self.queues.oldest_wait_s(sid) for sid in list(self.sessions)}
         delta = self.telemetry.drain(queue_depths=self.queues.depths(), lags_s=lags, engine_stats=self.loop.stats)
         delta.durability = self._durability_delta()
         self._save_counters()
@@ -431,10 +431,6 @@ class WorkerCore:
         for stream_id in list(self.sessions):
             totals = self.telemetry.totals(stream_id)
             self.engine.save_stream_state(stream_id, counters=dataclasses.asdict(totals))
-
-    def _lag_s(self, stream_id: str, session: StreamSession) -> float:
-        """How far ingest trails: seconds since the stream's oldest frame still waiting for ingest arrived."""
-        return self.queues.oldest_wait_s(stream_id)
 
     def _retention_s(self, stream_id: str) -> float:
         session = self.sessions.get(stream_id)

@@ -18,6 +18,7 @@ background), so a crash right after a delete never brings the stream back.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -379,8 +380,6 @@ class DurableStore:
 
 
 def _json_bytes(value: dict) -> bytes:
-    import json
-
     return json.dumps(value, sort_keys=True).encode()
 
 

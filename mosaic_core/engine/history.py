@@ -48,7 +48,6 @@ class HistoryKeeper:
         self.store = store
         self.tiering = tiering
         self._reserved: dict[str, int] = {}  # stream -> cluster numbers below this are recorded as possibly used
-        self.num_unreadable = 0  # clusters of the last adopted stream whose record could not be read
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def create(self, state: StreamState, *, system_prompt: str | None, meta: dict) -> None:
@@ -115,13 +114,12 @@ class HistoryKeeper:
     # -- restart ------------------------------------------------------------------------------------------
     def adopt(self, state: StreamState, stored: StoredStream) -> RestoredStream:
         """Gives a freshly opened stream (sink prefilled, empty window) its history back from disk."""
-        summaries, entries, self.num_unreadable = {}, [], 0
+        summaries, entries = {}, []
         for entry in sorted(stored.clusters, key=lambda e: (e.start_s, e.cluster_id)):
             try:
                 summaries[entry.cluster_id] = self._read_summary(state.stream_id, entry)
             except Exception as err:  # a missing or garbled file costs that cluster, not the stream
                 log.error("cannot restore cluster %s: %s", entry.cluster_id, err)
-                self.num_unreadable += 1
                 continue
             entries.append(entry)
         saved = stored.state
