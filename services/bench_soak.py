@@ -4,18 +4,19 @@ Starts ``redis-server`` and ``mosaic serve`` (tiny preset, one CPU worker, a dat
 child processes, pushes N looping cameras at real-time pace and asks a question at a steady rate. Every
 ``--sample-s`` it records, per process, resident memory (router and worker, from ``/proc``), and from the
 service: tier bytes, clusters, the worst stream lag, frames dropped, and the time to first token of the
-questions asked since the previous sample (measured by the client). At the end it fits a line to each series
-after ``--warmup-s`` and prints the slopes per hour, with a small plot of the worker's memory. A flat service
-has slopes near zero; the issue's targets are a worker RSS slope under 10 MB/h, TTFT p99 drift under 10%/h and
-a flat lag p99.
-
-Python heap sizes inside the service processes are not sampled (they are other processes); RSS is.
+questions asked since the previous sample (measured by the client). With ``--heap`` the router and worker
+also trace their Python heap (``services.heap_probe``: bytes tracemalloc holds, objects the garbage collector
+tracks, and the source lines that grew most), sampled alongside. At the end it fits a line to each series after
+``--warmup-s`` and prints the slopes per hour, with a small plot of the worker's memory. A flat service has
+slopes near zero; the issue's targets are a worker RSS slope under 10 MB/h, TTFT p99 drift under 10%/h and a
+flat lag p99.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services import heap_probe
 from services.local_service import LocalService
 
 QUESTIONS = ("what happened?", "was anyone there?", "what moved last?", "describe the scene")
@@ -43,6 +45,9 @@ class Sample:
     dropped: float
     ttft_p50_ms: float | None
     ttft_p99_ms: float | None
+    worker_heap_mb: float | None = None
+    worker_objects: float | None = None
+    router_heap_mb: float | None = None
 
 
 @dataclass(slots=True)
@@ -132,6 +137,8 @@ def metric_max(text: str, name: str) -> float:
 def sample(service: LocalService, load: Load, t_s: float) -> Sample:
     text = service.metrics_text()
     ttfts = load.take_ttfts()
+    worker_heap = heap_probe.read_latest(service.workdir, "worker-*")
+    router_heap = heap_probe.read_latest(service.workdir, "router")
     return Sample(
         t_s=t_s,
         router_rss_mb=rss_mb(service.server.pid if service.server else None),
@@ -142,6 +149,9 @@ def sample(service: LocalService, load: Load, t_s: float) -> Sample:
         dropped=metric_sum(text, "mosaic_frames_dropped_total"),
         ttft_p50_ms=float(np.percentile(ttfts, 50)) if ttfts else None,
         ttft_p99_ms=float(np.percentile(ttfts, 99)) if ttfts else None,
+        worker_heap_mb=None if worker_heap is None else worker_heap["traced_bytes"] / 2**20,
+        worker_objects=None if worker_heap is None else worker_heap["objects"],
+        router_heap_mb=None if router_heap is None else router_heap["traced_bytes"] / 2**20,
     )
 
 
@@ -169,6 +179,9 @@ def sparkline(values: list[float], width: int = 60) -> str:
 SERIES = (
     ("worker_rss_mb", "worker RSS", "MB/h"),
     ("router_rss_mb", "router RSS", "MB/h"),
+    ("worker_heap_mb", "worker heap", "MB/h"),
+    ("worker_objects", "worker objects", "/h"),
+    ("router_heap_mb", "router heap", "MB/h"),
     ("tier_bytes_mb", "KV in tiers", "MB/h"),
     ("clusters", "clusters", "/h"),
     ("lag_max_s", "worst lag", "s/h"),
@@ -185,18 +198,23 @@ def report(samples: list[Sample], warmup_s: float) -> str:
         first = next((getattr(s, key) for s in after if getattr(s, key) is not None), None)
         last = next((getattr(s, key) for s in reversed(after) if getattr(s, key) is not None), None)
         slope = slope_per_hour(samples, key, warmup_s)
+        if first is None and last is None:
+            continue  # a series not sampled in this run (the heap without --heap)
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         lines.append(f"{name:<16} {fmt(first):>10} {fmt(last):>10} {fmt(slope) + ' ' + unit:>22}")
     lines.append("worker RSS  " + sparkline([s.worker_rss_mb for s in samples]))
     return "\n".join(lines)
 
 
-def run_soak(workdir: Path, args) -> tuple[list[Sample], dict[str, int]]:
+def run_soak(workdir: Path, args) -> tuple[list[Sample], dict[str, int], list | None]:
     from mosaic_core.model.video import iter_video_frames, sample_clip_path
 
     frames = [f.rgb for f in iter_video_frames(sample_clip_path("bikes.mp4"), fps=args.fps, max_frames=40)]
     service = LocalService(workdir, device_budget_bytes=16 * 2**20, host_budget_bytes=64 * 2**20)
     samples: list[Sample] = []
+    if args.heap:  # the service's processes inherit the environment and write their heap lines into workdir
+        os.environ[heap_probe.ENV_DIR] = str(workdir)
+        os.environ[heap_probe.ENV_INTERVAL] = str(min(args.sample_s, 30.0))
     try:
         _status("starting redis-server and mosaic serve (tiny preset, one CPU worker)")
         service.start_redis()
@@ -216,7 +234,8 @@ def run_soak(workdir: Path, args) -> tuple[list[Sample], dict[str, int]]:
                 f"router {last.router_rss_mb:.0f} MB, {last.clusters:.0f} clusters, lag {last.lag_max_s:.1f} s"
             )
         load.stop()
-        return samples, dict(load.errors)
+        worker_heap = heap_probe.read_latest(workdir, "worker-*")
+        return samples, dict(load.errors), None if worker_heap is None else worker_heap["growth"]
     finally:
         service.stop()
 
@@ -239,20 +258,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-s", type=float, default=None, help="default: a fifth of the duration")
     parser.add_argument("--quick", action="store_true", help="3 minutes, sampled every 10 s (CPU, CI)")
     parser.add_argument("--json", default=None, help="also write every sample to this JSON file")
+    parser.add_argument("--heap", action="store_true", help="trace the service's Python heap (tracemalloc; slower)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration_s, args.sample_s = 180.0, 10.0
     warmup_s = args.warmup_s if args.warmup_s is not None else args.duration_s / 5
     workdir = Path(tempfile.mkdtemp(prefix="mosaic-soak-"))
     try:
-        samples, errors = run_soak(workdir, args)
+        samples, errors, heap_growth = run_soak(workdir, args)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(report(samples, warmup_s))
     print(f"client errors: {errors or 'none'}")
+    if heap_growth is not None:
+        print("worker heap, source lines that grew most since its first snapshot (bytes, blocks):")
+        print("\n".join(f"  {size:>+12,} {count:>+8,}  {site}" for site, size, count in heap_growth))
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"args": vars(args), "errors": errors, "samples": [asdict(s) for s in samples]}, indent=1)
+            json.dumps(
+                dict(args=vars(args), errors=errors, heap_growth=heap_growth, samples=[asdict(s) for s in samples])
+            )
         )
         _status(f"samples written to {args.json}")
     return 0

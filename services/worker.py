@@ -35,6 +35,7 @@ from mosaic_core.errors import (
 )
 from mosaic_core.model.pixels import validate_frames
 from mosaic_core.model.video import probe_video
+from services import heap_probe
 from services.admission import check_admission
 from services.config import ServiceConfig
 from services.engine_loop import DONE, EngineLoop, QuestionJob
@@ -112,6 +113,7 @@ class WorkerCore:
     def __init__(self, worker_id: str, config: ServiceConfig, store: MetadataStore | None = None, engine=None) -> None:
         self.worker_id = worker_id
         self.config = config
+        heap_probe.start(f"worker-{worker_id}")
         if store is None and not config.redis_url:
             raise ConfigError("a worker needs a metadata store: pass one, or set redis_url")
         self.store = store if store is not None else connect_store(config.redis_url, namespace=config.redis_namespace)

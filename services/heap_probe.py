@@ -1,0 +1,86 @@
+"""The Python heap of a service process over time, for ``mosaic bench soak``; off unless asked for.
+
+With ``MOSAIC_HEAP_DIR`` set in a process's environment, ``start(role)`` starts ``tracemalloc`` and a daemon
+thread that appends one JSON line every ``MOSAIC_HEAP_INTERVAL_S`` seconds (default 30) to
+``<dir>/heap-<role>-<pid>.jsonl``:
+
+    {"t": 1764612000.0, "traced_bytes": 81234567, "objects": 412345,
+     "growth": [["mosaic_core/engine/ingest.py:120", 1048576, 2048], ...]}
+
+``traced_bytes`` is what Python's allocator holds (tensor storage is not in it); ``objects`` is the number of
+objects the garbage collector tracks; ``growth`` lists the ten source lines whose traced bytes grew most since
+the first snapshot, with the growth in bytes and in blocks. tracemalloc slows allocation-heavy code, so this is
+for soaks, not for serving.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+ENV_DIR = "MOSAIC_HEAP_DIR"
+ENV_INTERVAL = "MOSAIC_HEAP_INTERVAL_S"
+TOP_SITES = 10
+_started: set[str] = set()
+
+
+def start(role: str) -> Path | None:
+    """Starts sampling this process as ``role`` when ``MOSAIC_HEAP_DIR`` is set; returns the file, else None."""
+    directory = os.environ.get(ENV_DIR)
+    if not directory or role in _started:
+        return None
+    _started.add(role)
+    interval_s = float(os.environ.get(ENV_INTERVAL, "30"))
+    path = Path(directory) / f"heap-{role}-{os.getpid()}.jsonl"
+    tracemalloc.start()
+    thread = threading.Thread(target=_sample_forever, args=(path, interval_s), name=f"heap-{role}", daemon=True)
+    thread.start()
+    return path
+
+
+def sample_line(first: tracemalloc.Snapshot | None) -> tuple[dict, tracemalloc.Snapshot]:
+    """One record of the heap now, with growth against ``first`` (None: this snapshot becomes the first)."""
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    first = first or snapshot
+    growth = [
+        [f"{_short(stat.traceback[0].filename)}:{stat.traceback[0].lineno}", stat.size_diff, stat.count_diff]
+        for stat in snapshot.compare_to(first, "lineno")[:TOP_SITES]
+    ]
+    line = {"t": time.time(), "traced_bytes": tracemalloc.get_traced_memory()[0], "objects": len(gc.get_objects())}
+    line["growth"] = growth
+    return line, first
+
+
+def read_latest(directory: Path, role: str) -> dict | None:
+    """The newest line written by any process of ``role`` in ``directory`` (the newest file wins)."""
+    files = sorted(directory.glob(f"heap-{role}-*.jsonl"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(files):
+        lines = path.read_text().splitlines()
+        for text in reversed(lines):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:  # a line being written
+                continue
+    return None
+
+
+def _sample_forever(path: Path, interval_s: float) -> None:
+    first = None
+    while True:
+        line, first = sample_line(first)
+        with path.open("a") as out:
+            out.write(json.dumps(line) + "\n")
+        time.sleep(interval_s)
+
+
+def _short(filename: str) -> str:
+    for marker in ("/site-packages/", "/mosaic_core/", "/services/"):
+        if marker in filename:
+            head = "" if marker == "/site-packages/" else marker.strip("/") + "/"
+            return head + filename.split(marker, 1)[1]
+    return filename
