@@ -215,6 +215,7 @@ def run_soak(workdir: Path, args) -> tuple[list[Sample], dict[str, int], list | 
     if args.heap:  # the service's processes inherit the environment and write their heap lines into workdir
         os.environ[heap_probe.ENV_DIR] = str(workdir)
         os.environ[heap_probe.ENV_INTERVAL] = str(min(args.sample_s, 30.0))
+        os.environ[heap_probe.ENV_BASELINE] = str(args.warmup_s)
     try:
         _status("starting redis-server and mosaic serve (tiny preset, one CPU worker)")
         service.start_redis()
@@ -262,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration_s, args.sample_s = 180.0, 10.0
-    warmup_s = args.warmup_s if args.warmup_s is not None else args.duration_s / 5
+    if args.warmup_s is None:
+        args.warmup_s = args.duration_s / 5
+    warmup_s = args.warmup_s
     workdir = Path(tempfile.mkdtemp(prefix="mosaic-soak-"))
     try:
         samples, errors, heap_growth = run_soak(workdir, args)

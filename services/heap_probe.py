@@ -9,7 +9,9 @@ thread that appends one JSON line every ``MOSAIC_HEAP_INTERVAL_S`` seconds (defa
 
 ``traced_bytes`` is what Python's allocator holds (tensor storage is not in it); ``objects`` is the number of
 objects the garbage collector tracks; ``growth`` lists the ten source lines whose traced bytes grew most since
-the first snapshot, with the growth in bytes and in blocks. tracemalloc slows allocation-heavy code, so this is
+the baseline snapshot, with the growth in bytes and in blocks. The baseline is the first snapshot taken at least
+``MOSAIC_HEAP_BASELINE_S`` seconds (default 0) after start, so that a soak can leave its warm-up (imports, model
+load, filling the tiers) out; before it, ``growth`` is empty. tracemalloc slows allocation-heavy code, so this is
 for soaks, not for serving.
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 ENV_DIR = "MOSAIC_HEAP_DIR"
 ENV_INTERVAL = "MOSAIC_HEAP_INTERVAL_S"
+ENV_BASELINE = "MOSAIC_HEAP_BASELINE_S"
 TOP_SITES = 10
 _started: set[str] = set()
 
@@ -36,9 +39,11 @@ def start(role: str) -> Path | None:
         return None
     _started.add(role)
     interval_s = float(os.environ.get(ENV_INTERVAL, "30"))
+    baseline_s = float(os.environ.get(ENV_BASELINE, "0"))
     path = Path(directory) / f"heap-{role}-{os.getpid()}.jsonl"
     tracemalloc.start()
-    thread = threading.Thread(target=_sample_forever, args=(path, interval_s), name=f"heap-{role}", daemon=True)
+    args = (path, interval_s, baseline_s)
+    thread = threading.Thread(target=_sample_forever, args=args, name=f"heap-{role}", daemon=True)
     thread.start()
     return path
 
@@ -69,10 +74,18 @@ def read_latest(directory: Path, role: str) -> dict | None:
     return None
 
 
-def _sample_forever(path: Path, interval_s: float) -> None:
-    first = None
+def _sample_forever(path: Path, interval_s: float, baseline_s: float) -> None:
+    first, start = None, time.monotonic()
     while True:
-        line, first = sample_line(first)
+        if first is None and time.monotonic() - start < baseline_s:
+            line = {
+                "t": time.time(),
+                "traced_bytes": tracemalloc.get_traced_memory()[0],
+                "objects": len(gc.get_objects()),
+            }
+            line["growth"] = []
+        else:
+            line, first = sample_line(first)
         with path.open("a") as out:
             out.write(json.dumps(line) + "\n")
         time.sleep(interval_s)

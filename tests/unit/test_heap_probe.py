@@ -42,3 +42,11 @@ def test_a_process_with_the_variable_set_writes_lines_that_read_back(tmp_path):
 def test_nothing_is_traced_without_the_variable(tmp_path, monkeypatch):
     monkeypatch.delenv(heap_probe.ENV_DIR, raising=False)
     assert heap_probe.start("router") is None and not tracemalloc.is_tracing()
+
+
+def test_growth_waits_for_the_baseline(tmp_path):
+    code = "import time; from services import heap_probe; heap_probe.start('router'); time.sleep(0.4)"
+    env = {heap_probe.ENV_DIR: str(tmp_path), heap_probe.ENV_INTERVAL: "0.1", heap_probe.ENV_BASELINE: "60"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    lines = [json.loads(t) for t in next(tmp_path.glob("heap-router-*.jsonl")).read_text().splitlines()]
+    assert len(lines) >= 2 and all(line["growth"] == [] and line["traced_bytes"] > 0 for line in lines)
