@@ -1,15 +1,14 @@
 """``mosaic bench soak``: a real local service run for hours, sampled, and its slopes after warm-up.
 
-Starts ``redis-server`` and ``mosaic serve`` (tiny preset, one CPU worker, a data directory, retention on) as
-child processes, pushes N looping cameras at real-time pace and asks a question at a steady rate. Every
-``--sample-s`` it records, per process, resident memory (router and worker, from ``/proc``), and from the
-service: tier bytes, clusters, the worst stream lag, frames dropped, and the time to first token of the
-questions asked since the previous sample (measured by the client). With ``--heap`` the router and worker
-also trace their Python heap (``services.heap_probe``: bytes tracemalloc holds, objects the garbage collector
+Starts ``redis-server`` and ``mosaic serve`` (tiny preset and one CPU worker unless ``--model`` and ``--gpu`` say
+otherwise, a data directory, retention on) as child processes, pushes N looping cameras at real-time pace and asks a
+question at a steady rate. Every ``--sample-s`` it records, per process, resident memory (router and worker, from
+``/proc``), and from the service: tier bytes, clusters, the worst stream lag, frames dropped, and the time to first
+token of the questions asked since the previous sample (measured by the client). With ``--heap`` the router and
+worker also trace their Python heap (``services.heap_probe``: bytes tracemalloc holds, objects the garbage collector
 tracks, and the source lines that grew most), sampled alongside. At the end it fits a line to each series after
-``--warmup-s`` and prints the slopes per hour, with a small plot of the worker's memory. A flat service has
-slopes near zero; the issue's targets are a worker RSS slope under 10 MB/h, TTFT p99 drift under 10%/h and a
-flat lag p99.
+``--warmup-s`` and prints the slopes per hour, with a small plot of the worker's memory. A flat service has slopes
+near zero; the issue's targets are a worker RSS slope under 10 MB/h, TTFT p99 drift under 10%/h and a flat lag p99.
 """
 
 from __future__ import annotations
@@ -209,15 +208,22 @@ def report(samples: list[Sample], warmup_s: float) -> str:
 def run_soak(workdir: Path, args) -> tuple[list[Sample], dict[str, int], list | None]:
     from mosaic_core.model.video import iter_video_frames, sample_clip_path
 
-    frames = [f.rgb for f in iter_video_frames(sample_clip_path("bikes.mp4"), fps=args.fps, max_frames=40)]
-    service = LocalService(workdir, device_budget_bytes=16 * 2**20, host_budget_bytes=64 * 2**20)
+    clip = args.clip or os.environ.get("MOSAIC_BENCH_CLIP") or sample_clip_path("bikes.mp4")
+    frames = [f.rgb for f in iter_video_frames(clip, fps=args.fps, max_frames=40)]
+    service = LocalService(
+        workdir,
+        model=args.model,
+        worker_gpus=1.0 if args.gpu else 0.0,
+        device_budget_bytes=args.device_budget_mib * 2**20,
+        host_budget_bytes=args.host_budget_mib * 2**20,
+    )
     samples: list[Sample] = []
     if args.heap:  # the service's processes inherit the environment and write their heap lines into workdir
         os.environ[heap_probe.ENV_DIR] = str(workdir)
         os.environ[heap_probe.ENV_INTERVAL] = str(min(args.sample_s, 30.0))
         os.environ[heap_probe.ENV_BASELINE] = str(args.warmup_s)
     try:
-        _status("starting redis-server and mosaic serve (tiny preset, one CPU worker)")
+        _status(f"starting redis-server and mosaic serve ({args.model}, one {'GPU' if args.gpu else 'CPU'} worker)")
         service.start_redis()
         service.start_server()
         with service.client() as client:
@@ -259,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-s", type=float, default=None, help="default: a fifth of the duration")
     parser.add_argument("--quick", action="store_true", help="3 minutes, sampled every 10 s (CPU, CI)")
     parser.add_argument("--json", default=None, help="also write every sample to this JSON file")
+    parser.add_argument("--model", default="tiny", help="preset or checkpoint of the worker (default tiny)")
+    parser.add_argument("--gpu", action="store_true", help="the worker takes one GPU")
+    parser.add_argument("--device-budget-mib", type=int, default=16, help="device KV budget of the worker")
+    parser.add_argument("--host-budget-mib", type=int, default=64, help="host KV budget of the worker")
+    parser.add_argument("--clip", default=None, help="video to loop (default: $MOSAIC_BENCH_CLIP, else bikes.mp4)")
     parser.add_argument("--heap", action="store_true", help="trace the service's Python heap (tracemalloc; slower)")
     args = parser.parse_args(argv)
     if args.quick:
