@@ -1,0 +1,26 @@
+"""A GPU worker runs its model in bfloat16: a preset's float32 default would double the weights on the device
+and leave the tensor cores idle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_worker_builds_its_engine_in_bfloat16(tmp_path):
+    from services.config import ServiceConfig
+    from services.worker import _build_engine
+
+    engine = _build_engine("0", ServiceConfig(model="tiny", worker_gpus=1.0, data_dir=str(tmp_path)))
+    assert engine.model.device.type == "cuda"
+    assert engine.model.kv_spec.dtype == torch.bfloat16
+    assert {p.dtype for p in engine.model.model.parameters()} == {torch.bfloat16}
+
+
+def test_a_cpu_worker_keeps_the_preset_default(tmp_path):
+    from services.config import ServiceConfig
+    from services.worker import _build_engine
+
+    engine = _build_engine("0", ServiceConfig(model="tiny", worker_gpus=0.0, data_dir=str(tmp_path)))
+    assert engine.model.kv_spec.dtype == torch.float32
