@@ -6,6 +6,9 @@
         for event in client.query("what moved?", ["cam-1"]):
             ...
         result = client.ask("what moved?", ["cam-1"])  # collected: text, evidence, timings
+        watch = client.create_watch("Is a truck at the gate?", ["cam-1"], threshold=1.0)
+        for event in client.watch_events([watch.watch_id], after_event_id=0):  # resumable, see docs/watches.md
+            ...
 
 Errors are ``grpc.RpcError`` with the server's status code and sentence; ``retry_after_s(err)`` reads the
 RESOURCE_EXHAUSTED retry hint.
@@ -179,3 +182,60 @@ class MosaicClient:
             elif kind == "timings":
                 result.timings = event.timings
         return result
+
+    # -- standing questions -------------------------------------------------------------------------
+    def create_watch(
+        self,
+        question: str,
+        stream_ids: Iterable[str] = (),
+        *,
+        watch_id: str = "",
+        threshold: float | None = None,
+        cooldown_s: float | None = None,
+        active_hours: tuple[str, str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        webhook_url: str | None = None,
+        webhook_secret: str = "",
+        max_answer_tokens: int = 0,
+    ) -> pb.Watch:
+        """Creates a watch; ``stream_ids`` empty watches every stream; ``active_hours`` is
+        ``(start "HH:MM", end "HH:MM", IANA timezone or "")``; None leaves a setting to the server default."""
+        request = pb.CreateWatchRequest(
+            watch_id=watch_id,
+            question=question,
+            stream_ids=list(stream_ids),
+            labels=labels or {},
+            max_answer_tokens=max_answer_tokens,
+        )
+        if threshold is not None:
+            request.threshold = threshold
+        if cooldown_s is not None:
+            request.cooldown_s = cooldown_s
+        if active_hours is not None:
+            start, end, timezone = active_hours
+            request.active_hours.CopyFrom(pb.ActiveHours(start=start, end=end, timezone=timezone))
+        if webhook_url is not None:
+            request.webhook.CopyFrom(pb.Webhook(url=webhook_url, secret=webhook_secret))
+        return self.stub.CreateWatch(request, timeout=self.timeout_s, metadata=self.metadata)
+
+    def list_watches(self) -> list[pb.Watch]:
+        response = self.stub.ListWatches(pb.ListWatchesRequest(), timeout=self.timeout_s, metadata=self.metadata)
+        return list(response.watches)
+
+    def delete_watch(self, watch_id: str) -> None:
+        self.stub.DeleteWatch(pb.DeleteWatchRequest(watch_id=watch_id), timeout=self.timeout_s, metadata=self.metadata)
+
+    def watch_events(
+        self,
+        watch_ids: Iterable[str] = (),
+        *,
+        after_event_id: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[pb.WatchEvent]:
+        """Streams events of ``watch_ids`` (empty: every watch). ``after_event_id``: the last id you received
+        (buffered events after it come first); None: only events from now on. Cancel the returned iterator's
+        call (``.cancel()``) or let ``timeout_s`` end it."""
+        request = pb.WatchEventsRequest(watch_ids=list(watch_ids))
+        if after_event_id is not None:
+            request.after_event_id = after_event_id
+        return self.stub.WatchEvents(request, timeout=timeout_s, metadata=self.metadata)

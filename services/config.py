@@ -101,6 +101,26 @@ class ServiceConfig(BaseModel):
     metadata_resync_interval_s: float = Field(5.0, gt=0)
     max_stream_labels: int = Field(64, ge=0)
     telemetry_interval_s: float = Field(1.0, gt=0)
+    # --- standing questions (docs/watches.md) ---
+    max_watches: int = Field(1000, ge=0)
+    # Events kept per watch for subscribers that reconnect; older ones are dropped (counted).
+    watch_event_buffer: int = Field(1000, ge=1)
+    max_watch_subscribers: int = Field(256, ge=1)
+    # Lift (nats) and cooldown a watch gets when CreateWatch leaves them unset.
+    watch_default_threshold: float = 1.0
+    watch_default_cooldown_s: float = Field(60.0, ge=0)
+    # Per worker: watch answers waiting for an idle engine, and fired events waiting for the router.
+    watch_answer_queue_size: int = Field(64, ge=1)
+    watch_outbox_size: int = Field(1000, ge=1)
+    # An event whose answer has not run within this long fires without one (answer_error says why).
+    watch_answer_timeout_s: float = Field(30.0, gt=0)
+    # Seconds of neighbouring history a watch's answer may read on each side of the sealed cluster.
+    watch_answer_context_s: float = Field(0.0, ge=0)
+    # Webhook targets a watch may name: URL prefixes (scheme, host, port, path prefix). Empty: webhooks are off.
+    webhook_allowed_urls: list[str] = Field(default_factory=list)
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    webhook_max_attempts: int = Field(4, ge=1, le=20)
+    webhook_queue_size: int = Field(1000, ge=1)
     shutdown_grace_s: float = Field(5.0, ge=0)
     shutdown_drain_s: float = Field(1.0, ge=0)
 
@@ -113,6 +133,9 @@ class ServiceConfig(BaseModel):
             raise ValueError(
                 f"tls_cert and tls_key go together, got tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}"
             )
+        from services.watches_webhook import check_allowed_prefixes  # raises ConfigError naming a bad prefix
+
+        check_allowed_prefixes(self.webhook_allowed_urls)
         if self.disk_budget_bytes > 0 and not self.disk_dir:
             raise ValueError(f"disk_budget_bytes={self.disk_budget_bytes} needs disk_dir")
         return self

@@ -21,6 +21,11 @@ bounded, so a burst of questions cannot freeze a camera:
 
 So a stream is held for at most ``max_hold_s`` plus one answer, then catches up before the next hold.
 
+**Background answers** (a watch's short answer about a sealed cluster, ``submit_background``) wait in their own
+bounded queue and start only when no interactive question is running or waiting on this worker and the
+stream has no frames waiting; one runs at a time. Once started it is an ordinary, short, held question.
+After each ingest pass ``after_ingest(stream_ids)`` runs on this thread (watch evaluation).
+
 **Deadlines and cancellation** are checked before each step and while a question waits: an expired or
 cancelled question is closed (its retrieval pins released) and ends with ``DeadlineError`` or
 ``CancelledError``. A deadline miss is logged as one line, without a traceback.
@@ -50,6 +55,7 @@ STATS_REFRESH_S = 0.5
 DEFAULT_MAX_QUESTIONS_PER_STREAM = 4
 DEFAULT_MAX_HOLD_S = 2.0
 DEFAULT_FRAMES_PER_STREAM_PASS = 2
+DEFAULT_MAX_BACKGROUND_JOBS = 64
 DONE = object()  # ends a question's event queue
 
 
@@ -73,6 +79,8 @@ class QuestionJob:
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     gen: object = None
+    low_priority: bool = False
+    on_finish: object = None  # called on the engine thread with (job, error or None) once the job ends
 
 
 class EngineLoop:
@@ -88,6 +96,8 @@ class EngineLoop:
         max_questions_per_stream: questions of one stream running or waiting here; more are refused.
         max_hold_s: how long after a stream's first running question others may still join it (module doc).
         frames_per_stream_pass: frames each stream gives to one ingest pass.
+        after_ingest: called on the engine thread with the ids of the streams of each ingest pass.
+        max_background_jobs: background answers that may wait; ``submit_background`` refuses more.
     """
 
     def __init__(
@@ -102,6 +112,8 @@ class EngineLoop:
         max_questions_per_stream: int = DEFAULT_MAX_QUESTIONS_PER_STREAM,
         max_hold_s: float = DEFAULT_MAX_HOLD_S,
         frames_per_stream_pass: int = DEFAULT_FRAMES_PER_STREAM_PASS,
+        after_ingest=None,
+        max_background_jobs: int = DEFAULT_MAX_BACKGROUND_JOBS,
     ) -> None:
         if max_questions_per_stream < 1 or frames_per_stream_pass < 1 or not max_hold_s >= 0:
             raise ValueError(
@@ -118,6 +130,9 @@ class EngineLoop:
         self.max_questions_per_stream = max_questions_per_stream
         self.max_hold_s = max_hold_s
         self.frames_per_stream_pass = frames_per_stream_pass
+        self.after_ingest = after_ingest
+        self.max_background_jobs = max_background_jobs
+        self._background: deque[QuestionJob] = deque()
         self.stats = None  # latest EngineStats, refreshed every STATS_REFRESH_S
         self.last_ingested_s: dict[str, float] = {}  # stream -> timestamp of the newest ingested frame
         self.capacity = IngestCapacity()  # frames/s this engine has been seen to ingest, for admission
@@ -171,6 +186,14 @@ class EngineLoop:
         self.wake.set()
         return job
 
+    def submit_background(self, job: QuestionJob) -> bool:
+        """Queues a low-priority answer (engine thread only); False when ``max_background_jobs`` already wait."""
+        if len(self._background) >= self.max_background_jobs:
+            return False
+        job.low_priority = True
+        self._background.append(job)
+        return True
+
     def cancel(self, question_id: str) -> bool:
         job = self._by_id.get(question_id)
         if job is None:
@@ -202,7 +225,7 @@ class EngineLoop:
                 worked = False
             if not worked:
                 self.wake.wait(IDLE_WAIT_S)
-        for job in self._questions + list(self._pending_questions):
+        for job in self._questions + list(self._pending_questions) + list(self._background):
             self._finish(job, QuestionCancelled("the worker is shutting down"))
 
     def _run_commands(self) -> bool:
@@ -243,6 +266,11 @@ class EngineLoop:
         self.tier_sync.flush(streams)
         for stream_id in streams:
             self.tier_sync.apply_retention(stream_id, self.retention_s(stream_id))
+        if self.after_ingest is not None:
+            try:
+                self.after_ingest(streams)
+            except Exception:
+                log.exception("after-ingest hook failed")
 
     def _ingest(self, batch: list[QueuedFrame]) -> list[QueuedFrame]:
         """Ingests the batch; if the engine refuses it, retries stream by stream so one bad camera only
@@ -278,7 +306,27 @@ class EngineLoop:
             self._held_since.setdefault(job.stream_id, now)
             self._questions.append(job)
             started = True
-        return started
+        return self._start_background(now) or started
+
+    def _start_background(self, now: float) -> bool:
+        """Starts the oldest background answer when nothing interactive runs or waits (module doc)."""
+        if not self._background or self._pending_questions or self._questions:
+            return False
+        job = self._background[0]
+        if job.stream_id not in self.engine.streams:
+            self._background.popleft()
+            self._finish(job, QuestionCancelled(f"stream {job.stream_id!r} was deleted"))
+            return True
+        if job.cancelled.is_set() or now > job.deadline_s:
+            self._background.popleft()
+            self._step(job)  # ends it with its cancellation or deadline
+            return True
+        if self.queues.depth(job.stream_id) > 0:
+            return False  # its frames first; the loop comes back once they are in
+        self._background.popleft()
+        self._held_since.setdefault(job.stream_id, now)
+        self._questions.append(job)
+        return True
 
     def _may_start(self, stream_id: str, now: float) -> bool:
         held_since = self._held_since.get(stream_id)
@@ -365,6 +413,11 @@ class EngineLoop:
             job.events.put(error)
         job.events.put(DONE)
         self._by_id.pop(job.question_id, None)
+        if job.on_finish is not None:
+            try:
+                job.on_finish(job, error)
+            except Exception:
+                log.exception("question %s: finish callback failed", job.question_id)
 
     def _end_hold(self, stream_id: str) -> None:
         if self._held_since.pop(stream_id, None) is not None and self.queues.oldest_received_s(stream_id) is not None:
@@ -378,9 +431,12 @@ class EngineLoop:
 
     def cancel_stream_questions(self, stream_id: str) -> None:
         """Ends the stream's questions now (engine thread only): used before the stream closes."""
-        for job in [j for j in self._questions + list(self._pending_questions) if j.stream_id == stream_id]:
+        everything = self._questions + list(self._pending_questions) + list(self._background)
+        for job in [j for j in everything if j.stream_id == stream_id]:
             if job in self._pending_questions:
                 self._pending_questions.remove(job)
+            if job in self._background:
+                self._background.remove(job)
             self._finish(job, QuestionCancelled(f"stream {stream_id!r} was deleted"))
         self._held_since.pop(stream_id, None)
         self._owed_until.pop(stream_id, None)

@@ -56,6 +56,11 @@ INGEST_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 BATCH_FRAMES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INTER_TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
+SEAL_TO_EVENT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+WATCH_SCORE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+WATCH_SUPPRESS_REASONS = ("cooldown", "outside_hours")
+WATCH_DROP_REASONS = ("buffer_full", "outbox_full", "answer_queue_full")
+WEBHOOK_OUTCOMES = ("delivered", "retried", "failed", "dropped")
 RETRIEVAL_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -246,6 +251,7 @@ class MosaicMetrics:
         self.durable_write_errors_total = Counter(
             "mosaic_durable_write_errors_total", "Failed writes of cluster records.", ["worker"], registry=r
         )
+        self.watches = WatchMetrics(r)
 
     # --- stream label mapping ----------------------------------------------------------------------
 
@@ -444,6 +450,7 @@ class MosaicMetrics:
             for tier in TIERS:
                 for metric in (self.tier_used_bytes, self.tier_capacity_bytes, self.clusters):
                     metric.labels(worker, tier)
+        self.watches.prime()
 
     def scrape(self) -> str:
         """The registry in the Prometheus text format, as the HTTP endpoint serves it."""
@@ -453,3 +460,73 @@ class MosaicMetrics:
         """Serves the registry at ``http://addr:port/metrics`` from a daemon thread (port 0: any free one)."""
         httpd, thread = prometheus_client.start_http_server(port, addr=addr, registry=self.registry)
         return MetricsServer(httpd=httpd, thread=thread)
+
+
+class WatchMetrics:
+    """Standing questions (docs/watches.md): watches, evaluations, events, latency, drops and webhooks."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.watches = Gauge("mosaic_watches", "Standing questions (watches) defined.", registry=r)
+        self.evaluations_total = Counter(
+            "mosaic_watch_evaluations_total", "Sealed clusters scored against a watch (one per pair).", registry=r
+        )
+        self.events_total = Counter("mosaic_watch_events_total", "Watch events fired.", registry=r)
+        self.suppressed_total = Counter(
+            "mosaic_watch_suppressed_total", "Matches that did not fire, by reason.", ["reason"], registry=r
+        )
+        self.events_dropped_total = Counter(
+            "mosaic_watch_events_dropped_total",
+            "Watch events lost (buffer_full: dropped from a watch's buffer before any subscriber read them), "
+            "or fired without an answer (answer_queue_full), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.seal_to_event_seconds = Histogram(
+            "mosaic_watch_seal_to_event_seconds",
+            "Time from a cluster being seen sealed to its watch event being stored and sent.",
+            buckets=SEAL_TO_EVENT_BUCKETS_S,
+            registry=r,
+        )
+        self.score_seconds = Histogram(
+            "mosaic_watch_score_seconds",
+            "Engine time to score one sealed cluster against every watch on its stream.",
+            buckets=WATCH_SCORE_BUCKETS_S,
+            registry=r,
+        )
+        self.subscribers = Gauge("mosaic_watch_subscribers", "Open WatchEvents calls.", registry=r)
+        self.webhook_deliveries_total = Counter(
+            "mosaic_watch_webhook_deliveries_total", "Webhook attempts and their outcome.", ["outcome"], registry=r
+        )
+
+    def prime(self) -> None:
+        for reason in WATCH_SUPPRESS_REASONS:
+            self.suppressed_total.labels(reason)
+        for reason in WATCH_DROP_REASONS:
+            self.events_dropped_total.labels(reason)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries_total.labels(outcome)
+
+    def set_watches(self, n: int) -> None:
+        self.watches.set(_non_negative("watches", n))
+
+    def evaluated(self, n: int) -> None:
+        self.evaluations_total.inc(_non_negative("evaluations", n))
+
+    def fired(self, seal_to_event_s: float) -> None:
+        self.events_total.inc()
+        self.seal_to_event_seconds.observe(max(0.0, seal_to_event_s))
+
+    def suppressed(self, reason: str, n: int = 1) -> None:
+        self.suppressed_total.labels(_check("reason", reason, WATCH_SUPPRESS_REASONS)).inc(n)
+
+    def dropped(self, reason: str, n: int = 1) -> None:
+        self.events_dropped_total.labels(_check("reason", reason, WATCH_DROP_REASONS)).inc(n)
+
+    def observe_score(self, s: float) -> None:
+        self.score_seconds.observe(_non_negative("score seconds", s))
+
+    def set_subscribers(self, n: int) -> None:
+        self.subscribers.set(_non_negative("subscribers", n))
+
+    def webhook(self, outcome: str) -> None:
+        self.webhook_deliveries_total.labels(_check("outcome", outcome, WEBHOOK_OUTCOMES)).inc()

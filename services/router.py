@@ -39,11 +39,13 @@ from services.config import ServiceConfig
 from services.coordinator import Coordinator
 from services.errors import UnauthenticatedError, status_for
 from services.gen.mosaic.v1 import mosaic_pb2, mosaic_pb2_grpc
+from services.metadata.watches import InMemoryWatchStore, RedisWatchStore
 from services.metrics import MosaicMetrics
 from services.request_log import RequestLogInterceptor, replace_behaviour
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
 from services.store_actor import RayMetadataStore, connect_store
+from services.watches import WatchRegistry
 from services.worker import worker_actor
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,8 @@ class MosaicServer:
         self._started_ray = False
         self._temp_data_dir: str | None = None
         self._telemetry_task: asyncio.Task | None = None
+        self._servicer: MosaicServicer | None = None
+        self.watches: WatchRegistry | None = None
         self._stopped = asyncio.Event()
         self._ready = False  # what mosaic.v1.Mosaic's health says
 
@@ -157,6 +161,8 @@ class MosaicServer:
             max_fps=cfg.max_stream_fps,
             source_policy=_source_policy(cfg),
         )
+        servicer.watch_defaults = (cfg.watch_default_threshold, cfg.watch_default_cooldown_s)
+        self._servicer = servicer
         mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         _enable_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1), self._server)
@@ -198,6 +204,15 @@ class MosaicServer:
         self._workers = [actor_cls.remote(str(i), cfg, worker_store) for i in range(cfg.workers)]
         self.coordinator.workers = self._workers
         await self.coordinator.start(cfg.worker_start_timeout_s)
+        if cfg.redis_url:
+            watch_store = await asyncio.to_thread(
+                RedisWatchStore.from_url, cfg.redis_url, namespace=cfg.redis_namespace
+            )
+        else:
+            watch_store = InMemoryWatchStore()  # watches last as long as this router (docs/watches.md)
+        self.watches = WatchRegistry(watch_store, self.coordinator, self.metrics, cfg)
+        await self.watches.start()
+        self._servicer.watches = self.watches
 
     async def _telemetry_loop(self) -> None:
         while True:
@@ -238,6 +253,8 @@ class MosaicServer:
             self._telemetry_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._telemetry_task
+        if self.watches is not None:
+            await self.watches.stop()  # open WatchEvents calls end with the server; polls stop first
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
         for worker in self._workers:
@@ -248,6 +265,8 @@ class MosaicServer:
             ray.kill(self._store_actor, no_restart=True)
         if self.coordinator is not None and self.coordinator.store is not None:
             self.coordinator.store.close()
+        if self.watches is not None:
+            self.watches.store.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
         if self._started_ray:

@@ -22,7 +22,7 @@ from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, MosaicError, UnknownStreamError
 from services import convert
 from services.coordinator import Coordinator
-from services.errors import DeadlineError, QueueFullError, abort
+from services.errors import DeadlineError, QueueFullError, UnavailableError, abort
 from services.fanout import Chunk, merge_answers, merged_evidence
 from services.frames import decode_frame
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
@@ -30,6 +30,7 @@ from services.gen.mosaic.v1 import mosaic_pb2_grpc
 from services.metrics import MosaicMetrics
 from services.scheduler import QueryQueue
 from services.sources import check_source_url
+from services.watches_convert import event_to_proto, record_from_request, watch_to_proto
 from services.worker import FrameRejection, PushResult
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         self.evidence_spans = evidence_spans
         self.max_fps = max_fps
         self.source_policy = source_policy
+        self.watches = None  # the router's WatchRegistry, once the backend is up
+        self.watch_defaults = (1.0, 60.0)  # (threshold, cooldown_s) for requests that leave them unset
         self._num_push_calls = 0
         # Frames refused here (undecodable) never reach a worker, whose counts GetStream reports: they are
         # added back so GetStream's frames_dropped and mosaic_frames_dropped_total agree.
@@ -253,6 +256,44 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         ttft_s = 0.0 if first_token_s is None else first_token_s - received_s
         decode_s = 0.0 if first_token_s is None else last_token_s - first_token_s
         yield convert.timings_event(answers, queue_s=queue_s, ttft_s=ttft_s, decode_s=decode_s)
+
+    # -- standing questions ---------------------------------------------------------------------------
+    def _registry(self):
+        if self.watches is None:
+            raise UnavailableError("the server is starting; retry in a few seconds")
+        return self.watches
+
+    async def CreateWatch(self, request, context):
+        try:
+            threshold, cooldown_s = self.watch_defaults
+            record = record_from_request(request, default_threshold=threshold, default_cooldown_s=cooldown_s)
+            return watch_to_proto(*await self._registry().create(record))
+        except Exception as err:
+            await abort(context, err, self.metrics)
+
+    async def ListWatches(self, request, context):
+        try:
+            watches = await self._registry().list()
+            return pb.ListWatchesResponse(watches=[watch_to_proto(r, s) for r, s in watches])
+        except Exception as err:
+            await abort(context, err, self.metrics)
+
+    async def DeleteWatch(self, request, context):
+        try:
+            await self._registry().delete(request.watch_id)
+            return pb.DeleteWatchResponse()
+        except Exception as err:
+            await abort(context, err, self.metrics)
+
+    async def WatchEvents(self, request, context):
+        after = request.after_event_id if request.HasField("after_event_id") else None
+        try:
+            events = self._registry().subscribe(list(dict.fromkeys(request.watch_ids)), after)
+            async with contextlib.aclosing(events):
+                async for item in events:
+                    yield event_to_proto(item)
+        except Exception as err:
+            await abort(context, err, self.metrics)
 
 
 class _RefusedFramesError(MosaicError):

@@ -47,6 +47,8 @@ from services.sources import NETWORK_SCHEMES, SourceReader, SourceState, check_s
 from services.store_actor import connect_store
 from services.telemetry import DurabilityHealth, StreamTotals, TelemetryDelta, WorkerTelemetry, durability_health
 from services.tier_sync import TierSync
+from services.watches_spec import WatchReport, WatchSpec
+from services.watches_worker import WorkerWatches
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 3
@@ -140,6 +142,16 @@ class WorkerCore:
             retention_s=self._retention_s,
             max_questions_per_stream=config.max_questions_per_stream,
             max_hold_s=config.max_question_hold_s,
+            after_ingest=self._after_ingest,
+            max_background_jobs=config.watch_answer_queue_size,
+        )
+        self.watches = WorkerWatches(
+            self.engine,
+            self.loop,
+            retention_s=self._retention_s,
+            max_outbox=config.watch_outbox_size,
+            answer_timeout_s=config.watch_answer_timeout_s,
+            context_s=config.watch_answer_context_s,
         )
         self.loop.start()
         self.restored_streams = self._restore()
@@ -194,6 +206,7 @@ class WorkerCore:
                 continue
             counters = stream.state.get("counters") or {}
             self.telemetry.restore(record.stream_id, StreamTotals(**counters))
+            self.loop.call(self.watches.restore_watermark, record.stream_id, stream.state.get("watch_watermark_s"))
             session = StreamSession(record, clock_epoch_unix=stream.state.get("clock_epoch_unix"))
             session.last_offered_s = stream.last_timestamp_s
             with self._lock:
@@ -297,6 +310,7 @@ class WorkerCore:
             num_clusters = len(self.engine.clusters(stream_id))
             self.engine.close_stream(stream_id)  # its durable history goes first, in one rename
             self.tier_sync.forget_stream(stream_id)
+            self.watches.forget_stream(stream_id)
             self.loop.last_ingested_s.pop(stream_id, None)
             return num_clusters
 
@@ -415,6 +429,19 @@ class WorkerCore:
     def cancel(self, question_id: str) -> bool:
         return self.loop.cancel(question_id)
 
+    # -- standing questions -------------------------------------------------------------------------
+    def set_watches(self, specs: list[WatchSpec]) -> int:
+        """Replaces the watches this worker evaluates (the router sends them all); returns how many."""
+        self.watches.set_watches(specs)
+        return len(specs)
+
+    def take_watch_events(self, wait_s: float) -> WatchReport:
+        """Events fired since the last call, waiting up to ``wait_s`` for one (the router long-polls)."""
+        return self.watches.take(wait_s)
+
+    def _after_ingest(self, stream_ids) -> None:
+        self.watches.on_ingested(stream_ids)
+
     # -- telemetry ----------------------------------------------------------------------------------
     def drain_telemetry(self) -> TelemetryDelta:
         lags = {sid: self.queues.oldest_wait_s(sid) for sid in list(self.sessions)}
@@ -432,7 +459,11 @@ class WorkerCore:
     def _save_counters(self) -> None:
         for stream_id in list(self.sessions):
             totals = self.telemetry.totals(stream_id)
-            self.engine.save_stream_state(stream_id, counters=dataclasses.asdict(totals))
+            fields = {"counters": dataclasses.asdict(totals)}
+            watermark_s = self.watches.watermark_of(stream_id)
+            if watermark_s is not None:
+                fields["watch_watermark_s"] = watermark_s
+            self.engine.save_stream_state(stream_id, **fields)
 
     def _retention_s(self, stream_id: str) -> float:
         session = self.sessions.get(stream_id)
@@ -469,5 +500,5 @@ def worker_actor(config: ServiceConfig):
         num_gpus=config.worker_gpus,
         max_restarts=MAX_RESTARTS,
         max_task_retries=0,
-        max_concurrency=config.query_concurrency + 8,
+        max_concurrency=config.query_concurrency + 9,  # one more thread for the router's watch long-poll
     )

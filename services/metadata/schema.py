@@ -13,6 +13,8 @@ key                                         type  content
                                                   cluster list and its time index in one
 ``{ns}:cluster:{stream_id}:{cluster_id}``   hash  ``CLUSTER_FIELDS``
 ``{ns}:worker:{worker_id}:streams``         set   ids of the streams assigned to the worker
+``{ns}:watches``, ``{ns}:watch:...``        ...   standing questions and their events: ``watches.py``
+                                                  documents them and lists them in ``WATCH_KEY_TEMPLATES``
 ==========================================  ====  ============================================================
 
 Why one zset and no separate cluster set: the time index already holds every cluster id of the stream, and

@@ -40,6 +40,16 @@ SPEC = {
     "mosaic_durable_oldest_pending_seconds": ("gauge", {"worker"}),
     "mosaic_durable_clusters_written_total": ("counter", {"worker"}),
     "mosaic_durable_write_errors_total": ("counter", {"worker"}),
+    # Standing questions (docs/watches.md).
+    "mosaic_watches": ("gauge", set()),
+    "mosaic_watch_evaluations_total": ("counter", set()),
+    "mosaic_watch_events_total": ("counter", set()),
+    "mosaic_watch_suppressed_total": ("counter", {"reason"}),
+    "mosaic_watch_events_dropped_total": ("counter", {"reason"}),
+    "mosaic_watch_seal_to_event_seconds": ("histogram", set()),
+    "mosaic_watch_score_seconds": ("histogram", set()),
+    "mosaic_watch_subscribers": ("gauge", set()),
+    "mosaic_watch_webhook_deliveries_total": ("counter", {"outcome"}),
 }
 
 

@@ -56,11 +56,16 @@ def test_generated_files_carry_the_header_and_package_imports() -> None:
     assert pb.Frame.__module__ == "services.gen.mosaic.v1.mosaic_pb2"
 
 
-def test_service_has_the_six_methods() -> None:
+def test_service_has_the_stream_and_watch_methods() -> None:
     service = pb.DESCRIPTOR.services_by_name["Mosaic"]
     assert service.full_name == "mosaic.v1.Mosaic"
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"CreateStream", "DeleteStream", "ListStreams", "GetStream", "PushFrames", "Query"}
+    assert set(methods) == {
+        "CreateStream", "DeleteStream", "ListStreams", "GetStream", "PushFrames", "Query",
+        "CreateWatch", "ListWatches", "DeleteWatch", "WatchEvents",
+    }  # fmt: skip
+    assert methods["WatchEvents"].server_streaming and not methods["WatchEvents"].client_streaming
+    assert pb.WatchEventsRequest.DESCRIPTOR.fields_by_name["after_event_id"].has_presence  # unset != 0
     assert methods["PushFrames"].client_streaming and not methods["PushFrames"].server_streaming
     assert methods["Query"].server_streaming and not methods["Query"].client_streaming
     assert methods["GetStream"].output_type.full_name == "mosaic.v1.Stream"

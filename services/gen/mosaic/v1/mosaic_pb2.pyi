@@ -285,3 +285,152 @@ class QueryEvent(_message.Message):
     evidence: Evidence
     timings: QueryTimings
     def __init__(self, token: _Optional[_Union[TokenChunk, _Mapping]] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., timings: _Optional[_Union[QueryTimings, _Mapping]] = ...) -> None: ...
+
+class ActiveHours(_message.Message):
+    __slots__ = ("start", "end", "timezone")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
+    start: str
+    end: str
+    timezone: str
+    def __init__(self, start: _Optional[str] = ..., end: _Optional[str] = ..., timezone: _Optional[str] = ...) -> None: ...
+
+class Webhook(_message.Message):
+    __slots__ = ("url", "secret")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    secret: str
+    def __init__(self, url: _Optional[str] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class CreateWatchRequest(_message.Message):
+    __slots__ = ("watch_id", "question", "stream_ids", "threshold", "cooldown_s", "active_hours", "labels", "webhook", "max_answer_tokens")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    WATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    STREAM_IDS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_S_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_HOURS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_FIELD_NUMBER: _ClassVar[int]
+    MAX_ANSWER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    watch_id: str
+    question: str
+    stream_ids: _containers.RepeatedScalarFieldContainer[str]
+    threshold: float
+    cooldown_s: float
+    active_hours: ActiveHours
+    labels: _containers.ScalarMap[str, str]
+    webhook: Webhook
+    max_answer_tokens: int
+    def __init__(self, watch_id: _Optional[str] = ..., question: _Optional[str] = ..., stream_ids: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., cooldown_s: _Optional[float] = ..., active_hours: _Optional[_Union[ActiveHours, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., webhook: _Optional[_Union[Webhook, _Mapping]] = ..., max_answer_tokens: _Optional[int] = ...) -> None: ...
+
+class Watch(_message.Message):
+    __slots__ = ("watch_id", "question", "stream_ids", "threshold", "cooldown_s", "active_hours", "labels", "webhook_url", "max_answer_tokens", "created_s", "num_events", "last_event_unix_s")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    WATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    STREAM_IDS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_S_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_HOURS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
+    MAX_ANSWER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    watch_id: str
+    question: str
+    stream_ids: _containers.RepeatedScalarFieldContainer[str]
+    threshold: float
+    cooldown_s: float
+    active_hours: ActiveHours
+    labels: _containers.ScalarMap[str, str]
+    webhook_url: str
+    max_answer_tokens: int
+    created_s: float
+    num_events: int
+    last_event_unix_s: float
+    def __init__(self, watch_id: _Optional[str] = ..., question: _Optional[str] = ..., stream_ids: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., cooldown_s: _Optional[float] = ..., active_hours: _Optional[_Union[ActiveHours, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., webhook_url: _Optional[str] = ..., max_answer_tokens: _Optional[int] = ..., created_s: _Optional[float] = ..., num_events: _Optional[int] = ..., last_event_unix_s: _Optional[float] = ...) -> None: ...
+
+class ListWatchesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListWatchesResponse(_message.Message):
+    __slots__ = ("watches",)
+    WATCHES_FIELD_NUMBER: _ClassVar[int]
+    watches: _containers.RepeatedCompositeFieldContainer[Watch]
+    def __init__(self, watches: _Optional[_Iterable[_Union[Watch, _Mapping]]] = ...) -> None: ...
+
+class DeleteWatchRequest(_message.Message):
+    __slots__ = ("watch_id",)
+    WATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    watch_id: str
+    def __init__(self, watch_id: _Optional[str] = ...) -> None: ...
+
+class DeleteWatchResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchEventsRequest(_message.Message):
+    __slots__ = ("watch_ids", "after_event_id")
+    WATCH_IDS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    watch_ids: _containers.RepeatedScalarFieldContainer[str]
+    after_event_id: int
+    def __init__(self, watch_ids: _Optional[_Iterable[str]] = ..., after_event_id: _Optional[int] = ...) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("event_id", "watch_id", "stream_id", "cluster_id", "start_s", "end_s", "score", "answer", "answer_error", "question", "labels", "sealed_unix_s", "fired_unix_s", "missed_before")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_ERROR_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SEALED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    FIRED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    MISSED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    event_id: int
+    watch_id: str
+    stream_id: str
+    cluster_id: str
+    start_s: float
+    end_s: float
+    score: float
+    answer: str
+    answer_error: str
+    question: str
+    labels: _containers.ScalarMap[str, str]
+    sealed_unix_s: float
+    fired_unix_s: float
+    missed_before: bool
+    def __init__(self, event_id: _Optional[int] = ..., watch_id: _Optional[str] = ..., stream_id: _Optional[str] = ..., cluster_id: _Optional[str] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., score: _Optional[float] = ..., answer: _Optional[str] = ..., answer_error: _Optional[str] = ..., question: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., sealed_unix_s: _Optional[float] = ..., fired_unix_s: _Optional[float] = ..., missed_before: _Optional[bool] = ...) -> None: ...

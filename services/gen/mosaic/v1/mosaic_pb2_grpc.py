@@ -67,6 +67,26 @@ class MosaicStub:
                 request_serializer=mosaic_dot_v1_dot_mosaic__pb2.QueryRequest.SerializeToString,
                 response_deserializer=mosaic_dot_v1_dot_mosaic__pb2.QueryEvent.FromString,
                 _registered_method=True)
+        self.CreateWatch = channel.unary_unary(
+                '/mosaic.v1.Mosaic/CreateWatch',
+                request_serializer=mosaic_dot_v1_dot_mosaic__pb2.CreateWatchRequest.SerializeToString,
+                response_deserializer=mosaic_dot_v1_dot_mosaic__pb2.Watch.FromString,
+                _registered_method=True)
+        self.ListWatches = channel.unary_unary(
+                '/mosaic.v1.Mosaic/ListWatches',
+                request_serializer=mosaic_dot_v1_dot_mosaic__pb2.ListWatchesRequest.SerializeToString,
+                response_deserializer=mosaic_dot_v1_dot_mosaic__pb2.ListWatchesResponse.FromString,
+                _registered_method=True)
+        self.DeleteWatch = channel.unary_unary(
+                '/mosaic.v1.Mosaic/DeleteWatch',
+                request_serializer=mosaic_dot_v1_dot_mosaic__pb2.DeleteWatchRequest.SerializeToString,
+                response_deserializer=mosaic_dot_v1_dot_mosaic__pb2.DeleteWatchResponse.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/mosaic.v1.Mosaic/WatchEvents',
+                request_serializer=mosaic_dot_v1_dot_mosaic__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=mosaic_dot_v1_dot_mosaic__pb2.WatchEvent.FromString,
+                _registered_method=True)
 
 
 class MosaicServicer:
@@ -126,6 +146,41 @@ class MosaicServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateWatch(self, request, context):
+        """Creates a standing question ("watch"): every cluster that seals on a watched stream is scored against
+        it, and one that scores at or above the threshold fires an event with the model's short answer over that
+        cluster. ALREADY_EXISTS if watch_id is taken; NOT_FOUND for an unknown stream; INVALID_ARGUMENT for a bad
+        question, threshold, cooldown, active hours, label or webhook (webhooks only go to URLs the server allows);
+        RESOURCE_EXHAUSTED past the server's watch limit. See docs/watches.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWatches(self, request, context):
+        """Lists every watch with its statistics, ordered by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWatch(self, request, context):
+        """Deletes a watch and its buffered events; open WatchEvents calls on it end. NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """Server-streaming events of one, several or all watches, oldest first, then live as they fire. Resume
+        after a disconnect by sending the last event_id received as after_event_id: buffered events after it
+        come first, with nothing lost or repeated unless the bounded buffer dropped some (then the next event has
+        missed_before set). NOT_FOUND for an unknown watch; RESOURCE_EXHAUSTED past the subscriber limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MosaicServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +213,26 @@ def add_MosaicServicer_to_server(servicer, server):
                     servicer.Query,
                     request_deserializer=mosaic_dot_v1_dot_mosaic__pb2.QueryRequest.FromString,
                     response_serializer=mosaic_dot_v1_dot_mosaic__pb2.QueryEvent.SerializeToString,
+            ),
+            'CreateWatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWatch,
+                    request_deserializer=mosaic_dot_v1_dot_mosaic__pb2.CreateWatchRequest.FromString,
+                    response_serializer=mosaic_dot_v1_dot_mosaic__pb2.Watch.SerializeToString,
+            ),
+            'ListWatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWatches,
+                    request_deserializer=mosaic_dot_v1_dot_mosaic__pb2.ListWatchesRequest.FromString,
+                    response_serializer=mosaic_dot_v1_dot_mosaic__pb2.ListWatchesResponse.SerializeToString,
+            ),
+            'DeleteWatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWatch,
+                    request_deserializer=mosaic_dot_v1_dot_mosaic__pb2.DeleteWatchRequest.FromString,
+                    response_serializer=mosaic_dot_v1_dot_mosaic__pb2.DeleteWatchResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=mosaic_dot_v1_dot_mosaic__pb2.WatchEventsRequest.FromString,
+                    response_serializer=mosaic_dot_v1_dot_mosaic__pb2.WatchEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -323,6 +398,114 @@ class Mosaic:
             '/mosaic.v1.Mosaic/Query',
             mosaic_dot_v1_dot_mosaic__pb2.QueryRequest.SerializeToString,
             mosaic_dot_v1_dot_mosaic__pb2.QueryEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mosaic.v1.Mosaic/CreateWatch',
+            mosaic_dot_v1_dot_mosaic__pb2.CreateWatchRequest.SerializeToString,
+            mosaic_dot_v1_dot_mosaic__pb2.Watch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mosaic.v1.Mosaic/ListWatches',
+            mosaic_dot_v1_dot_mosaic__pb2.ListWatchesRequest.SerializeToString,
+            mosaic_dot_v1_dot_mosaic__pb2.ListWatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mosaic.v1.Mosaic/DeleteWatch',
+            mosaic_dot_v1_dot_mosaic__pb2.DeleteWatchRequest.SerializeToString,
+            mosaic_dot_v1_dot_mosaic__pb2.DeleteWatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mosaic.v1.Mosaic/WatchEvents',
+            mosaic_dot_v1_dot_mosaic__pb2.WatchEventsRequest.SerializeToString,
+            mosaic_dot_v1_dot_mosaic__pb2.WatchEvent.FromString,
             options,
             channel_credentials,
             insecure,

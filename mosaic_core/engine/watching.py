@@ -1,0 +1,170 @@
+"""Standing questions, engine side: score a sealed cluster against many watch questions in one pass.
+
+A watch question is turned once into its per-layer query vectors (the "embedding"): the question is prefilled
+over the stream's sink and local window only, and each layer's post-RoPE queries are kept. A sealed cluster is
+then scored against every watch on its stream with the same key-summary estimate the retriever uses
+(``log n + s q.mu + 1/2 s^2 sum_d q_d^2 var_d``), batched over watches and clusters, one einsum per layer.
+
+The score a watch sees is the cluster's **lift** in nats: how much more attention per token the question's
+queries would give the cluster than the stream's history up to it on average (every cluster holding KV that
+ended no later than ``c``), mean over layers:
+
+    lift_l(c) = (s_l(c) - log n_c) - (logsumexp_j s_l(j) - log sum_j n_j)       s_l: per-layer summary score
+    lift(c)   = mean_l lift_l(c)
+
+0 means "as relevant as the average history"; a watch fires above its threshold. With random weights (the shape
+presets) the lift is meaningful only relative to other clusters of the same stream; with a real checkpoint it
+says how strongly the question's attention singles the cluster out.
+
+Engine internals read here (summaries, sink and window, positions, the model's forward with a plan) are kept in
+the two functions ``question_queries`` and ``summary_scores`` so they are easy to re-point after refactors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mosaic_core.engine.attend import attend_over
+
+# Queries are recomputed once the stream's text position has moved this far from where they were taken: RoPE
+# makes a query's fit to new keys depend on their distance, so a very old query drifts.
+REQUERY_POSITIONS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class WatchScore:
+    """One (watch question, cluster) score."""
+
+    question: str
+    cluster_id: str
+    lift: float
+
+
+class _CapturePlan:
+    """Prefills the question over sink + local window and keeps each layer's queries ``[Hq, T, D]``."""
+
+    def __init__(self, stream, num_layers: int) -> None:
+        self.stream = stream
+        self.queries: list[torch.Tensor | None] = [None] * num_layers
+
+    def attend(self, layer_idx, query, key, value, scale):
+        self.queries[layer_idx] = query[0].float()
+        new_kv = torch.stack([key[0], value[0]])  # [2, H, T, D]
+        past = self.stream.past_layer(layer_idx)
+        kv = new_kv if past is None else torch.cat([past.to(new_kv.dtype), new_kv], dim=2)
+        return attend_over(query[0], kv, key.shape[2], scale)[None]
+
+
+def question_queries(engine, stream_id: str, question: str) -> tuple[torch.Tensor, int]:
+    """Per-layer post-RoPE queries of ``question`` on ``stream_id``: ``[L, Hq, T, D]`` float32, and the text
+    position they were taken at. Reads engine internals (stream state, model forward with a plan)."""
+    state = engine.stream(stream_id)
+    model = engine.model
+    ids = model.question_ids(question)
+    plan = _CapturePlan(state, engine.spec.num_layers)
+    cursor = state.text_cursor
+    with torch.inference_mode():
+        model.forward(
+            input_ids=torch.tensor([ids], device=model.device),
+            position_ids=model.text_positions(cursor, len(ids))[:, None],
+            plan=plan,
+        )
+    return torch.stack(plan.queries), cursor
+
+
+def summary_scores(engine, stream_id: str, cluster_ids: list[str], queries: torch.Tensor) -> torch.Tensor:
+    """Per-layer summary scores ``[W, L, C]`` of clusters for ``W`` watch queries ``[W, L, Hq, T, D]``.
+
+    The same estimate as ``mosaic_core.engine.summaries.per_head_scores`` (spread form), batched over watches:
+    per KV head the maximum over the head's query group and tokens, heads combined by log-sum-exp. Reads the
+    stream's summary index (an engine internal)."""
+    state = engine.stream(stream_id)
+    spec = engine.spec
+    mean, var, log_count = state.summaries.all_layers(cluster_ids)  # [C, L, H, D] x2, [C]
+    num_w, num_l, num_q, num_t, dim = queries.shape
+    num_kv = mean.shape[2]
+    group = num_q // num_kv
+    q = queries.to(mean.device).reshape(num_w, num_l, num_kv, group * num_t, dim)  # [W, L, H, G*T, D]
+    dots = torch.einsum("wlhqd,clhd->wlchq", q, mean.float()) * spec.scale
+    spread = torch.einsum("wlhqd,clhd->wlchq", q.square(), var.float()) * (0.5 * spec.scale * spec.scale)
+    per_head = (dots + spread).amax(dim=4) + log_count.float()[None, None, :, None]  # [W, L, C, H]
+    return torch.logsumexp(per_head, dim=3)
+
+
+class WatchScorer:
+    """Scores sealed clusters of a stream against many watch questions; caches each question's queries.
+
+    Args:
+        engine: the worker's engine (``mosaic_core.engine.engine.Engine``); called from its thread only.
+        requery_positions: text positions after which a cached question is prefilled again.
+    """
+
+    def __init__(self, engine, *, requery_positions: int = REQUERY_POSITIONS) -> None:
+        if requery_positions < 1:
+            raise ValueError(f"requery_positions={requery_positions} must be >= 1")
+        self.engine = engine
+        self.requery_positions = requery_positions
+        self._queries: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
+        self.num_prefills = 0
+
+    def forget(self, *, stream_id: str | None = None, question: str | None = None) -> None:
+        """Drops cached queries of a stream, of a question, or (both None) all of them."""
+        for key in list(self._queries):
+            if (stream_id is None or key[0] == stream_id) and (question is None or key[1] == question):
+                del self._queries[key]
+
+    def score(self, stream_id: str, cluster_ids: Sequence[str], questions: Sequence[str]) -> list[WatchScore]:
+        """Lift of every ``(question, cluster)`` pair, questions outer; clusters must hold KV on the stream."""
+        if not cluster_ids or not questions:
+            return []
+        state = self.engine.stream(stream_id)
+        records = [r for r in state.former.records() if r.cluster_id in self.engine.tiering.residency]
+        index = {r.cluster_id: i for i, r in enumerate(records)}
+        missing = [c for c in cluster_ids if c not in index]
+        if missing:
+            raise KeyError(f"clusters {missing} hold no KV on stream {stream_id!r}")
+        history = [r.cluster_id for r in records]
+        queries = _pad_tokens([self._queries_of(stream_id, q) for q in questions])  # [W, L, Hq, T, D]
+        scores = summary_scores(self.engine, stream_id, history, queries)  # [W, L, C]
+        _, _, log_count = state.summaries.all_layers(history)
+        log_count = log_count.float().to(scores.device)
+        rows = torch.tensor([index[c] for c in cluster_ids], device=scores.device)
+        ends = torch.tensor([r.end_s for r in records], dtype=torch.float64)
+        # [K, C]: the history of a scored cluster is every cluster that ended no later than it did, so a score
+        # does not depend on how far ingest had got when the cluster was scored.
+        before = (ends[None, :] <= ends[rows.cpu()][:, None]).to(scores.device)
+        masked = scores[:, :, None, :].masked_fill(~before, float("-inf"))  # [W, L, K, C]
+        counts = log_count[None, :].masked_fill(~before, float("-inf"))  # [K, C]
+        history_norm = torch.logsumexp(masked, dim=3) - torch.logsumexp(counts, dim=1)[None, None, :]  # [W, L, K]
+        lift = (scores[:, :, rows] - log_count[rows][None, None, :] - history_norm).mean(dim=1)  # [W, K]
+        values = lift.cpu().tolist()  # [W, len(cluster_ids)]
+        return [
+            WatchScore(question, cluster_id, float(values[w][i]))
+            for w, question in enumerate(questions)
+            for i, cluster_id in enumerate(cluster_ids)
+        ]
+
+    def _queries_of(self, stream_id: str, question: str) -> torch.Tensor:
+        cursor = self.engine.stream(stream_id).text_cursor
+        cached = self._queries.get((stream_id, question))
+        if cached is None or abs(cursor - cached[1]) > self.requery_positions:
+            cached = question_queries(self.engine, stream_id, question)
+            self._queries[(stream_id, question)] = cached
+            self.num_prefills += 1
+        return cached[0]
+
+
+def _pad_tokens(queries: list[torch.Tensor]) -> torch.Tensor:
+    """Stacks ``[L, Hq, T_w, D]`` queries of different lengths into ``[W, L, Hq, T, D]``.
+
+    Padding repeats each question's last token: scores take the maximum over tokens, so a repeated token
+    changes nothing."""
+    longest = max(q.shape[2] for q in queries)
+    padded = [
+        q if q.shape[2] == longest else torch.cat([q, q[:, :, -1:].expand(-1, -1, longest - q.shape[2], -1)], 2)
+        for q in queries
+    ]
+    return torch.stack(padded)

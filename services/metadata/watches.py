@@ -1,0 +1,266 @@
+"""Where watches and their recent events live: in Redis (durable) or in the router's memory.
+
+Only the router uses this store (workers get their watches from the router), so the in-memory store needs no
+actor: without ``--redis-url`` watches last as long as the router process.
+
+Semantics shared by both implementations (``tests/unit/test_watch_store.py`` runs the same tests on each):
+
+- event ids come from one counter per deployment, so they increase across watches and never repeat, also
+  after a restart (Redis keeps the counter); a subscriber to several watches resumes from one number;
+- each watch keeps its newest ``max_events`` events; ``append_event`` trims the oldest and reports how many
+  it trimmed, and remembers the newest trimmed id (``trimmed_through``) so a resuming reader learns it missed some;
+- ``fired_until`` is the end (stream clock) of the watch's newest event per stream, for cooldowns that
+  outlive a worker restart.
+
+Redis keys (namespace ``{ns}`` as in ``schema.py``; listed in ``WATCH_KEY_TEMPLATES``):
+
+==================================  ====  =============================================================
+``{ns}:watches``                    set   watch ids
+``{ns}:watch:{watch_id}``           hash  ``record``: the ``WatchRecord`` as JSON
+``{ns}:watch:{watch_id}:events``    zset  score event id, member ``"{id}|{event JSON}"``
+``{ns}:watch:{watch_id}:state``     hash  ``num_events``, ``last_event_unix_s``, ``trimmed_through``,
+                                          ``fired:{stream_id}``
+``{ns}:watch_seq``                  str   the last event id issued
+==================================  ====  =============================================================
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import threading
+from dataclasses import dataclass, field
+
+from services.watches_spec import ActiveHours, WatchRecord
+
+WATCH_KEY_TEMPLATES = (
+    "{ns}:watches",
+    "{ns}:watch:{watch_id}",
+    "{ns}:watch:{watch_id}:events",
+    "{ns}:watch:{watch_id}:state",
+    "{ns}:watch_seq",
+)
+APPEND_EVENT_LUA = """
+if redis.call('EXISTS', KEYS[4]) == 0 then return {0, 0} end
+local id = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], id, id .. '|' .. ARGV[1])
+local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[2])
+local trimmed = 0
+if extra > 0 then
+  local old = redis.call('ZRANGE', KEYS[2], 0, extra - 1, 'WITHSCORES')
+  trimmed = #old / 2
+  redis.call('HSET', KEYS[3], 'trimmed_through', old[#old])
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
+end
+redis.call('HINCRBY', KEYS[3], 'num_events', 1)
+redis.call('HSET', KEYS[3], 'last_event_unix_s', ARGV[5], 'fired:' .. ARGV[3], ARGV[4])
+return {id, trimmed}
+"""
+
+
+@dataclass(slots=True)
+class WatchState:
+    """What happened to a watch so far."""
+
+    num_events: int = 0
+    last_event_unix_s: float = 0.0
+    trimmed_through: int = 0
+    fired_until_s: dict[str, float] = field(default_factory=dict)
+
+
+def encode_watch(record: WatchRecord) -> str:
+    return json.dumps(dataclasses.asdict(record), sort_keys=True, separators=(",", ":"))
+
+
+def decode_watch(text: str) -> WatchRecord:
+    fields = json.loads(text)
+    hours = fields.pop("active_hours", None)
+    return WatchRecord(**fields, active_hours=None if hours is None else ActiveHours(**hours))
+
+
+class WatchStore(abc.ABC):
+    """Watches, their state and a bounded buffer of recent events per watch."""
+
+    @abc.abstractmethod
+    def put_watch(self, record: WatchRecord) -> bool:
+        """Creates the watch; False (nothing changes) if its id is taken."""
+
+    @abc.abstractmethod
+    def get_watch(self, watch_id: str) -> WatchRecord | None: ...
+
+    @abc.abstractmethod
+    def list_watches(self) -> list[WatchRecord]:
+        """Every watch, ordered by id."""
+
+    @abc.abstractmethod
+    def delete_watch(self, watch_id: str) -> bool:
+        """Removes the watch, its state and its events; False if unknown."""
+
+    @abc.abstractmethod
+    def state(self, watch_id: str) -> WatchState: ...
+
+    @abc.abstractmethod
+    def append_event(self, watch_id: str, event: dict, *, max_events: int) -> tuple[int, int] | None:
+        """Stores ``event`` (its ``stream_id`` and ``end_s`` feed ``fired_until``) under a new id.
+
+        Returns ``(event_id, events trimmed)``, or None if the watch no longer exists."""
+
+    @abc.abstractmethod
+    def events_after(self, watch_id: str, after_id: int, limit: int) -> list[tuple[int, dict]]:
+        """Up to ``limit`` buffered events with id > ``after_id``, oldest first."""
+
+    @abc.abstractmethod
+    def last_event_id(self) -> int:
+        """The newest id issued (0 before the first event)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases connections."""
+
+
+class InMemoryWatchStore(WatchStore):
+    """``WatchStore`` in this process (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watches: dict[str, WatchRecord] = {}
+        self._states: dict[str, WatchState] = {}
+        self._events: dict[str, list[tuple[int, dict]]] = {}
+        self._seq = 0
+
+    def put_watch(self, record: WatchRecord) -> bool:
+        with self._lock:
+            if record.watch_id in self._watches:
+                return False
+            self._watches[record.watch_id] = decode_watch(encode_watch(record))
+            self._states[record.watch_id] = WatchState()
+            self._events[record.watch_id] = []
+            return True
+
+    def get_watch(self, watch_id: str) -> WatchRecord | None:
+        with self._lock:
+            record = self._watches.get(watch_id)
+            return None if record is None else decode_watch(encode_watch(record))
+
+    def list_watches(self) -> list[WatchRecord]:
+        with self._lock:
+            return [decode_watch(encode_watch(self._watches[w])) for w in sorted(self._watches)]
+
+    def delete_watch(self, watch_id: str) -> bool:
+        with self._lock:
+            self._states.pop(watch_id, None)
+            self._events.pop(watch_id, None)
+            return self._watches.pop(watch_id, None) is not None
+
+    def state(self, watch_id: str) -> WatchState:
+        with self._lock:
+            state = self._states.get(watch_id) or WatchState()
+            return dataclasses.replace(state, fired_until_s=dict(state.fired_until_s))
+
+    def append_event(self, watch_id: str, event: dict, *, max_events: int) -> tuple[int, int] | None:
+        with self._lock:
+            if watch_id not in self._watches:
+                return None
+            self._seq += 1
+            events, state = self._events[watch_id], self._states[watch_id]
+            events.append((self._seq, json.loads(json.dumps(event))))
+            trimmed = max(0, len(events) - max_events)
+            if trimmed:
+                state.trimmed_through = events[trimmed - 1][0]
+                del events[:trimmed]
+            state.num_events += 1
+            state.last_event_unix_s = float(event.get("fired_unix_s", 0.0))
+            state.fired_until_s[event["stream_id"]] = float(event["end_s"])
+            return self._seq, trimmed
+
+    def events_after(self, watch_id: str, after_id: int, limit: int) -> list[tuple[int, dict]]:
+        with self._lock:
+            return [(i, dict(e)) for i, e in self._events.get(watch_id, []) if i > after_id][:limit]
+
+    def last_event_id(self) -> int:
+        with self._lock:
+            return self._seq
+
+
+class RedisWatchStore(WatchStore):
+    """``WatchStore`` in Redis, next to the metadata store's keys (same client settings and namespace)."""
+
+    def __init__(self, client, *, namespace: str) -> None:
+        self._client = client
+        self._ns = namespace
+        self._append = client.register_script(APPEND_EVENT_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str) -> RedisWatchStore:
+        import redis
+
+        return cls(redis.Redis.from_url(url, decode_responses=True), namespace=namespace)
+
+    def _key(self, watch_id: str, part: str = "") -> str:
+        return f"{self._ns}:watch:{watch_id}" + (f":{part}" if part else "")
+
+    def put_watch(self, record: WatchRecord) -> bool:
+        created = self._client.hsetnx(self._key(record.watch_id), "record", encode_watch(record))
+        if created:
+            self._client.sadd(f"{self._ns}:watches", record.watch_id)
+        return bool(created)
+
+    def get_watch(self, watch_id: str) -> WatchRecord | None:
+        text = self._client.hget(self._key(watch_id), "record")
+        return None if text is None else decode_watch(text)
+
+    def list_watches(self) -> list[WatchRecord]:
+        ids = sorted(self._client.smembers(f"{self._ns}:watches"))
+        pipe = self._client.pipeline(transaction=False)
+        for watch_id in ids:
+            pipe.hget(self._key(watch_id), "record")
+        return [decode_watch(text) for text in pipe.execute() if text is not None]
+
+    def delete_watch(self, watch_id: str) -> bool:
+        pipe = self._client.pipeline(transaction=True)
+        pipe.delete(self._key(watch_id))
+        pipe.delete(self._key(watch_id, "events"), self._key(watch_id, "state"))
+        pipe.srem(f"{self._ns}:watches", watch_id)
+        deleted, *_ = pipe.execute()
+        return deleted > 0
+
+    def state(self, watch_id: str) -> WatchState:
+        fields = self._client.hgetall(self._key(watch_id, "state"))
+        return WatchState(
+            num_events=int(fields.get("num_events", 0)),
+            last_event_unix_s=float(fields.get("last_event_unix_s", 0.0)),
+            trimmed_through=int(float(fields.get("trimmed_through", 0))),
+            fired_until_s={k[len("fired:") :]: float(v) for k, v in fields.items() if k.startswith("fired:")},
+        )
+
+    def append_event(self, watch_id: str, event: dict, *, max_events: int) -> tuple[int, int] | None:
+        keys = [
+            f"{self._ns}:watch_seq",
+            self._key(watch_id, "events"),
+            self._key(watch_id, "state"),
+            self._key(watch_id),
+        ]
+        payload = json.dumps(event, sort_keys=True, separators=(",", ":"))
+        args = [
+            payload,
+            max_events,
+            event["stream_id"],
+            repr(float(event["end_s"])),
+            repr(float(event["fired_unix_s"])),
+        ]
+        event_id, trimmed = self._append(keys=keys, args=args)
+        return None if event_id == 0 else (int(event_id), int(trimmed))
+
+    def events_after(self, watch_id: str, after_id: int, limit: int) -> list[tuple[int, dict]]:
+        members = self._client.zrangebyscore(self._key(watch_id, "events"), f"({after_id}", "+inf", start=0, num=limit)
+        out = []
+        for member in members:
+            event_id, _, payload = member.partition("|")
+            out.append((int(event_id), json.loads(payload)))
+        return out
+
+    def last_event_id(self) -> int:
+        return int(self._client.get(f"{self._ns}:watch_seq") or 0)
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,254 @@
+"""Standing questions, router side: the watches, their events, subscribers and webhooks.
+
+- **Watches** live in a ``WatchStore`` (Redis when the server has ``redis_url``: they survive restarts). Every
+  worker gets the full list (``WorkerCore.set_watches``) whenever it changes, at start-up, and again when a
+  worker reports fewer watches than there are (it restarted).
+- **Events.** One task per worker long-polls ``take_watch_events``; each fired event gets a server-wide id
+  and goes into its watch's bounded buffer in the store, then to subscribers and, if the watch has one, its
+  webhook. The buffer is where subscribers read from, so a reconnecting client resumes from its last id.
+- **Subscribers** (``WatchEvents``) read the buffer after their cursor and then wait for the next event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from mosaic_core.engine.stream import check_stream_id
+from mosaic_core.errors import AlreadyExistsError, CapacityError, InvalidArgumentError, NotFoundError
+from services.errors import UnavailableError
+from services.metadata.watches import WatchState, WatchStore
+from services.metrics import MosaicMetrics
+from services.watches_spec import FiredEvent, WatchRecord, WatchReport, check_watch_id
+from services.watches_webhook import Delivery, WebhookSender, check_webhook_url
+
+log = logging.getLogger(__name__)
+POLL_WAIT_S = 1.0
+RESYNC_INTERVAL_S = 30.0
+SUBSCRIBER_WAKE_S = 5.0  # a subscriber re-reads the buffer at least this often (events of other routers)
+READ_BATCH = 256
+
+
+class UnknownWatchError(NotFoundError):
+    """No watch with this id."""
+
+
+@dataclass(slots=True)
+class WatchEventItem:
+    """One event as a subscriber receives it."""
+
+    event_id: int
+    payload: dict
+    missed_before: bool = False
+
+
+class WatchRegistry:
+    """Every watch of one router.
+
+    Args:
+        store: where watches and events live.
+        coordinator: the router's ``Coordinator`` (workers and stream placement).
+        metrics: the router's metrics.
+        config: the ``ServiceConfig`` (limits, defaults, webhook settings).
+    """
+
+    def __init__(self, store: WatchStore, coordinator, metrics: MosaicMetrics, config) -> None:
+        self.store = store
+        self.coordinator = coordinator
+        self.metrics = metrics.watches
+        self.config = config
+        self._records: dict[str, WatchRecord] = {}
+        self._new_event = asyncio.Condition()
+        self._num_subscribers = 0
+        self._followed: dict[str, int] = {}  # watch -> subscribers following it by name or as "all"
+        self._follow_all = 0
+        self._tasks: list[asyncio.Task] = []
+        self._sync_lock = asyncio.Lock()
+        self.webhooks = WebhookSender(
+            config.webhook_allowed_urls,
+            self.metrics.webhook,
+            timeout_s=config.webhook_timeout_s,
+            max_attempts=config.webhook_max_attempts,
+            queue_size=config.webhook_queue_size,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Loads the watches, hands them to every worker and starts polling the workers for events."""
+        records = await asyncio.to_thread(self.store.list_watches)
+        self._records = {r.watch_id: r for r in records}
+        self.metrics.set_watches(len(self._records))
+        await self.sync_workers()
+        self.webhooks.start()
+        self._tasks = [asyncio.create_task(self._poll(i)) for i in range(len(self.coordinator.workers))]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.webhooks.stop()
+        async with self._new_event:
+            self._new_event.notify_all()
+
+    async def sync_workers(self, indices: list[int] | None = None) -> None:
+        """Sends the full watch list, with each watch's cooldown state, to the workers."""
+        async with self._sync_lock:
+            states = await asyncio.gather(*(asyncio.to_thread(self.store.state, w) for w in self._records))
+            specs = [r.for_worker(s.fired_until_s) for r, s in zip(self._records.values(), states, strict=True)]
+            targets = range(len(self.coordinator.workers)) if indices is None else indices
+            calls = [self.coordinator._call(i, self.coordinator.workers[i].set_watches.remote(specs)) for i in targets]
+            for index, result in zip(targets, await asyncio.gather(*calls, return_exceptions=True), strict=True):
+                if isinstance(result, BaseException):
+                    log.warning("worker %d did not take the watch list (%s); it gets it when it is back", index, result)
+
+    # -- CRUD -----------------------------------------------------------------------------------------
+    async def create(self, record: WatchRecord) -> tuple[WatchRecord, WatchState]:
+        """Checks and stores a new watch (``record`` is built by the servicer from the request)."""
+        if not self.coordinator.started:
+            raise UnavailableError("the server is starting; retry CreateWatch in a few seconds")
+        for stream_id in record.stream_ids:
+            check_stream_id(stream_id)
+            if stream_id not in self.coordinator.placement:
+                raise NotFoundError(f"unknown stream {stream_id!r}; create it first or leave stream_ids empty")
+        if record.webhook_url is not None:
+            check_webhook_url(record.webhook_url, self.config.webhook_allowed_urls)
+        if len(self._records) >= self.config.max_watches:
+            raise CapacityError(
+                f"the server already has {len(self._records)} watches, its limit (max_watches); delete some first"
+            )
+        if not await asyncio.to_thread(self.store.put_watch, record):
+            raise AlreadyExistsError(f"watch {record.watch_id!r} already exists")
+        self._records[record.watch_id] = record
+        self.metrics.set_watches(len(self._records))
+        await self.sync_workers()
+        return record, WatchState()
+
+    async def list(self) -> list[tuple[WatchRecord, WatchState]]:
+        records = await asyncio.to_thread(self.store.list_watches)
+        states = await asyncio.gather(*(asyncio.to_thread(self.store.state, r.watch_id) for r in records))
+        return list(zip(records, states, strict=True))
+
+    async def delete(self, watch_id: str) -> None:
+        check_watch_id(watch_id)
+        if not await asyncio.to_thread(self.store.delete_watch, watch_id):
+            raise UnknownWatchError(f"unknown watch {watch_id!r}; ListWatches shows the ones that exist")
+        self._records.pop(watch_id, None)
+        self.metrics.set_watches(len(self._records))
+        await self.sync_workers()
+        async with self._new_event:
+            self._new_event.notify_all()  # subscribers of the deleted watch end
+
+    # -- events ---------------------------------------------------------------------------------------
+    async def _poll(self, index: int) -> None:
+        last_sync = time.monotonic()
+        while True:
+            worker = self.coordinator.workers[index]
+            try:
+                report = await self.coordinator._call(index, worker.take_watch_events.remote(POLL_WAIT_S))
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # a restarting worker: try again shortly, then re-send the watches
+                log.debug("watch poll of worker %d failed: %s", index, err)
+                await asyncio.sleep(POLL_WAIT_S)
+                last_sync = 0.0
+                continue
+            await self._absorb(report)
+            if report.num_watches != len(self._records) or time.monotonic() - last_sync > RESYNC_INTERVAL_S:
+                await self.sync_workers([index])
+                last_sync = time.monotonic()
+
+    async def _absorb(self, report: WatchReport) -> None:
+        self.metrics.evaluated(report.num_evaluations)
+        for reason, n in report.suppressed.items():
+            self.metrics.suppressed(reason, n)
+        for reason, n in report.dropped.items():
+            self.metrics.dropped(reason, n)
+        for seconds in report.score_seconds:
+            self.metrics.observe_score(seconds)
+        for event in report.events:
+            await self._record(event)
+
+    async def _record(self, event: FiredEvent) -> None:
+        record = self._records.get(event.watch_id)
+        if record is None:
+            return  # deleted since the worker fired it
+        payload = dataclasses.asdict(event) | {"question": record.question, "labels": dict(record.labels)}
+        stored = await asyncio.to_thread(
+            self.store.append_event, event.watch_id, payload, max_events=self.config.watch_event_buffer
+        )
+        if stored is None:
+            return
+        event_id, trimmed = stored
+        if trimmed and not (self._follow_all or self._followed.get(event.watch_id)):
+            self.metrics.dropped("buffer_full", trimmed)
+        self.metrics.fired(time.time() - event.sealed_unix_s)
+        if record.webhook_url:
+            body = payload | {"event_id": event_id}
+            self.webhooks.enqueue(Delivery(record.webhook_url, record.webhook_secret, event_id, body))
+        async with self._new_event:
+            self._new_event.notify_all()
+
+    async def subscribe(self, watch_ids: list[str], after_event_id: int | None) -> AsyncIterator[WatchEventItem]:
+        """Events of ``watch_ids`` (empty: all) after ``after_event_id`` (None: from now on), then live; ends
+        when a named watch is deleted."""
+        for watch_id in watch_ids:
+            check_watch_id(watch_id)
+            if watch_id not in self._records:
+                raise UnknownWatchError(f"unknown watch {watch_id!r}; ListWatches shows the ones that exist")
+        if after_event_id is not None and after_event_id < 0:
+            raise InvalidArgumentError(f"after_event_id must be >= 0, got {after_event_id}")
+        if self._num_subscribers >= self.config.max_watch_subscribers:
+            raise CapacityError(
+                f"the server already has {self._num_subscribers} WatchEvents subscribers, its limit; "
+                "follow several watches in one call"
+            )
+        cursor = after_event_id if after_event_id is not None else await asyncio.to_thread(self.store.last_event_id)
+        self._follow(watch_ids, +1)
+        try:
+            while True:
+                if watch_ids and any(w not in self._records for w in watch_ids):
+                    return
+                items = await self._read(watch_ids or list(self._records), cursor)
+                for item in items:
+                    cursor = item.event_id
+                    yield item
+                if len(items) < READ_BATCH:
+                    async with self._new_event:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._new_event.wait(), SUBSCRIBER_WAKE_S)
+        finally:
+            self._follow(watch_ids, -1)
+
+    def _follow(self, watch_ids: list[str], step: int) -> None:
+        self._num_subscribers += step
+        self.metrics.set_subscribers(self._num_subscribers)
+        if not watch_ids:
+            self._follow_all += step
+        for watch_id in watch_ids:
+            self._followed[watch_id] = self._followed.get(watch_id, 0) + step
+
+    async def _read(self, watch_ids: list[str], cursor: int) -> list[WatchEventItem]:
+        def read() -> list[WatchEventItem]:
+            items = []
+            for watch_id in watch_ids:
+                events = self.store.events_after(watch_id, cursor, READ_BATCH)
+                if not events:
+                    continue
+                gap = self.store.state(watch_id).trimmed_through > cursor
+                items += [WatchEventItem(i, e, gap and n == 0) for n, (i, e) in enumerate(events)]
+            items.sort(key=lambda item: item.event_id)
+            return items[:READ_BATCH]
+
+        return await asyncio.to_thread(read)
+
+
+def new_watch_id() -> str:
+    return f"w-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,76 @@
+"""Watch messages to and from the core records (``services.watches_spec``)."""
+
+from __future__ import annotations
+
+import time
+
+from services.gen.mosaic.v1 import mosaic_pb2 as pb
+from services.metadata.watches import WatchState
+from services.watches import WatchEventItem, new_watch_id
+from services.watches_spec import ActiveHours, WatchRecord
+
+DEFAULT_ANSWER_TOKENS = 16
+
+
+def record_from_request(request: pb.CreateWatchRequest, *, default_threshold: float, default_cooldown_s: float):
+    """A validated ``WatchRecord`` (``InvalidArgumentError`` with a sentence otherwise)."""
+    hours = None
+    if request.HasField("active_hours"):
+        h = request.active_hours
+        hours = ActiveHours(h.start, h.end, h.timezone or "UTC")
+    webhook_url = webhook_secret = None
+    if request.HasField("webhook") and (request.webhook.url or request.webhook.secret):
+        webhook_url, webhook_secret = request.webhook.url, request.webhook.secret
+    return WatchRecord(
+        watch_id=request.watch_id or new_watch_id(),
+        question=request.question,
+        stream_ids=list(dict.fromkeys(request.stream_ids)),
+        threshold=request.threshold if request.HasField("threshold") else default_threshold,
+        cooldown_s=request.cooldown_s if request.HasField("cooldown_s") else default_cooldown_s,
+        active_hours=hours,
+        labels=dict(request.labels),
+        max_answer_tokens=request.max_answer_tokens or DEFAULT_ANSWER_TOKENS,
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret or "",
+        created_s=time.time(),
+    )
+
+
+def watch_to_proto(record: WatchRecord, state: WatchState) -> pb.Watch:
+    watch = pb.Watch(
+        watch_id=record.watch_id,
+        question=record.question,
+        stream_ids=record.stream_ids,
+        threshold=record.threshold,
+        cooldown_s=record.cooldown_s,
+        labels=record.labels,
+        webhook_url=record.webhook_url or "",
+        max_answer_tokens=record.max_answer_tokens,
+        created_s=record.created_s,
+        num_events=state.num_events,
+        last_event_unix_s=state.last_event_unix_s,
+    )
+    if record.active_hours is not None:
+        hours = record.active_hours
+        watch.active_hours.CopyFrom(pb.ActiveHours(start=hours.start, end=hours.end, timezone=hours.timezone))
+    return watch
+
+
+def event_to_proto(item: WatchEventItem) -> pb.WatchEvent:
+    p = item.payload
+    return pb.WatchEvent(
+        event_id=item.event_id,
+        watch_id=p["watch_id"],
+        stream_id=p["stream_id"],
+        cluster_id=p["cluster_id"],
+        start_s=p["start_s"],
+        end_s=p["end_s"],
+        score=p["score"],
+        answer=p["answer"],
+        answer_error=p["answer_error"],
+        question=p.get("question", ""),
+        labels=p.get("labels", {}),
+        sealed_unix_s=p["sealed_unix_s"],
+        fired_unix_s=p["fired_unix_s"],
+        missed_before=item.missed_before,
+    )

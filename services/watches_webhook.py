@@ -1,0 +1,217 @@
+"""Webhooks of watch events: only to URLs the operator allowed, signed, retried, bounded.
+
+**Which URLs.** A client must not be able to make the server open arbitrary URLs (docs/security.md), so a
+watch may name a webhook only under one of the server's ``webhook_allowed_urls`` prefixes; there are none by
+default, which turns webhooks off. A prefix names a scheme (``http``/``https``), a host, an optional port and
+a path prefix; a URL matches when scheme, host and port are equal and its path continues the prefix's path at
+a ``/`` boundary (``https://hooks.example.com/mosaic`` allows ``.../mosaic/cam7`` but not ``.../mosaic-evil``,
+nor ``https://hooks.example.com.evil.net/...``). URLs with user info are refused. Redirects are not followed.
+
+**Signature.** Each POST carries ``X-Mosaic-Timestamp`` (Unix seconds) and ``X-Mosaic-Signature:
+sha256=<hex>``, the HMAC-SHA256 of ``"{timestamp}." + body`` under the watch's secret; receivers recompute it
+and reject stale timestamps. ``X-Mosaic-Event-Id`` lets them drop duplicates (a retry after a lost reply).
+
+**Delivery.** A bounded queue (overflow drops the new delivery, counted) and one sender task; an attempt that
+fails (connection error, timeout, a non-2xx status) is retried after 1, 2, 4, ... seconds, up to
+``max_attempts`` attempts in all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from mosaic_core.errors import ConfigError, InvalidArgumentError
+
+log = logging.getLogger(__name__)
+SCHEMES = ("http", "https")
+OUTCOMES = ("delivered", "retried", "failed", "dropped")
+SIGNATURE_HEADER = "X-Mosaic-Signature"
+TIMESTAMP_HEADER = "X-Mosaic-Timestamp"
+EVENT_ID_HEADER = "X-Mosaic-Event-Id"
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+
+def _parse(url: str) -> _Target | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in SCHEMES or not parts.hostname or parts.username is not None or parts.password is not None:
+        return None
+    default_port = 443 if parts.scheme == "https" else 80
+    return _Target(parts.scheme, parts.hostname.lower(), port or default_port, parts.path or "/")
+
+
+def check_allowed_prefixes(prefixes: list[str]) -> None:
+    """Config check: every prefix is an http(s) URL with a host, no user info, query or fragment."""
+    for prefix in prefixes:
+        target = _parse(prefix)
+        if target is None or urlsplit(prefix).query or urlsplit(prefix).fragment:
+            raise ConfigError(
+                f"webhook_allowed_urls entry {prefix!r} must be an http:// or https:// URL with a host and no user "
+                "info, query or fragment"
+            )
+
+
+def _under(url: _Target, prefix: _Target) -> bool:
+    if (url.scheme, url.host, url.port) != (prefix.scheme, prefix.host, prefix.port):
+        return False
+    base = prefix.path.rstrip("/")
+    return url.path == base or url.path.startswith(base + "/") or prefix.path == "/"
+
+
+def check_webhook_url(url: str, allowed_prefixes: list[str]) -> str:
+    """Returns ``url`` if the server allows it; else ``InvalidArgumentError`` with a sentence."""
+    if not allowed_prefixes:
+        raise InvalidArgumentError(
+            "this server allows no webhooks (its webhook_allowed_urls setting is empty); subscribe with "
+            "WatchEvents instead, or ask the operator to allow your URL"
+        )
+    target = _parse(url)
+    if target is None:
+        raise InvalidArgumentError(
+            f"webhook URL {url!r} must be an http:// or https:// URL with a host and no user info"
+        )
+    if not any(_under(target, p) for p in map(_parse, allowed_prefixes) if p is not None):
+        raise InvalidArgumentError(
+            f"webhook URL {url!r} is not under any URL this server allows webhooks to; ask the operator to add it "
+            "to webhook_allowed_urls"
+        )
+    return url
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """The ``X-Mosaic-Signature`` value of ``body`` sent at ``timestamp``."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # a redirect could lead anywhere: it is a failed attempt
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+@dataclass(slots=True)
+class Delivery:
+    url: str
+    secret: str
+    event_id: int
+    payload: dict
+
+
+class WebhookSender:
+    """Delivers watch events to webhooks from one asyncio task.
+
+    Args:
+        allowed_prefixes: re-checked before every attempt (the config may have narrowed since creation).
+        on_outcome: called with one of ``OUTCOMES`` per delivery attempt result.
+        timeout_s: per attempt.
+        max_attempts: attempts per event, the first included.
+        queue_size: deliveries that may wait.
+    """
+
+    def __init__(
+        self,
+        allowed_prefixes: list[str],
+        on_outcome: Callable[[str], None],
+        *,
+        timeout_s: float = 5.0,
+        max_attempts: int = 4,
+        queue_size: int = 1000,
+        backoff_s: float = 1.0,
+    ) -> None:
+        self.allowed_prefixes = list(allowed_prefixes)
+        self.on_outcome = on_outcome
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue(queue_size)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def enqueue(self, delivery: Delivery) -> bool:
+        try:
+            self._queue.put_nowait(delivery)
+            return True
+        except asyncio.QueueFull:
+            self.on_outcome("dropped")
+            log.warning("webhook queue full: event %d to %s dropped", delivery.event_id, delivery.url)
+            return False
+
+    async def _run(self) -> None:
+        while True:
+            delivery = await self._queue.get()
+            try:
+                await self._deliver(delivery)
+            except Exception:
+                log.exception("webhook delivery of event %d failed", delivery.event_id)
+                self.on_outcome("failed")
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode()
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                check_webhook_url(delivery.url, self.allowed_prefixes)
+            except InvalidArgumentError as err:
+                log.warning("webhook of event %d not sent: %s", delivery.event_id, err)
+                self.on_outcome("failed")
+                return
+            error = await asyncio.to_thread(self._post, delivery, body)
+            if error is None:
+                self.on_outcome("delivered")
+                return
+            if attempt == self.max_attempts:
+                log.warning("webhook of event %d to %s failed after %d attempts: %s", delivery.event_id,
+                            delivery.url, attempt, error)  # fmt: skip
+                self.on_outcome("failed")
+                return
+            self.on_outcome("retried")
+            await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+
+    def _post(self, delivery: Delivery, body: bytes) -> str | None:
+        """One attempt; None on a 2xx answer, else why it failed."""
+        timestamp = str(int(time.time()))
+        request = urllib.request.Request(delivery.url, data=body, method="POST")
+        request.add_header("Content-Type", "application/json")
+        request.add_header(TIMESTAMP_HEADER, timestamp)
+        request.add_header(EVENT_ID_HEADER, str(delivery.event_id))
+        if delivery.secret:
+            request.add_header(SIGNATURE_HEADER, sign(delivery.secret, timestamp, body))
+        try:
+            with _OPENER.open(request, timeout=self.timeout_s) as response:
+                status = response.status
+        except urllib.error.HTTPError as err:
+            return f"HTTP {err.code}"
+        except (urllib.error.URLError, OSError) as err:
+            return str(getattr(err, "reason", err))
+        return None if 200 <= status < 300 else f"HTTP {status}"

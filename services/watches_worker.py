@@ -1,0 +1,236 @@
+"""Standing questions, worker side: find sealed clusters, score them against the watches, answer the matches.
+
+Runs on the worker's engine thread (``EngineLoop.after_ingest``), except ``set_watches`` and ``take`` which
+the router calls through Ray.
+
+- **Seal detection.** After each ingest pass, a stream's clusters are listed; every cluster but the newest is
+  sealed (a newer one exists). A sealed cluster is new when it starts after the stream's *watermark*, the end
+  of the last cluster evaluated. A merge replaces two clusters by one with their union span, which starts at
+  or before the watermark, so a merge never re-fires a watch. The watermark is saved with the stream's
+  durable state, so a restart neither re-evaluates old history nor skips what sealed while it was down.
+- **Scoring.** All new sealed clusters of a stream against all its watches in one batched pass
+  (``mosaic_core.engine.watching.WatchScorer``).
+- **Filters.** Above its threshold, a watch fires unless the cluster starts outside its active hours, or
+  within ``cooldown_s`` (stream clock) of the end of that watch's previous event on the stream.
+- **Answer.** A short low-priority answer over the cluster's span widened by ``context_s`` on each side
+  (``EngineLoop.submit_background``). If it cannot run (queue full, deadline) the event still fires with
+  ``answer_error`` saying why.
+- **Outbox.** Fired events wait in a bounded outbox until the router takes them; overflow drops the oldest,
+  counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter, deque
+
+from mosaic_core.engine.results import Answer
+from mosaic_core.engine.watching import WatchScorer
+from services.engine_loop import EngineLoop, QuestionJob
+from services.watches_spec import FiredEvent, WatchReport, WatchSpec
+
+log = logging.getLogger(__name__)
+MAX_SCORE_SAMPLES = 1000
+
+
+class WorkerWatches:
+    """One worker's watch evaluation.
+
+    Args:
+        engine: the worker's engine.
+        loop: its engine loop (for background answers).
+        retention_s: returns a stream's retention (0 keeps everything).
+        max_outbox: fired events kept until the router takes them.
+        answer_timeout_s: how long an event may wait for its answer before it fires without one.
+        context_s: seconds of neighbouring history the answer may also read, on each side of the cluster.
+    """
+
+    def __init__(
+        self,
+        engine,
+        loop: EngineLoop,
+        *,
+        retention_s,
+        max_outbox: int = 1000,
+        answer_timeout_s: float = 30.0,
+        context_s: float = 0.0,
+    ) -> None:
+        if max_outbox < 1 or not answer_timeout_s > 0 or not context_s >= 0:
+            raise ValueError(
+                f"max_outbox={max_outbox} must be >= 1, answer_timeout_s={answer_timeout_s} > 0 and "
+                f"context_s={context_s} >= 0"
+            )
+        self.engine = engine
+        self.loop = loop
+        self.retention_s = retention_s
+        self.scorer = WatchScorer(engine)
+        self.answer_timeout_s = answer_timeout_s
+        self.context_s = context_s
+        self._specs: dict[str, WatchSpec] = {}
+        self._watermark: dict[str, float] = {}  # stream -> end_s of the newest cluster evaluated
+        self._fired_until: dict[tuple[str, str], float] = {}  # (watch, stream) -> end_s of its last event
+        self._outbox: deque[FiredEvent] = deque()
+        self._max_outbox = max_outbox
+        self._cond = threading.Condition()
+        self._num_evaluations = 0
+        self._suppressed: Counter[str] = Counter()
+        self._dropped: Counter[str] = Counter()
+        self._score_seconds: deque[float] = deque(maxlen=MAX_SCORE_SAMPLES)
+
+    # -- router calls (any thread) -------------------------------------------------------------------
+    def set_watches(self, specs: list[WatchSpec]) -> None:
+        """Replaces the watches; cooldown state the router kept wins when it is newer than ours."""
+        with self._cond:
+            old_questions = {s.question for s in self._specs.values()}
+            self._specs = {s.watch_id: s for s in specs}
+            for spec in specs:
+                for stream_id, until in spec.fired_until_s.items():
+                    key = (spec.watch_id, stream_id)
+                    self._fired_until[key] = max(until, self._fired_until.get(key, float("-inf")))
+            gone = old_questions - {s.question for s in specs}
+            live = set(self._specs)
+            for key in [k for k in self._fired_until if k[0] not in live]:
+                del self._fired_until[key]
+        for question in gone:
+            self.loop.call(self.scorer.forget, question=question)
+
+    def take(self, wait_s: float) -> WatchReport:
+        """Fired events and counts since the last call; waits up to ``wait_s`` for an event."""
+        with self._cond:
+            if not self._outbox:
+                self._cond.wait(wait_s)
+            report = WatchReport(
+                events=list(self._outbox),
+                num_evaluations=self._num_evaluations,
+                suppressed=dict(self._suppressed),
+                dropped=dict(self._dropped),
+                score_seconds=list(self._score_seconds),
+                num_watches=len(self._specs),
+            )
+            self._outbox.clear()
+            self._num_evaluations = 0
+            self._suppressed.clear()
+            self._dropped.clear()
+            self._score_seconds.clear()
+        return report
+
+    def num_watches(self) -> int:
+        return len(self._specs)
+
+    # -- watermarks (engine thread) ------------------------------------------------------------------
+    def restore_watermark(self, stream_id: str, watermark_s: float | None) -> None:
+        """After a restart: the saved watermark, else the end of the newest restored cluster."""
+        if watermark_s is None:
+            ends = [c.end_s for c in self.engine.clusters(stream_id)]
+            watermark_s = max(ends, default=float("-inf"))
+        self._watermark[stream_id] = watermark_s
+
+    def watermark_of(self, stream_id: str) -> float | None:
+        value = self._watermark.get(stream_id)
+        return None if value is None or value == float("-inf") else value
+
+    def forget_stream(self, stream_id: str) -> None:
+        self._watermark.pop(stream_id, None)
+        self.scorer.forget(stream_id=stream_id)
+
+    # -- evaluation (engine thread) ------------------------------------------------------------------
+    def on_ingested(self, stream_ids) -> None:
+        for stream_id in stream_ids:
+            if stream_id in self.engine.streams:
+                self._evaluate(stream_id)
+
+    def _evaluate(self, stream_id: str) -> None:
+        clusters = self.engine.clusters(stream_id)
+        mark = self._watermark.get(stream_id, float("-inf"))
+        new = [c for c in clusters[:-1] if c.start_s > mark]  # the newest may still grow
+        if not new:
+            return
+        self._watermark[stream_id] = max(c.end_s for c in new)
+        with self._cond:
+            watches = [s for s in self._specs.values() if s.applies_to(stream_id)]
+        if not watches:
+            return
+        sealed_unix_s = time.time()
+        questions = list(dict.fromkeys(w.question for w in watches))
+        started = time.perf_counter()
+        scores = self.scorer.score(stream_id, [c.cluster_id for c in new], questions)
+        elapsed = time.perf_counter() - started
+        lifts = {(s.question, s.cluster_id): s.lift for s in scores}
+        with self._cond:
+            self._num_evaluations += len(new) * len(watches)
+            self._score_seconds.extend([elapsed / len(new)] * len(new))
+        for cluster in new:
+            for watch in watches:
+                lift = lifts[(watch.question, cluster.cluster_id)]
+                if lift >= watch.threshold and self._passes(watch, stream_id, cluster):
+                    self._answer(watch, cluster, lift, sealed_unix_s)
+
+    def _passes(self, watch: WatchSpec, stream_id: str, cluster) -> bool:
+        if watch.active_hours is not None and not watch.active_hours.contains(cluster.start_s):
+            self._suppress("outside_hours")
+            return False
+        key = (watch.watch_id, stream_id)
+        with self._cond:
+            until = self._fired_until.get(key)
+            if until is not None and cluster.start_s < until + watch.cooldown_s:
+                self._suppressed["cooldown"] += 1
+                return False
+            self._fired_until[key] = cluster.end_s
+        return True
+
+    def _suppress(self, reason: str) -> None:
+        with self._cond:
+            self._suppressed[reason] += 1
+
+    def _answer(self, watch: WatchSpec, cluster, lift: float, sealed_unix_s: float) -> None:
+        event = FiredEvent(
+            watch_id=watch.watch_id,
+            stream_id=cluster.stream_id,
+            cluster_id=cluster.cluster_id,
+            start_s=cluster.start_s,
+            end_s=cluster.end_s,
+            score=lift,
+            answer="",
+            answer_error="",
+            sealed_unix_s=sealed_unix_s,
+            fired_unix_s=0.0,
+        )
+        job = QuestionJob(
+            question_id=f"watch-{watch.watch_id}-{uuid.uuid4().hex[:8]}",
+            stream_id=cluster.stream_id,
+            question=watch.question,
+            max_new_tokens=watch.max_answer_tokens,
+            time_range=(cluster.start_s - self.context_s, cluster.end_s + self.context_s),
+            deadline_s=time.monotonic() + self.answer_timeout_s,
+            retention_s=self.retention_s(cluster.stream_id),
+        )
+        job.on_finish = lambda finished, error: self._answered(event, finished, error)
+        if not self.loop.submit_background(job):
+            with self._cond:
+                self._dropped["answer_queue_full"] += 1
+            event.answer_error = "the worker's queue of watch answers was full; the event fired without an answer"
+            self._post(event)
+
+    def _answered(self, event: FiredEvent, job: QuestionJob, error: BaseException | None) -> None:
+        answer = None
+        while not job.events.empty():
+            item = job.events.get_nowait()
+            if isinstance(item, Answer):
+                answer = item
+        if answer is not None:
+            event.answer = answer.text
+        else:
+            event.answer_error = str(error) if error is not None else "no answer was produced"
+        self._post(event)
+
+    def _post(self, event: FiredEvent) -> None:
+        event.fired_unix_s = time.time()
+        with self._cond:
+            if len(self._outbox) >= self._max_outbox:
+                self._outbox.popleft()
+                self._dropped["outbox_full"] += 1
+            self._outbox.append(event)
+            self._cond.notify_all()
