@@ -20,6 +20,7 @@ from pathlib import Path
 from mosaic_core.cli import positive_float
 from mosaic_core.terminal import escape_for_terminal, format_span
 from services.cli_streams import add_client_flags, add_push_command, add_streams_command, client_command, open_client
+from services.cli_watches import add_watch_command
 from services.demo import add_demo_command
 
 # services.config.API_KEY_ENV, spelled out so that --help does not import pydantic
@@ -77,6 +78,7 @@ def add_service_commands(subparsers) -> None:
     add_demo_command(subparsers)
     add_streams_command(subparsers)
     add_push_command(subparsers)
+    add_watch_command(subparsers)
 
     query = subparsers.add_parser("query", help="ask a running server about one, several or all streams")
     query.add_argument("streams", nargs="*", metavar="STREAM", help="stream ids (none: every stream)")

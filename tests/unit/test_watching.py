@@ -1,0 +1,79 @@
+"""Watch scoring on the engine (mosaic_core/engine/watching.py), against the retriever's own scorer.
+
+``test_summary_scores_equal_the_retrievers_per_layer_scores`` is the guard for the engine internals the watch
+scorer reads (summary index, sink and window, model forward with a plan): if they move, it fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import feed, make_engine
+
+from mosaic_core.engine.summaries import score_clusters
+from mosaic_core.engine.watching import WatchScorer, question_queries, summary_scores
+
+QUESTION = "Is a cyclist passing the camera?"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:24])
+    assert len(engine.clusters("cam")) >= 4
+    return engine
+
+
+def test_summary_scores_equal_the_retrievers_per_layer_scores(engine):
+    ids = [c.cluster_id for c in engine.clusters("cam")]
+    queries, cursor = question_queries(engine, "cam", QUESTION)
+    num_tokens = len(engine.model.question_ids(QUESTION))
+    assert cursor == engine.stream("cam").text_cursor
+    assert queries.shape == (engine.spec.num_layers, engine.spec.num_q_heads, num_tokens, engine.spec.head_dim)
+    got = summary_scores(engine, "cam", ids, queries[None])[0]  # [L, C]
+    mean, var, log_count = engine.stream("cam").summaries.all_layers(ids)
+    for layer in range(engine.spec.num_layers):
+        want = score_clusters(
+            queries[layer], mean[:, layer], var[:, layer], log_count, scale=engine.spec.scale, use_spread=True
+        )
+        torch.testing.assert_close(got[layer], want, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_watches_score_as_each_alone_and_padding_changes_nothing(engine):
+    ids = [c.cluster_id for c in engine.clusters("cam")[:-1]]
+    scorer = WatchScorer(engine)
+    short, long = "Cyclist?", "Is there a red truck parked at the north gate of the depot right now?"
+    together = scorer.score("cam", ids, [short, long])
+    alone = scorer.score("cam", ids, [short]) + scorer.score("cam", ids, [long])
+    assert [s.lift for s in together] == pytest.approx([s.lift for s in alone], abs=1e-5)
+    assert [(s.question, s.cluster_id) for s in together] == [(q, c) for q in (short, long) for c in ids]
+    assert scorer.num_prefills == 2  # each question prefilled once, then cached
+
+
+def test_lift_is_relative_to_the_history_before_the_cluster(engine):
+    ids = [c.cluster_id for c in engine.clusters("cam")[:-1]]
+    lifts = [s.lift for s in WatchScorer(engine).score("cam", ids, [QUESTION])]
+    assert lifts[0] == pytest.approx(0.0, abs=1e-6)  # the first cluster is its own history
+    assert any(abs(x) > 1e-6 for x in lifts[1:])
+    # A cluster's lift does not depend on which clusters are scored with it, nor on later clusters.
+    alone = WatchScorer(engine).score("cam", ids[2:3], [QUESTION])[0].lift
+    assert alone == pytest.approx(lifts[2], abs=1e-6)
+
+
+def test_requery_after_the_stream_moved_far_and_forget(engine):
+    scorer = WatchScorer(engine, requery_positions=1)
+    ids = [engine.clusters("cam")[0].cluster_id]
+    scorer.score("cam", ids, [QUESTION])
+    scorer.score("cam", ids, [QUESTION])
+    assert scorer.num_prefills == 1  # the stream did not move
+    scorer.forget(stream_id="cam")
+    scorer.score("cam", ids, [QUESTION])
+    assert scorer.num_prefills == 2
+
+
+def test_refuses_clusters_without_kv(engine):
+    with pytest.raises(KeyError, match="hold no KV"):
+        WatchScorer(engine).score("cam", ["cam/c999999"], [QUESTION])
+    with pytest.raises(ValueError, match="requery_positions"):
+        WatchScorer(engine, requery_positions=0)
