@@ -94,9 +94,16 @@ class LocalService:
             cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         if not wait_until(lambda: self.health() == "SERVING" or self.server.poll() is not None, timeout_s, 0.5):
-            raise RuntimeError(f"mosaic serve did not become ready in {timeout_s:.0f}s; see {self.workdir}/serve.log")
+            raise RuntimeError(f"mosaic serve was not ready in {timeout_s:.0f}s; its log ends:\n{self.log_tail()}")
         if self.server.poll() is not None:
-            raise RuntimeError(f"mosaic serve exited with {self.server.returncode}; see {self.workdir}/serve.log")
+            raise RuntimeError(f"mosaic serve exited with {self.server.returncode}; its log ends:\n{self.log_tail()}")
+
+    def log_tail(self, num_lines: int = 40) -> str:
+        """The end of serve.log: the benches delete their working folder, so a failure must carry it."""
+        try:
+            return "\n".join((self.workdir / "serve.log").read_text(errors="replace").splitlines()[-num_lines:])
+        except OSError as err:
+            return f"(serve.log unreadable: {err})"
 
     def stop_server(self, sig: int = signal.SIGTERM, timeout_s: float = 90.0) -> None:
         if self.server is None or self.server.poll() is not None:
