@@ -30,6 +30,7 @@ RANDOM_WEIGHTS_NOTE = (
 BENCH_TARGETS = {
     "faults": ("services.bench_faults", "fault-injection benchmark of the service"),
     "soak": ("services.bench_soak", "hours-long run of the service, with memory, lag and latency slopes"),
+    "service": ("services.bench_service", "cameras one service keeps real-time, measured through gRPC"),
     "engine": ("bench.bench", "side-by-side engine benchmark of full, token and cluster modes"),
 }
 
@@ -122,7 +123,7 @@ def _add_optional_commands(sub, module_name: str, register: str) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark: mosaic bench faults|soak|engine [ARGS...]")
+    p = sub.add_parser("bench", help="run a benchmark: mosaic bench faults|soak|service|engine [ARGS...]")
     targets = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", parser_class=Parser)
     for name, (module, text) in BENCH_TARGETS.items():
         # never parsed here (main hands the arguments over first); listed for --help

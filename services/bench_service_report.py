@@ -1,0 +1,106 @@
+"""The results of ``mosaic bench service``: one step's figures, the real-time rule, the table and the files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+LAG_LIMIT_S = 2.0
+
+
+@dataclass(slots=True)
+class StepResult:
+    """One N: what was offered and what the service sustained."""
+
+    cameras: int
+    pulled: int
+    pushed: int
+    measure_s: float
+    offered_fps: float
+    ingested_fps: float
+    lag_p50_s: float | None
+    lag_p99_s: float | None
+    lag_max_s: float | None
+    dropped: int
+    refused: int
+    push_errors: dict[str, int]
+    questions: int
+    question_errors: dict[str, int]
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    decode_ms_per_token: float | None
+    server_ttft_p50_ms: float | None
+    server_ttft_p99_ms: float | None
+    server_decode_ms_per_token: float | None
+    gpu_memory_used_mib: float | None
+    router_cpu_per_s: float | None
+    worker_cpu_per_s: float | None
+    decode_cpu_per_s: float | None
+
+    @property
+    def real_time(self) -> bool:
+        return self.lag_p99_s is not None and self.lag_p99_s < LAG_LIMIT_S and self.dropped == 0 and self.refused == 0
+
+
+def describe(step: StepResult) -> str:
+    f = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
+    return (
+        f"{step.ingested_fps:.1f}/{step.offered_fps:.0f} frames/s, lag p99 {f(step.lag_p99_s, ' s')}, "
+        f"{step.dropped} dropped, TTFT p99 {f(step.ttft_p99_ms, ' ms')}, "
+        f"{'real-time' if step.real_time else 'NOT real-time'}"
+    )
+
+
+COLUMNS = (
+    # (header, key, format)
+    ("N", "cameras", "{:d}"),
+    ("pull/push", None, None),
+    ("frames/s", "ingested_fps", "{:.1f}"),
+    ("lag p50 s", "lag_p50_s", "{:.2f}"),
+    ("lag p99 s", "lag_p99_s", "{:.2f}"),
+    ("drops", "dropped", "{:d}"),
+    ("questions", "questions", "{:d}"),
+    ("TTFT p50 ms", "ttft_p50_ms", "{:.0f}"),
+    ("TTFT p99 ms", "ttft_p99_ms", "{:.0f}"),
+    ("decode ms/tok", "decode_ms_per_token", "{:.1f}"),
+    ("GPU MiB", "gpu_memory_used_mib", "{:.0f}"),
+    ("router cpu/s", "router_cpu_per_s", "{:.2f}"),
+    ("worker cpu/s", "worker_cpu_per_s", "{:.2f}"),
+    ("decode cpu/s", "decode_cpu_per_s", "{:.3f}"),
+    ("real-time", "real_time", None),
+)
+
+
+def table(report: dict) -> str:
+    rows = [[header for header, _, _ in COLUMNS]]
+    for step in report["steps"]:
+        row = []
+        for _, key, fmt in COLUMNS:
+            if key is None:
+                row.append(f"{step['pulled']}/{step['pushed']}")
+            elif key == "real_time":
+                row.append("yes" if step[key] else "no")
+            else:
+                row.append("-" if step[key] is None else fmt.format(step[key]))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    cost = report["decode_cost"]
+    errors = {s["cameras"]: (s["push_errors"], s["question_errors"]) for s in report["steps"]}
+    errors = {n: e for n, e in errors.items() if e[0] or e[1]}
+    lines += [
+        f"largest real-time N (lag p99 < {LAG_LIMIT_S:.0f} s, no drops): {report['largest_real_time_cameras']}",
+        f"model {report['service'].get('model', 'tiny')}, {report['args']['fps']:g} fps per camera, questions "
+        f"{report['args']['questions_per_s']:g}/s, service up after {report['start_s']:.0f} s",
+        f"decode cost here: JPEG {1e3 * cost['jpeg_s']:.2f} ms, clip frame {1e3 * cost['video_s']:.2f} ms "
+        f"({cost['frame_px']} px); decode cpu/s = fps x cameras x that cost",
+        f"client errors (push, question) by N: {errors or 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def write(report: dict, prefix: str | None) -> None:
+    if prefix:
+        Path(f"{prefix}.json").write_text(json.dumps(report, indent=1))
+        Path(f"{prefix}.txt").write_text(table(report) + "\n")

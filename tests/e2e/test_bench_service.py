@@ -1,0 +1,47 @@
+"""``mosaic bench service --quick``: a real local service (Redis, Ray worker, gRPC) under pulled and pushed cameras
+and questions, measured step by step; the report's files hold what the run saw."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server"),
+]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    pytest.importorskip("ray")
+    from mosaic_core.cli import main
+
+    prefix = tmp_path_factory.mktemp("bench-service") / "quick"
+    assert main(["bench", "service", "--quick", "--out", str(prefix)]) == 0
+    return json.loads(prefix.with_suffix(".json").read_text()), prefix.with_suffix(".txt").read_text()
+
+
+def test_every_step_ingests_both_kinds_of_camera_and_answers_questions(report):
+    data, _ = report
+    steps = data["steps"]
+    assert [s["cameras"] for s in steps][:1] == [2], "the ramp starts at 2 cameras"
+    for step in steps:
+        assert step["pulled"] >= 1 and step["pushed"] >= 1, step
+        assert step["ingested_fps"] > 0, f"nothing was ingested at N={step['cameras']}"
+        assert step["lag_p99_s"] is not None and step["lag_p99_s"] >= step["lag_p50_s"] >= 0
+        assert step["questions"] > 0, f"no question was answered at N={step['cameras']}: {step['question_errors']}"
+        assert 0 < step["ttft_p50_ms"] <= step["ttft_p99_ms"]
+        assert step["worker_cpu_per_s"] > 0 and step["decode_cpu_per_s"] > 0
+
+
+def test_the_largest_real_time_n_follows_the_rule(report):
+    data, text = report
+    passing = [s["cameras"] for s in data["steps"] if s["lag_p99_s"] < 2.0 and s["dropped"] == 0 and s["refused"] == 0]
+    assert [s["real_time"] for s in data["steps"]] == [s["cameras"] in passing for s in data["steps"]]
+    assert data["largest_real_time_cameras"] == max(passing, default=0)
+    assert f"largest real-time N (lag p99 < 2 s, no drops): {data['largest_real_time_cameras']}" in text
+    # the ramp stops at the first step that is not real-time
+    assert all(s["real_time"] for s in data["steps"][:-1])
