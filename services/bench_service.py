@@ -16,8 +16,9 @@ time to first token and decode ms/token as the client sees them through gRPC (an
 them), GPU memory (nvidia-smi), and the CPU seconds per second of the router and the worker (from /proc).
 The CPU spent decoding video is the measured cost of one decode here times the frames each kind brings.
 
-A step is real-time when the lag p99 is under 2 s and nothing was dropped; the ramp stops at the first step
-that is not (a larger N would not be either), and the report names the largest real-time N.
+A step is real-time when the lag p99 is under 2 s, nothing was dropped or refused, and at least 90% of the offered
+frames were ingested (a stopped source queues nothing, so shows no lag); the ramp stops at the first step that is
+not (a larger N would not be either), and the report names the largest real-time N.
 """
 
 from __future__ import annotations

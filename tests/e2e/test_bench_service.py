@@ -39,9 +39,13 @@ def test_every_step_ingests_both_kinds_of_camera_and_answers_questions(report):
 
 def test_the_largest_real_time_n_follows_the_rule(report):
     data, text = report
-    passing = [s["cameras"] for s in data["steps"] if s["lag_p99_s"] < 2.0 and s["dropped"] == 0 and s["refused"] == 0]
+    passing = [
+        s["cameras"]
+        for s in data["steps"]
+        if s["lag_p99_s"] < 2.0 and s["dropped"] == s["refused"] == 0 and s["ingested_fps"] >= 0.9 * s["offered_fps"]
+    ]
     assert [s["real_time"] for s in data["steps"]] == [s["cameras"] in passing for s in data["steps"]]
     assert data["largest_real_time_cameras"] == max(passing, default=0)
-    assert f"largest real-time N (lag p99 < 2 s, no drops): {data['largest_real_time_cameras']}" in text
+    assert f"ingested): {data['largest_real_time_cameras']}\n" in text
     # the ramp stops at the first step that is not real-time
     assert all(s["real_time"] for s in data["steps"][:-1])
