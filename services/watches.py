@@ -31,6 +31,7 @@ from services.watches_webhook import Delivery, WebhookSender, check_webhook_url
 log = logging.getLogger(__name__)
 POLL_WAIT_S = 1.0
 RESYNC_INTERVAL_S = 30.0
+RELOAD_INTERVAL_S = 5.0  # watches created through another router (same Redis) are picked up this often
 SUBSCRIBER_WAKE_S = 5.0  # a subscriber re-reads the buffer at least this often (events of other routers)
 READ_BATCH = 256
 
@@ -64,6 +65,7 @@ class WatchRegistry:
         self.metrics = metrics.watches
         self.config = config
         self._records: dict[str, WatchRecord] = {}
+        self._version = 0  # bumped by every create and delete here, so a reload never applies a stale read
         self._new_event = asyncio.Condition()
         self._num_subscribers = 0
         self._followed: dict[str, int] = {}  # watch -> subscribers following it by name or as "all"
@@ -87,6 +89,7 @@ class WatchRegistry:
         await self.sync_workers()
         self.webhooks.start()
         self._tasks = [asyncio.create_task(self._poll(i)) for i in range(len(self.coordinator.workers))]
+        self._tasks.append(asyncio.create_task(self._reload_loop()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -120,6 +123,8 @@ class WatchRegistry:
                 raise NotFoundError(f"unknown stream {stream_id!r}; create it first or leave stream_ids empty")
         if record.webhook_url is not None:
             check_webhook_url(record.webhook_url, self.config.webhook_allowed_urls)
+        if record.watch_id in self._records:
+            raise AlreadyExistsError(f"watch {record.watch_id!r} already exists")
         if len(self._records) >= self.config.max_watches:
             raise CapacityError(
                 f"the server already has {len(self._records)} watches, its limit (max_watches); delete some first"
@@ -127,6 +132,7 @@ class WatchRegistry:
         if not await asyncio.to_thread(self.store.put_watch, record):
             raise AlreadyExistsError(f"watch {record.watch_id!r} already exists")
         self._records[record.watch_id] = record
+        self._version += 1
         self.metrics.set_watches(len(self._records))
         await self.sync_workers()
         return record, WatchState()
@@ -141,10 +147,28 @@ class WatchRegistry:
         if not await asyncio.to_thread(self.store.delete_watch, watch_id):
             raise UnknownWatchError(f"unknown watch {watch_id!r}; ListWatches shows the ones that exist")
         self._records.pop(watch_id, None)
+        self._version += 1
         self.metrics.set_watches(len(self._records))
         await self.sync_workers()
         async with self._new_event:
             self._new_event.notify_all()  # subscribers of the deleted watch end
+
+    async def _reload_loop(self) -> None:
+        """Follows the store: another router sharing it (or an operator) may have added or removed watches."""
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL_S)
+            version = self._version
+            try:
+                records = {r.watch_id: r for r in await asyncio.to_thread(self.store.list_watches)}
+            except Exception as err:  # the store is down: keep what we have
+                log.warning("cannot reload watches from the store: %s", err)
+                continue
+            if version == self._version and records.keys() != self._records.keys():
+                self._records = records
+                self.metrics.set_watches(len(records))
+                await self.sync_workers()
+                async with self._new_event:
+                    self._new_event.notify_all()
 
     # -- events ---------------------------------------------------------------------------------------
     async def _poll(self, index: int) -> None:

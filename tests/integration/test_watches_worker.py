@@ -1,0 +1,122 @@
+"""Watch evaluation inside a real worker (engine loop, engine, durable history), without Ray or gRPC."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from mosaic_core.engine.engine import Engine
+from mosaic_core.engine.maintenance import merge_clusters
+from services.config import load_config
+from services.metadata import InMemoryMetadataStore, StreamRecord
+from services.watches_spec import WatchRecord
+from services.worker import WorkerCore
+
+FPS = 2.0
+
+
+@pytest.fixture
+def worker(tiny_model, tmp_path):
+    config = load_config(
+        None,
+        data_dir=str(tmp_path / "history"),
+        ingest_headroom=0.0,
+        ingest_queue_frames=64,
+        engine={
+            "target_tokens_per_frame": 16,
+            "local_window_tokens": 64,
+            "retrieval_budget_tokens": 128,
+            "formation": {"max_tokens": 64, "min_similarity": 1.0},  # a cluster per frame; two fit one merge
+        },
+    )
+    worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    yield worker
+    worker.shutdown()
+
+
+def _watch(watch_id: str, stream_ids: list[str], **fields):
+    fields = {"threshold": -1e9, "cooldown_s": 0.0, "max_answer_tokens": 2, **fields}
+    return WatchRecord(watch_id=watch_id, question="Is anyone there?", stream_ids=stream_ids, **fields).for_worker({})
+
+
+def _push(worker: WorkerCore, stream_id: str, frames, *, wait: bool = True) -> None:
+    before = worker.telemetry.totals(stream_id).ingested
+    result = worker.push([(i, stream_id, t, rgb) for i, (t, rgb) in enumerate(frames)])
+    assert result.accepted == len(frames) and not result.rejected
+    if not wait:
+        return
+    deadline = time.monotonic() + 90
+    while worker.telemetry.totals(stream_id).ingested < before + len(frames):
+        assert time.monotonic() < deadline, "frames were not ingested"
+        time.sleep(0.05)
+
+
+def _events(worker: WorkerCore, count: int, timeout_s: float = 60.0) -> list:
+    events, deadline = [], time.monotonic() + timeout_s
+    while len(events) < count and time.monotonic() < deadline:
+        events += worker.take_watch_events(0.5).events
+    return events
+
+
+def test_every_sealed_cluster_is_evaluated_once_and_a_merge_never_refires(worker, bikes_frames):
+    worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
+    worker.set_watches([_watch("all", ["cam"])])
+    _push(worker, "cam", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:16])])
+    sealed = worker.loop.call(worker.engine.clusters, "cam")[:-1]
+    assert len(sealed) >= 3
+    events = _events(worker, len(sealed))
+    assert [(e.start_s, e.end_s) for e in events] == [(c.start_s, c.end_s) for c in sealed]
+    assert all(e.answer and not e.answer_error for e in events)  # each answered by the low-priority decode
+    report = worker.take_watch_events(0.0)
+    assert report.num_evaluations == 0 and not report.events  # counts were handed over with the events
+
+    state = worker.engine.stream("cam")
+    merged = worker.loop.call(merge_clusters, worker.engine, state, sealed[0].cluster_id, sealed[1].cluster_id)
+    assert merged in {c.cluster_id for c in worker.loop.call(worker.engine.clusters, "cam")}
+    _push(worker, "cam", [((16 + i) / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[16:22])])
+    newly_sealed = [c for c in worker.loop.call(worker.engine.clusters, "cam")[:-1] if c.start_s > sealed[-1].end_s]
+    later = _events(worker, len(newly_sealed), timeout_s=30) + worker.take_watch_events(1.0).events
+    assert [(e.start_s, e.end_s) for e in later] == [(c.start_s, c.end_s) for c in newly_sealed]
+    assert worker.watches.watermark_of("cam") == newly_sealed[-1].end_s
+
+
+def test_cooldown_and_other_streams_watches_suppress_and_are_counted(worker, bikes_frames):
+    worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
+    worker.set_watches([_watch("quiet", ["cam"], cooldown_s=1e6), _watch("elsewhere", ["other-cam"])])
+    _push(worker, "cam", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:14])])
+    num_sealed = len(worker.loop.call(worker.engine.clusters, "cam")) - 1
+    assert num_sealed >= 3
+    reports, deadline = [], time.monotonic() + 60
+    while sum(len(r.events) for r in reports) < 1 and time.monotonic() < deadline:
+        reports.append(worker.take_watch_events(0.5))
+    reports.append(worker.take_watch_events(0.5))
+    assert [e.watch_id for r in reports for e in r.events] == ["quiet"]
+    assert sum(r.num_evaluations for r in reports) == num_sealed  # "elsewhere" does not watch this camera
+    assert sum(r.suppressed.get("cooldown", 0) for r in reports) == num_sealed - 1
+    assert len([s for r in reports for s in r.score_seconds]) == num_sealed
+
+
+def test_watch_answers_wait_for_interactive_questions(worker, bikes_frames):
+    """Seals of one camera are scored while a question about another runs; their answers start only after it."""
+    for stream_id in ("asked", "watched"):
+        worker.open_stream(StreamRecord(stream_id=stream_id, fps=FPS))
+    _push(worker, "asked", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:6])])
+    worker.set_watches([_watch("w", ["watched"])])
+    finished = {}
+
+    def ask() -> None:
+        for _ in worker.ask("q1", "asked", "Describe everything in detail.", 48, None, 120.0):
+            pass
+        finished["at"] = time.time()
+
+    _push(worker, "watched", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:14])], wait=False)
+    asker = threading.Thread(target=ask)
+    asker.start()
+    asker.join(120)
+    events = _events(worker, 1)
+    assert events, "no watch event"
+    early = [e for e in events if e.sealed_unix_s < finished["at"]]
+    assert early, "no cluster sealed while the question ran; make the question longer"
+    assert all(e.fired_unix_s > finished["at"] for e in early)

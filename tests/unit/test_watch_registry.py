@@ -1,0 +1,107 @@
+"""The router's watch registry on the in-memory store: resume, gaps, deletion, limits (no workers, no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from mosaic_core.errors import AlreadyExistsError, CapacityError, InvalidArgumentError, NotFoundError
+from services.config import load_config
+from services.coordinator import Coordinator
+from services.metadata.watches import InMemoryWatchStore
+from services.metrics import MosaicMetrics
+from services.watches import WatchRegistry
+from services.watches_spec import FiredEvent, WatchRecord
+
+
+def _registry(**config) -> WatchRegistry:
+    metrics = MosaicMetrics()
+    coordinator = Coordinator([], None, metrics)
+    coordinator.started = True
+    coordinator.placement = {"cam": 0}
+    return WatchRegistry(InMemoryWatchStore(), coordinator, metrics, load_config(None, **config))
+
+
+def _fired(watch_id: str, end_s: float) -> FiredEvent:
+    now = time.time()
+    return FiredEvent(watch_id=watch_id, stream_id="cam", cluster_id=f"cam/c{int(end_s):06d}", start_s=end_s - 1,
+                      end_s=end_s, score=2.0, answer="a truck", answer_error="", sealed_unix_s=now - 0.5,
+                      fired_unix_s=now)  # fmt: skip
+
+
+async def _take(registry: WatchRegistry, watch_ids: list[str], after: int | None, count: int) -> list:
+    got = []
+    events = registry.subscribe(watch_ids, after)
+    try:
+        async with asyncio.timeout(2.0):
+            async for item in events:
+                got.append(item)
+                if len(got) == count:
+                    break
+    except TimeoutError:
+        pass
+    finally:
+        await events.aclose()
+    return got
+
+
+def test_resume_gap_and_deletion():
+    async def run():
+        registry = _registry(watch_event_buffer=3)
+        await registry.create(WatchRecord(watch_id="w", question="Truck?", stream_ids=["cam"]))
+        for end_s in range(1, 4):
+            await registry._record(_fired("w", float(end_s)))
+        first = await _take(registry, ["w"], 0, 2)
+        assert [i.payload["end_s"] for i in first] == [1.0, 2.0] and not any(i.missed_before for i in first)
+        rest = await _take(registry, ["w"], first[-1].event_id, 10)
+        assert [i.payload["end_s"] for i in rest] == [3.0]
+        # Nobody follows "w" now: three more events push the resume point out of the 3-event buffer.
+        for end_s in range(4, 7):
+            await registry._record(_fired("w", float(end_s)))
+        dropped = registry.metrics.events_dropped_total.labels("buffer_full")._value.get()
+        assert dropped == 3
+        resumed = await _take(registry, ["w"], first[-1].event_id, 10)
+        assert [i.payload["end_s"] for i in resumed] == [4.0, 5.0, 6.0]
+        assert [i.missed_before for i in resumed] == [True, False, False]
+        # A live subscriber (from now on) sees the next event, and ends when its watch is deleted.
+        live = asyncio.create_task(_take(registry, ["w"], None, 2))
+        await asyncio.sleep(0.1)
+        await registry._record(_fired("w", 7.0))
+        await asyncio.sleep(0.1)  # the subscriber reads it; deleting the watch drops what is still buffered
+        await registry.delete("w")
+        got = await live
+        assert [i.payload["end_s"] for i in got] == [7.0]
+        assert got[0].payload["question"] == "Truck?"
+
+    asyncio.run(run())
+
+
+def test_status_code_errors():
+    async def run():
+        registry = _registry(max_watches=1, max_watch_subscribers=1)
+        with pytest.raises(NotFoundError, match="unknown stream 'nope'"):
+            await registry.create(WatchRecord(watch_id="w", question="q", stream_ids=["nope"]))
+        with pytest.raises(InvalidArgumentError, match="allows no webhooks"):
+            await registry.create(WatchRecord(watch_id="w", question="q", webhook_url="https://x/y"))
+        await registry.create(WatchRecord(watch_id="w", question="q"))
+        with pytest.raises(AlreadyExistsError):
+            await registry.create(WatchRecord(watch_id="w", question="q"))
+        with pytest.raises(CapacityError, match="max_watches"):
+            await registry.create(WatchRecord(watch_id="w2", question="q"))
+        with pytest.raises(NotFoundError, match="unknown watch"):
+            await registry.delete("w2")
+        with pytest.raises(NotFoundError, match="unknown watch"):
+            await anext(registry.subscribe(["w2"], None))
+        with pytest.raises(InvalidArgumentError, match="after_event_id"):
+            await anext(registry.subscribe([], -1))
+        holder = asyncio.create_task(_take(registry, [], None, 1))
+        await asyncio.sleep(0.1)
+        with pytest.raises(CapacityError, match="subscribers"):
+            await anext(registry.subscribe([], None))
+        await registry._record(_fired("w", 1.0))
+        assert len(await holder) == 1
+        assert registry.metrics.subscribers._value.get() == 0
+
+    asyncio.run(run())
