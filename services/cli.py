@@ -1,4 +1,5 @@
-"""Service subcommands of ``mosaic``: ``serve``, ``demo``, ``streams`` (``add``/``rm``/``show``), ``push``, ``query``.
+"""Service subcommands of ``mosaic``: ``serve``, ``demo``, ``streams`` (``add``/``rm``/``show``), ``push``, ``query``,
+``watch`` (``create``/``list``/``delete``/``tail``, in ``cli_watches``).
 
 ``mosaic_core.cli`` imports this module lazily and calls ``add_service_commands(subparsers)``; each command
 sets ``func(args) -> int`` (the exit code). Flags left unset fall back to ``--config`` YAML, then the
