@@ -60,6 +60,8 @@ class EngineConfig:
     Attributes:
         mode: retrieval mode, one switch for the whole engine.
         target_tokens_per_frame: visual tokens per frame the frame size is chosen for.
+        page_tokens: token slots of one page of the KV arena; None sizes a page to ``target_tokens_per_frame``.
+            A frame starts a fresh page and takes as many as it needs, so a page the size of a frame wastes nothing.
         local_window_tokens: recent KV every new frame and question attends to.
         max_frames_per_pass: consecutive frames of one stream that may share a forward pass (a backlog catches
             up faster; each frame still attends only to sink + window + the frames before it in the pass).
@@ -93,6 +95,7 @@ class EngineConfig:
 
     mode: RetrievalMode = RetrievalMode.CLUSTER
     target_tokens_per_frame: int = 128
+    page_tokens: int | None = None
     local_window_tokens: int = 1024
     max_frames_per_pass: int = 1
     retrieval_budget_tokens: int = 4096
@@ -134,6 +137,8 @@ class EngineConfig:
                 f"pinned_host_bytes must be in 0..host_budget_bytes={self.host_budget_bytes}, "
                 f"got {self.pinned_host_bytes}"
             )
+        if self.page_tokens is not None and self.page_tokens <= 0:
+            raise ConfigError(f"page_tokens must be positive or None, got {self.page_tokens}")
         if self.disk_budget_bytes < 0 or self.rescore_every_tokens < 0:
             raise ConfigError(
                 f"disk_budget_bytes and rescore_every_tokens must be >= 0, got "
@@ -152,3 +157,7 @@ class EngineConfig:
             raise UnknownPolicyError(f"unknown scorer {self.scorer!r}; valid scorers are: {', '.join(SCORER_NAMES)}")
         if not 0.0 < self.merge_min_joint_fraction <= 1.0:
             raise ConfigError(f"merge_min_joint_fraction must be in (0, 1], got {self.merge_min_joint_fraction}")
+
+    @property
+    def arena_page_tokens(self) -> int:
+        return self.page_tokens or self.target_tokens_per_frame

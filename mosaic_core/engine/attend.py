@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mosaic_core.kernels import kernels_ready
+from mosaic_core.kernels import kernels_ready, paged_slot_attention_reference
 
 
 def causal_mask(num_new: int, num_all: int, device: torch.device) -> torch.Tensor | None:
@@ -46,29 +46,26 @@ def attend_over(query: torch.Tensor, kv: torch.Tensor, num_new: int, scale: floa
     return out[0].transpose(0, 1)
 
 
-def attend_batch(
-    query: torch.Tensor,
-    new_k: torch.Tensor,
-    new_v: torch.Tensor,
-    pasts: list[torch.Tensor | None],
+def attend_paged(
+    query: torch.Tensor,  # [B, num_q_heads, T, D]
+    k_pages: torch.Tensor,  # [num_pages, H, page_tokens, D]
+    v_pages: torch.Tensor,
+    slot_table: torch.Tensor,  # [B, N] int32, -1 padded
+    kv_lens: torch.Tensor | None,  # [B] int32; None: every row attends to all N slots
     scale: float,
-) -> torch.Tensor:
-    """Rows of possibly different past lengths; returns ``[B, T, num_q_heads, D]``.
+) -> torch.Tensor:  # [B, T, num_q_heads, D]
+    """Attention of new tokens over keys read in place from the device page pool through a slot table; the new
+    tokens' own keys (already written to their pages) are the last ``T`` slots of each row, causal among them.
 
-    Rows whose pasts have equal length run as one batched call (the common case when several cameras ingest
-    a frame each); others run row by row.
+    On CUDA this is the Triton split-K kernel reading the pool directly; elsewhere its torch reference, which
+    gathers the slots first (a copy, on CPU only).
     """
-    lengths = {None if p is None else p.shape[2] for p in pasts}
-    if len(lengths) == 1 and None not in lengths and query.shape[0] > 1:
-        past = torch.stack(pasts).to(new_k.dtype)  # [B, 2, H, S, D]
-        keys = torch.cat([past[:, 0], new_k], dim=2)
-        values = torch.cat([past[:, 1], new_v], dim=2)
-        mask = causal_mask(query.shape[2], keys.shape[2], query.device)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-        return out.transpose(1, 2)
-    rows = []
-    for b, past in enumerate(pasts):
-        new_kv = torch.stack([new_k[b], new_v[b]])  # [2, H, T, D]
-        kv = new_kv if past is None else torch.cat([past.to(new_kv.dtype), new_kv], dim=2)
-        rows.append(attend_over(query[b], kv, query.shape[2], scale))
-    return torch.stack(rows)
+    if query.is_cuda and kernels_ready():
+        from mosaic_core.kernels.attention import paged_slot_attention
+
+        out = paged_slot_attention(query, k_pages, v_pages, slot_table, kv_lens, scale=scale)
+    else:
+        if kv_lens is None:
+            kv_lens = torch.full((query.shape[0],), slot_table.shape[1], dtype=torch.int32)
+        out = paged_slot_attention_reference(query, k_pages, v_pages, slot_table, kv_lens, scale=scale)
+    return out.to(query.dtype).transpose(1, 2)

@@ -19,6 +19,7 @@ import torch
 
 from mosaic_core.bookkeeping.formation import ClusterFormer
 from mosaic_core.bookkeeping.maintenance import CoRetrievalTracker
+from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier, TierBudgets
 from mosaic_core.config import EngineConfig, RetrievalMode
@@ -44,7 +45,6 @@ from mosaic_core.errors import (
     InvalidArgumentError,
     UnknownStreamError,
 )
-from mosaic_core.memory.pinned import PinnedPool
 from mosaic_core.memory.tiers import KVTiers
 from mosaic_core.model.adapter import VlmAdapter
 
@@ -75,10 +75,19 @@ class Engine:
             disk_bytes=disk_bytes,
         )
         residency = ResidencyManager(budgets, policy=self.config.eviction_policy)
-        pool = None
-        if model.device.type == "cuda" and self.config.pinned_host_bytes:
-            pool = PinnedPool(self.config.pinned_host_bytes)
-        tiers = KVTiers(self.spec, device=model.device, disk_dir=disk_dir, pinned_pool=pool, durable=durable)
+        full = self.config.mode is RetrievalMode.FULL
+        tiers = KVTiers(
+            self.spec,
+            device=model.device,
+            page_tokens=self.config.arena_page_tokens,
+            # full mode has no budget: its pool starts at the configured size and doubles when it runs out
+            device_bytes=self.config.device_budget_bytes,
+            grow_device=full,
+            host_bytes=self.config.host_budget_bytes,
+            pinned_host_bytes=self.config.pinned_host_bytes if model.device.type == "cuda" else 0,
+            disk_dir=disk_dir,
+            durable=durable,
+        )
         self.tiering = TierManager(residency, tiers)
         self.history = None if durable is None else HistoryKeeper(durable, self.tiering)
         self.tracker = CoRetrievalTracker()
@@ -168,19 +177,24 @@ class Engine:
 
     def _open_state(self, stream_id: str, fps: float, system_prompt: str | None) -> StreamState:
         formation = self.config.formation
+        pools = self.tiering.tiers.pools
         state = StreamState(
             stream_id,
             fps=fps,
             former=ClusterFormer(stream_id, formation),
             summaries=SummaryIndex(self.spec, device=self.model.device),
+            pools=pools,
         )
         ids = self.model.stream_preamble(system_prompt or DEFAULT_SYSTEM_PROMPT)
-        self._reserve_stream(stream_id, len(ids))
-        plan = IngestPlan([state], self.spec)
+        fills = pages_for(len(ids), pools.page_tokens)
+        self.reserve_window(state, sink_pages=len(fills))
+        pages = pools.take(Tier.DEVICE, len(fills))
+        assert pages is not None, "the sink's pages were reserved but are not free"
+        plan = IngestPlan([state], self.spec, pools, [pages], [fills])  # the preamble attends to itself only
         input_ids = torch.tensor([ids], device=self.model.device)
         positions = self.model.text_positions(0, len(ids))[:, None, :]
         self.model.forward(input_ids=input_ids, position_ids=positions, plan=plan)
-        state.sink = plan.row_kv(0)
+        state.set_sink(pages, fills)
         state.position_base = state.text_cursor = len(ids)
         self.streams[stream_id] = state
         return state
@@ -200,6 +214,9 @@ class Engine:
             self.tracker.forget(cluster_id)
         self.tracker.drop_stream(state.stream_id)
         self.tiering.residency.release(f"{state.stream_id}:sink+window")
+        self.tiering.tiers.pools.give_back(Tier.DEVICE, state.past_pages())  # a question reading them holds them
+        state.sink_pages, state.sink_fills = [], []
+        state.local.clear()
         del self.streams[state.stream_id]
 
     def drop_clusters_before(self, stream_id: str, cutoff_s: float) -> list[str]:
@@ -234,22 +251,34 @@ class Engine:
             raise UnknownStreamError(f"no stream {stream_id!r} is open on this engine")
         return state
 
-    def _reserve_stream(self, stream_id: str, sink_tokens: int) -> None:
-        # Between a pass and the eviction after it, the window holds up to one pass of frames more than its
-        # size; frame sizes may round above the target, hence the 25% margin on those frames.
-        extra_frames = self.config.max_frames_per_pass + 1
-        tokens = (
-            sink_tokens + self.config.local_window_tokens + extra_frames * self.config.target_tokens_per_frame * 5 // 4
-        )
-        num_bytes = tokens * self.spec.bytes_per_token
-        plan = self.tiering.residency.plan_make_room(Tier.DEVICE, num_bytes)
+    def reserve_window(self, state: StreamState, *, sink_pages: int | None = None) -> None:
+        """Reserves the device pages of a stream's sink and local window (grown once its frame size is known).
+
+        Between a pass and the eviction after it, the window holds up to one pass of frames more than its size,
+        and a frame takes whole pages of its own.
+        """
+        page_tokens = self.tiering.tiers.pools.page_tokens
+        # Until the first frame shows its size, assume the size pages are made for.
+        tokens_per_frame = page_tokens if state.geometry is None else state.geometry.tokens_per_frame
+        frames = -(-self.config.local_window_tokens // tokens_per_frame) + self.config.max_frames_per_pass + 1
+        sink_pages = len(state.sink_fills) if sink_pages is None else sink_pages
+        pages = sink_pages + frames * len(pages_for(tokens_per_frame, page_tokens))
+        num_bytes = pages * self.tiering.tiers.pools.page_bytes
+        if num_bytes <= state.reserved_bytes:
+            return
+        owner, residency = f"{state.stream_id}:sink+window", self.tiering.residency
+        extra = num_bytes - state.reserved_bytes
+        plan = residency.plan_make_room(Tier.DEVICE, extra)
         if plan is None:
             raise BudgetError(
-                f"device budget cannot hold stream {stream_id!r}'s sink + local window ({tokens} tokens, "
-                f"{num_bytes} bytes; {self.tiering.residency.free_bytes(Tier.DEVICE)} bytes can be freed)"
+                f"device budget cannot hold stream {state.stream_id!r}'s sink + local window ({pages} pages, "
+                f"{num_bytes} bytes; {residency.free_bytes(Tier.DEVICE)} bytes can be freed)"
             )
         self.tiering.execute(plan)
-        self.tiering.residency.reserve(f"{stream_id}:sink+window", num_bytes)
+        if state.reserved_bytes:
+            residency.release(owner)
+        residency.reserve(owner, num_bytes)
+        state.reserved_bytes = num_bytes
 
     # -- ingest -------------------------------------------------------------------------------------------------
     def ingest(self, frames: Sequence[FrameInput]) -> IngestResult:

@@ -155,7 +155,8 @@ class HistoryKeeper:
         for entry in entries:
             summary = summaries[entry.cluster_id]
             state.summaries.add_stats(entry.cluster_id, summary.key_sum, summary.key_sumsq, summary.key_count)
-            self.tiering.residency.add(entry.cluster_id, state.stream_id, entry.num_bytes, Tier.DISK)
+            footprint = self.tiering.tiers.footprint_bytes(entry.num_tokens)  # the pages it takes once fetched
+            self.tiering.residency.add(entry.cluster_id, state.stream_id, footprint, Tier.DISK)
             self.tiering.tiers.adopt(entry.cluster_id)
         return RestoredStream(state.stream_id, stored.stream.get("meta") or {}, saved, len(entries), last_ts)
 

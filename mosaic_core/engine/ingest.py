@@ -3,7 +3,7 @@
 vision tower (all frames of the batch, grouped by size)
   -> pass r: row per stream carrying its next frames  -> attends to sink + local window + the row
   -> each frame joins a cluster (visual coherence) and enters the local window
-  -> frames leaving the window are appended to their cluster, in whichever tier it lives
+  -> frames leaving the window hand their pages to their cluster, in whichever tier it lives
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import FrameInput, IngestResult
@@ -94,6 +95,7 @@ def _encode(engine: Engine, by_stream) -> dict[tuple[str, int], object]:
             if state.geometry is None:
                 state.geometry = engine.model.choose_geometry(*rgb.shape[:2], engine.config.target_tokens_per_frame)
                 _check_geometry(engine, state)
+                engine.reserve_window(state)  # now that a frame's size is known
             groups[(rgb.shape, state.geometry)].append((stream_id, i, rgb))
     features = {}
     for (_, geometry), members in groups.items():
@@ -139,7 +141,19 @@ def _ingest_pass(engine: Engine, rows, features) -> tuple[int, list[int]]:
         )
     embeds = torch.cat([features[(sid, i)][0] for sid, indices, _ in rows for i in indices])
     input_ids = torch.full((len(rows), positions[0].shape[1]), engine.model.video_token_id, device=engine.model.device)
-    plan = IngestPlan(states, engine.spec)
+    pools = engine.tiering.tiers.pools
+    # Each frame starts pages of its own, taken inside its stream's sink + window reservation.
+    frame_fills = [
+        [pages_for(features[(sid, i)][0].shape[0], pools.page_tokens) for i in indices] for sid, indices, _ in rows
+    ]
+    frame_pages = [[_take_pages(pools, len(fills)) for fills in row] for row in frame_fills]
+    plan = IngestPlan(
+        states,
+        engine.spec,
+        pools,
+        [[p for pages in row for p in pages] for row in frame_pages],
+        [[f for fills in row for f in fills] for row in frame_fills],
+    )
     engine.model.forward(
         input_ids=input_ids, position_ids=torch.stack(positions, dim=1), plan=plan, frame_embeds=embeds
     )
@@ -149,30 +163,36 @@ def _ingest_pass(engine: Engine, rows, features) -> tuple[int, list[int]]:
     first_summaries = [features[(sid, indices[0])][1] for sid, indices, _ in rows]
     first = _coherence_batch([state.open_embeds for state in states], first_summaries)
     for row, (state, (sid, indices, frames)) in enumerate(zip(states, rows, strict=True)):
-        row_kv = plan.row_kv(row)
-        start = 0
+        row_tokens, end = input_ids.shape[1], 0
         for n, (i, frame) in enumerate(zip(indices, frames, strict=True)):
             frame_embeds, summary = features[(sid, i)]
-            end = start + frame_embeds.shape[0]
+            end += frame_embeds.shape[0]
             coherence = first[row] if n == 0 else _coherence(state.open_embeds, summary)
-            opened += _place_frame(engine, state, frame, row_kv[:, :, :, start:end], summary, coherence)
-            attended.append(plan.attended_tokens[row] - (row_kv.shape[3] - end))
-            start = end
+            pages, fills = frame_pages[row][n], frame_fills[row][n]
+            opened += _place_frame(engine, state, frame, pages, fills, summary, coherence)
+            attended.append(plan.attended_tokens[row] - (row_tokens - end))
     return opened, attended
+
+
+def _take_pages(pools, num_pages: int) -> list[int]:
+    pages = pools.take(Tier.DEVICE, num_pages)
+    assert pages is not None, f"the device pool has no {num_pages} free pages inside a stream's reservation"
+    return pages
 
 
 def _place_frame(
     engine: Engine,
     state: StreamState,
     frame: FrameInput,
-    kv: torch.Tensor,
+    pages: list[int],
+    fills: list[int],
     summary: torch.Tensor,
     coherence: tuple[float | None, float | None],
 ) -> int:
     similarity, cohesion = coherence
     if engine.config.mode.one_frame_units:
         similarity, cohesion = -1.0, None  # frame blocks (token, frame modes): every frame is its own block
-    num_tokens = kv.shape[3]
+    num_tokens = sum(fills)
     decision = state.former.decide(
         timestamp_s=frame.timestamp_s,
         num_tokens=num_tokens,
@@ -185,7 +205,8 @@ def _place_frame(
     if engine.history is not None and not decision.join:
         engine.history.ensure_ids(state)
     state.open_embeds = [*state.open_embeds, summary] if decision.join else [summary]
-    state.push_local(LocalFrame(state.frames_ingested, record.cluster_id, frame.timestamp_s, kv))
+    slots = engine.tiering.tiers.pools.slots(pages, fills)
+    state.push_local(LocalFrame(state.frames_ingested, record.cluster_id, frame.timestamp_s, pages, fills, slots))
     state.frames_ingested += 1
     state.last_timestamp_s = frame.timestamp_s
     offset_s = frame.timestamp_s - state.first_timestamp_s
@@ -199,13 +220,15 @@ def _place_frame(
 
 
 def _store_in_cluster(engine: Engine, state: StreamState, frame: LocalFrame) -> None:
-    """A frame leaving the local window joins its cluster's KV, wherever that cluster lives."""
+    """A frame leaving the local window hands its pages to its cluster, wherever that cluster lives (on the
+    device, without a copy)."""
+    keys = engine.tiering.tiers.pools.read(Tier.DEVICE, frame.pages, frame.fills)[:, 0]  # before they change hands
     if frame.cluster_id in engine.tiering.residency:
-        engine.tiering.append(frame.cluster_id, frame.kv)
+        engine.tiering.append_pages(frame.cluster_id, frame.pages, frame.fills)
     else:
         prefer = Tier.DEVICE if engine.config.mode.caches_on_device else Tier.HOST
-        engine.tiering.admit(frame.cluster_id, state.stream_id, frame.kv, prefer=prefer)
-    state.summaries.add(frame.cluster_id, frame.kv[:, 0])
+        engine.tiering.admit_pages(frame.cluster_id, state.stream_id, frame.pages, frame.fills, prefer=prefer)
+    state.summaries.add(frame.cluster_id, keys)
     if engine.history is not None:
         engine.history.on_stored(state, frame.cluster_id, frame.frame_index)
 

@@ -1,60 +1,97 @@
 """Attention plans: what each layer attends to during one forward pass, and what it keeps.
 
 - ``IngestPlan``: a batch of rows, one frame (or the preamble) of one stream each. Each row attends to its
-  stream's sink + local window + itself; the new KV is kept for the caller to place in the window.
+  stream's sink + local window + itself; the new KV is written into the device pages taken for the row.
 - ``QuestionPlan``: one stream's question and then its answer, token by token. Each layer attends to
   sink + retrieved clusters + local window + the question and answer so far. Clusters are chosen when the question
-  is prefilled and, if configured, again every ``rescore_every_tokens`` decode steps. A layer's retrieved KV is
-  gathered on the transfer engine's side stream; the layer waits for its own gather only, right before it attends.
+  is prefilled and, if configured, again every ``rescore_every_tokens`` decode steps. A layer's retrieved KV that
+  is not on the device is staged on the transfer engine's side stream; the layer waits for its own staging only,
+  right before it attends.
+
+Both read the KV in place, through slot tables over the arena's device pool (``mosaic_core.memory.arena``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-from mosaic_core.engine.attend import attend_batch, attend_over
+from mosaic_core.bookkeeping.pages import pages_for
+from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.engine.attend import attend_paged
 from mosaic_core.engine.probes import ENGINE, ProbeRequest, QueryPlanter
 from mosaic_core.engine.retrieval import LayerSelection, Retriever
 from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.engine.stream import StreamState
+from mosaic_core.engine.tiering import DeviceRoom
+from mosaic_core.memory.arena import PagePools
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import NOTHING_PENDING, Moved
 
 
 class IngestPlan:
-    """Bounded attention for a batch of streams: the cost per frame is independent of stream length."""
+    """Bounded attention for a batch of streams: the cost per frame is independent of stream length.
 
-    def __init__(self, streams: list[StreamState], spec: KVSpec) -> None:
+    Each row's new KV is written straight into the device pages taken for it, then the row attends, in place,
+    to its stream's sink + local window + itself through one slot table:
+
+        row b:  [ sink + window slots of stream b | slots of the row's new pages ]   (-1 padded to the widest row)
+    """
+
+    def __init__(
+        self,
+        streams: list[StreamState],
+        spec: KVSpec,
+        pools: PagePools,
+        new_pages: list[list[int]],
+        new_fills: list[list[int]],
+    ) -> None:
         self.streams = streams
         self.spec = spec
-        self.new_kv: list[torch.Tensor | None] = [None] * spec.num_layers  # each [B, 2, H, T, D]
-        self.attended_tokens: list[int] = [0] * len(streams)
+        self.pools = pools
+        rows, new = [], []
+        for stream, pages, fills in zip(streams, new_pages, new_fills, strict=True):
+            own = pools.slots(pages, fills)
+            rows.append(np.concatenate([stream.past_slots(), own]))
+            new.append(own)
+        self.attended_tokens = [len(row) for row in rows]
+        table = np.full((len(rows), max(self.attended_tokens)), -1, dtype=np.int32)
+        for b, row in enumerate(rows):
+            table[b, : len(row)] = row
+        device = pools.device
+        self.table = torch.from_numpy(table).to(device)
+        self.kv_lens = torch.tensor(self.attended_tokens, dtype=torch.int32, device=device)
+        self.new_slots = torch.from_numpy(np.concatenate(new).astype(np.int64)).to(device)
 
     def attend(self, layer_idx, query, key, value, scale):
-        pasts = [stream.past_layer(layer_idx) for stream in self.streams]
-        self.new_kv[layer_idx] = torch.stack([key, value], dim=1)
-        if layer_idx == 0:
-            self.attended_tokens = [(0 if p is None else p.shape[2]) + key.shape[2] for p in pasts]
-        return attend_batch(query, key, value, pasts, scale)
-
-    def row_kv(self, row: int) -> torch.Tensor:
-        """The new KV of one row, ``[num_layers, 2, H, T, D]``."""
-        return torch.stack([kv[row] for kv in self.new_kv])
+        batch, heads, tokens, head_dim = key.shape
+        rows = batch * tokens
+        self.pools.write_slots(
+            layer_idx,
+            self.new_slots,
+            key.transpose(1, 2).reshape(rows, heads, head_dim),
+            value.transpose(1, 2).reshape(rows, heads, head_dim),
+        )
+        k_pages, v_pages = self.pools.layer_pages(layer_idx)
+        return attend_paged(query, k_pages, v_pages, self.table, self.kv_lens, scale)
 
 
 class QuestionPlan:
-    """Retrieval-augmented attention for one question and its answer.
+    """Retrieval-augmented attention for one question and its answer, read in place from the device pool.
 
-    Each layer keeps one device buffer, filled once per scoring and then appended to in place:
+    Each layer attends through one slot table:
 
-        [ sink + local window | retrieved clusters | question + answer so far | free ... ]
-          <---------- static: rebuilt on scoring -----> <-- grows one token per decode step -->
+        [ sink + local window | retrieved: resident units' own pages, staged pages | question + answer so far ]
+          the stream's pages,    read where they are       pages this question took   pages this question took
+          held for the question
 
-    so a decode step copies only its own new KV, not the whole attended set. When the retriever shares one
-    layer's choice with all later layers, their buffers are built and their gathers queued as soon as that layer
-    has chosen, so layer l+1's clusters move while layer l computes.
+    Units that are not on the device are staged: the layer's slabs of their pages are copied, in one launch per
+    layer, into device pages the question took inside the device budget. Nothing else is copied: the question's
+    and answer's KV is written once, into the question's pages, and a decode step only widens the table's view by
+    its own token. When the retriever shares one layer's choice with all later layers, their stagings are queued
+    as soon as that layer has chosen, so layer l+1's units move while layer l computes; they share one table.
     """
 
     def __init__(
@@ -64,6 +101,7 @@ class QuestionPlan:
         *,
         rescore_every_tokens: int,
         capacity_tokens: int,
+        room: DeviceRoom,
         recall_probe: RecallProbe | None = None,
         plant_queries: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
@@ -74,12 +112,20 @@ class QuestionPlan:
         self.recall_probe = recall_probe
         # Measurement only (mosaic_core.engine.probes): replaces the question's queries at its prefill.
         self.plant_queries = plant_queries
+        self.room = room
+        self.pools = pools = retriever.tiering.tiers.pools
+        room.hold(stream.past_pages())  # a frame leaving the window meanwhile keeps its page until the answer ends
+        self.past_slots = stream.past_slots()
+        question_fills = pages_for(capacity_tokens, pools.page_tokens)
+        self.question_slots_np = pools.slots(room.take(len(question_fills)), question_fills)
+        self.question_slots = torch.from_numpy(self.question_slots_np.astype(np.int64)).to(pools.device)
+        self.staging: list[int] = []  # device pages that staged units land in (each layer its own layer of them)
         num_layers = retriever.spec.num_layers
         self.selections: list[LayerSelection | None] = [None] * num_layers
-        self.buffers: list[torch.Tensor | None] = [None] * num_layers  # [2, H, static + capacity, D]
-        self.gathers: list[Moved] = [NOTHING_PENDING] * num_layers
+        self.tables: list[torch.Tensor | None] = [None] * num_layers  # [1, static + capacity] int32
         self.static_tokens = [0] * num_layers
-        self.filled_tokens = [0] * num_layers
+        self.gathers: list[Moved] = [NOTHING_PENDING] * num_layers
+        self.filled_tokens = 0  # question and answer tokens written so far
         self.steps = 0  # forward passes so far: 0 is the question prefill
         self.selection_history: list[list[LayerSelection]] = []
 
@@ -87,50 +133,51 @@ class QuestionPlan:
         if self.plant_queries is not None and self.steps == 0:
             query = self.plant_queries(layer_idx, query)
         if self._should_score():
-            self._choose(layer_idx, query[0], key.dtype)
+            self._choose(layer_idx, query[0])
         if self.recall_probe is not None:
             self.recall_probe.observe(layer_idx, query[0], self.selections[layer_idx], step=self.steps)
         self.retriever.tiering.tiers.transfers.wait(self.gathers[layer_idx])
         self.gathers[layer_idx] = NOTHING_PENDING  # waited for once; later decode steps need no wait
-        buffer, start = self.buffers[layer_idx], self.filled_tokens[layer_idx]
-        end = start + key.shape[2]
-        assert end <= buffer.shape[2], f"question plan capacity {self.capacity_tokens} tokens exceeded"
-        buffer[0, :, start:end] = key[0]
-        buffer[1, :, start:end] = value[0]
-        self.filled_tokens[layer_idx] = end
-        out = attend_over(query[0], buffer[:, :, :end], key.shape[2], scale)
+        end = self.filled_tokens + key.shape[2]
+        assert end <= self.capacity_tokens, f"question plan capacity {self.capacity_tokens} tokens exceeded"
+        new_slots = self.question_slots[self.filled_tokens : end]
+        self.pools.write_slots(layer_idx, new_slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
+        k_pages, v_pages = self.pools.layer_pages(layer_idx)
+        table = self.tables[layer_idx][:, : self.static_tokens[layer_idx] + end]
+        out = attend_paged(query, k_pages, v_pages, table, None, scale)
         if layer_idx == len(self.selections) - 1:
             self.steps += 1
-        return out[None]
+            self.filled_tokens = end
+        return out
 
-    def _choose(self, layer: int, query: torch.Tensor, dtype: torch.dtype) -> None:
+    def _choose(self, layer: int, query: torch.Tensor) -> None:
         anchor, last = self.retriever.prefetch_after_layer, len(self.selections) - 1
         if anchor is not None and layer > anchor:
-            return  # chosen, and its gather queued, when the anchor layer ran
+            return  # chosen, and its staging queued, when the anchor layer ran
         selection = self.retriever.select(layer, query)
-        self._rebuild(layer, selection, dtype)
+        self._rebuild(layer, selection)
         if layer == anchor:
             for later in range(layer + 1, last + 1):
-                self._rebuild(later, self.retriever.reuse(later, selection), dtype)
+                shared = (self.tables[layer], self.static_tokens[layer])
+                self._rebuild(later, self.retriever.reuse(later, selection), shared)
         if layer in (anchor, last):
             self.selection_history.append(list(self.selections))
 
-    def _rebuild(self, layer: int, selection: LayerSelection, dtype: torch.dtype) -> None:
-        past = self.stream.past_layer(layer)
-        old, old_static, old_filled = self.buffers[layer], self.static_tokens[layer], self.filled_tokens[layer]
-        generated = None if old is None else old[:, :, old_static:old_filled]
-        static = past.shape[2] + selection.num_tokens
-        num_heads, head_dim = past.shape[1], past.shape[3]
-        buffer = past.new_empty((2, num_heads, static + self.capacity_tokens, head_dim), dtype=dtype)
-        buffer[:, :, : past.shape[2]] = past
-        end, self.gathers[layer] = self.retriever.gather_into(selection, buffer, past.shape[2])
-        assert end == static, f"gathered {end - past.shape[2]} tokens, selection said {selection.num_tokens}"
-        filled = static
-        if generated is not None and generated.shape[2]:
-            buffer[:, :, static : static + generated.shape[2]] = generated
-            filled += generated.shape[2]
+    def _rebuild(self, layer: int, selection: LayerSelection, shared: tuple | None = None) -> None:
+        num_staged = len(selection.slabs)
+        if num_staged > len(self.staging):
+            self.staging += self.room.take(num_staged - len(self.staging))
+        fills = [slab.shape[2] for slab in selection.slabs]
+        pages = [self.pools.layer_slab(Tier.DEVICE, p, layer, f) for p, f in zip(self.staging, fills, strict=False)]
+        self.gathers[layer] = self.retriever.stage(selection, pages)
+        if shared is None:
+            staged = self.pools.slots(self.staging[:num_staged], fills)
+            static = np.concatenate([self.past_slots, *selection.device_slots, staged])
+            assert len(static) == len(self.past_slots) + selection.num_tokens, "slots and selection disagree"
+            table = np.concatenate([static, self.question_slots_np]).astype(np.int32)
+            shared = (torch.from_numpy(table).to(self.pools.device)[None], len(static))
+        self.tables[layer], self.static_tokens[layer] = shared
         self.selections[layer] = selection
-        self.buffers[layer], self.static_tokens[layer], self.filled_tokens[layer] = buffer, static, filled
 
     def _should_score(self) -> bool:
         if self.steps == 0:

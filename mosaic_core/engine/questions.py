@@ -7,6 +7,7 @@ maintenance may have merged clusters that questions keep retrieving together.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -22,10 +23,13 @@ from mosaic_core.engine.probes import QueryPlanter, active_request
 from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, RetrievalStats, TokenEvent
 from mosaic_core.engine.retrieval import Retriever, machinery_for
 from mosaic_core.engine.stream import StreamState
+from mosaic_core.engine.tiering import DeviceRoom
 from mosaic_core.errors import InvalidArgumentError, OutOfRangeError
 
 if TYPE_CHECKING:
     from mosaic_core.engine.engine import Engine
+
+_QUESTION_NUMBERS = itertools.count()
 
 
 def ask(
@@ -69,24 +73,33 @@ def ask(
             request=request,
             planter=planter,
         )
-    plan = QuestionPlan(
-        state,
-        retriever,
-        rescore_every_tokens=config.rescore_every_tokens,
-        capacity_tokens=len(question_ids) + max_new_tokens,
-        recall_probe=probe,
-        plant_queries=None if planter is None else planter.plant,
-    )
-    return _generate(engine, state, question, question_ids, plan, max_new_tokens, request)
+
+    def make_plan(room: DeviceRoom) -> QuestionPlan:
+        return QuestionPlan(
+            state,
+            retriever,
+            rescore_every_tokens=config.rescore_every_tokens,
+            capacity_tokens=len(question_ids) + max_new_tokens,
+            room=room,
+            recall_probe=probe,
+            plant_queries=None if planter is None else planter.plant,
+        )
+
+    return _generate(engine, state, question, question_ids, make_plan, retriever, max_new_tokens, request)
 
 
 def _generate(
-    engine, state, question, question_ids, plan, max_new_tokens, request=None
+    engine, state, question, question_ids, make_plan, retriever, max_new_tokens, request=None
 ) -> Iterator[TokenEvent | Answer]:
+    # The question's device pages are taken once the caller starts reading the answer, and given back however
+    # it ends (answered, abandoned for a deadline or a cancel, or its stream deleted).
+    room = DeviceRoom(engine.tiering, f"{state.stream_id}:question:{next(_QUESTION_NUMBERS)}")
     try:
+        plan = make_plan(room)
         decoded = yield from _decode(engine, state, question_ids, plan, max_new_tokens)
     finally:
-        plan.retriever.release()  # also when the caller abandons the answer (deadline, cancel, stream deleted)
+        retriever.release()
+        room.release()
     token_ids, timings, retrieval, last_hidden = decoded
     if request is not None and plan.recall_probe is not None:
         plan.recall_probe.report(request)

@@ -14,16 +14,17 @@ the mode, so two modes with the same machinery differ only in their unit and sco
 nothing on the GPU); ``frame`` is the same unit on Mosaic's machinery, so ``frame`` vs ``cluster`` is what the unit
 alone buys. ``EngineConfig.scorer`` swaps the scorer of any mode (random, recent, or the other key scorer).
 
-- The gather: the chosen slabs of one layer, wherever they live, move into the question's buffer in one launch
-  that reads pinned host and device memory in place (on CUDA); otherwise one ``copy_`` per slab.
+- The gather: device-resident units are attended where they are, through their slots in the device pool. The
+  other units' page slabs of one layer move into device pages the question took (inside the device budget) in
+  one launch that reads pinned host memory in place (on CUDA); otherwise one ``copy_`` per slab.
 - The shared choice: with ``prefetch_after_layer`` set, layers up to it score their own queries and every later
   layer takes that layer's choice, so their gathers are queued on the side stream at once and overlap compute.
 - The device cache: units are admitted to the device tier, and after the answer the units at least half the
   layers chose are promoted to the device whole, off the question's critical path.
 
-Counting is the same for every mode: ``num_copies`` counts the contiguous host slabs moved (one per unit and
-layer that was not on the device), whether one launch or one copy call moved them; the transfer timer starts
-before the host prepares the move (building the address table, or issuing the copies) in both paths.
+Counting is the same for every mode: ``num_copies`` counts the contiguous host slabs moved (one per page and
+layer of a unit that was not on the device), whether one launch or one copy call moved them; the transfer timer
+starts before the host prepares the move (building the address table, or issuing the copies) in both paths.
 
 Gathers are queued, never waited for here: the plan makes the compute stream wait for a layer's gather right
 before that layer attends.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
@@ -42,7 +44,7 @@ from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
 from mosaic_core.memory.layout import KVSpec
-from mosaic_core.memory.transfer import Moved
+from mosaic_core.memory.transfer import NOTHING_PENDING, Moved
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,11 +73,12 @@ def machinery_for(config: EngineConfig) -> Machinery:
 
 @dataclass(slots=True)
 class LayerSelection:
-    """What one layer retrieved."""
+    """What one layer retrieved: device-resident units are attended where they are (their slots), the pages of
+    the others are staged into the question's device pages (their slabs)."""
 
     cluster_ids: list[str]
-    slabs: list[torch.Tensor]  # each [2, num_kv_heads, n_c, head_dim], where its cluster lives
-    on_device: list[bool]  # per slab: its cluster is in the device tier (no transfer needed)
+    device_slots: list[np.ndarray]  # per device-resident unit: its tokens' slots in the device pool
+    slabs: list[torch.Tensor]  # per page of the other units: [2, num_kv_heads, fill, head_dim], where it lives
     num_tokens: int
     scores: torch.Tensor | None = None  # [num_candidates], kept on the device until the answer ends
 
@@ -135,36 +138,43 @@ class Retriever:
         mean, var, log_count = self._summaries
         scores = self.scorer.scores(query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale)
         chosen = list(self.candidates) if self.machinery.choose_all else self.fill_budget(scores)
-        slabs = [self._slab(cluster_id, layer) for cluster_id in chosen]
-        on_device = [self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE for cluster_id in chosen]
+        device_slots, slabs = [], []
+        for cluster_id in chosen:
+            slots, unit_slabs = self._unit(cluster_id, layer, chosen_before=False)
+            if slots is not None:
+                device_slots.append(slots)
+            slabs += unit_slabs
         self.score_s += self._now(query.device) - start
-        return LayerSelection(chosen, slabs, on_device, sum(slab.shape[2] for slab in slabs), scores)
+        num_tokens = sum(len(s) for s in device_slots) + sum(slab.shape[2] for slab in slabs)
+        return LayerSelection(chosen, device_slots, slabs, num_tokens, scores)
 
     def reuse(self, layer: int, chosen: LayerSelection) -> LayerSelection:
-        """Layer ``layer``'s slabs of clusters another layer chose (no scoring of its own)."""
-        slabs = [self._slab(cluster_id, layer) for cluster_id in chosen.cluster_ids]
-        return LayerSelection(list(chosen.cluster_ids), slabs, list(chosen.on_device), chosen.num_tokens)
+        """Layer ``layer``'s share of the clusters another layer chose (no scoring of its own); the device slots
+        are the same for every layer."""
+        slabs = [slab for cid in chosen.cluster_ids for slab in self._unit(cid, layer, chosen_before=True)[1]]
+        return LayerSelection(list(chosen.cluster_ids), chosen.device_slots, slabs, chosen.num_tokens)
 
-    def gather_into(self, selection: LayerSelection, buffer: torch.Tensor, first_token: int) -> tuple[int, Moved]:
-        """Queues a layer's chosen slabs into ``buffer[:, :, first_token:]``; returns the end offset and the move
-        to wait for before reading the buffer.
+    def stage(self, selection: LayerSelection, pages: list[torch.Tensor]) -> Moved:
+        """Queues the selection's slabs into ``pages`` (device page slabs of the same sizes, in order); returns the
+        move to wait for before the layer attends.
 
         With the batched gather every slab of the layer moves in one kernel launch that reads pinned host and
         device memory in place (on CUDA); otherwise (the ReKV baseline) one copy per slab. Either way the copies
         counted are the host slabs moved.
         """
-        start = self._now(buffer.device)
-        host = [slab for slab, resident in zip(selection.slabs, selection.on_device, strict=True) if not resident]
-        batched = self.machinery.batched_gather and buffer.is_cuda and all(s.is_pinned() for s in host)
-        end, moved = self.tiering.tiers.transfers.gather(selection.slabs, buffer, first_token, batched=batched)
-        if host:
-            num_bytes = sum(slab.numel() * slab.element_size() for slab in host)
-            self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, len(host))
-            self.bytes_fetched += num_bytes
-            self.num_copies += len(host)
-            self._timed_gathers.append(moved)
-        self.fetch_s += self._now(buffer.device) - start
-        return end, moved
+        if not selection.slabs:
+            return NOTHING_PENDING
+        start = self._now(pages[0].device)
+        host = selection.slabs
+        batched = self.machinery.batched_gather and pages[0].is_cuda and all(s.is_pinned() for s in host)
+        moved = self.tiering.tiers.transfers.stage(host, pages, batched=batched)
+        num_bytes = sum(slab.numel() * slab.element_size() for slab in host)
+        self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, len(host))
+        self.bytes_fetched += num_bytes
+        self.num_copies += len(host)
+        self._timed_gathers.append(moved)
+        self.fetch_s += self._now(pages[0].device) - start
+        return moved
 
     def transfer_seconds(self) -> float:
         """Device time spent gathering retrieved KV that had to be copied (waits for the copies to finish)."""
@@ -205,19 +215,22 @@ class Retriever:
                 used += size
         return chosen
 
-    def _slab(self, cluster_id: str, layer: int) -> torch.Tensor:
-        # One lookup per unit and question, measured in every mode (ReKV-style blocks live on the host: they miss).
+    def _unit(self, cluster_id: str, layer: int, *, chosen_before: bool) -> tuple[np.ndarray | None, list]:
+        """A chosen unit's device slots (None when it is not on the device) and, otherwise, its layer's slabs."""
         if cluster_id not in self._pinned:
             # Pinned until the question ends: maintenance, retention and eviction leave it where it is.
             self.tiering.residency.pin(cluster_id)
             self._pinned.add(cluster_id)
+        on_device = self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE
+        # One lookup per unit and question, measured in every mode (ReKV-style blocks live on the host: they miss).
         if cluster_id not in self.votes and not self.machinery.choose_all:
-            hit = self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE
-            self.tiering.record_lookup(hit=hit)
+            self.tiering.record_lookup(hit=on_device)
             self.device_lookups += 1
-            self.device_hits += hit
+            self.device_hits += on_device
         self.votes[cluster_id] = self.votes.get(cluster_id, 0) + 1
-        return self.tiering.tiers.layer_slab(cluster_id, layer)
+        if on_device:
+            return (None if chosen_before else self.tiering.tiers.device_slots(cluster_id)), []
+        return None, self.tiering.tiers.layer_slabs(cluster_id, layer)
 
     def _now(self, device: torch.device) -> float:
         if not self.profile:

@@ -3,23 +3,26 @@
 KV of a stream, and where each part lives:
 
     [ sink (preamble) | clusters c0 c1 c2 ... (any tier) | local window (newest frames) ]
-      always device      moved whole between tiers          always device
+      device pages       pages, moved whole between tiers    device pages
 
-A new frame's KV enters the local window; when the window overflows, its oldest frames leave it and their KV is
-appended to the cluster the formation rules assigned them to on arrival. So a frame's KV is in exactly one place.
+A new frame's KV is written once, into device pages of the arena, and enters the local window; when the window
+overflows, its oldest frames leave it and their pages are handed to the cluster the formation rules assigned them
+to on arrival (without a copy when that cluster is on the device). So a frame's KV is in exactly one place.
 """
 
 from __future__ import annotations
 
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.formation import ClusterFormer, ClusterRecord
 from mosaic_core.engine.summaries import SummaryIndex
 from mosaic_core.errors import InvalidArgumentError, StreamClosedError, TimestampOrderError
+from mosaic_core.memory.arena import PagePools
 from mosaic_core.model.pixels import VisionGeometry
 
 STREAM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -39,19 +42,29 @@ class LocalFrame:
     frame_index: int
     cluster_id: str
     timestamp_s: float
-    kv: torch.Tensor  # [num_layers, 2, num_kv_heads, tokens_per_frame, head_dim], on device
+    pages: list[int]  # device pages holding the frame's KV, token order
+    fills: list[int]  # tokens in each page
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))  # PagePools.slots of them
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.fills)
 
 
 class StreamState:
     """Everything the engine keeps for one stream."""
 
-    def __init__(self, stream_id: str, *, fps: float, former: ClusterFormer, summaries: SummaryIndex) -> None:
+    def __init__(
+        self, stream_id: str, *, fps: float, former: ClusterFormer, summaries: SummaryIndex, pools: PagePools
+    ) -> None:
         self.stream_id = stream_id
         self.fps = fps
         self.former = former
         self.summaries = summaries
         self.closed = False
-        self.sink: torch.Tensor | None = None  # [num_layers, 2, num_kv_heads, sink_tokens, head_dim]
+        self.pools = pools
+        self.sink_pages: list[int] = []
+        self.sink_fills: list[int] = []
         self.position_base = 0  # first position after the preamble
         self.geometry: VisionGeometry | None = None
         self.first_timestamp_s: float | None = None
@@ -60,7 +73,8 @@ class StreamState:
         self.frames_ingested = 0
         self.local: deque[LocalFrame] = deque()
         self.local_tokens = 0
-        self._past_cache: dict[int, torch.Tensor] = {}
+        self.reserved_bytes = 0  # device bytes reserved for sink + window
+        self._past_slots: np.ndarray | None = None
         # Vision-embedding statistics of the open cluster, for visual coherence.
         self.open_embeds: list[torch.Tensor] = []
 
@@ -78,38 +92,46 @@ class StreamState:
 
     @property
     def sink_tokens(self) -> int:
-        return 0 if self.sink is None else self.sink.shape[3]
+        return sum(self.sink_fills)
+
+    def set_sink(self, pages: list[int], fills: list[int]) -> None:
+        self.sink_pages, self.sink_fills = pages, fills
+        self._past_slots = None
 
     # -- local window -------------------------------------------------------------------------------------------
     def push_local(self, frame: LocalFrame) -> None:
         self.local.append(frame)
-        self.local_tokens += frame.kv.shape[3]
-        self._past_cache.clear()
+        self.local_tokens += frame.num_tokens
+        self._past_slots = None
 
     def pop_overflow(self, window_tokens: int) -> list[LocalFrame]:
         """Frames that no longer fit in the local window, oldest first."""
         evicted = []
         while self.local and self.local_tokens > window_tokens:
             frame = self.local.popleft()
-            self.local_tokens -= frame.kv.shape[3]
+            self.local_tokens -= frame.num_tokens
             evicted.append(frame)
         if evicted:
-            self._past_cache.clear()
+            self._past_slots = None
         return evicted
 
-    def past_layer(self, layer: int) -> torch.Tensor | None:
-        """Sink + local window of one layer, ``[2, num_kv_heads, sink + local tokens, head_dim]``.
+    def past_pages(self) -> list[int]:
+        """Device pages of sink + local window."""
+        return self.sink_pages + [p for f in self.local for p in f.pages]
 
-        Every new frame and every question attends to exactly this; it is built once per layer and kept until
-        the window changes, so the frames of one pass and all layers of a question share the concatenation.
-        """
-        if layer not in self._past_cache:
-            pieces = [] if self.sink is None else [self.sink[layer]]
-            pieces += [f.kv[layer] for f in self.local]
-            if not pieces:
-                return None
-            self._past_cache[layer] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
-        return self._past_cache[layer]
+    def past_slots(self) -> np.ndarray:
+        """Slots of sink + local window in the device pool, in order: what every new frame and every question
+        attends to. Kept until the window changes (an index, not a copy of the KV)."""
+        if self._past_slots is None:
+            sink = self.pools.slots(self.sink_pages, self.sink_fills)
+            self._past_slots = np.concatenate([sink, *(f.slots for f in self.local)])
+        return self._past_slots
+
+    def past_layer(self, layer: int) -> torch.Tensor | None:
+        """Sink + local window of one layer, ``[2, num_kv_heads, sink + local tokens, head_dim]``, as a new tensor
+        read out of the pages (for measurements and standing questions; attention reads the pages in place)."""
+        slots = self.past_slots()
+        return self.pools.read_slots(layer, slots) if len(slots) else None
 
     def local_cluster_ids(self) -> set[str]:
         return {f.cluster_id for f in self.local}

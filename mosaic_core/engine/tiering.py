@@ -42,7 +42,28 @@ class TierManager:
 
     def admit(self, cluster_id: str, stream_id: str, kv: torch.Tensor, *, prefer: Tier) -> Tier:
         """Stores a new cluster in the hottest tier from ``prefer`` down that can make room for it."""
-        num_bytes = kv.numel() * kv.element_size()
+        tier = self._place_new(cluster_id, stream_id, self.tiers.footprint_bytes(kv.shape[3]), prefer)
+        self.tiers.put(cluster_id, kv, tier)
+        return tier
+
+    def admit_pages(self, cluster_id: str, stream_id: str, pages: list[int], fills: list[int], *, prefer: Tier) -> Tier:
+        """``admit`` for KV already in device pages (a frame leaving the local window): on the device the pages
+        become the cluster's without a copy."""
+        tier = self._place_new(cluster_id, stream_id, len(pages) * self.tiers.pools.page_bytes, prefer)
+        self.tiers.put_pages(cluster_id, pages, fills, tier)
+        return tier
+
+    def append(self, cluster_id: str, chunk: torch.Tensor) -> None:
+        """Grows a cluster by ``chunk``, spilling others, or moving the cluster colder, to make room."""
+        self._grow(cluster_id, self.tiers.footprint_bytes(chunk.shape[3]))
+        self.tiers.append(cluster_id, chunk)
+
+    def append_pages(self, cluster_id: str, pages: list[int], fills: list[int]) -> None:
+        """``append`` for KV already in device pages."""
+        self._grow(cluster_id, len(pages) * self.tiers.pools.page_bytes)
+        self.tiers.append_pages(cluster_id, pages, fills)
+
+    def _place_new(self, cluster_id: str, stream_id: str, num_bytes: int, prefer: Tier) -> Tier:
         for tier in _tiers_from(prefer):
             if self.residency.capacity_bytes(tier) == 0:
                 continue
@@ -51,22 +72,20 @@ class TierManager:
                 continue
             self.execute(plan)
             self.residency.add(cluster_id, stream_id, num_bytes, tier)
-            self.tiers.put(cluster_id, kv, tier)
             return tier
         raise CapacityError(
             f"no tier can hold cluster {cluster_id!r} ({num_bytes} bytes): every tier is full of pinned data; "
             "raise the host or disk budget, or shorten stream retention"
         )
 
-    def append(self, cluster_id: str, chunk: torch.Tensor) -> None:
-        """Grows a cluster by ``chunk``, spilling others, or moving the cluster colder, to make room.
+    def _grow(self, cluster_id: str, extra: int) -> None:
+        """Accounts ``extra`` bytes to a cluster, spilling others, or moving the cluster colder, to make room.
 
         A growing cluster counts as just used: the open cluster of a live camera is the last thing to spill,
-        since growing a cluster outside the device tier re-copies it frame after frame.
+        since growing a cluster outside the device tier copies each new frame there.
         """
-        extra = chunk.numel() * chunk.element_size()
         self.residency.touch(cluster_id)
-        if not self.residency.grow(cluster_id, extra):
+        while not self.residency.grow(cluster_id, extra):
             tier = self.residency.tier_of(cluster_id)
             plan = self.residency.plan_make_room(tier, extra, exclude=frozenset({cluster_id}))
             if plan is None:
@@ -74,12 +93,7 @@ class TierManager:
                 plan = None if colder is None else self.residency.plan_spill(cluster_id, colder)
                 if plan is None:
                     raise CapacityError(f"no room to grow cluster {cluster_id!r} by {extra} bytes in any tier")
-                self.execute(plan)
-                return self.append(cluster_id, chunk)
             self.execute(plan)
-            grown = self.residency.grow(cluster_id, extra)
-            assert grown, f"room was made for cluster {cluster_id} but growing it failed"
-        self.tiers.append(cluster_id, chunk)
 
     def record_lookup(self, *, hit: bool) -> None:
         """A question looked for a cluster on the device (for the cluster-cache hit ratio)."""
@@ -115,3 +129,54 @@ class TierManager:
 
 def _tiers_from(tier: Tier) -> list[Tier]:
     return [t for t in Tier if t >= tier]
+
+
+class DeviceRoom:
+    """Device pages one reader (a question) takes or holds for a while, inside the device budget.
+
+    ``take`` makes room (spilling unpinned clusters), reserves the bytes and takes fresh pages; ``hold`` keeps
+    pages that others own (a stream's sink and window) from being reused while the reader attends to them, and
+    reserves their bytes too, since a window frame may leave and its page be given back meanwhile. ``release``
+    gives everything back.
+    """
+
+    def __init__(self, tiering: TierManager, owner: str) -> None:
+        self.tiering = tiering
+        self.owner = owner
+        self.pages: list[int] = []
+        self._reservations: list[str] = []
+
+    def take(self, num_pages: int) -> list[int]:
+        self._reserve(num_pages)
+        pages = self.tiering.tiers.pools.take(Tier.DEVICE, num_pages)
+        assert pages is not None, f"{num_pages} device pages were reserved for {self.owner} but are not free"
+        self.pages += pages
+        return pages
+
+    def hold(self, pages: list[int]) -> None:
+        self._reserve(len(pages))
+        self.tiering.tiers.pools.device_pages.share(pages)
+        self.pages += pages
+
+    def release(self) -> None:
+        if self.pages:
+            self.tiering.tiers.pools.give_back(Tier.DEVICE, self.pages)
+        for name in self._reservations:
+            self.tiering.residency.release(name)
+        self.pages, self._reservations = [], []
+
+    def _reserve(self, num_pages: int) -> None:
+        if not num_pages:
+            return
+        residency = self.tiering.residency
+        num_bytes = num_pages * self.tiering.tiers.pools.page_bytes
+        plan = residency.plan_make_room(Tier.DEVICE, num_bytes)
+        if plan is None:
+            raise CapacityError(
+                f"{self.owner} needs {num_bytes} device bytes ({num_pages} pages) and only "
+                f"{residency.free_bytes(Tier.DEVICE)} can be freed: the rest is reserved or pinned"
+            )
+        self.tiering.execute(plan)
+        name = f"{self.owner}#{len(self._reservations)}"
+        residency.reserve(name, num_bytes)
+        self._reservations.append(name)

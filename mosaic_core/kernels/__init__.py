@@ -23,11 +23,17 @@ from mosaic_core.kernels.reference import (
     decode_attention_reference,
     gather_rows_reference,
     paged_decode_attention_reference,
+    paged_slot_attention_reference,
     prefill_attention_reference,
 )
 
 if TYPE_CHECKING:
-    from mosaic_core.kernels.attention import decode_attention, paged_decode_attention, prefill_attention
+    from mosaic_core.kernels.attention import (
+        decode_attention,
+        paged_decode_attention,
+        paged_slot_attention,
+        prefill_attention,
+    )
     from mosaic_core.kernels.gather import gather_rows, gather_spans
     from mosaic_core.kernels.scoring import cluster_scores
 
@@ -44,6 +50,8 @@ __all__ = [
     "launchable",
     "paged_decode_attention",
     "paged_decode_attention_reference",
+    "paged_slot_attention",
+    "paged_slot_attention_reference",
     "prefill_attention",
     "prefill_attention_reference",
     "triton_available",
@@ -55,6 +63,7 @@ _LAZY_KERNELS = {
     "gather_spans": "mosaic_core.kernels.gather",
     "decode_attention": "mosaic_core.kernels.attention",
     "paged_decode_attention": "mosaic_core.kernels.attention",
+    "paged_slot_attention": "mosaic_core.kernels.attention",
     "prefill_attention": "mosaic_core.kernels.attention",
 }
 

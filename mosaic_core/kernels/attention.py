@@ -12,7 +12,8 @@ sees all kv_len keys). Each split writes a normalized partial output and its log
 merges the splits (flash-decoding). With one split, stage 1 writes the final output and no merge runs.
 
 Paged KV: key j of sequence b is at page page_table[b, j // PAGE_TOKENS], slot j % PAGE_TOKENS. A page id < 0
-masks its keys, so -1 padding is never dereferenced.
+masks its keys, so -1 padding is never dereferenced. With a slot table (``paged_slot_attention``) the table names
+each key's slot instead, page * PAGE_TOKENS + offset, so a sequence may read partly filled pages in any order.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class _Launch:
     max_kv_tokens: int
     causal_shift: int
     page_tokens: int  # 0 when not paged
+    slots: bool = False  # the page table is a slot table (one entry per key)
 
     @property
     def group_size(self) -> int:
@@ -154,7 +156,8 @@ def _run(
         *(lse.stride() if lse is not None else (0, 0, 0, 0)),
         GROUP_SIZE=launch.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, next_power_of_2(launch.head_dim)),
-        PAGED=page_table is not None, PAGE_TOKENS=max(launch.page_tokens, 1), HAS_KV_LENS=kv_lens is not None,
+        PAGED=page_table is not None, PAGE_TOKENS=max(launch.page_tokens, 1), SLOTS=launch.slots,
+        HAS_KV_LENS=kv_lens is not None,
         STORE_LSE=lse is not None, DOT_IN_FP32=interpret_mode() and q4.dtype == torch.bfloat16,
         INPUT_PRECISION="ieee" if q4.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -375,4 +378,48 @@ def prefill_attention(
     if out.numel():
         _run(launch, q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, None, out.unsqueeze(0),
              scale=scale, num_splits=num_splits, block_n=block_n)  # fmt: skip
+    return out
+
+
+def paged_slot_attention(
+    q: torch.Tensor,  # [batch, num_q_heads, q_len, head_dim]
+    k_pages: torch.Tensor,  # [num_pages, num_kv_heads, page_tokens, head_dim]
+    v_pages: torch.Tensor,  # [num_pages, num_kv_heads, page_tokens, head_dim]
+    slot_table: torch.Tensor,  # [batch, max_keys] int32: page * page_tokens + offset, -1 padded
+    kv_lens: torch.Tensor | None,  # [batch] int32; None: every sequence has max_keys keys
+    *,
+    scale: float,
+    out: torch.Tensor | None = None,  # [batch, num_q_heads, q_len, head_dim]
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:  # [batch, num_q_heads, q_len, head_dim]
+    """Causal attention of ``q_len`` new tokens per sequence over keys read in place from a page pool.
+
+    Key ``j`` of sequence ``b`` is token ``slot_table[b, j] % page_tokens`` of page
+    ``slot_table[b, j] // page_tokens``; the new tokens' own keys are the last ``q_len`` of the ``kv_lens[b]``
+    keys (bottom-right causal, as in :func:`prefill_attention`). With ``q_len == 1`` this is decode. Nothing is
+    gathered: the kernel reads the pool where it is, so pages may be partly filled and in any order.
+
+    Raises:
+        InvalidArgumentError: On mismatched shapes, dtypes or devices.
+    """
+    check_rank("q", q, 4, "[batch, num_q_heads, q_len, head_dim]")
+    check_rank("k_pages", k_pages, 4, "[num_pages, num_kv_heads, page_tokens, head_dim]")
+    check_rank("slot_table", slot_table, 2, "[batch, max_keys]")
+    _check_attention_args(q, k_pages, v_pages, q.shape[1], k_pages.shape[1], scale)
+    check_index_dtype("slot_table", slot_table)
+    check_kernel_device("slot_table", slot_table, q.device)
+    batch, q_len = q.shape[0], q.shape[2]
+    if slot_table.shape[0] != batch:
+        raise InvalidArgumentError(f"slot_table {tuple(slot_table.shape)} must have batch={batch} rows")
+    if kv_lens is not None:
+        _check_kv_lens(kv_lens, batch, slot_table.shape[1], q.device, validate=False)
+    out = _out_4d(out, tuple(q.shape), q)
+    launch = _Launch(
+        batch=batch, num_q_heads=q.shape[1], num_kv_heads=k_pages.shape[1], q_len=q_len, head_dim=q.shape[3],
+        max_kv_tokens=slot_table.shape[1], causal_shift=0, page_tokens=k_pages.shape[2], slots=True,
+    )  # fmt: skip
+    if out.numel():
+        _run(launch, q, k_pages, v_pages, slot_table, kv_lens, out, scale=scale,
+             num_splits=num_splits, block_n=block_n)  # fmt: skip
     return out

@@ -20,7 +20,8 @@ def attention_partial_kernel(
     out_batch_stride, out_head_stride, out_token_stride, out_split_stride, out_dim_stride,
     lse_batch_stride, lse_head_stride, lse_token_stride, lse_split_stride,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_TOKENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, STORE_LSE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_TOKENS: tl.constexpr, SLOTS: tl.constexpr,  # SLOTS: the table names every key's slot
+    HAS_KV_LENS: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # the interpreter multiplies bfloat16 as raw integers, so upcast there
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -55,15 +56,25 @@ def attention_partial_kernel(
         cols = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         col_mask = cols < hi
         if PAGED:
-            page = tl.load(
-                page_table_ptr + batch * pt_batch_stride + (cols // PAGE_TOKENS) * pt_page_stride,
-                mask=col_mask,
-                other=-1,
-            )
-            col_mask = col_mask & (page >= 0)
-            page = tl.maximum(page, 0).to(tl.int64)
-            k_cols = page * k_batch_stride + (cols % PAGE_TOKENS) * k_token_stride
-            v_cols = page * v_batch_stride + (cols % PAGE_TOKENS) * v_token_stride
+            if SLOTS:  # key j is slot table[b, j] = page * PAGE_TOKENS + offset: pages need not be full
+                slot = tl.load(
+                    page_table_ptr + batch * pt_batch_stride + cols * pt_page_stride, mask=col_mask, other=-1
+                )
+                col_mask = col_mask & (slot >= 0)
+                slot = tl.maximum(slot, 0).to(tl.int64)
+                page = slot // PAGE_TOKENS
+                offset = slot % PAGE_TOKENS
+            else:
+                page = tl.load(
+                    page_table_ptr + batch * pt_batch_stride + (cols // PAGE_TOKENS) * pt_page_stride,
+                    mask=col_mask,
+                    other=-1,
+                )
+                col_mask = col_mask & (page >= 0)
+                page = tl.maximum(page, 0).to(tl.int64)
+                offset = cols % PAGE_TOKENS
+            k_cols = page * k_batch_stride + offset * k_token_stride
+            v_cols = page * v_batch_stride + offset * v_token_stride
         else:
             k_cols = batch * k_batch_stride + cols * k_token_stride
             v_cols = batch * v_batch_stride + cols * v_token_stride

@@ -158,3 +158,28 @@ def paged_decode_attention_reference(
         visible = torch.ones((1, kv_len), dtype=torch.bool, device=q.device)
         outs.append(_masked_attention(q[b, :, None], k, v, visible, scale))
     return torch.stack(outs)[:, :, 0]
+
+
+def slot_keys(pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Keys (or values) at ``slots`` of a page pool ``[num_pages, H, page_tokens, D]``: ``[H, len(slots), D]``."""
+    slots = slots.to(pages.device, torch.int64)
+    page_tokens = pages.shape[2]
+    return pages[slots // page_tokens, :, slots % page_tokens].transpose(0, 1)
+
+
+def paged_slot_attention_reference(
+    q: torch.Tensor,  # [batch, num_q_heads, q_len, head_dim]
+    k_pages: torch.Tensor,  # [num_pages, num_kv_heads, page_tokens, head_dim]
+    v_pages: torch.Tensor,  # [num_pages, num_kv_heads, page_tokens, head_dim]
+    slot_table: torch.Tensor,  # [batch, max_keys]
+    kv_lens: torch.Tensor,  # [batch]
+    *,
+    scale: float,
+) -> torch.Tensor:  # [batch, num_q_heads, q_len, head_dim] float32
+    """Key j of sequence b is at slot ``slot_table[b, j]`` (page * page_tokens + offset); bottom-right causal."""
+    outs = []
+    for b, kv_len in enumerate(_as_int_list(kv_lens)):
+        slots = slot_table[b, :kv_len]
+        k, v = slot_keys(k_pages, slots), slot_keys(v_pages, slots)
+        outs.append(prefill_attention_reference(q[b], k, v, scale=scale))
+    return torch.stack(outs)

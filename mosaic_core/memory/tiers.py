@@ -1,13 +1,19 @@
-"""Where cluster KV bytes physically live: device tensors, host tensors (pinned under CUDA) and disk files.
+"""Where cluster KV bytes physically live: pages of the arena's device and host pools, and disk files.
 
-``ResidencyManager`` (plain Python) decides; this module only does. Each cluster is one contiguous tensor
-``[num_layers, 2, num_kv_heads, num_tokens, head_dim]`` in exactly one tier; moving it is one copy, queued on the
-transfer engine's side stream under CUDA. Until that copy has run, the cluster is "moving": ``read`` waits for it
-(the compute stream for device bytes, the host for host bytes), while ``layer_slab`` does not, because its reader
-is a gather queued on the same side stream after the move.
+``ResidencyManager`` (plain Python) decides which tier a cluster is in; this module only does. A cluster is a
+``ClusterPages`` record: its pages in token order, with page ids in each pool that holds a copy.
+
+- Appending a frame takes fresh pages in the cluster's tier and writes the frame there: O(1), no regrowth.
+- Host copies are kept. A cluster fetched to the device keeps its host pages, so the device copy is a cache:
+  spilling it again frees its device pages without copying. An append drops the (now stale) host copy, so the
+  copy that stays is that of a cluster that no longer grows, i.e. a sealed one. When the host pool runs short,
+  kept copies of device-resident clusters are dropped first, oldest first.
+- Moves between the pools are queued on the transfer engine's side stream, and the compute stream waits for
+  each right away (a device-side wait: the host does not stop), so compute never reads or reuses a page a move
+  has not finished with. The host waits for a cluster's last move only before it reads the bytes itself.
 
 With a ``DurableStore``, a sealed cluster's bytes also live in its record file. Such a cluster spills to the disk
-tier by dropping its memory copy (no write), and comes back by reading its record, which stays. Only clusters
+tier by dropping its memory copies (no write), and comes back by reading its record, which stays. Only clusters
 that are not durable yet (open, or still partly in the local window) are written to separate spill files.
 """
 
@@ -21,11 +27,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mosaic_core.bookkeeping.pages import ClusterPages, pages_for
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.durable.store import DurableStore
-from mosaic_core.errors import UnknownClusterError
+from mosaic_core.errors import CapacityError, UnknownClusterError
+from mosaic_core.memory.arena import PagePools
 from mosaic_core.memory.layout import KVSpec
-from mosaic_core.memory.pinned import PinnedPool
 from mosaic_core.memory.transfer import Moved, TransferEngine
 
 DIRECTIONS = {
@@ -99,28 +106,50 @@ class DiskTier:
 
 
 class KVTiers:
-    """Holds every cluster's KV tensor in the tier the residency manager put it in."""
+    """Holds every cluster's KV in the tier the residency manager put it in, as pages of the arena."""
 
     def __init__(
         self,
         spec: KVSpec,
         *,
         device: torch.device,
+        page_tokens: int,
+        device_bytes: int,
+        host_bytes: int,
+        pinned_host_bytes: int = 0,
+        grow_device: bool = False,
         disk_dir: str | None = None,
-        pinned_pool: PinnedPool | None = None,
         durable: DurableStore | None = None,
     ) -> None:
         self.spec = spec
         self.device = torch.device(device)
         self.pin_host = self.device.type == "cuda"
-        self.pool = pinned_pool
         self.disk = DiskTier(disk_dir) if disk_dir else None
         self.durable = durable
         self.stats = TransferStats()
         self.transfers = TransferEngine(self.device)
-        self._tensors: dict[str, torch.Tensor] = {}
+        self.pools = PagePools(
+            spec,
+            page_tokens=page_tokens,
+            device=self.device,
+            device_bytes=device_bytes,
+            host_bytes=host_bytes,
+            pinned_host_bytes=pinned_host_bytes,
+            grow_device=grow_device,
+            transfers=self.transfers,
+        )
+        self._records: dict[str, ClusterPages] = {}
         self._tiers: dict[str, Tier] = {}
-        self._moving: dict[str, Moved] = {}
+        self._kept: dict[str, None] = {}  # device-tier clusters that also keep their host pages, oldest first
+        self._moving: dict[str, Moved] = {}  # the last move of a cluster that the host may have to wait for
+
+    @property
+    def page_tokens(self) -> int:
+        return self.pools.page_tokens
+
+    def footprint_bytes(self, num_tokens: int) -> int:
+        """Bytes the pages of ``num_tokens`` new tokens take in a pool (whole pages)."""
+        return len(pages_for(num_tokens, self.page_tokens)) * self.pools.page_bytes
 
     def __contains__(self, cluster_id: str) -> bool:
         return cluster_id in self._tiers
@@ -131,46 +160,234 @@ class KVTiers:
         except KeyError:
             raise UnknownClusterError(f"cluster {cluster_id!r} holds no KV in any tier") from None
 
+    def device_slots(self, cluster_id: str):
+        """Slots of a device-tier cluster's tokens in the device pool, in order (``PagePools.slots``)."""
+        record = self._records[cluster_id]  # no wait: the compute stream waits for every move (``_after_move``)
+        return self.pools.slots(self._pages_in(record, Tier.DEVICE), record.fills)
+
+    def pages(self, cluster_id: str) -> ClusterPages:
+        """The cluster's page record (read it, do not change it)."""
+        self.tier_of(cluster_id)
+        return self._records[cluster_id]
+
     def put(self, cluster_id: str, kv: torch.Tensor, tier: Tier) -> None:
         """Stores a new cluster's KV ``[L, 2, H, n, D]`` in ``tier``."""
         assert cluster_id not in self._tiers, f"cluster {cluster_id} stored twice"
-        self._store(cluster_id, kv, tier)
+        record = ClusterPages(cluster_id, pages_for(kv.shape[3], self.page_tokens))
+        self._records[cluster_id] = record
+        self._tiers[cluster_id] = tier
+        if tier is Tier.DISK:
+            self._to_disk(cluster_id, kv)
+            return
+        pages = self._take(tier, record.num_pages)
+        self.pools.write(tier, pages, record.fills, kv)
+        self._set_pages(record, tier, pages)
 
     def append(self, cluster_id: str, chunk: torch.Tensor) -> None:
-        """Grows a cluster by ``chunk`` ``[L, 2, H, n, D]`` along the token axis, in its current tier."""
+        """Grows a cluster by ``chunk`` ``[L, 2, H, n, D]`` in its current tier: new pages, nothing regrown."""
         tier = self.tier_of(cluster_id)
-        current = self.read(cluster_id)
-        # Concatenate where the cluster lives, so a host-tier cluster never makes a round trip to the device.
-        grown = torch.cat([current, chunk.to(current.device)], dim=3)
-        self._tensors.pop(cluster_id)
-        self._store(cluster_id, grown, tier)
-        self._release(current)
+        record = self._records[cluster_id]
+        if tier is Tier.DISK:  # only a cluster that is not durable yet can grow there: rewrite its spill file
+            kv = torch.cat([self._read_disk(cluster_id), chunk.cpu()], dim=3)
+            record.fills += pages_for(chunk.shape[3], self.page_tokens)
+            self.disk.write(cluster_id, kv)
+            return
+        self._settle(cluster_id)
+        self._drop_kept(cluster_id)  # the host copy no longer has every page
+        fills = pages_for(chunk.shape[3], self.page_tokens)
+        pages = self._take(tier, len(fills))
+        self.pools.write(tier, pages, fills, chunk)
+        record.fills += fills
+        self._set_pages(record, tier, self._pages_in(record, tier) + pages)
+
+    def put_pages(self, cluster_id: str, pages: list[int], fills: list[int], tier: Tier) -> None:
+        """A new cluster from device pages already written (a frame leaving the local window). In the device tier
+        the pages become the cluster's, without a copy; elsewhere they are copied there and handed back."""
+        assert cluster_id not in self._tiers, f"cluster {cluster_id} stored twice"
+        self._records[cluster_id] = ClusterPages(cluster_id)
+        self._tiers[cluster_id] = tier
+        self._place_pages(self._records[cluster_id], tier, pages, fills)
+
+    def append_pages(self, cluster_id: str, pages: list[int], fills: list[int]) -> None:
+        """Grows a cluster by device pages already written, placed as ``put_pages`` places them."""
+        tier = self.tier_of(cluster_id)
+        if tier is not Tier.DISK:
+            self._settle(cluster_id)
+            self._drop_kept(cluster_id)  # the host copy no longer has every page
+        self._place_pages(self._records[cluster_id], tier, pages, fills)
+
+    def _place_pages(self, record: ClusterPages, tier: Tier, pages: list[int], fills: list[int]) -> None:
+        if tier is Tier.DEVICE:
+            record.device = (record.device or []) + pages
+        elif tier is Tier.HOST:
+            host = self._take(Tier.HOST, len(pages))
+            self._after_move(record.cluster_id, self.pools.copy(Tier.DEVICE, pages, Tier.HOST, host))
+            self.pools.give_back(Tier.DEVICE, pages)
+            record.host = (record.host or []) + host
+        else:  # only a cluster that is not durable yet can be here and grow: (re)write its spill file
+            kv = self.pools.read(Tier.DEVICE, pages, fills).cpu()
+            if record.num_pages:
+                kv = torch.cat([self._read_disk(record.cluster_id), kv], dim=3)
+            self._to_disk(record.cluster_id, kv)
+            self.pools.give_back(Tier.DEVICE, pages)
+        record.fills += fills
 
     def read(self, cluster_id: str) -> torch.Tensor:
-        """The whole cluster, where it lives (disk clusters are read into host memory), safe to use from the
-        compute stream and the host."""
+        """The whole cluster ``[L, 2, H, n, D]`` as a new tensor where it lives (disk clusters are read into host
+        memory), safe to use from the compute stream and the host."""
         tier = self.tier_of(cluster_id)
         if tier is Tier.DISK:
             return self._read_disk(cluster_id)
         self._settle(cluster_id)
-        return self._tensors[cluster_id]
+        record = self._records[cluster_id]
+        return self.pools.read(tier, self._pages_in(record, tier), record.fills)
 
     def adopt(self, cluster_id: str) -> None:
         """Registers a durable cluster found after a restart: it lives in the disk tier, in its record file."""
         assert self.durable is not None and self.durable.owns(cluster_id), f"{cluster_id} has no durable record"
         assert cluster_id not in self._tiers, f"cluster {cluster_id} adopted twice"
+        self._records[cluster_id] = ClusterPages(cluster_id)
         self._tiers[cluster_id] = Tier.DISK
 
     def snapshot(self, cluster_id: str) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """A host copy of a (sealed, no longer growing) cluster that later moves cannot touch, and the event
         after which it is filled (None when it is filled already)."""
-        kv = self.read(cluster_id)
+        kv = self.read(cluster_id)  # a new tensor: its pages may be reused once the cluster moves
         if kv.is_cuda:
             host, moved = self.transfers.to_host(kv, pin=False)
             return host, moved.ready
-        if self.pool is not None and self.pool.owns(kv):
-            return kv.clone(), None  # pooled memory is handed out again once the cluster moves
-        return kv, None  # a plain host tensor is never written in place: a move or growth makes a new one
+        return kv, None
+
+    def layer_slabs(self, cluster_id: str, layer: int) -> list[torch.Tensor]:
+        """One layer of a cluster where it lives, one ``[2, H, fill, D]`` view per page (device or host, pinned
+        under CUDA); a disk cluster's layer is read into pinned memory and cut into page-sized views."""
+        tier = self.tier_of(cluster_id)
+        if tier is Tier.DISK:  # one pinned slab, cut into page-sized views so that it stages like pages
+            slab = self._read_disk(cluster_id)[layer]
+            slab = slab.pin_memory() if self.pin_host else slab
+            return [slab[:, :, t : t + self.page_tokens] for t in range(0, slab.shape[2], self.page_tokens)]
+        record = self._records[cluster_id]
+        pages = self._pages_in(record, tier)
+        return [self.pools.layer_slab(tier, p, layer, f) for p, f in zip(pages, record.fills, strict=True)]
+
+    def move(self, cluster_id: str, dst: Tier) -> int:
+        """Moves a whole cluster to ``dst``; returns the bytes copied (0 when a kept copy made a copy needless)."""
+        src = self.tier_of(cluster_id)
+        if src is dst:
+            return 0
+        record = self._records[cluster_id]
+        if Tier.DISK in (src, dst):
+            return self._move_disk(cluster_id, record, src, dst)
+        num_bytes = record.num_pages * self.pools.page_bytes
+        if dst is Tier.HOST and record.host is not None:  # spill of a kept copy: free the device pages, no copy
+            self.pools.give_back(Tier.DEVICE, record.device)
+            record.device = None
+            self._kept.pop(cluster_id, None)
+            self._tiers[cluster_id] = Tier.HOST
+            return 0
+        pages = self._take(dst, record.num_pages)
+        moved = self.pools.copy(src, self._pages_in(record, src), dst, pages)
+        self._after_move(cluster_id, moved)
+        self._set_pages(record, dst, pages)
+        if src is Tier.DEVICE:
+            self.pools.give_back(Tier.DEVICE, record.device)
+            record.device = None
+        else:
+            self._kept[cluster_id] = None  # fetched: its host pages stay, the device copy is a cache
+        self._tiers[cluster_id] = dst
+        self.stats.record(src, dst, num_bytes)
+        return num_bytes
+
+    def delete(self, cluster_id: str) -> None:
+        tier = self._tiers.pop(cluster_id, None)
+        record = self._records.pop(cluster_id, None)
+        self._moving.pop(cluster_id, None)
+        self._kept.pop(cluster_id, None)
+        if record is not None:
+            self._free_memory(record)
+        if tier is Tier.DISK:
+            self._delete_spill(cluster_id)  # a durable record is removed through the store's journal
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _move_disk(self, cluster_id: str, record: ClusterPages, src: Tier, dst: Tier) -> int:
+        if dst is Tier.DISK:
+            kv = None if self._durable(cluster_id) else self.read(cluster_id)
+            num_bytes = record.num_tokens * self.spec.bytes_per_token
+            self._to_disk(cluster_id, kv)
+            self._free_memory(record)
+            self._kept.pop(cluster_id, None)
+        else:
+            kv = self._read_disk(cluster_id)
+            num_bytes = kv.numel() * kv.element_size()
+            self._delete_spill(cluster_id)
+            record.fills = pages_for(kv.shape[3], self.page_tokens)
+            pages = self._take(dst, record.num_pages)
+            self.pools.write(dst, pages, record.fills, kv)
+            self._set_pages(record, dst, pages)
+        self._tiers[cluster_id] = dst
+        self.stats.record(src, dst, num_bytes)
+        return num_bytes
+
+    def _to_disk(self, cluster_id: str, kv: torch.Tensor | None) -> None:
+        if self._durable(cluster_id):
+            self.durable.wait_durable(cluster_id)  # its record file holds the bytes: nothing to write
+        else:
+            assert self.disk is not None, "disk tier used but not configured"
+            self.disk.write(cluster_id, kv)
+
+    def _take(self, tier: Tier, num_pages: int) -> list[int]:
+        pages = self.pools.take(tier, num_pages)
+        while pages is None and tier is Tier.HOST and self._kept:
+            oldest = next(iter(self._kept))
+            self._drop_kept(oldest)
+            pages = self.pools.take(tier, num_pages)
+        if pages is None:
+            raise CapacityError(
+                f"the {tier.name.lower()} page pool has no {num_pages} free pages of {self.pools.page_bytes} bytes; "
+                "its budget is smaller than what the residency manager placed there"
+            )
+        return pages
+
+    def _drop_kept(self, cluster_id: str) -> None:
+        """Frees the host pages a device-tier cluster keeps as its copy."""
+        if cluster_id not in self._kept:
+            return
+        del self._kept[cluster_id]
+        record = self._records[cluster_id]
+        self.pools.give_back(Tier.HOST, record.host)
+        record.host = None
+
+    def _free_memory(self, record: ClusterPages) -> None:
+        if record.device is not None:
+            self.pools.give_back(Tier.DEVICE, record.device)
+        if record.host is not None:
+            self.pools.give_back(Tier.HOST, record.host)
+        record.device = record.host = None
+
+    @staticmethod
+    def _pages_in(record: ClusterPages, tier: Tier) -> list[int]:
+        pages = record.device if tier is Tier.DEVICE else record.host
+        assert pages is not None, f"cluster {record.cluster_id} has no pages in the {tier.name} pool"
+        return pages
+
+    @staticmethod
+    def _set_pages(record: ClusterPages, tier: Tier, pages: list[int]) -> None:
+        if tier is Tier.DEVICE:
+            record.device = pages
+        else:
+            record.host = pages
+
+    def _after_move(self, cluster_id: str, moved: Moved) -> None:
+        # The compute stream waits for the move on the device, so it never reads a page before it is filled nor
+        # writes a page a spill still reads; the host waits only if it reads the cluster itself (``_settle``).
+        self.transfers.wait(moved)
+        if moved.ready is not None:
+            self._moving[cluster_id] = moved
+
+    def _settle(self, cluster_id: str) -> None:
+        moved = self._moving.pop(cluster_id, None)
+        if moved is not None and moved.ready is not None:
+            moved.ready.synchronize()
 
     def _durable(self, cluster_id: str) -> bool:
         return self.durable is not None and self.durable.owns(cluster_id)
@@ -183,73 +400,3 @@ class KVTiers:
         if self._durable(cluster_id):
             return self.durable.read_kv(cluster_id)
         return self.disk.read(cluster_id)
-
-    def layer_slab(self, cluster_id: str, layer: int) -> torch.Tensor:
-        """One layer ``[2, H, n, D]`` of a cluster where it lives: a view on device or host (pinned under
-        CUDA); a disk cluster's layer is read into pinned memory."""
-        tier = self.tier_of(cluster_id)
-        if tier is Tier.DISK:
-            slab = self._read_disk(cluster_id)[layer]
-            return slab.pin_memory() if self.pin_host else slab
-        return self._tensors[cluster_id][layer]
-
-    def move(self, cluster_id: str, dst: Tier) -> int:
-        """Moves a whole cluster to ``dst`` in one copy; returns the bytes moved."""
-        src = self.tier_of(cluster_id)
-        if src is dst:
-            return 0
-        # Between host and device the copy is queued behind any earlier move of the cluster: no wait needed.
-        kv = self.read(cluster_id) if Tier.DISK in (src, dst) else self._tensors[cluster_id]
-        num_bytes = kv.numel() * kv.element_size()
-        if src is Tier.DISK:
-            self._delete_spill(cluster_id)
-        self._tensors.pop(cluster_id, None)
-        self._store(cluster_id, kv, dst)
-        self._release(kv)  # after the copy out of it was queued
-        self.stats.record(src, dst, num_bytes)
-        return num_bytes
-
-    def delete(self, cluster_id: str) -> None:
-        tier = self._tiers.pop(cluster_id, None)
-        self._moving.pop(cluster_id, None)
-        tensor = self._tensors.pop(cluster_id, None)
-        if tensor is not None:
-            self._release(tensor)
-        if tier is Tier.DISK:
-            self._delete_spill(cluster_id)  # a durable record is removed through the store's journal
-
-    def _store(self, cluster_id: str, kv: torch.Tensor, tier: Tier) -> None:
-        if tier is Tier.DISK:
-            if self._durable(cluster_id):
-                self.durable.wait_durable(cluster_id)  # its record file holds the bytes: nothing to write
-            else:
-                assert self.disk is not None, "disk tier used but not configured"
-                self.disk.write(cluster_id, kv)
-            self._tensors.pop(cluster_id, None)
-            self._tiers[cluster_id] = tier
-            return
-        if tier is Tier.HOST:
-            out = None if self.pool is None else self.pool.allocate(kv.shape, kv.dtype)
-            stored, moved = self.transfers.to_host(kv, pin=self.pin_host, out=out)
-        else:
-            stored, moved = self.transfers.to_device(kv)
-        self._tensors[cluster_id] = stored
-        self._tiers[cluster_id] = tier
-        if moved.ready is None:
-            self._moving.pop(cluster_id, None)
-        else:
-            self._moving[cluster_id] = moved
-
-    def _release(self, tensor: torch.Tensor) -> None:
-        """Gives a pooled host tensor's range back once the moves queued so far (its readers) have run."""
-        if self.pool is not None and self.pool.owns(tensor):
-            self.pool.release(tensor, fence=self.transfers.fence())
-
-    def _settle(self, cluster_id: str) -> None:
-        moved = self._moving.pop(cluster_id, None)
-        if moved is None:
-            return
-        if self._tensors[cluster_id].is_cuda:
-            self.transfers.wait(moved)
-        else:
-            moved.ready.synchronize()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mosaic_core.kernels.slab_gather import gather_slabs, gather_slabs_reference
+from mosaic_core.kernels.slab_gather import copy_slabs, gather_slabs, gather_slabs_reference
 
 
 @dataclass(slots=True)
@@ -73,6 +73,17 @@ class TransferEngine:
             out.copy_(kv, non_blocking=True)
         return out, moved
 
+    def copy_pairs(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Moved:
+        """Queues ``dst.copy_(src)`` for each ``(src, dst)`` pair, in order (pages between the pools)."""
+        if self.side is None or not any(t.is_cuda for pair in pairs for t in pair):
+            for src, dst in pairs:
+                dst.copy_(src)
+            return Moved()
+        with self._on_side() as moved:
+            for src, dst in pairs:
+                dst.copy_(src, non_blocking=True)
+        return moved
+
     def gather(self, slabs: list[torch.Tensor], out: torch.Tensor, first_token: int, *, batched: bool):
         """Queues ``slabs`` into ``out[:, :, first_token:]`` back to back; returns ``(end offset, Moved)``.
 
@@ -90,6 +101,25 @@ class TransferEngine:
                 moved.started.record()
                 end = gather_slabs_reference(slabs, out, first_token)
         return end, moved
+
+    def stage(self, srcs: list[torch.Tensor], dsts: list[torch.Tensor], *, batched: bool) -> Moved:
+        """Queues ``dsts[i].copy_(srcs[i])`` (page slabs into device pages), timed on the side stream.
+
+        ``batched``: one slab-copy launch reading pinned host and device memory in place; otherwise one copy per
+        slab (the ReKV-style path).
+        """
+        if self.side is None or not dsts or not dsts[0].is_cuda:
+            for src, dst in zip(srcs, dsts, strict=True):
+                dst.copy_(src)
+            return Moved()
+        with self._on_side(timed=True) as moved:
+            if batched:
+                copy_slabs(srcs, dsts, on_launch=moved.started.record)
+            else:
+                moved.started.record()
+                for src, dst in zip(srcs, dsts, strict=True):
+                    dst.copy_(src, non_blocking=True)
+        return moved
 
     def fence(self) -> torch.cuda.Event | None:
         """An event that passes once every move queued so far has run (None off CUDA)."""

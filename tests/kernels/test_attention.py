@@ -14,6 +14,8 @@ from mosaic_core.kernels import (
     decode_attention_reference,
     paged_decode_attention,
     paged_decode_attention_reference,
+    paged_slot_attention,
+    paged_slot_attention_reference,
     prefill_attention,
     prefill_attention_reference,
 )
@@ -183,3 +185,35 @@ def test_attention_rejects_misuse(device):
     with pytest.raises(InvalidArgumentError, match=r"\[0, 8\]"):
         table = torch.tensor([[2]], dtype=torch.int32, device=device)
         paged_decode_attention(rand(1, 4, 64), pages, pages, table, lens, scale=0.1)
+
+
+# (batch, num_q_heads, num_kv_heads, page_tokens, head_dim, q_len, kv_lens, num_splits)
+SLOT_CASES = [
+    (1, 4, 2, 16, 64, 17, [97], 2),  # a question of 17 tokens over partly filled pages, split in two
+    (3, 4, 2, 8, 32, 5, [40, 5, 23], None),  # ingest rows of unequal pasts; the second row has no past
+    (2, 2, 1, 1, 16, 1, [9, 1], 3),  # decode over one-token pages
+]
+
+
+@pytest.mark.parametrize("case", SLOT_CASES, ids=lambda c: "b{}q{}kv{}p{}d{}t{}-lens{}-s{}".format(*c))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paged_slot_attention_matches_reference(case, dtype, device, randn, assert_close):
+    batch, num_q_heads, num_kv_heads, page_tokens, head_dim, q_len, lens, num_splits = case
+    num_pages = 32
+    # The pool as the arena holds it: [pages, layers, 2, kv_heads, page_tokens, head_dim]; attend to layer 1.
+    pool = randn(num_pages, 3, 2, num_kv_heads, page_tokens, head_dim, dtype=dtype, device=device)
+    k_pages, v_pages = pool[:, 1, 0], pool[:, 1, 1]
+    gen = torch.Generator().manual_seed(7)
+    # Slots scattered over the pool, never in page order, padded with -1 past each sequence's length.
+    table = torch.full((batch, max(lens) + 3), -1, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        table[b, :n] = torch.randperm(num_pages * page_tokens, generator=gen)[:n].to(torch.int32)
+    table, kv_lens = table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+    q = randn(batch, num_q_heads, q_len, head_dim, dtype=dtype, device=device)
+    out = _nan_like(q.shape, dtype, device)
+    got = paged_slot_attention(q, k_pages, v_pages, table, kv_lens, scale=0.3, out=out, num_splits=num_splits)
+    expected = paged_slot_attention_reference(q, k_pages, v_pages, table, kv_lens, scale=0.3)
+    for b, n in enumerate(lens):
+        if n < q_len:  # queries with fewer keys than new tokens: only the last n see anything
+            continue
+        assert_close(got[b], expected[b], dtype)

@@ -44,3 +44,39 @@ def test_gather_slabs_rejects_what_does_not_fit():
     if DEVICE == "cuda":
         with pytest.raises(InvalidArgumentError, match="pinned"):
             gather_slabs([torch.zeros(2, 2, 4, 16)], out, 0)
+
+
+@pytest.mark.parametrize("page_tokens", [1, 8, 16])
+def test_gather_slabs_reads_only_the_filled_tokens_of_partial_pages(page_tokens):
+    heads, dim = 2, 32
+    pool = torch.randn(5, 3, 2, heads, page_tokens, dim)  # [pages, layers, 2, H, page_tokens, D]
+    if torch.cuda.is_available():
+        pool = pool.pin_memory()
+    fills = [page_tokens, max(1, page_tokens - 3), 1, page_tokens]
+    slabs = [pool[p, 2, :, :, :fill] for p, fill in zip((4, 0, 2, 1), fills, strict=True)]
+    out = torch.full((2, heads, 3 + sum(fills), dim), float("nan"), device=DEVICE)
+    end = gather_slabs(slabs, out, 3)
+    assert end == 3 + sum(fills)
+    assert torch.equal(out[:, :, 3:].cpu(), torch.cat([s.cpu() for s in slabs], dim=2))
+
+
+def test_gather_slabs_rejects_a_slab_strided_along_tokens():
+    out = torch.zeros(2, 2, 8, 16, device=DEVICE)
+    strided = torch.zeros(2, 2, 8, 16, device=DEVICE)[:, :, ::2]
+    with pytest.raises(InvalidArgumentError, match="strided"):
+        gather_slabs([strided], out, 0)
+
+
+def test_copy_slabs_fills_scattered_pages_of_one_layer_and_leaves_the_rest():
+    from mosaic_core.kernels.slab_gather import copy_slabs
+
+    heads, dim, page_tokens = 2, 16, 8
+    host = torch.randn(4, 3, 2, heads, page_tokens, dim)  # [pages, layers, 2, H, page_tokens, D]
+    if torch.cuda.is_available():
+        host = host.pin_memory()
+    pool = torch.full((6, 3, 2, heads, page_tokens, dim), float("nan"), device=DEVICE)
+    moves = [(3, 5, 8), (0, 1, 3), (2, 2, 1)]  # (host page, pool page, tokens)
+    copy_slabs([host[s, 1, :, :, :n] for s, _, n in moves], [pool[d, 1, :, :, :n] for _, d, n in moves])
+    for s, d, n in moves:
+        assert torch.equal(pool[d, 1, :, :, :n].cpu(), host[s, 1, :, :, :n])
+        assert torch.isnan(pool[d, 1, :, :, n:]).all() and torch.isnan(pool[d, 0]).all()

@@ -11,7 +11,6 @@ import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.memory.layout import KVSpec
-from mosaic_core.memory.pinned import PinnedPool
 from mosaic_core.memory.tiers import KVTiers
 from mosaic_core.memory.transfer import TransferEngine
 
@@ -55,8 +54,19 @@ def test_gather_lands_after_the_compute_stream_waits_for_it():
         assert moved.seconds() >= 0.0
 
 
+def _tiers(tmp_path, *, page_tokens: int = 8, device_bytes: int = 1 << 20, host_bytes: int = 1 << 20) -> KVTiers:
+    return KVTiers(
+        SPEC,
+        device=DEVICE,
+        page_tokens=page_tokens,
+        device_bytes=device_bytes,
+        host_bytes=host_bytes,
+        disk_dir=str(tmp_path),
+    )
+
+
 def test_clusters_moved_back_and_forth_read_back_exactly(tmp_path):
-    tiers = KVTiers(SPEC, device=DEVICE, disk_dir=str(tmp_path))
+    tiers = _tiers(tmp_path)
     expected = {f"cam/c{i:06d}": _kv(20 + i, i) for i in range(5)}
     for cluster_id, kv in expected.items():
         tiers.put(cluster_id, kv.to(DEVICE), Tier.DEVICE)
@@ -75,52 +85,73 @@ def test_clusters_moved_back_and_forth_read_back_exactly(tmp_path):
 
 @pytest.mark.parametrize("dst", [Tier.HOST, Tier.DISK])
 def test_a_layer_slab_of_a_cluster_just_spilled_is_gathered_intact(tmp_path, dst):
-    tiers = KVTiers(SPEC, device=DEVICE, disk_dir=str(tmp_path))
+    tiers = _tiers(tmp_path)
     kv = _kv(40, 7)
     tiers.put("cam/c000001", kv.to(DEVICE), Tier.DEVICE)
     tiers.move("cam/c000001", dst)
-    slab = tiers.layer_slab("cam/c000001", 2)
+    slabs = tiers.layer_slabs("cam/c000001", 2)
     out = torch.zeros(2, SPEC.num_kv_heads, 40, SPEC.head_dim, device=DEVICE)
-    batched = DEVICE.type == "cuda" and slab.is_pinned()
-    _, moved = tiers.transfers.gather([slab], out, 0, batched=batched)
+    batched = DEVICE.type == "cuda" and all(s.is_pinned() for s in slabs)
+    _, moved = tiers.transfers.gather(slabs, out, 0, batched=batched)
     tiers.transfers.wait(moved)
     assert torch.equal(out.cpu(), kv[2])
 
 
-def test_pool_reuses_released_ranges_and_coalesces_neighbours():
-    pool = PinnedPool(8 * 1024, chunk_bytes=4 * 1024, pin=False)
-    a = pool.allocate((256,), torch.float32)  # 1 KiB
-    b = pool.allocate((256,), torch.float32)
-    c = pool.allocate((512,), torch.float32)  # 2 KiB: fills the first chunk
-    d = pool.allocate((1024,), torch.float32)  # 4 KiB: the whole second chunk
-    assert pool.allocate((1,), torch.float32) is None, "a full pool says so instead of overflowing"
-    for t, value in ((a, 1.0), (b, 2.0), (c, 3.0), (d, 4.0)):
-        t.fill_(value)
-    assert (a == 1).all() and (b == 2).all() and (c == 3).all() and (d == 4).all(), "ranges must not overlap"
-    pool.release(a, fence=None)
-    pool.release(b, fence=None)
-    merged = pool.allocate((512,), torch.float32)  # fits only because a and b coalesced
-    assert merged is not None and merged.data_ptr() == a.data_ptr()
-    assert (c == 3).all()
-    pool.release(merged, fence=None)
-    pool.release(c, fence=None)
-    pool.release(d, fence=None)
-    assert pool.free_bytes == 8 * 1024
-    assert pool.allocate((1024,), torch.float32) is not None
+def test_appending_takes_new_pages_and_never_moves_the_old_ones(tmp_path):
+    tiers = _tiers(tmp_path, page_tokens=4)
+    tiers.put("cam/c000000", _kv(4, 1).to(DEVICE), Tier.DEVICE)
+    first = list(tiers.pages("cam/c000000").device)
+    page_before = tiers.pools.page(Tier.DEVICE, first[0]).clone()
+    for seed in range(2, 6):
+        tiers.append("cam/c000000", _kv(3, seed).to(DEVICE))  # a 3-token frame starts a page of its own
+    record = tiers.pages("cam/c000000")
+    assert record.device[:1] == first and record.fills == [4, 3, 3, 3, 3]
+    assert torch.equal(tiers.pools.page(Tier.DEVICE, first[0]), page_before)
+    expected = torch.cat([_kv(4, 1)] + [_kv(3, s) for s in range(2, 6)], dim=3)
+    assert torch.equal(tiers.read("cam/c000000").cpu(), expected)
 
 
-def test_tiers_place_spilled_clusters_in_the_pool_and_free_them_on_every_way_out(tmp_path):
-    pool = PinnedPool(1 << 20, pin=DEVICE.type == "cuda")
-    tiers = KVTiers(SPEC, device=DEVICE, disk_dir=str(tmp_path), pinned_pool=pool)
-    kvs = {f"cam/c{i:06d}": _kv(30, i) for i in range(3)}
-    for cluster_id, kv in kvs.items():
-        tiers.put(cluster_id, kv.to(DEVICE), Tier.HOST)
-        assert pool.owns(tiers.read(cluster_id))
-    tiers.append("cam/c000000", _kv(2, 50).to(DEVICE))  # grows: a new range, the old one released
+def test_a_fetched_cluster_keeps_its_host_copy_and_spills_again_without_a_copy(tmp_path):
+    tiers = _tiers(tmp_path)
+    kv = _kv(24, 3)
+    tiers.put("cam/c000000", kv.to(DEVICE), Tier.HOST)
+    host_pages = list(tiers.pages("cam/c000000").host)
+    assert tiers.move("cam/c000000", Tier.DEVICE) == 3 * tiers.pools.page_bytes
+    free_before = tiers.pools.device_pages.num_free
+    assert tiers.move("cam/c000000", Tier.HOST) == 0, "the kept host copy makes the spill free"
+    assert tiers.pools.device_pages.num_free == free_before + 3
+    assert tiers.pages("cam/c000000").host == host_pages and tiers.pages("cam/c000000").device is None
+    assert torch.equal(tiers.read("cam/c000000"), kv)
+    tiers.move("cam/c000000", Tier.DEVICE)
+    tiers.append("cam/c000000", _kv(2, 9).to(DEVICE))  # a growing cluster's host copy is stale: dropped
+    assert tiers.pages("cam/c000000").host is None
+    assert tiers.move("cam/c000000", Tier.HOST) > 0
+    assert torch.equal(tiers.read("cam/c000000"), torch.cat([kv, _kv(2, 9)], dim=3))
+
+
+def test_a_short_host_pool_drops_kept_copies_before_it_gives_up(tmp_path):
+    page_bytes = 8 * SPEC.bytes_per_token
+    tiers = _tiers(tmp_path, host_bytes=4 * page_bytes)
+    tiers.put("cam/c000000", _kv(16, 1).to(DEVICE), Tier.HOST)
+    tiers.move("cam/c000000", Tier.DEVICE)  # keeps its 2 host pages
+    tiers.put("cam/c000001", _kv(32, 2).to(DEVICE), Tier.HOST)  # needs all 4: the kept copy goes
+    assert tiers.pages("cam/c000000").host is None
+    assert torch.equal(tiers.read("cam/c000000").cpu(), _kv(16, 1))
+    assert torch.equal(tiers.read("cam/c000001"), _kv(32, 2))
+
+
+def test_every_way_out_gives_every_page_back(tmp_path):
+    tiers = _tiers(tmp_path)
+    device_free, host_free = tiers.pools.device_pages.num_free, None
+    for i in range(3):
+        tiers.put(f"cam/c{i:06d}", _kv(30, i).to(DEVICE), Tier.HOST)
+    host_free = tiers.pools.host_pages.num_free + tiers.pools.host_pages.num_used
+    tiers.append("cam/c000000", _kv(2, 50).to(DEVICE))
     tiers.move("cam/c000001", Tier.DEVICE)
     tiers.move("cam/c000002", Tier.DISK)
-    assert torch.equal(tiers.read("cam/c000000"), torch.cat([kvs["cam/c000000"], _kv(2, 50)], dim=3))
-    assert torch.equal(tiers.read("cam/c000001").cpu(), kvs["cam/c000001"])
-    assert torch.equal(tiers.read("cam/c000002"), kvs["cam/c000002"])
-    tiers.delete("cam/c000000")
-    assert pool.free_bytes == 1 << 20
+    assert torch.equal(tiers.read("cam/c000002"), _kv(30, 2))
+    for i in range(3):
+        tiers.delete(f"cam/c{i:06d}")
+    tiers.pools.take(Tier.HOST, 0)  # reclaims fenced host pages
+    assert tiers.pools.device_pages.num_free == device_free
+    assert tiers.pools.host_pages.num_free == host_free

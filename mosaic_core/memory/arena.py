@@ -1,0 +1,206 @@
+"""The paged KV arena: one device page pool and one host page pool, both page-major like the durable records.
+
+    device pool   [num_device_pages, num_layers, 2, num_kv_heads, page_tokens, head_dim]   one tensor
+    host pool     chunks of [chunk_pages, num_layers, 2, num_kv_heads, page_tokens, head_dim], pinned under CUDA
+
+Page ``p`` is one contiguous run of bytes holding every layer of up to ``page_tokens`` tokens, so a record file's
+page (``mosaic_core.durable.records``) lands in it with one copy, and one layer of one page,
+``[2, num_kv_heads, page_tokens, head_dim]``, is contiguous for the gathers and the paged attention kernels.
+
+The device pool is allocated once, at its byte budget: every KV byte the arena places on the device is inside
+it. (The full-mode baseline has no budget: its pool doubles when it runs out.) The host pool grows chunk by chunk
+up to its budget, so an engine with a large host tier does not pin all of it up front.
+
+Which pages are free is plain-Python bookkeeping (``PageAllocator``); this module moves the bytes. Host pages that
+a queued move may still read are handed back only once the transfer engine's fence for them has passed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+
+from mosaic_core.bookkeeping.pages import PageAllocator
+from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.memory.layout import KVSpec
+from mosaic_core.memory.transfer import Moved, TransferEngine
+
+HOST_CHUNK_BYTES = 256 << 20
+
+
+class PagePools:
+    """Page storage of both memory tiers, and copies of pages within and between them."""
+
+    def __init__(
+        self,
+        spec: KVSpec,
+        *,
+        page_tokens: int,
+        device: torch.device,
+        device_bytes: int,
+        host_bytes: int,
+        pinned_host_bytes: int = 0,
+        grow_device: bool = False,
+        transfers: TransferEngine,
+    ) -> None:
+        if page_tokens <= 0:
+            raise ValueError(f"page_tokens must be positive, got {page_tokens}")
+        self.spec = spec
+        self.page_tokens = page_tokens
+        self.device = torch.device(device)
+        self.transfers = transfers
+        self.pin = self.device.type == "cuda"
+        self.grow_device = grow_device
+        self.page_shape = (spec.num_layers, 2, spec.num_kv_heads, page_tokens, spec.head_dim)
+        num_device = max(1, device_bytes // self.page_bytes)
+        self.device_pool = torch.empty((num_device, *self.page_shape), dtype=spec.dtype, device=self.device)
+        self.device_pages = PageAllocator(num_device)
+        self.host_capacity_pages = host_bytes // self.page_bytes
+        self.host_chunk_pages = max(1, HOST_CHUNK_BYTES // self.page_bytes)
+        self.host_chunks: list[torch.Tensor] = []  # each [chunk_pages, *page_shape]; the last may be shorter
+        self.host_pages = PageAllocator(0)
+        self._host_fenced: deque[tuple[torch.cuda.Event | None, list[int]]] = deque()
+        if pinned_host_bytes:
+            self._grow_host(min(self.host_capacity_pages, pinned_host_bytes // self.page_bytes))
+
+    @property
+    def page_bytes(self) -> int:
+        return self.spec.bytes_per_token * self.page_tokens
+
+    @property
+    def device_pool_bytes(self) -> int:
+        return self.device_pool.numel() * self.device_pool.element_size()
+
+    # -- pages ----------------------------------------------------------------------------------------------
+    def take(self, tier: Tier, num_pages: int) -> list[int] | None:
+        """``num_pages`` free pages of ``tier``'s pool, or None when it cannot hold them."""
+        if tier is Tier.DEVICE:
+            if not self.device_pages.can_allocate(num_pages) and self.grow_device:
+                self._grow_device(num_pages)
+            return self.device_pages.allocate(num_pages)
+        self._reclaim_host(wait=False)
+        if not self.host_pages.can_allocate(num_pages) and self._host_fenced:
+            self._reclaim_host(wait=True)
+        missing = num_pages - self.host_pages.num_free
+        if missing > 0 and self.host_pages.num_pages < self.host_capacity_pages:
+            room = self.host_capacity_pages - self.host_pages.num_pages
+            self._grow_host(min(room, max(missing, self.host_chunk_pages)))
+        return self.host_pages.allocate(num_pages)
+
+    def give_back(self, tier: Tier, pages: list[int]) -> None:
+        """Frees pages. Device pages are free at once: every move that reads them is on the side stream, which
+        the compute stream waits for before it writes again (see ``KVTiers``). Host pages wait for a fence,
+        since the host itself may write a reused page."""
+        if tier is Tier.DEVICE:
+            self.device_pages.free(pages)
+        else:
+            self._host_fenced.append((self.transfers.fence(), pages))
+
+    def page(self, tier: Tier, page: int) -> torch.Tensor:
+        """One page ``[num_layers, 2, H, page_tokens, D]`` (a view)."""
+        if tier is Tier.DEVICE:
+            return self.device_pool[page]
+        chunk, index = divmod(page, self.host_chunk_pages)
+        return self.host_chunks[chunk][index]
+
+    def layer_slab(self, tier: Tier, page: int, layer: int, fill: int) -> torch.Tensor:
+        """The first ``fill`` tokens of one layer of one page, ``[2, H, fill, D]`` (a view)."""
+        return self.page(tier, page)[layer, :, :, :fill]
+
+    def layer_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one layer of the whole device pool, each ``[num_pages, H, page_tokens, D]`` (views):
+        what the paged attention kernels read in place."""
+        return self.device_pool[:, layer, 0], self.device_pool[:, layer, 1]
+
+    def slots(self, pages: list[int], fills: list[int]) -> np.ndarray:
+        """Slot numbers ``page * page_tokens + offset`` of the tokens of ``pages``, in order (int32).
+
+        pages [7, 2], fills [3, 2], page_tokens 4  ->  [28, 29, 30, 8, 9]
+        """
+        pt = self.page_tokens
+        if not pages:
+            return np.zeros(0, dtype=np.int32)
+        grid = np.asarray(pages, dtype=np.int64)[:, None] * pt + np.arange(pt)[None, :]  # [P, pt]
+        filled = np.arange(pt)[None, :] < np.asarray(fills)[:, None]
+        return grid[filled].astype(np.int32)
+
+    def write_slots(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Stores new tokens' keys and values ``[N, H, D]`` of one layer at ``slots`` ``[N]`` (on the device)."""
+        pt = self.page_tokens
+        pages, offsets = slots // pt, slots % pt
+        self.device_pool[pages, layer, 0, :, offsets] = key.to(self.spec.dtype)
+        self.device_pool[pages, layer, 1, :, offsets] = value.to(self.spec.dtype)
+
+    def read_slots(self, layer: int, slots: np.ndarray) -> torch.Tensor:
+        """A new tensor ``[2, H, N, D]`` with one layer of the tokens at ``slots``."""
+        index = torch.from_numpy(slots.astype(np.int64)).to(self.device)
+        pages, offsets = index // self.page_tokens, index % self.page_tokens
+        return self.device_pool[pages, layer, :, :, offsets].permute(1, 2, 0, 3)
+
+    # -- bytes ----------------------------------------------------------------------------------------------
+    def write(self, tier: Tier, pages: list[int], fills: list[int], kv: torch.Tensor) -> None:
+        """Stores ``kv`` ``[L, 2, H, sum(fills), D]`` into ``pages`` in order, from the compute stream."""
+        assert kv.shape[3] == sum(fills), f"{kv.shape[3]} tokens for pages holding {sum(fills)}"
+        pt = self.page_tokens
+        if tier is Tier.DEVICE and all(f == pt for f in fills):
+            # whole pages: one indexed copy, [L, 2, H, P, pt, D] -> [P, L, 2, H, pt, D]
+            shaped = kv.reshape(*kv.shape[:3], len(pages), pt, kv.shape[4]).permute(3, 0, 1, 2, 4, 5)
+            index = torch.tensor(pages, device=self.device)
+            self.device_pool.index_copy_(0, index, shaped.to(self.device, self.spec.dtype))
+            return
+        start = 0
+        for page, fill in zip(pages, fills, strict=True):
+            self.page(tier, page)[:, :, :, :fill].copy_(kv[:, :, :, start : start + fill])
+            start += fill
+
+    def read(self, tier: Tier, pages: list[int], fills: list[int]) -> torch.Tensor:
+        """A new tensor ``[L, 2, H, sum(fills), D]`` with the pages' tokens in order, where the pages live."""
+        if tier is Tier.DEVICE:
+            stacked = self.device_pool[torch.tensor(pages, device=self.device)]
+        else:
+            stacked = torch.stack([self.page(tier, p) for p in pages]) if pages else self._empty_pages()
+        num_layers, two, heads, pt, head_dim = self.page_shape
+        kv = stacked.permute(1, 2, 3, 0, 4, 5).reshape(num_layers, two, heads, len(pages) * pt, head_dim)
+        if all(f == pt for f in fills):
+            return kv.contiguous()
+        keep = [p * pt + t for p, fill in enumerate(fills) for t in range(fill)]
+        return kv.index_select(3, torch.tensor(keep, device=kv.device))
+
+    def copy(self, src: Tier, src_pages: list[int], dst: Tier, dst_pages: list[int]) -> Moved:
+        """Queues page-for-page copies between the pools on the transfer engine's side stream."""
+        pairs = [(self.page(src, s), self.page(dst, d)) for s, d in zip(src_pages, dst_pages, strict=True)]
+        return self.transfers.copy_pairs(pairs)
+
+    def _empty_pages(self) -> torch.Tensor:
+        return torch.empty((0, *self.page_shape), dtype=self.spec.dtype)
+
+    def _grow_device(self, num_pages: int) -> None:
+        current = self.device_pages.num_pages
+        extra = max(num_pages - self.device_pages.num_free, current)
+        grown = torch.empty((current + extra, *self.page_shape), dtype=self.spec.dtype, device=self.device)
+        grown[:current].copy_(self.device_pool)
+        self.device_pool = grown
+        self.device_pages.grow(extra)
+
+    def _grow_host(self, num_pages: int) -> None:
+        """Adds whole chunks until ``num_pages`` more pages exist (the last chunk stops at the capacity)."""
+        while num_pages > 0 and self.host_pages.num_pages < self.host_capacity_pages:
+            if self.host_chunks and self.host_chunks[-1].shape[0] < self.host_chunk_pages:
+                return  # the short last chunk is at the capacity already
+            size = min(self.host_chunk_pages, self.host_capacity_pages - self.host_pages.num_pages)
+            chunk = torch.empty((size, *self.page_shape), dtype=self.spec.dtype, pin_memory=self.pin)
+            self.host_chunks.append(chunk)
+            self.host_pages.grow(size)
+            num_pages -= size
+
+    def _reclaim_host(self, *, wait: bool) -> None:
+        while self._host_fenced:
+            fence, pages = self._host_fenced[0]
+            if fence is not None and not fence.query():
+                if not wait:
+                    return
+                fence.synchronize()
+            self._host_fenced.popleft()
+            self.host_pages.free(pages)
