@@ -32,6 +32,7 @@ from mosaic_core.engine.attend import attend_over
 # Queries are recomputed once the stream's text position has moved this far from where they were taken: RoPE
 # makes a query's fit to new keys depend on their distance, so a very old query drifts.
 REQUERY_POSITIONS = 4096
+QUESTIONS_PER_PREFILL = 16  # rows of one batched question prefill
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,35 +45,45 @@ class WatchScore:
 
 
 class _CapturePlan:
-    """Prefills the question over sink + local window and keeps each layer's queries ``[Hq, T, D]``."""
+    """Prefills questions (one per row) over sink + local window and keeps each layer's queries ``[B, Hq, T, D]``."""
 
     def __init__(self, stream, num_layers: int) -> None:
         self.stream = stream
         self.queries: list[torch.Tensor | None] = [None] * num_layers
 
     def attend(self, layer_idx, query, key, value, scale):
-        self.queries[layer_idx] = query[0].float()
-        new_kv = torch.stack([key[0], value[0]])  # [2, H, T, D]
-        past = self.stream.past_layer(layer_idx)
-        kv = new_kv if past is None else torch.cat([past.to(new_kv.dtype), new_kv], dim=2)
-        return attend_over(query[0], kv, key.shape[2], scale)[None]
+        self.queries[layer_idx] = query.float()
+        past = self.stream.past_layer(layer_idx)  # [2, H, S, D], read once for every row
+        rows = []
+        for b in range(query.shape[0]):
+            new_kv = torch.stack([key[b], value[b]])  # [2, H, T, D]
+            kv = new_kv if past is None else torch.cat([past.to(new_kv.dtype), new_kv], dim=2)
+            rows.append(attend_over(query[b], kv, key.shape[2], scale))
+        return torch.stack(rows)  # [B, T, Hq, D]
 
 
-def question_queries(engine, stream_id: str, question: str) -> tuple[torch.Tensor, int]:
-    """Per-layer post-RoPE queries of ``question`` on ``stream_id``: ``[L, Hq, T, D]`` float32, and the text
-    position they were taken at. Reads engine internals (stream state, model forward with a plan)."""
+def question_queries(engine, stream_id: str, questions: Sequence[str]) -> tuple[list[torch.Tensor], int]:
+    """Per-layer post-RoPE queries of each question on ``stream_id`` (``[L, Hq, T_i, D]`` float32 each), from
+    batched forward passes of up to ``QUESTIONS_PER_PREFILL`` questions, and the text position they were taken at.
+    Reads engine internals (stream state, model forward with a plan).
+
+    Rows are padded at the end by repeating their last token; attention is causal, so padding never changes a
+    question's own tokens, and only those are kept."""
     state = engine.stream(stream_id)
     model = engine.model
-    ids = model.question_ids(question)
-    plan = _CapturePlan(state, engine.spec.num_layers)
     cursor = state.text_cursor
-    with torch.inference_mode():
-        model.forward(
-            input_ids=torch.tensor([ids], device=model.device),
-            position_ids=model.text_positions(cursor, len(ids))[:, None],
-            plan=plan,
-        )
-    return torch.stack(plan.queries), cursor
+    out: list[torch.Tensor] = []
+    for first in range(0, len(questions), QUESTIONS_PER_PREFILL):
+        ids = [model.question_ids(q) for q in questions[first : first + QUESTIONS_PER_PREFILL]]
+        longest = max(len(row) for row in ids)
+        padded = [row + [row[-1]] * (longest - len(row)) for row in ids]
+        plan = _CapturePlan(state, engine.spec.num_layers)
+        positions = model.text_positions(cursor, longest)[:, None].expand(-1, len(ids), -1)  # [3, B, T]
+        with torch.inference_mode():
+            model.forward(input_ids=torch.tensor(padded, device=model.device), position_ids=positions, plan=plan)
+        stacked = torch.stack(plan.queries, dim=1)  # [B, L, Hq, T, D]
+        out += [stacked[b, :, :, : len(row)] for b, row in enumerate(ids)]
+    return out, cursor
 
 
 def summary_scores(engine, stream_id: str, cluster_ids: list[str], queries: torch.Tensor) -> torch.Tensor:
@@ -108,7 +119,7 @@ class WatchScorer:
         self.engine = engine
         self.requery_positions = requery_positions
         self._queries: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
-        self.num_prefills = 0
+        self.num_prefills = 0  # batched question prefills run so far
 
     def forget(self, *, stream_id: str | None = None, question: str | None = None) -> None:
         """Drops cached queries of a stream, of a question, or (both None) all of them."""
@@ -127,7 +138,7 @@ class WatchScorer:
         if missing:
             raise KeyError(f"clusters {missing} hold no KV on stream {stream_id!r}")
         history = [r.cluster_id for r in records]
-        queries = _pad_tokens([self._queries_of(stream_id, q) for q in questions])  # [W, L, Hq, T, D]
+        queries = _pad_tokens(self._queries_of(stream_id, questions))  # [W, L, Hq, T, D]
         scores = summary_scores(self.engine, stream_id, history, queries)  # [W, L, C]
         _, _, log_count = state.summaries.all_layers(history)
         log_count = log_count.float().to(scores.device)
@@ -147,14 +158,20 @@ class WatchScorer:
             for i, cluster_id in enumerate(cluster_ids)
         ]
 
-    def _queries_of(self, stream_id: str, question: str) -> torch.Tensor:
+    def _queries_of(self, stream_id: str, questions: Sequence[str]) -> list[torch.Tensor]:
+        """Cached queries of each question; the stale or missing ones come from one batched prefill."""
         cursor = self.engine.stream(stream_id).text_cursor
-        cached = self._queries.get((stream_id, question))
-        if cached is None or abs(cursor - cached[1]) > self.requery_positions:
-            cached = question_queries(self.engine, stream_id, question)
-            self._queries[(stream_id, question)] = cached
+        stale = []
+        for question in dict.fromkeys(questions):
+            cached = self._queries.get((stream_id, question))
+            if cached is None or abs(cursor - cached[1]) > self.requery_positions:
+                stale.append(question)
+        if stale:
+            fresh, at = question_queries(self.engine, stream_id, stale)
+            for question, queries in zip(stale, fresh, strict=True):
+                self._queries[(stream_id, question)] = (queries, at)
             self.num_prefills += 1
-        return cached[0]
+        return [self._queries[(stream_id, q)][0] for q in questions]
 
 
 def _pad_tokens(queries: list[torch.Tensor]) -> torch.Tensor:

@@ -27,7 +27,7 @@ def engine(tiny_model, bikes_frames):
 
 def test_summary_scores_equal_the_retrievers_per_layer_scores(engine):
     ids = [c.cluster_id for c in engine.clusters("cam")]
-    queries, cursor = question_queries(engine, "cam", QUESTION)
+    (queries,), cursor = question_queries(engine, "cam", [QUESTION])
     num_tokens = len(engine.model.question_ids(QUESTION))
     assert cursor == engine.stream("cam").text_cursor
     assert queries.shape == (engine.spec.num_layers, engine.spec.num_q_heads, num_tokens, engine.spec.head_dim)
@@ -44,11 +44,12 @@ def test_batched_watches_score_as_each_alone_and_padding_changes_nothing(engine)
     ids = [c.cluster_id for c in engine.clusters("cam")[:-1]]
     scorer = WatchScorer(engine)
     short, long = "Cyclist?", "Is there a red truck parked at the north gate of the depot right now?"
-    together = scorer.score("cam", ids, [short, long])
-    alone = scorer.score("cam", ids, [short]) + scorer.score("cam", ids, [long])
-    assert [s.lift for s in together] == pytest.approx([s.lift for s in alone], abs=1e-5)
+    together = scorer.score("cam", ids, [short, long])  # one prefill of two padded rows
+    alone = WatchScorer(engine).score("cam", ids, [short]) + WatchScorer(engine).score("cam", ids, [long])
+    assert [s.lift for s in together] == pytest.approx([s.lift for s in alone], abs=1e-4)
     assert [(s.question, s.cluster_id) for s in together] == [(q, c) for q in (short, long) for c in ids]
-    assert scorer.num_prefills == 2  # each question prefilled once, then cached
+    scorer.score("cam", ids, [long, short])
+    assert scorer.num_prefills == 1  # both questions prefilled together once, then cached
 
 
 def test_lift_is_relative_to_the_history_before_the_cluster(engine):
