@@ -186,6 +186,8 @@ def service_overrides(args, clip: str) -> dict:
             "target_tokens_per_frame": args.tokens_per_frame,
             "local_window_tokens": args.window_tokens,
             "retrieval_budget_tokens": 4096,
+            # pinned once at start-up, so spilling a cluster to the host never pins memory on the ingest path
+            "pinned_host_bytes": int(args.pinned_host_gib * 2**30),
         },
     }
 
@@ -278,11 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--warmup-s", type=float, default=15.0, help="after adding cameras, before measuring")
     parser.add_argument("--measure-s", type=float, default=30.0)
-    parser.add_argument("--retention-s", type=float, default=30.0, help="each camera keeps this much history")
+    parser.add_argument("--retention-s", type=float, default=20.0, help="each camera keeps this much history")
     parser.add_argument("--tokens-per-frame", type=int, default=128)
     parser.add_argument("--window-tokens", type=int, default=512, help="local window per camera")
     parser.add_argument("--device-budget-gib", type=float, default=32.0)
-    parser.add_argument("--host-budget-gib", type=float, default=48.0)
+    parser.add_argument("--host-budget-gib", type=float, default=32.0)
+    parser.add_argument("--pinned-host-gib", type=float, default=16.0, help="host tier pinned at start-up (GPU)")
     parser.add_argument("--ingest-headroom", type=float, default=0.0, help="admission's share; 0 admits all")
     parser.add_argument("--start-timeout-s", type=float, default=420.0)
     parser.add_argument("--clip", default=None, help=f"video file (default: ${CLIP_ENV}, else bikes.mp4)")
