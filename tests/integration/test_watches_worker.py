@@ -11,7 +11,7 @@ from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.maintenance import merge_clusters
 from services.config import load_config
 from services.metadata import InMemoryMetadataStore, StreamRecord
-from services.watches_spec import WatchRecord
+from services.watches_spec import ActiveHours, WatchRecord
 from services.worker import WorkerCore
 
 FPS = 2.0
@@ -82,9 +82,14 @@ def test_every_sealed_cluster_is_evaluated_once_and_a_merge_never_refires(worker
     assert worker.watches.watermark_of("cam") == newly_sealed[-1].end_s
 
 
-def test_cooldown_and_other_streams_watches_suppress_and_are_counted(worker, bikes_frames):
+def test_cooldown_active_hours_and_other_streams_watches_suppress_and_are_counted(worker, bikes_frames):
+    """Frames are stamped 0-7 s: 00:00 UTC on 1970-01-01, outside 12:00-13:00 and inside 23:00-01:00."""
     worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
-    worker.set_watches([_watch("quiet", ["cam"], cooldown_s=1e6), _watch("elsewhere", ["other-cam"])])
+    worker.set_watches([
+        _watch("quiet", ["cam"], cooldown_s=1e6, active_hours=ActiveHours("23:00", "01:00")),
+        _watch("noon", ["cam"], active_hours=ActiveHours("12:00", "13:00")),
+        _watch("elsewhere", ["other-cam"]),
+    ])  # fmt: skip
     _push(worker, "cam", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:14])])
     num_sealed = len(worker.loop.call(worker.engine.clusters, "cam")) - 1
     assert num_sealed >= 3
@@ -93,8 +98,9 @@ def test_cooldown_and_other_streams_watches_suppress_and_are_counted(worker, bik
         reports.append(worker.take_watch_events(0.5))
     reports.append(worker.take_watch_events(0.5))
     assert [e.watch_id for r in reports for e in r.events] == ["quiet"]
-    assert sum(r.num_evaluations for r in reports) == num_sealed  # "elsewhere" does not watch this camera
+    assert sum(r.num_evaluations for r in reports) == 2 * num_sealed  # "elsewhere" does not watch this camera
     assert sum(r.suppressed.get("cooldown", 0) for r in reports) == num_sealed - 1
+    assert sum(r.suppressed.get("outside_hours", 0) for r in reports) == num_sealed
     assert len([s for r in reports for s in r.score_seconds]) == num_sealed
 
 

@@ -1,0 +1,90 @@
+"""Webhook delivery against a real loopback HTTP server: retries, redirects, signatures, the bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from services.watches_webhook import Delivery, WebhookSender
+
+
+@pytest.fixture
+def receiver():
+    """Answers each POST with the next status of ``statuses`` (then 204); records what it got."""
+    state = {"statuses": [], "got": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            state["got"].append((self.path, dict(self.headers), body))
+            status = state["statuses"].pop(0) if state["statuses"] else 204
+            self.send_response(status)
+            if status in (301, 302, 307):
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    state["prefix"] = f"http://127.0.0.1:{httpd.server_address[1]}/hooks"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _send(receiver, deliveries, *, max_attempts=3, queue_size=10, allowed=None) -> list[str]:
+    outcomes: list[str] = []
+
+    async def run():
+        sender = WebhookSender(
+            [receiver["prefix"]] if allowed is None else allowed,
+            outcomes.append,
+            timeout_s=5.0,
+            max_attempts=max_attempts,
+            queue_size=queue_size,
+            backoff_s=0.01,
+        )
+        queued = [sender.enqueue(d) for d in deliveries]
+        sender.start()
+        for _ in range(500):
+            if sender._queue.empty() and len([o for o in outcomes if o != "retried"]) >= sum(queued):
+                break
+            await asyncio.sleep(0.01)
+        await sender.stop()
+
+    asyncio.run(run())
+    return outcomes
+
+
+def test_a_failing_receiver_is_retried_then_delivered_with_a_valid_signature(receiver):
+    receiver["statuses"] = [500, 503]
+    outcomes = _send(receiver, [Delivery(receiver["prefix"] + "/a", "s3cret", 7, {"event_id": 7})])
+    assert outcomes == ["retried", "retried", "delivered"]
+    assert len(receiver["got"]) == 3
+    path, headers, body = receiver["got"][-1]
+    assert path == "/hooks/a" and json.loads(body) == {"event_id": 7} and headers["X-Mosaic-Event-Id"] == "7"
+    digest = hmac.new(b"s3cret", headers["X-Mosaic-Timestamp"].encode() + b"." + body, hashlib.sha256).hexdigest()
+    assert headers["X-Mosaic-Signature"] == f"sha256={digest}"
+
+
+def test_gives_up_after_max_attempts_and_never_follows_a_redirect(receiver):
+    receiver["statuses"] = [302, 302, 302]
+    outcomes = _send(receiver, [Delivery(receiver["prefix"] + "/a", "", 1, {})])
+    assert outcomes == ["retried", "retried", "failed"]
+    assert all(path == "/hooks/a" for path, _, _ in receiver["got"])  # nothing went to the Location
+    assert "X-Mosaic-Signature" not in receiver["got"][0][1]  # no secret: unsigned
+
+
+def test_a_url_no_longer_allowed_is_not_sent_and_a_full_queue_drops(receiver):
+    outcomes = _send(receiver, [Delivery(receiver["prefix"] + "/a", "", 1, {})], allowed=["https://elsewhere/"])
+    assert outcomes == ["failed"] and receiver["got"] == []
+    outcomes = _send(receiver, [Delivery(receiver["prefix"] + "/a", "", i, {}) for i in range(3)], queue_size=2)
+    assert outcomes.count("dropped") == 1 and outcomes.count("delivered") == 2
