@@ -26,6 +26,7 @@ from mosaic_core.config import EngineConfig, RetrievalMode
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.engine import ingest, questions
 from mosaic_core.engine.history import HistoryKeeper, RestoredStream
+from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import (
     Answer,
@@ -92,6 +93,16 @@ class Engine:
         self.history = None if durable is None else HistoryKeeper(durable, self.tiering)
         self.tracker = CoRetrievalTracker()
         self.streams: dict[str, StreamState] = {}
+        self.parts = EngineParts(
+            model=model,
+            config=self.config,
+            spec=self.spec,
+            tiering=self.tiering,
+            tracker=self.tracker,
+            history=self.history,
+            streams=self.streams,
+            reserve_window=self.reserve_window,
+        )
         working_set = self.config.retrieval_budget_tokens * self.spec.bytes_per_token
         window = self.config.local_window_tokens * self.spec.bytes_per_token
         if self.config.mode is not RetrievalMode.FULL and device_bytes < working_set + window:
@@ -158,7 +169,7 @@ class Engine:
         durable: a graceful shutdown loses nothing. Frames after this start new clusters."""
         for state in self.streams.values():
             state.former.seal()
-            ingest.flush_window(self, state)
+            ingest.flush_window(self.parts, state)
         if self.history is not None:
             self.history.store.flush()
 
@@ -289,7 +300,7 @@ class Engine:
         up to ``config.max_frames_per_pass`` consecutive frames of its stream (a backlog catches up in fewer
         passes, still attending only to sink + local window + the row itself).
         """
-        return ingest.ingest(self, frames)
+        return ingest.ingest(self.parts, frames)
 
     # -- questions ----------------------------------------------------------------------------------------------
     def ask(
@@ -308,7 +319,7 @@ class Engine:
         scoring and fetching separately (it synchronises the device at each stage).
         """
         return questions.ask(
-            self,
+            self.parts,
             self.stream(stream_id),
             question,
             max_new_tokens=max_new_tokens,

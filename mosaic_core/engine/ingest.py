@@ -11,24 +11,21 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import FrameInput, IngestResult
 from mosaic_core.engine.stream import LocalFrame, StreamState
 from mosaic_core.errors import BudgetError, EmptyBatchError
 from mosaic_core.model.pixels import validate_frames
 
-if TYPE_CHECKING:
-    from mosaic_core.engine.engine import Engine
 
-
-def ingest(engine: Engine, frames: Sequence[FrameInput]) -> IngestResult:
+def ingest(parts: EngineParts, frames: Sequence[FrameInput]) -> IngestResult:
     """Encodes a batch of frames from any number of streams.
 
     The batch is checked whole before anything changes, so a bad frame rejects the call and leaves every
@@ -38,13 +35,13 @@ def ingest(engine: Engine, frames: Sequence[FrameInput]) -> IngestResult:
     """
     if not frames:
         raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
-    by_stream = _validate(engine, frames)
+    by_stream = _validate(parts, frames)
     start = time.perf_counter()
-    features = _encode(engine, by_stream)
+    features = _encode(parts, by_stream)
     encode_s = time.perf_counter() - start
     attended: list[int] = []
     num_opened = num_passes = 0
-    chunk = engine.config.max_frames_per_pass
+    chunk = parts.config.max_frames_per_pass
     rounds = max(-(-len(items) // chunk) for items in by_stream.values())
     for r in range(rounds):
         rows = [
@@ -57,13 +54,13 @@ def ingest(engine: Engine, frames: Sequence[FrameInput]) -> IngestResult:
             if r * chunk < len(items)
         ]
         for group in _by_token_count(rows, features):
-            opened, tokens = _ingest_pass(engine, group, features)
+            opened, tokens = _ingest_pass(parts, group, features)
             num_passes += 1
             num_opened += opened
             attended.extend(tokens)
-    if engine.history is not None:
+    if parts.history is not None:
         for stream_id in by_stream:
-            engine.history.note_progress(engine.streams[stream_id])
+            parts.history.note_progress(parts.streams[stream_id])
     return IngestResult(
         num_frames=len(frames),
         num_forward_passes=num_passes,
@@ -74,10 +71,10 @@ def ingest(engine: Engine, frames: Sequence[FrameInput]) -> IngestResult:
     )
 
 
-def _validate(engine: Engine, frames: Sequence[FrameInput]) -> dict[str, list[tuple[FrameInput, np.ndarray]]]:
+def _validate(parts: EngineParts, frames: Sequence[FrameInput]) -> dict[str, list[tuple[FrameInput, np.ndarray]]]:
     by_stream: dict[str, list[tuple[FrameInput, np.ndarray]]] = defaultdict(list)
     for frame in frames:
-        state = engine.stream(frame.stream_id)
+        state = parts.stream(frame.stream_id)
         state.check_open()
         previous = by_stream[frame.stream_id][-1][0].timestamp_s if by_stream[frame.stream_id] else None
         state.check_timestamp(frame.timestamp_s, previous if previous is not None else state.last_timestamp_s)
@@ -86,34 +83,34 @@ def _validate(engine: Engine, frames: Sequence[FrameInput]) -> dict[str, list[tu
     return dict(by_stream)
 
 
-def _encode(engine: Engine, by_stream) -> dict[tuple[str, int], object]:
+def _encode(parts: EngineParts, by_stream) -> dict[tuple[str, int], object]:
     """Vision tower over every frame of the batch, grouped by source size and geometry."""
     groups: dict[tuple, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
     for stream_id, items in by_stream.items():
-        state = engine.streams[stream_id]
+        state = parts.streams[stream_id]
         for i, (_, rgb) in enumerate(items):
             if state.geometry is None:
-                state.geometry = engine.model.choose_geometry(*rgb.shape[:2], engine.config.target_tokens_per_frame)
-                _check_geometry(engine, state)
-                engine.reserve_window(state)  # now that a frame's size is known
+                state.geometry = parts.model.choose_geometry(*rgb.shape[:2], parts.config.target_tokens_per_frame)
+                _check_geometry(parts, state)
+                parts.reserve_window(state)  # now that a frame's size is known
             groups[(rgb.shape, state.geometry)].append((stream_id, i, rgb))
     features = {}
     for (_, geometry), members in groups.items():
-        out = engine.model.encode_frames(np.stack([m[2] for m in members]), geometry)
+        out = parts.model.encode_frames(np.stack([m[2] for m in members]), geometry)
         for j, (stream_id, i, _) in enumerate(members):
             features[(stream_id, i)] = (out.embeds[j], out.summaries[j])
     return features
 
 
-def _check_geometry(engine: Engine, state: StreamState) -> None:
-    if state.geometry.tokens_per_frame > engine.config.formation.max_tokens:
+def _check_geometry(parts: EngineParts, state: StreamState) -> None:
+    if state.geometry.tokens_per_frame > parts.config.formation.max_tokens:
         raise BudgetError(
             f"a frame of stream {state.stream_id!r} has {state.geometry.tokens_per_frame} tokens, more "
-            f"than the cluster size cap formation.max_tokens={engine.config.formation.max_tokens}"
+            f"than the cluster size cap formation.max_tokens={parts.config.formation.max_tokens}"
         )
 
 
-def _ingest_pass(engine: Engine, rows, features) -> tuple[int, list[int]]:
+def _ingest_pass(parts: EngineParts, rows, features) -> tuple[int, list[int]]:
     """One forward pass; rows are ``(stream_id, frame indices in the batch, frames)``, one row per stream.
 
     Row layout, for a row carrying frames f0 f1 of one stream:
@@ -121,7 +118,7 @@ def _ingest_pass(engine: Engine, rows, features) -> tuple[int, list[int]]:
         tokens:    [ f0 visual tokens | f1 visual tokens ]
         attends:   sink + local window + causal within the row
     """
-    states = [engine.streams[sid] for sid, _, _ in rows]
+    states = [parts.streams[sid] for sid, _, _ in rows]
     positions = []
     for state, (_, _, frames) in zip(states, rows, strict=True):
         if state.first_timestamp_s is None:
@@ -129,7 +126,7 @@ def _ingest_pass(engine: Engine, rows, features) -> tuple[int, list[int]]:
         positions.append(
             torch.cat(
                 [
-                    engine.model.frame_positions(
+                    parts.model.frame_positions(
                         state.geometry,
                         base=state.position_base,
                         offset_s=f.timestamp_s - state.first_timestamp_s,
@@ -140,8 +137,8 @@ def _ingest_pass(engine: Engine, rows, features) -> tuple[int, list[int]]:
             )
         )
     embeds = torch.cat([features[(sid, i)][0] for sid, indices, _ in rows for i in indices])
-    input_ids = torch.full((len(rows), positions[0].shape[1]), engine.model.video_token_id, device=engine.model.device)
-    pools = engine.tiering.tiers.pools
+    input_ids = torch.full((len(rows), positions[0].shape[1]), parts.model.video_token_id, device=parts.model.device)
+    pools = parts.tiering.tiers.pools
     # Each frame starts pages of its own, taken inside its stream's sink + window reservation.
     frame_fills = [
         [pages_for(features[(sid, i)][0].shape[0], pools.page_tokens) for i in indices] for sid, indices, _ in rows
@@ -149,14 +146,12 @@ def _ingest_pass(engine: Engine, rows, features) -> tuple[int, list[int]]:
     frame_pages = [[_take_pages(pools, len(fills)) for fills in row] for row in frame_fills]
     plan = IngestPlan(
         states,
-        engine.spec,
+        parts.spec,
         pools,
         [[p for pages in row for p in pages] for row in frame_pages],
         [[f for fills in row for f in fills] for row in frame_fills],
     )
-    engine.model.forward(
-        input_ids=input_ids, position_ids=torch.stack(positions, dim=1), plan=plan, frame_embeds=embeds
-    )
+    parts.model.forward(input_ids=input_ids, position_ids=torch.stack(positions, dim=1), plan=plan, frame_embeds=embeds)
     opened, attended = 0, []
     # Each row's first frame is compared with its open cluster in one batch (one device sync per pass); later
     # frames of a row depend on the decisions before them, so they are compared one by one.
@@ -169,7 +164,7 @@ def _ingest_pass(engine: Engine, rows, features) -> tuple[int, list[int]]:
             end += frame_embeds.shape[0]
             coherence = first[row] if n == 0 else _coherence(state.open_embeds, summary)
             pages, fills = frame_pages[row][n], frame_fills[row][n]
-            opened += _place_frame(engine, state, frame, pages, fills, summary, coherence)
+            opened += _place_frame(parts, state, frame, pages, fills, summary, coherence)
             attended.append(plan.attended_tokens[row] - (row_tokens - end))
     return opened, attended
 
@@ -181,7 +176,7 @@ def _take_pages(pools, num_pages: int) -> list[int]:
 
 
 def _place_frame(
-    engine: Engine,
+    parts: EngineParts,
     state: StreamState,
     frame: FrameInput,
     pages: list[int],
@@ -190,7 +185,7 @@ def _place_frame(
     coherence: tuple[float | None, float | None],
 ) -> int:
     similarity, cohesion = coherence
-    if engine.config.mode.one_frame_units:
+    if parts.config.mode.one_frame_units:
         similarity, cohesion = -1.0, None  # frame blocks (token, frame modes): every frame is its own block
     num_tokens = sum(fills)
     decision = state.former.decide(
@@ -202,41 +197,41 @@ def _place_frame(
     record = state.former.commit(
         decision, frame_index=state.frames_ingested, timestamp_s=frame.timestamp_s, num_tokens=num_tokens
     )
-    if engine.history is not None and not decision.join:
-        engine.history.ensure_ids(state)
+    if parts.history is not None and not decision.join:
+        parts.history.ensure_ids(state)
     state.open_embeds = [*state.open_embeds, summary] if decision.join else [summary]
-    slots = engine.tiering.tiers.pools.slots(pages, fills)
+    slots = parts.tiering.tiers.pools.slots(pages, fills)
     state.push_local(LocalFrame(state.frames_ingested, record.cluster_id, frame.timestamp_s, pages, fills, slots))
     state.frames_ingested += 1
     state.last_timestamp_s = frame.timestamp_s
     offset_s = frame.timestamp_s - state.first_timestamp_s
     state.text_cursor = max(
         state.text_cursor,
-        engine.model.frame_position_end(state.geometry, base=state.position_base, offset_s=offset_s),
+        parts.model.frame_position_end(state.geometry, base=state.position_base, offset_s=offset_s),
     )
-    for old in state.pop_overflow(engine.config.local_window_tokens):
-        _store_in_cluster(engine, state, old)
+    for old in state.pop_overflow(parts.config.local_window_tokens):
+        _store_in_cluster(parts, state, old)
     return 0 if decision.join else 1
 
 
-def _store_in_cluster(engine: Engine, state: StreamState, frame: LocalFrame) -> None:
+def _store_in_cluster(parts: EngineParts, state: StreamState, frame: LocalFrame) -> None:
     """A frame leaving the local window hands its pages to its cluster, wherever that cluster lives (on the
     device, without a copy)."""
-    keys = engine.tiering.tiers.pools.read(Tier.DEVICE, frame.pages, frame.fills)[:, 0]  # before they change hands
-    if frame.cluster_id in engine.tiering.residency:
-        engine.tiering.append_pages(frame.cluster_id, frame.pages, frame.fills)
+    keys = parts.tiering.tiers.pools.read(Tier.DEVICE, frame.pages, frame.fills)[:, 0]  # before they change hands
+    if frame.cluster_id in parts.tiering.residency:
+        parts.tiering.append_pages(frame.cluster_id, frame.pages, frame.fills)
     else:
-        prefer = Tier.DEVICE if engine.config.mode.caches_on_device else Tier.HOST
-        engine.tiering.admit_pages(frame.cluster_id, state.stream_id, frame.pages, frame.fills, prefer=prefer)
+        prefer = Tier.DEVICE if parts.config.mode.caches_on_device else Tier.HOST
+        parts.tiering.admit_pages(frame.cluster_id, state.stream_id, frame.pages, frame.fills, prefer=prefer)
     state.summaries.add(frame.cluster_id, keys)
-    if engine.history is not None:
-        engine.history.on_stored(state, frame.cluster_id, frame.frame_index)
+    if parts.history is not None:
+        parts.history.on_stored(state, frame.cluster_id, frame.frame_index)
 
 
-def flush_window(engine: Engine, state: StreamState) -> None:
+def flush_window(parts: EngineParts, state: StreamState) -> None:
     """Moves every frame of the local window into its cluster (a checkpoint before shutdown)."""
     for old in state.pop_overflow(0):
-        _store_in_cluster(engine, state, old)
+        _store_in_cluster(parts, state, old)
 
 
 def _coherence(members: list[torch.Tensor], frame: torch.Tensor) -> tuple[float | None, float | None]:

@@ -11,13 +11,13 @@ import itertools
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.maintenance import apply_merges
+from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import QuestionPlan, RecallProbe
 from mosaic_core.engine.probes import QueryPlanter, active_request
 from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, RetrievalStats, TokenEvent
@@ -26,14 +26,11 @@ from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import DeviceRoom
 from mosaic_core.errors import InvalidArgumentError, OutOfRangeError
 
-if TYPE_CHECKING:
-    from mosaic_core.engine.engine import Engine
-
 _QUESTION_NUMBERS = itertools.count()
 
 
 def ask(
-    engine: Engine,
+    parts: EngineParts,
     state: StreamState,
     question: str,
     *,
@@ -43,13 +40,13 @@ def ask(
     profile: bool = False,
 ) -> Iterator[TokenEvent | Answer]:
     state.check_open()
-    config = engine.config
-    question_ids = _check_question(engine, question, max_new_tokens)
-    candidates = _candidates(engine, state, time_range)
+    config = parts.config
+    question_ids = _check_question(parts, question, max_new_tokens)
+    candidates = _candidates(parts, state, time_range)
     retriever = Retriever(
         machinery=machinery_for(config),
-        spec=engine.spec,
-        tiering=engine.tiering,
+        spec=parts.spec,
+        tiering=parts.tiering,
         stream=state,
         candidates=candidates,
         budget_tokens=config.retrieval_budget_tokens,
@@ -60,15 +57,15 @@ def ask(
     request = active_request()  # measurement hook (mosaic_core.engine.probes); None when serving
     planter = None
     if request is not None and request.span is not None and candidates:
-        planter = QueryPlanter(state, engine.tiering, candidates, engine.spec, request)
+        planter = QueryPlanter(state, parts.tiering, candidates, parts.spec, request)
     probe = None
     if measure_recall or request is not None:
         probe = RecallProbe(
             state,
-            engine.tiering,
+            parts.tiering,
             candidates=candidates,
             budget_tokens=config.retrieval_budget_tokens,
-            spec=engine.spec,
+            spec=parts.spec,
             retriever=retriever,
             request=request,
             planter=planter,
@@ -85,18 +82,18 @@ def ask(
             plant_queries=None if planter is None else planter.plant,
         )
 
-    return _generate(engine, state, question, question_ids, make_plan, retriever, max_new_tokens, request)
+    return _generate(parts, state, question, question_ids, make_plan, retriever, max_new_tokens, request)
 
 
 def _generate(
-    engine, state, question, question_ids, make_plan, retriever, max_new_tokens, request=None
+    parts, state, question, question_ids, make_plan, retriever, max_new_tokens, request=None
 ) -> Iterator[TokenEvent | Answer]:
     # The question's device pages are taken once the caller starts reading the answer, and given back however
     # it ends (answered, abandoned for a deadline or a cancel, or its stream deleted).
-    room = DeviceRoom(engine.tiering, f"{state.stream_id}:question:{next(_QUESTION_NUMBERS)}")
+    room = DeviceRoom(parts.tiering, f"{state.stream_id}:question:{next(_QUESTION_NUMBERS)}")
     try:
         plan = make_plan(room)
-        decoded = yield from _decode(engine, state, question_ids, plan, max_new_tokens)
+        decoded = yield from _decode(parts, state, question_ids, plan, max_new_tokens)
     finally:
         retriever.release()
         room.release()
@@ -104,12 +101,12 @@ def _generate(
     if request is not None and plan.recall_probe is not None:
         plan.recall_probe.report(request)
     plan.retriever.promote()
-    evidence = _evidence(state, plan, engine.config.evidence_spans)
-    _maintain(engine, state, plan)
+    evidence = _evidence(state, plan, parts.config.evidence_spans)
+    _maintain(parts, state, plan)
     yield Answer(
         stream_id=state.stream_id,
         question=question,
-        text=engine.model.decode_tokens(token_ids),
+        text=parts.model.decode_tokens(token_ids),
         token_ids=token_ids,
         evidence=evidence,
         timings=timings,
@@ -118,10 +115,10 @@ def _generate(
     )
 
 
-def _decode(engine, state, question_ids, plan, max_new_tokens):
+def _decode(parts, state, question_ids, plan, max_new_tokens):
     """The question's forward pass and its decode steps, yielding each ``TokenEvent``; returns
     ``(token_ids, timings, retrieval stats, last hidden state)``."""
-    model = engine.model
+    model = parts.model
     timings = AnswerTimings()
     start = time.perf_counter()
     cursor = state.text_cursor
@@ -159,22 +156,22 @@ def _decode(engine, state, question_ids, plan, max_new_tokens):
     return token_ids, timings, retrieval, last_hidden
 
 
-def _check_question(engine, question: str, max_new_tokens: int) -> list[int]:
+def _check_question(parts, question: str, max_new_tokens: int) -> list[int]:
     if not isinstance(question, str) or not question.strip():
         raise InvalidArgumentError("the question is empty; ask something about the stream")
-    limit = engine.config.max_new_tokens_limit
+    limit = parts.config.max_new_tokens_limit
     if not 0 < max_new_tokens <= limit:
         raise InvalidArgumentError(f"max_new_tokens must be in 1..{limit}, got {max_new_tokens}")
-    ids = engine.model.question_ids(question)
-    if len(ids) > engine.config.max_question_tokens:
+    ids = parts.model.question_ids(question)
+    if len(ids) > parts.config.max_question_tokens:
         raise InvalidArgumentError(
-            f"the question is {len(ids)} tokens long; the limit is {engine.config.max_question_tokens}"
+            f"the question is {len(ids)} tokens long; the limit is {parts.config.max_question_tokens}"
         )
     return ids
 
 
-def _candidates(engine, state: StreamState, time_range) -> list[str]:
-    records = [r for r in state.former.records() if r.cluster_id in engine.tiering.residency]
+def _candidates(parts, state: StreamState, time_range) -> list[str]:
+    records = [r for r in state.former.records() if r.cluster_id in parts.tiering.residency]
     if time_range is None:
         return [r.cluster_id for r in records]
     start_s, end_s = time_range
@@ -240,9 +237,9 @@ def _evidence(state: StreamState, plan: QuestionPlan, limit: int) -> list[Eviden
     ]
 
 
-def _maintain(engine, state: StreamState, plan: QuestionPlan) -> None:
+def _maintain(parts, state: StreamState, plan: QuestionPlan) -> None:
     """Feeds what the question retrieved together to maintenance, and applies the merges it proposes."""
-    if not plan.selection_history or engine.config.mode is not RetrievalMode.CLUSTER:
+    if not plan.selection_history or parts.config.mode is not RetrievalMode.CLUSTER:
         return
     first = [sel for sel in plan.selection_history[0] if sel is not None]
     # A cluster counts as retrieved when at least half of the layers chose it.
@@ -251,19 +248,19 @@ def _maintain(engine, state: StreamState, plan: QuestionPlan) -> None:
         for cluster_id in selection.cluster_ids:
             votes[cluster_id] += 1
     retrieved = [cid for cid, n in votes.items() if 2 * n >= len(first)]
-    residency = engine.tiering.residency
+    residency = parts.tiering.residency
     before = {
         r.cluster_id: residency.tier_of(r.cluster_id) for r in state.former.records() if r.cluster_id in residency
     }
-    sizes = {cid: state.summaries.count(cid) * engine.spec.bytes_per_token for cid in before}
-    merged = apply_merges(engine, state, retrieved)
-    _count_merge_bytes(engine, before, sizes, merged)
+    sizes = {cid: state.summaries.count(cid) * parts.spec.bytes_per_token for cid in before}
+    merged = apply_merges(parts, state, retrieved)
+    _count_merge_bytes(parts, before, sizes, merged)
 
 
-def _count_merge_bytes(engine, before: dict, sizes: dict[str, int], merged: list[str]) -> None:
+def _count_merge_bytes(parts, before: dict, sizes: dict[str, int], merged: list[str]) -> None:
     """A merge reads both halves onto the device and stores the result in the hotter tier; those moves bypass
     the tier stats, so they are recorded here and the question that caused them is charged for them."""
-    residency, stats = engine.tiering.residency, engine.tiering.tiers.stats
+    residency, stats = parts.tiering.residency, parts.tiering.tiers.stats
     for cluster_id, tier in before.items():
         if cluster_id not in residency and tier is not Tier.DEVICE:
             stats.record(tier, Tier.DEVICE, sizes[cluster_id])

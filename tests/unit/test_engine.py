@@ -174,14 +174,14 @@ def test_co_retrieved_neighbours_merge_into_one_cluster(tiny_model, bikes_frames
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:32])
     state = engine.stream("cam")
-    ordered = mergeable_clusters(engine, state)
+    ordered = mergeable_clusters(engine.parts, state)
     assert len(ordered) >= 3
     left, right = ordered[0], ordered[1]
     expected_kv = torch.cat([engine.tiering.tiers.read(left), engine.tiering.tiers.read(right)], dim=3)
     before = len(engine.clusters("cam"))
     merged = []
     for _ in range(3):  # questions that keep retrieving both neighbours, and nothing else
-        merged += apply_merges(engine, state, [left, right])
+        merged += apply_merges(engine.parts, state, [left, right])
     assert len(merged) == 1
     assert len(engine.clusters("cam")) == before - 1
     assert left not in engine.tiering.residency and right not in engine.tiering.residency
@@ -197,9 +197,9 @@ def test_unrelated_clusters_do_not_merge(tiny_model, bikes_frames):
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:32])
     state = engine.stream("cam")
-    ordered = mergeable_clusters(engine, state)
+    ordered = mergeable_clusters(engine.parts, state)
     for i in range(4):  # each question retrieves a different single cluster
-        assert apply_merges(engine, state, [ordered[i % len(ordered)]]) == []
+        assert apply_merges(engine.parts, state, [ordered[i % len(ordered)]]) == []
 
 
 def test_close_stream_frees_every_tier(tiny_model, bikes_frames):
