@@ -31,7 +31,7 @@ BENCH_TARGETS = {
     "faults": ("services.bench_faults", "fault-injection benchmark of the service"),
     "soak": ("services.bench_soak", "hours-long run of the service, with memory, lag and latency slopes"),
     "service": ("services.bench_service", "cameras one service keeps real-time, measured through gRPC"),
-    "engine": ("bench.bench", "side-by-side engine benchmark of full, token and cluster modes"),
+    "engine": ("mosaic_core.bench.engine", "side-by-side engine benchmark of full, token and cluster modes"),
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.report import format_report
+from mosaic_core.bench.report import format_report
 from mosaic_core.engine.probes import next_token_kl, probe_spans
 
 

@@ -1,0 +1,5 @@
+"""The engine benchmark, installed with the package so that ``mosaic bench engine`` works outside a checkout.
+
+``engine`` runs the scenarios and prints the tables, ``scenario_a`` is the one-stream comparison on equal
+machinery, ``report`` formats a results JSON. Results and notes of past runs stay in the repository's ``bench/``.
+"""
