@@ -116,6 +116,9 @@ class ServiceConfig(BaseModel):
     watch_answer_timeout_s: float = Field(30.0, gt=0)
     # Seconds of neighbouring history a watch's answer may read on each side of the sealed cluster.
     watch_answer_context_s: float = Field(0.0, ge=0)
+    # Per worker, on its device: cached question queries of (stream, watch question) pairs, least recently used
+    # dropped first (about 1 MiB a pair at the 7B shape); a dropped pair is prefilled again when next needed.
+    watch_query_cache_bytes: int = Field(1 << 30, ge=0)
     # Webhook targets a watch may name: URL prefixes (scheme, host, port, path prefix). Empty: webhooks are off.
     webhook_allowed_urls: list[str] = Field(default_factory=list)
     webhook_timeout_s: float = Field(5.0, gt=0)

@@ -46,6 +46,7 @@ class WorkerWatches:
         max_outbox: fired events kept until the router takes them.
         answer_timeout_s: how long an event may wait for its answer before it fires without one.
         context_s: seconds of neighbouring history the answer may also read, on each side of the cluster.
+        query_cache_bytes: bound on the scorer's cached question queries.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class WorkerWatches:
         max_outbox: int = 1000,
         answer_timeout_s: float = 30.0,
         context_s: float = 0.0,
+        query_cache_bytes: int = 1 << 30,
     ) -> None:
         if max_outbox < 1 or not answer_timeout_s > 0 or not context_s >= 0:
             raise ValueError(
@@ -66,7 +68,7 @@ class WorkerWatches:
         self.engine = engine
         self.loop = loop
         self.retention_s = retention_s
-        self.scorer = WatchScorer(engine)
+        self.scorer = WatchScorer(engine, max_cache_bytes=query_cache_bytes)
         self.answer_timeout_s = answer_timeout_s
         self.context_s = context_s
         self._specs: dict[str, WatchSpec] = {}

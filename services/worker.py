@@ -152,6 +152,7 @@ class WorkerCore:
             max_outbox=config.watch_outbox_size,
             answer_timeout_s=config.watch_answer_timeout_s,
             context_s=config.watch_answer_context_s,
+            query_cache_bytes=config.watch_query_cache_bytes,
         )
         self.loop.start()
         self.restored_streams = self._restore()

@@ -7,10 +7,13 @@ then scored against every watch on its stream with the same key-summary estimate
 
 The score a watch sees is the cluster's **lift** in nats: how much more attention per token the question's
 queries would give the cluster than the stream's history up to it on average (every cluster holding KV that
-ended no later than ``c``), mean over layers:
+ended no later than ``c``), mean over the scored layers (up to ``MAX_SCORED_LAYERS``, evenly spaced):
 
     lift_l(c) = (s_l(c) - log n_c) - (logsumexp_j s_l(j) - log sum_j n_j)       s_l: per-layer summary score
     lift(c)   = mean_l lift_l(c)
+
+Cached queries are bounded in bytes (least recently used dropped first): at the 7B shape one (stream, question)
+pair is about 1 MiB (8 layers x 28 heads x ~20 tokens x 128 x 2 bytes).
 
 0 means "as relevant as the average history"; a watch fires above its threshold. With random weights (the shape
 presets) the lift is meaningful only relative to other clusters of the same stream; with a real checkpoint it
@@ -22,6 +25,7 @@ the two functions ``question_queries`` and ``summary_scores`` so they are easy t
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +37,15 @@ from mosaic_core.engine.attend import attend_over
 # makes a query's fit to new keys depend on their distance, so a very old query drifts.
 REQUERY_POSITIONS = 4096
 QUESTIONS_PER_PREFILL = 16  # rows of one batched question prefill
+MAX_SCORED_LAYERS = 8  # layers a watch is scored on, evenly spaced, the last included
+MAX_CACHE_BYTES = 1 << 30  # cached question queries per worker; least recently used ones are dropped beyond
+
+
+def scored_layers(num_layers: int, max_layers: int = MAX_SCORED_LAYERS) -> list[int]:
+    """Up to ``max_layers`` layer indices spread evenly from the first to the last."""
+    if num_layers <= max_layers:
+        return list(range(num_layers))
+    return sorted({round(i * (num_layers - 1) / (max_layers - 1)) for i in range(max_layers)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +60,14 @@ class WatchScore:
 class _CapturePlan:
     """Prefills questions (one per row) over sink + local window and keeps each layer's queries ``[B, Hq, T, D]``."""
 
-    def __init__(self, stream, num_layers: int) -> None:
+    def __init__(self, stream, num_layers: int, keep: set[int]) -> None:
         self.stream = stream
+        self.keep = keep
         self.queries: list[torch.Tensor | None] = [None] * num_layers
 
     def attend(self, layer_idx, query, key, value, scale):
-        self.queries[layer_idx] = query.float()
+        if layer_idx in self.keep:
+            self.queries[layer_idx] = query.clone()
         past = self.stream.past_layer(layer_idx)  # [2, H, S, D], read once for every row
         rows = []
         for b in range(query.shape[0]):
@@ -62,32 +77,38 @@ class _CapturePlan:
         return torch.stack(rows)  # [B, T, Hq, D]
 
 
-def question_queries(engine, stream_id: str, questions: Sequence[str]) -> tuple[list[torch.Tensor], int]:
-    """Per-layer post-RoPE queries of each question on ``stream_id`` (``[L, Hq, T_i, D]`` float32 each), from
-    batched forward passes of up to ``QUESTIONS_PER_PREFILL`` questions, and the text position they were taken at.
-    Reads engine internals (stream state, model forward with a plan).
+def question_queries(
+    engine, stream_id: str, questions: Sequence[str], layers: Sequence[int] | None = None
+) -> tuple[list[torch.Tensor], int]:
+    """Post-RoPE queries of each question on ``stream_id`` in ``layers`` (None: all), ``[len(layers), Hq, T_i, D]``
+    in the model's dtype, from batched forward passes of up to ``QUESTIONS_PER_PREFILL`` questions, and the text
+    position they were taken at. Reads engine internals (stream state, model forward with a plan).
 
     Rows are padded at the end by repeating their last token; attention is causal, so padding never changes a
     question's own tokens, and only those are kept."""
     state = engine.stream(stream_id)
     model = engine.model
     cursor = state.text_cursor
+    layers = list(range(engine.spec.num_layers)) if layers is None else list(layers)
     out: list[torch.Tensor] = []
     for first in range(0, len(questions), QUESTIONS_PER_PREFILL):
         ids = [model.question_ids(q) for q in questions[first : first + QUESTIONS_PER_PREFILL]]
         longest = max(len(row) for row in ids)
         padded = [row + [row[-1]] * (longest - len(row)) for row in ids]
-        plan = _CapturePlan(state, engine.spec.num_layers)
+        plan = _CapturePlan(state, engine.spec.num_layers, set(layers))
         positions = model.text_positions(cursor, longest)[:, None].expand(-1, len(ids), -1)  # [3, B, T]
         with torch.inference_mode():
             model.forward(input_ids=torch.tensor(padded, device=model.device), position_ids=positions, plan=plan)
-        stacked = torch.stack(plan.queries, dim=1)  # [B, L, Hq, T, D]
+        stacked = torch.stack([plan.queries[layer] for layer in layers], dim=1)  # [B, len(layers), Hq, T, D]
         out += [stacked[b, :, :, : len(row)] for b, row in enumerate(ids)]
     return out, cursor
 
 
-def summary_scores(engine, stream_id: str, cluster_ids: list[str], queries: torch.Tensor) -> torch.Tensor:
-    """Per-layer summary scores ``[W, L, C]`` of clusters for ``W`` watch queries ``[W, L, Hq, T, D]``.
+def summary_scores(
+    engine, stream_id: str, cluster_ids: list[str], queries: torch.Tensor, layers: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Per-layer summary scores ``[W, L, C]`` of clusters for ``W`` watch queries ``[W, L, Hq, T, D]`` taken in
+    ``layers`` (None: every layer).
 
     The same estimate as ``mosaic_core.engine.summaries.per_head_scores`` (spread form), batched over watches:
     per KV head the maximum over the head's query group and tokens, heads combined by log-sum-exp. Reads the
@@ -95,10 +116,12 @@ def summary_scores(engine, stream_id: str, cluster_ids: list[str], queries: torc
     state = engine.stream(stream_id)
     spec = engine.spec
     mean, var, log_count = state.summaries.all_layers(cluster_ids)  # [C, L, H, D] x2, [C]
+    if layers is not None:
+        mean, var = mean[:, list(layers)], var[:, list(layers)]
     num_w, num_l, num_q, num_t, dim = queries.shape
     num_kv = mean.shape[2]
     group = num_q // num_kv
-    q = queries.to(mean.device).reshape(num_w, num_l, num_kv, group * num_t, dim)  # [W, L, H, G*T, D]
+    q = queries.to(mean.device, torch.float32).reshape(num_w, num_l, num_kv, group * num_t, dim)  # [W, L, H, G*T, D]
     dots = torch.einsum("wlhqd,clhd->wlchq", q, mean.float()) * spec.scale
     spread = torch.einsum("wlhqd,clhd->wlchq", q.square(), var.float()) * (0.5 * spec.scale * spec.scale)
     per_head = (dots + spread).amax(dim=4) + log_count.float()[None, None, :, None]  # [W, L, C, H]
@@ -111,21 +134,41 @@ class WatchScorer:
     Args:
         engine: the worker's engine (``mosaic_core.engine.engine.Engine``); called from its thread only.
         requery_positions: text positions after which a cached question is prefilled again.
+        max_layers: layers scored (evenly spaced, the last included); the lift is their mean.
+        max_cache_bytes: bound on the cached queries (on the engine's device); the least recently used
+            (stream, question) pairs are dropped beyond it and prefilled again when next needed.
     """
 
-    def __init__(self, engine, *, requery_positions: int = REQUERY_POSITIONS) -> None:
-        if requery_positions < 1:
-            raise ValueError(f"requery_positions={requery_positions} must be >= 1")
+    def __init__(
+        self,
+        engine,
+        *,
+        requery_positions: int = REQUERY_POSITIONS,
+        max_layers: int = MAX_SCORED_LAYERS,
+        max_cache_bytes: int = MAX_CACHE_BYTES,
+    ) -> None:
+        if requery_positions < 1 or max_layers < 1 or max_cache_bytes < 0:
+            raise ValueError(
+                f"requery_positions={requery_positions} and max_layers={max_layers} must be >= 1, "
+                f"max_cache_bytes={max_cache_bytes} >= 0"
+            )
         self.engine = engine
         self.requery_positions = requery_positions
-        self._queries: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
+        self.layers = scored_layers(engine.spec.num_layers, max_layers)
+        self.max_cache_bytes = max_cache_bytes
+        self._queries: OrderedDict[tuple[str, str], tuple[torch.Tensor, int]] = OrderedDict()
+        self.cache_bytes = 0
         self.num_prefills = 0  # batched question prefills run so far
 
     def forget(self, *, stream_id: str | None = None, question: str | None = None) -> None:
         """Drops cached queries of a stream, of a question, or (both None) all of them."""
         for key in list(self._queries):
             if (stream_id is None or key[0] == stream_id) and (question is None or key[1] == question):
-                del self._queries[key]
+                self._drop(key)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        queries, _ = self._queries.pop(key)
+        self.cache_bytes -= queries.numel() * queries.element_size()
 
     def score(self, stream_id: str, cluster_ids: Sequence[str], questions: Sequence[str]) -> list[WatchScore]:
         """Lift of every ``(question, cluster)`` pair, questions outer; clusters must hold KV on the stream."""
@@ -139,7 +182,7 @@ class WatchScorer:
             raise KeyError(f"clusters {missing} hold no KV on stream {stream_id!r}")
         history = [r.cluster_id for r in records]
         queries = _pad_tokens(self._queries_of(stream_id, questions))  # [W, L, Hq, T, D]
-        scores = summary_scores(self.engine, stream_id, history, queries)  # [W, L, C]
+        scores = summary_scores(self.engine, stream_id, history, queries, self.layers)  # [W, L, C]
         _, _, log_count = state.summaries.all_layers(history)
         log_count = log_count.float().to(scores.device)
         rows = torch.tensor([index[c] for c in cluster_ids], device=scores.device)
@@ -161,17 +204,33 @@ class WatchScorer:
     def _queries_of(self, stream_id: str, questions: Sequence[str]) -> list[torch.Tensor]:
         """Cached queries of each question; the stale or missing ones come from one batched prefill."""
         cursor = self.engine.stream(stream_id).text_cursor
+        found: dict[str, torch.Tensor] = {}
         stale = []
         for question in dict.fromkeys(questions):
-            cached = self._queries.get((stream_id, question))
+            key = (stream_id, question)
+            cached = self._queries.get(key)
             if cached is None or abs(cursor - cached[1]) > self.requery_positions:
                 stale.append(question)
+            else:
+                self._queries.move_to_end(key)
+                found[question] = cached[0]
         if stale:
-            fresh, at = question_queries(self.engine, stream_id, stale)
-            for question, queries in zip(stale, fresh, strict=True):
-                self._queries[(stream_id, question)] = (queries, at)
+            fresh, at = question_queries(self.engine, stream_id, stale, self.layers)
             self.num_prefills += 1
-        return [self._queries[(stream_id, q)][0] for q in questions]
+            for question, queries in zip(stale, fresh, strict=True):
+                found[question] = queries
+                self._remember((stream_id, question), queries, at)
+        return [found[q] for q in questions]
+
+    def _remember(self, key: tuple[str, str], queries: torch.Tensor, at: int) -> None:
+        if key in self._queries:
+            self._drop(key)
+        size = queries.numel() * queries.element_size()
+        while self._queries and self.cache_bytes + size > self.max_cache_bytes:
+            self._drop(next(iter(self._queries)))  # least recently used first
+        if size <= self.max_cache_bytes:
+            self._queries[key] = (queries, at)
+            self.cache_bytes += size
 
 
 def _pad_tokens(queries: list[torch.Tensor]) -> torch.Tensor:

@@ -73,6 +73,27 @@ def test_requery_after_the_stream_moved_far_and_forget(engine):
     assert scorer.num_prefills == 2
 
 
+def test_scored_layers_and_the_cache_bound(engine):
+    from mosaic_core.engine.watching import scored_layers
+
+    assert scored_layers(28, 8) == [0, 4, 8, 12, 15, 19, 23, 27] and scored_layers(3, 8) == [0, 1, 2]
+    ids = [engine.clusters("cam")[1].cluster_id]
+    one = WatchScorer(engine).score("cam", ids, ["A?"])[0].lift
+    scorer = WatchScorer(engine, max_cache_bytes=1)  # nothing fits: every score prefills again, same result
+    assert scorer.score("cam", ids, ["A?"])[0].lift == pytest.approx(one, abs=1e-6)
+    scorer.score("cam", ids, ["A?"])
+    assert (scorer.num_prefills, scorer.cache_bytes) == (2, 0)
+    roomy = WatchScorer(engine)
+    roomy.score("cam", ids, ["A?", "B?"])
+    per_question = roomy.cache_bytes // 2
+    small = WatchScorer(engine, max_cache_bytes=per_question + 1)  # room for one question's queries
+    small.score("cam", ids, ["A?", "B?"])
+    small.score("cam", ids, ["B?"])  # B is the one kept
+    assert small.num_prefills == 1 and small.cache_bytes == per_question
+    small.score("cam", ids, ["A?"])
+    assert small.num_prefills == 2
+
+
 def test_refuses_clusters_without_kv(engine):
     with pytest.raises(KeyError, match="hold no KV"):
         WatchScorer(engine).score("cam", ["cam/c999999"], [QUESTION])
