@@ -31,6 +31,7 @@ from services.watches_webhook import Delivery, WebhookSender, check_webhook_url
 log = logging.getLogger(__name__)
 POLL_WAIT_S = 1.0
 RESYNC_INTERVAL_S = 30.0
+SYNC_TIMEOUT_S = 10.0  # a restarting worker gets the list from its poll loop once it is back
 RELOAD_INTERVAL_S = 5.0  # watches created through another router (same Redis) are picked up this often
 SUBSCRIBER_WAKE_S = 5.0  # a subscriber re-reads the buffer at least this often (events of other routers)
 READ_BATCH = 256
@@ -107,7 +108,11 @@ class WatchRegistry:
             states = await asyncio.gather(*(asyncio.to_thread(self.store.state, w) for w in self._records))
             specs = [r.for_worker(s.fired_until_s) for r, s in zip(self._records.values(), states, strict=True)]
             targets = range(len(self.coordinator.workers)) if indices is None else indices
-            calls = [self.coordinator._call(i, self.coordinator.workers[i].set_watches.remote(specs)) for i in targets]
+            calls = [
+                asyncio.wait_for(self.coordinator._call(i, self.coordinator.workers[i].set_watches.remote(specs)),
+                                 SYNC_TIMEOUT_S)
+                for i in targets
+            ]  # fmt: skip
             for index, result in zip(targets, await asyncio.gather(*calls, return_exceptions=True), strict=True):
                 if isinstance(result, BaseException):
                     log.warning("worker %d did not take the watch list (%s); it gets it when it is back", index, result)

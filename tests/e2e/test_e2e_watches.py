@@ -16,8 +16,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import grpc
 import pytest
@@ -25,6 +29,7 @@ from service_support import clip_frames, metric, wait_for
 
 from tests.integration.conftest import redis_server  # noqa: F401
 
+ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "e2e-watches"
 FPS = 2.0
 NUM_FRAMES = 14
@@ -256,7 +261,36 @@ def test_a_calibrated_watch_fires_exactly_once_on_the_best_span_and_the_cooldown
     assert metric(svc.server.metrics_url, "mosaic_watch_events_total") >= len(calibration) + 2
 
 
-# -- 3. resume without loss or duplicates; survive a restart -------------------------------------------------
+# -- 3. the command line ----------------------------------------------------------------------------------
+def _mosaic(svc, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "mosaic_core.cli", *args, "--target", svc.server.target]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_watch_commands(svc, calibration):
+    made = _mosaic(
+        svc, "watch", "create", "--question", "Cyclist?", "--stream", "cal", "--threshold", "1e9", "--id", "cli-w",
+        "--label", "site=x", "--hours", "08:00-18:00", "--timezone", "Europe/Berlin",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "created watch cli-w on cal: threshold 1e+09, cooldown 60s" in made.stdout
+    listed = _mosaic(svc, "watch", "list")
+    assert listed.returncode == 0 and any(line.split()[:2] == ["cli-w", "cal"] for line in listed.stdout.splitlines())
+    tail = _mosaic(svc, "watch", "tail", "cal-all", "--after", "0", "--count", "2")
+    lines = [line for line in tail.stdout.splitlines() if line.startswith("#")]
+    assert tail.returncode == 0 and len(lines) == 2 and all(" cal-all cal " in line for line in lines), tail.stdout
+    assert lines[0].startswith(f"#{calibration[0].event_id} ")
+    assert _mosaic(svc, "watch", "delete", "cli-w").returncode == 0
+    again = _mosaic(svc, "watch", "delete", "cli-w")
+    assert again.returncode == 1 and "NOT_FOUND: unknown watch 'cli-w'" in again.stderr
+    bad = _mosaic(svc, "watch", "create", "--question", "q", "--hours", "0800")
+    assert bad.returncode == 2 and "HH:MM-HH:MM" in bad.stderr
+    refused = _mosaic(svc, "watch", "create", "--question", "q", "--hours", "08:00-25:00")
+    assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
+
+
+# -- 4. resume without loss or duplicates; survive a restart -------------------------------------------------
 def test_a_reconnecting_subscriber_resumes_without_losing_or_repeating(svc, calibration):
     c = svc.client
     everything = [e.event_id for e in collect(c, [], after=0, count=10_000, timeout_s=5)]
