@@ -44,6 +44,16 @@ SPEC = {
     "mosaic_durable_oldest_pending_seconds": "gauge",
     "mosaic_durable_clusters_written": "counter",
     "mosaic_durable_write_errors": "counter",
+    # Standing questions (docs/watches.md).
+    "mosaic_watches": "gauge",
+    "mosaic_watch_evaluations": "counter",
+    "mosaic_watch_events": "counter",
+    "mosaic_watch_suppressed": "counter",
+    "mosaic_watch_events_dropped": "counter",
+    "mosaic_watch_seal_to_event_seconds": "histogram",
+    "mosaic_watch_score_seconds": "histogram",
+    "mosaic_watch_subscribers": "gauge",
+    "mosaic_watch_webhook_deliveries": "counter",
 }
 STREAM = "metrics-cam"
 
