@@ -476,8 +476,9 @@ class WatchMetrics:
         )
         self.events_dropped_total = Counter(
             "mosaic_watch_events_dropped_total",
-            "Watch events lost (buffer_full: dropped from a watch's buffer before any subscriber read them), "
-            "or fired without an answer (answer_queue_full), by reason.",
+            "Watch events lost (buffer_full: dropped from a watch's buffer while no subscriber followed it; "
+            "outbox_full: dropped by a worker before the router took them), or fired without an answer "
+            "(answer_queue_full), by reason.",
             ["reason"],
             registry=r,
         )

@@ -5,6 +5,9 @@ full), run under the call's deadline (DEADLINE_EXCEEDED, a little before the cli
 server reports it with a sentence), and fan out over the target streams (``fanout.merge_answers``).
 Event order of one answer: token chunks, then the merged evidence, then the timings.
 
+Standing questions (CreateWatch, ListWatches, DeleteWatch, WatchEvents) go to the router's ``WatchRegistry``
+(``services.watches``); until the backend is up they answer UNAVAILABLE.
+
 PushFrames reports unusable frames per frame (``PushFramesResponse.errors``) and keeps the good ones; only
 when *no* frame of the call was usable does the call itself fail, with the first frame's status
 (INVALID_ARGUMENT for a corrupt frame or bad shape, NOT_FOUND for an unknown stream).

@@ -1,8 +1,8 @@
 """Standing questions, router side: the watches, their events, subscribers and webhooks.
 
 - **Watches** live in a ``WatchStore`` (Redis when the server has ``redis_url``: they survive restarts). Every
-  worker gets the full list (``WorkerCore.set_watches``) whenever it changes, at start-up, and again when a
-  worker reports fewer watches than there are (it restarted).
+  worker gets the full list (``WorkerCore.set_watches``) whenever it changes, at start-up, every 30 s, and
+  whenever a worker reports a different number of watches than the router has (it restarted).
 - **Events.** One task per worker long-polls ``take_watch_events``; each fired event gets a server-wide id
   and goes into its watch's bounded buffer in the store, then to subscribers and, if the watch has one, its
   webhook. The buffer is where subscribers read from, so a reconnecting client resumes from its last id.
