@@ -55,7 +55,7 @@ def _send(receiver, deliveries, *, max_attempts=3, queue_size=10, allowed=None) 
         queued = [sender.enqueue(d) for d in deliveries]
         sender.start()
         for _ in range(500):
-            if sender._queue.empty() and len([o for o in outcomes if o != "retried"]) >= sum(queued):
+            if len([o for o in outcomes if o in ("delivered", "failed")]) >= sum(queued):  # every queued one ended
                 break
             await asyncio.sleep(0.01)
         await sender.stop()
