@@ -171,6 +171,7 @@ def service_overrides(args, clip: str) -> dict:
         "source_roots": [str(Path(clip).resolve().parent)],
         "ingest_headroom": args.ingest_headroom,
         "redis_namespace": "bench",
+        "host": args.host,
     }
     if args.quick:
         return {**common, "device_budget_bytes": 16 * 2**20, "host_budget_bytes": 64 * 2**20}
@@ -288,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pinned-host-gib", type=float, default=16.0, help="host tier pinned at start-up (GPU)")
     parser.add_argument("--ingest-headroom", type=float, default=0.0, help="admission's share; 0 admits all")
     parser.add_argument("--start-timeout-s", type=float, default=420.0)
+    # Ray bound to loopback (what a 127.0.0.1 host asks for) never registered its node on the lent GPU VM, while
+    # Ray on the VM's own address did; 0.0.0.0 lets the service run there.
+    parser.add_argument("--host", default="127.0.0.1", help="address mosaic serve binds (0.0.0.0: Ray unbound)")
     parser.add_argument("--clip", default=None, help=f"video file (default: ${CLIP_ENV}, else bikes.mp4)")
     parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.txt")
     args = parser.parse_args(argv)

@@ -216,6 +216,7 @@ def run_soak(workdir: Path, args) -> tuple[list[Sample], dict[str, int], list | 
         worker_gpus=1.0 if args.gpu else 0.0,
         device_budget_bytes=args.device_budget_mib * 2**20,
         host_budget_bytes=args.host_budget_mib * 2**20,
+        host=args.host,
     )
     samples: list[Sample] = []
     if args.heap:  # the service's processes inherit the environment and write their heap lines into workdir
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write every sample to this JSON file")
     parser.add_argument("--model", default="tiny", help="preset or checkpoint of the worker (default tiny)")
     parser.add_argument("--gpu", action="store_true", help="the worker takes one GPU")
+    parser.add_argument("--host", default="127.0.0.1", help="address mosaic serve binds (0.0.0.0: Ray unbound)")
     parser.add_argument("--device-budget-mib", type=int, default=16, help="device KV budget of the worker")
     parser.add_argument("--host-budget-mib", type=int, default=64, help="host KV budget of the worker")
     parser.add_argument("--clip", default=None, help="video to loop (default: $MOSAIC_BENCH_CLIP, else bikes.mp4)")
