@@ -172,6 +172,7 @@ def service_overrides(args, clip: str) -> dict:
         "ingest_headroom": args.ingest_headroom,
         "redis_namespace": "bench",
         "host": args.host,
+        "ray_log_to_driver": args.serve_log_level == "DEBUG",
     }
     if args.quick:
         return {**common, "device_budget_bytes": 16 * 2**20, "host_budget_bytes": 64 * 2**20}
@@ -217,7 +218,7 @@ def run_ramp(workdir: Path, args, on_step=None) -> dict:
     _status(f"encoding the clip's frames as JPEG and timing decodes ({clip})")
     jpegs, decode_cost = prepare_frames(clip, args.fps, max_frames=16)
     overrides = service_overrides(args, clip)
-    service = LocalService(workdir, **overrides)
+    service = LocalService(workdir, log_level=args.serve_log_level, **overrides)
     steps: list[StepResult] = []
     load, start_s = None, None
 
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     # Ray bound to loopback (what a 127.0.0.1 host asks for) never registered its node on the lent GPU VM, while
     # Ray on the VM's own address did; 0.0.0.0 lets the service run there.
     parser.add_argument("--host", default="127.0.0.1", help="address mosaic serve binds (0.0.0.0: Ray unbound)")
+    # On the lent GPU VM the raylet never started under INFO, where mosaic serve redirects Ray's driver logging
+    # and starts Ray with configure_logging=False and log_to_driver=False; a plain ray.init started in 8 s.
+    parser.add_argument("--serve-log-level", default="INFO", choices=("DEBUG", "INFO"), help="mosaic serve's")
     parser.add_argument("--clip", default=None, help=f"video file (default: ${CLIP_ENV}, else bikes.mp4)")
     parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.txt")
     args = parser.parse_args(argv)

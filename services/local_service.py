@@ -39,8 +39,9 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.25):
 class LocalService:
     """A redis-server and a ``mosaic serve`` as child processes, on loopback, sharing ``workdir``."""
 
-    def __init__(self, workdir: Path, **overrides) -> None:
+    def __init__(self, workdir: Path, *, log_level: str = "INFO", **overrides) -> None:
         self.workdir = workdir
+        self.log_level = log_level  # DEBUG also leaves Ray's logging to Ray (see services.cli.start_ray)
         self.overrides = overrides  # ServiceConfig fields over the defaults below
         self.data_dir = workdir / "data"
         self.redis_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
@@ -90,7 +91,7 @@ class LocalService:
         path.write_text(json.dumps(config))  # JSON is YAML
         log = (self.workdir / "serve.log").open("ab")
         self.server = subprocess.Popen(
-            [sys.executable, "-m", "mosaic_core.cli", "serve", "--config", str(path)],
+            [sys.executable, "-m", "mosaic_core.cli", "serve", "--config", str(path), "--log-level", self.log_level],
             cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         if not wait_until(lambda: self.health() == "SERVING" or self.server.poll() is not None, timeout_s, 0.5):
