@@ -101,7 +101,6 @@ class Engine:
             tracker=self.tracker,
             history=self.history,
             streams=self.streams,
-            reserve_window=self.reserve_window,
         )
         working_set = self.config.retrieval_budget_tokens * self.spec.bytes_per_token
         window = self.config.local_window_tokens * self.spec.bytes_per_token
@@ -198,7 +197,7 @@ class Engine:
         )
         ids = self.model.stream_preamble(system_prompt or DEFAULT_SYSTEM_PROMPT)
         fills = pages_for(len(ids), pools.page_tokens)
-        self.reserve_window(state, sink_pages=len(fills))
+        self.parts.reserve_window(state, sink_pages=len(fills))
         pages = pools.take(Tier.DEVICE, len(fills))
         assert pages is not None, "the sink's pages were reserved but are not free"
         plan = IngestPlan([state], self.spec, pools, [pages], [fills])  # the preamble attends to itself only
@@ -261,35 +260,6 @@ class Engine:
         if state is None:
             raise UnknownStreamError(f"no stream {stream_id!r} is open on this engine")
         return state
-
-    def reserve_window(self, state: StreamState, *, sink_pages: int | None = None) -> None:
-        """Reserves the device pages of a stream's sink and local window (grown once its frame size is known).
-
-        Between a pass and the eviction after it, the window holds up to one pass of frames more than its size,
-        and a frame takes whole pages of its own.
-        """
-        page_tokens = self.tiering.tiers.pools.page_tokens
-        # Until the first frame shows its size, assume the size pages are made for.
-        tokens_per_frame = page_tokens if state.geometry is None else state.geometry.tokens_per_frame
-        frames = -(-self.config.local_window_tokens // tokens_per_frame) + self.config.max_frames_per_pass + 1
-        sink_pages = len(state.sink_fills) if sink_pages is None else sink_pages
-        pages = sink_pages + frames * len(pages_for(tokens_per_frame, page_tokens))
-        num_bytes = pages * self.tiering.tiers.pools.page_bytes
-        if num_bytes <= state.reserved_bytes:
-            return
-        owner, residency = f"{state.stream_id}:sink+window", self.tiering.residency
-        extra = num_bytes - state.reserved_bytes
-        plan = residency.plan_make_room(Tier.DEVICE, extra)
-        if plan is None:
-            raise BudgetError(
-                f"device budget cannot hold stream {state.stream_id!r}'s sink + local window ({pages} pages, "
-                f"{num_bytes} bytes; {residency.free_bytes(Tier.DEVICE)} bytes can be freed)"
-            )
-        self.tiering.execute(plan)
-        if state.reserved_bytes:
-            residency.release(owner)
-        residency.reserve(owner, num_bytes)
-        state.reserved_bytes = num_bytes
 
     # -- ingest -------------------------------------------------------------------------------------------------
     def ingest(self, frames: Sequence[FrameInput]) -> IngestResult:

@@ -225,3 +225,22 @@ def test_retention_drops_old_sealed_clusters_from_every_tier(tiny_model, bikes_f
     assert all(c.end_s >= cutoff for c in after)
     engine.tiering.residency.check_invariants()
     engine.answer("cam", QUESTION, max_new_tokens=1)  # retention leaves a working stream
+
+
+def test_a_deleted_engine_is_freed_at_once_not_by_the_garbage_collector(tiny_model, bikes_frames):
+    """Nothing the engine owns points back at it: a benchmark that builds engine after engine must not keep the
+    old ones' device page pools until a collection happens to run."""
+    import gc
+    import weakref
+
+    engine = make_engine(tiny_model)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:12])
+    engine.answer("cam", "what moved?", max_new_tokens=2)
+    pool = weakref.ref(engine.tiering.tiers.pools.device_pool)
+    gc.disable()
+    try:
+        del engine
+        assert pool() is None
+    finally:
+        gc.enable()

@@ -4,6 +4,7 @@ own, not differences of engine-wide counters."""
 
 from __future__ import annotations
 
+import pytest
 from engine_helpers import feed, make_engine
 
 from mosaic_core.config import MIB
@@ -63,3 +64,23 @@ def test_statistics_are_per_question_when_questions_interleave(tiny_model, bikes
     assert (mixed.bytes_fetched, mixed.num_copies, mixed.device_hits, mixed.device_lookups) == (
         alone.bytes_fetched, alone.num_copies, alone.device_hits, alone.device_lookups,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["token", "cluster"])
+def test_frames_ingested_during_an_answer_do_not_change_what_it_attends_to(tiny_model, bikes_frames, mode):
+    """The answer reads the stream's window in place; frames pushed through the window while it decodes hand
+    their pages on or, in token mode, copy them to the host and free them at once. The question's hold keeps
+    those pages from being reused under it by the frames that follow."""
+    quiet, busy = (make_engine(tiny_model, mode=mode, device_budget_bytes=int(1.3 * MIB)) for _ in range(2))
+    for engine in (quiet, busy):
+        engine.open_stream("cam", fps=2.0)
+        feed(engine, "cam", bikes_frames[:24])
+    expected = quiet.answer("cam", "what moved?", max_new_tokens=6)
+    question = busy.ask("cam", "what moved?", max_new_tokens=6)
+    events = [next(question)]
+    attended = set(busy.stream("cam").past_pages())
+    feed(busy, "cam", bikes_frames[24:40])  # more than a window's worth: every frame it attended to has left
+    assert not attended & {p for frame in busy.stream("cam").local for p in frame.pages}, "a held page was reused"
+    events += list(question)
+    assert events[-1].token_ids == expected.token_ids
+    assert busy.tiering.residency.reserved_bytes() == sum(s.reserved_bytes for s in busy.streams.values())
