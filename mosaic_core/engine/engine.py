@@ -363,4 +363,5 @@ class Engine:
             transfer_bytes_by_direction=dict(self.tiering.tiers.stats.bytes_by_direction),
             transfer_copies_by_direction=dict(self.tiering.tiers.stats.copies_by_direction),
             device_hit_ratio=self.tiering.hit_ratio,
+            device_pool_bytes=self.tiering.tiers.pools.device_pool_bytes,
         )

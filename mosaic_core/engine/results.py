@@ -130,3 +130,7 @@ class EngineStats:
     transfer_bytes_by_direction: dict[str, int]
     transfer_copies_by_direction: dict[str, int]
     device_hit_ratio: float
+    # The device page pool's own size: every KV byte the engine keeps on the device (sink, windows, clusters,
+    # questions' staged and own pages) is inside it. Equal to the device budget, rounded down to whole pages,
+    # except in full mode, whose pool doubles when it runs out.
+    device_pool_bytes: int = 0

@@ -96,6 +96,9 @@ def test_device_tier_stays_within_budget_and_clusters_spill_whole(tiny_model, bi
         residency = engine.tiering.residency
         assert residency.used_bytes(Tier.DEVICE) <= residency.capacity_bytes(Tier.DEVICE)
         residency.check_invariants()
+        pools = engine.tiering.tiers.pools  # every page in use is accounted for, and the pool is the budget
+        assert pools.device_pages.num_used * pools.page_bytes <= residency.used_bytes(Tier.DEVICE)
+        assert engine.stats().device_pool_bytes <= engine.config.device_budget_bytes
     assert engine.stats().clusters_by_tier["host"] > 0, "a tight budget must spill clusters to the host tier"
     # the oldest clusters were spilled first (LRU), so asking about the start must fetch from the host
     answer = engine.answer("cam", QUESTION, max_new_tokens=3, time_range=(0.0, 2.0))
