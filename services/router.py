@@ -340,7 +340,11 @@ def ray_init_options(config: ServiceConfig, **overrides) -> dict:
     if os.environ.get(RAY_AUTH_ENV, "").lower() not in ("", "token"):
         log.warning("%s=%s turns off Ray's token authentication", RAY_AUTH_ENV, os.environ[RAY_AUTH_ENV])
     dashboard = config.ray_dashboard
-    options: dict = {"num_cpus": config.ray_num_cpus or os.cpu_count(), "include_dashboard": dashboard}
+    num_cpus = config.ray_num_cpus or os.cpu_count()
+    # A whole float (the config's 8.0) reaches the raylet as --maximum_startup_concurrency=8.0 when the machine
+    # has more cores, which the raylet cannot parse: it exits at once and ray.init times out.
+    num_cpus = int(num_cpus) if float(num_cpus).is_integer() else num_cpus
+    options: dict = {"num_cpus": num_cpus, "include_dashboard": dashboard}
     if dashboard:
         options["dashboard_host"] = LOOPBACK
     if _is_loopback(config.host):
