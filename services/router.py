@@ -254,13 +254,17 @@ class MosaicServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._telemetry_task
         if self.watches is not None:
-            await self.watches.stop()  # open WatchEvents calls end with the server; polls stop first
+            await self.watches.stop_polls()  # the events a poll has taken are stored first
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
-        for worker in self._workers:
+        for index, worker in enumerate(self._workers):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(worker.shutdown.remote(), 10)
+            if self.watches is not None:
+                await self.watches.drain(index)  # events whose answers the shutdown cut short
             ray.kill(worker, no_restart=True)
+        if self.watches is not None:
+            await self.watches.close()
         if self._store_actor is not None:
             ray.kill(self._store_actor, no_restart=True)
         if self.coordinator is not None and self.coordinator.store is not None:

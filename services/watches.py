@@ -72,6 +72,7 @@ class WatchRegistry:
         self._followed: dict[str, int] = {}  # watch -> subscribers following it by name or as "all"
         self._follow_all = 0
         self._tasks: list[asyncio.Task] = []
+        self._stopping = False
         self._sync_lock = asyncio.Lock()
         self.webhooks = WebhookSender(
             config.webhook_allowed_urls,
@@ -92,12 +93,31 @@ class WatchRegistry:
         self._tasks = [asyncio.create_task(self._poll(i)) for i in range(len(self.coordinator.workers))]
         self._tasks.append(asyncio.create_task(self._reload_loop()))
 
-    async def stop(self) -> None:
+    async def stop_polls(self) -> None:
+        """Lets each worker poll finish the call it has out (events it took are stored, not lost), then stops."""
+        self._stopping = True
+        polls, reload = self._tasks[:-1], self._tasks[-1:]
+        for task in reload:
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*polls, return_exceptions=True), POLL_WAIT_S + SYNC_TIMEOUT_S)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    async def drain(self, index: int) -> None:
+        """Stores what a stopped worker still holds (events whose answers the shutdown cut short)."""
+        worker = self.coordinator.workers[index]
+        try:
+            report = await asyncio.wait_for(self.coordinator._call(index, worker.take_watch_events.remote(0.0)), 5.0)
+        except Exception as err:
+            log.warning("could not take worker %d's last watch events: %s", index, err)
+            return
+        await self._absorb(report)
+
+    async def close(self) -> None:
+        """Ends subscribers and webhook delivery (deliveries still queued are not sent)."""
         await self.webhooks.stop()
         async with self._new_event:
             self._new_event.notify_all()
@@ -178,7 +198,7 @@ class WatchRegistry:
     # -- events ---------------------------------------------------------------------------------------
     async def _poll(self, index: int) -> None:
         last_sync = time.monotonic()
-        while True:
+        while not self._stopping:
             worker = self.coordinator.workers[index]
             try:
                 report = await self.coordinator._call(index, worker.take_watch_events.remote(POLL_WAIT_S))
