@@ -126,3 +126,24 @@ def test_watch_answers_wait_for_interactive_questions(worker, bikes_frames):
     early = [e for e in events if e.sealed_unix_s < finished["at"]]
     assert early, "no cluster sealed while the question ran; make the question longer"
     assert all(e.fired_unix_s > finished["at"] for e in early)
+
+
+def test_a_shutdown_hands_over_every_event_it_cut_short(tiny_model, bikes_frames, tmp_path):
+    config = load_config(
+        None,
+        data_dir=str(tmp_path / "history"),
+        ingest_headroom=0.0,
+        ingest_queue_frames=64,
+        engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 128},
+    )
+    worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
+    worker.set_watches([_watch("all", ["cam"], max_answer_tokens=64)])  # long answers: most are still queued
+    _push(worker, "cam", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:16])])
+    evaluated = worker.watches.watermark_of("cam")
+    num_sealed = len([c for c in worker.loop.call(worker.engine.clusters, "cam") if c.end_s <= evaluated])
+    early = worker.take_watch_events(0.0).events
+    worker.shutdown()
+    late = worker.take_watch_events(0.0).events
+    assert len(early) + len(late) == num_sealed  # answered, or handed over with the reason it was not
+    assert any("shutting down" in e.answer_error for e in late)
