@@ -63,17 +63,12 @@ class IngestPlan:
         device = pools.device
         self.table = torch.from_numpy(table).to(device)
         self.kv_lens = torch.tensor(self.attended_tokens, dtype=torch.int32, device=device)
-        self.new_slots = torch.from_numpy(np.concatenate(new).astype(np.int64)).to(device)
+        self.new_index = pools.slot_index(np.concatenate(new))
 
     def attend(self, layer_idx, query, key, value, scale):
         batch, heads, tokens, head_dim = key.shape
-        rows = batch * tokens
-        self.pools.write_slots(
-            layer_idx,
-            self.new_slots,
-            key.transpose(1, 2).reshape(rows, heads, head_dim),
-            value.transpose(1, 2).reshape(rows, heads, head_dim),
-        )
+        kv = torch.stack([key, value], dim=2).transpose(1, 3)  # [B, T, 2, H, D]
+        self.pools.write_slots(layer_idx, self.new_index, kv.reshape(batch * tokens, 2, heads, head_dim))
         k_pages, v_pages = self.pools.layer_pages(layer_idx)
         return attend_paged(query, k_pages, v_pages, self.table, self.kv_lens, scale)
 
@@ -117,8 +112,8 @@ class QuestionPlan:
         room.hold(stream.past_pages())  # a frame leaving the window meanwhile keeps its page until the answer ends
         self.past_slots = stream.past_slots()
         question_fills = pages_for(capacity_tokens, pools.page_tokens)
-        self.question_slots_np = pools.slots(room.take(len(question_fills)), question_fills)
-        self.question_slots = torch.from_numpy(self.question_slots_np.astype(np.int64)).to(pools.device)
+        self.question_pages = room.take(len(question_fills))
+        self.question_slots_np = pools.slots(self.question_pages, question_fills)
         self.staging: list[int] = []  # device pages that staged units land in (each layer its own layer of them)
         num_layers = retriever.spec.num_layers
         self.selections: list[LayerSelection | None] = [None] * num_layers
@@ -140,8 +135,7 @@ class QuestionPlan:
         self.gathers[layer_idx] = NOTHING_PENDING  # waited for once; later decode steps need no wait
         end = self.filled_tokens + key.shape[2]
         assert end <= self.capacity_tokens, f"question plan capacity {self.capacity_tokens} tokens exceeded"
-        new_slots = self.question_slots[self.filled_tokens : end]
-        self.pools.write_slots(layer_idx, new_slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
+        self._write(layer_idx, torch.stack([key[0], value[0]]))
         k_pages, v_pages = self.pools.layer_pages(layer_idx)
         table = self.tables[layer_idx][:, : self.static_tokens[layer_idx] + end]
         out = attend_paged(query, k_pages, v_pages, table, None, scale)
@@ -149,6 +143,16 @@ class QuestionPlan:
             self.steps += 1
             self.filled_tokens = end
         return out
+
+    def _write(self, layer: int, kv: torch.Tensor) -> None:
+        """Writes the step's new KV ``[2, H, T, D]`` into the question's pages, which hold its tokens in order:
+        one slice copy per page the step touches (one for a decode step)."""
+        pt, start = self.pools.page_tokens, 0
+        while start < kv.shape[2]:
+            page, offset = divmod(self.filled_tokens + start, pt)
+            n = min(pt - offset, kv.shape[2] - start)
+            self.pools.write_run(layer, self.question_pages[page], offset, kv[:, :, start : start + n])
+            start += n
 
     def _choose(self, layer: int, query: torch.Tensor) -> None:
         anchor, last = self.retriever.prefetch_after_layer, len(self.selections) - 1

@@ -126,12 +126,21 @@ class PagePools:
         filled = np.arange(pt)[None, :] < np.asarray(fills)[:, None]
         return grid[filled].astype(np.int32)
 
-    def write_slots(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Stores new tokens' keys and values ``[N, H, D]`` of one layer at ``slots`` ``[N]`` (on the device)."""
-        pt = self.page_tokens
-        pages, offsets = slots // pt, slots % pt
-        self.device_pool[pages, layer, 0, :, offsets] = key.to(self.spec.dtype)
-        self.device_pool[pages, layer, 1, :, offsets] = value.to(self.spec.dtype)
+    def slot_index(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device index tensors (pages, offsets) of ``slots``, for ``write_slots``: built once per plan."""
+        index = torch.from_numpy(slots.astype(np.int64)).to(self.device)
+        return index // self.page_tokens, index % self.page_tokens
+
+    def write_slots(self, layer: int, index: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor) -> None:
+        """Stores new tokens' keys and values ``kv`` ``[N, 2, H, D]`` of one layer at the slots ``index``
+        (``slot_index``): one indexed write."""
+        pages, offsets = index
+        self.device_pool[pages, layer, :, :, offsets] = kv.to(self.spec.dtype)
+
+    def write_run(self, layer: int, page: int, offset: int, kv: torch.Tensor) -> None:
+        """Stores ``kv`` ``[2, H, n, D]`` (one layer of n consecutive tokens) at ``offset`` of one page: a plain
+        slice copy, cheaper to issue than an indexed write for a decode step's one token."""
+        self.device_pool[page, layer, :, :, offset : offset + kv.shape[2]] = kv
 
     def read_slots(self, layer: int, slots: np.ndarray) -> torch.Tensor:
         """A new tensor ``[2, H, N, D]`` with one layer of the tokens at ``slots``."""
