@@ -84,6 +84,7 @@ def run(args) -> dict:
         worker_gpus=1.0 if args.gpu else 0.0, model=args.model, redis_url=args.redis_url, ingest_headroom=0.0,
         device_budget_bytes=args.device_budget_mib * MIB, host_budget_bytes=args.host_budget_mib * MIB,
         ingest_queue_frames=64, max_batch_frames=32, telemetry_interval_s=1.0,
+        watch_answer_concurrency=args.answer_concurrency,
         engine={"target_tokens_per_frame": args.tokens_per_frame, "local_window_tokens": 4 * args.tokens_per_frame,
                 "retrieval_budget_tokens": 8 * args.tokens_per_frame},
     )  # fmt: skip
@@ -190,6 +191,7 @@ def table(result: dict) -> str:
     rows = [
         ("cameras x fps", f"{c['cameras']} x {c['fps']:g}"),
         ("watches (firing)", f"{c['watches']} ({c['firing']}, cooldown {c['cooldown_s']:g} s)"),
+        ("answers at once", f"{c.get('answer_concurrency', 1)}"),
         ("events received (answered)", f"{result['events']} ({result['answered']})"),
         ("seal to event p50 / p99", f"{result['seal_to_event_p50_s']:.2f} s / {result['seal_to_event_p99_s']:.2f} s"),
         ("sealed clusters scored", f"{result['sealed_clusters_scored']:.0f}"),
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-frame", type=int, default=None, help="default 16 quick, 128 otherwise")
     parser.add_argument("--pixel-step", type=int, default=None, help="keep every Nth pixel (default 4 quick)")
     parser.add_argument("--answer-tokens", type=int, default=8)
+    parser.add_argument("--answer-concurrency", type=int, default=1, help="watch answers a worker runs at once")
     parser.add_argument("--clip", default="bikes.mp4")
     parser.add_argument("--device-budget-mib", type=int, default=None)
     parser.add_argument("--host-budget-mib", type=int, default=None)

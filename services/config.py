@@ -111,6 +111,8 @@ class ServiceConfig(BaseModel):
     watch_default_cooldown_s: float = Field(60.0, ge=0)
     # Per worker: watch answers waiting for an idle engine, and fired events waiting for the router.
     watch_answer_queue_size: int = Field(64, ge=1)
+    # Watch answers a worker runs at once (each on its own camera), only while no question runs or waits.
+    watch_answer_concurrency: int = Field(1, ge=1)
     watch_outbox_size: int = Field(1000, ge=1)
     # An event whose answer has not run within this long fires without one (answer_error says why).
     watch_answer_timeout_s: float = Field(30.0, gt=0)

@@ -23,7 +23,8 @@ So a stream is held for at most ``max_hold_s`` plus one answer, then catches up 
 
 **Background answers** (a watch's short answer about a sealed cluster, ``submit_background``) wait in their own
 bounded queue and start only when no interactive question is running or waiting on this worker and the
-stream has no frames waiting; one runs at a time. Once started it is an ordinary, short, held question.
+stream has no frames waiting; ``max_background_running`` (1 by default) run at once, each on its own stream.
+Once started it is an ordinary, short, held question.
 After each ingest pass ``after_ingest(stream_ids)`` runs on this thread (watch evaluation).
 
 **Deadlines and cancellation** are checked before each step and while a question waits: an expired or
@@ -98,6 +99,7 @@ class EngineLoop:
         frames_per_stream_pass: frames each stream gives to one ingest pass.
         after_ingest: called on the engine thread with the ids of the streams of each ingest pass.
         max_background_jobs: background answers that may wait; ``submit_background`` refuses more.
+        max_background_running: background answers that may run at once (each on its own stream).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class EngineLoop:
         frames_per_stream_pass: int = DEFAULT_FRAMES_PER_STREAM_PASS,
         after_ingest=None,
         max_background_jobs: int = DEFAULT_MAX_BACKGROUND_JOBS,
+        max_background_running: int = 1,
     ) -> None:
         if max_questions_per_stream < 1 or frames_per_stream_pass < 1 or not max_hold_s >= 0:
             raise ValueError(
@@ -132,6 +135,7 @@ class EngineLoop:
         self.frames_per_stream_pass = frames_per_stream_pass
         self.after_ingest = after_ingest
         self.max_background_jobs = max_background_jobs
+        self.max_background_running = max_background_running
         self._background: deque[QuestionJob] = deque()
         self.stats = None  # latest EngineStats, refreshed every STATS_REFRESH_S
         self.last_ingested_s: dict[str, float] = {}  # stream -> timestamp of the newest ingested frame
@@ -309,24 +313,32 @@ class EngineLoop:
         return self._start_background(now) or started
 
     def _start_background(self, now: float) -> bool:
-        """Starts the oldest background answer when nothing interactive runs or waits (module doc)."""
-        if not self._background or self._pending_questions or self._questions:
+        """Starts background answers, oldest first, while nothing interactive runs or waits (module doc): at most
+        ``max_background_running`` at once, one per stream, on streams with no frames waiting."""
+        if not self._background or self._pending_questions or any(not j.low_priority for j in self._questions):
             return False
-        job = self._background[0]
-        if job.stream_id not in self.engine.streams:
-            self._background.popleft()
-            self._finish(job, QuestionCancelled(f"stream {job.stream_id!r} was deleted"))
-            return True
-        if job.cancelled.is_set() or now > job.deadline_s:
-            self._background.popleft()
-            self._step(job)  # ends it with its cancellation or deadline
-            return True
-        if self.queues.depth(job.stream_id) > 0:
-            return False  # its frames first; the loop comes back once they are in
-        self._background.popleft()
-        self._held_since.setdefault(job.stream_id, now)
-        self._questions.append(job)
-        return True
+        running = sum(1 for j in self._questions if j.low_priority)
+        busy = {j.stream_id for j in self._questions}
+        worked = False
+        for job in list(self._background):
+            if job.stream_id not in self.engine.streams:
+                self._background.remove(job)
+                self._finish(job, QuestionCancelled(f"stream {job.stream_id!r} was deleted"))
+            elif job.cancelled.is_set() or now > job.deadline_s:
+                self._background.remove(job)
+                self._step(job)  # ends it with its cancellation or deadline
+            elif running < self.max_background_running and job.stream_id not in busy:
+                if self.queues.depth(job.stream_id) > 0:
+                    continue  # its frames first; the loop comes back once they are in
+                self._background.remove(job)
+                self._held_since.setdefault(job.stream_id, now)
+                self._questions.append(job)
+                running += 1
+                busy.add(job.stream_id)
+            else:
+                continue
+            worked = True
+        return worked
 
     def _may_start(self, stream_id: str, now: float) -> bool:
         held_since = self._held_since.get(stream_id)

@@ -144,6 +144,7 @@ class WorkerCore:
             max_hold_s=config.max_question_hold_s,
             after_ingest=self._after_ingest,
             max_background_jobs=config.watch_answer_queue_size,
+            max_background_running=config.watch_answer_concurrency,
         )
         self.watches = WorkerWatches(
             self.engine,
