@@ -9,7 +9,7 @@ thread that appends one JSON line every ``MOSAIC_HEAP_INTERVAL_S`` seconds (defa
 
 ``traced_bytes`` is what Python's allocator holds (tensor storage is not in it); ``objects`` is the number of
 objects the garbage collector tracks; ``growth`` lists the ten source lines whose traced bytes grew most since
-the baseline snapshot, with the growth in bytes and in blocks. The baseline is the first snapshot taken at least
+the baseline, with the growth in bytes and in blocks. The baseline is the first sample taken at least
 ``MOSAIC_HEAP_BASELINE_S`` seconds (default 0) after start, so that a soak can leave its warm-up (imports, model
 load, filling the tiers) out; before it, ``growth`` is empty. tracemalloc slows allocation-heavy code, so this is
 for soaks, not for serving.
@@ -48,17 +48,27 @@ def start(role: str) -> Path | None:
     return path
 
 
-def sample_line(first: tracemalloc.Snapshot | None) -> tuple[dict, tracemalloc.Snapshot]:
-    """One record of the heap now, with growth against ``first`` (None: this snapshot becomes the first)."""
+def sample_line(baseline: dict[str, tuple[int, int]] | None) -> tuple[dict, dict[str, tuple[int, int]]]:
+    """One record of the heap now, with growth against ``baseline`` (None: this sample becomes the baseline).
+
+    The baseline is kept as bytes and blocks per source line, not as a snapshot: a snapshot holds every trace,
+    hundreds of MB in a loaded worker, which would show up in the very RSS the soak is watching.
+    """
     snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
-    first = first or snapshot
+    sites = {
+        f"{_short(stat.traceback[0].filename)}:{stat.traceback[0].lineno}": (stat.size, stat.count)
+        for stat in snapshot.statistics("lineno")
+    }
+    del snapshot
+    baseline = sites if baseline is None else baseline
     growth = [
-        [f"{_short(stat.traceback[0].filename)}:{stat.traceback[0].lineno}", stat.size_diff, stat.count_diff]
-        for stat in snapshot.compare_to(first, "lineno")[:TOP_SITES]
+        [site, size - baseline.get(site, (0, 0))[0], count - baseline.get(site, (0, 0))[1]]
+        for site, (size, count) in sites.items()
     ]
+    growth = sorted(growth, key=lambda g: -g[1])[:TOP_SITES]
     line = {"t": time.time(), "traced_bytes": tracemalloc.get_traced_memory()[0], "objects": len(gc.get_objects())}
     line["growth"] = growth
-    return line, first
+    return line, baseline
 
 
 def read_latest(directory: Path, role: str) -> dict | None:
@@ -75,9 +85,9 @@ def read_latest(directory: Path, role: str) -> dict | None:
 
 
 def _sample_forever(path: Path, interval_s: float, baseline_s: float) -> None:
-    first, start = None, time.monotonic()
+    baseline, start = None, time.monotonic()
     while True:
-        if first is None and time.monotonic() - start < baseline_s:
+        if baseline is None and time.monotonic() - start < baseline_s:
             line = {
                 "t": time.time(),
                 "traced_bytes": tracemalloc.get_traced_memory()[0],
@@ -85,7 +95,7 @@ def _sample_forever(path: Path, interval_s: float, baseline_s: float) -> None:
             }
             line["growth"] = []
         else:
-            line, first = sample_line(first)
+            line, baseline = sample_line(baseline)
         with path.open("a") as out:
             out.write(json.dumps(line) + "\n")
         time.sleep(interval_s)

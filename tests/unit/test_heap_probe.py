@@ -13,9 +13,9 @@ from services import heap_probe
 def test_growth_names_the_line_that_allocated():
     tracemalloc.start()
     try:
-        _, first = heap_probe.sample_line(None)
+        _, baseline = heap_probe.sample_line(None)
         kept = [bytes(1000) for _ in range(2000)]  # about 2 MB that stays alive
-        line, _ = heap_probe.sample_line(first)
+        line, _ = heap_probe.sample_line(baseline)
     finally:
         tracemalloc.stop()
     site, size, count = line["growth"][0]
