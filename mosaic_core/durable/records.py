@@ -77,6 +77,13 @@ def encode_cluster(kv: torch.Tensor, summary: ClusterSummary, *, page_tokens: in
 
 def decode_cluster(data: bytes, *, expect_checksum: str | None, name: str) -> tuple[torch.Tensor, ClusterSummary]:
     """``(kv [L, 2, H, n, D], summary)`` from a record file's bytes, checked against its checksum."""
+    pages, summary = decode_pages(data, expect_checksum=expect_checksum, name=name)
+    return from_pages(pages), summary
+
+
+def decode_pages(data: bytes, *, expect_checksum: str | None, name: str) -> tuple[torch.Tensor, ClusterSummary]:
+    """``(pages [P, L, 2, H, page_tokens, D], summary)`` from a record file's bytes, checked against its
+    checksum: the pages as stored, each one contiguous run, for the arena to copy page by page."""
     try:
         tensors = load(data)
     except Exception as err:  # safetensors raises its own error types for a truncated or garbled header
@@ -90,4 +97,4 @@ def decode_cluster(data: bytes, *, expect_checksum: str | None, name: str) -> tu
             f"cluster record {name} is corrupt: checksum {actual} does not match the manifest's {expect_checksum}"
         )
     summary = ClusterSummary(tensors["key_sum"], tensors["key_sumsq"], float(tensors["key_count"][0]))
-    return from_pages(tensors["pages"]), summary
+    return tensors["pages"], summary

@@ -41,7 +41,7 @@ from mosaic_core.durable.manifest import (
     replay,
     write_atomic,
 )
-from mosaic_core.durable.records import ClusterSummary, decode_cluster, encode_cluster
+from mosaic_core.durable.records import ClusterSummary, decode_cluster, decode_pages, encode_cluster, to_pages
 from mosaic_core.errors import AlreadyExistsError, UnknownClusterError
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,18 @@ class DurableStore:
         path = self.stream_dir(_stream_of(cluster_id)) / entry.file
         kv, _ = decode_cluster(path.read_bytes(), expect_checksum=entry.checksum, name=str(path))
         return kv
+
+    def read_pages(self, cluster_id: str) -> torch.Tensor:
+        """The cluster's record pages ``[P, L, 2, H, page_tokens, D]`` on the host (one page per frame), as its file
+        holds them (checked against the manifest's checksum), or made from its snapshot while pending."""
+        seal = self._pending.get(cluster_id)
+        if seal is not None:
+            if seal.ready is not None:
+                seal.ready.synchronize()
+            return to_pages(seal.kv, seal.page_tokens)
+        entry = self.entry(cluster_id)
+        path = self.stream_dir(_stream_of(cluster_id)) / entry.file
+        return decode_pages(path.read_bytes(), expect_checksum=entry.checksum, name=str(path))[0]
 
     def read_summary(self, cluster_id: str) -> ClusterSummary:
         entry = self.entry(cluster_id)

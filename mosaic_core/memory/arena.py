@@ -164,6 +164,15 @@ class PagePools:
             self.page(tier, page)[:, :, :, :fill].copy_(kv[:, :, :, start : start + fill])
             start += fill
 
+    def write_pages(self, tier: Tier, pages: list[int], stored: torch.Tensor) -> None:
+        """Stores whole pages ``stored`` ``[P, L, 2, H, page_tokens, D]`` (a record file's, say) into ``pages``."""
+        if tier is Tier.DEVICE:
+            index = torch.tensor(pages, device=self.device)
+            self.device_pool.index_copy_(0, index, stored.to(self.device, self.spec.dtype))
+            return
+        for page, data in zip(pages, stored, strict=True):
+            self.page(tier, page).copy_(data)
+
     def read(self, tier: Tier, pages: list[int], fills: list[int]) -> torch.Tensor:
         """A new tensor ``[L, 2, H, sum(fills), D]`` with the pages' tokens in order, where the pages live."""
         if tier is Tier.DEVICE:

@@ -316,6 +316,13 @@ class KVTiers:
             self._to_disk(cluster_id, kv)
             self._free_memory(record)
             self._kept.pop(cluster_id, None)
+        elif self._durable(cluster_id) and (stored := self.durable.read_pages(cluster_id)).shape[4] == self.page_tokens:
+            # The record's pages are the arena's size: each lands in one page as one contiguous run.
+            num_bytes = stored.numel() * stored.element_size()
+            record.fills = [self.page_tokens] * stored.shape[0]
+            pages = self._take(dst, record.num_pages)
+            self.pools.write_pages(dst, pages, stored)
+            self._set_pages(record, dst, pages)
         else:
             kv = self._read_disk(cluster_id)
             num_bytes = kv.numel() * kv.element_size()

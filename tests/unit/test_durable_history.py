@@ -53,6 +53,11 @@ def test_sealed_clusters_come_back_in_a_new_engine(tiny_model, bikes_frames, tmp
     earliest = min(before, key=lambda c: before[c][0])
     answer = second.answer("cam", "what happened first?", max_new_tokens=2, time_range=(0.0, before[earliest][1]))
     assert answer.evidence and {span.cluster_id for span in answer.evidence} <= set(before)
+    # Promotion after the answer brings retrieved clusters back from their records, page by page.
+    fetched = [cid for cid in before if second.tiering.tiers.tier_of(cid).name != "DISK"]
+    assert fetched, "the answer must have promoted a restored cluster out of the disk tier"
+    for cid in fetched:
+        assert _kv_crc(second.tiering.tiers.read(cid).cpu()) == kv_before[cid]
 
     # The clock and the ids continue: old timestamps are refused, new clusters get new numbers.
     with pytest.raises(Exception, match="not after"):
