@@ -31,9 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from services.bench_service_load import Load
@@ -80,22 +82,30 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
     time.sleep(args.warmup_s)
     load.take()  # the warm-up's answers and errors are not this step's
     ids = set(cameras)
+    stats_errors: Counter = Counter()
     with service.client() as client:
 
-        def stats():
-            return {s.stream_id: s.stats for s in client.list_streams() if s.stream_id in ids}
+        def stats() -> dict | None:
+            """Every camera's stats; None when the service does not answer (a step that then cannot pass)."""
+            try:
+                return {s.stream_id: s.stats for s in client.list_streams() if s.stream_id in ids}
+            except grpc.RpcError as err:
+                stats_errors[err.code().name] += 1
+                return None
 
-        before, t0 = stats(), time.monotonic()
+        samples, t0 = [stats()], time.monotonic()
         cpu0 = (cpu_seconds(service.server.pid), cpu_seconds(service.worker_pid()))
-        lags, gpu = [], []
+        gpu = []
         while time.monotonic() - t0 < args.measure_s:
             time.sleep(1.0)
-            now = stats()
-            lags += [s.lag_s for s in now.values()]
+            samples.append(stats())
             gpu.append(gpu_memory_used_mib())
-        after, elapsed = stats(), time.monotonic() - t0
+        elapsed = time.monotonic() - t0
         cpu1 = (cpu_seconds(service.server.pid), cpu_seconds(service.worker_pid()))
     answers, push_errors, question_errors, refused, dropped_in_calls = load.take()
+    answered = [sample for sample in samples if sample is not None]
+    lags = [s.lag_s for sample in answered[1:] for s in sample.values()]
+    before, after = (answered[0], answered[-1]) if answered else ({}, {})
     dropped = sum(after[s].frames_dropped - before.get(s, after[s]).frames_dropped for s in after)
     ingested = sum(after[s].frames_ingested - before.get(s, after[s]).frames_ingested for s in after)
     pulled = sum(1 for c in cameras if c.startswith("pull-"))
@@ -121,6 +131,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         dropped=max(dropped, dropped_in_calls),
         refused=refused,
         push_errors=dict(push_errors),
+        stats_errors=dict(stats_errors),
         questions=len(answers),
         question_errors=dict(question_errors),
         ttft_p50_ms=ms(percentile([a.ttft_s for a in answers], 50)),
@@ -220,7 +231,7 @@ def run_ramp(workdir: Path, args, on_step=None) -> dict:
     overrides = service_overrides(args, clip)
     service = LocalService(workdir, log_level=args.serve_log_level, **overrides)
     steps: list[StepResult] = []
-    load, start_s = None, None
+    load, start_s, log_tail = None, None, None
 
     def report() -> dict:
         passing = [s.cameras for s in steps if s.real_time]
@@ -231,6 +242,7 @@ def run_ramp(workdir: Path, args, on_step=None) -> dict:
             "decode_cost": decode_cost,
             "steps": [{**asdict(s), "real_time": s.real_time} for s in steps],
             "largest_real_time_cameras": max(passing, default=0),
+            "serve_log_tail": log_tail,  # kept when a step fails: the service's folder is deleted afterwards
         }
 
     try:
@@ -254,6 +266,9 @@ def run_ramp(workdir: Path, args, on_step=None) -> dict:
                 if on_step is not None:
                     on_step(report())
                 if not step.real_time:
+                    log_tail = service.log_tail(80)
+                    if on_step is not None:
+                        on_step(report())
                     break
     finally:
         if load is not None:
@@ -290,11 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pinned-host-gib", type=float, default=16.0, help="host tier pinned at start-up (GPU)")
     parser.add_argument("--ingest-headroom", type=float, default=0.0, help="admission's share; 0 admits all")
     parser.add_argument("--start-timeout-s", type=float, default=420.0)
-    # Ray bound to loopback (what a 127.0.0.1 host asks for) never registered its node on the lent GPU VM, while
-    # Ray on the VM's own address did; 0.0.0.0 lets the service run there.
+    # The one run that served on the lent GPU VM used 0.0.0.0 (Ray on the VM's own address); Ray bound to loopback
+    # has not run there since the float CPU count that stopped every raylet was fixed.
     parser.add_argument("--host", default="127.0.0.1", help="address mosaic serve binds (0.0.0.0: Ray unbound)")
-    # On the lent GPU VM the raylet never started under INFO, where mosaic serve redirects Ray's driver logging
-    # and starts Ray with configure_logging=False and log_to_driver=False; a plain ray.init started in 8 s.
+    # DEBUG puts Ray's own lines into the server's log, whose tail the report keeps when a step fails.
     parser.add_argument("--serve-log-level", default="INFO", choices=("DEBUG", "INFO"), help="mosaic serve's")
     parser.add_argument("--clip", default=None, help=f"video file (default: ${CLIP_ENV}, else bikes.mp4)")
     parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.txt")

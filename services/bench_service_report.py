@@ -27,6 +27,7 @@ class StepResult:
     dropped: int
     refused: int
     push_errors: dict[str, int]
+    stats_errors: dict[str, int]  # ListStreams calls the service did not answer
     questions: int
     question_errors: dict[str, int]
     ttft_p50_ms: float | None
@@ -43,7 +44,7 @@ class StepResult:
     @property
     def real_time(self) -> bool:
         arrived = self.ingested_fps >= MIN_INGESTED_SHARE * self.offered_fps
-        kept_up = self.lag_p99_s is not None and self.lag_p99_s < LAG_LIMIT_S
+        kept_up = self.lag_p99_s is not None and self.lag_p99_s < LAG_LIMIT_S and not self.stats_errors
         return arrived and kept_up and self.dropped == 0 and self.refused == 0
 
 
@@ -91,8 +92,8 @@ def table(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     cost = report["decode_cost"]
-    errors = {s["cameras"]: (s["push_errors"], s["question_errors"]) for s in report["steps"]}
-    errors = {n: e for n, e in errors.items() if e[0] or e[1]}
+    errors = {s["cameras"]: (s["push_errors"], s["question_errors"], s["stats_errors"]) for s in report["steps"]}
+    errors = {n: e for n, e in errors.items() if any(e)}
     lines += [
         f"largest real-time N (lag p99 < {LAG_LIMIT_S:.0f} s, no drops, >= {MIN_INGESTED_SHARE:.0%} of frames "
         f"ingested): {report['largest_real_time_cameras']}",
@@ -100,7 +101,7 @@ def table(report: dict) -> str:
         f"{report['args']['questions_per_s']:g}/s, service up after {report['start_s']:.0f} s",
         f"decode cost here: JPEG {1e3 * cost['jpeg_s']:.2f} ms, clip frame {1e3 * cost['video_s']:.2f} ms "
         f"({cost['frame_px']} px); decode cpu/s = fps x cameras x that cost",
-        f"client errors (push, question) by N: {errors or 'none'}",
+        f"client errors (push, question, ListStreams) by N: {errors or 'none'}",
     ]
     return "\n".join(lines)
 

@@ -10,12 +10,13 @@ from services.bench_service import camera_steps
 from services.bench_service_report import StepResult, table
 
 
-def _step(cameras=8, lag_p99_s=0.5, dropped=0, refused=0, ingested_fps=None) -> StepResult:
+def _step(cameras=8, lag_p99_s=0.5, dropped=0, refused=0, ingested_fps=None, stats_errors=None) -> StepResult:
     return StepResult(
         cameras=cameras, pulled=cameras // 2, pushed=cameras - cameras // 2, measure_s=30.0, offered_fps=cameras,
         ingested_fps=cameras if ingested_fps is None else ingested_fps, lag_p50_s=0.1, lag_p99_s=lag_p99_s,
         lag_max_s=lag_p99_s, dropped=dropped,
-        refused=refused, push_errors={}, questions=3, question_errors={}, ttft_p50_ms=40.0, ttft_p99_ms=90.0,
+        refused=refused, push_errors={}, stats_errors=stats_errors or {},
+        questions=3, question_errors={}, ttft_p50_ms=40.0, ttft_p99_ms=90.0,
         decode_ms_per_token=20.0, server_ttft_p50_ms=30.0, server_ttft_p99_ms=80.0, server_decode_ms_per_token=19.0,
         gpu_memory_used_mib=None, router_cpu_per_s=0.1, worker_cpu_per_s=0.9, decode_cpu_per_s=0.01,
     )  # fmt: skip
@@ -24,7 +25,8 @@ def _step(cameras=8, lag_p99_s=0.5, dropped=0, refused=0, ingested_fps=None) -> 
 @pytest.mark.parametrize(
     ("changes", "real_time"),
     [({}, True), ({"lag_p99_s": 1.99}, True), ({"lag_p99_s": 2.0}, False), ({"lag_p99_s": None}, False),
-     ({"dropped": 1}, False), ({"refused": 1}, False), ({"ingested_fps": 7.1}, False), ({"ingested_fps": 7.3}, True)],
+     ({"dropped": 1}, False), ({"refused": 1}, False), ({"ingested_fps": 7.1}, False), ({"ingested_fps": 7.3}, True),
+     ({"stats_errors": {"UNAVAILABLE": 1}}, False)],
 )  # fmt: skip
 def test_real_time_means_lag_p99_under_2_s_nothing_lost_and_the_frames_arriving(changes, real_time):
     assert _step(**changes).real_time is real_time
