@@ -11,7 +11,7 @@ step by step (``--cameras 32,64,...``). At each step it adds cameras up to N:
 
 while ``--question-clients`` clients ask ``--questions-per-s`` questions in all, each about one random camera.
 After ``--warmup-s`` it measures for ``--measure-s``: frames ingested per second, the lag of every camera
-(the wait of its oldest queued frame, read through ListStreams once a second), frames dropped or refused,
+(the wait of its oldest queued frame, read from /metrics once a second), frames dropped or refused,
 time to first token and decode ms/token as the client sees them through gRPC (and as the server reports
 them), GPU memory (nvidia-smi), and the CPU seconds per second of the router and the worker (from /proc).
 The CPU spent decoding video is the measured cost of one decode here times the frames each kind brings.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -32,10 +33,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from services.bench_service_load import Load
@@ -77,31 +77,63 @@ def ms(value: float | None) -> float | None:
     return None if value is None else 1e3 * value
 
 
+METRIC_LINE = re.compile(r"^(mosaic_\w+)\{([^}]*)\} (\S+)$", re.MULTILINE)
+STREAM_LABEL = re.compile(r'stream="([^"]*)"')
+
+
+@dataclass(slots=True)
+class StreamSample:
+    lag_s: float = 0.0
+    frames_ingested: float = 0.0
+    frames_dropped: float = 0.0
+
+
+def stream_samples(metrics_text: str, ids: set[str]) -> dict[str, StreamSample]:
+    """Each camera's lag and frame counters from the service's /metrics text (every reason of drop summed)."""
+    samples: dict[str, StreamSample] = {}
+    for name, labels, value in METRIC_LINE.findall(metrics_text):
+        stream = STREAM_LABEL.search(labels)
+        if stream is None or stream.group(1) not in ids:
+            continue
+        sample = samples.setdefault(stream.group(1), StreamSample())
+        if name == "mosaic_stream_lag_seconds":
+            sample.lag_s = float(value)
+        elif name == "mosaic_frames_ingested_total":
+            sample.frames_ingested = float(value)
+        elif name == "mosaic_frames_dropped_total":
+            sample.frames_dropped += float(value)
+    return samples
+
+
 def measure_step(service: LocalService, load: Load, cameras: list[str], args, decode_cost_s: dict) -> StepResult:
-    """Samples lag once a second for ``args.measure_s`` after the warm-up, and everything else as deltas."""
+    """Samples lag once a second for ``args.measure_s`` after the warm-up, and everything else as deltas.
+
+    Lag and frame counts come from /metrics, which the router keeps from the workers' telemetry, rather than from
+    ListStreams: that call asks the worker's engine thread once per stream, so under load it measures the engine's
+    queue more than the cameras (it went UNAVAILABLE at 32 cameras on the H200).
+    """
     time.sleep(args.warmup_s)
     load.take()  # the warm-up's answers and errors are not this step's
     ids = set(cameras)
     stats_errors: Counter = Counter()
-    with service.client() as client:
 
-        def stats() -> dict | None:
-            """Every camera's stats; None when the service does not answer (a step that then cannot pass)."""
-            try:
-                return {s.stream_id: s.stats for s in client.list_streams() if s.stream_id in ids}
-            except grpc.RpcError as err:
-                stats_errors[err.code().name] += 1
-                return None
+    def stats() -> dict[str, StreamSample] | None:
+        """Every camera's sample; None when the service does not answer (a step that then cannot pass)."""
+        text = service.metrics_text()
+        if not text:
+            stats_errors["METRICS_UNREADABLE"] += 1
+            return None
+        return stream_samples(text, ids)
 
-        samples, t0 = [stats()], time.monotonic()
-        cpu0 = (cpu_seconds(service.server.pid), cpu_seconds(service.worker_pid()))
-        gpu = []
-        while time.monotonic() - t0 < args.measure_s:
-            time.sleep(1.0)
-            samples.append(stats())
-            gpu.append(gpu_memory_used_mib())
-        elapsed = time.monotonic() - t0
-        cpu1 = (cpu_seconds(service.server.pid), cpu_seconds(service.worker_pid()))
+    samples, t0 = [stats()], time.monotonic()
+    cpu0 = (cpu_seconds(service.server.pid), cpu_seconds(service.worker_pid()))
+    gpu = []
+    while time.monotonic() - t0 < args.measure_s:
+        time.sleep(1.0)
+        samples.append(stats())
+        gpu.append(gpu_memory_used_mib())
+    elapsed = time.monotonic() - t0
+    cpu1 = (cpu_seconds(service.server.pid), cpu_seconds(service.worker_pid()))
     answers, push_errors, question_errors, refused, dropped_in_calls = load.take()
     answered = [sample for sample in samples if sample is not None]
     lags = [s.lag_s for sample in answered[1:] for s in sample.values()]
@@ -128,7 +160,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         lag_p50_s=percentile(lags, 50),
         lag_p99_s=percentile(lags, 99),
         lag_max_s=max(lags, default=None),
-        dropped=max(dropped, dropped_in_calls),
+        dropped=int(max(dropped, dropped_in_calls)),  # /metrics counters are floats
         refused=refused,
         push_errors=dict(push_errors),
         stats_errors=dict(stats_errors),
@@ -183,6 +215,7 @@ def service_overrides(args, clip: str) -> dict:
         "ingest_headroom": args.ingest_headroom,
         "redis_namespace": "bench",
         "host": args.host,
+        "max_stream_labels": max(args.cameras) + 8,  # every camera gets its own series in /metrics
         "ray_log_to_driver": args.serve_log_level == "DEBUG",
     }
     if args.quick:

@@ -27,7 +27,7 @@ class StepResult:
     dropped: int
     refused: int
     push_errors: dict[str, int]
-    stats_errors: dict[str, int]  # ListStreams calls the service did not answer
+    stats_errors: dict[str, int]  # samples of /metrics the service did not answer
     questions: int
     question_errors: dict[str, int]
     ttft_p50_ms: float | None
@@ -101,7 +101,7 @@ def table(report: dict) -> str:
         f"{report['args']['questions_per_s']:g}/s, service up after {report['start_s']:.0f} s",
         f"decode cost here: JPEG {1e3 * cost['jpeg_s']:.2f} ms, clip frame {1e3 * cost['video_s']:.2f} ms "
         f"({cost['frame_px']} px); decode cpu/s = fps x cameras x that cost",
-        f"client errors (push, question, ListStreams) by N: {errors or 'none'}",
+        f"client errors (push, question, /metrics) by N: {errors or 'none'}",
     ]
     return "\n".join(lines)
 

@@ -54,3 +54,28 @@ def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
     assert lines[1].split()[0] == "8" and lines[1].split()[-1] == "yes"
     assert lines[2].split()[0] == "16" and lines[2].split()[-1] == "no"
     assert "largest real-time N (lag p99 < 2 s, no drops, >= 90% of frames ingested): 8" in lines[3]
+
+
+def test_stream_samples_read_lag_and_counters_per_camera_from_metrics_text():
+    from services.bench_service import stream_samples
+
+    text = "\n".join(
+        [
+            "# HELP mosaic_stream_lag_seconds How far ingest trails.",
+            'mosaic_stream_lag_seconds{stream="push-001"} 0.75',
+            'mosaic_stream_lag_seconds{stream="other-cam"} 9.0',
+            'mosaic_frames_ingested_total{stream="push-001"} 12.0',
+            'mosaic_frames_dropped_total{reason="queue_full",stream="push-001"} 2.0',
+            'mosaic_frames_dropped_total{reason="decode_error",stream="push-001"} 1.0',
+            'mosaic_frames_ingested_total{stream="pull-000"} 5.0',
+            'mosaic_frames_received_total{stream="pull-000"} 7.0',
+        ]
+    )
+    samples = stream_samples(text, {"push-001", "pull-000"})
+    assert set(samples) == {"push-001", "pull-000"}
+    assert (samples["push-001"].lag_s, samples["push-001"].frames_ingested, samples["push-001"].frames_dropped) == (
+        0.75,
+        12.0,
+        3.0,
+    )
+    assert (samples["pull-000"].lag_s, samples["pull-000"].frames_ingested) == (0.0, 5.0)
