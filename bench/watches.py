@@ -78,7 +78,9 @@ def run(args) -> dict:
     from services.config import load_config
     from services.embedded import ServerThread
 
-    ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=args.verbose, configure_logging=False
+    )
     config = load_config(
         None, host="127.0.0.1", grpc_port=0, metrics_port=0, workers=args.workers, worker_cpus=0.5,
         worker_gpus=1.0 if args.gpu else 0.0, model=args.model, redis_url=args.redis_url, ingest_headroom=0.0,
@@ -134,10 +136,12 @@ def run(args) -> dict:
         call.cancel()
         metrics_text = _scrape(server.metrics_url)
         try:
-            lags = [s.stats.lag_s for s in client.list_streams()]
+            streams = client.list_streams()
+            lags = [s.stats.lag_s for s in streams]
+            ingested = sum(s.stats.frames_ingested for s in streams)
         except Exception as err:  # an overloaded worker may not answer in time: say so in the results
             print(f"watches bench: cannot list streams at the end: {err}", file=sys.stderr)
-            lags = [float("nan")]
+            lags, ingested = [float("nan")], -1
         client.close()
     finally:
         server.stop()
@@ -152,7 +156,7 @@ def run(args) -> dict:
         if s.name == "mosaic_watch_events_dropped_total"
     }
     return {
-        "config": vars(args),
+        "config": {k: v for k, v in vars(args).items() if k != "out"},  # no paths of this machine in results
         "events": len(received),
         "answered": sum(1 for _, e in received if e.answer),
         "seal_to_event_p50_s": _quantile(latencies, 0.5),
@@ -166,6 +170,8 @@ def run(args) -> dict:
         "evaluations_per_s": evaluations / args.duration_s,
         "events_per_s": len(received) / args.duration_s,
         "ingest_lag_max_s": max(lags, default=0.0),
+        "frames_sent_per_camera": sent,
+        "frames_ingested": ingested,
         "events_dropped": dropped,
     }
 
@@ -200,6 +206,7 @@ def table(result: dict) -> str:
                                       f"<= {result['score_per_sealed_cluster_p99_s_bucket'] * 1000:g} ms"),
         ("evaluations per s", f"{result['evaluations_per_s']:.1f}"),
         ("events per s", f"{result['events_per_s']:.2f}"),
+        ("frames ingested (sent)", f"{result['frames_ingested']} ({result['frames_sent_per_camera'] * c['cameras']})"),
         ("worst ingest lag at the end", f"{result['ingest_lag_max_s']:.2f} s"),
         ("events lost or unanswered", ", ".join(f"{k} {v:.0f}" for k, v in result["events_dropped"].items())),
     ]  # fmt: skip
@@ -226,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--answer-concurrency", type=int, default=1, help="watch answers a worker runs at once")
     parser.add_argument("--clip", default="bikes.mp4")
+    parser.add_argument("--verbose", action="store_true", help="show the workers' log lines")
     parser.add_argument("--device-budget-mib", type=int, default=None)
     parser.add_argument("--host-budget-mib", type=int, default=None)
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/watches-<kind>.json)")
