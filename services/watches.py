@@ -198,6 +198,7 @@ class WatchRegistry:
     # -- events ---------------------------------------------------------------------------------------
     async def _poll(self, index: int) -> None:
         last_sync = time.monotonic()
+        failures = 0  # polls failed in a row: the first is a warning, the rest debug lines
         while not self._stopping:
             worker = self.coordinator.workers[index]
             try:
@@ -205,14 +206,20 @@ class WatchRegistry:
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # a restarting worker: try again shortly, then re-send the watches
-                log.debug("watch poll of worker %d failed: %s", index, err)
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "watch poll of worker %d failed (retrying every %.0f s): %s", index, POLL_WAIT_S, err)
                 await asyncio.sleep(POLL_WAIT_S)
                 last_sync = 0.0
                 continue
-            await self._absorb(report)
-            if report.num_watches != len(self._records) or time.monotonic() - last_sync > RESYNC_INTERVAL_S:
-                await self.sync_workers([index])
-                last_sync = time.monotonic()
+            failures = 0
+            try:
+                await self._absorb(report)
+                if report.num_watches != len(self._records) or time.monotonic() - last_sync > RESYNC_INTERVAL_S:
+                    await self.sync_workers([index])
+                    last_sync = time.monotonic()
+            except Exception:  # a bug here must not end the poll: every later event of the worker would be lost
+                log.exception("handling worker %d's watch events failed", index)
 
     async def _absorb(self, report: WatchReport) -> None:
         self.metrics.evaluated(report.num_evaluations)
