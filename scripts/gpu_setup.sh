@@ -24,7 +24,9 @@
 # Sourcing unpacks the archive into .gpu/unpacked (once per archive; no network), puts its site/ and the repo
 # on PYTHONPATH and its bin/ on PATH, points the benches at the frames and the clip, and prints what the
 # machine has, so a run's log records it.
-set -euo pipefail
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then  # run (prepare): strict; sourced: leave the caller's shell options alone
+    set -euo pipefail
+fi
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LIMIT_BYTES=$((64 * 1024 * 1024))
 
