@@ -219,10 +219,14 @@ def run_soak(workdir: Path, args) -> tuple[list[Sample], dict[str, int], list | 
         host=args.host,
     )
     samples: list[Sample] = []
-    if args.heap:  # the service's processes inherit the environment and write their heap lines into workdir
-        os.environ[heap_probe.ENV_DIR] = str(workdir)
-        os.environ[heap_probe.ENV_INTERVAL] = str(min(args.sample_s, 30.0))
-        os.environ[heap_probe.ENV_BASELINE] = str(args.warmup_s)
+    heap_env = {  # the service's processes inherit the environment and write their heap lines into workdir
+        heap_probe.ENV_DIR: str(workdir),
+        heap_probe.ENV_INTERVAL: str(min(args.sample_s, 30.0)),
+        heap_probe.ENV_BASELINE: str(args.warmup_s),
+    }
+    saved_env = {name: os.environ.get(name) for name in heap_env}
+    if args.heap:
+        os.environ.update(heap_env)
     try:
         _status(f"starting redis-server and mosaic serve ({args.model}, one {'GPU' if args.gpu else 'CPU'} worker)")
         service.start_redis()
@@ -246,6 +250,11 @@ def run_soak(workdir: Path, args) -> tuple[list[Sample], dict[str, int], list | 
         return samples, dict(load.errors), None if worker_heap is None else worker_heap["growth"]
     finally:
         service.stop()
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def parse_duration(text: str) -> float:
@@ -287,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(samples, warmup_s))
     print(f"client errors: {errors or 'none'}")
     if heap_growth is not None:
-        print("worker heap, source lines that grew most since its first snapshot (bytes, blocks):")
+        print("worker heap, source lines that grew most after the warm-up (bytes, blocks):")
         print("\n".join(f"  {size:>+12,} {count:>+8,}  {site}" for site, size, count in heap_growth))
     if args.json:
         Path(args.json).write_text(

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import threading
 import time
 import tracemalloc
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 ENV_DIR = "MOSAIC_HEAP_DIR"
 ENV_INTERVAL = "MOSAIC_HEAP_INTERVAL_S"
 ENV_BASELINE = "MOSAIC_HEAP_BASELINE_S"
@@ -87,17 +89,16 @@ def read_latest(directory: Path, role: str) -> dict | None:
 def _sample_forever(path: Path, interval_s: float, baseline_s: float) -> None:
     baseline, start = None, time.monotonic()
     while True:
-        if baseline is None and time.monotonic() - start < baseline_s:
-            line = {
-                "t": time.time(),
-                "traced_bytes": tracemalloc.get_traced_memory()[0],
-                "objects": len(gc.get_objects()),
-            }
-            line["growth"] = []
-        else:
-            line, baseline = sample_line(baseline)
-        with path.open("a") as out:
-            out.write(json.dumps(line) + "\n")
+        try:
+            if baseline is None and time.monotonic() - start < baseline_s:
+                line = {"t": time.time(), "traced_bytes": tracemalloc.get_traced_memory()[0]}
+                line |= {"objects": len(gc.get_objects()), "growth": []}
+            else:
+                line, baseline = sample_line(baseline)
+            with path.open("a") as out:
+                out.write(json.dumps(line) + "\n")
+        except Exception:  # a full disk or a removed folder must not end the sampling for good
+            log.warning("heap sample for %s failed; trying again in %.0f s", path, interval_s, exc_info=True)
         time.sleep(interval_s)
 
 
