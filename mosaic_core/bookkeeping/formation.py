@@ -38,6 +38,10 @@ class FormationConfig:
         max_tokens: size cap of one cluster, in visual tokens.
         max_gap_s: a frame later than this after the cluster's last frame starts a new cluster.
         min_frames_before_split: a cluster with fewer frames takes the next frame even if it is dissimilar.
+        join_min_similarity: recurring-scene joins. When a sealed cluster is complete, it joins the earlier held
+            cluster of its stream whose vision centroid is the most similar, if that cosine is at least this and
+            the two fit in ``max_tokens``; its evidence is then a list of spans. None (the default) never joins.
+        join_max_candidates: how many of the newest earlier clusters a completed cluster is compared with.
     """
 
     min_similarity: float = 0.85
@@ -45,6 +49,8 @@ class FormationConfig:
     max_tokens: int = 2048
     max_gap_s: float = 5.0
     min_frames_before_split: int = 1
+    join_min_similarity: float | None = None
+    join_max_candidates: int = 64
 
     def __post_init__(self) -> None:
         for name in ("min_similarity", "min_cohesion"):
@@ -58,6 +64,12 @@ class FormationConfig:
         if not _is_int(self.min_frames_before_split) or self.min_frames_before_split < 1:
             value = self.min_frames_before_split
             raise ConfigError(f"FormationConfig.min_frames_before_split must be an int >= 1, got {value!r}")
+        join = self.join_min_similarity
+        if join is not None and not (isinstance(join, int | float) and -1.0 <= join <= 1.0):
+            raise ConfigError(f"FormationConfig.join_min_similarity must be None or a cosine in [-1, 1], got {join!r}")
+        if not _is_int(self.join_max_candidates) or self.join_max_candidates < 1:
+            value = self.join_max_candidates
+            raise ConfigError(f"FormationConfig.join_max_candidates must be an int >= 1, got {value!r}")
 
 
 @dataclass(slots=True)
@@ -91,6 +103,17 @@ class ClusterRecord:
     def duration_s(self) -> float:
         return self.end_s - self.start_s
 
+    def spans(self) -> list[tuple[float, float]]:
+        """``(start_s, end_s)`` of each run of consecutive frames, earliest first: one span, unless recurring-scene
+        joins made the cluster out of several visits to the scene."""
+        runs: list[tuple[int, float, float]] = []  # (last frame of the run, start_s, end_s)
+        for frame, timestamp_s in sorted(zip(self.frame_indices, self.frame_timestamps_s, strict=True)):
+            if runs and frame == runs[-1][0] + 1:
+                runs[-1] = (frame, runs[-1][1], timestamp_s)
+            else:
+                runs.append((frame, timestamp_s, timestamp_s))
+        return [(start_s, end_s) for _, start_s, end_s in runs] or [(self.start_s, self.end_s)]
+
     def copy(self) -> ClusterRecord:
         return dataclasses.replace(
             self,
@@ -101,16 +124,16 @@ class ClusterRecord:
 
 
 class ClusterFormer:
-    """Groups one stream's frames into clusters and keeps their records in temporal order.
+    """Groups one stream's frames into clusters and keeps their records in order of their first frames.
 
     Cluster ids are ``f"{stream_id}/c{n:06d}"`` from one counter per stream, never reused, including the ids
-    of clusters made by ``merge_records`` and ``split_record``.
+    of clusters made by ``merge_records``, ``join_records`` and ``split_record``.
     """
 
     def __init__(self, stream_id: str, config: FormationConfig | None = None) -> None:
         self.stream_id = stream_id
         self.config = config if config is not None else FormationConfig()
-        self._records: list[ClusterRecord] = []  # temporal order; only the last one may be open
+        self._records: list[ClusterRecord] = []  # by first frame; only the last one may be open
         self._next_number = 0
         self._last_frame_index: int | None = None
         self._last_timestamp_s: float | None = None
@@ -203,7 +226,7 @@ class ClusterFormer:
     # -- queries ------------------------------------------------------------------------------------------
 
     def records(self) -> list[ClusterRecord]:
-        """Copies of every record, in temporal order (the open cluster, if any, last)."""
+        """Copies of every record, in order of their first frames (the open cluster, if any, last)."""
         return [record.copy() for record in self._records]
 
     def open_cluster(self) -> ClusterRecord | None:
@@ -247,6 +270,44 @@ class ClusterFormer:
         self._records[pos_a : pos_b + 1] = [merged]
         return merged.copy()
 
+    def join_records(self, earlier: ClusterRecord, later: ClusterRecord) -> ClusterRecord:
+        """Replace two sealed clusters, every frame of ``earlier`` before every frame of ``later`` but not
+        necessarily adjacent (a scene that recurs), by one with a new id, placed where ``earlier`` was.
+
+        The joined record lists ``earlier``'s frames, then ``later``'s: the order its KV must be stored in.
+
+        Raises:
+            UnknownClusterError: either is no longer a record of this stream.
+            StateError: either is still open.
+            InvalidArgumentError: the frames are not in that order, or the result exceeds ``config.max_tokens``.
+        """
+        pos_a, pos_b = self._sealed_position(earlier.cluster_id), self._sealed_position(later.cluster_id)
+        first, second = self._records[pos_a], self._records[pos_b]
+        if pos_a == pos_b or max(first.frame_indices) >= min(second.frame_indices):
+            raise InvalidArgumentError(
+                f"cannot join {earlier.cluster_id!r} and {later.cluster_id!r}: the first's frames must all come first"
+            )
+        num_tokens = first.num_tokens + second.num_tokens
+        if num_tokens > self.config.max_tokens:
+            raise InvalidArgumentError(
+                f"joining {earlier.cluster_id!r} and {later.cluster_id!r} gives {num_tokens} tokens,"
+                f" over max_tokens={self.config.max_tokens}"
+            )
+        joined = ClusterRecord(
+            cluster_id=self._take_id(),
+            stream_id=self.stream_id,
+            frame_indices=first.frame_indices + second.frame_indices,
+            start_s=first.start_s,
+            end_s=second.end_s,
+            num_tokens=num_tokens,
+            sealed=True,
+            frame_timestamps_s=first.frame_timestamps_s + second.frame_timestamps_s,
+            frame_num_tokens=first.frame_num_tokens + second.frame_num_tokens,
+        )
+        self._records[pos_a] = joined
+        del self._records[pos_b]
+        return joined.copy()
+
     def split_record(self, rec: ClusterRecord, at_frame_index: int) -> tuple[ClusterRecord, ClusterRecord]:
         """Replace a sealed cluster by two: frames before ``at_frame_index``, and from it on; new ids.
 
@@ -289,24 +350,29 @@ class ClusterFormer:
         last_frame_index: int | None,
         last_timestamp_s: float | None,
     ) -> None:
-        """Takes back a restarted stream's sealed clusters (temporal order) and continues after them: ids from
-        ``next_number`` on, frames after ``last_frame_index`` and ``last_timestamp_s``.
+        """Takes back a restarted stream's sealed clusters (in order of their first frames) and continues after
+        them: ids from ``next_number`` on, frames after ``last_frame_index`` and ``last_timestamp_s``.
 
         Raises:
             StateError: the stream already has clusters.
-            InvalidArgumentError: a record is open, out of order, or numbered at or past ``next_number``.
+            InvalidArgumentError: a record is open, out of start order, shares a frame with another, or is
+                numbered at or past ``next_number``. (Joined clusters span the clusters between their visits, so
+                records are ordered by start, and they may overlap in time but never share a frame.)
         """
         if self._records:
             raise StateError(f"stream {self.stream_id!r} already has clusters; adopt only into a new former")
-        previous_end = float("-inf")
+        previous_start = float("-inf")
+        seen: set[int] = set()
         for record in records:
             number = int(record.cluster_id.rsplit("/c", 1)[1])
-            if not record.sealed or record.start_s < previous_end or number >= next_number:
+            frames = set(record.frame_indices)
+            if not record.sealed or record.start_s < previous_start or frames & seen or number >= next_number:
                 raise InvalidArgumentError(
-                    f"cannot adopt {record.cluster_id!r}: it must be sealed, after the cluster before it and "
-                    f"numbered below {next_number}"
+                    f"cannot adopt {record.cluster_id!r}: it must be sealed, start after the cluster before it, "
+                    f"share no frame with another and be numbered below {next_number}"
                 )
-            previous_end = record.end_s
+            previous_start = record.start_s
+            seen |= frames
         self._records = [record.copy() for record in records]
         self._next_number = next_number
         self._last_frame_index = last_frame_index

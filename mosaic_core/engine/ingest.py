@@ -17,6 +17,7 @@ import torch
 
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.engine.maintenance import join_recurring, note_frame
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import FrameInput, IngestResult
@@ -200,6 +201,7 @@ def _place_frame(
     if parts.history is not None and not decision.join:
         parts.history.ensure_ids(state)
     state.open_embeds = [*state.open_embeds, summary] if decision.join else [summary]
+    note_frame(parts, state, record.cluster_id, summary)  # recurring-scene joins (off unless configured)
     slots = parts.tiering.tiers.pools.slots(pages, fills)
     state.push_local(LocalFrame(state.frames_ingested, record.cluster_id, frame.timestamp_s, pages, fills, slots))
     state.frames_ingested += 1
@@ -226,6 +228,7 @@ def _store_in_cluster(parts: EngineParts, state: StreamState, frame: LocalFrame)
     state.summaries.add(frame.cluster_id, keys)
     if parts.history is not None:
         parts.history.on_stored(state, frame.cluster_id, frame.frame_index)
+    join_recurring(parts, state, frame.cluster_id, frame.frame_index)
 
 
 def flush_window(parts: EngineParts, state: StreamState) -> None:

@@ -1,20 +1,26 @@
-"""Query-driven cluster maintenance: merge neighbours that questions keep retrieving together.
+"""Cluster maintenance after formation: merge neighbours that questions keep retrieving together, and join a
+completed cluster with an earlier visit to the same scene.
 
-Visual coherence decides clusters as frames arrive; questions then reveal which neighbours belong together
-semantically. Merging them means one summary to score and one copy to fetch where there were two.
+Visual coherence decides clusters as frames arrive, one open cluster at a time; questions then reveal which
+neighbours belong together semantically, and a scene the camera returns to shows itself when a completed cluster
+looks like an earlier one. Merging or joining means one summary to score and one unit to fetch where there were
+two.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mosaic_core.bookkeeping.formation import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.parts import EngineParts
+from mosaic_core.engine.recurrence import centroids_of
 from mosaic_core.engine.stream import StreamState
 
 
 def mergeable_clusters(parts: EngineParts, state: StreamState) -> list[str]:
-    """Sealed clusters whose frames have all left the local window, in temporal order."""
+    """Sealed clusters whose frames have all left the local window, in order of their first frames."""
     in_window = state.local_cluster_ids()
     residency = parts.tiering.residency
     return [
@@ -31,7 +37,14 @@ def apply_merges(parts: EngineParts, state: StreamState, retrieved: list[str]) -
     tracker.set_neighbours(state.stream_id, ordered)
     tracker.observe(state.stream_id, [cid for cid in retrieved if cid in set(ordered)])
     residency = parts.tiering.residency
-    sizes = {cid: state.summaries.count(cid) for cid in ordered if not residency.record(cid).pinned}
+    # A joined cluster spans the clusters between its visits: merging it with a neighbour would interleave their
+    # frames, so a multi-span cluster takes no part in merges.
+    records = state.records()
+    sizes = {
+        cid: state.summaries.count(cid)
+        for cid in ordered
+        if not residency.record(cid).pinned and len(records[cid].spans()) == 1
+    }
     proposals = tracker.proposals(
         max_tokens=config.formation.max_tokens,
         cluster_tokens=sizes,
@@ -47,16 +60,78 @@ def apply_merges(parts: EngineParts, state: StreamState, retrieved: list[str]) -
 
 def merge_clusters(parts: EngineParts, state: StreamState, left_id: str, right_id: str) -> str:
     """Replaces two adjacent sealed clusters by one, placed in the hotter of their two tiers."""
-    tiering = parts.tiering
-    prefer = min(tiering.residency.tier_of(left_id), tiering.residency.tier_of(right_id))
-    device = parts.model.device
-    kv = torch.cat([tiering.tiers.read(left_id).to(device), tiering.tiers.read(right_id).to(device)], dim=3)
+    kv = _read_both(parts, left_id, right_id)
     record = state.former.merge_records(state.former.get(left_id), state.former.get(right_id))
-    for cluster_id in (left_id, right_id):
+    _replace(parts, state, [left_id, right_id], record, kv)
+    return record.cluster_id
+
+
+def note_frame(parts: EngineParts, state: StreamState, cluster_id: str, summary: torch.Tensor) -> None:
+    """A frame joined ``cluster_id``: keep its vision summary for recurring-scene joins (only when they are on)."""
+    if _joins_on(parts):
+        centroids_of(state).add(cluster_id, summary)
+
+
+def join_recurring(parts: EngineParts, state: StreamState, cluster_id: str, frame_index: int) -> str | None:
+    """Frame ``frame_index`` left the local window into ``cluster_id``. If that completed a sealed cluster, joins
+    it with the most similar earlier cluster of the stream that is held, complete, unpinned and small enough, when
+    their vision centroids' cosine reaches ``formation.join_min_similarity``. Returns the joined cluster's id."""
+    if not _joins_on(parts):
+        return None
+    record = state.former.get(cluster_id)
+    if not record.sealed or frame_index != record.frame_indices[-1]:
+        return None
+    formation, residency, centroids = parts.config.formation, parts.tiering.residency, centroids_of(state)
+    records = state.former.records()
+    centroids.keep_only({r.cluster_id for r in records})
+    if cluster_id not in centroids or residency.record(cluster_id).pinned:
+        return None
+    in_window = state.local_cluster_ids()
+    candidates = [
+        r
+        for r in records
+        if r.sealed
+        and r.cluster_id != cluster_id
+        and r.cluster_id in centroids
+        and r.cluster_id in residency
+        and r.cluster_id not in in_window
+        and not residency.record(r.cluster_id).pinned
+        and r.num_tokens + record.num_tokens <= formation.max_tokens
+        and max(r.frame_indices) < record.frame_indices[0]
+    ][-formation.join_max_candidates :]
+    if not candidates:
+        return None
+    similarities = centroids.similarities(cluster_id, [r.cluster_id for r in candidates])
+    best = max(range(len(candidates)), key=similarities.__getitem__)
+    if similarities[best] < formation.join_min_similarity:
+        return None
+    earlier = candidates[best]
+    kv = _read_both(parts, earlier.cluster_id, cluster_id)
+    joined = state.former.join_records(earlier, record)
+    _replace(parts, state, [earlier.cluster_id, cluster_id], joined, kv)
+    return joined.cluster_id
+
+
+def _joins_on(parts: EngineParts) -> bool:
+    return parts.config.formation.join_min_similarity is not None and parts.config.mode is RetrievalMode.CLUSTER
+
+
+def _read_both(parts: EngineParts, first_id: str, second_id: str) -> torch.Tensor:
+    """The two clusters' KV, in this order, on the device: ``[L, 2, H, n1 + n2, D]``."""
+    tiers, device = parts.tiering.tiers, parts.model.device
+    return torch.cat([tiers.read(first_id).to(device), tiers.read(second_id).to(device)], dim=3)
+
+
+def _replace(parts: EngineParts, state: StreamState, old_ids: list[str], record: ClusterRecord, kv) -> None:
+    """Stores ``record``'s KV in the hotter of ``old_ids``' tiers and retires them everywhere: tiers, summaries,
+    the co-retrieval tracker, vision centroids and durable history (one journal line)."""
+    tiering = parts.tiering
+    prefer = min(tiering.residency.tier_of(cid) for cid in old_ids)
+    for cluster_id in old_ids:
         tiering.remove(cluster_id)
         parts.tracker.forget(cluster_id)
     tiering.admit(record.cluster_id, state.stream_id, kv, prefer=Tier(prefer))
-    state.summaries.merge(left_id, right_id, record.cluster_id)
+    state.summaries.merge(old_ids[0], old_ids[1], record.cluster_id)
+    centroids_of(state).combine(old_ids, record.cluster_id)
     if parts.history is not None:
-        parts.history.on_merge(state, record.cluster_id, [left_id, right_id])
-    return record.cluster_id
+        parts.history.on_merge(state, record.cluster_id, old_ids)

@@ -51,6 +51,9 @@ class ProbeRequest:
     Attributes:
         span: frames ``(first, last)`` (inclusive, stream frame indices) the planted queries point at; None
             keeps the question's own queries.
+        recurs_at: further ``(first, last)`` spans the same queries point at, as one probe: the other visits of
+            a recurring scene. The planted direction is the mean key of every span's tokens together, and "found"
+            is the share of all their tokens retrieved.
         sweep_scorers: other scorers to evaluate on the same queries and the same units (they do not change
             what the engine retrieves): their choices are scored offline with the same recall and span metrics.
         margin: nats by which the span's keys out-score the average key, beyond its size.
@@ -64,6 +67,7 @@ class ProbeRequest:
     """
 
     span: tuple[int, int] | None = None
+    recurs_at: tuple[tuple[int, int], ...] = ()
     sweep_scorers: tuple[str, ...] = ()
     sweep_budgets: tuple[int, ...] = ()
     margin: float = 4.0
@@ -90,12 +94,12 @@ def active_request() -> ProbeRequest | None:
     return _ACTIVE.get()
 
 
-def span_token_ranges(stream: StreamState, candidates: list[str], span: tuple[int, int]) -> list[list[range]]:
-    """Per candidate, the token ranges of its stored KV that belong to frames ``span`` (inclusive).
+def span_token_ranges(stream: StreamState, candidates: list[str], spans: list[tuple[int, int]]) -> list[list[range]]:
+    """Per candidate, the token ranges of its stored KV that belong to the frames of ``spans`` (inclusive).
 
-    A unit stores its frames in order, as they left the local window; frames still in the window are not stored.
+    A unit stores its frames in the order its record lists them (as they left the local window, then joined);
+    frames still in the window are not stored.
     """
-    first, last = span
     records = stream.records()
     out = []
     for cluster_id in candidates:
@@ -104,7 +108,7 @@ def span_token_ranges(stream: StreamState, candidates: list[str], span: tuple[in
         for frame, num_tokens in zip(record.frame_indices, record.frame_num_tokens, strict=True):
             if offset + num_tokens > stored:
                 break
-            if first <= frame <= last:
+            if any(first <= frame <= last for first, last in spans):
                 ranges.append(range(offset, offset + num_tokens))
             offset += num_tokens
         out.append(ranges)
@@ -117,10 +121,11 @@ class QueryPlanter:
     def __init__(self, stream: StreamState, tiering, candidates: list[str], spec: KVSpec, request: ProbeRequest):
         assert request.span is not None, "a planter needs a span"
         self.spec = spec
-        self.ranges = span_token_ranges(stream, candidates, request.span)
+        self.ranges = span_token_ranges(stream, candidates, [request.span, *request.recurs_at])
         self.span_tokens = sum(len(r) for ranges in self.ranges for r in ranges)
         if self.span_tokens == 0:
-            raise ValueError(f"span {request.span} has no stored tokens among the question's candidates")
+            spans = [request.span, *request.recurs_at]
+            raise ValueError(f"spans {spans} have no stored tokens among the question's candidates")
         self.margin = request.margin
         self._span_units = [(cid, ranges) for cid, ranges in zip(candidates, self.ranges, strict=True) if ranges]
         self._tiering = tiering

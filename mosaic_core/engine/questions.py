@@ -223,17 +223,19 @@ def _evidence(state: StreamState, plan: QuestionPlan, limit: int) -> list[Eviden
                 mass[cluster_id] += probabilities.get(cluster_id, 0.0)
     records = state.records()
     ranked = sorted(mass.items(), key=lambda item: (-item[1], item[0]))[:limit]
+    # A cluster that joined a recurring scene is several spans: one EvidenceSpan each, sharing id, score and rank.
     return [
         EvidenceSpan(
             stream_id=state.stream_id,
             cluster_id=cluster_id,
-            start_s=records[cluster_id].start_s,
-            end_s=records[cluster_id].end_s,
+            start_s=start_s,
+            end_s=end_s,
             score=score / max(1, num_scored),
             rank=rank,
         )
         for rank, (cluster_id, score) in enumerate(ranked, start=1)
         if cluster_id in records
+        for start_s, end_s in records[cluster_id].spans()
     ]
 
 
