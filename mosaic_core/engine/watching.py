@@ -100,7 +100,8 @@ def question_queries(
         with torch.inference_mode():
             model.forward(input_ids=torch.tensor(padded, device=model.device), position_ids=positions, plan=plan)
         stacked = torch.stack([plan.queries[layer] for layer in layers], dim=1)  # [B, len(layers), Hq, T, D]
-        out += [stacked[b, :, :, : len(row)] for b, row in enumerate(ids)]
+        # A slice of ``stacked`` would keep the whole batch alive in the scorer's cache: copy each row out.
+        out += [stacked[b, :, :, : len(row)].clone(memory_format=torch.contiguous_format) for b, row in enumerate(ids)]
     return out, cursor
 
 
@@ -168,7 +169,7 @@ class WatchScorer:
 
     def _drop(self, key: tuple[str, str]) -> None:
         queries, _ = self._queries.pop(key)
-        self.cache_bytes -= queries.numel() * queries.element_size()
+        self.cache_bytes -= queries.untyped_storage().nbytes()
 
     def score(self, stream_id: str, cluster_ids: Sequence[str], questions: Sequence[str]) -> list[WatchScore]:
         """Lift of every ``(question, cluster)`` pair, questions outer; clusters must hold KV on the stream."""
@@ -225,7 +226,7 @@ class WatchScorer:
     def _remember(self, key: tuple[str, str], queries: torch.Tensor, at: int) -> None:
         if key in self._queries:
             self._drop(key)
-        size = queries.numel() * queries.element_size()
+        size = queries.untyped_storage().nbytes()  # what the entry keeps alive, not what it shows
         while self._queries and self.cache_bytes + size > self.max_cache_bytes:
             self._drop(next(iter(self._queries)))  # least recently used first
         if size <= self.max_cache_bytes:

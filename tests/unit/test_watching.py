@@ -84,6 +84,12 @@ def test_scored_layers_and_the_cache_bound(engine):
     scorer.score("cam", ids, ["A?"])
     assert (scorer.num_prefills, scorer.cache_bytes) == (2, 0)
     roomy = WatchScorer(engine)
+    roomy.score("cam", ids, ["A?", "Is a long question padded in its batch?"])
+    # Each cached entry keeps only its own row alive, not the batch it was prefilled in.
+    kept = [q.untyped_storage().nbytes() for q, _ in roomy._queries.values()]
+    assert kept == [q.numel() * q.element_size() for q, _ in roomy._queries.values()]
+    assert roomy.cache_bytes == sum(kept)
+    roomy = WatchScorer(engine)
     roomy.score("cam", ids, ["A?", "B?"])
     per_question = roomy.cache_bytes // 2
     small = WatchScorer(engine, max_cache_bytes=per_question + 1)  # room for one question's queries
