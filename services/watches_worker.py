@@ -10,8 +10,9 @@ the router calls through Ray.
   durable state, so a restart neither re-evaluates old history nor skips what sealed while it was down.
 - **Scoring.** All new sealed clusters of a stream against all its watches in one batched pass
   (``mosaic_core.engine.watching.WatchScorer``).
-- **Filters.** Above its threshold, a watch fires unless the cluster starts outside its active hours, or
-  within ``cooldown_s`` (stream clock) of the end of that watch's previous event on the stream.
+- **Filters.** Above its threshold, a watch fires unless the cluster starts outside its active hours (its
+  start on the stream clock plus the stream's clock epoch: 0 for pushed cameras, whose clock is Unix time, the
+  wall-clock time at which a pulled source's clock read 0), or within ``cooldown_s`` (stream clock) of the end of that watch's previous event on the stream.
 - **Answer.** A short low-priority answer over the cluster's span widened by ``context_s`` on each side
   (``EngineLoop.submit_background``). If it cannot run (queue full, deadline) the event still fires with
   ``answer_error`` saying why.
@@ -43,6 +44,7 @@ class WorkerWatches:
         engine: the worker's engine.
         loop: its engine loop (for background answers).
         retention_s: returns a stream's retention (0 keeps everything).
+        clock_epoch_unix: returns the Unix time at which a stream's clock read 0 (0.0 for a Unix clock).
         max_outbox: fired events kept until the router takes them.
         answer_timeout_s: how long an event may wait for its answer before it fires without one.
         context_s: seconds of neighbouring history the answer may also read, on each side of the cluster.
@@ -55,6 +57,7 @@ class WorkerWatches:
         loop: EngineLoop,
         *,
         retention_s,
+        clock_epoch_unix=lambda stream_id: 0.0,
         max_outbox: int = 1000,
         answer_timeout_s: float = 30.0,
         context_s: float = 0.0,
@@ -68,6 +71,7 @@ class WorkerWatches:
         self.engine = engine
         self.loop = loop
         self.retention_s = retention_s
+        self.clock_epoch_unix = clock_epoch_unix
         self.scorer = WatchScorer(engine, max_cache_bytes=query_cache_bytes)
         self.answer_timeout_s = answer_timeout_s
         self.context_s = context_s
@@ -171,7 +175,9 @@ class WorkerWatches:
                     self._answer(watch, cluster, lift, sealed_unix_s)
 
     def _passes(self, watch: WatchSpec, stream_id: str, cluster) -> bool:
-        if watch.active_hours is not None and not watch.active_hours.contains(cluster.start_s):
+        if watch.active_hours is not None and not watch.active_hours.contains(
+            self.clock_epoch_unix(stream_id) + cluster.start_s
+        ):
             self._suppress("outside_hours")
             return False
         key = (watch.watch_id, stream_id)

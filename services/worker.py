@@ -150,6 +150,7 @@ class WorkerCore:
             self.engine,
             self.loop,
             retention_s=self._retention_s,
+            clock_epoch_unix=self._clock_epoch_unix,
             max_outbox=config.watch_outbox_size,
             answer_timeout_s=config.watch_answer_timeout_s,
             context_s=config.watch_answer_context_s,
@@ -466,6 +467,11 @@ class WorkerCore:
             if watermark_s is not None:
                 fields["watch_watermark_s"] = watermark_s
             self.engine.save_stream_state(stream_id, **fields)
+
+    def _clock_epoch_unix(self, stream_id: str) -> float:
+        """Unix time at which the stream's clock read 0: a pulled source's clock starts at 0, a pushed one is Unix."""
+        session = self.sessions.get(stream_id)
+        return 0.0 if session is None or session.clock_epoch_unix is None else session.clock_epoch_unix
 
     def _retention_s(self, stream_id: str) -> float:
         session = self.sessions.get(stream_id)

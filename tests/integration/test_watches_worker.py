@@ -104,6 +104,19 @@ def test_cooldown_active_hours_and_other_streams_watches_suppress_and_are_counte
     assert len([s for r in reports for s in r.score_seconds]) == num_sealed
 
 
+def test_active_hours_of_a_pulled_camera_are_judged_on_its_clock_plus_its_epoch(worker, bikes_frames):
+    """A pulled source's clock starts at 0; the worker records the wall-clock time it read 0 (its epoch)."""
+    worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
+    worker.sessions["cam"].clock_epoch_unix = 12.5 * 3600  # the stream's 0 s is 12:30 UTC on 1970-01-01
+    worker.set_watches([_watch("noon", ["cam"], active_hours=ActiveHours("12:00", "13:00"))])
+    _push(worker, "cam", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:8])])
+    num_sealed = len(worker.loop.call(worker.engine.clusters, "cam")) - 1
+    assert num_sealed >= 1
+    events = _events(worker, num_sealed)
+    assert [e.watch_id for e in events] == ["noon"] * num_sealed
+    assert not worker.take_watch_events(0.0).suppressed.get("outside_hours")
+
+
 def test_watch_answers_wait_for_interactive_questions(worker, bikes_frames):
     """Seals of one camera are scored while a question about another runs; their answers start only after it."""
     for stream_id in ("asked", "watched"):
