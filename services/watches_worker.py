@@ -12,7 +12,8 @@ the router calls through Ray.
   (``mosaic_core.engine.watching.WatchScorer``).
 - **Filters.** Above its threshold, a watch fires unless the cluster starts outside its active hours (its
   start on the stream clock plus the stream's clock epoch: 0 for pushed cameras, whose clock is Unix time, the
-  wall-clock time at which a pulled source's clock read 0), or within ``cooldown_s`` (stream clock) of the end of that watch's previous event on the stream.
+  wall-clock time at which a pulled source's clock read 0), or within ``cooldown_s`` (stream clock) of the end
+  of that watch's previous event on the stream.
 - **Answer.** A short low-priority answer over the cluster's span widened by ``context_s`` on each side
   (``EngineLoop.submit_background``). If it cannot run (queue full, deadline) the event still fires with
   ``answer_error`` saying why.
