@@ -159,7 +159,7 @@ class WatchRegistry:
         self._records[record.watch_id] = record
         self._version += 1
         self.metrics.set_watches(len(self._records))
-        await self.sync_workers()
+        await self._push_to_workers("created", record.watch_id)
         return record, WatchState()
 
     async def list(self) -> list[tuple[WatchRecord, WatchState]]:
@@ -174,26 +174,36 @@ class WatchRegistry:
         self._records.pop(watch_id, None)
         self._version += 1
         self.metrics.set_watches(len(self._records))
-        await self.sync_workers()
+        await self._push_to_workers("deleted", watch_id)
         async with self._new_event:
             self._new_event.notify_all()  # subscribers of the deleted watch end
+
+    async def _push_to_workers(self, change: str, watch_id: str) -> None:
+        """After a change is committed to the store: a failure to hand workers the list is logged, not raised,
+        since the change happened; the workers get the list on their next poll's resync."""
+        try:
+            await self.sync_workers()
+        except Exception:
+            log.exception("watch %r was %s, but handing the workers the new list failed", watch_id, change)
 
     async def _reload_loop(self) -> None:
         """Follows the store: another router sharing it (or an operator) may have added or removed watches."""
         while True:
             await asyncio.sleep(RELOAD_INTERVAL_S)
-            version = self._version
             try:
-                records = {r.watch_id: r for r in await asyncio.to_thread(self.store.list_watches)}
-            except Exception as err:  # the store is down: keep what we have
-                log.warning("cannot reload watches from the store: %s", err)
-                continue
-            if version == self._version and records.keys() != self._records.keys():
-                self._records = records
-                self.metrics.set_watches(len(records))
-                await self.sync_workers()
-                async with self._new_event:
-                    self._new_event.notify_all()
+                await self._reload()
+            except Exception:  # the store is down, or a bug: keep what we have and try again next time
+                log.exception("reloading watches from the store failed")
+
+    async def _reload(self) -> None:
+        version = self._version
+        records = {r.watch_id: r for r in await asyncio.to_thread(self.store.list_watches)}
+        if version == self._version and records.keys() != self._records.keys():
+            self._records = records
+            self.metrics.set_watches(len(records))
+            await self.sync_workers()
+            async with self._new_event:
+                self._new_event.notify_all()
 
     # -- events ---------------------------------------------------------------------------------------
     async def _poll(self, index: int) -> None:

@@ -16,12 +16,23 @@ from services.watches import WatchRegistry
 from services.watches_spec import FiredEvent, WatchRecord
 
 
-def _registry(**config) -> WatchRegistry:
+class _FlakyStore(InMemoryWatchStore):
+    """An in-memory store whose per-watch state reads fail while ``down`` is set (a store losing its link)."""
+
+    down = False
+
+    def state(self, watch_id):
+        if self.down:
+            raise ConnectionError("the store went away")
+        return super().state(watch_id)
+
+
+def _registry(store: InMemoryWatchStore | None = None, **config) -> WatchRegistry:
     metrics = MosaicMetrics()
     coordinator = Coordinator([], None, metrics)
     coordinator.started = True
     coordinator.placement = {"cam": 0}
-    return WatchRegistry(InMemoryWatchStore(), coordinator, metrics, load_config(None, **config))
+    return WatchRegistry(store or InMemoryWatchStore(), coordinator, metrics, load_config(None, **config))
 
 
 def _fired(watch_id: str, end_s: float) -> FiredEvent:
@@ -105,3 +116,31 @@ def test_status_code_errors():
         assert registry.metrics.subscribers._value.get() == 0
 
     asyncio.run(run())
+
+
+def test_a_committed_change_is_not_reported_as_failed_and_the_reload_loop_survives(monkeypatch, caplog):
+    """Handing workers the list fails after the store took the change: the call succeeds and the failure is
+    logged; the reload loop logs the same failure and keeps following the store."""
+    monkeypatch.setattr("services.watches.RELOAD_INTERVAL_S", 0.01)
+
+    async def run():
+        store = _FlakyStore()
+        registry = _registry(store)
+        store.down = True
+        await registry.create(WatchRecord(watch_id="w", question="Truck?", stream_ids=["cam"]))
+        assert [r.watch_id for r in store.list_watches()] == ["w"]
+        await registry.delete("w")
+        assert store.list_watches() == []
+        reload = asyncio.create_task(registry._reload_loop())
+        store.put_watch(WatchRecord(watch_id="other", question="Van?"))  # another router's watch
+        await asyncio.sleep(0.2)  # every reload fails in sync_workers while the store is down
+        assert not reload.done()
+        store.down = False
+        store.put_watch(WatchRecord(watch_id="third", question="Bus?"))
+        await asyncio.sleep(0.2)
+        assert set(registry._records) == {"other", "third"}
+        reload.cancel()
+
+    asyncio.run(run())
+    assert "handing the workers the new list failed" in caplog.text
+    assert "reloading watches from the store failed" in caplog.text
