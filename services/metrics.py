@@ -59,7 +59,7 @@ INTER_TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 
 SEAL_TO_EVENT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 WATCH_SCORE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WATCH_SUPPRESS_REASONS = ("cooldown", "outside_hours")
-WATCH_DROP_REASONS = ("buffer_full", "outbox_full", "answer_queue_full")
+WATCH_DROP_REASONS = ("buffer_full", "outbox_full", "answer_queue_full", "score_failed")
 WEBHOOK_OUTCOMES = ("delivered", "retried", "failed", "dropped")
 RETRIEVAL_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -477,8 +477,8 @@ class WatchMetrics:
         self.events_dropped_total = Counter(
             "mosaic_watch_events_dropped_total",
             "Watch events lost (buffer_full: dropped from a watch's buffer while no subscriber followed it; "
-            "outbox_full: dropped by a worker before the router took them), or fired without an answer "
-            "(answer_queue_full), by reason.",
+            "outbox_full: dropped by a worker before the router took them; score_failed: (cluster, watch) "
+            "evaluations lost because scoring raised), or fired without an answer (answer_queue_full), by reason.",
             ["reason"],
             registry=r,
         )

@@ -163,7 +163,16 @@ class WorkerWatches:
         sealed_unix_s = time.time()
         questions = list(dict.fromkeys(w.question for w in watches))
         started = time.perf_counter()
-        scores = self.scorer.score(stream_id, [c.cluster_id for c in new], questions)
+        try:
+            scores = self.scorer.score(stream_id, [c.cluster_id for c in new], questions)
+        except Exception:
+            # The watermark has moved past these clusters, so they are not retried (a failure that repeats
+            # would fail every pass); the lost evaluations are counted, and logged once per pass.
+            log.exception("scoring %d sealed clusters of stream %r failed; their watches are not evaluated",
+                          len(new), stream_id)  # fmt: skip
+            with self._cond:
+                self._dropped["score_failed"] += len(new) * len(watches)
+            return
         elapsed = time.perf_counter() - started
         lifts = {(s.question, s.cluster_id): s.lift for s in scores}
         with self._cond:

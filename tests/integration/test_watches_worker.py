@@ -117,6 +117,22 @@ def test_active_hours_of_a_pulled_camera_are_judged_on_its_clock_plus_its_epoch(
     assert not worker.take_watch_events(0.0).suppressed.get("outside_hours")
 
 
+def test_clusters_whose_scoring_raised_are_counted_as_dropped(worker, bikes_frames):
+    worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
+    worker.set_watches([_watch("a", ["cam"]), _watch("b", ["cam"])])
+
+    def score_fails(*args, **kwargs):
+        raise RuntimeError("injected scoring failure")
+
+    worker.watches.scorer.score = score_fails  # a failure inside the real scorer would look the same here
+    _push(worker, "cam", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:8])])
+    num_sealed = len(worker.loop.call(worker.engine.clusters, "cam")) - 1
+    assert num_sealed >= 1
+    report = worker.take_watch_events(0.0)
+    assert not report.events
+    assert report.dropped == {"score_failed": 2 * num_sealed}
+
+
 def test_watch_answers_wait_for_interactive_questions(worker, bikes_frames):
     """Seals of one camera are scored while a question about another runs; their answers start only after it."""
     for stream_id in ("asked", "watched"):
