@@ -476,7 +476,7 @@ class WatchMetrics:
         )
         self.events_dropped_total = Counter(
             "mosaic_watch_events_dropped_total",
-            "Watch events lost (buffer_full: dropped from a watch's buffer while no subscriber followed it; "
+            "Watch events lost (buffer_full: trimmed from a watch's full buffer; "
             "outbox_full: dropped by a worker before the router took them; score_failed: (cluster, watch) "
             "evaluations lost because scoring raised), or fired without an answer (answer_queue_full), by reason.",
             ["reason"],

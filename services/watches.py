@@ -69,8 +69,6 @@ class WatchRegistry:
         self._version = 0  # bumped by every create and delete here, so a reload never applies a stale read
         self._new_event = asyncio.Condition()
         self._num_subscribers = 0
-        self._followed: dict[str, int] = {}  # watch -> subscribers following it by name or as "all"
-        self._follow_all = 0
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._sync_lock = asyncio.Lock()
@@ -253,7 +251,7 @@ class WatchRegistry:
         if stored is None:
             return
         event_id, trimmed = stored
-        if trimmed and not (self._follow_all or self._followed.get(event.watch_id)):
+        if trimmed:  # counted whether or not someone follows: a follower may not have read them yet either
             self.metrics.dropped("buffer_full", trimmed)
         self.metrics.fired(time.time() - event.sealed_unix_s)
         if record.webhook_url:
@@ -296,10 +294,6 @@ class WatchRegistry:
     def _follow(self, watch_ids: list[str], step: int) -> None:
         self._num_subscribers += step
         self.metrics.set_subscribers(self._num_subscribers)
-        if not watch_ids:
-            self._follow_all += step
-        for watch_id in watch_ids:
-            self._followed[watch_id] = self._followed.get(watch_id, 0) + step
 
     async def _read(self, watch_ids: list[str], cursor: int) -> list[WatchEventItem]:
         def read() -> list[WatchEventItem]:

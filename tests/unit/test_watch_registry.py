@@ -80,6 +80,8 @@ def test_resume_gap_and_deletion():
         live = asyncio.create_task(_take(registry, ["w"], None, 2))
         await asyncio.sleep(0.1)
         await registry._record(_fired("w", 7.0))
+        # Trimmed events are counted while someone follows the watch too.
+        assert registry.metrics.events_dropped_total.labels("buffer_full")._value.get() == 4
         await asyncio.sleep(0.1)  # the subscriber reads it; deleting the watch drops what is still buffered
         await registry.delete("w")
         got = await live
