@@ -69,6 +69,7 @@ class WatchRegistry:
         self._version = 0  # bumped by every create and delete here, so a reload never applies a stale read
         self._new_event = asyncio.Condition()
         self._num_subscribers = 0
+        self._creating: set[str] = set()  # watches whose store write is in flight (count toward max_watches)
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._sync_lock = asyncio.Lock()
@@ -146,14 +147,19 @@ class WatchRegistry:
                 raise NotFoundError(f"unknown stream {stream_id!r}; create it first or leave stream_ids empty")
         if record.webhook_url is not None:
             check_webhook_url(record.webhook_url, self.config.webhook_allowed_urls)
-        if record.watch_id in self._records:
+        if record.watch_id in self._records or record.watch_id in self._creating:
             raise AlreadyExistsError(f"watch {record.watch_id!r} already exists")
-        if len(self._records) >= self.config.max_watches:
+        num_watches = len(self._records) + len(self._creating)
+        if num_watches >= self.config.max_watches:
             raise CapacityError(
-                f"the server already has {len(self._records)} watches, its limit (max_watches); delete some first"
+                f"the server already has {num_watches} watches, its limit (max_watches); delete some first"
             )
-        if not await asyncio.to_thread(self.store.put_watch, record):
-            raise AlreadyExistsError(f"watch {record.watch_id!r} already exists")
+        self._creating.add(record.watch_id)  # reserved before the await, so concurrent creates count it
+        try:
+            if not await asyncio.to_thread(self.store.put_watch, record):
+                raise AlreadyExistsError(f"watch {record.watch_id!r} already exists")
+        finally:
+            self._creating.discard(record.watch_id)
         self._records[record.watch_id] = record
         self._version += 1
         self.metrics.set_watches(len(self._records))
@@ -274,9 +280,12 @@ class WatchRegistry:
                 f"the server already has {self._num_subscribers} WatchEvents subscribers, its limit; "
                 "follow several watches in one call"
             )
-        cursor = after_event_id if after_event_id is not None else await asyncio.to_thread(self.store.last_event_id)
-        self._follow(watch_ids, +1)
+        self._follow(+1)  # reserved before the first await, so concurrent subscribers count it
         try:
+            if after_event_id is not None:
+                cursor = after_event_id
+            else:
+                cursor = await asyncio.to_thread(self.store.last_event_id)
             while True:
                 if watch_ids and any(w not in self._records for w in watch_ids):
                     return
@@ -289,9 +298,9 @@ class WatchRegistry:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._new_event.wait(), SUBSCRIBER_WAKE_S)
         finally:
-            self._follow(watch_ids, -1)
+            self._follow(-1)
 
-    def _follow(self, watch_ids: list[str], step: int) -> None:
+    def _follow(self, step: int) -> None:
         self._num_subscribers += step
         self.metrics.set_subscribers(self._num_subscribers)
 

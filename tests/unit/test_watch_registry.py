@@ -146,3 +146,23 @@ def test_a_committed_change_is_not_reported_as_failed_and_the_reload_loop_surviv
     asyncio.run(run())
     assert "handing the workers the new list failed" in caplog.text
     assert "reloading watches from the store failed" in caplog.text
+
+
+def test_limits_hold_for_concurrent_calls():
+    """Both checks come before an await (the store write, the cursor read); concurrent calls must not both pass."""
+
+    async def run():
+        registry = _registry(max_watches=1, max_watch_subscribers=1)
+        results = await asyncio.gather(
+            registry.create(WatchRecord(watch_id="a", question="Truck?")),
+            registry.create(WatchRecord(watch_id="b", question="Van?")),
+            return_exceptions=True,
+        )
+        assert sorted(type(r).__name__ for r in results) == ["CapacityError", "tuple"]
+        assert len(registry.store.list_watches()) == 1
+        results = await asyncio.gather(_take(registry, [], None, 1), _take(registry, [], None, 1),
+                                       return_exceptions=True)  # fmt: skip
+        assert sorted(type(r).__name__ for r in results) == ["CapacityError", "list"]
+        assert registry._num_subscribers == 0
+
+    asyncio.run(run())
