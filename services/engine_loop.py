@@ -161,6 +161,13 @@ class EngineLoop:
         self.wake.set()
         self._thread.join(timeout_s)
 
+    def post(self, fn, *args, **kwargs) -> Future:
+        """Queues ``fn(*args, **kwargs)`` for the engine thread without waiting; the future holds its outcome."""
+        future: Future = Future()
+        self._commands.append(((fn, args, kwargs), future))
+        self.wake.set()
+        return future
+
     def call(self, fn, *args, timeout_s: float | None = 120.0, **kwargs):
         """Runs ``fn(*args, **kwargs)`` on the engine thread and returns its result (or raises its error)."""
         if threading.current_thread() is self._thread:

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 MAX_SCORE_SAMPLES = 1000
 
 
+def _log_failure(future) -> None:
+    if future.exception() is not None:
+        log.error("dropping a removed watch's cached queries failed", exc_info=future.exception())
+
+
 class WorkerWatches:
     """One worker's watch evaluation.
 
@@ -101,8 +106,10 @@ class WorkerWatches:
             live = set(self._specs)
             for key in [k for k in self._fired_until if k[0] not in live]:
                 del self._fired_until[key]
+        # Not waited for: the router gives each worker a few seconds to take the list, and the engine thread
+        # may be in a long ingest pass. Until it runs, a dropped question's cached queries are only unused.
         for question in gone:
-            self.loop.call(self.scorer.forget, question=question)
+            self.loop.post(self.scorer.forget, question=question).add_done_callback(_log_failure)
 
     def take(self, wait_s: float) -> WatchReport:
         """Fired events and counts since the last call; waits up to ``wait_s`` for an event."""

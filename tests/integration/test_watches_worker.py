@@ -133,6 +133,19 @@ def test_clusters_whose_scoring_raised_are_counted_as_dropped(worker, bikes_fram
     assert report.dropped == {"score_failed": 2 * num_sealed}
 
 
+def test_set_watches_does_not_wait_for_a_busy_engine_thread(worker):
+    """The router waits a few seconds for each worker to take the list; the engine thread may be busy longer."""
+    worker.set_watches([_watch("w", ["cam"])])
+    busy = threading.Thread(target=worker.loop.call, args=(time.sleep, 3.0))
+    busy.start()
+    time.sleep(0.2)  # the engine thread is now in the sleep
+    started = time.monotonic()
+    worker.set_watches([])  # the question is gone: its cached queries are dropped on the engine thread
+    assert time.monotonic() - started < 1.0
+    busy.join()
+    assert worker.loop.call(lambda: worker.watches.scorer.cache_bytes) == 0
+
+
 def test_watch_answers_wait_for_interactive_questions(worker, bikes_frames):
     """Seals of one camera are scored while a question about another runs; their answers start only after it."""
     for stream_id in ("asked", "watched"):
