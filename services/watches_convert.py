@@ -9,8 +9,6 @@ from services.metadata.watches import WatchState
 from services.watches import WatchEventItem, new_watch_id
 from services.watches_spec import ActiveHours, WatchRecord
 
-DEFAULT_ANSWER_TOKENS = 16
-
 
 def record_from_request(request: pb.CreateWatchRequest, *, default_threshold: float, default_cooldown_s: float):
     """A validated ``WatchRecord`` (``InvalidArgumentError`` with a sentence otherwise)."""
@@ -29,7 +27,7 @@ def record_from_request(request: pb.CreateWatchRequest, *, default_threshold: fl
         cooldown_s=request.cooldown_s if request.HasField("cooldown_s") else default_cooldown_s,
         active_hours=hours,
         labels=dict(request.labels),
-        max_answer_tokens=request.max_answer_tokens or DEFAULT_ANSWER_TOKENS,
+        **({"max_answer_tokens": request.max_answer_tokens} if request.max_answer_tokens else {}),  # 0: default
         webhook_url=webhook_url,
         webhook_secret=webhook_secret or "",
         created_s=time.time(),

@@ -35,6 +35,8 @@ from services.engine_loop import EngineLoop, QuestionJob
 from services.watches_spec import FiredEvent, WatchReport, WatchSpec
 
 log = logging.getLogger(__name__)
+# Score timings kept between two router polls (about a second apart); beyond it the oldest samples are left out
+# of the latency histogram. Only the histogram thins out: the count of evaluations stays exact.
 MAX_SCORE_SAMPLES = 1000
 
 
@@ -131,14 +133,12 @@ class WorkerWatches:
             self._score_seconds.clear()
         return report
 
-    def num_watches(self) -> int:
-        return len(self._specs)
-
     # -- watermarks (engine thread) ------------------------------------------------------------------
     def restore_watermark(self, stream_id: str, watermark_s: float | None) -> None:
-        """After a restart: the saved watermark, else the end of the newest restored cluster."""
+        """After a restart: the saved watermark, else the end of the newest restored sealed cluster (the newest
+        cluster of all was still growing: it is evaluated once the stream's next cluster starts)."""
         if watermark_s is None:
-            ends = [c.end_s for c in self.engine.clusters(stream_id)]
+            ends = [c.end_s for c in self.engine.clusters(stream_id)[:-1]]
             watermark_s = max(ends, default=float("-inf"))
         self._watermark[stream_id] = watermark_s
 
@@ -149,6 +149,9 @@ class WorkerWatches:
     def forget_stream(self, stream_id: str) -> None:
         self._watermark.pop(stream_id, None)
         self.scorer.forget(stream_id=stream_id)
+        with self._cond:
+            for key in [k for k in self._fired_until if k[1] == stream_id]:
+                del self._fired_until[key]
 
     # -- evaluation (engine thread) ------------------------------------------------------------------
     def on_ingested(self, stream_ids) -> None:

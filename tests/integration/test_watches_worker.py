@@ -146,6 +146,23 @@ def test_set_watches_does_not_wait_for_a_busy_engine_thread(worker):
     assert worker.loop.call(lambda: worker.watches.scorer.cache_bytes) == 0
 
 
+def test_a_restart_without_a_saved_watermark_evaluates_the_newest_cluster_and_a_deleted_stream_is_forgotten(
+    worker, bikes_frames
+):
+    worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
+    _push(worker, "cam", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:8])])
+    clusters = worker.loop.call(worker.engine.clusters, "cam")
+    assert len(clusters) >= 2
+    worker.loop.call(worker.watches.restore_watermark, "cam", None)
+    # The newest cluster was still growing; it is evaluated once it is sealed, so the mark stays before it.
+    assert worker.watches.watermark_of("cam") == clusters[-2].end_s
+    spec = WatchRecord(watch_id="w", question="Is anyone there?", stream_ids=["cam"]).for_worker({"cam": 3.0})
+    worker.set_watches([spec])
+    assert ("w", "cam") in worker.watches._fired_until
+    worker.loop.call(worker.watches.forget_stream, "cam")
+    assert ("w", "cam") not in worker.watches._fired_until and worker.watches.watermark_of("cam") is None
+
+
 def test_watch_answers_wait_for_interactive_questions(worker, bikes_frames):
     """Seals of one camera are scored while a question about another runs; their answers start only after it."""
     for stream_id in ("asked", "watched"):
