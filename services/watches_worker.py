@@ -7,7 +7,9 @@ the router calls through Ray.
   sealed (a newer one exists). A sealed cluster is new when it starts after the stream's *watermark*, the end
   of the last cluster evaluated. A merge replaces two clusters by one with their union span, which starts at
   or before the watermark, so a merge never re-fires a watch. The watermark is saved with the stream's
-  durable state, so a restart neither re-evaluates old history nor skips what sealed while it was down.
+  durable state (each telemetry poll and at shutdown), so a graceful restart neither re-evaluates old history
+  nor skips what sealed while it was down; after a crash, clusters evaluated since the last save are scored
+  again.
 - **Scoring.** All new sealed clusters of a stream against all its watches in one batched pass
   (``mosaic_core.engine.watching.WatchScorer``).
 - **Filters.** Above its threshold, a watch fires unless the cluster starts outside its active hours (its

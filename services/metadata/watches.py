@@ -3,7 +3,7 @@
 Only the router uses this store (workers get their watches from the router), so the in-memory store needs no
 actor: without ``--redis-url`` watches last as long as the router process.
 
-Semantics shared by both implementations (``tests/unit/test_watch_store.py`` runs the same tests on each):
+Semantics shared by both implementations (``tests/integration/test_watch_store.py`` runs the same tests on each):
 
 - event ids come from one counter per deployment, so they increase across watches and never repeat, also
   after a restart (Redis keeps the counter); a subscriber to several watches resumes from one number;
