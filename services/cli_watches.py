@@ -7,11 +7,19 @@ sentence and exits 1; a bad argument exits 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from mosaic_core.terminal import escape_for_terminal, format_span, iso_time
 from services.cli_streams import add_client_flags, client_command, open_client
+
+SECRET_ENV = "MOSAIC_WEBHOOK_SECRET"
+
+
+def webhook_secret(args) -> str:
+    """``--webhook-secret``, else ``$MOSAIC_WEBHOOK_SECRET`` (the environment keeps it out of the process list)."""
+    return args.webhook_secret if args.webhook_secret is not None else os.environ.get(SECRET_ENV, "")
 
 
 def add_watch_command(subparsers) -> None:
@@ -33,7 +41,11 @@ def add_watch_command(subparsers) -> None:
     create.add_argument("--timezone", default="", help="IANA time zone of --hours (default UTC)")
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)")
     create.add_argument("--webhook", default=None, metavar="URL", help="also POST events here (server must allow it)")
-    create.add_argument("--webhook-secret", default="", help="HMAC-SHA256 key that signs each webhook POST")
+    create.add_argument(
+        "--webhook-secret",
+        default=None,
+        help=f"HMAC-SHA256 key that signs each webhook POST (default: ${SECRET_ENV}, which keeps it out of `ps`)",
+    )
     create.add_argument("--max-answer-tokens", type=int, default=0, help="tokens of each event's answer (0: 16)")
     add_client_flags(create, suppress=True)
     create.set_defaults(func=run_watch_create)
@@ -93,7 +105,7 @@ def run_watch_create(args) -> int:
             active_hours=hours,
             labels=labels,
             webhook_url=args.webhook,
-            webhook_secret=args.webhook_secret,
+            webhook_secret=webhook_secret(args),
             max_answer_tokens=args.max_answer_tokens,
         )
     print(f"created watch {watch.watch_id} on {', '.join(watch.stream_ids) or 'every stream'}: threshold "

@@ -8,6 +8,7 @@ from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.metadata.watches import WatchState
 from services.watches import WatchEventItem, new_watch_id
 from services.watches_spec import ActiveHours, WatchRecord
+from services.watches_webhook import redact
 
 
 def record_from_request(request: pb.CreateWatchRequest, *, default_threshold: float, default_cooldown_s: float):
@@ -42,7 +43,7 @@ def watch_to_proto(record: WatchRecord, state: WatchState) -> pb.Watch:
         threshold=record.threshold,
         cooldown_s=record.cooldown_s,
         labels=record.labels,
-        webhook_url=record.webhook_url or "",
+        webhook_url=redact(record.webhook_url) if record.webhook_url else "",  # the path may hold a secret
         max_answer_tokens=record.max_answer_tokens,
         created_s=record.created_s,
         num_events=state.num_events,

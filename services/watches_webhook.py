@@ -5,7 +5,13 @@ watch may name a webhook only under one of the server's ``webhook_allowed_urls``
 default, which turns webhooks off. A prefix names a scheme (``http``/``https``), a host, an optional port and
 a path prefix; a URL matches when scheme, host and port are equal and its path continues the prefix's path at
 a ``/`` boundary (``https://hooks.example.com/mosaic`` allows ``.../mosaic/cam7`` but not ``.../mosaic-evil``,
-nor ``https://hooks.example.com.evil.net/...``). URLs with user info are refused. Redirects are not followed.
+nor ``https://hooks.example.com.evil.net/...``). URLs with user info are refused, and so are paths with dot
+segments or percent-encoded ``/``, ``.`` or ``\\`` (a receiver that decodes them could land outside the
+prefix). Redirects are not followed.
+
+**Secrets in URLs.** Slack- and Teams-style webhook URLs carry a secret in the path, so logs name only a
+URL's ``scheme://host[:port]`` (``origin``) and ``ListWatches`` returns ``redact`` of it (the origin and
+``/...`` when there is a path).
 
 **Signature.** Each POST carries ``X-Mosaic-Timestamp`` (Unix seconds) and ``X-Mosaic-Signature:
 sha256=<hex>``, the HMAC-SHA256 of ``"{timestamp}." + body`` under the watch's secret; receivers recompute it
@@ -72,6 +78,36 @@ def check_allowed_prefixes(prefixes: list[str]) -> None:
             )
 
 
+def origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``: what logs may show of a webhook URL."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "<unparsable URL>"
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def redact(url: str) -> str:
+    """``url`` without its path, query and fragment (they may hold a secret), ``/...`` marking that it had any."""
+    parts = urlsplit(url)
+    rest = parts.path not in ("", "/") or parts.query or parts.fragment
+    return origin(url) + ("/..." if rest else "")
+
+
+_ENCODED_SEPARATORS = ("%2f", "%2e", "%5c")  # '/', '.', '\\' percent-encoded
+
+
+def _unsafe_path(path: str) -> bool:
+    lowered = path.lower()
+    return (
+        "\\" in path
+        or any(e in lowered for e in _ENCODED_SEPARATORS)
+        or any(segment in (".", "..") for segment in path.split("/"))
+    )
+
+
 def _under(url: _Target, prefix: _Target) -> bool:
     if (url.scheme, url.host, url.port) != (prefix.scheme, prefix.host, prefix.port):
         return False
@@ -89,12 +125,17 @@ def check_webhook_url(url: str, allowed_prefixes: list[str]) -> str:
     target = _parse(url)
     if target is None:
         raise InvalidArgumentError(
-            f"webhook URL {url!r} must be an http:// or https:// URL with a host and no user info"
+            f"webhook URL {origin(url)!r}... must be an http:// or https:// URL with a host and no user info"
+        )
+    if _unsafe_path(target.path):
+        raise InvalidArgumentError(
+            f"webhook URL {redact(url)!r} has a path with '.' or '..' segments, a backslash, or a percent-encoded "
+            "'/', '.' or '\\'; give the plain path"
         )
     if not any(_under(target, p) for p in map(_parse, allowed_prefixes) if p is not None):
         raise InvalidArgumentError(
-            f"webhook URL {url!r} is not under any URL this server allows webhooks to; ask the operator to add it "
-            "to webhook_allowed_urls"
+            f"webhook URL {origin(url)!r}/... is not under any URL this server allows webhooks to; ask the operator "
+            "to add it to webhook_allowed_urls"
         )
     return url
 
@@ -165,7 +206,7 @@ class WebhookSender:
             return True
         except asyncio.QueueFull:
             self.on_outcome("dropped")
-            log.warning("webhook queue full: event %d to %s dropped", delivery.event_id, delivery.url)
+            log.warning("webhook queue full: event %d to %s dropped", delivery.event_id, origin(delivery.url))
             return False
 
     async def _run(self) -> None:
@@ -192,7 +233,7 @@ class WebhookSender:
                 return
             if attempt == self.max_attempts:
                 log.warning("webhook of event %d to %s failed after %d attempts: %s", delivery.event_id,
-                            delivery.url, attempt, error)  # fmt: skip
+                            origin(delivery.url), attempt, error)  # fmt: skip
                 self.on_outcome("failed")
                 return
             self.on_outcome("retried")

@@ -256,7 +256,7 @@ def test_a_calibrated_watch_fires_exactly_once_on_the_best_span_and_the_cooldown
     assert (payload["event_id"], payload["start_s"], payload["end_s"]) == (event.event_id, best.start_s, best.end_s)
     watches = {w.watch_id: w for w in c.list_watches()}
     assert watches["match"].num_events == 1 and watches["once"].num_events == 1
-    assert watches["match"].webhook_url.endswith("/hooks/scene")
+    assert watches["match"].webhook_url == f"http://127.0.0.1:{hooks.port}/..."  # the path may hold a secret
     assert metric(svc.server.metrics_url, "mosaic_watches") == len(watches)
     assert metric(svc.server.metrics_url, "mosaic_watch_events_total") >= len(calibration) + 2
 

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from services.watches_webhook import Delivery, WebhookSender
+from mosaic_core.errors import InvalidArgumentError
+from services.watches_webhook import Delivery, WebhookSender, check_webhook_url, origin, redact
 
 
 @pytest.fixture
@@ -88,3 +89,49 @@ def test_a_url_no_longer_allowed_is_not_sent_and_a_full_queue_drops(receiver):
     assert outcomes == ["failed"] and receiver["got"] == []
     outcomes = _send(receiver, [Delivery(receiver["prefix"] + "/a", "", i, {}) for i in range(3)], queue_size=2)
     assert outcomes.count("dropped") == 1 and outcomes.count("delivered") == 2
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.example.com/mosaic/../admin",
+        "https://hooks.example.com/mosaic/./cam",
+        "https://hooks.example.com/mosaic/%2e%2e/admin",
+        "https://hooks.example.com/mosaic/..%2Fadmin",
+        "https://hooks.example.com/mosaic/%5c..%5cadmin",
+        "https://hooks.example.com/mosaic/..\\admin",
+    ],
+)
+def test_dot_segments_and_encoded_separators_are_refused(url):
+    with pytest.raises(InvalidArgumentError, match="plain path"):
+        check_webhook_url(url, ["https://hooks.example.com/mosaic"])
+    assert check_webhook_url("https://hooks.example.com/mosaic/cam.7", ["https://hooks.example.com/mosaic"])
+
+
+def test_logs_and_listings_never_show_a_urls_path():
+    secret_url = "https://hooks.slack.com:8443/services/T000/B000/XXXXSECRET?token=abc"
+    assert origin(secret_url) == "https://hooks.slack.com:8443"
+    assert redact(secret_url) == "https://hooks.slack.com:8443/..."
+    assert redact("http://h.example") == "http://h.example"
+    with pytest.raises(InvalidArgumentError) as refused:
+        check_webhook_url(secret_url, ["https://hooks.example.com/mosaic"])
+    assert "SECRET" not in str(refused.value)
+
+
+def test_a_failed_delivery_logs_only_the_origin(receiver, caplog):
+    receiver["statuses"] = [500]
+    outcomes = _send(receiver, [Delivery(receiver["prefix"] + "/SECRET-PATH", "", 1, {"a": 1})], max_attempts=1)
+    assert outcomes == ["failed"]
+    assert "failed after 1 attempts" in caplog.text and "SECRET-PATH" not in caplog.text
+
+
+def test_the_cli_reads_the_secret_from_the_environment(monkeypatch):
+    from argparse import Namespace
+
+    from services.cli_watches import webhook_secret
+
+    monkeypatch.setenv("MOSAIC_WEBHOOK_SECRET", "from-env")
+    assert webhook_secret(Namespace(webhook_secret=None)) == "from-env"
+    assert webhook_secret(Namespace(webhook_secret="flag")) == "flag"
+    monkeypatch.delenv("MOSAIC_WEBHOOK_SECRET")
+    assert webhook_secret(Namespace(webhook_secret=None)) == ""
