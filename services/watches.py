@@ -116,7 +116,7 @@ class WatchRegistry:
         await self._absorb(report)
 
     async def close(self) -> None:
-        """Ends subscribers and webhook delivery (deliveries still queued are not sent)."""
+        """Ends subscribers and webhook delivery (deliveries still queued are not sent; they count as dropped)."""
         await self.webhooks.stop()
         async with self._new_event:
             self._new_event.notify_all()

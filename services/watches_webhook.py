@@ -17,7 +17,8 @@ URL's ``scheme://host[:port]`` (``origin``) and ``ListWatches`` returns ``redact
 sha256=<hex>``, the HMAC-SHA256 of ``"{timestamp}." + body`` under the watch's secret; receivers recompute it
 and reject stale timestamps. ``X-Mosaic-Event-Id`` lets them drop duplicates (a retry after a lost reply).
 
-**Delivery.** A bounded queue (overflow drops the new delivery, counted) and one sender task; an attempt that
+**Delivery.** A bounded queue (overflow drops the new delivery, counted; so does ``stop`` for those it cuts
+short) and one sender task; an attempt that
 fails (connection error, timeout, a non-2xx status) is retried after 1, 2, 4, ... seconds, up to
 ``max_attempts`` attempts in all.
 """
@@ -190,15 +191,25 @@ class WebhookSender:
         self.backoff_s = backoff_s
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue(queue_size)
         self._task: asyncio.Task | None = None
+        self._in_flight: Delivery | None = None  # taken from the queue, not yet ended
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        """Ends delivery; the delivery cut short and those still queued are not sent, and count as dropped."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        num_dropped = self._queue.qsize() + (self._in_flight is not None)
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._in_flight = None
+        for _ in range(num_dropped):
+            self.on_outcome("dropped")
+        if num_dropped:
+            log.warning("%d webhook deliveries not sent: the router stopped before them", num_dropped)
 
     def enqueue(self, delivery: Delivery) -> bool:
         try:
@@ -211,12 +222,13 @@ class WebhookSender:
 
     async def _run(self) -> None:
         while True:
-            delivery = await self._queue.get()
+            delivery = self._in_flight = await self._queue.get()
             try:
                 await self._deliver(delivery)
             except Exception:
                 log.exception("webhook delivery of event %d failed", delivery.event_id)
                 self.on_outcome("failed")
+            self._in_flight = None
 
     async def _deliver(self, delivery: Delivery) -> None:
         body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode()

@@ -135,3 +135,22 @@ def test_the_cli_reads_the_secret_from_the_environment(monkeypatch):
     assert webhook_secret(Namespace(webhook_secret="flag")) == "flag"
     monkeypatch.delenv("MOSAIC_WEBHOOK_SECRET")
     assert webhook_secret(Namespace(webhook_secret=None)) == ""
+
+
+def test_deliveries_still_queued_at_stop_count_as_dropped(receiver):
+    outcomes: list[str] = []
+
+    async def run():
+        sender = WebhookSender([receiver["prefix"]], outcomes.append, queue_size=10, backoff_s=60.0)
+        receiver["statuses"] = [500]  # the first delivery waits in its back-off when the sender stops
+        for event_id in range(3):
+            assert sender.enqueue(Delivery(receiver["prefix"] + "/x", "", event_id, {"a": event_id}))
+        sender.start()
+        for _ in range(500):
+            if outcomes:
+                break
+            await asyncio.sleep(0.01)
+        await sender.stop()
+
+    asyncio.run(run())
+    assert outcomes == ["retried", "dropped", "dropped", "dropped"]
