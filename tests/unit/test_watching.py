@@ -105,3 +105,29 @@ def test_refuses_clusters_without_kv(engine):
         WatchScorer(engine).score("cam", ["cam/c999999"], [QUESTION])
     with pytest.raises(ValueError, match="requery_positions"):
         WatchScorer(engine, requery_positions=0)
+
+
+def test_captured_queries_are_the_queries_the_question_path_computes(tiny_model, bikes_frames, monkeypatch):
+    """Checked against the engine's own question path, not against the watch scorer: layer 0's queries depend only
+    on the question's tokens and positions, which the capture must reproduce (padding and batching included).
+    Later layers read the retrieved clusters, which the capture leaves out by design."""
+    from mosaic_core.engine.plans import QuestionPlan
+
+    engine = make_engine(tiny_model)  # its own engine: asking may merge clusters the module's engine keeps
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:8])
+    short, long = "Cyclist?", "Is there a red truck parked at the north gate of the depot right now?"
+    captured, cursor = question_queries(engine, "cam", [long, short])  # the short row is padded in its batch
+    seen: dict[int, torch.Tensor] = {}
+    attend = QuestionPlan.attend
+
+    def recording_attend(self, layer_idx, query, key, value, scale):
+        seen.setdefault(layer_idx, query[0].clone())  # the first call per layer is the question's prefill
+        return attend(self, layer_idx, query, key, value, scale)
+
+    monkeypatch.setattr(QuestionPlan, "attend", recording_attend)
+    assert engine.stream("cam").text_cursor == cursor
+    list(engine.ask("cam", short, max_new_tokens=1))
+    want = seen[0]  # [Hq, T, D]
+    assert captured[1][0].shape == want.shape
+    torch.testing.assert_close(captured[1][0], want.to(captured[1].dtype), rtol=1e-3, atol=1e-3)
