@@ -329,7 +329,21 @@ class WorkerCore:
         session = self.sessions.get(stream_id)
         if session is None:
             raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
-        stats = self.loop.call(self.engine.stream_stats, stream_id)
+        return self._info(session, self.loop.call(self.engine.stream_stats, stream_id))
+
+    def stream_infos(self) -> list[StreamInfo]:
+        """Every open stream's info from one engine-thread command: one command per stream waited behind an
+        ingest pass each, and ListStreams ran out of time at 32 cameras under load."""
+        sessions = {sid: s for sid, s in list(self.sessions.items())}
+        stats = self.loop.call(self._all_stream_stats, list(sessions))
+        return [self._info(sessions[sid], stats[sid]) for sid in sorted(sessions) if sid in stats]
+
+    def _all_stream_stats(self, stream_ids: list[str]) -> dict:
+        """Engine thread: the stats of each of ``stream_ids`` still open (a stream deleted meanwhile is left out)."""
+        return {sid: self.engine.stream_stats(sid) for sid in stream_ids if sid in self.engine.streams}
+
+    def _info(self, session: StreamSession, stats) -> StreamInfo:
+        stream_id = session.stream_id
         totals = self.telemetry.totals(stream_id)
         progress = session.source.progress() if session.source is not None else None
         return StreamInfo(
@@ -347,15 +361,6 @@ class WorkerCore:
             source_state=int(progress.state) if progress else int(SourceState.PUSH),
             source_error=progress.error if progress else "",
         )
-
-    def stream_infos(self) -> list[StreamInfo]:
-        infos = []
-        for stream_id in self.stream_ids():
-            try:
-                infos.append(self.stream_info(stream_id))
-            except UnknownStreamError:
-                continue  # deleted meanwhile
-        return infos
 
     # -- ingest -------------------------------------------------------------------------------------
     def push(self, frames: list[tuple[int, str, float, np.ndarray]]) -> PushResult:
