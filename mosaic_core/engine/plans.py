@@ -60,9 +60,8 @@ class IngestPlan:
         table = np.full((len(rows), max(self.attended_tokens)), -1, dtype=np.int32)
         for b, row in enumerate(rows):
             table[b, : len(row)] = row
-        device = pools.device
-        self.table = torch.from_numpy(table).to(device)
-        self.kv_lens = torch.tensor(self.attended_tokens, dtype=torch.int32, device=device)
+        self.table = pools.upload(table, torch.int32)
+        self.kv_lens = pools.upload(self.attended_tokens, torch.int32)
         self.new_index = pools.slot_index(np.concatenate(new))
 
     def attend(self, layer_idx, query, key, value, scale):
@@ -174,14 +173,30 @@ class QuestionPlan:
         fills = [slab.shape[2] for slab in selection.slabs]
         pages = [self.pools.layer_slab(Tier.DEVICE, p, layer, f) for p, f in zip(self.staging, fills, strict=False)]
         self.gathers[layer] = self.retriever.stage(selection, pages)
+        if shared is None and self._same_slots(layer, selection, fills):
+            shared = (self.tables[layer - 1], self.static_tokens[layer - 1])  # full mode: every layer
         if shared is None:
             staged = self.pools.slots(self.staging[:num_staged], fills)
             static = np.concatenate([self.past_slots, *selection.device_slots, staged])
             assert len(static) == len(self.past_slots) + selection.num_tokens, "slots and selection disagree"
             table = np.concatenate([static, self.question_slots_np]).astype(np.int32)
-            shared = (torch.from_numpy(table).to(self.pools.device)[None], len(static))
+            shared = (self.pools.upload(table, torch.int32)[None], len(static))
         self.tables[layer], self.static_tokens[layer] = shared
         self.selections[layer] = selection
+
+    def _same_slots(self, layer: int, selection: LayerSelection, fills: list[int]) -> bool:
+        """Whether the previous layer's table reads the same slots: the same units, on the device where they were
+        (``device_slots`` hands out the same arrays until a unit's pages change), and staged slabs of the same sizes
+        into the same staging pages. Then the table, its host build and its copy to the device are not repeated."""
+        if layer == 0 or self.tables[layer - 1] is None:
+            return False
+        before = self.selections[layer - 1]
+        return (
+            before.cluster_ids == selection.cluster_ids
+            and len(before.device_slots) == len(selection.device_slots)
+            and all(a is b for a, b in zip(before.device_slots, selection.device_slots, strict=True))
+            and [slab.shape[2] for slab in before.slabs] == fills
+        )
 
     def _should_score(self) -> bool:
         if self.steps == 0:

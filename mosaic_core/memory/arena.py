@@ -126,9 +126,21 @@ class PagePools:
         filled = np.arange(pt)[None, :] < np.asarray(fills)[:, None]
         return grid[filled].astype(np.int32)
 
+    def upload(self, values: np.ndarray | list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """A device copy of host index data (slot tables, page ids, lengths), queued without waiting.
+
+        A plain ``.to(device)`` from pageable memory makes PyTorch wait for the stream to drain, so the host stops
+        running ahead of the device once per table; a pinned staging copy (the caching host allocator keeps it
+        until the copy has run) lets it keep going.
+        """
+        host = torch.as_tensor(np.asarray(values), dtype=dtype)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     def slot_index(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Device index tensors (pages, offsets) of ``slots``, for ``write_slots``: built once per plan."""
-        index = torch.from_numpy(slots.astype(np.int64)).to(self.device)
+        index = self.upload(slots)
         return index // self.page_tokens, index % self.page_tokens
 
     def write_slots(self, layer: int, index: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor) -> None:
@@ -144,7 +156,7 @@ class PagePools:
 
     def read_slots(self, layer: int, slots: np.ndarray) -> torch.Tensor:
         """A new tensor ``[2, H, N, D]`` with one layer of the tokens at ``slots``."""
-        index = torch.from_numpy(slots.astype(np.int64)).to(self.device)
+        index = self.upload(slots)
         pages, offsets = index // self.page_tokens, index % self.page_tokens
         return self.device_pool[pages, layer, :, :, offsets].permute(1, 2, 0, 3)
 
@@ -156,7 +168,7 @@ class PagePools:
         if tier is Tier.DEVICE and all(f == pt for f in fills):
             # whole pages: one indexed copy, [L, 2, H, P, pt, D] -> [P, L, 2, H, pt, D]
             shaped = kv.reshape(*kv.shape[:3], len(pages), pt, kv.shape[4]).permute(3, 0, 1, 2, 4, 5)
-            index = torch.tensor(pages, device=self.device)
+            index = self.upload(pages)
             self.device_pool.index_copy_(0, index, shaped.to(self.device, self.spec.dtype))
             return
         start = 0
@@ -167,7 +179,7 @@ class PagePools:
     def write_pages(self, tier: Tier, pages: list[int], stored: torch.Tensor) -> None:
         """Stores whole pages ``stored`` ``[P, L, 2, H, page_tokens, D]`` (a record file's, say) into ``pages``."""
         if tier is Tier.DEVICE:
-            index = torch.tensor(pages, device=self.device)
+            index = self.upload(pages)
             self.device_pool.index_copy_(0, index, stored.to(self.device, self.spec.dtype))
             return
         for page, data in zip(pages, stored, strict=True):
@@ -176,7 +188,7 @@ class PagePools:
     def read(self, tier: Tier, pages: list[int], fills: list[int]) -> torch.Tensor:
         """A new tensor ``[L, 2, H, sum(fills), D]`` with the pages' tokens in order, where the pages live."""
         if tier is Tier.DEVICE:
-            stacked = self.device_pool[torch.tensor(pages, device=self.device)]
+            stacked = self.device_pool[self.upload(pages)]
         else:
             stacked = torch.stack([self.page(tier, p) for p in pages]) if pages else self._empty_pages()
         num_layers, two, heads, pt, head_dim = self.page_shape

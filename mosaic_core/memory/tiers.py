@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -142,6 +143,7 @@ class KVTiers:
         self._tiers: dict[str, Tier] = {}
         self._kept: dict[str, None] = {}  # device-tier clusters that also keep their host pages, oldest first
         self._moving: dict[str, Moved] = {}  # the last move of a cluster that the host may have to wait for
+        self._slots: dict[str, tuple[list[int], int, np.ndarray]] = {}  # device_slots' cache: pages, count, slots
 
     @property
     def page_tokens(self) -> int:
@@ -161,9 +163,21 @@ class KVTiers:
             raise UnknownClusterError(f"cluster {cluster_id!r} holds no KV in any tier") from None
 
     def device_slots(self, cluster_id: str):
-        """Slots of a device-tier cluster's tokens in the device pool, in order (``PagePools.slots``)."""
+        """Slots of a device-tier cluster's tokens in the device pool, in order (``PagePools.slots``).
+
+        Kept until the cluster's device pages change: a question reads them for every layer it scores, and full
+        mode's questions for every cluster, so building them each time was per-layer, per-cluster numpy work.
+        """
         record = self._records[cluster_id]  # no wait: the compute stream waits for every move (``_after_move``)
-        return self.pools.slots(self._pages_in(record, Tier.DEVICE), record.fills)
+        pages = self._pages_in(record, Tier.DEVICE)
+        cached = self._slots.get(cluster_id)
+        # Page lists are replaced, not edited, when a cluster gains or moves pages; the length guards the rest.
+        if cached is not None and cached[0] is pages and len(cached[2]) == record.num_tokens:
+            return cached[2]
+        slots = self.pools.slots(pages, record.fills)
+        slots.flags.writeable = False  # shared by every caller until the pages change
+        self._slots[cluster_id] = (pages, len(pages), slots)
+        return slots
 
     def pages(self, cluster_id: str) -> ClusterPages:
         """The cluster's page record (read it, do not change it)."""
@@ -303,6 +317,7 @@ class KVTiers:
         record = self._records.pop(cluster_id, None)
         self._moving.pop(cluster_id, None)
         self._kept.pop(cluster_id, None)
+        self._slots.pop(cluster_id, None)
         if record is not None:
             self._free_memory(record)
         if tier is Tier.DISK:
