@@ -105,7 +105,8 @@ class Counter(TorchDispatchMode):
                 has_device = kwargs.get("device") is not None or any(
                     isinstance(a, (str, torch.device)) for a in args
                 )
-                if not self.paused and has_device and not kwargs.get("non_blocking") and built.get(id(tensor)) is tensor:
+                blocking = has_device and not kwargs.get("non_blocking")
+                if not self.paused and blocking and built.get(id(tensor)) is tensor:
                     self.counts.blocking_h2d += 1
                 return fn(tensor, *args, **kwargs)
 
