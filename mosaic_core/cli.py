@@ -27,6 +27,7 @@ RANDOM_WEIGHTS_NOTE = (
     "timings and byte counts are real."
 )
 # ``mosaic bench NAME ARGS...`` hands ARGS to ``main(argv) -> int`` of these modules.
+QUESTION_TEXT_TOKENS = 128  # room in the device budget for a question's text, beside its answer
 BENCH_TARGETS = {
     "faults": ("services.bench_faults", "fault-injection benchmark of the service"),
     "soak": ("services.bench_soak", "hours-long run of the service, with memory, lag and latency slopes"),
@@ -231,7 +232,9 @@ def _run_ask_video(args) -> int:
         args.window_tokens = min(256, max(1, expected // 2) * args.tokens_per_frame)
     _status(f"loading model {args.model} ...")
     model = Qwen25VLAdapter.load(args.model, device=args.device or _default_device())
-    working_set_tokens = args.budget_tokens + args.window_tokens
+    # retrieved clusters, the window, and the question's own tokens (its text and answer), which the paged arena
+    # also places in device pages
+    working_set_tokens = args.budget_tokens + args.window_tokens + QUESTION_TEXT_TOKENS + args.max_new_tokens
     device_budget = (
         int(args.device_budget_mib * MIB)
         if args.device_budget_mib
