@@ -9,6 +9,7 @@
         watch = client.create_watch("Is a truck at the gate?", ["cam-1"], threshold=1.0)
         for event in client.watch_events([watch.watch_id], after_event_id=0):  # resumable, see docs/watches.md
             ...
+        frames = client.get_keyframes("cam-1", keyframe_ids=result.evidence[0].keyframe_ids)  # JPEG thumbnails
 
 Errors are ``grpc.RpcError`` with the server's status code and sentence; ``retry_after_s(err)`` reads the
 RESOURCE_EXHAUSTED retry hint.
@@ -239,3 +240,19 @@ class MosaicClient:
         if after_event_id is not None:
             request.after_event_id = after_event_id
         return self.stub.WatchEvents(request, timeout=timeout_s, metadata=self.metadata)
+
+    # -- keyframes ----------------------------------------------------------------------------------
+    def get_keyframes(
+        self,
+        stream_id: str,
+        *,
+        keyframe_ids: Iterable[str] = (),
+        cluster_id: str = "",
+        latest: bool = False,
+    ) -> list[pb.Keyframe]:
+        """Keyframes (JPEG thumbnails) of one stream: by id (``EvidenceSpan.keyframe_ids``), every keyframe of
+        ``cluster_id``, or the stream's newest with ``latest``; give exactly one of the three."""
+        request = pb.GetKeyframesRequest(
+            stream_id=stream_id, keyframe_ids=list(keyframe_ids), cluster_id=cluster_id, latest=latest
+        )
+        return list(self.stub.GetKeyframes(request, timeout=self.timeout_s, metadata=self.metadata).keyframes)

@@ -62,13 +62,14 @@ def test_service_has_the_stream_and_watch_methods() -> None:
     methods = {m.name: m for m in service.methods}
     assert set(methods) == {
         "CreateStream", "DeleteStream", "ListStreams", "GetStream", "PushFrames", "Query",
-        "CreateWatch", "ListWatches", "DeleteWatch", "WatchEvents",
+        "CreateWatch", "ListWatches", "DeleteWatch", "WatchEvents", "GetKeyframes",
     }  # fmt: skip
     assert methods["WatchEvents"].server_streaming and not methods["WatchEvents"].client_streaming
     assert pb.WatchEventsRequest.DESCRIPTOR.fields_by_name["after_event_id"].has_presence  # unset != 0
     assert methods["PushFrames"].client_streaming and not methods["PushFrames"].server_streaming
     assert methods["Query"].server_streaming and not methods["Query"].client_streaming
     assert methods["GetStream"].output_type.full_name == "mosaic.v1.Stream"
+    assert methods["GetKeyframes"].output_type.full_name == "mosaic.v1.GetKeyframesResponse"
     assert hasattr(pb_grpc, "MosaicStub") and hasattr(pb_grpc, "add_MosaicServicer_to_server")
 
 

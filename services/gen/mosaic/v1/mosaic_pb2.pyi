@@ -239,20 +239,22 @@ class TokenChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EvidenceSpan(_message.Message):
-    __slots__ = ("stream_id", "cluster_id", "start_s", "end_s", "score", "rank")
+    __slots__ = ("stream_id", "cluster_id", "start_s", "end_s", "score", "rank", "keyframe_ids")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     START_S_FIELD_NUMBER: _ClassVar[int]
     END_S_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    KEYFRAME_IDS_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     cluster_id: str
     start_s: float
     end_s: float
     score: float
     rank: int
-    def __init__(self, stream_id: _Optional[str] = ..., cluster_id: _Optional[str] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
+    keyframe_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stream_id: _Optional[str] = ..., cluster_id: _Optional[str] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., keyframe_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Evidence(_message.Message):
     __slots__ = ("spans",)
@@ -434,3 +436,39 @@ class WatchEvent(_message.Message):
     fired_unix_s: float
     missed_before: bool
     def __init__(self, event_id: _Optional[int] = ..., watch_id: _Optional[str] = ..., stream_id: _Optional[str] = ..., cluster_id: _Optional[str] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., score: _Optional[float] = ..., answer: _Optional[str] = ..., answer_error: _Optional[str] = ..., question: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., sealed_unix_s: _Optional[float] = ..., fired_unix_s: _Optional[float] = ..., missed_before: _Optional[bool] = ...) -> None: ...
+
+class GetKeyframesRequest(_message.Message):
+    __slots__ = ("stream_id", "keyframe_ids", "cluster_id", "latest")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYFRAME_IDS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    keyframe_ids: _containers.RepeatedScalarFieldContainer[str]
+    cluster_id: str
+    latest: bool
+    def __init__(self, stream_id: _Optional[str] = ..., keyframe_ids: _Optional[_Iterable[str]] = ..., cluster_id: _Optional[str] = ..., latest: _Optional[bool] = ...) -> None: ...
+
+class Keyframe(_message.Message):
+    __slots__ = ("id", "stream_id", "cluster_id", "timestamp_s", "jpeg", "width", "height")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
+    JPEG_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    stream_id: str
+    cluster_id: str
+    timestamp_s: float
+    jpeg: bytes
+    width: int
+    height: int
+    def __init__(self, id: _Optional[str] = ..., stream_id: _Optional[str] = ..., cluster_id: _Optional[str] = ..., timestamp_s: _Optional[float] = ..., jpeg: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class GetKeyframesResponse(_message.Message):
+    __slots__ = ("keyframes",)
+    KEYFRAMES_FIELD_NUMBER: _ClassVar[int]
+    keyframes: _containers.RepeatedCompositeFieldContainer[Keyframe]
+    def __init__(self, keyframes: _Optional[_Iterable[_Union[Keyframe, _Mapping]]] = ...) -> None: ...

@@ -87,6 +87,11 @@ class MosaicStub:
                 request_serializer=mosaic_dot_v1_dot_mosaic__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=mosaic_dot_v1_dot_mosaic__pb2.WatchEvent.FromString,
                 _registered_method=True)
+        self.GetKeyframes = channel.unary_unary(
+                '/mosaic.v1.Mosaic/GetKeyframes',
+                request_serializer=mosaic_dot_v1_dot_mosaic__pb2.GetKeyframesRequest.SerializeToString,
+                response_deserializer=mosaic_dot_v1_dot_mosaic__pb2.GetKeyframesResponse.FromString,
+                _registered_method=True)
 
 
 class MosaicServicer:
@@ -181,6 +186,16 @@ class MosaicServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetKeyframes(self, request, context):
+        """Returns keyframes (small JPEG thumbnails of representative frames) of one stream: the ones named by id
+        (as EvidenceSpan.keyframe_ids gives them), every keyframe of one cluster, or the stream's newest keyframe.
+        Set exactly one of keyframe_ids, cluster_id and latest. NOT_FOUND for an unknown stream, cluster or
+        keyframe id; INVALID_ARGUMENT for no or several selectors, a malformed id or too many ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MosaicServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +248,11 @@ def add_MosaicServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=mosaic_dot_v1_dot_mosaic__pb2.WatchEventsRequest.FromString,
                     response_serializer=mosaic_dot_v1_dot_mosaic__pb2.WatchEvent.SerializeToString,
+            ),
+            'GetKeyframes': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyframes,
+                    request_deserializer=mosaic_dot_v1_dot_mosaic__pb2.GetKeyframesRequest.FromString,
+                    response_serializer=mosaic_dot_v1_dot_mosaic__pb2.GetKeyframesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -506,6 +526,33 @@ class Mosaic:
             '/mosaic.v1.Mosaic/WatchEvents',
             mosaic_dot_v1_dot_mosaic__pb2.WatchEventsRequest.SerializeToString,
             mosaic_dot_v1_dot_mosaic__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyframes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mosaic.v1.Mosaic/GetKeyframes',
+            mosaic_dot_v1_dot_mosaic__pb2.GetKeyframesRequest.SerializeToString,
+            mosaic_dot_v1_dot_mosaic__pb2.GetKeyframesResponse.FromString,
             options,
             channel_credentials,
             insecure,
