@@ -27,6 +27,11 @@ stream has no frames waiting; ``max_background_running`` (1 by default) run at o
 Once started it is an ordinary, short, held question.
 After each ingest pass ``after_ingest(stream_ids)`` runs on this thread (watch evaluation).
 
+**Device room.** Each running question holds device pages for its retrieved clusters and its own tokens. A
+question that finds no room while other questions hold theirs waits (in its queue, first in line) until one of
+them ends, instead of failing; it fails with ``CapacityError`` (RESOURCE_EXHAUSTED) only when nothing else holds
+room, or once it has sent tokens.
+
 **Deadlines and cancellation** are checked before each step and while a question waits: an expired or
 cancelled question is closed (its retrieval pins released) and ends with ``DeadlineError`` or
 ``CancelledError``. A deadline miss is logged as one line, without a traceback.
@@ -82,6 +87,8 @@ class QuestionJob:
     gen: object = None
     low_priority: bool = False
     on_finish: object = None  # called on the engine thread with (job, error or None) once the job ends
+    answering: bool = False  # an event has reached the caller, so the job can no longer start over
+    waits_for_room_until: int = -1  # parked until more than this many running questions have finished
 
 
 class EngineLoop:
@@ -149,6 +156,7 @@ class EngineLoop:
         self._num_jobs: dict[str, int] = defaultdict(int)  # stream -> questions running or waiting here
         self._held_since: dict[str, float] = {}  # stream -> monotonic start of its current hold
         self._owed_until: dict[str, float] = {}  # stream -> frames that arrived by then go in before questions
+        self._questions_finished = 0  # running questions that ended, each giving its device room back
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -311,7 +319,7 @@ class EngineLoop:
                 self._pending_questions.remove(job)
                 self._step(job)  # ends it with its cancellation or deadline
                 continue
-            if not self._may_start(job.stream_id, now):
+            if not self._may_start(job.stream_id, now) or self._waits_for_room(job):
                 continue
             self._pending_questions.remove(job)
             self._held_since.setdefault(job.stream_id, now)
@@ -335,7 +343,7 @@ class EngineLoop:
                 self._background.remove(job)
                 self._step(job)  # ends it with its cancellation or deadline
             elif running < self.max_background_running and job.stream_id not in busy:
-                if self.queues.depth(job.stream_id) > 0:
+                if self.queues.depth(job.stream_id) > 0 or self._waits_for_room(job):
                     continue  # its frames first; the loop comes back once they are in
                 self._background.remove(job)
                 self._held_since.setdefault(job.stream_id, now)
@@ -392,8 +400,13 @@ class EngineLoop:
             event = next(job.gen)
         except StopIteration:
             return self._finish(job, None)
+        except CapacityError as err:
+            if job.answering or not any(j is not job and j.gen is not None for j in self._questions):
+                return self._finish(job, err)
+            return self._park_for_room(job, err)
         except Exception as err:
             return self._finish(job, err)
+        job.answering = True
         if isinstance(event, Answer):
             event.last_hidden = None  # a tensor: not for the wire
             job.events.put(event)
@@ -401,6 +414,22 @@ class EngineLoop:
             return self._finish(job, None)
         job.events.put(event)
         return None
+
+    def _park_for_room(self, job: QuestionJob, err: CapacityError) -> None:
+        """Sends a question that found no device room back to wait until a running question gives its room back.
+
+        Only a question that has sent nothing yet starts over; its generator has already released what it took.
+        """
+        log.info("question %s waits for device room held by running questions: %s", job.question_id, err)
+        job.gen = None
+        job.waits_for_room_until = self._questions_finished
+        self._questions.remove(job)
+        if not any(j.stream_id == job.stream_id for j in self._questions):
+            self._end_hold(job.stream_id)
+        (self._background if job.low_priority else self._pending_questions).appendleft(job)
+
+    def _waits_for_room(self, job: QuestionJob) -> bool:
+        return job.waits_for_room_until >= self._questions_finished
 
     def _retained_range(self, job: QuestionJob) -> tuple[float, float] | None:
         """Clips the question's time range to what retention keeps; OUT_OF_RANGE if nothing is left."""
@@ -421,6 +450,7 @@ class EngineLoop:
             job.gen.close()  # runs the engine's finally: releases the retrieval pins
         if job in self._questions:
             self._questions.remove(job)
+            self._questions_finished += 1
             if not any(j.stream_id == job.stream_id for j in self._questions):
                 self._end_hold(job.stream_id)
         with self._jobs_lock:

@@ -6,14 +6,17 @@ Lag is ``IngestQueues.oldest_wait_s``: seconds since the oldest frame still wait
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import grpc
 import pytest
 
+from mosaic_core.config import MIB
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.results import Answer
+from mosaic_core.errors import CapacityError
 from services.engine_loop import DONE, EngineLoop, QuestionJob
 from services.errors import QueueFullError, status_for
 from services.ingest_queue import IngestQueues, QueuedFrame
@@ -21,7 +24,7 @@ from services.metadata import InMemoryMetadataStore
 from services.publisher import MetadataPublisher, WorkerView
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
-from tests.unit.engine_helpers import SMALL
+from tests.unit.engine_helpers import SMALL, feed
 
 FPS = 1.0
 STREAMS = ("cam-0", "cam-1", "cam-2")
@@ -186,3 +189,43 @@ def test_a_question_on_a_stream_with_no_frames_is_failed_precondition(loop):
     status = status_for(events[0])
     assert status.code is grpc.StatusCode.FAILED_PRECONDITION
     assert "'cam-2' has ingested no frames yet" in status.message
+
+
+def _tight_loop(tiny_model, bikes_frames, device_mib: float) -> EngineLoop:
+    engine = Engine(tiny_model, dataclasses.replace(SMALL, device_budget_bytes=int(device_mib * MIB)))
+    queues = IngestQueues(64)
+    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
+    loop = EngineLoop(
+        engine,
+        queues,
+        TierSync(engine, publisher, "0"),
+        WorkerTelemetry("0"),
+        max_batch_frames=8,
+        retention_s=lambda s: 0.0,
+    )
+    loop.start()
+    loop.call(engine.open_stream, "cam", fps=4.0)
+    queues.add_stream("cam", 4.0)
+    loop.call(feed, engine, "cam", bikes_frames[:16])
+    return loop
+
+
+def test_a_question_without_device_room_waits_for_the_running_one_instead_of_failing(tiny_model, bikes_frames):
+    loop = _tight_loop(tiny_model, bikes_frames, device_mib=0.75)  # room for one 60-token answer, not two
+    try:
+        jobs = [_ask(loop, "cam", n, max_new_tokens=60) for n in range(2)]
+        answers = [_events(job)[-1] for job in jobs]
+    finally:
+        loop.stop()
+    assert [type(answer) for answer in answers] == [Answer, Answer], answers
+    assert [len(answer.token_ids) for answer in answers] == [60, 60]
+
+
+def test_a_question_that_cannot_fit_even_alone_is_resource_exhausted(tiny_model, bikes_frames):
+    loop = _tight_loop(tiny_model, bikes_frames, device_mib=0.5)
+    try:
+        error = _events(_ask(loop, "cam", 0, max_new_tokens=60))[-1]
+    finally:
+        loop.stop()
+    assert isinstance(error, CapacityError), error
+    assert status_for(error).code == grpc.StatusCode.RESOURCE_EXHAUSTED
