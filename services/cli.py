@@ -49,6 +49,7 @@ _SERVE_FLAGS = (
     ("--max-message-bytes", int, "largest gRPC message (default 16 MiB)"),
     ("--query-queue-size", int, "questions that may wait before RESOURCE_EXHAUSTED (default 64)"),
     ("--ingest-queue-frames", int, "frames queued per stream before the oldest is dropped (default 32)"),
+    ("--console-port", int, "port of the operator console web page (default 8080; 0 picks a free one)"),
 )
 log = logging.getLogger("mosaic.serve")
 
@@ -65,6 +66,12 @@ def add_service_commands(subparsers) -> None:
         default=None,
         metavar="DIR",
         help="directory whose video files streams may use as --source (repeatable); files elsewhere are refused",
+    )
+    serve.add_argument(
+        "--console",
+        action="store_true",
+        default=None,
+        help="also serve the operator console, a web page on --console-port (docs/console.md)",
     )
     serve.add_argument("--config", default=None, help="YAML file with serve options (flags win)")
     serve.add_argument(
@@ -110,6 +117,7 @@ def run_serve(args) -> int:
             )
             return 2
         overrides["source_roots"] = [str(Path(root).expanduser().resolve()) for root in args.source_roots]
+    overrides["console"] = args.console
     config = load_config(args.config, **overrides)  # a ConfigError is one sentence, exit 2 (mosaic_core.cli)
 
     log.info("preflight: ports, Redis, model, device and directories")
@@ -128,6 +136,9 @@ def run_serve(args) -> int:
             f"{server.metrics_port}/metrics, {config.workers} worker(s), model {config.model}, mode {config.mode}",
             flush=True,
         )
+        if server.console_port:
+            scheme = "https" if config.tls_cert else "http"
+            print(f"mosaic console: {scheme}://{config.host}:{server.console_port}/", flush=True)
 
     # Ray's crash handler would catch SIGTERM in this (driver) process, print a stack and abort; the service
     # handles SIGTERM itself to drain calls, so the handler stays off here unless the operator sets it.

@@ -49,6 +49,9 @@ class ServiceConfig(BaseModel):
     tls_cert: str | None = None
     tls_key: str | None = None
     max_message_bytes: int = Field(16 * MIB, ge=1024)
+    # The operator console (docs/console.md): a web page on this port of ``host``, off unless asked for.
+    console: bool = False
+    console_port: int = Field(8080, ge=0, le=65535)
     # --- cluster ---
     ray_address: str = "local"
     ray_num_cpus: float | None = Field(None, gt=0)

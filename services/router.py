@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from services import heap_probe
 from services.config import ServiceConfig
+from services.console.server import ConsoleServer
 from services.coordinator import Coordinator
 from services.errors import UnauthenticatedError, status_for
 from services.gen.mosaic.v1 import mosaic_pb2, mosaic_pb2_grpc
@@ -101,9 +102,11 @@ class MosaicServer:
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.metrics_port = 0
+        self.console_port = 0  # 0 while the console is off
         self.coordinator: Coordinator | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_server = None
+        self._console: ConsoleServer | None = None
         self._workers: list = []
         self._store_actor = None
         self._started_ray = False
@@ -128,6 +131,9 @@ class MosaicServer:
         self.start_ray()
         await self._start_grpc(queue)
         try:
+            if self._console is not None:  # up before the workers: until then its calls answer as gRPC's do
+                await self._console.start()
+                self.console_port = self._console.port
             await self._start_backend()
         except BaseException:
             await self.stop()
@@ -172,6 +178,9 @@ class MosaicServer:
             self.grpc_port = self._server.add_secure_port(address, creds)
         else:
             self.grpc_port = self._server.add_insecure_port(address)
+        if cfg.console:
+            self._console = ConsoleServer(cfg)
+            self._console.bind_grpc(self._server)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
@@ -255,6 +264,8 @@ class MosaicServer:
                 await self._telemetry_task
         if self.watches is not None:
             await self.watches.stop_polls()  # the events a poll has taken are stored first
+        if self._console is not None:
+            await self._console.stop()  # ends the page's event streams before the calls they relay
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
         for index, worker in enumerate(self._workers):
