@@ -385,8 +385,8 @@ class ResidencyManager:
             raise InvalidArgumentError(f"tier {tier.name} has a budget of 0 bytes and is switched off")
         return tier
 
-    def _colder(self, tier: Tier) -> Tier | None:
-        return next((t for t in Tier if t > tier and self.capacity_bytes(t) > 0), None)
+    def _colder_tiers(self, tier: Tier) -> list[Tier]:
+        return [t for t in Tier if t > tier and self.capacity_bytes(t) > 0]
 
     def _forget(self, record: ClusterResidency) -> None:
         cid = record.cluster_id
@@ -419,16 +419,19 @@ class ResidencyManager:
         shortfall = nbytes - self.free_bytes(tier)
         if shortfall <= 0:
             return []
-        dst = self._colder(tier)
-        if dst is None or nbytes > self.capacity_bytes(tier):
+        if nbytes > self.capacity_bytes(tier):
             return None
         victims = self._pick(tier, shortfall, exclude, now_s)
         if victims is None:
             return None
-        moves = [Move(cid, tier, dst, self._records[cid].num_bytes) for cid in victims]
-        # The colder tier must first make room for what lands in it; those spills run first.
-        room = self._make_room(dst, sum(move.num_bytes for move in moves), exclude, now_s)
-        return None if room is None else room + moves
+        victim_bytes = sum(self._records[cid].num_bytes for cid in victims)
+        # The victims go to the nearest colder tier that can make room for all of them (a small host tier is
+        # skipped rather than failing the plan); the spills making that room run first.
+        for dst in self._colder_tiers(tier):
+            room = self._make_room(dst, victim_bytes, exclude, now_s)
+            if room is not None:
+                return room + [Move(cid, tier, dst, self._records[cid].num_bytes) for cid in victims]
+        return None
 
     def _plan_error(self, plan: MovePlan) -> str | None:
         tiers: dict[str, Tier] = {}

@@ -173,8 +173,9 @@ class DeviceRoom:
         plan = residency.plan_make_room(Tier.DEVICE, num_bytes)
         if plan is None:
             raise CapacityError(
-                f"{self.owner} needs {num_bytes} device bytes ({num_pages} pages) and only "
-                f"{residency.free_bytes(Tier.DEVICE)} can be freed: the rest is reserved or pinned"
+                f"{self.owner} needs {num_bytes} device bytes ({num_pages} pages); {residency.free_bytes(Tier.DEVICE)} "
+                f"of the {residency.capacity_bytes(Tier.DEVICE)}-byte device budget are free and spilling clusters "
+                "cannot free the rest: it is reserved (streams' windows, running questions) or pinned"
             )
         self.tiering.execute(plan)
         name = f"{self.owner}#{len(self._reservations)}"

@@ -261,6 +261,17 @@ def test_cascade_fails_when_disk_full() -> None:
     assert [m.cluster_id for m in rm.plan_make_room(D, 1).moves] == ["h", "d"]
 
 
+def test_spills_larger_than_the_host_tier_go_straight_to_disk() -> None:
+    rm = manager(device=40, host=15, disk=100)
+    for cid in ("d1", "d2", "d3", "d4"):
+        rm.add(cid, "s", 10, D)
+    rm.add("h1", "s", 10, H)
+    plan = run(rm, rm.plan_make_room(D, 30))  # 30 bytes of victims cannot pass through a 15-byte host tier
+    assert [(m.cluster_id, m.src, m.dst) for m in plan.moves] == [("d1", D, K), ("d2", D, K), ("d3", D, K)]
+    assert rm.clusters(tier=H) == ["h1"]
+    assert rm.plan_make_room(D, 41) is None  # more than the device tier holds
+
+
 def test_switched_off_host_spills_straight_to_disk() -> None:
     rm = manager(device=10, host=0, disk=50)
     rm.add("a", "s", 10, D)
