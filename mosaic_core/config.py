@@ -91,6 +91,10 @@ class EngineConfig:
         scorer: how a question ranks units: None takes the mode's own ("spread" for cluster, "mean_key" for
             token and frame); "random" and "recent" are the chance and recency baselines (see
             ``mosaic_core.engine.scorers``).
+        keyframes_per_cluster: JPEG thumbnails kept per cluster (first, most central, last; see
+            ``mosaic_core.engine.keyframes``); 0 keeps none.
+        keyframe_long_side_px: a thumbnail's longer side, in pixels (never larger than the frame).
+        keyframe_jpeg_quality: JPEG quality of the thumbnails, 1-95.
     """
 
     mode: RetrievalMode = RetrievalMode.CLUSTER
@@ -115,6 +119,9 @@ class EngineConfig:
     merge_min_joint_fraction: float = 0.8
     formation: FormationConfig = field(default_factory=FormationConfig)
     scorer: str | None = None
+    keyframes_per_cluster: int = 3
+    keyframe_long_side_px: int = 160
+    keyframe_jpeg_quality: int = 75
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", RetrievalMode.parse(self.mode))
@@ -155,6 +162,12 @@ class EngineConfig:
             raise ConfigError(f"prefetch_after_layer must be >= 0 or None, got {self.prefetch_after_layer}")
         if self.scorer is not None and self.scorer not in SCORER_NAMES:
             raise UnknownPolicyError(f"unknown scorer {self.scorer!r}; valid scorers are: {', '.join(SCORER_NAMES)}")
+        if not (isinstance(self.keyframes_per_cluster, int) and 0 <= self.keyframes_per_cluster <= 16):
+            raise ConfigError(f"keyframes_per_cluster must be an int in 0..16, got {self.keyframes_per_cluster!r}")
+        if not (isinstance(self.keyframe_long_side_px, int) and 16 <= self.keyframe_long_side_px <= 1024):
+            raise ConfigError(f"keyframe_long_side_px must be an int in 16..1024, got {self.keyframe_long_side_px!r}")
+        if not (isinstance(self.keyframe_jpeg_quality, int) and 1 <= self.keyframe_jpeg_quality <= 95):
+            raise ConfigError(f"keyframe_jpeg_quality must be an int in 1..95, got {self.keyframe_jpeg_quality!r}")
         if not 0.0 < self.merge_min_joint_fraction <= 1.0:
             raise ConfigError(f"merge_min_joint_fraction must be in (0, 1], got {self.merge_min_joint_fraction}")
 

@@ -80,7 +80,8 @@ class ResidencyStats:
 
 
 class ResidencyManager:
-    """Tracks every cluster's tier and size, plus fixed device reservations, against shared byte budgets.
+    """Tracks every cluster's tier and size, plus fixed device reservations and side-data charges (keyframes),
+    against shared byte budgets.
 
     Args:
         budgets: byte capacity per tier.
@@ -96,6 +97,7 @@ class ResidencyManager:
         self._by_stream: dict[str, dict[str, None]] = {}
         self._used_bytes = dict.fromkeys(Tier, 0)
         self._reservations: dict[str, int] = {}
+        self._charges: dict[tuple[str, Tier], int] = {}  # side data kept beside clusters (keyframes)
         self._num_pinned = 0
 
     # -- accounting ---------------------------------------------------------------------------------------
@@ -160,6 +162,34 @@ class ResidencyManager:
         if owner is None:
             return sum(self._reservations.values())
         return self._reservations.get(owner, 0)
+
+    # -- side data (host or disk bytes held beside clusters, never moved between tiers) ---------------------
+
+    def charge(self, owner: str, tier: Tier, nbytes: int) -> bool:
+        """Counts ``nbytes`` of ``owner``'s side data (a cluster's keyframes) in ``tier``'s used bytes, if they fit
+        in its free bytes now (make room first with ``plan_make_room``); False, with nothing counted, otherwise.
+
+        Raises:
+            AlreadyExistsError: ``owner`` already holds a charge in ``tier``.
+        """
+        key = (owner, Tier(tier))
+        if key in self._charges:
+            raise AlreadyExistsError(f"{owner!r} already holds a {key[1].name} charge of {self._charges[key]} bytes")
+        if _check_nbytes(nbytes) > self.free_bytes(key[1]):
+            return False
+        self._charges[key] = nbytes
+        self._used_bytes[key[1]] += nbytes
+        return True
+
+    def discharge(self, owner: str, tier: Tier) -> int:
+        """Gives back ``owner``'s charge in ``tier``; returns its bytes (0 if it held none)."""
+        nbytes = self._charges.pop((owner, Tier(tier)), 0)
+        self._used_bytes[Tier(tier)] -= nbytes
+        return nbytes
+
+    def charged_bytes(self, tier: Tier) -> int:
+        """Side-data bytes counted in ``tier``."""
+        return sum(n for (_, t), n in self._charges.items() if t == tier)
 
     # -- clusters -----------------------------------------------------------------------------------------
 
@@ -362,7 +392,8 @@ class ResidencyManager:
         for tier in Tier:
             cluster_bytes = sum(self._records[cid].num_bytes for cid in self._by_tier[tier])
             reserved = self.reserved_bytes() if tier == Tier.DEVICE else 0
-            assert self._used_bytes[tier] == cluster_bytes + reserved, f"{tier.name} byte count drifted"
+            side = self.charged_bytes(tier)
+            assert self._used_bytes[tier] == cluster_bytes + reserved + side, f"{tier.name} byte count drifted"
             assert 0 <= self._used_bytes[tier] <= self.capacity_bytes(tier), f"{tier.name} over budget"
         assert sum(len(members) for members in self._by_tier.values()) == len(self._records)
         assert sum(len(members) for members in self._by_stream.values()) == len(self._records)

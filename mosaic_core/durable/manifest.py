@@ -46,6 +46,9 @@ class ClusterEntry:
     num_bytes: int  # KV bytes, over all layers
     checksum: str  # CRC-32 (hex) of the record's tensor payload
     position_end: int  # the stream's text position after the cluster's last frame
+    # The cluster's keyframes, in the order their JPEG bytes follow one another in the record's ``keyframes``
+    # tensor: {"frame_index", "timestamp_s", "width", "height", "num_bytes"} each. Older records have none.
+    keyframes: list[dict] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

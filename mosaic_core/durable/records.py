@@ -6,6 +6,8 @@ The file is a safetensors file (a JSON header, then raw tensors), so any tool ca
     key_sum    [num_layers, num_kv_heads, head_dim] float32                      the summary the retriever scores
     key_sumsq  [num_layers, num_kv_heads, head_dim] float32
     key_count  [1] float32
+    keyframes  [num_bytes] uint8       the cluster's JPEG keyframes back to back (only if it has any; the
+                                       manifest entry says where each one starts)
 
 Pages are frame-sized and page-major on disk, so a paged arena can read page ``p`` as one contiguous run of
 bytes; today's engine, which holds a cluster as ``[num_layers, 2, num_kv_heads, num_tokens, head_dim]``, turns
@@ -58,19 +60,25 @@ def from_pages(pages: torch.Tensor) -> torch.Tensor:
 
 def payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
     crc = 0
-    for name in ("pages", "key_sum", "key_sumsq", "key_count"):
-        crc = zlib.crc32(tensors[name].contiguous().view(torch.uint8).numpy().data, crc)
+    for name in ("pages", "key_sum", "key_sumsq", "key_count", "keyframes"):
+        if name in tensors:  # keyframes are optional: a record without them checks as before
+            crc = zlib.crc32(tensors[name].contiguous().view(torch.uint8).numpy().data, crc)
     return f"{crc:08x}"
 
 
-def encode_cluster(kv: torch.Tensor, summary: ClusterSummary, *, page_tokens: int) -> tuple[bytes, str]:
-    """The file's bytes and the payload checksum, from a host tensor ``[L, 2, H, n, D]``."""
+def encode_cluster(
+    kv: torch.Tensor, summary: ClusterSummary, *, page_tokens: int, keyframes: bytes = b""
+) -> tuple[bytes, str]:
+    """The file's bytes and the payload checksum, from a host tensor ``[L, 2, H, n, D]`` (and the cluster's
+    keyframe JPEGs back to back, if any)."""
     tensors = {
         "pages": to_pages(kv.cpu(), page_tokens),
         "key_sum": summary.key_sum.float().cpu().contiguous(),
         "key_sumsq": summary.key_sumsq.float().cpu().contiguous(),
         "key_count": torch.tensor([summary.key_count], dtype=torch.float32),
     }
+    if keyframes:
+        tensors["keyframes"] = torch.frombuffer(bytearray(keyframes), dtype=torch.uint8)
     checksum = payload_checksum(tensors)
     return save(tensors, metadata={"format": FORMAT, "checksum": checksum}), checksum
 

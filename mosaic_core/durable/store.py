@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from mosaic_core.durable.manifest import (
     RECORD_SUFFIX,
@@ -41,7 +42,14 @@ from mosaic_core.durable.manifest import (
     replay,
     write_atomic,
 )
-from mosaic_core.durable.records import ClusterSummary, decode_cluster, decode_pages, encode_cluster, to_pages
+from mosaic_core.durable.records import (
+    ClusterSummary,
+    CorruptRecordError,
+    decode_cluster,
+    decode_pages,
+    encode_cluster,
+    to_pages,
+)
 from mosaic_core.errors import AlreadyExistsError, UnknownClusterError
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,7 @@ class Seal:
     page_tokens: int
     ready: object = None  # torch.cuda.Event or None
     submitted_s: float = field(default_factory=time.monotonic)
+    keyframes: bytes = b""  # JPEGs back to back, as ``entry.keyframes`` lists them
 
     @property
     def num_bytes(self) -> int:
@@ -259,6 +268,20 @@ class DurableStore:
         path = self.stream_dir(_stream_of(cluster_id)) / entry.file
         return decode_pages(path.read_bytes(), expect_checksum=entry.checksum, name=str(path))[0]
 
+    def read_keyframes(self, stream_id: str, entry: ClusterEntry) -> list[bytes]:
+        """The JPEG bytes of a durable cluster's keyframes, in ``entry.keyframes`` order (a read of that one
+        tensor of the record; the KV pages are not read)."""
+        if not entry.keyframes:
+            return []
+        path = self.stream_dir(stream_id) / entry.file
+        with safe_open(str(path), framework="pt") as f:
+            data = f.get_tensor("keyframes").numpy().tobytes()
+        sizes = [int(k["num_bytes"]) for k in entry.keyframes]
+        if sum(sizes) != len(data):
+            raise CorruptRecordError(f"cluster record {path} holds {len(data)} keyframe bytes, not {sum(sizes)}")
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [data[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
+
     def read_summary(self, cluster_id: str) -> ClusterSummary:
         entry = self.entry(cluster_id)
         path = self.stream_dir(_stream_of(cluster_id)) / entry.file
@@ -351,7 +374,9 @@ class DurableStore:
         for seal in commit.add:
             if seal.ready is not None:
                 seal.ready.synchronize()
-            data, checksum = encode_cluster(seal.kv, seal.summary, page_tokens=seal.page_tokens)
+            data, checksum = encode_cluster(
+                seal.kv, seal.summary, page_tokens=seal.page_tokens, keyframes=seal.keyframes
+            )
             seal.entry.checksum = checksum
             write_atomic(writer.stream_dir / seal.entry.file, data)
             entries.append(asdict(seal.entry))

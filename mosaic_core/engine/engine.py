@@ -26,6 +26,8 @@ from mosaic_core.config import EngineConfig, RetrievalMode
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.engine import ingest, questions
 from mosaic_core.engine.history import HistoryKeeper, RestoredStream
+from mosaic_core.engine.keyframe_store import KeyframeSettings, held_keyframes, store_for
+from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import (
@@ -44,6 +46,7 @@ from mosaic_core.errors import (
     AlreadyExistsError,
     BudgetError,
     InvalidArgumentError,
+    UnknownClusterError,
     UnknownStreamError,
 )
 from mosaic_core.memory.tiers import KVTiers
@@ -90,7 +93,13 @@ class Engine:
             durable=durable,
         )
         self.tiering = TierManager(residency, tiers)
-        self.history = None if durable is None else HistoryKeeper(durable, self.tiering)
+        keyframes = KeyframeSettings(
+            count=self.config.keyframes_per_cluster,
+            long_side_px=self.config.keyframe_long_side_px,
+            jpeg_quality=self.config.keyframe_jpeg_quality,
+            on_disk=durable is not None,
+        )
+        self.history = None if durable is None else HistoryKeeper(durable, self.tiering, keyframes)
         self.tracker = CoRetrievalTracker()
         self.streams: dict[str, StreamState] = {}
         self.parts = EngineParts(
@@ -219,6 +228,9 @@ class Engine:
 
     def _forget_stream(self, state: StreamState) -> None:
         state.closed = True
+        store = held_keyframes(state)
+        if store is not None:
+            store.close()
         for cluster_id in self.tiering.residency.drop_stream(state.stream_id):
             self.tiering.tiers.delete(cluster_id)
             self.tracker.forget(cluster_id)
@@ -251,6 +263,7 @@ class Engine:
             state.former.remove(cluster_id)
             state.summaries.remove(cluster_id)
             self.tracker.forget(cluster_id)
+        store_for(self.parts, state).forget(expired)
         if self.history is not None:
             self.history.on_drop(state, expired)
         return expired
@@ -303,6 +316,36 @@ class Engine:
         events = list(self.ask(stream_id, question, **kwargs))
         return events[-1]
 
+    def keyframes(
+        self,
+        stream_id: str,
+        *,
+        keyframe_ids: Sequence[str] = (),
+        cluster_id: str = "",
+        latest: bool = False,
+    ) -> list[Keyframe]:
+        """JPEG thumbnails of a stream: the ones named (in that order), every one of ``cluster_id`` (in time
+        order), or the newest; exactly one of the three.
+
+        Raises:
+            InvalidArgumentError: no or several selectors, too many ids, or a malformed id.
+            UnknownKeyframeError: an id naming no held keyframe (NOT_FOUND).
+            UnknownClusterError: ``cluster_id`` is not one of the stream's held clusters.
+        """
+        store = store_for(self.parts, self.stream(stream_id))
+        chosen = [name for name, on in (("keyframe_ids", bool(keyframe_ids)), ("cluster_id", bool(cluster_id)),
+                                         ("latest", latest)) if on]  # fmt: skip
+        if len(chosen) != 1:
+            what = "none" if not chosen else " and ".join(chosen)
+            raise InvalidArgumentError(f"give exactly one of keyframe_ids, cluster_id and latest; got {what}")
+        if latest:
+            return store.latest()
+        if keyframe_ids:
+            return store.by_ids(list(keyframe_ids))
+        if cluster_id not in self.stream(stream_id).records():
+            raise UnknownClusterError(f"stream {stream_id!r} holds no cluster {cluster_id!r}")
+        return store.of_cluster(cluster_id)
+
     # -- introspection ------------------------------------------------------------------------------------------
     def clusters(self, stream_id: str) -> list[ClusterInfo]:
         """Clusters of a stream that hold KV (frames still in the local window are not in one yet)."""
@@ -354,6 +397,7 @@ class Engine:
     def stats(self) -> EngineStats:
         residency = self.tiering.residency
         names = {tier: tier.name.lower() for tier in Tier}
+        stores = [store for state in self.streams.values() if (store := held_keyframes(state)) is not None]
         return EngineStats(
             mode=self.config.mode.value,
             num_streams=len(self.streams),
@@ -364,4 +408,7 @@ class Engine:
             transfer_copies_by_direction=dict(self.tiering.tiers.stats.copies_by_direction),
             device_hit_ratio=self.tiering.hit_ratio,
             device_pool_bytes=self.tiering.tiers.pools.device_pool_bytes,
+            keyframe_bytes=sum(s.num_bytes for s in stores),
+            num_keyframes=sum(s.num_keyframes for s in stores),
+            keyframes_dropped=sum(s.num_dropped for s in stores),
         )

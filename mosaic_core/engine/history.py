@@ -23,6 +23,8 @@ from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.durable.manifest import RECORD_SUFFIX, ClusterEntry
 from mosaic_core.durable.records import ClusterSummary
 from mosaic_core.durable.store import DurableStore, Seal, StoredStream
+from mosaic_core.engine.keyframe_store import KeyframeSettings, held_keyframes, keyframes_of
+from mosaic_core.engine.keyframes import Keyframe, make_keyframe_id
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
 
@@ -44,9 +46,10 @@ class RestoredStream:
 class HistoryKeeper:
     """Writes one engine's sealed clusters behind and re-adopts them after a restart."""
 
-    def __init__(self, store: DurableStore, tiering: TierManager) -> None:
+    def __init__(self, store: DurableStore, tiering: TierManager, keyframes: KeyframeSettings) -> None:
         self.store = store
         self.tiering = tiering
+        self.keyframes = keyframes
         self._reserved: dict[str, int] = {}  # stream -> cluster numbers below this are recorded as possibly used
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -109,7 +112,15 @@ class HistoryKeeper:
             checksum="",
             position_end=state.text_cursor,
         )
-        return Seal(entry, kv, ClusterSummary(key_sum, key_sumsq, count), page_tokens, ready)
+        store = held_keyframes(state)
+        keyframes = [] if store is None else store.of_cluster(record.cluster_id)
+        entry.keyframes = [
+            {"frame_index": k.frame_index, "timestamp_s": k.timestamp_s, "width": k.width, "height": k.height,
+             "num_bytes": k.num_bytes}
+            for k in keyframes
+        ]  # fmt: skip
+        summary = ClusterSummary(key_sum, key_sumsq, count)
+        return Seal(entry, kv, summary, page_tokens, ready, keyframes=b"".join(k.jpeg for k in keyframes))
 
     # -- restart ------------------------------------------------------------------------------------------
     def adopt(self, state: StreamState, stored: StoredStream) -> RestoredStream:
@@ -158,7 +169,29 @@ class HistoryKeeper:
             footprint = self.tiering.tiers.footprint_bytes(entry.num_tokens)  # the pages it takes once fetched
             self.tiering.residency.add(entry.cluster_id, state.stream_id, footprint, Tier.DISK)
             self.tiering.tiers.adopt(entry.cluster_id)
+            self._adopt_keyframes(state, entry)
         return RestoredStream(state.stream_id, stored.stream.get("meta") or {}, saved, len(entries), last_ts)
+
+    def _adopt_keyframes(self, state: StreamState, entry: ClusterEntry) -> None:
+        try:
+            jpegs = self.store.read_keyframes(state.stream_id, entry)
+        except Exception as err:  # the cluster's KV is still good: it comes back without thumbnails
+            log.error("cannot restore the keyframes of cluster %s: %s", entry.cluster_id, err)
+            return
+        keyframes = [
+            Keyframe(
+                keyframe_id=make_keyframe_id(state.stream_id, int(meta["frame_index"])),
+                stream_id=state.stream_id,
+                cluster_id=entry.cluster_id,
+                frame_index=int(meta["frame_index"]),
+                timestamp_s=float(meta["timestamp_s"]),
+                jpeg=jpeg,
+                width=int(meta["width"]),
+                height=int(meta["height"]),
+            )
+            for meta, jpeg in zip(entry.keyframes, jpegs, strict=True)
+        ]
+        keyframes_of(state, self.keyframes, self.tiering).keep(entry.cluster_id, keyframes)
 
     def _read_summary(self, stream_id: str, entry: ClusterEntry) -> ClusterSummary:
         # Only the small summary tensors are read here; the KV pages are read (and checksummed) when fetched.

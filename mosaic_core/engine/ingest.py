@@ -17,6 +17,7 @@ import torch
 
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.engine.keyframe_store import store_for
 from mosaic_core.engine.maintenance import join_recurring, note_frame
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import IngestPlan
@@ -186,6 +187,7 @@ def _place_frame(
     coherence: tuple[float | None, float | None],
 ) -> int:
     similarity, cohesion = coherence
+    centrality = similarity  # before the frame-block modes override it
     if parts.config.mode.one_frame_units:
         similarity, cohesion = -1.0, None  # frame blocks (token, frame modes): every frame is its own block
     num_tokens = sum(fills)
@@ -200,6 +202,8 @@ def _place_frame(
     )
     if parts.history is not None and not decision.join:
         parts.history.ensure_ids(state)
+    rgb = frame.rgb if frame.rgb.ndim == 3 else frame.rgb[0]
+    store_for(parts, state).offer(record.cluster_id, state.frames_ingested, frame.timestamp_s, rgb, centrality)
     state.open_embeds = [*state.open_embeds, summary] if decision.join else [summary]
     note_frame(parts, state, record.cluster_id, summary)  # recurring-scene joins (off unless configured)
     slots = parts.tiering.tiers.pools.slots(pages, fills)

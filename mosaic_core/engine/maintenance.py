@@ -14,6 +14,7 @@ import torch
 from mosaic_core.bookkeeping.formation import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import RetrievalMode
+from mosaic_core.engine.keyframe_store import store_for
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.recurrence import centroids_of
 from mosaic_core.engine.stream import StreamState
@@ -124,7 +125,7 @@ def _read_both(parts: EngineParts, first_id: str, second_id: str) -> torch.Tenso
 
 def _replace(parts: EngineParts, state: StreamState, old_ids: list[str], record: ClusterRecord, kv) -> None:
     """Stores ``record``'s KV in the hotter of ``old_ids``' tiers and retires them everywhere: tiers, summaries,
-    the co-retrieval tracker, vision centroids and durable history (one journal line)."""
+    the co-retrieval tracker, vision centroids, keyframes (carried over) and durable history (one journal line)."""
     tiering = parts.tiering
     prefer = min(tiering.residency.tier_of(cid) for cid in old_ids)
     for cluster_id in old_ids:
@@ -133,5 +134,6 @@ def _replace(parts: EngineParts, state: StreamState, old_ids: list[str], record:
     tiering.admit(record.cluster_id, state.stream_id, kv, prefer=Tier(prefer))
     state.summaries.merge(old_ids[0], old_ids[1], record.cluster_id)
     centroids_of(state).combine(old_ids, record.cluster_id)
+    store_for(parts, state).carry_over(old_ids, [record])
     if parts.history is not None:
         parts.history.on_merge(state, record.cluster_id, old_ids)

@@ -221,9 +221,13 @@ def _evidence(state: StreamState, plan: QuestionPlan, limit: int) -> list[Eviden
             probabilities = selection.probabilities(candidates)
             for cluster_id in selection.cluster_ids:
                 mass[cluster_id] += probabilities.get(cluster_id, 0.0)
+    from mosaic_core.engine.keyframe_store import held_keyframes  # here: this function is keyframes' only use
+
     records = state.records()
+    keyframes = held_keyframes(state)
     ranked = sorted(mass.items(), key=lambda item: (-item[1], item[0]))[:limit]
-    # A cluster that joined a recurring scene is several spans: one EvidenceSpan each, sharing id, score and rank.
+    # A cluster that joined a recurring scene is several spans: one EvidenceSpan each, sharing id, score and rank,
+    # each with the keyframes that lie inside it.
     return [
         EvidenceSpan(
             stream_id=state.stream_id,
@@ -232,6 +236,7 @@ def _evidence(state: StreamState, plan: QuestionPlan, limit: int) -> list[Eviden
             end_s=end_s,
             score=score / max(1, num_scored),
             rank=rank,
+            keyframe_ids=keyframes.ids_in(cluster_id, start_s, end_s) if keyframes is not None else [],
         )
         for rank, (cluster_id, score) in enumerate(ranked, start=1)
         if cluster_id in records

@@ -36,6 +36,7 @@ class EvidenceSpan:
     end_s: float
     score: float
     rank: int
+    keyframe_ids: list[str] = field(default_factory=list)  # the cluster's keyframes inside [start_s, end_s]
 
 
 @dataclass(slots=True)
@@ -134,3 +135,8 @@ class EngineStats:
     # questions' staged and own pages) is inside it. Equal to the device budget, rounded down to whole pages,
     # except in full mode, whose pool doubles when it runs out.
     device_pool_bytes: int = 0
+    # JPEG thumbnails held for the streams' clusters (in host memory, charged to the host budget), and the ones
+    # not kept because the host tier could not make room for them.
+    keyframe_bytes: int = 0
+    num_keyframes: int = 0
+    keyframes_dropped: int = 0
