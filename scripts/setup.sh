@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: a virtual environment in .venv with torch, the project with its service and
-# dev extras, and (as root, with apt) the redis-server and promtool binaries the tests use. pip shows what it
-# downloads as it goes; the whole run takes about 5 minutes on a fast connection.
+# dev extras, and (as root, with apt) the redis-server, promtool and chromium binaries the tests use (chromium for
+# the operator console's browser test). pip shows what it downloads as it goes; the whole run takes about 5 minutes
+# on a fast connection.
 #
 #   scripts/setup.sh                                   # everything
 #   MOSAIC_NO_APT=1 scripts/setup.sh                   # skip the Debian packages
@@ -27,9 +28,21 @@ if [[ -z "${MOSAIC_NO_APT:-}" ]] && command -v apt-get >/dev/null && [[ "$(id -u
     missing=()
     command -v redis-server >/dev/null || missing+=(redis-server)
     command -v promtool >/dev/null || missing+=(prometheus)
+    need_chromium=0
+    command -v chromium >/dev/null || need_chromium=1
+    if ((${#missing[@]} || need_chromium)); then
+        apt-get update -qq
+    fi
+    if ((need_chromium)); then
+        # Debian ships the browser as `chromium`; where apt has no such package (Ubuntu's is a snap), say so.
+        if apt-cache show chromium >/dev/null 2>&1; then
+            missing+=(chromium)
+        else
+            echo "note: apt has no chromium package here; install Chromium for tests/e2e/test_e2e_console_browser.py"
+        fi
+    fi
     if ((${#missing[@]})); then
         step "installing Debian packages: ${missing[*]}"
-        apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
     fi
 fi

@@ -303,15 +303,30 @@ async function followWatchEvents() {
 
 function showWatchEvent(e) {
   const item = el("li");
+  const text = el("div");
   const when = new Date(e.fired_unix_s * 1000).toLocaleTimeString();
-  item.append(
+  text.append(
     el("div", "name", `${when} · ${e.stream_id} ${formatTime(e.stream_id, e.start_s)} · ${e.watch_id}`),
     el("div", "", e.question),
     el("div", e.answer_error ? "error" : "", e.answer || e.answer_error),
   );
+  item.append(text);
   const list = $("watch-events");
   list.prepend(item);
   while (list.children.length > MAX_WATCH_EVENTS) list.lastChild.remove();
+  showClusterFrame(item, e).catch(() => {});
+}
+
+// The middle keyframe of the cluster that fired, before the event's text.
+async function showClusterFrame(item, e) {
+  const query = `stream_id=${encodeURIComponent(e.stream_id)}&cluster_id=${encodeURIComponent(e.cluster_id)}`;
+  const keyframes = (await apiJson(`/api/keyframes?${query}`)).keyframes;
+  if (!keyframes.length) return;
+  const keyframe = keyframes[Math.floor(keyframes.length / 2)];
+  const img = el("img", "thumb");
+  img.src = `data:image/jpeg;base64,${keyframe.jpeg_base64}`;
+  img.alt = `${e.stream_id} at ${formatTime(e.stream_id, keyframe.timestamp_s)}`;
+  item.prepend(img);
 }
 
 // -- start --------------------------------------------------------------------------------------------
