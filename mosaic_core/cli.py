@@ -26,13 +26,14 @@ RANDOM_WEIGHTS_NOTE = (
     "note: preset models have random weights, so the answer text is meaningless; the evidence spans, "
     "timings and byte counts are real."
 )
-# ``mosaic bench NAME ARGS...`` hands ARGS to ``main(argv) -> int`` of these modules.
 QUESTION_TEXT_TOKENS = 128  # room in the device budget for a question's text, beside its answer
+# ``mosaic bench NAME ARGS...`` hands ARGS to ``main(argv) -> int`` of these modules.
 BENCH_TARGETS = {
     "faults": ("services.bench_faults", "fault-injection benchmark of the service"),
     "soak": ("services.bench_soak", "hours-long run of the service, with memory, lag and latency slopes"),
     "service": ("services.bench_service", "cameras one service keeps real-time, measured through gRPC"),
     "engine": ("mosaic_core.bench.engine", "side-by-side engine benchmark of full, token and cluster modes"),
+    "watches": ("bench.watches", "standing questions under load: seal-to-event latency, scoring per cluster"),
 }
 
 
@@ -124,7 +125,7 @@ def _add_optional_commands(sub, module_name: str, register: str) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark: mosaic bench faults|soak|service|engine [ARGS...]")
+    p = sub.add_parser("bench", help="run a benchmark: mosaic bench faults|soak|service|engine|watches [ARGS...]")
     targets = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", parser_class=Parser)
     for name, (module, text) in BENCH_TARGETS.items():
         # never parsed here (main hands the arguments over first); listed for --help
