@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.results import Answer, EvidenceSpan
 from mosaic_core.errors import InvalidArgumentError
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
@@ -121,10 +122,28 @@ def evidence_event(spans: list[EvidenceSpan]) -> pb.QueryEvent:
                     end_s=s.end_s,
                     score=s.score,
                     rank=s.rank,
+                    keyframe_ids=s.keyframe_ids,
                 )
                 for s in spans
             ]
         )
+    )
+
+
+def keyframes_response(keyframes: list[Keyframe]) -> pb.GetKeyframesResponse:
+    return pb.GetKeyframesResponse(
+        keyframes=[
+            pb.Keyframe(
+                id=k.keyframe_id,
+                stream_id=k.stream_id,
+                cluster_id=k.cluster_id,
+                timestamp_s=k.timestamp_s,
+                jpeg=k.jpeg,
+                width=k.width,
+                height=k.height,
+            )
+            for k in keyframes
+        ]
     )
 
 

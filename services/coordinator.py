@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 
 import ray
 
+from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import AlreadyExistsError, CapacityError, UnknownStreamError
 from services.errors import UnavailableError, unwrap
@@ -127,6 +128,13 @@ class Coordinator:
         info.record.worker_id = str(index)
         return info
 
+    async def get_keyframes(
+        self, stream_id: str, *, keyframe_ids: list[str], cluster_id: str, latest: bool
+    ) -> list[Keyframe]:
+        index = self._index_of(stream_id)
+        worker = self.workers[index]
+        return await self._call(index, worker.keyframes.remote(stream_id, keyframe_ids, cluster_id, latest))
+
     async def list_streams(self) -> list[StreamInfo]:
         """Every stream of every worker; UNAVAILABLE, naming the workers, if any cannot answer (a partial list
         would read as streams that no longer exist)."""
@@ -227,13 +235,20 @@ class Coordinator:
         calls = (
             asyncio.wait_for(self._call(i, w.drain_telemetry.remote()), timeout_s) for i, w in enumerate(self.workers)
         )
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        keyframe_calls = (
+            asyncio.wait_for(self._call(i, w.keyframe_stats.remote()), timeout_s) for i, w in enumerate(self.workers)
+        )
+        results, keyframes = await asyncio.gather(
+            asyncio.gather(*calls, return_exceptions=True), asyncio.gather(*keyframe_calls, return_exceptions=True)
+        )
         alive = set()
-        for index, result in zip(live, results, strict=True):
+        for index, result, keyframe_stats in zip(live, results, keyframes, strict=True):
             if isinstance(result, BaseException):
                 continue
             alive.add(index)
             apply_delta(self.metrics, result, open_streams=set(self.placement))
+            if not isinstance(keyframe_stats, BaseException):
+                self.metrics.set_keyframes(index, *keyframe_stats)
         self._alive = alive
         self.metrics.set_workers_up(len(alive))
         self.metrics.set_active_streams(len(self.placement))

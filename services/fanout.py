@@ -102,12 +102,13 @@ async def _drain(stream_id: str, queue: asyncio.Queue, *, headers: bool, out_of_
 
 
 def merged_evidence(answers: list[Answer], limit: int) -> list[EvidenceSpan]:
-    """Every answer's spans ranked by score (best first), renumbered from rank 1, as the engine ranks."""
+    """Every answer's spans ranked by score (best first), renumbered from rank 1, as the engine ranks; each keeps
+    its keyframe ids (they name their stream, so spans of several cameras cannot mix them up)."""
     spans = sorted(
         (span for answer in answers for span in answer.evidence),
         key=lambda s: (-s.score, s.stream_id, s.start_s),
     )[:limit]
     return [
-        EvidenceSpan(s.stream_id, s.cluster_id, s.start_s, s.end_s, s.score, rank)
+        EvidenceSpan(s.stream_id, s.cluster_id, s.start_s, s.end_s, s.score, rank, list(s.keyframe_ids))
         for rank, s in enumerate(spans, start=1)
     ]

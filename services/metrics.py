@@ -208,6 +208,19 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
+        # --- keyframes (docs/durability.md) ---
+        self.keyframe_bytes = Gauge(
+            "mosaic_keyframe_bytes",
+            "JPEG keyframe bytes held with clusters (host memory; counted in the host and disk tier budgets).",
+            ["worker"],
+            registry=r,
+        )
+        self.keyframes_dropped_total = Counter(
+            "mosaic_keyframes_dropped_total",
+            "Keyframes not kept because the host tier could not make room for them.",
+            ["worker"],
+            registry=r,
+        )
         # --- service ---
         self.active_streams = Gauge("mosaic_active_streams", "Open streams.", registry=r)
         self.workers_up = Gauge("mosaic_workers_up", "Live worker actors.", registry=r)
@@ -383,13 +396,19 @@ class MosaicMetrics:
             raise ValueError(f"hit ratio {r!r} must be within [0, 1]")
         self.cluster_device_hit_ratio.labels(_worker(worker)).set(r)
 
+    def set_keyframes(self, worker: int | str, num_bytes: int, dropped: int) -> None:
+        """A worker's keyframe bytes now (gauge) and keyframes dropped since the last call (increment)."""
+        label = _worker(worker)
+        self.keyframe_bytes.labels(label).set(_non_negative("keyframe bytes", num_bytes))
+        self.keyframes_dropped_total.labels(label).inc(_non_negative("keyframes dropped", dropped))
+
     def forget_worker(self, worker: int | str) -> None:
         """Drops every series of a worker that left (its gauges would otherwise freeze at the last value)."""
         label = _worker(worker)
         for metric in (
             self.ingest_latency_seconds, self.ingest_batch_frames, self.cluster_device_hit_ratio, self.worker_pid,
             self.metadata_store_up, self.metadata_queue_depth, self.durable_pending_clusters,
-            self.durable_oldest_pending_seconds,
+            self.durable_oldest_pending_seconds, self.keyframe_bytes,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):  # a series never set
                 metric.remove(label)
@@ -442,7 +461,8 @@ class MosaicMetrics:
             for metric in (
                 self.worker_pid, self.metadata_store_up, self.metadata_queue_depth, self.metadata_writes_dropped_total,
                 self.metadata_resyncs_total, self.durable_pending_clusters, self.durable_oldest_pending_seconds,
-                self.durable_clusters_written_total, self.durable_write_errors_total,
+                self.durable_clusters_written_total, self.durable_write_errors_total, self.keyframe_bytes,
+                self.keyframes_dropped_total,
             ):  # fmt: skip
                 metric.labels(worker)
             for direction in TRANSFER_DIRECTIONS:

@@ -5,6 +5,9 @@ full), run under the call's deadline (DEADLINE_EXCEEDED, a little before the cli
 server reports it with a sentence), and fan out over the target streams (``fanout.merge_answers``).
 Event order of one answer: token chunks, then the merged evidence, then the timings.
 
+GetKeyframes reads a stream's keyframes (JPEG thumbnails) from the worker that owns it; the engine checks the
+selector and the ids (``Engine.keyframes``).
+
 Standing questions (CreateWatch, ListWatches, DeleteWatch, WatchEvents) go to the router's ``WatchRegistry``
 (``services.watches``); until the backend is up they answer UNAVAILABLE.
 
@@ -21,6 +24,7 @@ import logging
 import time
 import uuid
 
+from mosaic_core.engine.keyframe_store import MAX_IDS_PER_LOOKUP
 from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, MosaicError, UnknownStreamError
 from services import convert
@@ -123,6 +127,23 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         try:
             infos = await self.coordinator.list_streams()
             return pb.ListStreamsResponse(streams=[self._stream_proto(i) for i in infos])
+        except Exception as err:
+            await abort(context, err, self.metrics)
+
+    async def GetKeyframes(self, request, context):
+        try:
+            stream_id = check_stream_id(request.stream_id)
+            if len(request.keyframe_ids) > MAX_IDS_PER_LOOKUP:  # before the ids travel to a worker
+                raise InvalidArgumentError(
+                    f"{len(request.keyframe_ids)} keyframe ids asked for; at most {MAX_IDS_PER_LOOKUP} fit in one call"
+                )
+            keyframes = await self.coordinator.get_keyframes(
+                stream_id,
+                keyframe_ids=list(request.keyframe_ids),
+                cluster_id=request.cluster_id,
+                latest=request.latest,
+            )
+            return convert.keyframes_response(keyframes)
         except Exception as err:
             await abort(context, err, self.metrics)
 

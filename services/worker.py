@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.errors import (
     AlreadyExistsError,
     BudgetError,
@@ -133,6 +134,7 @@ class WorkerCore:
         self.sessions: dict[str, StreamSession] = {}
         self._lock = threading.Lock()
         self._health_seen = DurabilityHealth()
+        self._keyframes_dropped_seen = 0  # EngineStats.keyframes_dropped at the previous keyframe_stats()
         self.loop = EngineLoop(
             self.engine,
             self.queues,
@@ -331,6 +333,14 @@ class WorkerCore:
             raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
         return self._info(session, self.loop.call(self.engine.stream_stats, stream_id))
 
+    def keyframes(self, stream_id: str, keyframe_ids: list[str], cluster_id: str, latest: bool) -> list[Keyframe]:
+        """A stream's keyframes by ids, by cluster or the newest (``Engine.keyframes``), read on the engine thread."""
+        if stream_id not in self.sessions:
+            raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
+        return self.loop.call(
+            self.engine.keyframes, stream_id, keyframe_ids=keyframe_ids, cluster_id=cluster_id, latest=latest
+        )
+
     def stream_infos(self) -> list[StreamInfo]:
         """Every open stream's info from one engine-thread command: one command per stream waited behind an
         ingest pass each, and ListStreams ran out of time at 32 cameras under load."""
@@ -457,6 +467,17 @@ class WorkerCore:
         delta.durability = self._durability_delta()
         self._save_counters()
         return delta
+
+    def keyframe_stats(self) -> tuple[int, int]:
+        """``(keyframe bytes held, keyframes dropped since the previous call)`` from the engine's latest stats."""
+        stats = self.loop.stats
+        if stats is None:
+            return 0, 0
+        dropped, self._keyframes_dropped_seen = (
+            stats.keyframes_dropped - self._keyframes_dropped_seen,
+            stats.keyframes_dropped,
+        )
+        return stats.keyframe_bytes, max(0, dropped)
 
     def _durability_delta(self) -> DurabilityHealth:
         durable = None if self.engine.history is None else self.engine.history.store.snapshot_stats()

@@ -44,6 +44,9 @@ SPEC = {
     "mosaic_durable_oldest_pending_seconds": "gauge",
     "mosaic_durable_clusters_written": "counter",
     "mosaic_durable_write_errors": "counter",
+    # Keyframes (docs/durability.md).
+    "mosaic_keyframe_bytes": "gauge",
+    "mosaic_keyframes_dropped": "counter",
     # Standing questions (docs/watches.md).
     "mosaic_watches": "gauge",
     "mosaic_watch_evaluations": "counter",

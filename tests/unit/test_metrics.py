@@ -40,6 +40,9 @@ SPEC = {
     "mosaic_durable_oldest_pending_seconds": ("gauge", {"worker"}),
     "mosaic_durable_clusters_written_total": ("counter", {"worker"}),
     "mosaic_durable_write_errors_total": ("counter", {"worker"}),
+    # Keyframes (docs/durability.md).
+    "mosaic_keyframe_bytes": ("gauge", {"worker"}),
+    "mosaic_keyframes_dropped_total": ("counter", {"worker"}),
     # Standing questions (docs/watches.md).
     "mosaic_watches": ("gauge", set()),
     "mosaic_watch_evaluations_total": ("counter", set()),
@@ -124,6 +127,8 @@ def test_every_method_moves_its_metric() -> None:
     m.set_active_streams(12)
     m.set_workers_up(2)
     m.error("RESOURCE_EXHAUSTED")
+    m.set_keyframes(0, num_bytes=4096, dropped=2)
+    m.set_keyframes(0, num_bytes=1024, dropped=1)
     s = lambda name, **kw: sample(m, name, **kw)  # noqa: E731
     assert s("mosaic_frames_received_total", stream="cam-1") == 5
     assert s("mosaic_frames_ingested_total", stream="cam-1") == 3
@@ -146,6 +151,8 @@ def test_every_method_moves_its_metric() -> None:
     assert s("mosaic_active_streams") == 12
     assert s("mosaic_workers_up") == 2
     assert s("mosaic_errors_total", code="RESOURCE_EXHAUSTED") == 1
+    assert s("mosaic_keyframe_bytes", worker="0") == 1024
+    assert s("mosaic_keyframes_dropped_total", worker="0") == 3
 
 
 def test_stream_labels_are_bounded() -> None:
