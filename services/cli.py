@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mosaic_core.cli import positive_float
 from mosaic_core.terminal import escape_for_terminal, format_span
+from services.cli_evidence import add_save_evidence_flag, save_evidence_files
 from services.cli_streams import add_client_flags, add_push_command, add_streams_command, client_command, open_client
 from services.cli_watches import add_watch_command
 from services.demo import add_demo_command
@@ -95,6 +96,7 @@ def add_service_commands(subparsers) -> None:
     query.add_argument("--start-s", type=float, default=None, help="time range start (stream clock)")
     query.add_argument("--end-s", type=float, default=None, help="time range end (stream clock)")
     query.add_argument("--timeout-s", type=positive_float, default=120.0, help="deadline of the question")
+    add_save_evidence_flag(query)
     add_client_flags(query)
     query.set_defaults(func=run_query)
 
@@ -219,8 +221,13 @@ def run_query(args) -> int:
             time_range=time_range,
             timeout_s=args.timeout_s,
         )
+        spans = []
         for event in events:
             print_event(event, client)
+            if event.WhichOneof("event") == "evidence":
+                spans = list(event.evidence.spans)
+        if args.save_evidence is not None:
+            return save_evidence_files(client, spans, args.save_evidence)
     return 0
 
 

@@ -9,6 +9,10 @@ and Redis namespace, stopped and started again like ``test_e2e_watches``.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,6 +22,7 @@ from service_support import API_KEY, clip_frames, connect, wait_for, wait_ingest
 from mosaic_core.model.video import sample_clip_path
 from tests.integration.conftest import redis_server  # noqa: F401
 
+ROOT = Path(__file__).resolve().parents[2]
 PUSH_OFFSET_S = 2000.0
 
 
@@ -123,6 +128,24 @@ def test_a_deleted_streams_keyframes_are_gone(client, cameras):
         client.get_keyframes("kf-push", keyframe_ids=ids)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert client.get_keyframes("kf-push", latest=True) == []
+
+
+def test_query_save_evidence_writes_the_frames_named_by_camera_and_time(service, cameras, tmp_path):
+    out = tmp_path / "evidence"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    flags = ["--target", service.target, "--tls-ca", service.tls_ca_path, "--api-key", API_KEY]
+    asked = subprocess.run(
+        [sys.executable, "-m", "mosaic_core.cli", "query", *cameras, "--question", "What moved?",
+         "--max-new-tokens", "2", "--save-evidence", str(out), *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    files = sorted(out.iterdir())
+    assert files and f"saved {len(files)} evidence frame" in asked.stdout
+    for path in files:
+        camera, seconds = path.name.removesuffix("s.jpg").rsplit("_", 1)
+        assert camera in cameras and float(seconds) >= 0.0
+        assert Image.open(path).format == "JPEG"
 
 
 # -- a server restart on the same data directory ----------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""``mosaic query --save-evidence DIR``: an answer's evidence frames, written as JPEG files named by camera and time.
+
+    DIR/cam-1_41.000s.jpg    the keyframe of camera cam-1 taken at 41.000 s on its clock
+    DIR/cam-3_1733050841.250s.jpg
+
+Names are built here from the keyframe's stream id and timestamp, never from a string the server sent as a path;
+a stream id that is not a valid one, a name that would resolve outside DIR, or a symlink planted in DIR is
+refused, so a misbehaving server cannot make the command write anywhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+# mosaic_core.engine.stream's pattern, repeated: importing it would load torch into every `mosaic` command.
+STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+MAX_IDS_PER_CALL = 64
+
+
+class EvidencePathError(ValueError):
+    """A keyframe's file would land outside the evidence directory."""
+
+
+def add_save_evidence_flag(parser) -> None:
+    parser.add_argument(
+        "--save-evidence",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="write the answer's evidence frames (JPEG keyframes) into DIR, named <camera>_<seconds>s.jpg",
+    )
+
+
+def evidence_path(directory: Path, stream_id: str, timestamp_s: float) -> Path:
+    """``directory/<stream_id>_<timestamp_s>s.jpg``, checked to stay directly inside ``directory``."""
+    if not isinstance(stream_id, str) or not STREAM_ID_PATTERN.fullmatch(stream_id):
+        raise EvidencePathError(f"refusing a keyframe of stream {stream_id!r}: not a valid stream id")
+    if not math.isfinite(timestamp_s):
+        raise EvidencePathError(f"refusing a keyframe of stream {stream_id!r} at time {timestamp_s!r}")
+    root = directory.resolve()
+    path = root / f"{stream_id}_{timestamp_s:.3f}s.jpg"
+    if path.resolve().parent != root:
+        raise EvidencePathError(f"refusing to write {path}: it is not inside {root}")
+    return path
+
+
+def write_keyframe(path: Path, jpeg: bytes) -> None:
+    """Writes (or replaces) one file, never through a symlink someone left at that name."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(jpeg)
+
+
+def save_evidence(client, spans, directory: Path) -> list[Path]:
+    """Fetches every span's keyframes (once each) and writes them into ``directory`` (made if missing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    wanted: dict[str, list[str]] = {}
+    for span in spans:
+        ids = wanted.setdefault(span.stream_id, [])
+        ids.extend(k for k in span.keyframe_ids if k not in ids)
+    written = []
+    for stream_id, ids in wanted.items():
+        for start in range(0, len(ids), MAX_IDS_PER_CALL):
+            for keyframe in client.get_keyframes(stream_id, keyframe_ids=ids[start : start + MAX_IDS_PER_CALL]):
+                path = evidence_path(directory, keyframe.stream_id, keyframe.timestamp_s)
+                write_keyframe(path, keyframe.jpeg)
+                written.append(path)
+    return written
+
+
+def save_evidence_files(client, spans, directory: Path) -> int:
+    """``save_evidence`` for the CLI: a line saying what was written; 1 if a file would leave ``directory``."""
+    try:
+        written = save_evidence(client, spans, directory)
+    except (EvidencePathError, OSError) as err:
+        print(f"error: evidence frames not saved: {err}", file=sys.stderr)
+        return 1
+    if not written:
+        print(f"no evidence frames to save (the answer's spans name no keyframe); {directory} is unchanged")
+    else:
+        print(f"saved {len(written)} evidence frame{'s' if len(written) != 1 else ''} to {directory}")
+    return 0

@@ -1,0 +1,37 @@
+"""``mosaic query --save-evidence``: file names come from camera and time, and never leave the directory."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from services.cli_evidence import EvidencePathError, evidence_path, write_keyframe
+
+
+def test_names_are_camera_and_time(tmp_path):
+    assert evidence_path(tmp_path, "cam-1", 41.0) == tmp_path.resolve() / "cam-1_41.000s.jpg"
+    assert evidence_path(tmp_path, "gate.2", 1733050841.25).name == "gate.2_1733050841.250s.jpg"
+
+
+@pytest.mark.parametrize("stream_id", ["../up", "/abs", "a/b", "..", "", "cam\n", "x" * 129])
+def test_a_stream_id_that_could_name_a_path_is_refused(tmp_path, stream_id):
+    with pytest.raises(EvidencePathError, match="not a valid stream id"):
+        evidence_path(tmp_path, stream_id, 1.0)
+
+
+@pytest.mark.parametrize("timestamp_s", [float("nan"), float("inf")])
+def test_a_timestamp_that_is_not_a_number_is_refused(tmp_path, timestamp_s):
+    with pytest.raises(EvidencePathError):
+        evidence_path(tmp_path, "cam", timestamp_s)
+
+
+def test_a_symlink_left_in_the_directory_is_not_followed(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    inside = tmp_path / "evidence"
+    inside.mkdir()
+    os.symlink(outside, inside / "cam_1.000s.jpg")
+    with pytest.raises(OSError):
+        write_keyframe(inside / "cam_1.000s.jpg", b"\xff\xd8jpeg")
+    assert outside.read_text() == "keep"
