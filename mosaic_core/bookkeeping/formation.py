@@ -42,6 +42,10 @@ class FormationConfig:
             cluster of its stream whose vision centroid is the most similar, if that cosine is at least this and
             the two fit in ``max_tokens``; its evidence is then a list of spans. None (the default) never joins.
         join_max_candidates: how many of the newest earlier clusters a completed cluster is compared with.
+        split_min_questions: splits by uneven attention (``mosaic_core.engine.splits``). Once this many questions
+            retrieved a cluster, it is cut where its two parts' attention densities differ the most, if their ratio
+            reaches ``split_min_density_ratio``. None (the default) never splits.
+        split_min_density_ratio: how much denser (attention mass per token) one part must be than the other.
     """
 
     min_similarity: float = 0.85
@@ -51,6 +55,8 @@ class FormationConfig:
     min_frames_before_split: int = 1
     join_min_similarity: float | None = None
     join_max_candidates: int = 64
+    split_min_questions: int | None = None
+    split_min_density_ratio: float = 4.0
 
     def __post_init__(self) -> None:
         for name in ("min_similarity", "min_cohesion"):
@@ -70,6 +76,12 @@ class FormationConfig:
         if not _is_int(self.join_max_candidates) or self.join_max_candidates < 1:
             value = self.join_max_candidates
             raise ConfigError(f"FormationConfig.join_max_candidates must be an int >= 1, got {value!r}")
+        split = self.split_min_questions
+        if split is not None and (not _is_int(split) or split < 1):
+            raise ConfigError(f"FormationConfig.split_min_questions must be None or an int >= 1, got {split!r}")
+        ratio = self.split_min_density_ratio
+        if not (isinstance(ratio, int | float) and ratio > 1.0):
+            raise ConfigError(f"FormationConfig.split_min_density_ratio must be > 1, got {ratio!r}")
 
 
 @dataclass(slots=True)

@@ -82,6 +82,11 @@ class HistoryKeeper:
         seal = self._seal(state, state.former.get(merged_id))
         self.store.submit(state.stream_id, add=[seal], remove=removed_ids)
 
+    def on_split(self, state: StreamState, new_ids: list[str], removed_id: str) -> None:
+        self.ensure_ids(state)
+        seals = [self._seal(state, state.former.get(cid)) for cid in new_ids]
+        self.store.submit(state.stream_id, add=seals, remove=[removed_id])
+
     def on_drop(self, state: StreamState, cluster_ids: list[str]) -> None:
         if cluster_ids:
             self.store.submit(state.stream_id, remove=cluster_ids)

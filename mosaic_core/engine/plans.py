@@ -122,12 +122,15 @@ class QuestionPlan:
         self.filled_tokens = 0  # question and answer tokens written so far
         self.steps = 0  # forward passes so far: 0 is the question prefill
         self.selection_history: list[list[LayerSelection]] = []
+        self.choice_query: tuple[int, torch.Tensor, float] | None = None  # (layer, query, scale) that chose at prefill
 
     def attend(self, layer_idx, query, key, value, scale):
         if self.plant_queries is not None and self.steps == 0:
             query = self.plant_queries(layer_idx, query)
         if self._should_score():
             self._choose(layer_idx, query[0])
+            if self.steps == 0 and layer_idx == self.retriever.prefetch_after_layer:
+                self.choice_query = (layer_idx, query[0], scale)
         if self.recall_probe is not None:
             self.recall_probe.observe(layer_idx, query[0], self.selections[layer_idx], step=self.steps)
         self.retriever.tiering.tiers.transfers.wait(self.gathers[layer_idx])

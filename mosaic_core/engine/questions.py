@@ -22,6 +22,7 @@ from mosaic_core.engine.plans import QuestionPlan, RecallProbe
 from mosaic_core.engine.probes import QueryPlanter, active_request
 from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, RetrievalStats, TokenEvent
 from mosaic_core.engine.retrieval import Retriever, machinery_for
+from mosaic_core.engine.splits import observe_and_split, splits_on
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import DeviceRoom
 from mosaic_core.errors import InvalidArgumentError, OutOfRangeError
@@ -245,7 +246,8 @@ def _evidence(state: StreamState, plan: QuestionPlan, limit: int) -> list[Eviden
 
 
 def _maintain(parts, state: StreamState, plan: QuestionPlan) -> None:
-    """Feeds what the question retrieved together to maintenance, and applies the merges it proposes."""
+    """Feeds what the question retrieved to maintenance: the splits it makes due (when on), then the merges it
+    proposes."""
     if not plan.selection_history or parts.config.mode is not RetrievalMode.CLUSTER:
         return
     first = [sel for sel in plan.selection_history[0] if sel is not None]
@@ -259,6 +261,12 @@ def _maintain(parts, state: StreamState, plan: QuestionPlan) -> None:
     before = {
         r.cluster_id: residency.tier_of(r.cluster_id) for r in state.former.records() if r.cluster_id in residency
     }
+    if splits_on(parts) and (halves := observe_and_split(parts, state, plan.choice_query, retrieved)):
+        # A split copies within its tier, so the split cluster is not charged as a read; its halves may merge.
+        held = state.records()
+        retrieved = [cid for cid in retrieved if cid in held]
+        before = {cid: tier for cid, tier in before.items() if cid in residency}
+        before.update({cid: residency.tier_of(cid) for cid in halves})
     sizes = {cid: state.summaries.count(cid) * parts.spec.bytes_per_token for cid in before}
     merged = apply_merges(parts, state, retrieved)
     _count_merge_bytes(parts, before, sizes, merged)
