@@ -38,6 +38,7 @@ QUESTIONS = (
     "What happened at the start?",
 )
 SWEEP = ("spread", "random", "recent")
+HELD_OUT = "held-out"
 
 
 def build_model(num_layers: int, intermediate_size: int):
@@ -74,7 +75,8 @@ def base_window(tokens_per_frame: int, window_frames: int) -> int:
 
 
 def probe_sets(loop_frames: int, stored_frames: int, span_frames: int, num: int) -> dict[str, list]:
-    """Single spans in the first loop, and the same spans with their visit one loop later (both stored)."""
+    """Single spans in the first loop, the same spans with their visit one loop later (both stored), and held-out
+    single spans halfway between the others (asked only in the last round, see ``run_variant``)."""
     starts = [(loop_frames - span_frames) * (2 * i + 1) // (2 * num) for i in range(num)]
     single = [((a, a + span_frames - 1), ()) for a in starts]
     recurring = [
@@ -82,10 +84,17 @@ def probe_sets(loop_frames: int, stored_frames: int, span_frames: int, num: int)
         for a in starts
         if a + loop_frames + span_frames <= stored_frames
     ]
-    return {"single": single, "recurring": recurring}
+    step = (loop_frames - span_frames) // (2 * num)
+    held_out = [((a + step, a + step + span_frames - 1), ()) for a in starts]
+    return {"single": single, "recurring": recurring, HELD_OUT: held_out}
 
 
-def run_variant(model, frames, config: EngineConfig, probes: dict, budgets: tuple[int, ...], log) -> dict:
+def run_variant(
+    model, frames, config: EngineConfig, probes: dict, budgets: tuple[int, ...], log, *, rounds: int = 1
+) -> dict:
+    """One engine: ingest, the real questions, then ``rounds`` rounds of the planted probes (the same spans again,
+    so that what one round's questions changed, such as splits, shows in the next), the held-out spans in the last
+    round only. With one round the held-out spans are not asked."""
     engine = Engine(model, config)
     engine.open_stream("cam")
     started = time.perf_counter()
@@ -100,16 +109,20 @@ def run_variant(model, frames, config: EngineConfig, probes: dict, budgets: tupl
         asked.append((answer.retrieval.bytes_fetched, sum(stats.bytes_by_direction.values()) - before))
     found: dict[str, dict[str, list[float]]] = {}
     masses: dict[str, list[float]] = {}
-    for kind, spans in probes.items():
-        for span, recurs_at in spans:
-            request = ProbeRequest(span=span, recurs_at=recurs_at, sweep_scorers=SWEEP, sweep_budgets=budgets)
-            with probing(request):
-                engine.answer("cam", "Planted probe.", max_new_tokens=1)
-            cells = found.setdefault(kind, {})
-            cells.setdefault(f"{ENGINE}@{config.retrieval_budget_tokens}", []).append(request.span_found[ENGINE])
-            for (scorer, budget), value in request.span_found_at.items():
-                cells.setdefault(f"{scorer}@{budget}", []).append(value)
-            masses.setdefault(kind, []).append(request.span_mass)
+    for round_index in range(rounds):
+        for kind, spans in probes.items():
+            if kind == HELD_OUT and (rounds == 1 or round_index < rounds - 1):
+                continue
+            label = kind if rounds == 1 or kind == HELD_OUT else f"{kind} r{round_index + 1}"
+            for span, recurs_at in spans:
+                request = ProbeRequest(span=span, recurs_at=recurs_at, sweep_scorers=SWEEP, sweep_budgets=budgets)
+                with probing(request):
+                    engine.answer("cam", "Planted probe.", max_new_tokens=1)
+                cells = found.setdefault(label, {})
+                cells.setdefault(f"{ENGINE}@{config.retrieval_budget_tokens}", []).append(request.span_found[ENGINE])
+                for (scorer, budget), value in request.span_found_at.items():
+                    cells.setdefault(f"{scorer}@{budget}", []).append(value)
+                masses.setdefault(label, []).append(request.span_mass)
     records = engine.stream("cam").former.records()
     row = {
         "units": len(records),
@@ -138,7 +151,7 @@ def format_report(result: dict) -> str:
                 lines.append(f"{label:>22} | {kind:>9} | {scorer:>8} | {text}")
     lines += ["", f"{'variant':>22} | units | multi-span | tokens/unit | KiB/q retr | KiB/q all | span mass s/r"]
     for label, row in result["variants"].items():
-        mass = row["probe_span_mass"]
+        mass = {kind.split(" r")[0]: value for kind, value in reversed(row["probe_span_mass"].items())}  # round 1
         lines.append(
             f"{label:>22} | {row['units']:>5} | {row['multi_span_units']:>10} | {row['mean_unit_tokens']:>11.1f} | "
             f"{row['bytes_per_question'] / 1024:>10.0f} | {row['bytes_all_per_question'] / 1024:>9.0f} | "
@@ -160,6 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--join", default="0.99", help="comma-separated join_min_similarity values to compare with off")
     p.add_argument("--probes", type=int, default=4)
     p.add_argument("--span-frames", type=int, default=2)
+    p.add_argument(
+        "--split",
+        default="",
+        help="comma-separated split settings MIN_QUESTIONS:DENSITY_RATIO to compare with off, e.g. 1:2,2:4",
+    )
+    p.add_argument(
+        "--merges",
+        default="",
+        help="comma-separated co-retrieval merge settings MIN_QUESTIONS:JOINT_FRACTION (or off) to compare with the "
+        "engine's default (3:0.8)",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="rounds of the same probes (splits need 2 or more)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -186,10 +211,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     loop_frames = round(10.0 * args.fps)  # bikes.mp4 lasts 10 s
     probes = probe_sets(loop_frames, args.frames - window_frames - 1, args.span_frames, args.probes)
-    variants = {"joins off": base}
+    variants = {"joins off": base} if args.join else {"baseline": base}
     for value in [float(v) for v in args.join.split(",") if v]:
         formation = dataclasses.replace(base.formation, join_min_similarity=value)
         variants[f"joins >= {value}"] = dataclasses.replace(base, formation=formation)
+    for setting in [v for v in args.merges.split(",") if v]:
+        if setting == "off":
+            variants["merges off"] = dataclasses.replace(base, merge_min_questions=10**9)
+        else:
+            min_questions, fraction = setting.split(":")
+            variants[f"merges {min_questions}q {fraction}"] = dataclasses.replace(
+                base, merge_min_questions=int(min_questions), merge_min_joint_fraction=float(fraction)
+            )
+    for setting in [v for v in args.split.split(",") if v]:
+        min_questions, ratio = setting.split(":")
+        formation = dataclasses.replace(
+            base.formation, split_min_questions=int(min_questions), split_min_density_ratio=float(ratio)
+        )
+        variants[f"splits {min_questions}q x{ratio}"] = dataclasses.replace(base, formation=formation)
     result = {
         "command": "python -m mosaic_core.bench.shaping " + " ".join(argv if argv is not None else sys.argv[1:]),
         "header": (
@@ -203,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for label, config in variants.items():
         t0 = time.perf_counter()
-        result["variants"][label] = run_variant(model, frames, config, probes, budgets, log)
+        result["variants"][label] = run_variant(model, frames, config, probes, budgets, log, rounds=args.rounds)
         log(f"{label}: {time.perf_counter() - t0:.0f} s {json.dumps(result['variants'][label])}")
     with open(f"{args.out}.json", "w") as f:
         json.dump(result, f, indent=1)
