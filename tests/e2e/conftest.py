@@ -61,6 +61,8 @@ def service(ray_cluster, redis_server, tls_files, tmp_path_factory):  # noqa: F8
         redis_url=redis_server.url,
         redis_namespace=NAMESPACE,
         api_key=API_KEY,
+        console=True,  # the console's browser test shares this server
+        console_port=0,
         tls_cert=tls_files[0],
         tls_key=tls_files[1],
         device_budget_bytes=2 * MIB,

@@ -90,6 +90,12 @@ function formatTime(streamId, seconds) {
   return `${minutes}:${rest}`;
 }
 
+function formatSpan(streamId, span) {
+  const start = formatTime(streamId, span.start_s);
+  const end = formatTime(streamId, span.end_s);
+  return start === end ? start : `${start}-${end}`;
+}
+
 // -- key ----------------------------------------------------------------------------------------------
 function askForKey(message) {
   state.timers.forEach(clearInterval);
@@ -269,11 +275,11 @@ function timeline(streamId, spans) {
     const block = el("div", "span");
     block.style.left = `${(100 * (span.start_s - start)) / width}%`;
     block.style.width = `${(100 * (span.end_s - span.start_s)) / width}%`;
-    block.title = `#${span.rank} ${formatTime(streamId, span.start_s)} - ${formatTime(streamId, span.end_s)}`;
+    block.title = `#${span.rank} ${formatSpan(streamId, span)}`;
     bar.append(block);
   }
   const row = el("div");
-  const labels = spans.map((s) => `#${s.rank} ${formatTime(streamId, s.start_s)}-${formatTime(streamId, s.end_s)}`);
+  const labels = spans.map((s) => `#${s.rank} ${formatSpan(streamId, s)}`);
   row.append(bar, el("div", "muted", labels.join(" · ")));
   return row;
 }
