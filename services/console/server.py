@@ -32,6 +32,7 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
+from mosaic_core.errors import ConfigError
 from services.config import ServiceConfig
 from services.console import convert
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
@@ -61,6 +62,7 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
+    "Server": "mosaic",  # not aiohttp's name and version
 }
 
 
@@ -111,7 +113,13 @@ class ConsoleServer:
         await self._runner.setup()
         cfg = self.config
         site = web.TCPSite(self._runner, cfg.host, cfg.console_port, ssl_context=_ssl_context(cfg))
-        await site.start()
+        try:
+            await site.start()
+        except OSError as err:
+            raise ConfigError(
+                f"Cannot serve the console on {cfg.host}:{cfg.console_port} ({err.strerror or err}); "
+                "pass --console-port with a free port."
+            ) from err
         self.port = self._runner.addresses[0][1]
         log.info("console on %s://%s:%d/", "https" if cfg.tls_cert else "http", cfg.host, self.port)
 

@@ -67,6 +67,7 @@ def test_static_files_are_served_with_security_headers(console_url, path):
     assert headers["Content-Type"] == STATIC_FILES[path][1]
     assert "default-src 'none'" in headers["Content-Security-Policy"]
     assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Server"] == "mosaic"
 
 
 @pytest.mark.parametrize(
@@ -129,3 +130,22 @@ def test_stream_json_reports_state_lag_and_drops():
     got = convert.stream_json(stream)
     assert (got["state"], got["frames_dropped"], got["lag_s"]) == ("running", 3, 1.5)
     assert got["tier_bytes"] == {"host": 4096} and got["first_timestamp_s"] is None
+
+
+def test_a_console_port_in_use_is_one_sentence(console_url):
+    from mosaic_core.errors import ConfigError
+
+    taken = int(console_url.rsplit(":", 1)[1])
+    config = load_config(None, host="127.0.0.1", console=True, console_port=taken)
+
+    async def start():
+        server = grpc.aio.server()
+        console = ConsoleServer(config)
+        console.bind_grpc(server)
+        try:
+            await console.start()
+        finally:
+            await console.stop()
+
+    with pytest.raises(ConfigError, match=f"Cannot serve the console on 127.0.0.1:{taken}.*--console-port"):
+        asyncio.run(start())
