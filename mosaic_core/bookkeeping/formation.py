@@ -46,6 +46,10 @@ class FormationConfig:
             retrieved a cluster, it is cut where its two parts' attention densities differ the most, if their ratio
             reaches ``split_min_density_ratio``. None (the default) never splits.
         split_min_density_ratio: how much denser (attention mass per token) one part must be than the other.
+        key_weight: how much a frame's keys, not only its picture, decide whether it joins the open cluster.
+            Formation then compares vectors whose cosine, for two frames, is (1 - key_weight) x their vision cosine
+            + key_weight x the cosine of their mean keys at the choosing layer (``mosaic_core.engine.ingest``);
+            ``min_similarity`` and ``min_cohesion`` apply to those vectors. 0 (the default) is vision only.
     """
 
     min_similarity: float = 0.85
@@ -57,6 +61,7 @@ class FormationConfig:
     join_max_candidates: int = 64
     split_min_questions: int | None = None
     split_min_density_ratio: float = 4.0
+    key_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("min_similarity", "min_cohesion"):
@@ -79,6 +84,8 @@ class FormationConfig:
         split = self.split_min_questions
         if split is not None and (not _is_int(split) or split < 1):
             raise ConfigError(f"FormationConfig.split_min_questions must be None or an int >= 1, got {split!r}")
+        if not (isinstance(self.key_weight, int | float) and 0.0 <= self.key_weight <= 1.0):
+            raise ConfigError(f"FormationConfig.key_weight must be in [0, 1], got {self.key_weight!r}")
         ratio = self.split_min_density_ratio
         if not (isinstance(ratio, int | float) and ratio > 1.0):
             raise ConfigError(f"FormationConfig.split_min_density_ratio must be > 1, got {ratio!r}")

@@ -157,18 +157,42 @@ def _ingest_pass(parts: EngineParts, rows, features) -> tuple[int, list[int]]:
     opened, attended = 0, []
     # Each row's first frame is compared with its open cluster in one batch (one device sync per pass); later
     # frames of a row depend on the decisions before them, so they are compared one by one.
-    first_summaries = [features[(sid, indices[0])][1] for sid, indices, _ in rows]
-    first = _coherence_batch([state.open_embeds for state in states], first_summaries)
+    shaping = _shaping_summaries(parts, rows, features, frame_pages, frame_fills)
+    first = _coherence_batch([state.open_embeds for state in states], [row[0] for row in shaping])
     for row, (state, (sid, indices, frames)) in enumerate(zip(states, rows, strict=True)):
         row_tokens, end = input_ids.shape[1], 0
         for n, (i, frame) in enumerate(zip(indices, frames, strict=True)):
             frame_embeds, summary = features[(sid, i)]
             end += frame_embeds.shape[0]
-            coherence = first[row] if n == 0 else _coherence(state.open_embeds, summary)
+            coherence = first[row] if n == 0 else _coherence(state.open_embeds, shaping[row][n])
             pages, fills = frame_pages[row][n], frame_fills[row][n]
-            opened += _place_frame(parts, state, frame, pages, fills, summary, coherence)
+            opened += _place_frame(parts, state, frame, pages, fills, summary, shaping[row][n], coherence)
             attended.append(plan.attended_tokens[row] - (row_tokens - end))
     return opened, attended
+
+
+def _shaping_summaries(parts: EngineParts, rows, features, frame_pages, frame_fills) -> list[list[torch.Tensor]]:
+    """What formation compares, per row and frame: the frame's vision summary, or, with ``formation.key_weight``
+    w > 0, the unit vision summary scaled by sqrt(1 - w) beside the unit mean key of the frame's tokens at the
+    choosing layer (every KV head, just written to its pages) scaled by sqrt(w). The cosine of two such vectors is
+    (1 - w) times the vision cosine plus w times the key cosine."""
+    weight = parts.config.formation.key_weight
+    vision = [[features[(sid, i)][1] for i in indices] for sid, indices, _ in rows]
+    if weight == 0:
+        return vision
+    keys, _ = parts.tiering.tiers.pools.layer_pages(parts.config.prefetch_after_layer or 0)
+    out = []
+    for summaries, pages_of, fills_of in zip(vision, frame_pages, frame_fills, strict=True):
+        row = []
+        for summary, pages, fills in zip(summaries, pages_of, fills_of, strict=True):
+            frame_keys = torch.cat([keys[p, :, :fill] for p, fill in zip(pages, fills, strict=True)], dim=1)
+            mean_key = frame_keys.float().mean(dim=1).flatten()  # [H * D]
+            unit = torch.nn.functional.normalize
+            row.append(
+                torch.cat([unit(summary.float(), dim=0) * (1 - weight) ** 0.5, unit(mean_key, dim=0) * weight**0.5])
+            )
+        out.append(row)
+    return out
 
 
 def _take_pages(pools, num_pages: int) -> list[int]:
@@ -184,6 +208,7 @@ def _place_frame(
     pages: list[int],
     fills: list[int],
     summary: torch.Tensor,
+    shaping_summary: torch.Tensor,
     coherence: tuple[float | None, float | None],
 ) -> int:
     similarity, cohesion = coherence
@@ -204,7 +229,7 @@ def _place_frame(
         parts.history.ensure_ids(state)
     rgb = frame.rgb if frame.rgb.ndim == 3 else frame.rgb[0]
     store_for(parts, state).offer(record.cluster_id, state.frames_ingested, frame.timestamp_s, rgb, centrality)
-    state.open_embeds = [*state.open_embeds, summary] if decision.join else [summary]
+    state.open_embeds = [*state.open_embeds, shaping_summary] if decision.join else [shaping_summary]
     note_frame(parts, state, record.cluster_id, summary)  # recurring-scene joins (off unless configured)
     slots = parts.tiering.tiers.pools.slots(pages, fills)
     state.push_local(LocalFrame(state.frames_ingested, record.cluster_id, frame.timestamp_s, pages, fills, slots))
