@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated co-retrieval merge settings MIN_QUESTIONS:JOINT_FRACTION (or off) to compare with the "
         "engine's default (3:0.8)",
     )
+    p.add_argument(
+        "--key-weight", default="", help="comma-separated FormationConfig.key_weight values to compare with 0"
+    )
     p.add_argument("--rounds", type=int, default=1, help="rounds of the same probes (splits need 2 or more)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -223,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             variants[f"merges {min_questions}q {fraction}"] = dataclasses.replace(
                 base, merge_min_questions=int(min_questions), merge_min_joint_fraction=float(fraction)
             )
+    for value in [float(v) for v in args.key_weight.split(",") if v]:
+        formation = dataclasses.replace(base.formation, key_weight=value)
+        variants[f"key weight {value}"] = dataclasses.replace(base, formation=formation)
     for setting in [v for v in args.split.split(",") if v]:
         min_questions, ratio = setting.split(":")
         formation = dataclasses.replace(
