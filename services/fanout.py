@@ -102,13 +102,22 @@ async def _drain(stream_id: str, queue: asyncio.Queue, *, headers: bool, out_of_
 
 
 def merged_evidence(answers: list[Answer], limit: int) -> list[EvidenceSpan]:
-    """Every answer's spans ranked by score (best first), renumbered from rank 1, as the engine ranks; each keeps
-    its keyframe ids (they name their stream, so spans of several cameras cannot mix them up)."""
+    """Every answer's clusters ranked by score (best first) and renumbered from rank 1, as the engine ranks: the
+    spans of one cluster (the visits of a recurring scene) share its rank, and ``limit`` counts clusters. Each span
+    keeps its keyframe ids (they name their stream, so spans of several cameras cannot mix them up)."""
     spans = sorted(
         (span for answer in answers for span in answer.evidence),
-        key=lambda s: (-s.score, s.stream_id, s.start_s),
-    )[:limit]
-    return [
-        EvidenceSpan(s.stream_id, s.cluster_id, s.start_s, s.end_s, s.score, rank, list(s.keyframe_ids))
-        for rank, s in enumerate(spans, start=1)
-    ]
+        key=lambda s: (-s.score, s.stream_id, s.cluster_id, s.start_s),
+    )
+    ranks: dict[tuple[str, str], int] = {}
+    merged = []
+    for s in spans:
+        cluster = (s.stream_id, s.cluster_id)
+        if cluster not in ranks:
+            if len(ranks) == limit:
+                break  # a cluster's spans are consecutive: every span of the ranked clusters is in
+            ranks[cluster] = len(ranks) + 1
+        merged.append(
+            EvidenceSpan(s.stream_id, s.cluster_id, s.start_s, s.end_s, s.score, ranks[cluster], list(s.keyframe_ids))
+        )
+    return merged

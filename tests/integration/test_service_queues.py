@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -141,6 +142,20 @@ def test_merge_streams_whole_answers_and_ranks_evidence_across_streams():
     answers = [i for i in items if isinstance(i, Answer)]
     ranked = merged_evidence(answers, limit=5)
     assert [(s.stream_id, s.rank) for s in ranked] == [("slow", 1), ("fast", 2)]
+
+
+def test_merged_evidence_gives_the_visits_of_one_cluster_one_rank_and_counts_clusters():
+    visits = [EvidenceSpan("a", "a/c1", t, t + 1.0, 0.9, 1) for t in (0.0, 40.0)]
+    answers = [
+        dataclasses.replace(_answer("a", 0.9), evidence=[*visits, EvidenceSpan("a", "a/c2", 5.0, 6.0, 0.1, 2)]),
+        dataclasses.replace(_answer("b", 0.5), evidence=[EvidenceSpan("b", "b/c7", 2.0, 3.0, 0.5, 1)]),
+    ]
+    ranked = merged_evidence(answers, limit=2)
+    assert [(s.cluster_id, s.start_s, s.rank) for s in ranked] == [
+        ("a/c1", 0.0, 1),
+        ("a/c1", 40.0, 1),
+        ("b/c7", 2.0, 2),
+    ]
 
 
 def test_merge_skips_a_stream_out_of_range_but_fails_when_all_are():
