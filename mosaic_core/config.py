@@ -84,7 +84,8 @@ class EngineConfig:
         rescore_every_tokens: decode steps between re-scoring clusters; 0 scores once per question.
         max_question_tokens: questions longer than this are rejected.
         max_new_tokens_limit: upper bound a caller may ask for per answer.
-        evidence_spans: how many ranked evidence spans an answer carries.
+        evidence_spans: how many ranked clusters an answer cites as evidence; a cluster that joined several visits
+            of a scene cites each visit as its own span, sharing the rank.
         merge_min_questions: questions that must retrieve a pair of neighbours before maintenance merges them.
         merge_min_joint_fraction: share of those questions that must retrieve both neighbours.
         formation: visual-coherence rules for forming clusters online.
