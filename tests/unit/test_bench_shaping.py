@@ -11,4 +11,4 @@ def test_held_out_spans_share_no_frame_with_the_probed_ones() -> None:
     held_out = [range(first, last + 1) for (first, last), _ in sets[HELD_OUT]]
     assert len(held_out) == 4
     assert all(len(span) == 2 and not asked & set(span) for span in held_out), (sets["single"], held_out)
-    assert all(0 <= span[0] and span[-1] < 40 for span in held_out)
+    assert all(span[0] >= 0 and span[-1] < 40 for span in held_out)
