@@ -28,6 +28,7 @@ def preflight_problems(config: ServiceConfig) -> list[str]:
     checks = [
         _port_problem(config.host, config.grpc_port, "gRPC", "--grpc-port"),
         _port_problem(config.host, config.metrics_port, "metrics", "--metrics-port"),
+        _port_problem(config.host, config.console_port, "console", "--console-port") if config.console else None,
         _same_port_problem(config),
         _redis_problem(config.redis_url) if config.redis_url else None,
         _model_problem(config.model),
@@ -70,8 +71,13 @@ def _port_problem(host: str, port: int, what: str, flag: str) -> str | None:
 
 
 def _same_port_problem(config: ServiceConfig) -> str | None:
-    if config.grpc_port and config.grpc_port == config.metrics_port:
-        return f"--grpc-port and --metrics-port are both {config.grpc_port}; give them different ports."
+    ports = [("--grpc-port", config.grpc_port), ("--metrics-port", config.metrics_port)]
+    if config.console:
+        ports.append(("--console-port", config.console_port))
+    for i, (first, port) in enumerate(ports):
+        for second, other in ports[i + 1 :]:
+            if port and port == other:
+                return f"{first} and {second} are both {port}; give them different ports."
     return None
 
 

@@ -96,6 +96,21 @@ def test_metrics_port_in_use_is_named(listening_port):
     assert f"metrics port {listening_port}" in sentence and "--metrics-port" in sentence
 
 
+def test_console_port_in_use_is_named_before_ray_starts(listening_port):
+    result = serve("--console", "--console-port", str(listening_port), importtime=True)
+    assert result.returncode == 2
+    sentence = error_sentence(result)
+    assert f"console port {listening_port}" in sentence and "--console-port" in sentence
+    assert "ray" not in imported(result)
+
+
+def test_console_on_the_grpc_port_is_named():
+    port = str(free_port())
+    result = serve("--grpc-port", port, "--console", "--console-port", port)
+    assert result.returncode == 2
+    assert "--grpc-port and --console-port are both" in error_sentence(result)
+
+
 def test_redis_that_does_not_answer():
     url = f"redis://127.0.0.1:{free_port()}/0"
     result = serve("--redis-url", url, importtime=True)
