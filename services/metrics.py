@@ -196,7 +196,7 @@ class MosaicMetrics:
             registry=r,
         )
         self.tier_used_bytes = Gauge(
-            "mosaic_tier_used_bytes", "KV bytes held per tier.", ["worker", "tier"], registry=r
+            "mosaic_tier_used_bytes", "KV bytes held per tier (keyframes included).", ["worker", "tier"], registry=r
         )
         self.tier_capacity_bytes = Gauge(
             "mosaic_tier_capacity_bytes", "Configured KV budget per tier.", ["worker", "tier"], registry=r

@@ -88,10 +88,17 @@ def test_side_charges_count_in_the_tier_and_are_given_back():
     residency.check_invariants()
 
 
-def test_every_sealed_cluster_keeps_keyframes_inside_its_span(tiny_model, bikes_frames):
+@pytest.fixture(scope="module")
+def fed(tiny_model, bikes_frames):
+    """One engine with 24 frames of bikes.mp4, for the tests that only read it."""
     engine = make_engine(tiny_model)
     engine.open_stream("cam", fps=4.0)
     feed(engine, "cam", bikes_frames[:24])
+    return engine
+
+
+def test_every_sealed_cluster_keeps_keyframes_inside_its_span(fed):
+    engine = fed
     records = {r.cluster_id: r for r in engine.stream("cam").former.records() if r.sealed}
     assert len(records) >= 3
     total = 0
@@ -116,10 +123,8 @@ def test_every_sealed_cluster_keeps_keyframes_inside_its_span(tiny_model, bikes_
     assert latest.frame_index == engine.stream("cam").frames_ingested - 1
 
 
-def test_evidence_spans_carry_their_keyframes(tiny_model, bikes_frames):
-    engine = make_engine(tiny_model)
-    engine.open_stream("cam", fps=4.0)
-    feed(engine, "cam", bikes_frames[:24])
+def test_evidence_spans_carry_their_keyframes(fed):
+    engine = fed
     answer = engine.answer("cam", "what moved?", max_new_tokens=2)
     assert answer.evidence
     for span in answer.evidence:
@@ -129,10 +134,8 @@ def test_evidence_spans_carry_their_keyframes(tiny_model, bikes_frames):
             assert keyframe.cluster_id == span.cluster_id
 
 
-def test_bad_lookups_are_refused(tiny_model, bikes_frames):
-    engine = make_engine(tiny_model)
-    engine.open_stream("cam", fps=4.0)
-    feed(engine, "cam", bikes_frames[:8])
+def test_bad_lookups_are_refused(fed):
+    engine = fed
     with pytest.raises(InvalidArgumentError, match="exactly one"):
         engine.keyframes("cam")
     with pytest.raises(InvalidArgumentError, match="exactly one"):
