@@ -212,3 +212,13 @@ def test_no_keyframes_when_switched_off(tiny_model, bikes_frames):
     feed(engine, "cam", bikes_frames[:12])
     assert engine.keyframes("cam", latest=True) == []
     assert engine.stats().keyframe_bytes == 0
+
+
+def test_keyframes_the_host_budget_cannot_hold_are_dropped_and_counted(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, host_budget_bytes=1024)  # no disk tier to spill to: no room for a thumbnail
+    engine.open_stream("cam", fps=4.0)
+    feed(engine, "cam", bikes_frames[:12])
+    stats = engine.stats()
+    assert stats.keyframes_dropped > 0 and stats.keyframe_bytes == 0
+    assert engine.tiering.residency.used_bytes(Tier.HOST) <= 1024
+    engine.tiering.residency.check_invariants()
