@@ -91,6 +91,9 @@ class KeyframePicker:
     first: _Candidate | None = None
     last: _Candidate | None = None
     central: list[_Candidate] = field(default_factory=list)  # best first
+    # Candidates already encoded (a camera tile polling the newest frame asks again and again), by frame index;
+    # only current candidates stay, so at most ``count`` JPEGs.
+    _encoded: dict[int, Keyframe] = field(default_factory=dict)
 
     def offer(self, frame_index: int, timestamp_s: float, small_of, similarity: float | None) -> None:
         """A frame joined the cluster; ``small_of()`` makes its thumbnail, called only if the frame is kept."""
@@ -119,16 +122,19 @@ class KeyframePicker:
         return sorted({c.frame_index: c for c in chosen}.values(), key=lambda c: c.frame_index)
 
     def encode(self, stream_id: str, quality: int) -> list[Keyframe]:
-        return [
-            Keyframe(
-                keyframe_id=make_keyframe_id(stream_id, c.frame_index),
-                stream_id=stream_id,
-                cluster_id=self.cluster_id,
-                frame_index=c.frame_index,
-                timestamp_s=c.timestamp_s,
-                jpeg=encode_jpeg(c.small, quality),
-                width=c.small.shape[1],
-                height=c.small.shape[0],
-            )
-            for c in self.candidates()
-        ]
+        """The candidates as keyframes, in time order; each candidate is encoded once."""
+        candidates = self.candidates()
+        self._encoded = {c.frame_index: self._encoded.get(c.frame_index) for c in candidates}
+        for c in candidates:
+            if self._encoded[c.frame_index] is None:
+                self._encoded[c.frame_index] = Keyframe(
+                    keyframe_id=make_keyframe_id(stream_id, c.frame_index),
+                    stream_id=stream_id,
+                    cluster_id=self.cluster_id,
+                    frame_index=c.frame_index,
+                    timestamp_s=c.timestamp_s,
+                    jpeg=encode_jpeg(c.small, quality),
+                    width=c.small.shape[1],
+                    height=c.small.shape[0],
+                )
+        return list(self._encoded.values())

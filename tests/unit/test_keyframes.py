@@ -222,3 +222,16 @@ def test_keyframes_the_host_budget_cannot_hold_are_dropped_and_counted(tiny_mode
     assert stats.keyframes_dropped > 0 and stats.keyframe_bytes == 0
     assert engine.tiering.residency.used_bytes(Tier.HOST) <= 1024
     engine.tiering.residency.check_invariants()
+
+
+def test_a_forming_clusters_candidates_are_encoded_once():
+    picker = KeyframePicker("cam/c000000", 3)
+    rgb = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    for i, similarity in enumerate([None, 0.5, 0.9]):
+        picker.offer(i, float(i), lambda: rgb, similarity)
+    first = picker.encode("cam", 75)
+    assert [k.frame_index for k in first] == [0, 1, 2]
+    again = picker.encode("cam", 75)
+    assert all(a is b for a, b in zip(first, again, strict=True))  # the same objects: nothing re-encoded
+    picker.offer(3, 3.0, lambda: rgb, 0.1)  # frame 2 stays as the most central, frame 3 is the new last
+    assert [k.frame_index for k in picker.encode("cam", 75)] == [0, 2, 3]
