@@ -235,3 +235,24 @@ def test_a_forming_clusters_candidates_are_encoded_once():
     assert all(a is b for a, b in zip(first, again, strict=True))  # the same objects: nothing re-encoded
     picker.offer(3, 3.0, lambda: rgb, 0.1)  # frame 2 stays as the most central, frame 3 is the new last
     assert [k.frame_index for k in picker.encode("cam", 75)] == [0, 2, 3]
+
+
+def test_a_split_clusters_keyframes_go_to_the_half_holding_their_frame(tiny_model, bikes_frames):
+    from mosaic_core.engine.splits import split_cluster
+
+    engine = make_engine(tiny_model, formation=FormationConfig(max_tokens=96, min_similarity=-1.0, min_cohesion=-1.0))
+    engine.open_stream("cam", fps=4.0)
+    feed(engine, "cam", bikes_frames[:16])  # every frame joins until the cap: clusters of 5 frames
+    state = engine.stream("cam")
+    record = next(
+        r for r in state.former.records()
+        if r.sealed and r.num_frames > 2 and r.cluster_id not in state.local_cluster_ids()
+    )  # fmt: skip
+    ids = [k.keyframe_id for k in engine.keyframes("cam", cluster_id=record.cluster_id)]
+    halves = split_cluster(engine.parts, state, record, record.frame_indices[2])
+    records = state.records()
+    moved = engine.keyframes("cam", keyframe_ids=ids)
+    assert [k.keyframe_id for k in moved] == ids
+    for keyframe in moved:
+        assert keyframe.cluster_id in halves and keyframe.frame_index in records[keyframe.cluster_id].frame_indices
+    assert engine.tiering.residency.charged_bytes(Tier.HOST) == held_keyframes(state).num_bytes
