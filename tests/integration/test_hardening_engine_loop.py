@@ -31,9 +31,7 @@ STREAMS = ("cam-0", "cam-1", "cam-2")
 HOLD_S = 0.5
 
 
-@pytest.fixture
-def loop(tiny_model):
-    engine = Engine(tiny_model, SMALL)
+def _started_loop(engine: Engine, **options) -> EngineLoop:
     publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
     queues = IngestQueues(64)
     loop = EngineLoop(
@@ -43,10 +41,17 @@ def loop(tiny_model):
         WorkerTelemetry("0"),
         max_batch_frames=8,
         retention_s=lambda stream_id: 0.0,
-        max_questions_per_stream=3,
-        max_hold_s=HOLD_S,
+        **options,
     )
     loop.start()
+    return loop
+
+
+@pytest.fixture
+def loop(tiny_model):
+    engine = Engine(tiny_model, SMALL)
+    loop = _started_loop(engine, max_questions_per_stream=3, max_hold_s=HOLD_S)
+    queues = loop.queues
     for stream_id in STREAMS:
         loop.call(engine.open_stream, stream_id, fps=FPS)
         queues.add_stream(stream_id, FPS)
@@ -193,19 +198,9 @@ def test_a_question_on_a_stream_with_no_frames_is_failed_precondition(loop):
 
 def _tight_loop(tiny_model, bikes_frames, device_mib: float) -> EngineLoop:
     engine = Engine(tiny_model, dataclasses.replace(SMALL, device_budget_bytes=int(device_mib * MIB)))
-    queues = IngestQueues(64)
-    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
-    loop = EngineLoop(
-        engine,
-        queues,
-        TierSync(engine, publisher, "0"),
-        WorkerTelemetry("0"),
-        max_batch_frames=8,
-        retention_s=lambda s: 0.0,
-    )
-    loop.start()
+    loop = _started_loop(engine)
     loop.call(engine.open_stream, "cam", fps=4.0)
-    queues.add_stream("cam", 4.0)
+    loop.queues.add_stream("cam", 4.0)
     loop.call(feed, engine, "cam", bikes_frames[:16])
     return loop
 
