@@ -61,9 +61,8 @@ def apply_merges(parts: EngineParts, state: StreamState, retrieved: list[str]) -
 
 def merge_clusters(parts: EngineParts, state: StreamState, left_id: str, right_id: str) -> str:
     """Replaces two adjacent sealed clusters by one, placed in the hotter of their two tiers."""
-    kv = _read_both(parts, left_id, right_id)
     record = state.former.merge_records(state.former.get(left_id), state.former.get(right_id))
-    _replace(parts, state, [left_id, right_id], record, kv)
+    _replace(parts, state, [left_id, right_id], record)
     return record.cluster_id
 
 
@@ -107,9 +106,8 @@ def join_recurring(parts: EngineParts, state: StreamState, cluster_id: str, fram
     if similarities[best] < formation.join_min_similarity:
         return None
     earlier = candidates[best]
-    kv = _read_both(parts, earlier.cluster_id, cluster_id)
     joined = state.former.join_records(earlier, record)
-    _replace(parts, state, [earlier.cluster_id, cluster_id], joined, kv)
+    _replace(parts, state, [earlier.cluster_id, cluster_id], joined)
     return joined.cluster_id
 
 
@@ -117,23 +115,37 @@ def _joins_on(parts: EngineParts) -> bool:
     return parts.config.formation.join_min_similarity is not None and parts.config.mode is RetrievalMode.CLUSTER
 
 
-def _read_both(parts: EngineParts, first_id: str, second_id: str) -> torch.Tensor:
-    """The two clusters' KV, in this order, on the device: ``[L, 2, H, n1 + n2, D]``."""
-    tiers, device = parts.tiering.tiers, parts.model.device
-    return torch.cat([tiers.read(first_id).to(device), tiers.read(second_id).to(device)], dim=3)
-
-
-def _replace(parts: EngineParts, state: StreamState, old_ids: list[str], record: ClusterRecord, kv) -> None:
-    """Stores ``record``'s KV in the hotter of ``old_ids``' tiers and retires them everywhere: tiers, summaries,
-    the co-retrieval tracker, vision centroids, keyframes (carried over) and durable history (one journal line)."""
+def _replace(parts: EngineParts, state: StreamState, old_ids: list[str], record: ClusterRecord) -> None:
+    """Makes ``record``'s cluster of the KV of ``old_ids`` (in that order) and retires them everywhere: tiers,
+    summaries, the co-retrieval tracker, vision centroids, keyframes (carried over) and durable history (one
+    journal line). In one memory tier the pages change hands without a copy; otherwise both are read onto the
+    device and the result is stored in the hotter of their tiers, and those moves are counted in the tier stats."""
     tiering = parts.tiering
-    prefer = min(tiering.residency.tier_of(cid) for cid in old_ids)
+    if tiering.can_regroup(old_ids):
+        num_pages = sum(tiering.tiers.pages(cid).num_pages for cid in old_ids)
+        tiering.regroup(state.stream_id, old_ids, [(record.cluster_id, num_pages)])
+    else:
+        _copy_into_one(parts, state, old_ids, record.cluster_id)
     for cluster_id in old_ids:
-        tiering.remove(cluster_id)
         parts.tracker.forget(cluster_id)
-    tiering.admit(record.cluster_id, state.stream_id, kv, prefer=Tier(prefer))
     state.summaries.merge(old_ids[0], old_ids[1], record.cluster_id)
     centroids_of(state).combine(old_ids, record.cluster_id)
     store_for(parts, state).carry_over(old_ids, [record])
     if parts.history is not None:
         parts.history.on_merge(state, record.cluster_id, old_ids)
+
+
+def _copy_into_one(parts: EngineParts, state: StreamState, old_ids: list[str], new_id: str) -> None:
+    tiering, device = parts.tiering, parts.model.device
+    stats, bytes_per_token = tiering.tiers.stats, parts.spec.bytes_per_token
+    tiers_before = [Tier(tiering.residency.tier_of(cid)) for cid in old_ids]
+    parts_kv = [tiering.tiers.read(cid).to(device) for cid in old_ids]
+    for tier, kv in zip(tiers_before, parts_kv, strict=True):
+        if tier is not Tier.DEVICE:
+            stats.record(tier, Tier.DEVICE, kv.shape[3] * bytes_per_token)
+    kv = torch.cat(parts_kv, dim=3)
+    for cluster_id in old_ids:
+        tiering.remove(cluster_id)
+    tier = tiering.admit(new_id, state.stream_id, kv, prefer=min(tiers_before))
+    if tier is not Tier.DEVICE:
+        stats.record(Tier.DEVICE, tier, kv.shape[3] * bytes_per_token)

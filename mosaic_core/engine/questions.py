@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import torch
 
-from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.maintenance import apply_merges
 from mosaic_core.engine.parts import EngineParts
@@ -257,32 +256,11 @@ def _maintain(parts, state: StreamState, plan: QuestionPlan) -> None:
         for cluster_id in selection.cluster_ids:
             votes[cluster_id] += 1
     retrieved = [cid for cid, n in votes.items() if 2 * n >= len(first)]
-    residency = parts.tiering.residency
-    before = {
-        r.cluster_id: residency.tier_of(r.cluster_id) for r in state.former.records() if r.cluster_id in residency
-    }
-    if splits_on(parts) and (halves := observe_and_split(parts, state, plan.choice_query, retrieved)):
-        # A split copies within its tier, so the split cluster is not charged as a read; its halves may merge.
+    if splits_on(parts):  # before merges, which may replace what the question retrieved
+        observe_and_split(parts, state, plan.choice_query, retrieved)
         held = state.records()
         retrieved = [cid for cid in retrieved if cid in held]
-        before = {cid: tier for cid, tier in before.items() if cid in residency}
-        before.update({cid: residency.tier_of(cid) for cid in halves})
-    sizes = {cid: state.summaries.count(cid) * parts.spec.bytes_per_token for cid in before}
-    merged = apply_merges(parts, state, retrieved)
-    _count_merge_bytes(parts, before, sizes, merged)
-
-
-def _count_merge_bytes(parts, before: dict, sizes: dict[str, int], merged: list[str]) -> None:
-    """A merge reads both halves onto the device and stores the result in the hotter tier; those moves bypass
-    the tier stats, so they are recorded here and the question that caused them is charged for them."""
-    residency, stats = parts.tiering.residency, parts.tiering.tiers.stats
-    for cluster_id, tier in before.items():
-        if cluster_id not in residency and tier is not Tier.DEVICE:
-            stats.record(tier, Tier.DEVICE, sizes[cluster_id])
-    for cluster_id in merged:
-        tier = residency.tier_of(cluster_id)
-        if tier is not Tier.DEVICE:
-            stats.record(Tier.DEVICE, tier, residency.record(cluster_id).num_bytes)
+    apply_merges(parts, state, retrieved)
 
 
 def _sync(device: torch.device) -> None:

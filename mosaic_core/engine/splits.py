@@ -12,8 +12,9 @@ Once ``formation.split_min_questions`` questions retrieved a cluster, the cut be
 ratio of the two parts' attention densities (mass per token) is taken if that ratio reaches
 ``formation.split_min_density_ratio``. The halves keep the cluster's tier and get fresh ids; their summaries are
 recomputed from their keys, keyframes and durable history follow (one journal line), and their statistics start
-afresh. Splitting reads each retrieved cluster's KV once per question (a copy within its tier, computed there), so it
-is off by default (``split_min_questions=None``).
+afresh. The halves take the cluster's pages as they are (each frame starts pages of its own), so no KV moves, but
+the statistics read each retrieved cluster's KV once per question (a copy within its tier, computed there), so
+splitting is off by default (``split_min_questions=None``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.formation import ClusterRecord
-from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.engine.keyframe_store import store_for
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.recurrence import centroids_of
@@ -117,20 +118,31 @@ def observe_and_split(parts: EngineParts, state: StreamState, choice_query, retr
 
 
 def split_cluster(parts: EngineParts, state: StreamState, record: ClusterRecord, at_frame_index: int) -> list[str]:
-    """Replaces ``record``'s cluster by its frames before ``at_frame_index`` and from it on, in the same tier."""
+    """Replaces ``record``'s cluster by its frames before ``at_frame_index`` and from it on, in the same tier. When
+    each frame has pages of its own (as ingest lays them out) the halves take those pages without a copy; a cluster
+    whose pages were repacked (read back from a spill file) is copied into the halves instead."""
     tiering, cluster_id = parts.tiering, record.cluster_id
-    tier = Tier(tiering.residency.tier_of(cluster_id))
-    kv = tiering.tiers.read(cluster_id)
+    kv = tiering.tiers.read(cluster_id)  # for the halves' summaries
+    page_tokens = tiering.tiers.page_tokens
     halves = state.former.split_record(record, at_frame_index)
-    tiering.remove(cluster_id)
+    frame_pages = [[pages_for(n, page_tokens) for n in half.frame_num_tokens] for half in halves]
+    if tiering.tiers.pages(cluster_id).fills == [f for half in frame_pages for fills in half for f in fills]:
+        new = [(h.cluster_id, sum(len(f) for f in pages)) for h, pages in zip(halves, frame_pages, strict=True)]
+        tiering.regroup(state.stream_id, [cluster_id], new)
+    else:
+        tier = tiering.residency.tier_of(cluster_id)
+        tiering.remove(cluster_id)
+        start = 0
+        for half in halves:
+            part = kv[:, :, :, start : start + half.num_tokens].contiguous()
+            tiering.admit(half.cluster_id, state.stream_id, part, prefer=tier)
+            start += half.num_tokens
     parts.tracker.forget(cluster_id)
     state.summaries.remove(cluster_id)
     start = 0
     for half in halves:
-        part = kv[:, :, :, start : start + half.num_tokens].contiguous()
+        state.summaries.add(half.cluster_id, kv[:, 0, :, start : start + half.num_tokens].to(state.summaries.device))
         start += half.num_tokens
-        tiering.admit(half.cluster_id, state.stream_id, part, prefer=tier)
-        state.summaries.add(half.cluster_id, part[:, 0].to(state.summaries.device))
     centroids_of(state).keep_only({r.cluster_id for r in state.former.records()})
     store_for(parts, state).carry_over([cluster_id], list(halves))
     if parts.history is not None:
@@ -148,8 +160,7 @@ def _splittable(parts: EngineParts, state: StreamState, records: dict[str, Clust
         and len(record.spans()) == 1
         and len(record.frame_num_tokens) == record.num_frames
         and cluster_id in residency
-        and residency.tier_of(cluster_id) is not Tier.DISK
-        and not residency.record(cluster_id).pinned
+        and parts.tiering.can_regroup([cluster_id])
         and cluster_id not in state.local_cluster_ids()
     )
 

@@ -122,6 +122,25 @@ class TierManager:
         self.residency.remove(cluster_id)
         self.tiers.delete(cluster_id)
 
+    def can_regroup(self, cluster_ids: list[str]) -> bool:
+        """Whether ``regroup`` applies: every cluster in the same memory tier, none pinned."""
+        tiers = {self.residency.tier_of(cid) for cid in cluster_ids}
+        return (
+            len(tiers) == 1
+            and Tier.DISK not in tiers
+            and not any(self.residency.record(cid).pinned for cid in cluster_ids)
+        )
+
+    def regroup(self, stream_id: str, old_ids: list[str], new: list[tuple[str, int]]) -> Tier:
+        """Replaces clusters by new ones made of the same pages, in the same tier, without a copy
+        (``KVTiers.regroup``); the bytes stay counted where they are."""
+        for cluster_id in old_ids:
+            self.residency.remove(cluster_id)
+        tier = self.tiers.regroup(old_ids, new)
+        for cluster_id, num_pages in new:
+            self.residency.add(cluster_id, stream_id, num_pages * self.tiers.pools.page_bytes, tier)
+        return tier
+
     @property
     def hit_ratio(self) -> float:
         return self.device_hits / self.device_lookups if self.device_lookups else 0.0

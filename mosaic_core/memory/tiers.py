@@ -312,6 +312,36 @@ class KVTiers:
         self.stats.record(src, dst, num_bytes)
         return num_bytes
 
+    def regroup(self, old_ids: list[str], new: list[tuple[str, int]]) -> Tier:
+        """Hands the pages of ``old_ids`` (their tokens in this order, all in one memory tier) to the clusters
+        ``new``, as ``(id, number of pages)`` in order, without copying a byte: a merge or join at page
+        boundaries, or a split at a frame boundary (each frame starts pages of its own). A device cluster's kept
+        host copy is given back. Returns the tier.
+        """
+        tier = self.tier_of(old_ids[0])
+        assert tier is not Tier.DISK and all(self.tier_of(cid) is tier for cid in old_ids), "regroup in one memory tier"
+        pages: list[int] = []
+        fills: list[int] = []
+        for cluster_id in old_ids:
+            self._settle(cluster_id)
+            self._drop_kept(cluster_id)
+            record = self._records.pop(cluster_id)
+            del self._tiers[cluster_id]
+            self._moving.pop(cluster_id, None)
+            self._slots.pop(cluster_id, None)
+            pages += self._pages_in(record, tier)
+            fills += record.fills
+        assert sum(n for _, n in new) == len(pages), f"{len(pages)} pages cannot make clusters of {new}"
+        start = 0
+        for cluster_id, num_pages in new:
+            assert cluster_id not in self._tiers, f"cluster {cluster_id} stored twice"
+            record = ClusterPages(cluster_id, fills[start : start + num_pages])
+            self._set_pages(record, tier, pages[start : start + num_pages])
+            self._records[cluster_id] = record
+            self._tiers[cluster_id] = tier
+            start += num_pages
+        return tier
+
     def delete(self, cluster_id: str) -> None:
         tier = self._tiers.pop(cluster_id, None)
         record = self._records.pop(cluster_id, None)

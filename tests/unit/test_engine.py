@@ -181,11 +181,16 @@ def test_co_retrieved_neighbours_merge_into_one_cluster(tiny_model, bikes_frames
     assert len(ordered) >= 3
     left, right = ordered[0], ordered[1]
     expected_kv = torch.cat([engine.tiering.tiers.read(left), engine.tiering.tiers.read(right)], dim=3)
+    tiers = engine.tiering.tiers
+    assert tiers.tier_of(left) is tiers.tier_of(right)  # so the merge can hand over their pages
+    pages = [*tiers.pages(left).device, *tiers.pages(right).device]
+    moved_before = dict(tiers.stats.bytes_by_direction)
     before = len(engine.clusters("cam"))
     merged = []
     for _ in range(3):  # questions that keep retrieving both neighbours, and nothing else
         merged += apply_merges(engine.parts, state, [left, right])
     assert len(merged) == 1
+    assert tiers.pages(merged[0]).device == pages and tiers.stats.bytes_by_direction == moved_before  # no copy
     assert len(engine.clusters("cam")) == before - 1
     assert left not in engine.tiering.residency and right not in engine.tiering.residency
     assert torch.equal(engine.tiering.tiers.read(merged[0]).to(expected_kv.device), expected_kv)

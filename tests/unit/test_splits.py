@@ -58,6 +58,8 @@ def test_a_probe_on_part_of_a_cluster_splits_it_there_and_the_halves_restore(tin
     feed(engine, "cam", bikes_frames)
     target = _stored_cluster(engine, min_frames=4)
     kv = engine.tiering.tiers.read(target.cluster_id).clone()
+    before = engine.tiering.tiers.pages(target.cluster_id)
+    pages = before.device or before.host
     planted = (target.frame_indices[-2], target.frame_indices[-1])
     with probing(ProbeRequest(span=planted)):
         engine.answer("cam", "Planted probe.", max_new_tokens=1)
@@ -68,6 +70,8 @@ def test_a_probe_on_part_of_a_cluster_splits_it_there_and_the_halves_restore(tin
     assert any(set(planted) <= set(r.frame_indices) and r.num_frames < target.num_frames for r in halves)
     parts = [engine.tiering.tiers.read(r.cluster_id) for r in halves]
     assert torch.equal(torch.cat(parts, dim=3), kv), "the halves must hold exactly the cluster's KV, in order"
+    after = [engine.tiering.tiers.pages(r.cluster_id) for r in halves]
+    assert [p for record in after for p in (record.device or record.host)] == pages, "the halves take its pages"
     summaries = engine.stream("cam").summaries
     for record, part in zip(halves, parts, strict=True):
         assert summaries.count(record.cluster_id) == record.num_tokens == part.shape[3]
