@@ -24,6 +24,7 @@ import shutil
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -280,7 +281,13 @@ class DurableStore:
         if sum(sizes) != len(data):
             raise CorruptRecordError(f"cluster record {path} holds {len(data)} keyframe bytes, not {sum(sizes)}")
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        return [data[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
+        jpegs = [data[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
+        for meta, jpeg in zip(entry.keyframes, jpegs, strict=True):
+            if "crc32" in meta and zlib.crc32(jpeg) != int(meta["crc32"]):  # records before the CRC have none
+                raise CorruptRecordError(
+                    f"cluster record {path}: keyframe of frame {meta['frame_index']} fails its CRC"
+                )
+        return jpegs
 
     def read_summary(self, cluster_id: str) -> ClusterSummary:
         entry = self.entry(cluster_id)

@@ -14,6 +14,7 @@ never reuses an id, even one of a cluster that was open when the process died.
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
 
 from safetensors import safe_open
@@ -121,7 +122,7 @@ class HistoryKeeper:
         keyframes = [] if store is None else store.of_cluster(record.cluster_id)
         entry.keyframes = [
             {"frame_index": k.frame_index, "timestamp_s": k.timestamp_s, "width": k.width, "height": k.height,
-             "num_bytes": k.num_bytes}
+             "num_bytes": k.num_bytes, "crc32": zlib.crc32(k.jpeg)}
             for k in keyframes
         ]  # fmt: skip
         summary = ClusterSummary(key_sum, key_sumsq, count)

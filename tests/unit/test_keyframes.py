@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -203,6 +204,29 @@ def test_keyframes_are_written_with_the_records_and_come_back(tiny_model, bikes_
     assert second.tiering.residency.charged_bytes(Tier.DISK) == second.stats().keyframe_bytes > 0
     second.close_stream("cam")
     assert second.tiering.residency.charged_bytes(Tier.DISK) == 0
+    second.close()
+
+
+def test_a_keyframe_that_fails_its_crc_is_not_restored(tiny_model, bikes_frames, tmp_path):
+    first = make_engine(tiny_model, data_dir=str(tmp_path))
+    first.open_stream("cam", fps=4.0)
+    feed(first, "cam", bikes_frames[:24])
+    first.checkpoint()
+    stream_dir = first.history.store.stream_dir("cam")
+    entries = replay(stream_dir).clusters
+    first.close()
+    damaged, entry = next(iter(entries.items()))
+    path = stream_dir / entry.file
+    data = bytearray(path.read_bytes())
+    header_bytes = int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8 : 8 + header_bytes])["keyframes"]["data_offsets"]
+    data[8 + header_bytes + start + 100] ^= 0xFF  # one byte inside the first JPEG
+    path.write_bytes(bytes(data))
+
+    second = make_engine(tiny_model, data_dir=str(tmp_path))
+    second.restore_streams()
+    assert second.keyframes("cam", cluster_id=damaged) == []
+    assert all(second.keyframes("cam", cluster_id=cid) for cid in entries if cid != damaged)
     second.close()
 
 
