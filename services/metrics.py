@@ -24,6 +24,8 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.metadata.base import TIERS
+from services.metric_checks import check_label, non_negative, worker_label
+from services.watch_metrics import WatchMetrics
 
 STREAM_OTHER = "_other"
 DEFAULT_MAX_STREAM_LABELS = 64
@@ -56,31 +58,7 @@ INGEST_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 BATCH_FRAMES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INTER_TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
-SEAL_TO_EVENT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
-WATCH_SCORE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-WATCH_SUPPRESS_REASONS = ("cooldown", "outside_hours")
-WATCH_DROP_REASONS = ("buffer_full", "outbox_full", "answer_queue_full", "score_failed")
-WEBHOOK_OUTCOMES = ("delivered", "retried", "failed", "dropped")
 RETRIEVAL_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-
-def _check(kind: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{kind} {value!r} is not one of {allowed}")
-    return value
-
-
-def _worker(worker: int | str) -> str:
-    label = str(worker)
-    if not label.isdigit() or not label.isascii():
-        raise ValueError(f"worker {worker!r} must be a worker index such as '0' or 1")
-    return label
-
-
-def _non_negative(name: str, value: float) -> float:
-    if not value >= 0:  # also rejects NaN
-        raise ValueError(f"{name}={value!r} must be >= 0")
-    return value
 
 
 @dataclass(slots=True)
@@ -318,11 +296,11 @@ class MosaicMetrics:
         self.frames_ingested_total.labels(self.stream_label(stream_id)).inc(n)
 
     def frame_dropped(self, stream_id: str, reason: str, n: int = 1) -> None:
-        _check("reason", reason, DROP_REASONS)
+        check_label("reason", reason, DROP_REASONS)
         self.frames_dropped_total.labels(self.stream_label(stream_id), reason).inc(n)
 
     def set_ingest_queue_depth(self, stream_id: str, n: int) -> None:
-        _non_negative("ingest queue depth", n)
+        non_negative("ingest queue depth", n)
         with self._lock:
             label = self._stream_label_locked(stream_id)
             if label == STREAM_OTHER:
@@ -342,69 +320,69 @@ class MosaicMetrics:
                 self.stream_lag_seconds.labels(label).set(s)
 
     def observe_ingest_latency(self, worker: int | str, s: float) -> None:
-        self.ingest_latency_seconds.labels(_worker(worker)).observe(_non_negative("ingest latency", s))
+        self.ingest_latency_seconds.labels(worker_label(worker)).observe(non_negative("ingest latency", s))
 
     def observe_ingest_batch(self, worker: int | str, n: int) -> None:
-        self.ingest_batch_frames.labels(_worker(worker)).observe(_non_negative("batch frames", n))
+        self.ingest_batch_frames.labels(worker_label(worker)).observe(non_negative("batch frames", n))
 
     # --- questions ---------------------------------------------------------------------------------
 
     def set_query_queue_depth(self, n: int) -> None:
-        self.query_queue_depth.set(_non_negative("query queue depth", n))
+        self.query_queue_depth.set(non_negative("query queue depth", n))
 
     def query_finished(self, outcome: str) -> None:
-        self.queries_total.labels(_check("outcome", outcome, QUERY_OUTCOMES)).inc()
+        self.queries_total.labels(check_label("outcome", outcome, QUERY_OUTCOMES)).inc()
 
     def observe_ttft(self, mode: str, s: float) -> None:
-        self.time_to_first_token_seconds.labels(_check("mode", mode, MODES)).observe(_non_negative("ttft", s))
+        self.time_to_first_token_seconds.labels(check_label("mode", mode, MODES)).observe(non_negative("ttft", s))
 
     def observe_inter_token(self, mode: str, s: float) -> None:
-        mode = _check("mode", mode, MODES)
-        self.inter_token_latency_seconds.labels(mode).observe(_non_negative("inter-token latency", s))
+        mode = check_label("mode", mode, MODES)
+        self.inter_token_latency_seconds.labels(mode).observe(non_negative("inter-token latency", s))
 
     def observe_retrieval(self, mode: str, s: float) -> None:
-        mode = _check("mode", mode, MODES)
-        self.retrieval_latency_seconds.labels(mode).observe(_non_negative("retrieval latency", s))
+        mode = check_label("mode", mode, MODES)
+        self.retrieval_latency_seconds.labels(mode).observe(non_negative("retrieval latency", s))
 
     # --- memory tiers ------------------------------------------------------------------------------
 
     def add_transfer_bytes(self, worker: int | str, direction: str, n: int) -> None:
-        _check("direction", direction, TRANSFER_DIRECTIONS)
-        self.transfer_bytes_total.labels(_worker(worker), direction).inc(n)
+        check_label("direction", direction, TRANSFER_DIRECTIONS)
+        self.transfer_bytes_total.labels(worker_label(worker), direction).inc(n)
 
     def set_tier(self, worker: int | str, tier: str, used_bytes: int, capacity_bytes: int, num_clusters: int) -> None:
-        labels = (_worker(worker), _check("tier", tier, TIERS))
-        self.tier_used_bytes.labels(*labels).set(_non_negative("used_bytes", used_bytes))
-        self.tier_capacity_bytes.labels(*labels).set(_non_negative("capacity_bytes", capacity_bytes))
-        self.clusters.labels(*labels).set(_non_negative("num_clusters", num_clusters))
+        labels = (worker_label(worker), check_label("tier", tier, TIERS))
+        self.tier_used_bytes.labels(*labels).set(non_negative("used_bytes", used_bytes))
+        self.tier_capacity_bytes.labels(*labels).set(non_negative("capacity_bytes", capacity_bytes))
+        self.clusters.labels(*labels).set(non_negative("num_clusters", num_clusters))
 
     def set_durability(self, worker: int | str, health) -> None:
         """Applies a worker's ``DurabilityHealth`` (gauges as values, counters as increments)."""
-        label = _worker(worker)
+        label = worker_label(worker)
         self.worker_pid.labels(label).set(health.pid)
         self.metadata_store_up.labels(label).set(1 if health.store_up else 0)
-        self.metadata_queue_depth.labels(label).set(_non_negative("queue depth", health.queue_depth))
-        self.metadata_writes_dropped_total.labels(label).inc(_non_negative("dropped", health.writes_dropped))
-        self.metadata_resyncs_total.labels(label).inc(_non_negative("resyncs", health.resyncs))
-        self.durable_pending_clusters.labels(label).set(_non_negative("pending", health.pending_clusters))
-        self.durable_oldest_pending_seconds.labels(label).set(_non_negative("pending age", health.oldest_pending_s))
-        self.durable_clusters_written_total.labels(label).inc(_non_negative("written", health.clusters_written))
-        self.durable_write_errors_total.labels(label).inc(_non_negative("write errors", health.write_errors))
+        self.metadata_queue_depth.labels(label).set(non_negative("queue depth", health.queue_depth))
+        self.metadata_writes_dropped_total.labels(label).inc(non_negative("dropped", health.writes_dropped))
+        self.metadata_resyncs_total.labels(label).inc(non_negative("resyncs", health.resyncs))
+        self.durable_pending_clusters.labels(label).set(non_negative("pending", health.pending_clusters))
+        self.durable_oldest_pending_seconds.labels(label).set(non_negative("pending age", health.oldest_pending_s))
+        self.durable_clusters_written_total.labels(label).inc(non_negative("written", health.clusters_written))
+        self.durable_write_errors_total.labels(label).inc(non_negative("write errors", health.write_errors))
 
     def set_hit_ratio(self, worker: int | str, r: float) -> None:
         if not 0.0 <= r <= 1.0:
             raise ValueError(f"hit ratio {r!r} must be within [0, 1]")
-        self.cluster_device_hit_ratio.labels(_worker(worker)).set(r)
+        self.cluster_device_hit_ratio.labels(worker_label(worker)).set(r)
 
     def set_keyframes(self, worker: int | str, num_bytes: int, dropped: int) -> None:
         """A worker's keyframe bytes now (gauge) and keyframes dropped since the last call (increment)."""
-        label = _worker(worker)
-        self.keyframe_bytes.labels(label).set(_non_negative("keyframe bytes", num_bytes))
-        self.keyframes_dropped_total.labels(label).inc(_non_negative("keyframes dropped", dropped))
+        label = worker_label(worker)
+        self.keyframe_bytes.labels(label).set(non_negative("keyframe bytes", num_bytes))
+        self.keyframes_dropped_total.labels(label).inc(non_negative("keyframes dropped", dropped))
 
     def forget_worker(self, worker: int | str) -> None:
         """Drops every series of a worker that left (its gauges would otherwise freeze at the last value)."""
-        label = _worker(worker)
+        label = worker_label(worker)
         for metric in (
             self.ingest_latency_seconds, self.ingest_batch_frames, self.cluster_device_hit_ratio, self.worker_pid,
             self.metadata_store_up, self.metadata_queue_depth, self.durable_pending_clusters,
@@ -421,13 +399,13 @@ class MosaicMetrics:
     # --- service -----------------------------------------------------------------------------------
 
     def set_active_streams(self, n: int) -> None:
-        self.active_streams.set(_non_negative("active streams", n))
+        self.active_streams.set(non_negative("active streams", n))
 
     def set_workers_up(self, n: int) -> None:
-        self.workers_up.set(_non_negative("workers up", n))
+        self.workers_up.set(non_negative("workers up", n))
 
     def error(self, code_name: str) -> None:
-        self.errors_total.labels(_check("code", code_name, ERROR_CODES)).inc()
+        self.errors_total.labels(check_label("code", code_name, ERROR_CODES)).inc()
 
     # --- exposition --------------------------------------------------------------------------------
 
@@ -454,7 +432,7 @@ class MosaicMetrics:
                 metric.labels(mode)
         for code in ERROR_CODES:
             self.errors_total.labels(code)
-        for worker in map(_worker, worker_ids):
+        for worker in map(worker_label, worker_ids):
             self.ingest_latency_seconds.labels(worker)
             self.ingest_batch_frames.labels(worker)
             self.cluster_device_hit_ratio.labels(worker)
@@ -480,74 +458,3 @@ class MosaicMetrics:
         """Serves the registry at ``http://addr:port/metrics`` from a daemon thread (port 0: any free one)."""
         httpd, thread = prometheus_client.start_http_server(port, addr=addr, registry=self.registry)
         return MetricsServer(httpd=httpd, thread=thread)
-
-
-class WatchMetrics:
-    """Standing questions (docs/watches.md): watches, evaluations, events, latency, drops and webhooks."""
-
-    def __init__(self, r: CollectorRegistry) -> None:
-        self.watches = Gauge("mosaic_watches", "Standing questions (watches) defined.", registry=r)
-        self.evaluations_total = Counter(
-            "mosaic_watch_evaluations_total", "Sealed clusters scored against a watch (one per pair).", registry=r
-        )
-        self.events_total = Counter("mosaic_watch_events_total", "Watch events fired.", registry=r)
-        self.suppressed_total = Counter(
-            "mosaic_watch_suppressed_total", "Matches that did not fire, by reason.", ["reason"], registry=r
-        )
-        self.events_dropped_total = Counter(
-            "mosaic_watch_events_dropped_total",
-            "Watch events lost (buffer_full: trimmed from a watch's full buffer; "
-            "outbox_full: dropped by a worker before the router took them; score_failed: (cluster, watch) "
-            "evaluations lost because scoring raised), or fired without an answer (answer_queue_full), by reason.",
-            ["reason"],
-            registry=r,
-        )
-        self.seal_to_event_seconds = Histogram(
-            "mosaic_watch_seal_to_event_seconds",
-            "Time from a cluster being seen sealed to its watch event being stored and sent.",
-            buckets=SEAL_TO_EVENT_BUCKETS_S,
-            registry=r,
-        )
-        self.score_seconds = Histogram(
-            "mosaic_watch_score_seconds",
-            "Engine time to score one sealed cluster against every watch on its stream.",
-            buckets=WATCH_SCORE_BUCKETS_S,
-            registry=r,
-        )
-        self.subscribers = Gauge("mosaic_watch_subscribers", "Open WatchEvents calls.", registry=r)
-        self.webhook_deliveries_total = Counter(
-            "mosaic_watch_webhook_deliveries_total", "Webhook attempts and their outcome.", ["outcome"], registry=r
-        )
-
-    def prime(self) -> None:
-        for reason in WATCH_SUPPRESS_REASONS:
-            self.suppressed_total.labels(reason)
-        for reason in WATCH_DROP_REASONS:
-            self.events_dropped_total.labels(reason)
-        for outcome in WEBHOOK_OUTCOMES:
-            self.webhook_deliveries_total.labels(outcome)
-
-    def set_watches(self, n: int) -> None:
-        self.watches.set(_non_negative("watches", n))
-
-    def evaluated(self, n: int) -> None:
-        self.evaluations_total.inc(_non_negative("evaluations", n))
-
-    def fired(self, seal_to_event_s: float) -> None:
-        self.events_total.inc()
-        self.seal_to_event_seconds.observe(max(0.0, seal_to_event_s))
-
-    def suppressed(self, reason: str, n: int = 1) -> None:
-        self.suppressed_total.labels(_check("reason", reason, WATCH_SUPPRESS_REASONS)).inc(n)
-
-    def dropped(self, reason: str, n: int = 1) -> None:
-        self.events_dropped_total.labels(_check("reason", reason, WATCH_DROP_REASONS)).inc(n)
-
-    def observe_score(self, s: float) -> None:
-        self.score_seconds.observe(_non_negative("score seconds", s))
-
-    def set_subscribers(self, n: int) -> None:
-        self.subscribers.set(_non_negative("subscribers", n))
-
-    def webhook(self, outcome: str) -> None:
-        self.webhook_deliveries_total.labels(_check("outcome", outcome, WEBHOOK_OUTCOMES)).inc()
