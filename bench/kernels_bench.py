@@ -220,6 +220,54 @@ def bench_paged(cuda: bool, quick: bool, dev: torch.device) -> list[Row]:
     ]
 
 
+def bench_slots(cuda: bool, quick: bool, dev: torch.device) -> list[Row]:
+    """The arena's own layout: a page-major pool ``[P, L, 2, H, page, D]``, one layer's view, a slot table of
+    whole pages in random order, against the same keys laid out contiguously; and the two ways a new token's
+    KV is written into its page (indexed ``write_slots`` against ``write_run``'s slice copy)."""
+    hq, hkv, dim, layers, page, tokens, pool_pages = (
+        (4, 2, 64, 2, 18, 97, 16) if quick else (28, 4, 128, 28, 126, 16384, 400)
+    )
+    dt, scale, rows = torch.bfloat16, dim**-0.5, []
+    pool = torch.randn(pool_pages, layers, 2, hkv, page, dim, device=dev, dtype=dt)
+    layer = layers // 2
+    k_pages, v_pages = pool[:, layer, 0], pool[:, layer, 1]
+    used = torch.randperm(pool_pages)[: -(-tokens // page)]
+    slots = (used[:, None] * page + torch.arange(page)[None, :]).flatten()[:tokens].to(torch.int32)
+    table = slots[None].to(dev)
+    k = k_pages[used].transpose(0, 1).flatten(1, 2)[:, :tokens][None].contiguous()
+    v = v_pages[used].transpose(0, 1).flatten(1, 2)[:, :tokens][None].contiguous()
+    moved = 2 * tokens * hkv * dim * 2
+    for q_len in (1, 32):
+        q = torch.randn(1, hq, q_len, dim, device=dev, dtype=dt)
+        case = f"slots q{q_len} kv{tokens} page{page}"
+        paged = partial(kernels.paged_slot_attention, q, k_pages, v_pages, table, None, scale=scale)
+        if q_len == 1:
+            contiguous = partial(kernels.decode_attention, q[:, :, 0], k, v, None, scale=scale, validate=False)
+        else:
+            contiguous = partial(kernels.prefill_attention, q[0], k[0], v[0], scale=scale)
+        expected = contiguous() if q_len == 1 else contiguous()[None][:, :, -1]
+        err = max_err(paged()[:, :, -1], expected)
+        rows += [
+            measure("slots", case, "paged_slot_attention (triton)", paged, cuda, bytes_moved=moved, err=err),
+            measure("slots", case, "contiguous (decode/prefill_attention)", contiguous, cuda, bytes_moved=moved),
+        ]
+    token_kv = torch.randn(1, 2, hkv, dim, device=dev, dtype=dt)
+    target = int(used[0])
+    index = (torch.tensor([target], device=dev), torch.tensor([3], device=dev))
+
+    def write_slots():
+        pool[index[0], layer, :, :, index[1]] = token_kv
+
+    def write_run():
+        pool[target, layer, :, :, 3:4] = token_kv[0, :, :, None]
+
+    rows += [
+        measure("slots", "write one token, one layer", "indexed (write_slots)", write_slots, cuda),
+        measure("slots", "write one token, one layer", "slice copy (write_run)", write_run, cuda),
+    ]
+    return rows
+
+
 def bench_prefill(cuda: bool, quick: bool, dev: torch.device) -> list[Row]:
     hq, hkv, dim = (4, 2, 64) if quick else (28, 4, 128)
     dt, scale, rows = torch.bfloat16, dim**-0.5, []
@@ -316,7 +364,7 @@ def print_table(rows: list[Row]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes; runs on CPU in the Triton interpreter")
-    parser.add_argument("--only", default="scoring,gather,slabs,decode,paged,prefill", help="comma-separated sections")
+    parser.add_argument("--only", default="scoring,gather,slabs,decode,paged,slots,prefill", help="comma-separated sections")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -330,6 +378,7 @@ def main() -> None:
         "slabs": bench_slabs,
         "decode": bench_decode,
         "paged": bench_paged,
+        "slots": bench_slots,
         "prefill": bench_prefill,
     }
     rows: list[Row] = []

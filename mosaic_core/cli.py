@@ -34,6 +34,7 @@ BENCH_TARGETS = {
     "service": ("services.bench_service", "cameras one service keeps real-time, measured through gRPC"),
     "engine": ("mosaic_core.bench.engine", "side-by-side engine benchmark of full, token and cluster modes"),
     "watches": ("bench.watches", "standing questions under load: seal-to-event latency, scoring per cluster"),
+    "profile": ("mosaic_core.bench.profile_question", "where a question's and an ingest pass's time goes, per mode"),
 }
 
 
@@ -125,7 +126,7 @@ def _add_optional_commands(sub, module_name: str, register: str) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark: mosaic bench faults|soak|service|engine|watches [ARGS...]")
+    p = sub.add_parser("bench", help="run a benchmark: mosaic bench faults|soak|service|engine|watches|profile [ARGS...]")
     targets = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", parser_class=Parser)
     for name, (module, text) in BENCH_TARGETS.items():
         # never parsed here (main hands the arguments over first); listed for --help

@@ -1,0 +1,120 @@
+"""Where a question's time goes: torch.profiler over one question and one ingest pass, per retrieval mode.
+
+    mosaic bench profile --minutes 20 --modes frame,cluster --out DIR   # GPU, qwen2.5-vl-7b shape
+    mosaic bench profile --quick --out DIR                             # CPU, tiny preset (a smoke run)
+
+For each mode: one engine over a looped sample clip (scenario A's settings), two warm-up questions, five timed
+ones (time to first token, decode ms/token), then one question and one ingest pass under the profiler. It writes
+``DIR/profile-<mode>.txt`` (the ops by self device time and by self host time) and ``DIR/profile.json``, where
+``device_busy`` is the device time of all kernels over the wall time of the profiled question: well under one
+means the host (launches, Python, syncs) sets the pace, not the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mosaic_core.bench.engine import CLIPS, QUESTIONS, BenchSettings, engine_config, looped_frames, sized_to_machine
+from mosaic_core.engine.engine import Engine
+from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
+
+
+def _device_seconds(prof) -> float:
+    events = prof.key_averages()
+    return sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e6
+
+
+def _tables(prof) -> str:
+    averages = prof.key_averages()
+    by_device = averages.table(sort_by="self_device_time_total", row_limit=25) if torch.cuda.is_available() else ""
+    return by_device + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=25)
+
+
+def profile_mode(model, s: BenchSettings, mode: str, frames, decode_tokens: int, out: Path, log) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = Engine(model, engine_config(s, mode))
+    engine.open_stream("cam")
+    started = time.perf_counter()
+    for i in range(0, len(frames) - 16, 64):
+        engine.ingest(frames[i : min(i + 64, len(frames) - 16)])
+    log(f"{mode}: ingested {len(frames) - 16} frames in {time.perf_counter() - started:.1f} s")
+    for q in QUESTIONS[:2]:
+        engine.answer("cam", q, max_new_tokens=decode_tokens)
+    timed = [engine.answer("cam", q, max_new_tokens=decode_tokens).timings for q in QUESTIONS]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as question_prof:
+        t0 = time.perf_counter()
+        answer = engine.answer("cam", "Profiled: when did the cyclist pass?", max_new_tokens=decode_tokens)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        question_wall = time.perf_counter() - t0
+    with profile(activities=activities) as ingest_prof:
+        t0 = time.perf_counter()
+        engine.ingest(frames[-16:])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        ingest_wall = time.perf_counter() - t0
+    (out / f"profile-{mode}.txt").write_text(
+        f"# one question ({decode_tokens} tokens), {mode} mode, {len(frames)} frames of history\n"
+        + _tables(question_prof)
+        + f"\n\n# one ingest pass of 16 frames, {mode} mode\n"
+        + _tables(ingest_prof)
+    )
+    del engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    question_device = _device_seconds(question_prof)
+    return {
+        "mode": mode,
+        "ttft_p50_ms": statistics.median(t.time_to_first_token_s for t in timed) * 1e3,
+        "decode_ms_per_token": statistics.median(t.decode_s_per_token for t in timed) * 1e3,
+        "profiled_question_wall_ms": question_wall * 1e3,
+        "profiled_question_ttft_ms": answer.timings.time_to_first_token_s * 1e3,
+        "profiled_question_device_ms": question_device * 1e3,
+        "device_busy": question_device / question_wall if question_wall else 0.0,
+        "profiled_ingest_wall_ms": ingest_wall * 1e3,
+        "profiled_ingest_device_ms": _device_seconds(ingest_prof) * 1e3,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny preset, one minute; runs on CPU")
+    parser.add_argument("--model", default="qwen2.5-vl-7b")
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--modes", default="frame,cluster")
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--budget-tokens", type=int, default=16384)
+    parser.add_argument("--device-budget-gib", type=float, default=8.0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    settings_args = argparse.Namespace(
+        quick=args.quick, model=args.model, minutes=args.minutes, questions=len(QUESTIONS),
+        budget_tokens=args.budget_tokens, device_budget_gib=args.device_budget_gib, cameras=1,
+    )  # fmt: skip
+    s = BenchSettings.from_args(settings_args)
+    log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
+    model = Qwen25VLAdapter.load(s.model, device=s.device, dtype=s.dtype)
+    s = sized_to_machine(s, model, None, log)
+    frames = looped_frames(int(s.minutes * 60), stream_id="cam", clip=CLIPS[0])
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = [profile_mode(model, s, mode, frames, args.decode_tokens, args.out, log) for mode in args.modes.split(",")]
+    report = {"minutes": s.minutes, "budget_tokens": s.budget_tokens, "rows": rows}
+    if torch.cuda.is_available():
+        report["gpu"] = torch.cuda.get_device_name()
+    (args.out / "profile.json").write_text(json.dumps(report, indent=2))
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
