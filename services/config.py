@@ -94,6 +94,8 @@ class ServiceConfig(BaseModel):
     max_questions_per_stream: int = Field(4, ge=1)
     # How long questions may keep a stream's new frames out of ingest (frames cannot enter mid-answer).
     max_question_hold_s: float = Field(2.0, ge=0)
+    # How long running answers may keep decoding between ingest passes while frames wait (0: a token per pass).
+    answer_slice_s: float = Field(0.25, ge=0)
     # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
     source_max_failures: int = Field(10, ge=1)
     source_max_refused_frames: int = Field(100, ge=1)

@@ -7,11 +7,17 @@ The engine is not thread-safe, so every engine call runs here. One iteration:
     questions that may start  ->  one step (prefill or one token) of every running question  ->  metadata
     sync  ->  sleep until woken if nothing happened
 
-**Ingest is never starved by questions.** Ingest goes first in every iteration and reaches every stream, and
-a question advances one token per iteration. A stream that a question is reading is *held*: it is left out of
-ingest passes until its answers end (its frames wait in the bounded queue), because a frame entering the local
-window mid-answer would change the history the answer attends to (a re-scoring rebuilds the answer's
-buffer from the stream's current window and clusters, sized by the summaries taken when it started). A hold is
+**Ingest is never starved by questions.** Ingest goes first in every iteration and reaches every stream.
+Between two ingest passes the running questions advance a token each, and keep advancing while no frame waits
+for a stream they do not hold, for up to ``answer_slice_s`` once one does; a command from another thread or a
+new question also ends the slice. So answers decode at the engine's pace when cameras are quiet, and a frame
+waits at most about ``answer_slice_s`` plus one pass (with 0, answers advance a token per pass while frames
+wait).
+
+A stream that a question is reading is *held*: it is left out of ingest passes until its answers end (its frames
+wait in the bounded queue), because a frame entering the local window mid-answer would change the history the
+answer attends to (a re-scoring rebuilds the answer's buffer from the stream's current window and clusters,
+sized by the summaries taken when it started). A hold is
 bounded, so a burst of questions cannot freeze a camera:
 
 - questions of a held stream may join the hold only within ``max_hold_s`` of its start;
@@ -61,6 +67,7 @@ STATS_REFRESH_S = 0.5
 DEFAULT_MAX_QUESTIONS_PER_STREAM = 4
 DEFAULT_MAX_HOLD_S = 2.0
 DEFAULT_FRAMES_PER_STREAM_PASS = 2
+DEFAULT_ANSWER_SLICE_S = 0.25
 DEFAULT_MAX_BACKGROUND_JOBS = 64
 DONE = object()  # ends a question's event queue
 
@@ -107,6 +114,7 @@ class EngineLoop:
         after_ingest: called on the engine thread with the ids of the streams of each ingest pass.
         max_background_jobs: background answers that may wait; ``submit_background`` refuses more.
         max_background_running: background answers that may run at once (each on its own stream).
+        answer_slice_s: how long running questions may keep decoding between ingest passes while frames wait.
     """
 
     def __init__(
@@ -124,11 +132,13 @@ class EngineLoop:
         after_ingest=None,
         max_background_jobs: int = DEFAULT_MAX_BACKGROUND_JOBS,
         max_background_running: int = 1,
+        answer_slice_s: float = DEFAULT_ANSWER_SLICE_S,
     ) -> None:
-        if max_questions_per_stream < 1 or frames_per_stream_pass < 1 or not max_hold_s >= 0:
+        if max_questions_per_stream < 1 or frames_per_stream_pass < 1 or not max_hold_s >= 0 or not answer_slice_s >= 0:
             raise ValueError(
                 f"max_questions_per_stream={max_questions_per_stream} and frames_per_stream_pass="
-                f"{frames_per_stream_pass} must be >= 1 and max_hold_s={max_hold_s} >= 0"
+                f"{frames_per_stream_pass} must be >= 1, max_hold_s={max_hold_s} and answer_slice_s="
+                f"{answer_slice_s} >= 0"
             )
         self.engine = engine
         self.queues = queues
@@ -143,6 +153,7 @@ class EngineLoop:
         self.after_ingest = after_ingest
         self.max_background_jobs = max_background_jobs
         self.max_background_running = max_background_running
+        self.answer_slice_s = answer_slice_s
         self._background: deque[QuestionJob] = deque()
         self.stats = None  # latest EngineStats, refreshed every STATS_REFRESH_S
         self.last_ingested_s: dict[str, float] = {}  # stream -> timestamp of the newest ingested frame
@@ -369,11 +380,19 @@ class EngineLoop:
         return True
 
     def _step_questions(self) -> bool:
+        """A token of every running question, then more while the answer slice allows (module doc)."""
         if not self._questions:
             return False
-        for job in list(self._questions):
-            self._step(job)
-        return True
+        slice_ends_s = time.monotonic() + self.answer_slice_s
+        waiting = len(self._pending_questions)
+        while True:
+            for job in list(self._questions):
+                self._step(job)
+            if not self._questions or self._commands or len(self._pending_questions) > waiting or self._stop.is_set():
+                return True
+            if time.monotonic() >= slice_ends_s and self.queues.total_frames(exclude=self.busy_streams) > 0:
+                return True
+            self._refresh_stats()
 
     def _step(self, job: QuestionJob) -> None:
         if job.cancelled.is_set():

@@ -15,7 +15,7 @@ import pytest
 
 from mosaic_core.config import MIB
 from mosaic_core.engine.engine import Engine
-from mosaic_core.engine.results import Answer
+from mosaic_core.engine.results import Answer, TokenEvent
 from mosaic_core.errors import CapacityError
 from services.engine_loop import DONE, EngineLoop, QuestionJob
 from services.errors import QueueFullError, status_for
@@ -31,18 +31,21 @@ STREAMS = ("cam-0", "cam-1", "cam-2")
 HOLD_S = 0.5
 
 
-def _started_loop(engine: Engine, **options) -> EngineLoop:
+def _loop(engine: Engine, **options) -> EngineLoop:
     publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
-    queues = IngestQueues(64)
-    loop = EngineLoop(
+    return EngineLoop(
         engine,
-        queues,
+        IngestQueues(64),
         TierSync(engine, publisher, "0"),
         WorkerTelemetry("0"),
         max_batch_frames=8,
         retention_s=lambda stream_id: 0.0,
         **options,
     )
+
+
+def _started_loop(engine: Engine, **options) -> EngineLoop:
+    loop = _loop(engine, **options)
     loop.start()
     return loop
 
@@ -224,3 +227,28 @@ def test_a_question_that_cannot_fit_even_alone_is_resource_exhausted(tiny_model,
         loop.stop()
     assert isinstance(error, CapacityError), error
     assert status_for(error).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.parametrize(
+    ("frames_waiting", "command_waiting", "slice_s", "tokens"),
+    [(False, False, 0.0, 12), (True, False, 0.0, 1), (True, False, 60.0, 12), (False, True, 60.0, 1)],
+    ids=["quiet-cameras", "frames-waiting-no-slice", "frames-waiting-within-slice", "command-waiting"],
+)
+def test_answers_keep_decoding_between_passes_until_frames_wait_past_the_slice(
+    tiny_model, bikes_frames, frames_waiting, command_waiting, slice_s, tokens
+):
+    engine = Engine(tiny_model, SMALL)
+    loop = _loop(engine, answer_slice_s=slice_s)  # not started: this thread plays the engine thread
+    for stream_id in ("cam-0", "cam-1"):
+        engine.open_stream(stream_id, fps=FPS)
+        loop.queues.add_stream(stream_id, FPS)
+    feed(engine, "cam-0", bikes_frames[:8])
+    if frames_waiting:  # on another stream, which the question does not hold
+        loop.queues.put(QueuedFrame("cam-1", 0.0, bikes_frames[0][1][::2, ::2], time.monotonic()))
+    if command_waiting:
+        loop.post(engine.stats)
+    job = _ask(loop, "cam-0", 0, max_new_tokens=12)
+    loop._start_questions()
+    loop._step_questions()
+    events = list(job.events.queue)
+    assert sum(isinstance(e, TokenEvent) for e in events) == tokens, events
