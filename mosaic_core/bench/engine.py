@@ -219,7 +219,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def scenario_a(model, s: BenchSettings, pcie_gbs: float, log, save=None) -> tuple[dict, dict]:
+def scenario_a(model, s: BenchSettings, pcie_gbs: float, log, save=None, variants=None) -> tuple[dict, dict]:
     """Long stream, one engine per variant (``scenario_a``), with scaling checkpoints (scenario C)."""
     from mosaic_core.bench import scenario_a as equal_machinery
 
@@ -227,8 +227,9 @@ def scenario_a(model, s: BenchSettings, pcie_gbs: float, log, save=None) -> tupl
     bare_ms = bare_question_ms(model, s)
     log(f"A: question forward without retrieval {bare_ms:.1f} ms")
     return equal_machinery.run(
-        model, s, frames, pcie_gbs, bare_ms, log, engine_config=engine_config, pinned_bytes=pinned_bytes, save=save
-    )
+        model, s, frames, pcie_gbs, bare_ms, log, engine_config=engine_config, pinned_bytes=pinned_bytes, save=save,
+        variants=variants,
+    )  # fmt: skip
 
 
 def pinned_bytes(history_bytes: int, s: BenchSettings) -> int:
@@ -330,6 +331,15 @@ def scenario_b(model, s: BenchSettings, log, profile_to: Path | None = None) -> 
     return results
 
 
+def _variants(text: str, parser: argparse.ArgumentParser) -> set[str]:
+    from mosaic_core.bench.scenario_a import VARIANTS
+
+    chosen = {v.strip() for v in text.split(",") if v.strip()}
+    if not chosen or chosen - set(VARIANTS):
+        parser.error(f"--variants {text!r}: choose among {', '.join(VARIANTS)}")
+    return chosen
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset, small sizes; runs on CPU")
@@ -340,6 +350,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device-budget-gib", type=float, default=8.0)
     parser.add_argument("--cameras", type=int, default=32)
     parser.add_argument("--scenarios", default="A,B", help="comma-separated: A (with C), B")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="scenario A's rows, comma-separated (default: full,rekv-token,frame,cluster,random)",
+    )
     parser.add_argument(
         "--camera-budget-gib",
         type=float,
@@ -369,7 +384,8 @@ def main(argv=None) -> int:
             report["A"], report["C"] = rows, scaling
             out.write_text(json.dumps(report, indent=2))
 
-        report["A"], report["C"] = scenario_a(model, s, pcie, log, save=save)
+        variants = None if args.variants is None else _variants(args.variants, parser)
+        report["A"], report["C"] = scenario_a(model, s, pcie, log, save=save, variants=variants)
     if "B" in scenarios:
         profile_to = Path(args.out).with_suffix(".ingest-profile.txt") if args.profile_ingest else None
         report["B"] = scenario_b(model, s, log, profile_to if s.device.startswith("cuda") else None)

@@ -46,8 +46,11 @@ _TEMPLATES = ("When did the {} pass the camera?", "Was there a {} near the road?
 QUESTIONS = [t.format(s) for t in _TEMPLATES for s in _SUBJECTS]  # 24 distinct questions
 
 
-def run(model, s, frames, pcie_gbs: float, bare_ms: float, log, *, engine_config, pinned_bytes, save=None):
-    """Every variant in turn; returns ``(rows, scaling)`` and calls ``save`` after each variant."""
+def run(
+    model, s, frames, pcie_gbs: float, bare_ms: float, log, *, engine_config, pinned_bytes, save=None, variants=None
+):
+    """Every variant in turn (or those named in ``variants``); returns ``(rows, scaling)`` and calls ``save``
+    after each variant. Without ``full`` among them, no row has hidden-state error or KL."""
     total = len(frames)
     gap = max(1, min(8, total // (4 * max(1, s.num_questions))))
     bulk = total - s.num_questions * gap
@@ -55,6 +58,8 @@ def run(model, s, frames, pcie_gbs: float, bare_ms: float, log, *, engine_config
     spans = _probe_spans(bulk, s, seed=0)
     rows, scaling, hidden = {}, {}, {}
     for label, overrides in VARIANTS.items():
+        if variants is not None and label not in variants:
+            continue
         config = dataclasses.replace(engine_config(s, overrides["mode"]), scorer=overrides.get("scorer"))
         if config.mode.value != "full":
             config = dataclasses.replace(config, pinned_host_bytes=pinned_bytes(history_bytes, s))
