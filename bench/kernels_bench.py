@@ -364,7 +364,9 @@ def print_table(rows: list[Row]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes; runs on CPU in the Triton interpreter")
-    parser.add_argument("--only", default="scoring,gather,slabs,decode,paged,slots,prefill", help="comma-separated sections")
+    parser.add_argument(
+        "--only", default="scoring,gather,slabs,decode,paged,slots,prefill", help="comma-separated sections"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()

@@ -124,8 +124,9 @@ class WatchRegistry:
     async def sync_workers(self, indices: list[int] | None = None) -> None:
         """Sends the full watch list, with each watch's cooldown state, to the workers."""
         async with self._sync_lock:
-            states = await asyncio.gather(*(asyncio.to_thread(self.store.state, w) for w in self._records))
-            specs = [r.for_worker(s.fired_until_s) for r, s in zip(self._records.values(), states, strict=True)]
+            records = list(self._records.items())  # a watch created while the states load goes in the next sync
+            states = await asyncio.gather(*(asyncio.to_thread(self.store.state, w) for w, _ in records))
+            specs = [r.for_worker(s.fired_until_s) for (_, r), s in zip(records, states, strict=True)]
             targets = range(len(self.coordinator.workers)) if indices is None else indices
             calls = [
                 asyncio.wait_for(self.coordinator._call(i, self.coordinator.workers[i].set_watches.remote(specs)),

@@ -166,3 +166,24 @@ def test_limits_hold_for_concurrent_calls():
         assert registry._num_subscribers == 0
 
     asyncio.run(run())
+
+
+def test_watches_created_while_a_sync_loads_states_do_not_break_it():
+    """A sync awaits the store once per watch; watches created meanwhile used to fail it (zip of unequal lengths)."""
+
+    class _SlowStore(InMemoryWatchStore):
+        def state(self, watch_id):
+            time.sleep(0.05)
+            return super().state(watch_id)
+
+    async def run():
+        registry = _registry(_SlowStore())
+        await registry.create(WatchRecord(watch_id="a", question="Truck?"))
+        sync = asyncio.create_task(registry.sync_workers())
+        await asyncio.sleep(0.01)  # the sync is waiting for "a"'s state
+        created = asyncio.create_task(registry.create(WatchRecord(watch_id="b", question="Van?")))
+        await sync
+        await created
+        assert sorted(w.watch_id for w in registry.store.list_watches()) == ["a", "b"]
+
+    asyncio.run(run())

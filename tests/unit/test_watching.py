@@ -98,6 +98,8 @@ def test_scored_layers_and_the_cache_bound(engine):
     assert small.num_prefills == 1 and small.cache_bytes == per_question
     small.score("cam", ids, ["A?"])
     assert small.num_prefills == 2
+    assert small.num_evicted == 2  # A for B, then B for A
+    assert roomy.num_evicted == 0
 
 
 def test_refuses_clusters_without_kv(engine):
