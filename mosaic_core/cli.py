@@ -126,7 +126,9 @@ def _add_optional_commands(sub, module_name: str, register: str) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark: mosaic bench faults|soak|service|engine|watches|profile [ARGS...]")
+    p = sub.add_parser(
+        "bench", help="run a benchmark: mosaic bench faults|soak|service|engine|watches|profile [ARGS...]"
+    )
     targets = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", parser_class=Parser)
     for name, (module, text) in BENCH_TARGETS.items():
         # never parsed here (main hands the arguments over first); listed for --help

@@ -82,6 +82,8 @@ class EngineConfig:
             their gathers are queued at once and move while the layers before them compute; layers up to it
             score their own queries. None scores every layer itself (each waits for its own choice and gather).
         rescore_every_tokens: decode steps between re-scoring clusters; 0 scores once per question.
+        decode_graphs: on CUDA, replay decode steps from CUDA graphs (``mosaic_core.engine.decode_graphs``);
+            questions that measure recall or re-score while decoding always decode eagerly.
         max_question_tokens: questions longer than this are rejected.
         max_new_tokens_limit: upper bound a caller may ask for per answer.
         evidence_spans: how many ranked clusters an answer cites as evidence; a cluster that joined several visits
@@ -113,6 +115,7 @@ class EngineConfig:
     eviction_policy: str = "lru"
     prefetch_after_layer: int | None = 1
     rescore_every_tokens: int = 0
+    decode_graphs: bool = True
     max_question_tokens: int = 512
     max_new_tokens_limit: int = 512
     evidence_spans: int = 5

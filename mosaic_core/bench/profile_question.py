@@ -3,8 +3,10 @@
     mosaic bench profile --minutes 20 --modes frame,cluster --out DIR   # GPU, qwen2.5-vl-7b shape
     mosaic bench profile --quick --out DIR                             # CPU, tiny preset (a smoke run)
 
-For each mode: one engine over a looped sample clip (scenario A's settings), two warm-up questions, five timed
-ones (time to first token, decode ms/token), then one question and one ingest pass under the profiler. It writes
+For each mode: one engine over a looped sample clip (scenario A's settings), two warm-up questions, then each of
+five questions twice, decoded eagerly and from CUDA graphs (``mosaic_core.engine.decode_graphs``; time to first
+token, decode ms/token, and whether the two answers are the same tokens), then one question (graphed where
+graphs are on) and one ingest pass under the profiler. It writes
 ``DIR/profile-<mode>.txt`` (the ops by self device time and by self host time) and ``DIR/profile.json``, where
 ``device_busy`` is the device time of all kernels over the wall time of the profiled question: well under one
 means the host (launches, Python, syncs) sets the pace, not the GPU.
@@ -13,6 +15,7 @@ means the host (launches, Python, syncs) sets the pace, not the GPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -27,8 +30,9 @@ from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 
 
 def _device_seconds(prof) -> float:
-    events = prof.key_averages()
-    return sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e6
+    """Device time of the kernels and copies themselves (the ops that launched them count it too: left out)."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in kernels) / 1e6
 
 
 def _tables(prof) -> str:
@@ -38,17 +42,29 @@ def _tables(prof) -> str:
 
 
 def profile_mode(model, s: BenchSettings, mode: str, frames, decode_tokens: int, out: Path, log) -> dict:
+    """One engine of ``mode``: eager and graphed decode of the same questions side by side, then the profiles.
+
+    No merges: a merge after one answer would change what the same question retrieves the second time."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = Engine(model, engine_config(s, mode))
+    engine = Engine(model, dataclasses.replace(engine_config(s, mode), merge_min_questions=1 << 30))
+    graphs = engine.parts.decode_graphs
+    graphed_too = graphs.enabled
     engine.open_stream("cam")
     started = time.perf_counter()
     for i in range(0, len(frames) - 16, 64):
         engine.ingest(frames[i : min(i + 64, len(frames) - 16)])
     log(f"{mode}: ingested {len(frames) - 16} frames in {time.perf_counter() - started:.1f} s")
-    for q in QUESTIONS[:2]:
+    for q in QUESTIONS[:2]:  # warm-up: compiles kernels and captures the graphs
         engine.answer("cam", q, max_new_tokens=decode_tokens)
-    timed = [engine.answer("cam", q, max_new_tokens=decode_tokens).timings for q in QUESTIONS]
+    eager, graphed = [], []
+    for q in QUESTIONS:
+        graphs.enabled = False
+        eager.append(engine.answer("cam", q, max_new_tokens=decode_tokens))
+        graphs.enabled = graphed_too
+        if graphed_too:
+            graphed.append(engine.answer("cam", q, max_new_tokens=decode_tokens))
+    timed = [a.timings for a in eager]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as question_prof:
         t0 = time.perf_counter()
@@ -76,6 +92,17 @@ def profile_mode(model, s: BenchSettings, mode: str, frames, decode_tokens: int,
         "mode": mode,
         "ttft_p50_ms": statistics.median(t.time_to_first_token_s for t in timed) * 1e3,
         "decode_ms_per_token": statistics.median(t.decode_s_per_token for t in timed) * 1e3,
+        "graphed_decode_ms_per_token": (
+            statistics.median(a.timings.decode_s_per_token for a in graphed) * 1e3 if graphed else None
+        ),
+        "graphed_ttft_p50_ms": (
+            statistics.median(a.timings.time_to_first_token_s for a in graphed) * 1e3 if graphed else None
+        ),
+        "graphed_answers_equal_eager": sum(g.token_ids == e.token_ids for g, e in zip(graphed, eager, strict=False)),
+        "answers_compared": len(graphed),
+        "graphs_captured": graphs.num_captured,
+        "graph_failure": graphs.failure,
+        "profiled_question_graphed": graphs.enabled,
         "profiled_question_wall_ms": question_wall * 1e3,
         "profiled_question_ttft_ms": answer.timings.time_to_first_token_s * 1e3,
         "profiled_question_device_ms": question_device * 1e3,

@@ -25,6 +25,7 @@ from mosaic_core.bookkeeping.tiers import Tier, TierBudgets
 from mosaic_core.config import EngineConfig, RetrievalMode
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.engine import ingest, questions
+from mosaic_core.engine.decode_graphs import DecodeGraphs
 from mosaic_core.engine.history import HistoryKeeper, RestoredStream
 from mosaic_core.engine.keyframe_store import KeyframeSettings, held_keyframes, store_for
 from mosaic_core.engine.keyframes import Keyframe
@@ -110,6 +111,9 @@ class Engine:
             tracker=self.tracker,
             history=self.history,
             streams=self.streams,
+            decode_graphs=DecodeGraphs(
+                model, self.tiering.tiers.pools, self.spec.num_layers, enabled=self.config.decode_graphs
+            ),
         )
         working_set = self.config.retrieval_budget_tokens * self.spec.bytes_per_token
         window = self.config.local_window_tokens * self.spec.bytes_per_token

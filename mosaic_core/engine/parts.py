@@ -16,6 +16,7 @@ from mosaic_core.bookkeeping.maintenance import CoRetrievalTracker
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import EngineConfig
+from mosaic_core.engine.decode_graphs import DecodeGraphs
 from mosaic_core.engine.history import HistoryKeeper
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
@@ -35,6 +36,7 @@ class EngineParts:
     tracker: CoRetrievalTracker
     history: HistoryKeeper | None
     streams: dict[str, StreamState]  # the engine's own dict: streams it opens appear here
+    decode_graphs: DecodeGraphs
 
     def stream(self, stream_id: str) -> StreamState:
         state = self.streams.get(stream_id)

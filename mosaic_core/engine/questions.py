@@ -137,18 +137,23 @@ def _decode(parts, state, question_ids, plan, max_new_tokens):
     timings.retrieval_s = timings.score_s + timings.fetch_s
     cursor += len(question_ids)
     decode_start = time.perf_counter()
+    graphed = parts.decode_graphs.start(plan)  # None: eager steps
     while True:
         token_ids.append(next_id)
         yield TokenEvent(next_id, model.decode_tokens([next_id]))
         if next_id in model.eos_token_ids or len(token_ids) >= max_new_tokens:
             break
-        hidden = model.forward(
-            input_ids=torch.tensor([[next_id]], device=model.device),
-            position_ids=model.text_positions(cursor, 1)[:, None],
-            plan=plan,
-        )
+        stepped = None if graphed is None else graphed(next_id, cursor)
+        if stepped is None:
+            graphed = None  # its graph could not be captured
+            hidden = model.forward(
+                input_ids=torch.tensor([[next_id]], device=model.device),
+                position_ids=model.text_positions(cursor, 1)[:, None],
+                plan=plan,
+            )
+            stepped = int(model.logits(hidden[:, -1]).argmax(-1).item())
         cursor += 1
-        next_id = int(model.logits(hidden[:, -1]).argmax(-1).item())
+        next_id = stepped
     _sync(model.device)
     timings.decode_s = time.perf_counter() - decode_start
     timings.num_tokens = len(token_ids)

@@ -198,5 +198,18 @@ class Qwen25VLAdapter:
         return out.last_hidden_state
 
     @torch.inference_mode()
+    def decode_forward(
+        self, *, input_ids: torch.Tensor, position_ids: torch.Tensor, plan: AttentionPlan
+    ) -> torch.Tensor:
+        """``forward`` for text tokens only, through the decoder layers directly: no video placeholders, no
+        attention-mask building, and nothing that waits for the device, so a CUDA graph can capture it."""
+        text = self.model.model.language_model
+        hidden = text.embed_tokens(input_ids)
+        rotary = text.rotary_emb(hidden, position_ids)
+        for layer in text.layers:
+            hidden = layer(hidden, position_embeddings=rotary, use_cache=False, **{PLAN_KWARG: plan})
+        return text.norm(hidden)
+
+    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
