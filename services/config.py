@@ -92,8 +92,6 @@ class ServiceConfig(BaseModel):
     ingest_headroom: float = Field(0.8, ge=0, le=1)
     # Questions one stream may have running or waiting; past it, RESOURCE_EXHAUSTED with a retry hint.
     max_questions_per_stream: int = Field(4, ge=1)
-    # How long questions may keep a stream's new frames out of ingest (frames cannot enter mid-answer).
-    max_question_hold_s: float = Field(2.0, ge=0)
     # How long running answers may keep decoding between ingest passes while frames wait (0: a token per pass).
     answer_slice_s: float = Field(0.25, ge=0)
     # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.

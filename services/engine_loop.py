@@ -8,29 +8,21 @@ The engine is not thread-safe, so every engine call runs here. One iteration:
     sync  ->  sleep until woken if nothing happened
 
 **Ingest is never starved by questions.** Ingest goes first in every iteration and reaches every stream.
-Between two ingest passes the running questions advance a token each, and keep advancing while no frame waits
-for a stream they do not hold, for up to ``answer_slice_s`` once one does; a command from another thread or a
-new question also ends the slice. So answers decode at the engine's pace when cameras are quiet, and a frame
-waits at most about ``answer_slice_s`` plus one pass (with 0, answers advance a token per pass while frames
-wait).
+Between two ingest passes the running questions advance a token each, and keep advancing while no frame waits,
+for up to ``answer_slice_s`` once one does; a command from another thread or a new question also ends the slice.
+So answers decode at the engine's pace when cameras are quiet, and a frame waits at most about
+``answer_slice_s`` plus one pass (with 0, answers advance a token per pass while frames wait).
 
-A stream that a question is reading is *held*: it is left out of ingest passes until its answers end (its frames
-wait in the bounded queue), because a frame entering the local window mid-answer would change the history the
-answer attends to (a re-scoring rebuilds the answer's buffer from the stream's current window and clusters,
-sized by the summaries taken when it started). A hold is
-bounded, so a burst of questions cannot freeze a camera:
-
-- questions of a held stream may join the hold only within ``max_hold_s`` of its start;
-- after a hold, the stream's next questions wait until every frame that arrived during the hold is ingested;
-- at most ``max_questions_per_stream`` questions per stream are running or waiting here; more are refused
-  with ``QueueFullError`` (RESOURCE_EXHAUSTED).
-
-So a stream is held for at most ``max_hold_s`` plus one answer, then catches up before the next hold.
+**Questions do not hold their stream.** A question reads the slot tables it built at its prefill: the sink and
+window pages it read are held and the clusters it retrieved pinned until it ends, so the stream's frames keep
+going in while it answers and the answer is the one it would have been without them
+(``tests/unit/test_ingest_during_answer.py``). At most ``max_questions_per_stream`` questions per stream are
+running or waiting here; more are refused with ``QueueFullError`` (RESOURCE_EXHAUSTED).
 
 **Background answers** (a watch's short answer about a sealed cluster, ``submit_background``) wait in their own
-bounded queue and start only when no interactive question is running or waiting on this worker and the
-stream has no frames waiting; ``max_background_running`` (1 by default) run at once, each on its own stream.
-Once started it is an ordinary, short, held question.
+bounded queue and start only when no interactive question is running or waiting on this worker;
+``max_background_running`` (1 by default) run at once, each on its own stream. Once started it is an ordinary,
+short question.
 After each ingest pass ``after_ingest(stream_ids)`` runs on this thread (watch evaluation).
 
 **Device room.** Each running question holds device pages for its retrieved clusters and its own tokens. A
@@ -65,7 +57,7 @@ log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
 STATS_REFRESH_S = 0.5
 DEFAULT_MAX_QUESTIONS_PER_STREAM = 4
-DEFAULT_MAX_HOLD_S = 2.0
+RETRY_AFTER_S = 0.5  # the hint a refused question gets
 DEFAULT_FRAMES_PER_STREAM_PASS = 2
 DEFAULT_ANSWER_SLICE_S = 0.25
 DEFAULT_MAX_BACKGROUND_JOBS = 64
@@ -109,7 +101,6 @@ class EngineLoop:
         max_batch_frames: frames per ingest call.
         retention_s: returns a stream's retention (0 keeps everything), read at each retention pass.
         max_questions_per_stream: questions of one stream running or waiting here; more are refused.
-        max_hold_s: how long after a stream's first running question others may still join it (module doc).
         frames_per_stream_pass: frames each stream gives to one ingest pass.
         after_ingest: called on the engine thread with the ids of the streams of each ingest pass.
         max_background_jobs: background answers that may wait; ``submit_background`` refuses more.
@@ -127,18 +118,16 @@ class EngineLoop:
         max_batch_frames: int,
         retention_s,
         max_questions_per_stream: int = DEFAULT_MAX_QUESTIONS_PER_STREAM,
-        max_hold_s: float = DEFAULT_MAX_HOLD_S,
         frames_per_stream_pass: int = DEFAULT_FRAMES_PER_STREAM_PASS,
         after_ingest=None,
         max_background_jobs: int = DEFAULT_MAX_BACKGROUND_JOBS,
         max_background_running: int = 1,
         answer_slice_s: float = DEFAULT_ANSWER_SLICE_S,
     ) -> None:
-        if max_questions_per_stream < 1 or frames_per_stream_pass < 1 or not max_hold_s >= 0 or not answer_slice_s >= 0:
+        if max_questions_per_stream < 1 or frames_per_stream_pass < 1 or not answer_slice_s >= 0:
             raise ValueError(
                 f"max_questions_per_stream={max_questions_per_stream} and frames_per_stream_pass="
-                f"{frames_per_stream_pass} must be >= 1, max_hold_s={max_hold_s} and answer_slice_s="
-                f"{answer_slice_s} >= 0"
+                f"{frames_per_stream_pass} must be >= 1, answer_slice_s={answer_slice_s} >= 0"
             )
         self.engine = engine
         self.queues = queues
@@ -148,7 +137,6 @@ class EngineLoop:
         self.max_batch_frames = max_batch_frames
         self.retention_s = retention_s
         self.max_questions_per_stream = max_questions_per_stream
-        self.max_hold_s = max_hold_s
         self.frames_per_stream_pass = frames_per_stream_pass
         self.after_ingest = after_ingest
         self.max_background_jobs = max_background_jobs
@@ -165,8 +153,6 @@ class EngineLoop:
         self._by_id: dict[str, QuestionJob] = {}
         self._jobs_lock = threading.Lock()
         self._num_jobs: dict[str, int] = defaultdict(int)  # stream -> questions running or waiting here
-        self._held_since: dict[str, float] = {}  # stream -> monotonic start of its current hold
-        self._owed_until: dict[str, float] = {}  # stream -> frames that arrived by then go in before questions
         self._questions_finished = 0  # running questions that ended, each giving its device room back
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -207,8 +193,8 @@ class EngineLoop:
             if num_jobs >= self.max_questions_per_stream:
                 raise QueueFullError(
                     f"stream {job.stream_id!r} already has {num_jobs} questions running or waiting, its limit; "
-                    f"retry in about {self.max_hold_s * 1000:.0f} ms",
-                    retry_after_s=max(0.1, self.max_hold_s),
+                    f"retry in about {RETRY_AFTER_S * 1000:.0f} ms",
+                    retry_after_s=RETRY_AFTER_S,
                 )
             self._num_jobs[job.stream_id] = num_jobs + 1
         self._by_id[job.question_id] = job
@@ -231,10 +217,6 @@ class EngineLoop:
         job.cancelled.set()
         self.wake.set()
         return True
-
-    @property
-    def busy_streams(self) -> frozenset[str]:
-        return frozenset(job.stream_id for job in self._questions)
 
     def oldest_wait_s(self, stream_id: str) -> float:
         """The stream's ingest lag: seconds since its oldest frame still waiting for ingest arrived."""
@@ -272,8 +254,8 @@ class EngineLoop:
         return worked
 
     def _ingest_once(self) -> bool:
-        """One ingest pass over every stream that is not held, in forward passes of ``max_batch_frames``."""
-        taken = self.queues.take_pass(self.frames_per_stream_pass, exclude=self.busy_streams)
+        """One ingest pass over every stream, in forward passes of ``max_batch_frames``."""
+        taken = self.queues.take_pass(self.frames_per_stream_pass)
         if not taken:
             return False
         taken = [f for f in taken if f.stream_id in self.engine.streams]
@@ -322,7 +304,7 @@ class EngineLoop:
         return [f for frames in by_stream.values() for f in self._ingest(frames)]
 
     def _start_questions(self) -> bool:
-        """Moves waiting questions that may start now to the running set (hold rules in the module doc)."""
+        """Moves waiting questions to the running set, except those waiting for device room."""
         now = time.monotonic()
         started = False
         for job in list(self._pending_questions):
@@ -330,17 +312,16 @@ class EngineLoop:
                 self._pending_questions.remove(job)
                 self._step(job)  # ends it with its cancellation or deadline
                 continue
-            if not self._may_start(job.stream_id, now) or self._waits_for_room(job):
+            if self._waits_for_room(job):
                 continue
             self._pending_questions.remove(job)
-            self._held_since.setdefault(job.stream_id, now)
             self._questions.append(job)
             started = True
         return self._start_background(now) or started
 
     def _start_background(self, now: float) -> bool:
         """Starts background answers, oldest first, while nothing interactive runs or waits (module doc): at most
-        ``max_background_running`` at once, one per stream, on streams with no frames waiting."""
+        ``max_background_running`` at once, one per stream."""
         if not self._background or self._pending_questions or any(not j.low_priority for j in self._questions):
             return False
         running = sum(1 for j in self._questions if j.low_priority)
@@ -354,10 +335,9 @@ class EngineLoop:
                 self._background.remove(job)
                 self._step(job)  # ends it with its cancellation or deadline
             elif running < self.max_background_running and job.stream_id not in busy:
-                if self.queues.depth(job.stream_id) > 0 or self._waits_for_room(job):
-                    continue  # its frames first; the loop comes back once they are in
+                if self._waits_for_room(job):
+                    continue
                 self._background.remove(job)
-                self._held_since.setdefault(job.stream_id, now)
                 self._questions.append(job)
                 running += 1
                 busy.add(job.stream_id)
@@ -365,19 +345,6 @@ class EngineLoop:
                 continue
             worked = True
         return worked
-
-    def _may_start(self, stream_id: str, now: float) -> bool:
-        held_since = self._held_since.get(stream_id)
-        if held_since is not None:
-            return now - held_since <= self.max_hold_s
-        owed_until = self._owed_until.get(stream_id)
-        if owed_until is None:
-            return True
-        oldest = self.queues.oldest_received_s(stream_id)
-        if oldest is not None and oldest <= owed_until:
-            return False  # frames that waited during the last hold go in first
-        del self._owed_until[stream_id]
-        return True
 
     def _step_questions(self) -> bool:
         """A token of every running question, then more while the answer slice allows (module doc)."""
@@ -390,7 +357,7 @@ class EngineLoop:
                 self._step(job)
             if not self._questions or self._commands or len(self._pending_questions) > waiting or self._stop.is_set():
                 return True
-            if time.monotonic() >= slice_ends_s and self.queues.total_frames(exclude=self.busy_streams) > 0:
+            if time.monotonic() >= slice_ends_s and self.queues.total_frames() > 0:
                 return True
             self._refresh_stats()
 
@@ -443,8 +410,6 @@ class EngineLoop:
         job.gen = None
         job.waits_for_room_until = self._questions_finished
         self._questions.remove(job)
-        if not any(j.stream_id == job.stream_id for j in self._questions):
-            self._end_hold(job.stream_id)
         (self._background if job.low_priority else self._pending_questions).appendleft(job)
 
     def _waits_for_room(self, job: QuestionJob) -> bool:
@@ -470,8 +435,6 @@ class EngineLoop:
         if job in self._questions:
             self._questions.remove(job)
             self._questions_finished += 1
-            if not any(j.stream_id == job.stream_id for j in self._questions):
-                self._end_hold(job.stream_id)
         with self._jobs_lock:
             if job.question_id in self._by_id:
                 self._num_jobs[job.stream_id] -= 1
@@ -486,10 +449,6 @@ class EngineLoop:
                 job.on_finish(job, error)
             except Exception:
                 log.exception("question %s: finish callback failed", job.question_id)
-
-    def _end_hold(self, stream_id: str) -> None:
-        if self._held_since.pop(stream_id, None) is not None and self.queues.oldest_received_s(stream_id) is not None:
-            self._owed_until[stream_id] = time.monotonic()
 
     def _refresh_stats(self) -> None:
         now = time.monotonic()
@@ -506,5 +465,3 @@ class EngineLoop:
             if job in self._background:
                 self._background.remove(job)
             self._finish(job, QuestionCancelled(f"stream {stream_id!r} was deleted"))
-        self._held_since.pop(stream_id, None)
-        self._owed_until.pop(stream_id, None)

@@ -143,7 +143,6 @@ class WorkerCore:
             max_batch_frames=config.max_batch_frames,
             retention_s=self._retention_s,
             max_questions_per_stream=config.max_questions_per_stream,
-            max_hold_s=config.max_question_hold_s,
             answer_slice_s=config.answer_slice_s,
             after_ingest=self._after_ingest,
             max_background_jobs=config.watch_answer_queue_size,

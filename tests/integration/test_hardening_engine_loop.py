@@ -28,7 +28,6 @@ from tests.unit.engine_helpers import SMALL, feed
 
 FPS = 1.0
 STREAMS = ("cam-0", "cam-1", "cam-2")
-HOLD_S = 0.5
 
 
 def _loop(engine: Engine, **options) -> EngineLoop:
@@ -53,7 +52,7 @@ def _started_loop(engine: Engine, **options) -> EngineLoop:
 @pytest.fixture
 def loop(tiny_model):
     engine = Engine(tiny_model, SMALL)
-    loop = _started_loop(engine, max_questions_per_stream=3, max_hold_s=HOLD_S)
+    loop = _started_loop(engine, max_questions_per_stream=3)
     queues = loop.queues
     for stream_id in STREAMS:
         loop.call(engine.open_stream, stream_id, fps=FPS)
@@ -134,13 +133,13 @@ def test_a_burst_of_questions_on_one_camera_never_stops_any_camera_from_ingestin
     report = (got, max_lag, f"{n} questions, longest answer {longest_answer_s:.2f}s")
     print("burst:", report)  # shown with -s: frames ingested during the burst, worst lag, questions
     assert n >= 8, report
-    # cam-2 is never asked: it shows what this machine manages. Under the old loop cam-0, never free of
-    # questions, ingested nothing until the burst ended and its lag grew to the burst's length. Now a stream is
-    # held for at most HOLD_S plus one answer (each of which waits for its turn among up to 4 answers), then
-    # catches up; CPU contention stretches every term alike, so the bound is relative to cam-2.
+    # cam-2 is never asked: it shows what this machine manages. Under the first loop cam-0, never free of
+    # questions, ingested nothing until the burst ended and its lag grew to the burst's length; later a question
+    # held its stream out of ingest until it ended. Now questions hold nothing, so the cameras that are asked
+    # keep pace with the one that is not (every pass reaches every stream).
     for stream_id in ("cam-0", "cam-1"):
-        assert got[stream_id] >= 0.3 * got["cam-2"] > 0, report
-        assert max_lag[stream_id] <= max_lag["cam-2"] + HOLD_S + 2 * longest_answer_s + 1.0, report
+        assert got[stream_id] >= 0.9 * got["cam-2"] > 0, report
+        assert max_lag[stream_id] <= max_lag["cam-2"] + 1.0, report
 
 
 def test_questions_beyond_the_per_stream_limit_are_resource_exhausted(loop, bikes_frames):
