@@ -107,6 +107,18 @@ def table(report: dict) -> str:
 
 
 def write(report: dict, prefix: str | None) -> None:
+    """``prefix``.json and .txt, with this machine's checkout, home and temporary folders replaced by names in
+    angle brackets (results are committed)."""
     if prefix:
-        Path(f"{prefix}.json").write_text(json.dumps(report, indent=1))
-        Path(f"{prefix}.txt").write_text(table(report) + "\n")
+        Path(f"{prefix}.json").write_text(without_local_paths(json.dumps(report, indent=1)))
+        Path(f"{prefix}.txt").write_text(without_local_paths(table(report)) + "\n")
+
+
+def without_local_paths(text: str) -> str:
+    import tempfile
+
+    places = {str(Path.cwd()): "<checkout>", tempfile.gettempdir(): "<tmp>", str(Path.home()): "<home>"}
+    for path, name in sorted(places.items(), key=lambda item: -len(item[0])):
+        if len(path) > 1:
+            text = text.replace(path, name)
+    return text

@@ -79,3 +79,16 @@ def test_stream_samples_read_lag_and_counters_per_camera_from_metrics_text():
         3.0,
     )
     assert (samples["pull-000"].lag_s, samples["pull-000"].frames_ingested) == (0.0, 5.0)
+
+
+def test_written_results_name_no_folder_of_this_machine(tmp_path, monkeypatch):
+    import json
+    import tempfile
+
+    from services.bench_service_report import without_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    text = json.dumps({"roots": [str(tmp_path / ".gpu")], "log": f"see {tempfile.gettempdir()}/ray/session_1/logs"})
+    scrubbed = without_local_paths(text)
+    assert str(tmp_path) not in scrubbed and tempfile.gettempdir() + "/" not in scrubbed
+    assert json.loads(scrubbed) == {"roots": ["<checkout>/.gpu"], "log": "see <tmp>/ray/session_1/logs"}
