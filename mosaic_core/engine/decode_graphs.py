@@ -15,7 +15,8 @@ from fixed buffers (``FixedDecodePlan``):
 
 The step writes the token's KV of layer l at ``question_slots[filled]`` and attends to the first
 ``static[l] + filled + 1`` slots of ``tables[l]``: exactly what ``QuestionPlan.attend`` does with a table it
-slices on the host. Only ``inputs`` changes from step to step; the rest is loaded once per question.
+slices on the host. Only ``inputs`` changes from step to step; the rest is loaded again when a question steps
+after another one of the same width did (questions interleave in the service's engine loop).
 
 One graph is kept per table width (rounded up to ``WIDTH_STEP``), shared by every question that fits it. Graphs
 are captured on the first question of each width and dropped when the device pool is replaced (full mode grows
@@ -25,6 +26,7 @@ it). Questions that measure recall, re-score clusters while decoding, or run on 
 from __future__ import annotations
 
 import logging
+import weakref
 
 import numpy as np
 import torch
@@ -46,9 +48,10 @@ class FixedDecodePlan:
         self.question_slots = torch.zeros(width, dtype=torch.int64, device=device)
         self.inputs = torch.zeros(3, dtype=torch.int64, device=device)  # token id, text position, tokens filled
         self._staged = torch.zeros(3, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._loaded = None  # weak reference to the question plan whose tables and slots the buffers hold
 
     def load(self, plan) -> None:
-        """Copies one question's tables and slots in (once per question, before its first decode step)."""
+        """Copies one question's tables and slots in."""
         self.tables.fill_(-1)
         for layer, table in enumerate(plan.tables):
             self.tables[layer, :, : table.shape[1]].copy_(table)
@@ -56,6 +59,10 @@ class FixedDecodePlan:
         self.static.copy_(torch.from_numpy(static))
         slots = torch.from_numpy(np.asarray(plan.question_slots_np, dtype=np.int64))
         self.question_slots[: len(slots)].copy_(slots)
+        self._loaded = weakref.ref(plan)
+
+    def holds(self, plan) -> bool:
+        return self._loaded is not None and self._loaded() is plan
 
     def set_inputs(self, token_id: int, position: int, filled: int) -> None:
         self._staged[0], self._staged[1], self._staged[2] = token_id, position, filled
@@ -113,8 +120,6 @@ class DecodeGraphs:
             self._pool_tensor = self.pools.device_pool
         width = -(-max(int(t.shape[1]) for t in plan.tables) // WIDTH_STEP) * WIDTH_STEP
         entry = self._graphs.get(width)
-        if entry is not None:
-            entry[1].load(plan)
 
         def step(token: int, position: int) -> int | None:
             nonlocal entry
@@ -124,6 +129,8 @@ class DecodeGraphs:
                     self._graphs.pop(width)
                     return None
             graph, fixed, next_id = entry
+            if not fixed.holds(plan):  # another question of this width stepped since
+                fixed.load(plan)
             fixed.set_inputs(token, position, plan.filled_tokens)
             if graph is None:
                 next_id = fixed_step(self.model, fixed)
