@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from engine_helpers import feed, make_engine
+from hidden_recorder import assert_same_hiddens, record_hiddens
 
 from mosaic_core.config import MIB
 from mosaic_core.engine.results import Answer
@@ -67,15 +68,18 @@ def test_statistics_are_per_question_when_questions_interleave(tiny_model, bikes
 
 
 @pytest.mark.parametrize("mode", ["token", "cluster"])
-def test_frames_ingested_during_an_answer_do_not_change_what_it_attends_to(tiny_model, bikes_frames, mode):
+def test_frames_ingested_during_an_answer_do_not_change_what_it_attends_to(tiny_model, bikes_frames, mode, monkeypatch):
     """The answer reads the stream's window in place; frames pushed through the window while it decodes hand
-    their pages on or, in token mode, copy them to the host and free them at once. The question's hold keeps
-    those pages from being reused under it by the frames that follow."""
+    their pages on or, in token mode, copy them to the host and free them at once. The question's hold on the
+    pages it read keeps them from being reused under it by the frames that follow."""
     quiet, busy = (make_engine(tiny_model, mode=mode, device_budget_bytes=int(1.3 * MIB)) for _ in range(2))
     for engine in (quiet, busy):
         engine.open_stream("cam", fps=2.0)
         feed(engine, "cam", bikes_frames[:24])
+    hiddens = record_hiddens(tiny_model, monkeypatch)  # every step's: the tiny preset repeats one token
     expected = quiet.answer("cam", "what moved?", max_new_tokens=6)
+    expected_hiddens = list(hiddens)
+    hiddens.clear()
     question = busy.ask("cam", "what moved?", max_new_tokens=6)
     events = [next(question)]
     attended = set(busy.stream("cam").past_pages())
@@ -83,4 +87,5 @@ def test_frames_ingested_during_an_answer_do_not_change_what_it_attends_to(tiny_
     assert not attended & {p for frame in busy.stream("cam").local for p in frame.pages}, "a held page was reused"
     events += list(question)
     assert events[-1].token_ids == expected.token_ids
+    assert_same_hiddens(hiddens, expected_hiddens)
     assert busy.tiering.residency.reserved_bytes() == sum(s.reserved_bytes for s in busy.streams.values())
