@@ -4,8 +4,8 @@ The engine is not thread-safe, so every engine call runs here. One iteration:
 
     commands (open/close stream, stats)  ->  one ingest pass: every stream with waiting frames gives up to
     ``frames_per_stream_pass`` of them, in shared forward passes of up to ``max_batch_frames``  ->  start the
-    questions that may start  ->  one step (prefill or one token) of every running question  ->  metadata
-    sync  ->  sleep until woken if nothing happened
+    questions that may start  ->  steps (prefill or one token) of every running question, for the answer slice
+    below  ->  sleep until woken if nothing happened
 
 **Ingest is never starved by questions.** Ingest goes first in every iteration and reaches every stream.
 Between two ingest passes the running questions advance a token each, and keep advancing while no frame waits,
