@@ -1,8 +1,8 @@
 """Decode steps read from fixed buffers, and replayed from CUDA graphs.
 
 At the 7B shape one eager decode step launches about 930 kernels from Python. On the H200 their GPU work is about
-6 ms, while the step takes 30-55 ms of host time (``mosaic bench profile``: the device is busy a fifth of the
-time). A CUDA graph replays the same kernels with one launch.
+6 ms, while the step took 25-48 ms (``mosaic bench profile``). A CUDA graph replays the same kernels with one
+launch: 7.4-8.4 ms a step there (``bench/NOTES.md``, session 6).
 
 A graph bakes in every tensor address and shape it was captured with, so a step reads everything that changes
 from fixed buffers (``FixedDecodePlan``):
