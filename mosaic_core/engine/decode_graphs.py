@@ -20,7 +20,8 @@ after another one of the same width did (questions interleave in the service's e
 
 One graph is kept per table width (rounded up to ``WIDTH_STEP``), shared by every question that fits it. Graphs
 are captured on the first question of each width and dropped when the device pool is replaced (full mode grows
-it). Questions that measure recall, re-score clusters while decoding, or run on the CPU decode eagerly.
+it, also while an answer decodes, since ingest goes on meanwhile). Questions that measure recall, re-score
+clusters while decoding, or run on the CPU decode eagerly.
 """
 
 from __future__ import annotations
@@ -115,14 +116,19 @@ class DecodeGraphs:
         eagerly. The first call of a new width captures its graph; if that fails, it returns None."""
         if not self.enabled or plan.recall_probe is not None or plan.rescore_every_tokens > 0:
             return None
-        if self.pools.device_pool is not self._pool_tensor:
-            self._graphs.clear()
-            self._pool_tensor = self.pools.device_pool
+        if any(table is None for table in plan.tables):
+            return None
         width = -(-max(int(t.shape[1]) for t in plan.tables) // WIDTH_STEP) * WIDTH_STEP
-        entry = self._graphs.get(width)
+        entry = None
 
         def step(token: int, position: int) -> int | None:
             nonlocal entry
+            if self.pools.device_pool is not self._pool_tensor:  # full mode grew it, maybe mid-answer
+                self._graphs.clear()
+                self._pool_tensor = self.pools.device_pool
+                entry = None
+            if entry is None:
+                entry = self._graphs.get(width)  # captured by an earlier question, or one running beside this one
             if entry is None:
                 entry = self._graphs[width] = self._prepare(plan, width, token, position)
                 if entry is None:

@@ -78,3 +78,29 @@ def test_interleaved_questions_sharing_one_set_of_buffers_each_compute_their_own
     _interleaved(engine)
     assert_same_hiddens(hiddens, eager_hiddens)
     assert fixed.num_steps > 4
+
+
+def test_a_device_pool_grown_mid_answer_retires_the_buffers_built_on_the_old_one(tiny_model, bikes_frames, monkeypatch):
+    """Full mode grows its pool when history outgrows it, and ingest goes on while an answer decodes."""
+    engine = make_engine(tiny_model, mode="full", device_budget_bytes=1 << 20)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:8])
+    reference = make_engine(tiny_model, mode="full", device_budget_bytes=1 << 20)
+    reference.open_stream("cam")
+    feed(reference, "cam", bikes_frames[:8])
+    hiddens = record_hiddens(tiny_model, monkeypatch)
+    reference.answer("cam", QUESTIONS[0], max_new_tokens=12)
+    expected = list(hiddens)
+    fixed = _fixed(engine, tiny_model)
+    pools = engine.tiering.tiers.pools
+    first_pool = pools.device_pool
+    hiddens.clear()
+    answer = engine.ask("cam", QUESTIONS[0], max_new_tokens=12)
+    for _ in range(3):
+        next(answer)
+    feed(engine, "cam", bikes_frames[8:40])  # outgrows the pool while the answer decodes
+    list(answer)
+    assert pools.device_pool is not first_pool
+    assert fixed._pool_tensor is pools.device_pool  # a graph would have been captured again on the new pool
+    assert_same_hiddens(hiddens, expected)
+    assert fixed.num_steps == 11
