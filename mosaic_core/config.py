@@ -84,6 +84,9 @@ class EngineConfig:
         rescore_every_tokens: decode steps between re-scoring clusters; 0 scores once per question.
         decode_graphs: on CUDA, replay decode steps from CUDA graphs (``mosaic_core.engine.decode_graphs``);
             questions that measure recall or re-score while decoding always decode eagerly.
+        prefill_graphs: on CUDA, replay a question prefill's layers after ``prefetch_after_layer`` from CUDA graphs
+            (``mosaic_core.engine.prefill_graphs``); modes that score every layer, and questions that measure
+            recall, prefill eagerly.
         max_question_tokens: questions longer than this are rejected.
         max_new_tokens_limit: upper bound a caller may ask for per answer.
         evidence_spans: how many ranked clusters an answer cites as evidence; a cluster that joined several visits
@@ -116,6 +119,7 @@ class EngineConfig:
     prefetch_after_layer: int | None = 1
     rescore_every_tokens: int = 0
     decode_graphs: bool = True
+    prefill_graphs: bool = True
     max_question_tokens: int = 512
     max_new_tokens_limit: int = 512
     evidence_spans: int = 5

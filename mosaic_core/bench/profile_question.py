@@ -4,10 +4,11 @@
     mosaic bench profile --quick --out DIR                             # CPU, tiny preset (a smoke run)
 
 For each mode: one engine over a looped sample clip (scenario A's settings), two warm-up questions, then each of
-five questions three times: eagerly, eagerly again, and from CUDA graphs (``mosaic_core.engine.decode_graphs``;
-time to first token, decode ms/token, and how many answers are the same tokens: eager against eager is the
-control, since the first answer moves what it retrieved to the device), then one question (graphed where
-graphs are on) and one ingest pass under the profiler. It writes
+five questions three times: eagerly, eagerly again, and from CUDA graphs (``mosaic_core.engine.prefill_graphs``
+and ``decode_graphs``; time to first token, decode ms/token, how many answers are the same tokens, and how far
+apart the prefill's last hidden states are: eager against eager is the control, since the first answer moves
+what it retrieved to the device), then one question (graphed where graphs are on) and one ingest pass under the
+profiler. It writes
 ``DIR/profile-<mode>.txt`` (the ops by self device time and by self host time) and ``DIR/profile.json``, where
 ``device_busy`` is the device time of all kernels over the wall time of the profiled question: well under one
 means the host (launches, Python, syncs) sets the pace, not the GPU.
@@ -40,6 +41,12 @@ def _same(answers, others, tokens: int | None = None) -> int:
     return sum(a.token_ids[:tokens] == b.token_ids[:tokens] for a, b in zip(answers, others, strict=False))
 
 
+def _hidden_diff(answers, others) -> float | None:
+    """The largest absolute difference between the prefills' last hidden states (the first token's input)."""
+    diffs = [float((a.last_hidden - b.last_hidden).abs().max()) for a, b in zip(answers, others, strict=False)]
+    return max(diffs, default=None)
+
+
 def _tables(prof) -> str:
     averages = prof.key_averages()
     by_device = averages.table(sort_by="self_device_time_total", row_limit=25) if torch.cuda.is_available() else ""
@@ -53,23 +60,24 @@ def profile_mode(model, s: BenchSettings, mode: str, frames, decode_tokens: int,
     from torch.profiler import ProfilerActivity, profile
 
     engine = Engine(model, dataclasses.replace(engine_config(s, mode), merge_min_questions=1 << 30))
-    graphs = engine.parts.decode_graphs
+    graphs, prefill_graphs = engine.parts.decode_graphs, engine.parts.prefill_graphs
     graphed_too = graphs.enabled
     engine.open_stream("cam")
     started = time.perf_counter()
     for i in range(0, len(frames) - 16, 64):
         engine.ingest(frames[i : min(i + 64, len(frames) - 16)])
     log(f"{mode}: ingested {len(frames) - 16} frames in {time.perf_counter() - started:.1f} s")
-    for q in QUESTIONS[:2]:  # warm-up: compiles kernels and captures the graphs
+    for q in QUESTIONS:  # warm-up: compiles kernels and captures the graphs of every question length
         engine.answer("cam", q, max_new_tokens=decode_tokens)
     # Each question eagerly twice, then graphed: the first answer promotes what it retrieved to the device, so
     # the second reads the same KV in another order; eager against eager is the control for graphed against eager.
     eager, eager_again, graphed = [], [], []
+    prefill_too = prefill_graphs.enabled
     for q in QUESTIONS:
-        graphs.enabled = False
+        graphs.enabled = prefill_graphs.enabled = False
         eager.append(engine.answer("cam", q, max_new_tokens=decode_tokens))
         eager_again.append(engine.answer("cam", q, max_new_tokens=decode_tokens))
-        graphs.enabled = graphed_too
+        graphs.enabled, prefill_graphs.enabled = graphed_too, prefill_too
         if graphed_too:
             graphed.append(engine.answer("cam", q, max_new_tokens=decode_tokens))
     timed = [a.timings for a in eager]
@@ -110,8 +118,12 @@ def profile_mode(model, s: BenchSettings, mode: str, frames, decode_tokens: int,
         "graphed_answers_equal_eager_asked_again": _same(graphed, eager_again),
         "first_tokens_equal": _same(graphed, eager_again, tokens=1),
         "answers_compared": len(graphed),
+        "prefill_hidden_max_diff_eager_again": _hidden_diff(eager_again, eager),
+        "prefill_hidden_max_diff_graphed": _hidden_diff(graphed, eager_again),
         "graphs_captured": graphs.num_captured,
         "graph_failure": graphs.failure,
+        "prefill_graphs_captured": prefill_graphs.num_captured,
+        "prefill_graph_failure": prefill_graphs.failure,
         "profiled_question_graphed": graphs.enabled,
         "profiled_question_wall_ms": question_wall * 1e3,
         "profiled_question_ttft_ms": answer.timings.time_to_first_token_s * 1e3,

@@ -31,6 +31,7 @@ from mosaic_core.engine.keyframe_store import KeyframeSettings, held_keyframes, 
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import IngestPlan
+from mosaic_core.engine.prefill_graphs import PrefillGraphs
 from mosaic_core.engine.results import (
     Answer,
     ClusterInfo,
@@ -114,6 +115,7 @@ class Engine:
             decode_graphs=DecodeGraphs(
                 model, self.tiering.tiers.pools, self.spec.num_layers, enabled=self.config.decode_graphs
             ),
+            prefill_graphs=PrefillGraphs(model, self.tiering.tiers.pools, enabled=self.config.prefill_graphs),
         )
         working_set = self.config.retrieval_budget_tokens * self.spec.bytes_per_token
         window = self.config.local_window_tokens * self.spec.bytes_per_token

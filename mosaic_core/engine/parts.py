@@ -18,6 +18,7 @@ from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import EngineConfig
 from mosaic_core.engine.decode_graphs import DecodeGraphs
 from mosaic_core.engine.history import HistoryKeeper
+from mosaic_core.engine.prefill_graphs import PrefillGraphs
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
 from mosaic_core.errors import BudgetError, UnknownStreamError
@@ -37,6 +38,7 @@ class EngineParts:
     history: HistoryKeeper | None
     streams: dict[str, StreamState]  # the engine's own dict: streams it opens appear here
     decode_graphs: DecodeGraphs
+    prefill_graphs: PrefillGraphs
 
     def stream(self, stream_id: str) -> StreamState:
         state = self.streams.get(stream_id)

@@ -18,6 +18,7 @@ from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.maintenance import apply_merges
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import QuestionPlan, RecallProbe
+from mosaic_core.engine.prefill_graphs import padded_length
 from mosaic_core.engine.probes import QueryPlanter, active_request
 from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, RetrievalStats, TokenEvent
 from mosaic_core.engine.retrieval import Retriever, machinery_for
@@ -76,7 +77,8 @@ def ask(
             state,
             retriever,
             rescore_every_tokens=config.rescore_every_tokens,
-            capacity_tokens=len(question_ids) + max_new_tokens,
+            # room for the question padded to a prefill graph's length, whose pad rows the answer overwrites
+            capacity_tokens=max(len(question_ids) + max_new_tokens, padded_length(len(question_ids))),
             room=room,
             recall_probe=probe,
             plant_queries=None if planter is None else planter.plant,
@@ -124,13 +126,9 @@ def _decode(parts, state, question_ids, plan, max_new_tokens):
     cursor = state.text_cursor
     token_ids: list[int] = []
     input_ids = torch.tensor([question_ids], device=model.device)
-    hidden = model.forward(
-        input_ids=input_ids,
-        position_ids=model.text_positions(cursor, len(question_ids))[:, None],
-        plan=plan,
-    )
-    last_hidden = hidden[0, -1].float().cpu()
-    next_id = int(model.logits(hidden[:, -1]).argmax(-1).item())
+    hidden = parts.prefill_graphs.prefill(plan, input_ids, cursor)  # the last token's, [1, hidden]
+    last_hidden = hidden[0].float().cpu()
+    next_id = int(model.logits(hidden).argmax(-1).item())
     _sync(model.device)
     timings.time_to_first_token_s = time.perf_counter() - start
     timings.score_s, timings.fetch_s = plan.retriever.score_s, plan.retriever.fetch_s

@@ -203,12 +203,29 @@ class Qwen25VLAdapter:
     ) -> torch.Tensor:
         """``forward`` for text tokens only, through the decoder layers directly: no video placeholders, no
         attention-mask building, and nothing that waits for the device, so a CUDA graph can capture it."""
+        layers = range(self.kv_spec.num_layers)
+        hidden = self.text_layers(self.embed_text(input_ids), position_ids=position_ids, plan=plan, layers=layers)
+        return self.final_norm(hidden)
+
+    @torch.inference_mode()
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.language_model.embed_tokens(input_ids)
+
+    @torch.inference_mode()
+    def text_layers(
+        self, hidden: torch.Tensor, *, position_ids: torch.Tensor, plan: AttentionPlan, layers: range
+    ) -> torch.Tensor:
+        """Text hidden states ``[B, T, hidden]`` through the decoder ``layers`` only (no final norm), with no host
+        synchronisation: a question's prefill runs its first layers eagerly and replays the rest from a graph."""
         text = self.model.model.language_model
-        hidden = text.embed_tokens(input_ids)
         rotary = text.rotary_emb(hidden, position_ids)
-        for layer in text.layers:
+        for layer in text.layers[layers.start : layers.stop]:
             hidden = layer(hidden, position_embeddings=rotary, use_cache=False, **{PLAN_KWARG: plan})
-        return text.norm(hidden)
+        return hidden
+
+    @torch.inference_mode()
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.model.language_model.norm(hidden)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,198 @@
+"""A question's prefill: its first layers run eagerly, the rest replay from a CUDA graph.
+
+An eager 7B forward pass launches about 930 kernels from Python, so a question's time to first token was mostly
+host time (``mosaic bench profile``), as decode steps were before ``decode_graphs``. In cluster and frame mode the
+layers up to ``prefetch_after_layer`` score the candidates and every later layer reuses that choice, so from the
+next layer on the pass reads fixed inputs (``FixedPrefillPlan``):
+
+- ``hidden``: the question's hidden states after the eager layers, zero padded to a multiple of
+  ``QUESTION_STEP`` tokens, and ``positions``, their text positions;
+- ``tables[i]``, ``kv_lens[i]``: the slot table ``QuestionPlan`` built for layer ``first_layer + i``, -1 padded
+  to the graph's width, and how many of its slots the question reads: the static part and the padded question;
+- ``write_pages``, ``write_offsets``: where each question token's KV goes (the question's first slots);
+- ``last``: the row of the question's last real token.
+
+The graph runs those layers, writing each layer's KV into the question's slots and attending in place, then the
+final norm, and leaves the last real row's hidden state. One graph is kept per (rounded question length, table
+width rounded up to ``WIDTH_STEP``).
+
+Padding rows come after the question's tokens, so causal attention keeps them out of every real row. Their KV
+lands in the question's next slots, where the answer's tokens are written before any step reads them (a decode
+step attends only to the slots filled so far, its own included).
+
+Other questions, and questions that measure recall or plant queries, run the whole pass eagerly, as on the CPU,
+where ``capture=False`` runs the fixed-buffer layers eagerly so tests can compare them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from mosaic_core.engine.attend import attend_paged
+from mosaic_core.engine.decode_graphs import WIDTH_STEP
+from mosaic_core.memory.transfer import NOTHING_PENDING
+
+log = logging.getLogger(__name__)
+QUESTION_STEP = 16  # question lengths are rounded up to this, so a few graphs serve every question
+
+
+def padded_length(num_tokens: int) -> int:
+    return -(-num_tokens // QUESTION_STEP) * QUESTION_STEP
+
+
+class FixedPrefillPlan:
+    """The attention plan of a prefill's later layers, every input in a buffer that outlives the pass."""
+
+    def __init__(self, model, pools, first_layer: int, tokens: int, width: int, hidden_like: torch.Tensor) -> None:
+        device, num_layers = model.device, model.kv_spec.num_layers
+        self.pools = pools
+        self.first_layer = first_layer
+        self.tokens = tokens
+        num_fixed = num_layers - first_layer
+        self.tables = torch.full((num_fixed, 1, width), -1, dtype=torch.int32, device=device)
+        self.kv_lens = torch.zeros((num_fixed, 1), dtype=torch.int32, device=device)
+        self.write_index = torch.zeros((2, tokens), dtype=torch.int64, device=device)  # pages, offsets
+        self.hidden = hidden_like.new_zeros((1, tokens, hidden_like.shape[-1]))
+        self.positions = torch.zeros((3, 1, tokens), dtype=torch.int64, device=device)
+        self.last = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def load(self, model, plan, hidden: torch.Tensor, cursor: int) -> None:
+        """Copies one question's tables, slots, hidden states (``[1, T, hidden]``) and positions in."""
+        num_real = hidden.shape[1]
+        self.tables.fill_(-1)
+        for i, layer in enumerate(range(self.first_layer, len(plan.tables))):
+            table = plan.tables[layer]
+            self.tables[i, :, : table.shape[1]].copy_(table)
+        kv_lens = np.asarray(plan.static_tokens[self.first_layer :], dtype=np.int32)[:, None] + self.tokens
+        self.kv_lens.copy_(self.pools.upload(kv_lens, torch.int32))
+        slots = plan.question_slots_np[: self.tokens]
+        page_tokens = self.pools.page_tokens
+        self.write_index.copy_(self.pools.upload(np.stack([slots // page_tokens, slots % page_tokens])))
+        self.hidden.zero_()
+        self.hidden[:, :num_real].copy_(hidden)
+        self.positions.copy_(model.text_positions(cursor, self.tokens)[:, None])
+        self.last.fill_(num_real - 1)
+
+    def attend(self, layer_idx, query, key, value, scale):
+        i = layer_idx - self.first_layer
+        kv = torch.stack([key[0], value[0]]).permute(2, 0, 1, 3)  # [T, 2, H, D]
+        self.pools.write_slots(layer_idx, (self.write_index[0], self.write_index[1]), kv)
+        k_pages, v_pages = self.pools.layer_pages(layer_idx)
+        return attend_paged(query, k_pages, v_pages, self.tables[i], self.kv_lens[i], scale)
+
+
+def fixed_layers(model, fixed: FixedPrefillPlan) -> torch.Tensor:
+    """The later layers and the final norm from ``fixed``'s buffers; returns the last real row ``[1, 1, hidden]``."""
+    layers = range(fixed.first_layer, model.kv_spec.num_layers)
+    hidden = model.text_layers(fixed.hidden, position_ids=fixed.positions, plan=fixed, layers=layers)
+    return model.final_norm(hidden).index_select(1, fixed.last)
+
+
+class PrefillGraphs:
+    """CUDA graphs of the question prefill's later layers (module doc).
+
+    Args:
+        model: the engine's adapter (``embed_text``, ``text_layers``, ``final_norm``).
+        pools: the engine's page pools.
+        enabled: capture graphs (CUDA only); otherwise every prefill runs eagerly.
+        capture: False runs the fixed-buffer layers eagerly instead of replaying them (tests compare them).
+    """
+
+    def __init__(self, model, pools, *, enabled: bool, capture: bool = True) -> None:
+        self.model = model
+        self.pools = pools
+        self.capture = capture
+        self.enabled = enabled and (model.device.type == "cuda" or not capture)
+        self.failure: str | None = None  # why capturing failed; graphs are off from then on
+        self.num_captured = 0
+        self.num_prefills = 0  # prefills whose later layers ran from fixed buffers
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph | None, FixedPrefillPlan, torch.Tensor]]
+        self._graphs = {}
+        self._pool_tensor = None  # the device pool the graphs read; another one invalidates them
+        self._memory = None  # one private memory pool for every graph's intermediates
+
+    def usable(self, plan, num_tokens: int) -> bool:
+        """Whether ``plan``'s prefill of ``num_tokens`` can replay its later layers: layers after the retriever's
+        anchor reuse its choice, and the question's pages hold the padded question."""
+        return (
+            self.enabled
+            and plan.retriever.prefetch_after_layer is not None
+            and plan.recall_probe is None
+            and plan.plant_queries is None
+            and padded_length(num_tokens) <= plan.capacity_tokens
+        )
+
+    def prefill(self, plan, input_ids: torch.Tensor, cursor: int) -> torch.Tensor:
+        """The question's forward pass under ``plan``; returns its last token's final hidden state ``[1, hidden]``.
+
+        Layers up to the retriever's anchor run eagerly (they choose what every layer reads); the rest replay
+        from a graph, or run eagerly when this plan cannot use one or capturing fails.
+        """
+        model, num_layers = self.model, self.model.kv_spec.num_layers
+        num_real = input_ids.shape[1]
+        positions = model.text_positions(cursor, num_real)[:, None]
+        if not self.usable(plan, num_real):
+            return model.forward(input_ids=input_ids, position_ids=positions, plan=plan)[:, -1]
+        first = plan.retriever.prefetch_after_layer + 1
+        hidden = model.text_layers(model.embed_text(input_ids), position_ids=positions, plan=plan, layers=range(first))
+        entry = self._entry(plan, first, num_real, hidden, cursor)
+        if entry is None:
+            rest = model.text_layers(hidden, position_ids=positions, plan=plan, layers=range(first, num_layers))
+            return model.final_norm(rest)[:, -1]
+        graph, fixed, last = entry
+        transfers = plan.retriever.tiering.tiers.transfers
+        for layer in range(first, num_layers):  # their staging was queued when the anchor chose
+            transfers.wait(plan.gathers[layer])
+            plan.gathers[layer] = NOTHING_PENDING
+        fixed.load(model, plan, hidden, cursor)
+        if graph is None:
+            last = fixed_layers(model, fixed)
+        else:
+            graph.replay()
+        plan.filled_tokens = num_real
+        plan.steps = 1
+        self.num_prefills += 1
+        return last[:, 0].clone()
+
+    def _entry(self, plan, first: int, num_real: int, hidden: torch.Tensor, cursor: int):
+        if self.pools.device_pool is not self._pool_tensor:  # full mode grew it
+            self._graphs.clear()
+            self._pool_tensor = self.pools.device_pool
+        tokens = padded_length(num_real)
+        width = -(-max(int(t.shape[1]) for t in plan.tables[first:]) // WIDTH_STEP) * WIDTH_STEP
+        key = (first, tokens, width)
+        if key not in self._graphs:
+            entry = self._prepare(plan, first, tokens, width, hidden, cursor)
+            if entry is None:
+                return None
+            self._graphs[key] = entry
+        return self._graphs[key]
+
+    def _prepare(self, plan, first: int, tokens: int, width: int, hidden: torch.Tensor, cursor: int):
+        fixed = FixedPrefillPlan(self.model, self.pools, first, tokens, width, hidden)
+        if not self.capture:
+            return None, fixed, None
+        # The warm-up runs the layers themselves (compiling kernels): it writes the KV where the replay will.
+        fixed.load(self.model, plan, hidden, cursor)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fixed_layers(self.model, fixed)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._memory is None:
+                self._memory = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._memory, capture_error_mode="thread_local"):
+                last = fixed_layers(self.model, fixed)
+        except Exception as err:  # a model whose layers cannot be captured prefills eagerly, as before
+            self.enabled, self.failure = False, f"{type(err).__name__}: {err}"
+            log.warning("question prefills cannot be captured in a CUDA graph, so they run eagerly: %s", self.failure)
+            return None
+        self.num_captured += 1
+        log.info("captured the prefill of %d-token questions over %d-slot tables", tokens, width)
+        return graph, fixed, last
