@@ -1,27 +1,33 @@
-"""Decode steps read from fixed buffers, and replayed from CUDA graphs.
+"""Decode steps read from fixed buffers, batched across questions, and replayed from CUDA graphs.
 
 At the 7B shape one eager decode step launches about 930 kernels from Python. On the H200 their GPU work is about
 6 ms, while the step took 25-48 ms (``mosaic bench profile``). A CUDA graph replays the same kernels with one
-launch: 7.4-8.4 ms a step there (``bench/NOTES.md``, session 6).
+launch: 7.4-8.4 ms a step there (``bench/NOTES.md``, session 6). A step's cost is mostly reading the weights, so
+the questions running at once step together, as rows of one batch.
 
 A graph bakes in every tensor address and shape it was captured with, so a step reads everything that changes
-from fixed buffers (``FixedDecodePlan``):
+from fixed buffers (``FixedDecodePlan``), one row per question:
 
-- ``tables[l]``: layer l's slot table, ``[1, width]``: sink + window, retrieved units and the question's own
-  slots, as ``QuestionPlan`` built it, -1 padded to the width;
-- ``static[l]``: how many of those slots come before the question's own;
-- ``question_slots``: the slots of the question and answer tokens, in order;
-- ``inputs``: the token id, its text position and how many question and answer tokens are written already.
+- ``tables[l, b]``: layer l's slot table of row b's question: sink + window, retrieved units and the question's
+  own slots, as ``QuestionPlan`` built it, -1 padded to the width;
+- ``static[l, b]``: how many of those slots come before the question's own;
+- ``question_slots[b]``: the slots of the question and answer tokens, in order;
+- ``inputs[b]``: the token id, its text position and how many question and answer tokens are written already.
 
-The step writes the token's KV of layer l at ``question_slots[filled]`` and attends to the first
-``static[l] + filled + 1`` slots of ``tables[l]``: exactly what ``QuestionPlan.attend`` does with a table it
-slices on the host. Only ``inputs`` changes from step to step; the rest is loaded again when a question steps
-after another one of the same width did (questions interleave in the service's engine loop).
+Row b writes its token's KV of layer l at ``question_slots[b, filled]`` and attends to the first
+``static[l, b] + filled + 1`` slots of ``tables[l, b]``: exactly what ``QuestionPlan.attend`` does with a table
+it slices on the host. Only ``inputs`` changes from step to step while the same questions step together; a row
+is loaded again when another question takes it.
 
-One graph is kept per table width (rounded up to ``WIDTH_STEP``), shared by every question that fits it. Graphs
-are captured on the first question of each width and dropped when the device pool is replaced (full mode grows
-it, also while an answer decodes, since ingest goes on meanwhile). Questions that measure recall, re-score
-clusters while decoding, or run on the CPU decode eagerly.
+Batching (``DecodeGraphs``): a question offers its next input when it emits a token, before its reader asks for
+the next one. The first question asked to step runs one step for every question that has offered, and the others
+find their next token ready. So the service's engine loop, which steps its running answers in turn, steps them
+all at once, and a question joins or leaves the batch between steps.
+
+One graph is kept per batch size (up to ``MAX_BATCH``) and table width (rounded up to ``WIDTH_STEP``). Graphs are
+captured on first use and dropped when the device pool is replaced (full mode grows it, also while an answer
+decodes, since ingest goes on meanwhile). Questions that measure recall, re-score clusters while decoding, or run
+on the CPU decode eagerly, one at a time.
 """
 
 from __future__ import annotations
@@ -36,65 +42,79 @@ from mosaic_core.engine.attend import attend_paged
 
 log = logging.getLogger(__name__)
 WIDTH_STEP = 2048  # table widths are rounded up to this, so a few graphs serve every question
+MAX_BATCH = 16  # questions stepped together at most
 
 
 class FixedDecodePlan:
-    """The attention plan of a decode step whose every input sits in a buffer that outlives the step."""
+    """The attention plan of a batched decode step whose every input sits in a buffer that outlives the step."""
 
-    def __init__(self, pools, num_layers: int, width: int, device: torch.device) -> None:
+    def __init__(self, pools, num_layers: int, batch: int, width: int, device: torch.device) -> None:
         self.pools = pools
         self.width = width
-        self.tables = torch.full((num_layers, 1, width), -1, dtype=torch.int32, device=device)
-        self.static = torch.zeros((num_layers, 1), dtype=torch.int32, device=device)
-        self.question_slots = torch.zeros(width, dtype=torch.int64, device=device)
-        self.inputs = torch.zeros(3, dtype=torch.int64, device=device)  # token id, text position, tokens filled
-        self._staged = torch.zeros(3, dtype=torch.int64, pin_memory=device.type == "cuda")
-        self._loaded = None  # weak reference to the question plan whose tables and slots the buffers hold
+        self.tables = torch.full((num_layers, batch, width), -1, dtype=torch.int32, device=device)
+        self.static = torch.zeros((num_layers, batch), dtype=torch.int32, device=device)
+        self.question_slots = torch.zeros((batch, width), dtype=torch.int64, device=device)
+        self.inputs = torch.zeros((batch, 3), dtype=torch.int64, device=device)  # token id, position, filled
+        self._staged = torch.zeros((batch, 3), dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._rows: list[weakref.ref | None] = [None] * batch  # the question plan whose tables each row holds
+        # Set once per step by ``prepare`` (every layer writes and reads the same slots):
+        self._write_index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kv_lens: torch.Tensor | None = None
 
-    def load(self, plan) -> None:
-        """Copies one question's tables and slots in."""
-        self.tables.fill_(-1)
-        for layer, table in enumerate(plan.tables):
-            self.tables[layer, :, : table.shape[1]].copy_(table)
-        static = np.asarray(plan.static_tokens, dtype=np.int32)[:, None]
-        self.static.copy_(torch.from_numpy(static))
-        slots = torch.from_numpy(np.asarray(plan.question_slots_np, dtype=np.int64))
-        self.question_slots[: len(slots)].copy_(slots)
-        self._loaded = weakref.ref(plan)
+    def load(self, plans: list) -> None:
+        """Makes row b hold ``plans[b]``'s tables and slots, copying in only the rows that change."""
+        for b, plan in enumerate(plans):
+            held = self._rows[b]
+            if held is not None and held() is plan:
+                continue
+            self.tables[:, b].fill_(-1)
+            by_table: dict[int, tuple[torch.Tensor, list[int]]] = {}
+            for layer, table in enumerate(plan.tables):  # layers sharing one table get it in one copy
+                by_table.setdefault(id(table), (table, []))[1].append(layer)
+            for table, layers in by_table.values():
+                self.tables[layers, b, : table.shape[1]] = table
+            self.static[:, b].copy_(self.pools.upload(plan.static_tokens, torch.int32))
+            slots = self.pools.upload(np.asarray(plan.question_slots_np, dtype=np.int64))
+            self.question_slots[b, : len(slots)].copy_(slots)
+            self._rows[b] = weakref.ref(plan)
 
-    def holds(self, plan) -> bool:
-        return self._loaded is not None and self._loaded() is plan
-
-    def set_inputs(self, token_id: int, position: int, filled: int) -> None:
-        self._staged[0], self._staged[1], self._staged[2] = token_id, position, filled
+    def set_inputs(self, rows: list[tuple[int, int, int]]) -> None:
+        """Each row's (token id, text position, tokens filled)."""
+        self._staged.copy_(torch.tensor(rows, dtype=torch.int64))
         self.inputs.copy_(self._staged, non_blocking=True)
 
+    def prepare(self) -> None:
+        """Where each row's token goes and how many slots it reads, once per step for every layer."""
+        filled = self.inputs[:, 2:3]
+        slot = self.question_slots.gather(1, filled)[:, 0]
+        page_tokens = self.pools.page_tokens
+        self._write_index = (slot // page_tokens, slot % page_tokens)
+        self._kv_lens = self.static + filled[:, 0].to(torch.int32) + 1  # [layers, batch]
+
     def attend(self, layer_idx, query, key, value, scale):
-        filled = self.inputs[2:3]
-        slot = self.question_slots.index_select(0, filled)
-        pt = self.pools.page_tokens
-        self.pools.write_slots(layer_idx, (slot // pt, slot % pt), torch.stack([key[:, :, 0], value[:, :, 0]], 1))
-        kv_lens = self.static[layer_idx] + filled.to(torch.int32) + 1
+        self.pools.write_slots(layer_idx, self._write_index, torch.stack([key[:, :, 0], value[:, :, 0]], 1))
         k_pages, v_pages = self.pools.layer_pages(layer_idx)
-        return attend_paged(query, k_pages, v_pages, self.tables[layer_idx], kv_lens, scale)
+        return attend_paged(query, k_pages, v_pages, self.tables[layer_idx], self._kv_lens[layer_idx], scale)
 
 
 def fixed_step(model, fixed: FixedDecodePlan) -> torch.Tensor:
-    """One greedy decode step from ``fixed``'s buffers; returns the next token id ``[1]`` on the device."""
-    input_ids = fixed.inputs[0:1].view(1, 1)
-    positions = fixed.inputs[1:2].view(1, 1, 1).expand(3, 1, 1)
+    """One greedy decode step of every row from ``fixed``'s buffers; returns the next token ids ``[batch]``."""
+    fixed.prepare()
+    batch = fixed.inputs.shape[0]
+    input_ids = fixed.inputs[:, 0:1]
+    positions = fixed.inputs[:, 1:2].view(1, batch, 1).expand(3, batch, 1)
     hidden = model.decode_forward(input_ids=input_ids, position_ids=positions, plan=fixed)
     return model.logits(hidden[:, -1]).argmax(-1)
 
 
 class DecodeGraphs:
-    """CUDA graphs of the decode step, one per table width (module doc).
+    """Batched decode steps from CUDA graphs, one per batch size and table width (module doc).
 
     Args:
         model: the engine's adapter (``decode_forward``, ``logits``).
         pools: the engine's page pools.
         num_layers: decoder layers.
-        enabled: capture graphs (CUDA only); otherwise ``start`` returns None and questions decode eagerly.
+        enabled: capture graphs (CUDA only); otherwise ``start`` refuses and questions decode eagerly.
         capture: False runs the fixed-buffer step eagerly instead of replaying it (tests compare it on the CPU).
     """
 
@@ -105,57 +125,93 @@ class DecodeGraphs:
         self.capture = capture
         self.enabled = enabled and (model.device.type == "cuda" or not capture)
         self.failure: str | None = None  # why capturing failed; graphs are off from then on
+        self.max_batch = MAX_BATCH  # questions stepped together at most (1: one at a time, for comparisons)
         self.num_captured = 0
-        self.num_steps = 0  # decode steps run from fixed buffers (replayed, or eager with capture off)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, FixedDecodePlan, torch.Tensor | None]] = {}
+        self.num_steps = 0  # batched steps run from fixed buffers (replayed, or eager with capture off)
+        self.num_rows = 0  # question steps in them
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph | None, FixedDecodePlan, torch.Tensor | None]]
+        self._graphs = {}
+        self._offered: dict[int, tuple[object, int, int]] = {}  # id(plan) -> (plan, token id, position)
+        self._ready: dict[int, int] = {}  # id(plan) -> its next token id, stepped with another question
+        self._joined: dict[int, int] = {}  # id(plan) -> when its answer started decoding from fixed buffers
+        self._arrivals = 0
         self._pool_tensor = None  # the device pool the graphs read; another one invalidates them
         self._memory = None  # one private memory pool for every graph's intermediates
 
-    def start(self, plan):
-        """A step function ``step(token_id, position) -> next token id`` for ``plan``'s decode, or None to decode
-        eagerly. The first call of a new width captures its graph; if that fails, it returns None."""
+    def start(self, plan) -> bool:
+        """Whether ``plan``'s answer can decode from fixed buffers; if not, it decodes eagerly."""
         if not self.enabled or plan.recall_probe is not None or plan.rescore_every_tokens > 0:
-            return None
+            return False
         if any(table is None for table in plan.tables):
+            return False
+        self._arrivals += 1
+        self._joined[id(plan)] = self._arrivals
+        return True
+
+    def offer(self, plan, token_id: int, position: int) -> None:
+        """``plan``'s next step takes ``token_id`` at text ``position``: any question's step may run it."""
+        self._offered[id(plan)] = (plan, token_id, position)
+
+    def leave(self, plan) -> None:
+        """``plan``'s answer ended or was abandoned: no step runs it again, and its pages may go."""
+        self._offered.pop(id(plan), None)
+        self._ready.pop(id(plan), None)
+        self._joined.pop(id(plan), None)
+
+    def step(self, plan) -> int | None:
+        """``plan``'s next token id, after ``offer``. Runs one step for every question offered, unless another
+        question's step already ran this one. None: no graph could be captured, so ``plan`` decodes eagerly."""
+        key = id(plan)
+        if key in self._ready:
+            return self._ready.pop(key)
+        if not self.enabled:
+            self.leave(plan)
             return None
-        width = -(-max(int(t.shape[1]) for t in plan.tables) // WIDTH_STEP) * WIDTH_STEP
-        entry = None
+        # The oldest questions first, so a row keeps its question from step to step whoever asks first.
+        others = sorted((k for k in self._offered if k != key), key=self._joined.__getitem__)[: self.max_batch - 1]
+        rows = [self._offered[k] for k in sorted([key, *others], key=self._joined.__getitem__)]
+        plans = [row[0] for row in rows]
+        entry = self._entry(plans, rows)
+        if entry is None:
+            self.leave(plan)
+            return None
+        graph, fixed, next_ids = entry
+        fixed.load(plans)
+        fixed.set_inputs([(token, position, p.filled_tokens) for p, token, position in rows])
+        if graph is None:
+            next_ids = fixed_step(self.model, fixed)
+        else:
+            graph.replay()
+        for p in plans:
+            p.filled_tokens += 1
+            p.steps += 1
+            del self._offered[id(p)]
+        self.num_steps += 1
+        self.num_rows += len(plans)
+        for p, next_id in zip(plans, next_ids.tolist(), strict=True):
+            self._ready[id(p)] = next_id
+        return self._ready.pop(key)
 
-        def step(token: int, position: int) -> int | None:
-            nonlocal entry
-            if self.pools.device_pool is not self._pool_tensor:  # full mode grew it, maybe mid-answer
-                self._graphs.clear()
-                self._pool_tensor = self.pools.device_pool
-                entry = None
+    def _entry(self, plans: list, rows: list):
+        if self.pools.device_pool is not self._pool_tensor:  # full mode grew it, maybe mid-answer
+            self._graphs.clear()
+            self._pool_tensor = self.pools.device_pool
+        widest = max(int(t.shape[1]) for p in plans for t in p.tables)
+        key = (len(plans), -(-widest // WIDTH_STEP) * WIDTH_STEP)
+        if key not in self._graphs:
+            entry = self._prepare(plans, rows, *key)
             if entry is None:
-                entry = self._graphs.get(width)  # captured by an earlier question, or one running beside this one
-            if entry is None:
-                entry = self._graphs[width] = self._prepare(plan, width, token, position)
-                if entry is None:
-                    self._graphs.pop(width)
-                    return None
-            graph, fixed, next_id = entry
-            if not fixed.holds(plan):  # another question of this width stepped since
-                fixed.load(plan)
-            fixed.set_inputs(token, position, plan.filled_tokens)
-            if graph is None:
-                next_id = fixed_step(self.model, fixed)
-            else:
-                graph.replay()
-            plan.filled_tokens += 1
-            plan.steps += 1
-            self.num_steps += 1
-            return int(next_id.item())
+                return None
+            self._graphs[key] = entry
+        return self._graphs[key]
 
-        return step
-
-    def _prepare(self, plan, width: int, token_id: int, position: int):
-        fixed = FixedDecodePlan(self.pools, self.num_layers, width, self.model.device)
-        fixed.load(plan)
+    def _prepare(self, plans: list, rows: list, batch: int, width: int):
+        fixed = FixedDecodePlan(self.pools, self.num_layers, batch, width, self.model.device)
         if not self.capture:
             return None, fixed, None
-        # The warm-up runs the step itself (compiling kernels): it writes this token's KV where the step will.
-        fixed.set_inputs(token_id, position, plan.filled_tokens)
+        # The warm-up runs the step itself (compiling kernels): it writes each row's KV where the step will.
+        fixed.load(plans)
+        fixed.set_inputs([(token, position, p.filled_tokens) for p, token, position in rows])
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -167,11 +223,13 @@ class DecodeGraphs:
                 self._memory = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._memory, capture_error_mode="thread_local"):
-                next_id = fixed_step(self.model, fixed)
+                next_ids = fixed_step(self.model, fixed)
         except Exception as err:  # a model whose step cannot be captured decodes eagerly, as before
             self.enabled, self.failure = False, f"{type(err).__name__}: {err}"
             log.warning("decode steps cannot be captured in a CUDA graph, so they run eagerly: %s", self.failure)
             return None
         self.num_captured += 1
-        log.info("captured the decode step for tables of %d slots (%d graphs)", width, len(self._graphs))
-        return graph, fixed, next_id
+        log.info(
+            "captured the decode step of %d questions over %d-slot tables (%d graphs)", batch, width, len(self._graphs)
+        )
+        return graph, fixed, next_ids

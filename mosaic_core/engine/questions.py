@@ -93,10 +93,13 @@ def _generate(
     # The question's device pages are taken once the caller starts reading the answer, and given back however
     # it ends (answered, abandoned for a deadline or a cancel, or its stream deleted).
     room = DeviceRoom(parts.tiering, f"{state.stream_id}:question:{next(_QUESTION_NUMBERS)}")
+    plan = None
     try:
         plan = make_plan(room)
         decoded = yield from _decode(parts, state, question_ids, plan, max_new_tokens)
     finally:
+        if plan is not None:
+            parts.decode_graphs.leave(plan)  # before its pages go: no batched step may write them after
         retriever.release()
         room.release()
     token_ids, timings, retrieval, last_hidden = decoded
@@ -135,15 +138,19 @@ def _decode(parts, state, question_ids, plan, max_new_tokens):
     timings.retrieval_s = timings.score_s + timings.fetch_s
     cursor += len(question_ids)
     decode_start = time.perf_counter()
-    graphed = parts.decode_graphs.start(plan)  # None: eager steps
+    batched = parts.decode_graphs  # steps this answer with every other one running, from CUDA graphs
+    graphed = batched.start(plan)  # False: eager steps
     while True:
         token_ids.append(next_id)
+        last = next_id in model.eos_token_ids or len(token_ids) >= max_new_tokens
+        if graphed and not last:
+            batched.offer(plan, next_id, cursor)  # before the yield: another answer's step may run this one's
         yield TokenEvent(next_id, model.decode_tokens([next_id]))
-        if next_id in model.eos_token_ids or len(token_ids) >= max_new_tokens:
+        if last:
             break
-        stepped = None if graphed is None else graphed(next_id, cursor)
+        stepped = batched.step(plan) if graphed else None
         if stepped is None:
-            graphed = None  # its graph could not be captured
+            graphed = False  # its graph could not be captured
             hidden = model.forward(
                 input_ids=torch.tensor([[next_id]], device=model.device),
                 position_ids=model.text_positions(cursor, 1)[:, None],

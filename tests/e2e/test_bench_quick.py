@@ -39,3 +39,19 @@ def test_bench_quick_prints_every_table_and_writes_json(tmp_path):
     assert a["full"]["kl_vs_full"] == 0.0
     assert set(report["B"]) == {"token", "cluster"}
     assert all(r["hit_ratio"] is not None for r in report["B"].values())
+
+
+def test_bench_decode_quick_steps_answers_together_only_when_batched(tmp_path):
+    out = tmp_path / "decode.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "mosaic_core.cli", "bench", "decode", "--quick", "--concurrency", "1,2",
+         "--decode-tokens", "6", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| answers | one at a time" in result.stdout
+    rows = {row["concurrent_answers"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows[2]["one_at_a_time"]["graph_steps"] == 2 * 5  # two answers of 6 tokens: 5 steps each
+    assert rows[2]["batched"]["graph_steps"] == 5  # both in every step
+    assert rows[2]["batched"]["tokens_decoded"] == 10
+    assert rows[1]["batched"]["graph_steps"] == rows[1]["one_at_a_time"]["graph_steps"] == 5

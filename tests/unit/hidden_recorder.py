@@ -25,3 +25,8 @@ def assert_same_hiddens(actual: list[torch.Tensor], expected: list[torch.Tensor]
     assert len(actual) == len(expected), (len(actual), len(expected))
     for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert torch.allclose(a, e, atol=atol, rtol=1e-4), f"step {step}: max diff {(a - e).abs().max().item():.3g}"
+
+
+def rows_of(hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each question's hidden state on its own: a batched decode step records one row per question."""
+    return [row for hidden in hiddens for row in hidden.split(1)]

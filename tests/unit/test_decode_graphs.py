@@ -12,7 +12,7 @@ import pytest
 
 from mosaic_core.engine.decode_graphs import DecodeGraphs
 from tests.unit.engine_helpers import feed, make_engine
-from tests.unit.hidden_recorder import assert_same_hiddens, record_hiddens
+from tests.unit.hidden_recorder import assert_same_hiddens, record_hiddens, rows_of
 
 QUESTIONS = ("What happened on the road?", "When did the cyclist pass the red car?")
 
@@ -64,8 +64,8 @@ def _interleaved(engine, max_new_tokens: int = 12) -> None:
                 running.remove(i)
 
 
-def test_interleaved_questions_sharing_one_set_of_buffers_each_compute_their_own(tiny_model, bikes_frames, monkeypatch):
-    """Questions of one table width share a graph and its buffers, and the engine loop steps them in turn."""
+def test_interleaved_questions_step_together_and_each_compute_their_own(tiny_model, bikes_frames, monkeypatch):
+    """The engine loop steps its running answers in turn: the first one asked steps both, as rows of one batch."""
     engine = make_engine(tiny_model)
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:24])
@@ -73,11 +73,92 @@ def test_interleaved_questions_sharing_one_set_of_buffers_each_compute_their_own
     _interleaved(engine)
     eager_hiddens = list(hiddens)
     fixed = _fixed(engine, tiny_model)
-    engine.answer("cam", QUESTIONS[0], max_new_tokens=4)  # the buffers of this width exist from now on
+    engine.answer("cam", QUESTIONS[0], max_new_tokens=4)  # the buffers of one row exist from now on
     hiddens.clear()
     _interleaved(engine)
-    assert_same_hiddens(hiddens, eager_hiddens)
-    assert fixed.num_steps > 4
+    assert_same_hiddens(rows_of(hiddens), eager_hiddens)
+    assert fixed.num_steps == 3 + 11  # the single question's 3, then both answers' 11 together
+    assert fixed.num_rows == 3 + 2 * 11
+
+
+def test_a_batch_takes_questions_as_they_join_and_leave(tiny_model, bikes_frames, monkeypatch):
+    """Three answers of different lengths on two streams, started at different steps: rows join and leave, and
+    every answer's hidden states are those it computes alone."""
+    engine = make_engine(tiny_model)
+    for camera, frames in (("a", bikes_frames[:16]), ("b", bikes_frames[16:40])):
+        engine.open_stream(camera)
+        feed(engine, camera, frames)
+    asks = [("a", QUESTIONS[0], 9), ("b", QUESTIONS[1], 5), ("a", QUESTIONS[1], 7)]
+    starts = (0, 2, 3)  # the round each answer starts in
+    hiddens = record_hiddens(tiny_model, monkeypatch)
+    alone = []
+    for camera, question, tokens in asks:
+        hiddens.clear()
+        engine.answer(camera, question, max_new_tokens=tokens)
+        alone.append(list(hiddens))
+    fixed = _fixed(engine, tiny_model)
+    batches = []  # the answers of each batched step, in row order
+    entry = fixed._entry
+    monkeypatch.setattr(fixed, "_entry", lambda plans, rows: batches.append(plans) or entry(plans, rows))
+    hiddens.clear()
+    running, mine = {}, {i: [] for i in range(len(asks))}
+    for round_ in range(40):
+        if round_ in starts:
+            i = starts.index(round_)
+            running[i] = engine.ask(asks[i][0], asks[i][1], max_new_tokens=asks[i][2])
+        for i, answer in list(running.items()):
+            recorded, batched = len(hiddens), len(batches)
+            if next(answer, None) is None:
+                del running[i]
+            if len(hiddens) == recorded:
+                continue
+            (hidden,) = hiddens[recorded:]
+            if len(batches) == batched:  # the answer's prefill
+                mine[i].append(hidden)
+                continue
+            for plan, row in zip(batches[-1], rows_of([hidden]), strict=True):
+                mine[_asked(tiny_model, plan, asks)].append(row)
+        if not running and round_ > starts[-1]:
+            break
+    for i in range(len(asks)):
+        assert_same_hiddens(mine[i], alone[i])
+    assert max(len(b) for b in batches) == 3 and fixed.num_rows > fixed.num_steps
+
+
+def test_an_abandoned_answer_leaves_the_batch(tiny_model, bikes_frames, monkeypatch):
+    """A reader that stops reading (a deadline, a cancel) closes its answer: its pages go back, so no later step
+    may write them, and the answer still running computes what it computes alone."""
+    engine = make_engine(tiny_model)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:24])
+    hiddens = record_hiddens(tiny_model, monkeypatch)
+    engine.answer("cam", QUESTIONS[1], max_new_tokens=10)
+    alone = list(hiddens)
+    fixed = _fixed(engine, tiny_model)
+    hiddens.clear()
+    abandoned = engine.ask("cam", QUESTIONS[0], max_new_tokens=10)
+    kept = engine.ask("cam", QUESTIONS[1], max_new_tokens=10)
+    next(abandoned)
+    abandoned_prefill = len(hiddens)
+    for _ in range(3):
+        next(kept)
+        next(abandoned)  # its next token was stepped with the kept answer's
+    abandoned.close()
+    list(kept)
+    assert fixed._offered == {} and fixed._ready == {} and fixed._joined == {}
+    rows = rows_of(hiddens[abandoned_prefill:])
+    kept_rows = [rows[0], *rows[2:7:2], *rows[7:]]  # its prefill, its rows of the 3 shared steps, then alone
+    assert_same_hiddens(kept_rows, alone)
+
+
+def _asked(model, plan, asks) -> int:
+    """Which of ``asks`` a question plan answers: by its stream and its room for question and answer."""
+    (i,) = [
+        i
+        for i, (camera, question, tokens) in enumerate(asks)
+        if plan.stream.stream_id == camera and plan.capacity_tokens == len(model.question_ids(question)) + tokens
+    ]
+    return i
 
 
 def test_a_device_pool_grown_mid_answer_retires_the_buffers_built_on_the_old_one(tiny_model, bikes_frames, monkeypatch):
