@@ -2,23 +2,21 @@
 
 Ingests frames into an engine on cuda with a small device budget (clusters spill to pinned host memory),
 checkpoints, re-adopts the data directory in a new engine, and compares every sealed cluster's KV bytes. Prints
-one line per check and exits 1 on a mismatch. Frames come from .gpu/frames.npz when present (no PyAV there),
-else random pixels.
+one line per check and exits 1 on a mismatch. Frames are bikes.mp4's, looped at 1 fps.
 
     source scripts/gpu_setup.sh && python scripts/gpu_durability_check.py
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
 import zlib
 
-import numpy as np
 import torch
 
+from mosaic_core.bench.engine import looped_frames
 from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.engine.engine import Engine
@@ -30,11 +28,7 @@ def crc(kv: torch.Tensor) -> int:
 
 
 def main() -> int:
-    path = os.environ.get("MOSAIC_BENCH_FRAMES", ".gpu/frames.npz")
-    clip = list(np.load(path)["bikes.mp4"]) if os.path.exists(path) else [
-        np.random.default_rng(i).integers(0, 255, (224, 320, 3), dtype=np.uint8) for i in range(10)
-    ]
-    frames = [clip[i % len(clip)] for i in range(60)]  # the clip looped: a minute at 1 fps
+    frames = [f.rgb for f in looped_frames(60, stream_id="cam", clip="bikes.mp4")]  # a minute at 1 fps
     config = EngineConfig(
         target_tokens_per_frame=64, local_window_tokens=256, retrieval_budget_tokens=512,
         device_budget_bytes=3 * MIB, host_budget_bytes=256 * MIB, pinned_host_bytes=64 * MIB,

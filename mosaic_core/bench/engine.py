@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
-import os
 import random
 import statistics
 import sys
@@ -169,20 +169,25 @@ def measure_pcie_peak(device: str) -> float:
 
 
 def looped_frames(seconds: int, *, stream_id: str, clip: str, start_s: float = 0.0):
-    """Real sample-clip frames at 1 fps, looped, as engine inputs.
+    """Real sample-clip frames at 1 fps, looped, as engine inputs: what ``iter_video_frames(loop=True)`` gives.
 
-    With ``MOSAIC_BENCH_FRAMES=file.npz`` (``scripts/gpu_setup.sh prepare`` writes it) the clip's frames come
-    pre-decoded, for a machine without PyAV: one loop of the clip at 1 fps per key, replayed on a 1-second clock,
-    which is what the decoder gives for these clips (their durations are whole seconds).
+    Decoded once per clip and length in a process. A clip whose 1-fps frames fall on whole seconds and that lasts
+    a whole number of them (bikes.mp4: 10 s) repeats exactly, so one pass is decoded and replayed: an hour of one
+    camera is then 10 decoded frames, not 360 loops. Other clips are decoded loop by loop.
     """
-    predecoded = os.environ.get("MOSAIC_BENCH_FRAMES")
-    if predecoded:
-        loop = np.load(predecoded)[clip]  # [frames in one loop, H, W, 3] uint8
-        return [FrameInput(stream_id, start_s + i, loop[i % len(loop)]) for i in range(seconds)]
-    from mosaic_core.model.video import iter_video_frames, sample_clip_path
+    return [FrameInput(stream_id, start_s + t, rgb) for t, rgb in _decoded(clip, seconds)]
 
-    frames = iter_video_frames(sample_clip_path(clip), fps=1.0, loop=True, max_frames=seconds, start_offset_s=start_s)
-    return [FrameInput(stream_id, f.timestamp_s, f.rgb) for f in frames]
+
+@functools.lru_cache(maxsize=8)
+def _decoded(clip: str, seconds: int) -> list[tuple[float, np.ndarray]]:
+    from mosaic_core.model.video import iter_video_frames, probe_video, sample_clip_path
+
+    path = sample_clip_path(clip)
+    one_pass = list(iter_video_frames(path, fps=1.0))
+    on_whole_seconds = [f.timestamp_s for f in one_pass] == list(range(len(one_pass)))
+    if on_whole_seconds and probe_video(path).duration_s == len(one_pass):
+        return [(float(i), one_pass[i % len(one_pass)].rgb) for i in range(seconds)]
+    return [(f.timestamp_s, f.rgb) for f in iter_video_frames(path, fps=1.0, loop=True, max_frames=seconds)]
 
 
 def sized_to_machine(s: BenchSettings, model, camera_budget_gib: float | None, log) -> BenchSettings:

