@@ -90,11 +90,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny preset, 4 cameras; runs on CPU")
     parser.add_argument("--model", default="qwen2.5-vl-7b")
     parser.add_argument("--cameras", type=int, default=16)
-    parser.add_argument("--minutes", type=float, default=4.0, help="history per camera")
+    parser.add_argument("--minutes", type=float, default=3.0, help="history per camera")
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--budget-tokens", type=int, default=16384)
-    parser.add_argument("--device-budget-gib", type=float, default=40.0, help="n answers stage n working sets")
+    parser.add_argument(
+        "--device-budget-gib", type=float, default=80.0, help="16 answers stage 16 working sets: 30 GiB at 16k tokens"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     settings_args = argparse.Namespace(
