@@ -8,23 +8,27 @@ the questions running at once step together, as rows of one batch.
 A graph bakes in every tensor address and shape it was captured with, so a step reads everything that changes
 from fixed buffers (``FixedDecodePlan``), one row per question:
 
-- ``tables[l, b]``: layer l's slot table of row b's question: sink + window, retrieved units and the question's
-  own slots, as ``QuestionPlan`` built it, -1 padded to the width;
-- ``static[l, b]``: how many of those slots come before the question's own;
+- ``tables[t, b]``: slot table t of row b's question: sink + window, retrieved units and the question's own
+  slots, as ``QuestionPlan`` built it, -1 padded to the width. Layers that share one table object share one
+  buffer: in cluster and frame mode every layer after the retriever's anchor reads the anchor's, so there are
+  2-3 buffers, not 28 (at 16 rows of 22,528 slots, 4 MiB against 40). Questions batch with questions whose layers
+  share tables alike;
+- ``static[t, b]``: how many of those slots come before the question's own;
 - ``question_slots[b]``: the slots of the question and answer tokens, in order;
 - ``inputs[b]``: the token id, its text position and how many question and answer tokens are written already.
 
 Row b writes its token's KV of layer l at ``question_slots[b, filled]`` and attends to the first
-``static[l, b] + filled + 1`` slots of ``tables[l, b]``: exactly what ``QuestionPlan.attend`` does with a table
-it slices on the host. Only ``inputs`` changes from step to step while the same questions step together; a row
-is loaded again when another question takes it.
+``static[t, b] + filled + 1`` slots of ``tables[t, b]``, t being layer l's table: exactly what
+``QuestionPlan.attend`` does with a table it slices on the host. Only ``inputs`` changes from step to step while
+the same questions step together; a row is loaded again when another question takes it.
 
 Batching (``DecodeGraphs``): a question offers its next input when it emits a token, before its reader asks for
 the next one. The first question asked to step runs one step for every question that has offered, and the others
 find their next token ready. So the service's engine loop, which steps its running answers in turn, steps them
 all at once, and a question joins or leaves the batch between steps.
 
-One graph is kept per batch size (up to ``MAX_BATCH``) and table width (rounded up to ``WIDTH_STEP``). Graphs are
+One graph is kept per table layout, batch size (up to ``MAX_BATCH``) and table width (rounded up to
+``WIDTH_STEP``). Graphs are
 captured on first use and dropped when the device pool is replaced (full mode grows it, also while an answer
 decodes, since ingest goes on meanwhile). Questions that measure recall, re-score clusters while decoding, or run
 on the CPU decode eagerly, one at a time.
@@ -48,11 +52,15 @@ MAX_BATCH = 16  # questions stepped together at most
 class FixedDecodePlan:
     """The attention plan of a batched decode step whose every input sits in a buffer that outlives the step."""
 
-    def __init__(self, pools, num_layers: int, batch: int, width: int, device: torch.device) -> None:
+    def __init__(self, pools, table_of_layer: tuple[int, ...], batch: int, width: int, device: torch.device) -> None:
         self.pools = pools
         self.width = width
-        self.tables = torch.full((num_layers, batch, width), -1, dtype=torch.int32, device=device)
-        self.static = torch.zeros((num_layers, batch), dtype=torch.int32, device=device)
+        self.table_of_layer = table_of_layer  # layer -> the layer whose table it reads (its buffer's first)
+        self.table_layers = sorted(set(table_of_layer))
+        self._buffer = {layer: i for i, layer in enumerate(self.table_layers)}
+        num_tables = len(self.table_layers)
+        self.tables = torch.full((num_tables, batch, width), -1, dtype=torch.int32, device=device)
+        self.static = torch.zeros((num_tables, batch), dtype=torch.int32, device=device)
         self.question_slots = torch.zeros((batch, width), dtype=torch.int64, device=device)
         self.inputs = torch.zeros((batch, 3), dtype=torch.int64, device=device)  # token id, position, filled
         self._staged = torch.zeros((batch, 3), dtype=torch.int64, pin_memory=device.type == "cuda")
@@ -68,12 +76,11 @@ class FixedDecodePlan:
             if held is not None and held() is plan:
                 continue
             self.tables[:, b].fill_(-1)
-            by_table: dict[int, tuple[torch.Tensor, list[int]]] = {}
-            for layer, table in enumerate(plan.tables):  # layers sharing one table get it in one copy
-                by_table.setdefault(id(table), (table, []))[1].append(layer)
-            for table, layers in by_table.values():
-                self.tables[layers, b, : table.shape[1]] = table
-            self.static[:, b].copy_(self.pools.upload(plan.static_tokens, torch.int32))
+            for i, layer in enumerate(self.table_layers):
+                table = plan.tables[layer]
+                self.tables[i, b, : table.shape[1]] = table[0]
+            static = [plan.static_tokens[layer] for layer in self.table_layers]
+            self.static[:, b].copy_(self.pools.upload(static, torch.int32))
             slots = self.pools.upload(np.asarray(plan.question_slots_np, dtype=np.int64))
             self.question_slots[b, : len(slots)].copy_(slots)
             self._rows[b] = weakref.ref(plan)
@@ -89,12 +96,19 @@ class FixedDecodePlan:
         slot = self.question_slots.gather(1, filled)[:, 0]
         page_tokens = self.pools.page_tokens
         self._write_index = (slot // page_tokens, slot % page_tokens)
-        self._kv_lens = self.static + filled[:, 0].to(torch.int32) + 1  # [layers, batch]
+        self._kv_lens = self.static + filled[:, 0].to(torch.int32) + 1  # [tables, batch]
 
     def attend(self, layer_idx, query, key, value, scale):
         self.pools.write_slots(layer_idx, self._write_index, torch.stack([key[:, :, 0], value[:, :, 0]], 1))
         k_pages, v_pages = self.pools.layer_pages(layer_idx)
-        return attend_paged(query, k_pages, v_pages, self.tables[layer_idx], self._kv_lens[layer_idx], scale)
+        i = self._buffer[self.table_of_layer[layer_idx]]
+        return attend_paged(query, k_pages, v_pages, self.tables[i], self._kv_lens[i], scale)
+
+
+def _table_layout(plan) -> tuple[int, ...]:
+    """For each layer, the first layer whose slot table (the same object) it reads."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(id(table), layer) for layer, table in enumerate(plan.tables))
 
 
 def fixed_step(model, fixed: FixedDecodePlan) -> torch.Tensor:
@@ -129,12 +143,13 @@ class DecodeGraphs:
         self.num_captured = 0
         self.num_steps = 0  # batched steps run from fixed buffers (replayed, or eager with capture off)
         self.num_rows = 0  # question steps in them
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph | None, FixedDecodePlan, torch.Tensor | None]]
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, FixedDecodePlan, torch.Tensor | None]]
         self._graphs = {}
         self._offered: dict[int, tuple[object, int, int]] = {}  # id(plan) -> (plan, token id, position)
         self._ready: dict[int, int] = {}  # id(plan) -> its next token id, stepped with another question
         self._joined: dict[int, int] = {}  # id(plan) -> when its answer started decoding from fixed buffers
         self._arrivals = 0
+        self._layouts: dict[int, tuple[int, ...]] = {}  # id(plan) -> which layers share its tables
         self._pool_tensor = None  # the device pool the graphs read; another one invalidates them
         self._memory = None  # one private memory pool for every graph's intermediates
 
@@ -146,6 +161,7 @@ class DecodeGraphs:
             return False
         self._arrivals += 1
         self._joined[id(plan)] = self._arrivals
+        self._layouts[id(plan)] = _table_layout(plan)
         return True
 
     def offer(self, plan, token_id: int, position: int) -> None:
@@ -157,6 +173,7 @@ class DecodeGraphs:
         self._offered.pop(id(plan), None)
         self._ready.pop(id(plan), None)
         self._joined.pop(id(plan), None)
+        self._layouts.pop(id(plan), None)
 
     def step(self, plan) -> int | None:
         """``plan``'s next token id, after ``offer``. Runs one step for every question offered, unless another
@@ -167,11 +184,14 @@ class DecodeGraphs:
         if not self.enabled:
             self.leave(plan)
             return None
-        # The oldest questions first, so a row keeps its question from step to step whoever asks first.
-        others = sorted((k for k in self._offered if k != key), key=self._joined.__getitem__)[: self.max_batch - 1]
+        # The oldest questions first, so a row keeps its question from step to step whoever asks first. A batch
+        # holds questions whose layers share tables alike (in cluster mode, nearly all of them).
+        layout = self._layouts[key]
+        alike = (k for k in self._offered if k != key and self._layouts[k] == layout)
+        others = sorted(alike, key=self._joined.__getitem__)[: self.max_batch - 1]
         rows = [self._offered[k] for k in sorted([key, *others], key=self._joined.__getitem__)]
         plans = [row[0] for row in rows]
-        entry = self._entry(plans, rows)
+        entry = self._entry(plans, rows, layout)
         if entry is None:
             self.leave(plan)
             return None
@@ -192,12 +212,12 @@ class DecodeGraphs:
             self._ready[id(p)] = next_id
         return self._ready.pop(key)
 
-    def _entry(self, plans: list, rows: list):
+    def _entry(self, plans: list, rows: list, layout: tuple[int, ...]):
         if self.pools.device_pool is not self._pool_tensor:  # full mode grew it, maybe mid-answer
             self._graphs.clear()
             self._pool_tensor = self.pools.device_pool
         widest = max(int(t.shape[1]) for p in plans for t in p.tables)
-        key = (len(plans), -(-widest // WIDTH_STEP) * WIDTH_STEP)
+        key = (layout, len(plans), -(-widest // WIDTH_STEP) * WIDTH_STEP)
         if key not in self._graphs:
             entry = self._prepare(plans, rows, *key)
             if entry is None:
@@ -205,8 +225,8 @@ class DecodeGraphs:
             self._graphs[key] = entry
         return self._graphs[key]
 
-    def _prepare(self, plans: list, rows: list, batch: int, width: int):
-        fixed = FixedDecodePlan(self.pools, self.num_layers, batch, width, self.model.device)
+    def _prepare(self, plans: list, rows: list, layout: tuple[int, ...], batch: int, width: int):
+        fixed = FixedDecodePlan(self.pools, layout, batch, width, self.model.device)
         if not self.capture:
             return None, fixed, None
         # The warm-up runs the step itself (compiling kernels): it writes each row's KV where the step will.

@@ -37,6 +37,10 @@ def test_fixed_buffer_steps_compute_the_eager_steps(tiny_model, bikes_frames, mo
     assert [engine.answer("cam", q, max_new_tokens=12).token_ids for q in QUESTIONS] == eager
     assert_same_hiddens(hiddens, eager_hiddens)
     assert fixed.num_steps == sum(len(tokens) - 1 for tokens in eager) > 0
+    # layers that read one table share one buffer: token mode scores (and builds a table for) every layer
+    buffers = {entry[1].tables.shape[0] for entry in fixed._graphs.values()}
+    num_layers = engine.spec.num_layers
+    assert buffers == {num_layers} if mode == "token" else max(buffers) < num_layers
 
 
 def test_questions_that_measure_recall_or_rescore_decode_eagerly(tiny_model, bikes_frames):
@@ -99,7 +103,7 @@ def test_a_batch_takes_questions_as_they_join_and_leave(tiny_model, bikes_frames
     fixed = _fixed(engine, tiny_model)
     batches = []  # the answers of each batched step, in row order
     entry = fixed._entry
-    monkeypatch.setattr(fixed, "_entry", lambda plans, rows: batches.append(plans) or entry(plans, rows))
+    monkeypatch.setattr(fixed, "_entry", lambda plans, *args: batches.append(plans) or entry(plans, *args))
     hiddens.clear()
     running, mine = {}, {i: [] for i in range(len(asks))}
     for round_ in range(40):
