@@ -163,11 +163,23 @@ class QuestionPlan:
         selection = self.retriever.select(layer, query)
         self._rebuild(layer, selection)
         if layer == anchor:
-            for later in range(layer + 1, last + 1):
-                shared = (self.tables[layer], self.static_tokens[layer])
-                self._rebuild(later, self.retriever.reuse(later, selection), shared)
+            self._share(layer, selection, range(layer + 1, last + 1))
         if layer in (anchor, last):
             self.selection_history.append(list(self.selections))
+
+    def _share(self, layer: int, selection: LayerSelection, later: range) -> None:
+        """Gives the ``later`` layers ``layer``'s choice and table, and stages their slabs into the same pages."""
+        shared = (self.tables[layer], self.static_tokens[layer])
+        moves = self.retriever.stage_shared(selection, later, self.staging)
+        if moves is None:
+            for other in later:
+                self._rebuild(other, self.retriever.reuse(other, selection), shared)
+            return
+        reused = LayerSelection(list(selection.cluster_ids), selection.device_slots, [], selection.num_tokens)
+        for other, moved in zip(later, moves, strict=True):
+            self.gathers[other] = moved
+            self.tables[other], self.static_tokens[other] = shared
+            self.selections[other] = reused
 
     def _rebuild(self, layer: int, selection: LayerSelection, shared: tuple | None = None) -> None:
         num_staged = len(selection.slabs)

@@ -17,8 +17,10 @@ the same launch. That replaces one copy call per slab (about 5 us each) with one
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -126,11 +128,37 @@ def copy_slabs(
         return
     host_table = torch.tensor(table, dtype=torch.int64)
     table_t = host_table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host_table
+    copy_slab_table(table_t, longest, num_heads, head_dim, dsts[0].dtype, block_tokens, num_warps)
+
+
+def copy_slab_table(
+    table: torch.Tensor,  # [num_slabs, 5] int64 on the device: the rows ``copy_slabs`` builds
+    longest: int,
+    num_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    block_tokens: int = 256,
+    num_warps: int = 4,
+) -> None:
+    """One launch copying every slab of an address table already on the device (``copy_slabs`` builds one from
+    tensors; ``PagePools.stage_table`` from page numbers, for many layers at once)."""
+    if table.shape[0] == 0 or longest == 0:
+        return
     block_t = min(block_tokens, next_power_of_2(longest))
-    grid = (len(srcs), 2 * num_heads, triton.cdiv(longest, block_t))
+    grid = (table.shape[0], 2 * num_heads, triton.cdiv(longest, block_t))
     launchable(copy_slabs_kernel)[grid](
-        table_t, ELEM=_TL_DTYPES[dsts[0].dtype], HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=num_warps,
+        table, ELEM=_TL_DTYPES[dtype], HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=num_warps,
     )  # fmt: skip
+
+
+def copy_slab_table_reference(table: np.ndarray, num_heads: int, head_dim: int, element_size: int) -> None:
+    """What ``copy_slab_table`` does, on host memory: for each row and each of the 2 x H (K or V, head) runs,
+    ``tokens x head_dim`` elements from the source address to the destination address. Off CUDA both ends are
+    host memory, so the rows are checked against real bytes (``tests/unit/test_stage_table.py``)."""
+    run = head_dim * element_size
+    for src, dst, tokens, src_slots, dst_slots in table.tolist():
+        for head2 in range(2 * num_heads):
+            ctypes.memmove(dst + head2 * dst_slots * run, src + head2 * src_slots * run, tokens * run)
 
 
 def _page_capacity(slab: torch.Tensor) -> int | None:

@@ -109,6 +109,29 @@ class PagePools:
         """The first ``fill`` tokens of one layer of one page, ``[2, H, fill, D]`` (a view)."""
         return self.page(tier, page)[layer, :, :, :fill]
 
+    def slab_addresses(self, tier: Tier, pages: np.ndarray, layer: int) -> np.ndarray:
+        """Where ``layer``'s slab of each page starts (``layer_slab(tier, page, layer, fill).data_ptr()``, int64),
+        computed from the page numbers, without a tensor view per page."""
+        pages = np.asarray(pages, dtype=np.int64)
+        if tier is Tier.DEVICE:
+            starts = self.device_pool.data_ptr() + pages * self.page_bytes
+        else:
+            chunk, index = np.divmod(pages, self.host_chunk_pages)
+            chunk_starts = np.asarray([c.data_ptr() for c in self.host_chunks], dtype=np.int64)
+            starts = chunk_starts[chunk] + index * self.page_bytes
+        return starts + layer * (self.page_bytes // self.spec.num_layers)
+
+    def stage_rows(self, src: Tier, src_pages: list[int], fills: list[int], dst_pages: list[int], layers: range):
+        """The slab-copy table (``copy_slabs``' rows: source, destination, tokens, source and destination slots)
+        of ``layers`` of ``src_pages`` into the same layers of device ``dst_pages``: ``[len(layers), pages, 5]``."""
+        rows = np.empty((len(layers), len(src_pages), 5), dtype=np.int64)
+        for i, layer in enumerate(layers):
+            rows[i, :, 0] = self.slab_addresses(src, src_pages, layer)
+            rows[i, :, 1] = self.slab_addresses(Tier.DEVICE, dst_pages, layer)
+        rows[:, :, 2] = fills
+        rows[:, :, 3:] = self.page_tokens
+        return rows
+
     def layer_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one layer of the whole device pool, each ``[num_pages, H, page_tokens, D]`` (views):
         what the paged attention kernels read in place."""

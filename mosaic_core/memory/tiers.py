@@ -284,6 +284,11 @@ class KVTiers:
         pages = self._pages_in(record, tier)
         return [self.pools.layer_slab(tier, p, layer, f) for p, f in zip(pages, record.fills, strict=True)]
 
+    def host_pages(self, cluster_id: str) -> tuple[list[int], list[int]]:
+        """The pages of a host-resident cluster in the host pool, and how many tokens each holds."""
+        record = self._records[cluster_id]
+        return self._pages_in(record, Tier.HOST), record.fills
+
     def move(self, cluster_id: str, dst: Tier) -> int:
         """Moves a whole cluster to ``dst``; returns the bytes copied (0 when a kept copy made a copy needless)."""
         src = self.tier_of(cluster_id)

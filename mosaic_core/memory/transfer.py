@@ -23,9 +23,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from mosaic_core.kernels.slab_gather import copy_slabs, gather_slabs, gather_slabs_reference
+from mosaic_core.kernels.slab_gather import (
+    copy_slab_table,
+    copy_slab_table_reference,
+    copy_slabs,
+    gather_slabs,
+    gather_slabs_reference,
+)
 
 
 @dataclass(slots=True)
@@ -120,6 +127,41 @@ class TransferEngine:
                 for src, dst in zip(srcs, dsts, strict=True):
                     dst.copy_(src, non_blocking=True)
         return moved
+
+    def mark(self) -> torch.cuda.Event | None:
+        """A timing event recorded on the side stream now: where a move's host preparation begins."""
+        if self.side is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.side)
+        return event
+
+    def stage_layers(
+        self, rows: np.ndarray, upload, num_heads: int, head_dim: int, dtype: torch.dtype, *, started=None
+    ) -> list[Moved]:
+        """Queues the slab copies of several layers, ``rows[i]`` (``[num_slabs, 5]``, the address table
+        ``copy_slabs`` builds) being layer i's, from one upload of the whole table: one launch per layer, so each
+        layer's ``Moved`` passes as soon as its own slabs have landed.
+
+        Timed as one span: the first layer's starts at ``started`` (``mark``, taken before the rows were built)
+        or now, each later layer's where the one before it ended, so the layers' ``seconds`` add up to the whole
+        move with its host preparation.
+        """
+        if self.side is None:
+            for layer_rows in rows:
+                copy_slab_table_reference(layer_rows, num_heads, head_dim, dtype.itemsize)
+            return [Moved() for _ in rows]
+        started = started or self.mark()
+        table = upload(rows.reshape(-1, 5))
+        longest = int(rows[:, :, 2].max(initial=0))
+        moves, per_layer = [], rows.shape[1]
+        for i in range(rows.shape[0]):
+            with self._on_side(table, timed=True) as moved:
+                moved.started = started
+                copy_slab_table(table[i * per_layer : (i + 1) * per_layer], longest, num_heads, head_dim, dtype)
+            started = moved.ready
+            moves.append(moved)
+        return moves
 
     def fence(self) -> torch.cuda.Event | None:
         """An event that passes once every move queued so far has run (None off CUDA)."""
