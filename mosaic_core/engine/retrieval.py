@@ -19,6 +19,8 @@ alone buys. ``EngineConfig.scorer`` swaps the scorer of any mode (random, recent
   one launch that reads pinned host memory in place (on CUDA); otherwise one ``copy_`` per slab.
 - The shared choice: with ``prefetch_after_layer`` set, layers up to it score their own queries and every later
   layer takes that layer's choice, so their gathers are queued on the side stream at once and overlap compute.
+  With the batched gather their copy table is computed from page numbers for all of them together
+  (``stage_shared``), not from a view of every page's slab per layer.
 - The device cache: units are admitted to the device tier, and after the answer the units at least half the
   layers chose are promoted to the device whole, off the question's critical path.
 
@@ -200,11 +202,10 @@ class Retriever:
         if not host_pages:
             return [NOTHING_PENDING] * len(layers)
         start = self._now(self.tiering.tiers.pools.device)
-        pools, spec = self.tiering.tiers.pools, self.spec
+        pools, spec, transfers = self.tiering.tiers.pools, self.spec, self.tiering.tiers.transfers
+        marked = transfers.mark()  # the timer starts before the host builds the table, as in ``stage``
         rows = pools.stage_rows(Tier.HOST, host_pages, fills, staging[: len(host_pages)], layers)
-        moves = self.tiering.tiers.transfers.stage_layers(
-            rows, pools.upload, spec.num_kv_heads, spec.head_dim, spec.dtype
-        )
+        moves = transfers.stage_layers(rows, pools.upload, spec.num_kv_heads, spec.head_dim, spec.dtype, started=marked)
         num_bytes = sum(fills) * spec.bytes_per_token_layer * len(layers)
         self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, len(host_pages) * len(layers))
         self.bytes_fetched += num_bytes
