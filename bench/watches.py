@@ -266,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = Path(args.out or f"bench/results/watches-{'cpu-quick' if quick else 'run'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    out.with_suffix(".txt").write_text(text + "\n")
+    from services.bench_service_report import without_local_paths
+
+    out.write_text(without_local_paths(json.dumps(result, indent=2, default=str)) + "\n")
+    out.with_suffix(".txt").write_text(without_local_paths(text) + "\n")
     print(f"results: {out}", file=sys.stderr)
     return 0
 

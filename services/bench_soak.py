@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from services import heap_probe
+from services.bench_service_report import without_local_paths
 from services.local_service import LocalService
 
 QUESTIONS = ("what happened?", "was anyone there?", "what moved last?", "describe the scene")
@@ -299,11 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         print("worker heap, source lines that grew most after the warm-up (bytes, blocks):")
         print("\n".join(f"  {size:>+12,} {count:>+8,}  {site}" for site, size, count in heap_growth))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                dict(args=vars(args), errors=errors, heap_growth=heap_growth, samples=[asdict(s) for s in samples])
-            )
+        samples_json = json.dumps(
+            dict(args=vars(args), errors=errors, heap_growth=heap_growth, samples=[asdict(s) for s in samples])
         )
+        Path(args.json).write_text(without_local_paths(samples_json))
         _status(f"samples written to {args.json}")
     return 0
 
