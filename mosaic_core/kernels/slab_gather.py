@@ -111,6 +111,18 @@ def copy_slabs(
         on_launch()
     device = dsts[0].device
     _, num_heads, _, head_dim = dsts[0].shape
+    table, longest = slab_table_rows(srcs, dsts)
+    if longest == 0:
+        return
+    host_table = torch.tensor(table, dtype=torch.int64)
+    table_t = host_table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host_table
+    copy_slab_table(table_t, longest, num_heads, head_dim, dsts[0].dtype, block_tokens, num_warps)
+
+
+def slab_table_rows(srcs: list[torch.Tensor], dsts: list[torch.Tensor]) -> tuple[list[tuple[int, ...]], int]:
+    """``copy_slabs``' address table, one row per slab pair after checking it, and the longest slab's tokens."""
+    device = dsts[0].device
+    _, num_heads, _, head_dim = dsts[0].shape
     table, longest = [], 0
     for src, dst in zip(srcs, dsts, strict=True):
         if src.shape != dst.shape or src.shape[0] != 2 or src.shape[1] != num_heads or src.shape[3] != head_dim:
@@ -124,11 +136,7 @@ def copy_slabs(
             raise InvalidArgumentError("a host slab must be pinned for the device to read it")
         table.append((src.data_ptr(), dst.data_ptr(), src.shape[2], src_slots, dst_slots))
         longest = max(longest, src.shape[2])
-    if longest == 0:
-        return
-    host_table = torch.tensor(table, dtype=torch.int64)
-    table_t = host_table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host_table
-    copy_slab_table(table_t, longest, num_heads, head_dim, dsts[0].dtype, block_tokens, num_warps)
+    return table, longest
 
 
 def copy_slab_table(
