@@ -122,7 +122,7 @@ def fixed_step(model, fixed: FixedDecodePlan) -> torch.Tensor:
 
 
 class DecodeGraphs:
-    """Batched decode steps from CUDA graphs, one per batch size and table width (module doc).
+    """Batched decode steps from CUDA graphs, one per table layout, batch size and table width (module doc).
 
     Args:
         model: the engine's adapter (``decode_forward``, ``logits``).

@@ -9,7 +9,7 @@ next layer on the pass reads fixed inputs (``FixedPrefillPlan``):
   ``QUESTION_STEP`` tokens, and ``positions``, their text positions;
 - ``tables[i]``, ``kv_lens[i]``: the slot table ``QuestionPlan`` built for layer ``first_layer + i``, -1 padded
   to the graph's width, and how many of its slots the question reads: the static part and the padded question;
-- ``write_pages``, ``write_offsets``: where each question token's KV goes (the question's first slots);
+- ``write_index``: where each question token's KV goes (pages and offsets of the question's first slots);
 - ``last``: the row of the question's last real token.
 
 The graph runs those layers, writing each layer's KV into the question's slots and attending in place, then the
@@ -20,8 +20,9 @@ Padding rows come after the question's tokens, so causal attention keeps them ou
 lands in the question's next slots, where the answer's tokens are written before any step reads them (a decode
 step attends only to the slots filled so far, its own included).
 
-Other questions, and questions that measure recall or plant queries, run the whole pass eagerly, as on the CPU,
-where ``capture=False`` runs the fixed-buffer layers eagerly so tests can compare them.
+Modes that score every layer (token, full) and questions that measure recall or plant queries run the whole pass
+eagerly, as every question does on the CPU; there ``capture=False`` runs the fixed-buffer layers eagerly instead
+of replaying them, so tests can compare the two.
 """
 
 from __future__ import annotations
