@@ -149,7 +149,7 @@ def copy_slab_table(
     num_warps: int = 4,
 ) -> None:
     """One launch copying every slab of an address table already on the device (``copy_slabs`` builds one from
-    tensors; ``PagePools.stage_table`` from page numbers, for many layers at once)."""
+    tensors; ``PagePools.stage_rows`` from page numbers, for many layers at once)."""
     if table.shape[0] == 0 or longest == 0:
         return
     block_t = min(block_tokens, next_power_of_2(longest))
