@@ -162,9 +162,9 @@ def main(argv=None) -> int:
         "budget_tokens": s.budget_tokens,
         "decode_tokens": args.decode_tokens,
         "device_budget_gib": s.device_budget_bytes / GIB,
-        "graphs_captured": graphs.num_captured,
-        "graph_failure": graphs.failure,
-        "prefill_graphs_captured": engine.parts.prefill_graphs.num_captured,
+        "graphs_captured": graphs.graph_pool.num_captured,
+        "graph_failure": graphs.graph_pool.failure,
+        "prefill_graphs_captured": engine.parts.prefill_graphs.graph_pool.num_captured,
         "rows": rows,
     }
     if torch.cuda.is_available():

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from mosaic_core.engine.attend import attend_paged
+from mosaic_core.engine.graph_capture import GraphPool
 
 log = logging.getLogger(__name__)
 WIDTH_STEP = 2048  # table widths are rounded up to this, so a few graphs serve every question
@@ -138,9 +139,7 @@ class DecodeGraphs:
         self.num_layers = num_layers
         self.capture = capture
         self.enabled = enabled and (model.device.type == "cuda" or not capture)
-        self.failure: str | None = None  # why capturing failed; graphs are off from then on
         self.max_batch = MAX_BATCH  # questions stepped together at most (1: one at a time, for comparisons)
-        self.num_captured = 0
         self.num_steps = 0  # batched steps run from fixed buffers (replayed, or eager with capture off)
         self.num_rows = 0  # question steps in them
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, FixedDecodePlan, torch.Tensor | None]]
@@ -151,7 +150,7 @@ class DecodeGraphs:
         self._arrivals = 0
         self._layouts: dict[int, tuple[int, ...]] = {}  # id(plan) -> which layers share its tables
         self._pool_tensor = None  # the device pool the graphs read; another one invalidates them
-        self._memory = None  # one private memory pool for every graph's intermediates
+        self.graph_pool = GraphPool("decode steps")  # off for good after a failed capture
 
     def start(self, plan) -> bool:
         """Whether ``plan``'s answer can decode from fixed buffers; if not, it decodes eagerly."""
@@ -232,23 +231,11 @@ class DecodeGraphs:
         # The warm-up runs the step itself (compiling kernels): it writes each row's KV where the step will.
         fixed.load(plans)
         fixed.set_inputs([(token, position, p.filled_tokens) for p, token, position in rows])
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    fixed_step(self.model, fixed)
-            torch.cuda.current_stream().wait_stream(side)
-            if self._memory is None:
-                self._memory = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._memory, capture_error_mode="thread_local"):
-                next_ids = fixed_step(self.model, fixed)
-        except Exception as err:  # a model whose step cannot be captured decodes eagerly, as before
-            self.enabled, self.failure = False, f"{type(err).__name__}: {err}"
-            log.warning("decode steps cannot be captured in a CUDA graph, so they run eagerly: %s", self.failure)
+        captured = self.graph_pool.capture(lambda: fixed_step(self.model, fixed))
+        if captured is None:
+            self.enabled = False
             return None
-        self.num_captured += 1
+        graph, next_ids = captured
         log.info(
             "captured the decode step of %d questions over %d-slot tables (%d graphs)", batch, width, len(self._graphs)
         )

@@ -34,6 +34,7 @@ import torch
 
 from mosaic_core.engine.attend import attend_paged
 from mosaic_core.engine.decode_graphs import WIDTH_STEP
+from mosaic_core.engine.graph_capture import GraphPool
 from mosaic_core.memory.transfer import NOTHING_PENDING
 
 log = logging.getLogger(__name__)
@@ -107,13 +108,11 @@ class PrefillGraphs:
         self.pools = pools
         self.capture = capture
         self.enabled = enabled and (model.device.type == "cuda" or not capture)
-        self.failure: str | None = None  # why capturing failed; graphs are off from then on
-        self.num_captured = 0
         self.num_prefills = 0  # prefills whose later layers ran from fixed buffers
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph | None, FixedPrefillPlan, torch.Tensor]]
         self._graphs = {}
         self._pool_tensor = None  # the device pool the graphs read; another one invalidates them
-        self._memory = None  # one private memory pool for every graph's intermediates
+        self.graph_pool = GraphPool("question prefills")  # off for good after a failed capture
 
     def usable(self, plan, num_tokens: int) -> bool:
         """Whether ``plan``'s prefill of ``num_tokens`` can replay its later layers: layers after the retriever's
@@ -178,22 +177,10 @@ class PrefillGraphs:
             return None, fixed, None
         # The warm-up runs the layers themselves (compiling kernels): it writes the KV where the replay will.
         fixed.load(self.model, plan, hidden, cursor)
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    fixed_layers(self.model, fixed)
-            torch.cuda.current_stream().wait_stream(side)
-            if self._memory is None:
-                self._memory = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._memory, capture_error_mode="thread_local"):
-                last = fixed_layers(self.model, fixed)
-        except Exception as err:  # a model whose layers cannot be captured prefills eagerly, as before
-            self.enabled, self.failure = False, f"{type(err).__name__}: {err}"
-            log.warning("question prefills cannot be captured in a CUDA graph, so they run eagerly: %s", self.failure)
+        captured = self.graph_pool.capture(lambda: fixed_layers(self.model, fixed))
+        if captured is None:
+            self.enabled = False
             return None
-        self.num_captured += 1
+        graph, last = captured
         log.info("captured the prefill of %d-token questions over %d-slot tables", tokens, width)
         return graph, fixed, last

@@ -17,6 +17,14 @@ from tests.unit.hidden_recorder import assert_same_hiddens, record_hiddens, rows
 QUESTIONS = ("What happened on the road?", "When did the cyclist pass the red car?")
 
 
+def _camera(model, frames, **overrides):
+    """An engine with one stream, "cam", fed ``frames``."""
+    engine = make_engine(model, **overrides)
+    engine.open_stream("cam")
+    feed(engine, "cam", frames)
+    return engine
+
+
 def _fixed(engine, model) -> DecodeGraphs:
     graphs = DecodeGraphs(model, engine.tiering.tiers.pools, engine.spec.num_layers, enabled=True, capture=False)
     engine.parts.decode_graphs = graphs
@@ -25,9 +33,7 @@ def _fixed(engine, model) -> DecodeGraphs:
 
 @pytest.mark.parametrize("mode", ["cluster", "token", "full"])
 def test_fixed_buffer_steps_compute_the_eager_steps(tiny_model, bikes_frames, mode, monkeypatch):
-    engine = make_engine(tiny_model, mode=mode)
-    engine.open_stream("cam")
-    feed(engine, "cam", bikes_frames[:24])
+    engine = _camera(tiny_model, bikes_frames[:24], mode=mode)
     hiddens = record_hiddens(tiny_model, monkeypatch)
     eager = [engine.answer("cam", q, max_new_tokens=12).token_ids for q in QUESTIONS]
     eager_hiddens = list(hiddens)
@@ -44,9 +50,7 @@ def test_fixed_buffer_steps_compute_the_eager_steps(tiny_model, bikes_frames, mo
 
 
 def test_questions_that_measure_recall_or_rescore_decode_eagerly(tiny_model, bikes_frames):
-    engine = make_engine(tiny_model, rescore_every_tokens=4)
-    engine.open_stream("cam")
-    feed(engine, "cam", bikes_frames[:16])
+    engine = _camera(tiny_model, bikes_frames[:16], rescore_every_tokens=4)
     fixed = _fixed(engine, tiny_model)
     engine.answer("cam", QUESTIONS[0], max_new_tokens=8)
     engine.answer("cam", QUESTIONS[0], max_new_tokens=8, measure_recall=True)
@@ -70,9 +74,7 @@ def _interleaved(engine, max_new_tokens: int = 12) -> None:
 
 def test_interleaved_questions_step_together_and_each_compute_their_own(tiny_model, bikes_frames, monkeypatch):
     """The engine loop steps its running answers in turn: the first one asked steps both, as rows of one batch."""
-    engine = make_engine(tiny_model)
-    engine.open_stream("cam")
-    feed(engine, "cam", bikes_frames[:24])
+    engine = _camera(tiny_model, bikes_frames[:24])
     hiddens = record_hiddens(tiny_model, monkeypatch)
     _interleaved(engine)
     eager_hiddens = list(hiddens)
@@ -132,9 +134,7 @@ def test_a_batch_takes_questions_as_they_join_and_leave(tiny_model, bikes_frames
 def test_an_abandoned_answer_leaves_the_batch(tiny_model, bikes_frames, monkeypatch):
     """A reader that stops reading (a deadline, a cancel) closes its answer: its pages go back, so no later step
     may write them, and the answer still running computes what it computes alone."""
-    engine = make_engine(tiny_model)
-    engine.open_stream("cam")
-    feed(engine, "cam", bikes_frames[:24])
+    engine = _camera(tiny_model, bikes_frames[:24])
     hiddens = record_hiddens(tiny_model, monkeypatch)
     engine.answer("cam", QUESTIONS[1], max_new_tokens=10)
     alone = list(hiddens)
@@ -167,12 +167,8 @@ def _asked(model, plan, asks) -> int:
 
 def test_a_device_pool_grown_mid_answer_retires_the_buffers_built_on_the_old_one(tiny_model, bikes_frames, monkeypatch):
     """Full mode grows its pool when history outgrows it, and ingest goes on while an answer decodes."""
-    engine = make_engine(tiny_model, mode="full", device_budget_bytes=1 << 20)
-    engine.open_stream("cam")
-    feed(engine, "cam", bikes_frames[:8])
-    reference = make_engine(tiny_model, mode="full", device_budget_bytes=1 << 20)
-    reference.open_stream("cam")
-    feed(reference, "cam", bikes_frames[:8])
+    engine = _camera(tiny_model, bikes_frames[:8], mode="full", device_budget_bytes=1 << 20)
+    reference = _camera(tiny_model, bikes_frames[:8], mode="full", device_budget_bytes=1 << 20)
     hiddens = record_hiddens(tiny_model, monkeypatch)
     reference.answer("cam", QUESTIONS[0], max_new_tokens=12)
     expected = list(hiddens)
