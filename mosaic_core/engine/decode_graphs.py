@@ -9,10 +9,9 @@ A graph bakes in every tensor address and shape it was captured with, so a step 
 from fixed buffers (``FixedDecodePlan``), one row per question:
 
 - ``tables[t, b]``: slot table t of row b's question: sink + window, retrieved units and the question's own
-  slots, as ``QuestionPlan`` built it, -1 padded to the width. Layers that share one table object share one
-  buffer: in cluster and frame mode every layer after the retriever's anchor reads the anchor's, so there are
-  2-3 buffers, not 28 (at 16 rows of 22,528 slots, 4 MiB against 40). Questions batch with questions whose layers
-  share tables alike;
+  slots, as ``QuestionPlan`` built it, -1 padded to the width. In cluster and frame mode every layer after the
+  retriever's anchor reads the anchor's table, so they share its buffer: 2 buffers (layers 0 and 1), not 28
+  (at 16 rows of 22,528 slots, about 3 MB against 40);
 - ``static[t, b]``: how many of those slots come before the question's own;
 - ``question_slots[b]``: the slots of the question and answer tokens, in order;
 - ``inputs[b]``: the token id, its text position and how many question and answer tokens are written already.
@@ -107,9 +106,13 @@ class FixedDecodePlan:
 
 
 def _table_layout(plan) -> tuple[int, ...]:
-    """For each layer, the first layer whose slot table (the same object) it reads."""
-    first: dict[int, int] = {}
-    return tuple(first.setdefault(id(table), layer) for layer, table in enumerate(plan.tables))
+    """For each layer, the layer whose table buffer it reads: the retriever's anchor for every layer after it when
+    they all read the anchor's table (cluster and frame mode), each layer its own otherwise. The same for every
+    question of a mode, whichever of its first layers happen to choose alike, so they all batch together."""
+    anchor, num_layers = plan.retriever.prefetch_after_layer, len(plan.tables)
+    if anchor is not None and all(plan.tables[layer] is plan.tables[anchor] for layer in range(anchor, num_layers)):
+        return tuple(min(layer, anchor) for layer in range(num_layers))
+    return tuple(range(num_layers))
 
 
 def fixed_step(model, fixed: FixedDecodePlan) -> torch.Tensor:
@@ -184,7 +187,7 @@ class DecodeGraphs:
             self.leave(plan)
             return None
         # The oldest questions first, so a row keeps its question from step to step whoever asks first. A batch
-        # holds questions whose layers share tables alike (in cluster mode, nearly all of them).
+        # holds questions whose layers share tables alike (in one mode, all of them).
         layout = self._layouts[key]
         alike = (k for k in self._offered if k != key and self._layouts[k] == layout)
         others = sorted(alike, key=self._joined.__getitem__)[: self.max_batch - 1]

@@ -251,3 +251,27 @@ def test_answers_keep_decoding_between_passes_until_frames_wait_past_the_slice(
     loop._step_questions()
     events = list(job.events.queue)
     assert sum(isinstance(e, TokenEvent) for e in events) == tokens, events
+
+
+def test_the_loop_steps_its_running_answers_as_one_batch(tiny_model, bikes_frames):
+    """The loop reads its answers in turn; with decode steps from fixed buffers (what CUDA graphs replay; run
+    eagerly here) the first answer read steps every running answer, and each still gets all of its tokens."""
+    from mosaic_core.engine.decode_graphs import DecodeGraphs
+
+    engine = Engine(tiny_model, SMALL)
+    loop = _loop(engine)  # not started: this thread plays the engine thread
+    for stream_id in ("cam-0", "cam-1"):
+        engine.open_stream(stream_id, fps=FPS)
+        loop.queues.add_stream(stream_id, FPS)
+        feed(engine, stream_id, bikes_frames[:8] if stream_id == "cam-0" else bikes_frames[8:16])
+    alone = {s: engine.answer(s, "what happened?", max_new_tokens=10).token_ids for s in ("cam-0", "cam-1")}
+    batched = DecodeGraphs(tiny_model, engine.tiering.tiers.pools, engine.spec.num_layers, enabled=True, capture=False)
+    engine.parts.decode_graphs = batched
+    jobs = {s: _ask(loop, s, n, max_new_tokens=10) for n, s in enumerate(("cam-0", "cam-1"))}
+    loop._start_questions()
+    for _ in range(40):
+        if not loop._step_questions():
+            break
+    answers = {s: [e for e in _events(job, timeout_s=5.0) if isinstance(e, Answer)] for s, job in jobs.items()}
+    assert {s: [a.token_ids for a in found] for s, found in answers.items()} == {s: [t] for s, t in alone.items()}
+    assert batched.num_steps == 9 and batched.num_rows == 18  # 9 steps after each first token, both in each

@@ -43,10 +43,10 @@ def test_fixed_buffer_steps_compute_the_eager_steps(tiny_model, bikes_frames, mo
     assert [engine.answer("cam", q, max_new_tokens=12).token_ids for q in QUESTIONS] == eager
     assert_same_hiddens(hiddens, eager_hiddens)
     assert fixed.num_steps == sum(len(tokens) - 1 for tokens in eager) > 0
-    # layers that read one table share one buffer: token mode scores (and builds a table for) every layer
+    # cluster mode's layers after the anchor (layer 1) read its table and share its buffer; the other modes
+    # have no anchor, so each layer has a buffer of its own
     buffers = {entry[1].tables.shape[0] for entry in fixed._graphs.values()}
-    num_layers = engine.spec.num_layers
-    assert buffers == {num_layers} if mode == "token" else max(buffers) < num_layers
+    assert buffers == ({2} if mode == "cluster" else {engine.spec.num_layers})
 
 
 def test_questions_that_measure_recall_or_rescore_decode_eagerly(tiny_model, bikes_frames):
