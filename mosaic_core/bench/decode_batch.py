@@ -4,7 +4,7 @@
     mosaic bench decode --quick --out FILE.json         # CPU, tiny preset: fixed-buffer steps run eagerly
 
 One cluster-mode engine holds ``--cameras`` cameras, each with ``--minutes`` of a looped sample clip (the three
-clips in turn, from different offsets). For each concurrency n, n answers of ``--decode-tokens`` tokens start on n
+clips in turn). For each concurrency n, n answers of ``--decode-tokens`` tokens start on n
 different cameras and are read in turn, as the service's engine loop reads its running answers. Three runs per n,
 with the same CUDA graphs for prefill and decode:
 
