@@ -55,10 +55,8 @@ class FixedDecodePlan:
     def __init__(self, pools, table_of_layer: tuple[int, ...], batch: int, width: int, device: torch.device) -> None:
         self.pools = pools
         self.width = width
-        self.table_of_layer = table_of_layer  # layer -> the layer whose table it reads (its buffer's first)
-        self.table_layers = sorted(set(table_of_layer))
-        self._buffer = {layer: i for i, layer in enumerate(self.table_layers)}
-        num_tables = len(self.table_layers)
+        self.table_of_layer = table_of_layer  # layer -> the layer whose table (and buffer) it reads: 0, 1, ...
+        num_tables = max(table_of_layer) + 1
         self.tables = torch.full((num_tables, batch, width), -1, dtype=torch.int32, device=device)
         self.static = torch.zeros((num_tables, batch), dtype=torch.int32, device=device)
         self.question_slots = torch.zeros((batch, width), dtype=torch.int64, device=device)
@@ -76,10 +74,10 @@ class FixedDecodePlan:
             if held is not None and held() is plan:
                 continue
             self.tables[:, b].fill_(-1)
-            for i, layer in enumerate(self.table_layers):
+            for layer in range(self.tables.shape[0]):
                 table = plan.tables[layer]
-                self.tables[i, b, : table.shape[1]] = table[0]
-            static = [plan.static_tokens[layer] for layer in self.table_layers]
+                self.tables[layer, b, : table.shape[1]] = table[0]
+            static = plan.static_tokens[: self.tables.shape[0]]
             self.static[:, b].copy_(self.pools.upload(static, torch.int32))
             slots = self.pools.upload(np.asarray(plan.question_slots_np, dtype=np.int64))
             self.question_slots[b, : len(slots)].copy_(slots)
@@ -87,7 +85,7 @@ class FixedDecodePlan:
 
     def set_inputs(self, rows: list[tuple[int, int, int]]) -> None:
         """Each row's (token id, text position, tokens filled)."""
-        self._staged.copy_(torch.tensor(rows, dtype=torch.int64))
+        self._staged.numpy()[:] = rows  # the last step's token ids were read back, so its copy has run
         self.inputs.copy_(self._staged, non_blocking=True)
 
     def prepare(self) -> None:
@@ -101,7 +99,7 @@ class FixedDecodePlan:
     def attend(self, layer_idx, query, key, value, scale):
         self.pools.write_slots(layer_idx, self._write_index, torch.stack([key[:, :, 0], value[:, :, 0]], 1))
         k_pages, v_pages = self.pools.layer_pages(layer_idx)
-        i = self._buffer[self.table_of_layer[layer_idx]]
+        i = self.table_of_layer[layer_idx]
         return attend_paged(query, k_pages, v_pages, self.tables[i], self._kv_lens[i], scale)
 
 

@@ -7,8 +7,9 @@ next layer on the pass reads fixed inputs (``FixedPrefillPlan``):
 
 - ``hidden``: the question's hidden states after the eager layers, zero padded to a multiple of
   ``QUESTION_STEP`` tokens, and ``positions``, their text positions;
-- ``tables[i]``, ``kv_lens[i]``: the slot table ``QuestionPlan`` built for layer ``first_layer + i``, -1 padded
-  to the graph's width, and how many of its slots the question reads: the static part and the padded question;
+- ``table``, ``kv_len``: the anchor's slot table, which every later layer reads (``QuestionPlan`` shares it),
+  -1 padded to the graph's width, and how many of its slots the question reads: the static part and the padded
+  question;
 - ``write_index``: where each question token's KV goes (pages and offsets of the question's first slots);
 - ``last``: the row of the question's last real token.
 
@@ -49,13 +50,12 @@ class FixedPrefillPlan:
     """The attention plan of a prefill's later layers, every input in a buffer that outlives the pass."""
 
     def __init__(self, model, pools, first_layer: int, tokens: int, width: int, hidden_like: torch.Tensor) -> None:
-        device, num_layers = model.device, model.kv_spec.num_layers
+        device = model.device
         self.pools = pools
         self.first_layer = first_layer
         self.tokens = tokens
-        num_fixed = num_layers - first_layer
-        self.tables = torch.full((num_fixed, 1, width), -1, dtype=torch.int32, device=device)
-        self.kv_lens = torch.zeros((num_fixed, 1), dtype=torch.int32, device=device)
+        self.table = torch.full((1, width), -1, dtype=torch.int32, device=device)
+        self.kv_len = torch.zeros(1, dtype=torch.int32, device=device)
         self.write_index = torch.zeros((2, tokens), dtype=torch.int64, device=device)  # pages, offsets
         self.hidden = hidden_like.new_zeros((1, tokens, hidden_like.shape[-1]))
         self.positions = torch.zeros((3, 1, tokens), dtype=torch.int64, device=device)
@@ -64,12 +64,10 @@ class FixedPrefillPlan:
     def load(self, model, plan, hidden: torch.Tensor, cursor: int) -> None:
         """Copies one question's tables, slots, hidden states (``[1, T, hidden]``) and positions in."""
         num_real = hidden.shape[1]
-        self.tables.fill_(-1)
-        for i, layer in enumerate(range(self.first_layer, len(plan.tables))):
-            table = plan.tables[layer]
-            self.tables[i, :, : table.shape[1]].copy_(table)
-        kv_lens = np.asarray(plan.static_tokens[self.first_layer :], dtype=np.int32)[:, None] + self.tokens
-        self.kv_lens.copy_(self.pools.upload(kv_lens, torch.int32))
+        table = plan.tables[self.first_layer]
+        self.table.fill_(-1)
+        self.table[:, : table.shape[1]].copy_(table)
+        self.kv_len.fill_(plan.static_tokens[self.first_layer] + self.tokens)
         slots = plan.question_slots_np[: self.tokens]
         page_tokens = self.pools.page_tokens
         self.write_index.copy_(self.pools.upload(np.stack([slots // page_tokens, slots % page_tokens])))
@@ -79,11 +77,10 @@ class FixedPrefillPlan:
         self.last.fill_(num_real - 1)
 
     def attend(self, layer_idx, query, key, value, scale):
-        i = layer_idx - self.first_layer
         kv = torch.stack([key[0], value[0]]).permute(2, 0, 1, 3)  # [T, 2, H, D]
         self.pools.write_slots(layer_idx, (self.write_index[0], self.write_index[1]), kv)
         k_pages, v_pages = self.pools.layer_pages(layer_idx)
-        return attend_paged(query, k_pages, v_pages, self.tables[i], self.kv_lens[i], scale)
+        return attend_paged(query, k_pages, v_pages, self.table, self.kv_len, scale)
 
 
 def fixed_layers(model, fixed: FixedPrefillPlan) -> torch.Tensor:
@@ -161,8 +158,10 @@ class PrefillGraphs:
         if self.pools.device_pool is not self._pool_tensor:  # full mode grew it
             self._graphs.clear()
             self._pool_tensor = self.pools.device_pool
+        if any(table is not plan.tables[first] for table in plan.tables[first:]):
+            return None  # the later layers do not share one table: they run eagerly
         tokens = padded_length(num_real)
-        width = -(-max(int(t.shape[1]) for t in plan.tables[first:]) // WIDTH_STEP) * WIDTH_STEP
+        width = -(-int(plan.tables[first].shape[1]) // WIDTH_STEP) * WIDTH_STEP
         key = (first, tokens, width)
         if key not in self._graphs:
             entry = self._prepare(plan, first, tokens, width, hidden, cursor)
