@@ -41,6 +41,7 @@ from mosaic_core.bench.engine import (
 from mosaic_core.config import GIB, MIB, RetrievalMode
 from mosaic_core.engine.decode_graphs import MAX_BATCH, DecodeGraphs
 from mosaic_core.engine.engine import Engine
+from mosaic_core.engine.results import TokenEvent
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 
 
@@ -66,7 +67,7 @@ def run_concurrent(engine: Engine, cameras: list[str], decode_tokens: int) -> di
     while running:
         for i, answer in list(running.items()):
             event = next(answer)
-            if hasattr(event, "token_id"):
+            if isinstance(event, TokenEvent):
                 tokens[i].append(event.token_id)
             else:  # the Answer: this one is done
                 del running[i]

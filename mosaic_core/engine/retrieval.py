@@ -185,7 +185,8 @@ class Retriever:
         The copy table is computed from page numbers for all layers together and moved with one upload, where the
         layer-by-layer path builds a tensor view of every page's slab: at 60 minutes that was about 2,600 views and
         pinned-memory checks per question, host time every question paid before its later layers could run.
-        None: a chosen unit is on disk, so the layers go one by one (``reuse``, ``stage``).
+        None: a chosen unit is on disk, or the machinery copies slab by slab (ReKV's stand-in), so the layers go
+        one by one (``reuse``, ``stage``).
         """
         host_pages, fills = [], []
         for cluster_id in chosen.cluster_ids:
