@@ -87,6 +87,9 @@ class EngineConfig:
         prefill_graphs: on CUDA, replay a question prefill's layers after ``prefetch_after_layer`` from CUDA graphs
             (``mosaic_core.engine.prefill_graphs``); modes that score every layer, and questions that measure
             recall, prefill eagerly.
+        prefill_graph_layers: layers per graph of that prefill's chain; before each graph the GPU waits only for
+            its own layers' retrieved KV, so the rest crosses PCIe while it computes. The number of layers or more
+            makes one graph, which waits for every layer's KV before it starts.
         max_question_tokens: questions longer than this are rejected.
         max_new_tokens_limit: upper bound a caller may ask for per answer.
         evidence_spans: how many ranked clusters an answer cites as evidence; a cluster that joined several visits
@@ -120,6 +123,7 @@ class EngineConfig:
     rescore_every_tokens: int = 0
     decode_graphs: bool = True
     prefill_graphs: bool = True
+    prefill_graph_layers: int = 4
     max_question_tokens: int = 512
     max_new_tokens_limit: int = 512
     evidence_spans: int = 5
@@ -143,6 +147,7 @@ class EngineConfig:
             "max_question_tokens": self.max_question_tokens,
             "max_new_tokens_limit": self.max_new_tokens_limit,
             "evidence_spans": self.evidence_spans,
+            "prefill_graph_layers": self.prefill_graph_layers,
         }
         for name, value in positive.items():
             if value <= 0:

@@ -8,6 +8,9 @@ Rows (``VARIANTS``):
   shared, GPU cache, scoring kernel). ``frame`` vs ``cluster`` is what the retrieval unit alone buys.
 - ``cluster``: Mosaic.
 - ``random``: cluster machinery choosing clusters at random (chance, with the same bytes-per-unit profile).
+- on request only (``--variants``): ``cluster-eager``, cluster mode with the prefill and decode graphs off; and
+  ``cluster-one-graph``, the prefill's later layers in one graph that waits for every layer's retrieved KV before
+  it starts (``EngineConfig.prefill_graph_layers``), where ``cluster`` replays a chain of graphs of 4 layers.
 
 Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
 last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
@@ -40,6 +43,7 @@ VARIANTS = {
     "random": {"mode": "cluster", "scorer": "random"},
     # cluster mode without CUDA graphs for the question prefill and decode: what the graphs buy, on request only
     "cluster-eager": {"mode": "cluster", "prefill_graphs": False, "decode_graphs": False},
+    "cluster-one-graph": {"mode": "cluster", "prefill_graph_layers": 64},
 }
 DEFAULT_VARIANTS = ("full", "rekv-token", "frame", "cluster", "random")
 SWEEP = ("spread", "mean_key", "random", "recent")

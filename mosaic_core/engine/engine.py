@@ -115,7 +115,12 @@ class Engine:
             decode_graphs=DecodeGraphs(
                 model, self.tiering.tiers.pools, self.spec.num_layers, enabled=self.config.decode_graphs
             ),
-            prefill_graphs=PrefillGraphs(model, self.tiering.tiers.pools, enabled=self.config.prefill_graphs),
+            prefill_graphs=PrefillGraphs(
+                model,
+                self.tiering.tiers.pools,
+                enabled=self.config.prefill_graphs,
+                segment_layers=self.config.prefill_graph_layers,
+            ),
         )
         working_set = self.config.retrieval_budget_tokens * self.spec.bytes_per_token
         window = self.config.local_window_tokens * self.spec.bytes_per_token

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.pages import pages_for
-from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine.attend import attend_paged
 from mosaic_core.engine.probes import ENGINE, ProbeRequest, QueryPlanter
 from mosaic_core.engine.retrieval import LayerSelection, Retriever
@@ -175,19 +174,18 @@ class QuestionPlan:
             for other in later:
                 self._rebuild(other, self.retriever.reuse(other, selection), shared)
             return
-        reused = LayerSelection(list(selection.cluster_ids), selection.device_slots, [], selection.num_tokens)
+        reused = selection.shared()
         for other, moved in zip(later, moves, strict=True):
             self.gathers[other] = moved
             self.tables[other], self.static_tokens[other] = shared
             self.selections[other] = reused
 
     def _rebuild(self, layer: int, selection: LayerSelection, shared: tuple | None = None) -> None:
-        num_staged = len(selection.slabs)
+        fills = selection.staged_fills
+        num_staged = len(fills)
         if num_staged > len(self.staging):
             self.staging += self.room.take(num_staged - len(self.staging))
-        fills = [slab.shape[2] for slab in selection.slabs]
-        pages = [self.pools.layer_slab(Tier.DEVICE, p, layer, f) for p, f in zip(self.staging, fills, strict=False)]
-        self.gathers[layer] = self.retriever.stage(selection, pages)
+        self.gathers[layer] = self.retriever.stage(selection, layer, self.staging[:num_staged])
         if shared is None and self._same_slots(layer, selection, fills):
             shared = (self.tables[layer - 1], self.static_tokens[layer - 1])  # full mode: every layer
         if shared is None:
@@ -210,7 +208,7 @@ class QuestionPlan:
             before.cluster_ids == selection.cluster_ids
             and len(before.device_slots) == len(selection.device_slots)
             and all(a is b for a, b in zip(before.device_slots, selection.device_slots, strict=True))
-            and [slab.shape[2] for slab in before.slabs] == fills
+            and before.staged_fills == fills
         )
 
     def _should_score(self) -> bool:

@@ -1,4 +1,4 @@
-"""A question's prefill: its first layers run eagerly, the rest replay from a CUDA graph.
+"""A question's prefill: its first layers run eagerly, the rest replay from a chain of CUDA graphs.
 
 An eager 7B forward pass launches about 930 kernels from Python, so a question's time to first token was mostly
 host time (``mosaic bench profile``), as decode steps were before ``decode_graphs``. In cluster and frame mode the
@@ -13,9 +13,15 @@ next layer on the pass reads fixed inputs (``FixedPrefillPlan``):
 - ``write_index``: where each question token's KV goes (pages and offsets of the question's first slots);
 - ``last``: the row of the question's last real token.
 
-The graph runs those layers, writing each layer's KV into the question's slots and attending in place, then the
-final norm, and leaves the last real row's hidden state. One graph is kept per (rounded question length, table
-width rounded up to ``WIDTH_STEP``).
+Those layers replay from a chain of graphs of ``segment_layers`` layers each, every one reading the hidden states
+the one before it left; each layer writes its KV into the question's slots and attends in place, and the last
+graph ends with the final norm and the last real row's hidden state. One chain is kept per (rounded question
+length, table width rounded up to ``WIDTH_STEP``).
+
+The chain is what lets the retrieved KV cross PCIe while the question computes: the anchor queued every later
+layer's staging on the side stream, and before each graph the compute stream waits (``wait_event``, no host sync)
+only for its own layers' staging. One graph of all the layers had to wait for every layer's KV before it started,
+so at 60 minutes it was no faster than the eager layers, which wait layer by layer (bench/NOTES.md).
 
 Padding rows come after the question's tokens, so causal attention keeps them out of every real row. Their KV
 lands in the question's next slots, where the answer's tokens are written before any step reads them (a decode
@@ -83,11 +89,26 @@ class FixedPrefillPlan:
         return attend_paged(query, k_pages, v_pages, self.table, self.kv_len, scale)
 
 
-def fixed_layers(model, fixed: FixedPrefillPlan) -> torch.Tensor:
-    """The later layers and the final norm from ``fixed``'s buffers; returns the last real row ``[1, 1, hidden]``."""
-    layers = range(fixed.first_layer, model.kv_spec.num_layers)
-    hidden = model.text_layers(fixed.hidden, position_ids=fixed.positions, plan=fixed, layers=layers)
+def fixed_layers(model, fixed: FixedPrefillPlan, hidden: torch.Tensor, layers: range) -> torch.Tensor:
+    """``layers`` of the later layers from ``fixed``'s buffers over ``hidden``; after the model's last layer also
+    the final norm and the last real row (``[1, 1, hidden]``)."""
+    hidden = model.text_layers(hidden, position_ids=fixed.positions, plan=fixed, layers=layers)
+    if layers.stop < model.kv_spec.num_layers:
+        return hidden
     return model.final_norm(hidden).index_select(1, fixed.last)
+
+
+class Segment:
+    """Some consecutive later layers of a prefill: their graph (None: they run eagerly) and its output buffer."""
+
+    def __init__(self, layers: range, graph: torch.cuda.CUDAGraph | None = None, out: torch.Tensor | None = None):
+        self.layers = layers
+        self.graph = graph
+        self.out = out
+
+
+def segments_of(first: int, num_layers: int, segment_layers: int) -> list[range]:
+    return [range(start, min(start + segment_layers, num_layers)) for start in range(first, num_layers, segment_layers)]
 
 
 class PrefillGraphs:
@@ -97,17 +118,19 @@ class PrefillGraphs:
         model: the engine's adapter (``embed_text``, ``text_layers``, ``final_norm``).
         pools: the engine's page pools.
         enabled: capture graphs (CUDA only); otherwise every prefill runs eagerly.
+        segment_layers: layers per graph of the chain (``EngineConfig.prefill_graph_layers``); the last graph's
+            layers are what still runs after the last layer's KV has landed.
         capture: False runs the fixed-buffer layers eagerly instead of replaying them (tests compare them).
     """
 
-    def __init__(self, model, pools, *, enabled: bool, capture: bool = True) -> None:
+    def __init__(self, model, pools, *, enabled: bool, segment_layers: int = 4, capture: bool = True) -> None:
         self.model = model
+        self.segment_layers = segment_layers
         self.pools = pools
         self.capture = capture
         self.enabled = enabled and (model.device.type == "cuda" or not capture)
         self.num_prefills = 0  # prefills whose later layers ran from fixed buffers
-        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph | None, FixedPrefillPlan, torch.Tensor]]
-        self._graphs = {}
+        self._graphs: dict[tuple[int, int, int], tuple[FixedPrefillPlan, list[Segment]]] = {}
         self._pool_tensor = None  # the device pool the graphs read; another one invalidates them
         self.graph_pool = GraphPool("question prefills")  # off for good after a failed capture
 
@@ -126,7 +149,8 @@ class PrefillGraphs:
         """The question's forward pass under ``plan``; returns its last token's final hidden state ``[1, hidden]``.
 
         Layers up to the retriever's anchor run eagerly (they choose what every layer reads); the rest replay
-        from a graph, or run eagerly when this plan cannot use one or capturing fails.
+        from a chain of graphs, each once its own layers' staging has landed, or run eagerly when this plan cannot
+        use them or capturing fails.
         """
         model, num_layers = self.model, self.model.kv_spec.num_layers
         num_real = input_ids.shape[1]
@@ -139,20 +163,23 @@ class PrefillGraphs:
         if entry is None:
             rest = model.text_layers(hidden, position_ids=positions, plan=plan, layers=range(first, num_layers))
             return model.final_norm(rest)[:, -1]
-        graph, fixed, last = entry
+        fixed, segments = entry
         transfers = plan.retriever.tiering.tiers.transfers
-        for layer in range(first, num_layers):  # their staging was queued when the anchor chose
-            transfers.wait(plan.gathers[layer])
-            plan.gathers[layer] = NOTHING_PENDING
         fixed.load(model, plan, hidden, cursor)
-        if graph is None:
-            last = fixed_layers(model, fixed)
-        else:
-            graph.replay()
+        hidden = fixed.hidden
+        for segment in segments:
+            for layer in segment.layers:  # their staging was queued when the anchor chose
+                transfers.wait(plan.gathers[layer])
+                plan.gathers[layer] = NOTHING_PENDING
+            if segment.graph is None:
+                hidden = fixed_layers(model, fixed, hidden, segment.layers)
+            else:
+                segment.graph.replay()
+                hidden = segment.out
         plan.filled_tokens = num_real
         plan.steps = 1
         self.num_prefills += 1
-        return last[:, 0].clone()
+        return hidden[:, 0].clone()
 
     def _entry(self, plan, first: int, num_real: int, hidden: torch.Tensor, cursor: int):
         if self.pools.device_pool is not self._pool_tensor:  # full mode grew it
@@ -171,15 +198,20 @@ class PrefillGraphs:
         return self._graphs[key]
 
     def _prepare(self, plan, first: int, tokens: int, width: int, hidden: torch.Tensor, cursor: int):
-        fixed = FixedPrefillPlan(self.model, self.pools, first, tokens, width, hidden)
+        model = self.model
+        fixed = FixedPrefillPlan(model, self.pools, first, tokens, width, hidden)
+        layer_ranges = segments_of(first, model.kv_spec.num_layers, self.segment_layers)
         if not self.capture:
-            return None, fixed, None
-        # The warm-up runs the layers themselves (compiling kernels): it writes the KV where the replay will.
-        fixed.load(self.model, plan, hidden, cursor)
-        captured = self.graph_pool.capture(lambda: fixed_layers(self.model, fixed))
-        if captured is None:
-            self.enabled = False
-            return None
-        graph, last = captured
+            return fixed, [Segment(layers) for layers in layer_ranges]
+        # The warm-ups run the layers themselves (compiling kernels): they write the KV where the replay will.
+        fixed.load(model, plan, hidden, cursor)
+        segments, previous = [], fixed.hidden
+        for layers in layer_ranges:
+            captured = self.graph_pool.capture(lambda h=previous, r=layers: fixed_layers(model, fixed, h, r))
+            if captured is None:
+                self.enabled = False
+                return None
+            graph, previous = captured
+            segments.append(Segment(layers, graph, previous))
         log.info("captured the prefill of %d-token questions over %d-slot tables", tokens, width)
-        return graph, fixed, last
+        return fixed, segments

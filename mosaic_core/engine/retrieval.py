@@ -19,8 +19,10 @@ alone buys. ``EngineConfig.scorer`` swaps the scorer of any mode (random, recent
   one launch that reads pinned host memory in place (on CUDA); otherwise one ``copy_`` per slab.
 - The shared choice: with ``prefetch_after_layer`` set, layers up to it score their own queries and every later
   layer takes that layer's choice, so their gathers are queued on the side stream at once and overlap compute.
-  With the batched gather their copy table is computed from page numbers for all of them together
-  (``stage_shared``), not from a view of every page's slab per layer.
+  With the batched gather a layer's copy table is computed from page numbers (one table for all the later
+  layers together, ``stage_shared``), not from a tensor view of every page's slab per layer: a selection names the
+  host pages to stage (``host_pages``), which are the same for every layer. Views remain for units on disk and for
+  the slab-by-slab copies of ReKV's stand-in.
 - The device cache: units are admitted to the device tier, and after the answer the units at least half the
   layers chose are promoted to the device whole, off the question's critical path.
 
@@ -35,7 +37,7 @@ before that layer attends.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -76,13 +78,30 @@ def machinery_for(config: EngineConfig) -> Machinery:
 @dataclass(slots=True)
 class LayerSelection:
     """What one layer retrieved: device-resident units are attended where they are (their slots), the pages of
-    the others are staged into the question's device pages (their slabs)."""
+    the others are staged into the question's device pages, named by page number (``paged``: every other unit is
+    in the host pool and the machinery batches) or else by a view of each page's slab."""
 
     cluster_ids: list[str]
     device_slots: list[np.ndarray]  # per device-resident unit: its tokens' slots in the device pool
-    slabs: list[torch.Tensor]  # per page of the other units: [2, num_kv_heads, fill, head_dim], where it lives
+    slabs: list[torch.Tensor]  # not paged: per page of the other units, [2, num_kv_heads, fill, head_dim]
     num_tokens: int
     scores: torch.Tensor | None = None  # [num_candidates], kept on the device until the answer ends
+    paged: bool = False
+    host_pages: list[int] = field(default_factory=list)  # paged: the other units' host pages, in order
+    host_fills: list[int] = field(default_factory=list)  # and the tokens each holds
+
+    @property
+    def staged_fills(self) -> list[int]:
+        """Tokens of each page to stage, in order (each takes one of the question's staging pages)."""
+        return self.host_fills if self.paged else [slab.shape[2] for slab in self.slabs]
+
+    def shared(self) -> LayerSelection:
+        """This choice as a later layer takes it: the same units, slots and host pages; no scores, and no views
+        (a paged choice's pages are the same in every layer; an unpaged one's views are built per layer)."""
+        return LayerSelection(
+            list(self.cluster_ids), self.device_slots, [], self.num_tokens,
+            paged=self.paged, host_pages=self.host_pages, host_fills=self.host_fills,
+        )  # fmt: skip
 
     def probabilities(self, candidates: list[str]) -> dict[str, float]:
         """Softmax of the scores over the candidates: each chosen cluster's predicted share of attention."""
@@ -140,32 +159,49 @@ class Retriever:
         mean, var, log_count = self._summaries
         scores = self.scorer.scores(query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale)
         chosen = list(self.candidates) if self.machinery.choose_all else self.fill_budget(scores)
-        device_slots, slabs = [], []
+        tiers = self.tiering.tiers
+        paged = self.machinery.batched_gather and all(
+            self.tiering.residency.tier_of(cid) in (Tier.DEVICE, Tier.HOST) for cid in chosen
+        )
+        selection = LayerSelection(chosen, [], [], 0, scores, paged=paged)
         for cluster_id in chosen:
-            slots, unit_slabs = self._unit(cluster_id, layer, chosen_before=False)
-            if slots is not None:
-                device_slots.append(slots)
-            slabs += unit_slabs
+            tier = self._take(cluster_id)
+            if tier is Tier.DEVICE:
+                selection.device_slots.append(tiers.device_slots(cluster_id))
+            elif paged:
+                pages, fills = tiers.host_pages(cluster_id)
+                selection.host_pages += pages
+                selection.host_fills += fills
+            else:
+                selection.slabs += tiers.layer_slabs(cluster_id, layer)
         self.score_s += self._now(query.device) - start
-        num_tokens = sum(len(s) for s in device_slots) + sum(slab.shape[2] for slab in slabs)
-        return LayerSelection(chosen, device_slots, slabs, num_tokens, scores)
+        selection.num_tokens = sum(len(s) for s in selection.device_slots) + sum(selection.staged_fills)
+        return selection
 
     def reuse(self, layer: int, chosen: LayerSelection) -> LayerSelection:
         """Layer ``layer``'s share of the clusters another layer chose (no scoring of its own); the device slots
-        are the same for every layer."""
-        slabs = [slab for cid in chosen.cluster_ids for slab in self._unit(cid, layer, chosen_before=True)[1]]
-        return LayerSelection(list(chosen.cluster_ids), chosen.device_slots, slabs, chosen.num_tokens)
+        and host pages are the same for every layer."""
+        reused = chosen.shared()
+        for cluster_id in chosen.cluster_ids:
+            if self._take(cluster_id) is not Tier.DEVICE and not chosen.paged:
+                reused.slabs += self.tiering.tiers.layer_slabs(cluster_id, layer)
+        return reused
 
-    def stage(self, selection: LayerSelection, pages: list[torch.Tensor]) -> Moved:
-        """Queues the selection's slabs into ``pages`` (device page slabs of the same sizes, in order); returns the
-        move to wait for before the layer attends.
+    def stage(self, selection: LayerSelection, layer: int, staging: list[int]) -> Moved:
+        """Queues the selection's pages of ``layer`` into the device pages ``staging`` (in order, as many as
+        ``staged_fills``); returns the move to wait for before the layer attends.
 
         With the batched gather every slab of the layer moves in one kernel launch that reads pinned host and
-        device memory in place (on CUDA); otherwise (the ReKV baseline) one copy per slab. Either way the copies
-        counted are the host slabs moved.
+        device memory in place (on CUDA), from a table computed from page numbers when the selection is paged;
+        otherwise (the ReKV baseline) one copy per slab. Either way the copies counted are the host slabs moved.
         """
+        if selection.paged:
+            return self._stage_pages(selection.host_pages, selection.host_fills, staging, range(layer, layer + 1))[0]
         if not selection.slabs:
             return NOTHING_PENDING
+        pools = self.tiering.tiers.pools
+        fills = selection.staged_fills
+        pages = [pools.layer_slab(Tier.DEVICE, p, layer, f) for p, f in zip(staging, fills, strict=True)]
         start = self._now(pages[0].device)
         host = selection.slabs
         batched = self.machinery.batched_gather and pages[0].is_cuda and all(s.is_pinned() for s in host)
@@ -180,26 +216,22 @@ class Retriever:
 
     def stage_shared(self, chosen: LayerSelection, layers: range, staging: list[int]) -> list[Moved] | None:
         """``reuse`` and ``stage`` for every layer of ``layers`` at once, into the same ``staging`` pages the
-        choosing layer's slabs went to, each layer into its own layer of them; returns each layer's move.
+        choosing layer's pages went to, each layer into its own layer of them; returns each layer's move.
 
         The copy table is computed from page numbers for all layers together and moved with one upload, where the
         layer-by-layer path builds a tensor view of every page's slab: at 60 minutes that was about 2,600 views and
         pinned-memory checks per question, host time every question paid before its later layers could run.
-        None: a chosen unit is on disk, or the machinery copies slab by slab (ReKV's stand-in), so the layers go
-        one by one (``reuse``, ``stage``).
+        None: the choice is not paged (a chosen unit is on disk, or the machinery copies slab by slab, as ReKV's
+        stand-in does), so the layers go one by one (``reuse``, ``stage``).
         """
-        host_pages, fills = [], []
-        for cluster_id in chosen.cluster_ids:
-            tier = self.tiering.residency.tier_of(cluster_id)
-            if tier is Tier.DEVICE:
-                continue
-            if tier is not Tier.HOST or not self.machinery.batched_gather:
-                return None
-            pages, unit_fills = self.tiering.tiers.host_pages(cluster_id)
-            host_pages += pages
-            fills += unit_fills
+        if not chosen.paged:
+            return None
         for cluster_id in chosen.cluster_ids:  # what ``reuse`` counts, per layer
             self.votes[cluster_id] = self.votes.get(cluster_id, 0) + len(layers)
+        return self._stage_pages(chosen.host_pages, chosen.host_fills, staging, layers)
+
+    def _stage_pages(self, host_pages: list[int], fills: list[int], staging: list[int], layers: range) -> list[Moved]:
+        """Queues ``layers`` of ``host_pages`` into the same layers of device pages ``staging`` from one table."""
         if not host_pages:
             return [NOTHING_PENDING] * len(layers)
         start = self._now(self.tiering.tiers.pools.device)
@@ -254,8 +286,8 @@ class Retriever:
                 used += size
         return chosen
 
-    def _unit(self, cluster_id: str, layer: int, *, chosen_before: bool) -> tuple[np.ndarray | None, list]:
-        """A chosen unit's device slots (None when it is not on the device) and, otherwise, its layer's slabs."""
+    def _take(self, cluster_id: str) -> Tier:
+        """Pins a chosen unit, counts its lookup and its layer's vote; returns the tier it is read from."""
         if cluster_id not in self._pinned:
             # Pinned until the question ends: maintenance, retention and eviction leave it where it is.
             self.tiering.residency.pin(cluster_id)
@@ -267,9 +299,7 @@ class Retriever:
             self.device_lookups += 1
             self.device_hits += on_device
         self.votes[cluster_id] = self.votes.get(cluster_id, 0) + 1
-        if on_device:
-            return (None if chosen_before else self.tiering.tiers.device_slots(cluster_id)), []
-        return None, self.tiering.tiers.layer_slabs(cluster_id, layer)
+        return self.tiering.residency.tier_of(cluster_id)
 
     def _now(self, device: torch.device) -> float:
         if not self.profile:

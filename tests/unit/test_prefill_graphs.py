@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from mosaic_core.engine import prefill_graphs
 from mosaic_core.engine.decode_graphs import DecodeGraphs
 from mosaic_core.engine.prefill_graphs import QUESTION_STEP, PrefillGraphs, padded_length
 from tests.unit.engine_helpers import feed, make_engine
@@ -21,9 +22,9 @@ QUESTIONS = (
 )
 
 
-def _fixed(engine, model, *, decode_too: bool = False) -> PrefillGraphs:
+def _fixed(engine, model, *, decode_too: bool = False, segment_layers: int = 4) -> PrefillGraphs:
     pools = engine.tiering.tiers.pools
-    graphs = PrefillGraphs(model, pools, enabled=True, capture=False)
+    graphs = PrefillGraphs(model, pools, enabled=True, segment_layers=segment_layers, capture=False)
     engine.parts.prefill_graphs = graphs
     if decode_too:
         engine.parts.decode_graphs = DecodeGraphs(model, pools, engine.spec.num_layers, enabled=True, capture=False)
@@ -36,21 +37,47 @@ def test_the_questions_are_padded(tiny_model):
     assert len({padded_length(n) for n in lengths}) == 2  # two graph shapes
 
 
-@pytest.mark.parametrize(("mode", "decode_too"), [("cluster", False), ("frame", False), ("cluster", True)])
-def test_fixed_buffer_layers_compute_the_eager_prefill(tiny_model, bikes_frames, mode, decode_too, monkeypatch):
+@pytest.mark.parametrize(
+    ("mode", "decode_too", "segment_layers"),
+    [("cluster", False, 4), ("frame", False, 4), ("cluster", True, 4), ("cluster", False, 1)],
+)
+def test_fixed_buffer_layers_compute_the_eager_prefill(
+    tiny_model, bikes_frames, mode, decode_too, segment_layers, monkeypatch
+):
     engine = make_engine(tiny_model, mode=mode)
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:24])
     hiddens = record_hiddens(tiny_model, monkeypatch)
     eager = [engine.answer("cam", q, max_new_tokens=8) for q in QUESTIONS]
     eager_hiddens = list(hiddens)
-    fixed = _fixed(engine, tiny_model, decode_too=decode_too)
+    fixed = _fixed(engine, tiny_model, decode_too=decode_too, segment_layers=segment_layers)  # 1: two, one a layer
     hiddens.clear()
     answers = [engine.answer("cam", q, max_new_tokens=8) for q in QUESTIONS]
     assert [a.token_ids for a in answers] == [a.token_ids for a in eager]
     assert_same_hiddens(hiddens, eager_hiddens)
     assert [[s.cluster_id for s in a.evidence] for a in answers] == [[s.cluster_id for s in a.evidence] for a in eager]
     assert fixed.num_prefills == len(QUESTIONS)
+
+
+def test_each_segment_waits_only_for_its_own_layers_staging(tiny_model, bikes_frames, monkeypatch):
+    """The chain is what lets later layers' KV cross PCIe while earlier layers compute: the compute stream must
+    wait for a layer's staging right before that layer's segment, not for every layer up front."""
+    engine = make_engine(tiny_model)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:24])
+    _fixed(engine, tiny_model, segment_layers=1)
+    events, transfers = [], engine.tiering.tiers.transfers
+    real_wait, real_layers = transfers.wait, prefill_graphs.fixed_layers
+    monkeypatch.setattr(transfers, "wait", lambda moved: events.append("wait") or real_wait(moved))
+
+    def layers(model, fixed, hidden, layer_range):
+        events.append(tuple(layer_range))
+        return real_layers(model, fixed, hidden, layer_range)
+
+    monkeypatch.setattr(prefill_graphs, "fixed_layers", layers)
+    engine.answer("cam", QUESTIONS[0], max_new_tokens=1)
+    chain = events[events.index((2,)) - 1 : events.index((3,)) + 1]
+    assert chain == ["wait", (2,), "wait", (3,)]
 
 
 def test_a_one_token_answer_still_has_room_for_the_padded_question(tiny_model, bikes_frames):

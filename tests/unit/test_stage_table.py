@@ -75,10 +75,22 @@ def test_a_question_staged_from_one_table_computes_the_layer_by_layer_one(tiny_m
         staged_at_once.append(moves is not None and self.num_copies > 0)
         return moves
 
+    original_select = Retriever.select
+
+    def by_views(self, layer, query):  # what every selection was before page numbers: a view of each slab
+        selection = original_select(self, layer, query)
+        selection.paged, selection.host_pages, selection.host_fills = False, [], []
+        tiers = self.tiering.tiers
+        for cluster_id in selection.cluster_ids:
+            if tiers.tier_of(cluster_id) is not Tier.DEVICE:
+                selection.slabs += tiers.layer_slabs(cluster_id, layer)
+        return selection
+
     hiddens = record_hiddens(tiny_model, monkeypatch)
-    monkeypatch.setattr(Retriever, "stage_shared", lambda *args: None)  # the layer-by-layer path
+    monkeypatch.setattr(Retriever, "select", by_views)  # so stage_shared declines: the layer-by-layer path
     layer_by_layer = engines[0].answer("cam", question, max_new_tokens=6)
     expected = list(hiddens)
+    monkeypatch.setattr(Retriever, "select", original_select)
     monkeypatch.setattr(Retriever, "stage_shared", spying)
     hiddens.clear()
     at_once = engines[1].answer("cam", question, max_new_tokens=6)
