@@ -90,6 +90,10 @@ class EngineConfig:
         prefill_graph_layers: layers per graph of that prefill's chain; before each graph the GPU waits only for
             its own layers' retrieved KV, so the rest crosses PCIe while it computes. The number of layers or more
             makes one graph, which waits for every layer's KV before it starts.
+        staging_copy: how retrieved host pages reach the question's device pages: "kernel", the slab-gather
+            kernel, one launch per layer, reading pinned memory from the SMs; or "dma", one ``cudaMemcpyAsync``
+            per page and group of ``prefill_graph_layers`` layers, on the copy engines, which leaves the SMs to
+            the question (``mosaic_core.memory.cudart``; the kernel where the CUDA runtime is not found).
         max_question_tokens: questions longer than this are rejected.
         max_new_tokens_limit: upper bound a caller may ask for per answer.
         evidence_spans: how many ranked clusters an answer cites as evidence; a cluster that joined several visits
@@ -124,6 +128,7 @@ class EngineConfig:
     decode_graphs: bool = True
     prefill_graphs: bool = True
     prefill_graph_layers: int = 4
+    staging_copy: str = "kernel"
     max_question_tokens: int = 512
     max_new_tokens_limit: int = 512
     evidence_spans: int = 5
@@ -173,6 +178,8 @@ class EngineConfig:
             )
         if self.prefetch_after_layer is not None and self.prefetch_after_layer < 0:
             raise ConfigError(f"prefetch_after_layer must be >= 0 or None, got {self.prefetch_after_layer}")
+        if self.staging_copy not in ("kernel", "dma"):
+            raise ConfigError(f"staging_copy must be 'kernel' or 'dma', got {self.staging_copy!r}")
         if self.scorer is not None and self.scorer not in SCORER_NAMES:
             raise UnknownPolicyError(f"unknown scorer {self.scorer!r}; valid scorers are: {', '.join(SCORER_NAMES)}")
         if not (isinstance(self.keyframes_per_cluster, int) and 0 <= self.keyframes_per_cluster <= 16):

@@ -10,7 +10,8 @@ Rows (``VARIANTS``):
 - ``random``: cluster machinery choosing clusters at random (chance, with the same bytes-per-unit profile).
 - on request only (``--variants``): ``cluster-eager``, cluster mode with the prefill and decode graphs off; and
   ``cluster-one-graph``, the prefill's later layers in one graph that waits for every layer's retrieved KV before
-  it starts (``EngineConfig.prefill_graph_layers``), where ``cluster`` replays a chain of graphs of 4 layers.
+  it starts (``EngineConfig.prefill_graph_layers``), where ``cluster`` replays a chain of graphs of 4 layers;
+  ``cluster-dma`` and ``frame-dma``, staging on the copy engines (``EngineConfig.staging_copy``).
 
 Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
 last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
@@ -24,6 +25,7 @@ promotion and merges it triggers.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import random
 import statistics
@@ -44,6 +46,8 @@ VARIANTS = {
     # cluster mode without CUDA graphs for the question prefill and decode: what the graphs buy, on request only
     "cluster-eager": {"mode": "cluster", "prefill_graphs": False, "decode_graphs": False},
     "cluster-one-graph": {"mode": "cluster", "prefill_graph_layers": 64},
+    "cluster-dma": {"mode": "cluster", "staging_copy": "dma"},
+    "frame-dma": {"mode": "frame", "staging_copy": "dma"},
 }
 DEFAULT_VARIANTS = ("full", "rekv-token", "frame", "cluster", "random")
 SWEEP = ("spread", "mean_key", "random", "recent")
@@ -96,6 +100,7 @@ def run(
         rows[label]["variant_s"] = time.perf_counter() - started
         log(f"A/{label}: {json.dumps(rows[label])}")
         del engine
+        gc.collect()  # an engine's reference cycles would keep its pools and graphs in the next variant's peak
         if s.device.startswith("cuda"):
             torch.cuda.empty_cache()
         _divergence(model, rows, hidden)

@@ -47,6 +47,7 @@ from mosaic_core.config import EngineConfig, RetrievalMode
 from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
+from mosaic_core.memory import cudart
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import NOTHING_PENDING, Moved
 
@@ -58,6 +59,8 @@ class Machinery:
     choose_all: bool  # full mode: no choice, every unit
     scorer: str
     batched_gather: bool
+    staging_copy: str = "kernel"  # how paged staging moves bytes: "kernel" (slab gather on the SMs) or "dma"
+    staging_group_layers: int = 1  # dma: layers of a page copied as one run (the prefill graphs' segment)
     prefetch_after_layer: int | None
     device_cache: bool
 
@@ -70,6 +73,8 @@ def machinery_for(config: EngineConfig) -> Machinery:
         choose_all=mode is RetrievalMode.FULL,
         scorer=config.scorer or default_scorer,
         batched_gather=not rekv,
+        staging_copy=config.staging_copy,
+        staging_group_layers=config.prefill_graph_layers,
         prefetch_after_layer=None if rekv or mode is RetrievalMode.FULL else config.prefetch_after_layer,
         device_cache=mode.caches_on_device,
     )
@@ -150,6 +155,7 @@ class Retriever:
         # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
         self._summaries = stream.summaries.all_layers(candidates) if candidates else None
         self._timed_gathers: list[Moved] = []
+        self._dma = machinery.staging_copy == "dma" and (tiering.tiers.transfers.side is None or cudart.available())
 
     def select(self, layer: int, query: torch.Tensor) -> LayerSelection:
         """Scores the candidates with ``query`` ``[num_q_heads, T, D]``; the chosen slabs are not moved yet."""
@@ -237,13 +243,25 @@ class Retriever:
         start = self._now(self.tiering.tiers.pools.device)
         pools, spec, transfers = self.tiering.tiers.pools, self.spec, self.tiering.tiers.transfers
         marked = transfers.mark()  # the timer starts before the host builds the table, as in ``stage``
-        rows = pools.stage_rows(Tier.HOST, host_pages, fills, staging[: len(host_pages)], layers)
-        moves = transfers.stage_layers(rows, pools.upload, spec.num_kv_heads, spec.head_dim, spec.dtype, started=marked)
-        num_bytes = sum(fills) * spec.bytes_per_token_layer * len(layers)
+        dst_pages = staging[: len(host_pages)]
+        if self._dma:
+            step = self.machinery.staging_group_layers
+            groups = [range(s, min(s + step, layers.stop)) for s in range(layers.start, layers.stop, step)]
+            runs = [pools.block_rows(Tier.HOST, host_pages, dst_pages, group) for group in groups]
+            timed = transfers.copy_runs(runs, started=marked)
+            moves = [moved for group, moved in zip(groups, timed, strict=True) for _ in group]
+            num_bytes = int(sum(int(r[:, 2].sum()) for r in runs))  # whole pages: every slot, filled or not
+        else:
+            rows = pools.stage_rows(Tier.HOST, host_pages, fills, dst_pages, layers)
+            moves = transfers.stage_layers(
+                rows, pools.upload, spec.num_kv_heads, spec.head_dim, spec.dtype, started=marked
+            )  # fmt: skip
+            timed = moves
+            num_bytes = sum(fills) * spec.bytes_per_token_layer * len(layers)
         self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, len(host_pages) * len(layers))
         self.bytes_fetched += num_bytes
         self.num_copies += len(host_pages) * len(layers)
-        self._timed_gathers += moves
+        self._timed_gathers += timed
         self.fetch_s += self._now(self.tiering.tiers.pools.device) - start
         return moves
 

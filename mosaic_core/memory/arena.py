@@ -132,6 +132,16 @@ class PagePools:
         rows[:, :, 3:] = self.page_tokens
         return rows
 
+    def block_rows(self, src: Tier, src_pages: list[int], dst_pages: list[int], layers: range) -> np.ndarray:
+        """The byte runs (source, destination, bytes) that copy ``layers`` of each of ``src_pages`` into the same
+        layers of device ``dst_pages``: ``[pages, 3]``. A page holds its layers one after another, so consecutive
+        layers of one page are one run (every token slot of them, filled or not)."""
+        rows = np.empty((len(src_pages), 3), dtype=np.int64)
+        rows[:, 0] = self.slab_addresses(src, src_pages, layers.start)
+        rows[:, 1] = self.slab_addresses(Tier.DEVICE, dst_pages, layers.start)
+        rows[:, 2] = len(layers) * (self.page_bytes // self.spec.num_layers)
+        return rows
+
     def layer_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one layer of the whole device pool, each ``[num_pages, H, page_tokens, D]`` (views):
         what the paged attention kernels read in place."""

@@ -33,6 +33,7 @@ from mosaic_core.kernels.slab_gather import (
     gather_slabs,
     gather_slabs_reference,
 )
+from mosaic_core.memory import cudart
 
 
 @dataclass(slots=True)
@@ -159,6 +160,23 @@ class TransferEngine:
             with self._on_side(table, timed=True) as moved:
                 moved.started = started
                 copy_slab_table(table[i * per_layer : (i + 1) * per_layer], longest, num_heads, head_dim, dtype)
+            started = moved.ready
+            moves.append(moved)
+        return moves
+
+    def copy_runs(self, groups: list[np.ndarray], *, started=None) -> list[Moved]:
+        """Queues each group of byte runs (``PagePools.block_rows``) on the copy engines, one ``Moved`` per group
+        (each passes once its own runs have landed); timed as one span like ``stage_layers``."""
+        if self.side is None:
+            for runs in groups:
+                cudart.copy_runs_reference(runs)
+            return [Moved() for _ in groups]
+        started = started or self.mark()
+        moves = []
+        for runs in groups:
+            with self._on_side(timed=True) as moved:
+                moved.started = started
+                cudart.copy_runs(runs, self.side.cuda_stream)
             started = moved.ready
             moves.append(moved)
         return moves

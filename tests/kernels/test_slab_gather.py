@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,3 +81,19 @@ def test_copy_slabs_fills_scattered_pages_of_one_layer_and_leaves_the_rest():
     for s, d, n in moves:
         assert torch.equal(pool[d, 1, :, :, :n].cpu(), host[s, 1, :, :, :n])
         assert torch.isnan(pool[d, 1, :, :, n:]).all() and torch.isnan(pool[d, 0]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy engines need a GPU")
+def test_copy_runs_move_pinned_host_runs_into_device_memory_on_the_copy_engines():
+    from mosaic_core.memory import cudart
+
+    assert cudart.available(), "PyTorch loaded no libcudart this module can find in /proc/self/maps"
+    host = torch.randn(6, 1024, pin_memory=True)
+    device = torch.zeros(6, 1024, device="cuda")
+    stream = torch.cuda.Stream()
+    runs = [(host[i].data_ptr(), device[j].data_ptr(), 2 * host[i].numel() * 4) for i, j in ((0, 3), (4, 0))]
+    cudart.copy_runs(np.asarray(runs, dtype=np.int64), stream.cuda_stream)
+    stream.synchronize()
+    assert torch.equal(device[3:5].cpu(), host[0:2]) and torch.equal(device[0:2].cpu(), host[4:6])
+    assert not device[2].any() and not device[5].any()

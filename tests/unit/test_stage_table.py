@@ -59,10 +59,23 @@ def test_staged_rows_copy_what_the_slab_views_copy(pools):
                 assert not staged.any()
 
 
-def test_a_question_staged_from_one_table_computes_the_layer_by_layer_one(tiny_model, bikes_frames, monkeypatch):
+def test_block_rows_are_the_page_layer_runs(pools):
+    host_pages, device_pages, layers = [4, 0, 7], [2, 5, 1], range(1, 3)
+    runs = pools.block_rows(Tier.HOST, host_pages, device_pages, layers)
+    for (src, dst, nbytes), h, d in zip(runs.tolist(), host_pages, device_pages, strict=True):
+        first = pools.layer_slab(Tier.HOST, h, layers.start, pools.page_tokens)
+        assert src == first.data_ptr()
+        assert dst == pools.layer_slab(Tier.DEVICE, d, layers.start, pools.page_tokens).data_ptr()
+        assert nbytes == len(layers) * first.numel() * first.element_size()
+
+
+@pytest.mark.parametrize("staging_copy", ["kernel", "dma"])
+def test_a_question_staged_from_one_table_computes_the_layer_by_layer_one(
+    tiny_model, bikes_frames, monkeypatch, staging_copy
+):
     """Cluster mode under a device budget that leaves most clusters on the host; two engines fed alike, since an
-    answer promotes what it fetched."""
-    engines = [make_engine(tiny_model, device_budget_bytes=1 << 20) for _ in range(2)]
+    answer promotes what it fetched. ``dma`` copies whole pages, layer groups at a time (on the CPU by memmove)."""
+    engines = [make_engine(tiny_model, device_budget_bytes=1 << 20, staging_copy=c) for c in ("kernel", staging_copy)]
     for engine in engines:
         engine.open_stream("cam")
         feed(engine, "cam", bikes_frames[:40])
@@ -96,6 +109,7 @@ def test_a_question_staged_from_one_table_computes_the_layer_by_layer_one(tiny_m
     at_once = engines[1].answer("cam", question, max_new_tokens=6)
     assert staged_at_once == [True]
     assert_same_hiddens(hiddens, expected)
-    assert at_once.retrieval.bytes_fetched == layer_by_layer.retrieval.bytes_fetched > 0
+    if staging_copy == "kernel":  # dma counts every slot of the pages it copies
+        assert at_once.retrieval.bytes_fetched == layer_by_layer.retrieval.bytes_fetched > 0
     assert at_once.retrieval.num_copies == layer_by_layer.retrieval.num_copies
     assert [s.cluster_id for s in at_once.evidence] == [s.cluster_id for s in layer_by_layer.evidence]

@@ -1,0 +1,65 @@
+"""Copies of raw byte runs by the GPU's copy engines, without a tensor per run.
+
+Staging a question's retrieved KV is many runs of bytes (one per page and group of layers) between pinned host
+pages and device pages. The slab-gather kernel (``mosaic_core.kernels.slab_gather``) moves them with loads and
+stores on the SMs, which the question's own kernels need at the same time; ``cudaMemcpyAsync`` hands each run to a
+copy engine (DMA) instead. PyTorch has no call for a copy between two raw addresses, and a tensor view per run
+costs microseconds of host time each, so this calls the CUDA runtime that PyTorch already loaded, through ctypes.
+
+Off CUDA (and in tests) ``copy_runs_reference`` does the same copies with ``memmove`` on host addresses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+CUDA_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction follows from the addresses (unified addressing)
+
+
+@functools.cache
+def _runtime() -> ctypes.CDLL | None:
+    """The CUDA runtime library this process loaded (PyTorch loads it with CUDA), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+            copy = lib.cudaMemcpyAsync
+        except (OSError, AttributeError):
+            continue
+        copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        copy.restype = ctypes.c_int
+        lib.cudaGetErrorString.argtypes = [ctypes.c_int]
+        lib.cudaGetErrorString.restype = ctypes.c_char_p
+        return lib
+    return None
+
+
+def available() -> bool:
+    """Whether runs can go to the copy engines: the CUDA runtime is loaded in this process."""
+    return _runtime() is not None
+
+
+def copy_runs(runs: np.ndarray, stream: int) -> None:
+    """Queues ``cudaMemcpyAsync(dst, src, nbytes)`` on ``stream`` (a ``cudaStream_t`` handle) for each row
+    ``(src, dst, nbytes)`` of ``runs``; raises RuntimeError naming CUDA's error when one is refused."""
+    lib = _runtime()
+    if lib is None:
+        raise RuntimeError("the CUDA runtime is not loaded in this process")
+    copy = lib.cudaMemcpyAsync
+    for src, dst, nbytes in runs.tolist():
+        status = copy(dst, src, nbytes, CUDA_MEMCPY_DEFAULT, stream)
+        if status:
+            raise RuntimeError(f"cudaMemcpyAsync of {nbytes} bytes failed: {lib.cudaGetErrorString(status).decode()}")
+
+
+def copy_runs_reference(runs: np.ndarray) -> None:
+    """What ``copy_runs`` does, between host addresses (off CUDA both pools are host memory)."""
+    for src, dst, nbytes in runs.tolist():
+        ctypes.memmove(dst, src, nbytes)
