@@ -90,10 +90,11 @@ class EngineConfig:
         prefill_graph_layers: layers per graph of that prefill's chain; before each graph the GPU waits only for
             its own layers' retrieved KV, so the rest crosses PCIe while it computes. The number of layers or more
             makes one graph, which waits for every layer's KV before it starts.
-        staging_copy: how retrieved host pages reach the question's device pages: "kernel", the slab-gather
-            kernel, one launch per layer, reading pinned memory from the SMs; or "dma", one ``cudaMemcpyAsync``
-            per page and group of ``prefill_graph_layers`` layers, on the copy engines, which leaves the SMs to
-            the question (``mosaic_core.memory.cudart``; the kernel where the CUDA runtime is not found).
+        staging_copy: how retrieved host pages reach the question's device pages: "dma", one
+            ``cudaMemcpyAsync`` per page and group of ``prefill_graph_layers`` layers, on the copy engines, which
+            leaves the SMs to the question (``mosaic_core.memory.cudart``; the kernel where the CUDA runtime is
+            not found); or "kernel", the slab-gather kernel, one launch per layer, reading pinned memory from the
+            SMs (at 60 minutes on the H200: TTFT 39.9 ms against 29.6 with "dma", bench/NOTES.md).
         max_question_tokens: questions longer than this are rejected.
         max_new_tokens_limit: upper bound a caller may ask for per answer.
         evidence_spans: how many ranked clusters an answer cites as evidence; a cluster that joined several visits
@@ -128,7 +129,7 @@ class EngineConfig:
     decode_graphs: bool = True
     prefill_graphs: bool = True
     prefill_graph_layers: int = 4
-    staging_copy: str = "kernel"
+    staging_copy: str = "dma"
     max_question_tokens: int = 512
     max_new_tokens_limit: int = 512
     evidence_spans: int = 5

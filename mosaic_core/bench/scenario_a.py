@@ -11,7 +11,8 @@ Rows (``VARIANTS``):
 - on request only (``--variants``): ``cluster-eager``, cluster mode with the prefill and decode graphs off; and
   ``cluster-one-graph``, the prefill's later layers in one graph that waits for every layer's retrieved KV before
   it starts (``EngineConfig.prefill_graph_layers``), where ``cluster`` replays a chain of graphs of 4 layers;
-  ``cluster-dma`` and ``frame-dma``, staging on the copy engines (``EngineConfig.staging_copy``).
+  ``cluster-kernel-copy``, staging by the slab-gather kernel on the SMs, where ``cluster`` and ``frame`` stage
+  on the copy engines (``EngineConfig.staging_copy``).
 
 Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
 last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
@@ -46,8 +47,7 @@ VARIANTS = {
     # cluster mode without CUDA graphs for the question prefill and decode: what the graphs buy, on request only
     "cluster-eager": {"mode": "cluster", "prefill_graphs": False, "decode_graphs": False},
     "cluster-one-graph": {"mode": "cluster", "prefill_graph_layers": 64},
-    "cluster-dma": {"mode": "cluster", "staging_copy": "dma"},
-    "frame-dma": {"mode": "frame", "staging_copy": "dma"},
+    "cluster-kernel-copy": {"mode": "cluster", "staging_copy": "kernel"},
 }
 DEFAULT_VARIANTS = ("full", "rekv-token", "frame", "cluster", "random")
 SWEEP = ("spread", "mean_key", "random", "recent")

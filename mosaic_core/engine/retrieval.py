@@ -59,7 +59,7 @@ class Machinery:
     choose_all: bool  # full mode: no choice, every unit
     scorer: str
     batched_gather: bool
-    staging_copy: str = "kernel"  # how paged staging moves bytes: "kernel" (slab gather on the SMs) or "dma"
+    staging_copy: str = "dma"  # how paged staging moves bytes: "dma" (copy engines) or "kernel" (slab gather)
     staging_group_layers: int = 1  # dma: layers of a page copied as one run (the prefill graphs' segment)
     prefetch_after_layer: int | None
     device_cache: bool
