@@ -96,6 +96,8 @@ def run(
         fidelity = _fidelity(engine, s, spans, budgets, measure=label != "full")
         rows[label] = _summary(label, config, timed, fidelity, peak, total / ingest_s, pcie_gbs, bare_ms)
         rows[label]["units"] = len(engine.clusters("cam"))
+        pools = {"prefill": engine.parts.prefill_graphs.graph_pool, "decode": engine.parts.decode_graphs.graph_pool}
+        rows[label]["graph_captures"] = {k: [pool.num_captured, round(pool.capture_s, 3)] for k, pool in pools.items()}
         rows[label]["history_tokens"] = total * engine.stream_stats("cam").tokens_per_frame  # 126 per frame here
         rows[label]["variant_s"] = time.perf_counter() - started
         log(f"A/{label}: {json.dumps(rows[label])}")

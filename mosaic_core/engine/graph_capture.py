@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -33,10 +34,12 @@ class GraphPool:
         self.what = what  # what the graphs run, for the log: "decode steps", "question prefills"
         self.failure: str | None = None  # why a capture failed
         self.num_captured = 0
+        self.capture_s = 0.0  # host time spent warming up and capturing: the engine waits for it
         self._handle = None
 
     def capture(self, run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
         """``warm_and_capture`` into this pool; None, with the reason logged once and kept, when it fails."""
+        started = time.perf_counter()
         try:
             if self._handle is None:
                 self._handle = torch.cuda.graph_pool_handle()
@@ -46,4 +49,5 @@ class GraphPool:
             log.warning("%s cannot be captured in a CUDA graph, so they run eagerly: %s", self.what, self.failure)
             return None
         self.num_captured += 1
+        self.capture_s += time.perf_counter() - started
         return captured

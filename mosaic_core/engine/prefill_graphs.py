@@ -35,6 +35,7 @@ of replaying them, so tests can compare the two.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -98,13 +99,13 @@ def fixed_layers(model, fixed: FixedPrefillPlan, hidden: torch.Tensor, layers: r
     return model.final_norm(hidden).index_select(1, fixed.last)
 
 
+@dataclass(slots=True)
 class Segment:
     """Some consecutive later layers of a prefill: their graph (None: they run eagerly) and its output buffer."""
 
-    def __init__(self, layers: range, graph: torch.cuda.CUDAGraph | None = None, out: torch.Tensor | None = None):
-        self.layers = layers
-        self.graph = graph
-        self.out = out
+    layers: range
+    graph: torch.cuda.CUDAGraph | None = None
+    out: torch.Tensor | None = None
 
 
 def segments_of(first: int, num_layers: int, segment_layers: int) -> list[range]:

@@ -3,20 +3,22 @@
 The mode picks the retrieval unit and the machinery (``Machinery``); everything below reads the machinery, never
 the mode, so two modes with the same machinery differ only in their unit and scorer:
 
-| mode    | unit          | scorer (default) | gather                 | shared choice | device cache |
-| ------- | ------------- | ---------------- | ---------------------- | ------------- | ------------ |
-| full    | cluster       | none: everything | one launch per layer   | no            | all resident |
-| token   | one frame     | mean key         | one copy per block     | no            | no           |
-| frame   | one frame     | mean key         | one launch per layer   | yes           | yes          |
-| cluster | cluster       | spread           | one launch per layer   | yes           | yes          |
+| mode    | unit          | scorer (default) | gather                  | shared choice | device cache |
+| ------- | ------------- | ---------------- | ----------------------- | ------------- | ------------ |
+| full    | cluster       | none: everything | batched (see below)     | no            | all resident |
+| token   | one frame     | mean key         | one copy per block      | no            | no           |
+| frame   | one frame     | mean key         | batched                 | yes           | yes          |
+| cluster | cluster       | spread           | batched                 | yes           | yes          |
 
 ``token`` is the faithful ReKV stand-in (ReKV's own code copies block by block, scores every layer and keeps
 nothing on the GPU); ``frame`` is the same unit on Mosaic's machinery, so ``frame`` vs ``cluster`` is what the unit
 alone buys. ``EngineConfig.scorer`` swaps the scorer of any mode (random, recent, or the other key scorer).
 
 - The gather: device-resident units are attended where they are, through their slots in the device pool. The
-  other units' page slabs of one layer move into device pages the question took (inside the device budget) in
-  one launch that reads pinned host memory in place (on CUDA); otherwise one ``copy_`` per slab.
+  other units' pages move into device pages the question took (inside the device budget). Batched, by default on
+  the copy engines, one ``cudaMemcpyAsync`` per page and group of ``prefill_graph_layers`` layers (a page's
+  layers are one run of bytes), or with ``staging_copy="kernel"`` one slab-gather launch per layer that reads
+  pinned host memory from the SMs; ReKV's stand-in makes one ``copy_`` per slab.
 - The shared choice: with ``prefetch_after_layer`` set, layers up to it score their own queries and every later
   layer takes that layer's choice, so their gathers are queued on the side stream at once and overlap compute.
   With the batched gather a layer's copy table is computed from page numbers (one table for all the later
@@ -27,8 +29,9 @@ alone buys. ``EngineConfig.scorer`` swaps the scorer of any mode (random, recent
   layers chose are promoted to the device whole, off the question's critical path.
 
 Counting is the same for every mode: ``num_copies`` counts the contiguous host slabs moved (one per page and
-layer of a unit that was not on the device), whether one launch or one copy call moved them; the transfer timer
-starts before the host prepares the move (building the address table, or issuing the copies) in both paths.
+layer of a unit that was not on the device), whatever moved them. ``bytes_fetched`` counts the filled tokens,
+except on the copy engines, which copy (and count) every slot of a page, filled or not. The transfer timer starts
+before the host prepares the move (building the address table, or issuing the copies) in every path.
 
 Gathers are queued, never waited for here: the plan makes the compute stream wait for a layer's gather right
 before that layer attends.
@@ -36,6 +39,7 @@ before that layer attends.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -50,6 +54,9 @@ from mosaic_core.engine.tiering import TierManager
 from mosaic_core.memory import cudart
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import NOTHING_PENDING, Moved
+
+log = logging.getLogger(__name__)
+_FALLBACK_LOGGED: list[bool] = []  # the copy-engine fallback is reported once per process
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +85,18 @@ def machinery_for(config: EngineConfig) -> Machinery:
         prefetch_after_layer=None if rekv or mode is RetrievalMode.FULL else config.prefetch_after_layer,
         device_cache=mode.caches_on_device,
     )
+
+
+def _copy_engines_usable(off_cuda: bool) -> bool:
+    """Whether ``staging_copy="dma"`` can be honoured (off CUDA its copies are plain host copies); says once why
+    not when the CUDA runtime cannot be found, since staging then falls back to the slab-gather kernel."""
+    if off_cuda or cudart.available():
+        return True
+    if not _FALLBACK_LOGGED:
+        _FALLBACK_LOGGED.append(True)
+        log.warning("staging_copy='dma': no libcudart found in this process, so staging uses the slab-gather kernel")
+    return False
+
 
 
 @dataclass(slots=True)
@@ -155,7 +174,7 @@ class Retriever:
         # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
         self._summaries = stream.summaries.all_layers(candidates) if candidates else None
         self._timed_gathers: list[Moved] = []
-        self._dma = machinery.staging_copy == "dma" and (tiering.tiers.transfers.side is None or cudart.available())
+        self._dma = machinery.staging_copy == "dma" and _copy_engines_usable(tiering.tiers.transfers.side is None)
 
     def select(self, layer: int, query: torch.Tensor) -> LayerSelection:
         """Scores the candidates with ``query`` ``[num_q_heads, T, D]``; the chosen slabs are not moved yet."""

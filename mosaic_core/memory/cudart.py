@@ -12,16 +12,19 @@ Off CUDA (and in tests) ``copy_runs_reference`` does the same copies with ``memm
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import numpy as np
 
 CUDA_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction follows from the addresses (unified addressing)
 
 
-@functools.cache
+_found: list[ctypes.CDLL] = []  # the runtime, once found (a miss is not kept: CUDA may not be up yet)
+
+
 def _runtime() -> ctypes.CDLL | None:
     """The CUDA runtime library this process loaded (PyTorch loads it with CUDA), or None."""
+    if _found:
+        return _found[0]
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
@@ -37,6 +40,7 @@ def _runtime() -> ctypes.CDLL | None:
         copy.restype = ctypes.c_int
         lib.cudaGetErrorString.argtypes = [ctypes.c_int]
         lib.cudaGetErrorString.restype = ctypes.c_char_p
+        _found.append(lib)
         return lib
     return None
 
