@@ -1,7 +1,9 @@
 """Cluster and residency bookkeeping: plain Python, no torch, testable in milliseconds.
 
 - ``tiers``: the tier enum, byte budgets, and planned moves between tiers.
-- ``residency``: which tier each cluster is in, reservations, pins, two-phase spill/fetch plans.
+- ``residency``: each cluster's memory record (tier, size, pins, pages in each pool; ``ClusterResidency``, its
+  one owner), reservations, two-phase spill/fetch plans.
+- ``pages``: the page allocator and a cluster's page record, which the torch layer fills in.
 - ``policies``: eviction policies ("lru", "heat") ranking clusters coldest first.
 - ``formation``: per-stream online clustering of frames by visual coherence.
 - ``maintenance``: co-retrieval statistics that propose merging adjacent clusters.

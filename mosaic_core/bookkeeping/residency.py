@@ -1,7 +1,10 @@
 """Which tier every cluster lives in, and how many bytes each tier has left.
 
-One ``ResidencyManager`` per engine covers all the streams that share the worker's budgets. It never moves
-bytes itself: it plans moves, the torch layer performs them, and ``apply`` then commits the bookkeeping.
+One ``ResidencyManager`` per engine covers all the streams that share the worker's budgets. It owns each
+cluster's memory record (``ClusterResidency``): its tier, size and pins, and its pages in each pool
+(``ClusterPages``, which ``mosaic_core.memory.tiers.KVTiers`` fills in as it moves the bytes). A record is made by
+``add`` and ends with ``remove``; nothing else keeps a cluster's tier or pages. It never moves bytes itself: it
+plans moves, the torch layer performs them, and ``apply`` then commits the bookkeeping.
 
     plan = residency.plan_fetch_many(top_ids)      # None: not possible now (everything else pinned)
     transfers.run(plan.moves)                      # torch layer, in plan order
@@ -19,6 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from mosaic_core.bookkeeping.pages import ClusterPages
 from mosaic_core.bookkeeping.policies import EvictionPolicy, make_policy
 from mosaic_core.bookkeeping.tiers import Move, MovePlan, Tier, TierBudgets
 from mosaic_core.errors import (
@@ -33,12 +37,14 @@ from mosaic_core.errors import (
 
 @dataclass(slots=True)
 class ClusterResidency:
-    """Where one cluster's KV bytes are, and how many readers pin it there."""
+    """One cluster's memory record: the tier its KV lives in, its size, how many readers pin it there, and its
+    pages in each memory pool (empty in the disk tier)."""
 
     cluster_id: str
     stream_id: str
     num_bytes: int
     tier: Tier
+    pages: ClusterPages
     pin_count: int = 0
 
     @property
@@ -199,8 +205,18 @@ class ResidencyManager:
     def __len__(self) -> int:
         return len(self._records)
 
-    def add(self, cluster_id: str, stream_id: str, num_bytes: int, tier: Tier, *, now_s: float | None = None) -> None:
-        """Track a new cluster in ``tier``. The caller must have made room (see ``plan_make_room``).
+    def add(
+        self,
+        cluster_id: str,
+        stream_id: str,
+        num_bytes: int,
+        tier: Tier,
+        *,
+        pages: ClusterPages | None = None,
+        now_s: float | None = None,
+    ) -> None:
+        """Track a new cluster in ``tier``, with ``pages`` when its bytes are already in pages of that tier (a
+        regroup), else an empty page record. The caller must have made room (see ``plan_make_room``).
 
         Raises:
             AlreadyExistsError: ``cluster_id`` is already tracked.
@@ -212,7 +228,8 @@ class ResidencyManager:
         assert num_bytes <= self.free_bytes(tier), (
             f"add {cluster_id!r}: {num_bytes} bytes do not fit in {tier.name} ({self.free_bytes(tier)} free)"
         )
-        self._records[cluster_id] = ClusterResidency(cluster_id, stream_id, num_bytes, tier)
+        pages = ClusterPages(cluster_id) if pages is None else pages
+        self._records[cluster_id] = ClusterResidency(cluster_id, stream_id, num_bytes, tier, pages)
         self._by_tier[tier][cluster_id] = None
         self._by_stream.setdefault(stream_id, {})[cluster_id] = None
         self._used_bytes[tier] += num_bytes
@@ -257,8 +274,16 @@ class ResidencyManager:
         return self._get(cluster_id).tier
 
     def record(self, cluster_id: str) -> ClusterResidency:
-        """A copy of the cluster's residency record."""
+        """A copy of the cluster's residency record (its ``pages`` is the live page record)."""
         return dataclasses.replace(self._get(cluster_id))
+
+    def pages(self, cluster_id: str) -> ClusterPages:
+        """The cluster's page record, which the torch layer changes as it places and moves the bytes.
+
+        Raises:
+            UnknownClusterError: not tracked.
+        """
+        return self._get(cluster_id).pages
 
     def clusters(self, stream_id: str | None = None, tier: Tier | None = None) -> list[str]:
         """Tracked cluster ids, optionally of one stream and/or one tier, in the order they were added."""

@@ -84,6 +84,7 @@ class Engine:
         full = self.config.mode is RetrievalMode.FULL
         tiers = KVTiers(
             self.spec,
+            residency,
             device=model.device,
             page_tokens=self.config.arena_page_tokens,
             # full mode has no budget: its pool starts at the configured size and doubles when it runs out
@@ -242,8 +243,7 @@ class Engine:
         store = held_keyframes(state)
         if store is not None:
             store.close()
-        for cluster_id in self.tiering.residency.drop_stream(state.stream_id):
-            self.tiering.tiers.delete(cluster_id)
+        for cluster_id in self.tiering.drop_stream(state.stream_id):
             self.tracker.forget(cluster_id)
         self.tracker.drop_stream(state.stream_id)
         self.tiering.residency.release(f"{state.stream_id}:sink+window")

@@ -3,6 +3,10 @@
 Every placement change goes the same way: the plain-Python ``ResidencyManager`` plans it, ``KVTiers`` moves the
 bytes in plan order, then the plan is applied to the bookkeeping. An optional listener hears each committed move
 (the service uses it to update the metadata store atomically).
+
+A cluster has one record, the residency manager's (tier, size, pins and pages). It is made before its bytes are
+placed (``admit``, ``admit_pages``, a regroup's new clusters) and forgotten before they are freed (``remove``,
+``drop_stream``), so ``KVTiers`` always finds the record of the bytes it handles.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class TierManager:
         """Runs a plan; returns the bytes moved."""
         moved = 0
         for move in plan.moves:
-            moved += self.tiers.move(move.cluster_id, move.dst)
+            moved += self.tiers.move(move.cluster_id, move.src, move.dst)
         self.residency.apply(plan)
         for move in plan.moves:
             for listener in self.listeners:
@@ -119,8 +123,18 @@ class TierManager:
         return promoted
 
     def remove(self, cluster_id: str) -> None:
+        """Forgets a cluster and frees its bytes (raises, changing nothing, if it is pinned)."""
+        record = self.residency.record(cluster_id)
         self.residency.remove(cluster_id)
-        self.tiers.delete(cluster_id)
+        self.tiers.free(record)
+
+    def drop_stream(self, stream_id: str) -> list[str]:
+        """``remove`` for every cluster of a stream (none is removed if one is pinned); returns their ids."""
+        records = [self.residency.record(cid) for cid in self.residency.clusters(stream_id)]
+        self.residency.drop_stream(stream_id)
+        for record in records:
+            self.tiers.free(record)
+        return [record.cluster_id for record in records]
 
     def can_regroup(self, cluster_ids: list[str]) -> bool:
         """Whether ``regroup`` applies: every cluster in the same memory tier, none pinned."""
@@ -134,11 +148,12 @@ class TierManager:
     def regroup(self, stream_id: str, old_ids: list[str], new: list[tuple[str, int]]) -> Tier:
         """Replaces clusters by new ones made of the same pages, in the same tier, without a copy
         (``KVTiers.regroup``); the bytes stay counted where they are."""
+        tier, pages = self.tiers.regroup(old_ids, new)
         for cluster_id in old_ids:
             self.residency.remove(cluster_id)
-        tier = self.tiers.regroup(old_ids, new)
-        for cluster_id, num_pages in new:
-            self.residency.add(cluster_id, stream_id, num_pages * self.tiers.pools.page_bytes, tier)
+        for (cluster_id, num_pages), cluster_pages in zip(new, pages, strict=True):
+            num_bytes = num_pages * self.tiers.pools.page_bytes
+            self.residency.add(cluster_id, stream_id, num_bytes, tier, pages=cluster_pages)
         return tier
 
     @property

@@ -1,7 +1,11 @@
 """Where cluster KV bytes physically live: pages of the arena's device and host pools, and disk files.
 
-``ResidencyManager`` (plain Python) decides which tier a cluster is in; this module only does. A cluster is a
-``ClusterPages`` record: its pages in token order, with page ids in each pool that holds a copy.
+``ResidencyManager`` (plain Python) decides which tier a cluster is in and owns its record; this module only
+moves the bytes, and fills in the record's ``ClusterPages``: its pages in token order, with page ids in each pool
+that holds a copy. It keeps no record of its own: a cluster's tier and pages are read from the residency
+manager, which made the record before the bytes were placed and forgets it after they are freed. What this module
+keeps per cluster is torch-side only: the last move the host may have to wait for, the device slots it computed,
+and which device clusters keep a host copy (oldest first).
 
 - Appending a frame takes fresh pages in the cluster's tier and writes the frame there: O(1), no regrowth.
 - Host copies are kept. A cluster fetched to the device keeps its host pages, so the device copy is a cache:
@@ -29,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mosaic_core.bookkeeping.pages import ClusterPages, pages_for
+from mosaic_core.bookkeeping.residency import ClusterResidency, ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.errors import CapacityError, UnknownClusterError
@@ -112,6 +117,7 @@ class KVTiers:
     def __init__(
         self,
         spec: KVSpec,
+        residency: ResidencyManager,
         *,
         device: torch.device,
         page_tokens: int,
@@ -123,6 +129,7 @@ class KVTiers:
         durable: DurableStore | None = None,
     ) -> None:
         self.spec = spec
+        self.residency = residency
         self.device = torch.device(device)
         self.pin_host = self.device.type == "cuda"
         self.disk = DiskTier(disk_dir) if disk_dir else None
@@ -139,8 +146,6 @@ class KVTiers:
             grow_device=grow_device,
             transfers=self.transfers,
         )
-        self._records: dict[str, ClusterPages] = {}
-        self._tiers: dict[str, Tier] = {}
         self._kept: dict[str, None] = {}  # device-tier clusters that also keep their host pages, oldest first
         self._moving: dict[str, Moved] = {}  # the last move of a cluster that the host may have to wait for
         self._slots: dict[str, tuple[list[int], int, np.ndarray]] = {}  # device_slots' cache: pages, count, slots
@@ -153,14 +158,8 @@ class KVTiers:
         """Bytes the pages of ``num_tokens`` new tokens take in a pool (whole pages)."""
         return len(pages_for(num_tokens, self.page_tokens)) * self.pools.page_bytes
 
-    def __contains__(self, cluster_id: str) -> bool:
-        return cluster_id in self._tiers
-
     def tier_of(self, cluster_id: str) -> Tier:
-        try:
-            return self._tiers[cluster_id]
-        except KeyError:
-            raise UnknownClusterError(f"cluster {cluster_id!r} holds no KV in any tier") from None
+        return self.residency.tier_of(cluster_id)
 
     def device_slots(self, cluster_id: str):
         """Slots of a device-tier cluster's tokens in the device pool, in order (``PagePools.slots``).
@@ -168,7 +167,7 @@ class KVTiers:
         Kept until the cluster's device pages change: a question reads them for every layer it scores, and full
         mode's questions for every cluster, so building them each time was per-layer, per-cluster numpy work.
         """
-        record = self._records[cluster_id]  # no wait: the compute stream waits for every move (``_after_move``)
+        record = self.pages(cluster_id)  # no wait: the compute stream waits for every move (``_after_move``)
         pages = self._pages_in(record, Tier.DEVICE)
         cached = self._slots.get(cluster_id)
         # Page lists are replaced, not edited, when a cluster gains or moves pages; the length guards the rest.
@@ -181,15 +180,12 @@ class KVTiers:
 
     def pages(self, cluster_id: str) -> ClusterPages:
         """The cluster's page record (read it, do not change it)."""
-        self.tier_of(cluster_id)
-        return self._records[cluster_id]
+        return self.residency.pages(cluster_id)
 
     def put(self, cluster_id: str, kv: torch.Tensor, tier: Tier) -> None:
-        """Stores a new cluster's KV ``[L, 2, H, n, D]`` in ``tier``."""
-        assert cluster_id not in self._tiers, f"cluster {cluster_id} stored twice"
-        record = ClusterPages(cluster_id, pages_for(kv.shape[3], self.page_tokens))
-        self._records[cluster_id] = record
-        self._tiers[cluster_id] = tier
+        """Stores a new cluster's KV ``[L, 2, H, n, D]`` in ``tier`` (its record's, made just before)."""
+        record = self._fresh(cluster_id)
+        record.fills = pages_for(kv.shape[3], self.page_tokens)
         if tier is Tier.DISK:
             self._to_disk(cluster_id, kv)
             return
@@ -200,7 +196,7 @@ class KVTiers:
     def append(self, cluster_id: str, chunk: torch.Tensor) -> None:
         """Grows a cluster by ``chunk`` ``[L, 2, H, n, D]`` in its current tier: new pages, nothing regrown."""
         tier = self.tier_of(cluster_id)
-        record = self._records[cluster_id]
+        record = self.pages(cluster_id)
         if tier is Tier.DISK:  # only a cluster that is not durable yet can grow there: rewrite its spill file
             kv = torch.cat([self._read_disk(cluster_id), chunk.cpu()], dim=3)
             record.fills += pages_for(chunk.shape[3], self.page_tokens)
@@ -217,10 +213,7 @@ class KVTiers:
     def put_pages(self, cluster_id: str, pages: list[int], fills: list[int], tier: Tier) -> None:
         """A new cluster from device pages already written (a frame leaving the local window). In the device tier
         the pages become the cluster's, without a copy; elsewhere they are copied there and handed back."""
-        assert cluster_id not in self._tiers, f"cluster {cluster_id} stored twice"
-        self._records[cluster_id] = ClusterPages(cluster_id)
-        self._tiers[cluster_id] = tier
-        self._place_pages(self._records[cluster_id], tier, pages, fills)
+        self._place_pages(self._fresh(cluster_id), tier, pages, fills)
 
     def append_pages(self, cluster_id: str, pages: list[int], fills: list[int]) -> None:
         """Grows a cluster by device pages already written, placed as ``put_pages`` places them."""
@@ -228,7 +221,7 @@ class KVTiers:
         if tier is not Tier.DISK:
             self._settle(cluster_id)
             self._drop_kept(cluster_id)  # the host copy no longer has every page
-        self._place_pages(self._records[cluster_id], tier, pages, fills)
+        self._place_pages(self.pages(cluster_id), tier, pages, fills)
 
     def _place_pages(self, record: ClusterPages, tier: Tier, pages: list[int], fills: list[int]) -> None:
         if tier is Tier.DEVICE:
@@ -249,19 +242,21 @@ class KVTiers:
     def read(self, cluster_id: str) -> torch.Tensor:
         """The whole cluster ``[L, 2, H, n, D]`` as a new tensor where it lives (disk clusters are read into host
         memory), safe to use from the compute stream and the host."""
-        tier = self.tier_of(cluster_id)
+        return self._read_in(cluster_id, self.tier_of(cluster_id))
+
+    def _read_in(self, cluster_id: str, tier: Tier) -> torch.Tensor:
         if tier is Tier.DISK:
             return self._read_disk(cluster_id)
         self._settle(cluster_id)
-        record = self._records[cluster_id]
+        record = self.pages(cluster_id)
         return self.pools.read(tier, self._pages_in(record, tier), record.fills)
 
     def adopt(self, cluster_id: str) -> None:
-        """Registers a durable cluster found after a restart: it lives in the disk tier, in its record file."""
+        """Checks a durable cluster found after a restart, whose record says it is in the disk tier: its bytes
+        are its record file's, so no page holds them."""
         assert self.durable is not None and self.durable.owns(cluster_id), f"{cluster_id} has no durable record"
-        assert cluster_id not in self._tiers, f"cluster {cluster_id} adopted twice"
-        self._records[cluster_id] = ClusterPages(cluster_id)
-        self._tiers[cluster_id] = Tier.DISK
+        assert self.tier_of(cluster_id) is Tier.DISK, f"{cluster_id} is adopted into the disk tier"
+        self._fresh(cluster_id)
 
     def snapshot(self, cluster_id: str) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """A host copy of a (sealed, no longer growing) cluster that later moves cannot touch, and the event
@@ -280,21 +275,22 @@ class KVTiers:
             slab = self._read_disk(cluster_id)[layer]
             slab = slab.pin_memory() if self.pin_host else slab
             return [slab[:, :, t : t + self.page_tokens] for t in range(0, slab.shape[2], self.page_tokens)]
-        record = self._records[cluster_id]
+        record = self.pages(cluster_id)
         pages = self._pages_in(record, tier)
         return [self.pools.layer_slab(tier, p, layer, f) for p, f in zip(pages, record.fills, strict=True)]
 
     def host_pages(self, cluster_id: str) -> tuple[list[int], list[int]]:
         """The pages of a host-resident cluster in the host pool, and how many tokens each holds."""
-        record = self._records[cluster_id]
+        record = self.pages(cluster_id)
         return self._pages_in(record, Tier.HOST), record.fills
 
-    def move(self, cluster_id: str, dst: Tier) -> int:
-        """Moves a whole cluster to ``dst``; returns the bytes copied (0 when a kept copy made a copy needless)."""
-        src = self.tier_of(cluster_id)
+    def move(self, cluster_id: str, src: Tier, dst: Tier) -> int:
+        """Moves a whole cluster from ``src`` to ``dst`` (a plan's move, before the residency manager commits it,
+        so the record still names the tier the plan started from); returns the bytes copied (0 when a kept copy
+        made a copy needless)."""
         if src is dst:
             return 0
-        record = self._records[cluster_id]
+        record = self.pages(cluster_id)
         if Tier.DISK in (src, dst):
             return self._move_disk(cluster_id, record, src, dst)
         num_bytes = record.num_pages * self.pools.page_bytes
@@ -302,7 +298,6 @@ class KVTiers:
             self.pools.give_back(Tier.DEVICE, record.device)
             record.device = None
             self._kept.pop(cluster_id, None)
-            self._tiers[cluster_id] = Tier.HOST
             return 0
         pages = self._take(dst, record.num_pages)
         moved = self.pools.copy(src, self._pages_in(record, src), dst, pages)
@@ -313,15 +308,15 @@ class KVTiers:
             record.device = None
         else:
             self._kept[cluster_id] = None  # fetched: its host pages stay, the device copy is a cache
-        self._tiers[cluster_id] = dst
         self.stats.record(src, dst, num_bytes)
         return num_bytes
 
-    def regroup(self, old_ids: list[str], new: list[tuple[str, int]]) -> Tier:
-        """Hands the pages of ``old_ids`` (their tokens in this order, all in one memory tier) to the clusters
-        ``new``, as ``(id, number of pages)`` in order, without copying a byte: a merge or join at page
-        boundaries, or a split at a frame boundary (each frame starts pages of its own). A device cluster's kept
-        host copy is given back. Returns the tier.
+    def regroup(self, old_ids: list[str], new: list[tuple[str, int]]) -> tuple[Tier, list[ClusterPages]]:
+        """Cuts the pages of ``old_ids`` (their tokens in this order, all in one memory tier) into the page
+        records of the clusters ``new``, as ``(id, number of pages)`` in order, without copying a byte: a merge or
+        join at page boundaries, or a split at a frame boundary (each frame starts pages of its own). A device
+        cluster's kept host copy is given back. Returns the tier and the new page records, which the residency
+        manager's new records take (``ResidencyManager.add(pages=...)``) as it forgets the old ones.
         """
         tier = self.tier_of(old_ids[0])
         assert tier is not Tier.DISK and all(self.tier_of(cid) is tier for cid in old_ids), "regroup in one memory tier"
@@ -330,38 +325,34 @@ class KVTiers:
         for cluster_id in old_ids:
             self._settle(cluster_id)
             self._drop_kept(cluster_id)
-            record = self._records.pop(cluster_id)
-            del self._tiers[cluster_id]
+            record = self.pages(cluster_id)
             self._moving.pop(cluster_id, None)
             self._slots.pop(cluster_id, None)
             pages += self._pages_in(record, tier)
             fills += record.fills
         assert sum(n for _, n in new) == len(pages), f"{len(pages)} pages cannot make clusters of {new}"
-        start = 0
+        made, start = [], 0
         for cluster_id, num_pages in new:
-            assert cluster_id not in self._tiers, f"cluster {cluster_id} stored twice"
             record = ClusterPages(cluster_id, fills[start : start + num_pages])
             self._set_pages(record, tier, pages[start : start + num_pages])
-            self._records[cluster_id] = record
-            self._tiers[cluster_id] = tier
+            made.append(record)
             start += num_pages
-        return tier
+        return tier, made
 
-    def delete(self, cluster_id: str) -> None:
-        tier = self._tiers.pop(cluster_id, None)
-        record = self._records.pop(cluster_id, None)
+    def free(self, cluster: ClusterResidency) -> None:
+        """Frees the bytes of a cluster the residency manager has just forgotten (its last record)."""
+        cluster_id = cluster.cluster_id
         self._moving.pop(cluster_id, None)
         self._kept.pop(cluster_id, None)
         self._slots.pop(cluster_id, None)
-        if record is not None:
-            self._free_memory(record)
-        if tier is Tier.DISK:
+        self._free_memory(cluster.pages)
+        if cluster.tier is Tier.DISK:
             self._delete_spill(cluster_id)  # a durable record is removed through the store's journal
 
     # -- internals ------------------------------------------------------------------------------------------
     def _move_disk(self, cluster_id: str, record: ClusterPages, src: Tier, dst: Tier) -> int:
         if dst is Tier.DISK:
-            kv = None if self._durable(cluster_id) else self.read(cluster_id)
+            kv = None if self._durable(cluster_id) else self._read_in(cluster_id, src)
             num_bytes = record.num_tokens * self.spec.bytes_per_token
             self._to_disk(cluster_id, kv)
             self._free_memory(record)
@@ -381,7 +372,6 @@ class KVTiers:
             pages = self._take(dst, record.num_pages)
             self.pools.write(dst, pages, record.fills, kv)
             self._set_pages(record, dst, pages)
-        self._tiers[cluster_id] = dst
         self.stats.record(src, dst, num_bytes)
         return num_bytes
 
@@ -410,9 +400,15 @@ class KVTiers:
         if cluster_id not in self._kept:
             return
         del self._kept[cluster_id]
-        record = self._records[cluster_id]
+        record = self.pages(cluster_id)
         self.pools.give_back(Tier.HOST, record.host)
         record.host = None
+
+    def _fresh(self, cluster_id: str) -> ClusterPages:
+        """The page record of a cluster whose record was just made: no page yet."""
+        record = self.pages(cluster_id)
+        assert not record.num_pages and not record.in_memory, f"cluster {cluster_id} stored twice"
+        return record
 
     def _free_memory(self, record: ClusterPages) -> None:
         if record.device is not None:

@@ -7,9 +7,11 @@ import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.engine.tiering import TierManager
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.tiers import KVTiers
 from tests.unit.engine_helpers import feed, make_engine
+from tests.unit.tiering_helpers import make_tiering, move, put
 
 SPEC = KVSpec(num_layers=3, num_kv_heads=2, num_q_heads=4, head_dim=16, dtype=torch.float32)
 
@@ -19,10 +21,8 @@ def _kv(num_tokens: int, seed: int) -> torch.Tensor:
     return torch.randn(SPEC.num_layers, 2, SPEC.num_kv_heads, num_tokens, SPEC.head_dim, generator=generator)
 
 
-def _tiers(tmp_path) -> KVTiers:
-    return KVTiers(
-        SPEC, device="cpu", page_tokens=4, device_bytes=1 << 20, host_bytes=1 << 20, disk_dir=str(tmp_path)
-    )
+def _tiering(tmp_path) -> TierManager:
+    return make_tiering(SPEC, tmp_path, device="cpu", page_tokens=4)
 
 
 def _expected_slots(tiers: KVTiers, cluster_id: str) -> np.ndarray:
@@ -31,26 +31,27 @@ def _expected_slots(tiers: KVTiers, cluster_id: str) -> np.ndarray:
 
 
 def test_device_slots_are_reused_until_the_pages_change(tmp_path):
-    tiers = _tiers(tmp_path)
-    tiers.put("cam/c000000", _kv(6, 1), Tier.DEVICE)
+    tiering = _tiering(tmp_path)
+    tiers = tiering.tiers
+    put(tiering, "cam/c000000", _kv(6, 1), Tier.DEVICE)
     first = tiers.device_slots("cam/c000000")
     assert tiers.device_slots("cam/c000000") is first  # no rebuild while nothing changed
     assert not first.flags.writeable
-    tiers.append("cam/c000000", _kv(3, 2))  # a new page: the slots grow
+    tiering.append("cam/c000000", _kv(3, 2))  # a new page: the slots grow
     grown = tiers.device_slots("cam/c000000")
     assert len(grown) == 9 and np.array_equal(grown, _expected_slots(tiers, "cam/c000000"))
-    tiers.move("cam/c000000", Tier.HOST)
-    tiers.put("cam/c000001", _kv(8, 3), Tier.DEVICE)  # may take the pages the move freed
-    tiers.move("cam/c000000", Tier.DEVICE)  # back on other pages
+    move(tiering, "cam/c000000", Tier.HOST)
+    put(tiering, "cam/c000001", _kv(8, 3), Tier.DEVICE)  # may take the pages the move freed
+    move(tiering, "cam/c000000", Tier.DEVICE)  # back on other pages
     moved = tiers.device_slots("cam/c000000")
     assert np.array_equal(moved, _expected_slots(tiers, "cam/c000000"))
     assert np.array_equal(tiers.device_slots("cam/c000001"), _expected_slots(tiers, "cam/c000001"))
-    tiers.delete("cam/c000000")
+    tiering.remove("cam/c000000")
     assert "cam/c000000" not in tiers._slots
 
 
 def test_upload_keeps_values_and_dtype(tmp_path):
-    pools = _tiers(tmp_path).pools
+    pools = _tiering(tmp_path).tiers.pools
     table = np.array([[3, -1, 7]], dtype=np.int32)
     got = pools.upload(table, torch.int32)
     assert got.dtype == torch.int32 and got.tolist() == [[3, -1, 7]]

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.engine.tiering import TierManager
+from mosaic_core.errors import StateError, UnknownClusterError
 from mosaic_core.memory.layout import KVSpec
-from mosaic_core.memory.tiers import KVTiers
 from mosaic_core.memory.transfer import TransferEngine
+from tests.unit.tiering_helpers import make_tiering, move, put
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SPEC = KVSpec(num_layers=3, num_kv_heads=2, num_q_heads=4, head_dim=16, dtype=torch.float32)
@@ -54,27 +56,21 @@ def test_gather_lands_after_the_compute_stream_waits_for_it():
         assert moved.seconds() >= 0.0
 
 
-def _tiers(tmp_path, *, page_tokens: int = 8, device_bytes: int = 1 << 20, host_bytes: int = 1 << 20) -> KVTiers:
-    return KVTiers(
-        SPEC,
-        device=DEVICE,
-        page_tokens=page_tokens,
-        device_bytes=device_bytes,
-        host_bytes=host_bytes,
-        disk_dir=str(tmp_path),
-    )
+def _tiering(tmp_path, *, page_tokens: int = 8, **budgets) -> TierManager:
+    return make_tiering(SPEC, tmp_path, device=DEVICE, page_tokens=page_tokens, **budgets)
 
 
 def test_clusters_moved_back_and_forth_read_back_exactly(tmp_path):
-    tiers = _tiers(tmp_path)
+    tiering = _tiering(tmp_path)
+    tiers = tiering.tiers
     expected = {f"cam/c{i:06d}": _kv(20 + i, i) for i in range(5)}
     for cluster_id, kv in expected.items():
-        tiers.put(cluster_id, kv.to(DEVICE), Tier.DEVICE)
+        put(tiering, cluster_id, kv.to(DEVICE), Tier.DEVICE)
     route = [Tier.HOST, Tier.DEVICE, Tier.HOST, Tier.DISK, Tier.DEVICE]
     for dst in route:  # each move queued right behind the previous one, nothing waited for in between
         for cluster_id in expected:
-            tiers.move(cluster_id, dst)
-    tiers.append("cam/c000000", _kv(3, 99).to(DEVICE))
+            move(tiering, cluster_id, dst)
+    tiering.append("cam/c000000", _kv(3, 99).to(DEVICE))
     expected["cam/c000000"] = torch.cat([expected["cam/c000000"], _kv(3, 99)], dim=3)
     for cluster_id, kv in expected.items():
         assert tiers.tier_of(cluster_id) is Tier.DEVICE
@@ -85,10 +81,11 @@ def test_clusters_moved_back_and_forth_read_back_exactly(tmp_path):
 
 @pytest.mark.parametrize("dst", [Tier.HOST, Tier.DISK])
 def test_a_layer_slab_of_a_cluster_just_spilled_is_gathered_intact(tmp_path, dst):
-    tiers = _tiers(tmp_path)
+    tiering = _tiering(tmp_path)
+    tiers = tiering.tiers
     kv = _kv(40, 7)
-    tiers.put("cam/c000001", kv.to(DEVICE), Tier.DEVICE)
-    tiers.move("cam/c000001", dst)
+    put(tiering, "cam/c000001", kv.to(DEVICE), Tier.DEVICE)
+    move(tiering, "cam/c000001", dst)
     slabs = tiers.layer_slabs("cam/c000001", 2)
     out = torch.zeros(2, SPEC.num_kv_heads, 40, SPEC.head_dim, device=DEVICE)
     batched = DEVICE.type == "cuda" and all(s.is_pinned() for s in slabs)
@@ -98,12 +95,13 @@ def test_a_layer_slab_of_a_cluster_just_spilled_is_gathered_intact(tmp_path, dst
 
 
 def test_appending_takes_new_pages_and_never_moves_the_old_ones(tmp_path):
-    tiers = _tiers(tmp_path, page_tokens=4)
-    tiers.put("cam/c000000", _kv(4, 1).to(DEVICE), Tier.DEVICE)
+    tiering = _tiering(tmp_path, page_tokens=4)
+    tiers = tiering.tiers
+    put(tiering, "cam/c000000", _kv(4, 1).to(DEVICE), Tier.DEVICE)
     first = list(tiers.pages("cam/c000000").device)
     page_before = tiers.pools.page(Tier.DEVICE, first[0]).clone()
     for seed in range(2, 6):
-        tiers.append("cam/c000000", _kv(3, seed).to(DEVICE))  # a 3-token frame starts a page of its own
+        tiering.append("cam/c000000", _kv(3, seed).to(DEVICE))  # a 3-token frame starts a page of its own
     record = tiers.pages("cam/c000000")
     assert record.device[:1] == first and record.fills == [4, 3, 3, 3, 3]
     assert torch.equal(tiers.pools.page(Tier.DEVICE, first[0]), page_before)
@@ -112,46 +110,70 @@ def test_appending_takes_new_pages_and_never_moves_the_old_ones(tmp_path):
 
 
 def test_a_fetched_cluster_keeps_its_host_copy_and_spills_again_without_a_copy(tmp_path):
-    tiers = _tiers(tmp_path)
+    tiering = _tiering(tmp_path)
+    tiers = tiering.tiers
     kv = _kv(24, 3)
-    tiers.put("cam/c000000", kv.to(DEVICE), Tier.HOST)
+    put(tiering, "cam/c000000", kv.to(DEVICE), Tier.HOST)
     host_pages = list(tiers.pages("cam/c000000").host)
-    assert tiers.move("cam/c000000", Tier.DEVICE) == 3 * tiers.pools.page_bytes
+    assert move(tiering, "cam/c000000", Tier.DEVICE) == 3 * tiers.pools.page_bytes
     free_before = tiers.pools.device_pages.num_free
-    assert tiers.move("cam/c000000", Tier.HOST) == 0, "the kept host copy makes the spill free"
+    assert move(tiering, "cam/c000000", Tier.HOST) == 0, "the kept host copy makes the spill free"
     assert tiers.pools.device_pages.num_free == free_before + 3
     assert tiers.pages("cam/c000000").host == host_pages and tiers.pages("cam/c000000").device is None
     assert torch.equal(tiers.read("cam/c000000"), kv)
-    tiers.move("cam/c000000", Tier.DEVICE)
-    tiers.append("cam/c000000", _kv(2, 9).to(DEVICE))  # a growing cluster's host copy is stale: dropped
+    move(tiering, "cam/c000000", Tier.DEVICE)
+    tiering.append("cam/c000000", _kv(2, 9).to(DEVICE))  # a growing cluster's host copy is stale: dropped
     assert tiers.pages("cam/c000000").host is None
-    assert tiers.move("cam/c000000", Tier.HOST) > 0
+    assert move(tiering, "cam/c000000", Tier.HOST) > 0
     assert torch.equal(tiers.read("cam/c000000"), torch.cat([kv, _kv(2, 9)], dim=3))
 
 
 def test_a_short_host_pool_drops_kept_copies_before_it_gives_up(tmp_path):
     page_bytes = 8 * SPEC.bytes_per_token
-    tiers = _tiers(tmp_path, host_bytes=4 * page_bytes)
-    tiers.put("cam/c000000", _kv(16, 1).to(DEVICE), Tier.HOST)
-    tiers.move("cam/c000000", Tier.DEVICE)  # keeps its 2 host pages
-    tiers.put("cam/c000001", _kv(32, 2).to(DEVICE), Tier.HOST)  # needs all 4: the kept copy goes
+    tiering = _tiering(tmp_path, host_bytes=4 * page_bytes)
+    tiers = tiering.tiers
+    put(tiering, "cam/c000000", _kv(16, 1).to(DEVICE), Tier.HOST)
+    move(tiering, "cam/c000000", Tier.DEVICE)  # keeps its 2 host pages
+    put(tiering, "cam/c000001", _kv(32, 2).to(DEVICE), Tier.HOST)  # needs all 4: the kept copy goes
     assert tiers.pages("cam/c000000").host is None
     assert torch.equal(tiers.read("cam/c000000").cpu(), _kv(16, 1))
     assert torch.equal(tiers.read("cam/c000001"), _kv(32, 2))
 
 
 def test_every_way_out_gives_every_page_back(tmp_path):
-    tiers = _tiers(tmp_path)
+    tiering = _tiering(tmp_path)
+    tiers = tiering.tiers
     device_free, host_free = tiers.pools.device_pages.num_free, None
     for i in range(3):
-        tiers.put(f"cam/c{i:06d}", _kv(30, i).to(DEVICE), Tier.HOST)
+        put(tiering, f"cam/c{i:06d}", _kv(30, i).to(DEVICE), Tier.HOST)
     host_free = tiers.pools.host_pages.num_free + tiers.pools.host_pages.num_used
-    tiers.append("cam/c000000", _kv(2, 50).to(DEVICE))
-    tiers.move("cam/c000001", Tier.DEVICE)
-    tiers.move("cam/c000002", Tier.DISK)
+    tiering.append("cam/c000000", _kv(2, 50).to(DEVICE))
+    move(tiering, "cam/c000001", Tier.DEVICE)
+    move(tiering, "cam/c000002", Tier.DISK)
     assert torch.equal(tiers.read("cam/c000002"), _kv(30, 2))
     for i in range(3):
-        tiers.delete(f"cam/c{i:06d}")
+        tiering.remove(f"cam/c{i:06d}")
     tiers.pools.take(Tier.HOST, 0)  # reclaims fenced host pages
     assert tiers.pools.device_pages.num_free == device_free
     assert tiers.pools.host_pages.num_free == host_free
+
+
+def test_a_cluster_has_one_record_the_residency_managers(tmp_path):
+    tiering = _tiering(tmp_path)
+    kv = _kv(20, 4)
+    put(tiering, "cam/c000000", kv.to(DEVICE), Tier.DEVICE)
+    assert tiering.tiers.pages("cam/c000000") is tiering.residency.pages("cam/c000000")
+    move(tiering, "cam/c000000", Tier.HOST)
+    record = tiering.residency.record("cam/c000000")
+    assert record.tier is Tier.HOST and record.pages.host and record.pages.device is None
+    tiering.residency.pin("cam/c000000")
+    with pytest.raises(StateError):
+        tiering.remove("cam/c000000")  # refused before a byte is freed
+    assert torch.equal(tiering.tiers.read("cam/c000000"), kv)
+    tiering.residency.unpin("cam/c000000")
+    host_free = tiering.tiers.pools.host_pages.num_free
+    tiering.remove("cam/c000000")
+    with pytest.raises(UnknownClusterError):
+        tiering.tiers.pages("cam/c000000")
+    tiering.tiers.pools.take(Tier.HOST, 0)  # reclaims fenced host pages
+    assert tiering.tiers.pools.host_pages.num_free == host_free + 3
