@@ -2,8 +2,13 @@
 
 On the GPU the engine's time at these sizes goes to per-layer Python and kernel launches (bench/NOTES.md), so
 what this counts predicts GPU latency without a GPU: the torch ops each phase dispatches (each non-view op is a
-kernel launch on CUDA), the host syncs it makes (``.item()``, ``.tolist()``), and the tensors it builds from host
-data (``torch.tensor``, ``torch.from_numpy``, ``torch.as_tensor``: each is a host->device copy on CUDA).
+kernel launch on CUDA), the host syncs it makes (``.item()``, ``.tolist()``), the tensors it builds from host
+data (``torch.tensor``, ``torch.from_numpy``, ``torch.as_tensor``: each is a host->device copy on CUDA), and the
+bytes its copying ops write (``COPYING_OPS``: copies, concatenations, indexed reads and writes), which on CUDA
+are device-to-device copies, such as a question copying the history it attends to into buffers of its own.
+``pool_copied_bytes`` is the part of them read out of the arena's page pools (where the engine has them): KV
+history copied somewhere else. Staging retrieved pages from the host pool is not a torch op here
+(``ctypes.memmove`` on the CPU), so that gather is in neither.
 
 Like with like: on the CPU the attention entry points (``attend_paged`` now, ``attend_over`` before the arena) run
 torch references, where CUDA runs one Triton kernel. Their calls are counted as ``attention_calls`` and the ops
@@ -33,6 +38,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 MODES = ("full", "token", "frame", "cluster")
+COPYING_OPS = frozenset({
+    "aten::copy_", "aten::_to_copy", "aten::cat", "aten::stack", "aten::clone", "aten::index.Tensor",
+    "aten::index_select", "aten::gather", "aten::index_put_", "aten::index_put", "aten::_index_put_impl_",
+    "aten::slice_scatter", "aten::select_scatter", "aten::scatter_", "aten::masked_scatter_",
+})  # fmt: skip
 _HOST_BUILDERS = ("tensor", "from_numpy", "as_tensor")
 
 
@@ -43,6 +53,8 @@ class Counts:
     attention_calls: int = 0
     syncs: int = 0  # .item(), .tolist(), .cpu(): each waits for the device on CUDA
     host_tensors: int = 0  # tensors built from host data
+    copied_bytes: int = 0  # bytes written by ``COPYING_OPS``
+    pool_copied_bytes: int = 0  # of those, bytes copied out of the page pools
     blocking_h2d: int = 0  # host-built tensors copied to the device without non_blocking: a device sync on CUDA
     host_s: float = 0.0  # wall time outside attention
 
@@ -58,17 +70,26 @@ class Counter(TorchDispatchMode):
         self.counts = Counts()
         self.paused = 0
         self.per_op: dict[str, int] = {}
+        self.copied_by_op: dict[str, int] = {}
+        self.pool_storages = lambda: set()  # data pointers of the page pools' storages (``measure_mode`` sets it)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         if not self.paused:
             self.counts.ops += 1
             if not func.is_view:
                 self.counts.launches += 1
                 name = func.name()
                 self.per_op[name] = self.per_op.get(name, 0) + 1
+                if name in COPYING_OPS:
+                    written = _written_bytes(name, args, out)
+                    self.counts.copied_bytes += written
+                    if _reads_any(name, args, self.pool_storages()):
+                        self.counts.pool_copied_bytes += written
+                    self.copied_by_op[name] = self.copied_by_op.get(name, 0) + written
             if func is torch.ops.aten._local_scalar_dense.default:
                 self.counts.syncs += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
     def snapshot(self) -> Counts:
         return dataclasses.replace(self.counts, host_s=time.perf_counter() - self._paused_s)
@@ -155,6 +176,39 @@ class Counter(TorchDispatchMode):
                 setattr(owner, name, value)
 
 
+def _written_bytes(name: str, args, out) -> int:
+    """Bytes a copying op writes: the destination of ``copy_``, the values of an indexed write, else its output."""
+    if name == "aten::copy_":
+        written = args[0]
+    elif name in ("aten::index_put_", "aten::index_put", "aten::_index_put_impl_"):
+        written = args[2]
+    else:
+        written = out
+    tensors = written if isinstance(written, (list, tuple)) else [written]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _reads_any(name: str, args, storages: set[int]) -> bool:
+    """Whether a copying op reads one of ``storages`` (its sources: not ``copy_``'s or an indexed write's target)."""
+    if name == "aten::copy_":
+        sources = args[1:2]
+    elif name in ("aten::index_put_", "aten::index_put", "aten::_index_put_impl_"):
+        sources = args[2:3]
+    else:
+        sources = args
+    flat = [t for a in sources for t in (a if isinstance(a, (list, tuple)) else [a])]
+    return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in storages for t in flat)
+
+
+def _pool_storages(engine) -> set[int]:
+    """The page pools' storages, where an engine has an arena (older checkouts have none: empty)."""
+    pools = getattr(getattr(getattr(engine, "tiering", None), "tiers", None), "pools", None)
+    if pools is None:
+        return set()
+    tensors = [pools.device_pool, *getattr(pools, "host_chunks", [])]
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
 def _engine(model, mode: str, budget_tokens: int):
     from mosaic_core.bookkeeping.formation import FormationConfig
     from mosaic_core.config import MIB, EngineConfig
@@ -177,6 +231,7 @@ def measure_mode(model, frames, mode: str, *, dispatch: bool, questions: int, de
 
     engine = _engine(model, mode, budget_tokens)
     counter = Counter()
+    counter.pool_storages = lambda: _pool_storages(engine)
     ingest, prefill, decode, finish = [], [], [], []
     engine.open_stream("cam", fps=4.0)
     with counter.patched(dispatch=dispatch):
@@ -199,7 +254,10 @@ def measure_mode(model, frames, mode: str, *, dispatch: bool, questions: int, de
                 before = counter.snapshot()
     engine.close()
     top = sorted(counter.per_op.items(), key=lambda kv: -kv[1])[:15]
+    stats = engine.stream_stats("cam")
     return {
+        "history_bytes": stats.frames_ingested * (stats.tokens_per_frame or 0) * engine.spec.bytes_per_token,
+        "copied_bytes_by_op_all_phases": dict(sorted(counter.copied_by_op.items(), key=lambda kv: -kv[1])),
         "ingest_pass": _summary(ingest),
         "question_prefill": _summary(prefill),
         "decode_step": _summary(decode),
