@@ -6,9 +6,10 @@ kernel launch on CUDA), the host syncs it makes (``.item()``, ``.tolist()``), th
 data (``torch.tensor``, ``torch.from_numpy``, ``torch.as_tensor``: each is a host->device copy on CUDA), and the
 bytes its copying ops write (``COPYING_OPS``: copies, concatenations, indexed reads and writes), which on CUDA
 are device-to-device copies, such as a question copying the history it attends to into buffers of its own.
-``pool_copied_bytes`` is the part of them read out of the arena's page pools (where the engine has them): KV
-history copied somewhere else. Staging retrieved pages from the host pool is not a torch op here
-(``ctypes.memmove`` on the CPU), so that gather is in neither.
+``pool_copied_bytes`` is the part of them read out of the arena's page pools (where the engine has them) into
+tensors outside the pools: KV history copied into buffers of its own. Copies from one pool into another are
+moves between tiers (spills, fetches, and staging by ``copy_``) and are not in it; staging from the host pool on
+the CPU is not even a torch op (``ctypes.memmove``).
 
 Like with like: on the CPU the attention entry points (``attend_paged`` now, ``attend_over`` before the arena) run
 torch references, where CUDA runs one Triton kernel. Their calls are counted as ``attention_calls`` and the ops
@@ -54,7 +55,7 @@ class Counts:
     syncs: int = 0  # .item(), .tolist(), .cpu(): each waits for the device on CUDA
     host_tensors: int = 0  # tensors built from host data
     copied_bytes: int = 0  # bytes written by ``COPYING_OPS``
-    pool_copied_bytes: int = 0  # of those, bytes copied out of the page pools
+    pool_copied_bytes: int = 0  # of those, bytes copied out of the page pools into tensors outside them
     blocking_h2d: int = 0  # host-built tensors copied to the device without non_blocking: a device sync on CUDA
     host_s: float = 0.0  # wall time outside attention
 
@@ -84,7 +85,8 @@ class Counter(TorchDispatchMode):
                 if name in COPYING_OPS:
                     written = _written_bytes(name, args, out)
                     self.counts.copied_bytes += written
-                    if _reads_any(name, args, self.pool_storages()):
+                    pools = self.pool_storages()
+                    if _reads_any(name, args, pools) and not _writes_any(name, args, pools):
                         self.counts.pool_copied_bytes += written
                     self.copied_by_op[name] = self.copied_by_op.get(name, 0) + written
             if func is torch.ops.aten._local_scalar_dense.default:
@@ -200,6 +202,14 @@ def _reads_any(name: str, args, storages: set[int]) -> bool:
     return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in storages for t in flat)
 
 
+def _writes_any(name: str, args, storages: set[int]) -> bool:
+    """Whether an in-place copying op writes into one of ``storages`` (a functional op writes a new tensor)."""
+    if not name.endswith("_"):
+        return False
+    target = args[0]
+    return isinstance(target, torch.Tensor) and target.untyped_storage().data_ptr() in storages
+
+
 def _pool_storages(engine) -> set[int]:
     """The page pools' storages, where an engine has an arena (older checkouts have none: empty)."""
     pools = getattr(getattr(getattr(engine, "tiering", None), "tiers", None), "pools", None)
@@ -209,7 +219,12 @@ def _pool_storages(engine) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 
-def _engine(model, mode: str, budget_tokens: int):
+def _host_to_device_bytes(engine) -> int | None:
+    stats = getattr(getattr(getattr(engine, "tiering", None), "tiers", None), "stats", None)
+    return None if stats is None else stats.bytes_by_direction.get("host_to_device")
+
+
+def _engine(model, mode: str, budget_tokens: int, device_budget_mib: float):
     from mosaic_core.bookkeeping.formation import FormationConfig
     from mosaic_core.config import MIB, EngineConfig
     from mosaic_core.engine.engine import Engine
@@ -218,18 +233,18 @@ def _engine(model, mode: str, budget_tokens: int):
     extra = {"page_tokens": 18} if "page_tokens" in fields else {}  # the bikes clip's frames: 18 tokens each
     config = EngineConfig(
         mode=mode, target_tokens_per_frame=16, local_window_tokens=48, retrieval_budget_tokens=budget_tokens,
-        device_budget_bytes=8 * MIB, formation=FormationConfig(max_tokens=48), **extra,
+        device_budget_bytes=int(device_budget_mib * MIB), formation=FormationConfig(max_tokens=48), **extra,
     )  # fmt: skip
     return Engine(model, config)
 
 
 def measure_mode(model, frames, mode: str, *, dispatch: bool, questions: int, decode_tokens: int,
-                 warm_frames: int, budget_tokens: int) -> dict:
+                 warm_frames: int, budget_tokens: int, device_budget_mib: float = 8.0) -> dict:
     """Per-pass, per-prefill and per-decode-step counts of one stream's ingest and questions; ``dispatch`` False
     times the same run without counting ops (their counts then read 0)."""
     from mosaic_core.engine.results import FrameInput, TokenEvent
 
-    engine = _engine(model, mode, budget_tokens)
+    engine = _engine(model, mode, budget_tokens, device_budget_mib)
     counter = Counter()
     counter.pool_storages = lambda: _pool_storages(engine)
     ingest, prefill, decode, finish = [], [], [], []
@@ -257,6 +272,7 @@ def measure_mode(model, frames, mode: str, *, dispatch: bool, questions: int, de
     stats = engine.stream_stats("cam")
     return {
         "history_bytes": stats.frames_ingested * (stats.tokens_per_frame or 0) * engine.spec.bytes_per_token,
+        "host_to_device_bytes": _host_to_device_bytes(engine),  # every fetch and gather of the run
         "copied_bytes_by_op_all_phases": dict(sorted(counter.copied_by_op.items(), key=lambda kv: -kv[1])),
         "ingest_pass": _summary(ingest),
         "question_prefill": _summary(prefill),
@@ -286,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--budget-tokens", type=int, default=96, help="retrieval budget (the frames are 18 tokens)")
+    parser.add_argument("--device-budget-mib", type=float, default=8.0, help="8 holds the whole history on the device")
     parser.add_argument("--out", help="write the JSON here")
     args = parser.parse_args(argv)
 
@@ -298,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     frames = [(f.timestamp_s, f.rgb) for f in iter_video_frames(clip, fps=4.0, max_frames=args.frames)]
     result = {"label": args.label, "preset": "tiny", "num_layers": model.kv_spec.num_layers, "args": vars(args)}
     kwargs = dict(questions=args.questions, decode_tokens=args.decode_tokens, warm_frames=args.warm_frames,
-                  budget_tokens=args.budget_tokens)  # fmt: skip
+                  budget_tokens=args.budget_tokens, device_budget_mib=args.device_budget_mib)  # fmt: skip
     for mode in args.modes.split(","):
         result[mode] = counted = measure_mode(model, frames, mode, dispatch=True, **kwargs)
         timed = measure_mode(model, frames, mode, dispatch=False, **kwargs)
