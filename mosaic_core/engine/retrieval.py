@@ -39,6 +39,7 @@ before that layer attends.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -56,7 +57,6 @@ from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import NOTHING_PENDING, Moved
 
 log = logging.getLogger(__name__)
-_FALLBACK_LOGGED: list[bool] = []  # the copy-engine fallback is reported once per process
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,8 +66,8 @@ class Machinery:
     choose_all: bool  # full mode: no choice, every unit
     scorer: str
     batched_gather: bool
-    staging_copy: str = "dma"  # how paged staging moves bytes: "dma" (copy engines) or "kernel" (slab gather)
-    staging_group_layers: int = 1  # dma: layers of a page copied as one run (the prefill graphs' segment)
+    staging_copy: str  # how paged staging moves bytes: "dma" (copy engines) or "kernel" (slab gather)
+    staging_group_layers: int  # dma: layers of a page copied as one run (the prefill graphs' segment)
     prefetch_after_layer: int | None
     device_cache: bool
 
@@ -87,16 +87,14 @@ def machinery_for(config: EngineConfig) -> Machinery:
     )
 
 
-def _copy_engines_usable(off_cuda: bool) -> bool:
-    """Whether ``staging_copy="dma"`` can be honoured (off CUDA its copies are plain host copies); says once why
-    not when the CUDA runtime cannot be found, since staging then falls back to the slab-gather kernel."""
-    if off_cuda or cudart.available():
+@functools.cache
+def _copy_engines_found() -> bool:
+    """Whether the CUDA runtime is there for ``staging_copy="dma"``; asked once per process, with CUDA up (the
+    asker has a side stream), and said once when not, since staging then falls back to the slab-gather kernel."""
+    if cudart.available():
         return True
-    if not _FALLBACK_LOGGED:
-        _FALLBACK_LOGGED.append(True)
-        log.warning("staging_copy='dma': no libcudart found in this process, so staging uses the slab-gather kernel")
+    log.warning("staging_copy='dma': no libcudart found in this process, so staging uses the slab-gather kernel")
     return False
-
 
 
 @dataclass(slots=True)
@@ -174,7 +172,8 @@ class Retriever:
         # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
         self._summaries = stream.summaries.all_layers(candidates) if candidates else None
         self._timed_gathers: list[Moved] = []
-        self._dma = machinery.staging_copy == "dma" and _copy_engines_usable(tiering.tiers.transfers.side is None)
+        off_cuda = tiering.tiers.transfers.side is None  # there the copy engines' copies are plain host copies
+        self._dma = machinery.staging_copy == "dma" and (off_cuda or _copy_engines_found())
 
     def select(self, layer: int, query: torch.Tensor) -> LayerSelection:
         """Scores the candidates with ``query`` ``[num_q_heads, T, D]``; the chosen slabs are not moved yet."""
@@ -216,9 +215,9 @@ class Retriever:
         """Queues the selection's pages of ``layer`` into the device pages ``staging`` (in order, as many as
         ``staged_fills``); returns the move to wait for before the layer attends.
 
-        With the batched gather every slab of the layer moves in one kernel launch that reads pinned host and
-        device memory in place (on CUDA), from a table computed from page numbers when the selection is paged;
-        otherwise (the ReKV baseline) one copy per slab. Either way the copies counted are the host slabs moved.
+        A paged selection goes as ``_stage_pages`` moves it. Otherwise, with the batched gather, every slab of the
+        layer moves in one kernel launch that reads pinned host memory in place (on CUDA); without it (the ReKV
+        baseline) one copy per slab. Either way the copies counted are the host slabs moved.
         """
         if selection.paged:
             return self._stage_pages(selection.host_pages, selection.host_fills, staging, range(layer, layer + 1))[0]
@@ -256,7 +255,9 @@ class Retriever:
         return self._stage_pages(chosen.host_pages, chosen.host_fills, staging, layers)
 
     def _stage_pages(self, host_pages: list[int], fills: list[int], staging: list[int], layers: range) -> list[Moved]:
-        """Queues ``layers`` of ``host_pages`` into the same layers of device pages ``staging`` from one table."""
+        """Queues ``layers`` of ``host_pages`` into the same layers of device pages ``staging``: on the copy engines,
+        one run per page and group of ``staging_group_layers`` layers; or from one slab-copy table, one kernel
+        launch per layer. Returns each layer's move."""
         if not host_pages:
             return [NOTHING_PENDING] * len(layers)
         start = self._now(self.tiering.tiers.pools.device)
@@ -329,14 +330,15 @@ class Retriever:
             # Pinned until the question ends: maintenance, retention and eviction leave it where it is.
             self.tiering.residency.pin(cluster_id)
             self._pinned.add(cluster_id)
-        on_device = self.tiering.residency.tier_of(cluster_id) is Tier.DEVICE
+        tier = self.tiering.residency.tier_of(cluster_id)
+        on_device = tier is Tier.DEVICE
         # One lookup per unit and question, measured in every mode (ReKV-style blocks live on the host: they miss).
         if cluster_id not in self.votes and not self.machinery.choose_all:
             self.tiering.record_lookup(hit=on_device)
             self.device_lookups += 1
             self.device_hits += on_device
         self.votes[cluster_id] = self.votes.get(cluster_id, 0) + 1
-        return self.tiering.residency.tier_of(cluster_id)
+        return tier
 
     def _now(self, device: torch.device) -> float:
         if not self.profile:

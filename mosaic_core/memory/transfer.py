@@ -154,15 +154,12 @@ class TransferEngine:
             return [Moved() for _ in rows]
         started = started or self.mark()
         table = upload(rows.reshape(-1, 5))
-        longest = int(rows[:, :, 2].max(initial=0))
-        moves, per_layer = [], rows.shape[1]
-        for i in range(rows.shape[0]):
-            with self._on_side(table, timed=True) as moved:
-                moved.started = started
-                copy_slab_table(table[i * per_layer : (i + 1) * per_layer], longest, num_heads, head_dim, dtype)
-            started = moved.ready
-            moves.append(moved)
-        return moves
+        longest, per_layer = int(rows[:, :, 2].max(initial=0)), rows.shape[1]
+        launches = [
+            lambda i=i: copy_slab_table(table[i * per_layer : (i + 1) * per_layer], longest, num_heads, head_dim, dtype)
+            for i in range(rows.shape[0])
+        ]
+        return self._timed_chain(launches, started, table)
 
     def copy_runs(self, groups: list[np.ndarray], *, started=None) -> list[Moved]:
         """Queues each group of byte runs (``PagePools.block_rows``) on the copy engines, one ``Moved`` per group
@@ -171,12 +168,18 @@ class TransferEngine:
             for runs in groups:
                 cudart.copy_runs_reference(runs)
             return [Moved() for _ in groups]
-        started = started or self.mark()
+        stream = self.side.cuda_stream
+        launches = [lambda runs=runs: cudart.copy_runs(runs, stream) for runs in groups]
+        return self._timed_chain(launches, started or self.mark())
+
+    def _timed_chain(self, launches: list, started: torch.cuda.Event, *used: torch.Tensor) -> list[Moved]:
+        """Queues each launch as a move of its own on the side stream, timed from where the one before it ended
+        (the first from ``started``), so the moves' ``seconds`` add up to the whole span."""
         moves = []
-        for runs in groups:
-            with self._on_side(timed=True) as moved:
+        for launch in launches:
+            with self._on_side(*used, timed=True) as moved:
                 moved.started = started
-                cudart.copy_runs(runs, self.side.cuda_stream)
+                launch()
             started = moved.ready
             moves.append(moved)
         return moves
