@@ -129,6 +129,7 @@ class DurableStore:
         self._pending: dict[str, Seal] = {}
         self._states: dict[str, dict] = {}
         self._dirty: set[str] = set()
+        self._writing_states = False  # states taken off ``_dirty`` and not on disk yet
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="durable-writer", daemon=True)
         self._thread.start()
@@ -306,9 +307,12 @@ class DurableStore:
         deadline = time.monotonic() + timeout_s
         with self._cv:
             self._cv.notify_all()
-            while (self._queue or self._busy or self._dirty) and time.monotonic() < deadline:
+            while self._unwritten() and time.monotonic() < deadline:
                 self._cv.wait(0.05)
-            return not (self._queue or self._busy or self._dirty)
+            return not self._unwritten()
+
+    def _unwritten(self) -> bool:
+        return bool(self._queue or self._busy or self._dirty or self._writing_states)
 
     def close(self, timeout_s: float = 60.0) -> None:
         self.flush(timeout_s)
@@ -411,6 +415,7 @@ class DurableStore:
         with self._cv:
             dirty = {sid: dict(self._states[sid]) for sid in self._dirty if sid in self._states}
             self._dirty.clear()
+            self._writing_states = True
         for stream_id, state in dirty.items():
             with self._io:
                 if stream_id not in self._writers:
@@ -420,6 +425,7 @@ class DurableStore:
                 except OSError as err:
                     log.error("could not write the state of stream %s: %s", stream_id, err)
         with self._cv:
+            self._writing_states = False
             self._cv.notify_all()
 
 

@@ -167,3 +167,31 @@ def test_each_sealed_cluster_is_written_once_and_whole(tiny_model, bikes_frames,
         kv = engine.history.store.read_kv(entry.cluster_id)
         assert kv.shape[3] == entry.num_tokens, f"{entry.cluster_id}: {kv.shape[3]} tokens, {entry.num_tokens} recorded"
     engine.close()
+
+
+def test_flush_returns_only_once_a_changed_state_is_on_disk(tmp_path, monkeypatch):
+    """The writer takes the changed states off its list before it writes them: flush must wait for that write
+    too (a restarted worker read counters saved just before a flush that had returned early)."""
+    import threading
+
+    from mosaic_core.durable import store as store_module
+    from mosaic_core.durable.manifest import STATE_NAME
+
+    writing, real_write = threading.Event(), store_module.write_atomic
+
+    def slow_write(path, data):
+        if path.name == STATE_NAME:
+            writing.set()
+            threading.Event().wait(0.5)
+        real_write(path, data)
+
+    monkeypatch.setattr(store_module, "write_atomic", slow_write)
+    store = store_module.DurableStore(tmp_path, state_interval_s=0.05)
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        store.update_state("cam", counters={"ingested": 16})
+        assert writing.wait(5.0)  # the writer has taken the state and is writing it
+        assert store.flush(10.0)
+        assert json.loads((tmp_path / "cam" / STATE_NAME).read_text())["counters"] == {"ingested": 16}
+    finally:
+        store.close()
