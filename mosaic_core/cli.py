@@ -36,6 +36,7 @@ BENCH_TARGETS = {
     "watches": ("bench.watches", "standing questions under load: seal-to-event latency, scoring per cluster"),
     "profile": ("mosaic_core.bench.profile_question", "where a question's and an ingest pass's time goes, per mode"),
     "decode": ("mosaic_core.bench.decode_batch", "decode ms/step and tokens/s with 1 to 16 answers at once"),
+    "vision": ("mosaic_core.bench.vision", "the vision tower alone: transformers' forward against Mosaic's"),
 }
 
 
@@ -128,7 +129,7 @@ def _add_optional_commands(sub, module_name: str, register: str) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser(
-        "bench", help="run a benchmark: mosaic bench faults|soak|service|engine|watches|profile|decode [ARGS...]"
+        "bench", help="run a benchmark: mosaic bench faults|soak|service|engine|watches|profile|decode|vision [ARGS...]"
     )
     targets = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", parser_class=Parser)
     for name, (module, text) in BENCH_TARGETS.items():

@@ -24,6 +24,7 @@ Patch layout of one frame, rows then columns of ``pixel_values_videos``::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -244,8 +245,33 @@ def patchify_frames(pixels: torch.Tensor, geometry: VisionGeometry) -> torch.Ten
     return patches.reshape(num_frames * geometry.num_patches_per_frame, geometry.patch_dim)
 
 
+def resize_mixed_frames(
+    frames: Sequence[np.ndarray], geometry: VisionGeometry, *, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """``resize_frames`` for ``[H, W, 3]`` frames whose sizes may differ: one resize per size, results in order.
+
+    Raises:
+        EmptyBatchError, InvalidFrameError: as ``validate_frames``, for the sequence or any frame in it.
+    """
+    if len(frames) == 0:
+        raise EmptyBatchError("The frame batch is empty: no frames were given.")
+    batches = [validate_frames(frame) for frame in frames]
+    if any(batch.shape[0] != 1 for batch in batches):
+        raise InvalidFrameError("A sequence of frames must hold single [H, W, 3] frames, not batches.")
+    positions_by_size: dict[tuple[int, ...], list[int]] = {}
+    for position, batch in enumerate(batches):
+        positions_by_size.setdefault(batch.shape, []).append(position)
+    if len(positions_by_size) == 1:
+        return resize_frames(np.concatenate(batches), geometry, device=device)
+    out = torch.empty(len(batches), NUM_CHANNELS, geometry.height_px, geometry.width_px, device=device)
+    for positions in positions_by_size.values():
+        resized = resize_frames(np.concatenate([batches[p] for p in positions]), geometry, device=device)
+        out[torch.tensor(positions, device=out.device)] = resized
+    return out
+
+
 def frames_to_vision_input(
-    frames: np.ndarray,
+    frames: np.ndarray | Sequence[np.ndarray],
     geometry: VisionGeometry,
     *,
     dtype: torch.dtype = torch.float32,
@@ -254,7 +280,8 @@ def frames_to_vision_input(
     """Turns RGB frames into the vision tower's video inputs, one single-frame video per frame.
 
     Args:
-        frames: ``[N, H, W, 3]`` (or ``[H, W, 3]``) uint8 RGB frames of any size up to 8192 px a side.
+        frames: ``[N, H, W, 3]`` (or ``[H, W, 3]``) uint8 RGB frames of any size up to 8192 px a side, or a
+            sequence of ``[H, W, 3]`` frames of sizes that may differ (``resize_mixed_frames``).
         geometry: the size to resize to, and the patch grid.
         dtype: dtype of ``pixel_values_videos``; the arithmetic runs in float32 before the cast.
         device: where the resize runs and the tensors live.
@@ -262,11 +289,13 @@ def frames_to_vision_input(
     Raises:
         EmptyBatchError, InvalidFrameError: as ``validate_frames``.
     """
-    frames = validate_frames(frames)
-    pixels = resize_frames(frames, geometry, device=device)
+    if isinstance(frames, np.ndarray):
+        pixels = resize_frames(validate_frames(frames), geometry, device=device)
+    else:
+        pixels = resize_mixed_frames(frames, geometry, device=device)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(CLIP_STD, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
     pixels = pixels.sub_(mean).div_(std)
     flat = patchify_frames(pixels, geometry).to(dtype)
     grid_row = torch.tensor([1, geometry.grid_h, geometry.grid_w], dtype=torch.long, device=pixels.device)
-    return VisionInput(pixel_values_videos=flat, video_grid_thw=grid_row.repeat(frames.shape[0], 1))
+    return VisionInput(pixel_values_videos=flat, video_grid_thw=grid_row.repeat(pixels.shape[0], 1))

@@ -18,6 +18,7 @@ lives in the stream's state, never on this shared object.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ from mosaic_core.model.pixels import VisionGeometry, choose_geometry, frames_to_
 from mosaic_core.model.presets import PRESETS, preset_config_kwargs
 from mosaic_core.model.tokenizer import chat_prefix, load_qwen_tokenizer, question_prompt
 from mosaic_core.model.vision_attention import batch_vision_chunks
+from mosaic_core.model.vision_tower import TowerInputs, pad_mlp_widths, run_tower
 
 # Mosaic attention for the language model; the vision tower keeps SDPA.
 ATTENTION_BY_PART = {"": "sdpa", "text_config": MOSAIC_ATTENTION, "vision_config": "sdpa"}
@@ -53,6 +55,8 @@ class Qwen25VLAdapter:
     def __init__(self, model: Qwen2_5_VLForConditionalGeneration, *, name: str) -> None:
         self.model = model.eval()
         batch_vision_chunks(model)
+        pad_mlp_widths(model.model.visual)
+        self.tower_inputs = TowerInputs(model.model.visual)
         self.name = name
         self.config: Qwen2_5_VLConfig = model.config
         text = self.config.text_config
@@ -144,11 +148,17 @@ class Qwen25VLAdapter:
         )
 
     @torch.inference_mode()
-    def encode_frames(self, frames: np.ndarray, geometry: VisionGeometry) -> FrameFeatures:
-        """Runs the vision tower on ``frames`` ([N, H, W, 3] uint8), all in one call."""
+    def encode_frames(self, frames: np.ndarray | Sequence[np.ndarray], geometry: VisionGeometry) -> FrameFeatures:
+        """Runs the vision tower on ``frames``, all in one call.
+
+        ``frames`` is ``[N, H, W, 3]`` uint8, or a sequence of ``[H, W, 3]`` frames whose sizes may differ: each
+        size is resized to ``geometry`` on its own, and the tower sees one batch.
+        """
         vision = frames_to_vision_input(frames, geometry, dtype=self.dtype, device=self.device)
-        out = self.model.model.get_video_features(vision.pixel_values_videos, vision.video_grid_thw)
-        embeds = torch.stack(list(out.pooler_output))  # [N, tokens_per_frame, hidden]
+        num_frames = vision.video_grid_thw.shape[0]
+        inputs = self.tower_inputs.get(geometry, num_frames, vision.pixel_values_videos.device)
+        merged = run_tower(self.model.model.visual, vision.pixel_values_videos, inputs)
+        embeds = merged.view(num_frames, geometry.tokens_per_frame, -1)
         return FrameFeatures(embeds=embeds, summaries=embeds.float().mean(dim=1))
 
     # -- positions ----------------------------------------------------------------------------------------------

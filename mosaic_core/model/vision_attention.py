@@ -5,7 +5,8 @@ per window in the windowed layers (8 windows per 224x448 frame, so 256 calls per
 and once per frame in the full-attention layers. Chunks are independent attention problems, so all chunks of
 one length can share one SDPA over ``[num_chunks, heads, length, head_dim]`` and compute exactly the same thing.
 Frames whose size is a whole number of windows have one length only (one call, no gather); other sizes have a
-few (edge windows), each gathered by index, attended in one call and scattered back.
+few (edge windows), each gathered by index, attended in one call and scattered back. Query and key get their
+rotary embedding together, stacked: the same float32 arithmetic as transformers', in half the kernels.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLVisionAttention,
-    apply_rotary_pos_emb_vision,
+    rotate_half,
 )
 
 # The tower passes the same two cu_seqlens tensors (windows, frames) to every block of one forward pass, so
@@ -32,8 +33,8 @@ class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
             return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
         seq_length = hidden_states.shape[0]
         qkv = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3)
-        query, key, value = qkv.unbind(0)  # each [seq, heads, head_dim]
-        query, key = apply_rotary_pos_emb_vision(query, key, *position_embeddings)
+        query, key = _rotate(qkv[:2], *position_embeddings).unbind(0)  # each [seq, heads, head_dim]
+        value = qkv[2]
         groups = _chunk_plan(cu_seqlens)
         if len(groups) == 1 and groups[0][1] is None:
             out = self._attend_chunks(query, key, value, groups[0][0])
@@ -51,6 +52,13 @@ class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
 
         out = F.scaled_dot_product_attention(by_chunk(query), by_chunk(key), by_chunk(value), scale=self.scaling)
         return out.transpose(1, 2).reshape(query.shape)
+
+
+def _rotate(query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary_pos_emb_vision`` on ``[2, seq, heads, head_dim]`` query and key at once."""
+    rotated = query_key.float()
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    return ((rotated * cos) + (rotate_half(rotated) * sin)).to(query_key.dtype)
 
 
 def batch_vision_chunks(model: torch.nn.Module) -> int:

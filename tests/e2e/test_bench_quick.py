@@ -55,3 +55,18 @@ def test_bench_decode_quick_steps_answers_together_only_when_batched(tmp_path):
     assert rows[2]["batched"]["graph_steps"] == 5  # both in every step
     assert rows[2]["batched"]["tokens_decoded"] == 10
     assert rows[1]["batched"]["graph_steps"] == rows[1]["one_at_a_time"]["graph_steps"] == 5
+
+
+def test_bench_vision_quick_rows_compute_what_transformers_computes(tmp_path):
+    out = tmp_path / "vision.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "mosaic_core.cli", "bench", "vision", "--quick", "--repeats", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "precomputed-inputs" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["transformers", "batched-chunks", "precomputed-inputs", "padded-mlp"]
+    for by_size in rows.values():
+        assert set(by_size) == {"2", "4"}
+        assert all(r["max_abs_diff_vs_transformers"] < 1e-4 and r["frames_per_s"] > 0 for r in by_size.values())

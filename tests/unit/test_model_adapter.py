@@ -106,3 +106,74 @@ def test_the_qwen_adapter_is_a_vlm_adapter_and_owns_its_chat_template(tiny_model
     assert "watch the gate" in preamble
     question = tiny_model.question_ids("when did the van leave?")
     assert tiny_model.decode_tokens(question).strip().startswith("when did the van leave?")
+
+
+def test_frames_of_different_sizes_share_one_tower_call(tiny_model):
+    """Each source size is resized on its own; the embeddings equal one call per size, in the order given."""
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 255, (2, 60, 80, 3), dtype=np.uint8)
+    large = rng.integers(0, 255, (2, 90, 70, 3), dtype=np.uint8)
+    geometry = tiny_model.choose_geometry(60, 80, 16)
+    mixed = tiny_model.encode_frames([small[0], large[0], small[1], large[1]], geometry).embeds
+    by_size = [tiny_model.encode_frames(batch, geometry).embeds for batch in (small, large)]
+    expected = torch.stack([by_size[0][0], by_size[1][0], by_size[0][1], by_size[1][1]])
+    assert torch.allclose(mixed, expected, atol=1e-5), (mixed - expected).abs().max()
+
+
+def test_precomputed_tower_inputs_equal_transformers_video_features(tiny_model):
+    from mosaic_core.model.pixels import frames_to_vision_input
+
+    frames = np.random.default_rng(4).integers(0, 255, (3, 96, 128, 3), dtype=np.uint8)
+    geometry = tiny_model.choose_geometry(96, 128, 16)
+    ours = tiny_model.encode_frames(frames, geometry).embeds
+    vision = frames_to_vision_input(frames, geometry, device=tiny_model.device)
+    with torch.inference_mode():
+        theirs = tiny_model.model.model.get_video_features(vision.pixel_values_videos, vision.video_grid_thw)
+    assert torch.equal(ours, torch.stack(list(theirs.pooler_output)))
+    cached = len(tiny_model.tower_inputs)
+    tiny_model.encode_frames(frames, geometry)
+    assert len(tiny_model.tower_inputs) == cached
+
+
+def test_padded_vision_mlp_computes_the_same_features():
+    """A 100-wide MLP is widened to 128 with zero units; the tower's output does not change."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from mosaic_core.model.pixels import frames_to_vision_input
+    from mosaic_core.model.qwen2_5_vl import ATTENTION_BY_PART
+    from mosaic_core.model.vision_tower import pad_mlp_widths
+
+    kwargs = preset_config_kwargs("tiny")
+    kwargs["vision_config"] = {**kwargs["vision_config"], "intermediate_size": 100}
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(
+        Qwen2_5_VLConfig(**kwargs), attn_implementation=ATTENTION_BY_PART
+    ).eval()
+    visual = model.model.visual
+    frames = np.random.default_rng(5).integers(0, 255, (2, 96, 128, 3), dtype=np.uint8)
+    vision = frames_to_vision_input(frames, Qwen25VLAdapter(model, name="narrow").choose_geometry(96, 128, 16))
+    # The adapter widened the MLPs already; compare against the same weights cut back to 100 units.
+    assert all(block.mlp.gate_proj.out_features == 128 for block in visual.blocks)
+    with torch.no_grad():
+        widened = visual(vision.pixel_values_videos, grid_thw=vision.video_grid_thw).pooler_output
+        for block in visual.blocks:
+            mlp = block.mlp
+            assert not mlp.gate_proj.weight[100:].any() and not mlp.down_proj.weight[:, 100:].any()
+            mlp.gate_proj.weight.data[100:] = 1.0  # the extra units now add something unless cut away
+            mlp.up_proj.bias.data[100:] = 1.0
+            mlp.down_proj.weight.data[:, 100:] = 1.0
+        perturbed = visual(vision.pixel_values_videos, grid_thw=vision.video_grid_thw).pooler_output
+        for block in visual.blocks:
+            mlp = block.mlp
+            for name, rows in (("gate_proj", 100), ("up_proj", 100)):
+                linear = getattr(mlp, name)
+                cut = torch.nn.Linear(linear.in_features, rows)
+                cut.weight.data, cut.bias.data = linear.weight.data[:rows].clone(), linear.bias.data[:rows].clone()
+                setattr(mlp, name, cut)
+            down = torch.nn.Linear(100, mlp.down_proj.out_features)
+            down.weight.data, down.bias.data = mlp.down_proj.weight.data[:, :100].clone(), mlp.down_proj.bias.data
+            mlp.down_proj = down
+        narrow = visual(vision.pixel_values_videos, grid_thw=vision.video_grid_thw).pooler_output
+    assert not torch.allclose(perturbed, narrow, atol=1e-3)
+    assert torch.allclose(widened, narrow, atol=1e-5), (widened - narrow).abs().max()
+    assert pad_mlp_widths(visual) == len(visual.blocks)

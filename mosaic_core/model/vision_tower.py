@@ -1,0 +1,125 @@
+"""The vision tower for a batch of equal-sized frames: per-batch inputs kept per frame grid, MLP widths aligned.
+
+Two things make transformers' Qwen2.5-VL tower slow on a batch of camera frames, and neither changes what it computes:
+
+- **Per-batch inputs.** Every call rebuilds the rotary position ids, the window order and the chunk bounds with a
+  Python loop over frames and reads them back from the device. For a batch of ``N`` frames of one grid they are
+  always the same, so ``TowerInputs`` keeps them per ``(grid, N)`` and the tower takes them precomputed (the
+  ``kwargs`` transformers' vision forward pops before computing its own).
+- **MLP width.** The 7B tower's MLP is 3,420 wide. A bf16 row of 3,420 values is not a multiple of 16 bytes, so
+  cuBLAS cannot use its Hopper kernels for those matrix products and falls back to an older, slower one.
+  ``pad_mlp_widths`` widens the MLPs to a multiple of 64 with zero rows and columns: the extra units' gate and
+  up outputs are zero (zero weights and bias), so their product is zero and adds nothing through the zero
+  columns of the down projection.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+from mosaic_core.model.pixels import VisionGeometry
+
+MLP_WIDTH_MULTIPLE = 64
+
+
+def pad_mlp_widths(visual: torch.nn.Module, multiple: int = MLP_WIDTH_MULTIPLE) -> int:
+    """Widens every vision block's MLP to a multiple of ``multiple`` units; returns how many were widened."""
+    widened = 0
+    for block in visual.blocks:
+        mlp = block.mlp
+        width = mlp.gate_proj.out_features
+        extra = -width % multiple
+        if extra == 0:
+            continue
+        mlp.gate_proj = _with_zero_outputs(mlp.gate_proj, extra)
+        mlp.up_proj = _with_zero_outputs(mlp.up_proj, extra)
+        mlp.down_proj = _with_zero_inputs(mlp.down_proj, extra)
+        mlp.intermediate_size = width + extra
+        widened += 1
+    return widened
+
+
+@torch.no_grad()
+def _with_zero_outputs(linear: torch.nn.Linear, extra: int) -> torch.nn.Linear:
+    weight = linear.weight
+    grown = torch.nn.Linear(
+        linear.in_features,
+        linear.out_features + extra,
+        bias=linear.bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    grown.weight.zero_()[: linear.out_features] = weight
+    if linear.bias is not None:
+        grown.bias.zero_()[: linear.out_features] = linear.bias
+    return grown.requires_grad_(weight.requires_grad)
+
+
+@torch.no_grad()
+def _with_zero_inputs(linear: torch.nn.Linear, extra: int) -> torch.nn.Linear:
+    weight = linear.weight
+    grown = torch.nn.Linear(
+        linear.in_features + extra,
+        linear.out_features,
+        bias=linear.bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    grown.weight.zero_()[:, : linear.in_features] = weight
+    if linear.bias is not None:
+        grown.bias.copy_(linear.bias)
+    return grown.requires_grad_(weight.requires_grad)
+
+
+class TowerInputs:
+    """The vision forward's precomputed inputs per ``(grid, number of frames)``, the least recently used dropped."""
+
+    def __init__(self, visual: torch.nn.Module, *, capacity: int = 16) -> None:
+        self._visual = visual
+        self._capacity = capacity
+        self._by_key: OrderedDict[tuple[int, int, int], dict[str, object]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def get(self, geometry: VisionGeometry, num_frames: int, device: torch.device) -> dict[str, object]:
+        key = (geometry.grid_h, geometry.grid_w, num_frames)
+        if key in self._by_key:
+            self._by_key.move_to_end(key)
+            return self._by_key[key]
+        inputs = self._compute(geometry, num_frames, device)
+        self._by_key[key] = inputs
+        while len(self._by_key) > self._capacity:
+            self._by_key.popitem(last=False)
+        return inputs
+
+    def _compute(self, geometry: VisionGeometry, num_frames: int, device: torch.device) -> dict[str, object]:
+        config = self._visual.config
+        grid_thw = torch.tensor([[1, geometry.grid_h, geometry.grid_w]] * num_frames, dtype=torch.long)
+        window_index, cu_window_seqlens = get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=config.spatial_merge_size,
+            window_size=config.window_size,
+            patch_size=config.patch_size,
+        )
+        cu_seqlens = get_vision_cu_seqlens(grid_thw)
+        return {
+            "grid_thw": grid_thw.to(device),
+            "position_ids": get_vision_position_ids(grid_thw, config.spatial_merge_size).to(device),
+            "cu_seqlens": cu_seqlens.to(device),
+            "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+            "window_index": window_index.to(device),
+            "cu_window_seqlens": cu_window_seqlens.to(device),
+            "max_window_seqlen": int((cu_window_seqlens[1:] - cu_window_seqlens[:-1]).max()),
+        }
+
+
+def run_tower(visual: torch.nn.Module, pixel_values: torch.Tensor, inputs: dict[str, object]) -> torch.Tensor:
+    """The tower over one batch of equal-sized frames: ``[num_frames * tokens_per_frame, out_hidden]``."""
+    precomputed = dict(inputs)
+    grid_thw = precomputed.pop("grid_thw")
+    out = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw, **precomputed)
+    return out.pooler_output
