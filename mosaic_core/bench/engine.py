@@ -270,14 +270,20 @@ def profile_ingest(engine: Engine, batches: list[list[FrameInput]], path: Path) 
     )
 
 
-def scenario_b(model, s: BenchSettings, log, profile_to: Path | None = None) -> dict:
+def scenario_b(
+    model,
+    s: BenchSettings,
+    log,
+    profile_to: Path | None = None,
+    modes: tuple[RetrievalMode, ...] = (RetrievalMode.TOKEN, RetrievalMode.CLUSTER),
+) -> dict:
     """Many cameras, batched ingest under a small device budget, then questions while ingest continues."""
     per_camera = [
         looped_frames(s.camera_seconds, stream_id=f"cam{c:03d}", clip=CLIPS[c % len(CLIPS)], start_s=0.0)
         for c in range(s.cameras)
     ]
     results = {}
-    for mode in (RetrievalMode.TOKEN, RetrievalMode.CLUSTER):
+    for mode in modes:
         # A small window per camera keeps 32 windows well inside a device budget far below the cameras' KV.
         config = dataclasses.replace(
             engine_config(s, mode),
@@ -345,6 +351,14 @@ def _variants(text: str, parser: argparse.ArgumentParser) -> set[str]:
     return chosen
 
 
+def _b_modes(text: str, parser: argparse.ArgumentParser) -> tuple[RetrievalMode, ...]:
+    allowed = {RetrievalMode.TOKEN.value, RetrievalMode.CLUSTER.value}
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    if not chosen or set(chosen) - allowed:
+        parser.error(f"--b-modes {text!r}: choose among token, cluster")
+    return tuple(RetrievalMode(m) for m in chosen)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset, small sizes; runs on CPU")
@@ -368,6 +382,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default="bench/out/results.json")
     parser.add_argument("--profile-ingest", action="store_true", help="write a torch.profiler table of B's ingest")
+    parser.add_argument("--b-modes", default="token,cluster", help="scenario B's retrieval modes, comma-separated")
     args = parser.parse_args(argv)
     s = BenchSettings.from_args(args)
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
@@ -393,7 +408,8 @@ def main(argv=None) -> int:
         report["A"], report["C"] = scenario_a(model, s, pcie, log, save=save, variants=variants)
     if "B" in scenarios:
         profile_to = Path(args.out).with_suffix(".ingest-profile.txt") if args.profile_ingest else None
-        report["B"] = scenario_b(model, s, log, profile_to if s.device.startswith("cuda") else None)
+        b_modes = _b_modes(args.b_modes, parser)
+        report["B"] = scenario_b(model, s, log, profile_to if s.device.startswith("cuda") else None, b_modes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     from mosaic_core.bench.report import format_report

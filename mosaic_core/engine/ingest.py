@@ -24,7 +24,12 @@ from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import FrameInput, IngestResult
 from mosaic_core.engine.stream import LocalFrame, StreamState
 from mosaic_core.errors import BudgetError, EmptyBatchError
-from mosaic_core.model.pixels import validate_frames
+from mosaic_core.model.pixels import VisionGeometry, validate_frames
+
+# A row shorter than its pass's longest is left-padded with this id; the pad's KV is never written.
+PAD_TOKEN_ID = 0
+# Rows of at least this share of the longest row's tokens share its forward pass.
+PASS_FILL = 0.8
 
 
 def ingest(parts: EngineParts, frames: Sequence[FrameInput]) -> IngestResult:
@@ -55,7 +60,7 @@ def ingest(parts: EngineParts, frames: Sequence[FrameInput]) -> IngestResult:
             for sid, items in by_stream.items()
             if r * chunk < len(items)
         ]
-        for group in _by_token_count(rows, features):
+        for group in _pass_groups(rows, features):
             opened, tokens = _ingest_pass(parts, group, features)
             num_passes += 1
             num_opened += opened
@@ -86,8 +91,8 @@ def _validate(parts: EngineParts, frames: Sequence[FrameInput]) -> dict[str, lis
 
 
 def _encode(parts: EngineParts, by_stream) -> dict[tuple[str, int], object]:
-    """Vision tower over every frame of the batch, grouped by source size and geometry."""
-    groups: dict[tuple, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
+    """Vision tower over every frame of the batch, one call per geometry (sources of any size resize into it)."""
+    groups: dict[VisionGeometry, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
     for stream_id, items in by_stream.items():
         state = parts.streams[stream_id]
         for i, (_, rgb) in enumerate(items):
@@ -95,10 +100,10 @@ def _encode(parts: EngineParts, by_stream) -> dict[tuple[str, int], object]:
                 state.geometry = parts.model.choose_geometry(*rgb.shape[:2], parts.config.target_tokens_per_frame)
                 _check_geometry(parts, state)
                 parts.reserve_window(state)  # now that a frame's size is known
-            groups[(rgb.shape, state.geometry)].append((stream_id, i, rgb))
+            groups[state.geometry].append((stream_id, i, rgb))
     features = {}
-    for (_, geometry), members in groups.items():
-        out = parts.model.encode_frames(np.stack([m[2] for m in members]), geometry)
+    for geometry, members in groups.items():
+        out = parts.model.encode_frames([rgb for _, _, rgb in members], geometry)
         for j, (stream_id, i, _) in enumerate(members):
             features[(stream_id, i)] = (out.embeds[j], out.summaries[j])
     return features
@@ -115,14 +120,20 @@ def _check_geometry(parts: EngineParts, state: StreamState) -> None:
 def _ingest_pass(parts: EngineParts, rows, features) -> tuple[int, list[int]]:
     """One forward pass; rows are ``(stream_id, frame indices in the batch, frames)``, one row per stream.
 
-    Row layout, for a row carrying frames f0 f1 of one stream:
+    Row layout, for a row carrying frames f0 f1 of one stream, in a pass whose longest row is ``pad`` tokens
+    longer:
 
-        tokens:    [ f0 visual tokens | f1 visual tokens ]
+        tokens:    [ pad | f0 visual tokens | f1 visual tokens ]
         attends:   sink + local window + causal within the row
+
+    Attention is causal from the bottom right, so a left pad leaves every real token's view as it was; the pad
+    tokens' KV is never written (``IngestPlan``), so no real token sees them.
     """
     states = [parts.streams[sid] for sid, _, _ in rows]
+    row_tokens = [_row_tokens(row, features) for row in rows]
+    width = max(row_tokens)
     positions = []
-    for state, (_, _, frames) in zip(states, rows, strict=True):
+    for state, (_, _, frames), tokens in zip(states, rows, row_tokens, strict=True):
         if state.first_timestamp_s is None:
             state.first_timestamp_s = frames[0].timestamp_s
         positions.append(
@@ -138,9 +149,14 @@ def _ingest_pass(parts: EngineParts, rows, features) -> tuple[int, list[int]]:
                 dim=1,
             )
         )
+        if tokens < width:
+            positions[-1] = torch.cat([positions[-1][:, :1].expand(-1, width - tokens), positions[-1]], dim=1)
     embeds = torch.cat([features[(sid, i)][0] for sid, indices, _ in rows for i in indices])
-    input_ids = torch.full((len(rows), positions[0].shape[1]), parts.model.video_token_id, device=parts.model.device)
     pools = parts.tiering.tiers.pools
+    ids = np.full((len(rows), width), parts.model.video_token_id, dtype=np.int64)
+    for row, tokens in enumerate(row_tokens):
+        ids[row, : width - tokens] = PAD_TOKEN_ID
+    input_ids = pools.upload(ids, torch.long)
     # Each frame starts pages of its own, taken inside its stream's sink + window reservation.
     frame_fills = [
         [pages_for(features[(sid, i)][0].shape[0], pools.page_tokens) for i in indices] for sid, indices, _ in rows
@@ -152,6 +168,7 @@ def _ingest_pass(parts: EngineParts, rows, features) -> tuple[int, list[int]]:
         pools,
         [[p for pages in row for p in pages] for row in frame_pages],
         [[f for fills in row for f in fills] for row in frame_fills],
+        width=width,
     )
     parts.model.forward(input_ids=input_ids, position_ids=torch.stack(positions, dim=1), plan=plan, frame_embeds=embeds)
     opened, attended = 0, []
@@ -160,14 +177,14 @@ def _ingest_pass(parts: EngineParts, rows, features) -> tuple[int, list[int]]:
     shaping = _shaping_summaries(parts, rows, features, frame_pages, frame_fills)
     first = _coherence_batch([state.open_embeds for state in states], [row[0] for row in shaping])
     for row, (state, (sid, indices, frames)) in enumerate(zip(states, rows, strict=True)):
-        row_tokens, end = input_ids.shape[1], 0
+        end = 0
         for n, (i, frame) in enumerate(zip(indices, frames, strict=True)):
             frame_embeds, summary = features[(sid, i)]
             end += frame_embeds.shape[0]
             coherence = first[row] if n == 0 else _coherence(state.open_embeds, shaping[row][n])
             pages, fills = frame_pages[row][n], frame_fills[row][n]
             opened += _place_frame(parts, state, frame, pages, fills, summary, shaping[row][n], coherence)
-            attended.append(plan.attended_tokens[row] - (row_tokens - end))
+            attended.append(plan.attended_tokens[row] - (row_tokens[row] - end))
     return opened, attended
 
 
@@ -288,10 +305,19 @@ def _coherence_on_device(members: list[torch.Tensor], frame: torch.Tensor) -> to
     return torch.stack([similarity, cohesion])
 
 
-def _by_token_count(rows, features) -> list[list]:
-    """Splits a pass's rows by token count, since one forward pass needs rows of equal length."""
-    groups: dict[int, list] = defaultdict(list)
-    for stream_id, indices, frames in rows:
-        num_tokens = sum(features[(stream_id, i)][0].shape[0] for i in indices)
-        groups[num_tokens].append((stream_id, indices, frames))
-    return list(groups.values())
+def _row_tokens(row, features) -> int:
+    stream_id, indices, _ = row
+    return sum(features[(stream_id, i)][0].shape[0] for i in indices)
+
+
+def _pass_groups(rows, features) -> list[list]:
+    """Rows for one forward pass each: a row shares the pass of the longest rows when it has at least
+    ``PASS_FILL`` of their tokens (and is left-padded to them); shorter rows start a pass of their own."""
+    ordered = sorted(rows, key=lambda row: -_row_tokens(row, features))
+    groups: list[list] = []
+    for row in ordered:
+        if groups and _row_tokens(row, features) >= PASS_FILL * _row_tokens(groups[-1][0], features):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups

@@ -37,6 +37,9 @@ class IngestPlan:
     to its stream's sink + local window + itself through one slot table:
 
         row b:  [ sink + window slots of stream b | slots of the row's new pages ]   (-1 padded to the widest row)
+
+    A row with fewer new tokens than the pass's ``width`` (default: the most any row has) is left-padded: its
+    pad tokens' KV is not written.
     """
 
     def __init__(
@@ -46,6 +49,8 @@ class IngestPlan:
         pools: PagePools,
         new_pages: list[list[int]],
         new_fills: list[list[int]],
+        *,
+        width: int | None = None,
     ) -> None:
         self.streams = streams
         self.spec = spec
@@ -62,11 +67,21 @@ class IngestPlan:
         self.table = pools.upload(table, torch.int32)
         self.kv_lens = pools.upload(self.attended_tokens, torch.int32)
         self.new_index = pools.slot_index(np.concatenate(new))
+        width = width or max(len(own) for own in new)
+        pads = [width - len(own) for own in new]
+        self.real_tokens = None  # rows of the flattened [B * width] new KV that are not pad, when some are
+        if any(pads):
+            real = np.concatenate(
+                [b * width + pad + np.arange(len(own)) for b, (pad, own) in enumerate(zip(pads, new, strict=True))]
+            )
+            self.real_tokens = pools.upload(real, torch.int64)
 
     def attend(self, layer_idx, query, key, value, scale):
         batch, heads, tokens, head_dim = key.shape
-        kv = torch.stack([key, value], dim=2).transpose(1, 3)  # [B, T, 2, H, D]
-        self.pools.write_slots(layer_idx, self.new_index, kv.reshape(batch * tokens, 2, heads, head_dim))
+        kv = torch.stack([key, value], dim=2).transpose(1, 3).reshape(batch * tokens, 2, heads, head_dim)
+        if self.real_tokens is not None:
+            kv = kv.index_select(0, self.real_tokens)
+        self.pools.write_slots(layer_idx, self.new_index, kv)
         k_pages, v_pages = self.pools.layer_pages(layer_idx)
         return attend_paged(query, k_pages, v_pages, self.table, self.kv_lens, scale)
 

@@ -170,6 +170,32 @@ def test_streams_batched_together_match_streams_run_alone(tiny_model, bikes_fram
     assert {c.stream_id for c in together.clusters("b")} == {"b"}
 
 
+def test_streams_of_different_frame_sizes_share_a_pass_and_match_streams_run_alone(tiny_model, bikes_frames):
+    """A square camera's frames have 16 tokens, the bikes clip's 18: the square row is left-padded by 2 and
+    shares each pass, and both streams end where they would alone."""
+    rng = np.random.default_rng(7)
+    square = [(t, rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)) for t, _ in bikes_frames[:12]]
+    together = make_engine(tiny_model, mode="cluster")
+    for stream_id in ("a", "b"):
+        together.open_stream(stream_id)
+    alone = {stream_id: make_engine(tiny_model, mode="cluster") for stream_id in ("a", "b")}
+    for stream_id, engine in alone.items():
+        engine.open_stream(stream_id)
+    for i in range(0, 12, 4):
+        batch = [FrameInput("a", t, rgb) for t, rgb in bikes_frames[i : i + 4]]
+        batch += [FrameInput("b", t, rgb) for t, rgb in square[i : i + 4]]
+        assert together.ingest(batch).num_forward_passes == 4
+        feed(alone["a"], "a", bikes_frames[i : i + 4])
+        feed(alone["b"], "b", square[i : i + 4])
+    tokens = {sid: together.stream(sid).geometry.tokens_per_frame for sid in ("a", "b")}
+    assert tokens == {"a": 18, "b": 16}
+    for stream_id in ("a", "b"):
+        assert torch.allclose(_hidden(together, stream_id), _hidden(alone[stream_id], stream_id), rtol=1e-4, atol=1e-4)
+        assert [c.num_tokens for c in together.clusters(stream_id)] == [
+            c.num_tokens for c in alone[stream_id].clusters(stream_id)
+        ]
+
+
 def test_co_retrieved_neighbours_merge_into_one_cluster(tiny_model, bikes_frames):
     # min_similarity=1 makes every frame its own cluster, so two neighbours fit under the size cap together
     one_frame_clusters = FormationConfig(max_tokens=48, min_similarity=1.0)
