@@ -11,10 +11,14 @@ Rows, in this order (each adds one change to the row before it, on the same weig
 - ``precomputed-inputs``: position ids, window order and chunk bounds kept per frame grid and batch size
   (``vision_tower.TowerInputs``);
 - ``padded-mlp``: MLPs widened to a multiple of 64 with zero units (``vision_tower.pad_mlp_widths``): every row
-  above it runs unpadded, so this row is last.
+  above it runs unpadded;
+- ``compiled-elementwise`` (GPU only, with ``--compiled``; the engine's tower on CUDA): each RMSNorm, each SiLU
+  MLP and the rotary step run functions compiled with ``torch.compile`` (``vision_tower.fuse_elementwise``), so
+  their element-wise kernels fuse; its first-call time (the compile) is the row's ``warm_up_s``.
 
 Per row and batch size: median ms per call over ``--repeats`` calls after two warm-up calls (CUDA synchronised
-around each), frames/s, and the largest absolute difference of its output from the ``transformers`` row's.
+around each), frames/s, and the largest absolute difference of its output from the ``transformers`` row's
+(beside the largest absolute value of that row's output, so the difference reads against its scale).
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from mosaic_core.model.pixels import choose_geometry, frames_to_vision_input
 from mosaic_core.model.presets import preset_config_kwargs
 from mosaic_core.model.vision_attention import BatchedChunkAttention
-from mosaic_core.model.vision_tower import TowerInputs, pad_mlp_widths, run_tower
+from mosaic_core.model.vision_tower import TowerInputs, fuse_elementwise, pad_mlp_widths, run_tower
 
 ROWS = ("transformers", "batched-chunks", "precomputed-inputs", "padded-mlp")
+COMPILED_ROW = "compiled-elementwise"
 
 
 def build_tower(preset: str, device: str, dtype: torch.dtype) -> Qwen2_5_VisionTransformerPretrainedModel:
@@ -76,7 +81,9 @@ def _timed(call, device: str, repeats: int) -> tuple[float, torch.Tensor]:
 
 
 @torch.inference_mode()
-def measure(preset: str, device: str, dtype: torch.dtype, batch_sizes: list[int], repeats: int, log) -> dict:
+def measure(
+    preset: str, device: str, dtype: torch.dtype, batch_sizes: list[int], repeats: int, log, *, compiled: bool = False
+) -> dict:
     tower = build_tower(preset, device, dtype)
     config = tower.config
     geometry = choose_geometry(
@@ -90,12 +97,15 @@ def measure(preset: str, device: str, dtype: torch.dtype, batch_sizes: list[int]
         for n in batch_sizes
     }
     precomputed = TowerInputs(tower)
-    results: dict[str, dict[int, dict]] = {row: {} for row in ROWS}
+    rows = (*ROWS, COMPILED_ROW) if compiled else ROWS
+    results: dict[str, dict[int, dict]] = {row: {} for row in rows}
     reference: dict[int, torch.Tensor] = {}
-    for row in ROWS:
+    for row in rows:
         _set_attention(tower, Qwen2_5_VLVisionAttention if row == "transformers" else BatchedChunkAttention)
         if row == "padded-mlp":
             log(f"widened {pad_mlp_widths(tower)} MLPs to a multiple of 64 units")
+        if row == COMPILED_ROW:
+            log(f"fused the element-wise work of {fuse_elementwise(tower)} modules")
         for n in batch_sizes:
             vision = inputs[n]
             if row in ("transformers", "batched-chunks"):
@@ -107,6 +117,7 @@ def measure(preset: str, device: str, dtype: torch.dtype, batch_sizes: list[int]
                 def call(vision=vision, n=n):
                     return run_tower(tower, vision.pixel_values_videos, precomputed.get(geometry, n, device))
 
+            first = time.perf_counter()
             seconds, out = _timed(call, device, repeats)
             if row == "transformers":
                 reference[n] = out.float()
@@ -114,6 +125,8 @@ def measure(preset: str, device: str, dtype: torch.dtype, batch_sizes: list[int]
                 "ms_per_call": seconds * 1e3,
                 "frames_per_s": n / seconds,
                 "max_abs_diff_vs_transformers": float((out.float() - reference[n]).abs().max()),
+                "max_abs_transformers_output": float(reference[n].abs().max()),
+                "warm_up_s": time.perf_counter() - first - seconds * repeats,
             }
             log(f"{row} x{n}: {json.dumps(results[row][n])}")
     return {
@@ -150,6 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", default="32,64,128", help="batch sizes, comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/out/vision.json")
+    parser.add_argument("--compiled", action="store_true", help="add the torch.compile row (GPU only)")
     args = parser.parse_args(argv)
     if args.quick:
         preset, device, dtype, sizes = "tiny", "cpu", torch.float32, [2, 4]
@@ -159,7 +173,7 @@ def main(argv=None) -> int:
         preset, device, dtype = "qwen2.5-vl-7b", "cuda", torch.bfloat16
         sizes = [int(n) for n in args.frames.split(",") if n.strip()]
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
-    report = measure(preset, device, dtype, sizes, args.repeats, log)
+    report = measure(preset, device, dtype, sizes, args.repeats, log, compiled=args.compiled and not args.quick)
     report["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

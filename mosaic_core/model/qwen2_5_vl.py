@@ -33,7 +33,7 @@ from mosaic_core.model.pixels import VisionGeometry, choose_geometry, frames_to_
 from mosaic_core.model.presets import PRESETS, preset_config_kwargs
 from mosaic_core.model.tokenizer import chat_prefix, load_qwen_tokenizer, question_prompt
 from mosaic_core.model.vision_attention import batch_vision_chunks
-from mosaic_core.model.vision_tower import TowerInputs, pad_mlp_widths, run_tower
+from mosaic_core.model.vision_tower import TowerInputs, fuse_elementwise, pad_mlp_widths, run_tower
 
 # Mosaic attention for the language model; the vision tower keeps SDPA.
 ATTENTION_BY_PART = {"": "sdpa", "text_config": MOSAIC_ATTENTION, "vision_config": "sdpa"}
@@ -52,15 +52,22 @@ class FrameFeatures:
 class Qwen25VLAdapter:
     """Wraps a ``Qwen2_5_VLForConditionalGeneration`` for streaming use."""
 
-    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, *, name: str) -> None:
+    def __init__(
+        self, model: Qwen2_5_VLForConditionalGeneration, *, name: str, fuse_vision: bool | None = None
+    ) -> None:
+        """``fuse_vision``: compile the vision tower's element-wise work (``vision_tower.fuse_elementwise``);
+        None does so on CUDA only, where ``torch.compile`` makes Triton kernels (on the CPU it would need a C++
+        compiler and minutes of compiling for a tower that CPU runs only in tests)."""
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         batch_vision_chunks(model)
         pad_mlp_widths(model.model.visual)
+        if fuse_vision if fuse_vision is not None else self.device.type == "cuda":
+            fuse_elementwise(model.model.visual)
         self.tower_inputs = TowerInputs(model.model.visual)
         self.name = name
         self.config: Qwen2_5_VLConfig = model.config
         text = self.config.text_config
-        self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.kv_spec = KVSpec(
             num_layers=text.num_hidden_layers,

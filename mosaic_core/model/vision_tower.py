@@ -11,6 +11,10 @@ Two things make transformers' Qwen2.5-VL tower slow on a batch of camera frames,
   ``pad_mlp_widths`` widens the MLPs to a multiple of 64 with zero rows and columns: the extra units' gate and
   up outputs are zero (zero weights and bias), so their product is zero and adds nothing through the zero
   columns of the down projection.
+
+On CUDA, ``fuse_elementwise`` also swaps each RMSNorm and MLP for one whose element-wise work (float32 norm,
+SiLU gate, bias) is a function compiled once with ``torch.compile`` for every block, and compiles the rotary
+step: transformers' modules run each element-wise op as a kernel of its own over the whole batch.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from mosaic_core.model.pixels import VisionGeometry
@@ -72,6 +77,60 @@ def _with_zero_inputs(linear: torch.nn.Linear, extra: int) -> torch.nn.Linear:
     if linear.bias is not None:
         grown.bias.copy_(linear.bias)
     return grown.requires_grad_(weight.requires_grad)
+
+
+def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``Qwen2_5_VLRMSNorm.forward``'s arithmetic, as a function of its weight."""
+    input_dtype = hidden.dtype
+    hidden = hidden.to(torch.float32)
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hidden.to(input_dtype)
+
+
+def _silu_mlp(hidden, gate_w, gate_b, up_w, up_b, down_w, down_b) -> torch.Tensor:
+    """``Qwen2_5_VLMLP.forward`` with a SiLU gate, as a function of its weights."""
+    gate = torch.nn.functional.linear(hidden, gate_w, gate_b)
+    up = torch.nn.functional.linear(hidden, up_w, up_b)
+    return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down_w, down_b)
+
+
+_kernels = {"rms_norm": _rms_norm, "silu_mlp": _silu_mlp}
+_compiled = False
+
+
+class FusedRMSNorm(Qwen2_5_VLRMSNorm):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return _kernels["rms_norm"](hidden_states, self.weight, self.variance_epsilon)
+
+
+class FusedSiluMLP(Qwen2_5_VLMLP):
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        return _kernels["silu_mlp"](hidden_state, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias)
+
+
+def fuse_elementwise(visual: torch.nn.Module, *, compile: bool = True) -> int:
+    """Swaps the tower's RMSNorms and SiLU MLPs for the fused ones; returns how many modules were swapped.
+
+    ``compile`` False keeps the functions eager (the same arithmetic, unfused): what a CPU test can check.
+    """
+    global _compiled
+    from mosaic_core.model import vision_attention
+
+    if compile and not _compiled:
+        for name, function in list(_kernels.items()):
+            _kernels[name] = torch.compile(function, dynamic=True)
+        vision_attention._rotate = torch.compile(vision_attention._rotate, dynamic=True)
+        _compiled = True
+    swapped = 0
+    for module in visual.modules():
+        if type(module) is Qwen2_5_VLRMSNorm:
+            module.__class__ = FusedRMSNorm
+            swapped += 1
+        elif type(module) is Qwen2_5_VLMLP and visual.config.hidden_act == "silu":
+            module.__class__ = FusedSiluMLP
+            swapped += 1
+    return swapped
 
 
 class TowerInputs:

@@ -177,3 +177,19 @@ def test_padded_vision_mlp_computes_the_same_features():
     assert not torch.allclose(perturbed, narrow, atol=1e-3)
     assert torch.allclose(widened, narrow, atol=1e-5), (widened - narrow).abs().max()
     assert pad_mlp_widths(visual) == len(visual.blocks)
+
+
+def test_fused_vision_modules_compute_what_transformers_modules_compute():
+    """The fused RMSNorm and MLP run their functions eagerly here (compiling needs CUDA); same features."""
+    from mosaic_core.model.vision_tower import FusedRMSNorm, FusedSiluMLP, fuse_elementwise
+
+    model = Qwen25VLAdapter.from_preset("tiny")
+    frames = np.random.default_rng(6).integers(0, 255, (2, 96, 128, 3), dtype=np.uint8)
+    geometry = model.choose_geometry(96, 128, 16)
+    before = model.encode_frames(frames, geometry).embeds
+    visual = model.model.model.visual
+    depth = len(visual.blocks)
+    assert fuse_elementwise(visual, compile=False) == 3 * depth + 1  # two norms and an MLP a block, the merger's norm
+    assert type(visual.blocks[0].norm1) is FusedRMSNorm and type(visual.blocks[0].mlp) is FusedSiluMLP
+    after = model.encode_frames(frames, geometry).embeds
+    assert torch.allclose(before, after, atol=1e-6), (before - after).abs().max()
