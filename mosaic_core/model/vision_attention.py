@@ -28,12 +28,15 @@ _recent_plans: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor | None]]]] 
 class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
     """``Qwen2_5_VLVisionAttention`` whose equal-length chunks share one SDPA call."""
 
+    rotate = None  # the rotary step; None is ``_rotate``, eager (``vision_tower.fuse_elementwise`` sets a compiled one)
+
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
         if self.config._attn_implementation != "sdpa" or position_embeddings is None:
             return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
         seq_length = hidden_states.shape[0]
         qkv = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3)
-        query, key = _rotate(qkv[:2], *position_embeddings).unbind(0)  # each [seq, heads, head_dim]
+        rotate = self.rotate or _rotate
+        query, key = rotate(qkv[:2], *position_embeddings).unbind(0)  # each [seq, heads, head_dim]
         value = qkv[2]
         groups = _chunk_plan(cu_seqlens)
         if len(groups) == 1 and groups[0][1] is None:

@@ -25,6 +25,7 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
+from mosaic_core.model import vision_attention
 from mosaic_core.model.pixels import VisionGeometry
 
 MLP_WIDTH_MULTIPLE = 64
@@ -94,7 +95,7 @@ def _silu_mlp(hidden, gate_w, gate_b, up_w, up_b, down_w, down_b) -> torch.Tenso
     return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down_w, down_b)
 
 
-_kernels = {"rms_norm": _rms_norm, "silu_mlp": _silu_mlp}
+_kernels = {"rms_norm": _rms_norm, "silu_mlp": _silu_mlp, "rotate": vision_attention._rotate}
 _compiled = False
 
 
@@ -110,21 +111,22 @@ class FusedSiluMLP(Qwen2_5_VLMLP):
 
 
 def fuse_elementwise(visual: torch.nn.Module, *, compile: bool = True) -> int:
-    """Swaps the tower's RMSNorms and SiLU MLPs for the fused ones; returns how many modules were swapped.
+    """Swaps the tower's RMSNorms and SiLU MLPs for the fused ones and gives its batched attentions the compiled
+    rotary step; returns how many norms and MLPs were swapped.
 
-    ``compile`` False keeps the functions eager (the same arithmetic, unfused): what a CPU test can check.
+    ``compile`` False keeps the functions eager (the same arithmetic, unfused): what a CPU test can check. The
+    compiled functions are made once per process and shared by every tower fused with ``compile``.
     """
     global _compiled
-    from mosaic_core.model import vision_attention
-
     if compile and not _compiled:
         for name, function in list(_kernels.items()):
             _kernels[name] = torch.compile(function, dynamic=True)
-        vision_attention._rotate = torch.compile(vision_attention._rotate, dynamic=True)
         _compiled = True
     swapped = 0
     for module in visual.modules():
-        if type(module) is Qwen2_5_VLRMSNorm:
+        if isinstance(module, vision_attention.BatchedChunkAttention) and compile:
+            module.rotate = _kernels["rotate"]
+        elif type(module) is Qwen2_5_VLRMSNorm:
             module.__class__ = FusedRMSNorm
             swapped += 1
         elif type(module) is Qwen2_5_VLMLP and visual.config.hidden_act == "silu":
