@@ -313,10 +313,10 @@ def _row_tokens(row, features) -> int:
 def _pass_groups(rows, features) -> list[list]:
     """Rows for one forward pass each: a row shares the pass of the longest rows when it has at least
     ``PASS_FILL`` of their tokens (and is left-padded to them); shorter rows start a pass of their own."""
-    ordered = sorted(rows, key=lambda row: -_row_tokens(row, features))
+    tokens = {row[0]: _row_tokens(row, features) for row in rows}  # one row per stream
     groups: list[list] = []
-    for row in ordered:
-        if groups and _row_tokens(row, features) >= PASS_FILL * _row_tokens(groups[-1][0], features):
+    for row in sorted(rows, key=lambda row: -tokens[row[0]]):
+        if groups and tokens[row[0]] >= PASS_FILL * tokens[groups[-1][0][0]]:
             groups[-1].append(row)
         else:
             groups.append([row])

@@ -56,8 +56,8 @@ class Qwen25VLAdapter:
         self, model: Qwen2_5_VLForConditionalGeneration, *, name: str, fuse_vision: bool | None = None
     ) -> None:
         """``fuse_vision``: compile the vision tower's element-wise work (``vision_tower.fuse_elementwise``);
-        None does so on CUDA only, where ``torch.compile`` makes Triton kernels (on the CPU it would need a C++
-        compiler and minutes of compiling for a tower that CPU runs only in tests)."""
+        None does so on CUDA only, where ``torch.compile`` makes Triton kernels (on the CPU it needs a C++ compiler
+        and compiles for minutes)."""
         self.model = model.eval()
         self.device = next(model.parameters()).device
         batch_vision_chunks(model)

@@ -25,18 +25,24 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 _recent_plans: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor | None]]]] = []
 
 
+def _rotate(query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary_pos_emb_vision`` on ``[2, seq, heads, head_dim]`` query and key at once."""
+    rotated = query_key.float()
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    return ((rotated * cos) + (rotate_half(rotated) * sin)).to(query_key.dtype)
+
+
 class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
     """``Qwen2_5_VLVisionAttention`` whose equal-length chunks share one SDPA call."""
 
-    rotate = None  # the rotary step; None is ``_rotate``, eager (``vision_tower.fuse_elementwise`` sets a compiled one)
+    rotate = staticmethod(_rotate)  # ``vision_tower.fuse_elementwise`` sets the compiled one on the instance
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
         if self.config._attn_implementation != "sdpa" or position_embeddings is None:
             return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
         seq_length = hidden_states.shape[0]
         qkv = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3)
-        rotate = self.rotate or _rotate
-        query, key = rotate(qkv[:2], *position_embeddings).unbind(0)  # each [seq, heads, head_dim]
+        query, key = self.rotate(qkv[:2], *position_embeddings).unbind(0)  # each [seq, heads, head_dim]
         value = qkv[2]
         groups = _chunk_plan(cu_seqlens)
         if len(groups) == 1 and groups[0][1] is None:
@@ -55,13 +61,6 @@ class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
 
         out = F.scaled_dot_product_attention(by_chunk(query), by_chunk(key), by_chunk(value), scale=self.scaling)
         return out.transpose(1, 2).reshape(query.shape)
-
-
-def _rotate(query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``apply_rotary_pos_emb_vision`` on ``[2, seq, heads, head_dim]`` query and key at once."""
-    rotated = query_key.float()
-    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-    return ((rotated * cos) + (rotate_half(rotated) * sin)).to(query_key.dtype)
 
 
 def batch_vision_chunks(model: torch.nn.Module) -> int:

@@ -19,6 +19,7 @@ step: transformers' modules run each element-wise op as a kernel of its own over
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -95,42 +96,47 @@ def _silu_mlp(hidden, gate_w, gate_b, up_w, up_b, down_w, down_b) -> torch.Tenso
     return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down_w, down_b)
 
 
-_kernels = {"rms_norm": _rms_norm, "silu_mlp": _silu_mlp, "rotate": vision_attention._rotate}
-_compiled = False
+@functools.cache
+def _compiled(function):
+    """One compiled version of ``function`` per process, shared by every fused tower (weights are arguments)."""
+    return torch.compile(function, dynamic=True)
 
 
 class FusedRMSNorm(Qwen2_5_VLRMSNorm):
+    norm = staticmethod(_rms_norm)  # ``fuse_elementwise`` sets the compiled one on the instance
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return _kernels["rms_norm"](hidden_states, self.weight, self.variance_epsilon)
+        return self.norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 class FusedSiluMLP(Qwen2_5_VLMLP):
+    mlp = staticmethod(_silu_mlp)  # ``fuse_elementwise`` sets the compiled one on the instance
+
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        return _kernels["silu_mlp"](hidden_state, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias)
+        return self.mlp(hidden_state, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias)
 
 
 def fuse_elementwise(visual: torch.nn.Module, *, compile: bool = True) -> int:
-    """Swaps the tower's RMSNorms and SiLU MLPs for the fused ones and gives its batched attentions the compiled
-    rotary step; returns how many norms and MLPs were swapped.
+    """Swaps the tower's RMSNorms and SiLU MLPs for the fused ones and, with ``compile``, gives them and the
+    tower's batched attentions compiled functions; returns how many norms and MLPs were swapped.
 
-    ``compile`` False keeps the functions eager (the same arithmetic, unfused): what a CPU test can check. The
-    compiled functions are made once per process and shared by every tower fused with ``compile``.
+    ``compile`` False keeps the functions eager (the same arithmetic, unfused): what a CPU test can check.
     """
-    global _compiled
-    if compile and not _compiled:
-        for name, function in list(_kernels.items()):
-            _kernels[name] = torch.compile(function, dynamic=True)
-        _compiled = True
     swapped = 0
     for module in visual.modules():
-        if isinstance(module, vision_attention.BatchedChunkAttention) and compile:
-            module.rotate = _kernels["rotate"]
+        if isinstance(module, vision_attention.BatchedChunkAttention):
+            if compile:
+                module.rotate = _compiled(vision_attention._rotate)
         elif type(module) is Qwen2_5_VLRMSNorm:
             module.__class__ = FusedRMSNorm
+            if compile:
+                module.norm = _compiled(_rms_norm)
             swapped += 1
         elif type(module) is Qwen2_5_VLMLP and visual.config.hidden_act == "silu":
             module.__class__ = FusedSiluMLP
+            if compile:
+                module.mlp = _compiled(_silu_mlp)
             swapped += 1
     return swapped
 

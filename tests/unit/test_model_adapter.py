@@ -193,3 +193,19 @@ def test_fused_vision_modules_compute_what_transformers_modules_compute():
     assert type(visual.blocks[0].norm1) is FusedRMSNorm and type(visual.blocks[0].mlp) is FusedSiluMLP
     after = model.encode_frames(frames, geometry).embeds
     assert torch.allclose(before, after, atol=1e-6), (before - after).abs().max()
+
+
+def test_compiled_fusion_gives_every_module_one_shared_compiled_function():
+    """Wiring only (compiling runs at the first call, which needs CUDA here): each fused module gets the compiled
+    function, shared across modules, and an unfused tower keeps the eager ones."""
+    from mosaic_core.model.vision_attention import BatchedChunkAttention, _rotate
+    from mosaic_core.model.vision_tower import fuse_elementwise
+
+    fused, plain = Qwen25VLAdapter.from_preset("tiny"), Qwen25VLAdapter.from_preset("tiny")
+    visual = fused.model.model.visual
+    fuse_elementwise(visual)
+    norms = [m for m in visual.modules() if hasattr(m, "variance_epsilon")]
+    attentions = [m for m in visual.modules() if isinstance(m, BatchedChunkAttention)]
+    assert len({id(m.norm) for m in norms}) == 1 and norms[0].norm is not type(norms[0]).norm
+    assert len({id(m.rotate) for m in attentions}) == 1 and attentions[0].rotate is not _rotate
+    assert all(m.rotate is _rotate for m in plain.model.model.visual.modules() if isinstance(m, BatchedChunkAttention))
