@@ -10,7 +10,8 @@ the caller declares with ``set_neighbours``:
     c0 - c1 - c2 - c3        pairs tracked: (c0,c1) (c1,c2) (c2,c3)
 
 For each pair the tracker counts the questions, since the pair became adjacent, that retrieved either
-cluster and those that retrieved both; ``joint_fraction = num_joint / num_either``.
+cluster and those that retrieved both; ``joint_fraction = num_joint / num_either``. The counts live in the
+clusters' records (the pair's in its left cluster's), so a cluster's counts end when its record does.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from mosaic_core.bookkeeping.residency import CoRetrieval, ResidencyManager
 from mosaic_core.errors import ConfigError, InvalidArgumentError
 
 
@@ -34,64 +36,53 @@ class MergeProposal:
     num_tokens: int = 0  # size of the merged cluster
 
 
-@dataclass(slots=True)
-class _PairStats:
-    num_either: int = 0
-    num_joint: int = 0
-
-
 class CoRetrievalTracker:
-    """Counts retrievals per cluster and co-retrievals per adjacent pair, across the streams of one engine."""
+    """Counts retrievals per cluster and co-retrievals per adjacent pair, across the streams of one engine.
 
-    def __init__(self) -> None:
-        self._right: dict[str, str] = {}  # cluster -> next cluster of its stream
-        self._left: dict[str, str] = {}  # cluster -> previous cluster of its stream
-        self._pairs: dict[tuple[str, str], _PairStats] = {}
-        self._stream_of: dict[str, str] = {}
-        self._members: dict[str, set[str]] = {}  # stream -> clusters the tracker holds state for
-        self._num_retrievals: dict[str, int] = {}
+    The counts are part of each cluster's record (``ClusterResidency.co_retrieval``), so they end with it: a
+    merged, split or dropped cluster takes its counts and its pairs along, with no second registry to tell. A
+    pair counts only while both its records name each other. The tracker itself keeps each stream's number of
+    questions.
+    """
+
+    def __init__(self, residency: ResidencyManager) -> None:
+        self._residency = residency
         self._num_questions: dict[str, int] = {}
 
     def set_neighbours(self, stream_id: str, ordered_cluster_ids: Sequence[str]) -> None:
         """Declare a stream's clusters in temporal order; replaces its previous order.
 
-        Statistics of pairs that stay adjacent are kept; those of pairs that no longer are are dropped.
-        Call it when clusters are sealed, merged, split or dropped.
+        Statistics of pairs that stay adjacent are kept; those of pairs that no longer are are dropped, and the
+        stream's clusters left out have no neighbours. Call it when clusters are sealed, merged, split or dropped.
         """
         if len(set(ordered_cluster_ids)) != len(ordered_cluster_ids):
             raise InvalidArgumentError(f"stream {stream_id!r}: duplicate cluster ids in {list(ordered_cluster_ids)}")
         for cluster_id in ordered_cluster_ids:
-            self._check_owner(stream_id, cluster_id)
-        # Only adjacent pairs ever get statistics, so the stream's old pairs are exactly its old links.
-        old_pairs = {(cid, self._right[cid]) for cid in self._members.get(stream_id, ()) if cid in self._right}
-        new_pairs = set(itertools.pairwise(ordered_cluster_ids))
-        for left, right in old_pairs:
-            del self._right[left], self._left[right]
-            if (left, right) not in new_pairs:
-                self._pairs.pop((left, right), None)
-        for left, right in new_pairs:
-            self._right[left], self._left[right] = right, left
-        for cluster_id in ordered_cluster_ids:
-            self._own(stream_id, cluster_id)
+            self._counts(stream_id, cluster_id)
+        right_of = dict(itertools.pairwise(ordered_cluster_ids))
+        left_of = {right: left for left, right in right_of.items()}
+        kept = {left for left, right in right_of.items() if self._linked(left, right)}
+        for cluster_id in self._residency.clusters(stream_id):
+            counts = self._residency.co_retrieval(cluster_id)
+            if cluster_id not in kept:
+                counts.pair_either = counts.pair_joint = 0
+            counts.right, counts.left = right_of.get(cluster_id), left_of.get(cluster_id)
 
     def observe(self, stream_id: str, retrieved_cluster_ids: Sequence[str]) -> None:
         """Record one question's retrieved set (aggregated over layers) on ``stream_id``."""
-        retrieved = set(retrieved_cluster_ids)
-        for cluster_id in retrieved:
-            self._check_owner(stream_id, cluster_id)
+        retrieved = {cid: self._counts(stream_id, cid) for cid in retrieved_cluster_ids}
         self._num_questions[stream_id] = self._num_questions.get(stream_id, 0) + 1
-        touched: set[tuple[str, str]] = set()
-        for cluster_id in retrieved:
-            self._own(stream_id, cluster_id)
-            self._num_retrievals[cluster_id] = self._num_retrievals.get(cluster_id, 0) + 1
-            if (right := self._right.get(cluster_id)) is not None:
-                touched.add((cluster_id, right))
-            if (left := self._left.get(cluster_id)) is not None:
-                touched.add((left, cluster_id))
-        for left, right in touched:
-            stats = self._pairs.setdefault((left, right), _PairStats())
-            stats.num_either += 1
-            stats.num_joint += left in retrieved and right in retrieved
+        lefts: set[str] = set()  # each touched pair, named by its left cluster
+        for cluster_id, counts in retrieved.items():
+            counts.num_retrievals += 1
+            if self._linked(cluster_id, counts.right):
+                lefts.add(cluster_id)
+            if counts.left is not None and self._linked(counts.left, cluster_id):
+                lefts.add(counts.left)
+        for left in lefts:
+            counts = self._residency.co_retrieval(left)
+            counts.pair_either += 1
+            counts.pair_joint += left in retrieved and counts.right in retrieved
 
     def proposals(
         self,
@@ -118,16 +109,18 @@ class CoRetrievalTracker:
         if min_questions < 1 or max_tokens < 1:
             raise ConfigError(f"min_questions and max_tokens must be >= 1, got {min_questions}, {max_tokens}")
         candidates: list[MergeProposal] = []
-        for (left, right), stats in self._pairs.items():
-            pair_stream = self._stream_of[left]
-            if stream_id is not None and pair_stream != stream_id:
+        for left in self._residency.clusters(stream_id):
+            counts = self._residency.co_retrieval(left)
+            right = counts.right
+            if not self._linked(left, right) or counts.pair_either < min_questions:
                 continue
-            if stats.num_either < min_questions or left not in cluster_tokens or right not in cluster_tokens:
+            if left not in cluster_tokens or right not in cluster_tokens:
                 continue
-            fraction = stats.num_joint / stats.num_either
+            fraction = counts.pair_joint / counts.pair_either
             num_tokens = cluster_tokens[left] + cluster_tokens[right]
             if fraction >= min_joint_fraction and num_tokens <= max_tokens:
-                candidates.append(MergeProposal(pair_stream, left, right, fraction, stats.num_either, num_tokens))
+                pair_stream = self._residency.stream_of(left)
+                candidates.append(MergeProposal(pair_stream, left, right, fraction, counts.pair_either, num_tokens))
         candidates.sort(key=lambda p: (-p.joint_fraction, -p.num_questions, p.stream_id, p.left_id))
         chosen: list[MergeProposal] = []
         used: set[str] = set()
@@ -137,46 +130,40 @@ class CoRetrievalTracker:
                 used.update((proposal.left_id, proposal.right_id))
         return chosen
 
-    def forget(self, cluster_id: str) -> None:
-        """Drop all state about a cluster (merged away, split or dropped); unknown ids are ignored."""
-        stream_id = self._stream_of.pop(cluster_id, None)
-        if stream_id is None:
-            return
-        self._members.get(stream_id, set()).discard(cluster_id)
-        self._num_retrievals.pop(cluster_id, None)
-        if (right := self._right.pop(cluster_id, None)) is not None:
-            del self._left[right]
-            self._pairs.pop((cluster_id, right), None)
-        if (left := self._left.pop(cluster_id, None)) is not None:
-            del self._right[left]
-            self._pairs.pop((left, cluster_id), None)
-
     def drop_stream(self, stream_id: str) -> None:
-        """Drop all state about a stream."""
-        for cluster_id in list(self._members.get(stream_id, ())):
-            self.forget(cluster_id)
-        self._members.pop(stream_id, None)
+        """Forget a closed stream's question count (its clusters' counts went with their records)."""
         self._num_questions.pop(stream_id, None)
 
     def num_retrievals(self, cluster_id: str) -> int:
-        """Questions that retrieved ``cluster_id``."""
-        return self._num_retrievals.get(cluster_id, 0)
+        """Questions that retrieved ``cluster_id`` (0 once its record has ended)."""
+        if cluster_id not in self._residency:
+            return 0
+        return self._residency.co_retrieval(cluster_id).num_retrievals
 
     def num_questions(self, stream_id: str) -> int:
         """Questions observed on ``stream_id``."""
         return self._num_questions.get(stream_id, 0)
 
     def pair_counts(self, left_id: str, right_id: str) -> tuple[int, int]:
-        """``(num_either, num_joint)`` of an adjacent pair; (0, 0) if not tracked."""
-        stats = self._pairs.get((left_id, right_id))
-        return (0, 0) if stats is None else (stats.num_either, stats.num_joint)
+        """``(num_either, num_joint)`` of an adjacent pair; (0, 0) if the two are not neighbours now."""
+        if not self._linked(left_id, right_id):
+            return (0, 0)
+        counts = self._residency.co_retrieval(left_id)
+        return (counts.pair_either, counts.pair_joint)
 
-    def _check_owner(self, stream_id: str, cluster_id: str) -> None:
-        owner = self._stream_of.get(cluster_id, stream_id)
+    def _counts(self, stream_id: str, cluster_id: str) -> CoRetrieval:
+        """The cluster's counts, after checking that it is tracked and is ``stream_id``'s."""
+        owner = self._residency.stream_of(cluster_id)
         if owner != stream_id:
             raise InvalidArgumentError(f"cluster {cluster_id!r} belongs to stream {owner!r}, not {stream_id!r}")
+        return self._residency.co_retrieval(cluster_id)
 
-    def _own(self, stream_id: str, cluster_id: str) -> None:
-        self._check_owner(stream_id, cluster_id)
-        self._stream_of[cluster_id] = stream_id
-        self._members.setdefault(stream_id, set()).add(cluster_id)
+    def _linked(self, left_id: str | None, right_id: str | None) -> bool:
+        """Whether both clusters are tracked and name each other as neighbours."""
+        residency = self._residency
+        return (
+            left_id in residency
+            and right_id in residency
+            and residency.co_retrieval(left_id).right == right_id
+            and residency.co_retrieval(right_id).left == left_id
+        )

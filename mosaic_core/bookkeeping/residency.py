@@ -1,9 +1,12 @@
 """Which tier every cluster lives in, and how many bytes each tier has left.
 
 One ``ResidencyManager`` per engine covers all the streams that share the worker's budgets. It owns each
-cluster's memory record (``ClusterResidency``): its tier, size and pins, and its pages in each pool
-(``ClusterPages``, which ``mosaic_core.memory.tiers.KVTiers`` fills in as it moves the bytes). A record is made by
-``add`` and ends with ``remove``; nothing else keeps a cluster's tier or pages. It never moves bytes itself: it
+cluster's record (``ClusterResidency``): its tier, size and pins, its pages in each pool (``ClusterPages``, which
+``mosaic_core.memory.tiers.KVTiers`` fills in as it moves the bytes), its summary row (``SummaryRow``, which
+``mosaic_core.engine.summaries.SummaryIndex`` fills in) and its co-retrieval counts (``CoRetrieval``, which
+``mosaic_core.bookkeeping.maintenance.CoRetrievalTracker`` keeps). A record is made by ``add`` and ends with
+``remove``, and everything about the cluster ends with it; nothing else keeps a cluster's tier, pages, row or
+counts. It never moves bytes itself: it
 plans moves, the torch layer performs them, and ``apply`` then commits the bookkeeping.
 
     plan = residency.plan_fetch_many(top_ids)      # None: not possible now (everything else pinned)
@@ -20,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mosaic_core.bookkeeping.pages import ClusterPages
 from mosaic_core.bookkeeping.policies import EvictionPolicy, make_policy
@@ -36,9 +39,32 @@ from mosaic_core.errors import (
 
 
 @dataclass(slots=True)
+class SummaryRow:
+    """Where a cluster's key statistics are kept in the engine's summary index: its row there (None until its
+    first keys arrive) and how many tokens they sum."""
+
+    row: int | None = None
+    num_tokens: int = 0
+
+
+@dataclass(slots=True)
+class CoRetrieval:
+    """What questions retrieved of a cluster: how many retrieved it, its neighbours in its stream's order, and,
+    for the pair it forms with the cluster after it (``right``), how many questions retrieved either of the two
+    and how many both since they became neighbours."""
+
+    num_retrievals: int = 0
+    left: str | None = None
+    right: str | None = None
+    pair_either: int = 0
+    pair_joint: int = 0
+
+
+@dataclass(slots=True)
 class ClusterResidency:
-    """One cluster's memory record: the tier its KV lives in, its size, how many readers pin it there, and its
-    pages in each memory pool (empty in the disk tier)."""
+    """One cluster's record: the tier its KV lives in, its size, how many readers pin it there, its pages in
+    each memory pool (empty in the disk tier), its summary row and its co-retrieval counts. The last three are
+    live objects that ``record()``'s copies share."""
 
     cluster_id: str
     stream_id: str
@@ -46,6 +72,8 @@ class ClusterResidency:
     tier: Tier
     pages: ClusterPages
     pin_count: int = 0
+    summary: SummaryRow = field(default_factory=SummaryRow)
+    co_retrieval: CoRetrieval = field(default_factory=CoRetrieval)
 
     @property
     def on_device(self) -> bool:
@@ -274,8 +302,19 @@ class ResidencyManager:
         return self._get(cluster_id).tier
 
     def record(self, cluster_id: str) -> ClusterResidency:
-        """A copy of the cluster's residency record (its ``pages`` is the live page record)."""
+        """A copy of the cluster's record (its ``pages``, ``summary`` and ``co_retrieval`` are the live ones)."""
         return dataclasses.replace(self._get(cluster_id))
+
+    def stream_of(self, cluster_id: str) -> str:
+        return self._get(cluster_id).stream_id
+
+    def summary(self, cluster_id: str) -> SummaryRow:
+        """The cluster's live summary row (raises UnknownClusterError if not tracked)."""
+        return self._get(cluster_id).summary
+
+    def co_retrieval(self, cluster_id: str) -> CoRetrieval:
+        """The cluster's live co-retrieval counts (raises UnknownClusterError if not tracked)."""
+        return self._get(cluster_id).co_retrieval
 
     def pages(self, cluster_id: str) -> ClusterPages:
         """The cluster's page record, which the torch layer changes as it places and moves the bytes.
@@ -426,6 +465,8 @@ class ResidencyManager:
         for cid, record in self._records.items():
             assert cid in self._by_tier[record.tier] and cid in self._by_stream[record.stream_id]
             assert record.pin_count >= 0
+        rows = [record.summary.row for record in self._records.values() if record.summary.row is not None]
+        assert len(rows) == len(set(rows)), "two clusters share a summary row"
 
     # -- internals ----------------------------------------------------------------------------------------
 

@@ -95,7 +95,7 @@ class Engine:
             disk_dir=disk_dir,
             durable=durable,
         )
-        self.tiering = TierManager(residency, tiers)
+        self.tiering = TierManager(residency, tiers, SummaryIndex(self.spec, residency, device=model.device))
         keyframes = KeyframeSettings(
             count=self.config.keyframes_per_cluster,
             long_side_px=self.config.keyframe_long_side_px,
@@ -103,7 +103,7 @@ class Engine:
             on_disk=durable is not None,
         )
         self.history = None if durable is None else HistoryKeeper(durable, self.tiering, keyframes)
-        self.tracker = CoRetrievalTracker()
+        self.tracker = CoRetrievalTracker(residency)
         self.streams: dict[str, StreamState] = {}
         self.parts = EngineParts(
             model=model,
@@ -213,7 +213,6 @@ class Engine:
             stream_id,
             fps=fps,
             former=ClusterFormer(stream_id, formation),
-            summaries=SummaryIndex(self.spec, device=self.model.device),
             pools=pools,
         )
         ids = self.model.stream_preamble(system_prompt or DEFAULT_SYSTEM_PROMPT)
@@ -243,8 +242,7 @@ class Engine:
         store = held_keyframes(state)
         if store is not None:
             store.close()
-        for cluster_id in self.tiering.drop_stream(state.stream_id):
-            self.tracker.forget(cluster_id)
+        self.tiering.drop_stream(state.stream_id)
         self.tracker.drop_stream(state.stream_id)
         self.tiering.residency.release(f"{state.stream_id}:sink+window")
         self.tiering.tiers.pools.give_back(Tier.DEVICE, state.past_pages())  # a question reading them holds them
@@ -272,8 +270,6 @@ class Engine:
         for cluster_id in expired:
             self.tiering.remove(cluster_id)
             state.former.remove(cluster_id)
-            state.summaries.remove(cluster_id)
-            self.tracker.forget(cluster_id)
         store_for(self.parts, state).forget(expired)
         if self.history is not None:
             self.history.on_drop(state, expired)
@@ -375,7 +371,7 @@ class Engine:
                     end_s=record.end_s,
                     first_frame=record.frame_indices[0],
                     last_frame=record.frame_indices[-1],
-                    num_tokens=state.summaries.count(record.cluster_id),
+                    num_tokens=res.summary.num_tokens,
                     num_bytes=res.num_bytes,
                     tier=res.tier.name.lower(),
                 )

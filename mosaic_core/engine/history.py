@@ -103,7 +103,7 @@ class HistoryKeeper:
 
     def _seal(self, state: StreamState, record: ClusterRecord) -> Seal:
         kv, ready = self.tiering.tiers.snapshot(record.cluster_id)
-        key_sum, key_sumsq, count = state.summaries.stats_of(record.cluster_id)
+        key_sum, key_sumsq, count = self.tiering.summaries.stats_of(record.cluster_id)
         page_tokens = record.frame_num_tokens[0]
         assert all(n == page_tokens for n in record.frame_num_tokens), f"{record.cluster_id}: unequal frame sizes"
         entry = ClusterEntry(
@@ -171,9 +171,9 @@ class HistoryKeeper:
         state.text_cursor = max([state.text_cursor, saved.get("text_cursor") or 0] + [e.position_end for e in entries])
         for entry in entries:
             summary = summaries[entry.cluster_id]
-            state.summaries.add_stats(entry.cluster_id, summary.key_sum, summary.key_sumsq, summary.key_count)
             footprint = self.tiering.tiers.footprint_bytes(entry.num_tokens)  # the pages it takes once fetched
             self.tiering.residency.add(entry.cluster_id, state.stream_id, footprint, Tier.DISK)
+            self.tiering.summaries.put(entry.cluster_id, summary.key_sum, summary.key_sumsq, summary.key_count)
             self.tiering.tiers.adopt(entry.cluster_id)
             self._adopt_keyframes(state, entry)
         return RestoredStream(state.stream_id, stored.stream.get("meta") or {}, saved, len(entries), last_ts)

@@ -271,7 +271,7 @@ def _store_in_cluster(parts: EngineParts, state: StreamState, frame: LocalFrame)
     else:
         prefer = Tier.DEVICE if parts.config.mode.caches_on_device else Tier.HOST
         parts.tiering.admit_pages(frame.cluster_id, state.stream_id, frame.pages, frame.fills, prefer=prefer)
-    state.summaries.add(frame.cluster_id, keys)
+    parts.tiering.summaries.add(frame.cluster_id, keys)
     if parts.history is not None:
         parts.history.on_stored(state, frame.cluster_id, frame.frame_index)
     join_recurring(parts, state, frame.cluster_id, frame.frame_index)

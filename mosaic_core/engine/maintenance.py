@@ -42,7 +42,7 @@ def apply_merges(parts: EngineParts, state: StreamState, retrieved: list[str]) -
     # frames, so a multi-span cluster takes no part in merges.
     records = state.records()
     sizes = {
-        cid: state.summaries.count(cid)
+        cid: parts.tiering.summaries.count(cid)
         for cid in ordered
         if not residency.record(cid).pinned and len(records[cid].spans()) == 1
     }
@@ -117,18 +117,18 @@ def _joins_on(parts: EngineParts) -> bool:
 
 def _replace(parts: EngineParts, state: StreamState, old_ids: list[str], record: ClusterRecord) -> None:
     """Makes ``record``'s cluster of the KV of ``old_ids`` (in that order) and retires them everywhere: tiers,
-    summaries, the co-retrieval tracker, vision centroids, keyframes (carried over) and durable history (one
-    journal line). In one memory tier the pages change hands without a copy; otherwise both are read onto the
-    device and the result is stored in the hotter of their tiers, and those moves are counted in the tier stats."""
+    records (their summary rows and co-retrieval counts end with them), vision centroids, keyframes (carried
+    over) and durable history (one journal line). The new record's summary is the sum of theirs. In one memory
+    tier the pages change hands without a copy; otherwise both are read onto the device and the result is stored
+    in the hotter of their tiers, and those moves are counted in the tier stats."""
     tiering = parts.tiering
+    merged_summary = tiering.summaries.combined(old_ids)  # before their records, and rows, end
     if tiering.can_regroup(old_ids):
         num_pages = sum(tiering.tiers.pages(cid).num_pages for cid in old_ids)
         tiering.regroup(state.stream_id, old_ids, [(record.cluster_id, num_pages)])
     else:
         _copy_into_one(parts, state, old_ids, record.cluster_id)
-    for cluster_id in old_ids:
-        parts.tracker.forget(cluster_id)
-    state.summaries.merge(old_ids[0], old_ids[1], record.cluster_id)
+    tiering.summaries.put(record.cluster_id, *merged_summary)
     centroids_of(state).combine(old_ids, record.cluster_id)
     store_for(parts, state).carry_over(old_ids, [record])
     if parts.history is not None:

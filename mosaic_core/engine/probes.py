@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mosaic_core.engine.stream import StreamState
+from mosaic_core.engine.summaries import SummaryIndex
 from mosaic_core.memory.layout import KVSpec
 
 ENGINE = "engine"  # the key of the engine's own choice in a request's results
@@ -94,7 +95,9 @@ def active_request() -> ProbeRequest | None:
     return _ACTIVE.get()
 
 
-def span_token_ranges(stream: StreamState, candidates: list[str], spans: list[tuple[int, int]]) -> list[list[range]]:
+def span_token_ranges(
+    stream: StreamState, summaries: SummaryIndex, candidates: list[str], spans: list[tuple[int, int]]
+) -> list[list[range]]:
     """Per candidate, the token ranges of its stored KV that belong to the frames of ``spans`` (inclusive).
 
     A unit stores its frames in the order its record lists them (as they left the local window, then joined);
@@ -103,7 +106,7 @@ def span_token_ranges(stream: StreamState, candidates: list[str], spans: list[tu
     records = stream.records()
     out = []
     for cluster_id in candidates:
-        record, stored = records[cluster_id], stream.summaries.count(cluster_id)
+        record, stored = records[cluster_id], summaries.count(cluster_id)
         ranges, offset = [], 0
         for frame, num_tokens in zip(record.frame_indices, record.frame_num_tokens, strict=True):
             if offset + num_tokens > stored:
@@ -121,7 +124,7 @@ class QueryPlanter:
     def __init__(self, stream: StreamState, tiering, candidates: list[str], spec: KVSpec, request: ProbeRequest):
         assert request.span is not None, "a planter needs a span"
         self.spec = spec
-        self.ranges = span_token_ranges(stream, candidates, [request.span, *request.recurs_at])
+        self.ranges = span_token_ranges(stream, tiering.summaries, candidates, [request.span, *request.recurs_at])
         self.span_tokens = sum(len(r) for ranges in self.ranges for r in ranges)
         if self.span_tokens == 0:
             spans = [request.span, *request.recurs_at]
@@ -129,7 +132,7 @@ class QueryPlanter:
         self.margin = request.margin
         self._span_units = [(cid, ranges) for cid, ranges in zip(candidates, self.ranges, strict=True) if ranges]
         self._tiering = tiering
-        mean, _, log_count = stream.summaries.all_layers(candidates)  # [C, L, H, D], [C]
+        mean, _, log_count = tiering.summaries.all_layers(candidates)  # [C, L, H, D], [C]
         counts = log_count.exp()
         self._history_mean = (mean * counts[:, None, None, None]).sum(0) / counts.sum()  # [L, H, D]
         self._history_tokens = float(counts.sum())

@@ -168,9 +168,9 @@ class Retriever:
         self.profile = profile
         self.score_s = 0.0
         self.fetch_s = 0.0
-        self._sizes = {cid: stream.summaries.count(cid) for cid in candidates}
+        self._sizes = {cid: tiering.summaries.count(cid) for cid in candidates}
         # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
-        self._summaries = stream.summaries.all_layers(candidates) if candidates else None
+        self._summaries = tiering.summaries.all_layers(candidates) if candidates else None
         self._timed_gathers: list[Moved] = []
         off_cuda = tiering.tiers.transfers.side is None  # there the copy engines' copies are plain host copies
         self._dma = machinery.staging_copy == "dma" and (off_cuda or _copy_engines_found())

@@ -137,11 +137,10 @@ def split_cluster(parts: EngineParts, state: StreamState, record: ClusterRecord,
             part = kv[:, :, :, start : start + half.num_tokens].contiguous()
             tiering.admit(half.cluster_id, state.stream_id, part, prefer=tier)
             start += half.num_tokens
-    parts.tracker.forget(cluster_id)
-    state.summaries.remove(cluster_id)
+    summaries = tiering.summaries
     start = 0
     for half in halves:
-        state.summaries.add(half.cluster_id, kv[:, 0, :, start : start + half.num_tokens].to(state.summaries.device))
+        summaries.add(half.cluster_id, kv[:, 0, :, start : start + half.num_tokens].to(summaries.device))
         start += half.num_tokens
     centroids_of(state).keep_only({r.cluster_id for r in state.former.records()})
     store_for(parts, state).carry_over([cluster_id], list(halves))

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.formation import ClusterFormer, ClusterRecord
-from mosaic_core.engine.summaries import SummaryIndex
 from mosaic_core.errors import InvalidArgumentError, StreamClosedError, TimestampOrderError
 from mosaic_core.memory.arena import PagePools
 from mosaic_core.model.pixels import VisionGeometry
@@ -54,13 +53,10 @@ class LocalFrame:
 class StreamState:
     """Everything the engine keeps for one stream."""
 
-    def __init__(
-        self, stream_id: str, *, fps: float, former: ClusterFormer, summaries: SummaryIndex, pools: PagePools
-    ) -> None:
+    def __init__(self, stream_id: str, *, fps: float, former: ClusterFormer, pools: PagePools) -> None:
         self.stream_id = stream_id
         self.fps = fps
         self.former = former
-        self.summaries = summaries
         self.closed = False
         self.pools = pools
         self.sink_pages: list[int] = []

@@ -14,80 +14,96 @@ from __future__ import annotations
 
 import torch
 
+from mosaic_core.bookkeeping.residency import ResidencyManager, SummaryRow
 from mosaic_core.kernels import kernels_ready
 from mosaic_core.memory.layout import KVSpec
 
+MIN_ROWS = 16  # the index's smallest size, in rows
+
 
 class SummaryIndex:
-    """Rows of key statistics, one row per cluster of one stream, kept on the engine's device."""
+    """Rows of key statistics, one row per cluster of an engine, kept on the engine's device.
 
-    def __init__(self, spec: KVSpec, *, device: torch.device) -> None:
+    The tensors are rows of a pool, as pages are: which row is a cluster's, and how many tokens it sums, is in the
+    cluster's record (``ClusterResidency.summary``). ``TierManager`` frees the row as it ends the record, so a
+    removed, merged or split cluster leaves no row behind. Freed rows are reused first, so a long stream with
+    retention never grows the tensors; once a quarter or less of them is in use they are compacted to half their
+    size (the records' row numbers change then), so closed streams give their rows' memory back.
+    """
+
+    def __init__(self, spec: KVSpec, residency: ResidencyManager, *, device: torch.device) -> None:
         self.spec = spec
         self.device = device
-        self._rows: dict[str, int] = {}
-        self._ids: list[str | None] = []
-        self._free_rows: list[int] = []  # rows of removed clusters, reused first: a long stream never grows
-        self._num_tokens: dict[str, int] = {}  # host-side copy of the counts, so sizes never sync the device
-        capacity = 16
+        self._residency = residency
+        self._owners: list[SummaryRow | None] = []  # row -> the record's summary that holds it (None: free)
+        self._free_rows: list[int] = []
         # [capacity, num_layers, num_kv_heads, head_dim]
-        self._sum = torch.zeros(capacity, spec.num_layers, spec.num_kv_heads, spec.head_dim, device=device)
+        self._sum = torch.zeros(MIN_ROWS, spec.num_layers, spec.num_kv_heads, spec.head_dim, device=device)
         self._sumsq = torch.zeros_like(self._sum)
-        self._count = torch.zeros(capacity, device=device)
+        self._count = torch.zeros(MIN_ROWS, device=device)
 
     def __len__(self) -> int:
-        return len(self._rows)
+        """Rows in use."""
+        return len(self._owners) - len(self._free_rows)
+
+    @property
+    def capacity(self) -> int:
+        return self._sum.shape[0]
 
     def add(self, cluster_id: str, keys: torch.Tensor) -> None:
-        """Adds keys ``[num_layers, num_kv_heads, n, head_dim]`` to a cluster's row (creating it)."""
-        row = self._rows.get(cluster_id)
-        if row is None:
-            row = self._new_row(cluster_id)
+        """Adds keys ``[num_layers, num_kv_heads, n, head_dim]`` to a cluster's row (taking one for it)."""
+        summary = self._residency.summary(cluster_id)
+        if summary.row is None:
+            summary.row = self._take_row(summary)
         keys = keys.float()
-        self._sum[row] += keys.sum(dim=2)
-        self._sumsq[row] += keys.square().sum(dim=2)
-        self._count[row] += keys.shape[2]
-        self._num_tokens[cluster_id] = self._num_tokens.get(cluster_id, 0) + keys.shape[2]
+        self._sum[summary.row] += keys.sum(dim=2)
+        self._sumsq[summary.row] += keys.square().sum(dim=2)
+        self._count[summary.row] += keys.shape[2]
+        summary.num_tokens += keys.shape[2]
 
-    def add_stats(self, cluster_id: str, key_sum: torch.Tensor, key_sumsq: torch.Tensor, count: float) -> None:
-        """Restores a cluster's row from saved statistics ``[num_layers, num_kv_heads, head_dim]``."""
-        assert cluster_id not in self._rows, f"summary of {cluster_id} restored twice"
-        row = self._new_row(cluster_id)
-        self._sum[row] = key_sum.to(self.device, torch.float32)
-        self._sumsq[row] = key_sumsq.to(self.device, torch.float32)
-        self._count[row] = float(count)
-        self._num_tokens[cluster_id] = round(count)
+    def put(self, cluster_id: str, key_sum: torch.Tensor, key_sumsq: torch.Tensor, count: float) -> None:
+        """Gives a cluster without a row the statistics ``[num_layers, num_kv_heads, head_dim]`` of ``count``
+        tokens: restored from its durable record, or the sum of the clusters it was merged from."""
+        summary = self._residency.summary(cluster_id)
+        assert summary.row is None, f"{cluster_id} already has summary row {summary.row}"
+        summary.row = self._take_row(summary)
+        self._sum[summary.row] = key_sum.to(self.device, torch.float32)
+        self._sumsq[summary.row] = key_sumsq.to(self.device, torch.float32)
+        self._count[summary.row] = float(count)
+        summary.num_tokens = round(count)
 
     def stats_of(self, cluster_id: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """A cluster's key sum and sum of squares (host copies) and its token count, for its durable record."""
-        row = self._rows[cluster_id]
-        return self._sum[row].cpu(), self._sumsq[row].cpu(), float(self._num_tokens[cluster_id])
+        summary = self._residency.summary(cluster_id)
+        return self._sum[summary.row].cpu(), self._sumsq[summary.row].cpu(), float(summary.num_tokens)
 
-    def merge(self, left_id: str, right_id: str, merged_id: str) -> None:
-        left, right = self._rows.pop(left_id), self._rows.pop(right_id)
-        self._ids[left] = self._ids[right] = None
-        row = self._new_row(merged_id)
-        self._num_tokens[merged_id] = self._num_tokens.pop(left_id) + self._num_tokens.pop(right_id)
-        for stat in (self._sum, self._sumsq, self._count):
-            stat[row] = stat[left] + stat[right]
-            stat[left] = 0
-            stat[right] = 0
-        self._free_rows += [left, right]
+    def combined(self, cluster_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The statistics of ``cluster_ids`` taken together (on the device), for ``put`` on their merger."""
+        rows = self.rows(cluster_ids)
+        count = sum(self._residency.summary(cid).num_tokens for cid in cluster_ids)
+        return self._sum[rows].sum(dim=0), self._sumsq[rows].sum(dim=0), float(count)
 
-    def remove(self, cluster_id: str) -> None:
-        row = self._rows.pop(cluster_id)
-        self._ids[row] = None
-        del self._num_tokens[cluster_id]
+    def free(self, summary: SummaryRow) -> None:
+        """Zeroes and frees the row of an ended record (nothing if it never had one)."""
+        if summary.row is None:
+            return
         for stat in (self._sum, self._sumsq, self._count):
-            stat[row] = 0
-        self._free_rows.append(row)
+            stat[summary.row] = 0
+        self._free_rows.append(summary.row)
+        self._owners[summary.row] = None
+        summary.row, summary.num_tokens = None, 0
+        if self.capacity > MIN_ROWS and 4 * len(self) <= self.capacity:
+            self._compact(max(MIN_ROWS, self.capacity // 2))
 
     def count(self, cluster_id: str) -> int:
         """Tokens summarised for a cluster (its stored KV)."""
-        return self._num_tokens[cluster_id]
+        return self._residency.summary(cluster_id).num_tokens
 
     def rows(self, cluster_ids: list[str]) -> torch.Tensor:
-        """Row indices of ``cluster_ids`` (valid until the next merge or removal)."""
-        return torch.tensor([self._rows[c] for c in cluster_ids], device=self.device, dtype=torch.long)
+        """Row indices of ``cluster_ids`` (valid until a row is freed: freeing may compact the rows)."""
+        rows = [self._residency.summary(cid).row for cid in cluster_ids]
+        assert None not in rows, f"a cluster of {cluster_ids} has no keys summarised yet"
+        return torch.tensor(rows, device=self.device, dtype=torch.long)
 
     def all_layers(self, cluster_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Centroids and variances ``[C, num_layers, num_kv_heads, head_dim]`` and log-counts ``[C]``."""
@@ -97,20 +113,31 @@ class SummaryIndex:
         var = (self._sumsq[rows] / count[:, None, None, None] - mean.square()).clamp_min(0.0)
         return mean, var, count.log()
 
-    def _new_row(self, cluster_id: str) -> int:
+    def _take_row(self, summary: SummaryRow) -> int:
         if self._free_rows:
             row = self._free_rows.pop()
-            self._ids[row] = cluster_id
-            self._rows[cluster_id] = row
+            self._owners[row] = summary
             return row
-        row = len(self._ids)
-        if row == self._sum.shape[0]:
+        if len(self._owners) == self.capacity:
             self._sum = _grow(self._sum)
             self._sumsq = _grow(self._sumsq)
             self._count = _grow(self._count)
-        self._ids.append(cluster_id)
-        self._rows[cluster_id] = row
-        return row
+        self._owners.append(summary)
+        return len(self._owners) - 1
+
+    def _compact(self, capacity: int) -> None:
+        """Moves the rows in use to the front of tensors of ``capacity`` rows and renumbers their records."""
+        used = [(row, owner) for row, owner in enumerate(self._owners) if owner is not None]
+        old_rows = torch.tensor([row for row, _ in used], device=self.device, dtype=torch.long)
+        for name in ("_sum", "_sumsq", "_count"):
+            old = getattr(self, name)
+            new = old.new_zeros(capacity, *old.shape[1:])
+            new[: len(used)] = old[old_rows]
+            setattr(self, name, new)
+        for new_row, (_, owner) in enumerate(used):
+            owner.row = new_row
+        self._owners = [owner for _, owner in used]
+        self._free_rows = []
 
 
 def _grow(t: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,10 @@ Every placement change goes the same way: the plain-Python ``ResidencyManager`` 
 bytes in plan order, then the plan is applied to the bookkeeping. An optional listener hears each committed move
 (the service uses it to update the metadata store atomically).
 
-A cluster has one record, the residency manager's (tier, size, pins and pages). It is made before its bytes are
-placed (``admit``, ``admit_pages``, a regroup's new clusters) and forgotten before they are freed (``remove``,
-``drop_stream``), so ``KVTiers`` always finds the record of the bytes it handles.
+A cluster has one record, the residency manager's (tier, size, pins, pages, summary row and co-retrieval counts).
+It is made before its bytes are placed (``admit``, ``admit_pages``, a regroup's new clusters) and forgotten before
+they are freed (``remove``, ``drop_stream``, a regroup's old clusters), so ``KVTiers`` and the ``SummaryIndex``
+always find the record of the bytes and the row they handle, and free both as it ends.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.bookkeeping.tiers import Move, MovePlan, Tier
+from mosaic_core.engine.summaries import SummaryIndex
 from mosaic_core.errors import CapacityError
 from mosaic_core.memory.tiers import KVTiers
 
@@ -26,9 +28,10 @@ MoveListener = Callable[[Move], None]
 class TierManager:
     """Places whole clusters in tiers under the engine's budgets."""
 
-    def __init__(self, residency: ResidencyManager, tiers: KVTiers) -> None:
+    def __init__(self, residency: ResidencyManager, tiers: KVTiers, summaries: SummaryIndex) -> None:
         self.residency = residency
         self.tiers = tiers
+        self.summaries = summaries
         self.listeners: list[MoveListener] = []
         self.device_hits = 0
         self.device_lookups = 0
@@ -123,10 +126,11 @@ class TierManager:
         return promoted
 
     def remove(self, cluster_id: str) -> None:
-        """Forgets a cluster and frees its bytes (raises, changing nothing, if it is pinned)."""
+        """Forgets a cluster and frees its bytes and summary row (raises, changing nothing, if it is pinned)."""
         record = self.residency.record(cluster_id)
         self.residency.remove(cluster_id)
         self.tiers.free(record)
+        self.summaries.free(record.summary)
 
     def drop_stream(self, stream_id: str) -> list[str]:
         """``remove`` for every cluster of a stream (none is removed if one is pinned); returns their ids."""
@@ -134,6 +138,7 @@ class TierManager:
         self.residency.drop_stream(stream_id)
         for record in records:
             self.tiers.free(record)
+            self.summaries.free(record.summary)
         return [record.cluster_id for record in records]
 
     def can_regroup(self, cluster_ids: list[str]) -> bool:
@@ -147,10 +152,13 @@ class TierManager:
 
     def regroup(self, stream_id: str, old_ids: list[str], new: list[tuple[str, int]]) -> Tier:
         """Replaces clusters by new ones made of the same pages, in the same tier, without a copy
-        (``KVTiers.regroup``); the bytes stay counted where they are."""
+        (``KVTiers.regroup``); the bytes stay counted where they are. The old clusters' summary rows are freed:
+        the caller gives the new ones theirs."""
         tier, pages = self.tiers.regroup(old_ids, new)
         for cluster_id in old_ids:
+            summary = self.residency.summary(cluster_id)
             self.residency.remove(cluster_id)
+            self.summaries.free(summary)
         for (cluster_id, num_pages), cluster_pages in zip(new, pages, strict=True):
             num_bytes = num_pages * self.tiers.pools.page_bytes
             self.residency.add(cluster_id, stream_id, num_bytes, tier, pages=cluster_pages)

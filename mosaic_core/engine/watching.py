@@ -121,10 +121,10 @@ def summary_scores(
 
     The same estimate as ``mosaic_core.engine.summaries.per_head_scores`` (spread form), batched over watches:
     per KV head the maximum over the head's query group and tokens, heads combined by log-sum-exp. Reads the
-    stream's summary index (an engine internal)."""
-    state = engine.stream(stream_id)
+    engine's summary index (an engine internal)."""
+    engine.stream(stream_id)  # raises for a stream that is not open
     spec = engine.spec
-    mean, var, log_count = state.summaries.all_layers(cluster_ids)  # [C, L, H, D] x2, [C]
+    mean, var, log_count = engine.tiering.summaries.all_layers(cluster_ids)  # [C, L, H, D] x2, [C]
     if layers is not None:
         mean, var = mean[:, list(layers)], var[:, list(layers)]
     num_w, num_l, num_q, num_t, dim = queries.shape
@@ -193,7 +193,7 @@ class WatchScorer:
         history = [r.cluster_id for r in records]
         queries = _pad_tokens(self._queries_of(stream_id, questions))  # [W, L, Hq, T, D]
         scores = summary_scores(self.engine, stream_id, history, queries, self.layers)  # [W, L, C]
-        _, _, log_count = state.summaries.all_layers(history)
+        _, _, log_count = self.engine.tiering.summaries.all_layers(history)
         log_count = log_count.float().to(scores.device)
         rows = torch.tensor([index[c] for c in cluster_ids], device=scores.device)
         ends = torch.tensor([r.end_s for r in records], dtype=torch.float64)

@@ -142,12 +142,12 @@ def test_retention_keeps_the_summary_rows_bounded(tiny_model, bikes_frames, tmp_
     made: rows of dropped clusters are reused."""
     engine = make_engine(tiny_model, data_dir=str(tmp_path))
     engine.open_stream("cam", fps=2.0)
-    summaries = engine.stream("cam").summaries
+    summaries = engine.tiering.summaries
     capacities = []
     for lap in range(6):
         feed(engine, "cam", bikes_frames[:16], offset_s=lap * 100.0)
         engine.drop_clusters_before("cam", engine.stream("cam").last_timestamp_s - 3.0)
-        capacities.append(summaries._sum.shape[0])
+        capacities.append(summaries.capacity)
     assert len(summaries) <= 10, "retention keeps only the last few seconds"
     assert capacities[-1] == capacities[1], f"summary rows grew with every lap: {capacities}"
     engine.close()

@@ -1,18 +1,27 @@
-"""Co-retrieval tracking and merge proposals on constructed question sequences."""
+"""Co-retrieval tracking and merge proposals on constructed question sequences, with the counts in the clusters'
+residency records."""
 
 from __future__ import annotations
 
 import pytest
 
-from mosaic_core.bookkeeping import CoRetrievalTracker, MergeProposal
-from mosaic_core.errors import ConfigError, InvalidArgumentError
+from mosaic_core.bookkeeping import CoRetrievalTracker, MergeProposal, ResidencyManager, Tier, TierBudgets
+from mosaic_core.errors import ConfigError, InvalidArgumentError, UnknownClusterError
 
 IDS = ["s/c0", "s/c1", "s/c2", "s/c3"]
 SIZES = dict.fromkeys(IDS, 100)
 
 
+def tracked(*ids: str) -> CoRetrievalTracker:
+    """A tracker over a residency manager holding ``ids`` (stream: the part before the slash)."""
+    residency = ResidencyManager(TierBudgets(device_bytes=1 << 20, host_bytes=0))
+    for cluster_id in ids:
+        residency.add(cluster_id, cluster_id.split("/")[0], 1, Tier.DEVICE)
+    return CoRetrievalTracker(residency)
+
+
 def tracker_with(questions: list[list[str]], ids: list[str] = IDS, stream_id: str = "s") -> CoRetrievalTracker:
-    tracker = CoRetrievalTracker()
+    tracker = tracked(*ids)
     tracker.set_neighbours(stream_id, ids)
     for retrieved in questions:
         tracker.observe(stream_id, retrieved)
@@ -101,13 +110,16 @@ def test_set_neighbours_keeps_surviving_pairs_and_drops_others() -> None:
     assert tracker.pair_counts("s/c1", "s/c3") == (1, 1)
 
 
-def test_forget_after_merge() -> None:
+def test_counts_end_with_the_records_after_a_merge() -> None:
     tracker = tracker_with([["s/c1", "s/c2"]] * 3)
+    residency = tracker._residency
     (proposal,) = tracker.proposals(max_tokens=400, cluster_tokens=SIZES)
-    tracker.forget(proposal.left_id)
-    tracker.forget(proposal.right_id)
-    tracker.forget("never-seen")
+    residency.remove(proposal.left_id)
+    residency.remove(proposal.right_id)
     assert tracker.num_retrievals("s/c1") == 0 and tracker.pair_counts("s/c1", "s/c2") == (0, 0)
+    assert tracker.pair_counts("s/c0", "s/c1") == (0, 0)  # c0 still names c1, which has no record
+    assert tracker.proposals(max_tokens=400, cluster_tokens=SIZES, min_questions=1, min_joint_fraction=0.1) == []
+    residency.add("s/c4", "s", 1, Tier.DEVICE)
     tracker.set_neighbours("s", ["s/c0", "s/c4", "s/c3"])
     tracker.observe("s", ["s/c4", "s/c3"])
     assert tracker.pair_counts("s/c4", "s/c3") == (1, 1)
@@ -115,7 +127,10 @@ def test_forget_after_merge() -> None:
 
 
 def test_streams_are_isolated() -> None:
-    tracker = tracker_with([["a/c0", "a/c1"]] * 3, ids=["a/c0", "a/c1"], stream_id="a")
+    tracker = tracked("a/c0", "a/c1", "b/c0", "b/c1")
+    tracker.set_neighbours("a", ["a/c0", "a/c1"])
+    for _ in range(3):
+        tracker.observe("a", ["a/c0", "a/c1"])
     tracker.set_neighbours("b", ["b/c0", "b/c1"])
     for _ in range(3):
         tracker.observe("b", ["b/c0", "b/c1"])
@@ -127,14 +142,28 @@ def test_streams_are_isolated() -> None:
     with pytest.raises(InvalidArgumentError, match="belongs to stream 'a'"):
         tracker.set_neighbours("b", ["b/c0", "a/c1"])
     assert tracker.num_questions("b") == 3  # the refused observation counted nothing
+    tracker._residency.drop_stream("a")
     tracker.drop_stream("a")
     assert tracker.num_questions("a") == 0 and tracker.num_retrievals("a/c0") == 0
     assert [p.stream_id for p in tracker.proposals(max_tokens=100, cluster_tokens=sizes)] == ["b"]
-    tracker.set_neighbours("b", ["a/c0"])  # after the drop the id is free again
+    with pytest.raises(UnknownClusterError):
+        tracker.observe("b", ["a/c0"])  # its record ended with the stream
+
+
+def test_a_stale_neighbour_does_not_count() -> None:
+    """c1 is removed and c2 re-declared after c0: the pair (c0, c2) starts from zero, and a question that
+    retrieves c0 alone before the re-declaration counts no pair."""
+    tracker = tracker_with([["s/c0", "s/c1"]] * 2)
+    tracker._residency.remove("s/c1")
+    tracker.observe("s", ["s/c0"])
+    assert tracker.pair_counts("s/c0", "s/c1") == (0, 0)
+    tracker.set_neighbours("s", ["s/c0", "s/c2", "s/c3"])
+    assert tracker.pair_counts("s/c0", "s/c2") == (0, 0)
+    assert tracker.num_retrievals("s/c0") == 3
 
 
 def test_validation() -> None:
-    tracker = CoRetrievalTracker()
+    tracker = tracked("x")
     with pytest.raises(InvalidArgumentError, match="duplicate"):
         tracker.set_neighbours("s", ["x", "x"])
     with pytest.raises(ConfigError, match="min_joint_fraction"):

@@ -112,7 +112,7 @@ def test_a_looped_clip_joins_reports_every_span_and_restores(tiny_model, bikes_f
     for record in joined:
         assert record.frame_indices == sorted(record.frame_indices), "KV order is frame order"
         assert min(record.frame_indices) < 40 <= max(record.frame_indices), "a join must bring the two visits together"
-        assert engine.stream("cam").summaries.count(record.cluster_id) == record.num_tokens
+        assert engine.tiering.summaries.count(record.cluster_id) == record.num_tokens
     frame_sets = [set(r.frame_indices) for r in records]
     assert sum(len(s) for s in frame_sets) == len(set().union(*frame_sets)), "a frame is in two clusters"
 

@@ -72,7 +72,7 @@ def test_a_probe_on_part_of_a_cluster_splits_it_there_and_the_halves_restore(tin
     assert torch.equal(torch.cat(parts, dim=3), kv), "the halves must hold exactly the cluster's KV, in order"
     after = [engine.tiering.tiers.pages(r.cluster_id) for r in halves]
     assert [p for record in after for p in (record.device or record.host)] == pages, "the halves take its pages"
-    summaries = engine.stream("cam").summaries
+    summaries = engine.tiering.summaries
     for record, part in zip(halves, parts, strict=True):
         assert summaries.count(record.cluster_id) == record.num_tokens == part.shape[3]
         key_sum, _, _ = summaries.stats_of(record.cluster_id)

@@ -163,6 +163,10 @@ def test_a_cluster_has_one_record_the_residency_managers(tmp_path):
     kv = _kv(20, 4)
     put(tiering, "cam/c000000", kv.to(DEVICE), Tier.DEVICE)
     assert tiering.tiers.pages("cam/c000000") is tiering.residency.pages("cam/c000000")
+    tiering.summaries.add("cam/c000000", kv[:, 0].to(DEVICE))
+    summary = tiering.residency.summary("cam/c000000")
+    row = summary.row
+    assert row is not None and summary.num_tokens == 20 and len(tiering.summaries) == 1
     move(tiering, "cam/c000000", Tier.HOST)
     record = tiering.residency.record("cam/c000000")
     assert record.tier is Tier.HOST and record.pages.host and record.pages.device is None
@@ -177,3 +181,9 @@ def test_a_cluster_has_one_record_the_residency_managers(tmp_path):
         tiering.tiers.pages("cam/c000000")
     tiering.tiers.pools.take(Tier.HOST, 0)  # reclaims fenced host pages
     assert tiering.tiers.pools.host_pages.num_free == host_free + 3
+    assert len(tiering.summaries) == 0, "the summary row ended with the record"
+    put(tiering, "cam/c000001", kv.to(DEVICE), Tier.DEVICE)
+    tiering.summaries.add("cam/c000001", kv[:, 0].to(DEVICE))
+    assert summary.row is None and tiering.residency.summary("cam/c000001").row == row
+    key_sum = tiering.summaries.stats_of("cam/c000001")[0]
+    assert torch.allclose(key_sum, kv[:, 0].float().sum(dim=2)), "the reused row starts from zero"

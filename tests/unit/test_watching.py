@@ -32,7 +32,7 @@ def test_summary_scores_equal_the_retrievers_per_layer_scores(engine):
     assert cursor == engine.stream("cam").text_cursor
     assert queries.shape == (engine.spec.num_layers, engine.spec.num_q_heads, num_tokens, engine.spec.head_dim)
     got = summary_scores(engine, "cam", ids, queries[None])[0]  # [L, C]
-    mean, var, log_count = engine.stream("cam").summaries.all_layers(ids)
+    mean, var, log_count = engine.tiering.summaries.all_layers(ids)
     for layer in range(engine.spec.num_layers):
         want = score_clusters(
             queries[layer], mean[:, layer], var[:, layer], log_count, scale=engine.spec.scale, use_spread=True

@@ -10,6 +10,7 @@ import torch
 
 from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.bookkeeping.tiers import Move, MovePlan, Tier, TierBudgets
+from mosaic_core.engine.summaries import SummaryIndex
 from mosaic_core.engine.tiering import TierManager
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.tiers import KVTiers
@@ -28,7 +29,7 @@ def make_tiering(
         host_bytes=host_bytes,
         disk_dir=str(tmp_path),
     )
-    return TierManager(residency, tiers)
+    return TierManager(residency, tiers, SummaryIndex(spec, residency, device=torch.device(device)))
 
 
 def put(tiering: TierManager, cluster_id: str, kv: torch.Tensor, tier: Tier) -> None:
