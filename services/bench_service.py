@@ -228,6 +228,7 @@ def service_overrides(args, clip: str) -> dict:
         "device_budget_bytes": int(args.device_budget_gib * 2**30),
         "host_budget_bytes": int(args.host_budget_gib * 2**30),
         "max_push_calls": max(64, 2 * args.push_clients),
+        "max_batch_frames": args.max_batch_frames,
         "engine": {
             "target_tokens_per_frame": args.tokens_per_frame,
             "local_window_tokens": args.window_tokens,
@@ -338,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pinned-host-gib", type=float, default=16.0, help="host tier pinned at start-up (GPU)")
     parser.add_argument("--ingest-headroom", type=float, default=0.0, help="admission's share; 0 admits all")
     parser.add_argument("--start-timeout-s", type=float, default=420.0)
+    parser.add_argument("--max-batch-frames", type=int, default=128, help="frames per engine.ingest call (GPU)")
     # The one run that served on the lent GPU VM used 0.0.0.0 (Ray on the VM's own address); Ray bound to loopback
     # has not run there since the float CPU count that stopped every raylet was fixed.
     parser.add_argument("--host", default="127.0.0.1", help="address mosaic serve binds (0.0.0.0: Ray unbound)")

@@ -85,7 +85,10 @@ class ServiceConfig(BaseModel):
     query_concurrency: int = Field(4, ge=1)
     default_max_new_tokens: int = Field(32, ge=1)
     ingest_queue_frames: int = Field(32, ge=1)
-    max_batch_frames: int = Field(16, ge=1)
+    # Frames of one engine.ingest call. An ingest pass takes every waiting stream's frames in calls of this many, back
+    # to back, so a larger call costs activation memory, not question latency, and a GPU ingests more frames per
+    # second in larger calls (bench/NOTES.md, issue 15).
+    max_batch_frames: int = Field(64, ge=1)
     max_push_calls: int = Field(64, ge=1)
     max_stream_fps: float = Field(60.0, gt=0)
     # Share of a worker's measured ingest rate that its streams' fps may add up to; 0 admits every stream.
