@@ -18,9 +18,11 @@ FPS = 2.0
 
 
 @pytest.fixture
-def worker(tiny_model, tmp_path):
+def worker(request, tiny_model, tmp_path):
+    """A worker over the tiny preset; ``indirect`` parametrisation passes config fields over these."""
     config = load_config(
         None,
+        **getattr(request, "param", {}),
         data_dir=str(tmp_path / "history"),
         ingest_headroom=0.0,
         ingest_queue_frames=64,
@@ -163,6 +165,9 @@ def test_a_restart_without_a_saved_watermark_evaluates_the_newest_cluster_and_a_
     assert ("w", "cam") not in worker.watches._fired_until and worker.watches.watermark_of("cam") is None
 
 
+# With no answer slice the question advances one token per ingest pass while frames wait, so it outlasts the
+# watched camera's passes (two frames each) on any machine, however fast the tiny model decodes.
+@pytest.mark.parametrize("worker", [{"answer_slice_s": 0.0}], indirect=True)
 def test_watch_answers_wait_for_interactive_questions(worker, bikes_frames):
     """Seals of one camera are scored while a question about another runs; their answers start only after it."""
     for stream_id in ("asked", "watched"):
