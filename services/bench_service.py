@@ -79,6 +79,8 @@ def ms(value: float | None) -> float | None:
 
 METRIC_LINE = re.compile(r"^(mosaic_\w+)\{([^}]*)\} (\S+)$", re.MULTILINE)
 STREAM_LABEL = re.compile(r'stream="([^"]*)"')
+PART_LABEL = re.compile(r'part="([^"]*)"')
+BATCH_FRAMES = ("mosaic_ingest_batch_frames_sum", "mosaic_ingest_batch_frames_count")
 
 
 @dataclass(slots=True)
@@ -105,6 +107,28 @@ def stream_samples(metrics_text: str, ids: set[str]) -> dict[str, StreamSample]:
     return samples
 
 
+def engine_totals(metrics_text: str) -> dict[str, float]:
+    """The workers' engine-thread seconds by part, and the ingest-call histogram's frame sum and count."""
+    totals: dict[str, float] = {}
+    for name, labels, value in METRIC_LINE.findall(metrics_text):
+        if name == "mosaic_engine_loop_seconds_total" and (part := PART_LABEL.search(labels)):
+            key = part.group(1)
+        elif name in BATCH_FRAMES:
+            key = name
+        else:
+            continue
+        totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def engine_thread(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> tuple[dict, float | None]:
+    """Seconds per second of the engine thread by part, and the mean frames per ingest call, between two scrapes."""
+    delta = {key: after[key] - before.get(key, 0.0) for key in after}
+    calls = delta.pop(BATCH_FRAMES[1], 0.0)
+    frames = delta.pop(BATCH_FRAMES[0], 0.0)
+    return {part: seconds / elapsed_s for part, seconds in delta.items()}, (frames / calls if calls else None)
+
+
 def measure_step(service: LocalService, load: Load, cameras: list[str], args, decode_cost_s: dict) -> StepResult:
     """Samples lag once a second for ``args.measure_s`` after the warm-up, and everything else as deltas.
 
@@ -117,12 +141,15 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
     ids = set(cameras)
     stats_errors: Counter = Counter()
 
+    engine_seen: list[dict[str, float]] = []
+
     def stats() -> dict[str, StreamSample] | None:
         """Every camera's sample; None when the service does not answer (a step that then cannot pass)."""
         text = service.metrics_text()
         if not text:
             stats_errors["METRICS_UNREADABLE"] += 1
             return None
+        engine_seen.append(engine_totals(text))
         return stream_samples(text, ids)
 
     samples, t0 = [stats()], time.monotonic()
@@ -150,6 +177,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
     server_decode = [a.server_decode_s_per_token for a in answers if a.server_decode_s_per_token is not None]
     client_decode = [a.decode_s_per_token for a in answers if a.decode_s_per_token is not None]
     server_ttft = [a.server_ttft_s for a in answers if a.server_ttft_s is not None]
+    loop_share, frames_per_call = engine_thread(engine_seen[0], engine_seen[-1], elapsed) if engine_seen else ({}, None)
     return StepResult(
         cameras=len(cameras),
         pulled=pulled,
@@ -176,6 +204,8 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         router_cpu_per_s=cpu[0],
         worker_cpu_per_s=cpu[1],
         decode_cpu_per_s=decode_cpu,
+        engine_thread_share=loop_share,
+        frames_per_ingest_call=frames_per_call,
     )
 
 

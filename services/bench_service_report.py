@@ -40,6 +40,8 @@ class StepResult:
     router_cpu_per_s: float | None
     worker_cpu_per_s: float | None
     decode_cpu_per_s: float | None
+    engine_thread_share: dict[str, float]  # seconds per second of the worker's engine thread, by part
+    frames_per_ingest_call: float | None
 
     @property
     def real_time(self) -> bool:
@@ -103,6 +105,13 @@ def table(report: dict) -> str:
         f"({cost['frame_px']} px); decode cpu/s = fps x cameras x that cost",
         f"client errors (push, question, /metrics) by N: {errors or 'none'}",
     ]
+    for step in report["steps"]:
+        share = ", ".join(f"{part} {s:.2f}" for part, s in step["engine_thread_share"].items())
+        per_call = step["frames_per_ingest_call"]
+        lines.append(
+            f"N={step['cameras']}: the worker's engine thread, seconds per second: {share or '-'}; frames per "
+            f"ingest call: {'-' if per_call is None else f'{per_call:.1f}'}"
+        )
     return "\n".join(lines)
 
 

@@ -97,7 +97,7 @@ class EngineLoop:
         engine: the worker's engine.
         queues: per-stream ingest queues; their ``wake`` event also wakes this loop.
         tier_sync: mirrors clusters into the metadata store after each step.
-        telemetry: counts ingested frames and batch sizes.
+        telemetry: counts ingested frames and batch sizes, and the engine thread's time by part.
         max_batch_frames: frames per ingest call.
         retention_s: returns a stream's retention (0 keeps everything), read at each retention pass.
         max_questions_per_stream: questions of one stream running or waiting here; more are refused.
@@ -227,16 +227,16 @@ class EngineLoop:
         while not self._stop.is_set():
             self.wake.clear()
             try:
-                worked = self._run_commands()
+                worked = self._timed("other", self._run_commands)
                 worked |= self._ingest_once()
-                worked |= self._start_questions()
-                worked |= self._step_questions()
-                self._refresh_stats()
+                worked |= self._timed("questions", self._start_questions)
+                worked |= self._timed("questions", self._step_questions)
+                self._timed("other", self._refresh_stats)
             except Exception:
                 log.exception("engine loop step failed")
                 worked = False
             if not worked:
-                self.wake.wait(IDLE_WAIT_S)
+                self._timed("idle", self.wake.wait, IDLE_WAIT_S)
         for job in self._questions + list(self._pending_questions) + list(self._background):
             self._finish(job, QuestionCancelled("the worker is shutting down"))
 
@@ -253,17 +253,32 @@ class EngineLoop:
                 future.set_exception(err)
         return worked
 
+    def _timed(self, part: str, fn, *args):
+        """``fn(*args)``, its time counted to ``part`` of the engine thread's time (telemetry)."""
+        started_s = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self.telemetry.spent(part, time.monotonic() - started_s)
+
     def _ingest_once(self) -> bool:
         """One ingest pass over every stream, in forward passes of ``max_batch_frames``."""
+        started_s = time.monotonic()
         taken = self.queues.take_pass(self.frames_per_stream_pass)
         if not taken:
             return False
         taken = [f for f in taken if f.stream_id in self.engine.streams]
-        for start in range(0, len(taken), self.max_batch_frames):
-            self._ingest_batch(taken[start : start + self.max_batch_frames])
+        ingest_s = 0.0
+        try:
+            for start in range(0, len(taken), self.max_batch_frames):
+                ingest_s += self._ingest_batch(taken[start : start + self.max_batch_frames])
+        finally:
+            self.telemetry.spent("ingest", ingest_s)
+            self.telemetry.spent("ingest_upkeep", time.monotonic() - started_s - ingest_s)
         return True
 
-    def _ingest_batch(self, batch: list[QueuedFrame]) -> None:
+    def _ingest_batch(self, batch: list[QueuedFrame]) -> float:
+        """Ingests one batch and does what follows it; returns the seconds of the engine's ingest call."""
         started_s = time.monotonic()
         ingested = self._ingest(batch)
         done_s = time.monotonic()
@@ -283,6 +298,7 @@ class EngineLoop:
                 self.after_ingest(streams)
             except Exception:
                 log.exception("after-ingest hook failed")
+        return done_s - started_s
 
     def _ingest(self, batch: list[QueuedFrame]) -> list[QueuedFrame]:
         """Ingests the batch; if the engine refuses it, retries stream by stream so one bad camera only

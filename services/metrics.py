@@ -33,6 +33,9 @@ DROP_REASONS = ("queue_full", "decode_error", "invalid", "stream_deleted")
 QUERY_OUTCOMES = ("ok", "error", "rejected", "deadline")
 MODES = ("full", "token", "cluster")
 TRANSFER_DIRECTIONS = ("host_to_device", "device_to_host", "host_to_disk", "disk_to_host")
+# Where a worker's engine thread spends its time: engine.ingest calls; what follows each ingest call (tier sync,
+# retention, watch evaluation); starting and stepping answers; commands and stats; waiting for work.
+ENGINE_LOOP_PARTS = ("ingest", "ingest_upkeep", "questions", "other", "idle")
 # Every gRPC status code an RPC can fail with (OK is not an error).
 ERROR_CODES = (
     "CANCELLED",
@@ -138,6 +141,12 @@ class MosaicMetrics:
             "Frames per cross-stream ingest batch.",
             ["worker"],
             buckets=BATCH_FRAMES_BUCKETS,
+            registry=r,
+        )
+        self.engine_loop_seconds_total = Counter(
+            "mosaic_engine_loop_seconds_total",
+            "Seconds a worker's engine thread spent, by part (ingest, ingest_upkeep, questions, other, idle).",
+            ["worker", "part"],
             registry=r,
         )
         # --- questions ---
@@ -346,6 +355,10 @@ class MosaicMetrics:
 
     # --- memory tiers ------------------------------------------------------------------------------
 
+    def add_engine_loop_seconds(self, worker: int | str, part: str, seconds: float) -> None:
+        check_label("part", part, ENGINE_LOOP_PARTS)
+        self.engine_loop_seconds_total.labels(worker_label(worker), part).inc(non_negative("seconds", seconds))
+
     def add_transfer_bytes(self, worker: int | str, direction: str, n: int) -> None:
         check_label("direction", direction, TRANSFER_DIRECTIONS)
         self.transfer_bytes_total.labels(worker_label(worker), direction).inc(n)
@@ -392,6 +405,9 @@ class MosaicMetrics:
                 metric.remove(label)
         for direction in TRANSFER_DIRECTIONS:
             self.transfer_bytes_total.remove(label, direction)
+        for part in ENGINE_LOOP_PARTS:
+            with contextlib.suppress(KeyError):  # a part never timed
+                self.engine_loop_seconds_total.remove(label, part)
         for tier in TIERS:
             for metric in (self.tier_used_bytes, self.tier_capacity_bytes, self.clusters):
                 metric.remove(label, tier)
@@ -445,6 +461,8 @@ class MosaicMetrics:
                 metric.labels(worker)
             for direction in TRANSFER_DIRECTIONS:
                 self.transfer_bytes_total.labels(worker, direction)
+            for part in ENGINE_LOOP_PARTS:
+                self.engine_loop_seconds_total.labels(worker, part)
             for tier in TIERS:
                 for metric in (self.tier_used_bytes, self.tier_capacity_bytes, self.clusters):
                     metric.labels(worker, tier)

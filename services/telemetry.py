@@ -84,6 +84,7 @@ class TelemetryDelta:
     transfer_bytes: dict[str, int] = field(default_factory=dict)
     device_hit_ratio: float = 0.0
     durability: DurabilityHealth | None = None
+    loop_seconds: dict[str, float] = field(default_factory=dict)  # engine thread, by ENGINE_LOOP_PARTS
 
 
 class WorkerTelemetry:
@@ -134,6 +135,11 @@ class WorkerTelemetry:
             self._delta.ingest_latencies_s.extend(latencies_s)
             del self._delta.ingest_latencies_s[:-MAX_BUFFERED_OBSERVATIONS]
             del self._delta.batch_sizes[:-MAX_BUFFERED_OBSERVATIONS]
+
+    def spent(self, part: str, seconds: float) -> None:
+        """The engine thread spent ``seconds`` on ``part`` (one of ``ENGINE_LOOP_PARTS``)."""
+        with self._lock:
+            self._delta.loop_seconds[part] = self._delta.loop_seconds.get(part, 0.0) + seconds
 
     def drain(self, *, queue_depths: dict[str, int], lags_s: dict[str, float], engine_stats) -> TelemetryDelta:
         """Returns the delta since the last drain and starts a new one; gauges come from the caller."""
@@ -189,5 +195,7 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
         if n:
             metrics.add_transfer_bytes(worker, direction, n)
     metrics.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
+    for part, seconds in delta.loop_seconds.items():
+        metrics.add_engine_loop_seconds(worker, part, seconds)
     if delta.durability is not None:
         metrics.set_durability(worker, delta.durability)

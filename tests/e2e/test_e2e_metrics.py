@@ -21,6 +21,7 @@ SPEC = {
     "mosaic_stream_lag_seconds": "gauge",
     "mosaic_ingest_latency_seconds": "histogram",
     "mosaic_ingest_batch_frames": "histogram",
+    "mosaic_engine_loop_seconds": "counter",
     "mosaic_query_queue_depth": "gauge",
     "mosaic_queries": "counter",
     "mosaic_time_to_first_token_seconds": "histogram",
@@ -98,6 +99,8 @@ def test_values_follow_what_the_service_did(service, activity):
     assert metric(url, "mosaic_time_to_first_token_seconds_count", mode="cluster") >= activity["ttft"] + 2
     assert metric(url, "mosaic_inter_token_latency_seconds_count", mode="cluster") >= 4  # 2 gaps per 3-token answer
     assert metric(url, "mosaic_workers_up") == 2
+    for part in ("ingest", "questions"):  # 10 frames went through engine.ingest, and questions were answered
+        wait_for(lambda p=part: metric(url, "mosaic_engine_loop_seconds_total", part=p) > 0, timeout_s=10, what=part)
     assert metric(url, "mosaic_active_streams") >= 1
     assert metric(url, "mosaic_ingest_latency_seconds_count") >= 10
     for worker in ("0", "1"):
