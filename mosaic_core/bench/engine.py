@@ -276,8 +276,10 @@ def scenario_b(
     log,
     profile_to: Path | None = None,
     modes: tuple[RetrievalMode, ...] = (RetrievalMode.TOKEN, RetrievalMode.CLUSTER),
+    data_dir: str | None = None,
 ) -> dict:
-    """Many cameras, batched ingest under a small device budget, then questions while ingest continues."""
+    """Many cameras, batched ingest under a small device budget, then questions while ingest continues. With
+    ``data_dir`` the cameras' history is written durably under it (a folder per mode), as a service worker does."""
     per_camera = [
         looped_frames(s.camera_seconds, stream_id=f"cam{c:03d}", clip=CLIPS[c % len(CLIPS)], start_s=0.0)
         for c in range(s.cameras)
@@ -296,6 +298,8 @@ def scenario_b(
         )
         history_bytes = s.cameras * s.camera_seconds * s.tokens_per_frame * model.kv_spec.bytes_per_token
         config = dataclasses.replace(config, pinned_host_bytes=pinned_bytes(history_bytes, s))
+        if data_dir is not None:
+            config = dataclasses.replace(config, data_dir=str(Path(data_dir) / mode.value))
         engine = Engine(model, config)
         for c in range(s.cameras):
             engine.open_stream(f"cam{c:03d}")
@@ -324,6 +328,9 @@ def scenario_b(
             profile_ingest(engine, [[frames[k] for frames in per_camera] for k in range(3)], profile_to)
         stats = engine.stats()
         total_kv = sum(sum(engine.stream_stats(f"cam{c:03d}").bytes_by_tier.values()) for c in range(s.cameras))
+        closing = time.perf_counter()
+        engine.close()  # with a data directory: waits until every sealed cluster queued so far is on disk
+        close_s = time.perf_counter() - closing
         results[mode.value] = {
             "cameras": s.cameras,
             "total_kv_bytes": total_kv,
@@ -336,6 +343,8 @@ def scenario_b(
             "hit_ratio": stats.device_hit_ratio,  # measured in every mode
             "device_bytes_used": stats.used_bytes_by_tier["device"],
             "host_bytes_used": stats.used_bytes_by_tier["host"],
+            "durable": data_dir is not None,
+            "close_s": close_s,
         }
         log(f"B/{mode.value}: {json.dumps(results[mode.value])}")
         del engine
@@ -383,6 +392,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/out/results.json")
     parser.add_argument("--profile-ingest", action="store_true", help="write a torch.profiler table of B's ingest")
     parser.add_argument("--b-modes", default="token,cluster", help="scenario B's retrieval modes, comma-separated")
+    parser.add_argument("--b-data-dir", default=None, help="scenario B writes its history durably under this folder")
     args = parser.parse_args(argv)
     s = BenchSettings.from_args(args)
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
@@ -409,7 +419,8 @@ def main(argv=None) -> int:
     if "B" in scenarios:
         profile_to = Path(args.out).with_suffix(".ingest-profile.txt") if args.profile_ingest else None
         b_modes = _b_modes(args.b_modes, parser)
-        report["B"] = scenario_b(model, s, log, profile_to if s.device.startswith("cuda") else None, b_modes)
+        profile_to = profile_to if s.device.startswith("cuda") else None
+        report["B"] = scenario_b(model, s, log, profile_to, b_modes, data_dir=args.b_data_dir)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     from mosaic_core.bench.report import format_report
