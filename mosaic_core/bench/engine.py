@@ -126,7 +126,7 @@ class BenchSettings:
             max_new_tokens=8,
             frames_per_pass=16,
             cameras=args.cameras,
-            camera_seconds=60,
+            camera_seconds=args.camera_seconds,
             camera_window_tokens=512,
             camera_device_budget_bytes=4 * GIB,
         )
@@ -377,6 +377,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-tokens", type=int, default=16384)
     parser.add_argument("--device-budget-gib", type=float, default=8.0)
     parser.add_argument("--cameras", type=int, default=32)
+    parser.add_argument("--camera-seconds", type=int, default=60, help="scenario B's seconds of video per camera")
     parser.add_argument("--scenarios", default="A,B", help="comma-separated: A (with C), B")
     parser.add_argument(
         "--variants",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -154,11 +155,13 @@ class ManifestWriter:
         self.state.torn_tail = False
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file, fsync, rename, fsync of the directory: a reader sees the old file or the new one."""
+def write_atomic(path: Path, data: bytes | Sequence[bytes | memoryview]) -> None:
+    """Temporary file, fsync, rename, fsync of the directory: a reader sees the old file or the new one. ``data``
+    may be chunks, written in order."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
-        f.write(data)
+        for chunk in [data] if isinstance(data, bytes) else data:
+            f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -9,19 +9,22 @@ The file is a safetensors file (a JSON header, then raw tensors), so any tool ca
     keyframes  [num_bytes] uint8       the cluster's JPEG keyframes back to back (only if it has any; the
                                        manifest entry says where each one starts)
 
-Pages are frame-sized and page-major on disk, so a paged arena can read page ``p`` as one contiguous run of
-bytes; today's engine, which holds a cluster as ``[num_layers, 2, num_kv_heads, num_tokens, head_dim]``, turns
-them into that layout with one permute. The header's metadata carries the format tag and the payload checksum
-(CRC-32 of the tensors' bytes in the order above), which ``read_cluster`` checks.
+Pages are frame-sized and page-major on disk, as the arena's pools hold them, so a page is one contiguous run of
+bytes both ways: a sealed cluster whose frames fill its pages is written from a gather of its pool pages, without
+a permute. The header's metadata carries the format tag and the payload checksum (CRC-32 of the tensors' bytes in
+the order above), which ``read_cluster`` checks. ``encode_pages`` writes the safetensors layout itself, as a header
+and views of the tensors' memory, so a 58 MB cluster is not copied twice into one ``bytes`` before it is written.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 import zlib
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import load
 
 from mosaic_core.errors import MosaicError
 
@@ -71,8 +74,17 @@ def encode_cluster(
 ) -> tuple[bytes, str]:
     """The file's bytes and the payload checksum, from a host tensor ``[L, 2, H, n, D]`` (and the cluster's
     keyframe JPEGs back to back, if any)."""
+    chunks, checksum = encode_pages(to_pages(kv.cpu(), page_tokens), summary, keyframes=keyframes)
+    return b"".join(chunks), checksum
+
+
+def encode_pages(
+    pages: torch.Tensor, summary: ClusterSummary, *, keyframes: bytes = b""
+) -> tuple[list[bytes | memoryview], str]:
+    """The file as chunks to write in order (a safetensors header, then views of the tensors' own memory) and
+    the payload checksum, from host pages ``[P, L, 2, H, page_tokens, D]``."""
     tensors = {
-        "pages": to_pages(kv.cpu(), page_tokens),
+        "pages": pages.contiguous(),
         "key_sum": summary.key_sum.float().cpu().contiguous(),
         "key_sumsq": summary.key_sumsq.float().cpu().contiguous(),
         "key_count": torch.tensor([summary.key_count], dtype=torch.float32),
@@ -80,7 +92,28 @@ def encode_cluster(
     if keyframes:
         tensors["keyframes"] = torch.frombuffer(bytearray(keyframes), dtype=torch.uint8)
     checksum = payload_checksum(tensors)
-    return save(tensors, metadata={"format": FORMAT, "checksum": checksum}), checksum
+    header: dict = {"__metadata__": {"format": FORMAT, "checksum": checksum}}
+    views, offset = [], 0
+    for name, tensor in tensors.items():
+        view = tensor.view(-1).view(torch.uint8).numpy().data
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + view.nbytes],
+        }
+        views.append(view)
+        offset += view.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return [struct.pack("<Q", len(text)) + text, *views], checksum
+
+
+_SAFETENSORS_DTYPES = {
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.uint8: "U8",
+}
 
 
 def decode_cluster(data: bytes, *, expect_checksum: str | None, name: str) -> tuple[torch.Tensor, ClusterSummary]:

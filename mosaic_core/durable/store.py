@@ -48,8 +48,8 @@ from mosaic_core.durable.records import (
     CorruptRecordError,
     decode_cluster,
     decode_pages,
-    encode_cluster,
-    to_pages,
+    encode_pages,
+    from_pages,
 )
 from mosaic_core.errors import AlreadyExistsError, UnknownClusterError
 
@@ -63,16 +63,15 @@ class Seal:
     """A cluster handed to the writer: its manifest entry (checksum filled in on write) and KV snapshot."""
 
     entry: ClusterEntry
-    kv: torch.Tensor  # [L, 2, H, n, D] on the host (being filled until ``ready`` passes, under CUDA)
+    pages: torch.Tensor  # [P, L, 2, H, page_tokens, D] on the host (being filled until ``ready`` passes, under CUDA)
     summary: ClusterSummary
-    page_tokens: int
     ready: object = None  # torch.cuda.Event or None
     submitted_s: float = field(default_factory=time.monotonic)
     keyframes: bytes = b""  # JPEGs back to back, as ``entry.keyframes`` lists them
 
     @property
     def num_bytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return self.pages.numel() * self.pages.element_size()
 
 
 @dataclass(slots=True)
@@ -252,7 +251,7 @@ class DurableStore:
         if seal is not None:
             if seal.ready is not None:
                 seal.ready.synchronize()
-            return seal.kv
+            return from_pages(seal.pages)
         entry = self.entry(cluster_id)
         path = self.stream_dir(_stream_of(cluster_id)) / entry.file
         kv, _ = decode_cluster(path.read_bytes(), expect_checksum=entry.checksum, name=str(path))
@@ -265,7 +264,7 @@ class DurableStore:
         if seal is not None:
             if seal.ready is not None:
                 seal.ready.synchronize()
-            return to_pages(seal.kv, seal.page_tokens)
+            return seal.pages
         entry = self.entry(cluster_id)
         path = self.stream_dir(_stream_of(cluster_id)) / entry.file
         return decode_pages(path.read_bytes(), expect_checksum=entry.checksum, name=str(path))[0]
@@ -385,14 +384,14 @@ class DurableStore:
         for seal in commit.add:
             if seal.ready is not None:
                 seal.ready.synchronize()
-            data, checksum = encode_cluster(
-                seal.kv, seal.summary, page_tokens=seal.page_tokens, keyframes=seal.keyframes
-            )
+            chunks, checksum = encode_pages(seal.pages, seal.summary, keyframes=seal.keyframes)
             seal.entry.checksum = checksum
-            write_atomic(writer.stream_dir / seal.entry.file, data)
+            write_atomic(writer.stream_dir / seal.entry.file, chunks)
             entries.append(asdict(seal.entry))
             with self._cv:
-                self.stats.bytes_written += len(data)
+                self.stats.bytes_written += sum(
+                    len(chunk) if isinstance(chunk, bytes) else chunk.nbytes for chunk in chunks
+                )
         removed_files = [writer.state.clusters[c].file for c in commit.remove if c in writer.state.clusters]
         writer.append({"op": "commit", "add": entries, "remove": commit.remove})
         for name in removed_files:

@@ -102,10 +102,14 @@ class HistoryKeeper:
         )
 
     def _seal(self, state: StreamState, record: ClusterRecord) -> Seal:
-        kv, ready = self.tiering.tiers.snapshot(record.cluster_id)
-        key_sum, key_sumsq, count = self.tiering.summaries.stats_of(record.cluster_id)
+        tiers = self.tiering.tiers
         page_tokens = record.frame_num_tokens[0]
         assert all(n == page_tokens for n in record.frame_num_tokens), f"{record.cluster_id}: unequal frame sizes"
+        pages, ready = tiers.snapshot_pages(record.cluster_id, page_tokens)
+        stats, count = self.tiering.summaries.stats_copy(record.cluster_id)
+        if stats.is_cuda:  # queued on the side stream after the pages' copy, so its event covers both
+            stats, moved = tiers.transfers.to_host(stats, pin=True)
+            ready = moved.ready
         entry = ClusterEntry(
             cluster_id=record.cluster_id,
             file=record.cluster_id.rsplit("/", 1)[1] + RECORD_SUFFIX,
@@ -114,7 +118,7 @@ class HistoryKeeper:
             frame_indices=list(record.frame_indices),
             frame_timestamps_s=list(record.frame_timestamps_s),
             frame_num_tokens=list(record.frame_num_tokens),
-            num_bytes=kv.numel() * kv.element_size(),
+            num_bytes=pages.numel() * pages.element_size(),
             checksum="",
             position_end=state.text_cursor,
         )
@@ -125,8 +129,8 @@ class HistoryKeeper:
              "num_bytes": k.num_bytes, "crc32": zlib.crc32(k.jpeg)}
             for k in keyframes
         ]  # fmt: skip
-        summary = ClusterSummary(key_sum, key_sumsq, count)
-        return Seal(entry, kv, summary, page_tokens, ready, keyframes=b"".join(k.jpeg for k in keyframes))
+        summary = ClusterSummary(stats[0], stats[1], count)
+        return Seal(entry, pages, summary, ready, keyframes=b"".join(k.jpeg for k in keyframes))
 
     # -- restart ------------------------------------------------------------------------------------------
     def adopt(self, state: StreamState, stored: StoredStream) -> RestoredStream:

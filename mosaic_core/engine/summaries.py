@@ -77,6 +77,12 @@ class SummaryIndex:
         summary = self._residency.summary(cluster_id)
         return self._sum[summary.row].cpu(), self._sumsq[summary.row].cpu(), float(summary.num_tokens)
 
+    def stats_copy(self, cluster_id: str) -> tuple[torch.Tensor, float]:
+        """A cluster's key sum and sum of squares stacked ``[2, num_layers, num_kv_heads, head_dim]``, copied where
+        they are (no wait for the device), and its token count."""
+        summary = self._residency.summary(cluster_id)
+        return torch.stack([self._sum[summary.row], self._sumsq[summary.row]]), float(summary.num_tokens)
+
     def combined(self, cluster_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The statistics of ``cluster_ids`` taken together (on the device), for ``put`` on their merger."""
         rows = self.rows(cluster_ids)

@@ -218,12 +218,15 @@ class PagePools:
         for page, data in zip(pages, stored, strict=True):
             self.page(tier, page).copy_(data)
 
+    def gather(self, tier: Tier, pages: list[int]) -> torch.Tensor:
+        """A new tensor ``[len(pages), L, 2, H, page_tokens, D]``: the pages as they are, in order, where they live."""
+        if tier is Tier.DEVICE:
+            return self.device_pool[self.upload(pages)]
+        return torch.stack([self.page(tier, p) for p in pages]) if pages else self._empty_pages()
+
     def read(self, tier: Tier, pages: list[int], fills: list[int]) -> torch.Tensor:
         """A new tensor ``[L, 2, H, sum(fills), D]`` with the pages' tokens in order, where the pages live."""
-        if tier is Tier.DEVICE:
-            stacked = self.device_pool[self.upload(pages)]
-        else:
-            stacked = torch.stack([self.page(tier, p) for p in pages]) if pages else self._empty_pages()
+        stacked = self.gather(tier, pages)
         num_layers, two, heads, pt, head_dim = self.page_shape
         kv = stacked.permute(1, 2, 3, 0, 4, 5).reshape(num_layers, two, heads, len(pages) * pt, head_dim)
         if all(f == pt for f in fills):

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from mosaic_core.bookkeeping.pages import ClusterPages, pages_for
 from mosaic_core.bookkeeping.residency import ClusterResidency, ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.durable.records import to_pages
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.errors import CapacityError, UnknownClusterError
 from mosaic_core.memory.arena import PagePools
@@ -258,14 +259,25 @@ class KVTiers:
         assert self.tier_of(cluster_id) is Tier.DISK, f"{cluster_id} is adopted into the disk tier"
         self._fresh(cluster_id)
 
-    def snapshot(self, cluster_id: str) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """A host copy of a (sealed, no longer growing) cluster that later moves cannot touch, and the event
-        after which it is filled (None when it is filled already)."""
-        kv = self.read(cluster_id)  # a new tensor: its pages may be reused once the cluster moves
-        if kv.is_cuda:
-            host, moved = self.transfers.to_host(kv, pin=False)
+    def snapshot_pages(self, cluster_id: str, page_tokens: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """A host copy of a (sealed, no longer growing) cluster as record pages ``[P, L, 2, H, page_tokens, D]``
+        that later moves cannot touch, and the event after which it is filled (None when it is filled already).
+
+        When every page of the cluster is full and pages are ``page_tokens`` long, the pool pages are the record's
+        pages and are gathered as they are; otherwise the cluster is read and cut into pages where it lives. From
+        the device the copy goes into pinned memory on the side stream, so the caller does not wait: a pageable
+        copy would hold the engine thread until the device had run everything queued before it."""
+        tier = self.tier_of(cluster_id)
+        record = self.pages(cluster_id)
+        if tier is not Tier.DISK and page_tokens == self.page_tokens and all(f == page_tokens for f in record.fills):
+            self._settle(cluster_id)
+            pages = self.pools.gather(tier, self._pages_in(record, tier))  # a new tensor, like ``read``'s
+        else:
+            pages = to_pages(self.read(cluster_id), page_tokens)
+        if pages.is_cuda:
+            host, moved = self.transfers.to_host(pages, pin=True)
             return host, moved.ready
-        return kv, None
+        return pages, None
 
     def layer_slabs(self, cluster_id: str, layer: int) -> list[torch.Tensor]:
         """One layer of a cluster where it lives, one ``[2, H, fill, D]`` view per page (device or host, pinned
