@@ -6,8 +6,8 @@ cluster's record (``ClusterResidency``): its tier, size and pins, its pages in e
 ``mosaic_core.engine.summaries.SummaryIndex`` fills in) and its co-retrieval counts (``CoRetrieval``, which
 ``mosaic_core.bookkeeping.maintenance.CoRetrievalTracker`` keeps). A record is made by ``add`` and ends with
 ``remove``, and everything about the cluster ends with it; nothing else keeps a cluster's tier, pages, row or
-counts. It never moves bytes itself: it
-plans moves, the torch layer performs them, and ``apply`` then commits the bookkeeping.
+counts. It never moves bytes itself: it plans moves, the torch layer performs them, and ``apply`` then commits the
+bookkeeping.
 
     plan = residency.plan_fetch_many(top_ids)      # None: not possible now (everything else pinned)
     transfers.run(plan.moves)                      # torch layer, in plan order
