@@ -9,9 +9,10 @@ The engine is not thread-safe, so every engine call runs here. One iteration:
 
 **Ingest is never starved by questions.** Ingest goes first in every iteration and reaches every stream.
 Between two ingest passes the running questions advance a token each, and keep advancing while no frame waits,
-for up to ``answer_slice_s`` once one does; a command from another thread or a new question also ends the slice.
-So answers decode at the engine's pace when cameras are quiet, and a frame waits at most about
-``answer_slice_s`` plus one pass (with 0, answers advance a token per pass while frames wait).
+for up to ``answer_slice_s`` once one does. Commands from other threads and new questions that arrive meanwhile
+are served inside the slice, so neither waits for the next ingest pass while answers run. So answers decode at the
+engine's pace when cameras are quiet, and a frame waits at most about ``answer_slice_s`` plus one pass (with 0,
+answers advance a token per pass while frames wait).
 
 **Questions do not hold their stream.** A question reads the slot tables it built at its prefill: the sink and
 window pages it read are held and the clusters it retrieved pinned until it ends, so the stream's frames keep
@@ -230,7 +231,7 @@ class EngineLoop:
                 worked = self._timed("other", self._run_commands)
                 worked |= self._ingest_once()
                 worked |= self._timed("questions", self._start_questions)
-                worked |= self._timed("questions", self._step_questions)
+                worked |= self._step_questions()
                 self._timed("other", self._refresh_stats)
             except Exception:
                 log.exception("engine loop step failed")
@@ -363,19 +364,24 @@ class EngineLoop:
         return worked
 
     def _step_questions(self) -> bool:
-        """A token of every running question, then more while the answer slice allows (module doc)."""
+        """A token of every running question, then more while the answer slice allows (module doc); commands
+        and new questions that arrive meanwhile are served in between."""
         if not self._questions:
             return False
         slice_ends_s = time.monotonic() + self.answer_slice_s
-        waiting = len(self._pending_questions)
         while True:
-            for job in list(self._questions):
-                self._step(job)
-            if not self._questions or self._commands or len(self._pending_questions) > waiting or self._stop.is_set():
+            self._timed("questions", self._step_running)
+            if not self._questions or self._stop.is_set():
                 return True
             if time.monotonic() >= slice_ends_s and self.queues.total_frames() > 0:
                 return True
-            self._refresh_stats()
+            self._timed("other", self._run_commands)
+            self._timed("questions", self._start_questions)
+            self._timed("other", self._refresh_stats)
+
+    def _step_running(self) -> None:
+        for job in list(self._questions):
+            self._step(job)
 
     def _step(self, job: QuestionJob) -> None:
         if job.cancelled.is_set():

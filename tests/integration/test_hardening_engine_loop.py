@@ -230,8 +230,8 @@ def test_a_question_that_cannot_fit_even_alone_is_resource_exhausted(tiny_model,
 
 @pytest.mark.parametrize(
     ("frames_waiting", "command_waiting", "slice_s", "tokens"),
-    [(False, False, 0.0, 12), (True, False, 0.0, 1), (True, False, 60.0, 12), (False, True, 60.0, 1)],
-    ids=["quiet-cameras", "frames-waiting-no-slice", "frames-waiting-within-slice", "command-waiting"],
+    [(False, False, 0.0, 12), (True, False, 0.0, 1), (True, False, 60.0, 12), (False, True, 60.0, 12)],
+    ids=["quiet-cameras", "frames-waiting-no-slice", "frames-waiting-within-slice", "command-served-in-the-slice"],
 )
 def test_answers_keep_decoding_between_passes_until_frames_wait_past_the_slice(
     tiny_model, bikes_frames, frames_waiting, command_waiting, slice_s, tokens
@@ -244,13 +244,35 @@ def test_answers_keep_decoding_between_passes_until_frames_wait_past_the_slice(
     feed(engine, "cam-0", bikes_frames[:8])
     if frames_waiting:  # on another stream, which the question does not hold
         loop.queues.put(QueuedFrame("cam-1", 0.0, bikes_frames[0][1][::2, ::2], time.monotonic()))
-    if command_waiting:
-        loop.post(engine.stats)
+    command = loop.post(engine.stats) if command_waiting else None
     job = _ask(loop, "cam-0", 0, max_new_tokens=12)
     loop._start_questions()
     loop._step_questions()
     events = list(job.events.queue)
     assert sum(isinstance(e, TokenEvent) for e in events) == tokens, events
+    if command is not None:
+        assert command.done() and command.exception() is None
+
+
+def test_a_question_that_arrives_while_answers_run_starts_without_waiting_for_an_ingest_pass(tiny_model, bikes_frames):
+    """With frames waiting on another camera, the second question still gets its answer inside the first one's
+    slice: it does not wait for the ingest pass that the waiting frame would start."""
+    engine = Engine(tiny_model, SMALL)
+    loop = _loop(engine, answer_slice_s=60.0)  # not started: this thread plays the engine thread
+    for stream_id in ("cam-0", "cam-1", "cam-2"):
+        engine.open_stream(stream_id, fps=FPS)
+        loop.queues.add_stream(stream_id, FPS)
+    feed(engine, "cam-0", bikes_frames[:8])
+    feed(engine, "cam-1", bikes_frames[8:16])
+    loop.queues.put(QueuedFrame("cam-2", 0.0, bikes_frames[0][1][::2, ::2], time.monotonic()))
+    first = _ask(loop, "cam-0", 0, max_new_tokens=48)
+    loop._start_questions()
+    late: list[QuestionJob] = []
+    asker = threading.Thread(target=lambda: (first.events.get(timeout=60), late.append(_ask(loop, "cam-1", 1))))
+    asker.start()
+    loop._step_questions()
+    asker.join(10)
+    assert late and any(isinstance(e, Answer) for e in late[0].events.queue), "the late question did not finish"
 
 
 def test_the_loop_steps_its_running_answers_as_one_batch(tiny_model, bikes_frames):
