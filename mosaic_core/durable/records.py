@@ -69,20 +69,12 @@ def payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return f"{crc:08x}"
 
 
-def encode_cluster(
-    kv: torch.Tensor, summary: ClusterSummary, *, page_tokens: int, keyframes: bytes = b""
-) -> tuple[bytes, str]:
-    """The file's bytes and the payload checksum, from a host tensor ``[L, 2, H, n, D]`` (and the cluster's
-    keyframe JPEGs back to back, if any)."""
-    chunks, checksum = encode_pages(to_pages(kv.cpu(), page_tokens), summary, keyframes=keyframes)
-    return b"".join(chunks), checksum
-
-
 def encode_pages(
     pages: torch.Tensor, summary: ClusterSummary, *, keyframes: bytes = b""
 ) -> tuple[list[bytes | memoryview], str]:
     """The file as chunks to write in order (a safetensors header, then views of the tensors' own memory) and
-    the payload checksum, from host pages ``[P, L, 2, H, page_tokens, D]``."""
+    the payload checksum, from host pages ``[P, L, 2, H, page_tokens, D]`` (and the cluster's keyframe JPEGs back
+    to back, if any)."""
     tensors = {
         "pages": pages.contiguous(),
         "key_sum": summary.key_sum.float().cpu().contiguous(),

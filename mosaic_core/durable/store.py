@@ -389,9 +389,7 @@ class DurableStore:
             write_atomic(writer.stream_dir / seal.entry.file, chunks)
             entries.append(asdict(seal.entry))
             with self._cv:
-                self.stats.bytes_written += sum(
-                    len(chunk) if isinstance(chunk, bytes) else chunk.nbytes for chunk in chunks
-                )
+                self.stats.bytes_written += sum(memoryview(chunk).nbytes for chunk in chunks)
         removed_files = [writer.state.clusters[c].file for c in commit.remove if c in writer.state.clusters]
         writer.append({"op": "commit", "add": entries, "remove": commit.remove})
         for name in removed_files:

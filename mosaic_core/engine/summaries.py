@@ -72,11 +72,6 @@ class SummaryIndex:
         self._count[summary.row] = float(count)
         summary.num_tokens = round(count)
 
-    def stats_of(self, cluster_id: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """A cluster's key sum and sum of squares (host copies) and its token count, for its durable record."""
-        summary = self._residency.summary(cluster_id)
-        return self._sum[summary.row].cpu(), self._sumsq[summary.row].cpu(), float(summary.num_tokens)
-
     def stats_copy(self, cluster_id: str) -> tuple[torch.Tensor, float]:
         """A cluster's key sum and sum of squares stacked ``[2, num_layers, num_kv_heads, head_dim]``, copied where
         they are (no wait for the device), and its token count."""

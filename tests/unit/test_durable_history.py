@@ -10,7 +10,7 @@ import torch
 from engine_helpers import feed, make_engine
 
 from mosaic_core.durable.manifest import MANIFEST_NAME, encode_line, replay
-from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, encode_cluster
+from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, encode_pages, to_pages
 
 
 def _durable_view(engine, stream_id):
@@ -128,7 +128,8 @@ def test_a_graceful_checkpoint_loses_no_frame(tiny_model, bikes_frames, tmp_path
 def test_a_corrupt_record_is_refused():
     kv = torch.randn(2, 2, 1, 6, 4)
     summary = ClusterSummary(torch.zeros(2, 1, 4), torch.ones(2, 1, 4), 6.0)
-    data, checksum = encode_cluster(kv, summary, page_tokens=3)
+    chunks, checksum = encode_pages(to_pages(kv, 3), summary)
+    data = b"".join(chunks)
     decoded, back = decode_cluster(data, expect_checksum=checksum, name="ok")
     assert torch.equal(decoded, kv) and back.key_count == 6.0
     flipped = bytearray(data)
