@@ -1,14 +1,18 @@
 """Writes sealed clusters behind to disk, off the engine thread, and finds them again after a restart.
 
 The engine thread only hands over work: ``submit`` queues a commit (clusters to add, with host snapshots of
-their KV, and clusters to remove) and returns. One writer thread runs the queue in order:
+their KV, and clusters to remove) and returns. Record files are written by a pool of ``writers`` threads as soon
+as their commit is queued (the checksum, the write and the fsync of one file are independent of every other
+file), and one commit thread runs the queue in order, appending each commit's journal line once its files are on
+disk:
 
     engine thread:  seal c12 -> submit(add c12)      merge c12+c13 -> submit(add c14, remove c12 c13)
-    writer thread:  write c12.mkv (tmp, fsync, rename) ; journal line ; ... write c14.mkv ; journal line ;
-                    unlink c12.mkv c13.mkv
+    file writers:   write c12.mkv (tmp, fsync, rename)     write c14.mkv (tmp, fsync, rename)
+    commit thread:  wait c12.mkv ; journal line ; ... wait c14.mkv ; journal line ; unlink c12.mkv c13.mkv
 
 Because the queue is FIFO, a removal always follows the write it undoes, and a journal line is appended only
-after the files it names are on disk. Until its line is written a cluster is "pending": reads are served from
+after the files it names are on disk. Cluster ids are never reused, so files written side by side never share a
+name. Until its line is written a cluster is "pending": reads are served from
 its snapshot. Pending bytes are bounded (``max_pending_bytes``); past that, ``submit`` waits for the writer,
 which holds ingest back rather than dropping history.
 
@@ -26,6 +30,8 @@ import time
 import uuid
 import zlib
 from collections import deque
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +74,7 @@ class Seal:
     ready: object = None  # torch.cuda.Event or None
     submitted_s: float = field(default_factory=time.monotonic)
     keyframes: bytes = b""  # JPEGs back to back, as ``entry.keyframes`` lists them
+    written: Future | None = None  # its record file's write in the writer pool, until the commit thread takes it
 
     @property
     def num_bytes(self) -> int:
@@ -96,6 +103,8 @@ class DurableStats:
     oldest_pending_s: float = 0.0
     seal_to_durable_s_sum: float = 0.0
     seal_to_durable_s_max: float = 0.0
+    submit_wait_s: float = 0.0  # the engine thread's time blocked in ``submit`` by ``max_pending_bytes``
+    file_write_s: float = 0.0  # the writer pool's time in record files (checksum, write, fsync), summed over threads
 
 
 @dataclass(slots=True)
@@ -112,9 +121,14 @@ class DurableStore:
         root: the engine's data directory; created if missing.
         max_pending_bytes: snapshot bytes that may wait for the writer before ``submit`` blocks.
         state_interval_s: how often a changed stream state (clock, counters) is written.
+        writers: threads that write record files side by side.
     """
 
-    def __init__(self, root: str | Path, *, max_pending_bytes: int = 1 << 30, state_interval_s: float = 1.0) -> None:
+    def __init__(
+        self, root: str | Path, *, max_pending_bytes: int = 1 << 30, state_interval_s: float = 1.0, writers: int = 4
+    ) -> None:
+        if writers < 1:
+            raise ValueError(f"a durable store needs at least one writer thread, got {writers}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_pending_bytes = max_pending_bytes
@@ -130,6 +144,7 @@ class DurableStore:
         self._dirty: set[str] = set()
         self._writing_states = False  # states taken off ``_dirty`` and not on disk yet
         self._stop = False
+        self._files = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="durable-file")
         self._thread = threading.Thread(target=self._run, name="durable-writer", daemon=True)
         self._thread.start()
 
@@ -179,13 +194,17 @@ class DurableStore:
     def delete_stream(self, stream_id: str) -> None:
         """Forgets the stream at once and for good: its directory moves to the trash in one rename."""
         with self._io:
+            self._writers.pop(stream_id, None)
             with self._cv:
+                writes = [seal.written for op in self._queue if _belongs(op, stream_id) for seal in op.add]
                 self._queue = deque(op for op in self._queue if not _belongs(op, stream_id))
                 for cluster_id in [c for c, s in self._pending.items() if _stream_of(c) == stream_id]:
                     self._forget_pending(self._pending[cluster_id])
                 self._states.pop(stream_id, None)
                 self._dirty.discard(stream_id)
-            self._writers.pop(stream_id, None)
+            for written in writes:  # no file of the old stream may land in a new stream's directory of that name
+                written.cancel()
+            wait_for_futures(writes)
             stream_dir = self.stream_dir(stream_id)
             if stream_dir.exists():
                 trash = self.root / TRASH
@@ -220,13 +239,20 @@ class DurableStore:
         are unlinked. Blocks while more than ``max_pending_bytes`` of snapshots wait."""
         commit = _Commit(stream_id, list(add), list(remove))
         with self._cv:
-            while self.stats.pending_bytes > self.max_pending_bytes and not self._stop:
-                self._cv.wait(0.5)
+            if self.stats.pending_bytes > self.max_pending_bytes and not self._stop:
+                blocked = time.monotonic()
+                while self.stats.pending_bytes > self.max_pending_bytes and not self._stop:
+                    self._cv.wait(0.5)
+                self.stats.submit_wait_s += time.monotonic() - blocked
             for seal in commit.add:
                 self._pending[seal.entry.cluster_id] = seal
                 self.stats.pending_clusters += 1
                 self.stats.pending_bytes += seal.num_bytes
-        self._enqueue(commit)
+            stream_dir = self.stream_dir(stream_id)
+            for seal in commit.add:  # under the lock, so the commit thread never sees a seal without its write
+                seal.written = self._files.submit(self._write_record, stream_dir, seal)
+            self._queue.append(commit)
+            self._cv.notify_all()
 
     def owns(self, cluster_id: str) -> bool:
         """Whether the cluster is durable or on its way (its bytes can always be read from here)."""
@@ -319,6 +345,7 @@ class DurableStore:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout_s)
+        self._files.shutdown(wait=False, cancel_futures=True)
 
     def snapshot_stats(self) -> DurableStats:
         with self._cv:
@@ -359,6 +386,7 @@ class DurableStore:
                 if isinstance(op, Path):
                     shutil.rmtree(op, ignore_errors=True)  # in the trash: nothing else touches it
                 else:
+                    self._await_files(op)
                     with self._io:
                         if op.stream_id in self._writers:  # else the stream was deleted meanwhile
                             self._commit(op)
@@ -378,18 +406,33 @@ class DurableStore:
             self._busy = False
             self._cv.notify_all()
 
+    def _write_record(self, stream_dir: Path, seal: Seal) -> None:
+        """One record file, on disk before this returns (a pool thread; the commit thread on a retry)."""
+        started = time.monotonic()
+        if seal.ready is not None:
+            seal.ready.synchronize()
+        chunks, checksum = encode_pages(seal.pages, seal.summary, keyframes=seal.keyframes)
+        seal.entry.checksum = checksum
+        write_atomic(stream_dir / seal.entry.file, chunks)
+        with self._cv:
+            self.stats.bytes_written += sum(memoryview(chunk).nbytes for chunk in chunks)
+            self.stats.file_write_s += time.monotonic() - started
+
+    def _await_files(self, commit: _Commit) -> None:
+        """Until the commit's record files are on disk. A failed write is queued again and its error raised, so
+        the retry loop around this counts it and, after its pause, waits for the new write."""
+        for seal in commit.add:
+            try:
+                seal.written.result()
+            except (OSError, CancelledError):
+                if commit.stream_id not in self._writers:
+                    return  # the stream was deleted meanwhile: its files are gone with it
+                seal.written = self._files.submit(self._write_record, self.stream_dir(commit.stream_id), seal)
+                raise
+
     def _commit(self, commit: _Commit) -> None:
         writer = self._writers[commit.stream_id]
-        entries = []
-        for seal in commit.add:
-            if seal.ready is not None:
-                seal.ready.synchronize()
-            chunks, checksum = encode_pages(seal.pages, seal.summary, keyframes=seal.keyframes)
-            seal.entry.checksum = checksum
-            write_atomic(writer.stream_dir / seal.entry.file, chunks)
-            entries.append(asdict(seal.entry))
-            with self._cv:
-                self.stats.bytes_written += sum(memoryview(chunk).nbytes for chunk in chunks)
+        entries = [asdict(seal.entry) for seal in commit.add]
         removed_files = [writer.state.clusters[c].file for c in commit.remove if c in writer.state.clusters]
         writer.append({"op": "commit", "add": entries, "remove": commit.remove})
         for name in removed_files:

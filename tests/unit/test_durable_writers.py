@@ -1,0 +1,141 @@
+"""The durable store writes record files side by side, journals commits in order, and counts what it holds back.
+
+Each seal's ``ready`` is a gate the test opens, standing in for the device event a real snapshot waits for, so a
+write can be held mid-way without timing guesses.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from mosaic_core.durable.manifest import MANIFEST_NAME, RECORD_SUFFIX, ClusterEntry, decode_line
+from mosaic_core.durable.records import ClusterSummary
+from mosaic_core.durable.store import DurableStore, Seal
+
+WAIT_S = 10.0
+
+
+class Gate:
+    """A ``ready`` that holds the writer of its seal until the test opens it."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self._open = threading.Event()
+
+    def synchronize(self) -> None:
+        self.reached.set()
+        assert self._open.wait(WAIT_S), "the test never opened this gate"
+
+    def open(self) -> None:
+        self._open.set()
+
+
+def _seal(stream_id: str, number: int, ready=None, *, tokens: int = 4) -> Seal:
+    cluster_id = f"{stream_id}/c{number:06d}"
+    pages = torch.full((1, 2, 2, 1, tokens, 8), float(number), dtype=torch.bfloat16)
+    entry = ClusterEntry(
+        cluster_id=cluster_id,
+        file=f"c{number:06d}{RECORD_SUFFIX}",
+        start_s=float(number),
+        end_s=float(number) + 1.0,
+        frame_indices=[number],
+        frame_timestamps_s=[float(number)],
+        frame_num_tokens=[tokens],
+        num_bytes=pages.numel() * pages.element_size(),
+        checksum="",
+        position_end=number,
+    )
+    summary = ClusterSummary(torch.zeros(2, 1, 8), torch.zeros(2, 1, 8), float(tokens))
+    return Seal(entry, pages, summary, ready)
+
+
+def _journal(root, stream_id: str) -> list[str]:
+    """The clusters the stream's journal adds, in the order of its lines."""
+    records = [decode_line(line) for line in (root / stream_id / MANIFEST_NAME).read_bytes().splitlines(True)]
+    return [entry["cluster_id"] for record in records if record["op"] == "commit" for entry in record["add"]]
+
+
+def test_a_record_file_is_written_while_an_earlier_one_waits_and_the_journal_keeps_their_order(tmp_path):
+    held = Gate()
+    store = DurableStore(tmp_path, writers=2)
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        store.submit("cam", add=[_seal("cam", 1, held)])
+        store.submit("cam", add=[_seal("cam", 2)])
+        assert held.reached.wait(WAIT_S)
+        second = tmp_path / "cam" / f"c000002{RECORD_SUFFIX}"
+        deadline = time.monotonic() + WAIT_S
+        while not second.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert second.exists(), "the second file waited for the first: files are not written side by side"
+        assert _journal(tmp_path, "cam") == [], "a commit was journalled before the file of the one ahead of it"
+        held.open()
+        assert store.flush(WAIT_S)
+        assert _journal(tmp_path, "cam") == ["cam/c000001", "cam/c000002"]
+        assert store.read_pages("cam/c000001").flatten()[0].item() == 1.0  # read back from its file, checked
+    finally:
+        held.open()  # a failed assertion must not leave the writer waiting
+        store.close()
+
+
+def test_one_writer_writes_in_turn(tmp_path):
+    """The control for the test above: with one writer thread the second file cannot appear first."""
+    held = Gate()
+    store = DurableStore(tmp_path, writers=1)
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        store.submit("cam", add=[_seal("cam", 1, held)])
+        store.submit("cam", add=[_seal("cam", 2)])
+        assert held.reached.wait(WAIT_S)
+        time.sleep(0.2)
+        assert not (tmp_path / "cam" / f"c000002{RECORD_SUFFIX}").exists()
+        held.open()
+        assert store.flush(WAIT_S)
+        assert _journal(tmp_path, "cam") == ["cam/c000001", "cam/c000002"]
+    finally:
+        held.open()  # a failed assertion must not leave the writer waiting
+        store.close()
+
+
+def test_time_blocked_by_the_pending_bound_is_counted(tmp_path):
+    one_seal = _seal("cam", 0).num_bytes
+    held = Gate()
+    store = DurableStore(tmp_path, max_pending_bytes=one_seal, writers=1)
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        store.submit("cam", add=[_seal("cam", 1, held)])
+        store.submit("cam", add=[_seal("cam", 2)])  # at the bound, not past it: no wait
+        assert store.snapshot_stats().submit_wait_s == 0.0
+        threading.Timer(0.3, held.open).start()
+        store.submit("cam", add=[_seal("cam", 3)])  # past the bound: waits for the writer
+        assert store.snapshot_stats().submit_wait_s >= 0.2
+        assert store.flush(WAIT_S)
+        stats = store.snapshot_stats()
+        assert stats.clusters_written == 3
+        assert stats.file_write_s >= 0.2  # the held write's wait for its snapshot counts as writer time
+    finally:
+        held.open()  # a failed assertion must not leave the writer waiting
+        store.close()
+
+
+def test_a_deleted_stream_leaves_no_late_file_in_a_new_stream_of_its_name(tmp_path):
+    held = Gate()
+    store = DurableStore(tmp_path, writers=1)
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        store.submit("cam", add=[_seal("cam", 1, held)])
+        store.submit("cam", add=[_seal("cam", 2, Gate())])  # queued behind the first, its gate never opens
+        assert held.reached.wait(WAIT_S)
+        threading.Timer(0.2, held.open).start()
+        store.delete_stream("cam")  # returns once no write of the old stream runs
+        store.create_stream("cam", {"fps": 2.0})
+        assert store.flush(WAIT_S)
+        time.sleep(0.1)
+        assert sorted(p.name for p in (tmp_path / "cam").iterdir() if p.suffix == RECORD_SUFFIX) == []
+        assert store.snapshot_stats().write_errors == 0
+    finally:
+        held.open()  # a failed assertion must not leave the writer waiting
+        store.close()
