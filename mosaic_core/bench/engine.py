@@ -277,6 +277,7 @@ def scenario_b(
     profile_to: Path | None = None,
     modes: tuple[RetrievalMode, ...] = (RetrievalMode.TOKEN, RetrievalMode.CLUSTER),
     data_dir: str | None = None,
+    durable_writers: int = EngineConfig.durable_writers,
 ) -> dict:
     """Many cameras, batched ingest under a small device budget, then questions while ingest continues. With
     ``data_dir`` the cameras' history is written durably under it (a folder per mode), as a service worker does."""
@@ -299,7 +300,9 @@ def scenario_b(
         history_bytes = s.cameras * s.camera_seconds * s.tokens_per_frame * model.kv_spec.bytes_per_token
         config = dataclasses.replace(config, pinned_host_bytes=pinned_bytes(history_bytes, s))
         if data_dir is not None:
-            config = dataclasses.replace(config, data_dir=str(Path(data_dir) / mode.value))
+            config = dataclasses.replace(
+                config, data_dir=str(Path(data_dir) / mode.value), durable_writers=durable_writers
+            )
         engine = Engine(model, config)
         for c in range(s.cameras):
             engine.open_stream(f"cam{c:03d}")
@@ -327,6 +330,7 @@ def scenario_b(
         if profile_to is not None and mode is RetrievalMode.CLUSTER:
             profile_ingest(engine, [[frames[k] for frames in per_camera] for k in range(3)], profile_to)
         stats = engine.stats()
+        durable = None if engine.history is None else engine.history.store.snapshot_stats()
         total_kv = sum(sum(engine.stream_stats(f"cam{c:03d}").bytes_by_tier.values()) for c in range(s.cameras))
         closing = time.perf_counter()
         engine.close()  # with a data directory: waits until every sealed cluster queued so far is on disk
@@ -346,6 +350,16 @@ def scenario_b(
             "durable": data_dir is not None,
             "close_s": close_s,
         }
+        if durable is not None:  # before closing: what held ingest back, and how busy the file writers were
+            results[mode.value]["durable_writes"] = {
+                "writers": config.durable_writers,
+                "submit_wait_s": durable.submit_wait_s,
+                "file_write_s": durable.file_write_s,
+                "bytes_written": durable.bytes_written,
+                "clusters_written": durable.clusters_written,
+                "seal_to_durable_s_max": durable.seal_to_durable_s_max,
+                "seconds_measured": time.perf_counter() - t0,
+            }
         log(f"B/{mode.value}: {json.dumps(results[mode.value])}")
         del engine
     return results
@@ -394,6 +408,10 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-ingest", action="store_true", help="write a torch.profiler table of B's ingest")
     parser.add_argument("--b-modes", default="token,cluster", help="scenario B's retrieval modes, comma-separated")
     parser.add_argument("--b-data-dir", default=None, help="scenario B writes its history durably under this folder")
+    parser.add_argument(
+        "--durable-writers", type=int, default=EngineConfig.durable_writers,
+        help="threads writing record files under --b-data-dir",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     s = BenchSettings.from_args(args)
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
@@ -421,7 +439,9 @@ def main(argv=None) -> int:
         profile_to = Path(args.out).with_suffix(".ingest-profile.txt") if args.profile_ingest else None
         b_modes = _b_modes(args.b_modes, parser)
         profile_to = profile_to if s.device.startswith("cuda") else None
-        report["B"] = scenario_b(model, s, log, profile_to, b_modes, data_dir=args.b_data_dir)
+        report["B"] = scenario_b(
+            model, s, log, profile_to, b_modes, data_dir=args.b_data_dir, durable_writers=args.durable_writers
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     from mosaic_core.bench.report import format_report

@@ -2,6 +2,7 @@
 
     mosaic bench profile --minutes 20 --modes frame,cluster --out DIR   # GPU, qwen2.5-vl-7b shape
     mosaic bench profile --quick --out DIR                             # CPU, tiny preset (a smoke run)
+    mosaic bench profile --bare --modes "" --out DIR                   # only a question with no history
 
 For each mode: one engine over a looped sample clip (scenario A's settings), two warm-up questions, then each of
 five questions three times: eagerly, eagerly again, and from CUDA graphs (``mosaic_core.engine.prefill_graphs``
@@ -12,6 +13,11 @@ profiler. It writes
 ``DIR/profile-<mode>.txt`` (the ops by self device time and by self host time) and ``DIR/profile.json``, where
 ``device_busy`` is the device time of all kernels over the wall time of the profiled question: well under one
 means the host (launches, Python, syncs) sets the pace, not the GPU.
+
+``--bare`` profiles questions on a stream with no history (cluster mode, graphs on): the forward pass the time to
+first token cannot go below. Its ``DIR/profile-bare.txt`` and the ``bare`` entry of ``profile.json`` split the
+wall time by the engine's profiler ranges: the eager anchor layers, loading the graphs' buffers, the chain of
+graphs, and the first token (logits, argmax, the copy to the host).
 """
 
 from __future__ import annotations
@@ -136,12 +142,55 @@ def profile_mode(model, s: BenchSettings, mode: str, frames, decode_tokens: int,
     }
 
 
+BARE_RANGES = ("prefill.anchor_layers", "prefill.load_buffers", "prefill.chain", "question.first_token")
+
+
+def profile_bare(model, s: BenchSettings, out: Path, log, repeats: int = 3) -> dict:
+    """Questions on a stream with no history: their time to first token, and where its wall time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = Engine(model, engine_config(s, "cluster"))
+    engine.open_stream("bare")
+    for q in QUESTIONS:  # captures the prefill graph of every question length
+        engine.answer("bare", q, max_new_tokens=1)
+    ttfts = [engine.answer("bare", q, max_new_tokens=1).timings.time_to_first_token_s for q in QUESTIONS * repeats]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for q in QUESTIONS:
+            engine.answer("bare", q, max_new_tokens=1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / len(QUESTIONS)
+    averages = {a.key: a for a in prof.key_averages()}
+    ranges_ms = {name: averages[name].cpu_time_total / 1e3 / len(QUESTIONS) for name in BARE_RANGES if name in averages}
+    launches = sum(a.count for key, a in averages.items() if key in ("cudaLaunchKernel", "cuLaunchKernel"))
+    graph_launches = sum(a.count for key, a in averages.items() if key == "cudaGraphLaunch")
+    (out / "profile-bare.txt").write_text(
+        f"# {len(QUESTIONS)} questions with no history, cluster mode, one token each\n" + _tables(prof)
+    )
+    row = {
+        "ttft_p50_ms": statistics.median(ttfts) * 1e3,
+        "ttft_min_ms": min(ttfts) * 1e3,
+        "profiled_wall_ms_per_question": wall * 1e3,
+        "profiled_device_ms_per_question": _device_seconds(prof) / len(QUESTIONS) * 1e3,
+        "ranges_ms_per_question": ranges_ms,
+        "kernel_launches_per_question": launches / len(QUESTIONS),
+        "graph_launches_per_question": graph_launches / len(QUESTIONS),
+        "prefill_graphs_captured": engine.parts.prefill_graphs.graph_pool.num_captured,
+    }
+    log(f"bare: {json.dumps(row)}")
+    del engine
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset, one minute; runs on CPU")
     parser.add_argument("--model", default="qwen2.5-vl-7b")
     parser.add_argument("--minutes", type=float, default=20.0)
-    parser.add_argument("--modes", default="frame,cluster")
+    parser.add_argument("--modes", default="frame,cluster", help='comma-separated; "" for none')
+    parser.add_argument("--bare", action="store_true", help="also profile questions on a stream with no history")
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--budget-tokens", type=int, default=16384)
     parser.add_argument("--device-budget-gib", type=float, default=8.0)
@@ -157,8 +206,11 @@ def main(argv=None) -> int:
     s = sized_to_machine(s, model, None, log)
     frames = looped_frames(int(s.minutes * 60), stream_id="cam", clip=CLIPS[0])
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [profile_mode(model, s, mode, frames, args.decode_tokens, args.out, log) for mode in args.modes.split(",")]
+    modes = [mode for mode in args.modes.split(",") if mode]
+    rows = [profile_mode(model, s, mode, frames, args.decode_tokens, args.out, log) for mode in modes]
     report = {"minutes": s.minutes, "budget_tokens": s.budget_tokens, "rows": rows}
+    if args.bare:
+        report["bare"] = profile_bare(model, s, args.out, log)
     if torch.cuda.is_available():
         report["gpu"] = torch.cuda.get_device_name()
     (args.out / "profile.json").write_text(json.dumps(report, indent=2))

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from mosaic_core.engine.attend import attend_paged
 from mosaic_core.engine.decode_graphs import WIDTH_STEP
@@ -159,15 +160,22 @@ class PrefillGraphs:
         if not self.usable(plan, num_real):
             return model.forward(input_ids=input_ids, position_ids=positions, plan=plan)[:, -1]
         first = plan.retriever.prefetch_after_layer + 1
-        hidden = model.text_layers(model.embed_text(input_ids), position_ids=positions, plan=plan, layers=range(first))
+        with record_function("prefill.anchor_layers"):  # profiler ranges: ``mosaic bench profile --bare``
+            embedded = model.embed_text(input_ids)
+            hidden = model.text_layers(embedded, position_ids=positions, plan=plan, layers=range(first))
         entry = self._entry(plan, first, num_real, hidden, cursor)
         if entry is None:
             rest = model.text_layers(hidden, position_ids=positions, plan=plan, layers=range(first, num_layers))
             return model.final_norm(rest)[:, -1]
         fixed, segments = entry
         transfers = plan.retriever.tiering.tiers.transfers
-        fixed.load(model, plan, hidden, cursor)
-        hidden = fixed.hidden
+        with record_function("prefill.load_buffers"):
+            fixed.load(model, plan, hidden, cursor)
+        with record_function("prefill.chain"):
+            return self._replay(plan, fixed, segments, transfers, num_real)
+
+    def _replay(self, plan, fixed: FixedPrefillPlan, segments: list[Segment], transfers, num_real: int):
+        model, hidden = self.model, fixed.hidden
         for segment in segments:
             for layer in segment.layers:  # their staging was queued when the anchor chose
                 transfers.wait(plan.gathers[layer])
