@@ -32,10 +32,10 @@ import torch
 from mosaic_core.bench.engine import (
     CLIPS,
     QUESTIONS,
-    BenchSettings,
     engine_config,
     looped_frames,
     pinned_bytes,
+    settings_for,
     sized_to_machine,
 )
 from mosaic_core.config import GIB, MIB, RetrievalMode
@@ -100,11 +100,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    settings_args = argparse.Namespace(
+    s = settings_for(
         quick=args.quick, model=args.model, minutes=args.minutes, questions=len(QUESTIONS),
         budget_tokens=args.budget_tokens, device_budget_gib=args.device_budget_gib, cameras=args.cameras,
     )  # fmt: skip
-    s = BenchSettings.from_args(settings_args)
     if args.quick:  # room for 4 answers' working sets next to 4 windows
         s = dataclasses.replace(s, device_budget_bytes=64 * MIB)
     levels = [int(n) for n in args.concurrency.split(",")]

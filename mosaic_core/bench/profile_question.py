@@ -32,7 +32,15 @@ from pathlib import Path
 
 import torch
 
-from mosaic_core.bench.engine import CLIPS, QUESTIONS, BenchSettings, engine_config, looped_frames, sized_to_machine
+from mosaic_core.bench.engine import (
+    CLIPS,
+    QUESTIONS,
+    BenchSettings,
+    engine_config,
+    looped_frames,
+    settings_for,
+    sized_to_machine,
+)
 from mosaic_core.engine.engine import Engine
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 
@@ -196,11 +204,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device-budget-gib", type=float, default=8.0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    settings_args = argparse.Namespace(
+    s = settings_for(
         quick=args.quick, model=args.model, minutes=args.minutes, questions=len(QUESTIONS),
         budget_tokens=args.budget_tokens, device_budget_gib=args.device_budget_gib, cameras=1,
     )  # fmt: skip
-    s = BenchSettings.from_args(settings_args)
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     model = Qwen25VLAdapter.load(s.model, device=s.device, dtype=s.dtype)
     s = sized_to_machine(s, model, None, log)

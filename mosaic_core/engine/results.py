@@ -62,6 +62,9 @@ class AnswerTimings:
     score_s: float = 0.0
     fetch_s: float = 0.0
     time_to_first_token_s: float = 0.0
+    # CUDA only: from when the GPU reached the question's first kernel to its first token. The time to first token
+    # less this is what the question waited for work queued before it (an ingest pass) and for its own launches.
+    first_token_device_s: float | None = None
     decode_s: float = 0.0
     num_tokens: int = 0
 

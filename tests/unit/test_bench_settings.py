@@ -1,0 +1,26 @@
+"""The GPU settings of the benches that share scenario A and B's settings: --quick runs in CI, the GPU path only
+on a GPU host, so a flag missing from one bench's settings broke it there unseen (``mosaic bench profile`` lacked
+``camera_seconds``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mosaic_core.bench import decode_batch, profile_question
+from mosaic_core.bench.engine import CAMERA_SECONDS, settings_for
+
+
+@pytest.mark.parametrize("bench", [profile_question, decode_batch])
+def test_the_benches_build_their_settings_through_the_shared_helper(bench, monkeypatch):
+    seen = []
+
+    def record(**kwargs):
+        seen.append(kwargs)
+        raise SystemExit(0)  # stop before a model is loaded
+
+    monkeypatch.setattr(bench, "settings_for", record)
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "unused"])
+    assert seen and seen[0]["quick"] is False
+    gpu = settings_for(**seen[0])  # the flags it passes are enough for the GPU settings
+    assert (gpu.device, gpu.camera_seconds) == ("cuda", CAMERA_SECONDS)
