@@ -30,7 +30,7 @@ import time
 import uuid
 import zlib
 from collections import deque
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -391,7 +391,7 @@ class DurableStore:
                         if op.stream_id in self._writers:  # else the stream was deleted meanwhile
                             self._commit(op)
                 break
-            except OSError as err:
+            except Exception as err:  # an OSError may pass; anything else must not end the writer either
                 with self._cv:
                     self.stats.write_errors += 1
                     self.stats.last_error = f"{type(err).__name__}: {err}"
@@ -424,7 +424,7 @@ class DurableStore:
         for seal in commit.add:
             try:
                 seal.written.result()
-            except (OSError, CancelledError):
+            except Exception:  # the stream deleted meanwhile cancels its writes
                 if commit.stream_id not in self._writers:
                     return  # the stream was deleted meanwhile: its files are gone with it
                 seal.written = self._files.submit(self._write_record, self.stream_dir(commit.stream_id), seal)

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from mosaic_core.durable import store as store_module
 from mosaic_core.durable.manifest import MANIFEST_NAME, RECORD_SUFFIX, ClusterEntry, decode_line
 from mosaic_core.durable.records import ClusterSummary
 from mosaic_core.durable.store import DurableStore, Seal
@@ -138,4 +139,32 @@ def test_a_deleted_stream_leaves_no_late_file_in_a_new_stream_of_its_name(tmp_pa
         assert store.snapshot_stats().write_errors == 0
     finally:
         held.open()  # a failed assertion must not leave the writer waiting
+        store.close()
+
+
+class FailsOnce:
+    """A ``ready`` whose first wait fails the way a CUDA error would (not an OSError)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def synchronize(self) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_failed_write_that_is_no_oserror_is_retried_and_the_writer_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "RETRY_S", (0.01, 0.01, 0.01, 0.01))
+    store = DurableStore(tmp_path, writers=2)
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        store.submit("cam", add=[_seal("cam", 1, FailsOnce())])
+        store.submit("cam", add=[_seal("cam", 2)])
+        assert store.flush(WAIT_S)
+        assert _journal(tmp_path, "cam") == ["cam/c000001", "cam/c000002"]
+        stats = store.snapshot_stats()
+        assert (stats.write_errors, stats.clusters_written) == (1, 2)
+        assert stats.last_error.startswith("RuntimeError")
+    finally:
         store.close()
