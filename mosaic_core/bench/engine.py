@@ -268,9 +268,11 @@ def bare_question_ms(model, s: BenchSettings) -> float:
     return statistics.median(times) * 1e3
 
 
-def profile_ingest(engine: Engine, batches: list[list[FrameInput]], path: Path) -> None:
-    """torch.profiler over a few ingest calls: where an ingest pass spends host and device time."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_ingest(engine: Engine, batches: list[list[FrameInput]], path: Path, cameras: list[str]) -> None:
+    """torch.profiler over a few ingest calls (where an ingest pass spends host and device time), then over the
+    same calls each followed by a question to one of ``cameras``, as scenario B's second half runs them, with
+    ``bench.ingest`` and ``bench.question`` ranges."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     # after everything the cameras sent so far
     shifted = [[dataclasses.replace(f, timestamp_s=10_000.0 + k) for f in batch] for k, batch in enumerate(batches)]
@@ -278,12 +280,22 @@ def profile_ingest(engine: Engine, batches: list[list[FrameInput]], path: Path) 
         for batch in shifted:
             engine.ingest(batch)
         torch.cuda.synchronize()
-    averages = prof.key_averages()
-    path.write_text(
-        averages.table(sort_by="self_cpu_time_total", row_limit=30)
-        + "\n\n"
-        + averages.table(sort_by="self_cuda_time_total", row_limit=30)
-    )
+    later = [[dataclasses.replace(f, timestamp_s=f.timestamp_s + len(batches)) for f in batch] for batch in shifted]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as asked:
+        for batch, camera in zip(later, cameras, strict=False):
+            with record_function("bench.ingest"):
+                engine.ingest(batch)
+            with record_function("bench.question"):
+                engine.answer(camera, QUESTIONS[0], max_new_tokens=2)
+        torch.cuda.synchronize()
+    text = ["# ingest passes"]
+    for averages in (prof.key_averages(), None, asked.key_averages()):
+        if averages is None:
+            text.append(f"# the same passes, each followed by a question ({len(later)} of each)")
+            continue
+        text.append(averages.table(sort_by="self_cpu_time_total", row_limit=30))
+        text.append(averages.table(sort_by="self_cuda_time_total", row_limit=30))
+    path.write_text("\n\n".join(text))
 
 
 def scenario_b(
@@ -345,7 +357,8 @@ def scenario_b(
             ttfts_device.append(answer.timings.first_token_device_s)
             progress.update(second, "ingest and questions")
         if profile_to is not None and mode is RetrievalMode.CLUSTER:
-            profile_ingest(engine, [[frames[k] for frames in per_camera] for k in range(3)], profile_to)
+            batches = [[frames[k] for frames in per_camera] for k in range(3)]
+            profile_ingest(engine, batches, profile_to, [f"cam{c:03d}" for c in range(3)])
         stats = engine.stats()
         durable = None if engine.history is None else engine.history.store.snapshot_stats()
         total_kv = sum(sum(engine.stream_stats(f"cam{c:03d}").bytes_by_tier.values()) for c in range(s.cameras))
