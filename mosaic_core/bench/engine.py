@@ -376,11 +376,17 @@ def scenario_b(
             "ttft_p99_ms": percentile(ttfts, 0.99) * 1e3,
             # the GPU's own part of it: the rest waited for the ingest pass queued before the question
             "ttft_device_p50_ms": None if None in ttfts_device else percentile(ttfts_device, 0.5) * 1e3,
+            "ttfts_ms": [round(t * 1e3, 1) for t in ttfts],  # in order: which questions were slow
             "hit_ratio": stats.device_hit_ratio,  # measured in every mode
             "device_bytes_used": stats.used_bytes_by_tier["device"],
             "host_bytes_used": stats.used_bytes_by_tier["host"],
             "durable": data_dir is not None,
             "close_s": close_s,
+            # captures block the engine thread: a question that captures waits for them
+            "graph_captures": {
+                pool.what: {"captured": pool.num_captured, "capture_s": pool.capture_s, "failure": pool.failure}
+                for pool in (engine.parts.prefill_graphs.graph_pool, engine.parts.decode_graphs.graph_pool)
+            },
         }
         if durable is not None:  # before closing: what held ingest back, and how busy the file writers were
             results[mode.value]["durable_writes"] = {
