@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -59,12 +60,22 @@ def _journal(root, stream_id: str) -> list[str]:
     return [entry["cluster_id"] for record in records if record["op"] == "commit" for entry in record["add"]]
 
 
-def test_a_record_file_is_written_while_an_earlier_one_waits_and_the_journal_keeps_their_order(tmp_path):
+@contextmanager
+def _held_first_write(tmp_path, **store_args):
+    """A store with a stream "cam" whose first sealed cluster's write waits at a gate; yields the store and gate."""
     held = Gate()
-    store = DurableStore(tmp_path, writers=2)
+    store = DurableStore(tmp_path, **store_args)
     try:
         store.create_stream("cam", {"fps": 1.0})
         store.submit("cam", add=[_seal("cam", 1, held)])
+        yield store, held
+    finally:
+        held.open()  # a failed assertion must not leave the writer waiting
+        store.close()
+
+
+def test_a_record_file_is_written_while_an_earlier_one_waits_and_the_journal_keeps_their_order(tmp_path):
+    with _held_first_write(tmp_path, writers=2) as (store, held):
         store.submit("cam", add=[_seal("cam", 2)])
         assert held.reached.wait(WAIT_S)
         second = tmp_path / "cam" / f"c000002{RECORD_SUFFIX}"
@@ -77,18 +88,11 @@ def test_a_record_file_is_written_while_an_earlier_one_waits_and_the_journal_kee
         assert store.flush(WAIT_S)
         assert _journal(tmp_path, "cam") == ["cam/c000001", "cam/c000002"]
         assert store.read_pages("cam/c000001").flatten()[0].item() == 1.0  # read back from its file, checked
-    finally:
-        held.open()  # a failed assertion must not leave the writer waiting
-        store.close()
 
 
 def test_one_writer_writes_in_turn(tmp_path):
     """The control for the test above: with one writer thread the second file cannot appear first."""
-    held = Gate()
-    store = DurableStore(tmp_path, writers=1)
-    try:
-        store.create_stream("cam", {"fps": 1.0})
-        store.submit("cam", add=[_seal("cam", 1, held)])
+    with _held_first_write(tmp_path, writers=1) as (store, held):
         store.submit("cam", add=[_seal("cam", 2)])
         assert held.reached.wait(WAIT_S)
         time.sleep(0.2)
@@ -96,18 +100,11 @@ def test_one_writer_writes_in_turn(tmp_path):
         held.open()
         assert store.flush(WAIT_S)
         assert _journal(tmp_path, "cam") == ["cam/c000001", "cam/c000002"]
-    finally:
-        held.open()  # a failed assertion must not leave the writer waiting
-        store.close()
 
 
 def test_time_blocked_by_the_pending_bound_is_counted(tmp_path):
     one_seal = _seal("cam", 0).num_bytes
-    held = Gate()
-    store = DurableStore(tmp_path, max_pending_bytes=one_seal, writers=1)
-    try:
-        store.create_stream("cam", {"fps": 1.0})
-        store.submit("cam", add=[_seal("cam", 1, held)])
+    with _held_first_write(tmp_path, max_pending_bytes=one_seal, writers=1) as (store, held):
         store.submit("cam", add=[_seal("cam", 2)])  # at the bound, not past it: no wait
         assert store.snapshot_stats().submit_wait_s == 0.0
         threading.Timer(0.3, held.open).start()
@@ -117,17 +114,10 @@ def test_time_blocked_by_the_pending_bound_is_counted(tmp_path):
         stats = store.snapshot_stats()
         assert stats.clusters_written == 3
         assert stats.file_write_s >= 0.2  # the held write's wait for its snapshot counts as writer time
-    finally:
-        held.open()  # a failed assertion must not leave the writer waiting
-        store.close()
 
 
 def test_a_deleted_stream_leaves_no_late_file_in_a_new_stream_of_its_name(tmp_path):
-    held = Gate()
-    store = DurableStore(tmp_path, writers=1)
-    try:
-        store.create_stream("cam", {"fps": 1.0})
-        store.submit("cam", add=[_seal("cam", 1, held)])
+    with _held_first_write(tmp_path, writers=1) as (store, held):
         store.submit("cam", add=[_seal("cam", 2, Gate())])  # queued behind the first, its gate never opens
         assert held.reached.wait(WAIT_S)
         threading.Timer(0.2, held.open).start()
@@ -137,9 +127,6 @@ def test_a_deleted_stream_leaves_no_late_file_in_a_new_stream_of_its_name(tmp_pa
         time.sleep(0.1)
         assert sorted(p.name for p in (tmp_path / "cam").iterdir() if p.suffix == RECORD_SUFFIX) == []
         assert store.snapshot_stats().write_errors == 0
-    finally:
-        held.open()  # a failed assertion must not leave the writer waiting
-        store.close()
 
 
 class FailsOnce:
