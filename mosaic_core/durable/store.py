@@ -74,7 +74,7 @@ class Seal:
     ready: object = None  # torch.cuda.Event or None
     submitted_s: float = field(default_factory=time.monotonic)
     keyframes: bytes = b""  # JPEGs back to back, as ``entry.keyframes`` lists them
-    written: Future | None = None  # its record file's write in the writer pool, until the commit thread takes it
+    written: Future | None = None  # its record file's write in the writer pool (queued again after a failure)
 
     @property
     def num_bytes(self) -> int:
@@ -407,7 +407,7 @@ class DurableStore:
             self._cv.notify_all()
 
     def _write_record(self, stream_dir: Path, seal: Seal) -> None:
-        """One record file, on disk before this returns (a pool thread; the commit thread on a retry)."""
+        """One record file, on disk before this returns (on a pool thread)."""
         started = time.monotonic()
         if seal.ready is not None:
             seal.ready.synchronize()
@@ -424,10 +424,11 @@ class DurableStore:
         for seal in commit.add:
             try:
                 seal.written.result()
-            except Exception:  # the stream deleted meanwhile cancels its writes
-                if commit.stream_id not in self._writers:
-                    return  # the stream was deleted meanwhile: its files are gone with it
-                seal.written = self._files.submit(self._write_record, self.stream_dir(commit.stream_id), seal)
+            except Exception:  # a failed write, or one that deleting the stream cancelled
+                with self._cv:  # ``delete_stream`` collects the writes to cancel under this lock
+                    if commit.stream_id not in self._writers:
+                        return  # the stream was deleted meanwhile: its files are gone with it
+                    seal.written = self._files.submit(self._write_record, self.stream_dir(commit.stream_id), seal)
                 raise
 
     def _commit(self, commit: _Commit) -> None:
