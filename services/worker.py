@@ -522,7 +522,12 @@ def _build_engine(worker_id: str, config: ServiceConfig):
     # Presets default to float32, which on a GPU doubles the weights' memory and leaves the tensor cores idle.
     dtype = torch.bfloat16 if device == "cuda" else None
     engine_config = config.engine_config(worker_subdir=f"worker-{worker_id}")
-    return Engine.from_model(config.model, engine_config, device=device, dtype=dtype)
+    engine = Engine.from_model(config.model, engine_config, device=device, dtype=dtype)
+    if device == "cuda":  # capture the question graphs now, not while the first users wait (CPU runs no graphs)
+        started = time.monotonic()
+        asked = engine.warm_up(max_new_tokens=config.default_max_new_tokens)
+        log.info("worker %s: warmed up with %d questions in %.1f s", worker_id, asked, time.monotonic() - started)
+    return engine
 
 
 def worker_actor(config: ServiceConfig):

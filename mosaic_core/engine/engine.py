@@ -31,7 +31,7 @@ from mosaic_core.engine.keyframe_store import KeyframeSettings, held_keyframes, 
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import IngestPlan
-from mosaic_core.engine.prefill_graphs import PrefillGraphs
+from mosaic_core.engine.prefill_graphs import QUESTION_STEP, PrefillGraphs, padded_length
 from mosaic_core.engine.results import (
     Answer,
     ClusterInfo,
@@ -56,6 +56,7 @@ from mosaic_core.model.adapter import VlmAdapter
 
 DEFAULT_SYSTEM_PROMPT = "You are watching a live camera. Answer questions about what it has seen, and when."
 UNLIMITED_BYTES = 1 << 62
+WARM_UP_STREAM = "mosaic-warm-up"  # ``Engine.warm_up``'s scratch stream, gone when it returns
 
 
 class Engine:
@@ -228,6 +229,31 @@ class Engine:
         state.position_base = state.text_cursor = len(ids)
         self.streams[stream_id] = state
         return state
+
+    def warm_up(self, *, max_new_tokens: int = 32, max_question_tokens: int = 64) -> int:
+        """Answers one question of each prefill-graph length up to ``max_question_tokens`` on a scratch stream with
+        no history, so the engine captures its prefill and decode graphs before a user's first questions do (one
+        capture held the engine for 0.3 to 4 s on the H200: ``bench/NOTES.md``, session 11). The scratch stream
+        is never durable and leaves nothing behind. Returns how many questions it asked."""
+        state = self._open_state(WARM_UP_STREAM, 1.0, None)
+        asked = 0
+        try:
+            for length in range(QUESTION_STEP, max_question_tokens + 1, QUESTION_STEP):
+                question = self._question_of_length(length)
+                if question is not None:
+                    self.answer(WARM_UP_STREAM, question, max_new_tokens=max_new_tokens)
+                    asked += 1
+        finally:
+            self._forget_stream(state)
+        return asked
+
+    def _question_of_length(self, padded: int) -> str | None:
+        """A question whose tokens round up to ``padded`` (None when no number of words lands there)."""
+        words = ["What"]
+        while padded_length(len(self.model.question_ids(" ".join(words) + "?"))) < padded:
+            words.append("happened")
+        text = " ".join(words) + "?"
+        return text if padded_length(len(self.model.question_ids(text))) == padded else None
 
     def close_stream(self, stream_id: str, *, forget_history: bool = True) -> None:
         """Closes a stream and frees every byte it held in every tier, its durable history included unless

@@ -1,0 +1,32 @@
+"""``Engine.warm_up`` runs a question of every prefill-graph length on a scratch stream and leaves nothing behind.
+
+On the CPU the prefill's fixed-buffer layers run eagerly (``capture=False``), so ``num_prefills`` counts the
+questions that took the path a CUDA graph replays; on a GPU that path captures the graphs.
+"""
+
+from __future__ import annotations
+
+from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.engine.engine import WARM_UP_STREAM
+from mosaic_core.engine.prefill_graphs import PrefillGraphs
+from tests.unit.engine_helpers import feed, make_engine
+
+
+def test_warm_up_asks_every_question_length_and_leaves_nothing(tiny_model, bikes_frames, tmp_path):
+    engine = make_engine(tiny_model, data_dir=str(tmp_path / "data"))
+    graphs = PrefillGraphs(tiny_model, engine.tiering.tiers.pools, enabled=True, capture=False)
+    engine.parts.prefill_graphs = graphs
+    pools = engine.tiering.tiers.pools
+    free_before = pools.device_pages.num_free
+    used_before = engine.tiering.residency.used_bytes(Tier.DEVICE)
+    assert engine.warm_up(max_new_tokens=2, max_question_tokens=48) == 3
+    assert graphs.num_prefills == 3  # lengths 16, 32 and 48: one prefill on the graphs' path each
+    assert WARM_UP_STREAM not in engine.streams
+    assert pools.device_pages.num_free == free_before
+    assert engine.tiering.residency.used_bytes(Tier.DEVICE) == used_before
+    assert engine.tiering.residency.reserved_bytes() == 0  # the scratch stream's sink and window reservation
+    assert not (tmp_path / "data" / WARM_UP_STREAM).exists()
+    engine.open_stream("cam")  # the engine serves as before
+    feed(engine, "cam", bikes_frames[:8])
+    assert engine.answer("cam", "What happened?", max_new_tokens=2).token_ids
+    engine.close()
