@@ -106,8 +106,8 @@ def test_values_follow_what_the_service_did(service, activity):
     for worker in ("0", "1"):
         assert metric(url, "mosaic_tier_capacity_bytes", worker=worker, tier="device") == 2 * MIB
         assert 0.0 <= metric(url, "mosaic_cluster_device_hit_ratio", worker=worker) <= 1.0
-    assert metric(url, "mosaic_tier_used_bytes", tier="device") > 0
-    # A gauge from the engine's stats, refreshed every half second and polled from the workers: it may trail.
+    # Gauges from the engine's stats, refreshed every half second and polled from the workers: they may trail.
+    wait_for(lambda: metric(url, "mosaic_tier_used_bytes", tier="device") > 0, timeout_s=10, what="device bytes used")
     wait_for(lambda: metric(url, "mosaic_clusters") >= 1, timeout_s=10, what="the stream's clusters in /metrics")
 
 
