@@ -288,13 +288,13 @@ def profile_ingest(engine: Engine, batches: list[list[FrameInput]], path: Path, 
             with record_function("bench.question"):
                 engine.answer(camera, QUESTIONS[0], max_new_tokens=2)
         torch.cuda.synchronize()
-    text = ["# ingest passes"]
-    for averages in (prof.key_averages(), None, asked.key_averages()):
-        if averages is None:
-            text.append(f"# the same passes, each followed by a question ({len(later)} of each)")
-            continue
-        text.append(averages.table(sort_by="self_cpu_time_total", row_limit=30))
-        text.append(averages.table(sort_by="self_cuda_time_total", row_limit=30))
+
+    def tables(run) -> list[str]:
+        averages = run.key_averages()
+        return [averages.table(sort_by=key, row_limit=30) for key in ("self_cpu_time_total", "self_cuda_time_total")]
+
+    text = ["# ingest passes", *tables(prof)]
+    text += [f"# the same passes, each followed by a question ({len(later)} of each)", *tables(asked)]
     path.write_text("\n\n".join(text))
 
 

@@ -232,9 +232,9 @@ class Engine:
 
     def warm_up(self, *, max_new_tokens: int = 32, max_question_tokens: int = 64) -> int:
         """Answers one question of each prefill-graph length up to ``max_question_tokens`` on a scratch stream with
-        no history, so the engine captures its prefill and decode graphs before a user's first questions do (one
-        capture held the engine for 0.3 to 4 s on the H200: ``bench/NOTES.md``, session 11). The scratch stream
-        is never durable and leaves nothing behind. Returns how many questions it asked."""
+        no history, so the engine captures its prefill and decode graphs before a user's first questions do (a
+        question that captured held the engine for 0.3 to 7 s on the H200: ``bench/NOTES.md``, session 11). The
+        scratch stream is never durable and leaves nothing behind. Returns how many questions it asked."""
         state = self._open_state(WARM_UP_STREAM, 1.0, None)
         asked = 0
         try:
@@ -250,10 +250,9 @@ class Engine:
     def _question_of_length(self, padded: int) -> str | None:
         """A question whose tokens round up to ``padded`` (None when no number of words lands there)."""
         words = ["What"]
-        while padded_length(len(self.model.question_ids(" ".join(words) + "?"))) < padded:
+        while (length := padded_length(len(self.model.question_ids(" ".join(words) + "?")))) < padded:
             words.append("happened")
-        text = " ".join(words) + "?"
-        return text if padded_length(len(self.model.question_ids(text))) == padded else None
+        return " ".join(words) + "?" if length == padded else None
 
     def close_stream(self, stream_id: str, *, forget_history: bool = True) -> None:
         """Closes a stream and frees every byte it held in every tier, its durable history included unless
