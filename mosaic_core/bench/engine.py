@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mosaic_core.bench.scenario_a import QUESTIONS as A_QUESTIONS
 from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.config import GIB, MIB, EngineConfig, RetrievalMode
 from mosaic_core.engine.engine import Engine
@@ -52,6 +53,7 @@ QUESTIONS = [
 ]
 CLIPS = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")
 CAMERA_SECONDS = 60  # scenario B's seconds of video per camera, unless --camera-seconds says
+RECALL_QUESTIONS = 2  # scenario A's recall questions, unless --recall-questions says
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,7 +97,7 @@ class BenchSettings:
                 cluster_tokens=64,
                 device_budget_bytes=4 * MIB,
                 num_questions=3,
-                recall_questions=1,
+                recall_questions=1 if args.recall_questions is None else args.recall_questions,
                 probes=3,
                 probe_span_frames=2,
                 decode_questions=2,
@@ -119,7 +121,7 @@ class BenchSettings:
             cluster_tokens=2048,
             device_budget_bytes=int(args.device_budget_gib * GIB),
             num_questions=args.questions,
-            recall_questions=2,
+            recall_questions=RECALL_QUESTIONS if args.recall_questions is None else args.recall_questions,
             probes=6,
             probe_span_frames=4,
             decode_questions=5,
@@ -143,6 +145,7 @@ def settings_for(
     device_budget_gib: float,
     cameras: int = 1,
     camera_seconds: int = CAMERA_SECONDS,
+    recall_questions: int | None = None,
 ) -> BenchSettings:
     """``BenchSettings`` for the other benches (profile, decode), which take only some of this one's flags."""
     return BenchSettings.from_args(argparse.Namespace(**locals()))
@@ -434,6 +437,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--scenarios", default="A,B", help="comma-separated: A (with C), B")
     parser.add_argument(
+        "--recall-questions", type=int, default=None,
+        help=f"scenario A's untimed questions that measure attention recall, the last N of its {len(A_QUESTIONS)} "
+        f"(default {RECALL_QUESTIONS}; 1 with --quick)",
+    )  # fmt: skip
+    parser.add_argument(
         "--variants",
         default=None,
         help="scenario A's rows, comma-separated (default: full,rekv-token,frame,cluster,random)",
@@ -453,6 +461,8 @@ def main(argv=None) -> int:
         help="threads writing record files under --b-data-dir",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.recall_questions is not None and not 0 <= args.recall_questions <= len(A_QUESTIONS):
+        parser.error(f"--recall-questions {args.recall_questions}: choose 0 to {len(A_QUESTIONS)}")
     s = BenchSettings.from_args(args)
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     log(f"loading {s.model} on {s.device} ({s.dtype})")
