@@ -27,6 +27,7 @@ from mosaic_core.durable.store import DurableStore
 from mosaic_core.engine import ingest, questions
 from mosaic_core.engine.decode_graphs import DecodeGraphs
 from mosaic_core.engine.history import HistoryKeeper, RestoredStream
+from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.keyframe_store import KeyframeSettings, held_keyframes, store_for
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.parts import EngineParts
@@ -307,15 +308,16 @@ class Engine:
         return state
 
     # -- ingest -------------------------------------------------------------------------------------------------
-    def ingest(self, frames: Sequence[FrameInput]) -> IngestResult:
+    def ingest(self, frames: Sequence[FrameInput], *, pauses: IngestPauses | None = None) -> IngestResult:
         """Encodes a batch of frames from any number of streams.
 
         The batch is checked whole before anything changes, so a bad frame rejects the call and leaves every
         stream as it was. Frames of different streams share forward passes, one row per stream; a row carries
         up to ``config.max_frames_per_pass`` consecutive frames of its stream (a backlog catches up in fewer
-        passes, still attending only to sink + local window + the row itself).
+        passes, still attending only to sink + local window + the row itself). With ``pauses`` the call stops at
+        fixed points, where ``pauses.serve`` may start questions (``mosaic_core.engine.ingest_pauses``).
         """
-        return ingest.ingest(self.parts, frames)
+        return ingest.ingest(self.parts, frames, pauses)
 
     # -- questions ----------------------------------------------------------------------------------------------
     def ask(

@@ -17,6 +17,7 @@ import torch
 
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.keyframe_store import store_for
 from mosaic_core.engine.maintenance import join_recurring, note_frame
 from mosaic_core.engine.parts import EngineParts
@@ -32,19 +33,20 @@ PAD_TOKEN_ID = 0
 PASS_FILL = 0.8
 
 
-def ingest(parts: EngineParts, frames: Sequence[FrameInput]) -> IngestResult:
+def ingest(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPauses | None = None) -> IngestResult:
     """Encodes a batch of frames from any number of streams.
 
     The batch is checked whole before anything changes, so a bad frame rejects the call and leaves every
     stream as it was. Frames of different streams share forward passes, one row per stream; a row carries
     up to ``config.max_frames_per_pass`` consecutive frames of its stream (a backlog catches up in fewer
-    passes, still attending only to sink + local window + the row itself).
+    passes, still attending only to sink + local window + the row itself). With ``pauses`` the call stops at
+    fixed points for its caller (``mosaic_core.engine.ingest_pauses``).
     """
     if not frames:
         raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
     by_stream = _validate(parts, frames)
     start = time.perf_counter()
-    features = _encode(parts, by_stream)
+    features = _encode(parts, by_stream, pauses)
     encode_s = time.perf_counter() - start
     attended: list[int] = []
     num_opened = num_passes = 0
@@ -61,7 +63,7 @@ def ingest(parts: EngineParts, frames: Sequence[FrameInput]) -> IngestResult:
             if r * chunk < len(items)
         ]
         for group in _pass_groups(rows, features):
-            opened, tokens = _ingest_pass(parts, group, features)
+            opened, tokens = _ingest_pass(parts, group, features, pauses)
             num_passes += 1
             num_opened += opened
             attended.extend(tokens)
@@ -90,8 +92,9 @@ def _validate(parts: EngineParts, frames: Sequence[FrameInput]) -> dict[str, lis
     return dict(by_stream)
 
 
-def _encode(parts: EngineParts, by_stream) -> dict[tuple[str, int], object]:
-    """Vision tower over every frame of the batch, one call per geometry (sources of any size resize into it)."""
+def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[tuple[str, int], object]:
+    """Vision tower over every frame of the batch, one call per geometry (sources of any size resize into it), or
+    with ``pauses`` one call per chunk of ``pauses.vision_frames`` frames of a geometry, each followed by a pause."""
     groups: dict[VisionGeometry, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
     for stream_id, items in by_stream.items():
         state = parts.streams[stream_id]
@@ -103,9 +106,14 @@ def _encode(parts: EngineParts, by_stream) -> dict[tuple[str, int], object]:
             groups[state.geometry].append((stream_id, i, rgb))
     features = {}
     for geometry, members in groups.items():
-        out = parts.model.encode_frames([rgb for _, _, rgb in members], geometry)
-        for j, (stream_id, i, _) in enumerate(members):
-            features[(stream_id, i)] = (out.embeds[j], out.summaries[j])
+        step = len(members) if pauses is None else pauses.vision_frames
+        for start in range(0, len(members), step):
+            chunk = members[start : start + step]
+            out = parts.model.encode_frames([rgb for _, _, rgb in chunk], geometry)
+            for j, (stream_id, i, _) in enumerate(chunk):
+                features[(stream_id, i)] = (out.embeds[j], out.summaries[j])
+            if pauses is not None:
+                pauses.pause(parts.model.device)
     return features
 
 
@@ -117,7 +125,7 @@ def _check_geometry(parts: EngineParts, state: StreamState) -> None:
         )
 
 
-def _ingest_pass(parts: EngineParts, rows, features) -> tuple[int, list[int]]:
+def _ingest_pass(parts: EngineParts, rows, features, pauses: IngestPauses | None) -> tuple[int, list[int]]:
     """One forward pass; rows are ``(stream_id, frame indices in the batch, frames)``, one row per stream.
 
     Row layout, for a row carrying frames f0 f1 of one stream, in a pass whose longest row is ``pad`` tokens
@@ -169,6 +177,7 @@ def _ingest_pass(parts: EngineParts, rows, features) -> tuple[int, list[int]]:
         [[p for pages in row for p in pages] for row in frame_pages],
         [[f for fills in row for f in fills] for row in frame_fills],
         width=width,
+        pauses=pauses,
     )
     parts.model.forward(input_ids=input_ids, position_ids=torch.stack(positions, dim=1), plan=plan, frame_embeds=embeds)
     opened, attended = 0, []

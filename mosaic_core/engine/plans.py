@@ -20,6 +20,7 @@ import torch
 
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.engine.attend import attend_paged
+from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.probes import ENGINE, ProbeRequest, QueryPlanter
 from mosaic_core.engine.retrieval import LayerSelection, Retriever
 from mosaic_core.engine.scorers import scorer_by_name
@@ -39,7 +40,8 @@ class IngestPlan:
         row b:  [ sink + window slots of stream b | slots of the row's new pages ]   (-1 padded to the widest row)
 
     A row with fewer new tokens than the pass's ``width`` (default: the most any row has) is left-padded: its
-    pad tokens' KV is not written.
+    pad tokens' KV is not written. With ``pauses``, the pass stops before every few layers for its caller
+    (``mosaic_core.engine.ingest_pauses``).
     """
 
     def __init__(
@@ -51,8 +53,10 @@ class IngestPlan:
         new_fills: list[list[int]],
         *,
         width: int | None = None,
+        pauses: IngestPauses | None = None,
     ) -> None:
         self.streams = streams
+        self.pauses = pauses
         self.spec = spec
         self.pools = pools
         rows, new = [], []
@@ -77,6 +81,8 @@ class IngestPlan:
             self.real_tokens = pools.upload(real, torch.int64)
 
     def attend(self, layer_idx, query, key, value, scale):
+        if self.pauses is not None:
+            self.pauses.before_layer(layer_idx, query.device)
         batch, heads, tokens, head_dim = key.shape
         kv = torch.stack([key, value], dim=2).transpose(1, 3).reshape(batch * tokens, 2, heads, head_dim)
         if self.real_tokens is not None:

@@ -1,0 +1,57 @@
+"""Pauses inside one ingest call, where its caller may start questions (the service's engine loop does).
+
+An ingest call of a hundred frames holds the engine for about a second on the H200, and a question that arrived
+meanwhile waited for all of it before its prefill could start (bench/NOTES.md, session 11). With ``IngestPauses`` the
+call stops at fixed points and calls ``serve``:
+
+- after each vision-tower chunk of ``vision_frames`` frames;
+- before every ``every_layers``-th language-model layer of each forward pass, the first included.
+
+On CUDA, at each pause the host first waits until the device has finished the work queued before the previous
+pause. So the host stays at most one chunk of work ahead of the device, and a question started at a pause waits for
+that one chunk, not for the rest of the call. The device is never left idle by it: one chunk stays queued while the
+host waits.
+
+What ``serve`` sees and may do: every stream holds the frames of the passes already done in this call and none of
+the pass under way (its frames join their streams once the pass ends). It may start questions and run their
+prefill and decode steps, which read slot tables of their own. It must not ingest, open or close streams, or let
+an answer end, since an answer's end may merge or promote clusters while a pass is under way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class IngestPauses:
+    """The pauses of one ingest call (module doc); make a new one for each call."""
+
+    serve: Callable[[], None]
+    every_layers: int = 4
+    vision_frames: int = 32
+    num_pauses: int = 0
+    _previous: torch.cuda.Event | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.every_layers < 1 or self.vision_frames < 1:
+            raise ValueError(
+                f"every_layers={self.every_layers} and vision_frames={self.vision_frames} must both be >= 1"
+            )
+
+    def before_layer(self, layer_idx: int, device: torch.device) -> None:
+        if layer_idx % self.every_layers == 0:
+            self.pause(device)
+
+    def pause(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            reached = torch.cuda.Event()
+            reached.record()
+            if self._previous is not None:
+                self._previous.synchronize()
+            self._previous = reached
+        self.num_pauses += 1
+        self.serve()

@@ -1,0 +1,80 @@
+"""Pauses inside an ingest call (``IngestPauses``): they come where documented, a question started at one answers
+from the streams as they were before the pass under way, and the ingest around it ends as if no question had run."""
+
+from __future__ import annotations
+
+import pytest
+
+from mosaic_core.engine.ingest_pauses import IngestPauses
+from mosaic_core.engine.results import FrameInput
+from tests.unit.engine_helpers import feed, make_engine
+from tests.unit.hidden_recorder import assert_same_hiddens, record_hiddens
+
+QUESTION = "When did the cyclist pass the camera?"
+LATER_QUESTION = "Was there a dog near the road?"
+STREAMS = ("cam-a", "cam-b")
+
+
+def _opened(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model)
+    for i, stream_id in enumerate(STREAMS):
+        engine.open_stream(stream_id)
+        feed(engine, stream_id, bikes_frames[i : i + 16])
+    return engine
+
+
+def _batch(bikes_frames) -> list[FrameInput]:
+    """Four more frames of each stream: four passes, one frame per stream each (``max_frames_per_pass`` 1)."""
+    return [
+        FrameInput(stream_id, t, rgb) for i, stream_id in enumerate(STREAMS) for t, rgb in bikes_frames[i + 16 : i + 20]
+    ]
+
+
+def test_pauses_come_after_each_vision_chunk_and_before_every_few_layers_of_each_pass(tiny_model, bikes_frames):
+    engine = _opened(tiny_model, bikes_frames)
+    pauses = IngestPauses(lambda: None, every_layers=2, vision_frames=3)
+    result = engine.ingest(_batch(bikes_frames), pauses=pauses)
+    num_layers = tiny_model.kv_spec.num_layers
+    assert result.num_forward_passes == 4
+    assert pauses.num_pauses == -(-8 // 3) + 4 * -(-num_layers // 2)
+
+
+def test_a_question_started_at_a_pause_answers_as_before_the_pass_and_leaves_the_ingest_as_it_was(
+    tiny_model, bikes_frames, monkeypatch
+):
+    hiddens = record_hiddens(tiny_model, monkeypatch)
+    reference = _opened(tiny_model, bikes_frames)
+    expected = reference.answer("cam-a", QUESTION, max_new_tokens=6).token_ids
+    expected_hiddens = list(hiddens)
+    feed(reference, "cam-a", bikes_frames[16:20], batch=4)  # what the paused call ingests, in another order
+    feed(reference, "cam-b", bikes_frames[17:21], batch=4)
+    hiddens.clear()
+    later = reference.answer("cam-b", LATER_QUESTION, max_new_tokens=4).token_ids
+    later_hiddens = list(hiddens)
+
+    engine = _opened(tiny_model, bikes_frames)
+    started = []
+
+    def serve():
+        if pauses.num_pauses == 3:  # the first pass's first layer pause: after the tower, before its layers
+            answer = engine.ask("cam-a", QUESTION, max_new_tokens=6)
+            started.append((answer, next(answer).token_id, engine.stream_stats("cam-a").frames_ingested))
+
+    pauses = IngestPauses(serve, every_layers=1, vision_frames=4)
+    hiddens.clear()
+    engine.ingest(_batch(bikes_frames), pauses=pauses)
+    [(answer, first, frames_seen)] = started
+    assert frames_seen == 16  # the pass under way had not added its frame yet
+    tokens = [first] + [event.token_id for event in answer if hasattr(event, "token_id")]
+    assert tokens == expected
+    assert_same_hiddens(hiddens, expected_hiddens)
+    assert engine.stream_stats("cam-a").frames_ingested == 20
+    hiddens.clear()
+    assert engine.answer("cam-b", LATER_QUESTION, max_new_tokens=4).token_ids == later
+    assert_same_hiddens(hiddens, later_hiddens)
+
+
+@pytest.mark.parametrize("field", ["every_layers", "vision_frames"])
+def test_pauses_need_positive_spacing(field):
+    with pytest.raises(ValueError, match=field):
+        IngestPauses(lambda: None, **{field: 0})
