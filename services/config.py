@@ -86,8 +86,8 @@ class ServiceConfig(BaseModel):
     default_max_new_tokens: int = Field(32, ge=1)
     ingest_queue_frames: int = Field(32, ge=1)
     # Frames of one engine.ingest call. An ingest pass takes every waiting stream's frames in calls of this many, back
-    # to back, so a larger call costs activation memory, not question latency, and a GPU ingests more frames per
-    # second in larger calls (bench/NOTES.md, issue 15).
+    # to back; a GPU ingests more frames per second in larger calls (bench/NOTES.md, issue 15), which cost activation
+    # memory, and question latency only when ingest_pause_layers is 0.
     max_batch_frames: int = Field(64, ge=1)
     max_push_calls: int = Field(64, ge=1)
     max_stream_fps: float = Field(60.0, gt=0)
@@ -97,6 +97,11 @@ class ServiceConfig(BaseModel):
     max_questions_per_stream: int = Field(4, ge=1)
     # How long running answers may keep decoding between ingest passes while frames wait (0: a token per pass).
     answer_slice_s: float = Field(0.25, ge=0)
+    # An ingest call pauses for new questions before every this many layers of a forward pass (0: never) and after
+    # every ingest_pause_frames frames through the vision tower, so a question's first token waits for one such
+    # chunk, not for the whole call.
+    ingest_pause_layers: int = Field(4, ge=0)
+    ingest_pause_frames: int = Field(32, ge=1)
     # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
     source_max_failures: int = Field(10, ge=1)
     source_max_refused_frames: int = Field(100, ge=1)

@@ -7,6 +7,12 @@ The engine is not thread-safe, so every engine call runs here. One iteration:
     questions that may start  ->  steps (prefill or one token) of every running question, for the answer slice
     below  ->  sleep until woken if nothing happened
 
+**A new question does not wait for the ingest call under way.** An ingest call pauses after each vision-tower chunk
+of ``ingest_pause_frames`` frames and before every ``ingest_pause_layers``-th layer of each forward pass
+(``mosaic_core.engine.ingest_pauses``); at a pause the loop starts the questions that arrived and runs each one's
+prefill, so its first token waits for one chunk of ingest work, not for the rest of the call. Nothing else runs at a
+pause: commands, later tokens and the end of an answer wait for the call to end.
+
 **Ingest is never starved by questions.** Ingest goes first in every iteration and reaches every stream.
 Between two ingest passes the running questions advance a token each, and keep advancing while no frame waits,
 for up to ``answer_slice_s`` once one does. Commands from other threads and new questions that arrive meanwhile
@@ -46,6 +52,7 @@ from collections import defaultdict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.results import Answer, FrameInput
 from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError
 from services.admission import IngestCapacity
@@ -61,6 +68,8 @@ DEFAULT_MAX_QUESTIONS_PER_STREAM = 4
 RETRY_AFTER_S = 0.5  # the hint a refused question gets
 DEFAULT_FRAMES_PER_STREAM_PASS = 2
 DEFAULT_ANSWER_SLICE_S = 0.25
+DEFAULT_INGEST_PAUSE_LAYERS = 4
+DEFAULT_INGEST_PAUSE_FRAMES = 32
 DEFAULT_MAX_BACKGROUND_JOBS = 64
 DONE = object()  # ends a question's event queue
 
@@ -107,6 +116,9 @@ class EngineLoop:
         max_background_jobs: background answers that may wait; ``submit_background`` refuses more.
         max_background_running: background answers that may run at once (each on its own stream).
         answer_slice_s: how long running questions may keep decoding between ingest passes while frames wait.
+        ingest_pause_layers: layers of an ingest forward pass between two chances to start questions; 0 starts
+            them only between ingest calls.
+        ingest_pause_frames: vision-tower frames between two such chances.
     """
 
     def __init__(
@@ -124,11 +136,16 @@ class EngineLoop:
         max_background_jobs: int = DEFAULT_MAX_BACKGROUND_JOBS,
         max_background_running: int = 1,
         answer_slice_s: float = DEFAULT_ANSWER_SLICE_S,
+        ingest_pause_layers: int = DEFAULT_INGEST_PAUSE_LAYERS,
+        ingest_pause_frames: int = DEFAULT_INGEST_PAUSE_FRAMES,
     ) -> None:
-        if max_questions_per_stream < 1 or frames_per_stream_pass < 1 or not answer_slice_s >= 0:
+        if min(max_questions_per_stream, frames_per_stream_pass, ingest_pause_frames) < 1 or not (
+            answer_slice_s >= 0 and ingest_pause_layers >= 0
+        ):
             raise ValueError(
-                f"max_questions_per_stream={max_questions_per_stream} and frames_per_stream_pass="
-                f"{frames_per_stream_pass} must be >= 1, answer_slice_s={answer_slice_s} >= 0"
+                f"max_questions_per_stream={max_questions_per_stream}, frames_per_stream_pass="
+                f"{frames_per_stream_pass} and ingest_pause_frames={ingest_pause_frames} must be >= 1, "
+                f"answer_slice_s={answer_slice_s} and ingest_pause_layers={ingest_pause_layers} >= 0"
             )
         self.engine = engine
         self.queues = queues
@@ -143,6 +160,9 @@ class EngineLoop:
         self.max_background_jobs = max_background_jobs
         self.max_background_running = max_background_running
         self.answer_slice_s = answer_slice_s
+        self.ingest_pause_layers = ingest_pause_layers
+        self.ingest_pause_frames = ingest_pause_frames
+        self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls
         self._background: deque[QuestionJob] = deque()
         self.stats = None  # latest EngineStats, refreshed every STATS_REFRESH_S
         self.last_ingested_s: dict[str, float] = {}  # stream -> timestamp of the newest ingested frame
@@ -279,11 +299,14 @@ class EngineLoop:
         return True
 
     def _ingest_batch(self, batch: list[QueuedFrame]) -> float:
-        """Ingests one batch and does what follows it; returns the seconds of the engine's ingest call."""
-        started_s = time.monotonic()
+        """Ingests one batch and does what follows it; returns the seconds of the engine's ingest call, less
+        what questions took at its pauses (counted to questions)."""
+        started_s, served_before_s = time.monotonic(), self._served_in_pauses_s
         ingested = self._ingest(batch)
         done_s = time.monotonic()
-        self.capacity.observe(len(ingested), done_s - started_s)
+        served_s = self._served_in_pauses_s - served_before_s
+        self.telemetry.spent("questions", served_s)
+        self.capacity.observe(len(ingested), done_s - started_s - served_s)
         per_stream: dict[str, int] = defaultdict(int)
         for frame in ingested:
             per_stream[frame.stream_id] += 1
@@ -299,15 +322,20 @@ class EngineLoop:
                 self.after_ingest(streams)
             except Exception:
                 log.exception("after-ingest hook failed")
-        return done_s - started_s
+        return done_s - started_s - served_s
 
     def _ingest(self, batch: list[QueuedFrame]) -> list[QueuedFrame]:
         """Ingests the batch; if the engine refuses it, retries stream by stream so one bad camera only
         loses its own frames (the engine checks a whole batch before changing anything)."""
         if not batch:
             return []
+        pauses = None
+        if self.ingest_pause_layers:
+            pauses = IngestPauses(
+                self._serve_at_pause, every_layers=self.ingest_pause_layers, vision_frames=self.ingest_pause_frames
+            )
         try:
-            self.engine.ingest([FrameInput(f.stream_id, f.timestamp_s, f.rgb) for f in batch])
+            self.engine.ingest([FrameInput(f.stream_id, f.timestamp_s, f.rgb) for f in batch], pauses=pauses)
             return batch
         except Exception as err:
             if len({f.stream_id for f in batch}) == 1:
@@ -320,9 +348,32 @@ class EngineLoop:
             by_stream[frame.stream_id].append(frame)
         return [f for frames in by_stream.values() for f in self._ingest(frames)]
 
+    def _serve_at_pause(self) -> None:
+        """At a pause inside an ingest call: starts the questions that arrived and runs each one's prefill and first
+        token (module doc). Background answers, commands, later tokens and questions about a stream with no frames
+        yet wait for the call to end."""
+        if not self._pending_questions:
+            return
+        started_s = time.monotonic()
+        try:
+            self._start_interactive(started_s)
+            for job in [j for j in self._questions if j.gen is None and not j.low_priority]:
+                if self._has_frames(job.stream_id):  # else its first frames may be in this very call: ask after it
+                    self._step(job)
+        finally:
+            self._served_in_pauses_s += time.monotonic() - started_s
+
+    def _has_frames(self, stream_id: str) -> bool:
+        return stream_id in self.engine.streams and self.engine.stream(stream_id).frames_ingested > 0
+
     def _start_questions(self) -> bool:
-        """Moves waiting questions to the running set, except those waiting for device room."""
+        """Moves waiting questions to the running set, except those waiting for device room; then background
+        answers, if nothing interactive waits."""
         now = time.monotonic()
+        started = self._start_interactive(now)
+        return self._start_background(now) or started
+
+    def _start_interactive(self, now: float) -> bool:
         started = False
         for job in list(self._pending_questions):
             if job.cancelled.is_set() or now > job.deadline_s:
@@ -334,7 +385,7 @@ class EngineLoop:
             self._pending_questions.remove(job)
             self._questions.append(job)
             started = True
-        return self._start_background(now) or started
+        return started
 
     def _start_background(self, now: float) -> bool:
         """Starts background answers, oldest first, while nothing interactive runs or waits (module doc): at most

@@ -144,6 +144,8 @@ class WorkerCore:
             retention_s=self._retention_s,
             max_questions_per_stream=config.max_questions_per_stream,
             answer_slice_s=config.answer_slice_s,
+            ingest_pause_layers=config.ingest_pause_layers,
+            ingest_pause_frames=config.ingest_pause_frames,
             after_ingest=self._after_ingest,
             max_background_jobs=config.watch_answer_queue_size,
             max_background_running=config.watch_answer_concurrency,

@@ -1,0 +1,100 @@
+"""A question that arrives while the engine loop is inside an ingest call gets its first token at one of the
+call's pauses, before the call ends; with pauses off it waits for the call. Real engine (tiny preset on CPU), real
+loop; the question is submitted from inside the loop's own ``take_pass``, so it is pending when the call starts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mosaic_core.engine.engine import Engine
+from mosaic_core.engine.results import TokenEvent
+from services.engine_loop import DONE, EngineLoop, QuestionJob
+from services.ingest_queue import IngestQueues, QueuedFrame
+from services.metadata import InMemoryMetadataStore
+from services.publisher import MetadataPublisher, WorkerView
+from services.telemetry import WorkerTelemetry
+from services.tier_sync import TierSync
+from tests.unit.engine_helpers import SMALL, feed
+
+STREAMS = ("cam-0", "cam-1")
+
+
+class QuestionOnSecondPass(IngestQueues):
+    """Real ingest queues that submit one question to the loop as they hand out their second pass of frames."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.loop: EngineLoop | None = None
+        self.job: QuestionJob | None = None
+        self.num_passes = 0
+
+    def take_pass(self, max_per_stream: int, **options):
+        taken = super().take_pass(max_per_stream, **options)
+        if taken:
+            self.num_passes += 1
+            if self.num_passes == 2:
+                job = QuestionJob("q", "cam-0", "what happened?", 3, None, time.monotonic() + 60)
+                self.job = self.loop.submit(job)
+        return taken
+
+
+class EngineWatchingAQuestion:
+    """The real engine, noting after each ingest call whether the queues' question had its first token yet."""
+
+    def __init__(self, engine: Engine, queues: QuestionOnSecondPass) -> None:
+        self._engine, self._queues = engine, queues
+        self.token_before_call_ended: list[bool] = []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def ingest(self, frames, **options):
+        result = self._engine.ingest(frames, **options)
+        if self._queues.job is not None and not self.token_before_call_ended:
+            self.token_before_call_ended.append(not self._queues.job.events.empty())
+        return result
+
+
+@pytest.mark.parametrize(("pause_layers", "answered_inside_the_call"), [(2, True), (0, False)])
+def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause(
+    tiny_model, bikes_frames, pause_layers, answered_inside_the_call
+):
+    engine = Engine(tiny_model, SMALL)
+    queues = QuestionOnSecondPass(64)
+    watched = EngineWatchingAQuestion(engine, queues)
+    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
+    loop = EngineLoop(
+        watched,
+        queues,
+        TierSync(engine, publisher, "0"),
+        WorkerTelemetry("0"),
+        max_batch_frames=16,
+        retention_s=lambda stream_id: 0.0,
+        frames_per_stream_pass=4,
+        ingest_pause_layers=pause_layers,
+        ingest_pause_frames=4,
+    )
+    queues.loop = loop
+    for stream_id in STREAMS:
+        engine.open_stream(stream_id, fps=4.0)
+        feed(engine, stream_id, bikes_frames[:8])  # history to ask about
+        queues.add_stream(stream_id, 4.0)
+    for t, rgb in bikes_frames[8:16]:
+        for stream_id in STREAMS:
+            queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
+    loop.start()
+    try:
+        deadline = time.monotonic() + 60
+        while queues.job is None or not watched.token_before_call_ended:
+            assert time.monotonic() < deadline, "the loop never ran a second ingest pass"
+            time.sleep(0.01)
+        events = []
+        while (item := queues.job.events.get(timeout=60)) is not DONE:
+            events.append(item)
+    finally:
+        loop.stop()
+    assert watched.token_before_call_ended == [answered_inside_the_call]
+    assert isinstance(events[0], TokenEvent) and len([e for e in events if isinstance(e, TokenEvent)]) == 3
+    assert loop.telemetry.totals("cam-0").ingested == 8
