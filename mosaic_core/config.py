@@ -89,6 +89,8 @@ class EngineConfig:
         prefill_graphs: on CUDA, replay a question prefill's layers after ``prefetch_after_layer`` from CUDA graphs
             (``mosaic_core.engine.prefill_graphs``); modes that score every layer, and questions that measure
             recall, prefill eagerly.
+        anchor_graphs: with ``prefill_graphs``, replay the layers up to ``prefetch_after_layer`` too, from graphs cut
+            where each of them chooses (``mosaic_core.engine.anchor_graphs``); False runs them eagerly.
         prefill_graph_layers: layers per graph of that prefill's chain; before each graph the GPU waits only for
             its own layers' retrieved KV, so the rest crosses PCIe while it computes. The number of layers or more
             makes one graph, which waits for every layer's KV before it starts.
@@ -131,6 +133,7 @@ class EngineConfig:
     rescore_every_tokens: int = 0
     decode_graphs: bool = True
     prefill_graphs: bool = True
+    anchor_graphs: bool = True
     prefill_graph_layers: int = 4
     staging_copy: str = "dma"
     max_question_tokens: int = 512

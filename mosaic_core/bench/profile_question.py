@@ -16,8 +16,9 @@ means the host (launches, Python, syncs) sets the pace, not the GPU.
 
 ``--bare`` profiles questions on a stream with no history (cluster mode, graphs on): the forward pass the time to
 first token cannot go below. Its ``DIR/profile-bare.txt`` and the ``bare`` entry of ``profile.json`` split the
-wall time by the engine's profiler ranges: the eager anchor layers, loading the graphs' buffers, the chain of
-graphs, and the first token (logits, argmax, the copy to the host).
+wall time by the engine's profiler ranges: the anchor layers, loading the graphs' buffers, the chain of
+graphs, and the first token (logits, argmax, the copy to the host). It runs twice, with the anchor layers
+replayed from graphs (``bare``) and run eagerly (``bare_eager_anchor``, ``DIR/profile-bare-eager-anchor.txt``).
 """
 
 from __future__ import annotations
@@ -153,11 +154,13 @@ def profile_mode(model, s: BenchSettings, mode: str, frames, decode_tokens: int,
 BARE_RANGES = ("prefill.anchor_layers", "prefill.load_buffers", "prefill.chain", "question.first_token")
 
 
-def profile_bare(model, s: BenchSettings, out: Path, log, repeats: int = 3) -> dict:
-    """Questions on a stream with no history: their time to first token, and where its wall time goes."""
+def profile_bare(model, s: BenchSettings, out: Path, log, repeats: int = 3, *, anchor_graphs: bool = True) -> dict:
+    """Questions on a stream with no history: their time to first token, and where its wall time goes; with
+    ``anchor_graphs`` False the layers up to the anchor run eagerly (``EngineConfig.anchor_graphs``)."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = Engine(model, engine_config(s, "cluster"))
+    config = dataclasses.replace(engine_config(s, "cluster"), anchor_graphs=anchor_graphs)
+    engine = Engine(model, config)
     engine.open_stream("bare")
     for q in QUESTIONS:  # captures the prefill graph of every question length
         engine.answer("bare", q, max_new_tokens=1)
@@ -177,7 +180,7 @@ def profile_bare(model, s: BenchSettings, out: Path, log, repeats: int = 3) -> d
     ranges_ms = {name: averages[name].cpu_time_total / 1e3 / len(QUESTIONS) for name in BARE_RANGES if name in averages}
     launches = sum(a.count for key, a in averages.items() if key in ("cudaLaunchKernel", "cuLaunchKernel"))
     graph_launches = sum(a.count for key, a in averages.items() if key == "cudaGraphLaunch")
-    (out / "profile-bare.txt").write_text(
+    (out / ("profile-bare.txt" if anchor_graphs else "profile-bare-eager-anchor.txt")).write_text(
         f"# {len(QUESTIONS)} questions with no history, cluster mode, one token each\n" + _tables(prof)
     )
     row = {
@@ -190,7 +193,7 @@ def profile_bare(model, s: BenchSettings, out: Path, log, repeats: int = 3) -> d
         "graph_launches_per_question": graph_launches / len(QUESTIONS),
         "prefill_graphs_captured": engine.parts.prefill_graphs.graph_pool.num_captured,
     }
-    log(f"bare: {json.dumps(row)}")
+    log(f"bare{'' if anchor_graphs else ' (eager anchor)'}: {json.dumps(row)}")
     del engine
     return row
 
@@ -221,6 +224,7 @@ def main(argv=None) -> int:
     report = {"minutes": s.minutes, "budget_tokens": s.budget_tokens, "rows": rows}
     if args.bare:
         report["bare"] = profile_bare(model, s, args.out, log)
+        report["bare_eager_anchor"] = profile_bare(model, s, args.out, log, anchor_graphs=False)
     if torch.cuda.is_available():
         report["gpu"] = torch.cuda.get_device_name()
     (args.out / "profile.json").write_text(json.dumps(report, indent=2))

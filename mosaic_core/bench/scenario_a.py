@@ -12,7 +12,8 @@ Rows (``VARIANTS``):
   ``cluster-one-graph``, the prefill's later layers in one graph that waits for every layer's retrieved KV before
   it starts (``EngineConfig.prefill_graph_layers``), where ``cluster`` replays a chain of graphs of 4 layers;
   ``cluster-kernel-copy``, staging by the slab-gather kernel on the SMs, where ``cluster`` and ``frame`` stage
-  on the copy engines (``EngineConfig.staging_copy``).
+  on the copy engines (``EngineConfig.staging_copy``); ``cluster-eager-anchor``, the layers up to the anchor run
+  eagerly, where ``cluster`` replays them from graphs cut where they choose (``EngineConfig.anchor_graphs``).
 
 Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
 last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
@@ -48,6 +49,7 @@ VARIANTS = {
     "cluster-eager": {"mode": "cluster", "prefill_graphs": False, "decode_graphs": False},
     "cluster-one-graph": {"mode": "cluster", "prefill_graph_layers": 64},
     "cluster-kernel-copy": {"mode": "cluster", "staging_copy": "kernel"},
+    "cluster-eager-anchor": {"mode": "cluster", "anchor_graphs": False},
 }
 DEFAULT_VARIANTS = ("full", "rekv-token", "frame", "cluster", "random")
 SWEEP = ("spread", "mean_key", "random", "recent")

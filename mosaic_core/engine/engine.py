@@ -123,6 +123,7 @@ class Engine:
                 self.tiering.tiers.pools,
                 enabled=self.config.prefill_graphs,
                 segment_layers=self.config.prefill_graph_layers,
+                anchor=self.config.anchor_graphs,
             ),
         )
         working_set = self.config.retrieval_budget_tokens * self.spec.bytes_per_token

@@ -166,6 +166,14 @@ class QuestionPlan:
             self.filled_tokens = end
         return out
 
+    def choose_at_prefill(self, layer: int, query: torch.Tensor) -> None:
+        """What ``attend`` does at the prefill before a layer attends, for a layer that runs elsewhere
+        (``anchor_graphs``): its choice from ``query`` ``[num_q_heads, T, D]`` (the question's real rows), and at
+        the anchor every later layer's, with their staging queued."""
+        self._choose(layer, query)
+        if layer == self.retriever.prefetch_after_layer:
+            self.choice_query = (layer, query.clone(), self.retriever.spec.scale)  # the caller's buffer is reused
+
     def _write(self, layer: int, kv: torch.Tensor) -> None:
         """Writes the step's new KV ``[2, H, T, D]`` into the question's pages, which hold its tokens in order:
         one slice copy per page the step touches (one for a decode step)."""

@@ -1,11 +1,11 @@
-"""A question's prefill: its first layers run eagerly, the rest replay from a chain of CUDA graphs.
+"""A question's prefill: its anchor layers replay from graphs cut where they choose, the rest from a chain.
 
 An eager 7B forward pass launches about 930 kernels from Python, so a question's time to first token was mostly
 host time (``mosaic bench profile``), as decode steps were before ``decode_graphs``. In cluster and frame mode the
 layers up to ``prefetch_after_layer`` score the candidates and every later layer reuses that choice, so from the
 next layer on the pass reads fixed inputs (``FixedPrefillPlan``):
 
-- ``hidden``: the question's hidden states after the eager layers, zero padded to a multiple of
+- ``hidden``: the question's hidden states after the anchor layers, zero padded to a multiple of
   ``QUESTION_STEP`` tokens, and ``positions``, their text positions;
 - ``table``, ``kv_len``: the anchor's slot table, which every later layer reads (``QuestionPlan`` shares it),
   -1 padded to the graph's width, and how many of its slots the question reads: the static part and the padded
@@ -27,6 +27,9 @@ Padding rows come after the question's tokens, so causal attention keeps them ou
 lands in the question's next slots, where the answer's tokens are written before any step reads them (a decode
 step attends only to the slots filled so far, its own included).
 
+The anchor layers themselves (up to ``prefetch_after_layer``) replay from graphs cut at each one's attention, so
+that the host chooses between two pieces (``anchor_graphs``); with ``anchor=False`` they run eagerly.
+
 Modes that score every layer (token, full) and questions that measure recall or plant queries run the whole pass
 eagerly, as every question does on the CPU; there ``capture=False`` runs the fixed-buffer layers eagerly instead
 of replaying them, so tests can compare the two.
@@ -41,6 +44,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from mosaic_core.engine.anchor_graphs import AnchorPieces, FixedAnchorPlan, anchor_forward, anchor_width
 from mosaic_core.engine.attend import attend_paged
 from mosaic_core.engine.decode_graphs import WIDTH_STEP
 from mosaic_core.engine.graph_capture import GraphPool
@@ -123,16 +127,23 @@ class PrefillGraphs:
         segment_layers: layers per graph of the chain (``EngineConfig.prefill_graph_layers``); the last graph's
             layers are what still runs after the last layer's KV has landed.
         capture: False runs the fixed-buffer layers eagerly instead of replaying them (tests compare them).
+        anchor: the anchor layers replay too, from graphs cut where they choose (``anchor_graphs``); False runs
+            them eagerly.
     """
 
-    def __init__(self, model, pools, *, enabled: bool, segment_layers: int = 4, capture: bool = True) -> None:
+    def __init__(
+        self, model, pools, *, enabled: bool, segment_layers: int = 4, capture: bool = True, anchor: bool = True
+    ) -> None:
         self.model = model
+        self.anchor = anchor
         self.segment_layers = segment_layers
         self.pools = pools
         self.capture = capture
         self.enabled = enabled and (model.device.type == "cuda" or not capture)
         self.num_prefills = 0  # prefills whose later layers ran from fixed buffers
+        self.num_anchor_prefills = 0  # prefills whose anchor layers did (``anchor_graphs``)
         self._graphs: dict[tuple[int, int, int], tuple[FixedPrefillPlan, list[Segment]]] = {}
+        self._anchors: dict[tuple[int, int, int], AnchorPieces] = {}
         self._pool_tensor = None  # the device pool the graphs read; another one invalidates them
         self.graph_pool = GraphPool("question prefills")  # off for good after a failed capture
 
@@ -150,9 +161,9 @@ class PrefillGraphs:
     def prefill(self, plan, input_ids: torch.Tensor, cursor: int) -> torch.Tensor:
         """The question's forward pass under ``plan``; returns its last token's final hidden state ``[1, hidden]``.
 
-        Layers up to the retriever's anchor run eagerly (they choose what every layer reads); the rest replay
-        from a chain of graphs, each once its own layers' staging has landed, or run eagerly when this plan cannot
-        use them or capturing fails.
+        Layers up to the retriever's anchor replay from graphs cut where they choose what every layer reads
+        (``anchor_graphs``); the rest replay from a chain of graphs, each once its own layers' staging has landed.
+        Either runs eagerly when this plan cannot use them or capturing fails.
         """
         model, num_layers = self.model, self.model.kv_spec.num_layers
         num_real = input_ids.shape[1]
@@ -161,8 +172,12 @@ class PrefillGraphs:
             return model.forward(input_ids=input_ids, position_ids=positions, plan=plan)[:, -1]
         first = plan.retriever.prefetch_after_layer + 1
         with record_function("prefill.anchor_layers"):  # profiler ranges: ``mosaic bench profile --bare``
-            embedded = model.embed_text(input_ids)
-            hidden = model.text_layers(embedded, position_ids=positions, plan=plan, layers=range(first))
+            anchor = self._anchor(plan, first, num_real, input_ids, cursor)
+            if anchor is None:
+                embedded = model.embed_text(input_ids)
+                hidden = model.text_layers(embedded, position_ids=positions, plan=plan, layers=range(first))
+            else:
+                hidden = anchor.prefill(model, plan, input_ids, cursor)
         entry = self._entry(plan, first, num_real, hidden, cursor)
         if entry is None:
             rest = model.text_layers(hidden, position_ids=positions, plan=plan, layers=range(first, num_layers))
@@ -190,10 +205,45 @@ class PrefillGraphs:
         self.num_prefills += 1
         return hidden[:, 0].clone()
 
-    def _entry(self, plan, first: int, num_real: int, hidden: torch.Tensor, cursor: int):
+    def _anchor(self, plan, first: int, num_real: int, input_ids: torch.Tensor, cursor: int) -> AnchorPieces | None:
+        """The anchor layers' pieces for this question (``anchor_graphs``), captured on first use; None: they
+        run eagerly under ``plan`` (capturing failed)."""
+        if not self.anchor:
+            return None
+        self._drop_if_pool_changed()
+        tokens, width = padded_length(num_real), anchor_width(plan)
+        key = (first, tokens, width)
+        if key not in self._anchors:
+            model, layers = self.model, range(first)
+            fixed = FixedAnchorPlan(model, self.pools, first, tokens, width)
+            if not self.capture:
+                self._anchors[key] = AnchorPieces(fixed, layers, None)
+            else:
+                fixed.load(model, plan, input_ids, cursor)  # the warm-ups write the KV where the replays will
+
+                def set_cut(cut) -> None:
+                    fixed.at_query = cut
+
+                captured = self.graph_pool.capture_pieces(
+                    lambda: anchor_forward(model, fixed, layers), set_cut, len(layers) + 1
+                )
+                if captured is None:
+                    self.enabled = False
+                    return None
+                graphs, fixed.out = captured
+                self._anchors[key] = AnchorPieces(fixed, layers, graphs)
+                log.info("captured the anchor layers of %d-token questions over %d-slot tables", tokens, width)
+        self.num_anchor_prefills += 1
+        return self._anchors[key]
+
+    def _drop_if_pool_changed(self) -> None:
         if self.pools.device_pool is not self._pool_tensor:  # full mode grew it
             self._graphs.clear()
+            self._anchors.clear()
             self._pool_tensor = self.pools.device_pool
+
+    def _entry(self, plan, first: int, num_real: int, hidden: torch.Tensor, cursor: int):
+        self._drop_if_pool_changed()
         if any(table is not plan.tables[first] for table in plan.tables[first:]):
             return None  # the later layers do not share one table: they run eagerly
         tokens = padded_length(num_real)

@@ -56,7 +56,7 @@ def test_fixed_buffer_layers_compute_the_eager_prefill(
     assert [a.token_ids for a in answers] == [a.token_ids for a in eager]
     assert_same_hiddens(hiddens, eager_hiddens)
     assert [[s.cluster_id for s in a.evidence] for a in answers] == [[s.cluster_id for s in a.evidence] for a in eager]
-    assert fixed.num_prefills == len(QUESTIONS)
+    assert fixed.num_prefills == fixed.num_anchor_prefills == len(QUESTIONS)
 
 
 def test_each_segment_waits_only_for_its_own_layers_staging(tiny_model, bikes_frames, monkeypatch):

@@ -1,0 +1,130 @@
+"""A question prefill's anchor layers, replayed from CUDA graphs cut where each layer chooses what it reads.
+
+The layers up to the retriever's anchor (``prefetch_after_layer``) choose clusters on the host from their own
+queries, so they could not replay from one graph: they ran eagerly, about 6 ms of host time on the H200 for the
+7B shape's two anchor layers, while the later layers replay from a chain of graphs (``prefill_graphs``;
+bench/NOTES.md, session 11). Here they replay from graphs cut at each anchor layer's attention:
+
+    piece 0:  embedding, layer 0 up to its queries   | host: layer 0 chooses, its table is loaded
+    piece 1:  layer 0's attention and the rest of it,  |
+              layer 1 up to its queries               | host: layer 1 chooses (and queues every later layer's
+    piece 2:  layer 1's attention and the rest of it  |       staging), its table is loaded
+
+Every piece reads fixed buffers (``FixedAnchorPlan``): the question's token ids and positions, zero padded to a
+multiple of ``QUESTION_STEP`` (``prefill_graphs``); where each token's KV goes; and one slot table per anchor
+layer with its length. A table is as wide as any choice of this question can need (sink, window, the whole
+retrieval budget, and the question's own slots, rounded up to ``WIDTH_STEP``), so the pieces are known before the
+first layer chooses: one set per (question length, width). The pad rows come after the question's tokens, so
+causal attention keeps them out of every real row, and only the real rows' queries choose.
+
+The cut is made while capturing: the attention plan ends the graph under capture when a layer hands it its
+queries, and begins the next one before it attends (``warm_and_capture_pieces``). What crosses a cut (the
+layer's input, its queries, keys and values) stays referenced, so no later capture reuses its memory.
+
+``capture=False`` runs the same pieces eagerly from the fixed buffers, choosing at the same points, which is what
+the CPU tests compare with the eager prefill.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mosaic_core.engine.attend import attend_paged
+from mosaic_core.engine.decode_graphs import WIDTH_STEP
+from mosaic_core.memory.transfer import NOTHING_PENDING
+
+
+def anchor_width(plan) -> int:
+    """The widest table any anchor layer of ``plan`` can build, rounded up to ``WIDTH_STEP``: sink and window, the
+    whole retrieval budget, then the question's slots."""
+    widest = len(plan.past_slots) + plan.retriever.budget_tokens + plan.capacity_tokens
+    return -(-widest // WIDTH_STEP) * WIDTH_STEP
+
+
+class FixedAnchorPlan:
+    """The attention plan of the anchor pieces, every input in a buffer that outlives the pass (module doc)."""
+
+    def __init__(self, model, pools, num_layers: int, tokens: int, width: int) -> None:
+        device = model.device
+        self.pools = pools
+        self.tokens = tokens
+        self.input_ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
+        self.positions = torch.zeros((3, 1, tokens), dtype=torch.int64, device=device)
+        self.write_index = torch.zeros((2, tokens), dtype=torch.int64, device=device)  # pages, offsets
+        self.tables = torch.full((num_layers, 1, width), -1, dtype=torch.int32, device=device)
+        self.kv_lens = torch.zeros((num_layers, 1), dtype=torch.int32, device=device)
+        self.queries: list[torch.Tensor | None] = [None] * num_layers  # each layer's, as its piece leaves them
+        # Called with the layer once its queries are in ``queries``, before it attends: while capturing, the cut
+        # between two pieces; when the pieces run eagerly, the choice.
+        self.at_query = None
+        self.out: torch.Tensor | None = None  # the last piece's hidden states [1, tokens, hidden]
+
+    def load(self, model, plan, input_ids: torch.Tensor, cursor: int) -> None:
+        """Copies one question's token ids (``[1, T]``), positions and slots in, and empties the tables."""
+        self.input_ids.zero_()
+        self.input_ids[:, : input_ids.shape[1]].copy_(input_ids)
+        self.positions.copy_(model.text_positions(cursor, self.tokens)[:, None])
+        slots = plan.question_slots_np[: self.tokens]
+        page_tokens = self.pools.page_tokens
+        self.write_index.copy_(self.pools.upload(np.stack([slots // page_tokens, slots % page_tokens])))
+        self.tables.fill_(-1)
+        self.kv_lens.zero_()
+
+    def load_table(self, plan, layer: int) -> None:
+        """Layer ``layer``'s table, as the question plan built it when the layer chose."""
+        table = plan.tables[layer]
+        self.tables[layer, :, : table.shape[1]].copy_(table)
+        self.kv_lens[layer].fill_(plan.static_tokens[layer] + self.tokens)
+
+    def attend(self, layer_idx, query, key, value, scale):
+        self.queries[layer_idx] = query
+        if self.at_query is not None:
+            self.at_query(layer_idx)
+        kv = torch.stack([key[0], value[0]]).permute(2, 0, 1, 3)  # [T, 2, H, D]
+        self.pools.write_slots(layer_idx, (self.write_index[0], self.write_index[1]), kv)
+        k_pages, v_pages = self.pools.layer_pages(layer_idx)
+        return attend_paged(query, k_pages, v_pages, self.tables[layer_idx], self.kv_lens[layer_idx], scale)
+
+
+def anchor_forward(model, fixed: FixedAnchorPlan, layers: range) -> torch.Tensor:
+    """The embedding and ``layers`` over ``fixed``'s buffers; the hidden states after the last of them."""
+    hidden = model.embed_text(fixed.input_ids)
+    return model.text_layers(hidden, position_ids=fixed.positions, plan=fixed, layers=layers)
+
+
+class AnchorPieces:
+    """The anchor layers' pieces for one (question length, width): captured graphs, or None to run the same
+    pieces eagerly from the same buffers, choosing at the same points."""
+
+    def __init__(self, fixed: FixedAnchorPlan, layers: range, graphs: list | None) -> None:
+        self.fixed = fixed
+        self.layers = layers
+        self.graphs = graphs
+
+    def prefill(self, model, plan, input_ids: torch.Tensor, cursor: int) -> torch.Tensor:
+        """The anchor layers of ``plan``'s prefill; returns the real rows' hidden states ``[1, T, hidden]``.
+
+        After each layer's piece the question plan chooses from the layer's queries (its real rows), builds the
+        layer's table and queues the staging; the next piece attends once the layer's staging has landed."""
+        fixed, num_real = self.fixed, input_ids.shape[1]
+        fixed.load(model, plan, input_ids, cursor)
+        if self.graphs is None:
+            fixed.at_query = lambda layer: self._choose(plan, layer, num_real)
+            try:
+                fixed.out = anchor_forward(model, fixed, self.layers)
+            finally:
+                fixed.at_query = None
+        else:
+            for layer in self.layers:
+                self.graphs[layer].replay()
+                self._choose(plan, layer, num_real)
+            self.graphs[-1].replay()
+        return fixed.out[:, :num_real]
+
+    def _choose(self, plan, layer: int, num_real: int) -> None:
+        fixed = self.fixed
+        plan.choose_at_prefill(layer, fixed.queries[layer][0][:, :num_real])
+        fixed.load_table(plan, layer)
+        plan.retriever.tiering.tiers.transfers.wait(plan.gathers[layer])
+        plan.gathers[layer] = NOTHING_PENDING
