@@ -154,16 +154,18 @@ def profile_mode(model, s: BenchSettings, mode: str, frames, decode_tokens: int,
 BARE_RANGES = ("prefill.anchor_layers", "prefill.load_buffers", "prefill.chain", "question.first_token")
 
 
-def profile_bare(model, s: BenchSettings, out: Path, log, repeats: int = 3, *, anchor_graphs: bool = True) -> dict:
+def profile_bare(
+    model, s: BenchSettings, out: Path, log, repeats: int = 3, *, anchor_graphs: bool = True
+) -> tuple[dict, list]:
     """Questions on a stream with no history: their time to first token, and where its wall time goes; with
-    ``anchor_graphs`` False the layers up to the anchor run eagerly (``EngineConfig.anchor_graphs``)."""
+    ``anchor_graphs`` False the layers up to the anchor run eagerly (``EngineConfig.anchor_graphs``). Returns the
+    row and each question's first answer (its first token and last hidden state, for ``compare_answers``)."""
     from torch.profiler import ProfilerActivity, profile
 
     config = dataclasses.replace(engine_config(s, "cluster"), anchor_graphs=anchor_graphs)
     engine = Engine(model, config)
     engine.open_stream("bare")
-    for q in QUESTIONS:  # captures the prefill graph of every question length
-        engine.answer("bare", q, max_new_tokens=1)
+    first = [engine.answer("bare", q, max_new_tokens=1) for q in QUESTIONS]  # captures every length's graphs
     ttfts = [engine.answer("bare", q, max_new_tokens=1).timings.time_to_first_token_s for q in QUESTIONS * repeats]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
@@ -195,7 +197,15 @@ def profile_bare(model, s: BenchSettings, out: Path, log, repeats: int = 3, *, a
     }
     log(f"bare{'' if anchor_graphs else ' (eager anchor)'}: {json.dumps(row)}")
     del engine
-    return row
+    return row, first
+
+
+def compare_answers(answers: list, reference: list) -> dict:
+    """How far two runs of the same questions' prefills are apart: first tokens equal, and the largest absolute
+    difference of the last hidden state."""
+    equal = sum(a.token_ids[:1] == b.token_ids[:1] for a, b in zip(answers, reference, strict=True))
+    diff = max(float((a.last_hidden - b.last_hidden).abs().max()) for a, b in zip(answers, reference, strict=True))
+    return {"first_tokens_equal": equal, "questions": len(answers), "last_hidden_max_abs_diff": diff}
 
 
 def main(argv=None) -> int:
@@ -223,8 +233,10 @@ def main(argv=None) -> int:
     rows = [profile_mode(model, s, mode, frames, args.decode_tokens, args.out, log) for mode in modes]
     report = {"minutes": s.minutes, "budget_tokens": s.budget_tokens, "rows": rows}
     if args.bare:
-        report["bare"] = profile_bare(model, s, args.out, log)
-        report["bare_eager_anchor"] = profile_bare(model, s, args.out, log, anchor_graphs=False)
+        report["bare"], graphed = profile_bare(model, s, args.out, log)
+        report["bare_eager_anchor"], eager = profile_bare(model, s, args.out, log, anchor_graphs=False)
+        report["bare_anchor_graphs_vs_eager"] = compare_answers(graphed, eager)
+        log(f"bare, anchor graphs against eager anchor layers: {json.dumps(report['bare_anchor_graphs_vs_eager'])}")
     if torch.cuda.is_available():
         report["gpu"] = torch.cuda.get_device_name()
     (args.out / "profile.json").write_text(json.dumps(report, indent=2))
