@@ -74,6 +74,11 @@ class FixedAnchorPlan:
     def load_table(self, plan, layer: int) -> None:
         """Layer ``layer``'s table, as the question plan built it when the layer chose."""
         table = plan.tables[layer]
+        if table.shape[1] > self.tables.shape[2]:
+            raise RuntimeError(
+                f"layer {layer}'s table has {table.shape[1]} slots, more than the {self.tables.shape[2]} its anchor "
+                "pieces were captured for: a choice exceeded the retrieval budget"
+            )
         self.tables[layer, :, : table.shape[1]].copy_(table)
         self.kv_lens[layer].fill_(plan.static_tokens[layer] + self.tokens)
 
