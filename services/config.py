@@ -97,11 +97,11 @@ class ServiceConfig(BaseModel):
     max_questions_per_stream: int = Field(4, ge=1)
     # How long running answers may keep decoding between ingest passes while frames wait (0: a token per pass).
     answer_slice_s: float = Field(0.25, ge=0)
-    # An ingest call pauses for new questions before every this many layers of a forward pass (0: never) and after
-    # every ingest_pause_frames frames through the vision tower, so a question's first token waits for one such
-    # chunk, not for the whole call.
+    # An ingest call pauses for new questions after the vision tower and before every this many layers of a forward
+    # pass (0: never), so a question's first token waits for one such chunk, not for the whole call;
+    # ingest_pause_frames > 0 also cuts the tower into chunks of that many frames (it then ingests more slowly).
     ingest_pause_layers: int = Field(4, ge=0)
-    ingest_pause_frames: int = Field(32, ge=1)
+    ingest_pause_frames: int = Field(0, ge=0)
     # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
     source_max_failures: int = Field(10, ge=1)
     source_max_refused_frames: int = Field(100, ge=1)

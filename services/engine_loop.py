@@ -7,8 +7,9 @@ The engine is not thread-safe, so every engine call runs here. One iteration:
     questions that may start  ->  steps (prefill or one token) of every running question, for the answer slice
     below  ->  sleep until woken if nothing happened
 
-**A new question does not wait for the ingest call under way.** An ingest call pauses after each vision-tower chunk
-of ``ingest_pause_frames`` frames and before every ``ingest_pause_layers``-th layer of each forward pass
+**A new question does not wait for the ingest call under way.** An ingest call pauses after the vision tower (or
+each chunk of ``ingest_pause_frames`` frames through it) and before every ``ingest_pause_layers``-th layer of each
+forward pass
 (``mosaic_core.engine.ingest_pauses``); at a pause the loop starts the questions that arrived and runs each one's
 prefill, so its first token waits for one chunk of ingest work, not for the rest of the call. Nothing else runs at a
 pause: commands, later tokens and the end of an answer wait for the call to end.
@@ -69,7 +70,7 @@ RETRY_AFTER_S = 0.5  # the hint a refused question gets
 DEFAULT_FRAMES_PER_STREAM_PASS = 2
 DEFAULT_ANSWER_SLICE_S = 0.25
 DEFAULT_INGEST_PAUSE_LAYERS = 4
-DEFAULT_INGEST_PAUSE_FRAMES = 32
+DEFAULT_INGEST_PAUSE_FRAMES = 0
 DEFAULT_MAX_BACKGROUND_JOBS = 64
 DONE = object()  # ends a question's event queue
 
@@ -118,7 +119,8 @@ class EngineLoop:
         answer_slice_s: how long running questions may keep decoding between ingest passes while frames wait.
         ingest_pause_layers: layers of an ingest forward pass between two chances to start questions; 0 starts
             them only between ingest calls.
-        ingest_pause_frames: vision-tower frames between two such chances.
+        ingest_pause_frames: vision-tower frames between two such chances; 0 runs the tower over a call's frames
+            at once.
     """
 
     def __init__(
@@ -139,13 +141,14 @@ class EngineLoop:
         ingest_pause_layers: int = DEFAULT_INGEST_PAUSE_LAYERS,
         ingest_pause_frames: int = DEFAULT_INGEST_PAUSE_FRAMES,
     ) -> None:
-        if min(max_questions_per_stream, frames_per_stream_pass, ingest_pause_frames) < 1 or not (
-            answer_slice_s >= 0 and ingest_pause_layers >= 0
+        if (
+            min(max_questions_per_stream, frames_per_stream_pass) < 1
+            or min(answer_slice_s, ingest_pause_layers, ingest_pause_frames) < 0
         ):
             raise ValueError(
-                f"max_questions_per_stream={max_questions_per_stream}, frames_per_stream_pass="
-                f"{frames_per_stream_pass} and ingest_pause_frames={ingest_pause_frames} must be >= 1, "
-                f"answer_slice_s={answer_slice_s} and ingest_pause_layers={ingest_pause_layers} >= 0"
+                f"max_questions_per_stream={max_questions_per_stream} and frames_per_stream_pass="
+                f"{frames_per_stream_pass} must be >= 1, answer_slice_s={answer_slice_s}, ingest_pause_layers="
+                f"{ingest_pause_layers} and ingest_pause_frames={ingest_pause_frames} >= 0"
             )
         self.engine = engine
         self.queues = queues
@@ -332,7 +335,9 @@ class EngineLoop:
         pauses = None
         if self.ingest_pause_layers:
             pauses = IngestPauses(
-                self._serve_at_pause, every_layers=self.ingest_pause_layers, vision_frames=self.ingest_pause_frames
+                self._serve_at_pause,
+                every_layers=self.ingest_pause_layers,
+                vision_frames=self.ingest_pause_frames or None,
             )
         try:
             self.engine.ingest([FrameInput(f.stream_id, f.timestamp_s, f.rgb) for f in batch], pauses=pauses)

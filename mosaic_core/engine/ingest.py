@@ -94,7 +94,8 @@ def _validate(parts: EngineParts, frames: Sequence[FrameInput]) -> dict[str, lis
 
 def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[tuple[str, int], object]:
     """Vision tower over every frame of the batch, one call per geometry (sources of any size resize into it), or
-    with ``pauses`` one call per chunk of ``pauses.vision_frames`` frames of a geometry, each followed by a pause."""
+    with ``pauses.vision_frames`` one call per chunk of that many frames of a geometry; with ``pauses``, each call
+    is followed by a pause."""
     groups: dict[VisionGeometry, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
     for stream_id, items in by_stream.items():
         state = parts.streams[stream_id]
@@ -106,7 +107,7 @@ def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[
             groups[state.geometry].append((stream_id, i, rgb))
     features = {}
     for geometry, members in groups.items():
-        step = len(members) if pauses is None else pauses.vision_frames
+        step = len(members) if pauses is None or pauses.vision_frames is None else pauses.vision_frames
         for start in range(0, len(members), step):
             chunk = members[start : start + step]
             out = parts.model.encode_frames([rgb for _, _, rgb in chunk], geometry)

@@ -4,13 +4,15 @@ An ingest call of a hundred frames holds the engine for about a second on the H2
 meanwhile waited for all of it before its prefill could start (bench/NOTES.md, session 11). With ``IngestPauses`` the
 call stops at fixed points and calls ``serve``:
 
-- after each vision-tower chunk of ``vision_frames`` frames;
+- after the vision tower, or with ``vision_frames`` after each chunk of that many frames through it;
 - before every ``every_layers``-th language-model layer of each forward pass, the first included.
 
 On CUDA, at each pause the host first waits until the device has finished the work queued before the previous
 pause. So the host stays at most one chunk of work ahead of the device, and a question started at a pause waits for
-that one chunk, not for the rest of the call. The device is never left idle by it: one chunk stays queued while the
-host waits.
+that one chunk, not for the rest of the call. One chunk stays queued while the host waits, so the device idles only
+where the host needs longer to queue a chunk than the device to run the one before: the vision tower is such work
+(launch-bound), which is why it is not cut into chunks unless asked. On the H200 at 64 cameras, chunks of 32 frames
+with pauses every 4 layers cost the service a third of its ingest rate (bench/NOTES.md, session 12).
 
 What ``serve`` sees and may do: every stream holds the frames of the passes already done in this call and none of
 the pass under way (its frames join their streams once the pass ends). It may start questions and run their
@@ -32,14 +34,14 @@ class IngestPauses:
 
     serve: Callable[[], None]
     every_layers: int = 4
-    vision_frames: int = 32
+    vision_frames: int | None = None
     num_pauses: int = 0
     _previous: torch.cuda.Event | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.every_layers < 1 or self.vision_frames < 1:
+        if self.every_layers < 1 or (self.vision_frames is not None and self.vision_frames < 1):
             raise ValueError(
-                f"every_layers={self.every_layers} and vision_frames={self.vision_frames} must both be >= 1"
+                f"every_layers={self.every_layers} must be >= 1 and vision_frames={self.vision_frames} None or >= 1"
             )
 
     def before_layer(self, layer_idx: int, device: torch.device) -> None:

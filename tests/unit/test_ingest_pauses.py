@@ -30,13 +30,16 @@ def _batch(bikes_frames) -> list[FrameInput]:
     ]
 
 
-def test_pauses_come_after_each_vision_chunk_and_before_every_few_layers_of_each_pass(tiny_model, bikes_frames):
+@pytest.mark.parametrize(("vision_frames", "vision_pauses"), [(3, 3), (None, 1)])
+def test_pauses_come_after_the_vision_tower_or_its_chunks_and_before_every_few_layers_of_each_pass(
+    tiny_model, bikes_frames, vision_frames, vision_pauses
+):
     engine = _opened(tiny_model, bikes_frames)
-    pauses = IngestPauses(lambda: None, every_layers=2, vision_frames=3)
-    result = engine.ingest(_batch(bikes_frames), pauses=pauses)
+    pauses = IngestPauses(lambda: None, every_layers=2, vision_frames=vision_frames)
+    result = engine.ingest(_batch(bikes_frames), pauses=pauses)  # 8 frames: 3 chunks of at most 3, or one call
     num_layers = tiny_model.kv_spec.num_layers
     assert result.num_forward_passes == 4
-    assert pauses.num_pauses == -(-8 // 3) + 4 * -(-num_layers // 2)
+    assert pauses.num_pauses == vision_pauses + 4 * -(-num_layers // 2)
 
 
 def test_a_question_started_at_a_pause_answers_as_before_the_pass_and_leaves_the_ingest_as_it_was(
