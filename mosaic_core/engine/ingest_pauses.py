@@ -11,8 +11,9 @@ On CUDA, at each pause the host first waits until the device has finished the wo
 pause. So the host stays at most one chunk of work ahead of the device, and a question started at a pause waits for
 that one chunk, not for the rest of the call. One chunk stays queued while the host waits, so the device idles only
 where the host needs longer to queue a chunk than the device to run the one before: the vision tower is such work
-(launch-bound), which is why it is not cut into chunks unless asked. On the H200 at 64 cameras, chunks of 32 frames
-with pauses every 4 layers cost the service a third of its ingest rate (bench/NOTES.md, session 12).
+(launch-bound), which is why it is not cut into chunks unless asked. On the H200 at 64 cameras, 32-frame tower
+chunks with pauses every 4 layers left the service behind real time where no pauses kept it (bench/NOTES.md,
+session 12).
 
 What ``serve`` sees and may do: every stream holds the frames of the passes already done in this call and none of
 the pass under way (its frames join their streams once the pass ends). It may start questions and run their
