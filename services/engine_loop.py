@@ -9,10 +9,11 @@ The engine is not thread-safe, so every engine call runs here. One iteration:
 
 **A new question does not wait for the ingest call under way.** An ingest call pauses after the vision tower (or
 each chunk of ``ingest_pause_frames`` frames through it) and before every ``ingest_pause_layers``-th layer of each
-forward pass
-(``mosaic_core.engine.ingest_pauses``); at a pause the loop starts the questions that arrived and runs each one's
-prefill, so its first token waits for one chunk of ingest work, not for the rest of the call. Nothing else runs at a
-pause: commands, later tokens and the end of an answer wait for the call to end.
+forward pass (``mosaic_core.engine.ingest_pauses``); at a pause the loop starts the questions that arrived and runs
+each one's prefill, so its first token waits for one chunk of ingest work, not for the rest of the call. Nothing
+else runs at a pause: commands, later tokens and the end of an answer wait for the call to end, so an answer's
+second token comes after the call (bench/NOTES.md, session 12: decode through gRPC 31.8 ms a token at 64 cameras
+with pauses, 7.2 without, in two calls).
 
 **Ingest is never starved by questions.** Ingest goes first in every iteration and reaches every stream.
 Between two ingest passes the running questions advance a token each, and keep advancing while no frame waits,

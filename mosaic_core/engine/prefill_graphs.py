@@ -207,7 +207,7 @@ class PrefillGraphs:
 
     def _anchor(self, plan, first: int, num_real: int, input_ids: torch.Tensor, cursor: int) -> AnchorPieces | None:
         """The anchor layers' pieces for this question (``anchor_graphs``), captured on first use; None: they
-        run eagerly under ``plan`` (capturing failed)."""
+        run eagerly under ``plan`` (anchor graphs off, or capturing failed)."""
         if not self.anchor:
             return None
         self._drop_if_pool_changed()
