@@ -15,12 +15,7 @@ def warm_and_capture(run: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.
     """Runs ``run`` twice on a side stream (compiling its kernels; it must be safe to repeat), then captures it
     into a graph whose intermediates live in ``pool`` (``torch.cuda.graph_pool_handle()``); returns the graph and
     the output tensor each replay refills. Raises whatever capturing raises."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            run()
-    torch.cuda.current_stream().wait_stream(side)
+    _warm_up(run)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = run()
@@ -34,12 +29,7 @@ def warm_and_capture_pieces(
     ``set_cut`` is given a function that ``run`` calls at each of its ``num_pieces - 1`` cut points, which ends the
     graph under capture and begins the next. Replaying the graphs in order runs ``run``, with the host free between
     them. Returns the graphs and the last one's output tensor."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            run()
-    torch.cuda.current_stream().wait_stream(side)
+    side = _warm_up(run)  # the pieces are captured on the stream they warmed up on
     torch.cuda.synchronize()
     graphs = [torch.cuda.CUDAGraph() for _ in range(num_pieces)]
     capturing = [0]  # the piece under capture
@@ -63,6 +53,17 @@ def warm_and_capture_pieces(
     if capturing[0] != num_pieces - 1:
         raise RuntimeError(f"the run was cut into {capturing[0] + 1} pieces, not {num_pieces}")
     return graphs, out
+
+
+def _warm_up(run: Callable[[], torch.Tensor]) -> torch.cuda.Stream:
+    """Runs ``run`` twice on a side stream, which compiles its kernels before a capture; returns that stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    return side
 
 
 class GraphPool:
