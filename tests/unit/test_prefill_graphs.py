@@ -38,13 +38,20 @@ def test_the_questions_are_padded(tiny_model):
 
 
 @pytest.mark.parametrize(
-    ("mode", "decode_too", "segment_layers"),
-    [("cluster", False, 4), ("frame", False, 4), ("cluster", True, 4), ("cluster", False, 1)],
+    ("mode", "decode_too", "segment_layers", "anchor"),
+    [
+        ("cluster", False, 4, 1),
+        ("frame", False, 4, 1),
+        ("cluster", True, 4, 1),
+        ("cluster", False, 1, 1),
+        ("cluster", False, 4, 0),  # one anchor layer: two pieces
+        ("cluster", False, 4, 2),  # three anchor layers: four pieces
+    ],
 )
 def test_fixed_buffer_layers_compute_the_eager_prefill(
-    tiny_model, bikes_frames, mode, decode_too, segment_layers, monkeypatch
+    tiny_model, bikes_frames, mode, decode_too, segment_layers, anchor, monkeypatch
 ):
-    engine = make_engine(tiny_model, mode=mode)
+    engine = make_engine(tiny_model, mode=mode, prefetch_after_layer=anchor)
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:24])
     hiddens = record_hiddens(tiny_model, monkeypatch)
