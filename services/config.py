@@ -99,7 +99,8 @@ class ServiceConfig(BaseModel):
     answer_slice_s: float = Field(0.25, ge=0)
     # An ingest call pauses for new questions after the vision tower and before every this many layers of a forward
     # pass (0: never), so a question's first token waits for one such chunk, not for the whole call;
-    # ingest_pause_frames > 0 also cuts the tower into chunks of that many frames (it then ingests more slowly).
+    # ingest_pause_frames > 0 also cuts the tower into chunks of that many frames (at 64 cameras on the H200, 32-frame
+    # chunks left the service behind real time: bench/NOTES.md, session 12).
     ingest_pause_layers: int = Field(4, ge=0)
     ingest_pause_frames: int = Field(0, ge=0)
     # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
