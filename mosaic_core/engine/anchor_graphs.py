@@ -29,11 +29,10 @@ the CPU tests compare with the eager prefill.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from mosaic_core.engine.attend import attend_paged
 from mosaic_core.engine.decode_graphs import WIDTH_STEP
+from mosaic_core.engine.fixed_buffers import load_table, load_write_index, write_and_attend
 from mosaic_core.memory.transfer import NOTHING_PENDING
 
 
@@ -63,35 +62,21 @@ class FixedAnchorPlan:
         self.out: torch.Tensor | None = None  # the last piece's hidden states [1, tokens, hidden]
 
     def load(self, model, plan, input_ids: torch.Tensor, cursor: int) -> None:
-        """Copies one question's token ids (``[1, T]``), positions and slots in, and empties the tables."""
+        """Copies one question's token ids (``[1, T]``), positions and slots in; each layer's table is loaded when
+        the layer has chosen (``AnchorPieces``)."""
         self.input_ids.zero_()
         self.input_ids[:, : input_ids.shape[1]].copy_(input_ids)
         self.positions.copy_(model.text_positions(cursor, self.tokens)[:, None])
-        slots = plan.question_slots_np[: self.tokens]
-        page_tokens = self.pools.page_tokens
-        self.write_index.copy_(self.pools.upload(np.stack([slots // page_tokens, slots % page_tokens])))
-        self.tables.fill_(-1)
-        self.kv_lens.zero_()
-
-    def load_table(self, plan, layer: int) -> None:
-        """Layer ``layer``'s table, as the question plan built it when the layer chose."""
-        table = plan.tables[layer]
-        if table.shape[1] > self.tables.shape[2]:
-            raise RuntimeError(
-                f"layer {layer}'s table has {table.shape[1]} slots, more than the {self.tables.shape[2]} its anchor "
-                "pieces were captured for: a choice exceeded the retrieval budget"
-            )
-        self.tables[layer, :, : table.shape[1]].copy_(table)
-        self.kv_lens[layer].fill_(plan.static_tokens[layer] + self.tokens)
+        load_write_index(self.write_index, self.pools, plan)
 
     def attend(self, layer_idx, query, key, value, scale):
         self.queries[layer_idx] = query
         if self.at_query is not None:
             self.at_query(layer_idx)
-        kv = torch.stack([key[0], value[0]]).permute(2, 0, 1, 3)  # [T, 2, H, D]
-        self.pools.write_slots(layer_idx, (self.write_index[0], self.write_index[1]), kv)
-        k_pages, v_pages = self.pools.layer_pages(layer_idx)
-        return attend_paged(query, k_pages, v_pages, self.tables[layer_idx], self.kv_lens[layer_idx], scale)
+        return write_and_attend(
+            self.pools, layer_idx, query, key, value, self.write_index, self.tables[layer_idx],
+            self.kv_lens[layer_idx], scale,
+        )  # fmt: skip
 
 
 def anchor_forward(model, fixed: FixedAnchorPlan, layers: range) -> torch.Tensor:
@@ -132,6 +117,6 @@ class AnchorPieces:
     def _choose(self, plan, layer: int, num_real: int) -> None:
         fixed = self.fixed
         plan.choose_at_prefill(layer, fixed.queries[layer][0][:, :num_real])
-        fixed.load_table(plan, layer)
+        load_table(fixed.tables[layer], fixed.kv_lens[layer], plan, layer, fixed.tokens)
         plan.retriever.tiering.tiers.transfers.wait(plan.gathers[layer])
         plan.gathers[layer] = NOTHING_PENDING

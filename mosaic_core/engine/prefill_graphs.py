@@ -40,13 +40,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.profiler import record_function
 
 from mosaic_core.engine.anchor_graphs import AnchorPieces, FixedAnchorPlan, anchor_forward, anchor_width
-from mosaic_core.engine.attend import attend_paged
 from mosaic_core.engine.decode_graphs import WIDTH_STEP
+from mosaic_core.engine.fixed_buffers import load_table, load_write_index, write_and_attend
 from mosaic_core.engine.graph_capture import GraphPool
 from mosaic_core.memory.transfer import NOTHING_PENDING
 
@@ -76,23 +75,17 @@ class FixedPrefillPlan:
     def load(self, model, plan, hidden: torch.Tensor, cursor: int) -> None:
         """Copies one question's tables, slots, hidden states (``[1, T, hidden]``) and positions in."""
         num_real = hidden.shape[1]
-        table = plan.tables[self.first_layer]
-        self.table.fill_(-1)
-        self.table[:, : table.shape[1]].copy_(table)
-        self.kv_len.fill_(plan.static_tokens[self.first_layer] + self.tokens)
-        slots = plan.question_slots_np[: self.tokens]
-        page_tokens = self.pools.page_tokens
-        self.write_index.copy_(self.pools.upload(np.stack([slots // page_tokens, slots % page_tokens])))
+        load_table(self.table, self.kv_len, plan, self.first_layer, self.tokens)
+        load_write_index(self.write_index, self.pools, plan)
         self.hidden.zero_()
         self.hidden[:, :num_real].copy_(hidden)
         self.positions.copy_(model.text_positions(cursor, self.tokens)[:, None])
         self.last.fill_(num_real - 1)
 
     def attend(self, layer_idx, query, key, value, scale):
-        kv = torch.stack([key[0], value[0]]).permute(2, 0, 1, 3)  # [T, 2, H, D]
-        self.pools.write_slots(layer_idx, (self.write_index[0], self.write_index[1]), kv)
-        k_pages, v_pages = self.pools.layer_pages(layer_idx)
-        return attend_paged(query, k_pages, v_pages, self.table, self.kv_len, scale)
+        return write_and_attend(
+            self.pools, layer_idx, query, key, value, self.write_index, self.table, self.kv_len, scale
+        )
 
 
 def fixed_layers(model, fixed: FixedPrefillPlan, hidden: torch.Tensor, layers: range) -> torch.Tensor:
