@@ -236,7 +236,16 @@ class Engine:
         """Answers one question of each prefill-graph length up to ``max_question_tokens`` on a scratch stream with
         no history, so the engine captures its prefill and decode graphs before a user's first questions do (a
         question that captured held the engine for 0.3 to 7 s on the H200: ``bench/NOTES.md``, session 11). The
-        scratch stream is never durable and leaves nothing behind. Returns how many questions it asked."""
+        scratch stream is never durable and leaves nothing behind. Returns how many questions it asked.
+
+        Raises:
+            AlreadyExistsError: a stream named like the scratch stream is open (warm up before opening streams).
+        """
+        if WARM_UP_STREAM in self.streams:
+            raise AlreadyExistsError(
+                f"a stream named {WARM_UP_STREAM!r} is open, and warm_up would use that name for its scratch "
+                "stream; warm the engine up before opening or restoring streams"
+            )
         state = self._open_state(WARM_UP_STREAM, 1.0, None)
         asked = 0
         try:

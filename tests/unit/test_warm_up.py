@@ -6,9 +6,12 @@ questions that took the path a CUDA graph replays; on a GPU that path captures t
 
 from __future__ import annotations
 
+import pytest
+
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine.engine import WARM_UP_STREAM
 from mosaic_core.engine.prefill_graphs import PrefillGraphs
+from mosaic_core.errors import AlreadyExistsError
 from tests.unit.engine_helpers import feed, make_engine
 
 
@@ -30,3 +33,12 @@ def test_warm_up_asks_every_question_length_and_leaves_nothing(tiny_model, bikes
     feed(engine, "cam", bikes_frames[:8])
     assert engine.answer("cam", "What happened?", max_new_tokens=2).token_ids
     engine.close()
+
+
+def test_warm_up_refuses_to_take_over_an_open_stream_of_its_scratch_name(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model)
+    engine.open_stream(WARM_UP_STREAM)
+    feed(engine, WARM_UP_STREAM, bikes_frames[:4])
+    with pytest.raises(AlreadyExistsError, match="warm the engine up before"):
+        engine.warm_up(max_new_tokens=1, max_question_tokens=16)
+    assert engine.stream_stats(WARM_UP_STREAM).frames_ingested == 4  # the user's stream is untouched
