@@ -74,6 +74,7 @@ def format_report(report: dict) -> str:
                 f"{r['ingest_frames_per_s']:.1f}",
                 f"{r.get('ingest_pass_ms', 0):.0f}",
                 f"{r.get('vision_ms_per_pass', 0):.0f}",
+                _host_split(r.get("host_ms_per_pass")),
                 f"{r['ttft_p50_ms']:.1f}",
                 f"{r['ttft_p99_ms']:.1f}",
                 f"{r['hit_ratio']:.2f}",
@@ -87,6 +88,7 @@ def format_report(report: dict) -> str:
             "ingest frames/s",
             "pass ms",
             "vision ms",
+            "host ms: queue tower / queue LM / wait / place",
             "TTFT p50 ms",
             "p99 ms",
             "hit ratio",
@@ -96,6 +98,12 @@ def format_report(report: dict) -> str:
         parts.append(_table("Scenario B: many cameras (aggregate frames/s of pre-decoded frames)", header, rows))
     parts.append(_targets(report))
     return "\n\n".join(parts)
+
+
+def _host_split(host_ms: dict | None) -> str:
+    if not host_ms:
+        return "-"
+    return " / ".join(f"{host_ms[part]:.0f}" for part in ("encode", "issue", "wait", "place"))
 
 
 def _targets(report: dict) -> str:

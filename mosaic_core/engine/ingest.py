@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +34,15 @@ PAD_TOKEN_ID = 0
 PASS_FILL = 0.8
 
 
+@dataclass(slots=True)
+class _HostTimes:
+    """Host seconds of an ingest call's passes, by what the host was doing (``IngestResult`` says what each is)."""
+
+    issue_s: float = 0.0
+    wait_s: float = 0.0
+    place_s: float = 0.0
+
+
 def ingest(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPauses | None = None) -> IngestResult:
     """Encodes a batch of frames from any number of streams.
 
@@ -50,6 +60,7 @@ def ingest(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPause
     encode_s = time.perf_counter() - start
     attended: list[int] = []
     num_opened = num_passes = 0
+    times = _HostTimes()
     chunk = parts.config.max_frames_per_pass
     rounds = max(-(-len(items) // chunk) for items in by_stream.values())
     for r in range(rounds):
@@ -63,7 +74,7 @@ def ingest(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPause
             if r * chunk < len(items)
         ]
         for group in _pass_groups(rows, features):
-            opened, tokens = _ingest_pass(parts, group, features, pauses)
+            opened, tokens = _ingest_pass(parts, group, features, pauses, times)
             num_passes += 1
             num_opened += opened
             attended.extend(tokens)
@@ -77,6 +88,9 @@ def ingest(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPause
         encode_s=encode_s,
         prefill_s=time.perf_counter() - start - encode_s,
         attended_tokens_per_frame=attended,
+        issue_s=times.issue_s,
+        wait_s=times.wait_s,
+        place_s=times.place_s,
     )
 
 
@@ -126,7 +140,9 @@ def _check_geometry(parts: EngineParts, state: StreamState) -> None:
         )
 
 
-def _ingest_pass(parts: EngineParts, rows, features, pauses: IngestPauses | None) -> tuple[int, list[int]]:
+def _ingest_pass(
+    parts: EngineParts, rows, features, pauses: IngestPauses | None, times: _HostTimes
+) -> tuple[int, list[int]]:
     """One forward pass; rows are ``(stream_id, frame indices in the batch, frames)``, one row per stream.
 
     Row layout, for a row carrying frames f0 f1 of one stream, in a pass whose longest row is ``pad`` tokens
@@ -138,6 +154,7 @@ def _ingest_pass(parts: EngineParts, rows, features, pauses: IngestPauses | None
     Attention is causal from the bottom right, so a left pad leaves every real token's view as it was; the pad
     tokens' KV is never written (``IngestPlan``), so no real token sees them.
     """
+    start = time.perf_counter()
     states = [parts.streams[sid] for sid, _, _ in rows]
     row_tokens = [_row_tokens(row, features) for row in rows]
     width = max(row_tokens)
@@ -185,7 +202,9 @@ def _ingest_pass(parts: EngineParts, rows, features, pauses: IngestPauses | None
     # Each row's first frame is compared with its open cluster in one batch (one device sync per pass); later
     # frames of a row depend on the decisions before them, so they are compared one by one.
     shaping = _shaping_summaries(parts, rows, features, frame_pages, frame_fills)
+    issued = time.perf_counter()
     first = _coherence_batch([state.open_embeds for state in states], [row[0] for row in shaping])
+    waited = time.perf_counter()
     for row, (state, (sid, indices, frames)) in enumerate(zip(states, rows, strict=True)):
         end = 0
         for n, (i, frame) in enumerate(zip(indices, frames, strict=True)):
@@ -195,6 +214,9 @@ def _ingest_pass(parts: EngineParts, rows, features, pauses: IngestPauses | None
             pages, fills = frame_pages[row][n], frame_fills[row][n]
             opened += _place_frame(parts, state, frame, pages, fills, summary, shaping[row][n], coherence)
             attended.append(plan.attended_tokens[row] - (row_tokens[row] - end))
+    times.issue_s += issued - start
+    times.wait_s += waited - issued
+    times.place_s += time.perf_counter() - waited
     return opened, attended
 
 

@@ -18,12 +18,20 @@ class FrameInput:
 
 @dataclass(slots=True)
 class IngestResult:
+    """What one ingest call did, and where its host time went. Device work is asynchronous: ``encode_s`` and
+    ``issue_s`` are the host's time to queue the vision tower and the language model, ``wait_s`` the time it then
+    waited for the device, and ``place_s`` the time it spent placing frames into clusters after that. With ingest
+    pauses, ``issue_s`` includes the time spent serving at them."""
+
     num_frames: int
     num_forward_passes: int
     num_clusters_opened: int
     encode_s: float
-    prefill_s: float
+    prefill_s: float  # everything after the vision tower: issue_s + wait_s + place_s + bookkeeping between them
     attended_tokens_per_frame: list[int]
+    issue_s: float = 0.0
+    wait_s: float = 0.0
+    place_s: float = 0.0
 
 
 @dataclass(slots=True)
