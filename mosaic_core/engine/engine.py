@@ -54,6 +54,7 @@ from mosaic_core.errors import (
 )
 from mosaic_core.memory.tiers import KVTiers
 from mosaic_core.model.adapter import VlmAdapter
+from mosaic_core.model.frame_upload import FrameStaging
 
 DEFAULT_SYSTEM_PROMPT = "You are watching a live camera. Answer questions about what it has seen, and when."
 UNLIMITED_BYTES = 1 << 62
@@ -125,6 +126,7 @@ class Engine:
                 segment_layers=self.config.prefill_graph_layers,
                 anchor=self.config.anchor_graphs,
             ),
+            frame_staging=FrameStaging(model.device),
         )
         working_set = self.config.retrieval_budget_tokens * self.spec.bytes_per_token
         window = self.config.local_window_tokens * self.spec.bytes_per_token

@@ -8,9 +8,10 @@ vision tower (all frames of the batch, grouped by size)
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import FrameInput, IngestResult
 from mosaic_core.engine.stream import LocalFrame, StreamState
+from mosaic_core.engine.thumbnails import ThumbnailBatch
 from mosaic_core.errors import BudgetError, EmptyBatchError
 from mosaic_core.model.pixels import VisionGeometry, validate_frames
 
@@ -106,10 +108,11 @@ def _validate(parts: EngineParts, frames: Sequence[FrameInput]) -> dict[str, lis
     return dict(by_stream)
 
 
-def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[tuple[str, int], object]:
+def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[tuple[str, int], tuple]:
     """Vision tower over every frame of the batch, one call per geometry (sources of any size resize into it), or
     with ``pauses.vision_frames`` one call per chunk of that many frames of a geometry; with ``pauses``, each call
-    is followed by a pause."""
+    is followed by a pause. Each call's frames are uploaded once, and their keyframe thumbnails made from that
+    upload; returns ``(embeds, summary, thumbnail maker)`` per ``(stream, frame in the batch)``."""
     groups: dict[VisionGeometry, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
     for stream_id, items in by_stream.items():
         state = parts.streams[stream_id]
@@ -124,9 +127,14 @@ def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[
         step = len(members) if pauses is None or pauses.vision_frames is None else pauses.vision_frames
         for start in range(0, len(members), step):
             chunk = members[start : start + step]
-            out = parts.model.encode_frames([rgb for _, _, rgb in chunk], geometry)
+            uploaded = parts.frame_staging.upload([rgb for _, _, rgb in chunk])
+            thumbnails = None
+            if parts.config.keyframes_per_cluster > 0:  # queued before the tower, read once the pass is done
+                thumbnails = ThumbnailBatch(uploaded, parts.config.keyframe_long_side_px)
+            out = parts.model.encode_frames(uploaded, geometry)
             for j, (stream_id, i, _) in enumerate(chunk):
-                features[(stream_id, i)] = (out.embeds[j], out.summaries[j])
+                small_of = None if thumbnails is None else functools.partial(thumbnails.small, j)
+                features[(stream_id, i)] = (out.embeds[j], out.summaries[j], small_of)
             if pauses is not None:
                 pauses.pause(parts.model.device)
     return features
@@ -197,7 +205,8 @@ def _ingest_pass(
         width=width,
         pauses=pauses,
     )
-    parts.model.forward(input_ids=input_ids, position_ids=torch.stack(positions, dim=1), plan=plan, frame_embeds=embeds)
+    position_ids = pools.upload(torch.stack(positions, dim=1).numpy(), torch.long)
+    parts.model.forward(input_ids=input_ids, position_ids=position_ids, plan=plan, frame_embeds=embeds)
     opened, attended = 0, []
     # Each row's first frame is compared with its open cluster in one batch (one device sync per pass); later
     # frames of a row depend on the decisions before them, so they are compared one by one.
@@ -208,11 +217,12 @@ def _ingest_pass(
     for row, (state, (sid, indices, frames)) in enumerate(zip(states, rows, strict=True)):
         end = 0
         for n, (i, frame) in enumerate(zip(indices, frames, strict=True)):
-            frame_embeds, summary = features[(sid, i)]
+            frame_embeds, summary, small_of = features[(sid, i)]
             end += frame_embeds.shape[0]
             coherence = first[row] if n == 0 else _coherence(state.open_embeds, shaping[row][n])
             pages, fills = frame_pages[row][n], frame_fills[row][n]
-            opened += _place_frame(parts, state, frame, pages, fills, summary, shaping[row][n], coherence)
+            placed = _place_frame(parts, state, frame, pages, fills, summary, shaping[row][n], coherence, small_of)
+            opened += placed
             attended.append(plan.attended_tokens[row] - (row_tokens[row] - end))
     times.issue_s += issued - start
     times.wait_s += waited - issued
@@ -259,6 +269,7 @@ def _place_frame(
     summary: torch.Tensor,
     shaping_summary: torch.Tensor,
     coherence: tuple[float | None, float | None],
+    small_of: Callable[[], np.ndarray] | None,
 ) -> int:
     similarity, cohesion = coherence
     centrality = similarity  # before the frame-block modes override it
@@ -276,8 +287,7 @@ def _place_frame(
     )
     if parts.history is not None and not decision.join:
         parts.history.ensure_ids(state)
-    rgb = frame.rgb if frame.rgb.ndim == 3 else frame.rgb[0]
-    store_for(parts, state).offer(record.cluster_id, state.frames_ingested, frame.timestamp_s, rgb, centrality)
+    store_for(parts, state).offer(record.cluster_id, state.frames_ingested, frame.timestamp_s, small_of, centrality)
     state.open_embeds = [*state.open_embeds, shaping_summary] if decision.join else [shaping_summary]
     note_frame(parts, state, record.cluster_id, summary)  # recurring-scene joins (off unless configured)
     slots = parts.tiering.tiers.pools.slots(pages, fills)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 
 from mosaic_core.bookkeeping.formation import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
-from mosaic_core.engine.keyframes import Keyframe, KeyframePicker, make_keyframe_id, parse_keyframe_id, thumbnail
+from mosaic_core.engine.keyframes import Keyframe, KeyframePicker, make_keyframe_id, parse_keyframe_id
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
 from mosaic_core.errors import InvalidArgumentError, UnknownClusterError
@@ -52,16 +53,22 @@ class KeyframeStore:
 
     # -- forming ----------------------------------------------------------------------------------------------
     def offer(
-        self, cluster_id: str, frame_index: int, timestamp_s: float, rgb: np.ndarray, similarity: float | None
+        self,
+        cluster_id: str,
+        frame_index: int,
+        timestamp_s: float,
+        small_of: Callable[[], np.ndarray],
+        similarity: float | None,
     ) -> None:
-        """Frame ``frame_index`` joined ``cluster_id`` (a new cluster seals the forming one first)."""
+        """Frame ``frame_index`` joined ``cluster_id`` (a new cluster seals the forming one first); ``small_of()``
+        gives its thumbnail (``mosaic_core.engine.thumbnails``), asked only if the frame is kept."""
         if self.settings.count == 0:
             return
         if self.picker is not None and self.picker.cluster_id != cluster_id:
             self.seal()
         if self.picker is None:
             self.picker = KeyframePicker(cluster_id, self.settings.count)
-        self.picker.offer(frame_index, timestamp_s, lambda: thumbnail(rgb, self.settings.long_side_px), similarity)
+        self.picker.offer(frame_index, timestamp_s, small_of, similarity)
 
     def seal(self) -> None:
         """The forming cluster sealed: its candidates become its keyframes."""

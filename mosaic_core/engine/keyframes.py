@@ -1,7 +1,8 @@
 """Keyframes: a few JPEG thumbnails per cluster, so an answer's evidence can be looked at.
 
 While a cluster forms, a ``KeyframePicker`` keeps small downscaled copies (never the full frame) of at most
-``count`` candidates; when the cluster seals they are JPEG-encoded and kept with the cluster:
+``count`` candidates (made on the device for a whole ingest call: ``mosaic_core.engine.thumbnails``); when the
+cluster seals they are JPEG-encoded and kept with the cluster:
 
     frames of c7:   f40  f41  f42  f43  f44 (seal)
     candidates:     first=f40, central=f42 (most similar to the running centroid when it joined), last=f44
@@ -53,19 +54,6 @@ def parse_keyframe_id(keyframe_id: str) -> tuple[str, int] | None:
     """``(stream_id, frame_index)`` of a well-formed id, else None. Ids are parsed, never used as paths."""
     match = KEYFRAME_ID_PATTERN.fullmatch(keyframe_id) if isinstance(keyframe_id, str) else None
     return None if match is None else (match.group(1), int(match.group(2)))
-
-
-def thumbnail(rgb: np.ndarray, long_side_px: int) -> np.ndarray:
-    """``[h, w, 3]`` uint8 with ``max(h, w) <= long_side_px``: rows and columns strided down to about twice the
-    size first (cheap, no copy of the full frame), then resized bilinearly."""
-    height, width = rgb.shape[:2]
-    scale = min(1.0, long_side_px / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    step = max(1, int(1 / scale) // 2)
-    small = np.ascontiguousarray(rgb[::step, ::step, :3])
-    if (small.shape[1], small.shape[0]) == size:
-        return small
-    return np.asarray(Image.fromarray(small).resize(size, Image.BILINEAR))
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:

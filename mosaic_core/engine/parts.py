@@ -24,6 +24,7 @@ from mosaic_core.engine.tiering import TierManager
 from mosaic_core.errors import BudgetError, UnknownStreamError
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.model.adapter import VlmAdapter
+from mosaic_core.model.frame_upload import FrameStaging
 
 
 @dataclass(slots=True, kw_only=True)
@@ -39,6 +40,7 @@ class EngineParts:
     streams: dict[str, StreamState]  # the engine's own dict: streams it opens appear here
     decode_graphs: DecodeGraphs
     prefill_graphs: PrefillGraphs
+    frame_staging: FrameStaging  # ingest's frames reach the device through it
 
     def stream(self, stream_id: str) -> StreamState:
         state = self.streams.get(stream_id)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-import numpy as np
 import torch
 
 from mosaic_core.memory.layout import KVSpec
@@ -51,9 +50,14 @@ class VlmAdapter(Protocol):
     # -- frames and positions ------------------------------------------------------------------------------
     def choose_geometry(self, height: int, width: int, target_tokens: int) -> VisionGeometry: ...
 
-    def encode_frames(self, frames: np.ndarray, geometry: VisionGeometry): ...
+    def encode_frames(self, frames, geometry: VisionGeometry):
+        """The vision tower over ``frames``: a ``[N, H, W, 3]`` uint8 array, a sequence of ``[H, W, 3]`` frames of
+        any sizes, or ``mosaic_core.model.frame_upload.UploadedFrames``; returns their embeddings and summaries."""
+        ...
 
-    def frame_positions(self, geometry: VisionGeometry, *, base: int, offset_s: float) -> torch.Tensor: ...
+    def frame_positions(self, geometry: VisionGeometry, *, base: int, offset_s: float) -> torch.Tensor:
+        """Position ids ``[3, tokens_per_frame]`` of one frame's tokens, on the host."""
+        ...
 
     def frame_position_end(self, geometry: VisionGeometry, *, base: int, offset_s: float) -> int: ...
 

@@ -204,7 +204,13 @@ def validate_frames(frames: np.ndarray) -> np.ndarray:
 
 
 def resize_frames(frames: np.ndarray, geometry: VisionGeometry, *, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Resizes validated ``[N, H, W, 3]`` uint8 frames to the geometry exactly as torchvision would.
+    """Resizes validated ``[N, H, W, 3]`` uint8 frames to the geometry exactly as torchvision would
+    (``resize_pixels``, after copying them to ``device``)."""
+    return resize_pixels(torch.from_numpy(frames).to(device), geometry)
+
+
+def resize_pixels(frames: torch.Tensor, geometry: VisionGeometry) -> torch.Tensor:
+    """Resizes ``[N, H, W, 3]`` uint8 frames, where they are, to the geometry exactly as torchvision would.
 
     torchvision resizes uint8 natively on CPU (fixed-point bicubic, clamped between its two passes);
     elsewhere it resizes in float32, then clamps and rounds back to uint8. Both are copied, so the result is
@@ -213,7 +219,7 @@ def resize_frames(frames: np.ndarray, geometry: VisionGeometry, *, device: str |
     Returns:
         ``[N, 3, height_px, width_px]`` float32 tensor of integer values in [0, 255].
     """
-    pixels = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2)  # [N, 3, H, W] uint8, channels-last
+    pixels = frames.permute(0, 3, 1, 2)  # [N, 3, H, W] uint8, channels-last
     if pixels.shape[-2:] != (geometry.height_px, geometry.width_px):
         native_uint8 = pixels.device.type == "cpu"
         pixels = F.interpolate(
@@ -261,12 +267,22 @@ def resize_mixed_frames(
     positions_by_size: dict[tuple[int, ...], list[int]] = {}
     for position, batch in enumerate(batches):
         positions_by_size.setdefault(batch.shape, []).append(position)
-    if len(positions_by_size) == 1:
-        return resize_frames(np.concatenate(batches), geometry, device=device)
-    out = torch.empty(len(batches), NUM_CHANNELS, geometry.height_px, geometry.width_px, device=device)
-    for positions in positions_by_size.values():
-        resized = resize_frames(np.concatenate([batches[p] for p in positions]), geometry, device=device)
-        out[torch.tensor(positions, device=out.device)] = resized
+    groups = [
+        (positions, torch.from_numpy(np.concatenate([batches[p] for p in positions])).to(device))
+        for positions in positions_by_size.values()
+    ]
+    return resize_groups(groups, len(batches), geometry)
+
+
+def resize_groups(groups: Sequence[tuple[list[int], torch.Tensor]], num_frames: int, geometry: VisionGeometry):
+    """``resize_pixels`` per group of equal-sized ``[n, H, W, 3]`` uint8 frames; returns ``[num_frames, 3,
+    height_px, width_px]`` float32 with each group's frames at its positions."""
+    if len(groups) == 1:
+        return resize_pixels(groups[0][1], geometry)
+    device = groups[0][1].device
+    out = torch.empty(num_frames, NUM_CHANNELS, geometry.height_px, geometry.width_px, device=device)
+    for positions, frames in groups:
+        out[torch.tensor(positions, device=device)] = resize_pixels(frames, geometry)
     return out
 
 
@@ -293,6 +309,14 @@ def frames_to_vision_input(
         pixels = resize_frames(validate_frames(frames), geometry, device=device)
     else:
         pixels = resize_mixed_frames(frames, geometry, device=device)
+    return vision_input_from_pixels(pixels, geometry, dtype=dtype)
+
+
+def vision_input_from_pixels(
+    pixels: torch.Tensor, geometry: VisionGeometry, *, dtype: torch.dtype = torch.float32
+) -> VisionInput:
+    """The vision tower's inputs from resized ``[N, 3, height_px, width_px]`` float32 pixels (normalised in
+    place)."""
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(CLIP_STD, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
     pixels = pixels.sub_(mean).div_(std)

@@ -29,7 +29,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from mosaic_core.errors import ConfigError
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.model.attention_hook import MOSAIC_ATTENTION, PLAN_KWARG, AttentionPlan
-from mosaic_core.model.pixels import VisionGeometry, choose_geometry, frames_to_vision_input
+from mosaic_core.model.frame_upload import UploadedFrames
+from mosaic_core.model.pixels import (
+    VisionGeometry,
+    choose_geometry,
+    frames_to_vision_input,
+    resize_groups,
+    vision_input_from_pixels,
+)
 from mosaic_core.model.presets import PRESETS, preset_config_kwargs
 from mosaic_core.model.tokenizer import chat_prefix, load_qwen_tokenizer, question_prompt
 from mosaic_core.model.vision_attention import batch_vision_chunks
@@ -155,13 +162,20 @@ class Qwen25VLAdapter:
         )
 
     @torch.inference_mode()
-    def encode_frames(self, frames: np.ndarray | Sequence[np.ndarray], geometry: VisionGeometry) -> FrameFeatures:
+    def encode_frames(
+        self, frames: np.ndarray | Sequence[np.ndarray] | UploadedFrames, geometry: VisionGeometry
+    ) -> FrameFeatures:
         """Runs the vision tower on ``frames``, all in one call.
 
-        ``frames`` is ``[N, H, W, 3]`` uint8, or a sequence of ``[H, W, 3]`` frames whose sizes may differ: each
-        size is resized to ``geometry`` on its own, and the tower sees one batch.
+        ``frames`` is ``[N, H, W, 3]`` uint8, or a sequence of ``[H, W, 3]`` frames whose sizes may differ, or
+        frames already on the device (``mosaic_core.model.frame_upload``): each size is resized to ``geometry`` on
+        its own, and the tower sees one batch.
         """
-        vision = frames_to_vision_input(frames, geometry, dtype=self.dtype, device=self.device)
+        if isinstance(frames, UploadedFrames):
+            pixels = resize_groups(frames.groups, frames.num_frames, geometry)
+            vision = vision_input_from_pixels(pixels, geometry, dtype=self.dtype)
+        else:
+            vision = frames_to_vision_input(frames, geometry, dtype=self.dtype, device=self.device)
         num_frames = vision.video_grid_thw.shape[0]
         inputs = self.tower_inputs.get(geometry, num_frames, vision.pixel_values_videos.device)
         merged = run_tower(self.model.model.visual, vision.pixel_values_videos, inputs)
@@ -170,10 +184,11 @@ class Qwen25VLAdapter:
 
     # -- positions ----------------------------------------------------------------------------------------------
     def frame_positions(self, geometry: VisionGeometry, *, base: int, offset_s: float) -> torch.Tensor:
-        """M-RoPE ids of one frame's tokens: ``[3, tokens_per_frame]``."""
+        """M-RoPE ids of one frame's tokens: ``[3, tokens_per_frame]``, on the host (a batch of frames is uploaded
+        in one copy)."""
         temporal = base + round(offset_s * self.tokens_per_second)
-        rows = torch.arange(geometry.llm_grid_h, device=self.device) + base
-        cols = torch.arange(geometry.llm_grid_w, device=self.device) + base
+        rows = torch.arange(geometry.llm_grid_h) + base
+        cols = torch.arange(geometry.llm_grid_w) + base
         grid_h, grid_w = torch.meshgrid(rows, cols, indexing="ij")
         temporal_ids = torch.full_like(grid_h, temporal)
         return torch.stack([temporal_ids, grid_h, grid_w]).reshape(3, -1)

@@ -282,3 +282,12 @@ def test_a_deleted_engine_is_freed_at_once_not_by_the_garbage_collector(tiny_mod
         assert pool() is None
     finally:
         gc.enable()
+
+
+def test_an_ingest_call_says_where_its_host_time_went(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model)
+    engine.open_stream("cam")
+    result = engine.ingest([FrameInput("cam", t, rgb) for t, rgb in bikes_frames[:4]])
+    parts = (result.issue_s, result.wait_s, result.place_s)
+    assert all(part > 0 for part in parts)
+    assert sum(parts) <= result.prefill_s

@@ -16,7 +16,8 @@ from mosaic_core.bookkeeping.tiers import Tier, TierBudgets
 from mosaic_core.config import EngineConfig
 from mosaic_core.durable.manifest import replay
 from mosaic_core.engine.keyframe_store import UnknownKeyframeError, held_keyframes
-from mosaic_core.engine.keyframes import KeyframePicker, parse_keyframe_id, thumbnail
+from mosaic_core.engine.keyframes import KeyframePicker, parse_keyframe_id
+from mosaic_core.engine.thumbnails import thumbnail
 from mosaic_core.errors import ConfigError, InvalidArgumentError, UnknownClusterError
 
 
