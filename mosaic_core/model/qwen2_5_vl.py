@@ -38,6 +38,7 @@ from mosaic_core.model.pixels import (
     vision_input_from_pixels,
 )
 from mosaic_core.model.presets import PRESETS, preset_config_kwargs
+from mosaic_core.model.text_fusion import fuse_text_elementwise
 from mosaic_core.model.tokenizer import chat_prefix, load_qwen_tokenizer, question_prompt
 from mosaic_core.model.vision_attention import batch_vision_chunks
 from mosaic_core.model.vision_tower import TowerInputs, fuse_elementwise, pad_mlp_widths, run_tower
@@ -60,17 +61,25 @@ class Qwen25VLAdapter:
     """Wraps a ``Qwen2_5_VLForConditionalGeneration`` for streaming use."""
 
     def __init__(
-        self, model: Qwen2_5_VLForConditionalGeneration, *, name: str, fuse_vision: bool | None = None
+        self,
+        model: Qwen2_5_VLForConditionalGeneration,
+        *,
+        name: str,
+        fuse_vision: bool | None = None,
+        fuse_text: bool | None = None,
     ) -> None:
         """``fuse_vision``: compile the vision tower's element-wise work (``vision_tower.fuse_elementwise``);
-        None does so on CUDA only, where ``torch.compile`` makes Triton kernels (on the CPU it needs a C++ compiler
-        and compiles for minutes)."""
+        ``fuse_text``: the same for the language model's big passes (``text_fusion.fuse_text_elementwise``). None
+        does so on CUDA only, where ``torch.compile`` makes Triton kernels (on the CPU it needs a C++ compiler and
+        compiles for minutes)."""
         self.model = model.eval()
         self.device = next(model.parameters()).device
         batch_vision_chunks(model)
         pad_mlp_widths(model.model.visual)
         if fuse_vision if fuse_vision is not None else self.device.type == "cuda":
             fuse_elementwise(model.model.visual)
+        if fuse_text if fuse_text is not None else self.device.type == "cuda":
+            fuse_text_elementwise(model.model.language_model)
         self.tower_inputs = TowerInputs(model.model.visual)
         self.name = name
         self.config: Qwen2_5_VLConfig = model.config
