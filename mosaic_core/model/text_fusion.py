@@ -17,6 +17,7 @@ import math
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm, Qwen2MLP
 
+from mosaic_core.errors import ConfigError
 from mosaic_core.model.vision_tower import _compiled, _rms_norm
 
 # Question prefills and decode steps have far fewer rows than this and replay from CUDA graphs: there a fused
@@ -75,7 +76,7 @@ def fuse_text_elementwise(
     """
     if min_tokens < 2:
         # torch.compile specialises a dimension of size 1, so a one-row pass would compile a graph of its own.
-        raise ValueError(f"min_tokens must be at least 2, got {min_tokens}")
+        raise ConfigError(f"min_tokens must be at least 2, got {min_tokens}")
     silu = language_model.config.hidden_act == "silu"
     swapped = 0
     for module in language_model.modules():

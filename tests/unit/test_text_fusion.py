@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from mosaic_core.errors import ConfigError
 from mosaic_core.model.presets import preset_config_kwargs
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 from mosaic_core.model.text_fusion import (
@@ -103,5 +104,5 @@ def test_compiled_text_fusion_shares_one_compiled_function_per_kind():
 
 def test_too_small_a_threshold_is_refused():
     language_model = Qwen25VLAdapter.from_preset("tiny").model.model.language_model
-    with pytest.raises(ValueError, match="got 1"):
+    with pytest.raises(ConfigError, match="got 1"):
         fuse_text_elementwise(language_model, compile=False, min_tokens=1)
