@@ -232,7 +232,8 @@ class PagePools:
         if all(f == pt for f in fills):
             return kv.contiguous()
         keep = [p * pt + t for p, fill in enumerate(fills) for t in range(fill)]
-        return kv.index_select(3, torch.tensor(keep, device=kv.device))
+        index = self.upload(keep) if kv.is_cuda else torch.tensor(keep)  # a pageable copy would wait for the device
+        return kv.index_select(3, index)
 
     def copy(self, src: Tier, src_pages: list[int], dst: Tier, dst_pages: list[int]) -> Moved:
         """Queues page-for-page copies between the pools on the transfer engine's side stream."""

@@ -282,7 +282,10 @@ def resize_groups(groups: Sequence[tuple[list[int], torch.Tensor]], num_frames: 
     device = groups[0][1].device
     out = torch.empty(num_frames, NUM_CHANNELS, geometry.height_px, geometry.width_px, device=device)
     for positions, frames in groups:
-        out[torch.tensor(positions, device=device)] = resize_pixels(frames, geometry)
+        index = torch.tensor(positions)
+        if device.type == "cuda":  # from pageable memory the copy would first wait for everything queued
+            index = index.pin_memory().to(device, non_blocking=True)
+        out.index_copy_(0, index.to(device), resize_pixels(frames, geometry))
     return out
 
 
