@@ -106,3 +106,16 @@ def test_too_small_a_threshold_is_refused():
     language_model = Qwen25VLAdapter.from_preset("tiny").model.model.language_model
     with pytest.raises(ConfigError, match="got 1"):
         fuse_text_elementwise(language_model, compile=False, min_tokens=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to compile")
+def test_compiled_functions_stay_within_bf16_rounding_of_transformers_modules():
+    reference = _sdpa_language_model().to("cuda", torch.bfloat16)
+    fused = _sdpa_language_model().to("cuda", torch.bfloat16)
+    fuse_text_elementwise(fused, min_tokens=8)
+    embeds = torch.randn(2, 600, fused.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    embeds = embeds.to("cuda", torch.bfloat16)
+    expected, got = _hidden_states(reference, embeds)[-1].float(), _hidden_states(fused, embeds)[-1].float()
+    # one bf16 step (2**-8 relative) per fused op, compounded over the layers: far below the values' scale
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+    assert (got - expected).abs().mean() <= 0.01 * expected.abs().mean()
