@@ -11,10 +11,12 @@ from one thread at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.formation import ClusterFormer
@@ -59,6 +61,12 @@ from mosaic_core.model.frame_upload import FrameStaging
 DEFAULT_SYSTEM_PROMPT = "You are watching a live camera. Answer questions about what it has seen, and when."
 UNLIMITED_BYTES = 1 << 62
 WARM_UP_STREAM = "mosaic-warm-up"  # ``Engine.warm_up``'s scratch stream, gone when it returns
+# ``Engine.warm_up`` ingests one pass of about this many tokens (blank frames on scratch streams, each near
+# ``target_tokens_per_frame``), so that the functions the adapter compiles for big passes are compiled before cameras
+# wait for them: Qwen2.5-VL's vision tower, and its language model from 1,024 tokens a pass
+# (``mosaic_core.model.text_fusion``), which half of this leaves room for.
+WARM_UP_INGEST_TOKENS = 2048
+WARM_UP_FRAME_SIZE = (360, 640)  # height, width of the blank frames
 
 
 class Engine:
@@ -234,20 +242,26 @@ class Engine:
         self.streams[stream_id] = state
         return state
 
-    def warm_up(self, *, max_new_tokens: int = 32, max_question_tokens: int = 64) -> int:
+    def warm_up(self, *, max_new_tokens: int = 32, max_question_tokens: int = 64, ingest: bool | None = None) -> int:
         """Answers one question of each prefill-graph length up to ``max_question_tokens`` on a scratch stream with
         no history, so the engine captures its prefill and decode graphs before a user's first questions do (a
-        question that captured held the engine for 0.3 to 7 s on the H200: ``bench/NOTES.md``, session 11). The
-        scratch stream is never durable and leaves nothing behind. Returns how many questions it asked.
+        question that captured held the engine for 0.3 to 7 s on the H200: ``bench/NOTES.md``, session 11). With
+        ``ingest`` (None: on CUDA, where the adapter compiles), it first ingests one pass of blank frames on scratch
+        streams (``WARM_UP_INGEST_TOKENS``), unless the device budget cannot hold their windows. Scratch streams are
+        never durable and leave nothing behind. Returns how many questions it asked.
 
         Raises:
-            AlreadyExistsError: a stream named like the scratch stream is open (warm up before opening streams).
+            AlreadyExistsError: a stream named like a scratch stream is open (warm up before opening streams).
         """
-        if WARM_UP_STREAM in self.streams:
+        rows = -(-WARM_UP_INGEST_TOKENS // self.config.target_tokens_per_frame)
+        scratch = [WARM_UP_STREAM, *(f"{WARM_UP_STREAM}-{row}" for row in range(rows))]
+        if any(name in self.streams for name in scratch):
             raise AlreadyExistsError(
-                f"a stream named {WARM_UP_STREAM!r} is open, and warm_up would use that name for its scratch "
+                f"a stream named like {WARM_UP_STREAM!r} is open, and warm_up would use that name for a scratch "
                 "stream; warm the engine up before opening or restoring streams"
             )
+        if ingest if ingest is not None else self.model.device.type == "cuda":
+            self._warm_up_ingest(scratch[1:])
         state = self._open_state(WARM_UP_STREAM, 1.0, None)
         asked = 0
         try:
@@ -259,6 +273,22 @@ class Engine:
         finally:
             self._forget_stream(state)
         return asked
+
+    def _warm_up_ingest(self, names: list[str]) -> bool:
+        """One ingest pass of a blank frame per scratch stream, with no history keeper (nothing durable); False
+        when the device budget cannot hold the scratch streams' windows."""
+        states = []
+        try:
+            for name in names:
+                states.append(self._open_state(name, 1.0, None))
+            blank = np.zeros((*WARM_UP_FRAME_SIZE, 3), dtype=np.uint8)
+            ingest.ingest(dataclasses.replace(self.parts, history=None), [FrameInput(n, 0.0, blank) for n in names])
+            return True
+        except BudgetError:
+            return False
+        finally:
+            for state in states:
+                self._forget_stream(state)
 
     def _question_of_length(self, padded: int) -> str | None:
         """A question whose tokens round up to ``padded`` (None when no number of words lands there)."""

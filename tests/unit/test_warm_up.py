@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import pytest
 
+from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.config import MIB
 from mosaic_core.engine.engine import WARM_UP_STREAM
 from mosaic_core.engine.prefill_graphs import PrefillGraphs
 from mosaic_core.errors import AlreadyExistsError
+from mosaic_core.model.text_fusion import MIN_FUSED_TOKENS
 from tests.unit.engine_helpers import feed, make_engine
 
 
@@ -42,3 +45,47 @@ def test_warm_up_refuses_to_take_over_an_open_stream_of_its_scratch_name(tiny_mo
     with pytest.raises(AlreadyExistsError, match="warm the engine up before"):
         engine.warm_up(max_new_tokens=1, max_question_tokens=16)
     assert engine.stream_stats(WARM_UP_STREAM).frames_ingested == 4  # the user's stream is untouched
+
+
+def test_warm_up_ingests_one_big_pass_of_scratch_streams_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    engine = make_engine(
+        tiny_model,
+        data_dir=str(tmp_path / "data"),
+        target_tokens_per_frame=512,
+        page_tokens=None,
+        local_window_tokens=1024,
+        formation=FormationConfig(max_tokens=2048),
+        retrieval_budget_tokens=2048,
+        device_budget_bytes=256 * MIB,
+    )
+    pools = engine.tiering.tiers.pools
+    free_before = pools.device_pages.num_free
+    passes = []
+    forward = tiny_model.forward
+
+    def recording_forward(**kwargs):  # the real forward, with each pass's token count noted
+        passes.append(kwargs["input_ids"].numel())
+        return forward(**kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", recording_forward)
+    engine.warm_up(max_new_tokens=1, max_question_tokens=16, ingest=True)
+    assert max(passes) >= MIN_FUSED_TOKENS  # one pass that big: what compiles the big-pass functions on CUDA
+    assert engine.streams == {}
+    assert pools.device_pages.num_free == free_before
+    assert engine.tiering.residency.reserved_bytes() == 0
+    assert engine.tiering.residency.used_bytes(Tier.DEVICE) == 0
+    assert not any((tmp_path / "data").rglob(f"{WARM_UP_STREAM}*"))
+    engine.close()
+
+
+def test_warm_up_skips_the_ingest_when_the_budget_cannot_hold_the_scratch_windows(tiny_model, monkeypatch):
+    engine = make_engine(tiny_model)  # 128 scratch streams of 16-token frames: more windows than the budget holds
+    passes = []
+    forward = tiny_model.forward
+    monkeypatch.setattr(
+        tiny_model, "forward", lambda **kwargs: passes.append(kwargs["input_ids"].numel()) or forward(**kwargs)
+    )
+    assert engine.warm_up(max_new_tokens=1, max_question_tokens=16, ingest=True) == 1  # the questions still ran
+    assert max(passes) < MIN_FUSED_TOKENS
+    assert engine.streams == {}
+    assert engine.tiering.residency.reserved_bytes() == 0
