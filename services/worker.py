@@ -527,8 +527,14 @@ def _build_engine(worker_id: str, config: ServiceConfig):
     engine = Engine.from_model(config.model, engine_config, device=device, dtype=dtype)
     if device == "cuda":  # capture the question graphs now, not while the first users wait (CPU runs no graphs)
         started = time.monotonic()
-        asked = engine.warm_up(max_new_tokens=config.default_max_new_tokens)
-        log.info("worker %s: warmed up with %d questions in %.1f s", worker_id, asked, time.monotonic() - started)
+        warm = engine.warm_up(max_new_tokens=config.default_max_new_tokens)
+        log.info(
+            "worker %s: warmed up in %.1f s with %d questions and %s",
+            worker_id,
+            time.monotonic() - started,
+            warm.questions,
+            "an ingest pass" if warm.ingested else "no ingest pass (the device budget cannot hold its scratch windows)",
+        )
     return engine
 
 

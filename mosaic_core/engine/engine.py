@@ -43,6 +43,7 @@ from mosaic_core.engine.results import (
     IngestResult,
     StreamStats,
     TokenEvent,
+    WarmUpResult,
 )
 from mosaic_core.engine.stream import StreamState, check_stream_id
 from mosaic_core.engine.summaries import SummaryIndex
@@ -242,13 +243,15 @@ class Engine:
         self.streams[stream_id] = state
         return state
 
-    def warm_up(self, *, max_new_tokens: int = 32, max_question_tokens: int = 64, ingest: bool | None = None) -> int:
+    def warm_up(
+        self, *, max_new_tokens: int = 32, max_question_tokens: int = 64, ingest: bool | None = None
+    ) -> WarmUpResult:
         """Answers one question of each prefill-graph length up to ``max_question_tokens`` on a scratch stream with
         no history, so the engine captures its prefill and decode graphs before a user's first questions do (a
         question that captured held the engine for 0.3 to 7 s on the H200: ``bench/NOTES.md``, session 11). With
         ``ingest`` (None: on CUDA, where the adapter compiles), it first ingests one pass of blank frames on scratch
         streams (``WARM_UP_INGEST_TOKENS``), unless the device budget cannot hold their windows. Scratch streams are
-        never durable and leave nothing behind. Returns how many questions it asked.
+        never durable and leave nothing behind.
 
         Raises:
             AlreadyExistsError: a stream named like a scratch stream is open (warm up before opening streams).
@@ -260,8 +263,9 @@ class Engine:
                 f"a stream named like {WARM_UP_STREAM!r} is open, and warm_up would use that name for a scratch "
                 "stream; warm the engine up before opening or restoring streams"
             )
+        ingested = False
         if ingest if ingest is not None else self.model.device.type == "cuda":
-            self._warm_up_ingest(scratch[1:])
+            ingested = self._warm_up_ingest(scratch[1:])
         state = self._open_state(WARM_UP_STREAM, 1.0, None)
         asked = 0
         try:
@@ -272,7 +276,7 @@ class Engine:
                     asked += 1
         finally:
             self._forget_stream(state)
-        return asked
+        return WarmUpResult(questions=asked, ingested=ingested)
 
     def _warm_up_ingest(self, names: list[str]) -> bool:
         """One ingest pass of a blank frame per scratch stream, with no history keeper (nothing durable); False

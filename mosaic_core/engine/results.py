@@ -35,6 +35,15 @@ class IngestResult:
 
 
 @dataclass(slots=True)
+class WarmUpResult:
+    """What ``Engine.warm_up`` did: the questions it asked, and whether it ingested its pass of blank frames
+    (False when it was not asked to, or the device budget could not hold the scratch streams' windows)."""
+
+    questions: int
+    ingested: bool
+
+
+@dataclass(slots=True)
 class EvidenceSpan:
     """A retrieved cluster the answer drew on, with its time span. Rank 1 is the strongest."""
 

@@ -25,7 +25,7 @@ def test_warm_up_asks_every_question_length_and_leaves_nothing(tiny_model, bikes
     pools = engine.tiering.tiers.pools
     free_before = pools.device_pages.num_free
     used_before = engine.tiering.residency.used_bytes(Tier.DEVICE)
-    assert engine.warm_up(max_new_tokens=2, max_question_tokens=48) == 3
+    assert engine.warm_up(max_new_tokens=2, max_question_tokens=48).questions == 3
     assert graphs.num_prefills == 3  # lengths 16, 32 and 48: one prefill on the graphs' path each
     assert WARM_UP_STREAM not in engine.streams
     assert pools.device_pages.num_free == free_before
@@ -68,7 +68,7 @@ def test_warm_up_ingests_one_big_pass_of_scratch_streams_and_leaves_nothing(tiny
         return forward(**kwargs)
 
     monkeypatch.setattr(tiny_model, "forward", recording_forward)
-    engine.warm_up(max_new_tokens=1, max_question_tokens=16, ingest=True)
+    assert engine.warm_up(max_new_tokens=1, max_question_tokens=16, ingest=True).ingested
     assert max(passes) >= MIN_FUSED_TOKENS  # one pass that big: what compiles the big-pass functions on CUDA
     assert engine.streams == {}
     assert pools.device_pages.num_free == free_before
@@ -85,7 +85,8 @@ def test_warm_up_skips_the_ingest_when_the_budget_cannot_hold_the_scratch_window
     monkeypatch.setattr(
         tiny_model, "forward", lambda **kwargs: passes.append(kwargs["input_ids"].numel()) or forward(**kwargs)
     )
-    assert engine.warm_up(max_new_tokens=1, max_question_tokens=16, ingest=True) == 1  # the questions still ran
+    warm = engine.warm_up(max_new_tokens=1, max_question_tokens=16, ingest=True)
+    assert (warm.questions, warm.ingested) == (1, False)  # the questions still ran
     assert max(passes) < MIN_FUSED_TOKENS
     assert engine.streams == {}
     assert engine.tiering.residency.reserved_bytes() == 0
