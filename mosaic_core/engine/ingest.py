@@ -206,13 +206,22 @@ def _ingest_pass(
         pauses=pauses,
     )
     position_ids = pools.upload(torch.stack(positions, dim=1).numpy(), torch.long)
+    # Each row's first frame is compared with its open cluster in one batch, read back once; later frames of a row
+    # depend on the decisions before them, so they are compared one by one. Compared by their pictures alone
+    # (formation.key_weight 0), the first frames need only the tower's output: their comparison is queued before
+    # the language model and read as soon as it is done, so the host places frames while the language model runs.
+    open_embeds = [state.open_embeds for state in states]
+    by_pictures = parts.config.formation.key_weight == 0
+    if by_pictures:
+        shaping = _shaping_summaries(parts, rows, features, frame_pages, frame_fills)
+        first_readback = _CoherenceReadback(open_embeds, [row[0] for row in shaping])
     parts.model.forward(input_ids=input_ids, position_ids=position_ids, plan=plan, frame_embeds=embeds)
+    if not by_pictures:  # the frames' keys at the choosing layer come from this pass
+        shaping = _shaping_summaries(parts, rows, features, frame_pages, frame_fills)
+        first_readback = _CoherenceReadback(open_embeds, [row[0] for row in shaping])
     opened, attended = 0, []
-    # Each row's first frame is compared with its open cluster in one batch (one device sync per pass); later
-    # frames of a row depend on the decisions before them, so they are compared one by one.
-    shaping = _shaping_summaries(parts, rows, features, frame_pages, frame_fills)
     issued = time.perf_counter()
-    first = _coherence_batch([state.open_embeds for state in states], [row[0] for row in shaping])
+    first = first_readback.values()
     waited = time.perf_counter()
     for row, (state, (sid, indices, frames)) in enumerate(zip(states, rows, strict=True)):
         end = 0
@@ -327,14 +336,34 @@ def flush_window(parts: EngineParts, state: StreamState) -> None:
 
 def _coherence(members: list[torch.Tensor], frame: torch.Tensor) -> tuple[float | None, float | None]:
     """Cosine of ``frame`` to the open cluster's centroid, and the cluster's cohesion with it added."""
-    return _coherence_batch([members], [frame])[0]
+    return _CoherenceReadback([members], [frame]).values()[0]
 
 
-def _coherence_batch(members: list[list[torch.Tensor]], frames: list[torch.Tensor]) -> list[tuple]:
-    """``_coherence`` of several (open cluster, frame) pairs, read back from the device together."""
-    pairs = [_coherence_on_device(m, f) for m, f in zip(members, frames, strict=True) if m]
-    values = iter(torch.stack(pairs).tolist() if pairs else [])
-    return [tuple(next(values)) if m else (None, None) for m in members]
+class _CoherenceReadback:
+    """``_coherence`` of several (open cluster, frame) pairs, queued on the device now and read back together
+    later, without waiting for device work queued after it."""
+
+    def __init__(self, members: list[list[torch.Tensor]], frames: list[torch.Tensor]) -> None:
+        self._members = members
+        pairs = [_coherence_on_device(m, f) for m, f in zip(members, frames, strict=True) if m]
+        self._host: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        if pairs:
+            stacked = torch.stack(pairs)
+            if stacked.is_cuda:
+                self._host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+                self._host.copy_(stacked, non_blocking=True)
+                self._ready = torch.cuda.Event()
+                self._ready.record()
+            else:
+                self._host = stacked
+
+    def values(self) -> list[tuple]:
+        """``(similarity, cohesion)`` per pair, ``(None, None)`` where the cluster had no members."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        values = iter([] if self._host is None else self._host.tolist())
+        return [tuple(next(values)) if m else (None, None) for m in self._members]
 
 
 def _coherence_on_device(members: list[torch.Tensor], frame: torch.Tensor) -> torch.Tensor:
