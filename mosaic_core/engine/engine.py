@@ -65,7 +65,7 @@ WARM_UP_STREAM = "mosaic-warm-up"  # ``Engine.warm_up``'s scratch stream, gone w
 # ``Engine.warm_up`` ingests one pass of about this many tokens (blank frames on scratch streams, each near
 # ``target_tokens_per_frame``), so that the functions the adapter compiles for big passes are compiled before cameras
 # wait for them: Qwen2.5-VL's vision tower, and its language model from 1,024 tokens a pass
-# (``mosaic_core.model.text_fusion``), which half of this leaves room for.
+# (``mosaic_core.model.text_fusion``); twice that, so frames a little under the target still make a big pass.
 WARM_UP_INGEST_TOKENS = 2048
 WARM_UP_FRAME_SIZE = (360, 640)  # height, width of the blank frames
 

@@ -129,7 +129,7 @@ def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[
             chunk = members[start : start + step]
             uploaded = parts.frame_staging.upload([rgb for _, _, rgb in chunk])
             thumbnails = None
-            if parts.config.keyframes_per_cluster > 0:  # queued before the tower, read once the pass is done
+            if parts.config.keyframes_per_cluster > 0:  # queued before the tower, read as frames are placed
                 thumbnails = ThumbnailBatch(uploaded, parts.config.keyframe_long_side_px)
             out = parts.model.encode_frames(uploaded, geometry)
             for j, (stream_id, i, _) in enumerate(chunk):
@@ -230,8 +230,7 @@ def _ingest_pass(
             end += frame_embeds.shape[0]
             coherence = first[row] if n == 0 else _coherence(state.open_embeds, shaping[row][n])
             pages, fills = frame_pages[row][n], frame_fills[row][n]
-            placed = _place_frame(parts, state, frame, pages, fills, summary, shaping[row][n], coherence, small_of)
-            opened += placed
+            opened += _place_frame(parts, state, frame, pages, fills, summary, shaping[row][n], coherence, small_of)
             attended.append(plan.attended_tokens[row] - (row_tokens[row] - end))
     times.issue_s += issued - start
     times.wait_s += waited - issued

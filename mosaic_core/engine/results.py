@@ -20,8 +20,9 @@ class FrameInput:
 class IngestResult:
     """What one ingest call did, and where its host time went. Device work is asynchronous: ``encode_s`` and
     ``issue_s`` are the host's time to queue the vision tower and the language model, ``wait_s`` the time it then
-    waited for the device, and ``place_s`` the time it spent placing frames into clusters after that. With ingest
-    pauses, ``issue_s`` includes the time spent serving at them."""
+    waited for the device (for the tower's output when formation compares pictures alone, else for the whole pass),
+    and ``place_s`` the time it spent placing frames into clusters after that. With ingest pauses, ``issue_s``
+    includes the time spent serving at them."""
 
     num_frames: int
     num_forward_passes: int

@@ -3,7 +3,7 @@
     uploaded frames [n, H, W, 3] uint8 (per source size)
       -> rows and columns strided down to about twice the thumbnail, then a bilinear resize with antialias
       -> [n, h, w, 3] uint8, copied to pinned host memory without waiting
-      -> ``ThumbnailBatch.small(position)`` once the host has waited for the device anyway (after the pass)
+      -> ``ThumbnailBatch.small(position)`` as frames are placed (the host has waited for the tower by then)
 
 Made one frame at a time on the host, thumbnails took about 0.8 ms a frame of the engine thread on an H200 host
 (106 of an 867 ms pass at 128 cameras, bench/NOTES.md, session 13). Here a call's thumbnails are a few kernels

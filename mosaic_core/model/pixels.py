@@ -285,7 +285,7 @@ def resize_groups(groups: Sequence[tuple[list[int], torch.Tensor]], num_frames: 
         index = torch.tensor(positions)
         if device.type == "cuda":  # from pageable memory the copy would first wait for everything queued
             index = index.pin_memory().to(device, non_blocking=True)
-        out.index_copy_(0, index.to(device), resize_pixels(frames, geometry))
+        out.index_copy_(0, index, resize_pixels(frames, geometry))
     return out
 
 
