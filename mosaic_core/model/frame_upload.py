@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mosaic_core.errors import EmptyBatchError, InvalidFrameError
-from mosaic_core.model.pixels import validate_frames
+from mosaic_core.model.pixels import frames_by_size
 
 # The staging buffer never grows past this; a bigger group is uploaded in pieces that each fit.
 MAX_STAGING_BYTES = 512 * 1024 * 1024
@@ -56,24 +55,16 @@ class FrameStaging:
         Raises:
             EmptyBatchError, InvalidFrameError: as ``validate_frames``, for the sequence or any frame in it.
         """
-        if len(frames) == 0:
-            raise EmptyBatchError("The frame batch is empty: no frames were given.")
-        checked = [validate_frames(frame) for frame in frames]
-        if any(frame.shape[0] != 1 for frame in checked):
-            raise InvalidFrameError("A sequence of frames must hold single [H, W, 3] frames, not batches.")
-        positions_by_size: dict[tuple[int, ...], list[int]] = {}
-        for position, frame in enumerate(checked):
-            positions_by_size.setdefault(frame.shape[1:], []).append(position)
         groups = []
-        for size, positions in positions_by_size.items():
-            members = [checked[p][0] for p in positions]
+        for positions, members in frames_by_size(frames):
             if self.device.type != "cuda":
                 groups.append((positions, torch.from_numpy(np.stack(members)).to(self.device)))
             else:
-                groups.append((positions, self._upload_group(members, size)))
+                groups.append((positions, self._upload_group(members)))
         return UploadedFrames(groups=groups, num_frames=len(frames))
 
-    def _upload_group(self, members: list[np.ndarray], size: tuple[int, ...]) -> torch.Tensor:
+    def _upload_group(self, members: list[np.ndarray]) -> torch.Tensor:
+        size = members[0].shape
         out = torch.empty((len(members), *size), dtype=torch.uint8, device=self.device)
         frame_bytes = members[0].nbytes
         per_piece = max(1, min(len(members), self.max_bytes // frame_bytes))

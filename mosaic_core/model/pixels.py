@@ -259,19 +259,29 @@ def resize_mixed_frames(
     Raises:
         EmptyBatchError, InvalidFrameError: as ``validate_frames``, for the sequence or any frame in it.
     """
+    groups = [
+        (positions, torch.from_numpy(np.stack(members)).to(device)) for positions, members in frames_by_size(frames)
+    ]
+    return resize_groups(groups, len(frames), geometry)
+
+
+def frames_by_size(frames: Sequence[np.ndarray]) -> list[tuple[list[int], list[np.ndarray]]]:
+    """Validated ``[H, W, 3]`` frames grouped by size: ``(positions in the sequence, frames)`` per size.
+
+    Raises:
+        EmptyBatchError, InvalidFrameError: as ``validate_frames``, for the sequence or any frame in it.
+    """
     if len(frames) == 0:
         raise EmptyBatchError("The frame batch is empty: no frames were given.")
-    batches = [validate_frames(frame) for frame in frames]
-    if any(batch.shape[0] != 1 for batch in batches):
+    checked = [validate_frames(frame) for frame in frames]
+    if any(frame.shape[0] != 1 for frame in checked):
         raise InvalidFrameError("A sequence of frames must hold single [H, W, 3] frames, not batches.")
-    positions_by_size: dict[tuple[int, ...], list[int]] = {}
-    for position, batch in enumerate(batches):
-        positions_by_size.setdefault(batch.shape, []).append(position)
-    groups = [
-        (positions, torch.from_numpy(np.concatenate([batches[p] for p in positions])).to(device))
-        for positions in positions_by_size.values()
-    ]
-    return resize_groups(groups, len(batches), geometry)
+    by_size: dict[tuple[int, ...], tuple[list[int], list[np.ndarray]]] = {}
+    for position, frame in enumerate(checked):
+        positions, members = by_size.setdefault(frame.shape, ([], []))
+        positions.append(position)
+        members.append(frame[0])
+    return list(by_size.values())
 
 
 def resize_groups(groups: Sequence[tuple[list[int], torch.Tensor]], num_frames: int, geometry: VisionGeometry):
