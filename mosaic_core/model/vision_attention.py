@@ -20,9 +20,13 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     rotate_half,
 )
 
-# The tower passes the same two cu_seqlens tensors (windows, frames) to every block of one forward pass, so
-# their chunk plans are built (and the lengths read back from the device) once per pass, not once per block.
+# The tower passes the same two cu_seqlens tensors (windows, frames) to every block of one forward pass, and
+# ``vision_tower.TowerInputs`` hands out the same tensors again for every batch of one frame grid and size, so
+# their chunk plans are built (and the lengths read back from the device, a wait for everything queued) once per
+# grid and batch size, not once per block or per call. An ingest call runs the tower once per frame geometry, so
+# the plans of every input ``TowerInputs`` keeps (two each) are kept.
 _recent_plans: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor | None]]]] = []
+MAX_PLANS = 32
 
 
 def _rotate(query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -91,5 +95,5 @@ def _chunk_plan(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor | None
             for length, starts in starts_by_length.items()
         ]
     _recent_plans.insert(0, (cu_seqlens, plan))
-    del _recent_plans[2:]
+    del _recent_plans[MAX_PLANS:]
     return plan

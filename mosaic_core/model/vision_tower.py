@@ -144,7 +144,7 @@ def fuse_elementwise(visual: torch.nn.Module, *, compile: bool = True) -> int:
 class TowerInputs:
     """The vision forward's precomputed inputs per ``(grid, number of frames)``, the least recently used dropped."""
 
-    def __init__(self, visual: torch.nn.Module, *, capacity: int = 16) -> None:
+    def __init__(self, visual: torch.nn.Module, *, capacity: int = vision_attention.MAX_PLANS // 2) -> None:
         self._visual = visual
         self._capacity = capacity
         self._by_key: OrderedDict[tuple[int, int, int], dict[str, object]] = OrderedDict()

@@ -1,0 +1,25 @@
+"""The vision attention's chunk plans (each a read-back from the device) are built once per frame grid and batch
+size, even when an ingest call runs the tower for several geometries in turn."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mosaic_core.model import vision_attention
+
+
+def test_three_geometries_in_turn_reuse_their_chunk_plans(tiny_model):
+    rng = np.random.default_rng(0)
+    sizes = [(272, 640), (144, 176), (720, 1280)]  # the three sample clips' frames: three geometries
+    geometries = [tiny_model.choose_geometry(h, w, 16) for h, w in sizes]
+    assert len(set(geometries)) == 3
+
+    def one_call():
+        for (h, w), geometry in zip(sizes, geometries, strict=True):
+            tiny_model.encode_frames(rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8), geometry)
+
+    one_call()
+    plans = [(id(tensor), id(plan)) for tensor, plan in vision_attention._recent_plans]
+    assert len(plans) >= 4  # at least two distinct grids, each with a window and a frame plan
+    one_call()
+    assert [(id(tensor), id(plan)) for tensor, plan in vision_attention._recent_plans] == plans
