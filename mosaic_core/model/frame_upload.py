@@ -3,10 +3,10 @@
     frames (numpy, any sizes)  ->  group by size  ->  copy into the staging buffer  ->  one async copy per group
                                                      (pinned, reused across calls)      [n, H, W, 3] uint8 on the device
 
-On CUDA, joining a batch's frames into fresh host memory and copying that pageable memory to the device made the
-host wait twice: for the page faults of a new buffer of a few hundred MB, and for the copy itself. Here the host
-copies each frame once, into pinned memory that is kept and reused, and the device copy runs asynchronously. Before
-the buffer is written again, the host waits until the device has read what was there.
+Joining a batch's frames into fresh host memory (142 MB for 128 cameras of the sample clips) page-faults the new
+buffer on every call, and a copy from pageable memory holds the host until it is done. Here the host copies each
+frame once, into pinned memory that is kept and reused, and the device copy runs asynchronously. Before the buffer
+is written again, the host waits until the device has read what was there.
 
 Elsewhere (CPU) a group is simply stacked: nothing needs uploading.
 """
