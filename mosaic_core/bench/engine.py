@@ -476,6 +476,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.recall_questions is not None and not 0 <= args.recall_questions <= len(A_QUESTIONS):
         parser.error(f"--recall-questions {args.recall_questions}: choose 0 to {len(A_QUESTIONS)}")
+    if not 0 <= args.b_keyframes <= 16:
+        parser.error(f"--b-keyframes {args.b_keyframes}: choose 0 to 16 keyframes per cluster")
     s = BenchSettings.from_args(args)
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     log(f"loading {s.model} on {s.device} ({s.dtype})")
