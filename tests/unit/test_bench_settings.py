@@ -24,3 +24,13 @@ def test_the_benches_build_their_settings_through_the_shared_helper(bench, monke
     assert seen and seen[0]["quick"] is False
     gpu = settings_for(**seen[0])  # the flags it passes are enough for the GPU settings
     assert (gpu.device, gpu.camera_seconds) == ("cuda", CAMERA_SECONDS)
+
+
+@pytest.mark.parametrize("argv", [["--recall-questions", "25"], ["--b-keyframes", "-1"], ["--b-keyframes", "17"]])
+def test_bench_engine_refuses_out_of_range_counts_before_loading_a_model(argv, capsys):
+    from mosaic_core.bench.engine import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert argv[0] in capsys.readouterr().err
