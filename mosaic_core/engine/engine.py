@@ -256,16 +256,16 @@ class Engine:
         Raises:
             AlreadyExistsError: a stream named like a scratch stream is open (warm up before opening streams).
         """
-        rows = -(-WARM_UP_INGEST_TOKENS // self.config.target_tokens_per_frame)
-        scratch = [WARM_UP_STREAM, *(f"{WARM_UP_STREAM}-{row}" for row in range(rows))]
-        if any(name in self.streams for name in scratch):
+        ingest = ingest if ingest is not None else self.model.device.type == "cuda"
+        rows = -(-WARM_UP_INGEST_TOKENS // self.config.target_tokens_per_frame) if ingest else 0
+        scratch = [f"{WARM_UP_STREAM}-{row}" for row in range(rows)]
+        taken = [name for name in (WARM_UP_STREAM, *scratch) if name in self.streams]
+        if taken:
             raise AlreadyExistsError(
-                f"a stream named like {WARM_UP_STREAM!r} is open, and warm_up would use that name for a scratch "
-                "stream; warm the engine up before opening or restoring streams"
+                f"a stream named {taken[0]!r} is open, and warm_up would use that name for a scratch stream; warm "
+                "the engine up before opening or restoring streams"
             )
-        ingested = False
-        if ingest if ingest is not None else self.model.device.type == "cuda":
-            ingested = self._warm_up_ingest(scratch[1:])
+        ingested = self._warm_up_ingest(scratch) if ingest else False
         state = self._open_state(WARM_UP_STREAM, 1.0, None)
         asked = 0
         try:

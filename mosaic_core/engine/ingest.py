@@ -28,6 +28,7 @@ from mosaic_core.engine.results import FrameInput, IngestResult
 from mosaic_core.engine.stream import LocalFrame, StreamState
 from mosaic_core.engine.thumbnails import ThumbnailBatch
 from mosaic_core.errors import BudgetError, EmptyBatchError
+from mosaic_core.memory.transfer import NOTHING_PENDING, read_back
 from mosaic_core.model.pixels import VisionGeometry, validate_frames
 
 # A row shorter than its pass's longest is left-padded with this id; the pad's KV is never written.
@@ -206,19 +207,21 @@ def _ingest_pass(
         pauses=pauses,
     )
     position_ids = pools.upload(torch.stack(positions, dim=1).numpy(), torch.long)
+
     # Each row's first frame is compared with its open cluster in one batch, read back once; later frames of a row
     # depend on the decisions before them, so they are compared one by one. Compared by their pictures alone
     # (formation.key_weight 0), the first frames need only the tower's output: their comparison is queued before
     # the language model and read as soon as it is done, so the host places frames while the language model runs.
-    open_embeds = [state.open_embeds for state in states]
+    def compare_first_frames():
+        shaping = _shaping_summaries(parts, rows, features, frame_pages, frame_fills)
+        return shaping, _CoherenceReadback([state.open_embeds for state in states], [row[0] for row in shaping])
+
     by_pictures = parts.config.formation.key_weight == 0
     if by_pictures:
-        shaping = _shaping_summaries(parts, rows, features, frame_pages, frame_fills)
-        first_readback = _CoherenceReadback(open_embeds, [row[0] for row in shaping])
+        shaping, first_readback = compare_first_frames()
     parts.model.forward(input_ids=input_ids, position_ids=position_ids, plan=plan, frame_embeds=embeds)
     if not by_pictures:  # the frames' keys at the choosing layer come from this pass
-        shaping = _shaping_summaries(parts, rows, features, frame_pages, frame_fills)
-        first_readback = _CoherenceReadback(open_embeds, [row[0] for row in shaping])
+        shaping, first_readback = compare_first_frames()
     opened, attended = 0, []
     issued = time.perf_counter()
     first = first_readback.values()
@@ -345,22 +348,12 @@ class _CoherenceReadback:
     def __init__(self, members: list[list[torch.Tensor]], frames: list[torch.Tensor]) -> None:
         self._members = members
         pairs = [_coherence_on_device(m, f) for m, f in zip(members, frames, strict=True) if m]
-        self._host: torch.Tensor | None = None
-        self._ready: torch.cuda.Event | None = None
-        if pairs:
-            stacked = torch.stack(pairs)
-            if stacked.is_cuda:
-                self._host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
-                self._host.copy_(stacked, non_blocking=True)
-                self._ready = torch.cuda.Event()
-                self._ready.record()
-            else:
-                self._host = stacked
+        self._host, self._copied = read_back(torch.stack(pairs)) if pairs else (None, NOTHING_PENDING)
 
     def values(self) -> list[tuple]:
         """``(similarity, cohesion)`` per pair, ``(None, None)`` where the cluster had no members."""
-        if self._ready is not None:
-            self._ready.synchronize()
+        if self._copied.ready is not None:
+            self._copied.ready.synchronize()
         values = iter([] if self._host is None else self._host.tolist())
         return [tuple(next(values)) if m else (None, None) for m in self._members]
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mosaic_core.memory.transfer import NOTHING_PENDING, read_back
 from mosaic_core.model.frame_upload import UploadedFrames
 
 
@@ -47,23 +48,15 @@ class ThumbnailBatch:
 
     def __init__(self, uploaded: UploadedFrames, long_side_px: int) -> None:
         self._where: dict[int, tuple[torch.Tensor, int]] = {}  # position -> (host tensor of its group, row)
-        self._copied: torch.cuda.Event | None = None
+        self._copied = NOTHING_PENDING  # the last group's copy: the earlier ones ran before it, on one stream
         for positions, frames in uploaded.groups:
-            small = make_thumbnails(frames, long_side_px)
-            if small.is_cuda:
-                host = torch.empty(small.shape, dtype=torch.uint8, pin_memory=True)
-                host.copy_(small, non_blocking=True)
-                self._copied = torch.cuda.Event()
-                self._copied.record()
-            else:
-                host = small
+            host, self._copied = read_back(make_thumbnails(frames, long_side_px))
             for row, position in enumerate(positions):
                 self._where[position] = (host, row)
 
     def small(self, position: int) -> np.ndarray:
         """The thumbnail of the frame at ``position`` of the upload, as an array of its own."""
-        if self._copied is not None:
-            self._copied.synchronize()
-            self._copied = None
+        if self._copied.ready is not None:
+            self._copied.ready.synchronize()
         host, row = self._where[position]
         return host[row].numpy().copy()

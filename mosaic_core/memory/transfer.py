@@ -54,6 +54,19 @@ class Moved:
 NOTHING_PENDING = Moved()
 
 
+def read_back(values: torch.Tensor) -> tuple[torch.Tensor, Moved]:
+    """A pinned host copy of small device ``values`` (coherence scores, thumbnails), queued on the current stream:
+    it waits only for the work queued before it, not behind the side stream's KV moves. The host reads it after
+    ``ready.synchronize()``. Off CUDA: ``values`` itself, with nothing pending."""
+    if not values.is_cuda:
+        return values, NOTHING_PENDING
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, Moved(ready=ready)
+
+
 class TransferEngine:
     """Queues host<->device moves on a side stream of ``device`` (or copies in place off CUDA)."""
 
