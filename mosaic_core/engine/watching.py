@@ -105,7 +105,7 @@ def question_queries(
         padded = [row + [row[-1]] * (longest - len(row)) for row in ids]
         plan = _CapturePlan(state, engine.spec.num_layers, set(layers))
         positions = model.text_positions(cursor, longest)[:, None].expand(-1, len(ids), -1)  # [3, B, T]
-        with torch.inference_mode():
+        with torch.no_grad():
             model.forward(input_ids=torch.tensor(padded, device=model.device), position_ids=positions, plan=plan)
         stacked = torch.stack([plan.queries[layer] for layer in layers], dim=1)  # [B, len(layers), Hq, T, D]
         # A slice of ``stacked`` would keep the whole batch alive in the scorer's cache: copy each row out.

@@ -13,6 +13,10 @@ positions ``0..P-1`` on all three axes, and a frame at ``t`` seconds after the s
 which is what ``get_rope_index`` gives one video whose frames are ``t`` seconds apart. Text after the frames
 (a question) continues from one past the largest position used so far; that cursor is the stream's rope delta and
 lives in the stream's state, never on this shared object.
+
+The model runs under ``torch.no_grad``, not ``torch.inference_mode``: an ingest call's pauses (``ingest_pauses``)
+run questions inside ``forward``, and a tensor allocated there (a page chunk the pools grow by) outlives the call
+and is written to later. Under inference mode such a tensor refused every later write from outside it.
 """
 
 from __future__ import annotations
@@ -170,7 +174,7 @@ class Qwen25VLAdapter:
             temporal_patch_size=self.temporal_patch_size,
         )
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_frames(
         self, frames: np.ndarray | Sequence[np.ndarray] | UploadedFrames, geometry: VisionGeometry
     ) -> FrameFeatures:
@@ -211,7 +215,7 @@ class Qwen25VLAdapter:
         return (torch.arange(num_tokens, device=self.device) + start).expand(3, -1)
 
     # -- forward ------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(
         self,
         *,
@@ -238,7 +242,7 @@ class Qwen25VLAdapter:
         )
         return out.last_hidden_state
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode_forward(
         self, *, input_ids: torch.Tensor, position_ids: torch.Tensor, plan: AttentionPlan
     ) -> torch.Tensor:
@@ -248,11 +252,11 @@ class Qwen25VLAdapter:
         hidden = self.text_layers(self.embed_text(input_ids), position_ids=position_ids, plan=plan, layers=layers)
         return self.final_norm(hidden)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.language_model.embed_tokens(input_ids)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def text_layers(
         self, hidden: torch.Tensor, *, position_ids: torch.Tensor, plan: AttentionPlan, layers: range
     ) -> torch.Tensor:
@@ -264,10 +268,10 @@ class Qwen25VLAdapter:
             hidden = layer(hidden, position_embeddings=rotary, use_cache=False, **{PLAN_KWARG: plan})
         return hidden
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.language_model.norm(hidden)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()

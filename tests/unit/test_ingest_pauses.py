@@ -4,7 +4,9 @@ from the streams as they were before the pass under way, and the ingest around i
 from __future__ import annotations
 
 import pytest
+import torch
 
+from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.results import FrameInput
 from tests.unit.engine_helpers import feed, make_engine
@@ -81,3 +83,27 @@ def test_a_question_started_at_a_pause_answers_as_before_the_pass_and_leaves_the
 def test_pauses_need_positive_spacing(field):
     with pytest.raises(ValueError, match=field):
         IngestPauses(lambda: None, **{field: 0})
+
+
+def test_what_work_at_a_pause_allocates_can_be_written_after_the_call(tiny_model, bikes_frames):
+    """Work at a pause runs inside the language model's forward. What it allocates outlives the call: here a host
+    chunk the pool grows by, as a question's spill at a pause would grow it. Written to after the call, it must
+    take the write (on the H200, pages allocated under the forward's old ``torch.inference_mode`` failed every later
+    write with "Inplace update to inference tensor outside InferenceMode")."""
+    engine = _opened(tiny_model, bikes_frames)
+    pools = engine.tiering.tiers.pools
+    taken = []
+
+    def serve():
+        if pauses.num_pauses == 2:  # the first pause before a language-model layer
+            chunks = len(pools.host_chunks)
+            taken.extend(pools.take(Tier.HOST, pools.host_pages.num_free + 1))
+            assert len(pools.host_chunks) > chunks
+
+    pauses = IngestPauses(serve, every_layers=1)
+    engine.ingest(_batch(bikes_frames), pauses=pauses)
+    assert taken
+    spec = engine.spec
+    kv = torch.ones((spec.num_layers, 2, spec.num_kv_heads, pools.page_tokens, spec.head_dim), dtype=spec.dtype)
+    pools.write(Tier.HOST, [taken[-1]], [pools.page_tokens], kv)
+    assert torch.equal(pools.page(Tier.HOST, taken[-1]), kv)
