@@ -10,13 +10,22 @@ from services.bench_service import camera_steps
 from services.bench_service_report import StepResult, table
 
 
-def _step(cameras=8, lag_p99_s=0.5, dropped=0, refused=0, ingested_fps=None, stats_errors=None) -> StepResult:
+def _step(
+    cameras=8,
+    lag_p99_s=0.5,
+    dropped=0,
+    refused=0,
+    ingested_fps=None,
+    stats_errors=None,
+    question_errors=None,
+    push_errors=None,
+) -> StepResult:
     return StepResult(
         cameras=cameras, pulled=cameras // 2, pushed=cameras - cameras // 2, measure_s=30.0, offered_fps=cameras,
         ingested_fps=cameras if ingested_fps is None else ingested_fps, lag_p50_s=0.1, lag_p99_s=lag_p99_s,
         lag_max_s=lag_p99_s, dropped=dropped,
-        refused=refused, push_errors={}, stats_errors=stats_errors or {},
-        questions=3, question_errors={}, ttft_p50_ms=40.0, ttft_p99_ms=90.0,
+        refused=refused, push_errors=push_errors or {}, stats_errors=stats_errors or {},
+        questions=3, question_errors=question_errors or {}, ttft_p50_ms=40.0, ttft_p99_ms=90.0,
         decode_ms_per_token=20.0, server_ttft_p50_ms=30.0, server_ttft_p99_ms=80.0, server_decode_ms_per_token=19.0,
         gpu_memory_used_mib=None, router_cpu_per_s=0.1, worker_cpu_per_s=0.9, decode_cpu_per_s=0.01,
         engine_thread_share={"ingest": 0.6, "idle": 0.4}, frames_per_ingest_call=cameras / 2,
@@ -27,9 +36,12 @@ def _step(cameras=8, lag_p99_s=0.5, dropped=0, refused=0, ingested_fps=None, sta
     ("changes", "real_time"),
     [({}, True), ({"lag_p99_s": 1.99}, True), ({"lag_p99_s": 2.0}, False), ({"lag_p99_s": None}, False),
      ({"dropped": 1}, False), ({"refused": 1}, False), ({"ingested_fps": 7.1}, False), ({"ingested_fps": 7.3}, True),
-     ({"stats_errors": {"UNAVAILABLE": 1}}, False)],
+     ({"stats_errors": {"UNAVAILABLE": 1}}, False), ({"question_errors": {"INTERNAL": 7}}, False),
+     ({"push_errors": {"UNAVAILABLE": 1}}, False)],
 )  # fmt: skip
-def test_real_time_means_lag_p99_under_2_s_nothing_lost_and_the_frames_arriving(changes, real_time):
+def test_real_time_means_lag_p99_under_2_s_nothing_lost_the_frames_arriving_and_every_request_served(
+    changes, real_time
+):
     assert _step(**changes).real_time is real_time
 
 
@@ -54,7 +66,7 @@ def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
     assert lines[0].split()[0] == "N"
     assert lines[1].split()[0] == "8" and lines[1].split()[-1] == "yes"
     assert lines[2].split()[0] == "16" and lines[2].split()[-1] == "no"
-    assert "largest real-time N (lag p99 < 2 s, no drops, >= 90% of frames ingested): 8" in lines[3]
+    assert "largest real-time N (lag p99 < 2 s, no drops, no client errors, >= 90% of frames ingested): 8" in lines[3]
     assert (
         lines[-1] == "N=16: the worker's engine thread, seconds per second: ingest 0.60, idle 0.40; frames per "
         "ingest call: 8.0"
