@@ -79,6 +79,9 @@ class EngineConfig:
             dropping their memory copy, and disk_budget_bytes (0: no limit; retention bounds history) caps it.
         durable_writers: threads that write record files side by side under data_dir (the checksum, write and fsync
             of one file release the GIL); at 64 cameras a 7B model seals about 0.5 GB of KV a second.
+        durable_pending_bytes: snapshot bytes that may wait for those writers before ingest waits for them (host
+            memory beyond the host tier). Cameras that start together seal clusters together, in bursts larger
+            than the writers' pace.
         eviction_policy: name of the policy that picks which clusters to spill ("lru" or "heat").
         prefetch_after_layer: in cluster mode, the layer whose choice of clusters every later layer reuses, so
             their gathers are queued at once and move while the layers before them compute; layers up to it
@@ -128,6 +131,7 @@ class EngineConfig:
     disk_dir: str | None = None
     data_dir: str | None = None
     durable_writers: int = 4
+    durable_pending_bytes: int = GIB
     eviction_policy: str = "lru"
     prefetch_after_layer: int | None = 1
     rescore_every_tokens: int = 0
@@ -160,6 +164,8 @@ class EngineConfig:
             "max_new_tokens_limit": self.max_new_tokens_limit,
             "evidence_spans": self.evidence_spans,
             "prefill_graph_layers": self.prefill_graph_layers,
+            "durable_writers": self.durable_writers,
+            "durable_pending_bytes": self.durable_pending_bytes,
         }
         for name, value in positive.items():
             if value <= 0:

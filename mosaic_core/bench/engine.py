@@ -309,6 +309,7 @@ def scenario_b(
     modes: tuple[RetrievalMode, ...] = (RetrievalMode.TOKEN, RetrievalMode.CLUSTER),
     data_dir: str | None = None,
     durable_writers: int = EngineConfig.durable_writers,
+    durable_pending_bytes: int = EngineConfig.durable_pending_bytes,
     keyframes_per_cluster: int = EngineConfig.keyframes_per_cluster,
 ) -> dict:
     """Many cameras, batched ingest under a small device budget, then questions while ingest continues. With
@@ -334,7 +335,10 @@ def scenario_b(
         config = dataclasses.replace(config, pinned_host_bytes=pinned_bytes(history_bytes, s))
         if data_dir is not None:
             config = dataclasses.replace(
-                config, data_dir=str(Path(data_dir) / mode.value), durable_writers=durable_writers
+                config,
+                data_dir=str(Path(data_dir) / mode.value),
+                durable_writers=durable_writers,
+                durable_pending_bytes=durable_pending_bytes,
             )
         engine = Engine(model, config)
         for c in range(s.cameras):
@@ -403,6 +407,7 @@ def scenario_b(
         if durable is not None:  # before closing: what held ingest back, and how busy the file writers were
             results[mode.value]["durable_writes"] = {
                 "writers": config.durable_writers,
+                "pending_bytes_bound": config.durable_pending_bytes,
                 "submit_wait_s": durable.submit_wait_s,
                 "file_write_s": durable.file_write_s,
                 "bytes_written": durable.bytes_written,
@@ -470,6 +475,10 @@ def main(argv=None) -> int:
         help="threads writing record files under --b-data-dir",
     )  # fmt: skip
     parser.add_argument(
+        "--durable-pending-gib", type=float, default=EngineConfig.durable_pending_bytes / GIB,
+        help="snapshots that may wait for those writers before ingest waits (GiB)",
+    )  # fmt: skip
+    parser.add_argument(
         "--b-keyframes", type=int, default=EngineConfig.keyframes_per_cluster,
         help="scenario B's JPEG keyframes kept per cluster (0: none)",
     )  # fmt: skip
@@ -512,6 +521,7 @@ def main(argv=None) -> int:
             b_modes,
             data_dir=args.b_data_dir,
             durable_writers=args.durable_writers,
+            durable_pending_bytes=int(args.durable_pending_gib * GIB),
             keyframes_per_cluster=args.b_keyframes,
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,11 @@ class Engine:
         device_bytes = UNLIMITED_BYTES if self.config.mode is RetrievalMode.FULL else self.config.device_budget_bytes
         disk_bytes, disk_dir, durable = self.config.disk_budget_bytes, self.config.disk_dir, None
         if self.config.data_dir:
-            durable = DurableStore(self.config.data_dir, writers=self.config.durable_writers)
+            durable = DurableStore(
+                self.config.data_dir,
+                writers=self.config.durable_writers,
+                max_pending_bytes=self.config.durable_pending_bytes,
+            )
             # Sealed clusters are on disk anyway: the disk tier is on, bounded by retention unless a budget is set.
             disk_bytes = disk_bytes or UNLIMITED_BYTES
             if disk_dir is None:

@@ -155,3 +155,13 @@ def test_a_failed_write_that_is_no_oserror_is_retried_and_the_writer_goes_on(tmp
         assert stats.last_error.startswith("RuntimeError")
     finally:
         store.close()
+
+
+def test_the_engine_gives_its_store_the_configured_writers_and_pending_bound(tiny_model, tmp_path):
+    from tests.unit.engine_helpers import make_engine
+
+    engine = make_engine(tiny_model, data_dir=str(tmp_path), durable_writers=2, durable_pending_bytes=3 << 20)
+    store = engine.history.store
+    assert store.max_pending_bytes == 3 << 20
+    assert store._files._max_workers == 2
+    engine.close()

@@ -152,6 +152,10 @@ def test_config_errors():
         EngineConfig(local_window_tokens=0)
     with pytest.raises(ConfigError, match="disk_dir"):
         EngineConfig(disk_budget_bytes=1 << 20)
+    with pytest.raises(ConfigError, match="durable_writers"):
+        EngineConfig(durable_writers=0)
+    with pytest.raises(ConfigError, match="durable_pending_bytes"):
+        EngineConfig(durable_pending_bytes=0)
     with pytest.raises(UnknownPolicyError, match="lru"):
         from mosaic_core.bookkeeping.policies import make_policy
 
