@@ -100,9 +100,12 @@ class ServiceConfig(BaseModel):
     # An ingest call pauses for new questions after the vision tower and before every this many layers of a forward
     # pass (0: never), so a question's first token waits for one such chunk, not for the whole call;
     # ingest_pause_frames > 0 also cuts the tower into chunks of that many frames (at 64 cameras on the H200, 32-frame
-    # chunks left the service behind real time: bench/NOTES.md, session 12).
+    # chunks left the service behind real time: bench/NOTES.md, session 12). ingest_pause_blocks > 0 pauses inside
+    # the tower too, before every this many of its blocks, each of which runs over all of the call's frames at once
+    # (0: no pause inside the tower; needs ingest_pause_layers > 0).
     ingest_pause_layers: int = Field(4, ge=0)
     ingest_pause_frames: int = Field(0, ge=0)
+    ingest_pause_blocks: int = Field(8, ge=0)
     # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
     source_max_failures: int = Field(10, ge=1)
     source_max_refused_frames: int = Field(100, ge=1)

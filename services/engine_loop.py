@@ -8,12 +8,12 @@ The engine is not thread-safe, so every engine call runs here. One iteration:
     below  ->  sleep until woken if nothing happened
 
 **A new question does not wait for the ingest call under way.** An ingest call pauses after the vision tower (or
-each chunk of ``ingest_pause_frames`` frames through it) and before every ``ingest_pause_layers``-th layer of each
-forward pass (``mosaic_core.engine.ingest_pauses``); at a pause the loop starts the questions that arrived and runs
-each one's prefill, so its first token waits for one chunk of ingest work, not for the rest of the call. Nothing
-else runs at a pause: commands, later tokens and the end of an answer wait for the call to end, so an answer's
-second token comes after the call (bench/NOTES.md, session 12: decode through gRPC 31.8 ms a token at 64 cameras
-with pauses, 7.2 without, in two calls).
+each chunk of ``ingest_pause_frames`` frames through it), inside it before every ``ingest_pause_blocks``-th block,
+and before every ``ingest_pause_layers``-th layer of each forward pass (``mosaic_core.engine.ingest_pauses``); at a
+pause the loop starts the questions that arrived and runs each one's prefill, so its first token waits for one
+chunk of ingest work, not for the rest of the call. Nothing else runs at a pause: commands, later tokens and the end
+of an answer wait for the call to end, so an answer's second token comes after the call (bench/NOTES.md, session
+12: decode through gRPC 31.8 ms a token at 64 cameras with pauses, 7.2 without, in two calls).
 
 **Ingest is never starved by questions.** Ingest goes first in every iteration and reaches every stream.
 Between two ingest passes the running questions advance a token each, and keep advancing while no frame waits,
@@ -72,6 +72,7 @@ DEFAULT_FRAMES_PER_STREAM_PASS = 2
 DEFAULT_ANSWER_SLICE_S = 0.25
 DEFAULT_INGEST_PAUSE_LAYERS = 4
 DEFAULT_INGEST_PAUSE_FRAMES = 0
+DEFAULT_INGEST_PAUSE_BLOCKS = 8
 DEFAULT_MAX_BACKGROUND_JOBS = 64
 DONE = object()  # ends a question's event queue
 
@@ -122,6 +123,8 @@ class EngineLoop:
             them only between ingest calls.
         ingest_pause_frames: vision-tower frames between two such chances; 0 runs the tower over a call's frames
             at once.
+        ingest_pause_blocks: vision-tower blocks between two such chances inside the tower (a block runs over all
+            of a call's frames at once); 0 pauses only after it.
     """
 
     def __init__(
@@ -141,15 +144,17 @@ class EngineLoop:
         answer_slice_s: float = DEFAULT_ANSWER_SLICE_S,
         ingest_pause_layers: int = DEFAULT_INGEST_PAUSE_LAYERS,
         ingest_pause_frames: int = DEFAULT_INGEST_PAUSE_FRAMES,
+        ingest_pause_blocks: int = DEFAULT_INGEST_PAUSE_BLOCKS,
     ) -> None:
         if (
             min(max_questions_per_stream, frames_per_stream_pass) < 1
-            or min(answer_slice_s, ingest_pause_layers, ingest_pause_frames) < 0
+            or min(answer_slice_s, ingest_pause_layers, ingest_pause_frames, ingest_pause_blocks) < 0
         ):
             raise ValueError(
                 f"max_questions_per_stream={max_questions_per_stream} and frames_per_stream_pass="
                 f"{frames_per_stream_pass} must be >= 1, answer_slice_s={answer_slice_s}, ingest_pause_layers="
-                f"{ingest_pause_layers} and ingest_pause_frames={ingest_pause_frames} >= 0"
+                f"{ingest_pause_layers}, ingest_pause_frames={ingest_pause_frames} and ingest_pause_blocks="
+                f"{ingest_pause_blocks} >= 0"
             )
         self.engine = engine
         self.queues = queues
@@ -166,6 +171,7 @@ class EngineLoop:
         self.answer_slice_s = answer_slice_s
         self.ingest_pause_layers = ingest_pause_layers
         self.ingest_pause_frames = ingest_pause_frames
+        self.ingest_pause_blocks = ingest_pause_blocks
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls
         self._background: deque[QuestionJob] = deque()
         self.stats = None  # latest EngineStats, refreshed every STATS_REFRESH_S
@@ -339,6 +345,7 @@ class EngineLoop:
                 self._serve_at_pause,
                 every_layers=self.ingest_pause_layers,
                 vision_frames=self.ingest_pause_frames or None,
+                vision_blocks=self.ingest_pause_blocks or None,
             )
         try:
             self.engine.ingest([FrameInput(f.stream_id, f.timestamp_s, f.rgb) for f in batch], pauses=pauses)

@@ -146,6 +146,7 @@ class WorkerCore:
             answer_slice_s=config.answer_slice_s,
             ingest_pause_layers=config.ingest_pause_layers,
             ingest_pause_frames=config.ingest_pause_frames,
+            ingest_pause_blocks=config.ingest_pause_blocks,
             after_ingest=self._after_ingest,
             max_background_jobs=config.watch_answer_queue_size,
             max_background_running=config.watch_answer_concurrency,

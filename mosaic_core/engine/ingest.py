@@ -112,8 +112,9 @@ def _validate(parts: EngineParts, frames: Sequence[FrameInput]) -> dict[str, lis
 def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[tuple[str, int], tuple]:
     """Vision tower over every frame of the batch, one call per geometry (sources of any size resize into it), or
     with ``pauses.vision_frames`` one call per chunk of that many frames of a geometry; with ``pauses``, each call
-    is followed by a pause. Each call's frames are uploaded once, and their keyframe thumbnails made from that
-    upload; returns ``(embeds, summary, thumbnail maker)`` per ``(stream, frame in the batch)``."""
+    is followed by a pause, and with ``pauses.vision_blocks`` paused inside too. Each call's frames are uploaded
+    once, and their keyframe thumbnails made from that upload; returns ``(embeds, summary, thumbnail maker)`` per
+    ``(stream, frame in the batch)``."""
     groups: dict[VisionGeometry, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
     for stream_id, items in by_stream.items():
         state = parts.streams[stream_id]
@@ -124,6 +125,9 @@ def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[
                 parts.reserve_window(state)  # now that a frame's size is known
             groups[state.geometry].append((stream_id, i, rgb))
     features = {}
+    before_block = None
+    if pauses is not None and pauses.vision_blocks is not None:
+        before_block = functools.partial(pauses.before_vision_block, device=parts.model.device)
     for geometry, members in groups.items():
         step = len(members) if pauses is None or pauses.vision_frames is None else pauses.vision_frames
         for start in range(0, len(members), step):
@@ -132,7 +136,7 @@ def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[
             thumbnails = None
             if parts.config.keyframes_per_cluster > 0:  # queued before the tower, read as frames are placed
                 thumbnails = ThumbnailBatch(uploaded, parts.config.keyframe_long_side_px)
-            out = parts.model.encode_frames(uploaded, geometry)
+            out = parts.model.encode_frames(uploaded, geometry, before_block=before_block)
             for j, (stream_id, i, _) in enumerate(chunk):
                 small_of = None if thumbnails is None else functools.partial(thumbnails.small, j)
                 features[(stream_id, i)] = (out.embeds[j], out.summaries[j], small_of)

@@ -5,6 +5,9 @@ meanwhile waited for all of it before its prefill could start (bench/NOTES.md, s
 call stops at fixed points and calls ``serve``:
 
 - after the vision tower, or with ``vision_frames`` after each chunk of that many frames through it;
+- with ``vision_blocks``, inside the tower before every that-many-th of its blocks (the first excluded: the pause
+  before it is the one that ended the previous work). A block runs over all of the call's frames at once, so
+  these pauses leave the tower's kernels as large as without them, unlike frame chunks;
 - before every ``every_layers``-th language-model layer of each forward pass, the first included.
 
 On CUDA, at each pause the host first waits until the device has finished the work queued before the previous
@@ -36,17 +39,24 @@ class IngestPauses:
     serve: Callable[[], None]
     every_layers: int = 4
     vision_frames: int | None = None
+    vision_blocks: int | None = None
     num_pauses: int = 0
     _previous: torch.cuda.Event | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.every_layers < 1 or (self.vision_frames is not None and self.vision_frames < 1):
+        optional = {"vision_frames": self.vision_frames, "vision_blocks": self.vision_blocks}
+        if self.every_layers < 1 or any(value is not None and value < 1 for value in optional.values()):
             raise ValueError(
-                f"every_layers={self.every_layers} must be >= 1 and vision_frames={self.vision_frames} None or >= 1"
+                f"every_layers={self.every_layers} must be >= 1, and vision_frames={self.vision_frames} and "
+                f"vision_blocks={self.vision_blocks} None or >= 1"
             )
 
     def before_layer(self, layer_idx: int, device: torch.device) -> None:
         if layer_idx % self.every_layers == 0:
+            self.pause(device)
+
+    def before_vision_block(self, block_idx: int, *, device: torch.device) -> None:
+        if self.vision_blocks is not None and block_idx > 0 and block_idx % self.vision_blocks == 0:
             self.pause(device)
 
     def pause(self, device: torch.device) -> None:

@@ -50,9 +50,10 @@ class VlmAdapter(Protocol):
     # -- frames and positions ------------------------------------------------------------------------------
     def choose_geometry(self, height: int, width: int, target_tokens: int) -> VisionGeometry: ...
 
-    def encode_frames(self, frames, geometry: VisionGeometry):
+    def encode_frames(self, frames, geometry: VisionGeometry, *, before_block=None):
         """The vision tower over ``frames``: a ``[N, H, W, 3]`` uint8 array, a sequence of ``[H, W, 3]`` frames of
-        any sizes, or ``mosaic_core.model.frame_upload.UploadedFrames``; returns their embeddings and summaries."""
+        any sizes, or ``mosaic_core.model.frame_upload.UploadedFrames``; returns their embeddings and summaries.
+        ``before_block(i)``, when given, is called before the tower's block ``i`` runs (its kernels queued)."""
         ...
 
     def frame_positions(self, geometry: VisionGeometry, *, base: int, offset_s: float) -> torch.Tensor:

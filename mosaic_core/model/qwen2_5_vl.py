@@ -22,7 +22,7 @@ and is written to later. Under inference mode such a tensor refused every later 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,13 +176,17 @@ class Qwen25VLAdapter:
 
     @torch.no_grad()
     def encode_frames(
-        self, frames: np.ndarray | Sequence[np.ndarray] | UploadedFrames, geometry: VisionGeometry
+        self,
+        frames: np.ndarray | Sequence[np.ndarray] | UploadedFrames,
+        geometry: VisionGeometry,
+        *,
+        before_block: Callable[[int], None] | None = None,
     ) -> FrameFeatures:
         """Runs the vision tower on ``frames``, all in one call.
 
         ``frames`` is ``[N, H, W, 3]`` uint8, or a sequence of ``[H, W, 3]`` frames whose sizes may differ, or
         frames already on the device (``mosaic_core.model.frame_upload``): each size is resized to ``geometry`` on
-        its own, and the tower sees one batch.
+        its own, and the tower sees one batch. ``before_block(i)`` is called before the tower's block ``i`` runs.
         """
         if isinstance(frames, UploadedFrames):
             pixels = resize_groups(frames.groups, frames.num_frames, geometry)
@@ -191,7 +195,18 @@ class Qwen25VLAdapter:
             vision = frames_to_vision_input(frames, geometry, dtype=self.dtype, device=self.device)
         num_frames = vision.video_grid_thw.shape[0]
         inputs = self.tower_inputs.get(geometry, num_frames, vision.pixel_values_videos.device)
-        merged = run_tower(self.model.model.visual, vision.pixel_values_videos, inputs)
+        visual = self.model.model.visual
+        hooks = []
+        if before_block is not None:
+            hooks = [
+                block.register_forward_pre_hook(lambda _module, _args, i=i: before_block(i))
+                for i, block in enumerate(visual.blocks)
+            ]
+        try:
+            merged = run_tower(visual, vision.pixel_values_videos, inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
         embeds = merged.view(num_frames, geometry.tokens_per_frame, -1)
         return FrameFeatures(embeds=embeds, summaries=embeds.float().mean(dim=1))
 

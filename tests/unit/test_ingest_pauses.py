@@ -32,20 +32,31 @@ def _batch(bikes_frames) -> list[FrameInput]:
     ]
 
 
-@pytest.mark.parametrize(("vision_frames", "vision_pauses"), [(3, 3), (None, 1)])
-def test_pauses_come_after_the_vision_tower_or_its_chunks_and_before_every_few_layers_of_each_pass(
-    tiny_model, bikes_frames, vision_frames, vision_pauses
+@pytest.mark.parametrize(
+    ("vision_frames", "vision_blocks", "vision_pauses"),
+    [(3, None, 3), (None, None, 1), (3, 1, 6), (None, 1, 2), (None, 2, 1)],
+)
+def test_pauses_come_after_the_vision_tower_or_its_chunks_inside_it_and_before_every_few_layers_of_each_pass(
+    tiny_model, bikes_frames, vision_frames, vision_blocks, vision_pauses
 ):
+    assert len(tiny_model.model.model.visual.blocks) == 2  # so vision_blocks 1 pauses once inside a call, 2 never
     engine = _opened(tiny_model, bikes_frames)
-    pauses = IngestPauses(lambda: None, every_layers=2, vision_frames=vision_frames)
+    pauses = IngestPauses(lambda: None, every_layers=2, vision_frames=vision_frames, vision_blocks=vision_blocks)
     result = engine.ingest(_batch(bikes_frames), pauses=pauses)  # 8 frames: 3 chunks of at most 3, or one call
     num_layers = tiny_model.kv_spec.num_layers
     assert result.num_forward_passes == 4
     assert pauses.num_pauses == vision_pauses + 4 * -(-num_layers // 2)
 
 
+@pytest.mark.parametrize(
+    ("vision_frames", "vision_blocks", "start_at"),
+    [
+        (4, None, 3),  # the first pass's first layer pause: after the tower's two chunks, before its layers
+        (None, 1, 1),  # inside the tower, before its second block
+    ],
+)
 def test_a_question_started_at_a_pause_answers_as_before_the_pass_and_leaves_the_ingest_as_it_was(
-    tiny_model, bikes_frames, monkeypatch
+    tiny_model, bikes_frames, monkeypatch, vision_frames, vision_blocks, start_at
 ):
     hiddens = record_hiddens(tiny_model, monkeypatch)
     reference = _opened(tiny_model, bikes_frames)
@@ -61,11 +72,11 @@ def test_a_question_started_at_a_pause_answers_as_before_the_pass_and_leaves_the
     started = []
 
     def serve():
-        if pauses.num_pauses == 3:  # the first pass's first layer pause: after the tower, before its layers
+        if pauses.num_pauses == start_at:
             answer = engine.ask("cam-a", QUESTION, max_new_tokens=6)
             started.append((answer, next(answer).token_id, engine.stream_stats("cam-a").frames_ingested))
 
-    pauses = IngestPauses(serve, every_layers=1, vision_frames=4)
+    pauses = IngestPauses(serve, every_layers=1, vision_frames=vision_frames, vision_blocks=vision_blocks)
     hiddens.clear()
     engine.ingest(_batch(bikes_frames), pauses=pauses)
     [(answer, first, frames_seen)] = started
@@ -79,7 +90,7 @@ def test_a_question_started_at_a_pause_answers_as_before_the_pass_and_leaves_the
     assert_same_hiddens(hiddens, later_hiddens)
 
 
-@pytest.mark.parametrize("field", ["every_layers", "vision_frames"])
+@pytest.mark.parametrize("field", ["every_layers", "vision_frames", "vision_blocks"])
 def test_pauses_need_positive_spacing(field):
     with pytest.raises(ValueError, match=field):
         IngestPauses(lambda: None, **{field: 0})
