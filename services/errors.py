@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import grpc
 from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError
 
 RETRY_AFTER_KEY = "retry-after-ms"
+_ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the header of a task error's text
 log = logging.getLogger(__name__)
 
 
@@ -69,13 +71,17 @@ class Status:
 
 
 def unwrap(exc: BaseException) -> BaseException:
-    """The original exception behind Ray's ``RayTaskError`` wrappers (nested ones included)."""
+    """The original exception behind Ray's ``RayTaskError`` wrappers (nested ones included). An untyped one (a bug,
+    logged as INTERNAL) gets the worker's traceback as a note, since its own traceback stayed in the worker."""
     try:
         from ray.exceptions import RayTaskError
     except ImportError:  # pragma: no cover - ray is a service dependency
         return exc
+    remote = _ANSI_COLOUR.sub("", str(exc)) if isinstance(exc, RayTaskError) else None  # the worker's traceback
     while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
         exc = exc.cause
+    if remote and not isinstance(exc, MosaicError):
+        exc.add_note(f"in the worker:\n{remote}")
     return exc
 
 
