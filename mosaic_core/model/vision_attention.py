@@ -7,6 +7,12 @@ one length can share one SDPA over ``[num_chunks, heads, length, head_dim]`` and
 Frames whose size is a whole number of windows have one length only (one call, no gather); other sizes have a
 few (edge windows), each gathered by index, attended in one call and scattered back. Query and key get their
 rotary embedding together, stacked: the same float32 arithmetic as transformers', in half the kernels.
+
+Which rotary runs where: on CUDA tensors, when the Triton kernels can run (``kernels_ready()``; with a CUDA device
+that means triton is installed), the Triton kernel ``kernels.vision_rotary`` reads query and key in place from
+the qkv projection's output in one launch. Everywhere else (CPU tensors, or CUDA without triton) the attention's
+``rotate`` runs: ``_rotate`` eagerly, or the ``torch.compile``d ``_rotate`` that ``vision_tower.fuse_elementwise``
+sets.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLVisionAttention,
     rotate_half,
 )
+
+from mosaic_core.kernels import kernels_ready
 
 # The tower passes the same two cu_seqlens tensors (windows, frames) to every block of one forward pass, and
 # ``vision_tower.TowerInputs`` hands out the same tensors again for every batch of one frame grid and size, so
@@ -39,14 +47,15 @@ def _rotate(query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
     """``Qwen2_5_VLVisionAttention`` whose equal-length chunks share one SDPA call."""
 
-    rotate = staticmethod(_rotate)  # ``vision_tower.fuse_elementwise`` sets the compiled one on the instance
+    # Where the Triton kernel does not run; ``vision_tower.fuse_elementwise`` sets the compiled one on the instance.
+    rotate = staticmethod(_rotate)
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
         if self.config._attn_implementation != "sdpa" or position_embeddings is None:
             return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
         seq_length = hidden_states.shape[0]
         qkv = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3)
-        query, key = self.rotate(qkv[:2], *position_embeddings).unbind(0)  # each [seq, heads, head_dim]
+        query, key = self._rotated(qkv[:2], *position_embeddings).unbind(0)  # each [seq, heads, head_dim]
         value = qkv[2]
         groups = _chunk_plan(cu_seqlens)
         if len(groups) == 1 and groups[0][1] is None:
@@ -56,6 +65,15 @@ class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
             for length, index in groups:
                 out[index] = self._attend_chunks(query[index], key[index], value[index], length)
         return self.proj(out.reshape(seq_length, -1))
+
+    def _rotated(self, query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Query and key (``[2, seq, heads, head_dim]``, a view of the qkv output) with their rotary embedding."""
+        if query_key.is_cuda and kernels_ready():
+            # Imported here: the kernel module imports triton, which a CPU-only install may lack.
+            from mosaic_core.kernels.vision_rotary import vision_rotary
+
+            return vision_rotary(query_key, cos, sin)
+        return self.rotate(query_key, cos, sin)
 
     def _attend_chunks(self, query, key, value, length: int) -> torch.Tensor:
         """Attention within consecutive chunks of ``length`` tokens; ``[tokens, heads, head_dim]`` in and out."""

@@ -13,8 +13,10 @@ Two things make transformers' Qwen2.5-VL tower slow on a batch of camera frames,
   columns of the down projection.
 
 On CUDA, ``fuse_elementwise`` also swaps each RMSNorm and MLP for one whose element-wise work (float32 norm,
-SiLU gate, bias) is a function compiled once with ``torch.compile`` for every block, and compiles the rotary
-step: transformers' modules run each element-wise op as a kernel of its own over the whole batch.
+SiLU gate, bias) is a function compiled once with ``torch.compile`` for every block: transformers' modules run
+each element-wise op as a kernel of its own over the whole batch. The attention's rotary step runs a Triton
+kernel on CUDA instead (see ``vision_attention``); ``fuse_elementwise`` gives the attentions a compiled rotary
+too, which runs only where that kernel does not.
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ def fuse_elementwise(visual: torch.nn.Module, *, compile: bool = True) -> int:
     """Swaps the tower's RMSNorms and SiLU MLPs for the fused ones and, with ``compile``, gives them and the
     tower's batched attentions compiled functions; returns how many norms and MLPs were swapped.
 
-    ``compile`` False keeps the functions eager (the same arithmetic, unfused): what a CPU test can check.
+    ``compile`` False keeps the functions eager (the same arithmetic, unfused): what a CPU test can check. The
+    attentions' compiled rotary runs only where the Triton rotary does not (a CUDA tensor with triton installed
+    always takes the Triton kernel, see ``BatchedChunkAttention._rotated``): a CPU tower fused with ``compile``.
     """
     swapped = 0
     for module in visual.modules():
