@@ -1,6 +1,7 @@
-"""The vision tower for a batch of equal-sized frames: per-batch inputs kept per frame grid, MLP widths aligned.
+"""The vision tower for a batch of equal-sized frames: per-batch inputs kept per frame grid, MLP widths aligned,
+the patch embedding as one matrix product.
 
-Two things make transformers' Qwen2.5-VL tower slow on a batch of camera frames, and neither changes what it computes:
+Three things make transformers' Qwen2.5-VL tower slow on a batch of camera frames, and none changes what it computes:
 
 - **Per-batch inputs.** Every call rebuilds the rotary position ids, the window order and the chunk bounds with a
   Python loop over frames and reads them back from the device. For a batch of ``N`` frames of one grid they are
@@ -11,6 +12,11 @@ Two things make transformers' Qwen2.5-VL tower slow on a batch of camera frames,
   ``pad_mlp_widths`` widens the MLPs to a multiple of 64 with zero rows and columns: the extra units' gate and
   up outputs are zero (zero weights and bias), so their product is zero and adds nothing through the zero
   columns of the down projection.
+- **Patch embedding.** transformers embeds patches with a ``Conv3d`` whose kernel equals its stride, so each
+  output is one patch's 3 x 2 x 14 x 14 = 1,176 values dotted with a filter: a matrix product of the flattened
+  patches with the flattened weight. cuDNN ran it as a convolution (about 8.6 ms per 128-frame pass on an H200,
+  for about 0.2 TFLOP); ``embed_patches_by_matmul`` swaps in ``MatmulPatchEmbed``, which makes it one
+  ``F.linear`` (the same on every device, so the swap needs no device check).
 
 On CUDA, ``fuse_elementwise`` also swaps each RMSNorm and MLP for one whose element-wise work (float32 norm,
 SiLU gate, bias) is a function compiled once with ``torch.compile`` for every block: transformers' modules run
@@ -25,7 +31,11 @@ import functools
 from collections import OrderedDict
 
 import torch
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionPatchEmbed,
+    Qwen2_5_VLMLP,
+    Qwen2_5_VLRMSNorm,
+)
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from mosaic_core.model import vision_attention
@@ -141,6 +151,31 @@ def fuse_elementwise(visual: torch.nn.Module, *, compile: bool = True) -> int:
             module.__class__ = FusedSiluMLP
             if compile:
                 module.mlp = _compiled(_silu_mlp)
+            swapped += 1
+    return swapped
+
+
+class MatmulPatchEmbed(Qwen2_5_VisionPatchEmbed):
+    """``Qwen2_5_VisionPatchEmbed`` as one matrix product: its ``Conv3d`` has kernel == stride, no padding."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # The conv weight [embed_dim, C, T, P, P] flattens in the order transformers' view([-1, C, T, P, P]) reads
+        # each patch's values, so row i of ``patches`` times the flattened weight is conv output i.
+        weight = self.proj.weight
+        patch_values = weight.shape[1:].numel()  # C * T * P * P: 1,176 for Qwen2.5-VL
+        patches = hidden_states.view(-1, patch_values).to(weight.dtype)  # [num_patches, C * T * P * P]
+        return torch.nn.functional.linear(patches, weight.view(self.embed_dim, patch_values), self.proj.bias)
+
+
+def embed_patches_by_matmul(visual: torch.nn.Module) -> int:
+    """Swaps the tower's patch embedding for ``MatmulPatchEmbed``; returns how many were swapped (0 or 1)."""
+    swapped = 0
+    for module in visual.modules():
+        if type(module) is Qwen2_5_VisionPatchEmbed:
+            conv = module.proj
+            assert conv.kernel_size == conv.stride and conv.padding == (0, 0, 0), f"not a patch conv: {conv}"
+            assert conv.dilation == (1, 1, 1) and conv.groups == 1, f"not a patch conv: {conv}"
+            module.__class__ = MatmulPatchEmbed
             swapped += 1
     return swapped
 
