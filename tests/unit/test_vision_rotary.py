@@ -197,13 +197,14 @@ def test_cuda_attention_runs_the_kernel_and_computes_what_rotate_gives(monkeypat
 
     model = Qwen25VLAdapter.from_preset("tiny", device="cuda", dtype=torch.bfloat16)
     attention = _first_attention(model)
+    monkeypatch.setattr(attention, "rotate", _rotate)  # eager, not the compiled one the adapter set on CUDA
     calls = []
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
         return vision_rotary(*args, **kwargs)
 
-    seq = 4 * 64 + 16  # three full chunks of 64 and one of 16: the gathered path too
+    seq = 4 * 64 + 16  # four chunks of 64 and one of 16: the gathered path too
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randn(seq, attention.qkv.in_features, generator=gen).to("cuda", torch.bfloat16)
     head_dim = attention.qkv.out_features // 3 // attention.num_heads
