@@ -7,14 +7,16 @@ Rows, in this order (each adds one change to the row before it, on the same weig
 - ``transformers``: transformers' own vision attention (one SDPA call per window and per frame), its per-call
   position ids and window order, the 7B's 3,420-wide MLP;
 - ``batched-chunks``: equal-length windows in one SDPA call, query and key rotated together
-  (``vision_attention.py``);
+  (``vision_attention.py``; on CUDA by one Triton kernel, ``kernels/vision_rotary.py``);
 - ``precomputed-inputs``: position ids, window order and chunk bounds kept per frame grid and batch size
   (``vision_tower.TowerInputs``);
 - ``padded-mlp``: MLPs widened to a multiple of 64 with zero units (``vision_tower.pad_mlp_widths``): every row
   above it runs unpadded;
-- ``compiled-elementwise`` (GPU only, with ``--compiled``; the engine's tower on CUDA): each RMSNorm, each SiLU
-  MLP and the rotary step run functions compiled with ``torch.compile`` (``vision_tower.fuse_elementwise``), so
-  their element-wise kernels fuse; its first-call time (the compile) is the row's ``warm_up_s``.
+- ``matmul-patch-embed``: the patch embedding as one matrix product instead of a 3-D convolution
+  (``vision_tower.embed_patches_by_matmul``);
+- ``compiled-elementwise`` (GPU only, with ``--compiled``; the engine's tower on CUDA): each RMSNorm and each SiLU
+  MLP run functions compiled with ``torch.compile`` (``vision_tower.fuse_elementwise``), so their element-wise
+  kernels fuse; its first-call time (the compile) is the row's ``warm_up_s``.
 
 Per row and batch size: median ms per call over ``--repeats`` calls after two warm-up calls (CUDA synchronised
 around each), frames/s, and the largest absolute difference of its output from the ``transformers`` row's
@@ -41,9 +43,15 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from mosaic_core.model.pixels import choose_geometry, frames_to_vision_input
 from mosaic_core.model.presets import preset_config_kwargs
 from mosaic_core.model.vision_attention import BatchedChunkAttention
-from mosaic_core.model.vision_tower import TowerInputs, fuse_elementwise, pad_mlp_widths, run_tower
+from mosaic_core.model.vision_tower import (
+    TowerInputs,
+    embed_patches_by_matmul,
+    fuse_elementwise,
+    pad_mlp_widths,
+    run_tower,
+)
 
-ROWS = ("transformers", "batched-chunks", "precomputed-inputs", "padded-mlp")
+ROWS = ("transformers", "batched-chunks", "precomputed-inputs", "padded-mlp", "matmul-patch-embed")
 COMPILED_ROW = "compiled-elementwise"
 
 
@@ -104,6 +112,8 @@ def measure(
         _set_attention(tower, Qwen2_5_VLVisionAttention if row == "transformers" else BatchedChunkAttention)
         if row == "padded-mlp":
             log(f"widened {pad_mlp_widths(tower)} MLPs to a multiple of 64 units")
+        if row == "matmul-patch-embed":
+            log(f"patch embedding by matrix product: {embed_patches_by_matmul(tower)} module")
         if row == COMPILED_ROW:
             log(f"fused the element-wise work of {fuse_elementwise(tower)} modules")
         for n in batch_sizes:

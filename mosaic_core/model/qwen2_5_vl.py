@@ -45,7 +45,13 @@ from mosaic_core.model.presets import PRESETS, preset_config_kwargs
 from mosaic_core.model.text_fusion import fuse_text_elementwise
 from mosaic_core.model.tokenizer import chat_prefix, load_qwen_tokenizer, question_prompt
 from mosaic_core.model.vision_attention import batch_vision_chunks
-from mosaic_core.model.vision_tower import TowerInputs, fuse_elementwise, pad_mlp_widths, run_tower
+from mosaic_core.model.vision_tower import (
+    TowerInputs,
+    embed_patches_by_matmul,
+    fuse_elementwise,
+    pad_mlp_widths,
+    run_tower,
+)
 
 # Mosaic attention for the language model; the vision tower keeps SDPA.
 ATTENTION_BY_PART = {"": "sdpa", "text_config": MOSAIC_ATTENTION, "vision_config": "sdpa"}
@@ -80,6 +86,7 @@ class Qwen25VLAdapter:
         self.device = next(model.parameters()).device
         batch_vision_chunks(model)
         pad_mlp_widths(model.model.visual)
+        embed_patches_by_matmul(model.model.visual)
         if fuse_vision if fuse_vision is not None else self.device.type == "cuda":
             fuse_elementwise(model.model.visual)
         if fuse_text if fuse_text is not None else self.device.type == "cuda":

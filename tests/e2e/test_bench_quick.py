@@ -66,7 +66,7 @@ def test_bench_vision_quick_rows_compute_what_transformers_computes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "precomputed-inputs" in result.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert list(rows) == ["transformers", "batched-chunks", "precomputed-inputs", "padded-mlp"]
+    assert list(rows) == ["transformers", "batched-chunks", "precomputed-inputs", "padded-mlp", "matmul-patch-embed"]
     for by_size in rows.values():
         assert set(by_size) == {"2", "4"}
         assert all(r["max_abs_diff_vs_transformers"] < 1e-4 and r["frames_per_s"] > 0 for r in by_size.values())
