@@ -3,9 +3,11 @@
 Ingest runs the language model over thousands of frame tokens a pass (128 frames of 128 tokens: 16,384 rows).
 transformers' modules run every element-wise op of an RMSNorm (to float32, pow, mean, rsqrt, mul, back to the input
 dtype, mul by the weight) and of the MLP's SiLU gate as a kernel of its own over the whole pass: on an H200 about
-100 ms of a 680 ms pass. ``fuse_text_elementwise`` swaps each norm and MLP for one that, on a big pass, runs that
-work as a function compiled once with ``torch.compile``; the MLP's matrix products stay in cuBLAS through its
-Linear modules, and only ``silu(gate) * up`` is compiled.
+100 ms of a 680 ms pass. Each attention's rotary embedding is ten kernels more (for query and key each: the mul by
+cos, the neg and the cat of ``rotate_half``, the mul by sin, the add), the query's as big as the hidden states.
+``fuse_text_elementwise`` swaps each norm, MLP and attention for one that, on a big pass, runs that work as
+a function compiled once with ``torch.compile``; the matrix products stay in cuBLAS through the Linear modules, and
+only ``silu(gate) * up`` and the rotary of query and key are compiled.
 
 A small pass (a question's prefill, a decode step) runs the same arithmetic eagerly: see ``MIN_FUSED_TOKENS``.
 """
@@ -15,7 +17,14 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm, Qwen2MLP
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VLAttention,
+    Qwen2_5_VLRMSNorm,
+    Qwen2MLP,
+    eager_attention_forward,
+    rotate_half,
+)
 
 from mosaic_core.errors import ConfigError
 from mosaic_core.model.vision_tower import _compiled, _rms_norm
@@ -29,6 +38,15 @@ MIN_FUSED_TOKENS = 1024
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``Qwen2MLP.forward``'s element-wise part with a SiLU gate."""
     return torch.nn.functional.silu(gate) * up
+
+
+def _rotary(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rotary_pos_emb``'s arithmetic on ``[tokens, heads, head_dim]`` query and key, with ``[tokens,
+    head_dim]`` cos and sin: per element the same ops in the same dtypes, only the token axes are flattened."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (query * cos) + (rotate_half(query) * sin), (key * cos) + (rotate_half(key) * sin)
 
 
 def _is_big_pass(hidden: torch.Tensor, min_tokens: int) -> bool:
@@ -64,11 +82,66 @@ class FusedTextMLP(Qwen2MLP):
         return self.down_proj(product)
 
 
+class FusedTextAttention(Qwen2_5_VLAttention):
+    rotary = staticmethod(_rotary)  # ``fuse_text_elementwise`` sets the compiled one on the instance
+    min_tokens = MIN_FUSED_TOKENS
+
+    def forward(
+        self, hidden_states, attention_mask=None, position_ids=None, cache=None, position_embeddings=None, **kwargs
+    ):
+        if position_embeddings is None or not _is_big_pass(hidden_states, self.min_tokens):
+            return super().forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        # transformers 5.24's ``Qwen2_5_VLAttention.forward``; only the rotary differs, run over [tokens, heads,
+        # head_dim] so that one dynamic graph serves every batch shape. transformers calls its module-level
+        # ``apply_rotary_pos_emb`` by name, so that step cannot be swapped for one instance alone.
+        bsz, q_len, _ = hidden_states.size()
+        rows = bsz * q_len
+        query_states = self.q_proj(hidden_states).view(rows, -1, self.head_dim)
+        key_states = self.k_proj(hidden_states).view(rows, -1, self.head_dim)
+        value_states = self.v_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+
+        cos, sin = (t.expand(bsz, q_len, -1).reshape(rows, -1) for t in position_embeddings)  # [rows, head_dim]
+        query_states, key_states = self.rotary(query_states, key_states, cos, sin)
+        # back to [batch, heads, tokens, head_dim] views, with the strides transformers' rotary gives
+        query_states = query_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+        key_states = key_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            position_ids=position_ids,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(bsz, q_len, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
+
 def fuse_text_elementwise(
     language_model: torch.nn.Module, *, compile: bool = True, min_tokens: int = MIN_FUSED_TOKENS
 ) -> int:
-    """Swaps the language model's RMSNorms and SiLU MLPs for ones that run their element-wise work as one compiled
-    function on passes of at least ``min_tokens`` tokens; returns how many norms and MLPs were swapped.
+    """Swaps the language model's RMSNorms, SiLU MLPs and attentions for ones that run their element-wise work (an
+    attention's: the rotary of query and key) as one compiled function on passes of at least ``min_tokens`` tokens;
+    returns how many modules were swapped.
 
     Only ``language_model``'s own modules are walked: the vision tower's norms are the same transformers class and
     are left as they are. ``compile`` False keeps the functions eager (the same arithmetic, unfused): what a CPU test
@@ -88,6 +161,10 @@ def fuse_text_elementwise(
             module.__class__ = FusedTextMLP
             if compile:
                 module.silu_mul = _compiled(_silu_mul)
+        elif type(module) is Qwen2_5_VLAttention:
+            module.__class__ = FusedTextAttention
+            if compile:
+                module.rotary = _compiled(_rotary)
         else:
             continue
         module.min_tokens = min_tokens
