@@ -5,9 +5,11 @@ transformers' modules run every element-wise op of an RMSNorm (to float32, pow, 
 dtype, mul by the weight) and of the MLP's SiLU gate as a kernel of its own over the whole pass: on an H200 about
 100 ms of a 680 ms pass. Each attention's rotary embedding is ten kernels more (for query and key each: the mul by
 cos, the neg and the cat of ``rotate_half``, the mul by sin, the add), the query's as big as the hidden states.
-``fuse_text_elementwise`` swaps each norm, MLP and attention for one that, on a big pass, runs that work as
-a function compiled once with ``torch.compile``; the matrix products stay in cuBLAS through the Linear modules, and
-only ``silu(gate) * up`` and the rotary of query and key are compiled.
+``fuse_text_elementwise`` swaps each norm, MLP, attention and decoder layer for one that, on a big pass, runs that
+work as functions compiled once with ``torch.compile``. The matrix products stay in cuBLAS through the Linear
+modules; compiled are the norms, ``silu(gate) * up``, the rotary of query and key, and each layer's residual add
+after attention together with the norm that follows it. The add that ends a layer stays eager: the norm after it is
+the next layer's, called from transformers' text model between layers.
 
 A small pass (a question's prefill, a decode step) runs the same arithmetic eagerly: see ``MIN_FUSED_TOKENS``.
 """
@@ -20,6 +22,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLAttention,
+    Qwen2_5_VLDecoderLayer,
     Qwen2_5_VLRMSNorm,
     Qwen2MLP,
     eager_attention_forward,
@@ -47,6 +50,15 @@ def _rotary(
     head_dim]`` cos and sin: per element the same ops in the same dtypes, only the token axes are flattened."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (query * cos) + (rotate_half(query) * sin), (key * cos) + (rotate_half(key) * sin)
+
+
+def _add_rms_norm(
+    residual: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's ``residual + update`` and the RMSNorm of the sum: both are needed, the sum as the next
+    residual."""
+    hidden = residual + update
+    return hidden, _rms_norm(hidden, weight, eps)
 
 
 def _is_big_pass(hidden: torch.Tensor, min_tokens: int) -> bool:
@@ -136,12 +148,42 @@ class FusedTextAttention(Qwen2_5_VLAttention):
         return attn_output, attn_weights
 
 
+class FusedTextDecoderLayer(Qwen2_5_VLDecoderLayer):
+    add_norm = staticmethod(_add_rms_norm)  # ``fuse_text_elementwise`` sets the compiled one on the instance
+    min_tokens = MIN_FUSED_TOKENS
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        use_cache=False,
+        position_embeddings=None,
+        **kwargs,
+    ):
+        layer_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache)
+        layer_kwargs.update(position_embeddings=position_embeddings, **kwargs)
+        if not _is_big_pass(hidden_states, self.min_tokens):
+            return super().forward(hidden_states, **layer_kwargs)
+        # transformers 5.24's ``Qwen2_5_VLDecoderLayer.forward``, with ``residual + attention`` and the norm after it
+        # as one function over [tokens, hidden].
+        attention, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **layer_kwargs)
+        width, norm = hidden_states.shape[-1], self.post_attention_layernorm
+        residual, normed = self.add_norm(
+            hidden_states.reshape(-1, width), attention.reshape(-1, width), norm.weight, norm.variance_epsilon
+        )
+        residual, normed = residual.view(hidden_states.shape), normed.view(hidden_states.shape)
+        return residual + self.mlp(normed)
+
+
 def fuse_text_elementwise(
     language_model: torch.nn.Module, *, compile: bool = True, min_tokens: int = MIN_FUSED_TOKENS
 ) -> int:
-    """Swaps the language model's RMSNorms, SiLU MLPs and attentions for ones that run their element-wise work (an
-    attention's: the rotary of query and key) as one compiled function on passes of at least ``min_tokens`` tokens;
-    returns how many modules were swapped.
+    """Swaps the language model's RMSNorms, SiLU MLPs, attentions and decoder layers for ones that run their
+    element-wise work (an attention's: the rotary of query and key; a decoder layer's: the residual add after
+    attention with the norm after it) as one compiled function on passes of at least ``min_tokens`` tokens; returns
+    how many modules were swapped.
 
     Only ``language_model``'s own modules are walked: the vision tower's norms are the same transformers class and
     are left as they are. ``compile`` False keeps the functions eager (the same arithmetic, unfused): what a CPU test
@@ -165,6 +207,10 @@ def fuse_text_elementwise(
             module.__class__ = FusedTextAttention
             if compile:
                 module.rotary = _compiled(_rotary)
+        elif type(module) is Qwen2_5_VLDecoderLayer:
+            module.__class__ = FusedTextDecoderLayer
+            if compile:
+                module.add_norm = _compiled(_add_rms_norm)
         else:
             continue
         module.min_tokens = min_tokens

@@ -1,5 +1,5 @@
-"""The language model's fused norms, MLPs and attentions: eager here (compiling needs CUDA), so they must equal
-transformers' modules bit for bit, on the big-pass branch and the small-pass one."""
+"""The language model's fused norms, MLPs, attentions and decoder layers: eager here (compiling needs CUDA), so
+they must equal transformers' modules bit for bit, on the big-pass branch and the small-pass one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AttentionInterface, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm, apply_rotary_pos_emb
 
 from mosaic_core.errors import ConfigError
 from mosaic_core.model.presets import preset_config_kwargs
@@ -15,8 +15,10 @@ from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 from mosaic_core.model.text_fusion import (
     MIN_FUSED_TOKENS,
     FusedTextAttention,
+    FusedTextDecoderLayer,
     FusedTextMLP,
     FusedTextRMSNorm,
+    _add_rms_norm,
     _rotary,
     _silu_mul,
     fuse_text_elementwise,
@@ -42,7 +44,12 @@ def _sdpa_language_model(attention: str = "sdpa") -> torch.nn.Module:
     model = Qwen2_5_VLForConditionalGeneration._from_config(
         Qwen2_5_VLConfig(**preset_config_kwargs("tiny")), attn_implementation=attention
     )
-    return model.eval().model.language_model
+    language_model = model.eval().model.language_model
+    with torch.no_grad():  # norm weights start as ones: make them differ, so using the wrong norm's weight shows
+        for module in language_model.modules():
+            if isinstance(module, Qwen2_5_VLRMSNorm):
+                module.weight.normal_(1.0, 0.2)
+    return language_model
 
 
 def _hidden_states(language_model: torch.nn.Module, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -61,7 +68,7 @@ def test_fused_language_model_gives_the_same_hidden_states(batch, tokens, min_to
     embeds = torch.randn(batch, tokens, hidden, generator=torch.Generator().manual_seed(1))
     before = _hidden_states(language_model, embeds)
     num_layers = len(language_model.layers)
-    assert fuse_text_elementwise(language_model, compile=False, min_tokens=min_tokens) == 4 * num_layers + 1
+    assert fuse_text_elementwise(language_model, compile=False, min_tokens=min_tokens) == 5 * num_layers + 1
 
     # Stand in for the compiled functions with counting eager ones: shows which branch ran, and on what shape.
     big_pass_shapes = []
@@ -80,6 +87,8 @@ def test_fused_language_model_gives_the_same_hidden_states(batch, tokens, min_to
             module.silu_mul = counting(_silu_mul)
         elif isinstance(module, FusedTextAttention):
             module.rotary = counting(_rotary)
+        elif isinstance(module, FusedTextDecoderLayer):
+            module.add_norm = counting(_add_rms_norm)
     after = _hidden_states(language_model, embeds)
 
     assert len(before) == len(after) == num_layers + 2
@@ -89,8 +98,8 @@ def test_fused_language_model_gives_the_same_hidden_states(batch, tokens, min_to
     if fused_branch:
         config = language_model.config
         intermediate, heads = config.intermediate_size, config.num_attention_heads
-        # A layer's input norm, rotary (query [rows, heads, head_dim]), norm after attention and MLP (gate and up
-        # both [rows, intermediate]); then the final norm.
+        # A layer's input norm, rotary (query [rows, heads, head_dim]), residual add with the norm after attention
+        # (the layer's own norm is not called) and MLP (gate and up both [rows, intermediate]); then the final norm.
         layer = [(rows, hidden), (rows, heads, hidden // heads), (rows, hidden), (rows, intermediate)]
         expected = layer * num_layers + [(rows, hidden)]
         assert big_pass_shapes == expected
@@ -98,19 +107,19 @@ def test_fused_language_model_gives_the_same_hidden_states(batch, tokens, min_to
         assert big_pass_shapes == []
 
 
-def test_fusion_counts_the_language_models_norms_mlps_and_attentions_only():
+def test_fusion_counts_the_language_models_norms_mlps_attentions_and_layers_only():
     """Vision blocks use the same transformers RMSNorm class; walking the language model leaves them alone."""
     model = Qwen25VLAdapter.from_preset("tiny").model.model
     visual, language_model = model.visual, model.language_model
     vision_types = [type(m) for m in visual.modules()]
     num_layers = language_model.config.num_hidden_layers
-    assert fuse_text_elementwise(language_model, compile=False) == (2 * num_layers + 1) + num_layers + num_layers
+    assert fuse_text_elementwise(language_model, compile=False) == (2 * num_layers + 1) + 3 * num_layers
     assert [type(m) for m in visual.modules()] == vision_types
     assert not any(isinstance(m, FusedTextRMSNorm | FusedTextMLP | FusedTextAttention) for m in visual.modules())
     layer = language_model.layers[0]
     assert type(layer.input_layernorm) is FusedTextRMSNorm and type(layer.post_attention_layernorm) is FusedTextRMSNorm
     assert type(language_model.norm) is FusedTextRMSNorm and type(layer.mlp) is FusedTextMLP
-    assert type(layer.self_attn) is FusedTextAttention
+    assert type(layer.self_attn) is FusedTextAttention and type(layer) is FusedTextDecoderLayer
     assert fuse_text_elementwise(language_model, compile=False) == 0  # already swapped
 
 
@@ -123,7 +132,9 @@ def test_compiled_text_fusion_shares_one_compiled_function_per_kind():
     attentions = [m for m in language_model.modules() if isinstance(m, FusedTextAttention)]
     assert len({id(m.norm) for m in norms}) == 1 and norms[0].norm is not _rms_norm
     assert len({id(m.silu_mul) for m in mlps}) == 1 and mlps[0].silu_mul is not _silu_mul
+    layers = language_model.layers
     assert len({id(m.rotary) for m in attentions}) == 1 and attentions[0].rotary is not _rotary
+    assert len({id(m.add_norm) for m in layers}) == 1 and layers[0].add_norm is not _add_rms_norm
 
 
 def _same(before, after) -> bool:
