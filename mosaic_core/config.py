@@ -81,7 +81,8 @@ class EngineConfig:
             of one file release the GIL); at 64 cameras a 7B model seals about 0.5 GB of KV a second.
         durable_pending_bytes: snapshot bytes that may wait for those writers before ingest waits for them (host
             memory beyond the host tier). Cameras that start together seal clusters together, in bursts larger
-            than the writers' pace.
+            than the writers' pace: at 128 cameras on the H200, ingest ran at 143 frames/s with 1 GiB, waiting on
+            it, and at 166 with 4 GiB, never waiting (bench/NOTES.md, session 14).
         eviction_policy: name of the policy that picks which clusters to spill ("lru" or "heat").
         prefetch_after_layer: in cluster mode, the layer whose choice of clusters every later layer reuses, so
             their gathers are queued at once and move while the layers before them compute; layers up to it
@@ -131,7 +132,7 @@ class EngineConfig:
     disk_dir: str | None = None
     data_dir: str | None = None
     durable_writers: int = 4
-    durable_pending_bytes: int = GIB
+    durable_pending_bytes: int = 4 * GIB
     eviction_policy: str = "lru"
     prefetch_after_layer: int | None = 1
     rescore_every_tokens: int = 0
