@@ -102,10 +102,12 @@ class ServiceConfig(BaseModel):
     # ingest_pause_frames > 0 also cuts the tower into chunks of that many frames (at 64 cameras on the H200, 32-frame
     # chunks left the service behind real time: bench/NOTES.md, session 12). ingest_pause_blocks > 0 pauses inside
     # the tower too, before every this many of its blocks, each of which runs over all of the call's frames at once
-    # (0: no pause inside the tower; needs ingest_pause_layers > 0).
+    # (0: no pause inside the tower; needs ingest_pause_layers > 0). Off by default: with 8, the service fell behind
+    # at 128 cameras on the H200 (session 14), though not side by side with 0, and each pause makes the host wait
+    # for the previous call's language model before it queues the rest of the tower.
     ingest_pause_layers: int = Field(4, ge=0)
     ingest_pause_frames: int = Field(0, ge=0)
-    ingest_pause_blocks: int = Field(8, ge=0)
+    ingest_pause_blocks: int = Field(0, ge=0)
     # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
     source_max_failures: int = Field(10, ge=1)
     source_max_refused_frames: int = Field(100, ge=1)
