@@ -103,8 +103,8 @@ class ServiceConfig(BaseModel):
     # chunks left the service behind real time: bench/NOTES.md, session 12). ingest_pause_blocks > 0 pauses inside
     # the tower too, before every this many of its blocks, each of which runs over all of the call's frames at once
     # (0: no pause inside the tower; needs ingest_pause_layers > 0). Off by default: with 8, the service fell behind
-    # at 128 cameras on the H200 (session 14), though not side by side with 0, and each pause makes the host wait
-    # for the previous call's language model before it queues the rest of the tower.
+    # at 128 cameras on the H200 (session 14), though not side by side with 0, and from the second pause inside the
+    # tower on, the host waits for the previous call's language model before it queues the rest of the tower.
     ingest_pause_layers: int = Field(4, ge=0)
     ingest_pause_frames: int = Field(0, ge=0)
     ingest_pause_blocks: int = Field(0, ge=0)

@@ -162,8 +162,14 @@ class FusedTextDecoderLayer(Qwen2_5_VLDecoderLayer):
         position_embeddings=None,
         **kwargs,
     ):
-        layer_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache)
-        layer_kwargs.update(position_embeddings=position_embeddings, **kwargs)
+        layer_kwargs = dict(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
         if not _is_big_pass(hidden_states, self.min_tokens):
             return super().forward(hidden_states, **layer_kwargs)
         # transformers 5.24's ``Qwen2_5_VLDecoderLayer.forward``, with ``residual + attention`` and the norm after it
