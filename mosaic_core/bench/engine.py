@@ -409,6 +409,8 @@ def scenario_b(
                 "writers": config.durable_writers,
                 "pending_bytes_bound": config.durable_pending_bytes,
                 "submit_wait_s": durable.submit_wait_s,
+                "staging_wait_s": durable.staging_wait_s,
+                "snapshot_s": engine.history.snapshot_s,  # the engine thread's, making the writers' snapshots
                 "file_write_s": durable.file_write_s,
                 "bytes_written": durable.bytes_written,
                 "clusters_written": durable.clusters_written,

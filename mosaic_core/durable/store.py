@@ -14,7 +14,9 @@ Because the queue is FIFO, a removal always follows the write it undoes, and a j
 after the files it names are on disk. Cluster ids are never reused, so files written side by side never share a
 name. Until its line is written a cluster is "pending": reads are served from
 its snapshot. Pending bytes are bounded (``max_pending_bytes``); past that, ``submit`` waits for the writer,
-which holds ingest back rather than dropping history.
+which holds ingest back rather than dropping history. With a ``staging`` arena (pinned host memory, under CUDA) the
+snapshots live in it and go back to it once their journal line is written; a read of a pending snapshot then gets
+a copy, since the arena reuses the memory after that.
 
 Deleting a stream is synchronous and atomic: its directory is renamed into ``.trash`` (then removed in the
 background), so a crash right after a delete never brings the stream back.
@@ -57,6 +59,7 @@ from mosaic_core.durable.records import (
     encode_pages,
     from_pages,
 )
+from mosaic_core.durable.staging import StagingArena
 from mosaic_core.errors import AlreadyExistsError, UnknownClusterError
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,7 @@ class DurableStats:
     seal_to_durable_s_sum: float = 0.0
     seal_to_durable_s_max: float = 0.0
     submit_wait_s: float = 0.0  # the engine thread's time blocked in ``submit`` by ``max_pending_bytes``
+    staging_wait_s: float = 0.0  # the engine thread's time waiting for room in the staging arena
     file_write_s: float = 0.0  # the writer pool's time in record files (checksum, write, fsync), summed over threads
 
 
@@ -122,10 +126,17 @@ class DurableStore:
         max_pending_bytes: snapshot bytes that may wait for the writer before ``submit`` blocks.
         state_interval_s: how often a changed stream state (clock, counters) is written.
         writers: threads that write record files side by side.
+        staging: host memory that snapshots are taken from and given back to (module doc), or None.
     """
 
     def __init__(
-        self, root: str | Path, *, max_pending_bytes: int = 1 << 30, state_interval_s: float = 1.0, writers: int = 4
+        self,
+        root: str | Path,
+        *,
+        max_pending_bytes: int = 1 << 30,
+        state_interval_s: float = 1.0,
+        writers: int = 4,
+        staging: StagingArena | None = None,
     ) -> None:
         if writers < 1:
             raise ValueError(f"a durable store needs at least one writer thread, got {writers}")
@@ -133,6 +144,7 @@ class DurableStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_pending_bytes = max_pending_bytes
         self.state_interval_s = state_interval_s
+        self.staging = staging
         self.stats = DurableStats()
         self._cv = threading.Condition()
         self._io = threading.Lock()  # held by the writer for a whole commit, and by stream create/delete
@@ -198,13 +210,15 @@ class DurableStore:
             with self._cv:
                 writes = [seal.written for op in self._queue if _belongs(op, stream_id) for seal in op.add]
                 self._queue = deque(op for op in self._queue if not _belongs(op, stream_id))
-                for cluster_id in [c for c, s in self._pending.items() if _stream_of(c) == stream_id]:
-                    self._forget_pending(self._pending[cluster_id])
+                dropped = [seal for cluster_id, seal in self._pending.items() if _stream_of(cluster_id) == stream_id]
                 self._states.pop(stream_id, None)
                 self._dirty.discard(stream_id)
             for written in writes:  # no file of the old stream may land in a new stream's directory of that name
                 written.cancel()
             wait_for_futures(writes)
+            with self._cv:  # only now: a write under way still read its snapshot
+                for seal in dropped:
+                    self._forget_pending(seal)
             stream_dir = self.stream_dir(stream_id)
             if stream_dir.exists():
                 trash = self.root / TRASH
@@ -275,9 +289,7 @@ class DurableStore:
         (checked against the manifest's checksum)."""
         seal = self._pending.get(cluster_id)
         if seal is not None:
-            if seal.ready is not None:
-                seal.ready.synchronize()
-            return from_pages(seal.pages)
+            return from_pages(self._pending_pages(seal))
         entry = self.entry(cluster_id)
         path = self.stream_dir(_stream_of(cluster_id)) / entry.file
         kv, _ = decode_cluster(path.read_bytes(), expect_checksum=entry.checksum, name=str(path))
@@ -288,12 +300,19 @@ class DurableStore:
         holds them (checked against the manifest's checksum), or made from its snapshot while pending."""
         seal = self._pending.get(cluster_id)
         if seal is not None:
-            if seal.ready is not None:
-                seal.ready.synchronize()
-            return seal.pages
+            return self._pending_pages(seal)
         entry = self.entry(cluster_id)
         path = self.stream_dir(_stream_of(cluster_id)) / entry.file
         return decode_pages(path.read_bytes(), expect_checksum=entry.checksum, name=str(path))[0]
+
+    def _pending_pages(self, seal: Seal) -> torch.Tensor:
+        """A pending snapshot's pages once filled; a copy when they live in the staging arena, which reuses them
+        once the cluster is durable."""
+        if seal.ready is not None:
+            seal.ready.synchronize()
+        if self.staging is not None and self.staging.owns(seal.pages):
+            return seal.pages.clone()
+        return seal.pages
 
     def read_keyframes(self, stream_id: str, entry: ClusterEntry) -> list[bytes]:
         """The JPEG bytes of a durable cluster's keyframes, in ``entry.keyframes`` order (a read of that one
@@ -352,7 +371,9 @@ class DurableStore:
             stats = DurableStats(**asdict(self.stats))
             if self._pending:
                 stats.oldest_pending_s = time.monotonic() - min(s.submitted_s for s in self._pending.values())
-            return stats
+        if self.staging is not None:
+            stats.staging_wait_s = self.staging.wait_s
+        return stats
 
     # -- writer thread ------------------------------------------------------------------------------------
     def _enqueue(self, op) -> None:
@@ -451,6 +472,8 @@ class DurableStore:
         if self._pending.pop(seal.entry.cluster_id, None) is not None:
             self.stats.pending_clusters -= 1
             self.stats.pending_bytes -= seal.num_bytes
+            if self.staging is not None and self.staging.owns(seal.pages):
+                self.staging.give_back(seal.pages)
 
     def _write_states(self) -> None:
         with self._cv:

@@ -25,6 +25,7 @@ from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier, TierBudgets
 from mosaic_core.config import EngineConfig, RetrievalMode
+from mosaic_core.durable.staging import StagingArena
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.engine import ingest, questions
 from mosaic_core.engine.decode_graphs import DecodeGraphs
@@ -85,6 +86,10 @@ class Engine:
                 self.config.data_dir,
                 writers=self.config.durable_writers,
                 max_pending_bytes=self.config.durable_pending_bytes,
+                # pinned here, once: pinning a block for each snapshot held the engine thread mid-pass
+                staging=StagingArena(self.config.durable_pending_bytes, pin=True)
+                if model.device.type == "cuda"
+                else None,
             )
             # Sealed clusters are on disk anyway: the disk tier is on, bounded by retention unless a budget is set.
             disk_bytes = disk_bytes or UNLIMITED_BYTES

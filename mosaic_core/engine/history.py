@@ -14,6 +14,7 @@ never reuses an id, even one of a cluster that was open when the process died.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ class HistoryKeeper:
         self.tiering = tiering
         self.keyframes = keyframes
         self._reserved: dict[str, int] = {}  # stream -> cluster numbers below this are recorded as possibly used
+        self.snapshot_s = 0.0  # the engine thread's time queuing snapshots (waits for staging room included)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def create(self, state: StreamState, *, system_prompt: str | None, meta: dict) -> None:
@@ -102,10 +104,17 @@ class HistoryKeeper:
         )
 
     def _seal(self, state: StreamState, record: ClusterRecord) -> Seal:
+        started = time.perf_counter()
+        try:
+            return self._snapshot(state, record)
+        finally:
+            self.snapshot_s += time.perf_counter() - started
+
+    def _snapshot(self, state: StreamState, record: ClusterRecord) -> Seal:
         tiers = self.tiering.tiers
         page_tokens = record.frame_num_tokens[0]
         assert all(n == page_tokens for n in record.frame_num_tokens), f"{record.cluster_id}: unequal frame sizes"
-        pages, ready = tiers.snapshot_pages(record.cluster_id, page_tokens)
+        pages, ready = tiers.snapshot_pages(record.cluster_id, page_tokens, self.store.staging)
         stats, count = self.tiering.summaries.stats_copy(record.cluster_id)
         if stats.is_cuda:  # queued on the side stream after the pages' copy, so its event covers both
             stats, moved = tiers.transfers.to_host(stats, pin=True)

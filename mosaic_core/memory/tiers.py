@@ -36,6 +36,7 @@ from mosaic_core.bookkeeping.pages import ClusterPages, pages_for
 from mosaic_core.bookkeeping.residency import ClusterResidency, ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.durable.records import to_pages
+from mosaic_core.durable.staging import StagingArena
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.errors import CapacityError, UnknownClusterError
 from mosaic_core.memory.arena import PagePools
@@ -259,14 +260,18 @@ class KVTiers:
         assert self.tier_of(cluster_id) is Tier.DISK, f"{cluster_id} is adopted into the disk tier"
         self._fresh(cluster_id)
 
-    def snapshot_pages(self, cluster_id: str, page_tokens: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def snapshot_pages(
+        self, cluster_id: str, page_tokens: int, staging: StagingArena | None = None
+    ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """A host copy of a (sealed, no longer growing) cluster as record pages ``[P, L, 2, H, page_tokens, D]``
         that later moves cannot touch, and the event after which it is filled (None when it is filled already).
 
         When every page of the cluster is full and pages are ``page_tokens`` long, the pool pages are the record's
         pages and are gathered as they are; otherwise the cluster is read and cut into pages where it lives. From
         the device the copy goes into pinned memory on the side stream, so the caller does not wait: a pageable
-        copy would hold the engine thread until the device had run everything queued before it."""
+        copy would hold the engine thread until the device had run everything queued before it. That memory comes
+        from ``staging`` when given (pinned once, up front; this may wait for room in it), else from the caching
+        host allocator."""
         tier = self.tier_of(cluster_id)
         record = self.pages(cluster_id)
         if tier is not Tier.DISK and page_tokens == self.page_tokens and all(f == page_tokens for f in record.fills):
@@ -275,7 +280,9 @@ class KVTiers:
         else:
             pages = to_pages(self.read(cluster_id), page_tokens)
         if pages.is_cuda:
-            host, moved = self.transfers.to_host(pages, pin=True)
+            num_bytes = pages.numel() * pages.element_size()
+            out = staging.take(pages.shape, pages.dtype) if staging is not None and staging.fits(num_bytes) else None
+            host, moved = self.transfers.to_host(pages, pin=True, out=out)
             return host, moved.ready
         return pages, None
 

@@ -1,0 +1,107 @@
+"""The staging arena hands out pieces of one buffer, merges what comes back, waits for room, and the durable store
+gives a snapshot's piece back once the cluster is durable (never while a read could still use it)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from mosaic_core.durable.staging import ALIGN_BYTES, StagingArena
+from mosaic_core.durable.store import DurableStore
+from tests.unit.test_durable_writers import WAIT_S, Gate, _seal
+
+
+def test_pieces_do_not_overlap_and_freed_neighbours_merge_into_one_run():
+    arena = StagingArena(4 * ALIGN_BYTES, pin=False)
+    pieces = [arena.take((ALIGN_BYTES // 2,), torch.bfloat16) for _ in range(4)]  # one aligned block each
+    for i, piece in enumerate(pieces):
+        piece.fill_(i)
+    assert [int(p[0]) for p in pieces] == [0, 1, 2, 3]
+    assert arena.taken_bytes == 4 * ALIGN_BYTES
+    arena.give_back(pieces[1])
+    arena.give_back(pieces[2])  # merges with the run of pieces[1]
+    both = arena.take((2 * ALIGN_BYTES,), torch.uint8)  # only one run of two blocks can hold it
+    assert both.data_ptr() == pieces[1].data_ptr()
+    for piece in (pieces[0], pieces[3], both):
+        arena.give_back(piece)
+    assert arena.taken_bytes == 0
+    assert arena.take((4 * ALIGN_BYTES,), torch.uint8).numel() == 4 * ALIGN_BYTES  # the whole arena again
+
+
+def test_a_piece_keeps_its_shape_and_dtype_and_a_foreign_tensor_is_refused():
+    arena = StagingArena(8 * ALIGN_BYTES, pin=False)
+    piece = arena.take((2, 3, 5), torch.float32)
+    assert piece.shape == (2, 3, 5) and piece.dtype == torch.float32 and arena.owns(piece)
+    stranger = torch.zeros(4)
+    assert not arena.owns(stranger)
+    with pytest.raises(ValueError, match="no piece"):
+        arena.give_back(piece[1])  # a view that does not start where the piece starts
+    assert not arena.fits(9 * ALIGN_BYTES)
+    with pytest.raises(ValueError, match="cannot fit"):
+        arena.take((9 * ALIGN_BYTES,), torch.uint8)
+
+
+def test_take_waits_until_another_thread_gives_enough_back():
+    arena = StagingArena(2 * ALIGN_BYTES, pin=False)
+    first = arena.take((ALIGN_BYTES,), torch.uint8)
+    second = arena.take((ALIGN_BYTES,), torch.uint8)
+    got: list[torch.Tensor] = []
+    taker = threading.Thread(target=lambda: got.append(arena.take((ALIGN_BYTES,), torch.uint8)))
+    taker.start()
+    taker.join(0.3)
+    assert taker.is_alive() and not got  # no room: it waits
+    arena.give_back(second)
+    taker.join(WAIT_S)
+    assert got and got[0].data_ptr() == second.data_ptr()
+    assert arena.wait_s > 0.2
+    arena.give_back(first)
+
+
+def _staged_seal(arena: StagingArena, stream_id: str, number: int, ready=None):
+    seal = _seal(stream_id, number, ready)
+    staged = arena.take(seal.pages.shape, seal.pages.dtype)
+    staged.copy_(seal.pages)
+    seal.pages = staged
+    return seal
+
+
+def test_the_store_gives_a_snapshot_back_once_durable_and_reads_of_a_pending_one_get_a_copy(tmp_path):
+    arena = StagingArena(64 * ALIGN_BYTES, pin=False)
+    store = DurableStore(tmp_path, staging=arena)
+    held = Gate()
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        seal = _staged_seal(arena, "cam", 1, held)
+        store.submit("cam", add=[seal])
+        assert held.reached.wait(WAIT_S)
+        held.open()
+        read = store.read_pages("cam/c000001")  # pending or, if the writer was quick, from its file
+        assert not arena.owns(read) and torch.equal(read, torch.full_like(read, 1.0))
+        assert store.flush(WAIT_S)
+        assert arena.taken_bytes == 0
+        assert torch.equal(store.read_pages("cam/c000001"), read)  # from the file now
+    finally:
+        held.open()
+        store.close()
+
+
+def test_deleting_a_stream_gives_back_its_pending_snapshots_after_their_writes_stop(tmp_path):
+    arena = StagingArena(64 * ALIGN_BYTES, pin=False)
+    store = DurableStore(tmp_path, staging=arena, writers=1)
+    held = Gate()
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        store.submit("cam", add=[_staged_seal(arena, "cam", 1, held), _staged_seal(arena, "cam", 2)])
+        assert held.reached.wait(WAIT_S)
+        deleting = threading.Thread(target=store.delete_stream, args=("cam",))
+        deleting.start()
+        deleting.join(0.3)
+        assert deleting.is_alive() and arena.taken_bytes > 0  # the write under way still reads its snapshot
+        held.open()
+        deleting.join(WAIT_S)
+        assert not deleting.is_alive() and arena.taken_bytes == 0
+    finally:
+        held.open()
+        store.close()
