@@ -105,9 +105,12 @@ class ServiceConfig(BaseModel):
     # (0: no pause inside the tower; needs ingest_pause_layers > 0). Off by default: with 8, the service fell behind
     # at 128 cameras on the H200 (session 14), though not side by side with 0, and from the second pause inside the
     # tower on, the host waits for the previous call's language model before it queues the rest of the tower.
+    # ingest_pause_placed > 0 pauses after every this many frames placed into clusters once a pass's language model is
+    # queued (0: none; the host placed 128 frames in about 350 ms on the H200, session 14).
     ingest_pause_layers: int = Field(4, ge=0)
     ingest_pause_frames: int = Field(0, ge=0)
     ingest_pause_blocks: int = Field(0, ge=0)
+    ingest_pause_placed: int = Field(0, ge=0)
     # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
     source_max_failures: int = Field(10, ge=1)
     source_max_refused_frames: int = Field(100, ge=1)

@@ -9,7 +9,8 @@ The engine is not thread-safe, so every engine call runs here. One iteration:
 
 **A new question does not wait for the ingest call under way.** An ingest call pauses after the vision tower (or
 each chunk of ``ingest_pause_frames`` frames through it), inside it before every ``ingest_pause_blocks``-th block,
-and before every ``ingest_pause_layers``-th layer of each forward pass (``mosaic_core.engine.ingest_pauses``); at a
+before every ``ingest_pause_layers``-th layer of each forward pass, and after every ``ingest_pause_placed`` frames
+placed into clusters (``mosaic_core.engine.ingest_pauses``); at a
 pause the loop starts the questions that arrived and runs each one's prefill, so its first token waits for one
 chunk of ingest work, not for the rest of the call. Nothing else runs at a pause: commands, later tokens and the end
 of an answer wait for the call to end, so an answer's second token comes after the call (bench/NOTES.md, session
@@ -73,6 +74,7 @@ DEFAULT_ANSWER_SLICE_S = 0.25
 DEFAULT_INGEST_PAUSE_LAYERS = 4
 DEFAULT_INGEST_PAUSE_FRAMES = 0
 DEFAULT_INGEST_PAUSE_BLOCKS = 0
+DEFAULT_INGEST_PAUSE_PLACED = 0
 DEFAULT_MAX_BACKGROUND_JOBS = 64
 DONE = object()  # ends a question's event queue
 
@@ -125,6 +127,8 @@ class EngineLoop:
             at once.
         ingest_pause_blocks: vision-tower blocks between two such chances inside the tower (a block runs over all
             of a call's frames at once); 0 pauses only after it.
+        ingest_pause_placed: frames placed into clusters between two such chances after a pass's language model;
+            0 places all of them at once.
     """
 
     def __init__(
@@ -145,16 +149,15 @@ class EngineLoop:
         ingest_pause_layers: int = DEFAULT_INGEST_PAUSE_LAYERS,
         ingest_pause_frames: int = DEFAULT_INGEST_PAUSE_FRAMES,
         ingest_pause_blocks: int = DEFAULT_INGEST_PAUSE_BLOCKS,
+        ingest_pause_placed: int = DEFAULT_INGEST_PAUSE_PLACED,
     ) -> None:
-        if (
-            min(max_questions_per_stream, frames_per_stream_pass) < 1
-            or min(answer_slice_s, ingest_pause_layers, ingest_pause_frames, ingest_pause_blocks) < 0
-        ):
+        pause_settings = (ingest_pause_layers, ingest_pause_frames, ingest_pause_blocks, ingest_pause_placed)
+        if min(max_questions_per_stream, frames_per_stream_pass) < 1 or min(answer_slice_s, *pause_settings) < 0:
             raise ValueError(
                 f"max_questions_per_stream={max_questions_per_stream} and frames_per_stream_pass="
                 f"{frames_per_stream_pass} must be >= 1, answer_slice_s={answer_slice_s}, ingest_pause_layers="
-                f"{ingest_pause_layers}, ingest_pause_frames={ingest_pause_frames} and ingest_pause_blocks="
-                f"{ingest_pause_blocks} >= 0"
+                f"{ingest_pause_layers}, ingest_pause_frames={ingest_pause_frames}, ingest_pause_blocks="
+                f"{ingest_pause_blocks} and ingest_pause_placed={ingest_pause_placed} >= 0"
             )
         self.engine = engine
         self.queues = queues
@@ -172,6 +175,7 @@ class EngineLoop:
         self.ingest_pause_layers = ingest_pause_layers
         self.ingest_pause_frames = ingest_pause_frames
         self.ingest_pause_blocks = ingest_pause_blocks
+        self.ingest_pause_placed = ingest_pause_placed
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls
         self._background: deque[QuestionJob] = deque()
         self.stats = None  # latest EngineStats, refreshed every STATS_REFRESH_S
@@ -346,6 +350,7 @@ class EngineLoop:
                 every_layers=self.ingest_pause_layers,
                 vision_frames=self.ingest_pause_frames or None,
                 vision_blocks=self.ingest_pause_blocks or None,
+                placed_frames=self.ingest_pause_placed or None,
             )
         try:
             self.engine.ingest([FrameInput(f.stream_id, f.timestamp_s, f.rgb) for f in batch], pauses=pauses)

@@ -239,6 +239,8 @@ def _ingest_pass(
             pages, fills = frame_pages[row][n], frame_fills[row][n]
             opened += _place_frame(parts, state, frame, pages, fills, summary, shaping[row][n], coherence, small_of)
             attended.append(plan.attended_tokens[row] - (row_tokens[row] - end))
+        if pauses is not None:
+            pauses.after_placed(len(frames), last_of_pass=row == len(rows) - 1, device=parts.model.device)
     times.issue_s += issued - start
     times.wait_s += waited - issued
     times.place_s += time.perf_counter() - waited

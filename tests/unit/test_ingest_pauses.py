@@ -90,7 +90,41 @@ def test_a_question_started_at_a_pause_answers_as_before_the_pass_and_leaves_the
     assert_same_hiddens(hiddens, later_hiddens)
 
 
-@pytest.mark.parametrize("field", ["every_layers", "vision_frames", "vision_blocks"])
+@pytest.mark.parametrize(("placed_frames", "place_pauses"), [(1, 4), (2, 0), (None, 0)])
+def test_pauses_while_placing_come_after_every_few_frames_but_never_after_a_pass_s_last(
+    tiny_model, bikes_frames, placed_frames, place_pauses
+):
+    engine = _opened(tiny_model, bikes_frames)
+    pauses = IngestPauses(lambda: None, every_layers=2, placed_frames=placed_frames)
+    engine.ingest(_batch(bikes_frames), pauses=pauses)  # 4 passes of 2 rows, a frame each
+    assert pauses.num_pauses == 1 + 4 * -(-tiny_model.kv_spec.num_layers // 2) + place_pauses
+
+
+def test_a_question_started_while_placing_sees_the_streams_placed_so_far(tiny_model, bikes_frames):
+    reference = _opened(tiny_model, bikes_frames)
+    feed(reference, "cam-a", bikes_frames[16:17])  # cam-a's frame of the first pass, placed before cam-b's
+    expected = reference.answer("cam-a", QUESTION, max_new_tokens=6).token_ids
+    feed(reference, "cam-a", bikes_frames[17:20], batch=3)
+    feed(reference, "cam-b", bikes_frames[17:21], batch=4)
+    later = reference.answer("cam-b", LATER_QUESTION, max_new_tokens=4).token_ids
+
+    engine = _opened(tiny_model, bikes_frames)
+    started = []
+
+    def serve():
+        if not started and engine.stream_stats("cam-a").frames_ingested == 17:
+            answer = engine.ask("cam-a", QUESTION, max_new_tokens=6)
+            started.append((answer, next(answer).token_id, engine.stream_stats("cam-b").frames_ingested))
+
+    pauses = IngestPauses(serve, every_layers=100, placed_frames=1)
+    engine.ingest(_batch(bikes_frames), pauses=pauses)
+    [(answer, first, cam_b_frames)] = started
+    assert cam_b_frames == 16  # its frame of that pass was not placed yet
+    assert [first] + [event.token_id for event in answer if hasattr(event, "token_id")] == expected
+    assert engine.answer("cam-b", LATER_QUESTION, max_new_tokens=4).token_ids == later
+
+
+@pytest.mark.parametrize("field", ["every_layers", "vision_frames", "vision_blocks", "placed_frames"])
 def test_pauses_need_positive_spacing(field):
     with pytest.raises(ValueError, match=field):
         IngestPauses(lambda: None, **{field: 0})
