@@ -250,6 +250,7 @@ def service_overrides(args, clip: str) -> dict:
         "ingest_pause_layers": args.ingest_pause_layers,
         "ingest_pause_blocks": args.ingest_pause_blocks,
         "ingest_pause_placed": args.ingest_pause_placed,
+        "questions_alongside_ingest": not args.questions_behind_ingest,
         "ray_log_to_driver": args.serve_log_level == "DEBUG",
     }
     if args.quick:
@@ -385,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ingest-pause-placed", type=int, default=ServiceConfig.model_fields["ingest_pause_placed"].default,
         help="frames placed into clusters between such chances after a pass's language model (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--questions-behind-ingest", action="store_true",
+        help="questions_alongside_ingest off: the host waits at each pause, questions queue behind ingest work",
     )  # fmt: skip
     # The one run that served on the lent GPU VM used 0.0.0.0 (Ray on the VM's own address); Ray bound to loopback
     # has not run there since the float CPU count that stopped every raylet was fixed.

@@ -111,6 +111,10 @@ class ServiceConfig(BaseModel):
     ingest_pause_frames: int = Field(0, ge=0)
     ingest_pause_blocks: int = Field(0, ge=0)
     ingest_pause_placed: int = Field(0, ge=0)
+    # On a GPU, questions started at those pauses run on a high-priority CUDA stream beside the ingest work already
+    # queued, and the host does not wait for the device at pauses (mosaic_core.engine.ingest_pauses); false: the
+    # host waits at each pause until the device is one chunk behind, and the questions run behind that chunk.
+    questions_alongside_ingest: bool = True
     # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
     source_max_failures: int = Field(10, ge=1)
     source_max_refused_frames: int = Field(100, ge=1)

@@ -10,7 +10,8 @@ The engine is not thread-safe, so every engine call runs here. One iteration:
 **A new question does not wait for the ingest call under way.** An ingest call pauses after the vision tower (or
 each chunk of ``ingest_pause_frames`` frames through it), inside it before every ``ingest_pause_blocks``-th block,
 before every ``ingest_pause_layers``-th layer of each forward pass, and after every ``ingest_pause_placed`` frames
-placed into clusters (``mosaic_core.engine.ingest_pauses``); at a
+placed into clusters (``mosaic_core.engine.ingest_pauses``; with ``questions_alongside_ingest``, on CUDA, the host
+does not wait at a pause, and the questions run on a high-priority stream beside the ingest work queued); at a
 pause the loop starts the questions that arrived and runs each one's prefill, so its first token waits for one
 chunk of ingest work, not for the rest of the call. Nothing else runs at a pause: commands, later tokens and the end
 of an answer wait for the call to end, so an answer's second token comes after the call (bench/NOTES.md, session
@@ -75,6 +76,7 @@ DEFAULT_INGEST_PAUSE_LAYERS = 4
 DEFAULT_INGEST_PAUSE_FRAMES = 0
 DEFAULT_INGEST_PAUSE_BLOCKS = 0
 DEFAULT_INGEST_PAUSE_PLACED = 0
+DEFAULT_QUESTIONS_ALONGSIDE_INGEST = True
 DEFAULT_MAX_BACKGROUND_JOBS = 64
 DONE = object()  # ends a question's event queue
 
@@ -129,6 +131,9 @@ class EngineLoop:
             of a call's frames at once); 0 pauses only after it.
         ingest_pause_placed: frames placed into clusters between two such chances after a pass's language model;
             0 places all of them at once.
+        questions_alongside_ingest: on CUDA, questions started at a pause run on a high-priority stream beside the
+            ingest work already queued, and the host does not wait at pauses; else the host waits at each pause
+            until the device is one chunk behind, and the questions run behind that chunk.
     """
 
     def __init__(
@@ -150,6 +155,7 @@ class EngineLoop:
         ingest_pause_frames: int = DEFAULT_INGEST_PAUSE_FRAMES,
         ingest_pause_blocks: int = DEFAULT_INGEST_PAUSE_BLOCKS,
         ingest_pause_placed: int = DEFAULT_INGEST_PAUSE_PLACED,
+        questions_alongside_ingest: bool = DEFAULT_QUESTIONS_ALONGSIDE_INGEST,
     ) -> None:
         pause_settings = (ingest_pause_layers, ingest_pause_frames, ingest_pause_blocks, ingest_pause_placed)
         if min(max_questions_per_stream, frames_per_stream_pass) < 1 or min(answer_slice_s, *pause_settings) < 0:
@@ -176,6 +182,7 @@ class EngineLoop:
         self.ingest_pause_frames = ingest_pause_frames
         self.ingest_pause_blocks = ingest_pause_blocks
         self.ingest_pause_placed = ingest_pause_placed
+        self.questions_alongside_ingest = questions_alongside_ingest
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls
         self._background: deque[QuestionJob] = deque()
         self.stats = None  # latest EngineStats, refreshed every STATS_REFRESH_S
@@ -351,6 +358,7 @@ class EngineLoop:
                 vision_frames=self.ingest_pause_frames or None,
                 vision_blocks=self.ingest_pause_blocks or None,
                 placed_frames=self.ingest_pause_placed or None,
+                alongside=self.questions_alongside_ingest,
             )
         try:
             self.engine.ingest([FrameInput(f.stream_id, f.timestamp_s, f.rgb) for f in batch], pauses=pauses)

@@ -125,9 +125,7 @@ class Counter(TorchDispatchMode):
 
         def to(fn):
             def wrapper(tensor, *args, **kwargs):
-                has_device = kwargs.get("device") is not None or any(
-                    isinstance(a, (str, torch.device)) for a in args
-                )
+                has_device = kwargs.get("device") is not None or any(isinstance(a, (str, torch.device)) for a in args)
                 blocking = has_device and not kwargs.get("non_blocking")
                 if not self.paused and blocking and built.get(id(tensor)) is tensor:
                     self.counts.blocking_h2d += 1
@@ -238,8 +236,18 @@ def _engine(model, mode: str, budget_tokens: int, device_budget_mib: float):
     return Engine(model, config)
 
 
-def measure_mode(model, frames, mode: str, *, dispatch: bool, questions: int, decode_tokens: int,
-                 warm_frames: int, budget_tokens: int, device_budget_mib: float = 8.0) -> dict:
+def measure_mode(
+    model,
+    frames,
+    mode: str,
+    *,
+    dispatch: bool,
+    questions: int,
+    decode_tokens: int,
+    warm_frames: int,
+    budget_tokens: int,
+    device_budget_mib: float = 8.0,
+) -> dict:
     """Per-pass, per-prefill and per-decode-step counts of one stream's ingest and questions; ``dispatch`` False
     times the same run without counting ops (their counts then read 0)."""
     from mosaic_core.engine.results import FrameInput, TokenEvent

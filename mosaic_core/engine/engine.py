@@ -145,6 +145,8 @@ class Engine:
                 anchor=self.config.anchor_graphs,
             ),
             frame_staging=FrameStaging(model.device),
+            # the highest priority there is: a stream's priority is clamped into the device's range
+            question_stream=torch.cuda.Stream(model.device, priority=-100) if model.device.type == "cuda" else None,
         )
         working_set = self.config.retrieval_budget_tokens * self.spec.bytes_per_token
         window = self.config.local_window_tokens * self.spec.bytes_per_token

@@ -58,6 +58,8 @@ def ingest(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPause
     if not frames:
         raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
     by_stream = _validate(parts, frames)
+    if pauses is not None:
+        pauses.begin_call(parts.question_stream, parts.tiering.tiers.transfers.side)
     start = time.perf_counter()
     features = _encode(parts, by_stream, pauses)
     encode_s = time.perf_counter() - start
@@ -167,6 +169,8 @@ def _ingest_pass(
     Attention is causal from the bottom right, so a left pad leaves every real token's view as it was; the pad
     tokens' KV is never written (``IngestPlan``), so no real token sees them.
     """
+    if pauses is not None:
+        pauses.begin_pass()
     start = time.perf_counter()
     states = [parts.streams[sid] for sid, _, _ in rows]
     row_tokens = [_row_tokens(row, features) for row in rows]

@@ -13,13 +13,23 @@ call stops at fixed points and calls ``serve``:
   queued (the host's longest stretch without a pause: 350 ms of 650 at 128 cameras on the H200, session 14), but
   not after its last ones: the next pass's first layer, or the call's end, comes soon after them.
 
-On CUDA, at each pause the host first waits until the device has finished the work queued before the previous
-pause. So the host stays at most one chunk of work ahead of the device, and a question started at a pause waits for
-that one chunk, not for the rest of the call. One chunk stays queued while the host waits, so the device idles only
-where the host needs longer to queue a chunk than the device to run the one before: the vision tower is such work
-(launch-bound), which is why it is not cut into chunks unless asked. On the H200 at 64 cameras, 32-frame tower
-chunks with pauses every 4 layers left the service behind real time where no pauses kept it (bench/NOTES.md,
-session 12).
+On CUDA, what happens at a pause depends on ``alongside``:
+
+- **Off (the host waits).** The host first waits until the device has finished the work queued before the previous
+  pause, so it stays at most one chunk of work ahead of the device, and a question started at a pause waits for
+  that one chunk, not for the rest of the call. One chunk stays queued while the host waits, so the device idles
+  where the host needs longer to queue a chunk than the device to run the one before. It also keeps the host from
+  running ahead through the language model and placing the pass's frames while the device runs it: in the service
+  on the H200 at 128 cameras an ingested frame cost 6.7 ms of the engine thread, against 5.0 ms for the engine
+  alone, which never pauses (bench/NOTES.md, session 15).
+- **On (questions alongside).** The host never waits at a pause. ``serve`` runs on the engine's question stream, a
+  high-priority CUDA stream, which first waits for the ingest work its questions read, and for the moves queued so
+  far on the side stream. That work is what was queued before the pass under way began (before the call's tower,
+  for the first pass: the tower, the uploads and the pass's own pages hold nothing a question reads), or, at a
+  pause while placing (where a stream may hold its frames of this pass), everything queued before the pause. So a
+  question's prefill runs beside the chunks already queued, ahead of them on the device, instead of behind them.
+  After ``serve`` the compute stream waits for the question stream, so the ingest work queued next comes after the
+  questions' work.
 
 What ``serve`` sees and may do: every stream holds the frames of the passes already done in this call, and of the
 pass under way only once they are placed (at a pause while placing, the streams placed so far hold theirs, each
@@ -45,9 +55,15 @@ class IngestPauses:
     vision_frames: int | None = None
     vision_blocks: int | None = None
     placed_frames: int | None = None
+    alongside: bool = False
     num_pauses: int = 0
     _placed_since_pause: int = 0
     _previous: torch.cuda.Event | None = field(default=None, repr=False)
+    _question_stream: torch.cuda.Stream | None = field(default=None, repr=False)
+    _side: torch.cuda.Stream | None = field(default=None, repr=False)
+    _pass_start: torch.cuda.Event | None = field(default=None, repr=False)
+    _placing: bool = False
+    _passes_begun: int = 0
 
     def __post_init__(self) -> None:
         optional = {
@@ -61,6 +77,19 @@ class IngestPauses:
                 f"vision_blocks={self.vision_blocks} and placed_frames={self.placed_frames} None or >= 1"
             )
 
+    def begin_call(self, question_stream: torch.cuda.Stream | None, side: torch.cuda.Stream | None) -> None:
+        """The ingest call starts (before its tower): the streams questions run on and follow, when ``alongside``."""
+        if self.alongside and question_stream is not None:
+            self._question_stream, self._side = question_stream, side
+            self._pass_start = _recorded()
+
+    def begin_pass(self) -> None:
+        """A forward pass is about to be queued: what the questions of its pauses wait for, until it places frames."""
+        if self._question_stream is not None and self._passes_begun > 0:  # the first waits from the call's start
+            self._pass_start = _recorded()
+        self._passes_begun += 1
+        self._placing = False
+
     def before_layer(self, layer_idx: int, device: torch.device) -> None:
         if layer_idx % self.every_layers == 0:
             self.pause(device)
@@ -71,6 +100,7 @@ class IngestPauses:
 
     def after_placed(self, num_frames: int, *, last_of_pass: bool, device: torch.device) -> None:
         """Counts a pass's frames just placed; pauses once ``placed_frames`` have been since the last pause."""
+        self._placing = True
         if self.placed_frames is None:
             return
         self._placed_since_pause = 0 if last_of_pass else self._placed_since_pause + num_frames
@@ -79,11 +109,30 @@ class IngestPauses:
             self.pause(device)
 
     def pause(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            reached = torch.cuda.Event()
-            reached.record()
+        self.num_pauses += 1
+        if device.type != "cuda":
+            self.serve()
+        elif self._question_stream is None:
+            reached = _recorded()
             if self._previous is not None:
                 self._previous.synchronize()
             self._previous = reached
-        self.num_pauses += 1
-        self.serve()
+            self.serve()
+        else:
+            self._serve_alongside(device)
+
+    def _serve_alongside(self, device: torch.device) -> None:
+        compute, questions = torch.cuda.current_stream(device), self._question_stream
+        questions.wait_event(_recorded() if self._placing else self._pass_start)
+        if self._side is not None:
+            questions.wait_stream(self._side)
+        with torch.cuda.stream(questions):
+            self.serve()
+        compute.wait_stream(questions)
+
+
+def _recorded() -> torch.cuda.Event:
+    """An event recorded on the current stream."""
+    event = torch.cuda.Event()
+    event.record()
+    return event

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from mosaic_core.bookkeeping.maintenance import CoRetrievalTracker
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.tiers import Tier
@@ -41,6 +43,7 @@ class EngineParts:
     decode_graphs: DecodeGraphs
     prefill_graphs: PrefillGraphs
     frame_staging: FrameStaging  # ingest's frames reach the device through it
+    question_stream: torch.cuda.Stream | None  # high priority, for questions started inside an ingest call (CUDA)
 
     def stream(self, stream_id: str) -> StreamState:
         state = self.streams.get(stream_id)

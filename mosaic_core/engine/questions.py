@@ -291,5 +291,7 @@ def _recorded_event(device: torch.device) -> torch.cuda.Event | None:
 
 
 def _sync(device: torch.device) -> None:
+    """Waits for the question's work: its stream's (which waits for the moves it reads), not the whole device's,
+    where ingest work may be queued alongside (``ingest_pauses``)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()

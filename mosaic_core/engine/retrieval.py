@@ -343,6 +343,7 @@ class Retriever:
     def _now(self, device: torch.device) -> float:
         if not self.profile:
             return 0.0
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if device.type == "cuda":  # not the whole device: ingest work may be queued alongside (``ingest_pauses``)
+            torch.cuda.current_stream(device).synchronize()
+            self.tiering.tiers.transfers.side.synchronize()  # the fetches
         return time.perf_counter()

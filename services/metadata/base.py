@@ -33,8 +33,7 @@ def validate_id(kind: str, value: object) -> str:
     """Returns ``value`` if it is a valid id, else raises ``InvalidArgumentError`` naming ``kind``."""
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise InvalidArgumentError(
-            f"{kind} {value!r} is invalid: use 1-128 letters, digits or '_.-/' "
-            "starting with a letter or digit"
+            f"{kind} {value!r} is invalid: use 1-128 letters, digits or '_.-/' starting with a letter or digit"
         )
     return value
 
@@ -130,18 +129,14 @@ class ClusterMeta:
         _finite("start_s", self.start_s)
         _finite("end_s", self.end_s)
         if self.end_s < self.start_s:
-            raise InvalidArgumentError(
-                f"cluster {self.cluster_id!r}: end_s={self.end_s} < start_s={self.start_s}"
-            )
+            raise InvalidArgumentError(f"cluster {self.cluster_id!r}: end_s={self.end_s} < start_s={self.start_s}")
         if not 0 <= self.first_frame <= self.last_frame:
             raise InvalidArgumentError(
-                f"cluster {self.cluster_id!r}: need 0 <= first_frame={self.first_frame} <= "
-                f"last_frame={self.last_frame}"
+                f"cluster {self.cluster_id!r}: need 0 <= first_frame={self.first_frame} <= last_frame={self.last_frame}"
             )
         if self.num_tokens < 0 or self.num_bytes < 0:
             raise InvalidArgumentError(
-                f"cluster {self.cluster_id!r}: num_tokens={self.num_tokens} and num_bytes={self.num_bytes} "
-                "must be >= 0"
+                f"cluster {self.cluster_id!r}: num_tokens={self.num_tokens} and num_bytes={self.num_bytes} must be >= 0"
             )
         if not self.location:
             raise InvalidArgumentError(f"cluster {self.cluster_id!r}: location must be non-empty")
@@ -224,9 +219,7 @@ class MetadataStore(abc.ABC):
         """Returns the clusters overlapping the closed interval ``[start_s, end_s]``, ordered by start."""
 
     @abc.abstractmethod
-    def move_cluster(
-        self, stream_id: str, cluster_id: str, *, from_tier: str, to_tier: str, location: str
-    ) -> bool:
+    def move_cluster(self, stream_id: str, cluster_id: str, *, from_tier: str, to_tier: str, location: str) -> bool:
         """Atomically sets tier and location, only if the cluster's tier is currently ``from_tier``.
 
         Returns:

@@ -142,9 +142,7 @@ class InMemoryMetadataStore(MetadataStore):
             found = (state.clusters[c] for _, c in state.tindex[lo:hi])
             return [_copy_cluster(m) for m in found if m.end_s >= start_s]
 
-    def move_cluster(
-        self, stream_id: str, cluster_id: str, *, from_tier: str, to_tier: str, location: str
-    ) -> bool:
+    def move_cluster(self, stream_id: str, cluster_id: str, *, from_tier: str, to_tier: str, location: str) -> bool:
         self._check_move(from_tier, to_tier, location)
         now_s = self._clock()
         with self._lock:

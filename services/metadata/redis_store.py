@@ -187,9 +187,7 @@ class RedisMetadataStore(MetadataStore):
         cluster_ids = self._client.zrangebyscore(self._keys.tindex(stream_id), _score(lo), _score(end_s))
         return [m for m in self._read_clusters(stream_id, cluster_ids) if m.end_s >= start_s]
 
-    def move_cluster(
-        self, stream_id: str, cluster_id: str, *, from_tier: str, to_tier: str, location: str
-    ) -> bool:
+    def move_cluster(self, stream_id: str, cluster_id: str, *, from_tier: str, to_tier: str, location: str) -> bool:
         self._check_move(from_tier, to_tier, location)
         moved = self._move_script(
             keys=[self._keys.cluster(stream_id, cluster_id)],
@@ -224,11 +222,7 @@ class RedisMetadataStore(MetadataStore):
             for key in cluster_keys:
                 reader.hget(key, "end_s")
             ends = reader.execute()
-            expired = [
-                c
-                for c, end in zip(candidates, ends, strict=True)
-                if end is not None and float(end) < cutoff_s
-            ]
+            expired = [c for c, end in zip(candidates, ends, strict=True) if end is not None and float(end) < cutoff_s]
             pipe.multi()
             if expired:
                 pipe.delete(*(self._keys.cluster(stream_id, c) for c in expired))
@@ -250,9 +244,7 @@ class RedisMetadataStore(MetadataStore):
                 except redis.WatchError:
                     continue  # another writer committed first; re-read and retry
 
-    def _queue_assign(
-        self, pipe: Pipeline, stream_id: str, old_worker: str | None, new_worker: str | None
-    ) -> None:
+    def _queue_assign(self, pipe: Pipeline, stream_id: str, old_worker: str | None, new_worker: str | None) -> None:
         if old_worker is not None and old_worker != new_worker:
             pipe.srem(self._keys.worker_streams(old_worker), stream_id)
         if new_worker is not None:

@@ -48,21 +48,25 @@ def test_pauses_come_after_the_vision_tower_or_its_chunks_inside_it_and_before_e
     assert pauses.num_pauses == vision_pauses + 4 * -(-num_layers // 2)
 
 
+@pytest.mark.parametrize("alongside", [False, True])  # the same on the CPU; two paths with MOSAIC_TEST_DEVICE=cuda
 @pytest.mark.parametrize(
-    ("vision_frames", "vision_blocks", "start_at"),
+    ("vision_frames", "vision_blocks", "start_at", "frames_seen"),
     [
-        (4, None, 3),  # the first pass's first layer pause: after the tower's two chunks, before its layers
-        (None, 1, 1),  # inside the tower, before its second block
+        (4, None, 3, 16),  # the first pass's first layer pause: after the tower's two chunks, before its layers
+        (None, 1, 1, 16),  # inside the tower, before its second block
+        (None, None, 6, 17),  # the second pass's first layer pause (tiny has 4 layers), after the first pass
     ],
 )
 def test_a_question_started_at_a_pause_answers_as_before_the_pass_and_leaves_the_ingest_as_it_was(
-    tiny_model, bikes_frames, monkeypatch, vision_frames, vision_blocks, start_at
+    tiny_model, bikes_frames, monkeypatch, vision_frames, vision_blocks, start_at, frames_seen, alongside
 ):
     hiddens = record_hiddens(tiny_model, monkeypatch)
     reference = _opened(tiny_model, bikes_frames)
+    if frames_seen > 16:
+        feed(reference, "cam-a", bikes_frames[16:frames_seen], batch=4)  # the passes done before the pause
     expected = reference.answer("cam-a", QUESTION, max_new_tokens=6).token_ids
     expected_hiddens = list(hiddens)
-    feed(reference, "cam-a", bikes_frames[16:20], batch=4)  # what the paused call ingests, in another order
+    feed(reference, "cam-a", bikes_frames[frames_seen:20], batch=4)  # what the paused call ingests, in another order
     feed(reference, "cam-b", bikes_frames[17:21], batch=4)
     hiddens.clear()
     later = reference.answer("cam-b", LATER_QUESTION, max_new_tokens=4).token_ids
@@ -76,11 +80,13 @@ def test_a_question_started_at_a_pause_answers_as_before_the_pass_and_leaves_the
             answer = engine.ask("cam-a", QUESTION, max_new_tokens=6)
             started.append((answer, next(answer).token_id, engine.stream_stats("cam-a").frames_ingested))
 
-    pauses = IngestPauses(serve, every_layers=1, vision_frames=vision_frames, vision_blocks=vision_blocks)
+    pauses = IngestPauses(
+        serve, every_layers=1, vision_frames=vision_frames, vision_blocks=vision_blocks, alongside=alongside
+    )
     hiddens.clear()
     engine.ingest(_batch(bikes_frames), pauses=pauses)
-    [(answer, first, frames_seen)] = started
-    assert frames_seen == 16  # the pass under way had not added its frame yet
+    [(answer, first, frames_at_pause)] = started
+    assert frames_at_pause == frames_seen  # the pass under way had not added its frame yet
     tokens = [first] + [event.token_id for event in answer if hasattr(event, "token_id")]
     assert tokens == expected
     assert_same_hiddens(hiddens, expected_hiddens)
@@ -100,7 +106,8 @@ def test_pauses_while_placing_come_after_every_few_frames_but_never_after_a_pass
     assert pauses.num_pauses == 1 + 4 * -(-tiny_model.kv_spec.num_layers // 2) + place_pauses
 
 
-def test_a_question_started_while_placing_sees_the_streams_placed_so_far(tiny_model, bikes_frames):
+@pytest.mark.parametrize("alongside", [False, True])
+def test_a_question_started_while_placing_sees_the_streams_placed_so_far(tiny_model, bikes_frames, alongside):
     reference = _opened(tiny_model, bikes_frames)
     feed(reference, "cam-a", bikes_frames[16:17])  # cam-a's frame of the first pass, placed before cam-b's
     expected = reference.answer("cam-a", QUESTION, max_new_tokens=6).token_ids
@@ -116,7 +123,7 @@ def test_a_question_started_while_placing_sees_the_streams_placed_so_far(tiny_mo
             answer = engine.ask("cam-a", QUESTION, max_new_tokens=6)
             started.append((answer, next(answer).token_id, engine.stream_stats("cam-b").frames_ingested))
 
-    pauses = IngestPauses(serve, every_layers=100, placed_frames=1)
+    pauses = IngestPauses(serve, every_layers=100, placed_frames=1, alongside=alongside)
     engine.ingest(_batch(bikes_frames), pauses=pauses)
     [(answer, first, cam_b_frames)] = started
     assert cam_b_frames == 16  # its frame of that pass was not placed yet
