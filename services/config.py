@@ -115,6 +115,10 @@ class ServiceConfig(BaseModel):
     # queued, and the host does not wait for the device at pauses (mosaic_core.engine.ingest_pauses); false: the
     # host waits at each pause until the device is one chunk behind, and the questions run behind that chunk.
     questions_alongside_ingest: bool = True
+    # The worker process's sys.setswitchinterval: how long another Python thread (a source decoding video, a push,
+    # Ray) may keep the GIL once the engine thread asks for it back. Python's default is 5 ms; the engine thread,
+    # which queues the GPU's work, needs the GIL nearly all the time.
+    python_switch_interval_s: float = Field(0.005, gt=0, le=0.1)
     # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
     source_max_failures: int = Field(10, ge=1)
     source_max_refused_frames: int = Field(100, ge=1)

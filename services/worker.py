@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -116,6 +117,7 @@ class WorkerCore:
     def __init__(self, worker_id: str, config: ServiceConfig, store: MetadataStore | None = None, engine=None) -> None:
         self.worker_id = worker_id
         self.config = config
+        sys.setswitchinterval(config.python_switch_interval_s)
         heap_probe.start(f"worker-{worker_id}")
         if store is None and not config.redis_url:
             raise ConfigError("a worker needs a metadata store: pass one, or set redis_url")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -45,3 +46,14 @@ def test_stream_infos_asks_the_engine_thread_once_for_every_stream(worker, bikes
     assert [i.frames_ingested for i in infos] == [4, 0, 0]
     single = worker.stream_info("a")
     assert (infos[0].num_clusters, infos[0].bytes_by_tier) == (single.num_clusters, single.bytes_by_tier)
+
+
+def test_the_worker_sets_its_process_s_switch_interval(tiny_model, tmp_path):
+    before = sys.getswitchinterval()
+    config = load_config(None, data_dir=str(tmp_path / "history"), python_switch_interval_s=0.0007)
+    worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    try:
+        assert sys.getswitchinterval() == pytest.approx(0.0007)
+    finally:
+        worker.shutdown()
+        sys.setswitchinterval(before)

@@ -24,7 +24,7 @@ def _durable_view(engine, stream_id):
 
 
 def _kv_crc(kv: torch.Tensor) -> int:
-    return zlib.crc32(kv.contiguous().view(torch.uint8).numpy().data)
+    return zlib.crc32(kv.cpu().contiguous().view(torch.uint8).numpy().data)
 
 
 def test_sealed_clusters_come_back_in_a_new_engine(tiny_model, bikes_frames, tmp_path):
