@@ -36,9 +36,9 @@ On CUDA, what happens at a pause depends on ``alongside``:
 
 What ``serve`` sees and may do: every stream holds the frames of the passes already done in this call, and of the
 pass under way only once they are placed (at a pause while placing, the streams placed so far hold theirs, each
-stream whole, the others not yet). It may start questions and run their
-prefill and decode steps, which read slot tables of their own. It must not ingest, open or close streams, or let
-an answer end, since an answer's end may merge or promote clusters while a pass is under way.
+stream whole, the others not yet). It may start questions and run their prefill and decode steps, which read slot
+tables of their own. It must not ingest, open or close streams, or let an answer end, since an answer's end may
+merge or promote clusters while a pass is under way.
 """
 
 from __future__ import annotations
