@@ -83,7 +83,8 @@ class EngineConfig:
             memory beyond the host tier). Cameras that start together seal clusters together, in bursts larger
             than the writers' pace: at 128 cameras on the H200, ingest ran at 143 frames/s with 1 GiB, waiting on
             it, and at 166 with 4 GiB, never waiting (bench/NOTES.md, session 14). On CUDA this much host memory
-            is pinned when the engine starts, and the snapshots are taken from it (``mosaic_core.durable.staging``).
+            is pinned when the engine starts (PyTorch's pinned allocator rounds it up to a power of two), and the
+            snapshots are taken from it (``mosaic_core.durable.staging``).
         eviction_policy: name of the policy that picks which clusters to spill ("lru" or "heat").
         prefetch_after_layer: in cluster mode, the layer whose choice of clusters every later layer reuses, so
             their gathers are queued at once and move while the layers before them compute; layers up to it
