@@ -24,6 +24,7 @@ not (a larger N would not be either), and the report names the largest real-time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services import gil_probe
 from services.bench_service_load import Load
 from services.bench_service_report import StepResult, describe, table, write
 from services.config import ServiceConfig
@@ -155,6 +157,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         engine_seen.append(engine_totals(text))
         return stream_samples(text, ids)
 
+    gil_before = gil_probe.read_latest(service.workdir, "worker-*")
     samples, t0 = [stats()], time.monotonic()
     cpu0 = (cpu_seconds(service.server.pid), cpu_seconds(service.worker_pid()))
     gpu = []
@@ -209,6 +212,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         decode_cpu_per_s=decode_cpu,
         engine_thread_share=loop_share,
         frames_per_ingest_call=frames_per_call,
+        worker_gil=gil_probe.wait_share(gil_before, gil_probe.read_latest(service.workdir, "worker-*")),
     )
 
 
@@ -330,7 +334,8 @@ def run_ramp(workdir: Path, args, on_step=None) -> dict:
         _status(f"starting redis-server and mosaic serve ({what})")
         started = time.monotonic()
         service.start_redis()
-        service.start_server(timeout_s=args.start_timeout_s)
+        with _gil_probed(workdir if args.gil_probe else None):  # the service's processes inherit the setting
+            service.start_server(timeout_s=args.start_timeout_s)
         start_s = time.monotonic() - started
         _status(f"serving after {start_s:.0f} s; GPU memory {gpu_memory_used_mib()} MiB")
         load = Load(service, jpegs, args.fps, args.questions_per_s, args.max_new_tokens, args.push_clients,
@@ -355,6 +360,23 @@ def run_ramp(workdir: Path, args, on_step=None) -> dict:
             load.stop()
         service.stop()
     return report()
+
+
+@contextlib.contextmanager
+def _gil_probed(directory: Path | None):
+    """While starting the service: ``MOSAIC_GIL_DIR`` set to ``directory`` (nothing when None)."""
+    if directory is None:
+        yield
+        return
+    saved = os.environ.get(gil_probe.ENV_DIR)
+    os.environ[gil_probe.ENV_DIR] = str(directory)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(gil_probe.ENV_DIR, None)
+        else:
+            os.environ[gil_probe.ENV_DIR] = saved
 
 
 def camera_steps(text: str) -> list[int]:
@@ -412,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address mosaic serve binds (0.0.0.0: Ray unbound)")
     # DEBUG puts Ray's own lines into the server's log, whose tail the report keeps when a step fails.
     parser.add_argument("--serve-log-level", default="INFO", choices=("DEBUG", "INFO"), help="mosaic serve's")
+    parser.add_argument(
+        "--gil-probe", action="store_true",
+        help="report how late a 2-ms sleep in the worker wakes: its wait for the GIL (services.gil_probe)",
+    )  # fmt: skip
     parser.add_argument("--clip", default=None, help=f"video file (default: ${CLIP_ENV}, else bikes.mp4)")
     parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.txt")
     args = parser.parse_args(argv)

@@ -42,6 +42,7 @@ class StepResult:
     decode_cpu_per_s: float | None
     engine_thread_share: dict[str, float]  # seconds per second of the worker's engine thread, by part
     frames_per_ingest_call: float | None
+    worker_gil: dict | None = None  # how late the worker's GIL probe woke (services.gil_probe.wait_share)
 
     @property
     def real_time(self) -> bool:
@@ -113,6 +114,12 @@ def table(report: dict) -> str:
             f"N={step['cameras']}: the worker's engine thread, seconds per second: {share or '-'}; frames per "
             f"ingest call: {'-' if per_call is None else f'{per_call:.1f}'}"
         )
+        gil = step.get("worker_gil")
+        if gil is not None:
+            lines.append(
+                f"N={step['cameras']}: the worker's GIL: a 2-ms sleep woke {gil['mean_late_ms']:.2f} ms late on "
+                f"average, {gil['share_over_1ms']:.0%} of them over 1 ms late"
+            )
     return "\n".join(lines)
 
 

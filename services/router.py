@@ -34,7 +34,7 @@ import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from services import heap_probe
+from services import gil_probe, heap_probe
 from services.config import ServiceConfig
 from services.console.server import ConsoleServer
 from services.coordinator import Coordinator
@@ -377,6 +377,7 @@ def _is_loopback(host: str) -> bool:
 async def serve(config: ServiceConfig, *, on_ready=None) -> int:
     """Runs a server until SIGINT/SIGTERM; ``on_ready(server)`` is called once it serves. Returns 0."""
     heap_probe.start("router")
+    gil_probe.start("router")
     server = MosaicServer(config)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()

@@ -37,7 +37,7 @@ from mosaic_core.errors import (
 )
 from mosaic_core.model.pixels import validate_frames
 from mosaic_core.model.video import probe_video
-from services import heap_probe
+from services import gil_probe, heap_probe
 from services.admission import check_admission
 from services.config import ServiceConfig
 from services.engine_loop import DONE, EngineLoop, QuestionJob
@@ -119,6 +119,7 @@ class WorkerCore:
         self.config = config
         sys.setswitchinterval(config.python_switch_interval_s)
         heap_probe.start(f"worker-{worker_id}")
+        gil_probe.start(f"worker-{worker_id}")
         if store is None and not config.redis_url:
             raise ConfigError("a worker needs a metadata store: pass one, or set redis_url")
         self.store = store if store is not None else connect_store(config.redis_url, namespace=config.redis_namespace)

@@ -71,6 +71,10 @@ def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
         lines[-1] == "N=16: the worker's engine thread, seconds per second: ingest 0.60, idle 0.40; frames per "
         "ingest call: 8.0"
     )
+    report["steps"][1]["worker_gil"] = {"mean_late_ms": 0.734, "share_over_1ms": 0.25, "max_late_ms_so_far": 4.9}
+    assert table(report).splitlines()[-1] == (
+        "N=16: the worker's GIL: a 2-ms sleep woke 0.73 ms late on average, 25% of them over 1 ms late"
+    )
 
 
 def test_engine_thread_share_and_frames_per_call_come_from_two_scrapes():
