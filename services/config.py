@@ -121,6 +121,10 @@ class ServiceConfig(BaseModel):
     # Ray) may keep the GIL once the engine thread asks for it back. Python's default is 5 ms; the engine thread,
     # which queues the GPU's work, needs the GIL nearly all the time.
     python_switch_interval_s: float = Field(0.005, gt=0, le=0.1)
+    # Each pulled source is decoded in a child process of its own (services.source_decoding), so decoding does not
+    # take the worker's GIL from its engine thread; a child takes about 55 MB of memory (RSS, on this machine). False: a
+    # thread of the worker decodes it.
+    decode_sources_in_processes: bool = True
     # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
     source_max_failures: int = Field(10, ge=1)
     source_max_refused_frames: int = Field(100, ge=1)

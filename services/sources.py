@@ -7,8 +7,9 @@ configured source roots (none by default: no local files). Everything else (``fi
 sentence that does not say whether a path exists. FFmpeg itself opens only the protocols the source's own
 scheme needs (``mosaic_core.model.video.protocol_whitelist``), so a redirect cannot reach another protocol.
 
-One ``SourceReader`` thread per stream decodes with PyAV (``mosaic_core.model.video.iter_video_frames``)
-and hands each sampled frame to a callback (the worker's bounded, drop-oldest ingest queue). Frames are
+One ``SourceReader`` thread per stream decodes with PyAV (``mosaic_core.model.video.iter_video_frames``), or,
+with ``decode_in_child``, reads what a child process decodes (``services.source_decoding``), and hands each sampled
+frame to a callback (the worker's bounded, drop-oldest ingest queue). Frames are
 paced to real time: sample ``k`` is released at ``start + k / fps`` wall-clock seconds, so a file behaves
 like a live camera and never floods the queue. ``loop`` restarts a file or URL at its end (demo cameras).
 
@@ -22,6 +23,7 @@ are logged at most once per ``LOG_EVERY_S`` with a count, never with a traceback
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -34,6 +36,7 @@ import numpy as np
 
 from mosaic_core.errors import ConfigError, InvalidArgumentError, MosaicError
 from mosaic_core.model.video import PROTOCOLS_BY_SCHEME, iter_video_frames, source_scheme
+from services.source_decoding import iter_frames_in_child
 
 log = logging.getLogger(__name__)
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "udp://", "tcp://")
@@ -140,6 +143,7 @@ class SourceReader:
         backoff_s: first reconnect delay; doubles up to ``max_backoff_s``.
         max_failures: attempts in a row that read no frame before the reader gives up in ERROR.
         max_refused_frames: frames in a row the sink refused before the reader gives up in ERROR.
+        decode_in_child: decode in a child process (``services.source_decoding``), not in this thread.
     """
 
     def __init__(
@@ -155,6 +159,7 @@ class SourceReader:
         max_failures: int = DEFAULT_MAX_FAILURES,
         max_refused_frames: int = DEFAULT_MAX_REFUSED_FRAMES,
         name: str = "source",
+        decode_in_child: bool = False,
     ) -> None:
         if max_failures < 1 or max_refused_frames < 1:
             raise ConfigError(f"max_failures={max_failures} and max_refused_frames={max_refused_frames} must be >= 1")
@@ -167,6 +172,7 @@ class SourceReader:
         self.max_backoff_s = max_backoff_s
         self.max_failures = max_failures
         self.max_refused_frames = max_refused_frames
+        self.decode_in_child = decode_in_child
         self._num_refused = 0  # frames in a row the sink refused
         self._logged: dict[str, float] = {}  # what -> monotonic time it was last logged
         self._num_unlogged: dict[str, int] = {}
@@ -258,24 +264,27 @@ class SourceReader:
         last = self.progress().last_timestamp_s
         # Continue the stream clock after a reconnect so timestamps keep increasing.
         offset_s = 0.0 if last is None else last + 1.0 / self.fps
-        frames = iter_video_frames(
-            self.url, fps=self.fps, loop=self.loop and not self.is_network, start_offset_s=offset_s
-        )
+        loop = self.loop and not self.is_network
+        if self.decode_in_child:
+            frames = iter_frames_in_child(self.url, fps=self.fps, loop=loop, start_offset_s=offset_s, stop=self._stop)
+        else:
+            frames = iter_video_frames(self.url, fps=self.fps, loop=loop, start_offset_s=offset_s)
         wall_start = time.monotonic()
-        for frame in frames:
-            if self._stop.is_set():
-                return False
-            if self.realtime:
-                wait_s = wall_start + (frame.timestamp_s - offset_s) - time.monotonic()
-                if wait_s > 0 and self._stop.wait(wait_s):
+        with contextlib.closing(frames):  # a child process goes with its iterator
+            for frame in frames:
+                if self._stop.is_set():
                     return False
-            with self._lock:
-                self._progress.state = SourceState.RUNNING
-                self._progress.frames_read += 1
-                self._progress.last_timestamp_s = frame.timestamp_s
-                self._progress.error = ""
-            self._offer(frame.timestamp_s, frame.rgb)
-        return True
+                if self.realtime:
+                    wait_s = wall_start + (frame.timestamp_s - offset_s) - time.monotonic()
+                    if wait_s > 0 and self._stop.wait(wait_s):
+                        return False
+                with self._lock:
+                    self._progress.state = SourceState.RUNNING
+                    self._progress.frames_read += 1
+                    self._progress.last_timestamp_s = frame.timestamp_s
+                    self._progress.error = ""
+                self._offer(frame.timestamp_s, frame.rgb)
+        return not self._stop.is_set()  # a child's frames end early once the reader is stopped
 
     def _offer(self, timestamp_s: float, rgb: np.ndarray) -> None:
         try:

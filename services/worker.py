@@ -303,6 +303,7 @@ class WorkerCore:
             max_failures=cfg.source_max_failures,
             max_refused_frames=cfg.source_max_refused_frames,
             name=f"source-{record.stream_id}",
+            decode_in_child=cfg.decode_sources_in_processes,
         )
         session.source = reader.start()
 

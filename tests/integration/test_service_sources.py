@@ -1,4 +1,5 @@
-"""Server-side sources with real PyAV: sampling, looping, pacing, and reconnecting with backoff."""
+"""Server-side sources with real PyAV: sampling, looping, pacing, and reconnecting with backoff, decoded by the
+reader's thread or by a child process (``services.source_decoding``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ import socket
 import threading
 import time
 
-from mosaic_core.model.video import probe_video, sample_clip_path
+import numpy as np
+import pytest
+
+from mosaic_core.errors import InvalidArgumentError
+from mosaic_core.model.video import iter_video_frames, probe_video, sample_clip_path
+from services.source_decoding import iter_frames_in_child
 from services.sources import SourceReader, SourceState
+
+in_child_or_not = pytest.mark.parametrize("decode_in_child", [False, True], ids=["thread", "child"])
 
 
 def _collect(reader_kwargs: dict, *, until, timeout_s: float = 30.0):
@@ -27,9 +35,11 @@ def _collect(reader_kwargs: dict, *, until, timeout_s: float = 30.0):
     return reader, frames
 
 
-def test_file_source_samples_at_fps_and_ends():
+@in_child_or_not
+def test_file_source_samples_at_fps_and_ends(decode_in_child):
     clip = sample_clip_path("carphone_pristine.mp4")
-    reader, frames = _collect({"url": clip, "fps": 2.0, "realtime": False}, until=lambda f: False, timeout_s=5)
+    settings = {"url": clip, "fps": 2.0, "realtime": False, "decode_in_child": decode_in_child}
+    reader, frames = _collect(settings, until=lambda f: False, timeout_s=5)
     deadline = time.monotonic() + 20
     while reader.progress().state is not SourceState.ENDED and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -41,10 +51,12 @@ def test_file_source_samples_at_fps_and_ends():
     assert all(b - a >= 0.5 - 1e-6 for a, b in itertools.pairwise(frames))
 
 
-def test_looping_file_source_continues_its_clock_and_is_paced_in_real_time():
+@in_child_or_not
+def test_looping_file_source_continues_its_clock_and_is_paced_in_real_time(decode_in_child):
     clip = sample_clip_path("carphone_pristine.mp4")  # about 4 s long
     started = time.monotonic()
-    reader, frames = _collect({"url": clip, "fps": 4.0, "loop": True}, until=lambda f: len(f) >= 20)
+    settings = {"url": clip, "fps": 4.0, "loop": True, "decode_in_child": decode_in_child}
+    reader, frames = _collect(settings, until=lambda f: len(f) >= 20)
     elapsed_s = time.monotonic() - started
     reader.stop()
     assert len(frames) >= 20 and frames == sorted(frames) and frames[-1] > 4.0  # past the end: it looped
@@ -66,9 +78,39 @@ def test_unreachable_camera_reconnects_with_backoff():
     assert 2 <= progress.num_reconnects <= 8
 
 
-def test_missing_file_is_an_error_without_retries():
-    reader = SourceReader("/no/such/clip.mp4", fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01).start()
-    time.sleep(0.5)
+@in_child_or_not
+def test_missing_file_is_an_error_without_retries(decode_in_child):
+    reader = SourceReader(
+        "/no/such/clip.mp4", fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01, decode_in_child=decode_in_child
+    ).start()
+    deadline = time.monotonic() + 10
+    while reader.progress().state is not SourceState.ERROR and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # time enough for a retry, were there one
     progress = reader.progress()
     assert progress.state is SourceState.ERROR and "Cannot open" in progress.error
     assert progress.num_reconnects == 0
+
+
+def test_a_child_decodes_the_same_frames_and_raises_the_same_errors():
+    clip = sample_clip_path("bikes.mp4")
+    expected = list(itertools.islice(iter_video_frames(clip, fps=2.0, start_offset_s=3.0), 5))
+    decoded = list(itertools.islice(iter_frames_in_child(clip, fps=2.0, loop=False, start_offset_s=3.0), 5))
+    assert [f.timestamp_s for f in decoded] == [f.timestamp_s for f in expected]
+    assert all(np.array_equal(a.rgb, b.rgb) for a, b in zip(decoded, expected, strict=True))
+    assert decoded[0].rgb.flags.writeable
+    with pytest.raises(InvalidArgumentError) as in_thread:
+        next(iter_video_frames("/no/such/clip.mp4", fps=1.0))
+    with pytest.raises(InvalidArgumentError) as in_child:
+        next(iter_frames_in_child("/no/such/clip.mp4", fps=1.0, loop=False, start_offset_s=0.0))
+    assert str(in_child.value) == str(in_thread.value)
+
+
+def test_a_child_stops_when_asked_while_the_reader_waits():
+    stop = threading.Event()
+    frames = iter_frames_in_child(sample_clip_path("bikes.mp4"), fps=1.0, loop=True, start_offset_s=0.0, stop=stop)
+    assert next(frames).timestamp_s == 0.0
+    stop.set()
+    started = time.monotonic()
+    assert list(frames) == []  # at most one more frame's wait, then it ends without an error
+    assert time.monotonic() - started < 2.0

@@ -1,0 +1,58 @@
+"""``python -m services.decode_child SOURCE FPS LOOP START_OFFSET_S``: a source's sampled frames, on stdout.
+
+The child side of ``services.source_decoding``. It runs ``iter_video_frames(SOURCE, fps=FPS, loop=LOOP == "1",
+start_offset_s=START_OFFSET_S)`` and writes one message per sampled frame, then one for the end or the error:
+
+    message = length (4 bytes, little-endian) + JSON header [+ raw pixels]
+    {"t": 12.0, "shape": [272, 640, 3]}  followed by height x width x 3 bytes of RGB
+    {"end": true}
+    {"error": "InvalidArgumentError", "message": "..."}
+
+The pipe holds less than a frame, so this process decodes at most one frame ahead of what its reader has taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+
+from mosaic_core.errors import MosaicError
+from mosaic_core.model.video import iter_video_frames
+
+LENGTH = struct.Struct("<I")
+
+
+def write_message(out, header: dict, pixels: np.ndarray | None = None) -> None:
+    data = json.dumps(header).encode()
+    out.write(LENGTH.pack(len(data)) + data)
+    if pixels is not None:
+        out.write(memoryview(pixels).cast("B"))
+    out.flush()
+
+
+def main(argv: list[str]) -> int:
+    source, fps, loop, start_offset_s = argv[0], float(argv[1]), argv[2] == "1", float(argv[3])
+    out = sys.stdout.buffer
+    try:
+        try:
+            for frame in iter_video_frames(source, fps=fps, loop=loop, start_offset_s=start_offset_s):
+                rgb = np.ascontiguousarray(frame.rgb, dtype=np.uint8)
+                write_message(out, {"t": frame.timestamp_s, "shape": list(rgb.shape)}, rgb)
+        except MosaicError as err:
+            write_message(out, {"error": type(err).__name__, "message": str(err)})
+            return 0
+        except Exception as err:  # the reader shows it as the thread in the worker did: type and message
+            write_message(out, {"error": "InvalidFrameError", "message": f"{type(err).__name__}: {err}"})
+            return 0
+        write_message(out, {"end": True})
+    except BrokenPipeError:  # the reader went away (its stream stopped): nothing is left to do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit has nowhere to fail
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
