@@ -386,7 +386,8 @@ def camera_steps(text: str) -> list[int]:
     return steps
 
 
-def main(argv: list[str] | None = None) -> int:
+def main_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's settings, with ``--quick``'s applied."""
     parser = argparse.ArgumentParser(prog="mosaic bench service", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU, tiny preset, 2 then 4 cameras, short steps (CI)")
     parser.add_argument("--model", default="qwen2.5-vl-7b", help="preset or checkpoint (not with --quick)")
@@ -447,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.cameras, args.warmup_s, args.measure_s = "tiny", [2, 4], 4.0, 6.0
         args.push_clients, args.question_clients, args.questions_per_s = 2, 2, 0.5
         args.max_new_tokens, args.retention_s, args.start_timeout_s = 4, 20.0, 240.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = main_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="mosaic-bench-service-"))
     try:
         report = run_ramp(workdir, args, on_step=lambda so_far: write(so_far, args.out))

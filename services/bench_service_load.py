@@ -49,7 +49,8 @@ class Load:
 
     def start(self) -> None:
         targets = [(self._push, k) for k in range(self.push_clients)]
-        targets += [(self._ask, k) for k in range(self.question_clients)]
+        if self.questions_per_s > 0:  # 0: no questions at all
+            targets += [(self._ask, k) for k in range(self.question_clients)]
         for target, k in targets:
             thread = threading.Thread(target=target, args=(k,), daemon=True, name=f"{target.__name__}-{k}")
             thread.start()
