@@ -4,10 +4,10 @@
 
 Starts ``mosaic bench service``'s quick service (tiny preset, CPU), adds the cameras (pulled sources and JPEG
 pushes, no questions), and while the step is measured runs ``py-spy record --gil`` on the worker process for
-``--seconds``. py-spy samples only the thread holding the GIL, so samples over rate x seconds is the share of time
-the GIL was held, and each thread kind's samples say who held it. Writes PREFIX.json (the table, and the worker's
-GIL probe). On a GPU host the engine thread needs the GIL far more than on a
-CPU, where its tensor work releases it; what the other threads hold is the same Python work on either.
+``--seconds``, from the end of the warm-up. py-spy samples only the thread holding the GIL, so samples over rate x
+seconds is the share of time the GIL was held, and each thread kind's samples say who held it. Writes PREFIX.json
+(the table, and the worker's GIL probe). On a GPU host the engine thread needs the GIL far more than on a CPU,
+where its tensor work releases it; what the other threads hold is the same Python work on either.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from services import bench_service
@@ -50,32 +52,39 @@ def main(argv: list[str] | None = None) -> int:
     if py_spy is None:
         parser.error("py-spy is not on PATH (it comes with Ray's default extras: pip install py-spy)")
 
-    bench_args = bench_service.main_args(["--quick", "--pulled-share", str(args.pulled_share), "--gil-probe"])
+    decoding = ["--decode-sources-in-threads"] if args.decode_in_threads else []
+    bench_args = bench_service.main_args(
+        ["--quick", "--pulled-share", str(args.pulled_share), "--gil-probe", *decoding]
+    )
     bench_args.cameras, bench_args.questions_per_s, bench_args.warmup_s = [args.cameras], 0.0, 20.0
     bench_args.measure_s = args.seconds + 5.0
     workdir = Path(tempfile.mkdtemp(prefix="mosaic-gil-threads-"))
     raw_path = workdir / "py-spy.raw.txt"
-    overrides, measure = bench_service.service_overrides, bench_service.measure_step
-
-    def with_decoding(run_args, clip):
-        return {**overrides(run_args, clip), "decode_sources_in_processes": not args.decode_in_threads}
+    measure = bench_service.measure_step
 
     def measured_under_py_spy(service, load, cameras, run_args, cost):
-        command = [py_spy, "record", "--pid", str(service.worker_pid()), "--gil", "--threads", "--nonblocking",
-                   "--format", "raw", "--rate", str(RATE_HZ), "--duration", str(args.seconds),
-                   "--output", str(raw_path)]  # fmt: skip
-        spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        """The step's measurement, with py-spy sampling the worker from the end of its warm-up on."""
+
+        def record() -> None:
+            time.sleep(run_args.warmup_s)
+            command = [py_spy, "record", "--pid", str(service.worker_pid()), "--gil", "--threads", "--nonblocking",
+                       "--format", "raw", "--rate", str(RATE_HZ), "--duration", str(args.seconds),
+                       "--output", str(raw_path)]  # fmt: skip
+            subprocess.run(command, stdout=subprocess.DEVNULL, timeout=args.seconds + 60, check=True)
+
+        spy = threading.Thread(target=record, name="py-spy")
+        spy.start()
         try:
             return measure(service, load, cameras, run_args, cost)
         finally:
-            spy.wait(args.seconds + 60)
+            spy.join(args.seconds + 90)
 
-    bench_service.service_overrides, bench_service.measure_step = with_decoding, measured_under_py_spy
+    bench_service.measure_step = measured_under_py_spy
     try:
         report = bench_service.run_ramp(workdir, bench_args)
         kinds = thread_kinds(raw_path.read_text())
     finally:
-        bench_service.service_overrides, bench_service.measure_step = overrides, measure
+        bench_service.measure_step = measure
         shutil.rmtree(workdir, ignore_errors=True)
     possible = RATE_HZ * args.seconds
     step = report["steps"][0]

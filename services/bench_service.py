@@ -258,6 +258,7 @@ def service_overrides(args, clip: str) -> dict:
         "ingest_pause_placed": args.ingest_pause_placed,
         "questions_alongside_ingest": args.questions_alongside_ingest,
         "python_switch_interval_s": args.switch_interval_ms / 1e3,
+        "decode_sources_in_processes": not args.decode_sources_in_threads,
         "ray_log_to_driver": args.serve_log_level == "DEBUG",
     }
     if args.quick:
@@ -435,6 +436,10 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address mosaic serve binds (0.0.0.0: Ray unbound)")
     # DEBUG puts Ray's own lines into the server's log, whose tail the report keeps when a step fails.
     parser.add_argument("--serve-log-level", default="INFO", choices=("DEBUG", "INFO"), help="mosaic serve's")
+    parser.add_argument(
+        "--decode-sources-in-threads", action="store_true",
+        help="decode_sources_in_processes false: threads of the worker decode the pulled cameras",
+    )  # fmt: skip
     parser.add_argument(
         "--gil-probe", action="store_true",
         help="report how late a 2-ms sleep in the worker wakes: its wait for the GIL (services.gil_probe)",
