@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
+
+from services.jsonl_files import claim_file, newest_line
 
 log = logging.getLogger(__name__)
 ENV_DIR = "MOSAIC_GIL_DIR"
@@ -33,11 +34,9 @@ _started: set[str] = set()
 
 def start(role: str) -> Path | None:
     """Starts probing this process as ``role`` when ``MOSAIC_GIL_DIR`` is set; returns the file, else None."""
-    directory = os.environ.get(ENV_DIR)
-    if not directory or role in _started:
+    path = claim_file(ENV_DIR, "gil", role, _started)
+    if path is None:
         return None
-    _started.add(role)
-    path = Path(directory) / f"gil-{role}-{os.getpid()}.jsonl"
     stop = threading.Event()  # never set: the probe lives as long as the process
     threading.Thread(target=probe, args=(path, stop), name=f"gil-probe-{role}", daemon=True).start()
     log.info("probing the GIL of %s into %s", role, path)
@@ -46,14 +45,7 @@ def start(role: str) -> Path | None:
 
 def read_latest(directory: Path, role: str) -> dict | None:
     """The newest line written by any process of ``role`` in ``directory`` (the newest file wins)."""
-    files = sorted(directory.glob(f"gil-{role}-*.jsonl"), key=lambda p: p.stat().st_mtime)
-    for path in reversed(files):
-        for text in reversed(path.read_text().splitlines()):
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError:  # a line being written
-                continue
-    return None
+    return newest_line(directory, f"gil-{role}-*.jsonl")
 
 
 def wait_share(before: dict | None, after: dict | None) -> dict | None:

@@ -26,6 +26,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from services.jsonl_files import claim_file, newest_line
+
 log = logging.getLogger(__name__)
 ENV_DIR = "MOSAIC_HEAP_DIR"
 ENV_INTERVAL = "MOSAIC_HEAP_INTERVAL_S"
@@ -36,13 +38,11 @@ _started: set[str] = set()
 
 def start(role: str) -> Path | None:
     """Starts sampling this process as ``role`` when ``MOSAIC_HEAP_DIR`` is set; returns the file, else None."""
-    directory = os.environ.get(ENV_DIR)
-    if not directory or role in _started:
+    path = claim_file(ENV_DIR, "heap", role, _started)
+    if path is None:
         return None
-    _started.add(role)
     interval_s = float(os.environ.get(ENV_INTERVAL, "30"))
     baseline_s = float(os.environ.get(ENV_BASELINE, "0"))
-    path = Path(directory) / f"heap-{role}-{os.getpid()}.jsonl"
     tracemalloc.start()
     args = (path, interval_s, baseline_s)
     thread = threading.Thread(target=_sample_forever, args=args, name=f"heap-{role}", daemon=True)
@@ -75,15 +75,7 @@ def sample_line(baseline: dict[str, tuple[int, int]] | None) -> tuple[dict, dict
 
 def read_latest(directory: Path, role: str) -> dict | None:
     """The newest line written by any process of ``role`` in ``directory`` (the newest file wins)."""
-    files = sorted(directory.glob(f"heap-{role}-*.jsonl"), key=lambda p: p.stat().st_mtime)
-    for path in reversed(files):
-        lines = path.read_text().splitlines()
-        for text in reversed(lines):
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError:  # a line being written
-                continue
-    return None
+    return newest_line(directory, f"heap-{role}-*.jsonl")
 
 
 def _sample_forever(path: Path, interval_s: float, baseline_s: float) -> None:
