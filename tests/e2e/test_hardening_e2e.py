@@ -110,9 +110,9 @@ def test_the_id_sentence_is_the_same_wherever_an_id_is_refused(client, stream):
     assert len(sentences) == 1, sentences
 
 
-def test_creates_run_side_by_side_and_each_id_is_created_once(client, stream):
-    """CreateStream no longer holds one lock across the worker's open: creates of different ids overlap, while
-    one id asked for three times at once is created once."""
+def test_creates_sent_at_once_make_every_id_and_each_only_once(client, stream):
+    """Creates sent at once (the router no longer takes them one at a time): every distinct id is created and
+    listed once, and one id asked for three times at once is created once, the other two refused."""
     ids = [f"h-par-{i}" for i in range(5)]
 
     def outcome(stream_id: str) -> str:
