@@ -86,6 +86,7 @@ METRIC_LINE = re.compile(r"^(mosaic_\w+)\{([^}]*)\} (\S+)$", re.MULTILINE)
 STREAM_LABEL = re.compile(r'stream="([^"]*)"')
 PART_LABEL = re.compile(r'part="([^"]*)"')
 BATCH_FRAMES = ("mosaic_ingest_batch_frames_sum", "mosaic_ingest_batch_frames_count")
+FORWARD_PASSES = "mosaic_ingest_forward_passes_total"
 
 
 @dataclass(slots=True)
@@ -113,12 +114,13 @@ def stream_samples(metrics_text: str, ids: set[str]) -> dict[str, StreamSample]:
 
 
 def engine_totals(metrics_text: str) -> dict[str, float]:
-    """The workers' engine-thread seconds by part, and the ingest-call histogram's frame sum and count."""
+    """The workers' engine-thread seconds by part, the ingest-call histogram's frame sum and count, and the ingest
+    calls' forward passes."""
     totals: dict[str, float] = {}
     for name, labels, value in METRIC_LINE.findall(metrics_text):
         if name == "mosaic_engine_loop_seconds_total" and (part := PART_LABEL.search(labels)):
             key = part.group(1)
-        elif name in BATCH_FRAMES:
+        elif name in BATCH_FRAMES or name == FORWARD_PASSES:
             key = name
         else:
             continue
@@ -126,12 +128,23 @@ def engine_totals(metrics_text: str) -> dict[str, float]:
     return totals
 
 
-def engine_thread(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> tuple[dict, float | None]:
-    """Seconds per second of the engine thread by part, and the mean frames per ingest call, between two scrapes."""
+@dataclass(slots=True)
+class EngineThread:
+    """The workers' engine threads between two scrapes."""
+
+    share: dict[str, float]  # seconds per second, by part
+    frames_per_call: float | None  # mean frames per ingest call; None: no call
+    passes_per_call: float | None  # mean language-model forward passes per ingest call
+
+
+def engine_thread(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> EngineThread:
+    """What the engine threads did between two scrapes: their time by part, and the ingest calls' mean size."""
     delta = {key: after[key] - before.get(key, 0.0) for key in after}
     calls = delta.pop(BATCH_FRAMES[1], 0.0)
     frames = delta.pop(BATCH_FRAMES[0], 0.0)
-    return {part: seconds / elapsed_s for part, seconds in delta.items()}, (frames / calls if calls else None)
+    passes = delta.pop(FORWARD_PASSES, 0.0)
+    share = {part: seconds / elapsed_s for part, seconds in delta.items()}
+    return EngineThread(share, frames / calls if calls else None, passes / calls if calls else None)
 
 
 def measure_step(service: LocalService, load: Load, cameras: list[str], args, decode_cost_s: dict) -> StepResult:
@@ -183,7 +196,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
     server_decode = [a.server_decode_s_per_token for a in answers if a.server_decode_s_per_token is not None]
     client_decode = [a.decode_s_per_token for a in answers if a.decode_s_per_token is not None]
     server_ttft = [a.server_ttft_s for a in answers if a.server_ttft_s is not None]
-    loop_share, frames_per_call = engine_thread(engine_seen[0], engine_seen[-1], elapsed) if engine_seen else ({}, None)
+    thread = engine_thread(engine_seen[0], engine_seen[-1], elapsed) if engine_seen else EngineThread({}, None, None)
     return StepResult(
         cameras=len(cameras),
         pulled=pulled,
@@ -210,8 +223,9 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         router_cpu_per_s=cpu[0],
         worker_cpu_per_s=cpu[1],
         decode_cpu_per_s=decode_cpu,
-        engine_thread_share=loop_share,
-        frames_per_ingest_call=frames_per_call,
+        engine_thread_share=thread.share,
+        frames_per_ingest_call=thread.frames_per_call,
+        forward_passes_per_ingest_call=thread.passes_per_call,
         worker_gil=gil_probe.wait_share(gil_before, gil_probe.read_latest(service.workdir, "worker-*")),
     )
 
@@ -412,7 +426,7 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-frames", type=int, default=128, help="frames per engine.ingest call (GPU)")
     parser.add_argument(
         "--ingest-pause-layers", type=int, default=ServiceConfig.model_fields["ingest_pause_layers"].default,
-        help="layers of an ingest pass between chances to start a question (0: questions wait for the call)",
+        help="layers of an ingest forward pass between chances to start a question (0: questions wait for the call)",
     )  # fmt: skip
     parser.add_argument(
         "--ingest-pause-blocks", type=int, default=ServiceConfig.model_fields["ingest_pause_blocks"].default,

@@ -42,6 +42,7 @@ class StepResult:
     decode_cpu_per_s: float | None
     engine_thread_share: dict[str, float]  # seconds per second of the worker's engine thread, by part
     frames_per_ingest_call: float | None
+    forward_passes_per_ingest_call: float | None
     worker_gil: dict | None = None  # how late the worker's GIL probe woke (services.gil_probe.wait_share)
 
     @property
@@ -109,10 +110,11 @@ def table(report: dict) -> str:
     ]
     for step in report["steps"]:
         share = ", ".join(f"{part} {s:.2f}" for part, s in step["engine_thread_share"].items())
-        per_call = step["frames_per_ingest_call"]
+        per_call, passes = step["frames_per_ingest_call"], step.get("forward_passes_per_ingest_call")
         lines.append(
             f"N={step['cameras']}: the worker's engine thread, seconds per second: {share or '-'}; frames per "
-            f"ingest call: {'-' if per_call is None else f'{per_call:.1f}'}"
+            f"ingest call: {'-' if per_call is None else f'{per_call:.1f}'}, forward passes per call: "
+            f"{'-' if passes is None else f'{passes:.2f}'}"
         )
         gil = step.get("worker_gil")
         if gil is not None:

@@ -85,9 +85,9 @@ class ServiceConfig(BaseModel):
     query_concurrency: int = Field(4, ge=1)
     default_max_new_tokens: int = Field(32, ge=1)
     ingest_queue_frames: int = Field(32, ge=1)
-    # Frames of one engine.ingest call. An ingest pass takes every waiting stream's frames in calls of this many, back
-    # to back; a GPU ingests more frames per second in larger calls (bench/NOTES.md, issue 15), which cost activation
-    # memory, and question latency only when ingest_pause_layers is 0.
+    # Frames of one engine.ingest call, one from each of up to this many streams, those longest behind first; a GPU
+    # ingests more frames per second in larger calls (bench/NOTES.md, issue 15), which cost activation memory, and
+    # question latency only when ingest_pause_layers is 0.
     max_batch_frames: int = Field(64, ge=1)
     max_push_calls: int = Field(64, ge=1)
     max_stream_fps: float = Field(60.0, gt=0)
@@ -95,7 +95,7 @@ class ServiceConfig(BaseModel):
     ingest_headroom: float = Field(0.8, ge=0, le=1)
     # Questions one stream may have running or waiting; past it, RESOURCE_EXHAUSTED with a retry hint.
     max_questions_per_stream: int = Field(4, ge=1)
-    # How long running answers may keep decoding between ingest passes while frames wait (0: a token per pass).
+    # How long running answers may keep decoding between ingest calls while frames wait (0: a token per call).
     answer_slice_s: float = Field(0.25, ge=0)
     # An ingest call pauses for new questions after the vision tower and before every this many layers of a forward
     # pass (0: never), so a question's first token waits for one such chunk, not for the whole call;

@@ -1,11 +1,16 @@
-"""The one thread that drives a worker's engine: cross-stream ingest passes interleaved with answer tokens.
+"""The one thread that drives a worker's engine: cross-stream ingest calls interleaved with answer tokens.
 
 The engine is not thread-safe, so every engine call runs here. One iteration:
 
-    commands (open/close stream, stats)  ->  one ingest pass: every stream with waiting frames gives up to
-    ``frames_per_stream_pass`` of them, in shared forward passes of up to ``max_batch_frames``  ->  start the
-    questions that may start  ->  steps (prefill or one token) of every running question, for the answer slice
-    below  ->  sleep until woken if nothing happened
+    commands (open/close stream, stats)  ->  one ingest call: up to ``max_batch_frames`` streams with waiting
+    frames, those longest behind first, each giving the frames one engine row carries (the engine's
+    ``max_frames_per_pass``, 1 by default)  ->  start the questions that may start  ->  steps (prefill or one
+    token) of every running question, for the answer slice below  ->  sleep until woken if nothing happened
+
+**Every ingest call is one forward pass of different streams.** A call that held two frames of one stream would
+take two passes, the second only as wide as the streams that had two, and small passes cost far more a frame than
+wide ones (bench/NOTES.md, session 16). A stream left out of a full call is the furthest behind at the next, so
+every stream is reached within ``ceil(streams / max_batch_frames)`` calls.
 
 **A new question does not wait for the ingest call under way.** An ingest call pauses after the vision tower (or
 each chunk of ``ingest_pause_frames`` frames through it), inside it before every ``ingest_pause_blocks``-th block,
@@ -17,12 +22,12 @@ chunk of ingest work, not for the rest of the call. Nothing else runs at a pause
 of an answer wait for the call to end, so an answer's second token comes after the call (bench/NOTES.md, session
 12: decode through gRPC 31.8 ms a token at 64 cameras with pauses, 7.2 without, in two calls).
 
-**Ingest is never starved by questions.** Ingest goes first in every iteration and reaches every stream.
-Between two ingest passes the running questions advance a token each, and keep advancing while no frame waits,
+**Ingest is never starved by questions.** Ingest goes first in every iteration.
+Between two ingest calls the running questions advance a token each, and keep advancing while no frame waits,
 for up to ``answer_slice_s`` once one does. Commands from other threads and new questions that arrive meanwhile
-are served inside the slice, so neither waits for the next ingest pass while answers run. So answers decode at the
-engine's pace when cameras are quiet, and a frame waits at most about ``answer_slice_s`` plus one pass (with 0,
-answers advance a token per pass while frames wait).
+are served inside the slice, so neither waits for the next ingest call while answers run. So answers decode at the
+engine's pace when cameras are quiet, and a frame waits at most about ``answer_slice_s`` plus one call (with 0,
+answers advance a token per call while frames wait).
 
 **Questions do not hold their stream.** A question reads the slot tables it built at its prefill: the sink and
 window pages it read are held and the clusters it retrieved pinned until it ends, so the stream's frames keep
@@ -34,7 +39,7 @@ running or waiting here; more are refused with ``QueueFullError`` (RESOURCE_EXHA
 bounded queue and start only when no interactive question is running or waiting on this worker;
 ``max_background_running`` (1 by default) run at once, each on its own stream. Once started it is an ordinary,
 short question.
-After each ingest pass ``after_ingest(stream_ids)`` runs on this thread (watch evaluation).
+After each ingest call ``after_ingest(stream_ids)`` runs on this thread (watch evaluation).
 
 **Device room.** Each running question holds device pages for its retrieved clusters and its own tokens. A
 question that finds no room while other questions hold theirs waits (in its queue, first in line) until one of
@@ -70,7 +75,6 @@ IDLE_WAIT_S = 0.05
 STATS_REFRESH_S = 0.5
 DEFAULT_MAX_QUESTIONS_PER_STREAM = 4
 RETRY_AFTER_S = 0.5  # the hint a refused question gets
-DEFAULT_FRAMES_PER_STREAM_PASS = 2
 DEFAULT_ANSWER_SLICE_S = 0.25
 DEFAULT_INGEST_PAUSE_LAYERS = 4
 DEFAULT_INGEST_PAUSE_FRAMES = 0
@@ -118,11 +122,10 @@ class EngineLoop:
         max_batch_frames: frames per ingest call.
         retention_s: returns a stream's retention (0 keeps everything), read at each retention pass.
         max_questions_per_stream: questions of one stream running or waiting here; more are refused.
-        frames_per_stream_pass: frames each stream gives to one ingest pass.
-        after_ingest: called on the engine thread with the ids of the streams of each ingest pass.
+        after_ingest: called on the engine thread with the ids of the streams of each ingest call.
         max_background_jobs: background answers that may wait; ``submit_background`` refuses more.
         max_background_running: background answers that may run at once (each on its own stream).
-        answer_slice_s: how long running questions may keep decoding between ingest passes while frames wait.
+        answer_slice_s: how long running questions may keep decoding between ingest calls while frames wait.
         ingest_pause_layers: layers of an ingest forward pass between two chances to start questions; 0 starts
             them only between ingest calls.
         ingest_pause_frames: vision-tower frames between two such chances; 0 runs the tower over a call's frames
@@ -146,7 +149,6 @@ class EngineLoop:
         max_batch_frames: int,
         retention_s,
         max_questions_per_stream: int = DEFAULT_MAX_QUESTIONS_PER_STREAM,
-        frames_per_stream_pass: int = DEFAULT_FRAMES_PER_STREAM_PASS,
         after_ingest=None,
         max_background_jobs: int = DEFAULT_MAX_BACKGROUND_JOBS,
         max_background_running: int = 1,
@@ -158,10 +160,10 @@ class EngineLoop:
         questions_alongside_ingest: bool = DEFAULT_QUESTIONS_ALONGSIDE_INGEST,
     ) -> None:
         pause_settings = (ingest_pause_layers, ingest_pause_frames, ingest_pause_blocks, ingest_pause_placed)
-        if min(max_questions_per_stream, frames_per_stream_pass) < 1 or min(answer_slice_s, *pause_settings) < 0:
+        if max_questions_per_stream < 1 or min(answer_slice_s, *pause_settings) < 0:
             raise ValueError(
-                f"max_questions_per_stream={max_questions_per_stream} and frames_per_stream_pass="
-                f"{frames_per_stream_pass} must be >= 1, answer_slice_s={answer_slice_s}, ingest_pause_layers="
+                f"max_questions_per_stream={max_questions_per_stream} must be >= 1, answer_slice_s={answer_slice_s}, "
+                f"ingest_pause_layers="
                 f"{ingest_pause_layers}, ingest_pause_frames={ingest_pause_frames}, ingest_pause_blocks="
                 f"{ingest_pause_blocks} and ingest_pause_placed={ingest_pause_placed} >= 0"
             )
@@ -173,7 +175,6 @@ class EngineLoop:
         self.max_batch_frames = max_batch_frames
         self.retention_s = retention_s
         self.max_questions_per_stream = max_questions_per_stream
-        self.frames_per_stream_pass = frames_per_stream_pass
         self.after_ingest = after_ingest
         self.max_background_jobs = max_background_jobs
         self.max_background_running = max_background_running
@@ -184,6 +185,7 @@ class EngineLoop:
         self.ingest_pause_placed = ingest_pause_placed
         self.questions_alongside_ingest = questions_alongside_ingest
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls
+        self._forward_passes = 0  # language-model passes of every ingest call so far
         self._background: deque[QuestionJob] = deque()
         self.stats = None  # latest EngineStats, refreshed every STATS_REFRESH_S
         self.last_ingested_s: dict[str, float] = {}  # stream -> timestamp of the newest ingested frame
@@ -304,16 +306,15 @@ class EngineLoop:
             self.telemetry.spent(part, time.monotonic() - started_s)
 
     def _ingest_once(self) -> bool:
-        """One ingest pass over every stream, in forward passes of ``max_batch_frames``."""
+        """One ingest call (module doc)."""
         started_s = time.monotonic()
-        taken = self.queues.take_pass(self.frames_per_stream_pass)
+        taken = self.queues.take_call(self.max_batch_frames, self.engine.config.max_frames_per_pass)
         if not taken:
             return False
-        taken = [f for f in taken if f.stream_id in self.engine.streams]
+        batch = [f for f in taken if f.stream_id in self.engine.streams]  # a stream deleted since its frames came
         ingest_s = 0.0
         try:
-            for start in range(0, len(taken), self.max_batch_frames):
-                ingest_s += self._ingest_batch(taken[start : start + self.max_batch_frames])
+            ingest_s = self._ingest_batch(batch) if batch else 0.0
         finally:
             self.telemetry.spent("ingest", ingest_s)
             self.telemetry.spent("ingest_upkeep", time.monotonic() - started_s - ingest_s)
@@ -323,6 +324,7 @@ class EngineLoop:
         """Ingests one batch and does what follows it; returns the seconds of the engine's ingest call, less
         what questions took at its pauses (counted to questions)."""
         started_s, served_before_s = time.monotonic(), self._served_in_pauses_s
+        passes_before = self._forward_passes
         ingested = self._ingest(batch)
         done_s = time.monotonic()
         served_s = self._served_in_pauses_s - served_before_s
@@ -333,7 +335,11 @@ class EngineLoop:
             per_stream[frame.stream_id] += 1
             self.last_ingested_s[frame.stream_id] = frame.timestamp_s
         if ingested:
-            self.telemetry.ingested_batch(per_stream, [done_s - f.received_s for f in ingested])
+            self.telemetry.ingested_batch(
+                per_stream,
+                [done_s - f.received_s for f in ingested],
+                forward_passes=self._forward_passes - passes_before,
+            )
         streams = {f.stream_id for f in batch}
         self.tier_sync.flush(streams)
         for stream_id in streams:
@@ -361,7 +367,8 @@ class EngineLoop:
                 alongside=self.questions_alongside_ingest,
             )
         try:
-            self.engine.ingest([FrameInput(f.stream_id, f.timestamp_s, f.rgb) for f in batch], pauses=pauses)
+            result = self.engine.ingest([FrameInput(f.stream_id, f.timestamp_s, f.rgb) for f in batch], pauses=pauses)
+            self._forward_passes += result.num_forward_passes
             return batch
         except Exception as err:
             if len({f.stream_id for f in batch}) == 1:

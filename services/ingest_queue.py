@@ -1,7 +1,7 @@
-"""Per-stream bounded ingest queues with drop-oldest, fps sampling, and round-robin batch taking.
+"""Per-stream bounded ingest queues with drop-oldest, fps sampling, and oldest-first call taking.
 
 Plain Python and thread-safe: producers (PushFrames, source readers) call ``put`` from any thread, the
-worker's engine loop calls ``take_batch``. A full queue drops its *oldest* frame, because for a live
+worker's engine loop calls ``take_call``. A full queue drops its *oldest* frame, because for a live
 camera the newest frame is the one worth encoding; every drop is counted by the caller.
 
 Sampling to the stream's fps runs on a grid anchored at the stream's first frame: frame ``t`` is kept when
@@ -77,7 +77,6 @@ class IngestQueues:
         self.wake = wake or threading.Event()
         self._lock = threading.Lock()
         self._queues: dict[str, _StreamQueue] = {}
-        self._cursor = 0  # round-robin start, so no stream always goes first
 
     def add_stream(self, stream_id: str, fps: float) -> None:
         with self._lock:
@@ -126,52 +125,27 @@ class IngestQueues:
         self.wake.set()
         return PutOutcome.QUEUED_DROPPED_OLDEST if dropped else PutOutcome.QUEUED
 
-    def take_batch(
-        self, max_frames: int, *, exclude: frozenset[str] = frozenset(), max_rounds: int = 2
-    ) -> list[QueuedFrame]:
-        """Takes up to ``max_frames`` frames, oldest first, one per stream per round (cross-stream batch).
+    def take_call(self, max_frames: int, frames_per_stream: int = 1) -> list[QueuedFrame]:
+        """Frames for one ingest call: the streams longest behind (``oldest_wait_s``) first, up to ``max_frames``.
 
-        Streams in ``exclude`` (a question is reading them) keep their frames for a later batch.
+        Each stream gives up to ``frames_per_stream`` of its oldest frames, the frames one engine row carries, so
+        a call never holds more of one stream than one forward pass takes, and it is one pass of rows from
+        different streams. A stream left out because the call was full is further behind than those taken, so with N
+        streams waiting every stream is reached within ``ceil(N * frames_per_stream / max_frames)`` calls.
         """
-        batch: list[QueuedFrame] = []
-        with self._lock:
-            ids = list(self._queues)
-            if not ids:
-                return batch
-            start = self._cursor % len(ids)
-            order = [ids[(start + i) % len(ids)] for i in range(len(ids))]
-            self._cursor += 1
-            for _ in range(max_rounds):
-                took = False
-                for stream_id in order:
-                    queue = self._queues[stream_id]
-                    if stream_id in exclude or not queue.frames or len(batch) >= max_frames:
-                        continue
-                    batch.append(queue.frames.popleft())
-                    queue.behind_since_s = queue.frames[0].received_s if queue.frames else None
-                    took = True
-                if not took:
-                    break
-        return batch
-
-    def take_pass(self, max_per_stream: int, *, exclude: frozenset[str] = frozenset()) -> list[QueuedFrame]:
-        """Every stream with waiting frames, except ``exclude``, gives up to ``max_per_stream`` of its oldest.
-
-        This is one ingest pass: no stream is left out because others had more frames queued. The order of
-        streams rotates from call to call.
-        """
+        if min(max_frames, frames_per_stream) < 1:
+            raise InvalidArgumentError(
+                f"max_frames={max_frames} and frames_per_stream={frames_per_stream} must be >= 1"
+            )
         taken: list[QueuedFrame] = []
         with self._lock:
-            ids = list(self._queues)
-            if not ids:
-                return taken
-            start = self._cursor % len(ids)
-            self._cursor += 1
-            for stream_id in ids[start:] + ids[:start]:
-                queue = self._queues[stream_id]
-                if stream_id in exclude:
-                    continue
-                for _ in range(min(max_per_stream, len(queue.frames))):
+            waiting = [queue for queue in self._queues.values() if queue.frames]
+            waiting.sort(key=lambda queue: queue.behind_since_s)  # the longest behind first, drops included
+            for queue in waiting:
+                room = max_frames - len(taken)
+                if room <= 0:
+                    break
+                for _ in range(min(frames_per_stream, room, len(queue.frames))):
                     taken.append(queue.frames.popleft())
                 queue.behind_since_s = queue.frames[0].received_s if queue.frames else None
         return taken

@@ -143,6 +143,12 @@ class MosaicMetrics:
             buckets=BATCH_FRAMES_BUCKETS,
             registry=r,
         )
+        self.ingest_forward_passes_total = Counter(
+            "mosaic_ingest_forward_passes_total",
+            "Language-model forward passes of ingest calls: one a call while every call holds one row per stream.",
+            ["worker"],
+            registry=r,
+        )
         self.engine_loop_seconds_total = Counter(
             "mosaic_engine_loop_seconds_total",
             "Seconds a worker's engine thread spent, by part (ingest, ingest_upkeep, questions, other, idle).",
@@ -355,6 +361,9 @@ class MosaicMetrics:
 
     # --- memory tiers ------------------------------------------------------------------------------
 
+    def add_ingest_forward_passes(self, worker: int | str, n: int) -> None:
+        self.ingest_forward_passes_total.labels(worker_label(worker)).inc(non_negative("forward passes", n))
+
     def add_engine_loop_seconds(self, worker: int | str, part: str, seconds: float) -> None:
         check_label("part", part, ENGINE_LOOP_PARTS)
         self.engine_loop_seconds_total.labels(worker_label(worker), part).inc(non_negative("seconds", seconds))
@@ -397,7 +406,8 @@ class MosaicMetrics:
         """Drops every series of a worker that left (its gauges would otherwise freeze at the last value)."""
         label = worker_label(worker)
         for metric in (
-            self.ingest_latency_seconds, self.ingest_batch_frames, self.cluster_device_hit_ratio, self.worker_pid,
+            self.ingest_latency_seconds, self.ingest_batch_frames, self.ingest_forward_passes_total,
+            self.cluster_device_hit_ratio, self.worker_pid,
             self.metadata_store_up, self.metadata_queue_depth, self.durable_pending_clusters,
             self.durable_oldest_pending_seconds, self.keyframe_bytes,
         ):  # fmt: skip
@@ -451,6 +461,7 @@ class MosaicMetrics:
         for worker in map(worker_label, worker_ids):
             self.ingest_latency_seconds.labels(worker)
             self.ingest_batch_frames.labels(worker)
+            self.ingest_forward_passes_total.labels(worker)
             self.cluster_device_hit_ratio.labels(worker)
             for metric in (
                 self.worker_pid, self.metadata_store_up, self.metadata_queue_depth, self.metadata_writes_dropped_total,

@@ -21,6 +21,7 @@ SPEC = {
     "mosaic_stream_lag_seconds": "gauge",
     "mosaic_ingest_latency_seconds": "histogram",
     "mosaic_ingest_batch_frames": "histogram",
+    "mosaic_ingest_forward_passes": "counter",
     "mosaic_engine_loop_seconds": "counter",
     "mosaic_query_queue_depth": "gauge",
     "mosaic_queries": "counter",

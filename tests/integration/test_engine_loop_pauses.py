@@ -1,6 +1,6 @@
 """A question that arrives while the engine loop is inside an ingest call gets its first token at one of the
 call's pauses, before the call ends; with pauses off it waits for the call. Real engine (tiny preset on CPU), real
-loop; the question is submitted from inside the loop's own ``take_pass``, so it is pending when the call starts."""
+loop; the question is submitted from inside the loop's own ``take_call``, so it is pending when the call starts."""
 
 from __future__ import annotations
 
@@ -21,20 +21,20 @@ from tests.unit.engine_helpers import SMALL, feed
 STREAMS = ("cam-0", "cam-1")
 
 
-class QuestionOnSecondPass(IngestQueues):
-    """Real ingest queues that submit one question to the loop as they hand out their second pass of frames."""
+class QuestionOnSecondCall(IngestQueues):
+    """Real ingest queues that submit one question to the loop as they hand out their second call's frames."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
         self.loop: EngineLoop | None = None
         self.job: QuestionJob | None = None
-        self.num_passes = 0
+        self.num_calls = 0
 
-    def take_pass(self, max_per_stream: int, **options):
-        taken = super().take_pass(max_per_stream, **options)
+    def take_call(self, max_frames: int, frames_per_stream: int = 1):
+        taken = super().take_call(max_frames, frames_per_stream)
         if taken:
-            self.num_passes += 1
-            if self.num_passes == 2:
+            self.num_calls += 1
+            if self.num_calls == 2:
                 job = QuestionJob("q", "cam-0", "what happened?", 3, None, time.monotonic() + 60)
                 self.job = self.loop.submit(job)
         return taken
@@ -43,7 +43,7 @@ class QuestionOnSecondPass(IngestQueues):
 class EngineWatchingAQuestion:
     """The real engine, noting after each ingest call whether the queues' question had its first token yet."""
 
-    def __init__(self, engine: Engine, queues: QuestionOnSecondPass) -> None:
+    def __init__(self, engine: Engine, queues: QuestionOnSecondCall) -> None:
         self._engine, self._queues = engine, queues
         self.token_before_call_ended: list[bool] = []
 
@@ -62,7 +62,7 @@ def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause(
     tiny_model, bikes_frames, pause_layers, answered_inside_the_call
 ):
     engine = Engine(tiny_model, SMALL)
-    queues = QuestionOnSecondPass(64)
+    queues = QuestionOnSecondCall(64)
     watched = EngineWatchingAQuestion(engine, queues)
     publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
     loop = EngineLoop(
@@ -72,7 +72,6 @@ def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause(
         WorkerTelemetry("0"),
         max_batch_frames=16,
         retention_s=lambda stream_id: 0.0,
-        frames_per_stream_pass=4,
         ingest_pause_layers=pause_layers,
         ingest_pause_frames=4,
     )
@@ -88,11 +87,14 @@ def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause(
     try:
         deadline = time.monotonic() + 60
         while queues.job is None or not watched.token_before_call_ended:
-            assert time.monotonic() < deadline, "the loop never ran a second ingest pass"
+            assert time.monotonic() < deadline, "the loop never ran a second ingest call"
             time.sleep(0.01)
         events = []
         while (item := queues.job.events.get(timeout=60)) is not DONE:
             events.append(item)
+        while loop.telemetry.totals("cam-0").ingested < 8:  # one frame of each camera a call
+            assert time.monotonic() < deadline, "the loop did not ingest every queued frame"
+            time.sleep(0.01)
     finally:
         loop.stop()
     assert watched.token_before_call_ended == [answered_inside_the_call]

@@ -170,24 +170,35 @@ def test_lag_grows_from_the_oldest_waiting_frame_even_while_frames_are_dropped()
     for i in range(6):  # 4 frames dropped oldest-first; the first arrival still counts
         queues.put(QueuedFrame("a", i / 10, None, 100.0 + i))
     assert queues.oldest_wait_s("a", now_s=110.0) == pytest.approx(10.0)
-    taken = queues.take_pass(1)
+    taken = queues.take_call(1)
     assert [f.timestamp_s for f in taken] == [0.4]
     assert queues.oldest_wait_s("a", now_s=110.0) == pytest.approx(5.0)  # now the oldest left is frame 5
-    queues.take_pass(1)
+    queues.take_call(1)
     assert queues.oldest_wait_s("a", now_s=110.0) == 0.0
 
 
-def test_an_ingest_pass_reaches_every_stream_however_many_frames_others_hold():
-    queues = IngestQueues(100)
-    for stream_id in ("a", "b", "c", "d"):
-        queues.add_stream(stream_id, fps=100.0)
-    for i in range(50):
-        queues.put(QueuedFrame("a", i / 10, None, 0.0))
-    for stream_id in ("b", "c", "d"):
-        queues.put(QueuedFrame(stream_id, 0.0, None, 0.0))
-    taken = queues.take_pass(2, exclude=frozenset({"d"}))
-    assert sorted(f.stream_id for f in taken) == ["a", "a", "b", "c"]
-    assert queues.depths() == {"a": 48, "b": 0, "c": 0, "d": 1}
+def test_a_backlog_is_ingested_in_calls_of_one_forward_pass_each(tiny_model, bikes_frames):
+    """Three cameras with four frames waiting each, calls of up to 8 frames: every call holds one frame of each
+    camera and is one forward pass (a call that took two frames of a camera would need a second pass)."""
+    engine = Engine(tiny_model, SMALL)
+    loop = _loop(engine)
+    for stream_id in STREAMS:
+        engine.open_stream(stream_id, fps=FPS)
+        loop.queues.add_stream(stream_id, FPS)
+        for i, (_, rgb) in enumerate(bikes_frames[:4]):
+            loop.queues.put(QueuedFrame(stream_id, float(i), rgb[::2, ::2], time.monotonic()))
+    loop.start()
+    try:
+        deadline = time.monotonic() + 60
+        while min(loop.telemetry.totals(s).ingested for s in STREAMS) < 4:
+            assert time.monotonic() < deadline, "the backlog was not ingested within 60 s"
+            time.sleep(0.01)
+    finally:
+        loop.stop()
+    delta = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None)
+    assert delta.batch_sizes == [3, 3, 3, 3]
+    assert delta.forward_passes == 4
+    assert [engine.stream(s).frames_ingested for s in STREAMS] == [4, 4, 4]
 
 
 def test_a_question_on_a_stream_with_no_frames_is_failed_precondition(loop):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, RetrievalStats, TokenEvent
-from mosaic_core.errors import OutOfRangeError, TimestampOrderError, UnknownStreamError
+from mosaic_core.errors import InvalidArgumentError, OutOfRangeError, TimestampOrderError, UnknownStreamError
 from services.errors import DeadlineError, QueueFullError, status_for
 from services.fanout import Chunk, merge_answers, merged_evidence
 from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
@@ -31,7 +31,7 @@ def test_full_queue_drops_oldest_and_keeps_the_newest():
     outcomes = [queues.put(_frame("a", t / 10)) for t in range(5)]
     assert outcomes.count(PutOutcome.QUEUED_DROPPED_OLDEST) == 2
     assert queues.depth("a") == 3
-    assert [f.timestamp_s for f in queues.take_batch(10, max_rounds=5)] == [0.2, 0.3, 0.4]
+    assert [f.timestamp_s for f in queues.take_call(10, frames_per_stream=5)] == [0.2, 0.3, 0.4]
 
 
 def test_sampling_keeps_one_frame_per_fps_slot_without_drift():
@@ -51,16 +51,41 @@ def test_out_of_order_and_unknown_frames_are_refused():
         queues.put(_frame("zz", 1.0))
 
 
-def test_batches_take_one_frame_per_stream_per_round_and_skip_busy_streams():
+def test_a_call_takes_the_streams_longest_behind_each_giving_one_row_of_frames():
     queues = IngestQueues(10)
-    for stream_id in ("a", "b", "c"):
+    arrivals = {"a": 3.0, "b": 1.0, "c": 2.0, "d": 4.0}  # when each stream's first waiting frame came
+    for stream_id, received_s in arrivals.items():
         queues.add_stream(stream_id, fps=100.0)
         for t in range(3):
-            queues.put(_frame(stream_id, t / 10))
-    batch = queues.take_batch(4, exclude=frozenset({"b"}), max_rounds=2)
-    assert sorted(f.stream_id for f in batch) == ["a", "a", "c", "c"]
-    assert queues.depths() == {"a": 1, "b": 3, "c": 1}
-    assert queues.remove_stream("b") == 3
+            queues.put(QueuedFrame(stream_id, t / 10, RGB, received_s + 10 * t))
+    call = queues.take_call(3)
+    assert [(f.stream_id, f.timestamp_s) for f in call] == [("b", 0.0), ("c", 0.0), ("a", 0.0)]
+    assert queues.depths() == {"a": 2, "b": 2, "c": 2, "d": 3}
+    call = queues.take_call(3)  # d, left out, is now the furthest behind
+    assert [(f.stream_id, f.timestamp_s) for f in call] == [("d", 0.0), ("b", 0.1), ("c", 0.1)]
+    rows = queues.take_call(5, frames_per_stream=2)  # rows of two frames; the last stream gets what is left
+    assert [(f.stream_id, f.timestamp_s) for f in rows] == [("a", 0.1), ("a", 0.2), ("d", 0.1), ("d", 0.2), ("b", 0.2)]
+    assert queues.remove_stream("c") == 1
+
+
+def test_a_stream_with_a_backlog_gives_one_frame_a_call_in_order_and_never_starves_the_others():
+    queues = IngestQueues(100)
+    queues.add_stream("backlog", fps=100.0)
+    for i in range(50):
+        queues.put(QueuedFrame("backlog", i / 10, RGB, 0.0))
+    for i, stream_id in enumerate(("b", "c", "d")):
+        queues.add_stream(stream_id, fps=100.0)
+        queues.put(QueuedFrame(stream_id, 0.0, RGB, 1.0 + i))
+    taken = [queues.take_call(2) for _ in range(4)]
+    assert [[f.stream_id for f in call] for call in taken] == [
+        ["backlog", "b"],
+        ["backlog", "c"],
+        ["backlog", "d"],
+        ["backlog"],
+    ]
+    assert [f.timestamp_s for call in taken for f in call if f.stream_id == "backlog"] == [0.0, 0.1, 0.2, 0.3]
+    with pytest.raises(InvalidArgumentError):
+        queues.take_call(0)
 
 
 # -- question queue --------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ def _step(
         decode_ms_per_token=20.0, server_ttft_p50_ms=30.0, server_ttft_p99_ms=80.0, server_decode_ms_per_token=19.0,
         gpu_memory_used_mib=None, router_cpu_per_s=0.1, worker_cpu_per_s=0.9, decode_cpu_per_s=0.01,
         engine_thread_share={"ingest": 0.6, "idle": 0.4}, frames_per_ingest_call=cameras / 2,
+        forward_passes_per_ingest_call=1.25,
     )  # fmt: skip
 
 
@@ -69,7 +70,7 @@ def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
     assert "largest real-time N (lag p99 < 2 s, no drops, no client errors, >= 90% of frames ingested): 8" in lines[3]
     assert (
         lines[-1] == "N=16: the worker's engine thread, seconds per second: ingest 0.60, idle 0.40; frames per "
-        "ingest call: 8.0"
+        "ingest call: 8.0, forward passes per call: 1.25"
     )
     report["steps"][1]["worker_gil"] = {"mean_late_ms": 0.734, "share_over_1ms": 0.25, "max_late_ms_so_far": 4.9}
     assert table(report).splitlines()[-1] == (
@@ -77,24 +78,26 @@ def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
     )
 
 
-def test_engine_thread_share_and_frames_per_call_come_from_two_scrapes():
+def test_engine_thread_share_and_call_sizes_come_from_two_scrapes():
     from services.bench_service import engine_thread, engine_totals
 
-    def scrape(ingest_s: float, questions_s: float, frames: float, calls: float) -> str:
+    def scrape(ingest_s: float, questions_s: float, frames: float, calls: float, passes: float) -> str:
         return "\n".join([
             f'mosaic_engine_loop_seconds_total{{worker="0",part="ingest"}} {ingest_s}',
             f'mosaic_engine_loop_seconds_total{{worker="1",part="ingest"}} {ingest_s}',
             f'mosaic_engine_loop_seconds_total{{worker="0",part="questions"}} {questions_s}',
             f'mosaic_ingest_batch_frames_sum{{worker="0"}} {frames}',
             f'mosaic_ingest_batch_frames_count{{worker="0"}} {calls}',
+            f'mosaic_ingest_forward_passes_total{{worker="0"}} {passes}',
             'mosaic_frames_ingested_total{stream="cam"} 12.0',
         ])  # fmt: skip
 
-    before, after = engine_totals(scrape(1.0, 2.0, 64, 2)), engine_totals(scrape(4.0, 3.0, 320, 6))
-    share, per_call = engine_thread(before, after, elapsed_s=10.0)
-    assert share == pytest.approx({"ingest": 0.6, "questions": 0.1})  # two workers' ingest seconds add up
-    assert per_call == 64.0
-    assert engine_thread(before, before, elapsed_s=10.0)[1] is None  # no ingest call in between
+    before, after = engine_totals(scrape(1.0, 2.0, 64, 2, 4)), engine_totals(scrape(4.0, 3.0, 320, 6, 10))
+    thread = engine_thread(before, after, elapsed_s=10.0)
+    assert thread.share == pytest.approx({"ingest": 0.6, "questions": 0.1})  # two workers' ingest seconds add up
+    assert (thread.frames_per_call, thread.passes_per_call) == (64.0, 1.5)
+    idle = engine_thread(before, before, elapsed_s=10.0)
+    assert (idle.frames_per_call, idle.passes_per_call) == (None, None)  # no ingest call in between
 
 
 def test_stream_samples_read_lag_and_counters_per_camera_from_metrics_text():
