@@ -27,7 +27,6 @@ RETENTION_CHECK_INTERVAL_S = 1.0
 class _Written:
     """What was last published for one cluster."""
 
-    stream_id: str
     tier: str
     end_s: float
     num_bytes: int
@@ -48,7 +47,7 @@ class TierSync:
         self.publisher = publisher
         self.worker_id = worker_id
         self._moved_streams: set[str] = set()
-        self._written: dict[str, _Written] = {}
+        self._written: dict[str, dict[str, _Written]] = {}  # stream -> cluster -> what was last published
         self._last_retention_s: dict[str, float] = {}
         engine.tiering.listeners.append(self._on_move)
 
@@ -65,8 +64,7 @@ class TierSync:
 
     def forget_stream(self, stream_id: str) -> None:
         """Drops what this worker remembers of a deleted stream (the publisher deletes its records)."""
-        for cluster_id in [c for c, w in self._written.items() if w.stream_id == stream_id]:
-            del self._written[cluster_id]
+        self._written.pop(stream_id, None)
         self._last_retention_s.pop(stream_id, None)
         self._moved_streams.discard(stream_id)
 
@@ -93,14 +91,15 @@ class TierSync:
 
     def _diff(self, stream_id: str) -> None:
         infos = {info.cluster_id: info for info in self.engine.clusters(stream_id)}
+        written = self._written.setdefault(stream_id, {})
         for cluster_id, info in infos.items():
-            current = _Written(stream_id, info.tier, info.end_s, info.num_bytes, info.last_frame)
-            if self._written.get(cluster_id) != current:
+            current = _Written(info.tier, info.end_s, info.num_bytes, info.last_frame)
+            if written.get(cluster_id) != current:
                 self.publisher.enqueue(PutCluster(self._meta(stream_id, info)))
-                self._written[cluster_id] = current
-        for cluster_id in [c for c, w in self._written.items() if w.stream_id == stream_id and c not in infos]:
+                written[cluster_id] = current
+        for cluster_id in [c for c in written if c not in infos]:
             self.publisher.enqueue(DeleteCluster(stream_id, cluster_id))
-            del self._written[cluster_id]
+            del written[cluster_id]
 
     def apply_retention(self, stream_id: str, retention_s: float, *, now_s: float | None = None) -> list[str]:
         """Drops the stream's clusters that ended before ``newest frame - retention_s``; returns their ids.
@@ -119,6 +118,6 @@ class TierSync:
             return []
         expired = self.engine.drop_clusters_before(stream_id, state.last_timestamp_s - retention_s)
         for cluster_id in expired:
-            if self._written.pop(cluster_id, None) is not None:
+            if self._written.get(stream_id, {}).pop(cluster_id, None) is not None:
                 self.publisher.enqueue(DeleteCluster(stream_id, cluster_id))
         return expired

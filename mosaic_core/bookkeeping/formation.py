@@ -248,6 +248,11 @@ class ClusterFormer:
         """Copies of every record, in order of their first frames (the open cluster, if any, last)."""
         return [record.copy() for record in self._records]
 
+    def records_to_read(self) -> tuple[ClusterRecord, ...]:
+        """The records themselves, in the order of ``records``, for a caller that only reads them: no copies, so a
+        listing of many streams' clusters after every ingest call stays cheap."""
+        return tuple(self._records)
+
     def open_cluster(self) -> ClusterRecord | None:
         open_rec = self._open()
         return None if open_rec is None else open_rec.copy()

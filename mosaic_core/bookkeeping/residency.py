@@ -301,6 +301,10 @@ class ResidencyManager:
     def tier_of(self, cluster_id: str) -> Tier:
         return self._get(cluster_id).tier
 
+    def record_to_read(self, cluster_id: str) -> ClusterResidency:
+        """The cluster's record itself, not a copy, for a caller that only reads it."""
+        return self._get(cluster_id)
+
     def record(self, cluster_id: str) -> ClusterResidency:
         """A copy of the cluster's record (its ``pages``, ``summary`` and ``co_retrieval`` are the live ones)."""
         return dataclasses.replace(self._get(cluster_id))

@@ -343,12 +343,12 @@ class Engine:
         residency, in_window = self.tiering.residency, state.local_cluster_ids()
         expired = [
             r.cluster_id
-            for r in state.former.records()
+            for r in state.former.records_to_read()
             if r.sealed
             and r.end_s < cutoff_s
             and r.cluster_id in residency
             and r.cluster_id not in in_window
-            and not residency.record(r.cluster_id).pinned
+            and not residency.record_to_read(r.cluster_id).pinned
         ]
         for cluster_id in expired:
             self.tiering.remove(cluster_id)
@@ -443,10 +443,10 @@ class Engine:
         state = self.stream(stream_id)
         residency = self.tiering.residency
         infos = []
-        for record in state.former.records():
+        for record in state.former.records_to_read():
             if record.cluster_id not in residency:
                 continue
-            res = residency.record(record.cluster_id)
+            res = residency.record_to_read(record.cluster_id)
             infos.append(
                 ClusterInfo(
                     cluster_id=record.cluster_id,
