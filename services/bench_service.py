@@ -10,7 +10,8 @@ step by step (``--cameras 32,64,...``). At each step it adds cameras up to N:
   1/fps seconds, each carrying its camera's clock (JPEGs are encoded once, before the run);
 
 while ``--question-clients`` clients ask ``--questions-per-s`` questions in all, each about one random camera.
-After ``--warmup-s`` it measures for ``--measure-s``: frames ingested per second, the lag of every camera
+After ``--warmup-s``, and then until every camera's lag is under 2 s (a backlog left by adding the cameras drains)
+or ``--settle-s`` has passed, it measures for ``--measure-s``: frames ingested per second, the lag of every camera
 (the wait of its oldest queued frame, read from /metrics once a second), frames dropped or refused,
 time to first token and decode ms/token as the client sees them through gRPC (and as the server reports
 them), GPU memory (nvidia-smi), and the CPU seconds per second of the router and the worker (from /proc).
@@ -42,7 +43,7 @@ import numpy as np
 
 from services import gil_probe
 from services.bench_service_load import Load
-from services.bench_service_report import StepResult, describe, table, write
+from services.bench_service_report import LAG_LIMIT_S, StepResult, describe, table, write
 from services.config import ServiceConfig
 from services.local_service import LocalService
 
@@ -148,15 +149,17 @@ def engine_thread(before: dict[str, float], after: dict[str, float], elapsed_s: 
 
 
 def measure_step(service: LocalService, load: Load, cameras: list[str], args, decode_cost_s: dict) -> StepResult:
-    """Samples lag once a second for ``args.measure_s`` after the warm-up, and everything else as deltas.
+    """Samples lag once a second for ``args.measure_s`` after the warm-up and the settling (``settle``), and
+    everything else as deltas.
 
     Lag and frame counts come from /metrics, which the router keeps from the workers' telemetry, rather than from
     ListStreams: that call asks the worker's engine thread once per stream, so under load it measures the engine's
     queue more than the cameras (it went UNAVAILABLE at 32 cameras on the H200).
     """
     time.sleep(args.warmup_s)
-    load.take()  # the warm-up's answers and errors are not this step's
     ids = set(cameras)
+    settled_after_s = settle(service, ids, args.settle_s)
+    load.take()  # the warm-up's answers and errors are not this step's
     stats_errors: Counter = Counter()
 
     engine_seen: list[dict[str, float]] = []
@@ -227,7 +230,23 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         frames_per_ingest_call=thread.frames_per_call,
         forward_passes_per_ingest_call=thread.passes_per_call,
         worker_gil=gil_probe.wait_share(gil_before, gil_probe.read_latest(service.workdir, "worker-*")),
+        settled_after_s=settled_after_s,
     )
+
+
+def settle(service: LocalService, ids: set[str], limit_s: float) -> float | None:
+    """Waits, reading /metrics once a second, until the lag of every camera in ``ids`` is under ``LAG_LIMIT_S``, for
+    at most ``limit_s``; returns the seconds waited, or None when the lag stayed above the limit."""
+    started = time.monotonic()
+    while True:
+        text = service.metrics_text()
+        lags = [s.lag_s for s in stream_samples(text, ids).values()] if text else []
+        waited_s = time.monotonic() - started
+        if len(lags) == len(ids) and max(lags) < LAG_LIMIT_S:
+            return waited_s
+        if waited_s >= limit_s:
+            return None
+        time.sleep(1.0)
 
 
 def clip_path(explicit: str | None) -> str:
@@ -414,6 +433,10 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--question-clients", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--warmup-s", type=float, default=15.0, help="after adding cameras, before measuring")
+    parser.add_argument(
+        "--settle-s", type=float, default=60.0,
+        help="after the warm-up, wait up to this long for every camera's lag to fall under 2 s, then measure",
+    )  # fmt: skip
     parser.add_argument("--measure-s", type=float, default=30.0)
     parser.add_argument("--retention-s", type=float, default=20.0, help="each camera keeps this much history")
     parser.add_argument("--tokens-per-frame", type=int, default=128)
@@ -464,7 +487,7 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0.0 <= args.pulled_share <= 1.0:
         parser.error(f"--pulled-share {args.pulled_share} must be within 0..1")
     if args.quick:
-        args.model, args.cameras, args.warmup_s, args.measure_s = "tiny", [2, 4], 4.0, 6.0
+        args.model, args.cameras, args.warmup_s, args.measure_s, args.settle_s = "tiny", [2, 4], 4.0, 6.0, 10.0
         args.push_clients, args.question_clients, args.questions_per_s = 2, 2, 0.5
         args.max_new_tokens, args.retention_s, args.start_timeout_s = 4, 20.0, 240.0
     return args

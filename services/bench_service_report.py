@@ -44,6 +44,7 @@ class StepResult:
     frames_per_ingest_call: float | None
     forward_passes_per_ingest_call: float | None
     worker_gil: dict | None = None  # how late the worker's GIL probe woke (services.gil_probe.wait_share)
+    settled_after_s: float | None = None  # after the warm-up, until every lag was under LAG_LIMIT_S; None: never
 
     @property
     def real_time(self) -> bool:
@@ -109,6 +110,14 @@ def table(report: dict) -> str:
         f"client errors (push, question, /metrics) by N: {errors or 'none'}",
     ]
     for step in report["steps"]:
+        if "settled_after_s" in step:
+            settled = step["settled_after_s"]
+            limit = report["args"].get("settle_s")
+            lines.append(
+                f"N={step['cameras']}: every lag under {LAG_LIMIT_S:.0f} s "
+                + (f"{settled:.0f} s after the warm-up" if settled is not None else f"never within {limit:g} s")
+                + "; measured after that"
+            )
         share = ", ".join(f"{part} {s:.2f}" for part, s in step["engine_thread_share"].items())
         per_call, passes = step["frames_per_ingest_call"], step.get("forward_passes_per_ingest_call")
         lines.append(

@@ -29,7 +29,7 @@ def _step(
         decode_ms_per_token=20.0, server_ttft_p50_ms=30.0, server_ttft_p99_ms=80.0, server_decode_ms_per_token=19.0,
         gpu_memory_used_mib=None, router_cpu_per_s=0.1, worker_cpu_per_s=0.9, decode_cpu_per_s=0.01,
         engine_thread_share={"ingest": 0.6, "idle": 0.4}, frames_per_ingest_call=cameras / 2,
-        forward_passes_per_ingest_call=1.25,
+        forward_passes_per_ingest_call=1.25, settled_after_s=None,
     )  # fmt: skip
 
 
@@ -59,7 +59,7 @@ def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
         "steps": [{**{f: getattr(s, f) for f in StepResult.__slots__}, "real_time": s.real_time} for s in steps],
         "largest_real_time_cameras": 8,
         "service": {"model": "qwen2.5-vl-7b"},
-        "args": {"fps": 1.0, "questions_per_s": 1.0},
+        "args": {"fps": 1.0, "questions_per_s": 1.0, "settle_s": 60.0},
         "start_s": 90.0,
         "decode_cost": {"jpeg_s": 0.0012, "video_s": 0.02, "frame_px": "640x272"},
     }
@@ -72,6 +72,9 @@ def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
         lines[-1] == "N=16: the worker's engine thread, seconds per second: ingest 0.60, idle 0.40; frames per "
         "ingest call: 8.0, forward passes per call: 1.25"
     )
+    assert lines[-2] == "N=16: every lag under 2 s never within 60 s; measured after that"
+    report["steps"][0]["settled_after_s"] = 12.4
+    assert "N=8: every lag under 2 s 12 s after the warm-up; measured after that" in table(report).splitlines()
     report["steps"][1]["worker_gil"] = {"mean_late_ms": 0.734, "share_over_1ms": 0.25, "max_late_ms_so_far": 4.9}
     assert table(report).splitlines()[-1] == (
         "N=16: the worker's GIL: a 2-ms sleep woke 0.73 ms late on average, 25% of them over 1 ms late"
