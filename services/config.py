@@ -111,11 +111,15 @@ class ServiceConfig(BaseModel):
     ingest_pause_frames: int = Field(0, ge=0)
     ingest_pause_blocks: int = Field(0, ge=0)
     ingest_pause_placed: int = Field(0, ge=0)
+    # At a pause the host waits until the device is at most this many chunks of work (the work between two pauses)
+    # behind it: more lets the host place a pass's frames while the device still runs its language model, and makes a
+    # question started at a pause wait for more ingest work. Not measured on a GPU above 1 (bench/NOTES.md, session 16).
+    ingest_pause_lookahead: int = Field(1, ge=1)
     # On a GPU, questions started at those pauses run on a high-priority CUDA stream beside the ingest work already
     # queued, and the host does not wait for the device at pauses (mosaic_core.engine.ingest_pauses); false: the
-    # host waits at each pause until the device is one chunk behind, and the questions run behind that chunk. Off by
-    # default: at 128 cameras on the H200 the service ingested 92 frames/s with it, against 123 without, though on
-    # two machines (bench/NOTES.md, session 15).
+    # host waits at each pause until the device is ingest_pause_lookahead chunks behind, and the questions run behind
+    # those chunks. Off by default: at 128 cameras on the H200 the service ingested 92 frames/s with it, against 123
+    # without, though on two machines (bench/NOTES.md, session 15).
     questions_alongside_ingest: bool = False
     # The worker process's sys.setswitchinterval: how long another Python thread (a source decoding video, a push,
     # Ray) may keep the GIL once the engine thread asks for it back. Python's default is 5 ms; the engine thread,

@@ -134,9 +134,11 @@ class EngineLoop:
             of a call's frames at once); 0 pauses only after it.
         ingest_pause_placed: frames placed into clusters between two such chances after a pass's language model;
             0 places all of them at once.
+        ingest_pause_lookahead: at a pause the host waits until the device is at most this many chunks of ingest work
+            (the work between two pauses) behind it.
         questions_alongside_ingest: on CUDA, questions started at a pause run on a high-priority stream beside the
             ingest work already queued, and the host does not wait at pauses; else the host waits at each pause
-            until the device is one chunk behind, and the questions run behind that chunk.
+            until the device is ``ingest_pause_lookahead`` chunks behind, and the questions run behind them.
     """
 
     def __init__(
@@ -157,13 +159,14 @@ class EngineLoop:
         ingest_pause_frames: int = DEFAULT_INGEST_PAUSE_FRAMES,
         ingest_pause_blocks: int = DEFAULT_INGEST_PAUSE_BLOCKS,
         ingest_pause_placed: int = DEFAULT_INGEST_PAUSE_PLACED,
+        ingest_pause_lookahead: int = 1,
         questions_alongside_ingest: bool = DEFAULT_QUESTIONS_ALONGSIDE_INGEST,
     ) -> None:
         pause_settings = (ingest_pause_layers, ingest_pause_frames, ingest_pause_blocks, ingest_pause_placed)
-        if max_questions_per_stream < 1 or min(answer_slice_s, *pause_settings) < 0:
+        if min(max_questions_per_stream, ingest_pause_lookahead) < 1 or min(answer_slice_s, *pause_settings) < 0:
             raise ValueError(
-                f"max_questions_per_stream={max_questions_per_stream} must be >= 1, answer_slice_s={answer_slice_s}, "
-                f"ingest_pause_layers="
+                f"max_questions_per_stream={max_questions_per_stream} and ingest_pause_lookahead="
+                f"{ingest_pause_lookahead} must be >= 1, answer_slice_s={answer_slice_s}, ingest_pause_layers="
                 f"{ingest_pause_layers}, ingest_pause_frames={ingest_pause_frames}, ingest_pause_blocks="
                 f"{ingest_pause_blocks} and ingest_pause_placed={ingest_pause_placed} >= 0"
             )
@@ -183,6 +186,7 @@ class EngineLoop:
         self.ingest_pause_frames = ingest_pause_frames
         self.ingest_pause_blocks = ingest_pause_blocks
         self.ingest_pause_placed = ingest_pause_placed
+        self.ingest_pause_lookahead = ingest_pause_lookahead
         self.questions_alongside_ingest = questions_alongside_ingest
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls
         self._forward_passes = 0  # language-model passes of every ingest call so far
@@ -364,6 +368,7 @@ class EngineLoop:
                 vision_frames=self.ingest_pause_frames or None,
                 vision_blocks=self.ingest_pause_blocks or None,
                 placed_frames=self.ingest_pause_placed or None,
+                lookahead=self.ingest_pause_lookahead,
                 alongside=self.questions_alongside_ingest,
             )
         try:

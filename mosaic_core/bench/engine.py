@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mosaic_core.bench.b_pauses import QuestionAtPause, call_pauses
 from mosaic_core.bench.scenario_a import QUESTIONS as A_QUESTIONS
 from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.config import GIB, MIB, EngineConfig, RetrievalMode
@@ -311,9 +312,13 @@ def scenario_b(
     durable_writers: int = EngineConfig.durable_writers,
     durable_pending_bytes: int = EngineConfig.durable_pending_bytes,
     keyframes_per_cluster: int = EngineConfig.keyframes_per_cluster,
+    pause_layers: int = 0,
+    pause_lookahead: int = 1,
 ) -> dict:
     """Many cameras, batched ingest under a small device budget, then questions while ingest continues. With
-    ``data_dir`` the cameras' history is written durably under it (a folder per mode), as a service worker does."""
+    ``data_dir`` the cameras' history is written durably under it (a folder per mode), as a service worker does; with
+    ``pause_layers`` the ingest calls pause as the service's do, and questions start at a pause
+    (``mosaic_core.bench.b_pauses``)."""
     per_camera = [
         looped_frames(s.camera_seconds, stream_id=f"cam{c:03d}", clip=CLIPS[c % len(CLIPS)], start_s=0.0)
         for c in range(s.cameras)
@@ -349,7 +354,8 @@ def scenario_b(
         calls = []
         progress = Progress(f"B/{mode.value}: passes", s.camera_seconds - 1)  # a line every 5 s, with an ETA
         for second in range(1, half):
-            calls.append(engine.ingest([frames[second] for frames in per_camera]))
+            pauses = call_pauses(pause_layers, pause_lookahead)
+            calls.append(engine.ingest([frames[second] for frames in per_camera], pauses=pauses))
             progress.update(second, "ingest only")
         if s.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -359,9 +365,13 @@ def scenario_b(
         rng = random.Random(0)
         ttfts, ttfts_device = [], []
         for second in range(half, s.camera_seconds):
-            engine.ingest([frames[second] for frames in per_camera])
             camera = f"cam{rng.randrange(s.cameras):03d}"
-            answer = engine.answer(camera, rng.choice(QUESTIONS), max_new_tokens=2)
+            asked = QuestionAtPause(engine, camera, rng.choice(QUESTIONS), max_new_tokens=2)
+            engine.ingest(
+                [frames[second] for frames in per_camera],
+                pauses=call_pauses(pause_layers, pause_lookahead, asked.serve),
+            )
+            answer = asked.finish()
             ttfts.append(answer.timings.time_to_first_token_s)
             ttfts_device.append(answer.timings.first_token_device_s)
             progress.update(second, "ingest and questions")
@@ -397,6 +407,8 @@ def scenario_b(
             "host_bytes_used": stats.used_bytes_by_tier["host"],
             "durable": data_dir is not None,
             "keyframes_per_cluster": config.keyframes_per_cluster,
+            "pause_layers": pause_layers,  # 0: no pauses, and questions asked after the ingest call
+            "pause_lookahead": pause_lookahead,
             "close_s": close_s,
             # captures block the engine thread: a question that captures waits for them
             "graph_captures": {
@@ -484,7 +496,17 @@ def main(argv=None) -> int:
         "--b-keyframes", type=int, default=EngineConfig.keyframes_per_cluster,
         help="scenario B's JPEG keyframes kept per cluster (0: none)",
     )  # fmt: skip
+    parser.add_argument(
+        "--b-pause-layers", type=int, default=0,
+        help="scenario B's ingest calls pause every this many layers, as the service's do (0: no pauses)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--b-pause-lookahead", type=int, default=1,
+        help="chunks of ingest work the host may stay ahead of the device at such a pause",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.b_pause_layers < 0 or args.b_pause_lookahead < 1:
+        parser.error(f"--b-pause-layers {args.b_pause_layers} must be >= 0, --b-pause-lookahead >= 1")
     if args.recall_questions is not None and not 0 <= args.recall_questions <= len(A_QUESTIONS):
         parser.error(f"--recall-questions {args.recall_questions}: choose 0 to {len(A_QUESTIONS)}")
     if not 0 <= args.b_keyframes <= 16:
@@ -525,6 +547,8 @@ def main(argv=None) -> int:
             durable_writers=args.durable_writers,
             durable_pending_bytes=int(args.durable_pending_gib * GIB),
             keyframes_per_cluster=args.b_keyframes,
+            pause_layers=args.b_pause_layers,
+            pause_lookahead=args.b_pause_lookahead,
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -16,12 +16,15 @@ call stops at fixed points and calls ``serve``:
 On CUDA, what happens at a pause depends on ``alongside``:
 
 - **Off (the host waits; the default).** The host first waits until the device has finished the work queued before
-  the previous pause, so it stays at most one chunk of work ahead of the device, and a question started at a pause
-  waits for that one chunk, not for the rest of the call. One chunk stays queued while the host waits, so the
-  device idles where the host needs longer to queue a chunk than the device to run the one before. The waits also
-  keep the host from running ahead through the language model to place the pass's frames while the device runs
-  it, as the engine alone, which never pauses, does: in the service on the H200 at 128 cameras an ingested frame
-  took 6.7 ms of the engine thread, against 5.0 ms for the engine alone (bench/NOTES.md, session 15).
+  the ``lookahead``-th pause back (1: the previous one), so it stays at most that many chunks of work ahead of the
+  device, and a question started at a pause waits for those chunks, not for the rest of the call. Those chunks stay
+  queued while the host waits, so the device idles only where the host needs longer to queue a chunk than the
+  device to run them. The waits also keep the host from running ahead through the language model to place the
+  pass's frames while the device runs it, as the engine alone, which never pauses, does: in the service on the
+  H200 at 128 cameras an ingested frame took 6.7 ms of the engine thread, against 5.0 ms for the engine alone
+  (bench/NOTES.md, session 15). A larger ``lookahead`` lets the host place a pass's frames while the device still
+  runs more of its language model, and makes a question started at a pause wait for more of it; neither has been
+  measured on a GPU.
 - **On (questions alongside).** The host never waits at a pause. ``serve`` runs on the engine's question stream, a
   high-priority CUDA stream, which first waits for the ingest work its questions read, and for the moves queued so
   far on the side stream. That work is what was queued before the pass under way began (before the call's tower,
@@ -43,6 +46,7 @@ merge or promote clusters while a pass is under way.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,9 +63,10 @@ class IngestPauses:
     vision_blocks: int | None = None
     placed_frames: int | None = None
     alongside: bool = False
+    lookahead: int = 1
     num_pauses: int = 0
     _placed_since_pause: int = 0
-    _previous: torch.cuda.Event | None = field(default=None, repr=False)
+    _reached: PauseMarks = field(init=False, repr=False)
     _question_stream: torch.cuda.Stream | None = field(default=None, repr=False)
     _side: torch.cuda.Stream | None = field(default=None, repr=False)
     _pass_start: torch.cuda.Event | None = field(default=None, repr=False)
@@ -74,11 +79,13 @@ class IngestPauses:
             "vision_blocks": self.vision_blocks,
             "placed_frames": self.placed_frames,
         }
-        if self.every_layers < 1 or any(value is not None and value < 1 for value in optional.values()):
+        if min(self.every_layers, self.lookahead) < 1 or any(v is not None and v < 1 for v in optional.values()):
             raise ValueError(
-                f"every_layers={self.every_layers} must be >= 1, and vision_frames={self.vision_frames}, "
-                f"vision_blocks={self.vision_blocks} and placed_frames={self.placed_frames} None or >= 1"
+                f"every_layers={self.every_layers} and lookahead={self.lookahead} must be >= 1, and vision_frames="
+                f"{self.vision_frames}, vision_blocks={self.vision_blocks} and placed_frames={self.placed_frames} "
+                "None or >= 1"
             )
+        self._reached = PauseMarks(self.lookahead)
 
     def begin_call(self, question_stream: torch.cuda.Stream | None, side: torch.cuda.Stream | None) -> None:
         """The ingest call starts (before its tower): the streams questions run on and follow, when ``alongside``."""
@@ -116,10 +123,9 @@ class IngestPauses:
         if device.type != "cuda":
             self.serve()
         elif self._question_stream is None:
-            reached = _recorded()
-            if self._previous is not None:
-                self._previous.synchronize()
-            self._previous = reached
+            behind = self._reached.push(_recorded())
+            if behind is not None:
+                behind.synchronize()
             self.serve()
         else:
             self._serve_alongside(device)
@@ -132,6 +138,20 @@ class IngestPauses:
         with torch.cuda.stream(questions):
             self.serve()
         compute.wait_stream(questions)
+
+
+class PauseMarks:
+    """The marks (CUDA events) recorded at the last ``lookahead`` pauses: ``push`` adds this pause's and gives back
+    the one the host must wait for, recorded ``lookahead`` pauses back, or None while there are fewer."""
+
+    def __init__(self, lookahead: int) -> None:
+        self._marks: deque = deque()
+        self.lookahead = lookahead
+
+    def push(self, mark):
+        behind = self._marks.popleft() if len(self._marks) >= self.lookahead else None
+        self._marks.append(mark)
+        return behind
 
 
 def _recorded() -> torch.cuda.Event:

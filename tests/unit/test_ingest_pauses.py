@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
-from mosaic_core.engine.ingest_pauses import IngestPauses
+from mosaic_core.engine.ingest_pauses import IngestPauses, PauseMarks
 from mosaic_core.engine.results import FrameInput
 from tests.unit.engine_helpers import feed, make_engine
 from tests.unit.hidden_recorder import assert_same_hiddens, record_hiddens
@@ -131,7 +131,14 @@ def test_a_question_started_while_placing_sees_the_streams_placed_so_far(tiny_mo
     assert engine.answer("cam-b", LATER_QUESTION, max_new_tokens=4).token_ids == later
 
 
-@pytest.mark.parametrize("field", ["every_layers", "vision_frames", "vision_blocks", "placed_frames"])
+@pytest.mark.parametrize("lookahead", [1, 3])
+def test_the_host_waits_at_a_pause_for_the_mark_left_lookahead_pauses_back(lookahead):
+    marks = PauseMarks(lookahead)
+    waited = [marks.push(f"pause {i}") for i in range(6)]
+    assert waited == [None] * lookahead + [f"pause {i}" for i in range(6 - lookahead)]
+
+
+@pytest.mark.parametrize("field", ["every_layers", "vision_frames", "vision_blocks", "placed_frames", "lookahead"])
 def test_pauses_need_positive_spacing(field):
     with pytest.raises(ValueError, match=field):
         IngestPauses(lambda: None, **{field: 0})
