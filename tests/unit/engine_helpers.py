@@ -23,6 +23,15 @@ def make_engine(model, **overrides) -> Engine:
     return Engine(model, dataclasses.replace(SMALL, **overrides))
 
 
+def with_history(model, frames, stream_ids, *, num_frames: int = 16) -> Engine:
+    """An engine whose streams have ingested ``num_frames`` frames each, the i-th stream starting at frame i."""
+    engine = make_engine(model)
+    for i, stream_id in enumerate(stream_ids):
+        engine.open_stream(stream_id)
+        feed(engine, stream_id, frames[i : i + num_frames])
+    return engine
+
+
 def feed(engine: Engine, stream_id: str, frames, *, batch: int = 8, offset_s: float = 0.0) -> None:
     items = [FrameInput(stream_id, t + offset_s, rgb) for t, rgb in frames]
     for i in range(0, len(items), batch):

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 from mosaic_core.bench.b_pauses import QuestionAtPause, call_pauses
 from mosaic_core.engine.results import Answer, FrameInput, TokenEvent
-from tests.unit.engine_helpers import feed, make_engine
+from tests.unit.engine_helpers import feed, with_history
 
 QUESTION = "When did the cyclist pass the camera?"
 STREAMS = ("cam-a", "cam-b")
 
 
 def _opened(tiny_model, bikes_frames):
-    engine = make_engine(tiny_model)
-    for i, stream_id in enumerate(STREAMS):
-        engine.open_stream(stream_id)
-        feed(engine, stream_id, bikes_frames[i : i + 16])
-    return engine
+    return with_history(tiny_model, bikes_frames, STREAMS)
 
 
 def test_a_question_asked_during_a_call_starts_at_its_first_pause_and_finishes_after(tiny_model, bikes_frames):

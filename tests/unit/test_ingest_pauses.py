@@ -9,7 +9,7 @@ import torch
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine.ingest_pauses import IngestPauses, PauseMarks
 from mosaic_core.engine.results import FrameInput
-from tests.unit.engine_helpers import feed, make_engine
+from tests.unit.engine_helpers import feed, with_history
 from tests.unit.hidden_recorder import assert_same_hiddens, record_hiddens
 
 QUESTION = "When did the cyclist pass the camera?"
@@ -18,11 +18,7 @@ STREAMS = ("cam-a", "cam-b")
 
 
 def _opened(tiny_model, bikes_frames):
-    engine = make_engine(tiny_model)
-    for i, stream_id in enumerate(STREAMS):
-        engine.open_stream(stream_id)
-        feed(engine, stream_id, bikes_frames[i : i + 16])
-    return engine
+    return with_history(tiny_model, bikes_frames, STREAMS)
 
 
 def _batch(bikes_frames) -> list[FrameInput]:
