@@ -7,10 +7,11 @@ The engine is not thread-safe, so every engine call runs here. One iteration:
     ``max_frames_per_pass``, 1 by default)  ->  start the questions that may start  ->  steps (prefill or one
     token) of every running question, for the answer slice below  ->  sleep until woken if nothing happened
 
-**Every ingest call is one forward pass of different streams.** A call that held two frames of one stream would
-take two passes, the second only as wide as the streams that had two, and small passes cost far more a frame than
-wide ones (bench/NOTES.md, session 16). A stream left out of a full call is the furthest behind at the next, so
-every stream is reached within ``ceil(streams / max_batch_frames)`` calls.
+**Every ingest call holds one row of frames per stream**, so it is one forward pass where the streams' frames are of
+about one size (the engine gives rows of far fewer tokens a pass of their own). A call that held two frames of one
+stream would take two passes, the second only as wide as the streams that had two, and narrow passes cost far more a
+frame than wide ones (bench/NOTES.md, session 16). A stream left out of a full call is among the furthest behind at
+the next, so every stream is reached within ``ceil(streams / max_batch_frames)`` calls.
 
 **A new question does not wait for the ingest call under way.** An ingest call pauses after the vision tower (or
 each chunk of ``ingest_pause_frames`` frames through it), inside it before every ``ingest_pause_blocks``-th block,
