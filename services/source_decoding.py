@@ -3,8 +3,7 @@
 A source decoded by a thread of the worker holds the worker's GIL for a part of every frame it decodes (PyAV's
 Python work between FFmpeg's calls), not only of the frames it samples: at 1 fps from a 25-fps clip, about 1 ms of
 GIL a second per camera on a CPU, and 0.24 ms with a child (``python -m bench.gil_threads``; bench/NOTES.md,
-session 15). The engine
-thread, which queues the GPU's work from Python, waits that long. ``iter_frames_in_child`` runs
+session 15). The engine thread, which queues the GPU's work from Python, waits that long. ``iter_frames_in_child`` runs
 ``iter_video_frames`` in a child process (``services.decode_child``) and yields what it would yield: the same
 frames, and the same errors, raised here with their class and sentence. This process only reads each sampled
 frame's bytes from a pipe, with the GIL released while it waits.
