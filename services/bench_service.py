@@ -290,6 +290,7 @@ def service_overrides(args, clip: str) -> dict:
         "ingest_pause_blocks": args.ingest_pause_blocks,
         "ingest_pause_placed": args.ingest_pause_placed,
         "ingest_pause_lookahead": args.ingest_pause_lookahead,
+        "ingest_pause_skip_idle": args.ingest_pause_skip_idle,
         "questions_alongside_ingest": args.questions_alongside_ingest,
         "python_switch_interval_s": args.switch_interval_ms / 1e3,
         "decode_sources_in_processes": not args.decode_sources_in_threads,
@@ -463,6 +464,10 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ingest-pause-lookahead", type=int, default=ServiceConfig.model_fields["ingest_pause_lookahead"].default,
         help="chunks of ingest work the host may stay ahead of the device at a pause",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ingest-pause-skip-idle", action="store_true",
+        help="ingest_pause_skip_idle on: a pause where no question waits is passed without waiting for the device",
     )  # fmt: skip
     parser.add_argument(
         "--switch-interval-ms", type=float,

@@ -115,6 +115,10 @@ class ServiceConfig(BaseModel):
     # behind it: more lets the host place a pass's frames while the device still runs its language model, and makes a
     # question started at a pause wait for more ingest work. Not measured on a GPU above 1 (bench/NOTES.md, session 16).
     ingest_pause_lookahead: int = Field(1, ge=1)
+    # A pause where no question waits to start is passed without waiting for the device, so a call that no question
+    # arrives in runs as without pauses, the host placing a pass's frames while the device runs its language model; a
+    # question that arrives then waits at the next pause for the device to catch up. Not measured on a GPU yet.
+    ingest_pause_skip_idle: bool = False
     # On a GPU, questions started at those pauses run on a high-priority CUDA stream beside the ingest work already
     # queued, and the host does not wait for the device at pauses (mosaic_core.engine.ingest_pauses); false: the
     # host waits at each pause until the device is ingest_pause_lookahead chunks behind, and the questions run behind

@@ -137,6 +137,7 @@ class EngineLoop:
             0 places all of them at once.
         ingest_pause_lookahead: at a pause the host waits until the device is at most this many chunks of ingest work
             (the work between two pauses) behind it.
+        ingest_pause_skip_idle: a pause where no question waits to start is passed without waiting for the device.
         questions_alongside_ingest: on CUDA, questions started at a pause run on a high-priority stream beside the
             ingest work already queued, and the host does not wait at pauses; else the host waits at each pause
             until the device is ``ingest_pause_lookahead`` chunks behind, and the questions run behind them.
@@ -161,6 +162,7 @@ class EngineLoop:
         ingest_pause_blocks: int = DEFAULT_INGEST_PAUSE_BLOCKS,
         ingest_pause_placed: int = DEFAULT_INGEST_PAUSE_PLACED,
         ingest_pause_lookahead: int = 1,
+        ingest_pause_skip_idle: bool = False,
         questions_alongside_ingest: bool = DEFAULT_QUESTIONS_ALONGSIDE_INGEST,
     ) -> None:
         pause_settings = (ingest_pause_layers, ingest_pause_frames, ingest_pause_blocks, ingest_pause_placed)
@@ -188,6 +190,7 @@ class EngineLoop:
         self.ingest_pause_blocks = ingest_pause_blocks
         self.ingest_pause_placed = ingest_pause_placed
         self.ingest_pause_lookahead = ingest_pause_lookahead
+        self.ingest_pause_skip_idle = ingest_pause_skip_idle
         self.questions_alongside_ingest = questions_alongside_ingest
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls
         self._forward_passes = 0  # language-model passes of every ingest call so far
@@ -370,6 +373,7 @@ class EngineLoop:
                 vision_blocks=self.ingest_pause_blocks or None,
                 placed_frames=self.ingest_pause_placed or None,
                 lookahead=self.ingest_pause_lookahead,
+                has_work=self._question_waits if self.ingest_pause_skip_idle else None,
                 alongside=self.questions_alongside_ingest,
             )
         try:
@@ -401,6 +405,9 @@ class EngineLoop:
                     self._step(job)
         finally:
             self._served_in_pauses_s += time.monotonic() - started_s
+
+    def _question_waits(self) -> bool:
+        return bool(self._pending_questions)
 
     def _has_frames(self, stream_id: str) -> bool:
         return stream_id in self.engine.streams and self.engine.stream(stream_id).frames_ingested > 0

@@ -13,7 +13,13 @@ call stops at fixed points and calls ``serve``:
   queued (the host's longest stretch without a pause: 350 ms of 650 at 128 cameras on the H200, session 14), but
   not after its last ones: the next pass's first layer, or the call's end, comes soon after them.
 
-On CUDA, what happens at a pause depends on ``alongside``:
+With ``has_work``, a pause where it answers no (no question waits) is passed: the host neither waits for the device
+there nor calls ``serve``, so a call in which no question arrives runs as without pauses, the host queuing the whole
+language model and placing the pass's frames while the device runs it. A question that arrives then waits, at the next
+pause, for the device to catch up with the host to within ``lookahead`` chunks, more than one chunk when the host had
+run ahead.
+
+On CUDA, what happens at a pause where ``serve`` is called depends on ``alongside``:
 
 - **Off (the host waits; the default).** The host first waits until the device has finished the work queued before
   the ``lookahead``-th pause back (1: the previous one), so it stays at most that many chunks of work ahead of the
@@ -59,6 +65,7 @@ class IngestPauses:
 
     serve: Callable[[], None]
     every_layers: int = 4
+    has_work: Callable[[], bool] | None = None
     vision_frames: int | None = None
     vision_blocks: int | None = None
     placed_frames: int | None = None
@@ -120,15 +127,16 @@ class IngestPauses:
 
     def pause(self, device: torch.device) -> None:
         self.num_pauses += 1
-        if device.type != "cuda":
-            self.serve()
-        elif self._question_stream is None:
-            behind = self._reached.push(_recorded())
-            if behind is not None:
-                behind.synchronize()
-            self.serve()
-        else:
+        waits = device.type == "cuda" and self._question_stream is None
+        behind = self._reached.push(_recorded()) if waits else None
+        if self.has_work is not None and not self.has_work():
+            return
+        if behind is not None:
+            behind.synchronize()
+        if self._question_stream is not None:  # alongside, on CUDA
             self._serve_alongside(device)
+        else:
+            self.serve()
 
     def _serve_alongside(self, device: torch.device) -> None:
         compute, questions = torch.cuda.current_stream(device), self._question_stream

@@ -57,9 +57,11 @@ class EngineWatchingAQuestion:
         return result
 
 
-@pytest.mark.parametrize(("pause_layers", "answered_inside_the_call"), [(2, True), (0, False)])
+@pytest.mark.parametrize(
+    ("pause_layers", "skip_idle", "answered_inside_the_call"), [(2, False, True), (2, True, True), (0, False, False)]
+)
 def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause(
-    tiny_model, bikes_frames, pause_layers, answered_inside_the_call
+    tiny_model, bikes_frames, pause_layers, skip_idle, answered_inside_the_call
 ):
     engine = Engine(tiny_model, SMALL)
     queues = QuestionOnSecondCall(64)
@@ -74,6 +76,7 @@ def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause(
         retention_s=lambda stream_id: 0.0,
         ingest_pause_layers=pause_layers,
         ingest_pause_frames=4,
+        ingest_pause_skip_idle=skip_idle,
     )
     queues.loop = loop
     for stream_id in STREAMS:

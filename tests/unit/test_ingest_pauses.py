@@ -127,6 +127,17 @@ def test_a_question_started_while_placing_sees_the_streams_placed_so_far(tiny_mo
     assert engine.answer("cam-b", LATER_QUESTION, max_new_tokens=4).token_ids == later
 
 
+def test_pauses_with_no_work_are_passed_without_serving(tiny_model, bikes_frames):
+    engine = _opened(tiny_model, bikes_frames)
+    served_at = []
+    pauses = IngestPauses(
+        lambda: served_at.append(pauses.num_pauses), every_layers=2, has_work=lambda: pauses.num_pauses in (3, 7)
+    )
+    engine.ingest(_batch(bikes_frames), pauses=pauses)
+    assert pauses.num_pauses == 1 + 4 * -(-tiny_model.kv_spec.num_layers // 2)
+    assert served_at == [3, 7]
+
+
 @pytest.mark.parametrize("lookahead", [1, 3])
 def test_the_host_waits_at_a_pause_for_the_mark_left_lookahead_pauses_back(lookahead):
     marks = PauseMarks(lookahead)
