@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import random
 import statistics
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mosaic_core.bench.b_pauses import QuestionAtPause, call_pauses
+from mosaic_core.bench.b_pauses import PauseVariant, QuestionAtPause, call_pauses
 from mosaic_core.bench.scenario_a import QUESTIONS as A_QUESTIONS
 from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.config import GIB, MIB, EngineConfig, RetrievalMode
@@ -312,19 +313,20 @@ def scenario_b(
     durable_writers: int = EngineConfig.durable_writers,
     durable_pending_bytes: int = EngineConfig.durable_pending_bytes,
     keyframes_per_cluster: int = EngineConfig.keyframes_per_cluster,
-    pause_layers: int = 0,
-    pause_lookahead: int = 1,
+    pause_variants: tuple[PauseVariant, ...] = (PauseVariant(),),
 ) -> dict:
     """Many cameras, batched ingest under a small device budget, then questions while ingest continues. With
-    ``data_dir`` the cameras' history is written durably under it (a folder per mode), as a service worker does; with
-    ``pause_layers`` the ingest calls pause as the service's do, and questions start at a pause
-    (``mosaic_core.bench.b_pauses``)."""
+    ``data_dir`` the cameras' history is written durably under it (a folder per mode), as a service worker does. Each
+    mode runs once per pause variant, on an engine of its own: with pauses, the ingest calls pause as the service's
+    do, and questions start at a pause (``mosaic_core.bench.b_pauses``). With several variants a row is named by
+    mode and variant."""
     per_camera = [
         looped_frames(s.camera_seconds, stream_id=f"cam{c:03d}", clip=CLIPS[c % len(CLIPS)], start_s=0.0)
         for c in range(s.cameras)
     ]
     results = {}
-    for mode in modes:
+    for mode, variant in itertools.product(modes, pause_variants):
+        row = mode.value if len(pause_variants) == 1 else f"{mode.value} {variant.name}"
         # A small window per camera keeps 32 windows well inside a device budget far below the cameras' KV.
         config = dataclasses.replace(
             engine_config(s, mode),
@@ -341,7 +343,7 @@ def scenario_b(
         if data_dir is not None:
             config = dataclasses.replace(
                 config,
-                data_dir=str(Path(data_dir) / mode.value),
+                data_dir=str(Path(data_dir) / row.replace(" ", "-")),
                 durable_writers=durable_writers,
                 durable_pending_bytes=durable_pending_bytes,
             )
@@ -352,10 +354,9 @@ def scenario_b(
         engine.ingest([frames[0] for frames in per_camera])  # warm-up: the first pass compiles and allocates
         t0 = time.perf_counter()
         calls = []
-        progress = Progress(f"B/{mode.value}: passes", s.camera_seconds - 1)  # a line every 5 s, with an ETA
+        progress = Progress(f"B/{row}: passes", s.camera_seconds - 1)  # a line every 5 s, with an ETA
         for second in range(1, half):
-            pauses = call_pauses(pause_layers, pause_lookahead)
-            calls.append(engine.ingest([frames[second] for frames in per_camera], pauses=pauses))
+            calls.append(engine.ingest([frames[second] for frames in per_camera], pauses=call_pauses(variant)))
             progress.update(second, "ingest only")
         if s.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -369,13 +370,13 @@ def scenario_b(
             asked = QuestionAtPause(engine, camera, rng.choice(QUESTIONS), max_new_tokens=2)
             engine.ingest(
                 [frames[second] for frames in per_camera],
-                pauses=call_pauses(pause_layers, pause_lookahead, asked.serve),
+                pauses=call_pauses(variant, asked),
             )
             answer = asked.finish()
             ttfts.append(answer.timings.time_to_first_token_s)
             ttfts_device.append(answer.timings.first_token_device_s)
             progress.update(second, "ingest and questions")
-        if profile_to is not None and mode is RetrievalMode.CLUSTER:
+        if profile_to is not None and mode is RetrievalMode.CLUSTER and variant == pause_variants[0]:
             batches = [[frames[k] for frames in per_camera] for k in range(3)]
             profile_ingest(engine, batches, profile_to, [f"cam{c:03d}" for c in range(3)])
         stats = engine.stats()
@@ -384,7 +385,7 @@ def scenario_b(
         closing = time.perf_counter()
         engine.close()  # with a data directory: waits until every sealed cluster queued so far is on disk
         close_s = time.perf_counter() - closing
-        results[mode.value] = {
+        results[row] = {
             "cameras": s.cameras,
             "total_kv_bytes": total_kv,
             "device_budget_bytes": config.device_budget_bytes,
@@ -407,8 +408,7 @@ def scenario_b(
             "host_bytes_used": stats.used_bytes_by_tier["host"],
             "durable": data_dir is not None,
             "keyframes_per_cluster": config.keyframes_per_cluster,
-            "pause_layers": pause_layers,  # 0: no pauses, and questions asked after the ingest call
-            "pause_lookahead": pause_lookahead,
+            "pauses": variant.name,  # off: questions asked after the ingest call
             "close_s": close_s,
             # captures block the engine thread: a question that captures waits for them
             "graph_captures": {
@@ -417,7 +417,7 @@ def scenario_b(
             },
         }
         if durable is not None:  # before closing: what held ingest back, and how busy the file writers were
-            results[mode.value]["durable_writes"] = {
+            results[row]["durable_writes"] = {
                 "writers": config.durable_writers,
                 "pending_bytes_bound": config.durable_pending_bytes,
                 "submit_wait_s": durable.submit_wait_s,
@@ -429,7 +429,7 @@ def scenario_b(
                 "seal_to_durable_s_max": durable.seal_to_durable_s_max,
                 "seconds_measured": time.perf_counter() - t0,
             }
-        log(f"B/{mode.value}: {json.dumps(results[mode.value])}")
+        log(f"B/{row}: {json.dumps(results[row])}")
         del engine
     return results
 
@@ -497,16 +497,15 @@ def main(argv=None) -> int:
         help="scenario B's JPEG keyframes kept per cluster (0: none)",
     )  # fmt: skip
     parser.add_argument(
-        "--b-pause-layers", type=int, default=0,
-        help="scenario B's ingest calls pause every this many layers, as the service's do (0: no pauses)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--b-pause-lookahead", type=int, default=1,
-        help="chunks of ingest work the host may stay ahead of the device at such a pause",
+        "--b-pauses", default="off",
+        help="scenario B's pause variants, comma-separated, each run side by side: off, or every<L>[-ahead<K>]"
+        "[-skip-idle] to pause every L layers as the service's ingest calls do (mosaic_core/bench/b_pauses.py)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.b_pause_layers < 0 or args.b_pause_lookahead < 1:
-        parser.error(f"--b-pause-layers {args.b_pause_layers} must be >= 0, --b-pause-lookahead >= 1")
+    try:
+        pause_variants = tuple(dict.fromkeys(PauseVariant.parse(v.strip()) for v in args.b_pauses.split(",")))
+    except ValueError as err:
+        parser.error(f"--b-pauses: {err}")
     if args.recall_questions is not None and not 0 <= args.recall_questions <= len(A_QUESTIONS):
         parser.error(f"--recall-questions {args.recall_questions}: choose 0 to {len(A_QUESTIONS)}")
     if not 0 <= args.b_keyframes <= 16:
@@ -547,8 +546,7 @@ def main(argv=None) -> int:
             durable_writers=args.durable_writers,
             durable_pending_bytes=int(args.durable_pending_gib * GIB),
             keyframes_per_cluster=args.b_keyframes,
-            pause_layers=args.b_pause_layers,
-            pause_lookahead=args.b_pause_lookahead,
+            pause_variants=pause_variants,
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
