@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gc
 import itertools
 import json
 import random
@@ -430,7 +431,10 @@ def scenario_b(
                 "seconds_measured": time.perf_counter() - t0,
             }
         log(f"B/{row}: {json.dumps(results[row])}")
-        del engine
+        del engine, asked  # the question's answer holds the engine: the next engine takes the device budget afresh
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return results
 
 
