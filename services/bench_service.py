@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services import gil_probe
+from services import gil_probe, stack_probe
 from services.bench_service_load import Load
 from services.bench_service_report import LAG_LIMIT_S, StepResult, describe, table, write
 from services.config import ServiceConfig
@@ -174,6 +174,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         return stream_samples(text, ids)
 
     gil_before = gil_probe.read_latest(service.workdir, "worker-*")
+    stacks_before = stack_probe.read_latest(service.workdir, "worker-*")
     samples, t0 = [stats()], time.monotonic()
     cpu0 = (cpu_seconds(service.server.pid), cpu_seconds(service.worker_pid()))
     gpu = []
@@ -230,6 +231,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         frames_per_ingest_call=thread.frames_per_call,
         forward_passes_per_ingest_call=thread.passes_per_call,
         worker_gil=gil_probe.wait_share(gil_before, gil_probe.read_latest(service.workdir, "worker-*")),
+        engine_stacks=stack_probe.busiest(stacks_before, stack_probe.read_latest(service.workdir, "worker-*")),
         settled_after_s=settled_after_s,
     )
 
@@ -370,7 +372,8 @@ def run_ramp(workdir: Path, args, on_step=None) -> dict:
         _status(f"starting redis-server and mosaic serve ({what})")
         started = time.monotonic()
         service.start_redis()
-        with _gil_probed(workdir if args.gil_probe else None):  # the service's processes inherit the setting
+        probes = [gil_probe.ENV_DIR] * args.gil_probe + [stack_probe.ENV_DIR] * args.stack_probe
+        with _probes_on(probes, workdir):  # the service's processes inherit the settings
             service.start_server(timeout_s=args.start_timeout_s)
         start_s = time.monotonic() - started
         _status(f"serving after {start_s:.0f} s; GPU memory {gpu_memory_used_mib()} MiB")
@@ -399,20 +402,18 @@ def run_ramp(workdir: Path, args, on_step=None) -> dict:
 
 
 @contextlib.contextmanager
-def _gil_probed(directory: Path | None):
-    """While starting the service: ``MOSAIC_GIL_DIR`` set to ``directory`` (nothing when None)."""
-    if directory is None:
-        yield
-        return
-    saved = os.environ.get(gil_probe.ENV_DIR)
-    os.environ[gil_probe.ENV_DIR] = str(directory)
+def _probes_on(variables: list[str], directory: Path):
+    """While starting the service: each of the probes' ``variables`` set to ``directory``."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update({name: str(directory) for name in variables})
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(gil_probe.ENV_DIR, None)
-        else:
-            os.environ[gil_probe.ENV_DIR] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def camera_steps(text: str) -> list[int]:
@@ -490,6 +491,10 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--gil-probe", action="store_true",
         help="report how late a 2-ms sleep in the worker wakes: its wait for the GIL (services.gil_probe)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stack-probe", action="store_true",
+        help="report where the worker's engine thread spends its time, by Python function (services.stack_probe)",
     )  # fmt: skip
     parser.add_argument("--clip", default=None, help=f"video file (default: ${CLIP_ENV}, else bikes.mp4)")
     parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.txt")

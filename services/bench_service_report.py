@@ -45,6 +45,7 @@ class StepResult:
     forward_passes_per_ingest_call: float | None
     worker_gil: dict | None = None  # how late the worker's GIL probe woke (services.gil_probe.wait_share)
     settled_after_s: float | None = None  # after the warm-up, until every lag was under LAG_LIMIT_S; None: never
+    engine_stacks: dict | None = None  # where the engine thread was (services.stack_probe.busiest)
 
     @property
     def real_time(self) -> bool:
@@ -131,6 +132,11 @@ def table(report: dict) -> str:
                 f"N={step['cameras']}: the worker's GIL: a 2-ms sleep woke {gil['mean_late_ms']:.2f} ms late on "
                 f"average, {gil['share_over_1ms']:.0%} of them over 1 ms late"
             )
+        stacks = step.get("engine_stacks")
+        if stacks is not None:
+            for kind, what in (("inclusive", "inside"), ("self", "at")):
+                busiest = "; ".join(f"{where} {per_s:.3f}" for where, per_s in stacks[kind])
+                lines.append(f"N={step['cameras']}: the engine thread was {what}, seconds per second: {busiest}")
     return "\n".join(lines)
 
 

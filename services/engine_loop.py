@@ -210,6 +210,11 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # -- other threads ------------------------------------------------------------------------------
+    @property
+    def thread(self) -> threading.Thread:
+        """The engine thread (every engine call runs on it)."""
+        return self._thread
+
     def start(self) -> None:
         self._thread.start()
 

@@ -37,7 +37,7 @@ from mosaic_core.errors import (
 )
 from mosaic_core.model.pixels import validate_frames
 from mosaic_core.model.video import probe_video
-from services import gil_probe, heap_probe
+from services import gil_probe, heap_probe, stack_probe
 from services.admission import check_admission
 from services.config import ServiceConfig
 from services.engine_loop import DONE, EngineLoop, QuestionJob
@@ -169,6 +169,7 @@ class WorkerCore:
             query_cache_bytes=config.watch_query_cache_bytes,
         )
         self.loop.start()
+        stack_probe.start(f"worker-{worker_id}", self.loop.thread)
         self.restored_streams = self._restore()
         self.publisher.start()
 

@@ -70,3 +70,16 @@ def test_bench_vision_quick_rows_compute_what_transformers_computes(tmp_path):
     for by_size in rows.values():
         assert set(by_size) == {"2", "4"}
         assert all(r["max_abs_diff_vs_transformers"] < 1e-4 and r["frames_per_s"] > 0 for r in by_size.values())
+
+
+def test_bench_sampled_engine_runs_scenario_b_with_pause_variants_and_writes_where_its_thread_was(tmp_path):
+    out, stacks = tmp_path / "b.json", tmp_path / "stacks.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.sampled_engine", str(stacks), "--quick", "--scenarios", "B", "--b-modes",
+         "cluster", "--b-pauses", "off,every2-skip-idle", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(json.loads(out.read_text())["B"]) == {"cluster off", "cluster every2-skip-idle"}
+    inclusive = json.loads(stacks.read_text())["inclusive"]
+    assert 0 < inclusive["ingest.py:_place_frame"] < inclusive["ingest.py:ingest"] < inclusive["engine.py:scenario_b"]

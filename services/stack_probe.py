@@ -1,0 +1,110 @@
+"""Where one thread of a service process spends its time, by Python function, for ``mosaic bench service``; off
+unless asked for.
+
+A worker's engine thread is the service's bottleneck once the GPU is busy, and its time by part (ingest, questions,
+upkeep) does not say which code inside a part costs it. With ``MOSAIC_STACKS_DIR`` set in a process's environment,
+``start(role, thread)`` starts a daemon thread that looks at ``thread``'s Python stack every ``SAMPLE_S``
+(``sys._current_frames``). Each look is weighted by the time since the previous one, so a C call that holds the GIL
+and so delays the sampler (a kernel launch blocked on a full queue, a device sync without release) still counts at
+its length, to the line that made it or the next one. Once a second it replaces ``<dir>/stacks-<role>-<pid>.json``
+with the totals so far, in seconds:
+
+    {"t": 1764612000.0, "sampled_s": 61.2, "self": {"ingest.py:_place_frame:287": 1.4, ...},
+     "inclusive": {"ingest.py:_place_frame": 9.1, ...}}
+
+``self`` is by innermost line (where the thread was), ``inclusive`` by function anywhere on the stack (what it was
+inside). ``busiest(before, after)`` turns two such snapshots into the top functions between them, in seconds per
+second. Python-level only: time inside one C call is not split further.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from services.jsonl_files import claim_file, newest_line
+
+log = logging.getLogger(__name__)
+ENV_DIR = "MOSAIC_STACKS_DIR"
+SAMPLE_S = 0.005
+WRITE_EVERY_S = 1.0
+TOP = 40
+_started: set[str] = set()
+
+
+def start(role: str, thread: threading.Thread) -> Path | None:
+    """Starts sampling ``thread`` as ``role`` when ``MOSAIC_STACKS_DIR`` is set; returns the file, else None."""
+    path = claim_file(ENV_DIR, "stacks", role, _started)
+    if path is None:
+        return None
+    path = path.with_suffix(".json")
+    stop = threading.Event()  # never set: the probe lives as long as the process
+    threading.Thread(target=sample, args=(thread, path, stop), name=f"stack-probe-{role}", daemon=True).start()
+    log.info("sampling the stack of %s's thread %s into %s", role, thread.name, path)
+    return path
+
+
+def read_latest(directory: Path, role: str) -> dict | None:
+    """The newest snapshot written by any process of ``role`` in ``directory``."""
+    return newest_line(directory, f"stacks-{role}-*.json")
+
+
+def busiest(before: dict | None, after: dict | None, top: int = TOP) -> dict | None:
+    """Between two snapshots of one process: the ``top`` lines (``self``) and functions (``inclusive``) by seconds
+    per second sampled, highest first, and the seconds sampled; None without two snapshots."""
+    if before is None or after is None or after["sampled_s"] <= before["sampled_s"]:
+        return None
+    window_s = after["sampled_s"] - before["sampled_s"]
+
+    def ranked(kind: str) -> list[tuple[str, float]]:
+        grown = {k: v - before[kind].get(k, 0.0) for k, v in after[kind].items()}
+        return [(k, v / window_s) for k, v in sorted(grown.items(), key=lambda kv: -kv[1])[:top] if v > 0]
+
+    return {"window_s": window_s, "self": ranked("self"), "inclusive": ranked("inclusive")}
+
+
+def sample(thread: threading.Thread, path: Path, stop: threading.Event) -> None:
+    """Samples ``thread`` and writes snapshots (module doc) until ``stop`` is set or the thread ends, then a last one."""
+    totals = {"sampled_s": 0.0, "self": defaultdict(float), "inclusive": defaultdict(float)}
+    written = previous = time.perf_counter()
+    while not stop.is_set() and thread.is_alive():
+        time.sleep(SAMPLE_S)
+        now = time.perf_counter()
+        frame = sys._current_frames().get(thread.ident)
+        if frame is not None:
+            add(totals, frame, now - previous)
+        previous = now
+        if now - written >= WRITE_EVERY_S:
+            written = now
+            _write(path, totals)
+    _write(path, totals)
+
+
+def add(totals: dict, frame, weight_s: float) -> None:
+    """Counts ``weight_s`` to the innermost line of ``frame``'s stack and once to each function on it."""
+    totals["sampled_s"] += weight_s
+    code = frame.f_code
+    totals["self"][f"{os.path.basename(code.co_filename)}:{code.co_name}:{frame.f_lineno}"] += weight_s
+    seen = set()
+    while frame is not None:
+        code = frame.f_code
+        key = f"{os.path.basename(code.co_filename)}:{code.co_name}"
+        if key not in seen:
+            seen.add(key)
+            totals["inclusive"][key] += weight_s
+        frame = frame.f_back
+
+
+def _write(path: Path, totals: dict) -> None:
+    staged = path.with_suffix(".tmp")
+    try:
+        staged.write_text(json.dumps({"t": time.time(), **totals}) + "\n")
+        os.replace(staged, path)
+    except OSError:  # a full disk or a removed folder must not end the probe for good
+        log.warning("stack probe snapshot for %s failed", path, exc_info=True)

@@ -1,0 +1,59 @@
+"""The stack probe counts a thread's time to the functions it was in, a C call that holds the GIL at its length."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from services import stack_probe
+
+
+def _spin_in_python(seconds: float) -> None:
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
+def _held_in_c(limit: int) -> int:
+    return sum(range(limit))  # one C call: the sampler cannot look until it returns
+
+
+def _work(durations: dict[str, float]) -> None:
+    started = time.perf_counter()
+    _spin_in_python(0.6)
+    durations["spin"] = time.perf_counter() - started
+    started = time.perf_counter()
+    _held_in_c(20_000_000)
+    durations["held"] = time.perf_counter() - started
+
+
+def test_the_probe_counts_each_function_at_its_length_a_gil_holding_c_call_included(tmp_path):
+    durations: dict[str, float] = {}
+    worker = threading.Thread(target=_work, args=(durations,), name="worked")
+    path, stop = tmp_path / "stacks-test-1.json", threading.Event()
+    sampler = threading.Thread(target=stack_probe.sample, args=(worker, path, stop), daemon=True)
+    worker.start()
+    sampler.start()
+    worker.join(30)
+    sampler.join(10)
+    totals = stack_probe.read_latest(tmp_path, "test")
+    inclusive = totals["inclusive"]
+    assert inclusive["test_stack_probe.py:_spin_in_python"] > 0.7 * durations["spin"]
+    assert durations["held"] > 0.1  # long enough for the sampler to have wanted the GIL many times
+    assert inclusive["test_stack_probe.py:_held_in_c"] > 0.7 * durations["held"]
+    assert inclusive["test_stack_probe.py:_work"] >= inclusive["test_stack_probe.py:_held_in_c"]
+    assert any(key.startswith("test_stack_probe.py:_held_in_c:") for key in totals["self"])
+
+
+def test_busiest_ranks_what_grew_between_two_snapshots_per_second_sampled():
+    before = {"sampled_s": 10.0, "self": {"a.py:f:1": 4.0}, "inclusive": {"a.py:f": 4.0, "a.py:main": 10.0}}
+    after = {
+        "sampled_s": 12.0,
+        "self": {"a.py:f:1": 4.5, "b.py:g:7": 1.5},
+        "inclusive": {"a.py:f": 4.5, "b.py:g": 1.5, "a.py:main": 12.0},
+    }
+    busiest = stack_probe.busiest(before, after, top=2)
+    assert busiest["window_s"] == 2.0
+    assert busiest["self"] == [("b.py:g:7", 0.75), ("a.py:f:1", 0.25)]
+    assert busiest["inclusive"] == [("a.py:main", 1.0), ("b.py:g", 0.75)]
+    assert stack_probe.busiest(after, before) is None
