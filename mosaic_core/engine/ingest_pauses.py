@@ -17,7 +17,8 @@ With ``has_work``, a pause where it answers no (no question waits) is passed: th
 there nor calls ``serve``, so a call in which no question arrives runs as without pauses, the host queuing the whole
 language model and placing the pass's frames while the device runs it. A question that arrives then waits, at the next
 pause, for the device to catch up with the host to within ``lookahead`` chunks, more than one chunk when the host had
-run ahead.
+run ahead. On the H200 at 128 cameras this saved 2.6% of the engine alone's pass, nothing measurable in the service,
+and made a question's first token about 80 ms later there (bench/NOTES.md, session 17).
 
 On CUDA, what happens at a pause where ``serve`` is called depends on ``alongside``:
 
@@ -28,7 +29,8 @@ On CUDA, what happens at a pause where ``serve`` is called depends on ``alongsid
   device to run them. The waits also keep the host from running ahead through the language model to place the
   pass's frames while the device runs it, as the engine alone, which never pauses, does: in the service on the
   H200 at 128 cameras an ingested frame took 6.7 ms of the engine thread, against 5.0 ms for the engine alone
-  (bench/NOTES.md, session 15). A larger ``lookahead`` lets the host place a pass's frames while the device still
+  (bench/NOTES.md, session 15), but passing the idle pauses did not close that gap (session 17). A larger
+  ``lookahead`` lets the host place a pass's frames while the device still
   runs more of its language model, and makes a question started at a pause wait for more of it; neither has been
   measured on a GPU.
 - **On (questions alongside).** The host never waits at a pause. ``serve`` runs on the engine's question stream, a
