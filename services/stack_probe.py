@@ -70,7 +70,7 @@ def busiest(before: dict | None, after: dict | None, top: int = TOP) -> dict | N
 
 
 def sample(thread: threading.Thread, path: Path, stop: threading.Event) -> None:
-    """Samples ``thread`` and writes snapshots (module doc) until ``stop`` is set or the thread ends, then a last one."""
+    """Samples ``thread`` and writes snapshots (module doc) until ``stop`` is set or the thread ends, and once more."""
     totals = {"sampled_s": 0.0, "self": defaultdict(float), "inclusive": defaultdict(float)}
     written = previous = time.perf_counter()
     while not stop.is_set() and thread.is_alive():
