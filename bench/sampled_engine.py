@@ -2,10 +2,12 @@
 engine alone spends its host time with where a service worker's engine thread does (``mosaic bench service
 --stack-probe``):
 
-    python -m bench.sampled_engine STACKS.json --scenarios B --b-modes cluster --cameras 128 --out B128.json
+    python -m bench.sampled_engine STACKS.jsonl --scenarios B --b-modes cluster --cameras 128 --out B128.json
 
-Writes the probe's totals for the whole run to STACKS.json (model loading and warm-up included: compare functions
-inside ``ingest``, per frame).
+Appends the probe's totals so far to STACKS.jsonl once a second, each line with its time (``t``). Scenario B's
+results give the wall-clock span of each row's ingest-only half (``ingest_only_unix_s``), so
+``services.stack_probe.busiest`` of the first and last lines inside it is that half alone, without the model's
+loading and the warm-up pass.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ def main(argv: list[str]) -> int:
         return 2
     stop = threading.Event()
     sampler = threading.Thread(
-        target=stack_probe.sample, args=(threading.main_thread(), Path(argv[0]), stop), name="stack-probe"
+        target=stack_probe.sample,
+        args=(threading.main_thread(), Path(argv[0]), stop),
+        kwargs={"keep_all": True},
+        name="stack-probe",
     )
     sampler.start()
     try:

@@ -69,8 +69,9 @@ def busiest(before: dict | None, after: dict | None, top: int = TOP) -> dict | N
     return {"window_s": window_s, "self": ranked("self"), "inclusive": ranked("inclusive")}
 
 
-def sample(thread: threading.Thread, path: Path, stop: threading.Event) -> None:
-    """Samples ``thread`` and writes snapshots (module doc) until ``stop`` is set or the thread ends, and once more."""
+def sample(thread: threading.Thread, path: Path, stop: threading.Event, *, keep_all: bool = False) -> None:
+    """Samples ``thread`` and writes snapshots (module doc) until ``stop`` is set or the thread ends, and once more;
+    with ``keep_all`` each snapshot is appended to ``path`` as a line instead of replacing the previous one."""
     totals = {"sampled_s": 0.0, "self": defaultdict(float), "inclusive": defaultdict(float)}
     written = previous = time.perf_counter()
     while not stop.is_set() and thread.is_alive():
@@ -82,8 +83,8 @@ def sample(thread: threading.Thread, path: Path, stop: threading.Event) -> None:
         previous = now
         if now - written >= WRITE_EVERY_S:
             written = now
-            _write(path, totals)
-    _write(path, totals)
+            _write(path, totals, keep_all)
+    _write(path, totals, keep_all)
 
 
 def add(totals: dict, frame, weight_s: float) -> None:
@@ -101,10 +102,15 @@ def add(totals: dict, frame, weight_s: float) -> None:
         frame = frame.f_back
 
 
-def _write(path: Path, totals: dict) -> None:
+def _write(path: Path, totals: dict, keep_all: bool = False) -> None:
+    line = json.dumps({"t": time.time(), **totals}) + "\n"
     staged = path.with_suffix(".tmp")
     try:
-        staged.write_text(json.dumps({"t": time.time(), **totals}) + "\n")
-        os.replace(staged, path)
+        if keep_all:
+            with path.open("a") as out:
+                out.write(line)
+        else:
+            staged.write_text(line)
+            os.replace(staged, path)
     except OSError:  # a full disk or a removed folder must not end the probe for good
         log.warning("stack probe snapshot for %s failed", path, exc_info=True)

@@ -73,13 +73,15 @@ def test_bench_vision_quick_rows_compute_what_transformers_computes(tmp_path):
 
 
 def test_bench_sampled_engine_runs_scenario_b_with_pause_variants_and_writes_where_its_thread_was(tmp_path):
-    out, stacks = tmp_path / "b.json", tmp_path / "stacks.json"
+    out, stacks = tmp_path / "b.json", tmp_path / "stacks.jsonl"
     result = subprocess.run(
         [sys.executable, "-m", "bench.sampled_engine", str(stacks), "--quick", "--scenarios", "B", "--b-modes",
          "cluster", "--b-pauses", "off,every2-skip-idle", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert set(json.loads(out.read_text())["B"]) == {"cluster off", "cluster every2-skip-idle"}
-    inclusive = json.loads(stacks.read_text())["inclusive"]
+    rows = json.loads(out.read_text())["B"]
+    assert set(rows) == {"cluster off", "cluster every2-skip-idle"}
+    assert all(r["ingest_only_unix_s"][0] < r["ingest_only_unix_s"][1] for r in rows.values())
+    inclusive = json.loads(stacks.read_text().splitlines()[-1])["inclusive"]
     assert 0 < inclusive["ingest.py:_place_frame"] < inclusive["ingest.py:ingest"] < inclusive["engine.py:scenario_b"]
