@@ -23,6 +23,7 @@ Patch layout of one frame, rows then columns of ``pixel_values_videos``::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -330,9 +331,26 @@ def vision_input_from_pixels(
 ) -> VisionInput:
     """The vision tower's inputs from resized ``[N, 3, height_px, width_px]`` float32 pixels (normalised in
     place)."""
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
+    mean, std = _clip_scale(pixels.device)
     pixels = pixels.sub_(mean).div_(std)
     flat = patchify_frames(pixels, geometry).to(dtype)
-    grid_row = torch.tensor([1, geometry.grid_h, geometry.grid_w], dtype=torch.long, device=pixels.device)
+    grid_row = _grid_row(pixels.device, geometry.grid_h, geometry.grid_w)
     return VisionInput(pixel_values_videos=flat, video_grid_thw=grid_row.repeat(pixels.shape[0], 1))
+
+
+# Made once per device: a tensor built from Python values on a GPU is a pageable copy, which waits until the device
+# has run everything queued before it. Built per call, they stopped the host at the start of every vision-tower call
+# until the previous call's work was done (0.66 ms of host time a frame at 128 cameras on the H200; bench/NOTES.md,
+# session 17).
+@functools.cache
+def _clip_scale(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's per-channel mean and standard deviation in 0..255 pixel units, ``[1, 3, 1, 1]`` each, on ``device``."""
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    return mean, std
+
+
+@functools.cache
+def _grid_row(device: torch.device, grid_h: int, grid_w: int) -> torch.Tensor:
+    """One single-frame video's ``video_grid_thw`` row, ``[1, 3]``, on ``device``."""
+    return torch.tensor([[1, grid_h, grid_w]], dtype=torch.long, device=device)
