@@ -5,8 +5,8 @@ A worker's engine thread is the service's bottleneck once the GPU is busy, and i
 upkeep) does not say which code inside a part costs it. With ``MOSAIC_STACKS_DIR`` set in a process's environment,
 ``start(role, thread)`` starts a daemon thread that looks at ``thread``'s Python stack every ``SAMPLE_S``
 (``sys._current_frames``). Each look is weighted by the time since the previous one, so a C call that holds the GIL
-and so delays the sampler (a kernel launch blocked on a full queue, a device sync without release) still counts at
-its length, to the line that made it or the next one. Once a second it replaces ``<dir>/stacks-<role>-<pid>.json``
+and so delays the sampler (a kernel launch waiting for room in a full queue, for one) still counts at its length, to
+the line that made it or the next one. Once a second it replaces ``<dir>/stacks-<role>-<pid>.json``
 with the totals so far, in seconds:
 
     {"t": 1764612000.0, "sampled_s": 61.2, "self": {"ingest.py:_place_frame:287": 1.4, ...},

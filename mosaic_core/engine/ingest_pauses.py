@@ -30,9 +30,8 @@ On CUDA, what happens at a pause where ``serve`` is called depends on ``alongsid
   pass's frames while the device runs it, as the engine alone, which never pauses, does: in the service on the
   H200 at 128 cameras an ingested frame took 6.7 ms of the engine thread, against 5.0 ms for the engine alone
   (bench/NOTES.md, session 15), but passing the idle pauses did not close that gap (session 17). A larger
-  ``lookahead`` lets the host place a pass's frames while the device still
-  runs more of its language model, and makes a question started at a pause wait for more of it; neither has been
-  measured on a GPU.
+  ``lookahead`` lets the host place a pass's frames while the device still runs more of its language model, and
+  makes a question started at a pause wait for more of it; neither has been measured on a GPU.
 - **On (questions alongside).** The host never waits at a pause. ``serve`` runs on the engine's question stream, a
   high-priority CUDA stream, which first waits for the ingest work its questions read, and for the moves queued so
   far on the side stream. That work is what was queued before the pass under way began (before the call's tower,
