@@ -88,6 +88,15 @@ STREAM_LABEL = re.compile(r'stream="([^"]*)"')
 PART_LABEL = re.compile(r'part="([^"]*)"')
 BATCH_FRAMES = ("mosaic_ingest_batch_frames_sum", "mosaic_ingest_batch_frames_count")
 FORWARD_PASSES = "mosaic_ingest_forward_passes_total"
+# The service's ingest-pause settings a run may change: each is a flag of its own, --ingest-pause-..., and goes
+# into ServiceConfig under its name.
+PAUSE_SETTINGS = {
+    "ingest_pause_layers": "layers of an ingest forward pass between chances to start a question (0: questions wait "
+    "for the call)",
+    "ingest_pause_blocks": "vision-tower blocks between such chances inside the tower (0: only after it)",
+    "ingest_pause_placed": "frames placed into clusters between such chances after a pass's language model (0: none)",
+    "ingest_pause_lookahead": "chunks of ingest work the host may stay ahead of the device at a pause",
+}
 
 
 @dataclass(slots=True)
@@ -288,10 +297,7 @@ def service_overrides(args, clip: str) -> dict:
         "redis_namespace": "bench",
         "host": args.host,
         "max_stream_labels": max(args.cameras) + 8,  # every camera gets its own series in /metrics
-        "ingest_pause_layers": args.ingest_pause_layers,
-        "ingest_pause_blocks": args.ingest_pause_blocks,
-        "ingest_pause_placed": args.ingest_pause_placed,
-        "ingest_pause_lookahead": args.ingest_pause_lookahead,
+        **{name: getattr(args, name) for name in PAUSE_SETTINGS},
         "ingest_pause_skip_idle": args.ingest_pause_skip_idle,
         "questions_alongside_ingest": args.questions_alongside_ingest,
         "python_switch_interval_s": args.switch_interval_ms / 1e3,
@@ -450,22 +456,9 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ingest-headroom", type=float, default=0.0, help="admission's share; 0 admits all")
     parser.add_argument("--start-timeout-s", type=float, default=420.0)
     parser.add_argument("--max-batch-frames", type=int, default=128, help="frames per engine.ingest call (GPU)")
-    parser.add_argument(
-        "--ingest-pause-layers", type=int, default=ServiceConfig.model_fields["ingest_pause_layers"].default,
-        help="layers of an ingest forward pass between chances to start a question (0: questions wait for the call)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ingest-pause-blocks", type=int, default=ServiceConfig.model_fields["ingest_pause_blocks"].default,
-        help="vision-tower blocks between such chances inside the tower (0: only after it)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ingest-pause-placed", type=int, default=ServiceConfig.model_fields["ingest_pause_placed"].default,
-        help="frames placed into clusters between such chances after a pass's language model (0: none)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ingest-pause-lookahead", type=int, default=ServiceConfig.model_fields["ingest_pause_lookahead"].default,
-        help="chunks of ingest work the host may stay ahead of the device at a pause",
-    )  # fmt: skip
+    for name, help_text in PAUSE_SETTINGS.items():
+        default = ServiceConfig.model_fields[name].default
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=help_text)
     parser.add_argument(
         "--ingest-pause-skip-idle", action="store_true",
         help="ingest_pause_skip_idle on: a pause where no question waits is passed without waiting for the device",

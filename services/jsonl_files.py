@@ -1,5 +1,5 @@
-"""The append-only ``.jsonl`` files of the probes (``heap_probe``, ``gil_probe``): which file a process writes, and
-the newest line of a set of them."""
+"""The files of the probes (``heap_probe`` and ``gil_probe`` append lines, ``stack_probe`` replaces one): which file
+a process writes, and the newest line of a set of them."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import os
 from pathlib import Path
 
 
-def claim_file(env_dir: str, prefix: str, role: str, started: set[str]) -> Path | None:
-    """This process's file for ``role``, ``$env_dir/prefix-role-pid.jsonl``, the first time it is asked for and only
-    when the variable ``env_dir`` names a folder (a probe's switch); else None."""
+def claim_file(env_dir: str, prefix: str, role: str, started: set[str], suffix: str = ".jsonl") -> Path | None:
+    """This process's file for ``role``, ``$env_dir/prefix-role-pid`` + ``suffix``, the first time it is asked for
+    and only when the variable ``env_dir`` names a folder (a probe's switch); else None."""
     directory = os.environ.get(env_dir)
     if not directory or role in started:
         return None
     started.add(role)
-    return Path(directory) / f"{prefix}-{role}-{os.getpid()}.jsonl"
+    return Path(directory) / f"{prefix}-{role}-{os.getpid()}{suffix}"
 
 
 def newest_line(directory: Path, pattern: str) -> dict | None:

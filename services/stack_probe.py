@@ -40,10 +40,9 @@ _started: set[str] = set()
 
 def start(role: str, thread: threading.Thread) -> Path | None:
     """Starts sampling ``thread`` as ``role`` when ``MOSAIC_STACKS_DIR`` is set; returns the file, else None."""
-    path = claim_file(ENV_DIR, "stacks", role, _started)
+    path = claim_file(ENV_DIR, "stacks", role, _started, suffix=".json")
     if path is None:
         return None
-    path = path.with_suffix(".json")
     stop = threading.Event()  # never set: the probe lives as long as the process
     threading.Thread(target=sample, args=(thread, path, stop), name=f"stack-probe-{role}", daemon=True).start()
     log.info("sampling the stack of %s's thread %s into %s", role, thread.name, path)

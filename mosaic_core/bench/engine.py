@@ -367,6 +367,7 @@ def scenario_b(
 
         rng = random.Random(0)
         ttfts, ttfts_device = [], []
+        asked = None
         for second in range(half, s.camera_seconds):
             camera = f"cam{rng.randrange(s.cameras):03d}"
             asked = QuestionAtPause(engine, camera, rng.choice(QUESTIONS), max_new_tokens=2)
@@ -433,7 +434,7 @@ def scenario_b(
                 "seconds_measured": time.perf_counter() - t0,
             }
         log(f"B/{row}: {json.dumps(results[row])}")
-        del engine, asked  # the question's answer holds the engine: the next engine takes the device budget afresh
+        del engine, asked  # a question's answer holds the engine: the next engine takes the device budget afresh
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
