@@ -230,7 +230,7 @@ def _ingest_pass(
     parts.model.forward(input_ids=input_ids, position_ids=position_ids, plan=plan, frame_embeds=embeds)
     if not by_pictures:  # the frames' keys at the choosing layer come from this pass
         shaping, first_readback = compare_first_frames()
-    opened, attended = 0, []
+    opened, attended, leaving = 0, [], []
     issued = time.perf_counter()
     first = first_readback.values()
     waited = time.perf_counter()
@@ -242,9 +242,13 @@ def _ingest_pass(
             coherence = first[row] if n == 0 else _coherence(state.open_embeds, shaping[row][n])
             pages, fills = frame_pages[row][n], frame_fills[row][n]
             opened += _place_frame(parts, state, frame, pages, fills, summary, shaping[row][n], coherence, small_of)
+            leaving += [(state, old) for old in state.pop_overflow(parts.config.local_window_tokens)]
             attended.append(plan.attended_tokens[row] - (row_tokens[row] - end))
-        if pauses is not None:
-            pauses.after_placed(len(frames), last_of_pass=row == len(rows) - 1, device=parts.model.device)
+        if pauses is not None and pauses.placed(len(frames), last_of_pass=row == len(rows) - 1):
+            _store_in_clusters(parts, leaving)
+            leaving = []
+            pauses.pause(parts.model.device)
+    _store_in_clusters(parts, leaving)
     times.issue_s += issued - start
     times.wait_s += waited - issued
     times.place_s += time.perf_counter() - waited
@@ -320,30 +324,41 @@ def _place_frame(
         state.text_cursor,
         parts.model.frame_position_end(state.geometry, base=state.position_base, offset_s=offset_s),
     )
-    for old in state.pop_overflow(parts.config.local_window_tokens):
-        _store_in_cluster(parts, state, old)
     return 0 if decision.join else 1
 
 
-def _store_in_cluster(parts: EngineParts, state: StreamState, frame: LocalFrame) -> None:
-    """A frame leaving the local window hands its pages to its cluster, wherever that cluster lives (on the
-    device, without a copy)."""
-    keys = parts.tiering.tiers.pools.read(Tier.DEVICE, frame.pages, frame.fills)[:, 0]  # before they change hands
-    if frame.cluster_id in parts.tiering.residency:
-        parts.tiering.append_pages(frame.cluster_id, frame.pages, frame.fills)
-    else:
-        prefer = Tier.DEVICE if parts.config.mode.caches_on_device else Tier.HOST
-        parts.tiering.admit_pages(frame.cluster_id, state.stream_id, frame.pages, frame.fills, prefer=prefer)
-    parts.tiering.summaries.add(frame.cluster_id, keys)
-    if parts.history is not None:
-        parts.history.on_stored(state, frame.cluster_id, frame.frame_index)
-    join_recurring(parts, state, frame.cluster_id, frame.frame_index)
+def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, LocalFrame]]) -> None:
+    """Frames leaving the local windows (oldest first per stream) hand their pages to their clusters, wherever
+    those live (on the device, without a copy).
+
+    Their keys' statistics are read first, for all the frames at once, while the pages are still theirs; once every
+    cluster has its record they go into the summary rows with one indexed add. Then each frame's durable and
+    recurring-scene steps run in order: a frame that completes a cluster is that cluster's last among them, so the
+    row it is sealed or joined with is whole.
+    """
+    if not leaving:
+        return
+    pools, tiering = parts.tiering.tiers.pools, parts.tiering
+    pages = [page for _, frame in leaving for page in frame.pages]
+    fills = [fill for _, frame in leaving for fill in frame.fills]
+    key_sums, key_sumsqs = pools.key_stats(pages, fills)
+    prefer = Tier.DEVICE if parts.config.mode.caches_on_device else Tier.HOST
+    for state, frame in leaving:
+        if frame.cluster_id in tiering.residency:
+            tiering.append_pages(frame.cluster_id, frame.pages, frame.fills)
+        else:
+            tiering.admit_pages(frame.cluster_id, state.stream_id, frame.pages, frame.fills, prefer=prefer)
+    page_clusters = [frame.cluster_id for _, frame in leaving for _ in frame.pages]
+    tiering.summaries.add_stats(page_clusters, key_sums, key_sumsqs, fills)
+    for state, frame in leaving:
+        if parts.history is not None:
+            parts.history.on_stored(state, frame.cluster_id, frame.frame_index)
+        join_recurring(parts, state, frame.cluster_id, frame.frame_index)
 
 
 def flush_window(parts: EngineParts, state: StreamState) -> None:
     """Moves every frame of the local window into its cluster (a checkpoint before shutdown)."""
-    for old in state.pop_overflow(0):
-        _store_in_cluster(parts, state, old)
+    _store_in_clusters(parts, [(state, old) for old in state.pop_overflow(0)])
 
 
 def _coherence(members: list[torch.Tensor], frame: torch.Tensor) -> tuple[float | None, float | None]:

@@ -116,15 +116,17 @@ class IngestPauses:
         if self.vision_blocks is not None and block_idx > 0 and block_idx % self.vision_blocks == 0:
             self.pause(device)
 
-    def after_placed(self, num_frames: int, *, last_of_pass: bool, device: torch.device) -> None:
-        """Counts a pass's frames just placed; pauses once ``placed_frames`` have been since the last pause."""
+    def placed(self, num_frames: int, *, last_of_pass: bool) -> bool:
+        """Counts a pass's frames just placed; says whether to ``pause`` now (``placed_frames`` have been placed
+        since the last pause). The caller finishes placing them first: ``serve`` sees each stream whole."""
         self._placing = True
         if self.placed_frames is None:
-            return
+            return False
         self._placed_since_pause = 0 if last_of_pass else self._placed_since_pause + num_frames
-        if self._placed_since_pause >= self.placed_frames:
-            self._placed_since_pause = 0
-            self.pause(device)
+        if self._placed_since_pause < self.placed_frames:
+            return False
+        self._placed_since_pause = 0
+        return True
 
     def pause(self, device: torch.device) -> None:
         self.num_pauses += 1

@@ -12,11 +12,13 @@ The log-count and the spread enter explicitly, so a big diffuse cluster is not m
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.residency import ResidencyManager, SummaryRow
 from mosaic_core.kernels import kernels_ready
 from mosaic_core.memory.layout import KVSpec
+from mosaic_core.memory.transfer import upload
 
 MIN_ROWS = 16  # the index's smallest size, in rows
 
@@ -52,14 +54,26 @@ class SummaryIndex:
 
     def add(self, cluster_id: str, keys: torch.Tensor) -> None:
         """Adds keys ``[num_layers, num_kv_heads, n, head_dim]`` to a cluster's row (taking one for it)."""
-        summary = self._residency.summary(cluster_id)
-        if summary.row is None:
-            summary.row = self._take_row(summary)
         keys = keys.float()
-        self._sum[summary.row] += keys.sum(dim=2)
-        self._sumsq[summary.row] += keys.square().sum(dim=2)
-        self._count[summary.row] += keys.shape[2]
-        summary.num_tokens += keys.shape[2]
+        self.add_stats([cluster_id], keys.sum(dim=2)[None], keys.square().sum(dim=2)[None], [keys.shape[2]])
+
+    def add_stats(
+        self, cluster_ids: list[str], key_sums: torch.Tensor, key_sumsqs: torch.Tensor, counts: list[int]
+    ) -> None:
+        """Adds the key sums and sums of squares ``[len(cluster_ids), num_layers, num_kv_heads, head_dim]`` of
+        ``counts`` tokens to the rows of ``cluster_ids`` (taking rows as needed; an id may repeat), with one
+        indexed add per statistic."""
+        rows = []
+        for cluster_id, count in zip(cluster_ids, counts, strict=True):
+            summary = self._residency.summary(cluster_id)
+            if summary.row is None:
+                summary.row = self._take_row(summary)
+            summary.num_tokens += count
+            rows.append(summary.row)
+        index = upload(rows, torch.long, self.device)
+        self._sum.index_add_(0, index, key_sums)
+        self._sumsq.index_add_(0, index, key_sumsqs)
+        self._count.index_add_(0, index, upload(np.asarray(counts, dtype=np.float32), torch.float32, self.device))
 
     def put(self, cluster_id: str, key_sum: torch.Tensor, key_sumsq: torch.Tensor, count: float) -> None:
         """Gives a cluster without a row the statistics ``[num_layers, num_kv_heads, head_dim]`` of ``count``

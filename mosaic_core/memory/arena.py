@@ -25,9 +25,10 @@ import torch
 from mosaic_core.bookkeeping.pages import PageAllocator
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.memory.layout import KVSpec
-from mosaic_core.memory.transfer import Moved, TransferEngine
+from mosaic_core.memory.transfer import Moved, TransferEngine, upload
 
 HOST_CHUNK_BYTES = 256 << 20
+KEY_STATS_PAGES = 32  # pages whose keys ``key_stats`` copies at once
 
 
 class PagePools:
@@ -160,16 +161,9 @@ class PagePools:
         return grid[filled].astype(np.int32)
 
     def upload(self, values: np.ndarray | list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        """A device copy of host index data (slot tables, page ids, lengths), queued without waiting.
-
-        A plain ``.to(device)`` from pageable memory makes PyTorch wait for the stream to drain, so the host stops
-        running ahead of the device once per table; a pinned staging copy (the caching host allocator keeps it
-        until the copy has run) lets it keep going.
-        """
-        host = torch.as_tensor(np.asarray(values), dtype=dtype)
-        if self.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        """A device copy of host index data (slot tables, page ids, lengths), queued without waiting
+        (``mosaic_core.memory.transfer.upload``)."""
+        return upload(values, dtype, self.device)
 
     def slot_index(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Device index tensors (pages, offsets) of ``slots``, for ``write_slots``: built once per plan."""
@@ -234,6 +228,24 @@ class PagePools:
         keep = [p * pt + t for p, fill in enumerate(fills) for t in range(fill)]
         index = self.upload(keep) if kv.is_cuda else torch.tensor(keep)  # a pageable copy would wait for the device
         return kv.index_select(3, index)
+
+    def key_stats(self, pages: list[int], fills: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per device page, the sum and the sum of squares of its first ``fill`` tokens' keys, in float32, each
+        ``[len(pages), num_layers, num_kv_heads, head_dim]``. A few launches for every ``KEY_STATS_PAGES`` pages,
+        whatever the number of frames they hold (at most that many pages' keys are copied at once)."""
+        num_layers, _, heads, pt, head_dim = self.page_shape
+        sums = torch.empty((len(pages), num_layers, heads, head_dim), dtype=torch.float32, device=self.device)
+        sumsqs = torch.empty_like(sums)
+        for start in range(0, len(pages), KEY_STATS_PAGES):
+            stop = min(start + KEY_STATS_PAGES, len(pages))
+            keys = self.device_pool[self.upload(pages[start:stop]), :, 0].float()  # [P, L, H, pt, D]
+            chunk_fills = np.asarray(fills[start:stop])
+            if (chunk_fills < pt).any():  # slots past a page's fill hold stale bytes
+                filled = np.arange(pt)[None, :] < chunk_fills[:, None]
+                keys *= self.upload(filled, torch.float32)[:, None, None, :, None]
+            torch.sum(keys, dim=3, out=sums[start:stop])
+            torch.sum(keys.square_(), dim=3, out=sumsqs[start:stop])
+        return sums, sumsqs
 
     def copy(self, src: Tier, src_pages: list[int], dst: Tier, dst_pages: list[int]) -> Moved:
         """Queues page-for-page copies between the pools on the transfer engine's side stream."""

@@ -67,6 +67,19 @@ def read_back(values: torch.Tensor) -> tuple[torch.Tensor, Moved]:
     return host, Moved(ready=ready)
 
 
+def upload(values: np.ndarray | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A device copy of small host data (slot tables, page ids, row numbers), queued without waiting.
+
+    A plain ``.to(device)`` from pageable memory makes PyTorch wait for the stream to drain, so the host stops
+    running ahead of the device once per table; a pinned staging copy (the caching host allocator keeps it until
+    the copy has run) lets it keep going. Off CUDA: a host tensor.
+    """
+    host = torch.as_tensor(np.asarray(values), dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class TransferEngine:
     """Queues host<->device moves on a side stream of ``device`` (or copies in place off CUDA)."""
 

@@ -291,3 +291,20 @@ def test_an_ingest_call_says_where_its_host_time_went(tiny_model, bikes_frames):
     parts = (result.issue_s, result.wait_s, result.place_s)
     assert all(part > 0 for part in parts)
     assert sum(parts) <= result.prefill_s
+
+
+def test_every_clusters_summary_holds_its_stored_keys(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, mode="cluster")
+    for stream_id in ("a", "b", "c"):
+        engine.open_stream(stream_id)
+    for t in range(20):  # one call a second: one pass of three rows, frames leaving windows, each stream's own
+        pictures = {"a": bikes_frames[t][1], "b": bikes_frames[t + 20][1], "c": bikes_frames[39 - t][1]}
+        engine.ingest([FrameInput(stream_id, float(t), rgb) for stream_id, rgb in pictures.items()])
+    summaries, tiers = engine.tiering.summaries, engine.tiering.tiers
+    assert len(summaries) >= 6
+    for cluster_id in engine.tiering.residency.clusters():
+        keys = tiers.read(cluster_id)[:, 0].float().to(summaries.device)  # [L, H, n, D]
+        stats, count = summaries.stats_copy(cluster_id)
+        assert count == keys.shape[2]
+        assert torch.allclose(stats[0], keys.sum(dim=2), rtol=1e-4, atol=1e-3)
+        assert torch.allclose(stats[1], keys.square().sum(dim=2), rtol=1e-4, atol=1e-3)

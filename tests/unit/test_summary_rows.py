@@ -42,3 +42,43 @@ def test_rows_follow_the_records_and_shrink_when_most_are_free(tmp_path):
     for cluster_id in kept:
         tiering.remove(cluster_id)
     assert len(summaries) == 0 and summaries.capacity == 16
+
+
+def test_key_stats_read_each_pages_filled_tokens_only(tmp_path):
+    tiering = make_tiering(SPEC, tmp_path, device="cpu", page_tokens=4, device_bytes=1 << 22)
+    pools = tiering.tiers.pools
+    pages, fills = pools.take(Tier.DEVICE, 3), [4, 1, 3]
+    kv = _keys(7, num_tokens=sum(fills))
+    pools.device_pool[pages] = 1e4  # stale bytes in the slots past each fill
+    pools.write(Tier.DEVICE, pages, fills, kv)
+    sums, sumsqs = pools.key_stats(pages, fills)
+    start = 0
+    for i, fill in enumerate(fills):
+        keys = kv[:, 0, :, start : start + fill]  # [L, H, fill, D]
+        assert torch.allclose(sums[i], keys.sum(dim=2)) and torch.allclose(sumsqs[i], keys.square().sum(dim=2))
+        start += fill
+
+
+def test_stats_added_together_equal_stats_added_one_by_one(tmp_path):
+    apart = make_tiering(SPEC, tmp_path / "apart", device="cpu", page_tokens=4)
+    together = make_tiering(SPEC, tmp_path / "together", device="cpu", page_tokens=4)
+    entries = [("cam/c000000", _keys(1)), ("cam/c000001", _keys(2)), ("cam/c000000", _keys(3, num_tokens=2))]
+    for tiering in (apart, together):
+        put(tiering, "cam/c000000", _keys(0), Tier.DEVICE)
+        put(tiering, "cam/c000001", _keys(0), Tier.DEVICE)
+    for cluster_id, kv in entries:
+        apart.summaries.add(cluster_id, kv[:, 0])
+    keys = [kv[:, 0] for _, kv in entries]
+    together.summaries.add_stats(
+        [cluster_id for cluster_id, _ in entries],
+        torch.stack([k.sum(dim=2) for k in keys]),
+        torch.stack([k.square().sum(dim=2) for k in keys]),
+        [k.shape[2] for k in keys],
+    )
+    for cluster_id in ("cam/c000000", "cam/c000001"):
+        (want, want_count), (got, got_count) = (
+            apart.summaries.stats_copy(cluster_id),
+            together.summaries.stats_copy(cluster_id),
+        )
+        assert torch.allclose(got, want) and got_count == want_count
+    assert together.summaries.count("cam/c000000") == 6
