@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mosaic_core.config import EngineConfig
 from services import gil_probe, stack_probe
 from services.bench_service_load import Load
 from services.bench_service_report import LAG_LIMIT_S, StepResult, describe, table, write
@@ -123,6 +124,29 @@ def stream_samples(metrics_text: str, ids: set[str]) -> dict[str, StreamSample]:
     return samples
 
 
+DURABLE_TOTALS = {
+    "mosaic_durable_bytes_written_total": "written_mb_per_s",
+    "mosaic_durable_write_seconds_total": "writers_busy_s_per_s",
+    "mosaic_durable_ingest_wait_seconds_total": "ingest_wait_s_per_s",
+}
+
+
+def durable_totals(metrics_text: str) -> dict[str, float]:
+    """The workers' record-writing counters (``DURABLE_TOTALS``), summed over workers."""
+    totals = dict.fromkeys(DURABLE_TOTALS, 0.0)
+    for name, _, value in METRIC_LINE.findall(metrics_text):
+        if name in totals:
+            totals[name] += float(value)
+    return totals
+
+
+def durable_rates(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> dict[str, float]:
+    """``durable_totals`` between two scrapes, per second (bytes as MB)."""
+    rates = {key: (after[name] - before[name]) / elapsed_s for name, key in DURABLE_TOTALS.items()}
+    rates["written_mb_per_s"] /= 1e6
+    return rates
+
+
 def engine_totals(metrics_text: str) -> dict[str, float]:
     """The workers' engine-thread seconds by part, the ingest-call histogram's frame sum and count, and the ingest
     calls' forward passes."""
@@ -172,6 +196,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
     stats_errors: Counter = Counter()
 
     engine_seen: list[dict[str, float]] = []
+    durable_seen: list[dict[str, float]] = []
 
     def stats() -> dict[str, StreamSample] | None:
         """Every camera's sample; None when the service does not answer (a step that then cannot pass)."""
@@ -180,6 +205,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
             stats_errors["METRICS_UNREADABLE"] += 1
             return None
         engine_seen.append(engine_totals(text))
+        durable_seen.append(durable_totals(text))
         return stream_samples(text, ids)
 
     gil_before = gil_probe.read_latest(service.workdir, "worker-*")
@@ -241,6 +267,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         forward_passes_per_ingest_call=thread.passes_per_call,
         worker_gil=gil_probe.wait_share(gil_before, gil_probe.read_latest(service.workdir, "worker-*")),
         engine_stacks=stack_probe.busiest(stacks_before, stack_probe.read_latest(service.workdir, "worker-*")),
+        durable=durable_rates(durable_seen[0], durable_seen[-1], elapsed) if durable_seen else None,
         settled_after_s=settled_after_s,
     )
 
@@ -319,6 +346,7 @@ def service_overrides(args, clip: str) -> dict:
             "target_tokens_per_frame": args.tokens_per_frame,
             "local_window_tokens": args.window_tokens,
             "retrieval_budget_tokens": 4096,
+            "durable_writers": args.durable_writers,
             # pinned once at start-up, so spilling a cluster to the host never pins memory on the ingest path
             "pinned_host_bytes": int(args.pinned_host_gib * 2**30),
         },
@@ -350,13 +378,16 @@ def add_cameras(client, load: Load, target: int, share: float, clip: str, args) 
     return list(load.cameras)
 
 
-def run_ramp(workdir: Path, args, on_step=None) -> dict:
+def run_ramp(workdir: Path, args, on_step=None, data_dir: Path | None = None) -> dict:
     """Starts the service, ramps the cameras, and returns the whole report (settings, costs, steps); ``on_step``
-    gets the report so far after every step, so a run cut short still leaves what it measured."""
+    gets the report so far after every step, so a run cut short still leaves what it measured. The durable history
+    goes under ``data_dir`` (default: ``workdir``'s)."""
     clip = clip_path(args.clip)
     _status(f"encoding the clip's frames as JPEG and timing decodes ({clip})")
     jpegs, decode_cost = prepare_frames(clip, args.fps, max_frames=16)
     overrides = service_overrides(args, clip)
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
     service = LocalService(workdir, log_level=args.serve_log_level, **overrides)
     steps: list[StepResult] = []
     load, start_s, log_tail = None, None, None
@@ -489,6 +520,14 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stack-probe", action="store_true",
         help="report where the worker's engine thread spends its time, by Python function (services.stack_probe)",
     )  # fmt: skip
+    parser.add_argument(
+        "--data-dir", default=None,
+        help="where a folder of this run's durable history goes, removed afterwards (default: the run's work folder, "
+        "under the temporary folder); for comparing disks",
+    )  # fmt: skip
+    parser.add_argument(
+        "--durable-writers", type=int, default=EngineConfig.durable_writers, help="threads writing record files"
+    )
     parser.add_argument("--clip", default=None, help=f"video file (default: ${CLIP_ENV}, else bikes.mp4)")
     parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.txt")
     args = parser.parse_args(argv)
@@ -504,10 +543,16 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = main_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="mosaic-bench-service-"))
+    data_dir = None
+    if args.data_dir is not None:
+        Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+        data_dir = Path(tempfile.mkdtemp(prefix="mosaic-bench-service-data-", dir=args.data_dir))
     try:
-        report = run_ramp(workdir, args, on_step=lambda so_far: write(so_far, args.out))
+        report = run_ramp(workdir, args, on_step=lambda so_far: write(so_far, args.out), data_dir=data_dir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if data_dir is not None:
+            shutil.rmtree(data_dir, ignore_errors=True)
     print(table(report))
     write(report, args.out)
     if args.out:

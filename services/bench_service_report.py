@@ -46,6 +46,7 @@ class StepResult:
     worker_gil: dict | None = None  # how late the worker's GIL probe woke (services.gil_probe.wait_share)
     settled_after_s: float | None = None  # after the warm-up, until every lag was under LAG_LIMIT_S; None: never
     engine_stacks: dict | None = None  # where the engine thread was (services.stack_probe.busiest)
+    durable: dict[str, float] | None = None  # the workers' record writing, per second (bench_service.durable_rates)
 
     @property
     def real_time(self) -> bool:
@@ -131,6 +132,13 @@ def table(report: dict) -> str:
             lines.append(
                 f"N={step['cameras']}: the worker's GIL: a 2-ms sleep woke {gil['mean_late_ms']:.2f} ms late on "
                 f"average, {gil['share_over_1ms']:.0%} of them over 1 ms late"
+            )
+        durable = step.get("durable")
+        if durable is not None:
+            lines.append(
+                f"N={step['cameras']}: durable history: {durable['written_mb_per_s']:.1f} MB/s of records written, "
+                f"the writer threads busy {durable['writers_busy_s_per_s']:.2f} s/s (summed), the engine thread "
+                f"waiting for them {durable['ingest_wait_s_per_s']:.2f} s/s"
             )
         stacks = step.get("engine_stacks")
         if stacks is not None:

@@ -43,7 +43,7 @@ class LocalService:
         self.workdir = workdir
         self.log_level = log_level  # DEBUG also leaves Ray's logging to Ray (see services.cli.start_ray)
         self.overrides = overrides  # ServiceConfig fields over the defaults below
-        self.data_dir = workdir / "data"
+        self.data_dir = Path(overrides.get("data_dir", workdir / "data"))
         self.redis_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.redis: subprocess.Popen | None = None
         self.server: subprocess.Popen | None = None

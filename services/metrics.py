@@ -257,6 +257,21 @@ class MosaicMetrics:
         self.durable_write_errors_total = Counter(
             "mosaic_durable_write_errors_total", "Failed writes of cluster records.", ["worker"], registry=r
         )
+        self.durable_bytes_written_total = Counter(
+            "mosaic_durable_bytes_written_total", "Bytes of cluster records written to disk.", ["worker"], registry=r
+        )
+        self.durable_write_seconds_total = Counter(
+            "mosaic_durable_write_seconds_total",
+            "Time the record writers spent on files (checksum, write, fsync), summed over the writer threads.",
+            ["worker"],
+            registry=r,
+        )
+        self.durable_ingest_wait_seconds_total = Counter(
+            "mosaic_durable_ingest_wait_seconds_total",
+            "Time the engine thread waited for the record writers to make room for a sealed cluster's snapshot.",
+            ["worker"],
+            registry=r,
+        )
         self.watches = WatchMetrics(r)
 
     # --- stream label mapping ----------------------------------------------------------------------
@@ -390,6 +405,9 @@ class MosaicMetrics:
         self.durable_oldest_pending_seconds.labels(label).set(non_negative("pending age", health.oldest_pending_s))
         self.durable_clusters_written_total.labels(label).inc(non_negative("written", health.clusters_written))
         self.durable_write_errors_total.labels(label).inc(non_negative("write errors", health.write_errors))
+        self.durable_bytes_written_total.labels(label).inc(non_negative("bytes written", health.bytes_written))
+        self.durable_write_seconds_total.labels(label).inc(non_negative("write seconds", health.write_s))
+        self.durable_ingest_wait_seconds_total.labels(label).inc(non_negative("ingest wait", health.ingest_wait_s))
 
     def set_hit_ratio(self, worker: int | str, r: float) -> None:
         if not 0.0 <= r <= 1.0:
@@ -466,7 +484,8 @@ class MosaicMetrics:
             for metric in (
                 self.worker_pid, self.metadata_store_up, self.metadata_queue_depth, self.metadata_writes_dropped_total,
                 self.metadata_resyncs_total, self.durable_pending_clusters, self.durable_oldest_pending_seconds,
-                self.durable_clusters_written_total, self.durable_write_errors_total, self.keyframe_bytes,
+                self.durable_clusters_written_total, self.durable_write_errors_total, self.durable_bytes_written_total,
+                self.durable_write_seconds_total, self.durable_ingest_wait_seconds_total, self.keyframe_bytes,
                 self.keyframes_dropped_total,
             ):  # fmt: skip
                 metric.labels(worker)

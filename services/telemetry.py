@@ -46,10 +46,16 @@ class DurabilityHealth:
     oldest_pending_s: float = 0.0
     clusters_written: int = 0
     write_errors: int = 0
+    bytes_written: int = 0
+    write_s: float = 0.0  # the record writers' time on files, summed over threads
+    ingest_wait_s: float = 0.0  # the engine thread's time waiting for the writers to make room
 
     def increments_since(self, seen: DurabilityHealth) -> DurabilityHealth:
         """The same gauges, with each counter replaced by its growth since ``seen``."""
-        counters = ("writes_dropped", "resyncs", "clusters_written", "write_errors")
+        counters = (
+            "writes_dropped", "resyncs", "clusters_written", "write_errors", "bytes_written", "write_s",
+            "ingest_wait_s",
+        )  # fmt: skip
         return dataclasses.replace(self, **{c: getattr(self, c) - getattr(seen, c) for c in counters})
 
 
@@ -65,6 +71,9 @@ def durability_health(pid: int, published, durable) -> DurabilityHealth:
         oldest_pending_s=durable.oldest_pending_s if durable else 0.0,
         clusters_written=durable.clusters_written if durable else 0,
         write_errors=durable.write_errors if durable else 0,
+        bytes_written=durable.bytes_written if durable else 0,
+        write_s=durable.file_write_s if durable else 0.0,
+        ingest_wait_s=durable.submit_wait_s + durable.staging_wait_s if durable else 0.0,
     )
 
 

@@ -46,6 +46,9 @@ SPEC = {
     "mosaic_durable_oldest_pending_seconds": "gauge",
     "mosaic_durable_clusters_written": "counter",
     "mosaic_durable_write_errors": "counter",
+    "mosaic_durable_bytes_written": "counter",
+    "mosaic_durable_write_seconds": "counter",
+    "mosaic_durable_ingest_wait_seconds": "counter",
     # Keyframes (docs/durability.md).
     "mosaic_keyframe_bytes": "gauge",
     "mosaic_keyframes_dropped": "counter",

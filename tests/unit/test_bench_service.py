@@ -103,6 +103,24 @@ def test_engine_thread_share_and_call_sizes_come_from_two_scrapes():
     assert (idle.frames_per_call, idle.passes_per_call) == (None, None)  # no ingest call in between
 
 
+def test_durable_rates_come_from_two_scrapes_summed_over_workers():
+    from services.bench_service import durable_rates, durable_totals
+
+    def scrape(written: float, write_s: float, wait_s: float) -> str:
+        return "\n".join(
+            f'{name}{{worker="{w}"}} {value}'
+            for w in ("0", "1")
+            for name, value in (
+                ("mosaic_durable_bytes_written_total", written),
+                ("mosaic_durable_write_seconds_total", write_s),
+                ("mosaic_durable_ingest_wait_seconds_total", wait_s),
+            )
+        )
+
+    rates = durable_rates(durable_totals(scrape(1e9, 2.0, 0.5)), durable_totals(scrape(6e9, 12.0, 1.5)), elapsed_s=10.0)
+    assert rates == pytest.approx({"written_mb_per_s": 1000.0, "writers_busy_s_per_s": 2.0, "ingest_wait_s_per_s": 0.2})
+
+
 def test_stream_samples_read_lag_and_counters_per_camera_from_metrics_text():
     from services.bench_service import stream_samples
 

@@ -42,6 +42,9 @@ SPEC = {
     "mosaic_durable_oldest_pending_seconds": ("gauge", {"worker"}),
     "mosaic_durable_clusters_written_total": ("counter", {"worker"}),
     "mosaic_durable_write_errors_total": ("counter", {"worker"}),
+    "mosaic_durable_bytes_written_total": ("counter", {"worker"}),
+    "mosaic_durable_write_seconds_total": ("counter", {"worker"}),
+    "mosaic_durable_ingest_wait_seconds_total": ("counter", {"worker"}),
     # Keyframes (docs/durability.md).
     "mosaic_keyframe_bytes": ("gauge", {"worker"}),
     "mosaic_keyframes_dropped_total": ("counter", {"worker"}),
@@ -248,3 +251,21 @@ def test_prime_keeps_existing_values() -> None:
     assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 5
     assert sample(m, "mosaic_tier_capacity_bytes", worker="1", tier="disk") == 0
     assert sample(m, "mosaic_errors_total", code="UNAVAILABLE") == 0
+
+
+def test_durable_writing_reaches_its_counters_as_increments() -> None:
+    from mosaic_core.durable.store import DurableStats
+    from services.publisher import PublisherStats
+    from services.telemetry import DurabilityHealth, durability_health
+
+    m = MosaicMetrics()
+    seen = DurabilityHealth()
+    for written, write_s, waits in ((10 << 20, 2.0, (0.5, 0.25)), (30 << 20, 5.0, (0.5, 1.0))):
+        durable = DurableStats(bytes_written=written, file_write_s=write_s)
+        durable.submit_wait_s, durable.staging_wait_s = waits
+        now = durability_health(7, PublisherStats(), durable)
+        m.set_durability(0, now.increments_since(seen))
+        seen = now
+    assert sample(m, "mosaic_durable_bytes_written_total", worker="0") == 30 << 20
+    assert sample(m, "mosaic_durable_write_seconds_total", worker="0") == 5.0
+    assert sample(m, "mosaic_durable_ingest_wait_seconds_total", worker="0") == 1.5
