@@ -19,6 +19,7 @@ import torch
 
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.engine.coherence import CoherenceReadback, OpenSums
 from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.keyframe_store import store_for
 from mosaic_core.engine.maintenance import join_recurring, note_frame
@@ -28,7 +29,6 @@ from mosaic_core.engine.results import FrameInput, IngestResult
 from mosaic_core.engine.stream import LocalFrame, StreamState
 from mosaic_core.engine.thumbnails import ThumbnailBatch
 from mosaic_core.errors import BudgetError, EmptyBatchError
-from mosaic_core.memory.transfer import NOTHING_PENDING, read_back
 from mosaic_core.model.pixels import VisionGeometry, validate_frames
 
 # A row shorter than its pass's longest is left-padded with this id; the pad's KV is never written.
@@ -222,7 +222,7 @@ def _ingest_pass(
     # the language model and read as soon as it is done, so the host places frames while the language model runs.
     def compare_first_frames():
         shaping = _shaping_summaries(parts, rows, features, frame_pages, frame_fills)
-        return shaping, _CoherenceReadback([state.open_embeds for state in states], [row[0] for row in shaping])
+        return shaping, CoherenceReadback([state.open_sums for state in states], [row[0] for row in shaping])
 
     by_pictures = parts.config.formation.key_weight == 0
     if by_pictures:
@@ -239,9 +239,14 @@ def _ingest_pass(
         for n, (i, frame) in enumerate(zip(indices, frames, strict=True)):
             frame_embeds, summary, small_of = features[(sid, i)]
             end += frame_embeds.shape[0]
-            coherence = first[row] if n == 0 else _coherence(state.open_embeds, shaping[row][n])
+            if n == 0:
+                readback, index, coherence = first_readback, row, first[row]
+            else:  # against the open cluster as this row's earlier frames left it
+                readback, index = CoherenceReadback([state.open_sums], [shaping[row][n]]), 0
+                coherence = readback.values()[0]
+            open_after = functools.partial(readback.open_after, index)
             pages, fills = frame_pages[row][n], frame_fills[row][n]
-            opened += _place_frame(parts, state, frame, pages, fills, summary, shaping[row][n], coherence, small_of)
+            opened += _place_frame(parts, state, frame, pages, fills, summary, coherence, open_after, small_of)
             leaving += [(state, old) for old in state.pop_overflow(parts.config.local_window_tokens)]
             attended.append(plan.attended_tokens[row] - (row_tokens[row] - end))
         if pauses is not None and pauses.placed(len(frames), last_of_pass=row == len(rows) - 1):
@@ -292,8 +297,8 @@ def _place_frame(
     pages: list[int],
     fills: list[int],
     summary: torch.Tensor,
-    shaping_summary: torch.Tensor,
     coherence: tuple[float | None, float | None],
+    open_after: Callable[..., OpenSums],
     small_of: Callable[[], np.ndarray] | None,
 ) -> int:
     similarity, cohesion = coherence
@@ -313,7 +318,7 @@ def _place_frame(
     if parts.history is not None and not decision.join:
         parts.history.ensure_ids(state)
     store_for(parts, state).offer(record.cluster_id, state.frames_ingested, frame.timestamp_s, small_of, centrality)
-    state.open_embeds = [*state.open_embeds, shaping_summary] if decision.join else [shaping_summary]
+    state.open_sums = open_after(joined=decision.join)
     note_frame(parts, state, record.cluster_id, summary)  # recurring-scene joins (off unless configured)
     slots = parts.tiering.tiers.pools.slots(pages, fills)
     state.push_local(LocalFrame(state.frames_ingested, record.cluster_id, frame.timestamp_s, pages, fills, slots))
@@ -359,38 +364,6 @@ def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, Loca
 def flush_window(parts: EngineParts, state: StreamState) -> None:
     """Moves every frame of the local window into its cluster (a checkpoint before shutdown)."""
     _store_in_clusters(parts, [(state, old) for old in state.pop_overflow(0)])
-
-
-def _coherence(members: list[torch.Tensor], frame: torch.Tensor) -> tuple[float | None, float | None]:
-    """Cosine of ``frame`` to the open cluster's centroid, and the cluster's cohesion with it added."""
-    return _CoherenceReadback([members], [frame]).values()[0]
-
-
-class _CoherenceReadback:
-    """``_coherence`` of several (open cluster, frame) pairs, queued on the device now and read back together
-    later, without waiting for device work queued after it."""
-
-    def __init__(self, members: list[list[torch.Tensor]], frames: list[torch.Tensor]) -> None:
-        self._members = members
-        pairs = [_coherence_on_device(m, f) for m, f in zip(members, frames, strict=True) if m]
-        self._host, self._copied = read_back(torch.stack(pairs)) if pairs else (None, NOTHING_PENDING)
-
-    def values(self) -> list[tuple]:
-        """``(similarity, cohesion)`` per pair, ``(None, None)`` where the cluster had no members."""
-        if self._copied.ready is not None:
-            self._copied.ready.synchronize()
-        values = iter([] if self._host is None else self._host.tolist())
-        return [tuple(next(values)) if m else (None, None) for m in self._members]
-
-
-def _coherence_on_device(members: list[torch.Tensor], frame: torch.Tensor) -> torch.Tensor:
-    stacked = torch.stack(members)
-    centroid = stacked.mean(dim=0)
-    similarity = torch.nn.functional.cosine_similarity(frame, centroid, dim=0)
-    with_frame = torch.cat([stacked, frame[None]])
-    new_centroid = with_frame.mean(dim=0, keepdim=True)
-    cohesion = torch.nn.functional.cosine_similarity(with_frame, new_centroid, dim=1).mean()
-    return torch.stack([similarity, cohesion])
 
 
 def _row_tokens(row, features) -> int:

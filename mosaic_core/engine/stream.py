@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.formation import ClusterFormer, ClusterRecord
+from mosaic_core.engine.coherence import OpenSums
 from mosaic_core.errors import InvalidArgumentError, StreamClosedError, TimestampOrderError
 from mosaic_core.memory.arena import PagePools
 from mosaic_core.model.pixels import VisionGeometry
@@ -71,8 +72,7 @@ class StreamState:
         self.local_tokens = 0
         self.reserved_bytes = 0  # device bytes reserved for sink + window
         self._past_slots: np.ndarray | None = None
-        # Vision-embedding statistics of the open cluster, for visual coherence.
-        self.open_embeds: list[torch.Tensor] = []
+        self.open_sums: OpenSums | None = None  # the open cluster, for visual coherence
 
     # -- checks -------------------------------------------------------------------------------------------------
     def check_open(self) -> None:
