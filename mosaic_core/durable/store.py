@@ -12,11 +12,12 @@ disk:
 
 Because the queue is FIFO, a removal always follows the write it undoes, and a journal line is appended only
 after the files it names are on disk. Cluster ids are never reused, so files written side by side never share a
-name. Until its line is written a cluster is "pending": reads are served from
-its snapshot. Pending bytes are bounded (``max_pending_bytes``); past that, ``submit`` waits for the writer,
-which holds ingest back rather than dropping history. With a ``staging`` arena (pinned host memory, under CUDA) the
-snapshots live in it and go back to it once their journal line is written; a read of a pending snapshot then gets
-a copy, since the arena reuses the memory after that.
+name. Until its line is written a cluster is "pending": reads are served from its snapshot until its file is
+written, and from the file after that. A snapshot's memory is freed as soon as its file is written, without
+waiting for the commit thread, so a slow journal never holds snapshots back. Snapshot bytes not yet in their
+files are bounded (``max_pending_bytes``); past that, ``submit`` waits for the writers, which holds ingest back
+rather than dropping history. With a ``staging`` arena (pinned host memory, under CUDA) the snapshots live in it and
+go back to it once written; a read of a pending snapshot gets a copy, since the arena reuses the memory after that.
 
 Deleting a stream is synchronous and atomic: its directory is renamed into ``.trash`` (then removed in the
 background), so a crash right after a delete never brings the stream back.
@@ -72,16 +73,18 @@ class Seal:
     """A cluster handed to the writer: its manifest entry (checksum filled in on write) and KV snapshot."""
 
     entry: ClusterEntry
-    pages: torch.Tensor  # [P, L, 2, H, page_tokens, D] on the host (being filled until ``ready`` passes, under CUDA)
+    # [P, L, 2, H, page_tokens, D] on the host (being filled until ``ready`` passes, under CUDA); None once the record
+    # file holds them, which is then read instead
+    pages: torch.Tensor | None
     summary: ClusterSummary
     ready: object = None  # torch.cuda.Event or None
     submitted_s: float = field(default_factory=time.monotonic)
     keyframes: bytes = b""  # JPEGs back to back, as ``entry.keyframes`` lists them
     written: Future | None = None  # its record file's write in the writer pool (queued again after a failure)
+    num_bytes: int = field(init=False)  # the snapshot's
 
-    @property
-    def num_bytes(self) -> int:
-        return self.pages.numel() * self.pages.element_size()
+    def __post_init__(self) -> None:
+        self.num_bytes = self.pages.numel() * self.pages.element_size()
 
 
 @dataclass(slots=True)
@@ -123,7 +126,7 @@ class DurableStore:
 
     Args:
         root: the engine's data directory; created if missing.
-        max_pending_bytes: snapshot bytes that may wait for the writer before ``submit`` blocks.
+        max_pending_bytes: snapshot bytes that may wait for their files before ``submit`` blocks.
         state_interval_s: how often a changed stream state (clock, counters) is written.
         writers: threads that write record files side by side.
         staging: host memory that snapshots are taken from and given back to (module doc), or None.
@@ -306,13 +309,15 @@ class DurableStore:
         return decode_pages(path.read_bytes(), expect_checksum=entry.checksum, name=str(path))[0]
 
     def _pending_pages(self, seal: Seal) -> torch.Tensor:
-        """A pending snapshot's pages once filled; a copy when they live in the staging arena, which reuses them
-        once the cluster is durable."""
+        """A pending snapshot's pages once filled (a copy when they live in the staging arena, which reuses them once
+        the record file is written), or, once it is written, the file's (checked against its checksum)."""
         if seal.ready is not None:
             seal.ready.synchronize()
-        if self.staging is not None and self.staging.owns(seal.pages):
-            return seal.pages.clone()
-        return seal.pages
+        with self._cv:  # the writer that gives the snapshot back takes this lock first
+            if seal.pages is not None:
+                return seal.pages.clone() if self.staging is not None and self.staging.owns(seal.pages) else seal.pages
+        path = self.stream_dir(_stream_of(seal.entry.cluster_id)) / seal.entry.file
+        return decode_pages(path.read_bytes(), expect_checksum=seal.entry.checksum, name=str(path))[0]
 
     def read_keyframes(self, stream_id: str, entry: ClusterEntry) -> list[bytes]:
         """The JPEG bytes of a durable cluster's keyframes, in ``entry.keyframes`` order (a read of that one
@@ -438,6 +443,7 @@ class DurableStore:
         with self._cv:
             self.stats.bytes_written += sum(memoryview(chunk).nbytes for chunk in chunks)
             self.stats.file_write_s += time.monotonic() - started
+            self._let_go(seal)  # the file holds the bytes now, whenever the commit thread names it
 
     def _await_files(self, commit: _Commit) -> None:
         """Until the commit's record files are on disk. A failed write is queued again and its error raised, so
@@ -471,9 +477,16 @@ class DurableStore:
     def _forget_pending(self, seal: Seal) -> None:
         if self._pending.pop(seal.entry.cluster_id, None) is not None:
             self.stats.pending_clusters -= 1
-            self.stats.pending_bytes -= seal.num_bytes
-            if self.staging is not None and self.staging.owns(seal.pages):
-                self.staging.give_back(seal.pages)
+            self._let_go(seal)
+
+    def _let_go(self, seal: Seal) -> None:
+        """Frees a snapshot's memory (its staging piece) and its bytes from the pending bound, once (under the lock)."""
+        if seal.pages is None:
+            return
+        self.stats.pending_bytes -= seal.num_bytes
+        if self.staging is not None and self.staging.owns(seal.pages):
+            self.staging.give_back(seal.pages)
+        seal.pages = None
 
     def _write_states(self) -> None:
         with self._cv:

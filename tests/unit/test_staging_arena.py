@@ -4,6 +4,7 @@ gives a snapshot's piece back once the cluster is durable (never while a read co
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -82,6 +83,32 @@ def test_the_store_gives_a_snapshot_back_once_durable_and_reads_of_a_pending_one
         assert store.flush(WAIT_S)
         assert arena.taken_bytes == 0
         assert torch.equal(store.read_pages("cam/c000001"), read)  # from the file now
+    finally:
+        held.open()
+        store.close()
+
+
+def test_a_snapshot_goes_back_once_its_file_is_written_while_an_earlier_journal_line_waits(tmp_path):
+    arena = StagingArena(64 * ALIGN_BYTES, pin=False)
+    store = DurableStore(tmp_path, staging=arena, writers=2)
+    held = Gate()
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        first, second = _staged_seal(arena, "cam", 1, held), _staged_seal(arena, "cam", 2)
+        first_bytes = arena.taken_bytes // 2
+        store.submit("cam", add=[first])
+        store.submit("cam", add=[second])
+        assert held.reached.wait(WAIT_S)
+        deadline = time.monotonic() + WAIT_S
+        while arena.taken_bytes > first_bytes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert arena.taken_bytes == first_bytes, "the written snapshot waited for the journal line ahead of it"
+        assert store.snapshot_stats().clusters_written == 0  # nothing journalled yet: the first file is held
+        read = store.read_pages("cam/c000002")  # still pending: read from its file
+        assert torch.equal(read, torch.full_like(read, 2.0))
+        held.open()
+        assert store.flush(WAIT_S)
+        assert arena.taken_bytes == 0 and store.snapshot_stats().pending_bytes == 0
     finally:
         held.open()
         store.close()
