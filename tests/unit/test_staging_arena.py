@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -68,12 +69,22 @@ def _staged_seal(arena: StagingArena, stream_id: str, number: int, ready=None):
     return seal
 
 
-def test_the_store_gives_a_snapshot_back_once_durable_and_reads_of_a_pending_one_get_a_copy(tmp_path):
+@contextmanager
+def _staged_store(tmp_path, **store_args):
+    """A store with a staging arena and a stream "cam"; yields the arena, the store and a gate for a seal's copy."""
     arena = StagingArena(64 * ALIGN_BYTES, pin=False)
-    store = DurableStore(tmp_path, staging=arena)
+    store = DurableStore(tmp_path, staging=arena, **store_args)
     held = Gate()
     try:
         store.create_stream("cam", {"fps": 1.0})
+        yield arena, store, held
+    finally:
+        held.open()  # a failed assertion must not leave the writer waiting
+        store.close()
+
+
+def test_the_store_gives_a_snapshot_back_once_durable_and_reads_of_a_pending_one_get_a_copy(tmp_path):
+    with _staged_store(tmp_path) as (arena, store, held):
         seal = _staged_seal(arena, "cam", 1, held)
         store.submit("cam", add=[seal])
         assert held.reached.wait(WAIT_S)
@@ -83,17 +94,10 @@ def test_the_store_gives_a_snapshot_back_once_durable_and_reads_of_a_pending_one
         assert store.flush(WAIT_S)
         assert arena.taken_bytes == 0
         assert torch.equal(store.read_pages("cam/c000001"), read)  # from the file now
-    finally:
-        held.open()
-        store.close()
 
 
 def test_a_snapshot_goes_back_once_its_file_is_written_while_an_earlier_journal_line_waits(tmp_path):
-    arena = StagingArena(64 * ALIGN_BYTES, pin=False)
-    store = DurableStore(tmp_path, staging=arena, writers=2)
-    held = Gate()
-    try:
-        store.create_stream("cam", {"fps": 1.0})
+    with _staged_store(tmp_path, writers=2) as (arena, store, held):
         first, second = _staged_seal(arena, "cam", 1, held), _staged_seal(arena, "cam", 2)
         first_bytes = arena.taken_bytes // 2
         store.submit("cam", add=[first])
@@ -109,17 +113,10 @@ def test_a_snapshot_goes_back_once_its_file_is_written_while_an_earlier_journal_
         held.open()
         assert store.flush(WAIT_S)
         assert arena.taken_bytes == 0 and store.snapshot_stats().pending_bytes == 0
-    finally:
-        held.open()
-        store.close()
 
 
 def test_deleting_a_stream_gives_back_its_pending_snapshots_after_their_writes_stop(tmp_path):
-    arena = StagingArena(64 * ALIGN_BYTES, pin=False)
-    store = DurableStore(tmp_path, staging=arena, writers=1)
-    held = Gate()
-    try:
-        store.create_stream("cam", {"fps": 1.0})
+    with _staged_store(tmp_path, writers=1) as (arena, store, held):
         store.submit("cam", add=[_staged_seal(arena, "cam", 1, held), _staged_seal(arena, "cam", 2)])
         assert held.reached.wait(WAIT_S)
         deleting = threading.Thread(target=store.delete_stream, args=("cam",))
@@ -129,6 +126,3 @@ def test_deleting_a_stream_gives_back_its_pending_snapshots_after_their_writes_s
         held.open()
         deleting.join(WAIT_S)
         assert not deleting.is_alive() and arena.taken_bytes == 0
-    finally:
-        held.open()
-        store.close()
