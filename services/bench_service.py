@@ -533,6 +533,8 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0.0 <= args.pulled_share <= 1.0:
         parser.error(f"--pulled-share {args.pulled_share} must be within 0..1")
+    if args.quick and args.durable_writers != EngineConfig.durable_writers:
+        parser.error("--durable-writers sets the GPU run's engine; --quick runs the tiny preset's own settings")
     if args.quick:
         args.model, args.cameras, args.warmup_s, args.measure_s, args.settle_s = "tiny", [2, 4], 4.0, 6.0, 10.0
         args.push_clients, args.question_clients, args.questions_per_s = 2, 2, 0.5

@@ -53,6 +53,14 @@ def test_camera_steps_must_increase():
             camera_steps(bad)
 
 
+def test_durable_writers_is_refused_where_it_would_be_ignored():
+    from services.bench_service import main_args
+
+    assert main_args(["--durable-writers", "8"]).durable_writers == 8
+    with pytest.raises(SystemExit):
+        main_args(["--quick", "--durable-writers", "8"])  # the quick run keeps the tiny preset's engine settings
+
+
 def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
     steps = [_step(8), _step(16, lag_p99_s=3.2)]
     report = {
