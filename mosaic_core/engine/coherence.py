@@ -47,12 +47,13 @@ class CoherenceReadback:
         device = frame.device
         index = upload(list(self._with), torch.long, device)
         members = torch.stack([open_sums[r].sums for r in self._with])  # [R', 2, D]
-        self._joined = members + self._started.index_select(0, index)
+        started = self._started.index_select(0, index)  # [R', 2, D]: the frames of the rows with an open cluster
+        self._joined = members + started
         counts = upload(
             np.asarray([open_sums[r].count + 1 for r in self._with], dtype=np.float32), torch.float32, device
         )
         joined_sum, joined_units = self._joined[:, 0], self._joined[:, 1]
-        similarity = torch.nn.functional.cosine_similarity(frame.index_select(0, index), members[:, 0], dim=1)
+        similarity = torch.nn.functional.cosine_similarity(started[:, 0], members[:, 0], dim=1)
         cohesion = (joined_units * joined_sum).sum(dim=1) / (counts * joined_sum.norm(dim=1))
         self._host, self._copied = read_back(torch.stack([similarity, cohesion], dim=1))
 

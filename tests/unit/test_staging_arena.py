@@ -1,5 +1,5 @@
 """The staging arena hands out pieces of one buffer, merges what comes back, waits for room, and the durable store
-gives a snapshot's piece back once the cluster is durable (never while a read could still use it)."""
+gives a snapshot's piece back once its record file is written (never while a read could still use it)."""
 
 from __future__ import annotations
 
