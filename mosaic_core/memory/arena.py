@@ -240,9 +240,9 @@ class PagePools:
             stop = min(start + KEY_STATS_PAGES, len(pages))
             keys = self.device_pool[self.upload(pages[start:stop]), :, 0].float()  # [P, L, H, pt, D]
             chunk_fills = np.asarray(fills[start:stop])
-            if (chunk_fills < pt).any():  # slots past a page's fill hold stale bytes
-                filled = np.arange(pt)[None, :] < chunk_fills[:, None]
-                keys *= self.upload(filled, torch.float32)[:, None, None, :, None]
+            if (chunk_fills < pt).any():  # slots past a page's fill hold stale bytes, NaN or infinite ones too
+                stale = np.arange(pt)[None, :] >= chunk_fills[:, None]
+                keys.masked_fill_(self.upload(stale, torch.bool)[:, None, None, :, None], 0.0)
             torch.sum(keys, dim=3, out=sums[start:stop])
             torch.sum(keys.square_(), dim=3, out=sumsqs[start:stop])
         return sums, sumsqs

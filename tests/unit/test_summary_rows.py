@@ -3,6 +3,7 @@ most are free, with every kept cluster's statistics unchanged."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
@@ -44,12 +45,15 @@ def test_rows_follow_the_records_and_shrink_when_most_are_free(tmp_path):
     assert len(summaries) == 0 and summaries.capacity == 16
 
 
-def test_key_stats_read_each_pages_filled_tokens_only(tmp_path):
+@pytest.mark.parametrize("stale", [1e4, float("nan"), float("inf")])
+def test_key_stats_read_each_pages_filled_tokens_only(tmp_path, stale):
+    """A page's slots past its fill hold whatever its memory held before (the pool is never cleared): NaN there
+    once made a cluster's summary NaN, and its retrieval score with it."""
     tiering = make_tiering(SPEC, tmp_path, device="cpu", page_tokens=4, device_bytes=1 << 22)
     pools = tiering.tiers.pools
     pages, fills = pools.take(Tier.DEVICE, 3), [4, 1, 3]
     kv = _keys(7, num_tokens=sum(fills))
-    pools.device_pool[pages] = 1e4  # stale bytes in the slots past each fill
+    pools.device_pool[pages] = stale
     pools.write(Tier.DEVICE, pages, fills, kv)
     sums, sumsqs = pools.key_stats(pages, fills)
     start = 0
