@@ -8,6 +8,7 @@ import torch
 from engine_helpers import feed, make_engine
 
 from mosaic_core.errors import ConfigError
+from mosaic_core.model.attention_hook import PLAN_KWARG
 from mosaic_core.model.presets import PRESETS, preset_config_kwargs
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 
@@ -209,3 +210,39 @@ def test_compiled_fusion_gives_every_module_one_shared_compiled_function():
     assert len({id(m.norm) for m in norms}) == 1 and norms[0].norm is not type(norms[0]).norm
     assert len({id(m.rotate) for m in attentions}) == 1 and attentions[0].rotate is not _rotate
     assert all(m.rotate is _rotate for m in plain.model.model.visual.modules() if isinstance(m, BatchedChunkAttention))
+
+
+class _CausalPlan:
+    """Plain causal attention over the pass's own tokens, as an ``AttentionPlan``."""
+
+    def attend(self, layer_idx, query, key, value, scale):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+        return out.transpose(1, 2)
+
+
+def test_forward_scatters_frames_as_transformers_multimodal_forward_does(tiny_model):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    hidden = tiny_model.config.text_config.hidden_size
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(10, 100, (2, 12), generator=generator)
+    input_ids[0, 2:7] = input_ids[1, 4:11] = tiny_model.video_token_id
+    input_ids = input_ids.to(tiny_model.device)
+    frame_embeds = torch.randn(12, hidden, generator=generator).to(tiny_model.device)
+    position_ids = torch.arange(12, device=tiny_model.device).expand(3, 2, -1)
+    plan = _CausalPlan()
+
+    ours = tiny_model.forward(input_ids=input_ids, position_ids=position_ids, plan=plan, frame_embeds=frame_embeds)
+    theirs = tiny_model.model.model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        mm_token_type_ids=(input_ids == tiny_model.video_token_id).long() * 2,
+        mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=(frame_embeds,))},
+        use_cache=False,
+        **{PLAN_KWARG: plan},
+    ).last_hidden_state
+    assert torch.equal(ours, theirs)
+    without_frames = tiny_model.forward(input_ids=input_ids, position_ids=position_ids, plan=plan)
+    assert not torch.allclose(ours, without_frames)
