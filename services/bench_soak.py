@@ -29,7 +29,7 @@ import numpy as np
 
 from services import heap_probe
 from services.bench_service_report import without_local_paths
-from services.local_service import LocalService
+from services.local_service import LocalService, stop_services_on_sigterm
 
 QUESTIONS = ("what happened?", "was anyone there?", "what moved last?", "describe the scene")
 
@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup_s is None:
         args.warmup_s = args.duration_s / 5
     warmup_s = args.warmup_s
+    stop_services_on_sigterm()
     workdir = Path(tempfile.mkdtemp(prefix="mosaic-soak-"))
     try:
         samples, errors, heap_growth = run_soak(workdir, args)

@@ -1,6 +1,7 @@
 """Redis and ``mosaic serve`` as child processes on loopback, for benchmarks that kill, freeze or soak them.
 
-Every wait is bounded; processes are stopped by PID. Used by ``mosaic bench faults`` and ``mosaic bench soak``.
+Every wait is bounded; processes are stopped by PID. Used by ``mosaic bench faults``, ``mosaic bench soak`` and
+``mosaic bench service``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.25):
             return value
         time.sleep(interval_s)
     return None
+
+
+def stop_services_on_sigterm() -> None:
+    """Makes SIGTERM (``timeout``'s, a job runner's) end this process as Ctrl-C does, through its ``finally``
+    blocks, so the redis-server and ``mosaic serve`` it started stop with it. Python's default for SIGTERM exits at
+    once, and they lived on, holding their ports and the GPU. Call from the main thread."""
+
+    def _exit(signum: int, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
 
 
 class LocalService:
