@@ -266,6 +266,13 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
+        self.durable_writers = Gauge(
+            "mosaic_durable_writers",
+            "Threads that write cluster records; mosaic_durable_write_seconds_total near this many a second means "
+            "they are saturated.",
+            ["worker"],
+            registry=r,
+        )
         self.durable_ingest_wait_seconds_total = Counter(
             "mosaic_durable_ingest_wait_seconds_total",
             "Time the engine thread waited for the record writers to make room for a sealed cluster's snapshot.",
@@ -408,6 +415,7 @@ class MosaicMetrics:
         self.durable_bytes_written_total.labels(label).inc(non_negative("bytes written", health.bytes_written))
         self.durable_write_seconds_total.labels(label).inc(non_negative("write seconds", health.write_s))
         self.durable_ingest_wait_seconds_total.labels(label).inc(non_negative("ingest wait", health.ingest_wait_s))
+        self.durable_writers.labels(label).set(non_negative("writers", health.writers))
 
     def set_hit_ratio(self, worker: int | str, r: float) -> None:
         if not 0.0 <= r <= 1.0:
@@ -427,7 +435,7 @@ class MosaicMetrics:
             self.ingest_latency_seconds, self.ingest_batch_frames, self.ingest_forward_passes_total,
             self.cluster_device_hit_ratio, self.worker_pid,
             self.metadata_store_up, self.metadata_queue_depth, self.durable_pending_clusters,
-            self.durable_oldest_pending_seconds, self.keyframe_bytes,
+            self.durable_oldest_pending_seconds, self.durable_writers, self.keyframe_bytes,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):  # a series never set
                 metric.remove(label)
@@ -485,8 +493,8 @@ class MosaicMetrics:
                 self.worker_pid, self.metadata_store_up, self.metadata_queue_depth, self.metadata_writes_dropped_total,
                 self.metadata_resyncs_total, self.durable_pending_clusters, self.durable_oldest_pending_seconds,
                 self.durable_clusters_written_total, self.durable_write_errors_total, self.durable_bytes_written_total,
-                self.durable_write_seconds_total, self.durable_ingest_wait_seconds_total, self.keyframe_bytes,
-                self.keyframes_dropped_total,
+                self.durable_write_seconds_total, self.durable_ingest_wait_seconds_total, self.durable_writers,
+                self.keyframe_bytes, self.keyframes_dropped_total,
             ):  # fmt: skip
                 metric.labels(worker)
             for direction in TRANSFER_DIRECTIONS:

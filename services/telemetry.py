@@ -49,6 +49,7 @@ class DurabilityHealth:
     bytes_written: int = 0
     write_s: float = 0.0  # the record writers' time on files, summed over threads
     ingest_wait_s: float = 0.0  # the engine thread's time waiting for the writers to make room
+    writers: int = 0  # the record writer threads (0 without a data directory)
 
     def increments_since(self, seen: DurabilityHealth) -> DurabilityHealth:
         """The same gauges, with each counter replaced by its growth since ``seen``."""
@@ -74,6 +75,7 @@ def durability_health(pid: int, published, durable) -> DurabilityHealth:
         bytes_written=durable.bytes_written if durable else 0,
         write_s=durable.file_write_s if durable else 0.0,
         ingest_wait_s=durable.submit_wait_s + durable.staging_wait_s if durable else 0.0,
+        writers=durable.writers if durable else 0,
     )
 
 

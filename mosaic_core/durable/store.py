@@ -112,6 +112,7 @@ class DurableStats:
     submit_wait_s: float = 0.0  # the engine thread's time blocked in ``submit`` by ``max_pending_bytes``
     staging_wait_s: float = 0.0  # the engine thread's time waiting for room in the staging arena
     file_write_s: float = 0.0  # the writer pool's time in record files (checksum, write, fsync), summed over threads
+    writers: int = 0  # the writer pool's threads: file_write_s grows by at most this many seconds a second
 
 
 @dataclass(slots=True)
@@ -148,7 +149,7 @@ class DurableStore:
         self.max_pending_bytes = max_pending_bytes
         self.state_interval_s = state_interval_s
         self.staging = staging
-        self.stats = DurableStats()
+        self.stats = DurableStats(writers=writers)
         self._cv = threading.Condition()
         self._io = threading.Lock()  # held by the writer for a whole commit, and by stream create/delete
         self._queue: deque[_Commit | Path] = deque()

@@ -49,6 +49,7 @@ SPEC = {
     "mosaic_durable_bytes_written": "counter",
     "mosaic_durable_write_seconds": "counter",
     "mosaic_durable_ingest_wait_seconds": "counter",
+    "mosaic_durable_writers": "gauge",
     # Keyframes (docs/durability.md).
     "mosaic_keyframe_bytes": "gauge",
     "mosaic_keyframes_dropped": "counter",

@@ -45,6 +45,7 @@ SPEC = {
     "mosaic_durable_bytes_written_total": ("counter", {"worker"}),
     "mosaic_durable_write_seconds_total": ("counter", {"worker"}),
     "mosaic_durable_ingest_wait_seconds_total": ("counter", {"worker"}),
+    "mosaic_durable_writers": ("gauge", {"worker"}),
     # Keyframes (docs/durability.md).
     "mosaic_keyframe_bytes": ("gauge", {"worker"}),
     "mosaic_keyframes_dropped_total": ("counter", {"worker"}),
@@ -261,7 +262,7 @@ def test_durable_writing_reaches_its_counters_as_increments() -> None:
     m = MosaicMetrics()
     seen = DurabilityHealth()
     for written, write_s, waits in ((10 << 20, 2.0, (0.5, 0.25)), (30 << 20, 5.0, (0.5, 1.0))):
-        durable = DurableStats(bytes_written=written, file_write_s=write_s)
+        durable = DurableStats(bytes_written=written, file_write_s=write_s, writers=8)
         durable.submit_wait_s, durable.staging_wait_s = waits
         now = durability_health(7, PublisherStats(), durable)
         m.set_durability(0, now.increments_since(seen))
@@ -269,3 +270,4 @@ def test_durable_writing_reaches_its_counters_as_increments() -> None:
     assert sample(m, "mosaic_durable_bytes_written_total", worker="0") == 30 << 20
     assert sample(m, "mosaic_durable_write_seconds_total", worker="0") == 5.0
     assert sample(m, "mosaic_durable_ingest_wait_seconds_total", worker="0") == 1.5
+    assert sample(m, "mosaic_durable_writers", worker="0") == 8  # a gauge: set, not summed over the two drains
