@@ -22,6 +22,8 @@ REQUIRED_ALERTS = {
     "MosaicStreamStalled",
     "MosaicMetadataStoreDown",
     "MosaicDurableBacklog",
+    "MosaicDurableWritersSaturated",
+    "MosaicIngestWaitingForDisk",
     "MosaicMetadataBacklog",
 }
 PROMTOOL = shutil.which("promtool")
