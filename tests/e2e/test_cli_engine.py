@@ -19,7 +19,7 @@ def test_ask_video_streams_an_answer_with_evidence_and_stats():
     result = _mosaic(
         "ask-video", "bikes.mp4", "--question", "When did the cyclist pass?", "--fps", "2", "--max-frames", "12",
         "--tokens-per-frame", "16", "--window-tokens", "48", "--budget-tokens", "96", "--max-new-tokens", "3",
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "answer:" in out and "random weights" in out

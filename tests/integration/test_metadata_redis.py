@@ -43,9 +43,7 @@ def store(redis_client, redis_namespace: str) -> RedisMetadataStore:
     return RedisMetadataStore(redis_client, namespace=redis_namespace, clock=StepClock())
 
 
-def test_every_key_matches_the_documented_schema(
-    store: RedisMetadataStore, redis_client, redis_namespace
-) -> None:
+def test_every_key_matches_the_documented_schema(store: RedisMetadataStore, redis_client, redis_namespace) -> None:
     store.put_stream(stream("cam-1", worker_id="0", retention_s=5.0))
     store.put_stream(stream("site/cam.2"))
     for i in range(3):

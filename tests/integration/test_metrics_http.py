@@ -58,8 +58,6 @@ def test_promtool_accepts_the_exposition(server_and_metrics) -> None:
     metrics.observe_ingest_latency(0, 0.1)
     metrics.set_tier(1, "device", 10, 100, 1)
     _, text = scrape(server.port)
-    result = subprocess.run(
-        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
-    )
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr

@@ -46,9 +46,7 @@ def test_bookkeeping_never_imports_torch_even_indirectly():
 
 
 def test_ruff_is_clean():
-    result = subprocess.run(
-        [_tool("ruff"), "check", "."], cwd=ROOT, capture_output=True, text=True, check=False
-    )
+    result = subprocess.run([_tool("ruff"), "check", "."], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

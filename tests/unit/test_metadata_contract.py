@@ -35,9 +35,7 @@ def stream(stream_id: str = "cam-1", **kw: object) -> StreamRecord:
     return StreamRecord(stream_id=stream_id, fps=kw.pop("fps", 1.0), **kw)
 
 
-def cluster(
-    cluster_id: str, start_s: float, end_s: float, stream_id: str = "cam-1", **kw: object
-) -> ClusterMeta:
+def cluster(cluster_id: str, start_s: float, end_s: float, stream_id: str = "cam-1", **kw: object) -> ClusterMeta:
     fields = dict(
         num_tokens=128,
         num_bytes=1 << 20,
@@ -170,9 +168,7 @@ class MetadataStoreContract:
 
     def test_cluster_round_trip_and_updated_stamp(self, store: MetadataStore) -> None:
         store.put_stream(stream())
-        meta = cluster(
-            "c0", 0.1 + 0.2, 1e9 + 0.5, centroid_summary=[1 / 3, -0.0, 5e-324, 1e308], updated_s=-1.0
-        )
+        meta = cluster("c0", 0.1 + 0.2, 1e9 + 0.5, centroid_summary=[1 / 3, -0.0, 5e-324, 1e308], updated_s=-1.0)
         store.put_cluster(meta)
         got = store.get_cluster("cam-1", "c0")
         assert got.updated_s >= 1000.0  # stamped by the store's clock, not the caller's value
@@ -238,9 +234,7 @@ class MetadataStoreContract:
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors],
     )
     @given(
-        spans=st.lists(
-            st.tuples(st.floats(0, 100, allow_nan=False), st.floats(0, 20, allow_nan=False)), max_size=25
-        ),
+        spans=st.lists(st.tuples(st.floats(0, 100, allow_nan=False), st.floats(0, 20, allow_nan=False)), max_size=25),
         query=st.tuples(st.floats(-10, 130, allow_nan=False), st.floats(0, 50, allow_nan=False)),
     )
     def test_clusters_in_range_matches_brute_force(
@@ -317,9 +311,7 @@ class MetadataStoreContract:
             for i in range(150):
                 tier = store.get_cluster("cam-1", "c0").tier
                 to = nxt[tier]
-                if store.move_cluster(
-                    "cam-1", "c0", from_tier=tier, to_tier=to, location=f"{to}:m{slot}:{i}"
-                ):
+                if store.move_cluster("cam-1", "c0", from_tier=tier, to_tier=to, location=f"{to}:m{slot}:{i}"):
                     num_moves[slot] += 1
 
         def reader() -> None:

@@ -161,9 +161,7 @@ def test_many_threads_mixed_operations_keep_the_index_consistent() -> None:
         t.join()
     assert errors == []
     listed = store.list_clusters("s")
-    assert [m.cluster_id for m in listed] == [
-        m.cluster_id for m in store.clusters_in_range("s", -math.inf, math.inf)
-    ]
+    assert [m.cluster_id for m in listed] == [m.cluster_id for m in store.clusters_in_range("s", -math.inf, math.inf)]
     assert len({m.cluster_id for m in listed}) == len(listed)
     for meta in listed:
         assert store.get_cluster("s", meta.cluster_id) == meta

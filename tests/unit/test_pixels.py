@@ -56,18 +56,14 @@ def test_matches_transformers_pil_image_processor() -> None:
     expected = processor(images=list(resized), do_resize=False, return_tensors="np")
     np.testing.assert_array_equal(vision.video_grid_thw.numpy(), expected["image_grid_thw"])
     assert vision.pixel_values_videos.shape == expected["pixel_values"].shape
-    np.testing.assert_allclose(
-        vision.pixel_values_videos.numpy(), expected["pixel_values"], rtol=0, atol=1e-5
-    )
+    np.testing.assert_allclose(vision.pixel_values_videos.numpy(), expected["pixel_values"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
     "device",
     [
         "cpu",
-        pytest.param(
-            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-        ),
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
     ],
 )
 def test_matches_transformers_video_processor_end_to_end(device: str) -> None:

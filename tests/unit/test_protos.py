@@ -99,16 +99,12 @@ def test_messages_round_trip() -> None:
     assert not decoded.stats.HasField("last_timestamp_s")
     assert not pb.Stream(stream_id="x").HasField("source_url")  # push streams: unset, not ""
 
-    raw = pb.Frame(
-        stream_id="cam-1", timestamp_s=1.5, raw=pb.RawFrame(rgb=b"\0" * 12, height=2, width=2, channels=3)
-    )
+    raw = pb.Frame(stream_id="cam-1", timestamp_s=1.5, raw=pb.RawFrame(rgb=b"\0" * 12, height=2, width=2, channels=3))
     jpeg = pb.Frame(stream_id="cam-1", timestamp_s=2.0, encoded=b"\xff\xd8")
     assert pb.Frame.FromString(raw.SerializeToString()).WhichOneof("payload") == "raw"
     assert pb.Frame.FromString(jpeg.SerializeToString()).WhichOneof("payload") == "encoded"
 
-    push = pb.PushFramesResponse(
-        frames_accepted=5, frames_rejected=1, errors=[pb.FrameError(index=3, reason="bad")]
-    )
+    push = pb.PushFramesResponse(frames_accepted=5, frames_rejected=1, errors=[pb.FrameError(index=3, reason="bad")])
     assert pb.PushFramesResponse.FromString(push.SerializeToString()) == push
 
     query = pb.QueryRequest(
@@ -122,13 +118,9 @@ def test_messages_round_trip() -> None:
     assert not pb.QueryRequest(question="q").HasField("time_range")
 
     events = [
-        pb.QueryEvent(
-            evidence=pb.Evidence(spans=[pb.EvidenceSpan(stream_id="cam-1", cluster_id="c7", rank=0)])
-        ),
+        pb.QueryEvent(evidence=pb.Evidence(spans=[pb.EvidenceSpan(stream_id="cam-1", cluster_id="c7", rank=0)])),
         pb.QueryEvent(token=pb.TokenChunk(text="At", token_ids=[1, 2])),
-        pb.QueryEvent(
-            timings=pb.QueryTimings(time_to_first_token_s=0.03, num_tokens=2, bytes_fetched=1 << 20)
-        ),
+        pb.QueryEvent(timings=pb.QueryTimings(time_to_first_token_s=0.03, num_tokens=2, bytes_fetched=1 << 20)),
     ]
     kinds = [pb.QueryEvent.FromString(e.SerializeToString()).WhichOneof("event") for e in events]
     assert kinds == ["evidence", "token", "timings"]
