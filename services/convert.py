@@ -156,6 +156,8 @@ def timings_event(answers: list[Answer], *, queue_s: float, ttft_s: float, decod
             decode_s=decode_s,
             num_tokens=sum(a.timings.num_tokens for a in answers),
             bytes_fetched=sum(a.retrieval.bytes_fetched for a in answers),
+            start_wait_s=max((a.timings.start_wait_s for a in answers), default=0.0),
+            engine_first_token_s=max((a.timings.time_to_first_token_s for a in answers), default=0.0),
         )
     )
 

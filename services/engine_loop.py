@@ -110,6 +110,8 @@ class QuestionJob:
     on_finish: object = None  # called on the engine thread with (job, error or None) once the job ends
     answering: bool = False  # an event has reached the caller, so the job can no longer start over
     waits_for_room_until: int = -1  # parked until more than this many running questions have finished
+    submitted_s: float = 0.0  # time.monotonic() when the loop received it
+    started_s: float = 0.0  # time.monotonic() when the engine began it (again, after a wait for device room)
 
 
 class EngineLoop:
@@ -254,6 +256,7 @@ class EngineLoop:
                     retry_after_s=RETRY_AFTER_S,
                 )
             self._num_jobs[job.stream_id] = num_jobs + 1
+        job.submitted_s = time.monotonic()
         self._by_id[job.question_id] = job
         self._pending_questions.append(job)
         self.wake.set()
@@ -264,6 +267,7 @@ class EngineLoop:
         if len(self._background) >= self.max_background_jobs:
             return False
         job.low_priority = True
+        job.submitted_s = time.monotonic()
         self._background.append(job)
         return True
 
@@ -500,6 +504,7 @@ class EngineLoop:
                         f"stream {job.stream_id!r} has ingested no frames yet, so there is nothing to answer from; "
                         "ask again once its first frames are in (GetStream shows frames_ingested)"
                     )
+                job.started_s = time.monotonic()
                 job.gen = self.engine.ask(
                     job.stream_id,
                     job.question,
@@ -519,6 +524,7 @@ class EngineLoop:
         job.answering = True
         if isinstance(event, Answer):
             event.last_hidden = None  # a tensor: not for the wire
+            event.timings.start_wait_s = job.started_s - job.submitted_s
             job.events.put(event)
             self.tier_sync.flush([job.stream_id])  # retrieval moves and merges
             return self._finish(job, None)

@@ -85,6 +85,9 @@ class AnswerTimings:
     first_token_device_s: float | None = None
     decode_s: float = 0.0
     num_tokens: int = 0
+    # Set by whoever queued the question for the engine (the service's engine loop): how long it waited there
+    # before the engine began it. 0 for a question asked of the engine directly.
+    start_wait_s: float = 0.0
 
     @property
     def decode_s_per_token(self) -> float:

@@ -134,11 +134,14 @@ def test_creates_sent_at_once_make_every_id_and_each_only_once(client, stream):
             client.delete_stream(stream_id)
 
 
-def test_answers_report_their_retrieval_time(client, stream):
+def test_answers_report_their_retrieval_time_and_where_their_first_token_waited(client, stream):
     result = client.ask("what happened?", [STREAM], max_new_tokens=2, timeout_s=60)
     assert result.evidence, "the stream has clusters to retrieve"
-    assert result.timings.retrieval_s > 0, result.timings
-    assert result.timings.retrieval_s <= result.timings.time_to_first_token_s
+    t = result.timings
+    assert t.retrieval_s > 0, t
+    assert t.retrieval_s <= t.engine_first_token_s, t  # retrieval is part of the engine's prefill
+    assert t.start_wait_s > 0 and t.engine_first_token_s > 0, t
+    assert t.start_wait_s + t.engine_first_token_s <= t.time_to_first_token_s, t
 
 
 def test_getstream_and_the_metric_count_the_same_drops(client, service):

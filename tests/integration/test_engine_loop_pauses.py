@@ -1,6 +1,7 @@
 """A question that arrives while the engine loop is inside an ingest call gets its first token at one of the
-call's pauses, before the call ends; with pauses off it waits for the call. Real engine (tiny preset on CPU), real
-loop; the question is submitted from inside the loop's own ``take_call``, so it is pending when the call starts."""
+call's pauses, before the call ends; with pauses off it waits for the call, and its answer's timings say so. Real
+engine (tiny preset on CPU), real loop; the question is submitted from inside the loop's own ``take_call``, so it is
+pending when the call starts."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class EngineWatchingAQuestion:
     def __init__(self, engine: Engine, queues: QuestionOnSecondCall) -> None:
         self._engine, self._queues = engine, queues
         self.token_before_call_ended: list[bool] = []
+        self.question_call_ended_s: float | None = None  # time.monotonic() when the call the question met ended
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -54,6 +56,7 @@ class EngineWatchingAQuestion:
         result = self._engine.ingest(frames, **options)
         if self._queues.job is not None and not self.token_before_call_ended:
             self.token_before_call_ended.append(not self._queues.job.events.empty())
+            self.question_call_ended_s = time.monotonic()
         return result
 
 
@@ -102,4 +105,7 @@ def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause(
         loop.stop()
     assert watched.token_before_call_ended == [answered_inside_the_call]
     assert isinstance(events[0], TokenEvent) and len([e for e in events if isinstance(e, TokenEvent)]) == 3
+    # The answer says how long the question waited for the engine: until a pause, or until the call ended.
+    waited_s, call_left_s = events[-1].timings.start_wait_s, watched.question_call_ended_s - queues.job.submitted_s
+    assert waited_s > 0 and (waited_s < call_left_s) is answered_inside_the_call, (waited_s, call_left_s)
     assert loop.telemetry.totals("cam-0").ingested == 8

@@ -151,6 +151,8 @@ def test_field_numbers_are_stable() -> None:
             "decode_s": 4,
             "num_tokens": 5,
             "bytes_fetched": 6,
+            "start_wait_s": 7,
+            "engine_first_token_s": 8,
         },
     }
     for message, fields in expected.items():

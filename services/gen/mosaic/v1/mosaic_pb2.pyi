@@ -263,20 +263,24 @@ class Evidence(_message.Message):
     def __init__(self, spans: _Optional[_Iterable[_Union[EvidenceSpan, _Mapping]]] = ...) -> None: ...
 
 class QueryTimings(_message.Message):
-    __slots__ = ("queue_s", "retrieval_s", "time_to_first_token_s", "decode_s", "num_tokens", "bytes_fetched")
+    __slots__ = ("queue_s", "retrieval_s", "time_to_first_token_s", "decode_s", "num_tokens", "bytes_fetched", "start_wait_s", "engine_first_token_s")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_S_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    START_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     retrieval_s: float
     time_to_first_token_s: float
     decode_s: float
     num_tokens: int
     bytes_fetched: int
-    def __init__(self, queue_s: _Optional[float] = ..., retrieval_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., num_tokens: _Optional[int] = ..., bytes_fetched: _Optional[int] = ...) -> None: ...
+    start_wait_s: float
+    engine_first_token_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., retrieval_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., num_tokens: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., start_wait_s: _Optional[float] = ..., engine_first_token_s: _Optional[float] = ...) -> None: ...
 
 class QueryEvent(_message.Message):
     __slots__ = ("token", "evidence", "timings")
