@@ -235,6 +235,8 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
     server_decode = [a.server_decode_s_per_token for a in answers if a.server_decode_s_per_token is not None]
     client_decode = [a.decode_s_per_token for a in answers if a.decode_s_per_token is not None]
     server_ttft = [a.server_ttft_s for a in answers if a.server_ttft_s is not None]
+    start_waits = [a.start_wait_s for a in answers if a.start_wait_s is not None]
+    engine_ttfts = [a.engine_ttft_s for a in answers if a.engine_ttft_s is not None]
     thread = engine_thread(engine_seen[0], engine_seen[-1], elapsed) if engine_seen else EngineThread({}, None, None)
     return StepResult(
         cameras=len(cameras),
@@ -269,6 +271,10 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         engine_stacks=stack_probe.busiest(stacks_before, stack_probe.read_latest(service.workdir, "worker-*")),
         durable=durable_rates(durable_seen[0], durable_seen[-1], elapsed) if durable_seen else None,
         settled_after_s=settled_after_s,
+        start_wait_p50_ms=ms(percentile(start_waits, 50)),
+        start_wait_p99_ms=ms(percentile(start_waits, 99)),
+        engine_ttft_p50_ms=ms(percentile(engine_ttfts, 50)),
+        engine_ttft_p99_ms=ms(percentile(engine_ttfts, 99)),
     )
 
 

@@ -23,6 +23,8 @@ class Answer:
     decode_s_per_token: float | None
     server_ttft_s: float | None
     server_decode_s_per_token: float | None
+    start_wait_s: float | None = None  # of server_ttft_s: on the worker, until its engine began the question
+    engine_ttft_s: float | None = None  # of server_ttft_s: the engine's prefill to first token
 
 
 @dataclass(slots=True)
@@ -142,4 +144,6 @@ def ask_timed(client, question: str, camera: str, max_new_tokens: int) -> Answer
         decode_s_per_token=decode,
         server_ttft_s=timings.time_to_first_token_s if timings is not None else None,
         server_decode_s_per_token=server_decode,
+        start_wait_s=timings.start_wait_s if timings is not None else None,
+        engine_ttft_s=timings.engine_first_token_s if timings is not None else None,
     )

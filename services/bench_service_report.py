@@ -47,6 +47,12 @@ class StepResult:
     settled_after_s: float | None = None  # after the warm-up, until every lag was under LAG_LIMIT_S; None: never
     engine_stacks: dict | None = None  # where the engine thread was (services.stack_probe.busiest)
     durable: dict[str, float] | None = None  # the workers' record writing, per second (bench_service.durable_rates)
+    # Parts of the server's TTFT: waiting on the worker until the engine began the question, and the engine's
+    # prefill to first token (QueryTimings.start_wait_s and engine_first_token_s)
+    start_wait_p50_ms: float | None = None
+    start_wait_p99_ms: float | None = None
+    engine_ttft_p50_ms: float | None = None
+    engine_ttft_p99_ms: float | None = None
 
     @property
     def real_time(self) -> bool:
@@ -132,6 +138,14 @@ def table(report: dict) -> str:
             lines.append(
                 f"N={step['cameras']}: the worker's GIL: a 2-ms sleep woke {gil['mean_late_ms']:.2f} ms late on "
                 f"average, {gil['share_over_1ms']:.0%} of them over 1 ms late"
+            )
+        if step.get("start_wait_p50_ms") is not None:
+            lines.append(
+                f"N={step['cameras']}: the server's TTFT p50 / p99 {step['server_ttft_p50_ms']:.0f} / "
+                f"{step['server_ttft_p99_ms']:.0f} ms; of a question's, waiting on the worker for the engine "
+                f"{step['start_wait_p50_ms']:.0f} / {step['start_wait_p99_ms']:.0f} ms, the engine's prefill to first "
+                f"token {step['engine_ttft_p50_ms']:.0f} / {step['engine_ttft_p99_ms']:.0f} ms (each its own "
+                "percentiles)"
             )
         durable = step.get("durable")
         if durable is not None:

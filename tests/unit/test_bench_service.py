@@ -87,6 +87,12 @@ def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
     assert table(report).splitlines()[-1] == (
         "N=16: the worker's GIL: a 2-ms sleep woke 0.73 ms late on average, 25% of them over 1 ms late"
     )
+    report["steps"][1].update(start_wait_p50_ms=12.4, start_wait_p99_ms=61.0, engine_ttft_p50_ms=15.2,
+                              engine_ttft_p99_ms=18.9)  # fmt: skip
+    assert table(report).splitlines()[-1] == (
+        "N=16: the server's TTFT p50 / p99 30 / 80 ms; of a question's, waiting on the worker for the engine 12 / "
+        "61 ms, the engine's prefill to first token 15 / 19 ms (each its own percentiles)"
+    )
 
 
 def test_engine_thread_share_and_call_sizes_come_from_two_scrapes():
