@@ -153,6 +153,7 @@ class ClusterFormer:
         self.stream_id = stream_id
         self.config = config if config is not None else FormationConfig()
         self._records: list[ClusterRecord] = []  # by first frame; only the last one may be open
+        self._by_id: dict[str, ClusterRecord] = {}  # the same records
         self._next_number = 0
         self._last_frame_index: int | None = None
         self._last_timestamp_s: float | None = None
@@ -226,6 +227,7 @@ class ClusterFormer:
             self.seal()
             record = ClusterRecord(self._take_id(), self.stream_id, [], timestamp_s, timestamp_s, 0)
             self._records.append(record)
+            self._by_id[record.cluster_id] = record
         record.frame_indices.append(frame_index)
         record.frame_timestamps_s.append(timestamp_s)
         record.frame_num_tokens.append(num_tokens)
@@ -260,6 +262,14 @@ class ClusterFormer:
     def get(self, cluster_id: str) -> ClusterRecord:
         return self._records[self._position(cluster_id)].copy()
 
+    def record_to_read(self, cluster_id: str) -> ClusterRecord | None:
+        """The record itself (not a copy) for a caller that only reads it, or None if there is none by that id."""
+        return self._by_id.get(cluster_id)
+
+    def newest_to_read(self, count: int) -> tuple[ClusterRecord, ...]:
+        """The last ``count`` records themselves (the open cluster, if any, last), for a caller that only reads them."""
+        return tuple(self._records[-count:]) if count > 0 else ()
+
     # -- maintenance --------------------------------------------------------------------------------------
 
     def merge_records(self, a: ClusterRecord, b: ClusterRecord) -> ClusterRecord:
@@ -292,6 +302,7 @@ class ClusterFormer:
             frame_num_tokens=left.frame_num_tokens + right.frame_num_tokens,
         )
         self._records[pos_a : pos_b + 1] = [merged]
+        self._replace_ids((left, right), (merged,))
         return merged.copy()
 
     def join_records(self, earlier: ClusterRecord, later: ClusterRecord) -> ClusterRecord:
@@ -330,6 +341,7 @@ class ClusterFormer:
         )
         self._records[pos_a] = joined
         del self._records[pos_b]
+        self._replace_ids((first, second), (joined,))
         return joined.copy()
 
     def split_record(self, rec: ClusterRecord, at_frame_index: int) -> tuple[ClusterRecord, ClusterRecord]:
@@ -364,6 +376,7 @@ class ClusterFormer:
             for part in (slice(None, cut), slice(cut, None))
         )
         self._records[pos : pos + 1] = list(halves)
+        self._replace_ids((whole,), halves)
         return halves[0].copy(), halves[1].copy()
 
     def adopt(
@@ -398,6 +411,7 @@ class ClusterFormer:
             previous_start = record.start_s
             seen |= frames
         self._records = [record.copy() for record in records]
+        self._by_id = {record.cluster_id: record for record in self._records}
         self._next_number = next_number
         self._last_frame_index = last_frame_index
         self._last_timestamp_s = last_timestamp_s
@@ -409,7 +423,9 @@ class ClusterFormer:
 
     def remove(self, cluster_id: str) -> ClusterRecord:
         """Forget a sealed cluster (retention dropped it); returns its last record."""
-        return self._records.pop(self._sealed_position(cluster_id))
+        record = self._records.pop(self._sealed_position(cluster_id))
+        del self._by_id[cluster_id]
+        return record
 
     # -- internals ----------------------------------------------------------------------------------------
 
@@ -429,7 +445,15 @@ class ClusterFormer:
     def _start(self, reason: str) -> FormationDecision:
         return FormationDecision(join=False, cluster_id=self._peek_id(), reason=reason)
 
+    def _replace_ids(self, old: tuple[ClusterRecord, ...], new: tuple[ClusterRecord, ...]) -> None:
+        for record in old:
+            del self._by_id[record.cluster_id]
+        for record in new:
+            self._by_id[record.cluster_id] = record
+
     def _position(self, cluster_id: str) -> int:
+        if cluster_id not in self._by_id:
+            raise UnknownClusterError(f"stream {self.stream_id!r} has no cluster {cluster_id!r}")
         # Newest first: maintenance and lookups mostly touch recent clusters.
         for pos in range(len(self._records) - 1, -1, -1):
             if self._records[pos].cluster_id == cluster_id:

@@ -224,3 +224,29 @@ def test_remove_and_unique_ids_after_maintenance() -> None:
     assert [r.frame_indices for r in former.records()] == [[2], [3, 4]]
     with pytest.raises(UnknownClusterError):
         former.get(a.cluster_id)
+
+
+def test_lookup_by_id_and_the_newest_records_follow_every_change() -> None:
+    def agrees(former: ClusterFormer, gone: list[str]) -> None:
+        records = former.records_to_read()
+        assert all(former.record_to_read(r.cluster_id) is r for r in records)
+        assert all(former.record_to_read(cluster_id) is None for cluster_id in gone)
+        assert former.newest_to_read(2) == records[-2:] and former.newest_to_read(0) == ()
+
+    former = build_three()
+    a, b, c = former.records()
+    agrees(former, [])
+    merged = former.merge_records(a, b)
+    agrees(former, [a.cluster_id, b.cluster_id])
+    left, right = former.split_record(merged, 1)
+    agrees(former, [merged.cluster_id])
+    joined = former.join_records(left, c)
+    agrees(former, [left.cluster_id, c.cluster_id])
+    former.remove(right.cluster_id)
+    agrees(former, [right.cluster_id])
+    decision = former.decide(timestamp_s=9, num_tokens=10, similarity=None, cohesion_after=None)
+    former.commit(decision, frame_index=9, timestamp_s=9, num_tokens=10)  # a new, open cluster
+    agrees(former, [])
+    adopted = ClusterFormer("cam", CFG)
+    adopted.adopt([former.get(joined.cluster_id)], next_number=9, last_frame_index=4, last_timestamp_s=4.0)
+    agrees(adopted, [right.cluster_id])
