@@ -16,13 +16,16 @@ bookkeeping.
 Plans are sequential: every move fits in its destination at the moment it runs, given the moves before it.
 So spills come before the fetch they make room for, and a spill into a full host tier is preceded by the
 host->disk spills that make room for it.
+
+``change_listeners`` hear ``(stream_id, cluster_id)`` whenever a cluster is added, grown, moved or removed, so a
+mirror of the clusters (the service's metadata index) can follow the changes instead of re-reading every cluster.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mosaic_core.bookkeeping.pages import ClusterPages
@@ -133,6 +136,7 @@ class ResidencyManager:
         self._reservations: dict[str, int] = {}
         self._charges: dict[tuple[str, Tier], int] = {}  # side data kept beside clusters (keyframes)
         self._num_pinned = 0
+        self.change_listeners: list[Callable[[str, str], None]] = []
 
     # -- accounting ---------------------------------------------------------------------------------------
 
@@ -262,6 +266,7 @@ class ResidencyManager:
         self._by_stream.setdefault(stream_id, {})[cluster_id] = None
         self._used_bytes[tier] += num_bytes
         self.policy.on_add(cluster_id, _now(now_s))
+        self._changed(stream_id, cluster_id)
 
     def grow(self, cluster_id: str, extra_bytes: int) -> bool:
         """Grow a cluster in place (the open cluster gains a frame). Returns False if its tier has no room."""
@@ -270,6 +275,7 @@ class ResidencyManager:
             return False
         record.num_bytes += extra_bytes
         self._used_bytes[record.tier] += extra_bytes
+        self._changed(record.stream_id, cluster_id)
         return True
 
     def remove(self, cluster_id: str) -> None:
@@ -327,6 +333,9 @@ class ResidencyManager:
             UnknownClusterError: not tracked.
         """
         return self._get(cluster_id).pages
+
+    def num_clusters(self, tier: Tier) -> int:
+        return len(self._by_tier[Tier(tier)])
 
     def clusters(self, stream_id: str | None = None, tier: Tier | None = None) -> list[str]:
         """Tracked cluster ids, optionally of one stream and/or one tier, in the order they were added."""
@@ -454,6 +463,7 @@ class ResidencyManager:
             self._used_bytes[move.src] -= move.num_bytes
             self._used_bytes[move.dst] += move.num_bytes
             record.tier = move.dst
+            self._changed(record.stream_id, move.cluster_id)
 
     def check_invariants(self) -> None:
         """Assert the internal indexes agree with each other (for tests and debugging)."""
@@ -473,6 +483,10 @@ class ResidencyManager:
         assert len(rows) == len(set(rows)), "two clusters share a summary row"
 
     # -- internals ----------------------------------------------------------------------------------------
+
+    def _changed(self, stream_id: str, cluster_id: str) -> None:
+        for listener in self.change_listeners:
+            listener(stream_id, cluster_id)
 
     def _get(self, cluster_id: str) -> ClusterResidency:
         record = self._records.get(cluster_id)
@@ -498,6 +512,7 @@ class ResidencyManager:
         if not stream_members:
             del self._by_stream[record.stream_id]
         self._used_bytes[record.tier] -= record.num_bytes
+        self._changed(record.stream_id, cid)
         self.policy.on_remove(cid)
 
     def _pick(self, tier: Tier, nbytes: int, exclude: frozenset[str], now_s: float) -> list[str] | None:

@@ -39,6 +39,8 @@ class ResidencyMachine(RuleBasedStateMachine):
         self.reservations: dict[str, int] = {}
         self.num_added = 0
         self.now_s = 0.0
+        self.heard: dict[str, str] = {}  # cluster -> stream, from the change listener since the last check
+        self.last_seen: dict[str, tuple[Tier, int]] = {}  # cluster -> (tier, bytes) at the last check
 
     @initialize(
         device=st.integers(16, 120),
@@ -50,6 +52,7 @@ class ResidencyMachine(RuleBasedStateMachine):
     def start(self, device: int, host: int, disk: int, policy: str, clusters: list[tuple[str, int, int]]) -> None:
         budgets = TierBudgets(device_bytes=device, host_bytes=host, disk_bytes=disk)
         self.rm = ResidencyManager(budgets, policy=policy)
+        self.rm.change_listeners.append(lambda stream_id, cluster_id: self.heard.__setitem__(cluster_id, stream_id))
         # Start with tiers under pressure: in ~25 random steps an empty start rarely fills a tier.
         for stream, num_bytes, tier_index in clusters:
             self.add(stream, num_bytes, tier_index)
@@ -233,6 +236,16 @@ class ResidencyMachine(RuleBasedStateMachine):
         for cid in self.ids:
             assert self.rm.record(cid).pin_count == self.pins[cid]
         assert self.rm.stats().num_pinned == sum(1 for n in self.pins.values() if n)
+
+    @invariant()
+    def every_change_is_heard(self) -> None:
+        """A cluster added, grown, moved or removed since the last check was reported, with its stream."""
+        now = {cid: (self.rm.tier_of(cid), self.rm.record(cid).num_bytes) for cid in self.rm.clusters()}
+        changed = {cid for cid in now.keys() | self.last_seen.keys() if now.get(cid) != self.last_seen.get(cid)}
+        assert changed <= self.heard.keys(), f"changes not reported: {sorted(changed - self.heard.keys())}"
+        assert all(cid.split("/")[0] == stream for cid, stream in self.heard.items()), self.heard  # ids: stream/c..
+        self.heard.clear()
+        self.last_seen = now
 
     @invariant()
     def streams_isolated(self) -> None:
