@@ -2,9 +2,13 @@
 
 Runs on the worker's engine-loop thread, the only thread that touches the engine, and does no network I/O:
 
-- **clusters**: ``flush`` diffs ``engine.clusters(stream)`` against what it last published and enqueues a put
-  for each new, grown or moved cluster (tier and location change together in one record) and a delete for
-  each cluster maintenance merged away. Tier moves only mark their stream for the next diff;
+- **clusters**: ``flush`` compares what changed with what it last published and enqueues a put for each new,
+  grown or moved cluster (tier and location change together in one record) and a delete for each cluster that
+  maintenance merged away or that was removed. What changed is what the engine's residency reported (a cluster
+  added, grown, moved or removed) and each stream's newest clusters (a frame extends the open one), so a flush
+  costs the changes, not the history: a camera kept for months has thousands of clusters, and comparing them all
+  after every ingest call grew the engine thread's work with the history. A stream's first flush compares all of
+  its clusters;
 - **retention**: sealed, unpinned clusters that ended before ``newest frame - retention_s`` are dropped from
   the engine (and so from its durable history) and their records deleted from the store.
 
@@ -16,11 +20,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from mosaic_core.bookkeeping.tiers import Move, Tier
+from mosaic_core.bookkeeping.tiers import Tier
 from services.metadata.base import ClusterMeta
 from services.publisher import DeleteCluster, MetadataPublisher, PutCluster
 
 RETENTION_CHECK_INTERVAL_S = 1.0
+NEWEST_CLUSTERS = 4  # a stream's newest clusters that each flush compares: more than a call's frames can start
 
 
 @dataclass(slots=True, frozen=True)
@@ -37,7 +42,7 @@ class TierSync:
     """Mirrors one engine's clusters into the metadata store through a ``MetadataPublisher``.
 
     Args:
-        engine: the worker's engine; a move listener is attached to it.
+        engine: the worker's engine; a change listener is attached to its residency.
         publisher: applies the ops off this thread.
         worker_id: worker index, part of each cluster's location string.
     """
@@ -46,34 +51,40 @@ class TierSync:
         self.engine = engine
         self.publisher = publisher
         self.worker_id = worker_id
-        self._moved_streams: set[str] = set()
+        self._changed: dict[str, set[str]] = {}  # stream -> clusters its residency reported since the last flush
         self._written: dict[str, dict[str, _Written]] = {}  # stream -> cluster -> what was last published
         self._last_retention_s: dict[str, float] = {}
-        engine.tiering.listeners.append(self._on_move)
+        engine.tiering.residency.change_listeners.append(self._on_change)
 
     def location(self, tier: Tier) -> str:
         """Where the bytes are: ``device:<worker>``, ``host:<worker>`` or ``disk:<worker>``."""
         return f"{tier.name.lower()}:{self.worker_id}"
 
     def flush(self, stream_ids) -> None:
-        """Publishes new, grown, moved or merged-away clusters of ``stream_ids`` and of streams with moves."""
-        streams, self._moved_streams = set(stream_ids) | self._moved_streams, set()
-        for stream_id in streams:
-            if stream_id in self.engine.streams:
-                self._diff(stream_id)
+        """Publishes the new, grown, moved and removed clusters of every stream whose residency changed, and
+        the newest clusters of ``stream_ids`` (the streams that just took frames)."""
+        changed, self._changed = self._changed, {}
+        for stream_id in set(stream_ids) | set(changed):
+            if stream_id not in self.engine.streams:
+                continue
+            if stream_id not in self._written:
+                self._diff_all(stream_id)
+            else:
+                ids = changed.get(stream_id, set()) | set(self.engine.newest_cluster_ids(stream_id, NEWEST_CLUSTERS))
+                self._diff(stream_id, ids)
 
     def forget_stream(self, stream_id: str) -> None:
         """Drops what this worker remembers of a deleted stream (the publisher deletes its records)."""
         self._written.pop(stream_id, None)
         self._last_retention_s.pop(stream_id, None)
-        self._moved_streams.discard(stream_id)
+        self._changed.pop(stream_id, None)
 
     def cluster_metas(self, stream_id: str) -> list[ClusterMeta]:
         """The stream's clusters as the store records them (engine thread)."""
         return [self._meta(stream_id, info) for info in self.engine.clusters(stream_id)]
 
-    def _on_move(self, move: Move) -> None:
-        self._moved_streams.add(move.cluster_id.rsplit("/", 1)[0])
+    def _on_change(self, stream_id: str, cluster_id: str) -> None:
+        self._changed.setdefault(stream_id, set()).add(cluster_id)
 
     def _meta(self, stream_id: str, info) -> ClusterMeta:
         return ClusterMeta(
@@ -89,17 +100,29 @@ class TierSync:
             location=self.location(Tier[info.tier.upper()]),
         )
 
-    def _diff(self, stream_id: str) -> None:
+    def _diff_all(self, stream_id: str) -> None:
         infos = {info.cluster_id: info for info in self.engine.clusters(stream_id)}
         written = self._written.setdefault(stream_id, {})
-        for cluster_id, info in infos.items():
-            current = _Written(info.tier, info.end_s, info.num_bytes, info.last_frame)
-            if written.get(cluster_id) != current:
-                self.publisher.enqueue(PutCluster(self._meta(stream_id, info)))
-                written[cluster_id] = current
+        for info in infos.values():
+            self._publish(stream_id, info, written)
         for cluster_id in [c for c in written if c not in infos]:
             self.publisher.enqueue(DeleteCluster(stream_id, cluster_id))
             del written[cluster_id]
+
+    def _diff(self, stream_id: str, cluster_ids: set[str]) -> None:
+        written = self._written[stream_id]
+        for cluster_id in cluster_ids:
+            info = self.engine.cluster_info(stream_id, cluster_id)
+            if info is not None:
+                self._publish(stream_id, info, written)
+            elif written.pop(cluster_id, None) is not None:
+                self.publisher.enqueue(DeleteCluster(stream_id, cluster_id))
+
+    def _publish(self, stream_id: str, info, written: dict[str, _Written]) -> None:
+        current = _Written(info.tier, info.end_s, info.num_bytes, info.last_frame)
+        if written.get(info.cluster_id) != current:
+            self.publisher.enqueue(PutCluster(self._meta(stream_id, info)))
+            written[info.cluster_id] = current
 
     def apply_retention(self, stream_id: str, retention_s: float, *, now_s: float | None = None) -> list[str]:
         """Drops the stream's clusters that ended before ``newest frame - retention_s``; returns their ids.

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mosaic_core.bookkeeping.formation import ClusterFormer
+from mosaic_core.bookkeeping.formation import ClusterFormer, ClusterRecord
 from mosaic_core.bookkeeping.maintenance import CoRetrievalTracker
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.residency import ResidencyManager
@@ -440,27 +440,34 @@ class Engine:
     # -- introspection ------------------------------------------------------------------------------------------
     def clusters(self, stream_id: str) -> list[ClusterInfo]:
         """Clusters of a stream that hold KV (frames still in the local window are not in one yet)."""
-        state = self.stream(stream_id)
+        records = self.stream(stream_id).former.records_to_read()
+        return [info for record in records if (info := self._cluster_info(record)) is not None]
+
+    def cluster_info(self, stream_id: str, cluster_id: str) -> ClusterInfo | None:
+        """One of ``clusters(stream_id)``, or None when the cluster is not among them (gone, or holding no KV yet)."""
+        record = self.stream(stream_id).former.record_to_read(cluster_id)
+        return None if record is None else self._cluster_info(record)
+
+    def newest_cluster_ids(self, stream_id: str, count: int) -> list[str]:
+        """The ids of the stream's last ``count`` clusters (the open one last): the only ones a new frame changes."""
+        return [record.cluster_id for record in self.stream(stream_id).former.newest_to_read(count)]
+
+    def _cluster_info(self, record: ClusterRecord) -> ClusterInfo | None:
         residency = self.tiering.residency
-        infos = []
-        for record in state.former.records_to_read():
-            if record.cluster_id not in residency:
-                continue
-            res = residency.record_to_read(record.cluster_id)
-            infos.append(
-                ClusterInfo(
-                    cluster_id=record.cluster_id,
-                    stream_id=stream_id,
-                    start_s=record.start_s,
-                    end_s=record.end_s,
-                    first_frame=record.frame_indices[0],
-                    last_frame=record.frame_indices[-1],
-                    num_tokens=res.summary.num_tokens,
-                    num_bytes=res.num_bytes,
-                    tier=res.tier.name.lower(),
-                )
-            )
-        return infos
+        if record.cluster_id not in residency:
+            return None
+        res = residency.record_to_read(record.cluster_id)
+        return ClusterInfo(
+            cluster_id=record.cluster_id,
+            stream_id=record.stream_id,
+            start_s=record.start_s,
+            end_s=record.end_s,
+            first_frame=record.frame_indices[0],
+            last_frame=record.frame_indices[-1],
+            num_tokens=res.summary.num_tokens,
+            num_bytes=res.num_bytes,
+            tier=res.tier.name.lower(),
+        )
 
     def stream_stats(self, stream_id: str) -> StreamStats:
         state = self.stream(stream_id)
@@ -494,7 +501,7 @@ class Engine:
             num_streams=len(self.streams),
             used_bytes_by_tier={names[t]: residency.used_bytes(t) for t in Tier},
             capacity_bytes_by_tier={names[t]: residency.capacity_bytes(t) for t in Tier},
-            clusters_by_tier={names[t]: len(residency.clusters(tier=t)) for t in Tier},
+            clusters_by_tier={names[t]: residency.num_clusters(t) for t in Tier},
             transfer_bytes_by_direction=dict(self.tiering.tiers.stats.bytes_by_direction),
             transfer_copies_by_direction=dict(self.tiering.tiers.stats.copies_by_direction),
             device_hit_ratio=self.tiering.hit_ratio,

@@ -1,8 +1,8 @@
 """Keeps the residency bookkeeping and the bytes in the tiers in step.
 
 Every placement change goes the same way: the plain-Python ``ResidencyManager`` plans it, ``KVTiers`` moves the
-bytes in plan order, then the plan is applied to the bookkeeping. An optional listener hears each committed move
-(the service uses it to update the metadata store atomically).
+bytes in plan order, then the plan is applied to the bookkeeping (whose change listeners hear each committed move;
+the service mirrors tier and location into its metadata store together from them).
 
 A cluster has one record, the residency manager's (tier, size, pins, pages, summary row and co-retrieval counts).
 It is made before its bytes are placed (``admit``, ``admit_pages``, a regroup's new clusters) and forgotten before
@@ -12,17 +12,13 @@ always find the record of the bytes and the row they handle, and free both as it
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from mosaic_core.bookkeeping.residency import ResidencyManager
-from mosaic_core.bookkeeping.tiers import Move, MovePlan, Tier
+from mosaic_core.bookkeeping.tiers import MovePlan, Tier
 from mosaic_core.engine.summaries import SummaryIndex
 from mosaic_core.errors import CapacityError
 from mosaic_core.memory.tiers import KVTiers
-
-MoveListener = Callable[[Move], None]
 
 
 class TierManager:
@@ -32,7 +28,6 @@ class TierManager:
         self.residency = residency
         self.tiers = tiers
         self.summaries = summaries
-        self.listeners: list[MoveListener] = []
         self.device_hits = 0
         self.device_lookups = 0
 
@@ -42,9 +37,6 @@ class TierManager:
         for move in plan.moves:
             moved += self.tiers.move(move.cluster_id, move.src, move.dst)
         self.residency.apply(plan)
-        for move in plan.moves:
-            for listener in self.listeners:
-                listener(move)
         return moved
 
     def admit(self, cluster_id: str, stream_id: str, kv: torch.Tensor, *, prefer: Tier) -> Tier:
