@@ -11,6 +11,7 @@ size, into join-or-start; ``commit`` records the outcome once the frame's KV has
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -452,13 +453,15 @@ class ClusterFormer:
             self._by_id[record.cluster_id] = record
 
     def _position(self, cluster_id: str) -> int:
-        if cluster_id not in self._by_id:
+        record = self._by_id.get(cluster_id)
+        if record is None:
             raise UnknownClusterError(f"stream {self.stream_id!r} has no cluster {cluster_id!r}")
-        # Newest first: maintenance and lookups mostly touch recent clusters.
-        for pos in range(len(self._records) - 1, -1, -1):
-            if self._records[pos].cluster_id == cluster_id:
-                return pos
-        raise UnknownClusterError(f"stream {self.stream_id!r} has no cluster {cluster_id!r}")
+        # Records are in order of their first frames, which no two share, so a search finds it; the scan keeps a
+        # lookup right were that order ever broken.
+        pos = bisect.bisect_left(self._records, _first_frame(record), key=_first_frame)
+        if pos < len(self._records) and self._records[pos] is record:
+            return pos
+        return next(i for i, r in enumerate(self._records) if r is record)
 
     def _sealed_position(self, cluster_id: str) -> int:
         pos = self._position(cluster_id)
@@ -481,3 +484,7 @@ class ClusterFormer:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _first_frame(record: ClusterRecord) -> int:
+    return record.frame_indices[0] if record.frame_indices else -1

@@ -341,15 +341,18 @@ class Engine:
         """
         state = self.stream(stream_id)
         residency, in_window = self.tiering.residency, state.local_cluster_ids()
-        expired = [
-            r.cluster_id
-            for r in state.former.records_to_read()
-            if r.sealed
-            and r.end_s < cutoff_s
-            and r.cluster_id in residency
-            and r.cluster_id not in in_window
-            and not residency.record_to_read(r.cluster_id).pinned
-        ]
+        expired = []
+        for r in state.former.records_to_read():  # in order of start: none after the cutoff ended before it
+            if r.start_s >= cutoff_s:
+                break
+            if (
+                r.sealed
+                and r.end_s < cutoff_s
+                and r.cluster_id in residency
+                and r.cluster_id not in in_window
+                and not residency.record_to_read(r.cluster_id).pinned
+            ):
+                expired.append(r.cluster_id)
         for cluster_id in expired:
             self.tiering.remove(cluster_id)
             state.former.remove(cluster_id)
