@@ -1,0 +1,105 @@
+"""What keeping the metadata index in step costs after an ingest call, as a camera's history grows.
+
+One stream of the bikes clip, looped, is ingested a frame per call as the service's engine loop does (tiny preset
+on the CPU: the cost measured is the host's bookkeeping, which does not depend on the model's size). After every
+call ``TierSync.flush`` runs as the loop runs it. At each checkpoint of history the same flush is timed both ways
+on the same engine, side by side: ``changes`` (the flush as built: the clusters whose residency changed and the
+newest ones) and ``full`` (compare every cluster of the stream, the flush before commit c2cc9db); with nothing
+changed between repeats, both publish nothing, so the time is the comparison alone.
+
+    python -m bench.tier_sync_scaling --out bench/results/cpu-tier-sync-scaling
+
+Results: a table on stdout, the raw numbers in ``--out``.json and the table in ``--out``.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+STREAM = "cam"
+REPEATS = 50
+
+
+def _time_flush(flush, repeats: int) -> float:
+    started = time.perf_counter()
+    for _ in range(repeats):
+        flush()
+    return (time.perf_counter() - started) / repeats
+
+
+def run(checkpoints: list[int], fps: float) -> list[dict]:
+    import torch
+
+    from mosaic_core.bookkeeping.formation import FormationConfig
+    from mosaic_core.config import MIB, EngineConfig
+    from mosaic_core.engine.engine import Engine
+    from mosaic_core.engine.results import FrameInput
+    from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
+    from mosaic_core.model.video import iter_video_frames, sample_clip_path
+    from services.metadata import InMemoryMetadataStore
+    from services.publisher import MetadataPublisher, WorkerView
+    from services.tier_sync import TierSync
+
+    model = Qwen25VLAdapter.from_preset("tiny", device="cpu", dtype=torch.float32)
+    clip = [(f.timestamp_s, f.rgb) for f in iter_video_frames(sample_clip_path("bikes.mp4"), fps=fps)]
+    config = EngineConfig(
+        target_tokens_per_frame=16,
+        local_window_tokens=48,
+        retrieval_budget_tokens=96,
+        device_budget_bytes=8 * MIB,
+        host_budget_bytes=2048 * MIB,
+        formation=FormationConfig(max_tokens=48),
+    )
+    engine = Engine(model, config)
+    engine.open_stream(STREAM, fps=fps)
+    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))  # not started
+    sync = TierSync(engine, publisher, "0")
+    rows, offset_s, lap_s = [], 0.0, clip[-1][0] + 1.0 / fps
+    while len(rows) < len(checkpoints):
+        for t, rgb in clip:
+            engine.ingest([FrameInput(STREAM, offset_s + t, rgb)])
+            sync.flush([STREAM])
+            held = len(engine.clusters(STREAM))
+            if len(rows) < len(checkpoints) and held >= checkpoints[len(rows)]:
+                rows.append(
+                    {
+                        "clusters": held,
+                        "changes_ms": 1e3 * _time_flush(lambda: sync.flush([STREAM]), REPEATS),
+                        "full_ms": 1e3 * _time_flush(lambda: sync._diff_all(STREAM), REPEATS),
+                    }
+                )
+                print(_line(rows[-1]), flush=True)
+        offset_s += lap_s
+    return rows
+
+
+def _line(row: dict) -> str:
+    return f"{row['clusters']:>8}  {row['full_ms']:>13.3f}  {row['changes_ms']:>16.3f}"
+
+
+HEADER = f"{'clusters':>8}  {'full ms/flush':>13}  {'changes ms/flush':>16}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoints", default="100,200,400,800,1600", help="clusters held at which to time")
+    parser.add_argument("--fps", type=float, default=4.0, help="frames a second taken from the clip")
+    parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.txt")
+    args = parser.parse_args(argv)
+    checkpoints = [int(n) for n in args.checkpoints.split(",")]
+    print(HEADER, flush=True)
+    rows = run(checkpoints, args.fps)
+    if args.out:
+        command = "python -m bench.tier_sync_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
+        report = {"command": command, "repeats": REPEATS, "rows": rows}
+        Path(f"{args.out}.json").write_text(json.dumps(report, indent=1))
+        Path(f"{args.out}.txt").write_text("\n".join([command, HEADER, *map(_line, rows)]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
