@@ -26,7 +26,7 @@ def mergeable_clusters(parts: EngineParts, state: StreamState) -> list[str]:
     residency = parts.tiering.residency
     return [
         r.cluster_id
-        for r in state.former.records()
+        for r in state.former.records_to_read()
         if r.sealed and r.cluster_id in residency and r.cluster_id not in in_window
     ]
 
@@ -82,7 +82,7 @@ def join_recurring(parts: EngineParts, state: StreamState, cluster_id: str, fram
     if not record.sealed or frame_index != record.frame_indices[-1]:
         return None
     formation, residency, centroids = parts.config.formation, parts.tiering.residency, centroids_of(state)
-    records = state.former.records()
+    records = state.former.records_to_read()
     centroids.keep_only({r.cluster_id for r in records})
     if cluster_id not in centroids or residency.record(cluster_id).pinned:
         return None

@@ -189,7 +189,7 @@ def _check_question(parts, question: str, max_new_tokens: int) -> list[int]:
 
 
 def _candidates(parts, state: StreamState, time_range) -> list[str]:
-    records = [r for r in state.former.records() if r.cluster_id in parts.tiering.residency]
+    records = [r for r in state.former.records_to_read() if r.cluster_id in parts.tiering.residency]
     if time_range is None:
         return [r.cluster_id for r in records]
     start_s, end_s = time_range

@@ -134,4 +134,5 @@ class StreamState:
 
     # -- clusters -----------------------------------------------------------------------------------------------
     def records(self) -> dict[str, ClusterRecord]:
-        return {r.cluster_id: r for r in self.former.records()}
+        """The stream's cluster records themselves (not copies), by id, for a caller that only reads them."""
+        return {r.cluster_id: r for r in self.former.records_to_read()}

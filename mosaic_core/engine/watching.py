@@ -185,7 +185,7 @@ class WatchScorer:
         if not cluster_ids or not questions:
             return []
         state = self.engine.stream(stream_id)
-        records = [r for r in state.former.records() if r.cluster_id in self.engine.tiering.residency]
+        records = [r for r in state.former.records_to_read() if r.cluster_id in self.engine.tiering.residency]
         index = {r.cluster_id: i for i, r in enumerate(records)}
         missing = [c for c in cluster_ids if c not in index]
         if missing:
