@@ -162,9 +162,8 @@ class WorkerWatches:
                 self._evaluate(stream_id)
 
     def _evaluate(self, stream_id: str) -> None:
-        clusters = self.engine.clusters(stream_id)
         mark = self._watermark.get(stream_id, float("-inf"))
-        new = [c for c in clusters[:-1] if c.start_s > mark]  # the newest may still grow
+        new = self.engine.clusters_started_after(stream_id, mark)[:-1]  # the newest may still grow
         if not new:
             return
         self._watermark[stream_id] = max(c.end_s for c in new)

@@ -267,6 +267,11 @@ class ClusterFormer:
         """The record itself (not a copy) for a caller that only reads it, or None if there is none by that id."""
         return self._by_id.get(cluster_id)
 
+    def started_after_to_read(self, start_s: float) -> tuple[ClusterRecord, ...]:
+        """The records that start after ``start_s`` themselves, in order, found by a binary search: records are in
+        order of their first frames, so of their starts too."""
+        return tuple(self._records[bisect.bisect_right(self._records, start_s, key=_start) :])
+
     def newest_to_read(self, count: int) -> tuple[ClusterRecord, ...]:
         """The last ``count`` records themselves (the open cluster, if any, last), for a caller that only reads them."""
         return tuple(self._records[-count:]) if count > 0 else ()
@@ -488,3 +493,7 @@ def _is_int(value: object) -> bool:
 
 def _first_frame(record: ClusterRecord) -> int:
     return record.frame_indices[0] if record.frame_indices else -1
+
+
+def _start(record: ClusterRecord) -> float:
+    return record.start_s

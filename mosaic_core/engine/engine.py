@@ -446,6 +446,11 @@ class Engine:
         records = self.stream(stream_id).former.records_to_read()
         return [info for record in records if (info := self._cluster_info(record)) is not None]
 
+    def clusters_started_after(self, stream_id: str, start_s: float) -> list[ClusterInfo]:
+        """Those of ``clusters(stream_id)`` that start after ``start_s``, reading only them."""
+        records = self.stream(stream_id).former.started_after_to_read(start_s)
+        return [info for record in records if (info := self._cluster_info(record)) is not None]
+
     def cluster_info(self, stream_id: str, cluster_id: str) -> ClusterInfo | None:
         """One of ``clusters(stream_id)``, or None when the cluster is not among them (gone, or holding no KV yet)."""
         record = self.stream(stream_id).former.record_to_read(cluster_id)
