@@ -1,13 +1,17 @@
-"""What keeping the metadata index in step costs after an ingest call, as a camera's history grows.
+"""What the service's engine thread does for each stream after an ingest call, as a camera's history grows.
 
 One stream of the bikes clip, looped, is ingested a frame per call as the service's engine loop does (tiny preset
 on the CPU: the cost measured is the host's bookkeeping, which does not depend on the model's size). After every
-call ``TierSync.flush`` runs as the loop runs it. At each checkpoint of history the same flush is timed both ways
-on the same engine, side by side: ``changes`` (the flush as built: the clusters whose residency changed and the
-newest ones) and ``full`` (compare every cluster of the stream, the flush before commit c2cc9db); with nothing
-changed between repeats, both publish nothing, so the time is the comparison alone.
+call the metadata index is flushed as the loop flushes it. At each checkpoint of history two pieces of per-call
+work are timed both ways on the same engine, side by side:
 
-    python -m bench.tier_sync_scaling --out bench/results/cpu-tier-sync-scaling
+- the metadata flush: ``changes`` (as built: the clusters whose residency changed, and the newest ones) against
+  ``full`` (every cluster of the stream compared, the flush before commit c2cc9db); with nothing changed between
+  repeats, neither publishes anything, so the time is the comparison alone;
+- the watch check (which clusters sealed since the stream's watermark): ``newest`` (as built: the clusters that
+  start after it, found by a binary search) against ``all`` (every cluster listed, then filtered, as before).
+
+    python -m bench.upkeep_scaling --out bench/results/cpu-upkeep-scaling
 
 Results: a table on stdout, the raw numbers in ``--out``.json and the table in ``--out``.txt.
 """
@@ -24,11 +28,22 @@ STREAM = "cam"
 REPEATS = 50
 
 
-def _time_flush(flush, repeats: int) -> float:
+def _time(work, repeats: int) -> float:
     started = time.perf_counter()
     for _ in range(repeats):
-        flush()
+        work()
     return (time.perf_counter() - started) / repeats
+
+
+def _measure(engine, sync, held: int) -> dict:
+    mark = engine.clusters(STREAM)[-2].start_s  # a watermark that leaves one sealed cluster to check
+    return {
+        "clusters": held,
+        "changes_ms": 1e3 * _time(lambda: sync.flush([STREAM]), REPEATS),
+        "full_ms": 1e3 * _time(lambda: sync._diff_all(STREAM), REPEATS),
+        "watch_newest_ms": 1e3 * _time(lambda: engine.clusters_started_after(STREAM, mark), REPEATS),
+        "watch_all_ms": 1e3 * _time(lambda: [c for c in engine.clusters(STREAM) if c.start_s > mark], REPEATS),
+    }
 
 
 def run(checkpoints: list[int], fps: float) -> list[dict]:
@@ -65,23 +80,23 @@ def run(checkpoints: list[int], fps: float) -> list[dict]:
             sync.flush([STREAM])
             held = len(engine.clusters(STREAM))
             if len(rows) < len(checkpoints) and held >= checkpoints[len(rows)]:
-                rows.append(
-                    {
-                        "clusters": held,
-                        "changes_ms": 1e3 * _time_flush(lambda: sync.flush([STREAM]), REPEATS),
-                        "full_ms": 1e3 * _time_flush(lambda: sync._diff_all(STREAM), REPEATS),
-                    }
-                )
+                rows.append(_measure(engine, sync, held))
                 print(_line(rows[-1]), flush=True)
         offset_s += lap_s
     return rows
 
 
 def _line(row: dict) -> str:
-    return f"{row['clusters']:>8}  {row['full_ms']:>13.3f}  {row['changes_ms']:>16.3f}"
+    return (
+        f"{row['clusters']:>8}  {row['full_ms']:>13.3f}  {row['changes_ms']:>16.3f}  {row['watch_all_ms']:>12.3f}"
+        f"  {row['watch_newest_ms']:>15.3f}"
+    )
 
 
-HEADER = f"{'clusters':>8}  {'full ms/flush':>13}  {'changes ms/flush':>16}"
+HEADER = (
+    f"{'clusters':>8}  {'flush, full ms':>13}  {'flush, changes ms':>16}  {'watch, all ms':>12}  "
+    f"{'watch, newest ms':>15}"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     rows = run(checkpoints, args.fps)
     if args.out:
-        command = "python -m bench.tier_sync_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python -m bench.upkeep_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
         report = {"command": command, "repeats": REPEATS, "rows": rows}
         Path(f"{args.out}.json").write_text(json.dumps(report, indent=1))
         Path(f"{args.out}.txt").write_text("\n".join([command, HEADER, *map(_line, rows)]) + "\n")
