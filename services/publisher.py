@@ -9,7 +9,8 @@ the router and outside tools read. So nothing on the engine thread waits for the
   is marked down, retried with backoff, and once it answers again the worker's whole view is published anew;
 - every ``resync_interval_s`` the thread compares the store's list of this worker's streams with its own and
   resyncs on any difference, which repairs drift even when no write failed (Redis restarted empty between
-  two writes).
+  two writes). The check asks the worker for its stream ids only (``stream_ids``): a whole view lists every
+  cluster, which for a camera kept for months is thousands, on the engine thread.
 
 A resync writes every stream record and cluster of this worker and deletes what the store has for this worker
 that the worker does not: deleted streams (a DeleteStream during an outage) and merged-away clusters.
@@ -21,7 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mosaic_core.errors import NotFoundError
@@ -80,6 +81,8 @@ class MetadataPublisher:
         store: the shared metadata store.
         worker_id: this worker; the store's stream assignments say which streams are its to repair.
         snapshot: returns the worker's current ``WorkerView`` (called from the publisher thread).
+        stream_ids: returns the ids of the worker's streams, for the drift check (called from the publisher
+            thread); None takes them from ``snapshot``.
         max_queue: ops that may wait; beyond it the oldest is dropped and a resync is scheduled.
         resync_interval_s: how often the store's view of this worker is checked for drift.
     """
@@ -90,12 +93,14 @@ class MetadataPublisher:
         worker_id: str,
         snapshot: Callable[[], WorkerView],
         *,
+        stream_ids: Callable[[], Iterable[str]] | None = None,
         max_queue: int = 10_000,
         resync_interval_s: float = 5.0,
     ) -> None:
         self.store = store
         self.worker_id = worker_id
         self.snapshot = snapshot
+        self.stream_ids = stream_ids if stream_ids is not None else lambda: snapshot().streams
         self.max_queue = max_queue
         self.resync_interval_s = resync_interval_s
         self.stats = PublisherStats()
@@ -189,8 +194,7 @@ class MetadataPublisher:
                 self._cv.notify_all()
 
     def _drifted(self) -> bool:
-        view = self.snapshot()
-        return set(self.store.streams_on_worker(self.worker_id)) != set(view.streams)
+        return set(self.store.streams_on_worker(self.worker_id)) != set(self.stream_ids())
 
     def _resync(self) -> None:
         with self._cv:

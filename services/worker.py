@@ -130,6 +130,7 @@ class WorkerCore:
             self.store,
             worker_id,
             self._view,
+            stream_ids=self._stream_ids,
             max_queue=config.metadata_queue_size,
             resync_interval_s=config.metadata_resync_interval_s,
         )
@@ -243,6 +244,10 @@ class WorkerCore:
             return WorkerView(streams, {sid: self.tier_sync.cluster_metas(sid) for sid in streams})
 
         return self.loop.call(collect)
+
+    def _stream_ids(self) -> list[str]:
+        """The ids of ``_view``'s streams, without their clusters (the publisher's drift check)."""
+        return self.loop.call(lambda: [sid for sid in list(self.sessions) if sid in self.engine.streams])
 
     # -- streams ------------------------------------------------------------------------------------
     def open_stream(self, record: StreamRecord) -> None:
