@@ -25,7 +25,10 @@ from services.metadata.base import ClusterMeta
 from services.publisher import DeleteCluster, MetadataPublisher, PutCluster
 
 RETENTION_CHECK_INTERVAL_S = 1.0
-NEWEST_CLUSTERS = 4  # a stream's newest clusters that each flush compares: more than a call's frames can start
+# The newest clusters of a stream that each flush compares: a call's frames of one stream extend or start at most
+# one more cluster than the clusters they start (a call holds one frame a stream by default). Others change only
+# through the residency, which reports them.
+NEWEST_CLUSTERS = 4
 
 
 @dataclass(slots=True, frozen=True)
