@@ -4,7 +4,10 @@ Starts ``redis-server`` and ``mosaic serve`` (tiny preset and one CPU worker unl
 otherwise, a data directory, retention on) as child processes, pushes N looping cameras at real-time pace and asks a
 question at a steady rate. Every ``--sample-s`` it records, per process, resident memory (router and worker, from
 ``/proc``), and from the service: tier bytes, clusters, the worst stream lag, frames dropped, and the time to first
-token of the questions asked since the previous sample (measured by the client). With ``--heap`` the router and
+token of the questions asked since the previous sample (measured by the client), and how much of each second the
+worker's engine thread spent on the upkeep after its ingest calls (the metadata flush, retention, watch checks) and
+on other work (commands, the publisher's checks), which must stay flat however long the history. With ``--heap`` the
+router and
 worker also trace their Python heap (``services.heap_probe``: bytes tracemalloc holds, objects the garbage collector
 tracks, and the source lines that grew most), sampled alongside. At the end it fits a line to each series after
 ``--warmup-s`` and prints the slopes per hour, with a small plot of the worker's memory. A flat service has slopes
@@ -48,6 +51,9 @@ class Sample:
     worker_heap_mb: float | None = None
     worker_objects: float | None = None
     router_heap_mb: float | None = None
+    upkeep_ms_per_s: float | None = None  # the engine thread's ``ingest_upkeep`` since the previous sample
+    other_ms_per_s: float | None = None  # its ``other`` (commands, stats) since the previous sample
+    engine_parts_s: dict[str, float] = field(default_factory=dict)  # the parts' totals so far
 
 
 @dataclass(slots=True)
@@ -134,8 +140,24 @@ def metric_max(text: str, name: str) -> float:
     return max(values, default=0.0)
 
 
-def sample(service: LocalService, load: Load, t_s: float) -> Sample:
+def engine_part_totals(text: str) -> dict[str, float]:
+    """Seconds of the workers' engine threads by part, summed over workers."""
+    totals: dict[str, float] = {}
+    for part, value in re.findall(r'^mosaic_engine_loop_seconds_total\{[^}]*part="([^"]+)"[^}]*\} (\S+)$', text, re.M):
+        totals[part] = totals.get(part, 0.0) + float(value)
+    return totals
+
+
+def per_second_ms(now: dict[str, float], before: dict[str, float], part: str, elapsed_s: float) -> float | None:
+    if part not in now or part not in before or elapsed_s <= 0:
+        return None
+    return 1e3 * (now[part] - before[part]) / elapsed_s
+
+
+def sample(service: LocalService, load: Load, t_s: float, previous: Sample | None = None) -> Sample:
     text = service.metrics_text()
+    parts = engine_part_totals(text)
+    before, elapsed_s = (previous.engine_parts_s, t_s - previous.t_s) if previous is not None else ({}, 0.0)
     ttfts = load.take_ttfts()
     worker_heap = heap_probe.read_latest(service.workdir, "worker-*")
     router_heap = heap_probe.read_latest(service.workdir, "router")
@@ -152,6 +174,9 @@ def sample(service: LocalService, load: Load, t_s: float) -> Sample:
         worker_heap_mb=None if worker_heap is None else worker_heap["traced_bytes"] / 2**20,
         worker_objects=None if worker_heap is None else worker_heap["objects"],
         router_heap_mb=None if router_heap is None else router_heap["traced_bytes"] / 2**20,
+        upkeep_ms_per_s=per_second_ms(parts, before, "ingest_upkeep", elapsed_s),
+        other_ms_per_s=per_second_ms(parts, before, "other", elapsed_s),
+        engine_parts_s=parts,
     )
 
 
@@ -188,6 +213,8 @@ SERIES = (
     ("dropped", "frames dropped", "/h"),
     ("ttft_p50_ms", "TTFT p50", "ms/h"),
     ("ttft_p99_ms", "TTFT p99", "ms/h"),
+    ("upkeep_ms_per_s", "engine upkeep", "ms/s per h"),
+    ("other_ms_per_s", "engine other", "ms/s per h"),
 )
 
 
@@ -240,7 +267,7 @@ def run_soak(workdir: Path, args) -> tuple[list[Sample], dict[str, int], list | 
         start = time.monotonic()
         while (elapsed := time.monotonic() - start) < args.duration_s:
             time.sleep(min(args.sample_s, max(0.0, args.duration_s - elapsed)))
-            samples.append(sample(service, load, time.monotonic() - start))
+            samples.append(sample(service, load, time.monotonic() - start, samples[-1] if samples else None))
             last = samples[-1]
             _status(
                 f"{last.t_s / 60:5.1f}/{args.duration_s / 60:.0f} min: worker {last.worker_rss_mb:.0f} MB, "

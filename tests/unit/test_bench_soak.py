@@ -36,3 +36,21 @@ def test_sparkline_spans_the_whole_series():
     line = sparkline([float(v) for v in range(200)])
     assert line.startswith("▁") and line.split()[0].endswith("█") and line.endswith("0..196")
     assert sparkline([]) == ""
+
+
+def test_engine_thread_parts_become_milliseconds_a_second_between_samples():
+    from services.bench_soak import engine_part_totals, per_second_ms
+
+    def scrape(upkeep_w0: float, upkeep_w1: float, other: float) -> str:
+        return "\n".join([
+            f'mosaic_engine_loop_seconds_total{{worker="0",part="ingest_upkeep"}} {upkeep_w0}',
+            f'mosaic_engine_loop_seconds_total{{worker="1",part="ingest_upkeep"}} {upkeep_w1}',
+            f'mosaic_engine_loop_seconds_total{{worker="0",part="other"}} {other}',
+            'mosaic_engine_loop_seconds_totalx{worker="0",part="other"} 99',
+        ])  # fmt: skip
+
+    before, now = engine_part_totals(scrape(1.0, 0.5, 2.0)), engine_part_totals(scrape(1.6, 0.9, 2.0))
+    assert now == {"ingest_upkeep": 2.5, "other": 2.0}
+    assert per_second_ms(now, before, "ingest_upkeep", 20.0) == pytest.approx(50.0)  # 1.0 s over 20 s
+    assert per_second_ms(now, before, "other", 20.0) == 0.0
+    assert per_second_ms(now, {}, "ingest_upkeep", 20.0) is None  # the first sample has nothing to compare with
