@@ -49,6 +49,7 @@ class KeyframeStore:
         self.picker: KeyframePicker | None = None
         self._held: dict[str, list[Keyframe]] = {}  # cluster id -> keyframes in time order
         self._by_frame: dict[int, Keyframe] = {}
+        self._num_bytes = 0  # of the keyframes in _by_frame: engine stats read it twice a second
         self.num_dropped = 0
 
     # -- forming ----------------------------------------------------------------------------------------------
@@ -87,7 +88,9 @@ class KeyframeStore:
             return False
         self._held[cluster_id] = sorted(keyframes, key=lambda k: k.frame_index)
         for keyframe in keyframes:
+            self._drop_frame(keyframe.frame_index)
             self._by_frame[keyframe.frame_index] = keyframe
+            self._num_bytes += keyframe.num_bytes
         return True
 
     def carry_over(self, old_ids: list[str], new_records: list[ClusterRecord]) -> None:
@@ -105,7 +108,7 @@ class KeyframeStore:
         residency = self.tiering.residency
         for cluster_id in cluster_ids:
             for keyframe in self._held.pop(cluster_id, []):
-                self._by_frame.pop(keyframe.frame_index, None)
+                self._drop_frame(keyframe.frame_index)
             residency.discharge(_owner(cluster_id), Tier.HOST)
             residency.discharge(_owner(cluster_id), Tier.DISK)
 
@@ -115,7 +118,12 @@ class KeyframeStore:
 
     @property
     def num_bytes(self) -> int:
-        return sum(k.num_bytes for k in self._by_frame.values())
+        return self._num_bytes
+
+    def _drop_frame(self, frame_index: int) -> None:
+        dropped = self._by_frame.pop(frame_index, None)
+        if dropped is not None:
+            self._num_bytes -= dropped.num_bytes
 
     @property
     def num_keyframes(self) -> int:
