@@ -5,12 +5,12 @@ otherwise, a data directory, retention on) as child processes, pushes N looping 
 question at a steady rate. Every ``--sample-s`` it records, per process, resident memory (router and worker, from
 ``/proc``), and from the service: tier bytes, clusters, the worst stream lag, frames dropped, and the time to first
 token of the questions asked since the previous sample (measured by the client), and how much of each second the
-worker's engine thread spent on the upkeep after its ingest calls (the metadata flush, retention, watch checks) and
-on other work (commands, the publisher's checks), which must stay flat however long the history. With ``--heap``
-the router and worker also trace their Python heap (``services.heap_probe``: bytes tracemalloc holds, objects the
-garbage collector tracks, and the source lines that grew most), sampled alongside. At the end it fits a line to each series after
-``--warmup-s`` and prints the slopes per hour, with a small plot of the worker's memory. A flat service has slopes
-near zero; the issue's targets are a worker RSS slope under 10 MB/h, TTFT p99 drift under 10%/h and a flat lag p99.
+worker's engine thread spent on the upkeep after its ingest calls (the metadata flush, retention, watch checks) and on
+other work (commands, the publisher's checks), which must stay flat however long the history. With ``--heap`` the router
+and worker also trace their Python heap (``services.heap_probe``: bytes tracemalloc holds, objects the garbage collector
+tracks, and the source lines that grew most), sampled alongside. At the end it fits a line to each series after
+``--warmup-s`` and prints the slopes per hour, with a small plot of the worker's memory. A flat service has slopes near
+zero; the issue's targets are a worker RSS slope under 10 MB/h, TTFT p99 drift under 10%/h and a flat lag p99.
 """
 
 from __future__ import annotations
