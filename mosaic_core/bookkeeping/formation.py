@@ -492,7 +492,7 @@ def _is_int(value: object) -> bool:
 
 
 def _first_frame(record: ClusterRecord) -> int:
-    return record.frame_indices[0] if record.frame_indices else -1
+    return record.frame_indices[0]
 
 
 def _start(record: ClusterRecord) -> float:
