@@ -19,13 +19,15 @@ The CPU spent decoding video is the measured cost of one decode here times the f
 
 A step is real-time when the lag p99 is under 2 s, nothing was dropped or refused, and at least 90% of the offered
 frames were ingested (a stopped source queues nothing, so shows no lag); the ramp stops at the first step that is
-not (a larger N would not be either), and the report names the largest real-time N.
+not (a larger N would not be either; ``--keep-going`` measures the rest anyway, for tables of every N), and the report
+names the largest N that was real-time with every smaller one.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -275,7 +277,19 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         start_wait_p99_ms=ms(percentile(start_waits, 99)),
         engine_ttft_p50_ms=ms(percentile(engine_ttfts, 50)),
         engine_ttft_p99_ms=ms(percentile(engine_ttfts, 99)),
+        ttft_samples_ms=[question_sample_ms(a) for a in answers],
     )
+
+
+def question_sample_ms(answer) -> dict[str, float | None]:
+    """One answered question's time to first token and its parts, in ms (the step's p99 of a few dozen questions is
+    nearly their maximum, so the JSON keeps every one)."""
+    return {
+        "client": ms(answer.ttft_s),
+        "server": ms(answer.server_ttft_s),
+        "start_wait": ms(answer.start_wait_s),
+        "engine": ms(answer.engine_ttft_s),
+    }
 
 
 def settle(service: LocalService, ids: set[str], limit_s: float) -> float | None:
@@ -399,14 +413,14 @@ def run_ramp(workdir: Path, args, on_step=None, data_dir: Path | None = None) ->
     load, start_s, log_tail = None, None, None
 
     def report() -> dict:
-        passing = [s.cameras for s in steps if s.real_time]
+        passing = list(itertools.takewhile(lambda s: s.real_time, steps))  # with --keep-going, steps go on past one
         return {
             "args": {k: v for k, v in vars(args).items() if k != "out"},
             "service": overrides,
             "start_s": start_s,
             "decode_cost": decode_cost,
             "steps": [{**asdict(s), "real_time": s.real_time} for s in steps],
-            "largest_real_time_cameras": max(passing, default=0),
+            "largest_real_time_cameras": max((s.cameras for s in passing), default=0),
             "serve_log_tail": log_tail,  # kept when a step fails: the service's folder is deleted afterwards
         }
 
@@ -433,10 +447,11 @@ def run_ramp(workdir: Path, args, on_step=None, data_dir: Path | None = None) ->
                 if on_step is not None:
                     on_step(report())
                 if not step.real_time:
-                    log_tail = service.log_tail(80)
+                    log_tail = log_tail or service.log_tail(80)
                     if on_step is not None:
                         on_step(report())
-                    break
+                    if not args.keep_going:
+                        break
     finally:
         if load is not None:
             load.stop()
@@ -484,6 +499,10 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after the warm-up, wait up to this long for every camera's lag to fall under 2 s, then measure",
     )  # fmt: skip
     parser.add_argument("--measure-s", type=float, default=30.0)
+    parser.add_argument(
+        "--keep-going", action="store_true",
+        help="measure every N of --cameras, also after one that is not real-time (for tables of all N)",
+    )  # fmt: skip
     parser.add_argument("--retention-s", type=float, default=20.0, help="each camera keeps this much history")
     parser.add_argument("--tokens-per-frame", type=int, default=128)
     parser.add_argument("--window-tokens", type=int, default=512, help="local window per camera")

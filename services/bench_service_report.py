@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 LAG_LIMIT_S = 2.0
@@ -53,6 +53,8 @@ class StepResult:
     start_wait_p99_ms: float | None = None
     engine_ttft_p50_ms: float | None = None
     engine_ttft_p99_ms: float | None = None
+    # Every answered question's TTFT and its parts in ms: client, server, start_wait, engine (question_sample_ms)
+    ttft_samples_ms: list[dict[str, float | None]] = field(default_factory=list)
 
     @property
     def real_time(self) -> bool:
