@@ -164,6 +164,46 @@ def engine_totals(metrics_text: str) -> dict[str, float]:
     return totals
 
 
+GAP_BUCKET = "mosaic_question_start_gap_seconds_bucket"
+BETWEEN_AND_LE = re.compile(r'between="([^"]*)".*le="([^"]*)"')
+
+
+def start_gap_buckets(metrics_text: str) -> dict[tuple[str, float], float]:
+    """The workers' cumulative counts of gaps between chances to start a question, by (between, bucket bound)."""
+    counts: dict[tuple[str, float], float] = {}
+    for name, labels, value in METRIC_LINE.findall(metrics_text):
+        if name == GAP_BUCKET and (found := BETWEEN_AND_LE.search(labels)):
+            key = (found.group(1), float(found.group(2)))
+            counts[key] = counts.get(key, 0.0) + float(value)
+    return counts
+
+
+def start_gaps(before: dict[tuple[str, float], float], after: dict[tuple[str, float], float]) -> dict[str, dict]:
+    """Per kind of gap seen between two scrapes: how many, the bucket bounds (ms) under which half and 99% of them
+    fell, and how many lasted over 100 ms (bucket bounds, so the percentiles are upper bounds)."""
+    gaps: dict[str, dict] = {}
+    for between in sorted({b for b, _ in after}):
+        cumulative = sorted(
+            (le, after[(between, le)] - before.get((between, le), 0.0)) for b, le in after if b == between
+        )
+        total = cumulative[-1][1] if cumulative else 0.0
+        if total <= 0:
+            continue
+        under_100ms = next((n for le, n in cumulative if le >= 0.1), total)
+        gaps[between] = {
+            "count": int(total),
+            "p50_under_ms": _bucket_holding(cumulative, 0.5 * total) * 1e3,
+            "p99_under_ms": _bucket_holding(cumulative, 0.99 * total) * 1e3,
+            "over_100ms": int(total - under_100ms),
+        }
+    return gaps
+
+
+def _bucket_holding(cumulative: list[tuple[float, float]], count: float) -> float:
+    """The smallest bucket bound with at least ``count`` observations at or under it."""
+    return next(le for le, n in cumulative if n >= count)
+
+
 @dataclass(slots=True)
 class EngineThread:
     """The workers' engine threads between two scrapes."""
@@ -199,6 +239,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
 
     engine_seen: list[dict[str, float]] = []
     durable_seen: list[dict[str, float]] = []
+    gaps_seen: list[dict[tuple[str, float], float]] = []
 
     def stats() -> dict[str, StreamSample] | None:
         """Every camera's sample; None when the service does not answer (a step that then cannot pass)."""
@@ -208,6 +249,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
             return None
         engine_seen.append(engine_totals(text))
         durable_seen.append(durable_totals(text))
+        gaps_seen.append(start_gap_buckets(text))
         return stream_samples(text, ids)
 
     gil_before = gil_probe.read_latest(service.workdir, "worker-*")
@@ -278,6 +320,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         engine_ttft_p50_ms=ms(percentile(engine_ttfts, 50)),
         engine_ttft_p99_ms=ms(percentile(engine_ttfts, 99)),
         ttft_samples_ms=[question_sample_ms(a) for a in answers],
+        question_start_gaps=start_gaps(gaps_seen[0], gaps_seen[-1]) if gaps_seen else {},
     )
 
 

@@ -55,6 +55,8 @@ class StepResult:
     engine_ttft_p99_ms: float | None = None
     # Every answered question's TTFT and its parts in ms: client, server, start_wait, engine (question_sample_ms)
     ttft_samples_ms: list[dict[str, float | None]] = field(default_factory=list)
+    # Gaps between the engine thread's chances to start a question, by kind (bench_service.start_gaps)
+    question_start_gaps: dict[str, dict] = field(default_factory=dict)
 
     @property
     def real_time(self) -> bool:
@@ -149,6 +151,14 @@ def table(report: dict) -> str:
                 f"token {step['engine_ttft_p50_ms']:.0f} / {step['engine_ttft_p99_ms']:.0f} ms (each its own "
                 "percentiles)"
             )
+        gaps = step.get("question_start_gaps")
+        if gaps:
+            parts = [
+                f"{between} {g['count']} (p50 < {g['p50_under_ms']:.0f}, p99 < {g['p99_under_ms']:.0f} ms, "
+                f"{g['over_100ms']} over 100 ms)"
+                for between, g in sorted(gaps.items(), key=lambda item: -item[1]["p99_under_ms"])
+            ]
+            lines.append(f"N={step['cameras']}: gaps between chances to start a question: " + "; ".join(parts))
         durable = step.get("durable")
         if durable is not None:
             lines.append(

@@ -17,11 +17,14 @@ the next, so every stream is reached within ``ceil(streams / max_batch_frames)``
 each chunk of ``ingest_pause_frames`` frames through it), inside it before every ``ingest_pause_blocks``-th block,
 before every ``ingest_pause_layers``-th layer of each forward pass, and after every ``ingest_pause_placed`` frames
 placed into clusters (``mosaic_core.engine.ingest_pauses``; with ``questions_alongside_ingest``, on CUDA, the host
-does not wait at a pause, and the questions run on a high-priority stream beside the ingest work queued); at a
-pause the loop starts the questions that arrived and runs each one's prefill, so its first token waits for one
-chunk of ingest work, not for the rest of the call. Nothing else runs at a pause: commands, later tokens and the end
-of an answer wait for the call to end, so an answer's second token comes after the call (bench/NOTES.md, session
-12: decode through gRPC 31.8 ms a token at 64 cameras with pauses, 7.2 without, in two calls).
+does not wait at a pause, and the questions run on a high-priority stream beside the ingest work queued), and once
+more at its end, before the upkeep that follows it (metadata flush, retention, watches); at a pause the loop starts
+the questions that arrived and runs each one's prefill, so its first token waits for one chunk of ingest work, not
+for the rest of the call. Telemetry records every gap between two chances to start a question
+(``mosaic_question_start_gap_seconds``), named by the chances at its ends. Nothing else runs at a pause: commands,
+later tokens and the end of an answer wait for the call to end, so an answer's second token comes after the call
+(bench/NOTES.md, session 12: decode through gRPC 31.8 ms a token at 64 cameras with pauses, 7.2 without, in two
+calls).
 
 **Ingest is never starved by questions.** Ingest goes first in every iteration.
 Between two ingest calls the running questions advance a token each, and keep advancing while no frame waits,
@@ -194,7 +197,8 @@ class EngineLoop:
         self.ingest_pause_lookahead = ingest_pause_lookahead
         self.ingest_pause_skip_idle = ingest_pause_skip_idle
         self.questions_alongside_ingest = questions_alongside_ingest
-        self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls
+        self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls and at their ends
+        self._last_chance: tuple[str, float] | None = None  # the engine thread's last chance to start a question
         self._forward_passes = 0  # language-model passes of every ingest call so far
         self._background: deque[QuestionJob] = deque()
         self.stats = None  # latest EngineStats, refreshed every STATS_REFRESH_S
@@ -298,6 +302,7 @@ class EngineLoop:
                 worked = False
             if not worked:
                 self._timed("idle", self.wake.wait, IDLE_WAIT_S)
+                self._last_chance = ("loop", time.monotonic())  # a question wakes the idle wait: no gap there
         for job in self._questions + list(self._pending_questions) + list(self._background):
             self._finish(job, QuestionCancelled("the worker is shutting down"))
 
@@ -324,7 +329,7 @@ class EngineLoop:
 
     def _ingest_once(self) -> bool:
         """One ingest call (module doc)."""
-        started_s = time.monotonic()
+        started_s, served_before_s = time.monotonic(), self._served_in_pauses_s
         taken = self.queues.take_call(self.max_batch_frames, self.engine.config.max_frames_per_pass)
         if not taken:
             return False
@@ -333,8 +338,9 @@ class EngineLoop:
         try:
             ingest_s = self._ingest_batch(batch) if batch else 0.0
         finally:
+            served_s = self._served_in_pauses_s - served_before_s  # counted to questions
             self.telemetry.spent("ingest", ingest_s)
-            self.telemetry.spent("ingest_upkeep", time.monotonic() - started_s - ingest_s)
+            self.telemetry.spent("ingest_upkeep", time.monotonic() - started_s - ingest_s - served_s)
         return True
 
     def _ingest_batch(self, batch: list[QueuedFrame]) -> float:
@@ -345,7 +351,9 @@ class EngineLoop:
         ingested = self._ingest(batch)
         done_s = time.monotonic()
         served_s = self._served_in_pauses_s - served_before_s
-        self.telemetry.spent("questions", served_s)
+        if self.ingest_pause_layers:  # questions that came during the call start before its upkeep
+            self._serve_at_pause("call_end")
+        self.telemetry.spent("questions", self._served_in_pauses_s - served_before_s)
         self.capacity.observe(len(ingested), done_s - started_s - served_s)
         per_stream: dict[str, int] = defaultdict(int)
         for frame in ingested:
@@ -400,10 +408,11 @@ class EngineLoop:
             by_stream[frame.stream_id].append(frame)
         return [f for frames in by_stream.values() for f in self._ingest(frames)]
 
-    def _serve_at_pause(self) -> None:
-        """At a pause inside an ingest call: starts the questions that arrived and runs each one's prefill and first
-        token (module doc). Background answers, commands, later tokens and questions about a stream with no frames
-        yet wait for the call to end."""
+    def _serve_at_pause(self, chance: str = "pause") -> None:
+        """At a pause inside an ingest call, or at its end before its upkeep (``chance`` "call_end"): starts the
+        questions that arrived and runs each one's prefill and first token (module doc). Background answers,
+        commands, later tokens and questions about a stream with no frames yet wait for the loop."""
+        self._chance(chance)
         if not self._pending_questions:
             return
         started_s = time.monotonic()
@@ -421,9 +430,19 @@ class EngineLoop:
     def _has_frames(self, stream_id: str) -> bool:
         return stream_id in self.engine.streams and self.engine.stream(stream_id).frames_ingested > 0
 
+    def _chance(self, kind: str) -> None:
+        """The engine thread may start a question now (``QUESTION_START_CHANCES``): the gap since the last such
+        chance goes to telemetry, named by the two."""
+        now = time.monotonic()
+        if self._last_chance is not None:
+            last_kind, last_s = self._last_chance
+            self.telemetry.question_start_gap(f"{last_kind}_to_{kind}", now - last_s)
+        self._last_chance = (kind, now)
+
     def _start_questions(self) -> bool:
         """Moves waiting questions to the running set, except those waiting for device room; then background
         answers, if nothing interactive waits."""
+        self._chance("loop")
         now = time.monotonic()
         started = self._start_interactive(now)
         return self._start_background(now) or started

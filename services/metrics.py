@@ -36,6 +36,11 @@ TRANSFER_DIRECTIONS = ("host_to_device", "device_to_host", "host_to_disk", "disk
 # Where a worker's engine thread spends its time: engine.ingest calls; what follows each ingest call (tier sync,
 # retention, watch evaluation); starting and stepping answers; commands and stats; waiting for work.
 ENGINE_LOOP_PARTS = ("ingest", "ingest_upkeep", "questions", "other", "idle")
+# Where the engine thread may start a new question: a pause inside an ingest call, the end of an ingest call (before
+# its upkeep), and the loop's own start of questions between calls. A question's wait for the engine is at most the
+# gap between two of them; QUESTION_START_GAPS names each gap by the chances at its two ends.
+QUESTION_START_CHANCES = ("pause", "call_end", "loop")
+QUESTION_START_GAPS = tuple(f"{a}_to_{b}" for a in QUESTION_START_CHANCES for b in QUESTION_START_CHANCES)
 # Every gRPC status code an RPC can fail with (OK is not an error).
 ERROR_CODES = (
     "CANCELLED",
@@ -61,6 +66,7 @@ INGEST_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 BATCH_FRAMES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INTER_TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
+QUESTION_START_GAP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 RETRIEVAL_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -153,6 +159,14 @@ class MosaicMetrics:
             "mosaic_engine_loop_seconds_total",
             "Seconds a worker's engine thread spent, by part (ingest, ingest_upkeep, questions, other, idle).",
             ["worker", "part"],
+            registry=r,
+        )
+        self.question_start_gap_seconds = Histogram(
+            "mosaic_question_start_gap_seconds",
+            "Time between two chances of a worker's engine thread to start a new question, by the chances at its "
+            "ends (pause: inside an ingest call; call_end: after one, before its upkeep; loop: between calls).",
+            ["worker", "between"],
+            buckets=QUESTION_START_GAP_BUCKETS_S,
             registry=r,
         )
         # --- questions ---
@@ -390,6 +404,10 @@ class MosaicMetrics:
         check_label("part", part, ENGINE_LOOP_PARTS)
         self.engine_loop_seconds_total.labels(worker_label(worker), part).inc(non_negative("seconds", seconds))
 
+    def observe_question_start_gap(self, worker: int | str, between: str, s: float) -> None:
+        check_label("between", between, QUESTION_START_GAPS)
+        self.question_start_gap_seconds.labels(worker_label(worker), between).observe(non_negative("gap", s))
+
     def add_transfer_bytes(self, worker: int | str, direction: str, n: int) -> None:
         check_label("direction", direction, TRANSFER_DIRECTIONS)
         self.transfer_bytes_total.labels(worker_label(worker), direction).inc(n)
@@ -444,6 +462,9 @@ class MosaicMetrics:
         for part in ENGINE_LOOP_PARTS:
             with contextlib.suppress(KeyError):  # a part never timed
                 self.engine_loop_seconds_total.remove(label, part)
+        for between in QUESTION_START_GAPS:
+            with contextlib.suppress(KeyError):  # a gap never seen
+                self.question_start_gap_seconds.remove(label, between)
         for tier in TIERS:
             for metric in (self.tier_used_bytes, self.tier_capacity_bytes, self.clusters):
                 metric.remove(label, tier)
@@ -501,6 +522,8 @@ class MosaicMetrics:
                 self.transfer_bytes_total.labels(worker, direction)
             for part in ENGINE_LOOP_PARTS:
                 self.engine_loop_seconds_total.labels(worker, part)
+            for between in QUESTION_START_GAPS:
+                self.question_start_gap_seconds.labels(worker, between)
             for tier in TIERS:
                 for metric in (self.tier_used_bytes, self.tier_capacity_bytes, self.clusters):
                     metric.labels(worker, tier)

@@ -97,6 +97,7 @@ class TelemetryDelta:
     device_hit_ratio: float = 0.0
     durability: DurabilityHealth | None = None
     loop_seconds: dict[str, float] = field(default_factory=dict)  # engine thread, by ENGINE_LOOP_PARTS
+    question_start_gaps: list[tuple[str, float]] = field(default_factory=list)  # (QUESTION_START_GAPS label, s)
 
 
 class WorkerTelemetry:
@@ -154,6 +155,13 @@ class WorkerTelemetry:
         """The engine thread spent ``seconds`` on ``part`` (one of ``ENGINE_LOOP_PARTS``)."""
         with self._lock:
             self._delta.loop_seconds[part] = self._delta.loop_seconds.get(part, 0.0) + seconds
+
+    def question_start_gap(self, between: str, seconds: float) -> None:
+        """The engine thread had no chance to start a question for ``seconds``, between the chances ``between``
+        names (``QUESTION_START_GAPS``)."""
+        with self._lock:
+            self._delta.question_start_gaps.append((between, seconds))
+            del self._delta.question_start_gaps[:-MAX_BUFFERED_OBSERVATIONS]
 
     def drain(self, *, queue_depths: dict[str, int], lags_s: dict[str, float], engine_stats) -> TelemetryDelta:
         """Returns the delta since the last drain and starts a new one; gauges come from the caller."""
@@ -213,5 +221,7 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
     metrics.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
     for part, seconds in delta.loop_seconds.items():
         metrics.add_engine_loop_seconds(worker, part, seconds)
+    for between, seconds in delta.question_start_gaps:
+        metrics.observe_question_start_gap(worker, between, seconds)
     if delta.durability is not None:
         metrics.set_durability(worker, delta.durability)

@@ -109,3 +109,86 @@ def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause(
     waited_s, call_left_s = events[-1].timings.start_wait_s, watched.question_call_ended_s - queues.job.submitted_s
     assert waited_s > 0 and (waited_s < call_left_s) is answered_inside_the_call, (waited_s, call_left_s)
     assert loop.telemetry.totals("cam-0").ingested == 8
+
+
+class EngineAskingAfterItsCall:
+    """The real engine; as its second ingest call returns, after every pause of it, a question comes."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.loop: EngineLoop | None = None
+        self.job: QuestionJob | None = None
+        self.num_calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def ingest(self, frames, **options):
+        result = self._engine.ingest(frames, **options)
+        self.num_calls += 1
+        if self.num_calls == 2:
+            self.job = self.loop.submit(QuestionJob("q", "cam-0", "what happened?", 3, None, time.monotonic() + 60))
+        return result
+
+
+class TierSyncNotingTheQuestion(TierSync):
+    """The real tier sync, noting at the first flush after the question came whether it had its first token."""
+
+    def __init__(self, engine, publisher, worker_id, asking: EngineAskingAfterItsCall) -> None:
+        super().__init__(engine, publisher, worker_id)
+        self._asking = asking
+        self.token_before_upkeep: list[bool] = []
+
+    def flush(self, stream_ids) -> None:
+        if self._asking.job is not None and not self.token_before_upkeep:
+            self.token_before_upkeep.append(not self._asking.job.events.empty())
+        super().flush(stream_ids)
+
+
+@pytest.mark.parametrize(("pause_layers", "started_before_upkeep"), [(2, True), (0, False)])
+def test_a_question_arriving_after_the_last_pause_starts_before_the_calls_upkeep(
+    tiny_model, bikes_frames, pause_layers, started_before_upkeep
+):
+    engine = Engine(tiny_model, SMALL)
+    asking = EngineAskingAfterItsCall(engine)
+    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
+    tier_sync = TierSyncNotingTheQuestion(engine, publisher, "0", asking)
+    queues = IngestQueues(64)
+    loop = EngineLoop(
+        asking,
+        queues,
+        tier_sync,
+        WorkerTelemetry("0"),
+        max_batch_frames=16,
+        retention_s=lambda stream_id: 0.0,
+        ingest_pause_layers=pause_layers,
+    )
+    asking.loop = loop
+    for stream_id in STREAMS:
+        engine.open_stream(stream_id, fps=4.0)
+        feed(engine, stream_id, bikes_frames[:8])  # history to ask about
+        queues.add_stream(stream_id, 4.0)
+    for t, rgb in bikes_frames[8:12]:
+        for stream_id in STREAMS:
+            queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
+    loop.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not tier_sync.token_before_upkeep:
+            assert time.monotonic() < deadline, "the loop never flushed after a second ingest call"
+            time.sleep(0.01)
+        events = []
+        while (item := asking.job.events.get(timeout=60)) is not DONE:
+            events.append(item)
+    finally:
+        loop.stop()
+    assert tier_sync.token_before_upkeep == [started_before_upkeep]
+    assert len([e for e in events if isinstance(e, TokenEvent)]) == 3
+    # Every gap between two chances to start a question is recorded, named by its ends.
+    gaps = {
+        between
+        for between, _ in loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None).question_start_gaps
+    }
+    expected = {"pause_to_pause", "pause_to_call_end", "call_end_to_loop"} if pause_layers else {"loop_to_loop"}
+    assert expected <= gaps, gaps
+    assert pause_layers or not any("pause" in g or "call_end" in g for g in gaps), gaps

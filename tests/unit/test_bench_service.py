@@ -171,3 +171,23 @@ def test_written_results_name_no_folder_of_this_machine(tmp_path, monkeypatch):
     scrubbed = without_local_paths(text)
     assert str(tmp_path) not in scrubbed and tempfile.gettempdir() + "/" not in scrubbed
     assert json.loads(scrubbed) == {"roots": ["<checkout>/.gpu"], "log": "see <tmp>/ray/session_1/logs"}
+
+
+def test_start_gaps_reads_the_histogram_of_gaps_between_chances_to_start_a_question():
+    from services.bench_service import start_gap_buckets, start_gaps
+
+    def scrape(counts):  # cumulative bucket counts of pause_to_pause on two workers, per bound
+        bounds = ("0.05", "0.1", "0.2", "+Inf")
+        return "\n".join(
+            f'mosaic_question_start_gap_seconds_bucket{{worker="{w}",between="pause_to_pause",le="{le}"}} {n / 2}'
+            for w in ("0", "1")
+            for le, n in zip(bounds, counts, strict=True)
+        )
+
+    before = start_gap_buckets(scrape((10, 10, 10, 10)))
+    after = start_gap_buckets(scrape((60, 90, 109, 110)))  # 100 more: 50 under 50 ms, 30 more under 100, 19 under 200
+    gaps = start_gaps(before, after)
+    assert gaps == {
+        "pause_to_pause": {"count": 100, "p50_under_ms": 50.0, "p99_under_ms": 200.0, "over_100ms": 20},
+    }
+    assert start_gaps(after, after) == {}  # nothing new: no entry
