@@ -27,6 +27,7 @@ from mosaic_core.engine.splits import observe_and_split, splits_on
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import DeviceRoom
 from mosaic_core.errors import InvalidArgumentError, OutOfRangeError
+from mosaic_core.memory.transfer import upload
 
 _QUESTION_NUMBERS = itertools.count()
 
@@ -130,7 +131,7 @@ def _decode(parts, state, question_ids, plan, max_new_tokens):
     cursor = state.text_cursor
     token_ids: list[int] = []
     reached = _recorded_event(model.device)
-    input_ids = torch.tensor([question_ids], device=model.device)
+    input_ids = upload([question_ids], torch.long, model.device)  # queued: the ingest work ahead is not waited for
     hidden = parts.prefill_graphs.prefill(plan, input_ids, cursor)  # the last token's, [1, hidden]
     with record_function("question.first_token"):  # a profiler range: ``mosaic bench profile --bare``
         # both results cross to the host behind one wait, not one each
@@ -160,7 +161,7 @@ def _decode(parts, state, question_ids, plan, max_new_tokens):
         if stepped is None:
             graphed = False  # its graph could not be captured
             hidden = model.forward(
-                input_ids=torch.tensor([[next_id]], device=model.device),
+                input_ids=upload([[next_id]], torch.long, model.device),
                 position_ids=model.text_positions(cursor, 1)[:, None],
                 plan=plan,
             )

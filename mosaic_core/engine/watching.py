@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from mosaic_core.engine.attend import causal_mask
+from mosaic_core.memory.transfer import upload
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def question_queries(
         plan = _CapturePlan(state, engine.spec.num_layers, set(layers))
         positions = model.text_positions(cursor, longest)[:, None].expand(-1, len(ids), -1)  # [3, B, T]
         with torch.no_grad():
-            model.forward(input_ids=torch.tensor(padded, device=model.device), position_ids=positions, plan=plan)
+            model.forward(input_ids=upload(padded, torch.long, model.device), position_ids=positions, plan=plan)
         stacked = torch.stack([plan.queries[layer] for layer in layers], dim=1)  # [B, len(layers), Hq, T, D]
         # A slice of ``stacked`` would keep the whole batch alive in the scorer's cache: copy each row out.
         out += [stacked[b, :, :, : len(row)].clone(memory_format=torch.contiguous_format) for b, row in enumerate(ids)]
@@ -195,7 +196,7 @@ class WatchScorer:
         scores = summary_scores(self.engine, stream_id, history, queries, self.layers)  # [W, L, C]
         _, _, log_count = self.engine.tiering.summaries.all_layers(history)
         log_count = log_count.float().to(scores.device)
-        rows = torch.tensor([index[c] for c in cluster_ids], device=scores.device)
+        rows = upload([index[c] for c in cluster_ids], torch.long, scores.device)
         ends = torch.tensor([r.end_s for r in records], dtype=torch.float64)
         # [K, C]: the history of a scored cluster is every cluster that ended no later than it did, so a score
         # does not depend on how far ingest had got when the cluster was scored.

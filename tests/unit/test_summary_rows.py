@@ -86,3 +86,21 @@ def test_stats_added_together_equal_stats_added_one_by_one(tmp_path):
         )
         assert torch.allclose(got, want) and got_count == want_count
     assert together.summaries.count("cam/c000000") == 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for the device exist on CUDA only")
+def test_freeing_and_reading_rows_never_waits_for_the_device(tmp_path):
+    tiering = make_tiering(SPEC, tmp_path, device="cuda", page_tokens=4, device_bytes=1 << 22)
+    summaries = tiering.summaries
+    for i in range(3):
+        cluster_id, kv = f"cam/c{i:06d}", _keys(i).cuda()
+        put(tiering, cluster_id, kv, Tier.DEVICE)
+        summaries.add(cluster_id, kv[:, 0])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a copy or read that waits for the device raises
+    try:
+        summaries.all_layers(["cam/c000000", "cam/c000002"])  # the rows' index goes up without a wait
+        tiering.remove("cam/c000001")  # retention: its row is zeroed and freed without a wait
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(summaries) == 2
