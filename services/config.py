@@ -97,23 +97,25 @@ class ServiceConfig(BaseModel):
     max_questions_per_stream: int = Field(4, ge=1)
     # How long running answers may keep decoding between ingest calls while frames wait (0: a token per call).
     answer_slice_s: float = Field(0.25, ge=0)
-    # An ingest call pauses for new questions after the vision tower and before every this many layers of a forward
-    # pass (0: never), so a question's first token waits for one such chunk, not for the whole call;
-    # ingest_pause_frames > 0 also cuts the tower into chunks of that many frames (at 64 cameras on the H200, 32-frame
-    # chunks left the service behind real time: bench/NOTES.md, session 12). ingest_pause_blocks > 0 pauses inside
-    # the tower too, before every this many of its blocks, each of which runs over all of the call's frames at once
-    # (0: no pause inside the tower; needs ingest_pause_layers > 0). Off by default: with 8, the service fell behind
-    # at 128 cameras on the H200 (session 14), though not side by side with 0, and from the second pause inside the
-    # tower on, the host waits for the previous call's language model before it queues the rest of the tower.
-    # ingest_pause_placed > 0 pauses after every this many frames placed into clusters once a pass's language model is
-    # queued (0: none; the host placed 128 frames in about 350 ms on the H200, session 14).
+    # An ingest call pauses for new questions after the vision tower, before every this many layers of a forward
+    # pass and at its end, before its upkeep (0: never), so a question's first token waits for one such chunk, not for
+    # the whole call; ingest_pause_frames > 0 also cuts the tower into chunks of that many frames (at 64 cameras on the
+    # H200, 32-frame chunks left the service behind real time: bench/NOTES.md, session 12). ingest_pause_blocks > 0
+    # pauses inside the tower too, before every this many of its blocks, each of which runs over all of the call's
+    # frames at once (0: no pause inside the tower; needs ingest_pause_layers > 0). Off by default: at 150 cameras on
+    # the H200, 4 fell behind with ingest_pause_lookahead 1 and kept up with 2 (three runs of three), and its TTFT p99
+    # was no better than without it (session 21); from the second pause inside the tower on, the host waits for the
+    # previous chunks before it queues the rest of the tower. ingest_pause_placed > 0 pauses after every this many
+    # frames placed into clusters once a pass's language model is queued (0: none; with 32, blocks 4 and lookahead 2,
+    # the service's TTFT p99 fell to 187 ms at 150 cameras on the H200, but it fell behind real time: session 21).
     ingest_pause_layers: int = Field(4, ge=0)
     ingest_pause_frames: int = Field(0, ge=0)
     ingest_pause_blocks: int = Field(0, ge=0)
     ingest_pause_placed: int = Field(0, ge=0)
     # At a pause the host waits until the device is at most this many chunks of work (the work between two pauses)
     # behind it: more lets the host place a pass's frames while the device still runs its language model, and makes a
-    # question started at a pause wait for more ingest work. Not measured on a GPU above 1 (bench/NOTES.md, session 16).
+    # question started at a pause wait for more ingest work. With ingest_pause_blocks 4 at 150 cameras on the H200, 2
+    # kept up with real time where 1 did not (bench/NOTES.md, session 21); not measured side by side without it.
     ingest_pause_lookahead: int = Field(1, ge=1)
     # A pause where no question waits to start is passed without waiting for the device, so a call that no question
     # arrives in runs as without pauses, the host placing a pass's frames while the device runs its language model; a
