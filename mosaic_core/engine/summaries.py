@@ -101,9 +101,9 @@ class SummaryIndex:
     def free(self, summary: SummaryRow) -> None:
         """Zeroes and frees the row of an ended record (nothing if it never had one), without waiting for the device.
 
-        Assigning a number to the count's one element (``count[row] = 0``) would copy it from pageable host memory,
-        and PyTorch waits for the device to run everything queued before such a copy: retention's frees held the
-        service's engine thread 0.075 s a second at 150 cameras on the H200 (bench/NOTES.md, session 21).
+        Assigning a number instead (``stat[row] = 0``) held the service's engine thread 0.075 s a second at 150
+        cameras on the H200, waiting for the device (bench/NOTES.md, session 21; likely the count's one-element row,
+        which PyTorch copies from pageable host memory after everything queued before it).
         """
         if summary.row is None:
             return
