@@ -57,13 +57,17 @@ class CoRetrievalTracker:
         """
         if len(set(ordered_cluster_ids)) != len(ordered_cluster_ids):
             raise InvalidArgumentError(f"stream {stream_id!r}: duplicate cluster ids in {list(ordered_cluster_ids)}")
+        # Every question calls this with all of a stream's mergeable clusters, so it reads each record once.
+        counts_of = {cid: self._residency.co_retrieval(cid) for cid in self._residency.clusters(stream_id)}
         for cluster_id in ordered_cluster_ids:
-            self._counts(stream_id, cluster_id)
+            if cluster_id not in counts_of:
+                self._counts(stream_id, cluster_id)  # raises: untracked, or another stream's
         right_of = dict(itertools.pairwise(ordered_cluster_ids))
         left_of = {right: left for left, right in right_of.items()}
-        kept = {left for left, right in right_of.items() if self._linked(left, right)}
-        for cluster_id in self._residency.clusters(stream_id):
-            counts = self._residency.co_retrieval(cluster_id)
+        kept = {
+            left for left, right in right_of.items() if counts_of[left].right == right and counts_of[right].left == left
+        }
+        for cluster_id, counts in counts_of.items():
             if cluster_id not in kept:
                 counts.pair_either = counts.pair_joint = 0
             counts.right, counts.left = right_of.get(cluster_id), left_of.get(cluster_id)
@@ -112,7 +116,7 @@ class CoRetrievalTracker:
         for left in self._residency.clusters(stream_id):
             counts = self._residency.co_retrieval(left)
             right = counts.right
-            if not self._linked(left, right) or counts.pair_either < min_questions:
+            if counts.pair_either < min_questions or not self._linked(left, right):
                 continue
             if left not in cluster_tokens or right not in cluster_tokens:
                 continue

@@ -9,6 +9,8 @@ two.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 
 from mosaic_core.bookkeeping.formation import ClusterRecord
@@ -36,19 +38,11 @@ def apply_merges(parts: EngineParts, state: StreamState, retrieved: list[str]) -
     tracker, config = parts.tracker, parts.config
     ordered = mergeable_clusters(parts, state)
     tracker.set_neighbours(state.stream_id, ordered)
-    tracker.observe(state.stream_id, [cid for cid in retrieved if cid in set(ordered)])
-    residency = parts.tiering.residency
-    # A joined cluster spans the clusters between its visits: merging it with a neighbour would interleave their
-    # frames, so a multi-span cluster takes no part in merges.
-    records = state.records()
-    sizes = {
-        cid: parts.tiering.summaries.count(cid)
-        for cid in ordered
-        if not residency.record(cid).pinned and len(records[cid].spans()) == 1
-    }
+    mergeable = set(ordered)
+    tracker.observe(state.stream_id, [cid for cid in retrieved if cid in mergeable])
     proposals = tracker.proposals(
         max_tokens=config.formation.max_tokens,
-        cluster_tokens=sizes,
+        cluster_tokens=_MergeableSizes(parts, state, mergeable),
         min_questions=config.merge_min_questions,
         min_joint_fraction=config.merge_min_joint_fraction,
         stream_id=state.stream_id,
@@ -57,6 +51,34 @@ def apply_merges(parts: EngineParts, state: StreamState, retrieved: list[str]) -
     if merged_ids:
         tracker.set_neighbours(state.stream_id, mergeable_clusters(parts, state))
     return merged_ids
+
+
+class _MergeableSizes(Mapping[str, int]):
+    """The tokens of each cluster that may take part in a merge, looked up only for the pairs the tracker judges
+    (a few), not listed for all of a stream's clusters at every question. A pinned cluster takes no part, nor does a
+    joined one: it spans the clusters between its visits, and merging it with a neighbour would interleave their
+    frames."""
+
+    def __init__(self, parts: EngineParts, state: StreamState, mergeable: set[str]) -> None:
+        self._parts, self._state, self._mergeable = parts, state, mergeable
+
+    def __contains__(self, cluster_id: object) -> bool:
+        if cluster_id not in self._mergeable:
+            return False
+        residency = self._parts.tiering.residency
+        record = self._state.former.record_to_read(cluster_id)
+        return not residency.record_to_read(cluster_id).pinned and len(record.spans()) == 1
+
+    def __getitem__(self, cluster_id: str) -> int:
+        if cluster_id not in self:
+            raise KeyError(cluster_id)
+        return self._parts.tiering.summaries.count(cluster_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return (cid for cid in self._mergeable if cid in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def merge_clusters(parts: EngineParts, state: StreamState, left_id: str, right_id: str) -> str:
