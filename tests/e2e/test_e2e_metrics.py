@@ -23,6 +23,7 @@ SPEC = {
     "mosaic_ingest_batch_frames": "histogram",
     "mosaic_ingest_forward_passes": "counter",
     "mosaic_engine_loop_seconds": "counter",
+    "mosaic_question_start_gap_seconds": "histogram",
     "mosaic_query_queue_depth": "gauge",
     "mosaic_queries": "counter",
     "mosaic_time_to_first_token_seconds": "histogram",
