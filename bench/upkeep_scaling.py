@@ -15,6 +15,10 @@ A third column is the stream's whole metadata view (``TierSync.cluster_metas``),
 built for every stream every 5 s until commit 5da1cdf; it now reads stream ids only, and builds the view only to
 republish the store.
 
+The last two time the stream's stats, which GetStream and ListStreams read on the engine thread for every stream:
+``listed`` (counted over the stream's cluster listing, as ``Engine.stream_stats`` did until session 21) against
+``kept`` (as built: the residency manager's per-stream counts, kept as clusters change).
+
     python -m bench.upkeep_scaling --out bench/results/cpu-upkeep-scaling
 
 Results: a table on stdout, the raw numbers in ``--out``.json and the table in ``--out``.txt.
@@ -48,7 +52,18 @@ def _measure(engine, sync, held: int) -> dict:
         "watch_newest_ms": 1e3 * _time(lambda: engine.clusters_started_after(STREAM, mark), REPEATS),
         "watch_all_ms": 1e3 * _time(lambda: [c for c in engine.clusters(STREAM) if c.start_s > mark], REPEATS),
         "view_ms": 1e3 * _time(lambda: sync.cluster_metas(STREAM), REPEATS),
+        "stats_listed_ms": 1e3 * _time(lambda: _stats_listed(engine), REPEATS),
+        "stats_kept_ms": 1e3 * _time(lambda: engine.stream_stats(STREAM), REPEATS),
     }
+
+
+def _stats_listed(engine) -> tuple[dict, dict]:
+    """The stream's clusters and bytes per tier counted over its listing (``stream_stats`` before session 21)."""
+    by_tier, bytes_by_tier = {}, {}
+    for info in engine.clusters(STREAM):
+        by_tier[info.tier] = by_tier.get(info.tier, 0) + 1
+        bytes_by_tier[info.tier] = bytes_by_tier.get(info.tier, 0) + info.num_bytes
+    return by_tier, bytes_by_tier
 
 
 def run(checkpoints: list[int], fps: float) -> list[dict]:
@@ -94,13 +109,14 @@ def run(checkpoints: list[int], fps: float) -> list[dict]:
 def _line(row: dict) -> str:
     return (
         f"{row['clusters']:>8}  {row['full_ms']:>14.3f}  {row['changes_ms']:>17.3f}  {row['watch_all_ms']:>13.3f}"
-        f"  {row['watch_newest_ms']:>16.3f}  {row['view_ms']:>7.3f}"
+        f"  {row['watch_newest_ms']:>16.3f}  {row['view_ms']:>7.3f}  {row['stats_listed_ms']:>16.3f}"
+        f"  {row['stats_kept_ms']:>14.3f}"
     )
 
 
 HEADER = (
     f"{'clusters':>8}  {'flush, full ms':>14}  {'flush, changes ms':>17}  {'watch, all ms':>13}  "
-    f"{'watch, newest ms':>16}  {'view ms':>7}"
+    f"{'watch, newest ms':>16}  {'view ms':>7}  {'stats, listed ms':>16}  {'stats, kept ms':>14}"
 )
 
 

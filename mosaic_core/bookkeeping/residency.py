@@ -116,6 +116,19 @@ class ResidencyStats:
         return self.num_device_clusters + self.num_host_clusters + self.num_disk_clusters
 
 
+@dataclass(slots=True)
+class StreamUsage:
+    """One stream's tracked clusters and their bytes, per tier, kept up to date as they change, so that reading
+    them (GetStream, ListStreams) does not walk the stream's history."""
+
+    clusters: dict[Tier, int] = field(default_factory=lambda: dict.fromkeys(Tier, 0))
+    num_bytes: dict[Tier, int] = field(default_factory=lambda: dict.fromkeys(Tier, 0))
+
+    def count(self, tier: Tier, clusters: int, num_bytes: int) -> None:
+        self.clusters[tier] += clusters
+        self.num_bytes[tier] += num_bytes
+
+
 class ResidencyManager:
     """Tracks every cluster's tier and size, plus fixed device reservations and side-data charges (keyframes),
     against shared byte budgets.
@@ -132,6 +145,7 @@ class ResidencyManager:
         # Insertion-ordered sets (dict keys), so that listings and plans are deterministic.
         self._by_tier: dict[Tier, dict[str, None]] = {tier: {} for tier in Tier}
         self._by_stream: dict[str, dict[str, None]] = {}
+        self._stream_usage: dict[str, StreamUsage] = {}
         self._used_bytes = dict.fromkeys(Tier, 0)
         self._reservations: dict[str, int] = {}
         self._charges: dict[tuple[str, Tier], int] = {}  # side data kept beside clusters (keyframes)
@@ -264,6 +278,7 @@ class ResidencyManager:
         self._records[cluster_id] = ClusterResidency(cluster_id, stream_id, num_bytes, tier, pages)
         self._by_tier[tier][cluster_id] = None
         self._by_stream.setdefault(stream_id, {})[cluster_id] = None
+        self._stream_usage.setdefault(stream_id, StreamUsage()).count(tier, 1, num_bytes)
         self._used_bytes[tier] += num_bytes
         self.policy.on_add(cluster_id, _now(now_s))
         self._changed(stream_id, cluster_id)
@@ -274,6 +289,7 @@ class ResidencyManager:
         if _check_nbytes(extra_bytes) > self.free_bytes(record.tier):
             return False
         record.num_bytes += extra_bytes
+        self._stream_usage[record.stream_id].count(record.tier, 0, extra_bytes)
         self._used_bytes[record.tier] += extra_bytes
         self._changed(record.stream_id, cluster_id)
         return True
@@ -336,6 +352,11 @@ class ResidencyManager:
 
     def num_clusters(self, tier: Tier) -> int:
         return len(self._by_tier[Tier(tier)])
+
+    def stream_usage(self, stream_id: str) -> StreamUsage:
+        """A copy of the stream's clusters and bytes per tier (zeros for a stream with none)."""
+        usage = self._stream_usage.get(stream_id)
+        return StreamUsage() if usage is None else StreamUsage(dict(usage.clusters), dict(usage.num_bytes))
 
     def clusters(self, stream_id: str | None = None, tier: Tier | None = None) -> list[str]:
         """Tracked cluster ids, optionally of one stream and/or one tier, in the order they were added."""
@@ -462,6 +483,9 @@ class ResidencyManager:
             self._by_tier[move.dst][move.cluster_id] = None
             self._used_bytes[move.src] -= move.num_bytes
             self._used_bytes[move.dst] += move.num_bytes
+            usage = self._stream_usage[record.stream_id]
+            usage.count(move.src, -1, -record.num_bytes)
+            usage.count(move.dst, 1, record.num_bytes)
             record.tier = move.dst
             self._changed(record.stream_id, move.cluster_id)
 
@@ -479,6 +503,12 @@ class ResidencyManager:
         for cid, record in self._records.items():
             assert cid in self._by_tier[record.tier] and cid in self._by_stream[record.stream_id]
             assert record.pin_count >= 0
+        assert self._stream_usage.keys() == self._by_stream.keys()
+        for stream_id, members in self._by_stream.items():
+            counted = StreamUsage()
+            for cid in members:
+                counted.count(self._records[cid].tier, 1, self._records[cid].num_bytes)
+            assert self._stream_usage[stream_id] == counted, f"stream {stream_id}'s usage drifted"
         rows = [record.summary.row for record in self._records.values() if record.summary.row is not None]
         assert len(rows) == len(set(rows)), "two clusters share a summary row"
 
@@ -509,8 +539,10 @@ class ResidencyManager:
         del self._by_tier[record.tier][cid]
         stream_members = self._by_stream[record.stream_id]
         del stream_members[cid]
+        self._stream_usage[record.stream_id].count(record.tier, -1, -record.num_bytes)
         if not stream_members:
             del self._by_stream[record.stream_id]
+            del self._stream_usage[record.stream_id]
         self._used_bytes[record.tier] -= record.num_bytes
         self._changed(record.stream_id, cid)
         self.policy.on_remove(cid)

@@ -479,21 +479,16 @@ class Engine:
 
     def stream_stats(self, stream_id: str) -> StreamStats:
         state = self.stream(stream_id)
-        infos = self.clusters(stream_id)
-        by_tier = {tier.name.lower(): 0 for tier in Tier}
-        bytes_by_tier = dict(by_tier)
-        for info in infos:
-            by_tier[info.tier] += 1
-            bytes_by_tier[info.tier] += info.num_bytes
+        usage = self.tiering.residency.stream_usage(stream_id)  # kept as clusters change: no walk of the history
         return StreamStats(
             stream_id=stream_id,
             fps=state.fps,
             frames_ingested=state.frames_ingested,
             first_timestamp_s=state.first_timestamp_s,
             last_timestamp_s=state.last_timestamp_s,
-            num_clusters=len(infos),
-            clusters_by_tier=by_tier,
-            bytes_by_tier=bytes_by_tier,
+            num_clusters=sum(usage.clusters.values()),
+            clusters_by_tier={tier.name.lower(): n for tier, n in usage.clusters.items()},
+            bytes_by_tier={tier.name.lower(): n for tier, n in usage.num_bytes.items()},
             local_window_tokens=state.local_tokens,
             sink_tokens=state.sink_tokens,
             tokens_per_frame=None if state.geometry is None else state.geometry.tokens_per_frame,

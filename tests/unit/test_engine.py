@@ -88,6 +88,16 @@ def test_attended_kv_per_frame_stays_bounded_as_stream_grows_tenfold(tiny_model,
     assert max(attended[-10:]) == max(attended[4:14])
 
 
+def _assert_stream_stats_count_its_clusters(engine, stream_id: str) -> None:
+    """The stream's stats (kept as clusters change) agree with its clusters listed one by one."""
+    stats, infos = engine.stream_stats(stream_id), engine.clusters(stream_id)
+    assert stats.num_clusters == len(infos)
+    for tier in Tier:
+        name = tier.name.lower()
+        assert stats.clusters_by_tier[name] == sum(1 for info in infos if info.tier == name), name
+        assert stats.bytes_by_tier[name] == sum(info.num_bytes for info in infos if info.tier == name), name
+
+
 def test_device_tier_stays_within_budget_and_clusters_spill_whole(tiny_model, bikes_frames):
     engine = make_engine(tiny_model, mode="cluster", device_budget_bytes=int(1.3 * MIB))
     engine.open_stream("cam")
@@ -108,6 +118,7 @@ def test_device_tier_stays_within_budget_and_clusters_spill_whole(tiny_model, bi
         kv = engine.tiering.tiers.read(info.cluster_id)
         assert kv.shape[3] == info.num_tokens
         assert info.tier == engine.tiering.tiers.tier_of(info.cluster_id).name.lower()
+    _assert_stream_stats_count_its_clusters(engine, "cam")
 
 
 def test_token_mode_copies_block_by_block_and_cluster_mode_reuses_device_clusters(tiny_model, bikes_frames):
@@ -264,6 +275,7 @@ def test_retention_drops_old_sealed_clusters_from_every_tier(tiny_model, bikes_f
     for start_s in (float("-inf"), cutoff, *(c.start_s for c in after)):
         assert engine.clusters_started_after("cam", start_s) == [c for c in after if c.start_s > start_s]
     engine.tiering.residency.check_invariants()
+    _assert_stream_stats_count_its_clusters(engine, "cam")
     engine.answer("cam", QUESTION, max_new_tokens=1)  # retention leaves a working stream
 
 
