@@ -4,7 +4,8 @@ One stream of the bikes clip, looped, is ingested a frame at a time (tiny preset
 history is the host's bookkeeping, which does not depend on the model's size). At each checkpoint of clusters held,
 ``--repeats`` questions of ``--tokens`` tokens are asked one after another, each timed from the call to its answer
 (the engine thread's whole time for it: prefill, decode and the maintenance after it, where co-retrieval merges
-are decided) and to its first token. Run it from two checkouts to compare them.
+are decided) and to its first token; one more is counted in Python function calls (``cProfile``), a figure that,
+unlike the times, does not move with the machine's other load. Run it from two checkouts to compare them.
 
     python -m bench.question_scaling --out bench/results/cpu-question-scaling
 
@@ -14,7 +15,9 @@ Results: a table on stdout, the raw numbers in ``--out``.json and the table in `
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import subprocess
 import sys
@@ -64,22 +67,27 @@ def run(checkpoints: list[int], fps: float, repeats: int, tokens: int) -> list[d
             offset_s += lap_s
         _ask(engine, tokens)  # the first question at this size pays for nothing the others do not
         timed = [_ask(engine, tokens) for _ in range(repeats)]
+        profile = cProfile.Profile()
+        profile.runcall(_ask, engine, tokens)
         rows.append(
             {
                 "clusters": len(engine.clusters(STREAM)),
                 "first_token_ms": 1e3 * statistics.median(first for first, _ in timed),
                 "question_ms": 1e3 * statistics.median(whole for _, whole in timed),
+                "python_calls": pstats.Stats(profile).total_calls,
             }
         )
         print(_line(rows[-1]), flush=True)
     return rows
 
 
-HEADER = f"{'clusters':>8}  {'first token ms (median)':>23}  {'whole question ms (median)':>26}"
+HEADER = f"{'clusters':>8}  {'first token ms (median)':>23}  {'whole question ms (median)':>26}  {'Python calls':>12}"
 
 
 def _line(row: dict) -> str:
-    return f"{row['clusters']:>8}  {row['first_token_ms']:>23.1f}  {row['question_ms']:>26.1f}"
+    return (
+        f"{row['clusters']:>8}  {row['first_token_ms']:>23.1f}  {row['question_ms']:>26.1f}  {row['python_calls']:>12}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
