@@ -39,26 +39,11 @@ def _ask(engine, tokens: int) -> tuple[float, float]:
 def run(checkpoints: list[int], fps: float, repeats: int, tokens: int) -> list[dict]:
     import torch
 
-    from mosaic_core.bookkeeping.formation import FormationConfig
-    from mosaic_core.config import MIB, EngineConfig
-    from mosaic_core.engine.engine import Engine
+    from bench.tiny_history import tiny_engine_and_clip
     from mosaic_core.engine.results import FrameInput
-    from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
-    from mosaic_core.model.video import iter_video_frames, sample_clip_path
 
     torch.set_num_threads(1)  # the other core stays with whatever else runs; the model is tiny
-    model = Qwen25VLAdapter.from_preset("tiny", device="cpu", dtype=torch.float32)
-    clip = [(f.timestamp_s, f.rgb) for f in iter_video_frames(sample_clip_path("bikes.mp4"), fps=fps)]
-    config = EngineConfig(
-        target_tokens_per_frame=16,
-        local_window_tokens=48,
-        retrieval_budget_tokens=96,
-        device_budget_bytes=8 * MIB,
-        host_budget_bytes=2048 * MIB,
-        formation=FormationConfig(max_tokens=48),
-    )
-    engine = Engine(model, config)
-    engine.open_stream(STREAM, fps=fps)
+    engine, clip = tiny_engine_and_clip(STREAM, fps)
     rows, offset_s, lap_s = [], 0.0, clip[-1][0] + 1.0 / fps
     for target in checkpoints:
         while len(engine.clusters(STREAM)) < target:

@@ -67,30 +67,13 @@ def _stats_listed(engine) -> tuple[dict, dict]:
 
 
 def run(checkpoints: list[int], fps: float) -> list[dict]:
-    import torch
-
-    from mosaic_core.bookkeeping.formation import FormationConfig
-    from mosaic_core.config import MIB, EngineConfig
-    from mosaic_core.engine.engine import Engine
+    from bench.tiny_history import tiny_engine_and_clip
     from mosaic_core.engine.results import FrameInput
-    from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
-    from mosaic_core.model.video import iter_video_frames, sample_clip_path
     from services.metadata import InMemoryMetadataStore
     from services.publisher import MetadataPublisher, WorkerView
     from services.tier_sync import TierSync
 
-    model = Qwen25VLAdapter.from_preset("tiny", device="cpu", dtype=torch.float32)
-    clip = [(f.timestamp_s, f.rgb) for f in iter_video_frames(sample_clip_path("bikes.mp4"), fps=fps)]
-    config = EngineConfig(
-        target_tokens_per_frame=16,
-        local_window_tokens=48,
-        retrieval_budget_tokens=96,
-        device_budget_bytes=8 * MIB,
-        host_budget_bytes=2048 * MIB,
-        formation=FormationConfig(max_tokens=48),
-    )
-    engine = Engine(model, config)
-    engine.open_stream(STREAM, fps=fps)
+    engine, clip = tiny_engine_and_clip(STREAM, fps)
     publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))  # not started
     sync = TierSync(engine, publisher, "0")
     rows, offset_s, lap_s = [], 0.0, clip[-1][0] + 1.0 / fps

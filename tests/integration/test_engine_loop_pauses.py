@@ -60,6 +60,17 @@ class EngineWatchingAQuestion:
         return result
 
 
+def _open_streams_with_frames_queued(engine: Engine, queues: IngestQueues, frames, num_queued: int) -> None:
+    """Opens ``STREAMS`` with 8 frames of history each to ask about, and queues ``num_queued`` more of each."""
+    for stream_id in STREAMS:
+        engine.open_stream(stream_id, fps=4.0)
+        feed(engine, stream_id, frames[:8])
+        queues.add_stream(stream_id, 4.0)
+    for t, rgb in frames[8 : 8 + num_queued]:
+        for stream_id in STREAMS:
+            queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
+
+
 @pytest.mark.parametrize(
     ("pause_layers", "skip_idle", "answered_inside_the_call"), [(2, False, True), (2, True, True), (0, False, False)]
 )
@@ -82,13 +93,7 @@ def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause(
         ingest_pause_skip_idle=skip_idle,
     )
     queues.loop = loop
-    for stream_id in STREAMS:
-        engine.open_stream(stream_id, fps=4.0)
-        feed(engine, stream_id, bikes_frames[:8])  # history to ask about
-        queues.add_stream(stream_id, 4.0)
-    for t, rgb in bikes_frames[8:16]:
-        for stream_id in STREAMS:
-            queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
+    _open_streams_with_frames_queued(engine, queues, bikes_frames, 8)
     loop.start()
     try:
         deadline = time.monotonic() + 60
@@ -164,13 +169,7 @@ def test_a_question_arriving_after_the_last_pause_starts_before_the_calls_upkeep
         ingest_pause_layers=pause_layers,
     )
     asking.loop = loop
-    for stream_id in STREAMS:
-        engine.open_stream(stream_id, fps=4.0)
-        feed(engine, stream_id, bikes_frames[:8])  # history to ask about
-        queues.add_stream(stream_id, 4.0)
-    for t, rgb in bikes_frames[8:12]:
-        for stream_id in STREAMS:
-            queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
+    _open_streams_with_frames_queued(engine, queues, bikes_frames, 4)
     loop.start()
     try:
         deadline = time.monotonic() + 60
