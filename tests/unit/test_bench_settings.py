@@ -26,7 +26,11 @@ def test_the_benches_build_their_settings_through_the_shared_helper(bench, monke
     assert (gpu.device, gpu.camera_seconds) == ("cuda", CAMERA_SECONDS)
 
 
-@pytest.mark.parametrize("argv", [["--recall-questions", "25"], ["--b-keyframes", "-1"], ["--b-keyframes", "17"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--recall-questions", "25"], ["--b-keyframes", "-1"], ["--b-keyframes", "17"], ["--cameras", "64,0"],
+     ["--cameras", "64,many"]],
+)  # fmt: skip
 def test_bench_engine_refuses_out_of_range_counts_before_loading_a_model(argv, capsys):
     from mosaic_core.bench.engine import main
 
