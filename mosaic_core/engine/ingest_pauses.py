@@ -11,7 +11,11 @@ call stops at fixed points and calls ``serve``:
 - before every ``every_layers``-th language-model layer of each forward pass, the first included;
 - with ``placed_frames``, after every that many frames of a pass placed into clusters once its language model is
   queued (the host's longest stretch without a pause: 350 ms of 650 at 128 cameras on the H200, session 14), but
-  not after its last ones: the next pass's first layer, or the call's end, comes soon after them.
+  not after its last ones: the next pass's first layer, or the call's end, comes soon after them. The host never
+  waits for the device at these: the pass's language model is all queued by then, so a question started there
+  waits for the same device work either way, and a wait would stop the host placing frames while the device runs
+  the language model. Before (4025354 and earlier), each waited for the work queued ``lookahead`` pauses back,
+  which from a pass's ``lookahead + 1``-th such pause on was the whole language model.
 
 With ``has_work``, a pause where it answers no (no question waits) is passed: the host neither waits for the device
 there nor calls ``serve``, so a call in which no question arrives runs as without pauses, the host queuing the whole
@@ -130,7 +134,7 @@ class IngestPauses:
 
     def pause(self, device: torch.device) -> None:
         self.num_pauses += 1
-        waits = device.type == "cuda" and self._question_stream is None
+        waits = device.type == "cuda" and self._question_stream is None and not self._placing
         behind = self._reached.push(_recorded()) if waits else None
         if self.has_work is not None and not self.has_work():
             return

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.engine import ingest_pauses
 from mosaic_core.engine.ingest_pauses import IngestPauses, PauseMarks
 from mosaic_core.engine.results import FrameInput
 from tests.unit.engine_helpers import feed, with_history
@@ -143,6 +144,36 @@ def test_the_host_waits_at_a_pause_for_the_mark_left_lookahead_pauses_back(looka
     marks = PauseMarks(lookahead)
     waited = [marks.push(f"pause {i}") for i in range(6)]
     assert waited == [None] * lookahead + [f"pause {i}" for i in range(6 - lookahead)]
+
+
+class _Mark:
+    def __init__(self, name: str, waited: list[str]) -> None:
+        self.name, self._waited = name, waited
+
+    def synchronize(self) -> None:
+        self._waited.append(self.name)
+
+
+def test_the_host_waits_for_the_device_at_layer_pauses_but_never_while_placing(monkeypatch):
+    waited, made = [], []
+
+    def recorded():
+        made.append(_Mark(f"mark {len(made)}", waited))
+        return made[-1]
+
+    monkeypatch.setattr(ingest_pauses, "_recorded", recorded)
+    cuda = torch.device("cuda")  # the waits are CUDA's; no device is touched, the marks stand in for its events
+    pauses = IngestPauses(lambda: None, every_layers=2, placed_frames=1, lookahead=1)
+    for _ in range(2):  # two passes of 4 layers and 3 rows
+        pauses.begin_pass()
+        for layer in range(4):
+            pauses.before_layer(layer, cuda)
+        for row in range(3):
+            if pauses.placed(1, last_of_pass=row == 2):
+                pauses.pause(cuda)
+    assert pauses.num_pauses == 2 * (2 + 2)
+    assert [m.name for m in made] == ["mark 0", "mark 1", "mark 2", "mark 3"]  # one a layer pause
+    assert waited == ["mark 0", "mark 1", "mark 2"]  # each layer pause for the one before it; placing, for none
 
 
 @pytest.mark.parametrize("field", ["every_layers", "vision_frames", "vision_blocks", "placed_frames", "lookahead"])
