@@ -18,7 +18,8 @@ each chunk of ``ingest_pause_frames`` frames through it), inside it before every
 before every ``ingest_pause_layers``-th layer of each forward pass, and after every ``ingest_pause_placed`` frames
 placed into clusters (``mosaic_core.engine.ingest_pauses``; with ``questions_alongside_ingest``, on CUDA, the host
 does not wait at a pause, and the questions run on a high-priority stream beside the ingest work queued), and once
-more at its end, before the upkeep that follows it (metadata flush, retention, watches); at a pause the loop starts
+more at each end: at its start, once its frames are taken and before they are prepared for the vision tower, and at
+its end, before the upkeep that follows it (metadata flush, retention, watches); at a pause the loop starts
 the questions that arrived and runs each one's prefill, so its first token waits for one chunk of ingest work, not
 for the rest of the call. Telemetry records every gap between two chances to start a question
 (``mosaic_question_start_gap_seconds``), named by the chances at its ends. Nothing else runs at a pause: commands,
@@ -348,6 +349,8 @@ class EngineLoop:
         what questions took at its pauses (counted to questions)."""
         started_s, served_before_s = time.monotonic(), self._served_in_pauses_s
         passes_before = self._forward_passes
+        if self.ingest_pause_layers:  # questions that came since the loop last started some go before this call
+            self._serve_at_pause("call_start")
         ingested = self._ingest(batch)
         done_s = time.monotonic()
         served_s = self._served_in_pauses_s - served_before_s
@@ -409,9 +412,10 @@ class EngineLoop:
         return [f for frames in by_stream.values() for f in self._ingest(frames)]
 
     def _serve_at_pause(self, chance: str = "pause") -> None:
-        """At a pause inside an ingest call, or at its end before its upkeep (``chance`` "call_end"): starts the
-        questions that arrived and runs each one's prefill and first token (module doc). Background answers,
-        commands, later tokens and questions about a stream with no frames yet wait for the loop."""
+        """At a pause inside an ingest call, at its start (``chance`` "call_start") or at its end before its upkeep
+        ("call_end"): starts the questions that arrived and runs each one's prefill and first token (module doc).
+        Background answers, commands, later tokens and questions about a stream with no frames yet wait for the
+        loop."""
         self._chance(chance)
         if not self._pending_questions:
             return

@@ -36,10 +36,11 @@ TRANSFER_DIRECTIONS = ("host_to_device", "device_to_host", "host_to_disk", "disk
 # Where a worker's engine thread spends its time: engine.ingest calls; what follows each ingest call (tier sync,
 # retention, watch evaluation); starting and stepping answers; commands and stats; waiting for work.
 ENGINE_LOOP_PARTS = ("ingest", "ingest_upkeep", "questions", "other", "idle")
-# Where the engine thread may start a new question: a pause inside an ingest call, the end of an ingest call (before
-# its upkeep), and the loop's own start of questions between calls. A question's wait for the engine is at most the
-# gap between two of them; QUESTION_START_GAPS names each gap by the chances at its two ends.
-QUESTION_START_CHANCES = ("pause", "call_end", "loop")
+# Where the engine thread may start a new question: a pause inside an ingest call, the start of an ingest call (its
+# frames taken, before their preparation), its end (before its upkeep), and the loop's own start of questions between
+# calls. A question's wait for the engine is at most the gap between two of them; QUESTION_START_GAPS names each gap by
+# the chances at its two ends.
+QUESTION_START_CHANCES = ("pause", "call_start", "call_end", "loop")
 QUESTION_START_GAPS = tuple(f"{a}_to_{b}" for a in QUESTION_START_CHANCES for b in QUESTION_START_CHANCES)
 # Every gRPC status code an RPC can fail with (OK is not an error).
 ERROR_CODES = (
@@ -164,7 +165,8 @@ class MosaicMetrics:
         self.question_start_gap_seconds = Histogram(
             "mosaic_question_start_gap_seconds",
             "Time between two chances of a worker's engine thread to start a new question, by the chances at its "
-            "ends (pause: inside an ingest call; call_end: after one, before its upkeep; loop: between calls).",
+            "ends (pause: inside an ingest call; call_start: at its start, before its frames are prepared; "
+            "call_end: after one, before its upkeep; loop: between calls).",
             ["worker", "between"],
             buckets=QUESTION_START_GAP_BUCKETS_S,
             registry=r,

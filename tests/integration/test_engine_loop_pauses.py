@@ -1,7 +1,8 @@
 """A question that arrives while the engine loop is inside an ingest call gets its first token at one of the
-call's pauses, before the call ends; with pauses off it waits for the call, and its answer's timings say so. Real
-engine (tiny preset on CPU), real loop; the question is submitted from inside the loop's own ``take_call``, so it is
-pending when the call starts."""
+call's pauses, before the call ends, and one that arrives as the call's frames are taken gets it before the call
+starts; with pauses off either waits for the call, and its answer's timings say so. Real engine (tiny preset on
+CPU), real loop; the question is submitted from inside the loop's own ``take_call``, or from inside the engine's
+``ingest`` before it starts."""
 
 from __future__ import annotations
 
@@ -23,29 +24,35 @@ STREAMS = ("cam-0", "cam-1")
 
 
 class QuestionOnSecondCall(IngestQueues):
-    """Real ingest queues that submit one question to the loop as they hand out their second call's frames."""
+    """Real ingest queues that submit one question to the loop as they hand out their second call's frames, or, with
+    ``in_the_call``, leave that to the engine (``EngineWatchingAQuestion``), as the call begins."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, in_the_call: bool) -> None:
         super().__init__(capacity)
         self.loop: EngineLoop | None = None
         self.job: QuestionJob | None = None
         self.num_calls = 0
+        self.in_the_call = in_the_call
 
     def take_call(self, max_frames: int, frames_per_stream: int = 1):
         taken = super().take_call(max_frames, frames_per_stream)
         if taken:
             self.num_calls += 1
-            if self.num_calls == 2:
-                job = QuestionJob("q", "cam-0", "what happened?", 3, None, time.monotonic() + 60)
-                self.job = self.loop.submit(job)
+            if self.num_calls == 2 and not self.in_the_call:
+                self.submit()
         return taken
+
+    def submit(self) -> None:
+        self.job = self.loop.submit(QuestionJob("q", "cam-0", "what happened?", 3, None, time.monotonic() + 60))
 
 
 class EngineWatchingAQuestion:
-    """The real engine, noting after each ingest call whether the queues' question had its first token yet."""
+    """The real engine, noting before and after the ingest call the queues' question met whether it had its first
+    token yet."""
 
     def __init__(self, engine: Engine, queues: QuestionOnSecondCall) -> None:
         self._engine, self._queues = engine, queues
+        self.token_before_call_started: list[bool] = []
         self.token_before_call_ended: list[bool] = []
         self.question_call_ended_s: float | None = None  # time.monotonic() when the call the question met ended
 
@@ -53,6 +60,10 @@ class EngineWatchingAQuestion:
         return getattr(self._engine, name)
 
     def ingest(self, frames, **options):
+        if self._queues.in_the_call and self._queues.num_calls == 2 and self._queues.job is None:
+            self._queues.submit()
+        if self._queues.job is not None and not self.token_before_call_started:
+            self.token_before_call_started.append(not self._queues.job.events.empty())
         result = self._engine.ingest(frames, **options)
         if self._queues.job is not None and not self.token_before_call_ended:
             self.token_before_call_ended.append(not self._queues.job.events.empty())
@@ -71,14 +82,15 @@ def _open_streams_with_frames_queued(engine: Engine, queues: IngestQueues, frame
             queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
 
 
+@pytest.mark.parametrize("in_the_call", [True, False])
 @pytest.mark.parametrize(
     ("pause_layers", "skip_idle", "answered_inside_the_call"), [(2, False, True), (2, True, True), (0, False, False)]
 )
-def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause(
-    tiny_model, bikes_frames, pause_layers, skip_idle, answered_inside_the_call
+def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause_or_as_the_call_starts(
+    tiny_model, bikes_frames, pause_layers, skip_idle, answered_inside_the_call, in_the_call
 ):
     engine = Engine(tiny_model, SMALL)
-    queues = QuestionOnSecondCall(64)
+    queues = QuestionOnSecondCall(64, in_the_call=in_the_call)
     watched = EngineWatchingAQuestion(engine, queues)
     publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
     loop = EngineLoop(
@@ -109,6 +121,8 @@ def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause(
     finally:
         loop.stop()
     assert watched.token_before_call_ended == [answered_inside_the_call]
+    # As the call's frames are taken, a question starts before they are prepared (the chance at the call's start).
+    assert watched.token_before_call_started == [answered_inside_the_call and not in_the_call]
     assert isinstance(events[0], TokenEvent) and len([e for e in events if isinstance(e, TokenEvent)]) == 3
     # The answer says how long the question waited for the engine: until a pause, or until the call ended.
     waited_s, call_left_s = events[-1].timings.start_wait_s, watched.question_call_ended_s - queues.job.submitted_s
@@ -188,6 +202,7 @@ def test_a_question_arriving_after_the_last_pause_starts_before_the_calls_upkeep
         between
         for between, _ in loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None).question_start_gaps
     }
-    expected = {"pause_to_pause", "pause_to_call_end", "call_end_to_loop"} if pause_layers else {"loop_to_loop"}
+    expected = {"call_start_to_pause", "pause_to_pause", "pause_to_call_end", "call_end_to_loop"}
+    expected = expected if pause_layers else {"loop_to_loop"}
     assert expected <= gaps, gaps
-    assert pause_layers or not any("pause" in g or "call_end" in g for g in gaps), gaps
+    assert pause_layers or not any("pause" in g or "call_" in g for g in gaps), gaps
