@@ -106,8 +106,10 @@ class ServiceConfig(BaseModel):
     # the H200, 4 fell behind with ingest_pause_lookahead 1 and kept up with 2 (three runs of three), and its TTFT p99
     # was no better than without it (session 21); from the second pause inside the tower on, the host waits for the
     # previous chunks before it queues the rest of the tower. ingest_pause_placed > 0 pauses after every this many
-    # frames placed into clusters once a pass's language model is queued (0: none; with 32, blocks 4 and lookahead 2,
-    # the service's TTFT p99 fell to 187 ms at 150 cameras on the H200, but it fell behind real time: session 21).
+    # frames placed into clusters once a pass's language model is queued, without waiting for the device there (0:
+    # none). With 16, blocks 4 and lookahead 2 at 150 cameras on the H200, no stretch from a call's last pause to its
+    # end passed 100 ms in three runs, against 12 to 17 a run without it (sessions 21 and 22), but TTFT p99 was 257
+    # to 507 ms; off by default until it is measured side by side without it (bench/NOTES.md, session 22).
     ingest_pause_layers: int = Field(4, ge=0)
     ingest_pause_frames: int = Field(0, ge=0)
     ingest_pause_blocks: int = Field(0, ge=0)
