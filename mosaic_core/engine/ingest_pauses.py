@@ -14,8 +14,8 @@ call stops at fixed points and calls ``serve``:
   not after its last ones: the next pass's first layer, or the call's end, comes soon after them. The host never
   waits for the device at these: the pass's language model is all queued by then, so a question started there
   waits for the same device work either way, and a wait would stop the host placing frames while the device runs
-  the language model. Before (4025354 and earlier), each waited for the work queued ``lookahead`` pauses back,
-  which from a pass's ``lookahead + 1``-th such pause on was the whole language model.
+  the language model. Until fb49d23 each waited for the work queued ``lookahead`` pauses back, which from a pass's
+  ``lookahead + 1``-th such pause on was the whole language model.
 
 With ``has_work``, a pause where it answers no (no question waits) is passed: the host neither waits for the device
 there nor calls ``serve``, so a call in which no question arrives runs as without pauses, the host queuing the whole
