@@ -552,23 +552,25 @@ def main(argv=None) -> int:
         variants = None if args.variants is None else _variants(args.variants, parser)
         report["A"], report["C"] = scenario_a(model, s, pcie, log, save=save, variants=variants)
     if "B" in scenarios:
+        # with several counts of cameras, one profile each: FILE.ingest-profile.N.txt
         profile_to = Path(args.out).with_suffix(".ingest-profile.txt") if args.profile_ingest else None
         b_modes = _b_modes(args.b_modes, parser)
         profile_to = profile_to if s.device.startswith("cuda") else None
         report["B"] = {}
-        for cameras in camera_counts if len(camera_counts) > 1 else (s.cameras,):  # --quick: its own count
+        several = len(camera_counts) > 1
+        for cameras in camera_counts if several else (s.cameras,):  # --quick: its own count
             report["B"] |= scenario_b(
                 model,
                 dataclasses.replace(s, cameras=cameras),
                 log,
-                profile_to,
+                profile_to.with_suffix(f".{cameras}.txt") if profile_to and several else profile_to,
                 b_modes,
                 data_dir=args.b_data_dir,
                 durable_writers=args.durable_writers,
                 durable_pending_bytes=int(args.durable_pending_gib * GIB),
                 keyframes_per_cluster=args.b_keyframes,
                 pause_variants=pause_variants,
-                name_cameras=len(camera_counts) > 1,
+                name_cameras=several,
             )
             out.write_text(json.dumps(report, indent=2))  # after each count, so a run cut short keeps what it measured
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
