@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services import stack_probe
+
 LAG_LIMIT_S = 2.0
 # A source that stopped, or a pusher that fell behind, queues nothing and shows no lag: the frames must arrive too.
 MIN_INGESTED_SHARE = 0.9
@@ -171,6 +173,13 @@ def table(report: dict) -> str:
             for kind, what in (("inclusive", "inside"), ("self", "at")):
                 busiest = "; ".join(f"{where} {per_s:.3f}" for where, per_s in stacks[kind])
                 lines.append(f"N={step['cameras']}: the engine thread was {what}, seconds per second: {busiest}")
+            if "slow_s_per_s" in stacks:
+                for kind, what in (("slow_inclusive", "inside"), ("slow_self", "at")):
+                    busiest = "; ".join(f"{where} {per_s:.3f}" for where, per_s in stacks[kind])
+                    lines.append(
+                        f"N={step['cameras']}: {stacks['slow_s_per_s']:.3f} s/s with no chance to start a question "
+                        f"for {stack_probe.SLOW_STRETCH_S * 1000:.0f} ms or more, the engine thread {what}: {busiest}"
+                    )
     return "\n".join(lines)
 
 

@@ -284,6 +284,11 @@ class EngineLoop:
         self.wake.set()
         return True
 
+    def seconds_since_chance(self) -> float:
+        """How long the engine thread has gone without a chance to start a question (0 before its first)."""
+        last = self._last_chance
+        return 0.0 if last is None else time.monotonic() - last[1]
+
     def oldest_wait_s(self, stream_id: str) -> float:
         """The stream's ingest lag: seconds since its oldest frame still waiting for ingest arrived."""
         return self.queues.oldest_wait_s(stream_id)
@@ -533,7 +538,7 @@ class EngineLoop:
                     job.question,
                     max_new_tokens=job.max_new_tokens,
                     time_range=self._retained_range(job),
-                    profile=True,  # fills AnswerTimings.retrieval_s; synchronises the device at each stage
+                    profile=True,  # fills AnswerTimings.retrieval_s, from CUDA events: no wait for the device
                 )
             event = next(job.gen)
         except StopIteration:

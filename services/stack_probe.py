@@ -15,6 +15,10 @@ with the totals so far, in seconds:
 ``self`` is by innermost line (where the thread was), ``inclusive`` by function anywhere on the stack (what it was
 inside). ``busiest(before, after)`` turns two such snapshots into the top functions between them, in seconds per
 second. Python-level only: time inside one C call is not split further.
+
+With ``since_chance`` (a worker passes its engine loop's ``seconds_since_chance``), the looks taken while the thread
+has had no chance to start a question for ``SLOW_STRETCH_S`` or more are also counted apart, under ``slow_sampled_s``,
+``slow_self`` and ``slow_inclusive``: what the thread is doing while a question that arrived would still be waiting.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from services.jsonl_files import claim_file, newest_line
@@ -33,18 +38,25 @@ from services.jsonl_files import claim_file, newest_line
 log = logging.getLogger(__name__)
 ENV_DIR = "MOSAIC_STACKS_DIR"
 SAMPLE_S = 0.005
+SLOW_STRETCH_S = 0.1
 WRITE_EVERY_S = 1.0
 TOP = 40
 _started: set[str] = set()
 
 
-def start(role: str, thread: threading.Thread) -> Path | None:
+def start(role: str, thread: threading.Thread, since_chance: Callable[[], float] | None = None) -> Path | None:
     """Starts sampling ``thread`` as ``role`` when ``MOSAIC_STACKS_DIR`` is set; returns the file, else None."""
     path = claim_file(ENV_DIR, "stacks", role, _started, suffix=".json")
     if path is None:
         return None
     stop = threading.Event()  # never set: the probe lives as long as the process
-    threading.Thread(target=sample, args=(thread, path, stop), name=f"stack-probe-{role}", daemon=True).start()
+    threading.Thread(
+        target=sample,
+        args=(thread, path, stop),
+        kwargs={"since_chance": since_chance},
+        name=f"stack-probe-{role}",
+        daemon=True,
+    ).start()
     log.info("sampling the stack of %s's thread %s into %s", role, thread.name, path)
     return path
 
@@ -56,22 +68,38 @@ def read_latest(directory: Path, role: str) -> dict | None:
 
 def busiest(before: dict | None, after: dict | None, top: int = TOP) -> dict | None:
     """Between two snapshots of one process: the ``top`` lines (``self``) and functions (``inclusive``) by seconds
-    per second sampled, highest first, and the seconds sampled; None without two snapshots."""
+    per second sampled, highest first, and the seconds sampled; the same of the slow stretches (module doc) where the
+    snapshots count them. None without two snapshots."""
     if before is None or after is None or after["sampled_s"] <= before["sampled_s"]:
         return None
     window_s = after["sampled_s"] - before["sampled_s"]
 
     def ranked(kind: str) -> list[tuple[str, float]]:
-        grown = {k: v - before[kind].get(k, 0.0) for k, v in after[kind].items()}
+        grown = {k: v - before.get(kind, {}).get(k, 0.0) for k, v in after[kind].items()}
         return [(k, v / window_s) for k, v in sorted(grown.items(), key=lambda kv: -kv[1])[:top] if v > 0]
 
-    return {"window_s": window_s, "self": ranked("self"), "inclusive": ranked("inclusive")}
+    busiest = {"window_s": window_s, "self": ranked("self"), "inclusive": ranked("inclusive")}
+    if "slow_sampled_s" in after:
+        busiest["slow_s_per_s"] = (after["slow_sampled_s"] - before.get("slow_sampled_s", 0.0)) / window_s
+        busiest["slow_self"], busiest["slow_inclusive"] = ranked("slow_self"), ranked("slow_inclusive")
+    return busiest
 
 
-def sample(thread: threading.Thread, path: Path, stop: threading.Event, *, keep_all: bool = False) -> None:
+def sample(
+    thread: threading.Thread,
+    path: Path,
+    stop: threading.Event,
+    *,
+    keep_all: bool = False,
+    since_chance: Callable[[], float] | None = None,
+) -> None:
     """Samples ``thread`` and writes snapshots (module doc) until ``stop`` is set or the thread ends, and once more;
-    with ``keep_all`` each snapshot is appended to ``path`` as a line instead of replacing the previous one."""
+    with ``keep_all`` each snapshot is appended to ``path`` as a line instead of replacing the previous one; with
+    ``since_chance``, the slow stretches are also counted apart."""
     totals = {"sampled_s": 0.0, "self": defaultdict(float), "inclusive": defaultdict(float)}
+    slow = {"sampled_s": 0.0, "self": defaultdict(float), "inclusive": defaultdict(float)}
+    if since_chance is not None:
+        totals.update(slow_sampled_s=0.0, slow_self=slow["self"], slow_inclusive=slow["inclusive"])
     written = previous = time.perf_counter()
     while not stop.is_set() and thread.is_alive():
         time.sleep(SAMPLE_S)
@@ -79,6 +107,9 @@ def sample(thread: threading.Thread, path: Path, stop: threading.Event, *, keep_
         frame = sys._current_frames().get(thread.ident)
         if frame is not None:
             add(totals, frame, now - previous)
+            if since_chance is not None and since_chance() >= SLOW_STRETCH_S:
+                add(slow, frame, now - previous)
+                totals["slow_sampled_s"] = slow["sampled_s"]
         previous = now
         if now - written >= WRITE_EVERY_S:
             written = now

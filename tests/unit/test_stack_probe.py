@@ -57,3 +57,41 @@ def test_busiest_ranks_what_grew_between_two_snapshots_per_second_sampled():
     assert busiest["self"] == [("b.py:g:7", 0.75), ("a.py:f:1", 0.25)]
     assert busiest["inclusive"] == [("a.py:main", 1.0), ("b.py:g", 0.75)]
     assert stack_probe.busiest(after, before) is None
+
+
+def _stall_then_spin(durations: dict[str, float], chances: list[float]) -> None:
+    started = time.perf_counter()
+    _spin_in_python(0.5)  # no chance to start a question all this while
+    durations["stall"] = time.perf_counter() - started
+    started = time.perf_counter()
+    until = started + 0.5
+    while time.perf_counter() < until:  # a chance every few milliseconds
+        chances[0] = time.perf_counter()
+        _held_in_c(20_000)
+    durations["served"] = time.perf_counter() - started
+
+
+def test_the_probe_counts_apart_what_the_thread_did_in_stretches_without_a_chance(tmp_path):
+    durations: dict[str, float] = {}
+    chances = [time.perf_counter()]
+    worker = threading.Thread(target=_stall_then_spin, args=(durations, chances), name="worked")
+    path, stop = tmp_path / "stacks-test-1.json", threading.Event()
+    since_chance = lambda: time.perf_counter() - chances[0]  # noqa: E731
+    sampler = threading.Thread(
+        target=stack_probe.sample, args=(worker, path, stop), kwargs={"since_chance": since_chance}, daemon=True
+    )
+    worker.start()
+    sampler.start()
+    worker.join(30)
+    sampler.join(10)
+    totals = stack_probe.read_latest(tmp_path, "test")
+    slow = totals["slow_inclusive"]
+    # the first SLOW_STRETCH_S of the stall is not yet slow; the served half never is
+    expected = durations["stall"] - stack_probe.SLOW_STRETCH_S
+    assert 0.7 * expected < totals["slow_sampled_s"] < durations["stall"] + 0.05
+    assert slow["test_stack_probe.py:_spin_in_python"] > 0.7 * expected
+    assert slow.get("test_stack_probe.py:_held_in_c", 0.0) < 0.05
+    assert totals["inclusive"]["test_stack_probe.py:_held_in_c"] > 0.3 * durations["served"]
+    busiest = stack_probe.busiest({"sampled_s": 0.0, "self": {}, "inclusive": {}}, totals)
+    assert busiest["slow_s_per_s"] == totals["slow_sampled_s"] / totals["sampled_s"]
+    assert busiest["slow_inclusive"][0][1] > 0
