@@ -393,7 +393,7 @@ class Engine:
         """Answers ``question`` about one stream: yields each ``TokenEvent``, then the ``Answer``.
 
         ``measure_recall`` adds the attention-recall probe (slow: it reads every cluster); ``profile`` times
-        scoring and fetching separately (it synchronises the device at each stage).
+        scoring and fetching separately (CUDA events, read once the first token is in: no wait for the device).
         """
         return questions.ask(
             self.parts,

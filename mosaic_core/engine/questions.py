@@ -143,7 +143,7 @@ def _decode(parts, state, question_ids, plan, max_new_tokens):
     timings.time_to_first_token_s = time.perf_counter() - start
     if reached is not None:
         timings.first_token_device_s = reached.elapsed_time(answered) / 1e3
-    timings.score_s, timings.fetch_s = plan.retriever.score_s, plan.retriever.fetch_s
+    timings.score_s, timings.fetch_s = plan.retriever.stage_seconds()
     timings.retrieval_s = timings.score_s + timings.fetch_s
     cursor += len(question_ids)
     decode_start = time.perf_counter()

@@ -164,10 +164,10 @@ class Retriever:
         self.num_copies = 0
         self.device_hits = 0
         self.device_lookups = 0
-        # Stage timers for the benchmark's breakdown. They synchronise the device, so they are off by default.
+        # Stage timers (``stage_seconds``): CUDA events on the device, read once the question's first token is in,
+        # so timing a stage never makes the host wait for the device; the clock off CUDA.
         self.profile = profile
-        self.score_s = 0.0
-        self.fetch_s = 0.0
+        self._stages: list[tuple[str, object, object]] = []  # (stage, start mark, end mark)
         self._sizes = {cid: tiering.summaries.count(cid) for cid in candidates}
         # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
         self._summaries = tiering.summaries.all_layers(candidates) if candidates else None
@@ -179,7 +179,7 @@ class Retriever:
         """Scores the candidates with ``query`` ``[num_q_heads, T, D]``; the chosen slabs are not moved yet."""
         if not self.candidates:
             return LayerSelection([], [], [], 0)
-        start = self._now(query.device)
+        start = self._mark(query.device)
         mean, var, log_count = self._summaries
         scores = self.scorer.scores(query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale)
         chosen = list(self.candidates) if self.machinery.choose_all else self.fill_budget(scores)
@@ -198,7 +198,7 @@ class Retriever:
                 selection.host_fills += fills
             else:
                 selection.slabs += tiers.layer_slabs(cluster_id, layer)
-        self.score_s += self._now(query.device) - start
+        self._timed("score", start, self._mark(query.device))
         selection.num_tokens = sum(len(s) for s in selection.device_slots) + sum(selection.staged_fills)
         return selection
 
@@ -226,7 +226,7 @@ class Retriever:
         pools = self.tiering.tiers.pools
         fills = selection.staged_fills
         pages = [pools.layer_slab(Tier.DEVICE, p, layer, f) for p, f in zip(staging, fills, strict=True)]
-        start = self._now(pages[0].device)
+        start = self._mark(pages[0].device)
         host = selection.slabs
         batched = self.machinery.batched_gather and pages[0].is_cuda and all(s.is_pinned() for s in host)
         moved = self.tiering.tiers.transfers.stage(host, pages, batched=batched)
@@ -235,7 +235,7 @@ class Retriever:
         self.bytes_fetched += num_bytes
         self.num_copies += len(host)
         self._timed_gathers.append(moved)
-        self.fetch_s += self._now(pages[0].device) - start
+        self._timed("fetch", start, self._mark(pages[0].device, on_side=True))
         return moved
 
     def stage_shared(self, chosen: LayerSelection, layers: range, staging: list[int]) -> list[Moved] | None:
@@ -260,7 +260,7 @@ class Retriever:
         launch per layer. Returns each layer's move."""
         if not host_pages:
             return [NOTHING_PENDING] * len(layers)
-        start = self._now(self.tiering.tiers.pools.device)
+        start = self._mark(self.tiering.tiers.pools.device)
         pools, spec, transfers = self.tiering.tiers.pools, self.spec, self.tiering.tiers.transfers
         marked = transfers.mark()  # the timer starts before the host builds the table, as in ``stage``
         dst_pages = staging[: len(host_pages)]
@@ -282,7 +282,7 @@ class Retriever:
         self.bytes_fetched += num_bytes
         self.num_copies += len(host_pages) * len(layers)
         self._timed_gathers += timed
-        self.fetch_s += self._now(self.tiering.tiers.pools.device) - start
+        self._timed("fetch", start, self._mark(self.tiering.tiers.pools.device, on_side=True))
         return moves
 
     def transfer_seconds(self) -> float:
@@ -340,10 +340,32 @@ class Retriever:
         self.votes[cluster_id] = self.votes.get(cluster_id, 0) + 1
         return tier
 
-    def _now(self, device: torch.device) -> float:
+    def stage_seconds(self) -> tuple[float, float]:
+        """Seconds of scoring and of fetching so far (0 and 0 without ``profile``). On CUDA each stage runs from the
+        moment the question's stream reaches it to the moment its work is done (the fetches: on the side stream);
+        it waits for that work, so read it once the question's first token is in."""
+        totals = {"score": 0.0, "fetch": 0.0}
+        for stage, start, end in self._stages:
+            if isinstance(end, torch.cuda.Event):
+                end.synchronize()
+                totals[stage] += start.elapsed_time(end) / 1e3
+            else:
+                totals[stage] += end - start
+        return totals["score"], totals["fetch"]
+
+    def _mark(self, device: torch.device, *, on_side: bool = False):
+        """A stage's start or end (``stage_seconds``): a timing event recorded on the question's stream, or with
+        ``on_side`` on the side stream behind the fetches queued there; the clock off CUDA; None without
+        ``profile``."""
         if not self.profile:
-            return 0.0
-        if device.type == "cuda":  # not the whole device: ingest work may be queued alongside (``ingest_pauses``)
-            torch.cuda.current_stream(device).synchronize()
-            self.tiering.tiers.transfers.side.synchronize()  # the fetches
-        return time.perf_counter()
+            return None
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        side = self.tiering.tiers.transfers.side
+        event.record(side if on_side and side is not None else torch.cuda.current_stream(device))
+        return event
+
+    def _timed(self, stage: str, start, end) -> None:
+        if self.profile:
+            self._stages.append((stage, start, end))
