@@ -102,22 +102,23 @@ class ServiceConfig(BaseModel):
     # the whole call; ingest_pause_frames > 0 also cuts the tower into chunks of that many frames (at 64 cameras on the
     # H200, 32-frame chunks left the service behind real time: bench/NOTES.md, session 12). ingest_pause_blocks > 0
     # pauses inside the tower too, before every this many of its blocks, each of which runs over all of the call's
-    # frames at once (0: no pause inside the tower; needs ingest_pause_layers > 0). Off by default: at 150 cameras on
-    # the H200, 4 fell behind with ingest_pause_lookahead 1 and kept up with 2 (three runs of three), and its TTFT p99
-    # was no better than without it (session 21); from the second pause inside the tower on, the host waits for the
-    # previous chunks before it queues the rest of the tower. ingest_pause_placed > 0 pauses after every this many
-    # frames placed into clusters once a pass's language model is queued, without waiting for the device there (0:
-    # none). With 16, blocks 4 and lookahead 2 at 150 cameras on the H200, no stretch from a call's last pause to its
-    # end passed 100 ms in three runs, against 12 to 17 a run without it (sessions 21 and 22), but TTFT p99 was 257
-    # to 507 ms; off by default until it is measured side by side without it (bench/NOTES.md, session 22).
-    ingest_pause_layers: int = Field(4, ge=0)
+    # frames at once (0: no pause inside the tower; needs ingest_pause_layers > 0). ingest_pause_placed > 0 pauses
+    # after every this many frames placed into clusters once a pass's language model is queued, without waiting for
+    # the device there (0: none). The defaults (layers 2, blocks 4, placed 16, lookahead 1) come from four settings
+    # measured at 150 cameras on one H200 (bench/NOTES.md, session 23): with placed 16 against none (blocks 4, layers
+    # 4, lookahead 2, consecutive calls) the service ingested 164.1 frames/s against 150.7, TTFT p50/p99 132/202 ms
+    # against 147/273; lookahead 1 with layers 2 had the lowest TTFT p50 (72 ms) and engine prefill to first token
+    # (34/45 ms, against 62/135 with lookahead 2 and layers 4). In every setting the TTFT p99 (202 to 541 ms) came from
+    # a few questions that waited for a stretch without a pause, mostly at the start of an ingest call.
+    ingest_pause_layers: int = Field(2, ge=0)
     ingest_pause_frames: int = Field(0, ge=0)
-    ingest_pause_blocks: int = Field(0, ge=0)
-    ingest_pause_placed: int = Field(0, ge=0)
+    ingest_pause_blocks: int = Field(4, ge=0)
+    ingest_pause_placed: int = Field(16, ge=0)
     # At a pause the host waits until the device is at most this many chunks of work (the work between two pauses)
     # behind it: more lets the host place a pass's frames while the device still runs its language model, and makes a
-    # question started at a pause wait for more ingest work. With ingest_pause_blocks 4 at 150 cameras on the H200, 2
-    # kept up with real time where 1 did not (bench/NOTES.md, session 21); not measured side by side without it.
+    # question started at a pause wait for more ingest work. At 150 cameras on the H200 (placed 16, blocks 4), 1
+    # ingested 169.2 frames/s against 2's 164.1 with TTFT p50 88 ms against 132, in two calls on one machine
+    # (bench/NOTES.md, session 23).
     ingest_pause_lookahead: int = Field(1, ge=1)
     # A pause where no question waits to start is passed without waiting for the device, so a call that no question
     # arrives in runs as without pauses, the host placing a pass's frames while the device runs its language model; a
