@@ -104,13 +104,14 @@ class ServiceConfig(BaseModel):
     # pauses inside the tower too, before every this many of its blocks, each of which runs over all of the call's
     # frames at once (0: no pause inside the tower; needs ingest_pause_layers > 0). ingest_pause_placed > 0 pauses
     # after every this many frames placed into clusters once a pass's language model is queued, without waiting for
-    # the device there (0: none). The defaults (layers 2, blocks 4, placed 16, lookahead 1) come from four settings
-    # measured at 150 cameras on one H200 (bench/NOTES.md, session 23): with placed 16 against none (blocks 4, layers
-    # 4, lookahead 2, consecutive calls) the service ingested 164.1 frames/s against 150.7, TTFT p50/p99 132/202 ms
-    # against 147/273; lookahead 1 with layers 2 had the lowest TTFT p50 (72 ms) and engine prefill to first token
-    # (34/45 ms, against 62/135 with lookahead 2 and layers 4). In every setting the TTFT p99 (202 to 541 ms) came from
-    # a few questions that waited for a stretch without a pause, mostly at the start of an ingest call.
-    ingest_pause_layers: int = Field(2, ge=0)
+    # the device there (0: none). The defaults (layers 4, blocks 4, placed 16, lookahead 1) are the one setting of
+    # five measured at 150 cameras on one H200 that ingested the most (bench/NOTES.md, session 23): 169.2 frames/s
+    # with a backlog, TTFT p50/p99 88/541 ms. With placed 16 against none (blocks 4, layers 4, lookahead 2,
+    # consecutive calls) the service ingested 164.1 frames/s against 150.7, TTFT p50/p99 132/202 ms against 147/273.
+    # Layers 2 made the engine's prefill to first token shortest (34/45 ms) but ingested less: 142.6 frames/s in a
+    # ramp where 150 cameras fell behind (156.1 in a run on its own, lag p99 2.9 s). In every setting the TTFT p99
+    # came from a few questions that waited for a stretch without a pause, mostly at the start of an ingest call.
+    ingest_pause_layers: int = Field(4, ge=0)
     ingest_pause_frames: int = Field(0, ge=0)
     ingest_pause_blocks: int = Field(4, ge=0)
     ingest_pause_placed: int = Field(16, ge=0)
