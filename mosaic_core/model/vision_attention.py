@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
@@ -27,12 +28,15 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 from mosaic_core.kernels import kernels_ready
+from mosaic_core.memory.transfer import upload
 
 # The tower passes the same two cu_seqlens tensors (windows, frames) to every block of one forward pass, and
 # ``vision_tower.TowerInputs`` hands out the same tensors again for every batch of one frame grid and size, so
-# their chunk plans are built (and the lengths read back from the device, a wait for everything queued) once per
-# grid and batch size, not once per block or per call. An ingest call runs the tower once per frame geometry, so
-# the plans of every input ``TowerInputs`` keeps (two each) are kept.
+# their chunk plans are built once per grid and batch size, not once per block or per call. ``TowerInputs``
+# registers each plan from the host's copy of the bounds as it makes the tensors (``remember_plan``): built from the
+# device tensor, a plan would read the bounds back, a wait for everything queued before it, the previous ingest
+# call's language model included. The plans of every input ``TowerInputs`` keeps (two each) are kept, the least
+# recently used dropped.
 _recent_plans: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor | None]]]] = []
 MAX_PLANS = 32
 
@@ -97,10 +101,15 @@ def batch_vision_chunks(model: torch.nn.Module) -> int:
 
 def _chunk_plan(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
     """``(length, token index)`` per distinct chunk length; the index is None when every chunk has one length."""
-    for tensor, plan in _recent_plans:
+    for i, (tensor, plan) in enumerate(_recent_plans):
         if tensor is cu_seqlens:
+            _recent_plans.insert(0, _recent_plans.pop(i))
             return plan
-    bounds = cu_seqlens.tolist()
+    return remember_plan(cu_seqlens, cu_seqlens.tolist())  # reads the bounds back: the tower was not given them
+
+
+def remember_plan(cu_seqlens: torch.Tensor, bounds: list[int]) -> list[tuple[int, torch.Tensor | None]]:
+    """Builds and keeps the chunk plan of ``cu_seqlens`` from ``bounds``, its values on the host; returns it."""
     starts_by_length: dict[int, list[int]] = {}
     for start, end in itertools.pairwise(bounds):
         if end > start:
@@ -109,7 +118,7 @@ def _chunk_plan(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor | None
         plan = [(next(iter(starts_by_length)), None)]
     else:
         plan = [
-            (length, (torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(cu_seqlens.device))
+            (length, upload((np.asarray(starts)[:, None] + np.arange(length)).ravel(), torch.long, cu_seqlens.device))
             for length, starts in starts_by_length.items()
         ]
     _recent_plans.insert(0, (cu_seqlens, plan))

@@ -38,6 +38,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
+from mosaic_core.memory.transfer import upload
 from mosaic_core.model import vision_attention
 from mosaic_core.model.pixels import VisionGeometry
 
@@ -212,15 +213,24 @@ class TowerInputs:
             patch_size=config.patch_size,
         )
         cu_seqlens = get_vision_cu_seqlens(grid_thw)
-        return {
-            "grid_thw": grid_thw.to(device),
-            "position_ids": get_vision_position_ids(grid_thw, config.spatial_merge_size).to(device),
-            "cu_seqlens": cu_seqlens.to(device),
-            "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
-            "window_index": window_index.to(device),
-            "cu_window_seqlens": cu_window_seqlens.to(device),
-            "max_window_seqlen": int((cu_window_seqlens[1:] - cu_window_seqlens[:-1]).max()),
+        position_ids = get_vision_position_ids(grid_thw, config.spatial_merge_size)
+        # Uploaded without waiting: a plain ``.to(device)`` from pageable memory waits for the stream to drain, the
+        # previous ingest call's work included, each time a new batch size comes.
+        inputs = {
+            name: upload(tensor.numpy(), tensor.dtype, device)
+            for name, tensor in (
+                ("grid_thw", grid_thw),
+                ("position_ids", position_ids),
+                ("cu_seqlens", cu_seqlens),
+                ("window_index", window_index),
+                ("cu_window_seqlens", cu_window_seqlens),
+            )
         }
+        for name, bounds in (("cu_seqlens", cu_seqlens), ("cu_window_seqlens", cu_window_seqlens)):
+            vision_attention.remember_plan(inputs[name], bounds.tolist())  # from the host's copy: no read-back
+        inputs["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        inputs["max_window_seqlen"] = int((cu_window_seqlens[1:] - cu_window_seqlens[:-1]).max())
+        return inputs
 
 
 def run_tower(visual: torch.nn.Module, pixel_values: torch.Tensor, inputs: dict[str, object]) -> torch.Tensor:

@@ -23,3 +23,18 @@ def test_three_geometries_in_turn_reuse_their_chunk_plans(tiny_model):
     assert len(plans) >= 4  # at least two distinct grids, each with a window and a frame plan
     one_call()
     assert [(id(tensor), id(plan)) for tensor, plan in vision_attention._recent_plans] == plans
+
+
+def test_a_new_batch_size_has_its_chunk_plans_before_the_tower_runs(tiny_model):
+    """``TowerInputs`` builds the plans from the host's bounds, so the attention never reads them back from the
+    device (a wait for everything queued) when a call brings a batch size not seen before."""
+    geometry = tiny_model.choose_geometry(272, 640, 16)
+    inputs = tiny_model.tower_inputs.get(geometry, 37, tiny_model.device)  # a size no other test uses
+    for name in ("cu_seqlens", "cu_window_seqlens"):
+        tensor = inputs[name]
+        kept = [plan for kept_tensor, plan in vision_attention._recent_plans if kept_tensor is tensor]
+        assert len(kept) == 1, name
+        rebuilt = vision_attention.remember_plan(tensor.clone(), tensor.tolist())
+        assert [length for length, _ in kept[0]] == [length for length, _ in rebuilt]
+        for (_, index), (_, expected) in zip(kept[0], rebuilt, strict=True):
+            assert (index is None and expected is None) or bool((index == expected).all())
