@@ -118,7 +118,7 @@ class ServiceConfig(BaseModel):
     # At a pause the host waits until the device is at most this many chunks of work (the work between two pauses)
     # behind it: more lets the host place a pass's frames while the device still runs its language model, and makes a
     # question started at a pause wait for more ingest work. At 150 cameras on the H200 (placed 16, blocks 4), 1
-    # ingested 169.2 frames/s against 2's 164.1 with TTFT p50 88 ms against 132, in two calls on one machine
+    # ingested 169.2 frames/s against 2's 164.1 with TTFT p50 88 ms against 132, in two calls on two machines
     # (bench/NOTES.md, session 23).
     ingest_pause_lookahead: int = Field(1, ge=1)
     # A pause where no question waits to start is passed without waiting for the device, so a call that no question

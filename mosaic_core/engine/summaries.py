@@ -30,7 +30,9 @@ class SummaryIndex:
     cluster's record (``ClusterResidency.summary``). ``TierManager`` frees the row as it ends the record, so a
     removed, merged or split cluster leaves no row behind. Freed rows are reused first, so a long stream with
     retention never grows the tensors; once a quarter or less of them is in use they are compacted to half their
-    size (the records' row numbers change then), so closed streams give their rows' memory back.
+    size (the records' row numbers change then), so closed streams give their rows' memory back. A freed row keeps
+    its values until it is reused: ``add_stats`` zeroes the reused rows it takes, all at once, and ``put``
+    overwrites its row, so retention's frees launch nothing on the device.
     """
 
     def __init__(self, spec: KVSpec, residency: ResidencyManager, *, device: torch.device) -> None:
@@ -39,6 +41,7 @@ class SummaryIndex:
         self._residency = residency
         self._owners: list[SummaryRow | None] = []  # row -> the record's summary that holds it (None: free)
         self._free_rows: list[int] = []
+        self._stale_rows: set[int] = set()  # freed, their values not yet zeroed
         # [capacity, num_layers, num_kv_heads, head_dim]
         self._sum = torch.zeros(MIN_ROWS, spec.num_layers, spec.num_kv_heads, spec.head_dim, device=device)
         self._sumsq = torch.zeros_like(self._sum)
@@ -63,13 +66,20 @@ class SummaryIndex:
         """Adds the key sums and sums of squares ``[len(cluster_ids), num_layers, num_kv_heads, head_dim]`` of
         ``counts`` tokens to the rows of ``cluster_ids`` (taking rows as needed; an id may repeat), with one
         indexed add per statistic."""
-        rows = []
+        rows, stale = [], []
         for cluster_id, count in zip(cluster_ids, counts, strict=True):
             summary = self._residency.summary(cluster_id)
             if summary.row is None:
                 summary.row = self._take_row(summary)
+                if summary.row in self._stale_rows:
+                    self._stale_rows.discard(summary.row)
+                    stale.append(summary.row)
             summary.num_tokens += count
             rows.append(summary.row)
+        if stale:
+            stale_index = upload(stale, torch.long, self.device)
+            for stat in (self._sum, self._sumsq, self._count):
+                stat.index_fill_(0, stale_index, 0.0)
         index = upload(rows, torch.long, self.device)
         self._sum.index_add_(0, index, key_sums)
         self._sumsq.index_add_(0, index, key_sumsqs)
@@ -81,6 +91,7 @@ class SummaryIndex:
         summary = self._residency.summary(cluster_id)
         assert summary.row is None, f"{cluster_id} already has summary row {summary.row}"
         summary.row = self._take_row(summary)
+        self._stale_rows.discard(summary.row)  # every value of the row is written below
         self._sum[summary.row] = key_sum.to(self.device, torch.float32)
         self._sumsq[summary.row] = key_sumsq.to(self.device, torch.float32)
         self._count[summary.row].fill_(float(count))  # a kernel argument: assigning a number would copy it over
@@ -99,16 +110,16 @@ class SummaryIndex:
         return self._sum[rows].sum(dim=0), self._sumsq[rows].sum(dim=0), float(count)
 
     def free(self, summary: SummaryRow) -> None:
-        """Zeroes and frees the row of an ended record (nothing if it never had one), without waiting for the device.
+        """Frees the row of an ended record (nothing if it never had one), with no device work: it is zeroed when
+        ``add_stats`` reuses it (class doc).
 
-        Assigning a number instead (``stat[row] = 0``) held the service's engine thread 0.075 s a second at 150
-        cameras on the H200, waiting for the device (bench/NOTES.md, session 21; likely the count's one-element row,
-        which PyTorch copies from pageable host memory after everything queued before it).
+        Zeroing each freed row here (three launches a cluster) held the service's engine thread 0.03 s a second at
+        150 and 192 cameras on the H200 (bench/NOTES.md, session 23); assigning a number before that, 0.075 s
+        (session 21).
         """
         if summary.row is None:
             return
-        for stat in (self._sum, self._sumsq, self._count):
-            stat[summary.row].zero_()
+        self._stale_rows.add(summary.row)
         self._free_rows.append(summary.row)
         self._owners[summary.row] = None
         summary.row, summary.num_tokens = None, 0
@@ -158,6 +169,7 @@ class SummaryIndex:
             owner.row = new_row
         self._owners = [owner for _, owner in used]
         self._free_rows = []
+        self._stale_rows = set()
 
 
 def _grow(t: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,42 @@ def test_freeing_and_reading_rows_never_waits_for_the_device(tmp_path):
     torch.cuda.set_sync_debug_mode("error")  # a copy or read that waits for the device raises
     try:
         summaries.all_layers(["cam/c000000", "cam/c000002"])  # the rows' index goes up without a wait
-        tiering.remove("cam/c000001")  # retention: its row is zeroed and freed without a wait
+        tiering.remove("cam/c000001")  # retention: its row is freed without a wait
+        kv = _keys(9).cuda()
+        put(tiering, "cam/c000009", kv, Tier.DEVICE)
+        summaries.add("cam/c000009", kv[:, 0])  # reuses the freed row, zeroing it first, without a wait
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert len(summaries) == 2
+    assert len(summaries) == 3
+
+
+def test_a_reused_row_holds_only_its_new_clusters_statistics(tmp_path):
+    """Freeing launches nothing: a freed row keeps its values until reused, and ``add_stats`` zeroes it then, while
+    ``put`` overwrites it."""
+    tiering = make_tiering(SPEC, tmp_path, device="cpu", page_tokens=4, device_bytes=1 << 22)
+    summaries = tiering.summaries
+    for i in range(4):
+        cluster_id, kv = f"cam/c{i:06d}", _keys(i)
+        put(tiering, cluster_id, kv, Tier.DEVICE)
+        summaries.add(cluster_id, kv[:, 0])
+    freed = [tiering.residency.summary(f"cam/c{i:06d}").row for i in (1, 2)]
+    tiering.remove("cam/c000001")
+    tiering.remove("cam/c000002")
+    added, restored = _keys(11), _keys(12)
+    put(tiering, "cam/c000011", added, Tier.DEVICE)
+    summaries.add_stats(
+        ["cam/c000011", "cam/c000011"],
+        torch.stack([added[:, 0, :, :2].sum(dim=2), added[:, 0, :, 2:].sum(dim=2)]),
+        torch.stack([added[:, 0, :, :2].square().sum(dim=2), added[:, 0, :, 2:].square().sum(dim=2)]),
+        [2, 2],
+    )
+    put(tiering, "cam/c000012", restored, Tier.DEVICE)
+    summaries.put("cam/c000012", restored[:, 0].sum(dim=2), restored[:, 0].square().sum(dim=2), 4.0)
+    assert sorted(tiering.residency.summary(c).row for c in ("cam/c000011", "cam/c000012")) == sorted(freed)
+    for cluster_id, kv in (("cam/c000011", added), ("cam/c000012", restored)):
+        stats, count = summaries.stats_copy(cluster_id)
+        assert torch.allclose(stats[0], kv[:, 0].sum(dim=2)) and count == 4.0, cluster_id
+        assert torch.allclose(stats[1], kv[:, 0].square().sum(dim=2)), cluster_id
+    mean, _, log_count = summaries.all_layers(["cam/c000011", "cam/c000012"])
+    assert torch.allclose(mean[0], added[:, 0].sum(dim=2) / 4)
+    assert torch.allclose(log_count, torch.full((2,), 4.0).log())
