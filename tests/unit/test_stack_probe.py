@@ -27,16 +27,21 @@ def _work(durations: dict[str, float]) -> None:
     durations["held"] = time.perf_counter() - started
 
 
-def test_the_probe_counts_each_function_at_its_length_a_gil_holding_c_call_included(tmp_path):
-    durations: dict[str, float] = {}
-    worker = threading.Thread(target=_work, args=(durations,), name="worked")
+def _sampled(tmp_path, work, args, **sample_kwargs) -> dict:
+    """Runs ``work(*args)`` on a thread that the probe samples until it ends; returns the last snapshot."""
+    worker = threading.Thread(target=work, args=args, name="worked")
     path, stop = tmp_path / "stacks-test-1.json", threading.Event()
-    sampler = threading.Thread(target=stack_probe.sample, args=(worker, path, stop), daemon=True)
+    sampler = threading.Thread(target=stack_probe.sample, args=(worker, path, stop), kwargs=sample_kwargs, daemon=True)
     worker.start()
     sampler.start()
     worker.join(30)
     sampler.join(10)
-    totals = stack_probe.read_latest(tmp_path, "test")
+    return stack_probe.read_latest(tmp_path, "test")
+
+
+def test_the_probe_counts_each_function_at_its_length_a_gil_holding_c_call_included(tmp_path):
+    durations: dict[str, float] = {}
+    totals = _sampled(tmp_path, _work, (durations,))
     inclusive = totals["inclusive"]
     assert inclusive["test_stack_probe.py:_spin_in_python"] > 0.7 * durations["spin"]
     assert durations["held"] > 0.1  # long enough for the sampler to have wanted the GIL many times
@@ -74,17 +79,8 @@ def _stall_then_spin(durations: dict[str, float], chances: list[float]) -> None:
 def test_the_probe_counts_apart_what_the_thread_did_in_stretches_without_a_chance(tmp_path):
     durations: dict[str, float] = {}
     chances = [time.perf_counter()]
-    worker = threading.Thread(target=_stall_then_spin, args=(durations, chances), name="worked")
-    path, stop = tmp_path / "stacks-test-1.json", threading.Event()
     since_chance = lambda: time.perf_counter() - chances[0]  # noqa: E731
-    sampler = threading.Thread(
-        target=stack_probe.sample, args=(worker, path, stop), kwargs={"since_chance": since_chance}, daemon=True
-    )
-    worker.start()
-    sampler.start()
-    worker.join(30)
-    sampler.join(10)
-    totals = stack_probe.read_latest(tmp_path, "test")
+    totals = _sampled(tmp_path, _stall_then_spin, (durations, chances), since_chance=since_chance)
     slow = totals["slow_inclusive"]
     # the first SLOW_STRETCH_S of the stall is not yet slow; the served half never is
     expected = durations["stall"] - stack_probe.SLOW_STRETCH_S
