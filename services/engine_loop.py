@@ -87,6 +87,7 @@ DEFAULT_INGEST_PAUSE_BLOCKS = 4
 DEFAULT_INGEST_PAUSE_PLACED = 16
 DEFAULT_QUESTIONS_ALONGSIDE_INGEST = False
 DEFAULT_MAX_BACKGROUND_JOBS = 64
+MAX_SERVE_ROUNDS = 4  # rounds of questions one pause starts, each round those that arrived during the one before
 DONE = object()  # ends a question's event queue
 
 
@@ -419,17 +420,23 @@ class EngineLoop:
     def _serve_at_pause(self, chance: str = "pause") -> None:
         """At a pause inside an ingest call, at its start (``chance`` "call_start") or at its end before its upkeep
         ("call_end"): starts the questions that arrived and runs each one's prefill and first token (module doc).
-        Background answers, commands, later tokens and questions about a stream with no frames yet wait for the
-        loop."""
-        self._chance(chance)
-        if not self._pending_questions:
-            return
+        Questions that arrive meanwhile start at the same pause, after them (up to ``MAX_SERVE_ROUNDS`` rounds), not
+        at the next one, a chunk of ingest work later. Background answers, commands, later tokens and questions
+        about a stream with no frames yet wait for the loop."""
+        for _ in range(MAX_SERVE_ROUNDS):
+            self._chance(chance)
+            if not self._pending_questions or not self._serve_pending():
+                return
+
+    def _serve_pending(self) -> bool:
+        """Starts the questions waiting to and runs the prefill of each; whether any started."""
         started_s = time.monotonic()
         try:
-            self._start_interactive(started_s)
+            started = self._start_interactive(started_s)
             for job in [j for j in self._questions if j.gen is None and not j.low_priority]:
                 if self._has_frames(job.stream_id):  # else its first frames may be in this very call: ask after it
                     self._step(job)
+            return started
         finally:
             self._served_in_pauses_s += time.monotonic() - started_s
 

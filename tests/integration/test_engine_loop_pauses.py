@@ -11,6 +11,7 @@ import time
 import pytest
 
 from mosaic_core.engine.engine import Engine
+from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.results import TokenEvent
 from services.engine_loop import DONE, EngineLoop, QuestionJob
 from services.ingest_queue import IngestQueues, QueuedFrame
@@ -206,3 +207,71 @@ def test_a_question_arriving_after_the_last_pause_starts_before_the_calls_upkeep
     expected = expected if pause_layers else {"loop_to_loop"}
     assert expected <= gaps, gaps
     assert pause_layers or not any("pause" in g or "call_" in g for g in gaps), gaps
+
+
+class EngineAskedTwice:
+    """The real engine; as the loop asks it its first question, inside an ingest call, a second one comes. Notes how
+    many of the call's pauses had passed at each ask."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.loop: EngineLoop | None = None
+        self.first: QuestionJob | None = None
+        self.second: QuestionJob | None = None
+        self.pauses = 0  # of every ingest call so far
+        self.pauses_at_ask: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def ingest(self, frames, **options):
+        if self.first is None and self.loop is not None:
+            self.first = self.loop.submit(QuestionJob("q1", "cam-0", "what happened?", 3, None, time.monotonic() + 60))
+        return self._engine.ingest(frames, **options)
+
+    def ask(self, stream_id, question, **options):
+        self.pauses_at_ask.append(self.pauses)
+        if self.second is None:
+            self.second = self.loop.submit(QuestionJob("q2", "cam-1", "and then?", 3, None, time.monotonic() + 60))
+        return self._engine.ask(stream_id, question, **options)
+
+
+def test_a_question_arriving_during_another_ones_prefill_starts_at_the_same_pause(
+    tiny_model, bikes_frames, monkeypatch
+):
+    engine = Engine(tiny_model, SMALL)
+    asked = EngineAskedTwice(engine)
+    original_pause = IngestPauses.pause
+
+    def counted(pauses, device):
+        asked.pauses += 1
+        return original_pause(pauses, device)
+
+    monkeypatch.setattr(IngestPauses, "pause", counted)
+    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
+    queues = IngestQueues(64)
+    loop = EngineLoop(
+        asked,
+        queues,
+        TierSync(engine, publisher, "0"),
+        WorkerTelemetry("0"),
+        max_batch_frames=16,
+        retention_s=lambda stream_id: 0.0,
+        ingest_pause_layers=2,
+    )
+    _open_streams_with_frames_queued(engine, queues, bikes_frames, 4)
+    asked.loop = loop  # from here on, the next ingest call brings the first question
+    loop.start()
+    try:
+        deadline = time.monotonic() + 60
+        while asked.second is None or len(asked.pauses_at_ask) < 2:
+            assert time.monotonic() < deadline, "the loop never asked both questions"
+            time.sleep(0.01)
+        for job in (asked.first, asked.second):
+            while (item := job.events.get(timeout=60)) is not DONE:
+                assert not isinstance(item, Exception), item
+    finally:
+        loop.stop()
+    first, second = asked.pauses_at_ask[:2]
+    assert first > 0, "the first question started before the call's first pause, not at a pause"
+    assert second == first, f"the second question started {second - first} pauses after the first"
