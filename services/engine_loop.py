@@ -21,11 +21,11 @@ does not wait at a pause, and the questions run on a high-priority stream beside
 more at each end: at its start, once its frames are taken and before they are prepared for the vision tower, and at
 its end, before the upkeep that follows it (metadata flush, retention, watches); at a pause the loop starts
 the questions that arrived and runs each one's prefill, then those that arrived meanwhile, so a first token waits
-for one chunk of ingest work, not for the rest of the call. Telemetry records every gap between two chances to start a question
-(``mosaic_question_start_gap_seconds``), named by the chances at its ends. Nothing else runs at a pause: commands,
-later tokens and the end of an answer wait for the call to end, so an answer's second token comes after the call
-(bench/NOTES.md, session 12: decode through gRPC 31.8 ms a token at 64 cameras with pauses, 7.2 without, in two
-calls).
+for one chunk of ingest work, not for the rest of the call. Telemetry records every gap between two chances to start
+a question (``mosaic_question_start_gap_seconds``), named by the chances at its ends. Nothing else runs at a pause:
+commands, later tokens and the end of an answer wait for the call to end, so an answer's second token comes after
+the call (bench/NOTES.md, session 12: decode through gRPC 31.8 ms a token at 64 cameras with pauses, 7.2 without, in
+two calls).
 
 **Ingest is never starved by questions.** Ingest goes first in every iteration.
 Between two ingest calls the running questions advance a token each, and keep advancing while no frame waits,
