@@ -20,12 +20,20 @@ Rows, in this order (each adds one change to the row before it, on the same weig
 
 Per row and batch size: median ms per call over ``--repeats`` calls after two warm-up calls (CUDA synchronised
 around each), frames/s, and the largest absolute difference of its output from the ``transformers`` row's
-(beside the largest absolute value of that row's output, so the difference reads against its scale).
+(beside the largest absolute value of that row's output, so the difference reads against its scale). The JSON
+also has each row and size's ``warm_up_s``, what its two warm-up calls took beyond two timed ones: a batch size's
+first call pays for what is built per shape (compiled kernels, attention plans), which an ingest call of a new
+size pays too.
+
+``--sdpa-backend flash|efficient|cudnn|math`` runs every row with PyTorch's scaled-dot-product attention held to
+that backend (``torch.nn.attention.sdpa_kernel``); by default PyTorch picks one per call. Running the bench once
+per backend, with batch sizes close together (``--frames 120,121,122``), shows what a new size costs each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -34,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
@@ -51,6 +60,12 @@ from mosaic_core.model.vision_tower import (
     run_tower,
 )
 
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 ROWS = ("transformers", "batched-chunks", "precomputed-inputs", "padded-mlp", "matmul-patch-embed")
 COMPILED_ROW = "compiled-elementwise"
 
@@ -152,7 +167,8 @@ def format_table(report: dict) -> str:
     header = "row".ljust(20) + "".join(f" | {n:>4} frames: ms  f/s  diff".ljust(34) for n in sizes)
     lines = [
         f"vision tower, {report['geometry']} frames ({report['tokens_per_frame']} tokens each), "
-        f"MLP {report['mlp_width']} wide, {report.get('device', '')}",
+        f"MLP {report['mlp_width']} wide, {report.get('device', '')}, attention backend "
+        f"{report.get('sdpa_backend', 'default')}",
         header,
         "-" * len(header),
     ]
@@ -174,6 +190,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/out/vision.json")
     parser.add_argument("--compiled", action="store_true", help="add the torch.compile row (GPU only)")
+    parser.add_argument(
+        "--sdpa-backend", choices=sorted(SDPA_BACKENDS), default=None,
+        help="hold scaled-dot-product attention to this backend (default: PyTorch picks)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         preset, device, dtype, sizes = "tiny", "cpu", torch.float32, [2, 4]
@@ -183,8 +203,11 @@ def main(argv=None) -> int:
         preset, device, dtype = "qwen2.5-vl-7b", "cuda", torch.bfloat16
         sizes = [int(n) for n in args.frames.split(",") if n.strip()]
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
-    report = measure(preset, device, dtype, sizes, args.repeats, log, compiled=args.compiled and not args.quick)
+    held = sdpa_kernel(SDPA_BACKENDS[args.sdpa_backend]) if args.sdpa_backend else contextlib.nullcontext()
+    with held:
+        report = measure(preset, device, dtype, sizes, args.repeats, log, compiled=args.compiled and not args.quick)
     report["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    report["sdpa_backend"] = args.sdpa_backend or "default"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

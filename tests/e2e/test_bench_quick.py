@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -72,15 +74,20 @@ def test_bench_decode_quick_steps_answers_together_only_when_batched(tmp_path):
     assert rows[1]["batched"]["graph_steps"] == rows[1]["one_at_a_time"]["graph_steps"] == 5
 
 
-def test_bench_vision_quick_rows_compute_what_transformers_computes(tmp_path):
+@pytest.mark.parametrize("backend", [None, "math"])
+def test_bench_vision_quick_rows_compute_what_transformers_computes(tmp_path, backend):
     out = tmp_path / "vision.json"
+    held = ["--sdpa-backend", backend] if backend else []
     result = subprocess.run(
-        [sys.executable, "-m", "mosaic_core.cli", "bench", "vision", "--quick", "--repeats", "1", "--out", str(out)],
+        [sys.executable, "-m", "mosaic_core.cli", "bench", "vision", "--quick", "--repeats", "1", "--out", str(out),
+         *held],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "precomputed-inputs" in result.stdout
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    assert report["sdpa_backend"] == (backend or "default")
+    rows = report["rows"]
     assert list(rows) == ["transformers", "batched-chunks", "precomputed-inputs", "padded-mlp", "matmul-patch-embed"]
     for by_size in rows.values():
         assert set(by_size) == {"2", "4"}
