@@ -429,7 +429,8 @@ class EngineLoop:
                 return
 
     def _serve_pending(self) -> bool:
-        """Starts the questions waiting to and runs the prefill of each; whether any started."""
+        """Starts the waiting questions that have device room and runs each one's prefill; says whether any
+        started."""
         started_s = time.monotonic()
         try:
             started = self._start_interactive(started_s)
