@@ -3,9 +3,18 @@ size, even when an ingest call runs the tower for several geometries in turn."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from mosaic_core.model import vision_attention
+from mosaic_core.model.pixels import choose_geometry
+from mosaic_core.model.presets import preset_config_kwargs
+from mosaic_core.model.vision_tower import TowerInputs
 
 
 def test_three_geometries_in_turn_reuse_their_chunk_plans(tiny_model):
@@ -38,3 +47,23 @@ def test_a_new_batch_size_has_its_chunk_plans_before_the_tower_runs(tiny_model):
         assert [length for length, _ in kept[0]] == [length for length, _ in rebuilt]
         for (_, index), (_, expected) in zip(kept[0], rebuilt, strict=True):
             assert (index is None and expected is None) or bool((index == expected).all())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-vl-7b"])
+@pytest.mark.parametrize("num_frames", [1, 2, 37, 128])
+def test_tower_inputs_of_frames_alike_equal_transformers_loop_over_frames(preset, num_frames):
+    config = Qwen2_5_VLConfig(**preset_config_kwargs(preset)).vision_config
+    visual = SimpleNamespace(config=config)
+    for height, width in ((272, 640), (144, 176), (720, 1280)):
+        geometry = choose_geometry(
+            height, width, target_tokens=128, patch_size=config.patch_size, merge_size=config.spatial_merge_size
+        )
+        grid_thw = torch.tensor([[1, geometry.grid_h, geometry.grid_w]] * num_frames)
+        expected_index, expected_bounds = get_vision_window_index(
+            grid_thw, spatial_merge_size=config.spatial_merge_size, window_size=config.window_size,
+            patch_size=config.patch_size,
+        )  # fmt: skip
+        index, bounds, positions = TowerInputs(visual)._frames_alike(geometry, num_frames)
+        assert torch.equal(index, expected_index) and index.dtype == expected_index.dtype
+        assert torch.equal(bounds, expected_bounds) and bounds.dtype == expected_bounds.dtype
+        assert torch.equal(positions, get_vision_position_ids(grid_thw, config.spatial_merge_size))
