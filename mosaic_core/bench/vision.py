@@ -21,9 +21,9 @@ Rows, in this order (each adds one change to the row before it, on the same weig
 Per row and batch size: median ms per call over ``--repeats`` calls after two warm-up calls (CUDA synchronised
 around each), frames/s, and the largest absolute difference of its output from the ``transformers`` row's
 (beside the largest absolute value of that row's output, so the difference reads against its scale). The JSON
-also has each row and size's ``warm_up_s``, what its two warm-up calls took beyond two timed ones: a batch size's
-first call pays for what is built per shape (compiled kernels, attention plans), which an ingest call of a new
-size pays too.
+also has each row and size's ``warm_up_s``, what its two warm-up calls took together: against two calls' time, it
+shows what a batch size's first call builds per shape (compiled kernels, attention plans), which an ingest call of
+a new size pays too.
 
 ``--sdpa-backend flash|efficient|cudnn|math`` runs every row with PyTorch's scaled-dot-product attention held to
 that backend (``torch.nn.attention.sdpa_kernel``); by default PyTorch picks one per call. Running the bench once

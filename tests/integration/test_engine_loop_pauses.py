@@ -72,6 +72,19 @@ class EngineWatchingAQuestion:
         return result
 
 
+def _loop(engine, queues: IngestQueues, tier_sync: TierSync, **pause_settings) -> EngineLoop:
+    """A real engine loop over ``engine``, 16 frames a call, history kept, with ``pause_settings``."""
+    return EngineLoop(
+        engine,
+        queues,
+        tier_sync,
+        WorkerTelemetry("0"),
+        max_batch_frames=16,
+        retention_s=lambda stream_id: 0.0,
+        **pause_settings,
+    )
+
+
 def _open_streams_with_frames_queued(engine: Engine, queues: IngestQueues, frames, num_queued: int) -> None:
     """Opens ``STREAMS`` with 8 frames of history each to ask about, and queues ``num_queued`` more of each."""
     for stream_id in STREAMS:
@@ -94,13 +107,10 @@ def test_a_question_arriving_during_an_ingest_call_starts_at_a_pause_or_as_the_c
     queues = QuestionOnSecondCall(64, in_the_call=in_the_call)
     watched = EngineWatchingAQuestion(engine, queues)
     publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
-    loop = EngineLoop(
+    loop = _loop(
         watched,
         queues,
         TierSync(engine, publisher, "0"),
-        WorkerTelemetry("0"),
-        max_batch_frames=16,
-        retention_s=lambda stream_id: 0.0,
         ingest_pause_layers=pause_layers,
         ingest_pause_frames=4,
         ingest_pause_skip_idle=skip_idle,
@@ -174,15 +184,7 @@ def test_a_question_arriving_after_the_last_pause_starts_before_the_calls_upkeep
     publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
     tier_sync = TierSyncNotingTheQuestion(engine, publisher, "0", asking)
     queues = IngestQueues(64)
-    loop = EngineLoop(
-        asking,
-        queues,
-        tier_sync,
-        WorkerTelemetry("0"),
-        max_batch_frames=16,
-        retention_s=lambda stream_id: 0.0,
-        ingest_pause_layers=pause_layers,
-    )
+    loop = _loop(asking, queues, tier_sync, ingest_pause_layers=pause_layers)
     asking.loop = loop
     _open_streams_with_frames_queued(engine, queues, bikes_frames, 4)
     loop.start()
@@ -250,15 +252,7 @@ def test_a_question_arriving_during_another_ones_prefill_starts_at_the_same_paus
     monkeypatch.setattr(IngestPauses, "pause", counted)
     publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
     queues = IngestQueues(64)
-    loop = EngineLoop(
-        asked,
-        queues,
-        TierSync(engine, publisher, "0"),
-        WorkerTelemetry("0"),
-        max_batch_frames=16,
-        retention_s=lambda stream_id: 0.0,
-        ingest_pause_layers=2,
-    )
+    loop = _loop(asked, queues, TierSync(engine, publisher, "0"), ingest_pause_layers=2)
     _open_streams_with_frames_queued(engine, queues, bikes_frames, 4)
     asked.loop = loop  # from here on, the next ingest call brings the first question
     loop.start()
