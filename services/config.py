@@ -110,7 +110,8 @@ class ServiceConfig(BaseModel):
     # consecutive calls) the service ingested 164.1 frames/s against 150.7, TTFT p50/p99 132/202 ms against 147/273.
     # Layers 2 made the engine's prefill to first token shortest (34/45 ms) but ingested less: 142.6 frames/s in a
     # ramp where 150 cameras fell behind (156.1 in a run on its own, lag p99 2.9 s). In every setting the TTFT p99
-    # came from a few questions that waited for a stretch without a pause, mostly at the start of an ingest call.
+    # came from a few questions that waited for a stretch without a pause: at the start of an ingest call, or
+    # between two pauses.
     ingest_pause_layers: int = Field(4, ge=0)
     ingest_pause_frames: int = Field(0, ge=0)
     ingest_pause_blocks: int = Field(4, ge=0)
