@@ -1,5 +1,6 @@
-"""The vision attention's chunk plans (each a read-back from the device) are built once per frame grid and batch
-size, even when an ingest call runs the tower for several geometries in turn."""
+"""The vision attention's chunk plans are built once per frame grid and batch size, even when an ingest call runs
+the tower for several geometries in turn, and from the host's bounds, never read back from the device; a new batch
+size's tower inputs equal transformers' own."""
 
 from __future__ import annotations
 
