@@ -41,7 +41,6 @@ class SummaryIndex:
         self._residency = residency
         self._owners: list[SummaryRow | None] = []  # row -> the record's summary that holds it (None: free)
         self._free_rows: list[int] = []
-        self._stale_rows: set[int] = set()  # freed, their values not yet zeroed
         # [capacity, num_layers, num_kv_heads, head_dim]
         self._sum = torch.zeros(MIN_ROWS, spec.num_layers, spec.num_kv_heads, spec.head_dim, device=device)
         self._sumsq = torch.zeros_like(self._sum)
@@ -70,9 +69,9 @@ class SummaryIndex:
         for cluster_id, count in zip(cluster_ids, counts, strict=True):
             summary = self._residency.summary(cluster_id)
             if summary.row is None:
+                reused = bool(self._free_rows)  # a freed row still holds its last cluster's values
                 summary.row = self._take_row(summary)
-                if summary.row in self._stale_rows:
-                    self._stale_rows.discard(summary.row)
+                if reused:
                     stale.append(summary.row)
             summary.num_tokens += count
             rows.append(summary.row)
@@ -91,7 +90,6 @@ class SummaryIndex:
         summary = self._residency.summary(cluster_id)
         assert summary.row is None, f"{cluster_id} already has summary row {summary.row}"
         summary.row = self._take_row(summary)
-        self._stale_rows.discard(summary.row)  # every value of the row is written below
         self._sum[summary.row] = key_sum.to(self.device, torch.float32)
         self._sumsq[summary.row] = key_sumsq.to(self.device, torch.float32)
         self._count[summary.row].fill_(float(count))  # a kernel argument: assigning a number would copy it over
@@ -119,7 +117,6 @@ class SummaryIndex:
         """
         if summary.row is None:
             return
-        self._stale_rows.add(summary.row)
         self._free_rows.append(summary.row)
         self._owners[summary.row] = None
         summary.row, summary.num_tokens = None, 0
@@ -169,7 +166,6 @@ class SummaryIndex:
             owner.row = new_row
         self._owners = [owner for _, owner in used]
         self._free_rows = []
-        self._stale_rows = set()
 
 
 def _grow(t: torch.Tensor) -> torch.Tensor:
