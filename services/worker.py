@@ -539,7 +539,9 @@ def _build_engine(worker_id: str, config: ServiceConfig):
     # Presets default to float32, which on a GPU doubles the weights' memory and leaves the tensor cores idle.
     dtype = torch.bfloat16 if device == "cuda" else None
     engine_config = config.engine_config(worker_subdir=f"worker-{worker_id}")
-    engine = Engine.from_model(config.model, engine_config, device=device, dtype=dtype)
+    engine = Engine.from_model(
+        config.model, engine_config, device=device, dtype=dtype, vision_attention=config.vision_attention
+    )
     if device == "cuda":  # capture the question graphs now, not while the first users wait (CPU runs no graphs)
         started = time.monotonic()
         warm = engine.warm_up(max_new_tokens=config.default_max_new_tokens)

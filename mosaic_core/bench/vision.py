@@ -14,9 +14,10 @@ Rows, in this order (each adds one change to the row before it, on the same weig
   above it runs unpadded;
 - ``matmul-patch-embed``: the patch embedding as one matrix product instead of a 3-D convolution
   (``vision_tower.embed_patches_by_matmul``);
-- ``compiled-elementwise`` (GPU only, with ``--compiled``; the engine's tower on CUDA): each RMSNorm and each SiLU
-  MLP run functions compiled with ``torch.compile`` (``vision_tower.fuse_elementwise``), so their element-wise
-  kernels fuse; its first-call time (the compile) is the row's ``warm_up_s``.
+- ``compiled-elementwise`` (GPU only, with ``--compiled``; the engine's tower on CUDA, whose attention the engine
+  also holds to FlashAttention: ``--sdpa-backend flash``): each RMSNorm and each SiLU MLP run functions compiled
+  with ``torch.compile`` (``vision_tower.fuse_elementwise``), so their element-wise kernels fuse; its first-call
+  time (the compile) is the row's ``warm_up_s``.
 
 Per row and batch size: median ms per call over ``--repeats`` calls after two warm-up calls (CUDA synchronised
 around each), frames/s, and the largest absolute difference of its output from the ``transformers`` row's

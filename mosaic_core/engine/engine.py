@@ -164,12 +164,14 @@ class Engine:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        **adapter_options,
     ) -> Engine:
-        """Builds the engine over a preset name (random weights) or a local checkpoint directory."""
+        """Builds the engine over a preset name (random weights) or a local checkpoint directory;
+        ``adapter_options`` go to the model adapter (``Qwen25VLAdapter``'s constructor)."""
         from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter  # the one architecture so far
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(Qwen25VLAdapter.load(name_or_path, device=device, dtype=dtype), config)
+        return cls(Qwen25VLAdapter.load(name_or_path, device=device, dtype=dtype, **adapter_options), config)
 
     # -- streams ------------------------------------------------------------------------------------------------
     def open_stream(

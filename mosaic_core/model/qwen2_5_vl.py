@@ -43,7 +43,7 @@ from mosaic_core.model.pixels import (
 from mosaic_core.model.presets import PRESETS, preset_config_kwargs
 from mosaic_core.model.text_fusion import fuse_text_elementwise
 from mosaic_core.model.tokenizer import chat_prefix, load_qwen_tokenizer, question_prompt
-from mosaic_core.model.vision_attention import batch_vision_chunks
+from mosaic_core.model.vision_attention import batch_vision_chunks, hold_vision_attention
 from mosaic_core.model.vision_tower import (
     TowerInputs,
     embed_patches_by_matmul,
@@ -74,14 +74,17 @@ class Qwen25VLAdapter:
         name: str,
         fuse_vision: bool | None = None,
         fuse_text: bool | None = None,
+        vision_attention: str = "flash",
     ) -> None:
         """``fuse_vision``: compile the vision tower's element-wise work (``vision_tower.fuse_elementwise``);
         ``fuse_text``: the same for the language model's big passes (``text_fusion.fuse_text_elementwise``). None
         does so on CUDA only, where ``torch.compile`` makes Triton kernels (on the CPU it needs a C++ compiler and
-        compiles for minutes)."""
+        compiles for minutes). ``vision_attention``: the tower's attention kernel on CUDA, "flash" or "auto"
+        (``vision_attention.hold_vision_attention``)."""
         self.model = model.eval()
         self.device = next(model.parameters()).device
         batch_vision_chunks(model)
+        hold_vision_attention(model, vision_attention)
         pad_mlp_widths(model.model.visual)
         embed_patches_by_matmul(model.model.visual)
         if fuse_vision if fuse_vision is not None else self.device.type == "cuda":
@@ -117,21 +120,24 @@ class Qwen25VLAdapter:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        **options,
     ) -> Qwen25VLAdapter:
-        """Builds a named shape preset with random weights (seeded, so runs are reproducible)."""
+        """Builds a named shape preset with random weights (seeded, so runs are reproducible); ``options`` go to
+        the constructor."""
         config = Qwen2_5_VLConfig(**preset_config_kwargs(name))
         torch.manual_seed(seed)
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration._from_config(
                 config, dtype=dtype, attn_implementation=ATTENTION_BY_PART
             )
-        return cls(model, name=name)
+        return cls(model, name=name, **options)
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **options
     ) -> Qwen25VLAdapter:
-        """Loads a local Qwen2.5-VL checkpoint directory (config.json + weights)."""
+        """Loads a local Qwen2.5-VL checkpoint directory (config.json + weights); ``options`` go to the
+        constructor."""
         if not os.path.isdir(path):
             raise ConfigError(f"model path {str(path)!r} is not a directory with a Qwen2.5-VL checkpoint")
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -139,14 +145,17 @@ class Qwen25VLAdapter:
             dtype=dtype or "auto",
             attn_implementation=ATTENTION_BY_PART,
         )
-        return cls(model.to(device), name=str(path))
+        return cls(model.to(device), name=str(path), **options)
 
     @classmethod
-    def load(cls, name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-        """A preset name or a checkpoint directory, whichever ``name_or_path`` is."""
+    def load(
+        cls, name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **options
+    ):
+        """A preset name or a checkpoint directory, whichever ``name_or_path`` is; ``options`` go to the
+        constructor."""
         if name_or_path in PRESETS:
-            return cls.from_preset(name_or_path, device=device, dtype=dtype or torch.float32)
-        return cls.from_pretrained(name_or_path, device=device, dtype=dtype)
+            return cls.from_preset(name_or_path, device=device, dtype=dtype or torch.float32, **options)
+        return cls.from_pretrained(name_or_path, device=device, dtype=dtype, **options)
 
     # -- text ---------------------------------------------------------------------------------------------------
     def stream_preamble(self, system_prompt: str) -> list[int]:

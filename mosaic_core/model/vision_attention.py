@@ -8,6 +8,13 @@ Frames whose size is a whole number of windows have one length only (one call, n
 few (edge windows), each gathered by index, attended in one call and scattered back. Query and key get their
 rotary embedding together, stacked: the same float32 arithmetic as transformers', in half the kernels.
 
+Which attention kernel: on CUDA, ``hold_vision_attention(model, "flash")`` (the adapter's default) holds the chunks'
+SDPA to FlashAttention, then the memory-efficient kernel where Flash does not take the input. Left to PyTorch's
+pick on an H200 (torch 2.11), the first call of each new batch size took 54-85 ms more than a repeat, like
+cuDNN's attention held on its own (122-124 ms), and Flash's none, at the same speed per call (bench/NOTES.md,
+session 24). An ingest call's batch size changes with the frames waiting, so those first calls recur in the
+service.
+
 Which rotary runs where: on CUDA tensors, when the Triton kernels can run (``kernels_ready()``; with a CUDA device
 that means triton is installed), the Triton kernel ``kernels.vision_rotary`` reads query and key in place from
 the qkv projection's output in one launch. Everywhere else (CPU tensors, or CUDA without triton) the attention's
@@ -17,11 +24,13 @@ sets.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLVisionAttention,
     rotate_half,
@@ -53,6 +62,9 @@ class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
 
     # Where the Triton kernel does not run; ``vision_tower.fuse_elementwise`` sets the compiled one on the instance.
     rotate = staticmethod(_rotate)
+    # SDPA backends the chunks are held to on CUDA, in order of preference (None: PyTorch picks); set per instance
+    # by ``hold_vision_attention``.
+    cuda_backends: list[SDPBackend] | None = None
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
         if self.config._attn_implementation != "sdpa" or position_embeddings is None:
@@ -62,12 +74,14 @@ class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
         query, key = self._rotated(qkv[:2], *position_embeddings).unbind(0)  # each [seq, heads, head_dim]
         value = qkv[2]
         groups = _chunk_plan(cu_seqlens)
-        if len(groups) == 1 and groups[0][1] is None:
-            out = self._attend_chunks(query, key, value, groups[0][0])
-        else:
-            out = torch.empty_like(query)
-            for length, index in groups:
-                out[index] = self._attend_chunks(query[index], key[index], value[index], length)
+        held = sdpa_kernel(self.cuda_backends) if self.cuda_backends and query.is_cuda else contextlib.nullcontext()
+        with held:
+            if len(groups) == 1 and groups[0][1] is None:
+                out = self._attend_chunks(query, key, value, groups[0][0])
+            else:
+                out = torch.empty_like(query)
+                for length, index in groups:
+                    out[index] = self._attend_chunks(query[index], key[index], value[index], length)
         return self.proj(out.reshape(seq_length, -1))
 
     def _rotated(self, query_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -87,6 +101,25 @@ class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
 
         out = F.scaled_dot_product_attention(by_chunk(query), by_chunk(key), by_chunk(value), scale=self.scaling)
         return out.transpose(1, 2).reshape(query.shape)
+
+
+VISION_ATTENTION_BACKENDS = {
+    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+    "auto": None,
+}
+
+
+def hold_vision_attention(model: torch.nn.Module, choice: str) -> int:
+    """Holds every batched vision attention of ``model`` to ``VISION_ATTENTION_BACKENDS[choice]`` on CUDA ("auto":
+    PyTorch picks per call); returns how many. The CPU is never held."""
+    if choice not in VISION_ATTENTION_BACKENDS:
+        raise ValueError(f"vision attention {choice!r} is not one of {sorted(VISION_ATTENTION_BACKENDS)}")
+    held = 0
+    for module in model.modules():
+        if isinstance(module, BatchedChunkAttention):
+            module.cuda_backends = VISION_ATTENTION_BACKENDS[choice]
+            held += 1
+    return held
 
 
 def batch_vision_chunks(model: torch.nn.Module) -> int:

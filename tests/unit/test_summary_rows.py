@@ -96,12 +96,12 @@ def test_freeing_and_reading_rows_never_waits_for_the_device(tmp_path):
         cluster_id, kv = f"cam/c{i:06d}", _keys(i).cuda()
         put(tiering, cluster_id, kv, Tier.DEVICE)
         summaries.add(cluster_id, kv[:, 0])
+    kv = _keys(9).cuda()  # made before the check: a copy up from pageable memory waits, and is the test's own
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # a copy or read that waits for the device raises
     try:
         summaries.all_layers(["cam/c000000", "cam/c000002"])  # the rows' index goes up without a wait
         tiering.remove("cam/c000001")  # retention: its row is freed without a wait
-        kv = _keys(9).cuda()
         put(tiering, "cam/c000009", kv, Tier.DEVICE)
         summaries.add("cam/c000009", kv[:, 0])  # reuses the freed row, zeroing it first, without a wait
     finally:
