@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 import zlib
 
 import pytest
 import torch
 from engine_helpers import feed, make_engine
 
+from mosaic_core.bookkeeping.formation import ClusterRecord
 from mosaic_core.durable.manifest import MANIFEST_NAME, encode_line, replay
 from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, encode_pages, to_pages
 
@@ -196,3 +198,21 @@ def test_flush_returns_only_once_a_changed_state_is_on_disk(tmp_path, monkeypatc
         assert json.loads((tmp_path / "cam" / STATE_NAME).read_text())["counters"] == {"ingested": 16}
     finally:
         store.close()
+
+
+def test_storing_a_frame_copies_no_cluster_record(tiny_model, bikes_frames, tmp_path, monkeypatch):
+    """``on_stored`` runs for every frame stored; a copy of its cluster's record there grew with the cluster."""
+    copied_for = []
+    real_copy = ClusterRecord.copy
+
+    def counting_copy(record):
+        copied_for.append(sys._getframe(2).f_code.co_name)  # copy <- former.get <- the caller
+        return real_copy(record)
+
+    monkeypatch.setattr(ClusterRecord, "copy", counting_copy)
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:24])
+    assert len(_durable_view(engine, "cam")) >= 3, "24 frames must seal several clusters"
+    assert "on_stored" not in copied_for
+    engine.close()
