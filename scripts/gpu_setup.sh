@@ -32,8 +32,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LIMIT_BYTES=$((64 * 1024 * 1024))
 
 # Wheels the service needs beyond the image, at the versions .venv runs (a distribution name each).
+# `import ray` needs jsonschema; transformers >= 5.25 needs huggingface-hub >= 2.4 (the image has 1.x), which
+# imports httpx2 and with it httpcore2 and truststore.
 SERVICE_WHEELS=(ray jsonschema jsonschema-specifications referencing rpds-py av pydantic pydantic_core annotated-types
-    typing-inspection redis grpcio protobuf grpcio-health-checking grpcio-reflection)  # `import ray` needs jsonschema
+    typing-inspection redis grpcio protobuf grpcio-health-checking grpcio-reflection huggingface-hub httpx2 httpcore2
+    truststore)
 # Parts of the Ray wheel the service never imports: Java, RLlib, the other libraries, the dashboard's web client.
 RAY_UNUSED=(jars rllib data train tune serve llm dashboard/client/build)
 
