@@ -212,11 +212,15 @@ class PagePools:
         for page, data in zip(pages, stored, strict=True):
             self.page(tier, page).copy_(data)
 
-    def gather(self, tier: Tier, pages: list[int]) -> torch.Tensor:
-        """A new tensor ``[len(pages), L, 2, H, page_tokens, D]``: the pages as they are, in order, where they live."""
+    def gather(self, tier: Tier, pages: list[int], tokens: int | None = None) -> torch.Tensor:
+        """A new tensor ``[len(pages), L, 2, H, tokens, D]``: the first ``tokens`` slots of each page (all of them
+        when None), in order, where the pages live; one indexed copy on the device."""
+        slots = slice(tokens)
         if tier is Tier.DEVICE:
-            return self.device_pool[self.upload(pages)]
-        return torch.stack([self.page(tier, p) for p in pages]) if pages else self._empty_pages()
+            return self.device_pool[..., slots, :][self.upload(pages)]
+        if not pages:
+            return self._empty_pages()[..., slots, :]
+        return torch.stack([self.page(tier, p)[..., slots, :] for p in pages])
 
     def read(self, tier: Tier, pages: list[int], fills: list[int]) -> torch.Tensor:
         """A new tensor ``[L, 2, H, sum(fills), D]`` with the pages' tokens in order, where the pages live."""

@@ -266,17 +266,18 @@ class KVTiers:
         """A host copy of a (sealed, no longer growing) cluster as record pages ``[P, L, 2, H, page_tokens, D]``
         that later moves cannot touch, and the event after which it is filled (None when it is filled already).
 
-        When every page of the cluster is full and pages are ``page_tokens`` long, the pool pages are the record's
-        pages and are gathered as they are; otherwise the cluster is read and cut into pages where it lives. From
+        When every page of the cluster holds ``page_tokens`` tokens (pool pages of that length, full, or longer pages
+        holding one frame each), the record's pages are the pool pages' first ``page_tokens`` slots, gathered in one
+        copy; otherwise the cluster is read and cut into pages where it lives. From
         the device the copy goes into pinned memory on the side stream, so the caller does not wait: a pageable
         copy would hold the engine thread until the device had run everything queued before it. That memory comes
         from ``staging`` when given (pinned once, up front; this may wait for room in it), else from the caching
         host allocator."""
         tier = self.tier_of(cluster_id)
         record = self.pages(cluster_id)
-        if tier is not Tier.DISK and page_tokens == self.page_tokens and all(f == page_tokens for f in record.fills):
+        if tier is not Tier.DISK and page_tokens <= self.page_tokens and all(f == page_tokens for f in record.fills):
             self._settle(cluster_id)
-            pages = self.pools.gather(tier, self._pages_in(record, tier))  # a new tensor, like ``read``'s
+            pages = self.pools.gather(tier, self._pages_in(record, tier), page_tokens)  # a new tensor, like ``read``'s
         else:
             pages = to_pages(self.read(cluster_id), page_tokens)
         if pages.is_cuda:
