@@ -180,6 +180,11 @@ def table(report: dict) -> str:
                         f"N={step['cameras']}: {stacks['slow_s_per_s']:.3f} s/s with no chance to start a question "
                         f"for {stack_probe.SLOW_STRETCH_S * 1000:.0f} ms or more, the engine thread {what}: {busiest}"
                     )
+            if stacks.get("slow_after"):
+                kinds = "; ".join(f"{kind} {per_s:.3f}" for kind, per_s in stacks["slow_after"])
+                at = "; ".join(f"{where} {per_s:.3f}" for where, per_s in stacks["slow_after_self"])
+                lines.append(f"N={step['cameras']}: those stretches by the chance they began at, s/s: {kinds}")
+                lines.append(f"N={step['cameras']}: those stretches by the chance they began at, the thread at: {at}")
     return "\n".join(lines)
 
 

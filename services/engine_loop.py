@@ -290,6 +290,11 @@ class EngineLoop:
         last = self._last_chance
         return 0.0 if last is None else time.monotonic() - last[1]
 
+    def last_chance_kind(self) -> str:
+        """The kind of the engine thread's last chance to start a question ("none" before its first)."""
+        last = self._last_chance
+        return "none" if last is None else last[0]
+
     def oldest_wait_s(self, stream_id: str) -> float:
         """The stream's ingest lag: seconds since its oldest frame still waiting for ingest arrived."""
         return self.queues.oldest_wait_s(stream_id)

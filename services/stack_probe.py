@@ -19,6 +19,9 @@ second. Python-level only: time inside one C call is not split further.
 With ``since_chance`` (a worker passes its engine loop's ``seconds_since_chance``), the looks taken while the thread
 has had no chance to start a question for ``SLOW_STRETCH_S`` or more are also counted apart, under ``slow_sampled_s``,
 ``slow_self`` and ``slow_inclusive``: what the thread is doing while a question that arrived would still be waiting.
+With ``chance_kind`` as well (the engine loop's ``last_chance_kind``), they are split by the kind of chance the
+stretch began at, under ``slow_after`` (seconds per kind) and ``slow_after_self`` (``"<kind> | <line>"``): a call's
+start, a pause inside it, the loop.
 """
 
 from __future__ import annotations
@@ -44,7 +47,12 @@ TOP = 40
 _started: set[str] = set()
 
 
-def start(role: str, thread: threading.Thread, since_chance: Callable[[], float] | None = None) -> Path | None:
+def start(
+    role: str,
+    thread: threading.Thread,
+    since_chance: Callable[[], float] | None = None,
+    chance_kind: Callable[[], str] | None = None,
+) -> Path | None:
     """Starts sampling ``thread`` as ``role`` when ``MOSAIC_STACKS_DIR`` is set; returns the file, else None."""
     path = claim_file(ENV_DIR, "stacks", role, _started, suffix=".json")
     if path is None:
@@ -53,7 +61,7 @@ def start(role: str, thread: threading.Thread, since_chance: Callable[[], float]
     threading.Thread(
         target=sample,
         args=(thread, path, stop),
-        kwargs={"since_chance": since_chance},
+        kwargs={"since_chance": since_chance, "chance_kind": chance_kind},
         name=f"stack-probe-{role}",
         daemon=True,
     ).start()
@@ -82,6 +90,10 @@ def busiest(before: dict | None, after: dict | None, top: int = TOP) -> dict | N
     if "slow_sampled_s" in after:
         busiest["slow_s_per_s"] = (after["slow_sampled_s"] - before.get("slow_sampled_s", 0.0)) / window_s
         busiest["slow_self"], busiest["slow_inclusive"] = ranked("slow_self"), ranked("slow_inclusive")
+    if "slow_after" in after:
+        grown = {k: (v - before.get("slow_after", {}).get(k, 0.0)) / window_s for k, v in after["slow_after"].items()}
+        busiest["slow_after"] = sorted(((k, v) for k, v in grown.items() if v > 0), key=lambda kv: -kv[1])
+        busiest["slow_after_self"] = ranked("slow_after_self")
     return busiest
 
 
@@ -92,14 +104,17 @@ def sample(
     *,
     keep_all: bool = False,
     since_chance: Callable[[], float] | None = None,
+    chance_kind: Callable[[], str] | None = None,
 ) -> None:
     """Samples ``thread`` and writes snapshots (module doc) until ``stop`` is set or the thread ends, and once more;
     with ``keep_all`` each snapshot is appended to ``path`` as a line instead of replacing the previous one; with
-    ``since_chance``, the slow stretches are also counted apart."""
+    ``since_chance``, the slow stretches are also counted apart, and with ``chance_kind`` split by their start."""
     totals = {"sampled_s": 0.0, "self": defaultdict(float), "inclusive": defaultdict(float)}
     slow = {"sampled_s": 0.0, "self": defaultdict(float), "inclusive": defaultdict(float)}
     if since_chance is not None:
         totals.update(slow_sampled_s=0.0, slow_self=slow["self"], slow_inclusive=slow["inclusive"])
+        if chance_kind is not None:
+            totals.update(slow_after=defaultdict(float), slow_after_self=defaultdict(float))
     written = previous = time.perf_counter()
     while not stop.is_set() and thread.is_alive():
         time.sleep(SAMPLE_S)
@@ -110,6 +125,10 @@ def sample(
             if since_chance is not None and since_chance() >= SLOW_STRETCH_S:
                 add(slow, frame, now - previous)
                 totals["slow_sampled_s"] = slow["sampled_s"]
+                if chance_kind is not None:
+                    kind = chance_kind()
+                    totals["slow_after"][kind] += now - previous
+                    totals["slow_after_self"][f"{kind} | {_line(frame)}"] += now - previous
         previous = now
         if now - written >= WRITE_EVERY_S:
             written = now
@@ -120,8 +139,7 @@ def sample(
 def add(totals: dict, frame, weight_s: float) -> None:
     """Counts ``weight_s`` to the innermost line of ``frame``'s stack and once to each function on it."""
     totals["sampled_s"] += weight_s
-    code = frame.f_code
-    totals["self"][f"{os.path.basename(code.co_filename)}:{code.co_name}:{frame.f_lineno}"] += weight_s
+    totals["self"][_line(frame)] += weight_s
     seen = set()
     while frame is not None:
         code = frame.f_code
@@ -130,6 +148,11 @@ def add(totals: dict, frame, weight_s: float) -> None:
             seen.add(key)
             totals["inclusive"][key] += weight_s
         frame = frame.f_back
+
+
+def _line(frame) -> str:
+    code = frame.f_code
+    return f"{os.path.basename(code.co_filename)}:{code.co_name}:{frame.f_lineno}"
 
 
 def _write(path: Path, totals: dict, keep_all: bool = False) -> None:

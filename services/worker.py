@@ -170,7 +170,12 @@ class WorkerCore:
             query_cache_bytes=config.watch_query_cache_bytes,
         )
         self.loop.start()
-        stack_probe.start(f"worker-{worker_id}", self.loop.thread, since_chance=self.loop.seconds_since_chance)
+        stack_probe.start(
+            f"worker-{worker_id}",
+            self.loop.thread,
+            since_chance=self.loop.seconds_since_chance,
+            chance_kind=self.loop.last_chance_kind,
+        )
         self.restored_streams = self._restore()
         self.publisher.start()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from services import stack_probe
 
 
@@ -91,3 +93,33 @@ def test_the_probe_counts_apart_what_the_thread_did_in_stretches_without_a_chanc
     busiest = stack_probe.busiest({"sampled_s": 0.0, "self": {}, "inclusive": {}}, totals)
     assert busiest["slow_s_per_s"] == totals["slow_sampled_s"] / totals["sampled_s"]
     assert busiest["slow_inclusive"][0][1] > 0
+    assert "slow_after" not in totals  # no chance_kind given
+
+
+def _stall_after_each_kind(durations: dict[str, float], chances: list) -> None:
+    for kind, stall_s in (("call_start", 0.5), ("pause", 0.25)):
+        chances[0] = (kind, time.perf_counter())
+        _spin_in_python(stall_s)
+        durations[kind] = stall_s
+
+
+def test_the_probe_splits_the_slow_stretches_by_the_chance_they_began_at(tmp_path):
+    durations: dict[str, float] = {}
+    chances = [("loop", time.perf_counter())]
+    totals = _sampled(
+        tmp_path,
+        _stall_after_each_kind,
+        (durations, chances),
+        since_chance=lambda: time.perf_counter() - chances[0][1],
+        chance_kind=lambda: chances[0][0],
+    )
+    after = totals["slow_after"]
+    for kind, stall_s in durations.items():
+        assert 0.7 * (stall_s - stack_probe.SLOW_STRETCH_S) < after[kind] < stall_s + 0.05
+    assert after["call_start"] > after["pause"]
+    assert sum(after.values()) == pytest.approx(totals["slow_sampled_s"])
+    lines = {key.split(" | ")[0] for key, seconds in totals["slow_after_self"].items() if seconds > 0}
+    assert lines <= {"call_start", "pause"}
+    busiest = stack_probe.busiest({"sampled_s": 0.0, "self": {}, "inclusive": {}}, totals)
+    assert [kind for kind, _ in busiest["slow_after"]] == ["call_start", "pause"]
+    assert busiest["slow_after_self"][0][0].startswith("call_start | test_stack_probe.py:_spin_in_python:")
