@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services import stack_probe
+from services import gc_watch, stack_probe
 
 LAG_LIMIT_S = 2.0
 # A source that stopped, or a pusher that fell behind, queues nothing and shows no lag: the frames must arrive too.
@@ -180,6 +180,21 @@ def table(report: dict) -> str:
                         f"N={step['cameras']}: {stacks['slow_s_per_s']:.3f} s/s with no chance to start a question "
                         f"for {stack_probe.SLOW_STRETCH_S * 1000:.0f} ms or more, the engine thread {what}: {busiest}"
                     )
+            collections = (stacks.get("gc") or {}).get("by_generation")
+            if collections:
+                per_gen = "; ".join(
+                    f"generation {gen} {g['collections']} ({g['s_per_s'] * 1000:.1f} ms/s, {g['over_long']} over "
+                    f"{gc_watch.LONG_S * 1000:.0f} ms)"
+                    for gen, g in collections.items()
+                )
+                frozen = stacks["gc"].get("frozen") or {}
+                if frozen:
+                    per_gen += (
+                        f"; {frozen['objects']} start-up objects frozen, a full collection "
+                        f"{frozen['full_collection_before_s'] * 1000:.0f} ms before, "
+                        f"{frozen['full_collection_after_s'] * 1000:.0f} ms after"
+                    )
+                lines.append(f"N={step['cameras']}: the worker's garbage collections: {per_gen}")
             if stacks.get("slow_after"):
                 kinds = "; ".join(f"{kind} {per_s:.3f}" for kind, per_s in stacks["slow_after"])
                 at = "; ".join(f"{where} {per_s:.3f}" for where, per_s in stacks["slow_after_self"])

@@ -36,6 +36,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from services import gc_watch
 from services.jsonl_files import claim_file, newest_line
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def start(
     if path is None:
         return None
     stop = threading.Event()  # never set: the probe lives as long as the process
+    gc_watch.watch()
     threading.Thread(
         target=sample,
         args=(thread, path, stop),
@@ -90,6 +92,8 @@ def busiest(before: dict | None, after: dict | None, top: int = TOP) -> dict | N
     if "slow_sampled_s" in after:
         busiest["slow_s_per_s"] = (after["slow_sampled_s"] - before.get("slow_sampled_s", 0.0)) / window_s
         busiest["slow_self"], busiest["slow_inclusive"] = ranked("slow_self"), ranked("slow_inclusive")
+    if "gc" in after:
+        busiest["gc"] = gc_watch.grown(before.get("gc"), after["gc"], window_s)
     if "slow_after" in after:
         grown = {k: (v - before.get("slow_after", {}).get(k, 0.0)) / window_s for k, v in after["slow_after"].items()}
         busiest["slow_after"] = sorted(((k, v) for k, v in grown.items() if v > 0), key=lambda kv: -kv[1])
@@ -156,7 +160,7 @@ def _line(frame) -> str:
 
 
 def _write(path: Path, totals: dict, keep_all: bool = False) -> None:
-    line = json.dumps({"t": time.time(), **totals}) + "\n"
+    line = json.dumps({"t": time.time(), **totals, "gc": gc_watch.snapshot()}) + "\n"
     staged = path.with_suffix(".tmp")
     try:
         if keep_all:

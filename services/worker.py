@@ -37,7 +37,7 @@ from mosaic_core.errors import (
 )
 from mosaic_core.model.pixels import validate_frames
 from mosaic_core.model.video import probe_video
-from services import gil_probe, heap_probe, stack_probe
+from services import gc_watch, gil_probe, heap_probe, stack_probe
 from services.admission import check_admission
 from services.config import ServiceConfig
 from services.engine_loop import DONE, EngineLoop, QuestionJob
@@ -178,6 +178,7 @@ class WorkerCore:
         )
         self.restored_streams = self._restore()
         self.publisher.start()
+        gc_watch.freeze_start_up_heap(f"worker {worker_id}")
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
