@@ -4,7 +4,8 @@ A worker holds millions of objects that live as long as it does (Ray's, torch's 
 model's). CPython's full (generation 2) collection walks all of them with the GIL held, and the engine thread, which
 queues the GPU's work from Python, stops for as long as that takes. ``freeze_start_up_heap`` moves them to the
 permanent generation that collections skip (``gc.freeze``, as CPython's docs advise for long-running processes), and
-times one full collection before and after, so the log (and the stack probe's file) says what it saved.
+times one full collection before and after, so the log (and the stack probe's file) says what it saved. A worker
+calls it through ``freeze_once``, so a process that builds several (a test's) freezes once.
 
 ``watch()`` counts each generation's collections, their seconds and those over ``LONG_S`` through ``gc.callbacks``;
 the stack probe installs it and writes ``snapshot()`` with its own, so ``mosaic bench service --stack-probe`` reports
@@ -40,6 +41,12 @@ def freeze_start_up_heap(label: str) -> dict[str, float]:
         label, _frozen["objects"], before_s * 1000, after_s * 1000,
     )  # fmt: skip
     return dict(_frozen)
+
+
+def freeze_once(label: str) -> dict[str, float] | None:
+    """``freeze_start_up_heap`` for the first worker of a process (an in-process test may build several); None
+    after that."""
+    return None if _frozen else freeze_start_up_heap(label)
 
 
 def watch() -> None:

@@ -178,7 +178,7 @@ class WorkerCore:
         )
         self.restored_streams = self._restore()
         self.publisher.start()
-        gc_watch.freeze_start_up_heap(f"worker {worker_id}")
+        gc_watch.freeze_once(f"worker {worker_id}")
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
