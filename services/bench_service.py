@@ -392,6 +392,7 @@ def service_overrides(args, clip: str) -> dict:
         "vision_attention": args.vision_attention,
         "questions_alongside_ingest": args.questions_alongside_ingest,
         "python_switch_interval_s": args.switch_interval_ms / 1e3,
+        "freeze_heap_after_start": not args.no_heap_freeze,
         "decode_sources_in_processes": not args.decode_sources_in_threads,
         "ray_log_to_driver": args.serve_log_level == "DEBUG",
     }
@@ -571,6 +572,10 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--switch-interval-ms", type=float,
         default=ServiceConfig.model_fields["python_switch_interval_s"].default * 1e3,
         help="the worker's sys.setswitchinterval, in ms",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-heap-freeze", action="store_true",
+        help="freeze_heap_after_start false: the worker's start-up objects stay in every full garbage collection",
     )  # fmt: skip
     parser.add_argument(
         "--questions-alongside-ingest", action="store_true",

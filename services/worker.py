@@ -178,7 +178,8 @@ class WorkerCore:
         )
         self.restored_streams = self._restore()
         self.publisher.start()
-        gc_watch.freeze_once(f"worker {worker_id}")
+        if config.freeze_heap_after_start:
+            gc_watch.freeze_once(f"worker {worker_id}")
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
