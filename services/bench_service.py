@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -565,8 +566,10 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ingest_pause_skip_idle on: a pause where no question waits is passed without waiting for the device",
     )  # fmt: skip
     parser.add_argument(
-        "--vision-attention", choices=("flash", "auto"), default=ServiceConfig.model_fields["vision_attention"].default,
-        help="the vision tower's attention kernel on CUDA (vision_attention: auto lets PyTorch pick)",
+        "--vision-attention", choices=typing.get_args(ServiceConfig.model_fields["vision_attention"].annotation),
+        default=ServiceConfig.model_fields["vision_attention"].default,
+        help="the vision tower's attention kernel on CUDA (vision_attention: auto lets PyTorch pick, varlen sends "
+        "windows of several lengths to one call)",
     )  # fmt: skip
     parser.add_argument(
         "--switch-interval-ms", type=float,

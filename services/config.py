@@ -131,7 +131,9 @@ class ServiceConfig(BaseModel):
     # The vision tower's attention kernel on CUDA: "flash" holds it to FlashAttention, "auto" lets PyTorch pick per
     # call, which on the H200 paid 54-85 ms more on the first call of each new batch size (an ingest call's size
     # changes with the frames waiting) at the same speed per call (mosaic_core.model.vision_attention).
-    vision_attention: Literal["flash", "auto"] = "flash"
+    # "varlen" also sends a frame's windows of several lengths to one variable-length Flash call a block (not yet
+    # measured on a GPU).
+    vision_attention: Literal["flash", "auto", "varlen"] = "flash"
     # On a GPU, questions started at those pauses run on a high-priority CUDA stream beside the ingest work already
     # queued, and the host does not wait for the device at pauses (mosaic_core.engine.ingest_pauses); false: the
     # host waits at each pause until the device is ingest_pause_lookahead chunks behind, and the questions run behind

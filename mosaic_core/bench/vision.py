@@ -17,7 +17,10 @@ Rows, in this order (each adds one change to the row before it, on the same weig
 - ``compiled-elementwise`` (GPU only, with ``--compiled``; the engine's tower on CUDA, whose attention the engine
   also holds to FlashAttention: ``--sdpa-backend flash``): each RMSNorm and each SiLU MLP run functions compiled
   with ``torch.compile`` (``vision_tower.fuse_elementwise``), so their element-wise kernels fuse; its first-call
-  time (the compile) is the row's ``warm_up_s``.
+  time (the compile) is the row's ``warm_up_s``;
+- ``varlen-chunks`` (GPU only, with ``--varlen``): a frame's chunks of several lengths in one variable-length Flash
+  call a block (``hold_vision_attention(..., "varlen")``). Frames of 360x640 are a whole number of windows, with
+  one length a block; ``--source 272x640`` (the service bench's clip) gives edge windows of four lengths.
 
 Per row and batch size: median ms per call over ``--repeats`` calls after two warm-up calls (CUDA synchronised
 around each), frames/s, and the largest absolute difference of its output from the ``transformers`` row's
@@ -52,7 +55,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 
 from mosaic_core.model.pixels import choose_geometry, frames_to_vision_input
 from mosaic_core.model.presets import preset_config_kwargs
-from mosaic_core.model.vision_attention import BatchedChunkAttention
+from mosaic_core.model.vision_attention import BatchedChunkAttention, hold_vision_attention
 from mosaic_core.model.vision_tower import (
     TowerInputs,
     embed_patches_by_matmul,
@@ -69,6 +72,7 @@ SDPA_BACKENDS = {
 }
 ROWS = ("transformers", "batched-chunks", "precomputed-inputs", "padded-mlp", "matmul-patch-embed")
 COMPILED_ROW = "compiled-elementwise"
+VARLEN_ROW = "varlen-chunks"
 
 
 def build_tower(preset: str, device: str, dtype: torch.dtype) -> Qwen2_5_VisionTransformerPretrainedModel:
@@ -106,22 +110,31 @@ def _timed(call, device: str, repeats: int) -> tuple[float, torch.Tensor]:
 
 @torch.inference_mode()
 def measure(
-    preset: str, device: str, dtype: torch.dtype, batch_sizes: list[int], repeats: int, log, *, compiled: bool = False
+    preset: str,
+    device: str,
+    dtype: torch.dtype,
+    batch_sizes: list[int],
+    repeats: int,
+    log,
+    *,
+    compiled: bool = False,
+    varlen: bool = False,
+    source: tuple[int, int] = (360, 640),
 ) -> dict:
     tower = build_tower(preset, device, dtype)
     config = tower.config
     geometry = choose_geometry(
-        360, 640, target_tokens=128, patch_size=config.patch_size, merge_size=config.spatial_merge_size
+        *source, target_tokens=128, patch_size=config.patch_size, merge_size=config.spatial_merge_size
     )
     rng = np.random.default_rng(0)
     inputs = {
         n: frames_to_vision_input(
-            rng.integers(0, 255, (n, 360, 640, 3), dtype=np.uint8), geometry, dtype=dtype, device=device
+            rng.integers(0, 255, (n, *source, 3), dtype=np.uint8), geometry, dtype=dtype, device=device
         )
         for n in batch_sizes
     }
     precomputed = TowerInputs(tower)
-    rows = (*ROWS, COMPILED_ROW) if compiled else ROWS
+    rows = (*ROWS, *[COMPILED_ROW] * compiled, *[VARLEN_ROW] * varlen)
     results: dict[str, dict[int, dict]] = {row: {} for row in rows}
     reference: dict[int, torch.Tensor] = {}
     for row in rows:
@@ -130,6 +143,8 @@ def measure(
             log(f"widened {pad_mlp_widths(tower)} MLPs to a multiple of 64 units")
         if row == "matmul-patch-embed":
             log(f"patch embedding by matrix product: {embed_patches_by_matmul(tower)} module")
+        if row == VARLEN_ROW:
+            log(f"variable-length chunks in {hold_vision_attention(tower, 'varlen')} attentions")
         if row == COMPILED_ROW:
             log(f"fused the element-wise work of {fuse_elementwise(tower)} modules")
         for n in batch_sizes:
@@ -191,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/out/vision.json")
     parser.add_argument("--compiled", action="store_true", help="add the torch.compile row (GPU only)")
+    parser.add_argument("--varlen", action="store_true", help="add the variable-length attention row (GPU only)")
+    parser.add_argument("--source", default="360x640", help="the frames' size, HEIGHTxWIDTH")
     parser.add_argument(
         "--sdpa-backend", choices=sorted(SDPA_BACKENDS), default=None,
         help="hold scaled-dot-product attention to this backend (default: PyTorch picks)",
@@ -206,7 +223,11 @@ def main(argv=None) -> int:
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     held = sdpa_kernel(SDPA_BACKENDS[args.sdpa_backend]) if args.sdpa_backend else contextlib.nullcontext()
     with held:
-        report = measure(preset, device, dtype, sizes, args.repeats, log, compiled=args.compiled and not args.quick)
+        report = measure(
+            preset, device, dtype, sizes, args.repeats, log,
+            compiled=args.compiled and not args.quick, varlen=args.varlen and not args.quick,
+            source=tuple(int(n) for n in args.source.lower().split("x")),
+        )  # fmt: skip
     report["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     report["sdpa_backend"] = args.sdpa_backend or "default"
     out = Path(args.out)

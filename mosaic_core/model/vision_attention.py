@@ -15,6 +15,12 @@ cuDNN's attention held on its own (122-124 ms), and Flash's none, at the same sp
 session 24). An ingest call's batch size changes with the frames waiting, so those first calls recur in the
 service.
 
+``hold_vision_attention(model, "varlen")`` holds the single-length calls to Flash as "flash" does, and on CUDA, in
+half precision, sends chunks of several lengths (the edge windows of a frame that is not a whole number of windows,
+as the service's 196x504 frames are not) to one variable-length FlashAttention call over ``cu_seqlens``
+(``torch.nn.attention.varlen``) instead of a gather, an SDPA and a scatter per length: one launch a block in place
+of about 24 for four lengths. Not yet measured on a GPU.
+
 Which rotary runs where: on CUDA tensors, when the Triton kernels can run (``kernels_ready()``; with a CUDA device
 that means triton is installed), the Triton kernel ``kernels.vision_rotary`` reads query and key in place from
 the qkv projection's output in one launch. Everywhere else (CPU tensors, or CUDA without triton) the attention's
@@ -65,6 +71,9 @@ class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
     # SDPA backends the chunks are held to on CUDA, in order of preference (None: PyTorch picks); set per instance
     # by ``hold_vision_attention``.
     cuda_backends: list[SDPBackend] | None = None
+    # Chunks of several lengths in one variable-length Flash call on CUDA (half precision); set per instance by
+    # ``hold_vision_attention``.
+    varlen: bool = False
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
         if self.config._attn_implementation != "sdpa" or position_embeddings is None:
@@ -74,6 +83,9 @@ class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
         query, key = self._rotated(qkv[:2], *position_embeddings).unbind(0)  # each [seq, heads, head_dim]
         value = qkv[2]
         groups = _chunk_plan(cu_seqlens)
+        if self.varlen and len(groups) > 1 and _varlen_takes(query, self.scaling):
+            out = _attend_varlen(query, key, value, cu_seqlens, max(length for length, _ in groups))
+            return self.proj(out.reshape(seq_length, -1))
         held = sdpa_kernel(self.cuda_backends) if self.cuda_backends and query.is_cuda else contextlib.nullcontext()
         with held:
             if len(groups) == 1 and groups[0][1] is None:
@@ -106,18 +118,51 @@ class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
 VISION_ATTENTION_BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
     "auto": None,
+    "varlen": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
 }
+
+
+def _varlen_takes(query: torch.Tensor, scaling: float) -> bool:
+    """Whether the variable-length Flash call runs ``query``: CUDA, half precision, the default softmax scale."""
+    return (
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and abs(scaling - query.shape[-1] ** -0.5) < 1e-9
+    )
+
+
+def _attend_varlen(query, key, value, cu_seqlens: torch.Tensor, max_length: int) -> torch.Tensor:
+    """Attention within each ``cu_seqlens`` chunk of ``[tokens, heads, head_dim]`` query, key and value, in one
+    variable-length FlashAttention call."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    bounds = cu_seqlens.to(torch.int32)
+    return varlen_attn(query, key, value.contiguous(), bounds, bounds, max_length, max_length)
+
+
+def varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def hold_vision_attention(model: torch.nn.Module, choice: str) -> int:
     """Holds every batched vision attention of ``model`` to ``VISION_ATTENTION_BACKENDS[choice]`` on CUDA ("auto":
-    PyTorch picks per call); returns how many. The CPU is never held."""
+    PyTorch picks per call; "varlen": as "flash", with chunks of several lengths in one variable-length call);
+    returns how many. The CPU is never held."""
     if choice not in VISION_ATTENTION_BACKENDS:
         raise ValueError(f"vision attention {choice!r} is not one of {sorted(VISION_ATTENTION_BACKENDS)}")
+    if choice == "varlen" and not varlen_available():
+        raise ValueError(
+            f"vision attention 'varlen' needs torch.nn.attention.varlen, which torch {torch.__version__} lacks"
+        )
     held = 0
     for module in model.modules():
         if isinstance(module, BatchedChunkAttention):
             module.cuda_backends = VISION_ATTENTION_BACKENDS[choice]
+            module.varlen = choice == "varlen"
             held += 1
     return held
 
