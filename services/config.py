@@ -144,9 +144,10 @@ class ServiceConfig(BaseModel):
     # Ray) may keep the GIL once the engine thread asks for it back. Python's default is 5 ms; the engine thread,
     # which queues the GPU's work, needs the GIL nearly all the time.
     python_switch_interval_s: float = Field(0.005, gt=0, le=0.1)
-    # Once started, a worker freezes the objects it holds then out of garbage collection (services.gc_watch): with
-    # the 7B model on the H200 host a full collection over them took 431 ms with the GIL held, under 1 ms after
-    # (bench/NOTES.md, session 25). False: CPython's collections as they come.
+    # A worker freezes the objects it holds once its engine is warmed up, before it restores or opens any stream, out
+    # of garbage collection (services.gc_watch): with the 7B model on the H200 host a full collection over them took
+    # 431 ms with the GIL held, under 1 ms after (bench/NOTES.md, session 25). False: CPython's collections as they
+    # come.
     freeze_heap_after_start: bool = True
     # Each pulled source is decoded in a child process of its own (services.source_decoding), so decoding does not
     # take the worker's GIL from its engine thread; a child takes about 55 MB of memory (RSS, on this machine). False: a

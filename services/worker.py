@@ -169,6 +169,8 @@ class WorkerCore:
             context_s=config.watch_answer_context_s,
             query_cache_bytes=config.watch_query_cache_bytes,
         )
+        if config.freeze_heap_after_start:  # before any stream: a deleted stream's objects stay collectable
+            gc_watch.freeze_once(f"worker {worker_id}")
         self.loop.start()
         stack_probe.start(
             f"worker-{worker_id}",
@@ -178,8 +180,6 @@ class WorkerCore:
         )
         self.restored_streams = self._restore()
         self.publisher.start()
-        if config.freeze_heap_after_start:
-            gc_watch.freeze_once(f"worker {worker_id}")
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
