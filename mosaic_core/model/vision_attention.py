@@ -18,7 +18,7 @@ service.
 ``hold_vision_attention(model, "varlen")`` holds the single-length calls to Flash as "flash" does, and on CUDA, in
 half precision, sends chunks of several lengths (the edge windows of a frame that is not a whole number of windows,
 as the service's 196x504 frames are not) to one variable-length FlashAttention call over ``cu_seqlens``
-(``torch.nn.attention.varlen``) instead of a gather, an SDPA and a scatter per length: one launch a block in place
+(``torch.nn.attention.varlen``) instead of a gather, an SDPA and a scatter per length: a few launches a block in place
 of about 24 for four lengths. Not yet measured on a GPU.
 
 Which rotary runs where: on CUDA tensors, when the Triton kernels can run (``kernels_ready()``; with a CUDA device
