@@ -267,6 +267,13 @@ class ClusterFormer:
         """The record itself (not a copy) for a caller that only reads it, or None if there is none by that id."""
         return self._by_id.get(cluster_id)
 
+    def known_record_to_read(self, cluster_id: str) -> ClusterRecord:
+        """``record_to_read`` for a cluster that must exist; raises ``UnknownClusterError`` if it does not."""
+        record = self._by_id.get(cluster_id)
+        if record is None:
+            raise UnknownClusterError(f"stream {self.stream_id!r} has no cluster {cluster_id!r}")
+        return record
+
     def started_after_to_read(self, start_s: float) -> tuple[ClusterRecord, ...]:
         """The records that start after ``start_s`` themselves, in order, found by a binary search: records are in
         order of their first frames, so of their starts too."""
@@ -458,9 +465,7 @@ class ClusterFormer:
             self._by_id[record.cluster_id] = record
 
     def _position(self, cluster_id: str) -> int:
-        record = self._by_id.get(cluster_id)
-        if record is None:
-            raise UnknownClusterError(f"stream {self.stream_id!r} has no cluster {cluster_id!r}")
+        record = self.known_record_to_read(cluster_id)
         # Records are in order of their first frames, which no two share, so a search finds it; the scan keeps a
         # lookup right were that order ever broken.
         pos = bisect.bisect_left(self._records, _first_frame(record), key=_first_frame)

@@ -29,7 +29,6 @@ from mosaic_core.engine.keyframe_store import KeyframeSettings, held_keyframes, 
 from mosaic_core.engine.keyframes import Keyframe, make_keyframe_id
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
-from mosaic_core.errors import UnknownClusterError
 
 log = logging.getLogger(__name__)
 ID_BLOCK = 64
@@ -78,9 +77,7 @@ class HistoryKeeper:
         """Frame ``frame_index`` left the local window and joined ``cluster_id``'s KV; if it was the last frame
         of a sealed cluster, the cluster is complete: persist it. Called for every frame stored, so it reads the
         record in place: a copy (``former.get``) grows with the cluster's frames."""
-        record = state.former.record_to_read(cluster_id)
-        if record is None:
-            raise UnknownClusterError(f"stream {state.stream_id!r} has no cluster {cluster_id!r}")
+        record = state.former.known_record_to_read(cluster_id)
         if record.sealed and frame_index == record.frame_indices[-1]:
             self.store.submit(state.stream_id, add=[self._seal(state, record)])
 

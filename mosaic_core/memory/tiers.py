@@ -268,11 +268,10 @@ class KVTiers:
 
         When every page of the cluster holds ``page_tokens`` tokens (pool pages of that length, full, or longer pages
         holding one frame each), the record's pages are the pool pages' first ``page_tokens`` slots, gathered in one
-        copy; otherwise the cluster is read and cut into pages where it lives. From
-        the device the copy goes into pinned memory on the side stream, so the caller does not wait: a pageable
-        copy would hold the engine thread until the device had run everything queued before it. That memory comes
-        from ``staging`` when given (pinned once, up front; this may wait for room in it), else from the caching
-        host allocator."""
+        copy; otherwise the cluster is read and cut into pages where it lives. From the device the copy goes into
+        pinned memory on the side stream, so the caller does not wait: a pageable copy would hold the engine thread
+        until the device had run everything queued before it. That memory comes from ``staging`` when given (pinned
+        once, up front; this may wait for room in it), else from the caching host allocator."""
         tier = self.tier_of(cluster_id)
         record = self.pages(cluster_id)
         if tier is not Tier.DISK and page_tokens <= self.page_tokens and all(f == page_tokens for f in record.fills):

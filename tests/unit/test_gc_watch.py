@@ -12,7 +12,6 @@ def test_freezing_moves_the_live_heap_out_of_full_collections():
         frozen = gc_watch.freeze_start_up_heap("test")
         assert frozen["objects"] > 10_000  # pytest's, torch's, this process's modules
         assert gc.get_freeze_count() > 10_000
-        assert frozen["full_collection_before_s"] > 0 and frozen["full_collection_after_s"] > 0
         assert gc_watch.snapshot()["frozen"] == frozen
         assert gc_watch.freeze_once("test") is None  # a second worker in the process freezes nothing more
     finally:
