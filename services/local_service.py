@@ -7,6 +7,7 @@ Every wait is bounded; processes are stopped by PID. Used by ``mosaic bench faul
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 import signal
@@ -19,11 +20,22 @@ from pathlib import Path
 
 from mosaic_core.durable.manifest import replay
 
+# Below Linux's ephemeral range (32768 and up), which the kernel hands to every later bind to port 0, and above the
+# ports Ray's workers take (10002-19999): a port picked from the ephemeral range could be given to Ray, which starts
+# inside ``mosaic serve`` before its gRPC server binds (it was, once, in CI).
+PICKED_PORTS = range(20000, 32768)
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, from ``PICKED_PORTS``."""
+    for port in random.sample(PICKED_PORTS, 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port among 64 tried in {PICKED_PORTS.start}-{PICKED_PORTS.stop - 1}")
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.25):
