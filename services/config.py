@@ -131,19 +131,23 @@ class ServiceConfig(BaseModel):
     # The vision tower's attention kernel on CUDA: "flash" holds it to FlashAttention, "auto" lets PyTorch pick per
     # call, which on the H200 paid 54-85 ms more on the first call of each new batch size (an ingest call's size
     # changes with the frames waiting) at the same speed per call (mosaic_core.model.vision_attention).
-    # "varlen" also sends a frame's windows of several lengths to one variable-length Flash call a block (not yet
-    # measured on a GPU).
-    vision_attention: Literal["flash", "auto", "varlen"] = "flash"
+    # "varlen" (the default) also sends a frame's windows of several lengths to one variable-length Flash call a
+    # block: at 150 cameras on the H200 the engine thread's stretches without a chance to start a question fell from
+    # 0.031 to 0.007 s a second and TTFT p99 from 261 to 166 ms against "flash" (bench/NOTES.md, session 26). It needs
+    # torch.nn.attention.varlen (the torch the README installs has it); an older torch must choose "flash".
+    vision_attention: Literal["flash", "auto", "varlen"] = "varlen"
     # On a GPU, questions started at those pauses run on a high-priority CUDA stream beside the ingest work already
     # queued, and the host does not wait for the device at pauses (mosaic_core.engine.ingest_pauses); false: the
     # host waits at each pause until the device is ingest_pause_lookahead chunks behind, and the questions run behind
     # those chunks. Off by default: at 128 cameras on the H200 the service ingested 92 frames/s with it, against 123
     # without, though on two machines (bench/NOTES.md, session 15).
     questions_alongside_ingest: bool = False
-    # The worker process's sys.setswitchinterval: how long another Python thread (a source decoding video, a push,
-    # Ray) may keep the GIL once the engine thread asks for it back. Python's default is 5 ms; the engine thread,
-    # which queues the GPU's work, needs the GIL nearly all the time.
-    python_switch_interval_s: float = Field(0.005, gt=0, le=0.1)
+    # The worker process's sys.setswitchinterval: how long one Python thread may keep the GIL once another asks for
+    # it. The engine thread, which queues the GPU's work, needs the GIL nearly all the time, so at Python's 5 ms a
+    # question crossing Ray's and the worker's threads waited for it at every hop: at 150 cameras on the H200 (two
+    # runs, two machines) the server's TTFT p50 was 37 ms at 1 ms against 89 at 5, the part outside the engine 10
+    # against 39 (bench/NOTES.md, session 26).
+    python_switch_interval_s: float = Field(0.001, gt=0, le=0.1)
     # A worker freezes the objects it holds once its engine is warmed up, before it restores or opens any stream, out
     # of garbage collection (services.gc_watch): with the 7B model on the H200 host a full collection over them took
     # 431 ms with the GIL held, under 1 ms after (bench/NOTES.md, session 25). False: CPython's collections as they
