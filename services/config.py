@@ -132,9 +132,10 @@ class ServiceConfig(BaseModel):
     # call, which on the H200 paid 54-85 ms more on the first call of each new batch size (an ingest call's size
     # changes with the frames waiting) at the same speed per call (mosaic_core.model.vision_attention).
     # "varlen" (the default) also sends a frame's windows of several lengths to one variable-length Flash call a
-    # block: at 150 cameras on the H200 the engine thread's stretches without a chance to start a question fell from
-    # 0.031 to 0.007 s a second and TTFT p99 from 261 to 166 ms against "flash" (bench/NOTES.md, session 26). It needs
-    # torch.nn.attention.varlen (the torch the README installs has it); an older torch must choose "flash".
+    # block: at 150 cameras on the H200 (reached from 128; two runs on two machines) the engine thread's stretches
+    # without a chance to start a question were 0.007 s a second against 0.031 with "flash", and TTFT p99 166 ms
+    # against 261 (bench/NOTES.md, session 26). It needs torch.nn.attention.varlen (the torch the README installs has
+    # it); an older torch must choose "flash".
     vision_attention: Literal["flash", "auto", "varlen"] = "varlen"
     # On a GPU, questions started at those pauses run on a high-priority CUDA stream beside the ingest work already
     # queued, and the host does not wait for the device at pauses (mosaic_core.engine.ingest_pauses); false: the
@@ -143,11 +144,12 @@ class ServiceConfig(BaseModel):
     # without, though on two machines (bench/NOTES.md, session 15).
     questions_alongside_ingest: bool = False
     # The worker process's sys.setswitchinterval: how long one Python thread may keep the GIL once another asks for
-    # it. The engine thread, which queues the GPU's work, needs the GIL nearly all the time, so at Python's 5 ms a
-    # question crossing Ray's and the worker's threads waited for it at every hop: at 150 cameras on the H200 (two
-    # runs, two machines) the server's TTFT p50 was 37 ms at 1 ms against 89 at 5, the part outside the engine 10
-    # against 39 (bench/NOTES.md, session 26).
-    python_switch_interval_s: float = Field(0.001, gt=0, le=0.1)
+    # it. The engine thread, which queues the GPU's work, needs the GIL nearly all the time. On the H200 at 150
+    # cameras, 1 ms gave a server TTFT p50 of 37 ms against 89 at Python's 5 ms (two runs on two machines); but a
+    # ramp with 1 ms (and the tower's varlen attention) ingested 110, 69 and 74 frames/s at 150, 192 and 256 cameras,
+    # where session 25's ramp at 5 ms held 142-148, so 5 ms stays the default until the two are measured side by
+    # side (bench/NOTES.md, session 26).
+    python_switch_interval_s: float = Field(0.005, gt=0, le=0.1)
     # A worker freezes the objects it holds once its engine is warmed up, before it restores or opens any stream, out
     # of garbage collection (services.gc_watch): with the 7B model on the H200 host a full collection over them took
     # 431 ms with the GIL held, under 1 ms after (bench/NOTES.md, session 25). False: CPython's collections as they
