@@ -133,7 +133,7 @@ class ServiceConfig(BaseModel):
     # changes with the frames waiting) at the same speed per call (mosaic_core.model.vision_attention).
     # "varlen" (the default) also sends a frame's windows of several lengths to one variable-length Flash call a
     # block: at 150 cameras on the H200 (reached from 128; two runs on two machines) the engine thread's stretches
-    # without a chance to start a question were 0.007 s a second against 0.031 with "flash", and TTFT p99 166 ms
+    # without a chance to start a question were 0.007 s a second against 0.035 with "flash", and TTFT p99 166 ms
     # against 261 (bench/NOTES.md, session 26). It needs torch.nn.attention.varlen (the torch the README installs has
     # it); an older torch must choose "flash".
     vision_attention: Literal["flash", "auto", "varlen"] = "varlen"
@@ -141,7 +141,8 @@ class ServiceConfig(BaseModel):
     # queued, and the host does not wait for the device at pauses (mosaic_core.engine.ingest_pauses); false: the
     # host waits at each pause until the device is ingest_pause_lookahead chunks behind, and the questions run behind
     # those chunks. Off by default: at 128 cameras on the H200 the service ingested 92 frames/s with it, against 123
-    # without, though on two machines (bench/NOTES.md, session 15).
+    # without, though on two machines (bench/NOTES.md, session 15); in session 26, at 128 and 150 cameras, its TTFT p99
+    # was 452 and 423 ms, its prefill p99 355 and 300 ms.
     questions_alongside_ingest: bool = False
     # The worker process's sys.setswitchinterval: how long one Python thread may keep the GIL once another asks for
     # it. The engine thread, which queues the GPU's work, needs the GIL nearly all the time. On the H200 at 150

@@ -20,7 +20,7 @@ half precision, sends chunks of several lengths (the edge windows of a frame tha
 as the service's 196x504 frames are not) to one variable-length FlashAttention call over ``cu_seqlens``
 (``torch.nn.attention.varlen``) instead of a gather, an SDPA and a scatter per length: a few launches a block in place
 of about 24 for four lengths. On the H200, 128 such frames went through the tower in 240 ms against 253, and in
-the service at 150 cameras the engine thread's stretches without a chance to start a question fell by three quarters
+the service at 150 cameras the engine thread's stretches without a chance to start a question fell by four fifths
 (bench/NOTES.md, session 26).
 
 Which rotary runs where: on CUDA tensors, when the Triton kernels can run (``kernels_ready()``; with a CUDA device
