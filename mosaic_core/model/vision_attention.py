@@ -117,11 +117,8 @@ class BatchedChunkAttention(Qwen2_5_VLVisionAttention):
         return out.transpose(1, 2).reshape(query.shape)
 
 
-VISION_ATTENTION_BACKENDS = {
-    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
-    "auto": None,
-    "varlen": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
-}
+_FLASH_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+VISION_ATTENTION_BACKENDS = {"flash": _FLASH_FIRST, "auto": None, "varlen": _FLASH_FIRST}
 
 
 def _varlen_takes(query: torch.Tensor, scaling: float) -> bool:
