@@ -282,6 +282,8 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
     server_ttft = [a.server_ttft_s for a in answers if a.server_ttft_s is not None]
     start_waits = [a.start_wait_s for a in answers if a.start_wait_s is not None]
     engine_ttfts = [a.engine_ttft_s for a in answers if a.engine_ttft_s is not None]
+    handoffs = [a.handoff_s for a in answers if a.handoff_s is not None]
+    transports = [a.transport_s for a in answers if a.transport_s is not None]
     thread = engine_thread(engine_seen[0], engine_seen[-1], elapsed) if engine_seen else EngineThread({}, None, None)
     return StepResult(
         cameras=len(cameras),
@@ -320,6 +322,10 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         start_wait_p99_ms=ms(percentile(start_waits, 99)),
         engine_ttft_p50_ms=ms(percentile(engine_ttfts, 50)),
         engine_ttft_p99_ms=ms(percentile(engine_ttfts, 99)),
+        handoff_p50_ms=ms(percentile(handoffs, 50)),
+        handoff_p99_ms=ms(percentile(handoffs, 99)),
+        transport_p50_ms=ms(percentile(transports, 50)),
+        transport_p99_ms=ms(percentile(transports, 99)),
         ttft_samples_ms=[question_sample_ms(a) for a in answers],
         question_start_gaps=start_gaps(gaps_seen[0], gaps_seen[-1]) if gaps_seen else {},
     )
@@ -333,6 +339,9 @@ def question_sample_ms(answer) -> dict[str, float | None]:
         "server": ms(answer.server_ttft_s),
         "start_wait": ms(answer.start_wait_s),
         "engine": ms(answer.engine_ttft_s),
+        "worker": ms(answer.worker_ttft_s),
+        "handoff": ms(answer.handoff_s),
+        "transport": ms(answer.transport_s),
     }
 
 

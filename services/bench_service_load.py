@@ -25,6 +25,9 @@ class Answer:
     server_decode_s_per_token: float | None
     start_wait_s: float | None = None  # of server_ttft_s: on the worker, until its engine began the question
     engine_ttft_s: float | None = None  # of server_ttft_s: the engine's prefill to first token
+    worker_ttft_s: float | None = None  # of server_ttft_s: on the worker, the call's arrival to its first token out
+    handoff_s: float | None = None  # of worker_ttft_s: the first token from the engine thread to the call's thread
+    transport_s: float | None = None  # of server_ttft_s: between router and worker, both ways
 
 
 @dataclass(slots=True)
@@ -146,4 +149,7 @@ def ask_timed(client, question: str, camera: str, max_new_tokens: int) -> Answer
         server_decode_s_per_token=server_decode,
         start_wait_s=timings.start_wait_s if timings is not None else None,
         engine_ttft_s=timings.engine_first_token_s if timings is not None else None,
+        worker_ttft_s=timings.worker_first_token_s if timings is not None else None,
+        handoff_s=timings.token_handoff_s if timings is not None else None,
+        transport_s=timings.transport_s if timings is not None else None,
     )

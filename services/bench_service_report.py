@@ -55,7 +55,14 @@ class StepResult:
     start_wait_p99_ms: float | None = None
     engine_ttft_p50_ms: float | None = None
     engine_ttft_p99_ms: float | None = None
-    # Every answered question's TTFT and its parts in ms: client, server, start_wait, engine (question_sample_ms)
+    # Outside the engine thread: the first token's way from the engine thread to the thread that sends it
+    # (QueryTimings.token_handoff_s), and between router and worker both ways (QueryTimings.transport_s)
+    handoff_p50_ms: float | None = None
+    handoff_p99_ms: float | None = None
+    transport_p50_ms: float | None = None
+    transport_p99_ms: float | None = None
+    # Every answered question's TTFT and its parts in ms: client, server, start_wait, engine, worker, handoff and
+    # transport (question_sample_ms)
     ttft_samples_ms: list[dict[str, float | None]] = field(default_factory=list)
     # Gaps between the engine thread's chances to start a question, by kind (bench_service.start_gaps)
     question_start_gaps: dict[str, dict] = field(default_factory=dict)
@@ -152,6 +159,12 @@ def table(report: dict) -> str:
                 f"{step['start_wait_p50_ms']:.0f} / {step['start_wait_p99_ms']:.0f} ms, the engine's prefill to first "
                 f"token {step['engine_ttft_p50_ms']:.0f} / {step['engine_ttft_p99_ms']:.0f} ms (each its own "
                 "percentiles)"
+            )
+        if step.get("transport_p50_ms") is not None:
+            lines.append(
+                f"N={step['cameras']}: outside the engine thread, the first token from the engine thread to the "
+                f"thread sending it {step['handoff_p50_ms']:.1f} / {step['handoff_p99_ms']:.1f} ms, between router "
+                f"and worker both ways {step['transport_p50_ms']:.1f} / {step['transport_p99_ms']:.1f} ms (p50 / p99)"
             )
         gaps = step.get("question_start_gaps")
         if gaps:

@@ -250,7 +250,8 @@ def print_event(event, client, *, indent: str = "") -> None:
         print(
             f"{indent}timings: queue {t.queue_s * 1000:.1f} ms, first token {t.time_to_first_token_s * 1000:.0f} ms "
             f"(of it waiting for the engine {t.start_wait_s * 1000:.0f} ms, prefill "
-            f"{t.engine_first_token_s * 1000:.0f} ms), decode {t.decode_s * 1000:.0f} ms, {t.num_tokens} tokens, "
+            f"{t.engine_first_token_s * 1000:.0f} ms, between router and worker {t.transport_s * 1000:.0f} ms), "
+            f"decode {t.decode_s * 1000:.0f} ms, {t.num_tokens} tokens, "
             f"{t.bytes_fetched} bytes fetched"
         )
 

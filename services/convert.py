@@ -158,6 +158,9 @@ def timings_event(answers: list[Answer], *, queue_s: float, ttft_s: float, decod
             bytes_fetched=sum(a.retrieval.bytes_fetched for a in answers),
             start_wait_s=max((a.timings.start_wait_s for a in answers), default=0.0),
             engine_first_token_s=max((a.timings.time_to_first_token_s for a in answers), default=0.0),
+            worker_first_token_s=max((a.timings.worker_first_token_s for a in answers), default=0.0),
+            token_handoff_s=max((a.timings.token_handoff_s for a in answers), default=0.0),
+            transport_s=max((a.timings.transport_s for a in answers), default=0.0),
         )
     )
 

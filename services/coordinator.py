@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import ray
 
 from mosaic_core.engine.keyframes import Keyframe
+from mosaic_core.engine.results import Answer
 from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import AlreadyExistsError, CapacityError, UnknownStreamError
 from services.errors import UnavailableError, unwrap
@@ -217,11 +219,17 @@ class Coordinator:
         """One stream's answer: ``TokenEvent``s then the ``Answer``; cancels the worker side if abandoned."""
         index = self._index_of(stream_id)
         worker = self.workers[index]
+        sent_s = time.monotonic()
         refs = worker.ask.remote(question_id, stream_id, question, max_new_tokens, time_range, timeout_s)
+        first_back_s = None
         finished = False
         try:
             async for ref in refs:
-                yield await self._call(index, ref)
+                event = await self._call(index, ref)
+                first_back_s = first_back_s or time.monotonic()
+                if isinstance(event, Answer):
+                    event.timings.transport_s = max(0.0, first_back_s - sent_s - event.timings.worker_first_token_s)
+                yield event
             finished = True
         finally:
             if not finished:

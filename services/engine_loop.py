@@ -117,6 +117,7 @@ class QuestionJob:
     waits_for_room_until: int = -1  # parked until more than this many running questions have finished
     submitted_s: float = 0.0  # time.monotonic() when the loop received it
     started_s: float = 0.0  # time.monotonic() when the engine began it (again, after a wait for device room)
+    first_event_s: float = 0.0  # time.monotonic() when the engine thread handed its first event to the caller
 
 
 class EngineLoop:
@@ -569,6 +570,8 @@ class EngineLoop:
             job.events.put(event)
             self.tier_sync.flush([job.stream_id])  # retrieval moves and merges
             return self._finish(job, None)
+        if not job.first_event_s:
+            job.first_event_s = time.monotonic()
         job.events.put(event)
         return None
 

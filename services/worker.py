@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mosaic_core.engine.keyframes import Keyframe
+from mosaic_core.engine.results import Answer
 from mosaic_core.errors import (
     AlreadyExistsError,
     BudgetError,
@@ -445,6 +446,7 @@ class WorkerCore:
         timeout_s: float,
     ):
         """Streams ``TokenEvent``s then the ``Answer`` (a Ray streaming generator across processes)."""
+        arrived_s = time.monotonic()
         session = self.sessions.get(stream_id)
         if session is None:
             raise UnknownStreamError(f"unknown stream {stream_id!r}")
@@ -460,10 +462,16 @@ class WorkerCore:
             retention_s=session.record.retention_s,
         )
         self.loop.submit(job)
+        first_out_s = None
         try:
             while (item := job.events.get()) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
+                if first_out_s is None:
+                    first_out_s = time.monotonic()
+                if isinstance(item, Answer):
+                    item.timings.worker_first_token_s = first_out_s - arrived_s
+                    item.timings.token_handoff_s = max(0.0, first_out_s - (job.first_event_s or first_out_s))
                 yield item
         finally:
             job.cancelled.set()

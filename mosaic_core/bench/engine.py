@@ -45,6 +45,7 @@ from mosaic_core.config import GIB, MIB, EngineConfig, RetrievalMode
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.results import FrameInput
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
+from mosaic_core.model.vision_attention import VISION_ATTENTION_BACKENDS
 from mosaic_core.terminal import Progress
 
 QUESTIONS = [
@@ -510,6 +511,10 @@ def main(argv=None) -> int:
         help="scenario B's JPEG keyframes kept per cluster (0: none)",
     )  # fmt: skip
     parser.add_argument(
+        "--vision-attention", choices=sorted(VISION_ATTENTION_BACKENDS), default="varlen",
+        help="the vision tower's attention kernel on CUDA, as the service's vision_attention (its default: varlen)",
+    )  # fmt: skip
+    parser.add_argument(
         "--b-pauses", default="off",
         help="scenario B's pause variants, comma-separated, each run side by side: off, or every<L>[-ahead<K>]"
         "[-skip-idle] to pause every L layers as the service's ingest calls do (mosaic_core/bench/b_pauses.py)",
@@ -532,11 +537,13 @@ def main(argv=None) -> int:
     s = BenchSettings.from_args(argparse.Namespace(**{**vars(args), "cameras": camera_counts[0]}))
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     log(f"loading {s.model} on {s.device} ({s.dtype})")
-    model = Qwen25VLAdapter.load(s.model, device=s.device, dtype=s.dtype)
+    model = Qwen25VLAdapter.load(s.model, device=s.device, dtype=s.dtype, vision_attention=args.vision_attention)
+    log(f"the vision tower's attention: {args.vision_attention}")
     s = sized_to_machine(s, model, args.camera_budget_gib, log)
     pcie = measure_pcie_peak(s.device)
     log(f"pinned host->device peak: {pcie:.1f} GB/s")
     report = {"settings": {k: str(v) for k, v in dataclasses.asdict(s).items()}, "pcie_gbs": pcie}
+    report["vision_attention"] = args.vision_attention
     if torch.cuda.is_available():
         report["gpu"] = torch.cuda.get_device_name()
     scenarios = set(args.scenarios.upper().split(","))

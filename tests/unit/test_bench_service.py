@@ -93,6 +93,11 @@ def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
         "N=16: the server's TTFT p50 / p99 30 / 80 ms; of a question's, waiting on the worker for the engine 12 / "
         "61 ms, the engine's prefill to first token 15 / 19 ms (each its own percentiles)"
     )
+    report["steps"][1].update(handoff_p50_ms=0.42, handoff_p99_ms=5.1, transport_p50_ms=3.31, transport_p99_ms=40.0)
+    assert table(report).splitlines()[-1] == (
+        "N=16: outside the engine thread, the first token from the engine thread to the thread sending it 0.4 / "
+        "5.1 ms, between router and worker both ways 3.3 / 40.0 ms (p50 / p99)"
+    )
 
 
 def test_engine_thread_share_and_call_sizes_come_from_two_scrapes():

@@ -153,6 +153,9 @@ def test_field_numbers_are_stable() -> None:
             "bytes_fetched": 6,
             "start_wait_s": 7,
             "engine_first_token_s": 8,
+            "worker_first_token_s": 9,
+            "token_handoff_s": 10,
+            "transport_s": 11,
         },
     }
     for message, fields in expected.items():

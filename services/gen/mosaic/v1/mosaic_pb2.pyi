@@ -263,7 +263,7 @@ class Evidence(_message.Message):
     def __init__(self, spans: _Optional[_Iterable[_Union[EvidenceSpan, _Mapping]]] = ...) -> None: ...
 
 class QueryTimings(_message.Message):
-    __slots__ = ("queue_s", "retrieval_s", "time_to_first_token_s", "decode_s", "num_tokens", "bytes_fetched", "start_wait_s", "engine_first_token_s")
+    __slots__ = ("queue_s", "retrieval_s", "time_to_first_token_s", "decode_s", "num_tokens", "bytes_fetched", "start_wait_s", "engine_first_token_s", "worker_first_token_s", "token_handoff_s", "transport_s")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_S_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +272,9 @@ class QueryTimings(_message.Message):
     BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
     START_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_HANDOFF_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_S_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     retrieval_s: float
     time_to_first_token_s: float
@@ -280,7 +283,10 @@ class QueryTimings(_message.Message):
     bytes_fetched: int
     start_wait_s: float
     engine_first_token_s: float
-    def __init__(self, queue_s: _Optional[float] = ..., retrieval_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., num_tokens: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., start_wait_s: _Optional[float] = ..., engine_first_token_s: _Optional[float] = ...) -> None: ...
+    worker_first_token_s: float
+    token_handoff_s: float
+    transport_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., retrieval_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., num_tokens: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., start_wait_s: _Optional[float] = ..., engine_first_token_s: _Optional[float] = ..., worker_first_token_s: _Optional[float] = ..., token_handoff_s: _Optional[float] = ..., transport_s: _Optional[float] = ...) -> None: ...
 
 class QueryEvent(_message.Message):
     __slots__ = ("token", "evidence", "timings")
