@@ -143,6 +143,31 @@ def durable_totals(metrics_text: str) -> dict[str, float]:
     return totals
 
 
+TIER_GAUGES = {"mosaic_tier_used_bytes": "used_gib", "mosaic_tier_capacity_bytes": "capacity_gib"}
+TRANSFER_TOTAL = "mosaic_transfer_bytes_total"
+TIER_OR_DIRECTION = re.compile(r'(?:tier|direction)="([^"]*)"')
+
+
+def tier_totals(metrics_text: str) -> dict[str, float]:
+    """The workers' KV bytes held and budgeted per tier, and moved between tiers per direction, summed over
+    workers, keyed ``used_gib:device``, ``capacity_gib:host``, ``moved:device_to_host`` and so on (bytes)."""
+    totals: dict[str, float] = {}
+    for name, labels, value in METRIC_LINE.findall(metrics_text):
+        key = TIER_GAUGES.get(name) or ("moved" if name == TRANSFER_TOTAL else None)
+        if key is not None and (label := TIER_OR_DIRECTION.search(labels)):
+            totals[f"{key}:{label.group(1)}"] = totals.get(f"{key}:{label.group(1)}", 0.0) + float(value)
+    return totals
+
+
+def tier_summary(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> dict[str, float]:
+    """Each tier's use and budget at the step's end (GiB), and the bytes moved between tiers per second (MB/s)."""
+    summary = {key: value / 2**30 for key, value in after.items() if not key.startswith("moved:")}
+    for key, value in after.items():
+        if key.startswith("moved:"):
+            summary[f"{key.removeprefix('moved:')}_mb_per_s"] = (value - before.get(key, 0.0)) / elapsed_s / 1e6
+    return summary
+
+
 def durable_rates(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> dict[str, float]:
     """``durable_totals`` between two scrapes, per second (bytes as MB)."""
     rates = {key: (after[name] - before[name]) / elapsed_s for name, key in DURABLE_TOTALS.items()}
@@ -240,6 +265,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
 
     engine_seen: list[dict[str, float]] = []
     durable_seen: list[dict[str, float]] = []
+    tiers_seen: list[dict[str, float]] = []
     gaps_seen: list[dict[tuple[str, float], float]] = []
 
     def stats() -> dict[str, StreamSample] | None:
@@ -250,6 +276,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
             return None
         engine_seen.append(engine_totals(text))
         durable_seen.append(durable_totals(text))
+        tiers_seen.append(tier_totals(text))
         gaps_seen.append(start_gap_buckets(text))
         return stream_samples(text, ids)
 
@@ -317,6 +344,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         worker_gil=gil_probe.wait_share(gil_before, gil_probe.read_latest(service.workdir, "worker-*")),
         engine_stacks=stack_probe.busiest(stacks_before, stack_probe.read_latest(service.workdir, "worker-*")),
         durable=durable_rates(durable_seen[0], durable_seen[-1], elapsed) if durable_seen else None,
+        tiers=tier_summary(tiers_seen[0], tiers_seen[-1], elapsed) if tiers_seen else None,
         settled_after_s=settled_after_s,
         start_wait_p50_ms=ms(percentile(start_waits, 50)),
         start_wait_p99_ms=ms(percentile(start_waits, 99)),

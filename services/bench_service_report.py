@@ -49,6 +49,7 @@ class StepResult:
     settled_after_s: float | None = None  # after the warm-up, until every lag was under LAG_LIMIT_S; None: never
     engine_stacks: dict | None = None  # where the engine thread was (services.stack_probe.busiest)
     durable: dict[str, float] | None = None  # the workers' record writing, per second (bench_service.durable_rates)
+    tiers: dict[str, float] | None = None  # KV held and budgeted per tier, and moved (bench_service.tier_summary)
     # Parts of the server's TTFT: waiting on the worker until the engine began the question, and the engine's
     # prefill to first token (QueryTimings.start_wait_s and engine_first_token_s)
     start_wait_p50_ms: float | None = None
@@ -181,6 +182,19 @@ def table(report: dict) -> str:
                 f"the writer threads busy {durable['writers_busy_s_per_s']:.2f} s/s (summed), the engine thread "
                 f"waiting for them {durable['ingest_wait_s_per_s']:.2f} s/s"
             )
+        tiers = step.get("tiers")
+        if tiers:
+            held = ", ".join(
+                f"{key.removeprefix('used_gib:')} {value:.1f} of {tiers.get('capacity_gib:' + key[9:], 0.0):.1f} GiB"
+                for key, value in sorted(tiers.items())
+                if key.startswith("used_gib:")
+            )
+            moved = ", ".join(
+                f"{key.removesuffix('_mb_per_s')} {value:.0f}"
+                for key, value in sorted(tiers.items())
+                if key.endswith("_mb_per_s")
+            )
+            lines.append(f"N={step['cameras']}: KV held at the step's end: {held}; moved between tiers, MB/s: {moved}")
         stacks = step.get("engine_stacks")
         if stacks is not None:
             for kind, what in (("inclusive", "inside"), ("self", "at")):

@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from mosaic_core.config import GIB
 from services.bench_service import camera_steps
 from services.bench_service_report import StepResult, table
 
@@ -138,6 +139,40 @@ def test_durable_rates_come_from_two_scrapes_summed_over_workers():
 
     rates = durable_rates(durable_totals(scrape(1e9, 2.0, 0.5)), durable_totals(scrape(6e9, 12.0, 1.5)), elapsed_s=10.0)
     assert rates == pytest.approx({"written_mb_per_s": 1000.0, "writers_busy_s_per_s": 2.0, "ingest_wait_s_per_s": 0.2})
+
+
+def test_tier_summary_reads_each_tiers_use_and_the_bytes_moved_from_the_service_metrics():
+    from services.bench_service import tier_summary, tier_totals
+    from services.metrics import MosaicMetrics
+
+    metrics = MosaicMetrics()
+    for worker in (0, 1):
+        metrics.set_tier(worker, "device", 3 * GIB, 4 * GIB, 10)
+        metrics.set_tier(worker, "host", GIB, 8 * GIB, 5)
+        metrics.add_transfer_bytes(worker, "device_to_host", 10**8)
+    before = tier_totals(metrics.scrape())
+    metrics.set_tier(0, "device", 4 * GIB, 4 * GIB, 12)
+    metrics.add_transfer_bytes(1, "device_to_host", 5 * 10**8)
+    metrics.add_transfer_bytes(0, "host_to_device", 2 * 10**8)
+    summary = tier_summary(before, tier_totals(metrics.scrape()), elapsed_s=10.0)
+    assert summary["used_gib:device"] == pytest.approx(7.0)  # the step's end, summed over workers
+    assert summary["capacity_gib:device"] == pytest.approx(8.0)
+    assert summary["used_gib:host"] == pytest.approx(2.0)
+    assert summary["device_to_host_mb_per_s"] == pytest.approx(50.0)
+    assert summary["host_to_device_mb_per_s"] == pytest.approx(20.0)
+    step = _step(8)
+    report = {
+        "steps": [{**{f: getattr(step, f) for f in StepResult.__slots__}, "tiers": summary, "real_time": True}],
+        "largest_real_time_cameras": 8,
+        "service": {"model": "qwen2.5-vl-7b"},
+        "args": {"fps": 1.0, "questions_per_s": 1.0, "settle_s": 60.0},
+        "start_s": 90.0,
+        "decode_cost": {"jpeg_s": 0.0012, "video_s": 0.02, "frame_px": "640x272"},
+    }
+    assert any(
+        line.startswith("N=8: KV held at the step's end: device 7.0 of 8.0 GiB") and "device_to_host 50, " in line
+        for line in table(report).splitlines()
+    ), table(report)
 
 
 def test_stream_samples_read_lag_and_counters_per_camera_from_metrics_text():
