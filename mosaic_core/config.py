@@ -14,6 +14,20 @@ from mosaic_core.errors import ConfigError, UnknownPolicyError
 MIB = 1 << 20
 GIB = 1 << 30
 SCORER_NAMES = ("spread", "mean_key", "random", "recent")
+# Left out of a device budget sized from free GPU memory, for the engine's work outside the budget (the vision
+# tower's activations, a pass's scratch, question and decode graphs): on the H200 at 192 cameras those took about
+# 13.5 GiB beside an 80-GiB budget, and the share left out (1 - share of the free memory) covers the rest.
+BUDGET_WORKSPACE_BYTES = 2 * GIB
+# The share of free GPU memory the benchmarks (engine scenario B, the service's) give the device budget.
+BENCH_DEVICE_BUDGET_SHARE = 0.8
+
+
+def device_budget_from_free(free_bytes: int, *, share: float, floor_bytes: int) -> int:
+    """A device budget of ``share`` of the GPU memory free once the model is loaded, less
+    ``BUDGET_WORKSPACE_BYTES``, and never under ``floor_bytes``."""
+    if not 0 < share < 1:
+        raise ConfigError(f"device budget share {share} must be between 0 and 1 (exclusive)")
+    return max(floor_bytes, int(free_bytes * share) - BUDGET_WORKSPACE_BYTES)
 
 
 class RetrievalMode(StrEnum):

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mosaic_core.config import EngineConfig
+from mosaic_core.config import BENCH_DEVICE_BUDGET_SHARE, EngineConfig
 from services import gil_probe, stack_probe
 from services.bench_service_load import Load
 from services.bench_service_report import LAG_LIMIT_S, StepResult, describe, table, write
@@ -441,7 +441,12 @@ def service_overrides(args, clip: str) -> dict:
         "model": args.model,
         "worker_gpus": 1.0,
         "ray_num_cpus": max(2, min(8, os.cpu_count() or 2)),
-        "device_budget_bytes": int(args.device_budget_gib * 2**30),
+        # A fixed budget, or one sized from the GPU memory free once the model is loaded, as scenario B sizes it
+        **(
+            {"device_budget_share": BENCH_DEVICE_BUDGET_SHARE}
+            if args.device_budget_gib is None
+            else {"device_budget_bytes": int(args.device_budget_gib * 2**30)}
+        ),
         "host_budget_bytes": int(args.host_budget_gib * 2**30),
         "max_push_calls": max(64, 2 * args.push_clients),
         "max_batch_frames": args.max_batch_frames,
@@ -589,7 +594,11 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--retention-s", type=float, default=20.0, help="each camera keeps this much history")
     parser.add_argument("--tokens-per-frame", type=int, default=128)
     parser.add_argument("--window-tokens", type=int, default=512, help="local window per camera")
-    parser.add_argument("--device-budget-gib", type=float, default=32.0)
+    parser.add_argument(
+        "--device-budget-gib", type=float, default=None,
+        help="the worker's device budget (default: 80%% of the GPU memory free once the model is loaded, less 2 GiB, "
+        "as the engine's scenario B sizes it)",
+    )  # fmt: skip
     parser.add_argument("--host-budget-gib", type=float, default=32.0)
     parser.add_argument("--pinned-host-gib", type=float, default=16.0, help="host tier pinned at start-up (GPU)")
     parser.add_argument("--ingest-headroom", type=float, default=0.0, help="admission's share; 0 admits all")

@@ -39,6 +39,11 @@ _SERVE_FLAGS = (
     ("--workers", int, "worker actors (default 1)"),
     ("--worker-gpus", float, "GPUs per worker (default 0: CPU)"),
     ("--device-budget-bytes", int, "device KV budget per worker"),
+    (
+        "--device-budget-share",
+        float,
+        "on a GPU, the device budget as a share of the memory free after the model loads",
+    ),
     ("--host-budget-bytes", int, "host KV budget per worker"),
     ("--data-dir", str, "directory that keeps camera history durably, so it survives restarts"),
     ("--disk-dir", str, "directory of the disk tier"),

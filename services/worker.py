@@ -555,8 +555,19 @@ def _build_engine(worker_id: str, config: ServiceConfig):
     dtype = torch.bfloat16 if device == "cuda" else None
     engine_config = config.engine_config(worker_subdir=f"worker-{worker_id}")
     engine = Engine.from_model(
-        config.model, engine_config, device=device, dtype=dtype, vision_attention=config.vision_attention
+        config.model,
+        engine_config,
+        device=device,
+        dtype=dtype,
+        device_budget_share=config.device_budget_share,
+        vision_attention=config.vision_attention,
     )
+    if engine.config.device_budget_bytes != engine_config.device_budget_bytes:
+        log.info(
+            "device budget %.1f GiB: %.0f%% of the GPU memory free once the model was loaded, less 2 GiB",
+            engine.config.device_budget_bytes / 2**30,
+            100 * config.device_budget_share,
+        )
     if device == "cuda":  # capture the question graphs now, not while the first users wait (CPU runs no graphs)
         started = time.monotonic()
         warm = engine.warm_up(max_new_tokens=config.default_max_new_tokens)

@@ -41,7 +41,14 @@ import torch
 from mosaic_core.bench.b_pauses import PauseVariant, QuestionAtPause, call_pauses
 from mosaic_core.bench.scenario_a import QUESTIONS as A_QUESTIONS
 from mosaic_core.bookkeeping.formation import FormationConfig
-from mosaic_core.config import GIB, MIB, EngineConfig, RetrievalMode
+from mosaic_core.config import (
+    BENCH_DEVICE_BUDGET_SHARE,
+    GIB,
+    MIB,
+    EngineConfig,
+    RetrievalMode,
+    device_budget_from_free,
+)
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.results import FrameInput
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
@@ -222,7 +229,7 @@ def sized_to_machine(s: BenchSettings, model, camera_budget_gib: float | None, l
         budget = int(camera_budget_gib * GIB)
     elif s.device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info()
-        budget = max(budget, int(free * 0.8) - 2 * GIB)
+        budget = device_budget_from_free(free, share=BENCH_DEVICE_BUDGET_SHARE, floor_bytes=budget)
     log(f"pages of {page_tokens} tokens (one frame); scenario B device budget {budget / GIB:.1f} GiB")
     return dataclasses.replace(s, page_tokens=page_tokens, camera_device_budget_bytes=budget)
 

@@ -24,7 +24,7 @@ from mosaic_core.bookkeeping.maintenance import CoRetrievalTracker
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier, TierBudgets
-from mosaic_core.config import EngineConfig, RetrievalMode
+from mosaic_core.config import EngineConfig, RetrievalMode, device_budget_from_free
 from mosaic_core.durable.staging import StagingArena
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.engine import ingest, questions
@@ -164,14 +164,23 @@ class Engine:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        device_budget_share: float | None = None,
         **adapter_options,
     ) -> Engine:
         """Builds the engine over a preset name (random weights) or a local checkpoint directory;
-        ``adapter_options`` go to the model adapter (``Qwen25VLAdapter``'s constructor)."""
+        ``adapter_options`` go to the model adapter (``Qwen25VLAdapter``'s constructor). With
+        ``device_budget_share`` on CUDA, the device budget is that share of the GPU memory free once the model is
+        loaded (``config.device_budget_from_free``), or the config's budget where that is larger."""
         from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter  # the one architecture so far
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(Qwen25VLAdapter.load(name_or_path, device=device, dtype=dtype, **adapter_options), config)
+        model = Qwen25VLAdapter.load(name_or_path, device=device, dtype=dtype, **adapter_options)
+        config = config or EngineConfig()
+        if device_budget_share is not None and model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(model.device)
+            budget = device_budget_from_free(free, share=device_budget_share, floor_bytes=config.device_budget_bytes)
+            config = dataclasses.replace(config, device_budget_bytes=budget)
+        return cls(model, config)
 
     # -- streams ------------------------------------------------------------------------------------------------
     def open_stream(

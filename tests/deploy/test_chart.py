@@ -375,6 +375,17 @@ def test_engine_budgets_are_bytes(rendered) -> None:
     assert config["engine"]["eviction_policy"] == "heat" and config["query_concurrency"] == 8
 
 
+def test_a_device_budget_share_reaches_the_service_and_is_left_out_by_default(render, rendered, tmp_path) -> None:
+    from services.config import load_config
+
+    assert "device_budget_share" not in _engine_config(rendered["default"])
+    path = tmp_path / "engine.yaml"
+    path.write_text(
+        _one(render({"engine": {"deviceBudgetShare": 0.8}}), "ConfigMap", "mosaic-engine")["data"]["engine.yaml"]
+    )
+    assert load_config(path).device_budget_share == 0.8
+
+
 def test_sizing_example_of_the_docs_renders(render) -> None:
     """docs/deploy.md's worked example (100 cameras on 4 GPUs) is a valid values file."""
     manifests = render(

@@ -1,5 +1,6 @@
 """A GPU worker runs its model in bfloat16: a preset's float32 default would double the weights on the device
-and leave the tensor cores idle."""
+and leave the tensor cores idle. With ``device_budget_share`` it sizes its device budget from the GPU memory the
+model left free."""
 
 from __future__ import annotations
 
@@ -25,3 +26,29 @@ def test_a_cpu_worker_keeps_the_preset_default(tmp_path):
 
     engine = _build_engine("0", ServiceConfig(model="tiny", worker_gpus=0.0, data_dir=str(tmp_path)))
     assert engine.model.kv_spec.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_worker_sizes_its_device_budget_from_the_memory_the_model_left_free(tmp_path):
+    from services.config import ServiceConfig
+    from services.worker import _build_engine
+
+    floor = 64 * 2**20
+    config = ServiceConfig(
+        model="tiny", worker_gpus=1.0, data_dir=str(tmp_path), device_budget_bytes=floor, device_budget_share=0.5
+    )
+    free, _ = torch.cuda.mem_get_info()
+    engine = _build_engine("0", config)
+    assert floor < engine.config.device_budget_bytes <= 0.5 * free
+    assert engine.stats().capacity_bytes_by_tier["device"] == engine.config.device_budget_bytes
+
+
+def test_a_cpu_worker_keeps_the_configured_device_budget_whatever_the_share(tmp_path):
+    from services.config import ServiceConfig
+    from services.worker import _build_engine
+
+    config = ServiceConfig(
+        model="tiny", worker_gpus=0.0, data_dir=str(tmp_path), device_budget_bytes=64 * 2**20, device_budget_share=0.5
+    )
+    assert _build_engine("0", config).config.device_budget_bytes == 64 * 2**20
