@@ -11,6 +11,7 @@ from services import gc_watch, stack_probe
 LAG_LIMIT_S = 2.0
 # A source that stopped, or a pusher that fell behind, queues nothing and shows no lag: the frames must arrive too.
 MIN_INGESTED_SHARE = 0.9
+UNBOUNDED_GIB = 2.0**20  # a tier budget this large (a PiB) is the service's "no budget"
 
 
 @dataclass(slots=True)
@@ -185,7 +186,7 @@ def table(report: dict) -> str:
         tiers = step.get("tiers")
         if tiers:
             held = ", ".join(
-                f"{key.removeprefix('used_gib:')} {value:.1f} of {tiers.get('capacity_gib:' + key[9:], 0.0):.1f} GiB"
+                f"{key.removeprefix('used_gib:')} {value:.1f} of {_capacity(tiers.get('capacity_gib:' + key[9:]))}"
                 for key, value in sorted(tiers.items())
                 if key.startswith("used_gib:")
             )
@@ -246,3 +247,10 @@ def without_local_paths(text: str) -> str:
         if len(path) > 1:
             text = text.replace(path, name)
     return text
+
+
+def _capacity(gib: float | None) -> str:
+    """A tier's budget in GiB; a disk tier without a budget reports an effectively unbounded one."""
+    if gib is None:
+        return "?"
+    return "no limit" if gib >= UNBOUNDED_GIB else f"{gib:.1f} GiB"

@@ -149,6 +149,7 @@ def test_tier_summary_reads_each_tiers_use_and_the_bytes_moved_from_the_service_
     for worker in (0, 1):
         metrics.set_tier(worker, "device", 3 * GIB, 4 * GIB, 10)
         metrics.set_tier(worker, "host", GIB, 8 * GIB, 5)
+        metrics.set_tier(worker, "disk", 0, 2**62, 0)  # the durable history's disk tier without a budget
         metrics.add_transfer_bytes(worker, "device_to_host", 10**8)
     before = tier_totals(metrics.scrape())
     metrics.set_tier(0, "device", 4 * GIB, 4 * GIB, 12)
