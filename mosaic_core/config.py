@@ -15,8 +15,9 @@ MIB = 1 << 20
 GIB = 1 << 30
 SCORER_NAMES = ("spread", "mean_key", "random", "recent")
 # Left out of a device budget sized from free GPU memory, for the engine's work outside the budget (the vision
-# tower's activations, a pass's scratch, question and decode graphs): on the H200 at 192 cameras those took about
-# 13.5 GiB beside an 80-GiB budget, and the share left out (1 - share of the free memory) covers the rest.
+# tower's activations, a pass's scratch, question and decode graphs): on the H200 at 192 cameras the GPU held about
+# 11 GiB beyond an 80-GiB budget and the 7B model's 15.5 GiB of weights (bench/NOTES.md, session 27), and the
+# share left out (1 - share of the free memory) covers what this does not.
 BUDGET_WORKSPACE_BYTES = 2 * GIB
 # The share of free GPU memory the benchmarks (engine scenario B, the service's) give the device budget.
 BENCH_DEVICE_BUDGET_SHARE = 0.8
