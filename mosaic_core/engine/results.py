@@ -88,9 +88,10 @@ class AnswerTimings:
     # Set by whoever queued the question for the engine (the service's engine loop): how long it waited there
     # before the engine began it. 0 for a question asked of the engine directly.
     start_wait_s: float = 0.0
-    # Set by the service's worker: from the call's arrival to its first token leaving for the router (start_wait_s
-    # and time_to_first_token_s are parts of it), and of that, from the engine thread's handing the first token
-    # over to the call's thread taking it. 0 for a question asked of the engine directly.
+    # Set by the service's worker: from the call's arrival to the call's thread taking the first token, to hand it
+    # to Ray for the router (start_wait_s and time_to_first_token_s are parts of it), and of that, from the engine
+    # thread's handing the first token over to the call's thread taking it. 0 for a question asked of the engine
+    # directly.
     worker_first_token_s: float = 0.0
     token_handoff_s: float = 0.0
     # Set by the router: its call to the worker until the first token came back, less worker_first_token_s.

@@ -35,6 +35,11 @@ def test_every_step_ingests_both_kinds_of_camera_and_answers_questions(report):
         assert step["questions"] > 0, f"no question was answered at N={step['cameras']}: {step['question_errors']}"
         assert 0 < step["ttft_p50_ms"] <= step["ttft_p99_ms"]
         assert step["worker_cpu_per_s"] > 0 and step["decode_cpu_per_s"] > 0
+        # the parts of the first token outside the engine thread, and the tiers, come from the real service
+        assert 0 < step["transport_p50_ms"] <= step["transport_p99_ms"], step
+        assert all(0 < q["transport"] < q["server"] for q in step["ttft_samples_ms"]), step["ttft_samples_ms"]
+        assert step["tiers"]["capacity_gib:device"] == 16 / 1024, step["tiers"]  # --quick's 16 MiB
+        assert 0 < step["tiers"]["used_gib:device"] <= step["tiers"]["capacity_gib:device"], step["tiers"]
 
 
 def test_the_largest_real_time_n_follows_the_rule(report):
