@@ -42,6 +42,7 @@ def ask(
     measure_recall: bool,
     profile: bool = False,
 ) -> Iterator[TokenEvent | Answer]:
+    asked_s = time.perf_counter()  # the time to first token counts from here: the set-up below is part of it
     state.check_open()
     config = parts.config
     question_ids = _check_question(parts, question, max_new_tokens)
@@ -86,11 +87,11 @@ def ask(
             plant_queries=None if planter is None else planter.plant,
         )
 
-    return _generate(parts, state, question, question_ids, make_plan, retriever, max_new_tokens, request)
+    return _generate(parts, state, question, question_ids, make_plan, retriever, max_new_tokens, asked_s, request)
 
 
 def _generate(
-    parts, state, question, question_ids, make_plan, retriever, max_new_tokens, request=None
+    parts, state, question, question_ids, make_plan, retriever, max_new_tokens, asked_s, request=None
 ) -> Iterator[TokenEvent | Answer]:
     # The question's device pages are taken once the caller starts reading the answer, and given back however
     # it ends (answered, abandoned for a deadline or a cancel, or its stream deleted).
@@ -98,7 +99,7 @@ def _generate(
     plan = None
     try:
         plan = make_plan(room)
-        decoded = yield from _decode(parts, state, question_ids, plan, max_new_tokens)
+        decoded = yield from _decode(parts, state, question_ids, plan, max_new_tokens, asked_s)
     finally:
         if plan is not None:
             parts.decode_graphs.leave(plan)  # before its pages go: no batched step may write them after
@@ -122,12 +123,14 @@ def _generate(
     )
 
 
-def _decode(parts, state, question_ids, plan, max_new_tokens):
+def _decode(parts, state, question_ids, plan, max_new_tokens, asked_s):
     """The question's forward pass and its decode steps, yielding each ``TokenEvent``; returns
-    ``(token_ids, timings, retrieval stats, last hidden state)``."""
+    ``(token_ids, timings, retrieval stats, last hidden state)``. ``asked_s``: when the engine was asked, by
+    ``time.perf_counter()``."""
     model = parts.model
     timings = AnswerTimings()
     start = time.perf_counter()
+    timings.setup_s = start - asked_s
     cursor = state.text_cursor
     token_ids: list[int] = []
     reached = _recorded_event(model.device)
@@ -140,7 +143,7 @@ def _decode(parts, state, question_ids, plan, max_new_tokens):
         answered = _recorded_event(model.device)
         _sync(model.device)
         next_id = int(next_token[0])
-    timings.time_to_first_token_s = time.perf_counter() - start
+    timings.time_to_first_token_s = time.perf_counter() - asked_s
     if reached is not None:
         timings.first_token_device_s = reached.elapsed_time(answered) / 1e3
     timings.score_s, timings.fetch_s = plan.retriever.stage_seconds()
