@@ -338,6 +338,14 @@ class ResidencyManager:
         """The cluster's live summary row (raises UnknownClusterError if not tracked)."""
         return self._get(cluster_id).summary
 
+    def summaries(self, cluster_ids: list[str]) -> list[SummaryRow]:
+        """``summary`` of each of ``cluster_ids``, in order, in one pass (a question reads a thousand of them)."""
+        records = self._records
+        try:
+            return [records[cluster_id].summary for cluster_id in cluster_ids]
+        except KeyError as err:
+            raise UnknownClusterError(f"cluster {err.args[0]!r} is not tracked") from None
+
     def co_retrieval(self, cluster_id: str) -> CoRetrieval:
         """The cluster's live co-retrieval counts (raises UnknownClusterError if not tracked)."""
         return self._get(cluster_id).co_retrieval

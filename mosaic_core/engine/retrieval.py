@@ -168,7 +168,7 @@ class Retriever:
         # so timing a stage never makes the host wait for the device; the clock off CUDA.
         self.profile = profile
         self._stages: list[tuple[str, object, object]] = []  # (stage, start mark, end mark)
-        self._sizes = {cid: tiering.summaries.count(cid) for cid in candidates}
+        self._sizes = dict(zip(candidates, tiering.summaries.counts(candidates), strict=True))
         # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
         self._summaries = tiering.summaries.all_layers(candidates) if candidates else None
         self._timed_gathers: list[Moved] = []

@@ -127,9 +127,13 @@ class SummaryIndex:
         """Tokens summarised for a cluster (its stored KV)."""
         return self._residency.summary(cluster_id).num_tokens
 
+    def counts(self, cluster_ids: list[str]) -> list[int]:
+        """``count`` of each of ``cluster_ids``, in order."""
+        return [summary.num_tokens for summary in self._residency.summaries(cluster_ids)]
+
     def rows(self, cluster_ids: list[str]) -> torch.Tensor:
         """Row indices of ``cluster_ids`` (valid until a row is freed: freeing may compact the rows)."""
-        rows = [self._residency.summary(cid).row for cid in cluster_ids]
+        rows = [summary.row for summary in self._residency.summaries(cluster_ids)]
         assert None not in rows, f"a cluster of {cluster_ids} has no keys summarised yet"
         return upload(rows, torch.long, self.device)
 

@@ -115,6 +115,18 @@ def test_double_remove_and_unknown_ids_raise() -> None:
     assert_accounting(rm)
 
 
+def test_summaries_of_many_clusters_are_their_live_rows_in_order_and_name_an_unknown_one() -> None:
+    rm = manager()
+    for cluster_id in ("a", "b", "c"):
+        rm.add(cluster_id, "s", 10, D)
+    rm.summary("b").num_tokens = 7
+    assert rm.summaries(["c", "b"]) == [rm.summary("c"), rm.summary("b")]
+    assert rm.summaries(["b"])[0] is rm.summary("b")
+    rm.remove("a")
+    with pytest.raises(UnknownClusterError, match="'a'"):
+        rm.summaries(["b", "a"])
+
+
 def test_pin_counts_and_unpin_below_zero() -> None:
     rm = manager()
     rm.add("a", "s", 10, D)
