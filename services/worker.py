@@ -155,6 +155,7 @@ class WorkerCore:
             ingest_pause_placed=config.ingest_pause_placed,
             ingest_pause_lookahead=config.ingest_pause_lookahead,
             ingest_pause_skip_idle=config.ingest_pause_skip_idle,
+            ingest_pause_when_asked=config.ingest_pause_when_asked,
             questions_alongside_ingest=config.questions_alongside_ingest,
             after_ingest=self._after_ingest,
             max_background_jobs=config.watch_answer_queue_size,
