@@ -154,14 +154,29 @@ def test_a_waiting_question_makes_every_layer_and_tower_block_a_pause(tiny_model
     assert len(served) == expected  # no has_work: every pause serves
 
 
-def test_a_pause_for_a_waiting_question_waits_only_for_the_layers_before_the_last_pause(monkeypatch):
-    waited, made = [], []
+class _Mark:
+    def __init__(self, name: str, waited: list[str]) -> None:
+        self.name, self._waited = name, waited
+
+    def synchronize(self) -> None:
+        self._waited.append(self.name)
+
+
+def _marks_for_events(monkeypatch, waited: list[str], name) -> list[_Mark]:
+    """Stands marks in for the pauses' CUDA events (no device is touched); ``name(i)`` names the i-th made."""
+    made: list[_Mark] = []
 
     def recorded():
-        made.append(_Mark(f"mark at layer {2 * len(made)}", waited))
+        made.append(_Mark(name(len(made)), waited))
         return made[-1]
 
     monkeypatch.setattr(ingest_pauses, "_recorded", recorded)
+    return made
+
+
+def test_a_pause_for_a_waiting_question_waits_only_for_the_layers_before_the_last_pause(monkeypatch):
+    waited: list[str] = []
+    _marks_for_events(monkeypatch, waited, lambda i: f"mark at layer {2 * i}")  # pauses come at layers 0 and 2
     served = []
     pauses = IngestPauses(lambda: served.append(layer), every_layers=4, asked=lambda: layer == 2)
     pauses.begin_pass()
@@ -178,22 +193,9 @@ def test_the_host_waits_at_a_pause_for_the_mark_left_lookahead_pauses_back(looka
     assert waited == [None] * lookahead + [f"pause {i}" for i in range(6 - lookahead)]
 
 
-class _Mark:
-    def __init__(self, name: str, waited: list[str]) -> None:
-        self.name, self._waited = name, waited
-
-    def synchronize(self) -> None:
-        self._waited.append(self.name)
-
-
 def test_the_host_waits_for_the_device_at_layer_pauses_but_never_while_placing(monkeypatch):
-    waited, made = [], []
-
-    def recorded():
-        made.append(_Mark(f"mark {len(made)}", waited))
-        return made[-1]
-
-    monkeypatch.setattr(ingest_pauses, "_recorded", recorded)
+    waited: list[str] = []
+    made = _marks_for_events(monkeypatch, waited, lambda i: f"mark {i}")
     cuda = torch.device("cuda")  # the waits are CUDA's; no device is touched, the marks stand in for its events
     pauses = IngestPauses(lambda: None, every_layers=2, placed_frames=1, lookahead=1)
     for _ in range(2):  # two passes of 4 layers and 3 rows
