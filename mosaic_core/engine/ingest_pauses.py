@@ -18,10 +18,10 @@ call stops at fixed points and calls ``serve``:
   ``lookahead + 1``-th such pause on was the whole language model.
 
 With ``asked``, a question waiting makes the next layer, or the next tower block where ``vision_blocks`` pauses
-the tower at all, a pause of its own, besides the fixed ones. A question started at a pause waits for the chunk of
-ingest work queued before it (off: the default, ``lookahead`` 1), and one that arrives while the host queues a chunk
-also waits for the host to reach the chunk's end; with ``asked`` it waits for one layer's or block's work on the host
-and about one more on the device. Calls in which no question arrives run as without it. Not yet measured on a GPU.
+the tower at all, a pause of its own, besides the fixed ones. Without it (the default), a question that arrives while
+the host queues a chunk waits for the host to reach the chunk's end, then, with ``lookahead`` 1, for the chunk on the
+device; with it, for about one layer's or block's work on the host and one more on the device. Calls in which no
+question arrives run as without it. Not yet measured on a GPU.
 
 With ``has_work``, a pause where it answers no (no question waits) is passed: the host neither waits for the device
 there nor calls ``serve``, so a call in which no question arrives runs as without pauses, the host queuing the whole
