@@ -185,10 +185,10 @@ def table(report: dict) -> str:
             )
         tiers = step.get("tiers")
         if tiers:
+            used = {key.removeprefix("used_gib:"): gib for key, gib in tiers.items() if key.startswith("used_gib:")}
             held = ", ".join(
-                f"{key.removeprefix('used_gib:')} {value:.1f} of {_capacity(tiers.get('capacity_gib:' + key[9:]))}"
-                for key, value in sorted(tiers.items())
-                if key.startswith("used_gib:")
+                f"{tier} {gib:.1f} of {_capacity(tiers.get(f'capacity_gib:{tier}'))}"
+                for tier, gib in sorted(used.items())
             )
             moved = ", ".join(
                 f"{key.removesuffix('_mb_per_s')} {value:.0f}"

@@ -120,16 +120,16 @@ class IngestPauses:
         self._placing = False
 
     def before_layer(self, layer_idx: int, device: torch.device) -> None:
-        if layer_idx % self.every_layers == 0 or self._question_waits():
+        if layer_idx % self.every_layers == 0 or self._asked_now():
             self.pause(device)
 
     def before_vision_block(self, block_idx: int, *, device: torch.device) -> None:
         if self.vision_blocks is None or block_idx == 0:
             return
-        if block_idx % self.vision_blocks == 0 or self._question_waits():
+        if block_idx % self.vision_blocks == 0 or self._asked_now():
             self.pause(device)
 
-    def _question_waits(self) -> bool:
+    def _asked_now(self) -> bool:
         return self.asked is not None and self.asked()
 
     def placed(self, num_frames: int, *, last_of_pass: bool) -> bool:
