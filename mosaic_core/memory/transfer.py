@@ -19,8 +19,6 @@ Off CUDA there is no side stream: every move is a plain copy and ``ready`` is No
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +34,6 @@ from mosaic_core.kernels.slab_gather import (
     gather_slabs_reference,
 )
 from mosaic_core.memory import cudart
-from mosaic_core.memory.upload_ring import UploadRing, pinned_upload
 
 
 @dataclass(slots=True)
@@ -70,43 +67,17 @@ def read_back(values: torch.Tensor) -> tuple[torch.Tensor, Moved]:
     return host, Moved(ready=ready)
 
 
-UPLOAD_RING_ON = os.environ.get("MOSAIC_UPLOAD_RING", "1") != "0"
-
-# One ring per device, made on first use: ``upload`` is a free function with callers all over the engine and none of
-# their objects to keep a ring in, and those callers run on more than one thread, so making a ring takes a lock
-# (using one takes the ring's own).
-_RINGS: dict[torch.device, UploadRing] = {}
-_RINGS_LOCK = threading.Lock()
-
-
 def upload(values: np.ndarray | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A device copy of small host data (slot tables, page ids, row numbers), queued without waiting.
 
     A plain ``.to(device)`` from pageable memory makes PyTorch wait for the stream to drain, so the host stops
-    running ahead of the device once per table; a pinned staging copy lets it keep going. On CUDA the staging goes
-    through the device's ``UploadRing`` (pinned memory kept and reused, no host allocator call per table); with
-    ``MOSAIC_UPLOAD_RING=0`` in the environment (read once, when this module is imported) each table gets a pinned
-    block of its own from the caching host allocator instead, as before the ring, so a run can be compared both
-    ways. Off CUDA: a host tensor.
+    running ahead of the device once per table; a pinned staging copy (the caching host allocator keeps it until
+    the copy has run) lets it keep going. Off CUDA: a host tensor.
     """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return torch.as_tensor(np.asarray(values), dtype=dtype)
-    if not UPLOAD_RING_ON or torch.cuda.is_current_stream_capturing():  # no ring made in a capture's host pool
-        return pinned_upload(values, dtype, device)
-    return _ring(device).upload(values, dtype)
-
-
-def _ring(device: torch.device) -> UploadRing:
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    ring = _RINGS.get(device)
-    if ring is None:
-        with _RINGS_LOCK:
-            ring = _RINGS.get(device)
-            if ring is None:
-                ring = _RINGS[device] = UploadRing(device)
-    return ring
+    host = torch.as_tensor(np.asarray(values), dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class TransferEngine:
