@@ -135,7 +135,9 @@ class ServiceConfig(BaseModel):
     ingest_pause_skip_idle: bool = False
     # A question waiting to start makes the next layer of an ingest pass, or the next block of the tower, a pause
     # of its own, so it waits for about one layer's work where it waited for up to two chunks of ingest_pause_layers
-    # (mosaic_core.engine.ingest_pauses). Calls no question arrives in run as before. Off until measured on a GPU.
+    # (mosaic_core.engine.ingest_pauses). Calls no question arrives in run as before. Off by default: at 150 cameras
+    # on the H200 the TTFT p99 did not move (219 ms against 214), the prefill p99 rose from 98 to 152 ms and the run
+    # fell behind (lag p99 2.24 s against 0.71), in two fresh services on one machine (bench/NOTES.md, session 28).
     ingest_pause_when_asked: bool = False
     # The vision tower's attention kernel on CUDA: "flash" holds it to FlashAttention, "auto" lets PyTorch pick per
     # call, which on the H200 paid 54-85 ms more on the first call of each new batch size (an ingest call's size
