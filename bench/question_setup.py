@@ -66,7 +66,7 @@ def _profiled_setup(engine: Engine, asked: list[str], more_frames) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.question_setup", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny preset, a few minutes of history; runs on CPU")
+    parser.add_argument("--quick", action="store_true", help="tiny preset, one minute of history; runs on CPU")
     parser.add_argument("--model", default="qwen2.5-vl-7b")
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--questions", type=int, default=20, help="asked each way")
