@@ -193,7 +193,8 @@ def _check_question(parts, question: str, max_new_tokens: int) -> list[int]:
 
 
 def _candidates(parts, state: StreamState, time_range) -> list[str]:
-    records = [r for r in state.former.records_to_read() if r.cluster_id in parts.tiering.residency]
+    tracked = parts.tiering.residency.tracked_ids()
+    records = [r for r in state.former.records_to_read() if r.cluster_id in tracked]
     if time_range is None:
         return [r.cluster_id for r in records]
     start_s, end_s = time_range

@@ -168,9 +168,12 @@ class Retriever:
         # so timing a stage never makes the host wait for the device; the clock off CUDA.
         self.profile = profile
         self._stages: list[tuple[str, object, object]] = []  # (stage, start mark, end mark)
-        self._sizes = dict(zip(candidates, tiering.summaries.counts(candidates), strict=True))
         # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
-        self._summaries = tiering.summaries.all_layers(candidates) if candidates else None
+        self._summaries = None
+        self._sizes: dict[str, int] = {}
+        if candidates:
+            sizes, self._summaries = tiering.summaries.counts_and_all_layers(candidates)
+            self._sizes = dict(zip(candidates, sizes, strict=True))
         self._timed_gathers: list[Moved] = []
         off_cuda = tiering.tiers.transfers.side is None  # there the copy engines' copies are plain host copies
         self._dma = machinery.staging_copy == "dma" and (off_cuda or _copy_engines_found())

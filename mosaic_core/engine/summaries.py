@@ -127,19 +127,29 @@ class SummaryIndex:
         """Tokens summarised for a cluster (its stored KV)."""
         return self._residency.summary(cluster_id).num_tokens
 
-    def counts(self, cluster_ids: list[str]) -> list[int]:
-        """``count`` of each of ``cluster_ids``, in order."""
-        return [summary.num_tokens for summary in self._residency.summaries(cluster_ids)]
-
     def rows(self, cluster_ids: list[str]) -> torch.Tensor:
         """Row indices of ``cluster_ids`` (valid until a row is freed: freeing may compact the rows)."""
-        rows = [summary.row for summary in self._residency.summaries(cluster_ids)]
-        assert None not in rows, f"a cluster of {cluster_ids} has no keys summarised yet"
-        return upload(rows, torch.long, self.device)
+        return self._rows_of(self._residency.summaries(cluster_ids))
 
     def all_layers(self, cluster_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Centroids and variances ``[C, num_layers, num_kv_heads, head_dim]`` and log-counts ``[C]``."""
-        rows = self.rows(cluster_ids)
+        return self._all_layers(self._residency.summaries(cluster_ids))
+
+    def counts_and_all_layers(
+        self, cluster_ids: list[str]
+    ) -> tuple[list[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``count`` of each of ``cluster_ids``, in order, and their ``all_layers``, from one lookup of their records:
+        a question's set-up reads a thousand or more."""
+        summaries = self._residency.summaries(cluster_ids)
+        return [summary.num_tokens for summary in summaries], self._all_layers(summaries)
+
+    def _rows_of(self, summaries: list[SummaryRow]) -> torch.Tensor:
+        rows = [summary.row for summary in summaries]
+        assert None not in rows, f"{rows.count(None)} of the {len(rows)} clusters asked for have no keys summarised yet"
+        return upload(rows, torch.long, self.device)
+
+    def _all_layers(self, summaries: list[SummaryRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = self._rows_of(summaries)
         count = self._count[rows].clamp_min(1.0)
         mean = self._sum[rows] / count[:, None, None, None]
         var = (self._sumsq[rows] / count[:, None, None, None] - mean.square()).clamp_min(0.0)

@@ -139,3 +139,28 @@ def test_a_reused_row_holds_only_its_new_clusters_statistics(tmp_path):
     mean, _, log_count = summaries.all_layers(["cam/c000011", "cam/c000012"])
     assert torch.allclose(mean[0], added[:, 0].sum(dim=2) / 4)
     assert torch.allclose(log_count, torch.full((2,), 4.0).log())
+
+
+def test_counts_and_all_layers_read_each_cluster_once_and_equal_the_two_reads_apart(tmp_path):
+    tiering = make_tiering(SPEC, tmp_path, device="cpu", page_tokens=4, device_bytes=1 << 22)
+    summaries = tiering.summaries
+    ids = []
+    for i, num_tokens in enumerate((4, 1, 3, 4)):
+        cluster_id, kv = f"cam/c{i:06d}", _keys(i, num_tokens)
+        put(tiering, cluster_id, kv, Tier.DEVICE)
+        summaries.add(cluster_id, kv[:, 0])
+        ids.append(cluster_id)
+    asked = [ids[2], ids[0], ids[3]]  # not in the rows' order
+    sizes, (mean, var, log_count) = summaries.counts_and_all_layers(asked)
+    assert sizes == [summaries.count(cid) for cid in asked] == [3, 4, 4]
+    for got, apart in zip((mean, var, log_count), summaries.all_layers(asked), strict=True):
+        assert torch.equal(got, apart)
+
+
+def test_tracked_ids_is_a_live_view_of_the_tracked_clusters(tmp_path):
+    tiering = make_tiering(SPEC, tmp_path, device="cpu", page_tokens=4, device_bytes=1 << 22)
+    tracked = tiering.residency.tracked_ids()
+    put(tiering, "cam/c000000", _keys(0), Tier.DEVICE)
+    assert "cam/c000000" in tracked and "cam/c000001" not in tracked
+    tiering.remove("cam/c000000")
+    assert "cam/c000000" not in tracked
