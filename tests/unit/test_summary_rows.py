@@ -141,7 +141,7 @@ def test_a_reused_row_holds_only_its_new_clusters_statistics(tmp_path):
     assert torch.allclose(log_count, torch.full((2,), 4.0).log())
 
 
-def test_counts_and_all_layers_read_each_cluster_once_and_equal_the_two_reads_apart(tmp_path):
+def test_counts_and_all_layers_equal_each_count_and_all_layers_read_apart(tmp_path):
     tiering = make_tiering(SPEC, tmp_path, device="cpu", page_tokens=4, device_bytes=1 << 22)
     summaries = tiering.summaries
     ids = []
