@@ -427,7 +427,6 @@ def service_overrides(args, clip: str) -> dict:
         "max_stream_labels": max(args.cameras) + 8,  # every camera gets its own series in /metrics
         **{name: getattr(args, name) for name in PAUSE_SETTINGS},
         "ingest_pause_skip_idle": args.ingest_pause_skip_idle,
-        "ingest_pause_when_asked": args.ingest_pause_when_asked,
         "vision_attention": args.vision_attention,
         "questions_alongside_ingest": args.questions_alongside_ingest,
         "python_switch_interval_s": args.switch_interval_ms / 1e3,
@@ -611,10 +610,6 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ingest-pause-skip-idle", action="store_true",
         help="ingest_pause_skip_idle on: a pause where no question waits is passed without waiting for the device",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ingest-pause-when-asked", action="store_true",
-        help="ingest_pause_when_asked on: a waiting question makes the next layer or tower block a pause",
     )  # fmt: skip
     parser.add_argument(
         "--vision-attention", choices=typing.get_args(ServiceConfig.model_fields["vision_attention"].annotation),

@@ -133,12 +133,6 @@ class ServiceConfig(BaseModel):
     # the H200 the service's engine thread took 6.0 ms a frame either way, and TTFT p50 rose from about 135 ms to
     # about 220 (bench/NOTES.md, session 17).
     ingest_pause_skip_idle: bool = False
-    # A question waiting to start makes the next layer of an ingest pass, or the next block of the tower, a pause
-    # of its own, so it waits for about one layer's work where it waited for up to two chunks of ingest_pause_layers
-    # (mosaic_core.engine.ingest_pauses). Calls no question arrives in run as before. Off by default: at 150 cameras
-    # on the H200 the TTFT p99 did not move (219 ms against 214), the prefill p99 rose from 98 to 152 ms and the run
-    # fell behind (lag p99 2.24 s against 0.71), in two fresh services on one machine (bench/NOTES.md, session 28).
-    ingest_pause_when_asked: bool = False
     # The vision tower's attention kernel on CUDA: "flash" holds it to FlashAttention, "auto" lets PyTorch pick per
     # call, which on the H200 paid 54-85 ms more on the first call of each new batch size (an ingest call's size
     # changes with the frames waiting) at the same speed per call (mosaic_core.model.vision_attention).

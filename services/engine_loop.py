@@ -146,7 +146,6 @@ class EngineLoop:
         ingest_pause_lookahead: at a pause the host waits until the device is at most this many chunks of ingest work
             (the work between two pauses) behind it.
         ingest_pause_skip_idle: a pause where no question waits to start is passed without waiting for the device.
-        ingest_pause_when_asked: a question waiting to start makes the next layer, or tower block, a pause.
         questions_alongside_ingest: on CUDA, questions started at a pause run on a high-priority stream beside the
             ingest work already queued, and the host does not wait at pauses; else the host waits at each pause
             until the device is ``ingest_pause_lookahead`` chunks behind, and the questions run behind them.
@@ -172,7 +171,6 @@ class EngineLoop:
         ingest_pause_placed: int = DEFAULT_INGEST_PAUSE_PLACED,
         ingest_pause_lookahead: int = 1,
         ingest_pause_skip_idle: bool = False,
-        ingest_pause_when_asked: bool = False,
         questions_alongside_ingest: bool = DEFAULT_QUESTIONS_ALONGSIDE_INGEST,
     ) -> None:
         pause_settings = (ingest_pause_layers, ingest_pause_frames, ingest_pause_blocks, ingest_pause_placed)
@@ -201,7 +199,6 @@ class EngineLoop:
         self.ingest_pause_placed = ingest_pause_placed
         self.ingest_pause_lookahead = ingest_pause_lookahead
         self.ingest_pause_skip_idle = ingest_pause_skip_idle
-        self.ingest_pause_when_asked = ingest_pause_when_asked
         self.questions_alongside_ingest = questions_alongside_ingest
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls and at their ends
         self._last_chance: tuple[str, float] | None = None  # the engine thread's last chance to start a question
@@ -409,7 +406,6 @@ class EngineLoop:
                 placed_frames=self.ingest_pause_placed or None,
                 lookahead=self.ingest_pause_lookahead,
                 has_work=self._question_waits if self.ingest_pause_skip_idle else None,
-                asked=self._question_can_start if self.ingest_pause_when_asked else None,
                 alongside=self.questions_alongside_ingest,
             )
         try:
@@ -453,10 +449,6 @@ class EngineLoop:
 
     def _question_waits(self) -> bool:
         return bool(self._pending_questions)
-
-    def _question_can_start(self) -> bool:
-        """A waiting question would start at a pause now: not one parked until a running one gives room back."""
-        return any(not self._waits_for_room(job) for job in self._pending_questions)
 
     def _has_frames(self, stream_id: str) -> bool:
         return stream_id in self.engine.streams and self.engine.stream(stream_id).frames_ingested > 0

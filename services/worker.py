@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mosaic_core.config import BUDGET_WORKSPACE_BYTES
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.results import Answer
 from mosaic_core.errors import (
@@ -155,7 +156,6 @@ class WorkerCore:
             ingest_pause_placed=config.ingest_pause_placed,
             ingest_pause_lookahead=config.ingest_pause_lookahead,
             ingest_pause_skip_idle=config.ingest_pause_skip_idle,
-            ingest_pause_when_asked=config.ingest_pause_when_asked,
             questions_alongside_ingest=config.questions_alongside_ingest,
             after_ingest=self._after_ingest,
             max_background_jobs=config.watch_answer_queue_size,
@@ -565,9 +565,10 @@ def _build_engine(worker_id: str, config: ServiceConfig):
     )
     if engine.config.device_budget_bytes != engine_config.device_budget_bytes:
         log.info(
-            "device budget %.1f GiB: %.0f%% of the GPU memory free once the model was loaded, less 2 GiB",
+            "device budget %.1f GiB: %.0f%% of the GPU memory free once the model was loaded, less %.1f GiB",
             engine.config.device_budget_bytes / 2**30,
             100 * config.device_budget_share,
+            BUDGET_WORKSPACE_BYTES / 2**30,
         )
     if device == "cuda":  # capture the question graphs now, not while the first users wait (CPU runs no graphs)
         started = time.monotonic()

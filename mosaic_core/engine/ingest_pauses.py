@@ -17,13 +17,6 @@ call stops at fixed points and calls ``serve``:
   the language model. Until fb49d23 each waited for the work queued ``lookahead`` pauses back, which from a pass's
   ``lookahead + 1``-th such pause on was the whole language model.
 
-With ``asked``, a question waiting makes the next layer, or the next tower block where ``vision_blocks`` pauses
-the tower at all, a pause of its own, besides the fixed ones. Without it (the default), a question that arrives while
-the host queues a chunk waits for the host to reach the chunk's end, then, with ``lookahead`` 1, for the chunk on the
-device; with it, for about one layer's or block's work on the host and one more on the device. Calls in which no
-question arrives run as without it. On the H200 at 150 cameras it did not help: TTFT p99 219 ms against 214, the
-prefill p99 152 against 98, and the service fell behind (bench/NOTES.md, session 28).
-
 With ``has_work``, a pause where it answers no (no question waits) is passed: the host neither waits for the device
 there nor calls ``serve``, so a call in which no question arrives runs as without pauses, the host queuing the whole
 language model and placing the pass's frames while the device runs it. A question that arrives then waits, at the next
@@ -78,7 +71,6 @@ class IngestPauses:
     serve: Callable[[], None]
     every_layers: int = 4
     has_work: Callable[[], bool] | None = None
-    asked: Callable[[], bool] | None = None
     vision_frames: int | None = None
     vision_blocks: int | None = None
     placed_frames: int | None = None
@@ -121,17 +113,12 @@ class IngestPauses:
         self._placing = False
 
     def before_layer(self, layer_idx: int, device: torch.device) -> None:
-        if layer_idx % self.every_layers == 0 or self._asked_now():
+        if layer_idx % self.every_layers == 0:
             self.pause(device)
 
     def before_vision_block(self, block_idx: int, *, device: torch.device) -> None:
-        if self.vision_blocks is None or block_idx == 0:
-            return
-        if block_idx % self.vision_blocks == 0 or self._asked_now():
+        if self.vision_blocks is not None and block_idx > 0 and block_idx % self.vision_blocks == 0:
             self.pause(device)
-
-    def _asked_now(self) -> bool:
-        return self.asked is not None and self.asked()
 
     def placed(self, num_frames: int, *, last_of_pass: bool) -> bool:
         """Counts a pass's frames just placed; says whether to ``pause`` now (``placed_frames`` have been placed

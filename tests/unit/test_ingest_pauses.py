@@ -139,21 +139,6 @@ def test_pauses_with_no_work_are_passed_without_serving(tiny_model, bikes_frames
     assert served_at == [3, 7]
 
 
-@pytest.mark.parametrize("waiting", [False, True])
-def test_a_waiting_question_makes_every_layer_and_tower_block_a_pause(tiny_model, bikes_frames, waiting):
-    engine = _opened(tiny_model, bikes_frames)
-    served = []
-    pauses = IngestPauses(
-        lambda: served.append(pauses.num_pauses), every_layers=2, vision_blocks=2, asked=lambda: waiting
-    )  # a 2-block tower: vision_blocks 2 never pauses inside it on its own
-    engine.ingest(_batch(bikes_frames), pauses=pauses)
-    num_layers = tiny_model.kv_spec.num_layers
-    # one after the tower always; with a question waiting, one inside it too and one before every layer
-    expected = 1 + ((1 + 4 * num_layers) if waiting else 4 * -(-num_layers // 2))
-    assert pauses.num_pauses == expected
-    assert len(served) == expected  # no has_work: every pause serves
-
-
 class _Mark:
     def __init__(self, name: str, waited: list[str]) -> None:
         self.name, self._waited = name, waited
@@ -172,18 +157,6 @@ def _marks_for_events(monkeypatch, waited: list[str], name) -> list[_Mark]:
 
     monkeypatch.setattr(ingest_pauses, "_recorded", recorded)
     return made
-
-
-def test_a_pause_for_a_waiting_question_waits_only_for_the_layers_before_the_last_pause(monkeypatch):
-    waited: list[str] = []
-    _marks_for_events(monkeypatch, waited, lambda i: f"mark at layer {2 * i}")  # pauses come at layers 0 and 2
-    served = []
-    pauses = IngestPauses(lambda: served.append(layer), every_layers=4, asked=lambda: layer == 2)
-    pauses.begin_pass()
-    for layer in range(4):
-        pauses.before_layer(layer, torch.device("cuda"))  # no device is touched: the marks stand in for events
-    assert served == [0, 2]
-    assert waited == ["mark at layer 0"]  # so the question at layer 2 queues behind layers 0 and 1 only
 
 
 @pytest.mark.parametrize("lookahead", [1, 3])
