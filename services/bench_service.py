@@ -143,14 +143,14 @@ def durable_totals(metrics_text: str) -> dict[str, float]:
     return totals
 
 
-TIER_GAUGES = {"mosaic_tier_used_bytes": "used_gib", "mosaic_tier_capacity_bytes": "capacity_gib"}
+TIER_GAUGES = {"mosaic_tier_used_bytes": "used", "mosaic_tier_capacity_bytes": "capacity"}
 TRANSFER_TOTAL = "mosaic_transfer_bytes_total"
 TIER_OR_DIRECTION = re.compile(r'(?:tier|direction)="([^"]*)"')
 
 
 def tier_totals(metrics_text: str) -> dict[str, float]:
     """The workers' KV bytes held and budgeted per tier, and moved between tiers per direction, summed over
-    workers, keyed ``used_gib:device``, ``capacity_gib:host``, ``moved:device_to_host`` and so on (bytes)."""
+    workers, in bytes, keyed ``used:device``, ``capacity:host``, ``moved:device_to_host`` and so on."""
     totals: dict[str, float] = {}
     for name, labels, value in METRIC_LINE.findall(metrics_text):
         key = TIER_GAUGES.get(name) or ("moved" if name == TRANSFER_TOTAL else None)
@@ -160,11 +160,15 @@ def tier_totals(metrics_text: str) -> dict[str, float]:
 
 
 def tier_summary(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> dict[str, float]:
-    """Each tier's use and budget at the step's end (GiB), and the bytes moved between tiers per second (MB/s)."""
-    summary = {key: value / 2**30 for key, value in after.items() if not key.startswith("moved:")}
+    """Each tier's use and budget at the step's end, keyed ``used_gib:device`` and so on, and the bytes moved between
+    tiers per second, keyed ``device_to_host_mb_per_s`` and so on."""
+    summary = {}
     for key, value in after.items():
-        if key.startswith("moved:"):
-            summary[f"{key.removeprefix('moved:')}_mb_per_s"] = (value - before.get(key, 0.0)) / elapsed_s / 1e6
+        kind, name = key.split(":", 1)
+        if kind == "moved":
+            summary[f"{name}_mb_per_s"] = (value - before.get(key, 0.0)) / elapsed_s / 1e6
+        else:
+            summary[f"{kind}_gib:{name}"] = value / 2**30
     return summary
 
 
