@@ -11,7 +11,10 @@ modules; compiled are the norms, ``silu(gate) * up``, the rotary of query and ke
 after attention together with the norm that follows it. The add that ends a layer stays eager: the norm after it is
 the next layer's, called from transformers' text model between layers.
 
-A small pass (a question's prefill, a decode step) runs the same arithmetic eagerly: see ``MIN_FUSED_TOKENS``.
+A small pass (a question's prefill, a decode step) runs the same arithmetic as one Triton kernel per piece where
+Triton runs (``mosaic_core.kernels.text_elementwise``: the norm, the layer's add after attention with the norm after
+it, ``silu(gate) * up``, the rotary of query and of key), and eagerly elsewhere: see ``MIN_FUSED_TOKENS``.
+``use_small_pass_kernels`` turns the kernels off and on again, for side-by-side runs in one process.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 from mosaic_core.errors import ConfigError
+from mosaic_core.kernels import interpret_mode, kernels_ready
 from mosaic_core.model.vision_tower import _compiled, _rms_norm
 
-# Question prefills and decode steps have far fewer rows than this and replay from CUDA graphs: there a fused
-# kernel saves little, a compile for each new shape would be wasted, and a (re)compile while a graph is being
-# captured would break the capture. Ingest passes have thousands of rows and run eagerly, not from graphs.
+# Question prefills and decode steps have far fewer rows than this and replay from CUDA graphs: a compile for each
+# new shape would be wasted there, and a (re)compile while a graph is being captured would break the capture, so
+# they take the Triton kernels, which have no shapes to compile for. Ingest passes have thousands of rows and run
+# eagerly, not from graphs.
 MIN_FUSED_TOKENS = 1024
 
 
@@ -61,6 +66,30 @@ def _add_rms_norm(
     return hidden, _rms_norm(hidden, weight, eps)
 
 
+def _kernel_rotary(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_rotary`` as two Triton launches, one for query and one for key."""
+    from mosaic_core.kernels.text_elementwise import text_rotary  # imports triton, which a CPU install may lack
+
+    return text_rotary(query, cos, sin), text_rotary(key, cos, sin)
+
+
+def _kernel_add_rms_norm(
+    residual: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_add_rms_norm`` as one Triton launch."""
+    from mosaic_core.kernels.text_elementwise import rms_norm
+
+    return rms_norm(residual, weight, eps, update=update)
+
+
+def _takes_small_kernels(module: torch.nn.Module, hidden: torch.Tensor) -> bool:
+    """Whether ``module``'s small pass over ``hidden`` runs the Triton kernels: they are on for it, and Triton runs
+    here (a CUDA tensor, or the CPU interpreter that tests use)."""
+    return module.small_kernels and (hidden.is_cuda or interpret_mode()) and kernels_ready()
+
+
 def _is_big_pass(hidden: torch.Tensor, min_tokens: int) -> bool:
     """Whether ``hidden`` (``[..., hidden]``) has at least ``min_tokens`` rows and is not being captured into a
     CUDA graph."""
@@ -72,36 +101,51 @@ def _is_big_pass(hidden: torch.Tensor, min_tokens: int) -> bool:
 class FusedTextRMSNorm(Qwen2_5_VLRMSNorm):
     norm = staticmethod(_rms_norm)  # ``fuse_text_elementwise`` sets the compiled one on the instance
     min_tokens = MIN_FUSED_TOKENS
+    small_kernels = False  # ``fuse_text_elementwise`` and ``use_small_pass_kernels`` set it on the instance
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not _is_big_pass(hidden_states, self.min_tokens):
-            return _rms_norm(hidden_states, self.weight, self.variance_epsilon)
-        # The compiled function sees [tokens, hidden] whatever the batch's shape: one dynamic graph serves all.
+        # Either function sees [tokens, hidden] whatever the batch's shape: one dynamic graph serves all.
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-        return self.norm(rows, self.weight, self.variance_epsilon).reshape(hidden_states.shape)
+        if _is_big_pass(hidden_states, self.min_tokens):
+            return self.norm(rows, self.weight, self.variance_epsilon).reshape(hidden_states.shape)
+        if _takes_small_kernels(self, hidden_states):
+            from mosaic_core.kernels.text_elementwise import rms_norm
+
+            return rms_norm(rows, self.weight, self.variance_epsilon)[1].reshape(hidden_states.shape)
+        return _rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 class FusedTextMLP(Qwen2MLP):
     silu_mul = staticmethod(_silu_mul)  # ``fuse_text_elementwise`` sets the compiled one on the instance
     min_tokens = MIN_FUSED_TOKENS
+    small_kernels = False  # ``fuse_text_elementwise`` and ``use_small_pass_kernels`` set it on the instance
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)  # [..., intermediate]
-        if not _is_big_pass(x, self.min_tokens):
+        if _is_big_pass(x, self.min_tokens):
+            silu_mul = self.silu_mul
+        elif _takes_small_kernels(self, x):
+            from mosaic_core.kernels.text_elementwise import silu_mul
+        else:
             return self.down_proj(_silu_mul(gate, up))
         width = gate.shape[-1]
-        product = self.silu_mul(gate.reshape(-1, width), up.reshape(-1, width)).reshape(gate.shape)
+        product = silu_mul(gate.reshape(-1, width), up.reshape(-1, width)).reshape(gate.shape)
         return self.down_proj(product)
 
 
 class FusedTextAttention(Qwen2_5_VLAttention):
     rotary = staticmethod(_rotary)  # ``fuse_text_elementwise`` sets the compiled one on the instance
     min_tokens = MIN_FUSED_TOKENS
+    small_kernels = False  # ``fuse_text_elementwise`` and ``use_small_pass_kernels`` set it on the instance
 
     def forward(
         self, hidden_states, attention_mask=None, position_ids=None, cache=None, position_embeddings=None, **kwargs
     ):
-        if position_embeddings is None or not _is_big_pass(hidden_states, self.min_tokens):
+        if position_embeddings is not None and _is_big_pass(hidden_states, self.min_tokens):
+            rotary = self.rotary
+        elif position_embeddings is not None and _takes_small_kernels(self, hidden_states):
+            rotary = _kernel_rotary
+        else:
             return super().forward(
                 hidden_states,
                 attention_mask=attention_mask,
@@ -120,7 +164,7 @@ class FusedTextAttention(Qwen2_5_VLAttention):
         value_states = self.v_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
 
         cos, sin = (t.expand(bsz, q_len, -1).reshape(rows, -1) for t in position_embeddings)  # [rows, head_dim]
-        query_states, key_states = self.rotary(query_states, key_states, cos, sin)
+        query_states, key_states = rotary(query_states, key_states, cos, sin)
         # back to [batch, heads, tokens, head_dim] views, with the strides transformers' rotary gives
         query_states = query_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
         key_states = key_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
@@ -151,6 +195,7 @@ class FusedTextAttention(Qwen2_5_VLAttention):
 class FusedTextDecoderLayer(Qwen2_5_VLDecoderLayer):
     add_norm = staticmethod(_add_rms_norm)  # ``fuse_text_elementwise`` sets the compiled one on the instance
     min_tokens = MIN_FUSED_TOKENS
+    small_kernels = False  # ``fuse_text_elementwise`` and ``use_small_pass_kernels`` set it on the instance
 
     def forward(
         self,
@@ -170,13 +215,17 @@ class FusedTextDecoderLayer(Qwen2_5_VLDecoderLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        if not _is_big_pass(hidden_states, self.min_tokens):
+        if _is_big_pass(hidden_states, self.min_tokens):
+            add_norm = self.add_norm
+        elif _takes_small_kernels(self, hidden_states):
+            add_norm = _kernel_add_rms_norm
+        else:
             return super().forward(hidden_states, **layer_kwargs)
         # transformers 5.24's ``Qwen2_5_VLDecoderLayer.forward``, with ``residual + attention`` and the norm after it
         # as one function over [tokens, hidden].
         attention, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **layer_kwargs)
         width, norm = hidden_states.shape[-1], self.post_attention_layernorm
-        residual, normed = self.add_norm(
+        residual, normed = add_norm(
             hidden_states.reshape(-1, width), attention.reshape(-1, width), norm.weight, norm.variance_epsilon
         )
         residual, normed = residual.view(hidden_states.shape), normed.view(hidden_states.shape)
@@ -184,12 +233,16 @@ class FusedTextDecoderLayer(Qwen2_5_VLDecoderLayer):
 
 
 def fuse_text_elementwise(
-    language_model: torch.nn.Module, *, compile: bool = True, min_tokens: int = MIN_FUSED_TOKENS
+    language_model: torch.nn.Module,
+    *,
+    compile: bool = True,
+    min_tokens: int = MIN_FUSED_TOKENS,
+    small_kernels: bool = True,
 ) -> int:
     """Swaps the language model's RMSNorms, SiLU MLPs, attentions and decoder layers for ones that run their
     element-wise work (an attention's: the rotary of query and key; a decoder layer's: the residual add after
-    attention with the norm after it) as one compiled function on passes of at least ``min_tokens`` tokens; returns
-    how many modules were swapped.
+    attention with the norm after it) as one compiled function on passes of at least ``min_tokens`` tokens, and with
+    ``small_kernels`` as Triton kernels on smaller passes where Triton runs; returns how many modules were swapped.
 
     Only ``language_model``'s own modules are walked: the vision tower's norms are the same transformers class and
     are left as they are. ``compile`` False keeps the functions eager (the same arithmetic, unfused): what a CPU test
@@ -220,5 +273,16 @@ def fuse_text_elementwise(
         else:
             continue
         module.min_tokens = min_tokens
+        module.small_kernels = small_kernels
         swapped += 1
     return swapped
+
+
+def use_small_pass_kernels(language_model: torch.nn.Module, enabled: bool) -> int:
+    """Turns the Triton kernels of small passes on or off for every module ``fuse_text_elementwise`` swapped;
+    returns how many. CUDA graphs captured before keep what they captured: capture them again (a new engine)."""
+    fused = (FusedTextRMSNorm, FusedTextMLP, FusedTextAttention, FusedTextDecoderLayer)
+    modules = [m for m in language_model.modules() if isinstance(m, fused)]
+    for module in modules:
+        module.small_kernels = enabled
+    return len(modules)
