@@ -168,11 +168,13 @@ class Retriever:
         # so timing a stage never makes the host wait for the device; the clock off CUDA.
         self.profile = profile
         self._stages: list[tuple[str, object, object]] = []  # (stage, start mark, end mark)
-        # Every layer's centroids and variances at once: [C, num_layers, num_kv_heads, head_dim].
+        # The centroids and variances of every layer that chooses, at once: [C, layers, num_kv_heads, head_dim]. With
+        # an anchor only the layers up to it choose (later ones share its choice).
         self._summaries = None
         self._sizes: dict[str, int] = {}
         if candidates:
-            sizes, self._summaries = tiering.summaries.counts_and_all_layers(candidates)
+            choosing = None if self.prefetch_after_layer is None else self.prefetch_after_layer + 1
+            sizes, self._summaries = tiering.summaries.counts_and_all_layers(candidates, choosing)
             self._sizes = dict(zip(candidates, sizes, strict=True))
         self._timed_gathers: list[Moved] = []
         off_cuda = tiering.tiers.transfers.side is None  # there the copy engines' copies are plain host copies
@@ -310,8 +312,8 @@ class Retriever:
 
     @property
     def summaries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Centroids, variances ``[C, num_layers, num_kv_heads, head_dim]`` and log-counts ``[C]`` of the
-        candidates (None without candidates)."""
+        """Centroids, variances ``[C, layers, num_kv_heads, head_dim]`` and log-counts ``[C]`` of the candidates
+        (None without candidates), for the layers that choose: all of them, or with an anchor those up to it."""
         return self._summaries
 
     def fill_budget(self, scores: torch.Tensor, budget_tokens: int | None = None) -> list[str]:

@@ -113,3 +113,34 @@ def test_planted_queries_are_measurement_only(tiny_model, bikes_frames):
     after = engine.answer("cam", QUESTION, max_new_tokens=1).last_hidden
     assert planted.span_found[ENGINE] == 1.0  # the budget covers the stream
     assert torch.allclose(before, after, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prefetch_after_layer", [0, 1])
+def test_a_question_reads_the_summaries_of_the_layers_that_choose_and_chooses_as_with_all(
+    tiny_model, bikes_frames, prefetch_after_layer, monkeypatch
+):
+    """With an anchor only the layers up to it choose, so a question reads only their summaries; its choice and
+    answer are those of a question that reads every layer's (budget under the stream, so there is a choice)."""
+    summaries_class = type(make_engine(tiny_model).tiering.summaries)
+    real = summaries_class.counts_and_all_layers
+    read_layers, every_layer = [], [False]
+
+    def recorded(index, cluster_ids, num_layers=None):
+        read_layers.append(num_layers)
+        return real(index, cluster_ids, None if every_layer[0] else num_layers)
+
+    monkeypatch.setattr(summaries_class, "counts_and_all_layers", recorded)
+    answers = []
+    for reads_every_layer in (False, True):
+        every_layer[0] = reads_every_layer
+        engine = make_engine(
+            tiny_model, mode="cluster", retrieval_budget_tokens=400, prefetch_after_layer=prefetch_after_layer
+        )
+        engine.open_stream("cam")
+        feed(engine, "cam", bikes_frames[:24])
+        answers.append(engine.answer("cam", QUESTION, max_new_tokens=4))
+    assert read_layers == [prefetch_after_layer + 1] * 2
+    narrowed, full = answers
+    assert [s.cluster_id for s in narrowed.evidence] == [s.cluster_id for s in full.evidence] != []
+    assert narrowed.token_ids == full.token_ids
+    assert torch.equal(narrowed.last_hidden, full.last_hidden)

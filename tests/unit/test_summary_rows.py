@@ -155,6 +155,12 @@ def test_counts_and_all_layers_equal_each_count_and_all_layers_read_apart(tmp_pa
     assert sizes == [summaries.count(cid) for cid in asked] == [3, 4, 4]
     for got, apart in zip((mean, var, log_count), summaries.all_layers(asked), strict=True):
         assert torch.equal(got, apart)
+    # The first layer alone (a question whose anchor is layer 0 reads no more) is the first layer of all of them.
+    _, (first_mean, first_var, first_log_count) = summaries.counts_and_all_layers(asked, num_layers=1)
+    assert first_mean.shape == (3, 1, SPEC.num_kv_heads, SPEC.head_dim)
+    assert torch.equal(first_mean, mean[:, :1]) and torch.equal(first_var, var[:, :1])
+    assert torch.equal(first_log_count, log_count)
+    assert not torch.equal(mean[:, 1:], mean[:, :1])  # the layers differ: taking the wrong one would show
 
 
 def test_tracked_ids_is_a_live_view_of_the_tracked_clusters(tmp_path):
