@@ -17,9 +17,15 @@ from tests.unit.hidden_recorder import assert_same_hiddens, record_hiddens, rows
 QUESTIONS = ("What happened on the road?", "When did the cyclist pass the red car?")
 
 
+def _eager_engine(model, **overrides):
+    """An engine whose questions run eagerly on CUDA too, as on the CPU: there graphs are on by default, and their
+    captures' warm-ups run the model as well, which records hidden states the eager answers never computed."""
+    return make_engine(model, prefill_graphs=False, decode_graphs=False, **overrides)
+
+
 def _camera(model, frames, **overrides):
-    """An engine with one stream, "cam", fed ``frames``."""
-    engine = make_engine(model, **overrides)
+    """An eager engine (``_eager_engine``) with one stream, "cam", fed ``frames``."""
+    engine = _eager_engine(model, **overrides)
     engine.open_stream("cam")
     feed(engine, "cam", frames)
     return engine
@@ -37,7 +43,7 @@ def test_fixed_buffer_steps_compute_the_eager_steps(tiny_model, bikes_frames, mo
     hiddens = record_hiddens(tiny_model, monkeypatch)
     eager = [engine.answer("cam", q, max_new_tokens=12).token_ids for q in QUESTIONS]
     eager_hiddens = list(hiddens)
-    assert engine.parts.decode_graphs.num_steps == 0  # no CUDA: graphs are off by default
+    assert engine.parts.decode_graphs.num_steps == 0  # graphs off
     fixed = _fixed(engine, tiny_model)
     hiddens.clear()
     assert [engine.answer("cam", q, max_new_tokens=12).token_ids for q in QUESTIONS] == eager
@@ -90,7 +96,7 @@ def test_interleaved_questions_step_together_and_each_compute_their_own(tiny_mod
 def test_a_batch_takes_questions_as_they_join_and_leave(tiny_model, bikes_frames, monkeypatch):
     """Three answers of different lengths on two streams, started at different steps: rows join and leave, and
     every answer's hidden states are those it computes alone."""
-    engine = make_engine(tiny_model)
+    engine = _eager_engine(tiny_model)
     for camera, frames in (("a", bikes_frames[:16]), ("b", bikes_frames[16:40])):
         engine.open_stream(camera)
         feed(engine, camera, frames)

@@ -51,7 +51,9 @@ def test_the_questions_are_padded(tiny_model):
 def test_fixed_buffer_layers_compute_the_eager_prefill(
     tiny_model, bikes_frames, mode, decode_too, segment_layers, anchor, monkeypatch
 ):
-    engine = make_engine(tiny_model, mode=mode, prefetch_after_layer=anchor)
+    # Graphs off, so that on CUDA too the answers below run eagerly: there graphs are on by default, and their
+    # captures' warm-ups run the model as well, which records hidden states the eager answers never computed.
+    engine = make_engine(tiny_model, mode=mode, prefetch_after_layer=anchor, prefill_graphs=False, decode_graphs=False)
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:24])
     hiddens = record_hiddens(tiny_model, monkeypatch)
