@@ -77,8 +77,9 @@ class Qwen25VLAdapter:
         vision_attention: str = "flash",
     ) -> None:
         """``fuse_vision``: compile the vision tower's element-wise work (``vision_tower.fuse_elementwise``);
-        ``fuse_text``: the same for the language model's big passes (``text_fusion.fuse_text_elementwise``). None
-        does so on CUDA only, where ``torch.compile`` makes Triton kernels (on the CPU it needs a C++ compiler and
+        ``fuse_text``: the same for the language model's big passes, and one Triton kernel per piece of that work
+        on its small ones, question prefills and decode steps (``text_fusion.fuse_text_elementwise``). None does
+        so on CUDA only, where ``torch.compile`` makes Triton kernels (on the CPU it needs a C++ compiler and
         compiles for minutes). ``vision_attention``: the tower's attention kernel on CUDA, "flash", "auto" or "varlen"
         (``vision_attention.hold_vision_attention``)."""
         self.model = model.eval()
