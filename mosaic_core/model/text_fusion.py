@@ -104,7 +104,8 @@ class FusedTextRMSNorm(Qwen2_5_VLRMSNorm):
     small_kernels = False  # ``fuse_text_elementwise`` and ``use_small_pass_kernels`` set it on the instance
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Either function sees [tokens, hidden] whatever the batch's shape: one dynamic graph serves all.
+        # The compiled function and the kernel see [tokens, hidden] whatever the batch's shape: one dynamic graph
+        # serves all, and the kernel one program per row.
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])
         if _is_big_pass(hidden_states, self.min_tokens):
             return self.norm(rows, self.weight, self.variance_epsilon).reshape(hidden_states.shape)
