@@ -15,6 +15,7 @@ from mosaic_core.errors import InvalidArgumentError
 from mosaic_core.model import text_fusion
 from mosaic_core.model.text_fusion import _add_rms_norm, _silu_mul, fuse_text_elementwise, use_small_pass_kernels
 from mosaic_core.model.vision_tower import _rms_norm
+from tests.unit.language_model_helpers import tiny_language_model
 
 pytest.importorskip("triton", reason="triton is not installed; the kernels cannot run")
 
@@ -115,24 +116,6 @@ def test_misuse_raises_with_the_shapes(call, message, monkeypatch):
         call()
 
 
-def _tiny_language_model():
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
-
-    from mosaic_core.model.presets import preset_config_kwargs
-
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(
-        Qwen2_5_VLConfig(**preset_config_kwargs("tiny")), attn_implementation="sdpa"
-    )
-    language_model = model.eval().model.language_model
-    with torch.no_grad():  # norm weights start as ones: make them differ, so using the wrong norm's weight shows
-        for module in language_model.modules():
-            if isinstance(module, Qwen2_5_VLRMSNorm):
-                module.weight.normal_(1.0, 0.2)
-    return language_model
-
-
 def _last_hidden(language_model, embeds: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
@@ -144,7 +127,7 @@ def test_small_passes_run_the_kernels_and_give_transformers_hidden_states(monkey
     its norm, add and norm, SiLU gate and rotaries as kernels, and the hidden states are transformers'; turned off,
     no kernel runs and they are transformers' bit for bit."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    language_model = _tiny_language_model()
+    language_model = tiny_language_model()
     embeds = torch.randn(1, 5, language_model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     expected = _last_hidden(language_model, embeds)
     num_layers = len(language_model.layers)
@@ -178,7 +161,7 @@ def test_small_passes_run_the_kernels_and_give_transformers_hidden_states(monkey
 def test_cpu_tensors_stay_eager_where_the_interpreter_is_off(monkeypatch):
     """Outside the interpreter a CPU pass never takes the kernels, on or off: CPU installs run as before."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    language_model = _tiny_language_model()
+    language_model = tiny_language_model()
     embeds = torch.randn(1, 5, language_model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     expected = _last_hidden(language_model, embeds)
     fuse_text_elementwise(language_model, compile=False)

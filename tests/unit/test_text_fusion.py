@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm, apply_rotary_pos_emb
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from mosaic_core.errors import ConfigError
-from mosaic_core.model.presets import preset_config_kwargs
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 from mosaic_core.model.text_fusion import (
     MIN_FUSED_TOKENS,
@@ -24,6 +23,7 @@ from mosaic_core.model.text_fusion import (
     fuse_text_elementwise,
 )
 from mosaic_core.model.vision_tower import _compiled, _rms_norm
+from tests.unit.language_model_helpers import tiny_language_model
 
 RECORDING_ATTENTION = "text_fusion_test_recording"
 _recorded_calls: list[tuple] = []
@@ -38,20 +38,6 @@ def _recording_attention(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(RECORDING_ATTENTION, _recording_attention)
 
 
-def _sdpa_language_model(attention: str = "sdpa") -> torch.nn.Module:
-    """The tiny preset's language model with SDPA attention, so a plain forward needs no Mosaic attention plan."""
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(
-        Qwen2_5_VLConfig(**preset_config_kwargs("tiny")), attn_implementation=attention
-    )
-    language_model = model.eval().model.language_model
-    with torch.no_grad():  # norm weights start as ones: make them differ, so using the wrong norm's weight shows
-        for module in language_model.modules():
-            if isinstance(module, Qwen2_5_VLRMSNorm):
-                module.weight.normal_(1.0, 0.2)
-    return language_model
-
-
 def _hidden_states(language_model: torch.nn.Module, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
     with torch.inference_mode():
         out = language_model(inputs_embeds=embeds, output_hidden_states=True, use_cache=False)
@@ -63,7 +49,7 @@ def _hidden_states(language_model: torch.nn.Module, embeds: torch.Tensor) -> tup
     [(2, 150, 8, True), (1, 300, 8, True), (1, 5, 8, False), (1, 300, MIN_FUSED_TOKENS, False)],
 )
 def test_fused_language_model_gives_the_same_hidden_states(batch, tokens, min_tokens, fused_branch):
-    language_model = _sdpa_language_model()
+    language_model = tiny_language_model()
     hidden = language_model.config.hidden_size
     embeds = torch.randn(batch, tokens, hidden, generator=torch.Generator().manual_seed(1))
     before = _hidden_states(language_model, embeds)
@@ -158,7 +144,7 @@ def test_fused_attention_hands_its_attention_interface_what_transformers_does(
     """Multimodal positions (each of the temporal, height and width sections its own) through the whole language
     model: every layer's attention interface gets the same query, key, value (values, dtypes and strides), mask and
     keyword arguments, the Mosaic plan among them, as from transformers' attention."""
-    language_model = _sdpa_language_model(RECORDING_ATTENTION).to(dtype)
+    language_model = tiny_language_model(RECORDING_ATTENTION).to(dtype)
     generator = torch.Generator().manual_seed(3)
     embeds = torch.randn(batch, tokens, language_model.config.hidden_size, generator=generator).to(dtype)
     positions = torch.randint(0, 4 * tokens, (3, position_rows, tokens), generator=generator)
@@ -201,8 +187,8 @@ def test_too_small_a_threshold_is_refused():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to compile")
 def test_compiled_functions_stay_within_bf16_rounding_of_transformers_modules():
-    reference = _sdpa_language_model().to("cuda", torch.bfloat16)
-    fused = _sdpa_language_model().to("cuda", torch.bfloat16)
+    reference = tiny_language_model().to("cuda", torch.bfloat16)
+    fused = tiny_language_model().to("cuda", torch.bfloat16)
     fuse_text_elementwise(fused, min_tokens=8)
     embeds = torch.randn(2, 600, fused.config.hidden_size, generator=torch.Generator().manual_seed(1))
     embeds = embeds.to("cuda", torch.bfloat16)
