@@ -33,7 +33,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 from mosaic_core.errors import ConfigError
-from mosaic_core.kernels import interpret_mode, kernels_ready
+from mosaic_core.kernels import kernels_ready
 from mosaic_core.model.vision_tower import _compiled, _rms_norm
 
 # Question prefills and decode steps have far fewer rows than this and replay from CUDA graphs: a compile for each
@@ -85,9 +85,9 @@ def _kernel_add_rms_norm(
 
 
 def _takes_small_kernels(module: torch.nn.Module, hidden: torch.Tensor) -> bool:
-    """Whether ``module``'s small pass over ``hidden`` runs the Triton kernels: they are on for it, and Triton runs
-    here (a CUDA tensor, or the CPU interpreter that tests use)."""
-    return module.small_kernels and (hidden.is_cuda or interpret_mode()) and kernels_ready()
+    """Whether ``module``'s small pass over ``hidden`` runs the Triton kernels: they are on for it, and ``hidden``
+    is on CUDA, where Triton runs. A CPU pass stays eager even under Triton's CPU interpreter."""
+    return module.small_kernels and hidden.is_cuda and kernels_ready()
 
 
 def _is_big_pass(hidden: torch.Tensor, min_tokens: int) -> bool:

@@ -125,8 +125,10 @@ def _last_hidden(language_model, embeds: torch.Tensor) -> torch.Tensor:
 def test_small_passes_run_the_kernels_and_give_transformers_hidden_states(monkeypatch):
     """A small pass of the tiny language model, fused with the small-pass kernels on (interpreted): each layer runs
     its norm, add and norm, SiLU gate and rotaries as kernels, and the hidden states are transformers'; turned off,
-    no kernel runs and they are transformers' bit for bit."""
+    no kernel runs and they are transformers' bit for bit. The kernels take CUDA tensors only, so this test lets
+    CPU tensors take them (the interpreter runs them)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(text_fusion, "_takes_small_kernels", lambda module, hidden: module.small_kernels)
     language_model = tiny_language_model()
     embeds = torch.randn(1, 5, language_model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     expected = _last_hidden(language_model, embeds)
@@ -158,15 +160,17 @@ def test_small_passes_run_the_kernels_and_give_transformers_hidden_states(monkey
     assert launches == {"rms_norm": 0, "silu_mul": 0, "text_rotary": 0}
 
 
-def test_cpu_tensors_stay_eager_where_the_interpreter_is_off(monkeypatch):
-    """Outside the interpreter a CPU pass never takes the kernels, on or off: CPU installs run as before."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+@pytest.mark.parametrize("interpreter", ["0", "1"])
+def test_cpu_tensors_stay_eager(interpreter, monkeypatch):
+    """A CPU pass never takes the kernels, even under the interpreter (which other tests of the run switch on for
+    the whole process): CPU installs run as before, bit for bit."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpreter)
     language_model = tiny_language_model()
     embeds = torch.randn(1, 5, language_model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     expected = _last_hidden(language_model, embeds)
     fuse_text_elementwise(language_model, compile=False)
-    monkeypatch.setattr(text_fusion, "_kernel_rotary", _forbidden)
-    monkeypatch.setattr(text_fusion, "_kernel_add_rms_norm", _forbidden)
+    for name in ("rms_norm", "silu_mul", "text_rotary"):
+        monkeypatch.setattr(text_elementwise, name, _forbidden)
     assert torch.equal(_last_hidden(language_model, embeds), expected)
 
 
