@@ -11,9 +11,9 @@ modules; compiled are the norms, ``silu(gate) * up``, the rotary of query and ke
 after attention together with the norm that follows it. The add that ends a layer stays eager: the norm after it is
 the next layer's, called from transformers' text model between layers.
 
-A small pass (a question's prefill, a decode step) runs the same arithmetic as one Triton kernel per piece where
-Triton runs (``mosaic_core.kernels.text_elementwise``: the norm, the layer's add after attention with the norm after
-it, ``silu(gate) * up``, the rotary of query and of key), and eagerly elsewhere: see ``MIN_FUSED_TOKENS``.
+A small pass (a question's prefill, a decode step) runs the same arithmetic as one Triton kernel per piece on CUDA
+(``mosaic_core.kernels.text_elementwise``: the norm, the layer's add after attention with the norm after it,
+``silu(gate) * up``, the rotary of query and of key), and eagerly on the CPU: see ``MIN_FUSED_TOKENS``.
 ``use_small_pass_kernels`` turns the kernels off and on again, for side-by-side runs in one process.
 """
 
@@ -243,7 +243,7 @@ def fuse_text_elementwise(
     """Swaps the language model's RMSNorms, SiLU MLPs, attentions and decoder layers for ones that run their
     element-wise work (an attention's: the rotary of query and key; a decoder layer's: the residual add after
     attention with the norm after it) as one compiled function on passes of at least ``min_tokens`` tokens, and with
-    ``small_kernels`` as Triton kernels on smaller passes where Triton runs; returns how many modules were swapped.
+    ``small_kernels`` as Triton kernels on smaller passes on CUDA; returns how many modules were swapped.
 
     Only ``language_model``'s own modules are walked: the vision tower's norms are the same transformers class and
     are left as they are. ``compile`` False keeps the functions eager (the same arithmetic, unfused): what a CPU test
