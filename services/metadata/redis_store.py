@@ -18,6 +18,7 @@ from mosaic_core.errors import ConfigError, UnknownStreamError
 from services.metadata.base import ClusterMeta, MetadataStore, StreamRecord, validate_id
 from services.metadata.schema import (
     DEFAULT_NAMESPACE,
+    DELETE_STREAM_LUA,
     MAX_SPAN_FIELD,
     MOVE_CLUSTER_LUA,
     Keys,
@@ -29,6 +30,7 @@ from services.metadata.schema import (
 
 T = TypeVar("T")
 _DELETE_CHUNK_KEYS = 1024  # keys per DEL command, so one huge stream does not make one huge command
+_WORKER = "{}"  # stands for a worker id in its streams set's key name (namespaces cannot hold braces)
 
 
 def _score(value: float) -> str:
@@ -57,6 +59,7 @@ class RedisMetadataStore(MetadataStore):
         self._keys = Keys(namespace)
         self._clock = clock
         self._move_script = client.register_script(MOVE_CLUSTER_LUA)
+        self._delete_stream_script = client.register_script(DELETE_STREAM_LUA)
 
     @classmethod
     def from_url(
@@ -103,24 +106,13 @@ class RedisMetadataStore(MetadataStore):
         return [decode_stream(fields) for fields in rows if fields]
 
     def delete_stream(self, stream_id: str) -> bool:
-        stream_key, tindex_key = self._keys.stream(stream_id), self._keys.tindex(stream_id)
-
-        def remove(pipe: Pipeline) -> bool:
-            if not pipe.exists(stream_key):
-                return False
-            worker_id = pipe.hget(stream_key, "worker_id") or None
-            cluster_keys = [self._keys.cluster(stream_id, c) for c in pipe.zrange(tindex_key, 0, -1)]
-            pipe.multi()
-            all_keys = [stream_key, tindex_key, *cluster_keys]
-            for i in range(0, len(all_keys), _DELETE_CHUNK_KEYS):
-                pipe.delete(*all_keys[i : i + _DELETE_CHUNK_KEYS])
-            pipe.srem(self._keys.streams(), stream_id)
-            self._queue_assign(pipe, stream_id, worker_id, None)
-            pipe.execute()
-            return True
-
-        # Watching the index makes a concurrent put_cluster restart this read, so no cluster is orphaned.
-        return self._atomic(remove, stream_key, tindex_key)
+        # One step on the server (schema.py, "Atomicity"): a concurrent put_cluster lands before it or fails after it.
+        worker_prefix, worker_suffix = self._keys.worker_streams(_WORKER).split(_WORKER)
+        deleted = self._delete_stream_script(
+            keys=[self._keys.stream(stream_id), self._keys.tindex(stream_id), self._keys.streams()],
+            args=[stream_id, self._keys.cluster(stream_id, ""), worker_prefix, worker_suffix, _DELETE_CHUNK_KEYS],
+        )
+        return bool(deleted)
 
     def set_worker(self, stream_id: str, worker_id: str | None) -> None:
         if worker_id is not None:

@@ -34,8 +34,11 @@ retention_s``), keeps those whose ``end_s`` reaches the cutoff, and deletes the 
 in one MULTI/EXEC under WATCH. Nothing in the schema carries a TTL.
 
 **Atomicity.** Multi-key writes (``put_cluster`` = cluster hash + zset + ``max_span_s``; ``put_stream``;
-``delete_stream``; ``set_worker``; retention) are MULTI/EXEC transactions, under WATCH where they depend
-on what they read. A placement change (``move_cluster``) is the Lua script ``MOVE_CLUSTER_LUA``, run with
+``set_worker``; retention) are MULTI/EXEC transactions, under WATCH where they depend on what they read.
+``delete_stream`` is the Lua script ``DELETE_STREAM_LUA``: it reads the stream's index and deletes the stream, its
+index and every cluster the index names in one step, so no ``put_cluster`` can add a cluster between the read and
+the deletes. (Under WATCH, a writer adding clusters without pause restarted that read again and again, each time
+longer, without end.) A placement change (``move_cluster``) is the Lua script ``MOVE_CLUSTER_LUA``, run with
 EVALSHA: it compares the current tier and sets ``tier``, ``location`` and ``updated_s`` in one step, so
 readers (HGETALL is atomic) never see a tier with another placement's location. The schema targets one
 Redis primary (optionally with replicas or Sentinel), not Redis Cluster: the global ``{ns}:streams`` set
@@ -104,6 +107,30 @@ if redis.call('HGET', KEYS[1], 'tier') ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'tier', ARGV[2], 'location', ARGV[3], 'updated_s', ARGV[4])
+return 1
+"""
+
+# KEYS: the stream hash, its tindex, the streams set. ARGV: the stream id; the prefix of its cluster keys; the prefix
+# and suffix of a worker's streams set; the keys a DEL command takes at most.
+DELETE_STREAM_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local worker = redis.call('HGET', KEYS[1], 'worker_id')
+local ids = redis.call('ZRANGE', KEYS[2], 0, -1)
+local chunk_keys = tonumber(ARGV[5])
+for first = 1, #ids, chunk_keys do
+  local chunk = {}
+  for i = first, math.min(first + chunk_keys - 1, #ids) do
+    chunk[#chunk + 1] = ARGV[2] .. ids[i]
+  end
+  redis.call('DEL', unpack(chunk))
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+if worker and worker ~= '' then
+  redis.call('SREM', ARGV[3] .. worker .. ARGV[4], ARGV[1])
+end
 return 1
 """
 

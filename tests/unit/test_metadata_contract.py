@@ -335,12 +335,20 @@ class MetadataStoreContract:
         assert store.get_cluster("cam-1", "c0").tier == TIERS[sum(num_moves) % 3]
 
     def test_delete_stream_racing_writer_leaves_no_orphans(self, store: MetadataStore) -> None:
+        """A stream with history is deleted while a writer adds clusters to it without pause: the delete finishes,
+        and leaves nothing. (Redis under WATCH restarted its read of the index at every write, ever longer: a
+        fresh-clone CI run hung here for 600 s.)"""
         store.put_stream(stream("racy", worker_id="0"))
-        started = threading.Event()
+        history = 2_000
+        for i in range(history):
+            store.put_cluster(cluster(f"c{i}", i, i + 0.5, stream_id="racy"))
+        started, stop = threading.Event(), threading.Event()
         num_written = [0]
 
         def writer() -> None:
-            for i in itertools.count():
+            for i in itertools.count(history):
+                if stop.is_set():
+                    return
                 try:
                     store.put_cluster(cluster(f"c{i}", i, i + 0.5, stream_id="racy"))
                 except UnknownStreamError:
@@ -351,8 +359,13 @@ class MetadataStoreContract:
         thread = threading.Thread(target=writer)
         thread.start()
         assert started.wait(10)
-        assert store.delete_stream("racy")
+        deleted: list[bool] = []
+        deleter = threading.Thread(target=lambda: deleted.append(store.delete_stream("racy")), daemon=True)
+        deleter.start()
+        deleter.join(60)  # a bound on liveness, not a speed target
+        stop.set()
         thread.join(10)
+        assert deleted == [True], "delete_stream did not finish within 60 s while a writer kept writing"
         assert not thread.is_alive()
         assert num_written[0] > 0
         self.assert_no_trace(store, "racy")
