@@ -41,6 +41,12 @@ from mosaic_core.kernels.attention_kernels import attention_merge_kernel, attent
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 _MIN_SPLIT_BLOCKS = 4  # a split shorter than this many key blocks costs more to merge than it saves
+# Stage-1 programs that run on one SM at once, by row-tile height (bench/NOTES.md, session 30's sweep): with 16-row
+# tiles (decode) grids of up to 4 per SM ran in one wave, with 64-row tiles (question prefill) up to 2.
+_RESIDENT_PER_SM_SMALL_TILES = 4
+_RESIDENT_PER_SM = 2
+SPLIT_PLANS = ("resident", "twice_the_sms")
+_split_plan = "resident"
 # Tests set this to fill the split workspace with NaN, so that any partial the first stage fails to write
 # poisons the output instead of silently reading stale memory.
 _POISON_WORKSPACE = False
@@ -70,22 +76,25 @@ class _Launch:
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Config:
+class AttentionTiles:
+    """The stage-1 kernel's tile sizes and launch shape (``bench/slot_attention_sweep.py`` tries others)."""
+
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
 
 
-def _kernel_config(launch: _Launch) -> _Config:
+def _kernel_config(launch: _Launch) -> AttentionTiles:
     """Tile sizes and launch shape for the stage-1 kernel.
 
     Swept on one H200 (bf16, 28 q / 4 kv heads, head_dim 128; decode b1-b32 over 4k-16k keys, prefill
     32x16k, 128x4k, 1024x1024): 64x64 tiles, 4 warps and 3 stages were best or within noise of the best
-    everywhere, and the split plan below beat every fixed split count.
+    everywhere. Session 30's sweep of the slot tables the engine's graphs read (``bench/slot_attention_sweep.py``)
+    found the same tiles within 4% of the best for every case but one, and the split plan below.
     """
     rows = launch.q_len * launch.group_size
-    return _Config(
+    return AttentionTiles(
         block_m=max(16, min(64, next_power_of_2(rows))),
         block_n=64 if launch.head_dim <= 128 else 32,
         num_warps=4,
@@ -100,14 +109,32 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def use_split_plan(name: str) -> None:
+    """Chooses how calls without ``num_splits`` split their keys, for side-by-side runs in one process.
+
+    ``resident`` (the default): as many programs as run on the GPU at once, in one wave. ``twice_the_sms``: the plan
+    before session 30, at least two programs an SM, whose grids passed a wave by a few programs (288 programs
+    for 8 answers' decode, where 264 or 528 run at once on an H200).
+    """
+    global _split_plan
+    if name not in SPLIT_PLANS:
+        raise InvalidArgumentError(f"split plan {name!r} is not one of {SPLIT_PLANS}")
+    _split_plan = name
+
+
 def _plan_splits(
     launch: _Launch, block_m: int, block_n: int, num_splits: int | None, device: torch.device
 ) -> tuple[int, int]:
-    """Picks (num_splits, split_tokens): enough programs to fill the GPU twice, splits of >= 4 key blocks."""
+    """Picks (num_splits, split_tokens): the most programs that run in one wave (``use_split_plan``), splits of
+    >= 4 key blocks."""
     max_blocks = max(1, cdiv(launch.max_kv_tokens, block_n))
     if num_splits is None:
         tiles = cdiv(launch.q_len * launch.group_size, block_m) * launch.batch * launch.num_kv_heads
-        wanted = cdiv(2 * _num_sms(device), tiles)
+        if _split_plan == "resident":
+            per_sm = _RESIDENT_PER_SM_SMALL_TILES if block_m <= 16 else _RESIDENT_PER_SM
+            wanted = per_sm * _num_sms(device) // tiles
+        else:
+            wanted = cdiv(2 * _num_sms(device), tiles)
         num_splits = max(1, min(wanted, max_blocks // _MIN_SPLIT_BLOCKS, _MAX_SPLITS))
     if not 1 <= num_splits <= _MAX_SPLITS:
         raise InvalidArgumentError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
@@ -133,9 +160,10 @@ def _run(
     scale: float,
     num_splits: int | None,
     block_n: int | None,
+    tiles: AttentionTiles | None = None,
 ) -> None:
     rows = launch.q_len * launch.group_size
-    config = _kernel_config(launch)
+    config = tiles or _kernel_config(launch)
     block_m, block_n = config.block_m, block_n or config.block_n
     splits, split_tokens = _plan_splits(launch, block_m, block_n, num_splits, q4.device)
     if splits == 1:
@@ -392,13 +420,15 @@ def paged_slot_attention(
     out: torch.Tensor | None = None,  # [batch, num_q_heads, q_len, head_dim]
     num_splits: int | None = None,
     block_n: int | None = None,
+    tiles: AttentionTiles | None = None,
 ) -> torch.Tensor:  # [batch, num_q_heads, q_len, head_dim]
     """Causal attention of ``q_len`` new tokens per sequence over keys read in place from a page pool.
 
     Key ``j`` of sequence ``b`` is token ``slot_table[b, j] % page_tokens`` of page
     ``slot_table[b, j] // page_tokens``; the new tokens' own keys are the last ``q_len`` of the ``kv_lens[b]``
     keys (bottom-right causal, as in :func:`prefill_attention`). With ``q_len == 1`` this is decode. Nothing is
-    gathered: the kernel reads the pool where it is, so pages may be partly filled and in any order.
+    gathered: the kernel reads the pool where it is, so pages may be partly filled and in any order. ``tiles``
+    replaces the tile sizes and launch shape that ``_kernel_config`` picks (for sweeps).
 
     Raises:
         InvalidArgumentError: On mismatched shapes, dtypes or devices.
@@ -421,5 +451,5 @@ def paged_slot_attention(
     )  # fmt: skip
     if out.numel():
         _run(launch, q, k_pages, v_pages, slot_table, kv_lens, out, scale=scale,
-             num_splits=num_splits, block_n=block_n)  # fmt: skip
+             num_splits=num_splits, block_n=block_n, tiles=tiles)  # fmt: skip
     return out

@@ -217,3 +217,36 @@ def test_paged_slot_attention_matches_reference(case, dtype, device, randn, asse
         if n < q_len:  # queries with fewer keys than new tokens: only the last n see anything
             continue
         assert_close(got[b], expected[b], dtype)
+
+
+def _slot_launch(batch, q_len, keys):
+    return attention_module._Launch(
+        batch=batch, num_q_heads=28, num_kv_heads=4, q_len=q_len, head_dim=128, max_kv_tokens=keys,
+        causal_shift=0, page_tokens=126, slots=True,
+    )  # fmt: skip
+
+
+# (batch, q_len, block_m, splits of the resident plan, splits of the plan before it) on a 132-SM GPU
+H200_SPLITS = [
+    (1, 1, 16, 64, 64),  # one answer: capped at 64 splits, 256 programs either way
+    (8, 1, 16, 16, 9),  # 8 answers: 512 programs in one wave, where 288 passed the first by 24
+    (16, 1, 16, 8, 5),
+    (1, 32, 64, 16, 16),  # a 32-token question: 256 programs either way
+    (1, 64, 64, 9, 10),  # a 64-token question: 252 programs, where 280 passed 264
+]
+
+
+@pytest.mark.parametrize("case", H200_SPLITS, ids=lambda c: "b{}q{}".format(*c))
+def test_the_resident_split_plan_fills_one_wave(case, monkeypatch):
+    batch, q_len, block_m, resident, before = case
+    monkeypatch.setattr(attention_module, "_num_sms", lambda device: 132)
+    launch = _slot_launch(batch, q_len, 16384)
+    device = torch.device("cpu")
+    assert attention_module._plan_splits(launch, block_m, 64, None, device)[0] == resident
+    monkeypatch.setattr(attention_module, "_split_plan", "twice_the_sms")
+    assert attention_module._plan_splits(launch, block_m, 64, None, device)[0] == before
+
+
+def test_an_unknown_split_plan_is_refused():
+    with pytest.raises(InvalidArgumentError, match="not one of"):
+        attention_module.use_split_plan("thrice")
