@@ -21,6 +21,7 @@ answers, ms per step (what one answer waits per token), and answers equal in tok
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -50,8 +51,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_concurrent(engine: Engine, cameras: list[str], decode_tokens: int) -> dict:
-    """Starts one answer per camera, reads them in turn to the end; returns the timings and the answers' tokens."""
+def run_concurrent(engine: Engine, cameras: list[str], decode_tokens: int, while_decoding=None) -> dict:
+    """Starts one answer per camera, reads them in turn to the end; returns the timings and the answers' tokens.
+
+    ``while_decoding``, a context manager, is entered after the prefills and left after the last token (a profiler).
+    """
     answers = [
         engine.ask(camera, QUESTIONS[i % len(QUESTIONS)], max_new_tokens=decode_tokens)
         for i, camera in enumerate(cameras)
@@ -62,17 +66,18 @@ def run_concurrent(engine: Engine, cameras: list[str], decode_tokens: int) -> di
     graphs = engine.parts.decode_graphs
     steps_before = graphs.num_steps
     _sync()
-    start = time.perf_counter()
-    running = dict(enumerate(answers))
-    while running:
-        for i, answer in list(running.items()):
-            event = next(answer)
-            if isinstance(event, TokenEvent):
-                tokens[i].append(event.token_id)
-            else:  # the Answer: this one is done
-                del running[i]
-    _sync()
-    wall = time.perf_counter() - start
+    with while_decoding or contextlib.nullcontext():
+        start = time.perf_counter()
+        running = dict(enumerate(answers))
+        while running:
+            for i, answer in list(running.items()):
+                event = next(answer)
+                if isinstance(event, TokenEvent):
+                    tokens[i].append(event.token_id)
+                else:  # the Answer: this one is done
+                    del running[i]
+        _sync()
+        wall = time.perf_counter() - start
     decoded = sum(len(t) - 1 for t in tokens)
     longest = max(len(t) - 1 for t in tokens)
     return {
