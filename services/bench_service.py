@@ -433,7 +433,6 @@ def service_overrides(args, clip: str) -> dict:
         "ingest_pause_skip_idle": args.ingest_pause_skip_idle,
         "vision_attention": args.vision_attention,
         "questions_alongside_ingest": args.questions_alongside_ingest,
-        "decode_step_ahead": not args.no_decode_step_ahead,
         "python_switch_interval_s": args.switch_interval_ms / 1e3,
         "freeze_heap_after_start": not args.no_heap_freeze,
         "decode_sources_in_processes": not args.decode_sources_in_threads,
@@ -634,10 +633,6 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--questions-alongside-ingest", action="store_true",
         help="questions_alongside_ingest on: questions run beside queued ingest work, the host never waits at a pause",
-    )  # fmt: skip
-    parser.add_argument(
-        "--no-decode-step-ahead", action="store_true",
-        help="decode_step_ahead off: a batched decode step is launched when an answer asks for its token",
     )  # fmt: skip
     # The one run that served on the lent GPU VM used 0.0.0.0 (Ray on the VM's own address); Ray bound to loopback
     # has not run there since the float CPU count that stopped every raylet was fixed.

@@ -149,10 +149,6 @@ class ServiceConfig(BaseModel):
     # without, though on two machines (bench/NOTES.md, session 15); in session 26, at 128 and 150 cameras, its TTFT p99
     # was 452 and 423 ms, its prefill p99 355 and 300 ms.
     questions_alongside_ingest: bool = False
-    # Batched decode launches a step as soon as the step before it is read, so the engine loop's own work between two
-    # tokens runs while the device computes (mosaic_core.engine.decode_graphs); false: a step is launched when an
-    # answer asks for its token.
-    decode_step_ahead: bool = True
     # The worker process's sys.setswitchinterval: how long one Python thread may keep the GIL once another asks for
     # it. The engine thread, which queues the GPU's work, needs the GIL nearly all the time. On the H200 at 150
     # cameras, 1 ms gave a server TTFT p50 of 37 ms against 89 at Python's 5 ms (two runs on two machines); but a

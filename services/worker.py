@@ -563,7 +563,6 @@ def _build_engine(worker_id: str, config: ServiceConfig):
         device_budget_share=config.device_budget_share,
         vision_attention=config.vision_attention,
     )
-    engine.parts.decode_graphs.step_ahead = config.decode_step_ahead
     if engine.config.device_budget_bytes != engine_config.device_budget_bytes:
         log.info(
             "device budget %.1f GiB: %.0f%% of the GPU memory free once the model was loaded, less %.1f GiB",
