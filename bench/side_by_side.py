@@ -9,9 +9,7 @@ Switches (off, then on):
 - ``small-pass-kernels``: the language model's small passes with transformers' element-wise ops, then with the
   Triton kernels (``text_fusion.use_small_pass_kernels``); on the CPU both run the same eager code;
 - ``split-plan``: the attention kernel's keys split for at least two programs an SM, then for one full wave
-  (``kernels.attention.use_split_plan``); on the CPU the kernel does not run;
-- ``step-ahead``: batched decode steps launched only when an answer asks for its token, then as soon as the step
-  before is read (``DecodeGraphs.step_ahead``).
+  (``kernels.attention.use_split_plan``); on the CPU the kernel does not run.
 
 One model; for each round, off then on, a fresh cluster-mode engine with
 scenario A's settings (``mosaic bench engine``), so that its CUDA graphs are captured with that setting. Each engine
@@ -35,7 +33,6 @@ control for what equality to expect.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -63,16 +60,7 @@ def _split_plan(model, on: bool) -> str:
     return f"split plan {plan}"
 
 
-def _step_ahead(model, on: bool) -> str:
-    return f"decode steps launched {'ahead' if on else 'when asked'}"
-
-
-def _engine_step_ahead(engine, on: bool) -> None:
-    engine.parts.decode_graphs.step_ahead = on
-
-
-SWITCHES = {"small-pass-kernels": _small_pass_kernels, "split-plan": _split_plan, "step-ahead": _step_ahead}
-ON_EACH_ENGINE = {"step-ahead": _engine_step_ahead}  # switches that are an engine's own setting
+SWITCHES = {"small-pass-kernels": _small_pass_kernels, "split-plan": _split_plan}
 
 
 def _profile(engine, names: list[str], decode_tokens: int, out: Path) -> None:
@@ -100,10 +88,8 @@ def _measure(
     log,
     profile_to=None,
     profile_counts=(),
-    on_engine=lambda engine: None,
 ) -> dict:
     engine = Engine(model, engine_config(s, "cluster"))
-    on_engine(engine)
     for name in [*names, "bare"]:
         engine.open_stream(name)
     for second in range(len(per_camera[0])):
@@ -111,8 +97,8 @@ def _measure(
     for question in QUESTIONS:  # warm-up: compiles kernels, captures every length's graphs
         engine.answer("bare", question, max_new_tokens=1)
         engine.answer(names[0], question, max_new_tokens=1)
-    for n in sorted({1, len(names), *also, *profile_counts}):  # captures each batch size's decode graphs
-        run_concurrent(engine, names[:n], 4)
+    run_concurrent(engine, names[:1], 4)
+    run_concurrent(engine, names, 4)
     bare = [engine.answer("bare", q, max_new_tokens=1).timings.time_to_first_token_s for q in QUESTIONS * 3]
     asked = [engine.answer(name, QUESTIONS[i % len(QUESTIONS)], max_new_tokens=1) for i, name in enumerate(names)]
     one = run_concurrent(engine, names[:1], decode_tokens)
@@ -186,10 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile_dir is not None and round_index == args.rounds - 1:
                 args.profile_dir.mkdir(parents=True, exist_ok=True)
                 profile_to = args.profile_dir / f"{args.switch}-{'on' if on else 'off'}"
-            on_engine = functools.partial(ON_EACH_ENGINE.get(args.switch, lambda engine, on: None), on=on)
-            measured = _measure(
-                model, s, names, per_camera, args.decode_tokens, also, log, profile_to, profile_counts, on_engine
-            )
+            measured = _measure(model, s, names, per_camera, args.decode_tokens, also, log, profile_to, profile_counts)
             runs.append({"round": round_index + 1, "on": on, **measured})
     control = runs[0]["tokens"]
     for run in runs:

@@ -26,15 +26,6 @@ the next one. The first question asked to step runs one step for every question 
 find their next token ready. So the service's engine loop, which steps its running answers in turn, steps them
 all at once, and a question joins or leaves the batch between steps.
 
-**The next step starts as soon as a step's tokens are read.** Decoding is greedy, so a row's next input is the token
-its step just made, at the next position. When a step's tokens reach the host, the step after it is launched at
-once for every row whose answer goes on: the token is not an end-of-text token and the answer has room for more
-(``offer``'s ``more``). The answers' own work between two steps (their events, their readers, the engine loop's
-other work) then runs while the device computes, where it used to leave the device idle. An answer that offers the
-input already launched for it finds its step running; one that stops reading instead (a deadline, a cancel)
-``leave``s, which waits for the step under way before its pages can go. ``step_ahead = False`` turns this off
-(for side-by-side runs).
-
 One graph is kept per table layout, batch size (up to ``MAX_BATCH``) and table width (rounded up to
 ``WIDTH_STEP``). Graphs are
 captured on first use and dropped when the device pool is replaced (full mode grows it, also while an answer
@@ -46,8 +37,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -134,29 +123,6 @@ def fixed_step(model, fixed: FixedDecodePlan) -> torch.Tensor:
     return model.logits(hidden[:, -1]).argmax(-1)
 
 
-@dataclass(slots=True)
-class _Row:
-    """One question's input to a step: the token it takes, its text position, and how many more steps its answer
-    takes after this one unless a step makes an end-of-text token."""
-
-    plan: object
-    token_id: int
-    position: int
-    more: int
-
-
-@dataclass(slots=True)
-class _Launched:
-    """A step queued on the device whose tokens have not been read yet."""
-
-    rows: list[_Row]
-    next_ids: torch.Tensor
-    graph: object  # held while the step may run: a replaced pool drops the graphs built on it
-
-    def holds(self, plan) -> bool:
-        return any(row.plan is plan for row in self.rows)
-
-
 class DecodeGraphs:
     """Batched decode steps from CUDA graphs, one per table layout, batch size and table width (module doc).
 
@@ -175,16 +141,12 @@ class DecodeGraphs:
         self.capture = capture
         self.enabled = enabled and (model.device.type == "cuda" or not capture)
         self.max_batch = MAX_BATCH  # questions stepped together at most (1: one at a time, for comparisons)
-        self.step_ahead = True  # launch the next step when a step's tokens are read (module doc)
-        self._end_ids = frozenset(model.eos_token_ids)
         self.num_steps = 0  # batched steps run from fixed buffers (replayed, or eager with capture off)
         self.num_rows = 0  # question steps in them
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, FixedDecodePlan, torch.Tensor | None]]
         self._graphs = {}
-        self._offered: dict[int, _Row] = {}  # id(plan) -> its input to the next step
-        self._launched: _Launched | None = None
-        self._ready: dict[int, deque[int]] = {}  # id(plan) -> its next token ids, stepped with another question
-        self._ahead: dict[int, tuple[int, int]] = {}  # id(plan) -> (position, token id) of its last row launched
+        self._offered: dict[int, tuple[object, int, int]] = {}  # id(plan) -> (plan, token id, position)
+        self._ready: dict[int, int] = {}  # id(plan) -> its next token id, stepped with another question
         self._joined: dict[int, int] = {}  # id(plan) -> when its answer started decoding from fixed buffers
         self._arrivals = 0
         self._layouts: dict[int, tuple[int, ...]] = {}  # id(plan) -> which layers share its tables
@@ -202,28 +164,14 @@ class DecodeGraphs:
         self._layouts[id(plan)] = _table_layout(plan)
         return True
 
-    def offer(self, plan, token_id: int, position: int, more: int = 0) -> None:
-        """``plan``'s next step takes ``token_id`` at text ``position``: any question's step may run it. ``more``:
-        the steps its answer takes after this one unless one makes an end-of-text token."""
-        launched_position, launched_token = self._ahead.get(id(plan), (-1, -1))
-        if position < launched_position:
-            return  # stepped ahead already
-        if position == launched_position:
-            if token_id != launched_token:
-                raise RuntimeError(
-                    f"the step launched ahead took token {launched_token} at position {position}, the answer "
-                    f"offers {token_id}"
-                )
-            return
-        self._offered[id(plan)] = _Row(plan, token_id, position, more)
+    def offer(self, plan, token_id: int, position: int) -> None:
+        """``plan``'s next step takes ``token_id`` at text ``position``: any question's step may run it."""
+        self._offered[id(plan)] = (plan, token_id, position)
 
     def leave(self, plan) -> None:
         """``plan``'s answer ended or was abandoned: no step runs it again, and its pages may go."""
-        if self._launched is not None and self._launched.holds(plan):
-            self._land(leaving=plan)  # the step under way writes its pages: wait for it
         self._offered.pop(id(plan), None)
         self._ready.pop(id(plan), None)
-        self._ahead.pop(id(plan), None)
         self._joined.pop(id(plan), None)
         self._layouts.pop(id(plan), None)
 
@@ -231,68 +179,38 @@ class DecodeGraphs:
         """``plan``'s next token id, after ``offer``. Runs one step for every question offered, unless another
         question's step already ran this one. None: no graph could be captured, so ``plan`` decodes eagerly."""
         key = id(plan)
-        if not self._ready.get(key):
-            if self._launched is not None and not self._launched.holds(plan):
-                self._land(asking=key)  # the step under way, then the next one with this question in it
-            if self._launched is None and self.enabled:
-                self._launch(self._batch_of(key, []))
-            if self._launched is not None and self._launched.holds(plan):
-                self._land()
-        if not self._ready.get(key):  # no graph could be captured
+        if key in self._ready:
+            return self._ready.pop(key)
+        if not self.enabled:
             self.leave(plan)
             return None
-        return self._ready[key].popleft()
-
-    def _batch_of(self, key: int | None, going_on: list[_Row]) -> list[_Row]:
-        """The rows of a step: the question ``key`` (when given), then the rows ``going_on`` and the other offered
-        questions whose layers share tables alike (in one mode, all of them), oldest first, so that a row keeps its
-        question from step to step."""
-        layout = self._layouts[key] if key is not None else self._layouts[id(going_on[0].plan)]
-        rows = {id(row.plan): row for row in going_on if self._layouts[id(row.plan)] == layout}
-        rows.update((k, row) for k, row in self._offered.items() if k not in rows and self._layouts[k] == layout)
-        others = sorted((k for k in rows if k != key), key=self._joined.__getitem__)
-        chosen = ([key] if key is not None else []) + others
-        return [rows[k] for k in sorted(chosen[: self.max_batch], key=self._joined.__getitem__)]
-
-    def _launch(self, rows: list[_Row]) -> bool:
-        """Queues one step of ``rows`` on the device; False when no graph could be captured."""
-        plans = [row.plan for row in rows]
-        entry = self._entry(plans, rows, self._layouts[id(plans[0])])
+        # The oldest questions first, so a row keeps its question from step to step whoever asks first. A batch
+        # holds questions whose layers share tables alike (in one mode, all of them).
+        layout = self._layouts[key]
+        alike = (k for k in self._offered if k != key and self._layouts[k] == layout)
+        others = sorted(alike, key=self._joined.__getitem__)[: self.max_batch - 1]
+        rows = [self._offered[k] for k in sorted([key, *others], key=self._joined.__getitem__)]
+        plans = [row[0] for row in rows]
+        entry = self._entry(plans, rows, layout)
         if entry is None:
-            return False
+            self.leave(plan)
+            return None
         graph, fixed, next_ids = entry
         fixed.load(plans)
-        fixed.set_inputs([(row.token_id, row.position, row.plan.filled_tokens) for row in rows])
+        fixed.set_inputs([(token, position, p.filled_tokens) for p, token, position in rows])
         if graph is None:
             next_ids = fixed_step(self.model, fixed)
         else:
             graph.replay()
-        for row in rows:
-            row.plan.filled_tokens += 1
-            row.plan.steps += 1
-            self._offered.pop(id(row.plan), None)
-            self._ahead[id(row.plan)] = (row.position, row.token_id)
+        for p in plans:
+            p.filled_tokens += 1
+            p.steps += 1
+            del self._offered[id(p)]
         self.num_steps += 1
         self.num_rows += len(plans)
-        self._launched = _Launched(rows, next_ids, graph)
-        return True
-
-    def _land(self, *, leaving=None, asking: int | None = None) -> None:
-        """Reads the launched step's tokens, then launches the next step: with ``step_ahead``, of the rows whose
-        answers go on (``leaving``'s does not) and whose readers have taken their tokens before this one, with the
-        questions that offered meanwhile; and always of the offered question ``asking``, if given. So a reader is
-        never more than two tokens behind its row."""
-        launched, self._launched = self._launched, None
-        going_on = []
-        for row, next_id in zip(launched.rows, launched.next_ids.tolist(), strict=True):
-            if row.plan is leaving:
-                continue
-            ready = self._ready.setdefault(id(row.plan), deque())
-            ready.append(next_id)
-            if self.step_ahead and len(ready) == 1 and row.more > 0 and next_id not in self._end_ids:
-                going_on.append(_Row(row.plan, next_id, row.position + 1, row.more - 1))
-        if (going_on or asking is not None) and self.enabled:
-            self._launch(self._batch_of(asking, going_on))
+        for p, next_id in zip(plans, next_ids.tolist(), strict=True):
+            self._ready[id(p)] = next_id
+        return self._ready.pop(key)
 
     def _entry(self, plans: list, rows: list, layout: tuple[int, ...]):
         if self.pools.device_pool is not self._pool_tensor:  # full mode grew it, maybe mid-answer
@@ -313,7 +231,7 @@ class DecodeGraphs:
             return None, fixed, None
         # The warm-up runs the step itself (compiling kernels): it writes each row's KV where the step will.
         fixed.load(plans)
-        fixed.set_inputs([(row.token_id, row.position, row.plan.filled_tokens) for row in rows])
+        fixed.set_inputs([(token, position, p.filled_tokens) for p, token, position in rows])
         captured = self.graph_pool.capture(lambda: fixed_step(self.model, fixed))
         if captured is None:
             self.enabled = False

@@ -156,8 +156,7 @@ def _decode(parts, state, question_ids, plan, max_new_tokens, asked_s):
         token_ids.append(next_id)
         last = next_id in model.eos_token_ids or len(token_ids) >= max_new_tokens
         if graphed and not last:
-            # before the yield: another answer's step may run this one's
-            batched.offer(plan, next_id, cursor, more=max_new_tokens - len(token_ids) - 1)
+            batched.offer(plan, next_id, cursor)  # before the yield: another answer's step may run this one's
         yield TokenEvent(next_id, model.decode_tokens([next_id]))
         if last:
             break

@@ -93,52 +93,6 @@ def test_interleaved_questions_step_together_and_each_compute_their_own(tiny_mod
     assert fixed.num_rows == 3 + 2 * 11
 
 
-def test_the_next_step_runs_while_the_readers_take_their_tokens(tiny_model, bikes_frames, monkeypatch):
-    """With ``step_ahead`` a step's tokens are read and the next step launched before any answer's reader runs:
-    the same rows, hidden states and tokens as stepping only when asked, no row past an answer's last token, and a
-    reader that falls behind is never more than two tokens behind its row."""
-    engine = _camera(tiny_model, bikes_frames[:24])
-    hiddens = record_hiddens(tiny_model, monkeypatch)
-    fixed = _fixed(engine, tiny_model)
-    batches = []  # the answers of each batched step, in row order
-    entry = fixed._entry
-    monkeypatch.setattr(fixed, "_entry", lambda plans, *args: batches.append(plans) or entry(plans, *args))
-    asks = [("cam", q, 12) for q in QUESTIONS]
-    results = {}
-    for ahead in (False, True):
-        fixed.step_ahead = ahead
-        hiddens.clear()
-        batches.clear()
-        answers = [engine.ask(camera, q, max_new_tokens=n) for camera, q, n in asks]
-        tokens, under_way, most_behind = [[], []], [], 0
-        for round_ in range(40):
-            for i, answer in enumerate(answers):
-                if round_ >= 6 and i == 1 and tokens[0][-1:] != [None]:
-                    continue  # from round 6 the second reader waits until the first answer is done
-                event = next(answer, None)
-                tokens[i].append(getattr(event, "token_id", None))
-                under_way.append(fixed._launched is not None)
-                most_behind = max([most_behind, *(len(ready) for ready in fixed._ready.values())])
-            if tokens[1][-1:] == [None]:
-                break
-        mine = [[hiddens[0]], [hiddens[1]]]  # the prefills, then each step's rows
-        for hidden, plans in zip(hiddens[2:], batches, strict=True):
-            for plan, row in zip(plans, rows_of([hidden]), strict=True):
-                mine[_asked(tiny_model, plan, asks)].append(row)
-        results[ahead] = (tokens, mine, fixed.num_rows, any(under_way), most_behind)
-        fixed.num_rows = 0
-    (tokens, rows, num_rows, _, _), (ahead_tokens, ahead_rows, ahead_num_rows, ahead_under_way, behind) = (
-        results[False],
-        results[True],
-    )
-    assert ahead_tokens == tokens
-    for answer_rows, answer_ahead_rows in zip(rows, ahead_rows, strict=True):
-        assert_same_hiddens(answer_ahead_rows, answer_rows)
-    assert ahead_num_rows == num_rows == 2 * 11  # 11 steps of each 12-token answer, none past its last token
-    assert ahead_under_way and not results[False][3]
-    assert behind == 2
-
-
 def test_a_batch_takes_questions_as_they_join_and_leave(tiny_model, bikes_frames, monkeypatch):
     """Three answers of different lengths on two streams, started at different steps: rows join and leave, and
     every answer's hidden states are those it computes alone."""
@@ -170,14 +124,12 @@ def test_a_batch_takes_questions_as_they_join_and_leave(tiny_model, bikes_frames
                 del running[i]
             if len(hiddens) == recorded:
                 continue
+            (hidden,) = hiddens[recorded:]
             if len(batches) == batched:  # the answer's prefill
-                (hidden,) = hiddens[recorded:]
                 mine[i].append(hidden)
                 continue
-            # the step this answer asked for, and the next one, launched once its tokens were read
-            for hidden, plans in zip(hiddens[recorded:], batches[batched:], strict=True):
-                for plan, row in zip(plans, rows_of([hidden]), strict=True):
-                    mine[_asked(tiny_model, plan, asks)].append(row)
+            for plan, row in zip(batches[-1], rows_of([hidden]), strict=True):
+                mine[_asked(tiny_model, plan, asks)].append(row)
         if not running and round_ > starts[-1]:
             break
     for i in range(len(asks)):
@@ -193,25 +145,19 @@ def test_an_abandoned_answer_leaves_the_batch(tiny_model, bikes_frames, monkeypa
     engine.answer("cam", QUESTIONS[1], max_new_tokens=10)
     alone = list(hiddens)
     fixed = _fixed(engine, tiny_model)
-    batches = []  # the answers of each batched step, in row order
-    entry = fixed._entry
-    monkeypatch.setattr(fixed, "_entry", lambda plans, *args: batches.append(plans) or entry(plans, *args))
     hiddens.clear()
-    asks = [("cam", QUESTIONS[0], 10), ("cam", QUESTIONS[1], 10)]
-    abandoned = engine.ask(*asks[0][:2], max_new_tokens=10)
-    kept = engine.ask(*asks[1][:2], max_new_tokens=10)
+    abandoned = engine.ask("cam", QUESTIONS[0], max_new_tokens=10)
+    kept = engine.ask("cam", QUESTIONS[1], max_new_tokens=10)
     next(abandoned)
+    abandoned_prefill = len(hiddens)
     for _ in range(3):
         next(kept)
         next(abandoned)  # its next token was stepped with the kept answer's
     abandoned.close()
-    closed_at = len(batches)
     list(kept)
-    assert fixed._offered == {} and fixed._ready == {} and fixed._joined == {} and fixed._ahead == {}
-    assert closed_at >= 3 and all(_asked(tiny_model, plan, asks) == 1 for b in batches[closed_at:] for plan in b)
-    kept_rows = [hiddens[1]]  # its prefill, after the abandoned answer's
-    for hidden, plans in zip(hiddens[2:], batches, strict=True):
-        kept_rows += [row for plan, row in zip(plans, rows_of([hidden]), strict=True) if _asked(tiny_model, plan, asks)]
+    assert fixed._offered == {} and fixed._ready == {} and fixed._joined == {}
+    rows = rows_of(hiddens[abandoned_prefill:])
+    kept_rows = [rows[0], *rows[2:7:2], *rows[7:]]  # its prefill, its rows of the 3 shared steps, then alone
     assert_same_hiddens(kept_rows, alone)
 
 
