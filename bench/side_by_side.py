@@ -97,8 +97,8 @@ def _measure(
     for question in QUESTIONS:  # warm-up: compiles kernels, captures every length's graphs
         engine.answer("bare", question, max_new_tokens=1)
         engine.answer(names[0], question, max_new_tokens=1)
-    run_concurrent(engine, names[:1], 4)
-    run_concurrent(engine, names, 4)
+    for n in sorted({1, len(names), *also, *profile_counts}):  # captures each batch size's decode graphs
+        run_concurrent(engine, names[:n], 4)
     bare = [engine.answer("bare", q, max_new_tokens=1).timings.time_to_first_token_s for q in QUESTIONS * 3]
     asked = [engine.answer(name, QUESTIONS[i % len(QUESTIONS)], max_new_tokens=1) for i, name in enumerate(names)]
     one = run_concurrent(engine, names[:1], decode_tokens)
