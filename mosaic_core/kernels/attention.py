@@ -41,8 +41,8 @@ from mosaic_core.kernels.attention_kernels import attention_merge_kernel, attent
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 _MIN_SPLIT_BLOCKS = 4  # a split shorter than this many key blocks costs more to merge than it saves
-# Stage-1 programs that run on one SM at once, by row-tile height (bench/NOTES.md, session 30's sweep): with 16-row
-# tiles (decode) grids of up to 4 per SM ran in one wave, with 64-row tiles (question prefill) up to 2.
+# Stage-1 programs an SM in the grids that ran fastest in session 30's sweep on an H200 (bench/NOTES.md): 4 with
+# 16-row tiles (decode), 2 with taller ones (questions); a grid a few programs larger was slow, as a second wave is.
 _RESIDENT_PER_SM_SMALL_TILES = 4
 _RESIDENT_PER_SM = 2
 SPLIT_PLANS = ("resident", "twice_the_sms")
@@ -91,7 +91,7 @@ def _kernel_config(launch: _Launch) -> AttentionTiles:
     Swept on one H200 (bf16, 28 q / 4 kv heads, head_dim 128; decode b1-b32 over 4k-16k keys, prefill
     32x16k, 128x4k, 1024x1024): 64x64 tiles, 4 warps and 3 stages were best or within noise of the best
     everywhere. Session 30's sweep of the slot tables the engine's graphs read (``bench/slot_attention_sweep.py``)
-    found the same tiles within 4% of the best for every case but one, and the split plan below.
+    found the same tiles within 1% of the best in every case once the split count was right, and the split plan below.
     """
     rows = launch.q_len * launch.group_size
     return AttentionTiles(
@@ -112,9 +112,9 @@ def _num_sms(device: torch.device) -> int:
 def use_split_plan(name: str) -> None:
     """Chooses how calls without ``num_splits`` split their keys, for side-by-side runs in one process.
 
-    ``resident`` (the default): as many programs as run on the GPU at once, in one wave. ``twice_the_sms``: the plan
-    before session 30, at least two programs an SM, whose grids passed a wave by a few programs (288 programs
-    for 8 answers' decode, where 264 or 528 run at once on an H200).
+    ``resident`` (the default): as many programs as the SMs hold at once, ``_RESIDENT_PER_SM*`` each.
+    ``twice_the_sms``: the plan before session 30, at least two programs an SM, whose grids came out a few programs
+    larger (288 programs for 8 answers' decode, 85.7 µs a layer on an H200 against 71.5 at 512).
     """
     global _split_plan
     if name not in SPLIT_PLANS:
@@ -125,7 +125,7 @@ def use_split_plan(name: str) -> None:
 def _plan_splits(
     launch: _Launch, block_m: int, block_n: int, num_splits: int | None, device: torch.device
 ) -> tuple[int, int]:
-    """Picks (num_splits, split_tokens): the most programs that run in one wave (``use_split_plan``), splits of
+    """Picks (num_splits, split_tokens): the most programs the SMs hold at once (``use_split_plan``), splits of
     >= 4 key blocks."""
     max_blocks = max(1, cdiv(launch.max_kv_tokens, block_n))
     if num_splits is None:

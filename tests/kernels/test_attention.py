@@ -229,7 +229,7 @@ def _slot_launch(batch, q_len, keys):
 # (batch, q_len, block_m, splits of the resident plan, splits of the plan before it) on a 132-SM GPU
 H200_SPLITS = [
     (1, 1, 16, 64, 64),  # one answer: capped at 64 splits, 256 programs either way
-    (8, 1, 16, 16, 9),  # 8 answers: 512 programs in one wave, where 288 passed the first by 24
+    (8, 1, 16, 16, 9),  # 8 answers: 512 programs, where the old plan's 288 came out 24 past 264
     (16, 1, 16, 8, 5),
     (1, 32, 64, 16, 16),  # a 32-token question: 256 programs either way
     (1, 64, 64, 9, 10),  # a 64-token question: 252 programs, where 280 passed 264
@@ -237,7 +237,7 @@ H200_SPLITS = [
 
 
 @pytest.mark.parametrize("case", H200_SPLITS, ids=lambda c: "b{}q{}".format(*c))
-def test_the_resident_split_plan_fills_one_wave(case, monkeypatch):
+def test_the_resident_split_plan_fills_the_sms_once(case, monkeypatch):
     batch, q_len, block_m, resident, before = case
     monkeypatch.setattr(attention_module, "_num_sms", lambda device: 132)
     launch = _slot_launch(batch, q_len, 16384)
