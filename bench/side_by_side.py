@@ -8,8 +8,8 @@ Switches (off, then on):
 
 - ``small-pass-kernels``: the language model's small passes with transformers' element-wise ops, then with the
   Triton kernels (``text_fusion.use_small_pass_kernels``); on the CPU both run the same eager code;
-- ``split-plan``: the attention kernel's keys split for at least two programs an SM, then for one full wave
-  (``kernels.attention.use_split_plan``); on the CPU the kernel does not run.
+- ``split-plan``: the attention kernel's keys split for at least two programs an SM, then for as many programs as
+  the SMs hold at once (``kernels.attention.use_split_plan``); on the CPU the kernel does not run.
 
 One model; for each round, off then on, a fresh cluster-mode engine with
 scenario A's settings (``mosaic bench engine``), so that its CUDA graphs are captured with that setting. Each engine
