@@ -3,7 +3,8 @@
     python -m bench.question_timeline [--minutes 60] [--questions 6] [--gap 8] --out FILE.json
     python -m bench.question_timeline --quick --out FILE.json      # CPU, tiny preset: host ranges only
 
-One cluster-mode engine with scenario A's settings (``mosaic bench engine``) over the looped sample clip; warm-up
+One cluster-mode engine with scenario A's settings (``mosaic bench engine``, host memory pinned up front as there)
+over the looped sample clip; warm-up
 questions capture the graphs. Then ``--questions`` questions, each right after an ingest call of ``--gap`` frames
 (scenario A's order), run one at a time under torch's profiler, which records the host's calls and every kernel and
 copy on the device; with ``--also-no-gap`` as many again with no ingest call before each. The retriever's and the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gzip
 import json
@@ -37,7 +39,16 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from mosaic_core.bench.engine import CLIPS, QUESTIONS, engine_config, looped_frames, settings_for, sized_to_machine
+from mosaic_core.bench.engine import (
+    CLIPS,
+    QUESTIONS,
+    engine_config,
+    looped_frames,
+    pinned_bytes,
+    settings_for,
+    sized_to_machine,
+)
+from mosaic_core.config import EngineConfig
 from mosaic_core.engine import plans, retrieval
 from mosaic_core.engine.engine import Engine
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
@@ -250,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=6, help="profiled questions")
     parser.add_argument("--gap", type=int, default=8, help="frames ingested before each question (scenario A: 8)")
     parser.add_argument(
+        "--host-copy-below-device-free", type=float, default=EngineConfig.host_copy_below_device_free,
+        help="EngineConfig.host_copy_below_device_free (0: clusters get no host copy ahead of a spill)",
+    )  # fmt: skip
+    parser.add_argument(
         "--also-no-gap", action="store_true", help="then as many questions again with no ingest call before each"
     )
     parser.add_argument(
@@ -264,7 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     model = Qwen25VLAdapter.load(s.model, device=s.device, dtype=s.dtype)
     s = sized_to_machine(s, model, None, log)
-    engine = Engine(model, engine_config(s, "cluster"))
+    history_bytes = int(s.minutes * 60) * s.tokens_per_frame * model.kv_spec.bytes_per_token
+    config = dataclasses.replace(
+        engine_config(s, "cluster"),
+        pinned_host_bytes=pinned_bytes(history_bytes, s),  # as scenario A: no pinning on a question's path
+        host_copy_below_device_free=args.host_copy_below_device_free,
+    )
+    engine = Engine(model, config)
     engine.open_stream("cam")
     bulk = int(s.minutes * 60)
     frames = looped_frames(bulk + args.questions * args.gap, stream_id="cam", clip=CLIPS[0])

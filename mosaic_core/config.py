@@ -101,6 +101,11 @@ class EngineConfig:
             is pinned when the engine starts (PyTorch's pinned allocator rounds it up to a power of two), and the
             snapshots are taken from it (``mosaic_core.durable.staging``).
         eviction_policy: name of the policy that picks which clusters to spill ("lru" or "heat").
+        host_copy_below_device_free: when less than this share of the device tier is free, a cluster that
+            completes on the device (sealed, its last frame out of the local window) gets its host copy right
+            then, queued on the side stream with nothing waiting for it. A later spill, such as the room a
+            question takes, then frees its device pages without a copy (``KVTiers.keep_host_copy``). 0: never;
+            a spill copies the cluster to the host when it happens, in the question's time.
         prefetch_after_layer: in cluster mode, the layer whose choice of clusters every later layer reuses, so
             their gathers are queued at once and move while the layers before them compute; layers up to it
             score their own queries. None scores every layer itself (each waits for its own choice and gather).
@@ -151,6 +156,7 @@ class EngineConfig:
     durable_writers: int = 4
     durable_pending_bytes: int = 4 * GIB
     eviction_policy: str = "lru"
+    host_copy_below_device_free: float = 0.25
     prefetch_after_layer: int | None = 1
     rescore_every_tokens: int = 0
     decode_graphs: bool = True
@@ -209,6 +215,10 @@ class EngineConfig:
             )
         if self.prefetch_after_layer is not None and self.prefetch_after_layer < 0:
             raise ConfigError(f"prefetch_after_layer must be >= 0 or None, got {self.prefetch_after_layer}")
+        if not 0 <= self.host_copy_below_device_free <= 1:
+            raise ConfigError(
+                f"host_copy_below_device_free must be a share in 0..1, got {self.host_copy_below_device_free}"
+            )
         if self.staging_copy not in ("kernel", "dma"):
             raise ConfigError(f"staging_copy must be 'kernel' or 'dma', got {self.staging_copy!r}")
         if self.scorer is not None and self.scorer not in SCORER_NAMES:

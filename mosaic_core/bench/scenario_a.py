@@ -13,7 +13,9 @@ Rows (``VARIANTS``):
   it starts (``EngineConfig.prefill_graph_layers``), where ``cluster`` replays a chain of graphs of 4 layers;
   ``cluster-kernel-copy``, staging by the slab-gather kernel on the SMs, where ``cluster`` and ``frame`` stage
   on the copy engines (``EngineConfig.staging_copy``); ``cluster-eager-anchor``, the layers up to the anchor run
-  eagerly, where ``cluster`` replays them from graphs cut where they choose (``EngineConfig.anchor_graphs``).
+  eagerly, where ``cluster`` replays them from graphs cut where they choose (``EngineConfig.anchor_graphs``);
+  ``cluster-spill-copies``, clusters that complete on a nearly full device get no host copy then, so the room a
+  question takes copies them to the host in its own time (``EngineConfig.host_copy_below_device_free`` 0).
 
 Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
 last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
@@ -50,6 +52,7 @@ VARIANTS = {
     "cluster-one-graph": {"mode": "cluster", "prefill_graph_layers": 64},
     "cluster-kernel-copy": {"mode": "cluster", "staging_copy": "kernel"},
     "cluster-eager-anchor": {"mode": "cluster", "anchor_graphs": False},
+    "cluster-spill-copies": {"mode": "cluster", "host_copy_below_device_free": 0.0},
 }
 DEFAULT_VARIANTS = ("full", "rekv-token", "frame", "cluster", "random")
 SWEEP = ("spread", "mean_key", "random", "recent")

@@ -358,7 +358,23 @@ def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, Loca
     for state, frame in leaving:
         if parts.history is not None:
             parts.history.on_stored(state, frame.cluster_id, frame.frame_index)
-        join_recurring(parts, state, frame.cluster_id, frame.frame_index)
+        joined = join_recurring(parts, state, frame.cluster_id, frame.frame_index)
+        _copy_to_host_if_complete(parts, state, joined or frame.cluster_id, frame.frame_index)
+
+
+def _copy_to_host_if_complete(parts: EngineParts, state: StreamState, cluster_id: str, frame_index: int) -> None:
+    """A cluster that frame ``frame_index`` completed (sealed, its last frame stored) gets its host copy now when
+    the device tier is nearly full (``EngineConfig.host_copy_below_device_free``), so that the spill that will make
+    room for a question frees its pages without copying in the question's time."""
+    share = parts.config.host_copy_below_device_free
+    residency = parts.tiering.residency
+    if not share or cluster_id not in residency:
+        return
+    record = state.former.get(cluster_id)
+    if not record.sealed or frame_index != record.frame_indices[-1]:
+        return
+    if residency.free_bytes(Tier.DEVICE) < share * residency.capacity_bytes(Tier.DEVICE):
+        parts.tiering.tiers.keep_host_copy(cluster_id)
 
 
 def flush_window(parts: EngineParts, state: StreamState) -> None:

@@ -9,12 +9,15 @@ and which device clusters keep a host copy (oldest first).
 
 - Appending a frame takes fresh pages in the cluster's tier and writes the frame there: O(1), no regrowth.
 - Host copies are kept. A cluster fetched to the device keeps its host pages, so the device copy is a cache:
-  spilling it again frees its device pages without copying. An append drops the (now stale) host copy, so the
-  copy that stays is that of a cluster that no longer grows, i.e. a sealed one. When the host pool runs short,
-  kept copies of device-resident clusters are dropped first, oldest first.
+  spilling it again frees its device pages without copying. A cluster that completes on the device can be given
+  its host copy then (``keep_host_copy``), so that its first spill does not copy either. An append drops the
+  (now stale) host copy, so the copy that stays is that of a cluster that no longer grows, i.e. a sealed one.
+  When the host pool runs short, kept copies of device-resident clusters are dropped first, oldest first.
 - Moves between the pools are queued on the transfer engine's side stream, and the compute stream waits for
   each right away (a device-side wait: the host does not stop), so compute never reads or reuses a page a move
-  has not finished with. The host waits for a cluster's last move only before it reads the bytes itself.
+  has not finished with. The host waits for a cluster's last move only before it reads the bytes itself. The one
+  exception is a host copy kept ahead (``keep_host_copy``): it only reads device pages that no longer change, so
+  compute waits for it only before those pages go back to the pool.
 
 With a ``DurableStore``, a sealed cluster's bytes also live in its record file. Such a cluster spills to the disk
 tier by dropping its memory copies (no write), and comes back by reading its record, which stays. Only clusters
@@ -286,6 +289,29 @@ class KVTiers:
             return host, moved.ready
         return pages, None
 
+    def keep_host_copy(self, cluster_id: str) -> int:
+        """Gives a device-tier cluster that no longer grows its host copy now, ahead of any spill: the copy is
+        queued on the side stream and nothing waits for it, so the spill that later makes room (a question's, in
+        the question's time) frees the device pages without copying. Returns the bytes queued; 0 when the cluster
+        is not on the device, already keeps a copy, or the host pool has no free pages within its budget (then
+        nothing is dropped to make room, and a spill copies as before)."""
+        if self.tier_of(cluster_id) is not Tier.DEVICE:
+            return 0
+        record = self.pages(cluster_id)
+        if record.host is not None:
+            return 0
+        host = self.pools.take(Tier.HOST, record.num_pages)
+        if host is None:
+            return 0
+        moved = self.pools.copy(Tier.DEVICE, record.device, Tier.HOST, host)
+        if moved.ready is not None:
+            self._moving[cluster_id] = moved  # the host waits for it before reading; compute before reusing pages
+        record.host = host
+        self._kept[cluster_id] = None
+        num_bytes = record.num_pages * self.pools.page_bytes
+        self.stats.record(Tier.DEVICE, Tier.HOST, num_bytes)
+        return num_bytes
+
     def layer_slabs(self, cluster_id: str, layer: int) -> list[torch.Tensor]:
         """One layer of a cluster where it lives, one ``[2, H, fill, D]`` view per page (device or host, pinned
         under CUDA); a disk cluster's layer is read into pinned memory and cut into page-sized views."""
@@ -314,6 +340,7 @@ class KVTiers:
             return self._move_disk(cluster_id, record, src, dst)
         num_bytes = record.num_pages * self.pools.page_bytes
         if dst is Tier.HOST and record.host is not None:  # spill of a kept copy: free the device pages, no copy
+            self._before_reuse(cluster_id)
             self.pools.give_back(Tier.DEVICE, record.device)
             record.device = None
             self._kept.pop(cluster_id, None)
@@ -361,6 +388,7 @@ class KVTiers:
     def free(self, cluster: ClusterResidency) -> None:
         """Frees the bytes of a cluster the residency manager has just forgotten (its last record)."""
         cluster_id = cluster.cluster_id
+        self._before_reuse(cluster_id)
         self._moving.pop(cluster_id, None)
         self._kept.pop(cluster_id, None)
         self._slots.pop(cluster_id, None)
@@ -374,6 +402,7 @@ class KVTiers:
             kv = None if self._durable(cluster_id) else self._read_in(cluster_id, src)
             num_bytes = record.num_tokens * self.spec.bytes_per_token
             self._to_disk(cluster_id, kv)
+            self._before_reuse(cluster_id)
             self._free_memory(record)
             self._kept.pop(cluster_id, None)
         elif self._durable(cluster_id) and (stored := self.durable.read_pages(cluster_id)).shape[4] == self.page_tokens:
@@ -455,6 +484,13 @@ class KVTiers:
         self.transfers.wait(moved)
         if moved.ready is not None:
             self._moving[cluster_id] = moved
+
+    def _before_reuse(self, cluster_id: str) -> None:
+        """Before a cluster's device pages go back to the pool: the compute stream, which may write them next, waits
+        (on the device) for a move still reading them, such as the host copy ``keep_host_copy`` queued."""
+        moved = self._moving.get(cluster_id)
+        if moved is not None:
+            self.transfers.wait(moved)
 
     def _settle(self, cluster_id: str) -> None:
         moved = self._moving.pop(cluster_id, None)

@@ -322,3 +322,26 @@ def test_every_clusters_summary_holds_its_stored_keys(tiny_model, bikes_frames):
         assert count == keys.shape[2]
         assert torch.allclose(stats[0], keys.sum(dim=2), rtol=1e-4, atol=1e-3)
         assert torch.allclose(stats[1], keys.square().sum(dim=2), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_clusters_copied_to_the_host_as_they_complete_make_a_questions_room_without_copies(
+    tiny_model, bikes_frames, share
+):
+    engine = make_engine(
+        tiny_model, mode="cluster", device_budget_bytes=int(1.3 * MIB), host_copy_below_device_free=share
+    )
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:40])
+    stats = engine.tiering.tiers.stats
+    before = stats.bytes_by_direction["device_to_host"]
+    answer = engine.answer("cam", QUESTION, max_new_tokens=3, time_range=(0.0, 2.0))
+    spilled_by_the_question = stats.bytes_by_direction["device_to_host"] - before
+    assert answer.retrieval.bytes_fetched > 0, "the question must fetch, and so take room on the device"
+    if share:
+        assert spilled_by_the_question == 0, "every cluster it spilled had its host copy already"
+        assert before > 0, "the copies were made as the clusters completed, while ingesting"
+    else:
+        assert spilled_by_the_question > 0, "without copies ahead the question's room copies clusters to the host"
+    for info in engine.clusters("cam"):
+        assert engine.tiering.tiers.read(info.cluster_id).shape[3] == info.num_tokens

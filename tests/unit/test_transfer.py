@@ -128,6 +128,34 @@ def test_a_fetched_cluster_keeps_its_host_copy_and_spills_again_without_a_copy(t
     assert torch.equal(tiers.read("cam/c000000"), torch.cat([kv, _kv(2, 9)], dim=3))
 
 
+def test_a_host_copy_kept_ahead_makes_the_first_spill_free_and_reads_back_exactly(tmp_path):
+    tiering = _tiering(tmp_path)
+    tiers = tiering.tiers
+    kv = _kv(20, 4)
+    put(tiering, "cam/c000000", kv.to(DEVICE), Tier.DEVICE)
+    to_host_before = tiers.stats.bytes_by_direction["device_to_host"]
+    assert tiers.keep_host_copy("cam/c000000") == 3 * tiers.pools.page_bytes
+    assert tiers.keep_host_copy("cam/c000000") == 0, "a cluster that keeps a copy is not copied twice"
+    torch.zeros(kv.numel(), device=DEVICE).add_(1.0)  # compute runs on meanwhile; nothing waited for the copy
+    assert move(tiering, "cam/c000000", Tier.HOST) == 0, "the spill frees the device pages without a copy"
+    put(tiering, "cam/c000001", _kv(20, 5).to(DEVICE), Tier.DEVICE)  # takes the pages the spill gave back
+    assert tiers.stats.bytes_by_direction["device_to_host"] == to_host_before + 3 * tiers.pools.page_bytes
+    assert torch.equal(tiers.read("cam/c000000"), kv)
+    assert torch.equal(tiers.read("cam/c000001").cpu(), _kv(20, 5))
+    assert tiers.keep_host_copy("cam/c000000") == 0, "a host-tier cluster needs no copy"
+
+
+def test_a_host_copy_ahead_is_skipped_when_the_host_pool_is_full(tmp_path):
+    page_bytes = 8 * SPEC.bytes_per_token
+    tiering = _tiering(tmp_path, host_bytes=2 * page_bytes)
+    tiers = tiering.tiers
+    put(tiering, "cam/c000000", _kv(16, 1).to(DEVICE), Tier.HOST)  # fills the host pool
+    put(tiering, "cam/c000001", _kv(8, 2).to(DEVICE), Tier.DEVICE)
+    assert tiers.keep_host_copy("cam/c000001") == 0
+    assert tiers.pages("cam/c000001").host is None
+    assert tiers.pages("cam/c000000").host is not None, "nothing held on the host is dropped for it"
+
+
 def test_a_short_host_pool_drops_kept_copies_before_it_gives_up(tmp_path):
     page_bytes = 8 * SPEC.bytes_per_token
     tiering = _tiering(tmp_path, host_bytes=4 * page_bytes)
