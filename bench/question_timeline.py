@@ -2,6 +2,7 @@
 
     python -m bench.question_timeline [--minutes 60] [--questions 6] [--gap 8] --out FILE.json
     python -m bench.question_timeline --quick --out FILE.json      # CPU, tiny preset: host ranges only
+    python -m bench.question_timeline --read-trace FILE.json.gz    # a trace written by --trace, summarised
 
 One cluster-mode engine with scenario A's settings (``mosaic bench engine``, host memory pinned up front as there)
 over the looped sample clip; warm-up
@@ -186,6 +187,37 @@ def timeline(trace: dict, asked_us: float | None = None) -> dict:
     return row
 
 
+def trace_summary(trace: dict) -> str:
+    """A written summary of one question's trace (``--trace``): the host's ranges and its runtime calls over 0.5
+    ms, then the device's copies and kernels merged into runs per stream (consecutive events of one kind less than
+    0.3 ms apart), in ms from the moment it was asked."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    question = next(e for e in events if e.get("name") == QUESTION_RANGE and e.get("cat") != "gpu_user_annotation")
+    t0 = question["ts"]
+    lines = [f"question: {question['dur'] / 1e3:.2f} ms on the host"]
+    for e in sorted(events, key=lambda e: e["ts"]):
+        slow_call = e.get("cat") in ("cuda_runtime", "cuda_driver") and e["dur"] > 500
+        if e.get("cat") == "user_annotation" or slow_call:
+            lines.append(f"host {e['name']:<32} at {(e['ts'] - t0) / 1e3:9.2f}  for {e['dur'] / 1e3:8.2f} ms")
+    on_device = (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    device = sorted(on_device, key=lambda e: e["ts"])
+    runs: list[list] = []  # [stream, kind, start, end, count, bytes]
+    for e in device:
+        kind = e["name"].split(" (")[0] if e["cat"] != "kernel" else "kernels"
+        stream, end, size = e.get("tid"), e["ts"] + e["dur"], int(e.get("args", {}).get("bytes", 0) or 0)
+        last = next((r for r in reversed(runs) if r[0] == stream), None)
+        if last is not None and last[1] == kind and e["ts"] - last[3] < 300:
+            last[3], last[4], last[5] = max(last[3], end), last[4] + 1, last[5] + size
+        else:
+            runs.append([stream, kind, e["ts"], end, 1, size])
+    for stream, kind, start, end, count, size in runs:
+        lines.append(
+            f"device stream {stream!s:>3} {kind:<12} {(start - t0) / 1e3:9.2f} to {(end - t0) / 1e3:9.2f} ms"
+            f"  {count:5d} events  {size / 1e6:8.1f} MB"
+        )
+    return "\n".join(lines)
+
+
 def _profiled(engine: Engine, question: str, frames: list, questions_module, decode, decode_after, enter_setup):
     """One question after an ingest call of ``frames``, under the profiler; returns (timings, timeline)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -270,8 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trace", type=Path, default=None, help="write the last question's chrome trace here (gzipped JSON)"
     )
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--read-trace", type=Path, default=None, help="only print the summary of a trace written by --trace"
+    )
+    parser.add_argument("--out", type=Path, required=False)
     args = parser.parse_args(argv)
+    if args.read_trace is not None:
+        with gzip.open(args.read_trace, "rt") as f:
+            print(trace_summary(json.load(f)))
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     s = settings_for(
         quick=args.quick, model=args.model, minutes=args.minutes, questions=args.questions,
