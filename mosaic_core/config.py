@@ -125,6 +125,8 @@ class EngineConfig:
             leaves the SMs to the question (``mosaic_core.memory.cudart``; the kernel where the CUDA runtime is
             not found); or "kernel", the slab-gather kernel, one launch per layer, reading pinned memory from the
             SMs (at 60 minutes on the H200: TTFT 39.9 ms against 29.6 with "dma", bench/NOTES.md).
+        staging_streams: with "dma", how many streams the runs of one group of layers are dealt to, so that more
+            copies are in flight at once (``TransferEngine.copy_runs``); 1 queues them all on the side stream.
         max_question_tokens: questions longer than this are rejected.
         max_new_tokens_limit: upper bound a caller may ask for per answer.
         evidence_spans: how many ranked clusters an answer cites as evidence; a cluster that joined several visits
@@ -164,6 +166,7 @@ class EngineConfig:
     anchor_graphs: bool = True
     prefill_graph_layers: int = 4
     staging_copy: str = "dma"
+    staging_streams: int = 1
     max_question_tokens: int = 512
     max_new_tokens_limit: int = 512
     evidence_spans: int = 5
@@ -188,6 +191,7 @@ class EngineConfig:
             "max_new_tokens_limit": self.max_new_tokens_limit,
             "evidence_spans": self.evidence_spans,
             "prefill_graph_layers": self.prefill_graph_layers,
+            "staging_streams": self.staging_streams,
             "durable_writers": self.durable_writers,
             "durable_pending_bytes": self.durable_pending_bytes,
         }

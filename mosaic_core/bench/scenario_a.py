@@ -15,7 +15,8 @@ Rows (``VARIANTS``):
   on the copy engines (``EngineConfig.staging_copy``); ``cluster-eager-anchor``, the layers up to the anchor run
   eagerly, where ``cluster`` replays them from graphs cut where they choose (``EngineConfig.anchor_graphs``);
   ``cluster-spill-copies``, clusters that complete on a nearly full device get no host copy then, so the room a
-  question takes copies them to the host in its own time (``EngineConfig.host_copy_below_device_free`` 0).
+  question takes copies them to the host in its own time (``EngineConfig.host_copy_below_device_free`` 0);
+  ``cluster-two-copy-streams``, a question's staging runs dealt to two streams (``EngineConfig.staging_streams``).
 
 Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
 last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
@@ -53,6 +54,7 @@ VARIANTS = {
     "cluster-kernel-copy": {"mode": "cluster", "staging_copy": "kernel"},
     "cluster-eager-anchor": {"mode": "cluster", "anchor_graphs": False},
     "cluster-spill-copies": {"mode": "cluster", "host_copy_below_device_free": 0.0},
+    "cluster-two-copy-streams": {"mode": "cluster", "staging_streams": 2},
 }
 DEFAULT_VARIANTS = ("full", "rekv-token", "frame", "cluster", "random")
 SWEEP = ("spread", "mean_key", "random", "recent")

@@ -68,6 +68,7 @@ class Machinery:
     batched_gather: bool
     staging_copy: str  # how paged staging moves bytes: "dma" (copy engines) or "kernel" (slab gather)
     staging_group_layers: int  # dma: layers of a page copied as one run (the prefill graphs' segment)
+    staging_streams: int  # dma: streams a group's runs are dealt to
     prefetch_after_layer: int | None
     device_cache: bool
 
@@ -82,6 +83,7 @@ def machinery_for(config: EngineConfig) -> Machinery:
         batched_gather=not rekv,
         staging_copy=config.staging_copy,
         staging_group_layers=config.prefill_graph_layers,
+        staging_streams=config.staging_streams,
         prefetch_after_layer=None if rekv or mode is RetrievalMode.FULL else config.prefetch_after_layer,
         device_cache=mode.caches_on_device,
     )
@@ -273,7 +275,7 @@ class Retriever:
             step = self.machinery.staging_group_layers
             groups = [range(s, min(s + step, layers.stop)) for s in range(layers.start, layers.stop, step)]
             runs = [pools.block_rows(Tier.HOST, host_pages, dst_pages, group) for group in groups]
-            timed = transfers.copy_runs(runs, started=marked)
+            timed = transfers.copy_runs(runs, started=marked, streams=self.machinery.staging_streams)
             moves = [moved for group, moved in zip(groups, timed, strict=True) for _ in group]
             num_bytes = int(sum(int(r[:, 2].sum()) for r in runs))  # whole pages: every slot, filled or not
         else:

@@ -86,6 +86,7 @@ class TransferEngine:
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
         self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._helper_streams: list[torch.cuda.Stream] = []  # copy_runs' extra streams, made on first use
 
     def to_host(self, kv: torch.Tensor, *, pin: bool, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Moved]:
         """A host copy of ``kv`` (into ``out`` when given); from the device it is filled asynchronously (the
@@ -187,16 +188,39 @@ class TransferEngine:
         ]
         return self._timed_chain(launches, started, table)
 
-    def copy_runs(self, groups: list[np.ndarray], *, started=None) -> list[Moved]:
+    def copy_runs(self, groups: list[np.ndarray], *, started=None, streams: int = 1) -> list[Moved]:
         """Queues each group of byte runs (``PagePools.block_rows``) on the copy engines, one ``Moved`` per group
-        (each passes once its own runs have landed); timed as one span like ``stage_layers``."""
+        (each passes once its own runs have landed); timed as one span like ``stage_layers``.
+
+        With ``streams`` above one, a group's runs are dealt round-robin to the side stream and ``streams - 1``
+        helper streams, which start behind the side stream and which it waits for before the group's ``Moved``
+        passes: more copies in flight at once, in the same order with every other move."""
         if self.side is None:
             for runs in groups:
                 cudart.copy_runs_reference(runs)
             return [Moved() for _ in groups]
-        stream = self.side.cuda_stream
-        launches = [lambda runs=runs: cudart.copy_runs(runs, stream) for runs in groups]
+        helpers = self._helpers(streams - 1)
+        launches = [lambda runs=runs: self._deal(runs, helpers) for runs in groups]
         return self._timed_chain(launches, started or self.mark())
+
+    def _helpers(self, count: int) -> list[torch.cuda.Stream]:
+        while len(self._helper_streams) < count:
+            self._helper_streams.append(torch.cuda.Stream(self.device))
+        return self._helper_streams[:count]
+
+    def _deal(self, runs: np.ndarray, helpers: list[torch.cuda.Stream]) -> None:
+        """``runs`` on the side stream and ``helpers`` round-robin; the side stream ends behind all of them."""
+        if not helpers:
+            cudart.copy_runs(runs, self.side.cuda_stream)
+            return
+        share = len(helpers) + 1
+        for helper in helpers:
+            helper.wait_stream(self.side)
+        cudart.copy_runs(runs[0::share], self.side.cuda_stream)
+        for i, helper in enumerate(helpers, start=1):
+            cudart.copy_runs(runs[i::share], helper.cuda_stream)
+        for helper in helpers:
+            self.side.wait_stream(helper)
 
     def _timed_chain(self, launches: list, started: torch.cuda.Event, *used: torch.Tensor) -> list[Moved]:
         """Queues each launch as a move of its own on the side stream, timed from where the one before it ended

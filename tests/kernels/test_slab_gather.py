@@ -97,3 +97,28 @@ def test_copy_runs_move_pinned_host_runs_into_device_memory_on_the_copy_engines(
     stream.synchronize()
     assert torch.equal(device[3:5].cpu(), host[0:2]) and torch.equal(device[0:2].cpu(), host[4:6])
     assert not device[2].any() and not device[5].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy engines need a GPU")
+@pytest.mark.parametrize("streams", [1, 3])
+def test_runs_dealt_to_several_streams_have_landed_when_their_move_passes(streams):
+    from mosaic_core.memory.transfer import TransferEngine
+
+    engine = TransferEngine(torch.device("cuda"))
+    host = torch.randn(64, 4096, pin_memory=True)
+    device = torch.zeros(64, 4096, device="cuda")
+    order = np.random.default_rng(1).permutation(64)
+    runs = np.asarray([(host[i].data_ptr(), device[j].data_ptr(), 4096 * 4) for i, j in enumerate(order)])
+    groups = [runs[:40], runs[40:]]
+    moves = engine.copy_runs(groups, streams=streams)
+    sums = []
+    for moved in moves:  # the compute stream reads each group right after waiting for its move, on the device
+        engine.wait(moved)
+        sums.append(device.sum(dim=1).clone())
+    torch.cuda.synchronize()
+    expected = host[np.argsort(order)].sum(dim=1)
+    landed_first = torch.zeros(64, dtype=torch.bool)
+    landed_first[order[:40]] = True
+    assert torch.allclose(sums[0].cpu()[landed_first], expected[landed_first])
+    assert torch.allclose(sums[1].cpu(), expected)
