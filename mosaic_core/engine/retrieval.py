@@ -134,6 +134,21 @@ class LayerSelection:
         return dict(zip(candidates, torch.softmax(self.scores, 0).tolist(), strict=True))
 
 
+def fill_in_order(order: list[int], sizes: list[int], budget: int, smallest: int) -> list[int]:
+    """The indices of ``order`` taken one after another while each still fits in ``budget`` with those taken
+    before it (``sizes[i]`` each), in that order. ``smallest`` is the least of ``sizes``: once less than it is left,
+    nothing else fits, so the rest of a thousand or more indices are not looked at."""
+    taken, used = [], 0
+    for i in order:
+        size = sizes[i]
+        if used + size <= budget:
+            taken.append(i)
+            used += size
+            if used + smallest > budget:
+                break
+    return taken
+
+
 class Retriever:
     """Selects units per layer for one question and counts how many layers chose each."""
 
@@ -173,11 +188,12 @@ class Retriever:
         # The centroids and variances of every layer that chooses, at once: [C, layers, num_kv_heads, head_dim]. With
         # an anchor only the layers up to it choose (later ones share its choice).
         self._summaries = None
-        self._sizes: dict[str, int] = {}
+        self._size_list: list[int] = []  # the candidates' token counts, in their order
+        self._smallest = 0
         if candidates:
             choosing = None if self.prefetch_after_layer is None else self.prefetch_after_layer + 1
-            sizes, self._summaries = tiering.summaries.counts_and_all_layers(candidates, choosing)
-            self._sizes = dict(zip(candidates, sizes, strict=True))
+            self._size_list, self._summaries = tiering.summaries.counts_and_all_layers(candidates, choosing)
+            self._smallest = min(self._size_list)
         self._timed_gathers: list[Moved] = []
         off_cuda = tiering.tiers.transfers.side is None  # there the copy engines' copies are plain host copies
         self._dma = machinery.staging_copy == "dma" and (off_cuda or _copy_engines_found())
@@ -322,14 +338,8 @@ class Retriever:
         """Candidates in descending ``scores`` order, each taken while it still fits the token budget (the
         question's, unless ``budget_tokens`` names another, as the fidelity probes do)."""
         budget = self.budget_tokens if budget_tokens is None else budget_tokens
-        chosen, used = [], 0
-        for i in torch.argsort(scores, descending=True).tolist():
-            cluster_id = self.candidates[i]
-            size = self._sizes[cluster_id]
-            if used + size <= budget:
-                chosen.append(cluster_id)
-                used += size
-        return chosen
+        order = torch.argsort(scores, descending=True).tolist()
+        return [self.candidates[i] for i in fill_in_order(order, self._size_list, budget, self._smallest)]
 
     def _take(self, cluster_id: str) -> Tier:
         """Pins a chosen unit, counts its lookup and its layer's vote; returns the tier it is read from."""
