@@ -54,6 +54,7 @@ from mosaic_core.engine import plans, retrieval
 from mosaic_core.engine.engine import Engine
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 
+DEVICE_BUDGET_GIB = 8.0
 QUESTION_RANGE = "timeline.question"
 HOST_RANGES = (
     "question.setup",
@@ -223,6 +224,8 @@ def _profiled(engine: Engine, question: str, frames: list, questions_module, dec
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     if frames:
         engine.ingest(frames)
+    to_host = engine.tiering.tiers.stats.bytes_by_direction
+    to_host_before = to_host["device_to_host"]
     with profile(activities=activities) as prof:
         questions_module._decode = decode_after
         try:
@@ -241,6 +244,7 @@ def _profiled(engine: Engine, question: str, frames: list, questions_module, dec
     row["ttft_ms"] = round(answer.timings.time_to_first_token_s * 1e3, 3)
     row["setup_ms"] = round(answer.timings.setup_s * 1e3, 3)
     row["bytes_fetched"] = answer.retrieval.bytes_fetched
+    row["spilled_to_host_bytes"] = to_host["device_to_host"] - to_host_before  # copies the question's room made
     return answer.timings, row
 
 
@@ -248,7 +252,7 @@ def _summary(rows: list[dict]) -> dict:
     keys = [
         "ttft_ms", "setup_ms", "queued_before_ends_ms", "first_kernel_ms", "copies_first_ms", "copies_last_end_ms",
         "last_kernel_end_ms", "compute_busy_ms", "compute_gaps_ms", "copy_span_gbs", "copy_busy_gbs",
-        "copy_calls", "copy_calls_host_ms", "copies", "copy_bytes",
+        "copy_calls", "copy_calls_host_ms", "copies", "copy_bytes", "spilled_to_host_bytes", "bytes_fetched",
     ]  # fmt: skip
     medians = {k: statistics.median(r[k] for r in rows) for k in keys if all(r.get(k) is not None for r in rows)}
     ranges: dict[str, list[float]] = {}
@@ -271,13 +275,17 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def _print(rows: list[dict], medians: dict) -> None:
-    print("question   TTFT  set-up  ingest-ends  1st-kernel  copies-from  copies-to  last-kernel  gaps  span-GB/s")
+    print(
+        "question   TTFT  set-up  ingest-ends  1st-kernel  copies-from  copies-to  last-kernel  gaps  span-GB/s"
+        "  spilled-MB  fetched-MB"
+    )
     for i, r in enumerate(rows):
         print(
             f"{i:>8} {r['ttft_ms']:>6.2f} {r['setup_ms']:>7.2f} {r['queued_before_ends_ms']:>12.2f}"
             f" {r.get('first_kernel_ms', float('nan')):>11.2f} {r.get('copies_first_ms', float('nan')):>12.2f}"
             f" {r.get('copies_last_end_ms', float('nan')):>10.2f} {r.get('last_kernel_end_ms', float('nan')):>12.2f}"
             f" {r.get('compute_gaps_ms', float('nan')):>5.2f} {r.get('copy_span_gbs') or float('nan'):>10.2f}"
+            f" {r['spilled_to_host_bytes'] / 1e6:>11.2f} {r['bytes_fetched'] / 1e6:>11.2f}"
         )
     print("host ranges, medians (ms from asked): first start, last end, calls")
     for name, span in medians["host_ranges"].items():
@@ -292,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--questions", type=int, default=6, help="profiled questions")
     parser.add_argument("--gap", type=int, default=8, help="frames ingested before each question (scenario A: 8)")
+    parser.add_argument(
+        "--device-budget-gib", type=float, default=DEVICE_BUDGET_GIB,
+        help=f"the device tier (scenario A's: {DEVICE_BUDGET_GIB}; --quick has its own unless this is given)",
+    )  # fmt: skip
     parser.add_argument(
         "--host-copy-below-device-free", type=float, default=EngineConfig.host_copy_below_device_free,
         help="EngineConfig.host_copy_below_device_free (0: clusters get no host copy ahead of a spill)",
@@ -316,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     s = settings_for(
         quick=args.quick, model=args.model, minutes=args.minutes, questions=args.questions,
-        budget_tokens=16384, device_budget_gib=8.0, cameras=1,
+        budget_tokens=16384, device_budget_gib=args.device_budget_gib, cameras=1,
     )  # fmt: skip
+    if args.quick and args.device_budget_gib != DEVICE_BUDGET_GIB:
+        s = dataclasses.replace(s, device_budget_bytes=int(args.device_budget_gib * 2**30))
     model = Qwen25VLAdapter.load(s.model, device=s.device, dtype=s.dtype)
     s = sized_to_machine(s, model, None, log)
     history_bytes = int(s.minutes * 60) * s.tokens_per_frame * model.kv_spec.bytes_per_token
