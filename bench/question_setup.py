@@ -23,14 +23,12 @@ import io
 import json
 import pstats
 import statistics
-import sys
-import time
 from pathlib import Path
 
-from mosaic_core.bench.engine import CLIPS, QUESTIONS, engine_config, looped_frames, settings_for, sized_to_machine
+from bench import long_history
+from mosaic_core.bench.engine import QUESTIONS
 from mosaic_core.engine import questions
 from mosaic_core.engine.engine import Engine
-from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 
 
 def _ask(engine: Engine, question: str, before: list):
@@ -66,33 +64,13 @@ def _profiled_setup(engine: Engine, asked: list[str], more_frames) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.question_setup", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny preset, one minute of history; runs on CPU")
-    parser.add_argument("--model", default="qwen2.5-vl-7b")
-    parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--questions", type=int, default=20, help="asked each way")
-    parser.add_argument("--gap", type=int, default=8, help="frames ingested before a question (scenario A: 8)")
+    long_history.add_arguments(parser, questions=20, questions_help="asked each way")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
-    s = settings_for(
-        quick=args.quick, model=args.model, minutes=args.minutes, questions=args.questions,
-        budget_tokens=16384, device_budget_gib=8.0, cameras=1,
-    )  # fmt: skip
-    model = Qwen25VLAdapter.load(s.model, device=s.device, dtype=s.dtype)
-    s = sized_to_machine(s, model, None, log)
-    engine = Engine(model, engine_config(s, "cluster"))
-    engine.open_stream("cam")
     profiled = 2 * len(QUESTIONS)
-    frames = looped_frames(int(s.minutes * 60) + (args.questions + profiled) * args.gap, stream_id="cam", clip=CLIPS[0])
-    bulk = int(s.minutes * 60)
+    history = long_history.warmed_up(args, frames_after=(args.questions + profiled) * args.gap)
+    engine, frames, bulk, clusters = history.engine, history.frames, history.bulk, history.clusters
     more = [frames[i : i + args.gap] for i in range(bulk, len(frames), args.gap)]  # one list before each question
-    started = time.perf_counter()
-    for first in range(0, bulk, 64):
-        engine.ingest(frames[first : min(first + 64, bulk)])
-    clusters = len(engine.clusters("cam"))
-    log(f"ingested {bulk} frames in {time.perf_counter() - started:.1f} s; {clusters} clusters")
-    for question in QUESTIONS * 2:  # compiles, captures every length's graphs, and settles what questions promote
-        engine.answer("cam", question, max_new_tokens=1)
     timings: dict[str, list] = {"after ingest": [], "no ingest": []}
     for i in range(args.questions):
         question = QUESTIONS[i % len(QUESTIONS)]
@@ -114,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         setup, ttft, rest = row["setup_p50_ms"], row["ttft_p50_ms"], row["ttft_without_setup_p50_ms"]
         print(f"{name:>13} {setup:>14.2f} {ttft:>12.2f} {rest:>17.2f}")
     print(profile)
-    args.out.write_text(
-        json.dumps({"minutes": s.minutes, "gap": args.gap, "clusters": clusters, "rows": rows, "profile": profile})
-        + "\n"
-    )
+    report = {"minutes": history.minutes, "gap": args.gap, "clusters": clusters, "rows": rows, "profile": profile}
+    args.out.write_text(json.dumps(report) + "\n")
     return 0
 
 

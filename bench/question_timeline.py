@@ -27,34 +27,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import gzip
 import json
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from mosaic_core.bench.engine import (
-    CLIPS,
-    QUESTIONS,
-    engine_config,
-    looped_frames,
-    pinned_bytes,
-    settings_for,
-    sized_to_machine,
-)
+from bench import long_history
+from mosaic_core.bench.engine import QUESTIONS
 from mosaic_core.config import EngineConfig
 from mosaic_core.engine import plans, retrieval
 from mosaic_core.engine.engine import Engine
-from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 
-DEVICE_BUDGET_GIB = 8.0
 QUESTION_RANGE = "timeline.question"
 HOST_RANGES = (
     "question.setup",
@@ -295,14 +283,10 @@ def _print(rows: list[dict], medians: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.question_timeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny preset, one minute of history; runs on CPU")
-    parser.add_argument("--model", default="qwen2.5-vl-7b")
-    parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--questions", type=int, default=6, help="profiled questions")
-    parser.add_argument("--gap", type=int, default=8, help="frames ingested before each question (scenario A: 8)")
+    long_history.add_arguments(parser, questions=6, questions_help="profiled questions")
     parser.add_argument(
-        "--device-budget-gib", type=float, default=DEVICE_BUDGET_GIB,
-        help=f"the device tier (scenario A's: {DEVICE_BUDGET_GIB}; --quick has its own unless this is given)",
+        "--device-budget-gib", type=float, default=8.0,
+        help="the device tier (scenario A's: 8; --quick has its own unless this is given)",
     )  # fmt: skip
     parser.add_argument(
         "--host-copy-below-device-free", type=float, default=EngineConfig.host_copy_below_device_free,
@@ -325,34 +309,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is required")
-    log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
-    s = settings_for(
-        quick=args.quick, model=args.model, minutes=args.minutes, questions=args.questions,
-        budget_tokens=16384, device_budget_gib=args.device_budget_gib, cameras=1,
-    )  # fmt: skip
-    if args.quick and args.device_budget_gib != DEVICE_BUDGET_GIB:
-        s = dataclasses.replace(s, device_budget_bytes=int(args.device_budget_gib * 2**30))
-    model = Qwen25VLAdapter.load(s.model, device=s.device, dtype=s.dtype)
-    s = sized_to_machine(s, model, None, log)
-    history_bytes = int(s.minutes * 60) * s.tokens_per_frame * model.kv_spec.bytes_per_token
-    config = dataclasses.replace(
-        engine_config(s, "cluster"),
-        pinned_host_bytes=pinned_bytes(history_bytes, s),  # as scenario A: no pinning on a question's path
+    history = long_history.warmed_up(
+        args,
+        frames_after=args.questions * args.gap,
+        device_budget_gib=args.device_budget_gib,
+        pin_history=True,
         host_copy_below_device_free=args.host_copy_below_device_free,
     )
-    engine = Engine(model, config)
-    engine.open_stream("cam")
-    bulk = int(s.minutes * 60)
-    frames = looped_frames(bulk + args.questions * args.gap, stream_id="cam", clip=CLIPS[0])
-    started = time.perf_counter()
-    for first in range(0, bulk, 64):
-        engine.ingest(frames[first : min(first + 64, bulk)])
-    clusters = len(engine.clusters("cam"))
-    log(f"ingested {bulk} frames in {time.perf_counter() - started:.1f} s; {clusters} clusters")
-    for question in QUESTIONS * 2:  # compiles, captures every length's graphs, and settles what questions promote
-        engine.answer("cam", question, max_new_tokens=1)
+    engine, frames, bulk, clusters = history.engine, history.frames, history.bulk, history.clusters
+    log = long_history.log
     hooks = _setup_ranged()
-    report = {"minutes": s.minutes, "gap": args.gap, "clusters": clusters, "runs": {}}
+    report = {"minutes": history.minutes, "gap": args.gap, "clusters": clusters, "runs": {}}
     with ranges_around_steps():
         for asked in ("after ingest", "no ingest") if args.also_no_gap else ("after ingest",):
             rows = []
