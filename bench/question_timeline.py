@@ -5,12 +5,12 @@
     python -m bench.question_timeline --read-trace FILE.json.gz    # a trace written by --trace, summarised
 
 One cluster-mode engine with scenario A's settings (``mosaic bench engine``, host memory pinned up front as there)
-over the looped sample clip; warm-up
-questions capture the graphs. Then ``--questions`` questions, each right after an ingest call of ``--gap`` frames
-(scenario A's order), run one at a time under torch's profiler, which records the host's calls and every kernel and
-copy on the device; with ``--also-no-gap`` as many again with no ingest call before each. The retriever's and the
-plan's steps are wrapped in profiler ranges here (the engine's code is not changed). Each question's trace is read
-back into one timeline, in ms from the moment it was asked:
+over the looped sample clip; warm-up questions capture the graphs (``bench.long_history``). Then ``--questions``
+questions, each right after an ingest call of ``--gap`` frames (scenario A's order), run one at a time under torch's
+profiler, which records the host's calls and every kernel and copy on the device; with ``--also-no-gap`` as many again
+with no ingest call before each. The retriever's and the plan's steps are wrapped in profiler ranges here (the
+engine's code is not changed). Each question's trace is read back into one timeline, in ms from the moment it was
+asked:
 
 - the host's ranges: the set-up, each layer's choice, the staging queued, the anchor layers, the chain of graphs,
   the first token, and the host's waits for the device (synchronize calls over 0.1 ms);
@@ -40,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from bench import long_history
 from mosaic_core.bench.engine import QUESTIONS
 from mosaic_core.config import EngineConfig
-from mosaic_core.engine import plans, retrieval
+from mosaic_core.engine import plans, questions, retrieval
 from mosaic_core.engine.engine import Engine
 
 QUESTION_RANGE = "timeline.question"
@@ -90,8 +90,6 @@ def ranges_around_steps():
 def _setup_ranged():
     """Hooks that make the set-up (everything from the ask to the forward pass, which starts in ``_decode``) a
     profiler range: ``enter_setup`` opens it, the patched ``_decode`` closes it."""
-    from mosaic_core.engine import questions
-
     decode = questions._decode
     state = {"range": None}
 
@@ -108,12 +106,12 @@ def _setup_ranged():
     return questions, decode, decode_after_setup, enter_setup
 
 
-def timeline(trace: dict, asked_us: float | None = None) -> dict:
+def timeline(trace: dict) -> dict:
     """One question's timeline from a chrome trace of it (``profile.export_chrome_trace``), in ms from the start
     of ``QUESTION_RANGE`` (module doc)."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     question = next(e for e in events if e.get("name") == QUESTION_RANGE and e.get("cat") != "gpu_user_annotation")
-    t0 = question["ts"] if asked_us is None else asked_us
+    t0 = question["ts"]
     end = question["ts"] + question["dur"]
 
     def rel(ts: float) -> float:
