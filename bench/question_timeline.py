@@ -14,10 +14,10 @@ asked:
 
 - the host's ranges: the set-up, each layer's choice, the staging queued, the anchor layers, the chain of graphs,
   the first token, and the host's waits for the device (synchronize calls over 0.1 ms);
-- the device: when the work queued before the question (the ingest call's) ended; the question's own kernels on
-  the compute stream, first and last; the host-to-device copies (count, bytes, first start, last end, the rate
-  over that span and over their own busy time); and the compute stream's idle gaps over 0.2 ms after the
-  question's first kernel, which is where it waited for copies or for the host.
+- the device: when the work queued before the question (the ingest call's, traced with it) ended; the question's
+  own kernels on the compute stream, first and last; the host-to-device copies (count, bytes, first start, last
+  end, the rate over that span and over their own busy time); and the compute stream's idle gaps over 0.2 ms after
+  the question's first kernel, which is where it waited for copies or for the host.
 
 Written: the JSON (one entry per question, and medians), a text table of the same on stdout, and with
 ``--trace`` the last question's whole trace (after an ingest call), for chrome://tracing or Perfetto.
@@ -208,11 +208,12 @@ def trace_summary(trace: dict) -> str:
 def _profiled(engine: Engine, question: str, frames: list, questions_module, decode, decode_after, enter_setup):
     """One question after an ingest call of ``frames``, under the profiler; returns (timings, timeline)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    if frames:
-        engine.ingest(frames)
     to_host = engine.tiering.tiers.stats.bytes_by_direction
-    to_host_before = to_host["device_to_host"]
     with profile(activities=activities) as prof:
+        if frames:  # traced too, so that the device work it leaves queued is seen ending inside the question
+            with record_function("timeline.ingest"):
+                engine.ingest(frames)
+        to_host_before = to_host["device_to_host"]
         questions_module._decode = decode_after
         try:
             with record_function(QUESTION_RANGE):
