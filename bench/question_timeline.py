@@ -177,7 +177,8 @@ def timeline(trace: dict) -> dict:
 def trace_summary(trace: dict) -> str:
     """A written summary of one question's trace (``--trace``): the host's ranges and its runtime calls over 0.5
     ms, then the device's copies and kernels merged into runs per stream (consecutive events of one kind less than
-    0.3 ms apart), in ms from the moment it was asked."""
+    0.3 ms apart), in ms from the moment it was asked; last, the copies of 256 KiB or more by direction and size, with
+    the median time of one."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     question = next(e for e in events if e.get("name") == QUESTION_RANGE and e.get("cat") != "gpu_user_annotation")
     t0 = question["ts"]
@@ -201,6 +202,16 @@ def trace_summary(trace: dict) -> str:
         lines.append(
             f"device stream {stream!s:>3} {kind:<12} {(start - t0) / 1e3:9.2f} to {(end - t0) / 1e3:9.2f} ms"
             f"  {count:5d} events  {size / 1e6:8.1f} MB"
+        )
+    by_size: dict[tuple[str, int], list[float]] = {}
+    for e in device:
+        if e.get("cat") == "gpu_memcpy" and int(e.get("args", {}).get("bytes", 0) or 0) >= 1 << 18:
+            by_size.setdefault((e["name"].split(" (")[0], int(e["args"]["bytes"])), []).append(e["dur"])
+    for (kind, size), durations in sorted(by_size.items()):
+        median = statistics.median(durations)
+        lines.append(
+            f"copies of {size / 1e6:.2f} MB, {kind}: {len(durations)}, median {median:.1f} us, "
+            f"{size / median / 1e3:.1f} GB/s each"
         )
     return "\n".join(lines)
 
