@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.engine.retrieval import layer_groups
 from mosaic_core.memory import cudart
 from mosaic_core.memory.arena import PagePools
 from mosaic_core.memory.layout import KVSpec
@@ -32,9 +33,10 @@ SPEC_7B = KVSpec(num_layers=28, num_kv_heads=4, num_q_heads=28, head_dim=128, dt
 PAGE_TOKENS = 126
 
 
-def _staging_seconds(pools: PagePools, src: list[int], dst: list[int], group: int, streams: list, layers: range):
-    """One staging of ``layers`` of ``src`` into ``dst``: runs of ``group`` layers dealt to ``streams``."""
-    groups = [range(s, min(s + group, layers.stop)) for s in range(layers.start, layers.stop, group)]
+def _staging_seconds(pools: PagePools, src: list[int], dst: list[int], sizes: tuple, streams: list, layers: range):
+    """One staging of ``layers`` of ``src`` into ``dst``: runs of ``sizes`` layers (``layer_groups``) dealt to
+    ``streams``."""
+    groups = layer_groups(layers, sizes)
     runs = [pools.block_rows(Tier.HOST, src, dst, g) for g in groups]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     current = torch.cuda.current_stream()
@@ -59,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.copy_runs_sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pages", type=int, default=97, help="host pages a question stages")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--groups", default="1,2,4,8,13,26", help="layers a run holds, comma-separated")
+    parser.add_argument(
+        "--groups",
+        default="1,2,4,8,13,26,8+8+6+4",
+        help="layers a run holds, comma-separated; 8+8+6+4 is one staging in groups of those sizes (staging_groups)",
+    )
     parser.add_argument("--streams", default="1,2,3,4", help="side streams sharing the runs, comma-separated")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -80,16 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     layers = range(2, spec.num_layers)  # the layers after the anchor at layer 1
     rows = []
     streams_all = [torch.cuda.Stream() for _ in range(max(int(n) for n in args.streams.split(",")))]
-    for group in (int(g) for g in args.groups.split(",")):
+    for group in args.groups.split(","):
+        sizes = tuple(int(n) for n in group.split("+"))
         for num_streams in (int(n) for n in args.streams.split(",")):
             streams = streams_all[:num_streams]
             times = []
             for _ in range(args.repeats + 2):
-                seconds, num_bytes = _staging_seconds(pools, src, dst, group, streams, layers)
+                seconds, num_bytes = _staging_seconds(pools, src, dst, sizes, streams, layers)
                 times.append(seconds)
             median = statistics.median(times[2:])
             rows.append({
-                "layers_a_run": group, "streams": num_streams, "runs": args.pages * -(-len(layers) // group),
+                "layers_a_run": group, "streams": num_streams, "runs": args.pages * len(layer_groups(layers, sizes)),
                 "bytes": num_bytes, "ms": median * 1e3, "gbs": num_bytes / median / 1e9,
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)

@@ -121,10 +121,14 @@ class EngineConfig:
             its own layers' retrieved KV, so the rest crosses PCIe while it computes. The number of layers or more
             makes one graph, which waits for every layer's KV before it starts.
         staging_copy: how retrieved host pages reach the question's device pages: "dma", one
-            ``cudaMemcpyAsync`` per page and group of ``prefill_graph_layers`` layers, on the copy engines, which
+            ``cudaMemcpyAsync`` per page and group of layers (``staging_groups``), on the copy engines, which
             leaves the SMs to the question (``mosaic_core.memory.cudart``; the kernel where the CUDA runtime is
             not found); or "kernel", the slab-gather kernel, one launch per layer, reading pinned memory from the
             SMs (at 60 minutes on the H200: TTFT 39.9 ms against 29.6 with "dma", bench/NOTES.md).
+        staging_groups: with "dma", the layers each copy holds, group by group from the first layer after
+            ``prefetch_after_layer``, the last size repeating to the last layer; () copies ``prefill_graph_layers``
+            layers a time. Larger early groups cost fewer copies (a copy has a fixed cost), and a small last group
+            keeps short the compute left once the last bytes land; each layer still waits only for its own group.
         staging_streams: with "dma", how many streams the runs of one group of layers are dealt to, so that more
             copies are in flight at once (``TransferEngine.copy_runs``); 1 queues them all on the side stream.
         max_question_tokens: questions longer than this are rejected.
@@ -166,6 +170,7 @@ class EngineConfig:
     anchor_graphs: bool = True
     prefill_graph_layers: int = 4
     staging_copy: str = "dma"
+    staging_groups: tuple[int, ...] = ()
     staging_streams: int = 1
     max_question_tokens: int = 512
     max_new_tokens_limit: int = 512
@@ -219,6 +224,8 @@ class EngineConfig:
             )
         if self.prefetch_after_layer is not None and self.prefetch_after_layer < 0:
             raise ConfigError(f"prefetch_after_layer must be >= 0 or None, got {self.prefetch_after_layer}")
+        if any(not isinstance(n, int) or n <= 0 for n in self.staging_groups):
+            raise ConfigError(f"staging_groups must be positive layer counts, got {self.staging_groups!r}")
         if not 0 <= self.host_copy_below_device_free <= 1:
             raise ConfigError(
                 f"host_copy_below_device_free must be a share in 0..1, got {self.host_copy_below_device_free}"

@@ -16,7 +16,9 @@ Rows (``VARIANTS``):
   eagerly, where ``cluster`` replays them from graphs cut where they choose (``EngineConfig.anchor_graphs``);
   ``cluster-spill-copies``, clusters that complete on a nearly full device get no host copy then, so the room a
   question takes copies them to the host in its own time (``EngineConfig.host_copy_below_device_free`` 0);
-  ``cluster-two-copy-streams``, a question's staging runs dealt to two streams (``EngineConfig.staging_streams``).
+  ``cluster-two-copy-streams``, a question's staging runs dealt to two streams (``EngineConfig.staging_streams``);
+  ``cluster-tapered-staging``, staging copies of 8, 8, 6 and 4 layers where ``cluster`` copies 4 a time
+  (``EngineConfig.staging_groups``).
 
 Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
 last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
@@ -55,6 +57,7 @@ VARIANTS = {
     "cluster-eager-anchor": {"mode": "cluster", "anchor_graphs": False},
     "cluster-spill-copies": {"mode": "cluster", "host_copy_below_device_free": 0.0},
     "cluster-two-copy-streams": {"mode": "cluster", "staging_streams": 2},
+    "cluster-tapered-staging": {"mode": "cluster", "staging_groups": (8, 8, 6, 4)},
 }
 DEFAULT_VARIANTS = ("full", "rekv-token", "frame", "cluster", "random")
 SWEEP = ("spread", "mean_key", "random", "recent")

@@ -16,9 +16,10 @@ alone buys. ``EngineConfig.scorer`` swaps the scorer of any mode (random, recent
 
 - The gather: device-resident units are attended where they are, through their slots in the device pool. The
   other units' pages move into device pages the question took (inside the device budget). Batched, by default on
-  the copy engines, one ``cudaMemcpyAsync`` per page and group of ``prefill_graph_layers`` layers (a page's
-  layers are one run of bytes), or with ``staging_copy="kernel"`` one slab-gather launch per layer that reads
-  pinned host memory from the SMs; ReKV's stand-in makes one ``copy_`` per slab.
+  the copy engines, one ``cudaMemcpyAsync`` per page and group of layers (``staging_groups``, by default
+  ``prefill_graph_layers`` layers a group; a page's layers are one run of bytes), or with
+  ``staging_copy="kernel"`` one slab-gather launch per layer that reads pinned host memory from the SMs; ReKV's
+  stand-in makes one ``copy_`` per slab.
 - The shared choice: with ``prefetch_after_layer`` set, layers up to it score their own queries and every later
   layer takes that layer's choice, so their gathers are queued on the side stream at once and overlap compute.
   With the batched gather a layer's copy table is computed from page numbers (one table for all the later
@@ -67,7 +68,7 @@ class Machinery:
     scorer: str
     batched_gather: bool
     staging_copy: str  # how paged staging moves bytes: "dma" (copy engines) or "kernel" (slab gather)
-    staging_group_layers: int  # dma: layers of a page copied as one run (the prefill graphs' segment)
+    staging_groups: tuple[int, ...]  # dma: layers of a page copied as one run, group by group (``layer_groups``)
     staging_streams: int  # dma: streams a group's runs are dealt to
     prefetch_after_layer: int | None
     device_cache: bool
@@ -82,7 +83,7 @@ def machinery_for(config: EngineConfig) -> Machinery:
         scorer=config.scorer or default_scorer,
         batched_gather=not rekv,
         staging_copy=config.staging_copy,
-        staging_group_layers=config.prefill_graph_layers,
+        staging_groups=config.staging_groups or (config.prefill_graph_layers,),
         staging_streams=config.staging_streams,
         prefetch_after_layer=None if rekv or mode is RetrievalMode.FULL else config.prefetch_after_layer,
         device_cache=mode.caches_on_device,
@@ -132,6 +133,23 @@ class LayerSelection:
         if self.scores is None:
             return {}
         return dict(zip(candidates, torch.softmax(self.scores, 0).tolist(), strict=True))
+
+
+def layer_groups(layers: range, sizes: tuple[int, ...]) -> list[range]:
+    """``layers`` cut into consecutive groups of ``sizes`` layers, the last size repeating; the last group stops at
+    the last layer.
+
+    range(2, 28), (8, 8, 6, 4)  ->  [2, 10), [10, 18), [18, 24), [24, 28)
+    range(2, 28), (4,)          ->  [2, 6), [6, 10), ... [22, 26), [26, 28)
+    """
+    groups, start = [], layers.start
+    for i in range(len(layers)):
+        if start >= layers.stop:
+            break
+        size = sizes[min(i, len(sizes) - 1)]
+        groups.append(range(start, min(start + size, layers.stop)))
+        start += size
+    return groups
 
 
 def fill_in_order(order: list[int], sizes: list[int], budget: int, smallest: int) -> list[int]:
@@ -279,7 +297,7 @@ class Retriever:
 
     def _stage_pages(self, host_pages: list[int], fills: list[int], staging: list[int], layers: range) -> list[Moved]:
         """Queues ``layers`` of ``host_pages`` into the same layers of device pages ``staging``: on the copy engines,
-        one run per page and group of ``staging_group_layers`` layers; or from one slab-copy table, one kernel
+        one run per page and group of layers (``Machinery.staging_groups``); or from one slab-copy table, one kernel
         launch per layer. Returns each layer's move."""
         if not host_pages:
             return [NOTHING_PENDING] * len(layers)
@@ -288,8 +306,7 @@ class Retriever:
         marked = transfers.mark()  # the timer starts before the host builds the table, as in ``stage``
         dst_pages = staging[: len(host_pages)]
         if self._dma:
-            step = self.machinery.staging_group_layers
-            groups = [range(s, min(s + step, layers.stop)) for s in range(layers.start, layers.stop, step)]
+            groups = layer_groups(layers, self.machinery.staging_groups)
             runs = [pools.block_rows(Tier.HOST, host_pages, dst_pages, group) for group in groups]
             timed = transfers.copy_runs(runs, started=marked, streams=self.machinery.staging_streams)
             moves = [moved for group, moved in zip(groups, timed, strict=True) for _ in group]

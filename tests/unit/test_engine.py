@@ -345,3 +345,22 @@ def test_clusters_copied_to_the_host_as_they_complete_make_a_questions_room_with
         assert spilled_by_the_question > 0, "without copies ahead the question's room copies clusters to the host"
     for info in engine.clusters("cam"):
         assert engine.tiering.tiers.read(info.cluster_id).shape[3] == info.num_tokens
+
+
+def test_staging_groups_of_any_size_give_the_same_answer(tiny_model, bikes_frames):
+    """Staging copies grouped otherwise move the same bytes into the same pages: the answer and the prefill's last
+    hidden state are those of the default groups (a 1.3-MiB device tier, so the question stages from the host)."""
+    answers = []
+    for groups in ((), (1,), (2, 1)):
+        engine = make_engine(
+            tiny_model, mode="cluster", device_budget_bytes=int(1.3 * MIB), retrieval_budget_tokens=400,
+            staging_groups=groups,
+        )  # fmt: skip
+        engine.open_stream("cam")
+        feed(engine, "cam", bikes_frames[:40])
+        answers.append(engine.answer("cam", QUESTION, max_new_tokens=3, time_range=(0.0, 2.0)))
+    assert answers[0].retrieval.bytes_fetched > 0
+    for other in answers[1:]:
+        assert other.token_ids == answers[0].token_ids
+        assert other.retrieval.bytes_fetched == answers[0].retrieval.bytes_fetched
+        assert torch.equal(other.last_hidden, answers[0].last_hidden)

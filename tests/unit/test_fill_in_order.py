@@ -1,4 +1,5 @@
-"""A question's greedy fill of its token budget stops early only where nothing else could fit."""
+"""A question's greedy fill of its token budget stops early only where nothing else could fit; its staging
+groups cover every layer once."""
 
 from __future__ import annotations
 
@@ -38,3 +39,13 @@ def test_a_full_budget_stops_the_fill_before_the_rest_is_read():
 
     assert fill_in_order(Order(range(len(sizes))), sizes, 250, 50) == [0, 1, 2]
     assert looked_at == [0, 1, 2], "with 250 of 250 tokens taken nothing more is read"
+
+
+def test_layer_groups_cut_the_layers_after_the_anchor_by_the_sizes_given_the_last_repeating():
+    from mosaic_core.engine.retrieval import layer_groups
+
+    assert layer_groups(range(2, 28), (8, 8, 6, 4)) == [range(2, 10), range(10, 18), range(18, 24), range(24, 28)]
+    assert layer_groups(range(2, 28), (4,)) == [range(s, min(s + 4, 28)) for s in range(2, 28, 4)]
+    assert layer_groups(range(2, 28), (20, 3)) == [range(2, 22), range(22, 25), range(25, 28)]
+    assert layer_groups(range(1, 2), (8, 4)) == [range(1, 2)]
+    assert layer_groups(range(3, 3), (4,)) == []
