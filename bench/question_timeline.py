@@ -103,7 +103,7 @@ def _setup_ranged():
         state["range"] = record_function("question.setup")
         state["range"].__enter__()
 
-    return questions, decode, decode_after_setup, enter_setup
+    return decode, decode_after_setup, enter_setup
 
 
 def timeline(trace: dict) -> dict:
@@ -216,8 +216,8 @@ def trace_summary(trace: dict) -> str:
     return "\n".join(lines)
 
 
-def _profiled(engine: Engine, question: str, frames: list, questions_module, decode, decode_after, enter_setup):
-    """One question after an ingest call of ``frames``, under the profiler; returns (timings, timeline)."""
+def _profiled(engine: Engine, question: str, frames: list, decode, decode_after, enter_setup):
+    """One question after an ingest call of ``frames``, under the profiler; returns its timeline."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     to_host = engine.tiering.tiers.stats.bytes_by_direction
     with profile(activities=activities) as prof:
@@ -225,13 +225,13 @@ def _profiled(engine: Engine, question: str, frames: list, questions_module, dec
             with record_function("timeline.ingest"):
                 engine.ingest(frames)
         to_host_before = to_host["device_to_host"]
-        questions_module._decode = decode_after
+        questions._decode = decode_after
         try:
             with record_function(QUESTION_RANGE):
                 enter_setup()
                 answer = engine.answer("cam", question, max_new_tokens=1)
         finally:
-            questions_module._decode = decode
+            questions._decode = decode
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -243,7 +243,7 @@ def _profiled(engine: Engine, question: str, frames: list, questions_module, dec
     row["setup_ms"] = round(answer.timings.setup_s * 1e3, 3)
     row["bytes_fetched"] = answer.retrieval.bytes_fetched
     row["spilled_to_host_bytes"] = to_host["device_to_host"] - to_host_before  # copies the question's room made
-    return answer.timings, row
+    return row
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.questions):
                 first = bulk + i * args.gap
                 gap = frames[first : first + args.gap] if asked == "after ingest" else []
-                _, row = _profiled(engine, QUESTIONS[i % len(QUESTIONS)], gap, *hooks)
+                row = _profiled(engine, QUESTIONS[i % len(QUESTIONS)], gap, *hooks)
                 trace = row.pop("trace")
                 if args.trace is not None and asked == "after ingest" and i == args.questions - 1:
                     with gzip.open(args.trace, "wt") as f:

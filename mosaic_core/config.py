@@ -105,7 +105,7 @@ class EngineConfig:
             completes on the device (sealed, its last frame out of the local window) gets its host copy right
             then, queued on the side stream with nothing waiting for it. A later spill, such as the room a
             question takes, then frees its device pages without a copy (``KVTiers.keep_host_copy``). 0: never;
-            a spill copies the cluster to the host when it happens, in the question's time.
+            a spill copies the cluster to the host when it happens, in the time of whatever makes the room.
         prefetch_after_layer: in cluster mode, the layer whose choice of clusters every later layer reuses, so
             their gathers are queued at once and move while the layers before them compute; layers up to it
             score their own queries. None scores every layer itself (each waits for its own choice and gather).

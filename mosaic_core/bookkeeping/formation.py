@@ -123,6 +123,10 @@ class ClusterRecord:
     def duration_s(self) -> float:
         return self.end_s - self.start_s
 
+    def completed_by(self, frame_index: int) -> bool:
+        """Whether storing frame ``frame_index`` completed this cluster: it is sealed and that was its last frame."""
+        return self.sealed and frame_index == self.frame_indices[-1]
+
     def spans(self) -> list[tuple[float, float]]:
         """``(start_s, end_s)`` of each run of consecutive frames, earliest first: one span, unless recurring-scene
         joins made the cluster out of several visits to the scene."""

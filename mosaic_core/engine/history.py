@@ -78,7 +78,7 @@ class HistoryKeeper:
         of a sealed cluster, the cluster is complete: persist it. Called for every frame stored, so it reads the
         record in place: a copy (``former.get``) grows with the cluster's frames."""
         record = state.former.known_record_to_read(cluster_id)
-        if record.sealed and frame_index == record.frame_indices[-1]:
+        if record.completed_by(frame_index):
             self.store.submit(state.stream_id, add=[self._seal(state, record)])
 
     def on_merge(self, state: StreamState, merged_id: str, removed_ids: list[str]) -> None:

@@ -370,8 +370,7 @@ def _copy_to_host_if_complete(parts: EngineParts, state: StreamState, cluster_id
     residency = parts.tiering.residency
     if not share or cluster_id not in residency:
         return
-    record = state.former.known_record_to_read(cluster_id)  # in place: a copy grows with the cluster's frames
-    if not record.sealed or frame_index != record.frame_indices[-1]:
+    if not state.former.known_record_to_read(cluster_id).completed_by(frame_index):  # in place: no copy
         return
     if residency.free_bytes(Tier.DEVICE) < share * residency.capacity_bytes(Tier.DEVICE):
         parts.tiering.tiers.keep_host_copy(cluster_id)

@@ -101,7 +101,7 @@ def join_recurring(parts: EngineParts, state: StreamState, cluster_id: str, fram
     if not _joins_on(parts):
         return None
     record = state.former.get(cluster_id)
-    if not record.sealed or frame_index != record.frame_indices[-1]:
+    if not record.completed_by(frame_index):
         return None
     formation, residency, centroids = parts.config.formation, parts.tiering.residency, centroids_of(state)
     records = state.former.records_to_read()
