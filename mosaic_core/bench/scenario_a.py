@@ -42,7 +42,7 @@ import torch
 
 from mosaic_core.config import GIB, EngineConfig
 from mosaic_core.engine.engine import Engine
-from mosaic_core.engine.probes import ENGINE, ProbeRequest, next_token_kl, probing
+from mosaic_core.engine.probes import ENGINE, UNIT_CEILING, ProbeRequest, next_token_kl, probing
 
 VARIANTS = {
     "full": {"mode": "full"},
@@ -60,7 +60,7 @@ VARIANTS = {
     "cluster-tapered-staging": {"mode": "cluster", "staging_groups": (8, 8, 6, 4)},
 }
 DEFAULT_VARIANTS = ("full", "rekv-token", "frame", "cluster", "random")
-SWEEP = ("spread", "mean_key", "random", "recent")
+SWEEP = ("spread", "spread_per_token", "mean_key", "random", "recent")
 BUDGET_FRACTIONS = (0.01, 0.02, 0.05, 0.10)  # planted probes are also scored at these shares of the history
 _SUBJECTS = ("cyclist", "red car", "person in a jacket", "dog", "bus", "delivery van", "child", "truck")
 _TEMPLATES = ("When did the {} pass the camera?", "Was there a {} near the road?", "How often did a {} appear?")
@@ -300,6 +300,9 @@ def format_scenario_a(report: dict) -> list[tuple[str, list[str], list[list[str]
                     _num(r["probe_found_by_scorer"].get(name), "{:.3f}"),
                 ]
             )
+        if UNIT_CEILING in r["recall_by_scorer"]:
+            ceiling = _num(r["recall_by_scorer"][UNIT_CEILING], "{:.3f}")
+            chance.append([f"{unit} ({label} engine)", "ceiling: true mass per token", ceiling, "-"])
     if chance:
         masses = [f"{r['probe_span_mass']:.2f}" for r in a.values() if r.get("probe_span_mass") is not None]
         title = (

@@ -21,8 +21,8 @@ import torch
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.engine.attend import attend_paged
 from mosaic_core.engine.ingest_pauses import IngestPauses
-from mosaic_core.engine.probes import ENGINE, ProbeRequest, QueryPlanter
-from mosaic_core.engine.retrieval import LayerSelection, Retriever
+from mosaic_core.engine.probes import ENGINE, UNIT_CEILING, ProbeRequest, QueryPlanter
+from mosaic_core.engine.retrieval import LayerSelection, Retriever, fill_in_order
 from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import DeviceRoom
@@ -257,7 +257,10 @@ class RecallProbe:
 
     With a ``ProbeRequest`` it also scores, at the prefill, the choices other scorers would have made over the
     same units and queries (following the engine's rule for which layers share a choice), and with a planter the
-    fraction of the planted span each choice found and the share of full attention the span really got.
+    fraction of the planted span each choice found and the share of full attention the span really got. For the
+    question's own queries it adds the unit's ceiling (``UNIT_CEILING``): each layer's units taken in order of
+    their true mass per token while they fit, what a perfect scorer of whole units would come near. The gap
+    between a scorer and the ceiling is the scorer's; the gap between the ceiling and 1 is the unit's.
     """
 
     def __init__(
@@ -283,6 +286,9 @@ class RecallProbe:
         names = request.sweep_scorers if request is not None and retriever is not None else ()
         self.sweep = {name: scorer_by_name(name, seed=retriever.seed + 1) for name in names}
         self.sweep_recall: dict[str, list[float]] = {name: [] for name in (ENGINE, *names)}
+        self.ceiling = request is not None and planter is None
+        if self.ceiling:
+            self.sweep_recall[UNIT_CEILING] = []
         self.sweep_found: dict[str, list[float]] = {name: [] for name in (ENGINE, *names)}
         self.budgets = (request.sweep_budgets if request is not None else ()) or ()
         self.found_at: dict[tuple[str, int], list[float]] = {(n, b): [] for n in names for b in self.budgets}
@@ -312,6 +318,9 @@ class RecallProbe:
         if step != 0:
             return
         self.sweep_recall[ENGINE].append(recall)
+        if self.ceiling:
+            best = densest_first(candidates, unit_mass, sizes, self.budget_tokens)
+            self.sweep_recall[UNIT_CEILING].append(self._recall(best, unit_mass, float(oracle)))
         if self.planter is not None:
             self.sweep_found[ENGINE].append(self.planter.found(chosen, candidates))
             span = self.planter.span_mask(sizes, history_mass.device)
@@ -368,6 +377,13 @@ class RecallProbe:
     def decode_recall(self) -> float | None:
         """Mean over layers and decode steps; None when only the prefill was observed."""
         return _mean([r for step, values in self.per_step.items() if step > 0 for r in values])
+
+
+def densest_first(units: list[str], mass: list[float], sizes: list[int], budget: int) -> set[str]:
+    """The units taken in order of ``mass`` per token (``sizes``), each while it still fits ``budget`` tokens:
+    the unit ceiling's choice, given each unit's true attention mass."""
+    order = sorted(range(len(sizes)), key=lambda i: -mass[i] / sizes[i])
+    return {units[i] for i in fill_in_order(order, sizes, budget, min(sizes))}
 
 
 def _mean(values: list[float]) -> float | None:

@@ -43,6 +43,9 @@ from mosaic_core.engine.summaries import SummaryIndex
 from mosaic_core.memory.layout import KVSpec
 
 ENGINE = "engine"  # the key of the engine's own choice in a request's results
+# The key of the best choice of whole units a layer could make if it knew each unit's true attention mass: units
+# in order of true mass per token, each taken while it fits (a real question's recall only; no scorer knows this).
+UNIT_CEILING = "unit_ceiling"
 
 
 @dataclass(slots=True)

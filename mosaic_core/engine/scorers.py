@@ -5,12 +5,16 @@ Every scorer returns ``[C]`` float32 scores on the query's device; the retriever
 - ``spread`` (Mosaic's own): the Gaussian estimate of each unit's attention mass,
   ``log n + s q.mu + 1/2 s^2 sum_d q_d^2 var_d``, maximised over the query rows of each KV head, heads combined by
   log-sum-exp.
+- ``spread_per_token``: ``spread`` less ``log n``, the estimate of attention mass per token. The budget is counted
+  in tokens, so filling it with the densest units first is the usual greedy answer to that knapsack; ``spread``
+  ranks by total mass, which favours large units. Measured beside ``spread`` in scenario A's sweep.
 - ``mean_key`` (ReKV / InfLLM): the dot product of the queries with the unit's mean key, same reduction.
 - ``random``: a uniformly random order (chance), seeded per question so reruns repeat.
 - ``recent``: newest units first (what a sliding window would keep).
 
-``spread`` and ``mean_key`` run as the same Triton scoring kernel on CUDA (``use_spread`` switches the variance and
-count terms off), so no mode gets a faster scorer than another; elsewhere, the kernel's torch twin.
+``spread``, ``spread_per_token`` and ``mean_key`` run as the same Triton scoring kernel on CUDA (``use_spread``
+switches the variance and count terms off), so no mode gets a faster scorer than another; elsewhere, the kernel's
+torch twin.
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ class Scorer(Protocol):
 
 
 class KeyScorer:
-    """``spread`` or ``mean_key``: one kernel launch per scored layer on CUDA."""
+    """``spread``, ``spread_per_token`` or ``mean_key``: one kernel launch per scored layer on CUDA."""
 
-    def __init__(self, *, use_spread: bool) -> None:
+    def __init__(self, *, use_spread: bool, per_token: bool = False) -> None:
         self.use_spread = use_spread
-        self.name = "spread" if use_spread else "mean_key"
+        self.per_token = per_token
+        self.name = ("spread_per_token" if per_token else "spread") if use_spread else "mean_key"
 
     def scores(self, query, mean, var, log_count, *, scale):
         if query.is_cuda and kernels_ready():
@@ -52,7 +57,8 @@ class KeyScorer:
             per_head = cluster_scores_reference(
                 query, mean, var, log_count.float(), scale=scale, use_spread=self.use_spread
             )
-        return torch.logsumexp(per_head, dim=1)
+        total = torch.logsumexp(per_head, dim=1)
+        return total - log_count.float() if self.per_token else total
 
 
 class RandomScorer:
@@ -80,6 +86,8 @@ def scorer_by_name(name: str, *, seed: int = 0) -> Scorer:
     """The scorer called ``name``; an unknown name raises and lists the valid ones."""
     if name == "spread":
         return KeyScorer(use_spread=True)
+    if name == "spread_per_token":
+        return KeyScorer(use_spread=True, per_token=True)
     if name == "mean_key":
         return KeyScorer(use_spread=False)
     if name == "random":

@@ -9,7 +9,9 @@ import torch
 from engine_helpers import feed, make_engine
 
 from mosaic_core.config import MIB, EngineConfig
-from mosaic_core.engine.probes import ENGINE, ProbeRequest, probing
+from mosaic_core.engine.plans import densest_first
+from mosaic_core.engine.probes import ENGINE, UNIT_CEILING, ProbeRequest, probing
+from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.errors import UnknownPolicyError
 
 QUESTION = "When did the cyclist pass the camera?"
@@ -68,8 +70,42 @@ def test_copies_count_the_host_slabs_moved_in_every_mode(tiny_model, bikes_frame
 
 
 def test_unknown_scorer_names_the_valid_ones():
-    with pytest.raises(UnknownPolicyError, match="spread, mean_key, random, recent"):
+    with pytest.raises(UnknownPolicyError, match="spread, spread_per_token, mean_key, random, recent"):
         EngineConfig(scorer="oracle")
+
+
+def test_spread_per_token_is_spread_less_the_log_count_and_prefers_the_denser_unit():
+    """Two units with the same keys' spread: four frames at mean key m, one frame at a slightly better mean key.
+    ``spread`` estimates total mass, so the four-frame unit leads; per token, the one-frame unit does."""
+    torch.manual_seed(0)
+    query = torch.randn(4, 3, 8)  # [Hq, T, D]
+    mean = torch.randn(1, 2, 8).expand(2, 2, 8).clone()  # [C, Hkv, D]
+    mean[1] += 0.05 * query.reshape(2, 6, 8).mean(1)  # unit 1 leans toward the queries
+    var = torch.full((2, 2, 8), 0.1)
+    log_count = torch.log(torch.tensor([4.0 * 16, 1.0 * 16]))
+    total = scorer_by_name("spread").scores(query, mean, var, log_count, scale=0.35)
+    per_token = scorer_by_name("spread_per_token").scores(query, mean, var, log_count, scale=0.35)
+    assert torch.allclose(per_token, total - log_count, atol=1e-6)
+    assert total[0] > total[1] and per_token[1] > per_token[0]
+
+
+def test_the_unit_ceiling_takes_mass_per_token_not_mass():
+    """Budget 4: one unit of 4 tokens with mass 6, or two of 2 tokens with mass 4 each. Ranked by mass the big unit
+    fills the budget (6); by mass per token the two small ones do (8)."""
+    assert densest_first(["big", "a", "b"], [6.0, 4.0, 4.0], [4, 2, 2], budget=4) == {"a", "b"}
+    assert densest_first(["big", "a", "b"], [9.0, 4.0, 4.0], [4, 2, 2], budget=4) == {"big"}
+
+
+def test_real_questions_report_the_unit_ceiling_and_planted_probes_do_not(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, mode="cluster", retrieval_budget_tokens=300)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:32])
+    with probing(ProbeRequest(sweep_scorers=("random",))) as real:
+        engine.answer("cam", QUESTION, max_new_tokens=1)
+    planted = _probe(engine, SPANS[0])
+    assert UNIT_CEILING not in planted.recall
+    assert 0.0 < real.recall["random"] < real.recall[UNIT_CEILING] <= 1.0
+    assert real.recall[ENGINE] <= real.recall[UNIT_CEILING] + 1e-6
 
 
 def _probe(engine, span, sweep=("random", "recent")):
