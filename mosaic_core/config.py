@@ -145,6 +145,8 @@ class EngineConfig:
             ``mosaic_core.engine.keyframes``); 0 keeps none.
         keyframe_long_side_px: a thumbnail's longer side, in pixels (never larger than the frame).
         keyframe_jpeg_quality: JPEG quality of the thumbnails, 1-95.
+        keyframe_encode_threads: threads that encode sealed clusters' JPEGs, so the engine thread does not (0:
+            the engine thread encodes them as each cluster seals).
     """
 
     mode: RetrievalMode = RetrievalMode.CLUSTER
@@ -182,6 +184,7 @@ class EngineConfig:
     keyframes_per_cluster: int = 3
     keyframe_long_side_px: int = 160
     keyframe_jpeg_quality: int = 75
+    keyframe_encode_threads: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", RetrievalMode.parse(self.mode))
@@ -240,6 +243,8 @@ class EngineConfig:
             raise ConfigError(f"keyframe_long_side_px must be an int in 16..1024, got {self.keyframe_long_side_px!r}")
         if not (isinstance(self.keyframe_jpeg_quality, int) and 1 <= self.keyframe_jpeg_quality <= 95):
             raise ConfigError(f"keyframe_jpeg_quality must be an int in 1..95, got {self.keyframe_jpeg_quality!r}")
+        if not (isinstance(self.keyframe_encode_threads, int) and 0 <= self.keyframe_encode_threads <= 8):
+            raise ConfigError(f"keyframe_encode_threads must be an int in 0..8, got {self.keyframe_encode_threads!r}")
         if not 0.0 < self.merge_min_joint_fraction <= 1.0:
             raise ConfigError(f"merge_min_joint_fraction must be in (0, 1], got {self.merge_min_joint_fraction}")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -117,11 +118,18 @@ class Engine:
             durable=durable,
         )
         self.tiering = TierManager(residency, tiers, SummaryIndex(self.spec, residency, device=model.device))
+        encodes_off_thread = self.config.keyframes_per_cluster and self.config.keyframe_encode_threads
+        self._keyframe_encoder = (
+            ThreadPoolExecutor(self.config.keyframe_encode_threads, thread_name_prefix="mosaic-keyframes")
+            if encodes_off_thread
+            else None
+        )
         keyframes = KeyframeSettings(
             count=self.config.keyframes_per_cluster,
             long_side_px=self.config.keyframe_long_side_px,
             jpeg_quality=self.config.keyframe_jpeg_quality,
             on_disk=durable is not None,
+            encoder=self._keyframe_encoder,
         )
         self.history = None if durable is None else HistoryKeeper(durable, self.tiering, keyframes)
         self.tracker = CoRetrievalTracker(residency)
@@ -133,6 +141,7 @@ class Engine:
             tiering=self.tiering,
             tracker=self.tracker,
             history=self.history,
+            keyframes=keyframes,
             streams=self.streams,
             decode_graphs=DecodeGraphs(
                 model, self.tiering.tiers.pools, self.spec.num_layers, enabled=self.config.decode_graphs
@@ -238,9 +247,11 @@ class Engine:
             self.history.store.update_state(stream_id, **fields)
 
     def close(self) -> None:
-        """Stops the durable writer after it has written everything queued."""
+        """Stops the durable writer after it has written everything queued, and the keyframe encoder."""
         if self.history is not None:
             self.history.store.close()
+        if self._keyframe_encoder is not None:
+            self._keyframe_encoder.shutdown(wait=True)
 
     def _open_state(self, stream_id: str, fps: float, system_prompt: str | None) -> StreamState:
         formation = self.config.formation

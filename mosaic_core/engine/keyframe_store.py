@@ -7,6 +7,12 @@
 A held cluster's keyframes are charged to the host budget (they stay in memory: a thumbnail never costs a disk
 read) and, when history is written to disk, to the disk budget too (they are part of the cluster's record file).
 When the host tier cannot make room, the cluster keeps no keyframes and ``num_dropped`` counts them.
+
+With an ``encoder`` (``EngineConfig.keyframe_encode_threads``) a sealed cluster's JPEGs are encoded on that
+thread pool, not on the engine thread that seals it. Pillow's encoder lets go of the GIL, so the engine thread goes
+on queuing GPU work meanwhile. The cluster keeps its keyframes, and is charged for them, on the engine thread: at
+the next frame offered once the encoding is done, or at the first read, charge, merge or drop that needs them,
+which waits for it. So every read sees what inline encoding would have given.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 
 import numpy as np
 
@@ -37,6 +44,7 @@ class KeyframeSettings:
     long_side_px: int
     jpeg_quality: int
     on_disk: bool  # keyframes are written with the cluster records, so they count in the disk budget too
+    encoder: Executor | None = None  # encodes sealed clusters' JPEGs off the sealing thread; None: inline
 
 
 class KeyframeStore:
@@ -50,7 +58,8 @@ class KeyframeStore:
         self._held: dict[str, list[Keyframe]] = {}  # cluster id -> keyframes in time order
         self._by_frame: dict[int, Keyframe] = {}
         self._num_bytes = 0  # of the keyframes in _by_frame: engine stats read it twice a second
-        self.num_dropped = 0
+        self._num_dropped = 0
+        self._encoding: dict[str, Future[list[Keyframe]]] = {}  # sealed clusters whose JPEGs are being encoded
 
     # -- forming ----------------------------------------------------------------------------------------------
     def offer(
@@ -65,6 +74,8 @@ class KeyframeStore:
         gives its thumbnail (``mosaic_core.engine.thumbnails``), asked only if the frame is kept."""
         if self.settings.count == 0:
             return
+        if self._encoding:
+            self._keep_encoded(wait=False)
         if self.picker is not None and self.picker.cluster_id != cluster_id:
             self.seal()
         if self.picker is None:
@@ -74,17 +85,36 @@ class KeyframeStore:
     def seal(self) -> None:
         """The forming cluster sealed: its candidates become its keyframes."""
         picker, self.picker = self.picker, None
-        if picker is not None:
+        if picker is None:
+            return
+        if self.settings.encoder is None:
             self.keep(picker.cluster_id, picker.encode(self.stream_id, self.settings.jpeg_quality))
+        else:  # the picker is the pool's alone from here: nothing else holds it
+            self._encoding[picker.cluster_id] = self.settings.encoder.submit(
+                picker.encode, self.stream_id, self.settings.jpeg_quality
+            )
+
+    def _keep_encoded(self, *, wait: bool) -> None:
+        """Keeps the clusters whose JPEGs are encoded (all of them, waiting for each, with ``wait``), in the order
+        they sealed."""
+        for cluster_id, encoding in list(self._encoding.items()):
+            if not (wait or encoding.done()):
+                break  # a later one may be done, but clusters are kept in the order they sealed
+            del self._encoding[cluster_id]
+            self._hold(cluster_id, encoding.result())
 
     # -- held clusters ----------------------------------------------------------------------------------------
     def keep(self, cluster_id: str, keyframes: list[Keyframe]) -> bool:
         """Holds a cluster's keyframes if the budgets take their bytes; False (counted as dropped) otherwise."""
+        self._keep_encoded(wait=True)  # the clusters sealed before it are charged first, as inline encoding did
+        return self._hold(cluster_id, keyframes)
+
+    def _hold(self, cluster_id: str, keyframes: list[Keyframe]) -> bool:
         if not keyframes:
             return True
         num_bytes = sum(k.num_bytes for k in keyframes)
         if not self._charge(cluster_id, num_bytes):
-            self.num_dropped += len(keyframes)
+            self._num_dropped += len(keyframes)
             return False
         self._held[cluster_id] = sorted(keyframes, key=lambda k: k.frame_index)
         for keyframe in keyframes:
@@ -96,15 +126,17 @@ class KeyframeStore:
     def carry_over(self, old_ids: list[str], new_records: list[ClusterRecord]) -> None:
         """Clusters ``old_ids`` became ``new_records`` (a merge, a recurring-scene join, a split): each keyframe
         goes to the new cluster holding its frame, keeping its id."""
+        self._keep_encoded(wait=True)
         keyframes = [k for cid in old_ids for k in self._held.get(cid, [])]
         self.forget(old_ids)
         for record in new_records:
             frames = set(record.frame_indices)
             mine = [dataclasses.replace(k, cluster_id=record.cluster_id) for k in keyframes if k.frame_index in frames]
-            self.keep(record.cluster_id, mine)
+            self._hold(record.cluster_id, mine)
 
     def forget(self, cluster_ids: list[str]) -> None:
         """Drops the clusters' keyframes and gives their bytes back (retention, merges, stream deletion)."""
+        self._keep_encoded(wait=True)
         residency = self.tiering.residency
         for cluster_id in cluster_ids:
             for keyframe in self._held.pop(cluster_id, []):
@@ -114,11 +146,18 @@ class KeyframeStore:
 
     def close(self) -> None:
         self.picker = None
+        self._keep_encoded(wait=True)
         self.forget(list(self._held))
 
     @property
     def num_bytes(self) -> int:
+        self._keep_encoded(wait=True)
         return self._num_bytes
+
+    @property
+    def num_dropped(self) -> int:
+        self._keep_encoded(wait=True)
+        return self._num_dropped
 
     def _drop_frame(self, frame_index: int) -> None:
         dropped = self._by_frame.pop(frame_index, None)
@@ -127,6 +166,7 @@ class KeyframeStore:
 
     @property
     def num_keyframes(self) -> int:
+        self._keep_encoded(wait=True)
         return len(self._by_frame)
 
     # -- reading ----------------------------------------------------------------------------------------------
@@ -135,6 +175,7 @@ class KeyframeStore:
         until it seals)."""
         if self.picker is not None and self.picker.cluster_id == cluster_id:
             return self.picker.encode(self.stream_id, self.settings.jpeg_quality)
+        self._keep_encoded(wait=True)
         return list(self._held.get(cluster_id, []))
 
     def ids_in(self, cluster_id: str, start_s: float, end_s: float) -> list[str]:
@@ -142,12 +183,14 @@ class KeyframeStore:
         if self.picker is not None and self.picker.cluster_id == cluster_id:
             frames = [(c.frame_index, c.timestamp_s) for c in self.picker.candidates()]
         else:
+            self._keep_encoded(wait=True)
             frames = [(k.frame_index, k.timestamp_s) for k in self._held.get(cluster_id, [])]
         return [make_keyframe_id(self.stream_id, i) for i, t in frames if start_s <= t <= end_s]
 
     def latest(self) -> list[Keyframe]:
         """The newest keyframe (the forming cluster's included), or none before the first."""
         candidates = self.of_cluster(self.picker.cluster_id) if self.picker is not None else []
+        self._keep_encoded(wait=True)
         newest_held = max(self._by_frame, default=None)
         if newest_held is not None:
             candidates.append(self._by_frame[newest_held])
@@ -164,6 +207,7 @@ class KeyframeStore:
             raise InvalidArgumentError(
                 f"{len(keyframe_ids)} keyframe ids asked for; at most {MAX_IDS_PER_LOOKUP} fit in one call"
             )
+        self._keep_encoded(wait=True)
         found = []
         forming = None
         for keyframe_id in keyframe_ids:
@@ -222,13 +266,6 @@ def held_keyframes(state: StreamState) -> KeyframeStore | None:
 
 
 def store_for(parts, state: StreamState) -> KeyframeStore:
-    """The stream's store, made on first use from the engine's ``EngineParts`` (``parts``: its configuration
+    """The stream's store, made on first use from the engine's ``EngineParts`` (``parts``: its keyframe settings
     and tiers; not imported here, since the engine's parts import this module's callers)."""
-    config = parts.config
-    settings = KeyframeSettings(
-        count=config.keyframes_per_cluster,
-        long_side_px=config.keyframe_long_side_px,
-        jpeg_quality=config.keyframe_jpeg_quality,
-        on_disk=parts.history is not None,
-    )
-    return keyframes_of(state, settings, parts.tiering)
+    return keyframes_of(state, parts.keyframes, parts.tiering)

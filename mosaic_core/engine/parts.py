@@ -20,6 +20,7 @@ from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import EngineConfig
 from mosaic_core.engine.decode_graphs import DecodeGraphs
 from mosaic_core.engine.history import HistoryKeeper
+from mosaic_core.engine.keyframe_store import KeyframeSettings
 from mosaic_core.engine.prefill_graphs import PrefillGraphs
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
@@ -39,6 +40,7 @@ class EngineParts:
     tiering: TierManager
     tracker: CoRetrievalTracker
     history: HistoryKeeper | None
+    keyframes: KeyframeSettings
     streams: dict[str, StreamState]  # the engine's own dict: streams it opens appear here
     decode_graphs: DecodeGraphs
     prefill_graphs: PrefillGraphs

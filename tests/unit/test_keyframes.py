@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier, TierBudgets
 from mosaic_core.config import EngineConfig
 from mosaic_core.durable.manifest import replay
+from mosaic_core.engine import keyframes as keyframes_module
 from mosaic_core.engine.keyframe_store import UnknownKeyframeError, held_keyframes
 from mosaic_core.engine.keyframes import KeyframePicker, parse_keyframe_id
 from mosaic_core.engine.thumbnails import thumbnail
@@ -73,7 +76,9 @@ def test_keyframe_ids_parse():
     assert parse_keyframe_id("cam-1.a_b/f42") == ("cam-1.a_b", 42)
 
 
-@pytest.mark.parametrize("field", ["keyframes_per_cluster", "keyframe_long_side_px", "keyframe_jpeg_quality"])
+@pytest.mark.parametrize(
+    "field", ["keyframes_per_cluster", "keyframe_long_side_px", "keyframe_jpeg_quality", "keyframe_encode_threads"]
+)
 def test_bad_keyframe_settings_are_refused(field):
     with pytest.raises(ConfigError, match=field):
         EngineConfig(**{field: -1})
@@ -247,6 +252,40 @@ def test_keyframes_the_host_budget_cannot_hold_are_dropped_and_counted(tiny_mode
     assert stats.keyframes_dropped > 0 and stats.keyframe_bytes == 0
     assert engine.tiering.residency.used_bytes(Tier.HOST) <= 1024
     engine.tiering.residency.check_invariants()
+
+
+def test_jpegs_encoded_off_the_engine_thread_are_the_ones_it_would_have_encoded(tiny_model, bikes_frames, monkeypatch):
+    """With an encoder thread, sealed clusters' JPEGs are encoded on it, and every read sees the same keyframes,
+    bytes and charges as with the engine thread encoding them itself."""
+    encoded_on: list[str] = []
+    real = keyframes_module.encode_jpeg
+
+    def recorded(rgb, quality):
+        encoded_on.append(threading.current_thread().name)
+        time.sleep(0.01)  # slower than the engine seals clusters, so several wait to be kept at once
+        return real(rgb, quality)
+
+    monkeypatch.setattr(keyframes_module, "encode_jpeg", recorded)
+    seen = {}
+    for threads in (0, 1):
+        encoded_on.clear()
+        engine = make_engine(tiny_model, keyframe_encode_threads=threads, host_budget_bytes=6 * 1024)
+        engine.open_stream("cam", fps=4.0)
+        feed(engine, "cam", bikes_frames[:24])
+        ingest_threads = set(encoded_on)
+        sealed = [r.cluster_id for r in engine.stream("cam").former.records() if r.sealed]
+        by_cluster = {cid: [(k.keyframe_id, k.jpeg) for k in engine.keyframes("cam", cluster_id=cid)] for cid in sealed}
+        stats = engine.stats()
+        seen[threads] = (by_cluster, stats.keyframe_bytes, stats.num_keyframes, stats.keyframes_dropped)
+        engine.tiering.residency.check_invariants()
+        engine.close()
+        if threads:
+            assert ingest_threads and all(name.startswith("mosaic-keyframes") for name in ingest_threads)
+        else:
+            assert ingest_threads == {threading.current_thread().name}
+    assert len(seen[0][0]) >= 3
+    assert seen[0][3] > 0, "the host budget must be small enough that some keyframes are dropped, in order"
+    assert seen[1] == seen[0]
 
 
 def test_a_forming_clusters_candidates_are_encoded_once():
