@@ -18,7 +18,8 @@ Rows (``VARIANTS``):
   question takes copies them to the host in its own time (``EngineConfig.host_copy_below_device_free`` 0);
   ``cluster-two-copy-streams``, a question's staging runs dealt to two streams (``EngineConfig.staging_streams``);
   ``cluster-tapered-staging``, staging copies of 8, 8, 6 and 4 layers where ``cluster`` copies 4 a time
-  (``EngineConfig.staging_groups``).
+  (``EngineConfig.staging_groups``); ``cluster-per-token``, clusters ranked by estimated attention mass per token
+  (``spread_per_token``) where ``cluster`` ranks by total mass (``spread``).
 
 Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
 last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
@@ -58,6 +59,7 @@ VARIANTS = {
     "cluster-spill-copies": {"mode": "cluster", "host_copy_below_device_free": 0.0},
     "cluster-two-copy-streams": {"mode": "cluster", "staging_streams": 2},
     "cluster-tapered-staging": {"mode": "cluster", "staging_groups": (8, 8, 6, 4)},
+    "cluster-per-token": {"mode": "cluster", "scorer": "spread_per_token"},
 }
 DEFAULT_VARIANTS = ("full", "rekv-token", "frame", "cluster", "random")
 SWEEP = ("spread", "spread_per_token", "mean_key", "random", "recent")
