@@ -92,11 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     model = Qwen25VLAdapter.from_preset("tiny", device="cpu", dtype=torch.float32)
     thumbs = _thumbnails(args.clip, 48, 160)
-    sizes = {"clusters": args.clusters, "frames_per_cluster": args.frames_per_cluster}
+    sizes = {
+        "clusters": args.clusters,
+        "frames_per_cluster": args.frames_per_cluster,
+        "busy_iterations": args.busy_iterations,
+    }
     runs: dict[int, list[dict]] = {0: [], 1: []}
     for _ in range(args.rounds):
         for threads in (0, 1):
-            runs[threads].append(run_once(model, thumbs, threads=threads, busy_iterations=args.busy_iterations, **sizes))
+            runs[threads].append(run_once(model, thumbs, threads=threads, **sizes))
     summary = {}
     print(f"{args.clusters} clusters of {args.frames_per_cluster} frames, thumbnails {thumbs[0].shape[1]}x"
           f"{thumbs[0].shape[0]} from {args.clip}, {args.rounds} rounds (median)")  # fmt: skip
