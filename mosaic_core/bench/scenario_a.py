@@ -19,7 +19,9 @@ Rows (``VARIANTS``):
   ``cluster-two-copy-streams``, a question's staging runs dealt to two streams (``EngineConfig.staging_streams``);
   ``cluster-tapered-staging``, staging copies of 8, 8, 6 and 4 layers where ``cluster`` copies 4 a time
   (``EngineConfig.staging_groups``); ``cluster-per-token``, clusters ranked by estimated attention mass per token
-  (``spread_per_token``) where ``cluster`` ranks by total mass (``spread``).
+  (``spread_per_token``) where ``cluster`` ranks by total mass (``spread``); ``cluster-anchor-3``, layers 0-3
+  choose their own clusters and later layers take layer 3's choice, where ``cluster`` shares layer 1's
+  (``EngineConfig.prefetch_after_layer``).
 
 Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
 last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
@@ -60,6 +62,7 @@ VARIANTS = {
     "cluster-two-copy-streams": {"mode": "cluster", "staging_streams": 2},
     "cluster-tapered-staging": {"mode": "cluster", "staging_groups": (8, 8, 6, 4)},
     "cluster-per-token": {"mode": "cluster", "scorer": "spread_per_token"},
+    "cluster-anchor-3": {"mode": "cluster", "prefetch_after_layer": 3},
 }
 DEFAULT_VARIANTS = ("full", "rekv-token", "frame", "cluster", "random")
 SWEEP = ("spread", "spread_per_token", "mean_key", "random", "recent")
