@@ -73,13 +73,10 @@ class HistoryKeeper:
             self.store.reserve_ids(state.stream_id, reserved)
             self._reserved[state.stream_id] = reserved
 
-    def on_stored(self, state: StreamState, cluster_id: str, frame_index: int) -> None:
-        """Frame ``frame_index`` left the local window and joined ``cluster_id``'s KV; if it was the last frame
-        of a sealed cluster, the cluster is complete: persist it. Called for every frame stored, so it reads the
-        record in place: a copy (``former.get``) grows with the cluster's frames."""
-        record = state.former.known_record_to_read(cluster_id)
-        if record.completed_by(frame_index):
-            self.store.submit(state.stream_id, add=[self._seal(state, record)])
+    def on_completed(self, state: StreamState, record: ClusterRecord) -> None:
+        """A sealed cluster's last frame has left the local window into its KV: the cluster is complete, persist
+        it. ``record`` is the former's own (read, not changed)."""
+        self.store.submit(state.stream_id, add=[self._seal(state, record)])
 
     def on_merge(self, state: StreamState, merged_id: str, removed_ids: list[str]) -> None:
         self.ensure_ids(state)

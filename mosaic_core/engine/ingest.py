@@ -339,7 +339,8 @@ def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, Loca
     Their keys' statistics are read first, for all the frames at once, while the pages are still theirs; once every
     cluster has its record they go into the summary rows with one indexed add. Then each frame's durable and
     recurring-scene steps run in order: a frame that completes a cluster is that cluster's last among them, so the
-    row it is sealed or joined with is whole.
+    row it is sealed or joined with is whole. Whether a frame completed its cluster is read once, from the record in
+    place (a copy grows with the cluster's frames), and only a completed cluster goes through those steps.
     """
     if not leaving:
         return
@@ -356,21 +357,22 @@ def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, Loca
     page_clusters = [frame.cluster_id for _, frame in leaving for _ in frame.pages]
     tiering.summaries.add_stats(page_clusters, key_sums, key_sumsqs, fills)
     for state, frame in leaving:
+        record = state.former.known_record_to_read(frame.cluster_id)
+        if not record.completed_by(frame.frame_index):
+            continue
         if parts.history is not None:
-            parts.history.on_stored(state, frame.cluster_id, frame.frame_index)
-        joined = join_recurring(parts, state, frame.cluster_id, frame.frame_index)
-        _copy_to_host_if_complete(parts, state, joined or frame.cluster_id, frame.frame_index)
+            parts.history.on_completed(state, record)
+        joined = join_recurring(parts, state, frame.cluster_id)
+        _copy_to_host_if_nearly_full(parts, joined or frame.cluster_id)
 
 
-def _copy_to_host_if_complete(parts: EngineParts, state: StreamState, cluster_id: str, frame_index: int) -> None:
-    """A cluster that frame ``frame_index`` completed (sealed, its last frame stored) gets its host copy now when
-    the device tier is nearly full (``EngineConfig.host_copy_below_device_free``), so that the spill that will make
-    room for a question frees its pages without copying in the question's time."""
+def _copy_to_host_if_nearly_full(parts: EngineParts, cluster_id: str) -> None:
+    """A cluster just completed (sealed, its last frame stored) gets its host copy now when the device tier is
+    nearly full (``EngineConfig.host_copy_below_device_free``), so that the spill that will make room for a
+    question frees its pages without copying in the question's time."""
     share = parts.config.host_copy_below_device_free
     residency = parts.tiering.residency
     if not share or cluster_id not in residency:
-        return
-    if not state.former.known_record_to_read(cluster_id).completed_by(frame_index):  # in place: no copy
         return
     if residency.free_bytes(Tier.DEVICE) < share * residency.capacity_bytes(Tier.DEVICE):
         parts.tiering.tiers.keep_host_copy(cluster_id)

@@ -94,15 +94,13 @@ def note_frame(parts: EngineParts, state: StreamState, cluster_id: str, summary:
         centroids_of(state).add(cluster_id, summary)
 
 
-def join_recurring(parts: EngineParts, state: StreamState, cluster_id: str, frame_index: int) -> str | None:
-    """Frame ``frame_index`` left the local window into ``cluster_id``. If that completed a sealed cluster, joins
-    it with the most similar earlier cluster of the stream that is held, complete, unpinned and small enough, when
-    their vision centroids' cosine reaches ``formation.join_min_similarity``. Returns the joined cluster's id."""
+def join_recurring(parts: EngineParts, state: StreamState, cluster_id: str) -> str | None:
+    """``cluster_id`` has just completed (sealed, its last frame stored): joins it with the most similar earlier
+    cluster of the stream that is held, complete, unpinned and small enough, when their vision centroids' cosine
+    reaches ``formation.join_min_similarity``. Returns the joined cluster's id."""
     if not _joins_on(parts):
         return None
     record = state.former.get(cluster_id)
-    if not record.completed_by(frame_index):
-        return None
     formation, residency, centroids = parts.config.formation, parts.tiering.residency, centroids_of(state)
     records = state.former.records_to_read()
     centroids.keep_only({r.cluster_id for r in records})

@@ -201,7 +201,7 @@ def test_flush_returns_only_once_a_changed_state_is_on_disk(tmp_path, monkeypatc
 
 
 def test_storing_a_frame_copies_no_cluster_record(tiny_model, bikes_frames, tmp_path, monkeypatch):
-    """``on_stored`` runs for every frame stored; a copy of its cluster's record there grew with the cluster."""
+    """Every frame stored is checked for completing its cluster; a copy of the record there grew with the cluster."""
     copied_for = []
     real_copy = ClusterRecord.copy
 
@@ -214,5 +214,5 @@ def test_storing_a_frame_copies_no_cluster_record(tiny_model, bikes_frames, tmp_
     engine.open_stream("cam", fps=2.0)
     feed(engine, "cam", bikes_frames[:24])
     assert len(_durable_view(engine, "cam")) >= 3, "24 frames must seal several clusters"
-    assert "on_stored" not in copied_for
+    assert "_store_in_clusters" not in copied_for and "on_completed" not in copied_for
     engine.close()
