@@ -13,7 +13,7 @@ from mosaic_core.errors import ConfigError, UnknownPolicyError
 
 MIB = 1 << 20
 GIB = 1 << 30
-SCORER_NAMES = ("spread", "spread_per_token", "mean_key", "random", "recent")
+SCORER_NAMES = ("spread", "spread_per_token", "spread_share", "spread_share_per_token", "mean_key", "random", "recent")
 # Left out of a device budget sized from free GPU memory, for the engine's work outside the budget (the vision
 # tower's activations, a pass's scratch, question and decode graphs): on the H200 at 192 cameras the GPU held about
 # 11 GiB beyond an 80-GiB budget and the 7B model's 15.5 GiB of weights (bench/NOTES.md, session 27), and the

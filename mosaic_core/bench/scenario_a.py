@@ -19,9 +19,10 @@ Rows (``VARIANTS``):
   ``cluster-two-copy-streams``, a question's staging runs dealt to two streams (``EngineConfig.staging_streams``);
   ``cluster-tapered-staging``, staging copies of 8, 8, 6 and 4 layers where ``cluster`` copies 4 a time
   (``EngineConfig.staging_groups``); ``cluster-per-token``, clusters ranked by estimated attention mass per token
-  (``spread_per_token``) where ``cluster`` ranks by total mass (``spread``); ``cluster-anchor-3``, layers 0-3
-  choose their own clusters and later layers take layer 3's choice, where ``cluster`` shares layer 1's
-  (``EngineConfig.prefetch_after_layer``).
+  (``spread_per_token``) where ``cluster`` ranks by total mass (``spread``); ``cluster-share``, clusters ranked by
+  their estimated share of each query row's attention summed over the rows (``spread_share``), the quantity the
+  recall measure counts; ``cluster-anchor-3``, layers 0-3 choose their own clusters and later layers take layer
+  3's choice, where ``cluster`` shares layer 1's (``EngineConfig.prefetch_after_layer``).
 
 Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
 last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
@@ -62,10 +63,11 @@ VARIANTS = {
     "cluster-two-copy-streams": {"mode": "cluster", "staging_streams": 2},
     "cluster-tapered-staging": {"mode": "cluster", "staging_groups": (8, 8, 6, 4)},
     "cluster-per-token": {"mode": "cluster", "scorer": "spread_per_token"},
+    "cluster-share": {"mode": "cluster", "scorer": "spread_share"},
     "cluster-anchor-3": {"mode": "cluster", "prefetch_after_layer": 3},
 }
 DEFAULT_VARIANTS = ("full", "rekv-token", "frame", "cluster", "random")
-SWEEP = ("spread", "spread_per_token", "mean_key", "random", "recent")
+SWEEP = ("spread", "spread_per_token", "spread_share", "spread_share_per_token", "mean_key", "random", "recent")
 BUDGET_FRACTIONS = (0.01, 0.02, 0.05, 0.10)  # planted probes are also scored at these shares of the history
 _SUBJECTS = ("cyclist", "red car", "person in a jacket", "dog", "bus", "delivery van", "child", "truck")
 _TEMPLATES = ("When did the {} pass the camera?", "Was there a {} near the road?", "How often did a {} appear?")

@@ -222,7 +222,10 @@ class Retriever:
             return LayerSelection([], [], [], 0)
         start = self._mark(query.device)
         mean, var, log_count = self._summaries
-        scores = self.scorer.scores(query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale)
+        past = self.past_keys(layer) if self.scorer.needs_past else None
+        scores = self.scorer.scores(
+            query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale, past_keys=past
+        )  # fmt: skip
         chosen = list(self.candidates) if self.machinery.choose_all else self.fill_budget(scores)
         tiers = self.tiering.tiers
         paged = self.machinery.batched_gather and all(
@@ -357,6 +360,12 @@ class Retriever:
         budget = self.budget_tokens if budget_tokens is None else budget_tokens
         order = torch.argsort(scores, descending=True).tolist()
         return [self.candidates[i] for i in fill_in_order(order, self._size_list, budget, self._smallest)]
+
+    def past_keys(self, layer: int) -> torch.Tensor | None:
+        """The stream's sink and window keys of ``layer``, ``[num_kv_heads, S, head_dim]``, for a scorer that
+        reads them (``Scorer.needs_past``); None when the stream holds none."""
+        past = self.stream.past_layer(layer)
+        return None if past is None else past[0]
 
     def _take(self, cluster_id: str) -> Tier:
         """Pins a chosen unit, counts its lookup and its layer's vote; returns the tier it is read from."""

@@ -8,13 +8,21 @@ Every scorer returns ``[C]`` float32 scores on the query's device; the retriever
 - ``spread_per_token``: ``spread`` less ``log n``, the estimate of attention mass per token. The budget is counted
   in tokens, so filling it with the densest units first is the usual greedy answer to that knapsack; ``spread``
   ranks by total mass, which favours large units. Measured beside ``spread`` in scenario A's sweep.
+- ``spread_share``: the same estimate for every query row, each row's estimates turned into shares of that row's
+  attention (a softmax over the units and the stream's sink and window, whose keys are read exactly), and the
+  shares summed over the rows. Attention recall (``plans.RecallProbe``) sums each row's attention probabilities
+  over heads and question tokens, so this is the quantity it counts; ``spread``'s maximum over rows lets the
+  row with the largest logits decide, however little of its attention the history gets, and its log-sum-exp over
+  heads lets the head with the largest logits decide over the others.
+- ``spread_share_per_token``: ``spread_share`` less ``log n``, its share per token.
 - ``mean_key`` (ReKV / InfLLM): the dot product of the queries with the unit's mean key, same reduction.
 - ``random``: a uniformly random order (chance), seeded per question so reruns repeat.
 - ``recent``: newest units first (what a sliding window would keep).
 
 ``spread``, ``spread_per_token`` and ``mean_key`` run as the same Triton scoring kernel on CUDA (``use_spread``
 switches the variance and count terms off), so no mode gets a faster scorer than another; elsewhere, the kernel's
-torch twin.
+torch twin. The share scorers need every row's estimates, not the kernel's maximum, so they run as torch matrix
+products on every device.
 """
 
 from __future__ import annotations
@@ -26,27 +34,39 @@ import torch
 from mosaic_core.config import SCORER_NAMES
 from mosaic_core.errors import UnknownPolicyError
 from mosaic_core.kernels import kernels_ready
+from mosaic_core.kernels.reference import cluster_row_estimates, grouped_rows
 
 
 class Scorer(Protocol):
     name: str
+    needs_past: bool  # whether ``scores`` reads ``past_keys``
 
     def scores(
-        self, query: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, log_count: torch.Tensor, *, scale: float
+        self,
+        query: torch.Tensor,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        log_count: torch.Tensor,
+        *,
+        scale: float,
+        past_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``query`` ``[Hq, T, D]``; ``mean``/``var`` ``[C, Hkv, D]``; ``log_count`` ``[C]`` -> ``[C]`` float32."""
+        """``query`` ``[Hq, T, D]``; ``mean``/``var`` ``[C, Hkv, D]``; ``log_count`` ``[C]``; ``past_keys`` the
+        stream's sink and window keys ``[Hkv, S, D]``, or None -> ``[C]`` float32."""
         ...
 
 
 class KeyScorer:
     """``spread``, ``spread_per_token`` or ``mean_key``: one kernel launch per scored layer on CUDA."""
 
+    needs_past = False
+
     def __init__(self, *, use_spread: bool, per_token: bool = False) -> None:
         self.use_spread = use_spread
         self.per_token = per_token
         self.name = ("spread_per_token" if per_token else "spread") if use_spread else "mean_key"
 
-    def scores(self, query, mean, var, log_count, *, scale):
+    def scores(self, query, mean, var, log_count, *, scale, past_keys=None):
         if query.is_cuda and kernels_ready():
             from mosaic_core.kernels.scoring import cluster_scores
 
@@ -61,15 +81,36 @@ class KeyScorer:
         return total - log_count.float() if self.per_token else total
 
 
+class ShareScorer:
+    """``spread_share`` or ``spread_share_per_token`` (module doc): the estimated attention share of each unit,
+    summed over the query rows."""
+
+    needs_past = True
+
+    def __init__(self, *, per_token: bool = False) -> None:
+        self.per_token = per_token
+        self.name = "spread_share_per_token" if per_token else "spread_share"
+
+    def scores(self, query, mean, var, log_count, *, scale, past_keys=None):
+        est = cluster_row_estimates(query, mean, var, log_count, scale=scale)  # [G, R, C]
+        row_total = torch.logsumexp(est, dim=2)  # [G, R]: each row's estimated mass on the units
+        if past_keys is not None and past_keys.shape[1] > 0:
+            past = scale * torch.bmm(grouped_rows(query, mean.shape[1]), past_keys.float().transpose(1, 2))
+            row_total = torch.logaddexp(row_total, torch.logsumexp(past, dim=2))
+        shares = torch.logsumexp((est - row_total[..., None]).flatten(0, 1), dim=0)  # [C]: log of the summed shares
+        return shares - log_count.float() if self.per_token else shares
+
+
 class RandomScorer:
     """Chance: a random permutation of the units; the same seed gives the same order."""
 
     name = "random"
+    needs_past = False
 
     def __init__(self, seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
 
-    def scores(self, query, mean, var, log_count, *, scale):
+    def scores(self, query, mean, var, log_count, *, scale, past_keys=None):
         return torch.rand(mean.shape[0], generator=self.generator).to(query.device)
 
 
@@ -77,8 +118,9 @@ class RecentScorer:
     """Newest first: candidates arrive oldest first, so the score is the position."""
 
     name = "recent"
+    needs_past = False
 
-    def scores(self, query, mean, var, log_count, *, scale):
+    def scores(self, query, mean, var, log_count, *, scale, past_keys=None):
         return torch.arange(mean.shape[0], dtype=torch.float32, device=query.device)
 
 
@@ -88,6 +130,10 @@ def scorer_by_name(name: str, *, seed: int = 0) -> Scorer:
         return KeyScorer(use_spread=True)
     if name == "spread_per_token":
         return KeyScorer(use_spread=True, per_token=True)
+    if name == "spread_share":
+        return ShareScorer()
+    if name == "spread_share_per_token":
+        return ShareScorer(per_token=True)
     if name == "mean_key":
         return KeyScorer(use_spread=False)
     if name == "random":

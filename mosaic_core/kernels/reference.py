@@ -22,23 +22,42 @@ def cluster_scores_reference(
     scale: float,
     use_spread: bool = True,
 ) -> torch.Tensor:  # [num_clusters, num_kv_heads] float32
-    """Max over the q heads of each kv group and over the query tokens of the Gaussian log-mass estimate.
+    """Max over the q heads of each kv group and over the query tokens of the Gaussian log-mass estimate
+    (``cluster_row_estimates``)."""
+    est = cluster_row_estimates(query, centroids, variances, log_counts, scale=scale, use_spread=use_spread)
+    return est.amax(dim=1).transpose(0, 1)  # [C, G]
+
+
+def cluster_row_estimates(
+    query: torch.Tensor,  # [num_q_heads, num_q_tokens, head_dim]
+    centroids: torch.Tensor,  # [num_clusters, num_kv_heads, head_dim]
+    variances: torch.Tensor,  # [num_clusters, num_kv_heads, head_dim]
+    log_counts: torch.Tensor,  # [num_clusters]
+    *,
+    scale: float,
+    use_spread: bool = True,
+) -> torch.Tensor:  # [num_kv_heads, group_size * num_q_tokens, num_clusters] float32
+    """The Gaussian log-mass estimate of every cluster for every query row, rows grouped by kv head (q head
+    ``h`` reads kv head ``h // group_size``, its rows head-major):
 
     est = log_count + scale * <q, mu> + 0.5 * scale^2 * sum_d q_d^2 * var_d
     With ``use_spread=False`` only the mean-key term ``scale * <q, mu>`` (ReKV / InfLLM block scoring).
     """
-    num_q_heads, num_q_tokens, head_dim = query.shape
-    num_kv_heads = centroids.shape[1]
-    group_size = num_q_heads // num_kv_heads
-    q = query.float().reshape(num_kv_heads, group_size * num_q_tokens, head_dim)  # [G, R, D]
+    q = grouped_rows(query, centroids.shape[1])  # [G, R, D]
     mu = centroids.float().permute(1, 2, 0)  # [G, D, C]
-    var = variances.float().permute(1, 2, 0)  # [G, D, C]
     est = scale * torch.bmm(q, mu)  # [G, R, C]
     if not use_spread:
-        return est.amax(dim=1).transpose(0, 1)
+        return est
+    var = variances.float().permute(1, 2, 0)  # [G, D, C]
     est = est + (0.5 * scale * scale) * torch.bmm(q * q, var)
-    best = est.amax(dim=1).transpose(0, 1)  # [C, G]
-    return best + log_counts.float()[:, None]
+    return est + log_counts.float()[None, None, :]
+
+
+def grouped_rows(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``query`` ``[num_q_heads, T, D]`` as float32 rows per kv head, ``[num_kv_heads, group_size * T, D]``."""
+    num_q_heads, num_q_tokens, head_dim = query.shape
+    group_size = num_q_heads // num_kv_heads
+    return query.float().reshape(num_kv_heads, group_size * num_q_tokens, head_dim)
 
 
 def gather_rows_reference(

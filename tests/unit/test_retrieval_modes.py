@@ -8,10 +8,11 @@ import pytest
 import torch
 from engine_helpers import feed, make_engine
 
+from bench.synthetic_recall import case
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.engine.plans import densest_first
 from mosaic_core.engine.probes import ENGINE, UNIT_CEILING, ProbeRequest, probing
-from mosaic_core.engine.scorers import scorer_by_name
+from mosaic_core.engine.scorers import ShareScorer, scorer_by_name
 from mosaic_core.errors import UnknownPolicyError
 
 QUESTION = "When did the cyclist pass the camera?"
@@ -20,7 +21,13 @@ SPANS = [(2, 3), (9, 10), (15, 16), (21, 22), (26, 27)]  # stored frames (the wi
 
 @pytest.mark.parametrize(
     ("mode", "scorer", "prefetch_after_layer"),
-    [("frame", None, 1), ("frame", "spread", None), ("cluster", "mean_key", 1), ("cluster", "random", 0)],
+    [
+        ("frame", None, 1),
+        ("frame", "spread", None),
+        ("cluster", "mean_key", 1),
+        ("cluster", "random", 0),
+        ("cluster", "spread_share_per_token", 1),
+    ],
 )
 def test_budget_covering_the_stream_matches_full(tiny_model, bikes_frames, mode, scorer, prefetch_after_layer):
     full = make_engine(tiny_model, mode="full")
@@ -70,7 +77,7 @@ def test_copies_count_the_host_slabs_moved_in_every_mode(tiny_model, bikes_frame
 
 
 def test_unknown_scorer_names_the_valid_ones():
-    with pytest.raises(UnknownPolicyError, match="spread, spread_per_token, mean_key, random, recent"):
+    with pytest.raises(UnknownPolicyError, match=r"spread, spread_per_token, spread_share, .* random, recent"):
         EngineConfig(scorer="oracle")
 
 
@@ -87,6 +94,69 @@ def test_spread_per_token_is_spread_less_the_log_count_and_prefers_the_denser_un
     per_token = scorer_by_name("spread_per_token").scores(query, mean, var, log_count, scale=0.35)
     assert torch.allclose(per_token, total - log_count, atol=1e-6)
     assert total[0] > total[1] and per_token[1] > per_token[0]
+
+
+def test_spread_share_is_each_rows_estimated_share_summed_over_the_rows():
+    """Against a loop over the rows in float64: each row's Gaussian estimates, normalised over the units and the
+    row's exact logits on the past keys, summed over the rows; the per-token score is that less ``log n``."""
+    torch.manual_seed(1)
+    query, mean, var = torch.randn(4, 3, 8), torch.randn(5, 2, 8), torch.rand(5, 2, 8)
+    log_count = torch.log(torch.tensor([3.0, 1.0, 4.0, 2.0, 6.0]))
+    past = torch.randn(2, 7, 8)  # [Hkv, S, D]
+    scale = 0.35
+    expected = torch.zeros(5, dtype=torch.float64)
+    for head in range(4):
+        kv = head // 2
+        for token in range(3):
+            q = query[head, token].double()
+            est = (
+                log_count.double() + scale * (mean[:, kv].double() @ q) + 0.5 * scale**2 * (var[:, kv].double() @ q**2)
+            )
+            total = est.exp().sum() + (scale * (past[kv].double() @ q)).exp().sum()
+            expected += est.exp() / total
+    share = scorer_by_name("spread_share").scores(query, mean, var, log_count, scale=scale, past_keys=past)
+    per_token = scorer_by_name("spread_share_per_token").scores(
+        query, mean, var, log_count, scale=scale, past_keys=past
+    )
+    assert torch.allclose(share.double(), expected.log(), atol=1e-5)
+    assert torch.allclose(per_token, share - log_count, atol=1e-6)
+    without_past = scorer_by_name("spread_share").scores(query, mean, var, log_count, scale=scale)
+    assert (without_past > share).all(), "without the past, every row gives all of its share to the units"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_spread_share_follows_the_rows_that_attend_to_the_history(seed):
+    """Head 0's logits on the units are four times head 1's, but head 0 gives most of its attention to a sink key in
+    the past (``bench.synthetic_recall``). ``spread`` follows head 0's largest logits; recall counts each row's
+    attention, most of which head 1's rows give to the history, so the share scorers recall more, and per token
+    as much as the best choice of units by their true mass per token."""
+    recall = case(seed, loud_sink_head=True, scorers=("spread", "spread_share", "spread_share_per_token"))
+    assert recall["spread"] < recall["ceiling"] - 0.1, "the case must trip the max over rows"
+    assert recall["spread_share"] >= recall["spread"] + 0.1, recall
+    assert recall["spread_share_per_token"] >= recall["ceiling"] - 0.02, recall
+
+
+def test_an_engine_ranking_by_share_chooses_what_the_sweep_scores_for_it(tiny_model, bikes_frames, monkeypatch):
+    """The engine's choice and the probe's sweep both read the stream's sink and window keys for the share scorer:
+    every scoring gets all of them, and on the same queries the two choose alike, so their recall is the same,
+    where another scorer's differs."""
+    engine = make_engine(tiny_model, mode="cluster", scorer="spread_share", retrieval_budget_tokens=120)
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:32])
+    past_tokens = []
+    score = ShareScorer.scores
+
+    def noting_the_past(self, *args, past_keys=None, **kwargs):
+        past_tokens.append(None if past_keys is None else past_keys.shape[1])
+        return score(self, *args, past_keys=past_keys, **kwargs)
+
+    monkeypatch.setattr(ShareScorer, "scores", noting_the_past)
+    with probing(ProbeRequest(sweep_scorers=("spread_share", "random"))) as request:
+        engine.answer("cam", QUESTION, max_new_tokens=1)
+    held = len(engine.parts.stream("cam").past_slots())
+    assert held > 0 and past_tokens == [held] * 4  # layers 0 and 1 choose, for the engine and for the sweep
+    assert request.recall["spread_share"] == pytest.approx(request.recall[ENGINE], abs=1e-9)
+    assert request.recall["random"] != pytest.approx(request.recall[ENGINE], abs=1e-6)
 
 
 def test_the_unit_ceiling_takes_mass_per_token_not_mass():
