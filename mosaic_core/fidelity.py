@@ -6,8 +6,9 @@ questions, and is compared with ``full``:
 - relative error of the question's last hidden state against ``full``;
 - bytes moved to the device, and the number of copy operations, per question;
 - next-token KL(full || mode);
-- recall against chance: what a random and a most-recent choice, and the other key scorer (mean key for
-  clusters, spread for frame blocks), would have retrieved over the same units for the same queries;
+- recall against chance: what a random and a most-recent choice, and the other key scorers (mean key for
+  clusters, spread for frame blocks, and for both the per-token attention share, ``spread_share_per_token``), would
+  have retrieved over the same units for the same queries;
 - planted-attention probes (``mosaic_core.engine.probes``): the fraction of a planted span each choice finds.
 
 With random weights (the presets) attention is nearly uniform, so recall barely separates any scorer from chance;
@@ -34,7 +35,7 @@ DEFAULT_QUESTIONS = (
     "What happened at the start of the video?",
     "Summarise the last few seconds.",
 )
-SWEEP = ("spread", "mean_key", "random", "recent")
+SWEEP = ("spread", "spread_share_per_token", "mean_key", "random", "recent")
 NUM_PROBES = 3
 
 
