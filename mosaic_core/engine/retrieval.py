@@ -225,7 +225,7 @@ class Retriever:
         past = self.past_keys(layer) if self.scorer.needs_past else None
         scores = self.scorer.scores(
             query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale, past_keys=past
-        )  # fmt: skip
+        )
         chosen = list(self.candidates) if self.machinery.choose_all else self.fill_budget(scores)
         tiers = self.tiering.tiers
         paged = self.machinery.batched_gather and all(
