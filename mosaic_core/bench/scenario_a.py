@@ -18,10 +18,11 @@ Rows (``VARIANTS``):
   question takes copies them to the host in its own time (``EngineConfig.host_copy_below_device_free`` 0);
   ``cluster-two-copy-streams``, a question's staging runs dealt to two streams (``EngineConfig.staging_streams``);
   ``cluster-tapered-staging``, staging copies of 8, 8, 6 and 4 layers where ``cluster`` copies 4 a time
-  (``EngineConfig.staging_groups``); ``cluster-per-token``, clusters ranked by estimated attention mass per token
-  (``spread_per_token``) where ``cluster`` ranks by total mass (``spread``); ``cluster-share-per-token``, clusters
-  ranked by their estimated share of each query row's attention summed over the rows, per token
-  (``spread_share_per_token``): the quantity the recall measure counts, in the order that fills a token budget;
+  (``EngineConfig.staging_groups``); ``cluster-tapered-two-streams``, both; ``cluster-per-token``, clusters ranked
+  by estimated attention mass per token (``spread_per_token``) where ``cluster`` ranks by total mass (``spread``);
+  ``cluster-share-per-token``, clusters ranked by their estimated share of each query row's attention summed over
+  the rows, per token (``spread_share_per_token``): the quantity the recall measure counts, in the order that fills
+  a token budget;
   ``cluster-anchor-3``, layers 0-3 choose their own clusters and later layers take layer 3's choice, where
   ``cluster`` shares layer 1's (``EngineConfig.prefetch_after_layer``).
 
@@ -63,6 +64,7 @@ VARIANTS = {
     "cluster-spill-copies": {"mode": "cluster", "host_copy_below_device_free": 0.0},
     "cluster-two-copy-streams": {"mode": "cluster", "staging_streams": 2},
     "cluster-tapered-staging": {"mode": "cluster", "staging_groups": (8, 8, 6, 4)},
+    "cluster-tapered-two-streams": {"mode": "cluster", "staging_groups": (8, 8, 6, 4), "staging_streams": 2},
     "cluster-per-token": {"mode": "cluster", "scorer": "spread_per_token"},
     "cluster-share-per-token": {"mode": "cluster", "scorer": "spread_share_per_token"},
     "cluster-anchor-3": {"mode": "cluster", "prefetch_after_layer": 3},
