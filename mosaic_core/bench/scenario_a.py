@@ -88,13 +88,10 @@ def run(
     history_bytes = total * s.tokens_per_frame * model.kv_spec.bytes_per_token
     spans = _probe_spans(bulk, s, seed=0)
     rows, scaling, hidden = {}, {}, {}
-    for label, overrides in VARIANTS.items():
+    for label in VARIANTS:
         if label not in (DEFAULT_VARIANTS if variants is None else variants):
             continue
-        settings = {k: v for k, v in overrides.items() if k not in ("mode", "scorer")}
-        config = dataclasses.replace(engine_config(s, overrides["mode"]), scorer=overrides.get("scorer"), **settings)
-        if config.mode.value != "full":
-            config = dataclasses.replace(config, pinned_host_bytes=pinned_bytes(history_bytes, s))
+        config = variant_config(label, lambda mode: engine_config(s, mode), pinned_bytes(history_bytes, s))
         started = time.perf_counter()
         engine = Engine(model, config)
         engine.open_stream("cam")
@@ -129,6 +126,17 @@ def run(
         if save is not None:
             save(rows, scaling)
     return rows, scaling
+
+
+def variant_config(label: str, config_of_mode, pinned_host_bytes: int) -> EngineConfig:
+    """``VARIANTS[label]`` over the bench's config of its mode (``config_of_mode(mode)``), with host memory for the
+    history pinned up front where a choice moves it (every mode but full)."""
+    overrides = VARIANTS[label]
+    settings = {k: v for k, v in overrides.items() if k not in ("mode", "scorer")}
+    config = dataclasses.replace(config_of_mode(overrides["mode"]), scorer=overrides.get("scorer"), **settings)
+    if config.mode.value != "full":
+        config = dataclasses.replace(config, pinned_host_bytes=pinned_host_bytes)
+    return config
 
 
 def _ingest(engine, frames, start, end, s, scaling, log, label) -> float:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 
 from mosaic_core.bench import decode_batch, profile_question
-from mosaic_core.bench.engine import CAMERA_SECONDS, settings_for
+from mosaic_core.bench.engine import CAMERA_SECONDS, engine_config, settings_for
+from mosaic_core.bench.scenario_a import SWEEP, VARIANTS, variant_config
+from mosaic_core.config import SCORER_NAMES
 
 
 @pytest.mark.parametrize("bench", [profile_question, decode_batch])
@@ -38,3 +40,18 @@ def test_bench_engine_refuses_out_of_range_counts_before_loading_a_model(argv, c
         main(argv)
     assert stop.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("label", sorted(VARIANTS))
+def test_every_scenario_a_variant_is_a_valid_config_with_its_settings(label):
+    """A variant is only built on the GPU host; a name or value the config refuses would fail there, late."""
+    gpu = settings_for(quick=False, model="qwen2.5-vl-7b", minutes=60, questions=20, budget_tokens=16384,
+                       device_budget_gib=8.0)  # fmt: skip
+    config = variant_config(label, lambda mode: engine_config(gpu, mode), 2**30)
+    for name, value in VARIANTS[label].items():
+        assert str(getattr(config, name).value if name == "mode" else getattr(config, name)) == str(value)
+    assert config.pinned_host_bytes == (0 if config.mode.value == "full" else 2**30)
+
+
+def test_every_swept_scorer_is_one_the_config_accepts():
+    assert set(SWEEP) <= set(SCORER_NAMES)
