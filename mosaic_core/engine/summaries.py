@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.residency import ResidencyManager, SummaryRow
-from mosaic_core.kernels import kernels_ready
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import upload
 
@@ -189,53 +188,3 @@ class SummaryIndex:
 
 def _grow(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, torch.zeros_like(t)])
-
-
-def score_clusters(
-    query: torch.Tensor,
-    centroids: torch.Tensor,
-    variances: torch.Tensor,
-    log_counts: torch.Tensor,
-    *,
-    scale: float,
-    use_spread: bool,
-) -> torch.Tensor:
-    """Scores every cluster for one layer; returns ``[C]`` float32.
-
-    Args:
-        query: ``[num_q_heads, num_q_tokens, head_dim]`` post-RoPE question queries.
-        centroids, variances: ``[C, num_kv_heads, head_dim]``.
-        log_counts: ``[C]``.
-        use_spread: cluster mode (mass estimate) if True, token mode (centroid dot product) if False.
-
-    Per KV head, the estimate is maximised over the head's query group and the query tokens; heads are then
-    combined by log-sum-exp, i.e. the total estimated attention mass across heads. On CUDA, cluster mode's per-head
-    estimate is the Triton scoring kernel (one launch for all clusters); elsewhere, and for token mode, torch.
-    """
-    if use_spread and query.is_cuda and kernels_ready():
-        from mosaic_core.kernels.scoring import cluster_scores
-
-        per_head = cluster_scores(query, centroids, variances, log_counts.float(), scale=scale)
-    else:
-        per_head = per_head_scores(query, centroids, variances, log_counts, scale=scale, use_spread=use_spread)
-    return torch.logsumexp(per_head, dim=1)
-
-
-def per_head_scores(
-    query: torch.Tensor,
-    centroids: torch.Tensor,
-    variances: torch.Tensor,
-    log_counts: torch.Tensor,
-    *,
-    scale: float,
-    use_spread: bool,
-) -> torch.Tensor:
-    """The torch twin of the scoring kernel: ``[C, num_kv_heads]`` float32."""
-    num_kv_heads = centroids.shape[1]
-    group = query.shape[0] // num_kv_heads
-    q = query.float().reshape(num_kv_heads, group * query.shape[1], -1)  # [H, G*T, D]
-    dots = torch.einsum("hqd,chd->chq", q, centroids.float()) * scale  # [C, H, G*T]
-    if use_spread:
-        spread = torch.einsum("hqd,chd->chq", q.square(), variances.float()) * (0.5 * scale * scale)
-        dots = dots + spread + log_counts.float()[:, None, None]
-    return dots.amax(dim=2)

@@ -120,7 +120,7 @@ def summary_scores(
     """Per-layer summary scores ``[W, L, C]`` of clusters for ``W`` watch queries ``[W, L, Hq, T, D]`` taken in
     ``layers`` (None: every layer).
 
-    The same estimate as ``mosaic_core.engine.summaries.per_head_scores`` (spread form), batched over watches:
+    The same estimate as the retriever's ``spread`` scorer (``mosaic_core.engine.scorers``), batched over watches:
     per KV head the maximum over the head's query group and tokens, heads combined by log-sum-exp. Reads the
     engine's summary index (an engine internal)."""
     engine.stream(stream_id)  # raises for a stream that is not open

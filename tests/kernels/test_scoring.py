@@ -126,9 +126,8 @@ def test_rejects_integer_query(device):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "q{}kv{}t{}d{}c{}".format(*c))
 def test_the_engines_torch_scores_equal_the_kernel_it_uses_on_cuda(case, device, randn, assert_close):
-    """The engine scores with the kernel on CUDA and with ``per_head_scores`` elsewhere: they must agree."""
-    from mosaic_core.engine.summaries import per_head_scores
-
+    """The engine's scorers use the kernel on CUDA and its torch twin elsewhere (``scorers.KeyScorer``), on one
+    layer of the summary table, a strided view: they must agree."""
     num_q_heads, num_kv_heads, num_q_tokens, head_dim, num_clusters = case
     query = randn(num_q_heads, num_q_tokens, head_dim, device=device)
     # the engine passes one layer of its [C, layers, heads, dim] summary table: a strided view
@@ -136,5 +135,5 @@ def test_the_engines_torch_scores_equal_the_kernel_it_uses_on_cuda(case, device,
     centroids, variances = table[:, 1], table[:, 2].square()
     log_counts = torch.log(torch.randint(1, 400, (num_clusters,)).float()).to(device)
     kernel = cluster_scores(query, centroids, variances, log_counts, scale=head_dim**-0.5)
-    torch_twin = per_head_scores(query, centroids, variances, log_counts, scale=head_dim**-0.5, use_spread=True)
+    torch_twin = cluster_scores_reference(query, centroids, variances, log_counts, scale=head_dim**-0.5)
     assert_close(kernel, torch_twin, torch.float32)

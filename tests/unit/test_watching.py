@@ -10,7 +10,7 @@ import pytest
 import torch
 from engine_helpers import feed, make_engine
 
-from mosaic_core.engine.summaries import score_clusters
+from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.engine.watching import WatchScorer, question_queries, summary_scores
 
 QUESTION = "Is a cyclist passing the camera?"
@@ -34,8 +34,8 @@ def test_summary_scores_equal_the_retrievers_per_layer_scores(engine):
     got = summary_scores(engine, "cam", ids, queries[None])[0]  # [L, C]
     mean, var, log_count = engine.tiering.summaries.all_layers(ids)
     for layer in range(engine.spec.num_layers):
-        want = score_clusters(
-            queries[layer], mean[:, layer], var[:, layer], log_count, scale=engine.spec.scale, use_spread=True
+        want = scorer_by_name("spread").scores(
+            queries[layer], mean[:, layer], var[:, layer], log_count, scale=engine.spec.scale
         )
         torch.testing.assert_close(got[layer], want, rtol=1e-4, atol=1e-4)
 
