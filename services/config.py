@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.errors import ConfigError
+from mosaic_core.model.pixels import model_pixels
 
 API_KEY_ENV = "MOSAIC_API_KEY"
 # Flags whose value may also come from the environment when neither the flag nor the file sets them.
@@ -165,6 +166,12 @@ class ServiceConfig(BaseModel):
     # take the worker's GIL from its engine thread; a child takes about 55 MB of memory (RSS, on this machine). False: a
     # thread of the worker decodes it.
     decode_sources_in_processes: bool = True
+    # A frame from a pulled source or a PushFrames call with more pixels than decode_oversample squared times those of
+    # the frame the model takes (target_tokens_per_frame tokens of 28x28 pixels: 401,408 pixels at 128 tokens and 2)
+    # is scaled down to that many as it is decoded, aspect ratio kept, so that a camera's 1080p or 4K pictures do not
+    # cross the decoder's pipe, Ray and the engine thread's upload at full size; the model's own resize still reads
+    # about decode_oversample times the width and height it keeps. 0: every frame keeps its size.
+    decode_oversample: float = Field(2.0, ge=0)
     # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
     source_max_failures: int = Field(10, ge=1)
     source_max_refused_frames: int = Field(100, ge=1)
@@ -218,6 +225,12 @@ class ServiceConfig(BaseModel):
         if self.disk_budget_bytes > 0 and not self.disk_dir:
             raise ValueError(f"disk_budget_bytes={self.disk_budget_bytes} needs disk_dir")
         return self
+
+    def decode_max_pixels(self) -> int | None:
+        """The most pixels a decoded frame keeps (``decode_oversample``); None: no cap."""
+        if self.decode_oversample == 0:
+            return None
+        return round(self.decode_oversample**2 * model_pixels(self.engine_config().target_tokens_per_frame))
 
     def engine_config(self, *, worker_subdir: str | None = None) -> EngineConfig:
         """The worker's ``EngineConfig``; ``worker_subdir`` gives each worker its own disk-tier and data folder."""

@@ -1,7 +1,8 @@
-"""``python -m services.decode_child SOURCE FPS LOOP START_OFFSET_S``: a source's sampled frames, on stdout.
+"""``python -m services.decode_child SOURCE FPS LOOP START_OFFSET_S MAX_PIXELS``: a source's sampled frames, on stdout.
 
 The child side of ``services.source_decoding``. It runs ``iter_video_frames(SOURCE, fps=FPS, loop=LOOP == "1",
-start_offset_s=START_OFFSET_S)`` and writes one message per sampled frame, then one for the end or the error:
+start_offset_s=START_OFFSET_S, max_pixels=MAX_PIXELS or None)`` and writes one message per sampled frame, then one
+for the end or the error:
 
     message = length (4 bytes, little-endian) + JSON header [+ raw pixels]
     {"t": 12.0, "shape": [272, 640, 3]}  followed by height x width x 3 bytes of RGB
@@ -36,10 +37,13 @@ def write_message(out, header: dict, pixels: np.ndarray | None = None) -> None:
 
 def main(argv: list[str]) -> int:
     source, fps, loop, start_offset_s = argv[0], float(argv[1]), argv[2] == "1", float(argv[3])
+    max_pixels = int(argv[4]) or None
     out = sys.stdout.buffer
     try:
         try:
-            for frame in iter_video_frames(source, fps=fps, loop=loop, start_offset_s=start_offset_s):
+            for frame in iter_video_frames(
+                source, fps=fps, loop=loop, start_offset_s=start_offset_s, max_pixels=max_pixels
+            ):
                 rgb = np.ascontiguousarray(frame.rgb, dtype=np.uint8)
                 write_message(out, {"t": frame.timestamp_s, "shape": list(rgb.shape)}, rgb)
         except MosaicError as err:

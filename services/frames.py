@@ -16,7 +16,8 @@ import av
 import numpy as np
 
 from mosaic_core.errors import InvalidFrameError
-from mosaic_core.model.pixels import validate_frames
+from mosaic_core.model.pixels import downscaled_size, validate_frames
+from mosaic_core.model.video import frame_rgb
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -78,8 +79,9 @@ def check_image_size(data: bytes, codec: str) -> None:
         )
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decodes JPEG or PNG bytes to an ``[H, W, 3]`` uint8 RGB array (size checked from the header first)."""
+def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """Decodes JPEG or PNG bytes to an ``[H, W, 3]`` uint8 RGB array (size checked from the header first), scaled
+    down to at most ``max_pixels`` pixels, aspect ratio kept, when it has more (``video.frame_rgb``)."""
     codec = sniff_codec(data)
     check_image_size(data, codec)
     try:
@@ -89,8 +91,7 @@ def decode_image(data: bytes) -> np.ndarray:
         raise InvalidFrameError(f"the {codec_name(codec)} frame ({len(data)} bytes) cannot be decoded: {err}") from err
     if not frames:
         raise InvalidFrameError(f"the {codec_name(codec)} frame ({len(data)} bytes) decoded to no picture")
-    rgb = frames[0].to_ndarray(format="rgb24")
-    return validate_frames(rgb)[0]
+    return validate_frames(frame_rgb(frames[0], max_pixels))[0]
 
 
 def decode_raw(rgb: bytes, *, height: int, width: int, channels: int) -> np.ndarray:
@@ -109,14 +110,18 @@ def decode_raw(rgb: bytes, *, height: int, width: int, channels: int) -> np.ndar
     return np.frombuffer(rgb, dtype=np.uint8).reshape(height, width, channels).copy()
 
 
-def decode_frame(frame) -> np.ndarray:
-    """RGB pixels of a ``mosaic.v1.Frame`` message (``encoded`` or ``raw`` payload)."""
+def decode_frame(frame, max_pixels: int | None = None) -> np.ndarray:
+    """RGB pixels of a ``mosaic.v1.Frame`` message (``encoded`` or ``raw`` payload), scaled down to at most
+    ``max_pixels`` pixels, aspect ratio kept, when it has more."""
     payload = frame.WhichOneof("payload")
     if payload == "encoded":
-        return decode_image(frame.encoded)
+        return decode_image(frame.encoded, max_pixels)
     if payload == "raw":
         raw = frame.raw
-        return decode_raw(raw.rgb, height=raw.height, width=raw.width, channels=raw.channels)
+        rgb = decode_raw(raw.rgb, height=raw.height, width=raw.width, channels=raw.channels)
+        if downscaled_size(raw.height, raw.width, max_pixels) == (raw.height, raw.width):
+            return rgb
+        return np.ascontiguousarray(frame_rgb(av.VideoFrame.from_ndarray(rgb, format="rgb24"), max_pixels))
     raise InvalidFrameError("the frame has no payload: set `encoded` (JPEG/PNG) or `raw`")
 
 

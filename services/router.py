@@ -166,6 +166,7 @@ class MosaicServer:
             max_push_calls=cfg.max_push_calls,
             max_fps=cfg.max_stream_fps,
             source_policy=_source_policy(cfg),
+            decode_max_pixels=cfg.decode_max_pixels(),
         )
         servicer.watch_defaults = (cfg.watch_default_threshold, cfg.watch_default_cooldown_s)
         self._servicer = servicer

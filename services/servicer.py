@@ -65,6 +65,8 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         source_policy: ``(allowed_schemes, source_roots)`` that ``source_url`` is checked against here, before
             placement (paths only: the router may not hold the files; the worker checks they exist); None
             leaves the check to the workers.
+        decode_max_pixels: pushed frames with more pixels are scaled down to this many as they are decoded
+            (``ServiceConfig.decode_oversample``); None keeps their size.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         evidence_spans: int = 5,
         max_fps: float = convert.DEFAULT_MAX_FPS,
         source_policy: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+        decode_max_pixels: int | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.queue = queue
@@ -89,6 +92,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         self.evidence_spans = evidence_spans
         self.max_fps = max_fps
         self.source_policy = source_policy
+        self.decode_max_pixels = decode_max_pixels
         self.watches = None  # the router's WatchRegistry, once the backend is up
         self.watch_defaults = (1.0, 60.0)  # (threshold, cooldown_s) for requests that leave them unset
         self._num_push_calls = 0
@@ -184,17 +188,25 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         except InvalidArgumentError as err:
             return PushResult(rejected=[FrameRejection(index, frame.stream_id, str(err), err.grpc_code)])
         try:
-            # JPEG/PNG decoding takes milliseconds: off the event loop. Raw frames only get reshaped.
-            if frame.WhichOneof("payload") == "encoded":
-                rgb = await asyncio.to_thread(decode_frame, frame)
+            # JPEG/PNG decoding and scaling down take milliseconds: off the event loop. Other raw frames only get
+            # reshaped.
+            if frame.WhichOneof("payload") == "encoded" or self._scaled_down(frame):
+                rgb = await asyncio.to_thread(decode_frame, frame, self.decode_max_pixels)
             else:
-                rgb = decode_frame(frame)
+                rgb = decode_frame(frame, self.decode_max_pixels)
         except InvalidFrameError as err:
             if frame.stream_id in self.coordinator.placement:
                 self.metrics.frame_dropped(frame.stream_id, "decode_error")
                 self._decode_drops[frame.stream_id] = self._decode_drops.get(frame.stream_id, 0) + 1
             return PushResult(rejected=[FrameRejection(index, frame.stream_id, str(err), err.grpc_code)])
         return await self.coordinator.push([(index, frame.stream_id, frame.timestamp_s, rgb)])
+
+    def _scaled_down(self, frame) -> bool:
+        """Whether a raw frame is larger than ``decode_max_pixels`` and so is scaled down as it is decoded."""
+        raw = frame.raw if frame.WhichOneof("payload") == "raw" else None
+        return (
+            raw is not None and self.decode_max_pixels is not None and raw.height * raw.width > self.decode_max_pixels
+        )
 
     # -- questions ----------------------------------------------------------------------------------
     async def Query(self, request, context):

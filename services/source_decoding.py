@@ -40,12 +40,18 @@ class _Stopped(Exception):
 
 
 def iter_frames_in_child(
-    source: str, *, fps: float, loop: bool, start_offset_s: float, stop: threading.Event | None = None
+    source: str,
+    *,
+    fps: float,
+    loop: bool,
+    start_offset_s: float,
+    max_pixels: int | None = None,
+    stop: threading.Event | None = None,
 ) -> Iterator[SampledFrame]:
-    """``iter_video_frames(source, fps=fps, loop=loop, start_offset_s=start_offset_s)``, decoded in a child
-    process; ends early, without an error, once ``stop`` is set."""
+    """``iter_video_frames(source, fps=fps, loop=loop, start_offset_s=start_offset_s, max_pixels=max_pixels)``,
+    decoded in a child process; ends early, without an error, once ``stop`` is set."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_CODE_ROOT, os.environ.get("PYTHONPATH")) if p)}
-    args = [source, repr(float(fps)), "1" if loop else "0", repr(float(start_offset_s))]
+    args = [source, repr(float(fps)), "1" if loop else "0", repr(float(start_offset_s)), str(max_pixels or 0)]
     child = subprocess.Popen(
         [sys.executable, "-m", "services.decode_child", *args], stdout=subprocess.PIPE, env=env, bufsize=0
     )

@@ -144,6 +144,8 @@ class SourceReader:
         max_failures: attempts in a row that read no frame before the reader gives up in ERROR.
         max_refused_frames: frames in a row the sink refused before the reader gives up in ERROR.
         decode_in_child: decode in a child process (``services.source_decoding``), not in this thread.
+        max_pixels: frames with more pixels are scaled down to at most this many as they are decoded, aspect ratio
+            kept (``iter_video_frames``); None keeps the source's size.
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class SourceReader:
         max_refused_frames: int = DEFAULT_MAX_REFUSED_FRAMES,
         name: str = "source",
         decode_in_child: bool = False,
+        max_pixels: int | None = None,
     ) -> None:
         if max_failures < 1 or max_refused_frames < 1:
             raise ConfigError(f"max_failures={max_failures} and max_refused_frames={max_refused_frames} must be >= 1")
@@ -173,6 +176,7 @@ class SourceReader:
         self.max_failures = max_failures
         self.max_refused_frames = max_refused_frames
         self.decode_in_child = decode_in_child
+        self.max_pixels = max_pixels
         self._num_refused = 0  # frames in a row the sink refused
         self._logged: dict[str, float] = {}  # what -> monotonic time it was last logged
         self._num_unlogged: dict[str, int] = {}
@@ -265,10 +269,11 @@ class SourceReader:
         # Continue the stream clock after a reconnect so timestamps keep increasing.
         offset_s = 0.0 if last is None else last + 1.0 / self.fps
         loop = self.loop and not self.is_network
+        sampling = {"fps": self.fps, "loop": loop, "start_offset_s": offset_s, "max_pixels": self.max_pixels}
         if self.decode_in_child:
-            frames = iter_frames_in_child(self.url, fps=self.fps, loop=loop, start_offset_s=offset_s, stop=self._stop)
+            frames = iter_frames_in_child(self.url, **sampling, stop=self._stop)
         else:
-            frames = iter_video_frames(self.url, fps=self.fps, loop=loop, start_offset_s=offset_s)
+            frames = iter_video_frames(self.url, **sampling)
         wall_start = time.monotonic()
         with contextlib.closing(frames):  # a child process goes with its iterator
             for frame in frames:

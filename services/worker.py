@@ -321,6 +321,7 @@ class WorkerCore:
             max_refused_frames=cfg.source_max_refused_frames,
             name=f"source-{record.stream_id}",
             decode_in_child=cfg.decode_sources_in_processes,
+            max_pixels=cfg.decode_max_pixels(),
         )
         session.source = reader.start()
 

@@ -171,6 +171,25 @@ def choose_geometry(
     )
 
 
+def model_pixels(target_tokens: int, *, patch_size: int = 14, merge_size: int = 2) -> int:
+    """Pixels of the frame the model takes at ``target_tokens`` a frame, whatever its aspect ratio: each LLM token
+    covers ``(patch_size * merge_size)^2`` of them (100,352 for 128 tokens of Qwen2.5-VL's 28x28)."""
+    return target_tokens * (patch_size * merge_size) ** 2
+
+
+def downscaled_size(height: int, width: int, max_pixels: int | None) -> tuple[int, int]:
+    """``(height, width)`` scaled down, aspect ratio kept, to at most ``max_pixels`` pixels; unchanged when it has
+    no more than that or ``max_pixels`` is None. ``choose_geometry`` reads only the aspect ratio, so a source keeps
+    its geometry (``tests/unit/test_video_downscale.py`` checks common camera sizes).
+
+    1280x720, 401,408 px  ->  844x475 (height 475, width 844)
+    """
+    if max_pixels is None or height * width <= max_pixels:
+        return height, width
+    scale = math.sqrt(max_pixels / (height * width))
+    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+
+
 def validate_frames(frames: np.ndarray) -> np.ndarray:
     """Checks a batch of RGB frames and returns it as a C-contiguous ``[N, H, W, 3]`` uint8 array.
 

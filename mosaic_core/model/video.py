@@ -36,6 +36,7 @@ import av
 import numpy as np
 
 from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, NotFoundError
+from mosaic_core.model.pixels import downscaled_size
 
 OPEN_TIMEOUT_S = 10.0  # for network sources; a stalled camera must not hang a worker forever
 SEEK_MIN_GAP_S = 1.0  # seek only past more than this much video; shorter gaps are cheaper to decode through
@@ -75,6 +76,7 @@ def iter_video_frames(
     max_frames: int | None = None,
     loop: bool = False,
     start_offset_s: float = 0.0,
+    max_pixels: int | None = None,
 ) -> Iterator[SampledFrame]:
     """Decodes ``source`` and yields frames sampled at ``fps``, with strictly increasing timestamps.
 
@@ -84,6 +86,8 @@ def iter_video_frames(
         max_frames: stop after this many frames; ``None`` for no limit (with ``loop``, an endless iterator).
         loop: at the end of the source, open it again and continue the clock one clip duration later.
         start_offset_s: timestamp of the first frame; the rest follow on the source's presentation times.
+        max_pixels: a frame with more pixels is scaled down to at most this many as it is converted to RGB (area
+            interpolation, aspect ratio kept: ``pixels.downscaled_size``); None keeps the source's size.
 
     Raises:
         InvalidArgumentError: bad ``fps``/``max_frames``/``start_offset_s``, or a source that cannot be
@@ -96,6 +100,8 @@ def iter_video_frames(
         raise InvalidArgumentError(f"max_frames must be None or an integer >= 0, got {max_frames!r}.")
     if not (isinstance(start_offset_s, (int, float)) and math.isfinite(start_offset_s) and start_offset_s >= 0):
         raise InvalidArgumentError(f"start_offset_s must be a finite number >= 0, got {start_offset_s!r}.")
+    if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 1):
+        raise InvalidArgumentError(f"max_pixels must be None or an integer >= 1, got {max_pixels!r}.")
     sampler = _Sampler(fps=Fraction(fps))
     pass_offset = Fraction(0)
     num_yielded = 0
@@ -108,7 +114,7 @@ def iter_video_frames(
             except StopIteration as end:
                 clip_duration = end.value
                 break
-            yield SampledFrame(timestamp_s=start_offset_s + float(stream_time), rgb=frame.to_ndarray(format="rgb24"))
+            yield SampledFrame(timestamp_s=start_offset_s + float(stream_time), rgb=frame_rgb(frame, max_pixels))
             num_yielded += 1
             if max_frames is not None and num_yielded >= max_frames:
                 samples.close()
@@ -116,6 +122,15 @@ def iter_video_frames(
         if not loop:
             return
         pass_offset += clip_duration
+
+
+def frame_rgb(frame, max_pixels: int | None = None) -> np.ndarray:
+    """A decoded PyAV frame as ``[H, W, 3]`` uint8 RGB, scaled down to at most ``max_pixels`` pixels in the same
+    conversion (area interpolation, aspect ratio kept) when it has more."""
+    height, width = downscaled_size(frame.height, frame.width, max_pixels)
+    if (height, width) == (frame.height, frame.width):
+        return frame.to_ndarray(format="rgb24")
+    return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
 
 
 def probe_video(source: str) -> VideoInfo:

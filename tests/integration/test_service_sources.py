@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mosaic_core.errors import InvalidArgumentError
+from mosaic_core.model.pixels import downscaled_size
 from mosaic_core.model.video import iter_video_frames, probe_video, sample_clip_path
 from services.source_decoding import iter_frames_in_child
 from services.sources import SourceReader, SourceState
@@ -104,6 +105,29 @@ def test_a_child_decodes_the_same_frames_and_raises_the_same_errors():
     with pytest.raises(InvalidArgumentError) as in_child:
         next(iter_frames_in_child("/no/such/clip.mp4", fps=1.0, loop=False, start_offset_s=0.0))
     assert str(in_child.value) == str(in_thread.value)
+
+
+@in_child_or_not
+def test_a_reader_with_a_pixel_cap_hands_on_720p_frames_scaled_down(decode_in_child):
+    """What the worker's readers do by default (``ServiceConfig.decode_oversample``): the picture is scaled down as
+    it is decoded, in the child when there is one, and the sink gets the smaller frame."""
+    clip, cap = sample_clip_path("bigbuckbunny.mp4"), 401_408  # 1280 x 720
+    sizes, done = [], threading.Event()
+
+    def sink(timestamp_s, rgb) -> None:
+        sizes.append(rgb.shape)
+        if len(sizes) >= 2:
+            done.set()
+
+    settings = {"fps": 1.0, "realtime": False, "decode_in_child": decode_in_child, "max_pixels": cap}
+    reader = SourceReader(clip, sink=sink, **settings).start()
+    try:
+        assert done.wait(30), f"the reader handed on {len(sizes)} frames in 30 s"
+    finally:
+        reader.stop()
+    assert set(sizes) == {(*downscaled_size(720, 1280, cap), 3)}
+    in_child = next(iter_frames_in_child(clip, fps=1.0, loop=False, start_offset_s=0.0, max_pixels=cap))
+    assert np.array_equal(in_child.rgb, next(iter_video_frames(clip, fps=1.0, max_pixels=cap)).rgb)
 
 
 def test_a_child_stops_when_asked_while_the_reader_waits():
