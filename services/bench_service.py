@@ -436,6 +436,7 @@ def service_overrides(args, clip: str) -> dict:
         "python_switch_interval_s": args.switch_interval_ms / 1e3,
         "freeze_heap_after_start": not args.no_heap_freeze,
         "decode_sources_in_processes": not args.decode_sources_in_threads,
+        "decode_oversample": args.decode_oversample,
         "ray_log_to_driver": args.serve_log_level == "DEBUG",
     }
     if args.quick:
@@ -642,6 +643,11 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--decode-sources-in-threads", action="store_true",
         help="decode_sources_in_processes false: threads of the worker decode the pulled cameras",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decode-oversample", type=float, default=2.0,
+        help="decode_oversample: frames over its square times the model's pixels are scaled down as they are "
+        "decoded (0: every frame keeps its size)",
     )  # fmt: skip
     parser.add_argument(
         "--gil-probe", action="store_true",

@@ -121,7 +121,7 @@ def decode_frame(frame, max_pixels: int | None = None) -> np.ndarray:
         rgb = decode_raw(raw.rgb, height=raw.height, width=raw.width, channels=raw.channels)
         if downscaled_size(raw.height, raw.width, max_pixels) == (raw.height, raw.width):
             return rgb
-        return np.ascontiguousarray(frame_rgb(av.VideoFrame.from_ndarray(rgb, format="rgb24"), max_pixels))
+        return frame_rgb(av.VideoFrame.from_ndarray(rgb, format="rgb24"), max_pixels)
     raise InvalidFrameError("the frame has no payload: set `encoded` (JPEG/PNG) or `raw`")
 
 

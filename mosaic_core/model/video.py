@@ -126,11 +126,12 @@ def iter_video_frames(
 
 def frame_rgb(frame, max_pixels: int | None = None) -> np.ndarray:
     """A decoded PyAV frame as ``[H, W, 3]`` uint8 RGB, scaled down to at most ``max_pixels`` pixels in the same
-    conversion (area interpolation, aspect ratio kept) when it has more."""
+    conversion (area interpolation, aspect ratio kept) when it has more; C-contiguous either way (a scaled picture
+    comes with padded rows, which every later copy would walk)."""
     height, width = downscaled_size(frame.height, frame.width, max_pixels)
     if (height, width) == (frame.height, frame.width):
         return frame.to_ndarray(format="rgb24")
-    return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
+    return np.ascontiguousarray(frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA"))
 
 
 def probe_video(source: str) -> VideoInfo:

@@ -41,6 +41,7 @@ def test_a_720p_clip_decodes_scaled_down_to_what_a_full_size_frame_resizes_to():
     assert [f.timestamp_s for f in small] == [f.timestamp_s for f in full]
     for big, little in zip(full, small, strict=True):
         assert little.rgb.shape == (*downscaled_size(720, 1280, CAP), 3) and little.rgb.dtype == np.uint8
+        assert little.rgb.flags.c_contiguous
         resized = F.interpolate(torch.from_numpy(big.rgb).permute(2, 0, 1)[None].float(), size=little.rgb.shape[:2],
                                 mode="area")[0].permute(1, 2, 0)  # fmt: skip
         assert (resized - torch.from_numpy(little.rgb).float()).abs().mean() < 3.0  # of 255: the same picture
