@@ -213,6 +213,7 @@ class Retriever:
             self._size_list, self._summaries = tiering.summaries.counts_and_all_layers(candidates, choosing)
             self._smallest = min(self._size_list)
         self._timed_gathers: list[Moved] = []
+        self._past_index: tuple[torch.Tensor, torch.Tensor] | None = None  # ``past_keys``' slots, once uploaded
         off_cuda = tiering.tiers.transfers.side is None  # there the copy engines' copies are plain host copies
         self._dma = machinery.staging_copy == "dma" and (off_cuda or _copy_engines_found())
 
@@ -363,9 +364,14 @@ class Retriever:
 
     def past_keys(self, layer: int) -> torch.Tensor | None:
         """The stream's sink and window keys of ``layer``, ``[num_kv_heads, S, head_dim]``, for a scorer that
-        reads them (``Scorer.needs_past``); None when the stream holds none."""
-        past = self.stream.past_layer(layer)
-        return None if past is None else past[0]
+        reads them (``Scorer.needs_past``); None when the stream holds none. Their slots are uploaded once a
+        question: the plan holds the sink's and window's pages until the answer ends."""
+        if self._past_index is None:
+            slots = self.stream.past_slots()
+            if not len(slots):
+                return None
+            self._past_index = self.tiering.tiers.pools.slot_index(slots)
+        return self.tiering.tiers.pools.read_slot_keys(layer, self._past_index)
 
     def _take(self, cluster_id: str) -> Tier:
         """Pins a chosen unit, counts its lookup and its layer's vote; returns the tier it is read from."""

@@ -159,6 +159,16 @@ def test_an_engine_ranking_by_share_chooses_what_the_sweep_scores_for_it(tiny_mo
     assert request.recall["random"] != pytest.approx(request.recall[ENGINE], abs=1e-6)
 
 
+def test_the_share_scorers_past_keys_are_the_streams_sink_and_window_keys(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, mode="cluster")
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:12])
+    pools, slots = engine.tiering.tiers.pools, engine.parts.stream("cam").past_slots()
+    for layer in range(tiny_model.kv_spec.num_layers):
+        keys = pools.read_slot_keys(layer, pools.slot_index(slots))
+        assert torch.equal(keys, engine.parts.stream("cam").past_layer(layer)[0])
+
+
 def test_the_unit_ceiling_takes_mass_per_token_not_mass():
     """Budget 4: one unit of 4 tokens with mass 6, or two of 2 tokens with mass 4 each. Ranked by mass the big unit
     fills the budget (6); by mass per token the two small ones do (8)."""
