@@ -179,13 +179,19 @@ def durable_rates(before: dict[str, float], after: dict[str, float], elapsed_s: 
     return rates
 
 
+ALLOCATOR_TOTAL = "mosaic_device_allocator_events_total"
+EVENT_LABEL = re.compile(r'event="([^"]*)"')
+
+
 def engine_totals(metrics_text: str) -> dict[str, float]:
-    """The workers' engine-thread seconds by part, the ingest-call histogram's frame sum and count, and the ingest
-    calls' forward passes."""
+    """The workers' engine-thread seconds by part, the ingest-call histogram's frame sum and count, the ingest
+    calls' forward passes, and the GPU allocator's events (keyed ``allocator:EVENT``)."""
     totals: dict[str, float] = {}
     for name, labels, value in METRIC_LINE.findall(metrics_text):
         if name == "mosaic_engine_loop_seconds_total" and (part := PART_LABEL.search(labels)):
             key = part.group(1)
+        elif name == ALLOCATOR_TOTAL and (event := EVENT_LABEL.search(labels)):
+            key = f"allocator:{event.group(1)}"
         elif name in BATCH_FRAMES or name == FORWARD_PASSES:
             key = name
         else:
@@ -241,16 +247,19 @@ class EngineThread:
     share: dict[str, float]  # seconds per second, by part
     frames_per_call: float | None  # mean frames per ingest call; None: no call
     passes_per_call: float | None  # mean language-model forward passes per ingest call
+    allocator_events: dict[str, int]  # the GPU allocator's events in the span, by event (none off CUDA)
 
 
 def engine_thread(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> EngineThread:
-    """What the engine threads did between two scrapes: their time by part, and the ingest calls' mean size."""
+    """What the engine threads did between two scrapes: their time by part, the ingest calls' mean size, and the
+    GPU allocator's events."""
     delta = {key: after[key] - before.get(key, 0.0) for key in after}
     calls = delta.pop(BATCH_FRAMES[1], 0.0)
     frames = delta.pop(BATCH_FRAMES[0], 0.0)
     passes = delta.pop(FORWARD_PASSES, 0.0)
+    allocator = {key.split(":", 1)[1]: round(delta.pop(key)) for key in list(delta) if key.startswith("allocator:")}
     share = {part: seconds / elapsed_s for part, seconds in delta.items()}
-    return EngineThread(share, frames / calls if calls else None, passes / calls if calls else None)
+    return EngineThread(share, frames / calls if calls else None, passes / calls if calls else None, allocator)
 
 
 def measure_step(service: LocalService, load: Load, cameras: list[str], args, decode_cost_s: dict) -> StepResult:
@@ -345,6 +354,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         engine_thread_share=thread.share,
         frames_per_ingest_call=thread.frames_per_call,
         forward_passes_per_ingest_call=thread.passes_per_call,
+        allocator_events=thread.allocator_events,
         worker_gil=gil_probe.wait_share(gil_before, gil_probe.read_latest(service.workdir, "worker-*")),
         engine_stacks=stack_probe.busiest(stacks_before, stack_probe.read_latest(service.workdir, "worker-*")),
         durable=durable_rates(durable_seen[0], durable_seen[-1], elapsed) if durable_seen else None,

@@ -51,6 +51,8 @@ class StepResult:
     engine_stacks: dict | None = None  # where the engine thread was (services.stack_probe.busiest)
     durable: dict[str, float] | None = None  # the workers' record writing, per second (bench_service.durable_rates)
     tiers: dict[str, float] | None = None  # KV held and budgeted per tier, and moved (bench_service.tier_summary)
+    # The workers' GPU allocator events in the step, by event (bench_service.engine_thread; empty off CUDA)
+    allocator_events: dict[str, int] = field(default_factory=dict)
     # Parts of the server's TTFT: waiting on the worker until the engine began the question, and the engine's
     # prefill to first token (QueryTimings.start_wait_s and engine_first_token_s)
     start_wait_p50_ms: float | None = None
@@ -148,6 +150,12 @@ def table(report: dict) -> str:
             f"ingest call: {'-' if per_call is None else f'{per_call:.1f}'}, forward passes per call: "
             f"{'-' if passes is None else f'{passes:.2f}'}"
         )
+        if step.get("allocator_events"):
+            events = ", ".join(f"{event} {n}" for event, n in step["allocator_events"].items())
+            lines.append(
+                f"N={step['cameras']}: the GPU allocator during the step: {events} (a retry gave back the cache and "
+                "waited for the GPU)"
+            )
         gil = step.get("worker_gil")
         if gil is not None:
             lines.append(

@@ -36,6 +36,10 @@ TRANSFER_DIRECTIONS = ("host_to_device", "device_to_host", "host_to_disk", "disk
 # Where a worker's engine thread spends its time: engine.ingest calls; what follows each ingest call (tier sync,
 # retention, watch evaluation); starting and stepping answers; commands and stats; waiting for work.
 ENGINE_LOOP_PARTS = ("ingest", "ingest_upkeep", "questions", "other", "idle")
+# The CUDA caching allocator's events on a worker's GPU (mosaic_core.engine.results.ALLOCATOR_EVENTS): a retry is a
+# device allocation that failed, after which the allocator gave back its cached blocks, a wait for all of the GPU's
+# work, and tried again; device mallocs and frees are the allocator's calls to the driver.
+ALLOCATOR_EVENTS = ("retries", "device_mallocs", "device_frees", "ooms")
 # Where the engine thread may start a new question: a pause inside an ingest call, the start of an ingest call (its
 # frames taken, before their preparation), its end (before its upkeep), and the loop's own start of questions between
 # calls. A question's wait for the engine is at most the gap between two of them; QUESTION_START_GAPS names each gap by
@@ -215,6 +219,13 @@ class MosaicMetrics:
             "mosaic_cluster_device_hit_ratio",
             "Fraction of retrieved clusters already on device, since start.",
             ["worker"],
+            registry=r,
+        )
+        self.device_allocator_events_total = Counter(
+            "mosaic_device_allocator_events_total",
+            "The CUDA caching allocator's events on the worker's GPU: retries (a failed allocation that gave back "
+            "the cache, waiting for the GPU), device mallocs and frees, out-of-memory errors.",
+            ["worker", "event"],
             registry=r,
         )
         # --- keyframes (docs/durability.md) ---
@@ -442,6 +453,10 @@ class MosaicMetrics:
             raise ValueError(f"hit ratio {r!r} must be within [0, 1]")
         self.cluster_device_hit_ratio.labels(worker_label(worker)).set(r)
 
+    def add_allocator_events(self, worker: int | str, event: str, n: int) -> None:
+        check_label("event", event, ALLOCATOR_EVENTS)
+        self.device_allocator_events_total.labels(worker_label(worker), event).inc(non_negative("events", n))
+
     def set_keyframes(self, worker: int | str, num_bytes: int, dropped: int) -> None:
         """A worker's keyframe bytes now (gauge) and keyframes dropped since the last call (increment)."""
         label = worker_label(worker)
@@ -461,6 +476,8 @@ class MosaicMetrics:
                 metric.remove(label)
         for direction in TRANSFER_DIRECTIONS:
             self.transfer_bytes_total.remove(label, direction)
+        for event in ALLOCATOR_EVENTS:
+            self.device_allocator_events_total.remove(label, event)
         for part in ENGINE_LOOP_PARTS:
             with contextlib.suppress(KeyError):  # a part never timed
                 self.engine_loop_seconds_total.remove(label, part)
@@ -522,6 +539,8 @@ class MosaicMetrics:
                 metric.labels(worker)
             for direction in TRANSFER_DIRECTIONS:
                 self.transfer_bytes_total.labels(worker, direction)
+            for event in ALLOCATOR_EVENTS:
+                self.device_allocator_events_total.labels(worker, event)
             for part in ENGINE_LOOP_PARTS:
                 self.engine_loop_seconds_total.labels(worker, part)
             for between in QUESTION_START_GAPS:

@@ -14,7 +14,7 @@ import dataclasses
 import threading
 from dataclasses import dataclass, field
 
-from services.metrics import TRANSFER_DIRECTIONS, MosaicMetrics
+from services.metrics import ALLOCATOR_EVENTS, TRANSFER_DIRECTIONS, MosaicMetrics
 
 MAX_BUFFERED_OBSERVATIONS = 10_000  # per drain interval; beyond it the oldest observations are skipped
 
@@ -94,6 +94,7 @@ class TelemetryDelta:
     lags_s: dict[str, float] = field(default_factory=dict)
     tiers: dict[str, TierGauges] = field(default_factory=dict)
     transfer_bytes: dict[str, int] = field(default_factory=dict)
+    allocator_events: dict[str, int] = field(default_factory=dict)  # increments, by ALLOCATOR_EVENTS
     device_hit_ratio: float = 0.0
     durability: DurabilityHealth | None = None
     loop_seconds: dict[str, float] = field(default_factory=dict)  # engine thread, by ENGINE_LOOP_PARTS
@@ -108,6 +109,7 @@ class WorkerTelemetry:
         self._lock = threading.Lock()
         self._delta = TelemetryDelta(worker_id)
         self._transfer_seen: dict[str, int] = dict.fromkeys(TRANSFER_DIRECTIONS, 0)
+        self._allocator_seen: dict[str, int] = dict.fromkeys(ALLOCATOR_EVENTS, 0)
         self._totals: dict[str, StreamTotals] = {}
 
     def totals(self, stream_id: str) -> StreamTotals:
@@ -182,6 +184,9 @@ class WorkerTelemetry:
                 total = engine_stats.transfer_bytes_by_direction.get(direction, 0)
                 delta.transfer_bytes[direction] = max(0, total - self._transfer_seen[direction])
                 self._transfer_seen[direction] = total
+            for event, total in engine_stats.allocator_events.items():
+                delta.allocator_events[event] = max(0, total - self._allocator_seen[event])
+                self._allocator_seen[event] = total
             delta.device_hit_ratio = engine_stats.device_hit_ratio
         return delta
 
@@ -218,6 +223,9 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
     for direction, n in delta.transfer_bytes.items():
         if n:
             metrics.add_transfer_bytes(worker, direction, n)
+    for event, n in delta.allocator_events.items():
+        if n:
+            metrics.add_allocator_events(worker, event, n)
     metrics.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
     for part, seconds in delta.loop_seconds.items():
         metrics.add_engine_loop_seconds(worker, part, seconds)

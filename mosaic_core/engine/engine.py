@@ -38,6 +38,7 @@ from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.prefill_graphs import QUESTION_STEP, PrefillGraphs, padded_length
 from mosaic_core.engine.results import (
+    ALLOCATOR_EVENTS,
     Answer,
     ClusterInfo,
     EngineStats,
@@ -534,4 +535,13 @@ class Engine:
             keyframe_bytes=sum(s.num_bytes for s in stores),
             num_keyframes=sum(s.num_keyframes for s in stores),
             keyframes_dropped=sum(s.num_dropped for s in stores),
+            allocator_events=_allocator_events(self.model.device),
         )
+
+
+def _allocator_events(device: torch.device) -> dict[str, int]:
+    """``EngineStats.allocator_events`` on ``device`` (empty off CUDA)."""
+    if device.type != "cuda":
+        return {}
+    counts = torch.cuda.memory_stats(device)
+    return {name: int(counts.get(key, 0)) for name, key in ALLOCATOR_EVENTS.items()}

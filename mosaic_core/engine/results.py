@@ -157,6 +157,15 @@ class StreamStats:
     closed: bool
 
 
+# ``EngineStats.allocator_events``' names, and the keys of ``torch.cuda.memory_stats`` they read.
+ALLOCATOR_EVENTS = {
+    "retries": "num_alloc_retries",
+    "device_mallocs": "num_device_alloc",
+    "device_frees": "num_device_free",
+    "ooms": "num_ooms",
+}
+
+
 @dataclass(slots=True)
 class EngineStats:
     mode: str
@@ -176,3 +185,7 @@ class EngineStats:
     keyframe_bytes: int = 0
     num_keyframes: int = 0
     keyframes_dropped: int = 0
+    # The CUDA caching allocator's counts on the engine's device since the process started (``ALLOCATOR_EVENTS``);
+    # empty off CUDA. A retry is a device allocation that failed, so the allocator gave its cached blocks back, which
+    # waits for all of the device's work, and tried again.
+    allocator_events: dict[str, int] = field(default_factory=dict)

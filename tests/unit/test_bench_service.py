@@ -84,6 +84,11 @@ def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
     assert lines[-2] == "N=16: every lag under 2 s never within 60 s; measured after that"
     report["steps"][0]["settled_after_s"] = 12.4
     assert "N=8: every lag under 2 s 12 s after the warm-up; measured after that" in table(report).splitlines()
+    report["steps"][1]["allocator_events"] = {"retries": 2, "device_mallocs": 5}
+    assert table(report).splitlines()[-1] == (
+        "N=16: the GPU allocator during the step: retries 2, device_mallocs 5 (a retry gave back the cache and waited "
+        "for the GPU)"
+    )
     report["steps"][1]["worker_gil"] = {"mean_late_ms": 0.734, "share_over_1ms": 0.25, "max_late_ms_so_far": 4.9}
     assert table(report).splitlines()[-1] == (
         "N=16: the worker's GIL: a 2-ms sleep woke 0.73 ms late on average, 25% of them over 1 ms late"
@@ -106,6 +111,7 @@ def test_engine_thread_share_and_call_sizes_come_from_two_scrapes():
 
     def scrape(ingest_s: float, questions_s: float, frames: float, calls: float, passes: float) -> str:
         return "\n".join([
+            f'mosaic_device_allocator_events_total{{worker="0",event="retries"}} {passes // 2}',
             f'mosaic_engine_loop_seconds_total{{worker="0",part="ingest"}} {ingest_s}',
             f'mosaic_engine_loop_seconds_total{{worker="1",part="ingest"}} {ingest_s}',
             f'mosaic_engine_loop_seconds_total{{worker="0",part="questions"}} {questions_s}',
@@ -119,6 +125,7 @@ def test_engine_thread_share_and_call_sizes_come_from_two_scrapes():
     thread = engine_thread(before, after, elapsed_s=10.0)
     assert thread.share == pytest.approx({"ingest": 0.6, "questions": 0.1})  # two workers' ingest seconds add up
     assert (thread.frames_per_call, thread.passes_per_call) == (64.0, 1.5)
+    assert thread.allocator_events == {"retries": 3}  # counts in the span, not a time share
     idle = engine_thread(before, before, elapsed_s=10.0)
     assert (idle.frames_per_call, idle.passes_per_call) == (None, None)  # no ingest call in between
 

@@ -26,6 +26,7 @@ SPEC = {
     "mosaic_inter_token_latency_seconds": ("histogram", {"mode"}),
     "mosaic_retrieval_latency_seconds": ("histogram", {"mode"}),
     "mosaic_transfer_bytes_total": ("counter", {"worker", "direction"}),
+    "mosaic_device_allocator_events_total": ("counter", {"worker", "event"}),
     "mosaic_tier_used_bytes": ("gauge", {"worker", "tier"}),
     "mosaic_tier_capacity_bytes": ("gauge", {"worker", "tier"}),
     "mosaic_clusters": ("gauge", {"worker", "tier"}),
@@ -132,6 +133,7 @@ def test_every_method_moves_its_metric() -> None:
     m.observe_inter_token("token", 0.008)
     m.observe_retrieval("full", 0.001)
     m.add_transfer_bytes(0, "host_to_device", 1 << 20)
+    m.add_allocator_events(0, "retries", 2)
     m.set_tier(0, "host", used_bytes=100, capacity_bytes=1000, num_clusters=4)
     m.set_hit_ratio(0, 0.75)
     m.set_active_streams(12)
@@ -156,6 +158,7 @@ def test_every_method_moves_its_metric() -> None:
     assert s("mosaic_inter_token_latency_seconds_count", mode="token") == 1
     assert s("mosaic_retrieval_latency_seconds_count", mode="full") == 1
     assert s("mosaic_transfer_bytes_total", worker="0", direction="host_to_device") == 1 << 20
+    assert s("mosaic_device_allocator_events_total", worker="0", event="retries") == 2
     assert s("mosaic_tier_used_bytes", worker="0", tier="host") == 100
     assert s("mosaic_tier_capacity_bytes", worker="0", tier="host") == 1000
     assert s("mosaic_clusters", worker="0", tier="host") == 4
@@ -272,3 +275,24 @@ def test_durable_writing_reaches_its_counters_as_increments() -> None:
     assert sample(m, "mosaic_durable_write_seconds_total", worker="0") == 5.0
     assert sample(m, "mosaic_durable_ingest_wait_seconds_total", worker="0") == 1.5
     assert sample(m, "mosaic_durable_writers", worker="0") == 8  # a gauge: set, not summed over the two drains
+
+
+def test_allocator_events_reach_their_counter_as_increments_of_the_engines_totals() -> None:
+    """The engine reports the allocator's counts since the process started; each drain sends what they grew by."""
+    from mosaic_core.engine.results import EngineStats
+    from services.telemetry import WorkerTelemetry, apply_delta
+
+    def stats(retries: int, mallocs: int) -> EngineStats:
+        tiers = {"device": 0, "host": 0, "disk": 0}
+        return EngineStats(
+            mode="cluster", num_streams=0, used_bytes_by_tier=tiers, capacity_bytes_by_tier=tiers,
+            clusters_by_tier=tiers, transfer_bytes_by_direction={}, transfer_copies_by_direction={},
+            device_hit_ratio=0.0, allocator_events={"retries": retries, "device_mallocs": mallocs},
+        )  # fmt: skip
+
+    m, telemetry = MosaicMetrics(), WorkerTelemetry("0")
+    for retries, mallocs in ((3, 40), (3, 40), (5, 41)):
+        delta = telemetry.drain(queue_depths={}, lags_s={}, engine_stats=stats(retries, mallocs))
+        apply_delta(m, delta, open_streams=set())
+    assert sample(m, "mosaic_device_allocator_events_total", worker="0", event="retries") == 5
+    assert sample(m, "mosaic_device_allocator_events_total", worker="0", event="device_mallocs") == 41
