@@ -23,6 +23,7 @@ from wsgiref.simple_server import WSGIServer
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mosaic_core.engine.results import ALLOCATOR_EVENTS as ENGINE_ALLOCATOR_EVENTS
 from services.metadata.base import TIERS
 from services.metric_checks import check_label, non_negative, worker_label
 from services.watch_metrics import WatchMetrics
@@ -36,10 +37,10 @@ TRANSFER_DIRECTIONS = ("host_to_device", "device_to_host", "host_to_disk", "disk
 # Where a worker's engine thread spends its time: engine.ingest calls; what follows each ingest call (tier sync,
 # retention, watch evaluation); starting and stepping answers; commands and stats; waiting for work.
 ENGINE_LOOP_PARTS = ("ingest", "ingest_upkeep", "questions", "other", "idle")
-# The CUDA caching allocator's events on a worker's GPU (mosaic_core.engine.results.ALLOCATOR_EVENTS): a retry is a
-# device allocation that failed, after which the allocator gave back its cached blocks, a wait for all of the GPU's
-# work, and tried again; device mallocs and frees are the allocator's calls to the driver.
-ALLOCATOR_EVENTS = ("retries", "device_mallocs", "device_frees", "ooms")
+# The CUDA caching allocator's events on a worker's GPU (EngineStats.allocator_events): a retry is a device
+# allocation that failed, after which the allocator gave back its cached blocks, a wait for all of the GPU's work, and
+# tried again; device mallocs and frees are the allocator's calls to the driver.
+ALLOCATOR_EVENTS = tuple(ENGINE_ALLOCATOR_EVENTS)
 # Where the engine thread may start a new question: a pause inside an ingest call, the start of an ingest call (its
 # frames taken, before their preparation), its end (before its upkeep), and the loop's own start of questions between
 # calls. A question's wait for the engine is at most the gap between two of them; QUESTION_START_GAPS names each gap by
