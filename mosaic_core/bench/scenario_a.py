@@ -24,7 +24,11 @@ Rows (``VARIANTS``):
   the rows, per token (``spread_share_per_token``): the quantity the recall measure counts, in the order that fills
   a token budget;
   ``cluster-anchor-3``, layers 0-3 choose their own clusters and later layers take layer 3's choice, where
-  ``cluster`` shares layer 1's (``EngineConfig.prefetch_after_layer``).
+  ``cluster`` shares layer 1's (``EngineConfig.prefetch_after_layer``); ``cluster-key-formation``, frames join a
+  cluster by the similarity of their keys at the choosing layer, not of their pictures (``FormationConfig.key_weight``
+  1), so a cluster's keys are alike and its Gaussian summary fits them better; ``cluster-small-units``, clusters of at
+  most 504 tokens (4 frames of 126) where ``cluster``'s hold up to 2,048, so the unit is nearer the tokens it stands
+  for (``FormationConfig.max_tokens``).
 
 Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
 last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
@@ -68,6 +72,9 @@ VARIANTS = {
     "cluster-per-token": {"mode": "cluster", "scorer": "spread_per_token"},
     "cluster-share-per-token": {"mode": "cluster", "scorer": "spread_share_per_token"},
     "cluster-anchor-3": {"mode": "cluster", "prefetch_after_layer": 3},
+    # a mapping changes those fields of the bench's own FormationConfig
+    "cluster-key-formation": {"mode": "cluster", "formation": {"key_weight": 1.0}},
+    "cluster-small-units": {"mode": "cluster", "formation": {"max_tokens": 504}},
 }
 DEFAULT_VARIANTS = ("full", "rekv-token", "frame", "cluster", "random")
 SWEEP = ("spread", "spread_per_token", "spread_share", "spread_share_per_token", "mean_key", "random", "recent")
@@ -132,8 +139,11 @@ def variant_config(label: str, config_of_mode, pinned_host_bytes: int) -> Engine
     """``VARIANTS[label]`` over the bench's config of its mode (``config_of_mode(mode)``), with host memory for the
     history pinned up front where a choice moves it (every mode but full)."""
     overrides = VARIANTS[label]
+    base = config_of_mode(overrides["mode"])
     settings = {k: v for k, v in overrides.items() if k not in ("mode", "scorer")}
-    config = dataclasses.replace(config_of_mode(overrides["mode"]), scorer=overrides.get("scorer"), **settings)
+    if isinstance(settings.get("formation"), dict):
+        settings["formation"] = dataclasses.replace(base.formation, **settings["formation"])
+    config = dataclasses.replace(base, scorer=overrides.get("scorer"), **settings)
     if config.mode.value != "full":
         config = dataclasses.replace(config, pinned_host_bytes=pinned_host_bytes)
     return config
