@@ -14,7 +14,7 @@ from mosaic_core.errors import InvalidArgumentError
 from mosaic_core.model.pixels import choose_geometry, downscaled_size, model_pixels
 from mosaic_core.model.video import iter_video_frames, sample_clip_path
 from services.config import ServiceConfig
-from services.frames import decode_frame, encode_image
+from services.frames import _jpeg_lowres, decode_frame, encode_image
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 
 CAP = 4 * model_pixels(128)  # 401,408: the service's default at 128 tokens a frame
@@ -70,6 +70,22 @@ def test_pushed_frames_are_scaled_down_as_they_are_decoded(payload):
     assert decode_frame(frame).shape == (720, 1280, 3)
     scaled = decode_frame(frame, CAP)
     assert scaled.shape == (*downscaled_size(720, 1280, CAP), 3) and scaled.flags.c_contiguous
+
+
+def test_a_4k_jpeg_is_decoded_at_a_quarter_of_its_size_to_the_same_picture():
+    """FFmpeg's reduced-size JPEG decoding, where a quarter of each side still has the pixels the cap keeps."""
+    small = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (36, 64, 3), dtype=np.uint8))
+    picture = F.interpolate(small.permute(2, 0, 1)[None].float(), size=(2160, 3840), mode="bilinear")[0]
+    picture = picture.permute(1, 2, 0).round().to(torch.uint8).numpy()
+    frame = pb.Frame(stream_id="cam", timestamp_s=0.0, encoded=encode_image(picture))
+    assert _jpeg_lowres(frame.encoded, CAP) == 2 and _jpeg_lowres(frame.encoded, None) == 0
+    assert _jpeg_lowres(encode_image(picture[:1080, :1920]), CAP) == 0  # a quarter of 1080p is under the cap
+    scaled = decode_frame(frame, CAP)
+    assert scaled.shape[0] * scaled.shape[1] <= CAP
+    assert choose_geometry(*scaled.shape[:2], target_tokens=128) == choose_geometry(2160, 3840, target_tokens=128)
+    full_size = F.interpolate(torch.from_numpy(decode_frame(frame)).permute(2, 0, 1)[None].float(),
+                              size=scaled.shape[:2], mode="area")[0].permute(1, 2, 0)  # fmt: skip
+    assert (full_size - torch.from_numpy(scaled).float()).abs().mean() < 4.0  # of 255: the same picture
 
 
 def test_the_service_caps_decoded_pixels_by_its_tokens_a_frame():
