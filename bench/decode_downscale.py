@@ -10,6 +10,8 @@
 - Downstream, per frame: its bytes (what the decoder's pipe or Ray carries), and the copy of a call of 100 such frames
   into one buffer, what the worker's engine thread does before uploading them (``FrameStaging``; pinned memory on a
   GPU host, plain memory here).
+- The pushed JPEGs decoded alone at full, half and quarter size (FFmpeg's ``lowres`` 0, 1, 2), without conversion to
+  RGB: what ``frames.decode_image`` chooses between.
 
 Medians of 5 rounds, alternating with and without the cap.
 """
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from mosaic_core.model.pixels import model_pixels
 from mosaic_core.model.video import iter_video_frames, sample_clip_path
-from services.frames import decode_frame, encode_image
+from services.frames import _decode_picture, decode_frame, encode_image
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 
 ROUNDS, CALL_FRAMES = 5, 100
@@ -82,7 +84,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"source": f"pushed {width}x{height} JPEG ({len(message.encoded)} bytes)", "cap": cap,
                          "shape": list(rgb.shape), "bytes": rgb.nbytes,
                          "decode_ms_per_frame": _median_ms(lambda c=cap, m=message: decode_frame(m, c)),
-                         "engine_copy_ms_per_call": _copy_call_ms(rgb)})  # fmt: skip
+                         "engine_copy_ms_per_call": _copy_call_ms(rgb), "jpeg": message.encoded})  # fmt: skip
+    lowres = {}
+    for height, width in ((1080, 1920), (2160, 3840)):
+        jpeg = next(r for r in rows if r["source"].startswith(f"pushed {width}x{height}"))["jpeg"]
+        lowres[f"{width}x{height}"] = {
+            k: _median_ms(lambda k=k, j=jpeg: _decode_picture("mjpeg", j, k)) for k in (0, 1, 2)
+        }
+    for r in rows:
+        r.pop("jpeg", None)
     lines = [f"cap {args.cap:,} pixels; medians of {ROUNDS}; engine copy: a call of {CALL_FRAMES} frames"]
     lines.append(f"{'source':<40} {'cap':>8} {'shape':>16} {'MB':>6} {'decode ms/frame':>16} {'copy ms/call':>13}")
     for r in rows:
@@ -90,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['source']:<40} {'yes' if r['cap'] else 'no':>8} {'x'.join(map(str, r['shape'])):>16} "
             f"{r['bytes'] / 1e6:>6.2f} {r['decode_ms_per_frame']:>16.2f} {r['engine_copy_ms_per_call']:>13.1f}"
         )
+    lines.append("JPEG decoding alone, ms, at lowres 0 / 1 / 2 (full, half, quarter size):")
+    lines += [f"  {size}: " + " / ".join(f"{ms:.2f}" for ms in by_k.values()) for size, by_k in lowres.items()]
     text = "\n".join(lines)
     print(text)
-    args.out.write_text(json.dumps({"cap": args.cap, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps({"cap": args.cap, "rows": rows, "jpeg_decode_ms_by_lowres": lowres}, indent=2) + "\n"
+    )
     args.out.with_suffix(".txt").write_text(text + "\n")
     return 0
 

@@ -85,8 +85,8 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
 
     A JPEG at least 4 times wider and higher than ``max_pixels`` needs is decoded at a quarter (or an eighth) of
     its size by FFmpeg's ``lowres``, which skips the finer DCT coefficients: on this project's CPU a 4K frame took
-    7.9 ms to decode and scale, against 13.9 ms to decode at full size (``bench.decode_downscale``; bench/NOTES.md,
-    session 33). Half size decoded no faster than full size there, so it is not used."""
+    7.7 ms to decode and scale, against 13.8 ms to decode at full size (``bench.decode_downscale``; bench/NOTES.md,
+    session 33). Half size decoded slower than full size there, so it is not used."""
     codec = sniff_codec(data)
     check_image_size(data, codec)
     lowres = _jpeg_lowres(data, max_pixels) if codec == "mjpeg" else 0
