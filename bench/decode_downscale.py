@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from mosaic_core.model.pixels import model_pixels
 from mosaic_core.model.video import iter_video_frames, sample_clip_path
-from services.frames import _decode_picture, decode_frame, encode_image
+from services.frames import decode_frame, decode_picture, encode_image
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 
 ROUNDS, CALL_FRAMES = 5, 100
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     for height, width in ((1080, 1920), (2160, 3840)):
         jpeg = next(r for r in rows if r["source"].startswith(f"pushed {width}x{height}"))["jpeg"]
         lowres[f"{width}x{height}"] = {
-            k: _median_ms(lambda k=k, j=jpeg: _decode_picture("mjpeg", j, k)) for k in (0, 1, 2)
+            k: _median_ms(lambda k=k, j=jpeg: decode_picture("mjpeg", j, k)) for k in (0, 1, 2)
         }
     for r in rows:
         r.pop("jpeg", None)

@@ -89,11 +89,11 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     session 33). Half size decoded slower than full size there, so it is not used."""
     codec = sniff_codec(data)
     check_image_size(data, codec)
-    lowres = _jpeg_lowres(data, max_pixels) if codec == "mjpeg" else 0
+    lowres = jpeg_lowres(data, max_pixels) if codec == "mjpeg" else 0
     try:
-        frames = _decode_picture(codec, data, lowres)
+        frames = decode_picture(codec, data, lowres)
         if not frames and lowres:
-            frames = _decode_picture(codec, data, 0)
+            frames = decode_picture(codec, data, 0)
     except (av.FFmpegError, ValueError) as err:
         raise InvalidFrameError(f"the {codec_name(codec)} frame ({len(data)} bytes) cannot be decoded: {err}") from err
     if not frames:
@@ -101,14 +101,15 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     return validate_frames(frame_rgb(frames[0], max_pixels))[0]
 
 
-def _decode_picture(codec: str, data: bytes, lowres: int) -> list:
+def decode_picture(codec: str, data: bytes, lowres: int) -> list:
+    """The pictures FFmpeg decodes from ``data`` with ``codec``, at ``2**-lowres`` of each side (JPEG only)."""
     ctx = av.CodecContext.create(codec, "r")
     if lowres:
         ctx.options = {"lowres": str(lowres)}
     return ctx.decode(av.Packet(data)) or ctx.decode(None)
 
 
-def _jpeg_lowres(data: bytes, max_pixels: int | None) -> int:
+def jpeg_lowres(data: bytes, max_pixels: int | None) -> int:
     """FFmpeg's ``lowres`` for a JPEG: 3 or 2 (an eighth or a quarter of each side) when that still has at least
     ``max_pixels`` pixels, else 0 (full size)."""
     size = image_size(data, "mjpeg")

@@ -14,7 +14,7 @@ from mosaic_core.errors import InvalidArgumentError
 from mosaic_core.model.pixels import choose_geometry, downscaled_size, model_pixels
 from mosaic_core.model.video import iter_video_frames, sample_clip_path
 from services.config import ServiceConfig
-from services.frames import _jpeg_lowres, decode_frame, encode_image
+from services.frames import decode_frame, encode_image, jpeg_lowres
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 
 CAP = 4 * model_pixels(128)  # 401,408: the service's default at 128 tokens a frame
@@ -78,8 +78,8 @@ def test_a_4k_jpeg_is_decoded_at_a_quarter_of_its_size_to_the_same_picture():
     picture = F.interpolate(small.permute(2, 0, 1)[None].float(), size=(2160, 3840), mode="bilinear")[0]
     picture = picture.permute(1, 2, 0).round().to(torch.uint8).numpy()
     frame = pb.Frame(stream_id="cam", timestamp_s=0.0, encoded=encode_image(picture))
-    assert _jpeg_lowres(frame.encoded, CAP) == 2 and _jpeg_lowres(frame.encoded, None) == 0
-    assert _jpeg_lowres(encode_image(picture[:1080, :1920]), CAP) == 0  # a quarter of 1080p is under the cap
+    assert jpeg_lowres(frame.encoded, CAP) == 2 and jpeg_lowres(frame.encoded, None) == 0
+    assert jpeg_lowres(encode_image(picture[:1080, :1920]), CAP) == 0  # a quarter of 1080p is under the cap
     scaled = decode_frame(frame, CAP)
     assert scaled.shape[0] * scaled.shape[1] <= CAP
     assert choose_geometry(*scaled.shape[:2], target_tokens=128) == choose_geometry(2160, 3840, target_tokens=128)
