@@ -27,6 +27,7 @@ import uuid
 from mosaic_core.engine.keyframe_store import MAX_IDS_PER_LOOKUP
 from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, MosaicError, UnknownStreamError
+from mosaic_core.model.pixels import downscaled_size
 from services import convert
 from services.coordinator import Coordinator
 from services.errors import DeadlineError, QueueFullError, UnavailableError, abort
@@ -203,10 +204,10 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
 
     def _scaled_down(self, frame) -> bool:
         """Whether a raw frame is larger than ``decode_max_pixels`` and so is scaled down as it is decoded."""
-        raw = frame.raw if frame.WhichOneof("payload") == "raw" else None
-        return (
-            raw is not None and self.decode_max_pixels is not None and raw.height * raw.width > self.decode_max_pixels
-        )
+        if frame.WhichOneof("payload") != "raw":
+            return False
+        size = (frame.raw.height, frame.raw.width)
+        return downscaled_size(*size, self.decode_max_pixels) != size
 
     # -- questions ----------------------------------------------------------------------------------
     async def Query(self, request, context):
