@@ -40,13 +40,23 @@ class RetrievalMode(StrEnum):
     - FRAME is frame blocks on Mosaic's machinery: one-frame units scored by their mean key, but gathered in one
       launch, cached on the device and shared across layers exactly like clusters. Beside CLUSTER it isolates what
       the retrieval unit alone buys.
-    - CLUSTER is Mosaic: cross-modal clusters scored by centroid and spread, moved and cached whole.
+    - CLUSTER is Mosaic: cross-modal clusters scored by each query row's estimated share of attention (from the
+      clusters' centroids and spreads) per token, moved and cached whole.
     """
 
     FULL = "full"
     FRAME = "frame"
     TOKEN = "token"
     CLUSTER = "cluster"
+
+    @property
+    def own_scorer(self) -> str:
+        """The scorer a question ranks units by when ``EngineConfig.scorer`` names none: ``spread_share_per_token``
+        for clusters (the best recall of the H200 sweep, bench/NOTES.md session 34), and ReKV's mean key for
+        one-frame units. Full mode chooses everything, so its scores are only recorded: the cheaper ``spread``."""
+        if self is RetrievalMode.CLUSTER:
+            return "spread_share_per_token"
+        return "spread" if self is RetrievalMode.FULL else "mean_key"
 
     @property
     def one_frame_units(self) -> bool:
@@ -138,8 +148,8 @@ class EngineConfig:
         merge_min_questions: questions that must retrieve a pair of neighbours before maintenance merges them.
         merge_min_joint_fraction: share of those questions that must retrieve both neighbours.
         formation: visual-coherence rules for forming clusters online.
-        scorer: how a question ranks units: None takes the mode's own ("spread" for cluster, "mean_key" for
-            token and frame); "random" and "recent" are the chance and recency baselines (see
+        scorer: how a question ranks units: None takes the mode's own (``RetrievalMode.own_scorer``); "random" and
+            "recent" are the chance and recency baselines (see
             ``mosaic_core.engine.scorers``).
         keyframes_per_cluster: JPEG thumbnails kept per cluster (first, most central, last; see
             ``mosaic_core.engine.keyframes``); 0 keeps none.

@@ -20,9 +20,9 @@ Rows (``VARIANTS``):
   ``cluster-tapered-staging``, staging copies of 8, 8, 6 and 4 layers where ``cluster`` copies 4 a time
   (``EngineConfig.staging_groups``); ``cluster-tapered-two-streams``, both; ``cluster-per-token``, clusters ranked
   by estimated attention mass per token (``spread_per_token``) where ``cluster`` ranks by total mass (``spread``);
-  ``cluster-share-per-token``, clusters ranked by their estimated share of each query row's attention summed over
-  the rows, per token (``spread_share_per_token``): the quantity the recall measure counts, in the order that fills
-  a token budget;
+  ``cluster-spread``, clusters ranked by the Gaussian estimate of their attention mass, the largest row's for each
+  kv head (``spread``, cluster mode's scorer until session 34), where ``cluster`` ranks by each query row's
+  estimated share of attention summed over the rows, per token (``spread_share_per_token``);
   ``cluster-anchor-3``, layers 0-3 choose their own clusters and later layers take layer 3's choice, where
   ``cluster`` shares layer 1's (``EngineConfig.prefetch_after_layer``); ``cluster-key-formation``, frames join a
   cluster by the similarity of their keys at the choosing layer, not of their pictures (``FormationConfig.key_weight``
@@ -50,7 +50,7 @@ import time
 
 import torch
 
-from mosaic_core.config import GIB, EngineConfig
+from mosaic_core.config import GIB, EngineConfig, RetrievalMode
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.probes import ENGINE, UNIT_CEILING, ProbeRequest, next_token_kl, probing
 
@@ -70,7 +70,7 @@ VARIANTS = {
     "cluster-tapered-staging": {"mode": "cluster", "staging_groups": (8, 8, 6, 4)},
     "cluster-tapered-two-streams": {"mode": "cluster", "staging_groups": (8, 8, 6, 4), "staging_streams": 2},
     "cluster-per-token": {"mode": "cluster", "scorer": "spread_per_token"},
-    "cluster-share-per-token": {"mode": "cluster", "scorer": "spread_share_per_token"},
+    "cluster-spread": {"mode": "cluster", "scorer": "spread"},
     "cluster-anchor-3": {"mode": "cluster", "prefetch_after_layer": 3},
     # a mapping changes those fields of the bench's own FormationConfig
     "cluster-key-formation": {"mode": "cluster", "formation": {"key_weight": 1.0}},
@@ -366,7 +366,7 @@ def _by_budget(a: dict):
 
 
 def _own(mode: str) -> str:
-    return "spread" if mode == "cluster" else "mean_key"
+    return RetrievalMode(mode).own_scorer
 
 
 def _mib(n: float) -> str:

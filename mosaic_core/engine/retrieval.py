@@ -8,7 +8,7 @@ the mode, so two modes with the same machinery differ only in their unit and sco
 | full    | cluster       | none: everything | batched (see below)     | no            | all resident |
 | token   | one frame     | mean key         | one copy per block      | no            | no           |
 | frame   | one frame     | mean key         | batched                 | yes           | yes          |
-| cluster | cluster       | spread           | batched                 | yes           | yes          |
+| cluster | cluster       | share per token  | batched                 | yes           | yes          |
 
 ``token`` is the faithful ReKV stand-in (ReKV's own code copies block by block, scores every layer and keeps
 nothing on the GPU); ``frame`` is the same unit on Mosaic's machinery, so ``frame`` vs ``cluster`` is what the unit
@@ -76,11 +76,10 @@ class Machinery:
 
 def machinery_for(config: EngineConfig) -> Machinery:
     mode = config.mode
-    default_scorer = "spread" if mode in (RetrievalMode.CLUSTER, RetrievalMode.FULL) else "mean_key"
     rekv = mode is RetrievalMode.TOKEN
     return Machinery(
         choose_all=mode is RetrievalMode.FULL,
-        scorer=config.scorer or default_scorer,
+        scorer=config.scorer or mode.own_scorer,
         batched_gather=not rekv,
         staging_copy=config.staging_copy,
         staging_groups=config.staging_groups or (config.prefill_graph_layers,),
