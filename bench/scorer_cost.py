@@ -4,8 +4,9 @@
 
 Random summaries of ``--clusters`` units and a random question (28 query heads, 4 kv heads, head dim 128, bf16
 queries as the model gives them), on CUDA when there is one. Each scorer's ``scores`` is timed alone, and the share
-scorers also with the read of the stream's sink and window keys they need: ``--past-tokens`` slots gathered out
-of a page pool laid out as the engine's (one frame of 126 tokens a page), as ``StreamState.past_layer`` does.
+scorers also with what they read of the stream's past: each query row's log-sum-exp over ``--past-tokens`` slots
+of a page pool laid out as the engine's (one frame of 126 tokens a page), read in place as the retriever reads it
+(``attend.past_logsumexp``).
 Medians of 50 runs after 10 of warm-up; on CUDA each run is timed from before its first launch to after its last
 kernel, with the host waiting for the device in between runs, so launches are counted.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mosaic_core.engine.attend import past_logsumexp
 from mosaic_core.engine.scorers import scorer_by_name
 
 SCORERS = ("spread", "spread_per_token", "spread_share", "spread_share_per_token", "mean_key")
@@ -59,22 +61,22 @@ def main(argv: list[str] | None = None) -> int:
         device, torch.bfloat16
     )
     slots = np.random.default_rng(0).permutation(num_pages * PAGE_TOKENS)[: args.past_tokens]
-
-    def past_keys() -> torch.Tensor:  # as PagePools.read_slots, keys only kept
-        index = torch.as_tensor(slots, dtype=torch.int64).to(device, non_blocking=True)
-        return pool[index // PAGE_TOKENS, 1, :, :, index % PAGE_TOKENS].permute(1, 2, 0, 3)[0]
-
+    table = torch.as_tensor(slots, dtype=torch.int32).reshape(1, -1).to(device)
+    k_pages, v_pages = pool[:, 1, 0], pool[:, 1, 1]
     scale = HEAD_DIM**-0.5
-    past = past_keys()
+
+    def past() -> torch.Tensor:
+        return past_logsumexp(query, k_pages, v_pages, table, scale)
+
     rows = {}
     for name in SCORERS:
         scorer = scorer_by_name(name)
-        given = past if scorer.needs_past else None
+        given = past() if scorer.needs_past else None
         row = {"scores_ms": _timed_ms(lambda s=scorer, p=given: s.scores(query, mean, var, log_count, scale=scale,
-                                                                            past_keys=p), device)}  # fmt: skip
+                                                                            past_lse=p), device)}  # fmt: skip
         if scorer.needs_past:
             row["with_past_read_ms"] = _timed_ms(
-                lambda s=scorer: s.scores(query, mean, var, log_count, scale=scale, past_keys=past_keys()), device
+                lambda s=scorer: s.scores(query, mean, var, log_count, scale=scale, past_lse=past()), device
             )
         rows[name] = row
     report = {

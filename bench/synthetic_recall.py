@@ -63,9 +63,10 @@ def case(seed: int, *, loud_sink_head: bool, scorers: tuple[str, ...] = SCORERS)
     mean = torch.stack([k.mean(1) for k in keys])  # [C, Hkv, D]
     var = torch.stack([k.var(1, unbiased=False) for k in keys])
     log_count = torch.log(torch.tensor(sizes, dtype=torch.float32))
+    past_lse = torch.logsumexp(scale * rows @ past.transpose(1, 2), dim=-1).reshape(KV_HEADS * GROUP, TOKENS)
     recall = {
         name: recall_of(
-            scorer_by_name(name, seed=seed).scores(query, mean, var, log_count, scale=scale, past_keys=past)
+            scorer_by_name(name, seed=seed).scores(query, mean, var, log_count, scale=scale, past_lse=past_lse)
         )
         for name in scorers
     }

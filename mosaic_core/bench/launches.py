@@ -11,8 +11,9 @@ tensors outside the pools: KV history copied into buffers of its own. Copies fro
 moves between tiers (spills, fetches, and staging by ``copy_``) and are not in it; staging from the host pool on
 the CPU is not even a torch op (``ctypes.memmove``).
 
-Like with like: on the CPU the attention entry points (``attend_paged`` now, ``attend_over`` before the arena) run
-torch references, where CUDA runs one Triton kernel. Their calls are counted as ``attention_calls`` and the ops
+Like with like: on the CPU the attention entry points (``attend_paged`` now, ``attend_over`` before the arena, and
+``past_logsumexp``, the attention normaliser a share scorer reads) run torch references, where CUDA runs one Triton
+kernel. Their calls are counted as ``attention_calls`` and the ops
 inside them are not counted, nor is their time. Everything else runs the same code as on the GPU, except that a
 ``.to(device)`` of a host tensor is free on the CPU (it shows up here as a host-built tensor instead).
 
@@ -154,9 +155,9 @@ class Counter(TorchDispatchMode):
 
             return wrapper
 
-        for module_name in ("mosaic_core.engine.plans", "mosaic_core.engine.attend"):
+        for module_name in ("mosaic_core.engine.plans", "mosaic_core.engine.attend", "mosaic_core.engine.retrieval"):
             module = importlib.import_module(module_name)
-            for name in ("attend_paged", "attend_over"):
+            for name in ("attend_paged", "attend_over", "past_logsumexp"):
                 if hasattr(module, name):
                     saved.append((module, name, getattr(module, name)))
                     setattr(module, name, attention(getattr(module, name)))

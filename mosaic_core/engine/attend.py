@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mosaic_core.kernels import kernels_ready, paged_slot_attention_reference
+from mosaic_core.kernels import kernels_ready, paged_slot_attention_reference, paged_slot_logsumexp_reference
 
 
 def causal_mask(num_new: int, num_all: int, device: torch.device) -> torch.Tensor | None:
@@ -69,3 +69,23 @@ def attend_paged(
             kv_lens = torch.full((query.shape[0],), slot_table.shape[1], dtype=torch.int32)
         out = paged_slot_attention_reference(query, k_pages, v_pages, slot_table, kv_lens, scale=scale)
     return out.to(query.dtype).transpose(1, 2)
+
+
+def past_logsumexp(
+    query: torch.Tensor,  # [num_q_heads, T, D]
+    k_pages: torch.Tensor,  # [num_pages, H, page_tokens, D]
+    v_pages: torch.Tensor,
+    slot_table: torch.Tensor,  # [1, S] int32
+    scale: float,
+) -> torch.Tensor:  # [num_q_heads, T] float32
+    """Each query row's log-sum-exp of its scaled logits over the keys at ``slot_table``, all of them (no mask):
+    the softmax normaliser of that row's attention to those keys, as a scorer that reads the stream's past needs.
+
+    On CUDA the attention kernel's first stage reads the pool in place; elsewhere its torch reference, which
+    gathers the slots' keys first (a copy, on CPU only).
+    """
+    if query.is_cuda and kernels_ready():
+        from mosaic_core.kernels.attention import paged_slot_logsumexp
+
+        return paged_slot_logsumexp(query, k_pages, v_pages, slot_table, scale=scale)
+    return paged_slot_logsumexp_reference(query, k_pages, slot_table, scale=scale)

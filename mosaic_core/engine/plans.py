@@ -356,8 +356,8 @@ class RecallProbe:
         if anchor is not None and layer > anchor and (name, None) in self._sweep_choice:
             return {b: self._sweep_choice[(name, b)] for b in (None, *self.budgets)}
         mean, var, log_count = retriever.summaries
-        past = retriever.past_keys(layer) if scorer.needs_past else None
-        scores = scorer.scores(query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale, past_keys=past)
+        past = retriever.past_logsumexp(layer, query) if scorer.needs_past else None
+        scores = scorer.scores(query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale, past_lse=past)
         for budget in (None, *self.budgets):
             self._sweep_choice[(name, budget)] = set(retriever.fill_budget(scores, budget))
         return {b: self._sweep_choice[(name, b)] for b in (None, *self.budgets)}

@@ -50,6 +50,7 @@ import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import EngineConfig, RetrievalMode
+from mosaic_core.engine.attend import past_logsumexp
 from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
@@ -212,7 +213,7 @@ class Retriever:
             self._size_list, self._summaries = tiering.summaries.counts_and_all_layers(candidates, choosing)
             self._smallest = min(self._size_list)
         self._timed_gathers: list[Moved] = []
-        self._past_index: tuple[torch.Tensor, torch.Tensor] | None = None  # ``past_keys``' slots, once uploaded
+        self._past_table: torch.Tensor | None = None  # ``past_logsumexp``'s slot table, uploaded once
         off_cuda = tiering.tiers.transfers.side is None  # there the copy engines' copies are plain host copies
         self._dma = machinery.staging_copy == "dma" and (off_cuda or _copy_engines_found())
 
@@ -222,9 +223,9 @@ class Retriever:
             return LayerSelection([], [], [], 0)
         start = self._mark(query.device)
         mean, var, log_count = self._summaries
-        past = self.past_keys(layer) if self.scorer.needs_past else None
+        past = self.past_logsumexp(layer, query) if self.scorer.needs_past else None
         scores = self.scorer.scores(
-            query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale, past_keys=past
+            query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale, past_lse=past
         )
         chosen = list(self.candidates) if self.machinery.choose_all else self.fill_budget(scores)
         tiers = self.tiering.tiers
@@ -361,16 +362,19 @@ class Retriever:
         order = torch.argsort(scores, descending=True).tolist()
         return [self.candidates[i] for i in fill_in_order(order, self._size_list, budget, self._smallest)]
 
-    def past_keys(self, layer: int) -> torch.Tensor | None:
-        """The stream's sink and window keys of ``layer``, ``[num_kv_heads, S, head_dim]``, for a scorer that
-        reads them (``Scorer.needs_past``); None when the stream holds none. Their slots are uploaded once a
-        question: the plan holds the sink's and window's pages until the answer ends."""
-        if self._past_index is None:
-            slots = self.stream.past_slots()
-            if not len(slots):
-                return None
-            self._past_index = self.tiering.tiers.pools.slot_index(slots)
-        return self.tiering.tiers.pools.read_slot_keys(layer, self._past_index)
+    def past_logsumexp(self, layer: int, query: torch.Tensor) -> torch.Tensor | None:
+        """Each row of ``query`` ``[num_q_heads, T, head_dim]``: the log-sum-exp of its logits over the stream's
+        sink and window keys of ``layer``, ``[num_q_heads, T]``, for a scorer that reads the past
+        (``Scorer.needs_past``); None when the stream holds none. The keys are read where they are in the device
+        pool, through a slot table uploaded once a question: the plan holds the sink's and window's pages until
+        the answer ends."""
+        pools = self.tiering.tiers.pools
+        if self._past_table is None:
+            self._past_table = pools.upload(self.stream.past_slots(), torch.int32).reshape(1, -1)
+        if not self._past_table.shape[1]:
+            return None
+        k_pages, v_pages = pools.layer_pages(layer)
+        return past_logsumexp(query, k_pages, v_pages, self._past_table, self.spec.scale)
 
     def _take(self, cluster_id: str) -> Tier:
         """Pins a chosen unit, counts its lookup and its layer's vote; returns the tier it is read from."""

@@ -2,7 +2,7 @@
 
 Every scorer returns ``[C]`` float32 scores on the query's device; the retriever fills its budget in score order.
 
-- ``spread`` (Mosaic's own): the Gaussian estimate of each unit's attention mass,
+- ``spread``: the Gaussian estimate of each unit's attention mass,
   ``log n + s q.mu + 1/2 s^2 sum_d q_d^2 var_d``, maximised over the query rows of each KV head, heads combined by
   log-sum-exp.
 - ``spread_per_token``: ``spread`` less ``log n``, the estimate of attention mass per token. The budget is counted
@@ -14,7 +14,8 @@ Every scorer returns ``[C]`` float32 scores on the query's device; the retriever
   over heads and question tokens, so this is the quantity it counts; ``spread``'s maximum over rows lets the
   row with the largest logits decide, however little of its attention the history gets, and its log-sum-exp over
   heads lets the head with the largest logits decide over the others.
-- ``spread_share_per_token``: ``spread_share`` less ``log n``, its share per token.
+- ``spread_share_per_token`` (cluster mode's own, ``RetrievalMode.own_scorer``): ``spread_share`` less ``log n``,
+  its share per token.
 - ``mean_key`` (ReKV / InfLLM): the dot product of the queries with the unit's mean key, same reduction.
 - ``random``: a uniformly random order (chance), seeded per question so reruns repeat.
 - ``recent``: newest units first (what a sliding window would keep).
@@ -34,12 +35,12 @@ import torch
 from mosaic_core.config import SCORER_NAMES
 from mosaic_core.errors import UnknownPolicyError
 from mosaic_core.kernels import kernels_ready
-from mosaic_core.kernels.reference import cluster_row_estimates, grouped_rows
+from mosaic_core.kernels.reference import cluster_row_estimates
 
 
 class Scorer(Protocol):
     name: str
-    needs_past: bool  # whether ``scores`` reads ``past_keys``
+    needs_past: bool  # whether ``scores`` reads ``past_lse``
 
     def scores(
         self,
@@ -49,10 +50,11 @@ class Scorer(Protocol):
         log_count: torch.Tensor,
         *,
         scale: float,
-        past_keys: torch.Tensor | None = None,
+        past_lse: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``query`` ``[Hq, T, D]``; ``mean``/``var`` ``[C, Hkv, D]``; ``log_count`` ``[C]``; ``past_keys`` the
-        stream's sink and window keys ``[Hkv, S, D]``, or None -> ``[C]`` float32."""
+        """``query`` ``[Hq, T, D]``; ``mean``/``var`` ``[C, Hkv, D]``; ``log_count`` ``[C]``; ``past_lse`` each
+        query row's log-sum-exp of its scaled logits over the stream's sink and window keys ``[Hq, T]``
+        (``attend.past_logsumexp``), or None -> ``[C]`` float32."""
         ...
 
 
@@ -66,7 +68,7 @@ class KeyScorer:
         self.per_token = per_token
         self.name = ("spread_per_token" if per_token else "spread") if use_spread else "mean_key"
 
-    def scores(self, query, mean, var, log_count, *, scale, past_keys=None):
+    def scores(self, query, mean, var, log_count, *, scale, past_lse=None):
         if query.is_cuda and kernels_ready():
             from mosaic_core.kernels.scoring import cluster_scores
 
@@ -91,12 +93,11 @@ class ShareScorer:
         self.per_token = per_token
         self.name = "spread_share_per_token" if per_token else "spread_share"
 
-    def scores(self, query, mean, var, log_count, *, scale, past_keys=None):
+    def scores(self, query, mean, var, log_count, *, scale, past_lse=None):
         est = cluster_row_estimates(query, mean, var, log_count, scale=scale)  # [G, R, C]
         row_total = torch.logsumexp(est, dim=2)  # [G, R]: each row's estimated mass on the units
-        if past_keys is not None and past_keys.shape[1] > 0:
-            past = scale * torch.bmm(grouped_rows(query, mean.shape[1]), past_keys.float().transpose(1, 2))
-            row_total = torch.logaddexp(row_total, torch.logsumexp(past, dim=2))
+        if past_lse is not None:  # [Hq, T] -> the rows' order, [G, R] (``grouped_rows``)
+            row_total = torch.logaddexp(row_total, past_lse.float().reshape(row_total.shape))
         shares = torch.logsumexp((est - row_total[..., None]).flatten(0, 1), dim=0)  # [C]: log of the summed shares
         return shares - log_count.float() if self.per_token else shares
 
@@ -110,7 +111,7 @@ class RandomScorer:
     def __init__(self, seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
 
-    def scores(self, query, mean, var, log_count, *, scale, past_keys=None):
+    def scores(self, query, mean, var, log_count, *, scale, past_lse=None):
         return torch.rand(mean.shape[0], generator=self.generator).to(query.device)
 
 
@@ -120,7 +121,7 @@ class RecentScorer:
     name = "recent"
     needs_past = False
 
-    def scores(self, query, mean, var, log_count, *, scale, past_keys=None):
+    def scores(self, query, mean, var, log_count, *, scale, past_lse=None):
         return torch.arange(mean.shape[0], dtype=torch.float32, device=query.device)
 
 

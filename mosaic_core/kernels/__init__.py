@@ -24,6 +24,7 @@ from mosaic_core.kernels.reference import (
     gather_rows_reference,
     paged_decode_attention_reference,
     paged_slot_attention_reference,
+    paged_slot_logsumexp_reference,
     prefill_attention_reference,
 )
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
         decode_attention,
         paged_decode_attention,
         paged_slot_attention,
+        paged_slot_logsumexp,
         prefill_attention,
     )
     from mosaic_core.kernels.gather import gather_rows, gather_spans
@@ -52,6 +54,8 @@ __all__ = [
     "paged_decode_attention_reference",
     "paged_slot_attention",
     "paged_slot_attention_reference",
+    "paged_slot_logsumexp",
+    "paged_slot_logsumexp_reference",
     "prefill_attention",
     "prefill_attention_reference",
     "triton_available",
@@ -64,6 +68,7 @@ _LAZY_KERNELS = {
     "decode_attention": "mosaic_core.kernels.attention",
     "paged_decode_attention": "mosaic_core.kernels.attention",
     "paged_slot_attention": "mosaic_core.kernels.attention",
+    "paged_slot_logsumexp": "mosaic_core.kernels.attention",
     "prefill_attention": "mosaic_core.kernels.attention",
 }
 

@@ -161,12 +161,15 @@ def _run(
     num_splits: int | None,
     block_n: int | None,
     tiles: AttentionTiles | None = None,
-) -> None:
+    keep_lse: bool = False,
+) -> torch.Tensor | None:
+    """Launches stage 1, then the merge when there are several splits. With ``keep_lse`` every split's
+    log2-sum-exp is kept and returned, ``[batch, num_q_heads, q_len, splits]``, and ``out4`` is left unwritten."""
     rows = launch.q_len * launch.group_size
     config = tiles or _kernel_config(launch)
     block_m, block_n = config.block_m, block_n or config.block_n
     splits, split_tokens = _plan_splits(launch, block_m, block_n, num_splits, q4.device)
-    if splits == 1:
+    if splits == 1 and not keep_lse:
         part, lse = out4.unsqueeze(3), None  # stage 1 writes the final output; split stride is unused
     else:
         shape = (launch.batch, launch.num_q_heads, launch.q_len, splits)
@@ -190,6 +193,8 @@ def _run(
         INPUT_PRECISION="ieee" if q4.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
+    if keep_lse:
+        return lse
     if lse is not None:
         num_rows = launch.batch * launch.num_q_heads * launch.q_len
         block_s, block_d = next_power_of_2(splits), max(16, next_power_of_2(launch.head_dim))
@@ -199,6 +204,7 @@ def _run(
             part, lse, out4, num_rows, launch.num_q_heads, launch.q_len, splits, launch.head_dim,
             *out4.stride(), BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
+    return None
 
 
 def _check_attention_args(
@@ -453,3 +459,42 @@ def paged_slot_attention(
         _run(launch, q, k_pages, v_pages, slot_table, kv_lens, out, scale=scale,
              num_splits=num_splits, block_n=block_n, tiles=tiles)  # fmt: skip
     return out
+
+
+def paged_slot_logsumexp(
+    q: torch.Tensor,  # [num_q_heads, q_len, head_dim]
+    k_pages: torch.Tensor,  # [num_pages, num_kv_heads, page_tokens, head_dim]
+    v_pages: torch.Tensor,  # [num_pages, num_kv_heads, page_tokens, head_dim]
+    slot_table: torch.Tensor,  # [1, num_keys] int32: page * page_tokens + offset
+    *,
+    scale: float,
+) -> torch.Tensor:  # [num_q_heads, q_len] float32
+    """Each query row's log-sum-exp of its scaled logits over every key the slot table names, read in place from
+    the page pool: ``log sum_j exp(scale * <q, k_j>)``, natural log. No causal mask: every row sees every key.
+
+    This is the softmax normaliser the attention kernel computes on the way, so it is the attention kernel's
+    stage 1 (values are read and the partial outputs dropped) with the causal shift moved past the last key and
+    every split's log2-sum-exp kept; the splits are combined here.
+
+    Raises:
+        InvalidArgumentError: On mismatched shapes, dtypes or devices.
+    """
+    check_rank("q", q, 3, "[num_q_heads, q_len, head_dim]")
+    check_rank("k_pages", k_pages, 4, "[num_pages, num_kv_heads, page_tokens, head_dim]")
+    check_rank("slot_table", slot_table, 2, "[1, num_keys]")
+    _check_attention_args(q, k_pages, v_pages, q.shape[0], k_pages.shape[1], scale)
+    check_index_dtype("slot_table", slot_table)
+    check_kernel_device("slot_table", slot_table, q.device)
+    if slot_table.shape[0] != 1:
+        raise InvalidArgumentError(f"slot_table {tuple(slot_table.shape)} must have one row")
+    num_q_heads, q_len, head_dim = q.shape
+    if slot_table.shape[1] == 0 or q.numel() == 0:
+        return torch.full((num_q_heads, q_len), -math.inf, dtype=torch.float32, device=q.device)
+    launch = _Launch(
+        batch=1, num_q_heads=num_q_heads, num_kv_heads=k_pages.shape[1], q_len=q_len, head_dim=head_dim,
+        max_kv_tokens=slot_table.shape[1], causal_shift=q_len, page_tokens=k_pages.shape[2], slots=True,
+    )  # fmt: skip
+    q4 = q.unsqueeze(0)
+    lse2 = _run(launch, q4, k_pages, v_pages, slot_table, None, q4, scale=scale, num_splits=None, block_n=None,
+                keep_lse=True)  # fmt: skip
+    return torch.logsumexp(lse2[0] * math.log(2.0), dim=-1)

@@ -202,3 +202,18 @@ def paged_slot_attention_reference(
         k, v = slot_keys(k_pages, slots), slot_keys(v_pages, slots)
         outs.append(prefill_attention_reference(q[b], k, v, scale=scale))
     return torch.stack(outs)
+
+
+def paged_slot_logsumexp_reference(
+    q: torch.Tensor,  # [num_q_heads, q_len, head_dim]
+    k_pages: torch.Tensor,  # [num_pages, num_kv_heads, page_tokens, head_dim]
+    slot_table: torch.Tensor,  # [1, num_keys]
+    *,
+    scale: float,
+) -> torch.Tensor:  # [num_q_heads, q_len] float32
+    """Each query row's ``log sum_j exp(scale * <q, k_j>)`` over the keys at ``slot_table``'s slots (gathered
+    first: a copy), rows of q head ``h`` against kv head ``h // group_size``."""
+    keys = slot_keys(k_pages, slot_table[0]).float()  # [num_kv_heads, num_keys, head_dim]
+    num_kv_heads = keys.shape[0]
+    logits = scale * torch.bmm(grouped_rows(q, num_kv_heads), keys.transpose(1, 2))  # [G, R, num_keys]
+    return torch.logsumexp(logits, dim=2).reshape(q.shape[0], q.shape[1])

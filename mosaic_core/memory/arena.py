@@ -187,11 +187,6 @@ class PagePools:
         pages, offsets = index // self.page_tokens, index % self.page_tokens
         return self.device_pool[pages, layer, :, :, offsets].permute(1, 2, 0, 3)
 
-    def read_slot_keys(self, layer: int, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """A new tensor ``[H, N, D]`` with one layer's keys of the tokens at the slots ``index`` (``slot_index``)."""
-        pages, offsets = index
-        return self.device_pool[pages, layer, 0, :, offsets].transpose(0, 1)
-
     # -- bytes ----------------------------------------------------------------------------------------------
     def write(self, tier: Tier, pages: list[int], fills: list[int], kv: torch.Tensor) -> None:
         """Stores ``kv`` ``[L, 2, H, sum(fills), D]`` into ``pages`` in order, from the compute stream."""

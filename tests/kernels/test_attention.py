@@ -16,6 +16,8 @@ from mosaic_core.kernels import (
     paged_decode_attention_reference,
     paged_slot_attention,
     paged_slot_attention_reference,
+    paged_slot_logsumexp,
+    paged_slot_logsumexp_reference,
     prefill_attention,
     prefill_attention_reference,
 )
@@ -217,6 +219,38 @@ def test_paged_slot_attention_matches_reference(case, dtype, device, randn, asse
         if n < q_len:  # queries with fewer keys than new tokens: only the last n see anything
             continue
         assert_close(got[b], expected[b], dtype)
+
+
+# (num_q_heads, num_kv_heads, page_tokens, head_dim, q_len, num_keys)
+LSE_CASES = [
+    (4, 2, 16, 64, 17, 300),  # a question over a past of several key blocks
+    (28, 4, 126, 128, 3, 130),  # the 7B's heads, one-frame pages
+    (2, 1, 8, 32, 1, 5),  # fewer keys than a key block
+]
+
+
+@pytest.mark.parametrize("case", LSE_CASES, ids=lambda c: "q{}kv{}p{}d{}t{}-keys{}".format(*c))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paged_slot_logsumexp_matches_reference(case, dtype, device, randn):
+    """Every row sees every key (no causal mask), whatever its token, and the splits combine to one log-sum-exp."""
+    num_q_heads, num_kv_heads, page_tokens, head_dim, q_len, num_keys = case
+    num_pages = -(-num_keys // page_tokens) + 3
+    pool = randn(num_pages, 2, 2, num_kv_heads, page_tokens, head_dim, dtype=dtype, device=device)
+    k_pages, v_pages = pool[:, 1, 0], pool[:, 1, 1]
+    gen = torch.Generator().manual_seed(11)
+    slots = torch.randperm(num_pages * page_tokens, generator=gen)[:num_keys].to(torch.int32)
+    table = slots.reshape(1, -1).to(device)
+    q = randn(num_q_heads, q_len, head_dim, dtype=dtype, device=device) * 4  # large logits: no overflow
+    got = paged_slot_logsumexp(q, k_pages, v_pages, table, scale=0.3)
+    expected = paged_slot_logsumexp_reference(q, k_pages, table, scale=0.3)
+    assert got.shape == (num_q_heads, q_len) and got.dtype == torch.float32
+    atol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got.cpu(), expected.float().cpu(), atol=atol, rtol=1e-4)
+    # the first key alone, and none: one row's logit, then minus infinity
+    one = paged_slot_logsumexp(q, k_pages, v_pages, table[:, :1], scale=0.3)
+    torch.testing.assert_close(one.cpu(), paged_slot_logsumexp_reference(q, k_pages, table[:, :1], scale=0.3).cpu(),
+                               atol=atol, rtol=1e-4)  # fmt: skip
+    assert torch.isneginf(paged_slot_logsumexp(q, k_pages, v_pages, table[:, :0], scale=0.3)).all()
 
 
 def _slot_launch(batch, q_len, keys):

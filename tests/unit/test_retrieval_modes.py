@@ -12,6 +12,7 @@ from bench.synthetic_recall import case
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.engine.plans import densest_first
 from mosaic_core.engine.probes import ENGINE, UNIT_CEILING, ProbeRequest, probing
+from mosaic_core.engine.retrieval import Retriever, machinery_for
 from mosaic_core.engine.scorers import ShareScorer, scorer_by_name
 from mosaic_core.errors import UnknownPolicyError
 
@@ -114,9 +115,10 @@ def test_spread_share_is_each_rows_estimated_share_summed_over_the_rows():
             )
             total = est.exp().sum() + (scale * (past[kv].double() @ q)).exp().sum()
             expected += est.exp() / total
-    share = scorer_by_name("spread_share").scores(query, mean, var, log_count, scale=scale, past_keys=past)
+    past_lse = torch.logsumexp(scale * torch.einsum("hsd,htd->hts", past.repeat_interleave(2, 0), query), dim=2)
+    share = scorer_by_name("spread_share").scores(query, mean, var, log_count, scale=scale, past_lse=past_lse)
     per_token = scorer_by_name("spread_share_per_token").scores(
-        query, mean, var, log_count, scale=scale, past_keys=past
+        query, mean, var, log_count, scale=scale, past_lse=past_lse
     )
     assert torch.allclose(share.double(), expected.log(), atol=1e-5)
     assert torch.allclose(per_token, share - log_count, atol=1e-6)
@@ -136,37 +138,54 @@ def test_spread_share_follows_the_rows_that_attend_to_the_history(seed):
     assert recall["spread_share_per_token"] >= recall["ceiling"] - 0.02, recall
 
 
+def _past_lse(engine, stream_id: str, layer: int, query: torch.Tensor) -> torch.Tensor:
+    """Each row of ``query``: log-sum-exp of its scaled logits over the stream's sink and window keys of ``layer``,
+    from a copy of those keys (``StreamState.past_layer``)."""
+    keys = engine.parts.stream(stream_id).past_layer(layer)[0].float()  # [Hkv, S, D]
+    group = query.shape[0] // keys.shape[0]
+    logits = engine.spec.scale * torch.einsum("hsd,htd->hts", keys.repeat_interleave(group, 0), query.float())
+    return torch.logsumexp(logits, dim=2)
+
+
 def test_an_engine_ranking_by_share_chooses_what_the_sweep_scores_for_it(tiny_model, bikes_frames, monkeypatch):
-    """The engine's choice and the probe's sweep both read the stream's sink and window keys for the share scorer:
-    every scoring gets all of them, and on the same queries the two choose alike, so their recall is the same,
-    where another scorer's differs."""
+    """The engine's choice and the probe's sweep both give the share scorer each row's normaliser over the stream's
+    whole sink and window, and on the same queries the two choose alike, so their recall is the same, where
+    another scorer's differs."""
     engine = make_engine(tiny_model, mode="cluster", scorer="spread_share", retrieval_budget_tokens=120)
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:32])
-    past_tokens = []
+    given = []
     score = ShareScorer.scores
 
-    def noting_the_past(self, *args, past_keys=None, **kwargs):
-        past_tokens.append(None if past_keys is None else past_keys.shape[1])
-        return score(self, *args, past_keys=past_keys, **kwargs)
+    def noting_the_past(self, query, *args, past_lse=None, **kwargs):
+        given.append((query, past_lse))
+        return score(self, query, *args, past_lse=past_lse, **kwargs)
 
     monkeypatch.setattr(ShareScorer, "scores", noting_the_past)
     with probing(ProbeRequest(sweep_scorers=("spread_share", "random"))) as request:
         engine.answer("cam", QUESTION, max_new_tokens=1)
-    held = len(engine.parts.stream("cam").past_slots())
-    assert held > 0 and past_tokens == [held] * 4  # layers 0 and 1 choose, for the engine and for the sweep
+    assert len(given) == 4  # layers 0 and 1 choose, for the engine and for the sweep
+    for query, past_lse in given:
+        assert past_lse is not None
+        expected = [_past_lse(engine, "cam", layer, query) for layer in (0, 1)]
+        assert any(torch.allclose(past_lse, e, atol=1e-4) for e in expected)
     assert request.recall["spread_share"] == pytest.approx(request.recall[ENGINE], abs=1e-9)
     assert request.recall["random"] != pytest.approx(request.recall[ENGINE], abs=1e-6)
 
 
-def test_the_share_scorers_past_keys_are_the_streams_sink_and_window_keys(tiny_model, bikes_frames):
+def test_the_share_scorers_past_is_the_streams_sink_and_window(tiny_model, bikes_frames):
+    """The retriever's normaliser reads the stream's sink and window in the pool: all of its keys, and no other."""
     engine = make_engine(tiny_model, mode="cluster")
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:12])
-    pools, slots = engine.tiering.tiers.pools, engine.parts.stream("cam").past_slots()
+    retriever = Retriever(
+        machinery=machinery_for(engine.config), spec=engine.spec, tiering=engine.tiering,
+        stream=engine.parts.stream("cam"), candidates=[], budget_tokens=100,
+    )  # fmt: skip
+    query = torch.randn(tiny_model.kv_spec.num_q_heads, 5, tiny_model.kv_spec.head_dim)
     for layer in range(tiny_model.kv_spec.num_layers):
-        keys = pools.read_slot_keys(layer, pools.slot_index(slots))
-        assert torch.equal(keys, engine.parts.stream("cam").past_layer(layer)[0])
+        expected = _past_lse(engine, "cam", layer, query)
+        torch.testing.assert_close(retriever.past_logsumexp(layer, query), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_the_unit_ceiling_takes_mass_per_token_not_mass():
