@@ -13,9 +13,9 @@ the CPU is not even a torch op (``ctypes.memmove``).
 
 Like with like: on the CPU the attention entry points (``attend_paged`` now, ``attend_over`` before the arena, and
 ``past_logsumexp``, the attention normaliser a share scorer reads) run torch references, where CUDA runs one Triton
-kernel. Their calls are counted as ``attention_calls`` and the ops
-inside them are not counted, nor is their time. Everything else runs the same code as on the GPU, except that a
-``.to(device)`` of a host tensor is free on the CPU (it shows up here as a host-built tensor instead).
+kernel. Their calls are counted as ``attention_calls`` and the ops inside them are not counted, nor is their time.
+Everything else runs the same code as on the GPU, except that a ``.to(device)`` of a host tensor is free on the CPU
+(it shows up here as a host-built tensor instead).
 
 It uses only the engine's public API, so the same script measures an older checkout:
 
