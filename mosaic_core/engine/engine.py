@@ -278,14 +278,22 @@ class Engine:
         return state
 
     def warm_up(
-        self, *, max_new_tokens: int = 32, max_question_tokens: int = 64, ingest: bool | None = None
+        self,
+        *,
+        max_new_tokens: int = 32,
+        max_question_tokens: int = 64,
+        ingest: bool | None = None,
+        decode_batch: int | None = None,
     ) -> WarmUpResult:
         """Answers one question of each prefill-graph length up to ``max_question_tokens`` on a scratch stream with
         no history, so the engine captures its prefill and decode graphs before a user's first questions do (a
-        question that captured held the engine for 0.3 to 7 s on the H200: ``bench/NOTES.md``, session 11). With
-        ``ingest`` (None: on CUDA, where the adapter compiles), it first ingests one pass of blank frames on scratch
-        streams (``WARM_UP_INGEST_TOKENS``), unless the device budget cannot hold their windows. Scratch streams are
-        never durable and leave nothing behind.
+        question that captured held the engine for 0.3 to 7 s on the H200: ``bench/NOTES.md``, session 11). Then,
+        for every count from 2 to ``decode_batch`` (None: ``DecodeGraphs.max_batch`` where decode steps run from
+        fixed buffers, else none), that many answers decode together, so each batch size's step is captured too,
+        not when that many of the users' answers first run at once. With ``ingest`` (None: on CUDA, where the
+        adapter compiles), it first ingests one pass of blank frames on scratch streams (``WARM_UP_INGEST_TOKENS``),
+        unless the device budget cannot hold their windows. Scratch streams are never durable and leave nothing
+        behind.
 
         Raises:
             AlreadyExistsError: a stream named like a scratch stream is open (warm up before opening streams).
@@ -300,17 +308,38 @@ class Engine:
                 "the engine up before opening or restoring streams"
             )
         ingested = self._warm_up_ingest(scratch) if ingest else False
+        graphs = self.parts.decode_graphs
+        if decode_batch is None:
+            decode_batch = graphs.max_batch if graphs.enabled else 1
         state = self._open_state(WARM_UP_STREAM, 1.0, None)
-        asked = 0
+        asked, batches = 0, []
         try:
             for length in range(QUESTION_STEP, max_question_tokens + 1, QUESTION_STEP):
                 question = self._question_of_length(length)
                 if question is not None:
                     self.answer(WARM_UP_STREAM, question, max_new_tokens=max_new_tokens)
                     asked += 1
+            for count in range(2, decode_batch + 1):
+                self._answer_together(WARM_UP_STREAM, "What happened?", count)
+                batches.append(count)
         finally:
             self._forget_stream(state)
-        return WarmUpResult(questions=asked, ingested=ingested)
+        return WarmUpResult(questions=asked, ingested=ingested, decode_batches=tuple(batches))
+
+    def _answer_together(self, stream_id: str, question: str, count: int) -> None:
+        """``count`` answers of two tokens each, asked at once and read in turn, as the service's engine loop reads
+        its running answers: each one's first token comes from its own prefill, and the second from one decode
+        step that takes them all (``DecodeGraphs``: every answer waiting for its next token steps together)."""
+        answers = [self.ask(stream_id, question, max_new_tokens=2) for _ in range(count)]
+        try:
+            for answer in answers:
+                next(answer)  # the prefill's token; the answer now waits for its next step
+            for answer in answers:
+                for _ in answer:  # the rest, up to the Answer
+                    pass
+        finally:
+            for answer in answers:
+                answer.close()  # an answer left unread by an error gives its pages back now
 
     def _warm_up_ingest(self, names: list[str]) -> bool:
         """One ingest pass of a blank frame per scratch stream, with no history keeper (nothing durable); False

@@ -37,11 +37,13 @@ class IngestResult:
 
 @dataclass(slots=True)
 class WarmUpResult:
-    """What ``Engine.warm_up`` did: the questions it asked, and whether it ingested its pass of blank frames
-    (False when it was not asked to, or the device budget could not hold the scratch streams' windows)."""
+    """What ``Engine.warm_up`` did: the questions it asked, whether it ingested its pass of blank frames (False
+    when it was not asked to, or the device budget could not hold the scratch streams' windows), and the counts of
+    answers it decoded together."""
 
     questions: int
     ingested: bool
+    decode_batches: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

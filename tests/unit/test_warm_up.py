@@ -11,6 +11,7 @@ import pytest
 from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
+from mosaic_core.engine.decode_graphs import DecodeGraphs
 from mosaic_core.engine.engine import WARM_UP_STREAM
 from mosaic_core.engine.prefill_graphs import PrefillGraphs
 from mosaic_core.errors import AlreadyExistsError
@@ -35,6 +36,38 @@ def test_warm_up_asks_every_question_length_and_leaves_nothing(tiny_model, bikes
     engine.open_stream("cam")  # the engine serves as before
     feed(engine, "cam", bikes_frames[:8])
     assert engine.answer("cam", "What happened?", max_new_tokens=2).token_ids
+    engine.close()
+
+
+def test_warm_up_decodes_every_batch_size_together_so_users_answers_find_their_steps(tiny_model, bikes_frames):
+    """Each count of answers up to the batch limit decodes together once during the warm-up, so on a GPU its step
+    graph is captured then; users' answers that later run three at once find that step ready."""
+    engine = make_engine(tiny_model)
+    pools = engine.tiering.tiers.pools
+    graphs = DecodeGraphs(tiny_model, pools, engine.spec.num_layers, enabled=True, capture=False)
+    engine.parts.decode_graphs = graphs
+    free_before = pools.device_pages.num_free
+    warm = engine.warm_up(max_new_tokens=2, max_question_tokens=16, decode_batch=4)
+    assert warm.decode_batches == (2, 3, 4)
+    assert sorted(batch for _, batch, _ in graphs._graphs) == [1, 2, 3, 4]
+    assert graphs.num_rows == 1 + 2 + 3 + 4  # one step of each batch: no answer stepped alone in between
+    assert pools.device_pages.num_free == free_before and WARM_UP_STREAM not in engine.streams
+    warmed = set(graphs._graphs)
+    for camera in ("a", "b", "c"):
+        engine.open_stream(camera)
+        feed(engine, camera, bikes_frames[:6])
+    answers = [engine.ask(camera, "What happened?", max_new_tokens=3) for camera in ("a", "b", "c")]
+    for answer in answers:
+        next(answer)
+    for answer in answers:
+        assert list(answer)[-1].token_ids
+    assert set(graphs._graphs) == warmed  # three at once: the warmed step, no new one
+    engine.close()
+
+
+def test_warm_up_decodes_alone_where_steps_do_not_run_from_fixed_buffers(tiny_model):
+    engine = make_engine(tiny_model)  # on the CPU the engine's own decode graphs are off
+    assert engine.warm_up(max_new_tokens=1, max_question_tokens=16).decode_batches == ()
     engine.close()
 
 
