@@ -228,6 +228,19 @@ def _check_attention_args(
         raise InvalidArgumentError(f"scale must be finite, got {scale}")
 
 
+def _check_slot_args(
+    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_table: torch.Tensor, scale: float
+) -> None:
+    """The checks of the slot-table entry points; ``q`` ``[batch, num_q_heads, q_len, head_dim]``."""
+    check_rank("k_pages", k_pages, 4, "[num_pages, num_kv_heads, page_tokens, head_dim]")
+    check_rank("slot_table", slot_table, 2, "[batch, max_keys]")
+    _check_attention_args(q, k_pages, v_pages, q.shape[1], k_pages.shape[1], scale)
+    check_index_dtype("slot_table", slot_table)
+    check_kernel_device("slot_table", slot_table, q.device)
+    if slot_table.shape[0] != q.shape[0]:
+        raise InvalidArgumentError(f"slot_table {tuple(slot_table.shape)} must have batch={q.shape[0]} rows")
+
+
 def _check_kv_lens(kv_lens: torch.Tensor, batch: int, max_tokens: int, device: torch.device, validate: bool) -> None:
     check_rank("kv_lens", kv_lens, 1, "[batch]")
     check_index_dtype("kv_lens", kv_lens)
@@ -440,14 +453,8 @@ def paged_slot_attention(
         InvalidArgumentError: On mismatched shapes, dtypes or devices.
     """
     check_rank("q", q, 4, "[batch, num_q_heads, q_len, head_dim]")
-    check_rank("k_pages", k_pages, 4, "[num_pages, num_kv_heads, page_tokens, head_dim]")
-    check_rank("slot_table", slot_table, 2, "[batch, max_keys]")
-    _check_attention_args(q, k_pages, v_pages, q.shape[1], k_pages.shape[1], scale)
-    check_index_dtype("slot_table", slot_table)
-    check_kernel_device("slot_table", slot_table, q.device)
+    _check_slot_args(q, k_pages, v_pages, slot_table, scale)
     batch, q_len = q.shape[0], q.shape[2]
-    if slot_table.shape[0] != batch:
-        raise InvalidArgumentError(f"slot_table {tuple(slot_table.shape)} must have batch={batch} rows")
     if kv_lens is not None:
         _check_kv_lens(kv_lens, batch, slot_table.shape[1], q.device, validate=False)
     out = _out_4d(out, tuple(q.shape), q)
@@ -480,13 +487,8 @@ def paged_slot_logsumexp(
         InvalidArgumentError: On mismatched shapes, dtypes or devices.
     """
     check_rank("q", q, 3, "[num_q_heads, q_len, head_dim]")
-    check_rank("k_pages", k_pages, 4, "[num_pages, num_kv_heads, page_tokens, head_dim]")
-    check_rank("slot_table", slot_table, 2, "[1, num_keys]")
-    _check_attention_args(q, k_pages, v_pages, q.shape[0], k_pages.shape[1], scale)
-    check_index_dtype("slot_table", slot_table)
-    check_kernel_device("slot_table", slot_table, q.device)
-    if slot_table.shape[0] != 1:
-        raise InvalidArgumentError(f"slot_table {tuple(slot_table.shape)} must have one row")
+    q4 = q.unsqueeze(0)
+    _check_slot_args(q4, k_pages, v_pages, slot_table, scale)
     num_q_heads, q_len, head_dim = q.shape
     if slot_table.shape[1] == 0 or q.numel() == 0:
         return torch.full((num_q_heads, q_len), -math.inf, dtype=torch.float32, device=q.device)
@@ -494,7 +496,6 @@ def paged_slot_logsumexp(
         batch=1, num_q_heads=num_q_heads, num_kv_heads=k_pages.shape[1], q_len=q_len, head_dim=head_dim,
         max_kv_tokens=slot_table.shape[1], causal_shift=q_len, page_tokens=k_pages.shape[2], slots=True,
     )  # fmt: skip
-    q4 = q.unsqueeze(0)
     lse2 = _run(launch, q4, k_pages, v_pages, slot_table, None, q4, scale=scale, num_splits=None, block_n=None,
                 keep_lse=True)  # fmt: skip
     return torch.logsumexp(lse2[0] * math.log(2.0), dim=-1)

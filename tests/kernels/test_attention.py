@@ -251,6 +251,8 @@ def test_paged_slot_logsumexp_matches_reference(case, dtype, device, randn):
     torch.testing.assert_close(one.cpu(), paged_slot_logsumexp_reference(q, k_pages, table[:, :1], scale=0.3).cpu(),
                                atol=atol, rtol=1e-4)  # fmt: skip
     assert torch.isneginf(paged_slot_logsumexp(q, k_pages, v_pages, table[:, :0], scale=0.3)).all()
+    with pytest.raises(InvalidArgumentError, match="batch=1 rows"):
+        paged_slot_logsumexp(q, k_pages, v_pages, table.expand(2, -1), scale=0.3)
 
 
 def _slot_launch(batch, q_len, keys):
