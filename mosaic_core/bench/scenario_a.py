@@ -24,11 +24,13 @@ Rows (``VARIANTS``):
   kv head (``spread``, cluster mode's scorer until session 34), where ``cluster`` ranks by each query row's
   estimated share of attention summed over the rows, per token (``spread_share_per_token``);
   ``cluster-anchor-3``, layers 0-3 choose their own clusters and later layers take layer 3's choice, where
-  ``cluster`` shares layer 1's (``EngineConfig.prefetch_after_layer``); ``cluster-key-formation``, frames join a
-  cluster by the similarity of their keys at the choosing layer, not of their pictures (``FormationConfig.key_weight``
-  1), so a cluster's keys are alike and its Gaussian summary fits them better; ``cluster-small-units``, clusters of at
-  most 504 tokens (4 frames of 126) where ``cluster``'s hold up to 2,048, so the unit is nearer the tokens it stands
-  for (``FormationConfig.max_tokens``).
+  ``cluster`` shares layer 1's (``EngineConfig.prefetch_after_layer``); ``cluster-anchor-0``, every layer takes layer
+  0's choice, so a question reads scores back once, and one layer's pages, not two, go in runs of a single layer (an
+  anchor's own layer is staged alone; the later layers' pages go in runs of ``staging_groups`` layers);
+  ``cluster-key-formation``, frames join a cluster by the similarity of their keys at the choosing layer, not of
+  their pictures (``FormationConfig.key_weight`` 1), so a cluster's keys are alike and its Gaussian summary fits
+  them better; ``cluster-small-units``, clusters of at most 504 tokens (4 frames of 126) where ``cluster``'s hold up
+  to 2,048, so the unit is nearer the tokens it stands for (``FormationConfig.max_tokens``).
 
 Schedule, identical for every variant so that question i sees the same stream in every engine: ingest all but the
 last ``num_questions * gap`` frames (scenario C's checkpoints on the way), one warm-up question, then
@@ -72,6 +74,7 @@ VARIANTS = {
     "cluster-per-token": {"mode": "cluster", "scorer": "spread_per_token"},
     "cluster-spread": {"mode": "cluster", "scorer": "spread"},
     "cluster-anchor-3": {"mode": "cluster", "prefetch_after_layer": 3},
+    "cluster-anchor-0": {"mode": "cluster", "prefetch_after_layer": 0},
     # a mapping changes those fields of the bench's own FormationConfig
     "cluster-key-formation": {"mode": "cluster", "formation": {"key_weight": 1.0}},
     "cluster-small-units": {"mode": "cluster", "formation": {"max_tokens": 504}},
