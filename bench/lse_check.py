@@ -12,12 +12,11 @@ after 10 of warm-up, the host waiting for the device before and after each, so l
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from bench.scorer_cost import timed_ms
 from mosaic_core.kernels.attention import paged_slot_logsumexp
 from mosaic_core.kernels.reference import grouped_rows, paged_slot_logsumexp_reference
 
@@ -30,18 +29,6 @@ def _pool(num_kv_heads: int, page_tokens: int, head_dim: int, num_keys: int, gen
     pool = torch.randn(pages, 2, 2, num_kv_heads, page_tokens, head_dim, generator=gen).to(device, torch.bfloat16)
     slots = torch.randperm(pages * page_tokens, generator=gen)[:num_keys]
     return pool, slots
-
-
-def _timed_ms(run) -> float:
-    times = []
-    for i in range(60):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        if i >= 10:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         logits = scale * torch.bmm(grouped_rows(query, num_kv_heads), keys.float().transpose(1, 2))
         return torch.logsumexp(logits, dim=2)
 
-    in_place = _timed_ms(lambda: paged_slot_logsumexp(query, k_pages, v_pages, table, scale=scale))
+    in_place = timed_ms(lambda: paged_slot_logsumexp(query, k_pages, v_pages, table, scale=scale), device)
     lines.append(
-        f"in place {in_place:.3f} ms; keys copied, bmm {_timed_ms(copied):.3f} ms "
+        f"in place {in_place:.3f} ms; keys copied, bmm {timed_ms(copied, device):.3f} ms "
         f"({tokens} question tokens over {num_keys:,} past slots)"
     )
     print("\n".join(lines))

