@@ -141,6 +141,11 @@ class EngineConfig:
             keeps short the compute left once the last bytes land; each layer still waits only for its own group.
         staging_streams: with "dma", how many streams the runs of one group of layers are dealt to, so that more
             copies are in flight at once (``TransferEngine.copy_runs``); 1 queues them all on the side stream.
+        tower_stream: on CUDA, an ingest call's uploads, keyframe thumbnails and vision tower are queued on a
+            CUDA stream of their own, which waits for nothing the language model does, so the device can run them
+            beside the previous call's language model; the language model then waits for them on the device, not
+            the host. False queues them on the compute stream, behind everything queued before
+            (``mosaic_core.engine.ingest``).
         max_question_tokens: questions longer than this are rejected.
         max_new_tokens_limit: upper bound a caller may ask for per answer.
         evidence_spans: how many ranked clusters an answer cites as evidence; a cluster that joined several visits
@@ -184,6 +189,7 @@ class EngineConfig:
     staging_copy: str = "dma"
     staging_groups: tuple[int, ...] = ()
     staging_streams: int = 1
+    tower_stream: bool = False
     max_question_tokens: int = 512
     max_new_tokens_limit: int = 512
     evidence_spans: int = 5

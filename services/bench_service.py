@@ -472,6 +472,7 @@ def service_overrides(args, clip: str) -> dict:
             "durable_writers": args.durable_writers,
             # pinned once at start-up, so spilling a cluster to the host never pins memory on the ingest path
             "pinned_host_bytes": int(args.pinned_host_gib * 2**30),
+            "tower_stream": args.tower_stream,
         },
     }
 
@@ -645,6 +646,11 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--questions-alongside-ingest", action="store_true",
         help="questions_alongside_ingest on: questions run beside queued ingest work, the host never waits at a pause",
     )  # fmt: skip
+    parser.add_argument(
+        "--tower-stream", action="store_true",
+        help="the engine's tower_stream on: each ingest call's vision tower runs on a CUDA stream of its own, beside "
+        "the previous call's language model",
+    )  # fmt: skip
     # The one run that served on the lent GPU VM used 0.0.0.0 (Ray on the VM's own address); Ray bound to loopback
     # has not run there since the float CPU count that stopped every raylet was fixed.
     parser.add_argument("--host", default="127.0.0.1", help="address mosaic serve binds (0.0.0.0: Ray unbound)")
@@ -682,6 +688,8 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--pulled-share {args.pulled_share} must be within 0..1")
     if args.quick and args.durable_writers != EngineConfig.durable_writers:
         parser.error("--durable-writers sets the GPU run's engine; --quick runs the tiny preset's own settings")
+    if args.quick and args.tower_stream:
+        parser.error("--tower-stream puts the vision tower on a CUDA stream; --quick runs on the CPU")
     if args.quick:
         args.model, args.cameras, args.warmup_s, args.measure_s, args.settle_s = "tiny", [2, 4], 4.0, 6.0, 10.0
         args.push_clients, args.question_clients, args.questions_per_s = 2, 2, 0.5

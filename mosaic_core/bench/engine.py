@@ -324,19 +324,26 @@ def scenario_b(
     keyframes_per_cluster: int = EngineConfig.keyframes_per_cluster,
     pause_variants: tuple[PauseVariant, ...] = (PauseVariant(),),
     name_cameras: bool = False,
+    tower_streams: tuple[bool, ...] = (False,),
 ) -> dict:
     """Many cameras, batched ingest under a small device budget, then questions while ingest continues. With
     ``data_dir`` the cameras' history is written durably under it (a folder per mode), as a service worker does. Each
-    mode runs once per pause variant, on an engine of its own: with pauses, the ingest calls pause as the service's
-    do, and questions start at a pause (``mosaic_core.bench.b_pauses``). With several variants a row is named by
-    mode and variant, and with ``name_cameras`` by its number of cameras too."""
+    mode runs once per pause variant and ``EngineConfig.tower_stream`` setting, on an engine of its own: with pauses,
+    the ingest calls pause as the service's do, and questions start at a pause (``mosaic_core.bench.b_pauses``).
+    With several variants a row is named by mode and variant, a row with the tower on its own stream ends in
+    "tower-stream", and with ``name_cameras`` a row is named by its number of cameras too.
+
+    Each row keeps a digest of what its ingest-only passes stored (clusters opened, ``SummaryIndex.checksum``); a
+    tower-stream row whose plain twin ran before it records whether the two agree, since both ingest the same
+    frames."""
     per_camera = [
         looped_frames(s.camera_seconds, stream_id=f"cam{c:03d}", clip=CLIPS[c % len(CLIPS)], start_s=0.0)
         for c in range(s.cameras)
     ]
-    results = {}
-    for mode, variant in itertools.product(modes, pause_variants):
+    results, digests = {}, {}
+    for mode, variant, tower_stream in itertools.product(modes, pause_variants, tower_streams):
         row = mode.value if len(pause_variants) == 1 else f"{mode.value} {variant.name}"
+        row = f"{row} tower-stream" if tower_stream else row
         row = f"{row} {s.cameras} cameras" if name_cameras else row
         # A small window per camera keeps 32 windows well inside a device budget far below the cameras' KV.
         config = dataclasses.replace(
@@ -348,6 +355,7 @@ def scenario_b(
             # on the device and spill them once sealed
             formation=FormationConfig(max_tokens=min(s.cluster_tokens, 8 * s.tokens_per_frame)),
             keyframes_per_cluster=keyframes_per_cluster,
+            tower_stream=tower_stream,
         )
         history_bytes = s.cameras * s.camera_seconds * s.tokens_per_frame * model.kv_spec.bytes_per_token
         config = dataclasses.replace(config, pinned_host_bytes=pinned_bytes(history_bytes, s))
@@ -374,6 +382,11 @@ def scenario_b(
         ingest_s = time.perf_counter() - t0
         ingest_only_unix_s = [t0_unix, time.time()]
         fps = s.cameras * (half - 1) / ingest_s
+        digest = {
+            "clusters_opened": sum(c.num_clusters_opened for c in calls),
+            "key_sum_checksum": engine.parts.tiering.summaries.checksum(),
+        }
+        twin = digests.setdefault((mode, variant), digest) if not tower_stream else digests.get((mode, variant))
 
         rng = random.Random(0)
         ttfts, ttfts_device = [], []
@@ -424,6 +437,10 @@ def scenario_b(
             "durable": data_dir is not None,
             "keyframes_per_cluster": config.keyframes_per_cluster,
             "pauses": variant.name,  # off: questions asked after the ingest call
+            "tower_stream": tower_stream,
+            "stored_digest": digest,
+            # with the tower on its own stream: whether the same frames stored the same clusters and keys as without
+            "stored_as_tower_off": None if not tower_stream or twin is None else _digests_agree(digest, twin),
             "close_s": close_s,
             # captures block the engine thread: a question that captures waits for them
             "graph_captures": {
@@ -450,6 +467,13 @@ def scenario_b(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return results
+
+
+def _digests_agree(digest: dict, twin: dict, rel_tol: float = 1e-4) -> bool:
+    """The same clusters opened, and key sums equal up to the float rounding of the summaries' indexed adds."""
+    expected = twin["key_sum_checksum"]
+    close = abs(digest["key_sum_checksum"] - expected) <= rel_tol * max(abs(expected), 1e-12)
+    return digest["clusters_opened"] == twin["clusters_opened"] and close
 
 
 def _variants(text: str, parser: argparse.ArgumentParser) -> set[str]:
@@ -526,7 +550,16 @@ def main(argv=None) -> int:
         help="scenario B's pause variants, comma-separated, each run side by side: off, or every<L>[-ahead<K>]"
         "[-skip-idle] to pause every L layers as the service's ingest calls do (mosaic_core/bench/b_pauses.py)",
     )  # fmt: skip
+    parser.add_argument(
+        "--b-tower-stream", default="off",
+        help="scenario B's EngineConfig.tower_stream settings, comma-separated (off, on), each run side by side: on "
+        "queues each call's vision tower on a CUDA stream of its own",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    switches = {"off": False, "on": True}
+    tower_streams = tuple(dict.fromkeys(switches.get(v.strip()) for v in args.b_tower_stream.split(",")))
+    if None in tower_streams:
+        parser.error(f"--b-tower-stream {args.b_tower_stream!r}: choose off, on or off,on")
     try:
         pause_variants = tuple(dict.fromkeys(PauseVariant.parse(v.strip()) for v in args.b_pauses.split(",")))
     except ValueError as err:
@@ -585,6 +618,7 @@ def main(argv=None) -> int:
                 keyframes_per_cluster=args.b_keyframes,
                 pause_variants=pause_variants,
                 name_cameras=several,
+                tower_streams=tower_streams,
             )
             out.write_text(json.dumps(report, indent=2))  # after each count, so a run cut short keeps what it measured
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -157,6 +157,9 @@ class Engine:
             frame_staging=FrameStaging(model.device),
             # the highest priority there is: a stream's priority is clamped into the device's range
             question_stream=torch.cuda.Stream(model.device, priority=-100) if model.device.type == "cuda" else None,
+            tower_stream=(
+                torch.cuda.Stream(model.device) if model.device.type == "cuda" and self.config.tower_stream else None
+            ),
         )
         working_set = self.config.retrieval_budget_tokens * self.spec.bytes_per_token
         window = self.config.local_window_tokens * self.spec.bytes_per_token

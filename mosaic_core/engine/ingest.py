@@ -116,7 +116,15 @@ def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[
     with ``pauses.vision_frames`` one call per chunk of that many frames of a geometry; with ``pauses``, each call
     is followed by a pause, and with ``pauses.vision_blocks`` paused inside too. Each call's frames are uploaded
     once, and their keyframe thumbnails made from that upload; returns ``(embeds, summary, thumbnail maker)`` per
-    ``(stream, frame in the batch)``."""
+    ``(stream, frame in the batch)``.
+
+    With ``parts.tower_stream`` the uploads, thumbnails and tower are queued there, and everything else (pauses and
+    the questions they serve, the window reservations, whose spills wait for the compute queued so far) on the
+    stream that was current, the compute stream, which waits on the device for the tower before the language model.
+    The tower waits for nothing queued before it: it reads only this call's frames and the model's weights. Its
+    outputs are marked used by the compute stream, so the caching allocator does not give their memory to the next
+    call's tower before the language model has read them.
+    """
     groups: dict[VisionGeometry, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
     for stream_id, items in by_stream.items():
         state = parts.streams[stream_id]
@@ -127,24 +135,42 @@ def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[
                 parts.reserve_window(state)  # now that a frame's size is known
             groups[state.geometry].append((stream_id, i, rgb))
     features = {}
+    tower = parts.tower_stream
+    compute = None if tower is None else torch.cuda.current_stream(parts.model.device)
     before_block = None
     if pauses is not None and pauses.vision_blocks is not None:
-        before_block = functools.partial(pauses.before_vision_block, device=parts.model.device)
+        before_block = _on_stream(compute, functools.partial(pauses.before_vision_block, device=parts.model.device))
     for geometry, members in groups.items():
         step = len(members) if pauses is None or pauses.vision_frames is None else pauses.vision_frames
         for start in range(0, len(members), step):
             chunk = members[start : start + step]
-            uploaded = parts.frame_staging.upload([rgb for _, _, rgb in chunk])
-            thumbnails = None
-            if parts.config.keyframes_per_cluster > 0:  # queued before the tower, read as frames are placed
-                thumbnails = ThumbnailBatch(uploaded, parts.config.keyframe_long_side_px)
-            out = parts.model.encode_frames(uploaded, geometry, before_block=before_block)
+            with torch.cuda.stream(tower):  # None: the current stream
+                uploaded = parts.frame_staging.upload([rgb for _, _, rgb in chunk])
+                thumbnails = None
+                if parts.config.keyframes_per_cluster > 0:  # queued before the tower, read as frames are placed
+                    thumbnails = ThumbnailBatch(uploaded, parts.config.keyframe_long_side_px)
+                out = parts.model.encode_frames(uploaded, geometry, before_block=before_block)
+            if compute is not None:
+                out.embeds.record_stream(compute)
+                out.summaries.record_stream(compute)
             for j, (stream_id, i, _) in enumerate(chunk):
                 small_of = None if thumbnails is None else functools.partial(thumbnails.small, j)
                 features[(stream_id, i)] = (out.embeds[j], out.summaries[j], small_of)
             if pauses is not None:
                 pauses.pause(parts.model.device)
+    if compute is not None:
+        compute.wait_stream(tower)
     return features
+
+
+def _on_stream(stream: torch.cuda.Stream | None, function: Callable) -> Callable:
+    """``function`` called with ``stream`` as the current stream (None: whichever is current then)."""
+
+    def on_stream(*args, **kwargs):
+        with torch.cuda.stream(stream):
+            return function(*args, **kwargs)
+
+    return on_stream
 
 
 def _check_geometry(parts: EngineParts, state: StreamState) -> None:

@@ -46,6 +46,7 @@ class EngineParts:
     prefill_graphs: PrefillGraphs
     frame_staging: FrameStaging  # ingest's frames reach the device through it
     question_stream: torch.cuda.Stream | None  # high priority, for questions started inside an ingest call (CUDA)
+    tower_stream: torch.cuda.Stream | None  # ingest's uploads and vision tower, with ``config.tower_stream`` (CUDA)
 
     def stream(self, stream_id: str) -> StreamState:
         state = self.streams.get(stream_id)

@@ -106,6 +106,14 @@ class SummaryIndex:
         count = sum(self._residency.summary(cid).num_tokens for cid in cluster_ids)
         return self._sum[rows].sum(dim=0), self._sumsq[rows].sum(dim=0), float(count)
 
+    def checksum(self) -> float:
+        """The sum of the absolute key sums of every row in use: two engines that stored the same keys agree on it up
+        to float rounding (how a benchmark checks that a faster path stored what the plain one did)."""
+        used = [row for row, owner in enumerate(self._owners) if owner is not None]
+        if not used:
+            return 0.0
+        return float(self._sum[upload(used, torch.long, self.device)].abs().double().sum())
+
     def free(self, summary: SummaryRow) -> None:
         """Frees the row of an ended record (nothing if it never had one), with no device work: it is zeroed when
         ``add_stats`` reuses it (class doc).

@@ -43,18 +43,25 @@ def test_bench_quick_prints_every_table_and_writes_json(tmp_path):
     assert all(r["hit_ratio"] is not None for r in report["B"].values())
 
 
-def test_bench_engine_runs_scenario_b_for_each_count_of_cameras_on_one_model(tmp_path):
+def test_bench_engine_runs_scenario_b_for_each_count_of_cameras_and_tower_stream_on_one_model(tmp_path):
     out = tmp_path / "b.json"
     result = subprocess.run(
         [sys.executable, "-m", "mosaic_core.cli", "bench", "engine", "--quick", "--scenarios", "B", "--b-modes",
-         "cluster", "--cameras", "2,3", "--out", str(out)],
+         "cluster", "--cameras", "2,3", "--b-tower-stream", "off,on", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("loading tiny") == 1
     rows = json.loads(out.read_text())["B"]
-    assert {name: row["cameras"] for name, row in rows.items()} == {"cluster 2 cameras": 2, "cluster 3 cameras": 3}
+    assert {name: (row["cameras"], row["tower_stream"]) for name, row in rows.items()} == {
+        "cluster 2 cameras": (2, False),
+        "cluster tower-stream 2 cameras": (2, True),
+        "cluster 3 cameras": (3, False),
+        "cluster tower-stream 3 cameras": (3, True),
+    }
     assert all(row["real_time"] == (row["ingest_pass_ms"] <= 1e3) for row in rows.values())
+    assert all(row["stored_digest"]["clusters_opened"] > 0 for row in rows.values())
+    assert [row["stored_as_tower_off"] for row in rows.values()] == [None, True, None, True]
     assert "| real-time (pass <= 1 s)" in result.stdout
 
 

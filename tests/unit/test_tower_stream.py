@@ -1,0 +1,107 @@
+"""The vision tower on a CUDA stream of its own (``EngineConfig.tower_stream``): consecutive ingest calls store the
+clusters, KV, key summaries and keyframes they store without it, and questions started at pauses inside the tower
+run on the compute stream.
+
+On the CPU there are no streams, and the engines below take one path; with ``MOSAIC_TEST_DEVICE=cuda`` each call's
+tower runs on its own stream, beside the previous call's language model.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from mosaic_core.engine.ingest_pauses import IngestPauses
+from mosaic_core.engine.results import FrameInput
+from tests.unit.engine_helpers import make_engine
+
+STREAMS = ("cam-a", "cam-b")
+CALLS = 5
+FRAMES_PER_CALL = 2  # per stream
+
+
+def _ingest(engine, bikes_frames, pauses_for=lambda: None) -> None:
+    """``CALLS`` calls one after another, with no wait between them: each call's tower may run beside the language
+    model of the call before it."""
+    for stream_id in STREAMS:
+        engine.open_stream(stream_id)
+    for call in range(CALLS):
+        first = call * FRAMES_PER_CALL
+        batch = [
+            FrameInput(stream_id, t, rgb)
+            for i, stream_id in enumerate(STREAMS)
+            for t, rgb in bikes_frames[i + first : i + first + FRAMES_PER_CALL]
+        ]
+        engine.ingest(batch, pauses=pauses_for())
+
+
+def _crc(kv: torch.Tensor) -> int:
+    return zlib.crc32(kv.cpu().contiguous().view(torch.uint8).numpy().data)
+
+
+def _stored(engine) -> dict:
+    """What the engine holds per stream: its clusters' spans, tokens and KV, and its keyframes."""
+    stored = {}
+    for stream_id in STREAMS:
+        clusters = engine.clusters(stream_id)
+        stored[stream_id] = {
+            "clusters": [
+                (c.cluster_id, c.start_s, c.end_s, c.num_tokens, _crc(engine.tiering.tiers.read(c.cluster_id)))
+                for c in clusters
+            ],
+            "keyframes": [
+                (k.keyframe_id, k.jpeg) for c in clusters for k in engine.keyframes(stream_id, cluster_id=c.cluster_id)
+            ],
+            "frames": engine.stream_stats(stream_id).frames_ingested,
+        }
+    return stored
+
+
+def test_the_tower_on_its_own_stream_stores_what_it_stores_without(tiny_model, bikes_frames):
+    plain = make_engine(tiny_model, tower_stream=False)
+    _ingest(plain, bikes_frames)
+    overlapped = make_engine(tiny_model, tower_stream=True)
+    assert (overlapped.parts.tower_stream is not None) == (tiny_model.device.type == "cuda")
+    _ingest(overlapped, bikes_frames)
+
+    expected = _stored(plain)
+    assert all(len(held["clusters"]) >= 2 for held in expected.values()), "the calls must seal clusters to compare"
+    assert _stored(overlapped) == expected
+    checksum = plain.tiering.summaries.checksum()
+    assert checksum > 0
+    assert overlapped.tiering.summaries.checksum() == pytest.approx(checksum, rel=1e-5)
+
+
+def test_questions_at_pauses_inside_the_tower_run_on_the_compute_stream(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, tower_stream=True)
+    compute = torch.cuda.current_stream(tiny_model.device) if tiny_model.device.type == "cuda" else None
+    served_on = []
+
+    def serve():
+        served_on.append(torch.cuda.current_stream(tiny_model.device) if compute is not None else None)
+
+    def pauses_for():
+        return IngestPauses(serve, every_layers=64, vision_blocks=1)  # before the tiny tower's second block
+
+    _ingest(engine, bikes_frames, pauses_for)
+    assert len(tiny_model.model.model.visual.blocks) == 2
+    # per call: inside the tower, after it, and before each pass's first layer (two passes of one frame a stream)
+    assert len(served_on) == CALLS * (2 + FRAMES_PER_CALL)
+    assert served_on == [compute] * len(served_on)
+    assert engine.answer("cam-a", "What moved?", max_new_tokens=2).token_ids
+
+
+@pytest.mark.parametrize(
+    ("other", "agrees"),
+    [
+        ({"clusters_opened": 7, "key_sum_checksum": 100.0 * (1 + 1e-7)}, True),  # the summaries' float rounding
+        ({"clusters_opened": 8, "key_sum_checksum": 100.0}, False),
+        ({"clusters_opened": 7, "key_sum_checksum": 100.1}, False),
+    ],
+)
+def test_scenario_b_calls_two_digests_alike_only_with_the_same_clusters_and_keys(other, agrees):
+    from mosaic_core.bench.engine import _digests_agree
+
+    assert _digests_agree(other, {"clusters_opened": 7, "key_sum_checksum": 100.0}) is agrees
