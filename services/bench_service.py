@@ -443,6 +443,7 @@ def service_overrides(args, clip: str) -> dict:
         "ingest_pause_skip_idle": args.ingest_pause_skip_idle,
         "vision_attention": args.vision_attention,
         "questions_alongside_ingest": args.questions_alongside_ingest,
+        "encode_ahead": args.encode_ahead,
         "python_switch_interval_s": args.switch_interval_ms / 1e3,
         "freeze_heap_after_start": not args.no_heap_freeze,
         "decode_sources_in_processes": not args.decode_sources_in_threads,
@@ -645,6 +646,11 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--questions-alongside-ingest", action="store_true",
         help="questions_alongside_ingest on: questions run beside queued ingest work, the host never waits at a pause",
+    )  # fmt: skip
+    parser.add_argument(
+        "--encode-ahead", action="store_true",
+        help="encode_ahead on: as an ingest call returns, the next call's vision tower is queued before the questions "
+        "and upkeep after it",
     )  # fmt: skip
     parser.add_argument(
         "--tower-stream", action="store_true",

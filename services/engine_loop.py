@@ -27,6 +27,15 @@ commands, later tokens and the end of an answer wait for the call to end, so an 
 the call (bench/NOTES.md, session 12: decode through gRPC 31.8 ms a token at 64 cameras with pauses, 7.2 without, in
 two calls).
 
+**The next call's vision tower can go first** (``encode_ahead``): once an ingest call returns, before the questions
+at its end and its upkeep, the loop takes the next call's frames and queues their uploads, keyframe thumbnails and
+vision tower (``Engine.encode_ahead``), and the next call uses them. With the engine's ``tower_stream`` on CUDA,
+that tower runs on its own stream beside the language model the call just queued, where a question's first token
+read back between the calls would otherwise leave the device nothing but the question's work until the next call
+queues its tower. The frames taken ahead leave their queues then, so a stream's lag (``IngestQueues.oldest_wait_s``)
+no longer counts them, as it does not count those of the call under way; their time to ingestion is still measured
+from their arrival. Frames of a stream closed meanwhile are left out, and the call then queues its own tower.
+
 **Ingest is never starved by questions.** Ingest goes first in every iteration.
 Between two ingest calls the running questions advance a token each, and keep advancing while no frame waits,
 for up to ``answer_slice_s`` once one does. Commands from other threads and new questions that arrive meanwhile
@@ -66,6 +75,7 @@ from collections import defaultdict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from mosaic_core.engine.ingest import EncodedFrames
 from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.results import Answer, FrameInput
 from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError
@@ -120,6 +130,15 @@ class QuestionJob:
     first_event_s: float = 0.0  # time.monotonic() when the engine thread handed its first event to the caller
 
 
+@dataclass(slots=True)
+class _Ahead:
+    """Frames taken for the next ingest call, with their vision tower queued (None: they could not be encoded
+    ahead, and the call will meet the same error)."""
+
+    taken: list[QueuedFrame]
+    encoded: EncodedFrames | None = None
+
+
 class EngineLoop:
     """Owns the engine thread.
 
@@ -149,6 +168,8 @@ class EngineLoop:
         questions_alongside_ingest: on CUDA, questions started at a pause run on a high-priority stream beside the
             ingest work already queued, and the host does not wait at pauses; else the host waits at each pause
             until the device is ``ingest_pause_lookahead`` chunks behind, and the questions run behind them.
+        encode_ahead: as an ingest call returns, the next call's frames are taken and their vision tower queued
+            (module doc).
     """
 
     def __init__(
@@ -172,6 +193,7 @@ class EngineLoop:
         ingest_pause_lookahead: int = 1,
         ingest_pause_skip_idle: bool = False,
         questions_alongside_ingest: bool = DEFAULT_QUESTIONS_ALONGSIDE_INGEST,
+        encode_ahead: bool = False,
     ) -> None:
         pause_settings = (ingest_pause_layers, ingest_pause_frames, ingest_pause_blocks, ingest_pause_placed)
         if min(max_questions_per_stream, ingest_pause_lookahead) < 1 or min(answer_slice_s, *pause_settings) < 0:
@@ -200,6 +222,8 @@ class EngineLoop:
         self.ingest_pause_lookahead = ingest_pause_lookahead
         self.ingest_pause_skip_idle = ingest_pause_skip_idle
         self.questions_alongside_ingest = questions_alongside_ingest
+        self.encode_ahead = encode_ahead
+        self._ahead: _Ahead | None = None  # the next call's frames, taken with their tower queued (encode_ahead)
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls and at their ends
         self._last_chance: tuple[str, float] | None = None  # the engine thread's last chance to start a question
         self._forward_passes = 0  # language-model passes of every ingest call so far
@@ -343,33 +367,41 @@ class EngineLoop:
     def _ingest_once(self) -> bool:
         """One ingest call (module doc)."""
         started_s, served_before_s = time.monotonic(), self._served_in_pauses_s
-        taken = self.queues.take_call(self.max_batch_frames, self.engine.config.max_frames_per_pass)
+        ahead, self._ahead = self._ahead, None
+        taken = ahead.taken if ahead is not None else self._take_call()
         if not taken:
             return False
         batch = [f for f in taken if f.stream_id in self.engine.streams]  # a stream deleted since its frames came
         ingest_s = 0.0
         try:
-            ingest_s = self._ingest_batch(batch) if batch else 0.0
+            ingest_s = self._ingest_batch(batch, ahead) if batch else 0.0
         finally:
             served_s = self._served_in_pauses_s - served_before_s  # counted to questions
             self.telemetry.spent("ingest", ingest_s)
             self.telemetry.spent("ingest_upkeep", time.monotonic() - started_s - ingest_s - served_s)
         return True
 
-    def _ingest_batch(self, batch: list[QueuedFrame]) -> float:
-        """Ingests one batch and does what follows it; returns the seconds of the engine's ingest call, less
-        what questions took at its pauses (counted to questions)."""
+    def _take_call(self) -> list[QueuedFrame]:
+        return self.queues.take_call(self.max_batch_frames, self.engine.config.max_frames_per_pass)
+
+    def _ingest_batch(self, batch: list[QueuedFrame], ahead: _Ahead | None = None) -> float:
+        """Ingests one batch (with ``ahead``, the frames taken and encoded ahead) and does what follows it, the next
+        call's tower queued first with ``encode_ahead``; returns the seconds of the engine's ingest call and of that
+        tower's queuing, less what questions took at its pauses (counted to questions)."""
         started_s, served_before_s = time.monotonic(), self._served_in_pauses_s
         passes_before = self._forward_passes
         if self.ingest_pause_layers:  # questions that came since the loop last started some go before this call
             self._serve_at_pause("call_start")
-        ingested = self._ingest(batch)
+        encoded = None if ahead is None else ahead.encoded
+        ingested = self._ingest(batch, encoded)
         done_s = time.monotonic()
         served_s = self._served_in_pauses_s - served_before_s
+        next_encode_s = self._encode_next() if self.encode_ahead else 0.0
         if self.ingest_pause_layers:  # questions that came during the call start before its upkeep
             self._serve_at_pause("call_end")
         self.telemetry.spent("questions", self._served_in_pauses_s - served_before_s)
-        self.capacity.observe(len(ingested), done_s - started_s - served_s)
+        encoded_s = 0.0 if encoded is None else encoded.encode_s  # this call's tower, queued the call before
+        self.capacity.observe(len(ingested), done_s - started_s - served_s + encoded_s)
         per_stream: dict[str, int] = defaultdict(int)
         for frame in ingested:
             per_stream[frame.stream_id] += 1
@@ -389,11 +421,29 @@ class EngineLoop:
                 self.after_ingest(streams)
             except Exception:
                 log.exception("after-ingest hook failed")
-        return done_s - started_s - served_s
+        return done_s - started_s - served_s + next_encode_s
 
-    def _ingest(self, batch: list[QueuedFrame]) -> list[QueuedFrame]:
-        """Ingests the batch; if the engine refuses it, retries stream by stream so one bad camera only
-        loses its own frames (the engine checks a whole batch before changing anything)."""
+    def _encode_next(self) -> float:
+        """Takes the next call's frames and queues their vision tower now (``encode_ahead``); returns the seconds it
+        took. A batch the engine refuses is kept without its tower: the call meets the same error, and drops only
+        the bad stream's frames."""
+        started_s = time.monotonic()
+        taken = self._take_call()
+        if not taken:
+            return 0.0
+        self._ahead = _Ahead(taken)
+        batch = [f for f in taken if f.stream_id in self.engine.streams]
+        if batch:
+            try:
+                self._ahead.encoded = self.engine.encode_ahead(_frame_inputs(batch))
+            except Exception as err:
+                log.debug("the next call's frames were not encoded ahead: %s", err)
+        return time.monotonic() - started_s
+
+    def _ingest(self, batch: list[QueuedFrame], encoded: EncodedFrames | None = None) -> list[QueuedFrame]:
+        """Ingests the batch (with ``encoded``, its vision tower queued ahead); if the engine refuses it, retries
+        stream by stream so one bad camera only loses its own frames (the engine checks a whole batch before
+        changing anything)."""
         if not batch:
             return []
         pauses = None
@@ -409,7 +459,7 @@ class EngineLoop:
                 alongside=self.questions_alongside_ingest,
             )
         try:
-            result = self.engine.ingest([FrameInput(f.stream_id, f.timestamp_s, f.rgb) for f in batch], pauses=pauses)
+            result = self.engine.ingest(_frame_inputs(batch), pauses=pauses, encoded=encoded)
             self._forward_passes += result.num_forward_passes
             return batch
         except Exception as err:
@@ -630,6 +680,18 @@ class EngineLoop:
             self._stats_at = now
             self.stats = self.engine.stats()
 
+    def drop_ahead(self, stream_id: str) -> int:
+        """Drops the stream's frames taken for the next call (``encode_ahead``; engine thread only, as the stream
+        closes, so that a stream opened again under its id never gets them); returns how many. The next call then
+        queues its own tower for the frames left."""
+        ahead = self._ahead
+        if ahead is None:
+            return 0
+        kept = [f for f in ahead.taken if f.stream_id != stream_id]
+        if len(kept) < len(ahead.taken):
+            self._ahead = _Ahead(kept) if kept else None
+        return len(ahead.taken) - len(kept)
+
     def cancel_stream_questions(self, stream_id: str) -> None:
         """Ends the stream's questions now (engine thread only): used before the stream closes."""
         everything = self._questions + list(self._pending_questions) + list(self._background)
@@ -639,3 +701,7 @@ class EngineLoop:
             if job in self._background:
                 self._background.remove(job)
             self._finish(job, QuestionCancelled(f"stream {stream_id!r} was deleted"))
+
+
+def _frame_inputs(batch: list[QueuedFrame]) -> list[FrameInput]:
+    return [FrameInput(f.stream_id, f.timestamp_s, f.rgb) for f in batch]

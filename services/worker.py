@@ -157,6 +157,7 @@ class WorkerCore:
             ingest_pause_lookahead=config.ingest_pause_lookahead,
             ingest_pause_skip_idle=config.ingest_pause_skip_idle,
             questions_alongside_ingest=config.questions_alongside_ingest,
+            encode_ahead=config.encode_ahead,
             after_ingest=self._after_ingest,
             max_background_jobs=config.watch_answer_queue_size,
             max_background_running=config.watch_answer_concurrency,
@@ -339,6 +340,9 @@ class WorkerCore:
 
         def close() -> int:
             self.loop.cancel_stream_questions(stream_id)
+            taken_ahead = self.loop.drop_ahead(stream_id)
+            if taken_ahead:
+                self.telemetry.dropped(stream_id, "stream_deleted", taken_ahead)
             num_clusters = len(self.engine.clusters(stream_id))
             self.engine.close_stream(stream_id)  # its durable history goes first, in one rename
             self.tier_sync.forget_stream(stream_id)

@@ -423,16 +423,35 @@ class Engine:
         return state
 
     # -- ingest -------------------------------------------------------------------------------------------------
-    def ingest(self, frames: Sequence[FrameInput], *, pauses: IngestPauses | None = None) -> IngestResult:
+    def ingest(
+        self,
+        frames: Sequence[FrameInput],
+        *,
+        pauses: IngestPauses | None = None,
+        encoded: ingest.EncodedFrames | None = None,
+    ) -> IngestResult:
         """Encodes a batch of frames from any number of streams.
 
         The batch is checked whole before anything changes, so a bad frame rejects the call and leaves every
         stream as it was. Frames of different streams share forward passes, one row per stream; a row carries
         up to ``config.max_frames_per_pass`` consecutive frames of its stream (a backlog catches up in fewer
         passes, still attending only to sink + local window + the row itself). With ``pauses`` the call stops at
-        fixed points, where ``pauses.serve`` may start questions (``mosaic_core.engine.ingest_pauses``).
+        fixed points, where ``pauses.serve`` may start questions (``mosaic_core.engine.ingest_pauses``). With
+        ``encoded`` from ``encode_ahead`` of these very frames, the call uses its vision tower's output.
         """
-        return ingest.ingest(self.parts, frames, pauses)
+        return ingest.ingest(self.parts, frames, pauses, encoded)
+
+    def encode_ahead(self, frames: Sequence[FrameInput]) -> ingest.EncodedFrames:
+        """Queues the vision tower of a batch that ``ingest`` will take next, with its uploads and keyframe
+        thumbnails, and returns without waiting for the device. With ``config.tower_stream`` on CUDA the tower runs
+        on its own stream, beside the language model still queued from the call before, and whatever the host does
+        until ``ingest(frames, encoded=...)``.
+
+        Raises:
+            as ``ingest`` does for a bad batch (``EmptyBatchError``, ``InvalidFrameError``, ``UnknownStreamError``,
+            ...), before anything is queued.
+        """
+        return ingest.encode(self.parts, frames)
 
     # -- questions ----------------------------------------------------------------------------------------------
     def ask(

@@ -37,6 +37,24 @@ PAD_TOKEN_ID = 0
 PASS_FILL = 0.8
 
 
+@dataclass(frozen=True, slots=True)
+class EncodedFrames:
+    """A batch's uploads, keyframe thumbnails and vision tower, queued before its ingest call (``encode``); the call
+    given the same frames uses them instead of queuing its own."""
+
+    frames: tuple[FrameInput, ...]
+    features: dict[tuple[str, int], tuple]
+    tower_done: torch.cuda.Event | None  # recorded on ``parts.tower_stream`` after the tower (None: no such stream)
+    encode_s: float  # the host's time queuing them
+
+    def is_for(self, frames: Sequence[FrameInput]) -> bool:
+        """Whether ``frames`` are this batch's: the same streams, timestamps and pixel arrays, in the same order."""
+        return len(frames) == len(self.frames) and all(
+            a.stream_id == b.stream_id and a.timestamp_s == b.timestamp_s and a.rgb is b.rgb
+            for a, b in zip(frames, self.frames, strict=True)
+        )
+
+
 @dataclass(slots=True)
 class _HostTimes:
     """Host seconds of an ingest call's passes, by what the host was doing (``IngestResult`` says what each is)."""
@@ -46,14 +64,32 @@ class _HostTimes:
     place_s: float = 0.0
 
 
-def ingest(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPauses | None = None) -> IngestResult:
+def encode(parts: EngineParts, frames: Sequence[FrameInput]) -> EncodedFrames:
+    """Queues a batch's uploads, keyframe thumbnails and vision tower ahead of its ingest call, which ``ingest``
+    with ``encoded`` then skips. The batch is checked as ``ingest`` checks it; the only state it changes is a new
+    stream's frame size and window reservation, which its first frame fixes either way."""
+    if not frames:
+        raise EmptyBatchError("encoding needs at least one frame; the batch was empty")
+    start = time.perf_counter()
+    features, tower_done = _encode(parts, _validate(parts, frames), None)
+    return EncodedFrames(tuple(frames), features, tower_done, time.perf_counter() - start)
+
+
+def ingest(
+    parts: EngineParts,
+    frames: Sequence[FrameInput],
+    pauses: IngestPauses | None = None,
+    encoded: EncodedFrames | None = None,
+) -> IngestResult:
     """Encodes a batch of frames from any number of streams.
 
     The batch is checked whole before anything changes, so a bad frame rejects the call and leaves every
     stream as it was. Frames of different streams share forward passes, one row per stream; a row carries
     up to ``config.max_frames_per_pass`` consecutive frames of its stream (a backlog catches up in fewer
     passes, still attending only to sink + local window + the row itself). With ``pauses`` the call stops at
-    fixed points for its caller (``mosaic_core.engine.ingest_pauses``).
+    fixed points for its caller (``mosaic_core.engine.ingest_pauses``). With ``encoded`` for these very frames
+    (``encode``), the call queues no vision tower of its own, and makes none of the pauses after or inside it; an
+    ``encoded`` for other frames is ignored.
     """
     if not frames:
         raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
@@ -61,7 +97,13 @@ def ingest(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPause
     if pauses is not None:
         pauses.begin_call(parts.question_stream, parts.tiering.tiers.transfers.side)
     start = time.perf_counter()
-    features = _encode(parts, by_stream, pauses)
+    encoded_ahead = encoded is not None and encoded.is_for(frames)
+    if encoded_ahead:
+        features, tower_done = encoded.features, encoded.tower_done
+    else:
+        features, tower_done = _encode(parts, by_stream, pauses)
+    if tower_done is not None:  # the language model reads the tower's output; the host does not wait here
+        torch.cuda.current_stream(parts.model.device).wait_event(tower_done)
     encode_s = time.perf_counter() - start
     attended: list[int] = []
     num_opened = num_passes = 0
@@ -96,6 +138,7 @@ def ingest(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPause
         issue_s=times.issue_s,
         wait_s=times.wait_s,
         place_s=times.place_s,
+        encoded_ahead=encoded_ahead,
     )
 
 
@@ -111,19 +154,22 @@ def _validate(parts: EngineParts, frames: Sequence[FrameInput]) -> dict[str, lis
     return dict(by_stream)
 
 
-def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[tuple[str, int], tuple]:
+def _encode(
+    parts: EngineParts, by_stream, pauses: IngestPauses | None
+) -> tuple[dict[tuple[str, int], tuple], torch.cuda.Event | None]:
     """Vision tower over every frame of the batch, one call per geometry (sources of any size resize into it), or
     with ``pauses.vision_frames`` one call per chunk of that many frames of a geometry; with ``pauses``, each call
     is followed by a pause, and with ``pauses.vision_blocks`` paused inside too. Each call's frames are uploaded
     once, and their keyframe thumbnails made from that upload; returns ``(embeds, summary, thumbnail maker)`` per
-    ``(stream, frame in the batch)``.
+    ``(stream, frame in the batch)``, and the event the language model must wait for (None without a tower stream).
 
     With ``parts.tower_stream`` the uploads, thumbnails and tower are queued there, and everything else (pauses and
     the questions they serve, the window reservations, whose spills wait for the compute queued so far) on the
-    stream that was current, the compute stream, which waits on the device for the tower before the language model.
-    The tower waits for nothing queued before it: it reads only this call's frames and the model's weights. Its
-    outputs are marked used by the compute stream, so the caching allocator does not give their memory to the next
-    call's tower before the language model has read them.
+    stream that was current, the compute stream, which the caller makes wait on the device for the returned event
+    before the language model, and no sooner: work queued on it meanwhile, such as a question's, does not wait for
+    the tower. The tower waits for nothing queued before it: it reads only this call's frames and the model's
+    weights. Its outputs are marked used by the compute stream, so the caching allocator does not give their memory
+    to a later tower before the language model has read them.
     """
     groups: dict[VisionGeometry, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
     for stream_id, items in by_stream.items():
@@ -158,9 +204,11 @@ def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> dict[
                 features[(stream_id, i)] = (out.embeds[j], out.summaries[j], small_of)
             if pauses is not None:
                 pauses.pause(parts.model.device)
-    if compute is not None:
-        compute.wait_stream(tower)
-    return features
+    if tower is None:
+        return features, None
+    tower_done = torch.cuda.Event()
+    tower_done.record(tower)
+    return features, tower_done
 
 
 def _on_stream(stream: torch.cuda.Stream | None, function: Callable) -> Callable:

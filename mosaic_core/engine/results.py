@@ -22,7 +22,8 @@ class IngestResult:
     ``issue_s`` are the host's time to queue the vision tower and the language model, ``wait_s`` the time it then
     waited for the device (for the tower's output when formation compares pictures alone, else for the whole pass),
     and ``place_s`` the time it spent placing frames into clusters after that. With ingest pauses, ``issue_s``
-    includes the time spent serving at them."""
+    includes the time spent serving at them. ``encoded_ahead``: the tower was queued before the call
+    (``Engine.encode_ahead``), so ``encode_s`` holds none of it."""
 
     num_frames: int
     num_forward_passes: int
@@ -33,6 +34,7 @@ class IngestResult:
     issue_s: float = 0.0
     wait_s: float = 0.0
     place_s: float = 0.0
+    encoded_ahead: bool = False
 
 
 @dataclass(slots=True)

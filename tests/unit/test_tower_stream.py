@@ -8,6 +8,7 @@ tower runs on its own stream, beside the previous call's language model.
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import pytest
@@ -105,3 +106,37 @@ def test_scenario_b_calls_two_digests_alike_only_with_the_same_clusters_and_keys
     from mosaic_core.bench.engine import _digests_agree
 
     assert _digests_agree(other, {"clusters_opened": 7, "key_sum_checksum": 100.0}) is agrees
+
+
+def test_a_call_uses_the_tower_encoded_ahead_for_its_own_frames_only(tiny_model, bikes_frames):
+    def batch(call):
+        return [
+            FrameInput(stream_id, t, rgb)
+            for i, stream_id in enumerate(STREAMS)
+            for t, rgb in bikes_frames[i + 2 * call : i + 2 * call + 2]
+        ]
+
+    plain = make_engine(tiny_model)
+    for stream_id in STREAMS:
+        plain.open_stream(stream_id)
+    for call in range(CALLS):
+        plain.ingest(batch(call))
+
+    ahead = make_engine(tiny_model, tower_stream=True)
+    for stream_id in STREAMS:
+        ahead.open_stream(stream_id)
+    encoded = ahead.encode_ahead(batch(0))
+    tower_pauses = []
+    for call in range(CALLS):
+        frames = batch(call)
+        stale = call == 2  # the same times, other pixel arrays: not these frames, so the call runs its own tower
+        if stale:
+            frames = [FrameInput(f.stream_id, f.timestamp_s, f.rgb.copy()) for f in frames]
+        pauses = IngestPauses(functools.partial(tower_pauses.append, call), every_layers=64, vision_blocks=1)
+        result = ahead.ingest(frames, pauses=pauses, encoded=encoded)
+        assert result.encoded_ahead is not stale
+        if call + 1 < CALLS:
+            encoded = ahead.encode_ahead(batch(call + 1))
+    assert tower_pauses.count(2) == 2 + FRAMES_PER_CALL  # inside and after its own tower, and before each pass
+    assert all(tower_pauses.count(call) == FRAMES_PER_CALL for call in (0, 1, 3, 4))  # the passes' pauses only
+    assert _stored(ahead) == _stored(plain)

@@ -1,0 +1,118 @@
+"""The engine loop with ``encode_ahead``: as an ingest call returns, the next call's frames are taken and their vision
+tower queued, and that call uses it; the clusters come out as without it, and frames taken ahead of a stream that
+closes are dropped (the worker counts them as deleted with the stream) and never reach a stream opened again under
+its id. Real engine (tiny preset on CPU),
+real loop and queues."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mosaic_core.engine.engine import Engine
+from services.engine_loop import EngineLoop
+from services.ingest_queue import IngestQueues, QueuedFrame
+from services.metadata import InMemoryMetadataStore
+from services.publisher import MetadataPublisher, WorkerView
+from services.telemetry import WorkerTelemetry
+from services.tier_sync import TierSync
+from tests.unit.engine_helpers import SMALL
+
+STREAMS = ("cam-0", "cam-1")
+QUEUED = 6  # frames of each stream: six calls of one frame a stream
+
+
+class EngineNotingCalls:
+    """The real engine, noting each ingest call's result and each batch encoded ahead."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.results = []
+        self.encoded_ahead = []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def ingest(self, frames, **options):
+        self.results.append(self._engine.ingest(frames, **options))
+        return self.results[-1]
+
+    def encode_ahead(self, frames):
+        self.encoded_ahead.append([(f.stream_id, f.timestamp_s) for f in frames])
+        return self._engine.encode_ahead(frames)
+
+
+def _run(tiny_model, bikes_frames, *, encode_ahead: bool):
+    engine = EngineNotingCalls(Engine(tiny_model, SMALL))
+    queues = IngestQueues(64)
+    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
+    loop = EngineLoop(
+        engine,
+        queues,
+        TierSync(engine, publisher, "0"),
+        WorkerTelemetry("0"),
+        max_batch_frames=len(STREAMS),
+        retention_s=lambda stream_id: 0.0,
+        encode_ahead=encode_ahead,
+    )
+    for stream_id in STREAMS:
+        engine.open_stream(stream_id, fps=4.0)
+        queues.add_stream(stream_id, 4.0)
+    for t, rgb in bikes_frames[:QUEUED]:
+        for stream_id in STREAMS:
+            queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
+    loop.start()
+    try:
+        deadline = time.monotonic() + 60
+        while any(loop.telemetry.totals(s).ingested < QUEUED for s in STREAMS):
+            assert time.monotonic() < deadline, "the loop did not ingest every queued frame"
+            time.sleep(0.01)
+    finally:
+        loop.stop()
+    clusters = {s: [(c.cluster_id, c.start_s, c.end_s, c.num_tokens) for c in engine.clusters(s)] for s in STREAMS}
+    return engine, clusters
+
+
+def test_each_call_after_the_first_uses_the_tower_queued_as_the_call_before_returned(tiny_model, bikes_frames):
+    engine, clusters = _run(tiny_model, bikes_frames, encode_ahead=True)
+    assert [r.num_frames for r in engine.results] == [len(STREAMS)] * QUEUED
+    assert [r.encoded_ahead for r in engine.results] == [False] + [True] * (QUEUED - 1)
+    times = [t for t, _ in bikes_frames[1:QUEUED]]
+    assert engine.encoded_ahead == [[(s, t) for s in STREAMS] for t in times]
+    _, plain = _run(tiny_model, bikes_frames, encode_ahead=False)
+    assert clusters == plain and all(clusters.values())
+
+
+@pytest.mark.parametrize("reopened", [False, True])
+def test_frames_taken_ahead_of_a_closing_stream_are_dropped(tiny_model, bikes_frames, reopened):
+    engine = Engine(tiny_model, SMALL)
+    queues = IngestQueues(64)
+    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
+    telemetry = WorkerTelemetry("0")
+    loop = EngineLoop(
+        engine,
+        queues,
+        TierSync(engine, publisher, "0"),
+        telemetry,
+        max_batch_frames=len(STREAMS),
+        retention_s=lambda stream_id: 0.0,
+        encode_ahead=True,
+    )
+    for stream_id in STREAMS:
+        engine.open_stream(stream_id, fps=4.0)
+        queues.add_stream(stream_id, 4.0)
+    for t, rgb in bikes_frames[:2]:
+        for stream_id in STREAMS:
+            queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
+    assert loop._ingest_once()  # the loop's own step, on this thread: the first call, and the second's frames ahead
+    assert loop.drop_ahead("cam-1") == 1
+    assert loop.drop_ahead("cam-1") == 0
+    engine.close_stream("cam-1")
+    if reopened:
+        engine.open_stream("cam-1", fps=4.0)
+    assert loop._ingest_once()  # the frames left: cam-0's
+    assert not loop._ingest_once()  # nothing queued, nothing ahead
+    assert engine.stream_stats("cam-0").frames_ingested == 2
+    if reopened:
+        assert engine.stream_stats("cam-1").frames_ingested == 0
