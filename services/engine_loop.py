@@ -27,14 +27,15 @@ commands, later tokens and the end of an answer wait for the call to end, so an 
 the call (bench/NOTES.md, session 12: decode through gRPC 31.8 ms a token at 64 cameras with pauses, 7.2 without, in
 two calls).
 
-**The next call's vision tower can go first** (``encode_ahead``): once an ingest call returns, before the questions
-at its end and its upkeep, the loop takes the next call's frames and queues their uploads, keyframe thumbnails and
-vision tower (``Engine.encode_ahead``), and the next call uses them. With the engine's ``tower_stream`` on CUDA,
-that tower runs on its own stream beside the language model the call just queued, where a question's first token
-read back between the calls would otherwise leave the device nothing but the question's work until the next call
-queues its tower. The frames taken ahead leave their queues then, so a stream's lag (``IngestQueues.oldest_wait_s``)
-no longer counts them, as it does not count those of the call under way; their time to ingestion is still measured
-from their arrival. Frames of a stream closed meanwhile are left out, and the call then queues its own tower.
+**The next call's vision tower can go first** (``encode_ahead``): once an ingest call returns, the loop takes the next
+call's frames and queues their uploads, keyframe thumbnails and vision tower (``Engine.encode_ahead``) before the
+questions at the call's end (unless one waits already: it goes first) and its upkeep, and the next call uses them.
+With the engine's ``tower_stream`` on CUDA, that tower runs on its own stream beside the language model the call just
+queued, where a question's first token read back between the calls would otherwise leave the device nothing but the
+question's work until the next call queued its tower. Without ``tower_stream`` on CUDA the setting is refused (with
+a warning): the tower would be queued on the compute stream, ahead of every question between the calls. A stream's
+lag (``oldest_wait_s``) counts the frames taken ahead, and answers stop decoding for them as for queued frames.
+Frames of a stream closed meanwhile are dropped (``drop_ahead``), and the call then queues its own tower.
 
 **Ingest is never starved by questions.** Ingest goes first in every iteration.
 Between two ingest calls the running questions advance a token each, and keep advancing while no frame waits,
@@ -222,8 +223,15 @@ class EngineLoop:
         self.ingest_pause_lookahead = ingest_pause_lookahead
         self.ingest_pause_skip_idle = ingest_pause_skip_idle
         self.questions_alongside_ingest = questions_alongside_ingest
+        if encode_ahead and engine.parts.model.device.type == "cuda" and engine.parts.tower_stream is None:
+            log.warning(
+                "encode_ahead is off: without the engine's tower_stream the next call's vision tower would be queued "
+                "on the compute stream, ahead of every question between the calls"
+            )
+            encode_ahead = False
         self.encode_ahead = encode_ahead
         self._ahead: _Ahead | None = None  # the next call's frames, taken with their tower queued (encode_ahead)
+        self._encoded_ahead_s = 0.0  # host seconds of the tower the call under way took from the call before
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls and at their ends
         self._last_chance: tuple[str, float] | None = None  # the engine thread's last chance to start a question
         self._forward_passes = 0  # language-model passes of every ingest call so far
@@ -321,8 +329,14 @@ class EngineLoop:
         return "none" if last is None else last[0]
 
     def oldest_wait_s(self, stream_id: str) -> float:
-        """The stream's ingest lag: seconds since its oldest frame still waiting for ingest arrived."""
-        return self.queues.oldest_wait_s(stream_id)
+        """The stream's ingest lag: seconds since its oldest frame still waiting for ingest arrived, in its queue or
+        taken for the next call (``encode_ahead``)."""
+        queued_s = self.queues.oldest_wait_s(stream_id)
+        ahead = self._ahead  # read once: the engine thread replaces it, never changes its frames in place
+        if ahead is None:
+            return queued_s
+        arrived = [f.received_s for f in ahead.taken if f.stream_id == stream_id]
+        return max(queued_s, time.monotonic() - min(arrived)) if arrived else queued_s
 
     # -- engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -392,16 +406,22 @@ class EngineLoop:
         passes_before = self._forward_passes
         if self.ingest_pause_layers:  # questions that came since the loop last started some go before this call
             self._serve_at_pause("call_start")
-        encoded = None if ahead is None else ahead.encoded
-        ingested = self._ingest(batch, encoded)
+        self._encoded_ahead_s = 0.0
+        ingested = self._ingest(batch, None if ahead is None else ahead.encoded)
         done_s = time.monotonic()
         served_s = self._served_in_pauses_s - served_before_s
+        # Questions that came during the call start before its upkeep; the next call's tower is queued before them,
+        # beside the language model just queued, unless one waits already: it goes first.
+        serves = bool(self.ingest_pause_layers)
+        if serves and self._pending_questions:
+            self._serve_at_pause("call_end")
+            serves = False
         next_encode_s = self._encode_next() if self.encode_ahead else 0.0
-        if self.ingest_pause_layers:  # questions that came during the call start before its upkeep
+        if serves:
             self._serve_at_pause("call_end")
         self.telemetry.spent("questions", self._served_in_pauses_s - served_before_s)
-        encoded_s = 0.0 if encoded is None else encoded.encode_s  # this call's tower, queued the call before
-        self.capacity.observe(len(ingested), done_s - started_s - served_s + encoded_s)
+        # the call's time, with its tower's where that was queued the call before
+        self.capacity.observe(len(ingested), done_s - started_s - served_s + self._encoded_ahead_s)
         per_stream: dict[str, int] = defaultdict(int)
         for frame in ingested:
             per_stream[frame.stream_id] += 1
@@ -425,8 +445,8 @@ class EngineLoop:
 
     def _encode_next(self) -> float:
         """Takes the next call's frames and queues their vision tower now (``encode_ahead``); returns the seconds it
-        took. A batch the engine refuses is kept without its tower: the call meets the same error, and drops only
-        the bad stream's frames."""
+        took. A batch the engine refuses is kept without its tower: the call checks it again (a refused batch
+        changes no stream), and, refused, drops only the bad stream's frames."""
         started_s = time.monotonic()
         taken = self._take_call()
         if not taken:
@@ -436,8 +456,10 @@ class EngineLoop:
         if batch:
             try:
                 self._ahead.encoded = self.engine.encode_ahead(_frame_inputs(batch))
-            except Exception as err:
+            except MosaicError as err:
                 log.debug("the next call's frames were not encoded ahead: %s", err)
+            except Exception:
+                log.warning("encoding the next call's frames ahead failed; the call encodes its own", exc_info=True)
         return time.monotonic() - started_s
 
     def _ingest(self, batch: list[QueuedFrame], encoded: EncodedFrames | None = None) -> list[QueuedFrame]:
@@ -461,6 +483,8 @@ class EngineLoop:
         try:
             result = self.engine.ingest(_frame_inputs(batch), pauses=pauses, encoded=encoded)
             self._forward_passes += result.num_forward_passes
+            if result.encoded_ahead:
+                self._encoded_ahead_s = encoded.encode_s
             return batch
         except Exception as err:
             if len({f.stream_id for f in batch}) == 1:
@@ -571,7 +595,7 @@ class EngineLoop:
             self._timed("questions", self._step_running)
             if not self._questions or self._stop.is_set():
                 return True
-            if time.monotonic() >= slice_ends_s and self.queues.total_frames() > 0:
+            if time.monotonic() >= slice_ends_s and (self.queues.total_frames() > 0 or self._ahead is not None):
                 return True
             self._timed("other", self._run_commands)
             self._timed("questions", self._start_questions)

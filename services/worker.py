@@ -397,7 +397,7 @@ class WorkerCore:
             bytes_by_tier=dict(stats.bytes_by_tier),
             first_timestamp_s=stats.first_timestamp_s,
             last_timestamp_s=stats.last_timestamp_s,
-            lag_s=self.queues.oldest_wait_s(stream_id),
+            lag_s=self.loop.oldest_wait_s(stream_id),
             queue_frames=self.queues.depth(stream_id),
             source_state=int(progress.state) if progress else int(SourceState.PUSH),
             source_error=progress.error if progress else "",
@@ -500,7 +500,7 @@ class WorkerCore:
 
     # -- telemetry ----------------------------------------------------------------------------------
     def drain_telemetry(self) -> TelemetryDelta:
-        lags = {sid: self.queues.oldest_wait_s(sid) for sid in list(self.sessions)}
+        lags = {sid: self.loop.oldest_wait_s(sid) for sid in list(self.sessions)}
         delta = self.telemetry.drain(queue_depths=self.queues.depths(), lags_s=lags, engine_stats=self.loop.stats)
         delta.durability = self._durability_delta()
         self._save_counters()

@@ -367,6 +367,7 @@ def scenario_b(
                 durable_pending_bytes=durable_pending_bytes,
             )
         engine = Engine(model, config)
+        retries_before = _alloc_retries()
         for c in range(s.cameras):
             engine.open_stream(f"cam{c:03d}")
         half = s.camera_seconds // 2
@@ -382,9 +383,12 @@ def scenario_b(
         ingest_s = time.perf_counter() - t0
         ingest_only_unix_s = [t0_unix, time.time()]
         fps = s.cameras * (half - 1) / ingest_s
+        cluster_ids = [c.cluster_id for n in range(s.cameras) for c in engine.clusters(f"cam{n:03d}")]
         digest = {
             "clusters_opened": sum(c.num_clusters_opened for c in calls),
-            "key_sum_checksum": engine.parts.tiering.summaries.checksum(),
+            "key_sum_checksums": dict(
+                zip(cluster_ids, engine.parts.tiering.summaries.checksums(cluster_ids), strict=True)
+            ),
         }
         twin = digests.setdefault((mode, variant), digest) if not tower_stream else digests.get((mode, variant))
 
@@ -437,11 +441,15 @@ def scenario_b(
             "durable": data_dir is not None,
             "keyframes_per_cluster": config.keyframes_per_cluster,
             "pauses": variant.name,  # off: questions asked after the ingest call
-            "tower_stream": tower_stream,
-            "stored_digest": digest,
+            "tower_stream": engine.parts.tower_stream is not None,  # what ran: on the CPU there is none
+            "stored_digest": {"clusters_opened": digest["clusters_opened"], "clusters": len(cluster_ids)},
             # with the tower on its own stream: whether the same frames stored the same clusters and keys as without
             "stored_as_tower_off": None if not tower_stream or twin is None else _digests_agree(digest, twin),
             "close_s": close_s,
+            # the caching allocator's: memory it holds, and retries after failed allocations (each frees its cache,
+            # waiting for the whole device) while this row ran; None off CUDA
+            "cuda_reserved_bytes": torch.cuda.memory_reserved() if torch.cuda.is_available() else None,
+            "cuda_alloc_retries": None if retries_before is None else _alloc_retries() - retries_before,
             # captures block the engine thread: a question that captures waits for them
             "graph_captures": {
                 pool.what: {"captured": pool.num_captured, "capture_s": pool.capture_s, "failure": pool.failure}
@@ -469,11 +477,19 @@ def scenario_b(
     return results
 
 
+def _alloc_retries() -> int | None:
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else None
+
+
 def _digests_agree(digest: dict, twin: dict, rel_tol: float = 1e-4) -> bool:
-    """The same clusters opened, and key sums equal up to the float rounding of the summaries' indexed adds."""
-    expected = twin["key_sum_checksum"]
-    close = abs(digest["key_sum_checksum"] - expected) <= rel_tol * max(abs(expected), 1e-12)
-    return digest["clusters_opened"] == twin["clusters_opened"] and close
+    """The same clusters opened, under the same ids, and each cluster's key sums equal up to the float rounding of
+    the summaries' indexed adds."""
+    ours, theirs = digest["key_sum_checksums"], twin["key_sum_checksums"]
+    return (
+        digest["clusters_opened"] == twin["clusters_opened"]
+        and ours.keys() == theirs.keys()
+        and all(abs(ours[c] - theirs[c]) <= rel_tol * max(abs(theirs[c]), 1e-12) for c in theirs)
+    )
 
 
 def _variants(text: str, parser: argparse.ArgumentParser) -> set[str]:

@@ -447,9 +447,13 @@ class Engine:
         on its own stream, beside the language model still queued from the call before, and whatever the host does
         until ``ingest(frames, encoded=...)``.
 
+        The batch is checked as ``ingest`` checks it, and what the tower changes is what the call's own tower would:
+        a new stream's frame size and window reservation, whose room may spill other clusters. The call uses the
+        encoding only if it gets the same frames of the same streams (none closed and opened again meanwhile).
+
         Raises:
             as ``ingest`` does for a bad batch (``EmptyBatchError``, ``InvalidFrameError``, ``UnknownStreamError``,
-            ...), before anything is queued.
+            ``BudgetError``, ...), before any of the batch's tower is queued.
         """
         return ingest.encode(self.parts, frames)
 

@@ -38,20 +38,46 @@ PASS_FILL = 0.8
 
 
 @dataclass(frozen=True, slots=True)
+class TowerWork:
+    """What ``_encode`` queued: each frame's ``(embeds, summary, thumbnail maker)`` by ``(stream, frame in the
+    batch)``; with a tower stream, the event recorded after the tower and the output tensors the language model
+    reads from another stream."""
+
+    features: dict[tuple[str, int], tuple]
+    done: torch.cuda.Event | None = None
+    outputs: tuple[torch.Tensor, ...] = ()
+
+    def read_on(self, stream: torch.cuda.Stream | None) -> None:
+        """Makes ``stream`` wait on the device for the tower (the host does not wait), and marks the outputs used
+        by it, so the caching allocator does not give their memory to a later tower before ``stream`` has read
+        them."""
+        if self.done is None:
+            return
+        stream.wait_event(self.done)
+        for output in self.outputs:
+            output.record_stream(stream)
+
+
+@dataclass(frozen=True, slots=True)
 class EncodedFrames:
     """A batch's uploads, keyframe thumbnails and vision tower, queued before its ingest call (``encode``); the call
-    given the same frames uses them instead of queuing its own."""
+    given the same frames of the same streams uses them instead of queuing its own."""
 
     frames: tuple[FrameInput, ...]
-    features: dict[tuple[str, int], tuple]
-    tower_done: torch.cuda.Event | None  # recorded on ``parts.tower_stream`` after the tower (None: no such stream)
+    streams: dict[str, StreamState]  # the stream objects the batch was checked against
+    work: TowerWork
     encode_s: float  # the host's time queuing them
 
-    def is_for(self, frames: Sequence[FrameInput]) -> bool:
-        """Whether ``frames`` are this batch's: the same streams, timestamps and pixel arrays, in the same order."""
-        return len(frames) == len(self.frames) and all(
-            a.stream_id == b.stream_id and a.timestamp_s == b.timestamp_s and a.rgb is b.rgb
-            for a, b in zip(frames, self.frames, strict=True)
+    def is_for(self, frames: Sequence[FrameInput], streams: dict[str, StreamState]) -> bool:
+        """Whether ``frames`` are this batch's: the same streams (not closed and opened again since), timestamps and
+        pixel arrays, in the same order."""
+        return (
+            len(frames) == len(self.frames)
+            and all(
+                a.stream_id == b.stream_id and a.timestamp_s == b.timestamp_s and a.rgb is b.rgb
+                for a, b in zip(frames, self.frames, strict=True)
+            )
+            and all(streams.get(stream_id) is state for stream_id, state in self.streams.items())
         )
 
 
@@ -66,13 +92,16 @@ class _HostTimes:
 
 def encode(parts: EngineParts, frames: Sequence[FrameInput]) -> EncodedFrames:
     """Queues a batch's uploads, keyframe thumbnails and vision tower ahead of its ingest call, which ``ingest``
-    with ``encoded`` then skips. The batch is checked as ``ingest`` checks it; the only state it changes is a new
-    stream's frame size and window reservation, which its first frame fixes either way."""
+    with ``encoded`` then skips. The batch is checked as ``ingest`` checks it. What it changes is what the call's
+    own tower would: a new stream's frame size and window reservation (whose room may spill other clusters), fixed
+    by its first frame either way."""
     if not frames:
         raise EmptyBatchError("encoding needs at least one frame; the batch was empty")
     start = time.perf_counter()
-    features, tower_done = _encode(parts, _validate(parts, frames), None)
-    return EncodedFrames(tuple(frames), features, tower_done, time.perf_counter() - start)
+    by_stream = _validate(parts, frames)
+    work = _encode(parts, by_stream, None)
+    streams = {stream_id: parts.streams[stream_id] for stream_id in by_stream}
+    return EncodedFrames(tuple(frames), streams, work, time.perf_counter() - start)
 
 
 def ingest(
@@ -94,16 +123,14 @@ def ingest(
     if not frames:
         raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
     by_stream = _validate(parts, frames)
+    tower_apart = parts.tower_stream is not None
     if pauses is not None:
-        pauses.begin_call(parts.question_stream, parts.tiering.tiers.transfers.side)
+        pauses.begin_call(parts.question_stream, parts.tiering.tiers.transfers.side, tower_apart=tower_apart)
     start = time.perf_counter()
-    encoded_ahead = encoded is not None and encoded.is_for(frames)
-    if encoded_ahead:
-        features, tower_done = encoded.features, encoded.tower_done
-    else:
-        features, tower_done = _encode(parts, by_stream, pauses)
-    if tower_done is not None:  # the language model reads the tower's output; the host does not wait here
-        torch.cuda.current_stream(parts.model.device).wait_event(tower_done)
+    encoded_ahead = encoded is not None and encoded.is_for(frames, parts.streams)
+    work = encoded.work if encoded_ahead else _encode(parts, by_stream, pauses)
+    work.read_on(torch.cuda.current_stream(parts.model.device) if tower_apart else None)
+    features = work.features
     encode_s = time.perf_counter() - start
     attended: list[int] = []
     num_opened = num_passes = 0
@@ -154,33 +181,27 @@ def _validate(parts: EngineParts, frames: Sequence[FrameInput]) -> dict[str, lis
     return dict(by_stream)
 
 
-def _encode(
-    parts: EngineParts, by_stream, pauses: IngestPauses | None
-) -> tuple[dict[tuple[str, int], tuple], torch.cuda.Event | None]:
+def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> TowerWork:
     """Vision tower over every frame of the batch, one call per geometry (sources of any size resize into it), or
     with ``pauses.vision_frames`` one call per chunk of that many frames of a geometry; with ``pauses``, each call
     is followed by a pause, and with ``pauses.vision_blocks`` paused inside too. Each call's frames are uploaded
-    once, and their keyframe thumbnails made from that upload; returns ``(embeds, summary, thumbnail maker)`` per
-    ``(stream, frame in the batch)``, and the event the language model must wait for (None without a tower stream).
+    once, and their keyframe thumbnails made from that upload (``TowerWork``).
 
     With ``parts.tower_stream`` the uploads, thumbnails and tower are queued there, and everything else (pauses and
     the questions they serve, the window reservations, whose spills wait for the compute queued so far) on the
-    stream that was current, the compute stream, which the caller makes wait on the device for the returned event
-    before the language model, and no sooner: work queued on it meanwhile, such as a question's, does not wait for
-    the tower. The tower waits for nothing queued before it: it reads only this call's frames and the model's
-    weights. Its outputs are marked used by the compute stream, so the caching allocator does not give their memory
-    to a later tower before the language model has read them.
+    stream that was current, the compute stream. The caller makes the stream that runs the language model wait on
+    the device for the tower (``TowerWork.read_on``) right before it, and no sooner: work queued meanwhile, such as
+    a question's, does not wait for the tower. The tower waits for nothing queued before it: it reads only this
+    call's frames and the model's weights.
     """
     groups: dict[VisionGeometry, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
     for stream_id, items in by_stream.items():
         state = parts.streams[stream_id]
         for i, (_, rgb) in enumerate(items):
             if state.geometry is None:
-                state.geometry = parts.model.choose_geometry(*rgb.shape[:2], parts.config.target_tokens_per_frame)
-                _check_geometry(parts, state)
-                parts.reserve_window(state)  # now that a frame's size is known
+                _fix_geometry(parts, state, rgb)
             groups[state.geometry].append((stream_id, i, rgb))
-    features = {}
+    features, outputs = {}, []
     tower = parts.tower_stream
     compute = None if tower is None else torch.cuda.current_stream(parts.model.device)
     before_block = None
@@ -196,19 +217,17 @@ def _encode(
                 if parts.config.keyframes_per_cluster > 0:  # queued before the tower, read as frames are placed
                     thumbnails = ThumbnailBatch(uploaded, parts.config.keyframe_long_side_px)
                 out = parts.model.encode_frames(uploaded, geometry, before_block=before_block)
-            if compute is not None:
-                out.embeds.record_stream(compute)
-                out.summaries.record_stream(compute)
+            outputs += [out.embeds, out.summaries]
             for j, (stream_id, i, _) in enumerate(chunk):
                 small_of = None if thumbnails is None else functools.partial(thumbnails.small, j)
                 features[(stream_id, i)] = (out.embeds[j], out.summaries[j], small_of)
             if pauses is not None:
-                pauses.pause(parts.model.device)
+                pauses.pause(parts.model.device, in_tower=True)
     if tower is None:
-        return features, None
-    tower_done = torch.cuda.Event()
-    tower_done.record(tower)
-    return features, tower_done
+        return TowerWork(features)
+    done = torch.cuda.Event()
+    done.record(tower)
+    return TowerWork(features, done, tuple(outputs))
 
 
 def _on_stream(stream: torch.cuda.Stream | None, function: Callable) -> Callable:
@@ -221,12 +240,21 @@ def _on_stream(stream: torch.cuda.Stream | None, function: Callable) -> Callable
     return on_stream
 
 
-def _check_geometry(parts: EngineParts, state: StreamState) -> None:
-    if state.geometry.tokens_per_frame > parts.config.formation.max_tokens:
+def _fix_geometry(parts: EngineParts, state: StreamState, rgb: np.ndarray) -> None:
+    """Chooses a new stream's frame size from its first frame and reserves its window for it. A refusal leaves the
+    stream without either, so its next batch is checked again."""
+    geometry = parts.model.choose_geometry(*rgb.shape[:2], parts.config.target_tokens_per_frame)
+    if geometry.tokens_per_frame > parts.config.formation.max_tokens:
         raise BudgetError(
-            f"a frame of stream {state.stream_id!r} has {state.geometry.tokens_per_frame} tokens, more "
+            f"a frame of stream {state.stream_id!r} has {geometry.tokens_per_frame} tokens, more "
             f"than the cluster size cap formation.max_tokens={parts.config.formation.max_tokens}"
         )
+    state.geometry = geometry
+    try:
+        parts.reserve_window(state)  # now that a frame's size is known
+    except BaseException:
+        state.geometry = None
+        raise
 
 
 def _ingest_pass(

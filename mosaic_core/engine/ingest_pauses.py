@@ -48,6 +48,12 @@ On CUDA, what happens at a pause where ``serve`` is called depends on ``alongsid
   that a host that never waits blocks inside kernel launches once the device's queue is full, holding the GIL,
   where a wait at a pause releases it to the worker's other threads (sources decoding video, pushes).
 
+With the vision tower on a CUDA stream of its own (``EngineConfig.tower_stream``), the pauses in and after the tower
+never wait for the device, whether ``alongside`` or not: a question started there runs on the compute stream, which
+holds none of the tower's work, so the host goes on queuing the tower while the previous call's language model still
+runs. Those pauses leave no mark to wait for either: the first layer pause of the call's first pass is the next one
+that does.
+
 What ``serve`` sees and may do: every stream holds the frames of the passes already done in this call, and of the
 pass under way only once they are placed (at a pause while placing, the streams placed so far hold theirs, each
 stream whole, the others not yet). It may start questions and run their prefill and decode steps, which read slot
@@ -84,6 +90,7 @@ class IngestPauses:
     _pass_start: torch.cuda.Event | None = field(default=None, repr=False)
     _placing: bool = False
     _passes_begun: int = 0
+    _tower_apart: bool = False
 
     def __post_init__(self) -> None:
         optional = {
@@ -99,8 +106,12 @@ class IngestPauses:
             )
         self._reached = PauseMarks(self.lookahead)
 
-    def begin_call(self, question_stream: torch.cuda.Stream | None, side: torch.cuda.Stream | None) -> None:
-        """The ingest call starts (before its tower): the streams questions run on and follow, when ``alongside``."""
+    def begin_call(
+        self, question_stream: torch.cuda.Stream | None, side: torch.cuda.Stream | None, *, tower_apart: bool = False
+    ) -> None:
+        """The ingest call starts (before its tower): the streams questions run on and follow, when ``alongside``,
+        and whether the tower runs on a stream of its own (``tower_apart``)."""
+        self._tower_apart = tower_apart
         if self.alongside and question_stream is not None:
             self._question_stream, self._side = question_stream, side
             self._pass_start = _recorded()
@@ -118,7 +129,7 @@ class IngestPauses:
 
     def before_vision_block(self, block_idx: int, *, device: torch.device) -> None:
         if self.vision_blocks is not None and block_idx > 0 and block_idx % self.vision_blocks == 0:
-            self.pause(device)
+            self.pause(device, in_tower=True)
 
     def placed(self, num_frames: int, *, last_of_pass: bool) -> bool:
         """Counts a pass's frames just placed; says whether to ``pause`` now (``placed_frames`` have been placed
@@ -132,9 +143,11 @@ class IngestPauses:
         self._placed_since_pause = 0
         return True
 
-    def pause(self, device: torch.device) -> None:
+    def pause(self, device: torch.device, *, in_tower: bool = False) -> None:
+        """A pause (module doc); ``in_tower``: inside the vision tower or after it."""
         self.num_pauses += 1
-        waits = device.type == "cuda" and self._question_stream is None and not self._placing
+        tower_apart = in_tower and self._tower_apart
+        waits = device.type == "cuda" and self._question_stream is None and not self._placing and not tower_apart
         behind = self._reached.push(_recorded()) if waits else None
         if self.has_work is not None and not self.has_work():
             return

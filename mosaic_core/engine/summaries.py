@@ -106,13 +106,13 @@ class SummaryIndex:
         count = sum(self._residency.summary(cid).num_tokens for cid in cluster_ids)
         return self._sum[rows].sum(dim=0), self._sumsq[rows].sum(dim=0), float(count)
 
-    def checksum(self) -> float:
-        """The sum of the absolute key sums of every row in use: two engines that stored the same keys agree on it up
-        to float rounding (how a benchmark checks that a faster path stored what the plain one did)."""
-        used = [row for row, owner in enumerate(self._owners) if owner is not None]
-        if not used:
-            return 0.0
-        return float(self._sum[upload(used, torch.long, self.device)].abs().double().sum())
+    def checksums(self, cluster_ids: list[str]) -> list[float]:
+        """Each cluster's sum of its absolute key sums (every layer, head and dimension): two engines that stored the
+        same keys agree on them up to float rounding (how a benchmark checks that a faster path stored what the plain
+        one did). One read back."""
+        if not cluster_ids:
+            return []
+        return self._sum[self.rows(cluster_ids)].abs().double().flatten(1).sum(dim=1).tolist()
 
     def free(self, summary: SummaryRow) -> None:
         """Frees the row of an ended record (nothing if it never had one), with no device work: it is zeroed when

@@ -53,14 +53,16 @@ def test_bench_engine_runs_scenario_b_for_each_count_of_cameras_and_tower_stream
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("loading tiny") == 1
     rows = json.loads(out.read_text())["B"]
-    assert {name: (row["cameras"], row["tower_stream"]) for name, row in rows.items()} == {
-        "cluster 2 cameras": (2, False),
-        "cluster tower-stream 2 cameras": (2, True),
-        "cluster 3 cameras": (3, False),
-        "cluster tower-stream 3 cameras": (3, True),
+    assert {name: row["cameras"] for name, row in rows.items()} == {
+        "cluster 2 cameras": 2,
+        "cluster tower-stream 2 cameras": 2,
+        "cluster 3 cameras": 3,
+        "cluster tower-stream 3 cameras": 3,
     }
+    assert not any(row["tower_stream"] for row in rows.values()), "on the CPU no tower stream runs"
     assert all(row["real_time"] == (row["ingest_pass_ms"] <= 1e3) for row in rows.values())
-    assert all(row["stored_digest"]["clusters_opened"] > 0 for row in rows.values())
+    assert all(row["stored_digest"]["clusters"] > 0 for row in rows.values())
+    # the digests' plumbing: on the CPU both rows of a count take one path, so they must agree
     assert [row["stored_as_tower_off"] for row in rows.values()] == [None, True, None, True]
     assert "| real-time (pass <= 1 s)" in result.stdout
 

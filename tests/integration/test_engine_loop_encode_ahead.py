@@ -11,7 +11,7 @@ import time
 import pytest
 
 from mosaic_core.engine.engine import Engine
-from services.engine_loop import EngineLoop
+from services.engine_loop import EngineLoop, QuestionJob
 from services.ingest_queue import IngestQueues, QueuedFrame
 from services.metadata import InMemoryMetadataStore
 from services.publisher import MetadataPublisher, WorkerView
@@ -106,6 +106,7 @@ def test_frames_taken_ahead_of_a_closing_stream_are_dropped(tiny_model, bikes_fr
         for stream_id in STREAMS:
             queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
     assert loop._ingest_once()  # the loop's own step, on this thread: the first call, and the second's frames ahead
+    assert queues.oldest_wait_s("cam-1") == 0.0 and loop.oldest_wait_s("cam-1") > 0.0  # the lag counts them
     assert loop.drop_ahead("cam-1") == 1
     assert loop.drop_ahead("cam-1") == 0
     engine.close_stream("cam-1")
@@ -116,3 +117,30 @@ def test_frames_taken_ahead_of_a_closing_stream_are_dropped(tiny_model, bikes_fr
     assert engine.stream_stats("cam-0").frames_ingested == 2
     if reopened:
         assert engine.stream_stats("cam-1").frames_ingested == 0
+
+
+def test_answers_stop_decoding_after_their_slice_for_frames_taken_ahead(tiny_model, bikes_frames):
+    engine = Engine(tiny_model, SMALL)
+    queues = IngestQueues(64)
+    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
+    loop = EngineLoop(
+        engine,
+        queues,
+        TierSync(engine, publisher, "0"),
+        WorkerTelemetry("0"),
+        max_batch_frames=len(STREAMS),
+        retention_s=lambda stream_id: 0.0,
+        answer_slice_s=0.0,
+        encode_ahead=True,
+    )
+    for stream_id in STREAMS:
+        engine.open_stream(stream_id, fps=4.0)
+        queues.add_stream(stream_id, 4.0)
+    for t, rgb in bikes_frames[:2]:
+        for stream_id in STREAMS:
+            queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
+    assert loop._ingest_once() and queues.total_frames() == 0  # the second call's frames are taken ahead
+    loop.submit(QuestionJob("q", "cam-0", "what happened?", 16, None, time.monotonic() + 60))
+    assert loop._start_questions()
+    assert loop._step_questions()
+    assert loop._questions, "the answer went on decoding to its end while the next call's frames waited"

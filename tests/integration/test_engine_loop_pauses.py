@@ -245,9 +245,9 @@ def test_a_question_arriving_during_another_ones_prefill_starts_at_the_same_paus
     asked = EngineAskedTwice(engine)
     original_pause = IngestPauses.pause
 
-    def counted(pauses, device):
+    def counted(pauses, device, **where):
         asked.pauses += 1
-        return original_pause(pauses, device)
+        return original_pause(pauses, device, **where)
 
     monkeypatch.setattr(IngestPauses, "pause", counted)
     publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))

@@ -183,6 +183,26 @@ def test_the_host_waits_for_the_device_at_layer_pauses_but_never_while_placing(m
     assert waited == ["mark 0", "mark 1", "mark 2"]  # each layer pause for the one before it; placing, for none
 
 
+@pytest.mark.parametrize("tower_apart", [False, True])
+def test_with_the_tower_on_its_own_stream_its_pauses_neither_mark_nor_wait(monkeypatch, tower_apart):
+    waited: list[str] = []
+    made = _marks_for_events(monkeypatch, waited, lambda i: f"mark {i}")
+    cuda = torch.device("cuda")  # the waits are CUDA's; no device is touched, the marks stand in for its events
+    pauses = IngestPauses(lambda: None, every_layers=2, vision_blocks=1, lookahead=1)
+    pauses.begin_call(None, None, tower_apart=tower_apart)
+    for block in range(3):
+        pauses.before_vision_block(block, device=cuda)
+    pauses.pause(cuda, in_tower=True)  # after the tower
+    pauses.begin_pass()
+    for layer in range(4):
+        pauses.before_layer(layer, cuda)
+    assert pauses.num_pauses == 2 + 1 + 2
+    if tower_apart:  # the layer pauses only: the second waits for the first
+        assert ([m.name for m in made], waited) == (["mark 0", "mark 1"], ["mark 0"])
+    else:  # every pause marks, and each waits for the one before it
+        assert len(made) == 5 and waited == ["mark 0", "mark 1", "mark 2", "mark 3"]
+
+
 @pytest.mark.parametrize("field", ["every_layers", "vision_frames", "vision_blocks", "placed_frames", "lookahead"])
 def test_pauses_need_positive_spacing(field):
     with pytest.raises(ValueError, match=field):

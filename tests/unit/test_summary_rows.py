@@ -172,18 +172,16 @@ def test_tracked_ids_is_a_live_view_of_the_tracked_clusters(tmp_path):
     assert "cam/c000000" not in tracked
 
 
-def test_the_checksum_sums_the_rows_in_use_only(tmp_path):
+def test_checksums_sum_each_clusters_absolute_key_sums(tmp_path):
     tiering = make_tiering(SPEC, tmp_path, device="cpu", page_tokens=4, device_bytes=1 << 22)
     summaries = tiering.summaries
-    assert summaries.checksum() == 0.0
-    keys = {}
+    assert summaries.checksums([]) == []
+    expected = {}
     for i in range(3):
         cluster_id, kv = f"cam/c{i:06d}", _keys(i)
         put(tiering, cluster_id, kv, Tier.DEVICE)
         summaries.add(cluster_id, kv[:, 0])
-        keys[cluster_id] = kv[:, 0].double()
-    total = sum(float(k.sum(dim=2).abs().sum()) for k in keys.values())
-    assert summaries.checksum() == pytest.approx(total)
-    tiering.remove("cam/c000001")  # its row keeps its values until reused
-    kept = total - float(keys["cam/c000001"].sum(dim=2).abs().sum())
-    assert summaries.checksum() == pytest.approx(kept)
+        expected[cluster_id] = float(kv[:, 0].double().sum(dim=2).abs().sum())
+    tiering.remove("cam/c000001")  # its row is freed and keeps its values until reused
+    kept = ["cam/c000002", "cam/c000000"]
+    assert summaries.checksums(kept) == pytest.approx([expected[c] for c in kept])
