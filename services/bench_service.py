@@ -92,6 +92,7 @@ STREAM_LABEL = re.compile(r'stream="([^"]*)"')
 PART_LABEL = re.compile(r'part="([^"]*)"')
 BATCH_FRAMES = ("mosaic_ingest_batch_frames_sum", "mosaic_ingest_batch_frames_count")
 FORWARD_PASSES = "mosaic_ingest_forward_passes_total"
+ENCODED_AHEAD = "mosaic_ingest_calls_encoded_ahead_total"
 # The service's ingest-pause settings a run may change: each is a flag of its own, --ingest-pause-..., and goes
 # into ServiceConfig under its name.
 PAUSE_SETTINGS = {
@@ -185,14 +186,14 @@ EVENT_LABEL = re.compile(r'event="([^"]*)"')
 
 def engine_totals(metrics_text: str) -> dict[str, float]:
     """The workers' engine-thread seconds by part, the ingest-call histogram's frame sum and count, the ingest
-    calls' forward passes, and the GPU allocator's events (keyed ``allocator:EVENT``)."""
+    calls' forward passes and those encoded ahead, and the GPU allocator's events (keyed ``allocator:EVENT``)."""
     totals: dict[str, float] = {}
     for name, labels, value in METRIC_LINE.findall(metrics_text):
         if name == "mosaic_engine_loop_seconds_total" and (part := PART_LABEL.search(labels)):
             key = part.group(1)
         elif name == ALLOCATOR_TOTAL and (event := EVENT_LABEL.search(labels)):
             key = f"allocator:{event.group(1)}"
-        elif name in BATCH_FRAMES or name == FORWARD_PASSES:
+        elif name in BATCH_FRAMES or name in (FORWARD_PASSES, ENCODED_AHEAD):
             key = name
         else:
             continue
@@ -247,6 +248,7 @@ class EngineThread:
     share: dict[str, float]  # seconds per second, by part
     frames_per_call: float | None  # mean frames per ingest call; None: no call
     passes_per_call: float | None  # mean language-model forward passes per ingest call
+    encoded_ahead_share: float | None  # of the ingest calls, those whose tower was queued the call before
     allocator_events: dict[str, int]  # the GPU allocator's events in the span, by event (none off CUDA)
 
 
@@ -257,9 +259,11 @@ def engine_thread(before: dict[str, float], after: dict[str, float], elapsed_s: 
     calls = delta.pop(BATCH_FRAMES[1], 0.0)
     frames = delta.pop(BATCH_FRAMES[0], 0.0)
     passes = delta.pop(FORWARD_PASSES, 0.0)
+    ahead = delta.pop(ENCODED_AHEAD, 0.0)
     allocator = {key.split(":", 1)[1]: round(delta.pop(key)) for key in list(delta) if key.startswith("allocator:")}
     share = {part: seconds / elapsed_s for part, seconds in delta.items()}
-    return EngineThread(share, frames / calls if calls else None, passes / calls if calls else None, allocator)
+    per_call = (frames / calls, passes / calls, ahead / calls) if calls else (None, None, None)
+    return EngineThread(share, *per_call, allocator)
 
 
 def measure_step(service: LocalService, load: Load, cameras: list[str], args, decode_cost_s: dict) -> StepResult:
@@ -354,6 +358,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         engine_thread_share=thread.share,
         frames_per_ingest_call=thread.frames_per_call,
         forward_passes_per_ingest_call=thread.passes_per_call,
+        ingest_calls_encoded_ahead=thread.encoded_ahead_share,
         allocator_events=thread.allocator_events,
         worker_gil=gil_probe.wait_share(gil_before, gil_probe.read_latest(service.workdir, "worker-*")),
         engine_stacks=stack_probe.busiest(stacks_before, stack_probe.read_latest(service.workdir, "worker-*")),

@@ -53,6 +53,7 @@ class StepResult:
     tiers: dict[str, float] | None = None  # KV held and budgeted per tier, and moved (bench_service.tier_summary)
     # The workers' GPU allocator events in the step, by event (bench_service.engine_thread; empty off CUDA)
     allocator_events: dict[str, int] = field(default_factory=dict)
+    ingest_calls_encoded_ahead: float | None = None  # share of the ingest calls whose tower was queued the call before
     # Parts of the server's TTFT: waiting on the worker until the engine began the question, and the engine's
     # prefill to first token (QueryTimings.start_wait_s and engine_first_token_s)
     start_wait_p50_ms: float | None = None
@@ -145,10 +146,12 @@ def table(report: dict) -> str:
             )
         share = ", ".join(f"{part} {s:.2f}" for part, s in step["engine_thread_share"].items())
         per_call, passes = step["frames_per_ingest_call"], step.get("forward_passes_per_ingest_call")
+        ahead = step.get("ingest_calls_encoded_ahead")
         lines.append(
             f"N={step['cameras']}: the worker's engine thread, seconds per second: {share or '-'}; frames per "
             f"ingest call: {'-' if per_call is None else f'{per_call:.1f}'}, forward passes per call: "
             f"{'-' if passes is None else f'{passes:.2f}'}"
+            + ("" if ahead is None else f", share of calls with their tower queued ahead: {ahead:.2f}")
         )
         if step.get("allocator_events"):
             events = ", ".join(f"{event} {n}" for event, n in step["allocator_events"].items())

@@ -231,7 +231,8 @@ class EngineLoop:
             encode_ahead = False
         self.encode_ahead = encode_ahead
         self._ahead: _Ahead | None = None  # the next call's frames, taken with their tower queued (encode_ahead)
-        self._encoded_ahead_s = 0.0  # host seconds of the tower the call under way took from the call before
+        # host seconds of the tower the call under way took from the call before; None: it queued its own
+        self._used_ahead_s: float | None = None
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls and at their ends
         self._last_chance: tuple[str, float] | None = None  # the engine thread's last chance to start a question
         self._forward_passes = 0  # language-model passes of every ingest call so far
@@ -406,7 +407,7 @@ class EngineLoop:
         passes_before = self._forward_passes
         if self.ingest_pause_layers:  # questions that came since the loop last started some go before this call
             self._serve_at_pause("call_start")
-        self._encoded_ahead_s = 0.0
+        self._used_ahead_s = None
         ingested = self._ingest(batch, None if ahead is None else ahead.encoded)
         done_s = time.monotonic()
         served_s = self._served_in_pauses_s - served_before_s
@@ -421,7 +422,7 @@ class EngineLoop:
             self._serve_at_pause("call_end")
         self.telemetry.spent("questions", self._served_in_pauses_s - served_before_s)
         # the call's time, with its tower's where that was queued the call before
-        self.capacity.observe(len(ingested), done_s - started_s - served_s + self._encoded_ahead_s)
+        self.capacity.observe(len(ingested), done_s - started_s - served_s + (self._used_ahead_s or 0.0))
         per_stream: dict[str, int] = defaultdict(int)
         for frame in ingested:
             per_stream[frame.stream_id] += 1
@@ -431,6 +432,7 @@ class EngineLoop:
                 per_stream,
                 [done_s - f.received_s for f in ingested],
                 forward_passes=self._forward_passes - passes_before,
+                encoded_ahead=self._used_ahead_s is not None,
             )
         streams = {f.stream_id for f in batch}
         self.tier_sync.flush(streams)
@@ -484,7 +486,7 @@ class EngineLoop:
             result = self.engine.ingest(_frame_inputs(batch), pauses=pauses, encoded=encoded)
             self._forward_passes += result.num_forward_passes
             if result.encoded_ahead:
-                self._encoded_ahead_s = encoded.encode_s
+                self._used_ahead_s = encoded.encode_s
             return batch
         except Exception as err:
             if len({f.stream_id for f in batch}) == 1:

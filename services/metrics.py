@@ -161,6 +161,12 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
+        self.ingest_calls_encoded_ahead_total = Counter(
+            "mosaic_ingest_calls_encoded_ahead_total",
+            "Ingest calls whose vision tower was queued as the call before returned (encode_ahead).",
+            ["worker"],
+            registry=r,
+        )
         self.engine_loop_seconds_total = Counter(
             "mosaic_engine_loop_seconds_total",
             "Seconds a worker's engine thread spent, by part (ingest, ingest_upkeep, questions, other, idle).",
@@ -414,6 +420,9 @@ class MosaicMetrics:
     def add_ingest_forward_passes(self, worker: int | str, n: int) -> None:
         self.ingest_forward_passes_total.labels(worker_label(worker)).inc(non_negative("forward passes", n))
 
+    def add_ingest_calls_encoded_ahead(self, worker: int | str, n: int) -> None:
+        self.ingest_calls_encoded_ahead_total.labels(worker_label(worker)).inc(non_negative("calls", n))
+
     def add_engine_loop_seconds(self, worker: int | str, part: str, seconds: float) -> None:
         check_label("part", part, ENGINE_LOOP_PARTS)
         self.engine_loop_seconds_total.labels(worker_label(worker), part).inc(non_negative("seconds", seconds))
@@ -469,7 +478,7 @@ class MosaicMetrics:
         label = worker_label(worker)
         for metric in (
             self.ingest_latency_seconds, self.ingest_batch_frames, self.ingest_forward_passes_total,
-            self.cluster_device_hit_ratio, self.worker_pid,
+            self.ingest_calls_encoded_ahead_total, self.cluster_device_hit_ratio, self.worker_pid,
             self.metadata_store_up, self.metadata_queue_depth, self.durable_pending_clusters,
             self.durable_oldest_pending_seconds, self.durable_writers, self.keyframe_bytes,
         ):  # fmt: skip
@@ -529,6 +538,7 @@ class MosaicMetrics:
             self.ingest_latency_seconds.labels(worker)
             self.ingest_batch_frames.labels(worker)
             self.ingest_forward_passes_total.labels(worker)
+            self.ingest_calls_encoded_ahead_total.labels(worker)
             self.cluster_device_hit_ratio.labels(worker)
             for metric in (
                 self.worker_pid, self.metadata_store_up, self.metadata_queue_depth, self.metadata_writes_dropped_total,

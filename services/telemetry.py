@@ -90,6 +90,7 @@ class TelemetryDelta:
     ingest_latencies_s: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     forward_passes: int = 0  # of the ingest calls in batch_sizes
+    calls_encoded_ahead: int = 0  # of those calls, the ones whose tower was queued the call before
     queue_depths: dict[str, int] = field(default_factory=dict)
     lags_s: dict[str, float] = field(default_factory=dict)
     tiers: dict[str, TierGauges] = field(default_factory=dict)
@@ -141,10 +142,14 @@ class WorkerTelemetry:
             self._delta.dropped[key] = self._delta.dropped.get(key, 0) + n
             self._total(stream_id).dropped += n
 
-    def ingested_batch(self, per_stream: dict[str, int], latencies_s: list[float], *, forward_passes: int) -> None:
-        """One ingest call: its frames by stream, each frame's time from arrival to ingested, its forward passes."""
+    def ingested_batch(
+        self, per_stream: dict[str, int], latencies_s: list[float], *, forward_passes: int, encoded_ahead: bool = False
+    ) -> None:
+        """One ingest call: its frames by stream, each frame's time from arrival to ingested, its forward passes, and
+        whether its vision tower was queued the call before (``encode_ahead``)."""
         with self._lock:
             self._delta.forward_passes += forward_passes
+            self._delta.calls_encoded_ahead += encoded_ahead
             for stream_id, n in per_stream.items():
                 self._delta.ingested[stream_id] = self._delta.ingested.get(stream_id, 0) + n
                 self._total(stream_id).ingested += n
@@ -212,6 +217,8 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
         metrics.observe_ingest_batch(worker, n)
     if delta.forward_passes:
         metrics.add_ingest_forward_passes(worker, delta.forward_passes)
+    if delta.calls_encoded_ahead:
+        metrics.add_ingest_calls_encoded_ahead(worker, delta.calls_encoded_ahead)
     for stream_id, n in delta.queue_depths.items():
         if stream_id in open_streams:
             metrics.set_ingest_queue_depth(stream_id, n)

@@ -71,6 +71,7 @@ def _run(tiny_model, bikes_frames, *, encode_ahead: bool):
     finally:
         loop.stop()
     clusters = {s: [(c.cluster_id, c.start_s, c.end_s, c.num_tokens) for c in engine.clusters(s)] for s in STREAMS}
+    engine.calls_counted_ahead = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None).calls_encoded_ahead
     return engine, clusters
 
 
@@ -78,6 +79,7 @@ def test_each_call_after_the_first_uses_the_tower_queued_as_the_call_before_retu
     engine, clusters = _run(tiny_model, bikes_frames, encode_ahead=True)
     assert [r.num_frames for r in engine.results] == [len(STREAMS)] * QUEUED
     assert [r.encoded_ahead for r in engine.results] == [False] + [True] * (QUEUED - 1)
+    assert engine.calls_counted_ahead == QUEUED - 1  # what /metrics' mosaic_ingest_calls_encoded_ahead_total adds
     times = [t for t, _ in bikes_frames[1:QUEUED]]
     assert engine.encoded_ahead == [[(s, t) for s in STREAMS] for t in times]
     _, plain = _run(tiny_model, bikes_frames, encode_ahead=False)

@@ -82,6 +82,13 @@ def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
         "ingest call: 8.0, forward passes per call: 1.25"
     )
     assert lines[-2] == "N=16: every lag under 2 s never within 60 s; measured after that"
+    report["steps"][1]["ingest_calls_encoded_ahead"] = 0.75
+    assert (
+        table(report)
+        .splitlines()[-1]
+        .endswith("passes per call: 1.25, share of calls with their tower queued ahead: 0.75")
+    )
+    report["steps"][1]["ingest_calls_encoded_ahead"] = None
     report["steps"][0]["settled_after_s"] = 12.4
     assert "N=8: every lag under 2 s 12 s after the warm-up; measured after that" in table(report).splitlines()
     report["steps"][1]["allocator_events"] = {"retries": 2, "device_mallocs": 5}
@@ -118,16 +125,17 @@ def test_engine_thread_share_and_call_sizes_come_from_two_scrapes():
             f'mosaic_ingest_batch_frames_sum{{worker="0"}} {frames}',
             f'mosaic_ingest_batch_frames_count{{worker="0"}} {calls}',
             f'mosaic_ingest_forward_passes_total{{worker="0"}} {passes}',
+            f'mosaic_ingest_calls_encoded_ahead_total{{worker="0"}} {calls - 1}',
             'mosaic_frames_ingested_total{stream="cam"} 12.0',
         ])  # fmt: skip
 
     before, after = engine_totals(scrape(1.0, 2.0, 64, 2, 4)), engine_totals(scrape(4.0, 3.0, 320, 6, 10))
     thread = engine_thread(before, after, elapsed_s=10.0)
     assert thread.share == pytest.approx({"ingest": 0.6, "questions": 0.1})  # two workers' ingest seconds add up
-    assert (thread.frames_per_call, thread.passes_per_call) == (64.0, 1.5)
+    assert (thread.frames_per_call, thread.passes_per_call, thread.encoded_ahead_share) == (64.0, 1.5, 1.0)
     assert thread.allocator_events == {"retries": 3}  # counts in the span, not a time share
     idle = engine_thread(before, before, elapsed_s=10.0)
-    assert (idle.frames_per_call, idle.passes_per_call) == (None, None)  # no ingest call in between
+    assert (idle.frames_per_call, idle.passes_per_call, idle.encoded_ahead_share) == (None, None, None)
 
 
 def test_durable_rates_come_from_two_scrapes_summed_over_workers():

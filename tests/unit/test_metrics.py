@@ -18,6 +18,7 @@ SPEC = {
     "mosaic_ingest_latency_seconds": ("histogram", {"worker"}),
     "mosaic_ingest_batch_frames": ("histogram", {"worker"}),
     "mosaic_ingest_forward_passes_total": ("counter", {"worker"}),
+    "mosaic_ingest_calls_encoded_ahead_total": ("counter", {"worker"}),
     "mosaic_engine_loop_seconds_total": ("counter", {"worker", "part"}),
     "mosaic_question_start_gap_seconds": ("histogram", {"worker", "between"}),
     "mosaic_query_queue_depth": ("gauge", set()),
@@ -125,6 +126,7 @@ def test_every_method_moves_its_metric() -> None:
     m.observe_ingest_latency(0, 0.2)
     m.observe_ingest_batch("1", 16)
     m.add_ingest_forward_passes("1", 2)
+    m.add_ingest_calls_encoded_ahead("1", 1)
     m.add_engine_loop_seconds("1", "ingest", 0.25)
     m.add_engine_loop_seconds("1", "ingest", 0.5)
     m.set_query_queue_depth(2)
@@ -150,6 +152,7 @@ def test_every_method_moves_its_metric() -> None:
     assert s("mosaic_ingest_latency_seconds_count", worker="0") == 1
     assert s("mosaic_ingest_batch_frames_sum", worker="1") == 16
     assert s("mosaic_ingest_forward_passes_total", worker="1") == 2
+    assert s("mosaic_ingest_calls_encoded_ahead_total", worker="1") == 1
     assert s("mosaic_engine_loop_seconds_total", worker="1", part="ingest") == 0.75
     assert s("mosaic_query_queue_depth") == 2
     assert s("mosaic_queries_total", outcome="deadline") == 1
