@@ -29,7 +29,8 @@ two calls).
 
 **The next call's vision tower can go first** (``encode_ahead``): once an ingest call returns, the loop takes the next
 call's frames and queues their uploads, keyframe thumbnails and vision tower (``Engine.encode_ahead``) before the
-questions at the call's end (unless one waits already: it goes first) and its upkeep, and the next call uses them.
+questions at the call's end (unless one waits already: it goes first) and its upkeep, pausing where a call's own
+tower would, so a question that arrives meanwhile starts there; the next call uses them.
 With the engine's ``tower_stream`` on CUDA, that tower runs on its own stream beside the language model the call just
 queued, where a question's first token read back between the calls would otherwise leave the device nothing but the
 question's work until the next call queued its tower. Without ``tower_stream`` on CUDA the setting is refused (with
@@ -445,11 +446,27 @@ class EngineLoop:
                 log.exception("after-ingest hook failed")
         return done_s - started_s - served_s + next_encode_s
 
+    def _new_pauses(self) -> IngestPauses | None:
+        """The pauses of one ingest call, or of one batch's tower queued ahead (module doc); None: no pauses."""
+        if not self.ingest_pause_layers:
+            return None
+        return IngestPauses(
+            self._serve_at_pause,
+            every_layers=self.ingest_pause_layers,
+            vision_frames=self.ingest_pause_frames or None,
+            vision_blocks=self.ingest_pause_blocks or None,
+            placed_frames=self.ingest_pause_placed or None,
+            lookahead=self.ingest_pause_lookahead,
+            has_work=self._question_waits if self.ingest_pause_skip_idle else None,
+            alongside=self.questions_alongside_ingest,
+        )
+
     def _encode_next(self) -> float:
-        """Takes the next call's frames and queues their vision tower now (``encode_ahead``); returns the seconds it
-        took. A batch the engine refuses is kept without its tower: the call checks it again (a refused batch
-        changes no stream), and, refused, drops only the bad stream's frames."""
-        started_s = time.monotonic()
+        """Takes the next call's frames and queues their vision tower now (``encode_ahead``), pausing where a call's
+        tower would; returns the seconds it took, less what questions took at its pauses (counted to questions). A
+        batch the engine refuses is kept without its tower: the call checks it again (a refused batch changes no
+        stream), and, refused, drops only the bad stream's frames."""
+        started_s, served_before_s = time.monotonic(), self._served_in_pauses_s
         taken = self._take_call()
         if not taken:
             return 0.0
@@ -457,12 +474,12 @@ class EngineLoop:
         batch = [f for f in taken if f.stream_id in self.engine.streams]
         if batch:
             try:
-                self._ahead.encoded = self.engine.encode_ahead(_frame_inputs(batch))
+                self._ahead.encoded = self.engine.encode_ahead(_frame_inputs(batch), pauses=self._new_pauses())
             except MosaicError as err:
                 log.debug("the next call's frames were not encoded ahead: %s", err)
             except Exception:
                 log.warning("encoding the next call's frames ahead failed; the call encodes its own", exc_info=True)
-        return time.monotonic() - started_s
+        return time.monotonic() - started_s - (self._served_in_pauses_s - served_before_s)
 
     def _ingest(self, batch: list[QueuedFrame], encoded: EncodedFrames | None = None) -> list[QueuedFrame]:
         """Ingests the batch (with ``encoded``, its vision tower queued ahead); if the engine refuses it, retries
@@ -470,20 +487,8 @@ class EngineLoop:
         changing anything)."""
         if not batch:
             return []
-        pauses = None
-        if self.ingest_pause_layers:
-            pauses = IngestPauses(
-                self._serve_at_pause,
-                every_layers=self.ingest_pause_layers,
-                vision_frames=self.ingest_pause_frames or None,
-                vision_blocks=self.ingest_pause_blocks or None,
-                placed_frames=self.ingest_pause_placed or None,
-                lookahead=self.ingest_pause_lookahead,
-                has_work=self._question_waits if self.ingest_pause_skip_idle else None,
-                alongside=self.questions_alongside_ingest,
-            )
         try:
-            result = self.engine.ingest(_frame_inputs(batch), pauses=pauses, encoded=encoded)
+            result = self.engine.ingest(_frame_inputs(batch), pauses=self._new_pauses(), encoded=encoded)
             self._forward_passes += result.num_forward_passes
             if result.encoded_ahead:
                 self._used_ahead_s = encoded.encode_s

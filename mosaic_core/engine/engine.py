@@ -441,11 +441,12 @@ class Engine:
         """
         return ingest.ingest(self.parts, frames, pauses, encoded)
 
-    def encode_ahead(self, frames: Sequence[FrameInput]) -> ingest.EncodedFrames:
+    def encode_ahead(self, frames: Sequence[FrameInput], *, pauses: IngestPauses | None = None) -> ingest.EncodedFrames:
         """Queues the vision tower of a batch that ``ingest`` will take next, with its uploads and keyframe
         thumbnails, and returns without waiting for the device. With ``config.tower_stream`` on CUDA the tower runs
         on its own stream, beside the language model still queued from the call before, and whatever the host does
-        until ``ingest(frames, encoded=...)``.
+        until ``ingest(frames, encoded=...)``. With ``pauses`` it stops where an ingest call's tower would (after
+        each chunk of frames, and inside the tower), and ``pauses.serve`` may start questions there.
 
         The batch is checked as ``ingest`` checks it, and what the tower changes is what the call's own tower would:
         a new stream's frame size and window reservation, whose room may spill other clusters. The call uses the
@@ -455,7 +456,7 @@ class Engine:
             as ``ingest`` does for a bad batch (``EmptyBatchError``, ``InvalidFrameError``, ``UnknownStreamError``,
             ``BudgetError``, ...), before any of the batch's tower is queued.
         """
-        return ingest.encode(self.parts, frames)
+        return ingest.encode(self.parts, frames, pauses)
 
     # -- questions ----------------------------------------------------------------------------------------------
     def ask(

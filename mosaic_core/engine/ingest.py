@@ -90,16 +90,19 @@ class _HostTimes:
     place_s: float = 0.0
 
 
-def encode(parts: EngineParts, frames: Sequence[FrameInput]) -> EncodedFrames:
+def encode(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPauses | None = None) -> EncodedFrames:
     """Queues a batch's uploads, keyframe thumbnails and vision tower ahead of its ingest call, which ``ingest``
-    with ``encoded`` then skips. The batch is checked as ``ingest`` checks it. What it changes is what the call's
-    own tower would: a new stream's frame size and window reservation (whose room may spill other clusters), fixed
-    by its first frame either way."""
+    with ``encoded`` then skips; with ``pauses``, pausing where the call's own tower would. The batch is checked as
+    ``ingest`` checks it. What it changes is what the call's own tower would: a new stream's frame size and window
+    reservation (whose room may spill other clusters), fixed by its first frame either way."""
     if not frames:
         raise EmptyBatchError("encoding needs at least one frame; the batch was empty")
     start = time.perf_counter()
     by_stream = _validate(parts, frames)
-    work = _encode(parts, by_stream, None)
+    if pauses is not None:
+        tower_apart = parts.tower_stream is not None
+        pauses.begin_call(parts.question_stream, parts.tiering.tiers.transfers.side, tower_apart=tower_apart)
+    work = _encode(parts, by_stream, pauses)
     streams = {stream_id: parts.streams[stream_id] for stream_id in by_stream}
     return EncodedFrames(tuple(frames), streams, work, time.perf_counter() - start)
 

@@ -38,9 +38,9 @@ class EngineNotingCalls:
         self.results.append(self._engine.ingest(frames, **options))
         return self.results[-1]
 
-    def encode_ahead(self, frames):
+    def encode_ahead(self, frames, **options):
         self.encoded_ahead.append([(f.stream_id, f.timestamp_s) for f in frames])
-        return self._engine.encode_ahead(frames)
+        return self._engine.encode_ahead(frames, **options)
 
 
 def _run(tiny_model, bikes_frames, *, encode_ahead: bool):
@@ -146,3 +146,47 @@ def test_answers_stop_decoding_after_their_slice_for_frames_taken_ahead(tiny_mod
     assert loop._start_questions()
     assert loop._step_questions()
     assert loop._questions, "the answer went on decoding to its end while the next call's frames waited"
+
+
+class EngineAskedWhileEncodingAhead(EngineNotingCalls):
+    """The real engine; as the loop first encodes a batch ahead, a question comes. Notes whether it had its first
+    token by the time the encoding returned."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.loop: EngineLoop | None = None
+        self.job: QuestionJob | None = None
+        self.answered_while_encoding: bool | None = None
+
+    def encode_ahead(self, frames, **options):
+        if self.job is not None:
+            return super().encode_ahead(frames, **options)
+        self.job = self.loop.submit(QuestionJob("q", "cam-0", "what happened?", 2, None, time.monotonic() + 60))
+        encoded = super().encode_ahead(frames, **options)
+        self.answered_while_encoding = not self.job.events.empty()
+        return encoded
+
+
+def test_a_question_arriving_while_the_next_tower_is_queued_starts_at_its_pauses(tiny_model, bikes_frames):
+    engine = EngineAskedWhileEncodingAhead(Engine(tiny_model, SMALL))
+    queues = IngestQueues(64)
+    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
+    loop = EngineLoop(
+        engine,
+        queues,
+        TierSync(engine, publisher, "0"),
+        WorkerTelemetry("0"),
+        max_batch_frames=len(STREAMS),
+        retention_s=lambda stream_id: 0.0,
+        ingest_pause_blocks=1,
+        encode_ahead=True,
+    )
+    engine.loop = loop
+    for stream_id in STREAMS:
+        engine.open_stream(stream_id, fps=4.0)
+        queues.add_stream(stream_id, 4.0)
+    for t, rgb in bikes_frames[:2]:
+        for stream_id in STREAMS:
+            queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
+    assert loop._ingest_once()  # the first call, then the second's tower queued ahead, with the question's pauses
+    assert engine.answered_while_encoding is True

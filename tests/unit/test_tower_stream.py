@@ -179,3 +179,17 @@ def test_an_encoding_is_not_used_for_a_stream_opened_again_under_its_id(tiny_mod
     result = engine.ingest(frames, encoded=encoded)
     assert not result.encoded_ahead
     assert engine.stream_stats("cam-a").frames_ingested == 2
+
+
+def test_a_tower_encoded_ahead_pauses_where_the_calls_own_tower_would(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, tower_stream=True)
+    for stream_id in STREAMS:
+        engine.open_stream(stream_id)
+    frames = [FrameInput(s, t, rgb) for i, s in enumerate(STREAMS) for t, rgb in bikes_frames[i : i + 2]]
+    served = []
+    ahead_pauses = IngestPauses(functools.partial(served.append, "ahead"), every_layers=64, vision_blocks=1)
+    encoded = engine.encode_ahead(frames, pauses=ahead_pauses)
+    assert served == ["ahead", "ahead"]  # inside the tower (before its second block) and after it
+    call_pauses = IngestPauses(functools.partial(served.append, "call"), every_layers=64, vision_blocks=1)
+    assert engine.ingest(frames, pauses=call_pauses, encoded=encoded).encoded_ahead
+    assert served == ["ahead", "ahead"] + ["call"] * 2  # the first layer of each of the call's two passes
