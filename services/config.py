@@ -151,9 +151,9 @@ class ServiceConfig(BaseModel):
     # was 452 and 423 ms, its prefill p99 355 and 300 ms.
     questions_alongside_ingest: bool = False
     # As an ingest call returns, the worker takes the next call's frames and queues their vision tower before the
-    # questions and upkeep that follow the call (services.engine_loop). It pays with the engine's tower_stream
-    # (`engine: {tower_stream: true}`), on which that tower runs beside the language model just queued. Off by
-    # default: not yet measured on a GPU.
+    # questions and upkeep that follow the call (services.engine_loop). It needs the engine's tower_stream on a GPU
+    # (`engine: {tower_stream: true}`), on which that tower runs beside the language model just queued; without it a
+    # GPU worker turns it off with a warning. Off by default: not yet measured on a GPU.
     encode_ahead: bool = False
     # The worker process's sys.setswitchinterval: how long one Python thread may keep the GIL once another asks for
     # it. The engine thread, which queues the GPU's work, needs the GIL nearly all the time. On the H200 at 150
