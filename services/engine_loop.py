@@ -134,11 +134,12 @@ class QuestionJob:
 
 @dataclass(slots=True)
 class _Ahead:
-    """Frames taken for the next ingest call, with their vision tower queued (None: they could not be encoded
-    ahead, and the call will meet the same error)."""
+    """Frames taken for the next ingest call, with their vision tower queued (None: the engine refused them, and
+    the call checks them again)."""
 
     taken: list[QueuedFrame]
     encoded: EncodedFrames | None = None
+    encode_s: float = 0.0  # the engine thread's time queuing the tower, less the questions' at its pauses
 
 
 class EngineLoop:
@@ -232,8 +233,7 @@ class EngineLoop:
             encode_ahead = False
         self.encode_ahead = encode_ahead
         self._ahead: _Ahead | None = None  # the next call's frames, taken with their tower queued (encode_ahead)
-        # host seconds of the tower the call under way took from the call before; None: it queued its own
-        self._used_ahead_s: float | None = None
+        self._call_used_ahead = False  # the ingest call under way took its tower from the call before
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls and at their ends
         self._last_chance: tuple[str, float] | None = None  # the engine thread's last chance to start a question
         self._forward_passes = 0  # language-model passes of every ingest call so far
@@ -408,7 +408,7 @@ class EngineLoop:
         passes_before = self._forward_passes
         if self.ingest_pause_layers:  # questions that came since the loop last started some go before this call
             self._serve_at_pause("call_start")
-        self._used_ahead_s = None
+        self._call_used_ahead = False
         ingested = self._ingest(batch, None if ahead is None else ahead.encoded)
         done_s = time.monotonic()
         served_s = self._served_in_pauses_s - served_before_s
@@ -423,7 +423,8 @@ class EngineLoop:
             self._serve_at_pause("call_end")
         self.telemetry.spent("questions", self._served_in_pauses_s - served_before_s)
         # the call's time, with its tower's where that was queued the call before
-        self.capacity.observe(len(ingested), done_s - started_s - served_s + (self._used_ahead_s or 0.0))
+        ahead_s = ahead.encode_s if ahead is not None and self._call_used_ahead else 0.0
+        self.capacity.observe(len(ingested), done_s - started_s - served_s + ahead_s)
         per_stream: dict[str, int] = defaultdict(int)
         for frame in ingested:
             per_stream[frame.stream_id] += 1
@@ -433,7 +434,7 @@ class EngineLoop:
                 per_stream,
                 [done_s - f.received_s for f in ingested],
                 forward_passes=self._forward_passes - passes_before,
-                encoded_ahead=self._used_ahead_s is not None,
+                encoded_ahead=self._call_used_ahead,
             )
         streams = {f.stream_id for f in batch}
         self.tier_sync.flush(streams)
@@ -479,7 +480,8 @@ class EngineLoop:
                 log.debug("the next call's frames were not encoded ahead: %s", err)
             except Exception:
                 log.warning("encoding the next call's frames ahead failed; the call encodes its own", exc_info=True)
-        return time.monotonic() - started_s - (self._served_in_pauses_s - served_before_s)
+        self._ahead.encode_s = time.monotonic() - started_s - (self._served_in_pauses_s - served_before_s)
+        return self._ahead.encode_s
 
     def _ingest(self, batch: list[QueuedFrame], encoded: EncodedFrames | None = None) -> list[QueuedFrame]:
         """Ingests the batch (with ``encoded``, its vision tower queued ahead); if the engine refuses it, retries
@@ -490,8 +492,7 @@ class EngineLoop:
         try:
             result = self.engine.ingest(_frame_inputs(batch), pauses=self._new_pauses(), encoded=encoded)
             self._forward_passes += result.num_forward_passes
-            if result.encoded_ahead:
-                self._used_ahead_s = encoded.encode_s
+            self._call_used_ahead = result.encoded_ahead
             return batch
         except Exception as err:
             if len({f.stream_id for f in batch}) == 1:
