@@ -43,8 +43,9 @@ class EngineNotingCalls:
         return self._engine.encode_ahead(frames, **options)
 
 
-def _run(tiny_model, bikes_frames, *, encode_ahead: bool):
-    engine = EngineNotingCalls(Engine(tiny_model, SMALL))
+def _loop_with_frames(engine, bikes_frames, num_frames: int, **options) -> tuple[EngineLoop, IngestQueues]:
+    """A real loop over ``engine`` (not started), a call of one frame a stream, with ``STREAMS`` open and
+    ``num_frames`` frames of each queued."""
     queues = IngestQueues(64)
     publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
     loop = EngineLoop(
@@ -54,14 +55,20 @@ def _run(tiny_model, bikes_frames, *, encode_ahead: bool):
         WorkerTelemetry("0"),
         max_batch_frames=len(STREAMS),
         retention_s=lambda stream_id: 0.0,
-        encode_ahead=encode_ahead,
+        **options,
     )
     for stream_id in STREAMS:
         engine.open_stream(stream_id, fps=4.0)
         queues.add_stream(stream_id, 4.0)
-    for t, rgb in bikes_frames[:QUEUED]:
+    for t, rgb in bikes_frames[:num_frames]:
         for stream_id in STREAMS:
             queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
+    return loop, queues
+
+
+def _run(tiny_model, bikes_frames, *, encode_ahead: bool):
+    engine = EngineNotingCalls(Engine(tiny_model, SMALL))
+    loop, _ = _loop_with_frames(engine, bikes_frames, QUEUED, encode_ahead=encode_ahead)
     loop.start()
     try:
         deadline = time.monotonic() + 60
@@ -89,24 +96,7 @@ def test_each_call_after_the_first_uses_the_tower_queued_as_the_call_before_retu
 @pytest.mark.parametrize("reopened", [False, True])
 def test_frames_taken_ahead_of_a_closing_stream_are_dropped(tiny_model, bikes_frames, reopened):
     engine = Engine(tiny_model, SMALL)
-    queues = IngestQueues(64)
-    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
-    telemetry = WorkerTelemetry("0")
-    loop = EngineLoop(
-        engine,
-        queues,
-        TierSync(engine, publisher, "0"),
-        telemetry,
-        max_batch_frames=len(STREAMS),
-        retention_s=lambda stream_id: 0.0,
-        encode_ahead=True,
-    )
-    for stream_id in STREAMS:
-        engine.open_stream(stream_id, fps=4.0)
-        queues.add_stream(stream_id, 4.0)
-    for t, rgb in bikes_frames[:2]:
-        for stream_id in STREAMS:
-            queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
+    loop, queues = _loop_with_frames(engine, bikes_frames, 2, encode_ahead=True)
     assert loop._ingest_once()  # the loop's own step, on this thread: the first call, and the second's frames ahead
     assert queues.oldest_wait_s("cam-1") == 0.0 and loop.oldest_wait_s("cam-1") > 0.0  # the lag counts them
     assert loop.drop_ahead("cam-1") == 1
@@ -123,24 +113,7 @@ def test_frames_taken_ahead_of_a_closing_stream_are_dropped(tiny_model, bikes_fr
 
 def test_answers_stop_decoding_after_their_slice_for_frames_taken_ahead(tiny_model, bikes_frames):
     engine = Engine(tiny_model, SMALL)
-    queues = IngestQueues(64)
-    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
-    loop = EngineLoop(
-        engine,
-        queues,
-        TierSync(engine, publisher, "0"),
-        WorkerTelemetry("0"),
-        max_batch_frames=len(STREAMS),
-        retention_s=lambda stream_id: 0.0,
-        answer_slice_s=0.0,
-        encode_ahead=True,
-    )
-    for stream_id in STREAMS:
-        engine.open_stream(stream_id, fps=4.0)
-        queues.add_stream(stream_id, 4.0)
-    for t, rgb in bikes_frames[:2]:
-        for stream_id in STREAMS:
-            queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
+    loop, queues = _loop_with_frames(engine, bikes_frames, 2, answer_slice_s=0.0, encode_ahead=True)
     assert loop._ingest_once() and queues.total_frames() == 0  # the second call's frames are taken ahead
     loop.submit(QuestionJob("q", "cam-0", "what happened?", 16, None, time.monotonic() + 60))
     assert loop._start_questions()
@@ -169,24 +142,7 @@ class EngineAskedWhileEncodingAhead(EngineNotingCalls):
 
 def test_a_question_arriving_while_the_next_tower_is_queued_starts_at_its_pauses(tiny_model, bikes_frames):
     engine = EngineAskedWhileEncodingAhead(Engine(tiny_model, SMALL))
-    queues = IngestQueues(64)
-    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
-    loop = EngineLoop(
-        engine,
-        queues,
-        TierSync(engine, publisher, "0"),
-        WorkerTelemetry("0"),
-        max_batch_frames=len(STREAMS),
-        retention_s=lambda stream_id: 0.0,
-        ingest_pause_blocks=1,
-        encode_ahead=True,
-    )
+    loop, _ = _loop_with_frames(engine, bikes_frames, 2, ingest_pause_blocks=1, encode_ahead=True)
     engine.loop = loop
-    for stream_id in STREAMS:
-        engine.open_stream(stream_id, fps=4.0)
-        queues.add_stream(stream_id, 4.0)
-    for t, rgb in bikes_frames[:2]:
-        for stream_id in STREAMS:
-            queues.put(QueuedFrame(stream_id, t, rgb, time.monotonic()))
     assert loop._ingest_once()  # the first call, then the second's tower queued ahead, with the question's pauses
     assert engine.answered_while_encoding is True
