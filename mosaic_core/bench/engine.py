@@ -333,9 +333,9 @@ def scenario_b(
     With several variants a row is named by mode and variant, a row with the tower on its own stream ends in
     "tower-stream", and with ``name_cameras`` a row is named by its number of cameras too.
 
-    Each row keeps a digest of what its ingest-only passes stored (clusters opened, ``SummaryIndex.checksum``); a
-    tower-stream row whose plain twin ran before it records whether the two agree, since both ingest the same
-    frames."""
+    Each row keeps a digest of what its ingest-only passes stored (clusters opened, and each cluster's
+    ``SummaryIndex.checksums``); a tower-stream row whose plain twin ran before it records whether the two agree,
+    since both ingest the same frames."""
     per_camera = [
         looped_frames(s.camera_seconds, stream_id=f"cam{c:03d}", clip=CLIPS[c % len(CLIPS)], start_s=0.0)
         for c in range(s.cameras)
