@@ -25,19 +25,20 @@ CALLS = 5
 FRAMES_PER_CALL = 2  # per stream
 
 
-# About 10 ms of a GPU's clock cycles: the compute stream idles this long before each call's work on CUDA, so a tower
-# that read or overwrote what the language model still uses would do it while that work waits.
+# About 10 ms of a GPU's clock cycles: on CUDA the tower stream idles this long before each call's tower, so a language
+# model that did not wait for the tower's event would read its outputs before they were written.
 STALL_CYCLES = 20_000_000
 
 
 def _ingest(engine, bikes_frames, pauses_for=lambda: None) -> None:
     """``CALLS`` calls one after another, with no wait between them: each call's tower may run beside the language
-    model of the call before it, which on CUDA is held back further by a stall queued on the compute stream."""
+    model of the call before it, and on CUDA starts late (``STALL_CYCLES``)."""
     for stream_id in STREAMS:
         engine.open_stream(stream_id)
     for call in range(CALLS):
-        if engine.parts.model.device.type == "cuda":
-            torch.cuda._sleep(STALL_CYCLES)
+        if engine.parts.tower_stream is not None:
+            with torch.cuda.stream(engine.parts.tower_stream):
+                torch.cuda._sleep(STALL_CYCLES)
         first = call * FRAMES_PER_CALL
         batch = [
             FrameInput(stream_id, t, rgb)
