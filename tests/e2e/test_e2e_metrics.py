@@ -22,6 +22,7 @@ SPEC = {
     "mosaic_ingest_latency_seconds": "histogram",
     "mosaic_ingest_batch_frames": "histogram",
     "mosaic_ingest_forward_passes": "counter",
+    "mosaic_ingest_calls_encoded_ahead": "counter",
     "mosaic_engine_loop_seconds": "counter",
     "mosaic_question_start_gap_seconds": "histogram",
     "mosaic_query_queue_depth": "gauge",
