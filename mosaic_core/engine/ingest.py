@@ -66,7 +66,6 @@ class EncodedFrames:
     frames: tuple[FrameInput, ...]
     streams: dict[str, StreamState]  # the stream objects the batch was checked against
     work: TowerWork
-    encode_s: float  # the host's time queuing them
 
     def is_for(self, frames: Sequence[FrameInput], streams: dict[str, StreamState]) -> bool:
         """Whether ``frames`` are this batch's: the same streams (not closed and opened again since), timestamps and
@@ -97,14 +96,13 @@ def encode(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPause
     reservation (whose room may spill other clusters), fixed by its first frame either way."""
     if not frames:
         raise EmptyBatchError("encoding needs at least one frame; the batch was empty")
-    start = time.perf_counter()
     by_stream = _validate(parts, frames)
     if pauses is not None:
         tower_apart = parts.tower_stream is not None
         pauses.begin_call(parts.question_stream, parts.tiering.tiers.transfers.side, tower_apart=tower_apart)
     work = _encode(parts, by_stream, pauses)
     streams = {stream_id: parts.streams[stream_id] for stream_id in by_stream}
-    return EncodedFrames(tuple(frames), streams, work, time.perf_counter() - start)
+    return EncodedFrames(tuple(frames), streams, work)
 
 
 def ingest(
