@@ -48,8 +48,8 @@ from mosaic_core.kernels import kernels_ready
 from mosaic_core.memory.transfer import upload
 
 # The tower passes the same two cu_seqlens tensors (windows, frames) to every block of one forward pass, and
-# ``vision_tower.TowerInputs`` hands out the same tensors again for every batch of one frame grid and size, so
-# their chunk plans are built once per grid and batch size, not once per block or per call. ``TowerInputs``
+# ``vision_tower.TowerInputs`` hands out the same tensors again for every batch of one frame grid and size (on one
+# stream), so their chunk plans are built once per grid and batch size, not once per block or per call. ``TowerInputs``
 # registers each plan from the host's copy of the bounds as it makes the tensors (``remember_plan``): built from the
 # device tensor, a plan would read the bounds back, a wait for everything queued before it, the previous ingest
 # call's language model included. The plans of every input ``TowerInputs`` keeps (two each) are kept, the least

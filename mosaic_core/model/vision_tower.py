@@ -182,18 +182,26 @@ def embed_patches_by_matmul(visual: torch.nn.Module) -> int:
 
 
 class TowerInputs:
-    """The vision forward's precomputed inputs per ``(grid, number of frames)``, the least recently used dropped."""
+    """The vision forward's precomputed inputs per ``(grid, number of frames)`` and CUDA stream, the least recently
+    used dropped.
+
+    Kept apart per stream because the caching allocator orders a freed block only after the stream it was made on:
+    an entry made on one stream, read by a tower queued on another (``EngineConfig.tower_stream``, or two engines of
+    one model) and then dropped could have its memory handed out and written on the first stream while that tower
+    still reads it. An entry made on the stream that reads it is freed in that stream's order."""
 
     def __init__(self, visual: torch.nn.Module, *, capacity: int = vision_attention.MAX_PLANS // 2) -> None:
         self._visual = visual
         self._capacity = capacity
-        self._by_key: OrderedDict[tuple[int, int, int], dict[str, object]] = OrderedDict()
+        self._by_key: OrderedDict[tuple[int, int, int, int | None], dict[str, object]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._by_key)
 
     def get(self, geometry: VisionGeometry, num_frames: int, device: torch.device) -> dict[str, object]:
-        key = (geometry.grid_h, geometry.grid_w, num_frames)
+        """The inputs for a tower queued on ``device``'s current stream."""
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+        key = (geometry.grid_h, geometry.grid_w, num_frames, stream)
         if key in self._by_key:
             self._by_key.move_to_end(key)
             return self._by_key[key]

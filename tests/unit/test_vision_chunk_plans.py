@@ -68,3 +68,22 @@ def test_tower_inputs_of_frames_alike_equal_transformers_loop_over_frames(preset
         assert torch.equal(index, expected_index) and index.dtype == expected_index.dtype
         assert torch.equal(bounds, expected_bounds) and bounds.dtype == expected_bounds.dtype
         assert torch.equal(positions, get_vision_position_ids(grid_thw, config.spatial_merge_size))
+
+
+def test_a_tower_on_another_stream_gets_inputs_made_on_that_stream(tiny_model):
+    """An entry is freed in the order of the stream it was made on, so a tower queued on another stream (the tower
+    stream, or a second engine's) must not share it: its memory could be handed out on the first stream while
+    that tower still reads it. On the CPU there is one entry per grid and size."""
+    geometry = tiny_model.choose_geometry(272, 640, 16)
+    device = tiny_model.device
+    first = tiny_model.tower_inputs.get(geometry, 41, device)  # a size no other test uses
+    assert tiny_model.tower_inputs.get(geometry, 41, device) is first
+    if device.type != "cuda":
+        return
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        other = tiny_model.tower_inputs.get(geometry, 41, device)
+        assert tiny_model.tower_inputs.get(geometry, 41, device) is other
+    assert other is not first
+    for name in ("cu_seqlens", "cu_window_seqlens", "position_ids", "window_index"):
+        assert torch.equal(other[name], first[name]), name
+    assert tiny_model.tower_inputs.get(geometry, 41, device) is first
