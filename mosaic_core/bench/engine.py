@@ -509,7 +509,10 @@ def _b_modes(text: str, parser: argparse.ArgumentParser) -> tuple[RetrievalMode,
     return tuple(RetrievalMode(m) for m in chosen)
 
 
-def main(argv=None) -> int:
+def main_args(argv=None) -> argparse.Namespace:
+    """The command line, checked whole before anything loads: a bad flag or value exits with argparse's usage error.
+    Adds what the checks parse: ``tower_streams``, ``pause_variants``, ``camera_counts``, ``variant_names`` (None: all)
+    and ``b_mode_list``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset, small sizes; runs on CPU")
     parser.add_argument("--model", default="qwen2.5-vl-7b")
@@ -590,6 +593,15 @@ def main(argv=None) -> int:
         camera_counts = ()
     if not camera_counts or min(camera_counts) < 1:
         parser.error(f"--cameras {args.cameras!r}: give one or more counts of cameras, comma-separated, each >= 1")
+    args.tower_streams, args.pause_variants, args.camera_counts = tower_streams, pause_variants, camera_counts
+    args.variant_names = None if args.variants is None else _variants(args.variants, parser)
+    args.b_mode_list = _b_modes(args.b_modes, parser)
+    return args
+
+
+def main(argv=None) -> int:
+    args = main_args(argv)
+    camera_counts = args.camera_counts
     s = BenchSettings.from_args(argparse.Namespace(**{**vars(args), "cameras": camera_counts[0]}))
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     log(f"loading {s.model} on {s.device} ({s.dtype})")
@@ -612,12 +624,10 @@ def main(argv=None) -> int:
             report["A"], report["C"] = rows, scaling
             out.write_text(json.dumps(report, indent=2))
 
-        variants = None if args.variants is None else _variants(args.variants, parser)
-        report["A"], report["C"] = scenario_a(model, s, pcie, log, save=save, variants=variants)
+        report["A"], report["C"] = scenario_a(model, s, pcie, log, save=save, variants=args.variant_names)
     if "B" in scenarios:
         # with several counts of cameras, one profile each: FILE.ingest-profile.N.txt
         profile_to = Path(args.out).with_suffix(".ingest-profile.txt") if args.profile_ingest else None
-        b_modes = _b_modes(args.b_modes, parser)
         profile_to = profile_to if s.device.startswith("cuda") else None
         report["B"] = {}
         several = len(camera_counts) > 1
@@ -627,14 +637,14 @@ def main(argv=None) -> int:
                 dataclasses.replace(s, cameras=cameras),
                 log,
                 profile_to.with_suffix(f".{cameras}.txt") if profile_to and several else profile_to,
-                b_modes,
+                args.b_mode_list,
                 data_dir=args.b_data_dir,
                 durable_writers=args.durable_writers,
                 durable_pending_bytes=int(args.durable_pending_gib * GIB),
                 keyframes_per_cluster=args.b_keyframes,
-                pause_variants=pause_variants,
+                pause_variants=args.pause_variants,
                 name_cameras=several,
-                tower_streams=tower_streams,
+                tower_streams=args.tower_streams,
             )
             out.write_text(json.dumps(report, indent=2))  # after each count, so a run cut short keeps what it measured
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

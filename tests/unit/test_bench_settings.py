@@ -31,7 +31,7 @@ def test_the_benches_build_their_settings_through_the_shared_helper(bench, monke
 @pytest.mark.parametrize(
     "argv",
     [["--recall-questions", "25"], ["--b-keyframes", "-1"], ["--b-keyframes", "17"], ["--cameras", "64,0"],
-     ["--cameras", "64,many"]],
+     ["--cameras", "64,many"], ["--variants", "cluster,no-such-variant"], ["--b-modes", "full"]],
 )  # fmt: skip
 def test_bench_engine_refuses_out_of_range_counts_before_loading_a_model(argv, capsys):
     from mosaic_core.bench.engine import main
