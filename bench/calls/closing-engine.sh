@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Issue 15's closing table, the engine alone: scenario B at 32, 64, 128, 192 and 256 cameras of 1 fps, cluster mode,
+# with the tower stream as shipped (off; TOWER_STREAM=on or off,on to change it); a few minutes a setting. The table
+# before is session 22's (h200-s22-B.json) and session 27's (h200-s27-B.json).
+source "$(dirname "$0")/head.sh"
+stage scenario-b python3 -m mosaic_core.cli bench engine --model qwen2.5-vl-7b --scenarios B --b-modes cluster \
+    --camera-seconds 24 --cameras 32,64,128,192,256 --b-tower-stream "${TOWER_STREAM:-off}" \
+    --out "$OUT/h200-B-closing.json"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Issue 15: the vision tower on its own CUDA stream (EngineConfig.tower_stream), about 7 minutes.
+# 1. The tower-stream and pause tests on CUDA: a failure means the language model read the tower's outputs unwritten.
+# 2. Scenario B at 192 and 256 cameras, tower stream off and on side by side. Read each "on" row's
+#    stored_as_tower_off before its speed: false means the two rows stored different clusters (a race).
+source "$(dirname "$0")/head.sh"
+MOSAIC_TEST_DEVICE=cuda stage tower-tests python3 -m pytest -q -p no:cacheprovider --tb=short \
+    tests/unit/test_tower_stream.py tests/unit/test_ingest_pauses.py tests/unit/test_vision_chunk_plans.py || exit 1
+stage scenario-b python3 -m mosaic_core.cli bench engine --model qwen2.5-vl-7b --scenarios B --b-modes cluster \
+    --camera-seconds 24 --cameras 192,256 --b-tower-stream off,on --out "$OUT/h200-B-tower-stream.json"
