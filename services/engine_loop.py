@@ -35,7 +35,9 @@ With the engine's ``tower_stream`` on CUDA, that tower runs on its own stream be
 queued, where a question's first token read back between the calls would otherwise leave the device nothing but the
 question's work until the next call queued its tower. Without ``tower_stream`` on CUDA the setting is refused (with
 a warning): the tower would be queued on the compute stream, ahead of every question between the calls. A stream's
-lag (``oldest_wait_s``) counts the frames taken ahead, and answers stop decoding for them as for queued frames.
+lag (``oldest_wait_s``) counts the frames taken ahead, and answers stop decoding for them as for queued frames. They
+count against their queues' bound until the call begins, so a full queue drops its oldest frame when it would have
+without them taken.
 Frames of a stream closed meanwhile are dropped (``drop_ahead``), and the call then queues its own tower.
 
 **Ingest is never starved by questions.** Ingest goes first in every iteration.
@@ -384,6 +386,8 @@ class EngineLoop:
         """One ingest call (module doc)."""
         started_s, served_before_s = time.monotonic(), self._served_in_pauses_s
         ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self.queues.release(ahead.taken)  # out of the queue's bound from now, as a call's own frames are
         taken = ahead.taken if ahead is not None else self._take_call()
         if not taken:
             return False
@@ -397,8 +401,8 @@ class EngineLoop:
             self.telemetry.spent("ingest_upkeep", time.monotonic() - started_s - ingest_s - served_s)
         return True
 
-    def _take_call(self) -> list[QueuedFrame]:
-        return self.queues.take_call(self.max_batch_frames, self.engine.config.max_frames_per_pass)
+    def _take_call(self, *, hold: bool = False) -> list[QueuedFrame]:
+        return self.queues.take_call(self.max_batch_frames, self.engine.config.max_frames_per_pass, hold=hold)
 
     def _ingest_batch(self, batch: list[QueuedFrame], ahead: _Ahead | None = None) -> float:
         """Ingests one batch (with ``ahead``, the frames taken and encoded ahead) and does what follows it, the next
@@ -468,7 +472,7 @@ class EngineLoop:
         batch the engine refuses is kept without its tower: the call checks it again (a refused batch changes no
         stream), and, refused, drops only the bad stream's frames."""
         started_s, served_before_s = time.monotonic(), self._served_in_pauses_s
-        taken = self._take_call()
+        taken = self._take_call(hold=True)  # in their queues' bound until the call begins, so drops are not delayed
         if not taken:
             return 0.0
         self._ahead = _Ahead(taken)
@@ -721,6 +725,7 @@ class EngineLoop:
             return 0
         kept = [f for f in ahead.taken if f.stream_id != stream_id]
         if len(kept) < len(ahead.taken):
+            self.queues.release([f for f in ahead.taken if f.stream_id == stream_id])
             self._ahead = _Ahead(kept) if kept else None
         return len(ahead.taken) - len(kept)
 

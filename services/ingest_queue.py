@@ -60,6 +60,7 @@ class _StreamQueue:
     # Arrival (time.monotonic()) of the oldest frame not yet taken by ingest, dropped ones included; None
     # when nothing waits.
     behind_since_s: float | None = None
+    held: int = 0  # frames taken with ``hold``, still counted against the bound until released
 
 
 class IngestQueues:
@@ -116,7 +117,7 @@ class IngestQueues:
             if slot <= queue.last_slot:
                 return PutOutcome.SAMPLED_OUT
             queue.last_slot = slot
-            dropped = len(queue.frames) >= self.max_frames_per_stream
+            dropped = bool(queue.frames) and len(queue.frames) + queue.held >= self.max_frames_per_stream
             if dropped:
                 queue.frames.popleft()
             queue.frames.append(frame)
@@ -125,13 +126,17 @@ class IngestQueues:
         self.wake.set()
         return PutOutcome.QUEUED_DROPPED_OLDEST if dropped else PutOutcome.QUEUED
 
-    def take_call(self, max_frames: int, frames_per_stream: int = 1) -> list[QueuedFrame]:
+    def take_call(self, max_frames: int, frames_per_stream: int = 1, *, hold: bool = False) -> list[QueuedFrame]:
         """Frames for one ingest call: the streams longest behind (``oldest_wait_s``) first, up to ``max_frames``.
 
         Each stream gives up to ``frames_per_stream`` of its oldest frames, the frames one engine row carries, so
         a call never holds more of one stream than one forward pass takes, and it is one pass of rows from
         different streams. A stream left out because the call was full is further behind than those taken, so with N
         streams waiting every stream is reached within ``ceil(N * frames_per_stream / max_frames)`` calls.
+
+        With ``hold`` the frames are taken early, for a call that has not begun (the engine loop's ``encode_ahead``):
+        they still count against their queues' bound until ``release``, so a full queue drops its oldest frame
+        when it would have without them taken.
         """
         if min(max_frames, frames_per_stream) < 1:
             raise InvalidArgumentError(
@@ -145,10 +150,22 @@ class IngestQueues:
                 room = max_frames - len(taken)
                 if room <= 0:
                     break
-                for _ in range(min(frames_per_stream, room, len(queue.frames))):
+                count = min(frames_per_stream, room, len(queue.frames))
+                for _ in range(count):
                     taken.append(queue.frames.popleft())
+                if hold:
+                    queue.held += count
                 queue.behind_since_s = queue.frames[0].received_s if queue.frames else None
         return taken
+
+    def release(self, frames: list[QueuedFrame]) -> None:
+        """Stops counting frames taken with ``hold`` against their queues' bound: their call has begun, or they were
+        dropped. A stream removed since has nothing to release."""
+        with self._lock:
+            for frame in frames:
+                queue = self._queues.get(frame.stream_id)
+                if queue is not None and queue.held > 0:
+                    queue.held -= 1
 
     def oldest_wait_s(self, stream_id: str, now_s: float | None = None) -> float:
         """Seconds since the oldest frame still waiting for ingest arrived (dropped ones count); 0 if none.

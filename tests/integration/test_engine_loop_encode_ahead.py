@@ -12,7 +12,7 @@ import pytest
 
 from mosaic_core.engine.engine import Engine
 from services.engine_loop import EngineLoop, QuestionJob
-from services.ingest_queue import IngestQueues, QueuedFrame
+from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
 from services.metadata import InMemoryMetadataStore
 from services.publisher import MetadataPublisher, WorkerView
 from services.telemetry import WorkerTelemetry
@@ -43,10 +43,12 @@ class EngineNotingCalls:
         return self._engine.encode_ahead(frames, **options)
 
 
-def _loop_with_frames(engine, bikes_frames, num_frames: int, **options) -> tuple[EngineLoop, IngestQueues]:
+def _loop_with_frames(
+    engine, bikes_frames, num_frames: int, queue_frames: int = 64, **options
+) -> tuple[EngineLoop, IngestQueues]:
     """A real loop over ``engine`` (not started), a call of one frame a stream, with ``STREAMS`` open and
-    ``num_frames`` frames of each queued."""
-    queues = IngestQueues(64)
+    ``num_frames`` frames of each queued (of at most ``queue_frames``)."""
+    queues = IngestQueues(queue_frames)
     publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
     loop = EngineLoop(
         engine,
@@ -146,3 +148,21 @@ def test_a_question_arriving_while_the_next_tower_is_queued_starts_at_its_pauses
     engine.loop = loop
     assert loop._ingest_once()  # the first call, then the second's tower queued ahead, with the question's pauses
     assert engine.answered_while_encoding is True
+
+
+def test_frames_taken_ahead_count_against_their_queue_until_their_call_begins(tiny_model, bikes_frames):
+    """Taken ahead, a frame has left its queue one upkeep before a call would take it; it still counts against the
+    queue's bound until then, so a full queue drops its oldest frame as it would without ``encode_ahead``."""
+    engine = Engine(tiny_model, SMALL)
+    loop, queues = _loop_with_frames(engine, bikes_frames, 3, queue_frames=3, encode_ahead=True)
+
+    def put(i: int) -> PutOutcome:
+        t, rgb = bikes_frames[i]
+        return queues.put(QueuedFrame("cam-0", t, rgb, time.monotonic()))
+
+    assert loop._ingest_once()  # frame 0 ingested, frame 1 taken ahead, frame 2 queued
+    assert put(3) is PutOutcome.QUEUED
+    assert put(4) is PutOutcome.QUEUED_DROPPED_OLDEST  # 2 queued and 1 taken ahead: full
+    assert loop._ingest_once()  # frame 1 ingested, frame 3 taken ahead, frame 4 queued
+    assert put(5) is PutOutcome.QUEUED  # frame 1's place was given back as its call began
+    assert put(6) is PutOutcome.QUEUED_DROPPED_OLDEST

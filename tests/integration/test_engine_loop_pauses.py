@@ -35,8 +35,8 @@ class QuestionOnSecondCall(IngestQueues):
         self.num_calls = 0
         self.in_the_call = in_the_call
 
-    def take_call(self, max_frames: int, frames_per_stream: int = 1):
-        taken = super().take_call(max_frames, frames_per_stream)
+    def take_call(self, max_frames: int, frames_per_stream: int = 1, **options):
+        taken = super().take_call(max_frames, frames_per_stream, **options)
         if taken:
             self.num_calls += 1
             if self.num_calls == 2 and not self.in_the_call:

@@ -34,6 +34,28 @@ def test_full_queue_drops_oldest_and_keeps_the_newest():
     assert [f.timestamp_s for f in queues.take_call(10, frames_per_stream=5)] == [0.2, 0.3, 0.4]
 
 
+def test_frames_taken_ahead_count_against_the_bound_until_released():
+    """Frames the engine loop takes early for the next call (``hold``) leave the queue but not its bound: a full queue
+    drops its oldest frame when it would have with them still queued, and not once the call has begun."""
+    queues = IngestQueues(3)
+    queues.add_stream("a", fps=100.0)
+    queues.add_stream("b", fps=100.0)
+    for t in range(3):
+        queues.put(_frame("a", t / 10))
+    held = queues.take_call(10, frames_per_stream=1, hold=True)
+    assert [f.timestamp_s for f in held] == [0.0]
+    assert queues.put(_frame("a", 0.3)) is PutOutcome.QUEUED_DROPPED_OLDEST  # 2 queued + 1 held: full
+    assert queues.depth("a") == 2
+    queues.release(held)
+    assert queues.put(_frame("a", 0.4)) is PutOutcome.QUEUED
+    assert queues.put(_frame("a", 0.5)) is PutOutcome.QUEUED_DROPPED_OLDEST
+    queues.release(held)  # released twice: nothing more to release
+    assert queues.put(_frame("a", 0.6)) is PutOutcome.QUEUED_DROPPED_OLDEST
+    queues.take_call(10, frames_per_stream=1)  # without hold: out of the bound at once
+    assert queues.put(_frame("a", 0.7)) is PutOutcome.QUEUED
+    assert queues.put(_frame("b", 0.0)) is PutOutcome.QUEUED  # another stream's bound is its own
+
+
 def test_sampling_keeps_one_frame_per_fps_slot_without_drift():
     queues = IngestQueues(100)
     queues.add_stream("a", fps=5.0)
