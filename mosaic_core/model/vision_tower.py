@@ -198,8 +198,9 @@ class TowerInputs:
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def get(self, geometry: VisionGeometry, num_frames: int, device: torch.device) -> dict[str, object]:
+    def get(self, geometry: VisionGeometry, num_frames: int, device: torch.device | str) -> dict[str, object]:
         """The inputs for a tower queued on ``device``'s current stream."""
+        device = torch.device(device)
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
         key = (geometry.grid_h, geometry.grid_w, num_frames, stream)
         if key in self._by_key:
