@@ -33,7 +33,7 @@ def test_the_benches_build_their_settings_through_the_shared_helper(bench, monke
     [["--recall-questions", "25"], ["--b-keyframes", "-1"], ["--b-keyframes", "17"], ["--cameras", "64,0"],
      ["--cameras", "64,many"], ["--variants", "cluster,no-such-variant"], ["--b-modes", "full"]],
 )  # fmt: skip
-def test_bench_engine_refuses_out_of_range_counts_before_loading_a_model(argv, capsys):
+def test_bench_engine_refuses_bad_counts_and_names_before_loading_a_model(argv, capsys):
     from mosaic_core.bench.engine import main
 
     with pytest.raises(SystemExit) as stop:
