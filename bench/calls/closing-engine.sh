@@ -5,4 +5,4 @@
 source "$(dirname "$0")/head.sh"
 stage scenario-b python3 -m mosaic_core.cli bench engine --model qwen2.5-vl-7b --scenarios B --b-modes cluster \
     --camera-seconds 24 --cameras 32,64,128,192,256 --b-tower-stream "${TOWER_STREAM:-off}" \
-    --out "$OUT/h200-B-closing.json"
+    --out "$OUT/B-closing.json"

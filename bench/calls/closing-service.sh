@@ -6,4 +6,4 @@ source "$(dirname "$0")/head.sh"
 # shellcheck disable=SC2086  # EXTRA is a list of flags
 stage service-ramp python3 -m mosaic_core.cli bench service --model qwen2.5-vl-7b --host 0.0.0.0 \
     --max-batch-frames 128 --cameras 32,64,128,150,192,256 --keep-going --warmup-s 15 --settle-s 20 --measure-s 25 \
-    --start-timeout-s 160 --data-dir /dev/shm/mosaic-data --stack-probe ${EXTRA:-} --out "$OUT/h200-service-ramp"
+    --start-timeout-s 160 --data-dir /dev/shm/mosaic-data --stack-probe ${EXTRA:-} --out "$OUT/service-ramp"

@@ -4,4 +4,4 @@
 source "$(dirname "$0")/head.sh"
 stage scenario-a python3 -m mosaic_core.cli bench engine --model qwen2.5-vl-7b --minutes 60 --questions 20 \
     --scenarios A --variants cluster,cluster-two-copy-streams,cluster-tapered-staging --recall-questions 0 \
-    --out "$OUT/h200-60min-A-staging.json"
+    --out "$OUT/60min-A-staging.json"
