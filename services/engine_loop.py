@@ -235,7 +235,6 @@ class EngineLoop:
             encode_ahead = False
         self.encode_ahead = encode_ahead
         self._ahead: _Ahead | None = None  # the next call's frames, taken with their tower queued (encode_ahead)
-        self._call_used_ahead = False  # the ingest call under way took its tower from the call before
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls and at their ends
         self._last_chance: tuple[str, float] | None = None  # the engine thread's last chance to start a question
         self._forward_passes = 0  # language-model passes of every ingest call so far
@@ -412,8 +411,7 @@ class EngineLoop:
         passes_before = self._forward_passes
         if self.ingest_pause_layers:  # questions that came since the loop last started some go before this call
             self._serve_at_pause("call_start")
-        self._call_used_ahead = False
-        ingested = self._ingest(batch, None if ahead is None else ahead.encoded)
+        ingested, used_ahead = self._ingest(batch, None if ahead is None else ahead.encoded)
         done_s = time.monotonic()
         served_s = self._served_in_pauses_s - served_before_s
         # Questions that came during the call start before its upkeep; the next call's tower is queued before them,
@@ -427,7 +425,7 @@ class EngineLoop:
             self._serve_at_pause("call_end")
         self.telemetry.spent("questions", self._served_in_pauses_s - served_before_s)
         # the call's time, with its tower's where that was queued the call before
-        ahead_s = ahead.encode_s if ahead is not None and self._call_used_ahead else 0.0
+        ahead_s = ahead.encode_s if used_ahead else 0.0
         self.capacity.observe(len(ingested), done_s - started_s - served_s + ahead_s)
         per_stream: dict[str, int] = defaultdict(int)
         for frame in ingested:
@@ -438,7 +436,7 @@ class EngineLoop:
                 per_stream,
                 [done_s - f.received_s for f in ingested],
                 forward_passes=self._forward_passes - passes_before,
-                encoded_ahead=self._call_used_ahead,
+                encoded_ahead=used_ahead,
             )
         streams = {f.stream_id for f in batch}
         self.tier_sync.flush(streams)
@@ -487,27 +485,26 @@ class EngineLoop:
         self._ahead.encode_s = time.monotonic() - started_s - (self._served_in_pauses_s - served_before_s)
         return self._ahead.encode_s
 
-    def _ingest(self, batch: list[QueuedFrame], encoded: EncodedFrames | None = None) -> list[QueuedFrame]:
+    def _ingest(self, batch: list[QueuedFrame], encoded: EncodedFrames | None = None) -> tuple[list[QueuedFrame], bool]:
         """Ingests the batch (with ``encoded``, its vision tower queued ahead); if the engine refuses it, retries
         stream by stream so one bad camera only loses its own frames (the engine checks a whole batch before
-        changing anything)."""
+        changing anything). Returns the frames ingested and whether the engine used ``encoded``."""
         if not batch:
-            return []
+            return [], False
         try:
             result = self.engine.ingest(_frame_inputs(batch), pauses=self._new_pauses(), encoded=encoded)
             self._forward_passes += result.num_forward_passes
-            self._call_used_ahead = result.encoded_ahead
-            return batch
+            return batch, result.encoded_ahead
         except Exception as err:
             if len({f.stream_id for f in batch}) == 1:
                 reason = "queue_full" if isinstance(err, CapacityError) else "invalid"
                 log.warning("dropping %d frames of stream %s: %s", len(batch), batch[0].stream_id, err)
                 self.telemetry.dropped(batch[0].stream_id, reason, len(batch))
-                return []
+                return [], False
         by_stream: dict[str, list[QueuedFrame]] = defaultdict(list)
         for frame in batch:
             by_stream[frame.stream_id].append(frame)
-        return [f for frames in by_stream.values() for f in self._ingest(frames)]
+        return [f for frames in by_stream.values() for f in self._ingest(frames)[0]], False
 
     def _serve_at_pause(self, chance: str = "pause") -> None:
         """At a pause inside an ingest call, at its start (``chance`` "call_start") or at its end before its upkeep

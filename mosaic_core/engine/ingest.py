@@ -97,12 +97,17 @@ def encode(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPause
     if not frames:
         raise EmptyBatchError("encoding needs at least one frame; the batch was empty")
     by_stream = _validate(parts, frames)
-    if pauses is not None:
-        tower_apart = parts.tower_stream is not None
-        pauses.begin_call(parts.question_stream, parts.tiering.tiers.transfers.side, tower_apart=tower_apart)
+    _begin_call(parts, pauses)
     work = _encode(parts, by_stream, pauses)
     streams = {stream_id: parts.streams[stream_id] for stream_id in by_stream}
     return EncodedFrames(tuple(frames), streams, work)
+
+
+def _begin_call(parts: EngineParts, pauses: IngestPauses | None) -> None:
+    """Tells ``pauses`` (if any) that a call's tower is about to be queued, and on which streams questions run."""
+    if pauses is not None:
+        tower_apart = parts.tower_stream is not None
+        pauses.begin_call(parts.question_stream, parts.tiering.tiers.transfers.side, tower_apart=tower_apart)
 
 
 def ingest(
@@ -124,13 +129,11 @@ def ingest(
     if not frames:
         raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
     by_stream = _validate(parts, frames)
-    tower_apart = parts.tower_stream is not None
-    if pauses is not None:
-        pauses.begin_call(parts.question_stream, parts.tiering.tiers.transfers.side, tower_apart=tower_apart)
+    _begin_call(parts, pauses)
     start = time.perf_counter()
     encoded_ahead = encoded is not None and encoded.is_for(frames, parts.streams)
     work = encoded.work if encoded_ahead else _encode(parts, by_stream, pauses)
-    work.read_on(torch.cuda.current_stream(parts.model.device) if tower_apart else None)
+    work.read_on(torch.cuda.current_stream(parts.model.device) if parts.tower_stream is not None else None)
     features = work.features
     encode_s = time.perf_counter() - start
     attended: list[int] = []
