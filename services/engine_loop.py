@@ -50,7 +50,7 @@ answers advance a token per call while frames wait).
 **Questions do not hold their stream.** A question reads the slot tables it built at its prefill: the sink and
 window pages it read are held and the clusters it retrieved pinned until it ends, so the stream's frames keep
 going in while it answers and the answer is the one it would have been without them
-(``tests/unit/test_ingest_during_answer.py``). At most ``max_questions_per_stream`` questions per stream are
+(``tests/engine/test_ingest_during_answer.py``). At most ``max_questions_per_stream`` questions per stream are
 running or waiting here; more are refused with ``QueueFullError`` (RESOURCE_EXHAUSTED).
 
 **Background answers** (a watch's short answer about a sealed cluster, ``submit_background``) wait in their own

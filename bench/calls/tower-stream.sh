@@ -5,6 +5,6 @@
 #    stored_as_tower_off before its speed: false means the two rows stored different clusters (a race).
 source "$(dirname "$0")/head.sh"
 MOSAIC_TEST_DEVICE=cuda stage tower-tests python3 -m pytest -q -p no:cacheprovider --tb=short \
-    tests/unit/test_tower_stream.py tests/unit/test_ingest_pauses.py tests/unit/test_vision_chunk_plans.py || exit 1
+    tests/engine/test_tower_stream.py tests/engine/test_ingest_pauses.py tests/engine/test_vision_chunk_plans.py || exit 1
 stage scenario-b python3 -m mosaic_core.cli bench engine --model qwen2.5-vl-7b --scenarios B --b-modes cluster \
     --camera-seconds 24 --cameras 192,256 --b-tower-stream off,on --out "$OUT/B-tower-stream.json"

@@ -162,7 +162,7 @@ def copy_slab_table(
 def copy_slab_table_reference(table: np.ndarray, num_heads: int, head_dim: int, element_size: int) -> None:
     """What ``copy_slab_table`` does, on host memory: for each row and each of the 2 x H (K or V, head) runs,
     ``tokens x head_dim`` elements from the source address to the destination address. Off CUDA both ends are
-    host memory, so the rows are checked against real bytes (``tests/unit/test_stage_table.py``)."""
+    host memory, so the rows are checked against real bytes (``tests/engine/test_stage_table.py``)."""
     run = head_dim * element_size
     for src, dst, tokens, src_slots, dst_slots in table.tolist():
         for head2 in range(2 * num_heads):

@@ -15,7 +15,7 @@ Products and sums are computed in float32 from the inputs and rounded once to th
 half-precision ops do, and the kernels are built without FMA contraction, so a multiply-add rounds as the two eager
 ops do. The norm's mean sums in another order than PyTorch's reduction, and ``tl.exp``/``rsqrt`` are not PyTorch's
 ``expf``/``rsqrtf``: those results may differ from eager in the last float32 bit, which a half-precision output
-almost always rounds away (``tests/unit/test_text_elementwise.py``).
+almost always rounds away (``tests/engine/test_text_elementwise.py``).
 
 One program per row (per row and block of columns for ``silu_mul``): these are for passes of few rows. Big ingest
 passes use the compiled functions of ``mosaic_core.model.text_fusion`` instead.

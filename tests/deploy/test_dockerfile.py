@@ -116,7 +116,7 @@ def test_every_copied_source_exists_and_reaches_the_build_context() -> None:
         ".venv/bin/python",
         ".ruff_cache/0.6/x",
         ".hypothesis/examples/x",
-        "tests/unit/test_engine.py",
+        "tests/engine/test_engine.py",
         "bench/out/table.csv",
         "mosaic.egg-info/PKG-INFO",
         "helm/mosaic/Chart.yaml",

@@ -17,7 +17,7 @@ from services.metadata import InMemoryMetadataStore
 from services.publisher import MetadataPublisher, WorkerView
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
-from tests.unit.engine_helpers import SMALL
+from tests.engine.engine_helpers import SMALL
 
 STREAMS = ("cam-0", "cam-1")
 QUEUED = 6  # frames of each stream: six calls of one frame a stream

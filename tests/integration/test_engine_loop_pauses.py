@@ -19,7 +19,7 @@ from services.metadata import InMemoryMetadataStore
 from services.publisher import MetadataPublisher, WorkerView
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
-from tests.unit.engine_helpers import SMALL, feed
+from tests.engine.engine_helpers import SMALL, feed
 
 STREAMS = ("cam-0", "cam-1")
 

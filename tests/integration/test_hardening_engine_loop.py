@@ -24,7 +24,7 @@ from services.metadata import InMemoryMetadataStore
 from services.publisher import MetadataPublisher, WorkerView
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
-from tests.unit.engine_helpers import SMALL, feed
+from tests.engine.engine_helpers import SMALL, feed
 
 FPS = 1.0
 STREAMS = ("cam-0", "cam-1", "cam-2")

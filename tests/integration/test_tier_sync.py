@@ -17,7 +17,7 @@ from mosaic_core.engine.results import FrameInput
 from services.metadata import InMemoryMetadataStore, StreamRecord
 from services.publisher import MetadataPublisher, WorkerView
 from services.tier_sync import NEWEST_CLUSTERS, TierSync
-from tests.unit.engine_helpers import SMALL
+from tests.engine.engine_helpers import SMALL
 
 STREAM = "cam-t"
 

@@ -12,7 +12,7 @@ import torch
 
 from mosaic_core.durable.staging import ALIGN_BYTES, StagingArena
 from mosaic_core.durable.store import DurableStore
-from tests.unit.test_durable_writers import WAIT_S, Gate, _seal
+from tests.engine.test_durable_writers import WAIT_S, Gate, _seal
 
 
 def test_pieces_do_not_overlap_and_freed_neighbours_merge_into_one_run():

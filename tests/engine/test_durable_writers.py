@@ -158,7 +158,7 @@ def test_a_failed_write_that_is_no_oserror_is_retried_and_the_writer_goes_on(tmp
 
 
 def test_the_engine_gives_its_store_the_configured_writers_and_pending_bound(tiny_model, tmp_path):
-    from tests.unit.engine_helpers import make_engine
+    from tests.engine.engine_helpers import make_engine
 
     engine = make_engine(tiny_model, data_dir=str(tmp_path), durable_writers=2, durable_pending_bytes=3 << 20)
     store = engine.history.store

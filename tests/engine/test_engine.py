@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_helpers import SMALL, feed, make_engine
 
 from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
 from mosaic_core.engine.maintenance import apply_merges, mergeable_clusters
 from mosaic_core.engine.results import Answer, FrameInput, TokenEvent
+from tests.engine.engine_helpers import SMALL, feed, make_engine
 
 QUESTION = "When did the cyclist pass the camera?"
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_helpers import feed, make_engine
 
 from mosaic_core.errors import ConfigError
 from mosaic_core.model.attention_hook import PLAN_KWARG
 from mosaic_core.model.presets import PRESETS, preset_config_kwargs
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
+from tests.engine.engine_helpers import feed, make_engine
 
 
 def test_presets_have_the_published_7b_shape():

@@ -16,7 +16,7 @@ from mosaic_core.engine.engine import WARM_UP_STREAM
 from mosaic_core.engine.prefill_graphs import PrefillGraphs
 from mosaic_core.errors import AlreadyExistsError
 from mosaic_core.model.text_fusion import MIN_FUSED_TOKENS
-from tests.unit.engine_helpers import feed, make_engine
+from tests.engine.engine_helpers import feed, make_engine
 
 
 def test_warm_up_asks_every_question_length_and_leaves_nothing(tiny_model, bikes_frames, tmp_path):

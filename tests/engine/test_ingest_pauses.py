@@ -10,8 +10,8 @@ from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine import ingest_pauses
 from mosaic_core.engine.ingest_pauses import IngestPauses, PauseMarks
 from mosaic_core.engine.results import FrameInput
-from tests.unit.engine_helpers import feed, with_history
-from tests.unit.hidden_recorder import assert_same_hiddens, record_hiddens
+from tests.engine.engine_helpers import feed, with_history
+from tests.engine.hidden_recorder import assert_same_hiddens, record_hiddens
 
 QUESTION = "When did the cyclist pass the camera?"
 LATER_QUESTION = "Was there a dog near the road?"

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import feed, make_engine
 
 from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.engine.watching import WatchScorer, question_queries, summary_scores
+from tests.engine.engine_helpers import feed, make_engine
 
 QUESTION = "Is a cyclist passing the camera?"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import feed, make_engine
 
 from bench.synthetic_recall import case
 from mosaic_core.config import MIB, EngineConfig
@@ -15,6 +14,7 @@ from mosaic_core.engine.probes import ENGINE, UNIT_CEILING, ProbeRequest, probin
 from mosaic_core.engine.retrieval import Retriever, machinery_for
 from mosaic_core.engine.scorers import ShareScorer, scorer_by_name
 from mosaic_core.errors import UnknownPolicyError
+from tests.engine.engine_helpers import feed, make_engine
 
 QUESTION = "When did the cyclist pass the camera?"
 SPANS = [(2, 3), (9, 10), (15, 16), (21, 22), (26, 27)]  # stored frames (the window holds the newest ones)

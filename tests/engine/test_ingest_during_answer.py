@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.engine_helpers import feed, make_engine
-from tests.unit.hidden_recorder import assert_same_hiddens, record_hiddens
+from tests.engine.engine_helpers import feed, make_engine
+from tests.engine.hidden_recorder import assert_same_hiddens, record_hiddens
 
 QUESTION = "When did the cyclist pass the camera?"
 

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-from engine_helpers import feed, make_engine
 from PIL import Image
 
 from mosaic_core.bookkeeping.formation import FormationConfig
@@ -22,6 +21,7 @@ from mosaic_core.engine.keyframe_store import UnknownKeyframeError, held_keyfram
 from mosaic_core.engine.keyframes import KeyframePicker, parse_keyframe_id
 from mosaic_core.engine.thumbnails import thumbnail
 from mosaic_core.errors import ConfigError, InvalidArgumentError, UnknownClusterError
+from tests.engine.engine_helpers import feed, make_engine
 
 
 def _offer_all(picker: KeyframePicker, similarities: list[float | None]) -> list[int]:

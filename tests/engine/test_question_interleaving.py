@@ -5,11 +5,11 @@ own, not differences of engine-wide counters."""
 from __future__ import annotations
 
 import pytest
-from engine_helpers import feed, make_engine
-from hidden_recorder import assert_same_hiddens, record_hiddens
 
 from mosaic_core.config import MIB
 from mosaic_core.engine.results import Answer
+from tests.engine.engine_helpers import feed, make_engine
+from tests.engine.hidden_recorder import assert_same_hiddens, record_hiddens
 
 
 def _engine(tiny_model):

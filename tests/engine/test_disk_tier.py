@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from engine_helpers import feed, make_engine
 
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
 from mosaic_core.memory.tiers import DiskTier
+from tests.engine.engine_helpers import feed, make_engine
 
 
 def test_clusters_spill_to_disk_and_come_back(tiny_model, bikes_frames, tmp_path):

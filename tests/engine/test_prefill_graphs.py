@@ -13,8 +13,8 @@ import pytest
 from mosaic_core.engine import prefill_graphs
 from mosaic_core.engine.decode_graphs import DecodeGraphs
 from mosaic_core.engine.prefill_graphs import QUESTION_STEP, PrefillGraphs, padded_length
-from tests.unit.engine_helpers import feed, make_engine
-from tests.unit.hidden_recorder import assert_same_hiddens, record_hiddens
+from tests.engine.engine_helpers import feed, make_engine
+from tests.engine.hidden_recorder import assert_same_hiddens, record_hiddens
 
 QUESTIONS = (
     "What happened on the road?",

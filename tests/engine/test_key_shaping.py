@@ -7,11 +7,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from engine_helpers import SMALL, feed
 
 from mosaic_core.bookkeeping import FormationConfig
 from mosaic_core.engine.engine import Engine
 from mosaic_core.errors import ConfigError
+from tests.engine.engine_helpers import SMALL, feed
 
 
 def _clusters(tiny_model, frames, formation: FormationConfig) -> list[list[int]]:

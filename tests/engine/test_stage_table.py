@@ -16,8 +16,8 @@ from mosaic_core.engine.retrieval import Retriever
 from mosaic_core.memory.arena import PagePools
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import TransferEngine
-from tests.unit.engine_helpers import feed, make_engine
-from tests.unit.hidden_recorder import assert_same_hiddens, record_hiddens
+from tests.engine.engine_helpers import feed, make_engine
+from tests.engine.hidden_recorder import assert_same_hiddens, record_hiddens
 
 SPEC = KVSpec(num_layers=3, num_kv_heads=2, num_q_heads=4, head_dim=8, dtype=torch.float32)
 PAGE_TOKENS = 5

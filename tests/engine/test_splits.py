@@ -12,13 +12,13 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from engine_helpers import SMALL, feed
 
 from mosaic_core.bookkeeping import FormationConfig
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.probes import ENGINE, ProbeRequest, probing
 from mosaic_core.engine.splits import best_cut
 from mosaic_core.errors import ConfigError
+from tests.engine.engine_helpers import SMALL, feed
 
 SPLITTING = dataclasses.replace(
     SMALL,

@@ -7,7 +7,7 @@ import pytest
 
 from mosaic_core.bench.b_pauses import PauseVariant, QuestionAtPause, call_pauses
 from mosaic_core.engine.results import Answer, FrameInput, TokenEvent
-from tests.unit.engine_helpers import feed, with_history
+from tests.engine.engine_helpers import feed, with_history
 
 QUESTION = "When did the cyclist pass the camera?"
 STREAMS = ("cam-a", "cam-b")

@@ -18,7 +18,7 @@ from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.results import FrameInput
 from mosaic_core.errors import BudgetError
-from tests.unit.engine_helpers import make_engine
+from tests.engine.engine_helpers import make_engine
 
 STREAMS = ("cam-a", "cam-b")
 CALLS = 5

@@ -3,7 +3,7 @@ answers as an unprofiled one: timing a stage must not change what the question r
 
 from __future__ import annotations
 
-from tests.unit.engine_helpers import feed, make_engine
+from tests.engine.engine_helpers import feed, make_engine
 
 QUESTION = "When did the cyclist pass the camera?"
 

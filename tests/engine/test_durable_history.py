@@ -8,11 +8,11 @@ import zlib
 
 import pytest
 import torch
-from engine_helpers import feed, make_engine
 
 from mosaic_core.bookkeeping.formation import ClusterRecord
 from mosaic_core.durable.manifest import MANIFEST_NAME, encode_line, replay
 from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, encode_pages, to_pages
+from tests.engine.engine_helpers import feed, make_engine
 
 
 def _durable_view(engine, stream_id):

@@ -10,7 +10,7 @@ from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine.tiering import TierManager
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.tiers import KVTiers
-from tests.unit.engine_helpers import feed, make_engine
+from tests.engine.engine_helpers import feed, make_engine
 from tests.unit.tiering_helpers import make_tiering, move, put
 
 SPEC = KVSpec(num_layers=3, num_kv_heads=2, num_q_heads=4, head_dim=16, dtype=torch.float32)

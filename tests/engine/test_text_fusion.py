@@ -23,7 +23,7 @@ from mosaic_core.model.text_fusion import (
     fuse_text_elementwise,
 )
 from mosaic_core.model.vision_tower import _compiled, _rms_norm
-from tests.unit.language_model_helpers import tiny_language_model
+from tests.engine.language_model_helpers import tiny_language_model
 
 RECORDING_ATTENTION = "text_fusion_test_recording"
 _recorded_calls: list[tuple] = []

@@ -13,12 +13,12 @@ import zlib
 
 import pytest
 import torch
-from engine_helpers import SMALL, feed
 
 from mosaic_core.bookkeeping import ClusterFormer, FormationConfig
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.probes import ENGINE, ProbeRequest, probing
 from mosaic_core.errors import ConfigError, InvalidArgumentError
+from tests.engine.engine_helpers import SMALL, feed
 
 CFG = FormationConfig(min_similarity=0.85, min_cohesion=0.8, max_tokens=400, max_gap_s=5.0)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from mosaic_core.engine.decode_graphs import DecodeGraphs
-from tests.unit.engine_helpers import feed, make_engine
-from tests.unit.hidden_recorder import assert_same_hiddens, record_hiddens, rows_of
+from tests.engine.engine_helpers import feed, make_engine
+from tests.engine.hidden_recorder import assert_same_hiddens, record_hiddens, rows_of
 
 QUESTIONS = ("What happened on the road?", "When did the cyclist pass the red car?")
 

@@ -15,7 +15,7 @@ from mosaic_core.errors import InvalidArgumentError
 from mosaic_core.model import text_fusion
 from mosaic_core.model.text_fusion import _add_rms_norm, _silu_mul, fuse_text_elementwise, use_small_pass_kernels
 from mosaic_core.model.vision_tower import _rms_norm
-from tests.unit.language_model_helpers import tiny_language_model
+from tests.engine.language_model_helpers import tiny_language_model
 
 pytest.importorskip("triton", reason="triton is not installed; the kernels cannot run")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from engine_helpers import feed, make_engine
 
 from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.config import MIB, EngineConfig
@@ -22,6 +21,7 @@ from mosaic_core.errors import (
     UnknownPolicyError,
     UnknownStreamError,
 )
+from tests.engine.engine_helpers import feed, make_engine
 
 
 @pytest.fixture(scope="module")
