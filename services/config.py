@@ -153,7 +153,8 @@ class ServiceConfig(BaseModel):
     # As an ingest call returns, the worker takes the next call's frames and queues their vision tower before the
     # questions and upkeep that follow the call (services.engine_loop). It needs the engine's tower_stream on a GPU
     # (`engine: {tower_stream: true}`), on which that tower runs beside the language model just queued; without it a
-    # GPU worker turns it off with a warning. Off by default: not yet measured on a GPU.
+    # GPU worker turns it off with a warning. It needs ingest_queue_frames above the engine's max_frames_per_pass (a
+    # worker refuses to start otherwise). Off by default: measured only on an H100 so far (bench/NOTES.md, session 36).
     encode_ahead: bool = False
     # The worker process's sys.setswitchinterval: how long one Python thread may keep the GIL once another asks for
     # it. The engine thread, which queues the GPU's work, needs the GIL nearly all the time. On the H200 at 150

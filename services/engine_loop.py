@@ -227,6 +227,13 @@ class EngineLoop:
         self.ingest_pause_lookahead = ingest_pause_lookahead
         self.ingest_pause_skip_idle = ingest_pause_skip_idle
         self.questions_alongside_ingest = questions_alongside_ingest
+        frames_per_pass = engine.config.max_frames_per_pass
+        if encode_ahead and queues.max_frames_per_stream <= frames_per_pass:
+            raise ValueError(
+                f"encode_ahead needs ingest queues longer than the frames a call takes of one stream: "
+                f"ingest_queue_frames={queues.max_frames_per_stream}, max_frames_per_pass={frames_per_pass}; with the "
+                "frames taken ahead filling the bound, a new frame could not drop an older one"
+            )
         if encode_ahead and engine.parts.model.device.type == "cuda" and engine.parts.tower_stream is None:
             log.warning(
                 "encode_ahead is off: without the engine's tower_stream the next call's vision tower would be queued "
@@ -235,6 +242,7 @@ class EngineLoop:
             encode_ahead = False
         self.encode_ahead = encode_ahead
         self._ahead: _Ahead | None = None  # the next call's frames, taken with their tower queued (encode_ahead)
+        self._ingest_ended = False  # set by end_ingest as the worker shuts down
         self._served_in_pauses_s = 0.0  # engine-thread time spent on questions inside ingest calls and at their ends
         self._last_chance: tuple[str, float] | None = None  # the engine thread's last chance to start a question
         self._forward_passes = 0  # language-model passes of every ingest call so far
@@ -347,7 +355,7 @@ class EngineLoop:
             self.wake.clear()
             try:
                 worked = self._timed("other", self._run_commands)
-                worked |= self._ingest_once()
+                worked |= not self._ingest_ended and self._ingest_once()
                 worked |= self._timed("questions", self._start_questions)
                 worked |= self._step_questions()
                 self._timed("other", self._refresh_stats)
@@ -712,6 +720,24 @@ class EngineLoop:
         if now - self._stats_at >= STATS_REFRESH_S:
             self._stats_at = now
             self.stats = self.engine.stats()
+
+    def end_ingest(self, deadline_s: float) -> dict[str, int]:
+        """Engine thread only, as the worker shuts down: ingests the frames queued and taken ahead until none is
+        left or ``time.monotonic()`` passes ``deadline_s``, then ingests no more, so that a checkpoint after it is
+        the stream's last state. Returns the frames left, per stream, taken out of their queues: the caller counts
+        them dropped."""
+        while time.monotonic() < deadline_s and (self._ahead is not None or self.queues.total_frames() > 0):
+            self._ingest_once()
+        self._ingest_ended = True
+        left = self.queues.take_all()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self.queues.release(ahead.taken)
+            left += ahead.taken
+        per_stream: dict[str, int] = defaultdict(int)
+        for frame in left:
+            per_stream[frame.stream_id] += 1
+        return dict(per_stream)
 
     def drop_ahead(self, stream_id: str) -> int:
         """Drops the stream's frames taken for the next call (``encode_ahead``; engine thread only, as the stream

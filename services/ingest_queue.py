@@ -185,13 +185,26 @@ class IngestQueues:
             return queue.frames[0].received_s if queue is not None and queue.frames else None
 
     def depth(self, stream_id: str) -> int:
+        """Frames of the stream waiting for ingest, those taken with ``hold`` included: what counts against the
+        bound."""
         with self._lock:
             queue = self._queues.get(stream_id)
-            return 0 if queue is None else len(queue.frames)
+            return 0 if queue is None else len(queue.frames) + queue.held
 
     def depths(self) -> dict[str, int]:
+        """``depth`` of every stream."""
         with self._lock:
-            return {s: len(q.frames) for s, q in self._queues.items()}
+            return {s: len(q.frames) + q.held for s, q in self._queues.items()}
+
+    def take_all(self) -> list[QueuedFrame]:
+        """Every queued frame, taken out of its queue (a worker that stops ingesting counts them dropped)."""
+        taken: list[QueuedFrame] = []
+        with self._lock:
+            for queue in self._queues.values():
+                taken.extend(queue.frames)
+                queue.frames.clear()
+                queue.behind_since_s = None
+        return taken
 
     def total_frames(self, *, exclude: frozenset[str] = frozenset()) -> int:
         with self._lock:

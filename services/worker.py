@@ -56,6 +56,9 @@ from services.watches_worker import WorkerWatches
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 3
+# A stopping worker ingests the frames its sources queued for up to this long, within the 10 s the router gives
+# its shutdown (services.router), before the checkpoint; frames left then are counted dropped (reason shutdown).
+SHUTDOWN_INGEST_S = 2.0
 
 
 @dataclass(slots=True)
@@ -200,13 +203,14 @@ class WorkerCore:
         )
 
     def shutdown(self) -> None:
-        """Stops sources, makes every stream's history durable (open clusters and windows included), and lets
-        the publisher finish before the store closes."""
+        """Stops sources, ingests what they queued (for up to ``SHUTDOWN_INGEST_S``; what is left is counted as
+        dropped, reason ``shutdown``), makes every stream's history durable (open clusters and windows included), and
+        lets the publisher finish before the store closes."""
         for session in list(self.sessions.values()):
             if session.source is not None:
                 session.source.stop()
         try:
-            self.loop.call(self._checkpoint, timeout_s=60.0)
+            self.loop.call(self._end_ingest_and_checkpoint, time.monotonic() + SHUTDOWN_INGEST_S, timeout_s=60.0)
         except Exception as err:  # a shutdown still goes on; what was sealed before is on disk
             log.error("worker %s: checkpoint at shutdown failed: %s", self.worker_id, err)
         self.publisher.wait_idle(5.0)
@@ -215,7 +219,11 @@ class WorkerCore:
         self.engine.close()
         self.store.close()
 
-    def _checkpoint(self) -> None:
+    def _end_ingest_and_checkpoint(self, deadline_s: float) -> None:
+        """Engine thread: no frame is ingested after the checkpoint, whose stream states would not hold it."""
+        for stream_id, left in self.loop.end_ingest(deadline_s).items():
+            if stream_id in self.sessions:
+                self.telemetry.dropped(stream_id, "shutdown", left)
         self._save_counters()
         self.engine.checkpoint()
         self.tier_sync.flush(list(self.engine.streams))

@@ -49,10 +49,10 @@ On CUDA, what happens at a pause where ``serve`` is called depends on ``alongsid
   where a wait at a pause releases it to the worker's other threads (sources decoding video, pushes).
 
 With the vision tower on a CUDA stream of its own (``EngineConfig.tower_stream``), the pauses in and after the tower
-never wait for the device, whether ``alongside`` or not: a question started there runs on the compute stream, which
-holds none of the tower's work, so the host goes on queuing the tower while the previous call's language model still
-runs. Those pauses leave no mark to wait for either: the first layer pause of the call's first pass is the next one
-that does.
+never wait for the device, whether ``alongside`` or not: a question started there runs on the compute stream (on the
+question stream, ``alongside``), which holds none of the tower's work, so the host goes on queuing the tower while the
+previous call's language model still runs. Those pauses leave no mark to wait for either: the first layer pause of
+the call's first pass is the next one that does.
 
 What ``serve`` sees and may do: every stream holds the frames of the passes already done in this call, and of the
 pass under way only once they are placed (at a pause while placing, the streams placed so far hold theirs, each

@@ -30,15 +30,19 @@ FRAMES_PER_CALL = 2  # per stream
 STALL_CYCLES = 20_000_000
 
 
+def _stall_tower_stream(engine) -> None:
+    if engine.parts.tower_stream is not None:
+        with torch.cuda.stream(engine.parts.tower_stream):
+            torch.cuda._sleep(STALL_CYCLES)
+
+
 def _ingest(engine, bikes_frames, pauses_for=lambda: None) -> None:
     """``CALLS`` calls one after another, with no wait between them: each call's tower may run beside the language
     model of the call before it, and on CUDA starts late (``STALL_CYCLES``)."""
     for stream_id in STREAMS:
         engine.open_stream(stream_id)
     for call in range(CALLS):
-        if engine.parts.tower_stream is not None:
-            with torch.cuda.stream(engine.parts.tower_stream):
-                torch.cuda._sleep(STALL_CYCLES)
+        _stall_tower_stream(engine)
         first = call * FRAMES_PER_CALL
         batch = [
             FrameInput(stream_id, t, rgb)
@@ -141,6 +145,7 @@ def test_a_call_uses_the_tower_encoded_ahead_for_its_own_frames_only(tiny_model,
     ahead = make_engine(tiny_model, tower_stream=True)
     for stream_id in STREAMS:
         ahead.open_stream(stream_id)
+    _stall_tower_stream(ahead)  # on CUDA: a language model that did not wait for the tower queued ahead reads too early
     encoded = ahead.encode_ahead(batch(0))
     tower_pauses = []
     for call in range(CALLS):
@@ -152,6 +157,7 @@ def test_a_call_uses_the_tower_encoded_ahead_for_its_own_frames_only(tiny_model,
         result = ahead.ingest(frames, pauses=pauses, encoded=encoded)
         assert result.encoded_ahead is not stale
         if call + 1 < CALLS:
+            _stall_tower_stream(ahead)
             encoded = ahead.encode_ahead(batch(call + 1))
     assert tower_pauses.count(2) == 2 + FRAMES_PER_CALL  # inside and after its own tower, and before each pass
     assert all(tower_pauses.count(call) == FRAMES_PER_CALL for call in (0, 1, 3, 4))  # the passes' pauses only

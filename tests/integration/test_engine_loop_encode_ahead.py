@@ -166,3 +166,42 @@ def test_frames_taken_ahead_count_against_their_queue_until_their_call_begins(ti
     assert loop._ingest_once()  # frame 1 ingested, frame 3 taken ahead, frame 4 queued
     assert put(5) is PutOutcome.QUEUED  # frame 1's place was given back as its call began
     assert put(6) is PutOutcome.QUEUED_DROPPED_OLDEST
+
+
+def test_a_queue_depth_counts_the_frames_taken_ahead(tiny_model, bikes_frames):
+    engine = Engine(tiny_model, SMALL)
+    loop, queues = _loop_with_frames(engine, bikes_frames, 3, encode_ahead=True)
+    assert loop._ingest_once()  # frame 0 ingested, frame 1 taken ahead, frame 2 queued
+    assert queues.depth("cam-0") == 2 and queues.depths() == {"cam-0": 2, "cam-1": 2}
+
+
+def test_encode_ahead_is_refused_with_queues_no_longer_than_a_call_takes_of_a_stream(tiny_model, bikes_frames):
+    engine = Engine(tiny_model, SMALL)
+    with pytest.raises(ValueError, match="ingest_queue_frames=1, max_frames_per_pass=1"):
+        _loop_with_frames(engine, bikes_frames, 0, queue_frames=1, encode_ahead=True)
+    _loop_with_frames(Engine(tiny_model, SMALL), bikes_frames, 0, queue_frames=1, encode_ahead=False)
+
+
+def test_ending_ingest_takes_in_what_waits_then_ingests_nothing_more(tiny_model, bikes_frames):
+    engine = Engine(tiny_model, SMALL)
+    loop, queues = _loop_with_frames(engine, bikes_frames, 3, encode_ahead=True)
+    assert loop.end_ingest(time.monotonic() + 60) == {}
+    assert [engine.stream_stats(s).frames_ingested for s in STREAMS] == [3, 3]
+    t, rgb = bikes_frames[3]
+    queues.put(QueuedFrame("cam-0", t, rgb, time.monotonic()))
+    loop.start()
+    try:
+        time.sleep(0.3)
+        loop.call(lambda: None)  # the loop has been round since the frame came
+    finally:
+        loop.stop()
+    assert engine.stream_stats("cam-0").frames_ingested == 3
+
+
+def test_ending_ingest_past_its_deadline_returns_the_frames_queued_and_taken_ahead(tiny_model, bikes_frames):
+    engine = Engine(tiny_model, SMALL)
+    loop, queues = _loop_with_frames(engine, bikes_frames, 3, encode_ahead=True)
+    assert loop._ingest_once()  # frame 0 ingested, frame 1 taken ahead, frame 2 queued
+    assert loop.end_ingest(time.monotonic()) == {"cam-0": 2, "cam-1": 2}
+    assert queues.depths() == {"cam-0": 0, "cam-1": 0} and loop.oldest_wait_s("cam-0") == 0.0
+    assert [engine.stream_stats(s).frames_ingested for s in STREAMS] == [1, 1]

@@ -45,7 +45,7 @@ def test_frames_taken_ahead_count_against_the_bound_until_released():
     held = queues.take_call(10, frames_per_stream=1, hold=True)
     assert [f.timestamp_s for f in held] == [0.0]
     assert queues.put(_frame("a", 0.3)) is PutOutcome.QUEUED_DROPPED_OLDEST  # 2 queued + 1 held: full
-    assert queues.depth("a") == 2
+    assert queues.depth("a") == 3  # the frame held counts in the depth as in the bound
     queues.release(held)
     assert queues.put(_frame("a", 0.4)) is PutOutcome.QUEUED
     assert queues.put(_frame("a", 0.5)) is PutOutcome.QUEUED_DROPPED_OLDEST

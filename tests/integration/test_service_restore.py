@@ -4,6 +4,7 @@ device budget at CreateStream is RESOURCE_EXHAUSTED with a sentence."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from mosaic_core.config import MIB
 from mosaic_core.engine.engine import Engine
 from mosaic_core.errors import CapacityError
 from mosaic_core.model.video import sample_clip_path
+from services import worker as worker_module
 from services.config import load_config
 from services.metadata import StreamRecord
 from services.metadata.memory import InMemoryMetadataStore
@@ -97,3 +99,33 @@ def test_a_worker_refuses_streams_beyond_what_it_has_measured(tiny_model, bikes_
         assert "cam-fast" not in worker.sessions
     finally:
         worker.shutdown()
+
+
+@pytest.mark.parametrize("ingest_s", [0.0, 30.0])
+def test_a_shutdown_ingests_nothing_after_its_checkpoint(tiny_model, bikes_frames, tmp_path, monkeypatch, ingest_s):
+    """Frames queued at a shutdown go in before the checkpoint, or are counted dropped (reason shutdown): the history
+    on disk then covers every frame the stream's state says it ingested."""
+    monkeypatch.setattr(worker_module, "SHUTDOWN_INGEST_S", ingest_s)
+    config = load_config(None, data_dir=str(tmp_path), engine={"target_tokens_per_frame": 16})
+    store = InMemoryMetadataStore()
+    first = _worker(tiny_model, config, store)
+    first.open_stream(StreamRecord(stream_id="cam", fps=1.0))
+    gate = threading.Event()
+    first.loop.post(gate.wait, 30)  # the engine thread waits here while the frames are queued and the shutdown asked
+    assert not first.push([(i, "cam", float(i), rgb) for i, (_, rgb) in enumerate(bikes_frames[:8])]).rejected
+    threading.Timer(0.3, gate.set).start()
+    first.shutdown()
+    totals = first.telemetry.totals("cam")
+    assert (totals.ingested, totals.dropped) == ((0, 8) if ingest_s == 0 else (8, 0))
+
+    second = _worker(tiny_model, config, store)
+    try:
+        restored = second.engine.streams["cam"]
+        assert second.telemetry.totals("cam").dropped == totals.dropped
+        if ingest_s == 0:
+            assert restored.last_timestamp_s is None and not second.engine.clusters("cam")
+        else:
+            assert restored.last_timestamp_s == 7.0
+            assert max(c.end_s for c in second.engine.clusters("cam")) >= 7.0
+    finally:
+        second.shutdown()
