@@ -19,16 +19,25 @@ SCORER_NAMES = ("spread", "spread_per_token", "spread_share", "spread_share_per_
 # 11 GiB beyond an 80-GiB budget and the 7B model's 15.5 GiB of weights (bench/NOTES.md, session 27), and the
 # share left out (1 - share of the free memory) covers what this does not.
 BUDGET_WORKSPACE_BYTES = 2 * GIB
+# Left out as well with the vision tower on a CUDA stream of its own (EngineConfig.tower_stream), whose activations
+# PyTorch's allocator keeps in a pool of that stream's: about 2.4 GB more reserved than without, in scenario B at 192
+# and 256 cameras with calls of 128 frames (bench/NOTES.md, session 36, on an H100).
+TOWER_STREAM_WORKSPACE_BYTES = 5 * GIB // 2
 # The share of free GPU memory the benchmarks (engine scenario B, the service's) give the device budget.
 BENCH_DEVICE_BUDGET_SHARE = 0.8
 
 
-def device_budget_from_free(free_bytes: int, *, share: float, floor_bytes: int) -> int:
+def budget_workspace_bytes(*, tower_stream: bool) -> int:
+    """What a device budget sized from free GPU memory leaves out for the engine's work outside it."""
+    return BUDGET_WORKSPACE_BYTES + (TOWER_STREAM_WORKSPACE_BYTES if tower_stream else 0)
+
+
+def device_budget_from_free(free_bytes: int, *, share: float, floor_bytes: int, tower_stream: bool = False) -> int:
     """A device budget of ``share`` of the GPU memory free once the model is loaded, less
-    ``BUDGET_WORKSPACE_BYTES``, and never under ``floor_bytes``."""
+    ``budget_workspace_bytes``, and never under ``floor_bytes``."""
     if not 0 < share < 1:
         raise ConfigError(f"device budget share {share} must be between 0 and 1 (exclusive)")
-    return max(floor_bytes, int(free_bytes * share) - BUDGET_WORKSPACE_BYTES)
+    return max(floor_bytes, int(free_bytes * share) - budget_workspace_bytes(tower_stream=tower_stream))
 
 
 class RetrievalMode(StrEnum):

@@ -619,7 +619,7 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--device-budget-gib", type=float, default=None,
         help="the worker's device budget (default: 80%% of the GPU memory free once the model is loaded, less 2 GiB, "
-        "as the engine's scenario B sizes it)",
+        "4.5 GiB with --tower-stream)",
     )  # fmt: skip
     parser.add_argument("--host-budget-gib", type=float, default=32.0)
     parser.add_argument("--pinned-host-gib", type=float, default=16.0, help="host tier pinned at start-up (GPU)")

@@ -70,9 +70,10 @@ class ServiceConfig(BaseModel):
     mode: Literal["full", "token", "frame", "cluster"] = "cluster"
     device_budget_bytes: int = Field(256 * MIB, gt=0)
     # On a GPU: the device budget becomes this share of the GPU memory free once the model is loaded, less 2 GiB
-    # (mosaic_core.config.device_budget_from_free), where that is more than device_budget_bytes. None: the budget
-    # is device_budget_bytes. History the device budget cannot hold is spilled to the host: at 192 cameras on the
-    # H200 (20 s kept per camera) the history took 35.5 GiB, more than a 32-GiB budget (bench/NOTES.md, session 27).
+    # (4.5 GiB with the engine's tower_stream; mosaic_core.config.device_budget_from_free), where that is more than
+    # device_budget_bytes. None: the budget is device_budget_bytes. History the device budget cannot hold is spilled
+    # to the host: at 192 cameras on the H200 (20 s kept per camera) the history took 35.5 GiB, more than a 32-GiB
+    # budget (bench/NOTES.md, session 27).
     device_budget_share: float | None = Field(None, gt=0, lt=1)
     host_budget_bytes: int = Field(1024 * MIB, ge=0)
     # Camera history (sealed clusters, stream records) is kept here, one folder per worker, and survives

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mosaic_core.config import BUDGET_WORKSPACE_BYTES
+from mosaic_core.config import budget_workspace_bytes
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.results import Answer
 from mosaic_core.errors import (
@@ -581,7 +581,7 @@ def _build_engine(worker_id: str, config: ServiceConfig):
             "device budget %.1f GiB: %.0f%% of the GPU memory free once the model was loaded, less %.1f GiB",
             engine.config.device_budget_bytes / 2**30,
             100 * config.device_budget_share,
-            BUDGET_WORKSPACE_BYTES / 2**30,
+            budget_workspace_bytes(tower_stream=engine.config.tower_stream) / 2**30,
         )
     if device == "cuda":  # capture the question graphs now, not while the first users wait (CPU runs no graphs)
         started = time.monotonic()

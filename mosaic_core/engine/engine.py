@@ -191,7 +191,12 @@ class Engine:
         config = config or EngineConfig()
         if device_budget_share is not None and model.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(model.device)
-            budget = device_budget_from_free(free, share=device_budget_share, floor_bytes=config.device_budget_bytes)
+            budget = device_budget_from_free(
+                free,
+                share=device_budget_share,
+                floor_bytes=config.device_budget_bytes,
+                tower_stream=config.tower_stream,
+            )
             config = dataclasses.replace(config, device_budget_bytes=budget)
         return cls(model, config)
 

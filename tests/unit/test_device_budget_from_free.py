@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from mosaic_core.config import BUDGET_WORKSPACE_BYTES, GIB, device_budget_from_free
+from mosaic_core.config import BUDGET_WORKSPACE_BYTES, GIB, TOWER_STREAM_WORKSPACE_BYTES, device_budget_from_free
 from mosaic_core.errors import ConfigError
 
 
 def test_the_budget_is_the_share_of_free_memory_less_the_workspace():
     # the H200 with the 7B model loaded: about 125 GiB free
     assert device_budget_from_free(125 * GIB, share=0.8, floor_bytes=GIB) == 100 * GIB - BUDGET_WORKSPACE_BYTES
+
+
+def test_the_tower_on_a_stream_of_its_own_leaves_out_its_pool_too():
+    budget = device_budget_from_free(125 * GIB, share=0.8, floor_bytes=GIB, tower_stream=True)
+    assert budget == 100 * GIB - BUDGET_WORKSPACE_BYTES - TOWER_STREAM_WORKSPACE_BYTES
 
 
 def test_a_configured_budget_larger_than_the_share_is_kept():
