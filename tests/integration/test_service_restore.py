@@ -1,5 +1,5 @@
-"""A worker (in-process, no Ray) restarted on its data directory: a pulled source's clock goes on, and a full
-device budget at CreateStream is RESOURCE_EXHAUSTED with a sentence."""
+"""A worker (in-process, no Ray) restarted on its data directory: a pulled source's clock goes on, a shutdown ingests
+nothing after its checkpoint, and a full device budget at CreateStream is RESOURCE_EXHAUSTED with a sentence."""
 
 from __future__ import annotations
 
