@@ -75,7 +75,7 @@ import logging
 import queue
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -734,10 +734,7 @@ class EngineLoop:
         if ahead is not None:
             self.queues.release(ahead.taken)
             left += ahead.taken
-        per_stream: dict[str, int] = defaultdict(int)
-        for frame in left:
-            per_stream[frame.stream_id] += 1
-        return dict(per_stream)
+        return dict(Counter(frame.stream_id for frame in left))
 
     def drop_ahead(self, stream_id: str) -> int:
         """Drops the stream's frames taken for the next call (``encode_ahead``; engine thread only, as the stream

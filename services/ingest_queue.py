@@ -62,6 +62,11 @@ class _StreamQueue:
     behind_since_s: float | None = None
     held: int = 0  # frames taken with ``hold``, still counted against the bound until released
 
+    @property
+    def waiting(self) -> int:
+        """Frames waiting for ingest, those taken with ``hold`` included: what counts against the bound."""
+        return len(self.frames) + self.held
+
 
 class IngestQueues:
     """Bounded FIFO per stream; ``wake`` is set whenever a frame is queued.
@@ -117,7 +122,7 @@ class IngestQueues:
             if slot <= queue.last_slot:
                 return PutOutcome.SAMPLED_OUT
             queue.last_slot = slot
-            dropped = bool(queue.frames) and len(queue.frames) + queue.held >= self.max_frames_per_stream
+            dropped = bool(queue.frames) and queue.waiting >= self.max_frames_per_stream
             if dropped:
                 queue.frames.popleft()
             queue.frames.append(frame)
@@ -185,16 +190,15 @@ class IngestQueues:
             return queue.frames[0].received_s if queue is not None and queue.frames else None
 
     def depth(self, stream_id: str) -> int:
-        """Frames of the stream waiting for ingest, those taken with ``hold`` included: what counts against the
-        bound."""
+        """The stream's frames waiting for ingest, those taken with ``hold`` included."""
         with self._lock:
             queue = self._queues.get(stream_id)
-            return 0 if queue is None else len(queue.frames) + queue.held
+            return 0 if queue is None else queue.waiting
 
     def depths(self) -> dict[str, int]:
         """``depth`` of every stream."""
         with self._lock:
-            return {s: len(q.frames) + q.held for s, q in self._queues.items()}
+            return {s: q.waiting for s, q in self._queues.items()}
 
     def take_all(self) -> list[QueuedFrame]:
         """Every queued frame, taken out of its queue (a worker that stops ingesting counts them dropped)."""
