@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import uuid
@@ -31,6 +32,10 @@ class QueueFullError(CapacityError):
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        # Pickled as it crosses Ray from a worker: rebuilt with its keyword, which ``args`` alone would lose.
+        return functools.partial(QueueFullError, retry_after_s=self.retry_after_s), self.args
 
 
 class DeadlineError(MosaicError):

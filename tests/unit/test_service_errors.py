@@ -4,12 +4,13 @@ carries the worker's traceback, which Ray passes only as text."""
 from __future__ import annotations
 
 import logging
+import pickle
 
 import grpc
 import pytest
 
-from mosaic_core.errors import InvalidArgumentError
-from services.errors import status_for, unwrap
+from mosaic_core.errors import InvalidArgumentError, MosaicError
+from services.errors import QueueFullError, status_for, unwrap
 
 WORKER_TRACEBACK = 'Traceback (most recent call last):\n  File "mosaic_core/memory/arena.py", line 209, in write\n'
 
@@ -32,3 +33,30 @@ def test_a_typed_error_keeps_its_code_and_gets_no_note():
     exc = unwrap(_wrapped(InvalidArgumentError("bad frame")))
     assert type(exc) is InvalidArgumentError and not getattr(exc, "__notes__", [])
     assert status_for(exc).code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_full_queue_refusal_crosses_ray_with_its_retry_hint():
+    """A worker's refusal is pickled on its way to the router (Ray carries a task's exception by pickling it); it must
+    come out whole, or the router sees an exception it cannot rebuild and answers INTERNAL."""
+    exc = pickle.loads(pickle.dumps(QueueFullError("stream 'a' already has 4 questions", retry_after_s=0.5)))
+    assert type(exc) is QueueFullError and exc.retry_after_s == 0.5
+    status = status_for(exc)
+    assert status.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "already has 4 questions" in status.message
+    assert dict(status.trailing_metadata)["retry-after-ms"] == "500"
+
+
+def test_every_typed_error_built_from_a_sentence_crosses_ray_whole():
+    """The other typed errors take only their sentence, which pickling keeps."""
+    import mosaic_core.errors as core_errors
+    import services.errors as service_errors
+
+    classes = {
+        cls
+        for module in (core_errors, service_errors)
+        for cls in vars(module).values()
+        if isinstance(cls, type) and issubclass(cls, MosaicError) and cls is not QueueFullError
+    }
+    assert len(classes) > 5
+    for cls in classes:
+        exc = pickle.loads(pickle.dumps(cls("a sentence")))
+        assert type(exc) is cls and str(exc) == "a sentence"
