@@ -112,7 +112,7 @@ class MosaicServer:
         self._started_ray = False
         self._temp_data_dir: str | None = None
         self._telemetry_task: asyncio.Task | None = None
-        self._servicer: MosaicServicer | None = None
+        self.servicer: MosaicServicer | None = None
         self.watches: WatchRegistry | None = None
         self._stopped = asyncio.Event()
         self._ready = False  # what mosaic.v1.Mosaic's health says
@@ -169,7 +169,7 @@ class MosaicServer:
             decode_max_pixels=cfg.decode_max_pixels(),
         )
         servicer.watch_defaults = (cfg.watch_default_threshold, cfg.watch_default_cooldown_s)
-        self._servicer = servicer
+        self.servicer = servicer
         mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         _enable_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1), self._server)
@@ -222,7 +222,7 @@ class MosaicServer:
             watch_store = InMemoryWatchStore()  # watches last as long as this router (docs/watches.md)
         self.watches = WatchRegistry(watch_store, self.coordinator, self.metrics, cfg)
         await self.watches.start()
-        self._servicer.watches = self.watches
+        self.servicer.watches = self.watches
 
     async def _telemetry_loop(self) -> None:
         while True:

@@ -223,19 +223,21 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         try:
             queue_s = await self.queue.wait_turn(ticket, budget_s)
             left_s = budget_s - (time.monotonic() - received_s)
-            async with asyncio.timeout(max(0.0, left_s)):
-                async for event in self._answer(request, stream_ids, time_range, left_s, received_s, queue_s):
+            answer = self._answer(request, stream_ids, time_range, left_s, received_s, queue_s)
+            # Closed here, whatever ends the call, so the workers' answers are cancelled before the ticket goes.
+            async with asyncio.timeout(max(0.0, left_s)), contextlib.aclosing(answer):
+                async for event in answer:
                     yield event
             self.metrics.query_finished("ok")
         except (DeadlineError, TimeoutError):
             self.metrics.query_finished("deadline")
             await abort(context, DeadlineError(_deadline_sentence(received_s)), self.metrics)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away: cancelled, or closed while sent to
             remaining = context.time_remaining()
             self.metrics.query_finished("deadline" if remaining is not None and remaining <= 0 else "error")
             raise
         except Exception as err:
-            self.metrics.query_finished("error")
+            self.metrics.query_finished("rejected" if isinstance(err, QueueFullError) else "error")
             await abort(context, err, self.metrics)
         finally:
             self.queue.release(ticket)

@@ -1,0 +1,75 @@
+"""How a question ends is counted truly (``mosaic_queries_total`` by outcome) on the session server: one whose client
+went away while its answer was being sent, and one the stream's worker refused."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from service_support import API_KEY, clip_frames, metric, wait_ingested
+
+from services.gen.mosaic.v1 import mosaic_pb2 as pb
+from services.worker import send_ask
+
+STREAM = "ends-stream"
+METADATA = (("x-api-key", API_KEY),)
+
+
+@pytest.fixture(scope="module")
+def stream(client):
+    client.create_stream(STREAM, fps=2.0)
+    client.push_frames((STREAM, t, rgb) for t, rgb in clip_frames("bikes.mp4", fps=2.0, num_frames=6))
+    wait_ingested(client, STREAM, 6)
+    yield STREAM
+    client.delete_stream(STREAM)
+
+
+class _OpenCall:
+    """The part of a grpc.aio servicer context ``Query`` reads, for a call with time left and no abort expected."""
+
+    def time_remaining(self) -> float:
+        return 60.0
+
+    async def abort(self, code, details, trailing_metadata=()):
+        raise AssertionError(f"the question was aborted: {code} {details}")
+
+
+def test_a_question_closed_while_its_answer_is_sent_is_counted(service, stream):
+    """grpc.aio closes a server-streaming handler at its ``yield`` when the client goes away while an answer is
+    being sent to it; that question still counts, as an error (the client did not get its answer)."""
+    errors_before = metric(service.metrics_url, "mosaic_queries_total", outcome="error")
+    request = pb.QueryRequest(stream_ids=[stream], question="Describe everything.", max_new_tokens=64)
+
+    async def read_two_events_then_close() -> None:
+        call = service.server.servicer.Query(request, _OpenCall())
+        await anext(call)
+        await anext(call)
+        await call.aclose()
+
+    service.run(read_two_events_then_close())
+    assert metric(service.metrics_url, "mosaic_queries_total", outcome="error") == errors_before + 1
+    assert metric(service.metrics_url, "mosaic_query_queue_depth") == 0
+
+
+def test_a_question_the_worker_refuses_is_counted_rejected(client, service, stream):
+    """The stream's worker takes ``max_questions_per_stream`` (4) questions of a stream; the next is refused with
+    RESOURCE_EXHAUSTED, counted as rejected as the router's own full queue is, not as an error."""
+    coordinator = service.server.coordinator
+    worker = coordinator.workers[coordinator.placement[stream]]
+    held = [send_ask(worker, f"held-{n}", stream, "Describe everything.", 512, None, 60.0) for n in range(4)]
+    rejected_before = metric(service.metrics_url, "mosaic_queries_total", outcome="rejected")
+    errors_before = metric(service.metrics_url, "mosaic_queries_total", outcome="error")
+    try:
+        # The first one's first token: it is answering. The other three, sent before it to the worker's answer
+        # threads, wait there for device room (this server's budget holds one such answer at a time).
+        next(held[0])
+        request = pb.QueryRequest(stream_ids=[stream], question="And now?", max_new_tokens=2)
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.stub.Query(request, timeout=60, metadata=METADATA))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "already has 4 questions" in info.value.details()
+    finally:
+        import ray
+
+        ray.get([worker.cancel.remote(f"held-{n}") for n in range(4)], timeout=30)
+    assert metric(service.metrics_url, "mosaic_queries_total", outcome="rejected") == rejected_before + 1
+    assert metric(service.metrics_url, "mosaic_queries_total", outcome="error") == errors_before
