@@ -90,6 +90,10 @@ class ServiceConfig(BaseModel):
     # --- scheduling ---
     query_queue_size: int = Field(64, ge=1)
     query_concurrency: int = Field(4, ge=1)
+    # Each worker's threads for answers, one per stream a running question asks about (a question over every camera
+    # asks each of them); an answer beyond them waits for one in the worker's queue, within its deadline. The
+    # worker's other calls (frames, telemetry, cancels) have threads of their own.
+    answer_threads: int = Field(64, ge=1)
     default_max_new_tokens: int = Field(32, ge=1)
     ingest_queue_frames: int = Field(32, ge=1)
     # Frames of one engine.ingest call, one from each of up to this many streams, those longest behind first; a GPU

@@ -31,7 +31,7 @@ from services.errors import UnavailableError, unwrap
 from services.metadata.base import MetadataStore, StreamRecord
 from services.metrics import MosaicMetrics
 from services.telemetry import apply_delta
-from services.worker import FrameRejection, PushResult, StreamInfo, WorkerInfo
+from services.worker import FrameRejection, PushResult, StreamInfo, WorkerInfo, send_ask
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class Coordinator:
         index = self._index_of(stream_id)
         worker = self.workers[index]
         sent_s = time.monotonic()
-        refs = worker.ask.remote(question_id, stream_id, question, max_new_tokens, time_range, timeout_s)
+        refs = send_ask(worker, question_id, stream_id, question, max_new_tokens, time_range, timeout_s)
         first_back_s = None
         finished = False
         try:

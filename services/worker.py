@@ -1,8 +1,9 @@
 """A GPU worker: a Ray actor that owns one engine and the stream sessions placed on it.
 
 ``WorkerCore`` is plain Python (tests can build it in-process); ``worker_actor`` wraps it as a Ray actor
-with fractional CPU (no GPU here) or ``worker_gpus`` GPUs, ``max_restarts`` and enough threads for
-concurrent calls. Inside, one engine thread (``EngineLoop``) does all engine work; producers (PushFrames
+with fractional CPU (no GPU here) or ``worker_gpus`` GPUs, ``max_restarts``, threads for answers
+(``answer_threads``) and threads of their own for every other call, so answers never hold up frames,
+telemetry or cancels. Inside, one engine thread (``EngineLoop``) does all engine work; producers (PushFrames
 calls, source readers) only touch the bounded, drop-oldest ingest queues.
 
 **The worker is the truth about its streams.** Its engine keeps every stream, and every sealed cluster, in the
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +61,14 @@ MAX_RESTARTS = 3
 # A stopping worker ingests the frames its sources queued for up to this long, within the 10 s the router gives
 # its shutdown (services.router), before the checkpoint; frames left then are counted dropped (reason shutdown).
 SHUTDOWN_INGEST_S = 2.0
+# The worker's calls other than answers (``ask`` runs in ``ANSWER_GROUP``, ``answer_threads`` threads): frames,
+# telemetry, stream calls, cancels, the watch long-poll and the shutdown.
+CONTROL_THREADS = 10
+ANSWER_GROUP = "answers"
+# A cancel that comes before its ask (the ask waited for a thread) is kept this long, for the ask to find; at most
+# EARLY_CANCELS_KEPT of them, the oldest going first.
+EARLY_CANCEL_KEEP_S = 600.0
+EARLY_CANCELS_KEPT = 4096
 
 
 @dataclass(slots=True)
@@ -142,6 +152,8 @@ class WorkerCore:
         self.tier_sync = TierSync(self.engine, self.publisher, worker_id)
         self.sessions: dict[str, StreamSession] = {}
         self._lock = threading.Lock()
+        self._cancel_lock = threading.Lock()  # a cancel and the submit of its ask, one at a time
+        self._early_cancels: OrderedDict[str, float] = OrderedDict()  # question id -> when its cancel came
         self._health_seen = DurabilityHealth()
         self._keyframes_dropped_seen = 0  # EngineStats.keyframes_dropped at the previous keyframe_stats()
         self.loop = EngineLoop(
@@ -458,9 +470,16 @@ class WorkerCore:
         max_new_tokens: int,
         time_range,
         timeout_s: float,
+        sent_unix: float | None = None,
     ):
-        """Streams ``TokenEvent``s then the ``Answer`` (a Ray streaming generator across processes)."""
+        """Streams ``TokenEvent``s then the ``Answer`` (a Ray streaming generator across processes).
+
+        ``timeout_s`` counts from ``sent_unix``, the caller's wall clock when it sent the ask, so the time the ask
+        waited for one of the worker's answer threads counts against it (the router and its workers keep their clocks
+        in step, as Kubernetes nodes do; a clock behind the caller's counts no wait).
+        """
         arrived_s = time.monotonic()
+        waited_s = 0.0 if sent_unix is None else min(timeout_s, max(0.0, time.time() - sent_unix))
         session = self.sessions.get(stream_id)
         if session is None:
             raise UnknownStreamError(f"unknown stream {stream_id!r}")
@@ -472,10 +491,13 @@ class WorkerCore:
             question=question,
             max_new_tokens=max_new_tokens,
             time_range=None if time_range is None else (float(time_range[0]), float(time_range[1])),
-            deadline_s=time.monotonic() + timeout_s,
+            deadline_s=arrived_s + timeout_s - waited_s,
             retention_s=session.record.retention_s,
         )
-        self.loop.submit(job)
+        with self._cancel_lock:
+            self.loop.submit(job)
+            if self._early_cancels.pop(job.question_id, None) is not None:
+                self.loop.cancel(job.question_id)
         first_out_s = None
         try:
             while (item := job.events.get()) is not DONE:
@@ -491,7 +513,18 @@ class WorkerCore:
             job.cancelled.set()
 
     def cancel(self, question_id: str) -> bool:
-        return self.loop.cancel(question_id)
+        """Stops a question's answer; True when it was here. A cancel that comes before its ask (which waits for an
+        answer thread, and may come after the cancel) is kept for ``EARLY_CANCEL_KEEP_S``: the ask, when it comes,
+        is stopped at once."""
+        with self._cancel_lock:
+            if self.loop.cancel(question_id):
+                return True
+            now = time.monotonic()
+            kept = self._early_cancels
+            while kept and (len(kept) >= EARLY_CANCELS_KEPT or now - next(iter(kept.values())) > EARLY_CANCEL_KEEP_S):
+                kept.popitem(last=False)
+            self._early_cancels[question_id] = now
+            return False
 
     # -- standing questions -------------------------------------------------------------------------
     def set_watches(self, specs: list[WatchSpec]) -> int:
@@ -597,14 +630,22 @@ def _build_engine(worker_id: str, config: ServiceConfig):
     return engine
 
 
+def send_ask(worker, question_id, stream_id, question, max_new_tokens, time_range, timeout_s: float):
+    """Asks a worker actor for one stream's answer as the router does: on its answer threads, with the wall clock
+    the ask was sent at (``WorkerCore.ask``). Returns the Ray streaming generator of the answer's events."""
+    return worker.ask.options(concurrency_group=ANSWER_GROUP).remote(
+        question_id, stream_id, question, max_new_tokens, time_range, timeout_s, time.time()
+    )
+
+
 def worker_actor(config: ServiceConfig):
     """The Ray actor class of a worker, with its resources, restarts and thread count."""
     import ray
 
-    return ray.remote(WorkerCore).options(
+    return ray.remote(concurrency_groups={ANSWER_GROUP: config.answer_threads})(WorkerCore).options(
         num_cpus=config.worker_cpus,
         num_gpus=config.worker_gpus,
         max_restarts=MAX_RESTARTS,
         max_task_retries=0,
-        max_concurrency=config.query_concurrency + 9,  # one more thread for the router's watch long-poll
+        max_concurrency=CONTROL_THREADS,
     )
