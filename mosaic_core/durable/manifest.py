@@ -14,21 +14,27 @@ Journal lines:
     {"op": "ids",    "next": 1088}                             cluster numbers below this may have been used
 
 A commit is one line, so a merge (two clusters out, one in) is all or nothing. A crash can tear only the last
-line; replay stops at the first line whose CRC does not match and ignores the rest (it was never acknowledged).
-Record files that no line names are orphans of a crash between writing a file and its line; ``replay`` lists
-them so the store can delete them.
+line (it was never acknowledged), and replay ignores a torn last line. An append that fails part-way is cut back to
+where it began, so its retry never follows half a line. A line that still fails its CRC before others (the disk
+damaged it, or cutting it back failed) is skipped and counted (``damaged_lines``): the lines after it were
+acknowledged, so they still count, and the journal as it was is kept beside it (``DAMAGED_PREFIX``), since the
+line skipped may have named clusters whose files no line names now.
+Record files that no line names are orphans of a crash between writing a file and its line; the store deletes
+them, unless the stream's journal was ever damaged.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.jsonl"
+DAMAGED_PREFIX = "manifest.damaged-"  # a copy of a journal as it was when replay found a damaged line in it
 STATE_NAME = "state.json"
 RECORD_SUFFIX = ".mkv"
 
@@ -69,6 +75,7 @@ class ManifestState:
     next_cluster_number: int = 0
     num_lines: int = 0
     torn_tail: bool = False
+    damaged_lines: int = 0  # lines that failed their CRC before the last one, skipped
 
 
 def encode_line(record: dict) -> bytes:
@@ -89,19 +96,23 @@ def decode_line(line: bytes) -> dict | None:
 
 
 def replay(stream_dir: Path) -> ManifestState:
-    """Rebuilds a stream's history from its journal; a torn last line is ignored."""
+    """Rebuilds a stream's history from its journal; a torn last line is ignored, and a damaged line before it is
+    skipped and counted (module doc)."""
     state = ManifestState()
     path = stream_dir / MANIFEST_NAME
     if not path.exists():
         return state
-    with path.open("rb") as f:
-        for raw in f:
-            record = decode_line(raw)
-            if record is None or not raw.endswith(b"\n"):
-                state.torn_tail = True
-                break
+    *ended, last = path.read_bytes().split(b"\n")
+    lines = [raw + b"\n" for raw in ended] + ([last] if last else [])
+    for number, raw in enumerate(lines, start=1):
+        record = decode_line(raw)
+        if record is not None and raw.endswith(b"\n"):
             state.num_lines += 1
             _apply(state, record)
+        elif number == len(lines):
+            state.torn_tail = True
+        else:
+            state.damaged_lines += 1
     return state
 
 
@@ -132,14 +143,28 @@ class ManifestWriter:
         self.stream_dir = stream_dir
         self.state = state
         self.path = stream_dir / MANIFEST_NAME
-        if state.torn_tail:  # drop the torn line, so later lines are not appended after garbage
+        if state.damaged_lines:  # kept as it was, before a compaction drops the damaged lines
+            write_atomic(stream_dir / f"{DAMAGED_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}.jsonl", self.path.read_bytes())
+        if state.torn_tail or state.damaged_lines:  # so later lines are not appended after garbage
             self.compact()
 
     def append(self, record: dict) -> None:
-        with self.path.open("ab") as f:
-            f.write(encode_line(record))
-            f.flush()
-            os.fsync(f.fileno())
+        """One journal line, on disk when this returns. A write that fails part-way is cut back to where the line
+        began, so that a retry never follows half a line."""
+        line = encode_line(record)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(line):
+                    written += os.write(fd, line[written:])
+                os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
         self.state.num_lines += 1
         _apply(self.state, record)
         if self.state.num_lines > 2 * len(self.state.clusters) + 64:

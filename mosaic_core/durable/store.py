@@ -42,6 +42,7 @@ import torch
 from safetensors import safe_open
 
 from mosaic_core.durable.manifest import (
+    DAMAGED_PREFIX,
     RECORD_SUFFIX,
     STATE_NAME,
     ClusterEntry,
@@ -65,7 +66,8 @@ from mosaic_core.errors import AlreadyExistsError, UnknownClusterError
 
 log = logging.getLogger(__name__)
 TRASH = ".trash"
-RETRY_S = (0.1, 0.5, 2.0, 5.0)
+RETRY_S = (0.1, 0.5, 2.0, 5.0)  # pauses before the first retries of a failed write; the last repeats
+FAILURES_PER_LOG = 12  # past the first few, one failed attempt in this many is logged (about one a minute)
 
 
 @dataclass(slots=True)
@@ -177,8 +179,16 @@ class DurableStore:
                 continue
             stream_id = manifest.stream["stream_id"]
             live = {entry.file for entry in manifest.clusters.values()}
+            # A damaged journal may have named some of the files no line names now: they are kept, for a person.
+            damaged = manifest.damaged_lines or any(stream_dir.glob(f"{DAMAGED_PREFIX}*"))
+            if manifest.damaged_lines:
+                log.error(
+                    "stream %s: %d damaged journal lines skipped in %s; the journal as it was and the record files "
+                    "no line names are kept in that folder", stream_id, manifest.damaged_lines, stream_dir,
+                )  # fmt: skip
             for path in stream_dir.iterdir():
-                if path.name.endswith(".tmp") or (path.suffix == RECORD_SUFFIX and path.name not in live):
+                orphan = path.suffix == RECORD_SUFFIX and path.name not in live
+                if path.name.endswith(".tmp") or (orphan and not damaged):
                     path.unlink(missing_ok=True)
             with self._io:
                 self._writers[stream_id] = ManifestWriter(stream_dir, manifest)
@@ -408,7 +418,12 @@ class DurableStore:
                 last_state_s = time.monotonic()
 
     def _run_with_retry(self, op) -> None:
-        for attempt in range(len(RETRY_S) + 1):
+        """Runs one queued op until it succeeds, its stream is deleted or the store closes: a failed write (disk
+        full, an I/O error) is retried, the pause growing to the last of ``RETRY_S``, for as long as it fails.
+        Meanwhile the commits behind it wait, and so, past ``max_pending_bytes``, does ``submit``: ingest is held
+        back, and nothing sealed is dropped."""
+        attempt = 0
+        while True:
             try:
                 if isinstance(op, Path):
                     shutil.rmtree(op, ignore_errors=True)  # in the trash: nothing else touches it
@@ -422,11 +437,13 @@ class DurableStore:
                 with self._cv:
                     self.stats.write_errors += 1
                     self.stats.last_error = f"{type(err).__name__}: {err}"
-                log.error("durable write failed (attempt %d): %s", attempt + 1, err)
-                if attempt == len(RETRY_S) or self._stop:
-                    log.error("giving up on %s after %d attempts; it stays in memory only", op, attempt + 1)
+                if attempt < len(RETRY_S) or attempt % FAILURES_PER_LOG == 0:
+                    log.error("durable write failed (attempt %d, retrying until it succeeds): %s", attempt + 1, err)
+                if self._stop:
+                    log.error("the store is closing: %s stays unwritten after %d attempts", op, attempt + 1)
                     break
-                time.sleep(RETRY_S[attempt])
+                time.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
+                attempt += 1
         with self._cv:
             if self._queue and self._queue[0] is op:
                 self._queue.popleft()

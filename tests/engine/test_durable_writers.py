@@ -6,14 +6,17 @@ write can be held mid-way without timing guesses.
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from mosaic_core.durable import store as store_module
-from mosaic_core.durable.manifest import MANIFEST_NAME, RECORD_SUFFIX, ClusterEntry, decode_line
+from mosaic_core.durable.manifest import DAMAGED_PREFIX, MANIFEST_NAME, RECORD_SUFFIX, ClusterEntry, decode_line
 from mosaic_core.durable.records import ClusterSummary
 from mosaic_core.durable.store import DurableStore, Seal
 
@@ -165,3 +168,103 @@ def test_the_engine_gives_its_store_the_configured_writers_and_pending_bound(tin
     assert store.max_pending_bytes == 3 << 20
     assert store._files._max_workers == 2
     engine.close()
+
+
+def _stream_files(root, stream_id: str) -> list[str]:
+    return sorted(p.name for p in (root / stream_id).glob(f"*{RECORD_SUFFIX}"))
+
+
+def _restored(root) -> dict[str, list[str]]:
+    """What a new store finds under ``root``: each stream's clusters."""
+    store = DurableStore(root)
+    try:
+        return {s.stream_id: sorted(e.cluster_id for e in s.clusters) for s in store.load_streams()}
+    finally:
+        store.close()
+
+
+def test_a_journal_append_that_fails_part_way_loses_no_cluster_at_restart(tmp_path, monkeypatch):
+    """Half a journal line reaches the disk, then the disk is full: the retry must not follow the half line, or
+    every later line reads as damaged at restart."""
+    monkeypatch.setattr(store_module, "RETRY_S", (0.01, 0.01, 0.01, 0.01))
+    real_fsync, failed = os.fsync, []
+
+    def half_a_line_then_disk_full(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(MANIFEST_NAME) and not failed:
+            failed.append(path)
+            data = Path(path).read_bytes()
+            line_start = data.rstrip(b"\n").rfind(b"\n") + 1
+            os.truncate(fd, line_start + (len(data) - line_start) // 2)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    store = DurableStore(tmp_path, writers=1)
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        store.submit("cam", add=[_seal("cam", 1)])
+        assert store.flush(WAIT_S)
+        monkeypatch.setattr(os, "fsync", half_a_line_then_disk_full)
+        for number in range(2, 6):
+            store.submit("cam", add=[_seal("cam", number)])
+        assert store.flush(WAIT_S)
+        assert failed and store.snapshot_stats().write_errors == 1
+    finally:
+        store.close()
+    clusters = [f"cam/c{n:06d}" for n in range(1, 6)]
+    assert _restored(tmp_path) == {"cam": clusters}
+    assert _stream_files(tmp_path, "cam") == [f"c{n:06d}{RECORD_SUFFIX}" for n in range(1, 6)]
+
+
+def test_a_damaged_line_inside_the_journal_loses_only_its_own_clusters_and_keeps_their_files(tmp_path):
+    """Lines after a damaged one were acknowledged: they still count. The damaged line's files are kept, with the
+    journal as it was, for a person to recover, at this restart and the next."""
+    store = DurableStore(tmp_path, writers=1)
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        for number in range(1, 4):
+            store.submit("cam", add=[_seal("cam", number)])
+            assert store.flush(WAIT_S)
+    finally:
+        store.close()
+    journal = tmp_path / "cam" / MANIFEST_NAME
+    lines = journal.read_bytes().splitlines(True)
+    assert len(lines) == 4  # open, then one commit a cluster
+    lines[2] = lines[2].replace(b"c000002", b"c0000x2")  # the second cluster's line fails its CRC
+    journal.write_bytes(b"".join(lines))
+    for _ in range(2):
+        assert _restored(tmp_path) == {"cam": ["cam/c000001", "cam/c000003"]}
+        assert _stream_files(tmp_path, "cam") == [f"c{n:06d}{RECORD_SUFFIX}" for n in range(1, 4)]
+    (kept,) = (tmp_path / "cam").glob(f"{DAMAGED_PREFIX}*")
+    assert b"c0000x2" in kept.read_bytes()
+
+
+def test_writes_that_fail_past_every_retry_pause_land_once_the_disk_has_room(tmp_path, monkeypatch):
+    """A disk full for longer than the retry pauses: nothing sealed is given up, and once there is room every cluster
+    is written and the snapshots' memory is freed."""
+    monkeypatch.setattr(store_module, "RETRY_S", (0.01, 0.01, 0.01, 0.01))
+    real_write_atomic, disk_full = store_module.write_atomic, threading.Event()
+    disk_full.set()
+
+    def write_unless_full(path, data):
+        if disk_full.is_set() and path.suffix == RECORD_SUFFIX:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_atomic(path, data)
+
+    monkeypatch.setattr(store_module, "write_atomic", write_unless_full)
+    store = DurableStore(tmp_path, writers=1)
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        for number in range(1, 4):
+            store.submit("cam", add=[_seal("cam", number)])
+        deadline = time.monotonic() + WAIT_S
+        while store.snapshot_stats().write_errors <= 2 * len(store_module.RETRY_S):
+            assert time.monotonic() < deadline, "the writes were not retried"
+            time.sleep(0.01)
+        disk_full.clear()
+        assert store.flush(WAIT_S)
+        stats = store.snapshot_stats()
+        assert (stats.pending_clusters, stats.pending_bytes, stats.clusters_written) == (0, 0, 3)
+    finally:
+        store.close()
+    assert _restored(tmp_path) == {"cam": ["cam/c000001", "cam/c000002", "cam/c000003"]}
