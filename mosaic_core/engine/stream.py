@@ -25,11 +25,11 @@ from mosaic_core.errors import InvalidArgumentError, StreamClosedError, Timestam
 from mosaic_core.memory.arena import PagePools
 from mosaic_core.model.pixels import VisionGeometry
 
-STREAM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # the whole id (fullmatch): "$" lets "\n" end it
 
 
 def check_stream_id(stream_id: str) -> str:
-    if not isinstance(stream_id, str) or not STREAM_ID_PATTERN.match(stream_id):
+    if not isinstance(stream_id, str) or not STREAM_ID_PATTERN.fullmatch(stream_id):
         raise InvalidArgumentError(
             f"stream id {stream_id!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
