@@ -122,6 +122,9 @@ class _Commit:
     stream_id: str
     add: list[Seal]
     remove: list[str]
+    # The stream's journal when the commit was queued: a stream deleted and opened again under its id has another,
+    # and the commit then belongs to neither.
+    writer: ManifestWriter | None
 
 
 class DurableStore:
@@ -265,7 +268,7 @@ class DurableStore:
     def submit(self, stream_id: str, *, add: list[Seal] = (), remove: list[str] = ()) -> None:
         """Queues one commit: files for ``add`` are written, then one journal line, then ``remove``'s files
         are unlinked. Blocks while more than ``max_pending_bytes`` of snapshots wait."""
-        commit = _Commit(stream_id, list(add), list(remove))
+        commit = _Commit(stream_id, list(add), list(remove), self._writers.get(stream_id))
         with self._cv:
             if self.stats.pending_bytes > self.max_pending_bytes and not self._stop:
                 blocked = time.monotonic()
@@ -430,7 +433,7 @@ class DurableStore:
                 else:
                     self._await_files(op)
                     with self._io:
-                        if op.stream_id in self._writers:  # else the stream was deleted meanwhile
+                        if self._writers.get(op.stream_id) is op.writer:  # else the stream was deleted meanwhile
                             self._commit(op)
                 break
             except Exception as err:  # an OSError may pass; anything else must not end the writer either
@@ -471,13 +474,13 @@ class DurableStore:
                 seal.written.result()
             except Exception:  # a failed write, or one that deleting the stream cancelled
                 with self._cv:  # ``delete_stream`` collects the writes to cancel under this lock
-                    if commit.stream_id not in self._writers:
+                    if self._writers.get(commit.stream_id) is not commit.writer:
                         return  # the stream was deleted meanwhile: its files are gone with it
                     seal.written = self._files.submit(self._write_record, self.stream_dir(commit.stream_id), seal)
                 raise
 
     def _commit(self, commit: _Commit) -> None:
-        writer = self._writers[commit.stream_id]
+        writer = commit.writer
         entries = [asdict(seal.entry) for seal in commit.add]
         removed_files = [writer.state.clusters[c].file for c in commit.remove if c in writer.state.clusters]
         writer.append({"op": "commit", "add": entries, "remove": commit.remove})
@@ -507,13 +510,15 @@ class DurableStore:
         seal.pages = None
 
     def _write_states(self) -> None:
-        with self._cv:
-            dirty = {sid: dict(self._states[sid]) for sid in self._dirty if sid in self._states}
+        with self._cv:  # each state with its journal: a stream opened again under its id has another
+            dirty = {
+                sid: (dict(self._states[sid]), self._writers.get(sid)) for sid in self._dirty if sid in self._states
+            }
             self._dirty.clear()
             self._writing_states = True
-        for stream_id, state in dirty.items():
+        for stream_id, (state, writer) in dirty.items():
             with self._io:
-                if stream_id not in self._writers:
+                if writer is None or self._writers.get(stream_id) is not writer:
                     continue
                 try:
                     write_atomic(self.stream_dir(stream_id) / STATE_NAME, _json_bytes(state))

@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 
 from mosaic_core.durable import store as store_module
-from mosaic_core.durable.manifest import DAMAGED_PREFIX, MANIFEST_NAME, RECORD_SUFFIX, ClusterEntry, decode_line
+from mosaic_core.durable.manifest import (
+    DAMAGED_PREFIX,
+    MANIFEST_NAME,
+    RECORD_SUFFIX,
+    ClusterEntry,
+    decode_line,
+    replay,
+)
 from mosaic_core.durable.records import ClusterSummary
 from mosaic_core.durable.store import DurableStore, Seal
 
@@ -268,3 +275,34 @@ def test_writes_that_fail_past_every_retry_pause_land_once_the_disk_has_room(tmp
     finally:
         store.close()
     assert _restored(tmp_path) == {"cam": ["cam/c000001", "cam/c000002", "cam/c000003"]}
+
+
+def test_a_deleted_streams_commit_never_lands_in_a_new_stream_of_its_name(tmp_path, monkeypatch):
+    """A record write fails and waits out its retry pause; meanwhile the camera is deleted and added again under its
+    id. The old commit belongs to neither: the new stream's journal and folder get nothing of it."""
+    monkeypatch.setattr(store_module, "RETRY_S", (1.0,))
+    real_write_atomic, failures = store_module.write_atomic, []
+
+    def fail_once(path, data):
+        if path.suffix == RECORD_SUFFIX and not failures:
+            failures.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_atomic(path, data)
+
+    monkeypatch.setattr(store_module, "write_atomic", fail_once)
+    store = DurableStore(tmp_path, writers=1)
+    try:
+        store.create_stream("cam", {"fps": 1.0, "generation": "old"})
+        store.submit("cam", add=[_seal("cam", 7)])
+        deadline = time.monotonic() + WAIT_S
+        while store.snapshot_stats().write_errors == 0:
+            assert time.monotonic() < deadline, "the write did not fail"
+            time.sleep(0.01)
+        store.delete_stream("cam")  # within the commit's 1-s retry pause
+        store.create_stream("cam", {"fps": 1.0, "generation": "new"})
+        assert store.flush(WAIT_S)
+    finally:
+        store.close()
+    new = replay(tmp_path / "cam")
+    assert new.stream["generation"] == "new" and not new.clusters
+    assert _stream_files(tmp_path, "cam") == []
