@@ -66,6 +66,8 @@ from mosaic_core.errors import AlreadyExistsError, UnknownClusterError
 
 log = logging.getLogger(__name__)
 TRASH = ".trash"
+NEW_PREFIX = ".new-"  # a stream's folder while ``create_stream`` builds it, renamed into place once whole
+UNREADABLE = ".unreadable"  # folders with no readable manifest, moved out of their stream id's way and kept
 RETRY_S = (0.1, 0.5, 2.0, 5.0)  # pauses before the first retries of a failed write; the last repeats
 FAILURES_PER_LOG = 12  # past the first few, one failed attempt in this many is logged (about one a minute)
 
@@ -174,11 +176,17 @@ class DurableStore:
         """Every stream under ``root``, replayed from its manifest; deletes crash leftovers (orphan files,
         temporary files, the trash)."""
         shutil.rmtree(self.root / TRASH, ignore_errors=True)
+        for unfinished in self.root.glob(f"{NEW_PREFIX}*"):  # a create a crash cut short: never acknowledged
+            shutil.rmtree(unfinished, ignore_errors=True)
         found = []
         for stream_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             manifest = replay(stream_dir)
             if not manifest.stream:
-                log.warning("ignoring %s: it has no readable manifest", stream_dir)
+                kept = self.root / UNREADABLE / f"{stream_dir.name}-{uuid.uuid4().hex[:8]}"
+                kept.parent.mkdir(exist_ok=True)
+                stream_dir.rename(kept)
+                fsync_dir(self.root)
+                log.error("%s has no readable manifest: kept as %s, and its stream id is free", stream_dir, kept)
                 continue
             stream_id = manifest.stream["stream_id"]
             live = {entry.file for entry in manifest.clusters.values()}
@@ -207,16 +215,20 @@ class DurableStore:
         return found
 
     def create_stream(self, stream_id: str, stream: dict) -> None:
-        """Makes the stream's directory and manifest, durably, before the stream takes frames."""
+        """Makes the stream's directory and manifest, durably, before the stream takes frames: built under a hidden
+        name and renamed into place whole, so a crash midway leaves nothing under the stream's id."""
         stream_dir = self.stream_dir(stream_id)
         with self._io:
             if stream_id in self._writers or stream_dir.exists():
                 raise AlreadyExistsError(f"stream {stream_id!r} already has history in {self.root}")
-            stream_dir.mkdir(parents=True)
-            writer = ManifestWriter(stream_dir, ManifestState())
-            writer.append({"op": "open", "stream": {**stream, "stream_id": stream_id}})
-            fsync_dir(stream_dir.parent)
-            self._writers[stream_id] = writer
+            building = self.root / f"{NEW_PREFIX}{stream_id}-{uuid.uuid4().hex[:8]}"
+            building.mkdir(parents=True)
+            opened = ManifestWriter(building, ManifestState())
+            opened.append({"op": "open", "stream": {**stream, "stream_id": stream_id}})
+            fsync_dir(building)
+            building.rename(stream_dir)
+            fsync_dir(self.root)
+            self._writers[stream_id] = ManifestWriter(stream_dir, opened.state)
         with self._cv:
             self._states[stream_id] = {}
 

@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 from mosaic_core.durable import store as store_module
@@ -21,6 +22,7 @@ from mosaic_core.durable.manifest import (
     MANIFEST_NAME,
     RECORD_SUFFIX,
     ClusterEntry,
+    ManifestWriter,
     decode_line,
     replay,
 )
@@ -306,3 +308,40 @@ def test_a_deleted_streams_commit_never_lands_in_a_new_stream_of_its_name(tmp_pa
     new = replay(tmp_path / "cam")
     assert new.stream["generation"] == "new" and not new.clusters
     assert _stream_files(tmp_path, "cam") == []
+
+
+def test_a_create_that_fails_midway_leaves_the_stream_id_free(tmp_path, monkeypatch):
+    """The disk fails as the new stream's first journal line is written: nothing is left under the id, so the camera
+    can be added again, now or after a restart."""
+    real_append = ManifestWriter.append
+
+    def disk_full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = DurableStore(tmp_path)
+    try:
+        monkeypatch.setattr(ManifestWriter, "append", disk_full)
+        with pytest.raises(OSError):
+            store.create_stream("cam", {"fps": 1.0})
+        monkeypatch.setattr(ManifestWriter, "append", real_append)
+        assert not (tmp_path / "cam").exists()
+        store.create_stream("cam", {"fps": 1.0})
+    finally:
+        store.close()
+    assert _restored(tmp_path) == {"cam": []}
+    assert not list(tmp_path.glob(".new-*"))  # the unfinished folder went at the restart
+
+
+def test_a_folder_with_no_readable_journal_is_kept_aside_and_frees_its_id(tmp_path):
+    """Left by a crash of an older version, or with its first line damaged: it cannot be read as a stream, so it is
+    moved out of its id's way, its files kept for a person."""
+    (tmp_path / "cam").mkdir()
+    (tmp_path / "cam" / f"c000001{RECORD_SUFFIX}").write_bytes(b"record bytes")
+    store = DurableStore(tmp_path)
+    try:
+        assert store.load_streams() == []
+        store.create_stream("cam", {"fps": 1.0})
+    finally:
+        store.close()
+    (kept,) = (tmp_path / ".unreadable").iterdir()
+    assert kept.name.startswith("cam-") and (kept / f"c000001{RECORD_SUFFIX}").read_bytes() == b"record bytes"
