@@ -110,7 +110,9 @@ class EngineConfig:
         data_dir: where camera history is kept durably: every sealed cluster is written behind to a record file
             with a per-stream manifest, and a new engine on the same directory re-adopts it (see
             ``mosaic_core.durable``). With it, the disk tier is always on: sealed clusters spill to disk by
-            dropping their memory copy, and disk_budget_bytes (0: no limit; retention bounds history) caps it.
+            dropping their memory copy, and disk_budget_bytes (0: no limit) caps the clusters in the disk tier;
+            records of the others are on disk too, bounded by retention, and a restart adopts them all into the
+            disk tier, counted even past the budget.
         durable_writers: threads that write record files side by side under data_dir (the checksum, write and fsync
             of one file release the GIL); at 64 cameras a 7B model seals about 0.5 GB of KV a second.
         durable_pending_bytes: snapshot bytes that may wait for those writers before ingest waits for them (host

@@ -265,9 +265,12 @@ class ResidencyManager:
         *,
         pages: ClusterPages | None = None,
         now_s: float | None = None,
+        past_budget: bool = False,
     ) -> None:
         """Track a new cluster in ``tier``, with ``pages`` when its bytes are already in pages of that tier (a
-        regroup), else an empty page record. The caller must have made room (see ``plan_make_room``).
+        regroup), else an empty page record. The caller must have made room (see ``plan_make_room``), unless the
+        bytes are there already (``past_budget``: a restart adopting records on disk), which are then counted even
+        past the tier's budget.
 
         Raises:
             AlreadyExistsError: ``cluster_id`` is already tracked.
@@ -276,7 +279,7 @@ class ResidencyManager:
         if cluster_id in self._records:
             raise AlreadyExistsError(f"cluster {cluster_id!r} is already tracked")
         _check_nbytes(num_bytes)
-        assert num_bytes <= self.free_bytes(tier), (
+        assert past_budget or num_bytes <= self.free_bytes(tier), (
             f"add {cluster_id!r}: {num_bytes} bytes do not fit in {tier.name} ({self.free_bytes(tier)} free)"
         )
         pages = ClusterPages(cluster_id) if pages is None else pages

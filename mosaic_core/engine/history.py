@@ -183,10 +183,17 @@ class HistoryKeeper:
         for entry in entries:
             summary = summaries[entry.cluster_id]
             footprint = self.tiering.tiers.footprint_bytes(entry.num_tokens)  # the pages it takes once fetched
-            self.tiering.residency.add(entry.cluster_id, state.stream_id, footprint, Tier.DISK)
+            self.tiering.residency.add(entry.cluster_id, state.stream_id, footprint, Tier.DISK, past_budget=True)
             self.tiering.summaries.put(entry.cluster_id, summary.key_sum, summary.key_sumsq, summary.key_count)
             self.tiering.tiers.adopt(entry.cluster_id)
             self._adopt_keyframes(state, entry)
+        residency = self.tiering.residency
+        if residency.free_bytes(Tier.DISK) < 0:
+            log.error(
+                "stream %s: the disk tier now holds %d bytes against its budget of %d; new clusters cannot spill "
+                "to disk until retention frees room: raise disk_budget_bytes or shorten retention",
+                state.stream_id, residency.used_bytes(Tier.DISK), residency.capacity_bytes(Tier.DISK),
+            )  # fmt: skip
         return RestoredStream(state.stream_id, stored.stream.get("meta") or {}, saved, len(entries), last_ts)
 
     def _adopt_keyframes(self, state: StreamState, entry: ClusterEntry) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mosaic_core.bookkeeping.formation import ClusterRecord
+from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.durable.manifest import MANIFEST_NAME, encode_line, replay
 from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, encode_pages, to_pages
 from tests.engine.engine_helpers import feed, make_engine
@@ -216,3 +217,25 @@ def test_storing_a_frame_copies_no_cluster_record(tiny_model, bikes_frames, tmp_
     assert len(_durable_view(engine, "cam")) >= 3, "24 frames must seal several clusters"
     assert "_store_in_clusters" not in copied_for and "on_completed" not in copied_for
     engine.close()
+
+
+def test_history_past_the_disk_budget_comes_back_and_the_disk_tier_says_so(tiny_model, bikes_frames, tmp_path):
+    """The disk budget counts clusters in the disk tier, while every sealed cluster has its record on disk: a restart,
+    which adopts them all into the disk tier, can find more than the budget. They all come back, counted, and the
+    disk tier reports its use past the budget rather than the worker failing to start."""
+    budget = 256 * 1024
+    first = make_engine(tiny_model, data_dir=str(tmp_path), disk_budget_bytes=budget)
+    first.open_stream("cam", fps=2.0)
+    feed(first, "cam", bikes_frames[:24])
+    assert first.history.store.flush(30)
+    sealed = len(replay(tmp_path / "cam").clusters)
+    first.close()
+
+    second = make_engine(tiny_model, data_dir=str(tmp_path), disk_budget_bytes=budget)
+    try:
+        (restored,) = second.restore_streams()
+        assert restored.num_clusters == sealed
+        residency = second.tiering.residency
+        assert residency.capacity_bytes(Tier.DISK) == budget < residency.used_bytes(Tier.DISK)
+    finally:
+        second.close()
