@@ -448,7 +448,7 @@ def service_overrides(args, clip: str) -> dict:
         "ingest_pause_skip_idle": args.ingest_pause_skip_idle,
         "vision_attention": args.vision_attention,
         "questions_alongside_ingest": args.questions_alongside_ingest,
-        "encode_ahead": args.encode_ahead,
+        **({} if args.encode_ahead is None else {"encode_ahead": args.encode_ahead}),
         "python_switch_interval_s": args.switch_interval_ms / 1e3,
         "freeze_heap_after_start": not args.no_heap_freeze,
         "decode_sources_in_processes": not args.decode_sources_in_threads,
@@ -478,7 +478,7 @@ def service_overrides(args, clip: str) -> dict:
             "durable_writers": args.durable_writers,
             # pinned once at start-up, so spilling a cluster to the host never pins memory on the ingest path
             "pinned_host_bytes": int(args.pinned_host_gib * 2**30),
-            "tower_stream": args.tower_stream,
+            **({} if args.tower_stream is None else {"tower_stream": args.tower_stream}),
         },
     }
 
@@ -653,14 +653,14 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="questions_alongside_ingest on: questions run beside queued ingest work, the host never waits at a pause",
     )  # fmt: skip
     parser.add_argument(
-        "--encode-ahead", action="store_true",
-        help="encode_ahead on: as an ingest call returns, the next call's vision tower is queued before the questions "
-        "and upkeep after it",
+        "--encode-ahead", action=argparse.BooleanOptionalAction, default=None,
+        help="encode_ahead (on by default on a GPU worker): as an ingest call returns, the next call's vision tower is "
+        "queued before the questions and upkeep after it",
     )  # fmt: skip
     parser.add_argument(
-        "--tower-stream", action="store_true",
-        help="the engine's tower_stream on: each ingest call's vision tower runs on a CUDA stream of its own, beside "
-        "the previous call's language model",
+        "--tower-stream", action=argparse.BooleanOptionalAction, default=None,
+        help="the engine's tower_stream (on by default): each ingest call's vision tower runs on a CUDA stream of its "
+        "own, beside the previous call's language model",
     )  # fmt: skip
     # The one run that served on the lent GPU VM used 0.0.0.0 (Ray on the VM's own address); Ray bound to loopback
     # has not run there since the float CPU count that stopped every raylet was fixed.

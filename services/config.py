@@ -69,8 +69,8 @@ class ServiceConfig(BaseModel):
     model: str = "tiny"
     mode: Literal["full", "token", "frame", "cluster"] = "cluster"
     device_budget_bytes: int = Field(256 * MIB, gt=0)
-    # On a GPU: the device budget becomes this share of the GPU memory free once the model is loaded, less 2 GiB
-    # (4.5 GiB with the engine's tower_stream; mosaic_core.config.device_budget_from_free), where that is more than
+    # On a GPU: the device budget becomes this share of the GPU memory free once the model is loaded, less 4.5 GiB
+    # (2 GiB with the engine's tower_stream off; mosaic_core.config.device_budget_from_free), where that is more than
     # device_budget_bytes. None: the budget is device_budget_bytes. History the device budget cannot hold is spilled
     # to the host: at 192 cameras on the H200 (20 s kept per camera) the history took 35.5 GiB, more than a 32-GiB
     # budget (bench/NOTES.md, session 27).
@@ -155,12 +155,15 @@ class ServiceConfig(BaseModel):
     # without, though on two machines (bench/NOTES.md, session 15); in session 26, at 128 and 150 cameras, its TTFT p99
     # was 452 and 423 ms, its prefill p99 355 and 300 ms.
     questions_alongside_ingest: bool = False
-    # As an ingest call returns, the worker takes the next call's frames and queues their vision tower before the
-    # questions and upkeep that follow the call (services.engine_loop). It needs the engine's tower_stream on a GPU
-    # (`engine: {tower_stream: true}`), on which that tower runs beside the language model just queued; without it a
-    # GPU worker turns it off with a warning. It needs ingest_queue_frames above the engine's max_frames_per_pass (a
-    # worker refuses to start otherwise). Off by default: measured only on an H100 so far (bench/NOTES.md, session 36).
-    encode_ahead: bool = False
+    # As an ingest call returns, a GPU worker takes the next call's frames and queues their vision tower before the
+    # questions and upkeep that follow the call (services.engine_loop). It needs the engine's tower_stream (on by
+    # default here; `engine: {tower_stream: false}` turns it off), on which that tower runs beside the language model
+    # just queued; without it the worker turns encode_ahead off with a warning. A CPU worker leaves it off: there the
+    # tower would only run before the questions, beside nothing. It needs ingest_queue_frames above the engine's
+    # max_frames_per_pass (a worker refuses to start otherwise). On by default: at 150 cameras on an H100 the service
+    # ingested 139.8 frames/s with both against 80.9 without, and 157.7 against 127.1 in a second run, with a lower
+    # TTFT p99 (330 against 705 ms, 262 against 404); not yet measured on an H200 (bench/NOTES.md, sessions 36, 38).
+    encode_ahead: bool = True
     # The worker process's sys.setswitchinterval: how long one Python thread may keep the GIL once another asks for
     # it. The engine thread, which queues the GPU's work, needs the GIL nearly all the time. On the H200 at 150
     # cameras, 1 ms gave a server TTFT p50 of 37 ms against 89 at Python's 5 ms (two runs on two machines); but a
@@ -253,6 +256,7 @@ class ServiceConfig(BaseModel):
             "target_tokens_per_frame": 64,
             "local_window_tokens": 256,
             "retrieval_budget_tokens": 512,
+            "tower_stream": True,  # on a GPU only; with encode_ahead (above)
             **self.engine,
             "mode": self.mode,
             "device_budget_bytes": self.device_budget_bytes,

@@ -172,7 +172,7 @@ class WorkerCore:
             ingest_pause_lookahead=config.ingest_pause_lookahead,
             ingest_pause_skip_idle=config.ingest_pause_skip_idle,
             questions_alongside_ingest=config.questions_alongside_ingest,
-            encode_ahead=config.encode_ahead,
+            encode_ahead=config.encode_ahead and self.engine.parts.model.device.type == "cuda",
             after_ingest=self._after_ingest,
             max_background_jobs=config.watch_answer_queue_size,
             max_background_running=config.watch_answer_concurrency,

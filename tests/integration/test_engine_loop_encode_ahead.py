@@ -205,3 +205,19 @@ def test_ending_ingest_past_its_deadline_returns_the_frames_queued_and_taken_ahe
     assert loop.end_ingest(time.monotonic()) == {"cam-0": 2, "cam-1": 2}
     assert queues.depths() == {"cam-0": 0, "cam-1": 0} and loop.oldest_wait_s("cam-0") == 0.0
     assert [engine.stream_stats(s).frames_ingested for s in STREAMS] == [1, 1]
+
+
+def test_the_service_turns_encode_ahead_on_for_gpu_workers_only(tiny_model, tmp_path):
+    """On by default with the engine's tower stream; a CPU worker leaves it off, since its tower would only run
+    before the questions, beside nothing."""
+    from services.config import load_config
+    from services.worker import WorkerCore
+
+    config = load_config(None, data_dir=str(tmp_path))
+    assert config.encode_ahead and config.engine_config().tower_stream
+    assert not load_config(None, engine={"tower_stream": False}).engine_config().tower_stream
+    worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    try:
+        assert worker.loop.encode_ahead is False
+    finally:
+        worker.shutdown()

@@ -61,7 +61,7 @@ def test_a_call_runs_benchmarks_and_tests_that_exist(script, tmp_path):
             pytest.fail(f"{script.name}: a step this test cannot check: {shlex.join(argv)}")
 
 
-@pytest.mark.parametrize(("script", "env"), [("closing-service.sh", {"EXTRA": "--tower-stream --encode-ahead"}),
+@pytest.mark.parametrize(("script", "env"), [("closing-service.sh", {"EXTRA": "--no-tower-stream --no-encode-ahead"}),
                                              ("closing-engine.sh", {"TOWER_STREAM": "off,on"})])  # fmt: skip
 def test_a_calls_settings_reach_its_command(script, env, tmp_path):
     (command,) = _commands(ROOT / "bench" / "calls" / script, tmp_path, **env)
