@@ -445,8 +445,13 @@ class DurableStore:
                 else:
                     self._await_files(op)
                     with self._io:
-                        if self._writers.get(op.stream_id) is op.writer:  # else the stream was deleted meanwhile
+                        if self._owned(op):
                             self._commit(op)
+                        else:  # the stream was deleted meanwhile: its snapshots go with it, once no write reads them
+                            wait_for_futures([seal.written for seal in op.add if seal.written is not None])
+                            with self._cv:
+                                for seal in op.add:
+                                    self._forget_pending(seal)
                 break
             except Exception as err:  # an OSError may pass; anything else must not end the writer either
                 with self._cv:
@@ -486,10 +491,14 @@ class DurableStore:
                 seal.written.result()
             except Exception:  # a failed write, or one that deleting the stream cancelled
                 with self._cv:  # ``delete_stream`` collects the writes to cancel under this lock
-                    if self._writers.get(commit.stream_id) is not commit.writer:
+                    if not self._owned(commit):
                         return  # the stream was deleted meanwhile: its files are gone with it
                     seal.written = self._files.submit(self._write_record, self.stream_dir(commit.stream_id), seal)
                 raise
+
+    def _owned(self, commit: _Commit) -> bool:
+        """Whether the journal the commit was queued for is still its stream's."""
+        return commit.writer is not None and self._writers.get(commit.stream_id) is commit.writer
 
     def _commit(self, commit: _Commit) -> None:
         writer = commit.writer

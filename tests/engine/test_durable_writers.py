@@ -345,3 +345,17 @@ def test_a_folder_with_no_readable_journal_is_kept_aside_and_frees_its_id(tmp_pa
         store.close()
     (kept,) = (tmp_path / ".unreadable").iterdir()
     assert kept.name.startswith("cam-") and (kept / f"c000001{RECORD_SUFFIX}").read_bytes() == b"record bytes"
+
+
+def test_a_commit_for_a_stream_with_no_journal_is_dropped_not_retried(tmp_path):
+    """A stream deleted before its commit was queued: the commit has no journal to go to, and is let go at once."""
+    store = DurableStore(tmp_path, writers=1)
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        store.delete_stream("cam")
+        store.submit("cam", add=[_seal("cam", 1)])
+        assert store.flush(WAIT_S)
+        assert store.snapshot_stats().pending_clusters == 0
+    finally:
+        store.close()
+    assert not (tmp_path / "cam").exists()
