@@ -84,7 +84,7 @@ from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.results import Answer, FrameInput
 from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError
 from services.admission import IngestCapacity
-from services.errors import DeadlineError, NoFramesYetError, QueueFullError
+from services.errors import DeadlineError, NoFramesYetError, QueueFullError, UnavailableError
 from services.ingest_queue import IngestQueues, QueuedFrame
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
@@ -259,6 +259,7 @@ class EngineLoop:
         self._num_jobs: dict[str, int] = defaultdict(int)  # stream -> questions running or waiting here
         self._questions_finished = 0  # running questions that ended, each giving its device room back
         self._stop = threading.Event()
+        self._closed = False  # the engine thread has ended its questions and takes no more (under ``_jobs_lock``)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # -- other threads ------------------------------------------------------------------------------
@@ -296,8 +297,11 @@ class EngineLoop:
 
         Raises:
             QueueFullError: the stream already has ``max_questions_per_stream`` questions here.
+            UnavailableError: the engine thread has stopped (the worker is shutting down): nothing would answer it.
         """
         with self._jobs_lock:
+            if self._closed:
+                raise UnavailableError("the worker is shutting down; ask again once it is back")
             num_jobs = self._num_jobs[job.stream_id]
             if num_jobs >= self.max_questions_per_stream:
                 raise QueueFullError(
@@ -306,9 +310,9 @@ class EngineLoop:
                     retry_after_s=RETRY_AFTER_S,
                 )
             self._num_jobs[job.stream_id] = num_jobs + 1
-        job.submitted_s = time.monotonic()
-        self._by_id[job.question_id] = job
-        self._pending_questions.append(job)
+            job.submitted_s = time.monotonic()
+            self._by_id[job.question_id] = job
+            self._pending_questions.append(job)  # under the lock: the engine thread's last sweep sees it
         self.wake.set()
         return job
 
@@ -365,7 +369,10 @@ class EngineLoop:
             if not worked:
                 self._timed("idle", self.wake.wait, IDLE_WAIT_S)
                 self._last_chance = ("loop", time.monotonic())  # a question wakes the idle wait: no gap there
-        for job in self._questions + list(self._pending_questions) + list(self._background):
+        with self._jobs_lock:  # no question is submitted after this sweep (``submit``)
+            self._closed = True
+            left = self._questions + list(self._pending_questions) + list(self._background)
+        for job in left:
             self._finish(job, QuestionCancelled("the worker is shutting down"))
 
     def _run_commands(self) -> bool:

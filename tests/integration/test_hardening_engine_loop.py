@@ -18,7 +18,7 @@ from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.results import Answer, TokenEvent
 from mosaic_core.errors import CapacityError
 from services.engine_loop import DONE, EngineLoop, QuestionJob
-from services.errors import QueueFullError, status_for
+from services.errors import QueueFullError, UnavailableError, status_for
 from services.ingest_queue import IngestQueues, QueuedFrame
 from services.metadata import InMemoryMetadataStore
 from services.publisher import MetadataPublisher, WorkerView
@@ -308,3 +308,15 @@ def test_the_loop_steps_its_running_answers_as_one_batch(tiny_model, bikes_frame
     answers = {s: [e for e in _events(job, timeout_s=5.0) if isinstance(e, Answer)] for s, job in jobs.items()}
     assert {s: [a.token_ids for a in found] for s, found in answers.items()} == {s: [t] for s, t in alone.items()}
     assert batched.num_steps == 9 and batched.num_rows == 18  # 9 steps after each first token, both in each
+
+
+def test_a_question_after_the_engine_thread_stopped_is_refused_not_left_waiting(tiny_model):
+    """A worker shutting down: nothing would answer a question queued now, so it is refused (UNAVAILABLE) rather than
+    left for its caller to wait on for good."""
+    engine = Engine(tiny_model, SMALL)
+    loop = _started_loop(engine)
+    loop.call(engine.open_stream, "cam-0", fps=FPS)
+    loop.stop()
+    with pytest.raises(UnavailableError, match="shutting down") as info:
+        _ask(loop, "cam-0", 1)
+    assert status_for(info.value).code is grpc.StatusCode.UNAVAILABLE
