@@ -207,7 +207,7 @@ def test_ending_ingest_past_its_deadline_returns_the_frames_queued_and_taken_ahe
     assert [engine.stream_stats(s).frames_ingested for s in STREAMS] == [1, 1]
 
 
-def test_the_service_turns_encode_ahead_on_for_gpu_workers_only(tiny_model, tmp_path):
+def test_a_cpu_worker_leaves_encode_ahead_off_though_the_service_turns_it_on(tiny_model, tmp_path):
     """On by default with the engine's tower stream; a CPU worker leaves it off, since its tower would only run
     before the questions, beside nothing."""
     from services.config import load_config
