@@ -182,6 +182,14 @@ class MosaicMetrics:
             buckets=QUESTION_START_GAP_BUCKETS_S,
             registry=r,
         )
+        self.answer_thread_wait_seconds = Histogram(
+            "mosaic_answer_thread_wait_seconds",
+            "Time from the router's sending of an ask to one of the worker's answer threads (answer_threads) taking "
+            "it; asks beyond that many at once wait, within their deadline.",
+            ["worker"],
+            buckets=QUESTION_START_GAP_BUCKETS_S,
+            registry=r,
+        )
         # --- questions ---
         self.query_queue_depth = Gauge(
             "mosaic_query_queue_depth", "Questions waiting in the router's bounded queue.", registry=r
@@ -431,6 +439,9 @@ class MosaicMetrics:
         check_label("between", between, QUESTION_START_GAPS)
         self.question_start_gap_seconds.labels(worker_label(worker), between).observe(non_negative("gap", s))
 
+    def observe_answer_thread_wait(self, worker: int | str, s: float) -> None:
+        self.answer_thread_wait_seconds.labels(worker_label(worker)).observe(non_negative("answer thread wait", s))
+
     def add_transfer_bytes(self, worker: int | str, direction: str, n: int) -> None:
         check_label("direction", direction, TRANSFER_DIRECTIONS)
         self.transfer_bytes_total.labels(worker_label(worker), direction).inc(n)
@@ -481,6 +492,7 @@ class MosaicMetrics:
             self.ingest_calls_encoded_ahead_total, self.cluster_device_hit_ratio, self.worker_pid,
             self.metadata_store_up, self.metadata_queue_depth, self.durable_pending_clusters,
             self.durable_oldest_pending_seconds, self.durable_writers, self.keyframe_bytes,
+            self.answer_thread_wait_seconds,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):  # a series never set
                 metric.remove(label)
@@ -545,7 +557,7 @@ class MosaicMetrics:
                 self.metadata_resyncs_total, self.durable_pending_clusters, self.durable_oldest_pending_seconds,
                 self.durable_clusters_written_total, self.durable_write_errors_total, self.durable_bytes_written_total,
                 self.durable_write_seconds_total, self.durable_ingest_wait_seconds_total, self.durable_writers,
-                self.keyframe_bytes, self.keyframes_dropped_total,
+                self.keyframe_bytes, self.keyframes_dropped_total, self.answer_thread_wait_seconds,
             ):  # fmt: skip
                 metric.labels(worker)
             for direction in TRANSFER_DIRECTIONS:

@@ -100,6 +100,7 @@ class TelemetryDelta:
     durability: DurabilityHealth | None = None
     loop_seconds: dict[str, float] = field(default_factory=dict)  # engine thread, by ENGINE_LOOP_PARTS
     question_start_gaps: list[tuple[str, float]] = field(default_factory=list)  # (QUESTION_START_GAPS label, s)
+    answer_thread_waits_s: list[float] = field(default_factory=list)  # from an ask's sending to its thread taking it
 
 
 class WorkerTelemetry:
@@ -170,6 +171,12 @@ class WorkerTelemetry:
             self._delta.question_start_gaps.append((between, seconds))
             del self._delta.question_start_gaps[:-MAX_BUFFERED_OBSERVATIONS]
 
+    def answer_thread_wait(self, seconds: float) -> None:
+        """An ask waited ``seconds`` from its sending to one of the worker's answer threads taking it."""
+        with self._lock:
+            self._delta.answer_thread_waits_s.append(seconds)
+            del self._delta.answer_thread_waits_s[:-MAX_BUFFERED_OBSERVATIONS]
+
     def drain(self, *, queue_depths: dict[str, int], lags_s: dict[str, float], engine_stats) -> TelemetryDelta:
         """Returns the delta since the last drain and starts a new one; gauges come from the caller."""
         with self._lock:
@@ -238,5 +245,7 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
         metrics.add_engine_loop_seconds(worker, part, seconds)
     for between, seconds in delta.question_start_gaps:
         metrics.observe_question_start_gap(worker, between, seconds)
+    for seconds in delta.answer_thread_waits_s:
+        metrics.observe_answer_thread_wait(worker, seconds)
     if delta.durability is not None:
         metrics.set_durability(worker, delta.durability)

@@ -480,6 +480,8 @@ class WorkerCore:
         """
         arrived_s = time.monotonic()
         waited_s = 0.0 if sent_unix is None else min(timeout_s, max(0.0, time.time() - sent_unix))
+        if sent_unix is not None:
+            self.telemetry.answer_thread_wait(waited_s)
         session = self.sessions.get(stream_id)
         if session is None:
             raise UnknownStreamError(f"unknown stream {stream_id!r}")

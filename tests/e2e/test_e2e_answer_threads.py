@@ -98,13 +98,18 @@ def test_calls_other_than_answers_are_not_held_up_by_them(worker, bikes_frames):
 
 
 def test_an_answer_that_waited_for_a_thread_ends_by_its_callers_deadline(worker):
-    """The deadline counts from when the router sent the ask, not from when a thread took it."""
+    """The deadline counts from when the router sent the ask, not from when a thread took it; the worker's telemetry
+    counts the wait (``mosaic_answer_thread_wait_seconds``)."""
     budget_s = 3.0
+    ray.get(worker.drain_telemetry.remote(), timeout=60)
     started_s = time.monotonic()
     asks = [_ask(worker, f"deadline-{n}", STREAMS[n], budget_s) for n in range(ANSWER_THREADS + 1)]
     ends = _ends(asks, started_s)
     assert [outcome for outcome, _ in ends] == [DeadlineError.__name__] * len(asks), ends
     assert max(at for _, at in ends) < budget_s + 1.5, f"an answer outlived its caller's deadline: {ends}"
+    waits_s = sorted(ray.get(worker.drain_telemetry.remote(), timeout=60).answer_thread_waits_s)
+    assert len(waits_s) == len(asks), waits_s
+    assert waits_s[0] < 1.0 and waits_s[-1] > budget_s - 1.0, f"the third ask's wait for a thread: {waits_s}"
 
 
 def test_a_cancel_that_comes_before_its_ask_stops_the_answer(worker):

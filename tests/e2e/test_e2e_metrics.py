@@ -25,6 +25,7 @@ SPEC = {
     "mosaic_ingest_calls_encoded_ahead": "counter",
     "mosaic_engine_loop_seconds": "counter",
     "mosaic_question_start_gap_seconds": "histogram",
+    "mosaic_answer_thread_wait_seconds": "histogram",
     "mosaic_query_queue_depth": "gauge",
     "mosaic_queries": "counter",
     "mosaic_time_to_first_token_seconds": "histogram",

@@ -21,6 +21,7 @@ SPEC = {
     "mosaic_ingest_calls_encoded_ahead_total": ("counter", {"worker"}),
     "mosaic_engine_loop_seconds_total": ("counter", {"worker", "part"}),
     "mosaic_question_start_gap_seconds": ("histogram", {"worker", "between"}),
+    "mosaic_answer_thread_wait_seconds": ("histogram", {"worker"}),
     "mosaic_query_queue_depth": ("gauge", set()),
     "mosaic_queries_total": ("counter", {"outcome"}),
     "mosaic_time_to_first_token_seconds": ("histogram", {"mode"}),
