@@ -113,6 +113,10 @@ class EngineConfig:
             dropping their memory copy, and disk_budget_bytes (0: no limit) caps the clusters in the disk tier;
             records of the others are on disk too, bounded by retention, and a restart adopts them all into the
             disk tier, counted even past the budget.
+        history_budget_bytes: with data_dir, the bytes of sealed clusters' records (KV and keyframes) the engine
+            keeps; past it, after an ingest call, the clusters that ended first, across the streams, are dropped as
+            retention drops them (their records deleted; counted in ``HistoryKeeper.dropped_for_space``). 0: no
+            limit (retention alone bounds the history).
         durable_writers: threads that write record files side by side under data_dir (the checksum, write and fsync
             of one file release the GIL); at 64 cameras a 7B model seals about 0.5 GB of KV a second.
         durable_pending_bytes: snapshot bytes that may wait for those writers before ingest waits for them (host
@@ -185,6 +189,7 @@ class EngineConfig:
     host_budget_bytes: int = 16 * GIB
     pinned_host_bytes: int = 0
     disk_budget_bytes: int = 0
+    history_budget_bytes: int = 0
     disk_dir: str | None = None
     data_dir: str | None = None
     durable_writers: int = 4
@@ -247,6 +252,11 @@ class EngineConfig:
             )
         if self.disk_budget_bytes > 0 and not (self.disk_dir or self.data_dir):
             raise ConfigError(f"disk_budget_bytes={self.disk_budget_bytes} needs disk_dir to be set")
+        if self.history_budget_bytes < 0 or (self.history_budget_bytes > 0 and not self.data_dir):
+            raise ConfigError(
+                f"history_budget_bytes must be >= 0, and needs data_dir when set; got {self.history_budget_bytes} "
+                f"with data_dir={self.data_dir!r}"
+            )
         if self.formation.max_tokens > self.retrieval_budget_tokens:
             raise ConfigError(
                 f"formation.max_tokens={self.formation.max_tokens} exceeds retrieval_budget_tokens="

@@ -315,6 +315,24 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
+        self.durable_history_bytes = Gauge(
+            "mosaic_durable_history_bytes",
+            "Bytes of the sealed clusters' records a worker keeps on disk (KV and keyframes).",
+            ["worker"],
+            registry=r,
+        )
+        self.durable_history_budget_bytes = Gauge(
+            "mosaic_durable_history_budget_bytes",
+            "A worker's history_budget_bytes (0: no limit, retention alone bounds the history).",
+            ["worker"],
+            registry=r,
+        )
+        self.durable_clusters_dropped_for_space_total = Counter(
+            "mosaic_durable_clusters_dropped_for_space_total",
+            "Sealed clusters a worker dropped, the oldest first, to keep its records within history_budget_bytes.",
+            ["worker"],
+            registry=r,
+        )
         self.durable_ingest_wait_seconds_total = Counter(
             "mosaic_durable_ingest_wait_seconds_total",
             "Time the engine thread waited for the record writers to make room for a sealed cluster's snapshot.",
@@ -468,6 +486,11 @@ class MosaicMetrics:
         self.durable_write_seconds_total.labels(label).inc(non_negative("write seconds", health.write_s))
         self.durable_ingest_wait_seconds_total.labels(label).inc(non_negative("ingest wait", health.ingest_wait_s))
         self.durable_writers.labels(label).set(non_negative("writers", health.writers))
+        self.durable_history_bytes.labels(label).set(non_negative("history bytes", health.history_bytes))
+        self.durable_history_budget_bytes.labels(label).set(non_negative("history budget", health.history_budget_bytes))
+        self.durable_clusters_dropped_for_space_total.labels(label).inc(
+            non_negative("dropped for space", health.clusters_dropped_for_space)
+        )
 
     def set_hit_ratio(self, worker: int | str, r: float) -> None:
         if not 0.0 <= r <= 1.0:
@@ -492,7 +515,7 @@ class MosaicMetrics:
             self.ingest_calls_encoded_ahead_total, self.cluster_device_hit_ratio, self.worker_pid,
             self.metadata_store_up, self.metadata_queue_depth, self.durable_pending_clusters,
             self.durable_oldest_pending_seconds, self.durable_writers, self.keyframe_bytes,
-            self.answer_thread_wait_seconds,
+            self.answer_thread_wait_seconds, self.durable_history_bytes, self.durable_history_budget_bytes,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):  # a series never set
                 metric.remove(label)
@@ -558,6 +581,8 @@ class MosaicMetrics:
                 self.durable_clusters_written_total, self.durable_write_errors_total, self.durable_bytes_written_total,
                 self.durable_write_seconds_total, self.durable_ingest_wait_seconds_total, self.durable_writers,
                 self.keyframe_bytes, self.keyframes_dropped_total, self.answer_thread_wait_seconds,
+                self.durable_history_bytes, self.durable_history_budget_bytes,
+                self.durable_clusters_dropped_for_space_total,
             ):  # fmt: skip
                 metric.labels(worker)
             for direction in TRANSFER_DIRECTIONS:

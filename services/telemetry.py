@@ -50,18 +50,22 @@ class DurabilityHealth:
     write_s: float = 0.0  # the record writers' time on files, summed over threads
     ingest_wait_s: float = 0.0  # the engine thread's time waiting for the writers to make room
     writers: int = 0  # the record writer threads (0 without a data directory)
+    history_bytes: int = 0  # the records of sealed clusters the engine keeps (KV and keyframes)
+    history_budget_bytes: int = 0  # 0: no limit
+    clusters_dropped_for_space: int = 0  # to keep history_budget_bytes
 
     def increments_since(self, seen: DurabilityHealth) -> DurabilityHealth:
         """The same gauges, with each counter replaced by its growth since ``seen``."""
         counters = (
             "writes_dropped", "resyncs", "clusters_written", "write_errors", "bytes_written", "write_s",
-            "ingest_wait_s",
+            "ingest_wait_s", "clusters_dropped_for_space",
         )  # fmt: skip
         return dataclasses.replace(self, **{c: getattr(self, c) - getattr(seen, c) for c in counters})
 
 
-def durability_health(pid: int, published, durable) -> DurabilityHealth:
-    """A worker's totals from its ``PublisherStats`` and ``DurableStats`` (None without a data directory)."""
+def durability_health(pid: int, published, durable, history=None, history_budget_bytes: int = 0) -> DurabilityHealth:
+    """A worker's totals from its ``PublisherStats``, ``DurableStats`` and ``HistoryKeeper`` (None without a data
+    directory)."""
     return DurabilityHealth(
         pid=pid,
         store_up=published.store_up,
@@ -76,6 +80,9 @@ def durability_health(pid: int, published, durable) -> DurabilityHealth:
         write_s=durable.file_write_s if durable else 0.0,
         ingest_wait_s=durable.submit_wait_s + durable.staging_wait_s if durable else 0.0,
         writers=durable.writers if durable else 0,
+        history_bytes=history.ledger.total_bytes if history else 0,
+        history_budget_bytes=history_budget_bytes,
+        clusters_dropped_for_space=history.dropped_for_space if history else 0,
     )
 
 

@@ -561,8 +561,11 @@ class WorkerCore:
         return stats.keyframe_bytes, max(0, dropped)
 
     def _durability_delta(self) -> DurabilityHealth:
-        durable = None if self.engine.history is None else self.engine.history.store.snapshot_stats()
-        now = durability_health(os.getpid(), self.publisher.snapshot_stats(), durable)
+        history = self.engine.history
+        durable = None if history is None else history.store.snapshot_stats()
+        now = durability_health(
+            os.getpid(), self.publisher.snapshot_stats(), durable, history, self.engine.config.history_budget_bytes
+        )
         seen, self._health_seen = self._health_seen, now
         return now.increments_since(seen)
 

@@ -12,6 +12,7 @@ from one thread at a time.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,7 @@ from mosaic_core.memory.tiers import KVTiers
 from mosaic_core.model.adapter import VlmAdapter
 from mosaic_core.model.frame_upload import FrameStaging
 
+log = logging.getLogger(__name__)
 DEFAULT_SYSTEM_PROMPT = "You are watching a live camera. Answer questions about what it has seen, and when."
 UNLIMITED_BYTES = 1 << 62
 WARM_UP_STREAM = "mosaic-warm-up"  # ``Engine.warm_up``'s scratch stream, gone when it returns
@@ -387,6 +389,8 @@ class Engine:
             store.close()
         self.tiering.drop_stream(state.stream_id)
         self.tracker.drop_stream(state.stream_id)
+        if self.history is not None:  # its records stay on disk with forget_history=False, no longer this engine's
+            self.history.ledger.forget_stream(state.stream_id)
         self.tiering.residency.release(f"{state.stream_id}:sink+window")
         self.tiering.tiers.pools.give_back(Tier.DEVICE, state.past_pages())  # a question reading them holds them
         state.sink_pages, state.sink_fills = [], []
@@ -413,13 +417,45 @@ class Engine:
                 and not residency.record_to_read(r.cluster_id).pinned
             ):
                 expired.append(r.cluster_id)
-        for cluster_id in expired:
+        self._drop_clusters(state, expired)
+        return expired
+
+    def _drop_clusters(self, state: StreamState, cluster_ids: list[str]) -> None:
+        for cluster_id in cluster_ids:
             self.tiering.remove(cluster_id)
             state.former.remove(cluster_id)
-        store_for(self.parts, state).forget(expired)
+        store_for(self.parts, state).forget(cluster_ids)
         if self.history is not None:
-            self.history.on_drop(state, expired)
-        return expired
+            self.history.on_drop(state, cluster_ids)
+
+    def _keep_history_budget(self) -> None:
+        """Past ``config.history_budget_bytes`` of records, drops the sealed clusters that ended first, across the
+        streams, as retention drops them (a cluster a question reads now is passed over), and logs it."""
+        history, budget = self.history, self.config.history_budget_bytes
+        if history is None or budget <= 0 or history.ledger.total_bytes <= budget:
+            return
+        residency = self.tiering.residency
+
+        def can_drop(stream_id: str, cluster_id: str) -> bool:
+            state = self.streams.get(stream_id)
+            return (
+                state is not None
+                and cluster_id in residency
+                and not residency.record_to_read(cluster_id).pinned
+                and cluster_id not in state.local_cluster_ids()
+            )
+
+        by_stream: dict[str, list[str]] = {}
+        for stream_id, cluster_id in history.ledger.oldest_over(budget, can_drop):
+            by_stream.setdefault(stream_id, []).append(cluster_id)
+        for stream_id, cluster_ids in by_stream.items():
+            self._drop_clusters(self.streams[stream_id], cluster_ids)
+            history.dropped_for_space += len(cluster_ids)
+            log.info(
+                "stream %s: dropped its %d oldest clusters, the history's records at %d bytes against "
+                "history_budget_bytes=%d",
+                stream_id, len(cluster_ids), history.ledger.total_bytes, budget,
+            )  # fmt: skip
 
     def stream(self, stream_id: str) -> StreamState:
         state = self.streams.get(stream_id)
@@ -444,7 +480,9 @@ class Engine:
         fixed points, where ``pauses.serve`` may start questions (``mosaic_core.engine.ingest_pauses``). With
         ``encoded`` from ``encode_ahead`` of these very frames, the call uses its vision tower's output.
         """
-        return ingest.ingest(self.parts, frames, pauses, encoded)
+        result = ingest.ingest(self.parts, frames, pauses, encoded)
+        self._keep_history_budget()
+        return result
 
     def encode_ahead(self, frames: Sequence[FrameInput], *, pauses: IngestPauses | None = None) -> ingest.EncodedFrames:
         """Queues the vision tower of a batch that ``ingest`` will take next, with its uploads and keyframe

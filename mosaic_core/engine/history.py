@@ -27,6 +27,7 @@ from mosaic_core.durable.records import ClusterSummary
 from mosaic_core.durable.store import DurableStore, Seal, StoredStream
 from mosaic_core.engine.keyframe_store import KeyframeSettings, held_keyframes, keyframes_of
 from mosaic_core.engine.keyframes import Keyframe, make_keyframe_id
+from mosaic_core.engine.record_ledger import RecordLedger
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
 
@@ -54,6 +55,8 @@ class HistoryKeeper:
         self.keyframes = keyframes
         self._reserved: dict[str, int] = {}  # stream -> cluster numbers below this are recorded as possibly used
         self.snapshot_s = 0.0  # the engine thread's time queuing snapshots (waits for staging room included)
+        self.ledger = RecordLedger()  # the records' KV and keyframe bytes (headers and summaries aside)
+        self.dropped_for_space = 0  # clusters the engine dropped to keep history_budget_bytes
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def create(self, state: StreamState, *, system_prompt: str | None, meta: dict) -> None:
@@ -64,6 +67,7 @@ class HistoryKeeper:
     def close(self, stream_id: str) -> None:
         self.store.delete_stream(stream_id)
         self._reserved.pop(stream_id, None)
+        self.ledger.forget_stream(stream_id)
 
     # -- ingest and maintenance ---------------------------------------------------------------------------
     def ensure_ids(self, state: StreamState) -> None:
@@ -76,21 +80,26 @@ class HistoryKeeper:
     def on_completed(self, state: StreamState, record: ClusterRecord) -> None:
         """A sealed cluster's last frame has left the local window into its KV: the cluster is complete, persist
         it. ``record`` is the former's own (read, not changed)."""
-        self.store.submit(state.stream_id, add=[self._seal(state, record)])
+        self._submit(state, [self._seal(state, record)], [])
 
     def on_merge(self, state: StreamState, merged_id: str, removed_ids: list[str]) -> None:
         self.ensure_ids(state)
-        seal = self._seal(state, state.former.get(merged_id))
-        self.store.submit(state.stream_id, add=[seal], remove=removed_ids)
+        self._submit(state, [self._seal(state, state.former.get(merged_id))], removed_ids)
 
     def on_split(self, state: StreamState, new_ids: list[str], removed_id: str) -> None:
         self.ensure_ids(state)
-        seals = [self._seal(state, state.former.get(cid)) for cid in new_ids]
-        self.store.submit(state.stream_id, add=seals, remove=[removed_id])
+        self._submit(state, [self._seal(state, state.former.get(cid)) for cid in new_ids], [removed_id])
 
     def on_drop(self, state: StreamState, cluster_ids: list[str]) -> None:
         if cluster_ids:
-            self.store.submit(state.stream_id, remove=cluster_ids)
+            self._submit(state, [], cluster_ids)
+
+    def _submit(self, state: StreamState, seals: list[Seal], removed_ids: list[str]) -> None:
+        self.store.submit(state.stream_id, add=seals, remove=removed_ids)
+        self.ledger.remove(removed_ids)
+        for seal in seals:
+            num_bytes = seal.entry.num_bytes + len(seal.keyframes)
+            self.ledger.add(state.stream_id, seal.entry.cluster_id, end_s=seal.entry.end_s, num_bytes=num_bytes)
 
     def note_progress(self, state: StreamState) -> None:
         self.store.update_state(
@@ -187,6 +196,10 @@ class HistoryKeeper:
             self.tiering.summaries.put(entry.cluster_id, summary.key_sum, summary.key_sumsq, summary.key_count)
             self.tiering.tiers.adopt(entry.cluster_id)
             self._adopt_keyframes(state, entry)
+            keyframe_bytes = sum(k["num_bytes"] for k in entry.keyframes)
+            self.ledger.add(
+                state.stream_id, entry.cluster_id, end_s=entry.end_s, num_bytes=entry.num_bytes + keyframe_bytes
+            )
         residency = self.tiering.residency
         if residency.free_bytes(Tier.DISK) < 0:
             log.error(

@@ -295,6 +295,10 @@ def test_history_volume(render, rendered) -> None:
     mounts = _worker_pod(default)["containers"][0]["volumeMounts"]
     assert {"name": "history", "mountPath": "/var/lib/mosaic/history"} in mounts
     assert _engine_config(default)["data_dir"] == "/var/lib/mosaic/history"
+    assert _engine_config(default)["history_budget_bytes"] == 0
+    assert (
+        _engine_config(render({"history": {"enabled": True, "budget": "400Gi"}}))["history_budget_bytes"] == 400 * GIB
+    )
     existing = render({"history": {"enabled": True, "existingClaim": "cams"}})
     assert _find(existing, "PersistentVolumeClaim") == []
     volume = next(v for v in _worker_pod(existing)["volumes"] if v["name"] == "history")

@@ -1,0 +1,103 @@
+"""The history budget: past ``history_budget_bytes`` of records, the clusters that ended first go, across streams."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mosaic_core.durable.manifest import replay
+from mosaic_core.engine.results import FrameInput
+from tests.engine.engine_helpers import make_engine
+
+STREAMS = ("cam-a", "cam-b")
+
+
+def _feed_side_by_side(engine, frames, *, offset_s: float = 0.0, after_call=None) -> dict[str, float]:
+    """Both streams' frames at the same times, a call per two frames each; returns every sealed cluster seen
+    (id -> end time)."""
+    seen = {}
+    for i in range(0, len(frames), 2):
+        engine.ingest([FrameInput(sid, t + offset_s, rgb) for t, rgb in frames[i : i + 2] for sid in STREAMS])
+        for sid in STREAMS:
+            seen |= {c.cluster_id: c.end_s for c in engine.clusters(sid) if c.cluster_id in engine.history.ledger}
+        if after_call is not None:
+            after_call()
+    return seen
+
+
+def _on_disk(engine, data_dir) -> dict[str, tuple[float, int]]:
+    """The journals' clusters: id -> (end time, KV and keyframe bytes)."""
+    assert engine.history.store.flush(30)
+    return {
+        e.cluster_id: (e.end_s, e.num_bytes + sum(k["num_bytes"] for k in e.keyframes))
+        for sid in STREAMS
+        for e in replay(data_dir / sid).clusters.values()
+    }
+
+
+def test_past_the_budget_the_oldest_clusters_of_every_stream_go(tiny_model, bikes_frames, tmp_path):
+    unbounded = make_engine(tiny_model, data_dir=str(tmp_path / "unbounded"))
+    for sid in STREAMS:
+        unbounded.open_stream(sid, fps=2.0)
+    _feed_side_by_side(unbounded, bikes_frames[:24])
+    all_bytes = sum(n for _, n in _on_disk(unbounded, tmp_path / "unbounded").values())
+    unbounded.close()
+
+    budget = all_bytes // 3
+    data_dir = tmp_path / "bounded"
+    engine = make_engine(tiny_model, data_dir=str(data_dir), history_budget_bytes=budget)
+    for sid in STREAMS:
+        engine.open_stream(sid, fps=2.0)
+    totals = []
+    seen = _feed_side_by_side(
+        engine, bikes_frames[:24], after_call=lambda: totals.append(engine.history.ledger.total_bytes)
+    )
+    on_disk = _on_disk(engine, data_dir)
+    kept = {c.cluster_id for sid in STREAMS for c in engine.clusters(sid) if c.cluster_id in on_disk}
+    dropped = set(seen) - {c.cluster_id for sid in STREAMS for c in engine.clusters(sid)}
+    try:
+        assert max(totals) <= budget, f"the records passed the budget after a call: {totals} > {budget}"
+        assert sum(n for _, n in on_disk.values()) <= budget
+        assert set(on_disk) == kept, "the journals name exactly the clusters the engine keeps"
+        assert dropped and engine.history.dropped_for_space == len(dropped)
+        assert {cid.split("/")[0] for cid in dropped} == set(STREAMS), "both streams gave up their oldest"
+        assert max(seen[c] for c in dropped) <= min(seen[c] for c in kept), "a newer cluster went before an older"
+    finally:
+        engine.close()
+
+    # A restart with half the budget adopts every record, then keeps the new budget from its first ingest call.
+    restarted = make_engine(tiny_model, data_dir=str(data_dir), history_budget_bytes=budget // 2)
+    try:
+        assert sorted(r.num_clusters for r in restarted.restore_streams()) == sorted(
+            sum(1 for cid in kept if cid.startswith(f"{sid}/")) for sid in STREAMS
+        )
+        assert restarted.history.ledger.total_bytes == sum(on_disk[c][1] for c in kept)
+        last_s = max(end_s for end_s, _ in on_disk.values())
+        _feed_side_by_side(restarted, bikes_frames[:2], offset_s=last_s + 5.0)
+        assert restarted.history.ledger.total_bytes <= budget // 2
+        assert sum(n for _, n in _on_disk(restarted, data_dir).values()) <= budget // 2
+    finally:
+        restarted.close()
+
+
+def test_a_cluster_a_question_reads_is_passed_over(tiny_model, bikes_frames, tmp_path):
+    """Dropping for space skips a pinned cluster, as retention does, and takes the next oldest instead."""
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    for sid in STREAMS:
+        engine.open_stream(sid, fps=2.0)
+    try:
+        _feed_side_by_side(engine, bikes_frames[:16])
+        ledger = engine.history.ledger
+        recorded = sorted(
+            (c for sid in STREAMS for c in engine.clusters(sid) if c.cluster_id in ledger), key=lambda c: c.end_s
+        )
+        assert len(recorded) >= 3
+        oldest, next_oldest = recorded[0].cluster_id, recorded[1].cluster_id
+        engine.tiering.residency.pin(oldest)
+        engine.config = dataclasses.replace(engine.config, history_budget_bytes=ledger.total_bytes - 1)
+        _feed_side_by_side(engine, bikes_frames[16:18])
+        held = {c.cluster_id for sid in STREAMS for c in engine.clusters(sid)}
+        assert oldest in held and next_oldest not in held
+        assert ledger.total_bytes <= engine.config.history_budget_bytes
+        engine.tiering.residency.unpin(oldest)
+    finally:
+        engine.close()
