@@ -5,6 +5,7 @@ Plain Python, no engine: the worker asks a session whether a pushed frame or a q
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -33,12 +34,14 @@ class StreamSession:
 
         Raises:
             StateError: the stream pulls from a source (FAILED_PRECONDITION).
-            InvalidArgumentError: the timestamp does not increase, or is more than ``max_skew_s`` ahead.
+            InvalidArgumentError: the timestamp is not finite, does not increase, or is more than ``max_skew_s`` ahead.
         """
         if self.source is not None:
             raise StateError(
                 f"stream {self.stream_id!r} pulls frames from its source; it does not accept pushed frames"
             )
+        if not math.isfinite(timestamp_s):
+            raise InvalidArgumentError(f"stream {self.stream_id!r}: frame timestamp must be finite, got {timestamp_s!r}")
         if self.last_offered_s is not None and not timestamp_s > self.last_offered_s:
             raise InvalidArgumentError(
                 f"stream {self.stream_id!r}: frame timestamp {timestamp_s:.3f}s is not after the previous frame's "

@@ -12,6 +12,7 @@ to on arrival (without a copy when that cluster is on the device). So a frame's 
 
 from __future__ import annotations
 
+import math
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ class StreamState:
             raise StreamClosedError(f"stream {self.stream_id!r} is closed and accepts no frames or questions")
 
     def check_timestamp(self, timestamp_s: float, previous_s: float | None) -> None:
+        if not math.isfinite(timestamp_s):
+            raise InvalidArgumentError(f"stream {self.stream_id!r}: frame timestamp must be finite, got {timestamp_s!r}")
         if previous_s is not None and not timestamp_s > previous_s:
             raise TimestampOrderError(
                 f"stream {self.stream_id!r}: frame timestamp {timestamp_s:.3f}s is not after the previous "

@@ -74,6 +74,7 @@ BAD_FRAMES = [
         "after",
     ),
     ("unknown stream", lambda ts: [FrameInput("nope", ts + 1, _rgb())], UnknownStreamError, "nope"),
+    ("not finite", lambda ts: [FrameInput("cam", float("inf"), _rgb())], InvalidArgumentError, "finite"),
     (
         "good then bad",
         lambda ts: [FrameInput("cam", ts + 1, _rgb()), FrameInput("cam", ts + 2, _rgb()[:, :, :2])],
@@ -92,6 +93,20 @@ def test_bad_frames_are_rejected_whole_and_the_stream_keeps_working(engine, name
     assert after.frames_ingested == before.frames_ingested, "a rejected batch must change nothing"
     engine.ingest([FrameInput("cam", after.last_timestamp_s + 0.25, _rgb())])
     assert engine.stream_stats("cam").frames_ingested == before.frames_ingested + 1
+
+
+@pytest.mark.parametrize("timestamp_s", [float("nan"), float("-inf")])
+def test_a_first_frame_at_no_finite_time_is_refused_before_the_stream_changes(engine, timestamp_s):
+    """A stream's first frame sets its clock: one at NaN or -inf would leave every later frame "not after" it."""
+    engine.open_stream("fresh")
+    try:
+        with pytest.raises(InvalidArgumentError, match="finite"):
+            engine.ingest([FrameInput("fresh", timestamp_s, _rgb()), FrameInput("cam", _last_ts(engine) + 1, _rgb())])
+        assert engine.stream("fresh").first_timestamp_s is None
+        engine.ingest([FrameInput("fresh", 0.0, _rgb())])
+        assert engine.stream_stats("fresh").frames_ingested == 1
+    finally:
+        engine.close_stream("fresh")
 
 
 def test_empty_batch(engine):

@@ -3,6 +3,7 @@ questions about a stream with nothing in it."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -69,3 +70,10 @@ def test_a_stream_with_no_frames_cannot_answer_and_says_why():
     with pytest.raises(NoFramesYetError, match=r"its source failed \(Cannot open"):
         _session(source=_FailedSource()).check_answerable(0)
     _session(source=_FailedSource()).check_answerable(12)  # history from before the failure still answers
+
+
+@pytest.mark.parametrize("timestamp_s", [math.nan, -math.inf, math.inf])
+def test_a_pushed_frame_at_no_finite_time_is_refused_even_first(timestamp_s):
+    session = StreamSession(StreamRecord(stream_id="cam", fps=1.0))
+    with pytest.raises(InvalidArgumentError, match="finite"):
+        session.check_push(timestamp_s, now=time.monotonic(), max_skew_s=5.0)
