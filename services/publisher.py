@@ -107,6 +107,7 @@ class MetadataPublisher:
         self._queue: deque[Op] = deque()
         self._cv = threading.Condition()
         self._need_resync = True  # the first pass publishes everything the worker restored
+        self._resyncing = False  # a resync's view was taken and is being written
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="metadata-publisher", daemon=True)
 
@@ -140,9 +141,9 @@ class MetadataPublisher:
         """Waits until the queue is empty and no resync is due (tests, shutdown)."""
         deadline = time.monotonic() + timeout_s
         with self._cv:
-            while (self._queue or self._need_resync) and time.monotonic() < deadline:
+            while (self._queue or self._need_resync or self._resyncing) and time.monotonic() < deadline:
                 self._cv.wait(0.05)
-            return not (self._queue or self._need_resync)
+            return not (self._queue or self._need_resync or self._resyncing)
 
     def snapshot_stats(self) -> PublisherStats:
         with self._cv:
@@ -176,6 +177,7 @@ class MetadataPublisher:
                     self.stats.write_errors += 1
                     self.stats.last_error = f"{type(err).__name__}: {err}"
                     self._need_resync = True  # what failed, and what changed meanwhile, is republished whole
+                    self._resyncing = False
                 if failures == 1 or failures % 20 == 0:
                     log.warning("metadata store write failed (%d in a row): %s", failures, err)
                 with self._cv:
@@ -187,7 +189,7 @@ class MetadataPublisher:
             with self._cv:
                 self.stats.store_up = True
                 if resync:
-                    self._need_resync = False  # ops queued during the resync still run: they are newer
+                    self._resyncing = False  # ops queued during it still run (newer); one it dropped asks again
                 elif self._queue and self._queue[0] is op:
                     self._queue.popleft()
                 self.stats.queue_depth = len(self._queue)
@@ -199,6 +201,7 @@ class MetadataPublisher:
     def _resync(self) -> None:
         with self._cv:
             self._queue.clear()  # the view taken next is newer than anything queued so far
+            self._need_resync, self._resyncing = False, True  # a request from now on needs a view after this one
         view = self.snapshot()
         store = self.store
         for stream_id in set(store.streams_on_worker(self.worker_id)) - set(view.streams):

@@ -41,7 +41,9 @@ class StreamSession:
                 f"stream {self.stream_id!r} pulls frames from its source; it does not accept pushed frames"
             )
         if not math.isfinite(timestamp_s):
-            raise InvalidArgumentError(f"stream {self.stream_id!r}: frame timestamp must be finite, got {timestamp_s!r}")
+            raise InvalidArgumentError(
+                f"stream {self.stream_id!r}: a frame's timestamp must be finite, not {timestamp_s}"
+            )
         if self.last_offered_s is not None and not timestamp_s > self.last_offered_s:
             raise InvalidArgumentError(
                 f"stream {self.stream_id!r}: frame timestamp {timestamp_s:.3f}s is not after the previous frame's "

@@ -82,7 +82,9 @@ class StreamState:
 
     def check_timestamp(self, timestamp_s: float, previous_s: float | None) -> None:
         if not math.isfinite(timestamp_s):
-            raise InvalidArgumentError(f"stream {self.stream_id!r}: frame timestamp must be finite, got {timestamp_s!r}")
+            raise InvalidArgumentError(
+                f"stream {self.stream_id!r}: a frame's timestamp must be finite, not {timestamp_s}"
+            )
         if previous_s is not None and not timestamp_s > previous_s:
             raise TimestampOrderError(
                 f"stream {self.stream_id!r}: frame timestamp {timestamp_s:.3f}s is not after the previous "
