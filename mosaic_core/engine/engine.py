@@ -135,6 +135,7 @@ class Engine:
             encoder=self._keyframe_encoder,
         )
         self.history = None if durable is None else HistoryKeeper(durable, self.tiering, keyframes)
+        self._keyframes_dropped_by_closed = 0  # streams closed since the engine started (``stats``)
         self.tracker = CoRetrievalTracker(residency)
         self.streams: dict[str, StreamState] = {}
         self.parts = EngineParts(
@@ -386,6 +387,7 @@ class Engine:
         state.closed = True
         store = held_keyframes(state)
         if store is not None:
+            self._keyframes_dropped_by_closed += store.num_dropped
             store.close()
         self.tiering.drop_stream(state.stream_id)
         self.tracker.drop_stream(state.stream_id)
@@ -633,7 +635,7 @@ class Engine:
             device_pool_bytes=self.tiering.tiers.pools.device_pool_bytes,
             keyframe_bytes=sum(s.num_bytes for s in stores),
             num_keyframes=sum(s.num_keyframes for s in stores),
-            keyframes_dropped=sum(s.num_dropped for s in stores),
+            keyframes_dropped=self._keyframes_dropped_by_closed + sum(s.num_dropped for s in stores),
             allocator_events=_allocator_events(self.model.device),
         )
 

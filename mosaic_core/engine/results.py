@@ -185,7 +185,7 @@ class EngineStats:
     # except in full mode, whose pool doubles when it runs out.
     device_pool_bytes: int = 0
     # JPEG thumbnails held for the streams' clusters (in host memory, charged to the host budget), and the ones
-    # not kept because the host tier could not make room for them.
+    # not kept because the host tier could not make room for them, since the engine started (closed streams' too).
     keyframe_bytes: int = 0
     num_keyframes: int = 0
     keyframes_dropped: int = 0

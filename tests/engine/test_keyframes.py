@@ -252,6 +252,9 @@ def test_keyframes_the_host_budget_cannot_hold_are_dropped_and_counted(tiny_mode
     assert stats.keyframes_dropped > 0 and stats.keyframe_bytes == 0
     assert engine.tiering.residency.used_bytes(Tier.HOST) <= 1024
     engine.tiering.residency.check_invariants()
+    # The count is the engine's since it started: a stream deleted keeps its drops in it (a metric counts its growth).
+    engine.close_stream("cam")
+    assert engine.stats().keyframes_dropped == stats.keyframes_dropped
 
 
 def test_jpegs_encoded_off_the_engine_thread_are_the_ones_it_would_have_encoded(tiny_model, bikes_frames, monkeypatch):
