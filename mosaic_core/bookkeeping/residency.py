@@ -217,9 +217,10 @@ class ResidencyManager:
 
     # -- side data (host or disk bytes held beside clusters, never moved between tiers) ---------------------
 
-    def charge(self, owner: str, tier: Tier, nbytes: int) -> bool:
+    def charge(self, owner: str, tier: Tier, nbytes: int, *, past_budget: bool = False) -> bool:
         """Counts ``nbytes`` of ``owner``'s side data (a cluster's keyframes) in ``tier``'s used bytes, if they fit
         in its free bytes now (make room first with ``plan_make_room``); False, with nothing counted, otherwise.
+        ``past_budget``: the bytes are there already (a restart adopting records on disk), counted even past it.
 
         Raises:
             AlreadyExistsError: ``owner`` already holds a charge in ``tier``.
@@ -227,7 +228,7 @@ class ResidencyManager:
         key = (owner, Tier(tier))
         if key in self._charges:
             raise AlreadyExistsError(f"{owner!r} already holds a {key[1].name} charge of {self._charges[key]} bytes")
-        if _check_nbytes(nbytes) > self.free_bytes(key[1]):
+        if _check_nbytes(nbytes) > self.free_bytes(key[1]) and not past_budget:
             return False
         self._charges[key] = nbytes
         self._used_bytes[key[1]] += nbytes

@@ -228,7 +228,10 @@ class HistoryKeeper:
             )
             for meta, jpeg in zip(entry.keyframes, jpegs, strict=True)
         ]
-        keyframes_of(state, self.keyframes, self.tiering).keep(entry.cluster_id, keyframes)
+        if not keyframes_of(state, self.keyframes, self.tiering).keep(entry.cluster_id, keyframes, restored=True):
+            log.warning(
+                "cluster %s comes back without its keyframes: the host tier has no room for them", entry.cluster_id
+            )
 
     def _read_summary(self, stream_id: str, entry: ClusterEntry) -> ClusterSummary:
         # Only the small summary tensors are read here; the KV pages are read (and checksummed) when fetched.

@@ -104,16 +104,18 @@ class KeyframeStore:
             self._hold(cluster_id, encoding.result())
 
     # -- held clusters ----------------------------------------------------------------------------------------
-    def keep(self, cluster_id: str, keyframes: list[Keyframe]) -> bool:
-        """Holds a cluster's keyframes if the budgets take their bytes; False (counted as dropped) otherwise."""
+    def keep(self, cluster_id: str, keyframes: list[Keyframe], *, restored: bool = False) -> bool:
+        """Holds a cluster's keyframes if the budgets take their bytes; False (counted as dropped) otherwise.
+        ``restored``: read back from the cluster's record at a restart, already on disk, so charged to the disk
+        tier even past its budget, as their cluster is."""
         self._keep_encoded(wait=True)  # the clusters sealed before it are charged first, as inline encoding did
-        return self._hold(cluster_id, keyframes)
+        return self._hold(cluster_id, keyframes, restored=restored)
 
-    def _hold(self, cluster_id: str, keyframes: list[Keyframe]) -> bool:
+    def _hold(self, cluster_id: str, keyframes: list[Keyframe], *, restored: bool = False) -> bool:
         if not keyframes:
             return True
         num_bytes = sum(k.num_bytes for k in keyframes)
-        if not self._charge(cluster_id, num_bytes):
+        if not self._charge(cluster_id, num_bytes, restored=restored):
             self._num_dropped += len(keyframes)
             return False
         self._held[cluster_id] = sorted(keyframes, key=lambda k: k.frame_index)
@@ -230,7 +232,7 @@ class KeyframeStore:
         return found
 
     # -- budgets ----------------------------------------------------------------------------------------------
-    def _charge(self, cluster_id: str, num_bytes: int) -> bool:
+    def _charge(self, cluster_id: str, num_bytes: int, *, restored: bool = False) -> bool:
         residency, owner = self.tiering.residency, _owner(cluster_id)
         if not residency.charge(owner, Tier.HOST, num_bytes):
             plan = residency.plan_make_room(Tier.HOST, num_bytes)
@@ -239,7 +241,7 @@ class KeyframeStore:
             self.tiering.execute(plan)
             if not residency.charge(owner, Tier.HOST, num_bytes):
                 return False
-        if self.settings.on_disk and not residency.charge(owner, Tier.DISK, num_bytes):
+        if self.settings.on_disk and not residency.charge(owner, Tier.DISK, num_bytes, past_budget=restored):
             residency.discharge(owner, Tier.HOST)
             return False
         return True

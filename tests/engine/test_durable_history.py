@@ -239,3 +239,25 @@ def test_history_past_the_disk_budget_comes_back_and_the_disk_tier_says_so(tiny_
         assert residency.capacity_bytes(Tier.DISK) == budget < residency.used_bytes(Tier.DISK)
     finally:
         second.close()
+
+
+def test_keyframes_come_back_after_a_restart_with_a_disk_budget(tiny_model, bikes_frames, tmp_path):
+    """A restart adopts every cluster into the disk tier, past its budget if need be: their keyframes, in the same
+    records, come back with them rather than being refused the disk tier's room."""
+    first = make_engine(tiny_model, data_dir=str(tmp_path), disk_budget_bytes=512 * 1024)
+    first.open_stream("cam", fps=4.0)
+    feed(first, "cam", bikes_frames[:24])
+    first.checkpoint()
+    r = first.tiering.residency
+    assert r.used_bytes(Tier.DISK) <= r.capacity_bytes(Tier.DISK)  # the running engine kept to its budget
+    entries = replay(first.history.store.stream_dir("cam")).clusters
+    assert entries and all(e.keyframes for e in entries.values())
+    before = {cid: [k.keyframe_id for k in first.keyframes("cam", cluster_id=cid)] for cid in entries}
+    first.close()
+
+    second = make_engine(tiny_model, data_dir=str(tmp_path), disk_budget_bytes=512 * 1024)
+    second.restore_streams()
+    after = {cid: [k.keyframe_id for k in second.keyframes("cam", cluster_id=cid)] for cid in entries}
+    lost = sorted(cid for cid in before if after[cid] != before[cid])
+    assert not lost, f"{len(lost)} of {len(before)} clusters lost their keyframes at restart"
+    second.close()
