@@ -16,6 +16,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from mosaic_core.checks import model_problem
 from services.config import ServiceConfig
@@ -81,21 +82,36 @@ def _same_port_problem(config: ServiceConfig) -> str | None:
     return None
 
 
+def _without_credentials(url: str) -> str:
+    """``url`` with any user and password replaced by ``***``."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
 def _redis_problem(url: str) -> str | None:
+    """A sentence saying what is wrong with the Redis at ``url``, or None; it never holds the URL's credentials
+    (the sentences go to stderr, and so to a pod's logs)."""
     import redis
 
+    shown = _without_credentials(url)
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S)
     except ValueError as err:
-        return f"--redis-url {url!r} is not a Redis URL ({err}); use redis://HOST:PORT/DB."
+        reason = str(err).replace(url, shown)
+        return f"--redis-url {shown!r} is not a Redis URL ({reason}); use redis://HOST:PORT/DB."
     try:
         client.ping()
     except redis.AuthenticationError:
-        return f"Redis at {url} refused the credentials; put the right password in --redis-url (redis://:PASSWORD@HOST:PORT/DB)."
+        return (
+            f"Redis at {shown} refused the credentials; put the right password in --redis-url "
+            "(redis://:PASSWORD@HOST:PORT/DB)."
+        )
     except redis.RedisError as err:
         # redis-py says "Error 111 connecting to HOST:PORT. Connection refused."; the last part is the reason
         reason = str(err).rstrip(".").split(". ")[-1] or type(err).__name__
-        return f"Redis at {url} does not answer ({reason}); start redis-server there or fix --redis-url."
+        return f"Redis at {shown} does not answer ({reason}); start redis-server there or fix --redis-url."
     finally:
         client.close()
     return None
