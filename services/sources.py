@@ -185,6 +185,13 @@ class SourceReader:
         self._progress = SourceProgress(SourceState.CONNECTING, 0, None, 0, "")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
+    @classmethod
+    def refused(cls, url: str, reason: str, *, fps: float, sink: FrameSink) -> SourceReader:
+        """A reader that never starts, in ERROR with ``reason``: a stored source this server no longer opens."""
+        reader = cls(url, fps=fps, sink=sink)
+        reader._set(state=SourceState.ERROR, error=reason)
+        return reader
+
     @property
     def is_network(self) -> bool:
         return self.url.lower().startswith(NETWORK_SCHEMES)

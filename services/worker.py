@@ -260,7 +260,13 @@ class WorkerCore:
                 self.sessions[record.stream_id] = session
             self.queues.add_stream(record.stream_id, record.fps)
             if record.source_url:
-                self._start_source(record, resume_after_s=stream.last_timestamp_s)
+                try:
+                    self._start_source(record, resume_after_s=stream.last_timestamp_s)
+                except MosaicError as err:  # the file is gone, or the config no longer allows it: this stream only
+                    reason = f"its source is no longer opened here: {err}"
+                    log.error("worker %s restored stream %s without pulling it: %s", self.worker_id,
+                              record.stream_id, reason)  # fmt: skip
+                    session.source = SourceReader.refused(record.source_url, reason, fps=record.fps, sink=_no_frames)
             restored.append(record.stream_id)
             log.info("worker %s restored stream %s with %d sealed clusters", self.worker_id, record.stream_id,
                      stream.num_clusters)  # fmt: skip
@@ -586,6 +592,10 @@ class WorkerCore:
     def _retention_s(self, stream_id: str) -> float:
         session = self.sessions.get(stream_id)
         return 0.0 if session is None else session.record.retention_s
+
+
+def _no_frames(timestamp_s: float, rgb: np.ndarray) -> None:
+    """The sink of a source that never runs (``SourceReader.refused``)."""
 
 
 def _rss_bytes() -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -127,5 +128,35 @@ def test_a_shutdown_ingests_nothing_after_its_checkpoint(tiny_model, bikes_frame
         else:
             assert restored.last_timestamp_s == 7.0
             assert max(c.end_s for c in second.engine.clusters("cam")) >= 7.0
+    finally:
+        second.shutdown()
+
+
+def test_a_stored_source_no_longer_allowed_fails_only_its_stream(tiny_model, bikes_frames, tmp_path):
+    """The clip under a source root was removed (or the config narrowed) while the worker was down: the worker comes
+    back with every stream, and that one's source is in ERROR with the reason, where GetStream shows it."""
+    root = tmp_path / "clips"
+    root.mkdir()
+    clip = root / "cam.mp4"
+    clip.write_bytes(Path(sample_clip_path("bikes.mp4")).read_bytes())
+    config = load_config(
+        None, data_dir=str(tmp_path / "data"), source_roots=[str(root)], engine={"target_tokens_per_frame": 16}
+    )
+    store = InMemoryMetadataStore()
+    first = _worker(tiny_model, config, store)
+    first.open_stream(StreamRecord(stream_id="pushed", fps=1.0))
+    first.open_stream(StreamRecord(stream_id="gate", fps=4.0, source_url=str(clip), loop_source=True))
+    assert not first.push([(0, "pushed", 1.0, bikes_frames[0][1])]).rejected
+    _wait_ingested(first, "pushed", 1)
+    first.shutdown()
+    clip.unlink()
+
+    second = _worker(tiny_model, config, store)
+    try:
+        assert sorted(second.restored_streams) == ["gate", "pushed"]
+        progress = second.sessions["gate"].source.progress()
+        assert progress.state.name == "ERROR" and "no longer opened here" in progress.error, progress
+        assert not second.push([(0, "pushed", 2.0, bikes_frames[1][1])]).rejected
+        _wait_ingested(second, "pushed", second.telemetry.totals("pushed").ingested + 1)
     finally:
         second.shutdown()
