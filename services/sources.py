@@ -205,6 +205,10 @@ class SourceReader:
         self._thread.start()
         return self
 
+    def request_stop(self) -> None:
+        """Asks the reader to stop without waiting for it (``stop`` waits); stopping many, ask them all first."""
+        self._stop.set()
+
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:

@@ -218,9 +218,11 @@ class WorkerCore:
         """Stops sources, ingests what they queued (for up to ``SHUTDOWN_INGEST_S``; what is left is counted as
         dropped, reason ``shutdown``), makes every stream's history durable (open clusters and windows included), and
         lets the publisher finish before the store closes."""
-        for session in list(self.sessions.values()):
-            if session.source is not None:
-                session.source.stop()
+        sources = [session.source for session in list(self.sessions.values()) if session.source is not None]
+        for source in sources:  # all at once: each notices within its decoder's poll, which one by one added up
+            source.request_stop()
+        for source in sources:
+            source.stop()
         try:
             self.loop.call(self._end_ingest_and_checkpoint, time.monotonic() + SHUTDOWN_INGEST_S, timeout_s=60.0)
         except Exception as err:  # a shutdown still goes on; what was sealed before is on disk

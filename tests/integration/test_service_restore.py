@@ -4,6 +4,7 @@ nothing after its checkpoint, and a full device budget at CreateStream is RESOUR
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -160,3 +161,22 @@ def test_a_stored_source_no_longer_allowed_fails_only_its_stream(tiny_model, bik
         _wait_ingested(second, "pushed", second.telemetry.totals("pushed").ingested + 1)
     finally:
         second.shutdown()
+
+
+def test_a_worker_with_many_live_cameras_stops_their_sources_at_once(tiny_model, tmp_path, monkeypatch):
+    """Each reader notices a stop within its decoder's poll (0.2 s): stopped one after another, 150 cameras took
+    about 15 s, past the 10 s the router gives a worker to stop before it is killed, checkpoint undone."""
+    fake_child = tmp_path / "decode-child.sh"
+    fake_child.write_text("#!/bin/sh\nexec sleep 600\n")  # a live camera whose next frame has not come yet
+    fake_child.chmod(0o755)
+    config = load_config(None, data_dir=str(tmp_path / "data"), engine={"target_tokens_per_frame": 16})
+    worker = _worker(tiny_model, config, InMemoryMetadataStore())
+    monkeypatch.setattr(sys, "executable", str(fake_child))
+    for n in range(40):  # opened at different times, so their polls are spread over the 0.2 s
+        worker.open_stream(StreamRecord(stream_id=f"cam-{n}", fps=1.0, source_url=f"rtsp://cam-{n}.invalid/live"))
+        time.sleep(0.02 * ((n * 7) % 10))
+    time.sleep(1.0)
+    started_s = time.monotonic()
+    worker.shutdown()
+    took_s = time.monotonic() - started_s
+    assert took_s < 2.0, f"shutting down a worker with 40 live cameras took {took_s:.2f} s"
