@@ -265,6 +265,7 @@ class MosaicServer:
                 await self._telemetry_task
         if self.watches is not None:
             await self.watches.stop_polls()  # the events a poll has taken are stored first
+            await self.watches.end_subscribers()  # else their calls hold the server's stop for its whole grace
         if self._console is not None:
             await self._console.stop()  # ends the page's event streams before the calls they relay
         if self._server is not None:

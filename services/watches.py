@@ -68,6 +68,8 @@ class WatchRegistry:
         self._records: dict[str, WatchRecord] = {}
         self._version = 0  # bumped by every create and delete here, so a reload never applies a stale read
         self._new_event = asyncio.Condition()
+        self._changes = 0  # bumped with each wake of the subscribers: one that read before a bump reads again
+        self._closed = False
         self._num_subscribers = 0
         self._creating: set[str] = set()  # watches whose store write is in flight (count toward max_watches)
         self._tasks: list[asyncio.Task] = []
@@ -117,8 +119,17 @@ class WatchRegistry:
 
     async def close(self) -> None:
         """Ends subscribers and webhook delivery (deliveries still queued are not sent; they count as dropped)."""
+        await self.end_subscribers()
         await self.webhooks.stop()
+
+    async def end_subscribers(self) -> None:
+        """Ends every WatchEvents call now (a shutdown; a client resumes after its last event id elsewhere)."""
+        self._closed = True
+        await self._wake_subscribers()
+
+    async def _wake_subscribers(self) -> None:
         async with self._new_event:
+            self._changes += 1
             self._new_event.notify_all()
 
     async def sync_workers(self, indices: list[int] | None = None) -> None:
@@ -180,8 +191,7 @@ class WatchRegistry:
         self._version += 1
         self.metrics.set_watches(len(self._records))
         await self._push_to_workers("deleted", watch_id)
-        async with self._new_event:
-            self._new_event.notify_all()  # subscribers of the deleted watch end
+        await self._wake_subscribers()  # subscribers of the deleted watch end
 
     async def _push_to_workers(self, change: str, watch_id: str) -> None:
         """After a change is committed to the store: a failure to hand workers the list is logged, not raised,
@@ -203,12 +213,11 @@ class WatchRegistry:
     async def _reload(self) -> None:
         version = self._version
         records = {r.watch_id: r for r in await asyncio.to_thread(self.store.list_watches)}
-        if version == self._version and records.keys() != self._records.keys():
+        if version == self._version and records != self._records:  # added, removed, or replaced under its id
             self._records = records
             self.metrics.set_watches(len(records))
             await self.sync_workers()
-            async with self._new_event:
-                self._new_event.notify_all()
+            await self._wake_subscribers()
 
     # -- events ---------------------------------------------------------------------------------------
     async def _poll(self, index: int) -> None:
@@ -264,8 +273,7 @@ class WatchRegistry:
         if record.webhook_url:
             body = payload | {"event_id": event_id}
             self.webhooks.enqueue(Delivery(record.webhook_url, record.webhook_secret, event_id, body))
-        async with self._new_event:
-            self._new_event.notify_all()
+        await self._wake_subscribers()
 
     async def subscribe(self, watch_ids: list[str], after_event_id: int | None) -> AsyncIterator[WatchEventItem]:
         """Events of ``watch_ids`` (empty: all) after ``after_event_id`` (None: from now on), then live; ends
@@ -287,9 +295,10 @@ class WatchRegistry:
                 cursor = after_event_id
             else:
                 cursor = await asyncio.to_thread(self.store.last_event_id)
-            while True:
+            while not self._closed:
                 if watch_ids and any(w not in self._records for w in watch_ids):
                     return
+                seen = self._changes  # an event stored while this reads, or while its items go out, is read next
                 items = await self._read(watch_ids or list(self._records), cursor)
                 for item in items:
                     cursor = item.event_id
@@ -297,7 +306,9 @@ class WatchRegistry:
                 if len(items) < READ_BATCH:
                     async with self._new_event:
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._new_event.wait(), SUBSCRIBER_WAKE_S)
+                            await asyncio.wait_for(
+                                self._new_event.wait_for(lambda seen=seen: self._changes != seen), SUBSCRIBER_WAKE_S
+                            )
         finally:
             self._follow(-1)
 

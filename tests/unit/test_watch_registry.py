@@ -193,3 +193,61 @@ def test_watches_created_while_a_sync_loads_states_do_not_break_it():
         assert sorted(w.watch_id for w in registry.store.list_watches()) == ["a", "b"]
 
     asyncio.run(run())
+
+
+def test_a_watch_replaced_through_another_router_is_picked_up():
+    """Routers sharing a store pick up each other's watches: one deleted and created again under its id elsewhere
+    brings its new question (and webhook) here, not only a change in the set of ids."""
+
+    async def run():
+        store = InMemoryWatchStore()
+        registry = _registry(store)
+        await registry.create(WatchRecord(watch_id="gate", question="Is a truck at the gate?"))
+        store.delete_watch("gate")
+        store.put_watch(WatchRecord(watch_id="gate", question="Is a person at the gate?"))
+        await registry._reload()
+        assert registry._records["gate"].question == "Is a person at the gate?"
+
+    asyncio.run(run())
+
+
+def test_close_ends_subscribers():
+    async def run():
+        registry = _registry()
+        await registry.create(WatchRecord(watch_id="w", question="Truck?"))
+        events = registry.subscribe([], None)
+        waiting = asyncio.create_task(anext(events, None))
+        await asyncio.sleep(0.2)
+        await registry.close()
+        try:
+            assert await asyncio.wait_for(waiting, 2.0) is None
+        except TimeoutError:
+            raise AssertionError("a WatchEvents subscriber was still open 2 s after close()") from None
+
+    asyncio.run(run())
+
+
+def test_an_event_stored_while_a_subscriber_reads_goes_out_at_once():
+    """A wake that comes while a subscriber reads the store (a thread) is not lost until its next timed wake."""
+
+    class _SlowRead(InMemoryWatchStore):
+        def events_after(self, watch_id, after_id, limit):
+            out = super().events_after(watch_id, after_id, limit)
+            time.sleep(0.3)  # a store round trip under load, after the read
+            return out
+
+    async def run():
+        registry = _registry(_SlowRead())
+        await registry.create(WatchRecord(watch_id="w", question="Truck?", stream_ids=["cam"]))
+        events = registry.subscribe(["w"], None)
+        first = asyncio.create_task(anext(events))
+        await asyncio.sleep(0.1)  # inside its first read
+        stored_s = time.monotonic()
+        await registry._record(_fired("w", 1.0))
+        item = await asyncio.wait_for(first, 10)
+        waited_s = time.monotonic() - stored_s
+        await events.aclose()
+        assert item.payload["end_s"] == 1.0
+        assert waited_s < 1.5, f"a live event reached its subscriber after {waited_s:.1f} s"
+
+    asyncio.run(run())
