@@ -118,6 +118,8 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         try:
             num_clusters = await self.coordinator.delete_stream(check_stream_id(request.stream_id))
             self._decode_drops.pop(request.stream_id, None)
+            if self.watches is not None:
+                await self.watches.forget_stream(request.stream_id)
             return pb.DeleteStreamResponse(num_clusters_deleted=num_clusters)
         except Exception as err:
             await abort(context, err, self.metrics)

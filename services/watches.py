@@ -183,6 +183,13 @@ class WatchRegistry:
         states = await asyncio.gather(*(asyncio.to_thread(self.store.state, r.watch_id) for r in records))
         return list(zip(records, states, strict=True))
 
+    async def forget_stream(self, stream_id: str) -> None:
+        """A deleted stream's cooldowns go (``WatchStore.forget_stream``); a failure is logged: the stream is gone."""
+        try:
+            await asyncio.to_thread(self.store.forget_stream, stream_id)
+        except Exception:
+            log.exception("stream %r was deleted, but its watch cooldowns could not be dropped", stream_id)
+
     async def delete(self, watch_id: str) -> None:
         check_watch_id(watch_id)
         if not await asyncio.to_thread(self.store.delete_watch, watch_id):

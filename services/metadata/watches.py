@@ -111,6 +111,11 @@ class WatchStore(abc.ABC):
         """Up to ``limit`` buffered events with id > ``after_id``, oldest first."""
 
     @abc.abstractmethod
+    def forget_stream(self, stream_id: str) -> None:
+        """Drops every watch's cooldown for the stream (``fired_until_s``): it was deleted, and a stream created
+        again under its id, whose clock may start again at 0, starts afresh."""
+
+    @abc.abstractmethod
     def last_event_id(self) -> int:
         """The newest id issued (0 before the first event)."""
 
@@ -176,6 +181,11 @@ class InMemoryWatchStore(WatchStore):
     def events_after(self, watch_id: str, after_id: int, limit: int) -> list[tuple[int, dict]]:
         with self._lock:
             return [(i, dict(e)) for i, e in self._events.get(watch_id, []) if i > after_id][:limit]
+
+    def forget_stream(self, stream_id: str) -> None:
+        with self._lock:
+            for state in self._states.values():
+                state.fired_until_s.pop(stream_id, None)
 
     def last_event_id(self) -> int:
         with self._lock:
@@ -258,6 +268,12 @@ class RedisWatchStore(WatchStore):
             event_id, _, payload = member.partition("|")
             out.append((int(event_id), json.loads(payload)))
         return out
+
+    def forget_stream(self, stream_id: str) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for watch_id in self._client.smembers(f"{self._ns}:watches"):
+            pipe.hdel(self._key(watch_id, "state"), f"fired:{stream_id}")
+        pipe.execute()
 
     def last_event_id(self) -> int:
         return int(self._client.get(f"{self._ns}:watch_seq") or 0)

@@ -73,6 +73,16 @@ def test_delete_removes_events_and_state_and_appends_to_a_deleted_watch_are_refu
     assert store.list_watches() == []
 
 
+def test_a_deleted_streams_cooldowns_go_from_every_watch_and_the_others_stay(store):
+    for watch_id in ("w1", "w2"):
+        store.put_watch(_watch(watch_id))
+        store.append_event(watch_id, _event("gate", end_s=5000.0), max_events=3)
+        store.append_event(watch_id, _event("yard", end_s=7.0), max_events=3)
+    store.forget_stream("gate")
+    assert [store.state(w).fired_until_s for w in ("w1", "w2")] == [{"yard": 7.0}] * 2
+    assert store.state("w1").num_events == 2
+
+
 def test_redis_keys_match_the_documented_templates(redis_client, redis_namespace):
     store = RedisWatchStore(redis_client, namespace=redis_namespace)
     store.put_watch(_watch("site.cam-7_w"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -249,5 +250,21 @@ def test_an_event_stored_while_a_subscriber_reads_goes_out_at_once():
         await events.aclose()
         assert item.payload["end_s"] == 1.0
         assert waited_s < 1.5, f"a live event reached its subscriber after {waited_s:.1f} s"
+
+    asyncio.run(run())
+
+
+def test_a_stream_deleted_leaves_no_cooldown_for_one_created_again_under_its_id():
+    """A pulled camera created again starts its clock at 0: its predecessor's last event (at 5,000 s) must not hold
+    its first matches back as cooldown, through the cooldowns the router hands the workers."""
+
+    async def run():
+        store = InMemoryWatchStore()
+        registry = _registry(store)
+        await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
+        await registry._record(dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1"))
+        assert store.state("w").fired_until_s == {"gate": 5000.0}
+        await registry.forget_stream("gate")
+        assert store.state("w").fired_until_s == {}
 
     asyncio.run(run())
