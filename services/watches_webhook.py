@@ -155,23 +155,27 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Delivery:
     url: str
     secret: str
     event_id: int
     payload: dict
+    attempt: int = 1  # the next attempt's number
 
 
 class WebhookSender:
-    """Delivers watch events to webhooks from one asyncio task.
+    """Delivers watch events to webhooks from ``senders`` asyncio tasks. A failed attempt waits for its retry off
+    the senders (a timer puts it back in the queue), so a receiver that fails or hangs holds one sender for at most
+    ``timeout_s`` an attempt, and the others' deliveries go on.
 
     Args:
         allowed_prefixes: re-checked before every attempt (the config may have narrowed since creation).
         on_outcome: called with one of ``OUTCOMES`` per delivery attempt result.
         timeout_s: per attempt.
         max_attempts: attempts per event, the first included.
-        queue_size: deliveries that may wait.
+        queue_size: deliveries that may wait (retries included: one that finds the queue full is dropped).
+        senders: attempts under way at once.
     """
 
     def __init__(
@@ -183,29 +187,37 @@ class WebhookSender:
         max_attempts: int = 4,
         queue_size: int = 1000,
         backoff_s: float = 1.0,
+        senders: int = 4,
     ) -> None:
         self.allowed_prefixes = list(allowed_prefixes)
         self.on_outcome = on_outcome
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
+        self.senders = senders
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue(queue_size)
-        self._task: asyncio.Task | None = None
-        self._in_flight: Delivery | None = None  # taken from the queue, not yet ended
+        self._tasks: list[asyncio.Task] = []
+        self._in_flight: set[Delivery] = set()  # taken from the queue, not yet ended
+        self._waiting: dict[Delivery, asyncio.TimerHandle] = {}  # failed once or more, waiting for their retry
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._tasks = [asyncio.create_task(self._run()) for _ in range(self.senders)]
 
     async def stop(self) -> None:
-        """Ends delivery; the delivery cut short and those still queued are not sent, and count as dropped."""
-        if self._task is not None:
-            self._task.cancel()
+        """Ends delivery; deliveries cut short, waiting for a retry or still queued are not sent, and count as
+        dropped."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        num_dropped = self._queue.qsize() + (self._in_flight is not None)
+                await task
+        for timer in self._waiting.values():
+            timer.cancel()
+        num_dropped = self._queue.qsize() + len(self._in_flight) + len(self._waiting)
         while not self._queue.empty():
             self._queue.get_nowait()
-        self._in_flight = None
+        self._in_flight.clear()
+        self._waiting.clear()
         for _ in range(num_dropped):
             self.on_outcome("dropped")
         if num_dropped:
@@ -222,34 +234,41 @@ class WebhookSender:
 
     async def _run(self) -> None:
         while True:
-            delivery = self._in_flight = await self._queue.get()
+            delivery = await self._queue.get()
+            self._in_flight.add(delivery)
             try:
-                await self._deliver(delivery)
+                await self._attempt(delivery)
             except Exception:
                 log.exception("webhook delivery of event %d failed", delivery.event_id)
                 self.on_outcome("failed")
-            self._in_flight = None
+            self._in_flight.discard(delivery)
 
-    async def _deliver(self, delivery: Delivery) -> None:
+    async def _attempt(self, delivery: Delivery) -> None:
+        """One attempt; a failure before the last schedules the next after its back-off."""
+        try:
+            check_webhook_url(delivery.url, self.allowed_prefixes)
+        except InvalidArgumentError as err:
+            log.warning("webhook of event %d not sent: %s", delivery.event_id, err)
+            self.on_outcome("failed")
+            return
         body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode()
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                check_webhook_url(delivery.url, self.allowed_prefixes)
-            except InvalidArgumentError as err:
-                log.warning("webhook of event %d not sent: %s", delivery.event_id, err)
-                self.on_outcome("failed")
-                return
-            error = await asyncio.to_thread(self._post, delivery, body)
-            if error is None:
-                self.on_outcome("delivered")
-                return
-            if attempt == self.max_attempts:
-                log.warning("webhook of event %d to %s failed after %d attempts: %s", delivery.event_id,
-                            origin(delivery.url), attempt, error)  # fmt: skip
-                self.on_outcome("failed")
-                return
-            self.on_outcome("retried")
-            await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+        error = await asyncio.to_thread(self._post, delivery, body)
+        if error is None:
+            self.on_outcome("delivered")
+            return
+        if delivery.attempt >= self.max_attempts:
+            log.warning("webhook of event %d to %s failed after %d attempts: %s", delivery.event_id,
+                        origin(delivery.url), delivery.attempt, error)  # fmt: skip
+            self.on_outcome("failed")
+            return
+        self.on_outcome("retried")
+        delay_s = self.backoff_s * 2 ** (delivery.attempt - 1)
+        delivery.attempt += 1
+        self._waiting[delivery] = asyncio.get_running_loop().call_later(delay_s, self._retry, delivery)
+
+    def _retry(self, delivery: Delivery) -> None:
+        del self._waiting[delivery]
+        self.enqueue(delivery)
 
     def _post(self, delivery: Delivery, body: bytes) -> str | None:
         """One attempt; None on a 2xx answer, else why it failed."""

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -141,16 +142,44 @@ def test_deliveries_still_queued_at_stop_count_as_dropped(receiver):
     outcomes: list[str] = []
 
     async def run():
-        sender = WebhookSender([receiver["prefix"]], outcomes.append, queue_size=10, backoff_s=60.0)
+        sender = WebhookSender([receiver["prefix"]], outcomes.append, queue_size=10, backoff_s=60.0, senders=1)
         receiver["statuses"] = [500]  # the first delivery waits in its back-off when the sender stops
         for event_id in range(3):
             assert sender.enqueue(Delivery(receiver["prefix"] + "/x", "", event_id, {"a": event_id}))
         sender.start()
         for _ in range(500):
-            if outcomes:
+            if outcomes.count("delivered") == 2:
                 break
             await asyncio.sleep(0.01)
+        assert sender.enqueue(Delivery(receiver["prefix"] + "/x", "", 3, {"a": 3}))  # queued behind nothing
         await sender.stop()
 
     asyncio.run(run())
-    assert outcomes == ["retried", "dropped", "dropped", "dropped"]
+    # The first waits for its retry off the sender, which delivers the other two meanwhile; the one in back-off
+    # and the one still queued at the stop count as dropped.
+    assert sorted(outcomes) == ["delivered", "delivered", "dropped", "dropped", "retried"]
+
+
+def test_a_failing_receiver_does_not_hold_back_another_watchs_webhook(receiver):
+    """A receiver answering 500 waits for its retry off the senders: another watch's delivery queued behind it goes
+    out at once, even with one sender, not after the failing one's back-off."""
+    outcomes: list[str] = []
+    delivered_s: dict[int, float] = {}
+
+    def on_outcome(outcome: str) -> None:
+        outcomes.append(outcome)
+
+    async def run():
+        sender = WebhookSender([receiver["prefix"]], on_outcome, queue_size=10, backoff_s=5.0, senders=1)
+        receiver["statuses"] = [500]  # the first request: the broken receiver's
+        sender.enqueue(Delivery(receiver["prefix"] + "/broken", "", 1, {"a": 1}))
+        sender.enqueue(Delivery(receiver["prefix"] + "/healthy", "", 2, {"a": 2}))
+        started_s = time.monotonic()
+        sender.start()
+        while "delivered" not in outcomes and time.monotonic() - started_s < 10:
+            await asyncio.sleep(0.02)
+        delivered_s[2] = time.monotonic() - started_s
+        await sender.stop()
+
+    asyncio.run(run())
+    assert "delivered" in outcomes and delivered_s[2] < 2.0, f"the healthy webhook waited {delivered_s[2]:.1f} s"
