@@ -16,6 +16,8 @@ import re
 import sys
 from pathlib import Path
 
+import grpc
+
 # mosaic_core.engine.stream's pattern, repeated: importing it would load torch into every `mosaic` command.
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -56,32 +58,58 @@ def write_keyframe(path: Path, jpeg: bytes) -> None:
         f.write(jpeg)
 
 
-def save_evidence(client, spans, directory: Path) -> list[Path]:
-    """Fetches every span's keyframes (once each) and writes them into ``directory`` (made if missing)."""
+def save_evidence(client, spans, directory: Path) -> tuple[list[Path], list[str]]:
+    """Fetches every span's keyframes (once each) and writes them into ``directory`` (made if missing); returns
+    the files written and the ids the server no longer holds (a forming cluster's candidate that a later frame
+    replaced, or a cluster dropped since the answer), which cost only themselves."""
     directory.mkdir(parents=True, exist_ok=True)
     wanted: dict[str, list[str]] = {}
     for span in spans:
         ids = wanted.setdefault(span.stream_id, [])
         ids.extend(k for k in span.keyframe_ids if k not in ids)
-    written = []
+    written, gone = [], []
     for stream_id, ids in wanted.items():
         for start in range(0, len(ids), MAX_IDS_PER_CALL):
-            for keyframe in client.get_keyframes(stream_id, keyframe_ids=ids[start : start + MAX_IDS_PER_CALL]):
+            for keyframe in _fetch(client, stream_id, ids[start : start + MAX_IDS_PER_CALL], gone):
                 path = evidence_path(directory, keyframe.stream_id, keyframe.timestamp_s)
                 write_keyframe(path, keyframe.jpeg)
                 written.append(path)
-    return written
+    return written, gone
+
+
+def _fetch(client, stream_id: str, ids: list[str], gone: list[str]) -> list:
+    """The keyframes of ``ids`` the server holds: a call is all or nothing, so after NOT_FOUND each id is asked
+    alone, and those NOT_FOUND again go to ``gone``."""
+    try:
+        return client.get_keyframes(stream_id, keyframe_ids=ids)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+    found = []
+    for keyframe_id in ids:
+        try:
+            found += client.get_keyframes(stream_id, keyframe_ids=[keyframe_id])
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            gone.append(keyframe_id)
+    return found
 
 
 def save_evidence_files(client, spans, directory: Path) -> int:
-    """``save_evidence`` for the CLI: a line saying what was written; 1 if a file would leave ``directory``."""
+    """``save_evidence`` for the CLI: a line saying what was written and what is gone; 1 if a file would leave
+    ``directory``."""
     try:
-        written = save_evidence(client, spans, directory)
+        written, gone = save_evidence(client, spans, directory)
     except (EvidencePathError, OSError) as err:
         print(f"error: evidence frames not saved: {err}", file=sys.stderr)
         return 1
     if not written:
-        print(f"no evidence frames to save (the answer's spans name no keyframe); {directory} is unchanged")
+        print(f"no evidence frames to save (the answer's spans name none the server holds); {directory} is unchanged")
     else:
         print(f"saved {len(written)} evidence frame{'s' if len(written) != 1 else ''} to {directory}")
+    if gone:
+        print(
+            f"{len(gone)} evidence frame{'s' if len(gone) != 1 else ''} no longer held by the server: {', '.join(gone)}"
+        )
     return 0

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -112,6 +113,20 @@ def test_unknown_stream_bad_stream_id_and_missing_api_key(service, client, camer
     with connect(service) as anonymous, pytest.raises(grpc.RpcError) as caught:
         anonymous.get_keyframes("kf-push", latest=True)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_saving_evidence_skips_an_id_the_server_no_longer_holds(client, cameras, tmp_path):
+    """A server call is all or nothing; an evidence id gone since the answer (a forming cluster's candidate replaced,
+    or retention) costs only itself, and is named."""
+    from services.cli_evidence import save_evidence
+
+    result = client.ask("what happened?", ["kf-push"], max_new_tokens=2, timeout_s=120)
+    held = [k for span in result.evidence for k in span.keyframe_ids]
+    assert held
+    spans = [SimpleNamespace(stream_id="kf-push", keyframe_ids=[held[0], "kf-push/f999999", *held[1:]])]
+    written, gone = save_evidence(client, spans, tmp_path / "evidence")
+    assert gone == ["kf-push/f999999"]
+    assert len(written) == len(held) and all(Image.open(path).format == "JPEG" for path in written)
 
 
 def test_a_deleted_streams_keyframes_are_gone(client, cameras):
