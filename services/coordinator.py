@@ -6,7 +6,8 @@ servicer converts to and from protobuf.
 **Placement by free budget.** A new stream goes to the live worker with the most free device + host KV
 bytes (after the sink + window reservations of the streams it already has); ties go to the worker with
 fewer streams; a worker that cannot hold it after all (RESOURCE_EXHAUSTED) passes it to the next. Creations
-are serialised, so each one sees the previous one's reservation.
+of different streams run side by side: each worker checks its own room under its own lock, so two creates that
+rank the same worker first cannot overfill it (the second is refused there and tries the next).
 
 **The workers are the truth.** Placement is read from the workers themselves at start-up (each restores its
 streams from its data directory), never from the metadata store, which the workers publish to behind their
