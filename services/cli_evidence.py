@@ -16,8 +16,6 @@ import re
 import sys
 from pathlib import Path
 
-import grpc
-
 # mosaic_core.engine.stream's pattern, repeated: importing it would load torch into every `mosaic` command.
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -80,6 +78,8 @@ def save_evidence(client, spans, directory: Path) -> tuple[list[Path], list[str]
 def _fetch(client, stream_id: str, ids: list[str], gone: list[str]) -> list:
     """The keyframes of ``ids`` the server holds: a call is all or nothing, so after NOT_FOUND each id is asked
     alone, and those NOT_FOUND again go to ``gone``."""
+    import grpc  # here: `mosaic --help` loads this module, and grpc is slow to import
+
     try:
         return client.get_keyframes(stream_id, keyframe_ids=ids)
     except grpc.RpcError as err:
