@@ -1,4 +1,6 @@
-"""``python -m services.decode_child SOURCE FPS LOOP START_OFFSET_S MAX_PIXELS``: a source's sampled frames, on stdout.
+"""``MOSAIC_DECODE_SOURCE=SOURCE python -m services.decode_child FPS LOOP START_OFFSET_S MAX_PIXELS``: a source's
+sampled frames, on stdout. The source comes in the environment, not the arguments: every user of the host sees a
+process's arguments, and a camera URL may carry its password.
 
 The child side of ``services.source_decoding``. It runs ``iter_video_frames(SOURCE, fps=FPS, loop=LOOP == "1",
 start_offset_s=START_OFFSET_S, max_pixels=MAX_PIXELS or None)`` and writes one message per sampled frame, then one
@@ -25,6 +27,7 @@ from mosaic_core.errors import MosaicError
 from mosaic_core.model.video import iter_video_frames
 
 LENGTH = struct.Struct("<I")
+SOURCE_ENV = "MOSAIC_DECODE_SOURCE"  # the source to open, from the parent's environment rather than the arguments
 
 
 def write_message(out, header: dict, pixels: np.ndarray | None = None) -> None:
@@ -36,8 +39,8 @@ def write_message(out, header: dict, pixels: np.ndarray | None = None) -> None:
 
 
 def main(argv: list[str]) -> int:
-    source, fps, loop, start_offset_s = argv[0], float(argv[1]), argv[2] == "1", float(argv[3])
-    max_pixels = int(argv[4]) or None
+    source = os.environ[SOURCE_ENV]
+    fps, loop, start_offset_s, max_pixels = float(argv[0]), argv[1] == "1", float(argv[2]), int(argv[3]) or None
     out = sys.stdout.buffer
     try:
         try:

@@ -16,10 +16,10 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from mosaic_core.checks import model_problem
 from services.config import ServiceConfig
+from services.url_text import without_credentials
 
 REDIS_TIMEOUT_S = 1.0
 
@@ -82,20 +82,12 @@ def _same_port_problem(config: ServiceConfig) -> str | None:
     return None
 
 
-def _without_credentials(url: str) -> str:
-    """``url`` with any user and password replaced by ``***``."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
-
-
 def _redis_problem(url: str) -> str | None:
     """A sentence saying what is wrong with the Redis at ``url``, or None; it never holds the URL's credentials
     (the sentences go to stderr, and so to a pod's logs)."""
     import redis
 
-    shown = _without_credentials(url)
+    shown = without_credentials(url)
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S)
     except ValueError as err:

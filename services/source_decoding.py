@@ -29,7 +29,7 @@ import numpy as np
 from mosaic_core import errors
 from mosaic_core.errors import InvalidFrameError
 from mosaic_core.model.video import SampledFrame
-from services.decode_child import LENGTH
+from services.decode_child import LENGTH, SOURCE_ENV
 
 POLL_S = 0.2  # how often a read waiting for the child looks at ``stop``
 _CODE_ROOT = str(Path(__file__).resolve().parents[1])  # the folder holding ``services`` and ``mosaic_core``
@@ -51,7 +51,8 @@ def iter_frames_in_child(
     """``iter_video_frames(source, fps=fps, loop=loop, start_offset_s=start_offset_s, max_pixels=max_pixels)``,
     decoded in a child process; ends early, without an error, once ``stop`` is set."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_CODE_ROOT, os.environ.get("PYTHONPATH")) if p)}
-    args = [source, repr(float(fps)), "1" if loop else "0", repr(float(start_offset_s)), str(max_pixels or 0)]
+    env[SOURCE_ENV] = source  # not in the arguments, which any user of the host sees: a URL may carry a password
+    args = [repr(float(fps)), "1" if loop else "0", repr(float(start_offset_s)), str(max_pixels or 0)]
     child = subprocess.Popen(
         [sys.executable, "-m", "services.decode_child", *args], stdout=subprocess.PIPE, env=env, bufsize=0
     )

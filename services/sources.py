@@ -37,6 +37,7 @@ import numpy as np
 from mosaic_core.errors import ConfigError, InvalidArgumentError, MosaicError
 from mosaic_core.model.video import PROTOCOLS_BY_SCHEME, iter_video_frames, source_scheme
 from services.source_decoding import iter_frames_in_child
+from services.url_text import without_credentials
 
 log = logging.getLogger(__name__)
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "udp://", "tcp://")
@@ -167,6 +168,7 @@ class SourceReader:
         if max_failures < 1 or max_refused_frames < 1:
             raise ConfigError(f"max_failures={max_failures} and max_refused_frames={max_refused_frames} must be >= 1")
         self.url = url
+        self.shown_url = without_credentials(url)  # for logs and errors
         self.fps = fps
         self.sink = sink
         self.loop = loop
@@ -236,6 +238,7 @@ class SourceReader:
                 return self._give_up(f"{self.max_refused_frames} frames in a row were refused: {err.reason}")
             except Exception as err:  # any failure ends in ERROR, never in a dead thread
                 reason = str(err) if isinstance(err, MosaicError) else f"{type(err).__name__}: {err}"
+                reason = reason.replace(self.url, self.shown_url)  # FFmpeg's errors may quote the URL
                 self._set(state=SourceState.ERROR, error=reason)
                 num_failures = 0 if self.progress().frames_read > frames_before else num_failures
                 num_failures += 1
@@ -260,7 +263,7 @@ class SourceReader:
 
     def _give_up(self, reason: str) -> None:
         self._set(state=SourceState.ERROR, error=reason)
-        log.warning("source %s stopped in ERROR: %s", self.url, reason)
+        log.warning("source %s stopped in ERROR: %s", self.shown_url, reason)
 
     def _log_limited(self, what: str, message: str, *args) -> None:
         """Logs ``message`` the first time and then at most once per ``LOG_EVERY_S``, with a repeat count."""
@@ -272,7 +275,7 @@ class SourceReader:
         repeats = self._num_unlogged.pop(what, 0)
         suffix = f" ({repeats} more like it since the last report)" if repeats else ""
         self._logged[what] = now
-        log.warning(message + "%s", self.url, *args, suffix)
+        log.warning(message + "%s", self.shown_url, *args, suffix)
 
     def _read_once(self) -> bool:
         """Reads until the source ends (True) or the reader is stopped (False)."""
@@ -310,7 +313,7 @@ class SourceReader:
             reason = str(err) if isinstance(err, MosaicError) else f"{type(err).__name__}: {err}"
             self._set(error=f"frame at {timestamp_s:.3f}s refused: {reason}")
             if not isinstance(err, MosaicError) and self._num_refused == 1:
-                log.error("source %s: unexpected error from the sink", self.url, exc_info=err)
+                log.error("source %s: unexpected error from the sink", self.shown_url, exc_info=err)
             self._log_limited("refused", "source %s: frame at %.3fs refused: %s", timestamp_s, reason)
             if self._num_refused >= self.max_refused_frames:
                 raise _SinkRefused(reason) from None

@@ -130,3 +130,35 @@ def test_a_source_whose_frames_keep_being_refused_stops_in_error_with_bounded_lo
     assert "50 frames in a row were refused" in progress.error and "1000000.000s" in progress.error
     records = [r for r in caplog.records if r.name == "services.sources"]
     assert len(records) == 2 and all(r.exc_info is None for r in records), [r.getMessage() for r in records]
+
+
+@pytest.mark.parametrize("decode_in_child", [False, True])
+def test_a_camera_password_stays_out_of_logs_errors_and_the_decoders_arguments(decode_in_child, caplog, monkeypatch):
+    """A process's arguments are seen by every user of the host, and logs by whoever reads the pod's: a camera URL's
+    password reaches neither, nor the source's error (GetStream shows it)."""
+    import subprocess
+
+    launched: list[list[str]] = []
+    real_popen = subprocess.Popen
+
+    def popen(args, *rest, **kwargs):
+        launched.append(list(args))
+        return real_popen(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    url = f"rtsp://admin:hunter2@127.0.0.1:{_free_port()}/cam"
+    caplog.set_level(logging.DEBUG, logger="services.sources")
+    reader = SourceReader(
+        url, fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01, max_failures=2, decode_in_child=decode_in_child
+    ).start()
+    deadline = time.monotonic() + 30
+    while reader.progress().state is not SourceState.ERROR or reader._thread.is_alive():
+        assert time.monotonic() < deadline, reader.progress()
+        time.sleep(0.02)
+    error = reader.progress().error
+    assert "Cannot open" in error and "hunter2" not in error, error
+    assert "rtsp://***@127.0.0.1" in error
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged and not [line for line in logged if "hunter2" in line], logged
+    assert len(launched) == (2 if decode_in_child else 0)
+    assert not [args for args in launched if any("hunter2" in a for a in args)], launched

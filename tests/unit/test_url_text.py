@@ -1,0 +1,22 @@
+"""URLs in logs and messages lose their credentials, and keep the rest."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.url_text import without_credentials
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("rtsp://admin:hunter2@10.0.0.5:554/live", "rtsp://***@10.0.0.5:554/live"),
+        ("redis://:hunter2@redis:6379/0", "redis://***@redis:6379/0"),
+        ("https://user@cam.example/x?y=1", "https://***@cam.example/x?y=1"),
+        ("rtsp://10.0.0.5/live", "rtsp://10.0.0.5/live"),
+        ("/videos/cam-1.mp4", "/videos/cam-1.mp4"),
+        ("http://[::1", "http://[::1"),  # not a URL urlsplit accepts: as it is
+    ],
+)
+def test_credentials_are_replaced_and_nothing_else(url, shown):
+    assert without_credentials(url) == shown
