@@ -53,6 +53,7 @@ from services.sources import NETWORK_SCHEMES, SourceReader, SourceState, check_s
 from services.store_actor import connect_store
 from services.telemetry import DurabilityHealth, StreamTotals, TelemetryDelta, WorkerTelemetry, durability_health
 from services.tier_sync import TierSync
+from services.url_text import without_credentials
 from services.watches_spec import WatchReport, WatchSpec
 from services.watches_worker import WorkerWatches
 
@@ -265,7 +266,8 @@ class WorkerCore:
                 try:
                     self._start_source(record, resume_after_s=stream.last_timestamp_s)
                 except MosaicError as err:  # the file is gone, or the config no longer allows it: this stream only
-                    reason = f"its source is no longer opened here: {err}"
+                    shown = without_credentials(record.source_url)
+                    reason = f"its source is no longer opened here: {str(err).replace(record.source_url, shown)}"
                     log.error("worker %s restored stream %s without pulling it: %s", self.worker_id,
                               record.stream_id, reason)  # fmt: skip
                     session.source = SourceReader.refused(record.source_url, reason, fps=record.fps, sink=_no_frames)
