@@ -297,6 +297,7 @@ class WatchRegistry:
                 "follow several watches in one call"
             )
         self._follow(+1)  # reserved before the first await, so concurrent subscribers count it
+        gaps: set[str] = set()  # watches with events trimmed unread whose next event has not gone out yet
         try:
             if after_event_id is not None:
                 cursor = after_event_id
@@ -306,7 +307,7 @@ class WatchRegistry:
                 if watch_ids and any(w not in self._records for w in watch_ids):
                     return
                 seen = self._changes  # an event stored while this reads, or while its items go out, is read next
-                items = await self._read(watch_ids or list(self._records), cursor)
+                items = await self._read(watch_ids or list(self._records), cursor, gaps)
                 for item in items:
                     cursor = item.event_id
                     yield item
@@ -323,17 +324,27 @@ class WatchRegistry:
         self._num_subscribers += step
         self.metrics.set_subscribers(self._num_subscribers)
 
-    async def _read(self, watch_ids: list[str], cursor: int) -> list[WatchEventItem]:
+    async def _read(self, watch_ids: list[str], cursor: int, gaps: set[str]) -> list[WatchEventItem]:
+        """The next events after ``cursor``, oldest first, at most ``READ_BATCH``; the first of a watch's events
+        after some were trimmed unread says so. A watch whose first event after such a gap does not make this batch
+        stays in ``gaps`` for the next: the cursor passes its trimmed ones here."""
+
         def read() -> list[WatchEventItem]:
-            items = []
+            items = []  # (item, its watch)
             for watch_id in watch_ids:
                 events = self.store.events_after(watch_id, cursor, READ_BATCH)
-                if not events:
+                if not events:  # none newer: none were trimmed since the cursor either
                     continue
-                gap = self.store.state(watch_id).trimmed_through > cursor
-                items += [WatchEventItem(i, e, gap and n == 0) for n, (i, e) in enumerate(events)]
-            items.sort(key=lambda item: item.event_id)
-            return items[:READ_BATCH]
+                if self.store.state(watch_id).trimmed_through > cursor:
+                    gaps.add(watch_id)
+                items += [(WatchEventItem(i, e), watch_id) for i, e in events]
+            items.sort(key=lambda pair: pair[0].event_id)
+            batch = items[:READ_BATCH]
+            for item, watch_id in batch:
+                if watch_id in gaps:
+                    item.missed_before = True
+                    gaps.discard(watch_id)
+            return [item for item, _ in batch]
 
         return await asyncio.to_thread(read)
 

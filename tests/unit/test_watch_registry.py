@@ -268,3 +268,39 @@ def test_a_stream_deleted_leaves_no_cooldown_for_one_created_again_under_its_id(
         assert store.state("w").fired_until_s == {}
 
     asyncio.run(run())
+
+
+def test_missed_before_survives_a_batch_filled_by_another_watch():
+    """Watch b lost events 251..260 (buffer full) that a subscriber resuming from 0 never read. The first read's
+    batch (256 events) is all of watch a's and moves the cursor past b's trimmed_through: b's first event must still
+    say that events were missed before it."""
+
+    async def run():
+        store = InMemoryWatchStore()
+        registry = _registry(store, watch_event_buffer=1000)
+        await registry.create(WatchRecord(watch_id="a", question="Truck?", stream_ids=["cam"]))
+        await registry.create(WatchRecord(watch_id="b", question="Van?", stream_ids=["cam"]))
+
+        def add(watch_id, n):
+            for _ in range(n):
+                event = _fired(watch_id, 1.0)
+                store.append_event(watch_id, {k: getattr(event, k) for k in FiredEvent.__slots__}, max_events=1000)
+
+        add("a", 250)  # ids 1..250
+        add("b", 10)  # ids 251..260, trimmed below
+        add("a", 100)  # ids 261..360
+        add("b", 1000)  # ids 361..1360: b keeps 1000, trims 251..260
+        assert store.state("b").trimmed_through == 260
+        got = []
+        events = registry.subscribe(["a", "b"], 0)
+        async with asyncio.timeout(5):
+            async for item in events:
+                got.append(item)
+                if item.payload["watch_id"] == "b":
+                    break
+        await events.aclose()
+        first_b = got[-1]
+        assert first_b.event_id == 361
+        assert first_b.missed_before, "b's events 251..260 were never read, but its next event has no missed_before"
+
+    asyncio.run(run())
