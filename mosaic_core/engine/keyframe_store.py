@@ -12,7 +12,9 @@ With an ``encoder`` (``EngineConfig.keyframe_encode_threads``) a sealed cluster'
 thread pool, not on the engine thread that seals it. Pillow's encoder lets go of the GIL, so the engine thread goes
 on queuing GPU work meanwhile. The cluster keeps its keyframes, and is charged for them, on the engine thread: at
 the next frame offered once the encoding is done, or at the first read, charge, merge or drop that needs them,
-which waits for it. So every read sees what inline encoding would have given.
+which waits for it. So every read sees what inline encoding would have given. A stream's clusters waiting for the
+encoder are bounded (``MAX_ENCODING``): past it, a seal waits for the oldest, so an encoder slower than the seals
+holds ingest back rather than piling thumbnails up.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from mosaic_core.engine.tiering import TierManager
 from mosaic_core.errors import InvalidArgumentError, UnknownClusterError
 
 MAX_IDS_PER_LOOKUP = 64
+MAX_ENCODING = 8  # a stream's sealed clusters whose JPEGs may wait for the encoder at once
 
 
 class UnknownKeyframeError(UnknownClusterError):
@@ -90,9 +93,16 @@ class KeyframeStore:
         if self.settings.encoder is None:
             self.keep(picker.cluster_id, picker.encode(self.stream_id, self.settings.jpeg_quality))
         else:  # the picker is the pool's alone from here: nothing else holds it
+            if len(self._encoding) >= MAX_ENCODING:
+                self._keep_oldest_encoded()
             self._encoding[picker.cluster_id] = self.settings.encoder.submit(
                 picker.encode, self.stream_id, self.settings.jpeg_quality
             )
+
+    def _keep_oldest_encoded(self) -> None:
+        cluster_id, encoding = next(iter(self._encoding.items()))
+        del self._encoding[cluster_id]
+        self._hold(cluster_id, encoding.result())
 
     def _keep_encoded(self, *, wait: bool) -> None:
         """Keeps the clusters whose JPEGs are encoded (all of them, waiting for each, with ``wait``), in the order

@@ -323,3 +323,38 @@ def test_a_split_clusters_keyframes_go_to_the_half_holding_their_frame(tiny_mode
     for keyframe in moved:
         assert keyframe.cluster_id in halves and keyframe.frame_index in records[keyframe.cluster_id].frame_indices
     assert engine.tiering.residency.charged_bytes(Tier.HOST) == held_keyframes(state).num_bytes
+
+
+def test_clusters_waiting_for_a_stalled_encoder_are_bounded(tiny_model, bikes_frames):
+    """An encoder slower than the seals holds the sealing thread back at MAX_ENCODING clusters a stream, rather than
+    letting their thumbnails pile up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mosaic_core.engine.keyframe_store import MAX_ENCODING, KeyframeSettings, KeyframeStore
+
+    release = threading.Event()
+    encoder = ThreadPoolExecutor(1, thread_name_prefix="stalled-encoder")
+    encoder.submit(release.wait, 30)  # the encoder's one thread is busy until released
+    engine = make_engine(tiny_model)
+    settings = KeyframeSettings(count=1, long_side_px=32, jpeg_quality=75, on_disk=False, encoder=encoder)
+    store = KeyframeStore("cam", settings, engine.tiering)
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    waiting = []
+
+    def seal_many():
+        for n in range(MAX_ENCODING + 3):
+            store.offer(f"cam/c{n:06d}", n, float(n), lambda: rgb, None)
+            waiting.append(len(store._encoding))
+
+    sealing = threading.Thread(target=seal_many)
+    sealing.start()
+    sealing.join(1.0)
+    try:
+        assert sealing.is_alive(), "the seals went on past the bound while the encoder was stalled"
+        assert max(waiting) == MAX_ENCODING
+    finally:
+        release.set()
+        sealing.join(30)
+        encoder.shutdown()
+        engine.close()
+    assert not sealing.is_alive() and store.num_keyframes == MAX_ENCODING + 2
