@@ -105,7 +105,7 @@ def _unsafe_path(path: str) -> bool:
     return (
         "\\" in path
         or any(e in lowered for e in _ENCODED_SEPARATORS)
-        or any(segment in (".", "..") for segment in path.split("/"))
+        or any(segment.split(";", 1)[0] in (".", "..") for segment in path.split("/"))  # Java servers drop ";..."
     )
 
 

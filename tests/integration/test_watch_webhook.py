@@ -101,12 +101,15 @@ def test_a_url_no_longer_allowed_is_not_sent_and_a_full_queue_drops(receiver):
         "https://hooks.example.com/mosaic/..%2Fadmin",
         "https://hooks.example.com/mosaic/%5c..%5cadmin",
         "https://hooks.example.com/mosaic/..\\admin",
+        "https://hooks.example.com/mosaic/..;/admin",  # Tomcat and Spring read "..;" as ".."
+        "https://hooks.example.com/mosaic/.;x/cam",
     ],
 )
 def test_dot_segments_and_encoded_separators_are_refused(url):
     with pytest.raises(InvalidArgumentError, match="plain path"):
         check_webhook_url(url, ["https://hooks.example.com/mosaic"])
     assert check_webhook_url("https://hooks.example.com/mosaic/cam.7", ["https://hooks.example.com/mosaic"])
+    assert check_webhook_url("https://hooks.example.com/mosaic/a;b", ["https://hooks.example.com/mosaic"])
 
 
 def test_logs_and_listings_never_show_a_urls_path():
