@@ -29,10 +29,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
 
 from services.watches_spec import ActiveHours, WatchRecord
+
+log = logging.getLogger(__name__)
 
 WATCH_KEY_TEMPLATES = (
     "{ns}:watches",
@@ -210,9 +213,10 @@ class RedisWatchStore(WatchStore):
         return f"{self._ns}:watch:{watch_id}" + (f":{part}" if part else "")
 
     def put_watch(self, record: WatchRecord) -> bool:
-        created = self._client.hsetnx(self._key(record.watch_id), "record", encode_watch(record))
-        if created:
-            self._client.sadd(f"{self._ns}:watches", record.watch_id)
+        pipe = self._client.pipeline(transaction=True)  # both or neither: an id taken but never listed is lost
+        pipe.hsetnx(self._key(record.watch_id), "record", encode_watch(record))
+        pipe.sadd(f"{self._ns}:watches", record.watch_id)  # a taken id is listed already (or, once, repaired)
+        created, _ = pipe.execute()
         return bool(created)
 
     def get_watch(self, watch_id: str) -> WatchRecord | None:
@@ -224,7 +228,15 @@ class RedisWatchStore(WatchStore):
         pipe = self._client.pipeline(transaction=False)
         for watch_id in ids:
             pipe.hget(self._key(watch_id), "record")
-        return [decode_watch(text) for text in pipe.execute() if text is not None]
+        records = []
+        for watch_id, text in zip(ids, pipe.execute(), strict=True):
+            if text is None:
+                continue
+            try:
+                records.append(decode_watch(text))
+            except (ValueError, TypeError) as err:  # one bad record costs itself, not the router's start
+                log.error("watch %r in the store cannot be read and is skipped: %s", watch_id, err)
+        return records
 
     def delete_watch(self, watch_id: str) -> bool:
         pipe = self._client.pipeline(transaction=True)

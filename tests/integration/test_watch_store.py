@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.metadata.schema import template_regex
-from services.metadata.watches import WATCH_KEY_TEMPLATES, InMemoryWatchStore, RedisWatchStore
+from services.metadata.watches import WATCH_KEY_TEMPLATES, InMemoryWatchStore, RedisWatchStore, encode_watch
 from services.watches_spec import ActiveHours, WatchRecord
 
 
@@ -94,3 +94,16 @@ def test_redis_keys_match_the_documented_templates(redis_client, redis_namespace
         assert len(matching) == 1, (key, matching)
         seen.add(matching[0])
     assert seen == set(WATCH_KEY_TEMPLATES)
+
+
+def test_one_unreadable_watch_in_redis_is_skipped_and_a_half_made_one_is_repaired(redis_client, redis_namespace):
+    """A record an older or newer version wrote, or one damaged by hand, costs itself, not the router's start; a
+    create cut short between the record and the list (before it was one transaction) is listed by the next create."""
+    store = RedisWatchStore(redis_client, namespace=redis_namespace)
+    store.put_watch(_watch("good"))
+    redis_client.hset(f"{redis_namespace}:watch:bad", "record", '{"watch_id": "bad", "no_such_field": 1}')
+    redis_client.sadd(f"{redis_namespace}:watches", "bad")
+    assert [w.watch_id for w in store.list_watches()] == ["good"]
+    redis_client.hset(f"{redis_namespace}:watch:half", "record", encode_watch(_watch("half")))  # never listed
+    assert not store.put_watch(_watch("half"))  # the id is taken: nothing changes but the listing
+    assert [w.watch_id for w in store.list_watches()] == ["good", "half"]
