@@ -10,6 +10,7 @@ from mosaic_core.engine.results import Answer, EvidenceSpan
 from mosaic_core.errors import InvalidArgumentError
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.metadata.base import StreamRecord
+from services.url_text import without_credentials
 from services.worker import PushResult, StreamInfo
 
 DEFAULT_FPS = 1.0
@@ -82,7 +83,7 @@ def stream_to_proto(info: StreamInfo) -> pb.Stream:
         stats=stats,
     )
     if record.source_url:
-        stream.source_url = record.source_url
+        stream.source_url = without_credentials(record.source_url)  # any caller with the API key reads it
     return stream
 
 
