@@ -63,6 +63,24 @@ def test_sampling_keeps_one_frame_per_fps_slot_without_drift():
     assert kept == list(range(0, 100, 5))  # 25 fps pushed into a 5 fps stream: every fifth frame
 
 
+@pytest.mark.parametrize("fps", [1.0, 3.0, 10.0, 30.0])
+def test_frames_at_the_streams_own_fps_on_unix_time_are_all_kept(fps):
+    """What `mosaic push` stamps: its start in Unix time, then start + i / fps. The float error of t - t0 there
+    (about 1e-7 s) put a third of a 3-fps camera's frames in the slot before theirs, sampled out uncounted."""
+    queues = IngestQueues(10_000)
+    queues.add_stream("cam", fps)
+    start_s = 1_754_000_000.123456
+    outcomes = [queues.put(_frame("cam", start_s + i / fps)) for i in range(60)]
+    assert [i for i, outcome in enumerate(outcomes) if outcome is PutOutcome.SAMPLED_OUT] == []
+
+
+def test_a_frame_a_little_early_on_its_grid_keeps_its_slot():
+    queues = IngestQueues(10_000)
+    queues.add_stream("cam", 1.0)
+    stamps = [i - (0.001 if i % 2 else 0.0) for i in range(20)]  # a capture clock 1 ms early now and then
+    assert all(queues.put(_frame("cam", t)) is not PutOutcome.SAMPLED_OUT for t in stamps)
+
+
 def test_out_of_order_and_unknown_frames_are_refused():
     queues = IngestQueues(4)
     queues.add_stream("a", fps=1.0)
