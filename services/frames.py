@@ -35,8 +35,9 @@ def sniff_codec(data: bytes) -> str:
 
 
 def image_size(data: bytes, codec: str) -> tuple[int, int] | None:
-    """``(width, height)`` from a PNG or JPEG header without decoding; None when the header cannot be read
-    (the decoder then reports what is wrong)."""
+    """``(width, height)`` from a PNG or JPEG header without decoding; None when the header cannot be read. A
+    JPEG's segments are walked as FFmpeg's decoder walks them: bytes between them that start no marker are skipped,
+    so a stray byte cannot hide the start-of-frame that FFmpeg would still find."""
     if codec == "png":
         # signature (8) | IHDR length (4) | "IHDR" | width (4) | height (4)
         if len(data) < 24 or data[12:16] != b"IHDR":
@@ -45,10 +46,8 @@ def image_size(data: bytes, codec: str) -> tuple[int, int] | None:
         return width, height
     pos = 2  # JPEG: walk the marker segments to the first start-of-frame
     while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
+        if data[pos] != 0xFF or marker == 0xFF or (marker < 0xC0 and marker != 0x01):  # junk, a fill byte
             pos += 1
             continue
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
@@ -67,9 +66,12 @@ def image_size(data: bytes, codec: str) -> tuple[int, int] | None:
 
 
 def check_image_size(data: bytes, codec: str) -> None:
-    """Refuses a picture whose header claims an empty side or one over ``MAX_SIDE_PX``."""
+    """Refuses a picture whose header claims an empty side or one over ``MAX_SIDE_PX``, and a JPEG whose header
+    names no size at all (it is never decoded unchecked)."""
     size = image_size(data, codec)
     if size is None:
+        if codec == "mjpeg":
+            raise InvalidFrameError(f"the JPEG frame ({len(data)} bytes) names no picture size before its data")
         return
     width, height = size
     if not (0 < height <= MAX_SIDE_PX and 0 < width <= MAX_SIDE_PX):

@@ -44,6 +44,21 @@ TRUNCATED = [b"\xff\xd8\xff", b"\xff\xd8\xff\xe0\x00", b"\x89PNG\r\n\x1a\n", b"\
 
 
 @pytest.mark.parametrize("data", TRUNCATED)
-def test_truncated_headers_fall_through_to_the_decoder_sentence(data):
-    with pytest.raises(InvalidFrameError, match=r"cannot be decoded|decoded to no picture"):
+def test_truncated_headers_are_refused_with_a_sentence(data):
+    """A JPEG whose header names no size is refused before decoding; a PNG's gets the decoder's sentence."""
+    words = "names no picture size" if data.startswith(b"\xff\xd8") else r"cannot be decoded|decoded to no picture"
+    with pytest.raises(InvalidFrameError, match=words):
         decode_image(data)
+
+
+@pytest.mark.parametrize("max_pixels", [401_408, None])
+def test_a_stray_byte_between_jpeg_segments_does_not_hide_its_size(max_pixels):
+    """FFmpeg skips bytes between segments that start no marker, and decodes the picture behind them: the header
+    check skips them too, so an oversized picture is refused before it costs the decoder its memory."""
+    data = bytearray(encode_image(np.zeros((16, 16, 3), np.uint8), "jpeg"))
+    sof = next(i for i in range(2, len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xC0)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 200, 20000)  # height, width
+    first_segment_end = 2 + 2 + int.from_bytes(data[4:6], "big")
+    data[first_segment_end:first_segment_end] = b"\x00"
+    with pytest.raises(InvalidFrameError, match=f"20000x200 px .* 1..{MAX_SIDE_PX} px"):
+        decode_image(bytes(data), max_pixels)
