@@ -114,9 +114,9 @@ class EngineConfig:
             records of the others are on disk too, bounded by retention, and a restart adopts them all into the
             disk tier, counted even past the budget.
         history_budget_bytes: with data_dir, the bytes of sealed clusters' records (KV and keyframes) the engine
-            keeps; past it, after an ingest call, the clusters that ended first, across the streams, are dropped as
-            retention drops them (their records deleted; counted in ``HistoryKeeper.dropped_for_space``). 0: no
-            limit (retention alone bounds the history).
+            keeps; past it, after an ingest call or a restart, the clusters sealed first (wall-clock), across the
+            streams, are dropped as retention drops them (their records deleted; counted in
+            ``HistoryKeeper.dropped_for_space``). 0: no limit (retention alone bounds the history).
         durable_writers: threads that write record files side by side under data_dir (the checksum, write and fsync
             of one file release the GIL); at 64 cameras a 7B model seals about 0.5 GB of KV a second.
         durable_pending_bytes: snapshot bytes that may wait for those writers before ingest waits for them (host

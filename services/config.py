@@ -79,8 +79,8 @@ class ServiceConfig(BaseModel):
     # Camera history (sealed clusters, stream records) is kept here, one folder per worker, and survives
     # restarts; None keeps it in a temporary folder for the server's lifetime (it survives worker restarts only).
     data_dir: str | None = None
-    # Bytes of sealed clusters' records each worker keeps under data_dir; past it the clusters that ended first, across
-    # its streams, are dropped as retention drops them (mosaic_durable_clusters_dropped_for_space_total). 0: no limit.
+    # Bytes of sealed clusters' records each worker keeps under data_dir; past it the clusters sealed first, across its
+    # streams, are dropped as retention drops them (mosaic_durable_clusters_dropped_for_space_total). 0: no limit.
     history_budget_bytes: int = Field(0, ge=0)
     disk_dir: str | None = None
     disk_budget_bytes: int = Field(0, ge=0)

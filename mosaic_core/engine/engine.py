@@ -239,6 +239,9 @@ class Engine:
             stream = stored.stream
             state = self._open_state(stored.stream_id, float(stream["fps"]), stream.get("system_prompt"))
             restored.append(self.history.adopt(state, stored))
+        dropped = self._keep_history_budget()  # once every stream is back: the oldest go, whichever stream holds them
+        for stream in restored:
+            stream.num_clusters -= len(dropped.get(stream.stream_id, ()))
         return restored
 
     def checkpoint(self) -> None:
@@ -430,12 +433,13 @@ class Engine:
         if self.history is not None:
             self.history.on_drop(state, cluster_ids)
 
-    def _keep_history_budget(self) -> None:
-        """Past ``config.history_budget_bytes`` of records, drops the sealed clusters that ended first, across the
-        streams, as retention drops them (a cluster a question reads now is passed over), and logs it."""
+    def _keep_history_budget(self) -> dict[str, list[str]]:
+        """Past ``config.history_budget_bytes`` of records, drops the clusters sealed first (``RecordLedger``),
+        across the streams, as retention drops them (a cluster a question reads now is passed over), and logs it;
+        returns the ids dropped, by stream."""
         history, budget = self.history, self.config.history_budget_bytes
         if history is None or budget <= 0 or history.ledger.total_bytes <= budget:
-            return
+            return {}
         residency = self.tiering.residency
 
         def can_drop(stream_id: str, cluster_id: str) -> bool:
@@ -458,6 +462,7 @@ class Engine:
                 "history_budget_bytes=%d",
                 stream_id, len(cluster_ids), history.ledger.total_bytes, budget,
             )  # fmt: skip
+        return by_stream
 
     def stream(self, stream_id: str) -> StreamState:
         state = self.streams.get(stream_id)

@@ -95,11 +95,15 @@ class HistoryKeeper:
             self._submit(state, [], cluster_ids)
 
     def _submit(self, state: StreamState, seals: list[Seal], removed_ids: list[str]) -> None:
+        """Queues the commit, and enters its records in the ledger as old as the oldest record they replace (a
+        merge, a split), else as of now."""
         self.store.submit(state.stream_id, add=seals, remove=removed_ids)
+        replaced = [t for cid in removed_ids if (t := self.ledger.sealed_unix_s(cid)) is not None]
+        sealed_unix_s = min(replaced, default=time.time())
         self.ledger.remove(removed_ids)
         for seal in seals:
             num_bytes = seal.entry.num_bytes + len(seal.keyframes)
-            self.ledger.add(state.stream_id, seal.entry.cluster_id, end_s=seal.entry.end_s, num_bytes=num_bytes)
+            self.ledger.add(state.stream_id, seal.entry.cluster_id, sealed_unix_s=sealed_unix_s, num_bytes=num_bytes)
 
     def note_progress(self, state: StreamState) -> None:
         self.store.update_state(
@@ -198,7 +202,10 @@ class HistoryKeeper:
             self._adopt_keyframes(state, entry)
             keyframe_bytes = sum(k["num_bytes"] for k in entry.keyframes)
             self.ledger.add(
-                state.stream_id, entry.cluster_id, end_s=entry.end_s, num_bytes=entry.num_bytes + keyframe_bytes
+                state.stream_id,
+                entry.cluster_id,
+                sealed_unix_s=self._written_unix_s(state.stream_id, entry),
+                num_bytes=entry.num_bytes + keyframe_bytes,
             )
         residency = self.tiering.residency
         if residency.free_bytes(Tier.DISK) < 0:
@@ -208,6 +215,13 @@ class HistoryKeeper:
                 state.stream_id, residency.used_bytes(Tier.DISK), residency.capacity_bytes(Tier.DISK),
             )  # fmt: skip
         return RestoredStream(state.stream_id, stored.stream.get("meta") or {}, saved, len(entries), last_ts)
+
+    def _written_unix_s(self, stream_id: str, entry: ClusterEntry) -> float:
+        """When the record was written (its file's modification time): the age the history budget goes by."""
+        try:
+            return (self.store.stream_dir(stream_id) / entry.file).stat().st_mtime
+        except OSError:
+            return time.time()
 
     def _adopt_keyframes(self, state: StreamState, entry: ClusterEntry) -> None:
         try:

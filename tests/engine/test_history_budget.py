@@ -1,4 +1,4 @@
-"""The history budget: past ``history_budget_bytes`` of records, the clusters that ended first go, across streams."""
+"""The history budget: past ``history_budget_bytes`` of records, the clusters sealed first go, across streams."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from mosaic_core.engine.results import FrameInput
 from tests.engine.engine_helpers import make_engine
 
 STREAMS = ("cam-a", "cam-b")
+CLOCKS = ("pushed", "pulled")  # a pushed camera's clock is Unix time, a pulled one's starts at 0
 
 
 def _feed_side_by_side(engine, frames, *, offset_s: float = 0.0, after_call=None) -> dict[str, float]:
@@ -64,19 +65,46 @@ def test_past_the_budget_the_oldest_clusters_of_every_stream_go(tiny_model, bike
     finally:
         engine.close()
 
-    # A restart with half the budget adopts every record, then keeps the new budget from its first ingest call.
+    # A restart with half the budget adopts every record, then drops down to it, the oldest first.
     restarted = make_engine(tiny_model, data_dir=str(data_dir), history_budget_bytes=budget // 2)
     try:
-        assert sorted(r.num_clusters for r in restarted.restore_streams()) == sorted(
-            sum(1 for cid in kept if cid.startswith(f"{sid}/")) for sid in STREAMS
-        )
-        assert restarted.history.ledger.total_bytes == sum(on_disk[c][1] for c in kept)
-        last_s = max(end_s for end_s, _ in on_disk.values())
-        _feed_side_by_side(restarted, bikes_frames[:2], offset_s=last_s + 5.0)
+        restored = {r.stream_id: r.num_clusters for r in restarted.restore_streams()}
         assert restarted.history.ledger.total_bytes <= budget // 2
         assert sum(n for _, n in _on_disk(restarted, data_dir).values()) <= budget // 2
+        held = {c.cluster_id for sid in STREAMS for c in restarted.clusters(sid)}
+        assert held < kept and restored == {sid: sum(c.startswith(f"{sid}/") for c in held) for sid in STREAMS}
+        assert max(seen[c] for c in kept - held) <= min(seen[c] for c in held)
     finally:
         restarted.close()
+
+
+def test_cameras_whose_clocks_differ_give_up_their_oldest_video_alike(tiny_model, bikes_frames, tmp_path):
+    """A pushed camera's clock is Unix time and a pulled one's starts at 0: the budget goes by when video was
+    sealed, so neither camera loses all its history to the other's clock."""
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    for sid in CLOCKS:
+        engine.open_stream(sid, fps=2.0)
+    unix_s = 1.7e9
+
+    def both(frames):
+        engine.ingest(
+            [FrameInput("pushed", t + unix_s, rgb) for t, rgb in frames]
+            + [FrameInput("pulled", t, rgb) for t, rgb in frames]
+        )
+
+    try:
+        for i in range(0, 20, 2):
+            both(bikes_frames[i : i + 2])
+        ledger = engine.history.ledger
+        before = {
+            sid: {c.cluster_id for c in engine.clusters(sid) if c.cluster_id in ledger} for sid in ("pushed", "pulled")
+        }
+        engine.config = dataclasses.replace(engine.config, history_budget_bytes=ledger.total_bytes // 2)
+        both(bikes_frames[20:22])
+        kept = {sid: before[sid] & {c.cluster_id for c in engine.clusters(sid)} for sid in before}
+        assert all(kept.values()) and all(kept[sid] < before[sid] for sid in before), (before, kept)
+    finally:
+        engine.close()
 
 
 def test_a_cluster_a_question_reads_is_passed_over(tiny_model, bikes_frames, tmp_path):

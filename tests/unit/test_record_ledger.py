@@ -1,4 +1,4 @@
-"""The record ledger behind the history budget: totals, and the oldest records first."""
+"""The record ledger behind the history budget: totals, and the records sealed first, first."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from mosaic_core.engine.record_ledger import RecordLedger
 
 def _ledger(*items) -> RecordLedger:
     ledger = RecordLedger()
-    for stream_id, cluster_id, end_s, num_bytes in items:
-        ledger.add(stream_id, cluster_id, end_s=end_s, num_bytes=num_bytes)
+    for stream_id, cluster_id, sealed_unix_s, num_bytes in items:
+        ledger.add(stream_id, cluster_id, sealed_unix_s=sealed_unix_s, num_bytes=num_bytes)
     return ledger
 
 
@@ -27,9 +27,9 @@ def test_a_refused_record_stays_and_the_next_oldest_goes_instead():
     assert ledger.oldest_over(0, lambda s, c: True) == [("a", "a/1"), ("a", "a/3")]
 
 
-def test_a_record_written_again_counts_once_at_its_new_end():
+def test_a_record_written_again_counts_once_at_its_new_age():
     ledger = _ledger(("a", "a/1", 1.0, 10), ("a", "a/2", 2.0, 10))
-    ledger.add("a", "a/1", end_s=9.0, num_bytes=30)  # merged under its id, later and larger
+    ledger.add("a", "a/1", sealed_unix_s=9.0, num_bytes=30)  # merged under its id, later and larger
     assert ledger.total_bytes == 40 and len(ledger) == 2
     assert ledger.oldest_over(30, lambda s, c: True) == [("a", "a/2")]
 
@@ -45,9 +45,9 @@ def test_the_heap_stays_bounded_as_records_come_and_go():
     """Removed records' items leave the heap too, even when no budget ever asks for the oldest."""
     ledger = RecordLedger()
     for n in range(10_000):
-        ledger.add("a", f"a/{n}", end_s=float(n), num_bytes=1)
+        ledger.add("a", f"a/{n}", sealed_unix_s=float(n), num_bytes=1)
         if n >= 6:
             ledger.remove([f"a/{n - 6}"])
     assert len(ledger) == 6 and ledger.total_bytes == 6
-    assert len(ledger._by_end) <= 2 * 6 + 64
+    assert len(ledger._by_age) <= 2 * 6 + 64
     assert ledger.oldest_over(3, lambda s, c: True) == [("a", f"a/{n}") for n in range(9994, 9997)]
