@@ -224,13 +224,14 @@ class WebhookSender:
             log.warning("%d webhook deliveries not sent: the router stopped before them", num_dropped)
 
     def enqueue(self, delivery: Delivery) -> bool:
-        try:
-            self._queue.put_nowait(delivery)
-            return True
-        except asyncio.QueueFull:
+        """Queues a delivery, or drops it (counted) when ``queue_size`` deliveries wait already, in the queue or
+        for a retry."""
+        if self._queue.qsize() + len(self._waiting) >= self._queue.maxsize:
             self.on_outcome("dropped")
             log.warning("webhook queue full: event %d to %s dropped", delivery.event_id, origin(delivery.url))
             return False
+        self._queue.put_nowait(delivery)
+        return True
 
     async def _run(self) -> None:
         while True:

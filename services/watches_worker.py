@@ -98,17 +98,21 @@ class WorkerWatches:
 
     # -- router calls (any thread) -------------------------------------------------------------------
     def set_watches(self, specs: list[WatchSpec]) -> None:
-        """Replaces the watches; cooldown state the router kept wins when it is newer than ours."""
+        """Replaces the watches; cooldown state the router kept wins when it is newer than ours. Only the streams
+        this worker holds keep a cooldown: one held elsewhere may be deleted there and created again here, its
+        clock from 0, and must not find its predecessor's."""
+        held = set(self.engine.streams)
         with self._cond:
             old_questions = {s.question for s in self._specs.values()}
             self._specs = {s.watch_id: s for s in specs}
             for spec in specs:
                 for stream_id, until in spec.fired_until_s.items():
                     key = (spec.watch_id, stream_id)
-                    self._fired_until[key] = max(until, self._fired_until.get(key, float("-inf")))
+                    if stream_id in held:
+                        self._fired_until[key] = max(until, self._fired_until.get(key, float("-inf")))
             gone = old_questions - {s.question for s in specs}
             live = set(self._specs)
-            for key in [k for k in self._fired_until if k[0] not in live]:
+            for key in [k for k in self._fired_until if k[0] not in live or k[1] not in held]:
                 del self._fired_until[key]
         # Not waited for: the router gives each worker a few seconds to take the list, and the engine thread
         # may be in a long ingest pass. Until it runs, a dropped question's cached queries are only unused.

@@ -78,6 +78,8 @@ def encode_watch(record: WatchRecord) -> str:
 
 def decode_watch(text: str) -> WatchRecord:
     fields = json.loads(text)
+    if not isinstance(fields, dict):
+        raise ValueError(f"a watch record is a JSON object, not {type(fields).__name__}")
     hours = fields.pop("active_hours", None)
     return WatchRecord(**fields, active_hours=None if hours is None else ActiveHours(**hours))
 

@@ -186,3 +186,26 @@ def test_a_failing_receiver_does_not_hold_back_another_watchs_webhook(receiver):
 
     asyncio.run(run())
     assert "delivered" in outcomes and delivered_s[2] < 2.0, f"the healthy webhook waited {delivered_s[2]:.1f} s"
+
+
+def test_retries_waiting_for_their_back_off_count_against_the_queue_bound(receiver):
+    """A receiver that keeps failing: its deliveries waiting for a retry hold places in the bounded queue, and past
+    it new ones are dropped and counted, not held without bound."""
+    outcomes: list[str] = []
+    held: list[int] = []
+
+    async def run():
+        sender = WebhookSender([receiver["prefix"]], outcomes.append, queue_size=2, backoff_s=60.0, senders=1)
+        receiver["statuses"] = [500] * 30
+        sender.start()
+        for event_id in range(30):
+            sender.enqueue(Delivery(receiver["prefix"] + "/x", "", event_id, {"a": event_id}))
+            for _ in range(200):  # until the sender has tried it, or it was dropped
+                if outcomes.count("retried") + outcomes.count("dropped") > event_id:
+                    break
+                await asyncio.sleep(0.005)
+        held.append(sender._queue.qsize() + len(sender._in_flight) + len(sender._waiting))
+        await sender.stop()
+
+    asyncio.run(run())
+    assert held[0] <= 2 and outcomes.count("dropped") >= 28, (held, outcomes.count("dropped"))

@@ -165,6 +165,17 @@ def test_a_restart_without_a_saved_watermark_evaluates_the_newest_cluster_and_a_
     assert ("w", "cam") not in worker.watches._fired_until and worker.watches.watermark_of("cam") is None
 
 
+def test_a_cooldown_for_a_stream_held_elsewhere_is_not_kept_here(worker, bikes_frames):
+    """The router hands every worker every watch's cooldowns. A stream held on another worker, deleted there and
+    created again here (its clock from 0), must not find its predecessor's cooldown on this worker."""
+    spec = WatchRecord(watch_id="w", question="Is anyone there?", cooldown_s=60.0).for_worker({"gate": 5000.0})
+    worker.set_watches([spec])  # "gate" runs on another worker
+    assert ("w", "gate") not in worker.watches._fired_until
+    worker.open_stream(StreamRecord(stream_id="gate", fps=FPS))
+    worker.set_watches([spec])  # held here now: the router's cooldown applies
+    assert worker.watches._fired_until[("w", "gate")] == 5000.0
+
+
 # With no answer slice the question advances one token per ingest pass while frames wait, so it outlasts the
 # watched camera's passes (two frames each) on any machine, however fast the tiny model decodes.
 @pytest.mark.parametrize("worker", [{"answer_slice_s": 0.0}], indirect=True)
