@@ -87,11 +87,12 @@ def stream_to_proto(info: StreamInfo) -> pb.Stream:
     return stream
 
 
-def push_response(result: PushResult) -> pb.PushFramesResponse:
+def push_response(result: PushResult, *, num_rejected: int | None = None) -> pb.PushFramesResponse:
+    """The answer to PushFrames; ``num_rejected`` when ``result`` lists only some of the rejections."""
     return pb.PushFramesResponse(
         frames_accepted=result.accepted,
         frames_dropped=result.dropped,
-        frames_rejected=len(result.rejected),
+        frames_rejected=len(result.rejected) if num_rejected is None else num_rejected,
         errors=[
             pb.FrameError(index=r.index, reason=r.reason, stream_id=r.stream_id)
             for r in result.rejected[:MAX_FRAME_ERRORS]

@@ -27,7 +27,7 @@ import ray
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.results import Answer
 from mosaic_core.engine.stream import check_stream_id
-from mosaic_core.errors import AlreadyExistsError, CapacityError, UnknownStreamError
+from mosaic_core.errors import AlreadyExistsError, CapacityError, MosaicError, UnknownStreamError
 from services.errors import UnavailableError, unwrap
 from services.metadata.base import MetadataStore, StreamRecord
 from services.metrics import MosaicMetrics
@@ -199,7 +199,13 @@ class Coordinator:
             else:
                 by_worker[index].append(item)
         calls = [self._call(i, self.workers[i].push.remote(items)) for i, items in by_worker.items()]
-        for part in await asyncio.gather(*calls):
+        parts = await asyncio.gather(*calls, return_exceptions=True)
+        for items, part in zip(by_worker.values(), parts, strict=True):
+            if isinstance(part, MosaicError):  # that worker is down or refused the call: its frames only
+                result.rejected += [FrameRejection(item[0], item[1], str(part), part.grpc_code) for item in items]
+                continue
+            if isinstance(part, BaseException):
+                raise part
             result.accepted += part.accepted
             result.dropped += part.dropped
             result.rejected.extend(part.rejected)

@@ -169,17 +169,18 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             await abort(context, err, self.metrics)
         self._num_push_calls += 1
         try:
-            totals = PushResult()
-            index = 0
+            totals = PushResult()  # its rejections: the first convert.MAX_FRAME_ERRORS, which the answer lists
+            num_rejected = index = 0
             async for frame in request_iterator:
                 part = await self._push_one(index, frame)
                 totals.accepted += part.accepted
                 totals.dropped += part.dropped
-                totals.rejected.extend(part.rejected)
+                num_rejected += len(part.rejected)
+                totals.rejected.extend(part.rejected[: max(0, convert.MAX_FRAME_ERRORS - len(totals.rejected))])
                 index += 1
-            if totals.rejected and not totals.accepted:
-                raise _all_refused(totals)
-            return convert.push_response(totals)
+            if num_rejected and not totals.accepted:
+                raise _all_refused(totals, num_rejected)
+            return convert.push_response(totals, num_rejected=num_rejected)
         except Exception as err:
             await abort(context, err, self.metrics)
         finally:
@@ -345,9 +346,8 @@ class _RefusedFramesError(MosaicError):
         self.grpc_code = code
 
 
-def _all_refused(totals: PushResult) -> _RefusedFramesError:
+def _all_refused(totals: PushResult, count: int) -> _RefusedFramesError:
     first = totals.rejected[0]
-    count = len(totals.rejected)
     what = "the frame" if count == 1 else f"all {count} frames"
     return _RefusedFramesError(f"{what} of this call refused; frame {first.index}: {first.reason}", first.code)
 
