@@ -292,6 +292,11 @@ class EngineLoop:
         self.wake.set()
         return future.result(timeout_s)
 
+    def questions_of(self, stream_id: str) -> int:
+        """The stream's questions running or waiting here (``submit`` refuses one past ``max_questions_per_stream``)."""
+        with self._jobs_lock:
+            return self._num_jobs.get(stream_id, 0)
+
     def submit(self, job: QuestionJob) -> QuestionJob:
         """Queues a question for the engine thread.
 

@@ -524,6 +524,11 @@ class WorkerCore:
         finally:
             job.cancelled.set()
 
+    def questions_of(self, stream_id: str) -> int:
+        """The stream's questions running or waiting on this worker; past ``max_questions_per_stream`` the next is
+        refused RESOURCE_EXHAUSTED."""
+        return self.loop.questions_of(stream_id)
+
     def cancel(self, question_id: str) -> bool:
         """Stops a question's answer; True when it was here. A cancel that comes before its ask (which waits for an
         answer thread, and may come after the cancel) is kept for ``EARLY_CANCEL_KEEP_S``: the ask, when it comes,

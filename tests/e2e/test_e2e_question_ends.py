@@ -3,6 +3,8 @@ went away while its answer was being sent, and one the stream's worker refused."
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from service_support import API_KEY, clip_frames, metric, wait_ingested
@@ -56,6 +58,12 @@ def test_a_question_the_worker_refuses_is_counted_rejected(client, service, stre
     coordinator = service.server.coordinator
     worker = coordinator.workers[coordinator.placement[stream]]
     held = [send_ask(worker, f"held-{n}", stream, "Describe everything.", 512, None, 60.0) for n in range(4)]
+    import ray
+
+    deadline = time.monotonic() + 60  # each ask reaches the worker in its own time, the router's may come first
+    while ray.get(worker.questions_of.remote(stream), timeout=30) < 4:
+        assert time.monotonic() < deadline, "the four questions did not all reach the worker"
+        time.sleep(0.05)
     rejected_before = metric(service.metrics_url, "mosaic_queries_total", outcome="rejected")
     errors_before = metric(service.metrics_url, "mosaic_queries_total", outcome="error")
     try:
@@ -68,8 +76,6 @@ def test_a_question_the_worker_refuses_is_counted_rejected(client, service, stre
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "already has 4 questions" in info.value.details()
     finally:
-        import ray
-
         ray.get([worker.cancel.remote(f"held-{n}") for n in range(4)], timeout=30)
     assert metric(service.metrics_url, "mosaic_queries_total", outcome="rejected") == rejected_before + 1
     assert metric(service.metrics_url, "mosaic_queries_total", outcome="error") == errors_before
