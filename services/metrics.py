@@ -30,7 +30,7 @@ from services.watch_metrics import WatchMetrics
 
 STREAM_OTHER = "_other"
 DEFAULT_MAX_STREAM_LABELS = 64
-DROP_REASONS = ("queue_full", "decode_error", "invalid", "stream_deleted", "shutdown")
+DROP_REASONS = ("queue_full", "no_room", "decode_error", "invalid", "stream_deleted", "shutdown")
 QUERY_OUTCOMES = ("ok", "error", "rejected", "deadline")
 MODES = ("full", "token", "cluster")
 TRANSFER_DIRECTIONS = ("host_to_device", "device_to_host", "host_to_disk", "disk_to_host")

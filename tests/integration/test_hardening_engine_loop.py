@@ -320,3 +320,24 @@ def test_a_question_after_the_engine_thread_stopped_is_refused_not_left_waiting(
     with pytest.raises(UnavailableError, match="shutting down") as info:
         _ask(loop, "cam-0", 1)
     assert status_for(info.value).code is grpc.StatusCode.UNAVAILABLE
+
+
+def test_frames_the_memory_budgets_cannot_hold_are_dropped_as_no_room(tiny_model, bikes_frames):
+    """Every tier full: the engine refuses the frames (CapacityError), and the drops say so, apart from a full
+    ingest queue (queue_full), which calls for more ingest, not more memory."""
+    engine = Engine(tiny_model, dataclasses.replace(SMALL, device_budget_bytes=int(0.5 * MIB), host_budget_bytes=1024))
+    loop = _started_loop(engine)
+    try:
+        loop.call(engine.open_stream, "cam", fps=4.0)
+        loop.queues.add_stream("cam", 4.0)
+        for t, rgb in bikes_frames[:40]:
+            loop.queues.put(QueuedFrame("cam", t, rgb, time.monotonic()))
+        dropped: dict = {}
+        deadline = time.monotonic() + 60
+        while ("cam", "no_room") not in dropped:
+            assert time.monotonic() < deadline, f"no frame was dropped for want of room: {dropped}"
+            dropped |= loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None).dropped
+            time.sleep(0.1)
+        assert ("cam", "queue_full") not in dropped
+    finally:
+        loop.stop()
