@@ -266,8 +266,9 @@ class WorkerCore:
                 try:
                     self._start_source(record, resume_after_s=stream.last_timestamp_s)
                 except MosaicError as err:  # the file is gone, or the config no longer allows it: this stream only
-                    shown = without_credentials(record.source_url)
-                    reason = f"its source is no longer opened here: {str(err).replace(record.source_url, shown)}"
+                    url, shown = record.source_url, without_credentials(record.source_url)
+                    said = str(err).replace(repr(url), repr(shown)).replace(url, shown)  # the check quotes it with repr
+                    reason = f"its source is no longer opened here: {said}"
                     log.error("worker %s restored stream %s without pulling it: %s", self.worker_id,
                               record.stream_id, reason)  # fmt: skip
                     session.source = SourceReader.refused(record.source_url, reason, fps=record.fps, sink=_no_frames)
