@@ -230,7 +230,8 @@ class Engine:
         """Re-opens every stream found in the data directory and re-adopts its sealed clusters (disk tier).
 
         Frames of the lost local window and open cluster are gone; the stream clock, frame count and cluster
-        ids continue after the last recorded ones. Returns nothing without a data directory.
+        ids continue after the last recorded ones. Records past ``config.history_budget_bytes`` then go, the oldest
+        first, whichever stream holds them. Returns nothing without a data directory.
         """
         if self.history is None:
             return []
@@ -485,7 +486,8 @@ class Engine:
         up to ``config.max_frames_per_pass`` consecutive frames of its stream (a backlog catches up in fewer
         passes, still attending only to sink + local window + the row itself). With ``pauses`` the call stops at
         fixed points, where ``pauses.serve`` may start questions (``mosaic_core.engine.ingest_pauses``). With
-        ``encoded`` from ``encode_ahead`` of these very frames, the call uses its vision tower's output.
+        ``encoded`` from ``encode_ahead`` of these very frames, the call uses its vision tower's output. After it,
+        history past ``config.history_budget_bytes`` goes, the clusters sealed first first.
         """
         result = ingest.ingest(self.parts, frames, pauses, encoded)
         self._keep_history_budget()
