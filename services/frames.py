@@ -71,7 +71,7 @@ def check_image_size(data: bytes, codec: str) -> None:
     size = image_size(data, codec)
     if size is None:
         if codec == "mjpeg":
-            raise InvalidFrameError(f"the JPEG frame ({len(data)} bytes) names no picture size before its data")
+            raise InvalidFrameError(f"the JPEG frame ({len(data)} bytes) cannot be decoded: it names no picture size")
         return
     width, height = size
     if not (0 < height <= MAX_SIDE_PX and 0 < width <= MAX_SIDE_PX):

@@ -46,7 +46,7 @@ TRUNCATED = [b"\xff\xd8\xff", b"\xff\xd8\xff\xe0\x00", b"\x89PNG\r\n\x1a\n", b"\
 @pytest.mark.parametrize("data", TRUNCATED)
 def test_truncated_headers_are_refused_with_a_sentence(data):
     """A JPEG whose header names no size is refused before decoding; a PNG's gets the decoder's sentence."""
-    words = "names no picture size" if data.startswith(b"\xff\xd8") else r"cannot be decoded|decoded to no picture"
+    words = "cannot be decoded: it names no picture size" if data.startswith(b"\xff\xd8") else "cannot be decoded"
     with pytest.raises(InvalidFrameError, match=words):
         decode_image(data)
 
