@@ -135,17 +135,19 @@ def run_serve(args) -> int:
         return 2
     log.info("preflight passed after %.1fs; loading Ray, gRPC and the engine's modules ...", time.monotonic() - started)
 
+    host = f"[{config.host}]" if ":" in config.host else config.host  # an IPv6 address, as URLs write it
+
     def ready(server) -> None:
         log.info("ready after %.1fs", time.monotonic() - started)
         print(
-            f"mosaic serving: gRPC {config.host}:{server.grpc_port} ({'TLS' if config.tls_cert else 'plaintext'}"
-            f"{', API key required' if config.api_key else ''}), metrics http://{config.host}:"
+            f"mosaic serving: gRPC {host}:{server.grpc_port} ({'TLS' if config.tls_cert else 'plaintext'}"
+            f"{', API key required' if config.api_key else ''}), metrics http://{host}:"
             f"{server.metrics_port}/metrics, {config.workers} worker(s), model {config.model}, mode {config.mode}",
             flush=True,
         )
         if server.console_port:
             scheme = "https" if config.tls_cert else "http"
-            print(f"mosaic console: {scheme}://{config.host}:{server.console_port}/", flush=True)
+            print(f"mosaic console: {scheme}://{host}:{server.console_port}/", flush=True)
 
     # Ray's crash handler would catch SIGTERM in this (driver) process, print a stack and abort; the service
     # handles SIGTERM itself to drain calls, so the handler stays off here unless the operator sets it.

@@ -211,7 +211,7 @@ def run_streams_show(args) -> int:
         ("clusters", str(st.num_clusters)),
     ]
     rows += [(f"  {_tier_name(t.tier)}", f"{t.num_clusters} clusters, {t.num_bytes:,} bytes") for t in st.tiers]
-    rows += [(f"label {k}", v) for k, v in sorted(s.labels.items())]
+    rows += [(f"label {escape_for_terminal(k)}", escape_for_terminal(v)) for k, v in sorted(s.labels.items())]
     for name, value in rows:
         print(f"{name:<20} {value}")
     return 0

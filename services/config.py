@@ -232,6 +232,14 @@ class ServiceConfig(BaseModel):
         from services.sources import check_source_schemes  # raises ConfigError naming an unsupported scheme
 
         check_source_schemes(self.allowed_source_schemes)
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
+            raise ValueError(
+                f"api_key (or {API_KEY_ENV}) must be printable ASCII, which gRPC metadata can carry; it has "
+                f"{'a line break or other control character' if self.api_key.isascii() else 'a non-ASCII character'}"
+                " (a key file's trailing newline?)"
+            )
+        if self.api_key is not None and self.api_key != self.api_key.strip():
+            raise ValueError(f"api_key (or {API_KEY_ENV}) starts or ends with spaces; no client would send them")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(
                 f"tls_cert and tls_key go together, got tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}"

@@ -9,6 +9,7 @@ from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.results import Answer, EvidenceSpan
 from mosaic_core.errors import InvalidArgumentError
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
+from services.labels import check_labels
 from services.metadata.base import StreamRecord
 from services.url_text import without_credentials
 from services.worker import PushResult, StreamInfo
@@ -37,6 +38,7 @@ def record_from_request(request: pb.CreateStreamRequest, *, max_fps: float = DEF
             f"retention_s must be a finite number of seconds >= 0 (0 keeps everything), got {request.retention_s!r}"
         )
     source_url = request.source_url if request.HasField("source_url") else None
+    check_labels(dict(request.labels), "a stream")
     return StreamRecord(
         stream_id=request.stream_id,
         fps=fps,

@@ -14,10 +14,10 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mosaic_core.errors import InvalidArgumentError
+from services.labels import check_labels
 
 WATCH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_QUESTION_CHARS = 1000
-MAX_LABELS = 32
 _HHMM = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)")
 
 
@@ -112,10 +112,7 @@ class WatchRecord:
             raise InvalidArgumentError(f"cooldown_s must be >= 0 seconds, got {self.cooldown_s!r}")
         if not 1 <= self.max_answer_tokens <= 256:
             raise InvalidArgumentError(f"max_answer_tokens must be in 1..256, got {self.max_answer_tokens}")
-        if len(self.labels) > MAX_LABELS:
-            raise InvalidArgumentError(f"a watch takes at most {MAX_LABELS} labels, got {len(self.labels)}")
-        if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in self.labels.items()):
-            raise InvalidArgumentError("labels must map non-empty names to strings")
+        check_labels(self.labels, "a watch")
 
     def applies_to(self, stream_id: str) -> bool:
         return not self.stream_ids or stream_id in self.stream_ids

@@ -170,8 +170,10 @@ class ConsoleServer:
             return _error(415, "INVALID_ARGUMENT", "send the question as application/json")
         try:
             message = _query_request(await request.json())
-        except ValueError as err:  # json.JSONDecodeError included
+        except (ValueError, LookupError) as err:  # JSON or text that cannot be read (an unknown charset)
             return _bad_request(str(err))
+        except RecursionError:
+            return _bad_request("the question's JSON is nested too deeply")
         call = self._stub.Query(message, **self._call_options(request, timeout_s=QUERY_TIMEOUT_S))
         return await self._relay(request, call, convert.query_event_json)
 
@@ -179,7 +181,7 @@ class ConsoleServer:
         after = request.query.get("after_event_id")
         message = pb.WatchEventsRequest()
         if after is not None:
-            if not after.isdigit() or len(after) > 19:
+            if not (after.isascii() and after.isdigit() and len(after) <= 19 and int(after) < 2**63):
                 return _bad_request(f"after_event_id must be a non-negative integer, got {after[:40]!r}")
             message.after_event_id = int(after)
         call = self._stub.WatchEvents(message, **self._call_options(request, timeout_s=None))

@@ -149,3 +149,34 @@ def test_a_console_port_in_use_is_one_sentence(console_url):
 
     with pytest.raises(ConfigError, match=f"Cannot serve the console on 127.0.0.1:{taken}.*--console-port"):
         asyncio.run(start())
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "%C2%B2",  # '²': str.isdigit() is True, int() refuses it -> ValueError in the handler
+        "9999999999999999999",  # 19 digits pass the length check but overflow int64 after_event_id
+    ],
+)
+def test_bad_after_event_id_is_400_not_500(console_url, value):
+    status, _, body = fetch(f"{console_url}/api/watch-events?after_event_id={value}", headers={"X-API-Key": "k"})
+    assert status == 400, (status, body[:200])
+    assert json.loads(body)["code"] == "INVALID_ARGUMENT"
+
+
+def test_deeply_nested_json_question_is_400_not_500(console_url):
+    body = b"[" * 8000 + b"]" * 8000  # 16000 bytes, under the 16 KiB limit
+    status, _, reply = fetch(
+        console_url + "/api/query", data=body, headers={"Content-Type": "application/json", "X-API-Key": "k"}
+    )
+    assert status == 400, (status, reply[:200])
+    assert json.loads(reply)["code"] == "INVALID_ARGUMENT"
+
+
+def test_unknown_charset_is_4xx_not_500(console_url):
+    status, _, reply = fetch(
+        console_url + "/api/query",
+        data=b'{"question": "q"}',
+        headers={"Content-Type": "application/json; charset=no-such-codec", "X-API-Key": "k"},
+    )
+    assert 400 <= status < 500, (status, reply[:200])
