@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
+from services.labels import check_labels
 from services.metadata.watches import WatchState
 from services.watches import WatchEventItem, new_watch_id
 from services.watches_spec import ActiveHours, WatchRecord
@@ -20,6 +21,7 @@ def record_from_request(request: pb.CreateWatchRequest, *, default_threshold: fl
     webhook_url = webhook_secret = None
     if request.HasField("webhook") and (request.webhook.url or request.webhook.secret):
         webhook_url, webhook_secret = request.webhook.url, request.webhook.secret
+    check_labels(dict(request.labels), "a watch")
     return WatchRecord(
         watch_id=request.watch_id or new_watch_id(),
         question=request.question,

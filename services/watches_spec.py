@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mosaic_core.errors import InvalidArgumentError
-from services.labels import check_labels
+from services.labels import check_label_shape
 
 WATCH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_QUESTION_CHARS = 1000
@@ -112,7 +112,7 @@ class WatchRecord:
             raise InvalidArgumentError(f"cooldown_s must be >= 0 seconds, got {self.cooldown_s!r}")
         if not 1 <= self.max_answer_tokens <= 256:
             raise InvalidArgumentError(f"max_answer_tokens must be in 1..256, got {self.max_answer_tokens}")
-        check_labels(self.labels, "a watch")
+        check_label_shape(self.labels, "a watch")  # a stored watch is read back through here: created by older rules
 
     def applies_to(self, stream_id: str) -> bool:
         return not self.stream_ids or stream_id in self.stream_ids

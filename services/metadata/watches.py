@@ -33,6 +33,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from mosaic_core.errors import MosaicError
 from services.watches_spec import ActiveHours, WatchRecord
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,7 @@ class RedisWatchStore(WatchStore):
                 continue
             try:
                 records.append(decode_watch(text))
-            except (ValueError, TypeError) as err:  # one bad record costs itself, not the router's start
+            except (ValueError, TypeError, MosaicError) as err:  # one bad record costs itself, not the router's start
                 log.error("watch %r in the store cannot be read and is skipped: %s", watch_id, err)
         return records
 

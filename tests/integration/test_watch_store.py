@@ -103,8 +103,8 @@ def test_one_unreadable_watch_in_redis_is_skipped_and_a_half_made_one_is_repaire
     store.put_watch(_watch("good"))
     redis_client.hset(f"{redis_namespace}:watch:bad", "record", '{"watch_id": "bad", "no_such_field": 1}')
     redis_client.sadd(f"{redis_namespace}:watches", "bad")
-    for not_an_object in ("null", "42", '"x"'):
-        redis_client.hset(f"{redis_namespace}:watch:bad", "record", not_an_object)
+    for unreadable in ("null", "42", '"x"', '{"watch_id": "bad", "question": ""}'):  # the last: no question
+        redis_client.hset(f"{redis_namespace}:watch:bad", "record", unreadable)
         assert [w.watch_id for w in store.list_watches()] == ["good"]
     redis_client.hset(f"{redis_namespace}:watch:half", "record", encode_watch(_watch("half")))  # never listed
     assert not store.put_watch(_watch("half"))  # the id is taken: nothing changes but the listing
