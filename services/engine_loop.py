@@ -517,7 +517,7 @@ class EngineLoop:
             return batch, result.encoded_ahead
         except Exception as err:
             if len({f.stream_id for f in batch}) == 1:
-                reason = "no_room" if isinstance(err, CapacityError) else "invalid"  # no_room: the device budget
+                reason = "no_room" if isinstance(err, CapacityError) else "invalid"  # no_room: no tier had room
                 log.warning("dropping %d frames of stream %s: %s", len(batch), batch[0].stream_id, err)
                 self.telemetry.dropped(batch[0].stream_id, reason, len(batch))
                 return [], False

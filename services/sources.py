@@ -100,7 +100,7 @@ def check_source_url(
 
 
 def _refusal(url: object, schemes: tuple[str, ...], has_roots: bool) -> str:
-    shown = repr(url) if isinstance(url, str) and len(url) <= 200 else "the given source_url"
+    shown = repr(without_credentials(url)) if isinstance(url, str) and len(url) <= 200 else "the given source_url"
     urls = ", ".join(f"{s}://" for s in schemes) or "no URL scheme"
     files = "the path of a video file under one of its source roots" if has_roots else "no local files"
     if not has_roots:

@@ -53,7 +53,6 @@ from services.sources import NETWORK_SCHEMES, SourceReader, SourceState, check_s
 from services.store_actor import connect_store
 from services.telemetry import DurabilityHealth, StreamTotals, TelemetryDelta, WorkerTelemetry, durability_health
 from services.tier_sync import TierSync
-from services.url_text import without_credentials
 from services.watches_spec import WatchReport, WatchSpec
 from services.watches_worker import WorkerWatches
 
@@ -266,9 +265,7 @@ class WorkerCore:
                 try:
                     self._start_source(record, resume_after_s=stream.last_timestamp_s)
                 except MosaicError as err:  # the file is gone, or the config no longer allows it: this stream only
-                    url, shown = record.source_url, without_credentials(record.source_url)
-                    said = str(err).replace(repr(url), repr(shown)).replace(url, shown)  # the check quotes it with repr
-                    reason = f"its source is no longer opened here: {said}"
+                    reason = f"its source is no longer opened here: {err}"  # the check's sentence hides a password
                     log.error("worker %s restored stream %s without pulling it: %s", self.worker_id,
                               record.stream_id, reason)  # fmt: skip
                     session.source = SourceReader.refused(record.source_url, reason, fps=record.fps, sink=_no_frames)

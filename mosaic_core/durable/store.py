@@ -498,7 +498,11 @@ class DurableStore:
 
     def _owned(self, commit: _Commit) -> bool:
         """Whether the journal the commit was queued for is still its stream's."""
-        return commit.writer is not None and self._writers.get(commit.stream_id) is commit.writer
+        return self._current(commit.stream_id, commit.writer)
+
+    def _current(self, stream_id: str, writer: ManifestWriter | None) -> bool:
+        """Whether ``writer`` is still the stream's journal (not one of a stream deleted, or opened again)."""
+        return writer is not None and self._writers.get(stream_id) is writer
 
     def _commit(self, commit: _Commit) -> None:
         writer = commit.writer
@@ -539,7 +543,7 @@ class DurableStore:
             self._writing_states = True
         for stream_id, (state, writer) in dirty.items():
             with self._io:
-                if writer is None or self._writers.get(stream_id) is not writer:
+                if not self._current(stream_id, writer):
                     continue
                 try:
                     write_atomic(self.stream_dir(stream_id) / STATE_NAME, _json_bytes(state))

@@ -162,3 +162,10 @@ def test_a_camera_password_stays_out_of_logs_errors_and_the_decoders_arguments(d
     assert logged and not [line for line in logged if "hunter2" in line], logged
     assert len(launched) == (2 if decode_in_child else 0)
     assert not [args for args in launched if any("hunter2" in a for a in args)], launched
+
+
+def test_a_refused_source_url_is_named_without_its_password():
+    """The refusal goes back to the caller, and at a restart into the worker's log and the stream's source error."""
+    with pytest.raises(InvalidArgumentError) as refused:
+        check_source_url("rtsp://admin:hunter2@10.0.0.5/live", allowed_schemes=("https",))
+    assert "hunter2" not in str(refused.value) and "'rtsp://***@10.0.0.5/live'" in str(refused.value)
