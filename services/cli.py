@@ -114,6 +114,7 @@ def run_serve(args) -> int:
     started = time.monotonic()
     from services.config import ServiceConfig, load_config
     from services.preflight import preflight_problems
+    from services.url_text import host_in_address
 
     overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in _SERVE_FLAGS}
     if args.source_roots is not None:
@@ -135,7 +136,7 @@ def run_serve(args) -> int:
         return 2
     log.info("preflight passed after %.1fs; loading Ray, gRPC and the engine's modules ...", time.monotonic() - started)
 
-    host = f"[{config.host}]" if ":" in config.host else config.host  # an IPv6 address, as URLs write it
+    host = host_in_address(config.host)
 
     def ready(server) -> None:
         log.info("ready after %.1fs", time.monotonic() - started)

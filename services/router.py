@@ -46,6 +46,7 @@ from services.request_log import RequestLogInterceptor, replace_behaviour
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
 from services.store_actor import RayMetadataStore, connect_store
+from services.url_text import host_in_address
 from services.watches import WatchRegistry
 from services.worker import worker_actor
 
@@ -173,7 +174,7 @@ class MosaicServer:
         mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         _enable_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1), self._server)
-        address = f"[{cfg.host}]:{cfg.grpc_port}" if ":" in cfg.host else f"{cfg.host}:{cfg.grpc_port}"
+        address = f"{host_in_address(cfg.host)}:{cfg.grpc_port}"
         if cfg.tls_cert:
             creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
             self.grpc_port = self._server.add_secure_port(address, creds)

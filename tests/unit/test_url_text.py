@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.url_text import without_credentials
+from services.url_text import host_in_address, without_credentials
 
 
 @pytest.mark.parametrize(
@@ -20,3 +20,8 @@ from services.url_text import without_credentials
 )
 def test_credentials_are_replaced_and_nothing_else(url, shown):
     assert without_credentials(url) == shown
+
+
+@pytest.mark.parametrize(("host", "written"), [("::1", "[::1]"), ("::", "[::]"), ("127.0.0.1", "127.0.0.1")])
+def test_an_ipv6_host_goes_in_brackets_before_its_port(host, written):
+    assert host_in_address(host) == written
