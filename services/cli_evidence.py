@@ -78,6 +78,21 @@ def save_evidence(client, spans, directory: Path) -> tuple[list[Path], list[str]
 def _fetch(client, stream_id: str, ids: list[str], gone: list[str]) -> list:
     """The keyframes of ``ids`` the server holds: a call is all or nothing, so after NOT_FOUND each id is asked
     alone, and those NOT_FOUND again go to ``gone``."""
+    found = _unless_gone(client, stream_id, ids)
+    if found is not None:
+        return found
+    found = []
+    for keyframe_id in ids:
+        one = _unless_gone(client, stream_id, [keyframe_id])
+        if one is None:
+            gone.append(keyframe_id)
+        else:
+            found += one
+    return found
+
+
+def _unless_gone(client, stream_id: str, ids: list[str]) -> list | None:
+    """GetKeyframes of ``ids``; None when the server holds one of them no longer (NOT_FOUND)."""
     import grpc  # here: `mosaic --help` loads this module, and grpc is slow to import
 
     try:
@@ -85,15 +100,7 @@ def _fetch(client, stream_id: str, ids: list[str], gone: list[str]) -> list:
     except grpc.RpcError as err:
         if err.code() != grpc.StatusCode.NOT_FOUND:
             raise
-    found = []
-    for keyframe_id in ids:
-        try:
-            found += client.get_keyframes(stream_id, keyframe_ids=[keyframe_id])
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            gone.append(keyframe_id)
-    return found
+        return None
 
 
 def save_evidence_files(client, spans, directory: Path) -> int:
