@@ -117,6 +117,10 @@ class EngineConfig:
             keeps; past it, after an ingest call or a restart, the clusters sealed first (wall-clock), across the
             streams, are dropped as retention drops them (their records deleted; counted in
             ``HistoryKeeper.dropped_for_space``). 0: no limit (retention alone bounds the history).
+        retired_ids_dir: where the next cluster and frame numbers of closed streams are kept, so that a stream
+            opened again under a closed one's id numbers on past it and no id the closed stream gave out names
+            anything of the new one (``mosaic_core.durable.retired``). Engines that may open the same stream ids
+            in turn (a service's workers) share one. None: data_dir, or memory alone without a data_dir.
         durable_writers: threads that write record files side by side under data_dir (the checksum, write and fsync
             of one file release the GIL); at 64 cameras a 7B model seals about 0.5 GB of KV a second.
         durable_pending_bytes: snapshot bytes that may wait for those writers before ingest waits for them (host
@@ -192,6 +196,7 @@ class EngineConfig:
     history_budget_bytes: int = 0
     disk_dir: str | None = None
     data_dir: str | None = None
+    retired_ids_dir: str | None = None
     durable_writers: int = 4
     durable_pending_bytes: int = 4 * GIB
     eviction_policy: str = "lru"

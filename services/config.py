@@ -258,7 +258,9 @@ class ServiceConfig(BaseModel):
         return round(self.decode_oversample**2 * model_pixels(self.engine_config().target_tokens_per_frame))
 
     def engine_config(self, *, worker_subdir: str | None = None) -> EngineConfig:
-        """The worker's ``EngineConfig``; ``worker_subdir`` gives each worker its own disk-tier and data folder."""
+        """The worker's ``EngineConfig``; ``worker_subdir`` gives each worker its own disk-tier and data folder. The
+        closed streams' next numbers stay in the data folder itself, shared by the workers: a stream deleted on one
+        worker may be created again on another, which must number on past it."""
         disk_dir, data_dir = self.disk_dir, self.data_dir
         if worker_subdir:
             disk_dir = disk_dir and str(Path(disk_dir) / worker_subdir)
@@ -276,6 +278,7 @@ class ServiceConfig(BaseModel):
             "history_budget_bytes": self.history_budget_bytes,
             "disk_dir": disk_dir,
             "data_dir": data_dir,
+            "retired_ids_dir": self.data_dir,
         }
         formation = fields.get("formation") or {}
         if isinstance(formation, dict):

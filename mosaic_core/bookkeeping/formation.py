@@ -151,15 +151,19 @@ class ClusterFormer:
     """Groups one stream's frames into clusters and keeps their records in order of their first frames.
 
     Cluster ids are ``f"{stream_id}/c{n:06d}"`` from one counter per stream, never reused, including the ids
-    of clusters made by ``merge_records``, ``join_records`` and ``split_record``.
+    of clusters made by ``merge_records``, ``join_records`` and ``split_record``. The counter starts at
+    ``first_number``: past the numbers of an ended stream of the same id, so that none of its ids names one of
+    this stream's clusters.
     """
 
-    def __init__(self, stream_id: str, config: FormationConfig | None = None) -> None:
+    def __init__(self, stream_id: str, config: FormationConfig | None = None, *, first_number: int = 0) -> None:
+        if not _is_int(first_number) or first_number < 0:
+            raise InvalidArgumentError(f"first_number must be an int >= 0, got {first_number!r}")
         self.stream_id = stream_id
         self.config = config if config is not None else FormationConfig()
         self._records: list[ClusterRecord] = []  # by first frame; only the last one may be open
         self._by_id: dict[str, ClusterRecord] = {}  # the same records
-        self._next_number = 0
+        self._next_number = first_number
         self._last_frame_index: int | None = None
         self._last_timestamp_s: float | None = None
 

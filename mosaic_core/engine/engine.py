@@ -27,6 +27,7 @@ from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier, TierBudgets
 from mosaic_core.config import EngineConfig, RetrievalMode, device_budget_from_free
+from mosaic_core.durable.retired import FROM_ZERO, RetiredNumbers, StreamNumbers
 from mosaic_core.durable.staging import StagingArena
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.engine import ingest, questions
@@ -135,6 +136,7 @@ class Engine:
             encoder=self._keyframe_encoder,
         )
         self.history = None if durable is None else HistoryKeeper(durable, self.tiering, keyframes)
+        self.retired = RetiredNumbers(self.config.retired_ids_dir or self.config.data_dir)
         self._keyframes_dropped_by_closed = 0  # streams closed since the engine started (``stats``)
         self.tracker = CoRetrievalTracker(residency)
         self.streams: dict[str, StreamState] = {}
@@ -210,14 +212,16 @@ class Engine:
         """Registers a stream and prefills its preamble, whose KV becomes the stream's attention sink.
 
         With a data directory the stream is recorded durably before this returns, with ``meta`` (any JSON the
-        caller wants back from ``restore_streams`` after a restart).
+        caller wants back from ``restore_streams`` after a restart). A stream opened under the id of a closed one
+        numbers its clusters and frames on past that one's (``RetiredNumbers``), so no id the closed stream gave
+        out (cluster ids, keyframe ids) names anything of the new one.
         """
         check_stream_id(stream_id)
         if stream_id in self.streams:
             raise AlreadyExistsError(f"stream {stream_id!r} is already open on this engine")
         if not fps > 0:
             raise InvalidArgumentError(f"fps must be positive, got {fps}")
-        state = self._open_state(stream_id, fps, system_prompt)
+        state = self._open_state(stream_id, fps, system_prompt, start=self.retired.start_of(stream_id))
         if self.history is not None:
             try:
                 self.history.create(state, system_prompt=system_prompt, meta=meta or {})
@@ -269,14 +273,17 @@ class Engine:
         if self._keyframe_encoder is not None:
             self._keyframe_encoder.shutdown(wait=True)
 
-    def _open_state(self, stream_id: str, fps: float, system_prompt: str | None) -> StreamState:
+    def _open_state(
+        self, stream_id: str, fps: float, system_prompt: str | None, *, start: StreamNumbers = FROM_ZERO
+    ) -> StreamState:
         formation = self.config.formation
         pools = self.tiering.tiers.pools
         state = StreamState(
             stream_id,
             fps=fps,
-            former=ClusterFormer(stream_id, formation),
+            former=ClusterFormer(stream_id, formation, first_number=start.next_cluster_number),
             pools=pools,
+            first_frame_index=start.next_frame_index,
         )
         ids = self.model.stream_preamble(system_prompt or DEFAULT_SYSTEM_PROMPT)
         fills = pages_for(len(ids), pools.page_tokens)
@@ -383,6 +390,9 @@ class Engine:
         """Closes a stream and frees every byte it held in every tier, its durable history included unless
         ``forget_history`` is False (the stream comes back at the next restart)."""
         state = self.stream(stream_id)
+        # Before the history goes: a crash in between leaves both, and the numbers' maximum is kept anyway.
+        ended_at = StreamNumbers(next_cluster_number=state.former.next_number, next_frame_index=state.next_frame_index)
+        self.retired.retire(stream_id, ended_at)
         if self.history is not None and forget_history:
             self.history.close(stream_id)  # first: once this returns, a restart cannot bring the stream back
         self._forget_stream(state)
@@ -568,7 +578,10 @@ class Engine:
         if keyframe_ids:
             return store.by_ids(list(keyframe_ids))
         if cluster_id not in self.stream(stream_id).records():
-            raise UnknownClusterError(f"stream {stream_id!r} holds no cluster {cluster_id!r}")
+            raise UnknownClusterError(
+                f"stream {stream_id!r} holds no cluster {cluster_id!r}: it was never one of its clusters, retention "
+                "dropped it, or it was a cluster of an earlier stream of that id, deleted since"
+            )
         return store.of_cluster(cluster_id)
 
     # -- introspection ------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ commits the writer has not finished (``DurableStore.snapshot_stats``), all of th
     restart: DurableStore.load_streams -> sink prefilled again -> c0..c12 adopted into the disk tier
 
 Cluster numbers are handed out in blocks recorded in the manifest before any is used, so a restarted stream
-never reuses an id, even one of a cluster that was open when the process died.
+never reuses an id, even one of a cluster that was open when the process died. A stream opened under the id of a
+deleted one numbers on past it (``mosaic_core.durable.retired``): its journal's first line keeps the index its
+frames start at, and its reserved cluster numbers start at its first, so a restart goes on past both too.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class HistoryKeeper:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def create(self, state: StreamState, *, system_prompt: str | None, meta: dict) -> None:
-        self.store.create_stream(state.stream_id, {"fps": state.fps, "system_prompt": system_prompt, "meta": meta})
+        opened = {"fps": state.fps, "system_prompt": system_prompt, "meta": meta}
+        self.store.create_stream(state.stream_id, {**opened, "first_frame_index": state.first_frame_index})
         self._reserved[state.stream_id] = 0
         self.ensure_ids(state)
 
@@ -165,7 +168,10 @@ class HistoryKeeper:
             entries.append(entry)
         saved = stored.state
         last_ts = _max(saved.get("last_timestamp_s"), *(e.end_s for e in entries))
-        num_frames = max([saved.get("frames_ingested") or 0] + [e.frame_indices[-1] + 1 for e in entries])
+        first_frame_index = int(stored.stream.get("first_frame_index") or 0)  # journals before it was kept: 0
+        next_frame_index = max(
+            [first_frame_index + (saved.get("frames_ingested") or 0)] + [max(e.frame_indices) + 1 for e in entries]
+        )
         records = [
             ClusterRecord(
                 cluster_id=e.cluster_id,
@@ -184,14 +190,15 @@ class HistoryKeeper:
         state.former.adopt(
             records,
             next_number=next_number,
-            last_frame_index=num_frames - 1 if num_frames else None,
+            last_frame_index=next_frame_index - 1 if next_frame_index > first_frame_index else None,
             last_timestamp_s=last_ts,
         )
         self._reserved[state.stream_id] = next_number
         self.ensure_ids(state)
         state.first_timestamp_s = _min(saved.get("first_timestamp_s"), *(e.start_s for e in entries))
         state.last_timestamp_s = last_ts
-        state.frames_ingested = num_frames
+        state.first_frame_index = first_frame_index
+        state.frames_ingested = next_frame_index - first_frame_index
         state.text_cursor = max([state.text_cursor, saved.get("text_cursor") or 0] + [e.position_end for e in entries])
         for entry in entries:
             summary = summaries[entry.cluster_id]

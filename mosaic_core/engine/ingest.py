@@ -418,16 +418,17 @@ def _place_frame(
         similarity=similarity,
         cohesion_after=cohesion,
     )
+    frame_index = state.next_frame_index
     record = state.former.commit(
-        decision, frame_index=state.frames_ingested, timestamp_s=frame.timestamp_s, num_tokens=num_tokens
+        decision, frame_index=frame_index, timestamp_s=frame.timestamp_s, num_tokens=num_tokens
     )
     if parts.history is not None and not decision.join:
         parts.history.ensure_ids(state)
-    store_for(parts, state).offer(record.cluster_id, state.frames_ingested, frame.timestamp_s, small_of, centrality)
+    store_for(parts, state).offer(record.cluster_id, frame_index, frame.timestamp_s, small_of, centrality)
     state.open_sums = open_after(joined=decision.join)
     note_frame(parts, state, record.cluster_id, summary)  # recurring-scene joins (off unless configured)
     slots = parts.tiering.tiers.pools.slots(pages, fills)
-    state.push_local(LocalFrame(state.frames_ingested, record.cluster_id, frame.timestamp_s, pages, fills, slots))
+    state.push_local(LocalFrame(frame_index, record.cluster_id, frame.timestamp_s, pages, fills, slots))
     state.frames_ingested += 1
     state.last_timestamp_s = frame.timestamp_s
     offset_s = frame.timestamp_s - state.first_timestamp_s

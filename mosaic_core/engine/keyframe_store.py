@@ -235,8 +235,9 @@ class KeyframeStore:
                 keyframe = next((k for k in forming if k.frame_index == parsed[1]), None)
             if keyframe is None:
                 raise UnknownKeyframeError(
-                    f"stream {self.stream_id!r} holds no keyframe {keyframe_id!r}: it was never kept, or its "
-                    "cluster was dropped by retention"
+                    f"stream {self.stream_id!r} holds no keyframe {keyframe_id!r}: it was never kept, its "
+                    "cluster was dropped by retention, or it was a keyframe of an earlier stream of that id, "
+                    "deleted since"
                 )
             found.append(keyframe)
         return found

@@ -55,7 +55,9 @@ class LocalFrame:
 class StreamState:
     """Everything the engine keeps for one stream."""
 
-    def __init__(self, stream_id: str, *, fps: float, former: ClusterFormer, pools: PagePools) -> None:
+    def __init__(
+        self, stream_id: str, *, fps: float, former: ClusterFormer, pools: PagePools, first_frame_index: int = 0
+    ) -> None:
         self.stream_id = stream_id
         self.fps = fps
         self.former = former
@@ -68,6 +70,9 @@ class StreamState:
         self.first_timestamp_s: float | None = None
         self.last_timestamp_s: float | None = None
         self.text_cursor = 0  # where text after the newest frame starts: this stream's rope delta
+        # Frames are numbered on from ``first_frame_index`` (past those of an ended stream of the same id, whose
+        # keyframe ids name them); ``frames_ingested`` counts this stream's own.
+        self.first_frame_index = first_frame_index
         self.frames_ingested = 0
         self.local: deque[LocalFrame] = deque()
         self.local_tokens = 0
@@ -90,6 +95,10 @@ class StreamState:
                 f"stream {self.stream_id!r}: frame timestamp {timestamp_s:.3f}s is not after the previous "
                 f"frame's {previous_s:.3f}s; timestamps must increase"
             )
+
+    @property
+    def next_frame_index(self) -> int:
+        return self.first_frame_index + self.frames_ingested
 
     @property
     def sink_tokens(self) -> int:

@@ -1,0 +1,129 @@
+"""A stream deleted and opened again under its id: no id the deleted stream gave out names anything of the new
+one, in one process and across restarts."""
+
+from __future__ import annotations
+
+import pytest
+
+from mosaic_core.durable.manifest import MANIFEST_NAME, decode_line, encode_line
+from mosaic_core.engine.keyframe_store import UnknownKeyframeError
+from mosaic_core.errors import UnknownClusterError
+from tests.engine.engine_helpers import feed, make_engine
+
+
+def _ids(engine, stream_id: str) -> tuple[set[str], set[str]]:
+    """The stream's held cluster ids, and the ids of every keyframe of them."""
+    cluster_ids = {c.cluster_id for c in engine.clusters(stream_id)}
+    keyframe_ids = {k.keyframe_id for cid in cluster_ids for k in engine.keyframes(stream_id, cluster_id=cid)}
+    return cluster_ids, keyframe_ids
+
+
+def _assert_gone(engine, stream_id: str, cluster_ids: set[str], keyframe_ids: set[str]) -> None:
+    for keyframe_id in sorted(keyframe_ids):
+        with pytest.raises(UnknownKeyframeError, match="earlier stream of that id, deleted since"):
+            engine.keyframes(stream_id, keyframe_ids=[keyframe_id])
+    for cluster_id in sorted(cluster_ids):
+        with pytest.raises(UnknownClusterError, match="earlier stream of that id, deleted since"):
+            engine.keyframes(stream_id, cluster_id=cluster_id)
+        assert engine.cluster_info(stream_id, cluster_id) is None
+
+
+def _assert_held(engine, stream_id: str, cluster_ids: set[str], keyframe_ids: set[str]) -> None:
+    assert cluster_ids <= {c.cluster_id for c in engine.clusters(stream_id)}
+    assert {k.keyframe_id for k in engine.keyframes(stream_id, keyframe_ids=sorted(keyframe_ids))} == keyframe_ids
+
+
+def test_a_reopened_stream_gives_none_of_the_deleted_stream_s_ids(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model)
+    engine.open_stream("cam", fps=4.0)
+    feed(engine, "cam", bikes_frames[:16])
+    old_clusters, old_keyframes = _ids(engine, "cam")
+    assert len(old_clusters) >= 2 and old_keyframes
+    engine.close_stream("cam")
+
+    engine.open_stream("cam", fps=4.0)
+    feed(engine, "cam", bikes_frames[:16])
+    new_clusters, new_keyframes = _ids(engine, "cam")
+    assert new_clusters and new_keyframes
+    assert not new_clusters & old_clusters and not new_keyframes & old_keyframes
+    _assert_gone(engine, "cam", old_clusters, old_keyframes)
+    _assert_held(engine, "cam", new_clusters, new_keyframes)
+    # Frames are still counted per stream; only their numbers go on.
+    assert engine.stream("cam").frames_ingested == 16
+    (latest,) = engine.keyframes("cam", latest=True)
+    assert latest.frame_index == engine.stream("cam").next_frame_index - 1
+
+
+def test_the_numbers_go_on_across_restarts(tiny_model, bikes_frames, tmp_path):
+    first = make_engine(tiny_model, data_dir=str(tmp_path))
+    first.open_stream("cam", fps=4.0)
+    feed(first, "cam", bikes_frames[:16])
+    old_clusters, old_keyframes = _ids(first, "cam")
+    assert old_clusters and old_keyframes
+    first.close_stream("cam")
+    first.close()
+
+    # Deleted before the restart, opened again after it.
+    second = make_engine(tiny_model, data_dir=str(tmp_path))
+    assert second.restore_streams() == []
+    second.open_stream("cam", fps=4.0)
+    feed(second, "cam", bikes_frames[:16])
+    second.checkpoint()
+    _assert_gone(second, "cam", old_clusters, old_keyframes)
+    kept_clusters, kept_keyframes = _ids(second, "cam")
+    second.close()
+
+    # The reopened stream comes back with its own numbers, and goes on past them.
+    third = make_engine(tiny_model, data_dir=str(tmp_path))
+    (restored,) = third.restore_streams()
+    assert restored.num_clusters == len(kept_clusters)
+    _assert_gone(third, "cam", old_clusters, old_keyframes)
+    _assert_held(third, "cam", kept_clusters, kept_keyframes)
+    assert third.stream("cam").frames_ingested == 16
+    feed(third, "cam", bikes_frames[:8], offset_s=100.0)
+    later_clusters, later_keyframes = _ids(third, "cam")
+    grown_clusters, grown_keyframes = later_clusters - kept_clusters, later_keyframes - kept_keyframes
+    assert grown_clusters and grown_keyframes
+    assert not grown_clusters & old_clusters and not grown_keyframes & old_keyframes
+    third.close()
+
+
+def test_a_stream_deleted_on_one_engine_numbers_on_when_created_on_another(tiny_model, bikes_frames, tmp_path):
+    """A service's workers: each its own data folder, one shared folder for the numbers of closed streams."""
+    worker_0 = make_engine(tiny_model, data_dir=str(tmp_path / "worker-0"), retired_ids_dir=str(tmp_path))
+    worker_1 = make_engine(tiny_model, data_dir=str(tmp_path / "worker-1"), retired_ids_dir=str(tmp_path))
+    worker_0.open_stream("cam", fps=4.0)
+    feed(worker_0, "cam", bikes_frames[:16])
+    old_clusters, old_keyframes = _ids(worker_0, "cam")
+    assert old_clusters and old_keyframes
+    worker_0.close_stream("cam")
+
+    worker_1.open_stream("cam", fps=4.0)
+    feed(worker_1, "cam", bikes_frames[:16])
+    new_clusters, new_keyframes = _ids(worker_1, "cam")
+    assert not new_clusters & old_clusters and not new_keyframes & old_keyframes
+    _assert_gone(worker_1, "cam", old_clusters, old_keyframes)
+    worker_0.close()
+    worker_1.close()
+
+
+def test_a_journal_from_before_first_frame_index_numbers_its_frames_from_zero(tiny_model, bikes_frames, tmp_path):
+    first = make_engine(tiny_model, data_dir=str(tmp_path))
+    first.open_stream("cam", fps=4.0)
+    feed(first, "cam", bikes_frames[:16])
+    first.checkpoint()
+    clusters, keyframes = _ids(first, "cam")
+    assert clusters and keyframes
+    first.close()
+    journal = tmp_path / "cam" / MANIFEST_NAME
+    head, *rest = journal.read_bytes().splitlines(keepends=True)
+    opened = decode_line(head)
+    del opened["stream"]["first_frame_index"]  # as an older version wrote it
+    journal.write_bytes(encode_line(opened) + b"".join(rest))
+
+    second = make_engine(tiny_model, data_dir=str(tmp_path))
+    second.restore_streams()
+    assert second.stream("cam").first_frame_index == 0
+    assert second.stream("cam").frames_ingested == 16
+    _assert_held(second, "cam", clusters, keyframes)
+    second.close()

@@ -1,0 +1,72 @@
+"""A stream id used again numbers on past the ended stream's clusters and frames, in memory and on disk."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from mosaic_core.bookkeeping import ClusterFormer, FormationConfig
+from mosaic_core.durable.retired import RETIRED_DIR, RetiredNumbers, StreamNumbers
+from mosaic_core.errors import InvalidArgumentError
+
+ENDED = StreamNumbers(next_cluster_number=71, next_frame_index=5230)
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["in_memory", "on_disk"])
+def test_an_ended_stream_s_numbers_are_where_the_next_stream_of_its_id_starts(tmp_path, on_disk):
+    retired = RetiredNumbers(tmp_path if on_disk else None)
+    assert retired.start_of("cam") == StreamNumbers()
+    retired.retire("cam", ENDED)
+    assert retired.start_of("cam") == ENDED
+    assert retired.start_of("other") == StreamNumbers()  # per stream id
+
+
+def test_retiring_never_lowers_a_number(tmp_path):
+    retired = RetiredNumbers(tmp_path)
+    retired.retire("cam", ENDED)
+    retired.retire("cam", StreamNumbers(next_cluster_number=3, next_frame_index=9000))
+    expected = StreamNumbers(next_cluster_number=71, next_frame_index=9000)
+    assert retired.start_of("cam") == expected
+    assert RetiredNumbers(tmp_path).start_of("cam") == expected
+
+
+def test_the_numbers_outlive_a_restart_in_a_hidden_folder(tmp_path):
+    RetiredNumbers(tmp_path).retire("cam-1.a_b", ENDED)
+    assert [p.name for p in (tmp_path / RETIRED_DIR).iterdir()] == ["cam-1.a_b.json"]
+    assert RetiredNumbers(tmp_path).start_of("cam-1.a_b") == ENDED
+    assert RetiredNumbers(None).start_of("cam-1.a_b") == StreamNumbers()  # nothing kept without a folder
+
+
+def test_engines_sharing_the_folder_see_each_other_s_retirements(tmp_path):
+    worker_0, worker_1 = RetiredNumbers(tmp_path), RetiredNumbers(tmp_path)
+    assert worker_1.start_of("cam") == StreamNumbers()
+    worker_0.retire("cam", ENDED)  # deleted on one worker, created again on the other
+    assert worker_1.start_of("cam") == ENDED
+
+
+def test_a_service_s_workers_share_the_data_folder_for_it(tmp_path):
+    from services.config import load_config
+
+    config = load_config(None, data_dir=str(tmp_path))
+    engines = [config.engine_config(worker_subdir=f"worker-{i}") for i in range(2)]
+    assert [e.data_dir for e in engines] == [str(tmp_path / "worker-0"), str(tmp_path / "worker-1")]
+    assert {e.retired_ids_dir for e in engines} == {str(tmp_path)}
+
+
+def test_a_damaged_file_starts_the_id_from_zero_and_says_so(tmp_path, caplog):
+    (tmp_path / RETIRED_DIR).mkdir()
+    (tmp_path / RETIRED_DIR / "cam.json").write_text('{"next_cluster_number": 7')
+    with caplog.at_level(logging.ERROR):
+        assert RetiredNumbers(tmp_path).start_of("cam") == StreamNumbers()
+    assert "counts its clusters and frames from 0" in caplog.text
+
+
+def test_a_former_numbers_its_clusters_from_its_first_number():
+    former = ClusterFormer("cam", FormationConfig(max_tokens=100), first_number=71)
+    decision = former.decide(timestamp_s=0.0, num_tokens=10, similarity=None, cohesion_after=None)
+    assert decision.cluster_id == "cam/c000071"
+    former.commit(decision, frame_index=5230, timestamp_s=0.0, num_tokens=10)
+    assert former.next_number == 72
+    with pytest.raises(InvalidArgumentError, match="first_number"):
+        ClusterFormer("cam", first_number=-1)
