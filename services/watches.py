@@ -7,6 +7,12 @@
   and goes into its watch's bounded buffer in the store, then to subscribers and, if the watch has one, its
   webhook. The buffer is where subscribers read from, so a reconnecting client resumes from its last id.
 - **Subscribers** (``WatchEvents``) read the buffer after their cursor and then wait for the next event.
+- **Deleted streams.** ``forget_stream`` (after the stream's worker has forgotten it and marked its unreported
+  events ``sets_cooldown=False``) clears the stream's cooldowns in the store, and keeps them cleared: an event of
+  the stream in a report taken before the forget is still stored, but without its cooldown (the report may
+  predate the delete), a store write of its cooldown already under way is waited for, and so is a sync of the
+  workers that read the cooldowns before the forget. A stream created again under the id then starts without its
+  predecessor's.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from mosaic_core.engine.stream import check_stream_id
@@ -39,6 +45,14 @@ READ_BATCH = 256
 
 class UnknownWatchError(NotFoundError):
     """No watch with this id."""
+
+
+@dataclass(slots=True, eq=False)
+class _Take:
+    """One worker report, from the call that takes it until its events are stored: the streams deleted
+    meanwhile, whose events in it may belong to the deleted incarnation."""
+
+    deleted_stream_ids: set[str] = dataclasses.field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -75,6 +89,8 @@ class WatchRegistry:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._sync_lock = asyncio.Lock()
+        self._takes: set[_Take] = set()  # reports being taken or stored
+        self._cooldown_writes: dict[str, set[asyncio.Future]] = {}  # stream -> store writes of its cooldown
         self.webhooks = WebhookSender(
             config.webhook_allowed_urls,
             self.metrics.webhook,
@@ -110,12 +126,14 @@ class WatchRegistry:
     async def drain(self, index: int) -> None:
         """Stores what a stopped worker still holds (events whose answers the shutdown cut short)."""
         worker = self.coordinator.workers[index]
-        try:
-            report = await asyncio.wait_for(self.coordinator._call(index, worker.take_watch_events.remote(0.0)), 5.0)
-        except Exception as err:
-            log.warning("could not take worker %d's last watch events: %s", index, err)
-            return
-        await self._absorb(report)
+        with self._taking() as take:
+            try:
+                call = self.coordinator._call(index, worker.take_watch_events.remote(0.0))
+                report = await asyncio.wait_for(call, 5.0)
+            except Exception as err:
+                log.warning("could not take worker %d's last watch events: %s", index, err)
+                return
+            await self._absorb(report, take)
 
     async def close(self) -> None:
         """Ends subscribers and webhook delivery (deliveries still queued are not sent; they count as dropped)."""
@@ -184,9 +202,16 @@ class WatchRegistry:
         return list(zip(records, states, strict=True))
 
     async def forget_stream(self, stream_id: str) -> None:
-        """A deleted stream's cooldowns go (``WatchStore.forget_stream``); a failure is logged: the stream is gone."""
+        """A deleted stream's cooldowns go (``WatchStore.forget_stream``) and stay gone (module doc); a failure is
+        logged: the stream is gone. Called once the stream's worker has forgotten it."""
+        for take in self._takes:
+            take.deleted_stream_ids.add(stream_id)
+        writes = self._cooldown_writes.get(stream_id)
+        if writes:
+            await asyncio.wait(set(writes))
         try:
-            await asyncio.to_thread(self.store.forget_stream, stream_id)
+            async with self._sync_lock:  # a sync that read the cooldowns before this forget reaches the workers first
+                await asyncio.to_thread(self.store.forget_stream, stream_id)
         except Exception:
             log.exception("stream %r was deleted, but its watch cooldowns could not be dropped", stream_id)
 
@@ -232,27 +257,40 @@ class WatchRegistry:
         failures = 0  # polls failed in a row: the first is a warning, the rest debug lines
         while not self._stopping:
             worker = self.coordinator.workers[index]
-            try:
-                report = await self.coordinator._call(index, worker.take_watch_events.remote(POLL_WAIT_S))
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # a restarting worker: try again shortly, then re-send the watches
-                failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(level, "watch poll of worker %d failed (retrying every %.0f s): %s", index, POLL_WAIT_S, err)
-                await asyncio.sleep(POLL_WAIT_S)
-                last_sync = 0.0
-                continue
-            failures = 0
-            try:
-                await self._absorb(report)
-                if report.num_watches != len(self._records) or time.monotonic() - last_sync > RESYNC_INTERVAL_S:
-                    await self.sync_workers([index])
-                    last_sync = time.monotonic()
-            except Exception:  # a bug here must not end the poll: every later event of the worker would be lost
-                log.exception("handling worker %d's watch events failed", index)
+            with self._taking() as take:
+                try:
+                    report = await self.coordinator._call(index, worker.take_watch_events.remote(POLL_WAIT_S))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:  # a restarting worker: try again shortly, then re-send the watches
+                    failures += 1
+                    level = logging.WARNING if failures == 1 else logging.DEBUG
+                    log.log(level, "watch poll of worker %d failed (retrying every %.0f s): %s", index, POLL_WAIT_S,
+                            err)  # fmt: skip
+                    await asyncio.sleep(POLL_WAIT_S)
+                    last_sync = 0.0
+                    continue
+                failures = 0
+                try:
+                    await self._absorb(report, take)
+                    if report.num_watches != len(self._records) or time.monotonic() - last_sync > RESYNC_INTERVAL_S:
+                        await self.sync_workers([index])
+                        last_sync = time.monotonic()
+                except Exception:  # a bug here must not end the poll: every later event of the worker would be lost
+                    log.exception("handling worker %d's watch events failed", index)
 
-    async def _absorb(self, report: WatchReport) -> None:
+    @contextlib.contextmanager
+    def _taking(self) -> Iterator[_Take]:
+        """Registers a worker report from before it is taken until its events are stored: a stream deleted
+        meanwhile is marked in it."""
+        take = _Take()
+        self._takes.add(take)
+        try:
+            yield take
+        finally:
+            self._takes.discard(take)
+
+    async def _absorb(self, report: WatchReport, take: _Take | None = None) -> None:
         self.metrics.evaluated(report.num_evaluations)
         for reason, n in report.suppressed.items():
             self.metrics.suppressed(reason, n)
@@ -261,16 +299,30 @@ class WatchRegistry:
         for seconds in report.score_seconds:
             self.metrics.observe_score(seconds)
         for event in report.events:
-            await self._record(event)
+            await self._record(event, take)
 
-    async def _record(self, event: FiredEvent) -> None:
+    async def _record(self, event: FiredEvent, take: _Take | None = None) -> None:
+        """Stores, publishes and forwards one event of the report ``take``."""
         record = self._records.get(event.watch_id)
         if record is None:
             return  # deleted since the worker fired it
         payload = dataclasses.asdict(event) | {"question": record.question, "labels": dict(record.labels)}
-        stored = await asyncio.to_thread(
-            self.store.append_event, event.watch_id, payload, max_events=self.config.watch_event_buffer
+        del payload["sets_cooldown"]
+        sets_cooldown = event.sets_cooldown and (take is None or event.stream_id not in take.deleted_stream_ids)
+        write = asyncio.ensure_future(
+            asyncio.to_thread(
+                self.store.append_event,
+                event.watch_id,
+                payload,
+                max_events=self.config.watch_event_buffer,
+                sets_cooldown=sets_cooldown,
+            )
         )
+        if sets_cooldown:  # a forget of the stream from now on waits for it
+            writes = self._cooldown_writes.setdefault(event.stream_id, set())
+            writes.add(write)
+            write.add_done_callback(lambda done, s=event.stream_id: self._cooldown_write_done(s, done))
+        stored = await asyncio.shield(write)  # cancelled or not, the write completes and is waited for
         if stored is None:
             return
         event_id, trimmed = stored
@@ -281,6 +333,13 @@ class WatchRegistry:
             body = payload | {"event_id": event_id}
             self.webhooks.enqueue(Delivery(record.webhook_url, record.webhook_secret, event_id, body))
         await self._wake_subscribers()
+
+    def _cooldown_write_done(self, stream_id: str, write: asyncio.Future) -> None:
+        writes = self._cooldown_writes.get(stream_id)
+        if writes is not None:
+            writes.discard(write)
+            if not writes:
+                del self._cooldown_writes[stream_id]
 
     async def subscribe(self, watch_ids: list[str], after_event_id: int | None) -> AsyncIterator[WatchEventItem]:
         """Events of ``watch_ids`` (empty: all) after ``after_event_id`` (None: from now on), then live; ends

@@ -163,6 +163,9 @@ class FiredEvent:
     answer_error: str
     sealed_unix_s: float
     fired_unix_s: float
+    # False for an event of a stream deleted since it fired: it is stored and delivered, but its cooldown would
+    # outlive the stream and hold back a stream created again under the id
+    sets_cooldown: bool = True
 
 
 @dataclass(slots=True)

@@ -21,6 +21,10 @@ the router calls through Ray.
   ``answer_error`` saying why.
 - **Outbox.** Fired events wait in a bounded outbox until the router takes them; overflow drops the oldest,
   counted.
+- **Deleted streams.** ``forget_stream`` drops the stream's watermark and cooldowns, and ends its incarnation.
+  Its events still in the outbox, and those posted later (an answer that finishes after the delete), still go to
+  the router, since they fired before the delete, but marked ``sets_cooldown=False``: the router stores them
+  without their cooldown, which a stream created again under the id would otherwise inherit.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class WorkerWatches:
         self._specs: dict[str, WatchSpec] = {}
         self._watermark: dict[str, float] = {}  # stream -> end_s of the newest cluster evaluated
         self._fired_until: dict[tuple[str, str], float] = {}  # (watch, stream) -> end_s of its last event
+        # stream -> a token of its incarnation: events carry it to the outbox, which refuses a stale one
+        self._incarnations: dict[str, object] = {}
         self._outbox: deque[FiredEvent] = deque()
         self._max_outbox = max_outbox
         self._cond = threading.Condition()
@@ -153,11 +159,17 @@ class WorkerWatches:
         return None if value is None or value == float("-inf") else value
 
     def forget_stream(self, stream_id: str) -> None:
+        """The stream was deleted: its watermark and cooldowns go, and its unreported events lose theirs (module
+        doc)."""
         self._watermark.pop(stream_id, None)
         self.scorer.forget(stream_id=stream_id)
         with self._cond:
+            self._incarnations.pop(stream_id, None)
             for key in [k for k in self._fired_until if k[1] == stream_id]:
                 del self._fired_until[key]
+            for event in self._outbox:
+                if event.stream_id == stream_id:
+                    event.sets_cooldown = False
 
     # -- evaluation (engine thread) ------------------------------------------------------------------
     def on_ingested(self, stream_ids) -> None:
@@ -175,6 +187,8 @@ class WorkerWatches:
             watches = [s for s in self._specs.values() if s.applies_to(stream_id)]
         if not watches:
             return
+        with self._cond:
+            incarnation = self._incarnations.setdefault(stream_id, object())
         sealed_unix_s = time.time()
         questions = list(dict.fromkeys(w.question for w in watches))
         started = time.perf_counter()
@@ -197,7 +211,7 @@ class WorkerWatches:
             for watch in watches:
                 lift = lifts[(watch.question, cluster.cluster_id)]
                 if lift >= watch.threshold and self._passes(watch, stream_id, cluster):
-                    self._answer(watch, cluster, lift, sealed_unix_s)
+                    self._answer(watch, cluster, lift, sealed_unix_s, incarnation)
 
     def _passes(self, watch: WatchSpec, stream_id: str, cluster) -> bool:
         if watch.active_hours is not None and not watch.active_hours.contains(
@@ -218,7 +232,7 @@ class WorkerWatches:
         with self._cond:
             self._suppressed[reason] += 1
 
-    def _answer(self, watch: WatchSpec, cluster, lift: float, sealed_unix_s: float) -> None:
+    def _answer(self, watch: WatchSpec, cluster, lift: float, sealed_unix_s: float, incarnation: object) -> None:
         event = FiredEvent(
             watch_id=watch.watch_id,
             stream_id=cluster.stream_id,
@@ -240,14 +254,14 @@ class WorkerWatches:
             deadline_s=time.monotonic() + self.answer_timeout_s,
             retention_s=self.retention_s(cluster.stream_id),
         )
-        job.on_finish = lambda finished, error: self._answered(event, finished, error)
+        job.on_finish = lambda finished, error: self._answered(event, incarnation, finished, error)
         if not self.loop.submit_background(job):
             with self._cond:
                 self._dropped["answer_queue_full"] += 1
             event.answer_error = "the worker's queue of watch answers was full; the event fired without an answer"
-            self._post(event)
+            self._post(event, incarnation)
 
-    def _answered(self, event: FiredEvent, job: QuestionJob, error: BaseException | None) -> None:
+    def _answered(self, event: FiredEvent, incarnation: object, job: QuestionJob, error: BaseException | None) -> None:
         answer = None
         while not job.events.empty():
             item = job.events.get_nowait()
@@ -257,11 +271,14 @@ class WorkerWatches:
             event.answer = answer.text
         else:
             event.answer_error = str(error) if error is not None else "no answer was produced"
-        self._post(event)
+        self._post(event, incarnation)
 
-    def _post(self, event: FiredEvent) -> None:
+    def _post(self, event: FiredEvent, incarnation: object) -> None:
+        """Queues the event for the router; if its stream was deleted since it fired, without its cooldown."""
         event.fired_unix_s = time.time()
         with self._cond:
+            if self._incarnations.get(event.stream_id) is not incarnation:
+                event.sets_cooldown = False
             if len(self._outbox) >= self._max_outbox:
                 self._outbox.popleft()
                 self._dropped["outbox_full"] += 1

@@ -58,7 +58,8 @@ if extra > 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
 end
 redis.call('HINCRBY', KEYS[3], 'num_events', 1)
-redis.call('HSET', KEYS[3], 'last_event_unix_s', ARGV[5], 'fired:' .. ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[3], 'last_event_unix_s', ARGV[5])
+if ARGV[6] == '1' then redis.call('HSET', KEYS[3], 'fired:' .. ARGV[3], ARGV[4]) end
 return {id, trimmed}
 """
 
@@ -107,8 +108,11 @@ class WatchStore(abc.ABC):
     def state(self, watch_id: str) -> WatchState: ...
 
     @abc.abstractmethod
-    def append_event(self, watch_id: str, event: dict, *, max_events: int) -> tuple[int, int] | None:
-        """Stores ``event`` (its ``stream_id`` and ``end_s`` feed ``fired_until``) under a new id.
+    def append_event(
+        self, watch_id: str, event: dict, *, max_events: int, sets_cooldown: bool = True
+    ) -> tuple[int, int] | None:
+        """Stores ``event`` under a new id; with ``sets_cooldown`` its ``stream_id`` and ``end_s`` feed
+        ``fired_until`` (the router passes False for an event whose stream may have been deleted since).
 
         Returns ``(event_id, events trimmed)``, or None if the watch no longer exists."""
 
@@ -168,7 +172,9 @@ class InMemoryWatchStore(WatchStore):
             state = self._states.get(watch_id) or WatchState()
             return dataclasses.replace(state, fired_until_s=dict(state.fired_until_s))
 
-    def append_event(self, watch_id: str, event: dict, *, max_events: int) -> tuple[int, int] | None:
+    def append_event(
+        self, watch_id: str, event: dict, *, max_events: int, sets_cooldown: bool = True
+    ) -> tuple[int, int] | None:
         with self._lock:
             if watch_id not in self._watches:
                 return None
@@ -181,7 +187,8 @@ class InMemoryWatchStore(WatchStore):
                 del events[:trimmed]
             state.num_events += 1
             state.last_event_unix_s = float(event.get("fired_unix_s", 0.0))
-            state.fired_until_s[event["stream_id"]] = float(event["end_s"])
+            if sets_cooldown:
+                state.fired_until_s[event["stream_id"]] = float(event["end_s"])
             return self._seq, trimmed
 
     def events_after(self, watch_id: str, after_id: int, limit: int) -> list[tuple[int, dict]]:
@@ -258,7 +265,9 @@ class RedisWatchStore(WatchStore):
             fired_until_s={k[len("fired:") :]: float(v) for k, v in fields.items() if k.startswith("fired:")},
         )
 
-    def append_event(self, watch_id: str, event: dict, *, max_events: int) -> tuple[int, int] | None:
+    def append_event(
+        self, watch_id: str, event: dict, *, max_events: int, sets_cooldown: bool = True
+    ) -> tuple[int, int] | None:
         keys = [
             f"{self._ns}:watch_seq",
             self._key(watch_id, "events"),
@@ -272,6 +281,7 @@ class RedisWatchStore(WatchStore):
             event["stream_id"],
             repr(float(event["end_s"])),
             repr(float(event["fired_unix_s"])),
+            "1" if sets_cooldown else "0",
         ]
         event_id, trimmed = self._append(keys=keys, args=args)
         return None if event_id == 0 else (int(event_id), int(trimmed))

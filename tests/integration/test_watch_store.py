@@ -83,6 +83,18 @@ def test_a_deleted_streams_cooldowns_go_from_every_watch_and_the_others_stay(sto
     assert store.state("w1").num_events == 2
 
 
+def test_an_event_stored_without_its_cooldown_counts_and_leaves_the_cooldown_alone(store):
+    """The router stores an event whose stream may have been deleted since without its cooldown."""
+    store.put_watch(_watch("w1"))
+    store.append_event("w1", _event("gate", end_s=7.0), max_events=3)
+    store.forget_stream("gate")
+    stored = store.append_event("w1", _event("gate", end_s=5000.0), max_events=3, sets_cooldown=False)
+    assert stored is not None
+    state = store.state("w1")
+    assert state.fired_until_s == {} and state.num_events == 2 and state.last_event_unix_s == 6000.0
+    assert [e["end_s"] for _, e in store.events_after("w1", 0, 10)] == [7.0, 5000.0]
+
+
 def test_redis_keys_match_the_documented_templates(redis_client, redis_namespace):
     store = RedisWatchStore(redis_client, namespace=redis_namespace)
     store.put_watch(_watch("site.cam-7_w"))

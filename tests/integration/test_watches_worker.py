@@ -222,3 +222,50 @@ def test_a_shutdown_hands_over_every_event_it_cut_short(tiny_model, bikes_frames
     late = worker.take_watch_events(0.0).events
     assert len(early) + len(late) == num_sealed  # answered, or handed over with the reason it was not
     assert any("shutting down" in e.answer_error for e in late)
+
+
+def _fire_again(worker: WorkerCore, stream_id: str) -> int:
+    """On the engine thread: evaluates every sealed cluster of the stream again (its watermark rewound), which
+    queues one background answer per cluster; returns how many clusters fired."""
+    worker.watches.restore_watermark(stream_id, float("-inf"))
+    worker.watches.on_ingested([stream_id])
+    return len(worker.engine.clusters(stream_id)) - 1
+
+
+def test_a_deleted_streams_unreported_events_still_go_out_without_their_cooldown(worker, bikes_frames):
+    """Events of a stream still in the outbox when it is deleted fired before the delete: the router still gets
+    them, marked so that it does not store the deleted stream's cooldown, which a stream created again under the
+    id would inherit. Another stream's events keep theirs."""
+    worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
+    worker.open_stream(StreamRecord(stream_id="yard", fps=FPS))
+    _push(worker, "cam", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:8])])
+    _push(worker, "yard", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:8])])
+    worker.set_watches([_watch("w", [])])
+    fired = worker.loop.call(lambda: {s: _fire_again(worker, s) for s in ("cam", "yard")})
+    assert fired["cam"] >= 2 and fired["yard"] >= 2
+    worker.close_stream("cam")  # its answers are cut short or done: either way their events wait in the outbox
+    events, deadline = [], time.monotonic() + 60
+    while len(events) < sum(fired.values()) and time.monotonic() < deadline:
+        events += worker.take_watch_events(0.5).events
+    setting = sorted((e.stream_id, e.sets_cooldown) for e in events)
+    assert setting == [("cam", False)] * fired["cam"] + [("yard", True)] * fired["yard"]
+
+
+def test_an_answer_that_ends_after_its_stream_was_forgotten_goes_out_without_its_cooldown(worker, bikes_frames):
+    """The incarnation check of the outbox: answers queued before ``forget_stream`` run after it (the stream's
+    engine state is left in place here), and their events must not carry the forgotten stream's cooldown."""
+    worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
+    _push(worker, "cam", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:8])])
+    worker.set_watches([_watch("w", ["cam"])])
+
+    def fire_then_forget() -> int:
+        fired = _fire_again(worker, "cam")  # answers queued, not started: this holds the engine thread
+        worker.watches.forget_stream("cam")
+        return fired
+
+    fired = worker.loop.call(fire_then_forget)
+    assert fired >= 2
+    events, deadline = [], time.monotonic() + 60
+    while len(events) < fired and time.monotonic() < deadline:
+        events += worker.take_watch_events(0.5).events
+    assert [e.sets_cooldown for e in events] == [False] * fired

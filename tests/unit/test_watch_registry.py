@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from services.coordinator import Coordinator
 from services.metadata.watches import InMemoryWatchStore
 from services.metrics import MosaicMetrics
 from services.watches import WatchRegistry
-from services.watches_spec import FiredEvent, WatchRecord
+from services.watches_spec import FiredEvent, WatchRecord, WatchReport
 
 
 class _FlakyStore(InMemoryWatchStore):
@@ -302,5 +303,97 @@ def test_missed_before_survives_a_batch_filled_by_another_watch():
         first_b = got[-1]
         assert first_b.event_id == 361
         assert first_b.missed_before, "b's events 251..260 were never read, but its next event has no missed_before"
+
+    asyncio.run(run())
+
+
+class _HeldTake:
+    """Stands in for a worker's Ray handle in ``coordinator.workers``: ``take_watch_events.remote`` hands over
+    ``report`` once ``release`` is set, so a test can delete a stream while the report is on its way."""
+
+    def __init__(self, report):
+        self.report = report
+        self.taken = asyncio.Event()
+        self.release = asyncio.Event()
+        self.take_watch_events = self
+
+    def remote(self, wait_s: float):
+        async def take():
+            self.taken.set()
+            await self.release.wait()
+            return self.report
+
+        return take()
+
+
+def test_an_event_taken_before_its_stream_was_deleted_is_stored_without_its_cooldown():
+    """The worker reported the deleted stream's event before it forgot the stream; the router stores it after
+    DeleteStream cleared the cooldowns. The event stays, the cooldown must not come back."""
+
+    async def run():
+        store = InMemoryWatchStore()
+        registry = _registry(store)
+        await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
+        gate = dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1")
+        yard = dataclasses.replace(_fired("w", 7.0), stream_id="yard", cluster_id="yard/c1")
+        held = _HeldTake(WatchReport(events=[gate, yard]))
+        registry.coordinator.workers = [held]
+        drain = asyncio.create_task(registry.drain(0))
+        await asyncio.wait_for(held.taken.wait(), 5)
+        await registry.forget_stream("gate")
+        held.release.set()
+        await asyncio.wait_for(drain, 5)
+        state = store.state("w")
+        assert state.fired_until_s == {"yard": 7.0}  # only the deleted stream's cooldown is left out
+        assert [e["stream_id"] for _, e in store.events_after("w", 0, 10)] == ["gate", "yard"]
+
+    asyncio.run(run())
+
+
+class _HeldAppend(InMemoryWatchStore):
+    """An in-memory store whose ``append_event`` waits for ``release`` (a slow store write)."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def append_event(self, watch_id, event, **kwargs):
+        self.entered.set()
+        assert self.release.wait(10), "the test never released the write"
+        return super().append_event(watch_id, event, **kwargs)
+
+
+def test_a_stream_forgotten_while_its_cooldown_is_being_written_stays_forgotten():
+    async def run():
+        store = _HeldAppend()
+        registry = _registry(store)
+        await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
+        gate = dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1")
+        record = asyncio.create_task(registry._record(gate))
+        assert await asyncio.to_thread(store.entered.wait, 5)
+        forget = asyncio.create_task(registry.forget_stream("gate"))
+        await asyncio.sleep(0.1)  # the forget is under way while the write is held
+        store.release.set()
+        await asyncio.wait_for(asyncio.gather(record, forget), 5)
+        assert store.state("w").fired_until_s == {} and store.state("w").num_events == 1
+
+    asyncio.run(run())
+
+
+def test_an_event_its_worker_marked_as_of_a_deleted_stream_is_stored_and_sent_without_its_cooldown():
+    async def run():
+        store = InMemoryWatchStore()
+        registry = _registry(store)
+        await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
+        gate = dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1", sets_cooldown=False)
+        yard = dataclasses.replace(_fired("w", 7.0), stream_id="yard", cluster_id="yard/c1")
+        registry.coordinator.workers = [_HeldTake(WatchReport(events=[gate, yard]))]
+        registry.coordinator.workers[0].release.set()
+        await asyncio.wait_for(registry.drain(0), 5)
+        assert store.state("w").fired_until_s == {"yard": 7.0}
+        stored = [e for _, e in store.events_after("w", 0, 10)]
+        assert [e["stream_id"] for e in stored] == ["gate", "yard"]
+        assert all("sets_cooldown" not in e for e in stored)  # worker-to-router bookkeeping, not part of the event
 
     asyncio.run(run())
