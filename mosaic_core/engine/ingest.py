@@ -281,25 +281,17 @@ def _ingest_pass(
     states = [parts.streams[sid] for sid, _, _ in rows]
     row_tokens = [_row_tokens(row, features) for row in rows]
     width = max(row_tokens)
-    positions = []
-    for state, (_, _, frames), tokens in zip(states, rows, row_tokens, strict=True):
+    positions = np.empty((3, len(rows), width), dtype=np.int64)  # a left pad repeats its row's first position
+    for row, (state, (_, _, frames), tokens) in enumerate(zip(states, rows, row_tokens, strict=True)):
         if state.first_timestamp_s is None:
             state.first_timestamp_s = frames[0].timestamp_s
-        positions.append(
-            torch.cat(
-                [
-                    parts.model.frame_positions(
-                        state.geometry,
-                        base=state.position_base,
-                        offset_s=f.timestamp_s - state.first_timestamp_s,
-                    )
-                    for f in frames
-                ],
-                dim=1,
-            )
+        row_positions = parts.model.frame_positions(
+            state.geometry,
+            base=state.position_base,
+            offsets_s=[f.timestamp_s - state.first_timestamp_s for f in frames],
         )
-        if tokens < width:
-            positions[-1] = torch.cat([positions[-1][:, :1].expand(-1, width - tokens), positions[-1]], dim=1)
+        positions[:, row, width - tokens :] = row_positions
+        positions[:, row, : width - tokens] = row_positions[:, :1]
     embeds = torch.cat([features[(sid, i)][0] for sid, indices, _ in rows for i in indices])
     pools = parts.tiering.tiers.pools
     ids = np.full((len(rows), width), parts.model.video_token_id, dtype=np.int64)
@@ -320,7 +312,7 @@ def _ingest_pass(
         width=width,
         pauses=pauses,
     )
-    position_ids = pools.upload(torch.stack(positions, dim=1).numpy(), torch.long)
+    position_ids = pools.upload(positions, torch.long)
 
     # Each row's first frame is compared with its open cluster in one batch, read back once; later frames of a row
     # depend on the decisions before them, so they are compared one by one. Compared by their pictures alone

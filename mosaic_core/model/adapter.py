@@ -8,8 +8,10 @@ adapter would implement the same members and nothing in the engine or the cache 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from mosaic_core.memory.layout import KVSpec
@@ -56,8 +58,9 @@ class VlmAdapter(Protocol):
         ``before_block(i)``, when given, is called before the tower's block ``i`` runs (its kernels queued)."""
         ...
 
-    def frame_positions(self, geometry: VisionGeometry, *, base: int, offset_s: float) -> torch.Tensor:
-        """Position ids ``[3, tokens_per_frame]`` of one frame's tokens, on the host."""
+    def frame_positions(self, geometry: VisionGeometry, *, base: int, offsets_s: Sequence[float]) -> np.ndarray:
+        """Position ids ``[3, len(offsets_s) * tokens_per_frame]`` (int64, on the host) of the tokens of a stream's
+        frames, one after another, each ``offsets_s[i]`` seconds after the stream's first frame."""
         ...
 
     def frame_position_end(self, geometry: VisionGeometry, *, base: int, offset_s: float) -> int: ...

@@ -21,6 +21,7 @@ and is written to later. Under inference mode such a tensor refused every later 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -225,15 +226,16 @@ class Qwen25VLAdapter:
         return FrameFeatures(embeds=embeds, summaries=embeds.float().mean(dim=1))
 
     # -- positions ----------------------------------------------------------------------------------------------
-    def frame_positions(self, geometry: VisionGeometry, *, base: int, offset_s: float) -> torch.Tensor:
-        """M-RoPE ids of one frame's tokens: ``[3, tokens_per_frame]``, on the host (a batch of frames is uploaded
-        in one copy)."""
-        temporal = base + round(offset_s * self.tokens_per_second)
-        rows = torch.arange(geometry.llm_grid_h) + base
-        cols = torch.arange(geometry.llm_grid_w) + base
-        grid_h, grid_w = torch.meshgrid(rows, cols, indexing="ij")
-        temporal_ids = torch.full_like(grid_h, temporal)
-        return torch.stack([temporal_ids, grid_h, grid_w]).reshape(3, -1)
+    def frame_positions(self, geometry: VisionGeometry, *, base: int, offsets_s: Sequence[float]) -> np.ndarray:
+        """M-RoPE ids of frames' tokens, one frame after another: ``[3, len(offsets_s) * tokens_per_frame]``, on
+        the host (a batch of frames is uploaded in one copy). In NumPy, from a grid made once per frame size: an
+        ingest call builds them for every stream on the engine thread, where each torch call on a small tensor let
+        the worker's other threads take the GIL (bench/NOTES.md, session 40)."""
+        grid = _grid_ids(geometry.llm_grid_h, geometry.llm_grid_w)  # [2, tokens_per_frame]
+        positions = np.empty((3, len(offsets_s), grid.shape[1]), dtype=np.int64)
+        positions[0] = np.asarray([[base + round(s * self.tokens_per_second)] for s in offsets_s], dtype=np.int64)
+        np.add(grid[:, None, :], base, out=positions[1:])
+        return positions.reshape(3, -1)
 
     def frame_position_end(self, geometry: VisionGeometry, *, base: int, offset_s: float) -> int:
         """One past the largest position a frame uses: where text after it may start."""
@@ -302,3 +304,12 @@ class Qwen25VLAdapter:
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
+
+
+@functools.cache
+def _grid_ids(grid_h: int, grid_w: int) -> np.ndarray:
+    """The row and column ids ``[2, grid_h * grid_w]`` of a frame's tokens, from 0 (read-only: shared)."""
+    rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.int64), np.arange(grid_w, dtype=np.int64), indexing="ij")
+    grid = np.stack([rows.ravel(), cols.ravel()])
+    grid.flags.writeable = False
+    return grid

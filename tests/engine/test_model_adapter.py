@@ -58,8 +58,8 @@ def test_frame_positions_match_get_rope_index_for_a_video(tiny_model):
     expected, _ = tiny_model.model.model.get_rope_index(
         input_ids, mm_types, video_grid_thw=grid, second_per_grid_ts=seconds_per_grid
     )
-    ours = [tiny_model.frame_positions(geometry, base=prefix, offset_s=i * interval_s) for i in range(num_frames)]
-    assert torch.equal(expected[:, 0, prefix:], torch.cat(ours, dim=1).to(expected.device))
+    ours = tiny_model.frame_positions(geometry, base=prefix, offsets_s=[i * interval_s for i in range(num_frames)])
+    assert torch.equal(expected[:, 0, prefix:], torch.from_numpy(ours).to(expected.device))
     assert torch.equal(expected[:, 0, :prefix], tiny_model.text_positions(0, prefix))
 
 
