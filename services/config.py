@@ -101,8 +101,9 @@ class ServiceConfig(BaseModel):
     ingest_queue_frames: int = Field(32, ge=1)
     # Frames of one engine.ingest call, one from each of up to this many streams, those longest behind first; a GPU
     # ingests more frames per second in larger calls (bench/NOTES.md, issue 15), which cost activation memory, and
-    # question latency only when ingest_pause_layers is 0.
-    max_batch_frames: int = Field(64, ge=1)
+    # question latency only when ingest_pause_layers is 0. 128, what every GPU figure of the service used: with 64,
+    # 150 cameras on an H100 fell behind (127 frames/s against 156 with 128, bench/NOTES.md, session 40).
+    max_batch_frames: int = Field(128, ge=1)
     max_push_calls: int = Field(64, ge=1)
     max_stream_fps: float = Field(60.0, gt=0)
     # Share of a worker's measured ingest rate that its streams' fps may add up to; 0 admits every stream.
