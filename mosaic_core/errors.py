@@ -12,9 +12,12 @@ from __future__ import annotations
 
 
 class MosaicError(Exception):
-    """Base class of every error the engine raises on purpose."""
+    """Base class of every error the engine raises on purpose. ``stream_id``, set by an ingest call that fails: the
+    stream whose frames alone made it fail, so that the caller can go on without them; None where no one stream
+    did."""
 
     grpc_code = "INTERNAL"
+    stream_id: str | None = None
 
 
 class InvalidArgumentError(MosaicError, ValueError):

@@ -506,25 +506,35 @@ class EngineLoop:
         return self._ahead.encode_s
 
     def _ingest(self, batch: list[QueuedFrame], encoded: EncodedFrames | None = None) -> tuple[list[QueuedFrame], bool]:
-        """Ingests the batch (with ``encoded``, its vision tower queued ahead); if the engine refuses it, retries
-        stream by stream so one bad camera only loses its own frames (the engine checks a whole batch before
-        changing anything). Returns the frames ingested and whether the engine used ``encoded``."""
+        """Ingests the batch (with ``encoded``, its vision tower queued ahead). The engine checks a whole batch
+        before changing anything, so one bad camera only loses its own frames: if the engine refuses the batch
+        because of one stream's frames (``MosaicError.stream_id``), those are dropped and the rest go again in one
+        call; if the refusal names no stream, each stream goes again in a call of its own. Returns the frames
+        ingested and whether the engine used ``encoded``."""
+        while batch:
+            try:
+                result = self.engine.ingest(_frame_inputs(batch), pauses=self._new_pauses(), encoded=encoded)
+                self._forward_passes += result.num_forward_passes
+                return batch, result.encoded_ahead
+            except Exception as err:
+                streams = {f.stream_id for f in batch}
+                refused = next(iter(streams)) if len(streams) == 1 else getattr(err, "stream_id", None)
+                if refused not in streams:
+                    break
+                self._drop_refused([f for f in batch if f.stream_id == refused], err)
+                batch, encoded = [f for f in batch if f.stream_id != refused], None
         if not batch:
             return [], False
-        try:
-            result = self.engine.ingest(_frame_inputs(batch), pauses=self._new_pauses(), encoded=encoded)
-            self._forward_passes += result.num_forward_passes
-            return batch, result.encoded_ahead
-        except Exception as err:
-            if len({f.stream_id for f in batch}) == 1:
-                reason = "no_room" if isinstance(err, CapacityError) else "invalid"  # no_room: no tier had room
-                log.warning("dropping %d frames of stream %s: %s", len(batch), batch[0].stream_id, err)
-                self.telemetry.dropped(batch[0].stream_id, reason, len(batch))
-                return [], False
         by_stream: dict[str, list[QueuedFrame]] = defaultdict(list)
         for frame in batch:
             by_stream[frame.stream_id].append(frame)
         return [f for frames in by_stream.values() for f in self._ingest(frames)[0]], False
+
+    def _drop_refused(self, frames: list[QueuedFrame], err: BaseException) -> None:
+        """Counts one stream's frames that the engine refused as dropped, with why."""
+        reason = "no_room" if isinstance(err, CapacityError) else "invalid"  # no_room: no tier had room
+        log.warning("dropping %d frames of stream %s: %s", len(frames), frames[0].stream_id, err)
+        self.telemetry.dropped(frames[0].stream_id, reason, len(frames))
 
     def _serve_at_pause(self, chance: str = "pause") -> None:
         """At a pause inside an ingest call, at its start (``chance`` "call_start") or at its end before its upkeep

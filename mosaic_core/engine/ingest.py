@@ -28,7 +28,7 @@ from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import FrameInput, IngestResult
 from mosaic_core.engine.stream import LocalFrame, StreamState
 from mosaic_core.engine.thumbnails import ThumbnailBatch
-from mosaic_core.errors import BudgetError, EmptyBatchError
+from mosaic_core.errors import BudgetError, EmptyBatchError, MosaicError
 from mosaic_core.model.pixels import VisionGeometry, validate_frames
 
 # A row shorter than its pass's longest is left-padded with this id; the pad's KV is never written.
@@ -119,12 +119,12 @@ def ingest(
     """Encodes a batch of frames from any number of streams.
 
     The batch is checked whole before anything changes, so a bad frame rejects the call and leaves every
-    stream as it was. Frames of different streams share forward passes, one row per stream; a row carries
-    up to ``config.max_frames_per_pass`` consecutive frames of its stream (a backlog catches up in fewer
-    passes, still attending only to sink + local window + the row itself). With ``pauses`` the call stops at
-    fixed points for its caller (``mosaic_core.engine.ingest_pauses``). With ``encoded`` for these very frames
-    (``encode``), the call queues no vision tower of its own, and makes none of the pauses after or inside it; an
-    ``encoded`` for other frames is ignored.
+    stream as it was; the error names its stream (``MosaicError.stream_id``). Frames of different streams share
+    forward passes, one row per stream; a row carries up to ``config.max_frames_per_pass`` consecutive frames of
+    its stream (a backlog catches up in fewer passes, still attending only to sink + local window + the row
+    itself). With ``pauses`` the call stops at fixed points for its caller (``mosaic_core.engine.ingest_pauses``).
+    With ``encoded`` for these very frames (``encode``), the call queues no vision tower of its own, and makes none
+    of the pauses after or inside it; an ``encoded`` for other frames is ignored.
     """
     if not frames:
         raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
@@ -176,11 +176,15 @@ def ingest(
 def _validate(parts: EngineParts, frames: Sequence[FrameInput]) -> dict[str, list[tuple[FrameInput, np.ndarray]]]:
     by_stream: dict[str, list[tuple[FrameInput, np.ndarray]]] = defaultdict(list)
     for frame in frames:
-        state = parts.stream(frame.stream_id)
-        state.check_open()
-        previous = by_stream[frame.stream_id][-1][0].timestamp_s if by_stream[frame.stream_id] else None
-        state.check_timestamp(frame.timestamp_s, previous if previous is not None else state.last_timestamp_s)
-        rgb = validate_frames(frame.rgb)[0]
+        try:
+            state = parts.stream(frame.stream_id)
+            state.check_open()
+            previous = by_stream[frame.stream_id][-1][0].timestamp_s if by_stream[frame.stream_id] else None
+            state.check_timestamp(frame.timestamp_s, previous if previous is not None else state.last_timestamp_s)
+            rgb = validate_frames(frame.rgb)[0]
+        except MosaicError as err:
+            err.stream_id = frame.stream_id
+            raise
         by_stream[frame.stream_id].append((frame, rgb))
     return dict(by_stream)
 
@@ -203,7 +207,11 @@ def _encode(parts: EngineParts, by_stream, pauses: IngestPauses | None) -> Tower
         state = parts.streams[stream_id]
         for i, (_, rgb) in enumerate(items):
             if state.geometry is None:
-                _fix_geometry(parts, state, rgb)
+                try:
+                    _fix_geometry(parts, state, rgb)
+                except MosaicError as err:
+                    err.stream_id = stream_id
+                    raise
             groups[state.geometry].append((stream_id, i, rgb))
     features, outputs = {}, []
     tower = parts.tower_stream

@@ -341,3 +341,30 @@ def test_frames_the_memory_budgets_cannot_hold_are_dropped_as_no_room(tiny_model
         assert ("cam", "queue_full") not in dropped
     finally:
         loop.stop()
+
+
+def test_a_camera_whose_frames_the_engine_refuses_costs_the_others_one_call_not_one_each(tiny_model, bikes_frames):
+    """One bad frame makes the engine refuse the whole batch; the loop drops that camera's frames and ingests the
+    others together in one more call, rather than one call per camera."""
+    engine = Engine(tiny_model, SMALL)
+    loop = _loop(engine)
+    calls = []
+    real_ingest = engine.ingest
+
+    def counted_ingest(frames, **kwargs):
+        calls.append(sorted({f.stream_id for f in frames}))
+        return real_ingest(frames, **kwargs)
+
+    engine.ingest = counted_ingest
+    for stream_id in STREAMS:
+        engine.open_stream(stream_id, fps=FPS)
+        loop.queues.add_stream(stream_id, FPS)
+    rgb = bikes_frames[0][1][::2, ::2]
+    loop.queues.put(QueuedFrame("cam-0", 0.0, rgb, time.monotonic()))
+    loop.queues.put(QueuedFrame("cam-1", 0.0, rgb[:, :, 0], time.monotonic()))  # no colour channels: refused
+    loop.queues.put(QueuedFrame("cam-2", 0.0, rgb, time.monotonic()))
+    assert loop._ingest_once()
+    assert calls == [list(STREAMS), ["cam-0", "cam-2"]]
+    assert [engine.stream(s).frames_ingested for s in STREAMS] == [1, 0, 1]
+    dropped = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None).dropped
+    assert dropped == {("cam-1", "invalid"): 1}
