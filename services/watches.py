@@ -10,9 +10,9 @@
 - **Deleted streams.** ``forget_stream`` (after the stream's worker has forgotten it and marked its unreported
   events ``sets_cooldown=False``) clears the stream's cooldowns in the store, and keeps them cleared: an event of
   the stream in a report taken before the forget is still stored, but without its cooldown (the report may
-  predate the delete), a store write of its cooldown already under way is waited for, and so is a sync of the
-  workers that read the cooldowns before the forget. A stream created again under the id then starts without its
-  predecessor's.
+  predate the delete), and a store write of its cooldown already under way is waited for. A worker takes the
+  router's cooldowns only for streams it restored (``WorkerWatches.set_watches``), so a sync that read them before
+  the forget cannot hand them to a stream created again under the id, which starts without its predecessor's.
 """
 
 from __future__ import annotations
@@ -203,15 +203,18 @@ class WatchRegistry:
 
     async def forget_stream(self, stream_id: str) -> None:
         """A deleted stream's cooldowns go (``WatchStore.forget_stream``) and stay gone (module doc); a failure is
-        logged: the stream is gone. Called once the stream's worker has forgotten it."""
+        logged: the stream is gone. Called once the stream's worker has forgotten it. The forget goes on to the end
+        even if the caller is cancelled (DeleteStream's client gone), since the stream's placement is gone already."""
         for take in self._takes:
             take.deleted_stream_ids.add(stream_id)
+        await asyncio.shield(self._forget_cooldowns(stream_id))
+
+    async def _forget_cooldowns(self, stream_id: str) -> None:
         writes = self._cooldown_writes.get(stream_id)
         if writes:
             await asyncio.wait(set(writes))
         try:
-            async with self._sync_lock:  # a sync that read the cooldowns before this forget reaches the workers first
-                await asyncio.to_thread(self.store.forget_stream, stream_id)
+            await asyncio.to_thread(self.store.forget_stream, stream_id)
         except Exception:
             log.exception("stream %r was deleted, but its watch cooldowns could not be dropped", stream_id)
 

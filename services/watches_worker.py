@@ -94,6 +94,7 @@ class WorkerWatches:
         self._fired_until: dict[tuple[str, str], float] = {}  # (watch, stream) -> end_s of its last event
         # stream -> a token of its incarnation: events carry it to the outbox, which refuses a stale one
         self._incarnations: dict[str, object] = {}
+        self._restored: set[str] = set()  # streams restored after a restart, not deleted since (``set_watches``)
         self._outbox: deque[FiredEvent] = deque()
         self._max_outbox = max_outbox
         self._cond = threading.Condition()
@@ -104,9 +105,11 @@ class WorkerWatches:
 
     # -- router calls (any thread) -------------------------------------------------------------------
     def set_watches(self, specs: list[WatchSpec]) -> None:
-        """Replaces the watches; cooldown state the router kept wins when it is newer than ours. Only the streams
-        this worker holds keep a cooldown: one held elsewhere may be deleted there and created again here, its
-        clock from 0, and must not find its predecessor's."""
+        """Replaces the watches. For a stream this worker restored, cooldown state the router kept wins when it is
+        newer than ours (this process has not seen the stream's events before its restart). A stream this worker
+        created has seen every one of its events here, so the router's cooldowns of its id are a deleted
+        predecessor's, read before the delete: the stream's clock may start again at 0, and must not find them.
+        Only the streams this worker holds keep a cooldown."""
         held = set(self.engine.streams)
         with self._cond:
             old_questions = {s.question for s in self._specs.values()}
@@ -114,7 +117,7 @@ class WorkerWatches:
             for spec in specs:
                 for stream_id, until in spec.fired_until_s.items():
                     key = (spec.watch_id, stream_id)
-                    if stream_id in held:
+                    if stream_id in self._restored:
                         self._fired_until[key] = max(until, self._fired_until.get(key, float("-inf")))
             gone = old_questions - {s.question for s in specs}
             live = set(self._specs)
@@ -153,6 +156,8 @@ class WorkerWatches:
             ends = [c.end_s for c in self.engine.clusters(stream_id)[:-1]]
             watermark_s = max(ends, default=float("-inf"))
         self._watermark[stream_id] = watermark_s
+        with self._cond:
+            self._restored.add(stream_id)
 
     def watermark_of(self, stream_id: str) -> float | None:
         value = self._watermark.get(stream_id)
@@ -165,6 +170,7 @@ class WorkerWatches:
         self.scorer.forget(stream_id=stream_id)
         with self._cond:
             self._incarnations.pop(stream_id, None)
+            self._restored.discard(stream_id)
             for key in [k for k in self._fired_until if k[1] == stream_id]:
                 del self._fired_until[key]
             for event in self._outbox:

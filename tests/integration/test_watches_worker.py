@@ -165,14 +165,18 @@ def test_a_restart_without_a_saved_watermark_evaluates_the_newest_cluster_and_a_
     assert ("w", "cam") not in worker.watches._fired_until and worker.watches.watermark_of("cam") is None
 
 
-def test_a_cooldown_for_a_stream_held_elsewhere_is_not_kept_here(worker, bikes_frames):
-    """The router hands every worker every watch's cooldowns. A stream held on another worker, deleted there and
-    created again here (its clock from 0), must not find its predecessor's cooldown on this worker."""
+def test_the_routers_cooldowns_apply_only_to_streams_this_worker_restored(worker, bikes_frames):
+    """The router hands every worker every watch's cooldowns. A stream held on another worker, or deleted there
+    and created again here (its clock from 0), must not find its predecessor's cooldown on this worker, even from
+    a sync that read it before the delete; a stream this worker restored after a restart takes it."""
     spec = WatchRecord(watch_id="w", question="Is anyone there?", cooldown_s=60.0).for_worker({"gate": 5000.0})
     worker.set_watches([spec])  # "gate" runs on another worker
     assert ("w", "gate") not in worker.watches._fired_until
     worker.open_stream(StreamRecord(stream_id="gate", fps=FPS))
-    worker.set_watches([spec])  # held here now: the router's cooldown applies
+    worker.set_watches([spec])  # created here: the router's value is a deleted predecessor's
+    assert ("w", "gate") not in worker.watches._fired_until
+    worker.loop.call(worker.watches.restore_watermark, "gate", None)  # as the worker's restore does
+    worker.set_watches([spec])
     assert worker.watches._fired_until[("w", "gate")] == 5000.0
 
 

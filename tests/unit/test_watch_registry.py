@@ -397,3 +397,27 @@ def test_an_event_its_worker_marked_as_of_a_deleted_stream_is_stored_and_sent_wi
         assert all("sets_cooldown" not in e for e in stored)  # worker-to-router bookkeeping, not part of the event
 
     asyncio.run(run())
+
+
+def test_a_delete_stream_cancelled_while_a_cooldown_write_is_under_way_still_clears_the_cooldown():
+    """DeleteStream's client may go away while the forget waits for a write of the stream's cooldown; the
+    stream's placement is gone by then, so the forget must still clear the store."""
+
+    async def run():
+        store = _HeldAppend()
+        registry = _registry(store)
+        await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
+        gate = dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1")
+        record = asyncio.create_task(registry._record(gate))
+        assert await asyncio.to_thread(store.entered.wait, 5)
+        forget = asyncio.create_task(registry.forget_stream("gate"))
+        await asyncio.sleep(0.1)  # the forget waits for the held write
+        forget.cancel()
+        store.release.set()
+        await asyncio.wait_for(record, 5)
+        deadline = time.monotonic() + 5
+        while store.state("w").fired_until_s and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert store.state("w").fired_until_s == {}
+
+    asyncio.run(run())
