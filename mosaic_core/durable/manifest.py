@@ -11,7 +11,8 @@ Journal lines:
 
     {"op": "open",   "stream": {...}}                          first line: what the stream was opened with
     {"op": "commit", "add": [entry, ...], "remove": [id, ...]}  a seal, a merge, or a retention drop
-    {"op": "ids",    "next": 1088}                             cluster numbers below this may have been used
+    {"op": "ids",    "next": 1088, "frames": 5120}             cluster numbers below next, and frame indices below
+                                                               frames (they name keyframes), may have been used
 
 A commit is one line, so a merge (two clusters out, one in) is all or nothing. A crash can tear only the last
 line (it was never acknowledged), and replay ignores a torn last line. An append that fails part-way is cut back to
@@ -73,6 +74,7 @@ class ManifestState:
     stream: dict = field(default_factory=dict)
     clusters: dict[str, ClusterEntry] = field(default_factory=dict)  # in commit order
     next_cluster_number: int = 0
+    next_frame_index: int = 0  # 0 in journals from before frame indices were reserved
     num_lines: int = 0
     torn_tail: bool = False
     damaged_lines: int = 0  # lines that failed their CRC before the last one, skipped
@@ -129,6 +131,7 @@ def _apply(state: ManifestState, record: dict) -> None:
             state.next_cluster_number = max(state.next_cluster_number, cluster_number(entry.cluster_id) + 1)
     elif op == "ids":
         state.next_cluster_number = max(state.next_cluster_number, int(record["next"]))
+        state.next_frame_index = max(state.next_frame_index, int(record.get("frames", 0)))
 
 
 def cluster_number(cluster_id: str) -> int:
@@ -174,7 +177,8 @@ class ManifestWriter:
         """One line per live cluster, written to a new file that replaces the journal atomically."""
         lines = [encode_line({"op": "open", "stream": self.state.stream})]
         lines += [encode_line({"op": "commit", "add": [asdict(e)], "remove": []}) for e in self.state.clusters.values()]
-        lines.append(encode_line({"op": "ids", "next": self.state.next_cluster_number}))
+        ids = {"op": "ids", "next": self.state.next_cluster_number, "frames": self.state.next_frame_index}
+        lines.append(encode_line(ids))
         write_atomic(self.path, b"".join(lines))
         self.state.num_lines = len(lines)
         self.state.torn_tail = False

@@ -100,6 +100,7 @@ class StoredStream:
     state: dict
     clusters: list[ClusterEntry]
     next_cluster_number: int
+    next_frame_index: int = 0  # frame indices below it may have been used (0: a journal from before they were kept)
 
 
 @dataclass(slots=True)
@@ -209,7 +210,7 @@ class DurableStore:
             found.append(
                 StoredStream(
                     stream_id, dict(manifest.stream), state, list(manifest.clusters.values()),
-                    manifest.next_cluster_number,
+                    manifest.next_cluster_number, manifest.next_frame_index,
                 )
             )  # fmt: skip
         return found
@@ -257,10 +258,11 @@ class DurableStore:
                 fsync_dir(self.root)
                 self._enqueue(target)
 
-    def reserve_ids(self, stream_id: str, next_number: int) -> None:
-        """Records, durably, that cluster numbers below ``next_number`` may be in use (never reused)."""
+    def reserve_ids(self, stream_id: str, next_number: int, next_frame_index: int) -> None:
+        """Records, durably, that cluster numbers below ``next_number`` and frame indices below ``next_frame_index``
+        may be in use (never reused)."""
         with self._io:
-            self._writers[stream_id].append({"op": "ids", "next": next_number})
+            self._writers[stream_id].append({"op": "ids", "next": next_number, "frames": next_frame_index})
 
     def update_state(self, stream_id: str, **fields) -> None:
         """Merges clock or counter fields into the stream's state; written within ``state_interval_s``."""

@@ -7,10 +7,11 @@ commits the writer has not finished (``DurableStore.snapshot_stats``), all of th
     ingest: frame leaves the window -> appended to c12 -> c12 sealed and complete -> Seal(c12) -> DurableStore
     restart: DurableStore.load_streams -> sink prefilled again -> c0..c12 adopted into the disk tier
 
-Cluster numbers are handed out in blocks recorded in the manifest before any is used, so a restarted stream
-never reuses an id, even one of a cluster that was open when the process died. A stream opened under the id of a
-deleted one numbers on past it (``mosaic_core.durable.retired``): its journal's first line keeps the index its
-frames start at, and its reserved cluster numbers start at its first, so a restart goes on past both too.
+Cluster numbers and frame indices (which name keyframes) are handed out in blocks recorded in the manifest before
+any is used, so a restarted stream never reuses an id, even one of a cluster that was open, or of a frame that was
+not yet sealed into a cluster, when the process died. A stream opened under the id of a deleted one numbers on past
+it (``mosaic_core.durable.retired``): its journal's first line keeps the cluster number and frame index it starts
+at, so a restart goes on past both, even if the first reservation was never written.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from mosaic_core.engine.tiering import TierManager
 
 log = logging.getLogger(__name__)
 ID_BLOCK = 64
+FRAME_ID_BLOCK = 1024
 
 
 @dataclass(slots=True)
@@ -55,7 +57,8 @@ class HistoryKeeper:
         self.store = store
         self.tiering = tiering
         self.keyframes = keyframes
-        self._reserved: dict[str, int] = {}  # stream -> cluster numbers below this are recorded as possibly used
+        # stream -> (cluster numbers, frame indices) below these are recorded as possibly used
+        self._reserved: dict[str, tuple[int, int]] = {}
         self.snapshot_s = 0.0  # the engine thread's time queuing snapshots (waits for staging room included)
         self.ledger = RecordLedger()  # the records' KV and keyframe bytes (headers and summaries aside)
         self.dropped_for_space = 0  # clusters the engine dropped to keep history_budget_bytes
@@ -63,8 +66,9 @@ class HistoryKeeper:
     # -- lifecycle ----------------------------------------------------------------------------------------
     def create(self, state: StreamState, *, system_prompt: str | None, meta: dict) -> None:
         opened = {"fps": state.fps, "system_prompt": system_prompt, "meta": meta}
-        self.store.create_stream(state.stream_id, {**opened, "first_frame_index": state.first_frame_index})
-        self._reserved[state.stream_id] = 0
+        numbering = {"first_frame_index": state.first_frame_index, "first_cluster_number": state.former.next_number}
+        self.store.create_stream(state.stream_id, {**opened, **numbering})
+        self._reserved[state.stream_id] = (0, 0)
         self.ensure_ids(state)
 
     def close(self, stream_id: str) -> None:
@@ -74,11 +78,17 @@ class HistoryKeeper:
 
     # -- ingest and maintenance ---------------------------------------------------------------------------
     def ensure_ids(self, state: StreamState) -> None:
-        """Call right after the former took a new cluster number, before the id is seen anywhere else."""
-        if state.former.next_number >= self._reserved[state.stream_id]:
-            reserved = state.former.next_number + ID_BLOCK
-            self.store.reserve_ids(state.stream_id, reserved)
-            self._reserved[state.stream_id] = reserved
+        """Call right after the former took a new cluster number, and before a frame takes the stream's next frame
+        index: before the id is seen anywhere else."""
+        numbers, frames = self._reserved[state.stream_id]
+        if state.former.next_number < numbers and state.next_frame_index < frames:
+            return
+        if state.former.next_number >= numbers:
+            numbers = state.former.next_number + ID_BLOCK
+        if state.next_frame_index >= frames:
+            frames = state.next_frame_index + FRAME_ID_BLOCK
+        self.store.reserve_ids(state.stream_id, numbers, frames)
+        self._reserved[state.stream_id] = (numbers, frames)
 
     def on_completed(self, state: StreamState, record: ClusterRecord) -> None:
         """A sealed cluster's last frame has left the local window into its KV: the cluster is complete, persist
@@ -169,9 +179,10 @@ class HistoryKeeper:
         saved = stored.state
         last_ts = _max(saved.get("last_timestamp_s"), *(e.end_s for e in entries))
         first_frame_index = int(stored.stream.get("first_frame_index") or 0)  # journals before it was kept: 0
-        next_frame_index = max(
-            [first_frame_index + (saved.get("frames_ingested") or 0)] + [max(e.frame_indices) + 1 for e in entries]
+        frames_ingested = max(
+            [saved.get("frames_ingested") or 0] + [max(e.frame_indices) + 1 - first_frame_index for e in entries]
         )
+        next_frame_index = max(first_frame_index + frames_ingested, stored.next_frame_index)
         records = [
             ClusterRecord(
                 cluster_id=e.cluster_id,
@@ -186,19 +197,21 @@ class HistoryKeeper:
             )
             for e in entries
         ]
-        next_number = stored.next_cluster_number
+        # the first line's start too: the reservation after it may never have been written (a crash, a full disk)
+        next_number = max(stored.next_cluster_number, int(stored.stream.get("first_cluster_number") or 0))
         state.former.adopt(
             records,
             next_number=next_number,
             last_frame_index=next_frame_index - 1 if next_frame_index > first_frame_index else None,
             last_timestamp_s=last_ts,
         )
-        self._reserved[state.stream_id] = next_number
+        self._reserved[state.stream_id] = (next_number, next_frame_index)
         self.ensure_ids(state)
         state.first_timestamp_s = _min(saved.get("first_timestamp_s"), *(e.start_s for e in entries))
         state.last_timestamp_s = last_ts
         state.first_frame_index = first_frame_index
-        state.frames_ingested = next_frame_index - first_frame_index
+        state.next_frame_index = next_frame_index
+        state.frames_ingested = frames_ingested
         state.text_cursor = max([state.text_cursor, saved.get("text_cursor") or 0] + [e.position_end for e in entries])
         for entry in entries:
             summary = summaries[entry.cluster_id]

@@ -418,6 +418,8 @@ def _place_frame(
         similarity=similarity,
         cohesion_after=cohesion,
     )
+    if parts.history is not None:
+        parts.history.ensure_ids(state)  # before the frame's index names a keyframe
     frame_index = state.next_frame_index
     record = state.former.commit(
         decision, frame_index=frame_index, timestamp_s=frame.timestamp_s, num_tokens=num_tokens
@@ -429,6 +431,7 @@ def _place_frame(
     note_frame(parts, state, record.cluster_id, summary)  # recurring-scene joins (off unless configured)
     slots = parts.tiering.tiers.pools.slots(pages, fills)
     state.push_local(LocalFrame(frame_index, record.cluster_id, frame.timestamp_s, pages, fills, slots))
+    state.next_frame_index += 1
     state.frames_ingested += 1
     state.last_timestamp_s = frame.timestamp_s
     offset_s = frame.timestamp_s - state.first_timestamp_s

@@ -71,8 +71,10 @@ class StreamState:
         self.last_timestamp_s: float | None = None
         self.text_cursor = 0  # where text after the newest frame starts: this stream's rope delta
         # Frames are numbered on from ``first_frame_index`` (past those of an ended stream of the same id, whose
-        # keyframe ids name them); ``frames_ingested`` counts this stream's own.
+        # keyframe ids name them), and after a restart past every index the stream may have handed out
+        # (``HistoryKeeper.ensure_ids``), so the numbering may skip; ``frames_ingested`` counts this stream's own.
         self.first_frame_index = first_frame_index
+        self.next_frame_index = first_frame_index
         self.frames_ingested = 0
         self.local: deque[LocalFrame] = deque()
         self.local_tokens = 0
@@ -95,10 +97,6 @@ class StreamState:
                 f"stream {self.stream_id!r}: frame timestamp {timestamp_s:.3f}s is not after the previous "
                 f"frame's {previous_s:.3f}s; timestamps must increase"
             )
-
-    @property
-    def next_frame_index(self) -> int:
-        return self.first_frame_index + self.frames_ingested
 
     @property
     def sink_tokens(self) -> int:

@@ -3,9 +3,11 @@ one, in one process and across restarts."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from mosaic_core.durable.manifest import MANIFEST_NAME, decode_line, encode_line
+from mosaic_core.durable.manifest import MANIFEST_NAME, STATE_NAME, decode_line, encode_line
 from mosaic_core.engine.keyframe_store import UnknownKeyframeError
 from mosaic_core.errors import UnknownClusterError
 from tests.engine.engine_helpers import feed, make_engine
@@ -127,3 +129,54 @@ def test_a_journal_from_before_first_frame_index_numbers_its_frames_from_zero(ti
     assert second.stream("cam").frames_ingested == 16
     _assert_held(second, "cam", clusters, keyframes)
     second.close()
+
+
+def test_a_frame_index_given_out_before_a_crash_is_not_given_out_again(tiny_model, bikes_frames, tmp_path):
+    """A crash loses the frames of the cluster still forming, and the stream's saved counters may be seconds old;
+    the frames the restarted stream ingests must still not take the lost frames' indices, which named keyframes."""
+    first = make_engine(tiny_model, data_dir=str(tmp_path))
+    first.open_stream("cam", fps=4.0)
+    feed(first, "cam", bikes_frames[:16])
+    (lost,) = first.keyframes("cam", latest=True)  # of the cluster still forming: never written
+    assert first.history.store.flush()
+    state_path = tmp_path / "cam" / STATE_NAME
+    state = json.loads(state_path.read_text())
+    state["frames_ingested"] = 4  # as written a few seconds before the crash
+    state_path.write_text(json.dumps(state))
+
+    second = make_engine(tiny_model, data_dir=str(tmp_path))  # the crash: ``first`` is never closed
+    second.restore_streams()
+    assert lost.frame_index >= max(k.frame_index for c in second.clusters("cam") for k in second.keyframes(
+        "cam", cluster_id=c.cluster_id))  # fmt: skip
+    feed(second, "cam", bikes_frames[16:24], offset_s=100.0)
+    first_new_index = second.stream("cam").next_frame_index - 8
+    assert first_new_index > lost.frame_index
+    with pytest.raises(UnknownKeyframeError):
+        second.keyframes("cam", keyframe_ids=[lost.keyframe_id])
+    second.close()
+    first.close()
+
+
+def test_a_reopened_stream_whose_first_reservation_was_never_written_still_numbers_on(
+    tiny_model, bikes_frames, tmp_path
+):
+    """A crash (or a full disk) between the journal's first line and the reservation after it: the restored stream
+    must still number its clusters past the deleted stream's."""
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    engine.open_stream("cam", fps=4.0)
+    feed(engine, "cam", bikes_frames[:16])
+    old_clusters, old_keyframes = _ids(engine, "cam")
+    engine.close_stream("cam")
+    engine.open_stream("cam", fps=4.0)
+    engine.close()
+    journal = tmp_path / "cam" / MANIFEST_NAME
+    head, *_ = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(head)  # the first line alone, as if the process died right after it
+
+    restarted = make_engine(tiny_model, data_dir=str(tmp_path))
+    restarted.restore_streams()
+    feed(restarted, "cam", bikes_frames[:16], offset_s=100.0)
+    new_clusters, new_keyframes = _ids(restarted, "cam")
+    assert new_clusters and not new_clusters & old_clusters and not new_keyframes & old_keyframes
+    _assert_gone(restarted, "cam", old_clusters, old_keyframes)
+    restarted.close()
