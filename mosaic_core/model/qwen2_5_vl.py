@@ -229,8 +229,9 @@ class Qwen25VLAdapter:
     def frame_positions(self, geometry: VisionGeometry, *, base: int, offsets_s: Sequence[float]) -> np.ndarray:
         """M-RoPE ids of frames' tokens, one frame after another: ``[3, len(offsets_s) * tokens_per_frame]``, on
         the host (a batch of frames is uploaded in one copy). In NumPy, from a grid made once per frame size: an
-        ingest call builds them for every stream on the engine thread, where each torch call on a small tensor let
-        the worker's other threads take the GIL (bench/NOTES.md, session 40)."""
+        ingest call builds them for every stream on the engine thread, where the per-frame torch calls they took
+        before showed in the service's long stretches without a chance to start a question (bench/NOTES.md,
+        session 40)."""
         grid = _grid_ids(geometry.llm_grid_h, geometry.llm_grid_w)  # [2, tokens_per_frame]
         positions = np.empty((3, len(offsets_s), grid.shape[1]), dtype=np.int64)
         positions[0] = np.asarray([[base + round(s * self.tokens_per_second)] for s in offsets_s], dtype=np.int64)
