@@ -77,18 +77,22 @@ class HistoryKeeper:
         self.ledger.forget_stream(stream_id)
 
     # -- ingest and maintenance ---------------------------------------------------------------------------
-    def ensure_ids(self, state: StreamState) -> None:
-        """Call right after the former took a new cluster number, and before a frame takes the stream's next frame
-        index: before the id is seen anywhere else."""
-        numbers, frames = self._reserved[state.stream_id]
-        if state.former.next_number < numbers and state.next_frame_index < frames:
+    def ensure_ids(self, state: StreamState, *, frames: int = 0, clusters: int = 0) -> None:
+        """Makes sure the ids the stream may give out next are reserved in its journal before any is seen anywhere
+        else: its next ``frames`` frame indices and ``clusters`` cluster numbers, past those taken so far. An
+        ingest call reserves for all of its frames before it changes anything (a failed journal write then fails
+        the call whole); call it too right after the former took a new cluster number outside an ingest call."""
+        numbers_needed = state.former.next_number + clusters
+        frames_needed = state.next_frame_index + frames
+        numbers, reserved_frames = self._reserved[state.stream_id]
+        if numbers_needed < numbers and frames_needed < reserved_frames:
             return
-        if state.former.next_number >= numbers:
-            numbers = state.former.next_number + ID_BLOCK
-        if state.next_frame_index >= frames:
-            frames = state.next_frame_index + FRAME_ID_BLOCK
-        self.store.reserve_ids(state.stream_id, numbers, frames)
-        self._reserved[state.stream_id] = (numbers, frames)
+        if numbers_needed >= numbers:
+            numbers = numbers_needed + ID_BLOCK
+        if frames_needed >= reserved_frames:
+            reserved_frames = frames_needed + FRAME_ID_BLOCK
+        self.store.reserve_ids(state.stream_id, numbers, reserved_frames)
+        self._reserved[state.stream_id] = (numbers, reserved_frames)
 
     def on_completed(self, state: StreamState, record: ClusterRecord) -> None:
         """A sealed cluster's last frame has left the local window into its KV: the cluster is complete, persist
@@ -179,10 +183,12 @@ class HistoryKeeper:
         saved = stored.state
         last_ts = _max(saved.get("last_timestamp_s"), *(e.end_s for e in entries))
         first_frame_index = int(stored.stream.get("first_frame_index") or 0)  # journals before it was kept: 0
-        frames_ingested = max(
-            [saved.get("frames_ingested") or 0] + [max(e.frame_indices) + 1 - first_frame_index for e in entries]
+        # A count, not an index: indices skip past each restart's reserved block. The saved one is at most
+        # state_interval_s old; the sealed clusters' frames bound it from below.
+        frames_ingested = max(saved.get("frames_ingested") or 0, sum(len(e.frame_indices) for e in entries))
+        next_frame_index = max(
+            [first_frame_index + frames_ingested, stored.next_frame_index] + [max(e.frame_indices) + 1 for e in entries]
         )
-        next_frame_index = max(first_frame_index + frames_ingested, stored.next_frame_index)
         records = [
             ClusterRecord(
                 cluster_id=e.cluster_id,
@@ -205,13 +211,13 @@ class HistoryKeeper:
             last_frame_index=next_frame_index - 1 if next_frame_index > first_frame_index else None,
             last_timestamp_s=last_ts,
         )
+        state.first_frame_index = first_frame_index
+        state.next_frame_index = next_frame_index
+        state.frames_ingested = frames_ingested
         self._reserved[state.stream_id] = (next_number, next_frame_index)
         self.ensure_ids(state)
         state.first_timestamp_s = _min(saved.get("first_timestamp_s"), *(e.start_s for e in entries))
         state.last_timestamp_s = last_ts
-        state.first_frame_index = first_frame_index
-        state.next_frame_index = next_frame_index
-        state.frames_ingested = frames_ingested
         state.text_cursor = max([state.text_cursor, saved.get("text_cursor") or 0] + [e.position_end for e in entries])
         for entry in entries:
             summary = summaries[entry.cluster_id]

@@ -129,6 +129,9 @@ def ingest(
     if not frames:
         raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
     by_stream = _validate(parts, frames)
+    if parts.history is not None:  # every id the call may give out, before anything changes
+        for stream_id, items in by_stream.items():
+            parts.history.ensure_ids(parts.streams[stream_id], frames=len(items), clusters=len(items))
     _begin_call(parts, pauses)
     start = time.perf_counter()
     encoded_ahead = encoded is not None and encoded.is_for(frames, parts.streams)
@@ -418,9 +421,7 @@ def _place_frame(
         similarity=similarity,
         cohesion_after=cohesion,
     )
-    if parts.history is not None:
-        parts.history.ensure_ids(state)  # before the frame's index names a keyframe
-    frame_index = state.next_frame_index
+    frame_index = state.next_frame_index  # reserved by ``ingest`` before the call changed anything
     record = state.former.commit(
         decision, frame_index=frame_index, timestamp_s=frame.timestamp_s, num_tokens=num_tokens
     )

@@ -3,12 +3,15 @@ one, in one process and across restarts."""
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
 
 from mosaic_core.durable.manifest import MANIFEST_NAME, STATE_NAME, decode_line, encode_line
+from mosaic_core.engine import history
 from mosaic_core.engine.keyframe_store import UnknownKeyframeError
+from mosaic_core.engine.results import FrameInput
 from mosaic_core.errors import UnknownClusterError
 from tests.engine.engine_helpers import feed, make_engine
 
@@ -180,3 +183,72 @@ def test_a_reopened_stream_whose_first_reservation_was_never_written_still_numbe
     assert new_clusters and not new_clusters & old_clusters and not new_keyframes & old_keyframes
     _assert_gone(restarted, "cam", old_clusters, old_keyframes)
     restarted.close()
+
+
+def test_frames_ingested_stays_a_count_across_restarts(tiny_model, bikes_frames, tmp_path):
+    """Frame indices skip past each restart's reserved block; the count GetStream shows must not follow them."""
+    first = make_engine(tiny_model, data_dir=str(tmp_path))
+    first.open_stream("cam", fps=4.0)
+    feed(first, "cam", bikes_frames[:8])
+    first.checkpoint()
+    first.close()
+    second = make_engine(tiny_model, data_dir=str(tmp_path))
+    second.restore_streams()
+    feed(second, "cam", bikes_frames[:8], offset_s=100.0)
+    assert second.stream("cam").frames_ingested == 16
+    second.checkpoint()
+    second.close()
+    third = make_engine(tiny_model, data_dir=str(tmp_path))
+    third.restore_streams()
+    assert third.stream("cam").frames_ingested == 16
+    third.close()
+
+
+def _reservations(tmp_path, stream_id: str) -> list[dict]:
+    lines = (tmp_path / stream_id / MANIFEST_NAME).read_bytes().splitlines(keepends=True)
+    return [r for r in map(decode_line, lines) if r and r["op"] == "ids"]
+
+
+def test_a_restored_stream_reserves_its_frame_indices_once(tiny_model, bikes_frames, tmp_path):
+    """The reservation a restore writes covers the frames after it: the first ingest call after a restart writes
+    (and fsyncs) no other line for the stream."""
+    first = make_engine(tiny_model, data_dir=str(tmp_path))
+    first.open_stream("cam", fps=4.0)
+    feed(first, "cam", bikes_frames[:8])
+    first.checkpoint()
+    first.close()
+    second = make_engine(tiny_model, data_dir=str(tmp_path))
+    second.restore_streams()
+    after_restore = _reservations(tmp_path, "cam")
+    feed(second, "cam", bikes_frames[:1], offset_s=100.0)
+    assert _reservations(tmp_path, "cam") == after_restore
+    second.close()
+
+
+def test_a_reservation_that_cannot_be_written_fails_the_ingest_call_whole(
+    tiny_model, bikes_frames, tmp_path, monkeypatch
+):
+    """Every id a call may give out is reserved before it changes anything: a full disk at a reservation leaves
+    every stream of the call as it was, and the call goes through once the journal can be written again."""
+    monkeypatch.setattr(history, "FRAME_ID_BLOCK", 1)  # a reservation at every call
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    for stream_id in ("a", "b"):
+        engine.open_stream(stream_id, fps=1.0)
+    rgb = bikes_frames[0][1]
+    engine.ingest([FrameInput("a", 0.0, rgb), FrameInput("b", 0.0, rgb)])
+    store, disk_full = engine.history.store, {"b"}
+    writable = store.reserve_ids
+
+    def reserve_ids(stream_id, *numbers):
+        if stream_id in disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return writable(stream_id, *numbers)
+
+    monkeypatch.setattr(store, "reserve_ids", reserve_ids)
+    with pytest.raises(OSError):
+        engine.ingest([FrameInput("a", 1.0, rgb), FrameInput("b", 1.0, rgb)])
+    assert [engine.stream(s).frames_ingested for s in ("a", "b")] == [1, 1]
+    disk_full.clear()
+    engine.ingest([FrameInput("a", 1.0, rgb), FrameInput("b", 1.0, rgb)])
+    assert [engine.stream(s).frames_ingested for s in ("a", "b")] == [2, 2]
+    engine.close()
