@@ -487,7 +487,8 @@ class EngineLoop:
     def _encode_next(self) -> float:
         """Takes the next call's frames and queues their vision tower now (``encode_ahead``), pausing where a call's
         tower would; returns the seconds it took, less what questions took at its pauses (counted to questions). A
-        batch the engine refuses is kept without its tower: the call checks it again (a refused batch changes no
+        batch the engine refuses for one stream's frames is encoded without them, and one refused for no stream in
+        particular is kept without its tower; either way the call checks it again (a refused batch changes no
         stream), and, refused, drops only the bad stream's frames."""
         started_s, served_before_s = time.monotonic(), self._served_in_pauses_s
         taken = self._take_call(hold=True)  # in their queues' bound until the call begins, so drops are not delayed
@@ -495,13 +496,20 @@ class EngineLoop:
             return 0.0
         self._ahead = _Ahead(taken)
         batch = [f for f in taken if f.stream_id in self.engine.streams]
-        if batch:
+        while batch:
             try:
                 self._ahead.encoded = self.engine.encode_ahead(_frame_inputs(batch), pauses=self._new_pauses())
+                break
             except MosaicError as err:
+                # One camera's refused frames must not cost the others their tower ahead: encoded without them,
+                # the call refuses and counts them, then ingests the rest with this tower (``_ingest``).
                 log.debug("the next call's frames were not encoded ahead: %s", err)
+                if err.stream_id is None:
+                    break
+                batch = [f for f in batch if f.stream_id != err.stream_id]
             except Exception:
                 log.warning("encoding the next call's frames ahead failed; the call encodes its own", exc_info=True)
+                break
         self._ahead.encode_s = time.monotonic() - started_s - (self._served_in_pauses_s - served_before_s)
         return self._ahead.encode_s
 
@@ -522,7 +530,7 @@ class EngineLoop:
                 if refused not in streams:
                     break
                 self._drop_refused([f for f in batch if f.stream_id == refused], err)
-                batch, encoded = [f for f in batch if f.stream_id != refused], None
+                batch = [f for f in batch if f.stream_id != refused]  # ``encoded`` is used only if it is for these
         if not batch:
             return [], False
         by_stream: dict[str, list[QueuedFrame]] = defaultdict(list)

@@ -116,13 +116,18 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
 
     async def DeleteStream(self, request, context):
         try:
-            num_clusters = await self.coordinator.delete_stream(check_stream_id(request.stream_id))
-            self._decode_drops.pop(request.stream_id, None)
-            if self.watches is not None:
-                await self.watches.forget_stream(request.stream_id)
+            # Shielded: a client that goes away mid-delete must not leave the stream gone but its cooldowns kept.
+            num_clusters = await asyncio.shield(self._delete_stream(check_stream_id(request.stream_id)))
             return pb.DeleteStreamResponse(num_clusters_deleted=num_clusters)
         except Exception as err:
             await abort(context, err, self.metrics)
+
+    async def _delete_stream(self, stream_id: str) -> int:
+        num_clusters = await self.coordinator.delete_stream(stream_id)
+        self._decode_drops.pop(stream_id, None)
+        if self.watches is not None:
+            await self.watches.forget_stream(stream_id)
+        return num_clusters
 
     async def GetStream(self, request, context):
         try:

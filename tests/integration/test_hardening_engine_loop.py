@@ -368,3 +368,25 @@ def test_a_camera_whose_frames_the_engine_refuses_costs_the_others_one_call_not_
     assert [engine.stream(s).frames_ingested for s in STREAMS] == [1, 0, 1]
     dropped = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None).dropped
     assert dropped == {("cam-1", "invalid"): 1}
+
+
+def test_a_camera_whose_frames_the_engine_refuses_leaves_the_others_their_tower_ahead(tiny_model, bikes_frames):
+    """With encode_ahead, a camera whose frames the engine refuses is left out of the tower queued for the next
+    call; the others' frames are ingested with that tower, and the refused ones dropped once."""
+    engine = Engine(tiny_model, SMALL)
+    loop = _loop(engine, encode_ahead=True)
+    for stream_id in STREAMS:
+        engine.open_stream(stream_id, fps=FPS)
+        loop.queues.add_stream(stream_id, FPS)
+    rgb = bikes_frames[0][1][::2, ::2]
+    for t in range(2):
+        loop.queues.put(QueuedFrame("cam-0", float(t), rgb, time.monotonic()))
+        loop.queues.put(QueuedFrame("cam-1", float(t), rgb[:, :, 0], time.monotonic()))  # no colour: refused
+        loop.queues.put(QueuedFrame("cam-2", float(t), rgb, time.monotonic()))
+    assert loop._ingest_once()  # the first call, and the second one's tower queued ahead
+    assert loop._ahead is not None and loop._ahead.encoded is not None
+    assert loop._ingest_once()
+    assert [engine.stream(s).frames_ingested for s in STREAMS] == [2, 0, 2]
+    delta = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None)
+    assert delta.calls_encoded_ahead == 1
+    assert delta.dropped == {("cam-1", "invalid"): 2}
