@@ -38,6 +38,15 @@ def _assert_held(engine, stream_id: str, cluster_ids: set[str], keyframe_ids: se
     assert {k.keyframe_id for k in engine.keyframes(stream_id, keyframe_ids=sorted(keyframe_ids))} == keyframe_ids
 
 
+def _kept_on_disk(tiny_model, tmp_path, frames) -> None:
+    """Stream "cam" of an engine on ``tmp_path`` ingests ``frames``, and the engine shuts down cleanly."""
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    engine.open_stream("cam", fps=4.0)
+    feed(engine, "cam", frames)
+    engine.checkpoint()
+    engine.close()
+
+
 def test_a_reopened_stream_gives_none_of_the_deleted_stream_s_ids(tiny_model, bikes_frames):
     engine = make_engine(tiny_model)
     engine.open_stream("cam", fps=4.0)
@@ -187,11 +196,7 @@ def test_a_reopened_stream_whose_first_reservation_was_never_written_still_numbe
 
 def test_frames_ingested_stays_a_count_across_restarts(tiny_model, bikes_frames, tmp_path):
     """Frame indices skip past each restart's reserved block; the count GetStream shows must not follow them."""
-    first = make_engine(tiny_model, data_dir=str(tmp_path))
-    first.open_stream("cam", fps=4.0)
-    feed(first, "cam", bikes_frames[:8])
-    first.checkpoint()
-    first.close()
+    _kept_on_disk(tiny_model, tmp_path, bikes_frames[:8])
     second = make_engine(tiny_model, data_dir=str(tmp_path))
     second.restore_streams()
     feed(second, "cam", bikes_frames[:8], offset_s=100.0)
@@ -212,11 +217,7 @@ def _reservations(tmp_path, stream_id: str) -> list[dict]:
 def test_a_restored_stream_reserves_its_frame_indices_once(tiny_model, bikes_frames, tmp_path):
     """The reservation a restore writes covers the frames after it: the first ingest call after a restart writes
     (and fsyncs) no other line for the stream."""
-    first = make_engine(tiny_model, data_dir=str(tmp_path))
-    first.open_stream("cam", fps=4.0)
-    feed(first, "cam", bikes_frames[:8])
-    first.checkpoint()
-    first.close()
+    _kept_on_disk(tiny_model, tmp_path, bikes_frames[:8])
     second = make_engine(tiny_model, data_dir=str(tmp_path))
     second.restore_streams()
     after_restore = _reservations(tmp_path, "cam")

@@ -364,16 +364,23 @@ class _HeldAppend(InMemoryWatchStore):
         return super().append_event(watch_id, event, **kwargs)
 
 
+async def _forget_while_a_cooldown_write_is_held(store: _HeldAppend) -> tuple[asyncio.Task, asyncio.Task]:
+    """Stores an event of stream "gate" whose write ``store`` holds, and starts forgetting "gate" meanwhile;
+    returns the two tasks, the forget under way."""
+    registry = _registry(store)
+    await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
+    gate = dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1")
+    record = asyncio.create_task(registry._record(gate))
+    assert await asyncio.to_thread(store.entered.wait, 5)
+    forget = asyncio.create_task(registry.forget_stream("gate"))
+    await asyncio.sleep(0.1)  # the forget waits for the held write
+    return record, forget
+
+
 def test_a_stream_forgotten_while_its_cooldown_is_being_written_stays_forgotten():
     async def run():
         store = _HeldAppend()
-        registry = _registry(store)
-        await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
-        gate = dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1")
-        record = asyncio.create_task(registry._record(gate))
-        assert await asyncio.to_thread(store.entered.wait, 5)
-        forget = asyncio.create_task(registry.forget_stream("gate"))
-        await asyncio.sleep(0.1)  # the forget is under way while the write is held
+        record, forget = await _forget_while_a_cooldown_write_is_held(store)
         store.release.set()
         await asyncio.wait_for(asyncio.gather(record, forget), 5)
         assert store.state("w").fired_until_s == {} and store.state("w").num_events == 1
@@ -405,13 +412,7 @@ def test_a_delete_stream_cancelled_while_a_cooldown_write_is_under_way_still_cle
 
     async def run():
         store = _HeldAppend()
-        registry = _registry(store)
-        await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
-        gate = dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1")
-        record = asyncio.create_task(registry._record(gate))
-        assert await asyncio.to_thread(store.entered.wait, 5)
-        forget = asyncio.create_task(registry.forget_stream("gate"))
-        await asyncio.sleep(0.1)  # the forget waits for the held write
+        record, forget = await _forget_while_a_cooldown_write_is_held(store)
         forget.cancel()
         store.release.set()
         await asyncio.wait_for(record, 5)
