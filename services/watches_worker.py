@@ -92,7 +92,8 @@ class WorkerWatches:
         self._specs: dict[str, WatchSpec] = {}
         self._watermark: dict[str, float] = {}  # stream -> end_s of the newest cluster evaluated
         self._fired_until: dict[tuple[str, str], float] = {}  # (watch, stream) -> end_s of its last event
-        # stream -> a token of its incarnation: events carry it to the outbox, which refuses a stale one
+        # stream -> a token of its incarnation: events carry it to the outbox, which takes a stale one's event
+        # without its cooldown
         self._incarnations: dict[str, object] = {}
         self._restored: set[str] = set()  # streams restored after a restart, not deleted since (``set_watches``)
         self._outbox: deque[FiredEvent] = deque()
