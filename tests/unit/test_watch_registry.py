@@ -12,8 +12,11 @@ import pytest
 from mosaic_core.errors import AlreadyExistsError, CapacityError, InvalidArgumentError, NotFoundError
 from services.config import load_config
 from services.coordinator import Coordinator
+from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.metadata.watches import InMemoryWatchStore
 from services.metrics import MosaicMetrics
+from services.scheduler import QueryQueue
+from services.servicer import MosaicServicer
 from services.watches import WatchRegistry
 from services.watches_spec import FiredEvent, WatchRecord, WatchReport
 
@@ -420,5 +423,52 @@ def test_a_delete_stream_cancelled_while_a_cooldown_write_is_under_way_still_cle
         while store.state("w").fired_until_s and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         assert store.state("w").fired_until_s == {}
+
+    asyncio.run(run())
+
+
+class _HeldClose:
+    """Stands in for a worker's Ray handle: ``close_stream.remote`` returns once ``release`` is set, so a test can
+    cancel DeleteStream while the worker is closing the stream."""
+
+    def __init__(self):
+        self.closing = asyncio.Event()
+        self.release = asyncio.Event()
+        self.close_stream = self
+
+    def remote(self, stream_id: str):
+        async def close():
+            self.closing.set()
+            await self.release.wait()
+            return 3
+
+        return close()
+
+
+def test_a_delete_stream_whose_client_goes_away_still_clears_the_streams_cooldowns():
+    """The worker deletes the stream whatever the client does; the router must then forget its cooldowns too."""
+
+    async def run():
+        store = InMemoryWatchStore()
+        registry = _registry(store)
+        await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
+        await registry._record(dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1"))
+        assert store.state("w").fired_until_s == {"gate": 5000.0}
+        worker = _HeldClose()
+        registry.coordinator.workers, registry.coordinator.placement = [worker], {"gate": 0}
+        queue, metrics = QueryQueue(max_waiting=4, max_running=1), registry.coordinator.metrics
+        servicer = MosaicServicer(
+            registry.coordinator, queue, metrics, mode="cluster", default_max_new_tokens=8, max_push_calls=4
+        )
+        servicer.watches = registry
+        delete = asyncio.create_task(servicer.DeleteStream(pb.DeleteStreamRequest(stream_id="gate"), context=None))
+        await asyncio.wait_for(worker.closing.wait(), 5)
+        delete.cancel()  # the client went away
+        worker.release.set()
+        deadline = time.monotonic() + 5
+        while store.state("w").fired_until_s and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert store.state("w").fired_until_s == {}
+        assert "gate" not in registry.coordinator.placement
 
     asyncio.run(run())
