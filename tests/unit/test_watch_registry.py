@@ -264,9 +264,8 @@ def test_a_stream_deleted_leaves_no_cooldown_for_one_created_again_under_its_id(
 
     async def run():
         store = InMemoryWatchStore()
-        registry = _registry(store)
-        await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
-        await registry._record(dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1"))
+        registry = await _watching_trucks(store)
+        await registry._record(_of_gate(_fired("w", 5000.0)))
         assert store.state("w").fired_until_s == {"gate": 5000.0}
         await registry.forget_stream("gate")
         assert store.state("w").fired_until_s == {}
@@ -310,23 +309,44 @@ def test_missed_before_survives_a_batch_filled_by_another_watch():
     asyncio.run(run())
 
 
-class _HeldTake:
-    """Stands in for a worker's Ray handle in ``coordinator.workers``: ``take_watch_events.remote`` hands over
-    ``report`` once ``release`` is set, so a test can delete a stream while the report is on its way."""
+async def _watching_trucks(store: InMemoryWatchStore) -> WatchRegistry:
+    """A registry on ``store`` with one watch, "w", of a minute's cooldown."""
+    registry = _registry(store)
+    await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
+    return registry
 
-    def __init__(self, report):
-        self.report = report
-        self.taken = asyncio.Event()
+
+def _of_gate(event: FiredEvent, **changes) -> FiredEvent:
+    """``event`` as fired on stream "gate"."""
+    return dataclasses.replace(event, stream_id="gate", cluster_id="gate/c1", **changes)
+
+
+async def _cooldowns_cleared(store: InMemoryWatchStore, timeout_s: float = 5.0) -> dict[str, float]:
+    """Watch "w"'s cooldowns once none is left, or as they are after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while store.state("w").fired_until_s and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return store.state("w").fired_until_s
+
+
+class _HeldCall:
+    """Stands in for one method of a worker's Ray handle in ``coordinator.workers``: ``<method>.remote(...)``
+    returns ``result`` once ``release`` is set (``called`` is set as it is called), so a test can act while the
+    call is on its way."""
+
+    def __init__(self, method: str, result):
+        self.result = result
+        self.called = asyncio.Event()
         self.release = asyncio.Event()
-        self.take_watch_events = self
+        setattr(self, method, self)
 
-    def remote(self, wait_s: float):
-        async def take():
-            self.taken.set()
+    def remote(self, *args):
+        async def call():
+            self.called.set()
             await self.release.wait()
-            return self.report
+            return self.result
 
-        return take()
+        return call()
 
 
 def test_an_event_taken_before_its_stream_was_deleted_is_stored_without_its_cooldown():
@@ -335,14 +355,13 @@ def test_an_event_taken_before_its_stream_was_deleted_is_stored_without_its_cool
 
     async def run():
         store = InMemoryWatchStore()
-        registry = _registry(store)
-        await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
-        gate = dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1")
+        registry = await _watching_trucks(store)
+        gate = _of_gate(_fired("w", 5000.0))
         yard = dataclasses.replace(_fired("w", 7.0), stream_id="yard", cluster_id="yard/c1")
-        held = _HeldTake(WatchReport(events=[gate, yard]))
+        held = _HeldCall("take_watch_events", WatchReport(events=[gate, yard]))
         registry.coordinator.workers = [held]
         drain = asyncio.create_task(registry.drain(0))
-        await asyncio.wait_for(held.taken.wait(), 5)
+        await asyncio.wait_for(held.called.wait(), 5)
         await registry.forget_stream("gate")
         held.release.set()
         await asyncio.wait_for(drain, 5)
@@ -370,9 +389,8 @@ class _HeldAppend(InMemoryWatchStore):
 async def _forget_while_a_cooldown_write_is_held(store: _HeldAppend) -> tuple[asyncio.Task, asyncio.Task]:
     """Stores an event of stream "gate" whose write ``store`` holds, and starts forgetting "gate" meanwhile;
     returns the two tasks, the forget under way."""
-    registry = _registry(store)
-    await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
-    gate = dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1")
+    registry = await _watching_trucks(store)
+    gate = _of_gate(_fired("w", 5000.0))
     record = asyncio.create_task(registry._record(gate))
     assert await asyncio.to_thread(store.entered.wait, 5)
     forget = asyncio.create_task(registry.forget_stream("gate"))
@@ -394,11 +412,10 @@ def test_a_stream_forgotten_while_its_cooldown_is_being_written_stays_forgotten(
 def test_an_event_its_worker_marked_as_of_a_deleted_stream_is_stored_and_sent_without_its_cooldown():
     async def run():
         store = InMemoryWatchStore()
-        registry = _registry(store)
-        await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
-        gate = dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1", sets_cooldown=False)
+        registry = await _watching_trucks(store)
+        gate = _of_gate(_fired("w", 5000.0), sets_cooldown=False)
         yard = dataclasses.replace(_fired("w", 7.0), stream_id="yard", cluster_id="yard/c1")
-        registry.coordinator.workers = [_HeldTake(WatchReport(events=[gate, yard]))]
+        registry.coordinator.workers = [_HeldCall("take_watch_events", WatchReport(events=[gate, yard]))]
         registry.coordinator.workers[0].release.set()
         await asyncio.wait_for(registry.drain(0), 5)
         assert store.state("w").fired_until_s == {"yard": 7.0}
@@ -419,30 +436,9 @@ def test_a_delete_stream_cancelled_while_a_cooldown_write_is_under_way_still_cle
         forget.cancel()
         store.release.set()
         await asyncio.wait_for(record, 5)
-        deadline = time.monotonic() + 5
-        while store.state("w").fired_until_s and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert store.state("w").fired_until_s == {}
+        assert await _cooldowns_cleared(store) == {}
 
     asyncio.run(run())
-
-
-class _HeldClose:
-    """Stands in for a worker's Ray handle: ``close_stream.remote`` returns once ``release`` is set, so a test can
-    cancel DeleteStream while the worker is closing the stream."""
-
-    def __init__(self):
-        self.closing = asyncio.Event()
-        self.release = asyncio.Event()
-        self.close_stream = self
-
-    def remote(self, stream_id: str):
-        async def close():
-            self.closing.set()
-            await self.release.wait()
-            return 3
-
-        return close()
 
 
 def test_a_delete_stream_whose_client_goes_away_still_clears_the_streams_cooldowns():
@@ -450,11 +446,10 @@ def test_a_delete_stream_whose_client_goes_away_still_clears_the_streams_cooldow
 
     async def run():
         store = InMemoryWatchStore()
-        registry = _registry(store)
-        await registry.create(WatchRecord(watch_id="w", question="Truck?", cooldown_s=60.0))
-        await registry._record(dataclasses.replace(_fired("w", 5000.0), stream_id="gate", cluster_id="gate/c1"))
+        registry = await _watching_trucks(store)
+        await registry._record(_of_gate(_fired("w", 5000.0)))
         assert store.state("w").fired_until_s == {"gate": 5000.0}
-        worker = _HeldClose()
+        worker = _HeldCall("close_stream", 3)
         registry.coordinator.workers, registry.coordinator.placement = [worker], {"gate": 0}
         queue, metrics = QueryQueue(max_waiting=4, max_running=1), registry.coordinator.metrics
         servicer = MosaicServicer(
@@ -462,13 +457,10 @@ def test_a_delete_stream_whose_client_goes_away_still_clears_the_streams_cooldow
         )
         servicer.watches = registry
         delete = asyncio.create_task(servicer.DeleteStream(pb.DeleteStreamRequest(stream_id="gate"), context=None))
-        await asyncio.wait_for(worker.closing.wait(), 5)
+        await asyncio.wait_for(worker.called.wait(), 5)
         delete.cancel()  # the client went away
         worker.release.set()
-        deadline = time.monotonic() + 5
-        while store.state("w").fired_until_s and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert store.state("w").fired_until_s == {}
+        assert await _cooldowns_cleared(store) == {}
         assert "gate" not in registry.coordinator.placement
 
     asyncio.run(run())
