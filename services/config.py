@@ -260,8 +260,9 @@ class ServiceConfig(BaseModel):
 
     def engine_config(self, *, worker_subdir: str | None = None) -> EngineConfig:
         """The worker's ``EngineConfig``; ``worker_subdir`` gives each worker its own disk-tier and data folder. The
-        closed streams' next numbers stay in the data folder itself, shared by the workers: a stream deleted on one
-        worker may be created again on another, which must number on past it."""
+        closed streams' next numbers stay in the data folder itself, which workers on one machine or one shared
+        volume share: a stream deleted on one worker may be created again on another, which must number on past
+        it."""
         disk_dir, data_dir = self.disk_dir, self.data_dir
         if worker_subdir:
             disk_dir = disk_dir and str(Path(disk_dir) / worker_subdir)

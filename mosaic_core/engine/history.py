@@ -80,8 +80,9 @@ class HistoryKeeper:
     def ensure_ids(self, state: StreamState, *, frames: int = 0, clusters: int = 0) -> None:
         """Makes sure the ids the stream may give out next are reserved in its journal before any is seen anywhere
         else: its next ``frames`` frame indices and ``clusters`` cluster numbers, past those taken so far. An
-        ingest call reserves for all of its frames before it changes anything (a failed journal write then fails
-        the call whole); call it too right after the former took a new cluster number outside an ingest call."""
+        ingest call reserves for all of its frames, each of which may open a cluster, before it changes anything (a
+        failed journal write then fails the call whole); a merge or a split calls it right after the former took
+        its new cluster number."""
         numbers_needed = state.former.next_number + clusters
         frames_needed = state.next_frame_index + frames
         numbers, reserved_frames = self._reserved[state.stream_id]

@@ -425,8 +425,6 @@ def _place_frame(
     record = state.former.commit(
         decision, frame_index=frame_index, timestamp_s=frame.timestamp_s, num_tokens=num_tokens
     )
-    if parts.history is not None and not decision.join:
-        parts.history.ensure_ids(state)
     store_for(parts, state).offer(record.cluster_id, frame_index, frame.timestamp_s, small_of, centrality)
     state.open_sums = open_after(joined=decision.join)
     note_frame(parts, state, record.cluster_id, summary)  # recurring-scene joins (off unless configured)
