@@ -642,10 +642,12 @@ def _build_engine(worker_id: str, config: ServiceConfig):
         started = time.monotonic()
         warm = engine.warm_up(max_new_tokens=config.default_max_new_tokens)
         log.info(
-            "worker %s: warmed up in %.1f s with %d questions, answers decoded together in batches of up to %d, and %s",
+            "worker %s: warmed up in %.1f s with %d questions %s, answers decoded together in batches of up to %d, "
+            "and %s",
             worker_id,
             time.monotonic() - started,
             warm.questions,
+            "over a scratch history" if warm.with_history else "with no history to retrieve",
             max(warm.decode_batches, default=1),
             "an ingest pass" if warm.ingested else "no ingest pass (the device budget cannot hold its scratch windows)",
         )

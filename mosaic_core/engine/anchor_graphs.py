@@ -15,7 +15,7 @@ question waits for its retrieved KV, 29.6 against 29.7 ms (bench/NOTES.md, sessi
 Every piece reads fixed buffers (``FixedAnchorPlan``): the question's token ids and positions, zero padded to a
 multiple of ``QUESTION_STEP`` (``prefill_graphs``); where each token's KV goes; and one slot table per anchor
 layer with its length. A table is as wide as any choice of this question can need (sink, window, the whole
-retrieval budget, and the question's own slots, rounded up to ``WIDTH_STEP``), so the pieces are known before the
+retrieval budget, and the question's own slots, as ``graph_width`` rounds it), so the pieces are known before the
 first layer chooses: one set per (question length, width). The pad rows come after the question's tokens, so
 causal attention keeps them out of every real row, and only the real rows' queries choose.
 
@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import torch
 
-from mosaic_core.engine.decode_graphs import WIDTH_STEP
+from mosaic_core.engine.decode_graphs import graph_width
 from mosaic_core.engine.fixed_buffers import load_table, load_write_index, write_and_attend
 from mosaic_core.memory.transfer import NOTHING_PENDING
 
 
 def anchor_width(plan) -> int:
-    """The widest table any anchor layer of ``plan`` can build, rounded up to ``WIDTH_STEP``: sink and window, the
-    whole retrieval budget, then the question's slots."""
-    widest = len(plan.past_slots) + plan.retriever.budget_tokens + plan.capacity_tokens
-    return -(-widest // WIDTH_STEP) * WIDTH_STEP
+    """The widest table any anchor layer of ``plan`` can build (sink and window, the whole retrieval budget, then
+    the question's slots) as ``graph_width`` rounds it."""
+    return graph_width(plan, len(plan.past_slots) + plan.retriever.budget_tokens + plan.capacity_tokens)
 
 
 class FixedAnchorPlan:

@@ -26,10 +26,11 @@ the next one. The first question asked to step runs one step for every question 
 find their next token ready. So the service's engine loop, which steps its running answers in turn, steps them
 all at once, and a question joins or leaves the batch between steps.
 
-One graph is kept per table layout, batch size (up to ``MAX_BATCH``) and table width (rounded up to
-``WIDTH_STEP``). Graphs are
-captured on first use and dropped when the device pool is replaced (full mode grows it, also while an answer
-decodes, since ingest goes on meanwhile). Questions that measure recall, re-score clusters while decoding, or run
+One graph is kept per table layout, batch size (up to ``MAX_BATCH``) and table width (``graph_width``: the widest
+table any question of the stream can build, rounded up to ``WIDTH_STEP``, so a young stream's questions and an old
+one's replay the same graphs, the ones the engine's warm-up made). Graphs are captured on first use and dropped
+when the device pool is replaced (full mode grows it, also while an answer decodes, since ingest goes on
+meanwhile). Questions that measure recall, re-score clusters while decoding, or run
 on the CPU decode eagerly, one at a time.
 """
 
@@ -47,6 +48,18 @@ from mosaic_core.engine.graph_capture import GraphPool
 log = logging.getLogger(__name__)
 WIDTH_STEP = 2048  # table widths are rounded up to this, so a few graphs serve every question
 MAX_BATCH = 16  # questions stepped together at most
+
+
+def graph_width(plan, slots: int) -> int:
+    """The width of the tables a graph replaying ``plan`` reads: ``slots`` or, if more, the widest table any question
+    of its stream can build (``QuestionPlan.widest_tokens``), rounded up to ``WIDTH_STEP``.
+
+    Not the question's own width: a stream's tables widen as its window fills and its history passes the retrieval
+    budget, and each new width took a capture, and compiled attention kernels for its split count, in the first
+    questions users asked (538 ms TTFT p99 at 32 cameras on an H100, bench/NOTES.md, session 40). Slots past a
+    question's own are -1 and cost the attention nothing: no split reads past its question's length.
+    """
+    return -(-max(slots, plan.widest_tokens) // WIDTH_STEP) * WIDTH_STEP
 
 
 class FixedDecodePlan:
@@ -216,8 +229,8 @@ class DecodeGraphs:
         if self.pools.device_pool is not self._pool_tensor:  # full mode grew it, maybe mid-answer
             self._graphs.clear()
             self._pool_tensor = self.pools.device_pool
-        widest = max(int(t.shape[1]) for p in plans for t in p.tables)
-        key = (layout, len(plans), -(-widest // WIDTH_STEP) * WIDTH_STEP)
+        width = max(graph_width(p, int(t.shape[1])) for p in plans for t in p.tables)
+        key = (layout, len(plans), width)
         if key not in self._graphs:
             entry = self._prepare(plans, rows, *key)
             if entry is None:

@@ -74,6 +74,7 @@ WARM_UP_STREAM = "mosaic-warm-up"  # ``Engine.warm_up``'s scratch stream, gone w
 # (``mosaic_core.model.text_fusion``); twice that, so frames a little under the target still make a big pass.
 WARM_UP_INGEST_TOKENS = 2048
 WARM_UP_FRAME_SIZE = (360, 640)  # height, width of the blank frames
+WARM_UP_HISTORY_FRAMES = 64  # at most, into the scratch question stream, until a cluster has left its window
 
 
 class Engine:
@@ -307,15 +308,20 @@ class Engine:
         ingest: bool | None = None,
         decode_batch: int | None = None,
     ) -> WarmUpResult:
-        """Answers one question of each prefill-graph length up to ``max_question_tokens`` on a scratch stream with
-        no history, so the engine captures its prefill and decode graphs before a user's first questions do (a
-        question that captured held the engine for 0.3 to 7 s on the H200: ``bench/NOTES.md``, session 11). Then,
-        for every count from 2 to ``decode_batch`` (None: ``DecodeGraphs.max_batch`` where decode steps run from
-        fixed buffers, else none), that many answers decode together, so each batch size's step is captured too,
-        not when that many of the users' answers first run at once. With ``ingest`` (None: on CUDA, where the
-        adapter compiles), it first ingests one pass of blank frames on scratch streams (``WARM_UP_INGEST_TOKENS``),
-        unless the device budget cannot hold their windows. Scratch streams are never durable and leave nothing
-        behind.
+        """Answers one question of each prefill-graph length up to ``max_question_tokens`` on a scratch stream, so
+        the engine captures its prefill and decode graphs before a user's first questions do (a question that
+        captured held the engine for 0.3 to 7 s on the H200: ``bench/NOTES.md``, session 11). Then, for every count
+        from 2 to ``decode_batch`` (None: ``DecodeGraphs.max_batch`` where decode steps run from fixed buffers, else
+        none), that many answers decode together, so each batch size's step is captured too, not when that many of
+        the users' answers first run at once. The graphs' tables are as wide as any question of the stream can
+        need (``decode_graphs.graph_width``), so these are the graphs users' questions replay.
+
+        With ``ingest`` (None: on CUDA, where the adapter compiles), it first ingests one pass of blank frames on
+        scratch streams (``WARM_UP_INGEST_TOKENS``), unless the device budget cannot hold their windows; and blank
+        frames into the question's scratch stream, one pass each, until a cluster has left its window
+        (``WARM_UP_HISTORY_FRAMES`` at most), so the questions score, choose and read history as users' questions
+        over a camera's past do, and the kernels that takes are compiled then. Scratch streams are never durable
+        and leave nothing behind.
 
         Raises:
             AlreadyExistsError: a stream named like a scratch stream is open (warm up before opening streams).
@@ -335,7 +341,9 @@ class Engine:
             decode_batch = graphs.max_batch if graphs.enabled else 1
         state = self._open_state(WARM_UP_STREAM, 1.0, None)
         asked, batches = 0, []
+        lookups = (self.tiering.device_lookups, self.tiering.device_hits)  # the hit ratio counts users' questions
         try:
+            with_history = self._warm_up_history(state) if ingest else False
             for length in range(QUESTION_STEP, max_question_tokens + 1, QUESTION_STEP):
                 question = self._question_of_length(length)
                 if question is not None:
@@ -346,7 +354,10 @@ class Engine:
                 batches.append(count)
         finally:
             self._forget_stream(state)
-        return WarmUpResult(questions=asked, ingested=ingested, decode_batches=tuple(batches))
+            self.tiering.device_lookups, self.tiering.device_hits = lookups
+        return WarmUpResult(
+            questions=asked, ingested=ingested, decode_batches=tuple(batches), with_history=with_history
+        )
 
     def _answer_together(self, stream_id: str, question: str, count: int) -> None:
         """``count`` answers of two tokens each, asked at once and read in turn, as the service's engine loop reads
@@ -378,6 +389,26 @@ class Engine:
         finally:
             for state in states:
                 self._forget_stream(state)
+
+    def _warm_up_history(self, state: StreamState) -> bool:
+        """Blank frames into ``state``, one pass each and with no history keeper, until a cluster has left its window
+        (one a question can retrieve); False when none has after ``WARM_UP_HISTORY_FRAMES``, or the device budget
+        cannot hold them."""
+        parts = dataclasses.replace(self.parts, history=None)
+        blank = np.zeros((*WARM_UP_FRAME_SIZE, 3), dtype=np.uint8)
+
+        def retrievable() -> bool:
+            tracked = self.tiering.residency.tracked_ids()
+            return any(record.cluster_id in tracked for record in state.former.records_to_read())
+
+        for index in range(WARM_UP_HISTORY_FRAMES):
+            if retrievable():
+                return True
+            try:
+                ingest.ingest(parts, [FrameInput(state.stream_id, float(index), blank)])
+            except BudgetError:
+                return False
+        return retrievable()
 
     def _question_of_length(self, padded: int) -> str | None:
         """A question whose tokens round up to ``padded`` (None when no number of words lands there)."""

@@ -116,6 +116,7 @@ class QuestionPlan:
         rescore_every_tokens: int,
         capacity_tokens: int,
         room: DeviceRoom,
+        widest_tokens: int = 0,
         recall_probe: RecallProbe | None = None,
         plant_queries: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
@@ -123,6 +124,9 @@ class QuestionPlan:
         self.retriever = retriever
         self.rescore_every_tokens = rescore_every_tokens
         self.capacity_tokens = capacity_tokens
+        # The most slots a table of any question on this stream can hold: what graphs size their tables to
+        # (``decode_graphs.graph_width``), so that this question's width does not make graphs of its own.
+        self.widest_tokens = widest_tokens
         self.recall_probe = recall_probe
         # Measurement only (mosaic_core.engine.probes): replaces the question's queries at its prefill.
         self.plant_queries = plant_queries

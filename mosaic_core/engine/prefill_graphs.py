@@ -16,7 +16,7 @@ next layer on the pass reads fixed inputs (``FixedPrefillPlan``):
 Those layers replay from a chain of graphs of ``segment_layers`` layers each, every one reading the hidden states
 the one before it left; each layer writes its KV into the question's slots and attends in place, and the last
 graph ends with the final norm and the last real row's hidden state. One chain is kept per (rounded question
-length, table width rounded up to ``WIDTH_STEP``).
+length, table width as ``decode_graphs.graph_width`` rounds it: the widest table of the stream's questions).
 
 The chain is what lets the retrieved KV cross PCIe while the question computes: the anchor queued every later
 layer's staging on the side stream, and before each graph the compute stream waits (``wait_event``, no host sync)
@@ -44,7 +44,7 @@ import torch
 from torch.profiler import record_function
 
 from mosaic_core.engine.anchor_graphs import AnchorPieces, FixedAnchorPlan, anchor_forward, anchor_width
-from mosaic_core.engine.decode_graphs import WIDTH_STEP
+from mosaic_core.engine.decode_graphs import graph_width
 from mosaic_core.engine.fixed_buffers import load_table, load_write_index, write_and_attend
 from mosaic_core.engine.graph_capture import GraphPool
 from mosaic_core.memory.transfer import NOTHING_PENDING
@@ -240,7 +240,7 @@ class PrefillGraphs:
         if any(table is not plan.tables[first] for table in plan.tables[first:]):
             return None  # the later layers do not share one table: they run eagerly
         tokens = padded_length(num_real)
-        width = -(-int(plan.tables[first].shape[1]) // WIDTH_STEP) * WIDTH_STEP
+        width = graph_width(plan, int(plan.tables[first].shape[1]))
         key = (first, tokens, width)
         if key not in self._graphs:
             entry = self._prepare(plan, first, tokens, width, hidden, cursor)

@@ -83,6 +83,7 @@ def ask(
             # room for the question padded to a prefill graph's length, whose pad rows the answer overwrites
             capacity_tokens=max(len(question_ids) + max_new_tokens, padded_length(len(question_ids))),
             room=room,
+            widest_tokens=widest_question_tokens(config, state),
             recall_probe=probe,
             plant_queries=None if planter is None else planter.plant,
         )
@@ -176,6 +177,15 @@ def _decode(parts, state, question_ids, plan, max_new_tokens, asked_s):
     timings.num_tokens = len(token_ids)
     retrieval = _retrieval_stats(plan)
     return token_ids, timings, retrieval, last_hidden
+
+
+def widest_question_tokens(config, state: StreamState) -> int:
+    """The most slots a table of a question on ``state`` can hold outside full mode: the stream's sink, a full
+    local window, the whole retrieval budget, and the longest question and answer the engine takes."""
+    question_and_answer = max(
+        config.max_question_tokens + config.max_new_tokens_limit, padded_length(config.max_question_tokens)
+    )
+    return state.sink_tokens + config.local_window_tokens + config.retrieval_budget_tokens + question_and_answer
 
 
 def _check_question(parts, question: str, max_new_tokens: int) -> list[int]:

@@ -40,12 +40,14 @@ class IngestResult:
 @dataclass(slots=True)
 class WarmUpResult:
     """What ``Engine.warm_up`` did: the questions it asked, whether it ingested its pass of blank frames (False
-    when it was not asked to, or the device budget could not hold the scratch streams' windows), and the counts of
-    answers it decoded together."""
+    when it was not asked to, or the device budget could not hold the scratch streams' windows), the counts of
+    answers it decoded together, and whether its questions had a cluster to retrieve (False when it did not ingest,
+    or no blank frame left the window)."""
 
     questions: int
     ingested: bool
     decode_batches: tuple[int, ...] = ()
+    with_history: bool = False
 
 
 @dataclass(slots=True)

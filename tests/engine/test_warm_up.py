@@ -11,9 +11,10 @@ import pytest
 from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
-from mosaic_core.engine.decode_graphs import DecodeGraphs
+from mosaic_core.engine.decode_graphs import WIDTH_STEP, DecodeGraphs
 from mosaic_core.engine.engine import WARM_UP_STREAM
 from mosaic_core.engine.prefill_graphs import PrefillGraphs
+from mosaic_core.engine.retrieval import Retriever
 from mosaic_core.errors import AlreadyExistsError
 from mosaic_core.model.text_fusion import MIN_FUSED_TOKENS
 from tests.engine.engine_helpers import feed, make_engine
@@ -123,3 +124,60 @@ def test_warm_up_skips_the_ingest_when_the_budget_cannot_hold_the_scratch_window
     assert max(passes) < MIN_FUSED_TOKENS
     assert engine.streams == {}
     assert engine.tiering.residency.reserved_bytes() == 0
+
+
+def test_questions_over_a_full_window_and_budget_replay_what_the_warm_up_made(tiny_model, bikes_frames):
+    """A graph reads tables as wide as the widest question of its stream can build, whatever this question
+    retrieved: so the warm-up's questions, on a scratch stream with no window and no history, make the graphs that
+    questions over a full window and a full retrieval budget replay (here their tables pass one ``WIDTH_STEP``)."""
+    engine = make_engine(
+        tiny_model,
+        target_tokens_per_frame=512,
+        page_tokens=None,
+        local_window_tokens=1024,
+        formation=FormationConfig(max_tokens=2048),
+        retrieval_budget_tokens=2048,
+        device_budget_bytes=256 * MIB,
+    )
+    pools = engine.tiering.tiers.pools
+    decode = DecodeGraphs(tiny_model, pools, engine.spec.num_layers, enabled=True, capture=False)
+    prefill = PrefillGraphs(tiny_model, pools, enabled=True, capture=False)
+    engine.parts.decode_graphs, engine.parts.prefill_graphs = decode, prefill
+    engine.warm_up(max_new_tokens=2, max_question_tokens=16, decode_batch=2)
+    warmed = {"decode": set(decode._graphs), "prefill": set(prefill._graphs), "anchor": set(prefill._anchors)}
+    prefills_before = (prefill.num_prefills, prefill.num_anchor_prefills)
+    for camera in ("a", "b"):
+        engine.open_stream(camera)
+        feed(engine, camera, bikes_frames[:8])
+    answers = [engine.ask(camera, "What happened?", max_new_tokens=3) for camera in ("a", "b")]
+    for answer in answers:
+        next(answer)
+    ends = [list(answer)[-1] for answer in answers]
+    for end in ends:  # each question's table is past one step
+        stats = engine.stream_stats(end.stream_id)
+        assert stats.sink_tokens + stats.local_window_tokens + end.retrieval.num_tokens_retrieved > WIDTH_STEP
+    assert {"decode": set(decode._graphs), "prefill": set(prefill._graphs), "anchor": set(prefill._anchors)} == warmed
+    assert (prefill.num_prefills, prefill.num_anchor_prefills) == tuple(n + 2 for n in prefills_before)  # on graphs
+    engine.close()
+
+
+def test_warm_up_questions_retrieve_history_when_it_ingests(tiny_model, monkeypatch):
+    """With ``ingest``, blank frames go into the question's scratch stream until a cluster has left its window, so
+    the warm-up's questions score and read history (on a GPU: the kernels that compiles) as users' questions do.
+    The engine's hit ratio still counts only users' questions."""
+    engine = make_engine(tiny_model, device_budget_bytes=64 * MIB)
+    candidates_seen = []
+    select = Retriever.select
+
+    def recording_select(self, layer, query):
+        candidates_seen.append(len(self.candidates))
+        return select(self, layer, query)
+
+    monkeypatch.setattr(Retriever, "select", recording_select)
+    warm = engine.warm_up(max_new_tokens=2, max_question_tokens=16, ingest=True)
+    assert warm.with_history
+    assert candidates_seen and min(candidates_seen) >= 1
+    assert (engine.tiering.device_lookups, engine.tiering.device_hits) == (0, 0)
+    assert engine.streams == {} and engine.tiering.residency.reserved_bytes() == 0
+    assert engine.tiering.residency.used_bytes(Tier.DEVICE) == 0
+    engine.close()
