@@ -38,6 +38,10 @@ def _runtime() -> ctypes.CDLL | None:
             continue
         copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
         copy.restype = ctypes.c_int
+        strided = lib.cudaMemcpy2DAsync
+        strided.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                            ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]  # fmt: skip
+        strided.restype = ctypes.c_int
         lib.cudaGetErrorString.argtypes = [ctypes.c_int]
         lib.cudaGetErrorString.restype = ctypes.c_char_p
         _found.append(lib)
@@ -61,6 +65,29 @@ def copy_runs(runs: np.ndarray, stream: int) -> None:
         status = copy(dst, src, nbytes, CUDA_MEMCPY_DEFAULT, stream)
         if status:
             raise RuntimeError(f"cudaMemcpyAsync of {nbytes} bytes failed: {lib.cudaGetErrorString(status).decode()}")
+
+
+def copy_strided(runs: np.ndarray, stream: int) -> None:
+    """Queues ``cudaMemcpy2DAsync`` on ``stream`` for each row ``(src, dst, nbytes, count, pitch)`` of ``runs``:
+    ``count`` runs of ``nbytes``, each ``pitch`` bytes after the one before it on both sides (one group of layers of
+    ``count`` consecutive pages, to consecutive pages), handed to a copy engine as one copy."""
+    lib = _runtime()
+    if lib is None:
+        raise RuntimeError("the CUDA runtime is not loaded in this process")
+    copy = lib.cudaMemcpy2DAsync
+    for src, dst, nbytes, count, pitch in runs.tolist():
+        status = copy(dst, pitch, src, pitch, nbytes, count, CUDA_MEMCPY_DEFAULT, stream)
+        if status:
+            raise RuntimeError(
+                f"cudaMemcpy2DAsync of {count} x {nbytes} bytes failed: {lib.cudaGetErrorString(status).decode()}"
+            )
+
+
+def copy_strided_reference(runs: np.ndarray) -> None:
+    """What ``copy_strided`` does, between host addresses."""
+    for src, dst, nbytes, count, pitch in runs.tolist():
+        for i in range(count):
+            ctypes.memmove(dst + i * pitch, src + i * pitch, nbytes)
 
 
 def copy_runs_reference(runs: np.ndarray) -> None:

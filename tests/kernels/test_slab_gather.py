@@ -99,6 +99,46 @@ def test_copy_runs_move_pinned_host_runs_into_device_memory_on_the_copy_engines(
     assert not device[2].any() and not device[5].any()
 
 
+def _strided_case(device: str):
+    """Host pages 2-4 (a group of 3 of each page's 8 values, from value 2) into device pages 5-7, as one strided run:
+    the runs, the host pages and the device pages, every value of the latter not written left at -1."""
+    host = torch.arange(10 * 8, dtype=torch.float32).reshape(10, 8)
+    if device == "cuda":
+        host = host.pin_memory()
+    pages = torch.full((10, 8), -1.0, device=device)
+    pitch, value = 8 * 4, 4
+    runs = np.asarray([(host[2, 2].data_ptr(), pages[5, 2].data_ptr(), 3 * value, 3, pitch)], dtype=np.int64)
+    return runs, host, pages
+
+
+def _check_strided(host: torch.Tensor, pages: torch.Tensor) -> None:
+    pages = pages.cpu()
+    assert torch.equal(pages[5:8, 2:5], host[2:5, 2:5])
+    written = torch.zeros(10, 8, dtype=torch.bool)
+    written[5:8, 2:5] = True
+    assert (pages[~written] == -1).all()
+
+
+def test_a_strided_run_copies_one_group_of_consecutive_pages_and_nothing_else():
+    from mosaic_core.memory import cudart
+
+    runs, host, pages = _strided_case("cpu")
+    cudart.copy_strided_reference(runs)
+    _check_strided(host, pages)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy engines need a GPU")
+def test_a_strided_run_moves_pinned_host_pages_on_the_copy_engines():
+    from mosaic_core.memory import cudart
+
+    runs, host, pages = _strided_case("cuda")
+    stream = torch.cuda.Stream()
+    cudart.copy_strided(runs, stream.cuda_stream)
+    stream.synchronize()
+    _check_strided(host, pages)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy engines need a GPU")
 @pytest.mark.parametrize("streams", [1, 3])
