@@ -181,19 +181,21 @@ def durable_rates(before: dict[str, float], after: dict[str, float], elapsed_s: 
 
 
 ALLOCATOR_TOTAL = "mosaic_device_allocator_events_total"
+KERNEL_COMPILES = "mosaic_kernel_compiles_total"
 EVENT_LABEL = re.compile(r'event="([^"]*)"')
 
 
 def engine_totals(metrics_text: str) -> dict[str, float]:
     """The workers' engine-thread seconds by part, the ingest-call histogram's frame sum and count, the ingest
-    calls' forward passes and those encoded ahead, and the GPU allocator's events (keyed ``allocator:EVENT``)."""
+    calls' forward passes and those encoded ahead, the GPU allocator's events (keyed ``allocator:EVENT``) and the
+    kernel variants compiled."""
     totals: dict[str, float] = {}
     for name, labels, value in METRIC_LINE.findall(metrics_text):
         if name == "mosaic_engine_loop_seconds_total" and (part := PART_LABEL.search(labels)):
             key = part.group(1)
         elif name == ALLOCATOR_TOTAL and (event := EVENT_LABEL.search(labels)):
             key = f"allocator:{event.group(1)}"
-        elif name in BATCH_FRAMES or name in (FORWARD_PASSES, ENCODED_AHEAD):
+        elif name in BATCH_FRAMES or name in (FORWARD_PASSES, ENCODED_AHEAD, KERNEL_COMPILES):
             key = name
         else:
             continue
@@ -250,20 +252,30 @@ class EngineThread:
     passes_per_call: float | None  # mean language-model forward passes per ingest call
     encoded_ahead_share: float | None  # of the ingest calls, those whose tower was queued the call before
     allocator_events: dict[str, int]  # the GPU allocator's events in the span, by event (none off CUDA)
+    kernel_compiles: int = 0  # variants of Mosaic's Triton kernels compiled in the span (none counted off CUDA)
 
 
 def engine_thread(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> EngineThread:
-    """What the engine threads did between two scrapes: their time by part, the ingest calls' mean size, and the
-    GPU allocator's events."""
+    """What the engine threads did between two scrapes: their time by part, the ingest calls' mean size, the GPU
+    allocator's events and the kernel variants compiled."""
     delta = {key: after[key] - before.get(key, 0.0) for key in after}
     calls = delta.pop(BATCH_FRAMES[1], 0.0)
     frames = delta.pop(BATCH_FRAMES[0], 0.0)
     passes = delta.pop(FORWARD_PASSES, 0.0)
     ahead = delta.pop(ENCODED_AHEAD, 0.0)
     allocator = {key.split(":", 1)[1]: round(delta.pop(key)) for key in list(delta) if key.startswith("allocator:")}
+    compiled = round(delta.pop(KERNEL_COMPILES, 0.0))
     share = {part: seconds / elapsed_s for part, seconds in delta.items()}
     per_call = (frames / calls, passes / calls, ahead / calls) if calls else (None, None, None)
-    return EngineThread(share, *per_call, allocator)
+    return EngineThread(share, *per_call, allocator, compiled)
+
+
+def engine_thread_between(seen: list[dict[str, float]], elapsed_s: float) -> EngineThread:
+    """``engine_thread`` between the first and the last of a step's scrapes; nothing known when none was read (the
+    service stopped answering /metrics, a step that then fails on its lag, not here)."""
+    if not seen:
+        return EngineThread({}, None, None, None, {})
+    return engine_thread(seen[0], seen[-1], elapsed_s)
 
 
 def measure_step(service: LocalService, load: Load, cameras: list[str], args, decode_cost_s: dict) -> StepResult:
@@ -328,7 +340,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
     engine_ttfts = [a.engine_ttft_s for a in answers if a.engine_ttft_s is not None]
     handoffs = [a.handoff_s for a in answers if a.handoff_s is not None]
     transports = [a.transport_s for a in answers if a.transport_s is not None]
-    thread = engine_thread(engine_seen[0], engine_seen[-1], elapsed) if engine_seen else EngineThread({}, None, None)
+    thread = engine_thread_between(engine_seen, elapsed)
     return StepResult(
         cameras=len(cameras),
         pulled=pulled,
@@ -360,6 +372,7 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         forward_passes_per_ingest_call=thread.passes_per_call,
         ingest_calls_encoded_ahead=thread.encoded_ahead_share,
         allocator_events=thread.allocator_events,
+        kernel_compiles=thread.kernel_compiles,
         worker_gil=gil_probe.wait_share(gil_before, gil_probe.read_latest(service.workdir, "worker-*")),
         engine_stacks=stack_probe.busiest(stacks_before, stack_probe.read_latest(service.workdir, "worker-*")),
         durable=durable_rates(durable_seen[0], durable_seen[-1], elapsed) if durable_seen else None,

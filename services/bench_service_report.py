@@ -53,6 +53,7 @@ class StepResult:
     tiers: dict[str, float] | None = None  # KV held and budgeted per tier, and moved (bench_service.tier_summary)
     # The workers' GPU allocator events in the step, by event (bench_service.engine_thread; empty off CUDA)
     allocator_events: dict[str, int] = field(default_factory=dict)
+    kernel_compiles: int = 0  # variants of Mosaic's Triton kernels the workers compiled in the step (CUDA only)
     ingest_calls_encoded_ahead: float | None = None  # share of the ingest calls whose tower was queued the call before
     # Parts of the server's TTFT: waiting on the worker until the engine began the question, and the engine's
     # prefill to first token (QueryTimings.start_wait_s and engine_first_token_s)
@@ -158,6 +159,11 @@ def table(report: dict) -> str:
             lines.append(
                 f"N={step['cameras']}: the GPU allocator during the step: {events} (a retry gave back the cache and "
                 "waited for the GPU)"
+            )
+        if step.get("kernel_compiles"):
+            lines.append(
+                f"N={step['cameras']}: Triton kernel variants compiled during the step: {step['kernel_compiles']} "
+                "(each held the engine thread; the warm-up missed them)"
             )
         gil = step.get("worker_gil")
         if gil is not None:

@@ -250,6 +250,13 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
+        self.kernel_compiles_total = Counter(
+            "mosaic_kernel_compiles_total",
+            "Variants of Mosaic's own Triton kernels a worker compiled (or loaded from Triton's disk cache) since it "
+            "started, warm-up included: each held the work that launched it, about a second for a new one.",
+            ["worker"],
+            registry=r,
+        )
         self.keyframes_dropped_total = Counter(
             "mosaic_keyframes_dropped_total",
             "Keyframes not kept because the host tier could not make room for them.",
@@ -501,6 +508,9 @@ class MosaicMetrics:
         check_label("event", event, ALLOCATOR_EVENTS)
         self.device_allocator_events_total.labels(worker_label(worker), event).inc(non_negative("events", n))
 
+    def add_kernel_compiles(self, worker: int | str, n: int) -> None:
+        self.kernel_compiles_total.labels(worker_label(worker)).inc(non_negative("kernel compiles", n))
+
     def set_keyframes(self, worker: int | str, num_bytes: int, dropped: int) -> None:
         """A worker's keyframe bytes now (gauge) and keyframes dropped since the last call (increment)."""
         label = worker_label(worker)
@@ -516,6 +526,7 @@ class MosaicMetrics:
             self.metadata_store_up, self.metadata_queue_depth, self.durable_pending_clusters,
             self.durable_oldest_pending_seconds, self.durable_writers, self.keyframe_bytes,
             self.answer_thread_wait_seconds, self.durable_history_bytes, self.durable_history_budget_bytes,
+            self.kernel_compiles_total,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):  # a series never set
                 metric.remove(label)
@@ -582,7 +593,7 @@ class MosaicMetrics:
                 self.durable_write_seconds_total, self.durable_ingest_wait_seconds_total, self.durable_writers,
                 self.keyframe_bytes, self.keyframes_dropped_total, self.answer_thread_wait_seconds,
                 self.durable_history_bytes, self.durable_history_budget_bytes,
-                self.durable_clusters_dropped_for_space_total,
+                self.durable_clusters_dropped_for_space_total, self.kernel_compiles_total,
             ):  # fmt: skip
                 metric.labels(worker)
             for direction in TRANSFER_DIRECTIONS:

@@ -103,6 +103,7 @@ class TelemetryDelta:
     tiers: dict[str, TierGauges] = field(default_factory=dict)
     transfer_bytes: dict[str, int] = field(default_factory=dict)
     allocator_events: dict[str, int] = field(default_factory=dict)  # increments, by ALLOCATOR_EVENTS
+    kernel_compiles: int = 0  # increment of EngineStats.kernel_compiles
     device_hit_ratio: float = 0.0
     durability: DurabilityHealth | None = None
     loop_seconds: dict[str, float] = field(default_factory=dict)  # engine thread, by ENGINE_LOOP_PARTS
@@ -119,6 +120,7 @@ class WorkerTelemetry:
         self._delta = TelemetryDelta(worker_id)
         self._transfer_seen: dict[str, int] = dict.fromkeys(TRANSFER_DIRECTIONS, 0)
         self._allocator_seen: dict[str, int] = dict.fromkeys(ALLOCATOR_EVENTS, 0)
+        self._compiles_seen = 0
         self._totals: dict[str, StreamTotals] = {}
 
     def totals(self, stream_id: str) -> StreamTotals:
@@ -206,6 +208,9 @@ class WorkerTelemetry:
             for event, total in engine_stats.allocator_events.items():
                 delta.allocator_events[event] = max(0, total - self._allocator_seen[event])
                 self._allocator_seen[event] = total
+            if engine_stats.kernel_compiles is not None:
+                delta.kernel_compiles = max(0, engine_stats.kernel_compiles - self._compiles_seen)
+                self._compiles_seen = engine_stats.kernel_compiles
             delta.device_hit_ratio = engine_stats.device_hit_ratio
         return delta
 
@@ -247,6 +252,8 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
     for event, n in delta.allocator_events.items():
         if n:
             metrics.add_allocator_events(worker, event, n)
+    if delta.kernel_compiles:
+        metrics.add_kernel_compiles(worker, delta.kernel_compiles)
     metrics.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
     for part, seconds in delta.loop_seconds.items():
         metrics.add_engine_loop_seconds(worker, part, seconds)

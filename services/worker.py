@@ -642,10 +642,11 @@ def _build_engine(worker_id: str, config: ServiceConfig):
         started = time.monotonic()
         warm = engine.warm_up(max_new_tokens=config.default_max_new_tokens)
         log.info(
-            "worker %s: warmed up in %.1f s with %d questions %s, answers decoded together in batches of up to %d, "
-            "and %s",
+            "worker %s: warmed up in %.1f s (%s Triton kernel variants compiled) with %d questions %s, answers "
+            "decoded together in batches of up to %d, and %s",
             worker_id,
             time.monotonic() - started,
+            engine.stats().kernel_compiles,
             warm.questions,
             "over a scratch history" if warm.with_history else "with no history to retrieve",
             max(warm.decode_batches, default=1),

@@ -60,6 +60,7 @@ from mosaic_core.errors import (
     UnknownClusterError,
     UnknownStreamError,
 )
+from mosaic_core.kernels import compiles
 from mosaic_core.memory.tiers import KVTiers
 from mosaic_core.model.adapter import VlmAdapter
 from mosaic_core.model.frame_upload import FrameStaging
@@ -84,6 +85,8 @@ class Engine:
         self.model = model
         self.config = config or EngineConfig()
         self.spec = model.kv_spec
+        if model.device.type == "cuda":
+            compiles.install()  # EngineStats.kernel_compiles
         # Full mode is the no-eviction baseline: its device tier is accounted but never limits.
         device_bytes = UNLIMITED_BYTES if self.config.mode is RetrievalMode.FULL else self.config.device_budget_bytes
         disk_bytes, disk_dir, durable = self.config.disk_budget_bytes, self.config.disk_dir, None
@@ -688,6 +691,7 @@ class Engine:
             num_keyframes=sum(s.num_keyframes for s in stores),
             keyframes_dropped=self._keyframes_dropped_by_closed + sum(s.num_dropped for s in stores),
             allocator_events=_allocator_events(self.model.device),
+            kernel_compiles=compiles.total(),
         )
 
 

@@ -195,3 +195,6 @@ class EngineStats:
     # empty off CUDA. A retry is a device allocation that failed, so the allocator gave its cached blocks back, which
     # waits for all of the device's work, and tried again.
     allocator_events: dict[str, int] = field(default_factory=dict)
+    # Variants of Mosaic's own Triton kernels compiled in this process (``mosaic_core.kernels.compiles``), each a
+    # stall of about a second for whatever launched it; None where they are not counted (off CUDA).
+    kernel_compiles: int | None = None

@@ -96,6 +96,11 @@ def test_table_has_a_row_per_step_and_names_the_largest_real_time_n():
         "N=16: the GPU allocator during the step: retries 2, device_mallocs 5 (a retry gave back the cache and waited "
         "for the GPU)"
     )
+    report["steps"][1]["kernel_compiles"] = 3
+    assert table(report).splitlines()[-1] == (
+        "N=16: Triton kernel variants compiled during the step: 3 (each held the engine thread; the warm-up missed "
+        "them)"
+    )
     report["steps"][1]["worker_gil"] = {"mean_late_ms": 0.734, "share_over_1ms": 0.25, "max_late_ms_so_far": 4.9}
     assert table(report).splitlines()[-1] == (
         "N=16: the worker's GIL: a 2-ms sleep woke 0.73 ms late on average, 25% of them over 1 ms late"
@@ -126,6 +131,7 @@ def test_engine_thread_share_and_call_sizes_come_from_two_scrapes():
             f'mosaic_ingest_batch_frames_count{{worker="0"}} {calls}',
             f'mosaic_ingest_forward_passes_total{{worker="0"}} {passes}',
             f'mosaic_ingest_calls_encoded_ahead_total{{worker="0"}} {calls - 1}',
+            f'mosaic_kernel_compiles_total{{worker="0"}} {calls // 2}',
             'mosaic_frames_ingested_total{stream="cam"} 12.0',
         ])  # fmt: skip
 
@@ -134,8 +140,18 @@ def test_engine_thread_share_and_call_sizes_come_from_two_scrapes():
     assert thread.share == pytest.approx({"ingest": 0.6, "questions": 0.1})  # two workers' ingest seconds add up
     assert (thread.frames_per_call, thread.passes_per_call, thread.encoded_ahead_share) == (64.0, 1.5, 1.0)
     assert thread.allocator_events == {"retries": 3}  # counts in the span, not a time share
+    assert thread.kernel_compiles == 2
     idle = engine_thread(before, before, elapsed_s=10.0)
     assert (idle.frames_per_call, idle.passes_per_call, idle.encoded_ahead_share) == (None, None, None)
+    assert idle.kernel_compiles == 0
+
+
+def test_a_step_whose_metrics_were_never_read_reports_no_engine_thread_figures():
+    from services.bench_service import engine_thread_between
+
+    unread = engine_thread_between([], elapsed_s=10.0)
+    assert unread.share == {} and unread.allocator_events == {} and unread.kernel_compiles == 0
+    assert (unread.frames_per_call, unread.passes_per_call, unread.encoded_ahead_share) == (None, None, None)
 
 
 def test_durable_rates_come_from_two_scrapes_summed_over_workers():

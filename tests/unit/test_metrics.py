@@ -32,6 +32,7 @@ SPEC = {
     "mosaic_retrieval_latency_seconds": ("histogram", {"mode"}),
     "mosaic_transfer_bytes_total": ("counter", {"worker", "direction"}),
     "mosaic_device_allocator_events_total": ("counter", {"worker", "event"}),
+    "mosaic_kernel_compiles_total": ("counter", {"worker"}),
     "mosaic_tier_used_bytes": ("gauge", {"worker", "tier"}),
     "mosaic_tier_capacity_bytes": ("gauge", {"worker", "tier"}),
     "mosaic_clusters": ("gauge", {"worker", "tier"}),
@@ -289,17 +290,19 @@ def test_allocator_events_reach_their_counter_as_increments_of_the_engines_total
     from mosaic_core.engine.results import EngineStats
     from services.telemetry import WorkerTelemetry, apply_delta
 
-    def stats(retries: int, mallocs: int) -> EngineStats:
+    def stats(retries: int, mallocs: int, compiles: int | None = None) -> EngineStats:
         tiers = {"device": 0, "host": 0, "disk": 0}
         return EngineStats(
             mode="cluster", num_streams=0, used_bytes_by_tier=tiers, capacity_bytes_by_tier=tiers,
             clusters_by_tier=tiers, transfer_bytes_by_direction={}, transfer_copies_by_direction={},
             device_hit_ratio=0.0, allocator_events={"retries": retries, "device_mallocs": mallocs},
+            kernel_compiles=compiles,
         )  # fmt: skip
 
     m, telemetry = MosaicMetrics(), WorkerTelemetry("0")
-    for retries, mallocs in ((3, 40), (3, 40), (5, 41)):
-        delta = telemetry.drain(queue_depths={}, lags_s={}, engine_stats=stats(retries, mallocs))
+    for retries, mallocs, compiles in ((3, 40, 12), (3, 40, None), (5, 41, 12), (5, 41, 14)):
+        delta = telemetry.drain(queue_depths={}, lags_s={}, engine_stats=stats(retries, mallocs, compiles))
         apply_delta(m, delta, open_streams=set())
     assert sample(m, "mosaic_device_allocator_events_total", worker="0", event="retries") == 5
     assert sample(m, "mosaic_device_allocator_events_total", worker="0", event="device_mallocs") == 41
+    assert sample(m, "mosaic_kernel_compiles_total", worker="0") == 14  # None (not counted) adds nothing
