@@ -3,8 +3,11 @@
 PyAV is already a core dependency (video sources), so images need no extra library. The format is sniffed
 from the magic bytes rather than trusted from the client, and the picture's size is read from its header
 (PNG ``IHDR``, JPEG ``SOFn``) before anything is decoded: a small file that claims a huge picture is refused
-with the size limit, and never costs the decoder its memory. Every failure is an ``InvalidFrameError``
-(INVALID_ARGUMENT) naming what was wrong; nothing here touches a stream, so a bad frame harms no one.
+with the size limit. A header can also lie to that reading and not to FFmpeg (a second JPEG start-of-frame inside
+a segment FFmpeg scans and the walk skips), so the decoder itself is bounded too: FFmpeg's ``max_pixels`` refuses
+a picture of more than ``MAX_SIDE_PX`` squared pixels before it allocates it, and a decoded picture with a side over
+``MAX_SIDE_PX`` is refused. Every failure is an ``InvalidFrameError`` (INVALID_ARGUMENT) naming what was wrong;
+nothing here touches a stream, so a bad frame harms no one.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def image_size(data: bytes, codec: str) -> tuple[int, int] | None:
     JPEG's segments are walked as FFmpeg's decoder walks them: bytes between them that start no marker are skipped,
     so a stray byte cannot hide the start-of-frame that FFmpeg would still find."""
     if codec == "png":
-        # signature (8) | IHDR length (4) | "IHDR" | width (4) | height (4)
+        # signature (8) | IHDR length (4) | "IHDR" | width (4) | height (4); IHDR must come first
         if len(data) < 24 or data[12:16] != b"IHDR":
             return None
         width, height = struct.unpack(">II", data[16:24])
@@ -66,14 +69,18 @@ def image_size(data: bytes, codec: str) -> tuple[int, int] | None:
 
 
 def check_image_size(data: bytes, codec: str) -> None:
-    """Refuses a picture whose header claims an empty side or one over ``MAX_SIDE_PX``, and a JPEG whose header
-    names no size at all (it is never decoded unchecked)."""
+    """Refuses a picture whose header claims an empty side or one over ``MAX_SIDE_PX``, and one whose header
+    names no size where it must (a JPEG's start-of-frame, a PNG's first chunk): it is never decoded unchecked."""
     size = image_size(data, codec)
     if size is None:
-        if codec == "mjpeg":
-            raise InvalidFrameError(f"the JPEG frame ({len(data)} bytes) cannot be decoded: it names no picture size")
-        return
-    width, height = size
+        where = "no start-of-frame before its data" if codec == "mjpeg" else "no IHDR chunk first"
+        raise InvalidFrameError(
+            f"the {codec_name(codec)} frame ({len(data)} bytes) cannot be decoded: it names no picture size ({where})"
+        )
+    check_sides(*size, codec)
+
+
+def check_sides(width: int, height: int, codec: str) -> None:
     if not (0 < height <= MAX_SIDE_PX and 0 < width <= MAX_SIDE_PX):
         raise InvalidFrameError(
             f"the {codec_name(codec)} frame is {width}x{height} px (width x height): "
@@ -95,19 +102,23 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     try:
         frames = decode_picture(codec, data, lowres)
         if not frames and lowres:
-            frames = decode_picture(codec, data, 0)
+            frames, lowres = decode_picture(codec, data, 0), 0
     except (av.FFmpegError, ValueError) as err:
-        raise InvalidFrameError(f"the {codec_name(codec)} frame ({len(data)} bytes) cannot be decoded: {err}") from err
+        raise InvalidFrameError(
+            f"the {codec_name(codec)} frame ({len(data)} bytes) cannot be decoded: {err} (a picture of more than "
+            f"{MAX_SIDE_PX}x{MAX_SIDE_PX} px is not decoded at all)"
+        ) from err
     if not frames:
         raise InvalidFrameError(f"the {codec_name(codec)} frame ({len(data)} bytes) decoded to no picture")
-    return validate_frames(frame_rgb(frames[0], max_pixels))[0]
+    picture = frames[0]
+    check_sides(picture.width << lowres, picture.height << lowres, codec)  # its full size, at most a few px over
+    return validate_frames(frame_rgb(picture, max_pixels))[0]
 
 
 def decode_picture(codec: str, data: bytes, lowres: int) -> list:
     """The pictures FFmpeg decodes from ``data`` with ``codec``, at ``2**-lowres`` of each side (JPEG only)."""
     ctx = av.CodecContext.create(codec, "r")
-    if lowres:
-        ctx.options = {"lowres": str(lowres)}
+    ctx.options = {"max_pixels": str(MAX_SIDE_PX * MAX_SIDE_PX), **({"lowres": str(lowres)} if lowres else {})}
     return ctx.decode(av.Packet(data)) or ctx.decode(None)
 
 

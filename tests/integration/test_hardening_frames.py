@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import struct
 import zlib
+from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
 
@@ -62,3 +64,48 @@ def test_a_stray_byte_between_jpeg_segments_does_not_hide_its_size(max_pixels):
     data[first_segment_end:first_segment_end] = b"\x00"
     with pytest.raises(InvalidFrameError, match=f"20000x200 px .* 1..{MAX_SIDE_PX} px"):
         decode_image(bytes(data), max_pixels)
+
+
+def _with_sof_hidden_in_a_jpg0_segment(real: bytes, shown: tuple[int, int]) -> bytes:
+    """``real`` JPEG with a start-of-frame of ``shown`` (width, height) where its own was, and its own inside a JPG0
+    segment after it: the header walk skips the segment by its length, FFmpeg's decoder scans it and finds the SOF."""
+    sof = real.index(b"\xff\xc0")
+    end = sof + 2 + int.from_bytes(real[sof + 2 : sof + 4], "big")
+    own = real[sof:end]
+    fake = own[:5] + struct.pack(">HH", shown[1], shown[0]) + own[9:]
+    return real[:sof] + fake + b"\xff\xf0" + struct.pack(">H", 2 + len(own)) + own + real[end:]
+
+
+@pytest.mark.parametrize("max_pixels", [401_408, None])
+def test_a_start_of_frame_hidden_from_the_header_walk_cannot_pass_a_huge_picture(max_pixels):
+    """The decoder refuses more than MAX_SIDE_PX squared pixels itself (FFmpeg's max_pixels), before allocating."""
+    small = encode_image(np.zeros((16, 16, 3), np.uint8), "jpeg")
+    huge = bytearray(small)
+    sof = huge.index(b"\xff\xc0")
+    huge[sof + 5 : sof + 9] = struct.pack(">HH", 12000, 12000)  # height, width: 144 M pixels, a 16x16 file
+    data = _with_sof_hidden_in_a_jpg0_segment(bytes(huge), (16, 16))
+    assert image_size(data, "mjpeg") == (16, 16)
+    with pytest.raises(InvalidFrameError, match=f"cannot be decoded: .*more than {MAX_SIDE_PX}x{MAX_SIDE_PX} px"):
+        decode_image(data, max_pixels)
+
+
+@pytest.mark.parametrize("max_pixels", [401_408, None])
+def test_a_decoded_picture_wider_than_the_limit_is_refused_whatever_its_header_said(max_pixels):
+    """Few pixels, one side over the limit: under FFmpeg's pixel bound, refused once decoded (never scaled down)."""
+    ctx = av.CodecContext.create("mjpeg", "w")  # encode_image refuses a side over the limit itself
+    ctx.width, ctx.height, ctx.pix_fmt, ctx.time_base = MAX_SIDE_PX + 8, 8, "yuvj420p", Fraction(1, 25)
+    picture = av.VideoFrame.from_ndarray(np.zeros((8, MAX_SIDE_PX + 8, 3), np.uint8), format="rgb24")
+    wide = b"".join(bytes(p) for p in ctx.encode(picture.reformat(format="yuvj420p")) + ctx.encode(None))
+    data = _with_sof_hidden_in_a_jpg0_segment(wide, (16, 16))
+    assert image_size(data, "mjpeg") == (16, 16)
+    with pytest.raises(InvalidFrameError, match=f"{MAX_SIDE_PX + 8}x8 px .*each side must be 1..{MAX_SIDE_PX} px"):
+        decode_image(data, max_pixels)
+
+
+def test_a_png_whose_first_chunk_is_not_ihdr_is_refused_before_decoding():
+    """PNG puts IHDR first; a chunk before it would hide the size from the header check, not from FFmpeg."""
+    png = encode_image(np.zeros((16, 16, 3), np.uint8), "png")
+    text = b"a\x00b"
+    chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+    with pytest.raises(InvalidFrameError, match=r"names no picture size \(no IHDR chunk first\)"):
+        decode_image(png[:8] + chunk + png[8:])
