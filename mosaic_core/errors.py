@@ -11,6 +11,20 @@ The service maps these classes to gRPC status codes, so each class names the cod
 from __future__ import annotations
 
 
+def cut(text: str, limit: int) -> str:
+    """``text``, or when it is longer than ``limit`` characters, its first ``limit`` and how long it was: what a
+    message or a reply repeats of a value a caller sent, which may be megabytes (gRPC refuses a status message over
+    16 KiB, with a status of its own and no sentence)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """``value`` quoted for a message (``repr``), a string cut to ``limit`` characters as ``cut`` does."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
 class MosaicError(Exception):
     """Base class of every error the engine raises on purpose. ``stream_id``, set by an ingest call that fails: the
     stream whose frames alone made it fail, so that the caller can go on without them; None where no one stream

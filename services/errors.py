@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError
+from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError, cut
 
 RETRY_AFTER_KEY = "retry-after-ms"
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the header of a task error's text
@@ -104,8 +104,11 @@ def _is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
 
 
+MAX_MESSAGE_CHARS = 2000  # percent-encoded, under gRPC's 8-KiB soft limit on a status message (16 KiB is refused)
+
+
 def _message(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = cut(str(exc).strip(), MAX_MESSAGE_CHARS)
     if not text:
         return type(exc).__name__
     return text if text[-1] in ".!?" else text + "."

@@ -26,7 +26,7 @@ import uuid
 
 from mosaic_core.engine.keyframe_store import MAX_IDS_PER_LOOKUP
 from mosaic_core.engine.stream import check_stream_id
-from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, MosaicError, UnknownStreamError
+from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, MosaicError, UnknownStreamError, cut
 from mosaic_core.model.pixels import downscaled_size
 from services import convert
 from services.coordinator import Coordinator
@@ -195,7 +195,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         try:
             check_stream_id(frame.stream_id)
         except InvalidArgumentError as err:
-            return PushResult(rejected=[FrameRejection(index, frame.stream_id, str(err), err.grpc_code)])
+            return PushResult(rejected=[FrameRejection(index, cut(frame.stream_id, 128), str(err), err.grpc_code)])
         try:
             # JPEG/PNG decoding and scaling down take milliseconds: off the event loop. Other raw frames only get
             # reshaped.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from mosaic_core.errors import InvalidArgumentError
+from mosaic_core.errors import InvalidArgumentError, shown
 from services.labels import check_label_shape
 
 WATCH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -24,7 +24,7 @@ _HHMM = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)")
 def check_watch_id(watch_id: str) -> str:
     if not isinstance(watch_id, str) or not WATCH_ID_RE.fullmatch(watch_id):
         raise InvalidArgumentError(
-            f"watch id {watch_id!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            f"watch id {shown(watch_id)} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return watch_id
@@ -52,7 +52,7 @@ class ActiveHours:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise InvalidArgumentError(
-                f"timezone {self.timezone!r} is not a known IANA time zone name (such as 'UTC' or 'Europe/Berlin')"
+                f"timezone {shown(self.timezone)} is not a known IANA time zone name (such as 'UTC' or 'Europe/Berlin')"
             ) from None
 
     def contains(self, unix_s: float) -> bool:

@@ -59,6 +59,7 @@ from mosaic_core.errors import (
     InvalidArgumentError,
     UnknownClusterError,
     UnknownStreamError,
+    shown,
 )
 from mosaic_core.kernels import compiles
 from mosaic_core.memory.tiers import KVTiers
@@ -613,8 +614,8 @@ class Engine:
             return store.by_ids(list(keyframe_ids))
         if cluster_id not in self.stream(stream_id).records():
             raise UnknownClusterError(
-                f"stream {stream_id!r} holds no cluster {cluster_id!r}: it was never one of its clusters, retention "
-                "dropped it, or it was a cluster of an earlier stream of that id, deleted since"
+                f"stream {stream_id!r} holds no cluster {shown(cluster_id)}: it was never one of its clusters, "
+                "retention dropped it, or it was a cluster of an earlier stream of that id, deleted since"
             )
         return store.of_cluster(cluster_id)
 

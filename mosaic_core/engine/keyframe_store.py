@@ -31,7 +31,7 @@ from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine.keyframes import Keyframe, KeyframePicker, make_keyframe_id, parse_keyframe_id
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
-from mosaic_core.errors import InvalidArgumentError, UnknownClusterError
+from mosaic_core.errors import InvalidArgumentError, UnknownClusterError, shown
 
 MAX_IDS_PER_LOOKUP = 64
 MAX_ENCODING = 8  # a stream's sealed clusters whose JPEGs may wait for the encoder at once
@@ -226,7 +226,7 @@ class KeyframeStore:
             parsed = parse_keyframe_id(keyframe_id)
             if parsed is None or parsed[0] != self.stream_id:
                 raise InvalidArgumentError(
-                    f"{keyframe_id!r} is not a keyframe id of stream {self.stream_id!r} (they look like "
+                    f"{shown(keyframe_id)} is not a keyframe id of stream {self.stream_id!r} (they look like "
                     f"'{self.stream_id}/f123', as EvidenceSpan.keyframe_ids gives them)"
                 )
             keyframe = self._by_frame.get(parsed[1])
@@ -235,7 +235,7 @@ class KeyframeStore:
                 keyframe = next((k for k in forming if k.frame_index == parsed[1]), None)
             if keyframe is None:
                 raise UnknownKeyframeError(
-                    f"stream {self.stream_id!r} holds no keyframe {keyframe_id!r}: it was never kept, its "
+                    f"stream {self.stream_id!r} holds no keyframe {shown(keyframe_id)}: it was never kept, its "
                     "cluster was dropped by retention, or it was a keyframe of an earlier stream of that id, "
                     "deleted since"
                 )

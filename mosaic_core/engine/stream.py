@@ -22,7 +22,7 @@ import torch
 
 from mosaic_core.bookkeeping.formation import ClusterFormer, ClusterRecord
 from mosaic_core.engine.coherence import OpenSums
-from mosaic_core.errors import InvalidArgumentError, StreamClosedError, TimestampOrderError
+from mosaic_core.errors import InvalidArgumentError, StreamClosedError, TimestampOrderError, shown
 from mosaic_core.memory.arena import PagePools
 from mosaic_core.model.pixels import VisionGeometry
 
@@ -32,7 +32,7 @@ STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # the whole
 def check_stream_id(stream_id: str) -> str:
     if not isinstance(stream_id, str) or not STREAM_ID_PATTERN.fullmatch(stream_id):
         raise InvalidArgumentError(
-            f"stream id {stream_id!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            f"stream id {shown(stream_id)} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return stream_id

@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from mosaic_core.errors import InvalidArgumentError
+from mosaic_core.errors import InvalidArgumentError, shown
 
 TIERS = ("device", "host", "disk")
 MAX_CENTROID_SUMMARY_FLOATS = 64
@@ -33,7 +33,7 @@ def validate_id(kind: str, value: object) -> str:
     """Returns ``value`` if it is a valid id, else raises ``InvalidArgumentError`` naming ``kind``."""
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise InvalidArgumentError(
-            f"{kind} {value!r} is invalid: use 1-128 letters, digits or '_.-/' starting with a letter or digit"
+            f"{kind} {shown(value)} is invalid: use 1-128 letters, digits or '_.-/' starting with a letter or digit"
         )
     return value
 

@@ -1,0 +1,119 @@
+"""A value a client sent that is far too long (an id, a time zone) gets INVALID_ARGUMENT and a sentence that
+quotes only its start, over a real gRPC channel: gRPC refuses a status message over 16 KiB with RESOURCE_EXHAUSTED
+and no sentence, which reads as "retry later". And PushFrames' answer lists each refused frame's id cut short, so
+one good frame among many of an over-long id still gets its per-frame answer, under the message size limit.
+
+The router's real servicer and coordinator, with no worker: the calls are refused before any is asked, except the
+push of the one good frame, which a stand-in for the worker's push accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from services.coordinator import Coordinator
+from services.gen.mosaic.v1 import mosaic_pb2 as pb
+from services.gen.mosaic.v1 import mosaic_pb2_grpc
+from services.metrics import MosaicMetrics
+from services.scheduler import QueryQueue
+from services.servicer import MosaicServicer
+from services.worker import PushResult
+
+LONG_ID = "x" * 20_000  # letters only, too long: a plain mistake (e.g. a pasted blob), not an attack
+
+
+async def _frames():
+    yield pb.Frame(stream_id=LONG_ID, timestamp_s=1.0, encoded=b"\xff\xd8\xff")
+
+
+CALLS = {
+    "GetStream": lambda stub: stub.GetStream(pb.GetStreamRequest(stream_id=LONG_ID)),
+    "DeleteStream": lambda stub: stub.DeleteStream(pb.DeleteStreamRequest(stream_id=LONG_ID)),
+    "GetKeyframes": lambda stub: stub.GetKeyframes(pb.GetKeyframesRequest(stream_id=LONG_ID, latest=True)),
+    "PushFrames": lambda stub: stub.PushFrames(_frames()),
+    "CreateStream": lambda stub: stub.CreateStream(pb.CreateStreamRequest(stream_id=LONG_ID)),
+    "Query": lambda stub: _first(stub.Query(pb.QueryRequest(question="what?", stream_ids=[LONG_ID]))),
+    "CreateWatch(watch_id)": lambda stub: stub.CreateWatch(pb.CreateWatchRequest(watch_id=LONG_ID, question="q")),
+    "CreateWatch(timezone)": lambda stub: stub.CreateWatch(
+        pb.CreateWatchRequest(question="q", active_hours=pb.ActiveHours(start="01:00", end="02:00", timezone=LONG_ID))
+    ),
+}
+
+
+async def _first(call):
+    async for _ in call:
+        break
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_an_overlong_id_is_invalid_argument_with_a_sentence(name):
+    async def run():
+        metrics = MosaicMetrics()
+        coordinator = Coordinator([], None, metrics)
+        coordinator.started = True
+        servicer = MosaicServicer(
+            coordinator, QueryQueue(max_waiting=4, max_running=1), metrics,
+            mode="cluster", default_max_new_tokens=8, max_push_calls=4,
+        )  # fmt: skip
+        server = grpc.aio.server()
+        mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await CALLS[name](mosaic_pb2_grpc.MosaicStub(channel))
+                return caught.value
+        finally:
+            await server.stop(0)
+
+    err = asyncio.run(run())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{err.code().name}: {(err.details() or '')[:160]}"
+    assert "20000 characters" in err.details() and len(err.details()) < 1000  # the value's start, and its length
+
+
+MAX_MESSAGE = 16 * 1024 * 1024  # ServiceConfig.max_message_bytes' default
+RAW = pb.RawFrame(rgb=bytes(2 * 2 * 3), height=2, width=2, channels=3)
+
+
+def test_one_good_frame_among_many_of_an_overlong_id_gets_a_per_frame_answer():
+    bad_id = "x" * 200_000
+
+    async def run():
+        metrics = MosaicMetrics()
+        coordinator = Coordinator([], None, metrics)
+        coordinator.started = True
+        coordinator.placement = {"cam": 0}
+
+        async def push(frames):  # the worker's push, which takes the good frame
+            return PushResult(accepted=len(frames))
+
+        coordinator.push = push
+        servicer = MosaicServicer(
+            coordinator, QueryQueue(max_waiting=4, max_running=1), metrics,
+            mode="cluster", default_max_new_tokens=8, max_push_calls=4,
+        )  # fmt: skip
+        options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+        server = grpc.aio.server(options=options)
+        mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+
+        async def frames():
+            yield pb.Frame(stream_id="cam", timestamp_s=1.0, raw=RAW)
+            for i in range(100):
+                yield pb.Frame(stream_id=bad_id, timestamp_s=2.0 + i, raw=RAW)
+
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                return await mosaic_pb2_grpc.MosaicStub(channel).PushFrames(frames())
+        finally:
+            await server.stop(0)
+
+    answer = asyncio.run(run())
+    assert answer.frames_accepted == 1 and answer.frames_rejected == 100
+    assert len(answer.errors) == 100 and all(len(e.stream_id) < 200 and len(e.reason) < 500 for e in answer.errors)
+    assert answer.errors[0].stream_id.startswith("x" * 128) and "200000 characters" in answer.errors[0].stream_id
