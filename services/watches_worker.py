@@ -9,7 +9,9 @@ the router calls through Ray.
   or before the watermark, so a merge never re-fires a watch. The watermark is saved with the stream's
   durable state (each telemetry poll and at shutdown), so a graceful restart neither re-evaluates old history
   nor skips what sealed while it was down; after a crash, clusters evaluated since the last save are scored
-  again.
+  again. A worker starts with no watches and gets the router's list a second or more later: until that first
+  list, no watermark moves, so the clusters sealed meanwhile are scored against it (after
+  ``WATCH_LIST_WAIT_S`` without one, evaluation goes on with none, and the log says so once).
 - **Scoring.** All new sealed clusters of a stream against all its watches in one batched pass
   (``mosaic_core.engine.watching.WatchScorer``).
 - **Filters.** Above its threshold, a watch fires unless the cluster starts outside its active hours (its
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 # Score timings kept between two router polls (about a second apart); beyond it the oldest samples are left out
 # of the latency histogram. Only the histogram thins out: the count of evaluations stays exact.
 MAX_SCORE_SAMPLES = 1000
+WATCH_LIST_WAIT_S = 300.0  # how long a new worker holds its watermarks for the router's first watch list
 
 
 def _log_failure(future) -> None:
@@ -103,6 +106,9 @@ class WorkerWatches:
         self._suppressed: Counter[str] = Counter()
         self._dropped: Counter[str] = Counter()
         self._score_seconds: deque[float] = deque(maxlen=MAX_SCORE_SAMPLES)
+        self._started_s = time.monotonic()
+        self._have_watch_list = False  # set by the router's first ``set_watches``
+        self._said_no_list = False
 
     # -- router calls (any thread) -------------------------------------------------------------------
     def set_watches(self, specs: list[WatchSpec]) -> None:
@@ -113,6 +119,7 @@ class WorkerWatches:
         Only the streams this worker holds keep a cooldown."""
         held = set(self.engine.streams)
         with self._cond:
+            self._have_watch_list = True
             old_questions = {s.question for s in self._specs.values()}
             self._specs = {s.watch_id: s for s in specs}
             for spec in specs:
@@ -185,6 +192,14 @@ class WorkerWatches:
                 self._evaluate(stream_id)
 
     def _evaluate(self, stream_id: str) -> None:
+        with self._cond:
+            waiting = not self._have_watch_list and time.monotonic() - self._started_s < WATCH_LIST_WAIT_S
+        if waiting:
+            return  # the clusters sealed meanwhile stay after the watermark, for the first list's watches
+        if not self._have_watch_list and not self._said_no_list:
+            self._said_no_list = True
+            log.warning("no watch list from the router %.0f s after start: sealed clusters are evaluated without "
+                        "one until it comes", WATCH_LIST_WAIT_S)  # fmt: skip
         mark = self._watermark.get(stream_id, float("-inf"))
         new = self.engine.clusters_started_after(stream_id, mark)[:-1]  # the newest may still grow
         if not new:

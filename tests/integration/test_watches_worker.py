@@ -273,3 +273,42 @@ def test_an_answer_that_ends_after_its_stream_was_forgotten_goes_out_without_its
     while len(events) < fired and time.monotonic() < deadline:
         events += worker.take_watch_events(0.5).events
     assert [e.sets_cooldown for e in events] == [False] * fired
+
+
+def test_clusters_sealed_before_a_restarted_workers_first_watch_list_are_scored_against_it(
+    tiny_model, bikes_frames, tmp_path
+):
+    """A restarted worker starts with no watches; the router's list comes a second or more later. The clusters
+    sealed in between, the shutdown's checkpoint among them, are scored once it comes, not skipped."""
+    config = load_config(
+        None,
+        data_dir=str(tmp_path / "history"),
+        ingest_headroom=0.0,
+        ingest_queue_frames=64,
+        engine={
+            "target_tokens_per_frame": 16,
+            "local_window_tokens": 64,
+            "retrieval_budget_tokens": 128,
+            "formation": {"max_tokens": 64, "min_similarity": 1.0},
+        },
+    )
+    store = InMemoryMetadataStore()
+    frames = [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:16])]
+    worker = WorkerCore("0", config, store=store, engine=Engine(tiny_model, config.engine_config()))
+    worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
+    worker.set_watches([_watch("w", ["cam"])])
+    _push(worker, "cam", frames[:6])
+    worker.drain_telemetry()
+    worker.shutdown()
+    worker = WorkerCore("0", config, store=store, engine=Engine(tiny_model, config.engine_config()))
+    try:
+        mark = worker.watches.watermark_of("cam")
+        _push(worker, "cam", frames[6:12])  # sealed while the router's list is on its way
+        gap = [c for c in worker.loop.call(worker.engine.clusters, "cam")[:-1] if c.start_s > mark]
+        assert gap
+        worker.set_watches([_watch("w", ["cam"])])
+        _push(worker, "cam", frames[12:16])
+        fired = {(e.start_s, e.end_s) for e in _events(worker, len(gap) + 2, timeout_s=30)}
+        assert {(c.start_s, c.end_s) for c in gap} <= fired
+    finally:
+        worker.shutdown()
