@@ -167,6 +167,7 @@ class DurableStore:
         self._states: dict[str, dict] = {}
         self._dirty: set[str] = set()
         self._writing_states = False  # states taken off ``_dirty`` and not on disk yet
+        self._state_failures = 0  # state writes that failed, for the log's pace
         self._stop = False
         self._files = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="durable-file")
         self._thread = threading.Thread(target=self._run, name="durable-writer", daemon=True)
@@ -550,7 +551,15 @@ class DurableStore:
                 try:
                     write_atomic(self.stream_dir(stream_id) / STATE_NAME, _json_bytes(state))
                 except OSError as err:
-                    log.error("could not write the state of stream %s: %s", stream_id, err)
+                    with self._cv:  # counted, and written again at the next interval (the newest state then)
+                        self.stats.write_errors += 1
+                        self.stats.last_error = f"{type(err).__name__}: {err}"
+                        self._dirty.add(stream_id)
+                        self._state_failures += 1
+                        failures = self._state_failures
+                    if failures <= len(RETRY_S) or failures % FAILURES_PER_LOG == 0:
+                        log.error("could not write the state of stream %s (failure %d, retried): %s", stream_id,
+                                  failures, err)  # fmt: skip
         with self._cv:
             self._writing_states = False
             self._cv.notify_all()

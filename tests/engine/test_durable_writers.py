@@ -7,6 +7,7 @@ write can be held mid-way without timing guesses.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 import time
@@ -21,6 +22,7 @@ from mosaic_core.durable.manifest import (
     DAMAGED_PREFIX,
     MANIFEST_NAME,
     RECORD_SUFFIX,
+    STATE_NAME,
     ClusterEntry,
     ManifestWriter,
     decode_line,
@@ -359,3 +361,28 @@ def test_a_commit_for_a_stream_with_no_journal_is_dropped_not_retried(tmp_path):
     finally:
         store.close()
     assert not (tmp_path / "cam").exists()
+
+
+def test_a_state_write_that_fails_is_counted_and_lands_once_the_disk_has_room(tmp_path, monkeypatch):
+    """A stream's state (clock, counters, watch watermark) that cannot be written is counted as a write error, and
+    a flush does not claim it is on disk; it is written at a later interval, the newest state then."""
+    store = DurableStore(tmp_path / "data", state_interval_s=0.05, writers=1)
+    store.create_stream("cam", {"fps": 1.0})
+    write = store_module.write_atomic
+    full = [True]
+
+    def disk(path, data):
+        if full[0] and path.name == STATE_NAME:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(path, data)
+
+    monkeypatch.setattr(store_module, "write_atomic", disk)
+    store.update_state("cam", watch_watermark_s=12.5)
+    assert not store.flush(0.5)
+    stats = store.snapshot_stats()
+    assert stats.write_errors >= 1 and "No space left" in stats.last_error
+    store.update_state("cam", watch_watermark_s=13.0)
+    full[0] = False
+    assert store.flush(5.0)
+    store.close()
+    assert json.loads((tmp_path / "data" / "cam" / STATE_NAME).read_text())["watch_watermark_s"] == 13.0
