@@ -11,7 +11,14 @@ rank the same worker first cannot overfill it (the second is refused there and t
 
 **The workers are the truth.** Placement is read from the workers themselves at start-up (each restores its
 streams from its data directory), never from the metadata store, which the workers publish to behind their
-engines. Until the workers answer, calls about streams get UNAVAILABLE with a retry hint, not NOT_FOUND.
+engines. Until the workers answer, calls about streams get UNAVAILABLE with a retry hint, not NOT_FOUND. A worker
+that comes back (it answers a telemetry poll after missing one, or from another process) is asked again which
+streams it holds, and ListStreams takes what every worker lists: one restarted by Ray restores streams whose
+CreateStream reply its crash lost. A stream whose delete ended after the listing was asked for is not taken back.
+
+**A worker that stops answering** loses its own gauges (``MosaicMetrics.forget_worker``): they would read as its
+last healthy values. Its streams' lag goes on growing from the last value it reported, since they ingest nothing,
+and their queue depth reads 0, as its queues went with it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from services.telemetry import apply_delta
 from services.worker import FrameRejection, PushResult, StreamInfo, WorkerInfo, send_ask
 
 log = logging.getLogger(__name__)
+DELETES_KEPT_S = 60.0  # how long a delete's end is remembered against listings asked before it
 
 
 class Coordinator:
@@ -52,7 +60,13 @@ class Coordinator:
         self.metrics = metrics
         self.placement: dict[str, int] = {}  # stream -> worker index
         self._creating: set[str] = set()  # streams whose CreateStream is under way
+        self._deleting: set[str] = set()  # and whose DeleteStream is
+        self._deleted_s: dict[str, float] = {}  # stream -> when its last delete ended (monotonic), for a minute
         self._alive: set[int] = set()
+        self._pids: dict[int, int] = {}  # worker index -> its process, as its last answer gave it
+        self._down_since: dict[int, float] = {}  # worker index -> when it first missed a poll (monotonic)
+        self._last_lags: dict[str, float] = {}  # stream -> the lag its worker last reported
+        self._to_list: set[int] = set()  # workers back whose streams could not be listed yet
         self.started = False
 
     async def start(self, timeout_s: float) -> list[WorkerInfo]:
@@ -60,6 +74,7 @@ class Coordinator:
         infos = await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self.workers)), timeout_s)
         owned = await asyncio.gather(*(w.stream_ids.remote() for w in self.workers))
         self._alive = set(range(len(self.workers)))
+        self._pids = {index: info.pid for index, info in enumerate(infos)}
         self.placement = {stream_id: index for index, ids in enumerate(owned) for stream_id in ids}
         self.started = True
         self.metrics.set_workers_up(len(self._alive))
@@ -113,6 +128,14 @@ class Coordinator:
             except CapacityError as err:
                 refusals.append(str(err))
                 continue
+            except AlreadyExistsError:
+                # An earlier CreateStream made it there (the stream is durable before the worker answers) and its
+                # reply was lost to a crash: the worker restored it, so the router takes it as that worker's.
+                self.placement[record.stream_id] = index
+                raise AlreadyExistsError(
+                    f"stream {record.stream_id!r} already exists on worker {index} (an earlier CreateStream made it, "
+                    "though its answer may not have reached you)"
+                ) from None
             return index
         raise CapacityError(
             f"no worker has room for stream {record.stream_id!r}: "
@@ -125,11 +148,18 @@ class Coordinator:
         the stream stays. The worker's publisher then removes it from the metadata store, retrying through
         an outage."""
         index = self._index_of(stream_id)
+        self._deleting.add(stream_id)
         try:
             num_clusters = await self._call(index, self.workers[index].close_stream.remote(stream_id))
         except UnknownStreamError:
             num_clusters = 0  # the worker no longer has it
+        finally:
+            self._deleting.discard(stream_id)
+        now = time.monotonic()
+        self._deleted_s = {s: t for s, t in self._deleted_s.items() if now - t < DELETES_KEPT_S}
+        self._deleted_s[stream_id] = now
         self.placement.pop(stream_id, None)
+        self._last_lags.pop(stream_id, None)
         self.metrics.forget_stream(stream_id)
         self.metrics.set_active_streams(len(self.placement))
         return num_clusters
@@ -152,7 +182,7 @@ class Coordinator:
         would read as streams that no longer exist)."""
         if not self.started:
             raise UnavailableError("the server is starting and its workers are restoring their streams; retry")
-        indices = range(len(self.workers))
+        indices, asked_s = range(len(self.workers)), time.monotonic()
         results = await asyncio.gather(
             *(asyncio.wait_for(self._call(i, self.workers[i].stream_infos.remote()), 10.0) for i in indices),
             return_exceptions=True,
@@ -169,7 +199,22 @@ class Coordinator:
             for info in result:
                 info.record.worker_id = str(index)
                 infos.append(info)
+            self._adopt(index, {info.record.stream_id for info in result}, asked_s)
         return sorted(infos, key=lambda i: i.record.stream_id)
+
+    def _adopt(self, index: int, held: set[str], asked_s: float) -> list[str]:
+        """Places on worker ``index`` the streams of ``held`` (what it listed, asked at ``asked_s``) that the router
+        does not know, unless one is being created or deleted, or its delete ended after the listing was asked."""
+        adopted = []
+        for stream_id in sorted(held - set(self.placement) - self._creating - self._deleting):
+            if self._deleted_s.get(stream_id, float("-inf")) >= asked_s:
+                continue
+            log.info("worker %d holds stream %r, which the router did not know: it restored it", index, stream_id)
+            self.placement[stream_id] = index
+            adopted.append(stream_id)
+        if adopted:
+            self.metrics.set_active_streams(len(self.placement))
+        return adopted
 
     async def _rank_workers(self) -> list[int]:
         """Live workers, most free budget first."""
@@ -242,6 +287,29 @@ class Coordinator:
             if not finished:
                 worker.cancel.remote(question_id)
 
+    def _report_silent_streams(self, index: int, now: float) -> None:
+        """The streams of a worker that does not answer: their lag grows from the last one it reported, and their
+        queues, which went with it, are empty."""
+        silent_s = now - self._down_since[index]
+        for stream_id in [s for s, i in self.placement.items() if i == index]:
+            self.metrics.set_stream_lag(stream_id, self._last_lags.get(stream_id, 0.0) + silent_s)
+            self.metrics.set_ingest_queue_depth(stream_id, 0)
+
+    async def _take_streams_of(self, index: int, timeout_s: float = 5.0) -> None:
+        """The streams worker ``index`` restored that the router did not know (a create whose answer its crash
+        lost), after it came back. One it no longer holds stays placed: calls about it get NOT_FOUND from the
+        worker, and a DeleteStream clears it."""
+        asked_s = time.monotonic()
+        try:
+            held = set(await asyncio.wait_for(self._call(index, self.workers[index].stream_ids.remote()), timeout_s))
+        except (MosaicError, TimeoutError) as err:
+            log.warning("worker %d came back but did not list its streams (%s); asked again at its next answer",
+                        index, err)  # fmt: skip
+            self._to_list.add(index)
+            return
+        self._to_list.discard(index)
+        self._adopt(index, held, asked_s)
+
     async def _call(self, index: int, ref):
         """Awaits a worker call, unwrapping its error; a dead worker is UNAVAILABLE."""
         try:
@@ -265,11 +333,21 @@ class Coordinator:
         results, keyframes = await asyncio.gather(
             asyncio.gather(*calls, return_exceptions=True), asyncio.gather(*keyframe_calls, return_exceptions=True)
         )
-        alive = set()
+        alive, now = set(), time.monotonic()
         for index, result, keyframe_stats in zip(live, results, keyframes, strict=True):
             if isinstance(result, BaseException):
+                self._down_since.setdefault(index, now)
+                if index in self._alive:
+                    self.metrics.forget_worker(index)
+                self._report_silent_streams(index, now)
                 continue
             alive.add(index)
+            came_back = index not in self._alive or result.pid != self._pids.get(index, result.pid)
+            self._pids[index] = result.pid
+            self._down_since.pop(index, None)
+            if came_back or index in self._to_list:
+                await self._take_streams_of(index)
+            self._last_lags.update(result.lags_s)
             apply_delta(self.metrics, result, open_streams=set(self.placement))
             if not isinstance(keyframe_stats, BaseException):
                 self.metrics.set_keyframes(index, *keyframe_stats)

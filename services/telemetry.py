@@ -11,6 +11,7 @@ per-stream totals that GetStream reports are saved with the stream's durable sta
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -91,6 +92,7 @@ class TelemetryDelta:
     """What changed on one worker since the previous drain."""
 
     worker_id: str
+    pid: int = 0  # the worker's process: another one than the last drain's is a restart
     received: dict[str, int] = field(default_factory=dict)
     ingested: dict[str, int] = field(default_factory=dict)
     dropped: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -192,6 +194,7 @@ class WorkerTelemetry:
             delta, self._delta = self._delta, TelemetryDelta(self.worker_id)
         delta.queue_depths = queue_depths
         delta.lags_s = lags_s
+        delta.pid = os.getpid()
         if engine_stats is not None:
             delta.tiers = {
                 tier: TierGauges(

@@ -1,0 +1,189 @@
+"""The router's coordinator when a worker restarts: streams a restarted worker restored are placed again, and the
+gauges of a worker that stopped answering do not keep reading healthy.
+
+The worker actors are stand-ins for Ray handles (``<method>.remote(...)`` returns an awaitable, and a dead one raises
+``RayActorError`` as Ray does), so that a test can crash and restart one between two calls; the coordinator and the
+metrics are the router's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import ray.exceptions
+
+from mosaic_core.errors import AlreadyExistsError, UnknownStreamError
+from services.coordinator import Coordinator
+from services.errors import UnavailableError
+from services.metadata.base import StreamRecord
+from services.metrics import MosaicMetrics
+from services.telemetry import DurabilityHealth, TelemetryDelta
+from services.worker import StreamInfo, WorkerInfo
+
+
+class _Method:
+    def __init__(self, fn):
+        self._fn = fn
+
+    def remote(self, *args):
+        async def call():
+            return self._fn(*args)
+
+        return call()
+
+
+class Worker:
+    """A worker whose streams are durable from the moment it opens them, as ``Engine.open_stream`` makes them."""
+
+    def __init__(self, index: int) -> None:
+        self.index, self.pid, self.alive = index, 1000, True
+        self.streams: dict[str, StreamRecord] = {}
+        self.crash_before_answering_open = False
+        for name in ("info", "stream_ids", "open_stream", "close_stream", "stream_info", "stream_infos",
+                     "drain_telemetry", "keyframe_stats"):  # fmt: skip
+            setattr(self, name, _Method(self._live(getattr(self, "_" + name))))
+
+    def _live(self, fn):
+        def call(*args):
+            if not self.alive:
+                raise ray.exceptions.RayActorError()
+            return fn(*args)
+
+        return call
+
+    def restart(self) -> None:
+        self.pid += 1
+        self.alive = True
+
+    def _info(self):
+        return WorkerInfo(str(self.index), "cpu", len(self.streams), 1 << 30, [], 0, self.pid)
+
+    def _stream_ids(self):
+        return sorted(self.streams)
+
+    def _open_stream(self, record):
+        if record.stream_id in self.streams:
+            raise AlreadyExistsError(f"stream {record.stream_id!r} is already open on this engine")
+        self.streams[record.stream_id] = record
+        if self.crash_before_answering_open:
+            self.crash_before_answering_open, self.alive = False, False
+            raise ray.exceptions.RayActorError()
+
+    def _close_stream(self, stream_id):
+        if self.streams.pop(stream_id, None) is None:
+            raise UnknownStreamError(f"stream {stream_id!r} is not open")
+        return 0
+
+    def _stream_info(self, stream_id):
+        if stream_id not in self.streams:
+            raise UnknownStreamError(f"stream {stream_id!r} is not open")
+        return StreamInfo(self.streams[stream_id], 0, 0, 0, 0, {}, {}, None, None, 0.0, 0, 0, "")
+
+    def _stream_infos(self):
+        return [self._stream_info(s) for s in sorted(self.streams)]
+
+    def _drain_telemetry(self):
+        delta = TelemetryDelta(str(self.index), queue_depths={s: 3 for s in self.streams})
+        delta.lags_s = dict.fromkeys(self.streams, 0.25)
+        delta.pid = self.pid
+        delta.durability = DurabilityHealth(pid=self.pid, store_up=True)
+        return delta
+
+    def _keyframe_stats(self):
+        return (0, 0)
+
+
+async def _started(worker: Worker, metrics: MosaicMetrics | None = None) -> Coordinator:
+    coordinator = Coordinator([worker], None, metrics or MosaicMetrics())
+    await coordinator.start(5.0)
+    return coordinator
+
+
+async def _create_whose_answer_is_lost(coordinator: Coordinator, worker: Worker) -> None:
+    worker.crash_before_answering_open = True
+    with pytest.raises(UnavailableError):
+        await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+    worker.restart()  # Ray restarts it; it restores "cam" from its data directory
+
+
+def test_a_telemetry_poll_places_a_stream_a_restarted_worker_restored():
+    async def scenario():
+        worker = Worker(0)
+        coordinator = await _started(worker)
+        await _create_whose_answer_is_lost(coordinator, worker)
+        with pytest.raises(UnknownStreamError):
+            await coordinator.get_stream("cam")
+        await coordinator.poll_telemetry(1.0)  # another process answers: its streams are asked for
+        assert (await coordinator.get_stream("cam")).record.stream_id == "cam"
+        assert await coordinator.delete_stream("cam") == 0 and worker.streams == {}
+
+    asyncio.run(scenario())
+
+
+def test_a_create_retried_after_a_lost_answer_says_the_stream_exists_and_places_it():
+    async def scenario():
+        worker = Worker(0)
+        coordinator = await _started(worker)
+        await _create_whose_answer_is_lost(coordinator, worker)
+        with pytest.raises(AlreadyExistsError, match="an earlier CreateStream made it"):
+            await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        assert (await coordinator.get_stream("cam")).record.stream_id == "cam"
+
+    asyncio.run(scenario())
+
+
+def test_a_listing_places_what_the_workers_list_but_not_a_stream_deleted_since_it_was_asked():
+    async def scenario():
+        worker = Worker(0)
+        coordinator = await _started(worker)
+        await _create_whose_answer_is_lost(coordinator, worker)
+        assert [i.record.stream_id for i in await coordinator.list_streams()] == ["cam"]
+        assert coordinator.placement == {"cam": 0}
+
+        release = asyncio.Event()
+        listed_before_the_delete = worker._stream_infos()
+
+        async def held_listing():
+            await release.wait()
+            return listed_before_the_delete
+
+        worker.stream_infos = type("Held", (), {"remote": staticmethod(held_listing)})
+        listing = asyncio.ensure_future(coordinator.list_streams())
+        await asyncio.sleep(0)  # the listing is asked for
+        await coordinator.delete_stream("cam")
+        release.set()
+        assert [i.record.stream_id for i in await listing] == ["cam"]  # what the worker held when asked
+        assert "cam" not in coordinator.placement  # but its delete ended after that: not placed again
+
+    asyncio.run(scenario())
+
+
+def test_a_silent_workers_own_gauges_go_and_its_streams_lag_grows_until_it_answers():
+    metrics = MosaicMetrics()
+
+    def value(name, **labels):
+        return metrics.registry.get_sample_value(name, labels)
+
+    async def scenario():
+        worker = Worker(0)
+        coordinator = await _started(worker, metrics)
+        await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        await coordinator.poll_telemetry(1.0)
+        assert value("mosaic_stream_lag_seconds", stream="cam") == 0.25
+        assert value("mosaic_worker_pid", worker="0") == 1000
+        worker.alive = False
+        await coordinator.poll_telemetry(1.0)
+        first = value("mosaic_stream_lag_seconds", stream="cam")
+        await asyncio.sleep(0.05)
+        await coordinator.poll_telemetry(1.0)
+        assert value("mosaic_workers_up") == 0
+        assert value("mosaic_worker_pid", worker="0") is None and value("mosaic_metadata_store_up", worker="0") is None
+        assert 0.25 <= first < value("mosaic_stream_lag_seconds", stream="cam")  # growing, from the last reported
+        assert value("mosaic_ingest_queue_depth", stream="cam") == 0
+        worker.restart()
+        await coordinator.poll_telemetry(1.0)
+        assert value("mosaic_stream_lag_seconds", stream="cam") == 0.25
+        assert value("mosaic_worker_pid", worker="0") == 1001 and value("mosaic_workers_up") == 1
+
+    asyncio.run(scenario())
