@@ -346,6 +346,8 @@ class Engine:
         state = self._open_state(WARM_UP_STREAM, 1.0, None)
         asked, batches = 0, []
         lookups = (self.tiering.device_lookups, self.tiering.device_hits)  # the hit ratio counts users' questions
+        # Nothing of the scratch stream is durable: a merge or a split its questions make must not reach the journal.
+        history, self.parts.history = self.parts.history, None
         try:
             with_history = self._warm_up_history(state) if ingest else False
             for length in range(QUESTION_STEP, max_question_tokens + 1, QUESTION_STEP):
@@ -357,6 +359,7 @@ class Engine:
                 self._answer_together(WARM_UP_STREAM, "What happened?", count)
                 batches.append(count)
         finally:
+            self.parts.history = history
             self._forget_stream(state)
             self.tiering.device_lookups, self.tiering.device_hits = lookups
         return WarmUpResult(
@@ -395,10 +398,10 @@ class Engine:
                 self._forget_stream(state)
 
     def _warm_up_history(self, state: StreamState) -> bool:
-        """Blank frames into ``state``, one pass each and with no history keeper, until a cluster has left its window
+        """Blank frames into ``state``, one pass each, until a cluster has left its window
         (one a question can retrieve); False when none has after ``WARM_UP_HISTORY_FRAMES``, or the device budget
         cannot hold them."""
-        parts = dataclasses.replace(self.parts, history=None)
+        parts = self.parts  # with no history keeper while the warm-up runs
         blank = np.zeros((*WARM_UP_FRAME_SIZE, 3), dtype=np.uint8)
 
         def retrievable() -> bool:
