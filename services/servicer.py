@@ -42,6 +42,7 @@ from services.watches_convert import event_to_proto, record_from_request, watch_
 from services.worker import FrameRejection, PushResult
 
 log = logging.getLogger(__name__)
+MAX_QUESTION_CHARS = 8192  # a question's characters; the engine's own limit is in tokens (512 by default)
 DEADLINE_MARGIN_S = 0.05  # answer DEADLINE_EXCEEDED ourselves just before the client gives up
 # The worker ends an overdue question this much before the router would, so its DeadlineError (a sentence)
 # arrives and is read, instead of the router abandoning the answer stream with the error still in flight.
@@ -253,6 +254,11 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
     def _check_query(self, request) -> tuple[list[str], tuple[float, float] | None]:
         if not request.question.strip():
             raise InvalidArgumentError("the question is empty; ask something about the streams")
+        if len(request.question) > MAX_QUESTION_CHARS:  # before it is sent to every worker it names, and tokenized
+            raise InvalidArgumentError(
+                f"the question is {len(request.question)} characters long; at most {MAX_QUESTION_CHARS} are taken "
+                "(and the engine's token limit may be lower)"
+            )
         if request.priority not in PRIORITIES:
             names = ", ".join(f"{value} ({name})" for value, name in sorted(PRIORITIES.items()))
             raise InvalidArgumentError(f"priority {request.priority} is not one of {names}")

@@ -1,7 +1,8 @@
-"""A value a client sent that is far too long (an id, a time zone) gets INVALID_ARGUMENT and a sentence that
-quotes only its start, over a real gRPC channel: gRPC refuses a status message over 16 KiB with RESOURCE_EXHAUSTED
-and no sentence, which reads as "retry later". And PushFrames' answer lists each refused frame's id cut short, so
-one good frame among many of an over-long id still gets its per-frame answer, under the message size limit.
+"""A value a client sent that is far too long (an id, a time zone, a question) gets INVALID_ARGUMENT and a sentence
+that quotes only its start, or its length, over a real gRPC channel: gRPC refuses a status message over 16 KiB with
+RESOURCE_EXHAUSTED and no sentence, which reads as "retry later". And PushFrames' answer lists each refused
+frame's id cut short, so one good frame among many of an over-long id still gets its per-frame answer, under the
+message size limit.
 
 The router's real servicer and coordinator, with no worker: the calls are refused before any is asked, except the
 push of the one good frame, which a stand-in for the worker's push accepts.
@@ -36,6 +37,7 @@ CALLS = {
     "PushFrames": lambda stub: stub.PushFrames(_frames()),
     "CreateStream": lambda stub: stub.CreateStream(pb.CreateStreamRequest(stream_id=LONG_ID)),
     "Query": lambda stub: _first(stub.Query(pb.QueryRequest(question="what?", stream_ids=[LONG_ID]))),
+    "Query(question)": lambda stub: _first(stub.Query(pb.QueryRequest(question=LONG_ID, stream_ids=["cam"]))),
     "CreateWatch(watch_id)": lambda stub: stub.CreateWatch(pb.CreateWatchRequest(watch_id=LONG_ID, question="q")),
     "CreateWatch(timezone)": lambda stub: stub.CreateWatch(
         pb.CreateWatchRequest(question="q", active_hours=pb.ActiveHours(start="01:00", end="02:00", timezone=LONG_ID))
@@ -72,7 +74,7 @@ def test_an_overlong_id_is_invalid_argument_with_a_sentence(name):
 
     err = asyncio.run(run())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{err.code().name}: {(err.details() or '')[:160]}"
-    assert "20000 characters" in err.details() and len(err.details()) < 1000  # the value's start, and its length
+    assert "20000 characters" in err.details() and len(err.details()) < 1000  # the value's start, or its length
 
 
 MAX_MESSAGE = 16 * 1024 * 1024  # ServiceConfig.max_message_bytes' default
