@@ -36,14 +36,16 @@ def add_save_evidence_flag(parser) -> None:
     )
 
 
-def evidence_path(directory: Path, stream_id: str, timestamp_s: float) -> Path:
-    """``directory/<stream_id>_<timestamp_s>s.jpg``, checked to stay directly inside ``directory``."""
+def evidence_path(directory: Path, stream_id: str, timestamp_s: float, frame_index: int | None = None) -> Path:
+    """``directory/<stream_id>_<timestamp_s>s.jpg`` (``..._f<frame_index>.jpg`` with a frame index, for a second
+    keyframe of one stream at the same millisecond), checked to stay directly inside ``directory``."""
     if not isinstance(stream_id, str) or not STREAM_ID_PATTERN.fullmatch(stream_id):
         raise EvidencePathError(f"refusing a keyframe of stream {stream_id!r}: not a valid stream id")
     if not math.isfinite(timestamp_s):
         raise EvidencePathError(f"refusing a keyframe of stream {stream_id!r} at time {timestamp_s!r}")
     root = directory.resolve()
-    path = root / f"{stream_id}_{timestamp_s:.3f}s.jpg"
+    frame = "" if frame_index is None else f"_f{int(frame_index)}"
+    path = root / f"{stream_id}_{timestamp_s:.3f}s{frame}.jpg"
     if path.resolve().parent != root:
         raise EvidencePathError(f"refusing to write {path}: it is not inside {root}")
     return path
@@ -70,6 +72,8 @@ def save_evidence(client, spans, directory: Path) -> tuple[list[Path], list[str]
         for start in range(0, len(ids), MAX_IDS_PER_CALL):
             for keyframe in _fetch(client, stream_id, ids[start : start + MAX_IDS_PER_CALL], gone):
                 path = evidence_path(directory, keyframe.stream_id, keyframe.timestamp_s)
+                if path in written:  # another keyframe of this camera at the same millisecond
+                    path = evidence_path(directory, keyframe.stream_id, keyframe.timestamp_s, keyframe.frame_index)
                 write_keyframe(path, keyframe.jpeg)
                 written.append(path)
     return written, gone

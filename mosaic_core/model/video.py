@@ -225,10 +225,17 @@ def protocol_whitelist(source: str) -> str:
     return protocols
 
 
-def _open(source: str) -> av.container.InputContainer:
+def open_options(source: str) -> dict[str, str]:
+    """FFmpeg's options for opening ``source``: the protocols its scheme may use, and RTSP over TCP (the scheme
+    in any case, as the protocol check reads it)."""
     options = {"protocol_whitelist": protocol_whitelist(source)}
-    if str(source).startswith(("rtsp://", "rtsps://")):
+    if source_scheme(source) in ("rtsp", "rtsps"):
         options["rtsp_transport"] = "tcp"
+    return options
+
+
+def _open(source: str) -> av.container.InputContainer:
+    options = open_options(source)
     try:
         container = av.open(str(source), mode="r", timeout=OPEN_TIMEOUT_S, options=options)
     except (av.FFmpegError, OSError) as err:

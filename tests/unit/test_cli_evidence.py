@@ -35,3 +35,22 @@ def test_a_symlink_left_in_the_directory_is_not_followed(tmp_path):
     with pytest.raises(OSError):
         write_keyframe(inside / "cam_1.000s.jpg", b"\xff\xd8jpeg")
     assert outside.read_text() == "keep"
+
+
+def test_two_keyframes_of_a_camera_at_one_millisecond_are_both_written(tmp_path):
+    from types import SimpleNamespace
+
+    from mosaic_core.engine.keyframes import Keyframe
+    from services.cli_evidence import save_evidence
+
+    def keyframe(index: int, jpeg: bytes) -> Keyframe:
+        return Keyframe(f"cam/f{index}", "cam", "cam/c000000", index, 41.0001 * (1 + index * 1e-7), jpeg, 8, 8)
+
+    class Client:  # GetKeyframes of a server that holds both
+        def get_keyframes(self, stream_id, keyframe_ids):
+            return [keyframe(int(k.split("/f")[1]), k.encode()) for k in keyframe_ids]
+
+    span = SimpleNamespace(stream_id="cam", keyframe_ids=["cam/f7", "cam/f8"])  # an EvidenceSpan's fields it reads
+    written, gone = save_evidence(Client(), [span], tmp_path)
+    assert [p.name for p in written] == ["cam_41.000s.jpg", "cam_41.000s_f8.jpg"] and not gone
+    assert [p.read_bytes() for p in written] == [b"cam/f7", b"cam/f8"]

@@ -80,3 +80,12 @@ def test_whitelist_follows_the_scheme() -> None:
     assert protocol_whitelist("/data/clip.mp4") == "file"
     assert "file" not in protocol_whitelist("https://example.com/a.mp4").split(",")
     assert "file" not in protocol_whitelist("rtsp://cam/stream").split(",")
+
+
+@pytest.mark.parametrize("url", ["rtsp://cam.local/live", "RTSP://cam.local/live", "Rtsps://cam.local/live"])
+def test_rtsp_is_opened_over_tcp_whatever_the_case_of_its_scheme(url):
+    """The protocol check reads the scheme in any case, so the transport does too (UDP loses frames on lossy links)."""
+    from mosaic_core.model.video import open_options
+
+    assert open_options(url)["rtsp_transport"] == "tcp"
+    assert "rtsp_transport" not in open_options("http://cam.local/live.mp4")
