@@ -67,6 +67,7 @@ class Coordinator:
         self._down_since: dict[int, float] = {}  # worker index -> when it first missed a poll (monotonic)
         self._last_lags: dict[str, float] = {}  # stream -> the lag its worker last reported
         self._to_list: set[int] = set()  # workers back whose streams could not be listed yet
+        self._pending: dict[tuple[str, int], asyncio.Future] = {}  # (call, worker) -> an answer a poll waits for
         self.started = False
 
     async def start(self, timeout_s: float) -> list[WorkerInfo]:
@@ -287,6 +288,25 @@ class Coordinator:
             if not finished:
                 worker.cancel.remote(question_id)
 
+    async def _delta_of(self, kind: str, index: int, call, timeout_s: float):
+        """A worker's answer to a call that hands over what changed since its last one (``call()`` sends it). One
+        that outlasts ``timeout_s`` is not abandoned, since the worker has already handed its changes over: the
+        next poll waits for the same answer again, instead of asking anew, so a slow answer is applied late, not
+        lost."""
+        key = (kind, index)
+        task = self._pending.get(key)
+        if task is None:
+            task = self._pending[key] = asyncio.ensure_future(self._call(index, call()))
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            raise
+        except BaseException:
+            self._pending.pop(key, None)
+            raise
+        self._pending.pop(key, None)
+        return answer
+
     def _report_silent_streams(self, index: int, now: float) -> None:
         """The streams of a worker that does not answer: their lag grows from the last one it reported, and their
         queues, which went with it, are empty."""
@@ -324,11 +344,9 @@ class Coordinator:
         """Drains every worker's counters into the router's metrics; tracks which workers answer."""
         live = list(range(len(self.workers)))
         # A restarting worker queues calls until it is back; the timeout keeps one from stalling the poll.
-        calls = (
-            asyncio.wait_for(self._call(i, w.drain_telemetry.remote()), timeout_s) for i, w in enumerate(self.workers)
-        )
+        calls = (self._delta_of("drain", i, w.drain_telemetry.remote, timeout_s) for i, w in enumerate(self.workers))
         keyframe_calls = (
-            asyncio.wait_for(self._call(i, w.keyframe_stats.remote()), timeout_s) for i, w in enumerate(self.workers)
+            self._delta_of("keyframes", i, w.keyframe_stats.remote, timeout_s) for i, w in enumerate(self.workers)
         )
         results, keyframes = await asyncio.gather(
             asyncio.gather(*calls, return_exceptions=True), asyncio.gather(*keyframe_calls, return_exceptions=True)

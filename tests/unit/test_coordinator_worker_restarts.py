@@ -187,3 +187,29 @@ def test_a_silent_workers_own_gauges_go_and_its_streams_lag_grows_until_it_answe
         assert value("mosaic_worker_pid", worker="0") == 1001 and value("mosaic_workers_up") == 1
 
     asyncio.run(scenario())
+
+
+def test_a_drain_slower_than_the_poll_is_applied_at_the_next_poll_not_lost():
+    """The worker hands its counts over as it answers a drain: one the router stopped waiting for must still count."""
+    metrics = MosaicMetrics()
+
+    async def scenario():
+        worker = Worker(0)
+        coordinator = await _started(worker, metrics)
+        await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        release, drain = asyncio.Event(), worker.drain_telemetry
+
+        async def slow_drain():
+            await release.wait()
+            delta = worker._drain_telemetry()
+            delta.ingested = {"cam": 5}
+            return delta
+
+        worker.drain_telemetry = type("Slow", (), {"remote": staticmethod(slow_drain)})
+        await coordinator.poll_telemetry(0.05)  # the answer is late: this poll stops waiting for it
+        worker.drain_telemetry = drain  # a new drain would hand over nothing more
+        release.set()
+        await coordinator.poll_telemetry(1.0)
+        assert metrics.registry.get_sample_value("mosaic_frames_ingested_total", {"stream": "cam"}) == 5
+
+    asyncio.run(scenario())
