@@ -121,7 +121,7 @@ class Coordinator:
 
     async def _open_on_a_worker(self, record: StreamRecord) -> int:
         """Opens the stream on the worker with the most room that takes it; returns its index."""
-        refusals = []
+        refusals, kept_history = [], []
         for index in await self._rank_workers():
             record.worker_id = str(index)
             try:
@@ -129,7 +129,11 @@ class Coordinator:
             except CapacityError as err:
                 refusals.append(str(err))
                 continue
-            except AlreadyExistsError:
+            except AlreadyExistsError as err:
+                held = await self._call(index, self.workers[index].stream_ids.remote())
+                if record.stream_id not in held:  # history of that id it keeps but cannot serve: try the others
+                    kept_history.append(f"worker {index}: {err}")
+                    continue
                 # An earlier CreateStream made it there (the stream is durable before the worker answers) and its
                 # reply was lost to a crash: the worker restored it, so the router takes it as that worker's.
                 self.placement[record.stream_id] = index
@@ -138,9 +142,11 @@ class Coordinator:
                     "though its answer may not have reached you)"
                 ) from None
             return index
+        if kept_history and not refusals:
+            raise AlreadyExistsError(f"stream {record.stream_id!r} cannot be created: " + "; ".join(kept_history))
         raise CapacityError(
             f"no worker has room for stream {record.stream_id!r}: "
-            + "; ".join(refusals)
+            + "; ".join(refusals + kept_history)
             + ". Delete streams, shorten retention or add workers"
         )
 

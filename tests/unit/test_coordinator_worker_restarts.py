@@ -213,3 +213,20 @@ def test_a_drain_slower_than_the_poll_is_applied_at_the_next_poll_not_lost():
         assert metrics.registry.get_sample_value("mosaic_frames_ingested_total", {"stream": "cam"}) == 5
 
     asyncio.run(scenario())
+
+
+def test_a_worker_that_keeps_only_history_of_an_id_does_not_get_the_stream_placed():
+    """A worker also refuses a create as ALREADY_EXISTS when it keeps history of the id it cannot serve (a restore
+    that failed): the router does not place the stream there, and says why the id cannot be created."""
+
+    class KeepingHistory(Worker):
+        def _open_stream(self, record):
+            raise AlreadyExistsError(f"stream {record.stream_id!r} already has history in this worker's data folder")
+
+    async def scenario():
+        coordinator = await _started(KeepingHistory(0))
+        with pytest.raises(AlreadyExistsError, match="cannot be created: worker 0: .*already has history"):
+            await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        assert "cam" not in coordinator.placement
+
+    asyncio.run(scenario())
