@@ -65,7 +65,9 @@ class IngestPlan:
             rows.append(np.concatenate([stream.past_slots(), own]))
             new.append(own)
         self.attended_tokens = [len(row) for row in rows]
-        table = np.full((len(rows), max(self.attended_tokens)), -1, dtype=np.int32)
+        # -1 padded to a multiple of 16 slots: Triton compiles a kernel variant for each divisibility of the table's
+        # width, which changes as windows fill, and each new one held the engine thread for about a second.
+        table = np.full((len(rows), -(-max(self.attended_tokens) // 16) * 16), -1, dtype=np.int32)
         for b, row in enumerate(rows):
             table[b, : len(row)] = row
         self.table = pools.upload(table, torch.int32)
