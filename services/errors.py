@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError, cut
+from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError
 
 RETRY_AFTER_KEY = "retry-after-ms"
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the header of a task error's text
@@ -104,14 +104,27 @@ def _is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
 
 
-MAX_MESSAGE_CHARS = 2000  # percent-encoded, under gRPC's 8-KiB soft limit on a status message (16 KiB is refused)
+MAX_MESSAGE_BYTES = 6000  # percent-encoded: under gRPC's 8-KiB soft limit on a status message (16 KiB is refused)
 
 
 def _message(exc: BaseException) -> str:
-    text = cut(str(exc).strip(), MAX_MESSAGE_CHARS)
+    text = within_status_limit(str(exc).strip())
     if not text:
         return type(exc).__name__
     return text if text[-1] in ".!?" else text + "."
+
+
+def within_status_limit(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``text``, cut (and said so) where its percent-encoding as a status message passes ``limit`` bytes: gRPC
+    sends printable ASCII as it is and every other byte of the UTF-8 as three, so a character may cost up to 12."""
+    if len(text) * 12 <= limit:
+        return text
+    size = 0
+    for end, char in enumerate(text):
+        size += 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode("utf-8", "surrogatepass"))
+        if size > limit - 60:  # room for the note
+            return f"{text[:end]}... (cut: the message was {len(text)} characters)"
+    return text
 
 
 def status_for(exc: BaseException) -> Status:

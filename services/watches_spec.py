@@ -43,7 +43,8 @@ class ActiveHours:
     def __post_init__(self) -> None:
         for name in ("start", "end"):
             if not _HHMM.fullmatch(getattr(self, name)):
-                raise InvalidArgumentError(f"active hours {name} {getattr(self, name)!r} is not HH:MM (00:00-23:59)")
+                value = shown(getattr(self, name))
+                raise InvalidArgumentError(f"active hours {name} {value} is not HH:MM (00:00-23:59)")
         if self.start == self.end:
             raise InvalidArgumentError(
                 f"active hours start and end are both {self.start}; leave them unset for all day"

@@ -39,6 +39,9 @@ CALLS = {
     "Query": lambda stub: _first(stub.Query(pb.QueryRequest(question="what?", stream_ids=[LONG_ID]))),
     "Query(question)": lambda stub: _first(stub.Query(pb.QueryRequest(question=LONG_ID, stream_ids=["cam"]))),
     "CreateWatch(watch_id)": lambda stub: stub.CreateWatch(pb.CreateWatchRequest(watch_id=LONG_ID, question="q")),
+    "CreateWatch(active hours)": lambda stub: stub.CreateWatch(
+        pb.CreateWatchRequest(question="q", active_hours=pb.ActiveHours(start="\u4e2d" * 20_000, end="02:00"))
+    ),
     "CreateWatch(timezone)": lambda stub: stub.CreateWatch(
         pb.CreateWatchRequest(question="q", active_hours=pb.ActiveHours(start="01:00", end="02:00", timezone=LONG_ID))
     ),
@@ -119,3 +122,34 @@ def test_one_good_frame_among_many_of_an_overlong_id_gets_a_per_frame_answer():
     assert answer.frames_accepted == 1 and answer.frames_rejected == 100
     assert len(answer.errors) == 100 and all(len(e.stream_id) < 200 and len(e.reason) < 500 for e in answer.errors)
     assert answer.errors[0].stream_id.startswith("x" * 128) and "200000 characters" in answer.errors[0].stream_id
+
+
+@pytest.mark.parametrize("char", ["x", "%", "\u4e2d", "\U0001f600"])
+def test_a_status_message_of_any_characters_reaches_the_client_with_its_code(char):
+    """gRPC sends a status message percent-encoded (other than printable ASCII, three bytes for each UTF-8 byte), so
+    the cut is by that size, not by characters: 50,000 of any character still arrive as INVALID_ARGUMENT."""
+    from mosaic_core.errors import InvalidArgumentError
+    from services.errors import abort
+
+    text = char * 50_000
+
+    async def refuse(request, context):
+        await abort(context, InvalidArgumentError(text))
+
+    async def run():
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(refuse)
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test", {"Refuse": handler})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await channel.unary_unary("/test/Refuse")(b"")
+                return caught.value
+        finally:
+            await server.stop(0)
+
+    err = asyncio.run(run())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{err.code().name}: {(err.details() or '')[:160]}"
+    assert err.details().startswith(char * 10) and "50000 characters" in err.details()

@@ -225,7 +225,7 @@ def test_a_worker_that_keeps_only_history_of_an_id_does_not_get_the_stream_place
 
     async def scenario():
         coordinator = await _started(KeepingHistory(0))
-        with pytest.raises(AlreadyExistsError, match="cannot be created: worker 0: .*already has history"):
+        with pytest.raises(AlreadyExistsError, match=r"cannot be created: worker 0: .*already has history"):
             await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
         assert "cam" not in coordinator.placement
 
