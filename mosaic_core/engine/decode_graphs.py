@@ -56,9 +56,10 @@ def graph_width(plan, slots: int) -> int:
 
     Not the question's own width: a stream's tables widen as its window fills and its history passes the retrieval
     budget, and each new width took a capture, and compiled attention kernels for its split count, in the first
-    questions users asked (538 ms TTFT p99 at 32 cameras on an H100, bench/NOTES.md, session 40). Slots past a
-    question's own are -1, and a split of the attention's keys that starts past its row's length reads none of them:
-    it only writes an empty partial for the merge.
+    questions users asked (538 ms TTFT p99 at 32 cameras on an H100, bench/NOTES.md, session 40). The widest table
+    still depends on the stream's sink, so a stream with a longer system prompt than the warm-up's scratch stream
+    may need graphs of its own. Slots past a question's own are -1, and a split of the attention's keys that starts
+    past its row's length reads none of them: it only writes an empty partial for the merge.
     """
     return -(-max(slots, plan.widest_tokens) // WIDTH_STEP) * WIDTH_STEP
 

@@ -318,7 +318,9 @@ class Engine:
         from 2 to ``decode_batch`` (None: ``DecodeGraphs.max_batch`` where decode steps run from fixed buffers, else
         none), that many answers decode together, so each batch size's step is captured too, not when that many of
         the users' answers first run at once. The graphs' tables are as wide as any question of the stream can
-        need (``decode_graphs.graph_width``), so these are the graphs users' questions replay.
+        need (``decode_graphs.graph_width``), so these are the graphs users' questions replay on streams with the
+        default system prompt, as every stream of the service has; a stream opened with a longer one may need wider
+        tables, whose graphs its first questions capture.
 
         With ``ingest`` (None: on CUDA, where the adapter compiles), it first ingests one pass of blank frames on
         scratch streams (``WARM_UP_INGEST_TOKENS``), unless the device budget cannot hold their windows; and blank
