@@ -56,6 +56,7 @@ from mosaic_core.engine.tiering import TierManager
 from mosaic_core.errors import (
     AlreadyExistsError,
     BudgetError,
+    CapacityError,
     InvalidArgumentError,
     UnknownClusterError,
     UnknownStreamError,
@@ -341,32 +342,48 @@ class Engine:
                 f"a stream named {taken[0]!r} is open, and warm_up would use that name for a scratch stream; warm "
                 "the engine up before opening or restoring streams"
             )
+        # The hit ratio and the bytes moved between tiers count users' work, not the warm-up's.
+        lookups = (self.tiering.device_lookups, self.tiering.device_hits)
+        moved = self.tiering.tiers.stats
+        counts = (dict(moved.bytes_by_direction), dict(moved.copies_by_direction))
         ingested = self._warm_up_ingest(scratch) if ingest else False
         graphs = self.parts.decode_graphs
         if decode_batch is None:
             decode_batch = graphs.max_batch if graphs.enabled else 1
         state = self._open_state(WARM_UP_STREAM, 1.0, None)
-        asked, batches = 0, []
-        lookups = (self.tiering.device_lookups, self.tiering.device_hits)  # the hit ratio counts users' questions
         # Nothing of the scratch stream is durable: a merge or a split its questions make must not reach the journal.
         history, self.parts.history = self.parts.history, None
         try:
             with_history = self._warm_up_history(state) if ingest else False
-            for length in range(QUESTION_STEP, max_question_tokens + 1, QUESTION_STEP):
-                question = self._question_of_length(length)
-                if question is not None:
-                    self.answer(WARM_UP_STREAM, question, max_new_tokens=max_new_tokens)
-                    asked += 1
-            for count in range(2, decode_batch + 1):
-                self._answer_together(WARM_UP_STREAM, "What happened?", count)
-                batches.append(count)
+            try:
+                asked, batches = self._warm_up_questions(max_question_tokens, max_new_tokens, decode_batch)
+            except CapacityError:
+                if not with_history:
+                    raise
+                # A device budget this tight has no room for a question beside the history: ask without it.
+                self._forget_stream(state)
+                state, with_history = self._open_state(WARM_UP_STREAM, 1.0, None), False
+                asked, batches = self._warm_up_questions(max_question_tokens, max_new_tokens, decode_batch)
         finally:
             self.parts.history = history
             self._forget_stream(state)
             self.tiering.device_lookups, self.tiering.device_hits = lookups
-        return WarmUpResult(
-            questions=asked, ingested=ingested, decode_batches=tuple(batches), with_history=with_history
-        )
+            moved.bytes_by_direction, moved.copies_by_direction = counts
+        return WarmUpResult(questions=asked, ingested=ingested, decode_batches=batches, with_history=with_history)
+
+    def _warm_up_questions(self, max_question_tokens: int, max_new_tokens: int, decode_batch: int):
+        """``warm_up``'s questions on its scratch stream: one of each prefill-graph length, then each count of answers
+        decoding together; returns how many questions, and the counts."""
+        asked, batches = 0, []
+        for length in range(QUESTION_STEP, max_question_tokens + 1, QUESTION_STEP):
+            question = self._question_of_length(length)
+            if question is not None:
+                self.answer(WARM_UP_STREAM, question, max_new_tokens=max_new_tokens)
+                asked += 1
+        for count in range(2, decode_batch + 1):
+            self._answer_together(WARM_UP_STREAM, "What happened?", count)
+            batches.append(count)
+        return asked, tuple(batches)
 
     def _answer_together(self, stream_id: str, question: str, count: int) -> None:
         """``count`` answers of two tokens each, asked at once and read in turn, as the service's engine loop reads

@@ -181,3 +181,14 @@ def test_warm_up_questions_retrieve_history_when_it_ingests(tiny_model, monkeypa
     assert engine.streams == {} and engine.tiering.residency.reserved_bytes() == 0
     assert engine.tiering.residency.used_bytes(Tier.DEVICE) == 0
     engine.close()
+
+
+def test_a_budget_with_no_room_for_a_question_beside_the_history_warms_up_without_it(tiny_model):
+    """At a device budget this tight, a question on the scratch stream whose history it ingested finds no room:
+    the warm-up asks its questions again on a stream without history, rather than fail the worker's start."""
+    engine = make_engine(tiny_model, device_budget_bytes=MIB // 2)
+    warm = engine.warm_up(max_new_tokens=2, max_question_tokens=48, ingest=True)
+    assert (warm.questions, warm.with_history) == (3, False)
+    assert engine.streams == {} and engine.tiering.residency.reserved_bytes() == 0
+    assert engine.tiering.residency.used_bytes(Tier.DEVICE) == 0
+    engine.close()
