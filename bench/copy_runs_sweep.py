@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                         "ms": median * 1e3, "gbs": num_bytes / median / 1e9,
                     })  # fmt: skip
                     print(json.dumps(rows[-1]), flush=True)
-    contiguous_src = torch.empty(rows[-1]["bytes"], dtype=torch.uint8, pin_memory=True)
+    contiguous_src = torch.empty(max(row["bytes"] for row in rows), dtype=torch.uint8, pin_memory=True)
     contiguous_dst = torch.empty_like(contiguous_src, device=device)
     times = []
     for _ in range(args.repeats + 2):

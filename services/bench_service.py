@@ -263,8 +263,10 @@ def engine_thread(before: dict[str, float], after: dict[str, float], elapsed_s: 
     frames = delta.pop(BATCH_FRAMES[0], 0.0)
     passes = delta.pop(FORWARD_PASSES, 0.0)
     ahead = delta.pop(ENCODED_AHEAD, 0.0)
-    allocator = {key.split(":", 1)[1]: round(delta.pop(key)) for key in list(delta) if key.startswith("allocator:")}
-    compiled = round(delta.pop(KERNEL_COMPILES, 0.0))
+    allocator = {  # a worker that left in the span drops its series
+        key.split(":", 1)[1]: max(0, round(delta.pop(key))) for key in list(delta) if key.startswith("allocator:")
+    }
+    compiled = max(0, round(delta.pop(KERNEL_COMPILES, 0.0)))  # a worker that left in the span drops its series
     share = {part: seconds / elapsed_s for part, seconds in delta.items()}
     per_call = (frames / calls, passes / calls, ahead / calls) if calls else (None, None, None)
     return EngineThread(share, *per_call, allocator, compiled)

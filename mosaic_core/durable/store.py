@@ -167,7 +167,7 @@ class DurableStore:
         self._states: dict[str, dict] = {}
         self._dirty: set[str] = set()
         self._writing_states = False  # states taken off ``_dirty`` and not on disk yet
-        self._state_failures = 0  # state writes that failed, for the log's pace
+        self._state_failures = 0  # state writes that failed since the last that did not, for the log's pace
         self._stop = False
         self._files = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="durable-file")
         self._thread = threading.Thread(target=self._run, name="durable-writer", daemon=True)
@@ -550,7 +550,8 @@ class DurableStore:
                     continue
                 try:
                     write_atomic(self.stream_dir(stream_id) / STATE_NAME, _json_bytes(state))
-                except OSError as err:
+                    self._state_failures = 0
+                except Exception as err:  # an OSError, or anything else, must not end the writer
                     with self._cv:  # counted, and written again at the next interval (the newest state then)
                         self.stats.write_errors += 1
                         self.stats.last_error = f"{type(err).__name__}: {err}"
