@@ -122,7 +122,11 @@ class Coordinator:
     async def _open_on_a_worker(self, record: StreamRecord) -> int:
         """Opens the stream on the worker with the most room that takes it; returns its index."""
         refusals, kept_history = [], []
-        for index in await self._rank_workers():
+        ranked = await self._rank_workers()
+        for index, info in ranked:  # a worker restarted since the lost answer of an earlier create holds it
+            if record.stream_id in info.restored_streams:
+                await self._adopt_restored(record.stream_id, index)
+        for index, _ in ranked:
             record.worker_id = str(index)
             try:
                 await self._call(index, self.workers[index].open_stream.remote(record))
@@ -130,17 +134,9 @@ class Coordinator:
                 refusals.append(str(err))
                 continue
             except AlreadyExistsError as err:
-                held = await self._call(index, self.workers[index].stream_ids.remote())
-                if record.stream_id not in held:  # history of that id it keeps but cannot serve: try the others
-                    kept_history.append(f"worker {index}: {err}")
-                    continue
-                # An earlier CreateStream made it there (the stream is durable before the worker answers) and its
-                # reply was lost to a crash: the worker restored it, so the router takes it as that worker's.
-                self.placement[record.stream_id] = index
-                raise AlreadyExistsError(
-                    f"stream {record.stream_id!r} already exists on worker {index} (an earlier CreateStream made it, "
-                    "though its answer may not have reached you)"
-                ) from None
+                await self._adopt_restored(record.stream_id, index)
+                kept_history.append(f"worker {index}: {err}")  # history of that id it keeps but cannot serve
+                continue
             return index
         if kept_history and not refusals:
             raise AlreadyExistsError(f"stream {record.stream_id!r} cannot be created: " + "; ".join(kept_history))
@@ -223,18 +219,31 @@ class Coordinator:
             self.metrics.set_active_streams(len(self.placement))
         return adopted
 
-    async def _rank_workers(self) -> list[int]:
-        """Live workers, most free budget first."""
+    async def _adopt_restored(self, stream_id: str, index: int) -> None:
+        """Worker ``index`` restored ``stream_id`` or refused to create it as existing: if it holds it, an earlier
+        CreateStream made it there (the stream is durable before the worker answers) and its answer was lost to a
+        crash, so the router places it there and the create is refused as ALREADY_EXISTS."""
+        if stream_id not in await self._call(index, self.workers[index].stream_ids.remote()):
+            return
+        self.placement[stream_id] = index
+        self.metrics.set_active_streams(len(self.placement))
+        raise AlreadyExistsError(
+            f"stream {stream_id!r} already exists on worker {index} (an earlier CreateStream made it, though its "
+            "answer may not have reached you)"
+        )
+
+    async def _rank_workers(self) -> list[tuple[int, WorkerInfo]]:
+        """Live workers and what they said of themselves, most free budget first."""
         live = sorted(self._alive)
         results = await asyncio.gather(*(self.workers[i].info.remote() for i in live), return_exceptions=True)
         ranked = [
-            (-info.free_bytes, info.num_streams, index)
+            (-info.free_bytes, info.num_streams, index, info)
             for index, info in zip(live, results, strict=True)
             if not isinstance(info, BaseException)
         ]
         if not ranked:
             raise UnavailableError("no worker is up to take the stream; retry shortly")
-        return [index for *_, index in sorted(ranked)]
+        return [(index, info) for *_, index, info in sorted(ranked, key=lambda r: r[:3])]
 
     # -- ingest -------------------------------------------------------------------------------------
     async def push(self, frames: list[tuple[int, str, float, object]]) -> PushResult:

@@ -39,6 +39,8 @@ class Worker:
     def __init__(self, index: int) -> None:
         self.index, self.pid, self.alive = index, 1000, True
         self.streams: dict[str, StreamRecord] = {}
+        self.restored: list[str] = []  # what it restored when it last started
+        self.free_bytes = 1 << 30
         self.crash_before_answering_open = False
         for name in ("info", "stream_ids", "open_stream", "close_stream", "stream_info", "stream_infos",
                      "drain_telemetry", "keyframe_stats"):  # fmt: skip
@@ -55,9 +57,10 @@ class Worker:
     def restart(self) -> None:
         self.pid += 1
         self.alive = True
+        self.restored = sorted(self.streams)
 
     def _info(self):
-        return WorkerInfo(str(self.index), "cpu", len(self.streams), 1 << 30, [], 0, self.pid)
+        return WorkerInfo(str(self.index), "cpu", len(self.streams), self.free_bytes, self.restored, 0, self.pid)
 
     def _stream_ids(self):
         return sorted(self.streams)
@@ -228,5 +231,22 @@ def test_a_worker_that_keeps_only_history_of_an_id_does_not_get_the_stream_place
         with pytest.raises(AlreadyExistsError, match=r"cannot be created: worker 0: .*already has history"):
             await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
         assert "cam" not in coordinator.placement
+
+    asyncio.run(scenario())
+
+
+def test_a_create_retried_before_the_router_knows_a_restored_stream_is_not_made_twice():
+    """The retried create would go to the worker with more room; the one that restored the stream holds it."""
+
+    async def scenario():
+        restored, roomier = Worker(0), Worker(1)
+        coordinator = Coordinator([restored, roomier], None, MosaicMetrics())
+        await coordinator.start(5.0)
+        roomier.free_bytes = restored.free_bytes // 2
+        await _create_whose_answer_is_lost(coordinator, restored)  # the first create goes to the roomier worker 0
+        roomier.free_bytes = restored.free_bytes * 2  # the retry would go to worker 1 now
+        with pytest.raises(AlreadyExistsError, match="already exists on worker 0"):
+            await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        assert coordinator.placement == {"cam": 0} and "cam" not in roomier.streams
 
     asyncio.run(scenario())
