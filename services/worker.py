@@ -253,8 +253,12 @@ class WorkerCore:
                           stream.stream_id, err)  # fmt: skip
                 self.loop.call(self.engine.close_stream, stream.stream_id, forget_history=False)
                 continue
-            counters = stream.state.get("counters") or {}
-            self.telemetry.restore(record.stream_id, StreamTotals(**counters))
+            totals = StreamTotals(**(stream.state.get("counters") or {}))
+            # Saved at each telemetry drain, while the engine's count comes from its journal: after a crash it may
+            # be ahead, and a frame ingested was received.
+            ingested = self.loop.call(self.engine.stream_stats, record.stream_id).frames_ingested
+            totals.received, totals.ingested = max(totals.received, ingested), max(totals.ingested, ingested)
+            self.telemetry.restore(record.stream_id, totals)
             self.loop.call(self.watches.restore_watermark, record.stream_id, stream.state.get("watch_watermark_s"))
             session = StreamSession(record, clock_epoch_unix=stream.state.get("clock_epoch_unix"))
             session.last_offered_s = stream.last_timestamp_s

@@ -180,3 +180,32 @@ def test_a_worker_with_many_live_cameras_stops_their_sources_at_once(tiny_model,
     worker.shutdown()
     took_s = time.monotonic() - started_s
     assert took_s < 2.0, f"shutting down a worker with 40 live cameras took {took_s:.2f} s"
+
+
+def test_after_a_crash_a_stream_never_shows_fewer_frames_received_than_ingested(tiny_model, bikes_frames, tmp_path):
+    """The counters are saved at each telemetry drain, the frames ingested come from the journal, which may be
+    ahead of them at a crash; GetStream must not say a camera sent fewer frames than the engine took."""
+    config = load_config(
+        None, data_dir=str(tmp_path), ingest_headroom=0.0, ingest_queue_frames=64,
+        engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "formation": {"max_tokens": 32}},
+    )  # fmt: skip
+    store = InMemoryMetadataStore()
+    first = _worker(tiny_model, config, store)
+    first.open_stream(StreamRecord(stream_id="cam", fps=2.0))
+    frames = [(i / 2.0, rgb) for i, (_, rgb) in enumerate(bikes_frames[:20])]
+    first.push([(i, "cam", t, rgb) for i, (t, rgb) in enumerate(frames[:4])])
+    _wait_ingested(first, "cam", 4)
+    first.drain_telemetry()  # saves the counters: 4 received
+    first.push([(i, "cam", t, rgb) for i, (t, rgb) in enumerate(frames[4:], start=4)])
+    _wait_ingested(first, "cam", 20)
+    assert first.engine.history.store.flush(30)
+    first.loop.stop()  # the process dies before its next drain
+    first.publisher.stop()
+
+    second = _worker(tiny_model, config, store)
+    try:
+        info = second.stream_info("cam")
+        assert info.frames_ingested > 4  # the journal had more than the saved counters
+        assert info.frames_received >= info.frames_ingested
+    finally:
+        second.shutdown()
