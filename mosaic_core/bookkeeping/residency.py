@@ -142,6 +142,7 @@ class ResidencyManager:
         self.budgets = budgets
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self._records: dict[str, ClusterResidency] = {}
+        self.generation = 0  # clusters stopped being tracked so far: a reader of an older list checks it again
         # Insertion-ordered sets (dict keys), so that listings and plans are deterministic.
         self._by_tier: dict[Tier, dict[str, None]] = {tier: {} for tier in Tier}
         self._by_stream: dict[str, dict[str, None]] = {}
@@ -552,6 +553,7 @@ class ResidencyManager:
 
     def _forget(self, record: ClusterResidency) -> None:
         cid = record.cluster_id
+        self.generation += 1
         del self._records[cid]
         del self._by_tier[record.tier][cid]
         stream_members = self._by_stream[record.stream_id]

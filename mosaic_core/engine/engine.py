@@ -58,6 +58,7 @@ from mosaic_core.errors import (
     BudgetError,
     CapacityError,
     InvalidArgumentError,
+    StateError,
     UnknownClusterError,
     UnknownStreamError,
     shown,
@@ -445,8 +446,20 @@ class Engine:
 
     def close_stream(self, stream_id: str, *, forget_history: bool = True) -> None:
         """Closes a stream and frees every byte it held in every tier, its durable history included unless
-        ``forget_history`` is False (the stream comes back at the next restart)."""
+        ``forget_history`` is False (the stream comes back at the next restart).
+
+        Raises:
+            StateError: a question still reads the stream's clusters (end or close its answers first); nothing is
+                changed then.
+        """
         state = self.stream(stream_id)
+        residency = self.tiering.residency
+        read = [cid for cid in residency.clusters(stream_id) if residency.record_to_read(cid).pinned]
+        if read:
+            raise StateError(
+                f"stream {stream_id!r} cannot be closed while a question reads it ({len(read)} of its clusters are "
+                "in use); end or close its answers first"
+            )
         # Before the history goes: a crash in between leaves both, and the numbers' maximum is kept anyway.
         ended_at = StreamNumbers(next_cluster_number=state.former.next_number, next_frame_index=state.next_frame_index)
         self.retired.retire(stream_id, ended_at)

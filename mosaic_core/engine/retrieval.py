@@ -152,12 +152,15 @@ def layer_groups(layers: range, sizes: tuple[int, ...]) -> list[range]:
     return groups
 
 
-def fill_in_order(order: list[int], sizes: list[int], budget: int, smallest: int) -> list[int]:
+def fill_in_order(order: list[int], sizes: list[int], budget: int, smallest: int, gone=()) -> list[int]:
     """The indices of ``order`` taken one after another while each still fits in ``budget`` with those taken
-    before it (``sizes[i]`` each), in that order. ``smallest`` is the least of ``sizes``: once less than it is left,
-    nothing else fits, so the rest of a thousand or more indices are not looked at."""
+    before it (``sizes[i]`` each), in that order, skipping those in ``gone``. ``smallest`` is the least of
+    ``sizes``: once less than it is left, nothing else fits, so the rest of a thousand or more indices are not
+    looked at."""
     taken, used = [], 0
     for i in order:
+        if i in gone:
+            continue
         size = sizes[i]
         if used + size <= budget:
             taken.append(i)
@@ -213,6 +216,7 @@ class Retriever:
             self._size_list, self._summaries = tiering.summaries.counts_and_all_layers(candidates, choosing)
             self._smallest = min(self._size_list)
         self._timed_gathers: list[Moved] = []
+        self._generation = tiering.residency.generation  # clusters removed since: ``_gone_indices``
         self._past_table: torch.Tensor | None = None  # ``past_logsumexp``'s slot table, uploaded once
         off_cuda = tiering.tiers.transfers.side is None  # there the copy engines' copies are plain host copies
         self._dma = machinery.staging_copy == "dma" and (off_cuda or _copy_engines_found())
@@ -227,7 +231,7 @@ class Retriever:
         scores = self.scorer.scores(
             query, mean[:, layer], var[:, layer], log_count, scale=self.spec.scale, past_lse=past
         )
-        chosen = list(self.candidates) if self.machinery.choose_all else self.fill_budget(scores)
+        chosen = self._still_held(self.candidates) if self.machinery.choose_all else self.fill_budget(scores)
         tiers = self.tiering.tiers
         paged = self.machinery.batched_gather and all(
             self.tiering.residency.tier_of(cid) in (Tier.DEVICE, Tier.HOST) for cid in chosen
@@ -360,7 +364,21 @@ class Retriever:
         question's, unless ``budget_tokens`` names another, as the fidelity probes do)."""
         budget = self.budget_tokens if budget_tokens is None else budget_tokens
         order = torch.argsort(scores, descending=True).tolist()
-        return [self.candidates[i] for i in fill_in_order(order, self._size_list, budget, self._smallest)]
+        gone = self._gone_indices()
+        return [self.candidates[i] for i in fill_in_order(order, self._size_list, budget, self._smallest, gone)]
+
+    def _gone_indices(self) -> set[int]:
+        """Candidates no longer tracked: dropped by retention, or merged or split away by another question's
+        upkeep, since this question was asked (a re-score between decode steps comes after them). A candidate the
+        question chose is pinned and stays."""
+        if self.tiering.residency.generation == self._generation:
+            return set()
+        tracked = self.tiering.residency.tracked_ids()
+        return {i for i, cid in enumerate(self.candidates) if cid not in tracked}
+
+    def _still_held(self, cluster_ids: list[str]) -> list[str]:
+        gone = self._gone_indices()
+        return [cid for i, cid in enumerate(cluster_ids) if i not in gone]
 
     def past_logsumexp(self, layer: int, query: torch.Tensor) -> torch.Tensor | None:
         """Each row of ``query`` ``[num_q_heads, T, head_dim]``: the log-sum-exp of its logits over the stream's
