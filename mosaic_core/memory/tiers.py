@@ -393,8 +393,9 @@ class KVTiers:
         self._kept.pop(cluster_id, None)
         self._slots.pop(cluster_id, None)
         self._free_memory(cluster.pages)
-        if cluster.tier is Tier.DISK:
-            self._delete_spill(cluster_id)  # a durable record is removed through the store's journal
+        # Whatever its tier: a cluster spilled before its record was durable (a merge of two disk-tier clusters)
+        # keeps that spill file after a fetch from the record. A durable record goes through the store's journal.
+        self._delete_spill(cluster_id)
 
     # -- internals ------------------------------------------------------------------------------------------
     def _move_disk(self, cluster_id: str, record: ClusterPages, src: Tier, dst: Tier) -> int:
@@ -407,6 +408,7 @@ class KVTiers:
             self._kept.pop(cluster_id, None)
         elif self._durable(cluster_id) and (stored := self.durable.read_pages(cluster_id)).shape[4] == self.page_tokens:
             # The record's pages are the arena's size: each lands in one page as one contiguous run.
+            self._delete_spill(cluster_id)  # one written before the record was durable is stale now
             num_bytes = stored.numel() * stored.element_size()
             record.fills = [self.page_tokens] * stored.shape[0]
             pages = self._take(dst, record.num_pages)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
 import torch
 
+from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
+from mosaic_core.engine.maintenance import merge_clusters
 from mosaic_core.memory.tiers import DiskTier
 from tests.engine.engine_helpers import feed, make_engine
 
@@ -46,3 +51,34 @@ def test_disk_tier_write_is_atomic_and_deletes_cleanly(tmp_path):
     assert torch.equal(disk.read("s/c000001"), kv)
     disk.delete("s/c000001")
     assert disk.list_clusters("s") == []
+
+
+def test_a_merged_disk_cluster_leaves_no_spill_file_once_dropped(tiny_model, bikes_frames, tmp_path):
+    """Two disk-tier clusters merged are spilled as one before the merged record is durable; fetched from that
+    record and dropped later, the stale spill file goes with it."""
+    engine = make_engine(
+        tiny_model,
+        device_budget_bytes=int(1.3 * MIB),
+        host_budget_bytes=int(0.3 * MIB),
+        data_dir=str(tmp_path),
+        formation=FormationConfig(max_tokens=96),
+    )
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:40])
+    state, residency = engine.stream("cam"), engine.tiering.residency
+    records = [r for r in state.former.records_to_read() if r.sealed and r.cluster_id not in state.local_cluster_ids()]
+    left, right = next(
+        (a.cluster_id, b.cluster_id) for a, b in itertools.pairwise(records) if a.num_tokens + b.num_tokens <= 96
+    )
+    for cid in (left, right):  # both spilled to disk, as the budgets do to old clusters
+        engine.tiering.execute(residency.plan_spill(cid, Tier.DISK))
+    merged = merge_clusters(engine.parts, state, left, right)  # what apply_merges does for a due pair
+    assert residency.tier_of(merged) is Tier.DISK
+    spill = engine.tiering.tiers.disk.path(merged)
+    engine.tiering.execute(residency.plan_fetch(merged, Tier.HOST))  # a question or promote brings it back
+    engine.history.store.flush()
+    dropped = engine.drop_clusters_before("cam", state.former.get(merged).end_s + 1e-3)
+    assert merged in dropped and merged not in residency
+    leftovers = sorted(p.name for p in (Path(tmp_path) / ".spill").rglob("*.safetensors"))
+    assert not spill.exists(), f"the dropped cluster's spill file outlives it: {leftovers}"
+    engine.close()
