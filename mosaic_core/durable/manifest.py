@@ -57,6 +57,9 @@ class ClusterEntry:
     # The cluster's keyframes, in the order their JPEG bytes follow one another in the record's ``keyframes``
     # tensor: {"frame_index", "timestamp_s", "width", "height", "num_bytes"} each. Older records have none.
     keyframes: list[dict] = field(default_factory=list)
+    # Its age for the history budget (Unix seconds): when it sealed, or for a merge or a split, when the oldest
+    # cluster it replaced sealed. None in older records, whose file's modification time stands in.
+    sealed_unix_s: float | None = None
 
     @property
     def num_tokens(self) -> int:

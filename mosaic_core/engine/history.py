@@ -115,9 +115,11 @@ class HistoryKeeper:
     def _submit(self, state: StreamState, seals: list[Seal], removed_ids: list[str]) -> None:
         """Queues the commit, and enters its records in the ledger as old as the oldest record they replace (a
         merge, a split), else as of now."""
-        self.store.submit(state.stream_id, add=seals, remove=removed_ids)
         replaced = [t for cid in removed_ids if (t := self.ledger.sealed_unix_s(cid)) is not None]
         sealed_unix_s = min(replaced, default=time.time())
+        for seal in seals:  # kept in the journal, so that a restart ranks it as this engine did
+            seal.entry.sealed_unix_s = sealed_unix_s
+        self.store.submit(state.stream_id, add=seals, remove=removed_ids)
         self.ledger.remove(removed_ids)
         for seal in seals:
             num_bytes = seal.entry.num_bytes + len(seal.keyframes)
@@ -244,7 +246,10 @@ class HistoryKeeper:
         return RestoredStream(state.stream_id, stored.stream.get("meta") or {}, saved, len(entries), last_ts)
 
     def _written_unix_s(self, stream_id: str, entry: ClusterEntry) -> float:
-        """When the record was written (its file's modification time): the age the history budget goes by."""
+        """The age the history budget goes by: as the journal keeps it, or for an older record, when it was
+        written (its file's modification time)."""
+        if entry.sealed_unix_s is not None:
+            return entry.sealed_unix_s
         try:
             return (self.store.stream_dir(stream_id) / entry.file).stat().st_mtime
         except OSError:

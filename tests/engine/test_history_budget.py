@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
+from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.durable.manifest import replay
+from mosaic_core.engine.maintenance import merge_clusters
 from mosaic_core.engine.results import FrameInput
-from tests.engine.engine_helpers import make_engine
+from tests.engine.engine_helpers import feed, make_engine
 
 STREAMS = ("cam-a", "cam-b")
 CLOCKS = ("pushed", "pulled")  # a pushed camera's clock is Unix time, a pulled one's starts at 0
@@ -129,3 +132,34 @@ def test_a_cluster_a_question_reads_is_passed_over(tiny_model, bikes_frames, tmp
         engine.tiering.residency.unpin(oldest)
     finally:
         engine.close()
+
+
+def test_the_oldest_video_goes_first_after_a_restart_too(tiny_model, bikes_frames, tmp_path):
+    """A merge is as old as the oldest cluster it holds, in the journal too: a restart does not rank it by the
+    time its record was written, which would make the budget drop newer video first."""
+    config = dict(data_dir=str(tmp_path), formation=FormationConfig(max_tokens=96))
+    first = make_engine(tiny_model, **config)
+    first.open_stream("cam", fps=2.0)
+    feed(first, "cam", bikes_frames[:32])
+    state = first.stream("cam")
+    records = [r for r in state.former.records_to_read() if r.sealed and r.cluster_id not in state.local_cluster_ids()]
+    i = next(i for i in range(len(records) - 1) if records[i].num_tokens + records[i + 1].num_tokens <= 96)
+    left, right = records[i], records[i + 1]
+    later = [r.cluster_id for r in records[i + 2 :]]  # sealed after both, their video later
+    assert later
+    time.sleep(0.05)
+    merged = merge_clusters(first.parts, state, left.cluster_id, right.cluster_id)
+    ledger = first.history.ledger
+    assert all(ledger.sealed_unix_s(merged) < ledger.sealed_unix_s(c) for c in later)  # older than all of them
+    first.checkpoint()
+    first.close()
+
+    second = make_engine(tiny_model, **config)
+    second.restore_streams()
+    ledger = second.history.ledger
+    newer = [c for c in later if ledger.sealed_unix_s(c) <= ledger.sealed_unix_s(merged)]
+    assert not newer, (
+        f"after the restart {merged} (video {left.start_s}-{right.end_s}s) counts as sealed after {newer}, whose "
+        "video is later: the history budget now drops those first"
+    )
+    second.close()
