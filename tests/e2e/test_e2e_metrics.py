@@ -36,6 +36,7 @@ SPEC = {
     "mosaic_retrieval_latency_seconds": "histogram",
     "mosaic_transfer_bytes": "counter",
     "mosaic_device_allocator_events": "counter",
+    "mosaic_kernel_compiles": "counter",
     "mosaic_tier_used_bytes": "gauge",
     "mosaic_tier_capacity_bytes": "gauge",
     "mosaic_clusters": "gauge",
