@@ -81,17 +81,22 @@ def test_warm_up_refuses_to_take_over_an_open_stream_of_its_scratch_name(tiny_mo
     assert engine.stream_stats(WARM_UP_STREAM).frames_ingested == 4  # the user's stream is untouched
 
 
-def test_warm_up_ingests_one_big_pass_of_scratch_streams_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
-    engine = make_engine(
-        tiny_model,
-        data_dir=str(tmp_path / "data"),
+def _big_frames_engine(model, **overrides):
+    """Frames of 512 tokens, a window of two and a budget of four: a question's table passes one ``WIDTH_STEP``."""
+    return make_engine(
+        model,
         target_tokens_per_frame=512,
         page_tokens=None,
         local_window_tokens=1024,
         formation=FormationConfig(max_tokens=2048),
         retrieval_budget_tokens=2048,
         device_budget_bytes=256 * MIB,
+        **overrides,
     )
+
+
+def test_warm_up_ingests_one_big_pass_of_scratch_streams_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    engine = _big_frames_engine(tiny_model, data_dir=str(tmp_path / "data"))
     pools = engine.tiering.tiers.pools
     free_before = pools.device_pages.num_free
     passes = []
@@ -130,15 +135,7 @@ def test_questions_over_a_full_window_and_budget_replay_what_the_warm_up_made(ti
     """A graph reads tables as wide as the widest question of its stream can build, whatever this question
     retrieved: so the warm-up's questions, on a scratch stream with no window and no history, make the graphs that
     questions over a full window and a full retrieval budget replay (here their tables pass one ``WIDTH_STEP``)."""
-    engine = make_engine(
-        tiny_model,
-        target_tokens_per_frame=512,
-        page_tokens=None,
-        local_window_tokens=1024,
-        formation=FormationConfig(max_tokens=2048),
-        retrieval_budget_tokens=2048,
-        device_budget_bytes=256 * MIB,
-    )
+    engine = _big_frames_engine(tiny_model)
     pools = engine.tiering.tiers.pools
     decode = DecodeGraphs(tiny_model, pools, engine.spec.num_layers, enabled=True, capture=False)
     prefill = PrefillGraphs(tiny_model, pools, enabled=True, capture=False)

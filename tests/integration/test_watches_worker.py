@@ -17,12 +17,10 @@ from services.worker import WorkerCore
 FPS = 2.0
 
 
-@pytest.fixture
-def worker(request, tiny_model, tmp_path):
-    """A worker over the tiny preset; ``indirect`` parametrisation passes config fields over these."""
-    config = load_config(
+def _config(tmp_path, **fields):
+    return load_config(
         None,
-        **getattr(request, "param", {}),
+        **fields,
         data_dir=str(tmp_path / "history"),
         ingest_headroom=0.0,
         ingest_queue_frames=64,
@@ -33,6 +31,12 @@ def worker(request, tiny_model, tmp_path):
             "formation": {"max_tokens": 64, "min_similarity": 1.0},  # a cluster per frame; two fit one merge
         },
     )
+
+
+@pytest.fixture
+def worker(request, tiny_model, tmp_path):
+    """A worker over the tiny preset; ``indirect`` parametrisation passes config fields over these."""
+    config = _config(tmp_path, **getattr(request, "param", {}))
     worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
     yield worker
     worker.shutdown()
@@ -280,18 +284,7 @@ def test_clusters_sealed_before_a_restarted_workers_first_watch_list_are_scored_
 ):
     """A restarted worker starts with no watches; the router's list comes a second or more later. The clusters
     sealed in between, the shutdown's checkpoint among them, are scored once it comes, not skipped."""
-    config = load_config(
-        None,
-        data_dir=str(tmp_path / "history"),
-        ingest_headroom=0.0,
-        ingest_queue_frames=64,
-        engine={
-            "target_tokens_per_frame": 16,
-            "local_window_tokens": 64,
-            "retrieval_budget_tokens": 128,
-            "formation": {"max_tokens": 64, "min_similarity": 1.0},
-        },
-    )
+    config = _config(tmp_path)
     store = InMemoryMetadataStore()
     frames = [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:16])]
     worker = WorkerCore("0", config, store=store, engine=Engine(tiny_model, config.engine_config()))
