@@ -20,6 +20,7 @@ from mosaic_core.engine.keyframe_store import store_for
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.recurrence import centroids_of
 from mosaic_core.engine.stream import StreamState
+from mosaic_core.errors import InvalidArgumentError
 
 
 def mergeable_clusters(parts: EngineParts, state: StreamState) -> list[str]:
@@ -47,7 +48,9 @@ def apply_merges(parts: EngineParts, state: StreamState, retrieved: list[str]) -
         min_joint_fraction=config.merge_min_joint_fraction,
         stream_id=state.stream_id,
     )
-    merged_ids = [merge_clusters(parts, state, p.left_id, p.right_id) for p in proposals]
+    read = state.former.record_to_read
+    due = [p for p in proposals if same_frame_size(read(p.left_id), read(p.right_id))]  # see same_frame_size
+    merged_ids = [merge_clusters(parts, state, p.left_id, p.right_id) for p in due]
     if merged_ids:
         tracker.set_neighbours(state.stream_id, mergeable_clusters(parts, state))
     return merged_ids
@@ -81,9 +84,26 @@ class _MergeableSizes(Mapping[str, int]):
         return sum(1 for _ in self)
 
 
+def same_frame_size(a: ClusterRecord, b: ClusterRecord) -> bool:
+    """Whether two clusters' frames all have one size, as one cluster's record must (its pages are of that size). A
+    stream's frame size is chosen at its first frame in each process, so clusters restored from before a restart
+    may differ from the new ones (another ``target_tokens_per_frame``, or a camera whose resolution changed)."""
+    return len({*a.frame_num_tokens, *b.frame_num_tokens}) == 1
+
+
 def merge_clusters(parts: EngineParts, state: StreamState, left_id: str, right_id: str) -> str:
-    """Replaces two adjacent sealed clusters by one, placed in the hotter of their two tiers."""
-    record = state.former.merge_records(state.former.get(left_id), state.former.get(right_id))
+    """Replaces two adjacent sealed clusters by one, placed in the hotter of their two tiers.
+
+    Raises:
+        InvalidArgumentError: their frames are of different sizes (``same_frame_size``).
+    """
+    left, right = state.former.get(left_id), state.former.get(right_id)
+    if not same_frame_size(left, right):
+        raise InvalidArgumentError(
+            f"cannot merge {left_id!r} and {right_id!r}: their frames have different sizes "
+            f"({sorted(set(left.frame_num_tokens))} and {sorted(set(right.frame_num_tokens))} tokens)"
+        )
+    record = state.former.merge_records(left, right)
     _replace(parts, state, [left_id, right_id], record)
     return record.cluster_id
 
@@ -118,6 +138,7 @@ def join_recurring(parts: EngineParts, state: StreamState, cluster_id: str) -> s
         and not residency.record(r.cluster_id).pinned
         and r.num_tokens + record.num_tokens <= formation.max_tokens
         and max(r.frame_indices) < record.frame_indices[0]
+        and same_frame_size(r, record)
     ][-formation.join_max_candidates :]
     if not candidates:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import zlib
@@ -13,6 +14,7 @@ from mosaic_core.bookkeeping.formation import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.durable.manifest import MANIFEST_NAME, encode_line, replay
 from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, encode_pages, to_pages
+from mosaic_core.errors import InvalidArgumentError
 from tests.engine.engine_helpers import feed, make_engine
 
 
@@ -260,4 +262,31 @@ def test_keyframes_come_back_after_a_restart_with_a_disk_budget(tiny_model, bike
     after = {cid: [k.keyframe_id for k in second.keyframes("cam", cluster_id=cid)] for cid in entries}
     lost = sorted(cid for cid in before if after[cid] != before[cid])
     assert not lost, f"{len(lost)} of {len(before)} clusters lost their keyframes at restart"
+    second.close()
+
+
+def test_clusters_of_another_frame_size_after_a_restart_are_never_merged_together(tiny_model, bikes_frames, tmp_path):
+    """A stream's frame size is chosen at its first frame in each process: after a restart with another target,
+    new clusters' frames differ from the restored ones', and a cluster's record holds frames of one size. A merge the
+    questions make due between the two kinds is passed over (it asserted while sealing the merged record)."""
+    from mosaic_core.engine.maintenance import apply_merges, merge_clusters, mergeable_clusters
+
+    first = make_engine(tiny_model, data_dir=str(tmp_path))
+    first.open_stream("cam", fps=4.0)
+    feed(first, "cam", bikes_frames[:12])
+    first.checkpoint()
+    first.close()
+    merging = {"merge_min_questions": 1, "merge_min_joint_fraction": 0.01}
+    second = make_engine(tiny_model, data_dir=str(tmp_path), target_tokens_per_frame=8, **merging)
+    second.restore_streams()
+    feed(second, "cam", bikes_frames[12:30], offset_s=10.0)
+    state = second.stream("cam")
+    size = {cid: state.former.get(cid).frame_num_tokens[0] for cid in mergeable_clusters(second.parts, state)}
+    ordered = list(size)
+    pair = next([a, b] for a, b in itertools.pairwise(ordered) if size[a] != size[b])
+    for _ in range(3):  # three questions retrieve the pair together
+        assert apply_merges(second.parts, state, pair) == []
+    assert set(pair) <= {c.cluster_id for c in second.clusters("cam")}
+    with pytest.raises(InvalidArgumentError, match="frames have different sizes"):
+        merge_clusters(second.parts, state, *pair)
     second.close()
