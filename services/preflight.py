@@ -132,8 +132,32 @@ def _worker_folder_problems(config: ServiceConfig) -> list[str | None]:
     return [
         _dir_problem(config.data_dir, "data directory", "--data-dir"),
         _dir_problem(config.disk_dir, "disk-tier directory", "--disk-dir"),
+        _unserved_history_problem(config.data_dir, config.workers),
         *(_source_root_problem(root) for root in config.source_roots),
     ]
+
+
+def _unserved_history_problem(data_dir: str | None, workers: int) -> str | None:
+    """Camera history kept for a worker past the configured count (``workers`` lowered since): no worker would
+    restore it, so its cameras would be gone from the service without a word."""
+    if not data_dir or not os.path.isdir(data_dir):
+        return None
+    unserved = []
+    for folder in sorted(Path(data_dir).glob("worker-*")):
+        index = folder.name.removeprefix("worker-")
+        if (
+            index.isdigit()
+            and int(index) >= workers
+            and any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+        ):
+            unserved.append(folder.name)
+    if not unserved:
+        return None
+    return (
+        f"The data directory {data_dir!r} holds camera history of {', '.join(unserved)}, which no worker would "
+        f"serve with {workers} worker(s): pass --workers {max(int(n.removeprefix('worker-')) for n in unserved) + 1} "
+        "or more, or move those folders out of the data directory first."
+    )
 
 
 def _dir_problem(path: str | None, what: str, flag: str) -> str | None:
