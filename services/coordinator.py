@@ -313,14 +313,10 @@ class Coordinator:
         if task is None:
             task = self._pending[key] = asyncio.ensure_future(self._call(index, call()))
         try:
-            answer = await asyncio.wait_for(asyncio.shield(task), timeout_s)
-        except TimeoutError:
-            raise
-        except BaseException:
-            self._pending.pop(key, None)
-            raise
-        self._pending.pop(key, None)
-        return answer
+            return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        finally:
+            if task.done():  # answered, or failed: the next poll asks anew
+                self._pending.pop(key, None)
 
     def _report_silent_streams(self, index: int, now: float) -> None:
         """The streams of a worker that does not answer: their lag grows from the last one it reported, and their

@@ -192,14 +192,13 @@ class WorkerWatches:
                 self._evaluate(stream_id)
 
     def _evaluate(self, stream_id: str) -> None:
-        with self._cond:
-            waiting = not self._have_watch_list and time.monotonic() - self._started_s < WATCH_LIST_WAIT_S
-        if waiting:
-            return  # the clusters sealed meanwhile stay after the watermark, for the first list's watches
-        if not self._have_watch_list and not self._said_no_list:
-            self._said_no_list = True
-            log.warning("no watch list from the router %.0f s after start: sealed clusters are evaluated without "
-                        "one until it comes", WATCH_LIST_WAIT_S)  # fmt: skip
+        if not self._have_watch_list:  # a flag the router's thread only ever sets
+            if time.monotonic() - self._started_s < WATCH_LIST_WAIT_S:
+                return  # the clusters sealed meanwhile stay after the watermark, for the first list's watches
+            if not self._said_no_list:
+                self._said_no_list = True
+                log.warning("no watch list from the router %.0f s after start: sealed clusters are evaluated "
+                            "without one until it comes", WATCH_LIST_WAIT_S)  # fmt: skip
         mark = self._watermark.get(stream_id, float("-inf"))
         new = self.engine.clusters_started_after(stream_id, mark)[:-1]  # the newest may still grow
         if not new:

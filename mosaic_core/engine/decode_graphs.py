@@ -231,7 +231,7 @@ class DecodeGraphs:
         if self.pools.device_pool is not self._pool_tensor:  # full mode grew it, maybe mid-answer
             self._graphs.clear()
             self._pool_tensor = self.pools.device_pool
-        width = max(graph_width(p, int(t.shape[1])) for p in plans for t in p.tables)
+        width = max(graph_width(p, max(int(t.shape[1]) for t in p.tables)) for p in plans)
         key = (layout, len(plans), width)
         if key not in self._graphs:
             entry = self._prepare(plans, rows, *key)

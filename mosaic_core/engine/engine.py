@@ -343,18 +343,19 @@ class Engine:
                 f"a stream named {taken[0]!r} is open, and warm_up would use that name for a scratch stream; warm "
                 "the engine up before opening or restoring streams"
             )
-        # The hit ratio and the bytes moved between tiers count users' work, not the warm-up's.
-        lookups = (self.tiering.device_lookups, self.tiering.device_hits)
-        moved = self.tiering.tiers.stats
-        counts = (dict(moved.bytes_by_direction), dict(moved.copies_by_direction))
-        ingested = self._warm_up_ingest(scratch) if ingest else False
         graphs = self.parts.decode_graphs
         if decode_batch is None:
             decode_batch = graphs.max_batch if graphs.enabled else 1
-        state = self._open_state(WARM_UP_STREAM, 1.0, None)
-        # Nothing of the scratch stream is durable: a merge or a split its questions make must not reach the journal.
+        # The hit ratio and the bytes moved between tiers count users' work, not the warm-up's; and nothing of the
+        # scratch streams is durable (a merge or a split their questions make must not reach the journal).
+        lookups = (self.tiering.device_lookups, self.tiering.device_hits)
+        moved = self.tiering.tiers.stats
+        counts = (dict(moved.bytes_by_direction), dict(moved.copies_by_direction))
         history, self.parts.history = self.parts.history, None
+        state = None
         try:
+            ingested = self._warm_up_ingest(scratch) if ingest else False
+            state = self._open_state(WARM_UP_STREAM, 1.0, None)
             with_history = self._warm_up_history(state) if ingest else False
             try:
                 asked, batches = self._warm_up_questions(max_question_tokens, max_new_tokens, decode_batch)
@@ -367,7 +368,8 @@ class Engine:
                 asked, batches = self._warm_up_questions(max_question_tokens, max_new_tokens, decode_batch)
         finally:
             self.parts.history = history
-            self._forget_stream(state)
+            if state is not None:
+                self._forget_stream(state)
             self.tiering.device_lookups, self.tiering.device_hits = lookups
             moved.bytes_by_direction, moved.copies_by_direction = counts
         return WarmUpResult(questions=asked, ingested=ingested, decode_batches=batches, with_history=with_history)
@@ -402,14 +404,14 @@ class Engine:
                 answer.close()  # an answer left unread by an error gives its pages back now
 
     def _warm_up_ingest(self, names: list[str]) -> bool:
-        """One ingest pass of a blank frame per scratch stream, with no history keeper (nothing durable); False
-        when the device budget cannot hold the scratch streams' windows."""
+        """One ingest pass of a blank frame per scratch stream (``warm_up`` has the history keeper off); False when
+        the device budget cannot hold the scratch streams' windows."""
         states = []
         try:
             for name in names:
                 states.append(self._open_state(name, 1.0, None))
             blank = np.zeros((*WARM_UP_FRAME_SIZE, 3), dtype=np.uint8)
-            ingest.ingest(dataclasses.replace(self.parts, history=None), [FrameInput(n, 0.0, blank) for n in names])
+            ingest.ingest(self.parts, [FrameInput(n, 0.0, blank) for n in names])
             return True
         except BudgetError:
             return False
@@ -421,7 +423,6 @@ class Engine:
         """Blank frames into ``state``, one pass each, until a cluster has left its window
         (one a question can retrieve); False when none has after ``WARM_UP_HISTORY_FRAMES``, or the device budget
         cannot hold them."""
-        parts = self.parts  # with no history keeper while the warm-up runs
         blank = np.zeros((*WARM_UP_FRAME_SIZE, 3), dtype=np.uint8)
 
         def retrievable() -> bool:
@@ -432,7 +433,7 @@ class Engine:
             if retrievable():
                 return True
             try:
-                ingest.ingest(parts, [FrameInput(state.stream_id, float(index), blank)])
+                ingest.ingest(self.parts, [FrameInput(state.stream_id, float(index), blank)])
             except BudgetError:
                 return False
         return retrievable()

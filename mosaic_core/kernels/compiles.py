@@ -14,10 +14,9 @@ Triton 3.4 on), ``total`` stays None.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 
 _lock = threading.Lock()
-_by_kernel: Counter[str] = Counter()
+_count = [0]  # variants compiled since ``install``
 _installed: list[bool] = []  # [True] once the hook is in, [False] when Triton has no hook to chain into
 
 
@@ -37,7 +36,8 @@ def install() -> bool:
         def counted(*args, **kwargs):
             fn = kwargs.get("fn")
             if fn is not None and getattr(fn, "module", "").startswith("mosaic_core."):
-                record(fn.name)
+                with _lock:
+                    _count[0] += 1
             return previous(*args, **kwargs) if previous is not None else None
 
         runtime.jit_post_compile_hook = counted
@@ -45,21 +45,9 @@ def install() -> bool:
         return True
 
 
-def record(kernel: str) -> None:
-    """One more variant of ``kernel`` compiled (what the hook calls)."""
-    with _lock:
-        _by_kernel[kernel] += 1
-
-
 def total() -> int | None:
     """Variants compiled since ``install``; None when nothing is counted (not installed, or no hook)."""
     with _lock:
         if not _installed or not _installed[0]:
             return None
-        return sum(_by_kernel.values())
-
-
-def by_kernel() -> dict[str, int]:
-    """Variants compiled since ``install``, by kernel name."""
-    with _lock:
-        return dict(_by_kernel)
+        return _count[0]
