@@ -373,13 +373,6 @@ class DurableStore:
         path = self.stream_dir(_stream_of(cluster_id)) / entry.file
         return decode_cluster(path.read_bytes(), expect_checksum=entry.checksum, name=str(path))[1]
 
-    def wait_durable(self, cluster_id: str, timeout_s: float = 60.0) -> bool:
-        deadline = time.monotonic() + timeout_s
-        with self._cv:
-            while cluster_id in self._pending and time.monotonic() < deadline:
-                self._cv.wait(0.1)
-            return cluster_id not in self._pending
-
     def flush(self, timeout_s: float = 60.0) -> bool:
         """Waits until every queued commit and changed state is on disk; False on timeout."""
         deadline = time.monotonic() + timeout_s

@@ -426,9 +426,9 @@ class KVTiers:
         return num_bytes
 
     def _to_disk(self, cluster_id: str, kv: torch.Tensor | None) -> None:
-        if self._durable(cluster_id):
-            self.durable.wait_durable(cluster_id)  # its record file holds the bytes: nothing to write
-        else:
+        # A durable cluster's bytes are its record file's, or its snapshot's while that file is pending (a stalled
+        # disk never holds the engine thread here): nothing to write.
+        if not self._durable(cluster_id):
             assert self.disk is not None, "disk tier used but not configured"
             self.disk.write(cluster_id, kv)
 

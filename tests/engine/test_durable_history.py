@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+import threading
 import zlib
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 
 from mosaic_core.bookkeeping.formation import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
-from mosaic_core.durable.manifest import MANIFEST_NAME, encode_line, replay
+from mosaic_core.config import MIB
+from mosaic_core.durable.manifest import MANIFEST_NAME, RECORD_SUFFIX, encode_line, replay
 from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, encode_pages, to_pages
 from mosaic_core.errors import InvalidArgumentError
 from tests.engine.engine_helpers import feed, make_engine
@@ -290,3 +292,49 @@ def test_clusters_of_another_frame_size_after_a_restart_are_never_merged_togethe
     with pytest.raises(InvalidArgumentError, match="frames have different sizes"):
         merge_clusters(second.parts, state, *pair)
     second.close()
+
+
+def test_a_stalled_disk_does_not_hold_ingest_and_loses_nothing_once_it_writes(
+    tiny_model, bikes_frames, tmp_path, monkeypatch
+):
+    """While no record file can be written, clusters that leave memory for the disk tier are read from their
+    snapshots, so ingest goes on rather than waiting for each record (it waited up to a minute a cluster); once the
+    disk writes again, every complete cluster is on disk and comes back after a restart."""
+    from mosaic_core.durable import store as store_module
+
+    disk_writes = threading.Event()
+    real_write_atomic = store_module.write_atomic
+
+    def stalled_write(path, data):
+        if path.suffix == RECORD_SUFFIX:
+            disk_writes.wait(120)
+        return real_write_atomic(path, data)
+
+    monkeypatch.setattr(store_module, "write_atomic", stalled_write)
+    engine = make_engine(
+        tiny_model, data_dir=str(tmp_path), device_budget_bytes=int(1.3 * MIB), host_budget_bytes=int(0.3 * MIB)
+    )
+    try:
+        engine.open_stream("cam", fps=2.0)
+        fed = threading.Thread(target=feed, args=(engine, "cam", bikes_frames[:40]), daemon=True)
+        fed.start()
+        fed.join(30)
+        assert not fed.is_alive(), "ingest waited for record files the disk could not write"
+        on_disk = [c for c in engine.clusters("cam") if c.tier == "disk"]
+        assert on_disk, "tight device and host budgets must push clusters to the disk tier"
+        assert engine.history.store.snapshot_stats().clusters_written == 0
+        before = {c.cluster_id: _kv_crc(engine.tiering.tiers.read(c.cluster_id)) for c in on_disk}
+        disk_writes.set()
+        store = engine.history.store
+        sealed = {c.cluster_id for c in engine.clusters("cam") if store.owns(c.cluster_id)}
+        assert store.flush(30)
+    finally:
+        disk_writes.set()
+        engine.close()
+    again = make_engine(tiny_model, data_dir=str(tmp_path))
+    try:
+        again.restore_streams()
+        assert sealed <= {c.cluster_id for c in again.clusters("cam")}
+        assert before == {cid: _kv_crc(again.tiering.tiers.read(cid)) for cid in before}
+    finally:
+        again.close()
