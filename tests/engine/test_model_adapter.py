@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +32,15 @@ def test_from_pretrained_reloads_a_saved_checkpoint(tiny_model, bikes_frames, tm
     reloaded = Qwen25VLAdapter.load(str(tmp_path / "ckpt"), device=tiny_model.device)
     assert reloaded.model.config.text_config._attn_implementation == "mosaic"
     assert reloaded.model.config.vision_config._attn_implementation == "sdpa"
+    original = dict(itertools.chain(tiny_model.model.named_parameters(), tiny_model.model.named_buffers()))
+    loaded = dict(itertools.chain(reloaded.model.named_parameters(), reloaded.model.named_buffers()))
+    assert loaded.keys() == original.keys()
+    differ = {
+        name: (loaded[name] - original[name]).abs().max().item()
+        for name in original
+        if not torch.equal(loaded[name], original[name])
+    }
+    assert not differ, f"tensors that differ after the reload, by their largest difference: {differ}"
     hidden = []
     for model in (tiny_model, reloaded):
         engine = make_engine(model, mode="cluster")
