@@ -20,7 +20,7 @@ from mosaic_core.engine.keyframe_store import store_for
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.recurrence import centroids_of
 from mosaic_core.engine.stream import StreamState
-from mosaic_core.errors import InvalidArgumentError
+from mosaic_core.errors import CapacityError, InvalidArgumentError
 
 
 def mergeable_clusters(parts: EngineParts, state: StreamState) -> list[str]:
@@ -49,7 +49,11 @@ def apply_merges(parts: EngineParts, state: StreamState, retrieved: list[str]) -
         stream_id=state.stream_id,
     )
     read = state.former.record_to_read
-    due = [p for p in proposals if same_frame_size(read(p.left_id), read(p.right_id))]  # see same_frame_size
+    due = [  # see same_frame_size and room_to_replace
+        p
+        for p in proposals
+        if same_frame_size(read(p.left_id), read(p.right_id)) and room_to_replace(parts, [p.left_id, p.right_id])
+    ]
     merged_ids = [merge_clusters(parts, state, p.left_id, p.right_id) for p in due]
     if merged_ids:
         tracker.set_neighbours(state.stream_id, mergeable_clusters(parts, state))
@@ -91,17 +95,32 @@ def same_frame_size(a: ClusterRecord, b: ClusterRecord) -> bool:
     return len({*a.frame_num_tokens, *b.frame_num_tokens}) == 1
 
 
+def room_to_replace(parts: EngineParts, old_ids: list[str]) -> bool:
+    """Whether one cluster can take the place of ``old_ids``: their pages regrouped, or their KV copied into one
+    where ``admit`` will find room (``TierManager.room_to_copy``)."""
+    tiering = parts.tiering
+    if tiering.can_regroup(old_ids):
+        return True
+    return tiering.room_to_copy(old_ids, [sum(tiering.summaries.count(cid) for cid in old_ids)])
+
+
 def merge_clusters(parts: EngineParts, state: StreamState, left_id: str, right_id: str) -> str:
     """Replaces two adjacent sealed clusters by one, placed in the hotter of their two tiers.
 
     Raises:
         InvalidArgumentError: their frames are of different sizes (``same_frame_size``).
+        CapacityError: no tier has room for the merged copy (``room_to_replace``); nothing changed.
     """
     left, right = state.former.get(left_id), state.former.get(right_id)
     if not same_frame_size(left, right):
         raise InvalidArgumentError(
             f"cannot merge {left_id!r} and {right_id!r}: their frames have different sizes "
             f"({sorted(set(left.frame_num_tokens))} and {sorted(set(right.frame_num_tokens))} tokens)"
+        )
+    if not room_to_replace(parts, [left_id, right_id]):
+        raise CapacityError(
+            f"cannot merge {left_id!r} and {right_id!r}: no tier has room for their KV copied into one, and every "
+            "cluster that could make room is pinned"
         )
     record = state.former.merge_records(left, right)
     _replace(parts, state, [left_id, right_id], record)
@@ -147,6 +166,8 @@ def join_recurring(parts: EngineParts, state: StreamState, cluster_id: str) -> s
     if similarities[best] < formation.join_min_similarity:
         return None
     earlier = candidates[best]
+    if not room_to_replace(parts, [earlier.cluster_id, cluster_id]):
+        return None
     joined = state.former.join_records(earlier, record)
     _replace(parts, state, [earlier.cluster_id, cluster_id], joined)
     return joined.cluster_id

@@ -31,6 +31,7 @@ from mosaic_core.engine.keyframe_store import store_for
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.recurrence import centroids_of
 from mosaic_core.engine.stream import StreamState
+from mosaic_core.errors import CapacityError
 
 
 @dataclass(slots=True)
@@ -112,7 +113,7 @@ def observe_and_split(parts: EngineParts, state: StreamState, choice_query, retr
             continue
         record = records[cluster_id]
         cut, ratio = best_cut(held.shares, record.frame_num_tokens)
-        if cut and ratio >= formation.split_min_density_ratio:
+        if cut and ratio >= formation.split_min_density_ratio and _room_to_split(parts, record, cut):
             new_ids += split_cluster(parts, state, record, record.frame_indices[cut])
     return new_ids
 
@@ -120,13 +121,25 @@ def observe_and_split(parts: EngineParts, state: StreamState, choice_query, retr
 def split_cluster(parts: EngineParts, state: StreamState, record: ClusterRecord, at_frame_index: int) -> list[str]:
     """Replaces ``record``'s cluster by its frames before ``at_frame_index`` and from it on, in the same tier. When
     each frame has pages of its own (as ingest lays them out) the halves take those pages without a copy; a cluster
-    whose pages were repacked (read back from a spill file) is copied into the halves instead."""
+    whose pages were repacked (read back from a spill file) is copied into the halves instead.
+
+    Raises:
+        CapacityError: the halves must be copied and no tier has room for them (``room_to_copy``); nothing changed.
+    """
     tiering, cluster_id = parts.tiering, record.cluster_id
+    if at_frame_index in record.frame_indices[1:] and not _room_to_split(
+        parts, record, record.frame_indices.index(at_frame_index)
+    ):
+        raise CapacityError(
+            f"cannot split {cluster_id!r}: no tier has room for its halves' copies, and every cluster that could "
+            "make room is pinned"
+        )
+    regroups = _pages_by_frame(parts, record)
     kv = tiering.tiers.read(cluster_id)  # for the halves' summaries
     page_tokens = tiering.tiers.page_tokens
     halves = state.former.split_record(record, at_frame_index)
-    frame_pages = [[pages_for(n, page_tokens) for n in half.frame_num_tokens] for half in halves]
-    if tiering.tiers.pages(cluster_id).fills == [f for half in frame_pages for fills in half for f in fills]:
+    if regroups:
+        frame_pages = [[pages_for(n, page_tokens) for n in half.frame_num_tokens] for half in halves]
         new = [(h.cluster_id, sum(len(f) for f in pages)) for h, pages in zip(halves, frame_pages, strict=True)]
         tiering.regroup(state.stream_id, [cluster_id], new)
     else:
@@ -147,6 +160,22 @@ def split_cluster(parts: EngineParts, state: StreamState, record: ClusterRecord,
     if parts.history is not None:
         parts.history.on_split(state, [h.cluster_id for h in halves], cluster_id)
     return [h.cluster_id for h in halves]
+
+
+def _pages_by_frame(parts: EngineParts, record: ClusterRecord) -> bool:
+    """Whether each of the cluster's frames has pages of its own, as ingest lays them out (then halves regroup)."""
+    page_tokens = parts.tiering.tiers.page_tokens
+    by_frame = [f for n in record.frame_num_tokens for f in pages_for(n, page_tokens)]
+    return parts.tiering.tiers.pages(record.cluster_id).fills == by_frame
+
+
+def _room_to_split(parts: EngineParts, record: ClusterRecord, cut: int) -> bool:
+    """Whether the cluster can be split before its ``cut``-th frame: its pages regrouped, or its halves copied where
+    ``admit`` will find room."""
+    if _pages_by_frame(parts, record):
+        return True
+    halves = [sum(record.frame_num_tokens[:cut]), sum(record.frame_num_tokens[cut:])]
+    return parts.tiering.room_to_copy([record.cluster_id], halves)
 
 
 def _splittable(parts: EngineParts, state: StreamState, records: dict[str, ClusterRecord], cluster_id: str) -> bool:

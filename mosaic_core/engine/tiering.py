@@ -142,6 +142,23 @@ class TierManager:
             and not any(self.residency.record(cid).pinned for cid in cluster_ids)
         )
 
+    def room_to_copy(self, old_ids: list[str], new_tokens: list[int]) -> bool:
+        """Whether new clusters of ``new_tokens`` tokens copied from ``old_ids`` (a merge, a join, a split that
+        cannot ``regroup``) would find room in ``admit`` once the old ones are removed, judged without moving them:
+        their bytes count as free in their tiers, and none is spilled. Asked before any record changes, since an
+        ``admit`` that failed after the old clusters were removed would lose their KV."""
+        residency, freeing = self.residency, frozenset(old_ids)
+        num_bytes = sum(self.tiers.footprint_bytes(n) for n in new_tokens)
+        for tier in _tiers_from(min(residency.tier_of(cid) for cid in old_ids)):
+            if residency.capacity_bytes(tier) == 0:
+                continue
+            freed = sum(residency.record(cid).num_bytes for cid in old_ids if residency.tier_of(cid) is tier)
+            if residency.free_bytes(tier) + freed >= num_bytes:
+                return True
+            if residency.plan_make_room(tier, num_bytes, exclude=freeing) is not None:
+                return True
+        return False
+
     def regroup(self, stream_id: str, old_ids: list[str], new: list[tuple[str, int]]) -> Tier:
         """Replaces clusters by new ones made of the same pages, in the same tier, without a copy
         (``KVTiers.regroup``); the bytes stay counted where they are. The old clusters' summary rows are freed:
