@@ -144,9 +144,9 @@ class TierManager:
 
     def room_to_copy(self, old_ids: list[str], new_tokens: list[int]) -> bool:
         """Whether new clusters of ``new_tokens`` tokens copied from ``old_ids`` (a merge, a join, a split that
-        cannot ``regroup``) would find room in ``admit`` once the old ones are removed, judged without moving them:
-        their bytes count as free in their tiers, and none is spilled. Asked before any record changes, since an
-        ``admit`` that failed after the old clusters were removed would lose their KV."""
+        cannot ``regroup``) would find room in ``admit`` once the old ones are removed, judged before they are: their
+        bytes count as free in their tiers, and they are never chosen to spill. Asked before any record changes,
+        since an ``admit`` that failed after the old clusters were removed would lose their KV."""
         residency, freeing = self.residency, frozenset(old_ids)
         num_bytes = sum(self.tiers.footprint_bytes(n) for n in new_tokens)
         for tier in _tiers_from(min(residency.tier_of(cid) for cid in old_ids)):
