@@ -23,6 +23,7 @@ from wsgiref.simple_server import WSGIServer
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.results import ALLOCATOR_EVENTS as ENGINE_ALLOCATOR_EVENTS
 from services.metadata.base import TIERS
 from services.metric_checks import check_label, non_negative, worker_label
@@ -32,7 +33,7 @@ STREAM_OTHER = "_other"
 DEFAULT_MAX_STREAM_LABELS = 64
 DROP_REASONS = ("queue_full", "no_room", "decode_error", "invalid", "stream_deleted", "shutdown")
 QUERY_OUTCOMES = ("ok", "error", "rejected", "deadline")
-MODES = ("full", "token", "cluster")
+MODES = tuple(mode.value for mode in RetrievalMode)  # every mode the service may run
 TRANSFER_DIRECTIONS = ("host_to_device", "device_to_host", "host_to_disk", "disk_to_host")
 # Where a worker's engine thread spends its time: engine.ingest calls; what follows each ingest call (tier sync,
 # retention, watch evaluation); starting and stepping answers; commands and stats; waiting for work.

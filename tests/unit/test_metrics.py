@@ -306,3 +306,15 @@ def test_allocator_events_reach_their_counter_as_increments_of_the_engines_total
     assert sample(m, "mosaic_device_allocator_events_total", worker="0", event="retries") == 5
     assert sample(m, "mosaic_device_allocator_events_total", worker="0", event="device_mallocs") == 41
     assert sample(m, "mosaic_kernel_compiles_total", worker="0") == 14  # None (not counted) adds nothing
+
+
+def test_every_mode_the_service_accepts_is_observed() -> None:
+    """``mosaic serve --mode frame`` validated, then every first token raised in the metrics."""
+    from typing import get_args
+
+    from services.config import ServiceConfig
+
+    metrics = MosaicMetrics()
+    for mode in get_args(ServiceConfig.model_fields["mode"].annotation):
+        metrics.observe_ttft(mode, 0.1)
+        assert metrics.registry.get_sample_value("mosaic_time_to_first_token_seconds_count", {"mode": mode}) == 1
