@@ -61,7 +61,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "engine": {
             "workerGpus": 0.5,
             "hostBudget": "48Gi",
-            "serveOptions": {"query_concurrency": 8, "worker_start_timeout_s": 600},
+            "serveOptions": {"query_concurrency": 8},
             "extra": {"eviction_policy": "heat"},
         },
         "diskTier": {
@@ -81,8 +81,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "resources": {"requests": {"memory": "256Gi"}, "limits": {"memory": "256Gi"}},
             },
         },
+        "history": {"size": "1000Gi"},
         "router": {
-            "replicas": 2,
+            "replicas": 1,
+            "workerStartTimeoutSeconds": 900,
             "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
         },
         "ingress": {"enabled": True, "className": "nginx", "tlsSecretName": "mosaic-ingress-tls"},

@@ -274,7 +274,7 @@ def test_disk_tier(render, rendered) -> None:
     assert _engine_config(off)["disk_budget_bytes"] == 0 and "disk_dir" not in _engine_config(off)
     local = render({"diskTier": {"enabled": True}})
     volume = next(v for v in _worker_pod(local)["volumes"] if v["name"] == "kv-disk")
-    assert volume == {"name": "kv-disk", "emptyDir": {"sizeLimit": "220Gi"}}
+    assert volume == {"name": "kv-disk", "emptyDir": {"sizeLimit": "50Gi"}}
     assert _engine_config(local)["disk_budget_bytes"] == 200 * GIB
     pvc = rendered["all-enabled"]
     volume = next(v for v in _worker_pod(pvc)["volumes"] if v["name"] == "kv-disk")
@@ -395,7 +395,8 @@ def test_sizing_example_of_the_docs_renders(render) -> None:
     manifests = render(
         {
             "engine": {"deviceBudget": "24Gi", "hostBudget": "160Gi"},
-            "diskTier": {"enabled": True, "budget": "2500Gi", "volumeSize": "2750Gi"},
+            "diskTier": {"enabled": True, "budget": "2500Gi", "volumeSize": "50Gi"},
+            "history": {"size": "10500Gi"},
             "ray": {"worker": {"replicas": 4, "resources": {"limits": {"memory": "224Gi"}}}},
         }
     )
@@ -417,7 +418,8 @@ def test_config_change_rolls_the_router(render) -> None:
     ("values", "message"),
     [
         ({"ray": {"worker": {"resources": {"limits": {"memory": "64Gi"}}}}}, "limits.memory"),
-        ({"diskTier": {"enabled": True, "volumeSize": "100Gi"}}, "diskTier.volumeSize"),
+        ({"diskTier": {"enabled": True, "budget": "600Gi"}}, "history.size=500Gi is below diskTier.budget x 1"),
+        ({"engine": {"serveOptions": {"data_dir": "/tmp"}}}, "engine.serveOptions.data_dir is set by the chart"),
         ({"engine": {"workerGpus": 2}}, "no worker actor fits"),
         ({"modelStorage": {"enabled": True}}, "modelStorage.existingClaim"),
     ],
@@ -440,6 +442,7 @@ def test_inconsistent_values_fail_with_a_clear_message(render, values, message: 
         {"redis": {"auth": {"password": "p@ss word"}}},
         {"monitoring": {"serviceMonitor": {"interval": "15 seconds"}}},
         {"replicaCount": 3},
+        {"router": {"replicas": 2}},
     ],
 )
 def test_schema_rejects_bad_values(render, values) -> None:
@@ -508,3 +511,30 @@ def test_notes_tell_how_to_reach_the_service(check_chart) -> None:
     assert "mosaic-router.mosaic.svc:50051" in notes and "port-forward service/mosaic-router 50051" in notes
     notes = check_chart.render(check_chart.VALUE_SETS["all-enabled"])["mosaic/templates/NOTES.txt"]
     assert "x-api-key" in notes and "mosaic.example.com:443" in notes
+
+
+def test_the_router_is_replaced_not_doubled_and_waits_as_long_as_the_values_say(render) -> None:
+    """A second router pod beside the first (a rolling update) would start worker actors no GPU is left for."""
+    manifests = render({"router": {"workerStartTimeoutSeconds": 900, "terminationGracePeriodSeconds": 90}})
+    assert _one(manifests, "Deployment", "mosaic-router")["spec"]["strategy"] == {"type": "Recreate"}
+    config = _engine_config(manifests)
+    assert (config["worker_start_timeout_s"], config["shutdown_grace_s"]) == (900, 70)
+    assert _engine_config(render({"router": {"terminationGracePeriodSeconds": 10}}))["shutdown_grace_s"] == 5
+
+
+@pytest.mark.parametrize(("tls", "protocol"), [(False, "GRPC"), (True, "GRPCS")])
+def test_the_ingress_speaks_to_the_router_as_it_serves(render, tls: bool, protocol: str) -> None:
+    values = {"ingress": {"enabled": True}}
+    if tls:
+        values["tls"] = {"enabled": True, "cert": "c", "key": "k"}
+    annotations = _one(render(values), "Ingress")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == protocol
+    values["ingress"]["annotations"] = {"nginx.ingress.kubernetes.io/backend-protocol": "HTTP"}
+    annotations = _one(render(values), "Ingress")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTP"
+
+
+def test_the_ray_dashboard_listens_inside_the_head_pod_only(rendered) -> None:
+    for manifests in rendered.values():
+        params = _one(manifests, "RayCluster")["spec"]["headGroupSpec"]["rayStartParams"]
+        assert params["dashboard-host"] == "127.0.0.1"
