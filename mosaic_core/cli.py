@@ -150,7 +150,7 @@ def _run_bench(name: str, argv: list[str]) -> int:
         if error.name and module_name.startswith(error.name):
             where = (
                 "it ships with the source checkout only (bench/ is not installed), so run it from a clone"
-                if name == "engine"
+                if module_name.startswith("bench.")
                 else "this installation does not have it yet"
             )
             print(f"error: `mosaic bench {name}` needs the module {module_name}, and {where}.", file=sys.stderr)
@@ -180,14 +180,15 @@ def _add_common_engine_args(p: argparse.ArgumentParser) -> None:
         "--window-tokens",
         type=positive_int,
         default=None,
-        help="local attention window, in tokens (default: 256, or half of a shorter clip so that the rest "
-        "forms clusters and can be evidence)",
+        help="local attention window, in tokens (default: 256 for ask-video and 128 for fidelity, or half of a "
+        "shorter clip so that the rest forms clusters and can be evidence)",
     )
     p.add_argument(
         "--cluster-tokens",
         type=int,
         default=None,
-        help="cluster size cap in tokens (default: a quarter of the budget)",
+        help="cluster size cap in tokens (default: a quarter of the budget or five frames' tokens, whichever is "
+        "more, at most the budget)",
     )
 
 
@@ -211,7 +212,7 @@ def _add_ask_video(sub) -> None:
 
 
 def _add_fidelity(sub) -> None:
-    p = sub.add_parser("fidelity", help="compare full, token and cluster modes at several budgets")
+    p = sub.add_parser("fidelity", help="compare the full, token, frame and cluster modes at several budgets")
     p.add_argument("--video", default="bikes.mp4", help="video file or sample clip name")
     p.add_argument("--budgets", default="192,384,768", help="comma-separated retrieval budgets in tokens")
     p.add_argument("--max-frames", type=positive_int, default=40)
