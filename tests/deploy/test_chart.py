@@ -538,3 +538,27 @@ def test_the_ray_dashboard_listens_inside_the_head_pod_only(rendered) -> None:
     for manifests in rendered.values():
         params = _one(manifests, "RayCluster")["spec"]["headGroupSpec"]["rayStartParams"]
         assert params["dashboard-host"] == "127.0.0.1"
+
+
+def _ray_containers(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cluster = _one(manifests, "RayCluster")["spec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    return [head, _worker_pod(manifests)["containers"][0], _router(manifests)]
+
+
+def test_every_ray_process_and_the_router_share_one_ray_token(render, rendered) -> None:
+    """Ray's token authentication (checked on the CPU with Ray 2.60: a Ray client without the token is refused)."""
+    secret = _one(rendered["default"], "Secret", "mosaic-ray-token")
+    token_key = next(iter(secret["data"]))
+    for container in _ray_containers(rendered["default"]):
+        env = _env(container)
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "mosaic-ray-token", "key": token_key}
+    existing = render({"ray": {"auth": {"enabled": True, "existingSecret": "mine", "existingSecretKey": "t"}}})
+    assert _find(existing, "Secret", "mosaic-ray-token") == []
+    for container in _ray_containers(existing):
+        assert _env(container)["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "t"}
+    off = render({"ray": {"auth": {"enabled": False, "existingSecret": "", "existingSecretKey": "auth_token"}}})
+    assert _find(off, "Secret", "mosaic-ray-token") == []
+    for container in _ray_containers(off):
+        assert "RAY_AUTH_MODE" not in _env(container) and "RAY_AUTH_TOKEN" not in _env(container)

@@ -78,6 +78,23 @@ app.kubernetes.io/part-of: mosaic
 {{- default (printf "%s-api-key" (include "mosaic.fullname" .)) .Values.auth.existingSecret }}
 {{- end }}
 
+{{- define "mosaic.rayTokenSecret" -}}
+{{- default (printf "%s-ray-token" (include "mosaic.fullname" .)) .Values.ray.auth.existingSecret }}
+{{- end }}
+
+{{/* Ray's token authentication, on every process of the Ray cluster and on the router that joins it. */}}
+{{- define "mosaic.rayAuthEnv" -}}
+{{- if .Values.ray.auth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mosaic.rayTokenSecret" . }}
+      key: {{ .Values.ray.auth.existingSecretKey }}
+{{- end }}
+{{- end }}
+
 {{- define "mosaic.tlsSecret" -}}
 {{- default (printf "%s-tls" (include "mosaic.fullname" .)) .Values.tls.existingSecret }}
 {{- end }}
