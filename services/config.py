@@ -1,4 +1,5 @@
-"""Service settings, validated at the edge: defaults < ``--config`` YAML < environment < command-line flags.
+"""Service settings, validated at the edge: defaults < environment (``MOSAIC_API_KEY``, ``MOSAIC_REDIS_URL``, for
+what the file leaves unset) < ``--config`` YAML < command-line flags.
 
 The YAML file uses the ``mosaic serve`` option names with underscores at the top level; a nested ``engine:``
 mapping passes further ``EngineConfig`` fields through (``target_tokens_per_frame``, ``eviction_policy``,

@@ -420,6 +420,7 @@ def test_config_change_rolls_the_router(render) -> None:
         ({"ray": {"worker": {"resources": {"limits": {"memory": "64Gi"}}}}}, "limits.memory"),
         ({"diskTier": {"enabled": True, "budget": "600Gi"}}, "history.size=500Gi is below diskTier.budget x 1"),
         ({"engine": {"serveOptions": {"data_dir": "/tmp"}}}, "engine.serveOptions.data_dir is set by the chart"),
+        ({"engine": {"serveOptions": {"api_key": "k"}}}, "engine.serveOptions.api_key is set by the chart"),
         ({"engine": {"workerGpus": 2}}, "no worker actor fits"),
         ({"modelStorage": {"enabled": True}}, "modelStorage.existingClaim"),
     ],
