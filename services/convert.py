@@ -151,7 +151,12 @@ def keyframes_response(keyframes: list[Keyframe]) -> pb.GetKeyframesResponse:
     )
 
 
-def timings_event(answers: list[Answer], *, queue_s: float, ttft_s: float, decode_s: float) -> pb.QueryEvent:
+def timings_event(
+    answers: list[Answer], *, queue_s: float, ttft_s: float, decode_s: float, first_stream_id: str | None = None
+) -> pb.QueryEvent:
+    """The question's timings. The parts of the time to first token are those of ``first_stream_id``'s answer, whose
+    token was the first, so that they are parts of it; without that answer, the longest over the streams."""
+    first = [a for a in answers if a.stream_id == first_stream_id] or answers
     return pb.QueryEvent(
         timings=pb.QueryTimings(
             queue_s=queue_s,
@@ -160,11 +165,11 @@ def timings_event(answers: list[Answer], *, queue_s: float, ttft_s: float, decod
             decode_s=decode_s,
             num_tokens=sum(a.timings.num_tokens for a in answers),
             bytes_fetched=sum(a.retrieval.bytes_fetched for a in answers),
-            start_wait_s=max((a.timings.start_wait_s for a in answers), default=0.0),
-            engine_first_token_s=max((a.timings.time_to_first_token_s for a in answers), default=0.0),
-            worker_first_token_s=max((a.timings.worker_first_token_s for a in answers), default=0.0),
-            token_handoff_s=max((a.timings.token_handoff_s for a in answers), default=0.0),
-            transport_s=max((a.timings.transport_s for a in answers), default=0.0),
+            start_wait_s=max((a.timings.start_wait_s for a in first), default=0.0),
+            engine_first_token_s=max((a.timings.time_to_first_token_s for a in first), default=0.0),
+            worker_first_token_s=max((a.timings.worker_first_token_s for a in first), default=0.0),
+            token_handoff_s=max((a.timings.token_handoff_s for a in first), default=0.0),
+            transport_s=max((a.timings.transport_s for a in first), default=0.0),
         )
     )
 

@@ -288,7 +288,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             for sid in stream_ids
         }
         answers = []
-        first_token_s = last_token_s = None
+        first_token_s = last_token_s = first_stream_id = None
         async with contextlib.aclosing(merge_answers(sources, headers=len(stream_ids) > 1)) as merged:
             async for item in merged:
                 if not isinstance(item, Chunk):
@@ -297,7 +297,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
                 now = time.monotonic()
                 if item.token_id is not None:
                     if first_token_s is None:
-                        first_token_s = now
+                        first_token_s, first_stream_id = now, item.stream_id
                         self.metrics.observe_ttft(self.mode, now - received_s)
                     else:
                         self.metrics.observe_inter_token(self.mode, now - last_token_s)
@@ -308,7 +308,9 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         yield convert.evidence_event(merged_evidence(answers, self.evidence_spans * len(stream_ids)))
         ttft_s = 0.0 if first_token_s is None else first_token_s - received_s
         decode_s = 0.0 if first_token_s is None else last_token_s - first_token_s
-        yield convert.timings_event(answers, queue_s=queue_s, ttft_s=ttft_s, decode_s=decode_s)
+        yield convert.timings_event(
+            answers, queue_s=queue_s, ttft_s=ttft_s, decode_s=decode_s, first_stream_id=first_stream_id
+        )
 
     # -- standing questions ---------------------------------------------------------------------------
     def _registry(self):
