@@ -142,7 +142,7 @@ def _unserved_history_problem(data_dir: str | None, workers: int) -> str | None:
     restore it, so its cameras would be gone from the service without a word."""
     if not data_dir or not os.path.isdir(data_dir):
         return None
-    unserved = []
+    unserved = {}  # worker index -> its folder's name
     for folder in sorted(Path(data_dir).glob("worker-*")):
         index = folder.name.removeprefix("worker-")
         if (
@@ -150,13 +150,13 @@ def _unserved_history_problem(data_dir: str | None, workers: int) -> str | None:
             and int(index) >= workers
             and any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
         ):
-            unserved.append(folder.name)
+            unserved[int(index)] = folder.name
     if not unserved:
         return None
     return (
-        f"The data directory {data_dir!r} holds camera history of {', '.join(unserved)}, which no worker would "
-        f"serve with {workers} worker(s): pass --workers {max(int(n.removeprefix('worker-')) for n in unserved) + 1} "
-        "or more, or move those folders out of the data directory first."
+        f"The data directory {data_dir!r} holds camera history of {', '.join(unserved.values())}, which no worker "
+        f"would serve with {workers} worker(s): pass --workers {max(unserved) + 1} or more, or move those folders out "
+        "of the data directory first."
     )
 
 

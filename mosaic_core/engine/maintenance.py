@@ -49,12 +49,10 @@ def apply_merges(parts: EngineParts, state: StreamState, retrieved: list[str]) -
         stream_id=state.stream_id,
     )
     read = state.former.record_to_read
-    due = [  # see same_frame_size and room_to_replace
-        p
-        for p in proposals
-        if same_frame_size(read(p.left_id), read(p.right_id)) and room_to_replace(parts, [p.left_id, p.right_id])
-    ]
-    merged_ids = [merge_clusters(parts, state, p.left_id, p.right_id) for p in due]
+    merged_ids = []
+    for p in proposals:  # room judged as each merge comes, after the merges before it took theirs
+        if same_frame_size(read(p.left_id), read(p.right_id)) and room_to_replace(parts, [p.left_id, p.right_id]):
+            merged_ids.append(merge_clusters(parts, state, p.left_id, p.right_id))
     if merged_ids:
         tracker.set_neighbours(state.stream_id, mergeable_clusters(parts, state))
     return merged_ids

@@ -26,6 +26,7 @@ from mosaic_core.engine.retrieval import LayerSelection, Retriever, fill_in_orde
 from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import DeviceRoom
+from mosaic_core.kernels import cdiv
 from mosaic_core.memory.arena import PagePools
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import NOTHING_PENDING, Moved
@@ -67,7 +68,7 @@ class IngestPlan:
         self.attended_tokens = [len(row) for row in rows]
         # -1 padded to a multiple of 16 slots: Triton compiles a kernel variant for each divisibility of the table's
         # width, which changes as windows fill, and each new one held the engine thread for about a second.
-        table = np.full((len(rows), -(-max(self.attended_tokens) // 16) * 16), -1, dtype=np.int32)
+        table = np.full((len(rows), cdiv(max(self.attended_tokens), 16) * 16), -1, dtype=np.int32)
         for b, row in enumerate(rows):
             table[b, : len(row)] = row
         self.table = pools.upload(table, torch.int32)

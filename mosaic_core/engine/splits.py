@@ -127,14 +127,16 @@ def split_cluster(parts: EngineParts, state: StreamState, record: ClusterRecord,
         CapacityError: the halves must be copied and no tier has room for them (``room_to_copy``); nothing changed.
     """
     tiering, cluster_id = parts.tiering, record.cluster_id
-    if at_frame_index in record.frame_indices[1:] and not _room_to_split(
-        parts, record, record.frame_indices.index(at_frame_index)
+    regroups = _pages_by_frame(parts, record)
+    if (
+        not regroups
+        and at_frame_index in record.frame_indices[1:]
+        and not _room_for_halves(parts, record, record.frame_indices.index(at_frame_index))
     ):
         raise CapacityError(
             f"cannot split {cluster_id!r}: no tier has room for its halves' copies, and every cluster that could "
             "make room is pinned"
         )
-    regroups = _pages_by_frame(parts, record)
     kv = tiering.tiers.read(cluster_id)  # for the halves' summaries
     page_tokens = tiering.tiers.page_tokens
     halves = state.former.split_record(record, at_frame_index)
@@ -172,8 +174,10 @@ def _pages_by_frame(parts: EngineParts, record: ClusterRecord) -> bool:
 def _room_to_split(parts: EngineParts, record: ClusterRecord, cut: int) -> bool:
     """Whether the cluster can be split before its ``cut``-th frame: its pages regrouped, or its halves copied where
     ``admit`` will find room."""
-    if _pages_by_frame(parts, record):
-        return True
+    return _pages_by_frame(parts, record) or _room_for_halves(parts, record, cut)
+
+
+def _room_for_halves(parts: EngineParts, record: ClusterRecord, cut: int) -> bool:
     halves = [sum(record.frame_num_tokens[:cut]), sum(record.frame_num_tokens[cut:])]
     return parts.tiering.room_to_copy([record.cluster_id], halves)
 
