@@ -1,6 +1,7 @@
 """How fast the copy engines stage a question's retrieved pages, by run size and by how many side streams share them.
 
-    python -m bench.copy_runs_sweep [--pages 97] [--repeats 20] [--consecutive 4,16] [--with-compute] --out FILE.json
+    python -m bench.copy_runs_sweep [--pages 97] [--repeats 20] [--consecutive 4,16] [--batch] [--with-compute]
+        --out FILE.json
     (CUDA only)
 
 A question at 60 minutes of history (scenario A, the 7B shape) stages about 97 host pages into device pages for 26
@@ -20,6 +21,10 @@ the H200: 560 runs of about 1 MB in 12.85 ms, 41.8 GB/s, while its layers comput
   run is one strided copy (``cudart.copy_strided``, ``cudaMemcpy2DAsync``) in place of K copies; a row of one copy
   per page over the same pages is next to it. Today's pools give no such runs (pages come off a free list), so
   this says what laying a cluster's pages out consecutively would buy before anyone builds it.
+- ``--batch``: every row of random pages again with each stream's runs of a group handed over in one
+  ``cudaMemcpyBatchAsync`` call (CUDA 12.8 and later, ``cudart.copy_batch``), in place of one call a run; and once
+  more with the batch's hint to favour overlap with compute. Whether the driver moves a batch faster than the same
+  runs one call each.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import json
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -74,17 +80,22 @@ def _strided_rows(pools: PagePools, src_starts: list[int], dst_starts: list[int]
     return rows
 
 
-def _staging_seconds(pools, src, dst, sizes, streams, layers, *, run: int = 1, compute: Compute | None = None):
+BATCHES = {"batch": cudart.copy_batch, "batch, overlap hint": partial(cudart.copy_batch, prefer_overlap=True)}
+
+
+def _staging_seconds(
+    pools, src, dst, sizes, streams, layers, *, run: int = 1, batch: str = "", compute: Compute | None = None
+):
     """One staging of ``layers`` of ``src`` into ``dst``: runs of ``sizes`` layers (``layer_groups``) dealt to
     ``streams``; with ``run`` above 1, one strided copy per group of ``run`` consecutive pages (``src`` and ``dst``
-    hold them in runs of that many)."""
+    hold them in runs of that many); with ``batch`` (a key of ``BATCHES``), one batched call per group and stream."""
     groups = layer_groups(layers, sizes)
     if run > 1:
         runs = [_strided_rows(pools, src[::run], dst[::run], run, g) for g in groups]
         copy = cudart.copy_strided
     else:
         runs = [pools.block_rows(Tier.HOST, src, dst, g) for g in groups]
-        copy = cudart.copy_runs
+        copy = BATCHES[batch] if batch else cudart.copy_runs
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     current = torch.cuda.current_stream()
     if compute is not None:
@@ -133,6 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="also stage pages in runs of this many consecutive pages, one strided copy per run, comma-separated",
     )
+    parser.add_argument(
+        "--batch", action="store_true", help="random pages also in one cudaMemcpyBatchAsync per group and stream"
+    )
     parser.add_argument("--with-compute", action="store_true", help="every row also with matrix products beside it")
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args(argv)
@@ -160,11 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     streams_all = [torch.cuda.Stream() for _ in range(max(int(n) for n in args.streams.split(",")))]
     compute = Compute(device) if args.with_compute else None
     beside = [None, compute] if compute is not None else [None]
-    layouts = [("random pages", src, 1)]
+    layouts = [("random pages", src, 1, "")]
     for run in (int(n) for n in args.consecutive.split(",") if n):
         consecutive = _consecutive_pages(pools, host_pages, args.pages - args.pages % run, run, rng)
-        layouts += [(f"runs of {run}, a copy a page", consecutive, 1), (f"runs of {run}, strided", consecutive, run)]
-    for pages_are, pages, run in layouts:
+        layouts += [
+            (f"runs of {run}, a copy a page", consecutive, 1, ""),
+            (f"runs of {run}, strided", consecutive, run, ""),
+        ]
+    if args.batch and not cudart.batch_available():
+        print(f"--batch: no rows, the CUDA runtime here is {cudart.runtime_version()}, before 12.8", file=sys.stderr)
+    elif args.batch:  # last: a new call, so the rows before it are printed whatever it does
+        layouts += [(f"random pages, {name}", src, 1, name) for name in BATCHES]
+    for pages_are, pages, run, batch in layouts:
         for group in args.groups.split(","):
             sizes = tuple(int(n) for n in group.split("+"))
             for num_streams in (int(n) for n in args.streams.split(",")):
@@ -173,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                     for _ in range(args.repeats + 2):
                         seconds, num_bytes = _staging_seconds(
                             pools, pages, dst[: len(pages)], sizes, streams_all[:num_streams], layers, run=run,
-                            compute=busy,
+                            batch=batch, compute=busy,
                         )  # fmt: skip
                         times.append(seconds)
                     median = statistics.median(times[2:])
@@ -199,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"one contiguous copy": contiguous}))
     report = {"pages": args.pages, "page_bytes": page_bytes, "rows": rows, "contiguous": contiguous}
     report["gpu"] = torch.cuda.get_device_name()
+    report["cuda_runtime"] = cudart.runtime_version()
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 

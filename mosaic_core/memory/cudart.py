@@ -49,6 +49,71 @@ def _runtime() -> ctypes.CDLL | None:
     return None
 
 
+class _MemcpyAttributes(ctypes.Structure):
+    """``cudaMemcpyAttributes`` (CUDA 12.8 and later): the order the source is read in, location hints (left
+    empty: they matter only for managed memory) and flags."""
+
+    _fields_ = [
+        ("src_access_order", ctypes.c_int),
+        ("src_loc_type", ctypes.c_int),
+        ("src_loc_id", ctypes.c_int),
+        ("dst_loc_type", ctypes.c_int),
+        ("dst_loc_id", ctypes.c_int),
+        ("flags", ctypes.c_uint),
+    ]
+
+
+SRC_ACCESS_ORDER_STREAM = 1  # cudaMemcpySrcAccessOrderStream: the source is read in stream order
+PREFER_OVERLAP_WITH_COMPUTE = 1  # cudaMemcpyFlagPreferOverlapWithCompute
+
+
+def runtime_version() -> int:
+    """The loaded CUDA runtime's version (12080 for 12.8), or 0 when none is loaded."""
+    lib = _runtime()
+    if lib is None:
+        return 0
+    version = ctypes.c_int(0)
+    lib.cudaRuntimeGetVersion(ctypes.byref(version))
+    return version.value
+
+
+def batch_available() -> bool:
+    """Whether ``copy_batch`` can run: the runtime is 12.8 or later, which has ``cudaMemcpyBatchAsync``."""
+    return runtime_version() >= 12080 and hasattr(_runtime(), "cudaMemcpyBatchAsync")
+
+
+def copy_batch(runs: np.ndarray, stream: int, *, prefer_overlap: bool = False) -> None:
+    """Queues every row ``(src, dst, nbytes)`` of ``runs`` on ``stream`` in one ``cudaMemcpyBatchAsync`` call (the
+    runs of one batch land in no set order among themselves, so they must not overlap); ``prefer_overlap`` asks the
+    driver to favour overlap with kernels running at the same time. Raises RuntimeError naming CUDA's error.
+
+    The call's arguments changed in CUDA 13 (the index of a failed copy went), so they follow the runtime's version.
+    """
+    lib = _runtime()
+    if lib is None or not batch_available():
+        raise RuntimeError("cudaMemcpyBatchAsync needs a CUDA runtime of 12.8 or later loaded in this process")
+    count = len(runs)
+    if not count:
+        return
+    table = np.ascontiguousarray(runs, dtype=np.uint64)
+    srcs, dsts, sizes = (np.ascontiguousarray(table[:, i]) for i in range(3))
+    attributes = _MemcpyAttributes(SRC_ACCESS_ORDER_STREAM, 0, 0, 0, 0, PREFER_OVERLAP_WITH_COMPUTE * prefer_overlap)
+    attribute_from = (ctypes.c_size_t * 1)(0)
+    pointer = ctypes.c_void_p
+    head = (pointer(dsts.ctypes.data), pointer(srcs.ctypes.data), pointer(sizes.ctypes.data), ctypes.c_size_t(count),
+            ctypes.byref(attributes), attribute_from, ctypes.c_size_t(1))  # fmt: skip
+    failed = ctypes.c_size_t(count)
+    if runtime_version() >= 13000:
+        status = lib.cudaMemcpyBatchAsync(*head, pointer(stream))
+    else:
+        status = lib.cudaMemcpyBatchAsync(*head, ctypes.byref(failed), pointer(stream))
+    if status:
+        which = f" (copy {failed.value})" if failed.value < count else ""
+        raise RuntimeError(
+            f"cudaMemcpyBatchAsync of {count} runs failed{which}: {lib.cudaGetErrorString(status).decode()}"
+        )
+
+
 def available() -> bool:
     """Whether runs can go to the copy engines: the CUDA runtime is loaded in this process."""
     return _runtime() is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -137,6 +139,28 @@ def test_a_strided_run_moves_pinned_host_pages_on_the_copy_engines():
     cudart.copy_strided(runs, stream.cuda_stream)
     stream.synchronize()
     _check_strided(host, pages)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy engines need a GPU")
+@pytest.mark.parametrize("prefer_overlap", [False, True])
+def test_one_batched_call_lands_every_run_where_one_call_a_run_does(prefer_overlap):
+    from mosaic_core.memory import cudart
+
+    if not cudart.batch_available():
+        pytest.skip(f"CUDA runtime {cudart.runtime_version()} has no cudaMemcpyBatchAsync")
+    host = torch.randn(64, 4096, pin_memory=True)
+    by_batch, by_run = torch.zeros(64, 4096, device="cuda"), torch.zeros(64, 4096, device="cuda")
+    order = np.random.default_rng(2).permutation(64)[:48]  # 16 rows stay untouched
+    stream = torch.cuda.Stream()
+    for device, copy in ((by_batch, partial(cudart.copy_batch, prefer_overlap=prefer_overlap)),
+                         (by_run, cudart.copy_runs)):  # fmt: skip
+        runs = np.asarray([(host[i].data_ptr(), device[j].data_ptr(), 4096 * 4) for i, j in enumerate(order)])
+        copy(runs, stream.cuda_stream)
+    stream.synchronize()
+    assert torch.equal(by_batch, by_run)
+    assert torch.equal(by_batch[order].cpu(), host[: len(order)])
+    assert not by_batch[np.setdiff1d(np.arange(64), order)].any()
 
 
 @pytest.mark.gpu
