@@ -54,7 +54,8 @@ YAMLLINT_FILES = (
 )
 
 _FAKE_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-# Value sets CI renders. "all-enabled" turns on every optional part; "external-redis" uses existing Secrets.
+# Value sets CI renders. "all-enabled" turns on every optional part and narrows the NetworkPolicies;
+# "external-redis" uses existing Secrets.
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "all-enabled": {
@@ -88,6 +89,18 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
         },
         "ingress": {"enabled": True, "className": "nginx", "tlsSecretName": "mosaic-ingress-tls"},
+        "networkPolicy": {
+            "clients": [
+                {"ipBlock": {"cidr": "10.0.0.0/8"}},
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}},
+            ],
+            "metricsFrom": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                }
+            ],
+        },
         "auth": {"enabled": True, "apiKey": "test-key"},
         "tls": {"enabled": True, "cert": _FAKE_PEM, "key": _FAKE_PEM},
         "redis": {"auth": {"password": "s3cret"}},

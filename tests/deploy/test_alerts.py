@@ -117,3 +117,76 @@ def test_scrape_config_example_passes_promtool(tmp_path: Path) -> None:
     shutil.copy(RULES, tmp_path / "alerts.yaml")
     result = _promtool("check", "config", tmp_path / "prometheus.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _chart_rules(check_chart, release: str, num_pods: int) -> dict:
+    values = {"ray": {"worker": {"replicas": num_pods}}, "monitoring": {"prometheusRule": {"enabled": True}}}
+    manifests = check_chart.render_manifests(values, release=release)
+    [rule] = [doc for doc in manifests if doc["kind"] == "PrometheusRule"]
+    return {"groups": rule["spec"]["groups"]}
+
+
+def test_chart_labels_the_expected_count_as_its_scrapes_are_labelled(check_chart) -> None:
+    """The Prometheus Operator labels a ServiceMonitor's series namespace=<Service namespace> and job=<Service
+    name> (no jobLabel set); the chart's mosaic:workers_expected carries the same two."""
+    values = {"monitoring": {"prometheusRule": {"enabled": True}, "serviceMonitor": {"enabled": True}}}
+    manifests = check_chart.render_manifests(values)
+    monitor = next(doc for doc in manifests if doc["kind"] == "ServiceMonitor")
+    assert "jobLabel" not in monitor["spec"]
+    [service] = [
+        doc
+        for doc in manifests
+        if doc["kind"] == "Service"
+        and monitor["spec"]["selector"]["matchLabels"].items() <= doc["metadata"]["labels"].items()
+    ]
+    [record] = [r for g in _chart_rules(check_chart, "mosaic", 1)["groups"] for r in g["rules"] if "record" in r]
+    assert record["labels"] == {"namespace": check_chart.NAMESPACE, "job": service["metadata"]["name"]}
+
+
+@needs_promtool
+def test_two_releases_compare_with_their_own_worker_count(check_chart, tmp_path: Path) -> None:
+    """Releases alpha (2 worker pods) and beta (1) scraped by one Prometheus: alpha losing a worker fires for alpha
+    only, and beta at its full single worker fires nothing."""
+    for release, num_pods in (("alpha", 2), ("beta", 1)):
+        (tmp_path / f"{release}.yaml").write_text(yaml.safe_dump(_chart_rules(check_chart, release, num_pods)))
+    [alert] = [rule for rule in _rules() if rule.get("alert") == "MosaicWorkerDown"]
+    annotations = {
+        "summary": "Mosaic has 1 live workers, fewer than expected (or reports none)",
+        "description": alert["annotations"]["description"],
+    }
+    series = 'mosaic_workers_up{{job="{0}-mosaic-router",namespace="mosaic",service="{0}-mosaic-router",pod="{0}-0"}}'
+    tests = {
+        "rule_files": ["alpha.yaml", "beta.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": series.format("alpha"), "values": "2x5 1x20"},
+                    {"series": series.format("beta"), "values": "1x25"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "5m", "alertname": "MosaicWorkerDown", "exp_alerts": []},
+                    {
+                        "eval_time": "10m",
+                        "alertname": "MosaicWorkerDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "critical",
+                                    "job": "alpha-mosaic-router",
+                                    "namespace": "mosaic",
+                                    "service": "alpha-mosaic-router",
+                                },
+                                "exp_annotations": annotations,
+                            }
+                        ]
+                        * 2,  # each release's PrometheusRule evaluates every alert; Alertmanager merges the two
+                    },
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(tests))
+    result = _promtool("test", "rules", tmp_path / "test.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr

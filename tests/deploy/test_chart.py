@@ -288,7 +288,7 @@ def test_disk_tier(render, rendered) -> None:
 def test_history_volume(render, rendered) -> None:
     default = rendered["default"]
     claim = _one(default, "PersistentVolumeClaim")
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]  # one worker pod
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     volume = next(v for v in _worker_pod(default)["volumes"] if v["name"] == "history")
     assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
@@ -306,6 +306,35 @@ def test_history_volume(render, rendered) -> None:
     off = render({"history": {"enabled": False}})
     assert _find(off, "PersistentVolumeClaim") == []
     assert next(v for v in _worker_pod(off)["volumes"] if v["name"] == "history") == {"name": "history", "emptyDir": {}}
+
+
+@pytest.mark.parametrize(
+    ("num_pods", "access_modes", "expected"),
+    [
+        (1, [], ["ReadWriteOnce"]),
+        (2, [], ["ReadWriteMany"]),
+        (1, ["ReadWriteMany"], ["ReadWriteMany"]),
+        (1, ["ReadWriteOncePod"], ["ReadWriteOncePod"]),
+        (3, ["ReadWriteOnce", "ReadWriteMany"], ["ReadWriteOnce", "ReadWriteMany"]),
+    ],
+)
+def test_history_access_modes_follow_the_pods_that_mount_the_claim(render, num_pods, access_modes, expected) -> None:
+    """Only worker pods mount the history claim (not the head, not the router): one needs no RWX storage."""
+    manifests = render({"ray": {"worker": {"replicas": num_pods}}, "history": {"accessModes": access_modes}})
+    assert _one(manifests, "PersistentVolumeClaim")["spec"]["accessModes"] == expected
+    cluster = _one(manifests, "RayCluster")["spec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"], _one(manifests, "Deployment")["spec"]["template"]["spec"]]
+    for pod in pods:
+        assert "history" not in {v["name"] for v in pod.get("volumes", [])}
+
+
+@pytest.mark.parametrize("access_modes", [["ReadWriteOnce"], ["ReadWriteOncePod"]])
+def test_history_claim_several_pods_cannot_share_is_refused(render, access_modes) -> None:
+    values = {"ray": {"worker": {"replicas": 2}}, "history": {"accessModes": access_modes}}
+    with pytest.raises(helm_python.HelmError, match=r"ray\.worker\.replicas=2 worker pods"):
+        render(values)
+    values["history"]["existingClaim"] = "cams"  # its access modes are the owner's business
+    assert _find(render(values), "PersistentVolumeClaim") == []
 
 
 # ---- what the pods run ---------------------------------------------------------------------------------

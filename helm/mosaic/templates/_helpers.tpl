@@ -169,3 +169,33 @@ capabilities:
   readOnly: true
 {{- end }}
 {{- end }}
+
+{{/*
+Access modes of the created history claim, as a YAML list. Only the worker pods mount it (the head and the router
+do not), so one worker pod gets ReadWriteOnce, which every storage class offers, and more get ReadWriteMany.
+An explicit history.accessModes wins, but a claim several pods write must be ReadWriteMany.
+*/}}
+{{- define "mosaic.historyAccessModes" -}}
+{{- $numPods := int .Values.ray.worker.replicas }}
+{{- $modes := .Values.history.accessModes | default (list (ternary "ReadWriteOnce" "ReadWriteMany" (le $numPods 1))) }}
+{{- if and (gt $numPods 1) (not (has "ReadWriteMany" $modes)) }}
+{{- fail (printf "history.accessModes=%v cannot serve ray.worker.replicas=%d worker pods, which all mount the history claim: use ReadWriteMany (or leave history.accessModes empty to choose it), or history.existingClaim" $modes $numPods) }}
+{{- end }}
+{{- toYaml $modes }}
+{{- end }}
+
+{{/*
+Pod selector of the release's Ray pods, head and workers. KubeRay copies the pod template labels of headGroupSpec
+and workerGroupSpecs onto the pods it creates (beside its own ray.io/* labels).
+*/}}
+{{- define "mosaic.rayPodSelector" -}}
+matchLabels:
+  app.kubernetes.io/name: {{ include "mosaic.name" . }}
+  app.kubernetes.io/instance: {{ .Release.Name }}
+matchExpressions:
+  - key: app.kubernetes.io/component
+    operator: In
+    values:
+      - ray-head
+      - ray-worker
+{{- end }}
