@@ -32,11 +32,13 @@ class TierManager:
         self.device_lookups = 0
 
     def execute(self, plan: MovePlan) -> int:
-        """Runs a plan; returns the bytes moved."""
+        """Runs a plan, each move committed to the residency manager as soon as its bytes have moved, so a move
+        that fails (a disk full under a spill) leaves the moves before it counted where their bytes are and its
+        own cluster where it was; returns the bytes moved."""
         moved = 0
         for move in plan.moves:
             moved += self.tiers.move(move.cluster_id, move.src, move.dst)
-        self.residency.apply(plan)
+            self.residency.apply(MovePlan([move]))
         return moved
 
     def admit(self, cluster_id: str, stream_id: str, kv: torch.Tensor, *, prefer: Tier) -> Tier:

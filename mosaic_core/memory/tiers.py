@@ -408,20 +408,21 @@ class KVTiers:
             self._kept.pop(cluster_id, None)
         elif self._durable(cluster_id) and (stored := self.durable.read_pages(cluster_id)).shape[4] == self.page_tokens:
             # The record's pages are the arena's size: each lands in one page as one contiguous run.
-            self._delete_spill(cluster_id)  # one written before the record was durable is stale now
             num_bytes = stored.numel() * stored.element_size()
-            record.fills = [self.page_tokens] * stored.shape[0]
-            pages = self._take(dst, record.num_pages)
+            pages = self._take(dst, stored.shape[0])
             self.pools.write_pages(dst, pages, stored)
+            record.fills = [self.page_tokens] * stored.shape[0]
             self._set_pages(record, dst, pages)
+            self._delete_spill(cluster_id)  # one written before the record was durable is stale now
         else:
             kv = self._read_disk(cluster_id)
             num_bytes = kv.numel() * kv.element_size()
-            self._delete_spill(cluster_id)
-            record.fills = pages_for(kv.shape[3], self.page_tokens)
-            pages = self._take(dst, record.num_pages)
-            self.pools.write(dst, pages, record.fills, kv)
+            fills = pages_for(kv.shape[3], self.page_tokens)
+            pages = self._take(dst, len(fills))
+            self.pools.write(dst, pages, fills, kv)
+            record.fills = fills
             self._set_pages(record, dst, pages)
+            self._delete_spill(cluster_id)  # only once its bytes are in memory: a failed fetch loses nothing
         self.stats.record(src, dst, num_bytes)
         return num_bytes
 
