@@ -113,9 +113,13 @@ class StreamState:
         self._past_slots = None
 
     def pop_overflow(self, window_tokens: int) -> list[LocalFrame]:
-        """Frames that no longer fit in the local window, oldest first."""
+        """Frames that no longer fit in the local window, oldest first. A window of 0 tokens gives up every frame
+        (a checkpoint); any other keeps at least the newest frame, even one larger than the window, so a cluster's
+        last frame leaves only once the frame that sealed the cluster came, which is when the cluster completes
+        (``ClusterRecord.completed_by``) and is written, joined and copied."""
         evicted = []
-        while self.local and self.local_tokens > window_tokens:
+        keep = 1 if window_tokens else 0
+        while len(self.local) > keep and self.local_tokens > window_tokens:
             frame = self.local.popleft()
             self.local_tokens -= frame.num_tokens
             evicted.append(frame)
