@@ -10,7 +10,9 @@ Start-up order, chosen so probes always get an answer:
    poll: NOT_SERVING while no worker answers (no one could take a question), SERVING again when one does.
 
 Shutdown (SIGINT/SIGTERM or ``stop``): every health service goes NOT_SERVING first, new calls are
-refused, running ones get ``shutdown_grace_s``, then workers, the store actor and Ray are stopped.
+refused, running ones get ``shutdown_grace_s``, then the workers make their streams durable, all at once, for what
+is left of the pod's grace (``GRACE_PAST_CALLS_S`` past ``shutdown_grace_s``, as the Helm chart sets it), and the
+workers, the store actor and Ray are stopped.
 
 Authentication: with an API key configured, every call except health and reflection must carry it in the
 ``x-api-key`` metadata header; otherwise UNAUTHENTICATED (counted in ``mosaic_errors_total``).
@@ -27,6 +29,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -57,6 +60,13 @@ _OPEN_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 RAY_AUTH_ENV = "RAY_AUTH_MODE"
 LOOPBACK = "127.0.0.1"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+# The Helm chart sets shutdown_grace_s to the pod's terminationGracePeriodSeconds less this: the time past the calls'
+# grace, from SIGTERM on, that the router has before the kubelet's SIGKILL to stop its workers, its stores and Ray.
+GRACE_PAST_CALLS_S = 20.0
+# Of that time, what is kept for the steps after the workers' shutdown (their kill, the stores, ray.shutdown).
+AFTER_WORKERS_S = 4.0
+# A worker's shutdown gets at least this long, even when the draining calls used up the pod's grace.
+MIN_WORKER_STOP_S = 1.0
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -257,6 +267,7 @@ class MosaicServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        stopping_s = time.monotonic()  # about when the kubelet sent SIGTERM: its SIGKILL counts from then
         await self.health.enter_graceful_shutdown()
         # Let load balancers and readiness probes see NOT_SERVING before new calls are refused.
         await asyncio.sleep(self.config.shutdown_drain_s)
@@ -269,14 +280,14 @@ class MosaicServer:
             await self.watches.end_subscribers()  # else their calls hold the server's stop for its whole grace
         if self._console is not None:
             await self._console.stop()  # ends the page's event streams before the calls they relay
+        calls_grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         if self._server is not None:
-            await self._server.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
-        for index, worker in enumerate(self._workers):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(worker.shutdown.remote(), 10)
-            if self.watches is not None:
-                await self.watches.drain(index)  # events whose answers the shutdown cut short
-            ray.kill(worker, no_restart=True)
+            await self._server.stop(calls_grace_s)
+        workers_until_s = stopping_s + calls_grace_s + GRACE_PAST_CALLS_S - AFTER_WORKERS_S
+        stops = [self._stop_worker(index, worker, workers_until_s) for index, worker in enumerate(self._workers)]
+        for index, result in enumerate(await asyncio.gather(*stops, return_exceptions=True)):
+            if isinstance(result, Exception):
+                log.error("stopping worker %d failed: %s", index, result)
         if self.watches is not None:
             await self.watches.close()
         if self._store_actor is not None:
@@ -291,6 +302,26 @@ class MosaicServer:
             ray.shutdown()
         if self._temp_data_dir is not None:
             shutil.rmtree(self._temp_data_dir, ignore_errors=True)
+
+    async def _stop_worker(self, index: int, worker, until_s: float) -> None:
+        """Lets one worker make its streams durable until ``until_s`` (monotonic), then kills it. Workers stop side
+        by side: one after another, with many cameras on a slow volume, the later ones were killed by the pod's
+        SIGKILL mid-flush."""
+        timeout_s = max(MIN_WORKER_STOP_S, until_s - time.monotonic())
+        try:
+            await asyncio.wait_for(worker.shutdown.remote(), timeout_s)
+        except TimeoutError:  # no time is left to take its watch events either
+            log.error(
+                "worker %d did not finish its shutdown in %.1fs (the pod's grace left it no more); it is killed, and "
+                "what it had not made durable is lost", index, timeout_s,
+            )  # fmt: skip
+            ray.kill(worker, no_restart=True)
+            return
+        except Exception as err:
+            log.error("worker %d's shutdown failed: %s", index, err)
+        if self.watches is not None:
+            await self.watches.drain(index)  # events whose answers the shutdown cut short
+        ray.kill(worker, no_restart=True)
 
     async def wait(self) -> None:
         await self._stopped.wait()

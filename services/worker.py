@@ -58,8 +58,9 @@ from services.watches_worker import WorkerWatches
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 3
-# A stopping worker ingests the frames its sources queued for up to this long, within the 10 s the router gives
-# its shutdown (services.router), before the checkpoint; frames left then are counted dropped (reason shutdown).
+# A stopping worker ingests the frames its sources queued for up to this long, within the time the router gives its
+# shutdown (what is left of the pod's grace, services.router), before the checkpoint; frames left then are counted
+# dropped (reason shutdown).
 SHUTDOWN_INGEST_S = 2.0
 # The worker's calls other than answers (``ask`` runs in ``ANSWER_GROUP``, ``answer_threads`` threads): frames,
 # telemetry, stream calls, cancels, the watch long-poll and the shutdown.
@@ -359,32 +360,52 @@ class WorkerCore:
         session.source = reader.start()
 
     def close_stream(self, stream_id: str) -> int:
-        """Stops the stream's source, drops its queued frames, frees its KV; returns clusters freed."""
-        with self._lock:
-            session = self.sessions.pop(stream_id, None)
+        """Ends the stream's questions, drops its queued frames, frees its KV and its durable history; returns
+        the clusters freed.
+
+        All or nothing. Everything is done in one engine-thread command, so no frame is ingested while it runs, and
+        the stream's queued frames are dropped only once the engine has let go of the stream. When the engine cannot
+        (its history could not be retired: a full volume, say), the error goes to the caller and the stream stays
+        as it was, its source still pulling and its queued frames kept (only its questions were ended), so that a
+        retried DeleteStream really deletes it: had the session gone first, the retry would have found no stream
+        and reported it deleted while its history stayed, to come back at the next restart.
+        """
+        session = self.sessions.get(stream_id)
         if session is None:
             raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
-        if session.source is not None:
-            session.source.stop()
-        queued = self.queues.remove_stream(stream_id)
-        if queued:
-            self.telemetry.dropped(stream_id, "stream_deleted", queued)
 
         def close() -> int:
-            self.loop.cancel_stream_questions(stream_id)
-            taken_ahead = self.loop.drop_ahead(stream_id)
-            if taken_ahead:
-                self.telemetry.dropped(stream_id, "stream_deleted", taken_ahead)
+            if self.sessions.get(stream_id) is not session:  # a delete queued alongside this one went first
+                raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
+            self.loop.cancel_stream_questions(stream_id)  # the engine refuses to close a stream a question reads
             num_clusters = len(self.engine.clusters(stream_id))
-            self.engine.close_stream(stream_id)  # its durable history goes first, in one rename
+            self.engine.close_stream(stream_id)  # its durable history goes first, in one rename; if it fails, nothing
+            with self._lock:
+                del self.sessions[stream_id]  # from here frames of the stream are refused
+            if session.source is not None:
+                session.source.request_stop()
+            dropped = self.loop.drop_ahead(stream_id) + self.queues.remove_stream(stream_id)
+            if dropped:
+                self.telemetry.dropped(stream_id, "stream_deleted", dropped)
             self.tier_sync.forget_stream(stream_id)
             self.watches.forget_stream(stream_id)
             self.loop.last_ingested_s.pop(stream_id, None)
+            self.publisher.enqueue(DeleteStream(stream_id))
+            self.telemetry.forget(stream_id)
             return num_clusters
 
-        num_clusters = self.loop.call(close)
-        self.publisher.enqueue(DeleteStream(stream_id))
-        self.telemetry.forget(stream_id)
+        try:
+            num_clusters = self.loop.call(close)
+        except UnknownStreamError:
+            raise
+        except TimeoutError:  # the command may still run and delete it: a retry then finds no stream, as it should
+            log.error("worker %s: deleting stream %s did not finish in time", self.worker_id, stream_id)
+            raise
+        except Exception as err:
+            log.error("worker %s: stream %s was not deleted and is kept as it was: %s", self.worker_id, stream_id, err)
+            raise
+        if session.source is not None:
+            session.source.stop()  # asked to in the command: its frames are refused from then on
         return num_clusters
 
     def stream_ids(self) -> list[str]:
