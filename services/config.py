@@ -28,6 +28,7 @@ from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.errors import ConfigError
 from mosaic_core.model.pixels import model_pixels
+from services.source_hosts import DEFAULT_BLOCKED_NETWORKS, parse_networks
 
 API_KEY_ENV = "MOSAIC_API_KEY"
 # Flags whose value may also come from the environment when neither the flag nor the file sets them.
@@ -90,6 +91,9 @@ class ServiceConfig(BaseModel):
     allowed_source_schemes: list[str] = Field(default_factory=lambda: ["rtsp", "rtsps", "http", "https"])
     # Local video files are accepted only under these folders; none by default.
     source_roots: list[str] = Field(default_factory=list)
+    # Networks (CIDR) a source URL's host may not be in, as written or as resolved before each connect
+    # (services.source_hosts): by default loopback and link-local, where cloud metadata services answer. [] opens all.
+    source_blocked_networks: list[str] = Field(default_factory=lambda: list(DEFAULT_BLOCKED_NETWORKS))
     engine: dict[str, Any] = Field(default_factory=dict)
     # --- scheduling ---
     query_queue_size: int = Field(64, ge=1)
@@ -234,6 +238,7 @@ class ServiceConfig(BaseModel):
         from services.sources import check_source_schemes  # raises ConfigError naming an unsupported scheme
 
         check_source_schemes(self.allowed_source_schemes)
+        parse_networks(self.source_blocked_networks)  # raises ConfigError naming one that is not a network
         if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
             raise ValueError(
                 f"api_key (or {API_KEY_ENV}) must be printable ASCII, which gRPC metadata can carry; it has "

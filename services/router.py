@@ -48,6 +48,7 @@ from services.metrics import MosaicMetrics
 from services.request_log import RequestLogInterceptor, replace_behaviour
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
+from services.sources import SourcePolicy
 from services.store_actor import RayMetadataStore, connect_store
 from services.url_text import host_in_address
 from services.watches import WatchRegistry
@@ -176,7 +177,7 @@ class MosaicServer:
             default_max_new_tokens=cfg.default_max_new_tokens,
             max_push_calls=cfg.max_push_calls,
             max_fps=cfg.max_stream_fps,
-            source_policy=_source_policy(cfg),
+            source_policy=SourcePolicy.of(cfg),
             decode_max_pixels=cfg.decode_max_pixels(),
         )
         servicer.watch_defaults = (cfg.watch_default_threshold, cfg.watch_default_cooldown_s)
@@ -325,11 +326,6 @@ class MosaicServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
-
-
-def _source_policy(cfg: ServiceConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(allowed schemes, source roots)`` for the servicer's ``source_url`` check."""
-    return tuple(cfg.allowed_source_schemes), tuple(cfg.source_roots)
 
 
 def _enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:

@@ -37,7 +37,7 @@ from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.gen.mosaic.v1 import mosaic_pb2_grpc
 from services.metrics import MosaicMetrics
 from services.scheduler import QueryQueue
-from services.sources import check_source_url
+from services.sources import SourcePolicy
 from services.watches_convert import event_to_proto, record_from_request, watch_to_proto
 from services.worker import FrameRejection, PushResult
 
@@ -64,7 +64,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         max_push_calls: concurrent PushFrames calls accepted; beyond, RESOURCE_EXHAUSTED.
         evidence_spans: spans in a merged answer.
         max_fps: the highest fps a stream may ask for.
-        source_policy: ``(allowed_schemes, source_roots)`` that ``source_url`` is checked against here, before
+        source_policy: what ``source_url`` is checked against here (its scheme, root and host as written), before
             placement (paths only: the router may not hold the files; the worker checks they exist); None
             leaves the check to the workers.
         decode_max_pixels: pushed frames with more pixels are scaled down to this many as they are decoded
@@ -82,7 +82,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         max_push_calls: int,
         evidence_spans: int = 5,
         max_fps: float = convert.DEFAULT_MAX_FPS,
-        source_policy: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+        source_policy: SourcePolicy | None = None,
         decode_max_pixels: int | None = None,
     ) -> None:
         self.coordinator = coordinator
@@ -107,8 +107,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         try:
             record = convert.record_from_request(request, max_fps=self.max_fps)
             if record.source_url is not None and self.source_policy is not None:
-                schemes, roots = self.source_policy
-                check_source_url(record.source_url, allowed_schemes=schemes, source_roots=roots, must_exist=False)
+                self.source_policy.check(record.source_url, must_exist=False)
             info = await self.coordinator.create_stream(record)
             self._decode_drops.pop(info.record.stream_id, None)
             return self._stream_proto(info)

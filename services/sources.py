@@ -6,6 +6,8 @@ configured source roots (none by default: no local files). Everything else (``fi
 ``data:``, ``tcp://``, ``ftp://``, a path outside the roots, a missing file under a root) is refused with one
 sentence that does not say whether a path exists. FFmpeg itself opens only the protocols the source's own
 scheme needs (``mosaic_core.model.video.protocol_whitelist``), so a redirect cannot reach another protocol.
+A URL's host may not be in a blocked network (``services.source_hosts``: loopback and link-local by default),
+as written at CreateStream and as resolved before every connect.
 
 One ``SourceReader`` thread per stream decodes with PyAV (``mosaic_core.model.video.iter_video_frames``), or,
 with ``decode_in_child``, reads what a child process decodes (``services.source_decoding``), and hands each sampled
@@ -37,6 +39,7 @@ import numpy as np
 from mosaic_core.errors import ConfigError, InvalidArgumentError, MosaicError
 from mosaic_core.model.video import PROTOCOLS_BY_SCHEME, iter_video_frames, source_scheme
 from services.source_decoding import iter_frames_in_child
+from services.source_hosts import DEFAULT_BLOCKED_NETWORKS, Network, literal_refusal, parse_networks, resolved_refusal
 from services.url_text import without_credentials
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ DEFAULT_MAX_FAILURES = 10
 DEFAULT_MAX_REFUSED_FRAMES = 100
 LOG_EVERY_S = 60.0
 _MAX_URL_CHARS = 2048
+_DEFAULT_BLOCKED = parse_networks(DEFAULT_BLOCKED_NETWORKS)
 
 
 def check_source_schemes(schemes: Iterable[str]) -> tuple[str, ...]:
@@ -70,11 +74,13 @@ def check_source_url(
     *,
     allowed_schemes: Iterable[str] = DEFAULT_SOURCE_SCHEMES,
     source_roots: Iterable[str] = (),
+    blocked_networks: tuple[Network, ...] = _DEFAULT_BLOCKED,
     must_exist: bool = True,
 ) -> str:
     """The source to open for ``url``, or ``InvalidArgumentError`` with one sentence for every refusal.
 
-    A URL must use an allowed scheme and name a host. A local source must be a plain path (not ``file://``)
+    A URL must use an allowed scheme and name a host that is not written as an address in ``blocked_networks``
+    (``services.source_hosts.literal_refusal``; nothing is resolved here). A local source must be a plain path (not ``file://``)
     to a regular file inside one of ``source_roots`` after resolving symlinks and ``..``; the resolved path
     is returned. ``must_exist=False`` skips the file-system check (a process that does not hold the files).
     The refusal never depends on whether the path exists, so a caller cannot probe the file system.
@@ -87,9 +93,12 @@ def check_source_url(
     scheme = source_scheme(url)
     if scheme != "file" or url.lower().startswith("file:"):
         rest = url[len(scheme) + 3 :] if url.lower().startswith(f"{scheme}://") else ""
-        if scheme in schemes and rest and not rest.startswith("/"):
-            return url
-        raise refused
+        if not (scheme in schemes and rest and not rest.startswith("/")):
+            raise refused
+        host_refusal = literal_refusal(url, blocked_networks)
+        if host_refusal is not None:
+            raise InvalidArgumentError(f"source_url {_shown(url)} is not allowed: {host_refusal}")
+        return url
     if not roots or not os.path.isabs(url):
         raise refused
     path = os.path.realpath(url)
@@ -99,8 +108,37 @@ def check_source_url(
     return path
 
 
+@dataclass(frozen=True, slots=True)
+class SourcePolicy:
+    """What a ``source_url`` may name on this server (``check_source_url``'s lists), from the service config."""
+
+    schemes: tuple[str, ...]
+    roots: tuple[str, ...]
+    blocked_networks: tuple[Network, ...]
+
+    @classmethod
+    def of(cls, config) -> SourcePolicy:
+        """The policy of a ``ServiceConfig``."""
+        return cls(
+            tuple(config.allowed_source_schemes),
+            tuple(config.source_roots),
+            parse_networks(config.source_blocked_networks),
+        )
+
+    def check(self, url: str, *, must_exist: bool = True) -> str:
+        """``check_source_url`` under this policy: the source to open, or InvalidArgumentError."""
+        return check_source_url(
+            url, allowed_schemes=self.schemes, source_roots=self.roots, blocked_networks=self.blocked_networks,
+            must_exist=must_exist,
+        )  # fmt: skip
+
+
+def _shown(url: object) -> str:
+    return repr(without_credentials(url)) if isinstance(url, str) and len(url) <= 200 else "the given source_url"
+
+
 def _refusal(url: object, schemes: tuple[str, ...], has_roots: bool) -> str:
-    shown = repr(without_credentials(url)) if isinstance(url, str) and len(url) <= 200 else "the given source_url"
+    shown = _shown(url)
     urls = ", ".join(f"{s}://" for s in schemes) or "no URL scheme"
     files = "the path of a video file under one of its source roots" if has_roots else "no local files"
     if not has_roots:
@@ -147,6 +185,8 @@ class SourceReader:
         decode_in_child: decode in a child process (``services.source_decoding``), not in this thread.
         max_pixels: frames with more pixels are scaled down to at most this many as they are decoded, aspect ratio
             kept (``iter_video_frames``); None keeps the source's size.
+        blocked_networks: before every connect to a network source, its host's addresses are resolved, and one in
+            these networks stops the reader in ERROR (``services.source_hosts.resolved_refusal``).
     """
 
     def __init__(
@@ -164,6 +204,7 @@ class SourceReader:
         name: str = "source",
         decode_in_child: bool = False,
         max_pixels: int | None = None,
+        blocked_networks: tuple[Network, ...] = _DEFAULT_BLOCKED,
     ) -> None:
         if max_failures < 1 or max_refused_frames < 1:
             raise ConfigError(f"max_failures={max_failures} and max_refused_frames={max_refused_frames} must be >= 1")
@@ -179,6 +220,7 @@ class SourceReader:
         self.max_refused_frames = max_refused_frames
         self.decode_in_child = decode_in_child
         self.max_pixels = max_pixels
+        self.blocked_networks = blocked_networks
         self._num_refused = 0  # frames in a row the sink refused
         self._logged: dict[str, float] = {}  # what -> monotonic time it was last logged
         self._num_unlogged: dict[str, int] = {}
@@ -232,6 +274,9 @@ class SourceReader:
         while not self._stop.is_set():
             self._set(state=SourceState.CONNECTING)
             frames_before = self.progress().frames_read
+            host_refusal = resolved_refusal(self.url, self.blocked_networks) if self.is_network else None
+            if host_refusal is not None:
+                return self._give_up(host_refusal)
             try:
                 ended = self._read_once()
             except _SinkRefused as err:

@@ -49,7 +49,7 @@ from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
 from services.metadata.base import MetadataStore, StreamRecord
 from services.publisher import DeleteStream, MetadataPublisher, PutStream, WorkerView
 from services.session import StreamSession
-from services.sources import NETWORK_SCHEMES, SourceReader, SourceState, check_source_url
+from services.sources import NETWORK_SCHEMES, SourcePolicy, SourceReader, SourceState
 from services.store_actor import connect_store
 from services.telemetry import DurabilityHealth, StreamTotals, TelemetryDelta, WorkerTelemetry, durability_health
 from services.tier_sync import TierSync
@@ -309,10 +309,7 @@ class WorkerCore:
             self.sessions[record.stream_id] = StreamSession(record)
         try:
             if record.source_url:
-                cfg = self.config
-                check_source_url(
-                    record.source_url, allowed_schemes=cfg.allowed_source_schemes, source_roots=cfg.source_roots
-                )
+                SourcePolicy.of(self.config).check(record.source_url)
                 if not record.source_url.lower().startswith(NETWORK_SCHEMES):
                     probe_video(record.source_url)  # an unreadable file under a source root fails at once
             meta = {k: v for k, v in dataclasses.asdict(record).items() if k != "worker_id"}
@@ -343,9 +340,9 @@ class WorkerCore:
             self._offer(sid, timestamp_s + offset_s, rgb)
 
         cfg = self.config
-        source = check_source_url(
-            record.source_url, allowed_schemes=cfg.allowed_source_schemes, source_roots=cfg.source_roots
-        )  # the path to open: symlinks and '..' resolved, checked against the roots
+        policy = SourcePolicy.of(cfg)
+        # The path to open: symlinks and '..' resolved, checked against the roots.
+        source = policy.check(record.source_url)
         reader = SourceReader(
             source,
             fps=record.fps,
@@ -356,6 +353,7 @@ class WorkerCore:
             name=f"source-{record.stream_id}",
             decode_in_child=cfg.decode_sources_in_processes,
             max_pixels=cfg.decode_max_pixels(),
+            blocked_networks=policy.blocked_networks,
         )
         session.source = reader.start()
 

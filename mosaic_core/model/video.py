@@ -226,11 +226,15 @@ def protocol_whitelist(source: str) -> str:
 
 
 def open_options(source: str) -> dict[str, str]:
-    """FFmpeg's options for opening ``source``: the protocols its scheme may use, and RTSP over TCP (the scheme
-    in any case, as the protocol check reads it)."""
+    """FFmpeg's options for opening ``source``: the protocols its scheme may use, RTSP over TCP, and no HTTP
+    redirects (the scheme in any case, as the protocol check reads it). A redirect would take the connection to a
+    host that no check of the URL saw."""
     options = {"protocol_whitelist": protocol_whitelist(source)}
-    if source_scheme(source) in ("rtsp", "rtsps"):
+    scheme = source_scheme(source)
+    if scheme in ("rtsp", "rtsps"):
         options["rtsp_transport"] = "tcp"
+    if scheme in ("http", "https"):
+        options["max_redirects"] = "0"
     return options
 
 

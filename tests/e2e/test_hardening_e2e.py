@@ -203,6 +203,7 @@ def own_server(ray_cluster, redis_server, tmp_path_factory):
         redis_url=redis_server.url, redis_namespace="hard-own", api_key=API_KEY,
         telemetry_interval_s=0.25, shutdown_grace_s=0.5, shutdown_drain_s=0.1, source_roots=[str(root)],
         engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 128},
+        source_blocked_networks=["169.254.0.0/16"],  # loopback open: unreachable sources are loopback ports here
     )  # fmt: skip
     server = ServerThread(config).start(timeout_s=400)
     server.source_root = root
@@ -237,6 +238,15 @@ def test_source_urls_outside_the_policy_get_one_sentence(own_server):
     created = client.create_stream("h-src-ok", fps=2.0, source_url=str(server.source_root / "cam.mp4"))
     wait_for(lambda: client.get_stream("h-src-ok").stats.frames_ingested > 0, what="the file under the root")
     client.delete_stream(created.stream_id)
+
+
+def test_a_source_host_in_a_blocked_network_is_refused_with_a_sentence(own_server):
+    _, client = own_server
+    with pytest.raises(grpc.RpcError) as info:
+        client.create_stream("h-metadata", source_url="http://169.254.169.254/latest/meta-data/")
+    assert info.value.code().name == "INVALID_ARGUMENT"
+    assert "'169.254.169.254' is in a network this server does not open" in info.value.details()
+    assert "h-metadata" not in [s.stream_id for s in client.list_streams()]
 
 
 @pytest.mark.parametrize("scheme", ["http", "rtsp"])

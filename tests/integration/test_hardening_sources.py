@@ -102,7 +102,9 @@ def _free_port() -> int:
 def test_an_unreachable_source_ends_in_error_the_same_way_over_every_allowed_scheme(scheme, caplog):
     url = f"{scheme}://127.0.0.1:{_free_port()}/cam"
     caplog.set_level(logging.WARNING, logger="services.sources")
-    reader = SourceReader(url, fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01, max_failures=4).start()
+    reader = SourceReader(
+        url, fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01, max_failures=4, blocked_networks=()
+    ).start()  # a loopback port with nothing behind it
     deadline = time.monotonic() + 20
     while reader.progress().state is not SourceState.ERROR or reader._thread.is_alive():
         assert time.monotonic() < deadline, reader.progress()
@@ -149,8 +151,9 @@ def test_a_camera_password_stays_out_of_logs_errors_and_the_decoders_arguments(d
     url = f"rtsp://admin:hunter2@127.0.0.1:{_free_port()}/cam"
     caplog.set_level(logging.DEBUG, logger="services.sources")
     reader = SourceReader(
-        url, fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01, max_failures=2, decode_in_child=decode_in_child
-    ).start()
+        url, fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01, max_failures=2, decode_in_child=decode_in_child,
+        blocked_networks=(),
+    ).start()  # fmt: skip
     deadline = time.monotonic() + 30
     while reader.progress().state is not SourceState.ERROR or reader._thread.is_alive():
         assert time.monotonic() < deadline, reader.progress()

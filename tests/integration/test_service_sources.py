@@ -69,7 +69,9 @@ def test_unreachable_camera_reconnects_with_backoff():
     with socket.socket() as sock:  # a port with nothing listening: connections are refused at once
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    reader = SourceReader(f"rtsp://127.0.0.1:{port}/cam", fps=1.0, sink=lambda t, rgb: None, backoff_s=0.05).start()
+    reader = SourceReader(
+        f"rtsp://127.0.0.1:{port}/cam", fps=1.0, sink=lambda t, rgb: None, backoff_s=0.05, blocked_networks=()
+    ).start()
     time.sleep(1.5)
     progress = reader.progress()
     reader.stop()

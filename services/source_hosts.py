@@ -1,0 +1,106 @@
+"""The hosts a source URL may not reach: the machine's own addresses and the link-local ones, where cloud metadata
+services answer (``169.254.169.254``), unless the operator says otherwise (``source_blocked_networks``).
+
+A camera's URL is the caller's choice, so without this a caller could make a worker fetch from services that
+listen only on the worker's own loopback or read the cloud's metadata (server-side request forgery). Camera
+networks are private ranges (10/8, 192.168/16), so those stay open by default.
+
+Two checks, since a name can resolve anywhere:
+- at CreateStream, ``literal_refusal``: a host written as an address in a blocked network, or ``localhost``;
+- before every connect, ``resolved_refusal``: every address the host's name resolves to at that moment.
+
+FFmpeg resolves the name again as it connects, so a name whose DNS answer changes between the two (DNS rebinding)
+is not covered; HTTP redirects are refused outright (``mosaic_core.model.video.open_options``), but an RTSP
+server's redirect is followed. Restricting the workers' egress closes both (``docs/security.md``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from mosaic_core.errors import ConfigError
+
+DEFAULT_BLOCKED_NETWORKS = (
+    "127.0.0.0/8",  # loopback
+    "::1/128",
+    "0.0.0.0/8",  # "this host"
+    "::/128",
+    "169.254.0.0/16",  # link-local: cloud metadata services
+    "fe80::/10",
+    "fd00:ec2::254/128",  # AWS's metadata service over IPv6
+)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+    """The networks of ``cidrs`` (``"10.0.0.0/8"``, ``"::1/128"``, or a bare address); ConfigError names a bad one."""
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(str(cidr).strip(), strict=False))
+        except ValueError as err:
+            raise ConfigError(f"source_blocked_networks: {cidr!r} is not an address or network ({err})") from None
+    return tuple(networks)
+
+
+def url_host(url: str) -> tuple[str, int | None] | None:
+    """The host and port ``url`` names (an IPv6 address without its brackets), or None when it names none."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is no number, or out of range
+        return None
+    return (parts.hostname, port) if parts.hostname else None
+
+
+def blocked(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether ``address`` (an IP address; an IPv6 zone is ignored, an IPv4-mapped one read as IPv4) is in one of
+    ``networks``."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == network.version and ip in network for network in networks)
+
+
+def literal_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
+    """Why ``url``'s host is refused as written (an address in ``networks``, or a ``localhost`` name while loopback
+    is blocked), or None; no name is resolved."""
+    named = url_host(url)
+    if named is None or not networks:
+        return None
+    host = named[0].rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        host = "127.0.0.1"
+    if blocked(host, networks):
+        return f"source host {named[0]!r} is in a network this server does not open (source_blocked_networks)"
+    return None
+
+
+def resolved_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
+    """Why ``url`` is refused once its host's name is resolved (an address in ``networks``), or None, also when the
+    name does not resolve (the connect then fails with its own error)."""
+    named = url_host(url)
+    if named is None or not networks:
+        return None
+    refusal = literal_refusal(url, networks)
+    if refusal is not None:
+        return refusal
+    host, port = named
+    try:
+        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    for *_, address in answers:
+        if blocked(str(address[0]), networks):
+            return (
+                f"source host {host!r} resolves to {address[0]}, in a network this server does not open "
+                "(source_blocked_networks)"
+            )
+    return None

@@ -1,0 +1,138 @@
+"""A caller cannot point a camera at the worker's own loopback or the cloud's metadata service: such a host is
+refused as written at CreateStream, as resolved before a connect, and an HTTP redirect is not followed. Real PyAV
+against real HTTP servers on this machine, and the machine's real resolver."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+from typing import ClassVar
+
+import pytest
+
+from mosaic_core.errors import ConfigError, InvalidArgumentError
+from mosaic_core.model.video import sample_clip_path
+from services.source_hosts import parse_networks
+from services.sources import SourceReader, SourceState, check_source_url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:6379/",
+        "rtsp://127.3.2.1/live",
+        "http://[::1]:8080/a.mp4",
+        "http://[::ffff:127.0.0.1]/a.mp4",
+        "http://localhost:8265/api/jobs",
+        "rtsp://admin:pw@LOCALHOST./live",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fe80::1%25eth0]/a.mp4",
+        "rtsp://0.0.0.0:554/live",
+    ],
+)
+def test_a_host_in_a_blocked_network_is_refused_as_written(url):
+    with pytest.raises(InvalidArgumentError, match="source_blocked_networks") as info:
+        check_source_url(url)
+    assert "pw" not in str(info.value)
+
+
+def test_camera_networks_stay_open_and_the_operator_can_open_loopback():
+    for url in ("rtsp://10.0.0.3/live", "http://192.168.1.20/mjpg", "rtsps://[fd12::5]/live", "rtsp://cam-7/live"):
+        assert check_source_url(url) == url
+    assert check_source_url("http://127.0.0.1:8000/a.mp4", blocked_networks=()) == "http://127.0.0.1:8000/a.mp4"
+    blocked = parse_networks(["10.0.0.0/8"])
+    with pytest.raises(InvalidArgumentError):
+        check_source_url("rtsp://10.0.0.3/live", blocked_networks=blocked)
+    with pytest.raises(ConfigError, match="not an address"):
+        parse_networks(["10.0.0.0/33"])
+
+
+class _Clip(http.server.BaseHTTPRequestHandler):
+    data = b""
+    requests: ClassVar[list[str]] = []
+
+    def do_GET(self):
+        type(self).requests.append(self.path)
+        if self.path.startswith("/moved"):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/clip.mp4")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        start, end = 0, len(self.data) - 1  # FFmpeg seeks in an MP4 with byte ranges
+        asked = self.headers.get("Range", "")
+        if asked.startswith("bytes="):
+            first, _, last = asked[len("bytes=") :].partition("-")
+            start, end = int(first or 0), min(int(last) if last else end, end)
+        self.send_response(206 if asked else 200)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Accept-Ranges", "bytes")
+        if asked:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(self.data)}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        self.wfile.write(self.data[start : end + 1])
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def clip_server():
+    _Clip.data = open(sample_clip_path("bikes.mp4"), "rb").read()  # noqa: SIM115 (read at once)
+    _Clip.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Clip)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def _until_settled(reader: SourceReader, timeout_s: float = 20.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        progress = reader.progress()
+        if progress.state is SourceState.ERROR or progress.frames_read:
+            return progress
+        time.sleep(0.05)
+    return reader.progress()
+
+
+def test_a_name_that_resolves_to_loopback_is_refused_before_any_connect(clip_server):
+    name = socket.gethostname()
+    addresses = {info[4][0] for info in socket.getaddrinfo(name, None)}
+    if not any(a.startswith("127.") or a == "::1" for a in addresses):
+        pytest.skip(f"this machine's name {name!r} resolves to {addresses}, not to loopback")
+    url = f"http://{name}:{clip_server}/clip.mp4"
+    assert check_source_url(url) == url  # as written, a name: nothing is resolved at CreateStream
+    reader = SourceReader(url, fps=1.0, sink=lambda t, rgb: None, realtime=False, backoff_s=0.01).start()
+    progress = _until_settled(reader)
+    reader.stop()
+    assert progress.state is SourceState.ERROR and progress.frames_read == 0
+    assert "resolves to 127." in progress.error or "resolves to ::1" in progress.error
+    assert _Clip.requests == []  # the server never heard from it
+
+
+def test_an_http_redirect_is_not_followed(clip_server):
+    frames = []
+    direct = SourceReader(
+        f"http://127.0.0.1:{clip_server}/clip.mp4", fps=1.0, sink=lambda t, rgb: frames.append(t), realtime=False,
+        blocked_networks=(),
+    ).start()  # fmt: skip
+    assert _until_settled(direct).frames_read > 0, "the clip itself is served and read"
+    direct.stop()
+    _Clip.requests.clear()
+    moved = SourceReader(
+        f"http://127.0.0.1:{clip_server}/moved", fps=1.0, sink=lambda t, rgb: None, realtime=False, backoff_s=0.01,
+        max_failures=2, blocked_networks=(),
+    ).start()  # fmt: skip
+    deadline = time.monotonic() + 20
+    while moved.progress().state is not SourceState.ERROR and time.monotonic() < deadline:
+        time.sleep(0.05)
+    progress = moved.progress()
+    moved.stop()
+    assert progress.state is SourceState.ERROR and progress.frames_read == 0
+    assert _Clip.requests and all(path == "/moved" for path in _Clip.requests)
