@@ -389,12 +389,18 @@ class WatchRegistry:
     async def _read(self, watch_ids: list[str], cursor: int, gaps: set[str]) -> list[WatchEventItem]:
         """The next events after ``cursor``, oldest first, at most ``READ_BATCH``; the first of a watch's events
         after some were trimmed unread says so. A watch whose first event after such a gap does not make this batch
-        stays in ``gaps`` for the next: the cursor passes its trimmed ones here."""
+        stays in ``gaps`` for the next: the cursor passes its trimmed ones here.
+
+        Ids are global and the watches are read one after another, so an event stored in a watch already read
+        may get a smaller id than one read from a later watch: returned, that later one would move the cursor past
+        it for good. Only ids up to the newest issued before the reads are returned. Both stores issue an id and
+        store its event in one step (a lock; one Lua script), so none of those can still be missing."""
 
         def read() -> list[WatchEventItem]:
+            ceiling = self.store.last_event_id()
             items = []  # (item, its watch)
             for watch_id in watch_ids:
-                events = self.store.events_after(watch_id, cursor, READ_BATCH)
+                events = [(i, e) for i, e in self.store.events_after(watch_id, cursor, READ_BATCH) if i <= ceiling]
                 if not events:  # none newer: none were trimmed since the cursor either
                     continue
                 if self.store.state(watch_id).trimmed_through > cursor:

@@ -3,10 +3,13 @@
 Runs on the worker's engine thread (``EngineLoop.after_ingest``), except ``set_watches`` and ``take`` which
 the router calls through Ray.
 
-- **Seal detection.** After each ingest pass, a stream's clusters are listed; every cluster but the newest is
-  sealed (a newer one exists). A sealed cluster is new when it starts after the stream's *watermark*, the end
-  of the last cluster evaluated. A merge replaces two clusters by one with their union span, which starts at
-  or before the watermark, so a merge never re-fires a watch. The watermark is saved with the stream's
+- **Seal detection.** After each ingest pass, a stream's *watermark* is the time of its newest evaluated
+  frame: every frame holding KV up to it has been evaluated, none after it. The cluster holding the newest stored
+  frame may still grow; every other cluster with frames after the watermark is sealed and whole, and is evaluated
+  (``mosaic_core.engine.watching.WatchFrontier``, which finds them without listing the history). A merge or a
+  recurring-scene join can absorb a cluster before it was evaluated into one whose other frames were: that
+  cluster is scored whole, but its event covers only the frames after the watermark, so each frame is evaluated
+  once and a merge never re-fires a watch for frames it already saw. The watermark is saved with the stream's
   durable state (each telemetry poll and at shutdown), so a graceful restart neither re-evaluates old history
   nor skips what sealed while it was down; after a crash, clusters evaluated since the last save are scored
   again. A worker starts with no watches and gets the router's list a second or more later: until that first
@@ -38,7 +41,7 @@ import uuid
 from collections import Counter, deque
 
 from mosaic_core.engine.results import Answer
-from mosaic_core.engine.watching import WatchScorer
+from mosaic_core.engine.watching import SealedSpan, WatchFrontier, WatchScorer
 from services.engine_loop import EngineLoop, QuestionJob
 from services.watches_spec import FiredEvent, WatchReport, WatchSpec
 
@@ -93,7 +96,7 @@ class WorkerWatches:
         self.answer_timeout_s = answer_timeout_s
         self.context_s = context_s
         self._specs: dict[str, WatchSpec] = {}
-        self._watermark: dict[str, float] = {}  # stream -> end_s of the newest cluster evaluated
+        self._frontiers: dict[str, WatchFrontier] = {}  # stream -> its watermark and the clusters it waits on
         self._fired_until: dict[tuple[str, str], float] = {}  # (watch, stream) -> end_s of its last event
         # stream -> a token of its incarnation: events carry it to the outbox, which takes a stale one's event
         # without its cooldown
@@ -158,23 +161,24 @@ class WorkerWatches:
 
     # -- watermarks (engine thread) ------------------------------------------------------------------
     def restore_watermark(self, stream_id: str, watermark_s: float | None) -> None:
-        """After a restart: the saved watermark, else the end of the newest restored sealed cluster (the newest
-        cluster of all was still growing: it is evaluated once the stream's next cluster starts)."""
+        """After a restart: the saved watermark, else the end of the restored cluster that ends second latest (the
+        one that ends latest held the newest frame and may have been growing: it is evaluated once a frame of the
+        stream's next cluster is stored)."""
         if watermark_s is None:
-            ends = [c.end_s for c in self.engine.clusters(stream_id)[:-1]]
-            watermark_s = max(ends, default=float("-inf"))
-        self._watermark[stream_id] = watermark_s
+            ends = sorted(c.end_s for c in self.engine.clusters(stream_id))
+            watermark_s = ends[-2] if len(ends) > 1 else float("-inf")
+        self._frontiers[stream_id] = WatchFrontier(watermark_s=watermark_s)
         with self._cond:
             self._restored.add(stream_id)
 
     def watermark_of(self, stream_id: str) -> float | None:
-        value = self._watermark.get(stream_id)
-        return None if value is None or value == float("-inf") else value
+        frontier = self._frontiers.get(stream_id)
+        return None if frontier is None or frontier.watermark_s == float("-inf") else frontier.watermark_s
 
     def forget_stream(self, stream_id: str) -> None:
         """The stream was deleted: its watermark and cooldowns go, and its unreported events lose theirs (module
         doc)."""
-        self._watermark.pop(stream_id, None)
+        self._frontiers.pop(stream_id, None)
         self.scorer.forget(stream_id=stream_id)
         with self._cond:
             self._incarnations.pop(stream_id, None)
@@ -199,11 +203,11 @@ class WorkerWatches:
                 self._said_no_list = True
                 log.warning("no watch list from the router %.0f s after start: sealed clusters are evaluated "
                             "without one until it comes", WATCH_LIST_WAIT_S)  # fmt: skip
-        mark = self._watermark.get(stream_id, float("-inf"))
-        new = self.engine.clusters_started_after(stream_id, mark)[:-1]  # the newest may still grow
+        frontier = self._frontiers.setdefault(stream_id, WatchFrontier())
+        new = frontier.sealed(self.engine, stream_id)
         if not new:
             return
-        self._watermark[stream_id] = max(c.end_s for c in new)
+        frontier.advance(new)
         with self._cond:
             watches = [s for s in self._specs.values() if s.applies_to(stream_id)]
         if not watches:
@@ -234,7 +238,7 @@ class WorkerWatches:
                 if lift >= watch.threshold and self._passes(watch, stream_id, cluster):
                     self._answer(watch, cluster, lift, sealed_unix_s, incarnation)
 
-    def _passes(self, watch: WatchSpec, stream_id: str, cluster) -> bool:
+    def _passes(self, watch: WatchSpec, stream_id: str, cluster: SealedSpan) -> bool:
         if watch.active_hours is not None and not watch.active_hours.contains(
             self.clock_epoch_unix(stream_id) + cluster.start_s
         ):
@@ -253,7 +257,9 @@ class WorkerWatches:
         with self._cond:
             self._suppressed[reason] += 1
 
-    def _answer(self, watch: WatchSpec, cluster, lift: float, sealed_unix_s: float, incarnation: object) -> None:
+    def _answer(
+        self, watch: WatchSpec, cluster: SealedSpan, lift: float, sealed_unix_s: float, incarnation: object
+    ) -> None:
         event = FiredEvent(
             watch_id=watch.watch_id,
             stream_id=cluster.stream_id,

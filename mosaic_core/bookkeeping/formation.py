@@ -442,6 +442,10 @@ class ClusterFormer:
         """The number the next new cluster will get."""
         return self._next_number
 
+    def ids_numbered(self, numbers: range) -> list[str]:
+        """The cluster ids this former gives (or gave) the clusters ``numbers``, in order."""
+        return [self._id_of(n) for n in numbers]
+
     def remove(self, cluster_id: str) -> ClusterRecord:
         """Forget a sealed cluster (retention dropped it); returns its last record."""
         record = self._records.pop(self._sealed_position(cluster_id))
@@ -455,8 +459,11 @@ class ClusterFormer:
             return self._records[-1]
         return None
 
+    def _id_of(self, number: int) -> str:
+        return f"{self.stream_id}/c{number:06d}"
+
     def _peek_id(self) -> str:
-        return f"{self.stream_id}/c{self._next_number:06d}"
+        return self._id_of(self._next_number)
 
     def _take_id(self) -> str:
         cluster_id = self._peek_id()

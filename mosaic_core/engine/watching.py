@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,79 @@ class WatchScore:
     question: str
     cluster_id: str
     lift: float
+
+
+@dataclass(frozen=True, slots=True)
+class SealedSpan:
+    """The part of a sealed cluster that no watch has evaluated yet: its frames after the stream's watermark. A
+    recurring-scene join or a merge can add unevaluated frames to a cluster whose others were evaluated before; the
+    score still reads the whole cluster (its KV has one summary), but the event and its answer cover this part."""
+
+    cluster_id: str
+    stream_id: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(slots=True)
+class WatchFrontier:
+    """How far one stream's watch evaluation has got, found without listing its whole history on every pass.
+
+    Every frame holding KV stamped at or before ``watermark_s`` has been evaluated, and none after it. Frames are
+    stored in time order, so the cluster that holds the newest stored frame is the only one that may still grow (or
+    be joined or merged before a later frame is stored): it waits; every other cluster with frames after the
+    watermark is sealed and whole, and is evaluated, after which the watermark is the latest end among them.
+
+        stored frames:  1 2 3 4 5 6 | 7 8 9 (window)     clusters: A={1,2} B={3,4} C={5,6}, watermark after 4
+        C completes and joins A:    A+C={1,2,5,6}  B={3,4}   A+C holds frames after 4: evaluated for 5-6 (as soon
+                                                            as a frame of the next cluster is stored)
+
+    A join, merge or split makes a record with a new id from the former's counter, so the clusters to look at are
+    the ones numbered since the last look, plus those seen then but left (still growing, or holding no KV yet).
+    """
+
+    watermark_s: float = float("-inf")
+    next_number: int | None = None  # the former's id counter at the last look; None: list every record once
+    pending: set[str] = field(default_factory=set)  # seen with frames after the watermark, not evaluated
+
+    def sealed(self, engine, stream_id: str) -> list[SealedSpan]:
+        """The stream's sealed clusters holding frames after the watermark, each as the part after it, in time
+        order; the frontier remembers the rest for the next look. Reads engine internals (the former's records and
+        id counter, the residency index)."""
+        former = engine.stream(stream_id).former
+        if self.next_number is None or former.next_number < self.next_number:  # (a former it never looked at)
+            ids = [r.cluster_id for r in former.records_to_read() if r.end_s > self.watermark_s]
+        else:
+            ids = [*self.pending, *former.ids_numbered(range(self.next_number, former.next_number))]
+        self.next_number = former.next_number
+        self.pending, held = set(), []
+        for cluster_id in ids:
+            record = former.record_to_read(cluster_id)
+            # None: joined, merged or split into a record numbered since (among ``ids``), or dropped by retention
+            if record is None or record.end_s <= self.watermark_s:
+                continue
+            self.pending.add(cluster_id)
+            if cluster_id in engine.tiering.residency:
+                held.append(record)
+        if not held:
+            return []
+        growing = max(held, key=_end)  # holds the newest stored frame
+        spans = [
+            SealedSpan(r.cluster_id, stream_id, min((t for t in r.frame_timestamps_s if t > self.watermark_s),
+                                                    default=r.start_s), r.end_s)
+            for r in held
+            if r is not growing
+        ]  # fmt: skip
+        return sorted(spans, key=lambda span: span.start_s)
+
+    def advance(self, spans: Sequence[SealedSpan]) -> None:
+        """``spans`` (from ``sealed``) were evaluated: the watermark moves to their latest end."""
+        self.pending.difference_update(span.cluster_id for span in spans)
+        self.watermark_s = max([self.watermark_s, *(span.end_s for span in spans)])
+
+
+def _end(record) -> float:
+    return record.end_s
 
 
 class _CapturePlan:
