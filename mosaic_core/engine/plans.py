@@ -137,6 +137,7 @@ class QuestionPlan:
         self.pools = pools = retriever.tiering.tiers.pools
         room.hold(stream.past_pages())  # a frame leaving the window meanwhile keeps its page until the answer ends
         self.past_slots = stream.past_slots()
+        retriever.sizes_at_snapshot()  # frames that left the window since the question are in their clusters
         question_fills = pages_for(capacity_tokens, pools.page_tokens)
         self.question_pages = room.take(len(question_fills))
         self.question_slots_np = pools.slots(self.question_pages, question_fills)
@@ -180,6 +181,17 @@ class QuestionPlan:
         self._choose(layer, query)
         if layer == self.retriever.prefetch_after_layer:
             self.choice_query = (layer, query.clone(), self.retriever.spec.scale)  # the caller's buffer is reused
+
+    def wait_for_gathers(self) -> None:
+        """Makes the compute stream wait, without stopping the host, for every staging copy still in flight: those
+        the anchor queued for later layers, or a re-score for its own, when the pass stopped before those layers
+        ran (it raised). Called before the question's pages go back, so that whatever next writes them on the
+        compute stream comes after the copies into them. Nothing is pending after a pass that ran to the end."""
+        transfers = self.retriever.tiering.tiers.transfers
+        for layer, moved in enumerate(self.gathers):
+            if moved is not NOTHING_PENDING:
+                transfers.wait(moved)  # a group's layers share one move: waiting on it again costs nothing
+                self.gathers[layer] = NOTHING_PENDING
 
     def _write(self, layer: int, kv: torch.Tensor) -> None:
         """Writes the step's new KV ``[2, H, T, D]`` into the question's pages, which hold its tokens in order:

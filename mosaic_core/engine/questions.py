@@ -103,6 +103,7 @@ def _generate(
         decoded = yield from _decode(parts, state, question_ids, plan, max_new_tokens, asked_s)
     finally:
         if plan is not None:
+            plan.wait_for_gathers()  # a pass that raised may have left staging copies in flight into its pages
             parts.decode_graphs.leave(plan)  # before its pages go: no batched step may write them after
         retriever.release()
         room.release()

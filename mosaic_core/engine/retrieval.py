@@ -170,6 +170,32 @@ def fill_in_order(order: list[int], sizes: list[int], budget: int, smallest: int
     return taken
 
 
+def _first_pages(pages: list[int], fills: list[int], num_tokens: int | None) -> tuple[list[int], list[int]]:
+    """The leading ``pages`` (``fills`` tokens each) that hold a cluster's first ``num_tokens`` tokens; all of them
+    with None. A size the cluster had ends on a page boundary: a frame starts a page of its own."""
+    if num_tokens is None or sum(fills) <= num_tokens:
+        return pages, fills
+    total, n = 0, 0
+    while total < num_tokens:
+        total += fills[n]
+        n += 1
+    assert total == num_tokens, f"{num_tokens} tokens end inside a page (fills {fills})"
+    return pages[:n], fills[:n]
+
+
+def _first_views(slabs: list[torch.Tensor], num_tokens: int | None) -> list[torch.Tensor]:
+    """The views ``[2, H, fill, D]`` in ``slabs`` cut to their first ``num_tokens`` tokens; all of them with None."""
+    if num_tokens is None:
+        return slabs
+    kept, left = [], num_tokens
+    for slab in slabs:
+        if left <= 0:
+            break
+        kept.append(slab if slab.shape[2] <= left else slab[:, :, :left])
+        left -= slab.shape[2]
+    return kept
+
+
 class Retriever:
     """Selects units per layer for one question and counts how many layers chose each."""
 
@@ -217,6 +243,9 @@ class Retriever:
             self._smallest = min(self._size_list)
         self._timed_gathers: list[Moved] = []
         self._generation = tiering.residency.generation  # clusters removed since: ``_gone_indices``
+        self._window = self._window_key()  # frames that left the window since: ``sizes_at_snapshot``
+        self._sizes_at_ask: dict[str, int] | None = None
+        self._cut_slots: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # cluster -> (its slots, their first part)
         self._past_table: torch.Tensor | None = None  # ``past_logsumexp``'s slot table, uploaded once
         off_cuda = tiering.tiers.transfers.side is None  # there the copy engines' copies are plain host copies
         self._dma = machinery.staging_copy == "dma" and (off_cuda or _copy_engines_found())
@@ -237,16 +266,18 @@ class Retriever:
             self.tiering.residency.tier_of(cid) in (Tier.DEVICE, Tier.HOST) for cid in chosen
         )
         selection = LayerSelection(chosen, [], [], 0, scores, paged=paged)
+        asked = self._asked_sizes()
         for cluster_id in chosen:
             tier = self._take(cluster_id)
+            held = None if asked is None else asked[cluster_id]
             if tier is Tier.DEVICE:
-                selection.device_slots.append(tiers.device_slots(cluster_id))
+                selection.device_slots.append(self._device_slots(cluster_id, held))
             elif paged:
-                pages, fills = tiers.host_pages(cluster_id)
+                pages, fills = _first_pages(*tiers.host_pages(cluster_id), held)
                 selection.host_pages += pages
                 selection.host_fills += fills
             else:
-                selection.slabs += tiers.layer_slabs(cluster_id, layer)
+                selection.slabs += _first_views(tiers.layer_slabs(cluster_id, layer), held)
         self._timed("score", start, self._mark(query.device))
         selection.num_tokens = sum(len(s) for s in selection.device_slots) + sum(selection.staged_fills)
         return selection
@@ -255,9 +286,11 @@ class Retriever:
         """Layer ``layer``'s share of the clusters another layer chose (no scoring of its own); the device slots
         and host pages are the same for every layer."""
         reused = chosen.shared()
+        asked = self._asked_sizes()
         for cluster_id in chosen.cluster_ids:
             if self._take(cluster_id) is not Tier.DEVICE and not chosen.paged:
-                reused.slabs += self.tiering.tiers.layer_slabs(cluster_id, layer)
+                held = None if asked is None else asked[cluster_id]
+                reused.slabs += _first_views(self.tiering.tiers.layer_slabs(cluster_id, layer), held)
         return reused
 
     def stage(self, selection: LayerSelection, layer: int, staging: list[int]) -> Moved:
@@ -375,6 +408,53 @@ class Retriever:
             return set()
         tracked = self.tiering.residency.tracked_ids()
         return {i for i, cid in enumerate(self.candidates) if cid not in tracked}
+
+    def sizes_at_snapshot(self) -> None:
+        """The plan took its snapshot of the window (its first pass, which may come after frames were ingested
+        since the question was asked): the candidates' sizes are read again when a frame may have left the window
+        in between, since such a frame is in its cluster now and in no snapshot. The budget is cut, and later
+        re-scores read each chosen cluster, at these sizes. (The centroids stay as they were asked.)"""
+        key = self._window_key()
+        if key == self._window or not self.candidates:
+            return
+        self._window = key
+        tracked = self.tiering.residency.tracked_ids()
+        live = [cid for cid in self.candidates if cid in tracked]  # merged or dropped since: ``_gone_indices``
+        now = dict(zip(live, (row.num_tokens for row in self.tiering.residency.summaries(live)), strict=True))
+        self._size_list = [now.get(cid, size) for cid, size in zip(self.candidates, self._size_list, strict=True)]
+        self._smallest = min(self._size_list)
+
+    def _window_key(self) -> tuple[int, int]:
+        """Changes whenever a frame may have left the stream's window into its cluster: a frame leaves only when
+        one is ingested, or when the window is flushed (emptied)."""
+        return self.stream.frames_ingested, len(self.stream.local)
+
+    def _asked_sizes(self) -> dict[str, int] | None:
+        """Each candidate's tokens when the plan took its snapshot of the window (``sizes_at_snapshot``); None
+        while no frame can have left the window since, so that no cluster of the stream grew (merges and joins make
+        new ids, splits only shrink).
+
+        A frame that leaves the window during the answer is appended to its cluster's pages, after those the
+        plan's snapshot was taken beside. The plan already reads it through that snapshot (or, ingested after it,
+        never saw it), and the budget was cut with the sizes below: so a chosen cluster is read up to its size at
+        the snapshot, and a re-score between decode steps neither reads a frame twice nor goes past the budget
+        (``fixed_buffers.load_table``)."""
+        if self._sizes_at_ask is None:
+            if self._window_key() == self._window:
+                return None
+            self._sizes_at_ask = dict(zip(self.candidates, self._size_list, strict=True))
+        return self._sizes_at_ask
+
+    def _device_slots(self, cluster_id: str, held: int | None) -> np.ndarray:
+        """The cluster's slots in the device pool, its first ``held`` only; the same array for every layer while
+        its pages stay (``_same_slots`` in the plan compares by identity)."""
+        slots = self.tiering.tiers.device_slots(cluster_id)
+        if held is None or held >= len(slots):
+            return slots
+        cut = self._cut_slots.get(cluster_id)
+        if cut is None or cut[0] is not slots or len(cut[1]) != held:
+            cut = self._cut_slots[cluster_id] = (slots, slots[:held])
+        return cut[1]
 
     def _still_held(self, cluster_ids: list[str]) -> list[str]:
         gone = self._gone_indices()
