@@ -21,6 +21,9 @@ go back to it once written; a read of a pending snapshot gets a copy, since the 
 
 Deleting a stream is synchronous and atomic: its directory is renamed into ``.trash`` (then removed in the
 background), so a crash right after a delete never brings the stream back.
+
+``load_streams`` checks each stream whole before it registers it (``checks``): one this version cannot restore is
+set aside under ``.unreadable`` and counted, and the others come back all the same.
 """
 
 from __future__ import annotations
@@ -41,6 +44,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mosaic_core.durable.checks import (
+    KVShape,
+    check_opened,
+    check_summary,
+    clean_state,
+    move_aside,
+    read_summary,
+)
 from mosaic_core.durable.manifest import (
     DAMAGED_PREFIX,
     RECORD_SUFFIX,
@@ -67,7 +78,6 @@ from mosaic_core.errors import AlreadyExistsError, UnknownClusterError
 log = logging.getLogger(__name__)
 TRASH = ".trash"
 NEW_PREFIX = ".new-"  # a stream's folder while ``create_stream`` builds it, renamed into place once whole
-UNREADABLE = ".unreadable"  # folders with no readable manifest, moved out of their stream id's way and kept
 RETRY_S = (0.1, 0.5, 2.0, 5.0)  # pauses before the first retries of a failed write; the last repeats
 FAILURES_PER_LOG = 12  # past the first few, one failed attempt in this many is logged (about one a minute)
 
@@ -101,6 +111,7 @@ class StoredStream:
     clusters: list[ClusterEntry]
     next_cluster_number: int
     next_frame_index: int = 0  # frame indices below it may have been used (0: a journal from before they were kept)
+    summaries: dict[str, ClusterSummary] = field(default_factory=dict)  # by cluster id, each of ``clusters``
 
 
 @dataclass(slots=True)
@@ -118,6 +129,9 @@ class DurableStats:
     staging_wait_s: float = 0.0  # the engine thread's time waiting for room in the staging arena
     file_write_s: float = 0.0  # the writer pool's time in record files (checksum, write, fsync), summed over threads
     writers: int = 0  # the writer pool's threads: file_write_s grows by at most this many seconds a second
+    streams_set_aside: int = 0  # streams a restart could not restore, moved under ``.unreadable`` (``checks``)
+    clusters_set_aside: int = 0  # records whose summary a restart could not read, moved there and journalled out
+    last_set_aside: str = ""  # what the last of either was, and why
 
 
 @dataclass(slots=True)
@@ -128,6 +142,9 @@ class _Commit:
     # The stream's journal when the commit was queued: a stream deleted and opened again under its id has another,
     # and the commit then belongs to neither.
     writer: ManifestWriter | None
+    # Once, before its first try: a retry finds the removed clusters gone from the journal's state already.
+    removed_files: list[str] | None = None
+    journalled: bool = False  # its line is on disk: a retry only unlinks what it removed
 
 
 class DurableStore:
@@ -139,6 +156,8 @@ class DurableStore:
         state_interval_s: how often a changed stream state (clock, counters) is written.
         writers: threads that write record files side by side.
         staging: host memory that snapshots are taken from and given back to (module doc), or None.
+        kv_shape: the engine's KV geometry: recorded with each stream it creates, and a restart sets aside a stream
+            of another (None: neither).
     """
 
     def __init__(
@@ -149,6 +168,7 @@ class DurableStore:
         state_interval_s: float = 1.0,
         writers: int = 4,
         staging: StagingArena | None = None,
+        kv_shape: KVShape | None = None,
     ) -> None:
         if writers < 1:
             raise ValueError(f"a durable store needs at least one writer thread, got {writers}")
@@ -157,6 +177,7 @@ class DurableStore:
         self.max_pending_bytes = max_pending_bytes
         self.state_interval_s = state_interval_s
         self.staging = staging
+        self.kv_shape = kv_shape
         self.stats = DurableStats(writers=writers)
         self._cv = threading.Condition()
         self._io = threading.Lock()  # held by the writer for a whole commit, and by stream create/delete
@@ -175,46 +196,101 @@ class DurableStore:
 
     # -- streams (engine thread) --------------------------------------------------------------------------
     def load_streams(self) -> list[StoredStream]:
-        """Every stream under ``root``, replayed from its manifest; deletes crash leftovers (orphan files,
-        temporary files, the trash)."""
+        """Every stream under ``root`` that this version can restore, replayed from its manifest and checked whole;
+        deletes crash leftovers (orphan files, temporary files, the trash). A stream that cannot be restored is set
+        aside under ``.unreadable`` (its id free), logged and counted in ``stats``; one the disk fails to read is
+        left where it is, for the next start. Neither holds the others back."""
         shutil.rmtree(self.root / TRASH, ignore_errors=True)
         for unfinished in self.root.glob(f"{NEW_PREFIX}*"):  # a create a crash cut short: never acknowledged
             shutil.rmtree(unfinished, ignore_errors=True)
         found = []
         for stream_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            manifest = replay(stream_dir)
-            if not manifest.stream:
-                kept = self.root / UNREADABLE / f"{stream_dir.name}-{uuid.uuid4().hex[:8]}"
-                kept.parent.mkdir(exist_ok=True)
-                stream_dir.rename(kept)
-                fsync_dir(self.root)
-                log.error("%s has no readable manifest: kept as %s, and its stream id is free", stream_dir, kept)
-                continue
-            stream_id = manifest.stream["stream_id"]
-            live = {entry.file for entry in manifest.clusters.values()}
-            # A damaged journal may have named some of the files no line names now: they are kept, for a person.
-            damaged = manifest.damaged_lines or any(stream_dir.glob(f"{DAMAGED_PREFIX}*"))
-            if manifest.damaged_lines:
-                log.error(
-                    "stream %s: %d damaged journal lines skipped in %s; the journal as it was and the record files "
-                    "no line names are kept in that folder", stream_id, manifest.damaged_lines, stream_dir,
-                )  # fmt: skip
-            for path in stream_dir.iterdir():
-                orphan = path.suffix == RECORD_SUFFIX and path.name not in live
-                if path.name.endswith(".tmp") or (orphan and not damaged):
-                    path.unlink(missing_ok=True)
-            with self._io:
-                self._writers[stream_id] = ManifestWriter(stream_dir, manifest)
-            state = read_state(stream_dir)
-            with self._cv:
-                self._states[stream_id] = dict(state)
-            found.append(
-                StoredStream(
-                    stream_id, dict(manifest.stream), state, list(manifest.clusters.values()),
-                    manifest.next_cluster_number, manifest.next_frame_index,
-                )
-            )  # fmt: skip
+            try:
+                found.append(self._load_stream(stream_dir))
+            except OSError as err:  # the disk, not the history: tried again at the next start
+                log.error("stream %s is not restored: reading %s failed (%s); it is left as it is, and the next "
+                          "start tries again", stream_dir.name, stream_dir, err)  # fmt: skip
+            except Exception as err:  # anything this version cannot restore: that stream only
+                self._set_aside(stream_dir, f"{type(err).__name__}: {err}")
         return found
+
+    def _load_stream(self, stream_dir: Path) -> StoredStream:
+        """One stream, checked whole before it is registered (so a stream that fails leaves nothing behind)."""
+        manifest = replay(stream_dir)
+        if not manifest.stream:
+            raise ValueError("it has no readable manifest")
+        stream_id = check_opened(manifest.stream, stream_dir.name, self.kv_shape)
+        if manifest.unknown_fields:
+            log.warning("stream %s: its journal has fields this version does not know (%s), written by a newer "
+                        "version: ignored, and dropped when the journal is next compacted", stream_id,
+                        ", ".join(sorted(manifest.unknown_fields)))  # fmt: skip
+        summaries, unreadable = {}, []
+        expected = None if self.kv_shape is None else self.kv_shape.summary_shape  # else: the first record's
+        for entry in manifest.clusters.values():
+            try:
+                summary = read_summary(stream_dir / entry.file)
+            except Exception as err:  # a missing or garbled file costs that cluster, not the stream
+                unreadable.append((entry, err))
+                continue
+            expected = expected or tuple(summary.key_sum.shape)
+            check_summary(summary, expected, entry.cluster_id)  # another model's KV sets the whole stream aside
+            summaries[entry.cluster_id] = summary
+        state = clean_state(read_state(stream_dir), stream_id)
+        live = {entry.file for entry in manifest.clusters.values()}
+        # A damaged journal may have named some of the files no line names now: they are kept, for a person.
+        damaged = manifest.damaged_lines or any(stream_dir.glob(f"{DAMAGED_PREFIX}*"))
+        if manifest.damaged_lines:
+            log.error(
+                "stream %s: %d damaged journal lines skipped in %s; the journal as it was and the record files "
+                "no line names are kept in that folder", stream_id, manifest.damaged_lines, stream_dir,
+            )  # fmt: skip
+        for path in stream_dir.iterdir():
+            orphan = path.suffix == RECORD_SUFFIX and path.name not in live
+            if path.name.endswith(".tmp") or (orphan and not damaged):
+                path.unlink(missing_ok=True)
+        for entry, err in unreadable:
+            self._set_cluster_aside(stream_dir, entry, err)
+        with self._io:
+            self._writers[stream_id] = ManifestWriter(stream_dir, manifest)
+        with self._cv:
+            self._states[stream_id] = dict(state)
+        if unreadable:  # journalled out (retried like any commit), so neither the books nor compaction keep them
+            self.submit(stream_id, remove=[entry.cluster_id for entry, _ in unreadable])
+        return StoredStream(
+            stream_id, dict(manifest.stream), state,
+            [entry for entry in manifest.clusters.values() if entry.cluster_id in summaries],
+            manifest.next_cluster_number, manifest.next_frame_index, summaries,
+        )  # fmt: skip
+
+    def _set_aside(self, stream_dir: Path, cause: str) -> None:
+        """Moves a stream this version cannot restore out of its id's way, kept for a person, and counts it."""
+        try:
+            kept = move_aside(self.root, stream_dir, stream_dir.name)
+        except OSError as err:
+            log.error("stream %s cannot be restored (%s), nor moved aside (%s): it is left in %s, and not served",
+                      stream_dir.name, cause, err, stream_dir)  # fmt: skip
+            kept = stream_dir
+        else:
+            log.error("stream %s cannot be restored and is set aside: %s; its folder is kept as %s, and its stream "
+                      "id is free", stream_dir.name, cause, kept)  # fmt: skip
+        with self._cv:
+            self.stats.streams_set_aside += 1
+            self.stats.last_set_aside = f"stream {stream_dir.name} (kept as {kept}): {cause}"
+
+    def _set_cluster_aside(self, stream_dir: Path, entry: ClusterEntry, err: Exception) -> None:
+        """Moves the record of a cluster whose summary cannot be read under ``.unreadable`` (the caller journals
+        the cluster out), and counts it."""
+        path, kept = stream_dir / entry.file, "nowhere: it is missing"
+        if path.exists():
+            try:
+                kept = str(move_aside(self.root, path, f"{stream_dir.name}-{entry.file}"))
+            except OSError as move_err:
+                kept = f"nowhere: it could not be moved ({move_err}), and is deleted"
+        log.error("cluster %s cannot be restored (%s): it leaves the stream's history; its record is kept %s",
+                  entry.cluster_id, err, kept if kept.startswith("nowhere") else f"as {kept}")  # fmt: skip
+        with self._cv:
+            self.stats.clusters_set_aside += 1
+            self.stats.last_set_aside = f"cluster {entry.cluster_id} (kept {kept}): {type(err).__name__}: {err}"
 
     def create_stream(self, stream_id: str, stream: dict) -> None:
         """Makes the stream's directory and manifest, durably, before the stream takes frames: built under a hidden
@@ -226,7 +302,8 @@ class DurableStore:
             building = self.root / f"{NEW_PREFIX}{stream_id}-{uuid.uuid4().hex[:8]}"
             building.mkdir(parents=True)
             opened = ManifestWriter(building, ManifestState())
-            opened.append({"op": "open", "stream": {**stream, "stream_id": stream_id}})
+            kv = {} if self.kv_shape is None else {"kv": self.kv_shape.to_json()}  # checked at a restart
+            opened.append({"op": "open", "stream": {**stream, **kv, "stream_id": stream_id}})
             fsync_dir(building)
             building.rename(stream_dir)
             fsync_dir(self.root)
@@ -501,11 +578,16 @@ class DurableStore:
         return writer is not None and self._writers.get(stream_id) is writer
 
     def _commit(self, commit: _Commit) -> None:
+        """Journals one commit, then unlinks the files it removed; run again after a failure, it goes on from
+        where that one stopped."""
         writer = commit.writer
-        entries = [asdict(seal.entry) for seal in commit.add]
-        removed_files = [writer.state.clusters[c].file for c in commit.remove if c in writer.state.clusters]
-        writer.append({"op": "commit", "add": entries, "remove": commit.remove})
-        for name in removed_files:
+        if commit.removed_files is None:
+            commit.removed_files = [writer.state.clusters[c].file for c in commit.remove if c in writer.state.clusters]
+        if not commit.journalled:
+            entries = [asdict(seal.entry) for seal in commit.add]
+            writer.append({"op": "commit", "add": entries, "remove": commit.remove})
+            commit.journalled = True
+        for name in commit.removed_files:
             (writer.stream_dir / name).unlink(missing_ok=True)
         now = time.monotonic()
         with self._cv:

@@ -21,10 +21,9 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from safetensors import safe_open
-
 from mosaic_core.bookkeeping.formation import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.durable.checks import KVShape
 from mosaic_core.durable.manifest import RECORD_SUFFIX, ClusterEntry
 from mosaic_core.durable.records import ClusterSummary
 from mosaic_core.durable.store import DurableStore, Seal, StoredStream
@@ -55,6 +54,13 @@ class HistoryKeeper:
 
     def __init__(self, store: DurableStore, tiering: TierManager, keyframes: KeyframeSettings) -> None:
         self.store = store
+        spec = tiering.tiers.spec  # recorded with each stream, so a restart never adopts another model's KV
+        store.kv_shape = store.kv_shape or KVShape(
+            num_layers=spec.num_layers,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            dtype=str(spec.dtype).removeprefix("torch."),
+        )
         self.tiering = tiering
         self.keyframes = keyframes
         # stream -> (cluster numbers, frame indices) below these are recorded as possibly used
@@ -174,15 +180,11 @@ class HistoryKeeper:
 
     # -- restart ------------------------------------------------------------------------------------------
     def adopt(self, state: StreamState, stored: StoredStream) -> RestoredStream:
-        """Gives a freshly opened stream (sink prefilled, empty window) its history back from disk."""
-        summaries, entries = {}, []
-        for entry in sorted(stored.clusters, key=lambda e: (e.start_s, e.cluster_id)):
-            try:
-                summaries[entry.cluster_id] = self._read_summary(state.stream_id, entry)
-            except Exception as err:  # a missing or garbled file costs that cluster, not the stream
-                log.error("cannot restore cluster %s: %s", entry.cluster_id, err)
-                continue
-            entries.append(entry)
+        """Gives a freshly opened stream (sink prefilled, empty window) its history back from disk. ``stored`` is
+        checked whole already (``DurableStore.load_streams``): its clusters' summaries are read, and of this
+        model's shape."""
+        summaries = stored.summaries
+        entries = sorted(stored.clusters, key=lambda e: (e.start_s, e.cluster_id))
         saved = stored.state
         last_ts = _max(saved.get("last_timestamp_s"), *(e.end_s for e in entries))
         first_frame_index = int(stored.stream.get("first_frame_index") or 0)  # journals before it was kept: 0
@@ -218,7 +220,11 @@ class HistoryKeeper:
         state.next_frame_index = next_frame_index
         state.frames_ingested = frames_ingested
         self._reserved[state.stream_id] = (next_number, next_frame_index)
-        self.ensure_ids(state)
+        try:
+            self.ensure_ids(state)
+        except OSError as err:  # nothing given out yet, reserved stays as set: the first id given out tries again
+            log.error("stream %s: cannot reserve its next ids in its journal (%s); it is restored, and its first "
+                      "ingest tries again", state.stream_id, err)  # fmt: skip
         state.first_timestamp_s = _min(saved.get("first_timestamp_s"), *(e.start_s for e in entries))
         state.last_timestamp_s = last_ts
         state.text_cursor = max([state.text_cursor, saved.get("text_cursor") or 0] + [e.position_end for e in entries])
@@ -277,14 +283,6 @@ class HistoryKeeper:
         if not keyframes_of(state, self.keyframes, self.tiering).keep(entry.cluster_id, keyframes, restored=True):
             log.warning(
                 "cluster %s comes back without its keyframes: the host tier has no room for them", entry.cluster_id
-            )
-
-    def _read_summary(self, stream_id: str, entry: ClusterEntry) -> ClusterSummary:
-        # Only the small summary tensors are read here; the KV pages are read (and checksummed) when fetched.
-        path = self.store.stream_dir(stream_id) / entry.file
-        with safe_open(str(path), framework="pt") as f:
-            return ClusterSummary(
-                f.get_tensor("key_sum"), f.get_tensor("key_sumsq"), float(f.get_tensor("key_count")[0])
             )
 
 

@@ -1,0 +1,118 @@
+"""What a restart checks of a stream's history before the store hands it to the engine, and where what fails goes.
+
+A worker restores all of its streams when it starts. One stream this version cannot restore (a journal field of
+the wrong type, KV of another shape: another model's history) must neither keep the others from coming back nor
+be adopted half way, so the store checks each stream whole before it registers it, and sets one that fails aside,
+out of its id's way and kept for a person:
+
+    <root>/.unreadable/<stream_id>-<8 hex>/          a stream set aside: its folder as it was
+    <root>/.unreadable/<stream_id>-<file>-<8 hex>    one record whose summary could not be read (the journal then
+                                                     drops its cluster, so nothing carries it forward)
+
+From this version on, a stream's journal opens with the KV shape it was written with (layers, KV heads, head size,
+dtype). An older journal has none; its records' summaries still give layers, heads and head size, which are
+checked, but not the dtype. Another checkpoint of the same shape is not told apart (no model fingerprint).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+from mosaic_core.durable.manifest import fsync_dir
+from mosaic_core.durable.records import ClusterSummary
+
+log = logging.getLogger(__name__)
+UNREADABLE = ".unreadable"  # what a restart could not restore, moved out of its stream id's way and kept
+STATE_NUMBERS = ("first_timestamp_s", "last_timestamp_s", "frames_ingested", "text_cursor")  # read as numbers
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KVShape:
+    """The KV geometry a stream's records hold: ``[num_layers, 2, num_kv_heads, tokens, head_dim]`` of ``dtype``."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch's name without its prefix: "bfloat16"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @property
+    def summary_shape(self) -> tuple[int, int, int]:
+        """A record's key sum and sum of squares: ``[num_layers, num_kv_heads, head_dim]``."""
+        return (self.num_layers, self.num_kv_heads, self.head_dim)
+
+
+def check_opened(stream: dict, dir_name: str, kv_shape: KVShape | None) -> str:
+    """The stream id of a journal's first line, once what a restart reads of that line is checked.
+
+    Raises:
+        ValueError: a field of the wrong type, another folder's stream, or KV of another shape than ``kv_shape``.
+    """
+    stream_id = stream.get("stream_id")
+    if stream_id != dir_name:
+        raise ValueError(f"its journal opens stream {stream_id!r}, not {dir_name!r}")
+    fps = stream.get("fps")
+    if not _is_number(fps) or not fps > 0:
+        raise ValueError(f"its fps {fps!r} is not a positive number")
+    if not isinstance(stream.get("system_prompt"), str | None) or not isinstance(stream.get("meta"), dict | None):
+        raise ValueError("its system prompt or meta is of the wrong type")
+    for name in ("first_frame_index", "first_cluster_number"):
+        value = stream.get(name)
+        if value is not None and not (isinstance(value, int) and _is_number(value)):
+            raise ValueError(f"its {name} {value!r} is not an integer")
+    recorded = stream.get("kv")
+    if kv_shape is not None and recorded is not None:
+        expected = kv_shape.to_json()
+        if not isinstance(recorded, dict) or {name: recorded.get(name) for name in expected} != expected:
+            raise ValueError(f"its KV shape {recorded} is not this model's {expected}: another model's history")
+    return stream_id
+
+
+def read_summary(path: Path) -> ClusterSummary:
+    """A record's summary: only its small tensors are read (the KV pages are read, and checked, when fetched)."""
+    with safe_open(str(path), framework="pt") as f:
+        return ClusterSummary(f.get_tensor("key_sum"), f.get_tensor("key_sumsq"), float(f.get_tensor("key_count")[0]))
+
+
+def check_summary(summary: ClusterSummary, expected: tuple[int, ...], cluster_id: str) -> None:
+    """Raises ``ValueError`` where a record's summary is not of the ``expected`` shape (another model's KV)."""
+    shapes = {tuple(summary.key_sum.shape), tuple(summary.key_sumsq.shape)}
+    if shapes != {tuple(expected)}:
+        raise ValueError(
+            f"cluster {cluster_id} has key statistics of shape {sorted(shapes)}, not {tuple(expected)}: "
+            "another model's KV"
+        )
+
+
+def clean_state(state: object, stream_id: str) -> dict:
+    """A stream's saved state, less the fields a restart reads as numbers that are not numbers (each logged)."""
+    if not isinstance(state, dict):
+        log.error("stream %s: its saved state %r is not an object: restored without it", stream_id, state)
+        return {}
+    kept = dict(state)
+    for name in STATE_NUMBERS:
+        if kept.get(name) is not None and not _is_number(kept[name]):
+            log.error("stream %s: its saved %s %r is not a number: restored without it", stream_id, name, kept[name])
+            del kept[name]
+    return kept
+
+
+def move_aside(root: Path, path: Path, name: str) -> Path:
+    """Moves ``path`` (a stream's folder, or one record) under ``root/.unreadable``, as ``name`` and 8 hex digits."""
+    kept = root / UNREADABLE / f"{name}-{uuid.uuid4().hex[:8]}"
+    kept.parent.mkdir(exist_ok=True)
+    path.rename(kept)
+    fsync_dir(path.parent)
+    fsync_dir(kept.parent)
+    return kept
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

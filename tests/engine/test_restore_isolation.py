@@ -1,0 +1,169 @@
+"""A restart restores each stream on its own: one stream this version cannot restore is set aside, and the others
+come back all the same; a record whose summary cannot be read leaves the history instead of haunting it."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+
+import pytest
+from safetensors.torch import load
+
+from mosaic_core.durable.manifest import MANIFEST_NAME, decode_line, encode_line, replay
+from mosaic_core.durable.records import ClusterSummary, encode_pages
+from mosaic_core.durable.store import DurableStore
+from tests.engine.engine_helpers import feed, make_engine
+
+
+@pytest.fixture(scope="module")
+def two_streams(tiny_model, bikes_frames, tmp_path_factory):
+    """A data directory with streams "a" and "b", 16 frames each, both sealed and durable (copied per test)."""
+    root = tmp_path_factory.mktemp("two_streams")
+    engine = make_engine(tiny_model, data_dir=str(root))
+    for stream_id in ("a", "b"):
+        engine.open_stream(stream_id, fps=2.0)
+        feed(engine, stream_id, bikes_frames[:16])
+    assert engine.history.store.flush(30)
+    engine.close()
+    return root
+
+
+@pytest.fixture
+def data_dir(two_streams, tmp_path):
+    shutil.copytree(two_streams, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def _rewrite_journal(stream_dir, change) -> None:
+    """Every line of the journal through ``change(record)``, each with its CRC again."""
+    path = stream_dir / MANIFEST_NAME
+    records = [decode_line(line) for line in path.read_bytes().splitlines(True)]
+    path.write_bytes(b"".join(encode_line(change(record)) for record in records))
+
+
+def _rewrite_entries(stream_dir, change) -> None:
+    """Every cluster entry the journal adds through ``change(entry)``."""
+    _rewrite_journal(stream_dir, lambda r: {**r, "add": [change(e) for e in r["add"]]} if r["op"] == "commit" else r)
+
+
+def _rewrite_opened(stream_dir, **fields) -> None:
+    """The journal's first line, with ``fields`` in what it opened."""
+    _rewrite_journal(stream_dir, lambda r: {**r, "stream": {**r["stream"], **fields}} if r["op"] == "open" else r)
+
+
+def _add_unknown_field(stream_dir) -> None:
+    _rewrite_entries(stream_dir, lambda entry: {**entry, "new_field": 1})
+
+
+def _drop_a_field(stream_dir) -> None:
+    _rewrite_entries(stream_dir, lambda entry: {**entry, "position_end": None})
+
+
+def _fps_of_another_kind(stream_dir) -> None:
+    _rewrite_opened(stream_dir, fps="fast")
+
+
+def _another_kv_shape_in_the_journal(stream_dir) -> None:
+    _rewrite_opened(stream_dir, kv={"num_layers": 99, "num_kv_heads": 1, "head_dim": 8, "dtype": "float32"})
+
+
+def _summary_of_another_shape(stream_dir) -> None:
+    """One record rewritten as another model's would be: key statistics of one more layer."""
+    entry = next(iter(replay(stream_dir).clusters.values()))
+    tensors = load((stream_dir / entry.file).read_bytes())
+    num_layers, heads, head_dim = tensors["key_sum"].shape
+    other = tensors["key_sum"].new_zeros(num_layers + 1, heads, head_dim)
+    keyframes = tensors["keyframes"].numpy().tobytes() if "keyframes" in tensors else b""
+    chunks, checksum = encode_pages(tensors["pages"], ClusterSummary(other, other, 1.0), keyframes=keyframes)
+    (stream_dir / entry.file).write_bytes(b"".join(bytes(chunk) for chunk in chunks))
+    _rewrite_entries(stream_dir, lambda e: {**e, "checksum": checksum} if e["cluster_id"] == entry.cluster_id else e)
+
+
+def test_a_journal_field_this_version_does_not_know_is_ignored(tiny_model, data_dir):
+    """A rollback: a newer version wrote one more field. Both streams come back whole."""
+    _add_unknown_field(data_dir / "b")
+    engine = make_engine(tiny_model, data_dir=str(data_dir))
+    try:
+        restored = {r.stream_id: r.num_clusters for r in engine.restore_streams()}
+        assert set(restored) == {"a", "b"} and restored["a"] == restored["b"] > 0
+        assert engine.history.store.snapshot_stats().streams_set_aside == 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_drop_a_field, _fps_of_another_kind, _another_kv_shape_in_the_journal, _summary_of_another_shape],
+)
+def test_a_stream_this_version_cannot_restore_is_set_aside_and_the_others_restore(tiny_model, data_dir, damage):
+    damage(data_dir / "b")
+    engine = make_engine(tiny_model, data_dir=str(data_dir))
+    try:
+        restored = engine.restore_streams()
+        assert [r.stream_id for r in restored] == ["a"] and restored[0].num_clusters > 0
+        assert set(engine.streams) == {"a"}
+        stats = engine.history.store.snapshot_stats()
+        assert stats.streams_set_aside == 1 and stats.last_set_aside.startswith("stream b ")
+        (kept,) = (data_dir / ".unreadable").iterdir()
+        assert kept.name.startswith("b-") and (kept / MANIFEST_NAME).exists()
+        engine.open_stream("b", fps=2.0)  # its id is free
+    finally:
+        engine.close()
+
+
+def test_a_stream_records_its_kv_shape(tiny_model, data_dir):
+    opened = replay(data_dir / "a").stream
+    spec = tiny_model.kv_spec
+    assert opened["kv"] == {
+        "num_layers": spec.num_layers,
+        "num_kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "dtype": str(spec.dtype).removeprefix("torch."),
+    }
+
+
+def test_a_full_disk_at_restore_restores_every_stream(tiny_model, bikes_frames, data_dir, monkeypatch):
+    """The journal write a restore makes (the next ids' reservation) fails: the stream is restored all the same,
+    and reserves before it gives out an id."""
+    reserve = DurableStore.reserve_ids
+    full = [True]
+
+    def disk(self, stream_id, next_number, next_frame_index):
+        if full[0] and stream_id == "b":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        reserve(self, stream_id, next_number, next_frame_index)
+
+    monkeypatch.setattr(DurableStore, "reserve_ids", disk)
+    engine = make_engine(tiny_model, data_dir=str(data_dir))
+    try:
+        restored = {r.stream_id: r.num_clusters for r in engine.restore_streams()}
+        assert set(restored) == {"a", "b"} and restored["b"] > 0
+        before = {c.cluster_id for c in engine.clusters("b")}
+        full[0] = False
+        feed(engine, "b", bikes_frames[:12], offset_s=100.0)
+        new_ids = {c.cluster_id for c in engine.clusters("b")} - before
+        assert new_ids and min(new_ids) > max(before)
+        assert engine.history.store.flush(30)
+        assert replay(data_dir / "b").next_cluster_number > int(max(new_ids).rsplit("/c", 1)[1])
+    finally:
+        engine.close()
+
+
+def test_a_record_whose_summary_cannot_be_read_leaves_the_history(tiny_model, data_dir):
+    """Skipped by the engine but kept in the journal, no budget or retention would ever free it: it is journalled
+    out, and its file kept aside for a person."""
+    entry = next(iter(replay(data_dir / "a").clusters.values()))
+    (data_dir / "a" / entry.file).write_bytes(b"not a record")
+    engine = make_engine(tiny_model, data_dir=str(data_dir))
+    try:
+        restored = {r.stream_id: r.num_clusters for r in engine.restore_streams()}
+        assert restored["a"] == restored["b"] - 1
+        store = engine.history.store
+        assert store.flush(30)
+        assert not store.owns(entry.cluster_id)
+        assert entry.cluster_id not in replay(data_dir / "a").clusters
+        assert store.snapshot_stats().clusters_set_aside == 1
+        (kept,) = (data_dir / ".unreadable").iterdir()
+        assert kept.name.startswith(f"a-{entry.file}-") and kept.read_bytes() == b"not a record"
+    finally:
+        engine.close()
