@@ -316,6 +316,14 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
+        self.durable_set_aside_total = Counter(
+            "mosaic_durable_set_aside_total",
+            "History a restart could not restore, moved under the data folder's .unreadable and kept for a person: "
+            "whole streams (what=stream: a journal this version cannot read, KV of another model's shape) and "
+            "single records whose summary could not be read (what=cluster). The worker's log says why.",
+            ["worker", "what"],
+            registry=r,
+        )
         self.durable_writers = Gauge(
             "mosaic_durable_writers",
             "Threads that write cluster records; mosaic_durable_write_seconds_total near this many a second means "
@@ -499,6 +507,8 @@ class MosaicMetrics:
         self.durable_clusters_dropped_for_space_total.labels(label).inc(
             non_negative("dropped for space", health.clusters_dropped_for_space)
         )
+        self.durable_set_aside_total.labels(label, "stream").inc(non_negative("set aside", health.streams_set_aside))
+        self.durable_set_aside_total.labels(label, "cluster").inc(non_negative("set aside", health.clusters_set_aside))
 
     def set_hit_ratio(self, worker: int | str, r: float) -> None:
         if not 0.0 <= r <= 1.0:
@@ -597,6 +607,8 @@ class MosaicMetrics:
                 self.durable_clusters_dropped_for_space_total, self.kernel_compiles_total,
             ):  # fmt: skip
                 metric.labels(worker)
+            for what in ("stream", "cluster"):
+                self.durable_set_aside_total.labels(worker, what)
             for direction in TRANSFER_DIRECTIONS:
                 self.transfer_bytes_total.labels(worker, direction)
             for event in ALLOCATOR_EVENTS:

@@ -54,12 +54,14 @@ class DurabilityHealth:
     history_bytes: int = 0  # the records of sealed clusters the engine keeps (KV and keyframes)
     history_budget_bytes: int = 0  # 0: no limit
     clusters_dropped_for_space: int = 0  # to keep history_budget_bytes
+    streams_set_aside: int = 0  # streams a restart could not restore, moved under .unreadable (durable.checks)
+    clusters_set_aside: int = 0  # records whose summary a restart could not read, moved there
 
     def increments_since(self, seen: DurabilityHealth) -> DurabilityHealth:
         """The same gauges, with each counter replaced by its growth since ``seen``."""
         counters = (
             "writes_dropped", "resyncs", "clusters_written", "write_errors", "bytes_written", "write_s",
-            "ingest_wait_s", "clusters_dropped_for_space",
+            "ingest_wait_s", "clusters_dropped_for_space", "streams_set_aside", "clusters_set_aside",
         )  # fmt: skip
         return dataclasses.replace(self, **{c: getattr(self, c) - getattr(seen, c) for c in counters})
 
@@ -84,6 +86,8 @@ def durability_health(pid: int, published, durable, history=None, history_budget
         history_bytes=history.ledger.total_bytes if history else 0,
         history_budget_bytes=history_budget_bytes,
         clusters_dropped_for_space=history.dropped_for_space if history else 0,
+        streams_set_aside=durable.streams_set_aside if durable else 0,
+        clusters_set_aside=durable.clusters_set_aside if durable else 0,
     )
 
 

@@ -25,6 +25,7 @@ SPEC = {
     "mosaic_durable_history_bytes": ("gauge", {"worker"}),
     "mosaic_durable_history_budget_bytes": ("gauge", {"worker"}),
     "mosaic_durable_clusters_dropped_for_space_total": ("counter", {"worker"}),
+    "mosaic_durable_set_aside_total": ("counter", {"worker", "what"}),
     "mosaic_query_queue_depth": ("gauge", set()),
     "mosaic_queries_total": ("counter", {"outcome"}),
     "mosaic_time_to_first_token_seconds": ("histogram", {"mode"}),
@@ -283,6 +284,19 @@ def test_durable_writing_reaches_its_counters_as_increments() -> None:
     assert sample(m, "mosaic_durable_write_seconds_total", worker="0") == 5.0
     assert sample(m, "mosaic_durable_ingest_wait_seconds_total", worker="0") == 1.5
     assert sample(m, "mosaic_durable_writers", worker="0") == 8  # a gauge: set, not summed over the two drains
+
+
+def test_history_a_restart_set_aside_is_counted_by_what_it_was() -> None:
+    from mosaic_core.durable.store import DurableStats
+    from services.publisher import PublisherStats
+    from services.telemetry import DurabilityHealth, durability_health
+
+    m = MosaicMetrics()
+    now = durability_health(7, PublisherStats(), DurableStats(streams_set_aside=2, clusters_set_aside=3))
+    m.set_durability(0, now.increments_since(DurabilityHealth()))
+    m.set_durability(0, now.increments_since(now))  # the next drain: nothing new
+    assert sample(m, "mosaic_durable_set_aside_total", worker="0", what="stream") == 2
+    assert sample(m, "mosaic_durable_set_aside_total", worker="0", what="cluster") == 3
 
 
 def test_allocator_events_reach_their_counter_as_increments_of_the_engines_totals() -> None:
