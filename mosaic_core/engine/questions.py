@@ -96,6 +96,7 @@ def _generate(
 ) -> Iterator[TokenEvent | Answer]:
     # The question's device pages are taken once the caller starts reading the answer, and given back however
     # it ends (answered, abandoned for a deadline or a cancel, or its stream deleted).
+    state.check_open()  # closed between the ask and the first read of its answer: no history left to read
     room = DeviceRoom(parts.tiering, f"{state.stream_id}:question:{next(_QUESTION_NUMBERS)}")
     plan = None
     try:
@@ -281,7 +282,7 @@ def _evidence(state: StreamState, plan: QuestionPlan, limit: int) -> list[Eviden
 def _maintain(parts, state: StreamState, plan: QuestionPlan) -> None:
     """Feeds what the question retrieved to maintenance: the splits it makes due (when on), then the merges it
     proposes."""
-    if not plan.selection_history or parts.config.mode is not RetrievalMode.CLUSTER:
+    if not plan.selection_history or parts.config.mode is not RetrievalMode.CLUSTER or state.closed:
         return
     first = [sel for sel in plan.selection_history[0] if sel is not None]
     # A cluster counts as retrieved when at least half of the layers chose it.

@@ -131,6 +131,16 @@ def test_stream_lifecycle_errors(tiny_model):
         state.check_open()
 
 
+def test_a_question_whose_stream_closed_before_its_first_read_is_refused(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model)
+    engine.open_stream("a")
+    feed(engine, "a", bikes_frames[:6])
+    answer = engine.ask("a", "what moved?", max_new_tokens=2)  # asked, not read yet: it pins nothing
+    engine.close_stream("a")
+    with pytest.raises(StreamClosedError, match="closed"):
+        next(answer)
+
+
 def test_question_errors(engine):
     with pytest.raises(InvalidArgumentError, match="empty"):
         engine.answer("cam", "   ")
