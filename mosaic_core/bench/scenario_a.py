@@ -17,6 +17,8 @@ Rows (``VARIANTS``):
   ``cluster-spill-copies``, clusters that complete on a nearly full device get no host copy then, so the room a
   question takes copies them to the host in its own time (``EngineConfig.host_copy_below_device_free`` 0);
   ``cluster-two-copy-streams``, a question's staging runs dealt to two streams (``EngineConfig.staging_streams``);
+  ``cluster-copy-a-call``, one ``cudaMemcpyAsync`` a staging run where ``cluster`` hands each group's runs over in
+  one ``cudaMemcpyBatchAsync`` (``EngineConfig.staging_batch``);
   ``cluster-tapered-staging``, staging copies of 8, 8, 6 and 4 layers where ``cluster`` copies 4 a time
   (``EngineConfig.staging_groups``); ``cluster-tapered-two-streams``, both; ``cluster-per-token``, clusters ranked
   by estimated attention mass per token (``spread_per_token``) where ``cluster`` ranks by total mass (``spread``);
@@ -69,6 +71,7 @@ VARIANTS = {
     "cluster-eager-anchor": {"mode": "cluster", "anchor_graphs": False},
     "cluster-spill-copies": {"mode": "cluster", "host_copy_below_device_free": 0.0},
     "cluster-two-copy-streams": {"mode": "cluster", "staging_streams": 2},
+    "cluster-copy-a-call": {"mode": "cluster", "staging_batch": False},
     "cluster-tapered-staging": {"mode": "cluster", "staging_groups": (8, 8, 6, 4)},
     "cluster-tapered-two-streams": {"mode": "cluster", "staging_groups": (8, 8, 6, 4), "staging_streams": 2},
     "cluster-per-token": {"mode": "cluster", "scorer": "spread_per_token"},

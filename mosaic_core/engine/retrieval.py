@@ -71,6 +71,7 @@ class Machinery:
     staging_copy: str  # how paged staging moves bytes: "dma" (copy engines) or "kernel" (slab gather)
     staging_groups: tuple[int, ...]  # dma: layers of a page copied as one run, group by group (``layer_groups``)
     staging_streams: int  # dma: streams a group's runs are dealt to
+    staging_batch: bool  # dma: one batched call a stream and group (``EngineConfig.staging_batch``)
     prefetch_after_layer: int | None
     device_cache: bool
 
@@ -85,6 +86,7 @@ def machinery_for(config: EngineConfig) -> Machinery:
         staging_copy=config.staging_copy,
         staging_groups=config.staging_groups or (config.prefill_graph_layers,),
         staging_streams=config.staging_streams,
+        staging_batch=config.staging_batch,
         prefetch_after_layer=None if rekv or mode is RetrievalMode.FULL else config.prefetch_after_layer,
         device_cache=mode.caches_on_device,
     )
@@ -349,7 +351,9 @@ class Retriever:
         if self._dma:
             groups = layer_groups(layers, self.machinery.staging_groups)
             runs = [pools.block_rows(Tier.HOST, host_pages, dst_pages, group) for group in groups]
-            timed = transfers.copy_runs(runs, started=marked, streams=self.machinery.staging_streams)
+            timed = transfers.copy_runs(
+                runs, started=marked, streams=self.machinery.staging_streams, batch=self.machinery.staging_batch
+            )
             moves = [moved for group, moved in zip(groups, timed, strict=True) for _ in group]
             num_bytes = int(sum(int(r[:, 2].sum()) for r in runs))  # whole pages: every slot, filled or not
         else:

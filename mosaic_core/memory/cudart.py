@@ -77,9 +77,14 @@ def runtime_version() -> int:
     return version.value
 
 
+_batch_found: list[bool] = []  # the runtime has cudaMemcpyBatchAsync, once seen (a miss is asked again)
+
+
 def batch_available() -> bool:
     """Whether ``copy_batch`` can run: the runtime is 12.8 or later, which has ``cudaMemcpyBatchAsync``."""
-    return runtime_version() >= 12080 and hasattr(_runtime(), "cudaMemcpyBatchAsync")
+    if not _batch_found and runtime_version() >= 12080 and hasattr(_runtime(), "cudaMemcpyBatchAsync"):
+        _batch_found.append(True)
+    return bool(_batch_found)
 
 
 def copy_batch(runs: np.ndarray, stream: int, *, prefer_overlap: bool = False) -> None:

@@ -19,6 +19,7 @@ Off CUDA there is no side stream: every move is a plain copy and ``ready`` is No
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from mosaic_core.kernels.slab_gather import (
     gather_slabs_reference,
 )
 from mosaic_core.memory import cudart
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -87,6 +90,7 @@ class TransferEngine:
         self.device = torch.device(device)
         self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._helper_streams: list[torch.cuda.Stream] = []  # copy_runs' extra streams, made on first use
+        self._batch_refused = False  # a batched call failed once: one call a run from then on
 
     def to_host(self, kv: torch.Tensor, *, pin: bool, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Moved]:
         """A host copy of ``kv`` (into ``out`` when given); from the device it is filled asynchronously (the
@@ -188,9 +192,10 @@ class TransferEngine:
         ]
         return self._timed_chain(launches, started, table)
 
-    def copy_runs(self, groups: list[np.ndarray], *, started=None, streams: int = 1) -> list[Moved]:
+    def copy_runs(self, groups: list[np.ndarray], *, started=None, streams: int = 1, batch: bool = True) -> list[Moved]:
         """Queues each group of byte runs (``PagePools.block_rows``) on the copy engines, one ``Moved`` per group
-        (each passes once its own runs have landed); timed as one span like ``stage_layers``.
+        (each passes once its own runs have landed); timed as one span like ``stage_layers``. With ``batch``, each
+        stream's runs of a group go in one ``cudaMemcpyBatchAsync`` call where the runtime has it (``_copy``).
 
         With ``streams`` above one, a group's runs are dealt round-robin to the side stream and ``streams - 1``
         helper streams, which start behind the side stream and which it waits for before the group's ``Moved``
@@ -200,25 +205,38 @@ class TransferEngine:
                 cudart.copy_runs_reference(runs)
             return [Moved() for _ in groups]
         helpers = self._helpers(streams - 1)
-        launches = [lambda runs=runs: self._deal(runs, helpers) for runs in groups]
+        batch = batch and not self._batch_refused and cudart.batch_available()
+        launches = [lambda runs=runs: self._deal(runs, helpers, batch) for runs in groups]
         return self._timed_chain(launches, started or self.mark())
+
+    def _copy(self, runs: np.ndarray, stream: int, batch: bool) -> None:
+        """One stream's runs: in one batched call, or one call a run. A batched call the runtime refuses is made
+        again a call a run (copying a run twice writes the same bytes), and batching stops for this engine."""
+        if batch and not self._batch_refused:
+            try:
+                cudart.copy_batch(runs, stream)
+                return
+            except RuntimeError as err:
+                self._batch_refused = True
+                log.warning("batched staging copies refused (%s); copying a run a call from now on", err)
+        cudart.copy_runs(runs, stream)
 
     def _helpers(self, count: int) -> list[torch.cuda.Stream]:
         while len(self._helper_streams) < count:
             self._helper_streams.append(torch.cuda.Stream(self.device))
         return self._helper_streams[:count]
 
-    def _deal(self, runs: np.ndarray, helpers: list[torch.cuda.Stream]) -> None:
+    def _deal(self, runs: np.ndarray, helpers: list[torch.cuda.Stream], batch: bool) -> None:
         """``runs`` on the side stream and ``helpers`` round-robin; the side stream ends behind all of them."""
         if not helpers:
-            cudart.copy_runs(runs, self.side.cuda_stream)
+            self._copy(runs, self.side.cuda_stream, batch)
             return
         share = len(helpers) + 1
         for helper in helpers:
             helper.wait_stream(self.side)
-        cudart.copy_runs(runs[0::share], self.side.cuda_stream)
+        self._copy(runs[0::share], self.side.cuda_stream, batch)
         for i, helper in enumerate(helpers, start=1):
-            cudart.copy_runs(runs[i::share], helper.cuda_stream)
+            self._copy(runs[i::share], helper.cuda_stream, batch)
         for helper in helpers:
             self.side.wait_stream(helper)
 
