@@ -149,8 +149,8 @@ class EngineConfig:
         prefill_graph_layers: layers per graph of that prefill's chain; before each graph the GPU waits only for
             its own layers' retrieved KV, so the rest crosses PCIe while it computes. The number of layers or more
             makes one graph, which waits for every layer's KV before it starts.
-        staging_copy: how retrieved host pages reach the question's device pages: "dma", one
-            ``cudaMemcpyAsync`` per page and group of layers (``staging_groups``), on the copy engines, which
+        staging_copy: how retrieved host pages reach the question's device pages: "dma", a copy per page and
+            group of layers (``staging_groups``; ``staging_batch``), on the copy engines, which
             leaves the SMs to the question (``mosaic_core.memory.cudart``; the kernel where the CUDA runtime is
             not found); or "kernel", the slab-gather kernel, one launch per layer, reading pinned memory from the
             SMs (at 60 minutes on the H200: TTFT 39.9 ms against 29.6 with "dma", bench/NOTES.md).
