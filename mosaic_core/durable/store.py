@@ -314,20 +314,7 @@ class DurableStore:
     def delete_stream(self, stream_id: str) -> None:
         """Forgets the stream at once and for good: its directory moves to the trash in one rename."""
         with self._io:
-            self._writers.pop(stream_id, None)
-            with self._cv:
-                writes = [seal.written for op in self._queue if _belongs(op, stream_id) for seal in op.add]
-                self._queue = deque(op for op in self._queue if not _belongs(op, stream_id))
-                dropped = [seal for cluster_id, seal in self._pending.items() if _stream_of(cluster_id) == stream_id]
-                self._states.pop(stream_id, None)
-                self._dirty.discard(stream_id)
-            for written in writes:  # no file of the old stream may land in a new stream's directory of that name
-                written.cancel()
-            wait_for_futures(writes)
-            with self._cv:  # only now: a write under way still read its snapshot
-                for seal in dropped:
-                    self._forget_pending(seal)
-            stream_dir = self.stream_dir(stream_id)
+            stream_dir = self._forget(stream_id)
             if stream_dir.exists():
                 trash = self.root / TRASH
                 trash.mkdir(exist_ok=True)
@@ -335,6 +322,31 @@ class DurableStore:
                 stream_dir.rename(target)
                 fsync_dir(self.root)
                 self._enqueue(target)
+
+    def set_aside(self, stream_id: str, cause: str) -> None:
+        """A loaded stream the engine could not adopt (a failure the checks of ``load_streams`` did not foresee):
+        forgotten as a delete forgets it, its folder kept under ``.unreadable`` and counted as one that fails them."""
+        with self._io:
+            stream_dir = self._forget(stream_id)
+        self._set_aside(stream_dir, cause)
+
+    def _forget(self, stream_id: str) -> Path:
+        """Drops the stream's writer, queued commits, pending snapshots and state (call with ``_io`` held); returns
+        its folder, left where it is."""
+        self._writers.pop(stream_id, None)
+        with self._cv:
+            writes = [seal.written for op in self._queue if _belongs(op, stream_id) for seal in op.add]
+            self._queue = deque(op for op in self._queue if not _belongs(op, stream_id))
+            dropped = [seal for cluster_id, seal in self._pending.items() if _stream_of(cluster_id) == stream_id]
+            self._states.pop(stream_id, None)
+            self._dirty.discard(stream_id)
+        for written in writes:  # no file of the old stream may land in a new stream's directory of that name
+            written.cancel()
+        wait_for_futures(writes)
+        with self._cv:  # only now: a write under way still read its snapshot
+            for seal in dropped:
+                self._forget_pending(seal)
+        return self.stream_dir(stream_id)
 
     def reserve_ids(self, stream_id: str, next_number: int, next_frame_index: int) -> None:
         """Records, durably, that cluster numbers below ``next_number`` and frame indices below ``next_frame_index``

@@ -250,7 +250,12 @@ class Engine:
         for stored in self.history.store.load_streams():
             stream = stored.stream
             state = self._open_state(stored.stream_id, float(stream["fps"]), stream.get("system_prompt"))
-            restored.append(self.history.adopt(state, stored))
+            try:
+                restored.append(self.history.adopt(state, stored))
+            except Exception as err:  # what the store's checks did not foresee: this stream only, kept for a person
+                log.exception("stream %s could not be adopted", stored.stream_id)
+                self._forget_stream(state)
+                self.history.store.set_aside(stored.stream_id, f"adopting it failed: {type(err).__name__}: {err}")
         dropped = self._keep_history_budget()  # once every stream is back: the oldest go, whichever stream holds them
         for stream in restored:
             stream.num_clusters -= len(dropped.get(stream.stream_id, ()))

@@ -111,6 +111,32 @@ def test_a_stream_this_version_cannot_restore_is_set_aside_and_the_others_restor
         engine.close()
 
 
+def test_a_stream_whose_adoption_fails_unforeseen_is_set_aside_and_the_others_restore(
+    tiny_model, data_dir, monkeypatch
+):
+    from mosaic_core.engine.history import HistoryKeeper
+
+    adopt = HistoryKeeper.adopt
+
+    def fails_for_b(self, state, stored):
+        if stored.stream_id == "b":
+            raise RuntimeError("something no check foresaw")
+        return adopt(self, state, stored)
+
+    monkeypatch.setattr(HistoryKeeper, "adopt", fails_for_b)
+    engine = make_engine(tiny_model, data_dir=str(data_dir))
+    try:
+        restored = engine.restore_streams()
+        assert [r.stream_id for r in restored] == ["a"] and set(engine.streams) == {"a"}
+        stats = engine.history.store.snapshot_stats()
+        assert stats.streams_set_aside == 1 and "something no check foresaw" in stats.last_set_aside
+        (kept,) = (data_dir / ".unreadable").iterdir()
+        assert kept.name.startswith("b-") and (kept / MANIFEST_NAME).exists()
+        engine.open_stream("b", fps=2.0)  # its id is free
+    finally:
+        engine.close()
+
+
 def test_a_stream_records_its_kv_shape(tiny_model, data_dir):
     opened = replay(data_dir / "a").stream
     spec = tiny_model.kv_spec
