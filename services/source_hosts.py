@@ -48,13 +48,28 @@ def parse_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
 
 
 def url_host(url: str) -> tuple[str, int | None] | None:
-    """The host and port ``url`` names (an IPv6 address without its brackets), or None when it names none."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:  # a port that is no number, or out of range
-        return None
+    """The host and port ``url`` names (an IPv6 address without its brackets), or None when it names none.
+
+    Raises:
+        ValueError: a port that is not all ASCII digits, or out of range (FFmpeg would read ``80x`` as 80, where
+            Python reads no port at all: the two must not disagree on where a URL goes).
+    """
+    parts = urlsplit(url)
+    address = parts.netloc.rpartition("@")[2]
+    after_host = address.partition("]")[2] if address.startswith("[") else address
+    port_text = after_host.partition(":")[2] if ":" in after_host else None
+    if port_text is not None and not (port_text.isascii() and port_text.isdigit() and int(port_text) <= 65535):
+        raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
+    port = None if not port_text else int(port_text)
     return (parts.hostname, port) if parts.hostname else None
+
+
+def _named(url: str) -> tuple[str, int | None] | str | None:
+    """``url_host``, or why the URL is refused (a port that is no number)."""
+    try:
+        return url_host(url)
+    except ValueError as err:
+        return f"source_url's {err}"
 
 
 def blocked(address: str, networks: tuple[Network, ...]) -> bool:
@@ -72,7 +87,9 @@ def blocked(address: str, networks: tuple[Network, ...]) -> bool:
 def literal_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
     """Why ``url``'s host is refused as written (an address in ``networks``, or a ``localhost`` name while loopback
     is blocked), or None; no name is resolved."""
-    named = url_host(url)
+    named = _named(url)
+    if isinstance(named, str):
+        return named
     if named is None or not networks:
         return None
     host = named[0].rstrip(".").lower()
@@ -86,7 +103,9 @@ def literal_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
 def resolved_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
     """Why ``url`` is refused once its host's name is resolved (an address in ``networks``), or None, also when the
     name does not resolve (the connect then fails with its own error)."""
-    named = url_host(url)
+    named = _named(url)
+    if isinstance(named, str):
+        return named
     if named is None or not networks:
         return None
     refusal = literal_refusal(url, networks)

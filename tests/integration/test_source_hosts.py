@@ -14,7 +14,7 @@ import pytest
 
 from mosaic_core.errors import ConfigError, InvalidArgumentError
 from mosaic_core.model.video import sample_clip_path
-from services.source_hosts import parse_networks
+from services.source_hosts import parse_networks, resolved_refusal
 from services.sources import SourceReader, SourceState, check_source_url
 
 
@@ -36,6 +36,15 @@ def test_a_host_in_a_blocked_network_is_refused_as_written(url):
     with pytest.raises(InvalidArgumentError, match="source_blocked_networks") as info:
         check_source_url(url)
     assert "pw" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:80x/secret", "rtsp://169.254.169.254:80abc/", "http://cam:+80/"])
+def test_a_port_that_is_no_number_is_refused_before_and_at_the_connect(url):
+    """FFmpeg reads a port's leading digits (``80x`` is 80) where Python reads no port: such a URL must not pass
+    as one whose host nothing checked."""
+    with pytest.raises(InvalidArgumentError, match="is not a number"):
+        check_source_url(url)
+    assert "is not a number" in resolved_refusal(url, parse_networks(["169.254.0.0/16"]))
 
 
 def test_camera_networks_stay_open_and_the_operator_can_open_loopback():
