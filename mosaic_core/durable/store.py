@@ -229,6 +229,11 @@ class DurableStore:
         for entry in manifest.clusters.values():
             try:
                 summary = read_summary(stream_dir / entry.file)
+            except OSError as err:
+                if not isinstance(err, FileNotFoundError):
+                    raise  # the disk failed, not the record: the whole stream is left for the next start
+                unreadable.append((entry, err))
+                continue
             except Exception as err:  # a missing or garbled file costs that cluster, not the stream
                 unreadable.append((entry, err))
                 continue
@@ -281,11 +286,8 @@ class DurableStore:
         """Moves the record of a cluster whose summary cannot be read under ``.unreadable`` (the caller journals
         the cluster out), and counts it."""
         path, kept = stream_dir / entry.file, "nowhere: it is missing"
-        if path.exists():
-            try:
-                kept = str(move_aside(self.root, path, f"{stream_dir.name}-{entry.file}"))
-            except OSError as move_err:
-                kept = f"nowhere: it could not be moved ({move_err}), and is deleted"
+        if path.exists():  # a failed move raises: the whole stream is left for the next start, the record with it
+            kept = str(move_aside(self.root, path, f"{stream_dir.name}-{entry.file}"))
         log.error("cluster %s cannot be restored (%s): it leaves the stream's history; its record is kept %s",
                   entry.cluster_id, err, kept if kept.startswith("nowhere") else f"as {kept}")  # fmt: skip
         with self._cv:
@@ -312,15 +314,21 @@ class DurableStore:
             self._states[stream_id] = {}
 
     def delete_stream(self, stream_id: str) -> None:
-        """Forgets the stream at once and for good: its directory moves to the trash in one rename."""
+        """Forgets the stream at once and for good: its directory moves to the trash in one rename. When the move
+        fails (a full volume), nothing is forgotten: the stream goes on being written, and a retry deletes it."""
         with self._io:
-            stream_dir = self._forget(stream_id)
+            stream_dir, target = self.stream_dir(stream_id), None
             if stream_dir.exists():
                 trash = self.root / TRASH
                 trash.mkdir(exist_ok=True)
                 target = trash / f"{stream_id}-{uuid.uuid4().hex[:8]}"
                 stream_dir.rename(target)
-                fsync_dir(self.root)
+            self._forget(stream_id)
+            if target is not None:
+                try:
+                    fsync_dir(self.root)
+                except OSError as err:  # moved, and forgotten: only a crash before the disk syncs brings it back
+                    log.error("stream %s moved to the trash, but syncing %s failed: %s", stream_id, self.root, err)
                 self._enqueue(target)
 
     def set_aside(self, stream_id: str, cause: str) -> None:

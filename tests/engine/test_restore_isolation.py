@@ -193,3 +193,36 @@ def test_a_record_whose_summary_cannot_be_read_leaves_the_history(tiny_model, da
         assert kept.name.startswith(f"a-{entry.file}-") and kept.read_bytes() == b"not a record"
     finally:
         engine.close()
+
+
+def test_a_record_the_disk_fails_to_read_leaves_its_stream_for_the_next_start(tiny_model, data_dir, monkeypatch):
+    """An I/O error is the disk's, not the record's: the stream is not restored this time, nothing of it is set aside
+    or journalled out, and the next start, with the disk well, restores it whole."""
+    from mosaic_core.durable import store as store_module
+
+    clusters_before = set(replay(data_dir / "b").clusters)
+    read = store_module.read_summary
+    failing = [True]
+
+    def eio_in_b(path):
+        if failing[0] and path.parent.name == "b":
+            raise OSError(errno.EIO, "Input/output error")
+        return read(path)
+
+    monkeypatch.setattr(store_module, "read_summary", eio_in_b)
+    engine = make_engine(tiny_model, data_dir=str(data_dir))
+    try:
+        assert [r.stream_id for r in engine.restore_streams()] == ["a"]
+        stats = engine.history.store.snapshot_stats()
+        assert stats.streams_set_aside == 0 and stats.clusters_set_aside == 0
+        assert not (data_dir / ".unreadable").exists()
+    finally:
+        engine.close()
+    assert set(replay(data_dir / "b").clusters) == clusters_before
+    failing[0] = False
+    engine = make_engine(tiny_model, data_dir=str(data_dir))
+    try:
+        restored = {r.stream_id: r.num_clusters for r in engine.restore_streams()}
+        assert restored["b"] == len(clusters_before)
+    finally:
+        engine.close()

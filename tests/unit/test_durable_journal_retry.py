@@ -114,3 +114,32 @@ def test_a_commit_retried_after_its_line_is_written_only_unlinks(tmp_path, monke
         store.close()
     assert not record.exists(), "the retry forgot the file its commit removed"
     assert _removals(tmp_path / "cam") == [["cam/c000001"]], "the retry journalled the commit again"
+
+
+def test_a_delete_whose_move_to_the_trash_fails_forgets_nothing_and_a_retry_deletes(tmp_path, monkeypatch):
+    store = DurableStore(tmp_path, writers=1)
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        rename = Path.rename
+
+        def no_room_in_the_trash(self, target):
+            if ".trash" in str(target):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return rename(self, target)
+
+        monkeypatch.setattr(Path, "rename", no_room_in_the_trash)
+        try:
+            store.delete_stream("cam")
+        except OSError:
+            pass
+        else:
+            raise AssertionError("the move to the trash was refused: the delete must say so")
+        monkeypatch.undo()
+        store.reserve_ids("cam", 5, 7)  # its journal is still written
+        store.submit("cam", add=[_seal(1)])
+        assert store.flush(WAIT_S)
+        assert "cam/c000001" in replay(tmp_path / "cam").clusters
+        store.delete_stream("cam")
+        assert not (tmp_path / "cam").exists()
+    finally:
+        store.close()
