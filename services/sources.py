@@ -80,10 +80,10 @@ def check_source_url(
     """The source to open for ``url``, or ``InvalidArgumentError`` with one sentence for every refusal.
 
     A URL must use an allowed scheme and name a host that is not written as an address in ``blocked_networks``
-    (``services.source_hosts.literal_refusal``; nothing is resolved here). A local source must be a plain path (not ``file://``)
-    to a regular file inside one of ``source_roots`` after resolving symlinks and ``..``; the resolved path
-    is returned. ``must_exist=False`` skips the file-system check (a process that does not hold the files).
-    The refusal never depends on whether the path exists, so a caller cannot probe the file system.
+    (``services.source_hosts.literal_refusal``; nothing is resolved here). A local source must be a plain path
+    (not ``file://``) to a regular file inside one of ``source_roots`` after resolving symlinks and ``..``; the
+    resolved path is returned. ``must_exist=False`` skips the file-system check (a process that does not hold the
+    files). The refusal never depends on whether the path exists, so a caller cannot probe the file system.
     """
     schemes = check_source_schemes(allowed_schemes)
     roots = [os.path.realpath(r) for r in source_roots]
