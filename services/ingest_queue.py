@@ -34,6 +34,9 @@ from mosaic_core.errors import (
 # A frame up to this share of a frame interval early still takes its slot: Unix timestamps carry float error (about
 # 1e-7 s in ``t - t0``) and cameras jitter; a smaller margin sampled out a third of a 3-fps camera pushed at 3 fps.
 _GRID_EPS = 0.05
+# A frame's timestamp (seconds since its stream started, or Unix time) lies within this of 0: about 3,000 years,
+# far enough for any clock, near enough that the sampling grid's arithmetic stays finite.
+MAX_TIMESTAMP_S = 1e11
 
 
 class PutOutcome(Enum):
@@ -102,11 +105,14 @@ class IngestQueues:
         """Offers one frame.
 
         Raises:
+            InvalidArgumentError: the timestamp is not finite, or not within ``MAX_TIMESTAMP_S`` of 0.
             UnknownStreamError: the stream has no queue on this worker.
             TimestampOrderError: the timestamp is not after the stream's previous frame.
         """
-        if not math.isfinite(frame.timestamp_s):
-            raise InvalidArgumentError(f"frame timestamp {frame.timestamp_s!r} must be finite")
+        if not (math.isfinite(frame.timestamp_s) and abs(frame.timestamp_s) <= MAX_TIMESTAMP_S):
+            raise InvalidArgumentError(
+                f"frame timestamp {frame.timestamp_s!r} must be finite and within {MAX_TIMESTAMP_S:g} s of 0"
+            )
         with self._lock:
             queue = self._queues.get(frame.stream_id)
             if queue is None:
@@ -117,10 +123,10 @@ class IngestQueues:
                     f"stream {frame.stream_id!r}: timestamp {frame.timestamp_s:.3f}s is not after the "
                     f"previous frame's {last:.3f}s; timestamps must increase"
                 )
+            first = frame.timestamp_s if queue.first_timestamp_s is None else queue.first_timestamp_s
+            slot = math.floor((frame.timestamp_s - first) * queue.fps + _GRID_EPS)  # before the queue changes
             queue.last_timestamp_s = frame.timestamp_s
-            if queue.first_timestamp_s is None:
-                queue.first_timestamp_s = frame.timestamp_s
-            slot = math.floor((frame.timestamp_s - queue.first_timestamp_s) * queue.fps + _GRID_EPS)
+            queue.first_timestamp_s = first
             if slot <= queue.last_slot:
                 return PutOutcome.SAMPLED_OUT
             queue.last_slot = slot

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from mosaic_core.errors import InvalidArgumentError, StateError
 from services.errors import NoFramesYetError
+from services.ingest_queue import MAX_TIMESTAMP_S
 from services.metadata.base import StreamRecord
 from services.sources import SourceReader, SourceState
 
@@ -34,15 +35,17 @@ class StreamSession:
 
         Raises:
             StateError: the stream pulls from a source (FAILED_PRECONDITION).
-            InvalidArgumentError: the timestamp is not finite, does not increase, or is more than ``max_skew_s`` ahead.
+            InvalidArgumentError: the timestamp is not finite or not within ``MAX_TIMESTAMP_S`` of 0, does not
+                increase, or is more than ``max_skew_s`` ahead.
         """
         if self.source is not None:
             raise StateError(
                 f"stream {self.stream_id!r} pulls frames from its source; it does not accept pushed frames"
             )
-        if not math.isfinite(timestamp_s):
+        if not (math.isfinite(timestamp_s) and abs(timestamp_s) <= MAX_TIMESTAMP_S):
             raise InvalidArgumentError(
-                f"stream {self.stream_id!r}: a frame's timestamp must be finite, not {timestamp_s}"
+                f"stream {self.stream_id!r}: a frame's timestamp must be finite and within {MAX_TIMESTAMP_S:g} s of 0 "
+                f"(seconds since the stream started, or Unix time), not {timestamp_s}"
             )
         if self.last_offered_s is not None and not timestamp_s > self.last_offered_s:
             raise InvalidArgumentError(

@@ -77,3 +77,25 @@ def test_a_pushed_frame_at_no_finite_time_is_refused_even_first(timestamp_s):
     session = StreamSession(StreamRecord(stream_id="cam", fps=1.0))
     with pytest.raises(InvalidArgumentError, match="finite"):
         session.check_push(timestamp_s, now=time.monotonic(), max_skew_s=5.0)
+
+
+@pytest.mark.parametrize("wild_s", [-1e308, 1e308, -2e11])
+def test_a_timestamp_far_from_any_clock_is_refused_and_the_stream_goes_on(wild_s):
+    """A first frame at -1e308 used to set the stream's clock there; the next frame's sampling slot then overflowed,
+    a non-Mosaic error that ended the whole PushFrames call as INTERNAL, frame after frame."""
+    import numpy as np
+
+    from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
+
+    session, queues = _session(), IngestQueues(8)
+    queues.add_stream("cam", 5.0)
+    now = time.monotonic()
+    with pytest.raises(InvalidArgumentError, match="within") as refused:
+        session.check_push(wild_s, now=now, max_skew_s=120.0)
+    assert refused.value.grpc_code == "INVALID_ARGUMENT"
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(InvalidArgumentError, match="within"):
+        queues.put(QueuedFrame("cam", wild_s, rgb, now))
+    unix_s = time.time()
+    session.check_push(unix_s, now=now, max_skew_s=120.0)
+    assert queues.put(QueuedFrame("cam", unix_s, rgb, now)) is PutOutcome.QUEUED
