@@ -284,13 +284,23 @@ class EngineLoop:
         return future
 
     def call(self, fn, *args, timeout_s: float | None = 120.0, **kwargs):
-        """Runs ``fn(*args, **kwargs)`` on the engine thread and returns its result (or raises its error)."""
+        """Runs ``fn(*args, **kwargs)`` on the engine thread and returns its result (or raises its error).
+
+        Past ``timeout_s`` it raises TimeoutError. A command the engine thread had not started by then is withdrawn
+        and never runs, so a caller that undoes its own part (a CreateStream's session) leaves nothing behind; one it
+        had started runs to its end."""
         if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
         future: Future = Future()
         self._commands.append(((fn, args, kwargs), future))
         self.wake.set()
-        return future.result(timeout_s)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            name = getattr(fn, "__name__", "a command")
+            if future.cancel():
+                raise TimeoutError(f"the engine thread did not take {name} within {timeout_s:g} s; withdrawn") from None
+            raise TimeoutError(f"{name} did not finish within {timeout_s:g} s on the engine thread") from None
 
     def questions_of(self, stream_id: str) -> int:
         """The stream's questions running or waiting here (``submit`` refuses one past ``max_questions_per_stream``)."""

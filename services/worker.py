@@ -396,7 +396,7 @@ class WorkerCore:
             num_clusters = self.loop.call(close)
         except UnknownStreamError:
             raise
-        except TimeoutError:  # the command may still run and delete it: a retry then finds no stream, as it should
+        except TimeoutError:  # withdrawn unless it had started; if it had, a retry finds no stream, as it should
             log.error("worker %s: deleting stream %s did not finish in time", self.worker_id, stream_id)
             raise
         except Exception as err:

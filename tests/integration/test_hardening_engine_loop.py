@@ -322,6 +322,24 @@ def test_a_question_after_the_engine_thread_stopped_is_refused_not_left_waiting(
     assert status_for(info.value).code is grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_command_the_engine_thread_had_not_started_when_its_call_timed_out_never_runs(tiny_model):
+    """A CreateStream whose open timed out behind a long engine-thread command undoes its session; the open it
+    queued must not run later and leave the engine holding a stream no session knows."""
+    engine = Engine(tiny_model, SMALL)
+    loop = _started_loop(engine)
+    held = threading.Event()
+    busy = loop.post(held.wait, 30.0)  # the engine thread is busy until ``held`` is set
+    try:
+        with pytest.raises(TimeoutError):
+            loop.call(engine.open_stream, "late", fps=FPS, timeout_s=0.2)
+    finally:
+        held.set()
+    busy.result(10)
+    loop.call(lambda: None)  # every command queued before this one has been taken
+    assert "late" not in engine.streams
+    loop.stop()
+
+
 def test_frames_the_memory_budgets_cannot_hold_are_dropped_as_no_room(tiny_model, bikes_frames):
     """Every tier full: the engine refuses the frames (CapacityError), and the drops say so, apart from a full
     ingest queue (queue_full), which calls for more ingest, not more memory."""
