@@ -43,6 +43,9 @@ from services.worker import FrameRejection, PushResult, StreamInfo, WorkerInfo, 
 
 log = logging.getLogger(__name__)
 DELETES_KEPT_S = 60.0  # how long a delete's end is remembered against listings asked before it
+# An engine thread with no chance to start a question for this long is stuck: an ingest call takes about a second,
+# a first compile or graph capture tens of seconds.
+ENGINE_STALL_S = 300.0
 
 
 class Coordinator:
@@ -63,6 +66,7 @@ class Coordinator:
         self._deleting: set[str] = set()  # and whose DeleteStream is
         self._deleted_s: dict[str, float] = {}  # stream -> when its last delete ended (monotonic), for a minute
         self._alive: set[int] = set()
+        self._stalled: set[int] = set()  # workers that answer, but whose engine thread is stuck (``ENGINE_STALL_S``)
         self._pids: dict[int, int] = {}  # worker index -> its process, as its last answer gave it
         self._down_since: dict[int, float] = {}  # worker index -> when it first missed a poll (monotonic)
         self._last_lags: dict[str, float] = {}  # stream -> the lag its worker last reported
@@ -86,6 +90,12 @@ class Coordinator:
     def alive_workers(self) -> frozenset[int]:
         """Workers that answered the last telemetry poll."""
         return frozenset(self._alive)
+
+    @property
+    def ready_workers(self) -> frozenset[int]:
+        """Workers that answered the last telemetry poll with an engine thread that is not stuck: those that can
+        take questions and new streams (readiness)."""
+        return frozenset(self._alive - self._stalled)
 
     def _index_of(self, stream_id: str) -> int:
         index = self.placement.get(stream_id)
@@ -234,7 +244,7 @@ class Coordinator:
 
     async def _rank_workers(self) -> list[tuple[int, WorkerInfo]]:
         """Live workers and what they said of themselves, most free budget first."""
-        live = sorted(self._alive)
+        live = sorted(self._alive - self._stalled)
         results = await asyncio.gather(*(self.workers[i].info.remote() for i in live), return_exceptions=True)
         ranked = [
             (-info.free_bytes, info.num_streams, index, info)
@@ -351,6 +361,17 @@ class Coordinator:
             raise UnavailableError(f"worker {index} is unavailable (restarting or gone): {err}") from None
 
     # -- telemetry ----------------------------------------------------------------------------------
+    def _note_stall(self, index: int, stalled_s: float) -> None:
+        """A worker whose engine thread has had no chance to start a question for ``ENGINE_STALL_S`` is not ready
+        (it answers polls from another thread); it is again once the thread moves."""
+        if stalled_s > ENGINE_STALL_S and index not in self._stalled:
+            self._stalled.add(index)
+            log.error("worker %d's engine thread has been stuck for %.0f s: it takes no questions or streams until it "
+                      "moves", index, stalled_s)  # fmt: skip
+        elif stalled_s <= ENGINE_STALL_S and index in self._stalled:
+            self._stalled.discard(index)
+            log.warning("worker %d's engine thread moves again", index)
+
     async def poll_telemetry(self, timeout_s: float = 5.0) -> None:
         """Drains every worker's counters into the router's metrics; tracks which workers answer."""
         live = list(range(len(self.workers)))
@@ -371,6 +392,7 @@ class Coordinator:
                 self._report_silent_streams(index, now)
                 continue
             alive.add(index)
+            self._note_stall(index, result.engine_stalled_s)
             came_back = index not in self._alive or result.pid != self._pids.get(index, result.pid)
             self._pids[index] = result.pid
             self._down_since.pop(index, None)

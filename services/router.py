@@ -245,20 +245,19 @@ class MosaicServer:
                 log.exception("telemetry poll failed")
             await self._set_readiness()
 
-    def _num_alive_workers(self) -> int:
-        """Workers that answered the last telemetry poll (the coordinator's view)."""
-        alive = getattr(self.coordinator, "alive_workers", None)
-        return len(alive if alive is not None else self.coordinator._alive)
+    def _num_ready_workers(self) -> int:
+        """Workers that answered the last telemetry poll with an engine thread that moves (the coordinator's view)."""
+        return len(self.coordinator.ready_workers)
 
     async def _set_readiness(self) -> None:
         """``mosaic.v1.Mosaic`` is SERVING only while some worker can take questions; never during shutdown."""
         if self._stopped.is_set():
             return
-        ready = self._num_alive_workers() > 0
+        ready = self._num_ready_workers() > 0
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         if ready != self._ready:
             log.warning(
-                "readiness: %s (%d workers answer)", "SERVING" if ready else "NOT_SERVING", self._num_alive_workers()
+                "readiness: %s (%d workers ready)", "SERVING" if ready else "NOT_SERVING", self._num_ready_workers()
             )
             self._ready = ready
         await self.health.set(SERVICE_NAME, status)

@@ -112,6 +112,9 @@ class TelemetryDelta:
     kernel_compiles: int = 0  # increment of EngineStats.kernel_compiles
     device_hit_ratio: float = 0.0
     durability: DurabilityHealth | None = None
+    # Seconds the worker's engine thread has gone without a chance to start a question: it ingests, runs commands
+    # and answers between such chances, so a stuck one (a hung GPU call, a deadlock) lets this grow without end.
+    engine_stalled_s: float = 0.0
     loop_seconds: dict[str, float] = field(default_factory=dict)  # engine thread, by ENGINE_LOOP_PARTS
     question_start_gaps: list[tuple[str, float]] = field(default_factory=list)  # (QUESTION_START_GAPS label, s)
     answer_thread_waits_s: list[float] = field(default_factory=list)  # from an ask's sending to its thread taking it

@@ -582,6 +582,7 @@ class WorkerCore:
         lags = {sid: self.loop.oldest_wait_s(sid) for sid in list(self.sessions)}
         delta = self.telemetry.drain(queue_depths=self.queues.depths(), lags_s=lags, engine_stats=self.loop.stats)
         delta.durability = self._durability_delta()
+        delta.engine_stalled_s = self.loop.seconds_since_chance()
         self._save_counters()
         return delta
 

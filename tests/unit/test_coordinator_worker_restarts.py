@@ -250,3 +250,34 @@ def test_a_create_retried_before_the_router_knows_a_restored_stream_is_not_made_
         assert coordinator.placement == {"cam": 0} and "cam" not in roomier.streams
 
     asyncio.run(scenario())
+
+
+def test_a_worker_whose_engine_thread_is_stuck_is_not_ready_until_it_moves():
+    """It answers polls (a control thread serves them), so only the stall it reports tells it apart: readiness and
+    new streams leave it until its engine thread moves again."""
+    from services.coordinator import ENGINE_STALL_S
+
+    async def scenario():
+        worker = Worker(0)
+        coordinator = await _started(worker)
+        await coordinator.poll_telemetry(1.0)
+        assert coordinator.ready_workers == {0}
+        drain = worker._drain_telemetry
+        stalled_s = [ENGINE_STALL_S + 1.0]
+
+        def stuck():
+            delta = drain()
+            delta.engine_stalled_s = stalled_s[0]
+            return delta
+
+        worker.drain_telemetry = _Method(worker._live(stuck))
+        await coordinator.poll_telemetry(1.0)
+        assert coordinator.alive_workers == {0} and coordinator.ready_workers == frozenset()
+        with pytest.raises(UnavailableError, match="no worker is up"):
+            await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        stalled_s[0] = 0.5
+        await coordinator.poll_telemetry(1.0)
+        assert coordinator.ready_workers == {0}
+        await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+
+    asyncio.run(scenario())
