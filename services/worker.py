@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -45,6 +46,7 @@ from services import gc_watch, gil_probe, heap_probe, stack_probe
 from services.admission import check_admission
 from services.config import ServiceConfig
 from services.engine_loop import DONE, EngineLoop, QuestionJob
+from services.errors import DeadlineError
 from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
 from services.metadata.base import MetadataStore, StreamRecord
 from services.publisher import DeleteStream, MetadataPublisher, PutStream, WorkerView
@@ -62,6 +64,9 @@ MAX_RESTARTS = 3
 # shutdown (what is left of the pod's grace, services.router), before the checkpoint; frames left then are counted
 # dropped (reason shutdown).
 SHUTDOWN_INGEST_S = 2.0
+# An answer the engine loop has not ended this long past its question's deadline is given up by the answer thread
+# waiting on it (the loop ends late answers itself, so only a stuck engine thread leaves one), and the thread goes back.
+ABANDON_AFTER_DEADLINE_S = 30.0
 # The worker's calls other than answers (``ask`` runs in ``ANSWER_GROUP``, ``answer_threads`` threads): frames,
 # telemetry, stream calls, cancels, the watch long-poll and the shutdown.
 CONTROL_THREADS = 10
@@ -533,7 +538,7 @@ class WorkerCore:
                 self.loop.cancel(job.question_id)
         first_out_s = None
         try:
-            while (item := job.events.get()) is not DONE:
+            while (item := self._next_event(job)) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
                 if first_out_s is None:
@@ -544,6 +549,17 @@ class WorkerCore:
                 yield item
         finally:
             job.cancelled.set()
+
+    @staticmethod
+    def _next_event(job: QuestionJob):
+        """The answer's next event, or DeadlineError once ``ABANDON_AFTER_DEADLINE_S`` past its deadline."""
+        try:
+            return job.events.get(timeout=max(0.0, job.deadline_s + ABANDON_AFTER_DEADLINE_S - time.monotonic()))
+        except queue.Empty:
+            raise DeadlineError(
+                f"question {job.question_id}: the worker's engine thread did not end its answer within "
+                f"{ABANDON_AFTER_DEADLINE_S:g} s of its deadline; it is given up"
+            ) from None
 
     def questions_of(self, stream_id: str) -> int:
         """The stream's questions running or waiting on this worker; past ``max_questions_per_stream`` the next is

@@ -110,3 +110,29 @@ def test_a_failed_delete_keeps_pulling_the_source_and_a_delete_stops_it(tiny_mod
         assert source.progress().frames_read == read  # the reader stopped with the stream
     finally:
         worker.shutdown()
+
+
+def test_an_answer_a_stuck_engine_thread_never_ends_gives_its_answer_thread_back(
+    tiny_model, bikes_frames, tmp_path, monkeypatch
+):
+    """The engine loop ends an answer past its deadline itself; when the engine thread is stuck nothing does, and the
+    ask waited on its events for good, holding one of the worker's answer threads."""
+    from services import worker as worker_module
+    from services.errors import DeadlineError
+
+    monkeypatch.setattr(worker_module, "ABANDON_AFTER_DEADLINE_S", 0.5)
+    worker = _worker(tiny_model, _config(tmp_path))
+    gate = threading.Event()
+    try:
+        worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
+        assert worker.push([(i, "cam", i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:2])]).accepted == 2
+        _wait_ingested(worker, "cam", 2)
+        worker.loop.post(gate.wait, 60)  # the engine thread is stuck from here
+        started = time.monotonic()
+        with pytest.raises(DeadlineError) as given_up:
+            list(worker.ask("q1", "cam", "what moved?", 4, None, timeout_s=0.5))
+        assert time.monotonic() - started < 10.0, "the ask waited for the stuck engine thread"
+        assert "given up" in str(given_up.value)
+    finally:
+        gate.set()
+        worker.shutdown()
