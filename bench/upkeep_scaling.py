@@ -11,7 +11,7 @@ work are timed both ways on the same engine, side by side:
 - the watch check (which clusters sealed since the stream's watermark): ``newest`` (a look of the stream's
   ``WatchFrontier``, as built since session 43: the clusters numbered since its last look and those it waits on)
   against ``all`` (every cluster listed, then filtered, as before session 17). Until session 43 ``newest`` was a
-  binary search for the clusters that start after the watermark (``Engine.clusters_started_after``).
+  binary search for the clusters that start after the watermark.
 
 A third column is the stream's whole metadata view (``TierSync.cluster_metas``), which the publisher's drift check
 built for every stream every 5 s until commit 5da1cdf; it now reads stream ids only, and builds the view only to

@@ -64,14 +64,6 @@ def url_host(url: str) -> tuple[str, int | None] | None:
     return (parts.hostname, port) if parts.hostname else None
 
 
-def _named(url: str) -> tuple[str, int | None] | str | None:
-    """``url_host``, or why the URL is refused (a port that is no number)."""
-    try:
-        return url_host(url)
-    except ValueError as err:
-        return f"source_url's {err}"
-
-
 def blocked(address: str, networks: tuple[Network, ...]) -> bool:
     """Whether ``address`` (an IP address; an IPv6 zone is ignored, an IPv4-mapped one read as IPv4) is in one of
     ``networks``."""
@@ -85,11 +77,12 @@ def blocked(address: str, networks: tuple[Network, ...]) -> bool:
 
 
 def literal_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
-    """Why ``url``'s host is refused as written (an address in ``networks``, or a ``localhost`` name while loopback
-    is blocked), or None; no name is resolved."""
-    named = _named(url)
-    if isinstance(named, str):
-        return named
+    """Why ``url`` is refused as written (a port that is no number, or a host that is an address in ``networks``,
+    or a ``localhost`` name while loopback is blocked), or None; no name is resolved."""
+    try:
+        named = url_host(url)
+    except ValueError as err:
+        return f"source_url's {err}"
     if named is None or not networks:
         return None
     host = named[0].rstrip(".").lower()
@@ -102,14 +95,10 @@ def literal_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
 
 def resolved_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
     """Why ``url`` is refused once its host's name is resolved (an address in ``networks``), or None, also when the
-    name does not resolve (the connect then fails with its own error)."""
-    named = _named(url)
-    if isinstance(named, str):
-        return named
-    if named is None or not networks:
-        return None
+    name does not resolve (the connect then fails with its own error). What ``literal_refusal`` refuses comes first."""
     refusal = literal_refusal(url, networks)
-    if refusal is not None:
+    named = None if refusal is not None else url_host(url)  # the port parses: ``literal_refusal`` said so
+    if refusal is not None or named is None or not networks:
         return refusal
     host, port = named
     try:

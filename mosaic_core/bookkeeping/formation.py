@@ -282,11 +282,6 @@ class ClusterFormer:
             raise UnknownClusterError(f"stream {self.stream_id!r} has no cluster {cluster_id!r}")
         return record
 
-    def started_after_to_read(self, start_s: float) -> tuple[ClusterRecord, ...]:
-        """The records that start after ``start_s`` themselves, in order, found by a binary search: records are in
-        order of their first frames, so of their starts too."""
-        return tuple(self._records[bisect.bisect_right(self._records, start_s, key=_start) :])
-
     def newest_to_read(self, count: int) -> tuple[ClusterRecord, ...]:
         """The last ``count`` records themselves (the open cluster, if any, last), for a caller that only reads them."""
         return tuple(self._records[-count:]) if count > 0 else ()
@@ -513,7 +508,3 @@ def _is_int(value: object) -> bool:
 
 def _first_frame(record: ClusterRecord) -> int:
     return record.frame_indices[0]
-
-
-def _start(record: ClusterRecord) -> float:
-    return record.start_s

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from mosaic_core.durable.manifest import fsync_dir
+from mosaic_core.durable.manifest import fsync_dir, is_number
 from mosaic_core.durable.records import ClusterSummary
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,16 @@ class KVShape:
     num_kv_heads: int
     head_dim: int
     dtype: str  # torch's name without its prefix: "bfloat16"
+
+    @classmethod
+    def of(cls, spec) -> KVShape:
+        """The shape of a ``KVSpec``'s KV."""
+        return cls(
+            num_layers=spec.num_layers,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            dtype=str(spec.dtype).removeprefix("torch."),
+        )
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -59,13 +69,13 @@ def check_opened(stream: dict, dir_name: str, kv_shape: KVShape | None) -> str:
     if stream_id != dir_name:
         raise ValueError(f"its journal opens stream {stream_id!r}, not {dir_name!r}")
     fps = stream.get("fps")
-    if not _is_number(fps) or not fps > 0:
+    if not is_number(fps) or not fps > 0:
         raise ValueError(f"its fps {fps!r} is not a positive number")
     if not isinstance(stream.get("system_prompt"), str | None) or not isinstance(stream.get("meta"), dict | None):
         raise ValueError("its system prompt or meta is of the wrong type")
     for name in ("first_frame_index", "first_cluster_number"):
         value = stream.get(name)
-        if value is not None and not (isinstance(value, int) and _is_number(value)):
+        if value is not None and not (isinstance(value, int) and is_number(value)):
             raise ValueError(f"its {name} {value!r} is not an integer")
     recorded = stream.get("kv")
     if kv_shape is not None and recorded is not None:
@@ -98,7 +108,7 @@ def clean_state(state: object, stream_id: str) -> dict:
         return {}
     kept = dict(state)
     for name in STATE_NUMBERS:
-        if kept.get(name) is not None and not _is_number(kept[name]):
+        if kept.get(name) is not None and not is_number(kept[name]):
             log.error("stream %s: its saved %s %r is not a number: restored without it", stream_id, name, kept[name])
             del kept[name]
     return kept
@@ -112,7 +122,3 @@ def move_aside(root: Path, path: Path, name: str) -> Path:
     fsync_dir(path.parent)
     fsync_dir(kept.parent)
     return kept
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -103,19 +103,19 @@ class ClusterEntry:
         if not isinstance(self.checksum, str):
             return f"checksum {self.checksum!r} is not a string"
         for name, value in {**numbers, **integers}.items():
-            if not _is_number(value) or (name in integers and not isinstance(value, int)):
+            if not is_number(value) or (name in integers and not isinstance(value, int)):
                 return f"{name} {value!r} is not a number of its kind"
-        if self.sealed_unix_s is not None and not _is_number(self.sealed_unix_s):
+        if self.sealed_unix_s is not None and not is_number(self.sealed_unix_s):
             return f"sealed_unix_s {self.sealed_unix_s!r} is not a number"
         if not all(isinstance(values, list) and values for values in lists) or len({len(v) for v in lists}) != 1:
             return "its frame lists are not non-empty lists of one length"
-        if not all(isinstance(v, int) and _is_number(v) for v in (*self.frame_indices, *self.frame_num_tokens)):
+        if not all(isinstance(v, int) and is_number(v) for v in (*self.frame_indices, *self.frame_num_tokens)):
             return "its frame indices or token counts are not integers"
-        if not all(_is_number(v) for v in self.frame_timestamps_s):
+        if not all(is_number(v) for v in self.frame_timestamps_s):
             return "its frame timestamps are not numbers"
         keyframe_fields = ("frame_index", "timestamp_s", "width", "height", "num_bytes")
         if not isinstance(self.keyframes, list) or not all(
-            isinstance(k, dict) and all(_is_number(k.get(name)) for name in keyframe_fields) for k in self.keyframes
+            isinstance(k, dict) and all(is_number(k.get(name)) for name in keyframe_fields) for k in self.keyframes
         ):
             return "its keyframes are not a list of keyframe entries"
         try:
@@ -125,7 +125,8 @@ class ClusterEntry:
         return ""
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """An int or a float, not a bool: what a journal's numeric fields hold."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 

@@ -27,6 +27,7 @@ from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier, TierBudgets
 from mosaic_core.config import EngineConfig, RetrievalMode, device_budget_from_free
+from mosaic_core.durable.checks import KVShape
 from mosaic_core.durable.retired import FROM_ZERO, RetiredNumbers, StreamNumbers
 from mosaic_core.durable.staging import StagingArena
 from mosaic_core.durable.store import DurableStore
@@ -98,6 +99,7 @@ class Engine:
                 self.config.data_dir,
                 writers=self.config.durable_writers,
                 max_pending_bytes=self.config.durable_pending_bytes,
+                kv_shape=KVShape.of(self.spec),  # recorded with each stream: a restart never adopts another model's KV
                 # pinned here, once: pinning a block for each snapshot held the engine thread mid-pass
                 staging=StagingArena(self.config.durable_pending_bytes, pin=True)
                 if model.device.type == "cuda"
@@ -664,11 +666,6 @@ class Engine:
     def clusters(self, stream_id: str) -> list[ClusterInfo]:
         """Clusters of a stream that hold KV (frames still in the local window are not in one yet)."""
         records = self.stream(stream_id).former.records_to_read()
-        return [info for record in records if (info := self._cluster_info(record)) is not None]
-
-    def clusters_started_after(self, stream_id: str, start_s: float) -> list[ClusterInfo]:
-        """Those of ``clusters(stream_id)`` that start after ``start_s``, reading only them."""
-        records = self.stream(stream_id).former.started_after_to_read(start_s)
         return [info for record in records if (info := self._cluster_info(record)) is not None]
 
     def cluster_info(self, stream_id: str, cluster_id: str) -> ClusterInfo | None:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from mosaic_core.bookkeeping.formation import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
-from mosaic_core.durable.checks import KVShape
 from mosaic_core.durable.manifest import RECORD_SUFFIX, ClusterEntry
 from mosaic_core.durable.records import ClusterSummary
 from mosaic_core.durable.store import DurableStore, Seal, StoredStream
@@ -54,13 +53,6 @@ class HistoryKeeper:
 
     def __init__(self, store: DurableStore, tiering: TierManager, keyframes: KeyframeSettings) -> None:
         self.store = store
-        spec = tiering.tiers.spec  # recorded with each stream, so a restart never adopts another model's KV
-        store.kv_shape = store.kv_shape or KVShape(
-            num_layers=spec.num_layers,
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_dim,
-            dtype=str(spec.dtype).removeprefix("torch."),
-        )
         self.tiering = tiering
         self.keyframes = keyframes
         # stream -> (cluster numbers, frame indices) below these are recorded as possibly used

@@ -247,7 +247,7 @@ class Retriever:
         self._timed_gathers: list[Moved] = []
         self._generation = tiering.residency.generation  # clusters removed since: ``_gone_indices``
         self._window = self._window_key()  # frames that left the window since: ``sizes_at_snapshot``
-        self._sizes_at_ask: dict[str, int] | None = None
+        self._snapshot_sizes: dict[str, int] | None = None
         self._cut_slots: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # cluster -> (its slots, their first part)
         self._past_table: torch.Tensor | None = None  # ``past_logsumexp``'s slot table, uploaded once
         off_cuda = tiering.tiers.transfers.side is None  # there the copy engines' copies are plain host copies
@@ -269,10 +269,10 @@ class Retriever:
             self.tiering.residency.tier_of(cid) in (Tier.DEVICE, Tier.HOST) for cid in chosen
         )
         selection = LayerSelection(chosen, [], [], 0, scores, paged=paged)
-        asked = self._asked_sizes()
+        sizes = self._sizes_to_read()
         for cluster_id in chosen:
             tier = self._take(cluster_id)
-            held = None if asked is None else asked[cluster_id]
+            held = None if sizes is None else sizes[cluster_id]
             if tier is Tier.DEVICE:
                 selection.device_slots.append(self._device_slots(cluster_id, held))
             elif paged:
@@ -289,10 +289,10 @@ class Retriever:
         """Layer ``layer``'s share of the clusters another layer chose (no scoring of its own); the device slots
         and host pages are the same for every layer."""
         reused = chosen.shared()
-        asked = self._asked_sizes()
+        sizes = self._sizes_to_read()
         for cluster_id in chosen.cluster_ids:
             if self._take(cluster_id) is not Tier.DEVICE and not chosen.paged:
-                held = None if asked is None else asked[cluster_id]
+                held = None if sizes is None else sizes[cluster_id]
                 reused.slabs += _first_views(self.tiering.tiers.layer_slabs(cluster_id, layer), held)
         return reused
 
@@ -434,7 +434,7 @@ class Retriever:
         one is ingested, or when the window is flushed (emptied)."""
         return self.stream.frames_ingested, len(self.stream.local)
 
-    def _asked_sizes(self) -> dict[str, int] | None:
+    def _sizes_to_read(self) -> dict[str, int] | None:
         """Each candidate's tokens when the plan took its snapshot of the window (``sizes_at_snapshot``); None
         while no frame can have left the window since, so that no cluster of the stream grew (merges and joins make
         new ids, splits only shrink).
@@ -444,11 +444,11 @@ class Retriever:
         never saw it), and the budget was cut with the sizes below: so a chosen cluster is read up to its size at
         the snapshot, and a re-score between decode steps neither reads a frame twice nor goes past the budget
         (``fixed_buffers.load_table``)."""
-        if self._sizes_at_ask is None:
+        if self._snapshot_sizes is None:
             if self._window_key() == self._window:
                 return None
-            self._sizes_at_ask = dict(zip(self.candidates, self._size_list, strict=True))
-        return self._sizes_at_ask
+            self._snapshot_sizes = dict(zip(self.candidates, self._size_list, strict=True))
+        return self._snapshot_sizes
 
     def _device_slots(self, cluster_id: str, held: int | None) -> np.ndarray:
         """The cluster's slots in the device pool, its first ``held`` only; the same array for every layer while

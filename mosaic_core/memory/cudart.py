@@ -77,14 +77,16 @@ def runtime_version() -> int:
     return version.value
 
 
-_batch_found: list[bool] = []  # the runtime has cudaMemcpyBatchAsync, once seen (a miss is asked again)
+_batch_runtime: list[
+    int
+] = []  # the runtime's version, once it is seen to have cudaMemcpyBatchAsync (a miss is not kept)
 
 
 def batch_available() -> bool:
     """Whether ``copy_batch`` can run: the runtime is 12.8 or later, which has ``cudaMemcpyBatchAsync``."""
-    if not _batch_found and runtime_version() >= 12080 and hasattr(_runtime(), "cudaMemcpyBatchAsync"):
-        _batch_found.append(True)
-    return bool(_batch_found)
+    if not _batch_runtime and (version := runtime_version()) >= 12080 and hasattr(_runtime(), "cudaMemcpyBatchAsync"):
+        _batch_runtime.append(version)
+    return bool(_batch_runtime)
 
 
 def copy_batch(runs: np.ndarray, stream: int, *, prefer_overlap: bool = False) -> None:
@@ -108,7 +110,7 @@ def copy_batch(runs: np.ndarray, stream: int, *, prefer_overlap: bool = False) -
     head = (pointer(dsts.ctypes.data), pointer(srcs.ctypes.data), pointer(sizes.ctypes.data), ctypes.c_size_t(count),
             ctypes.byref(attributes), attribute_from, ctypes.c_size_t(1))  # fmt: skip
     failed = ctypes.c_size_t(count)
-    if runtime_version() >= 13000:
+    if _batch_runtime[0] >= 13000:
         status = lib.cudaMemcpyBatchAsync(*head, pointer(stream))
     else:
         status = lib.cudaMemcpyBatchAsync(*head, ctypes.byref(failed), pointer(stream))

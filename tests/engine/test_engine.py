@@ -272,8 +272,6 @@ def test_retention_drops_old_sealed_clusters_from_every_tier(tiny_model, bikes_f
     after = engine.clusters("cam")
     assert {c.cluster_id for c in after} == {c.cluster_id for c in before} - set(dropped)
     assert all(c.end_s >= cutoff for c in after)
-    for start_s in (float("-inf"), cutoff, *(c.start_s for c in after)):
-        assert engine.clusters_started_after("cam", start_s) == [c for c in after if c.start_s > start_s]
     engine.tiering.residency.check_invariants()
     _assert_stream_stats_count_its_clusters(engine, "cam")
     engine.answer("cam", QUESTION, max_new_tokens=1)  # retention leaves a working stream
