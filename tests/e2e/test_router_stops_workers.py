@@ -1,6 +1,7 @@
 """A stopping router lets its workers make their streams durable side by side, each for what is left of the pod's
-grace past the calls' grace, and says which ran out of time. Real Ray and the real ``MosaicServer.stop``; the workers
-are actors whose shutdown takes a set time (building engines would only slow the test)."""
+grace past the calls' grace, and says which ran out of time. Real Ray (the e2e suite's one cluster, so no second start)
+and the real ``MosaicServer.stop``; the workers are actors whose shutdown takes a set time (building engines would
+only slow the test)."""
 
 from __future__ import annotations
 
@@ -37,16 +38,6 @@ def _slow_shutdown_actor():
     return ray.remote(num_cpus=0)(SlowShutdown)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _stop_with_workers(tmp_path: Path, shutdown_s: list[float]) -> tuple[list[bool], float]:
     """Stops a router (never started, so only its workers have anything to stop) with a calls' grace of 0; returns
     which workers finished their shutdown, and how long the stop took."""
@@ -61,14 +52,16 @@ def _stop_with_workers(tmp_path: Path, shutdown_s: list[float]) -> tuple[list[bo
     return [path.exists() for path in done], time.monotonic() - started_s
 
 
-def test_workers_stop_side_by_side_for_what_is_left_of_the_grace(local_ray, tmp_path):
+def test_workers_stop_side_by_side_for_what_is_left_of_the_grace(ray_cluster, tmp_path):
     # 12 s is past the 10 s each worker had, one after another, but within the grace left (20 s less 4 kept).
     finished, took_s = _stop_with_workers(tmp_path, [12.0, 3.0, 3.0])
     assert finished == [True, True, True]
     assert took_s < 14.0, took_s  # side by side, not 12 + 3 + 3
 
 
-def test_a_worker_still_stopping_when_the_grace_runs_out_is_named_and_killed(local_ray, tmp_path, monkeypatch, caplog):
+def test_a_worker_still_stopping_when_the_grace_runs_out_is_named_and_killed(
+    ray_cluster, tmp_path, monkeypatch, caplog
+):
     # A pod with 3 s past the calls' grace, 1 s of them kept for after the workers: 2 s for the workers.
     monkeypatch.setattr(router, "GRACE_PAST_CALLS_S", 3.0)
     monkeypatch.setattr(router, "AFTER_WORKERS_S", 1.0)
