@@ -81,7 +81,7 @@ from dataclasses import dataclass, field
 
 from mosaic_core.engine.ingest import EncodedFrames
 from mosaic_core.engine.ingest_pauses import IngestPauses
-from mosaic_core.engine.results import Answer, FrameInput
+from mosaic_core.engine.results import Answer, FrameInput, IngestResult
 from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError
 from services.admission import IngestCapacity
 from services.errors import DeadlineError, NoFramesYetError, QueueFullError, UnavailableError
@@ -527,13 +527,15 @@ class EngineLoop:
         """Ingests the batch (with ``encoded``, its vision tower queued ahead). The engine checks a whole batch
         before changing anything, so one bad camera only loses its own frames: if the engine refuses the batch
         because of one stream's frames (``MosaicError.stream_id``), those are dropped and the rest go again in one
-        call; if the refusal names no stream, each stream goes again in a call of its own. Returns the frames
-        ingested and whether the engine used ``encoded``."""
+        call; if the refusal names no stream, each stream goes again in a call of its own. A stream whose oldest
+        frames found no room to leave its window has its frames after them refused by the call itself
+        (``IngestResult.refused``); those are dropped too. Returns the frames ingested and whether the engine used
+        ``encoded``."""
         while batch:
             try:
                 result = self.engine.ingest(_frame_inputs(batch), pauses=self._new_pauses(), encoded=encoded)
                 self._forward_passes += result.num_forward_passes
-                return batch, result.encoded_ahead
+                return self._drop_not_taken(batch, result), result.encoded_ahead
             except Exception as err:
                 streams = {f.stream_id for f in batch}
                 refused = next(iter(streams)) if len(streams) == 1 else getattr(err, "stream_id", None)
@@ -547,6 +549,16 @@ class EngineLoop:
         for frame in batch:
             by_stream[frame.stream_id].append(frame)
         return [f for frames in by_stream.values() for f in self._ingest(frames)[0]], False
+
+    def _drop_not_taken(self, batch: list[QueuedFrame], result: IngestResult) -> list[QueuedFrame]:
+        """The batch less each stream's last frames that the engine did not take in (``IngestResult.refused``),
+        those counted as dropped for want of room."""
+        not_taken: set[int] = set()
+        for stream_id, num_refused in result.refused.items():
+            refused = [f for f in batch if f.stream_id == stream_id][-num_refused:]
+            self._drop_refused(refused, CapacityError(result.held_back[stream_id]))
+            not_taken.update(id(f) for f in refused)
+        return [f for f in batch if id(f) not in not_taken]
 
     def _drop_refused(self, frames: list[QueuedFrame], err: BaseException) -> None:
         """Counts one stream's frames that the engine refused as dropped, with why."""

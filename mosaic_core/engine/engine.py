@@ -576,6 +576,10 @@ class Engine:
         fixed points, where ``pauses.serve`` may start questions (``mosaic_core.engine.ingest_pauses``). With
         ``encoded`` from ``encode_ahead`` of these very frames, the call uses its vision tower's output. After it,
         history past ``config.history_budget_bytes`` goes, the clusters sealed first first.
+
+        Frames leaving a local window that find no room in any tier stay in it, nothing lost; the call takes in
+        none of their stream's frames after them (``IngestResult.refused``), and later calls with that stream's
+        frames raise ``CapacityError``, naming it, until they find room (``mosaic_core.engine.ingest.ingest``).
         """
         result = ingest.ingest(self.parts, frames, pauses, encoded)
         self._keep_history_budget()

@@ -28,7 +28,7 @@ from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import FrameInput, IngestResult
 from mosaic_core.engine.stream import LocalFrame, StreamState
 from mosaic_core.engine.thumbnails import ThumbnailBatch
-from mosaic_core.errors import BudgetError, EmptyBatchError, MosaicError
+from mosaic_core.errors import BudgetError, CapacityError, EmptyBatchError, MosaicError
 from mosaic_core.model.pixels import VisionGeometry, validate_frames
 
 # A row shorter than its pass's longest is left-padded with this id; the pad's KV is never written.
@@ -125,10 +125,18 @@ def ingest(
     itself). With ``pauses`` the call stops at fixed points for its caller (``mosaic_core.engine.ingest_pauses``).
     With ``encoded`` for these very frames (``encode``), the call queues no vision tower of its own, and makes none
     of the pauses after or inside it; an ``encoded`` for other frames is ignored.
+
+    Frames leaving a window whose clusters find no room in any tier stay in the window, KV kept
+    (``_store_in_clusters``); their stream's later frames in the call are not taken in (``IngestResult.refused``).
+
+    Raises:
+        CapacityError: a stream of the batch still holds frames back from an earlier call, and they still find no
+            room. It names the stream (``MosaicError.stream_id``), and no frame of the call has been taken in.
     """
     if not frames:
         raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
     by_stream = _validate(parts, frames)
+    _store_held_back(parts, by_stream)
     if parts.history is not None:  # every id the call may give out, before anything changes
         for stream_id, items in by_stream.items():
             parts.history.ensure_ids(parts.streams[stream_id], frames=len(items), clusters=len(items))
@@ -141,6 +149,8 @@ def ingest(
     encode_s = time.perf_counter() - start
     attended: list[int] = []
     num_opened = num_passes = 0
+    held_back: dict[str, CapacityError] = {}
+    taken: dict[str, int] = dict.fromkeys(by_stream, 0)
     times = _HostTimes()
     chunk = parts.config.max_frames_per_pass
     rounds = max(-(-len(items) // chunk) for items in by_stream.values())
@@ -152,18 +162,22 @@ def ingest(
                 [f for f, _ in items[r * chunk :][:chunk]],
             )
             for sid, items in by_stream.items()
-            if r * chunk < len(items)
+            if r * chunk < len(items) and sid not in held_back
         ]
         for group in _pass_groups(rows, features):
-            opened, tokens = _ingest_pass(parts, group, features, pauses, times)
+            opened, tokens, no_room = _ingest_pass(parts, group, features, pauses, times)
             num_passes += 1
             num_opened += opened
             attended.extend(tokens)
+            held_back.update(no_room)
+            for sid, indices, _ in group:
+                taken[sid] += len(indices)
     if parts.history is not None:
         for stream_id in by_stream:
             parts.history.note_progress(parts.streams[stream_id])
+    refused = {sid: len(items) - taken[sid] for sid, items in by_stream.items() if taken[sid] < len(items)}
     return IngestResult(
-        num_frames=len(frames),
+        num_frames=len(frames) - sum(refused.values()),
         num_forward_passes=num_passes,
         num_clusters_opened=num_opened,
         encode_s=encode_s,
@@ -173,6 +187,8 @@ def ingest(
         wait_s=times.wait_s,
         place_s=times.place_s,
         encoded_ahead=encoded_ahead,
+        refused=refused,
+        held_back={sid: str(err) for sid, err in held_back.items()},
     )
 
 
@@ -274,8 +290,10 @@ def _fix_geometry(parts: EngineParts, state: StreamState, rgb: np.ndarray) -> No
 
 def _ingest_pass(
     parts: EngineParts, rows, features, pauses: IngestPauses | None, times: _HostTimes
-) -> tuple[int, list[int]]:
-    """One forward pass; rows are ``(stream_id, frame indices in the batch, frames)``, one row per stream.
+) -> tuple[int, list[int], dict[str, CapacityError]]:
+    """One forward pass; rows are ``(stream_id, frame indices in the batch, frames)``, one row per stream. Returns
+    the clusters it opened, the tokens each frame attended to, and the streams whose frames found no room to leave
+    the window (``_store_in_clusters``).
 
     Row layout, for a row carrying frames f0 f1 of one stream, in a pass whose longest row is ``pad`` tokens
     longer:
@@ -339,7 +357,7 @@ def _ingest_pass(
     parts.model.forward(input_ids=input_ids, position_ids=position_ids, plan=plan, frame_embeds=embeds)
     if not by_pictures:  # the frames' keys at the choosing layer come from this pass
         shaping, first_readback = compare_first_frames()
-    opened, attended, leaving = 0, [], []
+    opened, attended, leaving, held_back = 0, [], [], {}
     issued = time.perf_counter()
     first = first_readback.values()
     waited = time.perf_counter()
@@ -359,14 +377,14 @@ def _ingest_pass(
             leaving += [(state, old) for old in state.pop_overflow(parts.config.local_window_tokens)]
             attended.append(plan.attended_tokens[row] - (row_tokens[row] - end))
         if pauses is not None and pauses.placed(len(frames), last_of_pass=row == len(rows) - 1):
-            _store_in_clusters(parts, leaving)
+            held_back.update(_store_in_clusters(parts, leaving))
             leaving = []
             pauses.pause(parts.model.device)
-    _store_in_clusters(parts, leaving)
+    held_back.update(_store_in_clusters(parts, leaving))
     times.issue_s += issued - start
     times.wait_s += waited - issued
     times.place_s += time.perf_counter() - waited
-    return opened, attended
+    return opened, attended, held_back
 
 
 def _shaping_summaries(parts: EngineParts, rows, features, frame_pages, frame_fills) -> list[list[torch.Tensor]]:
@@ -441,7 +459,7 @@ def _place_frame(
     return 0 if decision.join else 1
 
 
-def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, LocalFrame]]) -> None:
+def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, LocalFrame]]) -> dict[str, CapacityError]:
     """Frames leaving the local windows (oldest first per stream) hand their pages to their clusters, wherever
     those live (on the device, without a copy).
 
@@ -450,22 +468,29 @@ def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, Loca
     recurring-scene steps run in order: a frame that completes a cluster is that cluster's last among them, so the
     row it is sealed or joined with is whole. Whether a frame completed its cluster is read once, from the record in
     place (a copy grows with the cluster's frames), and only a completed cluster goes through those steps.
+
+    A frame whose cluster finds no room in any tier goes back to the front of its window with its stream's frames
+    after it, KV and pages unchanged, and waits there (``_store_held_back``); the other streams' frames are stored.
+    Returns those streams, each with the error that held it back.
     """
     if not leaving:
-        return
+        return {}
     pools, tiering = parts.tiering.tiers.pools, parts.tiering
     pages = [page for _, frame in leaving for page in frame.pages]
     fills = [fill for _, frame in leaving for fill in frame.fills]
     key_sums, key_sumsqs = pools.key_stats(pages, fills)
-    prefer = Tier.DEVICE if parts.config.mode.caches_on_device else Tier.HOST
-    for state, frame in leaving:
-        if frame.cluster_id in tiering.residency:
-            tiering.append_pages(frame.cluster_id, frame.pages, frame.fills)
-        else:
-            tiering.admit_pages(frame.cluster_id, state.stream_id, frame.pages, frame.fills, prefer=prefer)
-    page_clusters = [frame.cluster_id for _, frame in leaving for _ in frame.pages]
-    tiering.summaries.add_stats(page_clusters, key_sums, key_sumsqs, fills)
-    for state, frame in leaving:
+    handed, held_back = _hand_to_clusters(parts, leaving)
+    stored = [item for item, was_handed in zip(leaving, handed, strict=True) if was_handed]
+    if held_back:
+        page_handed = [was_handed for (_, frame), was_handed in zip(leaving, handed, strict=True) for _ in frame.pages]
+        mask = torch.tensor(page_handed, dtype=torch.bool, device=key_sums.device)
+        key_sums, key_sumsqs = key_sums[mask], key_sumsqs[mask]
+        fills = [fill for fill, was_handed in zip(fills, page_handed, strict=True) if was_handed]
+        _return_to_windows([item for item, was_handed in zip(leaving, handed, strict=True) if not was_handed])
+    if stored:
+        page_clusters = [frame.cluster_id for _, frame in stored for _ in frame.pages]
+        tiering.summaries.add_stats(page_clusters, key_sums, key_sumsqs, fills)
+    for state, frame in stored:
         record = state.former.known_record_to_read(frame.cluster_id)
         if not record.completed_by(frame.frame_index):
             continue
@@ -473,6 +498,59 @@ def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, Loca
             parts.history.on_completed(state, record)
         joined = join_recurring(parts, state, frame.cluster_id)
         _copy_to_host_if_nearly_full(parts, joined or frame.cluster_id)
+    return held_back
+
+
+def _hand_to_clusters(
+    parts: EngineParts, leaving: list[tuple[StreamState, LocalFrame]]
+) -> tuple[list[bool], dict[str, CapacityError]]:
+    """Hands the frames' pages to their clusters in order. A stream's first frame whose cluster finds no room in
+    any tier (that cluster is left as it was) and the stream's frames after it are not handed over. Returns, per
+    frame, whether it was, and the streams held back with their errors."""
+    tiering = parts.tiering
+    prefer = Tier.DEVICE if parts.config.mode.caches_on_device else Tier.HOST
+    handed, held_back = [], {}
+    for state, frame in leaving:
+        if state.stream_id not in held_back:
+            try:
+                if frame.cluster_id in tiering.residency:
+                    tiering.append_pages(frame.cluster_id, frame.pages, frame.fills)
+                else:
+                    tiering.admit_pages(frame.cluster_id, state.stream_id, frame.pages, frame.fills, prefer=prefer)
+            except CapacityError as err:
+                held_back[state.stream_id] = err
+        handed.append(state.stream_id not in held_back)
+    return handed, held_back
+
+
+def _return_to_windows(kept: list[tuple[StreamState, LocalFrame]]) -> None:
+    """Puts frames that could not leave back at the front of their windows, oldest first."""
+    by_stream: dict[str, tuple[StreamState, list[LocalFrame]]] = {}
+    for state, frame in kept:
+        by_stream.setdefault(state.stream_id, (state, []))[1].append(frame)
+    for state, frames in by_stream.values():
+        state.return_to_window(frames)
+
+
+def _store_held_back(parts: EngineParts, stream_ids) -> None:
+    """Stores the frames that ``_store_in_clusters`` kept in a window past its size, before the stream takes pages
+    for new frames (its window reservation holds one pass of frames beyond the window, not more).
+
+    Raises:
+        CapacityError: they still find no room; it names the stream (``MosaicError.stream_id``), and no frame of
+            the call has been taken in.
+    """
+    for stream_id in stream_ids:
+        state = parts.streams[stream_id]
+        waiting = state.pop_overflow(parts.config.local_window_tokens)
+        held_back = _store_in_clusters(parts, [(state, frame) for frame in waiting])
+        if held_back:
+            err = CapacityError(
+                f"stream {stream_id!r} takes no new frames: the oldest frames of its local window wait for room in a "
+                f"tier to leave it ({held_back[stream_id]})"
+            )
+            err.stream_id = stream_id
+            raise err
 
 
 def _copy_to_host_if_nearly_full(parts: EngineParts, cluster_id: str) -> None:

@@ -23,7 +23,9 @@ class IngestResult:
     waited for the device (for the tower's output when formation compares pictures alone, else for the whole pass),
     and ``place_s`` the time it spent placing frames into clusters after that. With ingest pauses, ``issue_s``
     includes the time spent serving at them. ``encoded_ahead``: the tower was queued before the call
-    (``Engine.encode_ahead``), so ``encode_s`` holds none of it."""
+    (``Engine.encode_ahead``), so ``encode_s`` holds none of it. ``held_back``: per stream, why frames of its window
+    found no room in any tier to leave it; they stay there, KV kept, and ``refused`` counts the stream's last frames
+    of the call that were therefore not taken in (``num_frames`` counts those that were)."""
 
     num_frames: int
     num_forward_passes: int
@@ -35,6 +37,8 @@ class IngestResult:
     wait_s: float = 0.0
     place_s: float = 0.0
     encoded_ahead: bool = False
+    refused: dict[str, int] = field(default_factory=dict)
+    held_back: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

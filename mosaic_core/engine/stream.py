@@ -127,6 +127,13 @@ class StreamState:
             self._past_slots = None
         return evicted
 
+    def return_to_window(self, frames: list[LocalFrame]) -> None:
+        """Puts frames ``pop_overflow`` gave up (oldest first) back at the front of the window: their clusters had
+        no room for them."""
+        self.local.extendleft(reversed(frames))
+        self.local_tokens += sum(frame.num_tokens for frame in frames)
+        self._past_slots = None
+
     def past_pages(self) -> list[int]:
         """Device pages of sink + local window."""
         return self.sink_pages + [p for f in self.local for p in f.pages]

@@ -90,11 +90,21 @@ class TierManager:
             tier = self.residency.tier_of(cluster_id)
             plan = self.residency.plan_make_room(tier, extra, exclude=frozenset({cluster_id}))
             if plan is None:
-                colder = next((t for t in _tiers_from(tier) if t > tier and self.residency.capacity_bytes(t)), None)
-                plan = None if colder is None else self.residency.plan_spill(cluster_id, colder)
+                plan = self._plan_move_colder(cluster_id, tier)
                 if plan is None:
-                    raise CapacityError(f"no room to grow cluster {cluster_id!r} by {extra} bytes in any tier")
+                    raise CapacityError(
+                        f"no room to grow cluster {cluster_id!r} by {extra} bytes in any tier: what could make room "
+                        "is pinned or reserved, or there is no colder tier"
+                    )
             self.execute(plan)
+
+    def _plan_move_colder(self, cluster_id: str, tier: Tier) -> MovePlan | None:
+        """A plan moving the cluster to the next colder tier with a budget, or None: there is none, no room can be
+        made there, or the cluster is pinned (a question reads it where it is)."""
+        if self.residency.record_to_read(cluster_id).pinned:
+            return None
+        colder = next((t for t in _tiers_from(tier) if t > tier and self.residency.capacity_bytes(t)), None)
+        return None if colder is None else self.residency.plan_spill(cluster_id, colder)
 
     def record_lookup(self, *, hit: bool) -> None:
         """A question looked for a cluster on the device (for the cluster-cache hit ratio)."""

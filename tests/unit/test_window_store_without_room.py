@@ -1,0 +1,201 @@
+"""Frames leaving the local window when no tier has room for them stay in the window: their KV is never lost.
+
+Storing them used to run after they had left the window, so a ``CapacityError`` there left their KV (and their
+device pages) owned by neither the window nor a cluster.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.config import MIB
+from mosaic_core.engine.ingest_pauses import IngestPauses
+from mosaic_core.engine.results import FrameInput
+from mosaic_core.errors import CapacityError
+from services.engine_loop import EngineLoop
+from services.ingest_queue import IngestQueues, QueuedFrame
+from services.metadata import InMemoryMetadataStore
+from services.publisher import MetadataPublisher, WorkerView
+from services.telemetry import WorkerTelemetry
+from services.tier_sync import TierSync
+from tests.engine.engine_helpers import feed, make_engine
+
+HELD = "a question's pages"
+
+
+def _full_of_pinned(engine, *, next_to_grow_too: bool = True) -> None:
+    """Every cluster pinned (with ``next_to_grow_too``, the one the window's oldest frame joins as well), and the
+    free bytes of the device and the host held by others."""
+    residency, next_to_grow = engine.tiering.residency, engine.stream("cam").local[0].cluster_id
+    for cluster_id in residency.tracked_ids():
+        if next_to_grow_too or cluster_id != next_to_grow:
+            residency.pin(cluster_id)
+    residency.reserve(HELD, residency.free_bytes(Tier.DEVICE))
+    assert residency.charge(HELD, Tier.HOST, residency.free_bytes(Tier.HOST))
+
+
+def _room_again(engine) -> None:
+    residency = engine.tiering.residency
+    for cluster_id in residency.tracked_ids():
+        if residency.record(cluster_id).pinned:
+            residency.unpin(cluster_id)
+    residency.release(HELD)
+    residency.discharge(HELD, Tier.HOST)
+
+
+def _missing_tokens(engine, stream_id: str) -> dict[str, int]:
+    """Per cluster of the stream, its formed tokens held neither by its stored pages nor by the local window."""
+    state, residency = engine.stream(stream_id), engine.tiering.residency
+    in_window: dict[str, int] = {}
+    for frame in state.local:
+        in_window[frame.cluster_id] = in_window.get(frame.cluster_id, 0) + frame.num_tokens
+    missing = {}
+    for record in state.former.records_to_read():
+        stored = sum(residency.record(record.cluster_id).pages.fills) if record.cluster_id in residency else 0
+        held = stored + in_window.get(record.cluster_id, 0)
+        if held != record.num_tokens:
+            missing[record.cluster_id] = record.num_tokens - held
+    return missing
+
+
+def _unowned_device_pages(engine) -> int:
+    """Device pages in use that neither a stream's sink or window nor a cluster owns (leaked)."""
+    residency = engine.tiering.residency
+    owned = [page for state in engine.streams.values() for page in state.past_pages()]
+    owned += [page for cid in residency.tracked_ids() for page in residency.record(cid).pages.device or []]
+    assert len(owned) == len(set(owned))
+    return engine.tiering.tiers.pools.device_pages.num_used - len(owned)
+
+
+def _one_each(stream_ids, frame):
+    return [FrameInput(stream_id, *frame) for stream_id in stream_ids]
+
+
+@pytest.mark.parametrize("next_to_grow_too", [False, True], ids=["growing_one_unpinned", "all_pinned"])
+def test_frames_that_find_no_room_to_leave_the_window_stay_in_it(tiny_model, bikes_frames, next_to_grow_too):
+    engine = make_engine(tiny_model, device_budget_bytes=int(1.3 * MIB), host_budget_bytes=int(0.6 * MIB))
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:12])
+    state = engine.stream("cam")
+    assert _missing_tokens(engine, "cam") == {}
+    assert _unowned_device_pages(engine) == 0
+    _full_of_pinned(engine, next_to_grow_too=next_to_grow_too)
+    window_before = [frame.frame_index for frame in state.local]
+
+    result = engine.ingest([FrameInput("cam", *frame) for frame in bikes_frames[12:14]])
+
+    assert "no room" in result.held_back["cam"]
+    assert result.refused == {"cam": 1}  # one frame a pass: the second frame's pass would outgrow the window
+    assert result.num_frames == 1 and state.frames_ingested == 13
+    assert _missing_tokens(engine, "cam") == {}
+    assert _unowned_device_pages(engine) == 0
+    assert [frame.frame_index for frame in state.local][: len(window_before)] == window_before
+    with pytest.raises(CapacityError) as refused:  # still no room: the next frames are refused, and nothing is lost
+        engine.ingest([FrameInput("cam", *bikes_frames[13])])
+    assert refused.value.stream_id == "cam"
+    assert state.frames_ingested == 13
+    assert _missing_tokens(engine, "cam") == {}
+
+    _room_again(engine)
+    feed(engine, "cam", bikes_frames[13:16])
+    engine.checkpoint()
+    assert not state.local
+    assert _missing_tokens(engine, "cam") == {}
+    assert _unowned_device_pages(engine) == 0
+    engine.tiering.residency.check_invariants()
+    formed = sum(record.num_tokens for record in state.former.records_to_read())
+    assert formed == state.frames_ingested * state.geometry.tokens_per_frame
+
+
+def test_a_stream_holding_frames_back_is_named_so_the_others_go_on(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model, device_budget_bytes=int(1.3 * MIB), host_budget_bytes=int(0.6 * MIB))
+    for stream_id in ("cam", "other"):
+        engine.open_stream(stream_id, fps=2.0)
+    feed(engine, "cam", bikes_frames[:12])
+    _full_of_pinned(engine)
+    assert engine.ingest([FrameInput("cam", *bikes_frames[12])]).held_back.keys() == {"cam"}
+
+    with pytest.raises(CapacityError) as refused:
+        engine.ingest([FrameInput("cam", *bikes_frames[13]), FrameInput("other", *bikes_frames[0])])
+
+    assert refused.value.stream_id == "cam"
+    assert engine.stream("other").frames_ingested == 0
+
+
+def test_the_other_streams_frames_leave_their_windows(tiny_model, bikes_frames):
+    """Only the stream whose cluster cannot grow (on a full host tier, everything there pinned) holds frames back,
+    though it comes first in the pass; the other stream's cluster grows on the device, and its frames leave the
+    window as usual."""
+    engine = make_engine(tiny_model, device_budget_bytes=int(1.3 * MIB), host_budget_bytes=int(0.6 * MIB))
+    for stream_id in ("cam", "other"):
+        engine.open_stream(stream_id, fps=2.0)
+        feed(engine, stream_id, bikes_frames[:8])
+    residency = engine.tiering.residency
+    cam_grows = engine.stream("cam").local[0].cluster_id
+    engine.tiering.execute(residency.plan_spill(cam_grows, Tier.HOST))
+    for cluster_id in residency.tracked_ids():
+        if residency.tier_of(cluster_id) == Tier.HOST:
+            residency.pin(cluster_id)
+    assert residency.charge(HELD, Tier.HOST, residency.free_bytes(Tier.HOST))
+
+    result = engine.ingest(_one_each(("cam", "other"), bikes_frames[8]))
+
+    assert result.held_back.keys() == {"cam"}
+    assert result.num_frames == 2 and not result.refused
+    window = engine.config.local_window_tokens
+    assert engine.stream("cam").local_tokens > window >= engine.stream("other").local_tokens
+    for stream_id in ("cam", "other"):
+        assert _missing_tokens(engine, stream_id) == {}
+    assert _unowned_device_pages(engine) == 0
+
+
+def test_a_pass_that_finds_no_room_at_a_pause_still_places_its_other_rows(tiny_model, bikes_frames):
+    """Frames leave the windows at a pause after each row; the row after a refused store is placed all the same,
+    since its KV is already in pages the pass took."""
+    engine = make_engine(tiny_model, device_budget_bytes=int(1.3 * MIB), host_budget_bytes=int(0.6 * MIB))
+    for stream_id in ("cam", "other"):
+        engine.open_stream(stream_id, fps=2.0)
+        feed(engine, stream_id, bikes_frames[:8])
+    _full_of_pinned(engine)
+    pauses = IngestPauses(lambda: None, every_layers=64, placed_frames=1)
+
+    result = engine.ingest(_one_each(("cam", "other"), bikes_frames[8]), pauses=pauses)
+
+    assert pauses.num_pauses >= 1
+    assert result.held_back.keys() == {"cam", "other"}
+    for stream_id in ("cam", "other"):
+        assert engine.stream(stream_id).frames_ingested == 9
+        assert _missing_tokens(engine, stream_id) == {}
+    assert _unowned_device_pages(engine) == 0
+
+
+def test_the_service_drops_the_frames_the_engine_did_not_take_in_as_no_room(tiny_model, bikes_frames):
+    """The engine loop counts as ingested only the frames a call took in, and the rest as dropped for want of room,
+    once each, without ingesting them again; the stream's next frames are refused and dropped the same way."""
+    engine = make_engine(tiny_model, device_budget_bytes=int(1.3 * MIB), host_budget_bytes=int(0.6 * MIB))
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:12])
+    _full_of_pinned(engine)
+    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
+    loop = EngineLoop(
+        engine, IngestQueues(64), TierSync(engine, publisher, "0"), WorkerTelemetry("0"), max_batch_frames=8,
+        retention_s=lambda stream_id: 0.0,
+    )  # fmt: skip
+    loop.queues.add_stream("cam", 2.0)
+
+    loop._ingest_batch([QueuedFrame("cam", t, rgb, time.monotonic()) for t, rgb in bikes_frames[12:15]])
+
+    assert engine.stream("cam").frames_ingested == 13
+    delta = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None)
+    assert delta.dropped == {("cam", "no_room"): 2}
+    assert delta.ingested == {"cam": 1}
+
+    loop.queues.put(QueuedFrame("cam", bikes_frames[15][0], bikes_frames[15][1], time.monotonic()))
+    assert loop._ingest_once()
+    assert engine.stream("cam").frames_ingested == 13
+    delta = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None)
+    assert delta.dropped == {("cam", "no_room"): 1}
+    assert _missing_tokens(engine, "cam") == {}
