@@ -139,13 +139,16 @@ class Qwen25VLAdapter:
         cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **options
     ) -> Qwen25VLAdapter:
         """Loads a local Qwen2.5-VL checkpoint directory (config.json + weights); ``options`` go to the
-        constructor."""
+        constructor. The layers stay transformers' own, as a preset's do: no kernels from the Hub replace them
+        (``use_kernels``, on by default in transformers 5 where the ``kernels`` package is installed), so a checkpoint
+        runs the same code as a preset, and loading it fetches nothing."""
         if not os.path.isdir(path):
             raise ConfigError(f"model path {str(path)!r} is not a directory with a Qwen2.5-VL checkpoint")
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path,
             dtype=dtype or "auto",
             attn_implementation=ATTENTION_BY_PART,
+            use_kernels=False,
         )
         return cls(model.to(device), name=str(path), **options)
 

@@ -32,6 +32,7 @@ def test_from_pretrained_reloads_a_saved_checkpoint(tiny_model, bikes_frames, tm
     reloaded = Qwen25VLAdapter.load(str(tmp_path / "ckpt"), device=tiny_model.device)
     assert reloaded.model.config.text_config._attn_implementation == "mosaic"
     assert reloaded.model.config.vision_config._attn_implementation == "sdpa"
+    assert not reloaded.model.use_kernels  # no Hub kernels swapped in (nor the `kernels` package needed, as on the GPU)
     original = dict(itertools.chain(tiny_model.model.named_parameters(), tiny_model.model.named_buffers()))
     loaded = dict(itertools.chain(reloaded.model.named_parameters(), reloaded.model.named_buffers()))
     assert loaded.keys() == original.keys()
