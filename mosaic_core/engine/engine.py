@@ -326,10 +326,11 @@ class Engine:
         captured held the engine for 0.3 to 7 s on the H200: ``bench/NOTES.md``, session 11). Then, for every count
         from 2 to ``decode_batch`` (None: ``DecodeGraphs.max_batch`` where decode steps run from fixed buffers, else
         none), that many answers decode together, so each batch size's step is captured too, not when that many of
-        the users' answers first run at once. The graphs' tables are as wide as any question of the stream can
-        need (``decode_graphs.graph_width``), so these are the graphs users' questions replay on streams with the
-        default system prompt, as every stream of the service has; a stream opened with a longer one may need wider
-        tables, whose graphs its first questions capture.
+        the users' answers first run at once; up to the first count the device budget has no room for, whose step
+        and larger ones are captured by the first users' answers that run that many together. The graphs' tables
+        are as wide as any question of the stream can need (``decode_graphs.graph_width``), so these are the graphs
+        users' questions replay on streams with the default system prompt, as every stream of the service has; a
+        stream opened with a longer one may need wider tables, whose graphs its first questions capture.
 
         With ``ingest`` (None: on CUDA, where the adapter compiles), it first ingests one pass of blank frames on
         scratch streams (``WARM_UP_INGEST_TOKENS``), unless the device budget cannot hold their windows; and blank
@@ -391,7 +392,11 @@ class Engine:
                 self.answer(WARM_UP_STREAM, question, max_new_tokens=max_new_tokens)
                 asked += 1
         for count in range(2, decode_batch + 1):
-            self._answer_together(WARM_UP_STREAM, "What happened?", count)
+            try:
+                self._answer_together(WARM_UP_STREAM, "What happened?", count)
+            except CapacityError as err:
+                log.info("warm-up: no device room for %d answers at once; no larger batch warmed up: %s", count, err)
+                break
             batches.append(count)
         return asked, tuple(batches)
 

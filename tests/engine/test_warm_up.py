@@ -27,7 +27,7 @@ def test_warm_up_asks_every_question_length_and_leaves_nothing(tiny_model, bikes
     pools = engine.tiering.tiers.pools
     free_before = pools.device_pages.num_free
     used_before = engine.tiering.residency.used_bytes(Tier.DEVICE)
-    assert engine.warm_up(max_new_tokens=2, max_question_tokens=48).questions == 3
+    assert engine.warm_up(max_new_tokens=2, max_question_tokens=48, decode_batch=1).questions == 3
     assert graphs.num_prefills == 3  # lengths 16, 32 and 48: one prefill on the graphs' path each
     assert WARM_UP_STREAM not in engine.streams
     assert pools.device_pages.num_free == free_before
@@ -67,8 +67,28 @@ def test_warm_up_decodes_every_batch_size_together_so_users_answers_find_their_s
 
 
 def test_warm_up_decodes_alone_where_steps_do_not_run_from_fixed_buffers(tiny_model):
-    engine = make_engine(tiny_model)  # on the CPU the engine's own decode graphs are off
+    engine = make_engine(tiny_model)  # on the CPU the engine's own decode graphs are off; on a GPU, turned off here
+    pools = engine.tiering.tiers.pools
+    engine.parts.decode_graphs = DecodeGraphs(tiny_model, pools, engine.spec.num_layers, enabled=False)
     assert engine.warm_up(max_new_tokens=1, max_question_tokens=16).decode_batches == ()
+    engine.close()
+
+
+def test_a_budget_with_no_room_for_many_answers_at_once_warms_up_the_counts_it_holds(tiny_model):
+    """A device budget too tight for sixteen answers at once (so it was on the H100, where the engine's own decode
+    graphs are on) warms up the batch sizes it holds, rather than fail the worker's start."""
+    engine = make_engine(tiny_model, device_budget_bytes=MIB // 2)
+    pools = engine.tiering.tiers.pools
+    engine.parts.decode_graphs = DecodeGraphs(tiny_model, pools, engine.spec.num_layers, enabled=True, capture=False)
+    free_before = pools.device_pages.num_free
+
+    warm = engine.warm_up(max_new_tokens=2, max_question_tokens=16, decode_batch=16, ingest=False)
+
+    assert warm.questions == 1
+    assert 0 < len(warm.decode_batches) < 15
+    assert warm.decode_batches == tuple(range(2, 2 + len(warm.decode_batches)))
+    assert pools.device_pages.num_free == free_before and WARM_UP_STREAM not in engine.streams
+    assert engine.tiering.residency.reserved_bytes() == 0
     engine.close()
 
 
