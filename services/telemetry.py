@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 from services.metrics import ALLOCATOR_EVENTS, TRANSFER_DIRECTIONS, MosaicMetrics
 
 MAX_BUFFERED_OBSERVATIONS = 10_000  # per drain interval; beyond it the oldest observations are skipped
+FORGOTTEN_FOR_S = 60.0  # a deleted stream's frames still on their way (a source thread's last) go uncounted this long
 
 
 @dataclass(slots=True)
@@ -131,6 +133,7 @@ class WorkerTelemetry:
         self._allocator_seen: dict[str, int] = dict.fromkeys(ALLOCATOR_EVENTS, 0)
         self._compiles_seen = 0
         self._totals: dict[str, StreamTotals] = {}
+        self._forgotten: dict[str, float] = {}  # deleted streams, by when (monotonic)
 
     def totals(self, stream_id: str) -> StreamTotals:
         """Frames received, ingested and dropped by the stream since it opened on this worker."""
@@ -141,22 +144,38 @@ class WorkerTelemetry:
     def restore(self, stream_id: str, totals: StreamTotals) -> None:
         """Continues a restored stream's totals from what its previous process saved."""
         with self._lock:
+            self._forgotten.pop(stream_id, None)
             self._totals[stream_id] = StreamTotals(totals.received, totals.ingested, totals.dropped)
 
+    def opened(self, stream_id: str) -> None:
+        """A stream opened on this worker, perhaps under the id of one deleted in the last ``FORGOTTEN_FOR_S``: its
+        frames count from now."""
+        with self._lock:
+            self._forgotten.pop(stream_id, None)
+
     def forget(self, stream_id: str) -> None:
+        """A deleted stream: its totals go, and for ``FORGOTTEN_FOR_S`` its frames still on their way are not
+        counted (they would bring its totals back, and its series with them)."""
+        now = time.monotonic()
         with self._lock:
             self._totals.pop(stream_id, None)
+            self._forgotten = {sid: at for sid, at in self._forgotten.items() if now - at < FORGOTTEN_FOR_S}
+            self._forgotten[stream_id] = now
 
     def _total(self, stream_id: str) -> StreamTotals:
         return self._totals.setdefault(stream_id, StreamTotals())
 
     def received(self, stream_id: str, n: int = 1) -> None:
         with self._lock:
+            if stream_id in self._forgotten:
+                return
             self._delta.received[stream_id] = self._delta.received.get(stream_id, 0) + n
             self._total(stream_id).received += n
 
     def dropped(self, stream_id: str, reason: str, n: int = 1) -> None:
         with self._lock:
+            if stream_id in self._forgotten:
+                return
             key = (stream_id, reason)
             self._delta.dropped[key] = self._delta.dropped.get(key, 0) + n
             self._total(stream_id).dropped += n
@@ -170,6 +189,8 @@ class WorkerTelemetry:
             self._delta.forward_passes += forward_passes
             self._delta.calls_encoded_ahead += encoded_ahead
             for stream_id, n in per_stream.items():
+                if stream_id in self._forgotten:
+                    continue
                 self._delta.ingested[stream_id] = self._delta.ingested.get(stream_id, 0) + n
                 self._total(stream_id).ingested += n
             self._delta.batch_sizes.append(sum(per_stream.values()))

@@ -312,6 +312,7 @@ class WorkerCore:
                 stream_id=record.stream_id,
             )
             self.sessions[record.stream_id] = StreamSession(record)
+            self.telemetry.opened(record.stream_id)
         try:
             if record.source_url:
                 SourcePolicy.of(self.config).check(record.source_url)
