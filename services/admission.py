@@ -1,43 +1,43 @@
 """Admission by compute: how many frames per second a worker has been seen to ingest, and whether a new stream
 still fits.
 
-Throughput grows with batch size (frames of many streams share a forward pass), so the worker keeps a moving
-average per batch size and trusts the best one it has seen. That is conservative: a worker that has only run
-small batches underestimates itself, and learns more as streams are added. Until it has measured anything it
-admits every stream.
+Throughput grows with batch size (frames of many streams share a forward pass), so the worker keeps the median of
+the last few rates per batch size and trusts the best batch size measured enough times. That is conservative: a
+worker that has only run small batches underestimates itself, and learns more as streams are added; and one call
+timed short (say, its time nearly all spent serving questions, which is not counted as ingest) does not overstate
+it. Until it has measured anything it admits every stream.
 """
 
 from __future__ import annotations
 
+import statistics
 import threading
+from collections import deque
 
 from mosaic_core.errors import CapacityError
 
 
 class IngestCapacity:
-    """Frames per second of ingest time, as a moving average per batch size (thread-safe).
+    """Frames per second of ingest time, per batch size: the median of its last ``window`` calls' rates, trusted
+    once it has ``min_calls`` (thread-safe)."""
 
-    Args:
-        smoothing: weight of each new observation in its batch size's average.
-    """
-
-    def __init__(self, smoothing: float = 0.2) -> None:
-        self.smoothing = smoothing
-        self._rate_by_batch: dict[int, float] = {}
+    def __init__(self, window: int = 5, min_calls: int = 3) -> None:
+        self.window, self.min_calls = window, min_calls
+        self._rates_by_batch: dict[int, deque[float]] = {}
         self._lock = threading.Lock()
 
     def observe(self, num_frames: int, seconds: float) -> None:
         if num_frames <= 0 or seconds <= 0:
             return
-        rate = num_frames / seconds
         with self._lock:
-            old = self._rate_by_batch.get(num_frames)
-            self._rate_by_batch[num_frames] = rate if old is None else old + self.smoothing * (rate - old)
+            rates = self._rates_by_batch.setdefault(num_frames, deque(maxlen=self.window))
+            rates.append(num_frames / seconds)
 
     def frames_per_s(self) -> float | None:
-        """The best sustained rate seen, or None before any ingest."""
+        """The best rate of a batch size measured at least ``min_calls`` times, or None before any."""
         with self._lock:
-            return max(self._rate_by_batch.values(), default=None)
+            trusted = [rates for rates in self._rates_by_batch.values() if len(rates) >= self.min_calls]
+            return max((statistics.median(rates) for rates in trusted), default=None)
 
 
 def check_admission(
