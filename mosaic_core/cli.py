@@ -264,13 +264,11 @@ def _run_ask_video(args) -> int:
     for frame in iter_video_frames(source, fps=args.fps, max_frames=args.max_frames):
         batch.append(FrameInput("video", frame.timestamp_s, frame.rgb))
         if len(batch) == 8:
-            engine.ingest(batch)
-            done += len(batch)
+            done += engine.ingest(batch).num_frames
             batch = []
             progress.update(min(done, expected), _rate(done, start))
     if batch:
-        engine.ingest(batch)
-        done += len(batch)
+        done += engine.ingest(batch).num_frames
     progress.total = done  # the clip's duration is an estimate; the count is what was encoded
     progress.update(done, _rate(done, start))
     encode_s = time.perf_counter() - start

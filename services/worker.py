@@ -245,8 +245,10 @@ class WorkerCore:
             if stream_id in self.sessions:
                 self.telemetry.dropped(stream_id, "shutdown", left)
         self._save_counters()
-        self.engine.checkpoint()
-        self.tier_sync.flush(list(self.engine.streams))
+        try:
+            self.engine.checkpoint()  # raises when some window's frames found no room: the others' are durable
+        finally:
+            self.tier_sync.flush(list(self.engine.streams))
 
     def _restore(self) -> list[str]:
         """Re-opens the streams of this worker's data directory, with their history and counters."""

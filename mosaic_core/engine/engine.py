@@ -265,12 +265,23 @@ class Engine:
 
     def checkpoint(self) -> None:
         """Seals every open cluster, moves every local window into its clusters and waits until all of it is
-        durable: a graceful shutdown loses nothing. Frames after this start new clusters."""
+        durable: a graceful shutdown loses nothing. Frames after this start new clusters.
+
+        Raises:
+            CapacityError: some windows' frames found no room in any tier; they stay in those windows, not durable,
+                while every other stream's history is.
+        """
+        held_back: dict[str, CapacityError] = {}
         for state in self.streams.values():
             state.former.seal()
-            ingest.flush_window(self.parts, state)
+            held_back |= ingest.flush_window(self.parts, state)
         if self.history is not None:
             self.history.store.flush()
+        if held_back:
+            raise CapacityError(
+                f"the checkpoint left frames in the local windows of streams {sorted(held_back)}, not durable: no "
+                f"tier has room for them ({next(iter(held_back.values()))})"
+            )
 
     def save_stream_state(self, stream_id: str, **fields) -> None:
         """Keeps caller fields (JSON values) with the stream's durable state; ``restore_streams`` returns them.
@@ -583,8 +594,8 @@ class Engine:
         history past ``config.history_budget_bytes`` goes, the clusters sealed first first.
 
         Frames leaving a local window that find no room in any tier stay in it, nothing lost; the call takes in
-        none of their stream's frames after them (``IngestResult.refused``), and later calls with that stream's
-        frames raise ``CapacityError``, naming it, until they find room (``mosaic_core.engine.ingest.ingest``).
+        none of their stream's frames after them, nor later calls any of that stream's frames until they find room
+        (``IngestResult.refused``, ``mosaic_core.engine.ingest.ingest``).
         """
         result = ingest.ingest(self.parts, frames, pauses, encoded)
         self._keep_history_budget()

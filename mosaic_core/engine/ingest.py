@@ -127,33 +127,33 @@ def ingest(
     of the pauses after or inside it; an ``encoded`` for other frames is ignored.
 
     Frames leaving a window whose clusters find no room in any tier stay in the window, KV kept
-    (``_store_in_clusters``); their stream's later frames in the call are not taken in (``IngestResult.refused``).
-
-    Raises:
-        CapacityError: a stream of the batch still holds frames back from an earlier call, and they still find no
-            room. It names the stream (``MosaicError.stream_id``), and no frame of the call has been taken in.
+    (``_store_in_clusters``); their stream's later frames in the call are not taken in, nor any of its frames in
+    later calls until those find room (``_store_held_back``). ``IngestResult.refused`` counts them, and
+    ``IngestResult.held_back`` says why; the other streams' frames go on as usual (with ``encoded``, still with it).
     """
     if not frames:
         raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
     by_stream = _validate(parts, frames)
-    _store_held_back(parts, by_stream)
+    held_back = _store_held_back(parts, by_stream)
+    taking = {sid: items for sid, items in by_stream.items() if sid not in held_back}
+    if not taking:
+        return _nothing_taken(by_stream, held_back)
     if parts.history is not None:  # every id the call may give out, before anything changes
-        for stream_id, items in by_stream.items():
+        for stream_id, items in taking.items():
             parts.history.ensure_ids(parts.streams[stream_id], frames=len(items), clusters=len(items))
     _begin_call(parts, pauses)
     start = time.perf_counter()
     encoded_ahead = encoded is not None and encoded.is_for(frames, parts.streams)
-    work = encoded.work if encoded_ahead else _encode(parts, by_stream, pauses)
+    work = encoded.work if encoded_ahead else _encode(parts, taking, pauses)
     work.read_on(torch.cuda.current_stream(parts.model.device) if parts.tower_stream is not None else None)
     features = work.features
     encode_s = time.perf_counter() - start
     attended: list[int] = []
     num_opened = num_passes = 0
-    held_back: dict[str, CapacityError] = {}
     taken: dict[str, int] = dict.fromkeys(by_stream, 0)
     times = _HostTimes()
     chunk = parts.config.max_frames_per_pass
-    rounds = max(-(-len(items) // chunk) for items in by_stream.values())
+    rounds = max(-(-len(items) // chunk) for items in taking.values())
     for r in range(rounds):
         rows = [
             (
@@ -161,7 +161,7 @@ def ingest(
                 list(range(r * chunk, min(len(items), (r + 1) * chunk))),
                 [f for f, _ in items[r * chunk :][:chunk]],
             )
-            for sid, items in by_stream.items()
+            for sid, items in taking.items()
             if r * chunk < len(items) and sid not in held_back
         ]
         for group in _pass_groups(rows, features):
@@ -173,7 +173,7 @@ def ingest(
             for sid, indices, _ in group:
                 taken[sid] += len(indices)
     if parts.history is not None:
-        for stream_id in by_stream:
+        for stream_id in taking:
             parts.history.note_progress(parts.streams[stream_id])
     refused = {sid: len(items) - taken[sid] for sid, items in by_stream.items() if taken[sid] < len(items)}
     return IngestResult(
@@ -188,6 +188,20 @@ def ingest(
         place_s=times.place_s,
         encoded_ahead=encoded_ahead,
         refused=refused,
+        held_back={sid: str(err) for sid, err in held_back.items()},
+    )
+
+
+def _nothing_taken(by_stream, held_back: dict[str, CapacityError]) -> IngestResult:
+    """A call none of whose streams can take frames in (``_store_held_back``)."""
+    return IngestResult(
+        num_frames=0,
+        num_forward_passes=0,
+        num_clusters_opened=0,
+        encode_s=0.0,
+        prefill_s=0.0,
+        attended_tokens_per_frame=[],
+        refused={sid: len(items) for sid, items in by_stream.items()},
         held_back={sid: str(err) for sid, err in held_back.items()},
     )
 
@@ -532,25 +546,21 @@ def _return_to_windows(kept: list[tuple[StreamState, LocalFrame]]) -> None:
         state.return_to_window(frames)
 
 
-def _store_held_back(parts: EngineParts, stream_ids) -> None:
+def _store_held_back(parts: EngineParts, stream_ids) -> dict[str, CapacityError]:
     """Stores the frames that ``_store_in_clusters`` kept in a window past its size, before the stream takes pages
-    for new frames (its window reservation holds one pass of frames beyond the window, not more).
-
-    Raises:
-        CapacityError: they still find no room; it names the stream (``MosaicError.stream_id``), and no frame of
-            the call has been taken in.
-    """
+    for new frames (its window reservation holds one pass of frames beyond the window, not more). Returns the
+    streams whose frames still find no room, each with why: they take no new frames."""
+    still: dict[str, CapacityError] = {}
     for stream_id in stream_ids:
         state = parts.streams[stream_id]
         waiting = state.pop_overflow(parts.config.local_window_tokens)
         held_back = _store_in_clusters(parts, [(state, frame) for frame in waiting])
         if held_back:
-            err = CapacityError(
+            still[stream_id] = CapacityError(
                 f"stream {stream_id!r} takes no new frames: the oldest frames of its local window wait for room in a "
                 f"tier to leave it ({held_back[stream_id]})"
             )
-            err.stream_id = stream_id
-            raise err
+    return still
 
 
 def _copy_to_host_if_nearly_full(parts: EngineParts, cluster_id: str) -> None:
@@ -565,9 +575,10 @@ def _copy_to_host_if_nearly_full(parts: EngineParts, cluster_id: str) -> None:
         parts.tiering.tiers.keep_host_copy(cluster_id)
 
 
-def flush_window(parts: EngineParts, state: StreamState) -> None:
-    """Moves every frame of the local window into its cluster (a checkpoint before shutdown)."""
-    _store_in_clusters(parts, [(state, old) for old in state.pop_overflow(0)])
+def flush_window(parts: EngineParts, state: StreamState) -> dict[str, CapacityError]:
+    """Moves every frame of the local window into its cluster (a checkpoint before shutdown); returns the stream,
+    with why, when some found no room and stay in the window (``_store_in_clusters``)."""
+    return _store_in_clusters(parts, [(state, old) for old in state.pop_overflow(0)])
 
 
 def _row_tokens(row, features) -> int:

@@ -93,9 +93,9 @@ def test_frames_that_find_no_room_to_leave_the_window_stay_in_it(tiny_model, bik
     assert _missing_tokens(engine, "cam") == {}
     assert _unowned_device_pages(engine) == 0
     assert [frame.frame_index for frame in state.local][: len(window_before)] == window_before
-    with pytest.raises(CapacityError) as refused:  # still no room: the next frames are refused, and nothing is lost
-        engine.ingest([FrameInput("cam", *bikes_frames[13])])
-    assert refused.value.stream_id == "cam"
+    refused = engine.ingest([FrameInput("cam", *bikes_frames[13])])  # still no room: the next frames are refused
+    assert (refused.num_frames, refused.refused) == (0, {"cam": 1})
+    assert "takes no new frames" in refused.held_back["cam"]
     assert state.frames_ingested == 13
     assert _missing_tokens(engine, "cam") == {}
 
@@ -110,19 +110,55 @@ def test_frames_that_find_no_room_to_leave_the_window_stay_in_it(tiny_model, bik
     assert formed == state.frames_ingested * state.geometry.tokens_per_frame
 
 
-def test_a_stream_holding_frames_back_is_named_so_the_others_go_on(tiny_model, bikes_frames):
+def _loop(engine) -> EngineLoop:
+    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
+    return EngineLoop(
+        engine, IngestQueues(64), TierSync(engine, publisher, "0"), WorkerTelemetry("0"), max_batch_frames=8,
+        retention_s=lambda stream_id: 0.0,
+    )  # fmt: skip
+
+
+def test_a_stream_holding_frames_back_leaves_the_others_their_call_and_their_tower_ahead(tiny_model, bikes_frames):
+    """A stream whose frames still wait for room takes none of the call's frames in; the other streams' frames go
+    in with the vision tower queued ahead for the whole batch, not a second tower after a retry."""
     engine = make_engine(tiny_model, device_budget_bytes=int(1.3 * MIB), host_budget_bytes=int(0.6 * MIB))
     for stream_id in ("cam", "other"):
         engine.open_stream(stream_id, fps=2.0)
     feed(engine, "cam", bikes_frames[:12])
+    feed(engine, "other", bikes_frames[:2])
     _full_of_pinned(engine)
     assert engine.ingest([FrameInput("cam", *bikes_frames[12])]).held_back.keys() == {"cam"}
+    loop = _loop(engine)
+    batch = [
+        QueuedFrame("cam", *bikes_frames[13], time.monotonic()),
+        QueuedFrame("other", *bikes_frames[2], time.monotonic()),
+    ]
+    encoded = engine.encode_ahead([FrameInput(f.stream_id, f.timestamp_s, f.rgb) for f in batch])
 
-    with pytest.raises(CapacityError) as refused:
-        engine.ingest([FrameInput("cam", *bikes_frames[13]), FrameInput("other", *bikes_frames[0])])
+    ingested, used_ahead = loop._ingest(batch, encoded)
 
-    assert refused.value.stream_id == "cam"
-    assert engine.stream("other").frames_ingested == 0
+    assert [f.stream_id for f in ingested] == ["other"] and used_ahead
+    assert (engine.stream("cam").frames_ingested, engine.stream("other").frames_ingested) == (13, 3)
+    delta = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None)
+    assert delta.dropped == {("cam", "no_room"): 1}
+
+
+def test_a_checkpoint_that_leaves_frames_in_a_window_says_so(tiny_model, bikes_frames):
+    """A shutdown's checkpoint with frames that find no room raises, so the worker logs that they are not durable,
+    rather than report every window flushed."""
+    engine = make_engine(tiny_model, device_budget_bytes=int(1.3 * MIB), host_budget_bytes=int(0.6 * MIB))
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:12])
+    _full_of_pinned(engine)
+
+    with pytest.raises(CapacityError, match=r"streams \['cam'\], not durable"):
+        engine.checkpoint()
+
+    assert engine.stream("cam").local
+    assert _missing_tokens(engine, "cam") == {}
+    _room_again(engine)
+    engine.checkpoint()
+    assert not engine.stream("cam").local
 
 
 def test_the_other_streams_frames_leave_their_windows(tiny_model, bikes_frames):
@@ -179,11 +215,7 @@ def test_the_service_drops_the_frames_the_engine_did_not_take_in_as_no_room(tiny
     engine.open_stream("cam", fps=2.0)
     feed(engine, "cam", bikes_frames[:12])
     _full_of_pinned(engine)
-    publisher = MetadataPublisher(InMemoryMetadataStore(), "0", lambda: WorkerView({}, {}))
-    loop = EngineLoop(
-        engine, IngestQueues(64), TierSync(engine, publisher, "0"), WorkerTelemetry("0"), max_batch_frames=8,
-        retention_s=lambda stream_id: 0.0,
-    )  # fmt: skip
+    loop = _loop(engine)
     loop.queues.add_stream("cam", 2.0)
 
     loop._ingest_batch([QueuedFrame("cam", t, rgb, time.monotonic()) for t, rgb in bikes_frames[12:15]])
