@@ -22,52 +22,7 @@ from services.publisher import MetadataPublisher, WorkerView
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
 from tests.engine.engine_helpers import feed, make_engine
-
-HELD = "a question's pages"
-
-
-def _full_of_pinned(engine, *, next_to_grow_too: bool = True) -> None:
-    """Every cluster pinned (with ``next_to_grow_too``, the one the window's oldest frame joins as well), and the
-    free bytes of the device and the host held by others."""
-    residency, next_to_grow = engine.tiering.residency, engine.stream("cam").local[0].cluster_id
-    for cluster_id in residency.tracked_ids():
-        if next_to_grow_too or cluster_id != next_to_grow:
-            residency.pin(cluster_id)
-    residency.reserve(HELD, residency.free_bytes(Tier.DEVICE))
-    assert residency.charge(HELD, Tier.HOST, residency.free_bytes(Tier.HOST))
-
-
-def _room_again(engine) -> None:
-    residency = engine.tiering.residency
-    for cluster_id in residency.tracked_ids():
-        if residency.record(cluster_id).pinned:
-            residency.unpin(cluster_id)
-    residency.release(HELD)
-    residency.discharge(HELD, Tier.HOST)
-
-
-def _missing_tokens(engine, stream_id: str) -> dict[str, int]:
-    """Per cluster of the stream, its formed tokens held neither by its stored pages nor by the local window."""
-    state, residency = engine.stream(stream_id), engine.tiering.residency
-    in_window: dict[str, int] = {}
-    for frame in state.local:
-        in_window[frame.cluster_id] = in_window.get(frame.cluster_id, 0) + frame.num_tokens
-    missing = {}
-    for record in state.former.records_to_read():
-        stored = sum(residency.record(record.cluster_id).pages.fills) if record.cluster_id in residency else 0
-        held = stored + in_window.get(record.cluster_id, 0)
-        if held != record.num_tokens:
-            missing[record.cluster_id] = record.num_tokens - held
-    return missing
-
-
-def _unowned_device_pages(engine) -> int:
-    """Device pages in use that neither a stream's sink or window nor a cluster owns (leaked)."""
-    residency = engine.tiering.residency
-    owned = [page for state in engine.streams.values() for page in state.past_pages()]
-    owned += [page for cid in residency.tracked_ids() for page in residency.record(cid).pages.device or []]
-    assert len(owned) == len(set(owned))
-    return engine.tiering.tiers.pools.device_pages.num_used - len(owned)
+from tests.engine.room_helpers import HELD, fill_with_pinned, give_room_back, missing_tokens, unowned_device_pages
 
 
 def _one_each(stream_ids, frame):
@@ -80,9 +35,9 @@ def test_frames_that_find_no_room_to_leave_the_window_stay_in_it(tiny_model, bik
     engine.open_stream("cam", fps=2.0)
     feed(engine, "cam", bikes_frames[:12])
     state = engine.stream("cam")
-    assert _missing_tokens(engine, "cam") == {}
-    assert _unowned_device_pages(engine) == 0
-    _full_of_pinned(engine, next_to_grow_too=next_to_grow_too)
+    assert missing_tokens(engine, "cam") == {}
+    assert unowned_device_pages(engine) == 0
+    fill_with_pinned(engine, next_to_grow_too=next_to_grow_too)
     window_before = [frame.frame_index for frame in state.local]
 
     result = engine.ingest([FrameInput("cam", *frame) for frame in bikes_frames[12:14]])
@@ -90,21 +45,21 @@ def test_frames_that_find_no_room_to_leave_the_window_stay_in_it(tiny_model, bik
     assert "no room" in result.held_back["cam"]
     assert result.refused == {"cam": 1}  # one frame a pass: the second frame's pass would outgrow the window
     assert result.num_frames == 1 and state.frames_ingested == 13
-    assert _missing_tokens(engine, "cam") == {}
-    assert _unowned_device_pages(engine) == 0
+    assert missing_tokens(engine, "cam") == {}
+    assert unowned_device_pages(engine) == 0
     assert [frame.frame_index for frame in state.local][: len(window_before)] == window_before
     refused = engine.ingest([FrameInput("cam", *bikes_frames[13])])  # still no room: the next frames are refused
     assert (refused.num_frames, refused.refused) == (0, {"cam": 1})
     assert "takes no new frames" in refused.held_back["cam"]
     assert state.frames_ingested == 13
-    assert _missing_tokens(engine, "cam") == {}
+    assert missing_tokens(engine, "cam") == {}
 
-    _room_again(engine)
+    give_room_back(engine)
     feed(engine, "cam", bikes_frames[13:16])
     engine.checkpoint()
     assert not state.local
-    assert _missing_tokens(engine, "cam") == {}
-    assert _unowned_device_pages(engine) == 0
+    assert missing_tokens(engine, "cam") == {}
+    assert unowned_device_pages(engine) == 0
     engine.tiering.residency.check_invariants()
     formed = sum(record.num_tokens for record in state.former.records_to_read())
     assert formed == state.frames_ingested * state.geometry.tokens_per_frame
@@ -126,7 +81,7 @@ def test_a_stream_holding_frames_back_leaves_the_others_their_call_and_their_tow
         engine.open_stream(stream_id, fps=2.0)
     feed(engine, "cam", bikes_frames[:12])
     feed(engine, "other", bikes_frames[:2])
-    _full_of_pinned(engine)
+    fill_with_pinned(engine)
     assert engine.ingest([FrameInput("cam", *bikes_frames[12])]).held_back.keys() == {"cam"}
     loop = _loop(engine)
     batch = [
@@ -149,14 +104,14 @@ def test_a_checkpoint_that_leaves_frames_in_a_window_says_so(tiny_model, bikes_f
     engine = make_engine(tiny_model, device_budget_bytes=int(1.3 * MIB), host_budget_bytes=int(0.6 * MIB))
     engine.open_stream("cam", fps=2.0)
     feed(engine, "cam", bikes_frames[:12])
-    _full_of_pinned(engine)
+    fill_with_pinned(engine)
 
     with pytest.raises(CapacityError, match=r"streams \['cam'\], not durable"):
         engine.checkpoint()
 
     assert engine.stream("cam").local
-    assert _missing_tokens(engine, "cam") == {}
-    _room_again(engine)
+    assert missing_tokens(engine, "cam") == {}
+    give_room_back(engine)
     engine.checkpoint()
     assert not engine.stream("cam").local
 
@@ -184,8 +139,8 @@ def test_the_other_streams_frames_leave_their_windows(tiny_model, bikes_frames):
     window = engine.config.local_window_tokens
     assert engine.stream("cam").local_tokens > window >= engine.stream("other").local_tokens
     for stream_id in ("cam", "other"):
-        assert _missing_tokens(engine, stream_id) == {}
-    assert _unowned_device_pages(engine) == 0
+        assert missing_tokens(engine, stream_id) == {}
+    assert unowned_device_pages(engine) == 0
 
 
 def test_a_pass_that_finds_no_room_at_a_pause_still_places_its_other_rows(tiny_model, bikes_frames):
@@ -195,7 +150,7 @@ def test_a_pass_that_finds_no_room_at_a_pause_still_places_its_other_rows(tiny_m
     for stream_id in ("cam", "other"):
         engine.open_stream(stream_id, fps=2.0)
         feed(engine, stream_id, bikes_frames[:8])
-    _full_of_pinned(engine)
+    fill_with_pinned(engine)
     pauses = IngestPauses(lambda: None, every_layers=64, placed_frames=1)
 
     result = engine.ingest(_one_each(("cam", "other"), bikes_frames[8]), pauses=pauses)
@@ -204,8 +159,8 @@ def test_a_pass_that_finds_no_room_at_a_pause_still_places_its_other_rows(tiny_m
     assert result.held_back.keys() == {"cam", "other"}
     for stream_id in ("cam", "other"):
         assert engine.stream(stream_id).frames_ingested == 9
-        assert _missing_tokens(engine, stream_id) == {}
-    assert _unowned_device_pages(engine) == 0
+        assert missing_tokens(engine, stream_id) == {}
+    assert unowned_device_pages(engine) == 0
 
 
 def test_the_service_drops_the_frames_the_engine_did_not_take_in_as_no_room(tiny_model, bikes_frames):
@@ -214,7 +169,7 @@ def test_the_service_drops_the_frames_the_engine_did_not_take_in_as_no_room(tiny
     engine = make_engine(tiny_model, device_budget_bytes=int(1.3 * MIB), host_budget_bytes=int(0.6 * MIB))
     engine.open_stream("cam", fps=2.0)
     feed(engine, "cam", bikes_frames[:12])
-    _full_of_pinned(engine)
+    fill_with_pinned(engine)
     loop = _loop(engine)
     loop.queues.add_stream("cam", 2.0)
 
@@ -230,4 +185,4 @@ def test_the_service_drops_the_frames_the_engine_did_not_take_in_as_no_room(tiny
     assert engine.stream("cam").frames_ingested == 13
     delta = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None)
     assert delta.dropped == {("cam", "no_room"): 1}
-    assert _missing_tokens(engine, "cam") == {}
+    assert missing_tokens(engine, "cam") == {}
