@@ -17,6 +17,7 @@ from redis.client import Pipeline
 from mosaic_core.errors import ConfigError, UnknownStreamError
 from services.metadata.base import ClusterMeta, MetadataStore, StreamRecord, validate_id
 from services.metadata.schema import (
+    APPLY_RETENTION_LUA,
     DEFAULT_NAMESPACE,
     DELETE_STREAM_LUA,
     MAX_SPAN_FIELD,
@@ -60,6 +61,7 @@ class RedisMetadataStore(MetadataStore):
         self._clock = clock
         self._move_script = client.register_script(MOVE_CLUSTER_LUA)
         self._delete_stream_script = client.register_script(DELETE_STREAM_LUA)
+        self._retention_script = client.register_script(APPLY_RETENTION_LUA)
 
     @classmethod
     def from_url(
@@ -201,28 +203,12 @@ class RedisMetadataStore(MetadataStore):
         if float(retention) <= 0:
             return []
         cutoff_s = now_s - float(retention)
-        tindex_key = self._keys.tindex(stream_id)
-
-        def expire(pipe: Pipeline) -> list[str]:
-            candidates = pipe.zrangebyscore(tindex_key, "-inf", f"({_score(cutoff_s)}")
-            if not candidates:
-                return []
-            cluster_keys = [self._keys.cluster(stream_id, c) for c in candidates]
-            # A candidate that grows (its end_s moves past the cutoff) after this read aborts the EXEC.
-            pipe.watch(tindex_key, *cluster_keys)
-            reader = self._client.pipeline(transaction=False)
-            for key in cluster_keys:
-                reader.hget(key, "end_s")
-            ends = reader.execute()
-            expired = [c for c, end in zip(candidates, ends, strict=True) if end is not None and float(end) < cutoff_s]
-            pipe.multi()
-            if expired:
-                pipe.delete(*(self._keys.cluster(stream_id, c) for c in expired))
-                pipe.zrem(tindex_key, *expired)
-            pipe.execute()
-            return expired
-
-        return self._atomic(expire, tindex_key)
+        cluster_prefix = self._keys.cluster(stream_id, "")
+        return list(
+            self._retention_script(
+                keys=[self._keys.tindex(stream_id)], args=[cluster_prefix, _score(cutoff_s), _DELETE_CHUNK_KEYS]
+            )
+        )
 
     # --- helpers -----------------------------------------------------------------------------------
 

@@ -31,18 +31,18 @@ hash filters it exactly. Clusters are capped in size by the engine, so the super
 express "keep the last ``retention_s`` seconds of the stream's own clock". ``apply_retention(now_s)``
 instead takes ``ZRANGEBYSCORE tindex -inf (cutoff`` (clusters starting before ``cutoff = now_s -
 retention_s``), keeps those whose ``end_s`` reaches the cutoff, and deletes the rest (hash and zset entry)
-in one MULTI/EXEC under WATCH. Nothing in the schema carries a TTL.
+in one step, the Lua script ``APPLY_RETENTION_LUA``. Nothing in the schema carries a TTL.
 
 **Atomicity.** Multi-key writes (``put_cluster`` = cluster hash + zset + ``max_span_s``; ``put_stream``;
-``set_worker``; retention) are MULTI/EXEC transactions, under WATCH where they depend on what they read.
-``delete_stream`` is the Lua script ``DELETE_STREAM_LUA``: it reads the stream's index and deletes the stream, its
-index and every cluster the index names in one step, so no ``put_cluster`` can add a cluster between the read and
-the deletes. (Under WATCH, a writer adding clusters without pause restarted that read again and again, each time
-longer, without end.) A placement change (``move_cluster``) is the Lua script ``MOVE_CLUSTER_LUA``, run with
-EVALSHA: it compares the current tier and sets ``tier``, ``location`` and ``updated_s`` in one step, so
-readers (HGETALL is atomic) never see a tier with another placement's location. The schema targets one
-Redis primary (optionally with replicas or Sentinel), not Redis Cluster: the global ``{ns}:streams`` set
-takes part in multi-key transactions with per-stream keys.
+``set_worker``) are MULTI/EXEC transactions, under WATCH where they depend on what they read. ``delete_stream`` is
+the Lua script ``DELETE_STREAM_LUA``: it reads the stream's index and deletes the stream, its index and every
+cluster the index names in one step, so no ``put_cluster`` can add a cluster between the read and the deletes.
+Retention is the Lua script ``APPLY_RETENTION_LUA`` for the same reason. (Under WATCH, a writer adding clusters
+without pause restarted those reads again and again, each time longer, without end.) A placement change
+(``move_cluster``) is the Lua script ``MOVE_CLUSTER_LUA``, run with EVALSHA: it compares the current tier and sets
+``tier``, ``location`` and ``updated_s`` in one step, so readers (HGETALL is atomic) never see a tier with another
+placement's location. The schema targets one Redis primary (optionally with replicas or Sentinel), not Redis
+Cluster: the global ``{ns}:streams`` set takes part in multi-key transactions with per-stream keys.
 
 **Hash fields.** Stream hash: ``stream_id, fps, source_url, loop_source, retention_s, worker_id,
 created_s, labels`` (the StreamRecord) and ``max_span_s`` (store-managed). Cluster hash: ``cluster_id,
@@ -132,6 +132,30 @@ if worker and worker ~= '' then
   redis.call('SREM', ARGV[3] .. worker .. ARGV[4], ARGV[1])
 end
 return 1
+"""
+
+# KEYS[1] the stream's time index; ARGV[1] its clusters' key prefix, ARGV[2] the cutoff (a float's repr), ARGV[3]
+# keys per DEL. Returns the expired cluster ids: those starting before the cutoff whose end_s is before it too.
+APPLY_RETENTION_LUA = """
+local cutoff = tonumber(ARGV[2])
+local expired = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2])) do
+  local end_s = tonumber(redis.call('HGET', ARGV[1] .. id, 'end_s') or '')
+  if end_s and end_s < cutoff then
+    expired[#expired + 1] = id
+  end
+end
+local chunk_keys = tonumber(ARGV[3])
+for first = 1, #expired, chunk_keys do
+  local keys, ids = {}, {}
+  for i = first, math.min(first + chunk_keys - 1, #expired) do
+    keys[#keys + 1] = ARGV[1] .. expired[i]
+    ids[#ids + 1] = expired[i]
+  end
+  redis.call('DEL', unpack(keys))
+  redis.call('ZREM', KEYS[1], unpack(ids))
+end
+return expired
 """
 
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -370,6 +370,37 @@ class MetadataStoreContract:
         assert num_written[0] > 0
         self.assert_no_trace(store, "racy")
 
+    def test_retention_racing_writer_finishes(self, store: MetadataStore) -> None:
+        """Retention over a long history while a writer adds clusters without pause finishes, expires every old
+        cluster and keeps every new one. (Redis under WATCH restarted its read of the index at every write.)"""
+        store.put_stream(stream("racy", retention_s=10.0))
+        history = 2_000
+        for i in range(history):
+            store.put_cluster(cluster(f"c{i}", i, i + 0.5, stream_id="racy"))
+        started, stop = threading.Event(), threading.Event()
+
+        def writer() -> None:
+            for i in itertools.count(10 * history):  # new clusters, past the cutoff
+                if stop.is_set():
+                    return
+                store.put_cluster(cluster(f"n{i}", i, i + 0.5, stream_id="racy"))
+                started.set()
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        assert started.wait(10)
+        expired: list[list[str]] = []
+        retention = threading.Thread(target=lambda: expired.append(store.apply_retention("racy", history + 100.0)))
+        retention.daemon = True
+        retention.start()
+        retention.join(60)  # a bound on liveness, not a speed target
+        stop.set()
+        thread.join(10)
+        assert expired, "apply_retention did not finish within 60 s while a writer kept writing"
+        assert sorted(expired[0]) == sorted(f"c{i}" for i in range(history))
+        left = [c.cluster_id for c in store.list_clusters("racy")]
+        assert left and all(cluster_id.startswith("n") for cluster_id in left)
+
 
 class TestInMemoryContract(MetadataStoreContract):
     @pytest.fixture
