@@ -29,11 +29,12 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import logging
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -147,12 +148,12 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"sha256={digest}"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # a redirect could lead anywhere: it is a failed attempt
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
+def _cut(connection: http.client.HTTPConnection, cut: threading.Event) -> None:
+    """Ends an attempt past its deadline: a blocked read or write of its socket returns at once."""
+    cut.set()
+    if connection.sock is not None:
+        with contextlib.suppress(OSError):
+            connection.sock.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass(slots=True, eq=False)
@@ -167,7 +168,8 @@ class Delivery:
 class WebhookSender:
     """Delivers watch events to webhooks from ``senders`` asyncio tasks. A failed attempt waits for its retry off
     the senders (a timer puts it back in the queue), so a receiver that fails or hangs holds one sender for at most
-    ``timeout_s`` an attempt, and the others' deliveries go on.
+    ``timeout_s`` an attempt (a whole attempt, however slowly the receiver answers; resolving the host is not
+    bounded), and the others' deliveries go on. A redirect is a failed attempt: it could lead anywhere.
 
     Args:
         allowed_prefixes: re-checked before every attempt (the config may have narrowed since creation).
@@ -272,19 +274,27 @@ class WebhookSender:
         self.enqueue(delivery)
 
     def _post(self, delivery: Delivery, body: bytes) -> str | None:
-        """One attempt; None on a 2xx answer, else why it failed."""
+        """One attempt, cut at ``timeout_s``; None on a 2xx answer, else why it failed."""
         timestamp = str(int(time.time()))
-        request = urllib.request.Request(delivery.url, data=body, method="POST")
-        request.add_header("Content-Type", "application/json")
-        request.add_header(TIMESTAMP_HEADER, timestamp)
-        request.add_header(EVENT_ID_HEADER, str(delivery.event_id))
+        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp,
+                   EVENT_ID_HEADER: str(delivery.event_id)}  # fmt: skip
         if delivery.secret:
-            request.add_header(SIGNATURE_HEADER, sign(delivery.secret, timestamp, body))
+            headers[SIGNATURE_HEADER] = sign(delivery.secret, timestamp, body)
+        parts = urlsplit(delivery.url)
+        connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = connection_type(parts.hostname, parts.port, timeout=self.timeout_s)
+        cut = threading.Event()
+        deadline = threading.Timer(self.timeout_s, _cut, args=(connection, cut))
+        deadline.start()
         try:
-            with _OPENER.open(request, timeout=self.timeout_s) as response:
-                status = response.status
-        except urllib.error.HTTPError as err:
-            return f"HTTP {err.code}"
-        except (urllib.error.URLError, OSError) as err:
-            return str(getattr(err, "reason", err))
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            connection.request("POST", path, body=body, headers=headers)
+            status = connection.getresponse().status
+        except (OSError, http.client.HTTPException) as err:
+            return f"no answer within {self.timeout_s:g} s" if cut.is_set() else str(err) or type(err).__name__
+        finally:
+            deadline.cancel()
+            connection.close()
+        if cut.is_set():  # an answer cut short may read as whole
+            return f"no answer within {self.timeout_s:g} s"
         return None if 200 <= status < 300 else f"HTTP {status}"

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -209,3 +210,37 @@ def test_retries_waiting_for_their_back_off_count_against_the_queue_bound(receiv
 
     asyncio.run(run())
     assert held[0] <= 2 and outcomes.count("dropped") >= 28, (held, outcomes.count("dropped"))
+
+
+def _trickling_receiver(duration_s: float, gap_s: float) -> int:
+    """A receiver that answers one byte of a header every ``gap_s`` for ``duration_s``; returns its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection, listener:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            end = time.monotonic() + duration_s
+            try:
+                while time.monotonic() < end:
+                    time.sleep(gap_s)
+                    connection.sendall(b"a")
+                connection.sendall(b"\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                return  # the sender cut the attempt
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_a_receiver_that_trickles_its_answer_holds_an_attempt_no_longer_than_the_timeout():
+    """The timeout bounds a whole attempt, not each read: a byte every 0.3 s would otherwise hold it for 6 s."""
+    prefix = f"http://127.0.0.1:{_trickling_receiver(duration_s=6.0, gap_s=0.3)}/hooks"
+    sender = WebhookSender([prefix], lambda outcome: None, timeout_s=0.5)
+    started = time.monotonic()
+
+    error = sender._post(Delivery(prefix + "/a", "", 1, {}), b"{}")
+
+    assert time.monotonic() - started < 1.5
+    assert error == "no answer within 0.5 s"
