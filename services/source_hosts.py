@@ -97,9 +97,11 @@ def resolved_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
     """Why ``url`` is refused once its host's name is resolved (an address in ``networks``), or None, also when the
     name does not resolve (the connect then fails with its own error). What ``literal_refusal`` refuses comes first."""
     refusal = literal_refusal(url, networks)
-    named = None if refusal is not None else url_host(url)  # the port parses: ``literal_refusal`` said so
-    if refusal is not None or named is None or not networks:
+    if refusal is not None or not networks:
         return refusal
+    named = url_host(url)  # the port parses: ``literal_refusal`` said so
+    if named is None:
+        return None
     host, port = named
     try:
         answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

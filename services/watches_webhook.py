@@ -291,10 +291,10 @@ class WebhookSender:
             connection.request("POST", path, body=body, headers=headers)
             status = connection.getresponse().status
         except (OSError, http.client.HTTPException) as err:
-            return f"no answer within {self.timeout_s:g} s" if cut.is_set() else str(err) or type(err).__name__
+            failure = str(err) or type(err).__name__
+        else:
+            failure = None if 200 <= status < 300 else f"HTTP {status}"
         finally:
             deadline.cancel()
             connection.close()
-        if cut.is_set():  # an answer cut short may read as whole
-            return f"no answer within {self.timeout_s:g} s"
-        return None if 200 <= status < 300 else f"HTTP {status}"
+        return f"no answer within {self.timeout_s:g} s" if cut.is_set() else failure  # a cut answer may read whole

@@ -77,9 +77,8 @@ def runtime_version() -> int:
     return version.value
 
 
-_batch_runtime: list[
-    int
-] = []  # the runtime's version, once it is seen to have cudaMemcpyBatchAsync (a miss is not kept)
+# The runtime's version, once it is seen to have cudaMemcpyBatchAsync (a miss is not kept).
+_batch_runtime: list[int] = []
 
 
 def batch_available() -> bool:
