@@ -188,6 +188,7 @@ def _ask(engine: Engine, s, question: str) -> tuple[dict, torch.Tensor]:
         "hits": r.device_hits,
         "lookups": r.device_lookups,
         "transfer_s": r.transfer_s,
+        "transfer_parts": r.transfer_parts,
         "layers_scored": r.num_layers_scored,
     }, answer.last_hidden
 
@@ -247,6 +248,7 @@ def _summary(label, config: EngineConfig, rows, fidelity, peak, ingest_fps, pcie
         "copies_per_question": statistics.mean(r["copies"] for r in rows),
         "copies_all_per_question": statistics.mean(r["copies_all"] for r in rows),
         "transfer_gbs": moved / transfer_s / 1e9 if transfer_s > 0 else None,
+        "transfer_by_part": _transfer_by_part(rows),
         "hit_ratio": sum(r["hits"] for r in rows) / sum(r["lookups"] for r in rows)
         if sum(r["lookups"] for r in rows)
         else None,
@@ -284,6 +286,26 @@ def _percentile(values: list[float], q: float) -> float:
 def _reset_peak(s) -> None:
     if s.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+
+
+def _transfer_by_part(rows) -> dict[str, dict[str, float]]:
+    """Per part of the prefill's staging (``Retriever.transfer_parts``): its share of the bytes, and its rate with
+    and without the host's preparation (GB/s)."""
+    totals: dict[str, list[float]] = {}
+    for r in rows:
+        for part, figures in r.get("transfer_parts", {}).items():
+            total = totals.setdefault(part, [0.0, 0.0, 0.0])
+            for i, figure in enumerate(figures):
+                total[i] += figure
+    all_bytes = sum(total[0] for total in totals.values())
+    return {
+        part: {
+            "bytes_share": num_bytes / all_bytes if all_bytes else 0.0,
+            "gbs": num_bytes / seconds / 1e9 if seconds > 0 else None,
+            "copy_gbs": num_bytes / copy_seconds / 1e9 if copy_seconds > 0 else None,
+        }
+        for part, (num_bytes, seconds, copy_seconds) in totals.items()
+    }
 
 
 def format_scenario_a(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -337,6 +359,9 @@ def format_scenario_a(report: dict) -> list[tuple[str, list[str], list[list[str]
         if UNIT_CEILING in r["recall_by_scorer"]:
             ceiling = _num(r["recall_by_scorer"][UNIT_CEILING], "{:.3f}")
             chance.append([f"{unit} ({label} engine)", "ceiling: true mass per token", ceiling, "-"])
+    by_part = _transfer_table(a, pcie)
+    if by_part:
+        tables.append(by_part)
     if chance:
         masses = [f"{r['probe_span_mass']:.2f}" for r in a.values() if r.get("probe_span_mass") is not None]
         title = (
@@ -348,6 +373,23 @@ def format_scenario_a(report: dict) -> list[tuple[str, list[str], list[list[str]
     if by_budget:
         tables.append(by_budget)
     return tables
+
+
+def _transfer_table(a: dict, pcie: float):
+    """Each variant's staging rate by part of the prefill, with the host's preparation (as ``xfer GB/s``) and the
+    copies alone; None where no variant timed any (off CUDA, or results from before the parts were kept)."""
+    rows = []
+    for label, r in a.items():
+        for part, figures in sorted(r.get("transfer_by_part", {}).items()):
+            rates = [_rate(figures[key], pcie) for key in ("gbs", "copy_gbs")]
+            rows.append([label, part, f"{figures['bytes_share']:.1%}", *rates])
+    if not rows:
+        return None
+    title = (
+        "Staging by part of the prefill: the layers that choose, each staging its own choice, and the later layers "
+        "staged at once (PCIe share in brackets)"
+    )
+    return (title, ["variant", "part", "bytes", "GB/s with host preparation", "GB/s copies alone"], rows)
 
 
 def _by_budget(a: dict):
@@ -373,6 +415,13 @@ def _by_budget(a: dict):
 
 def _own(mode: str) -> str:
     return RetrievalMode(mode).own_scorer
+
+
+def _rate(gbs: float | None, pcie: float) -> str:
+    """A rate in GB/s with its share of the PCIe peak."""
+    if gbs is None:
+        return "-"
+    return f"{gbs:.1f} ({gbs / pcie:.0%})" if pcie else f"{gbs:.1f}"
 
 
 def _mib(n: float) -> str:

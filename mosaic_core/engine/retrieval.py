@@ -34,6 +34,8 @@ Counting is the same for every mode: ``num_copies`` counts the contiguous host s
 layer of a unit that was not on the device), whatever moved them. ``bytes_fetched`` counts the filled tokens,
 except on the copy engines, which copy (and count) every slot of a page, filled or not. The transfer timer starts
 before the host prepares the move (building the address table, or issuing the copies) in every path.
+``transfer_parts`` splits it: the layers that choose (each staging its own choice while the question waits) and the
+later layers (staged at once from the anchor's choice), each also timed as its copies alone (``Moved.copy_seconds``).
 
 Gathers are queued, never waited for here: the plan makes the compute stream wait for a layer's gather right
 before that layer attends.
@@ -101,6 +103,16 @@ def _copy_engines_found() -> bool:
         return True
     log.warning("staging_copy='dma': no libcudart found in this process, so staging uses the slab-gather kernel")
     return False
+
+
+@dataclass(slots=True)
+class TransferPart:
+    """Bytes a question staged in one part of its prefill, and their device time with and without the host's
+    preparation (``Moved.seconds`` and ``Moved.copy_seconds``)."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+    copy_seconds: float = 0.0
 
 
 @dataclass(slots=True)
@@ -244,7 +256,7 @@ class Retriever:
             choosing = None if self.prefetch_after_layer is None else self.prefetch_after_layer + 1
             self._size_list, self._summaries = tiering.summaries.counts_and_all_layers(candidates, choosing)
             self._smallest = min(self._size_list)
-        self._timed_gathers: list[Moved] = []
+        self._timed_gathers: list[tuple[str, int, Moved]] = []  # (part, bytes, move): ``transfer_parts``
         self._generation = tiering.residency.generation  # clusters removed since: ``_gone_indices``
         self._window = self._window_key()  # frames that left the window since: ``sizes_at_snapshot``
         self._snapshot_sizes: dict[str, int] | None = None
@@ -304,8 +316,11 @@ class Retriever:
         layer moves in one kernel launch that reads pinned host memory in place (on CUDA); without it (the ReKV
         baseline) one copy per slab. Either way the copies counted are the host slabs moved.
         """
+        anchor = self.prefetch_after_layer
+        part = "shared" if anchor is not None and layer > anchor else "choosing"
         if selection.paged:
-            return self._stage_pages(selection.host_pages, selection.host_fills, staging, range(layer, layer + 1))[0]
+            layers = range(layer, layer + 1)
+            return self._stage_pages(selection.host_pages, selection.host_fills, staging, layers, part=part)[0]
         if not selection.slabs:
             return NOTHING_PENDING
         pools = self.tiering.tiers.pools
@@ -319,7 +334,7 @@ class Retriever:
         self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, len(host))
         self.bytes_fetched += num_bytes
         self.num_copies += len(host)
-        self._timed_gathers.append(moved)
+        self._timed_gathers.append((part, num_bytes, moved))
         self._timed("fetch", start, self._mark(pages[0].device, on_side=True))
         return moved
 
@@ -337,12 +352,14 @@ class Retriever:
             return None
         for cluster_id in chosen.cluster_ids:  # what ``reuse`` counts, per layer
             self.votes[cluster_id] = self.votes.get(cluster_id, 0) + len(layers)
-        return self._stage_pages(chosen.host_pages, chosen.host_fills, staging, layers)
+        return self._stage_pages(chosen.host_pages, chosen.host_fills, staging, layers, part="shared")
 
-    def _stage_pages(self, host_pages: list[int], fills: list[int], staging: list[int], layers: range) -> list[Moved]:
+    def _stage_pages(
+        self, host_pages: list[int], fills: list[int], staging: list[int], layers: range, *, part: str
+    ) -> list[Moved]:
         """Queues ``layers`` of ``host_pages`` into the same layers of device pages ``staging``: on the copy engines,
         one run per page and group of layers (``Machinery.staging_groups``); or from one slab-copy table, one kernel
-        launch per layer. Returns each layer's move."""
+        launch per layer. Returns each layer's move; ``part`` names the moves in ``transfer_parts``."""
         if not host_pages:
             return [NOTHING_PENDING] * len(layers)
         start = self._mark(self.tiering.tiers.pools.device)
@@ -356,24 +373,37 @@ class Retriever:
                 runs, started=marked, streams=self.machinery.staging_streams, batch=self.machinery.staging_batch
             )
             moves = [moved for group, moved in zip(groups, timed, strict=True) for _ in group]
-            num_bytes = int(sum(int(r[:, 2].sum()) for r in runs))  # whole pages: every slot, filled or not
+            timed_bytes = [int(r[:, 2].sum()) for r in runs]  # whole pages: every slot, filled or not
         else:
             rows = pools.stage_rows(Tier.HOST, host_pages, fills, dst_pages, layers)
             moves = transfers.stage_layers(
                 rows, pools.upload, spec.num_kv_heads, spec.head_dim, spec.dtype, started=marked
             )  # fmt: skip
             timed = moves
-            num_bytes = sum(fills) * spec.bytes_per_token_layer * len(layers)
+            timed_bytes = [sum(fills) * spec.bytes_per_token_layer] * len(layers)
+        num_bytes = sum(timed_bytes)
         self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, len(host_pages) * len(layers))
         self.bytes_fetched += num_bytes
         self.num_copies += len(host_pages) * len(layers)
-        self._timed_gathers += timed
+        self._timed_gathers += [(part, n, moved) for n, moved in zip(timed_bytes, timed, strict=True)]
         self._timed("fetch", start, self._mark(self.tiering.tiers.pools.device, on_side=True))
         return moves
 
     def transfer_seconds(self) -> float:
         """Device time spent gathering retrieved KV that had to be copied (waits for the copies to finish)."""
-        return sum(moved.seconds() for moved in self._timed_gathers)
+        return sum(moved.seconds() for _, _, moved in self._timed_gathers)
+
+    def transfer_parts(self) -> dict[str, TransferPart]:
+        """The timed gathers by part: ``choosing`` (a layer that chose staging its own choice: the anchor and the
+        layers before it, or every layer without an anchor) and ``shared`` (the later layers' groups, staged at
+        once from the anchor's choice). Waits for the copies to finish; no seconds off CUDA."""
+        parts: dict[str, TransferPart] = {}
+        for part, num_bytes, moved in self._timed_gathers:
+            total = parts.setdefault(part, TransferPart())
+            total.bytes += num_bytes
+            total.seconds += moved.seconds()
+            total.copy_seconds += moved.copy_seconds()
+        return parts
 
     def release(self) -> None:
         """Unpins every unit this question read (once; the question is over or was abandoned)."""

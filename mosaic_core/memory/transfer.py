@@ -41,17 +41,30 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Moved:
-    """A move that was queued: its ``ready`` event, and the events that time its own span on the side stream."""
+    """A move that was queued: its ``ready`` event, and the events that time its own span on the side stream.
+
+    ``started`` may be recorded before the host prepared the move (its address table) or where the move before
+    it in a chain ended. In a chain (``copy_runs``, ``stage_layers``) ``issued`` is recorded on the side stream just
+    before the move's copies, once the side stream waits for the compute queued so far and its table is on the
+    device, so ``issued`` to ``ready`` is the copies alone."""
 
     ready: torch.cuda.Event | None = None
     started: torch.cuda.Event | None = None
+    issued: torch.cuda.Event | None = None
 
     def seconds(self) -> float:
-        """Device time of the move itself (waits for it to finish); 0 off CUDA."""
+        """Device time of the move with its host preparation (waits for it to finish); 0 off CUDA."""
         if self.ready is None or self.started is None:
             return 0.0
         self.ready.synchronize()
         return self.started.elapsed_time(self.ready) / 1e3
+
+    def copy_seconds(self) -> float:
+        """Device time of the move's copies alone, from ``issued`` (``seconds`` where it was not recorded)."""
+        if self.ready is None or self.issued is None:
+            return self.seconds()
+        self.ready.synchronize()
+        return self.issued.elapsed_time(self.ready) / 1e3
 
 
 NOTHING_PENDING = Moved()
@@ -247,6 +260,8 @@ class TransferEngine:
         for launch in launches:
             with self._on_side(*used, timed=True) as moved:
                 moved.started = started
+                moved.issued = torch.cuda.Event(enable_timing=True)
+                moved.issued.record()
                 launch()
             started = moved.ready
             moves.append(moved)

@@ -279,3 +279,25 @@ def test_a_question_reads_the_summaries_of_the_layers_that_choose_and_chooses_as
     assert [s.cluster_id for s in narrowed.evidence] == [s.cluster_id for s in full.evidence] != []
     assert narrowed.token_ids == full.token_ids
     assert torch.equal(narrowed.last_hidden, full.last_hidden)
+
+
+@pytest.mark.parametrize(("mode", "prefetch_after_layer"), [("cluster", 0), ("cluster", None), ("token", 0)])
+def test_staged_bytes_are_told_apart_by_the_part_of_the_prefill_that_moved_them(
+    tiny_model, bikes_frames, mode, prefetch_after_layer
+):
+    """With an anchor, the layers up to it stage their own choices and the later layers are staged at once from its
+    choice; without one (or in ReKV's stand-in, which has none) every layer stages its own. The parts' bytes add up
+    to the bytes fetched."""
+    engine = make_engine(
+        tiny_model, mode=mode, device_budget_bytes=int(0.8 * MIB), prefetch_after_layer=prefetch_after_layer
+    )
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:32])
+    stats = engine.answer("cam", QUESTION, max_new_tokens=1, time_range=(0.0, 3.0)).retrieval
+    parts = {name: figures[0] for name, figures in stats.transfer_parts.items()}
+    assert stats.bytes_fetched > 0
+    assert sum(parts.values()) == stats.bytes_fetched
+    anchored = mode == "cluster" and prefetch_after_layer is not None
+    assert set(parts) == ({"choosing", "shared"} if anchored else {"choosing"})
+    if anchored:  # layer 0 chooses; every later layer moves the same pages
+        assert parts["shared"] == (tiny_model.kv_spec.num_layers - 1) * parts["choosing"]

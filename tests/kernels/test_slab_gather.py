@@ -187,3 +187,24 @@ def test_runs_dealt_to_several_streams_have_landed_when_their_move_passes(stream
     landed_first[order[:40]] = True
     assert torch.equal(seen[0].cpu()[landed_first], expected[landed_first])
     assert torch.equal(seen[1].cpu(), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy engines need a GPU")
+def test_a_chain_of_copies_is_timed_with_and_without_the_host_preparation_before_it():
+    """The first move of a chain is timed from a mark taken before the host prepared it; its copies alone start
+    later, once the host issued them, so they take no longer, and every move's copies take some time."""
+    import time
+
+    from mosaic_core.memory.transfer import TransferEngine
+
+    engine = TransferEngine(torch.device("cuda"))
+    host = torch.randn(64, 1 << 16, pin_memory=True)
+    device = torch.zeros(64, 1 << 16, device="cuda")
+    runs = np.asarray([(host[i].data_ptr(), device[i].data_ptr(), (1 << 16) * 4) for i in range(64)])
+    marked = engine.mark()
+    time.sleep(0.05)  # the host's preparation, as long as it takes
+    moves = engine.copy_runs([runs[:32], runs[32:]], started=marked)
+    first, second = moves
+    assert first.seconds() >= 0.05 > first.copy_seconds() > 0
+    assert 0 < second.copy_seconds() <= second.seconds() + 1e-6
