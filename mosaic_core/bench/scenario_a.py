@@ -19,8 +19,10 @@ Rows (``VARIANTS``):
   ``cluster-two-copy-streams``, a question's staging runs dealt to two streams (``EngineConfig.staging_streams``);
   ``cluster-copy-a-call``, one ``cudaMemcpyAsync`` a staging run where ``cluster`` hands each group's runs over in
   one ``cudaMemcpyBatchAsync`` (``EngineConfig.staging_batch``);
-  ``cluster-tapered-staging``, staging copies of 8, 8, 6 and 4 layers where ``cluster`` copies 4 a time
-  (``EngineConfig.staging_groups``); ``cluster-tapered-two-streams``, both; ``cluster-per-token``, clusters ranked
+  ``cluster-groups-of-4``, staging copies of 4 layers a time where ``cluster`` copies 8, 8, 6 and then 4
+  (``EngineConfig.staging_groups``; ``cluster``'s before session 45); ``cluster-tapered-staging``, 8, 8, 6 and 4
+  layers (the default since session 45, named for runs before it); ``cluster-tapered-two-streams``, those dealt to
+  two streams; ``cluster-per-token``, clusters ranked
   by estimated attention mass per token (``spread_per_token``) where ``cluster`` ranks by total mass (``spread``);
   ``cluster-spread``, clusters ranked by the Gaussian estimate of their attention mass, the largest row's for each
   kv head (``spread``, cluster mode's scorer until session 34), where ``cluster`` ranks by each query row's
@@ -72,6 +74,7 @@ VARIANTS = {
     "cluster-spill-copies": {"mode": "cluster", "host_copy_below_device_free": 0.0},
     "cluster-two-copy-streams": {"mode": "cluster", "staging_streams": 2},
     "cluster-copy-a-call": {"mode": "cluster", "staging_batch": False},
+    "cluster-groups-of-4": {"mode": "cluster", "staging_groups": (4,)},
     "cluster-tapered-staging": {"mode": "cluster", "staging_groups": (8, 8, 6, 4)},
     "cluster-tapered-two-streams": {"mode": "cluster", "staging_groups": (8, 8, 6, 4), "staging_streams": 2},
     "cluster-per-token": {"mode": "cluster", "scorer": "spread_per_token"},

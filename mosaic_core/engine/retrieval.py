@@ -16,9 +16,8 @@ alone buys. ``EngineConfig.scorer`` swaps the scorer of any mode (random, recent
 
 - The gather: device-resident units are attended where they are, through their slots in the device pool. The
   other units' pages move into device pages the question took (inside the device budget). Batched, by default on
-  the copy engines, a run of bytes per page and group of layers (``staging_groups``, by default
-  ``prefill_graph_layers`` layers a group; a page's layers are one run), each group's runs in one batched call
-  (``staging_batch``), or with
+  the copy engines, a run of bytes per page and group of layers (``staging_groups``, by default 8, 8, 6 and then 4
+  layers a group; a page's layers are one run), each group's runs in one batched call (``staging_batch``), or with
   ``staging_copy="kernel"`` one slab-gather launch per layer that reads pinned host memory from the SMs; ReKV's
   stand-in makes one ``copy_`` per slab.
 - The shared choice: with ``prefetch_after_layer`` set, layers up to it score their own queries and every later
@@ -368,7 +367,7 @@ class Retriever:
         dst_pages = staging[: len(host_pages)]
         if self._dma:
             groups = layer_groups(layers, self.machinery.staging_groups)
-            runs = [pools.block_rows(Tier.HOST, host_pages, dst_pages, group) for group in groups]
+            runs = pools.group_rows(Tier.HOST, host_pages, dst_pages, groups)
             timed = transfers.copy_runs(
                 runs, started=marked, streams=self.machinery.staging_streams, batch=self.machinery.staging_batch
             )

@@ -61,6 +61,7 @@ class PagePools:
         self.host_capacity_pages = host_bytes // self.page_bytes
         self.host_chunk_pages = max(1, HOST_CHUNK_BYTES // self.page_bytes)
         self.host_chunks: list[torch.Tensor] = []  # each [chunk_pages, *page_shape]; the last may be shorter
+        self._host_chunk_starts = np.zeros(0, dtype=np.int64)  # their addresses (chunks are only ever added)
         self.host_pages = PageAllocator(0)
         self._host_fenced: deque[tuple[torch.cuda.Event | None, list[int]]] = deque()
         if pinned_host_bytes:
@@ -118,17 +119,16 @@ class PagePools:
             starts = self.device_pool.data_ptr() + pages * self.page_bytes
         else:
             chunk, index = np.divmod(pages, self.host_chunk_pages)
-            chunk_starts = np.asarray([c.data_ptr() for c in self.host_chunks], dtype=np.int64)
-            starts = chunk_starts[chunk] + index * self.page_bytes
+            starts = self._host_chunk_starts[chunk] + index * self.page_bytes
         return starts + layer * (self.page_bytes // self.spec.num_layers)
 
     def stage_rows(self, src: Tier, src_pages: list[int], fills: list[int], dst_pages: list[int], layers: range):
         """The slab-copy table (``copy_slabs``' rows: source, destination, tokens, source and destination slots)
         of ``layers`` of ``src_pages`` into the same layers of device ``dst_pages``: ``[len(layers), pages, 5]``."""
         rows = np.empty((len(layers), len(src_pages), 5), dtype=np.int64)
-        for i, layer in enumerate(layers):
-            rows[i, :, 0] = self.slab_addresses(src, src_pages, layer)
-            rows[i, :, 1] = self.slab_addresses(Tier.DEVICE, dst_pages, layer)
+        offsets = np.asarray(layers, dtype=np.int64)[:, None] * (self.page_bytes // self.spec.num_layers)
+        rows[:, :, 0] = self.slab_addresses(src, src_pages, 0)[None, :] + offsets
+        rows[:, :, 1] = self.slab_addresses(Tier.DEVICE, dst_pages, 0)[None, :] + offsets
         rows[:, :, 2] = fills
         rows[:, :, 3:] = self.page_tokens
         return rows
@@ -137,10 +137,23 @@ class PagePools:
         """The byte runs (source, destination, bytes) that copy ``layers`` of each of ``src_pages`` into the same
         layers of device ``dst_pages``: ``[pages, 3]``. A page holds its layers one after another, so consecutive
         layers of one page are one run (every token slot of them, filled or not)."""
-        rows = np.empty((len(src_pages), 3), dtype=np.int64)
-        rows[:, 0] = self.slab_addresses(src, src_pages, layers.start)
-        rows[:, 1] = self.slab_addresses(Tier.DEVICE, dst_pages, layers.start)
-        rows[:, 2] = len(layers) * (self.page_bytes // self.spec.num_layers)
+        return self.group_rows(src, src_pages, dst_pages, [layers])[0]
+
+    def group_rows(
+        self, src: Tier, src_pages: list[int], dst_pages: list[int], groups: list[range]
+    ) -> list[np.ndarray]:
+        """``block_rows`` of each group of layers, from one computation of the pages' addresses (a question's
+        staging builds them while the copies wait, and its groups differ only in their layers)."""
+        base = np.empty((len(src_pages), 3), dtype=np.int64)
+        base[:, 0] = self.slab_addresses(src, src_pages, 0)
+        base[:, 1] = self.slab_addresses(Tier.DEVICE, dst_pages, 0)
+        layer_bytes = self.page_bytes // self.spec.num_layers
+        rows = []
+        for layers in groups:
+            group = base.copy()
+            group[:, :2] += layers.start * layer_bytes
+            group[:, 2] = len(layers) * layer_bytes
+            rows.append(group)
         return rows
 
     def layer_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,6 +288,7 @@ class PagePools:
             size = min(self.host_chunk_pages, self.host_capacity_pages - self.host_pages.num_pages)
             chunk = torch.empty((size, *self.page_shape), dtype=self.spec.dtype, pin_memory=self.pin)
             self.host_chunks.append(chunk)
+            self._host_chunk_starts = np.append(self._host_chunk_starts, chunk.data_ptr())
             self.host_pages.grow(size)
             num_pages -= size
 

@@ -59,14 +59,15 @@ def test_staged_rows_copy_what_the_slab_views_copy(pools):
                 assert not staged.any()
 
 
-def test_block_rows_are_the_page_layer_runs(pools):
-    host_pages, device_pages, layers = [4, 0, 7], [2, 5, 1], range(1, 3)
-    runs = pools.block_rows(Tier.HOST, host_pages, device_pages, layers)
-    for (src, dst, nbytes), h, d in zip(runs.tolist(), host_pages, device_pages, strict=True):
-        first = pools.layer_slab(Tier.HOST, h, layers.start, pools.page_tokens)
-        assert src == first.data_ptr()
-        assert dst == pools.layer_slab(Tier.DEVICE, d, layers.start, pools.page_tokens).data_ptr()
-        assert nbytes == len(layers) * first.numel() * first.element_size()
+@pytest.mark.parametrize("groups", [[range(1, 3)], [range(0, 1), range(1, 3)], [range(0, 2), range(2, 3)]])
+def test_block_rows_are_the_page_layer_runs(pools, groups):
+    host_pages, device_pages = [4, 0, 9, 7], [2, 5, 1, 6]
+    for runs, layers in zip(pools.group_rows(Tier.HOST, host_pages, device_pages, groups), groups, strict=True):
+        for (src, dst, nbytes), h, d in zip(runs.tolist(), host_pages, device_pages, strict=True):
+            first = pools.layer_slab(Tier.HOST, h, layers.start, pools.page_tokens)
+            assert src == first.data_ptr()
+            assert dst == pools.layer_slab(Tier.DEVICE, d, layers.start, pools.page_tokens).data_ptr()
+            assert nbytes == len(layers) * first.numel() * first.element_size()
 
 
 @pytest.mark.parametrize("staging_copy", ["kernel", "dma"])
