@@ -182,7 +182,7 @@ def test_the_share_scorers_past_is_the_streams_sink_and_window(tiny_model, bikes
         machinery=machinery_for(engine.config), spec=engine.spec, tiering=engine.tiering,
         stream=engine.parts.stream("cam"), candidates=[], budget_tokens=100,
     )  # fmt: skip
-    query = torch.randn(tiny_model.kv_spec.num_q_heads, 5, tiny_model.kv_spec.head_dim)
+    query = torch.randn(tiny_model.kv_spec.num_q_heads, 5, tiny_model.kv_spec.head_dim, device=tiny_model.device)
     for layer in range(tiny_model.kv_spec.num_layers):
         expected = _past_lse(engine, "cam", layer, query)
         torch.testing.assert_close(retriever.past_logsumexp(layer, query), expected, atol=1e-5, rtol=1e-5)
