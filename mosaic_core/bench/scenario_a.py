@@ -294,12 +294,12 @@ def _reset_peak(s) -> None:
 
 
 def _transfer_by_part(rows) -> dict[str, dict[str, float]]:
-    """Per part of the prefill's staging (``Retriever.transfer_parts``): its share of the bytes, and its rate with
-    and without the host's preparation (GB/s)."""
+    """Per part of the prefill's staging (``Retriever.transfer_parts``): its share of the bytes, its rate with and
+    without the host's preparation (GB/s), and the copies handed to CUDA a question."""
     totals: dict[str, list[float]] = {}
     for r in rows:
         for part, figures in r.get("transfer_parts", {}).items():
-            total = totals.setdefault(part, [0.0, 0.0, 0.0])
+            total = totals.setdefault(part, [0.0, 0.0, 0.0, 0.0])
             for i, figure in enumerate(figures):
                 total[i] += figure
     all_bytes = sum(total[0] for total in totals.values())
@@ -308,8 +308,9 @@ def _transfer_by_part(rows) -> dict[str, dict[str, float]]:
             "bytes_share": num_bytes / all_bytes if all_bytes else 0.0,
             "gbs": num_bytes / seconds / 1e9 if seconds > 0 else None,
             "copy_gbs": num_bytes / copy_seconds / 1e9 if copy_seconds > 0 else None,
+            "copies_per_question": copies / len(rows),
         }
-        for part, (num_bytes, seconds, copy_seconds) in totals.items()
+        for part, (num_bytes, seconds, copy_seconds, copies) in totals.items()
     }
 
 
@@ -387,14 +388,16 @@ def _transfer_table(a: dict, pcie: float):
     for label, r in a.items():
         for part, figures in sorted(r.get("transfer_by_part", {}).items()):
             rates = [_rate(figures[key], pcie) for key in ("gbs", "copy_gbs")]
-            rows.append([label, part, f"{figures['bytes_share']:.1%}", *rates])
+            copies = _num(figures.get("copies_per_question"), "{:.0f}")
+            rows.append([label, part, f"{figures['bytes_share']:.1%}", copies, *rates])
     if not rows:
         return None
     title = (
         "Staging by part of the prefill: the layers that choose, each staging its own choice, and the later layers "
         "staged at once (PCIe share in brackets)"
     )
-    return (title, ["variant", "part", "bytes", "GB/s with host preparation", "GB/s copies alone"], rows)
+    header = ["variant", "part", "bytes", "copies/q", "GB/s with host preparation", "GB/s copies alone"]
+    return (title, header, rows)
 
 
 def _by_budget(a: dict):

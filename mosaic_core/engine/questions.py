@@ -237,7 +237,8 @@ def _retrieval_stats(plan) -> RetrievalStats:
         device_lookups=retriever.device_lookups,
         transfer_s=retriever.transfer_seconds(),
         transfer_parts={
-            name: (part.bytes, part.seconds, part.copy_seconds) for name, part in retriever.transfer_parts().items()
+            name: (part.bytes, part.seconds, part.copy_seconds, part.copies)
+            for name, part in retriever.transfer_parts().items()
         },
         attention_recall=None if plan.recall_probe is None else plan.recall_probe.recall,
         decode_attention_recall=None if plan.recall_probe is None else plan.recall_probe.decode_recall,

@@ -108,12 +108,14 @@ def _copy_engines_found() -> bool:
 
 @dataclass(slots=True)
 class TransferPart:
-    """Bytes a question staged in one part of its prefill, and their device time with and without the host's
-    preparation (``Moved.seconds`` and ``Moved.copy_seconds``)."""
+    """Bytes a question staged in one part of its prefill, their device time with and without the host's
+    preparation (``Moved.seconds`` and ``Moved.copy_seconds``), and the copies handed to CUDA for them (a run, a
+    strided run of pages, a copy a slab, or a kernel launch)."""
 
     bytes: int = 0
     seconds: float = 0.0
     copy_seconds: float = 0.0
+    copies: int = 0
 
 
 @dataclass(slots=True)
@@ -257,7 +259,7 @@ class Retriever:
             choosing = None if self.prefetch_after_layer is None else self.prefetch_after_layer + 1
             self._size_list, self._summaries = tiering.summaries.counts_and_all_layers(candidates, choosing)
             self._smallest = min(self._size_list)
-        self._timed_gathers: list[tuple[str, int, Moved]] = []  # (part, bytes, move): ``transfer_parts``
+        self._timed_gathers: list[tuple[str, int, int, Moved]] = []  # (part, bytes, copies, move): ``transfer_parts``
         self._generation = tiering.residency.generation  # clusters removed since: ``_gone_indices``
         self._window = self._window_key()  # frames that left the window since: ``sizes_at_snapshot``
         self._snapshot_sizes: dict[str, int] | None = None
@@ -335,7 +337,7 @@ class Retriever:
         self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, len(host))
         self.bytes_fetched += num_bytes
         self.num_copies += len(host)
-        self._timed_gathers.append((part, num_bytes, moved))
+        self._timed_gathers.append((part, num_bytes, 1 if batched else len(host), moved))
         self._timed("fetch", start, self._mark(pages[0].device, on_side=True))
         return moved
 
@@ -379,6 +381,7 @@ class Retriever:
             )
             moves = [moved for group, moved in zip(groups, timed, strict=True) for _ in group]
             timed_bytes = [run_bytes(r) for r in runs]  # whole pages: every slot, filled or not
+            timed_copies = [len(r) for r in runs]
         else:
             rows = pools.stage_rows(Tier.HOST, host_pages, fills, dst_pages, layers)
             moves = transfers.stage_layers(
@@ -386,26 +389,28 @@ class Retriever:
             )  # fmt: skip
             timed = moves
             timed_bytes = [sum(fills) * spec.bytes_per_token_layer] * len(layers)
+            timed_copies = [1] * len(layers)  # a launch a layer
         num_bytes = sum(timed_bytes)
         self.tiering.tiers.stats.record(Tier.HOST, Tier.DEVICE, num_bytes, len(host_pages) * len(layers))
         self.bytes_fetched += num_bytes
         self.num_copies += len(host_pages) * len(layers)
-        self._timed_gathers += [(part, n, moved) for n, moved in zip(timed_bytes, timed, strict=True)]
+        self._timed_gathers += list(zip([part] * len(timed), timed_bytes, timed_copies, timed, strict=True))
         self._timed("fetch", start, self._mark(self.tiering.tiers.pools.device, on_side=True))
         return moves
 
     def transfer_seconds(self) -> float:
         """Device time spent gathering retrieved KV that had to be copied (waits for the copies to finish)."""
-        return sum(moved.seconds() for _, _, moved in self._timed_gathers)
+        return sum(moved.seconds() for *_, moved in self._timed_gathers)
 
     def transfer_parts(self) -> dict[str, TransferPart]:
         """The timed gathers by part: ``choosing`` (a layer that chose staging its own choice: the anchor and the
         layers before it, or every layer without an anchor) and ``shared`` (the later layers' groups, staged at
         once from the anchor's choice). Waits for the copies to finish; no seconds off CUDA."""
         parts: dict[str, TransferPart] = {}
-        for part, num_bytes, moved in self._timed_gathers:
+        for part, num_bytes, copies, moved in self._timed_gathers:
             total = parts.setdefault(part, TransferPart())
             total.bytes += num_bytes
+            total.copies += copies
             total.seconds += moved.seconds()
             total.copy_seconds += moved.copy_seconds()
         return parts

@@ -369,6 +369,8 @@ def test_strided_staging_copies_give_the_same_answer(tiny_model, bikes_frames, m
         feed(engine, "cam", bikes_frames[:40])
         answers.append(engine.answer("cam", QUESTION, max_new_tokens=3, time_range=(0.0, 2.0)))
     assert any(made), "no question's pages came in runs: the strided copies were not tried"
+    copies = [sum(figures[3] for figures in a.retrieval.transfer_parts.values()) for a in answers]
+    assert copies[1] < copies[0], copies
     assert answers[1].token_ids == answers[0].token_ids
     assert answers[1].retrieval.bytes_fetched == answers[0].retrieval.bytes_fetched > 0
     assert torch.equal(answers[1].last_hidden, answers[0].last_hidden)
