@@ -166,12 +166,6 @@ class EngineConfig:
             ``cudaMemcpyBatchAsync`` call (CUDA 12.8 and later; one ``cudaMemcpyAsync`` a run before it, or where
             the runtime lacks it). On the H200 the staging of a 60-minute question moved at 99% of one contiguous
             copy's rate that way, against 85% a call a run (``bench.copy_runs_sweep``, session 43).
-        staging_strided: with "dma", where a question's pages come in runs that are consecutive both in the host
-            pool and in the question's device pages, each run of pages of a group goes to the copy engines as one
-            strided copy (``cudaMemcpy2DAsync``: the group's layers of each page, a page apart on both sides),
-            where fewer than half as many copies as pages result; otherwise as ``staging_batch`` says. The copies
-            of the layers that choose move one layer a page, 128 KiB on the 7B preset, at 59% of PCIe in batched
-            runs on an H100 (bench/NOTES.md, session 45); off until measured against them.
         tower_stream: on CUDA, an ingest call's uploads, keyframe thumbnails and vision tower are queued on a
             CUDA stream of their own, which waits for nothing the language model does, so the device can run them
             beside the previous call's language model; the language model then waits for them on the device, not
@@ -223,7 +217,6 @@ class EngineConfig:
     staging_groups: tuple[int, ...] = (8, 8, 6, 4)
     staging_streams: int = 1
     staging_batch: bool = True
-    staging_strided: bool = False
     tower_stream: bool = False
     max_question_tokens: int = 512
     max_new_tokens_limit: int = 512

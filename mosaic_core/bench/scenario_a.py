@@ -22,8 +22,7 @@ Rows (``VARIANTS``):
   ``cluster-groups-of-4``, staging copies of 4 layers a time where ``cluster`` copies 8, 8, 6 and then 4
   (``EngineConfig.staging_groups``; ``cluster``'s before session 45); ``cluster-tapered-staging``, 8, 8, 6 and 4
   layers (the default since session 45, named for runs before it); ``cluster-tapered-two-streams``, those dealt to
-  two streams; ``cluster-strided-staging``, each run of pages consecutive in the host pool and in the question's
-  pages staged as one strided copy (``EngineConfig.staging_strided``); ``cluster-per-token``, clusters ranked
+  two streams; ``cluster-per-token``, clusters ranked
   by estimated attention mass per token (``spread_per_token``) where ``cluster`` ranks by total mass (``spread``);
   ``cluster-spread``, clusters ranked by the Gaussian estimate of their attention mass, the largest row's for each
   kv head (``spread``, cluster mode's scorer until session 34), where ``cluster`` ranks by each query row's
@@ -76,7 +75,6 @@ VARIANTS = {
     "cluster-two-copy-streams": {"mode": "cluster", "staging_streams": 2},
     "cluster-copy-a-call": {"mode": "cluster", "staging_batch": False},
     "cluster-groups-of-4": {"mode": "cluster", "staging_groups": (4,)},
-    "cluster-strided-staging": {"mode": "cluster", "staging_strided": True},
     "cluster-tapered-staging": {"mode": "cluster", "staging_groups": (8, 8, 6, 4)},
     "cluster-tapered-two-streams": {"mode": "cluster", "staging_groups": (8, 8, 6, 4), "staging_streams": 2},
     "cluster-per-token": {"mode": "cluster", "scorer": "spread_per_token"},

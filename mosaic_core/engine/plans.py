@@ -232,8 +232,7 @@ class QuestionPlan:
         fills = selection.staged_fills
         num_staged = len(fills)
         if num_staged > len(self.staging):
-            # in order, so that consecutive host pages may land in consecutive pages (``staging_strided``)
-            self.staging += sorted(self.room.take(num_staged - len(self.staging)))
+            self.staging += self.room.take(num_staged - len(self.staging))
         self.gathers[layer] = self.retriever.stage(selection, layer, self.staging[:num_staged])
         if shared is None and self._same_slots(layer, selection, fills):
             shared = (self.tables[layer - 1], self.static_tokens[layer - 1])  # full mode: every layer

@@ -58,7 +58,7 @@ from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
 from mosaic_core.memory import cudart
 from mosaic_core.memory.layout import KVSpec
-from mosaic_core.memory.transfer import NOTHING_PENDING, Moved, run_bytes
+from mosaic_core.memory.transfer import NOTHING_PENDING, Moved
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ class Machinery:
     staging_groups: tuple[int, ...]  # dma: layers of a page copied as one run, group by group (``layer_groups``)
     staging_streams: int  # dma: streams a group's runs are dealt to
     staging_batch: bool  # dma: one batched call a stream and group (``EngineConfig.staging_batch``)
-    staging_strided: bool  # dma: a run of consecutive pages a strided copy (``EngineConfig.staging_strided``)
     prefetch_after_layer: int | None
     device_cache: bool
 
@@ -90,7 +89,6 @@ def machinery_for(config: EngineConfig) -> Machinery:
         staging_groups=config.staging_groups or (config.prefill_graph_layers,),
         staging_streams=config.staging_streams,
         staging_batch=config.staging_batch,
-        staging_strided=config.staging_strided,
         prefetch_after_layer=None if rekv or mode is RetrievalMode.FULL else config.prefetch_after_layer,
         device_cache=mode.caches_on_device,
     )
@@ -371,16 +369,12 @@ class Retriever:
         dst_pages = staging[: len(host_pages)]
         if self._dma:
             groups = layer_groups(layers, self.machinery.staging_groups)
-            runs = None
-            if self.machinery.staging_strided:
-                runs = pools.strided_rows(Tier.HOST, host_pages, dst_pages, groups)
-            if runs is None:
-                runs = pools.group_rows(Tier.HOST, host_pages, dst_pages, groups)
+            runs = pools.group_rows(Tier.HOST, host_pages, dst_pages, groups)
             timed = transfers.copy_runs(
                 runs, started=marked, streams=self.machinery.staging_streams, batch=self.machinery.staging_batch
             )
             moves = [moved for group, moved in zip(groups, timed, strict=True) for _ in group]
-            timed_bytes = [run_bytes(r) for r in runs]  # whole pages: every slot, filled or not
+            timed_bytes = [int(r[:, 2].sum()) for r in runs]  # whole pages: every slot, filled or not
             timed_copies = [len(r) for r in runs]
         else:
             rows = pools.stage_rows(Tier.HOST, host_pages, fills, dst_pages, layers)

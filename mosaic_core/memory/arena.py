@@ -156,27 +156,6 @@ class PagePools:
             rows.append(group)
         return rows
 
-    def strided_rows(
-        self, src: Tier, src_pages: list[int], dst_pages: list[int], groups: list[range]
-    ) -> list[np.ndarray] | None:
-        """``group_rows`` with each run of pages that are consecutive on both sides (and, in the host pool, in one
-        chunk) as one row ``(src, dst, nbytes, count, pitch)``: ``count`` runs of ``nbytes``, a page apart
-        (``cudart.copy_strided``). None when that would not halve the number of copies."""
-        src_ids, dst_ids = np.asarray(src_pages, dtype=np.int64), np.asarray(dst_pages, dtype=np.int64)
-        if not len(src_ids):
-            return None
-        joined = (np.diff(src_ids) == 1) & (np.diff(dst_ids) == 1)
-        if src is Tier.HOST:
-            joined &= np.diff(src_ids // self.host_chunk_pages) == 0
-        starts = np.flatnonzero(np.concatenate([[True], ~joined]))
-        if 2 * len(starts) > len(src_ids):
-            return None
-        counts = np.diff(np.append(starts, len(src_ids)))
-        rows = []
-        for group in self.group_rows(src, src_ids[starts], dst_ids[starts], groups):
-            rows.append(np.column_stack([group, counts, np.full(len(starts), self.page_bytes)]))
-        return rows
-
     def layer_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one layer of the whole device pool, each ``[num_pages, H, page_tokens, D]`` (views):
         what the paged attention kernels read in place."""

@@ -70,14 +70,6 @@ class Moved:
 NOTHING_PENDING = Moved()
 
 
-def run_bytes(runs: np.ndarray) -> int:
-    """Bytes that ``TransferEngine.copy_runs`` moves for one group: rows ``(src, dst, nbytes)``, or strided rows
-    ``(src, dst, nbytes, count, pitch)`` that move ``count`` runs each."""
-    if runs.shape[1] == 5:
-        return int((runs[:, 2] * runs[:, 3]).sum())
-    return int(runs[:, 2].sum())
-
-
 def read_back(values: torch.Tensor) -> tuple[torch.Tensor, Moved]:
     """A pinned host copy of small device ``values`` (coherence scores, thumbnails), queued on the current stream:
     it waits only for the work queued before it, not behind the side stream's KV moves. The host reads it after
@@ -216,18 +208,14 @@ class TransferEngine:
     def copy_runs(self, groups: list[np.ndarray], *, started=None, streams: int = 1, batch: bool = True) -> list[Moved]:
         """Queues each group of byte runs (``PagePools.block_rows``) on the copy engines, one ``Moved`` per group
         (each passes once its own runs have landed); timed as one span like ``stage_layers``. With ``batch``, each
-        stream's runs of a group go in one ``cudaMemcpyBatchAsync`` call where the runtime has it (``_copy``). A
-        group of strided rows (``PagePools.strided_rows``) goes a ``cudaMemcpy2DAsync`` a row.
+        stream's runs of a group go in one ``cudaMemcpyBatchAsync`` call where the runtime has it (``_copy``).
 
         With ``streams`` above one, a group's runs are dealt round-robin to the side stream and ``streams - 1``
         helper streams, which start behind the side stream and which it waits for before the group's ``Moved``
         passes: more copies in flight at once, in the same order with every other move."""
         if self.side is None:
             for runs in groups:
-                if runs.shape[1] == 5:
-                    cudart.copy_strided_reference(runs)
-                else:
-                    cudart.copy_runs_reference(runs)
+                cudart.copy_runs_reference(runs)
             return [Moved() for _ in groups]
         helpers = self._helpers(streams - 1)
         batch = batch and not self._batch_refused and cudart.batch_available()
@@ -236,11 +224,7 @@ class TransferEngine:
 
     def _copy(self, runs: np.ndarray, stream: int, batch: bool) -> None:
         """One stream's runs: in one batched call, or one call a run. A batched call the runtime refuses is made
-        again a call a run (copying a run twice writes the same bytes), and batching stops for this engine. Strided
-        rows go a ``cudaMemcpy2DAsync`` a row."""
-        if runs.shape[1] == 5:
-            cudart.copy_strided(runs, stream)
-            return
+        again a call a run (copying a run twice writes the same bytes), and batching stops for this engine."""
         if batch and not self._batch_refused:
             try:
                 cudart.copy_batch(runs, stream)

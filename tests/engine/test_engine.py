@@ -345,37 +345,6 @@ def test_clusters_copied_to_the_host_as_they_complete_make_a_questions_room_with
         assert engine.tiering.tiers.read(info.cluster_id).shape[3] == info.num_tokens
 
 
-def test_strided_staging_copies_give_the_same_answer(tiny_model, bikes_frames, monkeypatch):
-    """Runs of consecutive pages staged as strided copies move the same bytes into the same pages as a copy a page
-    (the question's pages are taken in order, so the clusters' consecutive host pages find consecutive ones)."""
-    from mosaic_core.memory.arena import PagePools
-
-    made = []
-    strided_rows = PagePools.strided_rows
-
-    def noting(self, *args):
-        rows = strided_rows(self, *args)
-        made.append(rows is not None)
-        return rows
-
-    monkeypatch.setattr(PagePools, "strided_rows", noting)
-    answers = []
-    for strided in (False, True):
-        engine = make_engine(
-            tiny_model, mode="cluster", device_budget_bytes=int(1.3 * MIB), retrieval_budget_tokens=400,
-            staging_strided=strided, formation=FormationConfig(max_tokens=192),
-        )  # fmt: skip
-        engine.open_stream("cam")
-        feed(engine, "cam", bikes_frames[:40])
-        answers.append(engine.answer("cam", QUESTION, max_new_tokens=3, time_range=(0.0, 2.0)))
-    assert any(made), "no question's pages came in runs: the strided copies were not tried"
-    copies = [sum(figures[3] for figures in a.retrieval.transfer_parts.values()) for a in answers]
-    assert copies[1] < copies[0], copies
-    assert answers[1].token_ids == answers[0].token_ids
-    assert answers[1].retrieval.bytes_fetched == answers[0].retrieval.bytes_fetched > 0
-    assert torch.equal(answers[1].last_hidden, answers[0].last_hidden)
-
-
 def test_staging_groups_of_any_size_give_the_same_answer(tiny_model, bikes_frames):
     """Staging copies grouped otherwise move the same bytes into the same pages: the answer and the prefill's last
     hidden state are those of the default groups (a 1.3-MiB device tier, so the question stages from the host)."""

@@ -11,7 +11,7 @@ from bench.synthetic_recall import case
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.engine.plans import densest_first
 from mosaic_core.engine.probes import ENGINE, UNIT_CEILING, ProbeRequest, probing
-from mosaic_core.engine.retrieval import Retriever, machinery_for
+from mosaic_core.engine.retrieval import Retriever, layer_groups, machinery_for
 from mosaic_core.engine.scorers import ShareScorer, scorer_by_name
 from mosaic_core.errors import UnknownPolicyError
 from tests.engine.engine_helpers import feed, make_engine
@@ -299,5 +299,8 @@ def test_staged_bytes_are_told_apart_by_the_part_of_the_prefill_that_moved_them(
     assert sum(parts.values()) == stats.bytes_fetched
     anchored = mode == "cluster" and prefetch_after_layer is not None
     assert set(parts) == ({"choosing", "shared"} if anchored else {"choosing"})
-    if anchored:  # layer 0 chooses; every later layer moves the same pages
+    if anchored:  # layer 0 chooses; every later layer moves the same pages, a run a page and group of layers
         assert parts["shared"] == (tiny_model.kv_spec.num_layers - 1) * parts["choosing"]
+        copies = {name: figures[3] for name, figures in stats.transfer_parts.items()}
+        later = layer_groups(range(1, tiny_model.kv_spec.num_layers), engine.config.staging_groups)
+        assert copies["shared"] == len(later) * copies["choosing"] > 0

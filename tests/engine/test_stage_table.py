@@ -13,7 +13,6 @@ import torch
 import mosaic_core.memory.arena as arena
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine.retrieval import Retriever
-from mosaic_core.memory import cudart
 from mosaic_core.memory.arena import PagePools
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import TransferEngine
@@ -115,26 +114,3 @@ def test_a_question_staged_from_one_table_computes_the_layer_by_layer_one(
         assert at_once.retrieval.bytes_fetched == layer_by_layer.retrieval.bytes_fetched > 0
     assert at_once.retrieval.num_copies == layer_by_layer.retrieval.num_copies
     assert [s.cluster_id for s in at_once.evidence] == [s.cluster_id for s in layer_by_layer.evidence]
-
-
-def test_strided_rows_join_pages_consecutive_on_both_sides_within_a_host_chunk(pools):
-    # host chunks hold 3 pages: 4 and 5 share a chunk with 3, 6 starts the next one
-    host_pages, device_pages, groups = [3, 4, 5, 6, 7, 0], [1, 2, 3, 4, 5, 7], [range(0, 1), range(1, 3)]
-    rows = pools.strided_rows(Tier.HOST, host_pages, device_pages, groups)
-    assert [r[:, 3].tolist() for r in rows] == [[3, 2, 1]] * 2  # 3-5, then 6-7 (a new chunk), then 0
-    assert all((r[:, 4] == pools.page_bytes).all() for r in rows)
-    for strided, runs in zip(rows, pools.group_rows(Tier.HOST, host_pages, device_pages, groups), strict=True):
-        assert strided[:, :3].tolist() == runs[[0, 3, 5]].tolist()
-        pools.device_pool.zero_()
-        cudart.copy_strided_reference(strided)
-        by_strides = pools.device_pool.clone()
-        pools.device_pool.zero_()
-        cudart.copy_runs_reference(runs)
-        assert by_strides.any() and torch.equal(by_strides, pools.device_pool)
-
-
-def test_strided_rows_are_not_made_where_they_would_not_halve_the_copies(pools):
-    assert pools.strided_rows(Tier.HOST, [0, 1, 5, 8], [2, 3, 4, 7], [range(0, 3)]) is None
-    assert pools.strided_rows(Tier.HOST, [], [], [range(0, 3)]) is None
-    assert pools.strided_rows(Tier.HOST, [0, 1, 5, 8], [2, 3, 6, 7], [range(0, 3)]) is None  # 3 runs of 4 pages
-    assert len(pools.strided_rows(Tier.HOST, [0, 1, 2, 8], [2, 3, 4, 7], [range(0, 3)])[0]) == 2

@@ -208,23 +208,3 @@ def test_a_chain_of_copies_is_timed_with_and_without_the_host_preparation_before
     first, second = moves
     assert first.seconds() >= 0.05 > first.copy_seconds() > 0
     assert 0 < second.copy_seconds() <= second.seconds() + 1e-6
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy engines need a GPU")
-def test_strided_rows_land_what_their_runs_land_on_the_copy_engines():
-    """A row ``(src, dst, nbytes, count, pitch)`` moves ``count`` runs a pitch apart: here the first half of each of
-    8 consecutive pinned host rows into 8 consecutive device rows, and nothing between them."""
-    from mosaic_core.memory.transfer import TransferEngine, run_bytes
-
-    engine = TransferEngine(torch.device("cuda"))
-    host = torch.randn(16, 1024, pin_memory=True)
-    device = torch.zeros(16, 1024, device="cuda")
-    pitch = 1024 * 4
-    strided = np.asarray([(host[2].data_ptr(), device[5].data_ptr(), 512 * 4, 8, pitch)], dtype=np.int64)
-    assert run_bytes(strided) == 8 * 512 * 4
-    (moved,) = engine.copy_runs([strided])
-    engine.wait(moved)
-    landed = device.cpu()
-    assert torch.equal(landed[5:13, :512], host[2:10, :512])
-    assert not landed[5:13, 512:].any() and not landed[:5].any() and not landed[13:].any()
