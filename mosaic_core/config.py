@@ -158,8 +158,9 @@ class EngineConfig:
             ``prefetch_after_layer``, the last size repeating to the last layer; () copies ``prefill_graph_layers``
             layers a time. Larger early groups cost fewer copies (a copy has a fixed cost), and a small last group
             keeps short the compute left once the last bytes land; each layer still waits only for its own group.
-            On H100s at 60 minutes, 8, 8, 6 and 4 layers moved a question's later layers at 87% and 85% of PCIe,
-            against 80% in groups of 4, in two runs (bench/NOTES.md, sessions 44 and 45).
+            On H100s at 60 minutes, 8, 8, 6 and 4 layers moved a question's staging at 87% and 85% of PCIe,
+            against 80% in groups of 4, in two runs; once a question's copy rows were built at once, at 86% against
+            85% (bench/NOTES.md, sessions 44 and 45).
         staging_streams: with "dma", how many streams the runs of one group of layers are dealt to, so that more
             copies are in flight at once (``TransferEngine.copy_runs``); 1 queues them all on the side stream.
         staging_batch: with "dma", each stream's runs of a group go to the copy engines in one
