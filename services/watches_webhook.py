@@ -18,15 +18,16 @@ sha256=<hex>``, the HMAC-SHA256 of ``"{timestamp}." + body`` under the watch's s
 and reject stale timestamps. ``X-Mosaic-Event-Id`` lets them drop duplicates (a retry after a lost reply).
 
 **Delivery.** A bounded queue (overflow drops the new delivery, counted; so does ``stop`` for those it cuts
-short) and one sender task; an attempt that
-fails (connection error, timeout, a non-2xx status) is retried after 1, 2, 4, ... seconds, up to
-``max_attempts`` attempts in all.
+short) and a few sender tasks; an attempt that fails (a host that does not resolve, a connection error, a timeout,
+a non-2xx status) is retried after 1, 2, 4, ... seconds, up to ``max_attempts`` attempts in all. An attempt's
+``timeout_s`` bounds all of it, resolving the host included, and it connects to the address it resolved.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import http.client
@@ -36,6 +37,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -47,6 +49,7 @@ OUTCOMES = ("delivered", "retried", "failed", "dropped")
 SIGNATURE_HEADER = "X-Mosaic-Signature"
 TIMESTAMP_HEADER = "X-Mosaic-Timestamp"
 EVENT_ID_HEADER = "X-Mosaic-Event-Id"
+RESOLVERS_PER_SENDER = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,12 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"sha256={digest}"
 
 
+def _connect_to(address: tuple[str, int], _named: tuple, timeout: float, source_address=None) -> socket.socket:
+    """``http.client``'s connect, to ``address`` resolved before, whatever name the connection carries (its Host
+    header and, over TLS, the name its certificate is checked against)."""
+    return socket.create_connection(address, timeout, source_address)
+
+
 def _cut(connection: http.client.HTTPConnection, cut: threading.Event) -> None:
     """Ends an attempt past its deadline: a blocked read or write of its socket returns at once."""
     cut.set()
@@ -168,8 +177,9 @@ class Delivery:
 class WebhookSender:
     """Delivers watch events to webhooks from ``senders`` asyncio tasks. A failed attempt waits for its retry off
     the senders (a timer puts it back in the queue), so a receiver that fails or hangs holds one sender for at most
-    ``timeout_s`` an attempt (a whole attempt, however slowly the receiver answers; resolving the host is not
-    bounded), and the others' deliveries go on. A redirect is a failed attempt: it could lead anywhere.
+    ``timeout_s`` an attempt (a whole attempt: resolving the host, however slow the DNS, and the exchange, however
+    slowly the receiver answers), and the others' deliveries go on. A redirect is a failed attempt: it could lead
+    anywhere.
 
     Args:
         allowed_prefixes: re-checked before every attempt (the config may have narrowed since creation).
@@ -177,7 +187,10 @@ class WebhookSender:
         timeout_s: per attempt.
         max_attempts: attempts per event, the first included.
         queue_size: deliveries that may wait (retries included: one that finds the queue full is dropped).
-        senders: attempts under way at once.
+        senders: attempts under way at once. Hosts are resolved on ``RESOLVERS_PER_SENDER`` threads a sender: a
+            lookup past its attempt's timeout keeps its thread until the system's resolver gives up (its own
+            timeouts and attempts), so lookups of other hosts find free threads while a few hang.
+        resolve: ``socket.getaddrinfo`` or another function with its arguments and answers.
     """
 
     def __init__(
@@ -190,6 +203,7 @@ class WebhookSender:
         queue_size: int = 1000,
         backoff_s: float = 1.0,
         senders: int = 4,
+        resolve: Callable[..., list] = socket.getaddrinfo,
     ) -> None:
         self.allowed_prefixes = list(allowed_prefixes)
         self.on_outcome = on_outcome
@@ -197,6 +211,8 @@ class WebhookSender:
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.senders = senders
+        self.resolve = resolve
+        self._resolver = ThreadPoolExecutor(RESOLVERS_PER_SENDER * senders, thread_name_prefix="webhook-dns")
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue(queue_size)
         self._tasks: list[asyncio.Task] = []
         self._in_flight: set[Delivery] = set()  # taken from the queue, not yet ended
@@ -213,6 +229,7 @@ class WebhookSender:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._resolver.shutdown(wait=False, cancel_futures=True)
         for timer in self._waiting.values():
             timer.cancel()
         num_dropped = self._queue.qsize() + len(self._in_flight) + len(self._waiting)
@@ -255,7 +272,7 @@ class WebhookSender:
             self.on_outcome("failed")
             return
         body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode()
-        error = await asyncio.to_thread(self._post, delivery, body)
+        error = await self._deliver(delivery, body)
         if error is None:
             self.on_outcome("delivered")
             return
@@ -273,8 +290,30 @@ class WebhookSender:
         del self._waiting[delivery]
         self.enqueue(delivery)
 
-    def _post(self, delivery: Delivery, body: bytes) -> str | None:
-        """One attempt, cut at ``timeout_s``; None on a 2xx answer, else why it failed."""
+    async def _deliver(self, delivery: Delivery, body: bytes) -> str | None:
+        """One attempt within ``timeout_s``: its host resolved on the resolver threads, then the POST to that
+        address; None on a 2xx answer, else why it failed."""
+        parts = urlsplit(delivery.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        started = time.monotonic()
+        lookup = asyncio.get_running_loop().run_in_executor(self._resolver, self._address, parts.hostname, port)
+        try:
+            address = await asyncio.wait_for(lookup, self.timeout_s)
+        except TimeoutError:
+            return f"{parts.hostname} did not resolve within {self.timeout_s:g} s"
+        except (OSError, UnicodeError) as err:
+            return f"{parts.hostname} did not resolve: {err}"
+        timeout_s = max(0.0, self.timeout_s - (time.monotonic() - started))
+        return await asyncio.to_thread(self._post, delivery, body, address, timeout_s)
+
+    def _address(self, host: str, port: int) -> tuple[str, int]:
+        """The first stream address ``host`` resolves to."""
+        *_, sockaddr = self.resolve(host, port, type=socket.SOCK_STREAM)[0]
+        return sockaddr[0], sockaddr[1]
+
+    def _post(self, delivery: Delivery, body: bytes, address: tuple[str, int], timeout_s: float) -> str | None:
+        """The POST of one attempt to ``address``, cut at ``timeout_s``; None on a 2xx answer, else why it
+        failed."""
         timestamp = str(int(time.time()))
         headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp,
                    EVENT_ID_HEADER: str(delivery.event_id)}  # fmt: skip
@@ -282,9 +321,10 @@ class WebhookSender:
             headers[SIGNATURE_HEADER] = sign(delivery.secret, timestamp, body)
         parts = urlsplit(delivery.url)
         connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        connection = connection_type(parts.hostname, parts.port, timeout=self.timeout_s)
+        connection = connection_type(parts.hostname, parts.port, timeout=timeout_s)
+        connection._create_connection = functools.partial(_connect_to, address)
         cut = threading.Event()
-        deadline = threading.Timer(self.timeout_s, _cut, args=(connection, cut))
+        deadline = threading.Timer(timeout_s, _cut, args=(connection, cut))
         deadline.start()
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

@@ -236,11 +236,53 @@ def _trickling_receiver(duration_s: float, gap_s: float) -> int:
 
 def test_a_receiver_that_trickles_its_answer_holds_an_attempt_no_longer_than_the_timeout():
     """The timeout bounds a whole attempt, not each read: a byte every 0.3 s would otherwise hold it for 6 s."""
-    prefix = f"http://127.0.0.1:{_trickling_receiver(duration_s=6.0, gap_s=0.3)}/hooks"
+    port = _trickling_receiver(duration_s=6.0, gap_s=0.3)
+    prefix = f"http://127.0.0.1:{port}/hooks"
     sender = WebhookSender([prefix], lambda outcome: None, timeout_s=0.5)
     started = time.monotonic()
 
-    error = sender._post(Delivery(prefix + "/a", "", 1, {}), b"{}")
+    error = sender._post(Delivery(prefix + "/a", "", 1, {}), b"{}", ("127.0.0.1", port), 0.5)
 
     assert time.monotonic() - started < 1.5
     assert error == "no answer within 0.5 s"
+
+
+def test_a_host_whose_lookup_hangs_holds_an_attempt_no_longer_than_the_timeout(receiver):
+    """A DNS server that never answers: the attempt fails at its timeout and the one sender goes on to another
+    watch's webhook, which is delivered to the address its name resolved to, with that name in its Host header."""
+    lookups_end = threading.Event()
+    port = int(receiver["prefix"].split(":")[2].split("/")[0])
+
+    def resolve(host, port_asked, **kwargs):
+        if host == "hangs.example":
+            lookups_end.wait(10.0)
+            raise socket.gaierror("the resolver gave up")
+        assert host == "hooks.example" and port_asked == port
+        return socket.getaddrinfo("127.0.0.1", port_asked, **kwargs)
+
+    hanging, named = f"http://hangs.example:{port}/hooks", f"http://hooks.example:{port}/hooks"
+    outcomes: list[str] = []
+
+    async def run():
+        sender = WebhookSender([hanging, named], outcomes.append, timeout_s=0.5, max_attempts=1, senders=1,
+                               resolve=resolve)  # fmt: skip
+        sender.enqueue(Delivery(hanging + "/a", "", 1, {"n": 1}))
+        sender.enqueue(Delivery(named + "/b", "", 2, {"n": 2}))
+        started = time.monotonic()
+        sender.start()
+        for _ in range(300):
+            if len(outcomes) == 2:
+                break
+            await asyncio.sleep(0.01)
+        elapsed = time.monotonic() - started
+        await sender.stop()
+        return elapsed
+
+    try:
+        elapsed = asyncio.run(run())
+    finally:
+        lookups_end.set()
+    assert outcomes == ["failed", "delivered"]
+    assert elapsed < 2.0
+    ((path, headers, _),) = receiver["got"]
+    assert path == "/hooks/b" and headers["Host"] == f"hooks.example:{port}"
