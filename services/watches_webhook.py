@@ -151,10 +151,24 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"sha256={digest}"
 
 
-def _connect_to(address: tuple[str, int], _named: tuple, timeout: float, source_address=None) -> socket.socket:
-    """``http.client``'s connect, to ``address`` resolved before, whatever name the connection carries (its Host
-    header and, over TLS, the name its certificate is checked against)."""
-    return socket.create_connection(address, timeout, source_address)
+def _connect_to(addresses: list[tuple], _named: tuple, timeout: float, source_address=None) -> socket.socket:
+    """``http.client``'s connect, to the ``addresses`` a lookup gave (``getaddrinfo``'s answers), each in turn as
+    ``socket.create_connection`` tries them, within ``timeout`` in all; the connection keeps its name for its Host
+    header and, over TLS, for the certificate's check. Raises the last address's error."""
+    deadline = time.monotonic() + timeout
+    failure: OSError = OSError("the host resolved to no address")
+    for family, kind, proto, _, sockaddr in addresses:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as err:
+            sock.close()
+            failure = err
+    raise failure
 
 
 def _cut(connection: http.client.HTTPConnection, cut: threading.Event) -> None:
@@ -187,9 +201,10 @@ class WebhookSender:
         timeout_s: per attempt.
         max_attempts: attempts per event, the first included.
         queue_size: deliveries that may wait (retries included: one that finds the queue full is dropped).
-        senders: attempts under way at once. Hosts are resolved on ``RESOLVERS_PER_SENDER`` threads a sender: a
-            lookup past its attempt's timeout keeps its thread until the system's resolver gives up (its own
-            timeouts and attempts), so lookups of other hosts find free threads while a few hang.
+        senders: attempts under way at once. Hosts are resolved on ``RESOLVERS_PER_SENDER`` threads a sender, one
+            lookup a host at a time (attempts to a host whose lookup is under way wait for that one): a lookup past
+            its attempt's timeout keeps its thread until the system's resolver gives up (its own timeouts and
+            attempts), so one host whose DNS hangs holds one thread, and other hosts' lookups find free ones.
         resolve: ``socket.getaddrinfo`` or another function with its arguments and answers.
     """
 
@@ -213,6 +228,7 @@ class WebhookSender:
         self.senders = senders
         self.resolve = resolve
         self._resolver = ThreadPoolExecutor(RESOLVERS_PER_SENDER * senders, thread_name_prefix="webhook-dns")
+        self._lookups: dict[tuple[str, int], asyncio.Future] = {}  # under way, by host and port
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue(queue_size)
         self._tasks: list[asyncio.Task] = []
         self._in_flight: set[Delivery] = set()  # taken from the queue, not yet ended
@@ -296,24 +312,36 @@ class WebhookSender:
         parts = urlsplit(delivery.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         started = time.monotonic()
-        lookup = asyncio.get_running_loop().run_in_executor(self._resolver, self._address, parts.hostname, port)
         try:
-            address = await asyncio.wait_for(lookup, self.timeout_s)
+            addresses = await asyncio.wait_for(asyncio.shield(self._lookup(parts.hostname, port)), self.timeout_s)
         except TimeoutError:
             return f"{parts.hostname} did not resolve within {self.timeout_s:g} s"
         except (OSError, UnicodeError) as err:
             return f"{parts.hostname} did not resolve: {err}"
         timeout_s = max(0.0, self.timeout_s - (time.monotonic() - started))
-        return await asyncio.to_thread(self._post, delivery, body, address, timeout_s)
+        return await asyncio.to_thread(self._post, delivery, body, addresses, timeout_s)
 
-    def _address(self, host: str, port: int) -> tuple[str, int]:
-        """The first stream address ``host`` resolves to."""
-        *_, sockaddr = self.resolve(host, port, type=socket.SOCK_STREAM)[0]
-        return sockaddr[0], sockaddr[1]
+    def _lookup(self, host: str, port: int) -> asyncio.Future:
+        """The lookup of ``host`` under way, or a new one on the resolver threads: the stream addresses it resolves
+        to."""
+        key = (host, port)
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            resolve = functools.partial(self.resolve, host, port, type=socket.SOCK_STREAM)
+            lookup = asyncio.get_running_loop().run_in_executor(self._resolver, resolve)
+            self._lookups[key] = lookup
+            lookup.add_done_callback(functools.partial(self._lookup_ended, key))
+        return lookup
 
-    def _post(self, delivery: Delivery, body: bytes, address: tuple[str, int], timeout_s: float) -> str | None:
-        """The POST of one attempt to ``address``, cut at ``timeout_s``; None on a 2xx answer, else why it
-        failed."""
+    def _lookup_ended(self, key: tuple[str, int], lookup: asyncio.Future) -> None:
+        if self._lookups.get(key) is lookup:
+            del self._lookups[key]
+        if not lookup.cancelled():
+            lookup.exception()  # read by the attempts that waited for it; none may wait when it ends late
+
+    def _post(self, delivery: Delivery, body: bytes, addresses: list[tuple], timeout_s: float) -> str | None:
+        """The POST of one attempt to the ``addresses`` its host resolved to, cut at ``timeout_s``; None on a 2xx
+        answer, else why it failed."""
         timestamp = str(int(time.time()))
         headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp,
                    EVENT_ID_HEADER: str(delivery.event_id)}  # fmt: skip
@@ -322,7 +350,7 @@ class WebhookSender:
         parts = urlsplit(delivery.url)
         connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         connection = connection_type(parts.hostname, parts.port, timeout=timeout_s)
-        connection._create_connection = functools.partial(_connect_to, address)
+        connection._create_connection = functools.partial(_connect_to, addresses)
         cut = threading.Event()
         deadline = threading.Timer(timeout_s, _cut, args=(connection, cut))
         deadline.start()

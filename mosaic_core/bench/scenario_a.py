@@ -292,7 +292,8 @@ def _reset_peak(s) -> None:
 
 
 def _transfer_by_part(rows) -> dict[str, dict[str, float]]:
-    """Per part of the prefill's staging (``Retriever.transfer_parts``): its share of the bytes, its rate with and
+    """Per part of the questions' staging (``Retriever.transfer_parts``; all of it in the prefill, since scenario A
+    does not re-score while decoding): its share of the bytes, its rate with and
     without the host's preparation (GB/s), and the copies handed to CUDA a question."""
     totals: dict[str, list[float]] = {}
     for r in rows:

@@ -77,9 +77,9 @@ class RetrievalStats:
     device_hits: int = 0
     device_lookups: int = 0
     transfer_s: float = 0.0  # device time of the gathers that copied retrieved KV (CUDA only)
-    # the same by part, "choosing" and "shared" (``Retriever.transfer_parts``): (bytes, seconds, copy seconds,
-    # copies handed to CUDA)
-    transfer_parts: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    # the same by part, "choosing" and "shared" (``Retriever.transfer_parts``; re-scores while decoding included):
+    # (bytes, seconds, copy seconds, copies handed to CUDA)
+    transfer_parts: dict[str, tuple[int, float, float, int]] = field(default_factory=dict)
     attention_recall: float | None = None  # at the question's prefill (measure_recall only)
     decode_attention_recall: float | None = None  # over the decode steps, with the clusters then in use
 

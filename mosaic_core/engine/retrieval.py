@@ -106,9 +106,10 @@ def _copy_engines_found() -> bool:
 
 @dataclass(slots=True)
 class TransferPart:
-    """Bytes a question staged in one part of its prefill, their device time with and without the host's
-    preparation (``Moved.seconds`` and ``Moved.copy_seconds``), and the copies handed to CUDA for them (a run, a
-    strided run of pages, a copy a slab, or a kernel launch)."""
+    """Bytes a question staged in one part of its staging, their device time with and without the host's
+    preparation (``Moved.seconds`` and ``Moved.copy_seconds``, which is the same where a path records no
+    ``issued``: a copy a slab, or one slab-copy launch where a chosen unit is on disk), and the copies handed to
+    CUDA for them (a run, a copy a slab, or a kernel launch)."""
 
     bytes: int = 0
     seconds: float = 0.0

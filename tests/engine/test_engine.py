@@ -347,7 +347,8 @@ def test_clusters_copied_to_the_host_as_they_complete_make_a_questions_room_with
 
 def test_staging_groups_of_any_size_give_the_same_answer(tiny_model, bikes_frames):
     """Staging copies grouped otherwise move the same bytes into the same pages: the answer and the prefill's last
-    hidden state are those of the default groups (a 1.3-MiB device tier, so the question stages from the host)."""
+    hidden state are those of ``prefill_graph_layers`` a group (a 1.3-MiB device tier, so the question stages from the
+    host)."""
     answers = []
     for groups in ((), (1,), (2, 1)):
         engine = make_engine(
