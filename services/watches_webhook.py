@@ -20,7 +20,7 @@ and reject stale timestamps. ``X-Mosaic-Event-Id`` lets them drop duplicates (a 
 **Delivery.** A bounded queue (overflow drops the new delivery, counted; so does ``stop`` for those it cuts
 short) and a few sender tasks; an attempt that fails (a host that does not resolve, a connection error, a timeout,
 a non-2xx status) is retried after 1, 2, 4, ... seconds, up to ``max_attempts`` attempts in all. An attempt's
-``timeout_s`` bounds all of it, resolving the host included, and it connects to the address it resolved.
+``timeout_s`` bounds all of it, resolving the host included, and it connects to the addresses that lookup gave.
 """
 
 from __future__ import annotations
@@ -307,8 +307,8 @@ class WebhookSender:
         self.enqueue(delivery)
 
     async def _deliver(self, delivery: Delivery, body: bytes) -> str | None:
-        """One attempt within ``timeout_s``: its host resolved on the resolver threads, then the POST to that
-        address; None on a 2xx answer, else why it failed."""
+        """One attempt within ``timeout_s``: its host resolved on the resolver threads, then the POST to the
+        addresses found; None on a 2xx answer, else why it failed."""
         parts = urlsplit(delivery.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         started = time.monotonic()
@@ -318,7 +318,7 @@ class WebhookSender:
             return f"{parts.hostname} did not resolve within {self.timeout_s:g} s"
         except (OSError, UnicodeError) as err:
             return f"{parts.hostname} did not resolve: {err}"
-        timeout_s = max(0.0, self.timeout_s - (time.monotonic() - started))
+        timeout_s = max(0.001, self.timeout_s - (time.monotonic() - started))  # 0 would make the socket non-blocking
         return await asyncio.to_thread(self._post, delivery, body, addresses, timeout_s)
 
     def _lookup(self, host: str, port: int) -> asyncio.Future:
