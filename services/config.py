@@ -195,7 +195,8 @@ class ServiceConfig(BaseModel):
     # cross the decoder's pipe, Ray and the engine thread's upload at full size; the model's own resize still reads
     # about decode_oversample times the width and height it keeps. 0: every frame keeps its size.
     decode_oversample: float = Field(2.0, ge=0)
-    # A source goes to ERROR after this many failed connections in a row, or refused frames in a row.
+    # A source goes to ERROR after this many failed connections in a row (a live camera is then tried every 30 s),
+    # or refused frames in a row.
     source_max_failures: int = Field(10, ge=1)
     source_max_refused_frames: int = Field(100, ge=1)
     # A pushed frame may run at most this far ahead of its stream's clock (real time since the first frame, or

@@ -78,18 +78,20 @@ def blocked(address: str, networks: tuple[Network, ...]) -> bool:
 
 def literal_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
     """Why ``url`` is refused as written (a port that is no number, or a host that is an address in ``networks``,
-    or a ``localhost`` name while loopback is blocked), or None; no name is resolved."""
+    or a ``localhost`` name or no host at all while loopback is blocked: FFmpeg connects to an empty host's
+    loopback), or None; no name is resolved."""
     try:
         named = url_host(url)
     except ValueError as err:
         return f"source_url's {err}"
-    if named is None or not networks:
+    if not networks:
         return None
-    host = named[0].rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost"):
+    host = "" if named is None else named[0].rstrip(".").lower()
+    if host in ("", "localhost") or host.endswith(".localhost"):
         host = "127.0.0.1"
     if blocked(host, networks):
-        return f"source host {named[0]!r} is in a network this server does not open (source_blocked_networks)"
+        shown = "(none)" if named is None else repr(named[0])
+        return f"source host {shown} is in a network this server does not open (source_blocked_networks)"
     return None
 
 

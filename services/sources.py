@@ -17,10 +17,13 @@ like a live camera and never floods the queue. ``loop`` restarts a file or URL a
 
 Failures: network sources (rtsp, http) reconnect with exponential backoff (``backoff_s`` doubling up to
 ``max_backoff_s``); the stream clock continues where it stopped, so timestamps keep increasing. After
-``max_failures`` attempts in a row that read no frame, or ``max_refused_frames`` frames in a row that the
-sink refused, the reader stops in ``SourceState.ERROR`` with the last error: it never loops forever. A local
-file that cannot be opened or decoded ends in ERROR at once. The first failure is logged as one line; repeats
-are logged at most once per ``LOG_EVERY_S`` with a count, never with a traceback for an expected error.
+``max_failures`` attempts in a row that read no frame, an http(s) source stops in ``SourceState.ERROR`` with the
+last error; a live camera (rtsp, rtmp, udp, tcp) stays in ERROR, saying so, and keeps trying every
+``max_backoff_s``, since a camera that reboots or loses its network comes back, and a service that runs for months
+must not need a restart to read it again. After ``max_refused_frames`` frames in a row that the sink refused, any
+source stops in ERROR. A local file that cannot be opened or decoded ends in ERROR at once. The first failure is
+logged as one line; repeats are logged at most once per ``LOG_EVERY_S`` with a count, never with a traceback for an
+expected error.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -44,6 +48,9 @@ from services.url_text import without_credentials
 
 log = logging.getLogger(__name__)
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "udp://", "tcp://")
+# A live source's frame this far ahead of its pace is not waited for: the pace starts again from it (a camera's
+# timestamps jumped forward, and waiting would leave its socket unread while it reports RUNNING).
+LIVE_JUMP_S = 2.0
 NETWORK_SCHEMES = (*LIVE_SCHEMES, "http://", "https://")
 DEFAULT_SOURCE_SCHEMES = ("rtsp", "rtsps", "http", "https")
 SUPPORTED_SOURCE_SCHEMES = tuple(s for s in PROTOCOLS_BY_SCHEME if s != "file")
@@ -98,6 +105,8 @@ def check_source_url(
         host_refusal = literal_refusal(url, blocked_networks)
         if host_refusal is not None:
             raise InvalidArgumentError(f"source_url {_shown(url)} is not allowed: {host_refusal}")
+        if not urlsplit(url).hostname:
+            raise InvalidArgumentError(f"source_url {_shown(url)} names no host")
         return url
     if not roots or not os.path.isabs(url):
         raise refused
@@ -180,7 +189,8 @@ class SourceReader:
         loop: restart the source at its end (files and URLs).
         realtime: pace frames to wall-clock time (False reads as fast as decoding allows).
         backoff_s: first reconnect delay; doubles up to ``max_backoff_s``.
-        max_failures: attempts in a row that read no frame before the reader gives up in ERROR.
+        max_failures: attempts in a row that read no frame before the reader gives up in ERROR (a live camera:
+            before it says so and tries every ``max_backoff_s`` from then on).
         max_refused_frames: frames in a row the sink refused before the reader gives up in ERROR.
         decode_in_child: decode in a child process (``services.source_decoding``), not in this thread.
         max_pixels: frames with more pixels are scaled down to at most this many as they are decoded, aspect ratio
@@ -283,14 +293,20 @@ class SourceReader:
                 return self._give_up(f"{self.max_refused_frames} frames in a row were refused: {err.reason}")
             except Exception as err:  # any failure ends in ERROR, never in a dead thread
                 reason = str(err) if isinstance(err, MosaicError) else f"{type(err).__name__}: {err}"
-                reason = reason.replace(self.url, self.shown_url)  # FFmpeg's errors may quote the URL
+                for quoted in (self.url, repr(self.url)[1:-1]):  # errors may quote the URL, or its repr
+                    reason = reason.replace(quoted, self.shown_url)
                 self._set(state=SourceState.ERROR, error=reason)
-                num_failures = 0 if self.progress().frames_read > frames_before else num_failures
+                if self.progress().frames_read > frames_before:  # the connection worked: back off from the start
+                    num_failures, delay_s = 0, self.backoff_s
                 num_failures += 1
                 if not self.is_network:
                     return self._give_up(reason)
-                if num_failures >= self.max_failures:
+                if num_failures >= self.max_failures and not self.is_live:
                     return self._give_up(f"{num_failures} attempts in a row failed; the last: {reason}")
+                if num_failures >= self.max_failures:
+                    every = f"trying again every {self.max_backoff_s:g} s"
+                    self._set(error=f"{num_failures} attempts in a row failed, {every}; the last: {reason}")
+                    delay_s = self.max_backoff_s
                 self._log_limited(
                     "failure", "source %s failed (attempt %d of %d): %s", num_failures, self.max_failures, reason
                 )
@@ -340,6 +356,9 @@ class SourceReader:
                     return False
                 if self.realtime:
                     wait_s = wall_start + (frame.timestamp_s - offset_s) - time.monotonic()
+                    if self.is_live and wait_s > LIVE_JUMP_S:  # a camera's clock jumped: it still sends in real time
+                        wall_start -= wait_s
+                        wait_s = 0.0
                     if wait_s > 0 and self._stop.wait(wait_s):
                         return False
                 with self._lock:

@@ -64,6 +64,7 @@ MAX_RESTARTS = 3
 # shutdown (what is left of the pod's grace, services.router), before the checkpoint; frames left then are counted
 # dropped (reason shutdown).
 SHUTDOWN_INGEST_S = 2.0
+SOURCES_STOP_S = 2.0  # at shutdown, the time the source readers get to stop, all together (they are daemons)
 # An answer the engine loop has not ended this long past its question's deadline is given up by the answer thread
 # waiting on it (the loop ends late answers itself, so only a stuck engine thread leaves one), and the thread goes back.
 ABANDON_AFTER_DEADLINE_S = 30.0
@@ -227,8 +228,9 @@ class WorkerCore:
         sources = [session.source for session in list(self.sessions.values()) if session.source is not None]
         for source in sources:  # all at once: each notices within its decoder's poll, which one by one added up
             source.request_stop()
+        stopped_by = time.monotonic() + SOURCES_STOP_S  # one wait for all: readers stuck in a lookup or a read
         for source in sources:
-            source.stop()
+            source.stop(timeout_s=max(0.0, stopped_by - time.monotonic()))
         try:
             self.loop.call(self._end_ingest_and_checkpoint, time.monotonic() + SHUTDOWN_INGEST_S, timeout_s=60.0)
         except Exception as err:  # a shutdown still goes on; what was sealed before is on disk

@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mosaic_core.errors import ConfigError, InvalidArgumentError, TimestampOrderError
@@ -98,7 +99,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("scheme", ["http", "https", "rtsp", "rtsps"])
+@pytest.mark.parametrize("scheme", ["http", "https"])
 def test_an_unreachable_source_ends_in_error_the_same_way_over_every_allowed_scheme(scheme, caplog):
     url = f"{scheme}://127.0.0.1:{_free_port()}/cam"
     caplog.set_level(logging.WARNING, logger="services.sources")
@@ -115,6 +116,27 @@ def test_an_unreachable_source_ends_in_error_the_same_way_over_every_allowed_sch
     records = [r for r in caplog.records if r.name == "services.sources"]
     assert len(records) == 2, [r.getMessage() for r in records]  # the first failure and the giving up
     assert all(r.exc_info is None for r in records)
+
+
+@pytest.mark.parametrize("scheme", ["rtsp", "rtsps"])
+def test_an_unreachable_camera_stays_in_error_and_is_tried_again_every_longest_back_off(scheme, caplog):
+    """A camera that reboots comes back: a live source is not given up, and says how it goes on."""
+    url = f"{scheme}://127.0.0.1:{_free_port()}/cam"
+    caplog.set_level(logging.WARNING, logger="services.sources")
+    reader = SourceReader(
+        url, fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01, max_backoff_s=0.05, max_failures=4,
+        blocked_networks=(),
+    ).start()  # fmt: skip
+    deadline = time.monotonic() + 20
+    while reader.progress().num_reconnects < 8:
+        assert time.monotonic() < deadline, reader.progress()
+        time.sleep(0.02)
+    progress = reader.progress()
+    reader.stop()
+    assert progress.state is SourceState.ERROR and "Cannot open" in progress.error
+    assert "attempts in a row failed, trying again every 0.05 s" in progress.error
+    records = [r for r in caplog.records if r.name == "services.sources"]
+    assert len(records) == 1 and records[0].exc_info is None, [r.getMessage() for r in records]
 
 
 def test_a_source_whose_frames_keep_being_refused_stops_in_error_with_bounded_logs(caplog):
@@ -155,9 +177,10 @@ def test_a_camera_password_stays_out_of_logs_errors_and_the_decoders_arguments(d
         blocked_networks=(),
     ).start()  # fmt: skip
     deadline = time.monotonic() + 30
-    while reader.progress().state is not SourceState.ERROR or reader._thread.is_alive():
+    while "attempts in a row failed" not in reader.progress().error:
         assert time.monotonic() < deadline, reader.progress()
         time.sleep(0.02)
+    reader.stop()
     error = reader.progress().error
     assert "Cannot open" in error and "hunter2" not in error, error
     assert "rtsp://***@127.0.0.1" in error
@@ -172,3 +195,68 @@ def test_a_refused_source_url_is_named_without_its_password():
     with pytest.raises(InvalidArgumentError) as refused:
         check_source_url("rtsp://admin:hunter2@10.0.0.5/live", allowed_schemes=("https",))
     assert "hunter2" not in str(refused.value) and "'rtsp://***@10.0.0.5/live'" in str(refused.value)
+
+
+class _ScriptedCamera(SourceReader):
+    """The reconnect loop over scripted connections (the network and the decoder stand aside): each connection
+    reads its number of frames and then drops. Records the delays the loop waits before each reconnect."""
+
+    def __init__(self, frames_per_connection: list[int], **kwargs) -> None:
+        super().__init__("rtsp://10.0.0.9/live", fps=1.0, sink=lambda t, rgb: None, blocked_networks=(), **kwargs)
+        self.script = list(frames_per_connection)
+        self.delays: list[float] = []
+        wait = self._stop.wait
+        self._stop.wait = lambda timeout=None: self.delays.append(timeout) or wait(0)
+
+    def _read_once(self) -> bool:
+        if not self.script:
+            self._stop.set()
+            return False
+        for _ in range(self.script.pop(0)):
+            with self._lock:
+                self._progress.frames_read += 1
+        raise OSError("the camera dropped the connection")
+
+
+def test_a_connection_that_read_frames_starts_the_back_off_again():
+    """A camera that drops once a day waited the longest back-off after every drop once a few had added up."""
+    camera = _ScriptedCamera([0, 0, 0, 0, 20, 20, 20], backoff_s=0.1, max_backoff_s=3.2, max_failures=50).start()
+    camera._thread.join(10)
+    # the last is the wait after the script ran out, which stops the reader
+    assert camera.delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 0.1, 0.1, 0.1, 0.1])
+
+
+def test_a_password_the_error_quotes_escaped_stays_out_of_it(caplog):
+    """FFmpeg's errors quote the URL as Python's repr, which doubles a backslash: that form is hidden too."""
+    url = f"rtsp://admin:pa\\ss@127.0.0.1:{_free_port()}/cam"
+    reader = SourceReader(url, fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01, max_failures=1, blocked_networks=())
+    reader.start()
+    deadline = time.monotonic() + 20
+    while "Cannot open" not in reader.progress().error:
+        assert time.monotonic() < deadline, reader.progress()
+        time.sleep(0.02)
+    reader.stop()
+    error = reader.progress().error
+    assert "Cannot open" in error and "pa\\" not in error and "rtsp://***@127.0.0.1" in error, error
+
+
+def test_a_live_cameras_clock_jump_does_not_stop_its_reading(monkeypatch):
+    """Frames of a live camera come in real time whatever their timestamps say: a jump of 600 s ahead is not waited
+    for (the reader would leave the socket unread, reporting RUNNING), the pace starts again from it."""
+    import services.sources as sources
+    from mosaic_core.model.video import SampledFrame
+
+    def camera(url, **sampling):  # a frame every 20 ms, its clock 600 s ahead from the sixth on
+        for i in range(10):
+            time.sleep(0.02)
+            yield SampledFrame(sampling["start_offset_s"] + i * 0.02 + (600.0 if i >= 5 else 0.0), np.zeros((2, 2, 3)))
+
+    monkeypatch.setattr(sources, "iter_video_frames", camera)
+    got = []
+    reader = SourceReader("rtsp://10.0.0.9/live", fps=50.0, sink=lambda t, rgb: got.append(t), blocked_networks=())
+    reader.start()
+    deadline = time.monotonic() + 5
+    while len(got) < 10 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    reader.stop()
+    assert len(got) == 10, got

@@ -145,3 +145,22 @@ def test_an_http_redirect_is_not_followed(clip_server):
     moved.stop()
     assert progress.state is SourceState.ERROR and progress.frames_read == 0
     assert _Clip.requests and all(path == "/moved" for path in _Clip.requests)
+
+
+@pytest.mark.parametrize("url", ["http://:8080/secret", "http://user@:8080/a", "rtsp://:554/x", "rtsp://@/x"])
+def test_a_url_with_no_host_is_refused_as_written_and_at_the_connect(url):
+    """FFmpeg connects to an empty host's loopback, so such a URL reached the worker's own services."""
+    with pytest.raises(InvalidArgumentError, match="source_blocked_networks"):
+        check_source_url(url)
+    with pytest.raises(InvalidArgumentError, match="names no host"):
+        check_source_url(url, blocked_networks=())  # the operator opened loopback: still no camera's URL
+    assert "source_blocked_networks" in resolved_refusal(url, parse_networks(["127.0.0.0/8"]))
+
+
+def test_an_empty_host_reaches_no_server_on_loopback(clip_server):
+    """A stored source of that shape (from before the check) is refused before any connect."""
+    reader = SourceReader(f"http://:{clip_server}/clip.mp4", fps=1.0, sink=lambda t, rgb: None).start()
+    progress = _until_settled(reader)
+    reader.stop()
+    assert progress.state is SourceState.ERROR and "source_blocked_networks" in progress.error
+    assert _Clip.requests == []
