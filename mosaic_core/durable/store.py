@@ -331,6 +331,12 @@ class DurableStore:
                     log.error("stream %s moved to the trash, but syncing %s failed: %s", stream_id, self.root, err)
                 self._enqueue(target)
 
+    def leave(self, stream_id: str) -> None:
+        """A loaded stream the engine could not open now (no room for its window): forgotten as a delete forgets
+        it, its folder left where it is, whole, for a start with more room to restore."""
+        with self._io:
+            self._forget(stream_id)
+
     def set_aside(self, stream_id: str, cause: str) -> None:
         """A loaded stream the engine could not adopt (a failure the checks of ``load_streams`` did not foresee):
         forgotten as a delete forgets it, its folder kept under ``.unreadable`` and counted as one that fails them."""

@@ -240,7 +240,9 @@ class Engine:
         return self.stream_stats(stream_id)
 
     def restore_streams(self) -> list[RestoredStream]:
-        """Re-opens every stream found in the data directory and re-adopts its sealed clusters (disk tier).
+        """Re-opens every stream found in the data directory and re-adopts its sealed clusters (disk tier). A
+        stream the device has no room for now is left on disk, whole, for a start with more room; the others come
+        back.
 
         Frames of the lost local window and open cluster are gone; the stream clock, frame count and cluster
         ids continue after the last recorded ones. Records past ``config.history_budget_bytes`` then go, the oldest
@@ -251,7 +253,13 @@ class Engine:
         restored = []
         for stored in self.history.store.load_streams():
             stream = stored.stream
-            state = self._open_state(stored.stream_id, float(stream["fps"]), stream.get("system_prompt"))
+            try:
+                state = self._open_state(stored.stream_id, float(stream["fps"]), stream.get("system_prompt"))
+            except (BudgetError, torch.OutOfMemoryError) as err:  # no room now: its history waits on disk
+                log.error("stream %s is not restored, its history is kept for a start with more room: %s",
+                          stored.stream_id, err)  # fmt: skip
+                self.history.store.leave(stored.stream_id)
+                continue
             try:
                 restored.append(self.history.adopt(state, stored))
             except Exception as err:  # what the store's checks did not foresee: this stream only, kept for a person

@@ -226,3 +226,21 @@ def test_a_record_the_disk_fails_to_read_leaves_its_stream_for_the_next_start(ti
         assert restored["b"] == len(clusters_before)
     finally:
         engine.close()
+
+
+def test_a_stream_the_device_has_no_room_for_stays_on_disk_and_the_others_restore(tiny_model, data_dir):
+    """A restart with a smaller device budget: the first stream's window fits, the second's does not. That one
+    stream waits on disk, whole, and a start with room restores both."""
+    working_set, window = 196_608, 98_304  # the tiny preset's, at the test engine's settings (its BudgetError says)
+    small = make_engine(tiny_model, data_dir=str(data_dir), device_budget_bytes=working_set + window * 3 // 2)
+    try:
+        restored = small.restore_streams()
+        assert [r.stream_id for r in restored] == ["a"] and set(small.streams) == {"a"}
+        assert not (data_dir / ".unreadable").exists() and (data_dir / "b" / MANIFEST_NAME).exists()
+    finally:
+        small.close()
+    again = make_engine(tiny_model, data_dir=str(data_dir))
+    try:
+        assert sorted(r.stream_id for r in again.restore_streams()) == ["a", "b"]
+    finally:
+        again.close()
