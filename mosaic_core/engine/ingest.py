@@ -28,7 +28,7 @@ from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import FrameInput, IngestResult
 from mosaic_core.engine.stream import LocalFrame, StreamState
 from mosaic_core.engine.thumbnails import ThumbnailBatch
-from mosaic_core.errors import BudgetError, CapacityError, EmptyBatchError, MosaicError
+from mosaic_core.errors import BudgetError, CapacityError, EmptyBatchError, InvalidArgumentError, MosaicError
 from mosaic_core.model.pixels import VisionGeometry, validate_frames
 
 # A row shorter than its pass's longest is left-padded with this id; the pad's KV is never written.
@@ -206,12 +206,22 @@ def _nothing_taken(by_stream, held_back: dict[str, CapacityError]) -> IngestResu
     )
 
 
+def _seconds(frame: FrameInput) -> float:
+    try:
+        return float(frame.timestamp_s)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"stream {frame.stream_id!r}: a frame's timestamp must be a number, not {frame.timestamp_s!r}"
+        ) from None
+
+
 def _validate(parts: EngineParts, frames: Sequence[FrameInput]) -> dict[str, list[tuple[FrameInput, np.ndarray]]]:
     by_stream: dict[str, list[tuple[FrameInput, np.ndarray]]] = defaultdict(list)
     for frame in frames:
         try:
             state = parts.stream(frame.stream_id)
             state.check_open()
+            frame.timestamp_s = _seconds(frame)  # a NumPy number would reach the journal, which writes JSON
             previous = by_stream[frame.stream_id][-1][0].timestamp_s if by_stream[frame.stream_id] else None
             state.check_timestamp(frame.timestamp_s, previous if previous is not None else state.last_timestamp_s)
             rgb = validate_frames(frame.rgb)[0]

@@ -338,3 +338,25 @@ def test_a_stalled_disk_does_not_hold_ingest_and_loses_nothing_once_it_writes(
         assert before == {cid: _kv_crc(again.tiering.tiers.read(cid)) for cid in before}
     finally:
         again.close()
+
+
+def test_numpy_timestamps_are_journalled_as_numbers(tiny_model, bikes_frames, tmp_path):
+    """A caller of the engine handing NumPy scalars as timestamps: the journal (JSON) could not write a line, and
+    its one commit thread retried it for good, so no stream's history became durable any more."""
+    import numpy as np
+
+    from mosaic_core.engine.results import FrameInput
+
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    engine.open_stream("a", fps=2.0)
+    engine.open_stream("b", fps=2.0)
+    frames = [FrameInput("a", np.float32(t), rgb) for t, rgb in bikes_frames[:16]]
+    frames += [FrameInput("b", t, rgb) for t, rgb in bikes_frames[:16]]
+    for i in range(0, len(frames), 8):
+        engine.ingest(frames[i : i + 8])
+    try:
+        assert _durable_view(engine, "a") and _durable_view(engine, "b")
+        with pytest.raises(InvalidArgumentError, match="must be a number"):
+            engine.ingest([FrameInput("a", "soon", bikes_frames[20][1])])
+    finally:
+        engine.close()
