@@ -39,7 +39,7 @@ from services.errors import UnavailableError, unwrap
 from services.metadata.base import MetadataStore, StreamRecord
 from services.metrics import MosaicMetrics
 from services.telemetry import apply_delta
-from services.worker import FrameRejection, PushResult, StreamInfo, WorkerInfo, send_ask
+from services.worker import FrameRejection, PushResult, StreamInfo, WorkerInfo, send_ask, telemetry_call
 
 log = logging.getLogger(__name__)
 DELETES_KEPT_S = 60.0  # how long a delete's end is remembered against listings asked before it
@@ -77,7 +77,7 @@ class Coordinator:
     async def start(self, timeout_s: float) -> list[WorkerInfo]:
         """Waits for every worker to build its engine and restore its streams; takes placement from them."""
         infos = await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self.workers)), timeout_s)
-        owned = await asyncio.gather(*(w.stream_ids.remote() for w in self.workers))
+        owned = await asyncio.gather(*(telemetry_call(w.stream_ids).remote() for w in self.workers))
         self._alive = set(range(len(self.workers)))
         self._pids = {index: info.pid for index, info in enumerate(infos)}
         self.placement = {stream_id: index for index, ids in enumerate(owned) for stream_id in ids}
@@ -233,7 +233,7 @@ class Coordinator:
         """Worker ``index`` restored ``stream_id`` or refused to create it as existing: if it holds it, an earlier
         CreateStream made it there (the stream is durable before the worker answers) and its answer was lost to a
         crash, so the router places it there and the create is refused as ALREADY_EXISTS."""
-        if stream_id not in await self._call(index, self.workers[index].stream_ids.remote()):
+        if stream_id not in await self._call(index, telemetry_call(self.workers[index].stream_ids).remote()):
             return
         self.placement[stream_id] = index
         self.metrics.set_active_streams(len(self.placement))
@@ -342,7 +342,8 @@ class Coordinator:
         worker, and a DeleteStream clears it."""
         asked_s = time.monotonic()
         try:
-            held = set(await asyncio.wait_for(self._call(index, self.workers[index].stream_ids.remote()), timeout_s))
+            listing = telemetry_call(self.workers[index].stream_ids).remote()
+            held = set(await asyncio.wait_for(self._call(index, listing), timeout_s))
         except (MosaicError, TimeoutError) as err:
             log.warning("worker %d came back but did not list its streams (%s); asked again at its next answer",
                         index, err)  # fmt: skip
@@ -376,9 +377,10 @@ class Coordinator:
         """Drains every worker's counters into the router's metrics; tracks which workers answer."""
         live = list(range(len(self.workers)))
         # A restarting worker queues calls until it is back; the timeout keeps one from stalling the poll.
-        calls = (self._delta_of("drain", i, w.drain_telemetry.remote, timeout_s) for i, w in enumerate(self.workers))
+        workers = list(enumerate(self.workers))
+        calls = (self._delta_of("drain", i, telemetry_call(w.drain_telemetry).remote, timeout_s) for i, w in workers)
         keyframe_calls = (
-            self._delta_of("keyframes", i, w.keyframe_stats.remote, timeout_s) for i, w in enumerate(self.workers)
+            self._delta_of("keyframes", i, telemetry_call(w.keyframe_stats).remote, timeout_s) for i, w in workers
         )
         results, keyframes = await asyncio.gather(
             asyncio.gather(*calls, return_exceptions=True), asyncio.gather(*keyframe_calls, return_exceptions=True)

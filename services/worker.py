@@ -72,6 +72,11 @@ ABANDON_AFTER_DEADLINE_S = 30.0
 # telemetry, stream calls, cancels, the watch long-poll and the shutdown.
 CONTROL_THREADS = 10
 ANSWER_GROUP = "answers"
+# The router's polls (``drain_telemetry``, ``keyframe_stats``, ``stream_ids``) run on threads of their own: the
+# control threads' calls that wait for the engine thread (a second a call at 128 cameras) could hold all ten while
+# the poll's 5 s ran out, and the router counted a busy worker down (``telemetry_call``).
+TELEMETRY_GROUP = "telemetry"
+TELEMETRY_THREADS = 2
 # A cancel that comes before its ask (the ask waited for a thread) is kept this long, for the ask to find; at most
 # EARLY_CANCELS_KEPT of them, the oldest going first.
 EARLY_CANCEL_KEEP_S = 600.0
@@ -708,11 +713,22 @@ def send_ask(worker, question_id, stream_id, question, max_new_tokens, time_rang
     )
 
 
+def telemetry_call(method):
+    """A worker actor's poll method (``drain_telemetry``, ``keyframe_stats``, ``stream_ids``) on its telemetry
+    threads, ready for ``.remote()``."""
+    return method.options(concurrency_group=TELEMETRY_GROUP)
+
+
+def worker_concurrency_groups(config: ServiceConfig) -> dict[str, int]:
+    """The worker actor's thread groups beside its ``CONTROL_THREADS``: answers, and the router's polls."""
+    return {ANSWER_GROUP: config.answer_threads, TELEMETRY_GROUP: TELEMETRY_THREADS}
+
+
 def worker_actor(config: ServiceConfig):
     """The Ray actor class of a worker, with its resources, restarts and thread count."""
     import ray
 
-    return ray.remote(concurrency_groups={ANSWER_GROUP: config.answer_threads})(WorkerCore).options(
+    return ray.remote(concurrency_groups=worker_concurrency_groups(config))(WorkerCore).options(
         num_cpus=config.worker_cpus,
         num_gpus=config.worker_gpus,
         max_restarts=MAX_RESTARTS,

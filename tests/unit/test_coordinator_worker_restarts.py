@@ -25,6 +25,11 @@ from services.worker import StreamInfo, WorkerInfo
 class _Method:
     def __init__(self, fn):
         self._fn = fn
+        self.groups: list[str] = []  # the concurrency group each call asked for
+
+    def options(self, *, concurrency_group: str):
+        self.groups.append(concurrency_group)
+        return self
 
     def remote(self, *args):
         async def call():
@@ -208,7 +213,8 @@ def test_a_drain_slower_than_the_poll_is_applied_at_the_next_poll_not_lost():
             delta.ingested = {"cam": 5}
             return delta
 
-        worker.drain_telemetry = type("Slow", (), {"remote": staticmethod(slow_drain)})
+        worker.drain_telemetry = _Method(None)
+        worker.drain_telemetry.remote = slow_drain
         await coordinator.poll_telemetry(0.05)  # the answer is late: this poll stops waiting for it
         worker.drain_telemetry = drain  # a new drain would hand over nothing more
         release.set()
@@ -281,3 +287,24 @@ def test_a_worker_whose_engine_thread_is_stuck_is_not_ready_until_it_moves():
         await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
 
     asyncio.run(scenario())
+
+
+def test_the_routers_polls_run_on_the_workers_telemetry_threads():
+    """A worker's control threads may all wait for its engine thread (stream calls, keyframes of every camera): a
+    poll queued behind them timed out, and the router counted a busy worker down. Its polls have threads of their
+    own, which the worker actor declares."""
+    from services.config import ServiceConfig
+    from services.worker import TELEMETRY_GROUP, worker_concurrency_groups
+
+    async def scenario():
+        worker = Worker(0)
+        coordinator = await _started(worker)
+        await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        worker.restart()
+        await coordinator.poll_telemetry(1.0)
+        polls = {name: getattr(worker, name).groups for name in ("drain_telemetry", "keyframe_stats", "stream_ids")}
+        assert all(groups and set(groups) == {TELEMETRY_GROUP} for groups in polls.values()), polls
+        assert worker.open_stream.groups == []  # stream calls stay on the control threads
+
+    asyncio.run(scenario())
+    assert worker_concurrency_groups(ServiceConfig())[TELEMETRY_GROUP] >= 1
