@@ -136,6 +136,9 @@ def status_for(exc: BaseException) -> Status:
         if isinstance(exc, QueueFullError):
             trailing = ((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
         return Status(code, _message(exc), trailing)
+    if isinstance(exc, TimeoutError):  # a worker's engine thread or a call to it busy past its wait: retry
+        log.warning("timed out: %s", exc)
+        return Status(grpc.StatusCode.UNAVAILABLE, f"A worker did not answer in time ({exc}); retry shortly.")
     if _is_unavailable(exc):
         log.warning("backend unavailable: %s", exc)
         return Status(
