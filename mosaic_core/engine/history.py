@@ -79,8 +79,8 @@ class HistoryKeeper:
         """Makes sure the ids the stream may give out next are reserved in its journal before any is seen anywhere
         else: its next ``frames`` frame indices and ``clusters`` cluster numbers, past those taken so far. An
         ingest call reserves for all of its frames, each of which may open a cluster, before it changes anything (a
-        failed journal write then fails the call whole); a merge or a split calls it right after the former took
-        its new cluster number."""
+        failed journal write then fails the call whole); a merge, a join or a split reserves its new clusters'
+        numbers the same way, before the former takes them."""
         numbers_needed = state.former.next_number + clusters
         frames_needed = state.next_frame_index + frames
         numbers, reserved_frames = self._reserved[state.stream_id]
@@ -99,11 +99,9 @@ class HistoryKeeper:
         self._submit(state, [self._seal(state, record)], [])
 
     def on_merge(self, state: StreamState, merged_id: str, removed_ids: list[str]) -> None:
-        self.ensure_ids(state)
         self._submit(state, [self._seal(state, state.former.get(merged_id))], removed_ids)
 
     def on_split(self, state: StreamState, new_ids: list[str], removed_id: str) -> None:
-        self.ensure_ids(state)
         self._submit(state, [self._seal(state, state.former.get(cid)) for cid in new_ids], [removed_id])
 
     def on_drop(self, state: StreamState, cluster_ids: list[str]) -> None:

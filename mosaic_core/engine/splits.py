@@ -137,6 +137,8 @@ def split_cluster(parts: EngineParts, state: StreamState, record: ClusterRecord,
             f"cannot split {cluster_id!r}: no tier has room for its halves' copies, and every cluster that could "
             "make room is pinned"
         )
+    if parts.history is not None:  # the halves' numbers, before anything changes (``HistoryKeeper.ensure_ids``)
+        parts.history.ensure_ids(state, clusters=2)
     kv = tiering.tiers.read(cluster_id)  # for the halves' summaries
     page_tokens = tiering.tiers.page_tokens
     halves = state.former.split_record(record, at_frame_index)

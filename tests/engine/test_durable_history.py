@@ -360,3 +360,45 @@ def test_numpy_timestamps_are_journalled_as_numbers(tiny_model, bikes_frames, tm
             engine.ingest([FrameInput("a", "soon", bikes_frames[20][1])])
     finally:
         engine.close()
+
+
+def test_a_merge_whose_number_cannot_be_reserved_changes_nothing(tiny_model, bikes_frames, tmp_path):
+    """The merge's new number falls at the end of the reserved block and the disk is full: the merge fails whole,
+    the clusters stay as they were, in memory and in the journal, and a restart restores them all. Before, the
+    merged cluster was made in memory but never journalled, and a later merge of it journalled frames the journal
+    still held in the old clusters, so the restart set the whole stream aside."""
+    import dataclasses
+    import errno
+
+    from mosaic_core.engine.maintenance import merge_clusters
+
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    engine.open_stream("cam", fps=4.0)
+    feed(engine, "cam", bikes_frames[:24])
+    state, history = engine.streams["cam"], engine.history
+    state.former.config = dataclasses.replace(state.former.config, max_tokens=1000)  # room for the merge
+    before = _durable_view(engine, "cam")
+    left, right = sorted(before)[:2]
+    history._reserved["cam"] = (state.former.next_number + 1, history._reserved["cam"][1])
+    reserve = history.store.reserve_ids
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    history.store.reserve_ids = full
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            merge_clusters(engine.parts, state, left, right)
+    finally:
+        history.store.reserve_ids = reserve
+    held = {r.cluster_id for r in state.former.records_to_read() if r.sealed}
+    assert {left, right} <= held and _durable_view(engine, "cam") == before
+    merged = merge_clusters(engine.parts, state, left, right)  # room again: the merge goes through
+    assert merged not in before and merged in _durable_view(engine, "cam")
+    engine.close()
+    again = make_engine(tiny_model, data_dir=str(tmp_path))
+    try:
+        (restored,) = again.restore_streams()
+        assert restored.stream_id == "cam" and merged in {c.cluster_id for c in again.clusters("cam")}
+    finally:
+        again.close()
