@@ -15,10 +15,11 @@ Journal lines:
                                                                frames (they name keyframes), may have been used
 
 A commit is one line, so a merge (two clusters out, one in) is all or nothing. A crash can tear only the last
-line (it was never acknowledged), and replay ignores a torn last line. An append that fails part-way is cut back to
-where it began, so its retry never follows half a line. A line that still fails its CRC before others (the disk
-damaged it, or cutting it back failed) is skipped and counted (``damaged_lines``): the lines after it were
-acknowledged, so they still count, and the journal as it was is kept beside it (``DAMAGED_PREFIX``), since the
+line (it was never acknowledged, and has no newline), and replay ignores a torn last line. An append that fails
+part-way is cut back to where it began, so its retry never follows half a line; where cutting it back fails too,
+the next append first rewrites the journal from memory. A line that still fails its CRC (the disk damaged it, or
+it ends a file with its newline, so it was acknowledged) is skipped and counted (``damaged_lines``): the lines after
+it were acknowledged, so they still count, and the journal as it was is kept beside it (``DAMAGED_PREFIX``), since the
 line skipped may have named clusters whose files no line names now.
 A line whose CRC holds but which this version cannot apply (a field it needs is missing or of the wrong type)
 raises ``ValueError`` from ``replay``: the store sets that stream aside. Fields it does not know (a newer version's,
@@ -140,7 +141,7 @@ class ManifestState:
     next_frame_index: int = 0  # 0 in journals from before frame indices were reserved
     num_lines: int = 0
     torn_tail: bool = False
-    damaged_lines: int = 0  # lines that failed their CRC before the last one, skipped
+    damaged_lines: int = 0  # complete lines (with their newline) that failed their CRC, skipped
     unknown_fields: set[str] = field(default_factory=set)  # cluster entries' fields this version does not know
 
 
@@ -182,7 +183,7 @@ def replay(stream_dir: Path) -> ManifestState:
                 _apply(state, record)
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"line {number} of {path} cannot be applied: {err}") from err
-        elif number == len(lines):
+        elif number == len(lines) and not raw.endswith(b"\n"):  # cut short by a crash: never acknowledged
             state.torn_tail = True
         else:
             state.damaged_lines += 1
@@ -260,7 +261,10 @@ class ManifestWriter:
                     written += os.write(fd, line[written:])
                 os.fsync(fd)
             except BaseException:
-                os.ftruncate(fd, start)
+                try:
+                    os.ftruncate(fd, start)
+                except OSError:  # half a line stays: the next append first rewrites the journal from memory
+                    self._rewrite_due = True
                 raise
         finally:
             os.close(fd)

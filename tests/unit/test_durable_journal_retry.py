@@ -3,9 +3,11 @@ a reason to write the line again, and the files a commit removed are still unlin
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from pathlib import Path
 
+import pytest
 import torch
 
 from mosaic_core.durable import manifest as manifest_module
@@ -143,3 +145,45 @@ def test_a_delete_whose_move_to_the_trash_fails_forgets_nothing_and_a_retry_dele
         assert not (tmp_path / "cam").exists()
     finally:
         store.close()
+
+
+def test_a_half_line_that_could_not_be_cut_back_is_not_glued_to_the_retry(tmp_path, monkeypatch):
+    """A write fails part-way and cutting it back fails too: the retry first rewrites the journal from memory, so
+    the retried line is not appended to half a line (which replay would drop as a torn tail, its files with it)."""
+    import os
+
+    writer = ManifestWriter(tmp_path, ManifestState())
+    writer.append({"op": "open", "stream": {"stream_id": "cam", "fps": 1.0}})
+    write = os.write
+
+    def half_then_full(fd, data):
+        write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(manifest_module.os, "write", half_then_full)
+    monkeypatch.setattr(manifest_module.os, "ftruncate", _disk_full)
+    entry = _seal(7).entry
+    commit = {"op": "commit", "add": [dataclasses.asdict(entry)], "remove": []}
+    with pytest.raises(OSError, match="No space left"):
+        writer.append(commit)
+    monkeypatch.undo()
+    writer.append(commit)  # the retry, with room again
+    state = replay(tmp_path)
+    assert list(state.clusters) == ["cam/c000007"] and not state.torn_tail and state.damaged_lines == 0
+
+
+def test_a_complete_last_line_that_fails_its_crc_is_damaged_not_torn(tmp_path):
+    """A line with its newline was acknowledged: failing its CRC, it is damage to keep a copy of (and orphan record
+    files are then kept), not a torn tail to ignore."""
+    writer = ManifestWriter(tmp_path, ManifestState())
+    writer.append({"op": "open", "stream": {"stream_id": "cam", "fps": 1.0}})
+    writer.append({"op": "ids", "next": 5, "frames": 0})
+    path = tmp_path / MANIFEST_NAME
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # inside the last line, before its newline
+    path.write_bytes(bytes(data))
+    state = replay(tmp_path)
+    assert state.damaged_lines == 1 and not state.torn_tail
+    path.write_bytes(bytes(data[:-3]))  # cut short, without its newline: torn
+    state = replay(tmp_path)
+    assert state.torn_tail and state.damaged_lines == 0
