@@ -138,7 +138,8 @@ class MosaicMetrics:
         )
         self.stream_lag_seconds = Gauge(
             "mosaic_stream_lag_seconds",
-            "Wall-clock now minus the timestamp of the newest ingested frame.",
+            "Seconds the stream's oldest frame still waiting for ingest has waited (0 with none waiting, a stopped "
+            "or failed source included; a silent worker's streams: growing from its last report).",
             ["stream"],
             registry=r,
         )
