@@ -238,6 +238,20 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
+        self.sources_failing = Gauge(
+            "mosaic_sources_failing",
+            "Cameras the worker pulls whose source is in ERROR (GetStream's source_error says why): a failed source "
+            "shows no lag and no drops, only this.",
+            ["worker"],
+            registry=r,
+        )
+        self.engine_stalled_seconds = Gauge(
+            "mosaic_engine_stalled_seconds",
+            "Seconds the worker's engine thread has gone without a chance to start a question (a stuck one grows "
+            "without end; readiness leaves the worker out past 300 s).",
+            ["worker"],
+            registry=r,
+        )
         self.device_allocator_events_total = Counter(
             "mosaic_device_allocator_events_total",
             "The CUDA caching allocator's events on the worker's GPU: retries (a failed allocation that gave back "
@@ -511,6 +525,11 @@ class MosaicMetrics:
         self.durable_set_aside_total.labels(label, "stream").inc(non_negative("set aside", health.streams_set_aside))
         self.durable_set_aside_total.labels(label, "cluster").inc(non_negative("set aside", health.clusters_set_aside))
 
+    def set_worker_health(self, worker: int | str, *, sources_failing: int, engine_stalled_s: float) -> None:
+        label = worker_label(worker)
+        self.sources_failing.labels(label).set(non_negative("failing sources", sources_failing))
+        self.engine_stalled_seconds.labels(label).set(max(0.0, engine_stalled_s))
+
     def set_hit_ratio(self, worker: int | str, r: float) -> None:
         if not 0.0 <= r <= 1.0:
             raise ValueError(f"hit ratio {r!r} must be within [0, 1]")
@@ -538,7 +557,7 @@ class MosaicMetrics:
             self.metadata_store_up, self.metadata_queue_depth, self.durable_pending_clusters,
             self.durable_oldest_pending_seconds, self.durable_writers, self.keyframe_bytes,
             self.answer_thread_wait_seconds, self.durable_history_bytes, self.durable_history_budget_bytes,
-            self.kernel_compiles_total,
+            self.kernel_compiles_total, self.sources_failing, self.engine_stalled_seconds,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):  # a series never set
                 metric.remove(label)

@@ -117,6 +117,7 @@ class TelemetryDelta:
     # Seconds the worker's engine thread has gone without a chance to start a question: it ingests, runs commands
     # and answers between such chances, so a stuck one (a hung GPU call, a deadlock) lets this grow without end.
     engine_stalled_s: float = 0.0
+    sources_failing: int = 0  # pulled sources in ERROR at the drain
     loop_seconds: dict[str, float] = field(default_factory=dict)  # engine thread, by ENGINE_LOOP_PARTS
     question_start_gaps: list[tuple[str, float]] = field(default_factory=list)  # (QUESTION_START_GAPS label, s)
     answer_thread_waits_s: list[float] = field(default_factory=list)  # from an ask's sending to its thread taking it
@@ -286,6 +287,7 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
     if delta.kernel_compiles:
         metrics.add_kernel_compiles(worker, delta.kernel_compiles)
     metrics.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
+    metrics.set_worker_health(worker, sources_failing=delta.sources_failing, engine_stalled_s=delta.engine_stalled_s)
     for part, seconds in delta.loop_seconds.items():
         metrics.add_engine_loop_seconds(worker, part, seconds)
     for between, seconds in delta.question_start_gaps:

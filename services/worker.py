@@ -609,6 +609,8 @@ class WorkerCore:
         delta = self.telemetry.drain(queue_depths=self.queues.depths(), lags_s=lags, engine_stats=self.loop.stats)
         delta.durability = self._durability_delta()
         delta.engine_stalled_s = self.loop.seconds_since_chance()
+        sources = [session.source for session in list(self.sessions.values()) if session.source is not None]
+        delta.sources_failing = sum(source.progress().state is SourceState.ERROR for source in sources)
         self._save_counters()
         return delta
 

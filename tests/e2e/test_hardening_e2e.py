@@ -251,13 +251,15 @@ def test_a_source_host_in_a_blocked_network_is_refused_with_a_sentence(own_serve
 
 @pytest.mark.parametrize("scheme", ["http", "rtsp"])
 def test_an_unreachable_source_is_accepted_and_reports_its_error_alike_over_every_scheme(own_server, scheme):
-    _, client = own_server
+    server, client = own_server
     stream_id = f"h-down-{scheme}"
     client.create_stream(stream_id, source_url=f"{scheme}://127.0.0.1:{_free_port()}/cam")
     try:
         stream = wait_for(lambda: "Cannot open" in (s := client.get_stream(stream_id)).source_error and s,
                           timeout_s=30, what=f"the {scheme} source's error")  # fmt: skip
         assert stream.source_state in (pb.SOURCE_STATE_ERROR, pb.SOURCE_STATE_CONNECTING)
+        wait_for(lambda: metric(server.metrics_url, "mosaic_sources_failing") == 1, timeout_s=30,
+                 what="the failed source in mosaic_sources_failing")  # fmt: skip
     finally:
         client.delete_stream(stream_id)
 

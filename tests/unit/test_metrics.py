@@ -38,6 +38,8 @@ SPEC = {
     "mosaic_tier_capacity_bytes": ("gauge", {"worker", "tier"}),
     "mosaic_clusters": ("gauge", {"worker", "tier"}),
     "mosaic_cluster_device_hit_ratio": ("gauge", {"worker"}),
+    "mosaic_sources_failing": ("gauge", {"worker"}),
+    "mosaic_engine_stalled_seconds": ("gauge", {"worker"}),
     "mosaic_active_streams": ("gauge", set()),
     "mosaic_workers_up": ("gauge", set()),
     "mosaic_errors_total": ("counter", {"code"}),
