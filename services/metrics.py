@@ -624,7 +624,8 @@ class MosaicMetrics:
                 self.durable_write_seconds_total, self.durable_ingest_wait_seconds_total, self.durable_writers,
                 self.keyframe_bytes, self.keyframes_dropped_total, self.answer_thread_wait_seconds,
                 self.durable_history_bytes, self.durable_history_budget_bytes,
-                self.durable_clusters_dropped_for_space_total, self.kernel_compiles_total,
+                self.durable_clusters_dropped_for_space_total, self.kernel_compiles_total, self.sources_failing,
+                self.engine_stalled_seconds,
             ):  # fmt: skip
                 metric.labels(worker)
             for what in ("stream", "cluster"):
