@@ -246,6 +246,13 @@ class SourceReader:
         reader._set(state=SourceState.ERROR, error=reason)
         return reader
 
+    @classmethod
+    def ended(cls, url: str, *, fps: float, sink: FrameSink) -> SourceReader:
+        """A reader that never starts, ENDED: a stored file or clip that was read to its end before a restart."""
+        reader = cls(url, fps=fps, sink=sink)
+        reader._set(state=SourceState.ENDED)
+        return reader
+
     @property
     def is_network(self) -> bool:
         return self.url.lower().startswith(NETWORK_SCHEMES)

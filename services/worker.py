@@ -280,7 +280,9 @@ class WorkerCore:
             with self._lock:
                 self.sessions[record.stream_id] = session
             self.queues.add_stream(record.stream_id, record.fps)
-            if record.source_url:
+            if record.source_url and stream.state.get("source_ended"):
+                session.source = SourceReader.ended(record.source_url, fps=record.fps, sink=_no_frames)
+            elif record.source_url:
                 try:
                     self._start_source(record, resume_after_s=stream.last_timestamp_s)
                 except MosaicError as err:  # the file is gone, or the config no longer allows it: this stream only
@@ -638,6 +640,9 @@ class WorkerCore:
         for stream_id in list(self.sessions):
             totals = self.telemetry.totals(stream_id)
             fields = {"counters": dataclasses.asdict(totals)}
+            session = self.sessions.get(stream_id)
+            if session is not None and session.source is not None:  # a restart must not read an ended clip again
+                fields["source_ended"] = session.source.progress().state is SourceState.ENDED
             watermark_s = self.watches.watermark_of(stream_id)
             if watermark_s is not None:
                 fields["watch_watermark_s"] = watermark_s
@@ -654,7 +659,7 @@ class WorkerCore:
 
 
 def _no_frames(timestamp_s: float, rgb: np.ndarray) -> None:
-    """The sink of a source that never runs (``SourceReader.refused``)."""
+    """The sink of a source that never runs (``SourceReader.refused``, ``SourceReader.ended``)."""
 
 
 def _rss_bytes() -> int:

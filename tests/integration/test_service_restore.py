@@ -209,3 +209,35 @@ def test_after_a_crash_a_stream_never_shows_fewer_frames_received_than_ingested(
         assert info.frames_received >= info.frames_ingested
     finally:
         second.shutdown()
+
+
+def test_a_clip_read_to_its_end_is_not_read_again_after_a_restart(tiny_model, tmp_path):
+    """A file source that ended stays ENDED across a restart: read again, it came back as new history with later
+    timestamps, at every restart."""
+    from services.sources import SourceState
+
+    clips = os.path.dirname(sample_clip_path("carphone_pristine.mp4"))
+    config = load_config(None, data_dir=str(tmp_path), source_roots=[clips], engine={"target_tokens_per_frame": 16})
+    store = InMemoryMetadataStore()
+    first = _worker(tiny_model, config, store)
+    first.open_stream(StreamRecord(stream_id="clip", fps=2.0, source_url=sample_clip_path("carphone_pristine.mp4")))
+    deadline = time.monotonic() + 60
+    while first.sessions["clip"].source.progress().state is not SourceState.ENDED:  # 4 s of clip, paced
+        assert time.monotonic() < deadline, first.sessions["clip"].source.progress()
+        time.sleep(0.1)
+    _wait_ingested(first, "clip", first.sessions["clip"].source.progress().frames_read)
+    first.drain_telemetry()  # what the router's poll does every few seconds: the stream's state is saved
+    ingested = first.telemetry.totals("clip").ingested
+    assert first.engine.history.store.flush(30)
+    first.loop.stop()  # the process dies
+    first.publisher.stop()
+
+    second = _worker(tiny_model, config, store)
+    try:
+        assert second.restored_streams == ["clip"]
+        assert second.sessions["clip"].source.progress().state is SourceState.ENDED
+        time.sleep(1.5)  # three frames' time at 2 fps, were it read again
+        assert second.telemetry.totals("clip").ingested == ingested
+        assert second.queues.depth("clip") == 0
+    finally:
+        second.shutdown()
