@@ -72,6 +72,7 @@ from mosaic_core.model.frame_upload import FrameStaging
 log = logging.getLogger(__name__)
 DEFAULT_SYSTEM_PROMPT = "You are watching a live camera. Answer questions about what it has seen, and when."
 UNLIMITED_BYTES = 1 << 62
+CHECKPOINT_WAIT_S = 60.0  # how long a checkpoint waits for the durable store to write everything
 WARM_UP_STREAM = "mosaic-warm-up"  # ``Engine.warm_up``'s scratch stream, gone when it returns
 # ``Engine.warm_up`` ingests one pass of about this many tokens (blank frames on scratch streams, each near
 # ``target_tokens_per_frame``), so that the functions the adapter compiles for big passes are compiled before cameras
@@ -278,13 +279,19 @@ class Engine:
         Raises:
             CapacityError: some windows' frames found no room in any tier; they stay in those windows, not durable,
                 while every other stream's history is.
+            StateError: the durable store did not write everything within its wait (a disk that fails or stalls),
+                naming its last error.
         """
         held_back: dict[str, CapacityError] = {}
         for state in self.streams.values():
             state.former.seal()
             held_back |= ingest.flush_window(self.parts, state)
-        if self.history is not None:
-            self.history.store.flush()
+        if self.history is not None and not self.history.store.flush(CHECKPOINT_WAIT_S):
+            last_error = self.history.store.snapshot_stats().last_error or "none recorded"
+            raise StateError(
+                f"the checkpoint's history is not all on disk after {CHECKPOINT_WAIT_S:g} s (the store's last error: "
+                f"{last_error})"
+            )
         if held_back:
             raise CapacityError(
                 f"the checkpoint left frames in the local windows of streams {sorted(held_back)}, not durable: no "

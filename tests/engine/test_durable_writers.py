@@ -386,3 +386,32 @@ def test_a_state_write_that_fails_is_counted_and_lands_once_the_disk_has_room(tm
     assert store.flush(5.0)
     store.close()
     assert json.loads((tmp_path / "data" / "cam" / STATE_NAME).read_text())["watch_watermark_s"] == 13.0
+
+
+def test_a_checkpoint_whose_history_is_not_on_disk_says_so(tiny_model, bikes_frames, tmp_path, monkeypatch):
+    """A graceful stop on a full disk: the checkpoint's wait ends with clusters unwritten, and it raises naming the
+    store's last error, where it returned as if everything were durable."""
+    import mosaic_core.engine.engine as engine_module
+    from mosaic_core.errors import StateError
+    from tests.engine.engine_helpers import feed, make_engine
+
+    monkeypatch.setattr(store_module, "RETRY_S", (0.01,))
+    monkeypatch.setattr(engine_module, "CHECKPOINT_WAIT_S", 0.5)
+    real_write_atomic = store_module.write_atomic
+
+    def disk_full(path, data):
+        if path.suffix == RECORD_SUFFIX:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_atomic(path, data)
+
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:12])
+    monkeypatch.setattr(store_module, "write_atomic", disk_full)
+    try:
+        with pytest.raises(StateError, match=r"not all on disk after 0\.5 s .*No space left on device"):
+            engine.checkpoint()
+    finally:
+        monkeypatch.setattr(store_module, "write_atomic", real_write_atomic)
+        assert engine.history.store.flush(WAIT_S)  # room again: everything lands
+        engine.close()
