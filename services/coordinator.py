@@ -338,8 +338,9 @@ class Coordinator:
 
     async def _take_streams_of(self, index: int, timeout_s: float = 5.0) -> None:
         """The streams worker ``index`` restored that the router did not know (a create whose answer its crash
-        lost), after it came back. One it no longer holds stays placed: calls about it get NOT_FOUND from the
-        worker, and a DeleteStream clears it."""
+        lost), after it came back. One it no longer holds (set aside at its restart) stays placed: calls about it get
+        NOT_FOUND from the worker, and a DeleteStream clears it; its lag and queue gauges go, which nothing would
+        update any more."""
         asked_s = time.monotonic()
         try:
             listing = telemetry_call(self.workers[index].stream_ids).remote()
@@ -350,6 +351,8 @@ class Coordinator:
             self._to_list.add(index)
             return
         self._to_list.discard(index)
+        for stream_id in [s for s, i in self.placement.items() if i == index and s not in held]:
+            self.metrics.forget_stream_gauges(stream_id)
         self._adopt(index, held, asked_s)
 
     async def _call(self, index: int, ref):

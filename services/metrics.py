@@ -390,6 +390,14 @@ class MosaicMetrics:
         self._overflow.add(stream_id)
         return STREAM_OTHER
 
+    def forget_stream_gauges(self, stream_id: str) -> None:
+        """Drops a stream's lag and queue-depth series (no worker reports them any more); its counters stay."""
+        with self._lock:
+            if stream_id in self._stream_labels:
+                for metric in (self.ingest_queue_depth, self.stream_lag_seconds):
+                    with contextlib.suppress(KeyError):  # a series never set
+                        metric.remove(stream_id)
+
     def forget_stream(self, stream_id: str) -> None:
         """Drops a deleted stream's own series (or its share of ``_other``) and frees its label slot."""
         with self._lock:

@@ -308,3 +308,23 @@ def test_the_routers_polls_run_on_the_workers_telemetry_threads():
 
     asyncio.run(scenario())
     assert worker_concurrency_groups(ServiceConfig())[TELEMETRY_GROUP] >= 1
+
+
+def test_a_stream_a_restarted_worker_no_longer_holds_loses_its_frozen_gauges():
+    """The worker set the stream aside at its restart: nothing reports the stream's lag any more, so its last
+    value would stay on the dashboard for good."""
+    metrics = MosaicMetrics()
+
+    async def scenario():
+        worker = Worker(0)
+        coordinator = await _started(worker, metrics)
+        await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        await coordinator.poll_telemetry(1.0)
+        assert metrics.registry.get_sample_value("mosaic_stream_lag_seconds", {"stream": "cam"}) == 0.25
+        del worker.streams["cam"]  # set aside as the worker restarted
+        worker.restart()
+        await coordinator.poll_telemetry(1.0)
+        assert metrics.registry.get_sample_value("mosaic_stream_lag_seconds", {"stream": "cam"}) is None
+        assert metrics.registry.get_sample_value("mosaic_ingest_queue_depth", {"stream": "cam"}) is None
+
+    asyncio.run(scenario())
