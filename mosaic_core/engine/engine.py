@@ -12,6 +12,7 @@ from one thread at a time.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
@@ -501,9 +502,22 @@ class Engine:
             )
         # Before the history goes: a crash in between leaves both, and the numbers' maximum is kept anyway.
         ended_at = StreamNumbers(next_cluster_number=state.former.next_number, next_frame_index=state.next_frame_index)
-        self.retired.retire(stream_id, ended_at)
-        if self.history is not None and forget_history:
+        forgets = self.history is not None and forget_history
+        try:
+            self.retired.retire(stream_id, ended_at)
+            retired = True
+        except OSError as err:  # a full disk: deleting a stream is how an operator frees it, so that goes first
+            if not (forgets and err.errno == errno.ENOSPC):
+                raise
+            retired = False
+        if forgets:
             self.history.close(stream_id)  # first: once this returns, a restart cannot bring the stream back
+        if not retired:
+            try:
+                self.retired.retire(stream_id, ended_at)  # in the room the history left
+            except OSError as err:
+                log.error("stream %s is deleted, but its numbers are not kept (%s): a new stream of that id counts "
+                          "its clusters and frames from 0", stream_id, err)  # fmt: skip
         self._forget_stream(state)
 
     def _forget_stream(self, state: StreamState) -> None:

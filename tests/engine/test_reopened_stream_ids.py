@@ -253,3 +253,38 @@ def test_a_reservation_that_cannot_be_written_fails_the_ingest_call_whole(
     engine.ingest([FrameInput("a", 1.0, rgb), FrameInput("b", 1.0, rgb)])
     assert [engine.stream(s).frames_ingested for s in ("a", "b")] == [2, 2]
     engine.close()
+
+
+def test_a_stream_is_deleted_on_a_full_disk_and_its_numbers_kept_in_the_room_it_left(
+    tiny_model, bikes_frames, tmp_path, monkeypatch
+):
+    """Deleting streams is how an operator frees a full disk, yet keeping a deleted stream's numbers writes a file
+    first: on a full disk every DeleteStream failed. The history goes first then, and the numbers are written in the
+    room it left, so a stream opened again under the id still numbers past them."""
+    from mosaic_core.durable import retired as retired_module
+
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    engine.open_stream("cam", fps=4.0)
+    feed(engine, "cam", bikes_frames[:16])
+    old_clusters, old_keyframes = _ids(engine, "cam")
+    history_dir = engine.history.store.stream_dir("cam")
+    real_write_atomic = retired_module.write_atomic
+
+    def full_while_the_history_is_there(path, data):
+        if history_dir.exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_atomic(path, data)
+
+    monkeypatch.setattr(retired_module, "write_atomic", full_while_the_history_is_there)
+    engine.close_stream("cam")
+    assert not history_dir.exists() and "cam" not in engine.streams
+    engine.close()
+
+    again = make_engine(tiny_model, data_dir=str(tmp_path))
+    try:
+        assert again.restore_streams() == []
+        again.open_stream("cam", fps=4.0)
+        feed(again, "cam", bikes_frames[:16])
+        _assert_gone(again, "cam", old_clusters, old_keyframes)
+    finally:
+        again.close()

@@ -1,5 +1,6 @@
-"""A DeleteStream whose engine close fails (a full volume as the stream's numbers are retired) keeps the stream as it
-was, and its retry deletes the history for good (real worker and engine in-process, tiny model on the CPU, no Ray)."""
+"""A DeleteStream whose engine close fails (a disk error as the stream's numbers are retired; a full volume is not
+one: the history then goes first, tests/engine/test_reopened_stream_ids.py) keeps the stream as it was, and its
+retry deletes the history for good (real worker and engine in-process, tiny model on the CPU, no Ray)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from services.worker import WorkerCore
 FPS = 2.0
 
 
-def _no_space(path, data) -> None:
-    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+def _disk_error(path, data) -> None:
+    raise OSError(errno.EIO, "Input/output error", str(path))
 
 
 def _wait_ingested(worker: WorkerCore, stream_id: str, n: int, timeout_s: float = 90.0) -> None:
@@ -59,11 +60,11 @@ def test_a_failed_delete_keeps_the_stream_and_its_queued_frames_and_a_retry_dele
         worker.loop.post(gate.wait, 30)  # the engine thread waits: the frames pushed now are queued at the delete
         assert worker.push(frames[4:]).accepted == 4
         assert worker.queues.depth("cam") == 4
-        monkeypatch.setattr(retired, "write_atomic", _no_space)
+        monkeypatch.setattr(retired, "write_atomic", _disk_error)
         threading.Timer(0.5, gate.set).start()  # by then the delete's command waits behind the gate
         with pytest.raises(OSError) as failed:
             worker.close_stream("cam")
-        assert failed.value.errno == errno.ENOSPC
+        assert failed.value.errno == errno.EIO
         assert status_for(failed.value).code is grpc.StatusCode.INTERNAL  # the client sees an error, not OK
 
         # The stream is as it was: listed, its queued frames ingested, new frames taken.
@@ -96,7 +97,7 @@ def test_a_failed_delete_keeps_pulling_the_source_and_a_delete_stops_it(tiny_mod
         worker.open_stream(StreamRecord(stream_id="gate", fps=4.0, source_url=clip, loop_source=True))
         _wait_ingested(worker, "gate", 3)
         source = worker.sessions["gate"].source
-        monkeypatch.setattr(retired, "write_atomic", _no_space)
+        monkeypatch.setattr(retired, "write_atomic", _disk_error)
         with pytest.raises(OSError):
             worker.close_stream("gate")
         _wait_ingested(worker, "gate", worker.stream_info("gate").frames_ingested + 3)  # still pulled
