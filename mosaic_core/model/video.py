@@ -122,6 +122,8 @@ def iter_video_frames(
         if not loop:
             return
         pass_offset += clip_duration
+        if clip_duration > 0:  # passes that hold no instant are not opened (an fps far below one a clip)
+            pass_offset += max(0, (sampler.next_time() - pass_offset) // clip_duration) * clip_duration
 
 
 def frame_rgb(frame, max_pixels: int | None = None) -> np.ndarray:

@@ -71,6 +71,20 @@ def test_loop_continues_the_clock() -> None:
     np.testing.assert_allclose(stamps[8:16] - stamps[:8], 4.004, atol=0.04)
 
 
+def test_a_rate_far_below_one_frame_a_clip_opens_only_the_passes_it_samples(monkeypatch) -> None:
+    """At one frame per 1,000 s, a looped 4-s clip was opened 250 times a frame, a core spinning all along."""
+    import mosaic_core.model.video as video
+
+    opened = []
+    real_open = video._open
+    monkeypatch.setattr(video, "_open", lambda source: opened.append(source) or real_open(source))
+    frames = list(iter_video_frames(sample_clip_path(CARPHONE), fps=0.001, loop=True, max_frames=3))
+    stamps = timestamps(frames)
+    # each instant k * 1,000 s takes the first frame at or after it (the clip's frames are 1/30 s apart)
+    assert stamps[0] == 0.0 and all(0 <= stamps[k] - 1000 * k < 0.05 for k in (1, 2)), stamps
+    assert len(opened) <= 6, len(opened)
+
+
 def test_max_frames_zero_yields_nothing() -> None:
     assert list(iter_video_frames(sample_clip_path(CARPHONE), fps=1.0, max_frames=0)) == []
 
