@@ -401,12 +401,15 @@ class Coordinator:
             came_back = index not in self._alive or result.pid != self._pids.get(index, result.pid)
             self._pids[index] = result.pid
             self._down_since.pop(index, None)
-            if came_back or index in self._to_list:
-                await self._take_streams_of(index)
-            self._last_lags.update(result.lags_s)
-            apply_delta(self.metrics, result, open_streams=set(self.placement))
-            if not isinstance(keyframe_stats, BaseException):
-                self.metrics.set_keyframes(index, *keyframe_stats)
+            try:  # one worker's surprise must not lose the others' drained counts, nor this round's liveness
+                if came_back or index in self._to_list:
+                    await self._take_streams_of(index)
+                self._last_lags.update(result.lags_s)
+                apply_delta(self.metrics, result, open_streams=set(self.placement))
+                if not isinstance(keyframe_stats, BaseException):
+                    self.metrics.set_keyframes(index, *keyframe_stats)
+            except Exception:
+                log.exception("worker %d's telemetry could not be applied this round", index)
         self._alive = alive
         self.metrics.set_workers_up(len(alive))
         self.metrics.set_active_streams(len(self.placement))

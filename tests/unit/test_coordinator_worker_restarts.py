@@ -328,3 +328,35 @@ def test_a_stream_a_restarted_worker_no_longer_holds_loses_its_frozen_gauges():
         assert metrics.registry.get_sample_value("mosaic_ingest_queue_depth", {"stream": "cam"}) is None
 
     asyncio.run(scenario())
+
+
+def test_one_workers_bad_telemetry_does_not_lose_the_others_counts():
+    """An error applying one worker's delta (a value the metrics refuse) ended the whole poll: the workers after it
+    lost the counts they had handed over, and liveness was not updated that round."""
+    metrics = MosaicMetrics()
+
+    async def scenario():
+        first, second = Worker(0), Worker(1)
+        coordinator = Coordinator([first, second], None, metrics)
+        await coordinator.start(5.0)
+        await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        drains = {0: first._drain_telemetry, 1: second._drain_telemetry}
+
+        def refused_delta():
+            delta = drains[0]()
+            delta.device_hit_ratio = float("nan")  # the metrics refuse it
+            delta.kernel_compiles = -1
+            return delta
+
+        def counted_delta():
+            delta = drains[1]()
+            delta.ingested = {"cam": 7}
+            return delta
+
+        first.drain_telemetry = _Method(first._live(refused_delta))
+        second.drain_telemetry = _Method(second._live(counted_delta))
+        await coordinator.poll_telemetry(1.0)
+        assert metrics.registry.get_sample_value("mosaic_frames_ingested_total", {"stream": "cam"}) == 7
+        assert metrics.registry.get_sample_value("mosaic_workers_up") == 2
+
+    asyncio.run(scenario())
