@@ -68,8 +68,8 @@ SOURCES_STOP_S = 2.0  # at shutdown, the time the source readers get to stop, al
 # An answer the engine loop has not ended this long past its question's deadline is given up by the answer thread
 # waiting on it (the loop ends late answers itself, so only a stuck engine thread leaves one), and the thread goes back.
 ABANDON_AFTER_DEADLINE_S = 30.0
-# The worker's calls other than answers (``ask`` runs in ``ANSWER_GROUP``, ``answer_threads`` threads): frames,
-# telemetry, stream calls, cancels, the watch long-poll and the shutdown.
+# The worker's calls other than answers (``ask`` runs in ``ANSWER_GROUP``, ``answer_threads`` threads) and the
+# router's polls (``TELEMETRY_GROUP``): frames, stream calls, cancels, the watch long-poll and the shutdown.
 CONTROL_THREADS = 10
 ANSWER_GROUP = "answers"
 # The router's polls (``drain_telemetry``, ``keyframe_stats``, ``stream_ids``) run on threads of their own: the
