@@ -42,6 +42,8 @@ SPEC = {
     "mosaic_tier_capacity_bytes": "gauge",
     "mosaic_clusters": "gauge",
     "mosaic_cluster_device_hit_ratio": "gauge",
+    "mosaic_sources_failing": "gauge",
+    "mosaic_engine_stalled_seconds": "gauge",
     "mosaic_active_streams": "gauge",
     "mosaic_workers_up": "gauge",
     "mosaic_errors": "counter",
