@@ -93,6 +93,16 @@ def test_the_scheme_allow_list_is_configurable_and_checked():
         check_source_schemes(["rtsp", "ftp"])
 
 
+def _stopped_once_its_error_says(reader: SourceReader, words: str, *, timeout_s: float) -> str:
+    """Waits until the reader's error has ``words``, stops it, and returns its error."""
+    deadline = time.monotonic() + timeout_s
+    while words not in reader.progress().error:
+        assert time.monotonic() < deadline, reader.progress()
+        time.sleep(0.02)
+    reader.stop()
+    return reader.progress().error
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -176,12 +186,7 @@ def test_a_camera_password_stays_out_of_logs_errors_and_the_decoders_arguments(d
         url, fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01, max_failures=2, decode_in_child=decode_in_child,
         blocked_networks=(),
     ).start()  # fmt: skip
-    deadline = time.monotonic() + 30
-    while "attempts in a row failed" not in reader.progress().error:
-        assert time.monotonic() < deadline, reader.progress()
-        time.sleep(0.02)
-    reader.stop()
-    error = reader.progress().error
+    error = _stopped_once_its_error_says(reader, "attempts in a row failed", timeout_s=30)
     assert "Cannot open" in error and "hunter2" not in error, error
     assert "rtsp://***@127.0.0.1" in error
     logged = [r.getMessage() for r in caplog.records]
@@ -230,14 +235,8 @@ def test_a_password_the_error_quotes_escaped_stays_out_of_it(caplog):
     """FFmpeg's errors quote the URL as Python's repr, which doubles a backslash: that form is hidden too."""
     url = f"rtsp://admin:pa\\ss@127.0.0.1:{_free_port()}/cam"
     reader = SourceReader(url, fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01, max_failures=1, blocked_networks=())
-    reader.start()
-    deadline = time.monotonic() + 20
-    while "Cannot open" not in reader.progress().error:
-        assert time.monotonic() < deadline, reader.progress()
-        time.sleep(0.02)
-    reader.stop()
-    error = reader.progress().error
-    assert "Cannot open" in error and "pa\\" not in error and "rtsp://***@127.0.0.1" in error, error
+    error = _stopped_once_its_error_says(reader.start(), "Cannot open", timeout_s=20)
+    assert "pa\\" not in error and "rtsp://***@127.0.0.1" in error, error
 
 
 def test_a_live_cameras_clock_jump_does_not_stop_its_reading(monkeypatch):

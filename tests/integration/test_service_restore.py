@@ -26,6 +26,14 @@ def _worker(tiny_model, config, store) -> WorkerCore:
     return WorkerCore("0", config, store=store, engine=Engine(tiny_model, config.engine_config(worker_subdir="w0")))
 
 
+def _crash_and_restart(first: WorkerCore, tiny_model, config, store) -> WorkerCore:
+    """``first``'s history on disk, then its process dies (no shutdown), and a new worker starts on its directory."""
+    assert first.engine.history.store.flush(30)
+    first.loop.stop()
+    first.publisher.stop()
+    return _worker(tiny_model, config, store)
+
+
 def _wait_ingested(worker: WorkerCore, stream_id: str, n: int, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while worker.telemetry.totals(stream_id).ingested < n:
@@ -49,11 +57,7 @@ def test_a_pulled_source_resumes_after_its_last_recorded_frame(tiny_model, tmp_p
     first.loop.call(lambda: None)
     first.loop.call(lambda: None)
     last_s = first.engine.streams["gate"].last_timestamp_s
-    assert first.engine.history.store.flush(30)
-    first.loop.stop()  # the process dies
-    first.publisher.stop()
-
-    second = _worker(tiny_model, config, store)
+    second = _crash_and_restart(first, tiny_model, config, store)
     try:
         assert second.restored_streams == ["gate"]
         restored_last = second.engine.streams["gate"].last_timestamp_s
@@ -228,11 +232,7 @@ def test_a_clip_read_to_its_end_is_not_read_again_after_a_restart(tiny_model, tm
     _wait_ingested(first, "clip", first.sessions["clip"].source.progress().frames_read)
     first.drain_telemetry()  # what the router's poll does every few seconds: the stream's state is saved
     ingested = first.telemetry.totals("clip").ingested
-    assert first.engine.history.store.flush(30)
-    first.loop.stop()  # the process dies
-    first.publisher.stop()
-
-    second = _worker(tiny_model, config, store)
+    second = _crash_and_restart(first, tiny_model, config, store)
     try:
         assert second.restored_streams == ["clip"]
         assert second.sessions["clip"].source.progress().state is SourceState.ENDED
