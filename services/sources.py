@@ -240,17 +240,11 @@ class SourceReader:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @classmethod
-    def refused(cls, url: str, reason: str, *, fps: float, sink: FrameSink) -> SourceReader:
-        """A reader that never starts, in ERROR with ``reason``: a stored source this server no longer opens."""
+    def never_started(cls, url: str, state: SourceState, *, fps: float, sink: FrameSink, error: str = ""):
+        """A reader that never starts, in ``state``: ERROR with ``error`` for a stored source this server no longer
+        opens; ENDED for a stored file or clip read to its end before a restart."""
         reader = cls(url, fps=fps, sink=sink)
-        reader._set(state=SourceState.ERROR, error=reason)
-        return reader
-
-    @classmethod
-    def ended(cls, url: str, *, fps: float, sink: FrameSink) -> SourceReader:
-        """A reader that never starts, ENDED: a stored file or clip that was read to its end before a restart."""
-        reader = cls(url, fps=fps, sink=sink)
-        reader._set(state=SourceState.ENDED)
+        reader._set(state=state, error=error)
         return reader
 
     @property

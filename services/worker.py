@@ -281,7 +281,9 @@ class WorkerCore:
                 self.sessions[record.stream_id] = session
             self.queues.add_stream(record.stream_id, record.fps)
             if record.source_url and stream.state.get("source_ended"):
-                session.source = SourceReader.ended(record.source_url, fps=record.fps, sink=_no_frames)
+                session.source = SourceReader.never_started(
+                    record.source_url, SourceState.ENDED, fps=record.fps, sink=_no_frames
+                )
             elif record.source_url:
                 try:
                     self._start_source(record, resume_after_s=stream.last_timestamp_s)
@@ -289,7 +291,9 @@ class WorkerCore:
                     reason = f"its source is no longer opened here: {err}"  # the check's sentence hides a password
                     log.error("worker %s restored stream %s without pulling it: %s", self.worker_id,
                               record.stream_id, reason)  # fmt: skip
-                    session.source = SourceReader.refused(record.source_url, reason, fps=record.fps, sink=_no_frames)
+                    session.source = SourceReader.never_started(
+                        record.source_url, SourceState.ERROR, fps=record.fps, sink=_no_frames, error=reason
+                    )
             restored.append(record.stream_id)
             log.info("worker %s restored stream %s with %d sealed clusters", self.worker_id, record.stream_id,
                      stream.num_clusters)  # fmt: skip
@@ -659,7 +663,7 @@ class WorkerCore:
 
 
 def _no_frames(timestamp_s: float, rgb: np.ndarray) -> None:
-    """The sink of a source that never runs (``SourceReader.refused``, ``SourceReader.ended``)."""
+    """The sink of a source that never runs (``SourceReader.never_started``)."""
 
 
 def _rss_bytes() -> int:

@@ -120,7 +120,7 @@ def merge_clusters(parts: EngineParts, state: StreamState, left_id: str, right_i
             f"cannot merge {left_id!r} and {right_id!r}: no tier has room for their KV copied into one, and every "
             "cluster that could make room is pinned"
         )
-    _reserve_numbers(parts, state, 1)
+    reserve_numbers(parts, state, 1)
     record = state.former.merge_records(left, right)
     _replace(parts, state, [left_id, right_id], record)
     return record.cluster_id
@@ -167,13 +167,13 @@ def join_recurring(parts: EngineParts, state: StreamState, cluster_id: str) -> s
     earlier = candidates[best]
     if not room_to_replace(parts, [earlier.cluster_id, cluster_id]):
         return None
-    _reserve_numbers(parts, state, 1)
+    reserve_numbers(parts, state, 1)
     joined = state.former.join_records(earlier, record)
     _replace(parts, state, [earlier.cluster_id, cluster_id], joined)
     return joined.cluster_id
 
 
-def _reserve_numbers(parts: EngineParts, state: StreamState, clusters: int) -> None:
+def reserve_numbers(parts: EngineParts, state: StreamState, clusters: int) -> None:
     """Reserves the cluster numbers a merge, a join or a split is about to take, in the stream's journal, before
     anything changes: a journal write that fails then fails it whole (``HistoryKeeper.ensure_ids``)."""
     if parts.history is not None:

@@ -227,6 +227,7 @@ def _retrieval_stats(plan) -> RetrievalStats:
     first = plan.selection_history[0] if plan.selection_history else []
     retrieved = {cid for sel in first if sel is not None for cid in sel.cluster_ids}
     tokens = [sel.num_tokens for sel in first if sel is not None]
+    transfers = retriever.transfer_parts()  # waits for the copies to finish
     return RetrievalStats(
         num_clusters_retrieved=len(retrieved),
         num_tokens_retrieved=max(tokens, default=0),
@@ -235,10 +236,9 @@ def _retrieval_stats(plan) -> RetrievalStats:
         num_copies=retriever.num_copies,
         device_hits=retriever.device_hits,
         device_lookups=retriever.device_lookups,
-        transfer_s=retriever.transfer_seconds(),
+        transfer_s=sum(part.seconds for part in transfers.values()),
         transfer_parts={
-            name: (part.bytes, part.seconds, part.copy_seconds, part.copies)
-            for name, part in retriever.transfer_parts().items()
+            name: (part.bytes, part.seconds, part.copy_seconds, part.copies) for name, part in transfers.items()
         },
         attention_recall=None if plan.recall_probe is None else plan.recall_probe.recall,
         decode_attention_recall=None if plan.recall_probe is None else plan.recall_probe.decode_recall,

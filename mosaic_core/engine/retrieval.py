@@ -393,10 +393,6 @@ class Retriever:
         self._timed("fetch", start, self._mark(self.tiering.tiers.pools.device, on_side=True))
         return moves
 
-    def transfer_seconds(self) -> float:
-        """Device time spent gathering retrieved KV that had to be copied (waits for the copies to finish)."""
-        return sum(moved.seconds() for *_, moved in self._timed_gathers)
-
     def transfer_parts(self) -> dict[str, TransferPart]:
         """The timed gathers by part: ``choosing`` (a layer that chose staging its own choice: the anchor and the
         layers before it, or every layer without an anchor) and ``shared`` (the later layers' groups, staged at

@@ -28,6 +28,7 @@ import torch
 from mosaic_core.bookkeeping.formation import ClusterRecord
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.engine.keyframe_store import store_for
+from mosaic_core.engine.maintenance import reserve_numbers
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.recurrence import centroids_of
 from mosaic_core.engine.stream import StreamState
@@ -137,8 +138,7 @@ def split_cluster(parts: EngineParts, state: StreamState, record: ClusterRecord,
             f"cannot split {cluster_id!r}: no tier has room for its halves' copies, and every cluster that could "
             "make room is pinned"
         )
-    if parts.history is not None:  # the halves' numbers, before anything changes (``HistoryKeeper.ensure_ids``)
-        parts.history.ensure_ids(state, clusters=2)
+    reserve_numbers(parts, state, 2)  # the halves' numbers, before anything changes
     kv = tiering.tiers.read(cluster_id)  # for the halves' summaries
     page_tokens = tiering.tiers.page_tokens
     halves = state.former.split_record(record, at_frame_index)

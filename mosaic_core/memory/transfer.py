@@ -45,8 +45,8 @@ class Moved:
 
     ``started`` may be recorded before the host prepared the move (its address table) or where the move before
     it in a chain ended. In a chain (``copy_runs``, ``stage_layers``) ``issued`` is recorded on the side stream just
-    before the move's copies, once the side stream waits for the compute queued so far and its table is on the
-    device, so ``issued`` to ``ready`` is the copies alone."""
+    before the move's copies (after its wait for the compute queued so far, and, for the slab-copy kernel, after
+    its table's upload), so ``issued`` to ``ready`` is the copies alone."""
 
     ready: torch.cuda.Event | None = None
     started: torch.cuda.Event | None = None
