@@ -9,6 +9,12 @@ out of its id's way and kept for a person:
     <root>/.unreadable/<stream_id>-<file>-<8 hex>    one record whose summary could not be read (the journal then
                                                      drops its cluster, so nothing carries it forward)
 
+A record the disk fails to read (an I/O error, not a missing or garbled file) may read at the next start, so the
+first time it keeps its whole stream where it is, unrestored, and a note in the stream's folder says so
+(``READ_ERROR_NOTE``). At the next start the note makes the rule bounded: the records that fail to read again, the
+same or others, are set aside as garbled ones are, and the rest of the stream comes back. A start that reads every
+record removes the note, so a later passing error is again waited out once.
+
 From this version on, a stream's journal opens with the KV shape it was written with (layers, KV heads, head size,
 dtype). An older journal has none; its records' summaries still give layers, heads and head size, which are
 checked, but not the dtype. Another checkpoint of the same shape is not told apart (no model fingerprint).
@@ -16,18 +22,21 @@ checked, but not the dtype. Another checkpoint of the same shape is not told apa
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 
-from mosaic_core.durable.manifest import fsync_dir, is_number
+from mosaic_core.durable.manifest import fsync_dir, is_number, write_atomic
 from mosaic_core.durable.records import ClusterSummary
 
 log = logging.getLogger(__name__)
 UNREADABLE = ".unreadable"  # what a restart could not restore, moved out of its stream id's way and kept
+READ_ERROR_NOTE = "read-error.json"  # in a stream's folder: the disk failed to read its records at the last start
 STATE_NUMBERS = ("first_timestamp_s", "last_timestamp_s", "frames_ingested", "text_cursor")  # read as numbers
 
 
@@ -122,3 +131,29 @@ def move_aside(root: Path, path: Path, name: str) -> Path:
     fsync_dir(path.parent)
     fsync_dir(kept.parent)
     return kept
+
+
+def read_failed_before(stream_dir: Path) -> bool:
+    """Whether the disk failed to read the stream's records at the last start too (its note is there)."""
+    return (stream_dir / READ_ERROR_NOTE).exists()
+
+
+def note_read_error(stream_dir: Path, file: str, err: OSError) -> None:
+    """Notes, for the next start, that reading the record ``file`` failed at this one. A note that cannot be written
+    is logged: the next start then leaves the stream once more."""
+    note = {"file": file, "error": str(err), "unix_s": time.time()}
+    try:
+        write_atomic(stream_dir / READ_ERROR_NOTE, json.dumps(note, sort_keys=True).encode())
+    except OSError as write_err:
+        log.error("cannot note the read error of %s in %s (%s): the next start leaves the stream once more",
+                  file, stream_dir, write_err)  # fmt: skip
+
+
+def clear_read_error(stream_dir: Path) -> None:
+    """Removes the note of an earlier start's read error, once the stream is restored (every record read, or set
+    aside)."""
+    try:
+        (stream_dir / READ_ERROR_NOTE).unlink(missing_ok=True)
+    except OSError as err:
+        log.error("cannot remove %s (%s): a read error at the next start sets records aside at once",
+                  stream_dir / READ_ERROR_NOTE, err)  # fmt: skip

@@ -49,7 +49,10 @@ from mosaic_core.durable.checks import (
     check_opened,
     check_summary,
     clean_state,
+    clear_read_error,
     move_aside,
+    note_read_error,
+    read_failed_before,
     read_summary,
 )
 from mosaic_core.durable.manifest import (
@@ -199,7 +202,8 @@ class DurableStore:
         """Every stream under ``root`` that this version can restore, replayed from its manifest and checked whole;
         deletes crash leftovers (orphan files, temporary files, the trash). A stream that cannot be restored is set
         aside under ``.unreadable`` (its id free), logged and counted in ``stats``; one the disk fails to read is
-        left where it is, for the next start. Neither holds the others back."""
+        left where it is, for the next start, which sets aside the records that fail to read again and restores the
+        rest (``checks``). Neither holds the others back."""
         shutil.rmtree(self.root / TRASH, ignore_errors=True)
         for unfinished in self.root.glob(f"{NEW_PREFIX}*"):  # a create a crash cut short: never acknowledged
             shutil.rmtree(unfinished, ignore_errors=True)
@@ -224,14 +228,18 @@ class DurableStore:
             log.warning("stream %s: its journal has fields this version does not know (%s), written by a newer "
                         "version: ignored, and dropped when the journal is next compacted", stream_id,
                         ", ".join(sorted(manifest.unknown_fields)))  # fmt: skip
-        summaries, unreadable = {}, []
+        summaries, unreadable, disk_errors = {}, [], 0
         expected = None if self.kv_shape is None else self.kv_shape.summary_shape  # else: the first record's
+        failed_before = read_failed_before(stream_dir)
         for entry in manifest.clusters.values():
             try:
                 summary = read_summary(stream_dir / entry.file)
             except OSError as err:
-                if not isinstance(err, FileNotFoundError):
-                    raise  # the disk failed, not the record: the whole stream is left for the next start
+                if not isinstance(err, FileNotFoundError):  # the disk failed, not the record (``checks``)
+                    if not failed_before:  # the whole stream is left for the next start, noted
+                        note_read_error(stream_dir, entry.file, err)
+                        raise
+                    disk_errors += 1  # at the second start in a row: set aside, as a garbled record is
                 unreadable.append((entry, err))
                 continue
             except Exception as err:  # a missing or garbled file costs that cluster, not the stream
@@ -253,8 +261,14 @@ class DurableStore:
             orphan = path.suffix == RECORD_SUFFIX and path.name not in live
             if path.name.endswith(".tmp") or (orphan and not damaged):
                 path.unlink(missing_ok=True)
+        if disk_errors:
+            log.error("stream %s: the disk failed to read its records at the last start, and %d of them again at "
+                      "this one: those are set aside, and the rest of the stream is restored", stream_id,
+                      disk_errors)  # fmt: skip
         for entry, err in unreadable:
             self._set_cluster_aside(stream_dir, entry, err)
+        if failed_before:
+            clear_read_error(stream_dir)
         with self._io:
             self._writers[stream_id] = ManifestWriter(stream_dir, manifest)
         with self._cv:

@@ -9,6 +9,7 @@ import shutil
 import pytest
 from safetensors.torch import load
 
+from mosaic_core.durable.checks import READ_ERROR_NOTE
 from mosaic_core.durable.manifest import MANIFEST_NAME, decode_line, encode_line, replay
 from mosaic_core.durable.records import ClusterSummary, encode_pages
 from mosaic_core.durable.store import DurableStore
@@ -195,21 +196,26 @@ def test_a_record_whose_summary_cannot_be_read_leaves_the_history(tiny_model, da
         engine.close()
 
 
-def test_a_record_the_disk_fails_to_read_leaves_its_stream_for_the_next_start(tiny_model, data_dir, monkeypatch):
-    """An I/O error is the disk's, not the record's: the stream is not restored this time, nothing of it is set aside
-    or journalled out, and the next start, with the disk well, restores it whole."""
+def _failing_reads(monkeypatch, fails) -> None:
+    """The restart's summary reads of the record files ``fails(path)`` names raise an I/O error, as a disk's do."""
     from mosaic_core.durable import store as store_module
 
-    clusters_before = set(replay(data_dir / "b").clusters)
     read = store_module.read_summary
-    failing = [True]
 
-    def eio_in_b(path):
-        if failing[0] and path.parent.name == "b":
+    def read_or_eio(path):
+        if fails(path):
             raise OSError(errno.EIO, "Input/output error")
         return read(path)
 
-    monkeypatch.setattr(store_module, "read_summary", eio_in_b)
+    monkeypatch.setattr(store_module, "read_summary", read_or_eio)
+
+
+def test_a_record_the_disk_fails_to_read_leaves_its_stream_for_the_next_start(tiny_model, data_dir, monkeypatch):
+    """An I/O error is the disk's, not the record's: the stream is not restored this time, nothing of it is set aside
+    or journalled out, and the next start, with the disk well, restores it whole."""
+    clusters_before = set(replay(data_dir / "b").clusters)
+    failing = [True]
+    _failing_reads(monkeypatch, lambda path: failing[0] and path.parent.name == "b")
     engine = make_engine(tiny_model, data_dir=str(data_dir))
     try:
         assert [r.stream_id for r in engine.restore_streams()] == ["a"]
@@ -224,6 +230,37 @@ def test_a_record_the_disk_fails_to_read_leaves_its_stream_for_the_next_start(ti
     try:
         restored = {r.stream_id: r.num_clusters for r in engine.restore_streams()}
         assert restored["b"] == len(clusters_before)
+        assert not (data_dir / "b" / READ_ERROR_NOTE).exists()  # a later passing error is waited out again
+    finally:
+        engine.close()
+
+
+def test_a_record_the_disk_fails_to_read_at_two_starts_in_a_row_is_set_aside_and_its_stream_restores(
+    tiny_model, data_dir, monkeypatch
+):
+    """A record that fails at every read must not keep its camera's whole history from ever coming back: the first
+    start leaves the stream whole, the next sets that record aside, as a garbled one is, and restores the rest."""
+    clusters = replay(data_dir / "b").clusters
+    bad = next(iter(clusters.values()))
+    _failing_reads(monkeypatch, lambda path: path == data_dir / "b" / bad.file)
+    engine = make_engine(tiny_model, data_dir=str(data_dir))
+    try:
+        assert [r.stream_id for r in engine.restore_streams()] == ["a"]
+        assert engine.history.store.snapshot_stats().clusters_set_aside == 0
+    finally:
+        engine.close()
+    assert replay(data_dir / "b").clusters.keys() == clusters.keys()
+    engine = make_engine(tiny_model, data_dir=str(data_dir))
+    try:
+        restored = {r.stream_id: r.num_clusters for r in engine.restore_streams()}
+        assert restored["b"] == len(clusters) - 1
+        store = engine.history.store
+        stats = store.snapshot_stats()
+        assert stats.clusters_set_aside == 1 and stats.last_set_aside.startswith(f"cluster {bad.cluster_id} ")
+        assert store.flush(30) and bad.cluster_id not in replay(data_dir / "b").clusters
+        (kept,) = (data_dir / ".unreadable").iterdir()
+        assert kept.name.startswith(f"b-{bad.file}-")
+        assert not (data_dir / "b" / READ_ERROR_NOTE).exists()
     finally:
         engine.close()
 
