@@ -75,14 +75,21 @@ class Coordinator:
         self.started = False
 
     async def start(self, timeout_s: float) -> list[WorkerInfo]:
-        """Waits for every worker to build its engine and restore its streams; takes placement from them."""
-        infos = await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self.workers)), timeout_s)
-        owned = await asyncio.gather(*(telemetry_call(w.stream_ids).remote() for w in self.workers))
+        """Waits for every worker to build its engine and restore its streams; takes placement from them. Until it
+        returns or raises, ``mosaic_workers_starting`` counts the workers; then they are up, or the router gives up."""
+        self.metrics.set_workers_starting(len(self.workers))
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self.workers)), timeout_s)
+            owned = await asyncio.gather(*(telemetry_call(w.stream_ids).remote() for w in self.workers))
+        except BaseException:
+            self.metrics.set_workers_starting(0)  # the router gives up on them and stops
+            raise
         self._alive = set(range(len(self.workers)))
         self._pids = {index: info.pid for index, info in enumerate(infos)}
         self.placement = {stream_id: index for index, ids in enumerate(owned) for stream_id in ids}
         self.started = True
         self.metrics.set_workers_up(len(self._alive))
+        self.metrics.set_workers_starting(0)  # after the line above: no scrape in between reads them gone
         self.metrics.set_active_streams(len(self.placement))
         return infos
 

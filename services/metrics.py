@@ -282,6 +282,12 @@ class MosaicMetrics:
         # --- service ---
         self.active_streams = Gauge("mosaic_active_streams", "Open streams.", registry=r)
         self.workers_up = Gauge("mosaic_workers_up", "Live worker actors.", registry=r)
+        self.workers_starting = Gauge(
+            "mosaic_workers_starting",
+            "Worker actors the router is still waiting for as it starts (loading the model, capturing graphs), for "
+            "up to worker_start_timeout_s; 0 once every one answered, or once it gave up on them and stops.",
+            registry=r,
+        )
         self.errors_total = Counter(
             "mosaic_errors_total", "Errors returned, by gRPC status code name.", ["code"], registry=r
         )
@@ -590,6 +596,9 @@ class MosaicMetrics:
 
     def set_workers_up(self, n: int) -> None:
         self.workers_up.set(non_negative("workers up", n))
+
+    def set_workers_starting(self, n: int) -> None:
+        self.workers_starting.set(non_negative("workers starting", n))
 
     def error(self, code_name: str) -> None:
         self.errors_total.labels(check_label("code", code_name, ERROR_CODES)).inc()

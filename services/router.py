@@ -5,7 +5,8 @@ Start-up order, chosen so probes always get an answer:
 1. metrics HTTP endpoint (every family primed, so the first scrape lists them all);
 2. gRPC server with health ``""`` SERVING (the process is alive) and ``mosaic.v1.Mosaic`` NOT_SERVING;
 3. Ray, the metadata store (Redis, or the in-memory store actor) and the worker actors, which take
-   seconds to minutes to build their engines;
+   seconds to minutes to build their engines (``mosaic_workers_starting`` counts them meanwhile, from the first
+   scrape, and ``mosaic_workers_up`` once they answered);
 4. ``mosaic.v1.Mosaic`` flips to SERVING once every worker answered; afterwards it follows the telemetry
    poll: NOT_SERVING while no worker answers (no one could take a question), SERVING again when one does.
 
@@ -111,6 +112,8 @@ class MosaicServer:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.metrics = MosaicMetrics(max_stream_labels=config.max_stream_labels)
+        # From the first scrape until the coordinator has heard from them (or given up): not up, and not down either.
+        self.metrics.set_workers_starting(config.workers)
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.metrics_port = 0
@@ -268,6 +271,7 @@ class MosaicServer:
             return
         self._stopped.set()
         stopping_s = time.monotonic()  # about when the kubelet sent SIGTERM: its SIGKILL counts from then
+        self.metrics.set_workers_starting(0)  # a start-up that failed before the coordinator waited waits no more
         await self.health.enter_graceful_shutdown()
         # Let load balancers and readiness probes see NOT_SERVING before new calls are refused.
         await asyncio.sleep(self.config.shutdown_drain_s)

@@ -46,6 +46,7 @@ SPEC = {
     "mosaic_engine_stalled_seconds": "gauge",
     "mosaic_active_streams": "gauge",
     "mosaic_workers_up": "gauge",
+    "mosaic_workers_starting": "gauge",
     "mosaic_errors": "counter",
     # Durability and the metadata index (docs/durability.md).
     "mosaic_worker_pid": "gauge",
@@ -114,7 +115,7 @@ def test_values_follow_what_the_service_did(service, activity):
     assert metric(url, "mosaic_queries_total", outcome="ok") >= activity["ok"] + 2
     assert metric(url, "mosaic_time_to_first_token_seconds_count", mode="cluster") >= activity["ttft"] + 2
     assert metric(url, "mosaic_inter_token_latency_seconds_count", mode="cluster") >= 4  # 2 gaps per 3-token answer
-    assert metric(url, "mosaic_workers_up") == 2
+    assert (metric(url, "mosaic_workers_up"), metric(url, "mosaic_workers_starting")) == (2, 0)
     for part in ("ingest", "questions"):  # 10 frames went through engine.ingest, and questions were answered
         wait_for(lambda p=part: metric(url, "mosaic_engine_loop_seconds_total", part=p) > 0, timeout_s=10, what=part)
     assert metric(url, "mosaic_active_streams") >= 1

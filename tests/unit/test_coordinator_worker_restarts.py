@@ -14,10 +14,12 @@ import pytest
 import ray.exceptions
 
 from mosaic_core.errors import AlreadyExistsError, UnknownStreamError
+from services.config import load_config
 from services.coordinator import Coordinator
 from services.errors import UnavailableError
 from services.metadata.base import StreamRecord
 from services.metrics import MosaicMetrics
+from services.router import MosaicServer
 from services.telemetry import DurabilityHealth, TelemetryDelta
 from services.worker import StreamInfo, WorkerInfo
 
@@ -360,3 +362,41 @@ def test_one_workers_bad_telemetry_does_not_lose_the_others_counts():
         assert metrics.registry.get_sample_value("mosaic_workers_up") == 2
 
     asyncio.run(scenario())
+
+
+def test_workers_loading_their_model_read_as_starting_not_down_until_they_answer():
+    """From the router's first scrape its workers load the model (minutes on a GPU): they read as starting, which
+    MosaicWorkerDown waits for, not as down; once they answered they are up, and one that never answers within the
+    start-up wait is starting no more (the router gives up and stops)."""
+    server = MosaicServer(load_config(None, workers=1))
+
+    def up_and_starting():
+        return tuple(
+            server.metrics.registry.get_sample_value(n) for n in ("mosaic_workers_up", "mosaic_workers_starting")
+        )
+
+    assert up_and_starting() == (0, 1)  # before Ray or any worker exists
+
+    async def scenario(*, loads: bool, timeout_s: float):
+        worker, loaded = Worker(0), asyncio.Event()
+
+        async def loading_info():
+            await loaded.wait()
+            return worker._info()
+
+        worker.info = _Method(None)
+        worker.info.remote = loading_info
+        starting = asyncio.ensure_future(Coordinator([worker], None, server.metrics).start(timeout_s))
+        await asyncio.sleep(0.05)
+        assert up_and_starting() == (0, 1)
+        if loads:
+            loaded.set()
+        await starting
+
+    asyncio.run(scenario(loads=True, timeout_s=5.0))
+    assert up_and_starting() == (1, 0)
+
+    server = MosaicServer(load_config(None, workers=1))
+    with pytest.raises(TimeoutError):
+        asyncio.run(scenario(loads=False, timeout_s=0.2))
+    assert up_and_starting() == (0, 0)
