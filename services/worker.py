@@ -81,6 +81,8 @@ TELEMETRY_THREADS = 2
 # EARLY_CANCELS_KEPT of them, the oldest going first.
 EARLY_CANCEL_KEEP_S = 600.0
 EARLY_CANCELS_KEPT = 4096
+# How long a CreateStream waits for the engine thread to open its stream; an open that ends later is undone.
+OPEN_STREAM_WAIT_S = 120.0
 
 
 @dataclass(slots=True)
@@ -335,9 +337,15 @@ class WorkerCore:
                     probe_video(record.source_url)  # an unreadable file under a source root fails at once
             meta = {k: v for k, v in dataclasses.asdict(record).items() if k != "worker_id"}
             try:
-                self.loop.call(self.engine.open_stream, record.stream_id, fps=record.fps, meta=meta)
+                self.loop.call(
+                    self.engine.open_stream, record.stream_id, fps=record.fps, meta=meta, timeout_s=OPEN_STREAM_WAIT_S
+                )
             except BudgetError as err:
                 raise CapacityError(f"worker {self.worker_id} cannot take stream {record.stream_id!r}: {err}") from None
+            except TimeoutError:
+                # Posted before the session goes, so it runs ahead of the open of any retry, right after this open.
+                self.loop.post(self._undo_late_open, record.stream_id)
+                raise
             self.queues.add_stream(record.stream_id, record.fps)
         except BaseException:
             with self._lock:
@@ -346,6 +354,21 @@ class WorkerCore:
         self.publisher.enqueue(PutStream(record))
         if record.source_url:
             self._start_source(record, resume_after_s=None)
+
+    def _undo_late_open(self, stream_id: str) -> None:
+        """Engine thread, after an open its CreateStream stopped waiting for: the caller was told it failed, so the
+        stream it made (if it was made; a withdrawn open made none) goes, its history with it, lest it serve no one
+        and come back at the next restart."""
+        if stream_id not in self.engine.streams:
+            return
+        try:
+            self.engine.close_stream(stream_id)
+        except Exception as err:
+            log.error("worker %s: stream %s, opened after its CreateStream gave up, could not be closed: %s",
+                      self.worker_id, stream_id, err)  # fmt: skip
+            return
+        log.warning("worker %s: stream %s opened after its CreateStream gave up; closed again", self.worker_id,
+                    stream_id)  # fmt: skip
 
     def _start_source(self, record: StreamRecord, *, resume_after_s: float | None) -> None:
         """Starts pulling. After a restart the stream clock goes on from where it was: past the last recorded
