@@ -12,7 +12,9 @@ created again on another:
     <folder>/.retired/<stream_id>.json    {"next_cluster_number": 71, "next_frame_index": 5230}
 
 A file is read afresh whenever a stream of its id opens, and written by the engine that closes one: a stream id is
-open on one engine at a time. Plain Python (no torch).
+open on one engine at a time. A stream a restart sets aside (``DurableStore.load_streams``) frees its id as a
+deleted one does, so its numbers are retired the same way, read from its folder (``numbers_given_out``) before it
+moves. Plain Python (no torch).
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mosaic_core.durable.manifest import write_atomic
+from mosaic_core.durable.manifest import (
+    DAMAGED_PREFIX,
+    MANIFEST_NAME,
+    RECORD_SUFFIX,
+    STATE_NAME,
+    cluster_number,
+    decode_line,
+    is_number,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 RETIRED_DIR = ".retired"  # hidden: ``DurableStore.load_streams`` passes over folders named with a leading dot
@@ -89,3 +100,59 @@ class RetiredNumbers:
                 "earlier stream of that id may name one of the new stream's", path, err, stream_id,
             )  # fmt: skip
             return FROM_ZERO
+
+
+def numbers_given_out(stream_dir: Path) -> StreamNumbers:
+    """Past every cluster number and frame index a stream's folder shows it may have given out: its journal's
+    reservations, its clusters and their frames, its first line's starting numbers, its saved frame count and its
+    record files' names. Read leniently, since the folder may be one this version cannot restore: lines that fail
+    their CRC and fields of the wrong type are passed over, and the copies of a damaged journal are read too.
+
+    Raises:
+        OSError: a file the numbers are in cannot be read (a missing journal or state is read as empty).
+    """
+    clusters, frames, first_frame = [0], [0], 0
+    for path in stream_dir.iterdir():
+        if path.suffix == RECORD_SUFFIX and path.stem.startswith("c") and path.stem[1:].isdigit():
+            clusters.append(int(path.stem[1:]) + 1)
+    journals = [stream_dir / MANIFEST_NAME, *stream_dir.glob(f"{DAMAGED_PREFIX}*")]
+    for record in (decode_line(line) for journal in journals for line in _lines(journal)):
+        if not isinstance(record, dict):
+            continue
+        if record.get("op") == "open" and isinstance(record.get("stream"), dict):
+            clusters.append(_integer(record["stream"].get("first_cluster_number")))
+            first_frame = max(first_frame, _integer(record["stream"].get("first_frame_index")))
+        elif record.get("op") == "ids":
+            clusters.append(_integer(record.get("next")))
+            frames.append(_integer(record.get("frames")))
+        elif record.get("op") == "commit" and isinstance(record.get("add"), list):
+            for entry in (e for e in record["add"] if isinstance(e, dict)):
+                clusters.append(_number_after(entry.get("cluster_id")))
+                indices = entry.get("frame_indices")
+                frames += [_integer(i) + 1 for i in indices] if isinstance(indices, list) else []
+    try:
+        state = json.loads((stream_dir / STATE_NAME).read_text())
+    except (FileNotFoundError, ValueError):  # garbled: the journal's reservations cover the frames it counted
+        state = {}
+    frames_ingested = _integer(state.get("frames_ingested")) if isinstance(state, dict) else 0
+    frames.append(first_frame + frames_ingested)
+    return StreamNumbers(next_cluster_number=max(clusters), next_frame_index=max(frames))
+
+
+def _lines(journal: Path) -> list[bytes]:
+    try:
+        return journal.read_bytes().splitlines(keepends=True)
+    except FileNotFoundError:
+        return []
+
+
+def _integer(value: object) -> int:
+    """``value`` where it is an integer, else 0 (a field of the wrong type)."""
+    return value if isinstance(value, int) and is_number(value) else 0
+
+
+def _number_after(cluster_id: object) -> int:
+    try:
+        return cluster_number(cluster_id) + 1
+    except (AttributeError, IndexError, ValueError):
+        return 0

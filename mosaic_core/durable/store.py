@@ -23,7 +23,8 @@ Deleting a stream is synchronous and atomic: its directory is renamed into ``.tr
 background), so a crash right after a delete never brings the stream back.
 
 ``load_streams`` checks each stream whole before it registers it (``checks``): one this version cannot restore is
-set aside under ``.unreadable`` and counted, and the others come back all the same.
+set aside under ``.unreadable`` and counted, its numbers retired as a deleted stream's are (``retired``), and the
+others come back all the same.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ from mosaic_core.durable.records import (
     encode_pages,
     from_pages,
 )
+from mosaic_core.durable.retired import RetiredNumbers, numbers_given_out
 from mosaic_core.durable.staging import StagingArena
 from mosaic_core.errors import AlreadyExistsError, UnknownClusterError
 
@@ -161,6 +163,7 @@ class DurableStore:
         staging: host memory that snapshots are taken from and given back to (module doc), or None.
         kv_shape: the engine's KV geometry: recorded with each stream it creates, and a restart sets aside a stream
             of another (None: neither).
+        retired: where the numbers of a stream set aside are retired (``mosaic_core.durable.retired``), or None.
     """
 
     def __init__(
@@ -172,6 +175,7 @@ class DurableStore:
         writers: int = 4,
         staging: StagingArena | None = None,
         kv_shape: KVShape | None = None,
+        retired: RetiredNumbers | None = None,
     ) -> None:
         if writers < 1:
             raise ValueError(f"a durable store needs at least one writer thread, got {writers}")
@@ -181,6 +185,7 @@ class DurableStore:
         self.state_interval_s = state_interval_s
         self.staging = staging
         self.kv_shape = kv_shape
+        self.retired = retired
         self.stats = DurableStats(writers=writers)
         self._cv = threading.Condition()
         self._io = threading.Lock()  # held by the writer for a whole commit, and by stream create/delete
@@ -282,12 +287,16 @@ class DurableStore:
         )  # fmt: skip
 
     def _set_aside(self, stream_dir: Path, cause: str) -> None:
-        """Moves a stream this version cannot restore out of its id's way, kept for a person, and counts it."""
+        """Moves a stream this version cannot restore out of its id's way, kept for a person, and counts it. Its
+        numbers are retired first, as a deleted stream's are, so that a stream created again under its id numbers
+        past every cluster and frame it may have named; where they cannot be, the folder stays, and holds the id."""
         try:
+            if self.retired is not None:  # first: a crash in between leaves both, and the numbers' maximum is kept
+                self.retired.retire(stream_dir.name, numbers_given_out(stream_dir))
             kept = move_aside(self.root, stream_dir, stream_dir.name)
         except OSError as err:
-            log.error("stream %s cannot be restored (%s), nor moved aside (%s): it is left in %s, and not served",
-                      stream_dir.name, cause, err, stream_dir)  # fmt: skip
+            log.error("stream %s cannot be restored (%s), nor its numbers retired and its folder moved aside (%s): "
+                      "it is left in %s, and not served", stream_dir.name, cause, err, stream_dir)  # fmt: skip
             kept = stream_dir
         else:
             log.error("stream %s cannot be restored and is set aside: %s; its folder is kept as %s, and its stream "

@@ -96,12 +96,14 @@ class Engine:
         # Full mode is the no-eviction baseline: its device tier is accounted but never limits.
         device_bytes = UNLIMITED_BYTES if self.config.mode is RetrievalMode.FULL else self.config.device_budget_bytes
         disk_bytes, disk_dir, durable = self.config.disk_budget_bytes, self.config.disk_dir, None
+        self.retired = RetiredNumbers(self.config.retired_ids_dir or self.config.data_dir)
         if self.config.data_dir:
             durable = DurableStore(
                 self.config.data_dir,
                 writers=self.config.durable_writers,
                 max_pending_bytes=self.config.durable_pending_bytes,
                 kv_shape=KVShape.of(self.spec),  # recorded with each stream: a restart never adopts another model's KV
+                retired=self.retired,  # a stream a restart sets aside frees its id: its numbers go on past
                 # pinned here, once: pinning a block for each snapshot held the engine thread mid-pass
                 staging=StagingArena(self.config.durable_pending_bytes, pin=True)
                 if model.device.type == "cuda"
@@ -147,7 +149,6 @@ class Engine:
             encoder=self._keyframe_encoder,
         )
         self.history = None if durable is None else HistoryKeeper(durable, self.tiering, keyframes)
-        self.retired = RetiredNumbers(self.config.retired_ids_dir or self.config.data_dir)
         self._keyframes_dropped_by_closed = 0  # streams closed since the engine started (``stats``)
         self.tracker = CoRetrievalTracker(residency)
         self.streams: dict[str, StreamState] = {}

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load
 
 from mosaic_core.durable.checks import READ_ERROR_NOTE
-from mosaic_core.durable.manifest import MANIFEST_NAME, decode_line, encode_line, replay
+from mosaic_core.durable.manifest import MANIFEST_NAME, ManifestState, decode_line, encode_line, replay
 from mosaic_core.durable.records import ClusterSummary, encode_pages
 from mosaic_core.durable.store import DurableStore
 from tests.engine.engine_helpers import feed, make_engine
@@ -92,11 +92,24 @@ def test_a_journal_field_this_version_does_not_know_is_ignored(tiny_model, data_
         engine.close()
 
 
+def _assert_numbered_past(engine, frames, old: ManifestState) -> None:
+    """Stream "b", created again after the one of journal ``old`` was set aside, names none of its clusters or
+    frames: an id an answer gave out from the old stream must not name one of the new."""
+    engine.open_stream("b", fps=2.0)  # its id is free
+    state = engine.stream("b")
+    assert state.former.next_number >= old.next_cluster_number and state.next_frame_index >= old.next_frame_index
+    feed(engine, "b", frames)
+    assert not {c.cluster_id for c in engine.clusters("b")} & old.clusters.keys()
+
+
 @pytest.mark.parametrize(
     "damage",
     [_drop_a_field, _fps_of_another_kind, _another_kv_shape_in_the_journal, _summary_of_another_shape],
 )
-def test_a_stream_this_version_cannot_restore_is_set_aside_and_the_others_restore(tiny_model, data_dir, damage):
+def test_a_stream_this_version_cannot_restore_is_set_aside_and_the_others_restore(
+    tiny_model, bikes_frames, data_dir, damage
+):
+    old = replay(data_dir / "b")
     damage(data_dir / "b")
     engine = make_engine(tiny_model, data_dir=str(data_dir))
     try:
@@ -107,15 +120,17 @@ def test_a_stream_this_version_cannot_restore_is_set_aside_and_the_others_restor
         assert stats.streams_set_aside == 1 and stats.last_set_aside.startswith("stream b ")
         (kept,) = (data_dir / ".unreadable").iterdir()
         assert kept.name.startswith("b-") and (kept / MANIFEST_NAME).exists()
-        engine.open_stream("b", fps=2.0)  # its id is free
+        _assert_numbered_past(engine, bikes_frames[:16], old)
     finally:
         engine.close()
 
 
 def test_a_stream_whose_adoption_fails_unforeseen_is_set_aside_and_the_others_restore(
-    tiny_model, data_dir, monkeypatch
+    tiny_model, bikes_frames, data_dir, monkeypatch
 ):
     from mosaic_core.engine.history import HistoryKeeper
+
+    old = replay(data_dir / "b")
 
     adopt = HistoryKeeper.adopt
 
@@ -133,7 +148,7 @@ def test_a_stream_whose_adoption_fails_unforeseen_is_set_aside_and_the_others_re
         assert stats.streams_set_aside == 1 and "something no check foresaw" in stats.last_set_aside
         (kept,) = (data_dir / ".unreadable").iterdir()
         assert kept.name.startswith("b-") and (kept / MANIFEST_NAME).exists()
-        engine.open_stream("b", fps=2.0)  # its id is free
+        _assert_numbered_past(engine, bikes_frames[:16], old)
     finally:
         engine.close()
 

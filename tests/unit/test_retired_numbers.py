@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 
 from mosaic_core.bookkeeping import ClusterFormer, FormationConfig
-from mosaic_core.durable.retired import RETIRED_DIR, RetiredNumbers, StreamNumbers
+from mosaic_core.durable.manifest import MANIFEST_NAME, STATE_NAME, encode_line
+from mosaic_core.durable.retired import RETIRED_DIR, RetiredNumbers, StreamNumbers, numbers_given_out
 from mosaic_core.errors import InvalidArgumentError
 
 ENDED = StreamNumbers(next_cluster_number=71, next_frame_index=5230)
@@ -70,3 +72,19 @@ def test_a_former_numbers_its_clusters_from_its_first_number():
     assert former.next_number == 72
     with pytest.raises(InvalidArgumentError, match="first_number"):
         ClusterFormer("cam", first_number=-1)
+
+
+def test_a_folder_set_aside_gives_its_numbers_even_where_its_journal_does_not_replay(tmp_path):
+    """What a restart sets aside may be a journal this version cannot apply: each number is read where it can be,
+    and what cannot be read (a field of the wrong type, a line failing its CRC) is passed over."""
+    entry = {"cluster_id": "cam/c000070", "frame_indices": [5000, 5001], "position_end": None}
+    lines = [
+        encode_line({"op": "open", "stream": {"stream_id": "cam", "first_frame_index": 10, "first_cluster_number": 2}}),
+        encode_line({"op": "commit", "add": [entry, "not an entry"], "remove": []}),
+        encode_line({"op": "ids", "next": "many", "frames": 4096}),
+        encode_line({"op": "ids", "next": 9999, "frames": 9999}).replace(b"9999,", b"99999,", 1),  # fails its CRC
+    ]
+    (tmp_path / MANIFEST_NAME).write_bytes(b"".join(lines))
+    (tmp_path / STATE_NAME).write_text(json.dumps({"frames_ingested": 5000}))
+    (tmp_path / "c000080.mkv").write_bytes(b"")  # a record whose line the journal lost
+    assert numbers_given_out(tmp_path) == StreamNumbers(next_cluster_number=81, next_frame_index=5010)
