@@ -6,6 +6,9 @@
 - **Events.** One task per worker long-polls ``take_watch_events``; each fired event gets a server-wide id
   and goes into its watch's bounded buffer in the store, then to subscribers and, if the watch has one, its
   webhook. The buffer is where subscribers read from, so a reconnecting client resumes from its last id.
+- **A store that lost its data** (a Redis restarted empty): the router writes back the watches it holds, so the
+  emptied store does not read as every watch deleted, and event ids go on after the newest it issued
+  (``_recover_store``). Their buffered events and cooldowns are gone; a resuming reader is told it missed some.
 - **Subscribers** (``WatchEvents``) read the buffer after their cursor and then wait for the next event.
 - **Deleted streams.** ``forget_stream`` (after the stream's worker has forgotten it and marked its unreported
   events ``sets_cooldown=False``) clears the stream's cooldowns in the store, and keeps them cleared: an event of
@@ -91,6 +94,9 @@ class WatchRegistry:
         self._sync_lock = asyncio.Lock()
         self._takes: set[_Take] = set()  # reports being taken or stored
         self._cooldown_writes: dict[str, set[asyncio.Future]] = {}  # stream -> store writes of its cooldown
+        self._epoch = ""  # the store's epoch token when last read (``WatchStore.claim_epoch``)
+        self._last_event_id = 0  # the newest event id this router issued or found in the store
+        self._recover_lock = asyncio.Lock()
         self.webhooks = WebhookSender(
             config.webhook_allowed_urls,
             self.metrics.webhook,
@@ -102,8 +108,10 @@ class WatchRegistry:
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Loads the watches, hands them to every worker and starts polling the workers for events."""
+        self._epoch = await asyncio.to_thread(self.store.claim_epoch, uuid.uuid4().hex)
         records = await asyncio.to_thread(self.store.list_watches)
         self._records = {r.watch_id: r for r in records}
+        self._last_event_id = await asyncio.to_thread(self.store.last_event_id)
         self.metrics.set_watches(len(self._records))
         await self.sync_workers()
         self.webhooks.start()
@@ -248,11 +256,33 @@ class WatchRegistry:
     async def _reload(self) -> None:
         version = self._version
         records = {r.watch_id: r for r in await asyncio.to_thread(self.store.list_watches)}
+        if await self._recover_store():  # read from a store that lost its data: the list is not the watches
+            return
         if version == self._version and records != self._records:  # added, removed, or replaced under its id
             self._records = records
             self.metrics.set_watches(len(records))
             await self.sync_workers()
             await self._wake_subscribers()
+
+    async def _recover_store(self) -> bool:
+        """True if the store lost its data since the router last looked (its epoch changed: a Redis restarted
+        without it), after writing back the watches this router holds and raising the event counter past the
+        newest id it issued."""
+        async with self._recover_lock:
+            epoch = await asyncio.to_thread(self.store.claim_epoch, uuid.uuid4().hex)
+            if epoch == self._epoch or not self._epoch:  # unchanged, or the first look (``start`` takes it)
+                self._epoch = epoch
+                return False
+            records = list(self._records.values())
+            restored = await asyncio.to_thread(self.store.restore, records, self._last_event_id)
+            self._epoch = epoch
+        log.error(
+            "the watch store lost its data (a Redis restarted without it?): %d of this router's %d watches were "
+            "written back (%s); event ids go on after %d; their buffered events and cooldowns are gone. Keep "
+            "Redis persistent (docs/watches.md)",
+            len(restored), len(records), ", ".join(restored) or "none missing", self._last_event_id,
+        )  # fmt: skip
+        return True
 
     # -- events ---------------------------------------------------------------------------------------
     async def _poll(self, index: int) -> None:
@@ -312,6 +342,23 @@ class WatchRegistry:
         payload = dataclasses.asdict(event) | {"question": record.question, "labels": dict(record.labels)}
         del payload["sets_cooldown"]
         sets_cooldown = event.sets_cooldown and (take is None or event.stream_id not in take.deleted_stream_ids)
+        stored = await self._append(event, payload, sets_cooldown)
+        if stored is None and event.watch_id in self._records and await self._recover_store():
+            stored = await self._append(event, payload, sets_cooldown)  # the watch was lost with the store's data
+        if stored is None:
+            return
+        event_id, trimmed = stored
+        self._last_event_id = max(self._last_event_id, event_id)
+        if trimmed:  # counted whether or not someone follows: a follower may not have read them yet either
+            self.metrics.dropped("buffer_full", trimmed)
+        self.metrics.fired(time.time() - event.sealed_unix_s)
+        if record.webhook_url:
+            body = payload | {"event_id": event_id}
+            self.webhooks.enqueue(Delivery(record.webhook_url, record.webhook_secret, event_id, body))
+        await self._wake_subscribers()
+
+    async def _append(self, event: FiredEvent, payload: dict, sets_cooldown: bool) -> tuple[int, int] | None:
+        """The store's ``append_event``; a forget of the event's stream waits for a write that sets its cooldown."""
         write = asyncio.ensure_future(
             asyncio.to_thread(
                 self.store.append_event,
@@ -325,17 +372,7 @@ class WatchRegistry:
             writes = self._cooldown_writes.setdefault(event.stream_id, set())
             writes.add(write)
             write.add_done_callback(lambda done, s=event.stream_id: self._cooldown_write_done(s, done))
-        stored = await asyncio.shield(write)  # cancelled or not, the write completes and is waited for
-        if stored is None:
-            return
-        event_id, trimmed = stored
-        if trimmed:  # counted whether or not someone follows: a follower may not have read them yet either
-            self.metrics.dropped("buffer_full", trimmed)
-        self.metrics.fired(time.time() - event.sealed_unix_s)
-        if record.webhook_url:
-            body = payload | {"event_id": event_id}
-            self.webhooks.enqueue(Delivery(record.webhook_url, record.webhook_secret, event_id, body))
-        await self._wake_subscribers()
+        return await asyncio.shield(write)  # cancelled or not, the write completes and is waited for
 
     def _cooldown_write_done(self, stream_id: str, write: asyncio.Future) -> None:
         writes = self._cooldown_writes.get(stream_id)

@@ -10,7 +10,10 @@ Semantics shared by both implementations (``tests/integration/test_watch_store.p
 - each watch keeps its newest ``max_events`` events; ``append_event`` trims the oldest and reports how many
   it trimmed, and remembers the newest trimmed id (``trimmed_through``) so a resuming reader learns it missed some;
 - ``fired_until`` is the end (stream clock) of the watch's newest event per stream, for cooldowns that
-  outlive a worker restart.
+  outlive a worker restart;
+- the store carries an epoch (``claim_epoch``): a token its first router sets and every router remembers. A
+  Redis that restarts without its data comes back without it, which tells the routers to write back the watches
+  they hold (``restore``): without it, the emptied store would read as every watch deleted.
 
 Redis keys (namespace ``{ns}`` as in ``schema.py``; listed in ``WATCH_KEY_TEMPLATES``):
 
@@ -21,6 +24,7 @@ Redis keys (namespace ``{ns}`` as in ``schema.py``; listed in ``WATCH_KEY_TEMPLA
 ``{ns}:watch:{watch_id}:state``     hash  ``num_events``, ``last_event_unix_s``, ``trimmed_through``,
                                           ``fired:{stream_id}``
 ``{ns}:watch_seq``                  str   the last event id issued
+``{ns}:watch_epoch``                str   the store's epoch token
 ==================================  ====  =============================================================
 """
 
@@ -44,7 +48,17 @@ WATCH_KEY_TEMPLATES = (
     "{ns}:watch:{watch_id}:events",
     "{ns}:watch:{watch_id}:state",
     "{ns}:watch_seq",
+    "{ns}:watch_epoch",
 )
+CLAIM_EPOCH_LUA = """
+local epoch = redis.call('GET', KEYS[1])
+if epoch then return epoch end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+RAISE_SEQ_LUA = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
 APPEND_EVENT_LUA = """
 if redis.call('EXISTS', KEYS[4]) == 0 then return {0, 0} end
 local id = redis.call('INCR', KEYS[1])
@@ -129,6 +143,16 @@ class WatchStore(abc.ABC):
     def last_event_id(self) -> int:
         """The newest id issued (0 before the first event)."""
 
+    @abc.abstractmethod
+    def claim_epoch(self, token: str) -> str:
+        """The store's epoch: ``token`` if the store had none (it is new, or lost its data), else the one it has."""
+
+    @abc.abstractmethod
+    def restore(self, records: list[WatchRecord], last_event_id: int) -> list[str]:
+        """After the store lost its data: writes back those of ``records`` it lacks, each marked as having dropped
+        its events up to ``last_event_id`` (a resuming reader learns it missed some), and raises the event counter
+        to at least ``last_event_id``, so ids still never repeat. Returns the ids written back."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Releases connections."""
 
@@ -142,6 +166,7 @@ class InMemoryWatchStore(WatchStore):
         self._states: dict[str, WatchState] = {}
         self._events: dict[str, list[tuple[int, dict]]] = {}
         self._seq = 0
+        self._epoch = ""
 
     def put_watch(self, record: WatchRecord) -> bool:
         with self._lock:
@@ -204,6 +229,19 @@ class InMemoryWatchStore(WatchStore):
         with self._lock:
             return self._seq
 
+    def claim_epoch(self, token: str) -> str:
+        with self._lock:
+            self._epoch = self._epoch or token
+            return self._epoch
+
+    def restore(self, records: list[WatchRecord], last_event_id: int) -> list[str]:
+        restored = [r.watch_id for r in records if self.put_watch(r)]
+        with self._lock:
+            for watch_id in restored:
+                self._states[watch_id].trimmed_through = last_event_id
+            self._seq = max(self._seq, last_event_id)
+        return restored
+
 
 class RedisWatchStore(WatchStore):
     """``WatchStore`` in Redis, next to the metadata store's keys (same client settings and namespace)."""
@@ -212,6 +250,8 @@ class RedisWatchStore(WatchStore):
         self._client = client
         self._ns = namespace
         self._append = client.register_script(APPEND_EVENT_LUA)
+        self._claim_epoch = client.register_script(CLAIM_EPOCH_LUA)
+        self._raise_seq = client.register_script(RAISE_SEQ_LUA)
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str) -> RedisWatchStore:
@@ -302,6 +342,19 @@ class RedisWatchStore(WatchStore):
 
     def last_event_id(self) -> int:
         return int(self._client.get(f"{self._ns}:watch_seq") or 0)
+
+    def claim_epoch(self, token: str) -> str:
+        return self._claim_epoch(keys=[f"{self._ns}:watch_epoch"], args=[token])
+
+    def restore(self, records: list[WatchRecord], last_event_id: int) -> list[str]:
+        restored = [r.watch_id for r in records if self.put_watch(r)]
+        if restored and last_event_id:
+            pipe = self._client.pipeline(transaction=False)
+            for watch_id in restored:
+                pipe.hset(self._key(watch_id, "state"), "trimmed_through", last_event_id)
+            pipe.execute()
+        self._raise_seq(keys=[f"{self._ns}:watch_seq"], args=[last_event_id])
+        return restored
 
     def close(self) -> None:
         self._client.close()

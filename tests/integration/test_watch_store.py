@@ -99,6 +99,7 @@ def test_redis_keys_match_the_documented_templates(redis_client, redis_namespace
     store = RedisWatchStore(redis_client, namespace=redis_namespace)
     store.put_watch(_watch("site.cam-7_w"))
     store.append_event("site.cam-7_w", _event(), max_events=3)
+    store.claim_epoch("first")
     patterns = {t: template_regex(t, redis_namespace) for t in WATCH_KEY_TEMPLATES}
     seen = set()
     for key in redis_client.scan_iter(match=f"{redis_namespace}:*"):
@@ -121,3 +122,16 @@ def test_one_unreadable_watch_in_redis_is_skipped_and_a_half_made_one_is_repaire
     redis_client.hset(f"{redis_namespace}:watch:half", "record", encode_watch(_watch("half")))  # never listed
     assert not store.put_watch(_watch("half"))  # the id is taken: nothing changes but the listing
     assert [w.watch_id for w in store.list_watches()] == ["good", "half"]
+
+
+def test_the_epoch_is_kept_and_a_restore_writes_back_only_what_is_missing(store):
+    assert store.claim_epoch("first") == "first"
+    assert store.claim_epoch("second") == "first"
+    store.put_watch(_watch("kept", threshold=0.7))
+    assert store.restore([_watch("kept"), _watch("lost", labels={"site": "n"})], last_event_id=41) == ["lost"]
+    assert store.get_watch("kept").threshold == 0.7  # what the store has wins
+    assert store.get_watch("lost") == _watch("lost", labels={"site": "n"})
+    assert store.state("lost").trimmed_through == 41 and store.state("kept").trimmed_through == 0
+    assert store.append_event("lost", _event(), max_events=3)[0] == 42
+    store.restore([], last_event_id=7)  # never lowers the counter
+    assert store.last_event_id() == 42
