@@ -11,6 +11,17 @@ snapshots waiting for the writers outgrow what it holds, on the engine thread, i
 
 When no run is long enough, ``take`` waits until the writers give enough back: the arena's size bounds the
 snapshots in flight, as ``durable_pending_bytes`` does.
+
+It may wait only for pieces the writers hold. Pieces are taken on one thread (the engine's), and a piece reaches the
+writers when the store is handed its seal (``hand_over``); until then only that thread can give it back, and it is
+the one waiting. A split takes both halves' pieces before it hands them over in one commit, so the second half
+must not wait for room that only the first half's piece could leave (it never would: the wait would never end):
+
+    arena:  [ c9 (writers) | first half (not handed over) |  free  ]     second half: 2 runs' worth
+    room that can come:    [        c9's run       ]  +  [  free  ]      fits only if one of them is long enough
+
+``fits`` answers with the pieces not handed over kept where they are, and a snapshot that does not fit is taken
+outside the arena, as one larger than the whole arena is.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ class StagingArena:
         self._free_starts = [0]  # free runs, sorted by start
         self._free_sizes = {0: self.num_bytes}  # start -> length
         self._taken: dict[int, int] = {}  # start -> length
+        self._handed_over: set[int] = set()  # starts of the taken pieces the writers hold (module doc)
         self._cv = threading.Condition()
         self.wait_s = 0.0  # time spent in ``take`` waiting for room
 
@@ -46,18 +58,31 @@ class StagingArena:
             return sum(self._taken.values())
 
     def fits(self, num_bytes: int) -> bool:
-        """Whether a piece of ``num_bytes`` can ever be taken (it is not larger than the arena)."""
-        return _aligned(num_bytes) <= self.num_bytes
+        """Whether a piece of ``num_bytes`` can be taken now or once the writers give back what they hold: a run
+        that long lies between the pieces not handed over (module doc)."""
+        needed = _aligned(num_bytes)
+        with self._cv:
+            kept = sorted((start, n) for start, n in self._taken.items() if start not in self._handed_over)
+        run_start = 0
+        for start, length in [*kept, (self.num_bytes, 0)]:
+            if start - run_start >= needed:
+                return True
+            run_start = start + length
+        return False
 
     def take(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor inside the arena; waits until a free run is long enough.
 
         Raises:
-            ValueError: the tensor is larger than the whole arena (check with ``fits``).
+            ValueError: no run that long can come (check with ``fits``): the tensor is larger than the arena, or
+                than any run the pieces not handed over leave.
         """
         num_bytes = _aligned(torch.Size(shape).numel() * dtype.itemsize)
-        if num_bytes > self.num_bytes:
-            raise ValueError(f"a {num_bytes}-byte snapshot cannot fit a {self.num_bytes}-byte staging arena")
+        if not self.fits(num_bytes):
+            raise ValueError(
+                f"a {num_bytes}-byte snapshot cannot fit a {self.num_bytes}-byte staging arena beside the "
+                f"{self._kept_bytes()} bytes of pieces not handed over"
+            )
         with self._cv:
             start = self._first_fit(num_bytes)
             if start is None:
@@ -72,6 +97,15 @@ class StagingArena:
     def owns(self, tensor: torch.Tensor) -> bool:
         return self._base <= tensor.data_ptr() < self._base + self.num_bytes
 
+    def hand_over(self, tensor: torch.Tensor) -> None:
+        """Notes that the piece ``take`` returned as ``tensor`` is the writers' now, who give it back once written:
+        room a ``take`` may wait for."""
+        start = tensor.data_ptr() - self._base
+        with self._cv:
+            if start not in self._taken:
+                raise ValueError(f"the staging arena handed out no piece at offset {start}")
+            self._handed_over.add(start)
+
     def give_back(self, tensor: torch.Tensor) -> None:
         """Frees the piece that ``take`` returned as ``tensor`` (or a view starting where it starts)."""
         start = tensor.data_ptr() - self._base
@@ -79,8 +113,13 @@ class StagingArena:
             num_bytes = self._taken.pop(start, None)
             if num_bytes is None:
                 raise ValueError(f"the staging arena handed out no piece at offset {start}")
+            self._handed_over.discard(start)
             self._add_free(start, num_bytes)
             self._cv.notify_all()
+
+    def _kept_bytes(self) -> int:
+        with self._cv:
+            return sum(n for start, n in self._taken.items() if start not in self._handed_over)
 
     def _first_fit(self, num_bytes: int) -> int | None:
         for start in self._free_starts:

@@ -410,6 +410,9 @@ class DurableStore:
         """Queues one commit: files for ``add`` are written, then one journal line, then ``remove``'s files
         are unlinked. Blocks while more than ``max_pending_bytes`` of snapshots wait."""
         commit = _Commit(stream_id, list(add), list(remove), self._writers.get(stream_id))
+        for seal in commit.add:  # the writers give their staging pieces back: room a later snapshot may wait for
+            if self.staging is not None and self.staging.owns(seal.pages):
+                self.staging.hand_over(seal.pages)
         with self._cv:
             if self.stats.pending_bytes > self.max_pending_bytes and not self._stop:
                 blocked = time.monotonic()

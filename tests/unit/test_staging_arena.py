@@ -49,6 +49,7 @@ def test_take_waits_until_another_thread_gives_enough_back():
     arena = StagingArena(2 * ALIGN_BYTES, pin=False)
     first = arena.take((ALIGN_BYTES,), torch.uint8)
     second = arena.take((ALIGN_BYTES,), torch.uint8)
+    arena.hand_over(second)  # as the store does with a seal's piece: the writers give it back once written
     got: list[torch.Tensor] = []
     taker = threading.Thread(target=lambda: got.append(arena.take((ALIGN_BYTES,), torch.uint8)))
     taker.start()
@@ -61,18 +62,34 @@ def test_take_waits_until_another_thread_gives_enough_back():
     arena.give_back(first)
 
 
-def _staged_seal(arena: StagingArena, stream_id: str, number: int, ready=None):
-    seal = _seal(stream_id, number, ready)
-    staged = arena.take(seal.pages.shape, seal.pages.dtype)
-    staged.copy_(seal.pages)
-    seal.pages = staged
+def test_a_piece_never_waits_for_room_only_pieces_not_handed_over_could_leave():
+    arena = StagingArena(4 * ALIGN_BYTES, pin=False)
+    first_half = arena.take((3 * ALIGN_BYTES,), torch.uint8)  # a split's first half, not handed over yet
+    assert arena.fits(ALIGN_BYTES)
+    assert not arena.fits(2 * ALIGN_BYTES)  # taken, it would wait for the first half, which never comes back
+    with pytest.raises(ValueError, match="not handed over"):
+        arena.take((2 * ALIGN_BYTES,), torch.uint8)
+    arena.hand_over(first_half)
+    assert arena.fits(2 * ALIGN_BYTES)  # the writers give it back once written
+    arena.give_back(first_half)
+    assert arena.fits(4 * ALIGN_BYTES) and arena.taken_bytes == 0
+
+
+def _staged_seal(arena: StagingArena, stream_id: str, number: int, ready=None, *, tokens: int = 4):
+    """A seal whose pages are staged as ``KVTiers.snapshot_pages`` stages them: in the arena where they fit, else
+    outside it."""
+    seal = _seal(stream_id, number, ready, tokens=tokens)
+    if arena.fits(seal.num_bytes):
+        staged = arena.take(seal.pages.shape, seal.pages.dtype)
+        staged.copy_(seal.pages)
+        seal.pages = staged
     return seal
 
 
 @contextmanager
-def _staged_store(tmp_path, **store_args):
+def _staged_store(tmp_path, *, arena_blocks: int = 64, **store_args):
     """A store with a staging arena and a stream "cam"; yields the arena, the store and a gate for a seal's copy."""
-    arena = StagingArena(64 * ALIGN_BYTES, pin=False)
+    arena = StagingArena(arena_blocks * ALIGN_BYTES, pin=False)
     store = DurableStore(tmp_path, staging=arena, **store_args)
     held = Gate()
     try:
@@ -126,3 +143,47 @@ def test_deleting_a_stream_gives_back_its_pending_snapshots_after_their_writes_s
         held.open()
         deleting.join(WAIT_S)
         assert not deleting.is_alive() and arena.taken_bytes == 0
+
+
+def _split(
+    arena: StagingArena, store: DurableStore, numbers: tuple[int, int], tokens: tuple[int, int]
+) -> threading.Thread:
+    """A split on its own thread, as the engine makes one: both halves staged, then handed over in one commit."""
+
+    def split() -> None:
+        halves = [_staged_seal(arena, "cam", n, tokens=t) for n, t in zip(numbers, tokens, strict=True)]
+        store.submit("cam", add=halves, remove=[])
+
+    thread = threading.Thread(target=split, daemon=True)  # daemon: a wait that never ends must not hold pytest
+    thread.start()
+    return thread
+
+
+def test_a_split_s_second_half_never_waits_for_room_its_first_half_holds(tmp_path):
+    """The arena is smaller than the cluster split: the second half fits only where the first half's piece and an
+    earlier snapshot's together would leave room, which the first half never gives back before the commit is handed
+    over. It is taken outside the arena, without waiting, and both halves are written."""
+    with _staged_store(tmp_path, arena_blocks=4, writers=1) as (arena, store, held):
+        store.submit("cam", add=[_staged_seal(arena, "cam", 1, held, tokens=8)])  # 1 block, held by its writer
+        assert held.reached.wait(WAIT_S)
+        split = _split(arena, store, (2, 3), (16, 16))  # 2 blocks each: the second can never find a run of 2
+        split.join(WAIT_S)
+        assert not split.is_alive(), "the second half waited for room that cannot come"
+        held.open()
+        assert store.flush(WAIT_S) and arena.taken_bytes == 0
+        for number in (2, 3):
+            pages = store.read_pages(f"cam/c{number:06d}")
+            assert torch.equal(pages, torch.full_like(pages, float(number)))
+
+
+def test_a_split_s_second_half_waits_for_room_the_writers_give_back(tmp_path):
+    with _staged_store(tmp_path, arena_blocks=4, writers=1) as (arena, store, held):
+        store.submit("cam", add=[_staged_seal(arena, "cam", 1, held, tokens=16)])  # 2 blocks, held by its writer
+        assert held.reached.wait(WAIT_S)
+        split = _split(arena, store, (2, 3), (8, 16))  # the second half's 2 blocks come back with the first seal's
+        split.join(0.3)
+        assert split.is_alive()  # waiting for the writer
+        held.open()
+        split.join(WAIT_S)
+        assert not split.is_alive() and store.flush(WAIT_S) and arena.taken_bytes == 0
+        assert arena.wait_s > 0.2  # it was staged in the arena, once the room came
