@@ -38,7 +38,7 @@ from mosaic_core.errors import AlreadyExistsError, CapacityError, MosaicError, U
 from services.errors import UnavailableError, unwrap
 from services.metadata.base import MetadataStore, StreamRecord
 from services.metrics import MosaicMetrics
-from services.telemetry import apply_delta
+from services.telemetry import TelemetryDelta, apply_delta
 from services.worker import FrameRejection, PushResult, StreamInfo, WorkerInfo, send_ask, telemetry_call
 
 log = logging.getLogger(__name__)
@@ -382,6 +382,19 @@ class Coordinator:
         elif stalled_s <= ENGINE_STALL_S and index in self._stalled:
             self._stalled.discard(index)
             log.warning("worker %d's engine thread moves again", index)
+
+    def take_last_telemetry(self, index: int, delta: TelemetryDelta) -> None:
+        """A stopped worker's last telemetry (its shutdown's frames, ingested or dropped as ``shutdown``), after the
+        drain of a poll the stop cut short if it had answered: no poll takes either any more."""
+        cut_short = self._pending.pop(("drain", index), None)
+        deltas = [delta]
+        if cut_short is not None and cut_short.done() and not cut_short.cancelled() and not cut_short.exception():
+            deltas.insert(0, cut_short.result())
+        for each in deltas:
+            try:
+                apply_delta(self.metrics, each, open_streams=set(self.placement))
+            except Exception:  # the worker's stop goes on
+                log.exception("worker %d's last telemetry could not be applied", index)
 
     async def poll_telemetry(self, timeout_s: float = 5.0) -> None:
         """Drains every worker's counters into the router's metrics; tracks which workers answer."""

@@ -12,8 +12,9 @@ Start-up order, chosen so probes always get an answer:
 
 Shutdown (SIGINT/SIGTERM or ``stop``): every health service goes NOT_SERVING first, new calls are
 refused, running ones get ``shutdown_grace_s``, then the workers make their streams durable, all at once, for what
-is left of the pod's grace (``GRACE_PAST_CALLS_S`` past ``shutdown_grace_s``, as the Helm chart sets it), and the
-workers, the store actor and Ray are stopped.
+is left of the pod's grace (``GRACE_PAST_CALLS_S`` past ``shutdown_grace_s``, as the Helm chart sets it), each handing
+back its last telemetry (the frames it ingested or dropped as it stopped) for the metrics, and the workers, the store
+actor and Ray are stopped.
 
 Authentication: with an API key configured, every call except health and reflection must carry it in the
 ``x-api-key`` metadata header; otherwise UNAUTHENTICATED (counted in ``mosaic_errors_total``).
@@ -308,12 +309,12 @@ class MosaicServer:
             shutil.rmtree(self._temp_data_dir, ignore_errors=True)
 
     async def _stop_worker(self, index: int, worker, until_s: float) -> None:
-        """Lets one worker make its streams durable until ``until_s`` (monotonic), then kills it. Workers stop side
-        by side: one after another, with many cameras on a slow volume, the later ones were killed by the pod's
-        SIGKILL mid-flush."""
+        """Lets one worker make its streams durable until ``until_s`` (monotonic), takes its last telemetry (the
+        frames its shutdown ingested or dropped), then kills it. Workers stop side by side: one after another, with
+        many cameras on a slow volume, the later ones were killed by the pod's SIGKILL mid-flush."""
         timeout_s = max(MIN_WORKER_STOP_S, until_s - time.monotonic())
         try:
-            await asyncio.wait_for(worker.shutdown.remote(), timeout_s)
+            last = await asyncio.wait_for(worker.shutdown.remote(), timeout_s)
         except TimeoutError:  # no time is left to take its watch events either
             log.error(
                 "worker %d did not finish its shutdown in %.1fs (the pod's grace left it no more); it is killed, and "
@@ -323,6 +324,9 @@ class MosaicServer:
             return
         except Exception as err:
             log.error("worker %d's shutdown failed: %s", index, err)
+        else:
+            if last is not None and self.coordinator is not None:
+                self.coordinator.take_last_telemetry(index, last)
         if self.watches is not None:
             await self.watches.drain(index)  # events whose answers the shutdown cut short
         ray.kill(worker, no_restart=True)

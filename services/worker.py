@@ -228,10 +228,11 @@ class WorkerCore:
             os.getpid(),
         )
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> TelemetryDelta | None:
         """Stops sources, ingests what they queued (for up to ``SHUTDOWN_INGEST_S``; what is left is counted as
         dropped, reason ``shutdown``), makes every stream's history durable (open clusters and windows included), and
-        lets the publisher finish before the store closes."""
+        lets the publisher finish before the store closes. Returns the telemetry since the last drain, those frames
+        included, which no poll will take any more (None if it could not be read)."""
         sources = [session.source for session in list(self.sessions.values()) if session.source is not None]
         for source in sources:  # all at once: each notices within its decoder's poll, which one by one added up
             source.request_stop()
@@ -245,8 +246,14 @@ class WorkerCore:
         self.publisher.wait_idle(5.0)
         self.publisher.stop()
         self.loop.stop()
+        try:
+            last = self._telemetry_delta()  # counters are saved already, by the checkpoint's command
+        except Exception as err:  # the engine must still close
+            log.error("worker %s: its last telemetry could not be read: %s", self.worker_id, err)
+            last = None
         self.engine.close()
         self.store.close()
+        return last
 
     def _end_ingest_and_checkpoint(self, deadline_s: float) -> None:
         """Engine thread: no frame is ingested after the checkpoint, whose stream states would not hold it."""
@@ -634,13 +641,17 @@ class WorkerCore:
 
     # -- telemetry ----------------------------------------------------------------------------------
     def drain_telemetry(self) -> TelemetryDelta:
+        delta = self._telemetry_delta()
+        self._save_counters()
+        return delta
+
+    def _telemetry_delta(self) -> TelemetryDelta:
         lags = {sid: self.loop.oldest_wait_s(sid) for sid in list(self.sessions)}
         delta = self.telemetry.drain(queue_depths=self.queues.depths(), lags_s=lags, engine_stats=self.loop.stats)
         delta.durability = self._durability_delta()
         delta.engine_stalled_s = self.loop.seconds_since_chance()
         sources = [session.source for session in list(self.sessions.values()) if session.source is not None]
         delta.sources_failing = sum(source.progress().state is SourceState.ERROR for source in sources)
-        self._save_counters()
         return delta
 
     def keyframe_stats(self) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import pytest
 
 from services import router
 from services.config import load_config
+from services.coordinator import Coordinator
 from services.router import MosaicServer
 
 ray = pytest.importorskip("ray")
@@ -71,3 +72,28 @@ def test_a_worker_still_stopping_when_the_grace_runs_out_is_named_and_killed(
     assert took_s < 6.0, took_s
     assert "worker 0 did not finish its shutdown" in caplog.text
     assert "worker 1" not in caplog.text
+
+
+def test_the_frames_a_worker_drops_at_its_shutdown_reach_the_metrics(ray_cluster):
+    """The router's telemetry poll ends before its workers stop; what a worker counts as it stops (frames left when its
+    shutdown's ingest ran out of time, reason shutdown) comes back with its shutdown, and is counted."""
+
+    class DropsAtShutdown:
+        def ready(self) -> bool:
+            return True
+
+        def shutdown(self):
+            from services.telemetry import TelemetryDelta
+
+            return TelemetryDelta("0", dropped={("cam", "shutdown"): 8}, ingested={"cam": 2})
+
+    worker = ray.remote(num_cpus=0)(DropsAtShutdown).remote()
+    ray.get(worker.ready.remote(), timeout=120)
+    server = MosaicServer(load_config(None, shutdown_drain_s=0.0))
+    server.coordinator = Coordinator([worker], None, server.metrics)
+    server.coordinator.placement["cam"] = 0
+    server._workers = [worker]
+    asyncio.run(server.stop(0.0))
+    value = server.metrics.registry.get_sample_value
+    assert value("mosaic_frames_dropped_total", {"stream": "cam", "reason": "shutdown"}) == 8
+    assert value("mosaic_frames_ingested_total", {"stream": "cam"}) == 2

@@ -19,6 +19,8 @@ from services import worker as worker_module
 from services.config import load_config
 from services.metadata import StreamRecord
 from services.metadata.memory import InMemoryMetadataStore
+from services.metrics import MosaicMetrics
+from services.telemetry import apply_delta
 from services.worker import WorkerCore
 
 
@@ -110,7 +112,8 @@ def test_a_worker_refuses_streams_beyond_what_it_has_measured(tiny_model, bikes_
 @pytest.mark.parametrize("ingest_s", [0.0, 30.0])
 def test_a_shutdown_ingests_nothing_after_its_checkpoint(tiny_model, bikes_frames, tmp_path, monkeypatch, ingest_s):
     """Frames queued at a shutdown go in before the checkpoint, or are counted dropped (reason shutdown): the history
-    on disk then covers every frame the stream's state says it ingested."""
+    on disk then covers every frame the stream's state says it ingested. The shutdown hands those counts to the
+    router's metrics too, as no telemetry poll takes them after it."""
     monkeypatch.setattr(worker_module, "SHUTDOWN_INGEST_S", ingest_s)
     config = load_config(None, data_dir=str(tmp_path), engine={"target_tokens_per_frame": 16})
     store = InMemoryMetadataStore()
@@ -120,9 +123,19 @@ def test_a_shutdown_ingests_nothing_after_its_checkpoint(tiny_model, bikes_frame
     first.loop.post(gate.wait, 30)  # the engine thread waits here while the frames are queued and the shutdown asked
     assert not first.push([(i, "cam", float(i), rgb) for i, (_, rgb) in enumerate(bikes_frames[:8])]).rejected
     threading.Timer(0.3, gate.set).start()
-    first.shutdown()
+    last = first.shutdown()
     totals = first.telemetry.totals("cam")
     assert (totals.ingested, totals.dropped) == ((0, 8) if ingest_s == 0 else (8, 0))
+    metrics = MosaicMetrics()
+    apply_delta(metrics, last, open_streams={"cam"})
+    counted = [
+        metrics.registry.get_sample_value(name, labels) or 0  # a counter never counted has no series
+        for name, labels in (
+            ("mosaic_frames_ingested_total", {"stream": "cam"}),
+            ("mosaic_frames_dropped_total", {"stream": "cam", "reason": "shutdown"}),
+        )
+    ]
+    assert counted == [totals.ingested, totals.dropped]
 
     second = _worker(tiny_model, config, store)
     try:

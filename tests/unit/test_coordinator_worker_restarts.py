@@ -400,3 +400,31 @@ def test_workers_loading_their_model_read_as_starting_not_down_until_they_answer
     with pytest.raises(TimeoutError):
         asyncio.run(scenario(loads=False, timeout_s=0.2))
     assert up_and_starting() == (0, 0)
+
+
+def test_a_stopped_workers_last_telemetry_counts_with_a_drain_its_stop_cut_short():
+    """The router stops polling before its workers stop: a drain answered after its poll gave up, and what the worker
+    counted as it stopped (handed back by its shutdown), both reach the metrics."""
+    metrics = MosaicMetrics()
+
+    async def scenario():
+        worker = Worker(0)
+        coordinator = await _started(worker, metrics)
+        await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        release = asyncio.Event()
+
+        async def slow_drain():
+            await release.wait()
+            return TelemetryDelta("0", ingested={"cam": 5})
+
+        worker.drain_telemetry = _Method(None)
+        worker.drain_telemetry.remote = slow_drain
+        await coordinator.poll_telemetry(0.05)  # the last poll before the stop stops waiting for its answer
+        release.set()
+        await asyncio.sleep(0.01)
+        coordinator.take_last_telemetry(0, TelemetryDelta("0", dropped={("cam", "shutdown"): 3}))
+        value = metrics.registry.get_sample_value
+        assert value("mosaic_frames_ingested_total", {"stream": "cam"}) == 5
+        assert value("mosaic_frames_dropped_total", {"stream": "cam", "reason": "shutdown"}) == 3
+
+    asyncio.run(scenario())
