@@ -47,6 +47,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see `{self.prog} --help`.\n")
 
 
+def count(text: str) -> int:
+    """``type=`` for flags that count something (``--max-frames``, token limits): a whole number from 0 to 2**31 - 1,
+    the range the API's fields carry."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {2**31 - 1}, got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """``type=`` for flags that must be a finite number above 0 (``--fps``)."""
     try:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mosaic_core.cli import positive_float
+from mosaic_core.cli import count, positive_float
 from mosaic_core.terminal import escape_for_terminal, format_span
 from services.cli_evidence import add_save_evidence_flag, save_evidence_files
 from services.cli_streams import add_client_flags, add_push_command, add_streams_command, client_command, open_client
@@ -97,7 +97,7 @@ def add_service_commands(subparsers) -> None:
     query = subparsers.add_parser("query", help="ask a running server about one, several or all streams")
     query.add_argument("streams", nargs="*", metavar="STREAM", help="stream ids (none: every stream)")
     query.add_argument("--question", required=True)
-    query.add_argument("--max-new-tokens", type=int, default=0, help="0: the server default")
+    query.add_argument("--max-new-tokens", type=count, default=0, help="0: the server default")
     query.add_argument("--start-s", type=float, default=None, help="time range start (stream clock)")
     query.add_argument("--end-s", type=float, default=None, help="time range end (stream clock)")
     query.add_argument("--timeout-s", type=positive_float, default=120.0, help="deadline of the question")

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mosaic_core.cli import positive_float
+from mosaic_core.cli import count, positive_float
 from mosaic_core.terminal import UNIX_TIME_THRESHOLD_S, Progress, escape_for_terminal, iso_time
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -56,17 +57,31 @@ def client_command(func):
             print(f"error: {rpc_sentence(err, args.target)}", file=sys.stderr)
             return 1
         except OSError as err:
-            print(f"error: cannot read {err.filename!r} ({err.strerror}).", file=sys.stderr)
+            where = f"{err.filename!r}" if err.filename else "a file"
+            print(f"error: cannot read {where} ({err.strerror or err}).", file=sys.stderr)
+            return 2
+        except ValueError as err:  # a value the API's fields cannot carry (protobuf refuses it before sending)
+            print(f"error: that cannot be sent to the server: {err}.", file=sys.stderr)
             return 2
 
     return run
 
 
+# How gRPC words a call that reached no server (its own details, not a server's sentence).
+TRANSPORT_FAILURES = re.compile(
+    r"failed to connect|connection refused|connection reset|dns resolution failed|socket closed|handshake"
+    r"|connections to all backends failing|broken pipe|end of tcp stream|unavailable to connect",
+    re.IGNORECASE,
+)
+
+
 def rpc_sentence(err, target: str) -> str:
     code = err.code().name if err.code() else "UNKNOWN"
     details = (err.details() or "").strip().rstrip(".")
-    if code == "UNAVAILABLE":
+    if code == "UNAVAILABLE" and (not details or TRANSPORT_FAILURES.search(details)):
         return f"No Mosaic server answers at {target}; start one with `mosaic serve` or pass --target HOST:PORT."
+    if code == "UNAVAILABLE":  # the server's own sentence: it is starting, or a worker is down
+        return f"The server at {target} cannot serve this now: {details}."
     if code == "DEADLINE_EXCEEDED":
         return f"The server at {target} did not answer in time ({details or 'deadline exceeded'})."
     return f"{code}: {details}."
@@ -106,7 +121,7 @@ def add_push_command(subparsers) -> None:
     p.add_argument("stream_id", metavar="ID")
     p.add_argument("path", metavar="VIDEO|DIR", help="a video file, or a folder of .jpg/.png images (name order)")
     p.add_argument("--fps", type=positive_float, default=None, help="frames per second (default: the stream's)")
-    p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--max-frames", type=count, default=None, help="stop after this many frames")
     p.add_argument("--realtime", action="store_true", help="pace frames at --fps instead of as fast as possible")
     p.add_argument(
         "--start-s",
@@ -282,7 +297,13 @@ def run_push(args) -> int:
             frames = _take(frames, args.max_frames)
             total = min(total, args.max_frames)
         progress = Progress(f"pushing to {args.stream_id}", total)
-        response = client.push_frames(_paced(frames, fps, args.realtime, progress))
+        read = _Reading(_paced(frames, fps, args.realtime, progress))
+        try:
+            response = client.push_frames(read)
+        except grpc.RpcError:
+            if read.error is not None:  # gRPC ends the call as UNKNOWN without saying why: say it
+                raise read.error from None
+            raise
     progress.total = max(progress.total, 1)
     print(
         f"pushed to {args.stream_id}: {response.frames_accepted} accepted, {response.frames_dropped} dropped, "
@@ -291,6 +312,21 @@ def run_push(args) -> int:
     for error in list(response.errors)[:5]:
         print(f"  frame {error.index}: {escape_for_terminal(error.reason)}")
     return 0 if response.frames_rejected == 0 else 1
+
+
+class _Reading:
+    """Frames as gRPC reads them, keeping the error that ended the reading (gRPC cancels the call and drops it)."""
+
+    def __init__(self, frames: Iterator) -> None:
+        self.frames = frames
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator:
+        try:
+            yield from self.frames
+        except Exception as err:
+            self.error = err
+            raise
 
 
 def _image_frames(images: list[Path], stream_id: str, fps: float, start_s: float) -> Iterator:

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from mosaic_core.cli import count, positive_float
 from mosaic_core.terminal import escape_for_terminal, format_span, iso_time
 from services.cli_streams import add_client_flags, client_command, open_client
 
@@ -46,7 +47,7 @@ def add_watch_command(subparsers) -> None:
         default=None,
         help=f"HMAC-SHA256 key that signs each webhook POST (default: ${SECRET_ENV}, which keeps it out of `ps`)",
     )
-    create.add_argument("--max-answer-tokens", type=int, default=0, help="tokens of each event's answer (0: 16)")
+    create.add_argument("--max-answer-tokens", type=count, default=0, help="tokens of each event's answer (0: 16)")
     add_client_flags(create, suppress=True)
     create.set_defaults(func=run_watch_create)
 
@@ -64,7 +65,7 @@ def add_watch_command(subparsers) -> None:
     after = "start after this event id (0: everything still buffered; default: new events only)"
     tail.add_argument("--after", type=int, default=None, metavar="EVENT_ID", help=after)
     tail.add_argument("--count", type=int, default=0, help="stop after this many events (0: never)")
-    tail.add_argument("--timeout-s", type=float, default=None, help="stop after this many seconds")
+    tail.add_argument("--timeout-s", type=positive_float, default=None, help="stop after this many seconds")
     add_client_flags(tail, suppress=True)
     tail.set_defaults(func=run_watch_tail)
 

@@ -88,6 +88,11 @@ def test_a_camera_added_pushed_asked_and_removed_from_the_command_line(service, 
     evidence = next(line for line in asked.stdout.splitlines() if line.strip().startswith("#1 cli-pushed"))
     assert "s (20" in evidence and "Z" in evidence, evidence
 
+    (tmp_path / "unreadable.jpg").mkdir()  # read as a frame, it fails mid-call: the reason reaches the user
+    broken = _mosaic("push", "cli-pushed", str(tmp_path), *flags, timeout_s=60)
+    assert broken.returncode == 2, broken.stderr
+    assert "cannot read" in broken.stderr and "unreadable.jpg" in broken.stderr and "UNKNOWN" not in broken.stderr
+
     removed = _mosaic("streams", "rm", "cli-pushed", *flags, timeout_s=60)
     assert removed.returncode == 0 and "deleted stream cli-pushed" in removed.stdout
     again = _mosaic("streams", "show", "cli-pushed", *flags, timeout_s=60)

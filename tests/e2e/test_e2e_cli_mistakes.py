@@ -3,12 +3,14 @@ sentence that names the problem, the right exit code, and no traceback. None of 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,41 @@ def imported(result: subprocess.CompletedProcess) -> set[str]:
 
 
 @pytest.fixture
+def starting_router():
+    """The router's gRPC service as it answers until its workers are up: its coordinator has none yet (no Ray)."""
+    import grpc
+
+    from services.coordinator import Coordinator
+    from services.gen.mosaic.v1 import mosaic_pb2_grpc
+    from services.metrics import MosaicMetrics
+    from services.scheduler import QueryQueue
+    from services.servicer import MosaicServicer
+
+    async def start():
+        server = grpc.aio.server()
+        metrics = MosaicMetrics()
+        queue = QueryQueue(max_waiting=4, max_running=1)
+        servicer = MosaicServicer(
+            Coordinator([], None, metrics), queue, metrics, mode="cluster", default_max_new_tokens=8, max_push_calls=4
+        )
+        mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+@pytest.fixture
 def listening_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -72,6 +109,10 @@ def listening_port():
         (("demo", "--frames", "many"), "--frames"),
         (("serve", "--log-level", "LOUD"), "--log-level"),
         (("query", "--question", "hi?", "--timeout-s", "-1"), "--timeout-s"),
+        (("query", "--question", "hi?", "--max-new-tokens", "99999999999"), "--max-new-tokens"),
+        (("watch", "create", "--question", "Van?", "--max-answer-tokens", "99999999999"), "--max-answer-tokens"),
+        (("watch", "tail", "--timeout-s", "-5"), "--timeout-s"),
+        (("push", "cam-1", "clip.mp4", "--max-frames", "-3"), "--max-frames"),
         (("no-such-command",), "no-such-command"),
     ],
 )
@@ -184,6 +225,19 @@ def test_client_commands_without_a_server():
         result = mosaic(*args, "--target", target)
         assert result.returncode == 1, result.stderr
         assert f"No Mosaic server answers at {target}" in error_sentence(result)
+
+
+def test_a_server_that_is_starting_says_so_through_the_command_line(starting_router):
+    result = mosaic("streams", "--target", starting_router)
+    assert result.returncode == 1, result.stderr
+    sentence = error_sentence(result)
+    assert f"The server at {starting_router} cannot serve this now" in sentence and "is starting" in sentence
+
+
+def test_a_question_that_cannot_be_encoded_is_one_sentence():
+    result = mosaic("query", "--question", "gate \udcff", "--target", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2, result.stderr
+    assert "cannot be sent to the server" in error_sentence(result)
 
 
 def test_push_of_a_missing_path_or_an_empty_folder(tmp_path):
