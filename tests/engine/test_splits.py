@@ -83,14 +83,18 @@ def test_a_probe_on_part_of_a_cluster_splits_it_there_and_the_halves_restore(tin
         engine.answer("cam", "Planted probe.", max_new_tokens=1)
     assert request.span_found[ENGINE] == 1.0, request.span_found
 
-    crcs = {r.cluster_id: _crc(engine.tiering.tiers.read(r.cluster_id)) for r in halves}
+    # The second question may cut a half again, or merge the halves it retrieved together: what restores is what
+    # holds the cluster's frames now.
+    pieces = [r for r in engine.stream("cam").former.records() if set(r.frame_indices) <= set(target.frame_indices)]
+    assert [f for r in pieces for f in r.frame_indices] == target.frame_indices
+    crcs = {r.cluster_id: _crc(engine.tiering.tiers.read(r.cluster_id)) for r in pieces}
     assert engine.history.store.flush(30)
     engine.close()
     again = Engine(tiny_model, dataclasses.replace(SPLITTING, data_dir=str(tmp_path)))
     again.restore_streams()
     restored = {r.cluster_id: r for r in again.stream("cam").former.records()}
     assert target.cluster_id not in restored
-    for record in halves:
+    for record in pieces:
         assert restored[record.cluster_id].frame_indices == record.frame_indices
         assert _crc(again.tiering.tiers.read(record.cluster_id)) == crcs[record.cluster_id]
     again.close()
