@@ -49,7 +49,9 @@ STATIC_FILES = {
 MAX_REQUEST_BYTES = 16 * 1024
 MAX_API_KEY_CHARS = 512
 MAX_KEYFRAME_IDS = 64
-MAX_OPEN_STREAMS = 32
+# Event streams open at once, per kind: idle tabs following watches must not take the room of questions.
+MAX_OPEN_STREAMS = {"question": 32, "watch": 32}
+HEARTBEAT_S = 15.0  # an idle event stream sends a comment this often, so a peer that went away frees its slot
 UNARY_TIMEOUT_S = 10.0
 QUERY_TIMEOUT_S = 120.0
 STREAM_OPEN_WAIT_S = 0.5
@@ -81,7 +83,7 @@ class ConsoleServer:
         self._channel: grpc.aio.Channel | None = None
         self._stub: mosaic_pb2_grpc.MosaicStub | None = None
         self._runner: web.AppRunner | None = None
-        self._num_open_streams = 0
+        self._num_open_streams = dict.fromkeys(MAX_OPEN_STREAMS, 0)
         package = importlib.resources.files("services.console") / "static"
         self._static = {path: ((package / name).read_bytes(), kind) for path, (name, kind) in STATIC_FILES.items()}
 
@@ -175,7 +177,7 @@ class ConsoleServer:
         except RecursionError:
             return _bad_request("the question's JSON is nested too deeply")
         call = self._stub.Query(message, **self._call_options(request, timeout_s=QUERY_TIMEOUT_S))
-        return await self._relay(request, call, convert.query_event_json)
+        return await self._relay(request, call, convert.query_event_json, "question")
 
     async def _watch_events(self, request: web.Request) -> web.StreamResponse:
         after = request.query.get("after_event_id")
@@ -185,7 +187,7 @@ class ConsoleServer:
                 return _bad_request(f"after_event_id must be a non-negative integer, got {after[:40]!r}")
             message.after_event_id = int(after)
         call = self._stub.WatchEvents(message, **self._call_options(request, timeout_s=None))
-        return await self._relay(request, call, lambda e: ("watch_event", convert.watch_event_json(e)))
+        return await self._relay(request, call, lambda e: ("watch_event", convert.watch_event_json(e)), "watch")
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _call_options(self, request: web.Request, *, timeout_s: float | None = UNARY_TIMEOUT_S) -> dict:
@@ -198,24 +200,33 @@ class ConsoleServer:
         metadata = (("x-api-key", key),) if key else ()
         return {"metadata": metadata, "timeout": timeout_s}
 
-    async def _relay(self, request: web.Request, call, event_json) -> web.StreamResponse:
-        """Relays a server-streaming call as Server-Sent Events; a quick failure is an HTTP error instead."""
-        if self._num_open_streams >= MAX_OPEN_STREAMS:
-            call.cancel()
-            return _error(
-                429, "RESOURCE_EXHAUSTED", f"the console has {MAX_OPEN_STREAMS} event streams open, its limit"
-            )
-        self._num_open_streams += 1
+    async def _relay(self, request: web.Request, call, event_json, kind: str) -> web.StreamResponse:
+        """Relays a server-streaming call of ``kind`` (``MAX_OPEN_STREAMS``) as Server-Sent Events; a quick
+        failure, a refused key among them, is an HTTP error instead, and so is a call past the kind's limit."""
         pending = asyncio.ensure_future(call.read())
+        counted = False
         try:
             await asyncio.wait({pending}, timeout=STREAM_OPEN_WAIT_S)
             if pending.done() and pending.exception() is not None:
                 raise pending.exception()  # the middleware answers with its HTTP status
+            if self._num_open_streams[kind] >= MAX_OPEN_STREAMS[kind]:
+                limit = MAX_OPEN_STREAMS[kind]
+                return _error(
+                    429, "RESOURCE_EXHAUSTED", f"the console has {limit} {kind} event streams open, its limit"
+                )
+            self._num_open_streams[kind] += 1
+            counted = True
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
             await response.write(b": open\n\n")
             try:
-                while (item := await pending) is not grpc.aio.EOF:
+                while True:
+                    done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_S)
+                    if not done:  # a write to a peer that went away fails, and ends the relay
+                        await response.write(b": ping\n\n")
+                        continue
+                    if (item := pending.result()) is grpc.aio.EOF:
+                        break
                     await response.write(convert.sse(*event_json(item)))
                     pending = asyncio.ensure_future(call.read())
             except grpc.aio.AioRpcError as err:
@@ -223,7 +234,8 @@ class ConsoleServer:
                 await response.write(convert.sse("error", body))
             return response
         finally:
-            self._num_open_streams -= 1
+            if counted:
+                self._num_open_streams[kind] -= 1
             call.cancel()
             if not pending.done():
                 pending.cancel()
