@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import time
 
+from mosaic_core.config import MIB
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.results import Answer, EvidenceSpan
-from mosaic_core.errors import InvalidArgumentError
+from mosaic_core.errors import CapacityError, InvalidArgumentError
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.labels import check_labels
 from services.metadata.base import StreamRecord
@@ -134,8 +135,14 @@ def evidence_event(spans: list[EvidenceSpan]) -> pb.QueryEvent:
     )
 
 
-def keyframes_response(keyframes: list[Keyframe]) -> pb.GetKeyframesResponse:
-    return pb.GetKeyframesResponse(
+def keyframes_response(keyframes: list[Keyframe], max_bytes: int | None = None) -> pb.GetKeyframesResponse:
+    """The reply to GetKeyframes.
+
+    Raises:
+        CapacityError: with ``max_bytes`` (the server's message limit), the reply would be larger; the sentence says
+            how many of the keyframes fit in one reply, instead of gRPC's own refusal to send it.
+    """
+    reply = pb.GetKeyframesResponse(
         keyframes=[
             pb.Keyframe(
                 id=k.keyframe_id,
@@ -148,6 +155,16 @@ def keyframes_response(keyframes: list[Keyframe]) -> pb.GetKeyframesResponse:
             )
             for k in keyframes
         ]
+    )
+    if max_bytes is None or reply.ByteSize() <= max_bytes:
+        return reply
+    fit = 0
+    while pb.GetKeyframesResponse(keyframes=reply.keyframes[: fit + 1]).ByteSize() <= max_bytes:
+        fit += 1
+    what = f"ask for at most {fit} of them at a time" if fit else "even one is larger than that"
+    raise CapacityError(
+        f"the {len(keyframes)} keyframes asked for come to {reply.ByteSize() / MIB:.2f} MiB, more than the server's "
+        f"message limit of {max_bytes / MIB:.2f} MiB (max_message_bytes); {what}"
     )
 
 

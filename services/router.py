@@ -183,6 +183,7 @@ class MosaicServer:
             max_fps=cfg.max_stream_fps,
             source_policy=SourcePolicy.of(cfg),
             decode_max_pixels=cfg.decode_max_pixels(),
+            max_reply_bytes=cfg.max_message_bytes,
         )
         servicer.watch_defaults = (cfg.watch_default_threshold, cfg.watch_default_cooldown_s)
         self.servicer = servicer

@@ -69,6 +69,8 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             leaves the check to the workers.
         decode_max_pixels: pushed frames with more pixels are scaled down to this many as they are decoded
             (``ServiceConfig.decode_oversample``); None keeps their size.
+        max_reply_bytes: the server's message limit (``max_message_bytes``): GetKeyframes refuses a reply larger
+            than that with a sentence (None: no check).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         max_fps: float = convert.DEFAULT_MAX_FPS,
         source_policy: SourcePolicy | None = None,
         decode_max_pixels: int | None = None,
+        max_reply_bytes: int | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.queue = queue
@@ -95,6 +98,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         self.max_fps = max_fps
         self.source_policy = source_policy
         self.decode_max_pixels = decode_max_pixels
+        self.max_reply_bytes = max_reply_bytes  # the server's message limit, for replies that grow with the data
         self.watches = None  # the router's WatchRegistry, once the backend is up
         self.watch_defaults = (1.0, 60.0)  # (threshold, cooldown_s) for requests that leave them unset
         self._num_push_calls = 0
@@ -155,7 +159,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
                 cluster_id=request.cluster_id,
                 latest=request.latest,
             )
-            return convert.keyframes_response(keyframes)
+            return convert.keyframes_response(keyframes, self.max_reply_bytes)
         except Exception as err:
             await abort(context, err, self.metrics)
 
