@@ -49,6 +49,7 @@ STATIC_FILES = {
 MAX_REQUEST_BYTES = 16 * 1024
 MAX_API_KEY_CHARS = 512
 MAX_KEYFRAME_IDS = 64
+FLAGS = {"1": True, "true": True, "0": False, "false": False}  # how a query parameter says yes or no
 # Event streams open at once, per kind: idle tabs following watches must not take the room of questions.
 MAX_OPEN_STREAMS = {"question": 32, "watch": 32}
 HEARTBEAT_S = 15.0  # an idle event stream sends a comment this often, so a peer that went away frees its slot
@@ -154,11 +155,14 @@ class ConsoleServer:
         keyframe_ids = query.getall("id", [])
         if len(keyframe_ids) > MAX_KEYFRAME_IDS:
             return _bad_request(f"at most {MAX_KEYFRAME_IDS} keyframe ids per call, got {len(keyframe_ids)}")
+        latest = query.get("latest", "0")
+        if latest not in FLAGS:
+            return _bad_request(f"latest must be one of {', '.join(FLAGS)}, got {latest[:40]!r}")
         message = pb.GetKeyframesRequest(
             stream_id=query.get("stream_id", ""),
             keyframe_ids=keyframe_ids,
             cluster_id=query.get("cluster_id", ""),
-            latest=query.get("latest") == "1",
+            latest=FLAGS[latest],
         )
         reply = await self._stub.GetKeyframes(message, **self._call_options(request))
         return web.json_response({"keyframes": [convert.keyframe_json(k) for k in reply.keyframes]})

@@ -107,6 +107,9 @@ def test_questions_must_be_small_json_objects(console_url):
 def test_keyframe_and_watch_event_arguments_are_bounded(console_url):
     ids = "".join(f"&id=k{i}" for i in range(65))
     assert fetch(f"{console_url}/api/keyframes?stream_id=cam{ids}")[0] == 400
+    status, _, body = fetch(f"{console_url}/api/keyframes?stream_id=cam&latest=yes")
+    assert status == 400 and b"latest must be one of" in body  # not read as "no" in silence
+    assert fetch(f"{console_url}/api/keyframes?stream_id=cam&latest=true")[0] == 501  # passed on (no servicer here)
     assert fetch(f"{console_url}/api/watch-events?after_event_id=-1")[0] == 400
     assert fetch(f"{console_url}/api/watch-events?after_event_id=1e3")[0] == 400
 
