@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from services.config import load_config
 from services.coordinator import Coordinator
@@ -49,14 +51,24 @@ async def _events(registry: WatchRegistry, after: int) -> list:
     return got
 
 
+@contextlib.asynccontextmanager
+async def _watching_the_gate(store: RedisWatchStore) -> AsyncIterator[WatchRegistry]:
+    """A started registry with the watch "gate" and one event of it (id 1)."""
+    registry = _registry(store)
+    await registry.start()
+    try:
+        await registry.create(WatchRecord(watch_id="gate", question="Is a van at the gate?", stream_ids=["cam"]))
+        await registry._record(_fired("gate", 1.0))
+        yield registry
+    finally:
+        await registry.stop_polls()
+        await registry.close()
+
+
 def test_watches_are_written_back_and_ids_go_on_after_the_store_lost_its_data(redis_client, redis_namespace, caplog):
     async def run():
         store = RedisWatchStore(redis_client, namespace=redis_namespace)
-        registry = _registry(store)
-        await registry.start()
-        try:
-            await registry.create(WatchRecord(watch_id="gate", question="Is a van at the gate?", stream_ids=["cam"]))
-            await registry._record(_fired("gate", 1.0))
+        async with _watching_the_gate(store) as registry:
             await registry._record(_fired("gate", 2.0))
             _lose_data(redis_client, redis_namespace)
             with caplog.at_level(logging.ERROR, logger="services.watches"):
@@ -69,9 +81,6 @@ def test_watches_are_written_back_and_ids_go_on_after_the_store_lost_its_data(re
             assert [(i.event_id, i.payload["end_s"], i.missed_before) for i in resumed] == [(3, 3.0, False)]
             from_start = await _events(registry, 0)  # events 1 and 2 went with the data: the reader is told
             assert [(i.event_id, i.missed_before) for i in from_start] == [(3, True)]
-        finally:
-            await registry.stop_polls()
-            await registry.close()
 
     asyncio.run(run())
 
@@ -79,17 +88,10 @@ def test_watches_are_written_back_and_ids_go_on_after_the_store_lost_its_data(re
 def test_an_event_fired_before_the_loss_is_noticed_is_stored_not_dropped(redis_client, redis_namespace):
     async def run():
         store = RedisWatchStore(redis_client, namespace=redis_namespace)
-        registry = _registry(store)
-        await registry.start()
-        try:
-            await registry.create(WatchRecord(watch_id="gate", question="Is a van at the gate?", stream_ids=["cam"]))
-            await registry._record(_fired("gate", 1.0))
+        async with _watching_the_gate(store) as registry:
             _lose_data(redis_client, redis_namespace)
             await registry._record(_fired("gate", 2.0))
             assert [(i, e["end_s"]) for i, e in store.events_after("gate", 0, 10)] == [(2, 2.0)]
             assert store.last_event_id() == 2
-        finally:
-            await registry.stop_polls()
-            await registry.close()
 
     asyncio.run(run())
