@@ -8,6 +8,7 @@ maintenance may have merged clusters that questions keep retrieving together.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import DeviceRoom
 from mosaic_core.errors import InvalidArgumentError, OutOfRangeError
 from mosaic_core.memory.transfer import upload
+
+log = logging.getLogger(__name__)
 
 _QUESTION_NUMBERS = itertools.count()
 
@@ -111,9 +114,9 @@ def _generate(
     token_ids, timings, retrieval, last_hidden = decoded
     if request is not None and plan.recall_probe is not None:
         plan.recall_probe.report(request)
-    plan.retriever.promote()
+    _after_the_answer("caching what it retrieved", plan.retriever.promote, state)
     evidence = _evidence(state, plan, parts.config.evidence_spans)
-    _maintain(parts, state, plan)
+    _after_the_answer("merging and splitting what it retrieved", lambda: _maintain(parts, state, plan), state)
     yield Answer(
         stream_id=state.stream_id,
         question=question,
@@ -281,6 +284,15 @@ def _evidence(state: StreamState, plan: QuestionPlan, limit: int) -> list[Eviden
         if cluster_id in records
         for start_s, end_s in records[cluster_id].spans()
     ]
+
+
+def _after_the_answer(what: str, upkeep, state: StreamState) -> None:
+    """Runs upkeep the answer does not depend on; its failure (a disk that refuses a spill, a pinned allocation
+    that fails) is logged, and the answer, streamed already, still ends with its evidence."""
+    try:
+        upkeep()
+    except Exception:
+        log.exception("stream %s: %s after a question failed; the answer stands", state.stream_id, what)
 
 
 def _maintain(parts, state: StreamState, plan: QuestionPlan) -> None:
