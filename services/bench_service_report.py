@@ -3,120 +3,86 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from services import gc_watch, stack_probe
+from services.bench_service_step import (
+    LAG_LIMIT_S,
+    MAX_BACKLOG_GROWTH_SHARE,
+    MIN_INGESTED_SHARE,
+    MIN_QUESTIONS_SENT_SHARE,
+    MIN_RECEIVED_SHARE,
+    StepResult,
+)
 
-LAG_LIMIT_S = 2.0
-# A source that stopped, or a pusher that fell behind, queues nothing and shows no lag: the frames must arrive too.
-MIN_INGESTED_SHARE = 0.9
 UNBOUNDED_GIB = 2.0**20  # a tier budget this large (a PiB) is the service's "no budget"
-
-
-@dataclass(slots=True)
-class StepResult:
-    """One N: what was offered and what the service sustained."""
-
-    cameras: int
-    pulled: int
-    pushed: int
-    measure_s: float
-    offered_fps: float
-    ingested_fps: float
-    lag_p50_s: float | None
-    lag_p99_s: float | None
-    lag_max_s: float | None
-    dropped: int
-    refused: int
-    push_errors: dict[str, int]
-    stats_errors: dict[str, int]  # samples of /metrics the service did not answer
-    questions: int
-    question_errors: dict[str, int]
-    ttft_p50_ms: float | None
-    ttft_p99_ms: float | None
-    decode_ms_per_token: float | None
-    server_ttft_p50_ms: float | None
-    server_ttft_p99_ms: float | None
-    server_decode_ms_per_token: float | None
-    gpu_memory_used_mib: float | None
-    router_cpu_per_s: float | None
-    worker_cpu_per_s: float | None
-    decode_cpu_per_s: float | None
-    engine_thread_share: dict[str, float]  # seconds per second of the worker's engine thread, by part
-    frames_per_ingest_call: float | None
-    forward_passes_per_ingest_call: float | None
-    worker_gil: dict | None = None  # how late the worker's GIL probe woke (services.gil_probe.wait_share)
-    settled_after_s: float | None = None  # after the warm-up, until every lag was under LAG_LIMIT_S; None: never
-    engine_stacks: dict | None = None  # where the engine thread was (services.stack_probe.busiest)
-    durable: dict[str, float] | None = None  # the workers' record writing, per second (bench_service.durable_rates)
-    tiers: dict[str, float] | None = None  # KV held and budgeted per tier, and moved (bench_service.tier_summary)
-    # The workers' GPU allocator events in the step, by event (bench_service.engine_thread; empty off CUDA)
-    allocator_events: dict[str, int] = field(default_factory=dict)
-    kernel_compiles: int = 0  # variants of Mosaic's Triton kernels the workers compiled in the step (CUDA only)
-    ingest_calls_encoded_ahead: float | None = None  # share of the ingest calls whose tower was queued the call before
-    # Parts of the server's TTFT: waiting on the worker until the engine began the question, and the engine's
-    # prefill to first token (QueryTimings.start_wait_s and engine_first_token_s)
-    start_wait_p50_ms: float | None = None
-    start_wait_p99_ms: float | None = None
-    engine_ttft_p50_ms: float | None = None
-    engine_ttft_p99_ms: float | None = None
-    # Outside the engine thread: the first token's way from the engine thread to the thread that sends it
-    # (QueryTimings.token_handoff_s), and between router and worker both ways (QueryTimings.transport_s)
-    handoff_p50_ms: float | None = None
-    handoff_p99_ms: float | None = None
-    transport_p50_ms: float | None = None
-    transport_p99_ms: float | None = None
-    # Every answered question's TTFT and its parts in ms: client, server, start_wait, engine, worker, handoff and
-    # transport (question_sample_ms)
-    ttft_samples_ms: list[dict[str, float | None]] = field(default_factory=list)
-    # Gaps between the engine thread's chances to start a question, by kind (bench_service.start_gaps)
-    question_start_gaps: dict[str, dict] = field(default_factory=dict)
-
-    @property
-    def real_time(self) -> bool:
-        arrived = self.ingested_fps >= MIN_INGESTED_SHARE * self.offered_fps
-        kept_up = self.lag_p99_s is not None and self.lag_p99_s < LAG_LIMIT_S and not self.stats_errors
-        answered = not self.question_errors and not self.push_errors  # the load must be served, not only the frames
-        return arrived and kept_up and answered and self.dropped == 0 and self.refused == 0
 
 
 def describe(step: StepResult) -> str:
     f = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
+    failures = step.failures
     return (
-        f"{step.ingested_fps:.1f}/{step.offered_fps:.0f} frames/s, lag p99 {f(step.lag_p99_s, ' s')}, "
-        f"{step.dropped} dropped, TTFT p99 {f(step.ttft_p99_ms, ' ms')}, "
-        f"{'real-time' if step.real_time else 'NOT real-time'}"
+        f"{f(step.received_fps)} received, {step.ingested_fps:.1f} ingested of {step.offered_fps:.0f} frames/s, lag "
+        f"p99 {f(step.lag_p99_s, ' s')} (worst camera {f(step.worst_camera_lag_p99_s, ' s')}), {step.dropped} dropped, "
+        f"TTFT p99 {f(step.ttft_p99_ms, ' ms')}, "
+        + ("real-time" if not failures else "NOT real-time: " + "; ".join(failures))
     )
 
 
 COLUMNS = (
-    # (header, key, format)
+    # (header, key, format); a key of None is a cell built from several (cell)
     ("N", "cameras", "{:d}"),
     ("pull/push", None, None),
-    ("frames/s", "ingested_fps", "{:.1f}"),
+    ("offered/s", "offered_fps", "{:.1f}"),
+    ("received/s", "received_fps", "{:.1f}"),
+    ("ingested/s", "ingested_fps", "{:.1f}"),
+    ("backlog +", "backlog_growth_frames", "{:+.0f}"),
     ("lag p50 s", "lag_p50_s", "{:.2f}"),
     ("lag p99 s", "lag_p99_s", "{:.2f}"),
+    ("worst cam p99 s", "worst_camera_lag_p99_s", "{:.2f}"),
+    ("to-KV p50 s", "ingest_latency_p50_s", "{:.2f}"),
+    ("to-KV p99 s", "ingest_latency_p99_s", "{:.2f}"),
     ("drops", "dropped", "{:d}"),
-    ("questions", "questions", "{:d}"),
+    ("push skipped", "push_skipped", "{:d}"),
+    ("questions", None, None),
     ("TTFT p50 ms", "ttft_p50_ms", "{:.0f}"),
     ("TTFT p99 ms", "ttft_p99_ms", "{:.0f}"),
     ("decode ms/tok", "decode_ms_per_token", "{:.1f}"),
     ("GPU MiB", "gpu_memory_used_mib", "{:.0f}"),
+    ("KV dev GiB", "device_kv_gib", "{:.3g}"),
     ("router cpu/s", "router_cpu_per_s", "{:.2f}"),
     ("worker cpu/s", "worker_cpu_per_s", "{:.2f}"),
     ("decode cpu/s", "decode_cpu_per_s", "{:.3f}"),
+    ("decode cpu/s est", "decode_cpu_estimate_per_s", "{:.3f}"),
     ("real-time", "real_time", None),
 )
+
+
+def cell(step: dict, header: str) -> str:
+    """A cell built from several of the step's figures: pulled/pushed cameras; questions answered/sent/nominal."""
+    if header == "pull/push":
+        return f"{step['pulled']}/{step['pushed']}"
+    return f"{step['questions']}/{step['questions_sent']}/{step['questions_nominal']:.0f}"
+
+
+def step_row(step: StepResult) -> dict:
+    """A step as the report's JSON holds it: its fields, its derived figures, and the rule's verdict."""
+    failures = step.failures
+    return {
+        **{name: getattr(step, name) for name in StepResult.__slots__},
+        "device_kv_gib": step.device_kv_gib,
+        "failures": failures,
+        "real_time": not failures,
+    }
 
 
 def table(report: dict) -> str:
     rows = [[header for header, _, _ in COLUMNS]]
     for step in report["steps"]:
         row = []
-        for _, key, fmt in COLUMNS:
+        for header, key, fmt in COLUMNS:
             if key is None:
-                row.append(f"{step['pulled']}/{step['pushed']}")
+                row.append(cell(step, header))
             elif key == "real_time":
                 row.append("yes" if step[key] else "no")
             else:
@@ -124,19 +90,10 @@ def table(report: dict) -> str:
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    cost = report["decode_cost"]
-    errors = {s["cameras"]: (s["push_errors"], s["question_errors"], s["stats_errors"]) for s in report["steps"]}
-    errors = {n: e for n, e in errors.items() if any(e)}
-    lines += [
-        f"largest real-time N (lag p99 < {LAG_LIMIT_S:.0f} s, no drops, no client errors, >= "
-        f"{MIN_INGESTED_SHARE:.0%} of frames ingested): {report['largest_real_time_cameras']}",
-        f"model {report['service'].get('model', 'tiny')}, {report['args']['fps']:g} fps per camera, questions "
-        f"{report['args']['questions_per_s']:g}/s, service up after {report['start_s']:.0f} s",
-        f"decode cost here: JPEG {1e3 * cost['jpeg_s']:.2f} ms, clip frame {1e3 * cost['video_s']:.2f} ms "
-        f"({cost['frame_px']} px); decode cpu/s = fps x cameras x that cost",
-        f"client errors (push, question, /metrics) by N: {errors or 'none'}",
-    ]
+    lines += footer(report)
     for step in report["steps"]:
+        if step.get("failures"):
+            lines.append(f"N={step['cameras']}: not real-time: " + "; ".join(step["failures"]))
         if "settled_after_s" in step:
             settled = step["settled_after_s"]
             limit = report["args"].get("settle_s")
@@ -246,6 +203,48 @@ def table(report: dict) -> str:
                 lines.append(f"N={step['cameras']}: those stretches by the chance they began at, s/s: {kinds}")
                 lines.append(f"N={step['cameras']}: those stretches by the chance they began at, the thread at: {at}")
     return "\n".join(lines)
+
+
+def footer(report: dict) -> list[str]:
+    """The rule, the run's settings, what each column means, and the errors by N."""
+    settings = report.get("settings", {})
+    batch, fps = settings.get("max_batch_frames", "?"), report["args"]["fps"]
+    cost = report["decode_cost"]
+    errors = {s["cameras"]: (s["push_errors"], s["question_errors"], s["stats_errors"]) for s in report["steps"]}
+    errors = {n: e for n, e in errors.items() if any(e)}
+    window = (
+        f"warm-up {settings['warmup_s']:g} s, settle up to {settings['settle_s']:g} s, measure "
+        f"{settings['measure_s']:g} s, questions' wait after it {settings['question_wait_s']:g} s"
+        if settings
+        else "windows not recorded"
+    )
+    return [
+        f"largest real-time N: {report['largest_real_time_cameras']} (a step is real-time when the lag p99, pooled and "
+        f"of the worst camera, is under {LAG_LIMIT_S:.0f} s with every camera's lag known; nothing dropped or refused; "
+        f"received >= {MIN_RECEIVED_SHARE:.0%} of fps x N x window less N x (1 + fps x telemetry interval) frames of "
+        f"window edge; ingested >= {MIN_INGESTED_SHARE:.0%} of offered; the backlog grew by at most one ingest call "
+        f"({batch} frames) + {MAX_BACKLOG_GROWTH_SHARE:.0%} of the window's nominal frames; >= "
+        f"{MIN_QUESTIONS_SENT_SHARE:.0%} of the nominal questions sent (less one), none failed or unfinished; no push "
+        "or /metrics errors)",
+        f"model {report['service'].get('model', 'tiny')}, {fps:g} fps per camera, retention "
+        f"{settings.get('retention_s', '?')} s, {settings.get('max_new_tokens', '?')} tokens per answer, questions "
+        f"{report['args']['questions_per_s']:g}/s open-loop from up to {settings.get('question_clients', '?')} "
+        f"clients, {settings.get('push_clients', '?')} push clients, up to {batch} frames per ingest call, "
+        f"telemetry every {settings.get('telemetry_interval_s', '?')} s; {window}; service up after "
+        f"{report['start_s']:.0f} s",
+        "columns: offered = fps x N; received = frames the worker queued (mosaic_frames_received_total); backlog + = "
+        "change of the frames queued for ingest over the window, all cameras (least-squares slope x span); lag = wait "
+        "of a camera's oldest queued frame, once a second, pooled over cameras and seconds; worst cam p99 = each "
+        "camera's own p99, the largest; to-KV = each frame's receipt to KV written, from mosaic_ingest_latency_seconds"
+        "' change over the window, interpolated linearly within buckets as Prometheus's histogram_quantile does; "
+        "questions = answered/sent/nominal, by send time, TTFT over the answered ones; GPU MiB = the worker's "
+        "processes (nvidia-smi --query-compute-apps), else the only GPU's memory.used; KV dev GiB = device tier held "
+        "at the step's end; worker cpu/s = its process tree; decode cpu/s = measured in the worker's decoding "
+        "processes (pulled sources; pushed JPEGs decode in the worker's threads, inside worker cpu/s)",
+        f"decode cost here: JPEG {1e3 * cost['jpeg_s']:.2f} ms, clip frame {1e3 * cost['video_s']:.2f} ms "
+        f"({cost['frame_px']} px); decode cpu/s est = fps x cameras x that cost (an estimate, not measured)",
+        f"client errors (push, question, /metrics) by N: {errors or 'none'}",
+    ]
 
 
 def write(report: dict, prefix: str | None) -> None:

@@ -3,6 +3,7 @@ and questions, measured step by step; the report's files hold what the run saw."
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -34,7 +35,14 @@ def test_every_step_ingests_both_kinds_of_camera_and_answers_questions(report):
         assert step["lag_p99_s"] is not None and step["lag_p99_s"] >= step["lag_p50_s"] >= 0
         assert step["questions"] > 0, f"no question was answered at N={step['cameras']}: {step['question_errors']}"
         assert 0 < step["ttft_p50_ms"] <= step["ttft_p99_ms"]
-        assert step["worker_cpu_per_s"] > 0 and step["decode_cpu_per_s"] > 0
+        assert step["worker_cpu_per_s"] > 0 and step["decode_cpu_estimate_per_s"] > 0
+        assert step["decode_cpu_per_s"] > 0, "the pulled sources' decoding processes were not measured"
+        # every figure of the rule was read: arrivals, the backlog's trend, each camera's lag, the frames' way to KV
+        assert step["received_fps"] > 0 and step["backlog_growth_frames"] is not None, step
+        assert step["lag_unknown_cameras"] == [] and step["worst_camera_lag_p99_s"] >= 0, step
+        assert 0 < step["ingest_latency_p50_s"] <= step["ingest_latency_p99_s"], step
+        assert step["questions_sent"] >= step["questions"] and step["questions_nominal"] > 0, step
+        assert sum(c["sent"] for c in step["push_by_client"]) == step["push_sent"] > 0, step
         # the parts of the first token outside the engine thread, and the tiers, come from the real service
         assert 0 < step["transport_p50_ms"] <= step["transport_p99_ms"], step
         assert all(0 < q["transport"] < q["server"] for q in step["ttft_samples_ms"]), step["ttft_samples_ms"]
@@ -44,17 +52,12 @@ def test_every_step_ingests_both_kinds_of_camera_and_answers_questions(report):
 
 def test_the_largest_real_time_n_follows_the_rule(report):
     data, text = report
-    passing = [
-        s["cameras"]
-        for s in data["steps"]
-        if s["lag_p99_s"] < 2.0
-        and s["dropped"] == s["refused"] == 0
-        and s["ingested_fps"] >= 0.9 * s["offered_fps"]
-        and not s["question_errors"]
-        and not s["push_errors"]
-    ]
-    assert [s["real_time"] for s in data["steps"]] == [s["cameras"] in passing for s in data["steps"]]
+    assert all(s["real_time"] == (not s["failures"]) for s in data["steps"])
+    passing = [s["cameras"] for s in itertools.takewhile(lambda s: s["real_time"], data["steps"])]
     assert data["largest_real_time_cameras"] == max(passing, default=0)
-    assert f"ingested): {data['largest_real_time_cameras']}\n" in text
+    assert f"largest real-time N: {data['largest_real_time_cameras']} (" in text
     # the ramp stops at the first step that is not real-time
     assert all(s["real_time"] for s in data["steps"][:-1])
+    settings = data["settings"]
+    assert (settings["retention_s"], settings["max_new_tokens"], settings["questions_per_s"]) == (20.0, 4, 0.5)
+    assert "retention 20.0 s, 4 tokens per answer" in text
