@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from mosaic_core.config import GIB
-from services.bench_service import camera_steps
+from services.bench_service_args import camera_steps
 from services.bench_service_report import step_row, table
 from services.bench_service_step import StepResult
 
