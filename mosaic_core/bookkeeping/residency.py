@@ -293,11 +293,15 @@ class ResidencyManager:
         self.policy.on_add(cluster_id, _now(now_s))
         self._changed(stream_id, cluster_id)
 
+    def can_grow(self, cluster_id: str, extra_bytes: int) -> bool:
+        """Whether a cluster's tier has room for ``extra_bytes`` more of it (``grow`` would succeed)."""
+        return _check_nbytes(extra_bytes) <= self.free_bytes(self._get(cluster_id).tier)
+
     def grow(self, cluster_id: str, extra_bytes: int) -> bool:
         """Grow a cluster in place (the open cluster gains a frame). Returns False if its tier has no room."""
-        record = self._get(cluster_id)
-        if _check_nbytes(extra_bytes) > self.free_bytes(record.tier):
+        if not self.can_grow(cluster_id, extra_bytes):
             return False
+        record = self._get(cluster_id)
         record.num_bytes += extra_bytes
         self._stream_usage[record.stream_id].count(record.tier, 0, extra_bytes)
         self._used_bytes[record.tier] += extra_bytes

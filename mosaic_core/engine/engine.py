@@ -279,12 +279,12 @@ class Engine:
         durable: a graceful shutdown loses nothing. Frames after this start new clusters.
 
         Raises:
-            CapacityError: some windows' frames found no room in any tier; they stay in those windows, not durable,
-                while every other stream's history is.
+            CapacityError: some windows' frames found no room in any tier, or their placement failed (a disk that
+                refused a write); they stay in those windows, not durable, while every other stream's history is.
             StateError: the durable store did not write everything within its wait (a disk that fails or stalls),
                 naming its last error.
         """
-        held_back: dict[str, CapacityError] = {}
+        held_back: dict[str, Exception] = {}
         for state in self.streams.values():
             state.former.seal()
             held_back |= ingest.flush_window(self.parts, state)
@@ -296,8 +296,8 @@ class Engine:
             )
         if held_back:
             raise CapacityError(
-                f"the checkpoint left frames in the local windows of streams {sorted(held_back)}, not durable: no "
-                f"tier has room for them ({next(iter(held_back.values()))})"
+                f"the checkpoint left frames in the local windows of streams {sorted(held_back)}, not durable: they "
+                f"could not be stored ({ingest.why_held_back(next(iter(held_back.values())))})"
             )
 
     def save_stream_state(self, stream_id: str, **fields) -> None:

@@ -9,6 +9,7 @@ vision tower (all frames of the batch, grouped by size)
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -35,6 +36,11 @@ from mosaic_core.model.pixels import VisionGeometry, validate_frames
 PAD_TOKEN_ID = 0
 # Rows of at least this share of the longest row's tokens share its forward pass.
 PASS_FILL = 0.8
+# What placing a frame's KV in its cluster may meet: no room in any tier, a disk that refuses a write (full, or
+# failing), an allocation that fails (torch raises RuntimeError, such as pinning host memory). The frame waits in its
+# window for the next call to try again.
+_PLACEMENT_ERRORS = (CapacityError, OSError, RuntimeError)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,11 +194,11 @@ def ingest(
         place_s=times.place_s,
         encoded_ahead=encoded_ahead,
         refused=refused,
-        held_back={sid: str(err) for sid, err in held_back.items()},
+        held_back={sid: why_held_back(err) for sid, err in held_back.items()},
     )
 
 
-def _nothing_taken(by_stream, held_back: dict[str, CapacityError]) -> IngestResult:
+def _nothing_taken(by_stream, held_back: dict[str, Exception]) -> IngestResult:
     """A call none of whose streams can take frames in (``_store_held_back``)."""
     return IngestResult(
         num_frames=0,
@@ -202,7 +208,7 @@ def _nothing_taken(by_stream, held_back: dict[str, CapacityError]) -> IngestResu
         prefill_s=0.0,
         attended_tokens_per_frame=[],
         refused={sid: len(items) for sid, items in by_stream.items()},
-        held_back={sid: str(err) for sid, err in held_back.items()},
+        held_back={sid: why_held_back(err) for sid, err in held_back.items()},
     )
 
 
@@ -314,7 +320,7 @@ def _fix_geometry(parts: EngineParts, state: StreamState, rgb: np.ndarray) -> No
 
 def _ingest_pass(
     parts: EngineParts, rows, features, pauses: IngestPauses | None, times: _HostTimes
-) -> tuple[int, list[int], dict[str, CapacityError]]:
+) -> tuple[int, list[int], dict[str, Exception]]:
     """One forward pass; rows are ``(stream_id, frame indices in the batch, frames)``, one row per stream. Returns
     the clusters it opened, the tokens each frame attended to, and the streams whose frames found no room to leave
     the window (``_store_in_clusters``).
@@ -483,7 +489,7 @@ def _place_frame(
     return 0 if decision.join else 1
 
 
-def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, LocalFrame]]) -> dict[str, CapacityError]:
+def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, LocalFrame]]) -> dict[str, Exception]:
     """Frames leaving the local windows (oldest first per stream) hand their pages to their clusters, wherever
     those live (on the device, without a copy).
 
@@ -493,9 +499,11 @@ def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, Loca
     row it is sealed or joined with is whole. Whether a frame completed its cluster is read once, from the record in
     place (a copy grows with the cluster's frames), and only a completed cluster goes through those steps.
 
-    A frame whose cluster finds no room in any tier goes back to the front of its window with its stream's frames
-    after it, KV and pages unchanged, and waits there (``_store_held_back``); the other streams' frames are stored.
-    Returns those streams, each with the error that held it back.
+    A frame whose cluster finds no room in any tier, or whose placement fails (a disk that refuses the write, a
+    host allocation that fails), goes back to the front of its window with its stream's frames after it, KV and
+    pages unchanged, and waits there (``_store_held_back``); the other streams' frames are stored. Returns those
+    streams, each with the error that held it back. The steps after a cluster completes are each cluster's own
+    (``_complete``): one that fails does not keep the others' from running.
     """
     if not leaving:
         return {}
@@ -516,33 +524,49 @@ def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, Loca
         tiering.summaries.add_stats(page_clusters, key_sums, key_sumsqs, fills)
     for state, frame in stored:
         record = state.former.known_record_to_read(frame.cluster_id)
-        if not record.completed_by(frame.frame_index):
-            continue
+        if record.completed_by(frame.frame_index):
+            _complete(parts, state, record)
+    return held_back
+
+
+def _complete(parts: EngineParts, state: StreamState, record) -> None:
+    """A cluster's last frame is stored: it becomes durable, may join an earlier visit to its scene, and may get its
+    host copy. A failure here (a snapshot read from a disk that fails, a join's copy the disk refuses) is logged:
+    the cluster's KV stays where it was stored, and the other clusters completed in the pass still go on."""
+    step = "making it durable"
+    try:
         if parts.history is not None:
             parts.history.on_completed(state, record)
-        joined = join_recurring(parts, state, frame.cluster_id)
-        _copy_to_host_if_nearly_full(parts, joined or frame.cluster_id)
-    return held_back
+        step = "joining it with an earlier visit, or copying it to the host"
+        joined = join_recurring(parts, state, record.cluster_id)
+        _copy_to_host_if_nearly_full(parts, joined or record.cluster_id)
+    except Exception:
+        log.exception("stream %s: cluster %s completed, but %s failed", state.stream_id, record.cluster_id, step)
 
 
 def _hand_to_clusters(
     parts: EngineParts, leaving: list[tuple[StreamState, LocalFrame]]
-) -> tuple[list[bool], dict[str, CapacityError]]:
+) -> tuple[list[bool], dict[str, Exception]]:
     """Hands the frames' pages to their clusters in order. A stream's first frame whose cluster finds no room in
-    any tier (that cluster is left as it was) and the stream's frames after it are not handed over. Returns, per
-    frame, whether it was, and the streams held back with their errors."""
+    any tier, or whose placement fails (``_PLACEMENT_ERRORS``; the cluster is left as it was), and the stream's frames
+    after it are not handed over. Returns, per frame, whether it was, and the streams held back with their errors.
+    Any other error is a bug: the frames not handed over yet go back to their windows before it is raised."""
     tiering = parts.tiering
     prefer = Tier.DEVICE if parts.config.mode.caches_on_device else Tier.HOST
     handed, held_back = [], {}
-    for state, frame in leaving:
+    for n, (state, frame) in enumerate(leaving):
         if state.stream_id not in held_back:
             try:
                 if frame.cluster_id in tiering.residency:
                     tiering.append_pages(frame.cluster_id, frame.pages, frame.fills)
                 else:
                     tiering.admit_pages(frame.cluster_id, state.stream_id, frame.pages, frame.fills, prefer=prefer)
-            except CapacityError as err:
+            except _PLACEMENT_ERRORS as err:
                 held_back[state.stream_id] = err
+            except BaseException:
+                kept = [item for item, was_handed in zip(leaving, handed, strict=False) if not was_handed]
+                _return_to_windows(kept + leaving[n:])
+                raise
         handed.append(state.stream_id not in held_back)
     return handed, held_back
 
@@ -567,8 +591,8 @@ def _store_held_back(parts: EngineParts, stream_ids) -> dict[str, CapacityError]
         held_back = _store_in_clusters(parts, [(state, frame) for frame in waiting])
         if held_back:
             still[stream_id] = CapacityError(
-                f"stream {stream_id!r} takes no new frames: the oldest frames of its local window wait for room in a "
-                f"tier to leave it ({held_back[stream_id]})"
+                f"stream {stream_id!r} takes no new frames: the oldest frames of its local window could not leave it "
+                f"yet ({why_held_back(held_back[stream_id])})"
             )
     return still
 
@@ -585,7 +609,12 @@ def _copy_to_host_if_nearly_full(parts: EngineParts, cluster_id: str) -> None:
         parts.tiering.tiers.keep_host_copy(cluster_id)
 
 
-def flush_window(parts: EngineParts, state: StreamState) -> dict[str, CapacityError]:
+def why_held_back(err: Exception) -> str:
+    """An error that held a stream's frames back, in words: a no-room error says it all, others name their type."""
+    return str(err) if isinstance(err, CapacityError) else f"{type(err).__name__}: {err}"
+
+
+def flush_window(parts: EngineParts, state: StreamState) -> dict[str, Exception]:
     """Moves every frame of the local window into its cluster (a checkpoint before shutdown); returns the stream,
     with why, when some found no room and stay in the window (``_store_in_clusters``)."""
     return _store_in_clusters(parts, [(state, old) for old in state.pop_overflow(0)])

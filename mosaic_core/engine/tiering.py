@@ -7,7 +7,9 @@ the service mirrors tier and location into its metadata store together from them
 A cluster has one record, the residency manager's (tier, size, pins, pages, summary row and co-retrieval counts).
 It is made before its bytes are placed (``admit``, ``admit_pages``, a regroup's new clusters) and forgotten before
 they are freed (``remove``, ``drop_stream``, a regroup's old clusters), so ``KVTiers`` and the ``SummaryIndex``
-always find the record of the bytes and the row they handle, and free both as it ends.
+always find the record of the bytes and the row they handle, and free both as it ends. A placement that fails (a
+disk that refuses a write, a host allocation that fails) changes no count: a new cluster's record is forgotten
+again, and a growing cluster's bytes are counted only once its new pages are placed.
 """
 
 from __future__ import annotations
@@ -42,27 +44,32 @@ class TierManager:
         return moved
 
     def admit(self, cluster_id: str, stream_id: str, kv: torch.Tensor, *, prefer: Tier) -> Tier:
-        """Stores a new cluster in the hottest tier from ``prefer`` down that can make room for it."""
+        """Stores a new cluster in the hottest tier from ``prefer`` down that can make room for it. When storing it
+        fails, its record is forgotten again and the error raised."""
         tier = self._place_new(cluster_id, stream_id, self.tiers.footprint_bytes(kv.shape[3]), prefer)
-        self.tiers.put(cluster_id, kv, tier)
+        self._placed_or_forgotten(cluster_id, lambda: self.tiers.put(cluster_id, kv, tier))
         return tier
 
     def admit_pages(self, cluster_id: str, stream_id: str, pages: list[int], fills: list[int], *, prefer: Tier) -> Tier:
         """``admit`` for KV already in device pages (a frame leaving the local window): on the device the pages
-        become the cluster's without a copy."""
+        become the cluster's without a copy. When storing them fails the pages stay the caller's."""
         tier = self._place_new(cluster_id, stream_id, len(pages) * self.tiers.pools.page_bytes, prefer)
-        self.tiers.put_pages(cluster_id, pages, fills, tier)
+        self._placed_or_forgotten(cluster_id, lambda: self.tiers.put_pages(cluster_id, pages, fills, tier))
         return tier
 
     def append(self, cluster_id: str, chunk: torch.Tensor) -> None:
         """Grows a cluster by ``chunk``, spilling others, or moving the cluster colder, to make room."""
-        self._grow(cluster_id, self.tiers.footprint_bytes(chunk.shape[3]))
+        extra = self.tiers.footprint_bytes(chunk.shape[3])
+        self._make_room_to_grow(cluster_id, extra)
         self.tiers.append(cluster_id, chunk)
+        self._count_growth(cluster_id, extra)
 
     def append_pages(self, cluster_id: str, pages: list[int], fills: list[int]) -> None:
-        """``append`` for KV already in device pages."""
-        self._grow(cluster_id, len(pages) * self.tiers.pools.page_bytes)
+        """``append`` for KV already in device pages; when placing them fails they stay the caller's."""
+        extra = len(pages) * self.tiers.pools.page_bytes
+        self._make_room_to_grow(cluster_id, extra)
         self.tiers.append_pages(cluster_id, pages, fills)
+        self._count_growth(cluster_id, extra)
 
     def _place_new(self, cluster_id: str, stream_id: str, num_bytes: int, prefer: Tier) -> Tier:
         for tier in _tiers_from(prefer):
@@ -79,14 +86,22 @@ class TierManager:
             "raise the host or disk budget, or shorten stream retention"
         )
 
-    def _grow(self, cluster_id: str, extra: int) -> None:
-        """Accounts ``extra`` bytes to a cluster, spilling others, or moving the cluster colder, to make room.
+    def _placed_or_forgotten(self, cluster_id: str, place) -> None:
+        try:
+            place()
+        except BaseException:
+            self.remove(cluster_id)  # the record made for bytes that never landed; it holds none of them
+            raise
+
+    def _make_room_to_grow(self, cluster_id: str, extra: int) -> None:
+        """Makes room for ``extra`` more bytes of a cluster in its tier, spilling others, or moving the cluster
+        colder; the bytes are counted once placed (``_count_growth``).
 
         A growing cluster counts as just used: the open cluster of a live camera is the last thing to spill,
         since growing a cluster outside the device tier copies each new frame there.
         """
         self.residency.touch(cluster_id)
-        while not self.residency.grow(cluster_id, extra):
+        while not self.residency.can_grow(cluster_id, extra):
             tier = self.residency.tier_of(cluster_id)
             plan = self.residency.plan_make_room(tier, extra, exclude=frozenset({cluster_id}))
             if plan is None:
@@ -97,6 +112,10 @@ class TierManager:
                         "is pinned or reserved, or there is no colder tier"
                     )
             self.execute(plan)
+
+    def _count_growth(self, cluster_id: str, extra: int) -> None:
+        grown = self.residency.grow(cluster_id, extra)
+        assert grown, f"{cluster_id}: room for {extra} bytes was made before its pages were placed"
 
     def _plan_move_colder(self, cluster_id: str, tier: Tier) -> MovePlan | None:
         """A plan moving the cluster to the next colder tier with a budget, or None: there is none, no room can be

@@ -204,8 +204,8 @@ class KVTiers:
         record = self.pages(cluster_id)
         if tier is Tier.DISK:  # only a cluster that is not durable yet can grow there: rewrite its spill file
             kv = torch.cat([self._read_disk(cluster_id), chunk.cpu()], dim=3)
-            record.fills += pages_for(chunk.shape[3], self.page_tokens)
             self.disk.write(cluster_id, kv)
+            record.fills += pages_for(chunk.shape[3], self.page_tokens)
             return
         self._settle(cluster_id)
         self._drop_kept(cluster_id)  # the host copy no longer has every page
@@ -294,13 +294,17 @@ class KVTiers:
         queued on the side stream and nothing waits for it, so the spill that later makes room (a question's, in
         the question's time) frees the device pages without copying. Returns the bytes queued; 0 when the cluster
         is not on the device, already keeps a copy, or the host pool has no free pages within its budget (then
-        nothing is dropped to make room, and a spill copies as before)."""
+        nothing is dropped to make room, and a spill copies as before), or pinning more host memory failed (the copy
+        is only ahead of time: the spill will copy)."""
         if self.tier_of(cluster_id) is not Tier.DEVICE:
             return 0
         record = self.pages(cluster_id)
         if record.host is not None:
             return 0
-        host = self.pools.take(Tier.HOST, record.num_pages)
+        try:
+            host = self.pools.take(Tier.HOST, record.num_pages)
+        except RuntimeError:  # torch's allocation failures (pinning a host chunk) are RuntimeErrors
+            return 0
         if host is None:
             return 0
         moved = self.pools.copy(Tier.DEVICE, record.device, Tier.HOST, host)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import logging
 import sys
 import threading
 import zlib
@@ -16,7 +18,9 @@ from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
 from mosaic_core.durable.manifest import MANIFEST_NAME, RECORD_SUFFIX, encode_line, replay
 from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, encode_pages, to_pages
+from mosaic_core.engine.results import FrameInput
 from mosaic_core.errors import InvalidArgumentError
+from mosaic_core.memory.tiers import KVTiers
 from tests.engine.engine_helpers import feed, make_engine
 
 
@@ -402,3 +406,36 @@ def test_a_merge_whose_number_cannot_be_reserved_changes_nothing(tiny_model, bik
         assert restored.stream_id == "cam" and merged in {c.cluster_id for c in again.clusters("cam")}
     finally:
         again.close()
+
+
+def test_a_cluster_whose_snapshot_fails_leaves_the_other_streams_clusters_durable(
+    tiny_model, bikes_frames, tmp_path, monkeypatch, caplog
+):
+    """Clusters of several streams complete in one pass; the first one's snapshot fails (a read the disk refuses).
+    It is logged, and every other cluster completed in the pass is still made durable: the error used to end the
+    call before them, and nothing made them durable later."""
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    for stream_id in ("a", "b"):
+        engine.open_stream(stream_id)
+    snapshot_pages = KVTiers.snapshot_pages
+    failed = []
+
+    def first_snapshot_fails(self, cluster_id, *args, **kwargs):
+        if not failed:
+            failed.append(cluster_id)
+            raise OSError(errno.EIO, "Input/output error")
+        return snapshot_pages(self, cluster_id, *args, **kwargs)
+
+    monkeypatch.setattr(KVTiers, "snapshot_pages", first_snapshot_fails)
+    with caplog.at_level(logging.ERROR, logger="mosaic_core.engine.ingest"):
+        for t, rgb in bikes_frames:
+            engine.ingest([FrameInput("a", t, rgb), FrameInput("b", t, rgb)])
+    assert failed == ["a/c000000"] and "a/c000000 completed, but making it durable failed" in caplog.text
+    store = engine.history.store
+    for stream_id in ("a", "b"):
+        state = engine.stream(stream_id)
+        window = state.local_cluster_ids()
+        completed = [r.cluster_id for r in state.former.records_to_read() if r.sealed and r.cluster_id not in window]
+        assert len(completed) > 1
+        assert [cid for cid in completed if not store.owns(cid)] == (failed if stream_id == "a" else [])
+    engine.close()

@@ -10,6 +10,8 @@ import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.errors import CapacityError
+from mosaic_core.memory import arena
+from mosaic_core.memory.arena import PagePools
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.tiers import DiskTier
 from tests.unit.tiering_helpers import make_tiering, move, put
@@ -61,3 +63,77 @@ def test_a_fetch_short_of_pages_keeps_the_spill_file(tmp_path):
     tiering.tiers.pools.give_back(Tier.HOST, taken)
     assert tiering.residency.tier_of("cam/c000000") is Tier.DISK
     assert torch.equal(tiering.tiers.read("cam/c000000"), kv)
+
+
+def _disk_full(self, cluster_id, kv):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _pinning_fails(self, num_pages):
+    raise RuntimeError("CUDA error: out of memory (pinning a host chunk)")
+
+
+def test_a_growth_the_disk_refuses_counts_no_bytes_and_leaves_the_pages_to_the_caller(tmp_path, monkeypatch):
+    tiering = make_tiering(SPEC, tmp_path, device="cpu", page_tokens=4, device_bytes=1 << 14, host_bytes=4096)
+    kv = _kv(8, 4)
+    put(tiering, "cam/c000000", kv, Tier.DISK)  # not durable: its spill file is rewritten as it grows
+    pools, residency = tiering.tiers.pools, tiering.residency
+    before = residency.record("cam/c000000").num_bytes
+    pages = pools.take(Tier.DEVICE, 1)
+    pools.write(Tier.DEVICE, pages, [4], _kv(4, 5))
+    monkeypatch.setattr(DiskTier, "write", _disk_full)
+
+    with pytest.raises(OSError, match="No space left"):
+        tiering.append_pages("cam/c000000", pages, [4])
+
+    assert residency.record("cam/c000000").num_bytes == before
+    assert residency.used_bytes(Tier.DISK) == before
+    assert torch.equal(tiering.tiers.read("cam/c000000"), kv)
+    assert pools.device_pages.num_used == 1  # still the caller's, to keep or give back
+    residency.check_invariants()
+
+
+def test_a_growth_whose_host_pages_cannot_be_pinned_counts_no_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(arena, "HOST_CHUNK_BYTES", 4096)  # host pages pinned 4 at a time, up to the budget
+    tiering = make_tiering(SPEC, tmp_path, device="cpu", page_tokens=4, device_bytes=1 << 14, host_bytes=1 << 14)
+    kv = _kv(4, 6)
+    put(tiering, "cam/c000000", kv, Tier.HOST)
+    pools, residency = tiering.tiers.pools, tiering.residency
+    taken = pools.take(Tier.HOST, pools.host_pages.num_free)  # the next host page needs a new chunk
+    before = residency.record("cam/c000000").num_bytes
+    pages = pools.take(Tier.DEVICE, 1)
+    monkeypatch.setattr(PagePools, "_grow_host", _pinning_fails)
+
+    with pytest.raises(RuntimeError, match="pinning"):
+        tiering.append_pages("cam/c000000", pages, [4])
+
+    pools.give_back(Tier.HOST, taken)
+    assert residency.record("cam/c000000").num_bytes == before
+    assert residency.record("cam/c000000").pages.fills == [4]
+    assert torch.equal(tiering.tiers.read("cam/c000000"), kv)
+    residency.check_invariants()
+
+
+def test_a_new_cluster_the_disk_refuses_leaves_no_record(tmp_path, monkeypatch):
+    tiering = make_tiering(SPEC, tmp_path, device="cpu", page_tokens=4, device_bytes=1 << 12, host_bytes=4096)
+    monkeypatch.setattr(DiskTier, "write", _disk_full)
+
+    with pytest.raises(OSError, match="No space left"):
+        tiering.admit("cam/c000000", "cam", _kv(8, 7), prefer=Tier.DISK)
+
+    assert "cam/c000000" not in tiering.residency
+    assert tiering.residency.used_bytes(Tier.DISK) == 0
+    tiering.residency.check_invariants()
+
+
+def test_a_host_copy_kept_ahead_is_skipped_when_pinning_fails(tmp_path, monkeypatch):
+    """``keep_host_copy`` only saves a later spill its copy: an allocation that fails skips it, raising nothing."""
+    monkeypatch.setattr(arena, "HOST_CHUNK_BYTES", 4096)
+    tiering = make_tiering(SPEC, tmp_path, device="cpu", page_tokens=4, device_bytes=1 << 14, host_bytes=1 << 14)
+    put(tiering, "cam/c000000", _kv(8, 8), Tier.DEVICE)
+    pools = tiering.tiers.pools
+    pools.take(Tier.HOST, pools.host_pages.num_free)  # the copy's pages need a new chunk
+    monkeypatch.setattr(PagePools, "_grow_host", _pinning_fails)
+
+    assert tiering.tiers.keep_host_copy("cam/c000000") == 0
+    assert tiering.tiers.pages("cam/c000000").host is None

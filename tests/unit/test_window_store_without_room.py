@@ -6,6 +6,7 @@ device pages) owned by neither the window nor a cluster.
 
 from __future__ import annotations
 
+import errno
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from mosaic_core.config import MIB
 from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.results import FrameInput
 from mosaic_core.errors import CapacityError
+from mosaic_core.memory.tiers import DiskTier
 from services.engine_loop import EngineLoop
 from services.ingest_queue import IngestQueues, QueuedFrame
 from services.metadata import InMemoryMetadataStore
@@ -186,3 +188,49 @@ def test_the_service_drops_the_frames_the_engine_did_not_take_in_as_no_room(tiny
     delta = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None)
     assert delta.dropped == {("cam", "no_room"): 1}
     assert missing_tokens(engine, "cam") == {}
+
+
+def test_frames_whose_clusters_the_disk_refuses_stay_in_the_window_until_it_writes(
+    tiny_model, bikes_frames, tmp_path, monkeypatch
+):
+    """A disk that refuses the spill making room for a frame's cluster (full) holds its stream back as no room
+    does: the frame's KV and pages stay in its window, and no byte is counted for it; once the disk writes again
+    the frames leave as usual. The error used to escape the call with the frame in neither window nor cluster."""
+    engine = make_engine(
+        tiny_model,
+        device_budget_bytes=int(1.3 * MIB),
+        host_budget_bytes=int(0.3 * MIB),
+        disk_budget_bytes=64 * MIB,
+        disk_dir=str(tmp_path),
+    )
+    engine.open_stream("cam")
+    feed(engine, "cam", bikes_frames[:20])
+    state = engine.stream("cam")
+
+    def disk_full(self, cluster_id, kv):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DiskTier, "write", disk_full)
+    refused_at = None
+    for i in range(20, 40):
+        result = engine.ingest([FrameInput("cam", *bikes_frames[i])])
+        engine.tiering.residency.check_invariants()
+        if result.held_back:
+            refused_at = i
+            break
+    assert refused_at is not None, "the tight budgets must spill to the disk within 20 frames"
+    assert "No space left" in result.held_back["cam"]
+    assert missing_tokens(engine, "cam") == {}
+    assert unowned_device_pages(engine) == 0
+    refused = engine.ingest([FrameInput("cam", *bikes_frames[refused_at + 1])])
+    assert refused.refused == {"cam": 1} and "takes no new frames" in refused.held_back["cam"]
+
+    monkeypatch.undo()
+    feed(engine, "cam", bikes_frames[refused_at + 1 :])
+    engine.checkpoint()
+    assert not state.local
+    assert missing_tokens(engine, "cam") == {}
+    assert unowned_device_pages(engine) == 0
+    engine.tiering.residency.check_invariants()
+    formed = sum(record.num_tokens for record in state.former.records_to_read())
+    assert formed == state.frames_ingested * state.geometry.tokens_per_frame
