@@ -9,7 +9,8 @@ two.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
 
 import torch
 
@@ -21,6 +22,8 @@ from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.recurrence import centroids_of
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.errors import CapacityError, InvalidArgumentError
+
+_Made = TypeVar("_Made", ClusterRecord, tuple[ClusterRecord, ...])
 
 
 def mergeable_clusters(parts: EngineParts, state: StreamState) -> list[str]:
@@ -121,9 +124,7 @@ def merge_clusters(parts: EngineParts, state: StreamState, left_id: str, right_i
             "cluster that could make room is pinned"
         )
     reserve_numbers(parts, state, 1)
-    record = state.former.merge_records(left, right)
-    _replace(parts, state, [left_id, right_id], record)
-    return record.cluster_id
+    return _replace(parts, state, [left_id, right_id], lambda: state.former.merge_records(left, right)).cluster_id
 
 
 def note_frame(parts: EngineParts, state: StreamState, cluster_id: str, summary: torch.Tensor) -> None:
@@ -168,8 +169,9 @@ def join_recurring(parts: EngineParts, state: StreamState, cluster_id: str) -> s
     if not room_to_replace(parts, [earlier.cluster_id, cluster_id]):
         return None
     reserve_numbers(parts, state, 1)
-    joined = state.former.join_records(earlier, record)
-    _replace(parts, state, [earlier.cluster_id, cluster_id], joined)
+    joined = _replace(
+        parts, state, [earlier.cluster_id, cluster_id], lambda: state.former.join_records(earlier, record)
+    )
     return joined.cluster_id
 
 
@@ -180,28 +182,58 @@ def reserve_numbers(parts: EngineParts, state: StreamState, clusters: int) -> No
         parts.history.ensure_ids(state, clusters=clusters)
 
 
+def next_ids(state: StreamState, clusters: int) -> list[str]:
+    """The ids the stream's former gives the next ``clusters`` new clusters (a merge's, a join's, a split's)."""
+    former = state.former
+    return former.ids_numbered(range(former.next_number, former.next_number + clusters))
+
+
+def made_beside_copies(parts: EngineParts, copy_ids: list[str], make: Callable[[], _Made]) -> _Made:
+    """The former's new records from ``make``, for copies already stored under ``copy_ids`` (``next_ids``); when
+    ``make`` raises, the copies are removed and the error raised, the old clusters (not yet removed) as they were."""
+    try:
+        made = make()
+    except BaseException:
+        for cluster_id in copy_ids:
+            parts.tiering.remove(cluster_id)
+        raise
+    made_ids = [r.cluster_id for r in made] if isinstance(made, tuple) else [made.cluster_id]
+    assert made_ids == copy_ids, f"copies stored as {copy_ids}, but the former made {made_ids}"
+    return made
+
+
 def _joins_on(parts: EngineParts) -> bool:
     return parts.config.formation.join_min_similarity is not None and parts.config.mode is RetrievalMode.CLUSTER
 
 
-def _replace(parts: EngineParts, state: StreamState, old_ids: list[str], record: ClusterRecord) -> None:
-    """Makes ``record``'s cluster of the KV of ``old_ids`` (in that order) and retires them everywhere: tiers,
-    records (their summary rows and co-retrieval counts end with them), vision centroids, keyframes (carried
-    over) and durable history (one journal line). The new record's summary is the sum of theirs. In one memory
-    tier the pages change hands without a copy; otherwise both are read onto the device and the result is stored
-    in the hotter of their tiers, and those moves are counted in the tier stats."""
+def _replace(
+    parts: EngineParts, state: StreamState, old_ids: list[str], make_record: Callable[[], ClusterRecord]
+) -> ClusterRecord:
+    """Makes the record ``make_record`` gives (the former's merge or join of ``old_ids``) a cluster of their KV (in
+    that order) and retires them everywhere: tiers, records (their summary rows and co-retrieval counts end with
+    them), vision centroids, keyframes (carried over) and durable history (one journal line). The new record's
+    summary is the sum of theirs. In one memory tier the pages change hands without a copy; otherwise both are read
+    onto the device and the copy is stored in the hotter of their tiers, counted in the tier stats, before the
+    record is made and they are removed: a store that fails (a disk that refuses the write) raises with every
+    record and cluster as it was. Returns the record."""
     tiering = parts.tiering
     merged_summary = tiering.summaries.combined(old_ids)  # before their records, and rows, end
     if tiering.can_regroup(old_ids):
+        record = make_record()
         num_pages = sum(tiering.tiers.pages(cid).num_pages for cid in old_ids)
         tiering.regroup(state.stream_id, old_ids, [(record.cluster_id, num_pages)])
     else:
-        _copy_into_one(parts, state, old_ids, record.cluster_id)
+        copy_ids = next_ids(state, 1)
+        _copy_into_one(parts, state, old_ids, copy_ids[0])
+        record = made_beside_copies(parts, copy_ids, make_record)
+        for cluster_id in old_ids:
+            tiering.remove(cluster_id)
     tiering.summaries.put(record.cluster_id, *merged_summary)
     centroids_of(state).combine(old_ids, record.cluster_id)
     store_for(parts, state).carry_over(old_ids, [record])
     if parts.history is not None:
         parts.history.on_merge(state, record.cluster_id, old_ids)
+    return record
 
 
 def _copy_into_one(parts: EngineParts, state: StreamState, old_ids: list[str], new_id: str) -> None:
@@ -213,8 +245,6 @@ def _copy_into_one(parts: EngineParts, state: StreamState, old_ids: list[str], n
         if tier is not Tier.DEVICE:
             stats.record(tier, Tier.DEVICE, kv.shape[3] * bytes_per_token)
     kv = torch.cat(parts_kv, dim=3)
-    for cluster_id in old_ids:
-        tiering.remove(cluster_id)
-    tier = tiering.admit(new_id, state.stream_id, kv, prefer=min(tiers_before))
+    tier = tiering.admit(new_id, state.stream_id, kv, prefer=min(tiers_before), keep=frozenset(old_ids))
     if tier is not Tier.DEVICE:
         stats.record(Tier.DEVICE, tier, kv.shape[3] * bytes_per_token)

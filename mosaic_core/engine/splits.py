@@ -28,7 +28,7 @@ import torch
 from mosaic_core.bookkeeping.formation import ClusterRecord
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.engine.keyframe_store import store_for
-from mosaic_core.engine.maintenance import reserve_numbers
+from mosaic_core.engine.maintenance import made_beside_copies, next_ids, reserve_numbers
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.recurrence import centroids_of
 from mosaic_core.engine.stream import StreamState
@@ -141,19 +141,13 @@ def split_cluster(parts: EngineParts, state: StreamState, record: ClusterRecord,
     reserve_numbers(parts, state, 2)  # the halves' numbers, before anything changes
     kv = tiering.tiers.read(cluster_id)  # for the halves' summaries
     page_tokens = tiering.tiers.page_tokens
-    halves = state.former.split_record(record, at_frame_index)
     if regroups:
+        halves = state.former.split_record(record, at_frame_index)
         frame_pages = [[pages_for(n, page_tokens) for n in half.frame_num_tokens] for half in halves]
         new = [(h.cluster_id, sum(len(f) for f in pages)) for h, pages in zip(halves, frame_pages, strict=True)]
         tiering.regroup(state.stream_id, [cluster_id], new)
     else:
-        tier = tiering.residency.tier_of(cluster_id)
-        tiering.remove(cluster_id)
-        start = 0
-        for half in halves:
-            part = kv[:, :, :, start : start + half.num_tokens].contiguous()
-            tiering.admit(half.cluster_id, state.stream_id, part, prefer=tier)
-            start += half.num_tokens
+        halves = _copy_into_halves(parts, state, record, at_frame_index, kv)
     summaries = tiering.summaries
     start = 0
     for half in halves:
@@ -164,6 +158,33 @@ def split_cluster(parts: EngineParts, state: StreamState, record: ClusterRecord,
     if parts.history is not None:
         parts.history.on_split(state, [h.cluster_id for h in halves], cluster_id)
     return [h.cluster_id for h in halves]
+
+
+def _copy_into_halves(
+    parts: EngineParts, state: StreamState, record: ClusterRecord, at_frame_index: int, kv: torch.Tensor
+) -> tuple[ClusterRecord, ...]:
+    """Stores the halves' copies under the ids the split will give them, then splits the record and removes the
+    cluster: a store that fails (a disk that refuses the write) removes the halves stored so far and raises with
+    the record and the cluster as they were. Returns the halves' records."""
+    tiering, cluster_id = parts.tiering, record.cluster_id
+    if at_frame_index not in record.frame_indices[1:]:
+        return state.former.split_record(record, at_frame_index)  # raises, naming the frames it may cut before
+    tier, keep = tiering.residency.tier_of(cluster_id), frozenset({cluster_id})
+    cut = record.frame_indices.index(at_frame_index)
+    num_tokens = [sum(record.frame_num_tokens[:cut]), sum(record.frame_num_tokens[cut:])]
+    half_ids, stored, start = next_ids(state, 2), [], 0
+    try:
+        for half_id, n in zip(half_ids, num_tokens, strict=True):
+            tiering.admit(half_id, state.stream_id, kv[:, :, :, start : start + n].contiguous(), prefer=tier, keep=keep)
+            stored.append(half_id)
+            start += n
+    except BaseException:
+        for half_id in stored:
+            tiering.remove(half_id)
+        raise
+    halves = made_beside_copies(parts, half_ids, lambda: state.former.split_record(record, at_frame_index))
+    tiering.remove(cluster_id)
+    return halves
 
 
 def _pages_by_frame(parts: EngineParts, record: ClusterRecord) -> bool:

@@ -43,10 +43,12 @@ class TierManager:
             self.residency.apply(MovePlan([move]))
         return moved
 
-    def admit(self, cluster_id: str, stream_id: str, kv: torch.Tensor, *, prefer: Tier) -> Tier:
-        """Stores a new cluster in the hottest tier from ``prefer`` down that can make room for it. When storing it
-        fails, its record is forgotten again and the error raised."""
-        tier = self._place_new(cluster_id, stream_id, self.tiers.footprint_bytes(kv.shape[3]), prefer)
+    def admit(
+        self, cluster_id: str, stream_id: str, kv: torch.Tensor, *, prefer: Tier, keep: frozenset[str] = frozenset()
+    ) -> Tier:
+        """Stores a new cluster in the hottest tier from ``prefer`` down that can make room for it without spilling
+        ``keep``. When storing it fails, its record is forgotten again and the error raised."""
+        tier = self._place_new(cluster_id, stream_id, self.tiers.footprint_bytes(kv.shape[3]), prefer, keep)
         self._placed_or_forgotten(cluster_id, lambda: self.tiers.put(cluster_id, kv, tier))
         return tier
 
@@ -71,11 +73,13 @@ class TierManager:
         self.tiers.append_pages(cluster_id, pages, fills)
         self._count_growth(cluster_id, extra)
 
-    def _place_new(self, cluster_id: str, stream_id: str, num_bytes: int, prefer: Tier) -> Tier:
+    def _place_new(
+        self, cluster_id: str, stream_id: str, num_bytes: int, prefer: Tier, keep: frozenset[str] = frozenset()
+    ) -> Tier:
         for tier in _tiers_from(prefer):
             if self.residency.capacity_bytes(tier) == 0:
                 continue
-            plan = self.residency.plan_make_room(tier, num_bytes)
+            plan = self.residency.plan_make_room(tier, num_bytes, exclude=keep)
             if plan is None:
                 continue
             self.execute(plan)
@@ -175,20 +179,15 @@ class TierManager:
 
     def room_to_copy(self, old_ids: list[str], new_tokens: list[int]) -> bool:
         """Whether new clusters of ``new_tokens`` tokens copied from ``old_ids`` (a merge, a join, a split that
-        cannot ``regroup``) would find room in ``admit`` once the old ones are removed, judged before they are: their
-        bytes count as free in their tiers, and they are never chosen to spill. Asked before any record changes,
-        since an ``admit`` that failed after the old clusters were removed would lose their KV."""
-        residency, freeing = self.residency, frozenset(old_ids)
+        cannot ``regroup``) would find room in ``admit`` beside them, in their hottest tier or a colder one. The
+        copies are stored before the old clusters are removed (so a failed store loses nothing), so the old ones'
+        bytes still count and they are never chosen to spill. Asked before any record changes."""
+        residency, keep = self.residency, frozenset(old_ids)
         num_bytes = sum(self.tiers.footprint_bytes(n) for n in new_tokens)
-        for tier in _tiers_from(min(residency.tier_of(cid) for cid in old_ids)):
-            if residency.capacity_bytes(tier) == 0:
-                continue
-            freed = sum(residency.record(cid).num_bytes for cid in old_ids if residency.tier_of(cid) is tier)
-            if residency.free_bytes(tier) + freed >= num_bytes:
-                return True
-            if residency.plan_make_room(tier, num_bytes, exclude=freeing) is not None:
-                return True
-        return False
+        return any(
+            residency.capacity_bytes(tier) and residency.plan_make_room(tier, num_bytes, exclude=keep) is not None
+            for tier in _tiers_from(min(residency.tier_of(cid) for cid in old_ids))
+        )
 
     def regroup(self, stream_id: str, old_ids: list[str], new: list[tuple[str, int]]) -> Tier:
         """Replaces clusters by new ones made of the same pages, in the same tier, without a copy

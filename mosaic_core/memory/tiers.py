@@ -190,13 +190,14 @@ class KVTiers:
     def put(self, cluster_id: str, kv: torch.Tensor, tier: Tier) -> None:
         """Stores a new cluster's KV ``[L, 2, H, n, D]`` in ``tier`` (its record's, made just before)."""
         record = self._fresh(cluster_id)
-        record.fills = pages_for(kv.shape[3], self.page_tokens)
-        if tier is Tier.DISK:
+        fills = pages_for(kv.shape[3], self.page_tokens)
+        if tier is not Tier.DISK:
+            pages = self._take(tier, len(fills))
+            self.pools.write(tier, pages, fills, kv)
+            self._set_pages(record, tier, pages)
+        else:
             self._to_disk(cluster_id, kv)
-            return
-        pages = self._take(tier, record.num_pages)
-        self.pools.write(tier, pages, record.fills, kv)
-        self._set_pages(record, tier, pages)
+        record.fills = fills  # once the bytes are there: a failed write leaves a record of no tokens
 
     def append(self, cluster_id: str, chunk: torch.Tensor) -> None:
         """Grows a cluster by ``chunk`` ``[L, 2, H, n, D]`` in its current tier: new pages, nothing regrown."""

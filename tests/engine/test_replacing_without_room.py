@@ -3,6 +3,7 @@ first and then failing to store the new one lost their KV and left the records n
 
 from __future__ import annotations
 
+import errno
 import itertools
 
 import pytest
@@ -15,6 +16,7 @@ from mosaic_core.config import MIB
 from mosaic_core.engine.maintenance import merge_clusters
 from mosaic_core.engine.splits import split_cluster
 from mosaic_core.errors import CapacityError
+from mosaic_core.memory.tiers import DiskTier
 from tests.engine.engine_helpers import feed, make_engine
 
 
@@ -101,3 +103,59 @@ def test_a_split_with_no_room_for_its_halves_copies_changes_nothing(tiny_model, 
     assert [r.cluster_id for r in state.former.records_to_read()] == records_before
     assert tiering.residency.tier_of(merged) is tier_before
     assert torch.equal(tiering.tiers.read(merged), kv_before)
+
+
+def test_a_merge_and_a_split_whose_copies_the_disk_refuses_change_nothing(tiny_model, bikes_frames, tmp_path):
+    """Clusters in the disk tier merged, then split, by copying: the copy is written before the old clusters go, so
+    a disk that refuses it (full) leaves the records and the old clusters' KV as they were, and no record of a
+    cluster with no file. The old clusters used to be removed first."""
+    engine = make_engine(
+        tiny_model,
+        page_tokens=32,  # frames of 18 tokens: a merged copy is packed into whole pages, so its split copies too
+        formation=FormationConfig(max_tokens=128),
+        retrieval_budget_tokens=128,
+        device_budget_bytes=int(1.3 * MIB),
+        host_budget_bytes=int(0.3 * MIB),
+        disk_budget_bytes=64 * MIB,
+        disk_dir=str(tmp_path),
+    )
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:40])
+    state, tiering = engine.stream("cam"), engine.tiering
+    residency = tiering.residency
+    in_window = state.local_cluster_ids()
+    records = [r for r in state.former.records_to_read() if r.sealed and r.cluster_id not in in_window]
+    left, right = next(
+        (a.cluster_id, b.cluster_id)
+        for a, b in itertools.pairwise(records)
+        if a.num_tokens + b.num_tokens <= 128 and a.num_frames + b.num_frames >= 2
+    )
+    for cluster_id in (left, right):
+        if residency.tier_of(cluster_id) is not Tier.DISK:
+            tiering.execute(residency.plan_spill(cluster_id, Tier.DISK))
+
+    def refused(cluster_ids, replace):
+        kv_before = {cid: tiering.tiers.read(cid).clone() for cid in cluster_ids}
+        records_before = [r.cluster_id for r in state.former.records_to_read()]
+        tracked_before = set(residency.tracked_ids())
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(DiskTier, "write", _disk_full)
+            with pytest.raises(OSError, match="No space left"):
+                replace()
+        assert [r.cluster_id for r in state.former.records_to_read()] == records_before
+        assert set(residency.tracked_ids()) == tracked_before
+        for cluster_id, kv in kv_before.items():
+            assert residency.tier_of(cluster_id) is Tier.DISK
+            assert torch.equal(tiering.tiers.read(cluster_id), kv)
+        residency.check_invariants()
+
+    refused([left, right], lambda: merge_clusters(engine.parts, state, left, right))
+    merged = merge_clusters(engine.parts, state, left, right)  # the disk writes again
+    assert residency.tier_of(merged) is Tier.DISK
+    record = state.former.get(merged)
+    assert tiering.tiers.pages(merged).fills != [18] * record.num_frames  # repacked: the halves are copies
+    refused([merged], lambda: split_cluster(engine.parts, state, record, record.frame_indices[1]))
+
+
+def _disk_full(self, cluster_id, kv):
+    raise OSError(errno.ENOSPC, "No space left on device")
