@@ -26,8 +26,8 @@ that are not durable yet (open, or still partly in the local window) are written
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,8 @@ from mosaic_core.errors import CapacityError, UnknownClusterError
 from mosaic_core.memory.arena import PagePools
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import Moved, TransferEngine
+
+_SPILL_NAME = re.compile(r"(c\d+)\.safetensors(\.tmp)?")  # ``DiskTier``'s files, written or half-written
 
 DIRECTIONS = {
     (Tier.HOST, Tier.DEVICE): "host_to_device",
@@ -70,26 +72,31 @@ class TransferStats:
 
 
 class DiskTier:
-    """Cluster files under one directory; reopening the directory finds them again.
+    """The files of disk-tier clusters that have no durable record (spill files), under one directory.
 
-    Layout: ``<root>/<stream_id>/<cluster name>.safetensors``, where the cluster id is ``<stream_id>/<name>``.
-    A ``manifest.json`` per stream lists the clusters written there, so a restarted worker can rebuild.
+    Layout: ``<root>/<stream_id>/<cluster name>.safetensors``, where the cluster id is ``<stream_id>/<name>``. Nothing
+    adopts them after a restart (only durable records come back), so ``KVTiers`` clears them as it starts.
     """
+
+    SUFFIX = ".safetensors"
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, cluster_id: str) -> Path:
-        return self.root / f"{cluster_id}.safetensors"
+        return self.root / f"{cluster_id}{self.SUFFIX}"
 
     def write(self, cluster_id: str, kv: torch.Tensor) -> None:
         path = self.path(cluster_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"kv": kv.contiguous().cpu()}, str(tmp))
-        os.replace(tmp, path)  # a reader never sees half a file
-        self._update_manifest(cluster_id, present=True)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            save_file({"kv": kv.contiguous().cpu()}, str(tmp))
+            os.replace(tmp, path)  # a reader never sees half a file
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a disk that filled up mid-write keeps no half file
+            raise
 
     def read(self, cluster_id: str) -> torch.Tensor:
         path = self.path(cluster_id)
@@ -99,21 +106,22 @@ class DiskTier:
 
     def delete(self, cluster_id: str) -> None:
         self.path(cluster_id).unlink(missing_ok=True)
-        self._update_manifest(cluster_id, present=False)
 
     def list_clusters(self, stream_id: str) -> list[str]:
-        manifest = self.root / stream_id / "manifest.json"
-        if not manifest.exists():
-            return []
-        return json.loads(manifest.read_text())["clusters"]
+        """The clusters of ``stream_id`` with a spill file, read from the directory itself."""
+        names = (_SPILL_NAME.fullmatch(p.name) for p in (self.root / stream_id).glob("c*.safetensors"))
+        return sorted(f"{stream_id}/{m[1]}" for m in names if m and not m[2])
 
-    def _update_manifest(self, cluster_id: str, *, present: bool) -> None:
-        stream_id = cluster_id.rsplit("/", 1)[0]
-        manifest = self.root / stream_id / "manifest.json"
-        clusters = set(self.list_clusters(stream_id))
-        (clusters.add if present else clusters.discard)(cluster_id)
-        manifest.parent.mkdir(parents=True, exist_ok=True)
-        manifest.write_text(json.dumps({"clusters": sorted(clusters)}))
+    def clear(self) -> int:
+        """Deletes every spill file (and half-written one) under the root, and nothing else: the directory may hold
+        other files, such as durable records, so only names of the layout above (``c<number>``) go. Returns how
+        many went."""
+        paths = [
+            p for p in self.root.rglob("c*.safetensors*") if _SPILL_NAME.fullmatch(p.name) and p.parent != self.root
+        ]
+        for path in paths:
+            path.unlink(missing_ok=True)
+        return len(paths)
 
 
 class KVTiers:
@@ -138,6 +146,8 @@ class KVTiers:
         self.device = torch.device(device)
         self.pin_host = self.device.type == "cuda"
         self.disk = DiskTier(disk_dir) if disk_dir else None
+        if self.disk is not None:
+            self.disk.clear()  # no cluster is tracked yet: a spill file there is a previous process's
         self.durable = durable
         self.stats = TransferStats()
         self.transfers = TransferEngine(self.device)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 from pathlib import Path
 
+import pytest
 import torch
 
 from mosaic_core.bookkeeping.formation import FormationConfig
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
 from mosaic_core.engine.maintenance import merge_clusters
+from mosaic_core.memory import tiers as tiers_module
+from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.tiers import DiskTier
 from tests.engine.engine_helpers import feed, make_engine
+from tests.unit.tiering_helpers import make_tiering
 
 
 def test_clusters_spill_to_disk_and_come_back(tiny_model, bikes_frames, tmp_path):
@@ -82,3 +87,40 @@ def test_a_merged_disk_cluster_leaves_no_spill_file_once_dropped(tiny_model, bik
     leftovers = sorted(p.name for p in (Path(tmp_path) / ".spill").rglob("*.safetensors"))
     assert not spill.exists(), f"the dropped cluster's spill file outlives it: {leftovers}"
     engine.close()
+
+
+def test_a_write_the_disk_refuses_leaves_no_half_file(tmp_path, monkeypatch):
+    disk = DiskTier(tmp_path)
+
+    def disk_fills_up(tensors, path):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tiers_module, "save_file", disk_fills_up)
+    with pytest.raises(OSError, match="No space left"):
+        disk.write("s/c000001", torch.randn(2, 2, 1, 5, 4))
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert disk.list_clusters("s") == []
+
+
+def test_the_disk_tier_starts_without_a_previous_process_spill_files_and_keeps_every_other_file(tmp_path):
+    """A configured disk_dir is cleared of the spill files a previous process left, as data_dir/.spill is, but of
+    nothing else (records, weights, a torn manifest of an older version); writes then go on."""
+    earlier = DiskTier(tmp_path)
+    earlier.write("cam/c000001", torch.randn(2, 2, 1, 5, 4))
+    (tmp_path / "cam" / "c000002.safetensors.tmp").write_bytes(b"half a file")
+    (tmp_path / "cam" / "manifest.json").write_text('{"clust')  # torn: its write was not atomic
+    others = [tmp_path / "cam" / "c000003.mkv", tmp_path / "cam" / "notes.safetensors", tmp_path / "model.safetensors"]
+    for path in others:
+        path.write_bytes(b"not the disk tier's")
+    spec = KVSpec(num_layers=2, num_kv_heads=1, num_q_heads=1, head_dim=4, dtype=torch.float32)
+
+    tiering = make_tiering(spec, tmp_path, device="cpu", page_tokens=4)
+
+    assert not (tmp_path / "cam" / "c000001.safetensors").exists()
+    assert not (tmp_path / "cam" / "c000002.safetensors.tmp").exists()
+    assert all(path.read_bytes() == b"not the disk tier's" for path in others)
+    kv = torch.randn(2, 2, 1, 5, 4)
+    tiering.admit("cam/c000004", "cam", kv, prefer=Tier.DISK)
+    assert torch.equal(tiering.tiers.read("cam/c000004"), kv)
+    assert tiering.tiers.disk.list_clusters("cam") == ["cam/c000004"]
