@@ -17,6 +17,7 @@ from mosaic_core.model.video import sample_clip_path
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.metadata.base import TIERS
 from services.metadata.schema import KEY_TEMPLATES, template_regex
+from services.metadata.watches import WATCH_KEY_TEMPLATES
 
 PUSH_OFFSET_S = 1000.0  # the pushed camera's clock starts here, so the two time ranges cannot be confused
 
@@ -94,7 +95,7 @@ def test_time_range_limits_the_evidence(client, cameras):
 
 
 def test_redis_keys_match_the_documented_schema_and_the_workers(client, cameras, redis):
-    patterns = [template_regex(t, NAMESPACE) for t in KEY_TEMPLATES]
+    patterns = [template_regex(t, NAMESPACE) for t in (*KEY_TEMPLATES, *WATCH_KEY_TEMPLATES)]
     keys = list(redis.scan_iter(match=f"{NAMESPACE}:*", count=1000))
     assert keys
     unmatched = [k for k in keys if not any(p.fullmatch(k) for p in patterns)]
