@@ -562,7 +562,9 @@ class EngineLoop:
 
     def _drop_refused(self, frames: list[QueuedFrame], err: BaseException) -> None:
         """Counts one stream's frames that the engine refused as dropped, with why."""
-        reason = "no_room" if isinstance(err, CapacityError) else "invalid"  # no_room: no tier had room
+        # no_room: no tier had room, or its stream's oldest frames could not be stored yet (a disk that refused a
+        # spill, a failed host allocation; the log line says which)
+        reason = "no_room" if isinstance(err, CapacityError) else "invalid"
         log.warning("dropping %d frames of stream %s: %s", len(frames), frames[0].stream_id, err)
         self.telemetry.dropped(frames[0].stream_id, reason, len(frames))
 
