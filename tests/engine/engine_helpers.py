@@ -23,6 +23,13 @@ def make_engine(model, **overrides) -> Engine:
     return Engine(model, dataclasses.replace(SMALL, **overrides))
 
 
+def spilling_to_disk(model, disk_dir, **overrides) -> Engine:
+    """An engine whose device and host tiers are small enough that the bikes clip's clusters reach a disk tier in
+    ``disk_dir`` within its first frames."""
+    budgets = {"device_budget_bytes": int(1.3 * MIB), "host_budget_bytes": int(0.3 * MIB)}
+    return make_engine(model, **budgets, disk_budget_bytes=64 * MIB, disk_dir=str(disk_dir), **overrides)
+
+
 def with_history(model, frames, stream_ids, *, num_frames: int = 16) -> Engine:
     """An engine whose streams have ingested ``num_frames`` frames each, the i-th stream starting at frame i."""
     engine = make_engine(model)

@@ -16,19 +16,12 @@ from mosaic_core.engine.maintenance import merge_clusters
 from mosaic_core.memory import tiers as tiers_module
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.tiers import DiskTier
-from tests.engine.engine_helpers import feed, make_engine
+from tests.engine.engine_helpers import feed, make_engine, spilling_to_disk
 from tests.unit.tiering_helpers import make_tiering
 
 
 def test_clusters_spill_to_disk_and_come_back(tiny_model, bikes_frames, tmp_path):
-    engine = make_engine(
-        tiny_model,
-        mode="cluster",
-        device_budget_bytes=int(1.3 * MIB),
-        host_budget_bytes=int(0.3 * MIB),
-        disk_budget_bytes=64 * MIB,
-        disk_dir=str(tmp_path),
-    )
+    engine = spilling_to_disk(tiny_model, tmp_path, mode="cluster")
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:40])
     on_disk = [c for c in engine.clusters("cam") if c.tier == "disk"]

@@ -17,7 +17,7 @@ from mosaic_core.engine.maintenance import merge_clusters
 from mosaic_core.engine.splits import split_cluster
 from mosaic_core.errors import CapacityError
 from mosaic_core.memory.tiers import DiskTier
-from tests.engine.engine_helpers import feed, make_engine
+from tests.engine.engine_helpers import feed, make_engine, spilling_to_disk
 
 
 def _full_of_pinned(engine, keep: set[str]) -> None:
@@ -29,19 +29,24 @@ def _full_of_pinned(engine, keep: set[str]) -> None:
     assert residency.charge("keyframes", Tier.HOST, residency.free_bytes(Tier.HOST))
 
 
-def _adjacent_in_two_tiers(engine, min_frames: int = 2) -> tuple[str, str]:
-    """Two adjacent sealed clusters outside the window that may merge, of ``min_frames`` frames or more together,
-    moved to the device and the host: a merge of them copies."""
-    state, tiering = engine.stream("cam"), engine.tiering
-    residency = tiering.residency
+def _adjacent_pair(engine, min_frames: int = 2) -> tuple[str, str]:
+    """Two adjacent sealed clusters outside the window that may merge, of ``min_frames`` frames or more together."""
+    state = engine.stream("cam")
     in_window = state.local_cluster_ids()
     records = [r for r in state.former.records_to_read() if r.sealed and r.cluster_id not in in_window]
-    left, right = next(
+    return next(
         (a.cluster_id, b.cluster_id)
         for a, b in itertools.pairwise(records)
         if a.num_tokens + b.num_tokens <= engine.config.formation.max_tokens
         and a.num_frames + b.num_frames >= min_frames
     )
+
+
+def _adjacent_in_two_tiers(engine, min_frames: int = 2) -> tuple[str, str]:
+    """``_adjacent_pair``, moved to the device and the host: a merge of them copies."""
+    tiering = engine.tiering
+    residency = tiering.residency
+    left, right = _adjacent_pair(engine, min_frames)
     tiering.execute(residency.plan_fetch(left, Tier.DEVICE))
     if residency.tier_of(right) is not Tier.HOST:
         tiering.execute(residency.plan_spill(right, Tier.HOST))
@@ -109,27 +114,18 @@ def test_a_merge_and_a_split_whose_copies_the_disk_refuses_change_nothing(tiny_m
     """Clusters in the disk tier merged, then split, by copying: the copy is written before the old clusters go, so
     a disk that refuses it (full) leaves the records and the old clusters' KV as they were, and no record of a
     cluster with no file. The old clusters used to be removed first."""
-    engine = make_engine(
+    engine = spilling_to_disk(
         tiny_model,
+        tmp_path,
         page_tokens=32,  # frames of 18 tokens: a merged copy is packed into whole pages, so its split copies too
         formation=FormationConfig(max_tokens=128),
         retrieval_budget_tokens=128,
-        device_budget_bytes=int(1.3 * MIB),
-        host_budget_bytes=int(0.3 * MIB),
-        disk_budget_bytes=64 * MIB,
-        disk_dir=str(tmp_path),
     )
     engine.open_stream("cam", fps=2.0)
     feed(engine, "cam", bikes_frames[:40])
     state, tiering = engine.stream("cam"), engine.tiering
     residency = tiering.residency
-    in_window = state.local_cluster_ids()
-    records = [r for r in state.former.records_to_read() if r.sealed and r.cluster_id not in in_window]
-    left, right = next(
-        (a.cluster_id, b.cluster_id)
-        for a, b in itertools.pairwise(records)
-        if a.num_tokens + b.num_tokens <= 128 and a.num_frames + b.num_frames >= 2
-    )
+    left, right = _adjacent_pair(engine)
     for cluster_id in (left, right):
         if residency.tier_of(cluster_id) is not Tier.DISK:
             tiering.execute(residency.plan_spill(cluster_id, Tier.DISK))

@@ -23,7 +23,7 @@ from services.metadata import InMemoryMetadataStore
 from services.publisher import MetadataPublisher, WorkerView
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
-from tests.engine.engine_helpers import feed, make_engine
+from tests.engine.engine_helpers import feed, make_engine, spilling_to_disk
 from tests.engine.room_helpers import HELD, fill_with_pinned, give_room_back, missing_tokens, unowned_device_pages
 
 
@@ -58,13 +58,7 @@ def test_frames_that_find_no_room_to_leave_the_window_stay_in_it(tiny_model, bik
 
     give_room_back(engine)
     feed(engine, "cam", bikes_frames[13:16])
-    engine.checkpoint()
-    assert not state.local
-    assert missing_tokens(engine, "cam") == {}
-    assert unowned_device_pages(engine) == 0
-    engine.tiering.residency.check_invariants()
-    formed = sum(record.num_tokens for record in state.former.records_to_read())
-    assert formed == state.frames_ingested * state.geometry.tokens_per_frame
+    _checkpoint_loses_nothing(engine, state)
 
 
 def _loop(engine) -> EngineLoop:
@@ -196,13 +190,7 @@ def test_frames_whose_clusters_the_disk_refuses_stay_in_the_window_until_it_writ
     """A disk that refuses the spill making room for a frame's cluster (full) holds its stream back as no room
     does: the frame's KV and pages stay in its window, and no byte is counted for it; once the disk writes again
     the frames leave as usual. The error used to escape the call with the frame in neither window nor cluster."""
-    engine = make_engine(
-        tiny_model,
-        device_budget_bytes=int(1.3 * MIB),
-        host_budget_bytes=int(0.3 * MIB),
-        disk_budget_bytes=64 * MIB,
-        disk_dir=str(tmp_path),
-    )
+    engine = spilling_to_disk(tiny_model, tmp_path)
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:20])
     state = engine.stream("cam")
@@ -227,6 +215,11 @@ def test_frames_whose_clusters_the_disk_refuses_stay_in_the_window_until_it_writ
 
     monkeypatch.undo()
     feed(engine, "cam", bikes_frames[refused_at + 1 :])
+    _checkpoint_loses_nothing(engine, state)
+
+
+def _checkpoint_loses_nothing(engine, state) -> None:
+    """A checkpoint empties the window into clusters, and every ingested frame's tokens are in one, pages owned."""
     engine.checkpoint()
     assert not state.local
     assert missing_tokens(engine, "cam") == {}
