@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -158,9 +159,9 @@ def keyframes_response(keyframes: list[Keyframe], max_bytes: int | None = None) 
     )
     if max_bytes is None or reply.ByteSize() <= max_bytes:
         return reply
-    fit = 0
-    while pb.GetKeyframesResponse(keyframes=reply.keyframes[: fit + 1]).ByteSize() <= max_bytes:
-        fit += 1
+    # A repeated field's bytes are the sum of its entries', so the reply of the first k keyframes is a running sum.
+    sizes = itertools.accumulate(pb.GetKeyframesResponse(keyframes=[k]).ByteSize() for k in reply.keyframes)
+    fit = sum(1 for size in sizes if size <= max_bytes)
     what = f"ask for at most {fit} of them at a time" if fit else "even one is larger than that"
     raise CapacityError(
         f"the {len(keyframes)} keyframes asked for come to {reply.ByteSize() / MIB:.2f} MiB, more than the server's "
