@@ -24,9 +24,11 @@ def _clusters(tiny_model, frames, formation: FormationConfig) -> list[list[int]]
 def test_keys_change_where_clusters_start_and_vision_only_is_the_default(tiny_model, bikes_frames):
     vision = _clusters(tiny_model, bikes_frames, FormationConfig(max_tokens=48))
     assert _clusters(tiny_model, bikes_frames, FormationConfig(max_tokens=48, key_weight=0.0)) == vision
-    strict = FormationConfig(max_tokens=48, min_similarity=0.99)
-    keys = _clusters(tiny_model, bikes_frames, dataclasses.replace(strict, key_weight=1.0))
-    assert keys != _clusters(tiny_model, bikes_frames, strict)
+    # At 0.9 the two differ in most of the clip's second half; at 0.99 only at a frame or two, which a GPU's
+    # rounding can erase (on an H100 they came out equal there).
+    looser = FormationConfig(max_tokens=48, min_similarity=0.9)
+    keys = _clusters(tiny_model, bikes_frames, dataclasses.replace(looser, key_weight=1.0))
+    assert keys != _clusters(tiny_model, bikes_frames, looser)
     assert sorted(f for c in keys for f in c) == list(range(len(bikes_frames)))
 
 

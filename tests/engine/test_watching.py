@@ -115,7 +115,9 @@ def test_captured_queries_are_the_queries_the_question_path_computes(tiny_model,
     Later layers read the retrieved clusters, which the capture leaves out by design."""
     from mosaic_core.engine.plans import QuestionPlan
 
-    engine = make_engine(tiny_model)  # its own engine: asking may merge clusters the module's engine keeps
+    # Its own engine (asking may merge clusters the module's engine keeps), with the question's layers run eagerly:
+    # on CUDA a prefill graph's replay never calls the Python ``attend`` recorded below.
+    engine = make_engine(tiny_model, prefill_graphs=False)
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:8])
     short, long = "Cyclist?", "Is there a red truck parked at the north gate of the depot right now?"
