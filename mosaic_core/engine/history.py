@@ -23,9 +23,11 @@ from dataclasses import dataclass
 
 from mosaic_core.bookkeeping.formation import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.durable.loading import StoredStream
 from mosaic_core.durable.manifest import RECORD_SUFFIX, ClusterEntry
 from mosaic_core.durable.records import ClusterSummary
-from mosaic_core.durable.store import DurableStore, Seal, StoredStream
+from mosaic_core.durable.store import DurableStore
+from mosaic_core.durable.write_behind import Seal
 from mosaic_core.engine.keyframe_store import KeyframeSettings, held_keyframes, keyframes_of
 from mosaic_core.engine.keyframes import Keyframe, make_keyframe_id
 from mosaic_core.engine.record_ledger import RecordLedger

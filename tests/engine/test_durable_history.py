@@ -186,10 +186,11 @@ def test_flush_returns_only_once_a_changed_state_is_on_disk(tmp_path, monkeypatc
     too (a restarted worker read counters saved just before a flush that had returned early)."""
     import threading
 
-    from mosaic_core.durable import store as store_module
+    from mosaic_core.durable import write_behind as write_behind_module
     from mosaic_core.durable.manifest import STATE_NAME
+    from mosaic_core.durable.store import DurableStore
 
-    writing, real_write = threading.Event(), store_module.write_atomic
+    writing, real_write = threading.Event(), write_behind_module.write_atomic
 
     def slow_write(path, data):
         if path.name == STATE_NAME:
@@ -197,8 +198,8 @@ def test_flush_returns_only_once_a_changed_state_is_on_disk(tmp_path, monkeypatc
             threading.Event().wait(0.5)
         real_write(path, data)
 
-    monkeypatch.setattr(store_module, "write_atomic", slow_write)
-    store = store_module.DurableStore(tmp_path, state_interval_s=0.05)
+    monkeypatch.setattr(write_behind_module, "write_atomic", slow_write)
+    store = DurableStore(tmp_path, state_interval_s=0.05)
     try:
         store.create_stream("cam", {"fps": 1.0})
         store.update_state("cam", counters={"ingested": 16})
@@ -304,17 +305,17 @@ def test_a_stalled_disk_does_not_hold_ingest_and_loses_nothing_once_it_writes(
     """While no record file can be written, clusters that leave memory for the disk tier are read from their
     snapshots, so ingest goes on rather than waiting for each record (it waited up to a minute a cluster); once the
     disk writes again, every complete cluster is on disk and comes back after a restart."""
-    from mosaic_core.durable import store as store_module
+    from mosaic_core.durable import write_behind as write_behind_module
 
     disk_writes = threading.Event()
-    real_write_atomic = store_module.write_atomic
+    real_write_atomic = write_behind_module.write_atomic
 
     def stalled_write(path, data):
         if path.suffix == RECORD_SUFFIX:
             disk_writes.wait(120)
         return real_write_atomic(path, data)
 
-    monkeypatch.setattr(store_module, "write_atomic", stalled_write)
+    monkeypatch.setattr(write_behind_module, "write_atomic", stalled_write)
     engine = make_engine(
         tiny_model, data_dir=str(tmp_path), device_budget_bytes=int(1.3 * MIB), host_budget_bytes=int(0.3 * MIB)
     )

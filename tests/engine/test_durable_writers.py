@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosaic_core.durable import store as store_module
+from mosaic_core.durable import write_behind as write_behind_module
 from mosaic_core.durable.manifest import (
     DAMAGED_PREFIX,
     MANIFEST_NAME,
@@ -29,7 +29,8 @@ from mosaic_core.durable.manifest import (
     replay,
 )
 from mosaic_core.durable.records import ClusterSummary
-from mosaic_core.durable.store import DurableStore, Seal
+from mosaic_core.durable.store import DurableStore
+from mosaic_core.durable.write_behind import Seal
 
 WAIT_S = 10.0
 
@@ -156,7 +157,7 @@ class FailsOnce:
 
 
 def test_a_failed_write_that_is_no_oserror_is_retried_and_the_writer_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "RETRY_S", (0.01, 0.01, 0.01, 0.01))
+    monkeypatch.setattr(write_behind_module, "RETRY_S", (0.01, 0.01, 0.01, 0.01))
     store = DurableStore(tmp_path, writers=2)
     try:
         store.create_stream("cam", {"fps": 1.0})
@@ -197,7 +198,7 @@ def _restored(root) -> dict[str, list[str]]:
 def test_a_journal_append_that_fails_part_way_loses_no_cluster_at_restart(tmp_path, monkeypatch):
     """Half a journal line reaches the disk, then the disk is full: the retry must not follow the half line, or
     every later line reads as damaged at restart."""
-    monkeypatch.setattr(store_module, "RETRY_S", (0.01, 0.01, 0.01, 0.01))
+    monkeypatch.setattr(write_behind_module, "RETRY_S", (0.01, 0.01, 0.01, 0.01))
     real_fsync, failed = os.fsync, []
 
     def half_a_line_then_disk_full(fd):
@@ -253,8 +254,8 @@ def test_a_damaged_line_inside_the_journal_loses_only_its_own_clusters_and_keeps
 def test_writes_that_fail_past_every_retry_pause_land_once_the_disk_has_room(tmp_path, monkeypatch):
     """A disk full for longer than the retry pauses: nothing sealed is given up, and once there is room every cluster
     is written and the snapshots' memory is freed."""
-    monkeypatch.setattr(store_module, "RETRY_S", (0.01, 0.01, 0.01, 0.01))
-    real_write_atomic, disk_full = store_module.write_atomic, threading.Event()
+    monkeypatch.setattr(write_behind_module, "RETRY_S", (0.01, 0.01, 0.01, 0.01))
+    real_write_atomic, disk_full = write_behind_module.write_atomic, threading.Event()
     disk_full.set()
 
     def write_unless_full(path, data):
@@ -262,14 +263,14 @@ def test_writes_that_fail_past_every_retry_pause_land_once_the_disk_has_room(tmp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write_atomic(path, data)
 
-    monkeypatch.setattr(store_module, "write_atomic", write_unless_full)
+    monkeypatch.setattr(write_behind_module, "write_atomic", write_unless_full)
     store = DurableStore(tmp_path, writers=1)
     try:
         store.create_stream("cam", {"fps": 1.0})
         for number in range(1, 4):
             store.submit("cam", add=[_seal("cam", number)])
         deadline = time.monotonic() + WAIT_S
-        while store.snapshot_stats().write_errors <= 2 * len(store_module.RETRY_S):
+        while store.snapshot_stats().write_errors <= 2 * len(write_behind_module.RETRY_S):
             assert time.monotonic() < deadline, "the writes were not retried"
             time.sleep(0.01)
         disk_full.clear()
@@ -284,8 +285,8 @@ def test_writes_that_fail_past_every_retry_pause_land_once_the_disk_has_room(tmp
 def test_a_deleted_streams_commit_never_lands_in_a_new_stream_of_its_name(tmp_path, monkeypatch):
     """A record write fails and waits out its retry pause; meanwhile the camera is deleted and added again under its
     id. The old commit belongs to neither: the new stream's journal and folder get nothing of it."""
-    monkeypatch.setattr(store_module, "RETRY_S", (1.0,))
-    real_write_atomic, failures = store_module.write_atomic, []
+    monkeypatch.setattr(write_behind_module, "RETRY_S", (1.0,))
+    real_write_atomic, failures = write_behind_module.write_atomic, []
 
     def fail_once(path, data):
         if path.suffix == RECORD_SUFFIX and not failures:
@@ -293,7 +294,7 @@ def test_a_deleted_streams_commit_never_lands_in_a_new_stream_of_its_name(tmp_pa
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write_atomic(path, data)
 
-    monkeypatch.setattr(store_module, "write_atomic", fail_once)
+    monkeypatch.setattr(write_behind_module, "write_atomic", fail_once)
     store = DurableStore(tmp_path, writers=1)
     try:
         store.create_stream("cam", {"fps": 1.0, "generation": "old"})
@@ -368,7 +369,7 @@ def test_a_state_write_that_fails_is_counted_and_lands_once_the_disk_has_room(tm
     a flush does not claim it is on disk; it is written at a later interval, the newest state then."""
     store = DurableStore(tmp_path / "data", state_interval_s=0.05, writers=1)
     store.create_stream("cam", {"fps": 1.0})
-    write = store_module.write_atomic
+    write = write_behind_module.write_atomic
     full = [True]
 
     def disk(path, data):
@@ -376,7 +377,7 @@ def test_a_state_write_that_fails_is_counted_and_lands_once_the_disk_has_room(tm
             raise OSError(errno.ENOSPC, "No space left on device")
         return write(path, data)
 
-    monkeypatch.setattr(store_module, "write_atomic", disk)
+    monkeypatch.setattr(write_behind_module, "write_atomic", disk)
     store.update_state("cam", watch_watermark_s=12.5)
     assert not store.flush(0.5)
     stats = store.snapshot_stats()
@@ -395,9 +396,9 @@ def test_a_checkpoint_whose_history_is_not_on_disk_says_so(tiny_model, bikes_fra
     from mosaic_core.errors import StateError
     from tests.engine.engine_helpers import feed, make_engine
 
-    monkeypatch.setattr(store_module, "RETRY_S", (0.01,))
+    monkeypatch.setattr(write_behind_module, "RETRY_S", (0.01,))
     monkeypatch.setattr(engine_module, "CHECKPOINT_WAIT_S", 0.5)
-    real_write_atomic = store_module.write_atomic
+    real_write_atomic = write_behind_module.write_atomic
 
     def disk_full(path, data):
         if path.suffix == RECORD_SUFFIX:
@@ -407,11 +408,11 @@ def test_a_checkpoint_whose_history_is_not_on_disk_says_so(tiny_model, bikes_fra
     engine = make_engine(tiny_model, data_dir=str(tmp_path))
     engine.open_stream("cam", fps=2.0)
     feed(engine, "cam", bikes_frames[:12])
-    monkeypatch.setattr(store_module, "write_atomic", disk_full)
+    monkeypatch.setattr(write_behind_module, "write_atomic", disk_full)
     try:
         with pytest.raises(StateError, match=r"not all on disk after 0\.5 s .*No space left on device"):
             engine.checkpoint()
     finally:
-        monkeypatch.setattr(store_module, "write_atomic", real_write_atomic)
+        monkeypatch.setattr(write_behind_module, "write_atomic", real_write_atomic)
         assert engine.history.store.flush(WAIT_S)  # room again: everything lands
         engine.close()

@@ -213,16 +213,16 @@ def test_a_record_whose_summary_cannot_be_read_leaves_the_history(tiny_model, da
 
 def _failing_reads(monkeypatch, fails) -> None:
     """The restart's summary reads of the record files ``fails(path)`` names raise an I/O error, as a disk's do."""
-    from mosaic_core.durable import store as store_module
+    from mosaic_core.durable import loading as loading_module
 
-    read = store_module.read_summary
+    read = loading_module.read_summary
 
     def read_or_eio(path):
         if fails(path):
             raise OSError(errno.EIO, "Input/output error")
         return read(path)
 
-    monkeypatch.setattr(store_module, "read_summary", read_or_eio)
+    monkeypatch.setattr(loading_module, "read_summary", read_or_eio)
 
 
 def test_a_record_the_disk_fails_to_read_leaves_its_stream_for_the_next_start(tiny_model, data_dir, monkeypatch):

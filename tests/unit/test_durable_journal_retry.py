@@ -21,7 +21,8 @@ from mosaic_core.durable.manifest import (
     replay,
 )
 from mosaic_core.durable.records import ClusterSummary
-from mosaic_core.durable.store import DurableStore, Seal
+from mosaic_core.durable.store import DurableStore
+from mosaic_core.durable.write_behind import Seal
 
 WAIT_S = 10.0
 

@@ -1,0 +1,170 @@
+"""How ``DurableStore`` finds its streams again after a restart, and sets aside the ones it cannot restore.
+
+``load_streams`` checks each stream whole before it registers it (``checks``): one this version cannot restore is
+set aside under ``.unreadable`` and counted, its numbers retired as a deleted stream's are (``retired``), and the
+others come back all the same. ``StreamLoading`` is mixed into ``DurableStore``: it registers what it loads in the
+store's journals and states, under the store's locks, and counts what it sets aside in the store's stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mosaic_core.durable.checks import (
+    check_opened,
+    check_summary,
+    clean_state,
+    clear_read_error,
+    move_aside,
+    note_read_error,
+    read_failed_before,
+    read_summary,
+)
+from mosaic_core.durable.manifest import (
+    DAMAGED_PREFIX,
+    RECORD_SUFFIX,
+    ClusterEntry,
+    ManifestWriter,
+    read_state,
+    replay,
+)
+from mosaic_core.durable.records import ClusterSummary
+from mosaic_core.durable.retired import numbers_given_out
+
+log = logging.getLogger(__name__)
+TRASH = ".trash"
+NEW_PREFIX = ".new-"  # a stream's folder while ``create_stream`` builds it, renamed into place once whole
+
+
+@dataclass(slots=True)
+class StoredStream:
+    """One stream found on disk: what it was opened with, its clock and counters, its sealed clusters."""
+
+    stream_id: str
+    stream: dict
+    state: dict
+    clusters: list[ClusterEntry]
+    next_cluster_number: int
+    next_frame_index: int = 0  # frame indices below it may have been used (0: a journal from before they were kept)
+    summaries: dict[str, ClusterSummary] = field(default_factory=dict)  # by cluster id, each of ``clusters``
+
+
+class StreamLoading:
+    """The restart half of ``DurableStore`` (module doc); the store's ``__init__`` sets up what it uses."""
+
+    def load_streams(self) -> list[StoredStream]:
+        """Every stream under ``root`` that this version can restore, replayed from its manifest and checked whole;
+        deletes crash leftovers (orphan files, temporary files, the trash). A stream that cannot be restored is set
+        aside under ``.unreadable`` (its id free), logged and counted in ``stats``; one the disk fails to read is
+        left where it is, for the next start, which sets aside the records that fail to read again and restores the
+        rest (``checks``). Neither holds the others back."""
+        shutil.rmtree(self.root / TRASH, ignore_errors=True)
+        for unfinished in self.root.glob(f"{NEW_PREFIX}*"):  # a create a crash cut short: never acknowledged
+            shutil.rmtree(unfinished, ignore_errors=True)
+        found = []
+        for stream_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                found.append(self._load_stream(stream_dir))
+            except OSError as err:  # the disk, not the history: tried again at the next start
+                log.error("stream %s is not restored: reading %s failed (%s); it is left as it is, and the next "
+                          "start tries again", stream_dir.name, stream_dir, err)  # fmt: skip
+            except Exception as err:  # anything this version cannot restore: that stream only
+                self._set_aside(stream_dir, f"{type(err).__name__}: {err}")
+        return found
+
+    def _load_stream(self, stream_dir: Path) -> StoredStream:
+        """One stream, checked whole before it is registered (so a stream that fails leaves nothing behind)."""
+        manifest = replay(stream_dir)
+        if not manifest.stream:
+            raise ValueError("it has no readable manifest")
+        stream_id = check_opened(manifest.stream, stream_dir.name, self.kv_shape)
+        if manifest.unknown_fields:
+            log.warning("stream %s: its journal has fields this version does not know (%s), written by a newer "
+                        "version: ignored, and dropped when the journal is next compacted", stream_id,
+                        ", ".join(sorted(manifest.unknown_fields)))  # fmt: skip
+        summaries, unreadable, disk_errors = {}, [], 0
+        expected = None if self.kv_shape is None else self.kv_shape.summary_shape  # else: the first record's
+        failed_before = read_failed_before(stream_dir)
+        for entry in manifest.clusters.values():
+            try:
+                summary = read_summary(stream_dir / entry.file)
+            except OSError as err:
+                if not isinstance(err, FileNotFoundError):  # the disk failed, not the record (``checks``)
+                    if not failed_before:  # the whole stream is left for the next start, noted
+                        note_read_error(stream_dir, entry.file, err)
+                        raise
+                    disk_errors += 1  # at the second start in a row: set aside, as a garbled record is
+                unreadable.append((entry, err))
+                continue
+            except Exception as err:  # a missing or garbled file costs that cluster, not the stream
+                unreadable.append((entry, err))
+                continue
+            expected = expected or tuple(summary.key_sum.shape)
+            check_summary(summary, expected, entry.cluster_id)  # another model's KV sets the whole stream aside
+            summaries[entry.cluster_id] = summary
+        state = clean_state(read_state(stream_dir), stream_id)
+        live = {entry.file for entry in manifest.clusters.values()}
+        # A damaged journal may have named some of the files no line names now: they are kept, for a person.
+        damaged = manifest.damaged_lines or any(stream_dir.glob(f"{DAMAGED_PREFIX}*"))
+        if manifest.damaged_lines:
+            log.error(
+                "stream %s: %d damaged journal lines skipped in %s; the journal as it was and the record files "
+                "no line names are kept in that folder", stream_id, manifest.damaged_lines, stream_dir,
+            )  # fmt: skip
+        for path in stream_dir.iterdir():
+            orphan = path.suffix == RECORD_SUFFIX and path.name not in live
+            if path.name.endswith(".tmp") or (orphan and not damaged):
+                path.unlink(missing_ok=True)
+        if disk_errors:
+            log.error("stream %s: the disk failed to read its records at the last start, and %d of them again at "
+                      "this one: those are set aside, and the rest of the stream is restored", stream_id,
+                      disk_errors)  # fmt: skip
+        for entry, err in unreadable:
+            self._set_cluster_aside(stream_dir, entry, err)
+        if failed_before:
+            clear_read_error(stream_dir)
+        with self._io:
+            self._writers[stream_id] = ManifestWriter(stream_dir, manifest)
+        with self._cv:
+            self._states[stream_id] = dict(state)
+        if unreadable:  # journalled out (retried like any commit), so neither the books nor compaction keep them
+            self.submit(stream_id, remove=[entry.cluster_id for entry, _ in unreadable])
+        return StoredStream(
+            stream_id, dict(manifest.stream), state,
+            [entry for entry in manifest.clusters.values() if entry.cluster_id in summaries],
+            manifest.next_cluster_number, manifest.next_frame_index, summaries,
+        )  # fmt: skip
+
+    def _set_aside(self, stream_dir: Path, cause: str) -> None:
+        """Moves a stream this version cannot restore out of its id's way, kept for a person, and counts it. Its
+        numbers are retired first, as a deleted stream's are, so that a stream created again under its id numbers
+        past every cluster and frame it may have named; where they cannot be, the folder stays, and holds the id."""
+        try:
+            if self.retired is not None:  # first: a crash in between leaves both, and the numbers' maximum is kept
+                self.retired.retire(stream_dir.name, numbers_given_out(stream_dir))
+            kept = move_aside(self.root, stream_dir, stream_dir.name)
+        except OSError as err:
+            log.error("stream %s cannot be restored (%s), nor its numbers retired and its folder moved aside (%s): "
+                      "it is left in %s, and not served", stream_dir.name, cause, err, stream_dir)  # fmt: skip
+            kept = stream_dir
+        else:
+            log.error("stream %s cannot be restored and is set aside: %s; its folder is kept as %s, and its stream "
+                      "id is free", stream_dir.name, cause, kept)  # fmt: skip
+        with self._cv:
+            self.stats.streams_set_aside += 1
+            self.stats.last_set_aside = f"stream {stream_dir.name} (kept as {kept}): {cause}"
+
+    def _set_cluster_aside(self, stream_dir: Path, entry: ClusterEntry, err: Exception) -> None:
+        """Moves the record of a cluster whose summary cannot be read under ``.unreadable`` (the caller journals
+        the cluster out), and counts it."""
+        path, kept = stream_dir / entry.file, "nowhere: it is missing"
+        if path.exists():  # a failed move raises: the whole stream is left for the next start, the record with it
+            kept = str(move_aside(self.root, path, f"{stream_dir.name}-{entry.file}"))
+        log.error("cluster %s cannot be restored (%s): it leaves the stream's history; its record is kept %s",
+                  entry.cluster_id, err, kept if kept.startswith("nowhere") else f"as {kept}")  # fmt: skip
+        with self._cv:
+            self.stats.clusters_set_aside += 1
+            self.stats.last_set_aside = f"cluster {entry.cluster_id} (kept {kept}): {type(err).__name__}: {err}"
