@@ -20,7 +20,8 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mosaic_core.bookkeeping.residency import CoRetrieval, ResidencyManager
+from mosaic_core.bookkeeping.cluster_residency import CoRetrieval
+from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.errors import ConfigError, InvalidArgumentError
 
 

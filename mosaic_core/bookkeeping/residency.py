@@ -13,9 +13,8 @@ bookkeeping.
     transfers.run(plan.moves)                      # torch layer, in plan order
     residency.apply(plan)
 
-Plans are sequential: every move fits in its destination at the moment it runs, given the moves before it.
-So spills come before the fetch they make room for, and a spill into a full host tier is preceded by the
-host->disk spills that make room for it.
+Plans are sequential (every move fits in its destination at the moment it runs, given the moves before it), and
+``planning`` makes them (``MovePlanning``, mixed in).
 
 ``change_listeners`` hear ``(stream_id, cluster_id)`` whenever a cluster is added, grown, moved or removed, so a
 mirror of the clusters (the service's metadata index) can follow the changes instead of re-reading every cluster.
@@ -24,13 +23,14 @@ mirror of the clusters (the service's metadata index) can follow the changes ins
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable, Iterable, KeysView, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, KeysView
 
+from mosaic_core.bookkeeping.cluster_residency import ClusterResidency, CoRetrieval, SummaryRow
 from mosaic_core.bookkeeping.pages import ClusterPages
+from mosaic_core.bookkeeping.planning import MovePlanning, check_nbytes, now_or_monotonic
 from mosaic_core.bookkeeping.policies import EvictionPolicy, make_policy
-from mosaic_core.bookkeeping.tiers import Move, MovePlan, Tier, TierBudgets
+from mosaic_core.bookkeeping.tiers import MovePlan, Tier, TierBudgets
+from mosaic_core.bookkeeping.usage import ResidencyStats, StreamUsage
 from mosaic_core.errors import (
     AlreadyExistsError,
     CapacityError,
@@ -41,95 +41,7 @@ from mosaic_core.errors import (
 )
 
 
-@dataclass(slots=True)
-class SummaryRow:
-    """Where a cluster's key statistics are kept in the engine's summary index: its row there (None until its
-    first keys arrive) and how many tokens they sum."""
-
-    row: int | None = None
-    num_tokens: int = 0
-
-
-@dataclass(slots=True)
-class CoRetrieval:
-    """What questions retrieved of a cluster: how many retrieved it, its neighbours in its stream's order, and,
-    for the pair it forms with the cluster after it (``right``), how many questions retrieved either of the two
-    and how many both since they became neighbours."""
-
-    num_retrievals: int = 0
-    left: str | None = None
-    right: str | None = None
-    pair_either: int = 0
-    pair_joint: int = 0
-
-
-@dataclass(slots=True)
-class ClusterResidency:
-    """One cluster's record: the tier its KV lives in, its size, how many readers pin it there, its pages in
-    each memory pool (empty in the disk tier), its summary row and its co-retrieval counts. The last three are
-    live objects that ``record()``'s copies share."""
-
-    cluster_id: str
-    stream_id: str
-    num_bytes: int
-    tier: Tier
-    pages: ClusterPages
-    pin_count: int = 0
-    summary: SummaryRow = field(default_factory=SummaryRow)
-    co_retrieval: CoRetrieval = field(default_factory=CoRetrieval)
-
-    @property
-    def on_device(self) -> bool:
-        return self.tier == Tier.DEVICE
-
-    @property
-    def on_host(self) -> bool:
-        return self.tier == Tier.HOST
-
-    @property
-    def on_disk(self) -> bool:
-        return self.tier == Tier.DISK
-
-    @property
-    def pinned(self) -> bool:
-        return self.pin_count > 0
-
-
-@dataclass(slots=True)
-class ResidencyStats:
-    """A snapshot for metrics. Device used bytes include reservations."""
-
-    device_used_bytes: int
-    device_capacity_bytes: int
-    host_used_bytes: int
-    host_capacity_bytes: int
-    disk_used_bytes: int
-    disk_capacity_bytes: int
-    reserved_bytes: int
-    num_device_clusters: int
-    num_host_clusters: int
-    num_disk_clusters: int
-    num_pinned: int
-
-    @property
-    def num_clusters(self) -> int:
-        return self.num_device_clusters + self.num_host_clusters + self.num_disk_clusters
-
-
-@dataclass(slots=True)
-class StreamUsage:
-    """One stream's tracked clusters and their bytes, per tier, kept up to date as they change, so that reading
-    them (GetStream, ListStreams) does not walk the stream's history."""
-
-    clusters: dict[Tier, int] = field(default_factory=lambda: dict.fromkeys(Tier, 0))
-    num_bytes: dict[Tier, int] = field(default_factory=lambda: dict.fromkeys(Tier, 0))
-
-    def count(self, tier: Tier, clusters: int, num_bytes: int) -> None:
-        self.clusters[tier] += clusters
-        self.num_bytes[tier] += num_bytes
-
-
-class ResidencyManager:
+class ResidencyManager(MovePlanning):
     """Tracks every cluster's tier and size, plus fixed device reservations and side-data charges (keyframes),
     against shared byte budgets.
 
@@ -184,7 +96,7 @@ class ResidencyManager:
 
     def can_reserve(self, nbytes: int) -> bool:
         """Whether ``nbytes`` fit in the device's free bytes right now (no spills considered)."""
-        return _check_nbytes(nbytes) <= self.free_bytes(Tier.DEVICE)
+        return check_nbytes(nbytes) <= self.free_bytes(Tier.DEVICE)
 
     def reserve(self, owner: str, nbytes: int) -> None:
         """Hold ``nbytes`` of device memory for ``owner``: sink tokens, a local window, a working set.
@@ -229,7 +141,7 @@ class ResidencyManager:
         key = (owner, Tier(tier))
         if key in self._charges:
             raise AlreadyExistsError(f"{owner!r} already holds a {key[1].name} charge of {self._charges[key]} bytes")
-        if _check_nbytes(nbytes) > self.free_bytes(key[1]) and not past_budget:
+        if check_nbytes(nbytes) > self.free_bytes(key[1]) and not past_budget:
             return False
         self._charges[key] = nbytes
         self._used_bytes[key[1]] += nbytes
@@ -280,7 +192,7 @@ class ResidencyManager:
         tier = self._enabled(tier)
         if cluster_id in self._records:
             raise AlreadyExistsError(f"cluster {cluster_id!r} is already tracked")
-        _check_nbytes(num_bytes)
+        check_nbytes(num_bytes)
         assert past_budget or num_bytes <= self.free_bytes(tier), (
             f"add {cluster_id!r}: {num_bytes} bytes do not fit in {tier.name} ({self.free_bytes(tier)} free)"
         )
@@ -290,12 +202,12 @@ class ResidencyManager:
         self._by_stream.setdefault(stream_id, {})[cluster_id] = None
         self._stream_usage.setdefault(stream_id, StreamUsage()).count(tier, 1, num_bytes)
         self._used_bytes[tier] += num_bytes
-        self.policy.on_add(cluster_id, _now(now_s))
+        self.policy.on_add(cluster_id, now_or_monotonic(now_s))
         self._changed(stream_id, cluster_id)
 
     def can_grow(self, cluster_id: str, extra_bytes: int) -> bool:
         """Whether a cluster's tier has room for ``extra_bytes`` more of it (``grow`` would succeed)."""
-        return _check_nbytes(extra_bytes) <= self.free_bytes(self._get(cluster_id).tier)
+        return check_nbytes(extra_bytes) <= self.free_bytes(self._get(cluster_id).tier)
 
     def grow(self, cluster_id: str, extra_bytes: int) -> bool:
         """Grow a cluster in place (the open cluster gains a frame). Returns False if its tier has no room."""
@@ -406,94 +318,9 @@ class ResidencyManager:
     def touch(self, cluster_id: str, *, retrieved: bool = False, now_s: float | None = None) -> None:
         """Tell the eviction policy about an access (``retrieved``: a question's retrieval chose it)."""
         self._get(cluster_id)
-        self.policy.on_touch(cluster_id, _now(now_s), retrieved)
+        self.policy.on_touch(cluster_id, now_or_monotonic(now_s), retrieved)
 
-    # -- planning -----------------------------------------------------------------------------------------
-
-    def pick_victims(
-        self, tier: Tier, nbytes: int, *, exclude: frozenset[str] = frozenset(), now_s: float | None = None
-    ) -> list[str] | None:
-        """Coldest unpinned, non-excluded clusters of ``tier`` whose bytes add up to at least ``nbytes``.
-
-        Ignores free space; useful to choose what to drop from the coldest tier. None if there are not enough.
-        """
-        return self._pick(self._enabled(tier), _check_nbytes(nbytes), exclude, _now(now_s))
-
-    def plan_make_room(
-        self, tier: Tier, nbytes: int, *, exclude: frozenset[str] = frozenset(), now_s: float | None = None
-    ) -> MovePlan | None:
-        """Spills that leave at least ``nbytes`` free in ``tier``, cascading to colder tiers as needed.
-
-        Returns an empty plan if the bytes are already free, and None if no set of unpinned, non-excluded
-        clusters can make room (every colder tier full of pinned data, or no colder tier at all).
-        """
-        moves = self._make_room(self._enabled(tier), _check_nbytes(nbytes), exclude, _now(now_s))
-        return None if moves is None else MovePlan(moves)
-
-    def plan_fetch(
-        self,
-        cluster_id: str,
-        to: Tier = Tier.DEVICE,
-        *,
-        exclude: frozenset[str] = frozenset(),
-        now_s: float | None = None,
-    ) -> MovePlan | None:
-        """Spills needed plus the fetch of ``cluster_id`` into ``to``; see ``plan_fetch_many``."""
-        return self.plan_fetch_many([cluster_id], to, exclude=exclude, now_s=now_s)
-
-    def plan_fetch_many(
-        self,
-        cluster_ids: Sequence[str],
-        to: Tier = Tier.DEVICE,
-        *,
-        exclude: frozenset[str] = frozenset(),
-        now_s: float | None = None,
-    ) -> MovePlan | None:
-        """Bring several clusters to ``to`` together, so that fetching one never evicts another.
-
-        Clusters already in ``to`` or hotter stay where they are. Returns None if room cannot be made.
-
-        Raises:
-            UnknownClusterError: an id is not tracked.
-            StateError: a cluster that would have to move is pinned.
-        """
-        to = self._enabled(to)
-        records = [self._get(cid) for cid in dict.fromkeys(cluster_ids)]
-        moving = [record for record in records if record.tier > to]
-        pinned = [record.cluster_id for record in moving if record.pinned]
-        if pinned:
-            raise StateError(f"cannot fetch pinned clusters {pinned}: unpin them first")
-        keep = exclude | {record.cluster_id for record in records}
-        spills = self._make_room(to, sum(r.num_bytes for r in moving), keep, _now(now_s))
-        if spills is None:
-            return None
-        return MovePlan(spills + [Move(r.cluster_id, r.tier, to, r.num_bytes) for r in moving])
-
-    def plan_spill(
-        self, cluster_id: str, to: Tier, *, exclude: frozenset[str] = frozenset(), now_s: float | None = None
-    ) -> MovePlan | None:
-        """Move ``cluster_id`` to the colder tier ``to``, spilling others from ``to`` onwards if it is full.
-
-        Raises:
-            InvalidArgumentError: ``to`` is hotter than the cluster's tier.
-            StateError: the cluster is pinned.
-        """
-        to = self._enabled(to)
-        record = self._get(cluster_id)
-        if to < record.tier:
-            raise InvalidArgumentError(f"cannot spill {cluster_id!r} from {record.tier.name} up to {to.name}")
-        if to == record.tier:
-            return MovePlan()
-        if record.pinned:
-            raise StateError(f"cannot spill pinned cluster {cluster_id!r}")
-        room = self._make_room(to, record.num_bytes, exclude | {cluster_id}, _now(now_s))
-        if room is None:
-            return None
-        return MovePlan([*room, Move(cluster_id, record.tier, to, record.num_bytes)])
-
-    def is_valid(self, plan: MovePlan) -> bool:
-        """Whether ``plan`` still applies to the current state (nothing changed under it since planning)."""
-        return self._plan_error(plan) is None
+    # -- applying plans (``MovePlanning`` makes them) -----------------------------------------------------
 
     def apply(self, plan: MovePlan) -> None:
         """Commit a plan after the torch layer has moved the bytes, in plan order."""
@@ -552,9 +379,6 @@ class ResidencyManager:
             raise InvalidArgumentError(f"tier {tier.name} has a budget of 0 bytes and is switched off")
         return tier
 
-    def _colder_tiers(self, tier: Tier) -> list[Tier]:
-        return [t for t in Tier if t > tier and self.capacity_bytes(t) > 0]
-
     def _forget(self, record: ClusterResidency) -> None:
         cid = record.cluster_id
         self.generation += 1
@@ -569,68 +393,3 @@ class ResidencyManager:
         self._used_bytes[record.tier] -= record.num_bytes
         self._changed(record.stream_id, cid)
         self.policy.on_remove(cid)
-
-    def _pick(self, tier: Tier, nbytes: int, exclude: frozenset[str], now_s: float) -> list[str] | None:
-        victims: list[str] = []
-        freed_bytes = 0
-        if nbytes <= 0:
-            return victims
-        for cid in self.policy.victims(self._by_tier[tier], now_s):
-            record = self._records[cid]
-            # Zero-byte clusters free nothing; moving them would only add transfer calls.
-            if record.pinned or cid in exclude or record.num_bytes == 0:
-                continue
-            victims.append(cid)
-            freed_bytes += record.num_bytes
-            if freed_bytes >= nbytes:
-                return victims
-        return None
-
-    def _make_room(self, tier: Tier, nbytes: int, exclude: frozenset[str], now_s: float) -> list[Move] | None:
-        shortfall = nbytes - self.free_bytes(tier)
-        if shortfall <= 0:
-            return []
-        if nbytes > self.capacity_bytes(tier):
-            return None
-        victims = self._pick(tier, shortfall, exclude, now_s)
-        if victims is None:
-            return None
-        victim_bytes = sum(self._records[cid].num_bytes for cid in victims)
-        # The victims go to the nearest colder tier that can make room for all of them (a small host tier is
-        # skipped rather than failing the plan); the spills making that room run first.
-        for dst in self._colder_tiers(tier):
-            room = self._make_room(dst, victim_bytes, exclude, now_s)
-            if room is not None:
-                return room + [Move(cid, tier, dst, self._records[cid].num_bytes) for cid in victims]
-        return None
-
-    def _plan_error(self, plan: MovePlan) -> str | None:
-        tiers: dict[str, Tier] = {}
-        used = dict(self._used_bytes)
-        for index, move in enumerate(plan.moves):
-            record = self._records.get(move.cluster_id)
-            if record is None:
-                return f"move {index}: cluster {move.cluster_id!r} is not tracked"
-            src = tiers.get(move.cluster_id, record.tier)
-            if src != move.src:
-                return f"move {index}: {move.cluster_id!r} is in {src.name}, plan says {move.src.name}"
-            if move.num_bytes != record.num_bytes:
-                return f"move {index}: {move.cluster_id!r} has {record.num_bytes} bytes, not {move.num_bytes}"
-            if record.pinned:
-                return f"move {index}: {move.cluster_id!r} is pinned"
-            if used[move.dst] + move.num_bytes > self.capacity_bytes(move.dst):
-                return f"move {index}: {move.num_bytes} bytes of {move.cluster_id!r} overflow {move.dst.name}"
-            used[move.src] -= move.num_bytes
-            used[move.dst] += move.num_bytes
-            tiers[move.cluster_id] = move.dst
-        return None
-
-
-def _now(now_s: float | None) -> float:
-    return time.monotonic() if now_s is None else now_s
-
-
-def _check_nbytes(nbytes: int) -> int:
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise InvalidArgumentError(f"byte counts must be ints >= 0, got {nbytes!r}")
-    return nbytes

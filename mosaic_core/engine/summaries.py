@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mosaic_core.bookkeeping.residency import ResidencyManager, SummaryRow
+from mosaic_core.bookkeeping.cluster_residency import SummaryRow
+from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import upload
 

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mosaic_core.bookkeeping.cluster_residency import ClusterResidency
 from mosaic_core.bookkeeping.pages import ClusterPages, pages_for
-from mosaic_core.bookkeeping.residency import ClusterResidency, ResidencyManager
+from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.durable.records import to_pages
 from mosaic_core.durable.staging import StagingArena
