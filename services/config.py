@@ -165,7 +165,7 @@ class ServiceConfig(BaseModel):
     # was 452 and 423 ms, its prefill p99 355 and 300 ms.
     questions_alongside_ingest: bool = False
     # As an ingest call returns, a GPU worker takes the next call's frames and queues their vision tower before the
-    # questions and upkeep that follow the call (services.engine_loop). It needs the engine's tower_stream (on by
+    # questions and upkeep that follow the call (services.ingest_calls). It needs the engine's tower_stream (on by
     # default here; `engine: {tower_stream: false}` turns it off), on which that tower runs beside the language model
     # just queued; without it the worker turns encode_ahead off with a warning. A CPU worker leaves it off: there the
     # tower would only run before the questions, beside nothing. It needs ingest_queue_frames above the engine's

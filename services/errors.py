@@ -54,6 +54,12 @@ class NoFramesYetError(OutOfRangeError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class QuestionCancelled(MosaicError):
+    """The router gave up on the question (client went away)."""
+
+    grpc_code = "CANCELLED"
+
+
 class UnavailableError(MosaicError):
     """A worker or the metadata store cannot be reached right now."""
 

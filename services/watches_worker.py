@@ -1,6 +1,6 @@
 """Standing questions, worker side: find sealed clusters, score them against the watches, answer the matches.
 
-Runs on the worker's engine thread (``EngineLoop.after_ingest``), except ``set_watches`` and ``take`` which
+Runs on the worker's engine thread (``IngestCalls.after_ingest``), except ``set_watches`` and ``take`` which
 the router calls through Ray.
 
 - **Seal detection.** After each ingest pass, a stream's *watermark* is the time of its newest evaluated
@@ -22,7 +22,7 @@ the router calls through Ray.
   wall-clock time at which a pulled source's clock read 0), or within ``cooldown_s`` (stream clock) of the end
   of that watch's previous event on the stream.
 - **Answer.** A short low-priority answer over the cluster's span widened by ``context_s`` on each side
-  (``EngineLoop.submit_background``). If it cannot run (queue full, deadline) the event still fires with
+  (``QuestionRunner.submit_background``). If it cannot run (queue full, deadline) the event still fires with
   ``answer_error`` saying why.
 - **Outbox.** Fired events wait in a bounded outbox until the router takes them; overflow drops the oldest,
   counted.
@@ -42,7 +42,8 @@ from collections import Counter, deque
 
 from mosaic_core.engine.results import Answer
 from mosaic_core.engine.watching import SealedSpan, WatchFrontier, WatchScorer
-from services.engine_loop import EngineLoop, QuestionJob
+from services.engine_loop import EngineLoop
+from services.question_job import QuestionJob
 from services.watches_spec import FiredEvent, WatchReport, WatchSpec
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ class WorkerWatches:
             retention_s=self.retention_s(cluster.stream_id),
         )
         job.on_finish = lambda finished, error: self._answered(event, incarnation, finished, error)
-        if not self.loop.submit_background(job):
+        if not self.loop.questions.submit_background(job):
             with self._cond:
                 self._dropped["answer_queue_full"] += 1
             event.answer_error = "the worker's queue of watch answers was full; the event fired without an answer"

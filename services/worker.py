@@ -45,11 +45,12 @@ from mosaic_core.model.video import probe_video
 from services import gc_watch, gil_probe, heap_probe, stack_probe
 from services.admission import check_admission
 from services.config import ServiceConfig
-from services.engine_loop import DONE, EngineLoop, QuestionJob
+from services.engine_loop import EngineLoop
 from services.errors import DeadlineError
 from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
 from services.metadata.base import MetadataStore, StreamRecord
 from services.publisher import DeleteStream, MetadataPublisher, PutStream, WorkerView
+from services.question_job import DONE, QuestionJob
 from services.session import StreamSession
 from services.sources import NETWORK_SCHEMES, SourcePolicy, SourceReader, SourceState
 from services.store_actor import connect_store
@@ -207,8 +208,8 @@ class WorkerCore:
         stack_probe.start(
             f"worker-{worker_id}",
             self.loop.thread,
-            since_chance=self.loop.seconds_since_chance,
-            chance_kind=self.loop.last_chance_kind,
+            since_chance=self.loop.questions.seconds_since_chance,
+            chance_kind=self.loop.questions.last_chance_kind,
         )
         self.restored_streams = self._restore()
         self.publisher.start()
@@ -257,7 +258,7 @@ class WorkerCore:
 
     def _end_ingest_and_checkpoint(self, deadline_s: float) -> None:
         """Engine thread: no frame is ingested after the checkpoint, whose stream states would not hold it."""
-        for stream_id, left in self.loop.end_ingest(deadline_s).items():
+        for stream_id, left in self.loop.ingest_calls.end_ingest(deadline_s).items():
             if stream_id in self.sessions:
                 self.telemetry.dropped(stream_id, "shutdown", left)
         self._save_counters()
@@ -328,7 +329,7 @@ class WorkerCore:
             if record.stream_id in self.sessions:
                 raise AlreadyExistsError(f"stream {record.stream_id!r} is already open on worker {self.worker_id}")
             check_admission(
-                self.loop.capacity.frames_per_s(),
+                self.loop.ingest_calls.capacity.frames_per_s(),
                 offered_fps=sum(s.record.fps for s in self.sessions.values()),
                 new_fps=record.fps,
                 headroom=self.config.ingest_headroom,
@@ -426,14 +427,16 @@ class WorkerCore:
         def close() -> int:
             if self.sessions.get(stream_id) is not session:  # a delete queued alongside this one went first
                 raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
-            self.loop.cancel_stream_questions(stream_id)  # the engine refuses to close a stream a question reads
+            self.loop.questions.cancel_stream_questions(
+                stream_id
+            )  # the engine refuses to close a stream a question reads
             num_clusters = len(self.engine.clusters(stream_id))
             self.engine.close_stream(stream_id)  # its durable history goes first, in one rename; if it fails, nothing
             with self._lock:
                 del self.sessions[stream_id]  # from here frames of the stream are refused
             if session.source is not None:
                 session.source.request_stop()
-            dropped = self.loop.drop_ahead(stream_id) + self.queues.remove_stream(stream_id)
+            dropped = self.loop.ingest_calls.drop_ahead(stream_id) + self.queues.remove_stream(stream_id)
             if dropped:
                 self.telemetry.dropped(stream_id, "stream_deleted", dropped)
             self.tier_sync.forget_stream(stream_id)
@@ -499,7 +502,7 @@ class WorkerCore:
             bytes_by_tier=dict(stats.bytes_by_tier),
             first_timestamp_s=stats.first_timestamp_s,
             last_timestamp_s=stats.last_timestamp_s,
-            lag_s=self.loop.oldest_wait_s(stream_id),
+            lag_s=self.loop.ingest_calls.oldest_wait_s(stream_id),
             queue_frames=self.queues.depth(stream_id),
             source_state=int(progress.state) if progress else int(SourceState.PUSH),
             source_error=progress.error if progress else "",
@@ -579,9 +582,9 @@ class WorkerCore:
             retention_s=session.record.retention_s,
         )
         with self._cancel_lock:
-            self.loop.submit(job)
+            self.loop.questions.submit(job)
             if self._early_cancels.pop(job.question_id, None) is not None:
-                self.loop.cancel(job.question_id)
+                self.loop.questions.cancel(job.question_id)
         first_out_s = None
         try:
             while (item := self._next_event(job)) is not DONE:
@@ -610,14 +613,14 @@ class WorkerCore:
     def questions_of(self, stream_id: str) -> int:
         """The stream's questions running or waiting on this worker; past ``max_questions_per_stream`` the next is
         refused RESOURCE_EXHAUSTED."""
-        return self.loop.questions_of(stream_id)
+        return self.loop.questions.questions_of(stream_id)
 
     def cancel(self, question_id: str) -> bool:
         """Stops a question's answer; True when it was here. A cancel that comes before its ask (which waits for an
         answer thread, and may come after the cancel) is kept for ``EARLY_CANCEL_KEEP_S``: the ask, when it comes,
         is stopped at once."""
         with self._cancel_lock:
-            if self.loop.cancel(question_id):
+            if self.loop.questions.cancel(question_id):
                 return True
             now = time.monotonic()
             kept = self._early_cancels
@@ -646,10 +649,10 @@ class WorkerCore:
         return delta
 
     def _telemetry_delta(self) -> TelemetryDelta:
-        lags = {sid: self.loop.oldest_wait_s(sid) for sid in list(self.sessions)}
+        lags = {sid: self.loop.ingest_calls.oldest_wait_s(sid) for sid in list(self.sessions)}
         delta = self.telemetry.drain(queue_depths=self.queues.depths(), lags_s=lags, engine_stats=self.loop.stats)
         delta.durability = self._durability_delta()
-        delta.engine_stalled_s = self.loop.seconds_since_chance()
+        delta.engine_stalled_s = self.loop.questions.seconds_since_chance()
         sources = [session.source for session in list(self.sessions.values()) if session.source is not None]
         delta.sources_failing = sum(source.progress().state is SourceState.ERROR for source in sources)
         return delta

@@ -14,8 +14,7 @@ import pytest
 
 from mosaic_core.config import MIB
 from services.config import ServiceConfig, load_config
-from services.engine_loop import QuestionCancelled
-from services.errors import DeadlineError
+from services.errors import DeadlineError, QuestionCancelled
 from services.metadata import StreamRecord
 from services.worker import CONTROL_THREADS, send_ask, worker_actor
 

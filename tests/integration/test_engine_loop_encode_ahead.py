@@ -11,10 +11,11 @@ import time
 import pytest
 
 from mosaic_core.engine.engine import Engine
-from services.engine_loop import EngineLoop, QuestionJob
+from services.engine_loop import EngineLoop
 from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
 from services.metadata import InMemoryMetadataStore
 from services.publisher import MetadataPublisher, WorkerView
+from services.question_job import QuestionJob
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
 from tests.engine.engine_helpers import SMALL
@@ -99,15 +100,17 @@ def test_each_call_after_the_first_uses_the_tower_queued_as_the_call_before_retu
 def test_frames_taken_ahead_of_a_closing_stream_are_dropped(tiny_model, bikes_frames, reopened):
     engine = Engine(tiny_model, SMALL)
     loop, queues = _loop_with_frames(engine, bikes_frames, 2, encode_ahead=True)
-    assert loop._ingest_once()  # the loop's own step, on this thread: the first call, and the second's frames ahead
-    assert queues.oldest_wait_s("cam-1") == 0.0 and loop.oldest_wait_s("cam-1") > 0.0  # the lag counts them
-    assert loop.drop_ahead("cam-1") == 1
-    assert loop.drop_ahead("cam-1") == 0
+    # the loop's own step, on this thread: the first call, and the second's frames ahead
+    assert loop.ingest_calls.ingest_once()
+    lag_s = loop.ingest_calls.oldest_wait_s("cam-1")
+    assert queues.oldest_wait_s("cam-1") == 0.0 and lag_s > 0.0  # the lag counts them
+    assert loop.ingest_calls.drop_ahead("cam-1") == 1
+    assert loop.ingest_calls.drop_ahead("cam-1") == 0
     engine.close_stream("cam-1")
     if reopened:
         engine.open_stream("cam-1", fps=4.0)
-    assert loop._ingest_once()  # the frames left: cam-0's
-    assert not loop._ingest_once()  # nothing queued, nothing ahead
+    assert loop.ingest_calls.ingest_once()  # the frames left: cam-0's
+    assert not loop.ingest_calls.ingest_once()  # nothing queued, nothing ahead
     assert engine.stream_stats("cam-0").frames_ingested == 2
     if reopened:
         assert engine.stream_stats("cam-1").frames_ingested == 0
@@ -116,11 +119,11 @@ def test_frames_taken_ahead_of_a_closing_stream_are_dropped(tiny_model, bikes_fr
 def test_answers_stop_decoding_after_their_slice_for_frames_taken_ahead(tiny_model, bikes_frames):
     engine = Engine(tiny_model, SMALL)
     loop, queues = _loop_with_frames(engine, bikes_frames, 2, answer_slice_s=0.0, encode_ahead=True)
-    assert loop._ingest_once() and queues.total_frames() == 0  # the second call's frames are taken ahead
-    loop.submit(QuestionJob("q", "cam-0", "what happened?", 16, None, time.monotonic() + 60))
-    assert loop._start_questions()
+    assert loop.ingest_calls.ingest_once() and queues.total_frames() == 0  # the second call's frames are taken ahead
+    loop.questions.submit(QuestionJob("q", "cam-0", "what happened?", 16, None, time.monotonic() + 60))
+    assert loop.questions.start_questions()
     assert loop._step_questions()
-    assert loop._questions, "the answer went on decoding to its end while the next call's frames waited"
+    assert loop.questions.has_running(), "the answer went on decoding to its end while the next call's frames waited"
 
 
 class EngineAskedWhileEncodingAhead(EngineNotingCalls):
@@ -136,7 +139,9 @@ class EngineAskedWhileEncodingAhead(EngineNotingCalls):
     def encode_ahead(self, frames, **options):
         if self.job is not None:
             return super().encode_ahead(frames, **options)
-        self.job = self.loop.submit(QuestionJob("q", "cam-0", "what happened?", 2, None, time.monotonic() + 60))
+        self.job = self.loop.questions.submit(
+            QuestionJob("q", "cam-0", "what happened?", 2, None, time.monotonic() + 60)
+        )
         encoded = super().encode_ahead(frames, **options)
         self.answered_while_encoding = not self.job.events.empty()
         return encoded
@@ -146,7 +151,8 @@ def test_a_question_arriving_while_the_next_tower_is_queued_starts_at_its_pauses
     engine = EngineAskedWhileEncodingAhead(Engine(tiny_model, SMALL))
     loop, _ = _loop_with_frames(engine, bikes_frames, 2, ingest_pause_blocks=1, encode_ahead=True)
     engine.loop = loop
-    assert loop._ingest_once()  # the first call, then the second's tower queued ahead, with the question's pauses
+    # the first call, then the second's tower queued ahead, with the question's pauses
+    assert loop.ingest_calls.ingest_once()
     assert engine.answered_while_encoding is True
 
 
@@ -160,10 +166,10 @@ def test_frames_taken_ahead_count_against_their_queue_until_their_call_begins(ti
         t, rgb = bikes_frames[i]
         return queues.put(QueuedFrame("cam-0", t, rgb, time.monotonic()))
 
-    assert loop._ingest_once()  # frame 0 ingested, frame 1 taken ahead, frame 2 queued
+    assert loop.ingest_calls.ingest_once()  # frame 0 ingested, frame 1 taken ahead, frame 2 queued
     assert put(3) is PutOutcome.QUEUED
     assert put(4) is PutOutcome.QUEUED_DROPPED_OLDEST  # 2 queued and 1 taken ahead: full
-    assert loop._ingest_once()  # frame 1 ingested, frame 3 taken ahead, frame 4 queued
+    assert loop.ingest_calls.ingest_once()  # frame 1 ingested, frame 3 taken ahead, frame 4 queued
     assert put(5) is PutOutcome.QUEUED  # frame 1's place was given back as its call began
     assert put(6) is PutOutcome.QUEUED_DROPPED_OLDEST
 
@@ -171,7 +177,7 @@ def test_frames_taken_ahead_count_against_their_queue_until_their_call_begins(ti
 def test_a_queue_depth_counts_the_frames_taken_ahead(tiny_model, bikes_frames):
     engine = Engine(tiny_model, SMALL)
     loop, queues = _loop_with_frames(engine, bikes_frames, 3, encode_ahead=True)
-    assert loop._ingest_once()  # frame 0 ingested, frame 1 taken ahead, frame 2 queued
+    assert loop.ingest_calls.ingest_once()  # frame 0 ingested, frame 1 taken ahead, frame 2 queued
     assert queues.depth("cam-0") == 2 and queues.depths() == {"cam-0": 2, "cam-1": 2}
 
 
@@ -185,7 +191,7 @@ def test_encode_ahead_is_refused_with_queues_no_longer_than_a_call_takes_of_a_st
 def test_ending_ingest_takes_in_what_waits_then_ingests_nothing_more(tiny_model, bikes_frames):
     engine = Engine(tiny_model, SMALL)
     loop, queues = _loop_with_frames(engine, bikes_frames, 3, encode_ahead=True)
-    assert loop.end_ingest(time.monotonic() + 60) == {}
+    assert loop.ingest_calls.end_ingest(time.monotonic() + 60) == {}
     assert [engine.stream_stats(s).frames_ingested for s in STREAMS] == [3, 3]
     t, rgb = bikes_frames[3]
     queues.put(QueuedFrame("cam-0", t, rgb, time.monotonic()))
@@ -201,9 +207,9 @@ def test_ending_ingest_takes_in_what_waits_then_ingests_nothing_more(tiny_model,
 def test_ending_ingest_past_its_deadline_returns_the_frames_queued_and_taken_ahead(tiny_model, bikes_frames):
     engine = Engine(tiny_model, SMALL)
     loop, queues = _loop_with_frames(engine, bikes_frames, 3, encode_ahead=True)
-    assert loop._ingest_once()  # frame 0 ingested, frame 1 taken ahead, frame 2 queued
-    assert loop.end_ingest(time.monotonic()) == {"cam-0": 2, "cam-1": 2}
-    assert queues.depths() == {"cam-0": 0, "cam-1": 0} and loop.oldest_wait_s("cam-0") == 0.0
+    assert loop.ingest_calls.ingest_once()  # frame 0 ingested, frame 1 taken ahead, frame 2 queued
+    assert loop.ingest_calls.end_ingest(time.monotonic()) == {"cam-0": 2, "cam-1": 2}
+    assert queues.depths() == {"cam-0": 0, "cam-1": 0} and loop.ingest_calls.oldest_wait_s("cam-0") == 0.0
     assert [engine.stream_stats(s).frames_ingested for s in STREAMS] == [1, 1]
 
 
@@ -218,6 +224,6 @@ def test_a_cpu_worker_leaves_encode_ahead_off_though_the_service_turns_it_on(tin
     assert not load_config(None, engine={"tower_stream": False}).engine_config().tower_stream
     worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
     try:
-        assert worker.loop.encode_ahead is False
+        assert worker.loop.ingest_calls.encode_ahead is False
     finally:
         worker.shutdown()

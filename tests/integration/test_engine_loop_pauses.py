@@ -13,10 +13,11 @@ import pytest
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.results import TokenEvent
-from services.engine_loop import DONE, EngineLoop, QuestionJob
+from services.engine_loop import EngineLoop
 from services.ingest_queue import IngestQueues, QueuedFrame
 from services.metadata import InMemoryMetadataStore
 from services.publisher import MetadataPublisher, WorkerView
+from services.question_job import DONE, QuestionJob
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
 from tests.engine.engine_helpers import SMALL, feed
@@ -44,7 +45,9 @@ class QuestionOnSecondCall(IngestQueues):
         return taken
 
     def submit(self) -> None:
-        self.job = self.loop.submit(QuestionJob("q", "cam-0", "what happened?", 3, None, time.monotonic() + 60))
+        self.job = self.loop.questions.submit(
+            QuestionJob("q", "cam-0", "what happened?", 3, None, time.monotonic() + 60)
+        )
 
 
 class EngineWatchingAQuestion:
@@ -157,7 +160,9 @@ class EngineAskingAfterItsCall:
         result = self._engine.ingest(frames, **options)
         self.num_calls += 1
         if self.num_calls == 2:
-            self.job = self.loop.submit(QuestionJob("q", "cam-0", "what happened?", 3, None, time.monotonic() + 60))
+            self.job = self.loop.questions.submit(
+                QuestionJob("q", "cam-0", "what happened?", 3, None, time.monotonic() + 60)
+            )
         return result
 
 
@@ -228,13 +233,17 @@ class EngineAskedTwice:
 
     def ingest(self, frames, **options):
         if self.first is None and self.loop is not None:
-            self.first = self.loop.submit(QuestionJob("q1", "cam-0", "what happened?", 3, None, time.monotonic() + 60))
+            self.first = self.loop.questions.submit(
+                QuestionJob("q1", "cam-0", "what happened?", 3, None, time.monotonic() + 60)
+            )
         return self._engine.ingest(frames, **options)
 
     def ask(self, stream_id, question, **options):
         self.pauses_at_ask.append(self.pauses)
         if self.second is None:
-            self.second = self.loop.submit(QuestionJob("q2", "cam-1", "and then?", 3, None, time.monotonic() + 60))
+            self.second = self.loop.questions.submit(
+                QuestionJob("q2", "cam-1", "and then?", 3, None, time.monotonic() + 60)
+            )
         return self._engine.ask(stream_id, question, **options)
 
 

@@ -17,11 +17,12 @@ from mosaic_core.config import MIB
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.results import Answer, TokenEvent
 from mosaic_core.errors import CapacityError
-from services.engine_loop import DONE, EngineLoop, QuestionJob
+from services.engine_loop import EngineLoop
 from services.errors import QueueFullError, UnavailableError, status_for
 from services.ingest_queue import IngestQueues, QueuedFrame
 from services.metadata import InMemoryMetadataStore
 from services.publisher import MetadataPublisher, WorkerView
+from services.question_job import DONE, QuestionJob
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
 from tests.engine.engine_helpers import SMALL, feed
@@ -83,7 +84,7 @@ class Camera(threading.Thread):
 
 def _ask(loop: EngineLoop, stream_id: str, n: int, *, max_new_tokens: int = 4, timeout_s: float = 60.0):
     job = QuestionJob(f"q{n}", stream_id, "what happened?", max_new_tokens, None, time.monotonic() + timeout_s)
-    return loop.submit(job)
+    return loop.questions.submit(job)
 
 
 def _events(job: QuestionJob, timeout_s: float = 60.0) -> list:
@@ -113,7 +114,7 @@ def test_a_burst_of_questions_on_one_camera_never_stops_any_camera_from_ingestin
     while time.monotonic() - start < burst_s and n < 2_000:
         now = time.monotonic()
         for question_id, (_, submitted_s) in list(running.items()):
-            if question_id not in loop._by_id:
+            if question_id not in loop.questions._by_id:
                 longest_answer_s = max(longest_answer_s, now - submitted_s)
                 del running[question_id]
         # Keep cam-0 at its question limit the whole time (a new question the moment one ends, answers of
@@ -123,7 +124,7 @@ def test_a_burst_of_questions_on_one_camera_never_stops_any_camera_from_ingestin
                 job = _ask(loop, stream_id, n := n + 1, max_new_tokens=2 + 3 * (n % 3))
                 running[job.question_id] = (job, now)
         for stream_id in STREAMS:
-            max_lag[stream_id] = max(max_lag[stream_id], loop.oldest_wait_s(stream_id))
+            max_lag[stream_id] = max(max_lag[stream_id], loop.ingest_calls.oldest_wait_s(stream_id))
         time.sleep(0.05)
     after = _ingested(loop)
     camera.stop.set()
@@ -257,7 +258,7 @@ def test_answers_keep_decoding_between_passes_until_frames_wait_past_the_slice(
         loop.queues.put(QueuedFrame("cam-1", 0.0, bikes_frames[0][1][::2, ::2], time.monotonic()))
     command = loop.post(engine.stats) if command_waiting else None
     job = _ask(loop, "cam-0", 0, max_new_tokens=12)
-    loop._start_questions()
+    loop.questions.start_questions()
     loop._step_questions()
     events = list(job.events.queue)
     assert sum(isinstance(e, TokenEvent) for e in events) == tokens, events
@@ -277,7 +278,7 @@ def test_a_question_that_arrives_while_answers_run_starts_without_waiting_for_an
     feed(engine, "cam-1", bikes_frames[8:16])
     loop.queues.put(QueuedFrame("cam-2", 0.0, bikes_frames[0][1][::2, ::2], time.monotonic()))
     first = _ask(loop, "cam-0", 0, max_new_tokens=48)
-    loop._start_questions()
+    loop.questions.start_questions()
     late: list[QuestionJob] = []
     asker = threading.Thread(target=lambda: (first.events.get(timeout=60), late.append(_ask(loop, "cam-1", 1))))
     asker.start()
@@ -301,7 +302,7 @@ def test_the_loop_steps_its_running_answers_as_one_batch(tiny_model, bikes_frame
     batched = DecodeGraphs(tiny_model, engine.tiering.tiers.pools, engine.spec.num_layers, enabled=True, capture=False)
     engine.parts.decode_graphs = batched
     jobs = {s: _ask(loop, s, n, max_new_tokens=10) for n, s in enumerate(("cam-0", "cam-1"))}
-    loop._start_questions()
+    loop.questions.start_questions()
     for _ in range(40):
         if not loop._step_questions():
             break
@@ -383,7 +384,7 @@ def test_a_camera_whose_frames_the_engine_refuses_costs_the_others_one_call_not_
     loop.queues.put(QueuedFrame("cam-0", 0.0, rgb, time.monotonic()))
     loop.queues.put(QueuedFrame("cam-1", 0.0, rgb[:, :, 0], time.monotonic()))  # no colour channels: refused
     loop.queues.put(QueuedFrame("cam-2", 0.0, rgb, time.monotonic()))
-    assert loop._ingest_once()
+    assert loop.ingest_calls.ingest_once()
     assert calls == [list(STREAMS), ["cam-0", "cam-2"]]
     assert [engine.stream(s).frames_ingested for s in STREAMS] == [1, 0, 1]
     dropped = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None).dropped
@@ -403,9 +404,9 @@ def test_a_camera_whose_frames_the_engine_refuses_leaves_the_others_their_tower_
         loop.queues.put(QueuedFrame("cam-0", float(t), rgb, time.monotonic()))
         loop.queues.put(QueuedFrame("cam-1", float(t), rgb[:, :, 0], time.monotonic()))  # no colour: refused
         loop.queues.put(QueuedFrame("cam-2", float(t), rgb, time.monotonic()))
-    assert loop._ingest_once()  # the first call, and the second one's tower queued ahead
-    assert loop._ahead is not None and loop._ahead.encoded is not None
-    assert loop._ingest_once()
+    assert loop.ingest_calls.ingest_once()  # the first call, and the second one's tower queued ahead
+    assert loop.ingest_calls._ahead is not None and loop.ingest_calls._ahead.encoded is not None
+    assert loop.ingest_calls.ingest_once()
     assert [engine.stream(s).frames_ingested for s in STREAMS] == [2, 0, 2]
     delta = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None)
     assert delta.calls_encoded_ahead == 1

@@ -100,7 +100,7 @@ def test_a_worker_refuses_streams_beyond_what_it_has_measured(tiny_model, bikes_
         frames = [(i, "cam-0", float(i), rgb) for i, (_, rgb) in enumerate(bikes_frames[:8])]
         assert not worker.push(frames).rejected
         _wait_ingested(worker, "cam-0", 8)
-        measured = worker.loop.capacity.frames_per_s()
+        measured = worker.loop.ingest_calls.capacity.frames_per_s()
         assert measured is not None and measured > 0
         with pytest.raises(CapacityError, match="would not be kept real-time"):
             worker.open_stream(StreamRecord(stream_id="cam-fast", fps=min(1000.0, 2 * measured)))

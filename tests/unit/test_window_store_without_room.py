@@ -86,7 +86,7 @@ def test_a_stream_holding_frames_back_leaves_the_others_their_call_and_their_tow
     ]
     encoded = engine.encode_ahead([FrameInput(f.stream_id, f.timestamp_s, f.rgb) for f in batch])
 
-    ingested, used_ahead = loop._ingest(batch, encoded)
+    ingested, used_ahead = loop.ingest_calls._ingest(batch, encoded)
 
     assert [f.stream_id for f in ingested] == ["other"] and used_ahead
     assert (engine.stream("cam").frames_ingested, engine.stream("other").frames_ingested) == (13, 3)
@@ -169,7 +169,7 @@ def test_the_service_drops_the_frames_the_engine_did_not_take_in_as_no_room(tiny
     loop = _loop(engine)
     loop.queues.add_stream("cam", 2.0)
 
-    loop._ingest_batch([QueuedFrame("cam", t, rgb, time.monotonic()) for t, rgb in bikes_frames[12:15]])
+    loop.ingest_calls._ingest_batch([QueuedFrame("cam", t, rgb, time.monotonic()) for t, rgb in bikes_frames[12:15]])
 
     assert engine.stream("cam").frames_ingested == 13
     delta = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None)
@@ -177,7 +177,7 @@ def test_the_service_drops_the_frames_the_engine_did_not_take_in_as_no_room(tiny
     assert delta.ingested == {"cam": 1}
 
     loop.queues.put(QueuedFrame("cam", bikes_frames[15][0], bikes_frames[15][1], time.monotonic()))
-    assert loop._ingest_once()
+    assert loop.ingest_calls.ingest_once()
     assert engine.stream("cam").frames_ingested == 13
     delta = loop.telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None)
     assert delta.dropped == {("cam", "no_room"): 1}
