@@ -14,7 +14,7 @@ from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.labels import check_labels
 from services.metadata.base import StreamRecord
 from services.url_text import without_credentials
-from services.worker import PushResult, StreamInfo
+from services.worker_results import PushResult, StreamInfo
 
 DEFAULT_FPS = 1.0
 DEFAULT_MAX_FPS = 60.0  # a camera sampled faster than this is a mistake or an attack on the worker

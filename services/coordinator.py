@@ -39,7 +39,8 @@ from services.errors import UnavailableError, unwrap
 from services.metadata.base import MetadataStore, StreamRecord
 from services.metrics import MosaicMetrics
 from services.telemetry import TelemetryDelta, apply_delta
-from services.worker import FrameRejection, PushResult, StreamInfo, WorkerInfo, send_ask, telemetry_call
+from services.worker_actor import send_ask, telemetry_call
+from services.worker_results import FrameRejection, PushResult, StreamInfo, WorkerInfo
 
 log = logging.getLogger(__name__)
 DELETES_KEPT_S = 60.0  # how long a delete's end is remembered against listings asked before it

@@ -54,7 +54,7 @@ from services.sources import SourcePolicy
 from services.store_actor import RayMetadataStore, connect_store
 from services.url_text import host_in_address
 from services.watches import WatchRegistry
-from services.worker import worker_actor
+from services.worker_actor import worker_actor
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = mosaic_pb2.DESCRIPTOR.services_by_name["Mosaic"].full_name

@@ -39,7 +39,7 @@ from services.metrics import MosaicMetrics
 from services.scheduler import QueryQueue
 from services.sources import SourcePolicy
 from services.watches_convert import event_to_proto, record_from_request, watch_to_proto
-from services.worker import FrameRejection, PushResult
+from services.worker_results import FrameRejection, PushResult
 
 log = logging.getLogger(__name__)
 MAX_QUESTION_CHARS = 8192  # a question's characters; the engine's own limit is in tokens (512 by default)

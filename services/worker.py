@@ -1,10 +1,8 @@
-"""A GPU worker: a Ray actor that owns one engine and the stream sessions placed on it.
+"""A GPU worker: one engine and the stream sessions placed on it (a Ray actor through ``services.worker_actor``).
 
-``WorkerCore`` is plain Python (tests can build it in-process); ``worker_actor`` wraps it as a Ray actor
-with fractional CPU (no GPU here) or ``worker_gpus`` GPUs, ``max_restarts``, threads for answers
-(``answer_threads``) and threads of their own for every other call, so answers never hold up frames,
-telemetry or cancels. Inside, one engine thread (``EngineLoop``) does all engine work; producers (PushFrames
-calls, source readers) only touch the bounded, drop-oldest ingest queues.
+``WorkerCore`` is plain Python (tests can build it in-process). Inside, one engine thread (``EngineLoop``) does all
+engine work; producers (PushFrames calls, source readers) only touch the bounded, drop-oldest ingest queues. Its
+streams are opened, closed and restored by ``WorkerStreams``, its questions asked through ``WorkerQuestions``.
 
 **The worker is the truth about its streams.** Its engine keeps every stream, and every sealed cluster, in the
 worker's data directory (``mosaic_core.durable``). When Ray restarts a dead worker (``max_restarts``), or a new
@@ -19,118 +17,39 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
 import sys
 import threading
 import time
-import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from mosaic_core.config import budget_workspace_bytes
 from mosaic_core.engine.keyframes import Keyframe
-from mosaic_core.engine.results import Answer
-from mosaic_core.errors import (
-    AlreadyExistsError,
-    BudgetError,
-    CapacityError,
-    ConfigError,
-    MosaicError,
-    UnknownStreamError,
-)
+from mosaic_core.errors import ConfigError, MosaicError, UnknownStreamError
 from mosaic_core.model.pixels import validate_frames
-from mosaic_core.model.video import probe_video
 from services import gc_watch, gil_probe, heap_probe, stack_probe
-from services.admission import check_admission
 from services.config import ServiceConfig
 from services.engine_loop import EngineLoop
-from services.errors import DeadlineError
 from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
 from services.metadata.base import MetadataStore, StreamRecord
-from services.publisher import DeleteStream, MetadataPublisher, PutStream, WorkerView
-from services.question_job import DONE, QuestionJob
+from services.publisher import MetadataPublisher, WorkerView
 from services.session import StreamSession
-from services.sources import NETWORK_SCHEMES, SourcePolicy, SourceReader, SourceState
+from services.sources import SourceState
 from services.store_actor import connect_store
-from services.telemetry import DurabilityHealth, StreamTotals, TelemetryDelta, WorkerTelemetry, durability_health
+from services.telemetry import DurabilityHealth, TelemetryDelta, WorkerTelemetry, durability_health
 from services.tier_sync import TierSync
 from services.watches_spec import WatchReport, WatchSpec
 from services.watches_worker import WorkerWatches
+from services.worker_engine import build_engine
+from services.worker_questions import WorkerQuestions
+from services.worker_results import FrameRejection, PushResult, StreamInfo, WorkerInfo
+from services.worker_streams import WorkerStreams
 
 log = logging.getLogger(__name__)
-MAX_RESTARTS = 3
 # A stopping worker ingests the frames its sources queued for up to this long, within the time the router gives its
 # shutdown (what is left of the pod's grace, services.router), before the checkpoint; frames left then are counted
 # dropped (reason shutdown).
 SHUTDOWN_INGEST_S = 2.0
 SOURCES_STOP_S = 2.0  # at shutdown, the time the source readers get to stop, all together (they are daemons)
-# An answer the engine loop has not ended this long past its question's deadline is given up by the answer thread
-# waiting on it (the loop ends late answers itself, so only a stuck engine thread leaves one), and the thread goes back.
-ABANDON_AFTER_DEADLINE_S = 30.0
-# The worker's calls other than answers (``ask`` runs in ``ANSWER_GROUP``, ``answer_threads`` threads) and the
-# router's polls (``TELEMETRY_GROUP``): frames, stream calls, cancels, the watch long-poll and the shutdown.
-CONTROL_THREADS = 10
-ANSWER_GROUP = "answers"
-# The router's polls (``drain_telemetry``, ``keyframe_stats``, ``stream_ids``) run on threads of their own: the
-# control threads' calls that wait for the engine thread (a second a call at 128 cameras) could hold all ten while
-# the poll's 5 s ran out, and the router counted a busy worker down (``telemetry_call``).
-TELEMETRY_GROUP = "telemetry"
-TELEMETRY_THREADS = 2
-# A cancel that comes before its ask (the ask waited for a thread) is kept this long, for the ask to find; at most
-# EARLY_CANCELS_KEPT of them, the oldest going first.
-EARLY_CANCEL_KEEP_S = 600.0
-EARLY_CANCELS_KEPT = 4096
-# How long a CreateStream waits for the engine thread to open its stream; an open that ends later is undone.
-OPEN_STREAM_WAIT_S = 120.0
-
-
-@dataclass(slots=True)
-class StreamInfo:
-    """One stream as its worker sees it (converted to ``mosaic.v1.Stream`` by the servicer)."""
-
-    record: StreamRecord
-    frames_received: int
-    frames_ingested: int
-    frames_dropped: int
-    num_clusters: int
-    clusters_by_tier: dict[str, int]
-    bytes_by_tier: dict[str, int]
-    first_timestamp_s: float | None
-    last_timestamp_s: float | None
-    lag_s: float
-    queue_frames: int
-    source_state: int
-    source_error: str
-
-
-@dataclass(slots=True)
-class FrameRejection:
-    """Why one pushed frame was refused; ``code`` is the gRPC status name it would fail a call with."""
-
-    index: int
-    stream_id: str
-    reason: str
-    code: str = "INVALID_ARGUMENT"
-
-
-@dataclass(slots=True)
-class PushResult:
-    accepted: int = 0
-    dropped: int = 0
-    rejected: list[FrameRejection] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class WorkerInfo:
-    worker_id: str
-    device: str
-    num_streams: int
-    free_bytes: int
-    restored_streams: list[str]
-    rss_bytes: int
-    pid: int = 0
 
 
 class WorkerCore:
@@ -153,7 +72,7 @@ class WorkerCore:
         if store is None and not config.redis_url:
             raise ConfigError("a worker needs a metadata store: pass one, or set redis_url")
         self.store = store if store is not None else connect_store(config.redis_url, namespace=config.redis_namespace)
-        self.engine = engine if engine is not None else _build_engine(worker_id, config)
+        self.engine = engine if engine is not None else build_engine(worker_id, config)
         self.telemetry = WorkerTelemetry(worker_id)
         self.queues = IngestQueues(config.ingest_queue_frames)
         self.publisher = MetadataPublisher(
@@ -167,8 +86,6 @@ class WorkerCore:
         self.tier_sync = TierSync(self.engine, self.publisher, worker_id)
         self.sessions: dict[str, StreamSession] = {}
         self._lock = threading.Lock()
-        self._cancel_lock = threading.Lock()  # a cancel and the submit of its ask, one at a time
-        self._early_cancels: OrderedDict[str, float] = OrderedDict()  # question id -> when its cancel came
         self._health_seen = DurabilityHealth()
         self._keyframes_dropped_seen = 0  # EngineStats.keyframes_dropped at the previous keyframe_stats()
         self.loop = EngineLoop(
@@ -202,6 +119,21 @@ class WorkerCore:
             context_s=config.watch_answer_context_s,
             query_cache_bytes=config.watch_query_cache_bytes,
         )
+        self.questions = WorkerQuestions(self.engine, self.loop, self.telemetry, self.sessions)
+        self.streams = WorkerStreams(
+            worker_id,
+            config,
+            self.engine,
+            self.loop,
+            self.queues,
+            self.telemetry,
+            self.publisher,
+            self.tier_sync,
+            self.watches,
+            self.sessions,
+            self._lock,
+            self._offer,
+        )
         if config.freeze_heap_after_start:  # before any stream: a deleted stream's objects stay collectable
             gc_watch.freeze_once(f"worker {worker_id}")
         self.loop.start()
@@ -211,7 +143,7 @@ class WorkerCore:
             since_chance=self.loop.questions.seconds_since_chance,
             chance_kind=self.loop.questions.last_chance_kind,
         )
-        self.restored_streams = self._restore()
+        self.restored_streams = self.streams.restore()
         self.publisher.start()
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -267,48 +199,6 @@ class WorkerCore:
         finally:
             self.tier_sync.flush(list(self.engine.streams))
 
-    def _restore(self) -> list[str]:
-        """Re-opens the streams of this worker's data directory, with their history and counters."""
-        restored = []
-        for stream in self.loop.call(self.engine.restore_streams, timeout_s=None):
-            try:
-                record = StreamRecord(**{**stream.meta, "worker_id": self.worker_id})
-            except (TypeError, MosaicError) as err:  # a record this version no longer accepts
-                log.error("worker %s keeps stream %s on disk but cannot serve it: %s", self.worker_id,
-                          stream.stream_id, err)  # fmt: skip
-                self.loop.call(self.engine.close_stream, stream.stream_id, forget_history=False)
-                continue
-            totals = StreamTotals(**(stream.state.get("counters") or {}))
-            # Saved at each telemetry drain, while the engine's count comes from its journal: after a crash it may
-            # be ahead, and a frame ingested was received.
-            ingested = self.loop.call(self.engine.stream_stats, record.stream_id).frames_ingested
-            totals.received, totals.ingested = max(totals.received, ingested), max(totals.ingested, ingested)
-            self.telemetry.restore(record.stream_id, totals)
-            self.loop.call(self.watches.restore_watermark, record.stream_id, stream.state.get("watch_watermark_s"))
-            session = StreamSession(record, clock_epoch_unix=stream.state.get("clock_epoch_unix"))
-            session.last_offered_s = stream.last_timestamp_s
-            with self._lock:
-                self.sessions[record.stream_id] = session
-            self.queues.add_stream(record.stream_id, record.fps)
-            if record.source_url and stream.state.get("source_ended"):
-                session.source = SourceReader.never_started(
-                    record.source_url, SourceState.ENDED, fps=record.fps, sink=_no_frames
-                )
-            elif record.source_url:
-                try:
-                    self._start_source(record, resume_after_s=stream.last_timestamp_s)
-                except MosaicError as err:  # the file is gone, or the config no longer allows it: this stream only
-                    reason = f"its source is no longer opened here: {err}"  # the check's sentence hides a password
-                    log.error("worker %s restored stream %s without pulling it: %s", self.worker_id,
-                              record.stream_id, reason)  # fmt: skip
-                    session.source = SourceReader.never_started(
-                        record.source_url, SourceState.ERROR, fps=record.fps, sink=_no_frames, error=reason
-                    )
-            restored.append(record.stream_id)
-            log.info("worker %s restored stream %s with %d sealed clusters", self.worker_id, record.stream_id,
-                     stream.num_clusters)  # fmt: skip
-        return restored
-
     def _view(self) -> WorkerView:
         """What the metadata store should hold for this worker (called by the publisher's thread)."""
 
@@ -324,141 +214,13 @@ class WorkerCore:
 
     # -- streams ------------------------------------------------------------------------------------
     def open_stream(self, record: StreamRecord) -> None:
-        """Opens the stream in the engine and, for a source stream, starts pulling it."""
-        with self._lock:
-            if record.stream_id in self.sessions:
-                raise AlreadyExistsError(f"stream {record.stream_id!r} is already open on worker {self.worker_id}")
-            check_admission(
-                self.loop.ingest_calls.capacity.frames_per_s(),
-                offered_fps=sum(s.record.fps for s in self.sessions.values()),
-                new_fps=record.fps,
-                headroom=self.config.ingest_headroom,
-                worker_id=self.worker_id,
-                stream_id=record.stream_id,
-            )
-            self.sessions[record.stream_id] = StreamSession(record)
-            self.telemetry.opened(record.stream_id)
-        try:
-            if record.source_url:
-                SourcePolicy.of(self.config).check(record.source_url)
-                if not record.source_url.lower().startswith(NETWORK_SCHEMES):
-                    probe_video(record.source_url)  # an unreadable file under a source root fails at once
-            meta = {k: v for k, v in dataclasses.asdict(record).items() if k != "worker_id"}
-            try:
-                self.loop.call(
-                    self.engine.open_stream, record.stream_id, fps=record.fps, meta=meta, timeout_s=OPEN_STREAM_WAIT_S
-                )
-            except BudgetError as err:
-                raise CapacityError(f"worker {self.worker_id} cannot take stream {record.stream_id!r}: {err}") from None
-            except TimeoutError:
-                # Posted before the session goes, so it runs ahead of the open of any retry, right after this open.
-                self.loop.post(self._undo_late_open, record.stream_id)
-                raise
-            self.queues.add_stream(record.stream_id, record.fps)
-        except BaseException:
-            with self._lock:
-                self.sessions.pop(record.stream_id, None)
-            raise
-        self.publisher.enqueue(PutStream(record))
-        if record.source_url:
-            self._start_source(record, resume_after_s=None)
-
-    def _undo_late_open(self, stream_id: str) -> None:
-        """Engine thread, after an open its CreateStream stopped waiting for: the caller was told it failed, so the
-        stream it made (if it was made; a withdrawn open made none) goes, its history with it, lest it serve no one
-        and come back at the next restart."""
-        if stream_id not in self.engine.streams:
-            return
-        try:
-            self.engine.close_stream(stream_id)
-        except Exception as err:
-            log.error("worker %s: stream %s, opened after its CreateStream gave up, could not be closed: %s",
-                      self.worker_id, stream_id, err)  # fmt: skip
-            return
-        log.warning("worker %s: stream %s opened after its CreateStream gave up; closed again", self.worker_id,
-                    stream_id)  # fmt: skip
-
-    def _start_source(self, record: StreamRecord, *, resume_after_s: float | None) -> None:
-        """Starts pulling. After a restart the stream clock goes on from where it was: past the last recorded
-        frame, and, when the source's wall-clock start is known, at the wall-clock time that passed since."""
-        session = self.sessions[record.stream_id]
-        offset_s = 0.0
-        if resume_after_s is not None:
-            offset_s = resume_after_s + 1.0 / record.fps
-            if session.clock_epoch_unix is not None:
-                offset_s = max(offset_s, time.time() - session.clock_epoch_unix)
-
-        def sink(timestamp_s: float, rgb: np.ndarray, sid: str = record.stream_id) -> None:
-            self._offer(sid, timestamp_s + offset_s, rgb)
-
-        cfg = self.config
-        policy = SourcePolicy.of(cfg)
-        # The path to open: symlinks and '..' resolved, checked against the roots.
-        source = policy.check(record.source_url)
-        reader = SourceReader(
-            source,
-            fps=record.fps,
-            sink=sink,
-            loop=record.loop_source,
-            max_failures=cfg.source_max_failures,
-            max_refused_frames=cfg.source_max_refused_frames,
-            name=f"source-{record.stream_id}",
-            decode_in_child=cfg.decode_sources_in_processes,
-            max_pixels=cfg.decode_max_pixels(),
-            blocked_networks=policy.blocked_networks,
-        )
-        session.source = reader.start()
+        """Opens the stream in the engine and, for a source stream, starts pulling it (``WorkerStreams``)."""
+        self.streams.open_stream(record)
 
     def close_stream(self, stream_id: str) -> int:
         """Ends the stream's questions, drops its queued frames, frees its KV and its durable history; returns
-        the clusters freed.
-
-        All or nothing. Everything is done in one engine-thread command, so no frame is ingested while it runs, and
-        the stream's queued frames are dropped only once the engine has let go of the stream. When the engine cannot
-        (its history could not be retired: a full volume, say), the error goes to the caller and the stream stays
-        as it was, its source still pulling and its queued frames kept (only its questions were ended), so that a
-        retried DeleteStream really deletes it: had the session gone first, the retry would have found no stream
-        and reported it deleted while its history stayed, to come back at the next restart.
-        """
-        session = self.sessions.get(stream_id)
-        if session is None:
-            raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
-
-        def close() -> int:
-            if self.sessions.get(stream_id) is not session:  # a delete queued alongside this one went first
-                raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
-            self.loop.questions.cancel_stream_questions(
-                stream_id
-            )  # the engine refuses to close a stream a question reads
-            num_clusters = len(self.engine.clusters(stream_id))
-            self.engine.close_stream(stream_id)  # its durable history goes first, in one rename; if it fails, nothing
-            with self._lock:
-                del self.sessions[stream_id]  # from here frames of the stream are refused
-            if session.source is not None:
-                session.source.request_stop()
-            dropped = self.loop.ingest_calls.drop_ahead(stream_id) + self.queues.remove_stream(stream_id)
-            if dropped:
-                self.telemetry.dropped(stream_id, "stream_deleted", dropped)
-            self.tier_sync.forget_stream(stream_id)
-            self.watches.forget_stream(stream_id)
-            self.loop.last_ingested_s.pop(stream_id, None)
-            self.publisher.enqueue(DeleteStream(stream_id))
-            self.telemetry.forget(stream_id)
-            return num_clusters
-
-        try:
-            num_clusters = self.loop.call(close)
-        except UnknownStreamError:
-            raise
-        except TimeoutError:  # withdrawn unless it had started; if it had, a retry finds no stream, as it should
-            log.error("worker %s: deleting stream %s did not finish in time", self.worker_id, stream_id)
-            raise
-        except Exception as err:
-            log.error("worker %s: stream %s was not deleted and is kept as it was: %s", self.worker_id, stream_id, err)
-            raise
-        if session.source is not None:
-            session.source.stop()  # asked to in the command: its frames are refused from then on
-        return num_clusters
+        the clusters freed. All or nothing (``WorkerStreams.close_stream``)."""
+        return self.streams.close_stream(stream_id)
 
     def stream_ids(self) -> list[str]:
         return sorted(self.sessions)
@@ -559,56 +321,11 @@ class WorkerCore:
     ):
         """Streams ``TokenEvent``s then the ``Answer`` (a Ray streaming generator across processes).
 
-        ``timeout_s`` counts from ``sent_unix``, the caller's wall clock when it sent the ask, so the time the ask
-        waited for one of the worker's answer threads counts against it (the router and its workers keep their clocks
-        in step, as Kubernetes nodes do; a clock behind the caller's counts no wait).
+        ``timeout_s`` counts from ``sent_unix``, the caller's wall clock when it sent the ask (``WorkerQuestions.ask``).
         """
-        arrived_s = time.monotonic()
-        waited_s = 0.0 if sent_unix is None else min(timeout_s, max(0.0, time.time() - sent_unix))
-        if sent_unix is not None:
-            self.telemetry.answer_thread_wait(waited_s)
-        session = self.sessions.get(stream_id)
-        if session is None:
-            raise UnknownStreamError(f"unknown stream {stream_id!r}")
-        state = self.engine.streams.get(stream_id)
-        session.check_answerable(0 if state is None else state.frames_ingested)
-        job = QuestionJob(
-            question_id=question_id or uuid.uuid4().hex,
-            stream_id=stream_id,
-            question=question,
-            max_new_tokens=max_new_tokens,
-            time_range=None if time_range is None else (float(time_range[0]), float(time_range[1])),
-            deadline_s=arrived_s + timeout_s - waited_s,
-            retention_s=session.record.retention_s,
+        yield from self.questions.ask(
+            question_id, stream_id, question, max_new_tokens, time_range, timeout_s, sent_unix
         )
-        with self._cancel_lock:
-            self.loop.questions.submit(job)
-            if self._early_cancels.pop(job.question_id, None) is not None:
-                self.loop.questions.cancel(job.question_id)
-        first_out_s = None
-        try:
-            while (item := self._next_event(job)) is not DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                if first_out_s is None:
-                    first_out_s = time.monotonic()
-                if isinstance(item, Answer):
-                    item.timings.worker_first_token_s = first_out_s - arrived_s
-                    item.timings.token_handoff_s = max(0.0, first_out_s - (job.first_event_s or first_out_s))
-                yield item
-        finally:
-            job.cancelled.set()
-
-    @staticmethod
-    def _next_event(job: QuestionJob):
-        """The answer's next event, or DeadlineError once ``ABANDON_AFTER_DEADLINE_S`` past its deadline."""
-        try:
-            return job.events.get(timeout=max(0.0, job.deadline_s + ABANDON_AFTER_DEADLINE_S - time.monotonic()))
-        except queue.Empty:
-            raise DeadlineError(
-                f"question {job.question_id}: the worker's engine thread did not end its answer within "
-                f"{ABANDON_AFTER_DEADLINE_S:g} s of its deadline; it is given up"
-            ) from None
 
     def questions_of(self, stream_id: str) -> int:
         """The stream's questions running or waiting on this worker; past ``max_questions_per_stream`` the next is
@@ -616,18 +333,9 @@ class WorkerCore:
         return self.loop.questions.questions_of(stream_id)
 
     def cancel(self, question_id: str) -> bool:
-        """Stops a question's answer; True when it was here. A cancel that comes before its ask (which waits for an
-        answer thread, and may come after the cancel) is kept for ``EARLY_CANCEL_KEEP_S``: the ask, when it comes,
-        is stopped at once."""
-        with self._cancel_lock:
-            if self.loop.questions.cancel(question_id):
-                return True
-            now = time.monotonic()
-            kept = self._early_cancels
-            while kept and (len(kept) >= EARLY_CANCELS_KEPT or now - next(iter(kept.values())) > EARLY_CANCEL_KEEP_S):
-                kept.popitem(last=False)
-            self._early_cancels[question_id] = now
-            return False
+        """Stops a question's answer; True when it was here. A cancel that comes before its ask is kept for the ask
+        to find (``WorkerQuestions.cancel``)."""
+        return self.questions.cancel(question_id)
 
     # -- standing questions -------------------------------------------------------------------------
     def set_watches(self, specs: list[WatchSpec]) -> int:
@@ -699,10 +407,6 @@ class WorkerCore:
         return 0.0 if session is None else session.record.retention_s
 
 
-def _no_frames(timestamp_s: float, rgb: np.ndarray) -> None:
-    """The sink of a source that never runs (``SourceReader.never_started``)."""
-
-
 def _rss_bytes() -> int:
     """Resident memory of this process (Linux ``/proc``; 0 elsewhere)."""
     try:
@@ -710,76 +414,3 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def _build_engine(worker_id: str, config: ServiceConfig):
-    import torch
-
-    from mosaic_core.engine.engine import Engine
-
-    device = "cuda" if config.worker_gpus > 0 and torch.cuda.is_available() else "cpu"
-    # Presets default to float32, which on a GPU doubles the weights' memory and leaves the tensor cores idle.
-    dtype = torch.bfloat16 if device == "cuda" else None
-    engine_config = config.engine_config(worker_subdir=f"worker-{worker_id}")
-    engine = Engine.from_model(
-        config.model,
-        engine_config,
-        device=device,
-        dtype=dtype,
-        device_budget_share=config.device_budget_share,
-        vision_attention=config.vision_attention,
-    )
-    if engine.config.device_budget_bytes != engine_config.device_budget_bytes:
-        log.info(
-            "device budget %.1f GiB: %.0f%% of the GPU memory free once the model was loaded, less %.1f GiB",
-            engine.config.device_budget_bytes / 2**30,
-            100 * config.device_budget_share,
-            budget_workspace_bytes(tower_stream=engine.config.tower_stream) / 2**30,
-        )
-    if device == "cuda":  # capture the question graphs now, not while the first users wait (CPU runs no graphs)
-        started = time.monotonic()
-        warm = engine.warm_up(max_new_tokens=config.default_max_new_tokens)
-        log.info(
-            "worker %s: warmed up in %.1f s (%s Triton kernel variants compiled) with %d questions %s, answers "
-            "decoded together in batches of up to %d, and %s",
-            worker_id,
-            time.monotonic() - started,
-            engine.stats().kernel_compiles,
-            warm.questions,
-            "over a scratch history" if warm.with_history else "with no history to retrieve",
-            max(warm.decode_batches, default=1),
-            "an ingest pass" if warm.ingested else "no ingest pass (the device budget cannot hold its scratch windows)",
-        )
-    return engine
-
-
-def send_ask(worker, question_id, stream_id, question, max_new_tokens, time_range, timeout_s: float):
-    """Asks a worker actor for one stream's answer as the router does: on its answer threads, with the wall clock
-    the ask was sent at (``WorkerCore.ask``). Returns the Ray streaming generator of the answer's events."""
-    return worker.ask.options(concurrency_group=ANSWER_GROUP).remote(
-        question_id, stream_id, question, max_new_tokens, time_range, timeout_s, time.time()
-    )
-
-
-def telemetry_call(method):
-    """A worker actor's poll method (``drain_telemetry``, ``keyframe_stats``, ``stream_ids``) on its telemetry
-    threads, ready for ``.remote()``."""
-    return method.options(concurrency_group=TELEMETRY_GROUP)
-
-
-def worker_concurrency_groups(config: ServiceConfig) -> dict[str, int]:
-    """The worker actor's thread groups beside its ``CONTROL_THREADS``: answers, and the router's polls."""
-    return {ANSWER_GROUP: config.answer_threads, TELEMETRY_GROUP: TELEMETRY_THREADS}
-
-
-def worker_actor(config: ServiceConfig):
-    """The Ray actor class of a worker, with its resources, restarts and thread count."""
-    import ray
-
-    return ray.remote(concurrency_groups=worker_concurrency_groups(config))(WorkerCore).options(
-        num_cpus=config.worker_cpus,
-        num_gpus=config.worker_gpus,
-        max_restarts=MAX_RESTARTS,
-        max_task_retries=0,
-        max_concurrency=CONTROL_THREADS,
-    )

@@ -16,7 +16,7 @@ from mosaic_core.config import MIB
 from services.config import ServiceConfig, load_config
 from services.errors import DeadlineError, QuestionCancelled
 from services.metadata import StreamRecord
-from services.worker import CONTROL_THREADS, send_ask, worker_actor
+from services.worker_actor import CONTROL_THREADS, send_ask, worker_actor
 
 ray = pytest.importorskip("ray")
 

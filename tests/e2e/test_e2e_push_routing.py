@@ -16,7 +16,7 @@ from services.config import load_config
 from services.coordinator import Coordinator
 from services.metadata import StreamRecord
 from services.metrics import MosaicMetrics
-from services.worker import worker_actor
+from services.worker_actor import worker_actor
 
 ray = pytest.importorskip("ray")
 

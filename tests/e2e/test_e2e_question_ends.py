@@ -10,7 +10,7 @@ import pytest
 from service_support import API_KEY, clip_frames, metric, wait_ingested
 
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
-from services.worker import send_ask
+from services.worker_actor import send_ask
 
 STREAM = "ends-stream"
 METADATA = (("x-api-key", API_KEY),)

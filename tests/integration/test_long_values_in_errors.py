@@ -21,7 +21,7 @@ from services.gen.mosaic.v1 import mosaic_pb2_grpc
 from services.metrics import MosaicMetrics
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
-from services.worker import PushResult
+from services.worker_results import PushResult
 
 LONG_ID = "x" * 20_000  # letters only, too long: a plain mistake (e.g. a pasted blob), not an attack
 

@@ -118,10 +118,10 @@ def test_an_answer_a_stuck_engine_thread_never_ends_gives_its_answer_thread_back
 ):
     """The engine loop ends an answer past its deadline itself; when the engine thread is stuck nothing does, and the
     ask waited on its events for good, holding one of the worker's answer threads."""
-    from services import worker as worker_module
+    from services import worker_questions
     from services.errors import DeadlineError
 
-    monkeypatch.setattr(worker_module, "ABANDON_AFTER_DEADLINE_S", 0.5)
+    monkeypatch.setattr(worker_questions, "ABANDON_AFTER_DEADLINE_S", 0.5)
     worker = _worker(tiny_model, _config(tmp_path))
     gate = threading.Event()
     try:

@@ -12,9 +12,9 @@ import torch
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_gpu_worker_builds_its_engine_in_bfloat16(tmp_path):
     from services.config import ServiceConfig
-    from services.worker import _build_engine
+    from services.worker_engine import build_engine
 
-    engine = _build_engine("0", ServiceConfig(model="tiny", worker_gpus=1.0, data_dir=str(tmp_path)))
+    engine = build_engine("0", ServiceConfig(model="tiny", worker_gpus=1.0, data_dir=str(tmp_path)))
     assert engine.model.device.type == "cuda"
     assert engine.model.kv_spec.dtype == torch.bfloat16
     assert {p.dtype for p in engine.model.model.parameters()} == {torch.bfloat16}
@@ -22,9 +22,9 @@ def test_a_gpu_worker_builds_its_engine_in_bfloat16(tmp_path):
 
 def test_a_cpu_worker_keeps_the_preset_default(tmp_path):
     from services.config import ServiceConfig
-    from services.worker import _build_engine
+    from services.worker_engine import build_engine
 
-    engine = _build_engine("0", ServiceConfig(model="tiny", worker_gpus=0.0, data_dir=str(tmp_path)))
+    engine = build_engine("0", ServiceConfig(model="tiny", worker_gpus=0.0, data_dir=str(tmp_path)))
     assert engine.model.kv_spec.dtype == torch.float32
 
 
@@ -32,23 +32,23 @@ def test_a_cpu_worker_keeps_the_preset_default(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_gpu_worker_sizes_its_device_budget_from_the_memory_the_model_left_free(tmp_path):
     from services.config import ServiceConfig
-    from services.worker import _build_engine
+    from services.worker_engine import build_engine
 
     floor = 64 * 2**20
     config = ServiceConfig(
         model="tiny", worker_gpus=1.0, data_dir=str(tmp_path), device_budget_bytes=floor, device_budget_share=0.5
     )
     free, _ = torch.cuda.mem_get_info()
-    engine = _build_engine("0", config)
+    engine = build_engine("0", config)
     assert floor < engine.config.device_budget_bytes <= 0.5 * free
     assert engine.stats().capacity_bytes_by_tier["device"] == engine.config.device_budget_bytes
 
 
 def test_a_cpu_worker_keeps_the_configured_device_budget_whatever_the_share(tmp_path):
     from services.config import ServiceConfig
-    from services.worker import _build_engine
+    from services.worker_engine import build_engine
 
     config = ServiceConfig(
         model="tiny", worker_gpus=0.0, data_dir=str(tmp_path), device_budget_bytes=64 * 2**20, device_budget_share=0.5
     )
-    assert _build_engine("0", config).config.device_budget_bytes == 64 * 2**20
+    assert build_engine("0", config).config.device_budget_bytes == 64 * 2**20

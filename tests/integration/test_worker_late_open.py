@@ -8,14 +8,14 @@ import time
 import pytest
 
 from mosaic_core.engine.engine import Engine
-from services import worker as worker_module
+from services import worker_streams
 from services.config import load_config
 from services.metadata import InMemoryMetadataStore, StreamRecord
 from services.worker import WorkerCore
 
 
 def test_an_open_that_ends_after_its_create_gave_up_is_undone(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(worker_module, "OPEN_STREAM_WAIT_S", 0.2)
+    monkeypatch.setattr(worker_streams, "OPEN_STREAM_WAIT_S", 0.2)
     config = load_config(None, data_dir=str(tmp_path / "data"), ingest_headroom=0.0)
     worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
     open_stream = worker.engine.open_stream

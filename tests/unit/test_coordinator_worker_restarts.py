@@ -21,7 +21,7 @@ from services.metadata.base import StreamRecord
 from services.metrics import MosaicMetrics
 from services.router import MosaicServer
 from services.telemetry import DurabilityHealth, TelemetryDelta
-from services.worker import StreamInfo, WorkerInfo
+from services.worker_results import StreamInfo, WorkerInfo
 
 
 class _Method:
@@ -296,7 +296,7 @@ def test_the_routers_polls_run_on_the_workers_telemetry_threads():
     poll queued behind them timed out, and the router counted a busy worker down. Its polls have threads of their
     own, which the worker actor declares."""
     from services.config import ServiceConfig
-    from services.worker import TELEMETRY_GROUP, worker_concurrency_groups
+    from services.worker_actor import TELEMETRY_GROUP, worker_concurrency_groups
 
     async def scenario():
         worker = Worker(0)

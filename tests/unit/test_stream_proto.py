@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.convert import stream_to_proto
 from services.metadata import StreamRecord
-from services.worker import StreamInfo
+from services.worker_results import StreamInfo
 
 
 def _info(source_url: str | None) -> StreamInfo:

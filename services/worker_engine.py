@@ -1,0 +1,52 @@
+"""A worker's engine, built from the service settings: device, dtype, budgets, and the question graphs warmed up."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mosaic_core.config import budget_workspace_bytes
+from services.config import ServiceConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(worker_id: str, config: ServiceConfig):
+    import torch
+
+    from mosaic_core.engine.engine import Engine
+
+    device = "cuda" if config.worker_gpus > 0 and torch.cuda.is_available() else "cpu"
+    # Presets default to float32, which on a GPU doubles the weights' memory and leaves the tensor cores idle.
+    dtype = torch.bfloat16 if device == "cuda" else None
+    engine_config = config.engine_config(worker_subdir=f"worker-{worker_id}")
+    engine = Engine.from_model(
+        config.model,
+        engine_config,
+        device=device,
+        dtype=dtype,
+        device_budget_share=config.device_budget_share,
+        vision_attention=config.vision_attention,
+    )
+    if engine.config.device_budget_bytes != engine_config.device_budget_bytes:
+        log.info(
+            "device budget %.1f GiB: %.0f%% of the GPU memory free once the model was loaded, less %.1f GiB",
+            engine.config.device_budget_bytes / 2**30,
+            100 * config.device_budget_share,
+            budget_workspace_bytes(tower_stream=engine.config.tower_stream) / 2**30,
+        )
+    if device == "cuda":  # capture the question graphs now, not while the first users wait (CPU runs no graphs)
+        started = time.monotonic()
+        warm = engine.warm_up(max_new_tokens=config.default_max_new_tokens)
+        log.info(
+            "worker %s: warmed up in %.1f s (%s Triton kernel variants compiled) with %d questions %s, answers "
+            "decoded together in batches of up to %d, and %s",
+            worker_id,
+            time.monotonic() - started,
+            engine.stats().kernel_compiles,
+            warm.questions,
+            "over a scratch history" if warm.with_history else "with no history to retrieve",
+            max(warm.decode_batches, default=1),
+            "an ingest pass" if warm.ingested else "no ingest pass (the device budget cannot hold its scratch windows)",
+        )
+    return engine
