@@ -226,49 +226,15 @@ class WorkerCore:
         return sorted(self.sessions)
 
     def stream_info(self, stream_id: str) -> StreamInfo:
-        session = self.sessions.get(stream_id)
-        if session is None:
-            raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
-        return self._info(session, self.loop.call(self.engine.stream_stats, stream_id))
+        return self.streams.stream_info(stream_id)
 
     def keyframes(self, stream_id: str, keyframe_ids: list[str], cluster_id: str, latest: bool) -> list[Keyframe]:
-        """A stream's keyframes by ids, by cluster or the newest (``Engine.keyframes``), read on the engine thread."""
-        if stream_id not in self.sessions:
-            raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
-        return self.loop.call(
-            self.engine.keyframes, stream_id, keyframe_ids=keyframe_ids, cluster_id=cluster_id, latest=latest
-        )
+        """A stream's keyframes by ids, by cluster or the newest (``WorkerStreams.keyframes``)."""
+        return self.streams.keyframes(stream_id, keyframe_ids, cluster_id, latest)
 
     def stream_infos(self) -> list[StreamInfo]:
-        """Every open stream's info from one engine-thread command: one command per stream waited behind an
-        ingest pass each, and ListStreams ran out of time at 32 cameras under load."""
-        sessions = {sid: s for sid, s in list(self.sessions.items())}
-        stats = self.loop.call(self._all_stream_stats, list(sessions))
-        return [self._info(sessions[sid], stats[sid]) for sid in sorted(sessions) if sid in stats]
-
-    def _all_stream_stats(self, stream_ids: list[str]) -> dict:
-        """Engine thread: the stats of each of ``stream_ids`` still open (a stream deleted meanwhile is left out)."""
-        return {sid: self.engine.stream_stats(sid) for sid in stream_ids if sid in self.engine.streams}
-
-    def _info(self, session: StreamSession, stats) -> StreamInfo:
-        stream_id = session.stream_id
-        totals = self.telemetry.totals(stream_id)
-        progress = session.source.progress() if session.source is not None else None
-        return StreamInfo(
-            record=session.record,
-            frames_received=totals.received,
-            frames_ingested=stats.frames_ingested,
-            frames_dropped=totals.dropped,
-            num_clusters=stats.num_clusters,
-            clusters_by_tier=dict(stats.clusters_by_tier),
-            bytes_by_tier=dict(stats.bytes_by_tier),
-            first_timestamp_s=stats.first_timestamp_s,
-            last_timestamp_s=stats.last_timestamp_s,
-            lag_s=self.loop.ingest_calls.oldest_wait_s(stream_id),
-            queue_frames=self.queues.depth(stream_id),
-            source_state=int(progress.state) if progress else int(SourceState.PUSH),
-            source_error=progress.error if progress else "",
-        )
+        """Every open stream's info, from one engine-thread command (``WorkerStreams.stream_infos``)."""
+        return self.streams.stream_infos()
 
     # -- ingest -------------------------------------------------------------------------------------
     def push(self, frames: list[tuple[int, str, float, np.ndarray]]) -> PushResult:

@@ -1,4 +1,5 @@
-"""The streams of one worker: opened, closed, and restored from its data directory, each with its source reader.
+"""The streams of one worker: opened, closed, restored from its data directory, each with its source reader, and
+described (``StreamInfo``, keyframes).
 
 Engine work runs on the engine thread (``EngineLoop.call``); the sessions are the worker's, changed here under its
 lock.
@@ -14,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.errors import AlreadyExistsError, BudgetError, CapacityError, MosaicError, UnknownStreamError
 from mosaic_core.model.video import probe_video
 from services.admission import check_admission
@@ -27,6 +29,7 @@ from services.sources import NETWORK_SCHEMES, SourcePolicy, SourceReader, Source
 from services.telemetry import StreamTotals, WorkerTelemetry
 from services.tier_sync import TierSync
 from services.watches_worker import WorkerWatches
+from services.worker_results import StreamInfo
 
 log = logging.getLogger(__name__)
 # How long a CreateStream waits for the engine thread to open its stream; an open that ends later is undone.
@@ -34,7 +37,7 @@ OPEN_STREAM_WAIT_S = 120.0
 
 
 class WorkerStreams:
-    """Opens, closes and restores one worker's streams.
+    """Opens, closes, restores and describes one worker's streams.
 
     Args:
         worker_id: the worker's index, for messages.
@@ -257,6 +260,51 @@ class WorkerStreams:
         if session.source is not None:
             session.source.stop()  # asked to in the command: its frames are refused from then on
         return num_clusters
+
+    def stream_info(self, stream_id: str) -> StreamInfo:
+        session = self.sessions.get(stream_id)
+        if session is None:
+            raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
+        return self._info(session, self.loop.call(self.engine.stream_stats, stream_id))
+
+    def keyframes(self, stream_id: str, keyframe_ids: list[str], cluster_id: str, latest: bool) -> list[Keyframe]:
+        """A stream's keyframes by ids, by cluster or the newest (``Engine.keyframes``), read on the engine thread."""
+        if stream_id not in self.sessions:
+            raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
+        return self.loop.call(
+            self.engine.keyframes, stream_id, keyframe_ids=keyframe_ids, cluster_id=cluster_id, latest=latest
+        )
+
+    def stream_infos(self) -> list[StreamInfo]:
+        """Every open stream's info from one engine-thread command: one command per stream waited behind an
+        ingest pass each, and ListStreams ran out of time at 32 cameras under load."""
+        sessions = {sid: s for sid, s in list(self.sessions.items())}
+        stats = self.loop.call(self._all_stream_stats, list(sessions))
+        return [self._info(sessions[sid], stats[sid]) for sid in sorted(sessions) if sid in stats]
+
+    def _all_stream_stats(self, stream_ids: list[str]) -> dict:
+        """Engine thread: the stats of each of ``stream_ids`` still open (a stream deleted meanwhile is left out)."""
+        return {sid: self.engine.stream_stats(sid) for sid in stream_ids if sid in self.engine.streams}
+
+    def _info(self, session: StreamSession, stats) -> StreamInfo:
+        stream_id = session.stream_id
+        totals = self.telemetry.totals(stream_id)
+        progress = session.source.progress() if session.source is not None else None
+        return StreamInfo(
+            record=session.record,
+            frames_received=totals.received,
+            frames_ingested=stats.frames_ingested,
+            frames_dropped=totals.dropped,
+            num_clusters=stats.num_clusters,
+            clusters_by_tier=dict(stats.clusters_by_tier),
+            bytes_by_tier=dict(stats.bytes_by_tier),
+            first_timestamp_s=stats.first_timestamp_s,
+            last_timestamp_s=stats.last_timestamp_s,
+            lag_s=self.loop.ingest_calls.oldest_wait_s(stream_id),
+            queue_frames=self.queues.depth(stream_id),
+            source_state=int(progress.state) if progress else int(SourceState.PUSH),
+            source_error=progress.error if progress else "",
+        )
 
 
 def _no_frames(timestamp_s: float, rgb: np.ndarray) -> None:
