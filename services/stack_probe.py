@@ -16,12 +16,12 @@ with the totals so far, in seconds:
 inside). ``busiest(before, after)`` turns two such snapshots into the top functions between them, in seconds per
 second. Python-level only: time inside one C call is not split further.
 
-With ``since_chance`` (a worker passes its engine loop's ``seconds_since_chance``), the looks taken while the thread
-has had no chance to start a question for ``SLOW_STRETCH_S`` or more are also counted apart, under ``slow_sampled_s``,
-``slow_self`` and ``slow_inclusive``: what the thread is doing while a question that arrived would still be waiting.
-With ``chance_kind`` as well (the engine loop's ``last_chance_kind``), they are split by the kind of chance the
-stretch began at, under ``slow_after`` (seconds per kind) and ``slow_after_self`` (``"<kind> | <line>"``): a call's
-start, a pause inside it, the loop.
+With ``since_chance`` (a worker passes its engine loop's ``questions.seconds_since_chance``), the looks taken while
+the thread has had no chance to start a question for ``SLOW_STRETCH_S`` or more are also counted apart, under
+``slow_sampled_s``, ``slow_self`` and ``slow_inclusive``: what the thread is doing while a question that arrived would
+still be waiting. With ``chance_kind`` as well (the engine loop's ``questions.last_chance_kind``), they are split by
+the kind of chance the stretch began at, under ``slow_after`` (seconds per kind) and ``slow_after_self``
+(``"<kind> | <line>"``): a call's start, a pause inside it, the loop.
 """
 
 from __future__ import annotations

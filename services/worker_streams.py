@@ -228,9 +228,8 @@ class WorkerStreams:
         def close() -> int:
             if self.sessions.get(stream_id) is not session:  # a delete queued alongside this one went first
                 raise UnknownStreamError(f"stream {stream_id!r} is not open on worker {self.worker_id}")
-            self.loop.questions.cancel_stream_questions(
-                stream_id
-            )  # the engine refuses to close a stream a question reads
+            # the engine refuses to close a stream a question reads
+            self.loop.questions.cancel_stream_questions(stream_id)
             num_clusters = len(self.engine.clusters(stream_id))
             self.engine.close_stream(stream_id)  # its durable history goes first, in one rename; if it fails, nothing
             with self._lock:
