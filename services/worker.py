@@ -88,27 +88,7 @@ class WorkerCore:
         self._lock = threading.Lock()
         self._health_seen = DurabilityHealth()
         self._keyframes_dropped_seen = 0  # EngineStats.keyframes_dropped at the previous keyframe_stats()
-        self.loop = EngineLoop(
-            self.engine,
-            self.queues,
-            self.tier_sync,
-            self.telemetry,
-            max_batch_frames=config.max_batch_frames,
-            retention_s=self._retention_s,
-            max_questions_per_stream=config.max_questions_per_stream,
-            answer_slice_s=config.answer_slice_s,
-            ingest_pause_layers=config.ingest_pause_layers,
-            ingest_pause_frames=config.ingest_pause_frames,
-            ingest_pause_blocks=config.ingest_pause_blocks,
-            ingest_pause_placed=config.ingest_pause_placed,
-            ingest_pause_lookahead=config.ingest_pause_lookahead,
-            ingest_pause_skip_idle=config.ingest_pause_skip_idle,
-            questions_alongside_ingest=config.questions_alongside_ingest,
-            encode_ahead=config.encode_ahead and self.engine.parts.model.device.type == "cuda",
-            after_ingest=self._after_ingest,
-            max_background_jobs=config.watch_answer_queue_size,
-            max_background_running=config.watch_answer_concurrency,
-        )
+        self.loop = self._new_loop()
         self.watches = WorkerWatches(
             self.engine,
             self.loop,
@@ -145,6 +125,31 @@ class WorkerCore:
         )
         self.restored_streams = self.streams.restore()
         self.publisher.start()
+
+    def _new_loop(self) -> EngineLoop:
+        """The engine loop, with the service's batch, question and pause settings."""
+        config = self.config
+        return EngineLoop(
+            self.engine,
+            self.queues,
+            self.tier_sync,
+            self.telemetry,
+            max_batch_frames=config.max_batch_frames,
+            retention_s=self._retention_s,
+            max_questions_per_stream=config.max_questions_per_stream,
+            answer_slice_s=config.answer_slice_s,
+            ingest_pause_layers=config.ingest_pause_layers,
+            ingest_pause_frames=config.ingest_pause_frames,
+            ingest_pause_blocks=config.ingest_pause_blocks,
+            ingest_pause_placed=config.ingest_pause_placed,
+            ingest_pause_lookahead=config.ingest_pause_lookahead,
+            ingest_pause_skip_idle=config.ingest_pause_skip_idle,
+            questions_alongside_ingest=config.questions_alongside_ingest,
+            encode_ahead=config.encode_ahead and self.engine.parts.model.device.type == "cuda",
+            after_ingest=self._after_ingest,
+            max_background_jobs=config.watch_answer_queue_size,
+            max_background_running=config.watch_answer_concurrency,
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
