@@ -34,6 +34,7 @@ def test_an_open_that_ends_after_its_create_gave_up_is_undone(tiny_model, tmp_pa
         assert worker.stream_ids() == [] and worker.stream_infos() == []
 
         worker.engine.open_stream = open_stream
+        monkeypatch.setattr(worker_streams, "OPEN_STREAM_WAIT_S", 30.0)  # a loaded machine's open may take 0.2 s
         worker.open_stream(record)  # the client's retry
         assert worker.stream_info("cam").record.stream_id == "cam"
     finally:
