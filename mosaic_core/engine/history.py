@@ -120,6 +120,7 @@ class HistoryKeeper:
         self.store.submit(state.stream_id, add=seals, remove=removed_ids)
         self.ledger.remove(removed_ids)
         for seal in seals:
+            self.tiering.tiers.drop_spill(seal.entry.cluster_id)
             num_bytes = seal.entry.num_bytes + len(seal.keyframes)
             self.ledger.add(state.stream_id, seal.entry.cluster_id, sealed_unix_s=sealed_unix_s, num_bytes=num_bytes)
 

@@ -21,7 +21,9 @@ and which device clusters keep a host copy (oldest first).
 
 With a ``DurableStore``, a sealed cluster's bytes also live in its record file. Such a cluster spills to the disk
 tier by dropping its memory copies (no write), and comes back by reading its record, which stays. Only clusters
-that are not durable yet (open, or still partly in the local window) are written to separate spill files.
+that are not durable yet (open, or still partly in the local window, or a merge's copy before its record is
+submitted) are written to separate spill files, and such a file goes as the cluster's record is submitted
+(``drop_spill``).
 """
 
 from __future__ import annotations
@@ -409,8 +411,13 @@ class KVTiers:
         self._kept.pop(cluster_id, None)
         self._slots.pop(cluster_id, None)
         self._free_memory(cluster.pages)
-        # Whatever its tier: a cluster spilled before its record was durable (a merge of two disk-tier clusters)
-        # keeps that spill file after a fetch from the record. A durable record goes through the store's journal.
+        self._delete_spill(cluster_id)  # a durable record goes through the store's journal instead
+
+    def drop_spill(self, cluster_id: str) -> None:
+        """Deletes the spill file of a cluster whose record was just submitted, if it has one: from now on its bytes
+        are read from the record (or the record's snapshot while the file is pending), so the spill file would be
+        a second copy on disk that the disk tier's budget does not count."""
+        assert self._durable(cluster_id), f"{cluster_id} has no durable record"
         self._delete_spill(cluster_id)
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -429,7 +436,6 @@ class KVTiers:
             self.pools.write_pages(dst, pages, stored)
             record.fills = [self.page_tokens] * stored.shape[0]
             self._set_pages(record, dst, pages)
-            self._delete_spill(cluster_id)  # one written before the record was durable is stale now
         else:
             kv = self._read_disk(cluster_id)
             num_bytes = kv.numel() * kv.element_size()

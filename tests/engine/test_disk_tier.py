@@ -117,3 +117,35 @@ def test_the_disk_tier_starts_without_a_previous_process_spill_files_and_keeps_e
     tiering.admit("cam/c000004", "cam", kv, prefer=Tier.DISK)
     assert torch.equal(tiering.tiers.read("cam/c000004"), kv)
     assert tiering.tiers.disk.list_clusters("cam") == ["cam/c000004"]
+
+
+def test_a_cluster_spilled_before_it_is_durable_keeps_one_copy_on_disk_once_it_is(tiny_model, bikes_frames, tmp_path):
+    """A merge of two disk-tier clusters stores its copy in the disk tier (a spill file) before the merged record is
+    submitted; once it is, the record (or its pending snapshot) holds the bytes and the spill file goes at once, not
+    at the cluster's next fetch or its drop: the disk would otherwise hold the cluster twice and count it once."""
+    engine = make_engine(
+        tiny_model,
+        device_budget_bytes=int(1.3 * MIB),
+        host_budget_bytes=int(0.3 * MIB),
+        data_dir=str(tmp_path),
+        formation=FormationConfig(max_tokens=96),
+    )
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:40])
+    state, residency, tiers = engine.stream("cam"), engine.tiering.residency, engine.tiering.tiers
+    records = [r for r in state.former.records_to_read() if r.sealed and r.cluster_id not in state.local_cluster_ids()]
+    left, right = next(
+        (a.cluster_id, b.cluster_id) for a, b in itertools.pairwise(records) if a.num_tokens + b.num_tokens <= 96
+    )
+    for cid in (left, right):
+        engine.tiering.execute(residency.plan_spill(cid, Tier.DISK))
+    want = torch.cat([tiers.read(left), tiers.read(right)], dim=3)
+    merged = merge_clusters(engine.parts, state, left, right)
+    assert residency.tier_of(merged) is Tier.DISK
+    assert not tiers.disk.path(merged).exists(), "the merged cluster's spill file outlives its durable record"
+    assert torch.equal(tiers.read(merged), want)
+    engine.history.store.flush()
+    assert torch.equal(tiers.read(merged), want)
+    engine.tiering.execute(residency.plan_fetch(merged, Tier.HOST))
+    assert torch.equal(tiers.read(merged), want)
+    engine.close()
