@@ -8,7 +8,7 @@ def tiny_engine_and_clip(stream_id: str, fps: float):
     """An engine on the tiny preset with ``stream_id`` open, and the bikes clip's ``(timestamp_s, rgb)`` at ``fps``."""
     import torch
 
-    from mosaic_core.bookkeeping.formation import FormationConfig
+    from mosaic_core.bookkeeping.formation_config import FormationConfig
     from mosaic_core.config import MIB, EngineConfig
     from mosaic_core.engine.engine import Engine
     from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter

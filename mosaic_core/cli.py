@@ -372,7 +372,7 @@ def _run_fidelity(args) -> int:
 
 
 def _formation(args, budget_tokens: int):
-    from mosaic_core.bookkeeping.formation import FormationConfig
+    from mosaic_core.bookkeeping.formation_config import FormationConfig
 
     # at least four frames (frame sizes round a little above the target, hence the margin)
     cap = args.cluster_tokens or max(args.tokens_per_frame * 5, budget_tokens // 4)

@@ -40,7 +40,7 @@ import torch
 
 from mosaic_core.bench.b_pauses import PauseVariant, QuestionAtPause, call_pauses
 from mosaic_core.bench.scenario_a import QUESTIONS as A_QUESTIONS
-from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.config import (
     BENCH_DEVICE_BUDGET_SHARE,
     GIB,

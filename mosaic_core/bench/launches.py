@@ -224,7 +224,7 @@ def _host_to_device_bytes(engine) -> int | None:
 
 
 def _engine(model, mode: str, budget_tokens: int, device_budget_mib: float):
-    from mosaic_core.bookkeeping.formation import FormationConfig
+    from mosaic_core.bookkeeping.formation_config import FormationConfig
     from mosaic_core.config import MIB, EngineConfig
     from mosaic_core.engine.engine import Engine
 

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.config import EngineConfig
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.probes import ENGINE, ProbeRequest, probing

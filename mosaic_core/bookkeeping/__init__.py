@@ -9,17 +9,15 @@
 - ``pages``: the page allocator and a cluster's page record, which the torch layer fills in.
 - ``policies``: eviction policies ("lru", "heat") ranking clusters coldest first.
 - ``formation``: per-stream online clustering of frames by visual coherence.
+- ``formation_config``: when a frame joins the open cluster (``FormationConfig``).
+- ``cluster_record``: one cluster's frames and time span, as formation keeps them.
 - ``maintenance``: co-retrieval statistics that propose merging adjacent clusters.
 """
 
+from mosaic_core.bookkeeping.cluster_record import ClusterRecord
 from mosaic_core.bookkeeping.cluster_residency import ClusterResidency
-from mosaic_core.bookkeeping.formation import (
-    FORMATION_REASONS,
-    ClusterFormer,
-    ClusterRecord,
-    FormationConfig,
-    FormationDecision,
-)
+from mosaic_core.bookkeeping.formation import FORMATION_REASONS, ClusterFormer, FormationDecision
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.bookkeeping.maintenance import CoRetrievalTracker, MergeProposal
 from mosaic_core.bookkeeping.policies import POLICY_NAMES, EvictionPolicy, HeatPolicy, LruPolicy, make_policy
 from mosaic_core.bookkeeping.residency import ResidencyManager

@@ -12,12 +12,12 @@ size, into join-or-start; ``commit`` records the outcome once the frame's KV has
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from mosaic_core.bookkeeping.cluster_record import ClusterRecord
+from mosaic_core.bookkeeping.formation_config import FormationConfig, is_int
 from mosaic_core.errors import (
-    ConfigError,
     InvalidArgumentError,
     StateError,
     TimestampOrderError,
@@ -29,69 +29,6 @@ from mosaic_core.errors import (
 FORMATION_REASONS: tuple[str, ...] = ("first", "similar", "young", "dissimilar", "incoherent", "full", "gap")
 
 
-@dataclass(frozen=True, kw_only=True)
-class FormationConfig:
-    """When a frame joins the open cluster.
-
-    Attributes:
-        min_similarity: lowest cosine of a frame to the open cluster's centroid that still joins.
-        min_cohesion: lowest cohesion the cluster may have after the frame joins.
-        max_tokens: size cap of one cluster, in visual tokens.
-        max_gap_s: a frame later than this after the cluster's last frame starts a new cluster.
-        min_frames_before_split: a cluster with fewer frames takes the next frame even if it is dissimilar.
-        join_min_similarity: recurring-scene joins. When a sealed cluster is complete, it joins the earlier held
-            cluster of its stream whose vision centroid is the most similar, if that cosine is at least this and
-            the two fit in ``max_tokens``; its evidence is then a list of spans. None (the default) never joins.
-        join_max_candidates: how many of the newest earlier clusters a completed cluster is compared with.
-        split_min_questions: splits by uneven attention (``mosaic_core.engine.splits``). Once this many questions
-            retrieved a cluster, it is cut where its two parts' attention densities differ the most, if their ratio
-            reaches ``split_min_density_ratio``. None (the default) never splits.
-        split_min_density_ratio: how much denser (attention mass per token) one part must be than the other.
-        key_weight: how much a frame's keys, not only its picture, decide whether it joins the open cluster.
-            Formation then compares vectors whose cosine, for two frames, is (1 - key_weight) x their vision cosine
-            + key_weight x the cosine of their mean keys at the choosing layer (``mosaic_core.engine.ingest``);
-            ``min_similarity`` and ``min_cohesion`` apply to those vectors. 0 (the default) is vision only.
-    """
-
-    min_similarity: float = 0.85
-    min_cohesion: float = 0.8
-    max_tokens: int = 2048
-    max_gap_s: float = 5.0
-    min_frames_before_split: int = 1
-    join_min_similarity: float | None = None
-    join_max_candidates: int = 64
-    split_min_questions: int | None = None
-    split_min_density_ratio: float = 4.0
-    key_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("min_similarity", "min_cohesion"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and -1.0 <= value <= 1.0):
-                raise ConfigError(f"FormationConfig.{name} must be a cosine in [-1, 1], got {value!r}")
-        if not _is_int(self.max_tokens) or self.max_tokens <= 0:
-            raise ConfigError(f"FormationConfig.max_tokens must be an int > 0, got {self.max_tokens!r}")
-        if not (isinstance(self.max_gap_s, int | float) and self.max_gap_s > 0):
-            raise ConfigError(f"FormationConfig.max_gap_s must be > 0, got {self.max_gap_s!r}")
-        if not _is_int(self.min_frames_before_split) or self.min_frames_before_split < 1:
-            value = self.min_frames_before_split
-            raise ConfigError(f"FormationConfig.min_frames_before_split must be an int >= 1, got {value!r}")
-        join = self.join_min_similarity
-        if join is not None and not (isinstance(join, int | float) and -1.0 <= join <= 1.0):
-            raise ConfigError(f"FormationConfig.join_min_similarity must be None or a cosine in [-1, 1], got {join!r}")
-        if not _is_int(self.join_max_candidates) or self.join_max_candidates < 1:
-            value = self.join_max_candidates
-            raise ConfigError(f"FormationConfig.join_max_candidates must be an int >= 1, got {value!r}")
-        split = self.split_min_questions
-        if split is not None and (not _is_int(split) or split < 1):
-            raise ConfigError(f"FormationConfig.split_min_questions must be None or an int >= 1, got {split!r}")
-        if not (isinstance(self.key_weight, int | float) and 0.0 <= self.key_weight <= 1.0):
-            raise ConfigError(f"FormationConfig.key_weight must be in [0, 1], got {self.key_weight!r}")
-        ratio = self.split_min_density_ratio
-        if not (isinstance(ratio, int | float) and ratio > 1.0):
-            raise ConfigError(f"FormationConfig.split_min_density_ratio must be > 1, got {ratio!r}")
-
-
 @dataclass(slots=True)
 class FormationDecision:
     """Whether the frame joins the open cluster, which cluster it goes to, and why."""
@@ -99,52 +36,6 @@ class FormationDecision:
     join: bool
     cluster_id: str
     reason: str
-
-
-@dataclass(slots=True)
-class ClusterRecord:
-    """One cluster's frames and time span. ``frame_*`` lists run parallel to ``frame_indices``."""
-
-    cluster_id: str
-    stream_id: str
-    frame_indices: list[int]
-    start_s: float
-    end_s: float
-    num_tokens: int
-    sealed: bool = False
-    frame_timestamps_s: list[float] = field(default_factory=list)
-    frame_num_tokens: list[int] = field(default_factory=list)
-
-    @property
-    def num_frames(self) -> int:
-        return len(self.frame_indices)
-
-    @property
-    def duration_s(self) -> float:
-        return self.end_s - self.start_s
-
-    def completed_by(self, frame_index: int) -> bool:
-        """Whether storing frame ``frame_index`` completed this cluster: it is sealed and that was its last frame."""
-        return self.sealed and frame_index == self.frame_indices[-1]
-
-    def spans(self) -> list[tuple[float, float]]:
-        """``(start_s, end_s)`` of each run of consecutive frames, earliest first: one span, unless recurring-scene
-        joins made the cluster out of several visits to the scene."""
-        runs: list[tuple[int, float, float]] = []  # (last frame of the run, start_s, end_s)
-        for frame, timestamp_s in sorted(zip(self.frame_indices, self.frame_timestamps_s, strict=True)):
-            if runs and frame == runs[-1][0] + 1:
-                runs[-1] = (frame, runs[-1][1], timestamp_s)
-            else:
-                runs.append((frame, timestamp_s, timestamp_s))
-        return [(start_s, end_s) for _, start_s, end_s in runs] or [(self.start_s, self.end_s)]
-
-    def copy(self) -> ClusterRecord:
-        return dataclasses.replace(
-            self,
-            frame_indices=list(self.frame_indices),
-            frame_timestamps_s=list(self.frame_timestamps_s),
-            frame_num_tokens=list(self.frame_num_tokens),
-        )
 
 
 class ClusterFormer:
@@ -157,7 +48,7 @@ class ClusterFormer:
     """
 
     def __init__(self, stream_id: str, config: FormationConfig | None = None, *, first_number: int = 0) -> None:
-        if not _is_int(first_number) or first_number < 0:
+        if not is_int(first_number) or first_number < 0:
             raise InvalidArgumentError(f"first_number must be an int >= 0, got {first_number!r}")
         self.stream_id = stream_id
         self.config = config if config is not None else FormationConfig()
@@ -490,7 +381,7 @@ class ClusterFormer:
         return pos
 
     def _check_frame(self, timestamp_s: float, num_tokens: int) -> None:
-        if not _is_int(num_tokens) or not 0 < num_tokens <= self.config.max_tokens:
+        if not is_int(num_tokens) or not 0 < num_tokens <= self.config.max_tokens:
             raise InvalidArgumentError(
                 f"a frame needs 1..{self.config.max_tokens} tokens (max_tokens), got {num_tokens!r}"
             )
@@ -500,10 +391,6 @@ class ClusterFormer:
             raise TimestampOrderError(
                 f"stream {self.stream_id!r}: frame at {timestamp_s}s is not after {self._last_timestamp_s}s"
             )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _first_frame(record: ClusterRecord) -> int:

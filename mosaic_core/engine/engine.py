@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mosaic_core.bookkeeping.formation import ClusterFormer, ClusterRecord
+from mosaic_core.bookkeeping.cluster_record import ClusterRecord
+from mosaic_core.bookkeeping.formation import ClusterFormer
 from mosaic_core.bookkeeping.maintenance import CoRetrievalTracker
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.residency import ResidencyManager

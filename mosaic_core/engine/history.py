@@ -21,7 +21,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from mosaic_core.bookkeeping.formation import ClusterRecord
+from mosaic_core.bookkeeping.cluster_record import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.durable.loading import StoredStream
 from mosaic_core.durable.manifest import RECORD_SUFFIX, ClusterEntry

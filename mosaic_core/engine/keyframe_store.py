@@ -26,7 +26,7 @@ from concurrent.futures import Executor, Future
 
 import numpy as np
 
-from mosaic_core.bookkeeping.formation import ClusterRecord
+from mosaic_core.bookkeeping.cluster_record import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine.keyframes import Keyframe, KeyframePicker, make_keyframe_id, parse_keyframe_id
 from mosaic_core.engine.stream import StreamState

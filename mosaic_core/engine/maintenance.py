@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import torch
 
-from mosaic_core.bookkeeping.formation import ClusterRecord
+from mosaic_core.bookkeeping.cluster_record import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.keyframe_store import store_for

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mosaic_core.bookkeeping.formation import ClusterRecord
+from mosaic_core.bookkeeping.cluster_record import ClusterRecord
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.engine.keyframe_store import store_for
 from mosaic_core.engine.maintenance import made_beside_copies, next_ids, reserve_numbers

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mosaic_core.bookkeeping.formation import ClusterFormer, ClusterRecord
+from mosaic_core.bookkeeping.cluster_record import ClusterRecord
+from mosaic_core.bookkeeping.formation import ClusterFormer
 from mosaic_core.engine.coherence import OpenSums
 from mosaic_core.errors import InvalidArgumentError, StreamClosedError, TimestampOrderError, shown
 from mosaic_core.memory.arena import PagePools

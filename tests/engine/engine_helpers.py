@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.results import FrameInput

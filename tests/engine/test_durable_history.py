@@ -13,7 +13,7 @@ import zlib
 import pytest
 import torch
 
-from mosaic_core.bookkeeping.formation import ClusterRecord
+from mosaic_core.bookkeeping.cluster_record import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
 from mosaic_core.durable.manifest import MANIFEST_NAME, RECORD_SUFFIX, encode_line, replay

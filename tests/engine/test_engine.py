@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
 from mosaic_core.engine.maintenance import apply_merges, mergeable_clusters

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.engine.results import FrameInput
 from mosaic_core.errors import (

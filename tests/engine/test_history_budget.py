@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.durable.manifest import replay
 from mosaic_core.engine.maintenance import merge_clusters
 from mosaic_core.engine.results import FrameInput

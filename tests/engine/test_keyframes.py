@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.bookkeeping.residency import ResidencyManager
 from mosaic_core.bookkeeping.tiers import Tier, TierBudgets
 from mosaic_core.config import EngineConfig

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB

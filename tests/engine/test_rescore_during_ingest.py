@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.engine import plans
 from mosaic_core.engine.plans import QuestionPlan
 from mosaic_core.engine.retrieval import Retriever

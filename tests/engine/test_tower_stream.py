@@ -14,7 +14,7 @@ import zlib
 import pytest
 import torch
 
-from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.results import FrameInput
 from mosaic_core.errors import BudgetError

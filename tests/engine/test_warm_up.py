@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
 from mosaic_core.engine.decode_graphs import WIDTH_STEP, DecodeGraphs

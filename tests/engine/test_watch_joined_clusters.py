@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from engine_helpers import SMALL
 
-from mosaic_core.bookkeeping.formation import FormationConfig
+from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.maintenance import merge_clusters
 from mosaic_core.engine.results import FrameInput
