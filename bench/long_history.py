@@ -12,15 +12,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from mosaic_core.bench.engine import (
-    CLIPS,
-    QUESTIONS,
-    engine_config,
-    looped_frames,
-    pinned_bytes,
-    settings_for,
-    sized_to_machine,
-)
+from mosaic_core.bench.settings import engine_config, pinned_bytes, settings_for, sized_to_machine
+from mosaic_core.bench.workload import CLIPS, QUESTIONS, looped_frames
 from mosaic_core.engine.engine import Engine
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 

@@ -26,7 +26,7 @@ import statistics
 from pathlib import Path
 
 from bench import long_history
-from mosaic_core.bench.engine import QUESTIONS
+from mosaic_core.bench.workload import QUESTIONS
 from mosaic_core.engine import questions
 from mosaic_core.engine.engine import Engine
 

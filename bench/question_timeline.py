@@ -38,7 +38,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench import long_history
-from mosaic_core.bench.engine import QUESTIONS
+from mosaic_core.bench.workload import QUESTIONS
 from mosaic_core.config import EngineConfig
 from mosaic_core.engine import plans, questions, retrieval
 from mosaic_core.engine.engine import Engine

@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 from mosaic_core.bench.decode_batch import run_concurrent
-from mosaic_core.bench.engine import CLIPS, QUESTIONS, engine_config, looped_frames, settings_for, sized_to_machine
+from mosaic_core.bench.settings import engine_config, settings_for, sized_to_machine
+from mosaic_core.bench.workload import CLIPS, QUESTIONS, looped_frames
 from mosaic_core.engine.engine import Engine
 from mosaic_core.kernels.attention import use_split_plan
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter

@@ -16,7 +16,7 @@ import zlib
 
 import torch
 
-from mosaic_core.bench.engine import looped_frames
+from mosaic_core.bench.workload import looped_frames
 from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.engine.engine import Engine

@@ -30,15 +30,8 @@ from pathlib import Path
 
 import torch
 
-from mosaic_core.bench.engine import (
-    CLIPS,
-    QUESTIONS,
-    engine_config,
-    looped_frames,
-    pinned_bytes,
-    settings_for,
-    sized_to_machine,
-)
+from mosaic_core.bench.settings import engine_config, pinned_bytes, settings_for, sized_to_machine
+from mosaic_core.bench.workload import CLIPS, QUESTIONS, looped_frames
 from mosaic_core.config import GIB, MIB, RetrievalMode
 from mosaic_core.engine.decode_graphs import MAX_BATCH, DecodeGraphs
 from mosaic_core.engine.engine import Engine

@@ -33,15 +33,8 @@ from pathlib import Path
 
 import torch
 
-from mosaic_core.bench.engine import (
-    CLIPS,
-    QUESTIONS,
-    BenchSettings,
-    engine_config,
-    looped_frames,
-    settings_for,
-    sized_to_machine,
-)
+from mosaic_core.bench.settings import BenchSettings, engine_config, settings_for, sized_to_machine
+from mosaic_core.bench.workload import CLIPS, QUESTIONS, looped_frames
 from mosaic_core.engine.engine import Engine
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 

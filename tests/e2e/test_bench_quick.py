@@ -117,4 +117,4 @@ def test_bench_sampled_engine_runs_scenario_b_with_pause_variants_and_writes_whe
     inclusive = json.loads(stacks.read_text().splitlines()[-1])["inclusive"]
     # Not a frame's placement: short host work that holds the GIL, which a 5-ms sampler may miss in a run this
     # short (one fresh-clone run in session 34 did).
-    assert 0 < inclusive["ingest.py:ingest"] < inclusive["engine.py:scenario_b"]
+    assert 0 < inclusive["ingest.py:ingest"] < inclusive["scenario_b.py:scenario_b"]

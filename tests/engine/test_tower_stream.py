@@ -123,7 +123,7 @@ TWIN = {"clusters_opened": 7, "key_sum_checksums": {"c1": 100.0, "c2": 50.0}}
     ],
 )
 def test_scenario_b_calls_two_digests_alike_only_with_the_same_clusters_and_keys(other, agrees):
-    from mosaic_core.bench.engine import _digests_agree
+    from mosaic_core.bench.scenario_b import _digests_agree
 
     assert _digests_agree(other, TWIN) is agrees
 

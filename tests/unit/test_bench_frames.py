@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mosaic_core.bench.engine import looped_frames
+from mosaic_core.bench.workload import looped_frames
 from mosaic_core.model.video import iter_video_frames, sample_clip_path
 
 

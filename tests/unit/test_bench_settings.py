@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from mosaic_core.bench import decode_batch, profile_question
-from mosaic_core.bench.engine import CAMERA_SECONDS, engine_config, settings_for
 from mosaic_core.bench.scenario_a import SWEEP, VARIANTS, variant_config
+from mosaic_core.bench.settings import CAMERA_SECONDS, engine_config, settings_for
 from mosaic_core.config import SCORER_NAMES
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mosaic_core.bench.engine import CLIPS, looped_frames
+from mosaic_core.bench.workload import CLIPS, looped_frames
 from mosaic_core.engine.thumbnails import ThumbnailBatch, thumbnail, thumbnail_size
 from mosaic_core.model.frame_upload import FrameStaging
 
