@@ -181,7 +181,7 @@ class Coordinator:
         self._deleted_s[stream_id] = now
         self.placement.pop(stream_id, None)
         self._last_lags.pop(stream_id, None)
-        self.metrics.forget_stream(stream_id)
+        self.metrics.streams.forget_stream(stream_id)
         self.metrics.set_active_streams(len(self.placement))
         return num_clusters
 
@@ -341,8 +341,8 @@ class Coordinator:
         queues, which went with it, are empty."""
         silent_s = now - self._down_since[index]
         for stream_id in [s for s, i in self.placement.items() if i == index]:
-            self.metrics.set_stream_lag(stream_id, self._last_lags.get(stream_id, 0.0) + silent_s)
-            self.metrics.set_ingest_queue_depth(stream_id, 0)
+            self.metrics.streams.set_stream_lag(stream_id, self._last_lags.get(stream_id, 0.0) + silent_s)
+            self.metrics.streams.set_ingest_queue_depth(stream_id, 0)
 
     async def _take_streams_of(self, index: int, timeout_s: float = 5.0) -> None:
         """The streams worker ``index`` restored that the router did not know (a create whose answer its crash
@@ -360,7 +360,7 @@ class Coordinator:
             return
         self._to_list.discard(index)
         for stream_id in [s for s, i in self.placement.items() if i == index and s not in held]:
-            self.metrics.forget_stream_gauges(stream_id)
+            self.metrics.streams.forget_stream_gauges(stream_id)
         self._adopt(index, held, asked_s)
 
     async def _call(self, index: int, ref):

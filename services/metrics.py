@@ -2,13 +2,13 @@
 
 One ``MosaicMetrics`` object owns every metric on an injected ``CollectorRegistry`` (a fresh one by default,
 never the process-global registry, so tests and several servers in one process do not collide). The
-router and the workers call its small methods; nothing else in the code base touches prometheus_client.
+router and the workers call its small methods and those of its families of metrics (``streams``: ``StreamMetrics``;
+``engine_loop``: ``EngineLoopMetrics``; ``durability``: ``DurabilityMetrics``; ``watches``: ``WatchMetrics``), each
+on that registry; nothing else in the code base touches prometheus_client.
 
 Cardinality is bounded on purpose:
-- ``stream``: the first ``max_stream_labels`` streams get their own value; later ones share ``_other``.
-  For ``_other`` the queue-depth gauge reports the sum over those streams and the lag gauge the maximum,
-  so the overflow bucket still answers "how much is queued" and "how far behind is the worst stream".
-  ``forget_stream`` drops a deleted stream's series and frees its slot for the next new stream.
+- ``stream``: the first ``max_stream_labels`` streams get their own value; later ones share ``_other``
+  (``services.stream_metrics``).
 - ``worker`` is the worker index ("0", "1", ...); enum-like labels (``reason``, ``outcome``, ``mode``,
   ``direction``, ``tier``, ``code``) accept only their listed values and raise ``ValueError`` otherwise.
 """
@@ -25,29 +25,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.results import ALLOCATOR_EVENTS as ENGINE_ALLOCATOR_EVENTS
+from services.durability_metrics import DurabilityMetrics
+from services.engine_loop_metrics import EngineLoopMetrics
 from services.metadata.base import TIERS
 from services.metric_checks import check_label, non_negative, worker_label
+from services.stream_metrics import DEFAULT_MAX_STREAM_LABELS, StreamMetrics
 from services.watch_metrics import WatchMetrics
 
-STREAM_OTHER = "_other"
-DEFAULT_MAX_STREAM_LABELS = 64
-DROP_REASONS = ("queue_full", "no_room", "decode_error", "invalid", "stream_deleted", "shutdown")
 QUERY_OUTCOMES = ("ok", "error", "rejected", "deadline")
 MODES = tuple(mode.value for mode in RetrievalMode)  # every mode the service may run
 TRANSFER_DIRECTIONS = ("host_to_device", "device_to_host", "host_to_disk", "disk_to_host")
-# Where a worker's engine thread spends its time: engine.ingest calls; what follows each ingest call (tier sync,
-# retention, watch evaluation); starting and stepping answers; commands and stats; waiting for work.
-ENGINE_LOOP_PARTS = ("ingest", "ingest_upkeep", "questions", "other", "idle")
 # The CUDA caching allocator's events on a worker's GPU (EngineStats.allocator_events): a retry is a device
 # allocation that failed, after which the allocator gave back its cached blocks, a wait for all of the GPU's work, and
 # tried again; device mallocs and frees are the allocator's calls to the driver.
 ALLOCATOR_EVENTS = tuple(ENGINE_ALLOCATOR_EVENTS)
-# Where the engine thread may start a new question: a pause inside an ingest call, the start of an ingest call (its
-# frames taken, before their preparation), its end (before its upkeep), and the loop's own start of questions between
-# calls. A question's wait for the engine is at most the gap between two of them; QUESTION_START_GAPS names each gap by
-# the chances at its two ends.
-QUESTION_START_CHANCES = ("pause", "call_start", "call_end", "loop")
-QUESTION_START_GAPS = tuple(f"{a}_to_{b}" for a in QUESTION_START_CHANCES for b in QUESTION_START_CHANCES)
 # Every gRPC status code an RPC can fail with (OK is not an error).
 ERROR_CODES = (
     "CANCELLED",
@@ -76,7 +67,6 @@ INGEST_LATENCY_BUCKETS_S = (
 BATCH_FRAMES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INTER_TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
-QUESTION_START_GAP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 RETRIEVAL_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -113,39 +103,10 @@ class MosaicMetrics:
     def __init__(
         self, registry: CollectorRegistry | None = None, *, max_stream_labels: int = DEFAULT_MAX_STREAM_LABELS
     ) -> None:
-        if max_stream_labels < 0:
-            raise ValueError(f"max_stream_labels={max_stream_labels} must be >= 0")
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.max_stream_labels = max_stream_labels
-        self._lock = threading.Lock()
-        self._stream_labels: set[str] = set()
-        self._overflow_depth: dict[str, int] = {}
-        self._overflow_lag_s: dict[str, float] = {}
-        self._overflow: set[str] = set()
         r = self.registry
+        self.streams = StreamMetrics(r, max_stream_labels=max_stream_labels)
         # --- ingest ---
-        self.frames_received_total = Counter(
-            "mosaic_frames_received_total", "Frames accepted from clients or sources.", ["stream"], registry=r
-        )
-        self.frames_ingested_total = Counter(
-            "mosaic_frames_ingested_total", "Frames encoded into the KV cache.", ["stream"], registry=r
-        )
-        self.frames_dropped_total = Counter(
-            "mosaic_frames_dropped_total", "Frames dropped, by reason.", ["stream", "reason"], registry=r
-        )
-        self.ingest_queue_depth = Gauge(
-            "mosaic_ingest_queue_depth",
-            "Frames waiting in the stream's bounded ingest queue.",
-            ["stream"],
-            registry=r,
-        )
-        self.stream_lag_seconds = Gauge(
-            "mosaic_stream_lag_seconds",
-            "Seconds the stream's oldest frame still waiting for ingest has waited (0 with none waiting, a stopped "
-            "or failed source included; a silent worker's streams: growing from its last report).",
-            ["stream"],
-            registry=r,
-        )
         self.ingest_latency_seconds = Histogram(
             "mosaic_ingest_latency_seconds",
             "Time from frame receipt to KV written.",
@@ -172,29 +133,7 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
-        self.engine_loop_seconds_total = Counter(
-            "mosaic_engine_loop_seconds_total",
-            "Seconds a worker's engine thread spent, by part (ingest, ingest_upkeep, questions, other, idle).",
-            ["worker", "part"],
-            registry=r,
-        )
-        self.question_start_gap_seconds = Histogram(
-            "mosaic_question_start_gap_seconds",
-            "Time between two chances of a worker's engine thread to start a new question, by the chances at its "
-            "ends (pause: inside an ingest call; call_start: at its start, before its frames are prepared; "
-            "call_end: after one, before its upkeep; loop: between calls).",
-            ["worker", "between"],
-            buckets=QUESTION_START_GAP_BUCKETS_S,
-            registry=r,
-        )
-        self.answer_thread_wait_seconds = Histogram(
-            "mosaic_answer_thread_wait_seconds",
-            "Time from the router's sending of an ask to one of the worker's answer threads (answer_threads) taking "
-            "it; asks beyond that many at once wait, within their deadline.",
-            ["worker"],
-            buckets=QUESTION_START_GAP_BUCKETS_S,
-            registry=r,
-        )
+        self.engine_loop = EngineLoopMetrics(r)
         # --- questions ---
         self.query_queue_depth = Gauge(
             "mosaic_query_queue_depth", "Questions waiting in the router's bounded queue.", registry=r
@@ -294,175 +233,10 @@ class MosaicMetrics:
         self.errors_total = Counter(
             "mosaic_errors_total", "Errors returned, by gRPC status code name.", ["code"], registry=r
         )
-        # --- durability and the metadata index ---
-        self.worker_pid = Gauge(
-            "mosaic_worker_pid", "Process id of each worker (0 until it first reports).", ["worker"], registry=r
-        )
-        self.metadata_store_up = Gauge(
-            "mosaic_metadata_store_up", "1 if the worker's last metadata write succeeded.", ["worker"], registry=r
-        )
-        self.metadata_queue_depth = Gauge(
-            "mosaic_metadata_write_queue_depth", "Metadata writes waiting behind the engine.", ["worker"], registry=r
-        )
-        self.metadata_writes_dropped_total = Counter(
-            "mosaic_metadata_writes_dropped_total",
-            "Metadata writes dropped from the full write-behind queue (a full resync repairs the index).",
-            ["worker"],
-            registry=r,
-        )
-        self.metadata_resyncs_total = Counter(
-            "mosaic_metadata_resyncs_total",
-            "Full re-publications of a worker's streams and clusters.",
-            ["worker"],
-            registry=r,
-        )
-        self.durable_pending_clusters = Gauge(
-            "mosaic_durable_pending_clusters", "Sealed clusters not yet on disk.", ["worker"], registry=r
-        )
-        self.durable_oldest_pending_seconds = Gauge(
-            "mosaic_durable_oldest_pending_seconds",
-            "Age of the oldest sealed cluster not yet on disk.",
-            ["worker"],
-            registry=r,
-        )
-        self.durable_clusters_written_total = Counter(
-            "mosaic_durable_clusters_written_total", "Sealed clusters written to disk.", ["worker"], registry=r
-        )
-        self.durable_write_errors_total = Counter(
-            "mosaic_durable_write_errors_total", "Failed writes of cluster records.", ["worker"], registry=r
-        )
-        self.durable_bytes_written_total = Counter(
-            "mosaic_durable_bytes_written_total", "Bytes of cluster records written to disk.", ["worker"], registry=r
-        )
-        self.durable_write_seconds_total = Counter(
-            "mosaic_durable_write_seconds_total",
-            "Time the record writers spent on files (checksum, write, fsync), summed over the writer threads.",
-            ["worker"],
-            registry=r,
-        )
-        self.durable_set_aside_total = Counter(
-            "mosaic_durable_set_aside_total",
-            "History a restart could not restore, moved under the data folder's .unreadable and kept for a person: "
-            "whole streams (what=stream: a journal this version cannot read, KV of another model's shape) and "
-            "single records whose summary could not be read (what=cluster). The worker's log says why.",
-            ["worker", "what"],
-            registry=r,
-        )
-        self.durable_writers = Gauge(
-            "mosaic_durable_writers",
-            "Threads that write cluster records; mosaic_durable_write_seconds_total near this many a second means "
-            "they are saturated.",
-            ["worker"],
-            registry=r,
-        )
-        self.durable_history_bytes = Gauge(
-            "mosaic_durable_history_bytes",
-            "Bytes of the sealed clusters' records a worker keeps on disk (KV and keyframes).",
-            ["worker"],
-            registry=r,
-        )
-        self.durable_history_budget_bytes = Gauge(
-            "mosaic_durable_history_budget_bytes",
-            "A worker's history_budget_bytes (0: no limit, retention alone bounds the history).",
-            ["worker"],
-            registry=r,
-        )
-        self.durable_clusters_dropped_for_space_total = Counter(
-            "mosaic_durable_clusters_dropped_for_space_total",
-            "Sealed clusters a worker dropped, the oldest first, to keep its records within history_budget_bytes.",
-            ["worker"],
-            registry=r,
-        )
-        self.durable_ingest_wait_seconds_total = Counter(
-            "mosaic_durable_ingest_wait_seconds_total",
-            "Time the engine thread waited for the record writers to make room for a sealed cluster's snapshot.",
-            ["worker"],
-            registry=r,
-        )
+        self.durability = DurabilityMetrics(r)
         self.watches = WatchMetrics(r)
 
-    # --- stream label mapping ----------------------------------------------------------------------
-
-    def stream_label(self, stream_id: str) -> str:
-        """The ``stream`` label value for ``stream_id``: itself while slots last, else ``_other``."""
-        with self._lock:
-            return self._stream_label_locked(stream_id)
-
-    def _stream_label_locked(self, stream_id: str) -> str:
-        if stream_id in self._stream_labels:
-            return stream_id
-        if stream_id in self._overflow or stream_id == STREAM_OTHER:
-            return STREAM_OTHER
-        if len(self._stream_labels) < self.max_stream_labels:
-            self._stream_labels.add(stream_id)
-            return stream_id
-        self._overflow.add(stream_id)
-        return STREAM_OTHER
-
-    def forget_stream_gauges(self, stream_id: str) -> None:
-        """Drops a stream's lag and queue-depth series (no worker reports them any more); its counters stay."""
-        with self._lock:
-            if stream_id in self._stream_labels:
-                for metric in (self.ingest_queue_depth, self.stream_lag_seconds):
-                    with contextlib.suppress(KeyError):  # a series never set
-                        metric.remove(stream_id)
-
-    def forget_stream(self, stream_id: str) -> None:
-        """Drops a deleted stream's own series (or its share of ``_other``) and frees its label slot."""
-        with self._lock:
-            if stream_id in self._stream_labels:
-                self._stream_labels.discard(stream_id)
-                for metric in (
-                    self.frames_received_total,
-                    self.frames_ingested_total,
-                    self.ingest_queue_depth,
-                    self.stream_lag_seconds,
-                ):
-                    metric.remove(stream_id)
-                for reason in DROP_REASONS:
-                    self.frames_dropped_total.remove(stream_id, reason)
-            elif stream_id in self._overflow:
-                # Counters of _other keep their totals; only the gauges' aggregates lose this stream.
-                self._overflow.discard(stream_id)
-                self._overflow_depth.pop(stream_id, None)
-                self._overflow_lag_s.pop(stream_id, None)
-                self._publish_overflow_gauges()
-
-    def _publish_overflow_gauges(self) -> None:
-        self.ingest_queue_depth.labels(STREAM_OTHER).set(sum(self._overflow_depth.values()))
-        self.stream_lag_seconds.labels(STREAM_OTHER).set(max(self._overflow_lag_s.values(), default=0.0))
-
     # --- ingest ------------------------------------------------------------------------------------
-
-    def frame_received(self, stream_id: str, n: int = 1) -> None:
-        self.frames_received_total.labels(self.stream_label(stream_id)).inc(n)
-
-    def frames_ingested(self, stream_id: str, n: int) -> None:
-        self.frames_ingested_total.labels(self.stream_label(stream_id)).inc(n)
-
-    def frame_dropped(self, stream_id: str, reason: str, n: int = 1) -> None:
-        check_label("reason", reason, DROP_REASONS)
-        self.frames_dropped_total.labels(self.stream_label(stream_id), reason).inc(n)
-
-    def set_ingest_queue_depth(self, stream_id: str, n: int) -> None:
-        non_negative("ingest queue depth", n)
-        with self._lock:
-            label = self._stream_label_locked(stream_id)
-            if label == STREAM_OTHER:
-                self._overflow_depth[stream_id] = n
-                self._publish_overflow_gauges()
-            else:
-                self.ingest_queue_depth.labels(label).set(n)
-
-    def set_stream_lag(self, stream_id: str, s: float) -> None:
-        # Lag may be briefly negative when a camera clock runs ahead; it is reported as it is.
-        with self._lock:
-            label = self._stream_label_locked(stream_id)
-            if label == STREAM_OTHER:
-                self._overflow_lag_s[stream_id] = s
-                self._publish_overflow_gauges()
-            else:
-                self.stream_lag_seconds.labels(label).set(s)
 
     def observe_ingest_latency(self, worker: int | str, s: float) -> None:
         self.ingest_latency_seconds.labels(worker_label(worker)).observe(non_negative("ingest latency", s))
@@ -497,17 +271,6 @@ class MosaicMetrics:
     def add_ingest_calls_encoded_ahead(self, worker: int | str, n: int) -> None:
         self.ingest_calls_encoded_ahead_total.labels(worker_label(worker)).inc(non_negative("calls", n))
 
-    def add_engine_loop_seconds(self, worker: int | str, part: str, seconds: float) -> None:
-        check_label("part", part, ENGINE_LOOP_PARTS)
-        self.engine_loop_seconds_total.labels(worker_label(worker), part).inc(non_negative("seconds", seconds))
-
-    def observe_question_start_gap(self, worker: int | str, between: str, s: float) -> None:
-        check_label("between", between, QUESTION_START_GAPS)
-        self.question_start_gap_seconds.labels(worker_label(worker), between).observe(non_negative("gap", s))
-
-    def observe_answer_thread_wait(self, worker: int | str, s: float) -> None:
-        self.answer_thread_wait_seconds.labels(worker_label(worker)).observe(non_negative("answer thread wait", s))
-
     def add_transfer_bytes(self, worker: int | str, direction: str, n: int) -> None:
         check_label("direction", direction, TRANSFER_DIRECTIONS)
         self.transfer_bytes_total.labels(worker_label(worker), direction).inc(n)
@@ -517,30 +280,6 @@ class MosaicMetrics:
         self.tier_used_bytes.labels(*labels).set(non_negative("used_bytes", used_bytes))
         self.tier_capacity_bytes.labels(*labels).set(non_negative("capacity_bytes", capacity_bytes))
         self.clusters.labels(*labels).set(non_negative("num_clusters", num_clusters))
-
-    def set_durability(self, worker: int | str, health) -> None:
-        """Applies a worker's ``DurabilityHealth`` (gauges as values, counters as increments)."""
-        label = worker_label(worker)
-        self.worker_pid.labels(label).set(health.pid)
-        self.metadata_store_up.labels(label).set(1 if health.store_up else 0)
-        self.metadata_queue_depth.labels(label).set(non_negative("queue depth", health.queue_depth))
-        self.metadata_writes_dropped_total.labels(label).inc(non_negative("dropped", health.writes_dropped))
-        self.metadata_resyncs_total.labels(label).inc(non_negative("resyncs", health.resyncs))
-        self.durable_pending_clusters.labels(label).set(non_negative("pending", health.pending_clusters))
-        self.durable_oldest_pending_seconds.labels(label).set(non_negative("pending age", health.oldest_pending_s))
-        self.durable_clusters_written_total.labels(label).inc(non_negative("written", health.clusters_written))
-        self.durable_write_errors_total.labels(label).inc(non_negative("write errors", health.write_errors))
-        self.durable_bytes_written_total.labels(label).inc(non_negative("bytes written", health.bytes_written))
-        self.durable_write_seconds_total.labels(label).inc(non_negative("write seconds", health.write_s))
-        self.durable_ingest_wait_seconds_total.labels(label).inc(non_negative("ingest wait", health.ingest_wait_s))
-        self.durable_writers.labels(label).set(non_negative("writers", health.writers))
-        self.durable_history_bytes.labels(label).set(non_negative("history bytes", health.history_bytes))
-        self.durable_history_budget_bytes.labels(label).set(non_negative("history budget", health.history_budget_bytes))
-        self.durable_clusters_dropped_for_space_total.labels(label).inc(
-            non_negative("dropped for space", health.clusters_dropped_for_space)
-        )
-        self.durable_set_aside_total.labels(label, "stream").inc(non_negative("set aside", health.streams_set_aside))
-        self.durable_set_aside_total.labels(label, "cluster").inc(non_negative("set aside", health.clusters_set_aside))
 
     def set_worker_health(self, worker: int | str, *, sources_failing: int, engine_stalled_s: float) -> None:
         label = worker_label(worker)
@@ -570,10 +309,7 @@ class MosaicMetrics:
         label = worker_label(worker)
         for metric in (
             self.ingest_latency_seconds, self.ingest_batch_frames, self.ingest_forward_passes_total,
-            self.ingest_calls_encoded_ahead_total, self.cluster_device_hit_ratio, self.worker_pid,
-            self.metadata_store_up, self.metadata_queue_depth, self.durable_pending_clusters,
-            self.durable_oldest_pending_seconds, self.durable_writers, self.keyframe_bytes,
-            self.answer_thread_wait_seconds, self.durable_history_bytes, self.durable_history_budget_bytes,
+            self.ingest_calls_encoded_ahead_total, self.cluster_device_hit_ratio, self.keyframe_bytes,
             self.kernel_compiles_total, self.sources_failing, self.engine_stalled_seconds,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):  # a series never set
@@ -582,15 +318,11 @@ class MosaicMetrics:
             self.transfer_bytes_total.remove(label, direction)
         for event in ALLOCATOR_EVENTS:
             self.device_allocator_events_total.remove(label, event)
-        for part in ENGINE_LOOP_PARTS:
-            with contextlib.suppress(KeyError):  # a part never timed
-                self.engine_loop_seconds_total.remove(label, part)
-        for between in QUESTION_START_GAPS:
-            with contextlib.suppress(KeyError):  # a gap never seen
-                self.question_start_gap_seconds.remove(label, between)
         for tier in TIERS:
             for metric in (self.tier_used_bytes, self.tier_capacity_bytes, self.clusters):
                 metric.remove(label, tier)
+        self.engine_loop.forget_worker(label)
+        self.durability.forget_worker(label)
 
     # --- service -----------------------------------------------------------------------------------
 
@@ -614,12 +346,7 @@ class MosaicMetrics:
         Enum-labelled families get every value; stream families get ``_other``; worker families get
         ``worker_ids``. Priming never changes a value that is already there.
         """
-        for metric in (self.frames_received_total, self.frames_ingested_total):
-            metric.labels(STREAM_OTHER)
-        for reason in DROP_REASONS:
-            self.frames_dropped_total.labels(STREAM_OTHER, reason)
-        with self._lock:
-            self._publish_overflow_gauges()
+        self.streams.prime()
         for outcome in QUERY_OUTCOMES:
             self.queries_total.labels(outcome)
         for mode in MODES:
@@ -638,26 +365,16 @@ class MosaicMetrics:
             self.ingest_calls_encoded_ahead_total.labels(worker)
             self.cluster_device_hit_ratio.labels(worker)
             for metric in (
-                self.worker_pid, self.metadata_store_up, self.metadata_queue_depth, self.metadata_writes_dropped_total,
-                self.metadata_resyncs_total, self.durable_pending_clusters, self.durable_oldest_pending_seconds,
-                self.durable_clusters_written_total, self.durable_write_errors_total, self.durable_bytes_written_total,
-                self.durable_write_seconds_total, self.durable_ingest_wait_seconds_total, self.durable_writers,
-                self.keyframe_bytes, self.keyframes_dropped_total, self.answer_thread_wait_seconds,
-                self.durable_history_bytes, self.durable_history_budget_bytes,
-                self.durable_clusters_dropped_for_space_total, self.kernel_compiles_total, self.sources_failing,
+                self.keyframe_bytes, self.keyframes_dropped_total, self.kernel_compiles_total, self.sources_failing,
                 self.engine_stalled_seconds,
             ):  # fmt: skip
                 metric.labels(worker)
-            for what in ("stream", "cluster"):
-                self.durable_set_aside_total.labels(worker, what)
+            self.engine_loop.prime_worker(worker)
+            self.durability.prime_worker(worker)
             for direction in TRANSFER_DIRECTIONS:
                 self.transfer_bytes_total.labels(worker, direction)
             for event in ALLOCATOR_EVENTS:
                 self.device_allocator_events_total.labels(worker, event)
-            for part in ENGINE_LOOP_PARTS:
-                self.engine_loop_seconds_total.labels(worker, part)
-            for between in QUESTION_START_GAPS:
-                self.question_start_gap_seconds.labels(worker, between)
             for tier in TIERS:
                 for metric in (self.tier_used_bytes, self.tier_capacity_bytes, self.clusters):
                     metric.labels(worker, tier)

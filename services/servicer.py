@@ -209,7 +209,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
                 rgb = decode_frame(frame, self.decode_max_pixels)
         except InvalidFrameError as err:
             if frame.stream_id in self.coordinator.placement:
-                self.metrics.frame_dropped(frame.stream_id, "decode_error")
+                self.metrics.streams.frame_dropped(frame.stream_id, "decode_error")
                 self._decode_drops[frame.stream_id] = self._decode_drops.get(frame.stream_id, 0) + 1
             return PushResult(rejected=[FrameRejection(index, frame.stream_id, str(err), err.grpc_code)])
         return await self.coordinator.push([(index, frame.stream_id, frame.timestamp_s, rgb)])

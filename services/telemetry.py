@@ -255,13 +255,13 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
     worker = delta.worker_id
     for stream_id, n in delta.received.items():
         if stream_id in open_streams:
-            metrics.frame_received(stream_id, n)
+            metrics.streams.frame_received(stream_id, n)
     for stream_id, n in delta.ingested.items():
         if stream_id in open_streams:
-            metrics.frames_ingested(stream_id, n)
+            metrics.streams.frames_ingested(stream_id, n)
     for (stream_id, reason), n in delta.dropped.items():
         if stream_id in open_streams:
-            metrics.frame_dropped(stream_id, reason, n)
+            metrics.streams.frame_dropped(stream_id, reason, n)
     for seconds in delta.ingest_latencies_s:
         metrics.observe_ingest_latency(worker, seconds)
     for n in delta.batch_sizes:
@@ -272,10 +272,10 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
         metrics.add_ingest_calls_encoded_ahead(worker, delta.calls_encoded_ahead)
     for stream_id, n in delta.queue_depths.items():
         if stream_id in open_streams:
-            metrics.set_ingest_queue_depth(stream_id, n)
+            metrics.streams.set_ingest_queue_depth(stream_id, n)
     for stream_id, seconds in delta.lags_s.items():
         if stream_id in open_streams:
-            metrics.set_stream_lag(stream_id, seconds)
+            metrics.streams.set_stream_lag(stream_id, seconds)
     for tier, gauges in delta.tiers.items():
         metrics.set_tier(worker, tier, gauges.used_bytes, gauges.capacity_bytes, gauges.num_clusters)
     for direction, n in delta.transfer_bytes.items():
@@ -289,10 +289,10 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
     metrics.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
     metrics.set_worker_health(worker, sources_failing=delta.sources_failing, engine_stalled_s=delta.engine_stalled_s)
     for part, seconds in delta.loop_seconds.items():
-        metrics.add_engine_loop_seconds(worker, part, seconds)
+        metrics.engine_loop.add_engine_loop_seconds(worker, part, seconds)
     for between, seconds in delta.question_start_gaps:
-        metrics.observe_question_start_gap(worker, between, seconds)
+        metrics.engine_loop.observe_question_start_gap(worker, between, seconds)
     for seconds in delta.answer_thread_waits_s:
-        metrics.observe_answer_thread_wait(worker, seconds)
+        metrics.engine_loop.observe_answer_thread_wait(worker, seconds)
     if delta.durability is not None:
-        metrics.set_durability(worker, delta.durability)
+        metrics.durability.set_health(worker, delta.durability)

@@ -32,7 +32,7 @@ def test_http_scrape_parses_and_tracks_updates(server_and_metrics) -> None:
     assert content_type.startswith("text/plain")
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {"mosaic_frames_received", "mosaic_time_to_first_token_seconds", "mosaic_workers_up"} <= names
-    metrics.frame_received("cam-1", 7)
+    metrics.streams.frame_received("cam-1", 7)
     metrics.observe_ttft("cluster", 0.025)
     _, text = scrape(server.port)
     assert 'mosaic_frames_received_total{stream="cam-1"} 7.0' in text
@@ -53,8 +53,8 @@ def test_promtool_accepts_the_exposition(server_and_metrics) -> None:
     if promtool is None:
         pytest.skip("promtool not found on PATH (Debian: apt-get install prometheus)")
     server, metrics = server_and_metrics
-    metrics.frame_received("cam-1")
-    metrics.frame_dropped("cam-1", "queue_full")
+    metrics.streams.frame_received("cam-1")
+    metrics.streams.frame_dropped("cam-1", "queue_full")
     metrics.observe_ingest_latency(0, 0.1)
     metrics.set_tier(1, "device", 10, 100, 1)
     _, text = scrape(server.port)

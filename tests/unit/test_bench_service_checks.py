@@ -106,13 +106,13 @@ def test_camera_figures_report_the_worst_cameras_own_p99_and_an_unknown_lag_as_u
     metrics = MosaicMetrics()
 
     def second(m: MosaicMetrics, lag_b: float) -> None:
-        m.frame_received("cam-a", 1)
-        m.frame_received("cam-b", 1)
-        m.frames_ingested("cam-a", 1)
-        m.frames_ingested("cam-b", 1)
-        m.set_stream_lag("cam-a", 0.1)
-        m.set_stream_lag("cam-b", lag_b)
-        m.set_ingest_queue_depth("cam-a", 1)
+        m.streams.frame_received("cam-a", 1)
+        m.streams.frame_received("cam-b", 1)
+        m.streams.frames_ingested("cam-a", 1)
+        m.streams.frames_ingested("cam-b", 1)
+        m.streams.set_stream_lag("cam-a", 0.1)
+        m.streams.set_stream_lag("cam-b", lag_b)
+        m.streams.set_ingest_queue_depth("cam-a", 1)
 
     # after the window's first scrape, cam-b waits 2.5 s once in 11 seconds: its own p99 is 2.26 s, while pooled with
     # cam-a's the p99 is 1.996 s and would pass
@@ -124,7 +124,9 @@ def test_camera_figures_report_the_worst_cameras_own_p99_and_an_unknown_lag_as_u
     assert figures["lag_unknown_cameras"] == [] and figures["backlog_growth_frames"] == pytest.approx(0.0)
 
     # cam-c has counters but never a lag series: unknown, where it used to read as 0
-    scrapes = _scrapes(MosaicMetrics(), {"cam-a", "cam-c"}, [lambda m: (second(m, 0.1), m.frame_received("cam-c"))] * 3)
+    scrapes = _scrapes(
+        MosaicMetrics(), {"cam-a", "cam-c"}, [lambda m: (second(m, 0.1), m.streams.frame_received("cam-c"))] * 3
+    )
     figures = camera_figures(scrapes, elapsed_s=2.0)
     assert figures["lag_unknown_cameras"] == ["cam-c"] and figures["worst_camera_lag_p99_s"] is None
     assert figures["lag_p99_s"] == pytest.approx(0.1)  # pooled over the cameras whose lag is known
@@ -135,12 +137,12 @@ def test_a_camera_without_a_lag_series_does_not_let_the_step_settle():
     from services.bench_service_metrics import stream_samples
 
     metrics = MosaicMetrics()
-    metrics.set_stream_lag("cam-a", 0.2)
-    metrics.frame_received("cam-b")
+    metrics.streams.set_stream_lag("cam-a", 0.2)
+    metrics.streams.frame_received("cam-b")
     assert not lags_settled(stream_samples(metrics.scrape(), {"cam-a", "cam-b"}), {"cam-a", "cam-b"})
-    metrics.set_stream_lag("cam-b", 0.4)
+    metrics.streams.set_stream_lag("cam-b", 0.4)
     assert lags_settled(stream_samples(metrics.scrape(), {"cam-a", "cam-b"}), {"cam-a", "cam-b"})
-    metrics.set_stream_lag("cam-b", 2.0)
+    metrics.streams.set_stream_lag("cam-b", 2.0)
     assert not lags_settled(stream_samples(metrics.scrape(), {"cam-a", "cam-b"}), {"cam-a", "cam-b"})
 
 

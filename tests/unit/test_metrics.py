@@ -6,7 +6,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.metrics import STREAM_OTHER, MosaicMetrics
+from services.metrics import MosaicMetrics
+from services.stream_metrics import STREAM_OTHER
 
 # name -> (type, labels), copied from SERVICE_SPEC.md.
 SPEC = {
@@ -126,18 +127,18 @@ def test_unprimed_registry_is_private_and_histograms_without_labels_still_scrape
 
 def test_every_method_moves_its_metric() -> None:
     m = MosaicMetrics()
-    m.frame_received("cam-1")
-    m.frame_received("cam-1", 4)
-    m.frames_ingested("cam-1", 3)
-    m.frame_dropped("cam-1", "queue_full")
-    m.set_ingest_queue_depth("cam-1", 7)
-    m.set_stream_lag("cam-1", 1.5)
+    m.streams.frame_received("cam-1")
+    m.streams.frame_received("cam-1", 4)
+    m.streams.frames_ingested("cam-1", 3)
+    m.streams.frame_dropped("cam-1", "queue_full")
+    m.streams.set_ingest_queue_depth("cam-1", 7)
+    m.streams.set_stream_lag("cam-1", 1.5)
     m.observe_ingest_latency(0, 0.2)
     m.observe_ingest_batch("1", 16)
     m.add_ingest_forward_passes("1", 2)
     m.add_ingest_calls_encoded_ahead("1", 1)
-    m.add_engine_loop_seconds("1", "ingest", 0.25)
-    m.add_engine_loop_seconds("1", "ingest", 0.5)
+    m.engine_loop.add_engine_loop_seconds("1", "ingest", 0.25)
+    m.engine_loop.add_engine_loop_seconds("1", "ingest", 0.5)
     m.set_query_queue_depth(2)
     m.query_finished("deadline")
     m.observe_ttft("cluster", 0.03)
@@ -185,9 +186,9 @@ def test_every_method_moves_its_metric() -> None:
 def test_stream_labels_are_bounded() -> None:
     m = MosaicMetrics(max_stream_labels=64)
     for i in range(200):
-        m.frame_received(f"cam-{i}")
-        m.frame_dropped(f"cam-{i}", "invalid")
-        m.set_ingest_queue_depth(f"cam-{i}", 1)
+        m.streams.frame_received(f"cam-{i}")
+        m.streams.frame_dropped(f"cam-{i}", "invalid")
+        m.streams.set_ingest_queue_depth(f"cam-{i}", 1)
     for name in ("mosaic_frames_received_total", "mosaic_frames_dropped_total", "mosaic_ingest_queue_depth"):
         values = {s.labels["stream"] for s in families(m)[name].samples if s.name == name}
         assert len(values) == 65, name
@@ -198,30 +199,30 @@ def test_stream_labels_are_bounded() -> None:
 
 def test_overflow_gauges_aggregate_and_forget() -> None:
     m = MosaicMetrics(max_stream_labels=1)
-    m.set_stream_lag("own", 9.0)
-    m.set_stream_lag("a", 2.0)
-    m.set_stream_lag("b", 5.0)
-    m.set_ingest_queue_depth("a", 3)
-    m.set_ingest_queue_depth("b", 4)
+    m.streams.set_stream_lag("own", 9.0)
+    m.streams.set_stream_lag("a", 2.0)
+    m.streams.set_stream_lag("b", 5.0)
+    m.streams.set_ingest_queue_depth("a", 3)
+    m.streams.set_ingest_queue_depth("b", 4)
     assert sample(m, "mosaic_stream_lag_seconds", stream=STREAM_OTHER) == 5.0  # the worst overflow stream
     assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 7
-    m.forget_stream("b")
+    m.streams.forget_stream("b")
     assert sample(m, "mosaic_stream_lag_seconds", stream=STREAM_OTHER) == 2.0
     assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 3
 
 
 def test_forget_stream_frees_its_series_and_slot() -> None:
     m = MosaicMetrics(max_stream_labels=2)
-    m.frame_received("a")
-    m.frame_dropped("a", "decode_error")
-    m.frame_received("b")
-    m.frame_received("c")  # overflow
-    m.forget_stream("a")
+    m.streams.frame_received("a")
+    m.streams.frame_dropped("a", "decode_error")
+    m.streams.frame_received("b")
+    m.streams.frame_received("c")  # overflow
+    m.streams.forget_stream("a")
     assert sample(m, "mosaic_frames_received_total", stream="a") is None
     assert sample(m, "mosaic_frames_dropped_total", stream="a", reason="decode_error") is None
-    assert m.stream_label("d") == "d"  # the freed slot goes to the next new stream
-    assert m.stream_label("c") == STREAM_OTHER  # an overflow stream stays where it was counted
-    assert m.stream_label(STREAM_OTHER) == STREAM_OTHER
+    assert m.streams.stream_label("d") == "d"  # the freed slot goes to the next new stream
+    assert m.streams.stream_label("c") == STREAM_OTHER  # an overflow stream stays where it was counted
+    assert m.streams.stream_label(STREAM_OTHER) == STREAM_OTHER
 
 
 def test_forget_worker() -> None:
@@ -237,7 +238,7 @@ def test_forget_worker() -> None:
 @pytest.mark.parametrize(
     "call",
     [
-        lambda m: m.frame_dropped("a", "overflow"),
+        lambda m: m.streams.frame_dropped("a", "overflow"),
         lambda m: m.query_finished("success"),
         lambda m: m.observe_ttft("mosaic", 0.1),
         lambda m: m.add_transfer_bytes(0, "device_to_disk", 1),
@@ -246,11 +247,11 @@ def test_forget_worker() -> None:
         lambda m: m.error("not_found"),
         lambda m: m.observe_ingest_latency("gpu0", 0.1),
         lambda m: m.set_hit_ratio(0, 1.5),
-        lambda m: m.set_ingest_queue_depth("a", -1),
+        lambda m: m.streams.set_ingest_queue_depth("a", -1),
         lambda m: m.observe_retrieval("cluster", float("nan")),
         lambda m: m.add_transfer_bytes(0, "host_to_disk", -1),
-        lambda m: m.add_engine_loop_seconds(0, "decode", 1.0),
-        lambda m: m.add_engine_loop_seconds(0, "idle", -1.0),
+        lambda m: m.engine_loop.add_engine_loop_seconds(0, "decode", 1.0),
+        lambda m: m.engine_loop.add_engine_loop_seconds(0, "idle", -1.0),
     ],
 )
 def test_invalid_label_values_and_amounts_raise(call) -> None:
@@ -261,8 +262,8 @@ def test_invalid_label_values_and_amounts_raise(call) -> None:
 
 def test_prime_keeps_existing_values() -> None:
     m = MosaicMetrics(max_stream_labels=0)
-    m.frame_received("x", 3)
-    m.set_ingest_queue_depth("x", 5)
+    m.streams.frame_received("x", 3)
+    m.streams.set_ingest_queue_depth("x", 5)
     m.prime(worker_ids=("0", 1))
     assert sample(m, "mosaic_frames_received_total", stream=STREAM_OTHER) == 3
     assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 5
@@ -281,7 +282,7 @@ def test_durable_writing_reaches_its_counters_as_increments() -> None:
         durable = DurableStats(bytes_written=written, file_write_s=write_s, writers=8)
         durable.submit_wait_s, durable.staging_wait_s = waits
         now = durability_health(7, PublisherStats(), durable)
-        m.set_durability(0, now.increments_since(seen))
+        m.durability.set_health(0, now.increments_since(seen))
         seen = now
     assert sample(m, "mosaic_durable_bytes_written_total", worker="0") == 30 << 20
     assert sample(m, "mosaic_durable_write_seconds_total", worker="0") == 5.0
@@ -296,8 +297,8 @@ def test_history_a_restart_set_aside_is_counted_by_what_it_was() -> None:
 
     m = MosaicMetrics()
     now = durability_health(7, PublisherStats(), DurableStats(streams_set_aside=2, clusters_set_aside=3))
-    m.set_durability(0, now.increments_since(DurabilityHealth()))
-    m.set_durability(0, now.increments_since(now))  # the next drain: nothing new
+    m.durability.set_health(0, now.increments_since(DurabilityHealth()))
+    m.durability.set_health(0, now.increments_since(now))  # the next drain: nothing new
     assert sample(m, "mosaic_durable_set_aside_total", worker="0", what="stream") == 2
     assert sample(m, "mosaic_durable_set_aside_total", worker="0", what="cluster") == 3
 
