@@ -33,7 +33,7 @@ from mosaic_core.durable.checks import KVShape
 from mosaic_core.durable.retired import FROM_ZERO, RetiredNumbers, StreamNumbers
 from mosaic_core.durable.staging import StagingArena
 from mosaic_core.durable.store import DurableStore
-from mosaic_core.engine import ingest, questions
+from mosaic_core.engine import ingest, questions, window_store
 from mosaic_core.engine.decode_graphs import DecodeGraphs
 from mosaic_core.engine.history import HistoryKeeper, RestoredStream
 from mosaic_core.engine.ingest_pauses import IngestPauses
@@ -288,7 +288,7 @@ class Engine:
         held_back: dict[str, Exception] = {}
         for state in self.streams.values():
             state.former.seal()
-            held_back |= ingest.flush_window(self.parts, state)
+            held_back |= window_store.flush_window(self.parts, state)
         if self.history is not None and not self.history.store.flush(CHECKPOINT_WAIT_S):
             last_error = self.history.store.snapshot_stats().last_error or "none recorded"
             raise StateError(
@@ -298,7 +298,7 @@ class Engine:
         if held_back:
             raise CapacityError(
                 f"the checkpoint left frames in the local windows of streams {sorted(held_back)}, not durable: they "
-                f"could not be stored ({ingest.why_held_back(next(iter(held_back.values())))})"
+                f"could not be stored ({window_store.why_held_back(next(iter(held_back.values())))})"
             )
 
     def save_stream_state(self, stream_id: str, **fields) -> None:

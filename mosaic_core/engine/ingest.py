@@ -9,7 +9,6 @@ vision tower (all frames of the batch, grouped by size)
 from __future__ import annotations
 
 import functools
-import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -23,24 +22,20 @@ from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine.coherence import CoherenceReadback, OpenSums
 from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.keyframe_store import store_for
-from mosaic_core.engine.maintenance import join_recurring, note_frame
+from mosaic_core.engine.maintenance import note_frame
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import IngestPlan
 from mosaic_core.engine.results import FrameInput, IngestResult
 from mosaic_core.engine.stream import LocalFrame, StreamState
 from mosaic_core.engine.thumbnails import ThumbnailBatch
-from mosaic_core.errors import BudgetError, CapacityError, EmptyBatchError, InvalidArgumentError, MosaicError
+from mosaic_core.engine.window_store import store_held_back, store_in_clusters, why_held_back
+from mosaic_core.errors import BudgetError, EmptyBatchError, InvalidArgumentError, MosaicError
 from mosaic_core.model.pixels import VisionGeometry, validate_frames
 
 # A row shorter than its pass's longest is left-padded with this id; the pad's KV is never written.
 PAD_TOKEN_ID = 0
 # Rows of at least this share of the longest row's tokens share its forward pass.
 PASS_FILL = 0.8
-# What placing a frame's KV in its cluster may meet: no room in any tier, a disk that refuses a write (full, or
-# failing), an allocation that fails (torch raises RuntimeError, such as pinning host memory). The frame waits in its
-# window for the next call to try again.
-_PLACEMENT_ERRORS = (CapacityError, OSError, RuntimeError)
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,14 +128,14 @@ def ingest(
     of the pauses after or inside it; an ``encoded`` for other frames is ignored.
 
     Frames leaving a window whose clusters find no room in any tier stay in the window, KV kept
-    (``_store_in_clusters``); their stream's later frames in the call are not taken in, nor any of its frames in
-    later calls until those find room (``_store_held_back``). ``IngestResult.refused`` counts them, and
+    (``store_in_clusters``); their stream's later frames in the call are not taken in, nor any of its frames in
+    later calls until those find room (``store_held_back``). ``IngestResult.refused`` counts them, and
     ``IngestResult.held_back`` says why; the other streams' frames go on as usual (with ``encoded``, still with it).
     """
     if not frames:
         raise EmptyBatchError("ingest needs at least one frame; the batch was empty")
     by_stream = _validate(parts, frames)
-    held_back = _store_held_back(parts, by_stream)
+    held_back = store_held_back(parts, by_stream)
     taking = {sid: items for sid, items in by_stream.items() if sid not in held_back}
     if not taking:
         return _nothing_taken(by_stream, held_back)
@@ -199,7 +194,7 @@ def ingest(
 
 
 def _nothing_taken(by_stream, held_back: dict[str, Exception]) -> IngestResult:
-    """A call none of whose streams can take frames in (``_store_held_back``)."""
+    """A call none of whose streams can take frames in (``store_held_back``)."""
     return IngestResult(
         num_frames=0,
         num_forward_passes=0,
@@ -323,7 +318,7 @@ def _ingest_pass(
 ) -> tuple[int, list[int], dict[str, Exception]]:
     """One forward pass; rows are ``(stream_id, frame indices in the batch, frames)``, one row per stream. Returns
     the clusters it opened, the tokens each frame attended to, and the streams whose frames found no room to leave
-    the window (``_store_in_clusters``).
+    the window (``store_in_clusters``).
 
     Row layout, for a row carrying frames f0 f1 of one stream, in a pass whose longest row is ``pad`` tokens
     longer:
@@ -407,10 +402,10 @@ def _ingest_pass(
             leaving += [(state, old) for old in state.pop_overflow(parts.config.local_window_tokens)]
             attended.append(plan.attended_tokens[row] - (row_tokens[row] - end))
         if pauses is not None and pauses.placed(len(frames), last_of_pass=row == len(rows) - 1):
-            held_back.update(_store_in_clusters(parts, leaving))
+            held_back.update(store_in_clusters(parts, leaving))
             leaving = []
             pauses.pause(parts.model.device)
-    held_back.update(_store_in_clusters(parts, leaving))
+    held_back.update(store_in_clusters(parts, leaving))
     times.issue_s += issued - start
     times.wait_s += waited - issued
     times.place_s += time.perf_counter() - waited
@@ -487,137 +482,6 @@ def _place_frame(
         parts.model.frame_position_end(state.geometry, base=state.position_base, offset_s=offset_s),
     )
     return 0 if decision.join else 1
-
-
-def _store_in_clusters(parts: EngineParts, leaving: list[tuple[StreamState, LocalFrame]]) -> dict[str, Exception]:
-    """Frames leaving the local windows (oldest first per stream) hand their pages to their clusters, wherever
-    those live (on the device, without a copy).
-
-    Their keys' statistics are read first, for all the frames at once, while the pages are still theirs; once every
-    cluster has its record they go into the summary rows with one indexed add. Then each frame's durable and
-    recurring-scene steps run in order: a frame that completes a cluster is that cluster's last among them, so the
-    row it is sealed or joined with is whole. Whether a frame completed its cluster is read once, from the record in
-    place (a copy grows with the cluster's frames), and only a completed cluster goes through those steps.
-
-    A frame whose cluster finds no room in any tier, or whose placement fails (a disk that refuses the write, a
-    host allocation that fails), goes back to the front of its window with its stream's frames after it, KV and
-    pages unchanged, and waits there (``_store_held_back``); the other streams' frames are stored. Returns those
-    streams, each with the error that held it back. The steps after a cluster completes are each cluster's own
-    (``_complete``): one that fails does not keep the others' from running.
-    """
-    if not leaving:
-        return {}
-    pools, tiering = parts.tiering.tiers.pools, parts.tiering
-    pages = [page for _, frame in leaving for page in frame.pages]
-    fills = [fill for _, frame in leaving for fill in frame.fills]
-    key_sums, key_sumsqs = pools.key_stats(pages, fills)
-    handed, held_back = _hand_to_clusters(parts, leaving)
-    stored = [item for item, was_handed in zip(leaving, handed, strict=True) if was_handed]
-    if held_back:
-        page_handed = [was_handed for (_, frame), was_handed in zip(leaving, handed, strict=True) for _ in frame.pages]
-        mask = torch.tensor(page_handed, dtype=torch.bool, device=key_sums.device)
-        key_sums, key_sumsqs = key_sums[mask], key_sumsqs[mask]
-        fills = [fill for fill, was_handed in zip(fills, page_handed, strict=True) if was_handed]
-        _return_to_windows([item for item, was_handed in zip(leaving, handed, strict=True) if not was_handed])
-    if stored:
-        page_clusters = [frame.cluster_id for _, frame in stored for _ in frame.pages]
-        tiering.summaries.add_stats(page_clusters, key_sums, key_sumsqs, fills)
-    for state, frame in stored:
-        record = state.former.known_record_to_read(frame.cluster_id)
-        if record.completed_by(frame.frame_index):
-            _complete(parts, state, record)
-    return held_back
-
-
-def _complete(parts: EngineParts, state: StreamState, record) -> None:
-    """A cluster's last frame is stored: it becomes durable, may join an earlier visit to its scene, and may get its
-    host copy. A failure here (a snapshot read from a disk that fails, a join's copy the disk refuses) is logged:
-    the cluster's KV stays where it was stored, and the other clusters completed in the pass still go on."""
-    step = "making it durable"
-    try:
-        if parts.history is not None:
-            parts.history.on_completed(state, record)
-        step = "joining it with an earlier visit, or copying it to the host"
-        joined = join_recurring(parts, state, record.cluster_id)
-        _copy_to_host_if_nearly_full(parts, joined or record.cluster_id)
-    except Exception:
-        log.exception("stream %s: cluster %s completed, but %s failed", state.stream_id, record.cluster_id, step)
-
-
-def _hand_to_clusters(
-    parts: EngineParts, leaving: list[tuple[StreamState, LocalFrame]]
-) -> tuple[list[bool], dict[str, Exception]]:
-    """Hands the frames' pages to their clusters in order. A stream's first frame whose cluster finds no room in
-    any tier, or whose placement fails (``_PLACEMENT_ERRORS``; the cluster is left as it was), and the stream's frames
-    after it are not handed over. Returns, per frame, whether it was, and the streams held back with their errors.
-    Any other error is a bug: the frames not handed over yet go back to their windows before it is raised."""
-    tiering = parts.tiering
-    prefer = Tier.DEVICE if parts.config.mode.caches_on_device else Tier.HOST
-    handed, held_back = [], {}
-    for n, (state, frame) in enumerate(leaving):
-        if state.stream_id not in held_back:
-            try:
-                if frame.cluster_id in tiering.residency:
-                    tiering.append_pages(frame.cluster_id, frame.pages, frame.fills)
-                else:
-                    tiering.admit_pages(frame.cluster_id, state.stream_id, frame.pages, frame.fills, prefer=prefer)
-            except _PLACEMENT_ERRORS as err:
-                held_back[state.stream_id] = err
-            except BaseException:
-                kept = [item for item, was_handed in zip(leaving, handed, strict=False) if not was_handed]
-                _return_to_windows(kept + leaving[n:])
-                raise
-        handed.append(state.stream_id not in held_back)
-    return handed, held_back
-
-
-def _return_to_windows(kept: list[tuple[StreamState, LocalFrame]]) -> None:
-    """Puts frames that could not leave back at the front of their windows, oldest first."""
-    by_stream: dict[str, tuple[StreamState, list[LocalFrame]]] = {}
-    for state, frame in kept:
-        by_stream.setdefault(state.stream_id, (state, []))[1].append(frame)
-    for state, frames in by_stream.values():
-        state.return_to_window(frames)
-
-
-def _store_held_back(parts: EngineParts, stream_ids) -> dict[str, CapacityError]:
-    """Stores the frames that ``_store_in_clusters`` kept in a window past its size, before the stream takes pages
-    for new frames (its window reservation holds one pass of frames beyond the window, not more). Returns the
-    streams whose frames still find no room, each with why: they take no new frames."""
-    still: dict[str, CapacityError] = {}
-    for stream_id in stream_ids:
-        state = parts.streams[stream_id]
-        waiting = state.pop_overflow(parts.config.local_window_tokens)
-        held_back = _store_in_clusters(parts, [(state, frame) for frame in waiting])
-        if held_back:
-            still[stream_id] = CapacityError(
-                f"stream {stream_id!r} takes no new frames: the oldest frames of its local window could not leave it "
-                f"yet ({why_held_back(held_back[stream_id])})"
-            )
-    return still
-
-
-def _copy_to_host_if_nearly_full(parts: EngineParts, cluster_id: str) -> None:
-    """A cluster just completed (sealed, its last frame stored) gets its host copy now when the device tier is
-    nearly full (``EngineConfig.host_copy_below_device_free``), so that the spill that will make room for a
-    question frees its pages without copying in the question's time."""
-    share = parts.config.host_copy_below_device_free
-    residency = parts.tiering.residency
-    if not share or cluster_id not in residency:
-        return
-    if residency.free_bytes(Tier.DEVICE) < share * residency.capacity_bytes(Tier.DEVICE):
-        parts.tiering.tiers.keep_host_copy(cluster_id)
-
-
-def why_held_back(err: Exception) -> str:
-    """An error that held a stream's frames back, in words: a no-room error says it all, others name their type."""
-    return str(err) if isinstance(err, CapacityError) else f"{type(err).__name__}: {err}"
-
-
-def flush_window(parts: EngineParts, state: StreamState) -> dict[str, Exception]:
-    """Moves every frame of the local window into its cluster (a checkpoint before shutdown); returns the stream,
-    with why, when some found no room and stay in the window (``_store_in_clusters``)."""
-    return _store_in_clusters(parts, [(state, old) for old in state.pop_overflow(0)])
 
 
 def _row_tokens(row, features) -> int:

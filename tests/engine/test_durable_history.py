@@ -224,7 +224,7 @@ def test_storing_a_frame_copies_no_cluster_record(tiny_model, bikes_frames, tmp_
     engine.open_stream("cam", fps=2.0)
     feed(engine, "cam", bikes_frames[:24])
     assert len(_durable_view(engine, "cam")) >= 3, "24 frames must seal several clusters"
-    assert "_store_in_clusters" not in copied_for and "on_completed" not in copied_for
+    assert "store_in_clusters" not in copied_for and "on_completed" not in copied_for
     engine.close()
 
 
@@ -428,7 +428,7 @@ def test_a_cluster_whose_snapshot_fails_leaves_the_other_streams_clusters_durabl
         return snapshot_pages(self, cluster_id, *args, **kwargs)
 
     monkeypatch.setattr(KVTiers, "snapshot_pages", first_snapshot_fails)
-    with caplog.at_level(logging.ERROR, logger="mosaic_core.engine.ingest"):
+    with caplog.at_level(logging.ERROR, logger="mosaic_core.engine.window_store"):
         for t, rgb in bikes_frames:
             engine.ingest([FrameInput("a", t, rgb), FrameInput("b", t, rgb)])
     assert failed == ["a/c000000"] and "a/c000000 completed, but making it durable failed" in caplog.text
