@@ -171,7 +171,7 @@ class EngineConfig:
             CUDA stream of their own, which waits for nothing the language model does, so the device can run them
             beside the previous call's language model; the language model then waits for them on the device, not
             the host. False queues them on the compute stream, behind everything queued before
-            (``mosaic_core.engine.ingest``).
+            (``mosaic_core.engine.tower``).
         max_question_tokens: questions longer than this are rejected.
         max_new_tokens_limit: upper bound a caller may ask for per answer.
         evidence_spans: how many ranked clusters an answer cites as evidence; a cluster that joined several visits

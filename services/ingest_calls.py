@@ -29,7 +29,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from mosaic_core.engine.ingest import EncodedFrames
+from mosaic_core.engine.tower import EncodedFrames
 from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.results import FrameInput, IngestResult
 from mosaic_core.errors import CapacityError, MosaicError

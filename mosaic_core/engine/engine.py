@@ -56,6 +56,7 @@ from mosaic_core.engine.results import (
 from mosaic_core.engine.stream import StreamState, check_stream_id
 from mosaic_core.engine.summaries import SummaryIndex
 from mosaic_core.engine.tiering import TierManager
+from mosaic_core.engine.tower import EncodedFrames
 from mosaic_core.errors import (
     AlreadyExistsError,
     BudgetError,
@@ -612,7 +613,7 @@ class Engine:
         frames: Sequence[FrameInput],
         *,
         pauses: IngestPauses | None = None,
-        encoded: ingest.EncodedFrames | None = None,
+        encoded: EncodedFrames | None = None,
     ) -> IngestResult:
         """Encodes a batch of frames from any number of streams.
 
@@ -632,7 +633,7 @@ class Engine:
         self._keep_history_budget()
         return result
 
-    def encode_ahead(self, frames: Sequence[FrameInput], *, pauses: IngestPauses | None = None) -> ingest.EncodedFrames:
+    def encode_ahead(self, frames: Sequence[FrameInput], *, pauses: IngestPauses | None = None) -> EncodedFrames:
         """Queues the vision tower of a batch that ``ingest`` will take next, with its uploads and keyframe
         thumbnails, and returns without waiting for the device. With ``config.tower_stream`` on CUDA the tower runs
         on its own stream, beside the language model still queued from the call before, and whatever the host does
