@@ -12,9 +12,9 @@ from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
 from mosaic_core.engine.decode_graphs import WIDTH_STEP, DecodeGraphs
-from mosaic_core.engine.engine import WARM_UP_STREAM
 from mosaic_core.engine.prefill_graphs import PrefillGraphs
 from mosaic_core.engine.retrieval import Retriever
+from mosaic_core.engine.warm_up import WARM_UP_STREAM
 from mosaic_core.errors import AlreadyExistsError
 from mosaic_core.model.text_fusion import MIN_FUSED_TOKENS
 from tests.engine.engine_helpers import feed, make_engine
