@@ -13,7 +13,7 @@ from mosaic_core.kernels import compiles
 
 class IntrospectionMixin:
     """``Engine``'s read-only views, mixed into it: uses the engine's ``config``, ``model``, ``streams``,
-    ``tiering`` and ``_keyframes_dropped_by_closed``, and its ``stream``."""
+    ``tiering`` and ``_keyframes_dropped_by_closed``, and ``stream`` (``StreamLifecycleMixin``)."""
 
     def clusters(self, stream_id: str) -> list[ClusterInfo]:
         """Clusters of a stream that hold KV (frames still in the local window are not in one yet)."""

@@ -29,8 +29,8 @@ WARM_UP_HISTORY_FRAMES = 64  # at most, into the scratch question stream, until 
 
 class WarmUpMixin:
     """``Engine``'s warm-up, mixed into it: uses the engine's ``model``, ``config``, ``streams``, ``parts`` and
-    ``tiering``, opens and forgets its scratch streams with the engine's ``_open_state`` and
-    ``_forget_stream``, and asks with ``Engine.ask`` and ``Engine.answer``."""
+    ``tiering``, opens and forgets its scratch streams with ``_open_state`` and ``_forget_stream``
+    (``StreamLifecycleMixin``), and asks with ``Engine.ask`` and ``Engine.answer``."""
 
     def warm_up(
         self,

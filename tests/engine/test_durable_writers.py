@@ -392,12 +392,12 @@ def test_a_state_write_that_fails_is_counted_and_lands_once_the_disk_has_room(tm
 def test_a_checkpoint_whose_history_is_not_on_disk_says_so(tiny_model, bikes_frames, tmp_path, monkeypatch):
     """A graceful stop on a full disk: the checkpoint's wait ends with clusters unwritten, and it raises naming the
     store's last error, where it returned as if everything were durable."""
-    import mosaic_core.engine.engine as engine_module
+    import mosaic_core.engine.stream_lifecycle as stream_lifecycle_module
     from mosaic_core.errors import StateError
     from tests.engine.engine_helpers import feed, make_engine
 
     monkeypatch.setattr(write_behind_module, "RETRY_S", (0.01,))
-    monkeypatch.setattr(engine_module, "CHECKPOINT_WAIT_S", 0.5)
+    monkeypatch.setattr(stream_lifecycle_module, "CHECKPOINT_WAIT_S", 0.5)
     real_write_atomic = write_behind_module.write_atomic
 
     def disk_full(path, data):
