@@ -1,7 +1,8 @@
 """Frames leaving the local windows: their pages go to their clusters, in whichever tier each lives.
 
-A frame whose cluster finds no room stays at the front of its window, KV kept, and its stream takes in no new frames
-until it has left.
+A cluster whose last frame is stored becomes durable, may join an earlier visit to its scene, and may get its host
+copy. A frame whose cluster finds no room stays at the front of its window, KV kept, and its stream takes in no new
+frames until it has left.
 """
 
 from __future__ import annotations
