@@ -29,9 +29,9 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from mosaic_core.engine.tower import EncodedFrames
 from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.results import FrameInput, IngestResult
+from mosaic_core.engine.tower import EncodedFrames
 from mosaic_core.errors import CapacityError, MosaicError
 from services.admission import IngestCapacity
 from services.ingest_queue import IngestQueues, QueuedFrame

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mosaic_core.bookkeeping.formation import ClusterRecord
+from mosaic_core.bookkeeping.cluster_record import ClusterRecord
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine.keyframe_store import held_keyframes
 from mosaic_core.engine.results import ALLOCATOR_EVENTS, ClusterInfo, EngineStats, StreamStats
