@@ -19,11 +19,15 @@ from services.watches_worker import WorkerWatches
 STREAM = "cam"
 
 
+class _FullBackgroundQueue:
+    def submit_background(self, job) -> bool:
+        return False
+
+
 class _NoAnswers:
     """An engine loop whose background queue is always full: events fire at once, without an answer."""
 
-    def submit_background(self, job) -> bool:
-        return False
+    questions = _FullBackgroundQueue()
 
     def post(self, fn, **kwargs):
         raise AssertionError("no watch question is dropped in these tests")
