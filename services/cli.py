@@ -198,7 +198,7 @@ def start_ray(config, *, debug: bool, log_to_driver: bool, show_flag: str = "--l
             logging.getLogger(name).handlers = [handler]
             logging.getLogger(name).propagate = False
             logging.getLogger(name).setLevel(logging.INFO)
-    from services.router import init_ray  # binds Ray to loopback with a loopback --host, dashboard off
+    from services.ray_setup import init_ray  # binds Ray to loopback with a loopback --host, dashboard off
 
     init_ray(config, log_to_driver=log_to_driver, configure_logging=debug)
     if driver_log is not None:

@@ -18,6 +18,9 @@ actor and Ray are stopped.
 
 Authentication: with an API key configured, every call except health and reflection must carry it in the
 ``x-api-key`` metadata header; otherwise UNAUTHENTICATED (counted in ``mosaic_errors_total``).
+
+Ray is started (or joined) with ``services.ray_setup.init_ray``, which binds a local cluster to loopback when
+the host is.
 """
 
 from __future__ import annotations
@@ -25,9 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import logging
-import os
 import shutil
 import signal
 import tempfile
@@ -47,6 +48,7 @@ from services.errors import UnauthenticatedError, status_for
 from services.gen.mosaic.v1 import mosaic_pb2, mosaic_pb2_grpc
 from services.metadata.watches import InMemoryWatchStore, RedisWatchStore
 from services.metrics import MosaicMetrics
+from services.ray_setup import init_ray
 from services.request_log import RequestLogInterceptor, replace_behaviour
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
@@ -60,8 +62,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = mosaic_pb2.DESCRIPTOR.services_by_name["Mosaic"].full_name
 API_KEY_HEADER = "x-api-key"
 _OPEN_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-RAY_AUTH_ENV = "RAY_AUTH_MODE"
-LOOPBACK = "127.0.0.1"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 # The Helm chart sets shutdown_grace_s to the pod's terminationGracePeriodSeconds less this: the time past the calls'
 # grace, from SIGTERM on, that the router has before the kubelet's SIGKILL to stop its workers, its stores and Ray.
@@ -352,64 +352,6 @@ def _enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) 
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": method})]
     )
-
-
-def init_ray(config: ServiceConfig, **overrides) -> None:
-    """Starts (or joins) Ray for ``config`` with ``ray_init_options``, bound to loopback when the host is."""
-    options = ray_init_options(config, **overrides)
-    if options.get("_node_ip_address") != LOOPBACK:
-        return ray.init(**options)
-    # Ray replaces a 127.0.0.1 node address by the machine's routable one (so other nodes can reach it) unless
-    # it runs as a single-machine cluster, which a private constant decides; the address becomes the one every
-    # Ray process binds to. Set for this call only.
-    try:
-        from ray._private import ray_constants
-    except ImportError:  # pragma: no cover - a Ray without it binds where it likes; say so
-        log.warning("this Ray cannot be bound to loopback; its ports may listen on every interface")
-        return ray.init(**options)
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(**options)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
-
-
-def ray_init_options(config: ServiceConfig, **overrides) -> dict:
-    """Keyword arguments for ``ray.init`` that keep a local Ray cluster as private as the service.
-
-    - Ray's processes (gcs_server, raylet, dashboard agent, workers) bind to the service's host when it is a
-      loopback address, so ``--host 127.0.0.1`` exposes no Ray port beyond this machine.
-    - The dashboard is off unless ``ray_dashboard`` is set; then it listens on loopback only.
-    - Ray's token authentication stays on: a new local cluster turns it on by itself unless ``RAY_AUTH_MODE``
-      says otherwise (setting the variable here would not reach Ray's already-loaded config), so this only
-      warns when an operator turned it off.
-
-    ``overrides`` win (e.g. ``num_cpus``, ``log_to_driver``). Joining a cluster (``ray_address``) only passes
-    the address: that cluster's own settings decide where it listens.
-    """
-    if config.ray_address != "local":
-        return {"address": config.ray_address, **overrides}
-    if os.environ.get(RAY_AUTH_ENV, "").lower() not in ("", "token"):
-        log.warning("%s=%s turns off Ray's token authentication", RAY_AUTH_ENV, os.environ[RAY_AUTH_ENV])
-    dashboard = config.ray_dashboard
-    num_cpus = config.ray_num_cpus or os.cpu_count()
-    # A whole float (the config's 8.0) reaches the raylet as --maximum_startup_concurrency=8.0 when the machine
-    # has more cores, which the raylet cannot parse: it exits at once and ray.init times out.
-    num_cpus = int(num_cpus) if float(num_cpus).is_integer() else num_cpus
-    options: dict = {"num_cpus": num_cpus, "include_dashboard": dashboard}
-    if dashboard:
-        options["dashboard_host"] = LOOPBACK
-    if _is_loopback(config.host):
-        options["_node_ip_address"] = LOOPBACK
-    return {**options, **overrides}
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 async def serve(config: ServiceConfig, *, on_ready=None) -> int:

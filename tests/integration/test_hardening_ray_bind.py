@@ -14,7 +14,7 @@ SCRIPT = r"""
 import json, os, subprocess, sys, time
 import ray
 from services.config import load_config
-from services.router import init_ray
+from services.ray_setup import init_ray
 
 init_ray(load_config(None, host=sys.argv[1]), num_cpus=1, configure_logging=False)
 

@@ -15,7 +15,7 @@ pytest.importorskip("ray")
 @pytest.mark.parametrize(("ray_num_cpus", "expected"), [(8.0, 8), (2, 2), (1.5, 1.5)])
 def test_a_whole_cpu_count_is_an_int(ray_num_cpus, expected):
     from services.config import ServiceConfig
-    from services.router import ray_init_options
+    from services.ray_setup import ray_init_options
 
     num_cpus = ray_init_options(ServiceConfig(ray_num_cpus=ray_num_cpus))["num_cpus"]
     assert num_cpus == expected and type(num_cpus) is type(expected)
@@ -25,6 +25,6 @@ def test_the_default_is_the_machines_core_count():
     import os
 
     from services.config import ServiceConfig
-    from services.router import ray_init_options
+    from services.ray_setup import ray_init_options
 
     assert ray_init_options(ServiceConfig())["num_cpus"] == os.cpu_count()
