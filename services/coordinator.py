@@ -16,9 +16,8 @@ that comes back (it answers a telemetry poll after missing one, or from another 
 streams it holds, and ListStreams takes what every worker lists: one restarted by Ray restores streams whose
 CreateStream reply its crash lost. A stream whose delete ended after the listing was asked for is not taken back.
 
-**A worker that stops answering** loses its own gauges (``MosaicMetrics.forget_worker``): they would read as its
-last healthy values. Its streams' lag goes on growing from the last value it reported, since they ingest nothing,
-and their queue depth reads 0, as its queues went with it.
+The telemetry poll (which workers answer, which are stalled, and what a worker that stops answering leaves in the
+metrics) is ``TelemetryPollsMixin`` in ``services.coordinator_polls``, mixed into ``Coordinator``.
 """
 
 from __future__ import annotations
@@ -35,21 +34,18 @@ from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.results import Answer
 from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import AlreadyExistsError, CapacityError, MosaicError, UnknownStreamError
+from services.coordinator_polls import TelemetryPollsMixin
 from services.errors import UnavailableError, unwrap
 from services.metadata.base import MetadataStore, StreamRecord
 from services.metrics import MosaicMetrics
-from services.telemetry import TelemetryDelta, apply_delta
 from services.worker_actor import send_ask, telemetry_call
 from services.worker_results import FrameRejection, PushResult, StreamInfo, WorkerInfo
 
 log = logging.getLogger(__name__)
 DELETES_KEPT_S = 60.0  # how long a delete's end is remembered against listings asked before it
-# An engine thread with no chance to start a question for this long is stuck: an ingest call takes about a second,
-# a first compile or graph capture tens of seconds.
-ENGINE_STALL_S = 300.0
 
 
-class Coordinator:
+class Coordinator(TelemetryPollsMixin):
     """Streams, workers and routing for one router process.
 
     Args:
@@ -321,48 +317,6 @@ class Coordinator:
             if not finished:
                 worker.cancel.remote(question_id)
 
-    async def _delta_of(self, kind: str, index: int, call, timeout_s: float):
-        """A worker's answer to a call that hands over what changed since its last one (``call()`` sends it). One
-        that outlasts ``timeout_s`` is not abandoned, since the worker has already handed its changes over: the
-        next poll waits for the same answer again, instead of asking anew, so a slow answer is applied late, not
-        lost."""
-        key = (kind, index)
-        task = self._pending.get(key)
-        if task is None:
-            task = self._pending[key] = asyncio.ensure_future(self._call(index, call()))
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout_s)
-        finally:
-            if task.done():  # answered, or failed: the next poll asks anew
-                self._pending.pop(key, None)
-
-    def _report_silent_streams(self, index: int, now: float) -> None:
-        """The streams of a worker that does not answer: their lag grows from the last one it reported, and their
-        queues, which went with it, are empty."""
-        silent_s = now - self._down_since[index]
-        for stream_id in [s for s, i in self.placement.items() if i == index]:
-            self.metrics.streams.set_stream_lag(stream_id, self._last_lags.get(stream_id, 0.0) + silent_s)
-            self.metrics.streams.set_ingest_queue_depth(stream_id, 0)
-
-    async def _take_streams_of(self, index: int, timeout_s: float = 5.0) -> None:
-        """The streams worker ``index`` restored that the router did not know (a create whose answer its crash
-        lost), after it came back. One it no longer holds (set aside at its restart) stays placed: calls about it get
-        NOT_FOUND from the worker, and a DeleteStream clears it; its lag and queue gauges go, which nothing would
-        update any more."""
-        asked_s = time.monotonic()
-        try:
-            listing = telemetry_call(self.workers[index].stream_ids).remote()
-            held = set(await asyncio.wait_for(self._call(index, listing), timeout_s))
-        except (MosaicError, TimeoutError) as err:
-            log.warning("worker %d came back but did not list its streams (%s); asked again at its next answer",
-                        index, err)  # fmt: skip
-            self._to_list.add(index)
-            return
-        self._to_list.discard(index)
-        for stream_id in [s for s, i in self.placement.items() if i == index and s not in held]:
-            self.metrics.streams.forget_stream_gauges(stream_id)
-        self._adopt(index, held, asked_s)
-
     async def _call(self, index: int, ref):
         """Awaits a worker call, unwrapping its error; a dead worker is UNAVAILABLE."""
         try:
@@ -371,66 +325,3 @@ class Coordinator:
             raise unwrap(err) from None
         except ray.exceptions.RayActorError as err:
             raise UnavailableError(f"worker {index} is unavailable (restarting or gone): {err}") from None
-
-    # -- telemetry ----------------------------------------------------------------------------------
-    def _note_stall(self, index: int, stalled_s: float) -> None:
-        """A worker whose engine thread has had no chance to start a question for ``ENGINE_STALL_S`` is not ready
-        (it answers polls from another thread); it is again once the thread moves."""
-        if stalled_s > ENGINE_STALL_S and index not in self._stalled:
-            self._stalled.add(index)
-            log.error("worker %d's engine thread has been stuck for %.0f s: it takes no questions or streams until it "
-                      "moves", index, stalled_s)  # fmt: skip
-        elif stalled_s <= ENGINE_STALL_S and index in self._stalled:
-            self._stalled.discard(index)
-            log.warning("worker %d's engine thread moves again", index)
-
-    def take_last_telemetry(self, index: int, delta: TelemetryDelta) -> None:
-        """A stopped worker's last telemetry (its shutdown's frames, ingested or dropped as ``shutdown``), after the
-        drain of a poll the stop cut short if it had answered: no poll takes either any more."""
-        cut_short = self._pending.pop(("drain", index), None)
-        deltas = [delta]
-        if cut_short is not None and cut_short.done() and not cut_short.cancelled() and not cut_short.exception():
-            deltas.insert(0, cut_short.result())
-        for each in deltas:
-            try:
-                apply_delta(self.metrics, each, open_streams=set(self.placement))
-            except Exception:  # the worker's stop goes on
-                log.exception("worker %d's last telemetry could not be applied", index)
-
-    async def poll_telemetry(self, timeout_s: float = 5.0) -> None:
-        """Drains every worker's counters into the router's metrics; tracks which workers answer."""
-        live = list(range(len(self.workers)))
-        # A restarting worker queues calls until it is back; the timeout keeps one from stalling the poll.
-        workers = list(enumerate(self.workers))
-        calls = (self._delta_of("drain", i, telemetry_call(w.drain_telemetry).remote, timeout_s) for i, w in workers)
-        keyframe_calls = (
-            self._delta_of("keyframes", i, telemetry_call(w.keyframe_stats).remote, timeout_s) for i, w in workers
-        )
-        results, keyframes = await asyncio.gather(
-            asyncio.gather(*calls, return_exceptions=True), asyncio.gather(*keyframe_calls, return_exceptions=True)
-        )
-        alive, now = set(), time.monotonic()
-        for index, result, keyframe_stats in zip(live, results, keyframes, strict=True):
-            if isinstance(result, BaseException):
-                self._down_since.setdefault(index, now)
-                if index in self._alive:
-                    self.metrics.forget_worker(index)
-                self._report_silent_streams(index, now)
-                continue
-            alive.add(index)
-            self._note_stall(index, result.engine_stalled_s)
-            came_back = index not in self._alive or result.pid != self._pids.get(index, result.pid)
-            self._pids[index] = result.pid
-            self._down_since.pop(index, None)
-            try:  # one worker's surprise must not lose the others' drained counts, nor this round's liveness
-                if came_back or index in self._to_list:
-                    await self._take_streams_of(index)
-                self._last_lags.update(result.lags_s)
-                apply_delta(self.metrics, result, open_streams=set(self.placement))
-                if not isinstance(keyframe_stats, BaseException):
-                    self.metrics.set_keyframes(index, *keyframe_stats)
-            except Exception:
-                log.exception("worker %d's telemetry could not be applied this round", index)
-        self._alive = alive
-        self.metrics.set_workers_up(len(alive))
-        self.metrics.set_active_streams(len(self.placement))

@@ -263,7 +263,7 @@ def test_a_create_retried_before_the_router_knows_a_restored_stream_is_not_made_
 def test_a_worker_whose_engine_thread_is_stuck_is_not_ready_until_it_moves():
     """It answers polls (a control thread serves them), so only the stall it reports tells it apart: readiness and
     new streams leave it until its engine thread moves again."""
-    from services.coordinator import ENGINE_STALL_S
+    from services.coordinator_polls import ENGINE_STALL_S
 
     async def scenario():
         worker = Worker(0)
