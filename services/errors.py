@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from mosaic_core.errors import CapacityError, MosaicError, OutOfRangeError
+from mosaic_core.errors import CapacityError, MosaicError, NotFoundError, OutOfRangeError
 
 RETRY_AFTER_KEY = "retry-after-ms"
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the header of a task error's text
@@ -70,6 +70,10 @@ class UnauthenticatedError(MosaicError):
     """The call carried no API key, or the wrong one."""
 
     grpc_code = "UNAUTHENTICATED"
+
+
+class UnknownWatchError(NotFoundError):
+    """No watch with this id."""
 
 
 @dataclass(slots=True)

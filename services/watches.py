@@ -9,7 +9,8 @@
 - **A store that lost its data** (a Redis restarted empty): the router writes back the watches it holds, so the
   emptied store does not read as every watch deleted, and event ids go on after the newest it issued
   (``_recover_store``). Their buffered events and cooldowns are gone; a resuming reader is told it missed some.
-- **Subscribers** (``WatchEvents``) read the buffer after their cursor and then wait for the next event.
+- **Subscribers** (``WatchEvents``) read the buffer after their cursor and then wait for the next event
+  (``WatchSubscribersMixin`` in ``services.watches_subscribers``, mixed into ``WatchRegistry``).
 - **Deleted streams.** ``forget_stream`` (after the stream's worker has forgotten it and marked its unreported
   events ``sets_cooldown=False``) clears the stream's cooldowns in the store, and keeps them cleared: an event of
   the stream in a report taken before the forget is still stored, but without its cooldown (the report may
@@ -26,15 +27,16 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mosaic_core.engine.stream import check_stream_id
-from mosaic_core.errors import AlreadyExistsError, CapacityError, InvalidArgumentError, NotFoundError
-from services.errors import UnavailableError
+from mosaic_core.errors import AlreadyExistsError, CapacityError, NotFoundError
+from services.errors import UnavailableError, UnknownWatchError
 from services.metadata.watches import WatchState, WatchStore
 from services.metrics import MosaicMetrics
 from services.watches_spec import FiredEvent, WatchRecord, WatchReport, check_watch_id
+from services.watches_subscribers import WatchSubscribersMixin
 from services.watches_webhook import Delivery, WebhookSender, check_webhook_url
 
 log = logging.getLogger(__name__)
@@ -42,12 +44,6 @@ POLL_WAIT_S = 1.0
 RESYNC_INTERVAL_S = 30.0
 SYNC_TIMEOUT_S = 10.0  # a restarting worker gets the list from its poll loop once it is back
 RELOAD_INTERVAL_S = 5.0  # watches created through another router (same Redis) are picked up this often
-SUBSCRIBER_WAKE_S = 5.0  # a subscriber re-reads the buffer at least this often (events of other routers)
-READ_BATCH = 256
-
-
-class UnknownWatchError(NotFoundError):
-    """No watch with this id."""
 
 
 @dataclass(slots=True, eq=False)
@@ -58,16 +54,7 @@ class _Take:
     deleted_stream_ids: set[str] = dataclasses.field(default_factory=set)
 
 
-@dataclass(slots=True)
-class WatchEventItem:
-    """One event as a subscriber receives it."""
-
-    event_id: int
-    payload: dict
-    missed_before: bool = False
-
-
-class WatchRegistry:
+class WatchRegistry(WatchSubscribersMixin):
     """Every watch of one router.
 
     Args:
@@ -147,16 +134,6 @@ class WatchRegistry:
         """Ends subscribers and webhook delivery (deliveries still queued are not sent; they count as dropped)."""
         await self.end_subscribers()
         await self.webhooks.stop()
-
-    async def end_subscribers(self) -> None:
-        """Ends every WatchEvents call now (a shutdown; a client resumes after its last event id elsewhere)."""
-        self._closed = True
-        await self._wake_subscribers()
-
-    async def _wake_subscribers(self) -> None:
-        async with self._new_event:
-            self._changes += 1
-            self._new_event.notify_all()
 
     async def sync_workers(self, indices: list[int] | None = None) -> None:
         """Sends the full watch list, with each watch's cooldown state, to the workers."""
@@ -380,78 +357,6 @@ class WatchRegistry:
             writes.discard(write)
             if not writes:
                 del self._cooldown_writes[stream_id]
-
-    async def subscribe(self, watch_ids: list[str], after_event_id: int | None) -> AsyncIterator[WatchEventItem]:
-        """Events of ``watch_ids`` (empty: all) after ``after_event_id`` (None: from now on), then live; ends
-        when a named watch is deleted."""
-        for watch_id in watch_ids:
-            check_watch_id(watch_id)
-            if watch_id not in self._records:
-                raise UnknownWatchError(f"unknown watch {watch_id!r}; ListWatches shows the ones that exist")
-        if after_event_id is not None and after_event_id < 0:
-            raise InvalidArgumentError(f"after_event_id must be >= 0, got {after_event_id}")
-        if self._num_subscribers >= self.config.max_watch_subscribers:
-            raise CapacityError(
-                f"the server already has {self._num_subscribers} WatchEvents subscribers, its limit; "
-                "follow several watches in one call"
-            )
-        self._follow(+1)  # reserved before the first await, so concurrent subscribers count it
-        gaps: set[str] = set()  # watches with events trimmed unread whose next event has not gone out yet
-        try:
-            if after_event_id is not None:
-                cursor = after_event_id
-            else:
-                cursor = await asyncio.to_thread(self.store.last_event_id)
-            while not self._closed:
-                if watch_ids and any(w not in self._records for w in watch_ids):
-                    return
-                seen = self._changes  # an event stored while this reads, or while its items go out, is read next
-                items = await self._read(watch_ids or list(self._records), cursor, gaps)
-                for item in items:
-                    cursor = item.event_id
-                    yield item
-                if len(items) < READ_BATCH:
-                    async with self._new_event:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(
-                                self._new_event.wait_for(lambda seen=seen: self._changes != seen), SUBSCRIBER_WAKE_S
-                            )
-        finally:
-            self._follow(-1)
-
-    def _follow(self, step: int) -> None:
-        self._num_subscribers += step
-        self.metrics.set_subscribers(self._num_subscribers)
-
-    async def _read(self, watch_ids: list[str], cursor: int, gaps: set[str]) -> list[WatchEventItem]:
-        """The next events after ``cursor``, oldest first, at most ``READ_BATCH``; the first of a watch's events
-        after some were trimmed unread says so. A watch whose first event after such a gap does not make this batch
-        stays in ``gaps`` for the next: the cursor passes its trimmed ones here.
-
-        Ids are global and the watches are read one after another, so an event stored in a watch already read
-        may get a smaller id than one read from a later watch: returned, that later one would move the cursor past
-        it for good. Only ids up to the newest issued before the reads are returned. Both stores issue an id and
-        store its event in one step (a lock; one Lua script), so none of those can still be missing."""
-
-        def read() -> list[WatchEventItem]:
-            ceiling = self.store.last_event_id()
-            items = []  # (item, its watch)
-            for watch_id in watch_ids:
-                events = [(i, e) for i, e in self.store.events_after(watch_id, cursor, READ_BATCH) if i <= ceiling]
-                if not events:  # none newer: none were trimmed since the cursor either
-                    continue
-                if self.store.state(watch_id).trimmed_through > cursor:
-                    gaps.add(watch_id)
-                items += [(WatchEventItem(i, e), watch_id) for i, e in events]
-            items.sort(key=lambda pair: pair[0].event_id)
-            batch = items[:READ_BATCH]
-            for item, watch_id in batch:
-                if watch_id in gaps:
-                    item.missed_before = True
-                    gaps.discard(watch_id)
-            return [item for item, _ in batch]
-
-        return await asyncio.to_thread(read)
 
 
 def new_watch_id() -> str:

@@ -7,8 +7,9 @@ import time
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.labels import check_labels
 from services.metadata.watches import WatchState
-from services.watches import WatchEventItem, new_watch_id
+from services.watches import new_watch_id
 from services.watches_spec import ActiveHours, WatchRecord
+from services.watches_subscribers import WatchEventItem
 from services.watches_webhook import redact
 
 
