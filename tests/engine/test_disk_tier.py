@@ -51,37 +51,6 @@ def test_disk_tier_write_is_atomic_and_deletes_cleanly(tmp_path):
     assert disk.list_clusters("s") == []
 
 
-def test_a_merged_disk_cluster_leaves_no_spill_file_once_dropped(tiny_model, bikes_frames, tmp_path):
-    """Two disk-tier clusters merged are spilled as one before the merged record is durable; fetched from that
-    record and dropped later, the stale spill file goes with it."""
-    engine = make_engine(
-        tiny_model,
-        device_budget_bytes=int(1.3 * MIB),
-        host_budget_bytes=int(0.3 * MIB),
-        data_dir=str(tmp_path),
-        formation=FormationConfig(max_tokens=96),
-    )
-    engine.open_stream("cam", fps=2.0)
-    feed(engine, "cam", bikes_frames[:40])
-    state, residency = engine.stream("cam"), engine.tiering.residency
-    records = [r for r in state.former.records_to_read() if r.sealed and r.cluster_id not in state.local_cluster_ids()]
-    left, right = next(
-        (a.cluster_id, b.cluster_id) for a, b in itertools.pairwise(records) if a.num_tokens + b.num_tokens <= 96
-    )
-    for cid in (left, right):  # both spilled to disk, as the budgets do to old clusters
-        engine.tiering.execute(residency.plan_spill(cid, Tier.DISK))
-    merged = merge_clusters(engine.parts, state, left, right)  # what apply_merges does for a due pair
-    assert residency.tier_of(merged) is Tier.DISK
-    spill = engine.tiering.tiers.disk.path(merged)
-    engine.tiering.execute(residency.plan_fetch(merged, Tier.HOST))  # a question or promote brings it back
-    engine.history.store.flush()
-    dropped = engine.drop_clusters_before("cam", state.former.get(merged).end_s + 1e-3)
-    assert merged in dropped and merged not in residency
-    leftovers = sorted(p.name for p in (Path(tmp_path) / ".spill").rglob("*.safetensors"))
-    assert not spill.exists(), f"the dropped cluster's spill file outlives it: {leftovers}"
-    engine.close()
-
-
 def test_a_write_the_disk_refuses_leaves_no_half_file(tmp_path, monkeypatch):
     disk = DiskTier(tmp_path)
 
@@ -122,7 +91,8 @@ def test_the_disk_tier_starts_without_a_previous_process_spill_files_and_keeps_e
 def test_a_cluster_spilled_before_it_is_durable_keeps_one_copy_on_disk_once_it_is(tiny_model, bikes_frames, tmp_path):
     """A merge of two disk-tier clusters stores its copy in the disk tier (a spill file) before the merged record is
     submitted; once it is, the record (or its pending snapshot) holds the bytes and the spill file goes at once, not
-    at the cluster's next fetch or its drop: the disk would otherwise hold the cluster twice and count it once."""
+    at the cluster's next fetch or its drop: the disk would otherwise hold the cluster twice and count it once.
+    Fetched and dropped later, the cluster leaves no file behind."""
     engine = make_engine(
         tiny_model,
         device_budget_bytes=int(1.3 * MIB),
@@ -146,6 +116,10 @@ def test_a_cluster_spilled_before_it_is_durable_keeps_one_copy_on_disk_once_it_i
     assert torch.equal(tiers.read(merged), want)
     engine.history.store.flush()
     assert torch.equal(tiers.read(merged), want)
-    engine.tiering.execute(residency.plan_fetch(merged, Tier.HOST))
+    engine.tiering.execute(residency.plan_fetch(merged, Tier.HOST))  # a question or promote brings it back
     assert torch.equal(tiers.read(merged), want)
+    dropped = engine.drop_clusters_before("cam", state.former.get(merged).end_s + 1e-3)
+    assert merged in dropped and merged not in residency
+    leftovers = sorted(p.name for p in (Path(tmp_path) / ".spill").rglob("*.safetensors"))
+    assert not tiers.disk.path(merged).exists(), f"the dropped cluster's spill file outlives it: {leftovers}"
     engine.close()
