@@ -23,19 +23,15 @@ With a ``DurableStore``, a sealed cluster's bytes also live in its record file. 
 tier by dropping its memory copies (no write), and comes back by reading its record, which stays. Only clusters
 that are not durable yet (open, or still partly in the local window, or a merge's copy before its record is
 submitted) are written to separate spill files, and such a file goes as the cluster's record is submitted
-(``drop_spill``).
+(``drop_spill``). The spill files themselves are ``DiskTier``'s (``disk_tier.py``).
 """
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from mosaic_core.bookkeeping.cluster_residency import ClusterResidency
 from mosaic_core.bookkeeping.pages import ClusterPages, pages_for
@@ -44,12 +40,11 @@ from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.durable.records import to_pages
 from mosaic_core.durable.staging import StagingArena
 from mosaic_core.durable.store import DurableStore
-from mosaic_core.errors import CapacityError, UnknownClusterError
+from mosaic_core.errors import CapacityError
 from mosaic_core.memory.arena import PagePools
+from mosaic_core.memory.disk_tier import DiskTier
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import Moved, TransferEngine
-
-_SPILL_NAME = re.compile(r"(c\d+)\.safetensors(\.tmp)?")  # ``DiskTier``'s files, written or half-written
 
 DIRECTIONS = {
     (Tier.HOST, Tier.DEVICE): "host_to_device",
@@ -72,59 +67,6 @@ class TransferStats:
         direction = DIRECTIONS[(src, dst)]
         self.bytes_by_direction[direction] += num_bytes
         self.copies_by_direction[direction] += num_copies
-
-
-class DiskTier:
-    """The files of disk-tier clusters that have no durable record (spill files), under one directory.
-
-    Layout: ``<root>/<stream_id>/<cluster name>.safetensors``, where the cluster id is ``<stream_id>/<name>``. Nothing
-    adopts them after a restart (only durable records come back), so ``KVTiers`` clears them as it starts.
-    """
-
-    SUFFIX = ".safetensors"
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, cluster_id: str) -> Path:
-        return self.root / f"{cluster_id}{self.SUFFIX}"
-
-    def write(self, cluster_id: str, kv: torch.Tensor) -> None:
-        path = self.path(cluster_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            save_file({"kv": kv.contiguous().cpu()}, str(tmp))
-            os.replace(tmp, path)  # a reader never sees half a file
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a disk that filled up mid-write keeps no half file
-            raise
-
-    def read(self, cluster_id: str) -> torch.Tensor:
-        path = self.path(cluster_id)
-        if not path.exists():
-            raise UnknownClusterError(f"cluster {cluster_id!r} has no file in the disk tier at {self.root}")
-        return load_file(str(path))["kv"]
-
-    def delete(self, cluster_id: str) -> None:
-        self.path(cluster_id).unlink(missing_ok=True)
-
-    def list_clusters(self, stream_id: str) -> list[str]:
-        """The clusters of ``stream_id`` with a spill file, read from the directory itself."""
-        names = (_SPILL_NAME.fullmatch(p.name) for p in (self.root / stream_id).glob("c*.safetensors"))
-        return sorted(f"{stream_id}/{m[1]}" for m in names if m and not m[2])
-
-    def clear(self) -> int:
-        """Deletes every spill file (and half-written one) under the root, and nothing else: the directory may hold
-        other files, such as durable records, so only names of the layout above (``c<number>``) go. Returns how
-        many went."""
-        paths = [
-            p for p in self.root.rglob("c*.safetensors*") if _SPILL_NAME.fullmatch(p.name) and p.parent != self.root
-        ]
-        for path in paths:
-            path.unlink(missing_ok=True)
-        return len(paths)
 
 
 class KVTiers:

@@ -13,9 +13,9 @@ from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.config import MIB
 from mosaic_core.engine.maintenance import merge_clusters
-from mosaic_core.memory import tiers as tiers_module
+from mosaic_core.memory import disk_tier as disk_tier_module
+from mosaic_core.memory.disk_tier import DiskTier
 from mosaic_core.memory.layout import KVSpec
-from mosaic_core.memory.tiers import DiskTier
 from tests.engine.engine_helpers import feed, make_engine, spilling_to_disk
 from tests.unit.tiering_helpers import make_tiering
 
@@ -58,7 +58,7 @@ def test_a_write_the_disk_refuses_leaves_no_half_file(tmp_path, monkeypatch):
         Path(path).write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tiers_module, "save_file", disk_fills_up)
+    monkeypatch.setattr(disk_tier_module, "save_file", disk_fills_up)
     with pytest.raises(OSError, match="No space left"):
         disk.write("s/c000001", torch.randn(2, 2, 1, 5, 4))
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -16,7 +16,7 @@ from mosaic_core.config import MIB
 from mosaic_core.engine.maintenance import merge_clusters
 from mosaic_core.engine.splits import split_cluster
 from mosaic_core.errors import CapacityError
-from mosaic_core.memory.tiers import DiskTier
+from mosaic_core.memory.disk_tier import DiskTier
 from tests.engine.engine_helpers import feed, make_engine, spilling_to_disk
 
 

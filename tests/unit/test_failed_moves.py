@@ -12,8 +12,8 @@ from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.errors import CapacityError
 from mosaic_core.memory import arena
 from mosaic_core.memory.arena import PagePools
+from mosaic_core.memory.disk_tier import DiskTier
 from mosaic_core.memory.layout import KVSpec
-from mosaic_core.memory.tiers import DiskTier
 from tests.unit.tiering_helpers import make_tiering, move, put
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=2, head_dim=8, dtype=torch.float32)

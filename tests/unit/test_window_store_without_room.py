@@ -16,7 +16,7 @@ from mosaic_core.config import MIB
 from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.results import FrameInput
 from mosaic_core.errors import CapacityError
-from mosaic_core.memory.tiers import DiskTier
+from mosaic_core.memory.disk_tier import DiskTier
 from services.engine_loop import EngineLoop
 from services.ingest_queue import IngestQueues, QueuedFrame
 from services.metadata import InMemoryMetadataStore
