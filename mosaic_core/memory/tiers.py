@@ -23,12 +23,11 @@ With a ``DurableStore``, a sealed cluster's bytes also live in its record file. 
 tier by dropping its memory copies (no write), and comes back by reading its record, which stays. Only clusters
 that are not durable yet (open, or still partly in the local window, or a merge's copy before its record is
 submitted) are written to separate spill files, and such a file goes as the cluster's record is submitted
-(``drop_spill``). The spill files themselves are ``DiskTier``'s (``disk_tier.py``).
+(``drop_spill``). The spill files themselves are ``DiskTier``'s (``disk_tier.py``), and the bytes and copies
+counted per direction are ``TransferStats``' (``transfer_stats.py``).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,28 +44,7 @@ from mosaic_core.memory.arena import PagePools
 from mosaic_core.memory.disk_tier import DiskTier
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import Moved, TransferEngine
-
-DIRECTIONS = {
-    (Tier.HOST, Tier.DEVICE): "host_to_device",
-    (Tier.DEVICE, Tier.HOST): "device_to_host",
-    (Tier.HOST, Tier.DISK): "host_to_disk",
-    (Tier.DISK, Tier.HOST): "disk_to_host",
-    (Tier.DEVICE, Tier.DISK): "device_to_disk",
-    (Tier.DISK, Tier.DEVICE): "disk_to_device",
-}
-
-
-@dataclass(slots=True)
-class TransferStats:
-    """Bytes and copy calls per direction, since the engine started."""
-
-    bytes_by_direction: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS.values(), 0))
-    copies_by_direction: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS.values(), 0))
-
-    def record(self, src: Tier, dst: Tier, num_bytes: int, num_copies: int = 1) -> None:
-        direction = DIRECTIONS[(src, dst)]
-        self.bytes_by_direction[direction] += num_bytes
-        self.copies_by_direction[direction] += num_copies
+from mosaic_core.memory.transfer_stats import TransferStats
 
 
 class KVTiers:
