@@ -1,7 +1,7 @@
 """The disk tier's own files: spill files of clusters that have no durable record yet (``DiskTier``).
 
-``KVTiers`` (``tiers.py``) decides when a cluster's bytes go to such a file and when they come back; this module only
-names, writes, reads and deletes the files.
+``KVTiers`` (``tiers.py``) decides when a cluster's bytes go to such a file and when they come back
+(``DiskMovesMixin``, ``disk_moves.py``); this module only names, writes, reads and deletes the files.
 """
 
 from __future__ import annotations

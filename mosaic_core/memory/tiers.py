@@ -23,8 +23,9 @@ With a ``DurableStore``, a sealed cluster's bytes also live in its record file. 
 tier by dropping its memory copies (no write), and comes back by reading its record, which stays. Only clusters
 that are not durable yet (open, or still partly in the local window, or a merge's copy before its record is
 submitted) are written to separate spill files, and such a file goes as the cluster's record is submitted
-(``drop_spill``). The spill files themselves are ``DiskTier``'s (``disk_tier.py``), and the bytes and copies
-counted per direction are ``TransferStats``' (``transfer_stats.py``).
+(``drop_spill``). The spill files themselves are ``DiskTier``'s (``disk_tier.py``), the moves to and from the disk
+tier are ``DiskMovesMixin``'s (``disk_moves.py``, mixed into ``KVTiers``), and the bytes and copies counted per
+direction are ``TransferStats``' (``transfer_stats.py``).
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ from mosaic_core.durable.staging import StagingArena
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.errors import CapacityError
 from mosaic_core.memory.arena import PagePools
+from mosaic_core.memory.disk_moves import DiskMovesMixin
 from mosaic_core.memory.disk_tier import DiskTier
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import Moved, TransferEngine
 from mosaic_core.memory.transfer_stats import TransferStats
 
 
-class KVTiers:
+class KVTiers(DiskMovesMixin):
     """Holds every cluster's KV in the tier the residency manager put it in, as pages of the arena."""
 
     def __init__(
@@ -190,13 +192,6 @@ class KVTiers:
         record = self.pages(cluster_id)
         return self.pools.read(tier, self._pages_in(record, tier), record.fills)
 
-    def adopt(self, cluster_id: str) -> None:
-        """Checks a durable cluster found after a restart, whose record says it is in the disk tier: its bytes
-        are its record file's, so no page holds them."""
-        assert self.durable is not None and self.durable.owns(cluster_id), f"{cluster_id} has no durable record"
-        assert self.tier_of(cluster_id) is Tier.DISK, f"{cluster_id} is adopted into the disk tier"
-        self._fresh(cluster_id)
-
     def snapshot_pages(
         self, cluster_id: str, page_tokens: int, staging: StagingArena | None = None
     ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -333,48 +328,7 @@ class KVTiers:
         self._free_memory(cluster.pages)
         self._delete_spill(cluster_id)  # a durable record goes through the store's journal instead
 
-    def drop_spill(self, cluster_id: str) -> None:
-        """Deletes the spill file of a cluster whose record was just submitted, if it has one: from now on its bytes
-        are read from the record (or the record's snapshot while the file is pending), so the spill file would be
-        a second copy on disk that the disk tier's budget does not count."""
-        assert self._durable(cluster_id), f"{cluster_id} has no durable record"
-        self._delete_spill(cluster_id)
-
     # -- internals ------------------------------------------------------------------------------------------
-    def _move_disk(self, cluster_id: str, record: ClusterPages, src: Tier, dst: Tier) -> int:
-        if dst is Tier.DISK:
-            kv = None if self._durable(cluster_id) else self._read_in(cluster_id, src)
-            num_bytes = record.num_tokens * self.spec.bytes_per_token
-            self._to_disk(cluster_id, kv)
-            self._before_reuse(cluster_id)
-            self._free_memory(record)
-            self._kept.pop(cluster_id, None)
-        elif self._durable(cluster_id) and (stored := self.durable.read_pages(cluster_id)).shape[4] == self.page_tokens:
-            # The record's pages are the arena's size: each lands in one page as one contiguous run.
-            num_bytes = stored.numel() * stored.element_size()
-            pages = self._take(dst, stored.shape[0])
-            self.pools.write_pages(dst, pages, stored)
-            record.fills = [self.page_tokens] * stored.shape[0]
-            self._set_pages(record, dst, pages)
-        else:
-            kv = self._read_disk(cluster_id)
-            num_bytes = kv.numel() * kv.element_size()
-            fills = pages_for(kv.shape[3], self.page_tokens)
-            pages = self._take(dst, len(fills))
-            self.pools.write(dst, pages, fills, kv)
-            record.fills = fills
-            self._set_pages(record, dst, pages)
-            self._delete_spill(cluster_id)  # only once its bytes are in memory: a failed fetch loses nothing
-        self.stats.record(src, dst, num_bytes)
-        return num_bytes
-
-    def _to_disk(self, cluster_id: str, kv: torch.Tensor | None) -> None:
-        # A durable cluster's bytes are its record file's, or its snapshot's while that file is pending (a stalled
-        # disk never holds the engine thread here): nothing to write.
-        if not self._durable(cluster_id):
-            assert self.disk is not None, "disk tier used but not configured"
-            self.disk.write(cluster_id, kv)
-
     def _take(self, tier: Tier, num_pages: int) -> list[int]:
         pages = self.pools.take(tier, num_pages)
         while pages is None and tier is Tier.HOST and self._kept:
@@ -441,15 +395,3 @@ class KVTiers:
         moved = self._moving.pop(cluster_id, None)
         if moved is not None and moved.ready is not None:
             moved.ready.synchronize()
-
-    def _durable(self, cluster_id: str) -> bool:
-        return self.durable is not None and self.durable.owns(cluster_id)
-
-    def _delete_spill(self, cluster_id: str) -> None:
-        if self.disk is not None and self.disk.path(cluster_id).exists():
-            self.disk.delete(cluster_id)
-
-    def _read_disk(self, cluster_id: str) -> torch.Tensor:
-        if self._durable(cluster_id):
-            return self.durable.read_kv(cluster_id)
-        return self.disk.read(cluster_id)
