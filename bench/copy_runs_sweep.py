@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
-from mosaic_core.engine.retrieval import layer_groups
+from mosaic_core.engine.machinery import layer_groups
 from mosaic_core.memory import cudart
 from mosaic_core.memory.arena import PagePools
 from mosaic_core.memory.layout import KVSpec

@@ -17,13 +17,14 @@ import torch
 from torch.profiler import record_function
 
 from mosaic_core.config import RetrievalMode
+from mosaic_core.engine.machinery import machinery_for
 from mosaic_core.engine.maintenance import apply_merges
 from mosaic_core.engine.parts import EngineParts
 from mosaic_core.engine.plans import QuestionPlan, RecallProbe
 from mosaic_core.engine.prefill_graphs import padded_length
 from mosaic_core.engine.probes import QueryPlanter, active_request
 from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, RetrievalStats, TokenEvent
-from mosaic_core.engine.retrieval import Retriever, machinery_for
+from mosaic_core.engine.retrieval import Retriever
 from mosaic_core.engine.splits import observe_and_split, splits_on
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import DeviceRoom

@@ -1,18 +1,7 @@
 """Choosing and fetching the history a question attends to, one layer at a time.
 
-The mode picks the retrieval unit and the machinery (``Machinery``); everything below reads the machinery, never
-the mode, so two modes with the same machinery differ only in their unit and scorer:
-
-| mode    | unit          | scorer (default) | gather                  | shared choice | device cache |
-| ------- | ------------- | ---------------- | ----------------------- | ------------- | ------------ |
-| full    | cluster       | none: everything | batched (see below)     | no            | all resident |
-| token   | one frame     | mean key         | one copy per block      | no            | no           |
-| frame   | one frame     | mean key         | batched                 | yes           | yes          |
-| cluster | cluster       | share per token  | batched                 | yes           | yes          |
-
-``token`` is the faithful ReKV stand-in (ReKV's own code copies block by block, scores every layer and keeps
-nothing on the GPU); ``frame`` is the same unit on Mosaic's machinery, so ``frame`` vs ``cluster`` is what the unit
-alone buys. ``EngineConfig.scorer`` swaps the scorer of any mode (random, recent, or the other key scorer).
+The mode picks the retrieval unit and the machinery (``Machinery``, ``machinery.py``, whose docstring tables the
+modes); everything here reads the machinery, never the mode.
 
 - The gather: device-resident units are attended where they are, through their slots in the device pool. The
   other units' pages move into device pages the question took (inside the device budget). Batched, by default on
@@ -51,8 +40,8 @@ import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.tiers import Tier
-from mosaic_core.config import EngineConfig, RetrievalMode
 from mosaic_core.engine.attend import past_logsumexp
+from mosaic_core.engine.machinery import Machinery, layer_groups
 from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
@@ -61,37 +50,6 @@ from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import NOTHING_PENDING, Moved
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Machinery:
-    """How a question's units are scored, moved and cached; derived from the config by ``machinery_for``."""
-
-    choose_all: bool  # full mode: no choice, every unit
-    scorer: str
-    batched_gather: bool
-    staging_copy: str  # how paged staging moves bytes: "dma" (copy engines) or "kernel" (slab gather)
-    staging_groups: tuple[int, ...]  # dma: layers of a page copied as one run, group by group (``layer_groups``)
-    staging_streams: int  # dma: streams a group's runs are dealt to
-    staging_batch: bool  # dma: one batched call a stream and group (``EngineConfig.staging_batch``)
-    prefetch_after_layer: int | None
-    device_cache: bool
-
-
-def machinery_for(config: EngineConfig) -> Machinery:
-    mode = config.mode
-    rekv = mode is RetrievalMode.TOKEN
-    return Machinery(
-        choose_all=mode is RetrievalMode.FULL,
-        scorer=config.scorer or mode.own_scorer,
-        batched_gather=not rekv,
-        staging_copy=config.staging_copy,
-        staging_groups=config.staging_groups or (config.prefill_graph_layers,),
-        staging_streams=config.staging_streams,
-        staging_batch=config.staging_batch,
-        prefetch_after_layer=None if rekv or mode is RetrievalMode.FULL else config.prefetch_after_layer,
-        device_cache=mode.caches_on_device,
-    )
 
 
 @functools.cache
@@ -150,23 +108,6 @@ class LayerSelection:
         if self.scores is None:
             return {}
         return dict(zip(candidates, torch.softmax(self.scores, 0).tolist(), strict=True))
-
-
-def layer_groups(layers: range, sizes: tuple[int, ...]) -> list[range]:
-    """``layers`` cut into consecutive groups of ``sizes`` layers, the last size repeating; the last group stops at
-    the last layer.
-
-    range(2, 28), (8, 8, 6, 4)  ->  [2, 10), [10, 18), [18, 24), [24, 28)
-    range(2, 28), (4,)          ->  [2, 6), [6, 10), ... [22, 26), [26, 28)
-    """
-    groups, start = [], layers.start
-    for i in range(len(layers)):
-        if start >= layers.stop:
-            break
-        size = sizes[min(i, len(sizes) - 1)]
-        groups.append(range(start, min(start + size, layers.stop)))
-        start += size
-    return groups
 
 
 def fill_in_order(order: list[int], sizes: list[int], budget: int, smallest: int, gone=()) -> list[int]:

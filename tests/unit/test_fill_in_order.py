@@ -42,7 +42,7 @@ def test_a_full_budget_stops_the_fill_before_the_rest_is_read():
 
 
 def test_layer_groups_cut_the_layers_after_the_anchor_by_the_sizes_given_the_last_repeating():
-    from mosaic_core.engine.retrieval import layer_groups
+    from mosaic_core.engine.machinery import layer_groups
 
     assert layer_groups(range(2, 28), (8, 8, 6, 4)) == [range(2, 10), range(10, 18), range(18, 24), range(24, 28)]
     assert layer_groups(range(2, 28), (4,)) == [range(s, min(s + 4, 28)) for s in range(2, 28, 4)]
