@@ -16,7 +16,7 @@ import statistics
 import timeit
 from pathlib import Path
 
-from mosaic_core.engine.retrieval import fill_in_order
+from mosaic_core.engine.selection import fill_in_order
 
 
 def every_candidate_read(order: list[int], candidates: list[str], sizes: dict[str, int], budget: int) -> list[str]:

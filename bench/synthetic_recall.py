@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from mosaic_core.engine.retrieval import fill_in_order
 from mosaic_core.engine.scorers import scorer_by_name
+from mosaic_core.engine.selection import fill_in_order
 
 SCORERS = ("spread", "spread_per_token", "spread_share", "spread_share_per_token", "mean_key", "random")
 SETTINGS = ("plain", "loud sink head")

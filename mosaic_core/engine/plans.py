@@ -22,8 +22,9 @@ from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.engine.attend import attend_paged
 from mosaic_core.engine.ingest_pauses import IngestPauses
 from mosaic_core.engine.probes import ENGINE, UNIT_CEILING, ProbeRequest, QueryPlanter
-from mosaic_core.engine.retrieval import LayerSelection, Retriever, fill_in_order
+from mosaic_core.engine.retrieval import Retriever
 from mosaic_core.engine.scorers import scorer_by_name
+from mosaic_core.engine.selection import LayerSelection, fill_in_order
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import DeviceRoom
 from mosaic_core.kernels import cdiv

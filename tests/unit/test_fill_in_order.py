@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from mosaic_core.engine.retrieval import fill_in_order
+from mosaic_core.engine.selection import fill_in_order
 
 
 def _every_index_looked_at(order: list[int], sizes: list[int], budget: int) -> list[int]:
