@@ -39,7 +39,7 @@ def _split_at(widths: list[int]) -> int:
 def format_report(report: dict) -> str:
     parts = [f"GPU: {report.get('gpu', 'none (CPU)')}; pinned host->device peak {report['pcie_gbs']:.1f} GB/s"]
     if report.get("A"):
-        from mosaic_core.bench.scenario_a import format_scenario_a
+        from mosaic_core.bench.scenario_a_report import format_scenario_a
 
         parts += [_table(title, header, rows) for title, header, rows in format_scenario_a(report)]
     decode = report.get("decode")

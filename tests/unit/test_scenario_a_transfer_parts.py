@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mosaic_core.bench.scenario_a import _transfer_by_part, _transfer_table
+from mosaic_core.bench.scenario_a import _transfer_by_part
+from mosaic_core.bench.scenario_a_report import _transfer_table
 
 GB = 1e9
 
