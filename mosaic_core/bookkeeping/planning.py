@@ -2,7 +2,7 @@
 
 Plans are sequential: every move fits in its destination at the moment it runs, given the moves before it.
 So spills come before the fetch they make room for, and a spill into a full host tier is preceded by the
-host->disk spills that make room for it. ``MovePlanning`` is mixed into ``ResidencyManager``: it reads the
+host->disk spills that make room for it. ``MovePlanningMixin`` is mixed into ``ResidencyManager``: it reads the
 manager's records, tier members, used bytes and eviction policy, and changes none of them (``apply`` does).
 """
 
@@ -15,7 +15,7 @@ from mosaic_core.bookkeeping.tiers import Move, MovePlan, Tier
 from mosaic_core.errors import InvalidArgumentError, StateError
 
 
-class MovePlanning:
+class MovePlanningMixin:
     """The planning half of ``ResidencyManager`` (module doc); the manager's ``__init__`` sets up what it reads."""
 
     def pick_victims(

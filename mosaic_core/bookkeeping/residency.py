@@ -14,7 +14,7 @@ bookkeeping.
     residency.apply(plan)
 
 Plans are sequential (every move fits in its destination at the moment it runs, given the moves before it), and
-``planning`` makes them (``MovePlanning``, mixed in).
+``planning`` makes them (``MovePlanningMixin``, mixed in).
 
 ``change_listeners`` hear ``(stream_id, cluster_id)`` whenever a cluster is added, grown, moved or removed, so a
 mirror of the clusters (the service's metadata index) can follow the changes instead of re-reading every cluster.
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, KeysView
 
 from mosaic_core.bookkeeping.cluster_residency import ClusterResidency, CoRetrieval, SummaryRow
 from mosaic_core.bookkeeping.pages import ClusterPages
-from mosaic_core.bookkeeping.planning import MovePlanning, check_nbytes, now_or_monotonic
+from mosaic_core.bookkeeping.planning import MovePlanningMixin, check_nbytes, now_or_monotonic
 from mosaic_core.bookkeeping.policies import EvictionPolicy, make_policy
 from mosaic_core.bookkeeping.tiers import MovePlan, Tier, TierBudgets
 from mosaic_core.bookkeeping.usage import ResidencyStats, StreamUsage
@@ -41,7 +41,7 @@ from mosaic_core.errors import (
 )
 
 
-class ResidencyManager(MovePlanning):
+class ResidencyManager(MovePlanningMixin):
     """Tracks every cluster's tier and size, plus fixed device reservations and side-data charges (keyframes),
     against shared byte budgets.
 
@@ -320,7 +320,7 @@ class ResidencyManager(MovePlanning):
         self._get(cluster_id)
         self.policy.on_touch(cluster_id, now_or_monotonic(now_s), retrieved)
 
-    # -- applying plans (``MovePlanning`` makes them) -----------------------------------------------------
+    # -- applying plans (``MovePlanningMixin`` makes them) -----------------------------------------------------
 
     def apply(self, plan: MovePlan) -> None:
         """Commit a plan after the torch layer has moved the bytes, in plan order."""

@@ -2,7 +2,7 @@
 
 ``load_streams`` checks each stream whole before it registers it (``checks``): one this version cannot restore is
 set aside under ``.unreadable`` and counted, its numbers retired as a deleted stream's are (``retired``), and the
-others come back all the same. ``StreamLoading`` is mixed into ``DurableStore``: it registers what it loads in the
+others come back all the same. ``StreamLoadingMixin`` is mixed into ``DurableStore``: it registers what it loads in the
 store's journals and states, under the store's locks, and counts what it sets aside in the store's stats.
 """
 
@@ -52,7 +52,7 @@ class StoredStream:
     summaries: dict[str, ClusterSummary] = field(default_factory=dict)  # by cluster id, each of ``clusters``
 
 
-class StreamLoading:
+class StreamLoadingMixin:
     """The restart half of ``DurableStore`` (module doc); the store's ``__init__`` sets up what it uses."""
 
     def load_streams(self) -> list[StoredStream]:

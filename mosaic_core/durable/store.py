@@ -47,12 +47,12 @@ import torch
 from safetensors import safe_open
 
 from mosaic_core.durable.checks import KVShape
-from mosaic_core.durable.loading import NEW_PREFIX, TRASH, StreamLoading
+from mosaic_core.durable.loading import NEW_PREFIX, TRASH, StreamLoadingMixin
 from mosaic_core.durable.manifest import ClusterEntry, ManifestState, ManifestWriter, fsync_dir
 from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, decode_pages, from_pages
 from mosaic_core.durable.retired import RetiredNumbers
 from mosaic_core.durable.staging import StagingArena
-from mosaic_core.durable.write_behind import Commit, Seal, WriteBehind
+from mosaic_core.durable.write_behind import Commit, Seal, WriteBehindMixin
 from mosaic_core.errors import AlreadyExistsError, UnknownClusterError
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class DurableStats:
     last_set_aside: str = ""  # what the last of either was, and why
 
 
-class DurableStore(StreamLoading, WriteBehind):
+class DurableStore(StreamLoadingMixin, WriteBehindMixin):
     """The cluster records and manifests of one engine, under ``root`` (one directory per stream).
 
     Args:

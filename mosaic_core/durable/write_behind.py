@@ -2,7 +2,7 @@
 
 Record files are written by the pool as soon as their commit is queued; the commit thread runs the queue in order,
 appending each commit's journal line once its files are on disk, and writes changed stream states every
-``state_interval_s`` (the store's module doc draws the threads). ``WriteBehind`` is mixed into ``DurableStore``: it
+``state_interval_s`` (the store's module doc draws the threads). ``WriteBehindMixin`` is mixed into ``DurableStore``: it
 shares the store's lock, queue, pending snapshots and stats, which the store's ``__init__`` sets up.
 """
 
@@ -59,7 +59,7 @@ class Commit:
     journalled: bool = False  # its line is on disk: a retry only unlinks what it removed
 
 
-class WriteBehind:
+class WriteBehindMixin:
     """The writer half of ``DurableStore`` (module doc): the commit thread's loop and the writer pool's files."""
 
     def _enqueue(self, op) -> None:
