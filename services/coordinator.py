@@ -63,7 +63,8 @@ class Coordinator(TelemetryPollsMixin):
         self._deleting: set[str] = set()  # and whose DeleteStream is
         self._deleted_s: dict[str, float] = {}  # stream -> when its last delete ended (monotonic), for a minute
         self._alive: set[int] = set()
-        self._stalled: set[int] = set()  # workers that answer, but whose engine thread is stuck (``ENGINE_STALL_S``)
+        # workers that answer, but whose engine thread is stuck (``coordinator_polls.ENGINE_STALL_S``)
+        self._stalled: set[int] = set()
         self._pids: dict[int, int] = {}  # worker index -> its process, as its last answer gave it
         self._down_since: dict[int, float] = {}  # worker index -> when it first missed a poll (monotonic)
         self._last_lags: dict[str, float] = {}  # stream -> the lag its worker last reported

@@ -321,8 +321,8 @@ class MosaicMetrics:
         for tier in TIERS:
             for metric in (self.tier_used_bytes, self.tier_capacity_bytes, self.clusters):
                 metric.remove(label, tier)
-        self.engine_loop.forget_worker(label)
-        self.durability.forget_worker(label)
+        self.engine_loop.forget_worker(worker)
+        self.durability.forget_worker(worker)
 
     # --- service -----------------------------------------------------------------------------------
 

@@ -1,6 +1,5 @@
 """Starting Ray: ``init_ray`` starts (or joins) it with ``ray_init_options``, which keep a local cluster as private
-as the service. The router (``MosaicServer.start_ray``) and ``services.cli.start_ray`` both start Ray through here;
-it was part of ``services.router`` until that module grew past its size.
+as the service. The router (``MosaicServer.start_ray``) and ``services.cli.start_ray`` both start Ray through here.
 """
 
 from __future__ import annotations

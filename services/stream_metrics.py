@@ -140,7 +140,7 @@ class StreamMetrics:
                 self.stream_lag_seconds.labels(label).set(s)
 
     def prime(self) -> None:
-        """Creates the ``_other`` series of every family (module doc of ``services.metrics``)."""
+        """Creates the ``_other`` series of every family (``MosaicMetrics.prime`` says why)."""
         for metric in (self.frames_received_total, self.frames_ingested_total):
             metric.labels(STREAM_OTHER)
         for reason in DROP_REASONS:

@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import os
 import sys
-import threading
 import time
 
 import numpy as np
@@ -85,7 +84,6 @@ class WorkerCore:
         )
         self.tier_sync = TierSync(self.engine, self.publisher, worker_id)
         self.sessions: dict[str, StreamSession] = {}
-        self._lock = threading.Lock()
         self._health_seen = DurabilityHealth()
         self._keyframes_dropped_seen = 0  # EngineStats.keyframes_dropped at the previous keyframe_stats()
         self.loop = self._new_loop()
@@ -99,7 +97,7 @@ class WorkerCore:
             context_s=config.watch_answer_context_s,
             query_cache_bytes=config.watch_query_cache_bytes,
         )
-        self.questions = WorkerQuestions(self.engine, self.loop, self.telemetry, self.sessions)
+        self.questions = WorkerQuestions(self.engine, self.loop.questions, self.telemetry, self.sessions)
         self.streams = WorkerStreams(
             worker_id,
             config,
@@ -111,7 +109,6 @@ class WorkerCore:
             self.tier_sync,
             self.watches,
             self.sessions,
-            self._lock,
             self._offer,
         )
         if config.freeze_heap_after_start:  # before any stream: a deleted stream's objects stay collectable

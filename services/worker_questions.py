@@ -11,9 +11,9 @@ from collections import OrderedDict
 
 from mosaic_core.engine.results import Answer
 from mosaic_core.errors import UnknownStreamError
-from services.engine_loop import EngineLoop
 from services.errors import DeadlineError
 from services.question_job import DONE, QuestionJob
+from services.question_runner import QuestionRunner
 from services.session import StreamSession
 from services.telemetry import WorkerTelemetry
 
@@ -31,16 +31,16 @@ class WorkerQuestions:
 
     Args:
         engine: the worker's engine (read for a stream's frames ingested).
-        loop: the engine loop that answers them.
+        questions: the engine loop's question runner, which answers them.
         telemetry: records how long each ask waited for an answer thread.
         sessions: the worker's open streams by id (read only here).
     """
 
     def __init__(
-        self, engine, loop: EngineLoop, telemetry: WorkerTelemetry, sessions: dict[str, StreamSession]
+        self, engine, questions: QuestionRunner, telemetry: WorkerTelemetry, sessions: dict[str, StreamSession]
     ) -> None:
         self.engine = engine
-        self.loop = loop
+        self.questions = questions
         self.telemetry = telemetry
         self.sessions = sessions
         self._cancel_lock = threading.Lock()  # a cancel and the submit of its ask, one at a time
@@ -81,9 +81,9 @@ class WorkerQuestions:
             retention_s=session.record.retention_s,
         )
         with self._cancel_lock:
-            self.loop.questions.submit(job)
+            self.questions.submit(job)
             if self._early_cancels.pop(job.question_id, None) is not None:
-                self.loop.questions.cancel(job.question_id)
+                self.questions.cancel(job.question_id)
         first_out_s = None
         try:
             while (item := self._next_event(job)) is not DONE:
@@ -114,7 +114,7 @@ class WorkerQuestions:
         answer thread, and may come after the cancel) is kept for ``EARLY_CANCEL_KEEP_S``: the ask, when it comes,
         is stopped at once."""
         with self._cancel_lock:
-            if self.loop.questions.cancel(question_id):
+            if self.questions.cancel(question_id):
                 return True
             now = time.monotonic()
             kept = self._early_cancels

@@ -49,8 +49,7 @@ class WorkerStreams:
         publisher: tells the metadata store about streams opened and deleted.
         tier_sync: forgets a deleted stream's clusters.
         watches: restores and forgets a stream's watch watermark.
-        sessions: the worker's open streams by id, changed here under ``lock``.
-        lock: the worker's lock over ``sessions``.
+        sessions: the worker's open streams by id, changed only here, under this object's lock.
         offer: queues one frame of a pulled source (``WorkerCore._offer``): ``offer(stream_id, timestamp_s, rgb)``.
     """
 
@@ -66,7 +65,6 @@ class WorkerStreams:
         tier_sync: TierSync,
         watches: WorkerWatches,
         sessions: dict[str, StreamSession],
-        lock: threading.Lock,
         offer: Callable[[str, float, np.ndarray], object],
     ) -> None:
         self.worker_id = worker_id
@@ -79,7 +77,7 @@ class WorkerStreams:
         self.tier_sync = tier_sync
         self.watches = watches
         self.sessions = sessions
-        self._lock = lock
+        self._lock = threading.Lock()
         self._offer = offer
 
     def restore(self) -> list[str]:
