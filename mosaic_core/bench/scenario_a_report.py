@@ -9,7 +9,8 @@ from mosaic_core.engine.probes import UNIT_CEILING
 
 
 def format_scenario_a(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """The scenario A tables as ``(title, header, rows)``: the headline, then recall against chance."""
+    """The scenario A tables as ``(title, header, rows)``: the headline, then those of them the report has data for:
+    the staging by part of the prefill, recall against chance, the planted span found by budget."""
     a, pcie = report["A"], report.get("pcie_gbs", 0.0)
     # measured per row by newer runs; older results files carry one figure that assumed 128 tokens per frame
     history = next((r["history_tokens"] for r in a.values() if "history_tokens" in r), report.get("history_tokens"))

@@ -12,7 +12,6 @@ from one thread at a time.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,8 +83,7 @@ class Engine(StreamLifecycleMixin, WarmUpMixin, IntrospectionMixin):
             # Sealed clusters are on disk anyway: the disk tier is on, bounded by retention unless a budget is set.
             disk_bytes = disk_bytes or UNLIMITED_BYTES
             if disk_dir is None:
-                disk_dir = str(Path(self.config.data_dir) / ".spill")
-                shutil.rmtree(disk_dir, ignore_errors=True)  # spills of unsealed clusters do not outlive a process
+                disk_dir = str(Path(self.config.data_dir) / ".spill")  # cleared of a previous process's by KVTiers
         budgets = TierBudgets(
             device_bytes=device_bytes,
             host_bytes=self.config.host_budget_bytes,

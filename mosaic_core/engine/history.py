@@ -112,7 +112,8 @@ class HistoryKeeper:
 
     def _submit(self, state: StreamState, seals: list[Seal], removed_ids: list[str]) -> None:
         """Queues the commit, and enters its records in the ledger as old as the oldest record they replace (a
-        merge, a split), else as of now."""
+        merge, a split), else as of now. A new record's cluster that had a spill file loses it (best effort: the
+        record holds the bytes from now on, so a file that will not go is only wasted space)."""
         replaced = [t for cid in removed_ids if (t := self.ledger.sealed_unix_s(cid)) is not None]
         sealed_unix_s = min(replaced, default=time.time())
         for seal in seals:  # kept in the journal, so that a restart ranks it as this engine did
@@ -120,9 +121,14 @@ class HistoryKeeper:
         self.store.submit(state.stream_id, add=seals, remove=removed_ids)
         self.ledger.remove(removed_ids)
         for seal in seals:
-            self.tiering.tiers.drop_spill(seal.entry.cluster_id)
             num_bytes = seal.entry.num_bytes + len(seal.keyframes)
             self.ledger.add(state.stream_id, seal.entry.cluster_id, sealed_unix_s=sealed_unix_s, num_bytes=num_bytes)
+        for seal in seals:
+            try:
+                self.tiering.tiers.drop_spill(seal.entry.cluster_id)
+            except OSError as err:
+                log.warning("stream %s: the spill file of %s, now durable, stays: %s", state.stream_id,
+                            seal.entry.cluster_id, err)  # fmt: skip
 
     def note_progress(self, state: StreamState) -> None:
         self.store.update_state(

@@ -31,7 +31,8 @@ class DiskMovesMixin:
         are read from the record (or the record's snapshot while the file is pending), so the spill file would be
         a second copy on disk that the disk tier's budget does not count."""
         assert self._durable(cluster_id), f"{cluster_id} has no durable record"
-        self._delete_spill(cluster_id)
+        if self.tier_of(cluster_id) is Tier.DISK:  # a fetch deletes the file, so only a disk-tier cluster has one
+            self._delete_spill(cluster_id)
 
     def _move_disk(self, cluster_id: str, record: ClusterPages, src: Tier, dst: Tier) -> int:
         if dst is Tier.DISK:
@@ -71,7 +72,7 @@ class DiskMovesMixin:
         return self.durable is not None and self.durable.owns(cluster_id)
 
     def _delete_spill(self, cluster_id: str) -> None:
-        if self.disk is not None and self.disk.path(cluster_id).exists():
+        if self.disk is not None:
             self.disk.delete(cluster_id)
 
     def _read_disk(self, cluster_id: str) -> torch.Tensor:

@@ -61,11 +61,9 @@ class DiskTier:
 
     def clear(self) -> int:
         """Deletes every spill file (and half-written one) under the root, and nothing else: the directory may hold
-        other files, such as durable records, so only names of the layout above (``c<number>``) go. Returns how
-        many went."""
-        paths = [
-            p for p in self.root.rglob("c*.safetensors*") if _SPILL_NAME.fullmatch(p.name) and p.parent != self.root
-        ]
+        other files, such as durable records, so only names of the layout above (``<stream>/c<number>``, one folder
+        down) go. Returns how many went."""
+        paths = [p for p in self.root.glob("*/c*.safetensors*") if _SPILL_NAME.fullmatch(p.name)]
         for path in paths:
             path.unlink(missing_ok=True)
         return len(paths)

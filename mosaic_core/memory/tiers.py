@@ -21,8 +21,8 @@ and which device clusters keep a host copy (oldest first).
 
 With a ``DurableStore``, a sealed cluster's bytes also live in its record file. Such a cluster spills to the disk
 tier by dropping its memory copies (no write), and comes back by reading its record, which stays. Only clusters
-that are not durable yet (open, or still partly in the local window, or a merge's copy before its record is
-submitted) are written to separate spill files, and such a file goes as the cluster's record is submitted
+that are not durable yet (open, or still partly in the local window, or a merge's, join's or split's copy before its
+record is submitted) are written to separate spill files, and such a file goes as the cluster's record is submitted
 (``drop_spill``). The spill files themselves are ``DiskTier``'s (``disk_tier.py``), the moves to and from the disk
 tier are ``DiskMovesMixin``'s (``disk_moves.py``, mixed into ``KVTiers``), and the bytes and copies counted per
 direction are ``TransferStats``' (``transfer_stats.py``).

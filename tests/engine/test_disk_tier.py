@@ -72,7 +72,9 @@ def test_the_disk_tier_starts_without_a_previous_process_spill_files_and_keeps_e
     earlier.write("cam/c000001", torch.randn(2, 2, 1, 5, 4))
     (tmp_path / "cam" / "c000002.safetensors.tmp").write_bytes(b"half a file")
     (tmp_path / "cam" / "manifest.json").write_text('{"clust')  # torn: its write was not atomic
-    others = [tmp_path / "cam" / "c000003.mkv", tmp_path / "cam" / "notes.safetensors", tmp_path / "model.safetensors"]
+    (tmp_path / "models" / "x").mkdir(parents=True)
+    others = [tmp_path / "cam" / "c000003.mkv", tmp_path / "cam" / "notes.safetensors", tmp_path / "model.safetensors",
+              tmp_path / "models" / "x" / "c1.safetensors"]  # fmt: skip
     for path in others:
         path.write_bytes(b"not the disk tier's")
     spec = KVSpec(num_layers=2, num_kv_heads=1, num_q_heads=1, head_dim=4, dtype=torch.float32)
@@ -88,11 +90,15 @@ def test_the_disk_tier_starts_without_a_previous_process_spill_files_and_keeps_e
     assert tiering.tiers.disk.list_clusters("cam") == ["cam/c000004"]
 
 
-def test_a_cluster_spilled_before_it_is_durable_keeps_one_copy_on_disk_once_it_is(tiny_model, bikes_frames, tmp_path):
+@pytest.mark.parametrize("delete_fails", [False, True])
+def test_a_cluster_spilled_before_it_is_durable_keeps_one_copy_on_disk_once_it_is(
+    tiny_model, bikes_frames, tmp_path, monkeypatch, delete_fails
+):
     """A merge of two disk-tier clusters stores its copy in the disk tier (a spill file) before the merged record is
     submitted; once it is, the record (or its pending snapshot) holds the bytes and the spill file goes at once, not
     at the cluster's next fetch or its drop: the disk would otherwise hold the cluster twice and count it once.
-    Fetched and dropped later, the cluster leaves no file behind."""
+    Fetched and dropped later, the cluster leaves no file behind. A file the disk refuses to delete stays until then,
+    and the record is counted all the same."""
     engine = make_engine(
         tiny_model,
         device_budget_bytes=int(1.3 * MIB),
@@ -110,9 +116,19 @@ def test_a_cluster_spilled_before_it_is_durable_keeps_one_copy_on_disk_once_it_i
     for cid in (left, right):
         engine.tiering.execute(residency.plan_spill(cid, Tier.DISK))
     want = torch.cat([tiers.read(left), tiers.read(right)], dim=3)
+    if delete_fails:
+        real_delete = DiskTier.delete
+
+        def refuse_existing(disk, cluster_id):
+            if disk.path(cluster_id).exists():
+                raise OSError(errno.EIO, "Input/output error")
+            real_delete(disk, cluster_id)
+
+        monkeypatch.setattr(DiskTier, "delete", refuse_existing)
     merged = merge_clusters(engine.parts, state, left, right)
-    assert residency.tier_of(merged) is Tier.DISK
-    assert not tiers.disk.path(merged).exists(), "the merged cluster's spill file outlives its durable record"
+    monkeypatch.undo()
+    assert residency.tier_of(merged) is Tier.DISK and merged in engine.history.ledger
+    assert tiers.disk.path(merged).exists() is delete_fails, "the spill file outlives its durable record"
     assert torch.equal(tiers.read(merged), want)
     engine.history.store.flush()
     assert torch.equal(tiers.read(merged), want)
