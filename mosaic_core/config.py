@@ -107,6 +107,7 @@ class EngineConfig:
             one by one. Size it to the host tier the streams will fill; 0 pins on demand only.
         disk_budget_bytes: disk-tier bytes; 0 disables the disk tier.
         disk_dir: where the disk tier keeps its files; required when disk_budget_bytes > 0 unless data_dir is set.
+            An engine starting there deletes the spill files a previous process left (``<stream>/c<number>``).
         data_dir: where camera history is kept durably: every sealed cluster is written behind to a record file
             with a per-stream manifest, and a new engine on the same directory re-adopts it (see
             ``mosaic_core.durable``). With it, the disk tier is always on: sealed clusters spill to disk by

@@ -212,8 +212,9 @@ class Engine(StreamLifecycleMixin, WarmUpMixin, IntrospectionMixin):
         ``encoded`` from ``encode_ahead`` of these very frames, the call uses its vision tower's output. After it,
         history past ``config.history_budget_bytes`` goes, the clusters sealed first first.
 
-        Frames leaving a local window that find no room in any tier stay in it, nothing lost; the call takes in
-        none of their stream's frames after them, nor later calls any of that stream's frames until they find room
+        Frames leaving a local window that cannot be stored (no room in any tier, or a store that fails) stay in it,
+        nothing lost; the call takes in none of their stream's frames after them, nor later calls any of that
+        stream's frames until they are stored
         (``IngestResult.refused``, ``mosaic_core.engine.ingest.ingest``).
         """
         result = ingest.ingest(self.parts, frames, pauses, encoded)

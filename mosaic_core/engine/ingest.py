@@ -84,9 +84,9 @@ def ingest(
     With ``encoded`` for these very frames (``encode``), the call queues no vision tower of its own, and makes none
     of the pauses after or inside it; an ``encoded`` for other frames is ignored.
 
-    Frames leaving a window whose clusters find no room in any tier stay in the window, KV kept
-    (``store_in_clusters``); their stream's later frames in the call are not taken in, nor any of its frames in
-    later calls until those find room (``store_held_back``). ``IngestResult.refused`` counts them, and
+    Frames leaving a window whose clusters cannot be stored (no room in any tier, or a store that fails) stay in the
+    window, KV kept (``store_in_clusters``); their stream's later frames in the call are not taken in, nor any of its
+    frames in later calls until those are stored (``store_held_back``). ``IngestResult.refused`` counts them, and
     ``IngestResult.held_back`` says why; the other streams' frames go on as usual (with ``encoded``, still with it).
     """
     if not frames:
@@ -194,8 +194,8 @@ def _ingest_pass(
     parts: EngineParts, rows, features, pauses: IngestPauses | None, times: _HostTimes
 ) -> tuple[int, list[int], dict[str, Exception]]:
     """One forward pass; rows are ``(stream_id, frame indices in the batch, frames)``, one row per stream. Returns
-    the clusters it opened, the tokens each frame attended to, and the streams whose frames found no room to leave
-    the window (``store_in_clusters``).
+    the clusters it opened, the tokens each frame attended to, and the streams whose frames could not be stored as
+    they left the window (``store_in_clusters``).
 
     Row layout, for a row carrying frames f0 f1 of one stream, in a pass whose longest row is ``pad`` tokens
     longer:

@@ -1,8 +1,8 @@
 """Frames leaving the local windows: their pages go to their clusters, in whichever tier each lives.
 
 A cluster whose last frame is stored becomes durable, may join an earlier visit to its scene, and may get its host
-copy. A frame whose cluster finds no room stays at the front of its window, KV kept, and its stream takes in no new
-frames until it has left.
+copy. A frame whose cluster cannot be stored (no room in any tier, a disk that refuses the write, an allocation that
+fails) stays at the front of its window, KV kept, and its stream takes in no new frames until it has left.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _return_to_windows(kept: list[tuple[StreamState, LocalFrame]]) -> None:
 def store_held_back(parts: EngineParts, stream_ids) -> dict[str, CapacityError]:
     """Stores the frames that ``store_in_clusters`` kept in a window past its size, before the stream takes pages
     for new frames (its window reservation holds one pass of frames beyond the window, not more). Returns the
-    streams whose frames still find no room, each with why: they take no new frames."""
+    streams whose frames still cannot be stored, each with why: they take no new frames."""
     still: dict[str, CapacityError] = {}
     for stream_id in stream_ids:
         state = parts.streams[stream_id]
@@ -151,5 +151,5 @@ def why_held_back(err: Exception) -> str:
 
 def flush_window(parts: EngineParts, state: StreamState) -> dict[str, Exception]:
     """Moves every frame of the local window into its cluster (a checkpoint before shutdown); returns the stream,
-    with why, when some found no room and stay in the window (``store_in_clusters``)."""
+    with why, when some could not be stored and stay in the window (``store_in_clusters``)."""
     return store_in_clusters(parts, [(state, old) for old in state.pop_overflow(0)])
