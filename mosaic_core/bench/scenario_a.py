@@ -56,6 +56,7 @@ import time
 
 import torch
 
+from mosaic_core.bench.stats import percentile
 from mosaic_core.config import EngineConfig
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.probes import ENGINE, ProbeRequest, next_token_kl, probing
@@ -242,9 +243,9 @@ def _summary(label, config: EngineConfig, rows, fidelity, peak, ingest_fps, pcie
     return {
         "mode": config.mode.value,
         "scorer": config.scorer,
-        "ttft_p50_ms": _percentile(ttfts, 0.5) * 1e3,
-        "ttft_p95_ms": _percentile(ttfts, 0.95) * 1e3,
-        "setup_p50_ms": _percentile([r["setup_s"] for r in rows], 0.5) * 1e3,
+        "ttft_p50_ms": percentile(ttfts, 0.5) * 1e3,
+        "ttft_p95_ms": percentile(ttfts, 0.95) * 1e3,
+        "setup_p50_ms": percentile([r["setup_s"] for r in rows], 0.5) * 1e3,
         "decode_ms_per_token": statistics.median(r["decode_s_per_token"] for r in rows) * 1e3,
         "bytes_per_question": bytes_q,
         "bytes_all_per_question": statistics.mean(r["bytes_all"] for r in rows),
@@ -279,11 +280,6 @@ def _divergence(model, rows: dict, hidden: dict) -> None:
             kls.append(next_token_kl(model, ref, got))
         rows[label]["hidden_rel_error"] = statistics.mean(errors)
         rows[label]["kl_vs_full"] = statistics.mean(kls)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _reset_peak(s) -> None:

@@ -17,17 +17,13 @@ import torch
 
 from mosaic_core.bench.b_pauses import PauseVariant, QuestionAtPause, call_pauses
 from mosaic_core.bench.settings import BenchSettings, engine_config, pinned_bytes
+from mosaic_core.bench.stats import percentile
 from mosaic_core.bench.workload import CLIPS, QUESTIONS, looped_frames
 from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.config import EngineConfig, RetrievalMode
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.results import FrameInput
 from mosaic_core.terminal import Progress
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def profile_ingest(engine: Engine, batches: list[list[FrameInput]], path: Path, cameras: list[str]) -> None:

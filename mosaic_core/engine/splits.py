@@ -170,8 +170,7 @@ def _copy_into_halves(
     if at_frame_index not in record.frame_indices[1:]:
         return state.former.split_record(record, at_frame_index)  # raises, naming the frames it may cut before
     tier, keep = tiering.residency.tier_of(cluster_id), frozenset({cluster_id})
-    cut = record.frame_indices.index(at_frame_index)
-    num_tokens = [sum(record.frame_num_tokens[:cut]), sum(record.frame_num_tokens[cut:])]
+    num_tokens = _halves_num_tokens(record, record.frame_indices.index(at_frame_index))
     half_ids, stored, start = next_ids(state, 2), [], 0
     try:
         for half_id, n in zip(half_ids, num_tokens, strict=True):
@@ -201,8 +200,12 @@ def _room_to_split(parts: EngineParts, record: ClusterRecord, cut: int) -> bool:
 
 
 def _room_for_halves(parts: EngineParts, record: ClusterRecord, cut: int) -> bool:
-    halves = [sum(record.frame_num_tokens[:cut]), sum(record.frame_num_tokens[cut:])]
-    return parts.tiering.room_to_copy([record.cluster_id], halves)
+    return parts.tiering.room_to_copy([record.cluster_id], _halves_num_tokens(record, cut))
+
+
+def _halves_num_tokens(record: ClusterRecord, cut: int) -> list[int]:
+    """The tokens of the cluster's frames before its ``cut``-th frame and from it on."""
+    return [sum(record.frame_num_tokens[:cut]), sum(record.frame_num_tokens[cut:])]
 
 
 def _splittable(parts: EngineParts, state: StreamState, records: dict[str, ClusterRecord], cluster_id: str) -> bool:
