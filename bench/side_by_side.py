@@ -9,7 +9,7 @@ Switches (off, then on):
 - ``small-pass-kernels``: the language model's small passes with transformers' element-wise ops, then with the
   Triton kernels (``text_fusion.use_small_pass_kernels``); on the CPU both run the same eager code;
 - ``split-plan``: the attention kernel's keys split for at least two programs an SM, then for as many programs as
-  the SMs hold at once (``kernels.attention.use_split_plan``); on the CPU the kernel does not run.
+  the SMs hold at once (``kernels.attention_plan.use_split_plan``); on the CPU the kernel does not run.
 
 One model; for each round, off then on, a fresh cluster-mode engine with
 scenario A's settings (``mosaic bench engine``), so that its CUDA graphs are captured with that setting. Each engine
@@ -45,7 +45,7 @@ from mosaic_core.bench.decode_batch import run_concurrent
 from mosaic_core.bench.settings import engine_config, settings_for, sized_to_machine
 from mosaic_core.bench.workload import CLIPS, QUESTIONS, looped_frames
 from mosaic_core.engine.engine import Engine
-from mosaic_core.kernels.attention import use_split_plan
+from mosaic_core.kernels.attention_plan import use_split_plan
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 from mosaic_core.model.text_fusion import use_small_pass_kernels
 

@@ -8,7 +8,7 @@ slots whole pages in random order, tables padded with -1 to a width rounded up t
 graphs round theirs. Cases: decode steps of 1 to 16 answers over about 16k keys each (a 16k-token budget), and
 question prefills of 32 and 64 tokens over as many. Every (tiles, splits) point is timed by CUDA-graph replay
 (``triton.testing.do_bench_cudagraph``, median), as the engine runs it; ``auto`` is today's plan
-(``attention._kernel_config`` and ``_plan_splits``). Each point's output is checked against the auto plan's.
+(``attention_plan.kernel_config`` and ``plan_splits``). Each point's output is checked against the auto plan's.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ if not torch.cuda.is_available():
 import triton
 
 from mosaic_core import kernels
-from mosaic_core.kernels import attention
-from mosaic_core.kernels.attention import AttentionTiles
+from mosaic_core.kernels import attention_plan
 
 WIDTH_STEP = 2048
 TODAY = (0, 64, 4, 3)
@@ -118,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         tiles_to_try = TILES[:2] if args.quick else TILES + (TALL_TILES if args.tall and q_len >= 32 else [])
         for tall, block_n, warps, stages in tiles_to_try:
             block_m = tall or max(16, min(64, triton.next_power_of_2(q_len * hq // hkv)))
-            tiles = AttentionTiles(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+            tiles = attention_plan.AttentionTiles(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
             a_split = -(-q_len * hq // hkv // block_m) * batch * hkv
             for splits in _splits_to_try(a_split, sms, table.shape[1], block_n):
                 fn = partial(call, tiles=tiles, num_splits=splits)
                 err = (fn().float() - expected.float()).abs().max().item()
                 ms = _time_ms(fn, cuda)
-                plan = attention._plan_splits(
-                    attention._Launch(
+                plan = attention_plan.plan_splits(
+                    attention_plan.AttentionLaunch(
                         batch=batch, num_q_heads=hq, num_kv_heads=hkv, q_len=q_len, head_dim=dim,
                         max_kv_tokens=table.shape[1], causal_shift=0, page_tokens=page, slots=True,
                     ),

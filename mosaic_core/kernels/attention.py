@@ -18,35 +18,25 @@ each key's slot instead, page * PAGE_TOKENS + offset, so a sequence may read par
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
 
 import torch
 
 from mosaic_core.errors import InvalidArgumentError
 from mosaic_core.kernels import (
     cdiv,
-    check_float_dtype,
     check_index_dtype,
     check_kernel_device,
-    check_out,
     check_rank,
     interpret_mode,
     launchable,
     next_power_of_2,
 )
+from mosaic_core.kernels.attention_checks import check_attention_args, check_kv_lens, check_slot_args, out_4d
 from mosaic_core.kernels.attention_kernels import attention_merge_kernel, attention_partial_kernel
+from mosaic_core.kernels.attention_plan import AttentionLaunch, AttentionTiles, kernel_config, plan_splits
 
 _LOG2E = 1.4426950408889634
-_MAX_SPLITS = 64
-_MIN_SPLIT_BLOCKS = 4  # a split shorter than this many key blocks costs more to merge than it saves
-# Stage-1 programs an SM in the grids that ran fastest in session 30's sweep on an H200 (bench/NOTES.md): 4 with
-# 16-row tiles (decode), 2 with taller ones (questions); a grid a few programs larger was slow, as a second wave is.
-_RESIDENT_PER_SM_SMALL_TILES = 4
-_RESIDENT_PER_SM = 2
-SPLIT_PLANS = ("resident", "twice_the_sms")
-_split_plan = "resident"
 # Tests set this to fill the split workspace with NaN, so that any partial the first stage fails to write
 # poisons the output instead of silently reading stale memory.
 _POISON_WORKSPACE = False
@@ -56,92 +46,6 @@ _MERGE_TILE_ELEMS = 8192
 _MERGE_TILE_ELEMS_INTERPRETED = 1 << 18
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Launch:
-    """Everything the stage-1 launch needs beyond the tensors, for one call."""
-
-    batch: int
-    num_q_heads: int
-    num_kv_heads: int
-    q_len: int
-    head_dim: int
-    max_kv_tokens: int
-    causal_shift: int
-    page_tokens: int  # 0 when not paged
-    slots: bool = False  # the page table is a slot table (one entry per key)
-
-    @property
-    def group_size(self) -> int:
-        return self.num_q_heads // self.num_kv_heads
-
-
-@dataclass(frozen=True, kw_only=True)
-class AttentionTiles:
-    """The stage-1 kernel's tile sizes and launch shape (``bench/slot_attention_sweep.py`` tries others)."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def _kernel_config(launch: _Launch) -> AttentionTiles:
-    """Tile sizes and launch shape for the stage-1 kernel.
-
-    Swept on one H200 (bf16, 28 q / 4 kv heads, head_dim 128; decode b1-b32 over 4k-16k keys, prefill
-    32x16k, 128x4k, 1024x1024): 64x64 tiles, 4 warps and 3 stages were best or within noise of the best
-    everywhere. Session 30's sweep of the slot tables the engine's graphs read (``bench/slot_attention_sweep.py``)
-    found the same tiles within 1% of the best in every case once the split count was right, and the split plan below.
-    """
-    rows = launch.q_len * launch.group_size
-    return AttentionTiles(
-        block_m=max(16, min(64, next_power_of_2(rows))),
-        block_n=64 if launch.head_dim <= 128 else 32,
-        num_warps=4,
-        num_stages=3,
-    )
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def use_split_plan(name: str) -> None:
-    """Chooses how calls without ``num_splits`` split their keys, for side-by-side runs in one process.
-
-    ``resident`` (the default): as many programs as the SMs hold at once, ``_RESIDENT_PER_SM*`` each.
-    ``twice_the_sms``: the plan before session 30, at least two programs an SM, whose grids came out a few programs
-    larger (288 programs for 8 answers' decode, 85.7 µs a layer on an H200 against 71.5 at 512).
-    """
-    global _split_plan
-    if name not in SPLIT_PLANS:
-        raise InvalidArgumentError(f"split plan {name!r} is not one of {SPLIT_PLANS}")
-    _split_plan = name
-
-
-def _plan_splits(
-    launch: _Launch, block_m: int, block_n: int, num_splits: int | None, device: torch.device
-) -> tuple[int, int]:
-    """Picks (num_splits, split_tokens): the most programs the SMs hold at once (``use_split_plan``), splits of
-    >= 4 key blocks."""
-    max_blocks = max(1, cdiv(launch.max_kv_tokens, block_n))
-    if num_splits is None:
-        tiles = cdiv(launch.q_len * launch.group_size, block_m) * launch.batch * launch.num_kv_heads
-        if _split_plan == "resident":
-            per_sm = _RESIDENT_PER_SM_SMALL_TILES if block_m <= 16 else _RESIDENT_PER_SM
-            wanted = per_sm * _num_sms(device) // tiles
-        else:
-            wanted = cdiv(2 * _num_sms(device), tiles)
-        num_splits = max(1, min(wanted, max_blocks // _MIN_SPLIT_BLOCKS, _MAX_SPLITS))
-    if not 1 <= num_splits <= _MAX_SPLITS:
-        raise InvalidArgumentError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
-    split_tokens = cdiv(max_blocks, num_splits) * block_n
-    return cdiv(max(launch.max_kv_tokens, 1), split_tokens), split_tokens
-
-
 def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     if _POISON_WORKSPACE:
         return torch.full(shape, math.nan, dtype=torch.float32, device=device)
@@ -149,7 +53,7 @@ def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def _run(
-    launch: _Launch,
+    launch: AttentionLaunch,
     q4: torch.Tensor,  # [batch, num_q_heads, q_len, head_dim] (view)
     k: torch.Tensor,  # [batch or num_pages, num_kv_heads, tokens, head_dim]
     v: torch.Tensor,
@@ -166,9 +70,9 @@ def _run(
     """Launches stage 1, then the merge when there are several splits. With ``keep_lse`` every split's
     log2-sum-exp is kept and returned, ``[batch, num_q_heads, q_len, splits]``, and ``out4`` is left unwritten."""
     rows = launch.q_len * launch.group_size
-    config = tiles or _kernel_config(launch)
+    config = tiles or kernel_config(launch)
     block_m, block_n = config.block_m, block_n or config.block_n
-    splits, split_tokens = _plan_splits(launch, block_m, block_n, num_splits, q4.device)
+    splits, split_tokens = plan_splits(launch, block_m, block_n, num_splits, q4.device)
     if splits == 1 and not keep_lse:
         part, lse = out4.unsqueeze(3), None  # stage 1 writes the final output; split stride is unused
     else:
@@ -207,57 +111,6 @@ def _run(
     return None
 
 
-def _check_attention_args(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_q_heads: int, num_kv_heads: int, scale: float
-) -> None:
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        check_float_dtype(name, tensor)
-        check_kernel_device(name, tensor, q.device)
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise InvalidArgumentError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if v.shape != k.shape:
-        raise InvalidArgumentError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
-    if q.shape[-1] != k.shape[-1] or q.shape[-1] == 0:
-        raise InvalidArgumentError(f"head_dim differs or is 0: q {tuple(q.shape)} vs k {tuple(k.shape)}")
-    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
-        raise InvalidArgumentError(
-            f"num_q_heads={num_q_heads} (q {tuple(q.shape)}) is not a multiple of "
-            f"num_kv_heads={num_kv_heads} (k {tuple(k.shape)})"
-        )
-    if not math.isfinite(scale):
-        raise InvalidArgumentError(f"scale must be finite, got {scale}")
-
-
-def _check_slot_args(
-    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_table: torch.Tensor, scale: float
-) -> None:
-    """The checks of the slot-table entry points; ``q`` ``[batch, num_q_heads, q_len, head_dim]``."""
-    check_rank("k_pages", k_pages, 4, "[num_pages, num_kv_heads, page_tokens, head_dim]")
-    check_rank("slot_table", slot_table, 2, "[batch, max_keys]")
-    _check_attention_args(q, k_pages, v_pages, q.shape[1], k_pages.shape[1], scale)
-    check_index_dtype("slot_table", slot_table)
-    check_kernel_device("slot_table", slot_table, q.device)
-    if slot_table.shape[0] != q.shape[0]:
-        raise InvalidArgumentError(f"slot_table {tuple(slot_table.shape)} must have batch={q.shape[0]} rows")
-
-
-def _check_kv_lens(kv_lens: torch.Tensor, batch: int, max_tokens: int, device: torch.device, validate: bool) -> None:
-    check_rank("kv_lens", kv_lens, 1, "[batch]")
-    check_index_dtype("kv_lens", kv_lens)
-    check_kernel_device("kv_lens", kv_lens, device)
-    if kv_lens.shape[0] != batch:
-        raise InvalidArgumentError(f"kv_lens {tuple(kv_lens.shape)} must have batch={batch} entries")
-    if validate and batch and (int(kv_lens.min()) < 0 or int(kv_lens.max()) > max_tokens):
-        raise InvalidArgumentError(f"kv_lens {kv_lens.tolist()} must lie in [0, {max_tokens}]")
-
-
-def _out_4d(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    check_out(out, shape, like.dtype, like.device)
-    return out
-
-
 def decode_attention(
     q: torch.Tensor,  # [batch, num_q_heads, head_dim]
     k: torch.Tensor,  # [batch, num_kv_heads, max_kv, head_dim]
@@ -291,13 +144,13 @@ def decode_attention(
     """
     check_rank("q", q, 3, "[batch, num_q_heads, head_dim]")
     check_rank("k", k, 4, "[batch, num_kv_heads, max_kv, head_dim]")
-    _check_attention_args(q, k, v, q.shape[1], k.shape[1], scale)
+    check_attention_args(q, k, v, q.shape[1], k.shape[1], scale)
     if k.shape[0] != q.shape[0]:
         raise InvalidArgumentError(f"batch differs: q {tuple(q.shape)} vs k {tuple(k.shape)}")
     if kv_lens is not None:
-        _check_kv_lens(kv_lens, q.shape[0], k.shape[2], q.device, validate)
-    out = _out_4d(out, tuple(q.shape), q)
-    launch = _Launch(
+        check_kv_lens(kv_lens, q.shape[0], k.shape[2], q.device, validate)
+    out = out_4d(out, tuple(q.shape), q)
+    launch = AttentionLaunch(
         batch=q.shape[0], num_q_heads=q.shape[1], num_kv_heads=k.shape[1], q_len=1, head_dim=q.shape[2],
         max_kv_tokens=k.shape[2], causal_shift=0, page_tokens=0,
     )  # fmt: skip
@@ -346,7 +199,7 @@ def paged_decode_attention(
     check_rank("q", q, 3, "[batch, num_q_heads, head_dim]")
     check_rank("k_pages", k_pages, 4, "[num_pages, num_kv_heads, page_tokens, head_dim]")
     check_rank("page_table", page_table, 2, "[batch, max_pages]")
-    _check_attention_args(q, k_pages, v_pages, q.shape[1], k_pages.shape[1], scale)
+    check_attention_args(q, k_pages, v_pages, q.shape[1], k_pages.shape[1], scale)
     check_index_dtype("page_table", page_table)
     check_kernel_device("page_table", page_table, q.device)
     batch, page_tokens = q.shape[0], k_pages.shape[2]
@@ -356,7 +209,7 @@ def paged_decode_attention(
             f"k_pages {tuple(k_pages.shape)} must have page_tokens > 0"
         )
     max_tokens = page_table.shape[1] * page_tokens
-    _check_kv_lens(kv_lens, batch, max_tokens, q.device, validate)
+    check_kv_lens(kv_lens, batch, max_tokens, q.device, validate)
     if validate and batch:
         used = torch.arange(page_table.shape[1], device=q.device)[None, :] * page_tokens < kv_lens[:, None]
         pages = page_table[used]
@@ -365,8 +218,8 @@ def paged_decode_attention(
                 f"page ids in use span [{int(pages.min())}, {int(pages.max())}], outside the "
                 f"{k_pages.shape[0]} pages of k_pages {tuple(k_pages.shape)}"
             )
-    out = _out_4d(out, tuple(q.shape), q)
-    launch = _Launch(
+    out = out_4d(out, tuple(q.shape), q)
+    launch = AttentionLaunch(
         batch=batch, num_q_heads=q.shape[1], num_kv_heads=k_pages.shape[1], q_len=1, head_dim=q.shape[2],
         max_kv_tokens=max_tokens, causal_shift=0, page_tokens=page_tokens,
     )  # fmt: skip
@@ -410,15 +263,15 @@ def prefill_attention(
     """
     check_rank("q", q, 3, "[num_q_heads, q_len, head_dim]")
     check_rank("k", k, 3, "[num_kv_heads, kv_len, head_dim]")
-    _check_attention_args(q, k, v, q.shape[0], k.shape[0], scale)
+    check_attention_args(q, k, v, q.shape[0], k.shape[0], scale)
     q_len, kv_len = q.shape[1], k.shape[1]
     offset = kv_len - q_len if causal_offset is None else causal_offset
     if offset < 0:
         raise InvalidArgumentError(
             f"causal_offset={offset} must be >= 0 (q {tuple(q.shape)}, k {tuple(k.shape)}): a query would see no key"
         )
-    out = _out_4d(out, tuple(q.shape), q)
-    launch = _Launch(
+    out = out_4d(out, tuple(q.shape), q)
+    launch = AttentionLaunch(
         batch=1, num_q_heads=q.shape[0], num_kv_heads=k.shape[0], q_len=q_len, head_dim=q.shape[2],
         max_kv_tokens=kv_len, causal_shift=offset - (kv_len - q_len), page_tokens=0,
     )  # fmt: skip
@@ -447,18 +300,18 @@ def paged_slot_attention(
     ``slot_table[b, j] // page_tokens``; the new tokens' own keys are the last ``q_len`` of the ``kv_lens[b]``
     keys (bottom-right causal, as in :func:`prefill_attention`). With ``q_len == 1`` this is decode. Nothing is
     gathered: the kernel reads the pool where it is, so pages may be partly filled and in any order. ``tiles``
-    replaces the tile sizes and launch shape that ``_kernel_config`` picks (for sweeps).
+    replaces the tile sizes and launch shape that ``kernel_config`` picks (for sweeps).
 
     Raises:
         InvalidArgumentError: On mismatched shapes, dtypes or devices.
     """
     check_rank("q", q, 4, "[batch, num_q_heads, q_len, head_dim]")
-    _check_slot_args(q, k_pages, v_pages, slot_table, scale)
+    check_slot_args(q, k_pages, v_pages, slot_table, scale)
     batch, q_len = q.shape[0], q.shape[2]
     if kv_lens is not None:
-        _check_kv_lens(kv_lens, batch, slot_table.shape[1], q.device, validate=False)
-    out = _out_4d(out, tuple(q.shape), q)
-    launch = _Launch(
+        check_kv_lens(kv_lens, batch, slot_table.shape[1], q.device, validate=False)
+    out = out_4d(out, tuple(q.shape), q)
+    launch = AttentionLaunch(
         batch=batch, num_q_heads=q.shape[1], num_kv_heads=k_pages.shape[1], q_len=q_len, head_dim=q.shape[3],
         max_kv_tokens=slot_table.shape[1], causal_shift=0, page_tokens=k_pages.shape[2], slots=True,
     )  # fmt: skip
@@ -488,11 +341,11 @@ def paged_slot_logsumexp(
     """
     check_rank("q", q, 3, "[num_q_heads, q_len, head_dim]")
     q4 = q.unsqueeze(0)
-    _check_slot_args(q4, k_pages, v_pages, slot_table, scale)
+    check_slot_args(q4, k_pages, v_pages, slot_table, scale)
     num_q_heads, q_len, head_dim = q.shape
     if slot_table.shape[1] == 0 or q.numel() == 0:
         return torch.full((num_q_heads, q_len), -math.inf, dtype=torch.float32, device=q.device)
-    launch = _Launch(
+    launch = AttentionLaunch(
         batch=1, num_q_heads=num_q_heads, num_kv_heads=k_pages.shape[1], q_len=q_len, head_dim=head_dim,
         max_kv_tokens=slot_table.shape[1], causal_shift=q_len, page_tokens=k_pages.shape[2], slots=True,
     )  # fmt: skip

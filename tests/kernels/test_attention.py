@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mosaic_core.kernels.attention as attention_module
+import mosaic_core.kernels.attention_plan as attention_plan
 from mosaic_core.errors import InvalidArgumentError
 from mosaic_core.kernels import (
     decode_attention,
@@ -256,7 +257,7 @@ def test_paged_slot_logsumexp_matches_reference(case, dtype, device, randn):
 
 
 def _slot_launch(batch, q_len, keys):
-    return attention_module._Launch(
+    return attention_plan.AttentionLaunch(
         batch=batch, num_q_heads=28, num_kv_heads=4, q_len=q_len, head_dim=128, max_kv_tokens=keys,
         causal_shift=0, page_tokens=126, slots=True,
     )  # fmt: skip
@@ -275,14 +276,14 @@ H200_SPLITS = [
 @pytest.mark.parametrize("case", H200_SPLITS, ids=lambda c: "b{}q{}".format(*c))
 def test_the_resident_split_plan_fills_the_sms_once(case, monkeypatch):
     batch, q_len, block_m, resident, before = case
-    monkeypatch.setattr(attention_module, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(attention_plan, "num_sms", lambda device: 132)
     launch = _slot_launch(batch, q_len, 16384)
     device = torch.device("cpu")
-    assert attention_module._plan_splits(launch, block_m, 64, None, device)[0] == resident
-    monkeypatch.setattr(attention_module, "_split_plan", "twice_the_sms")
-    assert attention_module._plan_splits(launch, block_m, 64, None, device)[0] == before
+    assert attention_plan.plan_splits(launch, block_m, 64, None, device)[0] == resident
+    monkeypatch.setattr(attention_plan, "_split_plan", "twice_the_sms")
+    assert attention_plan.plan_splits(launch, block_m, 64, None, device)[0] == before
 
 
 def test_an_unknown_split_plan_is_refused():
     with pytest.raises(InvalidArgumentError, match="not one of"):
-        attention_module.use_split_plan("thrice")
+        attention_plan.use_split_plan("thrice")
