@@ -6,7 +6,8 @@ Each case: 30 units of 4 to 16 Gaussian keys around a centre per kv head (2 kv h
 question tokens, head dim 16), summarised as the engine summarises a cluster (mean, variance, count), and one past
 key per kv head standing for the stream's sink and window. The rows' true attention is a softmax over the past
 and every key; recall is the true mass of a choice over the mass of the best keys of the same budget (20% of the
-keys), as ``plans.RecallProbe`` measures it; ``ceiling`` takes the units of most true mass per token while they fit.
+keys), as ``recall_probe.RecallProbe`` measures it; ``ceiling`` takes the units of most true mass per token
+while they fit.
 
 Two settings:
 - ``plain``: both heads alike, the past key random;

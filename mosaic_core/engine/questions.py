@@ -20,9 +20,10 @@ from mosaic_core.config import RetrievalMode
 from mosaic_core.engine.machinery import machinery_for
 from mosaic_core.engine.maintenance import apply_merges
 from mosaic_core.engine.parts import EngineParts
-from mosaic_core.engine.plans import QuestionPlan, RecallProbe
+from mosaic_core.engine.plans import QuestionPlan
 from mosaic_core.engine.prefill_graphs import padded_length
 from mosaic_core.engine.probes import QueryPlanter, active_request
+from mosaic_core.engine.recall_probe import RecallProbe
 from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, RetrievalStats, TokenEvent
 from mosaic_core.engine.retrieval import Retriever
 from mosaic_core.engine.splits import observe_and_split, splits_on

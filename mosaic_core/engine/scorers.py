@@ -10,7 +10,7 @@ Every scorer returns ``[C]`` float32 scores on the query's device; the retriever
   ranks by total mass, which favours large units. Measured beside ``spread`` in scenario A's sweep.
 - ``spread_share``: the same estimate for every query row, each row's estimates turned into shares of that row's
   attention (a softmax over the units and the stream's sink and window, whose keys are read exactly), and the
-  shares summed over the rows. Attention recall (``plans.RecallProbe``) sums each row's attention probabilities
+  shares summed over the rows. Attention recall (``recall_probe.RecallProbe``) sums each row's attention probabilities
   over heads and question tokens, so this is the quantity it counts; ``spread``'s maximum over rows lets the
   row with the largest logits decide, however little of its attention the history gets, and its log-sum-exp over
   heads lets the head with the largest logits decide over the others.

@@ -10,8 +10,8 @@ import torch
 from bench.synthetic_recall import case
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.engine.machinery import layer_groups, machinery_for
-from mosaic_core.engine.plans import densest_first
 from mosaic_core.engine.probes import ENGINE, UNIT_CEILING, ProbeRequest, probing
+from mosaic_core.engine.recall_probe import densest_first
 from mosaic_core.engine.retrieval import Retriever
 from mosaic_core.engine.scorers import ShareScorer, scorer_by_name
 from mosaic_core.errors import UnknownPolicyError
