@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 
 import numpy as np
 import torch
@@ -44,6 +43,7 @@ from mosaic_core.engine.attend import past_logsumexp
 from mosaic_core.engine.machinery import Machinery, layer_groups
 from mosaic_core.engine.scorers import scorer_by_name
 from mosaic_core.engine.selection import LayerSelection, TransferPart, fill_in_order, first_pages, first_views
+from mosaic_core.engine.stage_timer import StageTimer
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.tiering import TierManager
 from mosaic_core.memory import cudart
@@ -95,10 +95,7 @@ class Retriever:
         self.num_copies = 0
         self.device_hits = 0
         self.device_lookups = 0
-        # Stage timers (``stage_seconds``): CUDA events on the device, read once the question's first token is in,
-        # so timing a stage never makes the host wait for the device; the clock off CUDA.
-        self.profile = profile
-        self._stages: list[tuple[str, object, object]] = []  # (stage, start mark, end mark)
+        self._timer = StageTimer(profile, tiering.tiers.transfers)  # ``stage_seconds``
         # The centroids and variances of every layer that chooses, at once: [C, layers, num_kv_heads, head_dim]. With
         # an anchor only the layers up to it choose (later ones share its choice).
         self._summaries = None
@@ -121,7 +118,7 @@ class Retriever:
         """Scores the candidates with ``query`` ``[num_q_heads, T, D]``; the chosen slabs are not moved yet."""
         if not self.candidates:
             return LayerSelection([], [], [], 0)
-        start = self._mark(query.device)
+        start = self._timer.mark(query.device)
         mean, var, log_count = self._summaries
         past = self.past_logsumexp(layer, query) if self.scorer.needs_past else None
         scores = self.scorer.scores(
@@ -145,7 +142,7 @@ class Retriever:
                 selection.host_fills += fills
             else:
                 selection.slabs += first_views(tiers.layer_slabs(cluster_id, layer), held)
-        self._timed("score", start, self._mark(query.device))
+        self._timer.add("score", start, self._timer.mark(query.device))
         selection.num_tokens = sum(len(s) for s in selection.device_slots) + sum(selection.staged_fills)
         return selection
 
@@ -178,7 +175,7 @@ class Retriever:
         pools = self.tiering.tiers.pools
         fills = selection.staged_fills
         pages = [pools.layer_slab(Tier.DEVICE, p, layer, f) for p, f in zip(staging, fills, strict=True)]
-        start = self._mark(pages[0].device)
+        start = self._timer.mark(pages[0].device)
         host = selection.slabs
         batched = self.machinery.batched_gather and pages[0].is_cuda and all(s.is_pinned() for s in host)
         moved = self.tiering.tiers.transfers.stage(host, pages, batched=batched)
@@ -187,7 +184,7 @@ class Retriever:
         self.bytes_fetched += num_bytes
         self.num_copies += len(host)
         self._timed_gathers.append((part, num_bytes, 1 if batched else len(host), moved))
-        self._timed("fetch", start, self._mark(pages[0].device, on_side=True))
+        self._timer.add("fetch", start, self._timer.mark(pages[0].device, on_side=True))
         return moved
 
     def stage_shared(self, chosen: LayerSelection, layers: range, staging: list[int]) -> list[Moved] | None:
@@ -214,7 +211,7 @@ class Retriever:
         launch per layer. Returns each layer's move; ``part`` names the moves in ``transfer_parts``."""
         if not host_pages:
             return [NOTHING_PENDING] * len(layers)
-        start = self._mark(self.tiering.tiers.pools.device)
+        start = self._timer.mark(self.tiering.tiers.pools.device)
         pools, spec, transfers = self.tiering.tiers.pools, self.spec, self.tiering.tiers.transfers
         marked = transfers.mark()  # the timer starts before the host builds the table, as in ``stage``
         dst_pages = staging[: len(host_pages)]
@@ -240,7 +237,7 @@ class Retriever:
         self.bytes_fetched += num_bytes
         self.num_copies += len(host_pages) * len(layers)
         self._timed_gathers += list(zip([part] * len(timed), timed_bytes, timed_copies, timed, strict=True))
-        self._timed("fetch", start, self._mark(self.tiering.tiers.pools.device, on_side=True))
+        self._timer.add("fetch", start, self._timer.mark(self.tiering.tiers.pools.device, on_side=True))
         return moves
 
     def transfer_parts(self) -> dict[str, TransferPart]:
@@ -377,31 +374,5 @@ class Retriever:
         return tier
 
     def stage_seconds(self) -> tuple[float, float]:
-        """Seconds of scoring and of fetching so far (0 and 0 without ``profile``). On CUDA each stage runs from the
-        moment the question's stream reaches it to the moment its work is done (the fetches: on the side stream);
-        it waits for that work, so read it once the question's first token is in."""
-        totals = {"score": 0.0, "fetch": 0.0}
-        for stage, start, end in self._stages:
-            if isinstance(end, torch.cuda.Event):
-                end.synchronize()
-                totals[stage] += start.elapsed_time(end) / 1e3
-            else:
-                totals[stage] += end - start
-        return totals["score"], totals["fetch"]
-
-    def _mark(self, device: torch.device, *, on_side: bool = False):
-        """A stage's start or end (``stage_seconds``): a timing event recorded on the question's stream, or with
-        ``on_side`` on the side stream behind the fetches queued there; the clock off CUDA; None without
-        ``profile``."""
-        if not self.profile:
-            return None
-        if device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        side = self.tiering.tiers.transfers.side
-        event.record(side if on_side and side is not None else torch.cuda.current_stream(device))
-        return event
-
-    def _timed(self, stage: str, start, end) -> None:
-        if self.profile:
-            self._stages.append((stage, start, end))
+        """Seconds of scoring and of fetching so far (``StageTimer.seconds``; 0 and 0 without ``profile``)."""
+        return self._timer.seconds()
