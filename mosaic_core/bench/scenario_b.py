@@ -22,7 +22,7 @@ from mosaic_core.bench.workload import CLIPS, QUESTIONS, looped_frames
 from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.config import EngineConfig, RetrievalMode
 from mosaic_core.engine.engine import Engine
-from mosaic_core.engine.results import FrameInput
+from mosaic_core.engine.results import FrameInput, IngestResult
 from mosaic_core.terminal import Progress
 
 
@@ -89,20 +89,11 @@ def scenario_b(
         row = mode.value if len(pause_variants) == 1 else f"{mode.value} {variant.name}"
         row = f"{row} tower-stream" if tower_stream else row
         row = f"{row} {s.cameras} cameras" if name_cameras else row
-        # A small window per camera keeps 32 windows well inside a device budget far below the cameras' KV.
         config = dataclasses.replace(
-            engine_config(s, mode),
-            max_frames_per_pass=1,
-            local_window_tokens=s.camera_window_tokens,
-            device_budget_bytes=s.camera_device_budget_bytes,
-            # 32 open clusters of 8 frames fit next to 32 windows in the budget, so cameras grow their clusters
-            # on the device and spill them once sealed
-            formation=FormationConfig(max_tokens=min(s.cluster_tokens, 8 * s.tokens_per_frame)),
+            _cameras_config(model, s, mode),
             keyframes_per_cluster=keyframes_per_cluster,
             tower_stream=tower_stream,
         )
-        history_bytes = s.cameras * s.camera_seconds * s.tokens_per_frame * model.kv_spec.bytes_per_token
-        config = dataclasses.replace(config, pinned_host_bytes=pinned_bytes(history_bytes, s))
         if data_dir is not None:
             config = dataclasses.replace(
                 config,
@@ -117,39 +108,16 @@ def scenario_b(
         half = s.camera_seconds // 2
         engine.ingest([frames[0] for frames in per_camera])  # warm-up: the first pass compiles and allocates
         t0, t0_unix = time.perf_counter(), time.time()
-        calls = []
         progress = Progress(f"B/{row}: passes", s.camera_seconds - 1)  # a line every 5 s, with an ETA
-        for second in range(1, half):
-            calls.append(engine.ingest([frames[second] for frames in per_camera], pauses=call_pauses(variant)))
-            progress.update(second, "ingest only")
-        if s.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        calls = _ingest_only(engine, s, per_camera, variant, progress)
         ingest_s = time.perf_counter() - t0
         ingest_only_unix_s = [t0_unix, time.time()]
         fps = s.cameras * (half - 1) / ingest_s
         cluster_ids = [c.cluster_id for n in range(s.cameras) for c in engine.clusters(f"cam{n:03d}")]
-        digest = {
-            "clusters_opened": sum(c.num_clusters_opened for c in calls),
-            "key_sum_checksums": dict(
-                zip(cluster_ids, engine.parts.tiering.summaries.checksums(cluster_ids), strict=True)
-            ),
-        }
+        digest = _stored_digest(engine, calls, cluster_ids)
         twin = digests.setdefault((mode, variant), digest) if not tower_stream else digests.get((mode, variant))
 
-        rng = random.Random(0)
-        ttfts, ttfts_device = [], []
-        asked = None
-        for second in range(half, s.camera_seconds):
-            camera = f"cam{rng.randrange(s.cameras):03d}"
-            asked = QuestionAtPause(engine, camera, rng.choice(QUESTIONS), max_new_tokens=2)
-            engine.ingest(
-                [frames[second] for frames in per_camera],
-                pauses=call_pauses(variant, asked),
-            )
-            answer = asked.finish()
-            ttfts.append(answer.timings.time_to_first_token_s)
-            ttfts_device.append(answer.timings.first_token_device_s)
-            progress.update(second, "ingest and questions")
+        ttfts, ttfts_device = _ingest_with_questions(engine, s, per_camera, variant, progress)
         if profile_to is not None and mode is RetrievalMode.CLUSTER and variant == pause_variants[0]:
             batches = [[frames[k] for frames in per_camera] for k in range(3)]
             profile_ingest(engine, batches, profile_to, [f"cam{c:03d}" for c in range(3)])
@@ -159,6 +127,8 @@ def scenario_b(
         closing = time.perf_counter()
         engine.close()  # with a data directory: waits until every sealed cluster queued so far is on disk
         close_s = time.perf_counter() - closing
+        measured_s = time.perf_counter() - t0
+        snapshot_s = None if engine.history is None else engine.history.snapshot_s
         results[row] = {
             "cameras": s.cameras,
             "total_kv_bytes": total_kv,
@@ -195,10 +165,7 @@ def scenario_b(
             "cuda_reserved_bytes": torch.cuda.memory_reserved() if torch.cuda.is_available() else None,
             "cuda_alloc_retries": None if retries_before is None else _alloc_retries() - retries_before,
             # captures block the engine thread: a question that captures waits for them
-            "graph_captures": {
-                pool.what: {"captured": pool.num_captured, "capture_s": pool.capture_s, "failure": pool.failure}
-                for pool in (engine.parts.prefill_graphs.graph_pool, engine.parts.decode_graphs.graph_pool)
-            },
+            "graph_captures": _graph_captures(engine),
         }
         if durable is not None:  # before closing: what held ingest back, and how busy the file writers were
             results[row]["durable_writes"] = {
@@ -206,19 +173,85 @@ def scenario_b(
                 "pending_bytes_bound": config.durable_pending_bytes,
                 "submit_wait_s": durable.submit_wait_s,
                 "staging_wait_s": durable.staging_wait_s,
-                "snapshot_s": engine.history.snapshot_s,  # the engine thread's, making the writers' snapshots
+                "snapshot_s": snapshot_s,  # the engine thread's, making the writers' snapshots
                 "file_write_s": durable.file_write_s,
                 "bytes_written": durable.bytes_written,
                 "clusters_written": durable.clusters_written,
                 "seal_to_durable_s_max": durable.seal_to_durable_s_max,
-                "seconds_measured": time.perf_counter() - t0,
+                "seconds_measured": measured_s,
             }
         log(f"B/{row}: {json.dumps(results[row])}")
-        del engine, asked  # a question's answer holds the engine: the next engine takes the device budget afresh
+        del engine  # the next engine takes the device budget afresh
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return results
+
+
+def _cameras_config(model, s: BenchSettings, mode: RetrievalMode) -> EngineConfig:
+    """The engine of scenario B's cameras: a frame per camera in a pass, and a small window per camera, which keeps
+    32 windows well inside a device budget far below the cameras' KV."""
+    config = dataclasses.replace(
+        engine_config(s, mode),
+        max_frames_per_pass=1,
+        local_window_tokens=s.camera_window_tokens,
+        device_budget_bytes=s.camera_device_budget_bytes,
+        # 32 open clusters of 8 frames fit next to 32 windows in the budget, so cameras grow their clusters
+        # on the device and spill them once sealed
+        formation=FormationConfig(max_tokens=min(s.cluster_tokens, 8 * s.tokens_per_frame)),
+    )
+    history_bytes = s.cameras * s.camera_seconds * s.tokens_per_frame * model.kv_spec.bytes_per_token
+    return dataclasses.replace(config, pinned_host_bytes=pinned_bytes(history_bytes, s))
+
+
+def _ingest_only(
+    engine: Engine, s: BenchSettings, per_camera: list[list[FrameInput]], variant: PauseVariant, progress: Progress
+) -> list[IngestResult]:
+    """The first half of the cameras' seconds after the warm-up pass: passes of one frame per camera, no questions,
+    waited for on the device. Returns each pass's ``IngestResult``."""
+    calls = []
+    for second in range(1, s.camera_seconds // 2):
+        calls.append(engine.ingest([frames[second] for frames in per_camera], pauses=call_pauses(variant)))
+        progress.update(second, "ingest only")
+    if s.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return calls
+
+
+def _stored_digest(engine: Engine, calls: list[IngestResult], cluster_ids: list[str]) -> dict:
+    """What the ingest-only passes stored: clusters opened, and each cluster's key sums (``_digests_agree``)."""
+    checksums = engine.parts.tiering.summaries.checksums(cluster_ids)
+    return {
+        "clusters_opened": sum(c.num_clusters_opened for c in calls),
+        "key_sum_checksums": dict(zip(cluster_ids, checksums, strict=True)),
+    }
+
+
+def _graph_captures(engine: Engine) -> dict:
+    pools = (engine.parts.prefill_graphs.graph_pool, engine.parts.decode_graphs.graph_pool)
+    return {
+        pool.what: {"captured": pool.num_captured, "capture_s": pool.capture_s, "failure": pool.failure}
+        for pool in pools
+    }
+
+
+def _ingest_with_questions(
+    engine: Engine, s: BenchSettings, per_camera: list[list[FrameInput]], variant: PauseVariant, progress: Progress
+) -> tuple[list[float], list[float | None]]:
+    """The second half of the cameras' seconds: each pass of one frame per camera with a question to a random
+    camera, asked at the pass's pause (or after it, without pauses). Returns each question's time to first token,
+    on the host's clock and on the device's."""
+    rng = random.Random(0)
+    ttfts, ttfts_device = [], []
+    for second in range(s.camera_seconds // 2, s.camera_seconds):
+        camera = f"cam{rng.randrange(s.cameras):03d}"
+        asked = QuestionAtPause(engine, camera, rng.choice(QUESTIONS), max_new_tokens=2)
+        engine.ingest([frames[second] for frames in per_camera], pauses=call_pauses(variant, asked))
+        answer = asked.finish()
+        ttfts.append(answer.timings.time_to_first_token_s)
+        ttfts_device.append(answer.timings.first_token_device_s)
+        progress.update(second, "ingest and questions")
+    return ttfts, ttfts_device
 
 
 def _alloc_retries() -> int | None:
