@@ -212,17 +212,7 @@ def _ingest_pass(
     states = [parts.streams[sid] for sid, _, _ in rows]
     row_tokens = [_row_tokens(row, features) for row in rows]
     width = max(row_tokens)
-    positions = np.empty((3, len(rows), width), dtype=np.int64)  # a left pad repeats its row's first position
-    for row, (state, (_, _, frames), tokens) in enumerate(zip(states, rows, row_tokens, strict=True)):
-        if state.first_timestamp_s is None:
-            state.first_timestamp_s = frames[0].timestamp_s
-        row_positions = parts.model.frame_positions(
-            state.geometry,
-            base=state.position_base,
-            offsets_s=[f.timestamp_s - state.first_timestamp_s for f in frames],
-        )
-        positions[:, row, width - tokens :] = row_positions
-        positions[:, row, : width - tokens] = row_positions[:, :1]
+    positions = _left_padded_positions(parts, states, rows, row_tokens)
     embeds = torch.cat([features[(sid, i)][0] for sid, indices, _ in rows for i in indices])
     pools = parts.tiering.tiers.pools
     ids = np.full((len(rows), width), parts.model.video_token_id, dtype=np.int64)
@@ -287,6 +277,24 @@ def _ingest_pass(
     times.wait_s += waited - issued
     times.place_s += time.perf_counter() - waited
     return opened, attended, held_back
+
+
+def _left_padded_positions(parts: EngineParts, states: list[StreamState], rows, row_tokens: list[int]) -> np.ndarray:
+    """The pass's M-RoPE position ids ``[3, rows, width]``: each row's frames at their offsets from its stream's
+    first frame (which a stream's first pass records), right-aligned; a left pad repeats its row's first position."""
+    width = max(row_tokens)
+    positions = np.empty((3, len(rows), width), dtype=np.int64)
+    for row, (state, (_, _, frames), tokens) in enumerate(zip(states, rows, row_tokens, strict=True)):
+        if state.first_timestamp_s is None:
+            state.first_timestamp_s = frames[0].timestamp_s
+        row_positions = parts.model.frame_positions(
+            state.geometry,
+            base=state.position_base,
+            offsets_s=[f.timestamp_s - state.first_timestamp_s for f in frames],
+        )
+        positions[:, row, width - tokens :] = row_positions
+        positions[:, row, : width - tokens] = row_positions[:, :1]
+    return positions
 
 
 def _shaping_summaries(parts: EngineParts, rows, features, frame_pages, frame_fills) -> list[list[torch.Tensor]]:
