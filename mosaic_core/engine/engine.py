@@ -66,20 +66,10 @@ class Engine(StreamLifecycleMixin, WarmUpMixin, IntrospectionMixin):
             compiles.install()  # EngineStats.kernel_compiles
         # Full mode is the no-eviction baseline: its device tier is accounted but never limits.
         device_bytes = UNLIMITED_BYTES if self.config.mode is RetrievalMode.FULL else self.config.device_budget_bytes
-        disk_bytes, disk_dir, durable = self.config.disk_budget_bytes, self.config.disk_dir, None
+        disk_bytes, disk_dir = self.config.disk_budget_bytes, self.config.disk_dir
         self.retired = RetiredNumbers(self.config.retired_ids_dir or self.config.data_dir)
-        if self.config.data_dir:
-            durable = DurableStore(
-                self.config.data_dir,
-                writers=self.config.durable_writers,
-                max_pending_bytes=self.config.durable_pending_bytes,
-                kv_shape=KVShape.of(self.spec),  # recorded with each stream: a restart never adopts another model's KV
-                retired=self.retired,  # a stream a restart sets aside frees its id: its numbers go on past
-                # pinned here, once: pinning a block for each snapshot held the engine thread mid-pass
-                staging=StagingArena(self.config.durable_pending_bytes, pin=True)
-                if model.device.type == "cuda"
-                else None,
-            )
+        durable = self._durable_store(model.device) if self.config.data_dir else None
+        if durable is not None:
             # Sealed clusters are on disk anyway: the disk tier is on, bounded by retention unless a budget is set.
             disk_bytes = disk_bytes or UNLIMITED_BYTES
             if disk_dir is None:
@@ -105,19 +95,7 @@ class Engine(StreamLifecycleMixin, WarmUpMixin, IntrospectionMixin):
             durable=durable,
         )
         self.tiering = TierManager(residency, tiers, SummaryIndex(self.spec, residency, device=model.device))
-        encodes_off_thread = self.config.keyframes_per_cluster and self.config.keyframe_encode_threads
-        self._keyframe_encoder = (
-            ThreadPoolExecutor(self.config.keyframe_encode_threads, thread_name_prefix="mosaic-keyframes")
-            if encodes_off_thread
-            else None
-        )
-        keyframes = KeyframeSettings(
-            count=self.config.keyframes_per_cluster,
-            long_side_px=self.config.keyframe_long_side_px,
-            jpeg_quality=self.config.keyframe_jpeg_quality,
-            on_disk=durable is not None,
-            encoder=self._keyframe_encoder,
-        )
+        keyframes = self._keyframe_settings(on_disk=durable is not None)
         self.history = None if durable is None else HistoryKeeper(durable, self.tiering, keyframes)
         self._keyframes_dropped_by_closed = 0  # streams closed since the engine started (``stats``)
         self.tracker = CoRetrievalTracker(residency)
@@ -155,6 +133,36 @@ class Engine(StreamLifecycleMixin, WarmUpMixin, IntrospectionMixin):
                 f"device budget {device_bytes} bytes is smaller than one question's working set plus a local "
                 f"window ({working_set} + {window} bytes at {self.spec.bytes_per_token} bytes per token)"
             )
+
+    def _durable_store(self, device: torch.device) -> DurableStore:
+        config = self.config
+        return DurableStore(
+            config.data_dir,
+            writers=config.durable_writers,
+            max_pending_bytes=config.durable_pending_bytes,
+            kv_shape=KVShape.of(self.spec),  # recorded with each stream: a restart never adopts another model's KV
+            retired=self.retired,  # a stream a restart sets aside frees its id: its numbers go on past
+            # pinned here, once: pinning a block for each snapshot held the engine thread mid-pass
+            staging=StagingArena(config.durable_pending_bytes, pin=True) if device.type == "cuda" else None,
+        )
+
+    def _keyframe_settings(self, *, on_disk: bool) -> KeyframeSettings:
+        """How sealed clusters' keyframes are kept; starts the threads that encode them off the engine thread, when
+        configured (``_keyframe_encoder``, shut down by ``close``)."""
+        config = self.config
+        encodes_off_thread = config.keyframes_per_cluster and config.keyframe_encode_threads
+        self._keyframe_encoder = (
+            ThreadPoolExecutor(config.keyframe_encode_threads, thread_name_prefix="mosaic-keyframes")
+            if encodes_off_thread
+            else None
+        )
+        return KeyframeSettings(
+            count=config.keyframes_per_cluster,
+            long_side_px=config.keyframe_long_side_px,
+            jpeg_quality=config.keyframe_jpeg_quality,
+            on_disk=on_disk,
+            encoder=self._keyframe_encoder,
+        )
 
     @classmethod
     def from_model(
