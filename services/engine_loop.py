@@ -118,13 +118,11 @@ class EngineLoop:
         self.wake = queues.wake
         self.telemetry = telemetry
         self.answer_slice_s = answer_slice_s
-        self.last_ingested_s: dict[str, float] = {}  # stream -> timestamp of the newest ingested frame
         self.questions = QuestionRunner(
             engine,
             tier_sync,
             telemetry,
             self.wake,
-            self.last_ingested_s,
             max_questions_per_stream=max_questions_per_stream,
             max_background_jobs=max_background_jobs,
             max_background_running=max_background_running,
@@ -135,7 +133,6 @@ class EngineLoop:
             tier_sync,
             telemetry,
             self.questions,
-            self.last_ingested_s,
             max_batch_frames=max_batch_frames,
             retention_s=retention_s,
             after_ingest=after_ingest,

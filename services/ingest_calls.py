@@ -66,7 +66,6 @@ class IngestCalls:
         tier_sync: mirrors clusters into the metadata store after each call, and applies retention.
         telemetry: counts ingested and dropped frames, batch sizes, and the engine thread's time by part.
         questions: the questions started at the calls' pauses.
-        last_ingested_s: stream -> timestamp of the newest ingested frame, kept up to date here.
         max_batch_frames: frames per ingest call.
         retention_s: returns a stream's retention (0 keeps everything), read at each retention pass.
         after_ingest: called on the engine thread with the ids of the streams of each ingest call.
@@ -95,7 +94,6 @@ class IngestCalls:
         tier_sync: TierSync,
         telemetry: WorkerTelemetry,
         questions: QuestionRunner,
-        last_ingested_s: dict[str, float],
         *,
         max_batch_frames: int,
         retention_s,
@@ -114,7 +112,6 @@ class IngestCalls:
         self.tier_sync = tier_sync
         self.telemetry = telemetry
         self.questions = questions
-        self.last_ingested_s = last_ingested_s
         self.max_batch_frames = max_batch_frames
         self.retention_s = retention_s
         self.after_ingest = after_ingest
@@ -207,7 +204,6 @@ class IngestCalls:
         per_stream: dict[str, int] = defaultdict(int)
         for frame in ingested:
             per_stream[frame.stream_id] += 1
-            self.last_ingested_s[frame.stream_id] = frame.timestamp_s
         if ingested:
             self.telemetry.ingested_batch(
                 per_stream,

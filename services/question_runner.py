@@ -51,8 +51,6 @@ class QuestionRunner:
         tier_sync: mirrors clusters into the metadata store after each answer.
         telemetry: records the gaps between two chances to start a question.
         wake: set when a question arrives or is cancelled, to wake the engine thread.
-        last_ingested_s: stream -> timestamp of the newest ingested frame (the ingest calls keep it), to clip a
-            question's time range to what retention keeps.
         max_questions_per_stream: questions of one stream running or waiting here; more are refused.
         max_background_jobs: background answers that may wait; ``submit_background`` refuses more.
         max_background_running: background answers that may run at once (each on its own stream).
@@ -64,7 +62,6 @@ class QuestionRunner:
         tier_sync: TierSync,
         telemetry: WorkerTelemetry,
         wake: threading.Event,
-        last_ingested_s: dict[str, float],
         *,
         max_questions_per_stream: int = DEFAULT_MAX_QUESTIONS_PER_STREAM,
         max_background_jobs: int = DEFAULT_MAX_BACKGROUND_JOBS,
@@ -74,7 +71,6 @@ class QuestionRunner:
         self.tier_sync = tier_sync
         self.telemetry = telemetry
         self.wake = wake
-        self.last_ingested_s = last_ingested_s
         self.max_questions_per_stream = max_questions_per_stream
         self.max_background_jobs = max_background_jobs
         self.max_background_running = max_background_running
@@ -307,8 +303,9 @@ class QuestionRunner:
         return job.waits_for_room_until >= self._questions_finished
 
     def _retained_range(self, job: QuestionJob) -> tuple[float, float] | None:
-        """Clips the question's time range to what retention keeps; OUT_OF_RANGE if nothing is left."""
-        newest = self.last_ingested_s.get(job.stream_id)
+        """Clips the question's time range to what retention keeps, counted back from the stream's newest frame (after
+        a restart, the newest its history recorded); OUT_OF_RANGE if nothing is left."""
+        newest = self.engine.stream(job.stream_id).last_timestamp_s
         if job.retention_s <= 0 or newest is None:
             return job.time_range
         cutoff_s = newest - job.retention_s

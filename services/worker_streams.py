@@ -239,7 +239,6 @@ class WorkerStreams:
                 self.telemetry.dropped(stream_id, "stream_deleted", dropped)
             self.tier_sync.forget_stream(stream_id)
             self.watches.forget_stream(stream_id)
-            self.loop.last_ingested_s.pop(stream_id, None)
             self.publisher.enqueue(DeleteStream(stream_id))
             self.telemetry.forget(stream_id)
             return num_clusters

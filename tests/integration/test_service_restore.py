@@ -13,7 +13,7 @@ import pytest
 
 from mosaic_core.config import MIB
 from mosaic_core.engine.engine import Engine
-from mosaic_core.errors import CapacityError
+from mosaic_core.errors import CapacityError, OutOfRangeError
 from mosaic_core.model.video import sample_clip_path
 from services import worker as worker_module
 from services.config import load_config
@@ -65,9 +65,32 @@ def test_a_pulled_source_resumes_after_its_last_recorded_frame(tiny_model, tmp_p
         restored_last = second.engine.streams["gate"].last_timestamp_s
         assert restored_last == last_s
         _wait_ingested(second, "gate", second.telemetry.totals("gate").ingested + 3)
-        newest = second.loop.last_ingested_s["gate"]
+        newest = second.loop.call(lambda: second.engine.streams["gate"].last_timestamp_s)
         # The file restarts at 0, but the stream clock goes on past what was recorded before the crash.
         assert newest > last_s, (newest, last_s)
+    finally:
+        second.shutdown()
+
+
+def test_a_question_after_a_restart_keeps_to_retention_before_the_stream_sends_again(
+    tiny_model, bikes_frames, tmp_path
+):
+    config = load_config(None, data_dir=str(tmp_path), engine={"target_tokens_per_frame": 16})
+    store = InMemoryMetadataStore()
+    first = _worker(tiny_model, config, store)
+    first.open_stream(StreamRecord(stream_id="yard", fps=1.0, retention_s=4.0))
+    assert not first.push([(i, "yard", float(i), rgb) for i, (_, rgb) in enumerate(bikes_frames[:12])]).rejected
+    _wait_ingested(first, "yard", 12)
+    second = _crash_and_restart(first, tiny_model, config, store)
+    try:
+        assert second.restored_streams == ["yard"]
+        # the newest frame recorded is at 11 s, so 4 s of retention keeps 7 s to 11 s: 0 s to 2 s is gone
+        with pytest.raises(
+            OutOfRangeError, match=r"outside stream 'yard''s retention \(the last 4s: 7.000s to 11.000s"
+        ):
+            list(second.ask("old", "yard", "what happened?", 2, (0.0, 2.0), 60.0))
+        answer = list(second.ask("kept", "yard", "what happened?", 2, (8.0, 11.0), 60.0))[-1]
+        assert len(answer.token_ids) == 2  # what retention keeps is answered
     finally:
         second.shutdown()
 
