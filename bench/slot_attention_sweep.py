@@ -33,7 +33,7 @@ from mosaic_core.kernels import attention_plan
 
 WIDTH_STEP = 2048
 TODAY = (0, 64, 4, 3)
-TILES = [  # (block_m, block_n, num_warps, num_stages); block_m 0 follows the rows as in _kernel_config
+TILES = [  # (block_m, block_n, num_warps, num_stages); block_m 0 follows the rows as in attention_plan.kernel_config
     TODAY,
     (0, 64, 4, 2),
     (0, 64, 4, 4),
