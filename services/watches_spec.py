@@ -34,7 +34,8 @@ def check_watch_id(watch_id: str) -> str:
 class ActiveHours:
     """Time of day during which a watch may fire: ``[start, end)`` in ``timezone``; wraps past midnight when
     ``end`` is not after ``start`` (``22:00``-``06:00`` is the night). Judged on a cluster's start time read as
-    Unix seconds, which is what live and pushed cameras' clocks are."""
+    Unix seconds, which is what live and pushed cameras' clocks are. A time the calendar cannot hold (before the
+    year 1 or after 9999, which a pushed camera's clock may send) is outside the hours."""
 
     start: str
     end: str
@@ -57,7 +58,10 @@ class ActiveHours:
             ) from None
 
     def contains(self, unix_s: float) -> bool:
-        local = datetime.fromtimestamp(unix_s, UTC).astimezone(ZoneInfo(self.timezone))
+        try:
+            local = datetime.fromtimestamp(unix_s, UTC).astimezone(ZoneInfo(self.timezone))
+        except (ValueError, OverflowError, OSError):
+            return False
         minute = local.hour * 60 + local.minute
         start, end = _minutes(self.start), _minutes(self.end)
         return start <= minute < end if start < end else minute >= start or minute < end

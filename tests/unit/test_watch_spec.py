@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from mosaic_core.errors import ConfigError, InvalidArgumentError
+from services.ingest_queue import MAX_TIMESTAMP_S
 from services.watches_spec import ActiveHours, WatchRecord
 from services.watches_webhook import check_allowed_prefixes, check_webhook_url, sign
 
@@ -32,6 +33,14 @@ def _unix(hour: int, minute: int = 0) -> float:
 )
 def test_active_hours(start, end, timezone, at, inside):
     assert ActiveHours(start, end, timezone).contains(at) is inside
+
+
+@pytest.mark.parametrize("at", [-MAX_TIMESTAMP_S, -0.7 * MAX_TIMESTAMP_S, MAX_TIMESTAMP_S])
+@pytest.mark.parametrize("timezone", ["UTC", "Asia/Tokyo"])
+def test_active_hours_judge_every_time_a_pushed_frame_may_carry(at, timezone):
+    # A pushed camera's clock may be anywhere within MAX_TIMESTAMP_S of 0, past what the calendar holds; such a
+    # time raised here, out of the watches' evaluation pass, and the pass's other watches lost their events.
+    assert ActiveHours("22:00", "06:00", timezone).contains(at) is False
 
 
 @pytest.mark.parametrize(
