@@ -64,7 +64,7 @@ def add_watch_command(subparsers) -> None:
     tail.add_argument("watch_ids", nargs="*", metavar="ID", help="watches to follow (none: every watch)")
     after = "start after this event id (0: everything still buffered; default: new events only)"
     tail.add_argument("--after", type=int, default=None, metavar="EVENT_ID", help=after)
-    tail.add_argument("--count", type=int, default=0, help="stop after this many events (0: never)")
+    tail.add_argument("--count", type=count, default=0, help="stop after this many events (0: never)")
     tail.add_argument("--timeout-s", type=positive_float, default=None, help="stop after this many seconds")
     add_client_flags(tail, suppress=True)
     tail.set_defaults(func=run_watch_tail)

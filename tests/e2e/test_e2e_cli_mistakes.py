@@ -112,6 +112,7 @@ def listening_port():
         (("query", "--question", "hi?", "--max-new-tokens", "99999999999"), "--max-new-tokens"),
         (("watch", "create", "--question", "Van?", "--max-answer-tokens", "99999999999"), "--max-answer-tokens"),
         (("watch", "tail", "--timeout-s", "-5"), "--timeout-s"),
+        (("watch", "tail", "--count", "-1"), "--count"),
         (("push", "cam-1", "clip.mp4", "--max-frames", "-3"), "--max-frames"),
         (("no-such-command",), "no-such-command"),
     ],
