@@ -106,6 +106,8 @@ class StreamLifecycleMixin:
         held_back: dict[str, Exception] = {}
         for state in self.streams.values():
             state.former.seal()
+            if (keyframes := held_keyframes(state)) is not None:
+                keyframes.seal()  # else its picker stays on the sealed cluster, past a retention drop or a merge
             held_back |= window_store.flush_window(self.parts, state)
         if self.history is not None and not self.history.store.flush(CHECKPOINT_WAIT_S):
             last_error = self.history.store.snapshot_stats().last_error or "none recorded"

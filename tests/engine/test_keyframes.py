@@ -175,6 +175,24 @@ def test_keyframes_go_with_retention_and_with_the_stream(tiny_model, bikes_frame
     engine.tiering.residency.check_invariants()
 
 
+def test_a_cluster_sealed_by_a_checkpoint_and_then_dropped_leaves_no_keyframes(tiny_model, bikes_frames):
+    engine = make_engine(tiny_model)
+    engine.open_stream("cam", fps=4.0)
+    feed(engine, "cam", bikes_frames[:12])
+    engine.checkpoint()  # frames after it start new clusters
+    state = engine.stream("cam")
+    last = state.former.records()[-1]
+    ids = [k.keyframe_id for k in engine.keyframes("cam", cluster_id=last.cluster_id)]
+    assert last.sealed and ids
+    assert last.cluster_id in engine.drop_clusters_before("cam", bikes_frames[12][0])
+    feed(engine, "cam", bikes_frames[12:13], batch=1)
+    store = held_keyframes(state)
+    assert store.of_cluster(last.cluster_id) == []  # the checkpoint's cluster was kept again, and charged
+    assert engine.tiering.residency.charged_bytes(Tier.HOST) == store.num_bytes
+    with pytest.raises(UnknownKeyframeError):
+        engine.keyframes("cam", keyframe_ids=ids[:1])
+
+
 def test_merged_clusters_keep_both_keyframe_sets(tiny_model, bikes_frames):
     from mosaic_core.engine.maintenance import merge_clusters
 
