@@ -127,10 +127,10 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             await abort(context, err, self.metrics)
 
     async def _delete_stream(self, stream_id: str) -> int:
+        watches = self._registry()  # not before the registry is up: the stream's cooldowns go with it
         num_clusters = await self.coordinator.delete_stream(stream_id)
         self._decode_drops.pop(stream_id, None)
-        if self.watches is not None:
-            await self.watches.forget_stream(stream_id)
+        await watches.forget_stream(stream_id)
         return num_clusters
 
     async def GetStream(self, request, context):

@@ -63,3 +63,12 @@ def test_a_call_of_refused_frames_holds_no_memory_per_frame():
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and f"all {total} frames" in str(caught.value)
     grown = marks[total - 1] - marks[early]
     assert grown < 1 << 20, f"{total - 1 - early} refused frames grew the router by {grown / 2**20:.1f} MiB"
+
+
+def test_a_delete_before_the_watch_registry_is_up_is_refused_as_unavailable():
+    # Workers serve from before the router's watch registry is up; a stream deleted then kept its cooldowns.
+    servicer = _servicer()
+    assert servicer.watches is None
+    with pytest.raises(_Aborted) as caught:
+        asyncio.run(servicer.DeleteStream(pb.DeleteStreamRequest(stream_id="cam-1"), _Context()))
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "starting" in str(caught.value)
