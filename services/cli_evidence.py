@@ -59,10 +59,9 @@ def write_keyframe(path: Path, jpeg: bytes) -> None:
 
 
 def save_evidence(client, spans, directory: Path) -> tuple[list[Path], list[str]]:
-    """Fetches every span's keyframes (once each) and writes them into ``directory`` (made if missing); returns
+    """Fetches every span's keyframes (once each) and writes them into ``directory`` (made at the first file); returns
     the files written and the ids the server no longer holds (a forming cluster's candidate that a later frame
     replaced, or a cluster dropped since the answer), which cost only themselves."""
-    directory.mkdir(parents=True, exist_ok=True)
     wanted: dict[str, list[str]] = {}
     for span in spans:
         ids = wanted.setdefault(span.stream_id, [])
@@ -74,6 +73,7 @@ def save_evidence(client, spans, directory: Path) -> tuple[list[Path], list[str]
                 path = evidence_path(directory, keyframe.stream_id, keyframe.timestamp_s)
                 if path in written:  # another keyframe of this camera at the same millisecond
                     path = evidence_path(directory, keyframe.stream_id, keyframe.timestamp_s, keyframe.frame_index)
+                directory.mkdir(parents=True, exist_ok=True)
                 write_keyframe(path, keyframe.jpeg)
                 written.append(path)
     return written, gone
@@ -81,8 +81,13 @@ def save_evidence(client, spans, directory: Path) -> tuple[list[Path], list[str]
 
 def _fetch(client, stream_id: str, ids: list[str], gone: list[str]) -> list:
     """The keyframes of ``ids`` the server holds: a call is all or nothing, so after NOT_FOUND each id is asked
-    alone, and those NOT_FOUND again go to ``gone``."""
-    found = _unless_gone(client, stream_id, ids)
+    alone, and those NOT_FOUND again go to ``gone``. A reply too large for the server's message limit
+    (RESOURCE_EXHAUSTED: large thumbnails) is asked for again in halves."""
+    try:
+        found = _unless_gone(client, stream_id, ids)
+    except _TooLarge:
+        half = len(ids) // 2
+        return _fetch(client, stream_id, ids[:half], gone) + _fetch(client, stream_id, ids[half:], gone)
     if found is not None:
         return found
     found = []
@@ -102,9 +107,15 @@ def _unless_gone(client, stream_id: str, ids: list[str]) -> list | None:
     try:
         return client.get_keyframes(stream_id, keyframe_ids=ids)
     except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(ids) > 1:
+            raise _TooLarge from err
         if err.code() != grpc.StatusCode.NOT_FOUND:
             raise
         return None
+
+
+class _TooLarge(Exception):
+    """The keyframes asked for do not fit in one reply."""
 
 
 def save_evidence_files(client, spans, directory: Path) -> int:

@@ -54,3 +54,44 @@ def test_two_keyframes_of_a_camera_at_one_millisecond_are_both_written(tmp_path)
     written, gone = save_evidence(Client(), [span], tmp_path)
     assert [p.name for p in written] == ["cam_41.000s.jpg", "cam_41.000s_f8.jpg"] and not gone
     assert [p.read_bytes() for p in written] == [b"cam/f7", b"cam/f8"]
+
+
+def test_keyframes_too_large_for_one_reply_are_asked_for_in_halves(tmp_path):
+    from types import SimpleNamespace
+
+    import grpc
+
+    from mosaic_core.engine.keyframes import Keyframe
+    from services.cli_evidence import save_evidence
+
+    class TooLarge(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    class Client:  # GetKeyframes of a server whose replies hold at most 1,000 bytes of JPEG
+        calls = 0
+
+        def get_keyframes(self, stream_id, keyframe_ids):
+            self.calls += 1
+            if 300 * len(keyframe_ids) > 1000:
+                raise TooLarge()
+            return [Keyframe(k, "cam", "cam/c000000", int(k[5:]), float(k[5:]), b"j" * 300, 8, 8) for k in keyframe_ids]
+
+    client = Client()
+    span = SimpleNamespace(stream_id="cam", keyframe_ids=[f"cam/f{i}" for i in range(10)])
+    written, gone = save_evidence(client, [span], tmp_path)
+    assert [p.name for p in written] == [f"cam_{i}.000s.jpg" for i in range(10)] and not gone
+    assert client.calls < 20
+
+
+def test_nothing_to_save_leaves_no_directory(tmp_path):
+    from types import SimpleNamespace
+
+    from services.cli_evidence import save_evidence
+
+    class Client:  # a server that holds none of them
+        def get_keyframes(self, stream_id, keyframe_ids):
+            raise AssertionError("no ids, no call")
+
+    written, gone = save_evidence(Client(), [SimpleNamespace(stream_id="cam", keyframe_ids=[])], tmp_path / "ev")
+    assert (written, gone) == ([], []) and not (tmp_path / "ev").exists()  # the CLI says it is unchanged
