@@ -11,7 +11,8 @@ for the end or the error:
     {"end": true}
     {"error": "InvalidArgumentError", "message": "..."}
 
-The pipe holds less than a frame, so this process decodes at most one frame ahead of what its reader has taken.
+A pipe holds 64 KiB on Linux, less than one RGB frame of more than 21,845 pixels (about 148x148), so this process
+decodes at most one such frame ahead of what its reader has taken (smaller frames: as many as fit in the pipe).
 """
 
 from __future__ import annotations
