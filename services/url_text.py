@@ -7,11 +7,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 
 def without_credentials(url: str) -> str:
-    """``url`` with any user and password replaced by ``***``; anything that is not such a URL as it is."""
+    """``url`` with any user and password replaced by ``***``; a text with no ``@`` after its ``://`` as it is.
+
+    A URL that ``urlsplit`` refuses (an unclosed IPv6 bracket) still loses everything between ``://`` and its last
+    ``@``: such a URL ends up quoted in a refusal, and where its host ends is anyone's guess.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
-        return url
+        scheme, separator, rest = url.partition("://")
+        if not separator or "@" not in rest:
+            return url
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))

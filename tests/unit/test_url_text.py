@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mosaic_core.errors import InvalidArgumentError
+from services.sources import check_source_url
 from services.url_text import host_in_address, without_credentials
 
 
@@ -15,11 +17,26 @@ from services.url_text import host_in_address, without_credentials
         ("https://user@cam.example/x?y=1", "https://***@cam.example/x?y=1"),
         ("rtsp://10.0.0.5/live", "rtsp://10.0.0.5/live"),
         ("/videos/cam-1.mp4", "/videos/cam-1.mp4"),
-        ("http://[::1", "http://[::1"),  # not a URL urlsplit accepts: as it is
+        ("http://[::1", "http://[::1"),  # not a URL urlsplit accepts, and no credentials: as it is
     ],
 )
 def test_credentials_are_replaced_and_nothing_else(url, shown):
     assert without_credentials(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("rtsp://admin:hunter2@[cam/live", "rtsp://***@[cam/live"),  # an unclosed IPv6 bracket
+        ("rtsp://admin:hunter2@cam]/live", "rtsp://***@cam]/live"),
+    ],
+)
+def test_a_url_that_does_not_parse_is_refused_without_its_password(url, shown):
+    assert without_credentials(url) == shown
+    with pytest.raises(InvalidArgumentError) as refused:
+        check_source_url(url)
+    assert "hunter2" not in str(refused.value)
+    assert shown in str(refused.value)
 
 
 @pytest.mark.parametrize(("host", "written"), [("::1", "[::1]"), ("::", "[::]"), ("127.0.0.1", "127.0.0.1")])
