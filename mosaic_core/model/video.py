@@ -6,6 +6,12 @@ source is slower than ``fps`` some instants are skipped rather than a frame repe
 fractions (PyAV time bases are rational), so a 25 fps clip sampled at 5 fps gives every fifth frame forever,
 with no drift. A looping source continues the same clock: the next pass starts one clip duration later.
 
+A network source's timestamps may start again inside one connection (an encoder or camera restart, an MPEG-TS
+discontinuity). A frame more than ``RESET_MIN_STEPS`` frame steps behind the last one marks such a reset: the clock
+carries on one step after the last frame, and the frames after it are sampled on from there. A frame less far
+behind is one out of order or repeated, and skipped. A local file's frames go back after each of its seeks, so its
+clock is never re-based.
+
 Only the frames that are sampled need decoding, where the container allows it: in a local file, when the next
 instant lies more than ``SEEK_MIN_GAP_S`` ahead, the decoder seeks to the keyframe at or before it and decodes
 from there (a sparse sampler skips whole groups of pictures); and a pass ends as soon as the next instant lies
@@ -40,6 +46,7 @@ from mosaic_core.model.pixels import downscaled_size
 
 OPEN_TIMEOUT_S = 10.0  # for network sources; a stalled camera must not hang a worker forever
 SEEK_MIN_GAP_S = 1.0  # seek only past more than this much video; shorter gaps are cheaper to decode through
+RESET_MIN_STEPS = 4  # a network source's frame this many frame steps behind the last one: its timestamps restarted
 # FFmpeg protocols each source scheme may use, nested ones included (RTSP runs over RTP/UDP/TCP, HTTPS over TLS).
 PROTOCOLS_BY_SCHEME = {
     "file": "file",
@@ -269,6 +276,7 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
         end_time: Fraction | None = None  # the clip's duration from the container, once first_pts is known
         last_time: Fraction | None = None
         last_step = Fraction(0)
+        reset_shift = Fraction(0)  # added to the timestamps since the source's clock last restarted
         sought: Fraction | None = None  # the instant the last seek went for; never seek for one twice
         num_frames = 0
         frames = container.decode(stream)
@@ -287,7 +295,10 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
                         if seekable and stream.duration:
                             start = stream.start_time if stream.start_time is not None else first_pts
                             end_time = (stream.duration - (first_pts - start)) * time_base
-                    rel_time = (frame.pts - first_pts) * time_base
+                    rel_time = (frame.pts - first_pts) * time_base + reset_shift
+                if not seekable and last_time is not None and rel_time < last_time - RESET_MIN_STEPS * step:
+                    reset_shift += last_time + last_step - rel_time  # the source's clock restarted: carry on
+                    rel_time = last_time + last_step
                 if last_time is not None and rel_time <= last_time:
                     continue  # out of order or repeated: the stream clock only moves forward
                 last_time, last_step = rel_time, step

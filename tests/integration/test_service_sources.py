@@ -3,12 +3,15 @@ reader's thread or by a child process (``services.source_decoding``)."""
 
 from __future__ import annotations
 
+import http.server
+import io
 import itertools
 import math
 import socket
 import threading
 import time
 
+import av
 import numpy as np
 import pytest
 
@@ -140,3 +143,49 @@ def test_a_child_stops_when_asked_while_the_reader_waits():
     started = time.monotonic()
     assert list(frames) == []  # at most one more frame's wait, then it ends without an error
     assert time.monotonic() - started < 2.0
+
+
+def _mpegts_clip(num_frames: int) -> bytes:
+    """``num_frames`` of 25-fps MPEG-TS whose timestamps start at 0, as an encoder writes after each (re)start."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mpegts") as out:
+        stream = out.add_stream("mpeg2video", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i % 250, np.uint8), format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def test_a_network_source_whose_timestamps_restart_keeps_delivering_frames():
+    """A camera's encoder restarted 10 s into one HTTP response: its timestamps start at 0 again. The frames after
+    the restart are sampled on one clock, not skipped until the new timestamps pass the old ones."""
+    body = _mpegts_clip(250) + _mpegts_clip(250)
+
+    class Camera(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp2t")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Camera)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/live.ts"
+    try:
+        reader, frames = _collect(
+            {"url": url, "fps": 1.0, "realtime": False, "blocked_networks": ()},
+            until=lambda f: len(f) >= 20,
+            timeout_s=15.0,
+        )
+        reader.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert frames == [float(k) for k in range(20)], f"20 s of video at 1 fps gave {len(frames)} frames: {frames}"
