@@ -1,5 +1,6 @@
-"""The hosts a source URL may not reach: the machine's own addresses and the link-local ones, where cloud metadata
-services answer (``169.254.169.254``), unless the operator says otherwise (``source_blocked_networks``).
+"""The hosts a source URL may not reach: the machine's own addresses (loopback, and while loopback is blocked, every
+address of its interfaces) and the link-local ones, where cloud metadata services answer (``169.254.169.254``),
+unless the operator says otherwise (``source_blocked_networks``).
 
 A camera's URL is the caller's choice, so without this a caller could make a worker fetch from services that
 listen only on the worker's own loopback or read the cloud's metadata (server-side request forgery). Camera
@@ -7,7 +8,9 @@ networks are private ranges (10/8, 192.168/16), so those stay open by default.
 
 Two checks, since a name can resolve anywhere:
 - at CreateStream, ``literal_refusal``: a host written as an address in a blocked network, or ``localhost``;
-- before every connect, ``resolved_refusal``: every address the host's name resolves to at that moment.
+- before every connect, ``resolved_refusal``: every address the host's name resolves to at that moment, and, while
+  loopback is blocked, whether it is one of this machine's own (``own_addresses``): a server listening on every
+  interface answers there as it does on loopback.
 
 FFmpeg resolves the name again as it connects, so a name whose DNS answer changes between the two (DNS rebinding)
 is not covered; HTTP redirects are refused outright (``mosaic_core.model.video.open_options``), but an RTSP
@@ -16,6 +19,7 @@ server's redirect is followed. Restricting the workers' egress closes both (``do
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -64,16 +68,50 @@ def url_host(url: str) -> tuple[str, int | None] | None:
     return (parts.hostname, port) if parts.hostname else None
 
 
-def blocked(address: str, networks: tuple[Network, ...]) -> bool:
-    """Whether ``address`` (an IP address; an IPv6 zone is ignored, an IPv4-mapped one read as IPv4) is in one of
-    ``networks``."""
+def ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``address`` as an IP address (an IPv6 zone ignored, an IPv4-mapped one read as IPv4), or None if it is none."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip.version == network.version and ip in network for network in networks)
+        return ip.ipv4_mapped
+    return ip
+
+
+def blocked(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether ``address`` (an IP address, as ``ip_of`` reads it) is in one of ``networks``."""
+    ip = ip_of(address)
+    return ip is not None and any(ip.version == network.version and ip in network for network in networks)
+
+
+def own_addresses() -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """This machine's addresses, read anew at each call (a host's addresses change): those its name resolves to and,
+    on Linux, every local IPv4 address of its routing table (``/proc/net/fib_trie``) and every IPv6 address of its
+    interfaces (``/proc/net/if_inet6``). A machine's name often resolves to loopback only, hence the second look."""
+    texts = []
+    with contextlib.suppress(OSError, UnicodeError):  # a name that does not resolve: the other looks still count
+        texts = [str(answer[4][0]) for answer in socket.getaddrinfo(socket.gethostname(), None)]
+    last_address = ""
+    for line in _read_text("/proc/net/fib_trie").splitlines():  # "|-- 10.0.0.5" then "/32 host LOCAL"
+        entry = line.strip()
+        if entry.startswith("|-- "):
+            last_address = entry[len("|-- ") :]
+        elif entry.endswith(" host LOCAL"):
+            texts.append(last_address)
+    for line in _read_text("/proc/net/if_inet6").splitlines():  # "fd000000000000000000000000000002 04 40 00 82 eth0"
+        hex_digits = line.partition(" ")[0]
+        if len(hex_digits) == 32:
+            texts.append(":".join(hex_digits[i : i + 4] for i in range(0, 32, 4)))
+    return frozenset(ip for ip in map(ip_of, texts) if ip is not None)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="ascii", errors="replace") as file:
+            return file.read()
+    except OSError:
+        return ""
 
 
 def literal_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
@@ -96,8 +134,9 @@ def literal_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
 
 
 def resolved_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
-    """Why ``url`` is refused once its host's name is resolved (an address in ``networks``), or None, also when the
-    name does not resolve (the connect then fails with its own error). What ``literal_refusal`` refuses comes first."""
+    """Why ``url`` is refused once its host's name is resolved (an address in ``networks``, or one of this machine's
+    own while ``networks`` block loopback), or None, also when the name does not resolve (the connect then fails with
+    its own error). What ``literal_refusal`` refuses comes first."""
     refusal = literal_refusal(url, networks)
     if refusal is not None or not networks:
         return refusal
@@ -109,10 +148,16 @@ def resolved_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
         answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         return None
+    own = own_addresses() if blocked("127.0.0.1", networks) or blocked("::1", networks) else frozenset()
     for *_, address in answers:
         if blocked(str(address[0]), networks):
             return (
                 f"source host {host!r} resolves to {address[0]}, in a network this server does not open "
                 "(source_blocked_networks)"
+            )
+        if ip_of(str(address[0])) in own:
+            return (
+                f"source host {host!r} resolves to {address[0]}, an address of this machine, which this server does "
+                "not open while source_blocked_networks holds loopback"
             )
     return None

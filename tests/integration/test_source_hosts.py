@@ -1,6 +1,7 @@
 """A caller cannot point a camera at the worker's own loopback or the cloud's metadata service: such a host is
-refused as written at CreateStream, as resolved before a connect, and an HTTP redirect is not followed. Real PyAV
-against real HTTP servers on this machine, and the machine's real resolver."""
+refused as written at CreateStream, as resolved before a connect (and so is the machine's own routable address), and
+an HTTP redirect is not followed. Real PyAV against real HTTP servers on this machine, and the machine's real
+resolver."""
 
 from __future__ import annotations
 
@@ -164,3 +165,40 @@ def test_an_empty_host_reaches_no_server_on_loopback(clip_server):
     reader.stop()
     assert progress.state is SourceState.ERROR and "source_blocked_networks" in progress.error
     assert _Clip.requests == []
+
+
+def _routable_own_address() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # sends nothing: picks the interface a route to elsewhere would use
+        except OSError:
+            pytest.skip("this machine has no route off loopback")
+        address = sock.getsockname()[0]
+    if address.startswith("127."):
+        pytest.skip("this machine has no address besides loopback")
+    return address
+
+
+def test_this_machines_own_address_is_closed_with_loopback(clip_server):
+    """A server listening on every interface (``--host 0.0.0.0``'s gRPC and metrics, Ray's agents) answers on the
+    machine's routable address as it does on loopback: the default policy closes both; opening loopback opens both."""
+    own = _routable_own_address()
+    server = http.server.ThreadingHTTPServer((own, 0), _Clip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://{own}:{server.server_address[1]}/clip.mp4"
+    try:
+        refused = SourceReader(url, fps=1.0, sink=lambda t, rgb: None, realtime=False).start()
+        refused_progress = _until_settled(refused)
+        refused.stop()
+        requests_while_closed = list(_Clip.requests)
+        opened = SourceReader(
+            url, fps=1.0, sink=lambda t, rgb: None, realtime=False, blocked_networks=parse_networks(["169.254.0.0/16"])
+        ).start()
+        opened_progress = _until_settled(opened)
+        opened.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert refused_progress.state is SourceState.ERROR and "an address of this machine" in refused_progress.error
+    assert requests_while_closed == [], "the default policy let a source reach this machine's own address"
+    assert opened_progress.frames_read > 0, "with loopback open, this machine's address is open too"
