@@ -13,8 +13,9 @@ Two checks, since a name can resolve anywhere:
   interface answers there as it does on loopback.
 
 FFmpeg resolves the name again as it connects, so a name whose DNS answer changes between the two (DNS rebinding)
-is not covered; HTTP redirects are refused outright (``mosaic_core.model.video.open_options``), but an RTSP
-server's redirect is followed. Restricting the workers' egress closes both (``docs/security.md``).
+is not covered; HTTP redirects and playlists (HLS, DASH), whose entries name hosts of their own, are refused
+outright (``mosaic_core.model.video.open_options``), but an RTSP server's redirect is followed. Restricting the
+workers' egress closes both (``docs/security.md``).
 """
 
 from __future__ import annotations

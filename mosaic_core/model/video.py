@@ -20,7 +20,9 @@ are the same pixels either way.
 
 FFmpeg opens only the protocols the source's own scheme needs (``protocol_whitelist``): a local file reads
 files only, an ``http(s)`` URL speaks HTTP over TCP/TLS only, ``rtsp(s)`` RTSP/RTP over TCP/UDP/TLS; any other
-scheme (``concat:``, ``data:``, ``ftp://``, ``tcp://``...) is refused before FFmpeg sees it.
+scheme (``concat:``, ``data:``, ``ftp://``, ``tcp://``...) is refused before FFmpeg sees it. Over HTTP it reads only
+the containers of ``FORMATS_OVER_HTTP`` (``format_whitelist``): an HLS or DASH playlist is refused before any of its
+entries is fetched, since those URLs name hosts that no check of the source URL saw.
 
     pass 0 frames  |0    |1    |2    |3        clip duration D = last frame time + its duration
     pass 1 frames                        |D   |D+1  ...
@@ -55,6 +57,9 @@ PROTOCOLS_BY_SCHEME = {
     "http": "http,https,tcp,tls,crypto,httpproxy",
     "https": "http,https,tcp,tls,crypto,httpproxy",
 }
+# The demuxers an http(s) source may use: the containers that cameras and video files come in. No playlist or manifest
+# (HLS, DASH, concat, IMF): their demuxers open the URLs they list, on hosts that no check of the source URL saw.
+FORMATS_OVER_HTTP = "mpjpeg,mjpeg,mpegts,mov,matroska,flv,live_flv,avi,asf,mpeg,mpegvideo,h264,hevc,m4v,ogg"
 _VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".yuv")
 
 
@@ -235,15 +240,16 @@ def protocol_whitelist(source: str) -> str:
 
 
 def open_options(source: str) -> dict[str, str]:
-    """FFmpeg's options for opening ``source``: the protocols its scheme may use, RTSP over TCP, and no HTTP
-    redirects (the scheme in any case, as the protocol check reads it). A redirect would take the connection to a
-    host that no check of the URL saw."""
+    """FFmpeg's options for opening ``source``: the protocols its scheme may use, RTSP over TCP, and over HTTP no
+    redirects and only the containers of ``FORMATS_OVER_HTTP`` (the scheme in any case, as the protocol check reads
+    it). A redirect, or a playlist's entries, would take the connection to a host that no check of the URL saw."""
     options = {"protocol_whitelist": protocol_whitelist(source)}
     scheme = source_scheme(source)
     if scheme in ("rtsp", "rtsps"):
         options["rtsp_transport"] = "tcp"
     if scheme in ("http", "https"):
         options["max_redirects"] = "0"
+        options["format_whitelist"] = FORMATS_OVER_HTTP
     return options
 
 
@@ -252,7 +258,9 @@ def _open(source: str) -> av.container.InputContainer:
     try:
         container = av.open(str(source), mode="r", timeout=OPEN_TIMEOUT_S, options=options)
     except (av.FFmpegError, OSError) as err:
-        raise InvalidArgumentError(f"Cannot open video source {source!r}: {err}.") from err
+        refused_format = "format_whitelist" in options and isinstance(err, av.ArgumentError)
+        hint = f" (over HTTP this server reads {FORMATS_OVER_HTTP} only, no playlists)" if refused_format else ""
+        raise InvalidArgumentError(f"Cannot open video source {source!r}: {err}{hint}.") from err
     if not container.streams.video:
         container.close()
         raise InvalidArgumentError(f"Video source {source!r} has no video stream.")

@@ -1,7 +1,7 @@
 """A caller cannot point a camera at the worker's own loopback or the cloud's metadata service: such a host is
 refused as written at CreateStream, as resolved before a connect (and so is the machine's own routable address), and
-an HTTP redirect is not followed. Real PyAV against real HTTP servers on this machine, and the machine's real
-resolver."""
+neither an HTTP redirect nor a playlist's entries are followed. Real PyAV against real HTTP servers on this machine,
+and the machine's real resolver."""
 
 from __future__ import annotations
 
@@ -146,6 +146,47 @@ def test_an_http_redirect_is_not_followed(clip_server):
     moved.stop()
     assert progress.state is SourceState.ERROR and progress.frames_read == 0
     assert _Clip.requests and all(path == "/moved" for path in _Clip.requests)
+
+
+def test_a_playlist_cannot_send_the_reader_to_a_blocked_host(clip_server):
+    """An HLS playlist on an allowed host lists a segment on a blocked one (the metadata service, a loopback-only
+    port): the reader refuses the playlist, says why, and fetches nothing from the blocked host."""
+    try:
+        internal = http.server.ThreadingHTTPServer(("127.0.0.2", 0), _Clip)  # the blocked host, recording requests
+    except OSError as err:
+        pytest.skip(f"cannot listen on 127.0.0.2: {err}")
+    threading.Thread(target=internal.serve_forever, daemon=True).start()
+    playlist = (
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:10\n#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:10.0,\n"
+        f"http://127.0.0.2:{internal.server_address[1]}/latest/meta-data/iam.ts\n#EXT-X-ENDLIST\n"
+    ).encode()
+
+    class Camera(http.server.BaseHTTPRequestHandler):  # the allowed host that the source URL names
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.apple.mpegurl")
+            self.send_header("Content-Length", str(len(playlist)))
+            self.end_headers()
+            self.wfile.write(playlist)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    camera = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Camera)
+    threading.Thread(target=camera.serve_forever, daemon=True).start()
+    try:
+        reader = SourceReader(
+            f"http://127.0.0.1:{camera.server_address[1]}/cam.m3u8", fps=1.0, sink=lambda t, rgb: None,
+            realtime=False, max_failures=1, blocked_networks=parse_networks(["127.0.0.2/32"]),
+        ).start()  # fmt: skip
+        progress = _until_settled(reader)
+        reader.stop()
+    finally:
+        for server in (camera, internal):
+            server.shutdown()
+            server.server_close()
+    assert _Clip.requests == [], f"the reader fetched {_Clip.requests} from a host in source_blocked_networks"
+    assert progress.state is SourceState.ERROR and "no playlists" in progress.error
 
 
 @pytest.mark.parametrize("url", ["http://:8080/secret", "http://user@:8080/a", "rtsp://:554/x", "rtsp://@/x"])

@@ -89,3 +89,13 @@ def test_rtsp_is_opened_over_tcp_whatever_the_case_of_its_scheme(url):
 
     assert open_options(url)["rtsp_transport"] == "tcp"
     assert "rtsp_transport" not in open_options("http://cam.local/live.mp4")
+
+
+@pytest.mark.parametrize("url", ["http://cam.local/live.m3u8", "HTTPS://cam.local/live.mpd"])
+def test_http_reads_no_container_that_opens_further_urls(url):
+    """A playlist's demuxer fetches the URLs it lists, on hosts that no check of the source URL saw."""
+    from mosaic_core.model.video import open_options
+
+    formats = open_options(url)["format_whitelist"].split(",")
+    assert {"mov", "mpegts", "mpjpeg"} <= set(formats)
+    assert not {"hls", "dash", "concat", "imf"} & set(formats)
