@@ -6,7 +6,9 @@ camera the newest frame is the one worth encoding; every drop is counted by the 
 
 Sampling to the stream's fps runs on a grid anchored at the stream's first frame: frame ``t`` is kept when
 ``floor((t - t0) * fps)`` is larger than that of the last kept frame, so 25 fps pushed into a 5 fps stream
-keeps every fifth frame without drift.
+keeps every fifth frame without drift. That grid is for pushed frames: a source reader's frames arrive sampled to the
+stream's fps already (``put(..., presampled=True)``) and are all queued, since a second grid, with its own anchor and
+margin, refused frames the reader had kept (3 of the 116 frames of a 29.97-fps clip read at 29 fps), counted nowhere.
 
 **How far behind a stream is** (``oldest_wait_s``) is measured from the arrival of the oldest frame still
 waiting, and frames dropped while waiting do not reset it: a stream whose queue keeps overflowing because
@@ -101,8 +103,9 @@ class IngestQueues:
             queue = self._queues.pop(stream_id, None)
             return 0 if queue is None else len(queue.frames)
 
-    def put(self, frame: QueuedFrame) -> PutOutcome:
-        """Offers one frame.
+    def put(self, frame: QueuedFrame, *, presampled: bool = False) -> PutOutcome:
+        """Offers one frame; ``presampled`` when its producer sampled it to the stream's fps already (a source
+        reader): it is then queued whatever the grid says, never SAMPLED_OUT.
 
         Raises:
             InvalidArgumentError: the timestamp is not finite, or not within ``MAX_TIMESTAMP_S`` of 0.
@@ -127,7 +130,7 @@ class IngestQueues:
             slot = math.floor((frame.timestamp_s - first) * queue.fps + _GRID_EPS)  # before the queue changes
             queue.last_timestamp_s = frame.timestamp_s
             queue.first_timestamp_s = first
-            if slot <= queue.last_slot:
+            if slot <= queue.last_slot and not presampled:
                 return PutOutcome.SAMPLED_OUT
             queue.last_slot = slot
             dropped = bool(queue.frames) and queue.waiting >= self.max_frames_per_stream

@@ -262,7 +262,8 @@ class WorkerCore:
         if pushed:
             session.check_push(timestamp_s, now=now, max_skew_s=self.config.max_push_skew_s)
         rgb = validate_frames(rgb)[0]  # a bad frame is refused here, never reaching a shared batch
-        outcome = self.queues.put(QueuedFrame(stream_id, timestamp_s, rgb, now))
+        # A source reader's frames come sampled to the stream's fps; only pushed ones are sampled here.
+        outcome = self.queues.put(QueuedFrame(stream_id, timestamp_s, rgb, now), presampled=not pushed)
         if outcome is PutOutcome.SAMPLED_OUT:
             return outcome
         session.last_offered_s = timestamp_s

@@ -81,6 +81,17 @@ def test_a_frame_a_little_early_on_its_grid_keeps_its_slot():
     assert all(queues.put(_frame("cam", t)) is not PutOutcome.SAMPLED_OUT for t in stamps)
 
 
+def test_frames_sampled_by_their_producer_are_all_queued_however_close():
+    """A source reader samples to the stream's fps itself; the queue's grid (its own anchor and margin) must not
+    refuse one of its frames for being a little closer than one interval to the one before."""
+    queues = IngestQueues(10_000)
+    queues.add_stream("cam", 29.0)
+    stamps = [i / 29.97 for i in range(60)]  # a 29.97-fps clip read at 29 fps: every frame is a sample
+    outcomes = [queues.put(_frame("cam", t), presampled=True) for t in stamps]
+    assert outcomes == [PutOutcome.QUEUED] * 60
+    assert queues.put(_frame("cam", stamps[-1] + 0.001)) is PutOutcome.SAMPLED_OUT  # a pushed one is still sampled
+
+
 def test_out_of_order_and_unknown_frames_are_refused():
     queues = IngestQueues(4)
     queues.add_stream("a", fps=1.0)
