@@ -240,7 +240,11 @@ class WorkerCore:
 
     # -- ingest -------------------------------------------------------------------------------------
     def push(self, frames: list[tuple[int, str, float, np.ndarray]]) -> PushResult:
-        """Queues decoded frames ``(index in the call, stream, timestamp_s, rgb)``; never raises per frame."""
+        """Queues decoded frames ``(index in the call, stream, timestamp_s, rgb)``; never raises per frame.
+
+        ``accepted`` counts the frames queued (as GetStream's ``frames_received`` does), ``rejected`` the refused; a
+        frame sampled out to its stream's fps is neither, so it is what the call sent beyond the two.
+        """
         result = PushResult()
         for index, stream_id, timestamp_s, rgb in frames:
             try:
@@ -249,6 +253,8 @@ class WorkerCore:
                 result.rejected.append(FrameRejection(index, stream_id, str(err), err.grpc_code))
                 if stream_id in self.sessions:
                     self.telemetry.dropped(stream_id, "invalid")
+                continue
+            if outcome is PutOutcome.SAMPLED_OUT:  # not queued, not an error: in none of the result's counts
                 continue
             result.accepted += 1
             result.dropped += outcome is PutOutcome.QUEUED_DROPPED_OLDEST
