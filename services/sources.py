@@ -20,10 +20,12 @@ Failures: network sources (rtsp, http) reconnect with exponential backoff (``bac
 ``max_failures`` attempts in a row that read no frame, an http(s) source stops in ``SourceState.ERROR`` with the
 last error; a live camera (rtsp, rtmp, udp, tcp) stays in ERROR, saying so, and keeps trying every
 ``max_backoff_s``, since a camera that reboots or loses its network comes back, and a service that runs for months
-must not need a restart to read it again. After ``max_refused_frames`` frames in a row that the sink refused, any
-source stops in ERROR. A local file that cannot be opened or decoded ends in ERROR at once. The first failure is
-logged as one line; repeats are logged at most once per ``LOG_EVERY_S`` with a count, never with a traceback for an
-expected error.
+must not need a restart to read it again. From a failed attempt on, the state stays ERROR with the last error through
+the retries, and only a frame read sets it RUNNING again, so a dead camera does not flap between ERROR and CONNECTING
+(GetStream's ``source_state``, the worker's ``sources_failing``). After ``max_refused_frames`` frames in a row that
+the sink refused, any source stops in ERROR. A local file that cannot be opened or decoded ends in ERROR at once. The
+first failure is logged as one line; repeats are logged at most once per ``LOG_EVERY_S`` with a count, never with a
+traceback for an expected error.
 """
 
 from __future__ import annotations
@@ -283,7 +285,8 @@ class SourceReader:
         delay_s = self.backoff_s
         num_failures = 0
         while not self._stop.is_set():
-            self._set(state=SourceState.CONNECTING)
+            if num_failures == 0:  # after a failure the state stays ERROR, with its reason, until a frame arrives
+                self._set(state=SourceState.CONNECTING)
             frames_before = self.progress().frames_read
             host_refusal = resolved_refusal(self.url, self.blocked_networks) if self.is_network else None
             if host_refusal is not None:

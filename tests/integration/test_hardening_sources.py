@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -147,6 +148,56 @@ def test_an_unreachable_camera_stays_in_error_and_is_tried_again_every_longest_b
     assert "attempts in a row failed, trying again every 0.05 s" in progress.error
     records = [r for r in caplog.records if r.name == "services.sources"]
     assert len(records) == 1 and records[0].exc_info is None, [r.getMessage() for r in records]
+
+
+@pytest.fixture
+def slow_dead_camera():
+    """A loopback rtsp:// camera that takes every connection and hangs up 0.3 s later without a word: each attempt
+    waits on it, as on a camera that does not answer, before it fails."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            stop.wait(0.3)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"rtsp://127.0.0.1:{server.getsockname()[1]}/cam"
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+def test_a_camera_that_keeps_failing_stays_in_error_while_it_is_tried_again(slow_dead_camera):
+    """Every retry used to say CONNECTING while it waited on the dead camera, so GetStream's source_state and the
+    worker's sources_failing (it counts ERROR) flapped."""
+    reader = SourceReader(
+        slow_dead_camera, fps=1.0, sink=lambda t, rgb: None, backoff_s=0.01, max_backoff_s=0.2, max_failures=2,
+        blocked_networks=(),
+    ).start()  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while "attempts in a row failed" not in reader.progress().error:
+            assert time.monotonic() < deadline, reader.progress()
+            time.sleep(0.02)
+        tried = reader.progress().num_reconnects
+        states = []
+        for _ in range(150):  # 1.5 s: three more attempts of 0.3 s, each after a back-off of 0.2 s
+            states.append(reader.progress().state)
+            time.sleep(0.01)
+        assert reader.progress().num_reconnects >= tried + 2, "the camera was not tried again"
+    finally:
+        reader.stop()
+    assert set(states) == {SourceState.ERROR}, f"CONNECTING in {states.count(SourceState.CONNECTING)} of 150 samples"
 
 
 def test_a_source_whose_frames_keep_being_refused_stops_in_error_with_bounded_logs(caplog):
