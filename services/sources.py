@@ -16,7 +16,9 @@ paced to real time: sample ``k`` is released at ``start + k / fps`` wall-clock s
 like a live camera and never floods the queue. ``loop`` restarts a file or URL at its end (demo cameras).
 
 Failures: network sources (rtsp, http) reconnect with exponential backoff (``backoff_s`` doubling up to
-``max_backoff_s``); the stream clock continues where it stopped, so timestamps keep increasing. After
+``max_backoff_s``). Timestamps keep increasing: a file or URL's stream clock continues where it stopped; a live
+camera's resumes at the wall-clock time since its first frame (never before its last frame), as a restart's does
+(``services.worker_streams``), so it stays in step with the wall clock across an outage. After
 ``max_failures`` attempts in a row that read no frame, an http(s) source stops in ``SourceState.ERROR`` with the
 last error; a live camera (rtsp, rtmp, udp, tcp) stays in ERROR, saying so, and keeps trying every
 ``max_backoff_s``, since a camera that reboots or loses its network comes back, and a service that runs for months
@@ -234,6 +236,7 @@ class SourceReader:
         self.max_pixels = max_pixels
         self.blocked_networks = blocked_networks
         self._num_refused = 0  # frames in a row the sink refused
+        self._clock_epoch_unix: float | None = None  # wall-clock time at which this reader's clock read 0
         self._logged: dict[str, float] = {}  # what -> monotonic time it was last logged
         self._num_unlogged: dict[str, int] = {}
         self._stop = threading.Event()
@@ -345,8 +348,11 @@ class SourceReader:
     def _read_once(self) -> bool:
         """Reads until the source ends (True) or the reader is stopped (False)."""
         last = self.progress().last_timestamp_s
-        # Continue the stream clock after a reconnect so timestamps keep increasing.
+        # Continue the stream clock after a reconnect so timestamps keep increasing. A camera's resumes at the wall
+        # clock's time, as a restart's does: from its last frame it would run the outage's length behind the wall.
         offset_s = 0.0 if last is None else last + 1.0 / self.fps
+        if self.is_live and self._clock_epoch_unix is not None:
+            offset_s = max(offset_s, time.time() - self._clock_epoch_unix)
         loop = self.loop and not self.is_network
         sampling = {"fps": self.fps, "loop": loop, "start_offset_s": offset_s, "max_pixels": self.max_pixels}
         if self.decode_in_child:
@@ -365,6 +371,8 @@ class SourceReader:
                         wait_s = 0.0
                     if wait_s > 0 and self._stop.wait(wait_s):
                         return False
+                if self._clock_epoch_unix is None:
+                    self._clock_epoch_unix = time.time() - frame.timestamp_s
                 with self._lock:
                     self._progress.state = SourceState.RUNNING
                     self._progress.frames_read += 1

@@ -310,3 +310,36 @@ def test_a_live_cameras_clock_jump_does_not_stop_its_reading(monkeypatch):
         time.sleep(0.02)
     reader.stop()
     assert len(got) == 10, got
+
+
+def test_a_camera_back_from_an_outage_stamps_its_frames_by_the_wall_clock(monkeypatch):
+    """The worker maps a pulled stream's clock to the wall by the time of its first frame (clock_epoch_unix: watches'
+    active hours, evidence times). A reconnect went on from the last frame, so every frame after an outage was
+    stamped the outage's length behind the wall, where a restart re-aligns the clock (services.worker_streams)."""
+    import services.sources as sources
+    from mosaic_core.model.video import SampledFrame
+
+    connections = []
+
+    def camera(url, **sampling):  # three frames at 10 fps, then the first connection drops for a back-off of 1 s
+        connections.append(sampling["start_offset_s"])
+        for k in range(3):
+            yield SampledFrame(sampling["start_offset_s"] + k / 10, np.zeros((2, 2, 3), np.uint8))
+        if len(connections) == 1:
+            raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(sources, "iter_video_frames", camera)
+    seen: list[tuple[float, float]] = []  # (wall clock, timestamp)
+    reader = SourceReader(
+        "rtsp://10.0.0.9/live", fps=10.0, sink=lambda t, rgb: seen.append((time.time(), t)), backoff_s=1.0,
+        blocked_networks=(),
+    ).start()  # fmt: skip
+    deadline = time.monotonic() + 10
+    while len(seen) < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    reader.stop()
+    assert len(seen) >= 6 and len(connections) >= 2, (seen, connections)
+    epoch = seen[0][0] - seen[0][1]  # as WorkerCore._offer sets clock_epoch_unix at the first frame
+    lags_s = [round(wall - (epoch + t), 2) for wall, t in seen]
+    assert max(lags_s) < 0.5, f"frames after the outage are stamped behind the wall clock: {lags_s}"
+    assert [t for _, t in seen] == sorted({t for _, t in seen})  # and the clock still increases
