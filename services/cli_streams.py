@@ -305,37 +305,33 @@ def run_push(args) -> int:
                 raise read.error from None
             raise
     progress.total = max(progress.total, 1)
-    print(push_summary(args.stream_id, response, num_sent=read.num_frames, stream_fps=stream.fps))
+    print(push_summary(args.stream_id, response, stream_fps=stream.fps))
     for error in list(response.errors)[:5]:
         print(f"  frame {error.index}: {escape_for_terminal(error.reason)}")
     return 0 if response.frames_rejected == 0 else 1
 
 
-def push_summary(stream_id: str, response, *, num_sent: int, stream_fps: float) -> str:
-    """The line ``mosaic push`` ends with; frames neither accepted nor rejected were sampled out to the stream's fps
-    (``PushFramesResponse``), and are named only when there were some."""
+def push_summary(stream_id: str, response, *, stream_fps: float) -> str:
+    """The line ``mosaic push`` ends with; frames sampled out to the stream's fps are named only when there were
+    some."""
     line = (
         f"pushed to {stream_id}: {response.frames_accepted} accepted, {response.frames_dropped} dropped, "
         f"{response.frames_rejected} rejected"
     )
-    num_sampled_out = num_sent - response.frames_accepted - response.frames_rejected
-    return line if num_sampled_out <= 0 else f"{line}, {num_sampled_out} sampled out to {stream_fps:g} frames/s"
+    num = response.frames_sampled_out
+    return line if num == 0 else f"{line}, {num} sampled out to {stream_fps:g} frames/s"
 
 
 class _Reading:
-    """Frames as gRPC reads them, counted, keeping the error that ended the reading (gRPC cancels the call and drops
-    it)."""
+    """Frames as gRPC reads them, keeping the error that ended the reading (gRPC cancels the call and drops it)."""
 
     def __init__(self, frames: Iterator) -> None:
         self.frames = frames
-        self.num_frames = 0
         self.error: Exception | None = None
 
     def __iter__(self) -> Iterator:
         try:
-            for frame in self.frames:
-                self.num_frames += 1
-                yield frame
+            yield from self.frames
         except Exception as err:
             self.error = err
             raise

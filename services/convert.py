@@ -97,6 +97,7 @@ def push_response(result: PushResult, *, num_rejected: int | None = None) -> pb.
         frames_accepted=result.accepted,
         frames_dropped=result.dropped,
         frames_rejected=len(result.rejected) if num_rejected is None else num_rejected,
+        frames_sampled_out=result.sampled_out,
         errors=[
             pb.FrameError(index=r.index, reason=r.reason, stream_id=r.stream_id)
             for r in result.rejected[:MAX_FRAME_ERRORS]

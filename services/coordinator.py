@@ -284,6 +284,7 @@ class Coordinator(TelemetryPollsMixin):
                 raise part
             result.accepted += part.accepted
             result.dropped += part.dropped
+            result.sampled_out += part.sampled_out
             result.rejected.extend(part.rejected)
         result.rejected.sort(key=lambda r: r.index)
         return result

@@ -184,10 +184,11 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
                 part = await self._push_one(index, frame)
                 totals.accepted += part.accepted
                 totals.dropped += part.dropped
+                totals.sampled_out += part.sampled_out
                 num_rejected += len(part.rejected)
                 totals.rejected.extend(part.rejected[: max(0, convert.MAX_FRAME_ERRORS - len(totals.rejected))])
                 index += 1
-            if num_rejected and not totals.accepted:
+            if num_rejected and num_rejected == index:  # every frame of the call refused
                 raise _all_refused(totals, num_rejected)
             return convert.push_response(totals, num_rejected=num_rejected)
         except Exception as err:

@@ -242,8 +242,8 @@ class WorkerCore:
     def push(self, frames: list[tuple[int, str, float, np.ndarray]]) -> PushResult:
         """Queues decoded frames ``(index in the call, stream, timestamp_s, rgb)``; never raises per frame.
 
-        ``accepted`` counts the frames queued (as GetStream's ``frames_received`` does), ``rejected`` the refused; a
-        frame sampled out to its stream's fps is neither, so it is what the call sent beyond the two.
+        ``accepted`` counts the frames queued (as GetStream's ``frames_received`` does), ``rejected`` the refused and
+        ``sampled_out`` those closer to their stream's previous kept frame than its fps allows.
         """
         result = PushResult()
         for index, stream_id, timestamp_s, rgb in frames:
@@ -254,7 +254,8 @@ class WorkerCore:
                 if stream_id in self.sessions:
                     self.telemetry.dropped(stream_id, "invalid")
                 continue
-            if outcome is PutOutcome.SAMPLED_OUT:  # not queued, not an error: in none of the result's counts
+            if outcome is PutOutcome.SAMPLED_OUT:
+                result.sampled_out += 1
                 continue
             result.accepted += 1
             result.dropped += outcome is PutOutcome.QUEUED_DROPPED_OLDEST

@@ -40,6 +40,7 @@ class FrameRejection:
 class PushResult:
     accepted: int = 0
     dropped: int = 0
+    sampled_out: int = 0
     rejected: list[FrameRejection] = field(default_factory=list)
 
 

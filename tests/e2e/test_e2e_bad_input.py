@@ -131,6 +131,19 @@ def test_bad_frames_in_a_mixed_call_are_reported_per_frame_and_harm_no_other_str
     assert after.frames_dropped == 0 and after.frames_received == streams.frames_received + 4
 
 
+def test_a_call_whose_frames_are_refused_or_sampled_out_succeeds_and_counts_each(client):
+    stream_id = "bad-sampled"
+    client.create_stream(stream_id, fps=2.0)
+    try:
+        assert client.push_frames([_raw(stream_id, 10.0, RGB)]).frames_accepted == 1
+        corrupt = pb.Frame(stream_id=stream_id, timestamp_s=10.1, encoded=CORRUPT_JPEG.encoded)
+        response = client.push_frames([corrupt, _raw(stream_id, 10.2, RGB)])  # 0.2 s after a kept frame, at 2 fps
+        counts = (response.frames_accepted, response.frames_rejected, response.frames_sampled_out)
+        assert counts == (0, 1, 1) and [e.index for e in response.errors] == [0]
+    finally:
+        client.delete_stream(stream_id)
+
+
 def test_errors_and_deadlines_are_counted_by_code(client, service, streams):
     rows = {c[0]: c for c in CASES}
     cases = [

@@ -45,14 +45,14 @@ def test_every_frame_a_source_reader_samples_is_received(tiny_model, tmp_path):
 
 def test_a_push_counts_accepted_only_the_frames_it_queued(tiny_model, tmp_path):
     """PushFrames' frames_accepted means "queued for ingest", as GetStream's frames_received; a frame sampled out to
-    the stream's fps is neither accepted nor rejected."""
+    the stream's fps is counted apart, neither accepted nor rejected."""
     worker = _worker(tiny_model, tmp_path)
     try:
         worker.open_stream(StreamRecord(stream_id="cam", fps=1.0))
         rgb = np.zeros((32, 32, 3), np.uint8)
         # 5 frames within one second of a 1-fps stream: the first is kept, four are sampled out
         result = worker.push([(i, "cam", 100.0 + i * 0.1, rgb) for i in range(5)])
-        assert (result.accepted, result.dropped, result.rejected) == (1, 0, [])
+        assert (result.accepted, result.dropped, result.rejected, result.sampled_out) == (1, 0, [], 4)
         assert worker.telemetry.totals("cam").received == result.accepted
     finally:
         worker.shutdown()

@@ -197,16 +197,18 @@ class FrameError(_message.Message):
     def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ..., stream_id: _Optional[str] = ...) -> None: ...
 
 class PushFramesResponse(_message.Message):
-    __slots__ = ("frames_accepted", "frames_dropped", "frames_rejected", "errors")
+    __slots__ = ("frames_accepted", "frames_dropped", "frames_rejected", "errors", "frames_sampled_out")
     FRAMES_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_REJECTED_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_SAMPLED_OUT_FIELD_NUMBER: _ClassVar[int]
     frames_accepted: int
     frames_dropped: int
     frames_rejected: int
     errors: _containers.RepeatedCompositeFieldContainer[FrameError]
-    def __init__(self, frames_accepted: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[FrameError, _Mapping]]] = ...) -> None: ...
+    frames_sampled_out: int
+    def __init__(self, frames_accepted: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[FrameError, _Mapping]]] = ..., frames_sampled_out: _Optional[int] = ...) -> None: ...
 
 class TimeRange(_message.Message):
     __slots__ = ("start_s", "end_s")
