@@ -87,7 +87,7 @@ class ServiceConfig(BaseModel):
     disk_dir: str | None = None
     disk_budget_bytes: int = Field(0, ge=0)
     # --- sources ---
-    # URL schemes a stream's source_url may use (services.sources.SUPPORTED_SOURCE_SCHEMES lists the choices).
+    # URL schemes a stream's source_url may use (services.source_policy.SUPPORTED_SOURCE_SCHEMES lists the choices).
     allowed_source_schemes: list[str] = Field(default_factory=lambda: ["rtsp", "rtsps", "http", "https"])
     # Local video files are accepted only under these folders; none by default.
     source_roots: list[str] = Field(default_factory=list)
@@ -236,7 +236,7 @@ class ServiceConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_pairs(self) -> ServiceConfig:
-        from services.sources import check_source_schemes  # raises ConfigError naming an unsupported scheme
+        from services.source_policy import check_source_schemes  # raises ConfigError naming an unsupported scheme
 
         check_source_schemes(self.allowed_source_schemes)
         parse_networks(self.source_blocked_networks)  # raises ConfigError naming one that is not a network

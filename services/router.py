@@ -52,7 +52,7 @@ from services.ray_setup import init_ray
 from services.request_log import RequestLogInterceptor, replace_behaviour
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
-from services.sources import SourcePolicy
+from services.source_policy import SourcePolicy
 from services.store_actor import RayMetadataStore, connect_store
 from services.url_text import host_in_address
 from services.watches import WatchRegistry

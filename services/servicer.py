@@ -37,7 +37,7 @@ from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.gen.mosaic.v1 import mosaic_pb2_grpc
 from services.metrics import MosaicMetrics
 from services.scheduler import QueryQueue
-from services.sources import SourcePolicy
+from services.source_policy import SourcePolicy
 from services.watches_convert import event_to_proto, record_from_request, watch_to_proto
 from services.worker_results import FrameRejection, PushResult
 

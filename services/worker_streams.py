@@ -25,7 +25,8 @@ from services.ingest_queue import IngestQueues
 from services.metadata.base import StreamRecord
 from services.publisher import DeleteStream, MetadataPublisher, PutStream
 from services.session import StreamSession
-from services.sources import NETWORK_SCHEMES, SourcePolicy, SourceReader, SourceState
+from services.source_policy import SourcePolicy
+from services.sources import NETWORK_SCHEMES, SourceReader, SourceState
 from services.telemetry import StreamTotals, WorkerTelemetry
 from services.tier_sync import TierSync
 from services.watches_worker import WorkerWatches

@@ -17,7 +17,8 @@ import pytest
 
 from mosaic_core.errors import ConfigError, InvalidArgumentError, TimestampOrderError
 from mosaic_core.model.video import sample_clip_path
-from services.sources import SourceReader, SourceState, check_source_schemes, check_source_url
+from services.source_policy import check_source_schemes, check_source_url
+from services.sources import SourceReader, SourceState
 
 
 @pytest.fixture

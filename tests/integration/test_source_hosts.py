@@ -16,7 +16,8 @@ import pytest
 from mosaic_core.errors import ConfigError, InvalidArgumentError
 from mosaic_core.model.video import sample_clip_path
 from services.source_hosts import parse_networks, resolved_refusal
-from services.sources import SourceReader, SourceState, check_source_url
+from services.source_policy import check_source_url
+from services.sources import SourceReader, SourceState
 
 
 @pytest.mark.parametrize(

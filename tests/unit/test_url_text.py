@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mosaic_core.errors import InvalidArgumentError
-from services.sources import check_source_url
+from services.source_policy import check_source_url
 from services.url_text import host_in_address, without_credentials
 
 
