@@ -64,7 +64,8 @@ def url_host(url: str) -> tuple[str, int | None] | None:
     after_host = address.partition("]")[2] if address.startswith("[") else address
     port_text = after_host.partition(":")[2] if ":" in after_host else None
     if port_text is not None and not (port_text.isascii() and port_text.isdigit() and int(port_text) <= 65535):
-        raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
+        quoted = "" if "@" in url else f" {port_text!r}"  # else what urlsplit read as a port may be a password
+        raise ValueError(f"port{quoted} is not a number from 0 to 65535")
     port = None if not port_text else int(port_text)
     return (parts.hostname, port) if parts.hostname else None
 

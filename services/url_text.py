@@ -9,18 +9,19 @@ from urllib.parse import urlsplit, urlunsplit
 def without_credentials(url: str) -> str:
     """``url`` with any user and password replaced by ``***``; a text with no ``@`` after its ``://`` as it is.
 
-    A URL that ``urlsplit`` refuses (an unclosed IPv6 bracket) still loses everything between ``://`` and its last
-    ``@``: such a URL ends up quoted in a refusal, and where its host ends is anyone's guess.
+    Where ``urlsplit`` finds no user in the host part although an ``@`` follows the ``://`` (a password with an
+    unescaped ``/``, ``?`` or ``#``), or refuses the URL (an unclosed IPv6 bracket), everything between ``://`` and
+    the last ``@`` goes: such a URL ends up quoted in a refusal, and where its password ends is anyone's guess.
     """
+    scheme, separator, rest = url.partition("://")
+    if not separator or "@" not in rest:
+        return url
     try:
         parts = urlsplit(url)
     except ValueError:
-        scheme, separator, rest = url.partition("://")
-        if not separator or "@" not in rest:
-            return url
+        parts = None
+    if parts is None or "@" not in parts.netloc:
         return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    if "@" not in parts.netloc:
-        return url
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 

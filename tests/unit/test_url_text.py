@@ -29,9 +29,12 @@ def test_credentials_are_replaced_and_nothing_else(url, shown):
     [
         ("rtsp://admin:hunter2@[cam/live", "rtsp://***@[cam/live"),  # an unclosed IPv6 bracket
         ("rtsp://admin:hunter2@cam]/live", "rtsp://***@cam]/live"),
+        ("rtsp://admin:hunter2/x@cam/live", "rtsp://***@cam/live"),  # a password's "/" ends urlsplit's host part
+        ("rtsp://admin:hunter2?x@cam/live", "rtsp://***@cam/live"),
+        ("rtsp://admin:hunter2#x@cam/live", "rtsp://***@cam/live"),
     ],
 )
-def test_a_url_that_does_not_parse_is_refused_without_its_password(url, shown):
+def test_a_url_whose_password_does_not_parse_is_refused_without_it(url, shown):
     assert without_credentials(url) == shown
     with pytest.raises(InvalidArgumentError) as refused:
         check_source_url(url)
