@@ -57,9 +57,13 @@ PROTOCOLS_BY_SCHEME = {
     "http": "http,https,tcp,tls,crypto,httpproxy",
     "https": "http,https,tcp,tls,crypto,httpproxy",
 }
-# The demuxers an http(s) source may use: the containers that cameras and video files come in. No playlist or manifest
-# (HLS, DASH, concat, IMF): their demuxers open the URLs they list, on hosts that no check of the source URL saw.
-FORMATS_OVER_HTTP = "mpjpeg,mjpeg,mpegts,mov,matroska,flv,live_flv,avi,asf,mpeg,mpegvideo,h264,hevc,m4v,ogg"
+# The demuxers an http(s) source may use: the containers that cameras and video files come in, and a camera's snapshot
+# picture. No playlist or manifest (HLS, DASH, concat, IMF): their demuxers open the URLs they list, on hosts that no
+# check of the source URL saw.
+FORMATS_OVER_HTTP = (
+    "mpjpeg,mjpeg,mpegts,mov,matroska,flv,live_flv,avi,asf,mpeg,mpegvideo,h264,hevc,m4v,ogg,ivf,"
+    "jpeg_pipe,png_pipe,webp_pipe"
+)
 _VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".yuv")
 
 
@@ -259,7 +263,8 @@ def _open(source: str) -> av.container.InputContainer:
         container = av.open(str(source), mode="r", timeout=OPEN_TIMEOUT_S, options=options)
     except (av.FFmpegError, OSError) as err:
         refused_format = "format_whitelist" in options and isinstance(err, av.ArgumentError)
-        hint = f" (over HTTP this server reads {FORMATS_OVER_HTTP} only, no playlists)" if refused_format else ""
+        hint = f" (if it is a playlist or another container: over HTTP this server reads {FORMATS_OVER_HTTP} only)"
+        hint = hint if refused_format else ""
         raise InvalidArgumentError(f"Cannot open video source {source!r}: {err}{hint}.") from err
     if not container.streams.video:
         container.close()

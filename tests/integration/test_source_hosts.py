@@ -187,7 +187,7 @@ def test_a_playlist_cannot_send_the_reader_to_a_blocked_host(clip_server):
             server.shutdown()
             server.server_close()
     assert _Clip.requests == [], f"the reader fetched {_Clip.requests} from a host in source_blocked_networks"
-    assert progress.state is SourceState.ERROR and "no playlists" in progress.error
+    assert progress.state is SourceState.ERROR and "if it is a playlist" in progress.error
 
 
 @pytest.mark.parametrize("url", ["http://:8080/secret", "http://user@:8080/a", "rtsp://:554/x", "rtsp://@/x"])
