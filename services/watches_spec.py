@@ -34,8 +34,8 @@ def check_watch_id(watch_id: str) -> str:
 class ActiveHours:
     """Time of day during which a watch may fire: ``[start, end)`` in ``timezone``; wraps past midnight when
     ``end`` is not after ``start`` (``22:00``-``06:00`` is the night). Judged on a cluster's start time read as
-    Unix seconds, which is what live and pushed cameras' clocks are. A time the calendar cannot hold (before the
-    year 1 or after 9999, which a pushed camera's clock may send) is outside the hours."""
+    Unix seconds, which is what live and pushed cameras' clocks are. A time before the year 1, which a pushed
+    camera's clock may send (``MAX_TIMESTAMP_S``) but the calendar cannot hold, is outside the hours."""
 
     start: str
     end: str

@@ -243,7 +243,7 @@ class WorkerCore:
         """Queues decoded frames ``(index in the call, stream, timestamp_s, rgb)``; never raises per frame.
 
         ``accepted`` counts the frames queued (as GetStream's ``frames_received`` does), ``rejected`` the refused and
-        ``sampled_out`` those closer to their stream's previous kept frame than its fps allows.
+        ``sampled_out`` those in a 1/fps slot of their stream's grid that an earlier frame took (``IngestQueues.put``).
         """
         result = PushResult()
         for index, stream_id, timestamp_s, rgb in frames:
