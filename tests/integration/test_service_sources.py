@@ -189,3 +189,32 @@ def test_a_network_source_whose_timestamps_restart_keeps_delivering_frames():
         server.shutdown()
         server.server_close()
     assert frames == [float(k) for k in range(20)], f"20 s of video at 1 fps gave {len(frames)} frames: {frames}"
+
+
+@pytest.mark.parametrize(("image_format", "path"), [("JPEG", "/snapshot.cgi"), ("PNG", "/snapshot.png")])
+def test_a_cameras_snapshot_over_http_is_read(image_format, path):
+    """A camera's snapshot URL is one picture; the container whitelist for HTTP (which keeps playlists out) reads it."""
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(picture, format=image_format)
+    body = picture.getvalue()
+
+    class Camera(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Camera)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        frame = next(iter_video_frames(f"http://127.0.0.1:{server.server_address[1]}{path}", fps=1.0))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert frame.rgb.shape == (48, 64, 3) and abs(int(frame.rgb.mean()) - 200) <= 3
