@@ -12,9 +12,10 @@ paced to real time: sample ``k`` is released at ``start + k / fps`` wall-clock s
 like a live camera and never floods the queue. ``loop`` restarts a file or URL at its end (demo cameras).
 
 Failures: network sources (rtsp, http) reconnect with exponential backoff (``backoff_s`` doubling up to
-``max_backoff_s``). Timestamps keep increasing: a file or URL's stream clock continues where it stopped; a live
-camera's resumes at the wall-clock time since its first frame (never before its last frame), as a restart's does
-(``services.worker_streams``), so it stays in step with the wall clock across an outage. After
+``max_backoff_s``). Timestamps keep increasing: a network source's clock resumes at the wall-clock time since its
+first frame (never before its last frame), as a restart's does (``services.worker_streams``), so a camera stays in
+step with the wall clock across an outage (a paced file served over HTTP, looped by reconnecting, is where it
+would have been anyway). After
 ``max_failures`` attempts in a row that read no frame, an http(s) source stops in ``SourceState.ERROR`` with the
 last error; a live camera (rtsp, rtmp, udp, tcp) keeps trying every ``max_backoff_s``, since a camera that reboots
 or loses its network comes back, and a service that runs for months must not need a restart to read it again. From
@@ -244,10 +245,10 @@ class SourceReader:
     def _read_once(self) -> bool:
         """Reads until the source ends (True) or the reader is stopped (False)."""
         last = self.progress().last_timestamp_s
-        # Continue the stream clock after a reconnect so timestamps keep increasing. A camera's resumes at the wall
-        # clock's time, as a restart's does: from its last frame it would run the outage's length behind the wall.
+        # Continue the stream clock after a reconnect so timestamps keep increasing. A network source's resumes at the
+        # wall clock's time, as a restart's does: from its last frame it would run the outage's length behind the wall.
         offset_s = 0.0 if last is None else last + 1.0 / self.fps
-        if self.is_live and self._clock_epoch_unix is not None:
+        if self.is_network and self._clock_epoch_unix is not None:
             offset_s = max(offset_s, time.time() - self._clock_epoch_unix)
         loop = self.loop and not self.is_network
         sampling = {"fps": self.fps, "loop": loop, "start_offset_s": offset_s, "max_pixels": self.max_pixels}

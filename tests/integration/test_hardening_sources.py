@@ -313,7 +313,8 @@ def test_a_live_cameras_clock_jump_does_not_stop_its_reading(monkeypatch):
     assert len(got) == 10, got
 
 
-def test_a_camera_back_from_an_outage_stamps_its_frames_by_the_wall_clock(monkeypatch):
+@pytest.mark.parametrize("url", ["rtsp://10.0.0.9/live", "http://10.0.0.9/video.mjpg"])
+def test_a_camera_back_from_an_outage_stamps_its_frames_by_the_wall_clock(monkeypatch, url):
     """The worker maps a pulled stream's clock to the wall by the time of its first frame (clock_epoch_unix: watches'
     active hours, evidence times). A reconnect went on from the last frame, so every frame after an outage was
     stamped the outage's length behind the wall, where a restart re-aligns the clock (services.worker_streams)."""
@@ -332,7 +333,7 @@ def test_a_camera_back_from_an_outage_stamps_its_frames_by_the_wall_clock(monkey
     monkeypatch.setattr(sources, "iter_video_frames", camera)
     seen: list[tuple[float, float]] = []  # (wall clock, timestamp)
     reader = SourceReader(
-        "rtsp://10.0.0.9/live", fps=10.0, sink=lambda t, rgb: seen.append((time.time(), t)), backoff_s=1.0,
+        url, fps=10.0, sink=lambda t, rgb: seen.append((time.time(), t)), backoff_s=1.0,
         blocked_networks=(),
     ).start()  # fmt: skip
     deadline = time.monotonic() + 10
