@@ -3,7 +3,7 @@ CreateStream: a URL whose scheme is on the allow-list (default ``rtsp``, ``rtsps
 host is not written as an address in a blocked network (``services.source_hosts``), or the path of a file under one
 of the configured source roots (none by default: no local files). Everything else (``file://``, ``concat:``,
 ``data:``, ``tcp://``, ``ftp://``, a path outside the roots, a missing file under a root) is refused with one sentence
-that does not say whether a path exists. The readers themselves are ``services.sources``'."""
+that does not say whether a path exists. The readers that open the sources are in ``services.sources``."""
 
 from __future__ import annotations
 
