@@ -8,7 +8,7 @@ Sampling to the stream's fps runs on a grid anchored at the stream's first frame
 ``floor((t - t0) * fps)`` is larger than that of the last kept frame, so 25 fps pushed into a 5 fps stream
 keeps every fifth frame without drift. That grid is for pushed frames: a source reader's frames arrive sampled to the
 stream's fps already (``put(..., presampled=True)``) and are all queued, since a second grid, with its own anchor and
-margin, refused frames the reader had kept (3 of the 116 frames of a 29.97-fps clip read at 29 fps), counted nowhere.
+margin, would refuse some frames the reader kept.
 
 **How far behind a stream is** (``oldest_wait_s``) is measured from the arrival of the oldest frame still
 waiting, and frames dropped while waiting do not reset it: a stream whose queue keeps overflowing because

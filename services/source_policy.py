@@ -20,7 +20,7 @@ from services.url_text import without_credentials
 DEFAULT_SOURCE_SCHEMES = ("rtsp", "rtsps", "http", "https")
 SUPPORTED_SOURCE_SCHEMES = tuple(s for s in PROTOCOLS_BY_SCHEME if s != "file")
 _MAX_URL_CHARS = 2048
-_DEFAULT_BLOCKED = parse_networks(DEFAULT_BLOCKED_NETWORKS)
+DEFAULT_BLOCKED = parse_networks(DEFAULT_BLOCKED_NETWORKS)  # the networks a source may not reach, parsed
 
 
 def check_source_schemes(schemes: Iterable[str]) -> tuple[str, ...]:
@@ -43,7 +43,7 @@ def check_source_url(
     *,
     allowed_schemes: Iterable[str] = DEFAULT_SOURCE_SCHEMES,
     source_roots: Iterable[str] = (),
-    blocked_networks: tuple[Network, ...] = _DEFAULT_BLOCKED,
+    blocked_networks: tuple[Network, ...] = DEFAULT_BLOCKED,
     must_exist: bool = True,
 ) -> str:
     """The source to open for ``url``, or ``InvalidArgumentError`` with one sentence for every refusal.

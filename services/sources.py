@@ -41,7 +41,8 @@ import numpy as np
 from mosaic_core.errors import ConfigError, MosaicError
 from mosaic_core.model.video import iter_video_frames
 from services.source_decoding import iter_frames_in_child
-from services.source_hosts import DEFAULT_BLOCKED_NETWORKS, Network, parse_networks, resolved_refusal
+from services.source_hosts import Network, resolved_refusal
+from services.source_policy import DEFAULT_BLOCKED
 from services.url_text import without_credentials
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ NETWORK_SCHEMES = (*LIVE_SCHEMES, "http://", "https://")
 DEFAULT_MAX_FAILURES = 10
 DEFAULT_MAX_REFUSED_FRAMES = 100
 LOG_EVERY_S = 60.0
-_DEFAULT_BLOCKED = parse_networks(DEFAULT_BLOCKED_NETWORKS)
 
 
 class SourceState(enum.IntEnum):
@@ -115,7 +115,7 @@ class SourceReader:
         name: str = "source",
         decode_in_child: bool = False,
         max_pixels: int | None = None,
-        blocked_networks: tuple[Network, ...] = _DEFAULT_BLOCKED,
+        blocked_networks: tuple[Network, ...] = DEFAULT_BLOCKED,
     ) -> None:
         if max_failures < 1 or max_refused_frames < 1:
             raise ConfigError(f"max_failures={max_failures} and max_refused_frames={max_refused_frames} must be >= 1")

@@ -262,9 +262,9 @@ def _open(source: str) -> av.container.InputContainer:
     try:
         container = av.open(str(source), mode="r", timeout=OPEN_TIMEOUT_S, options=options)
     except (av.FFmpegError, OSError) as err:
-        refused_format = "format_whitelist" in options and isinstance(err, av.ArgumentError)
-        hint = f" (if it is a playlist or another container: over HTTP this server reads {FORMATS_OVER_HTTP} only)"
-        hint = hint if refused_format else ""
+        hint = ""
+        if "format_whitelist" in options and isinstance(err, av.ArgumentError):  # a container the list refused
+            hint = f" (if it is a playlist or another container: over HTTP this server reads {FORMATS_OVER_HTTP} only)"
         raise InvalidArgumentError(f"Cannot open video source {source!r}: {err}{hint}.") from err
     if not container.streams.video:
         container.close()
