@@ -289,6 +289,18 @@ class Coordinator(TelemetryPollsMixin):
         result.rejected.sort(key=lambda r: r.index)
         return result
 
+    async def count_dropped(self, stream_id: str, reason: str) -> bool:
+        """Counts a frame of ``stream_id`` dropped here on the stream's worker (``WorkerCore.count_dropped``), so
+        the count outlives this router; False where the stream has no worker or its worker could not take it."""
+        index = self.placement.get(stream_id)
+        if index is None:
+            return False
+        try:
+            await self._call(index, self.workers[index].count_dropped.remote(stream_id, reason))
+        except MosaicError:
+            return False
+        return True
+
     # -- questions ----------------------------------------------------------------------------------
     async def ask(
         self,

@@ -102,9 +102,6 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         self.watches = None  # the router's WatchRegistry, once the backend is up
         self.watch_defaults = (1.0, 60.0)  # (threshold, cooldown_s) for requests that leave them unset
         self._num_push_calls = 0
-        # Frames refused here (undecodable) never reach a worker, whose counts GetStream reports: they are
-        # added back so GetStream's frames_dropped and mosaic_frames_dropped_total agree.
-        self._decode_drops: dict[str, int] = {}
 
     # -- streams ------------------------------------------------------------------------------------
     async def CreateStream(self, request, context):
@@ -113,7 +110,6 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             if record.source_url is not None and self.source_policy is not None:
                 self.source_policy.check(record.source_url, must_exist=False)
             info = await self.coordinator.create_stream(record)
-            self._decode_drops.pop(info.record.stream_id, None)
             return self._stream_proto(info)
         except Exception as err:
             await abort(context, err, self.metrics)
@@ -129,7 +125,6 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
     async def _delete_stream(self, stream_id: str) -> int:
         watches = self._registry()  # not before the registry is up: the stream's cooldowns go with it
         num_clusters = await self.coordinator.delete_stream(stream_id)
-        self._decode_drops.pop(stream_id, None)
         await watches.forget_stream(stream_id)
         return num_clusters
 
@@ -164,7 +159,6 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             await abort(context, err, self.metrics)
 
     def _stream_proto(self, info) -> pb.Stream:
-        info.frames_dropped += self._decode_drops.get(info.record.stream_id, 0)
         return convert.stream_to_proto(info)
 
     # -- ingest -------------------------------------------------------------------------------------
@@ -209,9 +203,11 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             else:
                 rgb = decode_frame(frame, self.decode_max_pixels)
         except InvalidFrameError as err:
-            if frame.stream_id in self.coordinator.placement:
+            # Counted by the stream's worker, with the stream's other drops (GetStream, the metric, restarts); where
+            # that worker cannot take it, the metric at least counts it.
+            placed = frame.stream_id in self.coordinator.placement
+            if placed and not await self.coordinator.count_dropped(frame.stream_id, "decode_error"):
                 self.metrics.streams.frame_dropped(frame.stream_id, "decode_error")
-                self._decode_drops[frame.stream_id] = self._decode_drops.get(frame.stream_id, 0) + 1
             return PushResult(rejected=[FrameRejection(index, frame.stream_id, str(err), err.grpc_code)])
         return await self.coordinator.push([(index, frame.stream_id, frame.timestamp_s, rgb)])
 

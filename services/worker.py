@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from mosaic_core.engine.keyframes import Keyframe
-from mosaic_core.errors import ConfigError, MosaicError, UnknownStreamError
+from mosaic_core.errors import ConfigError, InvalidArgumentError, MosaicError, UnknownStreamError
 from mosaic_core.model.pixels import validate_frames
 from services import gc_watch, gil_probe, heap_probe, stack_probe
 from services.config import ServiceConfig
@@ -34,6 +34,7 @@ from services.publisher import MetadataPublisher, WorkerView
 from services.session import StreamSession
 from services.sources import SourceState
 from services.store_actor import connect_store
+from services.stream_metrics import DROP_REASONS
 from services.telemetry import DurabilityHealth, TelemetryDelta, WorkerTelemetry, durability_health
 from services.tier_sync import TierSync
 from services.watches_spec import WatchReport, WatchSpec
@@ -239,6 +240,15 @@ class WorkerCore:
         return self.streams.stream_infos()
 
     # -- ingest -------------------------------------------------------------------------------------
+    def count_dropped(self, stream_id: str, reason: str) -> None:
+        """A frame of ``stream_id`` the router dropped before it reached here (a JPEG it could not decode): counted
+        in the stream's totals, which GetStream reports and a restart keeps, and through them in the metric. A stream
+        not open here counts nothing."""
+        if reason not in DROP_REASONS:
+            raise InvalidArgumentError(f"unknown drop reason {reason!r}; one of {', '.join(DROP_REASONS)}")
+        if stream_id in self.sessions:
+            self.telemetry.dropped(stream_id, reason)
+
     def push(self, frames: list[tuple[int, str, float, np.ndarray]]) -> PushResult:
         """Queues decoded frames ``(index in the call, stream, timestamp_s, rgb)``; never raises per frame.
 

@@ -13,7 +13,7 @@ import pytest
 
 from mosaic_core.config import MIB
 from mosaic_core.engine.engine import Engine
-from mosaic_core.errors import CapacityError, OutOfRangeError
+from mosaic_core.errors import CapacityError, InvalidArgumentError, OutOfRangeError
 from mosaic_core.model.video import sample_clip_path
 from services import worker as worker_module
 from services.config import load_config
@@ -275,5 +275,29 @@ def test_a_clip_read_to_its_end_is_not_read_again_after_a_restart(tiny_model, tm
         time.sleep(1.5)  # three frames' time at 2 fps, were it read again
         assert second.telemetry.totals("clip").ingested == ingested
         assert second.queues.depth("clip") == 0
+    finally:
+        second.shutdown()
+
+
+def test_frames_the_router_could_not_decode_stay_counted_after_a_restart(tiny_model, tmp_path):
+    """The router counts an undecodable JPEG on the stream's worker: in its totals (GetStream's frames_dropped),
+    in the telemetry the metric comes from, and across a restart. Before, the router kept the count itself, and
+    a new router process started it again at 0, so GetStream's frames_dropped went down."""
+    config = load_config(None, data_dir=str(tmp_path), engine={"target_tokens_per_frame": 16})
+    store = InMemoryMetadataStore()
+    first = _worker(tiny_model, config, store)
+    first.open_stream(StreamRecord(stream_id="cam", fps=1.0))
+    for _ in range(3):
+        first.count_dropped("cam", "decode_error")
+    first.count_dropped("elsewhere", "decode_error")  # not open here: nothing counted, nothing raised
+    with pytest.raises(InvalidArgumentError, match="unknown drop reason"):
+        first.count_dropped("cam", "bad jpeg")
+    assert first.stream_info("cam").frames_dropped == 3
+    assert first.drain_telemetry().dropped == {("cam", "decode_error"): 3}
+    first.shutdown()
+
+    second = _worker(tiny_model, config, store)
+    try:
+        assert second.stream_info("cam").frames_dropped == 3
     finally:
         second.shutdown()
