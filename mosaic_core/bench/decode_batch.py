@@ -3,8 +3,8 @@
     mosaic bench decode --out FILE.json                 # GPU, qwen2.5-vl-7b shape
     mosaic bench decode --quick --out FILE.json         # CPU, tiny preset: fixed-buffer steps run eagerly
 
-One cluster-mode engine holds ``--cameras`` cameras, each with ``--minutes`` of a looped sample clip (the three
-clips in turn). For each concurrency n, n answers of ``--decode-tokens`` tokens start on n
+One cluster-mode engine holds ``--cameras`` cameras, each with ``--minutes`` of a looped sample clip (the clips of
+``--clips`` in turn, by default the three). For each concurrency n, n answers of ``--decode-tokens`` tokens start on n
 different cameras and are read in turn, as the service's engine loop reads its running answers. Three runs per n,
 with the same CUDA graphs for prefill and decode:
 
@@ -84,7 +84,9 @@ def run_concurrent(engine: Engine, cameras: list[str], decode_tokens: int, while
     }
 
 
-def main(argv=None) -> int:
+def main_args(argv=None) -> argparse.Namespace:
+    """The command line, checked whole before anything loads (a bad flag or value exits with argparse's usage
+    error); adds ``clip_names`` and ``levels``, the concurrencies to run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset, 4 cameras; runs on CPU")
     parser.add_argument("--model", default="qwen2.5-vl-7b")
@@ -96,19 +98,32 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--device-budget-gib", type=float, default=80.0, help="16 answers stage 16 working sets: 30 GiB at 16k tokens"
     )
+    parser.add_argument(
+        "--clips", default=",".join(CLIPS), help="sample clips the cameras loop, in turn (a GPU run may carry one)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    args.clip_names = [c for c in args.clips.split(",") if c]
+    if not args.clip_names or any(c not in CLIPS for c in args.clip_names):
+        parser.error(f"--clips names sample clips among {', '.join(CLIPS)}, got {args.clips!r}")
+    cameras = 4 if args.quick else args.cameras
+    levels = [int(n) for n in args.concurrency.split(",")]
+    args.levels = [n for n in levels if n <= cameras] if args.quick else levels
+    if max(args.levels) > cameras or max(args.levels) > MAX_BATCH:
+        parser.error(f"concurrency must be at most --cameras ({cameras}) and {MAX_BATCH}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = main_args(argv)
+    clips, levels = args.clip_names, args.levels
     s = settings_for(
         quick=args.quick, model=args.model, minutes=args.minutes, questions=len(QUESTIONS),
         budget_tokens=args.budget_tokens, device_budget_gib=args.device_budget_gib, cameras=args.cameras,
     )  # fmt: skip
     if args.quick:  # room for 4 answers' working sets next to 4 windows
         s = dataclasses.replace(s, device_budget_bytes=64 * MIB)
-    levels = [int(n) for n in args.concurrency.split(",")]
     cameras = 4 if args.quick else args.cameras
-    levels = [n for n in levels if n <= cameras] if args.quick else levels
-    if max(levels) > cameras or max(levels) > MAX_BATCH:
-        parser.error(f"concurrency must be at most --cameras ({cameras}) and {MAX_BATCH}")
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     model = Qwen25VLAdapter.load(s.model, device=s.device, dtype=s.dtype)
     s = sized_to_machine(s, model, None, log)
@@ -125,7 +140,7 @@ def main(argv=None) -> int:
         )
     graphs = engine.parts.decode_graphs
     per_camera = [
-        looped_frames(seconds, stream_id=name, clip=CLIPS[c % len(CLIPS)], start_s=0.0) for c, name in enumerate(names)
+        looped_frames(seconds, stream_id=name, clip=clips[c % len(clips)], start_s=0.0) for c, name in enumerate(names)
     ]
     for name in names:
         engine.open_stream(name)
@@ -159,6 +174,7 @@ def main(argv=None) -> int:
         "minutes_per_camera": seconds / 60,
         "budget_tokens": s.budget_tokens,
         "decode_tokens": args.decode_tokens,
+        "clips": clips,
         "device_budget_gib": s.device_budget_bytes / GIB,
         "graphs_captured": graphs.graph_pool.num_captured,
         "graph_failure": graphs.graph_pool.failure,

@@ -71,12 +71,14 @@ def test_bench_decode_quick_steps_answers_together_only_when_batched(tmp_path):
     out = tmp_path / "decode.json"
     result = subprocess.run(
         [sys.executable, "-m", "mosaic_core.cli", "bench", "decode", "--quick", "--concurrency", "1,2",
-         "--decode-tokens", "6", "--out", str(out)],
+         "--decode-tokens", "6", "--clips", "bikes.mp4", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| answers | one at a time" in result.stdout
-    rows = {row["concurrent_answers"]: row for row in json.loads(out.read_text())["rows"]}
+    report = json.loads(out.read_text())
+    assert report["clips"] == ["bikes.mp4"]
+    rows = {row["concurrent_answers"]: row for row in report["rows"]}
     assert rows[2]["one_at_a_time"]["graph_steps"] == 2 * 5  # two answers of 6 tokens: 5 steps each
     assert rows[2]["batched"]["graph_steps"] == 5  # both in every step
     assert rows[2]["batched"]["tokens_decoded"] == 10
@@ -118,3 +120,12 @@ def test_bench_sampled_engine_runs_scenario_b_with_pause_variants_and_writes_whe
     # Not a frame's placement: short host work that holds the GIL, which a 5-ms sampler may miss in a run this
     # short (one fresh-clone run in session 34 did).
     assert 0 < inclusive["ingest.py:ingest"] < inclusive["scenario_b.py:scenario_b"]
+
+
+def test_bench_decode_refuses_a_clip_that_is_not_a_sample_clip(tmp_path, capsys):
+    from mosaic_core.bench import decode_batch
+
+    with pytest.raises(SystemExit) as exit_info:
+        decode_batch.main(["--quick", "--clips", "bikes.mp4,../../secret.mp4", "--out", str(tmp_path / "d.json")])
+    assert exit_info.value.code == 2
+    assert "--clips names sample clips among bikes.mp4" in capsys.readouterr().err

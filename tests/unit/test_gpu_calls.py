@@ -34,6 +34,8 @@ def _check_bench(argv: list[str], out: Path) -> None:
         from mosaic_core.bench.engine import main_args
     elif name == "service":
         from services.bench_service import main_args
+    elif name == "decode":
+        from mosaic_core.bench.decode_batch import main_args
     else:
         pytest.fail(f"no argument check for `mosaic bench {name}`; add it here")
     main_args(flags)  # argparse exits with status 2 on a bad flag or value
