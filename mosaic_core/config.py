@@ -168,10 +168,6 @@ class EngineConfig:
             ``cudaMemcpyBatchAsync`` call (CUDA 12.8 and later; one ``cudaMemcpyAsync`` a run before it, or where
             the runtime lacks it). On the H200 the staging of a 60-minute question moved at 99% of one contiguous
             copy's rate that way, against 85% a call a run (``bench.copy_runs_sweep``, session 43).
-        staging_anchor_joins: with "dma", the anchor's (``prefetch_after_layer``'s) own layer is staged with the
-            first group of later layers, one run a page for them all, where False stages it alone, one layer a
-            page, before the later layers' groups. A layer of a page is a short run, which the copy engines move
-            at 61-65% of PCIe (bench/NOTES.md, sessions 46 and 49); the cost is that the anchor waits for its group.
         tower_stream: on CUDA, an ingest call's uploads, keyframe thumbnails and vision tower are queued on a
             CUDA stream of their own, which waits for nothing the language model does, so the device can run them
             beside the previous call's language model; the language model then waits for them on the device, not
@@ -223,7 +219,6 @@ class EngineConfig:
     staging_groups: tuple[int, ...] = (8, 8, 6, 4)
     staging_streams: int = 1
     staging_batch: bool = True
-    staging_anchor_joins: bool = True
     tower_stream: bool = False
     max_question_tokens: int = 512
     max_new_tokens_limit: int = 512

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue 14's transfer rate, taken apart (sessions 45 and 50), and its batched decode, about 9 minutes:
+# Issue 14's transfer rate, taken apart (session 45), and its batched decode, about 9 minutes:
 # 1. The CUDA tests of the staging copies and their timing events (tests/unit/test_transfer.py), the slab gather,
 #    and the question paths that stage (warm-up, graphs, adapter).
 # 2. Scenario A at 60 minutes with every question's staging split into the layers that choose (each staging its own
 #    choice, on the critical path) and the later layers staged at once from the anchor's choice, each part timed
 #    with the host's preparation (the figure the headline's transfer rate has always used) and as its copies alone:
-#    the anchor's own layer in the first group's runs (the default since session 50), the anchor staged alone
-#    (before), and groups of 4 layers, side by side.
+#    batched groups of 8, 8, 6 and 4 layers (the default since session 45), of 4 layers (before), and one
+#    cudaMemcpyAsync a run, side by side.
 # 3. The batched-decode table (1 to 16 answers at once), its cameras looping bikes.mp4 alone (carried with the pack;
 #    the three clips no longer fit a call beside it).
 source "$(dirname "$0")/head.sh"
@@ -15,6 +15,6 @@ MOSAIC_TEST_DEVICE=cuda stage cuda-tests python3 -m pytest -q -p no:cacheprovide
     tests/engine/test_warm_up.py tests/engine/test_prefill_graphs.py tests/engine/test_model_adapter.py \
     tests/engine/test_stage_table.py tests/engine/test_engine.py::test_staging_groups_of_any_size_give_the_same_answer
 stage scenario-a python3 -m mosaic_core.cli bench engine --model qwen2.5-vl-7b --minutes 60 --questions 20 \
-    --scenarios A --variants cluster,cluster-anchor-alone,cluster-groups-of-4 --recall-questions 0 \
+    --scenarios A --variants cluster,cluster-groups-of-4,cluster-copy-a-call --recall-questions 0 \
     --out "$OUT/60min-A-staging-parts.json"
 stage decode python3 -m mosaic_core.cli bench decode --clips bikes.mp4 --out "$OUT/decode-batch.json"

@@ -22,17 +22,15 @@ Rows (``VARIANTS``):
   ``cluster-groups-of-4``, staging copies of 4 layers a time where ``cluster`` copies 8, 8, 6 and then 4
   (``EngineConfig.staging_groups``; ``cluster``'s before session 45); ``cluster-tapered-staging``, 8, 8, 6 and 4
   layers (the default since session 45, named for runs before it); ``cluster-tapered-two-streams``, those dealt to
-  two streams; ``cluster-anchor-alone``, the anchor's own layer staged alone, one layer a page, where ``cluster``
-  stages it in the runs of the later layers' first group (``EngineConfig.staging_anchor_joins``; ``cluster``'s
-  before session 50); ``cluster-per-token``, clusters ranked
+  two streams; ``cluster-per-token``, clusters ranked
   by estimated attention mass per token (``spread_per_token``) where ``cluster`` ranks by total mass (``spread``);
   ``cluster-spread``, clusters ranked by the Gaussian estimate of their attention mass, the largest row's for each
   kv head (``spread``, cluster mode's scorer until session 34), where ``cluster`` ranks by each query row's
   estimated share of attention summed over the rows, per token (``spread_share_per_token``);
   ``cluster-anchor-3``, layers 0-3 choose their own clusters and later layers take layer 3's choice, where
   ``cluster`` shares layer 1's (``EngineConfig.prefetch_after_layer``); ``cluster-anchor-0``, every layer takes layer
-  0's choice, so a question reads scores back once, and every layer's pages go in the runs of ``staging_groups``
-  (layer 0's with the first group's), none in runs of a single layer;
+  0's choice, so a question reads scores back once, and one layer's pages, not two, go in runs of a single layer (an
+  anchor's own layer is staged alone; the later layers' pages go in runs of ``staging_groups`` layers);
   ``cluster-key-formation``, frames join a cluster by the similarity of their keys at the choosing layer, not of
   their pictures (``FormationConfig.key_weight`` 1), so a cluster's keys are alike and its Gaussian summary fits
   them better; ``cluster-small-units``, clusters of at most 504 tokens (4 frames of 126) where ``cluster``'s hold up
@@ -80,7 +78,6 @@ VARIANTS = {
     "cluster-groups-of-4": {"mode": "cluster", "staging_groups": (4,)},
     "cluster-tapered-staging": {"mode": "cluster", "staging_groups": (8, 8, 6, 4)},
     "cluster-tapered-two-streams": {"mode": "cluster", "staging_groups": (8, 8, 6, 4), "staging_streams": 2},
-    "cluster-anchor-alone": {"mode": "cluster", "staging_anchor_joins": False},
     "cluster-per-token": {"mode": "cluster", "scorer": "spread_per_token"},
     "cluster-spread": {"mode": "cluster", "scorer": "spread"},
     "cluster-anchor-3": {"mode": "cluster", "prefetch_after_layer": 3},

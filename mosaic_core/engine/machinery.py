@@ -35,7 +35,6 @@ class Machinery:
     staging_groups: tuple[int, ...]  # dma: layers of a page copied as one run, group by group (``layer_groups``)
     staging_streams: int  # dma: streams a group's runs are dealt to
     staging_batch: bool  # dma: one batched call a stream and group (``EngineConfig.staging_batch``)
-    staging_anchor_joins: bool  # dma: the anchor's own layer goes in the first group's runs
     prefetch_after_layer: int | None
     device_cache: bool
 
@@ -51,7 +50,6 @@ def machinery_for(config: EngineConfig) -> Machinery:
         staging_groups=config.staging_groups or (config.prefill_graph_layers,),
         staging_streams=config.staging_streams,
         staging_batch=config.staging_batch,
-        staging_anchor_joins=config.staging_anchor_joins,
         prefetch_after_layer=None if rekv or mode is RetrievalMode.FULL else config.prefetch_after_layer,
         device_cache=mode.caches_on_device,
     )

@@ -208,39 +208,32 @@ class QuestionPlan:
         if anchor is not None and layer > anchor:
             return  # chosen, and its staging queued, when the anchor layer ran
         selection = self.retriever.select(layer, query)
-        joins = layer == anchor and layer < last and self.retriever.joins_anchor(selection)
-        self._rebuild(layer, selection, stage=not joins)
+        self._rebuild(layer, selection)
         if layer == anchor:
-            self._share(layer, selection, range(layer + 1, last + 1), with_anchor=joins)
+            self._share(layer, selection, range(layer + 1, last + 1))
         if layer in (anchor, last):
             self.selection_history.append(list(self.selections))
 
-    def _share(self, layer: int, selection: LayerSelection, later: range, *, with_anchor: bool) -> None:
-        """Gives the ``later`` layers ``layer``'s choice and table, and stages their slabs into the same pages
-        (``with_anchor``: ``layer``'s own too, in the first group's runs)."""
+    def _share(self, layer: int, selection: LayerSelection, later: range) -> None:
+        """Gives the ``later`` layers ``layer``'s choice and table, and stages their slabs into the same pages."""
         shared = (self.tables[layer], self.static_tokens[layer])
-        moves = self.retriever.stage_shared(selection, later, self.staging, with_anchor=with_anchor)
+        moves = self.retriever.stage_shared(selection, later, self.staging)
         if moves is None:
             for other in later:
                 self._rebuild(other, self.retriever.reuse(other, selection), shared)
             return
-        if with_anchor:
-            self.gathers[layer], *moves = moves
         reused = selection.shared()
         for other, moved in zip(later, moves, strict=True):
             self.gathers[other] = moved
             self.tables[other], self.static_tokens[other] = shared
             self.selections[other] = reused
 
-    def _rebuild(self, layer: int, selection: LayerSelection, shared: tuple | None = None, *, stage=True) -> None:
-        """Layer ``layer``'s table for ``selection``, with its staging queued (``stage``: False where ``_share``
-        stages it with the later layers)."""
+    def _rebuild(self, layer: int, selection: LayerSelection, shared: tuple | None = None) -> None:
         fills = selection.staged_fills
         num_staged = len(fills)
         if num_staged > len(self.staging):
             self.staging += self.room.take(num_staged - len(self.staging))
-        if stage:
-            self.gathers[layer] = self.retriever.stage(selection, layer, self.staging[:num_staged])
+        self.gathers[layer] = self.retriever.stage(selection, layer, self.staging[:num_staged])
         if shared is None and self._same_slots(layer, selection, fills):
             shared = (self.tables[layer - 1], self.static_tokens[layer - 1])  # full mode: every layer
         if shared is None:

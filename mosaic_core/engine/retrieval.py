@@ -12,7 +12,6 @@ modes); everything here reads the machinery, never the mode. What a layer chose 
   stand-in makes one ``copy_`` per slab.
 - The shared choice: with ``prefetch_after_layer`` set, layers up to it score their own queries and every later
   layer takes that layer's choice, so their gathers are queued on the side stream at once and overlap compute.
-  On the copy engines the anchor's own layer goes in the first group's runs (``staging_anchor_joins``).
   With the batched gather a layer's copy table is computed from page numbers (one table for all the later
   layers together, ``stage_shared``), not from a tensor view of every page's slab per layer: a selection names the
   host pages to stage (``host_pages``), which are the same for every layer. Views remain for units on disk and for
@@ -25,8 +24,7 @@ layer of a unit that was not on the device), whatever moved them. ``bytes_fetche
 except on the copy engines, which copy (and count) every slot of a page, filled or not. The transfer timer starts
 before the host prepares the move (building the address table, or issuing the copies) in every path.
 ``transfer_parts`` splits it: the layers that choose (each staging its own choice while the question waits) and the
-later layers (staged at once from the anchor's choice, with the anchor's own layer where it joins their first
-group), each also timed as its copies alone (``Moved.copy_seconds``).
+later layers (staged at once from the anchor's choice), each also timed as its copies alone (``Moved.copy_seconds``).
 
 Gathers are queued, never waited for here: the plan makes the compute stream wait for a layer's gather right
 before that layer attends.
@@ -170,8 +168,8 @@ class Retriever:
         anchor = self.prefetch_after_layer
         part = "shared" if anchor is not None and layer > anchor else "choosing"
         if selection.paged:
-            groups = [range(layer, layer + 1)]
-            return self._stage_pages(selection.host_pages, selection.host_fills, staging, groups, part=part)[0]
+            layers = range(layer, layer + 1)
+            return self._stage_pages(selection.host_pages, selection.host_fills, staging, layers, part=part)[0]
         if not selection.slabs:
             return NOTHING_PENDING
         pools = self.tiering.tiers.pools
@@ -189,19 +187,9 @@ class Retriever:
         self._timer.add("fetch", start, self._timer.mark(pages[0].device, on_side=True))
         return moved
 
-    def joins_anchor(self, chosen: LayerSelection) -> bool:
-        """Whether ``stage_shared`` stages the choosing layer's own pages too (``Machinery.staging_anchor_joins``):
-        on the copy engines, for a paged choice."""
-        return self._dma and chosen.paged and self.machinery.staging_anchor_joins
-
-    def stage_shared(
-        self, chosen: LayerSelection, layers: range, staging: list[int], *, with_anchor: bool = False
-    ) -> list[Moved] | None:
+    def stage_shared(self, chosen: LayerSelection, layers: range, staging: list[int]) -> list[Moved] | None:
         """``reuse`` and ``stage`` for every layer of ``layers`` at once, into the same ``staging`` pages the
         choosing layer's pages went to, each layer into its own layer of them; returns each layer's move.
-
-        ``with_anchor`` (only where ``joins_anchor``): the choosing layer, ``layers.start - 1``, is staged here too,
-        in the first group's runs (one run a page for the group and it), and its move leads the list.
 
         The copy table is computed from page numbers for all layers together and moved with one upload, where the
         layer-by-layer path builds a tensor view of every page's slab: at 60 minutes that was about 2,600 views and
@@ -211,21 +199,16 @@ class Retriever:
         """
         if not chosen.paged:
             return None
-        assert not with_anchor or self.joins_anchor(chosen), "the anchor joins them only on the copy engines"
         for cluster_id in chosen.cluster_ids:  # what ``reuse`` counts, per layer
             self.votes[cluster_id] = self.votes.get(cluster_id, 0) + len(layers)
-        groups = layer_groups(layers, self.machinery.staging_groups)
-        if with_anchor and groups:
-            groups[0] = range(layers.start - 1, groups[0].stop)
-        return self._stage_pages(chosen.host_pages, chosen.host_fills, staging, groups, part="shared")
+        return self._stage_pages(chosen.host_pages, chosen.host_fills, staging, layers, part="shared")
 
     def _stage_pages(
-        self, host_pages: list[int], fills: list[int], staging: list[int], groups: list[range], *, part: str
+        self, host_pages: list[int], fills: list[int], staging: list[int], layers: range, *, part: str
     ) -> list[Moved]:
-        """Queues the layers of ``groups`` (consecutive) of ``host_pages`` into the same layers of device pages
-        ``staging``: on the copy engines, one run per page and group; or from one slab-copy table, one kernel launch
-        per layer. Returns each layer's move; ``part`` names the moves in ``transfer_parts``."""
-        layers = range(groups[0].start, groups[-1].stop) if groups else range(0)
+        """Queues ``layers`` of ``host_pages`` into the same layers of device pages ``staging``: on the copy engines,
+        one run per page and group of layers (``Machinery.staging_groups``); or from one slab-copy table, one kernel
+        launch per layer. Returns each layer's move; ``part`` names the moves in ``transfer_parts``."""
         if not host_pages:
             return [NOTHING_PENDING] * len(layers)
         start = self._timer.mark(self.tiering.tiers.pools.device)
@@ -233,6 +216,7 @@ class Retriever:
         marked = transfers.mark()  # the timer starts before the host builds the table, as in ``stage``
         dst_pages = staging[: len(host_pages)]
         if self._dma:
+            groups = layer_groups(layers, self.machinery.staging_groups)
             runs = pools.group_rows(Tier.HOST, host_pages, dst_pages, groups)
             timed = transfers.copy_runs(
                 runs, started=marked, streams=self.machinery.staging_streams, batch=self.machinery.staging_batch
@@ -257,10 +241,9 @@ class Retriever:
         return moves
 
     def transfer_parts(self) -> dict[str, TransferPart]:
-        """The timed gathers by part: ``choosing`` (a layer that chose staging its own choice: the layers before
-        the anchor, the anchor itself unless it joins the later layers (``joins_anchor``), or every layer without an
-        anchor) and ``shared`` (the later layers' groups, staged at once from the anchor's choice). Waits for the
-        copies to finish; no seconds off CUDA."""
+        """The timed gathers by part: ``choosing`` (a layer that chose staging its own choice: the anchor and the
+        layers before it, or every layer without an anchor) and ``shared`` (the later layers' groups, staged at
+        once from the anchor's choice). Waits for the copies to finish; no seconds off CUDA."""
         parts: dict[str, TransferPart] = {}
         for part, num_bytes, copies, moved in self._timed_gathers:
             total = parts.setdefault(part, TransferPart())

@@ -346,14 +346,14 @@ def test_clusters_copied_to_the_host_as_they_complete_make_a_questions_room_with
 
 
 def test_staging_groups_of_any_size_give_the_same_answer(tiny_model, bikes_frames):
-    """Staging copies grouped otherwise, the anchor's layer with them or alone, move the same bytes into the same
-    pages: the answer and the prefill's last hidden state are those of ``prefill_graph_layers`` a group (a 1.3-MiB
-    device tier, so the question stages from the host)."""
+    """Staging copies grouped otherwise move the same bytes into the same pages: the answer and the prefill's last
+    hidden state are those of ``prefill_graph_layers`` a group (a 1.3-MiB device tier, so the question stages from the
+    host)."""
     answers = []
-    for groups, joins in (((), True), ((1,), True), ((2, 1), True), ((2, 1), False)):
+    for groups in ((), (1,), (2, 1)):
         engine = make_engine(
             tiny_model, mode="cluster", device_budget_bytes=int(1.3 * MIB), retrieval_budget_tokens=400,
-            staging_groups=groups, staging_anchor_joins=joins,
+            staging_groups=groups,
         )  # fmt: skip
         engine.open_stream("cam")
         feed(engine, "cam", bikes_frames[:40])

@@ -31,8 +31,8 @@ def _tables_seen(monkeypatch) -> list[tuple[int, int, np.ndarray, int]]:
     seen = []
     rebuild = QuestionPlan._rebuild
 
-    def recording(self, layer, selection, shared=None, *, stage=True):
-        rebuild(self, layer, selection, shared, stage=stage)
+    def recording(self, layer, selection, shared=None):
+        rebuild(self, layer, selection, shared)
         static = self.tables[layer][0, : self.static_tokens[layer]].cpu().numpy()
         seen.append((self.steps, layer, static, len(self.past_slots)))
 

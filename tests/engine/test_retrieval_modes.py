@@ -286,13 +286,12 @@ def test_a_question_reads_the_summaries_of_the_layers_that_choose_and_chooses_as
 def test_staged_bytes_are_told_apart_by_the_part_of_the_prefill_that_moved_them(
     tiny_model, bikes_frames, mode, prefetch_after_layer
 ):
-    """With an anchor staged alone, the layers up to it stage their own choices and the later layers are staged at
-    once from its choice; without one (or in ReKV's stand-in, which has none) every layer stages its own. The parts'
-    bytes add up to the bytes fetched."""
+    """With an anchor, the layers up to it stage their own choices and the later layers are staged at once from its
+    choice; without one (or in ReKV's stand-in, which has none) every layer stages its own. The parts' bytes add up
+    to the bytes fetched."""
     engine = make_engine(
-        tiny_model, mode=mode, device_budget_bytes=int(0.8 * MIB), prefetch_after_layer=prefetch_after_layer,
-        staging_anchor_joins=False,
-    )  # fmt: skip
+        tiny_model, mode=mode, device_budget_bytes=int(0.8 * MIB), prefetch_after_layer=prefetch_after_layer
+    )
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:32])
     stats = engine.answer("cam", QUESTION, max_new_tokens=1, time_range=(0.0, 3.0)).retrieval
@@ -306,31 +305,3 @@ def test_staged_bytes_are_told_apart_by_the_part_of_the_prefill_that_moved_them(
         copies = {name: figures[3] for name, figures in stats.transfer_parts.items()}
         later = layer_groups(range(1, tiny_model.kv_spec.num_layers), engine.config.staging_groups)
         assert copies["shared"] == len(later) * copies["choosing"] > 0
-
-
-def test_the_anchors_own_layer_staged_with_the_later_layers_moves_the_same_bytes_in_fewer_copies(
-    tiny_model, bikes_frames
-):
-    """The anchor (layer 1) staged in the runs of the later layers' first group: the same bytes reach the same pages
-    (same answer, same last hidden state), layer 0 alone is left in the choosing part, and the shared part's copies
-    are as many as before, each a layer longer."""
-    results = {}
-    for joins in (False, True):
-        engine = make_engine(
-            tiny_model, mode="cluster", device_budget_bytes=int(0.8 * MIB), prefetch_after_layer=1,
-            staging_anchor_joins=joins,
-        )  # fmt: skip
-        engine.open_stream("cam")
-        feed(engine, "cam", bikes_frames[:32])
-        results[joins] = engine.answer("cam", QUESTION, max_new_tokens=3, time_range=(0.0, 3.0))
-    alone, joined = results[False], results[True]
-    assert alone.retrieval.bytes_fetched > 0
-    assert joined.token_ids == alone.token_ids
-    assert torch.equal(joined.last_hidden, alone.last_hidden)
-    assert joined.retrieval.bytes_fetched == alone.retrieval.bytes_fetched
-    before = {name: (figures[0], figures[3]) for name, figures in alone.retrieval.transfer_parts.items()}
-    after = {name: (figures[0], figures[3]) for name, figures in joined.retrieval.transfer_parts.items()}
-    (choosing_bytes, choosing_copies), (shared_bytes, shared_copies) = before["choosing"], before["shared"]
-    assert choosing_copies % 2 == 0 and choosing_bytes % 2 == 0  # layers 0 and 1, a run a page each
-    assert after["choosing"] == (choosing_bytes // 2, choosing_copies // 2)
-    assert after["shared"] == (shared_bytes + choosing_bytes // 2, shared_copies)

@@ -67,8 +67,8 @@ def test_full_mode_builds_one_table_for_every_layer(tiny_model, bikes_frames):
 
     original = plans.QuestionPlan._rebuild
 
-    def spy(self, layer, selection, shared=None, **kwargs):
-        original(self, layer, selection, shared, **kwargs)
+    def spy(self, layer, selection, shared=None):
+        original(self, layer, selection, shared)
         seen.append((layer, self.tables[layer], self.static_tokens[layer]))
 
     plans.QuestionPlan._rebuild = spy
@@ -91,8 +91,8 @@ def test_token_mode_tables_follow_each_layer_choice(tiny_model, bikes_frames):
     original = plans.QuestionPlan._rebuild
     seen = []
 
-    def spy(self, layer, selection, shared=None, **kwargs):
-        original(self, layer, selection, shared, **kwargs)
+    def spy(self, layer, selection, shared=None):
+        original(self, layer, selection, shared)
         static = self.tables[layer][0, : self.static_tokens[layer]].tolist()
         fills = [slab.shape[2] for slab in selection.slabs]
         staged = self.pools.slots(self.staging[: len(fills)], fills)

@@ -84,8 +84,8 @@ def test_a_question_staged_from_one_table_computes_the_layer_by_layer_one(
     question = "When did the cyclist pass the red car?"
     original, staged_at_once = Retriever.stage_shared, []
 
-    def spying(self, chosen, layers, staging, **kwargs):
-        moves = original(self, chosen, layers, staging, **kwargs)
+    def spying(self, chosen, layers, staging):
+        moves = original(self, chosen, layers, staging)
         staged_at_once.append(moves is not None and self.num_copies > 0)
         return moves
 
