@@ -135,7 +135,8 @@ print(sample_clip_path(sys.argv[1]))' "$clip")" "$root/.gpu/clips/"
         exit 1
     elif ((with_all > LIMIT_BYTES)); then
         echo "warning: all three clips do not fit a run: carry [\".gpu/pack.tar.xz\", \".gpu/clips/bikes.mp4\"] for" \
-            "mosaic bench service and soak; scenario B and the other engine benches need all three" >&2
+            "mosaic bench service, soak and engine (scenario B with --b-clips bikes.mp4) and decode (--clips bikes.mp4);" \
+            "the scripts of bench/ that read the other clips need them" >&2
     fi
     exit 0
 fi

@@ -7,4 +7,4 @@ source "$(dirname "$0")/head.sh"
 MOSAIC_TEST_DEVICE=cuda stage tower-tests python3 -m pytest -q -p no:cacheprovider --tb=short \
     tests/engine/test_tower_stream.py tests/engine/test_ingest_pauses.py tests/engine/test_vision_chunk_plans.py || exit 1
 stage scenario-b python3 -m mosaic_core.cli bench engine --model qwen2.5-vl-7b --scenarios B --b-modes cluster \
-    --camera-seconds 24 --cameras 192,256 --b-tower-stream off,on --out "$OUT/B-tower-stream.json"
+    --camera-seconds 24 --cameras 192,256 --b-tower-stream off,on --b-clips bikes.mp4 --out "$OUT/B-tower-stream.json"

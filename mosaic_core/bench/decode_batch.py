@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mosaic_core.bench.settings import engine_config, pinned_bytes, settings_for, sized_to_machine
-from mosaic_core.bench.workload import CLIPS, QUESTIONS, looped_frames
+from mosaic_core.bench.workload import CLIPS, QUESTIONS, looped_frames, parse_clips
 from mosaic_core.config import GIB, MIB, RetrievalMode
 from mosaic_core.engine.decode_graphs import MAX_BATCH, DecodeGraphs
 from mosaic_core.engine.engine import Engine
@@ -103,8 +103,8 @@ def main_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    args.clip_names = [c for c in args.clips.split(",") if c]
-    if not args.clip_names or any(c not in CLIPS for c in args.clip_names):
+    args.clip_names = parse_clips(args.clips)
+    if args.clip_names is None:
         parser.error(f"--clips names sample clips among {', '.join(CLIPS)}, got {args.clips!r}")
     cameras = 4 if args.quick else args.cameras
     levels = [int(n) for n in args.concurrency.split(",")]
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         "minutes_per_camera": seconds / 60,
         "budget_tokens": s.budget_tokens,
         "decode_tokens": args.decode_tokens,
-        "clips": clips,
+        "clips": list(clips),
         "device_budget_gib": s.device_budget_bytes / GIB,
         "graphs_captured": graphs.graph_pool.num_captured,
         "graph_failure": graphs.graph_pool.failure,

@@ -69,6 +69,7 @@ def scenario_b(
     pause_variants: tuple[PauseVariant, ...] = (PauseVariant(),),
     name_cameras: bool = False,
     tower_streams: tuple[bool, ...] = (False,),
+    clips: tuple[str, ...] = CLIPS,
 ) -> dict:
     """Many cameras, batched ingest under a small device budget, then questions while ingest continues. With
     ``data_dir`` the cameras' history is written durably under it (a folder per mode), as a service worker does. Each
@@ -79,9 +80,9 @@ def scenario_b(
 
     Each row keeps a digest of what its ingest-only passes stored (clusters opened, and each cluster's
     ``SummaryIndex.checksums``); a tower-stream row whose plain twin ran before it records whether the two agree,
-    since both ingest the same frames."""
+    since both ingest the same frames. The cameras loop the sample ``clips`` in turn."""
     per_camera = [
-        looped_frames(s.camera_seconds, stream_id=f"cam{c:03d}", clip=CLIPS[c % len(CLIPS)], start_s=0.0)
+        looped_frames(s.camera_seconds, stream_id=f"cam{c:03d}", clip=clips[c % len(clips)], start_s=0.0)
         for c in range(s.cameras)
     ]
     results, digests = {}, {}
@@ -131,6 +132,7 @@ def scenario_b(
         snapshot_s = None if engine.history is None else engine.history.snapshot_s
         results[row] = {
             "cameras": s.cameras,
+            "clips": list(clips),
             "total_kv_bytes": total_kv,
             "device_budget_bytes": config.device_budget_bytes,
             "ingest_frames_per_s": fps,

@@ -18,6 +18,13 @@ QUESTIONS = [
 CLIPS = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")
 
 
+def parse_clips(text: str) -> tuple[str, ...] | None:
+    """The sample clips named in ``text`` (comma-separated, each one of ``CLIPS``), or None if any is not one: a GPU
+    call that carries ``bikes.mp4`` alone names it, where the benches loop the three in turn by default."""
+    clips = tuple(c.strip() for c in text.split(",") if c.strip())
+    return clips if clips and all(c in CLIPS for c in clips) else None
+
+
 def looped_frames(seconds: int, *, stream_id: str, clip: str, start_s: float = 0.0):
     """Real sample-clip frames at 1 fps, looped, as engine inputs: what ``iter_video_frames(loop=True)`` gives.
 

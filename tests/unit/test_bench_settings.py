@@ -31,7 +31,8 @@ def test_the_benches_build_their_settings_through_the_shared_helper(bench, monke
 @pytest.mark.parametrize(
     "argv",
     [["--recall-questions", "25"], ["--b-keyframes", "-1"], ["--b-keyframes", "17"], ["--cameras", "64,0"],
-     ["--cameras", "64,many"], ["--variants", "cluster,no-such-variant"], ["--b-modes", "full"]],
+     ["--cameras", "64,many"], ["--variants", "cluster,no-such-variant"], ["--b-modes", "full"],
+     ["--b-clips", "bikes.mp4,../secret.mp4"], ["--b-clips", ","]],
 )  # fmt: skip
 def test_bench_engine_refuses_bad_counts_and_names_before_loading_a_model(argv, capsys):
     from mosaic_core.bench.engine import main
@@ -61,3 +62,15 @@ def test_every_scenario_a_variant_is_a_valid_config_with_its_settings(label):
 
 def test_every_swept_scorer_is_one_the_config_accepts():
     assert set(SWEEP) <= set(SCORER_NAMES)
+
+
+def test_the_clips_a_bench_loops_are_sample_clips_in_the_order_named():
+    from mosaic_core.bench.engine import main_args
+    from mosaic_core.bench.workload import CLIPS, parse_clips
+
+    assert parse_clips("bikes.mp4") == ("bikes.mp4",)
+    assert parse_clips(" bigbuckbunny.mp4 ,bikes.mp4") == ("bigbuckbunny.mp4", "bikes.mp4")
+    assert parse_clips("bikes.mp4,/etc/passwd") is None
+    assert parse_clips("") is None
+    assert main_args([]).b_clip_names == CLIPS
+    assert main_args(["--b-clips", "bikes.mp4"]).b_clip_names == ("bikes.mp4",)
