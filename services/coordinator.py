@@ -291,13 +291,15 @@ class Coordinator(TelemetryPollsMixin):
 
     async def count_dropped(self, stream_id: str, reason: str) -> bool:
         """Counts a frame of ``stream_id`` dropped here on the stream's worker (``WorkerCore.count_dropped``), so
-        the count outlives this router; False where the stream has no worker or its worker could not take it."""
+        the count outlives this router; False where the stream has no worker or its worker could not take it (a
+        failure is logged, never raised: the frame's own refusal goes back to the client either way)."""
         index = self.placement.get(stream_id)
         if index is None:
             return False
         try:
             await self._call(index, self.workers[index].count_dropped.remote(stream_id, reason))
-        except MosaicError:
+        except Exception as err:  # best effort: the caller counts the frame itself
+            log.warning("worker %d did not count a dropped frame of %s (%s): %s", index, stream_id, reason, err)
             return False
         return True
 

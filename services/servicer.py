@@ -203,13 +203,19 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             else:
                 rgb = decode_frame(frame, self.decode_max_pixels)
         except InvalidFrameError as err:
-            # Counted by the stream's worker, with the stream's other drops (GetStream, the metric, restarts); where
-            # that worker cannot take it, the metric at least counts it.
-            placed = frame.stream_id in self.coordinator.placement
-            if placed and not await self.coordinator.count_dropped(frame.stream_id, "decode_error"):
-                self.metrics.streams.frame_dropped(frame.stream_id, "decode_error")
+            await self._count_undecodable(frame.stream_id)
             return PushResult(rejected=[FrameRejection(index, frame.stream_id, str(err), err.grpc_code)])
         return await self.coordinator.push([(index, frame.stream_id, frame.timestamp_s, rgb)])
+
+    async def _count_undecodable(self, stream_id: str) -> None:
+        """A frame of ``stream_id`` that could not be decoded: counted by the stream's worker, with the stream's other
+        drops (GetStream, the metric, restarts); where that worker cannot take it, by the metric here, unless the
+        stream was deleted meanwhile (its series would come back). Frames of unknown streams are not counted."""
+        coordinator = self.coordinator
+        if stream_id not in coordinator.placement or await coordinator.count_dropped(stream_id, "decode_error"):
+            return
+        if stream_id in coordinator.placement:  # read again: the placement may have changed during the call
+            self.metrics.streams.frame_dropped(stream_id, "decode_error")
 
     def _scaled_down(self, frame) -> bool:
         """Whether a raw frame is larger than ``decode_max_pixels`` and so is scaled down as it is decoded."""

@@ -242,8 +242,8 @@ class WorkerCore:
     # -- ingest -------------------------------------------------------------------------------------
     def count_dropped(self, stream_id: str, reason: str) -> None:
         """A frame of ``stream_id`` the router dropped before it reached here (a JPEG it could not decode): counted
-        in the stream's totals, which GetStream reports and a restart keeps, and through them in the metric. A stream
-        not open here counts nothing."""
+        in the stream's totals, which GetStream reports and a restart keeps, and in the telemetry the router's metric
+        comes from. A stream not open here counts nothing."""
         if reason not in DROP_REASONS:
             raise InvalidArgumentError(f"unknown drop reason {reason!r}; one of {', '.join(DROP_REASONS)}")
         if stream_id in self.sessions:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's transfer rate, taken apart (session 45), and its batched decode, about 9 minutes:
+# Issue 14's transfer rate, taken apart (session 45), about 7 minutes:
 # 1. The CUDA tests of the staging copies and their timing events (tests/unit/test_transfer.py), the slab gather,
 #    and the question paths that stage (warm-up, graphs, adapter).
 # 2. Scenario A at 60 minutes with every question's staging split into the layers that choose (each staging its own
@@ -7,8 +7,6 @@
 #    with the host's preparation (the figure the headline's transfer rate has always used) and as its copies alone:
 #    batched groups of 8, 8, 6 and 4 layers (the default since session 45), of 4 layers (before), and one
 #    cudaMemcpyAsync a run, side by side.
-# 3. The batched-decode table (1 to 16 answers at once), its cameras looping bikes.mp4 alone (carried with the pack;
-#    the three clips no longer fit a call beside it).
 source "$(dirname "$0")/head.sh"
 MOSAIC_TEST_DEVICE=cuda stage cuda-tests python3 -m pytest -q -p no:cacheprovider --tb=short \
     tests/unit/test_transfer.py tests/kernels/test_slab_gather.py tests/engine/test_retrieval_modes.py \
@@ -17,4 +15,3 @@ MOSAIC_TEST_DEVICE=cuda stage cuda-tests python3 -m pytest -q -p no:cacheprovide
 stage scenario-a python3 -m mosaic_core.cli bench engine --model qwen2.5-vl-7b --minutes 60 --questions 20 \
     --scenarios A --variants cluster,cluster-groups-of-4,cluster-copy-a-call --recall-questions 0 \
     --out "$OUT/60min-A-staging-parts.json"
-stage decode python3 -m mosaic_core.cli bench decode --clips bikes.mp4 --out "$OUT/decode-batch.json"

@@ -107,10 +107,13 @@ def main_args(argv=None) -> argparse.Namespace:
     if args.clip_names is None:
         parser.error(f"--clips names sample clips among {', '.join(CLIPS)}, got {args.clips!r}")
     cameras = 4 if args.quick else args.cameras
-    levels = [int(n) for n in args.concurrency.split(",")]
+    try:
+        levels = [int(n) for n in args.concurrency.split(",")]
+    except ValueError:
+        parser.error(f"--concurrency {args.concurrency!r}: give counts of answers, comma-separated")
     args.levels = [n for n in levels if n <= cameras] if args.quick else levels
-    if max(args.levels) > cameras or max(args.levels) > MAX_BATCH:
-        parser.error(f"concurrency must be at most --cameras ({cameras}) and {MAX_BATCH}")
+    if not args.levels or min(args.levels) < 1 or max(args.levels) > min(cameras, MAX_BATCH):
+        parser.error(f"--concurrency {args.concurrency!r}: each count from 1 to --cameras ({cameras}) and {MAX_BATCH}")
     return args
 
 

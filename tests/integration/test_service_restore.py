@@ -280,9 +280,9 @@ def test_a_clip_read_to_its_end_is_not_read_again_after_a_restart(tiny_model, tm
 
 
 def test_frames_the_router_could_not_decode_stay_counted_after_a_restart(tiny_model, tmp_path):
-    """The router counts an undecodable JPEG on the stream's worker: in its totals (GetStream's frames_dropped),
-    in the telemetry the metric comes from, and across a restart. Before, the router kept the count itself, and
-    a new router process started it again at 0, so GetStream's frames_dropped went down."""
+    """What the router asks of the stream's worker for an undecodable JPEG (``WorkerCore.count_dropped``) counts it
+    in the worker's totals (GetStream's frames_dropped), in the telemetry the metric comes from, and across a
+    restart. Before, the router kept the count itself, and a new router process started it again at 0."""
     config = load_config(None, data_dir=str(tmp_path), engine={"target_tokens_per_frame": 16})
     store = InMemoryMetadataStore()
     first = _worker(tiny_model, config, store)

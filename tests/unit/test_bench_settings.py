@@ -74,3 +74,16 @@ def test_the_clips_a_bench_loops_are_sample_clips_in_the_order_named():
     assert parse_clips("") is None
     assert main_args([]).b_clip_names == CLIPS
     assert main_args(["--b-clips", "bikes.mp4"]).b_clip_names == ("bikes.mp4",)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--concurrency", "1,x"], ["--concurrency", "0"], ["--concurrency", "17"],
+     ["--cameras", "4", "--concurrency", "8"], ["--quick", "--concurrency", "8"],
+     ["--clips", "bikes.mp4,../secret.mp4"]],
+)  # fmt: skip
+def test_bench_decode_refuses_bad_counts_and_clips_before_loading_a_model(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        decode_batch.main_args([*argv, "--out", "unused"])
+    assert stop.value.code == 2
+    assert argv[-2] in capsys.readouterr().err
