@@ -110,7 +110,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             if record.source_url is not None and self.source_policy is not None:
                 self.source_policy.check(record.source_url, must_exist=False)
             info = await self.coordinator.create_stream(record)
-            return self._stream_proto(info)
+            return convert.stream_to_proto(info)
         except Exception as err:
             await abort(context, err, self.metrics)
 
@@ -130,14 +130,14 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
 
     async def GetStream(self, request, context):
         try:
-            return self._stream_proto(await self.coordinator.get_stream(check_stream_id(request.stream_id)))
+            return convert.stream_to_proto(await self.coordinator.get_stream(check_stream_id(request.stream_id)))
         except Exception as err:
             await abort(context, err, self.metrics)
 
     async def ListStreams(self, request, context):
         try:
             infos = await self.coordinator.list_streams()
-            return pb.ListStreamsResponse(streams=[self._stream_proto(i) for i in infos])
+            return pb.ListStreamsResponse(streams=[convert.stream_to_proto(i) for i in infos])
         except Exception as err:
             await abort(context, err, self.metrics)
 
@@ -157,9 +157,6 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             return convert.keyframes_response(keyframes, self.max_reply_bytes)
         except Exception as err:
             await abort(context, err, self.metrics)
-
-    def _stream_proto(self, info) -> pb.Stream:
-        return convert.stream_to_proto(info)
 
     # -- ingest -------------------------------------------------------------------------------------
     async def PushFrames(self, request_iterator, context):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mosaic_core.bench.settings import engine_config, pinned_bytes, settings_for, sized_to_machine
-from mosaic_core.bench.workload import CLIPS, QUESTIONS, looped_frames, parse_clips
+from mosaic_core.bench.workload import CLIPS, QUESTIONS, clip_list, looped_frames
 from mosaic_core.config import GIB, MIB, RetrievalMode
 from mosaic_core.engine.decode_graphs import MAX_BATCH, DecodeGraphs
 from mosaic_core.engine.engine import Engine
@@ -86,7 +86,7 @@ def run_concurrent(engine: Engine, cameras: list[str], decode_tokens: int, while
 
 def main_args(argv=None) -> argparse.Namespace:
     """The command line, checked whole before anything loads (a bad flag or value exits with argparse's usage
-    error); adds ``clip_names`` and ``levels``, the concurrencies to run."""
+    error); adds ``num_cameras`` and ``levels``, the concurrencies to run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset, 4 cameras; runs on CPU")
     parser.add_argument("--model", default="qwen2.5-vl-7b")
@@ -99,14 +99,12 @@ def main_args(argv=None) -> argparse.Namespace:
         "--device-budget-gib", type=float, default=80.0, help="16 answers stage 16 working sets: 30 GiB at 16k tokens"
     )
     parser.add_argument(
-        "--clips", default=",".join(CLIPS), help="sample clips the cameras loop, in turn (a GPU run may carry one)"
-    )
+        "--clips", type=clip_list, default=CLIPS,
+        help="sample clips the cameras loop, in turn, comma-separated (a GPU run may carry one)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    args.clip_names = parse_clips(args.clips)
-    if args.clip_names is None:
-        parser.error(f"--clips names sample clips among {', '.join(CLIPS)}, got {args.clips!r}")
-    cameras = 4 if args.quick else args.cameras
+    args.num_cameras = cameras = 4 if args.quick else args.cameras
     try:
         levels = [int(n) for n in args.concurrency.split(",")]
     except ValueError:
@@ -119,14 +117,13 @@ def main_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = main_args(argv)
-    clips, levels = args.clip_names, args.levels
+    clips, levels, cameras = args.clips, args.levels, args.num_cameras
     s = settings_for(
         quick=args.quick, model=args.model, minutes=args.minutes, questions=len(QUESTIONS),
         budget_tokens=args.budget_tokens, device_budget_gib=args.device_budget_gib, cameras=args.cameras,
     )  # fmt: skip
     if args.quick:  # room for 4 answers' working sets next to 4 windows
         s = dataclasses.replace(s, device_budget_bytes=64 * MIB)
-    cameras = 4 if args.quick else args.cameras
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     model = Qwen25VLAdapter.load(s.model, device=s.device, dtype=s.dtype)
     s = sized_to_machine(s, model, None, log)

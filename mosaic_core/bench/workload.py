@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 
 import numpy as np
@@ -18,11 +19,13 @@ QUESTIONS = [
 CLIPS = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")
 
 
-def parse_clips(text: str) -> tuple[str, ...] | None:
-    """The sample clips named in ``text`` (comma-separated, each one of ``CLIPS``), or None if any is not one: a GPU
+def clip_list(text: str) -> tuple[str, ...]:
+    """The sample clips named in ``text`` (comma-separated, each one of ``CLIPS``), as an argparse ``type``: a GPU
     call that carries ``bikes.mp4`` alone names it, where the benches loop the three in turn by default."""
     clips = tuple(c.strip() for c in text.split(",") if c.strip())
-    return clips if clips and all(c in CLIPS for c in clips) else None
+    if not clips or not all(c in CLIPS for c in clips):
+        raise argparse.ArgumentTypeError(f"{text!r}: name sample clips among {', '.join(CLIPS)}")
+    return clips
 
 
 def looped_frames(seconds: int, *, stream_id: str, clip: str, start_s: float = 0.0):

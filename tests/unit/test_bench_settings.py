@@ -66,14 +66,12 @@ def test_every_swept_scorer_is_one_the_config_accepts():
 
 def test_the_clips_a_bench_loops_are_sample_clips_in_the_order_named():
     from mosaic_core.bench.engine import main_args
-    from mosaic_core.bench.workload import CLIPS, parse_clips
+    from mosaic_core.bench.workload import CLIPS
 
-    assert parse_clips("bikes.mp4") == ("bikes.mp4",)
-    assert parse_clips(" bigbuckbunny.mp4 ,bikes.mp4") == ("bigbuckbunny.mp4", "bikes.mp4")
-    assert parse_clips("bikes.mp4,/etc/passwd") is None
-    assert parse_clips("") is None
-    assert main_args([]).b_clip_names == CLIPS
-    assert main_args(["--b-clips", "bikes.mp4"]).b_clip_names == ("bikes.mp4",)
+    assert main_args([]).b_clips == CLIPS
+    assert main_args(["--b-clips", "bikes.mp4"]).b_clips == ("bikes.mp4",)
+    assert main_args(["--b-clips", " bigbuckbunny.mp4 ,bikes.mp4"]).b_clips == ("bigbuckbunny.mp4", "bikes.mp4")
+    assert decode_batch.main_args(["--clips", "bikes.mp4", "--out", "unused"]).clips == ("bikes.mp4",)
 
 
 @pytest.mark.parametrize(
