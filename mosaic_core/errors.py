@@ -52,6 +52,11 @@ class TimestampOrderError(InvalidArgumentError):
     """A frame's timestamp is not later than the previous frame of its stream."""
 
 
+class RefusedSourceError(InvalidArgumentError):
+    """A source serves what this server refuses to read (over HTTP, a playlist or another container outside
+    ``FORMATS_OVER_HTTP``): trying again cannot help."""
+
+
 class ConfigError(InvalidArgumentError):
     """A configuration value is out of range or inconsistent with another."""
 

@@ -15,10 +15,11 @@ Failures: network sources (rtsp, http) reconnect with exponential backoff (``bac
 ``max_backoff_s``). Timestamps keep increasing: a network source's clock resumes at the wall-clock time since its
 first frame (never before its last frame), as a restart's does (``services.worker_streams``), so a camera stays in
 step with the wall clock across an outage (a paced file served over HTTP, looped by reconnecting, is where it
-would have been anyway). After
-``max_failures`` attempts in a row that read no frame, an http(s) source stops in ``SourceState.ERROR`` with the
-last error; a live camera (rtsp, rtmp, udp, tcp) keeps trying every ``max_backoff_s``, since a camera that reboots
-or loses its network comes back, and a service that runs for months must not need a restart to read it again. From
+would have been anyway). After ``max_failures`` attempts in a row that read no frame, an http(s) source stops in
+``SourceState.ERROR`` with the last error, and at the first where the server refuses what the source serves (a
+playlist or another container outside ``FORMATS_OVER_HTTP``: trying again cannot help); a live camera (rtsp, rtmp,
+udp, tcp) keeps trying every ``max_backoff_s``, since a camera that reboots or loses its network comes back, and a
+service that runs for months must not need a restart to read it again. From
 a failed attempt on, the state is ERROR with the last error, through the retries, until a frame is read (RUNNING):
 a dead camera does not flap between ERROR and CONNECTING. After ``max_refused_frames`` frames in a row that the sink
 refused, any source stops in ERROR. A local file that cannot be opened or decoded ends in ERROR at once. The
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mosaic_core.errors import ConfigError, MosaicError
+from mosaic_core.errors import ConfigError, MosaicError, RefusedSourceError
 from mosaic_core.model.video import iter_video_frames
 from services.source_decoding import iter_frames_in_child
 from services.source_hosts import Network, resolved_refusal
@@ -203,7 +204,7 @@ class SourceReader:
                 if self.progress().frames_read > frames_before:  # the connection worked: back off from the start
                     num_failures, delay_s = 0, self.backoff_s
                 num_failures += 1
-                if not self.is_network:
+                if not self.is_network or isinstance(err, RefusedSourceError):
                     return self._give_up(reason)
                 if num_failures >= self.max_failures and not self.is_live:
                     return self._give_up(f"{num_failures} attempts in a row failed; the last: {reason}")

@@ -43,7 +43,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, NotFoundError
+from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, NotFoundError, RefusedSourceError
 from mosaic_core.model.pixels import downscaled_size
 
 OPEN_TIMEOUT_S = 10.0  # for network sources; a stalled camera must not hang a worker forever
@@ -262,10 +262,10 @@ def _open(source: str) -> av.container.InputContainer:
     try:
         container = av.open(str(source), mode="r", timeout=OPEN_TIMEOUT_S, options=options)
     except (av.FFmpegError, OSError) as err:
-        hint = ""
         if "format_whitelist" in options and isinstance(err, av.ArgumentError):  # a container the list refused
-            hint = f" (if it is a playlist or another container: over HTTP this server reads {FORMATS_OVER_HTTP} only)"
-        raise InvalidArgumentError(f"Cannot open video source {source!r}: {err}{hint}.") from err
+            hint = f"if it is a playlist or another container: over HTTP this server reads {FORMATS_OVER_HTTP} only"
+            raise RefusedSourceError(f"Cannot open video source {source!r}: {err} ({hint}).") from err
+        raise InvalidArgumentError(f"Cannot open video source {source!r}: {err}.") from err
     if not container.streams.video:
         container.close()
         raise InvalidArgumentError(f"Video source {source!r} has no video stream.")

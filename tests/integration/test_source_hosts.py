@@ -151,7 +151,8 @@ def test_an_http_redirect_is_not_followed(clip_server):
 
 def test_a_playlist_cannot_send_the_reader_to_a_blocked_host(clip_server):
     """An HLS playlist on an allowed host lists a segment on a blocked one (the metadata service, a loopback-only
-    port): the reader refuses the playlist, says why, and fetches nothing from the blocked host."""
+    port): the reader refuses the playlist, says why, fetches nothing from the blocked host, and does not fetch the
+    playlist again (the refusal is the server's own: trying again cannot help)."""
     try:
         internal = http.server.ThreadingHTTPServer(("127.0.0.2", 0), _Clip)  # the blocked host, recording requests
     except OSError as err:
@@ -162,8 +163,11 @@ def test_a_playlist_cannot_send_the_reader_to_a_blocked_host(clip_server):
         f"http://127.0.0.2:{internal.server_address[1]}/latest/meta-data/iam.ts\n#EXT-X-ENDLIST\n"
     ).encode()
 
+    camera_requests = []
+
     class Camera(http.server.BaseHTTPRequestHandler):  # the allowed host that the source URL names
         def do_GET(self):
+            camera_requests.append(self.path)
             self.send_response(200)
             self.send_header("Content-Type", "application/vnd.apple.mpegurl")
             self.send_header("Content-Length", str(len(playlist)))
@@ -178,9 +182,11 @@ def test_a_playlist_cannot_send_the_reader_to_a_blocked_host(clip_server):
     try:
         reader = SourceReader(
             f"http://127.0.0.1:{camera.server_address[1]}/cam.m3u8", fps=1.0, sink=lambda t, rgb: None,
-            realtime=False, max_failures=1, blocked_networks=parse_networks(["127.0.0.2/32"]),
+            realtime=False, backoff_s=0.01, max_failures=3, blocked_networks=parse_networks(["127.0.0.2/32"]),
         ).start()  # fmt: skip
-        progress = _until_settled(reader)
+        _until_settled(reader)
+        time.sleep(1.0)  # three attempts 10 and 20 ms apart would all be made by now
+        progress = reader.progress()
         reader.stop()
     finally:
         for server in (camera, internal):
@@ -188,6 +194,7 @@ def test_a_playlist_cannot_send_the_reader_to_a_blocked_host(clip_server):
             server.server_close()
     assert _Clip.requests == [], f"the reader fetched {_Clip.requests} from a host in source_blocked_networks"
     assert progress.state is SourceState.ERROR and "if it is a playlist" in progress.error
+    assert camera_requests == ["/cam.m3u8"] and progress.num_reconnects == 0, "a refused playlist was fetched again"
 
 
 @pytest.mark.parametrize("url", ["http://:8080/secret", "http://user@:8080/a", "rtsp://:554/x", "rtsp://@/x"])
