@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,19 @@ def test_ask_video_streams_an_answer_with_evidence_and_stats():
     for row in ("frames", "clusters", "bytes per tier", "time to first token", "decode"):
         assert row in out
     assert "encoding " in result.stderr and "12/12" in result.stderr  # progress while encoding (plain lines: no TTY)
+
+
+def test_the_readmes_ask_video_command_answers_with_evidence():
+    # The command a newcomer copies first, as the README spells it: the whole clip at the default budgets, whose
+    # default device budget must hold a question's working set however the clip's frames fill the arena's pages.
+    line = next(
+        line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(".venv/bin/mosaic ask-video")
+    )
+    result = _mosaic(*shlex.split(line)[1:])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "error" not in result.stdout, result.stdout
+    evidence = result.stdout.split("evidence (ranked time spans the answer drew on):")[1].split("stats:")[0]
+    assert "#1" in evidence and "(none" not in evidence
 
 
 def test_ask_video_reports_a_missing_file_clearly():
