@@ -125,7 +125,9 @@ class TelemetryPollsMixin:
             try:  # one worker's surprise must not lose the others' drained counts, nor this round's liveness
                 if came_back or index in self._to_list:
                     await self._take_streams_of(index)
-                self._last_lags.update(result.lags_s)
+                # Placed streams only: an answer given before a delete and applied after it would bring the
+                # deleted stream's lag back, and nothing removes it again.
+                self._last_lags.update((s, lag) for s, lag in result.lags_s.items() if s in self.placement)
                 apply_delta(self.metrics, result, open_streams=set(self.placement))
                 if not isinstance(keyframe_stats, BaseException):
                     self.metrics.set_keyframes(index, *keyframe_stats)

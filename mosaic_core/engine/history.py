@@ -69,7 +69,16 @@ class HistoryKeeper:
         numbering = {"first_frame_index": state.first_frame_index, "first_cluster_number": state.former.next_number}
         self.store.create_stream(state.stream_id, {**opened, **numbering})
         self._reserved[state.stream_id] = (0, 0)
-        self.ensure_ids(state)
+        try:
+            self.ensure_ids(state)
+        except BaseException:
+            # The open fails, so its folder goes too: kept, it would refuse the id as existing, come back at the
+            # next restart as a stream no one created, and keep its writer and reservation here meanwhile.
+            try:
+                self.close(state.stream_id)
+            except OSError as err:
+                log.error("stream %s failed to open, and its folder could not be removed: %s", state.stream_id, err)
+            raise
 
     def close(self, stream_id: str) -> None:
         self.store.delete_stream(stream_id)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -22,7 +23,8 @@ class DiskTier:
     """The files of disk-tier clusters that have no durable record (spill files), under one directory.
 
     Layout: ``<root>/<stream_id>/<cluster name>.safetensors``, where the cluster id is ``<stream_id>/<name>``. Nothing
-    adopts them after a restart (only durable records come back), so ``KVTiers`` clears them as it starts.
+    adopts them after a restart (only durable records come back), so ``KVTiers`` clears them as it starts. A stream's
+    folder goes with its last spill file: streams come and go for months, and each would otherwise leave one.
     """
 
     SUFFIX = ".safetensors"
@@ -52,7 +54,9 @@ class DiskTier:
         return load_file(str(path))["kv"]
 
     def delete(self, cluster_id: str) -> None:
-        self.path(cluster_id).unlink(missing_ok=True)
+        path = self.path(cluster_id)
+        path.unlink(missing_ok=True)
+        _remove_if_empty(path.parent)
 
     def list_clusters(self, stream_id: str) -> list[str]:
         """The clusters of ``stream_id`` with a spill file, read from the directory itself."""
@@ -66,4 +70,13 @@ class DiskTier:
         paths = [p for p in self.root.glob("*/c*.safetensors*") if _SPILL_NAME.fullmatch(p.name)]
         for path in paths:
             path.unlink(missing_ok=True)
+        for folder in {path.parent for path in paths}:
+            _remove_if_empty(folder)
         return len(paths)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Removes a stream's folder that holds nothing more; one that still does (another spill file, or a durable
+    stream's files when the disk tier shares their directory) is left as it is."""
+    with contextlib.suppress(OSError):  # not empty (or already gone)
+        folder.rmdir()

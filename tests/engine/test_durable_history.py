@@ -440,3 +440,33 @@ def test_a_cluster_whose_snapshot_fails_leaves_the_other_streams_clusters_durabl
         assert len(completed) > 1
         assert [cid for cid in completed if not store.owns(cid)] == (failed if stream_id == "a" else [])
     engine.close()
+
+
+def test_an_open_whose_ids_cannot_be_reserved_leaves_no_history_behind(tiny_model, tmp_path):
+    """The stream's folder is made, then its first ids cannot be journalled (a full disk): the open fails, and
+    nothing of the stream stays. Before, its folder, its journal writer and its reservation stayed for as long as the
+    engine ran, one set per failed open, the id was refused as existing until a restart, and the restart brought
+    back a stream no one had created."""
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    history = engine.history
+    reserve = history.store.reserve_ids
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    history.store.reserve_ids = full
+    try:
+        for n in range(3):
+            with pytest.raises(OSError, match="No space left"):
+                engine.open_stream(f"cam-{n}")
+    finally:
+        history.store.reserve_ids = reserve
+    assert engine.streams == {} and history._reserved == {} and history.store._writers == {}
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
+    engine.open_stream("cam-0")  # room again: the id is free
+    engine.close()
+    again = make_engine(tiny_model, data_dir=str(tmp_path))
+    try:
+        assert [s.stream_id for s in again.restore_streams()] == ["cam-0"]
+    finally:
+        again.close()

@@ -428,3 +428,34 @@ def test_a_stopped_workers_last_telemetry_counts_with_a_drain_its_stop_cut_short
         assert value("mosaic_frames_dropped_total", {"stream": "cam", "reason": "shutdown"}) == 3
 
     asyncio.run(scenario())
+
+
+def test_a_drain_answered_after_a_delete_leaves_no_lag_of_the_deleted_stream():
+    """A drain the worker answered before a delete, applied after it (the poll waits for every worker, and a slow
+    answer is applied at a later poll), must not bring the deleted stream's lag back into the router's table:
+    nothing would remove it again, so with streams created and deleted all day the table only grew."""
+
+    async def scenario():
+        worker = Worker(0)
+        coordinator = await _started(worker)
+        stream_ids = [f"cam-{i}" for i in range(5)]
+        for stream_id in stream_ids:
+            await coordinator.create_stream(StreamRecord(stream_id=stream_id, fps=1.0))
+        release = asyncio.Event()
+        drained_before_the_deletes = worker._drain_telemetry()
+
+        async def held_drain():
+            await release.wait()
+            return drained_before_the_deletes
+
+        held = type("Held", (), {"remote": staticmethod(held_drain)})
+        worker.drain_telemetry = type("Method", (), {"options": staticmethod(lambda **_: held)})
+        poll = asyncio.ensure_future(coordinator.poll_telemetry(5.0))
+        await asyncio.sleep(0)  # the drain is asked for
+        for stream_id in stream_ids[1:]:
+            await coordinator.delete_stream(stream_id)
+        release.set()
+        await poll
+        assert set(coordinator._last_lags) == {"cam-0"}  # the stream still placed keeps its lag
+
+    asyncio.run(scenario())
