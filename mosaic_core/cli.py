@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import itertools
 import math
 import sys
 import time
@@ -260,16 +259,9 @@ def _run_ask_video(args) -> int:
         if args.device_budget_mib
         else 2 * working_set_tokens * model.kv_spec.bytes_per_token
     )
-    frames = iter_video_frames(source, fps=args.fps, max_frames=args.max_frames)
-    first = next(frames, None)
-    # One clip, one frame size: a page that holds exactly one frame. The arena's default page is the target
-    # (64), and a frame a token over it (bikes.mp4's 5 x 13 grid) would take two pages, one nearly empty, so
-    # the working set above would need twice the pages the budget was sized for.
-    page_tokens = model.choose_geometry(*first.rgb.shape[:2], args.tokens_per_frame).tokens_per_frame if first else None
     config = EngineConfig(
         mode=args.mode,
         target_tokens_per_frame=args.tokens_per_frame,
-        page_tokens=page_tokens,
         local_window_tokens=args.window_tokens,
         retrieval_budget_tokens=args.budget_tokens,
         device_budget_bytes=device_budget,
@@ -281,7 +273,7 @@ def _run_ask_video(args) -> int:
     progress = Progress("encoding", expected)
     batch: list[FrameInput] = []
     done = 0
-    for frame in itertools.chain([first] if first else [], frames):
+    for frame in iter_video_frames(source, fps=args.fps, max_frames=args.max_frames):
         batch.append(FrameInput("video", frame.timestamp_s, frame.rgb))
         if len(batch) == 8:
             done += engine.ingest(batch).num_frames

@@ -94,8 +94,10 @@ class EngineConfig:
     Attributes:
         mode: retrieval mode, one switch for the whole engine.
         target_tokens_per_frame: visual tokens per frame the frame size is chosen for.
-        page_tokens: token slots of one page of the KV arena; None sizes a page to ``target_tokens_per_frame``.
-            A frame starts a fresh page and takes as many as it needs, so a page the size of a frame wastes nothing.
+        page_tokens: token slots of one page of the KV arena; None sizes a page to hold the largest frame the model
+            makes at ``target_tokens_per_frame`` (``largest_frame_tokens``: 66 at 64, 133 at 128). A frame starts a
+            fresh page and takes as many as it needs, so a page the size of a frame wastes nothing, and a frame a
+            token longer than its page takes a second page, nearly empty.
         local_window_tokens: recent KV every new frame and question attends to.
         max_frames_per_pass: consecutive frames of one stream that may share a forward pass (a backlog catches
             up faster; each frame still attends only to sink + window + the frames before it in the pass).
@@ -298,7 +300,3 @@ class EngineConfig:
             raise ConfigError(f"keyframe_encode_threads must be an int in 0..8, got {self.keyframe_encode_threads!r}")
         if not 0.0 < self.merge_min_joint_fraction <= 1.0:
             raise ConfigError(f"merge_min_joint_fraction must be in (0, 1], got {self.merge_min_joint_fraction}")
-
-    @property
-    def arena_page_tokens(self) -> int:
-        return self.page_tokens or self.target_tokens_per_frame

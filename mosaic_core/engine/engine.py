@@ -85,7 +85,7 @@ class Engine(StreamLifecycleMixin, WarmUpMixin, IntrospectionMixin):
             self.spec,
             residency,
             device=model.device,
-            page_tokens=self.config.arena_page_tokens,
+            page_tokens=self.config.page_tokens or model.largest_frame_tokens(self.config.target_tokens_per_frame),
             # full mode has no budget: its pool starts at the configured size and doubles when it runs out
             device_bytes=self.config.device_budget_bytes,
             grow_device=full,

@@ -52,6 +52,10 @@ class VlmAdapter(Protocol):
     # -- frames and positions ------------------------------------------------------------------------------
     def choose_geometry(self, height: int, width: int, target_tokens: int) -> VisionGeometry: ...
 
+    def largest_frame_tokens(self, target_tokens: int) -> int:
+        """The most tokens ``choose_geometry`` gives a frame of any size at ``target_tokens``."""
+        ...
+
     def encode_frames(self, frames, geometry: VisionGeometry, *, before_block=None):
         """The vision tower over ``frames``: a ``[N, H, W, 3]`` uint8 array, a sequence of ``[H, W, 3]`` frames of
         any sizes, or ``mosaic_core.model.frame_upload.UploadedFrames``; returns their embeddings and summaries.

@@ -151,15 +151,12 @@ def choose_geometry(
     src_aspect = src_width / src_height
     best_key: tuple[float, int, int] | None = None
     best_rows_cols = (1, 1)
-    for rows in range(1, target_tokens + 1):
-        # For fixed rows the cost is piecewise linear in log(cols), steepest around target/rows: the best
-        # integer cols is one of its two neighbours.
-        for cols in {max(1, target_tokens // rows), max(1, math.ceil(target_tokens / rows))}:
-            tokens = rows * cols
-            cost = 2 * abs(math.log(tokens / target_tokens)) + abs(math.log(cols / rows / src_aspect))
-            key = (round(cost, 12), abs(tokens - target_tokens), rows)
-            if best_key is None or key < best_key:
-                best_key, best_rows_cols = key, (rows, cols)
+    for rows, cols in _candidate_grids(target_tokens):
+        tokens = rows * cols
+        cost = 2 * abs(math.log(tokens / target_tokens)) + abs(math.log(cols / rows / src_aspect))
+        key = (round(cost, 12), abs(tokens - target_tokens), rows)
+        if best_key is None or key < best_key:
+            best_key, best_rows_cols = key, (rows, cols)
     unit_px = patch_size * merge_size
     rows, cols = best_rows_cols
     return VisionGeometry(
@@ -169,6 +166,39 @@ def choose_geometry(
         height_px=rows * unit_px,
         width_px=cols * unit_px,
     )
+
+
+def _candidate_grids(target_tokens: int) -> list[tuple[int, int]]:
+    """The ``rows x cols`` token grids ``choose_geometry`` weighs. For fixed rows its cost is piecewise linear in
+    log(cols), steepest around target/rows: the best integer cols is one of its two neighbours."""
+    grids = []
+    for rows in range(1, target_tokens + 1):
+        for cols in sorted({max(1, target_tokens // rows), max(1, math.ceil(target_tokens / rows))}):
+            grids.append((rows, cols))
+    return grids
+
+
+@functools.cache
+def largest_frame_tokens(target_tokens: int) -> int:
+    """The most tokens ``choose_geometry`` gives a frame of any size at ``target_tokens``: 66 at 64 (a 16:9
+    camera's frame), 133 at 128. A page of the KV arena this long holds any frame whole, where a page of
+    ``target_tokens`` would give a frame a token over it a second page, nearly empty.
+
+    Each grid's cost is ``k + |x - x_g|`` in the source's log aspect ``x``: a cone of slope 1 with its apex at the
+    grid's own log aspect ``x_g``, where it costs ``k = 2 |log(tokens / target)|``. Cones of equal slopes have this
+    property: one that is lowest anywhere is lowest at its own apex. So a grid is chosen for some source exactly when
+    no other grid costs less at its apex (ties count as chosen: the result is never below the truth). The lowest
+    cost at every apex comes from one pass over the apexes in order each way."""
+    if not isinstance(target_tokens, (int, np.integer)) or target_tokens < 1:
+        raise ConfigError(f"largest_frame_tokens: target_tokens must be a positive integer, got {target_tokens!r}.")
+    grids = sorted((math.log(cols / rows), 2 * abs(math.log(rows * cols / target_tokens)), rows * cols)
+                   for rows, cols in _candidate_grids(int(target_tokens)))  # fmt: skip
+    lowest = [cost for _, cost, _ in grids]
+    for order in (range(1, len(grids)), range(len(grids) - 2, -1, -1)):
+        for i in order:
+            before = i - 1 if order.step == 1 else i + 1
+            lowest[i] = min(lowest[i], lowest[before] + abs(grids[i][0] - grids[before][0]))
+    return max(tokens for (_, cost, tokens), low in zip(grids, lowest, strict=True) if cost <= low + 1e-9)
 
 
 def model_pixels(target_tokens: int, *, patch_size: int = 14, merge_size: int = 2) -> int:

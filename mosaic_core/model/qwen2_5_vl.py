@@ -38,6 +38,7 @@ from mosaic_core.model.pixels import (
     VisionGeometry,
     choose_geometry,
     frames_to_vision_input,
+    largest_frame_tokens,
     resize_groups,
     vision_input_from_pixels,
 )
@@ -191,6 +192,9 @@ class Qwen25VLAdapter:
             merge_size=self.merge_size,
             temporal_patch_size=self.temporal_patch_size,
         )
+
+    def largest_frame_tokens(self, target_tokens: int) -> int:
+        return largest_frame_tokens(target_tokens)
 
     @torch.no_grad()
     def encode_frames(
