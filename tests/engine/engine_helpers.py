@@ -11,7 +11,6 @@ from mosaic_core.engine.results import FrameInput
 
 SMALL = EngineConfig(
     target_tokens_per_frame=16,
-    page_tokens=18,  # the bikes clip's frames come out at 18 tokens: one page per frame, as a deployment sizes them
     local_window_tokens=48,
     retrieval_budget_tokens=96,
     device_budget_bytes=8 * MIB,
