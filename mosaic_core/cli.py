@@ -37,6 +37,7 @@ BENCH_TARGETS = {
     "profile": ("mosaic_core.bench.profile_question", "where a question's and an ingest pass's time goes, per mode"),
     "decode": ("mosaic_core.bench.decode_batch", "decode ms/step and tokens/s with 1 to 16 answers at once"),
     "vision": ("mosaic_core.bench.vision", "the vision tower alone: transformers' forward against Mosaic's"),
+    "pages": ("mosaic_core.bench.page_fill", "how full the KV arena's pages are for common camera shapes"),
 }
 
 
