@@ -14,6 +14,7 @@ import torch
 
 from mosaic_core.bookkeeping.pages import ClusterPages, pages_for
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.durable.records import from_pages
 
 
 class DiskMovesMixin:
@@ -50,7 +51,9 @@ class DiskMovesMixin:
             record.fills = [self.page_tokens] * stored.shape[0]
             self._set_pages(record, dst, pages)
         else:
-            kv = self._read_disk(cluster_id)
+            # A record's pages of another size (a frame's, under the arena's default page of the largest frame) are
+            # the KV already read: reading the file again for it read and checked every such fetch twice.
+            kv = from_pages(stored) if self._durable(cluster_id) else self._read_disk(cluster_id)
             num_bytes = kv.numel() * kv.element_size()
             fills = pages_for(kv.shape[3], self.page_tokens)
             pages = self._take(dst, len(fills))

@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from engine_helpers import SMALL, feed
 
+from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.engine.engine import Engine
 from mosaic_core.errors import ConfigError
 from mosaic_core.model.pixels import choose_geometry, largest_frame_tokens
@@ -39,3 +41,41 @@ def test_the_largest_frame_is_the_largest_any_aspect_ratio_gets(target):
 def test_the_largest_frame_of_a_target_that_is_no_count_is_refused():
     with pytest.raises(ConfigError, match="positive integer"):
         largest_frame_tokens(0)
+
+
+def test_a_durable_cluster_of_frames_shorter_than_the_page_is_read_from_its_file_once(
+    tiny_model, bikes_frames, tmp_path, monkeypatch
+):
+    """The default page holds the largest frame, so most frames are shorter than it, and a record's pages (one per
+    frame) are not the arena's: such a fetch read and checked the record file twice, once for its pages and again
+    for its KV."""
+    from mosaic_core.durable import store as durable_store
+
+    frames = [(t, rgb[:, :363].copy()) for t, rgb in bikes_frames[:24]]  # 4:3: 16 tokens at 16, where pages hold 18
+    first = Engine(tiny_model, dataclasses.replace(SMALL, page_tokens=None, data_dir=str(tmp_path)))
+    first.open_stream("cam", fps=2.0)
+    feed(first, "cam", frames)
+    assert first.stream("cam").geometry.tokens_per_frame < first.tiering.tiers.page_tokens
+    first.close()
+    second = Engine(tiny_model, dataclasses.replace(SMALL, page_tokens=None, data_dir=str(tmp_path)))
+    second.restore_streams()
+    read_files: list[str] = []
+
+    def counted(decode):
+        def read(*args, **kwargs):
+            read_files.append(kwargs["name"])
+            return decode(*args, **kwargs)
+
+        return read
+
+    for name in ("decode_cluster", "decode_pages"):
+        monkeypatch.setattr(durable_store, name, counted(getattr(durable_store, name)))
+    cluster_id = second.clusters("cam")[0].cluster_id
+    kv_from_file = second.tiering.tiers.read(cluster_id)
+    read_files.clear()
+    plan = second.tiering.residency.plan_fetch(cluster_id, Tier.DEVICE, exclude=frozenset())
+    assert plan is not None
+    second.tiering.execute(plan)
+    assert len(read_files) == 1, read_files
+    assert torch.equal(second.tiering.tiers.read(cluster_id).cpu(), kv_from_file)
+    second.close()
