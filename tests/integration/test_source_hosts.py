@@ -197,6 +197,44 @@ def test_a_playlist_cannot_send_the_reader_to_a_blocked_host(clip_server):
     assert camera_requests == ["/cam.m3u8"] and progress.num_reconnects == 0, "a refused playlist was fetched again"
 
 
+def test_an_error_page_served_as_200_is_tried_again_as_a_passing_failure():
+    """A proxy's HTML page in place of the stream (status 200) is no container FFmpeg reads: it fails as bad data,
+    not as a refusal of the server's own, so the reader tries again, up to ``max_failures`` times."""
+    page = b"<html><head><title>502 Bad Gateway</title></head><body>The camera did not answer.</body></html>"
+    requests = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        reader = SourceReader(
+            f"http://127.0.0.1:{proxy.server_address[1]}/cam.mjpg", fps=1.0, sink=lambda t, rgb: None,
+            realtime=False, backoff_s=0.01, max_failures=3, blocked_networks=(),
+        ).start()  # fmt: skip
+        deadline = time.monotonic() + 20
+        while len(requests) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a fourth attempt, were there one, would come by now
+        progress = reader.progress()
+        reader.stop()
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert len(requests) == 3, requests
+    assert progress.state is SourceState.ERROR and "3 attempts in a row failed" in progress.error, progress.error
+
+
 @pytest.mark.parametrize("url", ["http://:8080/secret", "http://user@:8080/a", "rtsp://:554/x", "rtsp://@/x"])
 def test_a_url_with_no_host_is_refused_as_written_and_at_the_connect(url):
     """FFmpeg connects to an empty host's loopback, so such a URL reached the worker's own services."""
