@@ -28,8 +28,9 @@ def config(tmp_path_factory):
     return load_config(
         None,
         data_dir=str(tmp_path_factory.mktemp("data")),
-        # Two streams' windows take 0.9 MiB of device pages; 2 MiB leaves a question room and still spills.
-        device_budget_bytes=2 * MIB,
+        # Two streams' windows take 0.9 MiB of device pages (a page of 18 tokens holds one frame); 1.5 MiB leaves a
+        # question room and still spills through the host tier to the disk.
+        device_budget_bytes=3 * MIB // 2,
         host_budget_bytes=256 * 1024,
         disk_budget_bytes=16 * MIB,
         disk_dir=str(tmp_path_factory.mktemp("kv-disk")),
