@@ -173,7 +173,8 @@ def _candidate_grids(target_tokens: int) -> list[tuple[int, int]]:
     log(cols), steepest around target/rows: the best integer cols is one of its two neighbours."""
     grids = []
     for rows in range(1, target_tokens + 1):
-        for cols in sorted({max(1, target_tokens // rows), max(1, math.ceil(target_tokens / rows))}):
+        # a set, iterated as before the candidates moved here: an exact tie keeps the grid it chose
+        for cols in {max(1, target_tokens // rows), max(1, math.ceil(target_tokens / rows))}:
             grids.append((rows, cols))
     return grids
 
