@@ -3,8 +3,6 @@ reader's thread or by a child process (``services.source_decoding``)."""
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import io
 import itertools
 import math
@@ -15,6 +13,7 @@ import time
 import av
 import numpy as np
 import pytest
+from http_pages import serving
 
 from mosaic_core.errors import InvalidArgumentError
 from mosaic_core.model.pixels import downscaled_size
@@ -160,34 +159,10 @@ def _mpegts_clip(num_frames: int) -> bytes:
     return buffer.getvalue()
 
 
-@contextlib.contextmanager
-def _serving(body: bytes, content_type: str = "application/octet-stream"):
-    """An HTTP server on loopback that answers every GET with ``body``; yields its ``http://127.0.0.1:PORT``."""
-
-    class Camera(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Camera)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_a_network_source_whose_timestamps_restart_keeps_delivering_frames():
     """A camera's encoder restarted 10 s into one HTTP response: its timestamps start at 0 again. The frames after
     the restart are sampled on one clock, not skipped until the new timestamps pass the old ones."""
-    with _serving(_mpegts_clip(250) + _mpegts_clip(250), "video/mp2t") as camera:
+    with serving(_mpegts_clip(250) + _mpegts_clip(250), "video/mp2t") as camera:
         reader, frames = _collect(
             {"url": f"{camera}/live.ts", "fps": 1.0, "realtime": False, "blocked_networks": ()},
             until=lambda f: len(f) >= 20,
@@ -204,6 +179,6 @@ def test_a_cameras_snapshot_over_http_is_read(image_format, path):
 
     picture = io.BytesIO()
     Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(picture, format=image_format)
-    with _serving(picture.getvalue()) as camera:
+    with serving(picture.getvalue()) as camera:
         frame = next(iter_video_frames(f"{camera}{path}", fps=1.0))
     assert frame.rgb.shape == (48, 64, 3) and abs(int(frame.rgb.mean()) - 200) <= 3

@@ -12,6 +12,7 @@ import time
 from typing import ClassVar
 
 import pytest
+from http_pages import serving
 
 from mosaic_core.errors import ConfigError, InvalidArgumentError
 from mosaic_core.model.video import sample_clip_path
@@ -163,35 +164,20 @@ def test_a_playlist_cannot_send_the_reader_to_a_blocked_host(clip_server):
         f"http://127.0.0.2:{internal.server_address[1]}/latest/meta-data/iam.ts\n#EXT-X-ENDLIST\n"
     ).encode()
 
-    camera_requests = []
-
-    class Camera(http.server.BaseHTTPRequestHandler):  # the allowed host that the source URL names
-        def do_GET(self):
-            camera_requests.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/vnd.apple.mpegurl")
-            self.send_header("Content-Length", str(len(playlist)))
-            self.end_headers()
-            self.wfile.write(playlist)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    camera = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Camera)
-    threading.Thread(target=camera.serve_forever, daemon=True).start()
+    camera_requests: list[str] = []
     try:
-        reader = SourceReader(
-            f"http://127.0.0.1:{camera.server_address[1]}/cam.m3u8", fps=1.0, sink=lambda t, rgb: None,
-            realtime=False, backoff_s=0.01, max_failures=3, blocked_networks=parse_networks(["127.0.0.2/32"]),
-        ).start()  # fmt: skip
-        _until_settled(reader)
-        time.sleep(1.0)  # three attempts 10 and 20 ms apart would all be made by now
-        progress = reader.progress()
-        reader.stop()
+        with serving(playlist, "application/vnd.apple.mpegurl", camera_requests) as camera:  # the URL's own host
+            reader = SourceReader(
+                f"{camera}/cam.m3u8", fps=1.0, sink=lambda t, rgb: None, realtime=False, backoff_s=0.01,
+                max_failures=3, blocked_networks=parse_networks(["127.0.0.2/32"]),
+            ).start()  # fmt: skip
+            _until_settled(reader)
+            time.sleep(1.0)  # three attempts 10 and 20 ms apart would all be made by now
+            progress = reader.progress()
+            reader.stop()
     finally:
-        for server in (camera, internal):
-            server.shutdown()
-            server.server_close()
+        internal.shutdown()
+        internal.server_close()
     assert _Clip.requests == [], f"the reader fetched {_Clip.requests} from a host in source_blocked_networks"
     assert progress.state is SourceState.ERROR and "if it is a playlist" in progress.error
     assert camera_requests == ["/cam.m3u8"] and progress.num_reconnects == 0, "a refused playlist was fetched again"
@@ -201,26 +187,11 @@ def test_an_error_page_served_as_200_is_tried_again_as_a_passing_failure():
     """A proxy's HTML page in place of the stream (status 200) is no container FFmpeg reads: it fails as bad data,
     not as a refusal of the server's own, so the reader tries again, up to ``max_failures`` times."""
     page = b"<html><head><title>502 Bad Gateway</title></head><body>The camera did not answer.</body></html>"
-    requests = []
-
-    class Proxy(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            requests.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
+    requests: list[str] = []
+    with serving(page, "text/html", requests) as proxy:
         reader = SourceReader(
-            f"http://127.0.0.1:{proxy.server_address[1]}/cam.mjpg", fps=1.0, sink=lambda t, rgb: None,
-            realtime=False, backoff_s=0.01, max_failures=3, blocked_networks=(),
+            f"{proxy}/cam.mjpg", fps=1.0, sink=lambda t, rgb: None, realtime=False, backoff_s=0.01, max_failures=3,
+            blocked_networks=(),
         ).start()  # fmt: skip
         deadline = time.monotonic() + 20
         while len(requests) < 3 and time.monotonic() < deadline:
@@ -228,9 +199,6 @@ def test_an_error_page_served_as_200_is_tried_again_as_a_passing_failure():
         time.sleep(0.3)  # a fourth attempt, were there one, would come by now
         progress = reader.progress()
         reader.stop()
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
     assert len(requests) == 3, requests
     assert progress.state is SourceState.ERROR and "3 attempts in a row failed" in progress.error, progress.error
 
