@@ -22,7 +22,6 @@ import numpy as np
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.engine.engine import Engine
 from mosaic_core.engine.results import FrameInput
-from mosaic_core.model.pixels import largest_frame_tokens
 from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
 
 # (height, width, what) of cameras people deploy
@@ -61,9 +60,7 @@ def main(argv=None) -> int:
         for target in args.target_list:
             row = {"shape": f"{width}x{height}", "camera": what, "target": target}
             for name, page_tokens in (("pages of the target", target), ("default pages", None)):
-                held = _held(model, frames, target, page_tokens)
-                row[name] = held
-                row["frame_tokens"] = held.pop("frame_tokens")
+                row["frame_tokens"], row[name] = _held(model, frames, target, page_tokens)
             rows.append(row)
             print(_line(row), file=sys.stderr, flush=True)
     args.out.write_text(json.dumps({"bytes_per_token": model.kv_spec.bytes_per_token, "rows": rows}, indent=2))
@@ -71,8 +68,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _held(model, frames: np.ndarray, target: int, page_tokens: int | None) -> dict:
-    """What one stream's clusters hold after ``frames``: their tokens, their bytes in the memory tiers, the page."""
+def _held(model, frames: np.ndarray, target: int, page_tokens: int | None) -> tuple[int, dict]:
+    """A frame's tokens, and what one stream's clusters hold after ``frames``: their tokens, their bytes in the
+    memory tiers, the engine's page."""
     config = EngineConfig(
         target_tokens_per_frame=target,
         page_tokens=page_tokens,
@@ -87,9 +85,8 @@ def _held(model, frames: np.ndarray, target: int, page_tokens: int | None) -> di
     clusters = engine.clusters("cam")
     tokens = sum(c.num_tokens for c in clusters)
     num_bytes = sum(c.num_bytes for c in clusters)
-    return {
-        "frame_tokens": engine.stream("cam").geometry.tokens_per_frame,
-        "page_tokens": page_tokens or largest_frame_tokens(target),
+    return engine.stream("cam").geometry.tokens_per_frame, {
+        "page_tokens": engine.tiering.tiers.page_tokens,
         "tokens": tokens,
         "bytes": num_bytes,
         "fill": tokens * model.kv_spec.bytes_per_token / num_bytes,

@@ -3,20 +3,17 @@ bikes clip at 16 tokens: 18) took a second page, nearly empty, so half of every 
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
-from engine_helpers import SMALL, feed
+from engine_helpers import SMALL, feed, make_engine
 
 from mosaic_core.bookkeeping.tiers import Tier
-from mosaic_core.engine.engine import Engine
 from mosaic_core.errors import ConfigError
 from mosaic_core.model.pixels import choose_geometry, largest_frame_tokens
 
 
 def test_a_cluster_at_the_default_page_size_takes_one_page_a_frame_with_nothing_wasted(tiny_model, bikes_frames):
-    engine = Engine(tiny_model, dataclasses.replace(SMALL, page_tokens=None))
+    engine = make_engine(tiny_model)  # the default page
     engine.open_stream("cam")
     feed(engine, "cam", bikes_frames[:16])
     frame_tokens = engine.stream("cam").geometry.tokens_per_frame
@@ -52,12 +49,12 @@ def test_a_durable_cluster_of_frames_shorter_than_the_page_is_read_from_its_file
     from mosaic_core.durable import store as durable_store
 
     frames = [(t, rgb[:, :363].copy()) for t, rgb in bikes_frames[:24]]  # 4:3: 16 tokens at 16, where pages hold 18
-    first = Engine(tiny_model, dataclasses.replace(SMALL, page_tokens=None, data_dir=str(tmp_path)))
+    first = make_engine(tiny_model, data_dir=str(tmp_path))
     first.open_stream("cam", fps=2.0)
     feed(first, "cam", frames)
     assert first.stream("cam").geometry.tokens_per_frame < first.tiering.tiers.page_tokens
     first.close()
-    second = Engine(tiny_model, dataclasses.replace(SMALL, page_tokens=None, data_dir=str(tmp_path)))
+    second = make_engine(tiny_model, data_dir=str(tmp_path))
     second.restore_streams()
     read_files: list[str] = []
 
