@@ -76,6 +76,9 @@ for name in sys.argv[1:]:
         unzip -q -o "$wheel" -d "$site"  # keeps the executable bits that zipfile would drop
     done
     for part in "${RAY_UNUSED[@]}"; do rm -rf "${site:?}/ray/$part"; done
+    # pytest highlights with Pygments' Python and diff lexers alone; the other 4 MB of lexers load only by name.
+    find "$site/pygments/lexers" -name '*.py' -not -name __init__.py -not -name _mapping.py -not -name python.py \
+        -not -name diff.py -delete
     # Ray's binaries and PyAV's, grpcio's and pydantic-core's extension modules ship with their symbols (PyAV's
     # 31 MB are 5 MB without); the FFmpeg libraries under av.libs are stripped already and are left alone.
     find "$site" -type f \( -name '*.so' -o -name '*.so.*' -o -name raylet -o -name gcs_server \) \
