@@ -77,8 +77,20 @@ class HistoryKeeper:
             try:
                 self.close(state.stream_id)
             except OSError as err:
-                log.error("stream %s failed to open, and its folder could not be removed: %s", state.stream_id, err)
+                self._forget_unremovable(state.stream_id, err)
             raise
+
+    def _forget_unremovable(self, stream_id: str, err: OSError) -> None:
+        """A failed open whose folder cannot be moved away either: its writer and reservation go all the same, so
+        the engine holds nothing of it; the folder stays, and a restart restores it as an empty stream."""
+        self.store.leave(stream_id)
+        self._reserved.pop(stream_id, None)
+        self.ledger.forget_stream(stream_id)
+        log.error(
+            "stream %s failed to open, and its folder could not be removed (%s): a restart restores it empty",
+            stream_id,
+            err,
+        )
 
     def close(self, stream_id: str) -> None:
         self.store.delete_stream(stream_id)

@@ -470,3 +470,29 @@ def test_an_open_whose_ids_cannot_be_reserved_leaves_no_history_behind(tiny_mode
         assert [s.stream_id for s in again.restore_streams()] == ["cam-0"]
     finally:
         again.close()
+
+
+def test_an_open_whose_folder_cannot_be_removed_either_leaves_nothing_held(tiny_model, tmp_path):
+    """Both the first ids' journal write and the folder's move to the trash fail: the open fails, and the engine
+    holds no writer or reservation of the stream. Before, both stayed for as long as the engine ran. The folder
+    stays too, and a restart restores the stream, empty."""
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    history = engine.history
+    reserve, delete = history.store.reserve_ids, history.store.delete_stream
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    history.store.reserve_ids = history.store.delete_stream = full
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            engine.open_stream("cam-0")
+    finally:
+        history.store.reserve_ids, history.store.delete_stream = reserve, delete
+    assert engine.streams == {} and history._reserved == {} and history.store._writers == {}
+    engine.close()
+    again = make_engine(tiny_model, data_dir=str(tmp_path))
+    try:
+        assert [(s.stream_id, s.num_clusters) for s in again.restore_streams()] == [("cam-0", 0)]
+    finally:
+        again.close()
