@@ -9,6 +9,7 @@ import time
 from mosaic_core.config import MIB
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.results import Answer, EvidenceSpan
+from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import CapacityError, InvalidArgumentError
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.labels import check_labels
@@ -26,8 +27,10 @@ def record_from_request(request: pb.CreateStreamRequest, *, max_fps: float = DEF
     """A new stream's record; fps 0 (unset) means ``DEFAULT_FPS``.
 
     Raises:
-        InvalidArgumentError: fps not finite, not above 0 or above ``max_fps``; retention not finite or < 0.
+        InvalidArgumentError: a bad stream id; fps not finite, not above 0 or above ``max_fps``; retention not
+            finite or < 0.
     """
+    check_stream_id(request.stream_id)  # before StreamRecord's own check, whose rule (the store's) allows '/'
     fps = request.fps if request.fps != 0 else DEFAULT_FPS
     if not (math.isfinite(fps) and fps > 0):
         raise InvalidArgumentError(

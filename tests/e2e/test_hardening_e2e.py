@@ -101,11 +101,14 @@ def test_limits_and_messages(client, stream, call, code, words, never):
     assert not never or never.lower() not in details.lower(), details
 
 
-def test_the_id_sentence_is_the_same_wherever_an_id_is_refused(client, stream):
+@pytest.mark.parametrize(
+    "bad_id", ["a/b", "-a", "x" * 129, "caf\u00e9"], ids=["slash", "dash-first", "129-chars", "accent"]
+)
+def test_the_id_sentence_is_the_same_wherever_an_id_is_refused(client, stream, bad_id):
     sentences = set()
     for call in (client.get_stream, client.create_stream, client.delete_stream):
         with pytest.raises(grpc.RpcError) as info:
-            call("a/b")
+            call(bad_id)
         sentences.add(info.value.details())
     assert len(sentences) == 1, sentences
 
