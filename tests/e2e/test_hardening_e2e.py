@@ -76,6 +76,7 @@ CASES = [
     ("fps-huge", lambda c: _create(c, stream_id="h-fps", fps=1e9), "INVALID_ARGUMENT", "limit of 60 frames", ""),
     ("fps-nan", lambda c: _create(c, stream_id="h-fps", fps=float("nan")), "INVALID_ARGUMENT", "finite", ""),
     ("fps-inf", lambda c: _create(c, stream_id="h-fps", fps=float("inf")), "INVALID_ARGUMENT", "finite", ""),
+    ("fps-tiny", lambda c: _create(c, stream_id="h-fps", fps=1e-300), "INVALID_ARGUMENT", "one frame a day", ""),
     ("retention-nan", lambda c: _create(c, stream_id="h-r", retention_s=float("nan")), "INVALID_ARGUMENT",
      "retention_s", ""),
     ("priority-99", lambda c: _query(c, priority=99), "INVALID_ARGUMENT", "priority 99 is not one of", ""),
