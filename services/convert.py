@@ -9,6 +9,7 @@ import time
 from mosaic_core.config import MIB
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.results import Answer, EvidenceSpan
+from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import CapacityError, InvalidArgumentError
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.labels import check_labels
@@ -18,6 +19,8 @@ from services.worker_results import PushResult, StreamInfo
 
 DEFAULT_FPS = 1.0
 DEFAULT_MAX_FPS = 60.0  # a camera sampled faster than this is a mistake or an attack on the worker
+# One frame a day: a source reader waits 1/fps between frames, and far slower rates overflow its timer.
+MIN_FPS = 1 / 86400
 MAX_FRAME_ERRORS = 100
 _TIER_ENUM = {"device": pb.TIER_DEVICE, "host": pb.TIER_HOST, "disk": pb.TIER_DISK}
 
@@ -26,13 +29,17 @@ def record_from_request(request: pb.CreateStreamRequest, *, max_fps: float = DEF
     """A new stream's record; fps 0 (unset) means ``DEFAULT_FPS``.
 
     Raises:
-        InvalidArgumentError: fps not finite, not above 0 or above ``max_fps``; retention not finite or < 0.
+        InvalidArgumentError: a bad stream id; fps not finite, not above 0, below ``MIN_FPS`` or above ``max_fps``;
+            retention not finite or < 0.
     """
+    check_stream_id(request.stream_id)  # before StreamRecord's own check, whose rule (the store's) allows '/'
     fps = request.fps if request.fps != 0 else DEFAULT_FPS
     if not (math.isfinite(fps) and fps > 0):
         raise InvalidArgumentError(
             f"fps must be a finite number above 0 (0 means the default, {DEFAULT_FPS:g} fps), got {fps!r}"
         )
+    if fps < MIN_FPS:
+        raise InvalidArgumentError(f"fps {fps:g} is below one frame a day ({MIN_FPS:.3g} frames per second)")
     if fps > max_fps:
         raise InvalidArgumentError(f"fps {fps:g} is above this server's limit of {max_fps:g} frames per second")
     if not (math.isfinite(request.retention_s) and request.retention_s >= 0):

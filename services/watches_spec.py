@@ -18,6 +18,9 @@ from services.labels import check_label_shape
 
 WATCH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_QUESTION_CHARS = 1000
+# IANA names are at most about 40 characters ("posix/America/Argentina/ComodRivadavia"); a longer one is refused
+# before zoneinfo reads it, which imports a package per '/' and overflows the stack on a few hundred of them.
+MAX_TIMEZONE_CHARS = 64
 _HHMM = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)")
 
 
@@ -50,12 +53,15 @@ class ActiveHours:
             raise InvalidArgumentError(
                 f"active hours start and end are both {self.start}; leave them unset for all day"
             )
+        unknown = InvalidArgumentError(
+            f"timezone {shown(self.timezone)} is not a known IANA time zone name (such as 'UTC' or 'Europe/Berlin')"
+        )
+        if len(self.timezone) > MAX_TIMEZONE_CHARS:
+            raise unknown
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
-            raise InvalidArgumentError(
-                f"timezone {shown(self.timezone)} is not a known IANA time zone name (such as 'UTC' or 'Europe/Berlin')"
-            ) from None
+            raise unknown from None
 
     def contains(self, unix_s: float) -> bool:
         try:

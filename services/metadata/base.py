@@ -7,7 +7,8 @@ that the router and a restarted worker can find them.
 Semantics shared by every implementation (the contract tests check them against each one):
 
 - ids are 1-128 characters of letters, digits and ``_ . - /`` starting with a letter or digit, so they can
-  be embedded in ``:``-separated key names without ambiguity;
+  be embedded in ``:``-separated key names without ambiguity; a cluster id may have up to 160, since the engine
+  names a cluster after its stream (``<stream id>/c<number>``);
 - a cluster belongs to a stream that exists; ``put_cluster`` on an unknown stream raises;
 - time ranges are closed: a cluster ``[start_s, end_s]`` overlaps ``[a, b]`` iff ``start_s <= b`` and
   ``end_s >= a``; results are ordered by ``(start_s, cluster_id)``;
@@ -26,14 +27,18 @@ from mosaic_core.errors import InvalidArgumentError, shown
 
 TIERS = ("device", "host", "disk")
 MAX_CENTROID_SUMMARY_FLOATS = 64
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,127}")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]*")
+MAX_ID_CHARS = 128
+# "<stream id>/c<number>" (``mosaic_core.bookkeeping.formation``) of a 128-character stream id, with room for any number
+MAX_CLUSTER_ID_CHARS = MAX_ID_CHARS + 32
 
 
-def validate_id(kind: str, value: object) -> str:
+def validate_id(kind: str, value: object, max_chars: int = MAX_ID_CHARS) -> str:
     """Returns ``value`` if it is a valid id, else raises ``InvalidArgumentError`` naming ``kind``."""
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+    if not isinstance(value, str) or len(value) > max_chars or not _ID_RE.fullmatch(value):
         raise InvalidArgumentError(
-            f"{kind} {shown(value)} is invalid: use 1-128 letters, digits or '_.-/' starting with a letter or digit"
+            f"{kind} {shown(value)} is invalid: use 1-{max_chars} letters, digits or '_.-/' starting with a letter "
+            "or digit"
         )
     return value
 
@@ -123,7 +128,7 @@ class ClusterMeta:
     updated_s: float = 0.0
 
     def __post_init__(self) -> None:
-        validate_id("cluster_id", self.cluster_id)
+        validate_id("cluster_id", self.cluster_id, MAX_CLUSTER_ID_CHARS)
         validate_id("stream_id", self.stream_id)
         validate_tier(self.tier)
         _finite("start_s", self.start_s)

@@ -187,6 +187,8 @@ def test_bad_input_gets_the_right_status_and_a_sentence(svc, hooks):
         (lambda: c.create_watch("q?", active_hours=("25:00", "06:00", "")), grpc.StatusCode.INVALID_ARGUMENT, "HH:MM"),
         (lambda: c.create_watch("q?", active_hours=("22:00", "06:00", "Mars/Base")), grpc.StatusCode.INVALID_ARGUMENT,
          "time zone"),
+        (lambda: c.create_watch("q?", active_hours=("22:00", "06:00", "a/" * 300 + "b")),
+         grpc.StatusCode.INVALID_ARGUMENT, "time zone"),
         (lambda: c.create_watch("q?", webhook_url="http://169.254.169.254/latest"), grpc.StatusCode.INVALID_ARGUMENT,
          "not under any URL"),
         (lambda: c.create_watch("q?", webhook_url=f"http://127.0.0.1:{hooks.port}/hooks-evil"),

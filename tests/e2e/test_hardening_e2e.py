@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2
-from service_support import API_KEY, clip_frames, connect, metric, samples, scrape, wait_for, wait_ingested
+from service_support import API_KEY, NAMESPACE, clip_frames, connect, metric, samples, scrape, wait_for, wait_ingested
 
 from services.client import frame_message
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
@@ -76,6 +76,7 @@ CASES = [
     ("fps-huge", lambda c: _create(c, stream_id="h-fps", fps=1e9), "INVALID_ARGUMENT", "limit of 60 frames", ""),
     ("fps-nan", lambda c: _create(c, stream_id="h-fps", fps=float("nan")), "INVALID_ARGUMENT", "finite", ""),
     ("fps-inf", lambda c: _create(c, stream_id="h-fps", fps=float("inf")), "INVALID_ARGUMENT", "finite", ""),
+    ("fps-tiny", lambda c: _create(c, stream_id="h-fps", fps=1e-300), "INVALID_ARGUMENT", "one frame a day", ""),
     ("retention-nan", lambda c: _create(c, stream_id="h-r", retention_s=float("nan")), "INVALID_ARGUMENT",
      "retention_s", ""),
     ("priority-99", lambda c: _query(c, priority=99), "INVALID_ARGUMENT", "priority 99 is not one of", ""),
@@ -101,13 +102,40 @@ def test_limits_and_messages(client, stream, call, code, words, never):
     assert not never or never.lower() not in details.lower(), details
 
 
-def test_the_id_sentence_is_the_same_wherever_an_id_is_refused(client, stream):
+@pytest.mark.parametrize(
+    "bad_id", ["a/b", "-a", "x" * 129, "caf\u00e9"], ids=["slash", "dash-first", "129-chars", "accent"]
+)
+def test_the_id_sentence_is_the_same_wherever_an_id_is_refused(client, stream, bad_id):
     sentences = set()
     for call in (client.get_stream, client.create_stream, client.delete_stream):
         with pytest.raises(grpc.RpcError) as info:
-            call("a/b")
+            call(bad_id)
         sentences.add(info.value.details())
     assert len(sentences) == 1, sentences
+
+
+def test_a_stream_of_the_longest_id_is_recorded_and_so_are_its_neighbours(client, redis):
+    """The engine names a cluster "<stream id>/c<number>", past 128 characters for a 128-character stream id: the
+    metadata store refused such ids, so every ingest call holding a frame of that stream failed as it published,
+    and the other streams of the call lost their records (and their retention and watch passes) with it."""
+    long_id, neighbour = "h-long-" + "x" * 121, "h-long-neighbour"
+    frames = clip_frames("bikes.mp4", fps=2.0, num_frames=12)
+    for stream_id in (long_id, neighbour):
+        client.create_stream(stream_id, fps=2.0)
+    try:
+        client.push_frames((s, t, rgb) for t, rgb in frames for s in (long_id, neighbour))
+        for stream_id in (long_id, neighbour):
+            wait_ingested(client, stream_id, len(frames))
+
+        def recorded(stream_id: str) -> bool:
+            held = client.get_stream(stream_id).stats.num_clusters
+            return held > 0 and redis.zcard(f"{NAMESPACE}:stream:{stream_id}:tindex") == held
+
+        wait_for(lambda: recorded(long_id) and recorded(neighbour), timeout_s=30,
+                 what="both streams' clusters in the metadata store")  # fmt: skip
+    finally:
+        for stream_id in (long_id, neighbour):
+            client.delete_stream(stream_id)
 
 
 def test_creates_sent_at_once_make_every_id_and_each_only_once(client, stream):

@@ -115,7 +115,16 @@ class MetadataStoreContract:
         with pytest.raises(InvalidArgumentError):
             stream(bad)
         with pytest.raises(InvalidArgumentError):
-            cluster(bad, 0, 1)
+            cluster(bad if len(bad) <= 128 else "x" * 161, 0, 1)
+
+    def test_the_clusters_of_a_stream_with_the_longest_id_are_kept(self, store: MetadataStore) -> None:
+        # The engine names a cluster "<stream id>/c<number>": past 128 characters for a stream id of 121 or more. The
+        # store refused those, and the worker's flush raised for every ingest call that held a frame of such a stream.
+        long_id = "x" * 128
+        store.put_stream(stream(long_id))
+        for number in (0, 10**12):
+            store.put_cluster(cluster(f"{long_id}/c{number:06d}", number, number + 1, stream_id=long_id))
+        assert ids(store.clusters_in_range(long_id, 0, 1)) == [f"{long_id}/c000000"]
 
     @pytest.mark.parametrize(
         "changes",
