@@ -147,14 +147,18 @@ def run_streams_table(args) -> int:
     header = ("stream", "worker", "state", "fps", "ingested", "dropped", "clusters", "lag", "last error")
     print("{:<16} {:>6} {:<10} {:>4} {:>8} {:>7} {:>8} {:>7}  {}".format(*header))
     for s in streams:
-        st = s.stats
-        lag = f"{st.lag_s:.1f}s" if st.HasField("last_timestamp_s") else "-"
-        error = escape_for_terminal(s.source_error)[:40] or "-"
-        print(
-            f"{s.stream_id:<16} {s.worker_id or '-':>6} {_STATES.get(s.source_state, '?'):<10} {s.fps:>4g} "
-            f"{st.frames_ingested:>8} {st.frames_dropped:>7} {st.num_clusters:>8} {lag:>7}  {error}"
-        )
+        print(streams_table_row(s))
     return 0
+
+
+def streams_table_row(s) -> str:
+    """One stream's line of the ``mosaic streams`` table."""
+    st = s.stats
+    error = escape_for_terminal(s.source_error)[:40] or "-"
+    return (
+        f"{s.stream_id:<16} {s.worker_id or '-':>6} {_STATES.get(s.source_state, '?'):<10} {s.fps:>4g} "
+        f"{st.frames_ingested:>8} {st.frames_dropped:>7} {st.num_clusters:>8} {f'{st.lag_s:.1f}s':>7}  {error}"
+    )
 
 
 @client_command

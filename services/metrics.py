@@ -305,7 +305,9 @@ class MosaicMetrics:
         self.keyframes_dropped_total.labels(label).inc(non_negative("keyframes dropped", dropped))
 
     def forget_worker(self, worker: int | str) -> None:
-        """Drops every series of a worker that left (its gauges would otherwise freeze at the last value)."""
+        """Drops the series of a worker that stopped answering: its gauges would otherwise freeze at their last
+        values. Its engine counters and histograms go too and start again from 0 when it answers (a reset, to
+        Prometheus); its dropped keyframes and its durability counters stay."""
         label = worker_label(worker)
         for metric in (
             self.ingest_latency_seconds, self.ingest_batch_frames, self.ingest_forward_passes_total,

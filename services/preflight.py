@@ -132,12 +132,12 @@ def _worker_folder_problems(config: ServiceConfig) -> list[str | None]:
     return [
         _dir_problem(config.data_dir, "data directory", "--data-dir"),
         _dir_problem(config.disk_dir, "disk-tier directory", "--disk-dir"),
-        _unserved_history_problem(config.data_dir, config.workers),
+        unserved_history_problem(config.data_dir, config.workers),
         *(_source_root_problem(root) for root in config.source_roots),
     ]
 
 
-def _unserved_history_problem(data_dir: str | None, workers: int) -> str | None:
+def unserved_history_problem(data_dir: str | None, workers: int) -> str | None:
     """Camera history kept for a worker past the configured count (``workers`` lowered since): no worker would
     restore it, so its cameras would be gone from the service without a word."""
     if not data_dir or not os.path.isdir(data_dir):
@@ -155,8 +155,8 @@ def _unserved_history_problem(data_dir: str | None, workers: int) -> str | None:
         return None
     return (
         f"The data directory {data_dir!r} holds camera history of {', '.join(unserved.values())}, which no worker "
-        f"would serve with {workers} worker(s): pass --workers {max(unserved) + 1} or more, or move those folders out "
-        "of the data directory first."
+        f"would serve with {workers} worker(s): pass --workers {max(unserved) + 1} or more (Helm: more "
+        "ray.worker.replicas), or move those folders out of the data directory first."
     )
 
 

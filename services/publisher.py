@@ -7,6 +7,8 @@ the router and outside tools read. So nothing on the engine thread waits for the
   drops its oldest op when full (counted) and then asks for a full resync;
 - one publisher thread applies the ops. When a write fails (store down, frozen, restarted empty), the store
   is marked down, retried with backoff, and once it answers again the worker's whole view is published anew;
+- a worker that cannot say what it holds (its engine thread stuck past its call's timeout) is asked again after
+  ``resync_interval_s``; the store did not fail, so it is not marked down;
 - every ``resync_interval_s`` the thread compares the store's list of this worker's streams with its own and
   resyncs on any difference, which repairs drift even when no write failed (Redis restarted empty between
   two writes). The check asks the worker for its stream ids only (``stream_ids``): a whole view lists every
@@ -170,6 +172,13 @@ class MetadataPublisher:
                         self.request_resync()
                     next_check = time.monotonic() + self.resync_interval_s
                     continue
+            except _WorkerSilent as err:  # the store is not at fault: it is not marked down, and the view asked again
+                log.warning("the worker did not say what it holds, for the metadata store: %s", err.__cause__)
+                with self._cv:
+                    self._need_resync |= resync
+                    self._resyncing = False
+                    self._cv.wait(self.resync_interval_s)
+                continue
             except Exception as err:
                 failures += 1
                 with self._cv:
@@ -196,13 +205,22 @@ class MetadataPublisher:
                 self._cv.notify_all()
 
     def _drifted(self) -> bool:
-        return set(self.store.streams_on_worker(self.worker_id)) != set(self.stream_ids())
+        return set(self.store.streams_on_worker(self.worker_id)) != set(self._ask_worker(self.stream_ids))
+
+    @staticmethod
+    def _ask_worker(question: Callable):
+        """``question()`` (the worker's view or stream ids, from its engine thread); ``_WorkerSilent`` if it fails,
+        a stuck engine thread's timeout, say."""
+        try:
+            return question()
+        except Exception as err:
+            raise _WorkerSilent() from err
 
     def _resync(self) -> None:
         with self._cv:
             self._queue.clear()  # the view taken next is newer than anything queued so far
             self._need_resync, self._resyncing = False, True  # a request from now on needs a view after this one
-        view = self.snapshot()
+        view = self._ask_worker(self.snapshot)
         store = self.store
         for stream_id in set(store.streams_on_worker(self.worker_id)) - set(view.streams):
             store.delete_stream(stream_id)
@@ -217,6 +235,10 @@ class MetadataPublisher:
                     store.put_cluster(meta)
         with self._cv:
             self.stats.resyncs += 1
+
+
+class _WorkerSilent(Exception):
+    """The worker could not give its view or stream ids (its ``__cause__`` says why)."""
 
 
 def _differs(known: ClusterMeta | None, meta: ClusterMeta) -> bool:

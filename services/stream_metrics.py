@@ -77,12 +77,15 @@ class StreamMetrics:
         return STREAM_OTHER
 
     def forget_stream_gauges(self, stream_id: str) -> None:
-        """Drops a stream's lag and queue-depth series (no worker reports them any more); its counters stay."""
+        """Drops a stream's lag and queue-depth series, or its share of ``_other``'s (no worker reports them any
+        more); its counters and its label stay."""
         with self._lock:
             if stream_id in self._stream_labels:
                 for metric in (self.ingest_queue_depth, self.stream_lag_seconds):
                     with contextlib.suppress(KeyError):  # a series never set
                         metric.remove(stream_id)
+            elif stream_id in self._overflow:
+                self._drop_overflow_share(stream_id)
 
     def forget_stream(self, stream_id: str) -> None:
         """Drops a deleted stream's own series (or its share of ``_other``) and frees its label slot."""
@@ -101,9 +104,12 @@ class StreamMetrics:
             elif stream_id in self._overflow:
                 # Counters of _other keep their totals; only the gauges' aggregates lose this stream.
                 self._overflow.discard(stream_id)
-                self._overflow_depth.pop(stream_id, None)
-                self._overflow_lag_s.pop(stream_id, None)
-                self._publish_overflow_gauges()
+                self._drop_overflow_share(stream_id)
+
+    def _drop_overflow_share(self, stream_id: str) -> None:
+        self._overflow_depth.pop(stream_id, None)
+        self._overflow_lag_s.pop(stream_id, None)
+        self._publish_overflow_gauges()
 
     def _publish_overflow_gauges(self) -> None:
         self.ingest_queue_depth.labels(STREAM_OTHER).set(sum(self._overflow_depth.values()))

@@ -3,9 +3,12 @@
 Workers are separate processes, so they cannot share the router's Prometheus registry. Each worker counts
 into a ``WorkerTelemetry``; the router calls the worker's ``drain_telemetry`` every
 ``telemetry_interval_s`` and gets a ``TelemetryDelta``: counter increments and histogram observations
-since the previous drain, plus current gauge values. Drain semantics make a worker restart harmless: the
-new process starts from zero and the router simply keeps adding deltas, so counters stay monotonic. The
-per-stream totals that GetStream reports are saved with the stream's durable state and restored with it.
+since the previous drain, plus current gauge values. Drain semantics make a worker restart harmless for the
+per-stream counters and the worker's durability counters: the new process starts from zero and the router keeps
+adding deltas, so they stay monotonic. The worker's other series (ingest histograms, forward passes, transfers,
+allocator events, kernel compiles, engine-loop seconds) go while it misses a poll (``MosaicMetrics.forget_worker``)
+and start again from 0 when it answers, which Prometheus reads as a counter reset. The per-stream totals that
+GetStream reports are saved with the stream's durable state and restored with it.
 """
 
 from __future__ import annotations

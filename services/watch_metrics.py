@@ -9,7 +9,7 @@ from services.metric_checks import check_label, non_negative
 SEAL_TO_EVENT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 WATCH_SCORE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WATCH_SUPPRESS_REASONS = ("cooldown", "outside_hours")
-WATCH_DROP_REASONS = ("buffer_full", "outbox_full", "answer_queue_full", "score_failed")
+WATCH_DROP_REASONS = ("buffer_full", "outbox_full", "answer_queue_full", "score_failed", "store_failed")
 WEBHOOK_OUTCOMES = ("delivered", "retried", "failed", "dropped")
 
 
@@ -29,7 +29,8 @@ class WatchMetrics:
             "mosaic_watch_events_dropped_total",
             "Watch events lost (buffer_full: trimmed from a watch's full buffer; "
             "outbox_full: dropped by a worker before the router took them; score_failed: (cluster, watch) "
-            "evaluations lost because scoring raised), or fired without an answer (answer_queue_full), by reason.",
+            "evaluations lost because scoring raised; store_failed: taken from a worker, but the store did not confirm "
+            "them and they were not sent on), or fired without an answer (answer_queue_full), by reason.",
             ["reason"],
             registry=r,
         )

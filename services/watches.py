@@ -319,9 +319,15 @@ class WatchRegistry(WatchSubscribersMixin):
         payload = dataclasses.asdict(event) | {"question": record.question, "labels": dict(record.labels)}
         del payload["sets_cooldown"]
         sets_cooldown = event.sets_cooldown and (take is None or event.stream_id not in take.deleted_stream_ids)
-        stored = await self._append(event, payload, sets_cooldown)
-        if stored is None and event.watch_id in self._records and await self._recover_store():
-            stored = await self._append(event, payload, sets_cooldown)  # the watch was lost with the store's data
+        try:
+            stored = await self._append(event, payload, sets_cooldown)
+            if stored is None and event.watch_id in self._records and await self._recover_store():
+                stored = await self._append(event, payload, sets_cooldown)  # the watch was lost with the store's data
+        except Exception as err:  # the worker handed the event over: unconfirmed, it goes no further, counted so
+            log.warning("watch %r's event on %s was not stored (or not confirmed) and is not sent on: %s",
+                        event.watch_id, event.cluster_id, err)  # fmt: skip
+            self.metrics.dropped("store_failed")
+            return
         if stored is None:
             return
         event_id, trimmed = stored

@@ -30,6 +30,7 @@ from services.config import ServiceConfig
 from services.engine_loop import EngineLoop
 from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
 from services.metadata.base import MetadataStore, StreamRecord
+from services.preflight import unserved_history_problem
 from services.publisher import MetadataPublisher, WorkerView
 from services.session import StreamSession
 from services.sources import SourceState
@@ -71,6 +72,9 @@ class WorkerCore:
         gil_probe.start(f"worker-{worker_id}")
         if store is None and not config.redis_url:
             raise ConfigError("a worker needs a metadata store: pass one, or set redis_url")
+        # As ``mosaic serve``'s preflight does, which a router joined to a Ray cluster skips: it sees no worker folder.
+        if config.data_dir and (problem := unserved_history_problem(config.data_dir, config.workers)):
+            raise ConfigError(problem)
         self.store = store if store is not None else connect_store(config.redis_url, namespace=config.redis_namespace)
         self.engine = engine if engine is not None else build_engine(worker_id, config)
         self.telemetry = WorkerTelemetry(worker_id)

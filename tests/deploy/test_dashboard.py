@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "mosaic-dashboard.json"
@@ -99,3 +102,48 @@ def test_dashboard_structure(dashboard) -> None:
         assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, f"{panel['title']} overflows the 24-column grid"
         assert panel["datasource"]["uid"] == "${datasource}"
         assert panel["fieldConfig"]["defaults"].get("unit"), f"{panel['title']} has no unit"
+
+
+def _expr_of(dashboard: dict[str, Any], title: str) -> str:
+    [panel] = [p for p in _panels(dashboard) if p["title"] == title]
+    [target] = panel["targets"]
+    return target["expr"].replace("$job", ".*").replace("$worker", ".*")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (Debian package `prometheus`)")
+def test_worker_restarts_count_a_new_process_not_a_workers_first_report(dashboard, tmp_path: Path) -> None:
+    """The router primes mosaic_worker_pid at 0 until each worker first reports (minutes of loading a model, scraped
+    all along): that step is no restart, so a fresh deployment read as every worker restarted once. The series is
+    the real metrics' own values (primed, first report, a process that replaced it), as promtool evaluates the
+    panel's query."""
+    from services.metrics import MosaicMetrics
+    from services.telemetry import DurabilityHealth
+
+    metrics = MosaicMetrics()
+    metrics.prime(("0",))
+    values = [metrics.registry.get_sample_value("mosaic_worker_pid", {"worker": "0"})] * 3
+    for pid in (1234, 5678):  # its first report, then Ray's restart of it
+        metrics.durability.set_health("0", DurabilityHealth(pid=pid))
+        values += [metrics.registry.get_sample_value("mosaic_worker_pid", {"worker": "0"})] * 3
+    panel_rule = {"record": "restarts", "expr": _expr_of(dashboard, "Worker restarts")}
+    rules = {"groups": [{"name": "panel", "rules": [panel_rule]}]}
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
+    series = {"series": 'mosaic_worker_pid{job="mosaic",instance="r0:9464",worker="0"}',
+              "values": " ".join(f"{v:g}" for v in values)}  # fmt: skip
+    cases = [("5m", 0), ("8m", 1)]  # after the first report; after the restart
+    tests = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [series],
+            "promql_expr_test": [
+                {"expr": "restarts", "eval_time": at, "exp_samples": [{"labels": 'restarts{worker="0"}', "value": n}]}
+                for at, n in cases
+            ],
+        }],
+    }  # fmt: skip
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run(["promtool", "test", "rules", str(tmp_path / "test.yaml")], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr

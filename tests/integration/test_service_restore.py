@@ -301,3 +301,24 @@ def test_frames_the_router_could_not_decode_stay_counted_after_a_restart(tiny_mo
         assert second.stream_info("cam").frames_dropped == 3
     finally:
         second.shutdown()
+
+
+def test_history_no_configured_worker_would_serve_stops_a_worker_from_starting(tiny_model, bikes_frames, tmp_path):
+    """Scaled down (Helm: fewer worker pods), a deployment keeps the history of the workers it no longer runs in the
+    data folder they share: none of its workers restores it, so those cameras would be gone from ListStreams, with
+    no metric and no log line. ``mosaic serve``'s preflight refuses this only for workers on its own machine (a
+    router joined to a Ray cluster does not mount their folders), so the workers refuse it themselves."""
+    from mosaic_core.errors import ConfigError
+
+    engine = {"target_tokens_per_frame": 16}
+    two = load_config(None, data_dir=str(tmp_path), workers=2, ray_address="auto", engine=engine)
+    store = InMemoryMetadataStore()
+    second = WorkerCore("1", two, store=store, engine=Engine(tiny_model, two.engine_config(worker_subdir="worker-1")))
+    second.open_stream(StreamRecord(stream_id="gate", fps=1.0))
+    assert not second.push([(0, "gate", 1.0, bikes_frames[0][1])]).rejected
+    _wait_ingested(second, "gate", 1)
+    second.shutdown()
+
+    one = load_config(None, data_dir=str(tmp_path), workers=1, ray_address="auto", engine=engine)
+    with pytest.raises(ConfigError, match=r"camera history of worker-1.*--workers 2"):
+        WorkerCore("0", one, store=store, engine=Engine(tiny_model, one.engine_config(worker_subdir="worker-0")))

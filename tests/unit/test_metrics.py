@@ -211,6 +211,22 @@ def test_overflow_gauges_aggregate_and_forget() -> None:
     assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 3
 
 
+def test_an_overflow_stream_no_worker_reports_leaves_the_overflow_gauges() -> None:
+    """A stream its restarted worker no longer holds (``forget_stream_gauges``) is in ``_other``: its share of the
+    overflow lag and depth must go, or the worst lag of ``_other`` stays at its last value (grown while the worker
+    was silent) for good, and MosaicStreamFallingBehind fires on the other overflow streams' frames."""
+    m = MosaicMetrics(max_stream_labels=1)
+    m.streams.set_stream_lag("own", 1.0)
+    m.streams.set_stream_lag("a", 2.0)
+    m.streams.set_stream_lag("set-aside", 120.0)
+    m.streams.set_ingest_queue_depth("a", 3)
+    m.streams.set_ingest_queue_depth("set-aside", 4)
+    m.streams.forget_stream_gauges("set-aside")
+    assert sample(m, "mosaic_stream_lag_seconds", stream=STREAM_OTHER) == 2.0
+    assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 3
+    assert m.streams.stream_label("set-aside") == STREAM_OTHER  # its counters stay where they were counted
+
+
 def test_forget_stream_frees_its_series_and_slot() -> None:
     m = MosaicMetrics(max_stream_labels=2)
     m.streams.frame_received("a")
