@@ -197,34 +197,39 @@ def test_stream_labels_are_bounded() -> None:
     assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 136  # a sum over the overflow
 
 
-def test_overflow_gauges_aggregate_and_forget() -> None:
+def _overflow_of_two() -> MosaicMetrics:
+    """One labelled stream ("own") and two in ``_other``: "a" (lag 2 s, 3 queued) and "b" (lag 120 s, 4 queued)."""
     m = MosaicMetrics(max_stream_labels=1)
     m.streams.set_stream_lag("own", 9.0)
     m.streams.set_stream_lag("a", 2.0)
-    m.streams.set_stream_lag("b", 5.0)
+    m.streams.set_stream_lag("b", 120.0)
     m.streams.set_ingest_queue_depth("a", 3)
     m.streams.set_ingest_queue_depth("b", 4)
-    assert sample(m, "mosaic_stream_lag_seconds", stream=STREAM_OTHER) == 5.0  # the worst overflow stream
+    return m
+
+
+def test_overflow_gauges_aggregate() -> None:
+    m = _overflow_of_two()
+    assert sample(m, "mosaic_stream_lag_seconds", stream=STREAM_OTHER) == 120.0  # the worst overflow stream
     assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 7
-    m.streams.forget_stream("b")
+
+
+@pytest.mark.parametrize("forget", ["forget_stream", "forget_stream_gauges"])
+def test_an_overflow_stream_forgotten_leaves_the_overflow_gauges(forget: str) -> None:
+    """A deleted stream (``forget_stream``) or one its restarted worker no longer holds (``forget_stream_gauges``)
+    in ``_other``: its share of the overflow lag and depth goes. Before, ``forget_stream_gauges`` left it, so the
+    worst lag of ``_other`` stayed at its last value (grown while the worker was silent) for good, and
+    MosaicStreamFallingBehind fired on the other overflow streams' frames."""
+    m = _overflow_of_two()
+    getattr(m.streams, forget)("b")
     assert sample(m, "mosaic_stream_lag_seconds", stream=STREAM_OTHER) == 2.0
     assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 3
 
 
-def test_an_overflow_stream_no_worker_reports_leaves_the_overflow_gauges() -> None:
-    """A stream its restarted worker no longer holds (``forget_stream_gauges``) is in ``_other``: its share of the
-    overflow lag and depth must go, or the worst lag of ``_other`` stays at its last value (grown while the worker
-    was silent) for good, and MosaicStreamFallingBehind fires on the other overflow streams' frames."""
-    m = MosaicMetrics(max_stream_labels=1)
-    m.streams.set_stream_lag("own", 1.0)
-    m.streams.set_stream_lag("a", 2.0)
-    m.streams.set_stream_lag("set-aside", 120.0)
-    m.streams.set_ingest_queue_depth("a", 3)
-    m.streams.set_ingest_queue_depth("set-aside", 4)
-    m.streams.forget_stream_gauges("set-aside")
-    assert sample(m, "mosaic_stream_lag_seconds", stream=STREAM_OTHER) == 2.0
-    assert sample(m, "mosaic_ingest_queue_depth", stream=STREAM_OTHER) == 3
-    assert m.streams.stream_label("set-aside") == STREAM_OTHER  # its counters stay where they were counted
+def test_a_stream_no_worker_reports_keeps_its_counters_label() -> None:
+    m = _overflow_of_two()
+    m.streams.forget_stream_gauges("b")
+    assert m.streams.stream_label("b") == STREAM_OTHER  # its counters stay where they were counted
 
 
 def test_forget_stream_frees_its_series_and_slot() -> None:
