@@ -197,6 +197,9 @@ def test_bad_input_gets_the_right_status_and_a_sentence(svc, hooks):
          grpc.StatusCode.INVALID_ARGUMENT, "user info"),
         (lambda: c.create_watch("q?", watch_id="-bad"), grpc.StatusCode.INVALID_ARGUMENT, "watch id"),
         (lambda: c.create_watch("q?", max_answer_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "max_answer_tokens"),
+        # 1000 characters, as many as a question may have, but 1006 tokens: more than the engine answers
+        (lambda: c.create_watch("\N{GRINNING FACE}" * 1000, ["bad-cam"]), grpc.StatusCode.INVALID_ARGUMENT,
+         "the question is 1006 tokens long; the limit is 512"),
         (lambda: c.delete_watch("never-made"), grpc.StatusCode.NOT_FOUND, "unknown watch"),
         (lambda: next(iter(c.watch_events(["never-made"], timeout_s=10))), grpc.StatusCode.NOT_FOUND, "unknown watch"),
         (lambda: next(iter(c.watch_events([], after_event_id=-1, timeout_s=10))), grpc.StatusCode.INVALID_ARGUMENT,
