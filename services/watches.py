@@ -19,7 +19,7 @@
   the forget cannot hand them to a stream created again under the id, which starts without its predecessor's.
 - **A question the engine would refuse** (past ``max_question_tokens``, as Ask refuses it) is refused by
   ``create``. The router counts its tokens itself, with the engine's tokenizer and chat template (loaded at
-  ``start``), so the check needs no worker: CreateWatch never waits for one, nor fails because none is ready.
+  ``start``), so the check needs no worker: it neither waits for one nor fails because none is ready.
   Stored watches from before the check are loaded as they are and named in the log (docs/watches.md).
 """
 
