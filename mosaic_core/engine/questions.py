@@ -202,11 +202,18 @@ def _check_question(parts, question: str, max_new_tokens: int) -> list[int]:
     if not 0 < max_new_tokens <= limit:
         raise InvalidArgumentError(f"max_new_tokens must be in 1..{limit}, got {max_new_tokens}")
     ids = parts.model.question_ids(question)
-    if len(ids) > parts.config.max_question_tokens:
-        raise InvalidArgumentError(
-            f"the question is {len(ids)} tokens long; the limit is {parts.config.max_question_tokens}"
-        )
+    check_question_length(len(ids), parts.config.max_question_tokens)
     return ids
+
+
+def check_question_length(num_tokens: int, max_question_tokens: int) -> None:
+    """Refuses a question of ``num_tokens`` (``question_ids``, chat template included) past the engine's limit.
+
+    Raises:
+        InvalidArgumentError: the question is longer than ``max_question_tokens``.
+    """
+    if num_tokens > max_question_tokens:
+        raise InvalidArgumentError(f"the question is {num_tokens} tokens long; the limit is {max_question_tokens}")
 
 
 def _candidates(parts, state: StreamState, time_range) -> list[str]:

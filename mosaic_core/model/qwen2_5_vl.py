@@ -44,7 +44,7 @@ from mosaic_core.model.pixels import (
 )
 from mosaic_core.model.presets import PRESETS, preset_config_kwargs
 from mosaic_core.model.text_fusion import fuse_text_elementwise
-from mosaic_core.model.tokenizer import chat_prefix, load_qwen_tokenizer, question_prompt
+from mosaic_core.model.tokenizer import chat_prefix, load_qwen_tokenizer, question_token_ids
 from mosaic_core.model.vision_attention import batch_vision_chunks, hold_vision_attention
 from mosaic_core.model.vision_tower import (
     TowerInputs,
@@ -170,7 +170,7 @@ class Qwen25VLAdapter:
 
     def question_ids(self, question: str) -> list[int]:
         """Qwen's chat template after the video: the question, then the opening of the assistant turn."""
-        return self.encode_text(question_prompt(question))
+        return question_token_ids(question, self.tokenizer)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -58,6 +58,18 @@ def question_prompt(question: str) -> str:
     return f"\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def question_token_ids(question: str, tokenizer: PreTrainedTokenizerFast | None = None) -> list[int]:
+    """Token ids of a question asked after the frames, up to where the answer begins: what the model prefills, and
+    what the engine's question limit (``EngineConfig.max_question_tokens``) counts.
+
+    Args:
+        question: the question as asked.
+        tokenizer: the tokenizer to count with; None loads this process's (``load_qwen_tokenizer``).
+    """
+    tokenizer = tokenizer if tokenizer is not None else load_qwen_tokenizer()
+    return tokenizer.encode(question_prompt(question), add_special_tokens=False)
+
+
 def load_qwen_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerFast:
     """Returns the Qwen2-VL tokenizer, building it on first use and caching it on disk and in process.
 

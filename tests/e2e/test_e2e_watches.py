@@ -197,6 +197,9 @@ def test_bad_input_gets_the_right_status_and_a_sentence(svc, hooks):
          grpc.StatusCode.INVALID_ARGUMENT, "user info"),
         (lambda: c.create_watch("q?", watch_id="-bad"), grpc.StatusCode.INVALID_ARGUMENT, "watch id"),
         (lambda: c.create_watch("q?", max_answer_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "max_answer_tokens"),
+        # 1000 characters, as many as a question may have, but 1006 tokens: more than the engine answers
+        (lambda: c.create_watch("\N{GRINNING FACE}" * 1000, ["bad-cam"]), grpc.StatusCode.INVALID_ARGUMENT,
+         "the question is 1006 tokens long; the limit is 512"),
         (lambda: c.delete_watch("never-made"), grpc.StatusCode.NOT_FOUND, "unknown watch"),
         (lambda: next(iter(c.watch_events(["never-made"], timeout_s=10))), grpc.StatusCode.NOT_FOUND, "unknown watch"),
         (lambda: next(iter(c.watch_events([], after_event_id=-1, timeout_s=10))), grpc.StatusCode.INVALID_ARGUMENT,
@@ -303,9 +306,25 @@ def test_a_reconnecting_subscriber_resumes_without_losing_or_repeating(svc, cali
     assert not any(e.missed_before for e in first + rest)
 
 
+def _store_a_watch_created_before_the_token_check(svc) -> None:
+    """Writes a watch whose question is past the engine's token limit straight into Redis, as a server from before
+    CreateWatch counted tokens stored it. Its only stream is gone, so it never fires during the test."""
+    from services.metadata.watches import RedisWatchStore
+    from services.watches_spec import WatchRecord
+
+    store = RedisWatchStore.from_url(svc.config.redis_url, namespace=NAMESPACE)
+    try:
+        assert store.put_watch(WatchRecord(watch_id="old-long", question="\N{GRINNING FACE}" * 1000,
+                                           stream_ids=["bad-cam"]))  # fmt: skip
+    finally:
+        store.close()
+
+
 def test_watches_cooldowns_and_event_ids_survive_a_restart(svc, frames, calibration):
     c = svc.client
+    _store_a_watch_created_before_the_token_check(svc)  # it must not stop the restart
     before = {w.watch_id: w for w in c.list_watches()}
+    assert "old-long" in before
     last_id = collect(c, [], after=0, count=10_000, timeout_s=5)[-1].event_id
     old_end = max(e.end_s for e in calibration)
     svc.restart()

@@ -148,6 +148,9 @@ def test_question_errors(engine):
         engine.answer("cam", "what?", max_new_tokens=0)
     with pytest.raises(InvalidArgumentError, match="tokens long"):
         engine.answer("cam", "why " * 2000)
+    # CreateWatch refuses it with the same sentence, counted in the router (tests/unit/test_watch_registry.py)
+    with pytest.raises(InvalidArgumentError, match="the question is 1006 tokens long; the limit is 512"):
+        engine.answer("cam", "\N{GRINNING FACE}" * 1000)
     with pytest.raises(OutOfRangeError, match="outside"):
         engine.answer("cam", "what?", time_range=(5000.0, 6000.0))
     with pytest.raises(InvalidArgumentError, match="after its end"):

@@ -130,6 +130,44 @@ def test_status_code_errors():
     asyncio.run(run())
 
 
+# 1000 characters (CreateWatch's own limit) but 1006 tokens once the engine wraps the question in its chat template
+EMOJI_QUESTION = "\N{GRINNING FACE}" * 1000
+
+
+def test_a_question_longer_than_the_engine_takes_is_refused_and_not_stored():
+    """Ask refuses such a question; a watch with it used to be stored, and every event it fired carried the
+    engine's refusal as its answer_error."""
+
+    async def run():
+        registry = _registry()
+        with pytest.raises(InvalidArgumentError, match="the question is 1006 tokens long; the limit is 512"):
+            await registry.create(WatchRecord(watch_id="long", question=EMOJI_QUESTION, stream_ids=["cam"]))
+        assert registry.store.list_watches() == [] and registry._records == {}
+        await registry.create(WatchRecord(watch_id="short", question="\N{GRINNING FACE}" * 200))  # 206 tokens
+
+    asyncio.run(run())
+
+
+def test_a_stored_watch_past_the_token_limit_does_not_break_a_restart(caplog):
+    """Watches created before CreateWatch counted tokens are loaded as they are, and named in the log."""
+
+    async def run():
+        store = InMemoryWatchStore()
+        store.put_watch(WatchRecord(watch_id="old-long", question=EMOJI_QUESTION))
+        store.put_watch(WatchRecord(watch_id="old-short", question="Truck?"))
+        registry = _registry(store)
+        await registry.start()
+        try:
+            assert sorted(registry._records) == ["old-long", "old-short"]
+        finally:
+            await registry.stop_polls()
+            await registry.close()
+
+    asyncio.run(run())
+    assert "watch 'old-long'" in caplog.text and "1006 tokens long; the limit is 512" in caplog.text
+    assert "old-short" not in caplog.text
+
+
 def test_a_committed_change_is_not_reported_as_failed_and_the_reload_loop_survives(monkeypatch, caplog):
     """Handing workers the list fails after the store took the change: the call succeeds and the failure is
     logged; the reload loop logs the same failure and keeps following the store."""
