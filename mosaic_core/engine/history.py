@@ -84,8 +84,7 @@ class HistoryKeeper:
         """A failed open whose folder cannot be moved away either: its writer and reservation go all the same, so
         the engine holds nothing of it; the folder stays, and a restart restores it as an empty stream."""
         self.store.leave(stream_id)
-        self._reserved.pop(stream_id, None)
-        self.ledger.forget_stream(stream_id)
+        self._forget_ids_and_bytes(stream_id)
         log.error(
             "stream %s failed to open, and its folder could not be removed (%s): a restart restores it empty",
             stream_id,
@@ -94,6 +93,9 @@ class HistoryKeeper:
 
     def close(self, stream_id: str) -> None:
         self.store.delete_stream(stream_id)
+        self._forget_ids_and_bytes(stream_id)
+
+    def _forget_ids_and_bytes(self, stream_id: str) -> None:
         self._reserved.pop(stream_id, None)
         self.ledger.forget_stream(stream_id)
 

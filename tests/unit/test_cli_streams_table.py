@@ -14,7 +14,7 @@ def test_a_stream_whose_first_frames_still_wait_shows_how_long_they_waited():
     assert streams_table_row(stream).split()[7] == "42.0s"
 
 
-def test_a_stream_with_nothing_waiting_shows_no_lag():
+def test_a_stream_with_nothing_waiting_shows_a_lag_of_zero():
     stats = pb.StreamStats(frames_ingested=5, first_timestamp_s=0.0, last_timestamp_s=4.0)
     stream = pb.Stream(stream_id="gate", fps=1.0, worker_id="0", source_state=pb.SOURCE_STATE_PUSH, stats=stats)
     assert streams_table_row(stream).split()[7] == "0.0s"
