@@ -36,6 +36,11 @@ from mosaic_core.durable.retired import numbers_given_out
 
 log = logging.getLogger(__name__)
 TRASH = ".trash"
+# Why a stream found at this start stays in its folder, under its id, unserved until a start that restores it
+# (``DurableStats.streams_left``): the device had no room for its window (``DurableStore.leave``), the disk failed to
+# read it, this version cannot restore it and its folder could not be moved aside either, or the engine's caller
+# refused what it stored with the stream (``meta``).
+LEFT_REASONS = ("no_room", "read_failed", "not_moved", "record_refused")
 NEW_PREFIX = ".new-"  # a stream's folder while ``create_stream`` builds it, renamed into place once whole
 
 
@@ -60,7 +65,7 @@ class StreamLoadingMixin:
         deletes crash leftovers (orphan files, temporary files, the trash). A stream that cannot be restored is set
         aside under ``.unreadable`` (its id free), logged and counted in ``stats``; one the disk fails to read is
         left where it is, for the next start, which sets aside the records that fail to read again and restores the
-        rest (``checks``). Neither holds the others back."""
+        rest (``checks``), and counted in ``stats.streams_left``. Neither holds the others back."""
         shutil.rmtree(self.root / TRASH, ignore_errors=True)
         for unfinished in self.root.glob(f"{NEW_PREFIX}*"):  # a create a crash cut short: never acknowledged
             shutil.rmtree(unfinished, ignore_errors=True)
@@ -71,6 +76,7 @@ class StreamLoadingMixin:
             except OSError as err:  # the disk, not the history: tried again at the next start
                 log.error("stream %s is not restored: reading %s failed (%s); it is left as it is, and the next "
                           "start tries again", stream_dir.name, stream_dir, err)  # fmt: skip
+                self._count_left("read_failed")
             except Exception as err:  # anything this version cannot restore: that stream only
                 self._set_aside(stream_dir, f"{type(err).__name__}: {err}")
         return found
@@ -150,12 +156,19 @@ class StreamLoadingMixin:
             log.error("stream %s cannot be restored (%s), nor its numbers retired and its folder moved aside (%s): "
                       "it is left in %s, and not served", stream_dir.name, cause, err, stream_dir)  # fmt: skip
             kept = stream_dir
+            self._count_left("not_moved")
         else:
             log.error("stream %s cannot be restored and is set aside: %s; its folder is kept as %s, and its stream "
                       "id is free", stream_dir.name, cause, kept)  # fmt: skip
         with self._cv:
             self.stats.streams_set_aside += 1
             self.stats.last_set_aside = f"stream {stream_dir.name} (kept as {kept}): {cause}"
+
+    def _count_left(self, reason: str) -> None:
+        """Counts a stream found at this start that stays in its folder, unserved (``LEFT_REASONS``)."""
+        assert reason in LEFT_REASONS, f"unknown reason {reason!r} for a stream left unserved"
+        with self._cv:
+            self.stats.streams_left[reason] = self.stats.streams_left.get(reason, 0) + 1
 
     def _set_cluster_aside(self, stream_dir: Path, entry: ClusterEntry, err: Exception) -> None:
         """Moves the record of a cluster whose summary cannot be read under ``.unreadable`` (the caller journals

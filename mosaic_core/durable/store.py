@@ -40,14 +40,14 @@ import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from mosaic_core.durable.checks import KVShape
-from mosaic_core.durable.loading import NEW_PREFIX, TRASH, StreamLoadingMixin
+from mosaic_core.durable.loading import LEFT_REASONS, NEW_PREFIX, TRASH, StreamLoadingMixin
 from mosaic_core.durable.manifest import ClusterEntry, ManifestState, ManifestWriter, fsync_dir
 from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, decode_pages, from_pages
 from mosaic_core.durable.retired import RetiredNumbers
@@ -76,6 +76,9 @@ class DurableStats:
     streams_set_aside: int = 0  # streams a restart could not restore, moved under ``.unreadable`` (``checks``)
     clusters_set_aside: int = 0  # records whose summary a restart could not read, moved there and journalled out
     last_set_aside: str = ""  # what the last of either was, and why
+    # Streams found at this start and left in their folders, unserved until a start restores them, by reason
+    # (``loading.LEFT_REASONS``); each holds its id meanwhile.
+    streams_left: dict[str, int] = field(default_factory=dict)
 
 
 class DurableStore(StreamLoadingMixin, WriteBehindMixin):
@@ -166,11 +169,16 @@ class DurableStore(StreamLoadingMixin, WriteBehindMixin):
                     log.error("stream %s moved to the trash, but syncing %s failed: %s", stream_id, self.root, err)
                 self._enqueue(target)
 
-    def leave(self, stream_id: str) -> None:
-        """A loaded stream the engine could not open now (no room for its window): forgotten as a delete forgets
-        it, its folder left where it is, whole, for a start with more room to restore."""
+    def leave(self, stream_id: str, reason: str | None) -> None:
+        """A stream the engine does not serve: forgotten as a delete forgets it, its folder left where it is, whole,
+        for a later start to restore. ``reason`` (one of ``loading.LEFT_REASONS``) counts a loaded stream in
+        ``stats.streams_left``; None counts nothing (a stream that failed to open)."""
+        if reason is not None and reason not in LEFT_REASONS:
+            raise ValueError(f"unknown reason {reason!r} for a stream left unserved; one of {', '.join(LEFT_REASONS)}")
         with self._io:
             self._forget(stream_id)
+        if reason is not None:
+            self._count_left(reason)
 
     def set_aside(self, stream_id: str, cause: str) -> None:
         """A loaded stream the engine could not adopt (a failure the checks of ``load_streams`` did not foresee):

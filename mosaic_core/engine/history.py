@@ -83,7 +83,7 @@ class HistoryKeeper:
     def _forget_unremovable(self, stream_id: str, err: OSError) -> None:
         """A failed open whose folder cannot be moved away either: its writer and reservation go all the same, so
         the engine holds nothing of it; the folder stays, and a restart restores it as an empty stream."""
-        self.store.leave(stream_id)
+        self.store.leave(stream_id, None)
         self._forget_ids_and_bytes(stream_id)
         log.error(
             "stream %s failed to open, and its folder could not be removed (%s): a restart restores it empty",

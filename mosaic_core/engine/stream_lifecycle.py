@@ -63,8 +63,8 @@ class StreamLifecycleMixin:
 
     def restore_streams(self) -> list[RestoredStream]:
         """Re-opens every stream found in the data directory and re-adopts its sealed clusters (disk tier). A
-        stream the device has no room for now is left on disk, whole, for a start with more room; the others come
-        back.
+        stream the device has no room for now is left on disk, whole, for a start with more room, and counted in the
+        store's ``streams_left``; the others come back.
 
         Frames of the lost local window and open cluster are gone; the stream clock, frame count and cluster
         ids continue after the last recorded ones. Records past ``config.history_budget_bytes`` then go, the oldest
@@ -80,7 +80,7 @@ class StreamLifecycleMixin:
             except (BudgetError, torch.OutOfMemoryError) as err:  # no room now: its history waits on disk
                 log.error("stream %s is not restored, its history is kept for a start with more room: %s",
                           stored.stream_id, err)  # fmt: skip
-                self.history.store.leave(stored.stream_id)
+                self.history.store.leave(stored.stream_id, "no_room")
                 continue
             try:
                 restored.append(self.history.adopt(state, stored))

@@ -125,6 +125,21 @@ def test_a_stream_this_version_cannot_restore_is_set_aside_and_the_others_restor
         engine.close()
 
 
+def test_a_stream_that_cannot_be_moved_aside_stays_under_its_id_and_is_counted_unserved(tiny_model, data_dir):
+    """Setting a stream aside fails too (``.unreadable`` cannot be made): its folder stays where it was, holding
+    its id and not served, which the store counts apart from the streams it did move aside."""
+    _fps_of_another_kind(data_dir / "b")
+    (data_dir / ".unreadable").write_bytes(b"")  # a file where the folder would go
+    engine = make_engine(tiny_model, data_dir=str(data_dir))
+    try:
+        assert [r.stream_id for r in engine.restore_streams()] == ["a"]
+        stats = engine.history.store.snapshot_stats()
+        assert stats.streams_set_aside == 1 and stats.streams_left == {"not_moved": 1}
+        assert (data_dir / "b" / MANIFEST_NAME).exists()
+    finally:
+        engine.close()
+
+
 def test_a_stream_whose_adoption_fails_unforeseen_is_set_aside_and_the_others_restore(
     tiny_model, bikes_frames, data_dir, monkeypatch
 ):
@@ -236,6 +251,7 @@ def test_a_record_the_disk_fails_to_read_leaves_its_stream_for_the_next_start(ti
         assert [r.stream_id for r in engine.restore_streams()] == ["a"]
         stats = engine.history.store.snapshot_stats()
         assert stats.streams_set_aside == 0 and stats.clusters_set_aside == 0
+        assert stats.streams_left == {"read_failed": 1}
         assert not (data_dir / ".unreadable").exists()
     finally:
         engine.close()
@@ -245,6 +261,7 @@ def test_a_record_the_disk_fails_to_read_leaves_its_stream_for_the_next_start(ti
     try:
         restored = {r.stream_id: r.num_clusters for r in engine.restore_streams()}
         assert restored["b"] == len(clusters_before)
+        assert engine.history.store.snapshot_stats().streams_left == {}
         assert not (data_dir / "b" / READ_ERROR_NOTE).exists()  # a later passing error is waited out again
     finally:
         engine.close()
@@ -289,10 +306,12 @@ def test_a_stream_the_device_has_no_room_for_stays_on_disk_and_the_others_restor
         restored = small.restore_streams()
         assert [r.stream_id for r in restored] == ["a"] and set(small.streams) == {"a"}
         assert not (data_dir / ".unreadable").exists() and (data_dir / "b" / MANIFEST_NAME).exists()
+        assert small.history.store.snapshot_stats().streams_left == {"no_room": 1}
     finally:
         small.close()
     again = make_engine(tiny_model, data_dir=str(data_dir))
     try:
         assert sorted(r.stream_id for r in again.restore_streams()) == ["a", "b"]
+        assert again.history.store.snapshot_stats().streams_left == {}
     finally:
         again.close()
