@@ -7,7 +7,10 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from services.metric_checks import non_negative, worker_label
+from services.metric_checks import check_label, non_negative, worker_label
+
+# Why a worker keeps a stream found at its start on disk without serving it: mosaic_core.durable.loading.LEFT_REASONS.
+UNSERVED_REASONS = ("no_room", "read_failed", "not_moved", "record_refused")
 
 
 class DurabilityMetrics:
@@ -67,6 +70,16 @@ class DurabilityMetrics:
             ["worker", "what"],
             registry=r,
         )
+        self.durable_unserved_streams = Gauge(
+            "mosaic_durable_unserved_streams",
+            "Streams a worker found in its data folder at its start and keeps there, under their ids, without serving "
+            "them, by reason: no_room (the device had no room for the stream's window), read_failed (the disk failed "
+            "to read it), not_moved (this version cannot restore it, and moving it under .unreadable failed too), "
+            "record_refused (the service no longer accepts the record stored with it). A start that restores them "
+            "clears them; until then each holds its stream id. The worker's log names them.",
+            ["worker", "reason"],
+            registry=r,
+        )
         self.durable_writers = Gauge(
             "mosaic_durable_writers",
             "Threads that write cluster records; mosaic_durable_write_seconds_total near this many a second means "
@@ -122,6 +135,11 @@ class DurabilityMetrics:
         )
         self.durable_set_aside_total.labels(label, "stream").inc(non_negative("set aside", health.streams_set_aside))
         self.durable_set_aside_total.labels(label, "cluster").inc(non_negative("set aside", health.clusters_set_aside))
+        for reason in health.streams_unserved:
+            check_label("unserved reason", reason, UNSERVED_REASONS)
+        for reason in UNSERVED_REASONS:
+            unserved = non_negative("unserved streams", health.streams_unserved.get(reason, 0))
+            self.durable_unserved_streams.labels(label, reason).set(unserved)
 
     def prime_worker(self, worker: str) -> None:
         for metric in (
@@ -135,6 +153,8 @@ class DurabilityMetrics:
             metric.labels(worker)
         for what in ("stream", "cluster"):
             self.durable_set_aside_total.labels(worker, what)
+        for reason in UNSERVED_REASONS:
+            self.durable_unserved_streams.labels(worker, reason)
 
     def forget_worker(self, worker: int | str) -> None:
         """Drops a worker's gauges (its counters stay)."""
@@ -146,3 +166,6 @@ class DurabilityMetrics:
         ):  # fmt: skip
             with contextlib.suppress(KeyError):  # a series never set
                 metric.remove(label)
+        for reason in UNSERVED_REASONS:
+            with contextlib.suppress(KeyError):
+                self.durable_unserved_streams.remove(label, reason)

@@ -61,6 +61,8 @@ class DurabilityHealth:
     clusters_dropped_for_space: int = 0  # to keep history_budget_bytes
     streams_set_aside: int = 0  # streams a restart could not restore, moved under .unreadable (durable.checks)
     clusters_set_aside: int = 0  # records whose summary a restart could not read, moved there
+    # streams found at the start and left on disk under their ids, not served, by reason (a gauge: UNSERVED_REASONS)
+    streams_unserved: dict[str, int] = field(default_factory=dict)
 
     def increments_since(self, seen: DurabilityHealth) -> DurabilityHealth:
         """The same gauges, with each counter replaced by its growth since ``seen``."""
@@ -93,6 +95,7 @@ def durability_health(pid: int, published, durable, history=None, history_budget
         clusters_dropped_for_space=history.dropped_for_space if history else 0,
         streams_set_aside=durable.streams_set_aside if durable else 0,
         clusters_set_aside=durable.clusters_set_aside if durable else 0,
+        streams_unserved=dict(durable.streams_left) if durable else {},
     )
 
 

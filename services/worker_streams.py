@@ -91,6 +91,7 @@ class WorkerStreams:
                 log.error("worker %s keeps stream %s on disk but cannot serve it: %s", self.worker_id,
                           stream.stream_id, err)  # fmt: skip
                 self.loop.call(self.engine.close_stream, stream.stream_id, forget_history=False)
+                self.engine.history.store.leave(stream.stream_id, "record_refused")  # counted: its folder holds its id
                 continue
             totals = StreamTotals(**(stream.state.get("counters") or {}))
             # Saved at each telemetry drain, while the engine's count comes from its journal: after a crash it may

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mosaic_core.config import MIB
+from mosaic_core.durable.manifest import MANIFEST_NAME, decode_line, encode_line
 from mosaic_core.engine.engine import Engine
 from mosaic_core.errors import CapacityError, InvalidArgumentError, OutOfRangeError
 from mosaic_core.model.video import sample_clip_path
@@ -199,6 +200,39 @@ def test_a_stored_source_no_longer_allowed_fails_only_its_stream(tiny_model, bik
         assert progress.state.name == "ERROR" and "no longer opened here" in progress.error, progress
         assert not second.push([(0, "pushed", 2.0, bikes_frames[1][1])]).rejected
         _wait_ingested(second, "pushed", second.telemetry.totals("pushed").ingested + 1)
+    finally:
+        second.shutdown()
+
+
+def test_a_stored_record_the_worker_no_longer_accepts_is_kept_on_disk_and_shown_unserved(tiny_model, tmp_path):
+    """A stream whose stored record this version refuses (a field a newer release wrote) is not served, its folder
+    kept: the worker's telemetry carries it to the router's gauge of unserved streams, as long as it lives."""
+    config = load_config(None, data_dir=str(tmp_path), engine={"target_tokens_per_frame": 16})
+    store = InMemoryMetadataStore()
+    first = _worker(tiny_model, config, store)
+    for stream_id in ("kept", "newer"):
+        first.open_stream(StreamRecord(stream_id=stream_id, fps=1.0))
+    first.shutdown()
+    journal = tmp_path / "w0" / "newer" / MANIFEST_NAME
+    lines = [decode_line(line) for line in journal.read_bytes().splitlines(True)]
+    for line in lines:
+        if line["op"] == "open":
+            line["stream"]["meta"]["field_of_a_newer_release"] = 1
+    journal.write_bytes(b"".join(encode_line(line) for line in lines))
+
+    second = _worker(tiny_model, config, store)
+    try:
+        assert second.restored_streams == ["kept"] and journal.exists()
+        metrics = MosaicMetrics()
+        for _ in range(2):  # a gauge: the second drain says it again
+            apply_delta(metrics, second.drain_telemetry(), open_streams={"kept"})
+            unserved = {
+                reason: metrics.registry.get_sample_value(
+                    "mosaic_durable_unserved_streams", {"worker": "0", "reason": reason}
+                )
+                for reason in ("no_room", "record_refused")
+            }
+            assert unserved == {"no_room": 0, "record_refused": 1}
     finally:
         second.shutdown()
 

@@ -27,6 +27,7 @@ SPEC = {
     "mosaic_durable_history_budget_bytes": ("gauge", {"worker"}),
     "mosaic_durable_clusters_dropped_for_space_total": ("counter", {"worker"}),
     "mosaic_durable_set_aside_total": ("counter", {"worker", "what"}),
+    "mosaic_durable_unserved_streams": ("gauge", {"worker", "reason"}),
     "mosaic_query_queue_depth": ("gauge", set()),
     "mosaic_queries_total": ("counter", {"outcome"}),
     "mosaic_time_to_first_token_seconds": ("histogram", {"mode"}),
@@ -322,6 +323,33 @@ def test_history_a_restart_set_aside_is_counted_by_what_it_was() -> None:
     m.durability.set_health(0, now.increments_since(now))  # the next drain: nothing new
     assert sample(m, "mosaic_durable_set_aside_total", worker="0", what="stream") == 2
     assert sample(m, "mosaic_durable_set_aside_total", worker="0", what="cluster") == 3
+
+
+def test_streams_a_start_left_unserved_are_a_gauge_by_reason_until_the_worker_goes() -> None:
+    """Held as long as the worker process lives (each drain says it again, not summed), 0 for the other reasons,
+    and gone with the worker's other gauges."""
+    from mosaic_core.durable.store import DurableStats
+    from services.publisher import PublisherStats
+    from services.telemetry import DurabilityHealth, durability_health
+
+    m = MosaicMetrics()
+    now = durability_health(7, PublisherStats(), DurableStats(streams_left={"no_room": 2, "read_failed": 1}))
+    m.durability.set_health(0, now.increments_since(DurabilityHealth()))
+    m.durability.set_health(0, now.increments_since(now))  # the next drain
+    unserved = {
+        reason: sample(m, "mosaic_durable_unserved_streams", worker="0", reason=reason)
+        for reason in ("no_room", "read_failed", "not_moved", "record_refused")
+    }
+    assert unserved == {"no_room": 2, "read_failed": 1, "not_moved": 0, "record_refused": 0}
+    m.forget_worker(0)
+    assert sample(m, "mosaic_durable_unserved_streams", worker="0", reason="no_room") is None
+
+
+def test_the_unserved_reasons_are_the_stores() -> None:
+    from mosaic_core.durable.loading import LEFT_REASONS
+    from services.durability_metrics import UNSERVED_REASONS
+
+    assert UNSERVED_REASONS == LEFT_REASONS
 
 
 def test_allocator_events_reach_their_counter_as_increments_of_the_engines_totals() -> None:
