@@ -196,9 +196,14 @@ class WatchRegistry(WatchSubscribersMixin):
 
     def _name_questions_past_the_limit(self, records: list[WatchRecord]) -> None:
         """Loads the tokenizer, so the first CreateWatch does not wait for it, and logs the stored watches whose
-        question is past the limit (created before CreateWatch checked it). They stay as they are: each is still
-        scored and fires, and its events carry the engine's refusal as their ``answer_error``."""
+        question is past the limit (``_name_past_the_limit``)."""
         load_qwen_tokenizer()
+        self._name_past_the_limit(records)
+
+    def _name_past_the_limit(self, records: list[WatchRecord]) -> None:
+        """Logs the watches whose question is past the limit (created before CreateWatch checked it, here or through
+        another router). They stay as they are: each is still scored and fires, and its events carry the engine's
+        refusal as their ``answer_error``."""
         for record in records:
             try:
                 self._check_question_length(record.question)
@@ -262,7 +267,9 @@ class WatchRegistry(WatchSubscribersMixin):
         if await self._recover_store():  # read from a store that lost its data: the list is not the watches
             return
         if version == self._version and records != self._records:  # added, removed, or replaced under its id
-            self._records = records
+            seen, self._records = self._records, records
+            # Only those new here: the loop comes every few seconds, and each over-long watch is named once.
+            await asyncio.to_thread(self._name_past_the_limit, [r for i, r in records.items() if seen.get(i) != r])
             self.metrics.set_watches(len(records))
             await self.sync_workers()
             await self._wake_subscribers()

@@ -238,6 +238,28 @@ def test_watches_created_while_a_sync_loads_states_do_not_break_it():
     asyncio.run(run())
 
 
+def test_a_watch_past_the_token_limit_stored_through_another_router_is_named_once(caplog):
+    """A router of a release before the check, sharing the store, stored it: the reload that picks it up names it in
+    the log, and the reloads after it, every few seconds, do not name it again."""
+
+    async def run():
+        store = InMemoryWatchStore()
+        registry = _registry(store)
+        await registry.create(WatchRecord(watch_id="short", question="Truck?"))
+        store.put_watch(WatchRecord(watch_id="old-long", question=EMOJI_QUESTION))
+        await registry._reload()
+        assert "old-long" in registry._records
+        store.put_watch(WatchRecord(watch_id="other", question="Van?"))  # a later change: old-long is not new then
+        await registry._reload()
+        await registry._reload()
+        assert sorted(registry._records) == ["old-long", "other", "short"]
+
+    asyncio.run(run())
+    assert caplog.text.count("watch 'old-long' cannot be answered") == 1
+    assert "1006 tokens long; the limit is 512" in caplog.text
+    assert "'short'" not in caplog.text and "'other'" not in caplog.text
+
+
 def test_a_watch_replaced_through_another_router_is_picked_up():
     """Routers sharing a store pick up each other's watches: one deleted and created again under its id elsewhere
     brings its new question (and webhook) here, not only a change in the set of ids."""
