@@ -20,9 +20,10 @@ are the same pixels either way.
 
 FFmpeg opens only the protocols the source's own scheme needs (``protocol_whitelist``): a local file reads
 files only, an ``http(s)`` URL speaks HTTP over TCP/TLS only, ``rtsp(s)`` RTSP/RTP over TCP/UDP/TLS; any other
-scheme (``concat:``, ``data:``, ``ftp://``, ``tcp://``...) is refused before FFmpeg sees it. Over HTTP it reads only
-the containers of ``FORMATS_OVER_HTTP`` (``format_whitelist``): an HLS or DASH playlist is refused before any of its
-entries is fetched, since those URLs name hosts that no check of the source URL saw.
+scheme (``concat:``, ``data:``, ``ftp://``, ``tcp://``...) is refused before FFmpeg sees it. From a file or over
+HTTP it reads only the containers of ``SOURCE_FORMATS`` (``format_whitelist``): an HLS or DASH playlist is refused
+before any of its entries is opened, since they name hosts, or files outside the source roots, that no check of the
+source saw.
 
 A source's pictures are bounded as pushed images are: a side over ``MAX_SIDE_PX``, in the container's header or in a
 decoded frame, is an ``InvalidFrameError``, and the decoder refuses a picture of more than ``MAX_SIDE_PX`` squared
@@ -65,10 +66,10 @@ PROTOCOLS_BY_SCHEME = {
     "http": "http,https,tcp,tls,crypto,httpproxy",
     "https": "http,https,tcp,tls,crypto,httpproxy",
 }
-# The demuxers an http(s) source may use: the containers that cameras and video files come in, and a camera's snapshot
-# picture. No playlist or manifest (HLS, DASH, concat, IMF): their demuxers open the URLs they list, on hosts that no
-# check of the source URL saw.
-FORMATS_OVER_HTTP = (
+# The demuxers a file or http(s) source may use: the containers that cameras and video files come in, and a camera's
+# snapshot picture. No playlist or manifest (HLS, DASH, concat, IMF): their demuxers open the URLs or files they list,
+# on hosts or outside the source roots, where no check of the source saw.
+SOURCE_FORMATS = (
     "mpjpeg,mjpeg,mpegts,mov,matroska,flv,live_flv,avi,asf,mpeg,mpegvideo,h264,hevc,m4v,ogg,ivf,"
     "jpeg_pipe,png_pipe,webp_pipe"
 )
@@ -253,16 +254,18 @@ def protocol_whitelist(source: str) -> str:
 
 def open_options(source: str) -> dict[str, str]:
     """FFmpeg's options for opening ``source``: the protocols its scheme may use, the decoder's bound on a picture's
-    pixels (opening decodes a picture to learn the stream's size), RTSP over TCP, and over HTTP no redirects and only
-    the containers of ``FORMATS_OVER_HTTP`` (the scheme in any case, as the protocol check reads it). A redirect, or a
-    playlist's entries, would take the connection to a host that no check of the URL saw."""
+    pixels (opening decodes a picture to learn the stream's size), RTSP over TCP, over HTTP no redirects, and from a
+    file or over HTTP only the containers of ``SOURCE_FORMATS`` (the scheme in any case, as the protocol check reads
+    it). A redirect, or a playlist's entries, would take the connection to a host, or a file outside the source
+    roots, that no check of the source saw."""
     options = {"protocol_whitelist": protocol_whitelist(source), **DECODER_OPTIONS}  # probing decodes a picture too
     scheme = source_scheme(source)
     if scheme in ("rtsp", "rtsps"):
         options["rtsp_transport"] = "tcp"
     if scheme in ("http", "https"):
         options["max_redirects"] = "0"
-        options["format_whitelist"] = FORMATS_OVER_HTTP
+    if scheme in ("file", "http", "https"):
+        options["format_whitelist"] = SOURCE_FORMATS
     return options
 
 
@@ -272,7 +275,7 @@ def _open(source: str) -> av.container.InputContainer:
         container = av.open(str(source), mode="r", timeout=OPEN_TIMEOUT_S, options=options)
     except (av.FFmpegError, OSError) as err:
         if "format_whitelist" in options and isinstance(err, av.ArgumentError):  # a container the list refused
-            hint = f"if it is a playlist or another container: over HTTP this server reads {FORMATS_OVER_HTTP} only"
+            hint = f"if it is a playlist or another container: this server reads {SOURCE_FORMATS} only"
             raise RefusedSourceError(f"Cannot open video source {source!r}: {err} ({hint}).") from err
         raise InvalidArgumentError(f"Cannot open video source {source!r}: {err}.") from err
     if not container.streams.video:
