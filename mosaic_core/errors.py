@@ -53,8 +53,8 @@ class TimestampOrderError(InvalidArgumentError):
 
 
 class RefusedSourceError(InvalidArgumentError):
-    """A source serves what this server refuses to read (over HTTP, a playlist or another container outside
-    ``FORMATS_OVER_HTTP``): trying again cannot help."""
+    """A source serves what this server refuses to read (from a file or over HTTP, a playlist or another container
+    outside ``SOURCE_FORMATS``): trying again cannot help."""
 
 
 class ConfigError(InvalidArgumentError):

@@ -30,7 +30,7 @@ API_KEY_ENV = "MOSAIC_API_KEY"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _SERVE_FLAGS = (
     # (flag, type, help)
-    ("--host", str, "address to bind (default 0.0.0.0)"),
+    ("--host", str, "address to bind (default 127.0.0.1; 0.0.0.0: every interface)"),
     ("--grpc-port", int, "gRPC port (default 50051; 0 picks a free one)"),
     ("--metrics-port", int, "Prometheus /metrics port (default 9464)"),
     ("--ray-address", str, "'local' starts Ray here (default), 'auto' joins a running one, or ray://host:port"),

@@ -45,7 +45,9 @@ class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # --- network ---
-    host: str = "0.0.0.0"
+    # Loopback unless an operator names an address: nothing listens beyond this machine by default (the image and the
+    # chart pass 0.0.0.0).
+    host: str = "127.0.0.1"
     grpc_port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9464, ge=0, le=65535)
     api_key: str | None = None

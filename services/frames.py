@@ -20,11 +20,10 @@ import numpy as np
 
 from mosaic_core.errors import InvalidFrameError
 from mosaic_core.model.pixels import downscaled_size, validate_frames
-from mosaic_core.model.video import frame_rgb
+from mosaic_core.model.video import MAX_SIDE_PX, frame_rgb
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-MAX_SIDE_PX = 8192
 
 
 def sniff_codec(data: bytes) -> str:

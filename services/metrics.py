@@ -386,7 +386,7 @@ class MosaicMetrics:
         """The registry in the Prometheus text format, as the HTTP endpoint serves it."""
         return prometheus_client.generate_latest(self.registry).decode()
 
-    def start_http_server(self, port: int, addr: str = "0.0.0.0") -> MetricsServer:
+    def start_http_server(self, port: int, addr: str = "127.0.0.1") -> MetricsServer:
         """Serves the registry at ``http://addr:port/metrics`` from a daemon thread (port 0: any free one)."""
         httpd, thread = prometheus_client.start_http_server(port, addr=addr, registry=self.registry)
         return MetricsServer(httpd=httpd, thread=thread)

@@ -17,7 +17,7 @@ first frame (never before its last frame), as a restart's does (``services.worke
 step with the wall clock across an outage (a paced file served over HTTP, looped by reconnecting, is where it
 would have been anyway). After ``max_failures`` attempts in a row that read no frame, an http(s) source stops in
 ``SourceState.ERROR`` with the last error, and at the first where the server refuses what the source serves (a
-playlist or another container outside ``FORMATS_OVER_HTTP``: trying again cannot help); a live camera (rtsp, rtmp,
+playlist or another container outside ``SOURCE_FORMATS``: trying again cannot help); a live camera (rtsp, rtmp,
 udp, tcp) keeps trying every ``max_backoff_s``, since a camera that reboots or loses its network comes back, and a
 service that runs for months must not need a restart to read it again. From
 a failed attempt on, the state is ERROR with the last error, through the retries, until a frame is read (RUNNING):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from mosaic_core.errors import InvalidArgumentError
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.labels import check_labels
 from services.metadata.watches import WatchState
@@ -11,6 +12,11 @@ from services.watches import new_watch_id
 from services.watches_spec import ActiveHours, WatchRecord
 from services.watches_subscribers import WatchEventItem
 from services.watches_webhook import redact
+
+# A watch's webhook is kept in the metadata store and in the router for as long as the watch lives: bounded at
+# CreateWatch as a stream's source_url is. A signing secret is a key of a few dozen bytes.
+MAX_WEBHOOK_URL_CHARS = 2048
+MAX_WEBHOOK_SECRET_CHARS = 256
 
 
 def record_from_request(request: pb.CreateWatchRequest, *, default_threshold: float, default_cooldown_s: float):
@@ -22,6 +28,12 @@ def record_from_request(request: pb.CreateWatchRequest, *, default_threshold: fl
     webhook_url = webhook_secret = None
     if request.HasField("webhook") and (request.webhook.url or request.webhook.secret):
         webhook_url, webhook_secret = request.webhook.url, request.webhook.secret
+        for what, value, limit in (
+            ("URL", webhook_url, MAX_WEBHOOK_URL_CHARS),
+            ("secret", webhook_secret, MAX_WEBHOOK_SECRET_CHARS),
+        ):
+            if len(value) > limit:
+                raise InvalidArgumentError(f"the webhook {what} is {len(value)} characters long; the limit is {limit}")
     check_labels(dict(request.labels), "a watch")
     return WatchRecord(
         watch_id=request.watch_id or new_watch_id(),

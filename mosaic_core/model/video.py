@@ -20,9 +20,14 @@ are the same pixels either way.
 
 FFmpeg opens only the protocols the source's own scheme needs (``protocol_whitelist``): a local file reads
 files only, an ``http(s)`` URL speaks HTTP over TCP/TLS only, ``rtsp(s)`` RTSP/RTP over TCP/UDP/TLS; any other
-scheme (``concat:``, ``data:``, ``ftp://``, ``tcp://``...) is refused before FFmpeg sees it. Over HTTP it reads only
-the containers of ``FORMATS_OVER_HTTP`` (``format_whitelist``): an HLS or DASH playlist is refused before any of its
-entries is fetched, since those URLs name hosts that no check of the source URL saw.
+scheme (``concat:``, ``data:``, ``ftp://``, ``tcp://``...) is refused before FFmpeg sees it. From a file or over
+HTTP it reads only the containers of ``SOURCE_FORMATS`` (``format_whitelist``): an HLS or DASH playlist is refused
+before any of its entries is opened, since they name hosts, or files outside the source roots, that no check of the
+source saw.
+
+A source's pictures are bounded as pushed images are: a side over ``MAX_SIDE_PX``, in the container's header or in a
+decoded frame, is an ``InvalidFrameError``, and the decoder refuses a picture of more than ``MAX_SIDE_PX`` squared
+pixels before it allocates it (FFmpeg's ``max_pixels``), whatever the header said.
 
     pass 0 frames  |0    |1    |2    |3        clip duration D = last frame time + its duration
     pass 1 frames                        |D   |D+1  ...
@@ -49,6 +54,10 @@ from mosaic_core.model.pixels import downscaled_size
 OPEN_TIMEOUT_S = 10.0  # for network sources; a stalled camera must not hang a worker forever
 SEEK_MIN_GAP_S = 1.0  # seek only past more than this much video; shorter gaps are cheaper to decode through
 RESET_MIN_STEPS = 4  # a network source's frame this many frame steps behind the last one: its timestamps restarted
+# The largest side of a picture decoded from a source or a pushed image. FFmpeg's decoder refuses a picture of more
+# than its square before allocating it, so a source that sends a huge picture cannot exhaust a worker's memory.
+MAX_SIDE_PX = 8192
+DECODER_OPTIONS = {"max_pixels": str(MAX_SIDE_PX * MAX_SIDE_PX)}
 # FFmpeg protocols each source scheme may use, nested ones included (RTSP runs over RTP/UDP/TCP, HTTPS over TLS).
 PROTOCOLS_BY_SCHEME = {
     "file": "file",
@@ -57,10 +66,10 @@ PROTOCOLS_BY_SCHEME = {
     "http": "http,https,tcp,tls,crypto,httpproxy",
     "https": "http,https,tcp,tls,crypto,httpproxy",
 }
-# The demuxers an http(s) source may use: the containers that cameras and video files come in, and a camera's snapshot
-# picture. No playlist or manifest (HLS, DASH, concat, IMF): their demuxers open the URLs they list, on hosts that no
-# check of the source URL saw.
-FORMATS_OVER_HTTP = (
+# The demuxers a file or http(s) source may use: the containers that cameras and video files come in, and a camera's
+# snapshot picture. No playlist or manifest (HLS, DASH, concat, IMF): their demuxers open the URLs or files they list,
+# on hosts or outside the source roots, where no check of the source saw.
+SOURCE_FORMATS = (
     "mpjpeg,mjpeg,mpegts,mov,matroska,flv,live_flv,avi,asf,mpeg,mpegvideo,h264,hevc,m4v,ogg,ivf,"
     "jpeg_pipe,png_pipe,webp_pipe"
 )
@@ -244,16 +253,19 @@ def protocol_whitelist(source: str) -> str:
 
 
 def open_options(source: str) -> dict[str, str]:
-    """FFmpeg's options for opening ``source``: the protocols its scheme may use, RTSP over TCP, and over HTTP no
-    redirects and only the containers of ``FORMATS_OVER_HTTP`` (the scheme in any case, as the protocol check reads
-    it). A redirect, or a playlist's entries, would take the connection to a host that no check of the URL saw."""
-    options = {"protocol_whitelist": protocol_whitelist(source)}
+    """FFmpeg's options for opening ``source``: the protocols its scheme may use, the decoder's bound on a picture's
+    pixels (opening decodes a picture to learn the stream's size), RTSP over TCP, over HTTP no redirects, and from a
+    file or over HTTP only the containers of ``SOURCE_FORMATS`` (the scheme in any case, as the protocol check reads
+    it). A redirect, or a playlist's entries, would take the connection to a host, or a file outside the source
+    roots, that no check of the source saw."""
+    options = {"protocol_whitelist": protocol_whitelist(source), **DECODER_OPTIONS}  # probing decodes a picture too
     scheme = source_scheme(source)
     if scheme in ("rtsp", "rtsps"):
         options["rtsp_transport"] = "tcp"
     if scheme in ("http", "https"):
         options["max_redirects"] = "0"
-        options["format_whitelist"] = FORMATS_OVER_HTTP
+    if scheme in ("file", "http", "https"):
+        options["format_whitelist"] = SOURCE_FORMATS
     return options
 
 
@@ -263,13 +275,21 @@ def _open(source: str) -> av.container.InputContainer:
         container = av.open(str(source), mode="r", timeout=OPEN_TIMEOUT_S, options=options)
     except (av.FFmpegError, OSError) as err:
         if "format_whitelist" in options and isinstance(err, av.ArgumentError):  # a container the list refused
-            hint = f"if it is a playlist or another container: over HTTP this server reads {FORMATS_OVER_HTTP} only"
+            hint = f"if it is a playlist or another container: this server reads {SOURCE_FORMATS} only"
             raise RefusedSourceError(f"Cannot open video source {source!r}: {err} ({hint}).") from err
         raise InvalidArgumentError(f"Cannot open video source {source!r}: {err}.") from err
     if not container.streams.video:
         container.close()
         raise InvalidArgumentError(f"Video source {source!r} has no video stream.")
     return container
+
+
+def _check_sides(width: int, height: int, source: str) -> None:
+    if width > MAX_SIDE_PX or height > MAX_SIDE_PX:
+        raise InvalidFrameError(
+            f"Video source {source!r} has {width}x{height} px pictures (width x height): each side must be at most "
+            f"{MAX_SIDE_PX} px."
+        )
 
 
 def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Generator[tuple, None, Fraction]:
@@ -282,6 +302,8 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
     with _open(source) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        stream.codec_context.options = dict(DECODER_OPTIONS)
+        _check_sides(stream.codec_context.width, stream.codec_context.height, source)
         time_base = stream.time_base or Fraction(1, 90000)
         rate = stream.average_rate or stream.guessed_rate
         default_step = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)
@@ -299,6 +321,7 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
                     frame = next(frames)
                 except StopIteration:
                     break
+                _check_sides(frame.width, frame.height, source)
                 step = frame.duration * time_base if frame.duration else default_step
                 if frame.pts is None:  # some raw streams carry no timestamps: assume a steady rate
                     rel_time = Fraction(0) if last_time is None else last_time + step
@@ -326,7 +349,10 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
                     container.seek(first_pts + math.floor(wanted / time_base), stream=stream, backward=True)
                     frames = container.decode(stream)
         except av.FFmpegError as err:
-            raise InvalidFrameError(f"Decoding {source!r} failed after {num_frames} frames: {err}.") from err
+            raise InvalidFrameError(
+                f"Decoding {source!r} failed after {num_frames} frames: {err} (a picture of more than "
+                f"{MAX_SIDE_PX}x{MAX_SIDE_PX} px is not decoded at all)."
+            ) from err
     if num_frames == 0:
         raise InvalidArgumentError(f"Video source {source!r} has a video stream but no decodable frames.")
     return last_time + last_step

@@ -178,6 +178,7 @@ def code_of(call) -> grpc.StatusCode:
 def test_bad_input_gets_the_right_status_and_a_sentence(svc, hooks):
     c = svc.client
     c.create_stream("bad-cam", fps=FPS)
+    long_url = f"http://127.0.0.1:{hooks.port}/hooks/{'a' * 100_000}"
     cases = [
         (lambda: c.create_watch("  ", ["bad-cam"]), grpc.StatusCode.INVALID_ARGUMENT, "question is empty"),
         (lambda: c.create_watch("q?", ["no-such-cam"]), grpc.StatusCode.NOT_FOUND, "unknown stream"),
@@ -195,6 +196,11 @@ def test_bad_input_gets_the_right_status_and_a_sentence(svc, hooks):
          grpc.StatusCode.INVALID_ARGUMENT, "not under any URL"),
         (lambda: c.create_watch("q?", webhook_url=f"http://u:p@127.0.0.1:{hooks.port}/hooks"),
          grpc.StatusCode.INVALID_ARGUMENT, "user info"),
+        # Strings kept in the metadata store (Redis) and in the router's memory for as long as the watch lives
+        (lambda: c.create_watch("q?", webhook_url=long_url), grpc.StatusCode.INVALID_ARGUMENT,
+         f"the webhook URL is {len(long_url)} characters long; the limit is 2048"),
+        (lambda: c.create_watch("q?", webhook_url=f"http://127.0.0.1:{hooks.port}/hooks", webhook_secret="s" * 100_000),
+         grpc.StatusCode.INVALID_ARGUMENT, "the webhook secret is 100000 characters long; the limit is 256"),
         (lambda: c.create_watch("q?", watch_id="-bad"), grpc.StatusCode.INVALID_ARGUMENT, "watch id"),
         (lambda: c.create_watch("q?", max_answer_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "max_answer_tokens"),
         # 1000 characters, as many as a question may have, but 1006 tokens: more than the engine answers

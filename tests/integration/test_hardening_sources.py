@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -345,3 +346,30 @@ def test_a_camera_back_from_an_outage_stamps_its_frames_by_the_wall_clock(monkey
     lags_s = [round(wall - (epoch + t), 2) for wall, t in seen]
     assert max(lags_s) < 0.5, f"frames after the outage are stamped behind the wall clock: {lags_s}"
     assert [t for _, t in seen] == sorted({t for _, t in seen})  # and the clock still increases
+
+
+@pytest.mark.parametrize("entry", ["{path}", "file:{path}"])
+def test_a_playlist_under_a_root_cannot_read_a_file_outside_every_root(root, entry):
+    """An HLS playlist is a regular file under a root, so CreateStream takes it; its entries could name any file
+    FFmpeg's file protocol reaches. The reader refuses the playlist's container before it opens any entry."""
+    outside = root.parent / "secret.ts"
+    with av.open(sample_clip_path("carphone_pristine.mp4")) as src, av.open(str(outside), "w") as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    playlist = root / "cam.m3u8"
+    playlist.write_text(
+        f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{entry.format(path=outside)}\n#EXT-X-ENDLIST\n"
+    )
+    url = check_source_url(str(playlist), source_roots=[str(root)])
+    received = []
+    reader = SourceReader(url, fps=1.0, sink=lambda t, rgb: received.append(t), realtime=False).start()
+    deadline = time.monotonic() + 30
+    while reader.progress().state not in (SourceState.ERROR, SourceState.ENDED) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    progress = reader.progress()
+    reader.stop()
+    assert progress.state == SourceState.ERROR and "playlist" in progress.error, progress
+    assert not received

@@ -80,7 +80,7 @@ def test_config_layers_file_environment_and_flags(tmp_path, monkeypatch):
     path.write_text("workers: 3\nmode: token\nengine:\n  target_tokens_per_frame: 32\n  eviction_policy: heat\n")
     monkeypatch.setenv("MOSAIC_API_KEY", "from-env")
     config = load_config(path, mode="full", host=None)
-    assert (config.workers, config.mode, config.api_key, config.host) == (3, "full", "from-env", "0.0.0.0")
+    assert (config.workers, config.mode, config.api_key, config.host) == (3, "full", "from-env", "127.0.0.1")
     engine = config.engine_config(worker_subdir="worker-0")
     assert engine.target_tokens_per_frame == 32 and engine.eviction_policy == "heat"
     assert engine.formation.max_tokens <= engine.retrieval_budget_tokens

@@ -105,7 +105,7 @@ def test_unopenable_sources_raise(tmp_path: Path) -> None:
 
 
 def test_audio_only_source_raises(tmp_path: Path) -> None:
-    audio_path = tmp_path / "tone.wav"
+    audio_path = tmp_path / "tone.mka"
     with av.open(str(audio_path), mode="w") as container:
         stream = container.add_stream("pcm_s16le", rate=8000)
         samples = (np.sin(np.arange(800) / 10.0) * 3000).astype(np.int16)[None]
