@@ -197,6 +197,13 @@ class ServiceConfig(BaseModel):
     # cross the decoder's pipe, Ray and the engine thread's upload at full size; the model's own resize still reads
     # about decode_oversample times the width and height it keeps. 0: every frame keeps its size.
     decode_oversample: float = Field(2.0, ge=0)
+    # Threads of the router that decode pushed JPEG/PNG frames (and scale pushed frames down), apart from the event
+    # loop's default threads, on which the watch store's reads and webhook posts run: sharing those, 48 PushFrames
+    # calls of 1080p JPEGs made a ListWatches call's store read wait 0.35-0.45 s (p50) for a thread on a 2-core
+    # machine, under 1 ms with threads of their own; and reads a hung Redis held kept every pushed frame from being
+    # decoded. A PushFrames call decodes one frame at a time, so at most max_push_calls frames wait for these threads.
+    # Default: os.cpu_count(), at most 8.
+    decode_threads: int = Field(default_factory=lambda: min(8, os.cpu_count() or 1), ge=1)
     # A source goes to ERROR after this many failed connections in a row (a live camera is then tried every 30 s),
     # or refused frames in a row.
     source_max_failures: int = Field(10, ge=1)

@@ -184,6 +184,7 @@ class MosaicServer:
             source_policy=SourcePolicy.of(cfg),
             decode_max_pixels=cfg.decode_max_pixels(),
             max_reply_bytes=cfg.max_message_bytes,
+            decode_threads=cfg.decode_threads,
         )
         servicer.watch_defaults = (cfg.watch_default_threshold, cfg.watch_default_cooldown_s)
         self.servicer = servicer
@@ -289,6 +290,8 @@ class MosaicServer:
         calls_grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         if self._server is not None:
             await self._server.stop(calls_grace_s)
+        if self.servicer is not None:
+            self.servicer.close()  # after the calls, whose frames it decodes
         workers_until_s = stopping_s + calls_grace_s + GRACE_PAST_CALLS_S - AFTER_WORKERS_S
         stops = [self._stop_worker(index, worker, workers_until_s) for index, worker in enumerate(self._workers)]
         for index, result in enumerate(await asyncio.gather(*stops, return_exceptions=True)):

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from mosaic_core.engine.keyframe_store import MAX_IDS_PER_LOOKUP
 from mosaic_core.engine.stream import check_stream_id
@@ -71,6 +72,8 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             (``ServiceConfig.decode_oversample``); None keeps their size.
         max_reply_bytes: the server's message limit (``max_message_bytes``): GetKeyframes refuses a reply larger
             than that with a sentence (None: no check).
+        decode_threads: threads that decode pushed JPEG/PNG frames and scale frames down (``close`` lets them go),
+            apart from the event loop's default executor (``ServiceConfig.decode_threads``).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         source_policy: SourcePolicy | None = None,
         decode_max_pixels: int | None = None,
         max_reply_bytes: int | None = None,
+        decode_threads: int = 1,
     ) -> None:
         self.coordinator = coordinator
         self.queue = queue
@@ -102,6 +106,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         self.watches = None  # the router's WatchRegistry, once the backend is up
         self.watch_defaults = (1.0, 60.0)  # (threshold, cooldown_s) for requests that leave them unset
         self._num_push_calls = 0
+        self._decoder = ThreadPoolExecutor(decode_threads, thread_name_prefix="mosaic-decode")
 
     # -- streams ------------------------------------------------------------------------------------
     async def CreateStream(self, request, context):
@@ -193,16 +198,23 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         except InvalidArgumentError as err:
             return PushResult(rejected=[FrameRejection(index, cut(frame.stream_id, 128), str(err), err.grpc_code)])
         try:
-            # JPEG/PNG decoding and scaling down take milliseconds: off the event loop. Other raw frames only get
-            # reshaped.
+            # JPEG/PNG decoding and scaling down take milliseconds: off the event loop, and off its default executor,
+            # so the store reads there do not wait behind decodes, nor decodes behind reads of a slow store. Other raw
+            # frames only get reshaped.
             if frame.WhichOneof("payload") == "encoded" or self._scaled_down(frame):
-                rgb = await asyncio.to_thread(decode_frame, frame, self.decode_max_pixels)
+                loop = asyncio.get_running_loop()
+                rgb = await loop.run_in_executor(self._decoder, decode_frame, frame, self.decode_max_pixels)
             else:
                 rgb = decode_frame(frame, self.decode_max_pixels)
         except InvalidFrameError as err:
             await self._count_undecodable(frame.stream_id)
             return PushResult(rejected=[FrameRejection(index, frame.stream_id, str(err), err.grpc_code)])
         return await self.coordinator.push([(index, frame.stream_id, frame.timestamp_s, rgb)])
+
+    def close(self) -> None:
+        """Lets the decode threads go, each once its frame is decoded; for after the server has stopped (a frame pushed
+        after it is not decoded)."""
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     async def _count_undecodable(self, stream_id: str) -> None:
         """A frame of ``stream_id`` that could not be decoded: counted by the stream's worker, with the stream's other
