@@ -141,9 +141,7 @@ def _add_optional_commands(sub, module_name: str, register: str) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser(
-        "bench", help="run a benchmark: mosaic bench faults|soak|service|engine|watches|profile|decode|vision [ARGS...]"
-    )
+    p = sub.add_parser("bench", help=f"run a benchmark: mosaic bench {'|'.join(BENCH_TARGETS)} [ARGS...]")
     targets = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", parser_class=Parser)
     for name, (module, text) in BENCH_TARGETS.items():
         # never parsed here (main hands the arguments over first); listed for --help

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import typing
 
-from mosaic_core.config import EngineConfig
+from mosaic_core.config import BENCH_DEVICE_BUDGET_SHARE, GIB, EngineConfig, budget_workspace_bytes
 from services.config import ServiceConfig
 
 DESCRIPTION = "How many real-time cameras one real ``mosaic serve`` keeps, measured through gRPC."
@@ -27,6 +27,19 @@ def camera_steps(text: str) -> list[int]:
     if not steps or any(n < 1 for n in steps) or steps != sorted(set(steps)):
         raise argparse.ArgumentTypeError(f"cameras {text!r}: give increasing positive counts, like 32,64,128")
     return steps
+
+
+def device_budget_help() -> str:
+    """``--device-budget-gib``'s help: the budget the worker gets without it, which leaves out more with the engine's
+    ``tower_stream``, on unless ``--no-tower-stream`` (``mosaic_core.config.device_budget_from_free``)."""
+    tower_stream = ServiceConfig().engine_config().tower_stream
+    less_gib = {on: budget_workspace_bytes(tower_stream=on) / GIB for on in (tower_stream, not tower_stream)}
+    flag = "--no-tower-stream" if tower_stream else "--tower-stream"
+    text = (
+        f"the worker's device budget (default: {BENCH_DEVICE_BUDGET_SHARE:.0%} of the GPU memory free once the model "
+        f"is loaded, less {less_gib[tower_stream]:g} GiB, or {less_gib[not tower_stream]:g} GiB with {flag})"
+    )
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
 def main_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,11 +71,7 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--retention-s", type=float, default=20.0, help="each camera keeps this much history")
     parser.add_argument("--tokens-per-frame", type=int, default=128)
     parser.add_argument("--window-tokens", type=int, default=512, help="local window per camera")
-    parser.add_argument(
-        "--device-budget-gib", type=float, default=None,
-        help="the worker's device budget (default: 80%% of the GPU memory free once the model is loaded, less 2 GiB, "
-        "4.5 GiB with --tower-stream)",
-    )  # fmt: skip
+    parser.add_argument("--device-budget-gib", type=float, default=None, help=device_budget_help())
     parser.add_argument("--host-budget-gib", type=float, default=32.0)
     parser.add_argument("--pinned-host-gib", type=float, default=16.0, help="host tier pinned at start-up (GPU)")
     parser.add_argument("--ingest-headroom", type=float, default=0.0, help="admission's share; 0 admits all")
