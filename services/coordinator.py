@@ -375,6 +375,7 @@ class Coordinator(TelemetryPollsMixin):
         except ray.exceptions.ActorDiedError as err:  # a worker that will come back is ActorUnavailableError
             if index not in self._gone:
                 self._gone.add(index)
+                self.metrics.set_workers_gone(len(self._gone))
                 log.error("worker %d is gone for good (Ray will not restart it again): %s", index, err)
             raise gone_error(index) from None
         except ray.exceptions.RayActorError as err:

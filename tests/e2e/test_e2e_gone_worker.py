@@ -90,6 +90,7 @@ def test_calls_about_a_gone_workers_stream_say_so_and_the_rest_is_served(gone):
     assert client.get_stream("gw-keep").stream_id == "gw-keep"
     assert client.health_status("mosaic.v1.Mosaic") == "SERVING"
     wait_for(lambda: metric(server.metrics_url, "mosaic_workers_up") == 1, timeout_s=30, what="one worker up")
+    assert metric(server.metrics_url, "mosaic_workers_gone") == 1
 
 
 def test_a_gone_workers_stream_is_deleted_with_its_history_and_record_and_can_be_created_again(gone, redis_server):
