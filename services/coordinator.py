@@ -18,7 +18,8 @@ CreateStream reply its crash lost. A stream whose delete ended after the listing
 
 **A worker Ray will not restart again** (``services.gone_workers``) is known from Ray's ``ActorDiedError``: calls
 about its streams get FAILED_PRECONDITION with a sentence, ListStreams names its streams, and a DeleteStream of one
-deletes the stream's history in the worker's folder, its metadata and what the router knows of it, all in the router.
+deletes the stream's history in the worker's folder (from the router, or a live worker where the router does not see
+it), its metadata and what the router knows of it.
 
 The telemetry poll (which workers answer, which are stalled, and what a worker that stops answering leaves in the
 metrics) is ``TelemetryPollsMixin`` in ``services.coordinator_polls``, mixed into ``Coordinator``.
@@ -37,13 +38,13 @@ import ray
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.results import Answer
 from mosaic_core.engine.stream import check_stream_id
-from mosaic_core.errors import AlreadyExistsError, CapacityError, MosaicError, UnknownStreamError
+from mosaic_core.errors import AlreadyExistsError, CapacityError, MosaicError, StateError, UnknownStreamError
 from services.coordinator_polls import TelemetryPollsMixin
 from services.errors import UnavailableError, WorkerGoneError, unwrap
-from services.gone_workers import delete_history_of_gone_worker, gone_error
+from services.gone_workers import delete_history_of_gone_worker, gone_error, unreachable_error
 from services.metadata.base import MetadataStore, StreamRecord
 from services.metrics import MosaicMetrics
-from services.worker_actor import send_ask, telemetry_call
+from services.worker_actor import MAX_RESTARTS, send_ask, telemetry_call
 from services.worker_results import FrameRejection, PushResult, StreamInfo, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ class Coordinator(TelemetryPollsMixin):
         """Deletes, from the router, a stream of a worker Ray will not restart (module doc): its history first, then
         its metadata, which its worker's publisher would have removed. Either failing leaves the stream placed, and a
         retry does what is left."""
-        num_clusters = await asyncio.to_thread(delete_history_of_gone_worker, self.data_dir, index, stream_id)
+        num_clusters = await self._delete_history_of_gone(index, stream_id)
         try:
             await asyncio.to_thread(self.store.delete_stream, stream_id)
         except Exception as err:
@@ -204,6 +205,19 @@ class Coordinator(TelemetryPollsMixin):
                 f"not be reached to remove its record ({err}); retry DeleteStream"
             ) from None
         return num_clusters
+
+    async def _delete_history_of_gone(self, index: int, stream_id: str) -> int:
+        """The gone worker's history of the stream deleted by this router, else by the first live worker that can."""
+        try:
+            return await asyncio.to_thread(delete_history_of_gone_worker, self.data_dir, index, stream_id)
+        except StateError as err:
+            reasons = [f"router: {err}"]
+        for live in sorted(self.ready_workers - {index}):
+            try:
+                return await self._call(live, self.workers[live].delete_gone_workers_history.remote(index, stream_id))
+            except StateError as err:
+                reasons.append(f"worker {live}: {err}")
+        raise unreachable_error(stream_id, index, reasons)
 
     async def get_stream(self, stream_id: str) -> StreamInfo:
         index = self._index_of(stream_id)
@@ -377,6 +391,6 @@ class Coordinator(TelemetryPollsMixin):
                 self._gone.add(index)
                 self.metrics.set_workers_gone(len(self._gone))
                 log.error("worker %d is gone for good (Ray will not restart it again): %s", index, err)
-            raise gone_error(index) from None
+            raise gone_error(index, MAX_RESTARTS) from None
         except ray.exceptions.RayActorError as err:
             raise UnavailableError(f"worker {index} is unavailable (restarting or gone): {err}") from None

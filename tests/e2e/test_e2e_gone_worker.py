@@ -1,6 +1,7 @@
 """A worker killed past Ray's restart limit (``MAX_RESTARTS``), by its PID: its streams' calls say it is
 gone for good, ListStreams names them, and a DeleteStream deletes one all the same (its history in the gone worker's
-folder, its Redis record and the router's placement), after which its id can be created again on the live worker.
+folder, its Redis record and the router's placement; the live worker deletes the history where the router does not see
+the data directory), after which its id can be created again on the live worker.
 
 Real local Ray (the e2e suite's one cluster), a real redis-server, the real gRPC server with two workers of this
 module's own (one of them is killed for good), tiny preset on the CPU.
@@ -25,8 +26,8 @@ FPS = 2.0
 
 @pytest.fixture(scope="module")
 def gone(ray_cluster, redis_server, tmp_path_factory):
-    """A two-worker server whose worker of stream ``gw-cam`` was killed ``MAX_RESTARTS + 1`` times, the last time for
-    good, and ``gw-keep`` on the other worker."""
+    """A two-worker server whose worker of streams ``gw-cam`` and ``gw-far`` was killed ``MAX_RESTARTS + 1`` times,
+    the last time for good, and ``gw-keep`` on the other worker."""
     from services.client import MosaicClient
     from services.config import load_config
     from services.embedded import ServerThread
@@ -44,6 +45,8 @@ def gone(ray_cluster, redis_server, tmp_path_factory):
             victim = int(client.create_stream("gw-cam", fps=FPS).worker_id)
             keep = client.create_stream("gw-keep", fps=FPS)
             assert int(keep.worker_id) != victim, "the second stream went to the same worker"
+            # Each worker has one stream, neither has frames yet: the tie goes to the lower index, the victim's.
+            assert int(client.create_stream("gw-far", fps=FPS).worker_id) == victim == 0
             frames = clip_frames("bikes.mp4", fps=FPS, num_frames=16, step=4)
             client.push_frames([("gw-cam", t, rgb) for t, rgb in frames], timeout_s=60)
             wait_ingested(client, "gw-cam", len(frames))
@@ -93,10 +96,10 @@ def test_calls_about_a_gone_workers_stream_say_so_and_the_rest_is_served(gone):
     assert metric(server.metrics_url, "mosaic_workers_gone") == 1
 
 
-def test_a_gone_workers_stream_is_deleted_with_its_history_and_record_and_can_be_created_again(gone, redis_server):
+def test_a_gone_workers_streams_are_deleted_with_their_history_and_record_and_can_be_created_again(gone, redis_server):
     from services.metadata.redis_store import RedisMetadataStore
 
-    _, client, victim, data_dir = gone
+    server, client, victim, data_dir = gone
     stream_dir = data_dir / f"worker-{victim}" / "gw-cam"
     on_disk = replay(stream_dir).clusters  # the worker is dead: nothing changes them any more
     store = RedisMetadataStore.from_url(redis_server.url, namespace=NAMESPACE)
@@ -106,11 +109,21 @@ def test_a_gone_workers_stream_is_deleted_with_its_history_and_record_and_can_be
     assert (code, details) == ("OK", "")
     assert num_deleted == len(on_disk) > 0
     assert not stream_dir.exists()
+    assert (data_dir / f"worker-{victim}" / "gw-far").is_dir()  # the other stream of the gone worker is kept
     retired = json.loads((data_dir / ".retired" / "gw-cam.json").read_text())
     assert retired["next_cluster_number"] >= len(on_disk) and retired["next_frame_index"] >= 16
     assert store.get_stream("gw-cam") is None
     assert store.list_clusters("gw-cam") == []
     assert _outcome(lambda: client.get_stream("gw-cam"))[0] == "NOT_FOUND"
+
+    coordinator = server.server.coordinator
+    coordinator.data_dir = str(data_dir / "not-mounted")  # as a Helm release's router, which does not mount it
+    try:
+        assert client.delete_stream("gw-far") == 0  # by the live worker, which shares the data directory
+    finally:
+        coordinator.data_dir = str(data_dir)
+    assert not (data_dir / f"worker-{victim}" / "gw-far").exists()
+    assert store.get_stream("gw-far") is None
     assert [s.stream_id for s in client.list_streams()] == ["gw-keep"]  # the gone worker holds nothing now
 
     again = client.create_stream("gw-cam", fps=FPS)

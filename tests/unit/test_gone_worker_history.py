@@ -12,7 +12,7 @@ from mosaic_core.durable.retired import RetiredNumbers, StreamNumbers
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.errors import StateError
 from services.errors import status_for
-from services.gone_workers import delete_history_of_gone_worker
+from services.gone_workers import delete_history_of_gone_worker, unreachable_error
 
 
 def _left_behind(data_dir, worker: int, stream_id: str, *, next_number: int, next_frame_index: int) -> None:
@@ -41,15 +41,16 @@ def test_a_gone_workers_history_is_deleted_and_its_numbers_kept_for_the_id(tmp_p
         restarted.close()
 
 
-def test_a_history_the_router_cannot_see_is_not_deleted_and_the_sentence_says_why(tmp_path):
+def test_a_history_this_process_cannot_see_is_not_deleted_and_the_sentence_says_why(tmp_path):
     _left_behind(tmp_path, 0, "cam", next_number=3, next_frame_index=9)
 
     with pytest.raises(StateError) as refused:
         delete_history_of_gone_worker(str(tmp_path), 1, "cam")  # worker 1's folder is not on this machine
-    status = status_for(refused.value)
+    assert "worker-1/ of the data directory" in str(refused.value) and "not on this machine" in str(refused.value)
+    status = status_for(unreachable_error("cam", 1, [f"router: {refused.value}"]))
     assert status.code is grpc.StatusCode.FAILED_PRECONDITION
-    assert "'cam' was not deleted" in status.message and "cannot see" in status.message
-    assert "Restart the server" in status.message
+    assert "'cam' was not deleted" in status.message and "neither by this router nor by a live worker" in status.message
+    assert "not on this machine" in status.message and "Restart the server" in status.message
     assert (tmp_path / "worker-0" / "cam").is_dir()
     assert RetiredNumbers(tmp_path).start_of("cam") == StreamNumbers()
     with pytest.raises(StateError):
