@@ -51,8 +51,10 @@ def delete_history_of_gone_worker(data_dir: str | None, index: int, stream_id: s
         StateError: this process cannot see the worker's folder; nothing was deleted.
         OSError: the history could not be deleted (a full or failing volume); nothing was deleted.
     """
-    folder = Path(data_dir) / worker_subdir(index) if data_dir else None
-    if folder is None or not folder.is_dir():
+    if not data_dir:
+        raise StateError("this process has no data directory")
+    folder = Path(data_dir) / worker_subdir(index)
+    if not folder.is_dir():
         raise StateError(f"{worker_subdir(index)}/ of the data directory {data_dir!r} is not on this machine")
     num_clusters = delete_left_behind(folder, stream_id, RetiredNumbers(data_dir))
     if num_clusters is None:
