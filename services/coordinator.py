@@ -16,6 +16,11 @@ that comes back (it answers a telemetry poll after missing one, or from another 
 streams it holds, and ListStreams takes what every worker lists: one restarted by Ray restores streams whose
 CreateStream reply its crash lost. A stream whose delete ended after the listing was asked for is not taken back.
 
+**A worker Ray will not restart again** (``services.gone_workers``) is known from Ray's ``ActorDiedError``: calls
+about its streams get FAILED_PRECONDITION with a sentence, ListStreams names its streams, and a DeleteStream of one
+deletes the stream's history in the worker's folder (from the router, or a live worker where the router does not see
+it), its metadata and what the router knows of it.
+
 The telemetry poll (which workers answer, which are stalled, and what a worker that stops answering leaves in the
 metrics) is ``TelemetryPollsMixin`` in ``services.coordinator_polls``, mixed into ``Coordinator``.
 """
@@ -33,12 +38,13 @@ import ray
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.results import Answer
 from mosaic_core.engine.stream import check_stream_id
-from mosaic_core.errors import AlreadyExistsError, CapacityError, MosaicError, UnknownStreamError
+from mosaic_core.errors import AlreadyExistsError, CapacityError, MosaicError, StateError, UnknownStreamError
 from services.coordinator_polls import TelemetryPollsMixin
-from services.errors import UnavailableError, unwrap
+from services.errors import UnavailableError, WorkerGoneError, unwrap
+from services.gone_workers import delete_history_of_gone_worker, gone_error, unreachable_error
 from services.metadata.base import MetadataStore, StreamRecord
 from services.metrics import MosaicMetrics
-from services.worker_actor import send_ask, telemetry_call
+from services.worker_actor import MAX_RESTARTS, send_ask, telemetry_call
 from services.worker_results import FrameRejection, PushResult, StreamInfo, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -59,10 +65,12 @@ class Coordinator(TelemetryPollsMixin):
         self.store = store
         self.metrics = metrics
         self.placement: dict[str, int] = {}  # stream -> worker index
+        self.data_dir: str | None = None  # the service's data directory, as this process sees it
         self._creating: set[str] = set()  # streams whose CreateStream is under way
         self._deleting: set[str] = set()  # and whose DeleteStream is
         self._deleted_s: dict[str, float] = {}  # stream -> when its last delete ended (monotonic), for a minute
         self._alive: set[int] = set()
+        self._gone: set[int] = set()  # workers Ray will not restart again
         # workers that answer, but whose engine thread is stuck (``coordinator_polls.ENGINE_STALL_S``)
         self._stalled: set[int] = set()
         self._pids: dict[int, int] = {}  # worker index -> its process, as its last answer gave it
@@ -171,6 +179,8 @@ class Coordinator(TelemetryPollsMixin):
             num_clusters = await self._call(index, self.workers[index].close_stream.remote(stream_id))
         except UnknownStreamError:
             num_clusters = 0  # the worker no longer has it
+        except WorkerGoneError:
+            num_clusters = await self._delete_on_gone_worker(index, stream_id)
         finally:
             self._deleting.discard(stream_id)
         now = time.monotonic()
@@ -181,6 +191,33 @@ class Coordinator(TelemetryPollsMixin):
         self.metrics.streams.forget_stream(stream_id)
         self.metrics.set_active_streams(len(self.placement))
         return num_clusters
+
+    async def _delete_on_gone_worker(self, index: int, stream_id: str) -> int:
+        """Deletes, from the router, a stream of a worker Ray will not restart (module doc): its history first, then
+        its metadata, which its worker's publisher would have removed. Either failing leaves the stream placed, and a
+        retry does what is left."""
+        num_clusters = await self._delete_history_of_gone(index, stream_id)
+        try:
+            await asyncio.to_thread(self.store.delete_stream, stream_id)
+        except Exception as err:
+            raise UnavailableError(
+                f"stream {stream_id!r} of gone worker {index}: its history is deleted, but the metadata store could "
+                f"not be reached to remove its record ({err}); retry DeleteStream"
+            ) from None
+        return num_clusters
+
+    async def _delete_history_of_gone(self, index: int, stream_id: str) -> int:
+        """The gone worker's history of the stream deleted by this router, else by the first live worker that can."""
+        try:
+            return await asyncio.to_thread(delete_history_of_gone_worker, self.data_dir, index, stream_id)
+        except StateError as err:
+            reasons = [f"router: {err}"]
+        for live in sorted(self.ready_workers - {index}):
+            try:
+                return await self._call(live, self.workers[live].delete_gone_workers_history.remote(index, stream_id))
+            except StateError as err:
+                reasons.append(f"worker {live}: {err}")
+        raise unreachable_error(stream_id, index, reasons)
 
     async def get_stream(self, stream_id: str) -> StreamInfo:
         index = self._index_of(stream_id)
@@ -205,7 +242,15 @@ class Coordinator(TelemetryPollsMixin):
             *(asyncio.wait_for(self._call(i, self.workers[i].stream_infos.remote()), 10.0) for i in indices),
             return_exceptions=True,
         )
-        down = [str(i) for i, result in zip(indices, results, strict=True) if isinstance(result, BaseException)]
+        failed = {i for i, result in zip(indices, results, strict=True) if isinstance(result, BaseException)}
+        gone = {i: sorted(s for s, at in self.placement.items() if at == i) for i in failed & self._gone}
+        if any(gone.values()):
+            named = (f"worker {i} is gone for good, and its streams {', '.join(map(repr, ids))} cannot be listed"
+                     for i, ids in gone.items() if ids)  # fmt: skip
+            raise WorkerGoneError(
+                "; ".join(named) + ": delete them, or restart the server, which restores them from the data directory"
+            )
+        down = [str(i) for i in sorted(failed - set(gone))]  # a gone worker no stream is placed on is left out
         if down:
             owned = sum(1 for index in self.placement.values() if str(index) in down)
             raise UnavailableError(
@@ -214,6 +259,8 @@ class Coordinator(TelemetryPollsMixin):
             )
         infos: list[StreamInfo] = []
         for index, result in zip(indices, results, strict=True):
+            if index in gone:
+                continue
             for info in result:
                 info.record.worker_id = str(index)
                 infos.append(info)
@@ -339,5 +386,11 @@ class Coordinator(TelemetryPollsMixin):
             return await ref
         except ray.exceptions.RayTaskError as err:
             raise unwrap(err) from None
+        except ray.exceptions.ActorDiedError as err:  # a worker that will come back is ActorUnavailableError
+            if index not in self._gone:
+                self._gone.add(index)
+                self.metrics.set_workers_gone(len(self._gone))
+                log.error("worker %d is gone for good (Ray will not restart it again): %s", index, err)
+            raise gone_error(index, MAX_RESTARTS) from None
         except ray.exceptions.RayActorError as err:
             raise UnavailableError(f"worker {index} is unavailable (restarting or gone): {err}") from None

@@ -2,7 +2,8 @@
 
 - Typed errors (``mosaic_core.errors`` and the service errors below) name their code in ``grpc_code``.
 - A worker's error crosses Ray wrapped in ``RayTaskError``; it is unwrapped to the original first.
-- A dead or restarting worker, or an unreachable Redis, is ``UNAVAILABLE``: retrying later may work.
+- A restarting worker, or an unreachable Redis, is ``UNAVAILABLE``: retrying later may work. A worker Ray will not
+  restart again is ``FAILED_PRECONDITION`` (``WorkerGoneError``): only a restart of the server brings it back.
 - Anything else is a bug: ``INTERNAL``, logged with its traceback and an incident id the client sees.
 
 ``RESOURCE_EXHAUSTED`` carries a retry hint twice: in the sentence, and as trailing metadata
@@ -64,6 +65,13 @@ class UnavailableError(MosaicError):
     """A worker or the metadata store cannot be reached right now."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class WorkerGoneError(MosaicError):
+    """A worker Ray will not restart again (it died past its restarts, or failed to start): its streams are served
+    again only once the server restarts and a new worker restores them from the data directory."""
+
+    grpc_code = "FAILED_PRECONDITION"
 
 
 class UnauthenticatedError(MosaicError):

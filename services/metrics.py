@@ -224,6 +224,12 @@ class MosaicMetrics:
         # --- service ---
         self.active_streams = Gauge("mosaic_active_streams", "Open streams.", registry=r)
         self.workers_up = Gauge("mosaic_workers_up", "Live worker actors.", registry=r)
+        self.workers_gone = Gauge(
+            "mosaic_workers_gone",
+            "Worker actors Ray will not restart again (dead past their restarts, or a restart failed to start): their "
+            "streams are served again only once the router restarts. They do not count in mosaic_workers_up.",
+            registry=r,
+        )
         self.workers_starting = Gauge(
             "mosaic_workers_starting",
             "Worker actors the router is still waiting for as it starts (loading the model, capturing graphs), for "
@@ -333,6 +339,9 @@ class MosaicMetrics:
 
     def set_workers_up(self, n: int) -> None:
         self.workers_up.set(non_negative("workers up", n))
+
+    def set_workers_gone(self, n: int) -> None:
+        self.workers_gone.set(non_negative("workers gone", n))
 
     def set_workers_starting(self, n: int) -> None:
         self.workers_starting.set(non_negative("workers starting", n))

@@ -228,6 +228,7 @@ class MosaicServer:
             store = RayMetadataStore.start()
             self._store_actor, worker_store = store.actor, store  # pickles as the actor's name
         self.coordinator.store = store
+        self.coordinator.data_dir = cfg.data_dir
         actor_cls = worker_actor(cfg)
         self._workers = [actor_cls.remote(str(i), cfg, worker_store) for i in range(cfg.workers)]
         self.coordinator.workers = self._workers

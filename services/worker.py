@@ -23,11 +23,12 @@ import time
 import numpy as np
 
 from mosaic_core.engine.keyframes import Keyframe
-from mosaic_core.errors import ConfigError, InvalidArgumentError, MosaicError, UnknownStreamError
+from mosaic_core.errors import ConfigError, InvalidArgumentError, MosaicError, StateError, UnknownStreamError
 from mosaic_core.model.pixels import validate_frames
 from services import gc_watch, gil_probe, heap_probe, stack_probe
 from services.config import ServiceConfig
 from services.engine_loop import EngineLoop
+from services.gone_workers import delete_history_of_gone_worker
 from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
 from services.metadata.base import MetadataStore, StreamRecord
 from services.preflight import unserved_history_problem
@@ -228,6 +229,13 @@ class WorkerCore:
         """Ends the stream's questions, drops its queued frames, frees its KV and its durable history; returns
         the clusters freed. All or nothing (``WorkerStreams.close_stream``)."""
         return self.streams.close_stream(stream_id)
+
+    def delete_gone_workers_history(self, index: int, stream_id: str) -> int:
+        """Deletes what worker ``index``, gone for good, kept of ``stream_id`` in the shared data directory, for a
+        router that does not see it (``services.gone_workers``); returns its clusters."""
+        if str(index) == self.worker_id:
+            raise StateError(f"worker {self.worker_id} is not gone: its streams are deleted with DeleteStream")
+        return delete_history_of_gone_worker(self.config.data_dir, index, stream_id)
 
     def stream_ids(self) -> list[str]:
         return sorted(self.sessions)

@@ -11,6 +11,11 @@ from services.config import ServiceConfig
 log = logging.getLogger(__name__)
 
 
+def worker_subdir(worker_id: str | int) -> str:
+    """The folder of the data directory (and of the disk-tier directory) that worker ``worker_id`` keeps."""
+    return f"worker-{worker_id}"
+
+
 def build_engine(worker_id: str, config: ServiceConfig):
     import torch
 
@@ -19,7 +24,7 @@ def build_engine(worker_id: str, config: ServiceConfig):
     device = "cuda" if config.worker_gpus > 0 and torch.cuda.is_available() else "cpu"
     # Presets default to float32, which on a GPU doubles the weights' memory and leaves the tensor cores idle.
     dtype = torch.bfloat16 if device == "cuda" else None
-    engine_config = config.engine_config(worker_subdir=f"worker-{worker_id}")
+    engine_config = config.engine_config(worker_subdir=worker_subdir(worker_id))
     engine = Engine.from_model(
         config.model,
         engine_config,

@@ -48,6 +48,7 @@ SPEC = {
     "mosaic_active_streams": "gauge",
     "mosaic_workers_up": "gauge",
     "mosaic_workers_starting": "gauge",
+    "mosaic_workers_gone": "gauge",
     "mosaic_errors": "counter",
     # Durability and the metadata index (docs/durability.md).
     "mosaic_worker_pid": "gauge",

@@ -45,6 +45,7 @@ SPEC = {
     "mosaic_active_streams": ("gauge", set()),
     "mosaic_workers_up": ("gauge", set()),
     "mosaic_workers_starting": ("gauge", set()),
+    "mosaic_workers_gone": ("gauge", set()),
     "mosaic_errors_total": ("counter", {"code"}),
     # Durability and the metadata index (docs/durability.md).
     "mosaic_worker_pid": ("gauge", {"worker"}),

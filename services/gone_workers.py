@@ -1,0 +1,65 @@
+"""What the router does about a worker Ray will not restart again (``WorkerGoneError``): it died past its
+``MAX_RESTARTS`` (``services.worker_actor``), or a restart failed to build it.
+
+Nothing serves its streams until the server restarts, when a new worker of its index restores them from its folder of
+the data directory. Until then a DeleteStream of one of them still deletes it: nobody else writes that folder (each
+worker keeps its own, ``worker-<index>``, and only Ray's restart of this very actor would write it again, which Ray
+will not do), so the stream's history there is deleted from outside its worker (``delete_left_behind``: its numbers
+retired in the shared ``.retired`` folder first, so a stream created again under its id numbers past the old one's):
+by the router where it sees the folder, else by a live worker, which shares the data directory (a Helm release's
+router does not mount the history volume; its worker pods share it). Where neither can, the delete is refused with a
+sentence and nothing is changed: forgetting the stream would only bring it back at the next restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mosaic_core.durable.left_behind import delete_left_behind
+from mosaic_core.durable.retired import RetiredNumbers
+from mosaic_core.errors import StateError
+from services.errors import WorkerGoneError
+from services.worker_engine import worker_subdir
+
+log = logging.getLogger(__name__)
+
+
+def gone_error(index: int, max_restarts: int) -> WorkerGoneError:
+    """The sentence every call about a gone worker's streams gets (``max_restarts``: the actor's)."""
+    return WorkerGoneError(
+        f"worker {index} is gone for good: Ray restarts a worker at most {max_restarts} times and will not restart "
+        f"this one again. Its streams are served again once the server restarts (they are kept in its data "
+        "directory); DeleteStream still deletes one of them"
+    )
+
+
+def unreachable_error(stream_id: str, index: int, reasons: list[str]) -> StateError:
+    """The sentence of a delete refused because neither the router nor a live worker sees the gone worker's folder."""
+    return StateError(
+        f"stream {stream_id!r} was not deleted: its worker {index} is gone for good, and its history in "
+        f"{worker_subdir(index)}/ of the data directory could be deleted neither by this router nor by a live worker "
+        f"({'; '.join(reasons)}). Restart the server, which brings the worker back with the stream, then delete it"
+    )
+
+
+def delete_history_of_gone_worker(data_dir: str | None, index: int, stream_id: str) -> int:
+    """Deletes what gone worker ``index`` kept of ``stream_id`` in the data directory; returns its clusters (0 when
+    an earlier delete removed it already).
+
+    Raises:
+        StateError: this process cannot see the worker's folder; nothing was deleted.
+        OSError: the history could not be deleted (a full or failing volume); nothing was deleted.
+    """
+    if not data_dir:
+        raise StateError("this process has no data directory")
+    folder = Path(data_dir) / worker_subdir(index)
+    if not folder.is_dir():
+        raise StateError(f"{worker_subdir(index)}/ of the data directory {data_dir!r} is not on this machine")
+    num_clusters = delete_left_behind(folder, stream_id, RetiredNumbers(data_dir))
+    if num_clusters is None:
+        log.info("stream %s of gone worker %d has no history left in %s", stream_id, index, folder)
+        return 0
+    log.warning("stream %s of gone worker %d deleted with its %d clusters of history in %s", stream_id, index,
+                num_clusters, folder)  # fmt: skip
+    return num_clusters
