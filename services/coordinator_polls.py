@@ -27,8 +27,8 @@ ENGINE_STALL_S = 300.0
 
 class TelemetryPollsMixin:
     """``Coordinator``'s telemetry poll, mixed into it: uses the coordinator's ``workers``, ``placement``,
-    ``metrics``, ``_alive``, ``_stalled``, ``_pids``, ``_down_since``, ``_last_lags``, ``_to_list`` and ``_pending``,
-    and its ``_call`` and ``_adopt``."""
+    ``metrics``, ``_alive``, ``_gone``, ``_stalled``, ``_pids``, ``_down_since``, ``_last_lags``, ``_to_list`` and
+    ``_pending``, and its ``_call`` and ``_adopt``."""
 
     async def _delta_of(self, kind: str, index: int, call, timeout_s: float):
         """A worker's answer to a call that hands over what changed since its last one (``call()`` sends it). One
@@ -119,6 +119,10 @@ class TelemetryPollsMixin:
                 continue
             alive.add(index)
             self._note_stall(index, result.engine_stalled_s)
+            if index in self._gone:  # a worker that answers is not gone: its streams are not deleted behind its back
+                self._gone.discard(index)
+                self.metrics.set_workers_gone(len(self._gone))
+                log.warning("worker %d answers again, though Ray had reported it gone for good", index)
             came_back = index not in self._alive or result.pid != self._pids.get(index, result.pid)
             self._pids[index] = result.pid
             self._down_since.pop(index, None)

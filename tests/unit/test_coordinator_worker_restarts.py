@@ -16,7 +16,7 @@ import ray.exceptions
 from mosaic_core.errors import AlreadyExistsError, UnknownStreamError
 from services.config import load_config
 from services.coordinator import Coordinator
-from services.errors import UnavailableError
+from services.errors import UnavailableError, WorkerGoneError
 from services.metadata.base import StreamRecord
 from services.metrics import MosaicMetrics
 from services.router import MosaicServer
@@ -49,12 +49,16 @@ class Worker:
         self.restored: list[str] = []  # what it restored when it last started
         self.free_bytes = 1 << 30
         self.crash_before_answering_open = False
+        self.reported_dead = False  # the next call raises ActorDiedError, though the worker lives
         for name in ("info", "stream_ids", "open_stream", "close_stream", "stream_info", "stream_infos",
                      "drain_telemetry", "keyframe_stats"):  # fmt: skip
             setattr(self, name, _Method(self._live(getattr(self, "_" + name))))
 
     def _live(self, fn):
         def call(*args):
+            if self.reported_dead:
+                self.reported_dead = False
+                raise ray.exceptions.ActorDiedError()
             if not self.alive:
                 raise ray.exceptions.RayActorError()
             return fn(*args)
@@ -457,5 +461,21 @@ def test_a_drain_answered_after_a_delete_leaves_no_lag_of_the_deleted_stream():
         release.set()
         await poll
         assert set(coordinator._last_lags) == {"cam-0"}  # the stream still placed keeps its lag
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_reported_gone_that_answers_a_poll_keeps_its_streams():
+    async def scenario():
+        worker, metrics = Worker(0), MosaicMetrics()
+        coordinator = await _started(worker, metrics)
+        await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        worker.reported_dead = True
+        with pytest.raises(WorkerGoneError):
+            await coordinator.get_stream("cam")
+        assert metrics.registry.get_sample_value("mosaic_workers_gone") == 1
+        await coordinator.poll_telemetry(1.0)  # it answers: not gone, whatever Ray said
+        assert metrics.registry.get_sample_value("mosaic_workers_gone") == 0
+        assert await coordinator.delete_stream("cam") == 0 and worker.streams == {}  # through the worker itself
 
     asyncio.run(scenario())
