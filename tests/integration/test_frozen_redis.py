@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -17,6 +18,7 @@ import grpc
 import pytest
 import redis
 
+import services.watches
 from services.config import load_config
 from services.coordinator import Coordinator
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
@@ -147,6 +149,33 @@ def test_the_watch_reload_fails_fast_on_a_frozen_redis_and_reloads_once_it_wakes
             registry.store.put_watch(WatchRecord(watch_id="door", question="Is the door open?", stream_ids=[]))
             await registry._reload()
             assert sorted(registry._records) == ["door", "gate"]
+
+    asyncio.run(run())
+
+
+def test_the_reload_loop_logs_a_frozen_redis_once_and_says_when_it_answers_again(
+    redis_server, redis_client, redis_namespace, monkeypatch, caplog
+):
+    monkeypatch.setattr(services.watches, "RELOAD_INTERVAL_S", 0.1)
+
+    async def run():
+        async with _router(redis_server, redis_namespace) as (_, registry):
+            loop = asyncio.create_task(registry._reload_loop())
+            try:
+                with caplog.at_level(logging.DEBUG, logger="services.watches"), _frozen(redis_client):
+                    await asyncio.sleep(4 * TIMEOUT_S)
+                with caplog.at_level(logging.WARNING, logger="services.watches"):
+                    deadline_s = time.monotonic() + BOUND_S
+                    while "works again" not in caplog.text and time.monotonic() < deadline_s:
+                        await asyncio.sleep(0.05)
+            finally:
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
+        failed = [r for r in caplog.records if "reloading watches from the store failed" in r.getMessage()]
+        assert [r.levelno for r in failed][:2] == [logging.ERROR, logging.DEBUG], caplog.text
+        assert {r.levelno for r in failed[1:]} == {logging.DEBUG}
+        assert "works again" in caplog.text
 
     asyncio.run(run())
 
