@@ -28,6 +28,7 @@ from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.errors import ConfigError
 from mosaic_core.model.pixels import model_pixels
+from services.metadata.schema import DEFAULT_TIMEOUT_S
 from services.source_hosts import DEFAULT_BLOCKED_NETWORKS, parse_networks
 
 API_KEY_ENV = "MOSAIC_API_KEY"
@@ -65,6 +66,10 @@ class ServiceConfig(BaseModel):
     ray_dashboard: bool = False
     redis_url: str | None = None
     redis_namespace: str = "mosaic"
+    # Seconds each Redis client of the router and the workers waits to connect and for each reply. A Redis that stops
+    # answering (frozen, or cut off without a reset) then fails a call with UNAVAILABLE after about this long, and
+    # frees its thread, instead of holding it for the whole outage.
+    redis_timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0)
     workers: int = Field(1, ge=1, le=1024)
     worker_gpus: float = Field(0.0, ge=0)
     worker_cpus: float = Field(0.5, gt=0)

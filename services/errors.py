@@ -2,8 +2,9 @@
 
 - Typed errors (``mosaic_core.errors`` and the service errors below) name their code in ``grpc_code``.
 - A worker's error crosses Ray wrapped in ``RayTaskError``; it is unwrapped to the original first.
-- A restarting worker, or an unreachable Redis, is ``UNAVAILABLE``: retrying later may work. A worker Ray will not
-  restart again is ``FAILED_PRECONDITION`` (``WorkerGoneError``): only a restart of the server brings it back.
+- A restarting worker, or a Redis that cannot be reached or did not answer in time, is ``UNAVAILABLE``: retrying
+  later may work. A worker Ray will not restart again is ``FAILED_PRECONDITION`` (``WorkerGoneError``): only a
+  restart of the server brings it back.
 - Anything else is a bug: ``INTERNAL``, logged with its traceback and an incident id the client sees.
 
 ``RESOURCE_EXHAUSTED`` carries a retry hint twice: in the sentence, and as trailing metadata
@@ -113,13 +114,20 @@ def _is_unavailable(exc: BaseException) -> bool:
         from ray.exceptions import GetTimeoutError, RayActorError
     except ImportError:  # pragma: no cover
         return False
-    if isinstance(exc, RayActorError | GetTimeoutError):
-        return True
+    return isinstance(exc, RayActorError | GetTimeoutError)
+
+
+def _store_sentence(exc: BaseException) -> str | None:
+    """What a client is told of a Redis error that retrying later may cure; None for any other exception."""
     try:
         import redis.exceptions
     except ImportError:  # pragma: no cover
-        return False
-    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+        return None
+    if isinstance(exc, redis.exceptions.TimeoutError):  # frozen, or cut off: past the client's redis_timeout_s
+        return "The metadata store (Redis) did not answer in time; retry shortly."
+    if isinstance(exc, redis.exceptions.ConnectionError):
+        return "The metadata store (Redis) cannot be reached; retry shortly."
+    return None
 
 
 MAX_MESSAGE_BYTES = 6000  # percent-encoded: under gRPC's 8-KiB soft limit on a status message (16 KiB is refused)
@@ -157,6 +165,9 @@ def status_for(exc: BaseException) -> Status:
     if isinstance(exc, TimeoutError):  # a worker's engine thread or a call to it busy past its wait: retry
         log.warning("timed out: %s", exc)
         return Status(grpc.StatusCode.UNAVAILABLE, f"A worker did not answer in time ({exc}); retry shortly.")
+    if (sentence := _store_sentence(exc)) is not None:
+        log.warning("metadata store unavailable: %s: %s", type(exc).__name__, exc)
+        return Status(grpc.StatusCode.UNAVAILABLE, sentence)
     if _is_unavailable(exc):
         log.warning("backend unavailable: %s", exc)
         return Status(

@@ -223,7 +223,9 @@ class MosaicServer:
         cfg = self.config
         if cfg.redis_url:
             worker_store = None  # each worker connects to Redis itself
-            store = await asyncio.to_thread(connect_store, cfg.redis_url, namespace=cfg.redis_namespace)
+            store = await asyncio.to_thread(
+                connect_store, cfg.redis_url, namespace=cfg.redis_namespace, timeout_s=cfg.redis_timeout_s
+            )
         else:
             store = RayMetadataStore.start()
             self._store_actor, worker_store = store.actor, store  # pickles as the actor's name
@@ -235,7 +237,7 @@ class MosaicServer:
         await self.coordinator.start(cfg.worker_start_timeout_s)
         if cfg.redis_url:
             watch_store = await asyncio.to_thread(
-                RedisWatchStore.from_url, cfg.redis_url, namespace=cfg.redis_namespace
+                RedisWatchStore.from_url, cfg.redis_url, namespace=cfg.redis_namespace, timeout_s=cfg.redis_timeout_s
             )
         else:
             watch_store = InMemoryWatchStore()  # watches last as long as this router (docs/watches.md)

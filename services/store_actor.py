@@ -127,8 +127,9 @@ class RayMetadataStore(MetadataStore):
         return self._call("apply_retention", stream_id, now_s)
 
 
-def connect_store(redis_url: str, *, namespace: str) -> MetadataStore:
-    """The Redis store at ``redis_url`` (each process connects itself: a Redis client does not pickle)."""
+def connect_store(redis_url: str, *, namespace: str, timeout_s: float) -> MetadataStore:
+    """The Redis store at ``redis_url`` (each process connects itself: a Redis client does not pickle); a call
+    Redis does not answer within ``timeout_s`` raises ``redis.TimeoutError``."""
     from services.metadata.redis_store import RedisMetadataStore
 
-    return RedisMetadataStore.from_url(redis_url, namespace=namespace)
+    return RedisMetadataStore.from_url(redis_url, namespace=namespace, timeout_s=timeout_s)

@@ -76,7 +76,9 @@ class WorkerCore:
         # As ``mosaic serve``'s preflight does, which a router joined to a Ray cluster skips: it sees no worker folder.
         if config.data_dir and (problem := unserved_history_problem(config.data_dir, config.workers)):
             raise ConfigError(problem)
-        self.store = store if store is not None else connect_store(config.redis_url, namespace=config.redis_namespace)
+        if store is None:
+            store = connect_store(config.redis_url, namespace=config.redis_namespace, timeout_s=config.redis_timeout_s)
+        self.store = store
         self.engine = engine if engine is not None else build_engine(worker_id, config)
         self.telemetry = WorkerTelemetry(worker_id)
         self.queues = IngestQueues(config.ingest_queue_frames)

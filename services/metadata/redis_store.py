@@ -2,7 +2,8 @@
 
 The key schema, field encoding, time-index and retention design are documented in ``schema.py``.
 Redis errors (``redis.exceptions.ConnectionError``, ``TimeoutError``) propagate unchanged; the router maps
-them to UNAVAILABLE.
+them to UNAVAILABLE. Clients made by ``redis_client`` (both stores' ``from_url``) raise ``TimeoutError`` when
+Redis does not answer within their timeout, rather than holding the calling thread while it is frozen.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import redis
+from redis.backoff import NoBackoff
 from redis.client import Pipeline
+from redis.retry import Retry
 
 from mosaic_core.errors import ConfigError, UnknownStreamError
 from services.metadata.base import ClusterMeta, MetadataStore, StreamRecord, validate_id
 from services.metadata.schema import (
     APPLY_RETENTION_LUA,
     DEFAULT_NAMESPACE,
+    DEFAULT_TIMEOUT_S,
     DELETE_STREAM_LUA,
     MAX_SPAN_FIELD,
     MOVE_CLUSTER_LUA,
@@ -32,6 +36,26 @@ from services.metadata.schema import (
 T = TypeVar("T")
 _DELETE_CHUNK_KEYS = 1024  # keys per DEL command, so one huge stream does not make one huge command
 _WORKER = "{}"  # stands for a worker id in its streams set's key name (namespaces cannot hold braces)
+
+
+def redis_client(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> redis.Redis:
+    """A client (``decode_responses=True``) of ``redis://host:port/db`` (or ``rediss://``, ``unix://``) that waits
+    at most ``timeout_s`` to connect and for each reply, then raises ``redis.TimeoutError``: a Redis that stops
+    answering (frozen, or cut off without a reset) costs a call that long, not its thread for the outage.
+
+    One timeout fits every call because no command the stores send waits on the server (no BLPOP, XREAD or
+    SUBSCRIBE: WatchEvents subscribers poll with short reads). No retries: a write that timed out may still land
+    as Redis wakes, and a second try of the event script would issue a second event id.
+    """
+    if not timeout_s > 0:
+        raise ConfigError(f"a Redis timeout must be > 0 seconds, got {timeout_s}")
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 def _score(value: float) -> str:
@@ -65,10 +89,15 @@ class RedisMetadataStore(MetadataStore):
 
     @classmethod
     def from_url(
-        cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, clock: Callable[[], float] = time.time
+        cls,
+        url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        clock: Callable[[], float] = time.time,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> RedisMetadataStore:
-        """Connects to ``redis://host:port/db`` (or ``rediss://``, ``unix://``)."""
-        return cls(redis.Redis.from_url(url, decode_responses=True), namespace=namespace, clock=clock)
+        """Connects to ``redis://host:port/db`` (or ``rediss://``, ``unix://``) with ``redis_client``."""
+        return cls(redis_client(url, timeout_s=timeout_s), namespace=namespace, clock=clock)
 
     @property
     def keys(self) -> Keys:

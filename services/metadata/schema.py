@@ -64,6 +64,8 @@ from mosaic_core.errors import InvalidArgumentError
 from services.metadata.base import ClusterMeta, StreamRecord
 
 DEFAULT_NAMESPACE = "mosaic"
+# The default of ServiceConfig.redis_timeout_s: seconds a Redis client of the service waits to connect and per reply.
+DEFAULT_TIMEOUT_S = 5.0
 
 # The documented key templates, in the table's order; tests match every key in Redis against them.
 KEY_TEMPLATES = (

@@ -38,6 +38,7 @@ import threading
 from dataclasses import dataclass, field
 
 from mosaic_core.errors import MosaicError
+from services.metadata.schema import DEFAULT_TIMEOUT_S
 from services.watches_spec import ActiveHours, WatchRecord
 
 log = logging.getLogger(__name__)
@@ -254,10 +255,12 @@ class RedisWatchStore(WatchStore):
         self._raise_seq = client.register_script(RAISE_SEQ_LUA)
 
     @classmethod
-    def from_url(cls, url: str, *, namespace: str) -> RedisWatchStore:
-        import redis
+    def from_url(cls, url: str, *, namespace: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> RedisWatchStore:
+        """Connects with ``redis_store.redis_client``: a call to a Redis that stops answering raises
+        ``redis.TimeoutError`` after ``timeout_s``."""
+        from services.metadata.redis_store import redis_client
 
-        return cls(redis.Redis.from_url(url, decode_responses=True), namespace=namespace)
+        return cls(redis_client(url, timeout_s=timeout_s), namespace=namespace)
 
     def _key(self, watch_id: str, part: str = "") -> str:
         return f"{self._ns}:watch:{watch_id}" + (f":{part}" if part else "")

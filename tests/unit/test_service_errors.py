@@ -60,3 +60,19 @@ def test_every_typed_error_built_from_a_sentence_crosses_ray_whole():
     for cls in classes:
         exc = pickle.loads(pickle.dumps(cls("a sentence")))
         assert type(exc) is cls and str(exc) == "a sentence"
+
+
+@pytest.mark.parametrize(
+    ("error", "sentence"),
+    [
+        ("TimeoutError", "The metadata store (Redis) did not answer in time; retry shortly."),
+        ("ConnectionError", "The metadata store (Redis) cannot be reached; retry shortly."),
+    ],
+)
+def test_a_redis_that_does_not_answer_is_unavailable_with_a_sentence_also_from_a_worker(error, sentence):
+    """Redis's own text (host, port, socket) stays in the server log; a worker's, wrapped by Ray, says the same."""
+    exceptions = pytest.importorskip("redis.exceptions")
+    exc = getattr(exceptions, error)("Timeout reading from 10.0.0.7:6379")
+    for raised in (exc, _wrapped(exc)):
+        status = status_for(unwrap(raised))
+        assert (status.code, status.message) == (grpc.StatusCode.UNAVAILABLE, sentence)
