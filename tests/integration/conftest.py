@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +87,23 @@ def redis_client(redis_server: RedisServer) -> Iterator[object]:
     client = redis.Redis(host=redis_server.host, port=redis_server.port, decode_responses=True)
     yield client
     client.close()
+
+
+@pytest.fixture
+def frozen_redis(redis_client) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """``with frozen_redis():`` stops the session's redis-server (SIGSTOP, by its PID) for the block's length; it is
+    always woken again."""
+    pid = int(redis_client.info("server")["process_id"])
+
+    @contextlib.contextmanager
+    def frozen() -> Iterator[None]:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    return frozen
 
 
 @pytest.fixture

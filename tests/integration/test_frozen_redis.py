@@ -8,11 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -37,17 +34,6 @@ from services.watches_spec import FiredEvent, WatchRecord
 TIMEOUT_S = 0.5  # the stores' redis_timeout_s here
 BOUND_S = 4 * TIMEOUT_S  # a call may pay one connect and one reply timeout, plus scheduling on a busy machine
 CALL_DEADLINE_S = 8.0  # the client's: far past the bound, so a call that hangs is told from one that fails fast
-
-
-@contextlib.contextmanager
-def _frozen(redis_client) -> Iterator[None]:
-    """The session's redis-server stopped (SIGSTOP, by its PID) for the block's length; always woken again."""
-    pid = int(redis_client.info("server")["process_id"])
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 @contextlib.asynccontextmanager
@@ -99,11 +85,11 @@ CALLS = {
 
 @pytest.mark.parametrize("name", list(CALLS))
 def test_a_call_against_a_frozen_redis_is_unavailable_within_the_timeout_and_works_once_it_wakes(
-    name, redis_server, redis_client, redis_namespace
+    name, redis_server, frozen_redis, redis_namespace
 ):
     async def run():
         async with _router(redis_server, redis_namespace) as (stub, _):
-            with _frozen(redis_client):
+            with frozen_redis():
                 err, elapsed_s = await _failure(CALLS[name](stub))
             assert err.code() == grpc.StatusCode.UNAVAILABLE, f"{err.code().name} after {elapsed_s:.1f}s"
             assert err.details() == "The metadata store (Redis) did not answer in time; retry shortly."
@@ -136,11 +122,11 @@ def test_a_subscriber_waiting_longer_than_the_timeout_still_gets_the_next_event(
 
 
 def test_the_watch_reload_fails_fast_on_a_frozen_redis_and_reloads_once_it_wakes(
-    redis_server, redis_client, redis_namespace
+    redis_server, frozen_redis, redis_namespace
 ):
     async def run():
         async with _router(redis_server, redis_namespace) as (_, registry):
-            with _frozen(redis_client):
+            with frozen_redis():
                 started_s = time.monotonic()
                 with pytest.raises(redis.TimeoutError):
                     await asyncio.wait_for(registry._reload(), CALL_DEADLINE_S)
@@ -154,7 +140,7 @@ def test_the_watch_reload_fails_fast_on_a_frozen_redis_and_reloads_once_it_wakes
 
 
 def test_the_reload_loop_logs_a_frozen_redis_once_and_says_when_it_answers_again(
-    redis_server, redis_client, redis_namespace, monkeypatch, caplog
+    redis_server, frozen_redis, redis_namespace, monkeypatch, caplog
 ):
     monkeypatch.setattr(services.watches, "RELOAD_INTERVAL_S", 0.1)
 
@@ -162,7 +148,7 @@ def test_the_reload_loop_logs_a_frozen_redis_once_and_says_when_it_answers_again
         async with _router(redis_server, redis_namespace) as (_, registry):
             loop = asyncio.create_task(registry._reload_loop())
             try:
-                with caplog.at_level(logging.DEBUG, logger="services.watches"), _frozen(redis_client):
+                with caplog.at_level(logging.DEBUG, logger="services.watches"), frozen_redis():
                     await asyncio.sleep(4 * TIMEOUT_S)
                 with caplog.at_level(logging.WARNING, logger="services.watches"):
                     deadline_s = time.monotonic() + BOUND_S
@@ -181,7 +167,7 @@ def test_the_reload_loop_logs_a_frozen_redis_once_and_says_when_it_answers_again
 
 
 def test_a_workers_publisher_marks_a_frozen_store_down_and_publishes_once_it_wakes(
-    redis_server, redis_client, redis_namespace
+    redis_server, frozen_redis, redis_namespace
 ):
     """The worker's publisher thread writes to a store made as the worker makes it: frozen, each write fails after the
     timeout (mosaic_metadata_store_up goes to 0), and the worker's view is published once Redis answers again."""
@@ -191,7 +177,7 @@ def test_a_workers_publisher_marks_a_frozen_store_down_and_publishes_once_it_wak
     publisher = MetadataPublisher(store, "0", lambda: WorkerView(dict(streams), {}), resync_interval_s=3600).start()
     try:
         assert publisher.wait_idle(10)
-        with _frozen(redis_client):
+        with frozen_redis():
             streams["door"] = StreamRecord(stream_id="door", fps=1.0, worker_id="0")
             publisher.enqueue(PutStream(streams["door"]))
             deadline_s = time.monotonic() + BOUND_S
@@ -207,7 +193,7 @@ def test_a_workers_publisher_marks_a_frozen_store_down_and_publishes_once_it_wak
         store.close()
 
 
-def test_a_frozen_redis_frees_the_calling_thread_within_the_timeout(redis_server, redis_client, redis_namespace):
+def test_a_frozen_redis_frees_the_calling_thread_within_the_timeout(redis_server, frozen_redis, redis_namespace):
     """Each store call returns its thread (here a plain thread, in the router one of asyncio's default executor)."""
     store = RedisMetadataStore.from_url(redis_server.url, namespace=redis_namespace, timeout_s=TIMEOUT_S)
     errors: list[BaseException] = []
@@ -219,7 +205,7 @@ def test_a_frozen_redis_frees_the_calling_thread_within_the_timeout(redis_server
             errors.append(err)
 
     try:
-        with _frozen(redis_client):
+        with frozen_redis():
             threads = [threading.Thread(target=read, daemon=True) for _ in range(4)]
             for thread in threads:
                 thread.start()

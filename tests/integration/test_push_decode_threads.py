@@ -10,12 +10,8 @@ cannot be decoded is refused as INVALID_ARGUMENT before that).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -44,17 +40,6 @@ def _jpeg_frame(stream_id: str) -> pb.Frame:
     return pb.Frame(stream_id=stream_id, timestamp_s=1.0, encoded=encode_image(np.ascontiguousarray(rgb), "jpeg"))
 
 
-@contextlib.contextmanager
-def _frozen(client) -> Iterator[None]:
-    """The session's redis-server stopped (SIGSTOP, by its PID) for the block's length; always woken again."""
-    pid = int(client.info("server")["process_id"])
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
 async def _default_threads_held(loop: asyncio.AbstractEventLoop) -> None:
     """Returns once a no-op given to the default executor does not run within ``PROBE_S``: every thread is taken."""
     for _ in range(HELD_CHECKS):
@@ -65,7 +50,9 @@ async def _default_threads_held(loop: asyncio.AbstractEventLoop) -> None:
     raise AssertionError(f"the held store reads did not take the {DEFAULT_THREADS} default threads")
 
 
-def test_a_pushed_frame_is_decoded_while_a_hung_store_holds_every_default_thread(redis_client, redis_namespace):
+def test_a_pushed_frame_is_decoded_while_a_hung_store_holds_every_default_thread(
+    redis_client, frozen_redis, redis_namespace
+):
     async def run():
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(DEFAULT_THREADS))
@@ -85,7 +72,7 @@ def test_a_pushed_frame_is_decoded_while_a_hung_store_holds_every_default_thread
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = mosaic_pb2_grpc.MosaicStub(channel)
-                with _frozen(redis_client):
+                with frozen_redis():
                     listings = [asyncio.ensure_future(stub.ListWatches(pb.ListWatchesRequest(), timeout=60))
                                 for _ in range(DEFAULT_THREADS)]  # fmt: skip
                     await _default_threads_held(loop)

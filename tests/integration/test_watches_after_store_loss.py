@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import redis
 
@@ -102,23 +100,12 @@ def test_an_event_fired_before_the_loss_is_noticed_is_stored_not_dropped(redis_c
     asyncio.run(run())
 
 
-@contextlib.contextmanager
-def _frozen(client) -> Iterator[None]:
-    """The session's redis-server stopped (SIGSTOP, by its PID) for the block's length; always woken again."""
-    pid = int(client.info("server")["process_id"])
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
 def _dropped(registry: WatchRegistry, reason: str) -> float:
     [family] = registry.metrics.events_dropped_total.collect()
     return sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels["reason"] == reason)
 
 
-def test_events_the_store_cannot_take_are_counted_lost_and_later_ones_stored(redis_server, redis_client,
+def test_events_the_store_cannot_take_are_counted_lost_and_later_ones_stored(redis_server, frozen_redis,
                                                                            redis_namespace):  # fmt: skip
     """A worker hands its events over as the router takes them: those a frozen Redis does not confirm are not sent
     on (a write it had received may still land as it wakes), and mosaic_watch_events_dropped_total must say so (the
@@ -130,7 +117,7 @@ def test_events_the_store_cannot_take_are_counted_lost_and_later_ones_stored(red
                              socket_timeout=0.5)  # fmt: skip
         store = RedisWatchStore(client, namespace=redis_namespace)
         async with _watching_the_gate(store) as registry:
-            with _frozen(redis_client):
+            with frozen_redis():
                 await registry._absorb(WatchReport(events=[_fired("gate", 2.0), _fired("gate", 3.0)]))
             assert _dropped(registry, "store_failed") == 2
             await registry._absorb(WatchReport(events=[_fired("gate", 4.0)]))
