@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 
 import torch
 
 from mosaic_core.bookkeeping.formation import ClusterFormer
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.durable.loading import StoredStream
+from mosaic_core.durable.progress import RestoreProgress, size_text
 from mosaic_core.durable.retired import FROM_ZERO, StreamNumbers
+from mosaic_core.durable.store import DurableStats
 from mosaic_core.engine import window_store
 from mosaic_core.engine.history import RestoredStream
 from mosaic_core.engine.keyframe_store import held_keyframes, store_for
@@ -69,29 +73,45 @@ class StreamLifecycleMixin:
         Frames of the lost local window and open cluster are gone; the stream clock, frame count and cluster
         ids continue after the last recorded ones. Records past ``config.history_budget_bytes`` then go, the oldest
         first, whichever stream holds them. Returns nothing without a data directory.
+
+        It logs how far it has come while it runs (``RestoreProgress``), and at the end what came back, what did
+        not and how long it took.
         """
         if self.history is None:
             return []
+        started_s = time.monotonic()
+        before = self.history.store.snapshot_stats()
+        loaded = self.history.store.load_streams()
+        progress = RestoreProgress("reopening streams", len(loaded))
         restored = []
-        for stored in self.history.store.load_streams():
-            stream = stored.stream
-            try:
-                state = self._open_state(stored.stream_id, float(stream["fps"]), stream.get("system_prompt"))
-            except (BudgetError, torch.OutOfMemoryError) as err:  # no room now: its history waits on disk
-                log.error("stream %s is not restored, its history is kept for a start with more room: %s",
-                          stored.stream_id, err)  # fmt: skip
-                self.history.store.leave(stored.stream_id, "no_room")
-                continue
-            try:
-                restored.append(self.history.adopt(state, stored))
-            except Exception as err:  # what the store's checks did not foresee: this stream only, kept for a person
-                log.exception("stream %s could not be adopted", stored.stream_id)
-                self._forget_stream(state)
-                self.history.store.set_aside(stored.stream_id, f"adopting it failed: {type(err).__name__}: {err}")
+        for stored in loaded:
+            if (stream := self._restore_stream(stored)) is not None:
+                restored.append(stream)
+            progress.step(num_records=len(stored.clusters), num_bytes=stored.num_bytes)
         dropped = self._keep_history_budget()  # once every stream is back: the oldest go, whichever stream holds them
         for stream in restored:
             stream.num_clusters -= len(dropped.get(stream.stream_id, ()))
+        after = self.history.store.snapshot_stats()
+        _log_restored(restored, self.history.ledger.total_bytes, before, after, time.monotonic() - started_s)
         return restored
+
+    def _restore_stream(self, stored: StoredStream) -> RestoredStream | None:
+        """One stream of ``restore_streams``: reopened with its history, or left on disk (no room), or set aside."""
+        stream = stored.stream
+        try:
+            state = self._open_state(stored.stream_id, float(stream["fps"]), stream.get("system_prompt"))
+        except (BudgetError, torch.OutOfMemoryError) as err:  # no room now: its history waits on disk
+            log.error("stream %s is not restored, its history is kept for a start with more room: %s",
+                      stored.stream_id, err)  # fmt: skip
+            self.history.store.leave(stored.stream_id, "no_room")
+            return None
+        try:
+            return self.history.adopt(state, stored)
+        except Exception as err:  # what the store's checks did not foresee: this stream only, kept for a person
+            log.exception("stream %s could not be adopted", stored.stream_id)
+            self._forget_stream(state)
+            self.history.store.set_aside(stored.stream_id, f"adopting it failed: {type(err).__name__}: {err}")
+            return None
 
     def checkpoint(self) -> None:
         """Seals every open cluster, moves every local window into its clusters and waits until all of it is
@@ -274,3 +294,23 @@ class StreamLifecycleMixin:
         if state is None:
             raise UnknownStreamError(f"no stream {stream_id!r} is open on this engine")
         return state
+
+
+def _log_restored(
+    restored: list[RestoredStream], num_bytes: int, before: DurableStats, after: DurableStats, elapsed_s: float
+) -> None:
+    """The restore's summary: what came back, what did not (each logged before, with where to look), how long."""
+    left = {r: n - before.streams_left.get(r, 0) for r, n in after.streams_left.items()}
+    left_text = ", ".join(f"{reason}: {n}" for reason, n in sorted(left.items()) if n)
+    log.info(
+        "restored %s with %d sealed clusters (%s of records) in %.1f s; %s left on disk unserved%s, %s and %s set "
+        "aside under .unreadable",
+        _count(len(restored), "stream"), sum(r.num_clusters for r in restored), size_text(num_bytes), elapsed_s,
+        _count(sum(left.values()), "stream"), f" ({left_text})" if left_text else "",
+        _count(after.streams_set_aside - before.streams_set_aside, "stream"),
+        _count(after.clusters_set_aside - before.clusters_set_aside, "cluster record"),
+    )  # fmt: skip
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
