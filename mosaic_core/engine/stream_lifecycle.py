@@ -11,6 +11,7 @@ import torch
 from mosaic_core.bookkeeping.formation import ClusterFormer
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.durable import progress
 from mosaic_core.durable.loading import StoredStream
 from mosaic_core.durable.progress import RestoreProgress, size_text
 from mosaic_core.durable.retired import FROM_ZERO, StreamNumbers
@@ -115,7 +116,8 @@ class StreamLifecycleMixin:
 
     def checkpoint(self) -> None:
         """Seals every open cluster, moves every local window into its clusters and waits until all of it is
-        durable: a graceful shutdown loses nothing. Frames after this start new clusters.
+        durable: a graceful shutdown loses nothing. Frames after this start new clusters. The wait is logged: what
+        it waits for, every ``PROGRESS_INTERVAL_S`` while it lasts, and how long it took.
 
         Raises:
             CapacityError: some windows' frames found no room in any tier, or their placement failed (a disk that
@@ -129,17 +131,35 @@ class StreamLifecycleMixin:
             if (keyframes := held_keyframes(state)) is not None:
                 keyframes.seal()  # else its picker stays on the sealed cluster, past a retention drop or a merge
             held_back |= window_store.flush_window(self.parts, state)
-        if self.history is not None and not self.history.store.flush(CHECKPOINT_WAIT_S):
-            last_error = self.history.store.snapshot_stats().last_error or "none recorded"
-            raise StateError(
-                f"the checkpoint's history is not all on disk after {CHECKPOINT_WAIT_S:g} s (the store's last error: "
-                f"{last_error})"
-            )
+        if self.history is not None:
+            self._wait_durable()
         if held_back:
             raise CapacityError(
                 f"the checkpoint left frames in the local windows of streams {sorted(held_back)}, not durable: they "
                 f"could not be stored ({window_store.why_held_back(next(iter(held_back.values())))})"
             )
+
+    def _wait_durable(self) -> None:
+        """The checkpoint's wait for the durable store, which logs what it waits for: at the start, every
+        ``PROGRESS_INTERVAL_S`` while it lasts (with the store's last error: a full or stalled disk shows there), and
+        how long it took."""
+        store, started_s = self.history.store, time.monotonic()
+        stats = store.snapshot_stats()
+        log.info("checkpoint: waiting up to %g s for the durable store to write %s (%s of snapshots not yet in "
+                 "their files) and the streams' states", CHECKPOINT_WAIT_S, _count(stats.pending_clusters, "cluster"),
+                 size_text(stats.pending_bytes))  # fmt: skip
+        while not store.flush(min(progress.PROGRESS_INTERVAL_S, started_s + CHECKPOINT_WAIT_S - time.monotonic())):
+            stats = store.snapshot_stats()
+            if time.monotonic() - started_s >= CHECKPOINT_WAIT_S:
+                raise StateError(
+                    f"the checkpoint's history is not all on disk after {CHECKPOINT_WAIT_S:g} s (the store's last "
+                    f"error: {stats.last_error or 'none recorded'})"
+                )
+            log.warning("checkpoint: still waiting after %.1f s for the durable store (%s not yet journalled, %s of "
+                        "snapshots not yet in their files, or the streams' states); its last error: %s",
+                        time.monotonic() - started_s, _count(stats.pending_clusters, "cluster"),
+                        size_text(stats.pending_bytes), stats.last_error or "none")  # fmt: skip
+        log.info("checkpoint: every stream's history is on disk after %.1f s", time.monotonic() - started_s)
 
     def save_stream_state(self, stream_id: str, **fields) -> None:
         """Keeps caller fields (JSON values) with the stream's durable state; ``restore_streams`` returns them.
