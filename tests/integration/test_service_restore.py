@@ -239,6 +239,9 @@ def test_a_stored_record_the_worker_no_longer_accepts_is_kept_on_disk_and_shown_
                 for reason in ("no_room", "record_refused")
             }
             assert unserved == {"no_room": 0, "record_refused": 1}
+            restored = metrics.registry.get_sample_value("mosaic_durable_restored_streams", {"worker": "0"})
+            restore_s = metrics.registry.get_sample_value("mosaic_durable_restore_seconds", {"worker": "0"})
+            assert restored == 1 and 0 < restore_s < 60
     finally:
         second.shutdown()
 
