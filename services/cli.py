@@ -58,6 +58,9 @@ _SERVE_FLAGS = (
     ("--console-port", int, "port of the operator console web page (default 8080; 0 picks a free one)"),
 )
 log = logging.getLogger("mosaic.serve")
+# Between two "still starting" lines of ``mosaic serve``: a start that restores much history takes minutes, and the
+# workers' own lines (the restore's progress) stay in Ray's session logs unless they are shown here.
+STARTING_NOTE_S = 30.0
 
 
 def add_service_commands(subparsers) -> None:
@@ -171,10 +174,39 @@ def run_serve(args) -> int:
         config.workers,
         config.model,
     )
+
+    async def serve_saying_while_starting() -> int:
+        starting = asyncio.create_task(say_while_starting(config, workers_log_here=to_driver))
+
+        def on_ready(server) -> None:
+            starting.cancel()
+            ready(server)
+
+        try:
+            return await serve(config, on_ready=on_ready)
+        finally:
+            starting.cancel()
+
     try:
-        return asyncio.run(serve(config, on_ready=ready))
+        return asyncio.run(serve_saying_while_starting())
     finally:
         ray.shutdown()
+
+
+async def say_while_starting(config, *, workers_log_here: bool) -> None:
+    """Logs every ``STARTING_NOTE_S`` that the workers are still starting, and how long they may take, until
+    cancelled (once the server serves, or stops)."""
+    import asyncio
+
+    started = time.monotonic()
+    where = "their lines here" if workers_log_here else "their lines in Ray's session logs (named above)"
+    while True:
+        await asyncio.sleep(STARTING_NOTE_S)
+        log.info(
+            "still starting after %.0fs: %d worker(s) build their engines and restore their streams from the data "
+            "directory, for up to worker_start_timeout_s=%gs; %s show the restore's progress",
+            time.monotonic() - started, config.workers, config.worker_start_timeout_s, where,
+        )  # fmt: skip
 
 
 def start_ray(config, *, debug: bool, log_to_driver: bool, show_flag: str = "--log-level DEBUG") -> str:

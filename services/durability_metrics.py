@@ -80,6 +80,21 @@ class DurabilityMetrics:
             ["worker", "reason"],
             registry=r,
         )
+        self.durable_restore_seconds = Gauge(
+            "mosaic_durable_restore_seconds",
+            "How long the worker process's start took to restore its streams from its data folder (reading them, "
+            "reopening them, starting their sources), which worker_start_timeout_s must allow for on top of loading "
+            "the model. The worker's log shows a restore's progress while it runs.",
+            ["worker"],
+            registry=r,
+        )
+        self.durable_restored_streams = Gauge(
+            "mosaic_durable_restored_streams",
+            "Streams the worker process restored from its data folder at its start (that start's count: a stream "
+            "deleted since still counts).",
+            ["worker"],
+            registry=r,
+        )
         self.durable_writers = Gauge(
             "mosaic_durable_writers",
             "Threads that write cluster records; mosaic_durable_write_seconds_total near this many a second means "
@@ -128,6 +143,8 @@ class DurabilityMetrics:
         self.durable_write_seconds_total.labels(label).inc(non_negative("write seconds", health.write_s))
         self.durable_ingest_wait_seconds_total.labels(label).inc(non_negative("ingest wait", health.ingest_wait_s))
         self.durable_writers.labels(label).set(non_negative("writers", health.writers))
+        self.durable_restore_seconds.labels(label).set(non_negative("restore seconds", health.restore_s))
+        self.durable_restored_streams.labels(label).set(non_negative("restored streams", health.streams_restored))
         self.durable_history_bytes.labels(label).set(non_negative("history bytes", health.history_bytes))
         self.durable_history_budget_bytes.labels(label).set(non_negative("history budget", health.history_budget_bytes))
         self.durable_clusters_dropped_for_space_total.labels(label).inc(
@@ -148,7 +165,7 @@ class DurabilityMetrics:
             self.durable_clusters_written_total, self.durable_write_errors_total, self.durable_bytes_written_total,
             self.durable_write_seconds_total, self.durable_ingest_wait_seconds_total, self.durable_writers,
             self.durable_history_bytes, self.durable_history_budget_bytes,
-            self.durable_clusters_dropped_for_space_total,
+            self.durable_clusters_dropped_for_space_total, self.durable_restore_seconds, self.durable_restored_streams,
         ):  # fmt: skip
             metric.labels(worker)
         for what in ("stream", "cluster"):
@@ -162,7 +179,7 @@ class DurabilityMetrics:
         for metric in (
             self.worker_pid, self.metadata_store_up, self.metadata_queue_depth, self.durable_pending_clusters,
             self.durable_oldest_pending_seconds, self.durable_writers, self.durable_history_bytes,
-            self.durable_history_budget_bytes,
+            self.durable_history_budget_bytes, self.durable_restore_seconds, self.durable_restored_streams,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):  # a series never set
                 metric.remove(label)

@@ -63,6 +63,8 @@ class DurabilityHealth:
     clusters_set_aside: int = 0  # records whose summary a restart could not read, moved there
     # streams found at the start and left on disk under their ids, not served, by reason (a gauge: UNSERVED_REASONS)
     streams_unserved: dict[str, int] = field(default_factory=dict)
+    restore_s: float = 0.0  # how long this worker process's start took to restore its streams (a gauge)
+    streams_restored: int = 0  # the streams it restored then (a gauge)
 
     def increments_since(self, seen: DurabilityHealth) -> DurabilityHealth:
         """The same gauges, with each counter replaced by its growth since ``seen``."""
@@ -73,9 +75,18 @@ class DurabilityHealth:
         return dataclasses.replace(self, **{c: getattr(self, c) - getattr(seen, c) for c in counters})
 
 
-def durability_health(pid: int, published, durable, history=None, history_budget_bytes: int = 0) -> DurabilityHealth:
+def durability_health(
+    pid: int,
+    published,
+    durable,
+    history=None,
+    history_budget_bytes: int = 0,
+    *,
+    restore_s: float = 0.0,
+    streams_restored: int = 0,
+) -> DurabilityHealth:
     """A worker's totals from its ``PublisherStats``, ``DurableStats`` and ``HistoryKeeper`` (None without a data
-    directory)."""
+    directory), and what its start restored, in how long."""
     return DurabilityHealth(
         pid=pid,
         store_up=published.store_up,
@@ -96,6 +107,8 @@ def durability_health(pid: int, published, durable, history=None, history_budget
         streams_set_aside=durable.streams_set_aside if durable else 0,
         clusters_set_aside=durable.clusters_set_aside if durable else 0,
         streams_unserved=dict(durable.streams_left) if durable else {},
+        restore_s=restore_s,
+        streams_restored=streams_restored,
     )
 
 

@@ -128,7 +128,9 @@ class WorkerCore:
             since_chance=self.loop.questions.seconds_since_chance,
             chance_kind=self.loop.questions.last_chance_kind,
         )
+        restore_started_s = time.monotonic()
         self.restored_streams = self.streams.restore()
+        self.restore_s = time.monotonic() - restore_started_s
         self.publisher.start()
 
     def _new_loop(self) -> EngineLoop:
@@ -380,7 +382,13 @@ class WorkerCore:
         history = self.engine.history
         durable = None if history is None else history.store.snapshot_stats()
         now = durability_health(
-            os.getpid(), self.publisher.snapshot_stats(), durable, history, self.engine.config.history_budget_bytes
+            os.getpid(),
+            self.publisher.snapshot_stats(),
+            durable,
+            history,
+            self.engine.config.history_budget_bytes,
+            restore_s=self.restore_s,
+            streams_restored=len(self.restored_streams),
         )
         seen, self._health_seen = self._health_seen, now
         return now.increments_since(seen)

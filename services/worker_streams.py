@@ -82,8 +82,10 @@ class WorkerStreams:
         self._offer = offer
 
     def restore(self) -> list[str]:
-        """Re-opens the streams of this worker's data directory, with their history and counters."""
-        restored = []
+        """Re-opens the streams of this worker's data directory, with their history and counters; logs what it
+        serves, and how long the restore took, at the end."""
+        started_s = time.monotonic()
+        restored, refused, not_pulled = [], 0, 0
         for stream in self.loop.call(self.engine.restore_streams, timeout_s=None):
             try:
                 record = StreamRecord(**{**stream.meta, "worker_id": self.worker_id})
@@ -92,6 +94,7 @@ class WorkerStreams:
                           stream.stream_id, err)  # fmt: skip
                 self.loop.call(self.engine.close_stream, stream.stream_id, forget_history=False)
                 self.engine.history.store.leave(stream.stream_id, "record_refused")  # counted: its folder holds its id
+                refused += 1
                 continue
             totals = StreamTotals(**(stream.state.get("counters") or {}))
             # Saved at each telemetry drain, while the engine's count comes from its journal: after a crash it may
@@ -119,9 +122,14 @@ class WorkerStreams:
                     session.source = SourceReader.never_started(
                         record.source_url, SourceState.ERROR, fps=record.fps, sink=_no_frames, error=reason
                     )
+                    not_pulled += 1
             restored.append(record.stream_id)
             log.info("worker %s restored stream %s with %d sealed clusters", self.worker_id, record.stream_id,
                      stream.num_clusters)  # fmt: skip
+        log.info("worker %s restored %d %s in %.1f s and serves them, %d of them not pulled (their sources are no "
+                 "longer opened here); streams kept on disk, unserved, as this release refuses their stored records: "
+                 "%d", self.worker_id, len(restored), "stream" if len(restored) == 1 else "streams",
+                 time.monotonic() - started_s, not_pulled, refused)  # fmt: skip
         return restored
 
     def open_stream(self, record: StreamRecord) -> None:

@@ -31,6 +31,7 @@ from mosaic_core.durable.manifest import (
     read_state,
     replay,
 )
+from mosaic_core.durable.progress import RestoreProgress
 from mosaic_core.durable.records import ClusterSummary
 from mosaic_core.durable.retired import numbers_given_out
 
@@ -56,6 +57,11 @@ class StoredStream:
     next_frame_index: int = 0  # frame indices below it may have been used (0: a journal from before they were kept)
     summaries: dict[str, ClusterSummary] = field(default_factory=dict)  # by cluster id, each of ``clusters``
 
+    @property
+    def num_bytes(self) -> int:
+        """The bytes of its clusters' records: their KV and keyframes."""
+        return sum(e.num_bytes + sum(k["num_bytes"] for k in e.keyframes) for e in self.clusters)
+
 
 class StreamLoadingMixin:
     """The restart half of ``DurableStore`` (module doc); the store's ``__init__`` sets up what it uses."""
@@ -70,15 +76,23 @@ class StreamLoadingMixin:
         for unfinished in self.root.glob(f"{NEW_PREFIX}*"):  # a create a crash cut short: never acknowledged
             shutil.rmtree(unfinished, ignore_errors=True)
         found = []
-        for stream_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        stream_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        progress = RestoreProgress("reading streams", len(stream_dirs))
+        for stream_dir in stream_dirs:
+            stored = None
             try:
-                found.append(self._load_stream(stream_dir))
+                stored = self._load_stream(stream_dir)
             except OSError as err:  # the disk, not the history: tried again at the next start
                 log.error("stream %s is not restored: reading %s failed (%s); it is left as it is, and the next "
                           "start tries again", stream_dir.name, stream_dir, err)  # fmt: skip
                 self._count_left("read_failed")
             except Exception as err:  # anything this version cannot restore: that stream only
                 self._set_aside(stream_dir, f"{type(err).__name__}: {err}")
+            if stored is not None:
+                found.append(stored)
+                progress.step(num_records=len(stored.clusters), num_bytes=stored.num_bytes)
+            else:
+                progress.step()
         return found
 
     def _load_stream(self, stream_dir: Path) -> StoredStream:

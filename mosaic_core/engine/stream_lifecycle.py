@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 
 import torch
 
 from mosaic_core.bookkeeping.formation import ClusterFormer
 from mosaic_core.bookkeeping.pages import pages_for
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.durable import progress
+from mosaic_core.durable.loading import StoredStream
+from mosaic_core.durable.progress import RestoreProgress, size_text
 from mosaic_core.durable.retired import FROM_ZERO, StreamNumbers
+from mosaic_core.durable.store import DurableStats
 from mosaic_core.engine import window_store
 from mosaic_core.engine.history import RestoredStream
 from mosaic_core.engine.keyframe_store import held_keyframes, store_for
@@ -69,33 +74,50 @@ class StreamLifecycleMixin:
         Frames of the lost local window and open cluster are gone; the stream clock, frame count and cluster
         ids continue after the last recorded ones. Records past ``config.history_budget_bytes`` then go, the oldest
         first, whichever stream holds them. Returns nothing without a data directory.
+
+        It logs how far it has come while it runs (``RestoreProgress``), and at the end what came back, what did
+        not and how long it took.
         """
         if self.history is None:
             return []
+        started_s = time.monotonic()
+        before = self.history.store.snapshot_stats()
+        loaded = self.history.store.load_streams()
+        progress = RestoreProgress("reopening streams", len(loaded))
         restored = []
-        for stored in self.history.store.load_streams():
-            stream = stored.stream
-            try:
-                state = self._open_state(stored.stream_id, float(stream["fps"]), stream.get("system_prompt"))
-            except (BudgetError, torch.OutOfMemoryError) as err:  # no room now: its history waits on disk
-                log.error("stream %s is not restored, its history is kept for a start with more room: %s",
-                          stored.stream_id, err)  # fmt: skip
-                self.history.store.leave(stored.stream_id, "no_room")
-                continue
-            try:
-                restored.append(self.history.adopt(state, stored))
-            except Exception as err:  # what the store's checks did not foresee: this stream only, kept for a person
-                log.exception("stream %s could not be adopted", stored.stream_id)
-                self._forget_stream(state)
-                self.history.store.set_aside(stored.stream_id, f"adopting it failed: {type(err).__name__}: {err}")
+        for stored in loaded:
+            if (stream := self._restore_stream(stored)) is not None:
+                restored.append(stream)
+            progress.step(num_records=len(stored.clusters), num_bytes=stored.num_bytes)
         dropped = self._keep_history_budget()  # once every stream is back: the oldest go, whichever stream holds them
         for stream in restored:
             stream.num_clusters -= len(dropped.get(stream.stream_id, ()))
+        after = self.history.store.snapshot_stats()
+        _log_restored(restored, self.history.ledger.total_bytes, before, after, time.monotonic() - started_s)
         return restored
+
+    def _restore_stream(self, stored: StoredStream) -> RestoredStream | None:
+        """One stream of ``restore_streams``: reopened with its history, or left on disk (no room), or set aside."""
+        stream = stored.stream
+        try:
+            state = self._open_state(stored.stream_id, float(stream["fps"]), stream.get("system_prompt"))
+        except (BudgetError, torch.OutOfMemoryError) as err:  # no room now: its history waits on disk
+            log.error("stream %s is not restored, its history is kept for a start with more room: %s",
+                      stored.stream_id, err)  # fmt: skip
+            self.history.store.leave(stored.stream_id, "no_room")
+            return None
+        try:
+            return self.history.adopt(state, stored)
+        except Exception as err:  # what the store's checks did not foresee: this stream only, kept for a person
+            log.exception("stream %s could not be adopted", stored.stream_id)
+            self._forget_stream(state)
+            self.history.store.set_aside(stored.stream_id, f"adopting it failed: {type(err).__name__}: {err}")
+            return None
 
     def checkpoint(self) -> None:
         """Seals every open cluster, moves every local window into its clusters and waits until all of it is
-        durable: a graceful shutdown loses nothing. Frames after this start new clusters.
+        durable: a graceful shutdown loses nothing. Frames after this start new clusters. The wait is logged: what
+        it waits for, every ``PROGRESS_INTERVAL_S`` while it lasts, and how long it took.
 
         Raises:
             CapacityError: some windows' frames found no room in any tier, or their placement failed (a disk that
@@ -109,17 +131,35 @@ class StreamLifecycleMixin:
             if (keyframes := held_keyframes(state)) is not None:
                 keyframes.seal()  # else its picker stays on the sealed cluster, past a retention drop or a merge
             held_back |= window_store.flush_window(self.parts, state)
-        if self.history is not None and not self.history.store.flush(CHECKPOINT_WAIT_S):
-            last_error = self.history.store.snapshot_stats().last_error or "none recorded"
-            raise StateError(
-                f"the checkpoint's history is not all on disk after {CHECKPOINT_WAIT_S:g} s (the store's last error: "
-                f"{last_error})"
-            )
+        if self.history is not None:
+            self._wait_durable()
         if held_back:
             raise CapacityError(
                 f"the checkpoint left frames in the local windows of streams {sorted(held_back)}, not durable: they "
                 f"could not be stored ({window_store.why_held_back(next(iter(held_back.values())))})"
             )
+
+    def _wait_durable(self) -> None:
+        """The checkpoint's wait for the durable store, which logs what it waits for: at the start, every
+        ``PROGRESS_INTERVAL_S`` while it lasts (with the store's last error: a full or stalled disk shows there), and
+        how long it took."""
+        store, started_s = self.history.store, time.monotonic()
+        stats = store.snapshot_stats()
+        log.info("checkpoint: waiting up to %g s for the durable store to write %s (%s of snapshots not yet in "
+                 "their files) and the streams' states", CHECKPOINT_WAIT_S, _count(stats.pending_clusters, "cluster"),
+                 size_text(stats.pending_bytes))  # fmt: skip
+        while not store.flush(min(progress.PROGRESS_INTERVAL_S, started_s + CHECKPOINT_WAIT_S - time.monotonic())):
+            stats = store.snapshot_stats()
+            if time.monotonic() - started_s >= CHECKPOINT_WAIT_S:
+                raise StateError(
+                    f"the checkpoint's history is not all on disk after {CHECKPOINT_WAIT_S:g} s (the store's last "
+                    f"error: {stats.last_error or 'none recorded'})"
+                )
+            log.warning("checkpoint: still waiting after %.1f s for the durable store (%s not yet journalled, %s of "
+                        "snapshots not yet in their files, or the streams' states); its last error: %s",
+                        time.monotonic() - started_s, _count(stats.pending_clusters, "cluster"),
+                        size_text(stats.pending_bytes), stats.last_error or "none")  # fmt: skip
+        log.info("checkpoint: every stream's history is on disk after %.1f s", time.monotonic() - started_s)
 
     def save_stream_state(self, stream_id: str, **fields) -> None:
         """Keeps caller fields (JSON values) with the stream's durable state; ``restore_streams`` returns them.
@@ -274,3 +314,23 @@ class StreamLifecycleMixin:
         if state is None:
             raise UnknownStreamError(f"no stream {stream_id!r} is open on this engine")
         return state
+
+
+def _log_restored(
+    restored: list[RestoredStream], num_bytes: int, before: DurableStats, after: DurableStats, elapsed_s: float
+) -> None:
+    """The restore's summary: what came back, what did not (each logged before, with where to look), how long."""
+    left = {r: n - before.streams_left.get(r, 0) for r, n in after.streams_left.items()}
+    left_text = ", ".join(f"{reason}: {n}" for reason, n in sorted(left.items()) if n)
+    log.info(
+        "restored %s with %d sealed clusters (%s of records) in %.1f s; %s left on disk unserved%s, %s and %s set "
+        "aside under .unreadable",
+        _count(len(restored), "stream"), sum(r.num_clusters for r in restored), size_text(num_bytes), elapsed_s,
+        _count(sum(left.values()), "stream"), f" ({left_text})" if left_text else "",
+        _count(after.streams_set_aside - before.streams_set_aside, "stream"),
+        _count(after.clusters_set_aside - before.clusters_set_aside, "cluster record"),
+    )  # fmt: skip
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

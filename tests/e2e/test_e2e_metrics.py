@@ -31,6 +31,8 @@ SPEC = {
     "mosaic_durable_clusters_dropped_for_space": "counter",
     "mosaic_durable_set_aside": "counter",
     "mosaic_durable_unserved_streams": "gauge",
+    "mosaic_durable_restore_seconds": "gauge",
+    "mosaic_durable_restored_streams": "gauge",
     "mosaic_query_queue_depth": "gauge",
     "mosaic_queries": "counter",
     "mosaic_time_to_first_token_seconds": "histogram",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -415,4 +417,45 @@ def test_a_checkpoint_whose_history_is_not_on_disk_says_so(tiny_model, bikes_fra
     finally:
         monkeypatch.setattr(write_behind_module, "write_atomic", real_write_atomic)
         assert engine.history.store.flush(WAIT_S)  # room again: everything lands
+        engine.close()
+
+
+def test_a_checkpoint_logs_what_it_waits_for_while_it_waits(tiny_model, bikes_frames, tmp_path, monkeypatch, caplog):
+    """A graceful stop whose disk is full: before the checkpoint gives up, its log says what it waits for and the
+    store's last error, every progress interval, where it was silent for up to a minute."""
+    import mosaic_core.engine.stream_lifecycle as stream_lifecycle_module
+    from mosaic_core.durable import progress
+    from mosaic_core.errors import StateError
+    from tests.engine.engine_helpers import feed, make_engine
+
+    monkeypatch.setattr(write_behind_module, "RETRY_S", (0.01,))
+    monkeypatch.setattr(stream_lifecycle_module, "CHECKPOINT_WAIT_S", 0.5)
+    monkeypatch.setattr(progress, "PROGRESS_INTERVAL_S", 0.1)
+    real_write_atomic = write_behind_module.write_atomic
+
+    def disk_full(path, data):
+        if path.suffix == RECORD_SUFFIX:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_atomic(path, data)
+
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    engine.open_stream("cam", fps=2.0)
+    feed(engine, "cam", bikes_frames[:12])
+    monkeypatch.setattr(write_behind_module, "write_atomic", disk_full)
+    try:
+        with caplog.at_level(logging.INFO, logger="mosaic_core.engine.stream_lifecycle"), pytest.raises(StateError):
+            engine.checkpoint()
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint: ")]
+        assert re.match(r"checkpoint: waiting up to 0\.5 s for the durable store to write \d+ clusters? ", lines[0])
+        still = [line for line in lines if line.startswith("checkpoint: still waiting after ")]
+        assert 1 <= len(still) <= 5 and all("No space left on device" in line for line in still)
+        assert not any("is on disk" in line for line in lines)
+        caplog.clear()
+        monkeypatch.setattr(write_behind_module, "write_atomic", real_write_atomic)  # room again
+        monkeypatch.setattr(stream_lifecycle_module, "CHECKPOINT_WAIT_S", WAIT_S)
+        with caplog.at_level(logging.INFO, logger="mosaic_core.engine.stream_lifecycle"):
+            engine.checkpoint()
+        assert re.search(r"checkpoint: every stream's history is on disk after [\d.]+ s", caplog.text)
+    finally:
+        monkeypatch.setattr(write_behind_module, "write_atomic", real_write_atomic)
         engine.close()

@@ -3,7 +3,9 @@ nothing after its checkpoint, and a full device budget at CreateStream is RESOUR
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -174,7 +176,7 @@ def test_a_shutdown_ingests_nothing_after_its_checkpoint(tiny_model, bikes_frame
         second.shutdown()
 
 
-def test_a_stored_source_no_longer_allowed_fails_only_its_stream(tiny_model, bikes_frames, tmp_path):
+def test_a_stored_source_no_longer_allowed_fails_only_its_stream(tiny_model, bikes_frames, tmp_path, caplog):
     """The clip under a source root was removed (or the config narrowed) while the worker was down: the worker comes
     back with every stream, and that one's source is in ERROR with the reason, where GetStream shows it."""
     root = tmp_path / "clips"
@@ -193,9 +195,11 @@ def test_a_stored_source_no_longer_allowed_fails_only_its_stream(tiny_model, bik
     first.shutdown()
     clip.unlink()
 
-    second = _worker(tiny_model, config, store)
+    with caplog.at_level(logging.INFO, logger="services.worker_streams"):
+        second = _worker(tiny_model, config, store)
     try:
         assert sorted(second.restored_streams) == ["gate", "pushed"]
+        assert re.search(r"worker 0 restored 2 streams in [\d.]+ s and serves them, 1 of them not pulled ", caplog.text)
         progress = second.sessions["gate"].source.progress()
         assert progress.state.name == "ERROR" and "no longer opened here" in progress.error, progress
         assert not second.push([(0, "pushed", 2.0, bikes_frames[1][1])]).rejected
@@ -204,7 +208,7 @@ def test_a_stored_source_no_longer_allowed_fails_only_its_stream(tiny_model, bik
         second.shutdown()
 
 
-def test_a_stored_record_the_worker_no_longer_accepts_is_kept_on_disk_and_shown_unserved(tiny_model, tmp_path):
+def test_a_stored_record_the_worker_no_longer_accepts_is_kept_on_disk_and_shown_unserved(tiny_model, tmp_path, caplog):
     """A stream whose stored record this version refuses (a field a newer release wrote) is not served, its folder
     kept: the worker's telemetry carries it to the router's gauge of unserved streams, as long as it lives."""
     config = load_config(None, data_dir=str(tmp_path), engine={"target_tokens_per_frame": 16})
@@ -220,9 +224,11 @@ def test_a_stored_record_the_worker_no_longer_accepts_is_kept_on_disk_and_shown_
             line["stream"]["meta"]["field_of_a_newer_release"] = 1
     journal.write_bytes(b"".join(encode_line(line) for line in lines))
 
-    second = _worker(tiny_model, config, store)
+    with caplog.at_level(logging.INFO, logger="services.worker_streams"):
+        second = _worker(tiny_model, config, store)
     try:
         assert second.restored_streams == ["kept"] and journal.exists()
+        assert "refuses their stored records: 1" in caplog.text and "worker 0 restored 1 stream in " in caplog.text
         metrics = MosaicMetrics()
         for _ in range(2):  # a gauge: the second drain says it again
             apply_delta(metrics, second.drain_telemetry(), open_streams={"kept"})
@@ -233,6 +239,9 @@ def test_a_stored_record_the_worker_no_longer_accepts_is_kept_on_disk_and_shown_
                 for reason in ("no_room", "record_refused")
             }
             assert unserved == {"no_room": 0, "record_refused": 1}
+            restored = metrics.registry.get_sample_value("mosaic_durable_restored_streams", {"worker": "0"})
+            restore_s = metrics.registry.get_sample_value("mosaic_durable_restore_seconds", {"worker": "0"})
+            assert restored == 1 and 0 < restore_s < 60
     finally:
         second.shutdown()
 

@@ -28,6 +28,8 @@ SPEC = {
     "mosaic_durable_clusters_dropped_for_space_total": ("counter", {"worker"}),
     "mosaic_durable_set_aside_total": ("counter", {"worker", "what"}),
     "mosaic_durable_unserved_streams": ("gauge", {"worker", "reason"}),
+    "mosaic_durable_restore_seconds": ("gauge", {"worker"}),
+    "mosaic_durable_restored_streams": ("gauge", {"worker"}),
     "mosaic_query_queue_depth": ("gauge", set()),
     "mosaic_queries_total": ("counter", {"outcome"}),
     "mosaic_time_to_first_token_seconds": ("histogram", {"mode"}),
@@ -344,6 +346,22 @@ def test_streams_a_start_left_unserved_are_a_gauge_by_reason_until_the_worker_go
     assert unserved == {"no_room": 2, "read_failed": 1, "not_moved": 0, "record_refused": 0}
     m.forget_worker(0)
     assert sample(m, "mosaic_durable_unserved_streams", worker="0", reason="no_room") is None
+
+
+def test_what_a_start_restored_and_how_long_it_took_are_gauges_until_the_worker_goes() -> None:
+    from mosaic_core.durable.store import DurableStats
+    from services.publisher import PublisherStats
+    from services.telemetry import DurabilityHealth, durability_health
+
+    m = MosaicMetrics()
+    now = durability_health(7, PublisherStats(), DurableStats(), restore_s=95.5, streams_restored=298)
+    m.durability.set_health(0, now.increments_since(DurabilityHealth()))
+    m.durability.set_health(0, now.increments_since(now))  # the next drain says it again, not summed
+    assert sample(m, "mosaic_durable_restore_seconds", worker="0") == 95.5
+    assert sample(m, "mosaic_durable_restored_streams", worker="0") == 298
+    m.forget_worker(0)
+    assert sample(m, "mosaic_durable_restore_seconds", worker="0") is None
+    assert sample(m, "mosaic_durable_restored_streams", worker="0") is None
 
 
 def test_the_unserved_reasons_are_the_stores() -> None:
