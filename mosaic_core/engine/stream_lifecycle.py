@@ -83,12 +83,12 @@ class StreamLifecycleMixin:
         started_s = time.monotonic()
         before = self.history.store.snapshot_stats()
         loaded = self.history.store.load_streams()
-        progress = RestoreProgress("reopening streams", len(loaded))
+        reopening = RestoreProgress("reopening streams", len(loaded))
         restored = []
         for stored in loaded:
             if (stream := self._restore_stream(stored)) is not None:
                 restored.append(stream)
-            progress.step(num_records=len(stored.clusters), num_bytes=stored.num_bytes)
+            reopening.step(num_records=len(stored.clusters), num_bytes=stored.num_bytes)
         dropped = self._keep_history_budget()  # once every stream is back: the oldest go, whichever stream holds them
         for stream in restored:
             stream.num_clusters -= len(dropped.get(stream.stream_id, ()))
