@@ -1,5 +1,6 @@
 """One PushFrames call carries frames of streams on several workers: a worker that is gone costs only its own
-streams' frames, each refused UNAVAILABLE with a sentence, and the others are queued; a frame the router cannot
+streams' frames, each refused FAILED_PRECONDITION with a sentence (Ray will not restart it), and the others are
+queued; a frame the router cannot
 decode is counted by its stream's worker, and by the router's own metric where that worker is gone.
 
 Real Ray: one worker actor over the tiny preset, and one killed for good (calls to it raise as they would for a
@@ -55,7 +56,9 @@ def test_a_gone_worker_costs_only_its_own_streams_frames(workers, bikes_frames):
     result = asyncio.run(coordinator.push(frames))
     assert result.accepted == 2
     assert [(r.index, r.stream_id) for r in result.rejected] == [(0, "orphan"), (2, "orphan")]
-    assert all(r.code == "UNAVAILABLE" and "worker 1 is unavailable" in r.reason for r in result.rejected), result
+    assert all(r.code == "FAILED_PRECONDITION" and "worker 1 is gone for good" in r.reason for r in result.rejected), (
+        result
+    )
 
 
 def test_an_undecodable_frame_is_counted_once_by_its_workers_total_or_else_by_the_router(workers, bikes_frames):
