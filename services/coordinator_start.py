@@ -32,7 +32,9 @@ async def wait_for_workers(workers: list, *, timeout_s: float, namespace: str) -
     moved_s = dict.fromkeys(calls, started_s)  # when each worker's line last changed (the wait's start at first)
     try:
         while len(infos) < len(calls):
-            await asyncio.wait([c for i, c in calls.items() if i not in infos], timeout=START_POLL_S)
+            silent_for_s = time.monotonic() - min(moved_s[i] for i in calls if i not in infos)
+            poll_s = min(START_POLL_S, max(0.0, timeout_s - silent_for_s))  # no later than the first give-up
+            await asyncio.wait([c for i, c in calls.items() if i not in infos], timeout=poll_s)
             for index, call in calls.items():
                 if index not in infos and call.done():
                     infos[index] = call.result()  # a constructor that raised: the start fails with its error

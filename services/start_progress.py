@@ -70,8 +70,11 @@ class StartReporter:
 
 
 def read_progress(namespace: str, worker_ids: list[str]) -> dict[str, str | None]:
-    """The router's side: each worker's last line, or None where it has told none (blocking: a GCS call each)."""
-    lines = {}
+    """The router's side: each worker's last line, or None where it has told none (blocking: a GCS call each).
+    Outside Ray (workers built in-process) every line is None."""
+    lines: dict[str, str | None] = dict.fromkeys(worker_ids)
+    if not internal_kv._internal_kv_initialized():
+        return lines
     for worker_id in worker_ids:
         value = internal_kv._internal_kv_get(_key(namespace, worker_id), namespace=KV_NAMESPACE)
         lines[worker_id] = None if value is None else value.decode()

@@ -78,7 +78,7 @@ def many_streams(tiny_model, bikes_frames, tmp_path_factory) -> Path:
     meta = {k: v for k, v in dataclasses.asdict(record).items() if k != "worker_id"}
     engine.open_stream("cam0000", fps=2.0, meta=meta)
     feed(engine, "cam0000", bikes_frames[:8])
-    assert engine.history.store.flush(30)
+    engine.checkpoint()  # its window's frames sealed into clusters too: records to read back
     engine.close()
     first = data_dir / "w0" / "cam0000"
     for index in range(1, NUM_STREAMS):
@@ -114,8 +114,10 @@ def test_a_starting_worker_tells_each_step_of_its_restore(ray_cluster, tiny_mode
         assert seen[0] == "building its engine"
         reading = [line for line in seen if "reading streams" in line]
         reopening = [line for line in seen if "reopening streams" in line]
-        assert len(reading) > 2 and len(reopening) > 2, seen  # lines that keep changing while it restores
+        # lines that keep changing while it restores (reading 40 streams is quick: a poll may catch only one of them)
+        assert reading and reopening and len(reading) + len(reopening) > 3, seen
         assert seen[-1].startswith(f"restoring history, reopening streams: {NUM_STREAMS} of {NUM_STREAMS} done")
+        assert ", with 0 cluster records" not in seen[-1], seen[-1]
     finally:
         worker.shutdown()
 
