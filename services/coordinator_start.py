@@ -76,7 +76,7 @@ def _stuck_text(stuck: list[int], lines: dict, timeout_s: float) -> str:
         for index in stuck
     )
     return (
-        f"the router gave up on its workers' start: {len(stuck)} made no progress for {timeout_s:g} s "
+        f"the router gave up on its workers' start: {len(stuck)} of {len(lines)} made no progress for {timeout_s:g} s "
         f"(worker_start_timeout_s) ({said}). A worker that is still building its engine or restoring one stream "
         f"after that long needs a larger worker_start_timeout_s; else its log in Ray's session logs says where it is"
     )
