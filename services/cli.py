@@ -204,7 +204,8 @@ async def say_while_starting(config, *, workers_log_here: bool) -> None:
         await asyncio.sleep(STARTING_NOTE_S)
         log.info(
             "still starting after %.0fs: %d worker(s) build their engines and restore their streams from the data "
-            "directory, for up to worker_start_timeout_s=%gs; %s show the restore's progress",
+            "directory, each waited for while it makes progress (none for worker_start_timeout_s=%gs fails the "
+            "start); %s show the restore's progress",
             time.monotonic() - started, config.workers, config.worker_start_timeout_s, where,
         )  # fmt: skip
 

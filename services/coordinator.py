@@ -40,6 +40,7 @@ from mosaic_core.engine.results import Answer
 from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import AlreadyExistsError, CapacityError, MosaicError, StateError, UnknownStreamError
 from services.coordinator_polls import TelemetryPollsMixin
+from services.coordinator_start import wait_for_workers
 from services.errors import UnavailableError, WorkerGoneError, unwrap
 from services.gone_workers import delete_history_of_gone_worker, gone_error, unreachable_error
 from services.metadata.base import MetadataStore, StreamRecord
@@ -80,12 +81,14 @@ class Coordinator(TelemetryPollsMixin):
         self._pending: dict[tuple[str, int], asyncio.Future] = {}  # (call, worker) -> an answer a poll waits for
         self.started = False
 
-    async def start(self, timeout_s: float) -> list[WorkerInfo]:
-        """Waits for every worker to build its engine and restore its streams; takes placement from them. Until it
-        returns or raises, ``mosaic_workers_starting`` counts the workers; then they are up, or the router gives up."""
+    async def start(self, timeout_s: float, *, namespace: str) -> list[WorkerInfo]:
+        """Waits for every worker to build its engine and restore its streams, for as long as each makes progress
+        (``coordinator_start``: ``timeout_s`` bounds a worker's silence, the progress lines of ``namespace``); takes
+        placement from them. Until it returns or raises, ``mosaic_workers_starting`` counts the workers; then they
+        are up, or the router gives up."""
         self.metrics.set_workers_starting(len(self.workers))
         try:
-            infos = await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self.workers)), timeout_s)
+            infos = await wait_for_workers(self.workers, timeout_s=timeout_s, namespace=namespace)
             owned = await asyncio.gather(*(telemetry_call(w.stream_ids).remote() for w in self.workers))
         except BaseException:
             self.metrics.set_workers_starting(0)  # the router gives up on them and stops

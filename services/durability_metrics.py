@@ -83,8 +83,8 @@ class DurabilityMetrics:
         self.durable_restore_seconds = Gauge(
             "mosaic_durable_restore_seconds",
             "How long the worker process's start took to restore its streams from its data folder (reading them, "
-            "reopening them, starting their sources), which worker_start_timeout_s must allow for on top of loading "
-            "the model. The worker's log shows a restore's progress while it runs.",
+            "reopening them, starting their sources). The router waits for it as long as it makes progress; the "
+            "worker's log shows that progress while it runs.",
             ["worker"],
             registry=r,
         )

@@ -232,8 +232,9 @@ class MosaicMetrics:
         )
         self.workers_starting = Gauge(
             "mosaic_workers_starting",
-            "Worker actors the router is still waiting for as it starts (loading the model, capturing graphs), for "
-            "up to worker_start_timeout_s; 0 once every one answered, or once it gave up on them and stops.",
+            "Worker actors the router is still waiting for as it starts (loading the model, capturing graphs, "
+            "restoring streams), for as long as each makes progress (worker_start_timeout_s bounds a worker's "
+            "silence); 0 once every one answered, or once it gave up on them and stops.",
             registry=r,
         )
         self.errors_total = Counter(

@@ -35,6 +35,7 @@ from services.preflight import unserved_history_problem
 from services.publisher import MetadataPublisher, WorkerView
 from services.session import StreamSession
 from services.sources import SourceState
+from services.start_progress import StartReporter
 from services.store_actor import connect_store
 from services.stream_metrics import DROP_REASONS
 from services.telemetry import DurabilityHealth, TelemetryDelta, WorkerTelemetry, durability_health
@@ -79,6 +80,9 @@ class WorkerCore:
         if store is None:
             store = connect_store(config.redis_url, namespace=config.redis_namespace, timeout_s=config.redis_timeout_s)
         self.store = store
+        # The router waits for this constructor while the line it reads keeps changing (services.start_progress).
+        reporter = StartReporter(config.redis_namespace, worker_id)
+        reporter.stage("building its engine")
         self.engine = engine if engine is not None else build_engine(worker_id, config)
         self.telemetry = WorkerTelemetry(worker_id)
         self.queues = IngestQueues(config.ingest_queue_frames)
@@ -129,7 +133,7 @@ class WorkerCore:
             chance_kind=self.loop.questions.last_chance_kind,
         )
         restore_started_s = time.monotonic()
-        self.restored_streams = self.streams.restore()
+        self.restored_streams = self.streams.restore(reporter.restore_step)
         self.restore_s = time.monotonic() - restore_started_s
         self.publisher.start()
 

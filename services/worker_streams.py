@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mosaic_core.durable.progress import RestoreProgress
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.errors import AlreadyExistsError, BudgetError, CapacityError, MosaicError, UnknownStreamError
 from mosaic_core.model.video import probe_video
@@ -81,12 +82,13 @@ class WorkerStreams:
         self._lock = threading.Lock()
         self._offer = offer
 
-    def restore(self) -> list[str]:
+    def restore(self, on_progress: Callable[[RestoreProgress], None] | None = None) -> list[str]:
         """Re-opens the streams of this worker's data directory, with their history and counters; logs what it
-        serves, and how long the restore took, at the end."""
+        serves, and how long the restore took, at the end. ``on_progress`` watches the engine's restore of each
+        stream (``Engine.restore_streams``), on the engine thread."""
         started_s = time.monotonic()
         restored, refused, not_pulled = [], 0, 0
-        for stream in self.loop.call(self.engine.restore_streams, timeout_s=None):
+        for stream in self.loop.call(self.engine.restore_streams, on_progress, timeout_s=None):
             try:
                 record = StreamRecord(**{**stream.meta, "worker_id": self.worker_id})
             except (TypeError, MosaicError) as err:  # a record this version no longer accepts

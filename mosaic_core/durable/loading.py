@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,18 +67,19 @@ class StoredStream:
 class StreamLoadingMixin:
     """The restart half of ``DurableStore`` (module doc); the store's ``__init__`` sets up what it uses."""
 
-    def load_streams(self) -> list[StoredStream]:
+    def load_streams(self, on_progress: Callable[[RestoreProgress], None] | None = None) -> list[StoredStream]:
         """Every stream under ``root`` that this version can restore, replayed from its manifest and checked whole;
         deletes crash leftovers (orphan files, temporary files, the trash). A stream that cannot be restored is set
         aside under ``.unreadable`` (its id free), logged and counted in ``stats``; one the disk fails to read is
         left where it is, for the next start, which sets aside the records that fail to read again and restores the
-        rest (``checks``), and counted in ``stats.streams_left``. Neither holds the others back."""
+        rest (``checks``), and counted in ``stats.streams_left``. Neither holds the others back. ``on_progress`` watches
+        each stream read (``RestoreProgress``)."""
         shutil.rmtree(self.root / TRASH, ignore_errors=True)
         for unfinished in self.root.glob(f"{NEW_PREFIX}*"):  # a create a crash cut short: never acknowledged
             shutil.rmtree(unfinished, ignore_errors=True)
         found = []
         stream_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        progress = RestoreProgress("reading streams", len(stream_dirs))
+        progress = RestoreProgress("reading streams", len(stream_dirs), on_progress)
         for stream_dir in stream_dirs:
             stored = None
             try:

@@ -2,13 +2,15 @@
 
 Hundreds of streams with terabytes of records take minutes to read back and reopen, and a worker whose log says
 nothing meanwhile looks hung. ``RestoreProgress`` counts the streams a pass has been through, with their cluster
-records and bytes, and logs a line at most every ``PROGRESS_INTERVAL_S`` while streams remain.
+records and bytes, and logs a line at most every ``PROGRESS_INTERVAL_S`` while streams remain. A caller may also
+watch each step (``on_step``): a service's worker tells its router, which waits for it, that it is still moving.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 10.0  # between two progress lines of one pass; read at each step
@@ -20,21 +22,28 @@ class RestoreProgress:
     Args:
         doing: what the pass does, for the log ("reading streams", "reopening streams").
         num_streams: the streams the pass goes through.
+        on_step: called with this progress after every stream (and once as the pass begins), on the restoring
+            thread; it must be quick, and what it raises is the restore's.
     """
 
-    def __init__(self, doing: str, num_streams: int) -> None:
+    def __init__(self, doing: str, num_streams: int, on_step: Callable[[RestoreProgress], None] | None = None) -> None:
         self.doing = doing
         self.num_streams = num_streams
+        self.on_step = on_step
         self.num_done = 0
         self.num_records = 0
         self.num_bytes = 0
         self.started_s = self._logged_s = time.monotonic()
+        if on_step is not None:
+            on_step(self)
 
     def step(self, *, num_records: int = 0, num_bytes: int = 0) -> None:
         """One more stream done (restored or not), with the cluster records and bytes of history it holds."""
         self.num_done += 1
         self.num_records += num_records
         self.num_bytes += num_bytes
+        if self.on_step is not None:
+            self.on_step(self)
         now = time.monotonic()
         if self.num_done < self.num_streams and now - self._logged_s >= PROGRESS_INTERVAL_S:
             self._logged_s = now

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -66,7 +67,7 @@ class StreamLifecycleMixin:
                 raise
         return self.stream_stats(stream_id)
 
-    def restore_streams(self) -> list[RestoredStream]:
+    def restore_streams(self, on_progress: Callable[[RestoreProgress], None] | None = None) -> list[RestoredStream]:
         """Re-opens every stream found in the data directory and re-adopts its sealed clusters (disk tier). A
         stream the device has no room for now is left on disk, whole, for a start with more room, and counted in the
         store's ``streams_left``; the others come back.
@@ -76,14 +77,14 @@ class StreamLifecycleMixin:
         first, whichever stream holds them. Returns nothing without a data directory.
 
         It logs how far it has come while it runs (``RestoreProgress``), and at the end what came back, what did
-        not and how long it took.
+        not and how long it took. ``on_progress`` watches each stream of both passes, reading and reopening.
         """
         if self.history is None:
             return []
         started_s = time.monotonic()
         before = self.history.store.snapshot_stats()
-        loaded = self.history.store.load_streams()
-        reopening = RestoreProgress("reopening streams", len(loaded))
+        loaded = self.history.store.load_streams(on_progress)
+        reopening = RestoreProgress("reopening streams", len(loaded), on_progress)
         restored = []
         for stored in loaded:
             if (stream := self._restore_stream(stored)) is not None:

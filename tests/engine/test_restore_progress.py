@@ -66,3 +66,14 @@ def test_a_restore_ends_with_a_summary_of_what_came_back_and_what_did_not(tiny_m
     assert "0 streams left on disk unserved, 1 stream and 0 cluster records set aside" in summary
     # the default interval: a restore this quick logs no progress line, only its summary
     assert not [r for r in caplog.records if r.name == "mosaic_core.durable.progress"]
+
+
+def test_a_restores_observer_sees_every_step_of_both_passes(tiny_model, data_dir):
+    seen = []
+    engine = make_engine(tiny_model, data_dir=str(data_dir))
+    try:
+        engine.restore_streams(on_progress=lambda p: seen.append((p.doing, p.num_done, p.num_streams)))
+    finally:
+        engine.close()
+    # four folders read ("broken" among them), three streams reopened; each pass told as it begins, then per stream
+    assert seen == [("reading streams", i, 4) for i in range(5)] + [("reopening streams", i, 3) for i in range(4)]

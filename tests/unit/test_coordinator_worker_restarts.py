@@ -110,7 +110,7 @@ class Worker:
 
 async def _started(worker: Worker, metrics: MosaicMetrics | None = None) -> Coordinator:
     coordinator = Coordinator([worker], None, metrics or MosaicMetrics())
-    await coordinator.start(5.0)
+    await coordinator.start(5.0, namespace="test")
     return coordinator
 
 
@@ -253,7 +253,7 @@ def test_a_create_retried_before_the_router_knows_a_restored_stream_is_not_made_
     async def scenario():
         restored, roomier = Worker(0), Worker(1)
         coordinator = Coordinator([restored, roomier], None, MosaicMetrics())
-        await coordinator.start(5.0)
+        await coordinator.start(5.0, namespace="test")
         roomier.free_bytes = restored.free_bytes // 2
         await _create_whose_answer_is_lost(coordinator, restored)  # the first create goes to the roomier worker 0
         roomier.free_bytes = restored.free_bytes * 2  # the retry would go to worker 1 now
@@ -344,7 +344,7 @@ def test_one_workers_bad_telemetry_does_not_lose_the_others_counts():
     async def scenario():
         first, second = Worker(0), Worker(1)
         coordinator = Coordinator([first, second], None, metrics)
-        await coordinator.start(5.0)
+        await coordinator.start(5.0, namespace="test")
         await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
         drains = {0: first._drain_telemetry, 1: second._drain_telemetry}
 
@@ -390,7 +390,7 @@ def test_workers_loading_their_model_read_as_starting_not_down_until_they_answer
 
         worker.info = _Method(None)
         worker.info.remote = loading_info
-        starting = asyncio.ensure_future(Coordinator([worker], None, server.metrics).start(timeout_s))
+        starting = asyncio.ensure_future(Coordinator([worker], None, server.metrics).start(timeout_s, namespace="test"))
         await asyncio.sleep(0.05)
         assert up_and_starting() == (0, 1)
         if loads:
