@@ -38,6 +38,18 @@ def with_history(model, frames, stream_ids, *, num_frames: int = 16) -> Engine:
     return engine
 
 
+def durable_streams(model, frames, root, stream_ids, *, num_frames: int = 16):
+    """``root``, made a data directory whose streams ``stream_ids`` (2 fps) have ingested ``num_frames`` frames each,
+    sealed and durable."""
+    engine = make_engine(model, data_dir=str(root))
+    for stream_id in stream_ids:
+        engine.open_stream(stream_id, fps=2.0)
+        feed(engine, stream_id, frames[:num_frames])
+    assert engine.history.store.flush(30)
+    engine.close()
+    return root
+
+
 def feed(engine: Engine, stream_id: str, frames, *, batch: int = 8, offset_s: float = 0.0) -> None:
     items = [FrameInput(stream_id, t + offset_s, rgb) for t, rgb in frames]
     for i in range(0, len(items), batch):

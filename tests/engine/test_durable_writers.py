@@ -391,38 +391,12 @@ def test_a_state_write_that_fails_is_counted_and_lands_once_the_disk_has_room(tm
     assert json.loads((tmp_path / "data" / "cam" / STATE_NAME).read_text())["watch_watermark_s"] == 13.0
 
 
-def test_a_checkpoint_whose_history_is_not_on_disk_says_so(tiny_model, bikes_frames, tmp_path, monkeypatch):
+def test_a_checkpoint_whose_history_is_not_on_disk_says_so_and_logs_its_wait(
+    tiny_model, bikes_frames, tmp_path, monkeypatch, caplog
+):
     """A graceful stop on a full disk: the checkpoint's wait ends with clusters unwritten, and it raises naming the
-    store's last error, where it returned as if everything were durable."""
-    import mosaic_core.engine.stream_lifecycle as stream_lifecycle_module
-    from mosaic_core.errors import StateError
-    from tests.engine.engine_helpers import feed, make_engine
-
-    monkeypatch.setattr(write_behind_module, "RETRY_S", (0.01,))
-    monkeypatch.setattr(stream_lifecycle_module, "CHECKPOINT_WAIT_S", 0.5)
-    real_write_atomic = write_behind_module.write_atomic
-
-    def disk_full(path, data):
-        if path.suffix == RECORD_SUFFIX:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write_atomic(path, data)
-
-    engine = make_engine(tiny_model, data_dir=str(tmp_path))
-    engine.open_stream("cam", fps=2.0)
-    feed(engine, "cam", bikes_frames[:12])
-    monkeypatch.setattr(write_behind_module, "write_atomic", disk_full)
-    try:
-        with pytest.raises(StateError, match=r"not all on disk after 0\.5 s .*No space left on device"):
-            engine.checkpoint()
-    finally:
-        monkeypatch.setattr(write_behind_module, "write_atomic", real_write_atomic)
-        assert engine.history.store.flush(WAIT_S)  # room again: everything lands
-        engine.close()
-
-
-def test_a_checkpoint_logs_what_it_waits_for_while_it_waits(tiny_model, bikes_frames, tmp_path, monkeypatch, caplog):
-    """A graceful stop whose disk is full: before the checkpoint gives up, its log says what it waits for and the
-    store's last error, every progress interval, where it was silent for up to a minute."""
+    store's last error, where it returned as if everything were durable; meanwhile its log says what it waits for and
+    the store's last error, every progress interval, where it was silent for up to a minute."""
     import mosaic_core.engine.stream_lifecycle as stream_lifecycle_module
     from mosaic_core.durable import progress
     from mosaic_core.errors import StateError
@@ -443,7 +417,8 @@ def test_a_checkpoint_logs_what_it_waits_for_while_it_waits(tiny_model, bikes_fr
     feed(engine, "cam", bikes_frames[:12])
     monkeypatch.setattr(write_behind_module, "write_atomic", disk_full)
     try:
-        with caplog.at_level(logging.INFO, logger="mosaic_core.engine.stream_lifecycle"), pytest.raises(StateError):
+        logged = caplog.at_level(logging.INFO, logger="mosaic_core.engine.stream_lifecycle")
+        with logged, pytest.raises(StateError, match=r"not all on disk after 0\.5 s .*No space left on device"):
             engine.checkpoint()
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint: ")]
         assert re.match(r"checkpoint: waiting up to 0\.5 s for the durable store to write \d+ clusters? ", lines[0])
@@ -458,4 +433,5 @@ def test_a_checkpoint_logs_what_it_waits_for_while_it_waits(tiny_model, bikes_fr
         assert re.search(r"checkpoint: every stream's history is on disk after [\d.]+ s", caplog.text)
     finally:
         monkeypatch.setattr(write_behind_module, "write_atomic", real_write_atomic)
+        assert engine.history.store.flush(WAIT_S)  # room again: everything lands
         engine.close()

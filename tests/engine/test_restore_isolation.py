@@ -13,20 +13,13 @@ from mosaic_core.durable.checks import READ_ERROR_NOTE
 from mosaic_core.durable.manifest import MANIFEST_NAME, ManifestState, decode_line, encode_line, replay
 from mosaic_core.durable.records import ClusterSummary, encode_pages
 from mosaic_core.durable.store import DurableStore
-from tests.engine.engine_helpers import feed, make_engine
+from tests.engine.engine_helpers import durable_streams, feed, make_engine
 
 
 @pytest.fixture(scope="module")
 def two_streams(tiny_model, bikes_frames, tmp_path_factory):
     """A data directory with streams "a" and "b", 16 frames each, both sealed and durable (copied per test)."""
-    root = tmp_path_factory.mktemp("two_streams")
-    engine = make_engine(tiny_model, data_dir=str(root))
-    for stream_id in ("a", "b"):
-        engine.open_stream(stream_id, fps=2.0)
-        feed(engine, stream_id, bikes_frames[:16])
-    assert engine.history.store.flush(30)
-    engine.close()
-    return root
+    return durable_streams(tiny_model, bikes_frames, tmp_path_factory.mktemp("two_streams"), ("a", "b"))
 
 
 @pytest.fixture

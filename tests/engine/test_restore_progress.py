@@ -10,20 +10,13 @@ import shutil
 import pytest
 
 from mosaic_core.durable import progress
-from tests.engine.engine_helpers import feed, make_engine
+from tests.engine.engine_helpers import durable_streams, make_engine
 
 
 @pytest.fixture(scope="module")
 def three_streams(tiny_model, bikes_frames, tmp_path_factory):
     """A data directory with streams "a", "b" and "c", 16 frames each, sealed and durable (copied per test)."""
-    root = tmp_path_factory.mktemp("three_streams")
-    engine = make_engine(tiny_model, data_dir=str(root))
-    for stream_id in ("a", "b", "c"):
-        engine.open_stream(stream_id, fps=2.0)
-        feed(engine, stream_id, bikes_frames[:16])
-    assert engine.history.store.flush(30)
-    engine.close()
-    return root
+    return durable_streams(tiny_model, bikes_frames, tmp_path_factory.mktemp("three_streams"), ("a", "b", "c"))
 
 
 @pytest.fixture

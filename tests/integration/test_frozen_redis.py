@@ -14,19 +14,15 @@ import time
 import grpc
 import pytest
 import redis
+from bare_router import bare_servicer, served
 
 import services.watches
 from services.config import load_config
-from services.coordinator import Coordinator
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
-from services.gen.mosaic.v1 import mosaic_pb2_grpc
 from services.metadata import StreamRecord
 from services.metadata.redis_store import RedisMetadataStore
 from services.metadata.watches import RedisWatchStore
-from services.metrics import MosaicMetrics
 from services.publisher import MetadataPublisher, PutStream, WorkerView
-from services.scheduler import QueryQueue
-from services.servicer import MosaicServicer
 from services.store_actor import connect_store
 from services.watches import WatchRegistry
 from services.watches_spec import FiredEvent, WatchRecord
@@ -43,24 +39,13 @@ async def _router(redis_server, namespace: str):
     config = load_config(None, redis_timeout_s=TIMEOUT_S)
     store = RedisWatchStore.from_url(redis_server.url, namespace=namespace, timeout_s=config.redis_timeout_s)
     store.put_watch(WatchRecord(watch_id="gate", question="Is a van at the gate?", stream_ids=[]))
-    metrics = MosaicMetrics()
-    coordinator = Coordinator([], None, metrics)
-    coordinator.started = True
-    servicer = MosaicServicer(
-        coordinator, QueryQueue(max_waiting=4, max_running=1), metrics,
-        mode="cluster", default_max_new_tokens=8, max_push_calls=4,
-    )  # fmt: skip
-    servicer.watches = WatchRegistry(store, coordinator, metrics, config)
+    servicer = bare_servicer()
+    servicer.watches = WatchRegistry(store, servicer.coordinator, servicer.metrics, config)
     servicer.watches._records = {r.watch_id: r for r in store.list_watches()}
-    server = grpc.aio.server()
-    mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield mosaic_pb2_grpc.MosaicStub(channel), servicer.watches
+        async with served(servicer) as stub:
+            yield stub, servicer.watches
     finally:
-        await server.stop(0)
         store.close()
 
 

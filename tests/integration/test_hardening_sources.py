@@ -15,6 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from source_runs import read_to_end
 
 from mosaic_core.errors import ConfigError, InvalidArgumentError, TimestampOrderError
 from mosaic_core.model.video import sample_clip_path
@@ -364,12 +365,6 @@ def test_a_playlist_under_a_root_cannot_read_a_file_outside_every_root(root, ent
         f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{entry.format(path=outside)}\n#EXT-X-ENDLIST\n"
     )
     url = check_source_url(str(playlist), source_roots=[str(root)])
-    received = []
-    reader = SourceReader(url, fps=1.0, sink=lambda t, rgb: received.append(t), realtime=False).start()
-    deadline = time.monotonic() + 30
-    while reader.progress().state not in (SourceState.ERROR, SourceState.ENDED) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    progress = reader.progress()
-    reader.stop()
+    progress, received = read_to_end(url, fps=1.0)
     assert progress.state == SourceState.ERROR and "playlist" in progress.error, progress
     assert not received

@@ -14,13 +14,9 @@ import asyncio
 
 import grpc
 import pytest
+from bare_router import bare_servicer, served
 
-from services.coordinator import Coordinator
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
-from services.gen.mosaic.v1 import mosaic_pb2_grpc
-from services.metrics import MosaicMetrics
-from services.scheduler import QueryQueue
-from services.servicer import MosaicServicer
 from services.worker_results import PushResult
 
 LONG_ID = "x" * 20_000  # letters only, too long: a plain mistake (e.g. a pasted blob), not an attack
@@ -56,24 +52,10 @@ async def _first(call):
 @pytest.mark.parametrize("name", list(CALLS))
 def test_an_overlong_id_is_invalid_argument_with_a_sentence(name):
     async def run():
-        metrics = MosaicMetrics()
-        coordinator = Coordinator([], None, metrics)
-        coordinator.started = True
-        servicer = MosaicServicer(
-            coordinator, QueryQueue(max_waiting=4, max_running=1), metrics,
-            mode="cluster", default_max_new_tokens=8, max_push_calls=4,
-        )  # fmt: skip
-        server = grpc.aio.server()
-        mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await CALLS[name](mosaic_pb2_grpc.MosaicStub(channel))
-                return caught.value
-        finally:
-            await server.stop(0)
+        async with served(bare_servicer()) as stub:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await CALLS[name](stub)
+            return caught.value
 
     err = asyncio.run(run())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{err.code().name}: {(err.details() or '')[:160]}"
@@ -88,35 +70,22 @@ def test_one_good_frame_among_many_of_an_overlong_id_gets_a_per_frame_answer():
     bad_id = "x" * 200_000
 
     async def run():
-        metrics = MosaicMetrics()
-        coordinator = Coordinator([], None, metrics)
-        coordinator.started = True
-        coordinator.placement = {"cam": 0}
+        servicer = bare_servicer()
+        servicer.coordinator.placement = {"cam": 0}
 
         async def push(frames):  # the worker's push, which takes the good frame
             return PushResult(accepted=len(frames))
 
-        coordinator.push = push
-        servicer = MosaicServicer(
-            coordinator, QueryQueue(max_waiting=4, max_running=1), metrics,
-            mode="cluster", default_max_new_tokens=8, max_push_calls=4,
-        )  # fmt: skip
-        options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-        server = grpc.aio.server(options=options)
-        mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        servicer.coordinator.push = push
 
         async def frames():
             yield pb.Frame(stream_id="cam", timestamp_s=1.0, raw=RAW)
             for i in range(100):
                 yield pb.Frame(stream_id=bad_id, timestamp_s=2.0 + i, raw=RAW)
 
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-                return await mosaic_pb2_grpc.MosaicStub(channel).PushFrames(frames())
-        finally:
-            await server.stop(0)
+        options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+        async with served(servicer, options) as stub:
+            return await stub.PushFrames(frames())
 
     answer = asyncio.run(run())
     assert answer.frames_accepted == 1 and answer.frames_rejected == 100

@@ -16,17 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+from bare_router import bare_servicer, served
 
 from services.config import load_config
-from services.coordinator import Coordinator
 from services.frames import encode_image
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.gen.mosaic.v1 import mosaic_pb2_grpc
 from services.metadata.watches import RedisWatchStore
-from services.metrics import MosaicMetrics
 from services.router import MosaicServer
 from services.scheduler import QueryQueue
-from services.servicer import MosaicServicer
 from services.watches import WatchRegistry
 
 DEFAULT_THREADS = 2  # the event loop's default executor here: few, so that few held reads fill it
@@ -56,22 +54,13 @@ def test_a_pushed_frame_is_decoded_while_a_hung_store_holds_every_default_thread
     async def run():
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(DEFAULT_THREADS))
-        metrics = MosaicMetrics()
-        coordinator = Coordinator([], None, metrics)
-        coordinator.started = True
-        registry = WatchRegistry(RedisWatchStore(redis_client, namespace=redis_namespace), coordinator, metrics,
-                                 load_config(None))  # fmt: skip
+        servicer = bare_servicer(decode_threads=1)
+        registry = WatchRegistry(RedisWatchStore(redis_client, namespace=redis_namespace), servicer.coordinator,
+                                 servicer.metrics, load_config(None))  # fmt: skip
         await registry.start()
-        servicer = MosaicServicer(coordinator, QueryQueue(max_waiting=4, max_running=1), metrics, mode="cluster",
-                                  default_max_new_tokens=8, max_push_calls=4, decode_threads=1)  # fmt: skip
         servicer.watches = registry
-        server = grpc.aio.server()
-        mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = mosaic_pb2_grpc.MosaicStub(channel)
+            async with served(servicer) as stub:
                 with frozen_redis():
                     listings = [asyncio.ensure_future(stub.ListWatches(pb.ListWatchesRequest(), timeout=60))
                                 for _ in range(DEFAULT_THREADS)]  # fmt: skip
@@ -86,7 +75,6 @@ def test_a_pushed_frame_is_decoded_while_a_hung_store_holds_every_default_thread
                 replies = await asyncio.wait_for(asyncio.gather(*listings), 60)  # Redis answers again
                 assert all(list(r.watches) == [] for r in replies)
         finally:
-            await server.stop(0)
             servicer.close()
             await registry.stop_polls()
             await registry.close()

@@ -6,7 +6,6 @@ decoded them whole. Real PyAV, real clips (MJPEG in Matroska, PNG in QuickTime),
 from __future__ import annotations
 
 import struct
-import time
 import zlib
 from fractions import Fraction
 from pathlib import Path
@@ -14,11 +13,12 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from source_runs import read_to_end
 
 from mosaic_core.errors import InvalidFrameError
 from mosaic_core.model.video import MAX_SIDE_PX, iter_video_frames
 from services.frames import PNG_MAGIC
-from services.sources import SourceReader, SourceState
+from services.sources import SourceState
 
 NUM_FRAMES = 3
 
@@ -86,12 +86,6 @@ def test_a_clip_of_huge_pictures_under_a_small_header_is_not_decoded(tmp_path):
 
 
 def test_a_reader_of_such_a_source_stops_in_error_saying_why_and_hands_over_nothing(wide_clip):
-    received = []
-    reader = SourceReader(wide_clip, fps=5.0, sink=lambda t, rgb: received.append(t), realtime=False).start()
-    deadline = time.monotonic() + 30
-    while reader.progress().state not in (SourceState.ERROR, SourceState.ENDED) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    progress = reader.progress()
-    reader.stop()
+    progress, received = read_to_end(wide_clip, fps=5.0)
     assert progress.state == SourceState.ERROR, progress
     assert f"{MAX_SIDE_PX + 8}x8 px" in progress.error and not received
