@@ -111,7 +111,8 @@ def test_a_starting_worker_tells_each_step_of_its_restore(ray_cluster, tiny_mode
     try:
         assert len(worker.restored_streams) == NUM_STREAMS
         seen.append(read_progress(config.redis_namespace, ["0"])["0"])
-        assert seen[0] == "building its engine"
+        # the engine here is built already, so its stage may be overwritten before the first poll: then reading
+        assert seen[0] == "building its engine" or seen[0].startswith("restoring history, reading streams"), seen
         reading = [line for line in seen if "reading streams" in line]
         reopening = [line for line in seen if "reopening streams" in line]
         # lines that keep changing while it restores (reading 40 streams is quick: a poll may catch only one of them)
