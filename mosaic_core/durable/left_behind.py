@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-import uuid
 from pathlib import Path
 
-from mosaic_core.durable.loading import TRASH
-from mosaic_core.durable.manifest import RECORD_SUFFIX, fsync_dir, replay
+from mosaic_core.durable.loading import move_to_trash
+from mosaic_core.durable.manifest import RECORD_SUFFIX, replay
 from mosaic_core.durable.retired import RetiredNumbers, numbers_given_out
 
 log = logging.getLogger(__name__)
@@ -36,14 +35,7 @@ def delete_left_behind(root: str | Path, stream_id: str, retired: RetiredNumbers
         return None
     num_clusters = _num_clusters(stream_dir)
     retired.retire(stream_id, numbers_given_out(stream_dir))  # first: a crash in between leaves both
-    trash = root / TRASH
-    trash.mkdir(exist_ok=True)
-    target = trash / f"{stream_id}-{uuid.uuid4().hex[:8]}"
-    stream_dir.rename(target)
-    try:
-        fsync_dir(root)
-    except OSError as err:  # moved: only a crash before the disk syncs brings it back
-        log.error("stream %s moved to the trash, but syncing %s failed: %s", stream_id, root, err)
+    target = move_to_trash(root, stream_dir)
     shutil.rmtree(target, ignore_errors=True)  # what is left the engine's next start empties with its trash
     return num_clusters
 

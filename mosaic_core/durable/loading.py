@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from mosaic_core.durable.manifest import (
     RECORD_SUFFIX,
     ClusterEntry,
     ManifestWriter,
+    fsync_dir,
     read_state,
     replay,
 )
@@ -62,6 +64,25 @@ class StoredStream:
     def num_bytes(self) -> int:
         """The bytes of its clusters' records: their KV and keyframes."""
         return sum(e.num_bytes + sum(k["num_bytes"] for k in e.keyframes) for e in self.clusters)
+
+
+def move_to_trash(root: Path, stream_dir: Path) -> Path:
+    """Moves ``stream_dir``, a stream's folder under ``root``, into ``root``'s trash in one rename and syncs ``root``;
+    returns where it went. A sync that fails is logged: the move stands, and only a crash before the disk syncs
+    brings the folder back. The trash is emptied in the background or at the next start.
+
+    Raises:
+        OSError: the move failed (a full or failing volume); nothing moved.
+    """
+    trash = root / TRASH
+    trash.mkdir(exist_ok=True)
+    target = trash / f"{stream_dir.name}-{uuid.uuid4().hex[:8]}"
+    stream_dir.rename(target)
+    try:
+        fsync_dir(root)
+    except OSError as err:
+        log.error("stream %s moved to the trash, but syncing %s failed: %s", stream_dir.name, root, err)
+    return target
 
 
 class StreamLoadingMixin:
@@ -182,7 +203,8 @@ class StreamLoadingMixin:
 
     def _count_left(self, reason: str) -> None:
         """Counts a stream found at this start that stays in its folder, unserved (``LEFT_REASONS``)."""
-        assert reason in LEFT_REASONS, f"unknown reason {reason!r} for a stream left unserved"
+        if reason not in LEFT_REASONS:
+            raise ValueError(f"unknown reason {reason!r} for a stream left unserved; one of {', '.join(LEFT_REASONS)}")
         with self._cv:
             self.stats.streams_left[reason] = self.stats.streams_left.get(reason, 0) + 1
 

@@ -47,7 +47,7 @@ import torch
 from safetensors import safe_open
 
 from mosaic_core.durable.checks import KVShape
-from mosaic_core.durable.loading import LEFT_REASONS, NEW_PREFIX, TRASH, StreamLoadingMixin
+from mosaic_core.durable.loading import NEW_PREFIX, StreamLoadingMixin, move_to_trash
 from mosaic_core.durable.manifest import ClusterEntry, ManifestState, ManifestWriter, fsync_dir
 from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, decode_pages, from_pages
 from mosaic_core.durable.retired import RetiredNumbers
@@ -155,30 +155,20 @@ class DurableStore(StreamLoadingMixin, WriteBehindMixin):
         """Forgets the stream at once and for good: its directory moves to the trash in one rename. When the move
         fails (a full volume), nothing is forgotten: the stream goes on being written, and a retry deletes it."""
         with self._io:
-            stream_dir, target = self.stream_dir(stream_id), None
-            if stream_dir.exists():
-                trash = self.root / TRASH
-                trash.mkdir(exist_ok=True)
-                target = trash / f"{stream_id}-{uuid.uuid4().hex[:8]}"
-                stream_dir.rename(target)
+            stream_dir = self.stream_dir(stream_id)
+            target = move_to_trash(self.root, stream_dir) if stream_dir.exists() else None
             self._forget(stream_id)
             if target is not None:
-                try:
-                    fsync_dir(self.root)
-                except OSError as err:  # moved, and forgotten: only a crash before the disk syncs brings it back
-                    log.error("stream %s moved to the trash, but syncing %s failed: %s", stream_id, self.root, err)
                 self._enqueue(target)
 
     def leave(self, stream_id: str, reason: str | None) -> None:
         """A stream the engine does not serve: forgotten as a delete forgets it, its folder left where it is, whole,
         for a later start to restore. ``reason`` (one of ``loading.LEFT_REASONS``) counts a loaded stream in
         ``stats.streams_left``; None counts nothing (a stream that failed to open)."""
-        if reason is not None and reason not in LEFT_REASONS:
-            raise ValueError(f"unknown reason {reason!r} for a stream left unserved; one of {', '.join(LEFT_REASONS)}")
+        if reason is not None:
+            self._count_left(reason)  # first: an unknown reason raises before anything is forgotten
         with self._io:
             self._forget(stream_id)
-        if reason is not None:
-            self._count_left(reason)
 
     def set_aside(self, stream_id: str, cause: str) -> None:
         """A loaded stream the engine could not adopt (a failure the checks of ``load_streams`` did not foresee):
