@@ -117,6 +117,11 @@ def _is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, RayActorError | GetTimeoutError)
 
 
+def is_store_outage(exc: BaseException) -> bool:
+    """True for a Redis error that retrying later may cure: the store is down, cut off or frozen, not misused."""
+    return _store_sentence(exc) is not None
+
+
 def _store_sentence(exc: BaseException) -> str | None:
     """What a client is told of a Redis error that retrying later may cure; None for any other exception."""
     try:
