@@ -75,6 +75,13 @@ class WorkerGoneError(MosaicError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class HistoryNotDeletedError(MosaicError):
+    """A stream's history could not be deleted from the disk (a full or failing volume); nothing was deleted, so a
+    retry of the delete, once the volume is fixed, deletes it. The sentence names no host path: the log does."""
+
+    grpc_code = "INTERNAL"
+
+
 class UnauthenticatedError(MosaicError):
     """The call carried no API key, or the wrong one."""
 
