@@ -75,6 +75,13 @@ class WorkerGoneError(MosaicError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class HistoryNotDeletedError(MosaicError):
+    """A stream's history could not be deleted from the disk (a full or failing volume); nothing was deleted, so a
+    retry of the delete, once the volume is fixed, deletes it. The sentence names no host path: the log does."""
+
+    grpc_code = "INTERNAL"
+
+
 class UnauthenticatedError(MosaicError):
     """The call carried no API key, or the wrong one."""
 
@@ -115,6 +122,11 @@ def _is_unavailable(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(exc, RayActorError | GetTimeoutError)
+
+
+def is_store_outage(exc: BaseException) -> bool:
+    """True for a Redis error that retrying later may cure: the store is down, cut off or frozen, not misused."""
+    return _store_sentence(exc) is not None
 
 
 def _store_sentence(exc: BaseException) -> str | None:

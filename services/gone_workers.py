@@ -8,7 +8,9 @@ will not do), so the stream's history there is deleted from outside its worker (
 retired in the shared ``.retired`` folder first, so a stream created again under its id numbers past the old one's):
 by the router where it sees the folder, else by a live worker, which shares the data directory (a Helm release's
 router does not mount the history volume; its worker pods share it). Where neither can, the delete is refused with a
-sentence and nothing is changed: forgetting the stream would only bring it back at the next restart.
+sentence and nothing is changed: forgetting the stream would only bring it back at the next restart. A disk that fails
+the delete (a full or failing volume) refuses it the same way (``HistoryNotDeletedError``, its path in the log only),
+and a retry once the volume is fixed deletes it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from mosaic_core.durable.left_behind import delete_left_behind
 from mosaic_core.durable.retired import RetiredNumbers
 from mosaic_core.errors import StateError
-from services.errors import WorkerGoneError
+from services.errors import HistoryNotDeletedError, WorkerGoneError
 from services.worker_engine import worker_subdir
 
 log = logging.getLogger(__name__)
@@ -49,14 +51,23 @@ def delete_history_of_gone_worker(data_dir: str | None, index: int, stream_id: s
 
     Raises:
         StateError: this process cannot see the worker's folder; nothing was deleted.
-        OSError: the history could not be deleted (a full or failing volume); nothing was deleted.
+        HistoryNotDeletedError: the history could not be deleted (a full or failing volume; the log names the disk's
+            error); nothing was deleted.
     """
     if not data_dir:
         raise StateError("this process has no data directory")
     folder = Path(data_dir) / worker_subdir(index)
     if not folder.is_dir():
         raise StateError(f"{worker_subdir(index)}/ of the data directory {data_dir!r} is not on this machine")
-    num_clusters = delete_left_behind(folder, stream_id, RetiredNumbers(data_dir))
+    try:
+        num_clusters = delete_left_behind(folder, stream_id, RetiredNumbers(data_dir))
+    except OSError as err:
+        log.error("stream %s of gone worker %d: deleting its history in %s failed: %s", stream_id, index, folder, err)
+        raise HistoryNotDeletedError(
+            f"stream {stream_id!r} was not deleted: its history in {worker_subdir(index)}/ of the data directory could "
+            "not be deleted from the disk (a full or failing volume; the server log names the error). Nothing was "
+            "deleted: retry DeleteStream once the volume is fixed"
+        ) from None
     if num_clusters is None:
         log.info("stream %s of gone worker %d has no history left in %s", stream_id, index, folder)
         return 0

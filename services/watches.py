@@ -38,9 +38,10 @@ from mosaic_core.engine.questions import check_question_length
 from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import AlreadyExistsError, CapacityError, InvalidArgumentError, NotFoundError
 from mosaic_core.model.tokenizer import load_qwen_tokenizer, question_token_ids
-from services.errors import UnavailableError, UnknownWatchError
+from services.errors import UnavailableError, UnknownWatchError, is_store_outage
 from services.metadata.watches import WatchState, WatchStore
 from services.metrics import MosaicMetrics
+from services.outage_log import StoreOutageLog
 from services.watches_spec import FiredEvent, WatchRecord, WatchReport, check_watch_id
 from services.watches_subscribers import WatchSubscribersMixin
 from services.watches_webhook import Delivery, WebhookSender, check_webhook_url
@@ -307,6 +308,7 @@ class WatchRegistry(WatchSubscribersMixin):
     async def _poll(self, index: int) -> None:
         last_sync = time.monotonic()
         failures = 0  # polls failed in a row: the first is a warning, the rest debug lines
+        outage = StoreOutageLog(log, f"re-sending worker {index}'s watch list")  # retried at each poll until it works
         while not self._stopping:
             worker = self.coordinator.workers[index]
             with self._taking() as take:
@@ -328,8 +330,12 @@ class WatchRegistry(WatchSubscribersMixin):
                     if report.num_watches != len(self._records) or time.monotonic() - last_sync > RESYNC_INTERVAL_S:
                         await self.sync_workers([index])
                         last_sync = time.monotonic()
-                except Exception:  # a bug here must not end the poll: every later event of the worker would be lost
-                    log.exception("handling worker %d's watch events failed", index)
+                    outage.worked()
+                except Exception as err:  # must not end the poll: every later event of the worker would be lost
+                    if is_store_outage(err):  # the sync's read of the cooldowns
+                        outage.failed(err)
+                    else:  # a bug
+                        log.exception("handling worker %d's watch events failed", index)
 
     @contextlib.contextmanager
     def _taking(self) -> Iterator[_Take]:

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from mosaic_core.engine import stream_lifecycle
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.errors import ConfigError, InvalidArgumentError, MosaicError, StateError, UnknownStreamError
 from mosaic_core.model.pixels import validate_frames
@@ -52,7 +53,16 @@ log = logging.getLogger(__name__)
 # shutdown (what is left of the pod's grace, services.router), before the checkpoint; frames left then are counted
 # dropped (reason shutdown).
 SHUTDOWN_INGEST_S = 2.0
+# What a shutdown's wait for the engine thread allows past the ingest window and the checkpoint's own wait: the step
+# the thread is in when asked, the counters' save and the tier sync's flush. A checkpoint that fails late is then
+# logged with its own error (the disk's), not as this wait's end.
+SHUTDOWN_MARGIN_S = 10.0
 SOURCES_STOP_S = 2.0  # at shutdown, the time the source readers get to stop, all together (they are daemons)
+
+
+def shutdown_wait_s() -> float:
+    """How long a shutdown waits for its ingest and checkpoint: the bounds of both, and ``SHUTDOWN_MARGIN_S``."""
+    return SHUTDOWN_INGEST_S + stream_lifecycle.CHECKPOINT_WAIT_S + SHUTDOWN_MARGIN_S
 
 
 class WorkerCore:
@@ -189,7 +199,9 @@ class WorkerCore:
         for source in sources:
             source.stop(timeout_s=max(0.0, stopped_by - time.monotonic()))
         try:
-            self.loop.call(self._end_ingest_and_checkpoint, time.monotonic() + SHUTDOWN_INGEST_S, timeout_s=60.0)
+            self.loop.call(
+                self._end_ingest_and_checkpoint, time.monotonic() + SHUTDOWN_INGEST_S, timeout_s=shutdown_wait_s()
+            )
         except Exception as err:  # a shutdown still goes on; what was sealed before is on disk
             log.error("worker %s: checkpoint at shutdown failed: %s", self.worker_id, err)
         self.publisher.wait_idle(5.0)

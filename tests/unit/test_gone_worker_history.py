@@ -8,10 +8,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from mosaic_core.durable.loading import TRASH
 from mosaic_core.durable.retired import RetiredNumbers, StreamNumbers
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.errors import StateError
-from services.errors import status_for
+from services.errors import HistoryNotDeletedError, status_for
 from services.gone_workers import delete_history_of_gone_worker, unreachable_error
 
 
@@ -55,3 +56,23 @@ def test_a_history_this_process_cannot_see_is_not_deleted_and_the_sentence_says_
     assert RetiredNumbers(tmp_path).start_of("cam") == StreamNumbers()
     with pytest.raises(StateError):
         delete_history_of_gone_worker(None, 0, "cam")  # no data directory at all
+
+
+def test_a_history_the_disk_fails_to_delete_is_kept_whole_the_sentence_names_no_path_and_a_retry_deletes_it(tmp_path):
+    _left_behind(tmp_path, 1, "cam", next_number=4, next_frame_index=12)
+    trash = tmp_path / "worker-1" / TRASH
+    trash.write_bytes(b"")  # a file where the trash folder goes: the move into it fails, as on a failing volume
+
+    with pytest.raises(HistoryNotDeletedError) as refused:
+        delete_history_of_gone_worker(str(tmp_path), 1, "cam")
+    status = status_for(refused.value)
+    assert status.code is grpc.StatusCode.INTERNAL
+    assert "'cam' was not deleted" in status.message and "could not be deleted from the disk" in status.message
+    assert "retry DeleteStream once the volume is fixed" in status.message
+    assert str(tmp_path) not in status.message
+    assert (tmp_path / "worker-1" / "cam").is_dir()
+
+    trash.unlink()  # the volume is fixed
+    assert delete_history_of_gone_worker(str(tmp_path), 1, "cam") == 0
+    assert not (tmp_path / "worker-1" / "cam").exists()
+    assert RetiredNumbers(tmp_path).start_of("cam") == StreamNumbers(next_cluster_number=4, next_frame_index=12)
