@@ -58,7 +58,8 @@ def delete_history_of_gone_worker(data_dir: str | None, index: int, stream_id: s
         raise StateError("this process has no data directory")
     folder = Path(data_dir) / worker_subdir(index)
     if not folder.is_dir():
-        raise StateError(f"{worker_subdir(index)}/ of the data directory {data_dir!r} is not on this machine")
+        log.info("stream %s of gone worker %d: %s is not on this machine", stream_id, index, folder)
+        raise StateError(f"{worker_subdir(index)}/ of the data directory is not on this machine")
     try:
         num_clusters = delete_left_behind(folder, stream_id, RetiredNumbers(data_dir))
     except OSError as err:
