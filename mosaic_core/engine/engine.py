@@ -196,7 +196,9 @@ class Engine(StreamLifecycleMixin, WarmUpMixin, IntrospectionMixin):
         return cls(model, config)
 
     def close(self) -> None:
-        """Stops the durable writer after it has written everything queued, and the keyframe encoder."""
+        """Stops the durable writer after it has written everything queued, the keyframe encoder, and the thread
+        that pins host chunks ahead."""
+        self.tiering.tiers.pools.close()
         if self.history is not None:
             self.history.store.close()
         if self._keyframe_encoder is not None:
