@@ -6,6 +6,7 @@ maker's thread, their addresses, the capacity and the errors are the same on a G
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -181,3 +182,18 @@ def test_without_growth_ahead_every_chunk_is_allocated_by_the_take():
 
     assert chunks.off_thread == 0 and len(chunks.made) == 4
     assert (pools.host_growth.ahead_chunks, pools.host_growth.sync_chunks) == (0, 4)
+
+
+def test_by_default_chunks_are_made_ahead_and_pinned_under_cuda_only():
+    device = torch.device(os.environ.get("MOSAIC_TEST_DEVICE", "cpu"))
+    pools = PagePools(
+        SPEC, page_tokens=PAGE_TOKENS, device=device, device_bytes=4 * PAGE_BYTES, host_bytes=10 * PAGE_BYTES,
+        transfers=TransferEngine(device),
+    )  # fmt: skip
+    for _ in range(5):
+        pools.take(Tier.HOST, 2)
+    pools.close()
+
+    cuda = device.type == "cuda"
+    assert [chunk.is_pinned() for chunk in pools.host_chunks] == [cuda] * 4
+    assert (pools.host_growth.sync_chunks, pools.host_growth.ahead_chunks) == ((1, 3) if cuda else (4, 0))
