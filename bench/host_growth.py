@@ -1,6 +1,7 @@
 """How long the engine thread waits for the host pool to grow, with the next chunk pinned ahead and without.
 
-    python -m bench.host_growth [--gib 4] [--window-pages 8] [--every-ms 50] [--device cuda] --out FILE.json
+    python -m bench.host_growth [--gib 4] [--window-pages 8] [--every-ms 50] [--pin-by register] [--device cuda]
+        --out FILE.json
 
 At 256 cameras on an H100 the device tier was full and windows left it for the host at about 1.1 GB/s, so the host
 pool pinned a new 256-MiB chunk about every 0.23 s, on the engine thread, inside ``keep_host_copy``: 100 ms and more
@@ -13,7 +14,8 @@ are kept until the end, so the second run pins fresh memory rather than the cach
 
 Per run: each take's time (p50, p99, max, how many over 10 ms, their sum), each step's engine-thread work (take,
 queuing the copy and the product: pinning on another thread may hold the driver, and so the engine thread's calls,
-elsewhere than in ``take``), and the chunks pinned ahead and on the engine thread.
+elsewhere than in ``take``), and the chunks pinned ahead and on the engine thread. ``--pin-by`` says how torch pins:
+as the engine has it pin (``register``) or with torch's default (``alloc``), which holds the driver far longer.
 ``--device cpu`` runs the same steps with unpinned chunks and no product, to check the script off a GPU.
 """
 
@@ -31,6 +33,7 @@ import torch
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.memory import arena
 from mosaic_core.memory.arena import PagePools
+from mosaic_core.memory.host_growth import fault_pages_before_pinning
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import TransferEngine
 
@@ -47,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--matmul", type=int, default=2048, help="side of the bf16 product queued each step (0: none)")
     parser.add_argument("--chunk-mib", type=int, default=arena.HOST_CHUNK_BYTES >> 20, help="host chunk size")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument(
+        "--pin-by",
+        default="register",
+        choices=("register", "alloc"),
+        help="register: fault pages in, then cudaHostRegister, as the engine has torch pin "
+        "(fault_pages_before_pinning); alloc: torch's default, cudaHostAlloc",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     for name in ("gib", "window_pages", "every_ms", "chunk_mib"):
@@ -130,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print("CUDA is needed (--device cpu runs the same steps with unpinned chunks)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    if device.type == "cuda" and args.pin_by == "register":
+        fault_pages_before_pinning()
     arena.HOST_CHUNK_BYTES = args.chunk_mib << 20  # read as each pool is made
     rows, kept = [], []
     for ahead in (False, True):

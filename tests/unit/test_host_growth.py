@@ -16,6 +16,7 @@ import torch
 import mosaic_core.memory.arena as arena
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.memory.arena import PagePools
+from mosaic_core.memory.host_growth import PINNED_BY_REGISTERING, fault_pages_before_pinning
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import TransferEngine
 
@@ -197,3 +198,21 @@ def test_by_default_chunks_are_made_ahead_and_pinned_under_cuda_only():
     cuda = device.type == "cuda"
     assert [chunk.is_pinned() for chunk in pools.host_chunks] == [cuda] * 4
     assert (pools.host_growth.sync_chunks, pools.host_growth.ahead_chunks) == ((1, 3) if cuda else (4, 0))
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ("", PINNED_BY_REGISTERING),
+        ("expandable_segments:True", f"expandable_segments:True,{PINNED_BY_REGISTERING}"),
+        ("pinned_use_cuda_host_register:False", "pinned_use_cuda_host_register:False"),
+    ],
+)
+def test_pinning_by_registering_keeps_the_settings_made_before(before, after):
+    saved = torch._C._accelerator_getAllocatorSettings()
+    try:
+        torch._C._accelerator_setAllocatorSettings(before)
+        fault_pages_before_pinning()
+        assert torch._C._accelerator_getAllocatorSettings() == after
+    finally:
+        torch._C._accelerator_setAllocatorSettings(saved)
