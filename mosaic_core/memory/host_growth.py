@@ -35,7 +35,7 @@ def fault_pages_before_pinning() -> None:
     """Has torch's pinned (host) allocator, for the whole process, fault a block's pages in on 8 threads and then
     page-lock them with ``cudaHostRegister``, in place of ``cudaHostAlloc``. torch unregisters each block the way it
     was pinned, so pinned blocks made before stay valid. Settings made before (``PYTORCH_ALLOC_CONF``) are kept, and
-    one that already says how to pin wins: torch resets the settings a new setting string leaves out."""
+    one that already says how to pin wins: torch resets some settings that a new setting string leaves out."""
     current = torch._C._accelerator_getAllocatorSettings()
     if "pinned_use_cuda_host_register" in current:
         return
