@@ -20,6 +20,7 @@ and then register them (``cudaHostRegister``), which holds the lock for far less
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -36,11 +37,20 @@ def fault_pages_before_pinning() -> None:
     page-lock them with ``cudaHostRegister``, in place of ``cudaHostAlloc``. torch unregisters each block the way it
     was pinned, so pinned blocks made before stay valid. Settings made before (``PYTORCH_ALLOC_CONF``) are kept, and
     one that already says how to pin wins: torch resets some settings that a new setting string leaves out."""
-    current = torch._C._accelerator_getAllocatorSettings()
+    current = _allocator_settings()
     if "pinned_use_cuda_host_register" in current:
         return
     torch._C._accelerator_setAllocatorSettings(
         f"{current},{PINNED_BY_REGISTERING}" if current else PINNED_BY_REGISTERING
+    )
+
+
+def _allocator_settings() -> str:
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)  # torch 2.11 has no getter: the start's, then
+    return (
+        get()
+        if get is not None
+        else os.environ.get("PYTORCH_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
     )
 
 

@@ -208,11 +208,22 @@ def test_by_default_chunks_are_made_ahead_and_pinned_under_cuda_only():
         ("pinned_use_cuda_host_register:False", "pinned_use_cuda_host_register:False"),
     ],
 )
-def test_pinning_by_registering_keeps_the_settings_made_before(before, after):
-    saved = torch._C._accelerator_getAllocatorSettings()
-    try:
-        torch._C._accelerator_setAllocatorSettings(before)
-        fault_pages_before_pinning()
-        assert torch._C._accelerator_getAllocatorSettings() == after
-    finally:
-        torch._C._accelerator_setAllocatorSettings(saved)
+def test_pinning_by_registering_keeps_the_settings_made_before(before, after, monkeypatch):
+    made = []
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: before, raising=False)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", made.append)
+
+    fault_pages_before_pinning()
+
+    assert made == ([] if before.startswith("pinned_use_cuda_host_register") else [after])
+
+
+def test_without_a_getter_the_settings_made_at_the_start_are_kept(monkeypatch):
+    made = []
+    monkeypatch.delattr(torch._C, "_accelerator_getAllocatorSettings", raising=False)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", made.append)
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")
+
+    fault_pages_before_pinning()
+
+    assert made == [f"max_split_size_mb:512,{PINNED_BY_REGISTERING}"]
