@@ -11,11 +11,11 @@ addresses and its free pages are only ever changed there.
 
 Another thread's pinning alone does not free the engine thread: ``cudaHostAlloc`` holds the driver's lock while it
 faults in and page-locks the chunk, and every CUDA call of the engine thread waits for it. On an H100
-(``bench/host_growth.py``, 4 GiB taken at 1.1 GB/s) the engine thread's time in ``take`` fell from 1.8 s to 0.12 s
-with chunks made ahead, but its steps (a take, queuing the window's copy and a matrix product) over 10 ms stayed at
-16 of 74, up to 216 ms. ``fault_pages_before_pinning`` has torch fault a chunk's pages in first, outside the driver,
-and then register them (``cudaHostRegister``), which holds the lock for far less: then 1 step of 74 was over 10 ms
-(the first chunk, pinned on the engine thread), p99 10.5 ms.
+(``bench/host_growth.py``, 4 GiB taken at 1.1 GB/s; ``bench/results/h100-host-growth-*.json``) the engine thread's
+time in ``take`` fell from 1.72 s to 0.14 s with chunks made ahead, but of its steps (a take, queuing the window's
+copy and a matrix product) 15 of 74 were still over 10 ms, up to 222 ms. ``fault_pages_before_pinning`` has torch
+fault a chunk's pages in first, outside the driver, and then register them (``cudaHostRegister``), which holds the
+lock for far less: then 1 step of 74 was over 10 ms (the first chunk, pinned on the engine thread), p99 15 ms.
 """
 
 from __future__ import annotations
