@@ -39,6 +39,9 @@ TRANSFER_DIRECTIONS = ("host_to_device", "device_to_host", "host_to_disk", "disk
 # allocation that failed, after which the allocator gave back its cached blocks, a wait for all of the GPU's work, and
 # tried again; device mallocs and frees are the allocator's calls to the driver.
 ALLOCATOR_EVENTS = tuple(ENGINE_ALLOCATOR_EVENTS)
+# How a worker's host page pool got a new chunk (EngineStats.host_chunks_*): pinned ahead on a thread of its own, or
+# on the engine thread by a take that found none pinned ahead (or up front, pinned_host_bytes).
+HOST_CHUNK_HOWS = ("ahead", "sync")
 # Every gRPC status code an RPC can fail with (OK is not an error).
 ERROR_CODES = (
     "CANCELLED",
@@ -201,6 +204,19 @@ class MosaicMetrics:
             ["worker", "event"],
             registry=r,
         )
+        self.host_chunks_total = Counter(
+            "mosaic_host_chunks_total",
+            "Chunks a worker's host page pool grew by: pinned ahead on a thread of their own, or on the engine "
+            "thread (sync), which held it for the pinning.",
+            ["worker", "how"],
+            registry=r,
+        )
+        self.host_grow_wait_seconds_total = Counter(
+            "mosaic_host_grow_wait_seconds_total",
+            "Seconds a worker's engine thread spent pinning host chunks or waiting for one being pinned ahead.",
+            ["worker"],
+            registry=r,
+        )
         # --- keyframes (docs/durability.md) ---
         self.keyframe_bytes = Gauge(
             "mosaic_keyframe_bytes",
@@ -305,6 +321,16 @@ class MosaicMetrics:
     def add_kernel_compiles(self, worker: int | str, n: int) -> None:
         self.kernel_compiles_total.labels(worker_label(worker)).inc(non_negative("kernel compiles", n))
 
+    def add_host_growth(self, worker: int | str, chunks: dict[str, int], wait_s: float) -> None:
+        """Host chunks a worker's pool grew by since the last call, by ``HOST_CHUNK_HOWS``, and the seconds its engine
+        thread spent on them."""
+        label = worker_label(worker)
+        for how, n in chunks.items():
+            self.host_chunks_total.labels(label, check_label("how", how, HOST_CHUNK_HOWS)).inc(
+                non_negative("chunks", n)
+            )
+        self.host_grow_wait_seconds_total.labels(label).inc(non_negative("host grow wait", wait_s))
+
     def set_keyframes(self, worker: int | str, num_bytes: int, dropped: int) -> None:
         """A worker's keyframe bytes now (gauge) and keyframes dropped since the last call (increment)."""
         label = worker_label(worker)
@@ -320,6 +346,7 @@ class MosaicMetrics:
             self.ingest_latency_seconds, self.ingest_batch_frames, self.ingest_forward_passes_total,
             self.ingest_calls_encoded_ahead_total, self.cluster_device_hit_ratio, self.keyframe_bytes,
             self.kernel_compiles_total, self.sources_failing, self.engine_stalled_seconds,
+            self.host_grow_wait_seconds_total,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):  # a series never set
                 metric.remove(label)
@@ -327,6 +354,8 @@ class MosaicMetrics:
             self.transfer_bytes_total.remove(label, direction)
         for event in ALLOCATOR_EVENTS:
             self.device_allocator_events_total.remove(label, event)
+        for how in HOST_CHUNK_HOWS:
+            self.host_chunks_total.remove(label, how)
         for tier in TIERS:
             for metric in (self.tier_used_bytes, self.tier_capacity_bytes, self.clusters):
                 metric.remove(label, tier)
@@ -378,7 +407,7 @@ class MosaicMetrics:
             self.cluster_device_hit_ratio.labels(worker)
             for metric in (
                 self.keyframe_bytes, self.keyframes_dropped_total, self.kernel_compiles_total, self.sources_failing,
-                self.engine_stalled_seconds,
+                self.engine_stalled_seconds, self.host_grow_wait_seconds_total,
             ):  # fmt: skip
                 metric.labels(worker)
             self.engine_loop.prime_worker(worker)
@@ -387,6 +416,8 @@ class MosaicMetrics:
                 self.transfer_bytes_total.labels(worker, direction)
             for event in ALLOCATOR_EVENTS:
                 self.device_allocator_events_total.labels(worker, event)
+            for how in HOST_CHUNK_HOWS:
+                self.host_chunks_total.labels(worker, how)
             for tier in TIERS:
                 for metric in (self.tier_used_bytes, self.tier_capacity_bytes, self.clusters):
                     metric.labels(worker, tier)

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from services.metrics import ALLOCATOR_EVENTS, TRANSFER_DIRECTIONS, MosaicMetrics
+from services.metrics import ALLOCATOR_EVENTS, HOST_CHUNK_HOWS, TRANSFER_DIRECTIONS, MosaicMetrics
 
 MAX_BUFFERED_OBSERVATIONS = 10_000  # per drain interval; beyond it the oldest observations are skipped
 FORGOTTEN_FOR_S = 60.0  # a deleted stream's frames still on their way (a source thread's last) go uncounted this long
@@ -131,6 +131,8 @@ class TelemetryDelta:
     transfer_bytes: dict[str, int] = field(default_factory=dict)
     allocator_events: dict[str, int] = field(default_factory=dict)  # increments, by ALLOCATOR_EVENTS
     kernel_compiles: int = 0  # increment of EngineStats.kernel_compiles
+    host_chunks: dict[str, int] = field(default_factory=dict)  # increments, by HOST_CHUNK_HOWS
+    host_grow_wait_s: float = 0.0  # increment of EngineStats.host_grow_wait_s
     device_hit_ratio: float = 0.0
     durability: DurabilityHealth | None = None
     # Seconds the worker's engine thread has gone without a chance to start a question: it ingests, runs commands
@@ -152,6 +154,8 @@ class WorkerTelemetry:
         self._transfer_seen: dict[str, int] = dict.fromkeys(TRANSFER_DIRECTIONS, 0)
         self._allocator_seen: dict[str, int] = dict.fromkeys(ALLOCATOR_EVENTS, 0)
         self._compiles_seen = 0
+        self._host_chunks_seen: dict[str, int] = dict.fromkeys(HOST_CHUNK_HOWS, 0)
+        self._host_grow_wait_seen = 0.0
         self._totals: dict[str, StreamTotals] = {}
         self._forgotten: dict[str, float] = {}  # deleted streams, by when (monotonic)
 
@@ -262,8 +266,17 @@ class WorkerTelemetry:
             if engine_stats.kernel_compiles is not None:
                 delta.kernel_compiles = max(0, engine_stats.kernel_compiles - self._compiles_seen)
                 self._compiles_seen = engine_stats.kernel_compiles
+            self._host_growth(delta, engine_stats)
             delta.device_hit_ratio = engine_stats.device_hit_ratio
         return delta
+
+    def _host_growth(self, delta: TelemetryDelta, engine_stats) -> None:
+        totals = {"ahead": engine_stats.host_chunks_ahead, "sync": engine_stats.host_chunks_sync}
+        for how, total in totals.items():
+            delta.host_chunks[how] = max(0, total - self._host_chunks_seen[how])
+            self._host_chunks_seen[how] = total
+        delta.host_grow_wait_s = max(0.0, engine_stats.host_grow_wait_s - self._host_grow_wait_seen)
+        self._host_grow_wait_seen = engine_stats.host_grow_wait_s
 
 
 def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: set[str]) -> None:
@@ -305,6 +318,8 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
             metrics.add_allocator_events(worker, event, n)
     if delta.kernel_compiles:
         metrics.add_kernel_compiles(worker, delta.kernel_compiles)
+    if any(delta.host_chunks.values()) or delta.host_grow_wait_s:
+        metrics.add_host_growth(worker, delta.host_chunks, delta.host_grow_wait_s)
     metrics.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
     metrics.set_worker_health(worker, sources_failing=delta.sources_failing, engine_stalled_s=delta.engine_stalled_s)
     for part, seconds in delta.loop_seconds.items():

@@ -44,6 +44,7 @@ from mosaic_core.engine.tower import EncodedFrames
 from mosaic_core.engine.warm_up import WarmUpMixin
 from mosaic_core.errors import BudgetError, InvalidArgumentError, UnknownClusterError, shown
 from mosaic_core.kernels import compiles
+from mosaic_core.memory.host_growth import fault_pages_before_pinning
 from mosaic_core.memory.tiers import KVTiers
 from mosaic_core.model.adapter import VlmAdapter
 from mosaic_core.model.frame_upload import FrameStaging
@@ -64,6 +65,7 @@ class Engine(StreamLifecycleMixin, WarmUpMixin, IntrospectionMixin):
         self.spec = model.kv_spec
         if model.device.type == "cuda":
             compiles.install()  # EngineStats.kernel_compiles
+            fault_pages_before_pinning()  # pinning a host chunk ahead then holds the driver (and this thread) briefly
         # Full mode is the no-eviction baseline: its device tier is accounted but never limits.
         device_bytes = UNLIMITED_BYTES if self.config.mode is RetrievalMode.FULL else self.config.device_budget_bytes
         disk_bytes, disk_dir = self.config.disk_budget_bytes, self.config.disk_dir
@@ -196,7 +198,9 @@ class Engine(StreamLifecycleMixin, WarmUpMixin, IntrospectionMixin):
         return cls(model, config)
 
     def close(self) -> None:
-        """Stops the durable writer after it has written everything queued, and the keyframe encoder."""
+        """Stops the durable writer after it has written everything queued, the keyframe encoder, and the thread
+        that pins host chunks ahead."""
+        self.tiering.tiers.pools.close()
         if self.history is not None:
             self.history.store.close()
         if self._keyframe_encoder is not None:

@@ -68,6 +68,7 @@ class IntrospectionMixin:
         residency = self.tiering.residency
         names = {tier: tier.name.lower() for tier in Tier}
         stores = [store for state in self.streams.values() if (store := held_keyframes(state)) is not None]
+        growth = self.tiering.tiers.pools.host_growth
         return EngineStats(
             mode=self.config.mode.value,
             num_streams=len(self.streams),
@@ -83,6 +84,9 @@ class IntrospectionMixin:
             keyframes_dropped=self._keyframes_dropped_by_closed + sum(s.num_dropped for s in stores),
             allocator_events=_allocator_events(self.model.device),
             kernel_compiles=compiles.total(),
+            host_chunks_ahead=growth.ahead_chunks,
+            host_chunks_sync=growth.sync_chunks,
+            host_grow_wait_s=growth.wait_s,
         )
 
 

@@ -205,3 +205,9 @@ class EngineStats:
     # Variants of Mosaic's own Triton kernels compiled in this process (``mosaic_core.kernels.compiles``), each a
     # stall of about a second for whatever launched it; None where they are not counted (off CUDA).
     kernel_compiles: int | None = None
+    # How the host page pool grew since the engine started (``mosaic_core.memory.host_growth.HostGrowth``): chunks
+    # made ahead on a thread of their own, chunks allocated on the engine thread (up front, or by a take that found
+    # none made), and the seconds the engine thread spent allocating chunks or waiting for one being made.
+    host_chunks_ahead: int = 0
+    host_chunks_sync: int = 0
+    host_grow_wait_s: float = 0.0

@@ -9,7 +9,9 @@ page (``mosaic_core.durable.records``) lands in it with one copy, and one layer 
 
 The device pool is allocated once, at its byte budget: every KV byte the arena places on the device is inside
 it. (The full-mode baseline has no budget: its pool doubles when it runs out.) The host pool grows chunk by chunk
-up to its budget, so an engine with a large host tier does not pin all of it up front.
+up to its budget, so an engine with a large host tier does not pin all of it up front. Under CUDA the next chunk is
+pinned ahead, on a thread of its own, once fewer than a chunk's pages are free (``host_growth.ChunkMaker``): a take
+that needs its pages adopts it, and pins on its own thread only when no chunk is being made.
 
 Which pages are free is plain-Python bookkeeping (``PageAllocator``); this module moves the bytes. Host pages that
 a queued move may still read are handed back only once the transfer engine's fence for them has passed.
@@ -17,13 +19,17 @@ a queued move may still read are handed back only once the transfer engine's fen
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 import torch
 
 from mosaic_core.bookkeeping.pages import PageAllocator
 from mosaic_core.bookkeeping.tiers import Tier
+from mosaic_core.memory.host_growth import ChunkMaker, HostGrowth
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.memory.transfer import Moved, TransferEngine, upload
 
@@ -32,7 +38,14 @@ KEY_STATS_PAGES = 32  # pages whose keys ``key_stats`` copies at once
 
 
 class PagePools:
-    """Page storage of both memory tiers, and copies of pages within and between them."""
+    """Page storage of both memory tiers, and copies of pages within and between them.
+
+    Args:
+        grow_host_ahead: make the next host chunk on a thread of its own before a take needs it (None: under CUDA,
+            where pinning a chunk takes tens of milliseconds; an unpinned chunk is only reserved address space).
+        new_host_chunk: allocates a host chunk of the given number of pages (None: ``torch.empty``, pinned under
+            CUDA).
+    """
 
     def __init__(
         self,
@@ -45,6 +58,8 @@ class PagePools:
         pinned_host_bytes: int = 0,
         grow_device: bool = False,
         transfers: TransferEngine,
+        grow_host_ahead: bool | None = None,
+        new_host_chunk: Callable[[int], torch.Tensor] | None = None,
     ) -> None:
         if page_tokens <= 0:
             raise ValueError(f"page_tokens must be positive, got {page_tokens}")
@@ -64,6 +79,11 @@ class PagePools:
         self._host_chunk_starts = np.zeros(0, dtype=np.int64)  # their addresses (chunks are only ever added)
         self.host_pages = PageAllocator(0)
         self._host_fenced: deque[tuple[torch.cuda.Event | None, list[int]]] = deque()
+        self._new_host_chunk = new_host_chunk or self._empty_host_chunk
+        ahead = self.pin if grow_host_ahead is None else grow_host_ahead
+        self._maker = ChunkMaker(self._new_host_chunk) if ahead else None
+        self._ahead: Future | None = None  # the next chunk, being made or made, until a take adopts it
+        self.host_growth = HostGrowth()
         if pinned_host_bytes:
             self._grow_host(min(self.host_capacity_pages, pinned_host_bytes // self.page_bytes))
 
@@ -87,9 +107,21 @@ class PagePools:
             self._reclaim_host(wait=True)
         missing = num_pages - self.host_pages.num_free
         if missing > 0 and self.host_pages.num_pages < self.host_capacity_pages:
-            room = self.host_capacity_pages - self.host_pages.num_pages
-            self._grow_host(min(room, max(missing, self.host_chunk_pages)))
-        return self.host_pages.allocate(num_pages)
+            started = time.perf_counter()
+            try:
+                self._grow_host(missing)
+            finally:
+                self.host_growth.wait_s += time.perf_counter() - started
+        pages = self.host_pages.allocate(num_pages)
+        self._grow_host_ahead()
+        return pages
+
+    def close(self) -> None:
+        """Stops the thread that makes host chunks ahead, after the chunk it is making; later takes allocate
+        chunks on their own thread."""
+        if self._maker is not None:
+            self._maker.close()
+            self._maker = None
 
     def give_back(self, tier: Tier, pages: list[int]) -> None:
         """Frees pages. Device pages are free at once: every move that reads them is on the side stream, which
@@ -281,16 +313,39 @@ class PagePools:
         self.device_pages.grow(extra)
 
     def _grow_host(self, num_pages: int) -> None:
-        """Adds whole chunks until ``num_pages`` more pages exist (the last chunk stops at the capacity)."""
-        while num_pages > 0 and self.host_pages.num_pages < self.host_capacity_pages:
-            if self.host_chunks and self.host_chunks[-1].shape[0] < self.host_chunk_pages:
-                return  # the short last chunk is at the capacity already
-            size = min(self.host_chunk_pages, self.host_capacity_pages - self.host_pages.num_pages)
-            chunk = torch.empty((size, *self.page_shape), dtype=self.spec.dtype, pin_memory=self.pin)
+        """Adds whole chunks until ``num_pages`` more pages exist (the last chunk stops at the capacity): first the
+        chunk made ahead, waiting for it if it is still being made, then chunks allocated here."""
+        while num_pages > 0 and (size := self._next_host_chunk_pages()):
+            if self._ahead is not None:
+                made, self._ahead = self._ahead, None
+                chunk = made.result()  # the maker's allocation error, if any, is raised here, as this take's own
+                self.host_growth.ahead_chunks += 1
+            else:
+                chunk = self._new_host_chunk(size)
+                self.host_growth.sync_chunks += 1
+            assert chunk.shape == (size, *self.page_shape), f"a host chunk of {chunk.shape[0]} pages, not {size}"
             self.host_chunks.append(chunk)
             self._host_chunk_starts = np.append(self._host_chunk_starts, chunk.data_ptr())
             self.host_pages.grow(size)
             num_pages -= size
+
+    def _grow_host_ahead(self) -> None:
+        """Has the next chunk made on the maker's thread once fewer than a chunk's pages are free: at the rate
+        windows leave the device for the host, a chunk is made long before its pages run out."""
+        if self._maker is None or self._ahead is not None or self.host_pages.num_free >= self.host_chunk_pages:
+            return
+        size = self._next_host_chunk_pages()
+        if size:
+            self._ahead = self._maker.make(size)
+
+    def _next_host_chunk_pages(self) -> int:
+        """Pages of the next host chunk: a whole chunk, or what is left of the capacity (0: none is left)."""
+        if self.host_chunks and self.host_chunks[-1].shape[0] < self.host_chunk_pages:
+            return 0  # the short last chunk is at the capacity already
+        return min(self.host_chunk_pages, self.host_capacity_pages - self.host_pages.num_pages)
+
+    def _empty_host_chunk(self, num_pages: int) -> torch.Tensor:
+        return torch.empty((num_pages, *self.page_shape), dtype=self.spec.dtype, pin_memory=self.pin)
 
     def _reclaim_host(self, *, wait: bool) -> None:
         while self._host_fenced:

@@ -6,6 +6,7 @@ command is then parsed by its benchmark's own argument checks, which exit before
 
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
 import subprocess
@@ -54,10 +55,8 @@ def test_a_call_runs_benchmarks_and_tests_that_exist(script, tmp_path):
     for argv in commands:
         if argv[: len(BENCH)] == BENCH:
             _check_bench(argv, tmp_path)
-        elif argv[:3] == ["python3", "-m", "bench.copy_runs_sweep"]:
-            from bench.copy_runs_sweep import parse_args
-
-            flags = parse_args(argv[3:])  # argparse exits with status 2 on a bad flag or value
+        elif argv[:2] == ["python3", "-m"] and argv[2] in ("bench.copy_runs_sweep", "bench.host_growth"):
+            flags = importlib.import_module(argv[2]).parse_args(argv[3:])  # exits with status 2 on a bad flag
             assert flags.out.parent == tmp_path, "results outside $OUT do not come back"
         elif argv[: len(PYTEST)] == PYTEST:
             paths = [arg for arg in argv[len(PYTEST) :] if not arg.startswith("-") and arg != "no:cacheprovider"]

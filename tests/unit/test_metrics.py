@@ -38,6 +38,8 @@ SPEC = {
     "mosaic_transfer_bytes_total": ("counter", {"worker", "direction"}),
     "mosaic_device_allocator_events_total": ("counter", {"worker", "event"}),
     "mosaic_kernel_compiles_total": ("counter", {"worker"}),
+    "mosaic_host_chunks_total": ("counter", {"worker", "how"}),
+    "mosaic_host_grow_wait_seconds_total": ("counter", {"worker"}),
     "mosaic_tier_used_bytes": ("gauge", {"worker", "tier"}),
     "mosaic_tier_capacity_bytes": ("gauge", {"worker", "tier"}),
     "mosaic_clusters": ("gauge", {"worker", "tier"}),
@@ -392,6 +394,30 @@ def test_allocator_events_reach_their_counter_as_increments_of_the_engines_total
     assert sample(m, "mosaic_device_allocator_events_total", worker="0", event="retries") == 5
     assert sample(m, "mosaic_device_allocator_events_total", worker="0", event="device_mallocs") == 41
     assert sample(m, "mosaic_kernel_compiles_total", worker="0") == 14  # None (not counted) adds nothing
+
+
+def test_host_growth_reaches_its_counters_as_increments_of_the_engines_totals() -> None:
+    from mosaic_core.engine.results import EngineStats
+    from services.telemetry import WorkerTelemetry, apply_delta
+
+    def stats(ahead: int, sync: int, wait_s: float) -> EngineStats:
+        tiers = {"device": 0, "host": 0, "disk": 0}
+        return EngineStats(
+            mode="cluster", num_streams=0, used_bytes_by_tier=tiers, capacity_bytes_by_tier=tiers,
+            clusters_by_tier=tiers, transfer_bytes_by_direction={}, transfer_copies_by_direction={},
+            device_hit_ratio=0.0, host_chunks_ahead=ahead, host_chunks_sync=sync, host_grow_wait_s=wait_s,
+        )  # fmt: skip
+
+    m, telemetry = MosaicMetrics(), WorkerTelemetry("0")
+    for ahead, sync, wait_s in ((0, 1, 0.25), (3, 1, 0.25), (7, 2, 0.5)):
+        apply_delta(
+            m, telemetry.drain(queue_depths={}, lags_s={}, engine_stats=stats(ahead, sync, wait_s)), open_streams=set()
+        )
+    assert sample(m, "mosaic_host_chunks_total", worker="0", how="ahead") == 7
+    assert sample(m, "mosaic_host_chunks_total", worker="0", how="sync") == 2
+    assert sample(m, "mosaic_host_grow_wait_seconds_total", worker="0") == pytest.approx(0.5)
+    m.forget_worker(0)
+    assert sample(m, "mosaic_host_chunks_total", worker="0", how="ahead") is None
 
 
 def test_every_mode_the_service_accepts_is_observed() -> None:
