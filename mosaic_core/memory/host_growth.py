@@ -20,6 +20,7 @@ lock for far less: then 1 step of 74 was over 10 ms (the first chunk, pinned on 
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+log = logging.getLogger(__name__)
 PINNED_BY_REGISTERING = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
 
 
@@ -40,9 +42,13 @@ def fault_pages_before_pinning() -> None:
     current = _allocator_settings()
     if "pinned_use_cuda_host_register" in current:
         return
-    torch._C._accelerator_setAllocatorSettings(
-        f"{current},{PINNED_BY_REGISTERING}" if current else PINNED_BY_REGISTERING
-    )
+    set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # private: a torch may lack it
+    if set_settings is None:
+        log.warning("this torch (%s) cannot change its allocator's settings: host chunks are pinned by cudaHostAlloc, "
+                    "which holds the engine thread while it runs; PYTORCH_ALLOC_CONF=%s at the start does what this "
+                    "would", torch.__version__, PINNED_BY_REGISTERING)  # fmt: skip
+        return
+    set_settings(f"{current},{PINNED_BY_REGISTERING}" if current else PINNED_BY_REGISTERING)
 
 
 def _allocator_settings() -> str:

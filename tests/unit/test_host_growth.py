@@ -227,3 +227,12 @@ def test_without_a_getter_the_settings_made_at_the_start_are_kept(monkeypatch):
     fault_pages_before_pinning()
 
     assert made == [f"max_split_size_mb:512,{PINNED_BY_REGISTERING}"]
+
+
+def test_a_torch_that_cannot_change_its_settings_pins_as_it_does_and_says_so(monkeypatch, caplog):
+    monkeypatch.delattr(torch._C, "_accelerator_setAllocatorSettings", raising=False)
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: "", raising=False)
+
+    fault_pages_before_pinning()  # an engine's start under CUDA goes on
+
+    assert PINNED_BY_REGISTERING in caplog.text and "cannot change its allocator's settings" in caplog.text
