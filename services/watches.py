@@ -255,21 +255,18 @@ class WatchRegistry(WatchSubscribersMixin):
 
     async def _reload_loop(self) -> None:
         """Follows the store: another router sharing it (or an operator) may have added or removed watches."""
-        failures = 0  # reloads failed in a row: the first is logged with its traceback, the rest at debug level
+        outage = StoreOutageLog(log, "reloading watches from the store")
         while True:
             await asyncio.sleep(RELOAD_INTERVAL_S)
             try:
                 await self._reload()
-            except Exception as err:  # the store is down or frozen, or a bug: keep what we have and try again
-                failures += 1
-                if failures == 1:
+            except Exception as err:  # keep what we have and try again
+                if is_store_outage(err):  # down or frozen
+                    outage.failed(err)
+                else:  # a bug
                     log.exception("reloading watches from the store failed (retrying every %.0f s)", RELOAD_INTERVAL_S)
-                else:
-                    log.debug("reloading watches from the store failed, %d times in a row: %s", failures, err)
                 continue
-            if failures:
-                log.warning("reloading watches from the store works again, after %d failed tries", failures)
-            failures = 0
+            outage.worked()
 
     async def _reload(self) -> None:
         version = self._version

@@ -144,8 +144,10 @@ def test_the_reload_loop_logs_a_frozen_redis_once_and_says_when_it_answers_again
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop
         failed = [r for r in caplog.records if "reloading watches from the store failed" in r.getMessage()]
-        assert [r.levelno for r in failed][:2] == [logging.ERROR, logging.DEBUG], caplog.text
+        assert [r.levelno for r in failed][:2] == [logging.WARNING, logging.DEBUG], caplog.text
         assert {r.levelno for r in failed[1:]} == {logging.DEBUG}
+        assert "cannot be reached (TimeoutError: " in failed[0].getMessage()
+        assert not [r for r in caplog.records if r.exc_info], "an outage logged as a bug, with its traceback"
         assert "works again" in caplog.text
 
     asyncio.run(run())
