@@ -300,7 +300,9 @@ class Coordinator(TelemetryPollsMixin):
     async def _rank_workers(self) -> list[tuple[int, WorkerInfo]]:
         """Live workers and what they said of themselves, most free budget first."""
         live = sorted(self._alive - self._stalled)
-        results = await asyncio.gather(*(self.workers[i].info.remote() for i in live), return_exceptions=True)
+        # Through _call: a worker found gone for good here is marked so, as a call about one of its streams would
+        results = await asyncio.gather(*(self._call(i, self.workers[i].info.remote()) for i in live),
+                                       return_exceptions=True)  # fmt: skip
         ranked = [
             (-info.free_bytes, info.num_streams, index, info)
             for index, info in zip(live, results, strict=True)

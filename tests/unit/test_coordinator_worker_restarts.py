@@ -479,3 +479,15 @@ def test_a_worker_reported_gone_that_answers_a_poll_keeps_its_streams():
         assert await coordinator.delete_stream("cam") == 0 and worker.streams == {}  # through the worker itself
 
     asyncio.run(scenario())
+
+
+def test_a_worker_found_gone_while_ranking_workers_for_a_new_stream_is_counted_gone():
+    async def scenario():
+        worker, metrics = Worker(0), MosaicMetrics()
+        coordinator = await _started(worker, metrics)
+        worker.reported_dead = True
+        with pytest.raises(UnavailableError, match="no worker is up"):
+            await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        assert metrics.registry.get_sample_value("mosaic_workers_gone") == 1
+
+    asyncio.run(scenario())
