@@ -57,6 +57,10 @@ SHUTDOWN_INGEST_S = 2.0
 # the thread is in when asked, the counters' save and the tier sync's flush. A checkpoint that fails late is then
 # logged with its own error (the disk's), not as this wait's end.
 SHUTDOWN_MARGIN_S = 10.0
+# The engine's close waits this long for its history's writer to finish (DurableStore.close), or after a failed
+# checkpoint only this long: that checkpoint waited its own bound for the same writes already.
+STORE_CLOSE_S = 60.0
+STORE_CLOSE_AFTER_FAILURE_S = 5.0
 SOURCES_STOP_S = 2.0  # at shutdown, the time the source readers get to stop, all together (they are daemons)
 
 
@@ -198,12 +202,14 @@ class WorkerCore:
         stopped_by = time.monotonic() + SOURCES_STOP_S  # one wait for all: readers stuck in a lookup or a read
         for source in sources:
             source.stop(timeout_s=max(0.0, stopped_by - time.monotonic()))
+        store_close_s = STORE_CLOSE_S
         try:
             self.loop.call(
                 self._end_ingest_and_checkpoint, time.monotonic() + SHUTDOWN_INGEST_S, timeout_s=shutdown_wait_s()
             )
         except Exception as err:  # a shutdown still goes on; what was sealed before is on disk
             log.error("worker %s: checkpoint at shutdown failed: %s", self.worker_id, err)
+            store_close_s = STORE_CLOSE_AFTER_FAILURE_S  # the writes it waited for will not land now either
         self.publisher.wait_idle(5.0)
         self.publisher.stop()
         self.loop.stop()
@@ -212,7 +218,7 @@ class WorkerCore:
         except Exception as err:  # the engine must still close
             log.error("worker %s: its last telemetry could not be read: %s", self.worker_id, err)
             last = None
-        self.engine.close()
+        self.engine.close(timeout_s=store_close_s)
         self.store.close()
         return last
 

@@ -197,12 +197,12 @@ class Engine(StreamLifecycleMixin, WarmUpMixin, IntrospectionMixin):
             config = dataclasses.replace(config, device_budget_bytes=budget)
         return cls(model, config)
 
-    def close(self) -> None:
-        """Stops the durable writer after it has written everything queued, the keyframe encoder, and the thread
-        that pins host chunks ahead."""
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Stops the durable writer after it has written everything queued (waiting up to ``timeout_s`` for the
+        writes, and as long again for its thread), the keyframe encoder, and the thread that pins host chunks ahead."""
         self.tiering.tiers.pools.close()
         if self.history is not None:
-            self.history.store.close()
+            self.history.store.close(timeout_s)
         if self._keyframe_encoder is not None:
             self._keyframe_encoder.shutdown(wait=True)
 

@@ -7,6 +7,8 @@ import logging
 import threading
 import time
 
+import pytest
+
 from mosaic_core.durable import write_behind as write_behind_module
 from mosaic_core.engine import stream_lifecycle
 from mosaic_core.engine.engine import Engine
@@ -29,9 +31,11 @@ def _wait_ingested(worker: WorkerCore, stream_id: str, n: int, timeout_s: float 
         time.sleep(0.05)
 
 
-def test_a_checkpoint_that_fails_at_its_own_limit_is_logged_with_the_disks_error(
-    tiny_model, bikes_frames, tmp_path, monkeypatch, caplog
-):
+@pytest.fixture
+def broken_disk_worker(tiny_model, bikes_frames, tmp_path, monkeypatch):
+    """A worker whose stream's history cannot be written any more (a file where its folder was), with its engine
+    thread busy for ``BUSY_S`` when the shutdown asks for the checkpoint; yields it and its stream's folder and the
+    folder set aside, which a test puts back to fix the disk."""
     monkeypatch.setattr(stream_lifecycle, "CHECKPOINT_WAIT_S", CHECKPOINT_WAIT_S)
     monkeypatch.setattr(worker_module, "SHUTDOWN_INGEST_S", INGEST_S)
     monkeypatch.setattr(worker_module, "SHUTDOWN_MARGIN_S", MARGIN_S)
@@ -48,8 +52,16 @@ def test_a_checkpoint_that_fails_at_its_own_limit_is_logged_with_the_disks_error
     gate = threading.Event()
     worker.loop.post(gate.wait, 30)
     threading.Timer(BUSY_S, gate.set).start()
+    yield worker, stream_dir, aside
+    if aside.exists():
+        stream_dir.unlink()
+        aside.rename(stream_dir)
 
-    def fix_the_disk_once_logged() -> None:  # else the engine's close waits its own minute for the writes
+
+def test_a_checkpoint_that_fails_at_its_own_limit_is_logged_with_the_disks_error(broken_disk_worker, caplog):
+    worker, stream_dir, aside = broken_disk_worker
+
+    def fix_the_disk_once_logged() -> None:  # the disk's error is what this test is after, not the close's wait
         deadline_s = time.monotonic() + 30.0
         while not _failure_lines(caplog) and time.monotonic() < deadline_s:
             time.sleep(0.05)
@@ -67,6 +79,16 @@ def test_a_checkpoint_that_fails_at_its_own_limit_is_logged_with_the_disks_error
     [line] = _failure_lines(caplog)
     assert f"not all on disk after {CHECKPOINT_WAIT_S:g} s" in line and "NotADirectoryError" in line, line
     assert elapsed_s < worker_module.shutdown_wait_s() + 10.0  # the publisher and the stores after it
+
+
+def test_a_shutdown_whose_checkpoint_failed_does_not_wait_the_writers_minute_again(broken_disk_worker, monkeypatch):
+    worker, _, _ = broken_disk_worker
+    monkeypatch.setattr(worker_module, "STORE_CLOSE_AFTER_FAILURE_S", 0.5)
+    started_s = time.monotonic()
+    worker.shutdown()  # the disk stays broken throughout
+
+    # the checkpoint's bounds, the close's two waits of 0.5 s, and the publisher's: not DurableStore.close's 2 x 60 s
+    assert time.monotonic() - started_s < worker_module.shutdown_wait_s() + 8.0
 
 
 def _failure_lines(caplog) -> list[str]:
