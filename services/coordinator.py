@@ -81,14 +81,14 @@ class Coordinator(TelemetryPollsMixin):
         self._pending: dict[tuple[str, int], asyncio.Future] = {}  # (call, worker) -> an answer a poll waits for
         self.started = False
 
-    async def start(self, timeout_s: float, *, namespace: str) -> list[WorkerInfo]:
+    async def start(self, timeout_s: float) -> list[WorkerInfo]:
         """Waits for every worker to build its engine and restore its streams, for as long as each makes progress
-        (``coordinator_start``: ``timeout_s`` bounds a worker's silence, the progress lines of ``namespace``); takes
+        (``coordinator_start``: ``timeout_s`` bounds a worker's silence, each asked for its start state); takes
         placement from them. Until it returns or raises, ``mosaic_workers_starting`` counts the workers; then they
         are up, or the router gives up."""
         self.metrics.set_workers_starting(len(self.workers))
         try:
-            infos = await wait_for_workers(self.workers, timeout_s=timeout_s, namespace=namespace)
+            infos = await wait_for_workers(self.workers, timeout_s=timeout_s)
             owned = await asyncio.gather(*(telemetry_call(w.stream_ids).remote() for w in self.workers))
         except BaseException:
             self.metrics.set_workers_starting(0)  # the router gives up on them and stops

@@ -82,6 +82,14 @@ class HistoryNotDeletedError(MosaicError):
     grpc_code = "INTERNAL"
 
 
+class WorkerStartError(MosaicError):
+    """A worker whose start (engine build, restore) failed: its process lives but serves nothing, its history left
+    as it is on disk, until the server restarts (a ``WorkerGoneError`` would let a DeleteStream delete that history
+    from the router, behind a live process)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class UnauthenticatedError(MosaicError):
     """The call carried no API key, or the wrong one."""
 

@@ -53,7 +53,6 @@ from services.request_log import RequestLogInterceptor, replace_behaviour
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
 from services.source_policy import SourcePolicy
-from services.start_progress import forget_progress
 from services.store_actor import RayMetadataStore, connect_store
 from services.url_text import host_in_address
 from services.watches import WatchRegistry
@@ -233,11 +232,9 @@ class MosaicServer:
         self.coordinator.store = store
         self.coordinator.data_dir = cfg.data_dir
         actor_cls = worker_actor(cfg)
-        # An earlier server's lines would read as this start's progress (services.start_progress)
-        await asyncio.to_thread(forget_progress, cfg.redis_namespace, [str(i) for i in range(cfg.workers)])
         self._workers = [actor_cls.remote(str(i), cfg, worker_store) for i in range(cfg.workers)]
         self.coordinator.workers = self._workers
-        await self.coordinator.start(cfg.worker_start_timeout_s, namespace=cfg.redis_namespace)
+        await self.coordinator.start(cfg.worker_start_timeout_s)
         if cfg.redis_url:
             watch_store = await asyncio.to_thread(
                 RedisWatchStore.from_url, cfg.redis_url, namespace=cfg.redis_namespace, timeout_s=cfg.redis_timeout_s

@@ -1,15 +1,18 @@
 """A GPU worker: one engine and the stream sessions placed on it (a Ray actor through ``services.worker_actor``).
 
-``WorkerCore`` is plain Python (tests can build it in-process). Inside, one engine thread (``EngineLoop``) does all
-engine work; producers (PushFrames calls, source readers) only touch the bounded, drop-oldest ingest queues. Its
-streams are opened, closed and restored by ``WorkerStreams``, its questions asked through ``WorkerQuestions``.
+``WorkerCore`` is plain Python (tests can build it in-process, then ``wait_started``). Its constructor returns at once
+and its start (engine, restore) runs on a thread of its own (``services.worker_start``): until it is done the worker
+answers ``start_state`` and refuses its other calls (``shutdown`` stops at once). Inside, one engine thread
+(``EngineLoop``) does all engine work; producers (PushFrames calls, source readers) only touch the bounded,
+drop-oldest ingest queues. Its streams are opened, closed and restored by ``WorkerStreams``, its questions asked
+through ``WorkerQuestions``.
 
 **The worker is the truth about its streams.** Its engine keeps every stream, and every sealed cluster, in the
 worker's data directory (``mosaic_core.durable``). When Ray restarts a dead worker (``max_restarts``), or a new
-server starts on the same data directory, ``__init__`` re-opens every stream found there with its record (fps,
-source, retention, labels), re-adopts its sealed clusters, and resumes pulling sources with the clock
-continuing past the last recorded frame. The metadata store is an index that ``MetadataPublisher`` rebuilds
-from the worker, never the other way round.
+server starts on the same data directory, its start re-opens every stream found there with its record (fps, source,
+retention, labels), re-adopts its sealed clusters, and resumes pulling sources with the clock continuing past the
+last recorded frame. The metadata store is an index that ``MetadataPublisher`` rebuilds from the worker, never the
+other way round.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from services.preflight import unserved_history_problem
 from services.publisher import MetadataPublisher, WorkerView
 from services.session import StreamSession
 from services.sources import SourceState
-from services.start_progress import StartReporter
 from services.store_actor import connect_store
 from services.stream_metrics import DROP_REASONS
 from services.telemetry import DurabilityHealth, TelemetryDelta, WorkerTelemetry, durability_health
@@ -46,6 +48,7 @@ from services.watches_worker import WorkerWatches
 from services.worker_engine import build_engine
 from services.worker_questions import WorkerQuestions
 from services.worker_results import FrameRejection, PushResult, StreamInfo, WorkerInfo
+from services.worker_start import StartState, WorkerStart
 from services.worker_streams import WorkerStreams
 
 log = logging.getLogger(__name__)
@@ -91,13 +94,43 @@ class WorkerCore:
         # As ``mosaic serve``'s preflight does, which a router joined to a Ray cluster skips: it sees no worker folder.
         if config.data_dir and (problem := unserved_history_problem(config.data_dir, config.workers)):
             raise ConfigError(problem)
+        self.restored_streams: list[str] = []
+        self.restore_s = 0.0
+        # Ray holds every call to an actor until its constructor returns: the start runs on a thread of its own, and
+        # the router asks ``start_state`` how far it has come (``services.worker_start``).
+        self._start = WorkerStart(worker_id)
+        self._start.run(lambda: self._start_up(store, engine))
+
+    def _start_up(self, store: MetadataStore | None, engine) -> None:
+        """The start's thread: connects the store, builds the engine and the worker's parts, restores the streams."""
         if store is None:
+            self._start.stage("connecting to the metadata store")
+            config = self.config
             store = connect_store(config.redis_url, namespace=config.redis_namespace, timeout_s=config.redis_timeout_s)
         self.store = store
-        # The router waits for this constructor while the line it reads keeps changing (services.start_progress).
-        reporter = StartReporter(config.redis_namespace, worker_id)
-        reporter.stage("building its engine")
-        self.engine = engine if engine is not None else build_engine(worker_id, config)
+        self._start.stage("building its engine")
+        self.engine = engine if engine is not None else build_engine(self.worker_id, self.config)
+        self._assemble()
+        self._start.stage("starting its engine thread")
+        if self.config.freeze_heap_after_start:  # before any stream: a deleted stream's objects stay collectable
+            gc_watch.freeze_once(f"worker {self.worker_id}")
+        self.loop.start()
+        stack_probe.start(
+            f"worker-{self.worker_id}",
+            self.loop.thread,
+            since_chance=self.loop.questions.seconds_since_chance,
+            chance_kind=self.loop.questions.last_chance_kind,
+        )
+        restore_started_s = time.monotonic()
+        self.restored_streams = self.streams.restore(self._start.restore_step)
+        self.restore_s = time.monotonic() - restore_started_s
+        self._start.stage("starting its metadata publisher")
+        self.publisher.start()
+
+    def _assemble(self) -> None:
+        """The worker's parts around its engine and store: telemetry, queues, publisher, engine loop, watches,
+        questions and streams."""
+        config, worker_id = self.config, self.worker_id
         self.telemetry = WorkerTelemetry(worker_id)
         self.queues = IngestQueues(config.ingest_queue_frames)
         self.publisher = MetadataPublisher(
@@ -137,19 +170,6 @@ class WorkerCore:
             self.sessions,
             self._offer,
         )
-        if config.freeze_heap_after_start:  # before any stream: a deleted stream's objects stay collectable
-            gc_watch.freeze_once(f"worker {worker_id}")
-        self.loop.start()
-        stack_probe.start(
-            f"worker-{worker_id}",
-            self.loop.thread,
-            since_chance=self.loop.questions.seconds_since_chance,
-            chance_kind=self.loop.questions.last_chance_kind,
-        )
-        restore_started_s = time.monotonic()
-        self.restored_streams = self.streams.restore(reporter.restore_step)
-        self.restore_s = time.monotonic() - restore_started_s
-        self.publisher.start()
 
     def _new_loop(self) -> EngineLoop:
         """The engine loop, with the service's batch, question and pause settings."""
@@ -177,8 +197,19 @@ class WorkerCore:
         )
 
     # -- lifecycle ----------------------------------------------------------------------------------
+    def start_state(self) -> StartState:
+        """How far this worker's start has come (``services.worker_start``); answered while the start runs."""
+        return self._start.state
+
+    def wait_started(self, timeout_s: float) -> WorkerCore:
+        """For a worker built in-process: waits until its start is done, raising its error if it failed and
+        ``TimeoutError`` past ``timeout_s``. Returns the worker, so that building and waiting read as one."""
+        self._start.wait(timeout_s)
+        return self
+
     def info(self) -> WorkerInfo:
         """Readiness probe and placement input: free device + host bytes after every reservation."""
+        self._start.check_ready()
         stats = self.loop.call(self.engine.stats)  # fresh: the previous placement's reservation must show
         free = sum(max(0, stats.capacity_bytes_by_tier[t] - stats.used_bytes_by_tier[t]) for t in ("device", "host"))
         return WorkerInfo(
@@ -195,7 +226,11 @@ class WorkerCore:
         """Stops sources, ingests what they queued (for up to ``SHUTDOWN_INGEST_S``; what is left is counted as
         dropped, reason ``shutdown``), makes every stream's history durable (open clusters and windows included), and
         lets the publisher finish before the store closes. Returns the telemetry since the last drain, those frames
-        included, which no poll will take any more (None if it could not be read)."""
+        included, which no poll will take any more (None if it could not be read, or the start never finished: then
+        nothing was served that a checkpoint would keep, and what the start restored is on disk already)."""
+        if not self._start.state.ready:
+            log.warning("worker %s stops before its start finished (%s)", self.worker_id, self._start.state.text)
+            return None
         sources = [session.source for session in list(self.sessions.values()) if session.source is not None]
         for source in sources:  # all at once: each notices within its decoder's poll, which one by one added up
             source.request_stop()
@@ -249,32 +284,39 @@ class WorkerCore:
     # -- streams ------------------------------------------------------------------------------------
     def open_stream(self, record: StreamRecord) -> None:
         """Opens the stream in the engine and, for a source stream, starts pulling it (``WorkerStreams``)."""
+        self._start.check_ready()
         self.streams.open_stream(record)
 
     def close_stream(self, stream_id: str) -> int:
         """Ends the stream's questions, drops its queued frames, frees its KV and its durable history; returns
         the clusters freed. All or nothing (``WorkerStreams.close_stream``)."""
+        self._start.check_ready()
         return self.streams.close_stream(stream_id)
 
     def delete_gone_workers_history(self, index: int, stream_id: str) -> int:
         """Deletes what worker ``index``, gone for good, kept of ``stream_id`` in the shared data directory, for a
         router that does not see it (``services.gone_workers``); returns its clusters."""
+        self._start.check_ready()
         if str(index) == self.worker_id:
             raise StateError(f"worker {self.worker_id} is not gone: its streams are deleted with DeleteStream")
         return delete_history_of_gone_worker(self.config.data_dir, index, stream_id)
 
     def stream_ids(self) -> list[str]:
+        self._start.check_ready()
         return sorted(self.sessions)
 
     def stream_info(self, stream_id: str) -> StreamInfo:
+        self._start.check_ready()
         return self.streams.stream_info(stream_id)
 
     def keyframes(self, stream_id: str, keyframe_ids: list[str], cluster_id: str, latest: bool) -> list[Keyframe]:
         """A stream's keyframes by ids, by cluster or the newest (``WorkerStreams.keyframes``)."""
+        self._start.check_ready()
         return self.streams.keyframes(stream_id, keyframe_ids, cluster_id, latest)
 
     def stream_infos(self) -> list[StreamInfo]:
         """Every open stream's info, from one engine-thread command (``WorkerStreams.stream_infos``)."""
+        self._start.check_ready()
         return self.streams.stream_infos()
 
     # -- ingest -------------------------------------------------------------------------------------
@@ -282,6 +324,7 @@ class WorkerCore:
         """A frame of ``stream_id`` the router dropped before it reached here (a JPEG it could not decode): counted
         in the stream's totals, which GetStream reports and a restart keeps, and in the telemetry the router's metric
         comes from. A stream not open here counts nothing."""
+        self._start.check_ready()
         if reason not in DROP_REASONS:
             raise InvalidArgumentError(f"unknown drop reason {reason!r}; one of {', '.join(DROP_REASONS)}")
         if stream_id in self.sessions:
@@ -293,6 +336,7 @@ class WorkerCore:
         ``accepted`` counts the frames queued (as GetStream's ``frames_received`` does), ``rejected`` the refused and
         ``sampled_out`` those in a 1/fps slot of their stream's grid that an earlier frame took (``IngestQueues.put``).
         """
+        self._start.check_ready()
         result = PushResult()
         for index, stream_id, timestamp_s, rgb in frames:
             try:
@@ -347,6 +391,7 @@ class WorkerCore:
 
         ``timeout_s`` counts from ``sent_unix``, the caller's wall clock when it sent the ask (``WorkerQuestions.ask``).
         """
+        self._start.check_ready()
         yield from self.questions.ask(
             question_id, stream_id, question, max_new_tokens, time_range, timeout_s, sent_unix
         )
@@ -354,21 +399,25 @@ class WorkerCore:
     def questions_of(self, stream_id: str) -> int:
         """The stream's questions running or waiting on this worker; past ``max_questions_per_stream`` the next is
         refused RESOURCE_EXHAUSTED."""
+        self._start.check_ready()
         return self.loop.questions.questions_of(stream_id)
 
     def cancel(self, question_id: str) -> bool:
         """Stops a question's answer; True when it was here. A cancel that comes before its ask is kept for the ask
         to find (``WorkerQuestions.cancel``)."""
+        self._start.check_ready()
         return self.questions.cancel(question_id)
 
     # -- standing questions -------------------------------------------------------------------------
     def set_watches(self, specs: list[WatchSpec]) -> int:
         """Replaces the watches this worker evaluates (the router sends them all); returns how many."""
+        self._start.check_ready()
         self.watches.set_watches(specs)
         return len(specs)
 
     def take_watch_events(self, wait_s: float) -> WatchReport:
         """Events fired since the last call, waiting up to ``wait_s`` for one (the router long-polls)."""
+        self._start.check_ready()
         return self.watches.take(wait_s)
 
     def _after_ingest(self, stream_ids) -> None:
@@ -376,6 +425,7 @@ class WorkerCore:
 
     # -- telemetry ----------------------------------------------------------------------------------
     def drain_telemetry(self) -> TelemetryDelta:
+        self._start.check_ready()
         delta = self._telemetry_delta()
         self._save_counters()
         return delta
@@ -391,6 +441,7 @@ class WorkerCore:
 
     def keyframe_stats(self) -> tuple[int, int]:
         """``(keyframe bytes held, keyframes dropped since the previous call)`` from the engine's latest stats."""
+        self._start.check_ready()
         stats = self.loop.stats
         if stats is None:
             return 0, 0

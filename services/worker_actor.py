@@ -19,6 +19,9 @@ ANSWER_GROUP = "answers"
 # the poll's 5 s ran out, and the router counted a busy worker down (``telemetry_call``).
 TELEMETRY_GROUP = "telemetry"
 TELEMETRY_THREADS = 2
+# ``start_state``, which the router asks while the worker's start (on a thread of its own) runs.
+START_GROUP = "start"
+START_THREADS = 1
 
 
 def send_ask(worker, question_id, stream_id, question, max_new_tokens, time_range, timeout_s: float):
@@ -35,9 +38,15 @@ def telemetry_call(method):
     return method.options(concurrency_group=TELEMETRY_GROUP)
 
 
+def start_state_call(worker):
+    """A worker actor's ``start_state`` on its start thread, ready for ``.remote()``."""
+    return worker.start_state.options(concurrency_group=START_GROUP)
+
+
 def worker_concurrency_groups(config: ServiceConfig) -> dict[str, int]:
-    """The worker actor's thread groups beside its ``CONTROL_THREADS``: answers, and the router's polls."""
-    return {ANSWER_GROUP: config.answer_threads, TELEMETRY_GROUP: TELEMETRY_THREADS}
+    """The worker actor's thread groups beside its ``CONTROL_THREADS``: answers, the router's polls, and its start's
+    state."""
+    return {ANSWER_GROUP: config.answer_threads, TELEMETRY_GROUP: TELEMETRY_THREADS, START_GROUP: START_THREADS}
 
 
 def worker_actor(config: ServiceConfig):

@@ -65,3 +65,17 @@ def metric(url: str, name: str, **labels) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels``."""
     want = set(labels.items())
     return sum(v for (n, items), v in samples(scrape(url)).items() if n == name and want <= set(items))
+
+
+def wait_started(worker, *, timeout_s: float = 400.0) -> None:
+    """Waits until a worker actor's start is done, asking its ``start_state`` as the router does."""
+    import ray
+
+    from services.worker_actor import start_state_call
+
+    def ready():
+        state = ray.get(start_state_call(worker).remote(), timeout=timeout_s)
+        assert state.error is None, state.text
+        return state.ready
+
+    wait_for(ready, timeout_s=timeout_s, what="the worker's start")

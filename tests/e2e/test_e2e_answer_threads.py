@@ -11,6 +11,7 @@ import time
 import uuid
 
 import pytest
+from service_support import wait_started
 
 from mosaic_core.config import MIB
 from services.config import ServiceConfig, load_config
@@ -40,7 +41,7 @@ def worker(ray_cluster, redis_server, bikes_frames, tmp_path_factory):
         engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 128},
     )
     actor = worker_actor(config).remote("threads", config)
-    ray.get(actor.info.remote(), timeout=400)
+    wait_started(actor)
     for stream_id in STREAMS:
         ray.get(actor.open_stream.remote(StreamRecord(stream_id=stream_id, fps=FPS)), timeout=60)
     pairs = [(stream_id, t) for stream_id in STREAMS for t in range(2)]

@@ -13,6 +13,7 @@ import asyncio
 import uuid
 
 import pytest
+from service_support import wait_started
 
 from services.config import load_config
 from services.coordinator import Coordinator
@@ -38,7 +39,7 @@ def workers(ray_cluster, redis_server, tmp_path_factory):
         engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 128},
     )
     alive = worker_actor(config).remote("alive", config)
-    ray.get(alive.info.remote(), timeout=400)
+    wait_started(alive)
     ray.get(alive.open_stream.remote(StreamRecord(stream_id="healthy", fps=2.0)), timeout=60)
     gone = worker_actor(config).remote("gone", config)
     ray.kill(gone, no_restart=True)

@@ -222,7 +222,9 @@ def test_a_cpu_worker_leaves_encode_ahead_off_though_the_service_turns_it_on(tin
     config = load_config(None, data_dir=str(tmp_path))
     assert config.encode_ahead and config.engine_config().tower_stream
     assert not load_config(None, engine={"tower_stream": False}).engine_config().tower_stream
-    worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    worker = WorkerCore(
+        "0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config())
+    ).wait_started(60)
     try:
         assert worker.loop.ingest_calls.encode_ahead is False
     finally:

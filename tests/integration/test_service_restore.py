@@ -28,7 +28,9 @@ from services.worker import WorkerCore
 
 
 def _worker(tiny_model, config, store) -> WorkerCore:
-    return WorkerCore("0", config, store=store, engine=Engine(tiny_model, config.engine_config(worker_subdir="w0")))
+    return WorkerCore(
+        "0", config, store=store, engine=Engine(tiny_model, config.engine_config(worker_subdir="w0"))
+    ).wait_started(60)
 
 
 def _crash_and_restart(first: WorkerCore, tiny_model, config, store) -> WorkerCore:
@@ -356,7 +358,9 @@ def test_history_no_configured_worker_would_serve_stops_a_worker_from_starting(t
     engine = {"target_tokens_per_frame": 16}
     two = load_config(None, data_dir=str(tmp_path), workers=2, ray_address="auto", engine=engine)
     store = InMemoryMetadataStore()
-    second = WorkerCore("1", two, store=store, engine=Engine(tiny_model, two.engine_config(worker_subdir="worker-1")))
+    second = WorkerCore(
+        "1", two, store=store, engine=Engine(tiny_model, two.engine_config(worker_subdir="worker-1"))
+    ).wait_started(60)
     second.open_stream(StreamRecord(stream_id="gate", fps=1.0))
     assert not second.push([(0, "gate", 1.0, bikes_frames[0][1])]).rejected
     _wait_ingested(second, "gate", 1)

@@ -48,7 +48,7 @@ def store(redis_client, redis_namespace):
 
 def _worker(tiny_model, config, store) -> WorkerCore:
     engine = Engine(tiny_model, config.engine_config(worker_subdir="worker-0"))
-    return WorkerCore("0", config, store=store, engine=engine)
+    return WorkerCore("0", config, store=store, engine=engine).wait_started(60)
 
 
 def _open(worker: WorkerCore, store, stream_id: str, **fields) -> None:

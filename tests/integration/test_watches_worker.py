@@ -37,7 +37,9 @@ def _config(tmp_path, **fields):
 def worker(request, tiny_model, tmp_path):
     """A worker over the tiny preset; ``indirect`` parametrisation passes config fields over these."""
     config = _config(tmp_path, **getattr(request, "param", {}))
-    worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    worker = WorkerCore(
+        "0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config())
+    ).wait_started(60)
     yield worker
     worker.shutdown()
 
@@ -219,7 +221,9 @@ def test_a_shutdown_hands_over_every_event_it_cut_short(tiny_model, bikes_frames
         ingest_queue_frames=64,
         engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 128},
     )
-    worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    worker = WorkerCore(
+        "0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config())
+    ).wait_started(60)
     worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
     worker.set_watches([_watch("all", ["cam"], max_answer_tokens=64)])  # long answers: most are still queued
     _push(worker, "cam", [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:16])])
@@ -287,13 +291,13 @@ def test_clusters_sealed_before_a_restarted_workers_first_watch_list_are_scored_
     config = _config(tmp_path)
     store = InMemoryMetadataStore()
     frames = [(i / FPS, rgb) for i, (_, rgb) in enumerate(bikes_frames[:16])]
-    worker = WorkerCore("0", config, store=store, engine=Engine(tiny_model, config.engine_config()))
+    worker = WorkerCore("0", config, store=store, engine=Engine(tiny_model, config.engine_config())).wait_started(60)
     worker.open_stream(StreamRecord(stream_id="cam", fps=FPS))
     worker.set_watches([_watch("w", ["cam"])])
     _push(worker, "cam", frames[:6])
     worker.drain_telemetry()
     worker.shutdown()
-    worker = WorkerCore("0", config, store=store, engine=Engine(tiny_model, config.engine_config()))
+    worker = WorkerCore("0", config, store=store, engine=Engine(tiny_model, config.engine_config())).wait_started(60)
     try:
         mark = worker.watches.watermark_of("cam")
         _push(worker, "cam", frames[6:12])  # sealed while the router's list is on its way

@@ -40,7 +40,9 @@ def _config(tmp_path, **overrides):
 
 
 def _worker(tiny_model, config) -> WorkerCore:
-    return WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    return WorkerCore(
+        "0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config())
+    ).wait_started(60)
 
 
 def test_a_failed_delete_keeps_the_stream_and_its_queued_frames_and_a_retry_deletes_its_history(

@@ -20,7 +20,9 @@ def _worker(tiny_model, tmp_path, **overrides) -> WorkerCore:
     config = load_config(
         None, data_dir=str(tmp_path / "data"), ingest_headroom=0.0, engine={"target_tokens_per_frame": 16}, **overrides
     )
-    return WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    return WorkerCore(
+        "0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config())
+    ).wait_started(60)
 
 
 def test_every_frame_a_source_reader_samples_is_received(tiny_model, tmp_path):

@@ -17,7 +17,9 @@ from services.worker import WorkerCore
 def test_an_open_that_ends_after_its_create_gave_up_is_undone(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(worker_streams, "OPEN_STREAM_WAIT_S", 0.2)
     config = load_config(None, data_dir=str(tmp_path / "data"), ingest_headroom=0.0)
-    worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    worker = WorkerCore(
+        "0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config())
+    ).wait_started(60)
     open_stream = worker.engine.open_stream
 
     def slow_open(*args, **kwargs):  # started at once, ends after the wait: a slow volume, say

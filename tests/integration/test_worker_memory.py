@@ -56,8 +56,8 @@ def test_footprint_stops_growing_and_falls_when_streams_go(tiny_model, bikes_fra
         freeze_heap_after_start=False,  # gc.get_objects() does not list frozen objects: count them all
         engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 128},
     )
-    worker = WorkerCore("0", config, store=InMemoryMetadataStore(),
-                        engine=Engine(tiny_model, config.engine_config(worker_subdir="w0")))  # fmt: skip
+    engine = Engine(tiny_model, config.engine_config(worker_subdir="w0"))
+    worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=engine).wait_started(60)
     frames = bikes_frames[:24]
     try:
         _, empty_bytes = _footprint()

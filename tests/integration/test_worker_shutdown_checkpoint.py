@@ -41,7 +41,9 @@ def broken_disk_worker(tiny_model, bikes_frames, tmp_path, monkeypatch):
     monkeypatch.setattr(worker_module, "SHUTDOWN_MARGIN_S", MARGIN_S)
     monkeypatch.setattr(write_behind_module, "RETRY_S", (0.05,))
     config = load_config(None, data_dir=str(tmp_path), ingest_headroom=0.0, engine={"target_tokens_per_frame": 16})
-    worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    worker = WorkerCore(
+        "0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config())
+    ).wait_started(60)
     worker.open_stream(StreamRecord(stream_id="cam", fps=2.0))
     assert not worker.push([(i, "cam", i / 2.0, rgb) for i, (_, rgb) in enumerate(bikes_frames[:8])]).rejected
     _wait_ingested(worker, "cam", 8)

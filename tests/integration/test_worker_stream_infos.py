@@ -18,7 +18,9 @@ FPS = 2.0
 @pytest.fixture
 def worker(tiny_model, tmp_path):
     config = load_config(None, data_dir=str(tmp_path / "history"), ingest_headroom=0.0, ingest_queue_frames=64)
-    worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    worker = WorkerCore(
+        "0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config())
+    ).wait_started(60)
     yield worker
     worker.shutdown()
 
@@ -51,7 +53,9 @@ def test_stream_infos_asks_the_engine_thread_once_for_every_stream(worker, bikes
 def test_the_worker_sets_its_process_s_switch_interval(tiny_model, tmp_path):
     before = sys.getswitchinterval()
     config = load_config(None, data_dir=str(tmp_path / "history"), python_switch_interval_s=0.0007)
-    worker = WorkerCore("0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config()))
+    worker = WorkerCore(
+        "0", config, store=InMemoryMetadataStore(), engine=Engine(tiny_model, config.engine_config())
+    ).wait_started(60)
     try:
         assert sys.getswitchinterval() == pytest.approx(0.0007)
     finally:

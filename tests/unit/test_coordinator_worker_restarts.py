@@ -22,6 +22,7 @@ from services.metrics import MosaicMetrics
 from services.router import MosaicServer
 from services.telemetry import DurabilityHealth, TelemetryDelta
 from services.worker_results import StreamInfo, WorkerInfo
+from services.worker_start import StartState
 
 
 class _Method:
@@ -50,8 +51,8 @@ class Worker:
         self.free_bytes = 1 << 30
         self.crash_before_answering_open = False
         self.reported_dead = False  # the next call raises ActorDiedError, though the worker lives
-        for name in ("info", "stream_ids", "open_stream", "close_stream", "stream_info", "stream_infos",
-                     "drain_telemetry", "keyframe_stats"):  # fmt: skip
+        for name in ("start_state", "info", "stream_ids", "open_stream", "close_stream", "stream_info",
+                     "stream_infos", "drain_telemetry", "keyframe_stats"):  # fmt: skip
             setattr(self, name, _Method(self._live(getattr(self, "_" + name))))
 
     def _live(self, fn):
@@ -69,6 +70,9 @@ class Worker:
         self.pid += 1
         self.alive = True
         self.restored = sorted(self.streams)
+
+    def _start_state(self):
+        return StartState(str(self.index), "ready", ready=True)
 
     def _info(self):
         return WorkerInfo(str(self.index), "cpu", len(self.streams), self.free_bytes, self.restored, 0, self.pid)
@@ -110,7 +114,7 @@ class Worker:
 
 async def _started(worker: Worker, metrics: MosaicMetrics | None = None) -> Coordinator:
     coordinator = Coordinator([worker], None, metrics or MosaicMetrics())
-    await coordinator.start(5.0, namespace="test")
+    await coordinator.start(5.0)
     return coordinator
 
 
@@ -253,7 +257,7 @@ def test_a_create_retried_before_the_router_knows_a_restored_stream_is_not_made_
     async def scenario():
         restored, roomier = Worker(0), Worker(1)
         coordinator = Coordinator([restored, roomier], None, MosaicMetrics())
-        await coordinator.start(5.0, namespace="test")
+        await coordinator.start(5.0)
         roomier.free_bytes = restored.free_bytes // 2
         await _create_whose_answer_is_lost(coordinator, restored)  # the first create goes to the roomier worker 0
         roomier.free_bytes = restored.free_bytes * 2  # the retry would go to worker 1 now
@@ -344,7 +348,7 @@ def test_one_workers_bad_telemetry_does_not_lose_the_others_counts():
     async def scenario():
         first, second = Worker(0), Worker(1)
         coordinator = Coordinator([first, second], None, metrics)
-        await coordinator.start(5.0, namespace="test")
+        await coordinator.start(5.0)
         await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
         drains = {0: first._drain_telemetry, 1: second._drain_telemetry}
 
@@ -384,13 +388,13 @@ def test_workers_loading_their_model_read_as_starting_not_down_until_they_answer
     async def scenario(*, loads: bool, timeout_s: float):
         worker, loaded = Worker(0), asyncio.Event()
 
-        async def loading_info():
+        async def loading_state():  # a worker process still starting answers nothing yet
             await loaded.wait()
-            return worker._info()
+            return worker._start_state()
 
-        worker.info = _Method(None)
-        worker.info.remote = loading_info
-        starting = asyncio.ensure_future(Coordinator([worker], None, server.metrics).start(timeout_s, namespace="test"))
+        worker.start_state = _Method(None)
+        worker.start_state.remote = loading_state
+        starting = asyncio.ensure_future(Coordinator([worker], None, server.metrics).start(timeout_s))
         await asyncio.sleep(0.05)
         assert up_and_starting() == (0, 1)
         if loads:
