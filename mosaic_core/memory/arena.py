@@ -19,6 +19,7 @@ a queued move may still read are handed back only once the transfer engine's fen
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -79,7 +80,10 @@ class PagePools:
         self._host_chunk_starts = np.zeros(0, dtype=np.int64)  # their addresses (chunks are only ever added)
         self.host_pages = PageAllocator(0)
         self._host_fenced: deque[tuple[torch.cuda.Event | None, list[int]]] = deque()
-        self._new_host_chunk = new_host_chunk or self._empty_host_chunk
+        # Not a bound method of the pools: they would point at themselves, and live on until a garbage collection
+        self._new_host_chunk = new_host_chunk or functools.partial(
+            _empty_host_chunk, self.page_shape, spec.dtype, pin=self.pin
+        )
         ahead = self.pin if grow_host_ahead is None else grow_host_ahead
         self._maker = ChunkMaker(self._new_host_chunk) if ahead else None
         self._ahead: Future | None = None  # the next chunk, being made or made, until a take adopts it
@@ -344,9 +348,6 @@ class PagePools:
             return 0  # the short last chunk is at the capacity already
         return min(self.host_chunk_pages, self.host_capacity_pages - self.host_pages.num_pages)
 
-    def _empty_host_chunk(self, num_pages: int) -> torch.Tensor:
-        return torch.empty((num_pages, *self.page_shape), dtype=self.spec.dtype, pin_memory=self.pin)
-
     def _reclaim_host(self, *, wait: bool) -> None:
         while self._host_fenced:
             fence, pages = self._host_fenced[0]
@@ -356,3 +357,7 @@ class PagePools:
                 fence.synchronize()
             self._host_fenced.popleft()
             self.host_pages.free(pages)
+
+
+def _empty_host_chunk(page_shape: tuple[int, ...], dtype: torch.dtype, num_pages: int, *, pin: bool) -> torch.Tensor:
+    return torch.empty((num_pages, *page_shape), dtype=dtype, pin_memory=pin)
