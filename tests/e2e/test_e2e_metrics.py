@@ -41,6 +41,8 @@ SPEC = {
     "mosaic_transfer_bytes": "counter",
     "mosaic_device_allocator_events": "counter",
     "mosaic_kernel_compiles": "counter",
+    "mosaic_host_chunks": "counter",
+    "mosaic_host_grow_wait_seconds": "counter",
     "mosaic_tier_used_bytes": "gauge",
     "mosaic_tier_capacity_bytes": "gauge",
     "mosaic_clusters": "gauge",
