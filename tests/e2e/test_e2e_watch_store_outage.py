@@ -2,7 +2,8 @@
 cause and no traceback, and says when Redis answers again (the router's ``WatchRegistry._poll``).
 
 The e2e suite's session server (two workers, real Ray, real gRPC) on its real redis-server, frozen by SIGSTOP for a
-few of the store's reply timeouts.
+few of the store's reply timeouts. ``redis_server`` is the e2e conftest's, the session server's: a module's own import
+of it would be another fixture, and so another redis-server, once another module has started the session server.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from service_support import API_KEY, connect, wait_for
 
 import services.watches
-from tests.integration.conftest import frozen_redis, redis_client, redis_server  # noqa: F401
+from tests.integration.conftest import frozen_redis, redis_client  # noqa: F401
 
 NUM_WORKERS = 2  # the session server's
 # Several failed re-sends per poll: each waits a poll (1 s) and the store's reply timeout (5 s), and the router's
