@@ -114,23 +114,29 @@ def _quantiles(seconds: list[float]) -> dict[str, float]:
     return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "max": float(ms.max())}
 
 
+# The table's lines: a label, the row's field (and its quantile, for the timings) and the cell's format.
+_LINES = (
+    ("takes", "takes", None, "d"),
+    ("take p50 ms", "take_ms", "p50", ".3f"),
+    ("take p99 ms", "take_ms", "p99", ".2f"),
+    ("take max ms", "take_ms", "max", ".2f"),
+    ("takes over 10 ms", "takes_over_10ms", None, "d"),
+    ("time in take s", "take_total_s", None, ".3f"),
+    ("step p99 ms", "step_ms", "p99", ".2f"),
+    ("step max ms", "step_ms", "max", ".2f"),
+    ("steps over 10 ms", "steps_over_10ms", None, "d"),
+    ("grow wait s", "grow_wait_s", None, ".3f"),
+    ("pinned GiB", "pinned_gib", None, ".2f"),
+)
+
+
 def _table(rows: list[dict]) -> str:
     lines = [f"{'':24}" + "".join(f"{'ahead ' + ('on' if row['ahead'] else 'off'):>14}" for row in rows)]
-    cells = [
-        ("takes", lambda r: f"{r['takes']}"),
-        ("take p50 ms", lambda r: f"{r['take_ms']['p50']:.3f}"),
-        ("take p99 ms", lambda r: f"{r['take_ms']['p99']:.2f}"),
-        ("take max ms", lambda r: f"{r['take_ms']['max']:.2f}"),
-        ("takes over 10 ms", lambda r: f"{r['takes_over_10ms']}"),
-        ("time in take s", lambda r: f"{r['take_total_s']:.3f}"),
-        ("step p99 ms", lambda r: f"{r['step_ms']['p99']:.2f}"),
-        ("step max ms", lambda r: f"{r['step_ms']['max']:.2f}"),
-        ("steps over 10 ms", lambda r: f"{r['steps_over_10ms']}"),
-        ("chunks sync/ahead", lambda r: f"{r['chunks_sync']}/{r['chunks_ahead']}"),
-        ("grow wait s", lambda r: f"{r['grow_wait_s']:.3f}"),
-        ("pinned GiB", lambda r: f"{r['pinned_gib']:.2f}"),
-    ]
-    lines += [f"{name:24}" + "".join(f"{cell(row):>14}" for row in rows) for name, cell in cells]
+    for label, field, quantile, spec in _LINES:
+        cells = [row[field] if quantile is None else row[field][quantile] for row in rows]
+        lines.append(f"{label:24}" + "".join(f"{format(cell, spec):>14}" for cell in cells))
+    chunks = [f"{row['chunks_sync']}/{row['chunks_ahead']}" for row in rows]
+    lines.append(f"{'chunks sync/ahead':24}" + "".join(f"{cell:>14}" for cell in chunks))
     return "\n".join(lines)
 
 
