@@ -39,7 +39,8 @@ def telemetry_call(method):
 
 
 def start_state_call(worker):
-    """A worker actor's ``start_state`` on its start thread, ready for ``.remote()``."""
+    """A worker actor's ``start_state`` on its ``START_GROUP`` thread, which answers while the start runs on
+    another; ready for ``.remote()``."""
     return worker.start_state.options(concurrency_group=START_GROUP)
 
 
