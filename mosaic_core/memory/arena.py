@@ -10,8 +10,9 @@ page (``mosaic_core.durable.records``) lands in it with one copy, and one layer 
 The device pool is allocated once, at its byte budget: every KV byte the arena places on the device is inside
 it. (The full-mode baseline has no budget: its pool doubles when it runs out.) The host pool grows chunk by chunk
 up to its budget, so an engine with a large host tier does not pin all of it up front. Under CUDA the next chunk is
-pinned ahead, on a thread of its own, once fewer than a chunk's pages are free (``host_growth.ChunkMaker``): a take
-that needs its pages adopts it, and pins on its own thread only when no chunk is being made.
+pinned ahead, on a thread of its own, once fewer than a chunk's pages are free, the first chunk as the pools are
+made (``host_growth.ChunkMaker``): a take that needs its pages adopts it, and pins on its own thread only when no
+chunk is being made.
 
 Which pages are free is plain-Python bookkeeping (``PageAllocator``); this module moves the bytes. Host pages that
 a queued move may still read are handed back only once the transfer engine's fence for them has passed.
@@ -90,6 +91,7 @@ class PagePools:
         self.host_growth = HostGrowth()
         if pinned_host_bytes:
             self._grow_host(min(self.host_capacity_pages, pinned_host_bytes // self.page_bytes))
+        self._grow_host_ahead()  # the first chunk too, while the engine starts, not in the first take of a host page
 
     @property
     def page_bytes(self) -> int:

@@ -15,7 +15,8 @@ faults in and page-locks the chunk, and every CUDA call of the engine thread wai
 time in ``take`` fell from 1.72 s to 0.14 s with chunks made ahead, but of its steps (a take, queuing the window's
 copy and a matrix product) 15 of 74 were still over 10 ms, up to 222 ms. ``fault_pages_before_pinning`` has torch
 fault a chunk's pages in first, outside the driver, and then register them (``cudaHostRegister``), which holds the
-lock for far less: then 1 step of 74 was over 10 ms (the first chunk, pinned on the engine thread), p99 15 ms.
+lock for far less: then 1 step of 74 was over 10 ms (the first chunk, pinned on the engine thread), p99 15 ms. Since
+then the pools ask for their first chunk as they are made (not measured on a GPU since).
 """
 
 from __future__ import annotations

@@ -75,21 +75,24 @@ def _settled(chunks: Chunks, count: int) -> None:
 def test_the_next_chunk_is_made_off_the_taking_thread_and_adopted_when_needed():
     chunks = Chunks()
     pools = _pools(10, chunks)
-    assert pools.take(Tier.HOST, 2) == [0, 1]  # the first chunk: none was made ahead
+    _settled(chunks, 1)  # no page free as the pools are made: the first chunk is made ahead
+    assert len(pools.host_chunks) == 0, "a chunk made ahead is the pool's only once a take needs it"
+    assert pools.take(Tier.HOST, 2) == [0, 1]
     _settled(chunks, 2)  # 1 page free, below a chunk's 3: the next is made ahead
-    assert len(pools.host_chunks) == 1, "a chunk made ahead is the pool's only once a take needs it"
+    assert len(pools.host_chunks) == 1
 
     assert pools.take(Tier.HOST, 3) == [3, 4, 5]  # a new chunk's pages go out first
-    assert len(pools.host_chunks) == 2 and chunks.off_thread == 1
-    assert (pools.host_growth.ahead_chunks, pools.host_growth.sync_chunks) == (1, 1)
+    assert len(pools.host_chunks) == 2 and chunks.off_thread == 2
+    assert (pools.host_growth.ahead_chunks, pools.host_growth.sync_chunks) == (2, 0)
     pools.close()
 
 
 def test_a_take_waits_for_the_chunk_being_made_instead_of_allocating_another():
     chunks = Chunks()
     pools = _pools(10, chunks)
-    pools.take(Tier.HOST, 2)
-    chunks.gate.clear()  # the chunk made ahead is held until the gate opens
+    _settled(chunks, 1)  # the first chunk, made as the pools were made
+    chunks.gate.clear()  # the next chunk made ahead is held until the gate opens
+    pools.take(Tier.HOST, 2)  # adopts the first chunk and asks for the next
     pools.take(Tier.HOST, 1)  # the free page: no chunk needed yet
     opener = threading.Timer(0.05, chunks.gate.set)
     opener.start()
@@ -98,8 +101,8 @@ def test_a_take_waits_for_the_chunk_being_made_instead_of_allocating_another():
     assert len(pools.host_chunks) == 2
 
     opener.join()
-    assert [n for n, _ in chunks.made[:2]] == [3, 3] and chunks.off_thread >= 1
-    assert pools.host_growth.sync_chunks == 1 and pools.host_growth.wait_s >= 0.04
+    assert [n for n, _ in chunks.made[:2]] == [3, 3] and chunks.off_thread == 2
+    assert pools.host_growth.sync_chunks == 0 and pools.host_growth.wait_s >= 0.04
     pools.close()
 
 
@@ -119,8 +122,8 @@ def test_growth_ahead_never_passes_the_capacity(host_pages):
     assert taken == host_pages and pools.host_pages.num_pages == host_pages
     assert sum(n for n, _ in chunks.made) == host_pages, "a chunk made ahead past the capacity"
     assert [c.shape[0] for c in pools.host_chunks[:-1]] == [CHUNK_PAGES] * (len(pools.host_chunks) - 1)
-    # the first take allocates the first chunk; every later one was made ahead, whatever the timing
-    assert (pools.host_growth.sync_chunks, pools.host_growth.ahead_chunks) == (1, len(pools.host_chunks) - 1)
+    # every chunk was made ahead, the first as the pools were made, whatever the timing
+    assert (pools.host_growth.sync_chunks, pools.host_growth.ahead_chunks) == (0, len(pools.host_chunks))
 
 
 def test_pages_of_adopted_chunks_are_addressed_and_hold_their_bytes():
@@ -154,8 +157,8 @@ def test_close_joins_the_makers_thread_and_later_takes_allocate_on_their_own():
 
     assert not maker.is_alive()
     pools.take(Tier.HOST, 6)  # the chunk made before the close, then one allocated here
-    assert (pools.host_growth.ahead_chunks, pools.host_growth.sync_chunks) == (1, 2)
-    assert chunks.off_thread == 1
+    assert (pools.host_growth.ahead_chunks, pools.host_growth.sync_chunks) == (2, 1)
+    assert chunks.off_thread == 2
 
 
 def test_a_failed_chunk_made_ahead_fails_the_take_that_needs_it_and_the_next_take_allocates_again():
@@ -197,7 +200,7 @@ def test_by_default_chunks_are_made_ahead_and_pinned_under_cuda_only():
 
     cuda = device.type == "cuda"
     assert [chunk.is_pinned() for chunk in pools.host_chunks] == [cuda] * 4
-    assert (pools.host_growth.sync_chunks, pools.host_growth.ahead_chunks) == ((1, 3) if cuda else (4, 0))
+    assert (pools.host_growth.sync_chunks, pools.host_growth.ahead_chunks) == ((0, 4) if cuda else (4, 0))
 
 
 @pytest.mark.parametrize(
