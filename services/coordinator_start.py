@@ -1,10 +1,11 @@
 """The router's wait for its workers' start: for as long as they make progress, not for a fixed time.
 
-A worker's start builds its engine and restores its streams from the data directory, and the restore grows with the
-history kept there: a start that took a minute may take an hour after months of cameras. So
-``worker_start_timeout_s`` bounds a worker's silence, not its start: the router asks each worker's ``start_state``
-(``services.worker_start``) every ``START_POLL_S`` while it waits, and gives up only on a worker whose state has not
-changed for that long (silent from the start, stuck, or dead without Ray saying so yet). A worker whose start failed
+A worker's start builds its engine (its model's load, then on a GPU each step of its warm-up, a stage each) and
+restores its streams from the data directory, and the restore grows with the history kept there: a start that took a
+minute may take an hour after months of cameras. So ``worker_start_timeout_s`` bounds a worker's silence, not its
+start: the router asks each worker's ``start_state`` (``services.worker_start``) every ``START_POLL_S`` while it
+waits, and gives up only on a worker whose state has not changed for that long (silent from the start, stuck, or dead
+without Ray saying so yet). A worker whose start failed
 fails the wait with its error. It logs every ``START_LOG_S`` how far each worker it still waits for has come.
 """
 

@@ -109,7 +109,7 @@ class WorkerCore:
             store = connect_store(config.redis_url, namespace=config.redis_namespace, timeout_s=config.redis_timeout_s)
         self.store = store
         self._start.stage("building its engine")
-        self.engine = engine if engine is not None else build_engine(self.worker_id, self.config)
+        self.engine = engine if engine is not None else build_engine(self.worker_id, self.config, self._start.stage)
         self._assemble()
         self._start.stage("starting its engine thread")
         if self.config.freeze_heap_after_start:  # before any stream: a deleted stream's objects stay collectable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from mosaic_core.config import budget_workspace_bytes
 from services.config import ServiceConfig
@@ -16,7 +17,10 @@ def worker_subdir(worker_id: str | int) -> str:
     return f"worker-{worker_id}"
 
 
-def build_engine(worker_id: str, config: ServiceConfig):
+def build_engine(worker_id: str, config: ServiceConfig, on_stage: Callable[[str], None] | None = None):
+    """Worker ``worker_id``'s engine: its model loaded, and on CUDA its graphs and kernels warmed up.
+    ``on_stage`` hears each stage as it begins (``building its engine: loading the model tiny``, then each
+    warm-up step), for the worker's start state."""
     import torch
 
     from mosaic_core.engine.engine import Engine
@@ -25,6 +29,8 @@ def build_engine(worker_id: str, config: ServiceConfig):
     # Presets default to float32, which on a GPU doubles the weights' memory and leaves the tensor cores idle.
     dtype = torch.bfloat16 if device == "cuda" else None
     engine_config = config.engine_config(worker_subdir=worker_subdir(worker_id))
+    tell = on_stage or _unheard
+    tell(f"building its engine: loading the model {config.model}")
     engine = Engine.from_model(
         config.model,
         engine_config,
@@ -42,7 +48,10 @@ def build_engine(worker_id: str, config: ServiceConfig):
         )
     if device == "cuda":  # capture the question graphs now, not while the first users wait (CPU runs no graphs)
         started = time.monotonic()
-        warm = engine.warm_up(max_new_tokens=config.default_max_new_tokens)
+        warm = engine.warm_up(
+            max_new_tokens=config.default_max_new_tokens,
+            on_step=lambda step: tell(f"building its engine: warming up, {step}"),
+        )
         log.info(
             "worker %s: warmed up in %.1f s (%s Triton kernel variants compiled) with %d questions %s, answers "
             "decoded together in batches of up to %d, and %s",
@@ -55,3 +64,7 @@ def build_engine(worker_id: str, config: ServiceConfig):
             "an ingest pass" if warm.ingested else "no ingest pass (the device budget cannot hold its scratch windows)",
         )
     return engine
+
+
+def _unheard(stage: str) -> None:
+    """``build_engine``'s stages where no one asked to hear them."""

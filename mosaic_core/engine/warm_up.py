@@ -7,6 +7,8 @@ gone when it returns.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -39,6 +41,7 @@ class WarmUpMixin:
         max_question_tokens: int = 64,
         ingest: bool | None = None,
         decode_batch: int | None = None,
+        on_step: Callable[[str], None] | None = None,
     ) -> WarmUpResult:
         """Answers one question of each prefill-graph length up to ``max_question_tokens`` on a scratch stream, so
         the engine captures its prefill and decode graphs before a user's first questions do (a question that
@@ -58,59 +61,81 @@ class WarmUpMixin:
         over a camera's past do, and the kernels that takes are compiled then. Scratch streams are never durable
         and leave nothing behind.
 
+        ``on_step`` hears each step as it begins, a short phrase with its count (``question 3 of 4 (prefill
+        graphs)``): a worker's start says with it that it moves.
+
         Raises:
             AlreadyExistsError: a stream named like a scratch stream is open (warm up before opening streams).
         """
+        step = on_step or _unheard
         ingest = ingest if ingest is not None else self.model.device.type == "cuda"
         rows = -(-WARM_UP_INGEST_TOKENS // self.config.target_tokens_per_frame) if ingest else 0
         scratch = [f"{WARM_UP_STREAM}-{row}" for row in range(rows)]
-        taken = [name for name in (WARM_UP_STREAM, *scratch) if name in self.streams]
+        self._check_scratch_names_free([WARM_UP_STREAM, *scratch])
+        graphs = self.parts.decode_graphs
+        if decode_batch is None:
+            decode_batch = graphs.max_batch if graphs.enabled else 1
+        asks = (max_question_tokens, max_new_tokens, decode_batch, step)
+        state = None
+        with self._users_counts_kept():
+            try:
+                ingested = self._warm_up_ingest(scratch, step) if ingest else False
+                state = self._open_state(WARM_UP_STREAM, 1.0, None)
+                with_history = self._warm_up_history(state, step) if ingest else False
+                try:
+                    asked, batches = self._warm_up_questions(*asks)
+                except CapacityError:
+                    if not with_history:
+                        raise
+                    # A device budget this tight has no room for a question beside the history: ask without it.
+                    step("the questions again, with no history (no device room for it beside them)")
+                    self._forget_stream(state)
+                    state, with_history = self._open_state(WARM_UP_STREAM, 1.0, None), False
+                    asked, batches = self._warm_up_questions(*asks)
+            finally:
+                if state is not None:
+                    self._forget_stream(state)
+        return WarmUpResult(questions=asked, ingested=ingested, decode_batches=batches, with_history=with_history)
+
+    def _check_scratch_names_free(self, names: list[str]) -> None:
+        taken = [name for name in names if name in self.streams]
         if taken:
             raise AlreadyExistsError(
                 f"a stream named {taken[0]!r} is open, and warm_up would use that name for a scratch stream; warm "
                 "the engine up before opening or restoring streams"
             )
-        graphs = self.parts.decode_graphs
-        if decode_batch is None:
-            decode_batch = graphs.max_batch if graphs.enabled else 1
-        # The hit ratio and the bytes moved between tiers count users' work, not the warm-up's; and nothing of the
-        # scratch streams is durable (a merge or a split their questions make must not reach the journal).
+
+    @contextmanager
+    def _users_counts_kept(self) -> Iterator[None]:
+        """The hit ratio and the bytes moved between tiers as they were before, once the block ends: they count
+        users' work, not the warm-up's. The history keeper is off inside it: nothing of the scratch streams is
+        durable (a merge or a split their questions make must not reach the journal)."""
         lookups = (self.tiering.device_lookups, self.tiering.device_hits)
         moved = self.tiering.tiers.stats
         counts = (dict(moved.bytes_by_direction), dict(moved.copies_by_direction))
         history, self.parts.history = self.parts.history, None
-        state = None
         try:
-            ingested = self._warm_up_ingest(scratch) if ingest else False
-            state = self._open_state(WARM_UP_STREAM, 1.0, None)
-            with_history = self._warm_up_history(state) if ingest else False
-            try:
-                asked, batches = self._warm_up_questions(max_question_tokens, max_new_tokens, decode_batch)
-            except CapacityError:
-                if not with_history:
-                    raise
-                # A device budget this tight has no room for a question beside the history: ask without it.
-                self._forget_stream(state)
-                state, with_history = self._open_state(WARM_UP_STREAM, 1.0, None), False
-                asked, batches = self._warm_up_questions(max_question_tokens, max_new_tokens, decode_batch)
+            yield
         finally:
             self.parts.history = history
-            if state is not None:
-                self._forget_stream(state)
             self.tiering.device_lookups, self.tiering.device_hits = lookups
             moved.bytes_by_direction, moved.copies_by_direction = counts
-        return WarmUpResult(questions=asked, ingested=ingested, decode_batches=batches, with_history=with_history)
 
-    def _warm_up_questions(self, max_question_tokens: int, max_new_tokens: int, decode_batch: int):
+    def _warm_up_questions(
+        self, max_question_tokens: int, max_new_tokens: int, decode_batch: int, step: Callable[[str], None]
+    ):
         """``warm_up``'s questions on its scratch stream: one of each prefill-graph length, then each count of answers
         decoding together; returns how many questions, and the counts."""
         asked, batches = 0, []
-        for length in range(QUESTION_STEP, max_question_tokens + 1, QUESTION_STEP):
+        lengths = range(QUESTION_STEP, max_question_tokens + 1, QUESTION_STEP)
+        for number, length in enumerate(lengths, start=1):
             question = self._question_of_length(length)
             if question is not None:
+                step(f"question {number} of {len(lengths)} (prefill graphs)")
                 self.answer(WARM_UP_STREAM, question, max_new_tokens=max_new_tokens)
                 asked += 1
         for count in range(2, decode_batch + 1):
+            step(f"{count} answers decoded together (decode graphs, 2 to {decode_batch})")
             try:
                 self._answer_together(WARM_UP_STREAM, "What happened?", count)
             except CapacityError as err:
@@ -134,9 +159,10 @@ class WarmUpMixin:
             for answer in answers:
                 answer.close()  # an answer left unread by an error gives its pages back now
 
-    def _warm_up_ingest(self, names: list[str]) -> bool:
+    def _warm_up_ingest(self, names: list[str], step: Callable[[str], None]) -> bool:
         """One ingest pass of a blank frame per scratch stream (``warm_up`` has the history keeper off); False when
         the device budget cannot hold the scratch streams' windows."""
+        step(f"an ingest pass of {len(names)} blank frames")
         states = []
         try:
             for name in names:
@@ -150,7 +176,7 @@ class WarmUpMixin:
             for state in states:
                 self._forget_stream(state)
 
-    def _warm_up_history(self, state: StreamState) -> bool:
+    def _warm_up_history(self, state: StreamState, step: Callable[[str], None]) -> bool:
         """Blank frames into ``state``, one pass each, until a cluster has left its window
         (one a question can retrieve); False when none has after ``WARM_UP_HISTORY_FRAMES``, or the device budget
         cannot hold them."""
@@ -163,6 +189,7 @@ class WarmUpMixin:
         for index in range(WARM_UP_HISTORY_FRAMES):
             if retrievable():
                 return True
+            step(f"a history to ask over, blank frame {index + 1} (of at most {WARM_UP_HISTORY_FRAMES})")
             try:
                 ingest.ingest(self.parts, [FrameInput(state.stream_id, float(index), blank)])
             except BudgetError:
@@ -175,3 +202,7 @@ class WarmUpMixin:
         while (length := padded_length(len(self.model.question_ids(" ".join(words) + "?")))) < padded:
             words.append("happened")
         return " ".join(words) + "?" if length == padded else None
+
+
+def _unheard(step: str) -> None:
+    """``warm_up``'s steps where no one asked to hear them."""

@@ -14,7 +14,7 @@ from mosaic_core.config import MIB
 from mosaic_core.engine.decode_graphs import WIDTH_STEP, DecodeGraphs
 from mosaic_core.engine.prefill_graphs import PrefillGraphs
 from mosaic_core.engine.retrieval import Retriever
-from mosaic_core.engine.warm_up import WARM_UP_STREAM
+from mosaic_core.engine.warm_up import WARM_UP_HISTORY_FRAMES, WARM_UP_INGEST_TOKENS, WARM_UP_STREAM
 from mosaic_core.errors import AlreadyExistsError
 from mosaic_core.model.text_fusion import MIN_FUSED_TOKENS
 from tests.engine.engine_helpers import feed, make_engine
@@ -204,8 +204,37 @@ def test_a_budget_with_no_room_for_a_question_beside_the_history_warms_up_withou
     """At a device budget this tight, a question on the scratch stream whose history it ingested finds no room:
     the warm-up asks its questions again on a stream without history, rather than fail the worker's start."""
     engine = make_engine(tiny_model, device_budget_bytes=MIB // 2)
-    warm = engine.warm_up(max_new_tokens=2, max_question_tokens=48, ingest=True)
+    steps: list[str] = []
+    warm = engine.warm_up(max_new_tokens=2, max_question_tokens=48, ingest=True, on_step=steps.append)
     assert (warm.questions, warm.with_history) == (3, False)
+    again = steps.index("the questions again, with no history (no device room for it beside them)")
+    assert steps[again + 1 :] == [f"question {number} of 3 (prefill graphs)" for number in (1, 2, 3)]
     assert engine.streams == {} and engine.tiering.residency.reserved_bytes() == 0
     assert engine.tiering.residency.used_bytes(Tier.DEVICE) == 0
+    engine.close()
+
+
+def test_warm_up_tells_each_step_as_it_begins_in_order(tiny_model):
+    """A worker's start says it moves with each step: the ingest pass, the history's blank frames, each question of a
+    prefill-graph length, then each count of answers decoded together."""
+    engine = make_engine(tiny_model, device_budget_bytes=64 * MIB)
+    pools = engine.tiering.tiers.pools
+    engine.parts.decode_graphs = DecodeGraphs(tiny_model, pools, engine.spec.num_layers, enabled=True, capture=False)
+    steps: list[str] = []
+    warm = engine.warm_up(max_new_tokens=2, max_question_tokens=32, decode_batch=3, ingest=True, on_step=steps.append)
+    assert warm.with_history and warm.questions == 2 and warm.decode_batches == (2, 3)
+    history = [step for step in steps if step.startswith("a history to ask over, blank frame ")]
+    assert history == [
+        f"a history to ask over, blank frame {number} (of at most {WARM_UP_HISTORY_FRAMES})"
+        for number in range(1, len(history) + 1)
+    ]
+    assert steps == [
+        f"an ingest pass of {-(-WARM_UP_INGEST_TOKENS // engine.config.target_tokens_per_frame)} blank frames",
+        *history,
+        "question 1 of 2 (prefill graphs)",
+        "question 2 of 2 (prefill graphs)",
+        "2 answers decoded together (decode graphs, 2 to 3)",
+        "3 answers decoded together (decode graphs, 2 to 3)",
+    ]
+    assert history and len(set(steps)) == len(steps)  # each step a new state: the router's silence timer restarts
     engine.close()

@@ -1,8 +1,10 @@
 """A GPU worker runs its model in bfloat16: a preset's float32 default would double the weights on the device
 and leave the tensor cores idle. With ``device_budget_share`` it sizes its device budget from the GPU memory the
-model left free."""
+model left free. As it builds its engine it tells its start each stage: the model's load, then each warm-up step."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -26,6 +28,32 @@ def test_a_cpu_worker_keeps_the_preset_default(tmp_path):
 
     engine = build_engine("0", ServiceConfig(model="tiny", worker_gpus=0.0, data_dir=str(tmp_path)))
     assert engine.model.kv_spec.dtype == torch.float32
+
+
+def test_a_worker_building_its_engine_tells_its_start_it_loads_the_model(tmp_path):
+    from services.config import ServiceConfig
+    from services.worker_engine import build_engine
+
+    stages: list[str] = []
+    build_engine("0", ServiceConfig(model="tiny", worker_gpus=0.0, data_dir=str(tmp_path)), on_stage=stages.append)
+    assert stages == ["building its engine: loading the model tiny"]  # a CPU worker warms nothing up
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_worker_tells_its_start_each_warm_up_step(tmp_path):
+    """Each warm-up step is a new stage, so the router's wait sees the start move while the graphs are captured."""
+    from services.config import ServiceConfig
+    from services.worker_engine import build_engine
+
+    stages: list[str] = []
+    config = ServiceConfig(model="tiny", worker_gpus=1.0, data_dir=str(tmp_path))
+    build_engine("0", config, on_stage=stages.append)
+    assert stages[0] == "building its engine: loading the model tiny"
+    warming = stages[1:]
+    assert warming and all(stage.startswith("building its engine: warming up, ") for stage in warming), stages
+    assert "building its engine: warming up, question 1 of 4 (prefill graphs)" in warming, stages
+    assert all(stage != after for stage, after in itertools.pairwise(stages)), stages  # each one a change of state
 
 
 @pytest.mark.gpu
