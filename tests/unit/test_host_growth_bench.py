@@ -23,7 +23,7 @@ def test_the_bench_runs_both_ways_on_the_cpu(tmp_path, monkeypatch):
     assert (off["ahead"], on["ahead"]) == (False, True)
     assert off["takes"] == on["takes"] == 7 and off["pinned_gib"] == on["pinned_gib"]
     assert (off["chunks_sync"], off["chunks_ahead"]) == (4, 0)
-    assert (on["chunks_sync"], on["chunks_ahead"]) == (1, 3)
+    assert (on["chunks_sync"], on["chunks_ahead"]) == (0, 4)  # the first as the pools were made
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
