@@ -40,6 +40,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 
+from services.config import ServiceConfig
 from services.ingest_calls import (
     DEFAULT_INGEST_PAUSE_BLOCKS,
     DEFAULT_INGEST_PAUSE_FRAMES,
@@ -251,3 +252,37 @@ class EngineLoop:
         if now - self._stats_at >= STATS_REFRESH_S:
             self._stats_at = now
             self.stats = self.engine.stats()
+
+
+def service_loop(
+    engine,
+    queues: IngestQueues,
+    tier_sync: TierSync,
+    telemetry: WorkerTelemetry,
+    config: ServiceConfig,
+    *,
+    retention_s,
+    after_ingest,
+) -> EngineLoop:
+    """A worker's engine loop, with the service's batch, question and pause settings."""
+    return EngineLoop(
+        engine,
+        queues,
+        tier_sync,
+        telemetry,
+        max_batch_frames=config.max_batch_frames,
+        retention_s=retention_s,
+        max_questions_per_stream=config.max_questions_per_stream,
+        answer_slice_s=config.answer_slice_s,
+        ingest_pause_layers=config.ingest_pause_layers,
+        ingest_pause_frames=config.ingest_pause_frames,
+        ingest_pause_blocks=config.ingest_pause_blocks,
+        ingest_pause_placed=config.ingest_pause_placed,
+        ingest_pause_lookahead=config.ingest_pause_lookahead,
+        ingest_pause_skip_idle=config.ingest_pause_skip_idle,
+        questions_alongside_ingest=config.questions_alongside_ingest,
+        encode_ahead=config.encode_ahead and engine.parts.model.device.type == "cuda",
+        after_ingest=after_ingest,
+        max_background_jobs=config.watch_answer_queue_size,
+        max_background_running=config.watch_answer_concurrency,
+    )

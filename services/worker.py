@@ -17,7 +17,6 @@ other way round.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -27,27 +26,26 @@ import numpy as np
 
 from mosaic_core.engine import stream_lifecycle
 from mosaic_core.engine.keyframes import Keyframe
-from mosaic_core.errors import ConfigError, InvalidArgumentError, MosaicError, StateError, UnknownStreamError
-from mosaic_core.model.pixels import validate_frames
+from mosaic_core.errors import ConfigError, StateError
 from services import gc_watch, gil_probe, heap_probe, stack_probe
 from services.config import ServiceConfig
-from services.engine_loop import EngineLoop
+from services.engine_loop import service_loop
 from services.gone_workers import delete_history_of_gone_worker
-from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
+from services.ingest_queue import IngestQueues
 from services.metadata.base import MetadataStore, StreamRecord
 from services.preflight import unserved_history_problem
 from services.publisher import MetadataPublisher, WorkerView
 from services.session import StreamSession
-from services.sources import SourceState
 from services.store_actor import connect_store
-from services.stream_metrics import DROP_REASONS
-from services.telemetry import DurabilityHealth, TelemetryDelta, WorkerTelemetry, durability_health
+from services.telemetry import TelemetryDelta, WorkerTelemetry
 from services.tier_sync import TierSync
 from services.watches_spec import WatchReport, WatchSpec
 from services.watches_worker import WorkerWatches
+from services.worker_counters import WorkerCounters
 from services.worker_engine import build_engine
+from services.worker_frames import FrameIntake
 from services.worker_questions import WorkerQuestions
-from services.worker_results import FrameRejection, PushResult, StreamInfo, WorkerInfo
+from services.worker_results import PushResult, StreamInfo, WorkerInfo
 from services.worker_start import StartState, WorkerStart
 from services.worker_streams import WorkerStreams
 
@@ -143,9 +141,11 @@ class WorkerCore:
         )
         self.tier_sync = TierSync(self.engine, self.publisher, worker_id)
         self.sessions: dict[str, StreamSession] = {}
-        self._health_seen = DurabilityHealth()
-        self._keyframes_dropped_seen = 0  # EngineStats.keyframes_dropped at the previous keyframe_stats()
-        self.loop = self._new_loop()
+        self.frames = FrameIntake(config, self.engine, self.queues, self.telemetry, self.sessions)
+        self.loop = service_loop(
+            self.engine, self.queues, self.tier_sync, self.telemetry, config,
+            retention_s=self._retention_s, after_ingest=self._after_ingest,
+        )  # fmt: skip
         self.watches = WorkerWatches(
             self.engine,
             self.loop,
@@ -157,6 +157,9 @@ class WorkerCore:
             query_cache_bytes=config.watch_query_cache_bytes,
         )
         self.questions = WorkerQuestions(self.engine, self.loop.questions, self.telemetry, self.sessions)
+        self.counters = WorkerCounters(
+            self.engine, self.loop, self.queues, self.telemetry, self.publisher, self.watches, self.sessions
+        )
         self.streams = WorkerStreams(
             worker_id,
             config,
@@ -168,32 +171,7 @@ class WorkerCore:
             self.tier_sync,
             self.watches,
             self.sessions,
-            self._offer,
-        )
-
-    def _new_loop(self) -> EngineLoop:
-        """The engine loop, with the service's batch, question and pause settings."""
-        config = self.config
-        return EngineLoop(
-            self.engine,
-            self.queues,
-            self.tier_sync,
-            self.telemetry,
-            max_batch_frames=config.max_batch_frames,
-            retention_s=self._retention_s,
-            max_questions_per_stream=config.max_questions_per_stream,
-            answer_slice_s=config.answer_slice_s,
-            ingest_pause_layers=config.ingest_pause_layers,
-            ingest_pause_frames=config.ingest_pause_frames,
-            ingest_pause_blocks=config.ingest_pause_blocks,
-            ingest_pause_placed=config.ingest_pause_placed,
-            ingest_pause_lookahead=config.ingest_pause_lookahead,
-            ingest_pause_skip_idle=config.ingest_pause_skip_idle,
-            questions_alongside_ingest=config.questions_alongside_ingest,
-            encode_ahead=config.encode_ahead and self.engine.parts.model.device.type == "cuda",
-            after_ingest=self._after_ingest,
-            max_background_jobs=config.watch_answer_queue_size,
-            max_background_running=config.watch_answer_concurrency,
+            self.frames.offer,
         )
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -262,7 +240,7 @@ class WorkerCore:
         for stream_id, left in self.loop.ingest_calls.end_ingest(deadline_s).items():
             if stream_id in self.sessions:
                 self.telemetry.dropped(stream_id, "shutdown", left)
-        self._save_counters()
+        self.counters.save()
         try:
             self.engine.checkpoint()  # raises when some window's frames found no room: the others' are durable
         finally:
@@ -325,56 +303,13 @@ class WorkerCore:
         in the stream's totals, which GetStream reports and a restart keeps, and in the telemetry the router's metric
         comes from. A stream not open here counts nothing."""
         self._start.check_ready()
-        if reason not in DROP_REASONS:
-            raise InvalidArgumentError(f"unknown drop reason {reason!r}; one of {', '.join(DROP_REASONS)}")
-        if stream_id in self.sessions:
-            self.telemetry.dropped(stream_id, reason)
+        self.frames.count_dropped(stream_id, reason)
 
     def push(self, frames: list[tuple[int, str, float, np.ndarray]]) -> PushResult:
-        """Queues decoded frames ``(index in the call, stream, timestamp_s, rgb)``; never raises per frame.
-
-        ``accepted`` counts the frames queued (as GetStream's ``frames_received`` does), ``rejected`` the refused and
-        ``sampled_out`` those in a 1/fps slot of their stream's grid that an earlier frame took (``IngestQueues.put``).
-        """
+        """Queues decoded frames ``(index in the call, stream, timestamp_s, rgb)``; never raises per frame
+        (``FrameIntake.push``)."""
         self._start.check_ready()
-        result = PushResult()
-        for index, stream_id, timestamp_s, rgb in frames:
-            try:
-                outcome = self._offer(stream_id, timestamp_s, rgb, pushed=True)
-            except MosaicError as err:
-                result.rejected.append(FrameRejection(index, stream_id, str(err), err.grpc_code))
-                if stream_id in self.sessions:
-                    self.telemetry.dropped(stream_id, "invalid")
-                continue
-            if outcome is PutOutcome.SAMPLED_OUT:
-                result.sampled_out += 1
-                continue
-            result.accepted += 1
-            result.dropped += outcome is PutOutcome.QUEUED_DROPPED_OLDEST
-        return result
-
-    def _offer(self, stream_id: str, timestamp_s: float, rgb: np.ndarray, *, pushed: bool = False) -> PutOutcome:
-        session = self.sessions.get(stream_id)
-        if session is None:
-            raise UnknownStreamError(f"unknown stream {stream_id!r}")
-        now = time.monotonic()
-        if pushed:
-            session.check_push(timestamp_s, now=now, max_skew_s=self.config.max_push_skew_s)
-        rgb = validate_frames(rgb)[0]  # a bad frame is refused here, never reaching a shared batch
-        # A source reader's frames come sampled to the stream's fps; only pushed ones are sampled here.
-        outcome = self.queues.put(QueuedFrame(stream_id, timestamp_s, rgb, now), presampled=not pushed)
-        if outcome is PutOutcome.SAMPLED_OUT:
-            return outcome
-        session.last_offered_s = timestamp_s
-        if session.anchor is None:
-            session.anchor = (now, timestamp_s)
-            if not pushed and session.clock_epoch_unix is None:
-                session.clock_epoch_unix = time.time() - timestamp_s
-                self.engine.save_stream_state(stream_id, clock_epoch_unix=session.clock_epoch_unix)
-        self.telemetry.received(stream_id)
-        if outcome is PutOutcome.QUEUED_DROPPED_OLDEST:
-            self.telemetry.dropped(stream_id, "queue_full")
-        return outcome
+        return self.frames.push(frames)
 
     # -- questions ----------------------------------------------------------------------------------
     def ask(
@@ -427,56 +362,16 @@ class WorkerCore:
     def drain_telemetry(self) -> TelemetryDelta:
         self._start.check_ready()
         delta = self._telemetry_delta()
-        self._save_counters()
+        self.counters.save()
         return delta
 
     def _telemetry_delta(self) -> TelemetryDelta:
-        lags = {sid: self.loop.ingest_calls.oldest_wait_s(sid) for sid in list(self.sessions)}
-        delta = self.telemetry.drain(queue_depths=self.queues.depths(), lags_s=lags, engine_stats=self.loop.stats)
-        delta.durability = self._durability_delta()
-        delta.engine_stalled_s = self.loop.questions.seconds_since_chance()
-        sources = [session.source for session in list(self.sessions.values()) if session.source is not None]
-        delta.sources_failing = sum(source.progress().state is SourceState.ERROR for source in sources)
-        return delta
+        return self.counters.delta(restore_s=self.restore_s, streams_restored=len(self.restored_streams))
 
     def keyframe_stats(self) -> tuple[int, int]:
         """``(keyframe bytes held, keyframes dropped since the previous call)`` from the engine's latest stats."""
         self._start.check_ready()
-        stats = self.loop.stats
-        if stats is None:
-            return 0, 0
-        dropped, self._keyframes_dropped_seen = (
-            stats.keyframes_dropped - self._keyframes_dropped_seen,
-            stats.keyframes_dropped,
-        )
-        return stats.keyframe_bytes, max(0, dropped)
-
-    def _durability_delta(self) -> DurabilityHealth:
-        history = self.engine.history
-        durable = None if history is None else history.store.snapshot_stats()
-        now = durability_health(
-            os.getpid(),
-            self.publisher.snapshot_stats(),
-            durable,
-            history,
-            self.engine.config.history_budget_bytes,
-            restore_s=self.restore_s,
-            streams_restored=len(self.restored_streams),
-        )
-        seen, self._health_seen = self._health_seen, now
-        return now.increments_since(seen)
-
-    def _save_counters(self) -> None:
-        for stream_id in list(self.sessions):
-            totals = self.telemetry.totals(stream_id)
-            fields = {"counters": dataclasses.asdict(totals)}
-            session = self.sessions.get(stream_id)
-            if session is not None and session.source is not None:  # a restart must not read an ended clip again
-                fields["source_ended"] = session.source.progress().state is SourceState.ENDED
-            watermark_s = self.watches.watermark_of(stream_id)
-            if watermark_s is not None:
-                fields["watch_watermark_s"] = watermark_s
-            self.engine.save_stream_state(stream_id, **fields)
+        return self.counters.keyframe_stats()
 
     def _clock_epoch_unix(self, stream_id: str) -> float:
         """Unix time at which the stream's clock read 0: a pulled source's clock starts at 0, a pushed one is Unix."""

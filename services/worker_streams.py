@@ -52,7 +52,7 @@ class WorkerStreams:
         tier_sync: forgets a deleted stream's clusters.
         watches: restores and forgets a stream's watch watermark.
         sessions: the worker's open streams by id, changed only here, under this object's lock.
-        offer: queues one frame of a pulled source (``WorkerCore._offer``): ``offer(stream_id, timestamp_s, rgb)``.
+        offer: queues one frame of a pulled source (``FrameIntake.offer``): ``offer(stream_id, timestamp_s, rgb)``.
     """
 
     def __init__(

@@ -343,7 +343,7 @@ def test_a_camera_back_from_an_outage_stamps_its_frames_by_the_wall_clock(monkey
         time.sleep(0.02)
     reader.stop()
     assert len(seen) >= 6 and len(connections) >= 2, (seen, connections)
-    epoch = seen[0][0] - seen[0][1]  # as WorkerCore._offer sets clock_epoch_unix at the first frame
+    epoch = seen[0][0] - seen[0][1]  # as FrameIntake.offer sets clock_epoch_unix at the first frame
     lags_s = [round(wall - (epoch + t), 2) for wall, t in seen]
     assert max(lags_s) < 0.5, f"frames after the outage are stamped behind the wall clock: {lags_s}"
     assert [t for _, t in seen] == sorted({t for _, t in seen})  # and the clock still increases

@@ -1,0 +1,97 @@
+"""Frames into a worker's ingest queues (``FrameIntake``): pushed ones checked against their stream's clock and
+sampled to its fps here, a pulled source's as its reader sampled them; each counted in its stream's telemetry."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from mosaic_core.errors import InvalidArgumentError, MosaicError, UnknownStreamError
+from mosaic_core.model.pixels import validate_frames
+from services.config import ServiceConfig
+from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
+from services.session import StreamSession
+from services.stream_metrics import DROP_REASONS
+from services.telemetry import WorkerTelemetry
+from services.worker_results import FrameRejection, PushResult
+
+
+class FrameIntake:
+    """Queues one worker's frames and counts them.
+
+    Args:
+        config: the service's settings (``max_push_skew_s``).
+        engine: the worker's engine (a pulled stream's clock is saved in its state at its first frame).
+        queues: the worker's bounded ingest queues.
+        telemetry: the worker's per-stream counters.
+        sessions: the worker's open streams, shared with the worker (a frame of a stream not in it is refused).
+    """
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        engine,
+        queues: IngestQueues,
+        telemetry: WorkerTelemetry,
+        sessions: dict[str, StreamSession],
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.queues = queues
+        self.telemetry = telemetry
+        self.sessions = sessions
+
+    def count_dropped(self, stream_id: str, reason: str) -> None:
+        """A frame of ``stream_id`` dropped before it reached the worker: counted in the stream's totals (a stream not
+        open here counts nothing)."""
+        if reason not in DROP_REASONS:
+            raise InvalidArgumentError(f"unknown drop reason {reason!r}; one of {', '.join(DROP_REASONS)}")
+        if stream_id in self.sessions:
+            self.telemetry.dropped(stream_id, reason)
+
+    def push(self, frames: list[tuple[int, str, float, np.ndarray]]) -> PushResult:
+        """Queues decoded frames ``(index in the call, stream, timestamp_s, rgb)``; never raises per frame.
+
+        ``accepted`` counts the frames queued (as GetStream's ``frames_received`` does), ``rejected`` the refused and
+        ``sampled_out`` those in a 1/fps slot of their stream's grid that an earlier frame took (``IngestQueues.put``).
+        """
+        result = PushResult()
+        for index, stream_id, timestamp_s, rgb in frames:
+            try:
+                outcome = self.offer(stream_id, timestamp_s, rgb, pushed=True)
+            except MosaicError as err:
+                result.rejected.append(FrameRejection(index, stream_id, str(err), err.grpc_code))
+                if stream_id in self.sessions:
+                    self.telemetry.dropped(stream_id, "invalid")
+                continue
+            if outcome is PutOutcome.SAMPLED_OUT:
+                result.sampled_out += 1
+                continue
+            result.accepted += 1
+            result.dropped += outcome is PutOutcome.QUEUED_DROPPED_OLDEST
+        return result
+
+    def offer(self, stream_id: str, timestamp_s: float, rgb: np.ndarray, *, pushed: bool = False) -> PutOutcome:
+        """Queues one frame of ``stream_id``: a pushed one (``pushed``) or one of its pulled source's."""
+        session = self.sessions.get(stream_id)
+        if session is None:
+            raise UnknownStreamError(f"unknown stream {stream_id!r}")
+        now = time.monotonic()
+        if pushed:
+            session.check_push(timestamp_s, now=now, max_skew_s=self.config.max_push_skew_s)
+        rgb = validate_frames(rgb)[0]  # a bad frame is refused here, never reaching a shared batch
+        # A source reader's frames come sampled to the stream's fps; only pushed ones are sampled here.
+        outcome = self.queues.put(QueuedFrame(stream_id, timestamp_s, rgb, now), presampled=not pushed)
+        if outcome is PutOutcome.SAMPLED_OUT:
+            return outcome
+        session.last_offered_s = timestamp_s
+        if session.anchor is None:
+            session.anchor = (now, timestamp_s)
+            if not pushed and session.clock_epoch_unix is None:
+                session.clock_epoch_unix = time.time() - timestamp_s
+                self.engine.save_stream_state(stream_id, clock_epoch_unix=session.clock_epoch_unix)
+        self.telemetry.received(stream_id)
+        if outcome is PutOutcome.QUEUED_DROPPED_OLDEST:
+            self.telemetry.dropped(stream_id, "queue_full")
+        return outcome
