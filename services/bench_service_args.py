@@ -45,6 +45,27 @@ def device_budget_help() -> str:
 def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line's settings, with ``--quick``'s applied."""
     parser = argparse.ArgumentParser(prog="mosaic bench service", description=DESCRIPTION)
+    for add_flags in (
+        _add_load_flags, _add_step_flags, _add_budget_flags, _add_engine_thread_flags, _add_process_flags,
+        _add_file_flags,
+    ):  # fmt: skip
+        add_flags(parser)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.pulled_share <= 1.0:
+        parser.error(f"--pulled-share {args.pulled_share} must be within 0..1")
+    if args.quick and args.durable_writers != EngineConfig.durable_writers:
+        parser.error("--durable-writers sets the GPU run's engine; --quick runs the tiny preset's own settings")
+    if args.quick and args.tower_stream:
+        parser.error("--tower-stream puts the vision tower on a CUDA stream; --quick runs on the CPU")
+    if args.quick:
+        args.model, args.cameras, args.warmup_s, args.measure_s, args.settle_s = "tiny", [2, 4], 4.0, 6.0, 10.0
+        args.push_clients, args.question_clients, args.questions_per_s = 2, 4, 0.5
+        args.max_new_tokens, args.retention_s, args.start_timeout_s = 4, 20.0, 240.0
+    return args
+
+
+def _add_load_flags(parser: argparse.ArgumentParser) -> None:
+    """--quick, the model, and the cameras, frames and questions a run offers."""
     parser.add_argument("--quick", action="store_true", help="CPU, tiny preset, 2 then 4 cameras, short steps (CI)")
     parser.add_argument("--model", default="qwen2.5-vl-7b", help="preset or checkpoint (not with --quick)")
     parser.add_argument("--cameras", type=camera_steps, default=[32, 64, 96, 128, 160, 192, 256])
@@ -58,6 +79,10 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
         "not sent (and counted)",
     )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=16)
+
+
+def _add_step_flags(parser: argparse.ArgumentParser) -> None:
+    """How each step of cameras waits and measures."""
     parser.add_argument("--warmup-s", type=float, default=15.0, help="after adding cameras, before measuring")
     parser.add_argument(
         "--settle-s", type=float, default=60.0,
@@ -68,6 +93,10 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep-going", action="store_true",
         help="measure every N of --cameras, also after one that is not real-time (for tables of all N)",
     )  # fmt: skip
+
+
+def _add_budget_flags(parser: argparse.ArgumentParser) -> None:
+    """The history, windows, memory budgets and ingest calls of the service."""
     parser.add_argument("--retention-s", type=float, default=20.0, help="each camera keeps this much history")
     parser.add_argument("--tokens-per-frame", type=int, default=128)
     parser.add_argument("--window-tokens", type=int, default=512, help="local window per camera")
@@ -77,6 +106,10 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ingest-headroom", type=float, default=0.0, help="admission's share; 0 admits all")
     parser.add_argument("--start-timeout-s", type=float, default=420.0)
     parser.add_argument("--max-batch-frames", type=int, default=128, help="frames per engine.ingest call (GPU)")
+
+
+def _add_engine_thread_flags(parser: argparse.ArgumentParser) -> None:
+    """How the worker's engine thread shares its time between ingest and questions."""
     for name, help_text in PAUSE_SETTINGS.items():
         default = ServiceConfig.model_fields[name].default
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=help_text)
@@ -113,6 +146,10 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the engine's tower_stream (on by default): each ingest call's vision tower runs on a CUDA stream of its "
         "own, beside the previous call's language model",
     )  # fmt: skip
+
+
+def _add_process_flags(parser: argparse.ArgumentParser) -> None:
+    """The server's address and log, how the worker decodes, and what it probes."""
     # The one run that served on the lent GPU VM used 0.0.0.0 (Ray on the VM's own address); Ray bound to loopback
     # has not run there since the float CPU count that stopped every raylet was fixed.
     parser.add_argument("--host", default="127.0.0.1", help="address mosaic serve binds (0.0.0.0: Ray unbound)")
@@ -135,6 +172,10 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stack-probe", action="store_true",
         help="report where the worker's engine thread spends its time, by Python function (services.stack_probe)",
     )  # fmt: skip
+
+
+def _add_file_flags(parser: argparse.ArgumentParser) -> None:
+    """The files a run reads and writes, and the threads writing its durable history."""
     parser.add_argument(
         "--data-dir", default=None,
         help="where a folder of this run's durable history goes, removed afterwards (default: the run's work folder, "
@@ -145,15 +186,3 @@ def main_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--clip", default=None, help=f"video file (default: ${CLIP_ENV}, else bikes.mp4)")
     parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.txt")
-    args = parser.parse_args(argv)
-    if not 0.0 <= args.pulled_share <= 1.0:
-        parser.error(f"--pulled-share {args.pulled_share} must be within 0..1")
-    if args.quick and args.durable_writers != EngineConfig.durable_writers:
-        parser.error("--durable-writers sets the GPU run's engine; --quick runs the tiny preset's own settings")
-    if args.quick and args.tower_stream:
-        parser.error("--tower-stream puts the vision tower on a CUDA stream; --quick runs on the CPU")
-    if args.quick:
-        args.model, args.cameras, args.warmup_s, args.measure_s, args.settle_s = "tiny", [2, 4], 4.0, 6.0, 10.0
-        args.push_clients, args.question_clients, args.questions_per_s = 2, 4, 0.5
-        args.max_new_tokens, args.retention_s, args.start_timeout_s = 4, 20.0, 240.0
-    return args

@@ -77,8 +77,25 @@ def step_row(step: StepResult) -> dict:
 
 
 def table(report: dict) -> str:
-    rows = [[header for header, _, _ in COLUMNS]]
+    """The steps' columns, the footer, then each step's notes, a line each beginning with its N."""
+    lines = _column_lines(report["steps"])
+    lines += footer(report)
+    settle_s = report["args"].get("settle_s")
     for step in report["steps"]:
+        notes = [
+            *_rule_notes(step, settle_s),
+            *_engine_thread_notes(step),
+            *_latency_notes(step),
+            *_storage_notes(step),
+            *_stack_notes(step.get("engine_stacks")),
+        ]
+        lines += [f"N={step['cameras']}: {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def _column_lines(steps: list[dict]) -> list[str]:
+    rows = [[header for header, _, _ in COLUMNS]]
+    for step in steps:
         row = []
         for header, key, fmt in COLUMNS:
             if key is None:
@@ -89,120 +106,146 @@ def table(report: dict) -> str:
                 row.append("-" if step[key] is None else fmt.format(step[key]))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines += footer(report)
-    for step in report["steps"]:
-        if step.get("failures"):
-            lines.append(f"N={step['cameras']}: not real-time: " + "; ".join(step["failures"]))
-        if "settled_after_s" in step:
-            settled = step["settled_after_s"]
-            limit = report["args"].get("settle_s")
-            lines.append(
-                f"N={step['cameras']}: every lag under {LAG_LIMIT_S:.0f} s "
-                + (f"{settled:.0f} s after the warm-up" if settled is not None else f"never within {limit:g} s")
-                + "; measured after that"
-            )
-        share = ", ".join(f"{part} {s:.2f}" for part, s in step["engine_thread_share"].items())
-        per_call, passes = step["frames_per_ingest_call"], step.get("forward_passes_per_ingest_call")
-        ahead = step.get("ingest_calls_encoded_ahead")
-        lines.append(
-            f"N={step['cameras']}: the worker's engine thread, seconds per second: {share or '-'}; frames per "
-            f"ingest call: {'-' if per_call is None else f'{per_call:.1f}'}, forward passes per call: "
-            f"{'-' if passes is None else f'{passes:.2f}'}"
-            + ("" if ahead is None else f", share of calls with their tower queued ahead: {ahead:.2f}")
+    return ["  ".join(text.rjust(w) for text, w in zip(row, widths, strict=True)) for row in rows]
+
+
+def _rule_notes(step: dict, settle_s: float | None) -> list[str]:
+    """Why the step is not real-time, and when its lags settled."""
+    notes = []
+    if step.get("failures"):
+        notes.append("not real-time: " + "; ".join(step["failures"]))
+    if "settled_after_s" in step:
+        settled = step["settled_after_s"]
+        notes.append(
+            f"every lag under {LAG_LIMIT_S:.0f} s "
+            + (f"{settled:.0f} s after the warm-up" if settled is not None else f"never within {settle_s:g} s")
+            + "; measured after that"
         )
-        if step.get("allocator_events"):
-            events = ", ".join(f"{event} {n}" for event, n in step["allocator_events"].items())
-            lines.append(
-                f"N={step['cameras']}: the GPU allocator during the step: {events} (a retry gave back the cache and "
-                "waited for the GPU)"
+    return notes
+
+
+def _engine_thread_notes(step: dict) -> list[str]:
+    """The worker's engine thread's time and ingest calls, its GPU allocator, kernel compiles and GIL waits."""
+    share = ", ".join(f"{part} {s:.2f}" for part, s in step["engine_thread_share"].items())
+    per_call, passes = step["frames_per_ingest_call"], step.get("forward_passes_per_ingest_call")
+    ahead = step.get("ingest_calls_encoded_ahead")
+    notes = [
+        f"the worker's engine thread, seconds per second: {share or '-'}; frames per "
+        f"ingest call: {'-' if per_call is None else f'{per_call:.1f}'}, forward passes per call: "
+        f"{'-' if passes is None else f'{passes:.2f}'}"
+        + ("" if ahead is None else f", share of calls with their tower queued ahead: {ahead:.2f}")
+    ]
+    if step.get("allocator_events"):
+        events = ", ".join(f"{event} {n}" for event, n in step["allocator_events"].items())
+        notes.append(
+            f"the GPU allocator during the step: {events} (a retry gave back the cache and waited for the GPU)"
+        )
+    if step.get("kernel_compiles"):
+        notes.append(
+            f"Triton kernel variants compiled during the step: {step['kernel_compiles']} "
+            "(each held the engine thread; the warm-up missed them)"
+        )
+    gil = step.get("worker_gil")
+    if gil is not None:
+        notes.append(
+            f"the worker's GIL: a 2-ms sleep woke {gil['mean_late_ms']:.2f} ms late on "
+            f"average, {gil['share_over_1ms']:.0%} of them over 1 ms late"
+        )
+    return notes
+
+
+def _latency_notes(step: dict) -> list[str]:
+    """Where a question's time to first token went, and the gaps between the engine's chances to start one."""
+    notes = []
+    if step.get("start_wait_p50_ms") is not None:
+        notes.append(
+            f"the server's TTFT p50 / p99 {step['server_ttft_p50_ms']:.0f} / "
+            f"{step['server_ttft_p99_ms']:.0f} ms; of a question's, waiting on the worker for the engine "
+            f"{step['start_wait_p50_ms']:.0f} / {step['start_wait_p99_ms']:.0f} ms, the engine's prefill to first "
+            f"token {step['engine_ttft_p50_ms']:.0f} / {step['engine_ttft_p99_ms']:.0f} ms (each its own "
+            "percentiles)"
+        )
+    if step.get("transport_p50_ms") is not None:
+        notes.append(
+            f"outside the engine thread, the first token from the engine thread to the "
+            f"thread sending it {step['handoff_p50_ms']:.1f} / {step['handoff_p99_ms']:.1f} ms, between router "
+            f"and worker both ways {step['transport_p50_ms']:.1f} / {step['transport_p99_ms']:.1f} ms (p50 / p99)"
+        )
+    gaps = step.get("question_start_gaps")
+    if gaps:
+        parts = [
+            f"{between} {g['count']} (p50 < {g['p50_under_ms']:.0f}, p99 < {g['p99_under_ms']:.0f} ms, "
+            f"{g['over_100ms']} over 100 ms)"
+            for between, g in sorted(gaps.items(), key=lambda item: -item[1]["p99_under_ms"])
+        ]
+        notes.append("gaps between chances to start a question: " + "; ".join(parts))
+    return notes
+
+
+def _storage_notes(step: dict) -> list[str]:
+    """The durable history's writes, and the KV each tier held and moved."""
+    notes = []
+    durable = step.get("durable")
+    if durable is not None:
+        notes.append(
+            f"durable history: {durable['written_mb_per_s']:.1f} MB/s of records written, "
+            f"the writer threads busy {durable['writers_busy_s_per_s']:.2f} s/s (summed), the engine thread "
+            f"waiting for them {durable['ingest_wait_s_per_s']:.2f} s/s"
+        )
+    tiers = step.get("tiers")
+    if tiers:
+        used = {key.removeprefix("used_gib:"): gib for key, gib in tiers.items() if key.startswith("used_gib:")}
+        held = ", ".join(
+            f"{tier} {gib:.1f} of {_capacity(tiers.get(f'capacity_gib:{tier}'))}" for tier, gib in sorted(used.items())
+        )
+        moved = ", ".join(
+            f"{key.removesuffix('_mb_per_s')} {value:.0f}"
+            for key, value in sorted(tiers.items())
+            if key.endswith("_mb_per_s")
+        )
+        notes.append(f"KV held at the step's end: {held}; moved between tiers, MB/s: {moved}")
+    return notes
+
+
+def _stack_notes(stacks: dict | None) -> list[str]:
+    """Where the engine thread was (``--stack-probe``): busiest places, slow stretches and garbage collections."""
+    if stacks is None:
+        return []
+    notes = []
+    for kind, what in (("inclusive", "inside"), ("self", "at")):
+        busiest = "; ".join(f"{where} {per_s:.3f}" for where, per_s in stacks[kind])
+        notes.append(f"the engine thread was {what}, seconds per second: {busiest}")
+    if "slow_s_per_s" in stacks:
+        for kind, what in (("slow_inclusive", "inside"), ("slow_self", "at")):
+            busiest = "; ".join(f"{where} {per_s:.3f}" for where, per_s in stacks[kind])
+            notes.append(
+                f"{stacks['slow_s_per_s']:.3f} s/s with no chance to start a question "
+                f"for {stack_probe.SLOW_STRETCH_S * 1000:.0f} ms or more, the engine thread {what}: {busiest}"
             )
-        if step.get("kernel_compiles"):
-            lines.append(
-                f"N={step['cameras']}: Triton kernel variants compiled during the step: {step['kernel_compiles']} "
-                "(each held the engine thread; the warm-up missed them)"
-            )
-        gil = step.get("worker_gil")
-        if gil is not None:
-            lines.append(
-                f"N={step['cameras']}: the worker's GIL: a 2-ms sleep woke {gil['mean_late_ms']:.2f} ms late on "
-                f"average, {gil['share_over_1ms']:.0%} of them over 1 ms late"
-            )
-        if step.get("start_wait_p50_ms") is not None:
-            lines.append(
-                f"N={step['cameras']}: the server's TTFT p50 / p99 {step['server_ttft_p50_ms']:.0f} / "
-                f"{step['server_ttft_p99_ms']:.0f} ms; of a question's, waiting on the worker for the engine "
-                f"{step['start_wait_p50_ms']:.0f} / {step['start_wait_p99_ms']:.0f} ms, the engine's prefill to first "
-                f"token {step['engine_ttft_p50_ms']:.0f} / {step['engine_ttft_p99_ms']:.0f} ms (each its own "
-                "percentiles)"
-            )
-        if step.get("transport_p50_ms") is not None:
-            lines.append(
-                f"N={step['cameras']}: outside the engine thread, the first token from the engine thread to the "
-                f"thread sending it {step['handoff_p50_ms']:.1f} / {step['handoff_p99_ms']:.1f} ms, between router "
-                f"and worker both ways {step['transport_p50_ms']:.1f} / {step['transport_p99_ms']:.1f} ms (p50 / p99)"
-            )
-        gaps = step.get("question_start_gaps")
-        if gaps:
-            parts = [
-                f"{between} {g['count']} (p50 < {g['p50_under_ms']:.0f}, p99 < {g['p99_under_ms']:.0f} ms, "
-                f"{g['over_100ms']} over 100 ms)"
-                for between, g in sorted(gaps.items(), key=lambda item: -item[1]["p99_under_ms"])
-            ]
-            lines.append(f"N={step['cameras']}: gaps between chances to start a question: " + "; ".join(parts))
-        durable = step.get("durable")
-        if durable is not None:
-            lines.append(
-                f"N={step['cameras']}: durable history: {durable['written_mb_per_s']:.1f} MB/s of records written, "
-                f"the writer threads busy {durable['writers_busy_s_per_s']:.2f} s/s (summed), the engine thread "
-                f"waiting for them {durable['ingest_wait_s_per_s']:.2f} s/s"
-            )
-        tiers = step.get("tiers")
-        if tiers:
-            used = {key.removeprefix("used_gib:"): gib for key, gib in tiers.items() if key.startswith("used_gib:")}
-            held = ", ".join(
-                f"{tier} {gib:.1f} of {_capacity(tiers.get(f'capacity_gib:{tier}'))}"
-                for tier, gib in sorted(used.items())
-            )
-            moved = ", ".join(
-                f"{key.removesuffix('_mb_per_s')} {value:.0f}"
-                for key, value in sorted(tiers.items())
-                if key.endswith("_mb_per_s")
-            )
-            lines.append(f"N={step['cameras']}: KV held at the step's end: {held}; moved between tiers, MB/s: {moved}")
-        stacks = step.get("engine_stacks")
-        if stacks is not None:
-            for kind, what in (("inclusive", "inside"), ("self", "at")):
-                busiest = "; ".join(f"{where} {per_s:.3f}" for where, per_s in stacks[kind])
-                lines.append(f"N={step['cameras']}: the engine thread was {what}, seconds per second: {busiest}")
-            if "slow_s_per_s" in stacks:
-                for kind, what in (("slow_inclusive", "inside"), ("slow_self", "at")):
-                    busiest = "; ".join(f"{where} {per_s:.3f}" for where, per_s in stacks[kind])
-                    lines.append(
-                        f"N={step['cameras']}: {stacks['slow_s_per_s']:.3f} s/s with no chance to start a question "
-                        f"for {stack_probe.SLOW_STRETCH_S * 1000:.0f} ms or more, the engine thread {what}: {busiest}"
-                    )
-            collections = (stacks.get("gc") or {}).get("by_generation")
-            if collections:
-                per_gen = "; ".join(
-                    f"generation {gen} {g['collections']} ({g['s_per_s'] * 1000:.1f} ms/s, {g['over_long']} over "
-                    f"{gc_watch.LONG_S * 1000:.0f} ms)"
-                    for gen, g in collections.items()
-                )
-                frozen = stacks["gc"].get("frozen") or {}
-                if frozen:
-                    per_gen += (
-                        f"; {frozen['objects']} start-up objects frozen, a full collection "
-                        f"{frozen['full_collection_before_s'] * 1000:.0f} ms before, "
-                        f"{frozen['full_collection_after_s'] * 1000:.0f} ms after"
-                    )
-                lines.append(f"N={step['cameras']}: the worker's garbage collections: {per_gen}")
-            if stacks.get("slow_after"):
-                kinds = "; ".join(f"{kind} {per_s:.3f}" for kind, per_s in stacks["slow_after"])
-                at = "; ".join(f"{where} {per_s:.3f}" for where, per_s in stacks["slow_after_self"])
-                lines.append(f"N={step['cameras']}: those stretches by the chance they began at, s/s: {kinds}")
-                lines.append(f"N={step['cameras']}: those stretches by the chance they began at, the thread at: {at}")
-    return "\n".join(lines)
+    collections = (stacks.get("gc") or {}).get("by_generation")
+    if collections:
+        notes.append(f"the worker's garbage collections: {_gc_summary(collections, stacks['gc'].get('frozen'))}")
+    if stacks.get("slow_after"):
+        kinds = "; ".join(f"{kind} {per_s:.3f}" for kind, per_s in stacks["slow_after"])
+        at = "; ".join(f"{where} {per_s:.3f}" for where, per_s in stacks["slow_after_self"])
+        notes.append(f"those stretches by the chance they began at, s/s: {kinds}")
+        notes.append(f"those stretches by the chance they began at, the thread at: {at}")
+    return notes
+
+
+def _gc_summary(collections: dict, frozen: dict | None) -> str:
+    per_gen = "; ".join(
+        f"generation {gen} {g['collections']} ({g['s_per_s'] * 1000:.1f} ms/s, {g['over_long']} over "
+        f"{gc_watch.LONG_S * 1000:.0f} ms)"
+        for gen, g in collections.items()
+    )
+    if frozen:
+        per_gen += (
+            f"; {frozen['objects']} start-up objects frozen, a full collection "
+            f"{frozen['full_collection_before_s'] * 1000:.0f} ms before, "
+            f"{frozen['full_collection_after_s'] * 1000:.0f} ms after"
+        )
+    return per_gen
 
 
 def footer(report: dict) -> list[str]:

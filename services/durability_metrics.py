@@ -20,6 +20,12 @@ class DurabilityMetrics:
         self.worker_pid = Gauge(
             "mosaic_worker_pid", "Process id of each worker (0 until it first reports).", ["worker"], registry=r
         )
+        self._add_metadata_writes(r)
+        self._add_record_writes(r)
+        self._add_restart(r)
+        self._add_history_on_disk(r)
+
+    def _add_metadata_writes(self, r: CollectorRegistry) -> None:
         self.metadata_store_up = Gauge(
             "mosaic_metadata_store_up", "1 if the worker's last metadata write succeeded.", ["worker"], registry=r
         )
@@ -38,6 +44,9 @@ class DurabilityMetrics:
             ["worker"],
             registry=r,
         )
+
+    def _add_record_writes(self, r: CollectorRegistry) -> None:
+        """Sealed clusters waiting for the record writers, and what the writers wrote."""
         self.durable_pending_clusters = Gauge(
             "mosaic_durable_pending_clusters", "Sealed clusters not yet on disk.", ["worker"], registry=r
         )
@@ -62,6 +71,9 @@ class DurabilityMetrics:
             ["worker"],
             registry=r,
         )
+
+    def _add_restart(self, r: CollectorRegistry) -> None:
+        """What a worker's start restored from its data folder, set aside or left unserved."""
         self.durable_set_aside_total = Counter(
             "mosaic_durable_set_aside_total",
             "History a restart could not restore, moved under the data folder's .unreadable and kept for a person: "
@@ -95,6 +107,10 @@ class DurabilityMetrics:
             ["worker"],
             registry=r,
         )
+
+    def _add_history_on_disk(self, r: CollectorRegistry) -> None:
+        """The record writers' threads, the engine thread's wait for them, and the history's size against its
+        budget."""
         self.durable_writers = Gauge(
             "mosaic_durable_writers",
             "Threads that write cluster records; mosaic_durable_write_seconds_total near this many a second means "

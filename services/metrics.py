@@ -109,7 +109,18 @@ class MosaicMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.streams = StreamMetrics(r, max_stream_labels=max_stream_labels)
-        # --- ingest ---
+        self._add_ingest(r)
+        self.engine_loop = EngineLoopMetrics(r)
+        self._add_questions(r)
+        self._add_memory_tiers(r)
+        self._add_worker_health(r)
+        self._add_memory_growth(r)
+        self._add_keyframes(r)
+        self._add_service(r)
+        self.durability = DurabilityMetrics(r)
+        self.watches = WatchMetrics(r)
+
+    def _add_ingest(self, r: CollectorRegistry) -> None:
         self.ingest_latency_seconds = Histogram(
             "mosaic_ingest_latency_seconds",
             "Time from frame receipt to KV written.",
@@ -136,8 +147,8 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
-        self.engine_loop = EngineLoopMetrics(r)
-        # --- questions ---
+
+    def _add_questions(self, r: CollectorRegistry) -> None:
         self.query_queue_depth = Gauge(
             "mosaic_query_queue_depth", "Questions waiting in the router's bounded queue.", registry=r
         )
@@ -163,7 +174,8 @@ class MosaicMetrics:
             buckets=RETRIEVAL_BUCKETS_S,
             registry=r,
         )
-        # --- memory tiers ---
+
+    def _add_memory_tiers(self, r: CollectorRegistry) -> None:
         self.transfer_bytes_total = Counter(
             "mosaic_transfer_bytes_total",
             "KV bytes moved between tiers.",
@@ -183,6 +195,8 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
+
+    def _add_worker_health(self, r: CollectorRegistry) -> None:
         self.sources_failing = Gauge(
             "mosaic_sources_failing",
             "Cameras the worker pulls whose source is in ERROR (GetStream's source_error says why): a failed source "
@@ -197,6 +211,9 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
+
+    def _add_memory_growth(self, r: CollectorRegistry) -> None:
+        """The GPU allocator's events and the host page pool's new chunks."""
         self.device_allocator_events_total = Counter(
             "mosaic_device_allocator_events_total",
             "The CUDA caching allocator's events on the worker's GPU: retries (a failed allocation that gave back "
@@ -217,7 +234,10 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
-        # --- keyframes (docs/durability.md) ---
+
+    def _add_keyframes(self, r: CollectorRegistry) -> None:
+        """Keyframes (docs/durability.md); the kernel compiles sit between their two families to keep the scrape's
+        order."""
         self.keyframe_bytes = Gauge(
             "mosaic_keyframe_bytes",
             "JPEG keyframe bytes held with clusters (host memory; counted in the host and disk tier budgets).",
@@ -237,7 +257,8 @@ class MosaicMetrics:
             ["worker"],
             registry=r,
         )
-        # --- service ---
+
+    def _add_service(self, r: CollectorRegistry) -> None:
         self.active_streams = Gauge("mosaic_active_streams", "Open streams.", registry=r)
         self.workers_up = Gauge("mosaic_workers_up", "Live worker actors.", registry=r)
         self.workers_gone = Gauge(
@@ -256,8 +277,6 @@ class MosaicMetrics:
         self.errors_total = Counter(
             "mosaic_errors_total", "Errors returned, by gRPC status code name.", ["code"], registry=r
         )
-        self.durability = DurabilityMetrics(r)
-        self.watches = WatchMetrics(r)
 
     # --- ingest ------------------------------------------------------------------------------------
 

@@ -129,45 +129,15 @@ def main(argv=None) -> int:
     s = sized_to_machine(s, model, None, log)
     seconds = max(8, int(s.minutes * 60))
     names = [f"cam{c:02d}" for c in range(cameras)]
-    history_bytes = cameras * seconds * s.tokens_per_frame * model.kv_spec.bytes_per_token
-    config = dataclasses.replace(
-        engine_config(s, RetrievalMode.CLUSTER), pinned_host_bytes=pinned_bytes(history_bytes, s)
-    )
-    engine = Engine(model, config)
-    if not torch.cuda.is_available():  # no graphs on the CPU: the same fixed-buffer steps, run eagerly
-        engine.parts.decode_graphs = DecodeGraphs(
-            model, engine.tiering.tiers.pools, engine.spec.num_layers, enabled=True, capture=False
-        )
+    engine = _ingested_engine(model, s, names, clips, seconds, log)
     graphs = engine.parts.decode_graphs
-    per_camera = [
-        looped_frames(seconds, stream_id=name, clip=clips[c % len(clips)], start_s=0.0) for c, name in enumerate(names)
-    ]
-    for name in names:
-        engine.open_stream(name)
-    started = time.perf_counter()
-    for second in range(seconds):
-        engine.ingest([frames[second] for frames in per_camera])
-        if second % 60 == 59:
-            log(f"ingested {second + 1}/{seconds} s of {cameras} cameras")
-    log(f"ingest: {cameras * seconds} frames in {time.perf_counter() - started:.1f} s")
     for n in sorted(set(levels)):  # warm-up: compiles kernels, captures every batch size's graphs
         graphs.max_batch = n
         run_concurrent(engine, names[:n], 4)
     rows = []
     for n in levels:
-        runs = {}
-        for label, max_batch in (("one_at_a_time", 1), ("batched", MAX_BATCH), ("one_at_a_time_again", 1)):
-            graphs.max_batch = max_batch
-            runs[label] = run_concurrent(engine, names[:n], args.decode_tokens)
-        control = runs["one_at_a_time_again"]["tokens"]
-        row = {"concurrent_answers": n}
-        for label, run in runs.items():
-            row[label] = {k: v for k, v in run.items() if k != "tokens"}
-            row[label]["answers_equal_to_control"] = sum(a == b for a, b in zip(run["tokens"], control, strict=True))
-        single = runs["one_at_a_time"]["tokens_per_s"]
-        row["batched_speedup"] = runs["batched"]["tokens_per_s"] / single if single else None
-        rows.append(row)
-        log(f"n={n}: {json.dumps(row)}")
+        rows.append(_compare_at(engine, names[:n], args.decode_tokens))
+        log(f"n={n}: {json.dumps(rows[-1])}")
     report = {
         "model": s.model,
         "cameras": cameras,
@@ -187,6 +157,51 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(report, indent=2))
     print(_table(rows))
     return 0
+
+
+def _ingested_engine(model, s, names: list[str], clips: tuple[str, ...], seconds: int, log) -> Engine:
+    """A cluster-mode engine with ``seconds`` of the looped ``clips`` ingested on each camera of ``names``; on the
+    CPU its decode steps run eagerly on the graphs' fixed buffers."""
+    cameras = len(names)
+    history_bytes = cameras * seconds * s.tokens_per_frame * model.kv_spec.bytes_per_token
+    config = dataclasses.replace(
+        engine_config(s, RetrievalMode.CLUSTER), pinned_host_bytes=pinned_bytes(history_bytes, s)
+    )
+    engine = Engine(model, config)
+    if not torch.cuda.is_available():  # no graphs on the CPU: the same fixed-buffer steps, run eagerly
+        engine.parts.decode_graphs = DecodeGraphs(
+            model, engine.tiering.tiers.pools, engine.spec.num_layers, enabled=True, capture=False
+        )
+    per_camera = [
+        looped_frames(seconds, stream_id=name, clip=clips[c % len(clips)], start_s=0.0) for c, name in enumerate(names)
+    ]
+    for name in names:
+        engine.open_stream(name)
+    started = time.perf_counter()
+    for second in range(seconds):
+        engine.ingest([frames[second] for frames in per_camera])
+        if second % 60 == 59:
+            log(f"ingested {second + 1}/{seconds} s of {cameras} cameras")
+    log(f"ingest: {cameras * seconds} frames in {time.perf_counter() - started:.1f} s")
+    return engine
+
+
+def _compare_at(engine: Engine, cameras: list[str], decode_tokens: int) -> dict:
+    """One answer per camera of ``cameras`` at once, decoded one at a time, batched, then one at a time again (the
+    control whose tokens the others are checked against)."""
+    graphs = engine.parts.decode_graphs
+    runs = {}
+    for label, max_batch in (("one_at_a_time", 1), ("batched", MAX_BATCH), ("one_at_a_time_again", 1)):
+        graphs.max_batch = max_batch
+        runs[label] = run_concurrent(engine, cameras, decode_tokens)
+    control = runs["one_at_a_time_again"]["tokens"]
+    row = {"concurrent_answers": len(cameras)}
+    for label, run in runs.items():
+        row[label] = {k: v for k, v in run.items() if k != "tokens"}
+        row[label]["answers_equal_to_control"] = sum(a == b for a, b in zip(run["tokens"], control, strict=True))
+    single = runs["one_at_a_time"]["tokens_per_s"]
+    row["batched_speedup"] = runs["batched"]["tokens_per_s"] / single if single else None
+    return row
 
 
 def _table(rows: list[dict]) -> str:

@@ -131,6 +131,15 @@ def main_args(argv=None) -> argparse.Namespace:
     Adds what the checks parse: ``tower_streams``, ``pause_variants``, ``camera_counts``, ``variant_names`` (None: all)
     and ``b_mode_list``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _add_scenario_flags(parser)
+    _add_b_engine_flags(parser)
+    args = parser.parse_args(argv)
+    _add_parsed_settings(args, parser)
+    return args
+
+
+def _add_scenario_flags(parser: argparse.ArgumentParser) -> None:
+    """The model, the scenarios run, their sizes, and where the results go."""
     parser.add_argument("--quick", action="store_true", help="tiny preset, small sizes; runs on CPU")
     parser.add_argument("--model", default="qwen2.5-vl-7b")
     parser.add_argument("--minutes", type=float, default=60.0)
@@ -162,6 +171,10 @@ def main_args(argv=None) -> argparse.Namespace:
         help="scenario B's device budget; default: 80%% of the GPU memory free after loading the model, less 2 GiB",
     )
     parser.add_argument("--out", default="bench/out/results.json")
+
+
+def _add_b_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Scenario B's engine settings, run side by side where a flag takes several; and the vision tower's attention."""
     parser.add_argument("--profile-ingest", action="store_true", help="write a torch.profiler table of B's ingest")
     parser.add_argument("--b-modes", default="token,cluster", help="scenario B's retrieval modes, comma-separated")
     parser.add_argument("--b-data-dir", default=None, help="scenario B writes its history durably under this folder")
@@ -195,7 +208,11 @@ def main_args(argv=None) -> argparse.Namespace:
         help="scenario B's EngineConfig.tower_stream settings, comma-separated (off, on), each run side by side: on "
         "queues each call's vision tower on a CUDA stream of its own",
     )  # fmt: skip
-    args = parser.parse_args(argv)
+
+
+def _add_parsed_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Checks the flags that take lists and ranges, adding what they parse to ``args``; exits with argparse's
+    usage error on a bad one."""
     switches = {"off": False, "on": True}
     tower_streams = tuple(dict.fromkeys(switches.get(v.strip()) for v in args.b_tower_stream.split(",")))
     if None in tower_streams:
@@ -217,7 +234,6 @@ def main_args(argv=None) -> argparse.Namespace:
     args.tower_streams, args.pause_variants, args.camera_counts = tower_streams, pause_variants, camera_counts
     args.variant_names = None if args.variants is None else _variants(args.variants, parser)
     args.b_mode_list = _b_modes(args.b_modes, parser)
-    return args
 
 
 def main(argv=None) -> int:

@@ -67,28 +67,12 @@ def profile_mode(model, s: BenchSettings, mode: str, frames, decode_tokens: int,
     No merges: a merge after one answer would change what the same question retrieves the second time."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = Engine(model, dataclasses.replace(engine_config(s, mode), merge_min_questions=1 << 30))
+    engine = _ingested_engine(model, s, mode, frames, log)
     graphs, prefill_graphs = engine.parts.decode_graphs, engine.parts.prefill_graphs
-    graphed_too = graphs.enabled
-    engine.open_stream("cam")
-    started = time.perf_counter()
-    for i in range(0, len(frames) - 16, 64):
-        engine.ingest(frames[i : min(i + 64, len(frames) - 16)])
-    log(f"{mode}: ingested {len(frames) - 16} frames in {time.perf_counter() - started:.1f} s")
+    graphed_too = graphs.enabled  # before the warm-up, which turns graphs off where a capture fails
     for q in QUESTIONS:  # warm-up: compiles kernels and captures the graphs of every question length
         engine.answer("cam", q, max_new_tokens=decode_tokens)
-    # Each question eagerly twice, then graphed: the first answer promotes what it retrieved to the device, so
-    # the second reads the same KV in another order; eager against eager is the control for graphed against eager.
-    eager, eager_again, graphed = [], [], []
-    prefill_too = prefill_graphs.enabled
-    for q in QUESTIONS:
-        graphs.enabled = prefill_graphs.enabled = False
-        eager.append(engine.answer("cam", q, max_new_tokens=decode_tokens))
-        eager_again.append(engine.answer("cam", q, max_new_tokens=decode_tokens))
-        graphs.enabled, prefill_graphs.enabled = graphed_too, prefill_too
-        if graphed_too:
-            graphed.append(engine.answer("cam", q, max_new_tokens=decode_tokens))
-    timed = [a.timings for a in eager]
+    eager, eager_again, graphed = _asked_three_ways(engine, decode_tokens, graphed_too)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as question_prof:
         t0 = time.perf_counter()
@@ -114,6 +98,52 @@ def profile_mode(model, s: BenchSettings, mode: str, frames, decode_tokens: int,
     question_device = _device_seconds(question_prof)
     return {
         "mode": mode,
+        **_answer_figures(eager, eager_again, graphed),
+        "graphs_captured": graphs.graph_pool.num_captured,
+        "graph_failure": graphs.graph_pool.failure,
+        "prefill_graphs_captured": prefill_graphs.graph_pool.num_captured,
+        "prefill_graph_failure": prefill_graphs.graph_pool.failure,
+        "profiled_question_graphed": graphs.enabled,
+        "profiled_question_wall_ms": question_wall * 1e3,
+        "profiled_question_ttft_ms": answer.timings.time_to_first_token_s * 1e3,
+        "profiled_question_device_ms": question_device * 1e3,
+        "device_busy": question_device / question_wall if question_wall else 0.0,
+        "profiled_ingest_wall_ms": ingest_wall * 1e3,
+        "profiled_ingest_device_ms": _device_seconds(ingest_prof) * 1e3,
+    }
+
+
+def _ingested_engine(model, s: BenchSettings, mode: str, frames, log) -> Engine:
+    """An engine of ``mode`` without merges, with all but the last 16 ``frames`` ingested on a stream "cam"."""
+    engine = Engine(model, dataclasses.replace(engine_config(s, mode), merge_min_questions=1 << 30))
+    engine.open_stream("cam")
+    started = time.perf_counter()
+    for i in range(0, len(frames) - 16, 64):
+        engine.ingest(frames[i : min(i + 64, len(frames) - 16)])
+    log(f"{mode}: ingested {len(frames) - 16} frames in {time.perf_counter() - started:.1f} s")
+    return engine
+
+
+def _asked_three_ways(engine: Engine, decode_tokens: int, graphed_too: bool) -> tuple[list, list, list]:
+    """Each question eagerly twice, then graphed unless not ``graphed_too``: the first answer promotes what it
+    retrieved to the device, so the second reads the same KV in another order; eager against eager is the control
+    for graphed against eager. Each ends with the graphs turned on as far as they were."""
+    graphs, prefill_graphs = engine.parts.decode_graphs, engine.parts.prefill_graphs
+    prefill_too = prefill_graphs.enabled
+    eager, eager_again, graphed = [], [], []
+    for q in QUESTIONS:
+        graphs.enabled = prefill_graphs.enabled = False
+        eager.append(engine.answer("cam", q, max_new_tokens=decode_tokens))
+        eager_again.append(engine.answer("cam", q, max_new_tokens=decode_tokens))
+        graphs.enabled, prefill_graphs.enabled = graphed_too, prefill_too
+        if graphed_too:
+            graphed.append(engine.answer("cam", q, max_new_tokens=decode_tokens))
+    return eager, eager_again, graphed
+
+
+def _answer_figures(eager: list, eager_again: list, graphed: list) -> dict:
+    timed = [a.timings for a in eager]
+    return {
         "ttft_p50_ms": statistics.median(t.time_to_first_token_s for t in timed) * 1e3,
         # asked after the first answer promoted what it retrieved, as the graphed one is: the like-for-like TTFT
         "eager_again_ttft_p50_ms": statistics.median(a.timings.time_to_first_token_s for a in eager_again) * 1e3,
@@ -130,17 +160,6 @@ def profile_mode(model, s: BenchSettings, mode: str, frames, decode_tokens: int,
         "answers_compared": len(graphed),
         "prefill_hidden_max_diff_eager_again": _hidden_diff(eager_again, eager),
         "prefill_hidden_max_diff_graphed": _hidden_diff(graphed, eager_again),
-        "graphs_captured": graphs.graph_pool.num_captured,
-        "graph_failure": graphs.graph_pool.failure,
-        "prefill_graphs_captured": prefill_graphs.graph_pool.num_captured,
-        "prefill_graph_failure": prefill_graphs.graph_pool.failure,
-        "profiled_question_graphed": graphs.enabled,
-        "profiled_question_wall_ms": question_wall * 1e3,
-        "profiled_question_ttft_ms": answer.timings.time_to_first_token_s * 1e3,
-        "profiled_question_device_ms": question_device * 1e3,
-        "device_busy": question_device / question_wall if question_wall else 0.0,
-        "profiled_ingest_wall_ms": ingest_wall * 1e3,
-        "profiled_ingest_device_ms": _device_seconds(ingest_prof) * 1e3,
     }
 
 

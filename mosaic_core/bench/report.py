@@ -42,66 +42,63 @@ def format_report(report: dict) -> str:
         from mosaic_core.bench.scenario_a_report import format_scenario_a
 
         parts += [_table(title, header, rows) for title, header, rows in format_scenario_a(report)]
-    decode = report.get("decode")
-    if decode:
-        rows = [
-            [
-                "once per question" if every == "0" else f"every {every} tokens",
-                f"{r['decode_ms_per_token']:.1f}",
-                _fmt_bytes(r["decode_bytes_per_question"]),
-                "-" if r["decode_recall"] is None else f"{r['decode_recall']:.3f}",
-                f"{r['prefill_recall']:.3f}",
-            ]
-            for every, r in decode.items()
-        ]
-        header = ["re-scoring", "decode ms/tok", "bytes/answer", "decode recall", "prefill recall"]
-        parts.append(_table("Decode: re-scoring interval (cluster mode)", header, rows))
-    c = report.get("C")
-    if c:
-        rows = [
-            [mode, f"{p['minutes']:.1f}", f"{p['ttft_s'] * 1e3:.1f}", _fmt_bytes(p["peak_bytes"])]
-            for mode, points in c.items()
-            for p in points
-        ]
-        parts.append(
-            _table("Scenario C: scaling with stream length", ["mode", "minutes", "TTFT ms", "peak GPU mem"], rows)
-        )
-    b = report.get("B")
-    if b:
-        rows = [
-            [
-                mode,
-                str(r["cameras"]),
-                f"{r['ingest_frames_per_s']:.1f}",
-                f"{r.get('ingest_pass_ms', 0):.0f}",
-                _yes_no(r.get("real_time")),
-                f"{r.get('vision_ms_per_pass', 0):.0f}",
-                _host_split(r.get("host_ms_per_pass")),
-                f"{r['ttft_p50_ms']:.1f}",
-                f"{r['ttft_p99_ms']:.1f}",
-                f"{r['hit_ratio']:.2f}",
-                _fmt_bytes(r["device_bytes_used"]),
-                _fmt_bytes(r["host_bytes_used"]),
-            ]
-            for mode, r in b.items()
-        ]
-        header = [
-            "mode",
-            "cameras",
-            "ingest frames/s",
-            "pass ms",
-            "real-time (pass <= 1 s)",
-            "vision ms",
-            "host ms: queue tower / queue LM / wait / place",
-            "TTFT p50 ms",
-            "p99 ms",
-            "hit ratio",
-            "device",
-            "host",
-        ]
-        parts.append(_table("Scenario B: many cameras (aggregate frames/s of pre-decoded frames)", header, rows))
+    if report.get("decode"):
+        parts.append(_decode_table(report["decode"]))
+    if report.get("C"):
+        parts.append(_scenario_c_table(report["C"]))
+    if report.get("B"):
+        parts.append(_scenario_b_table(report["B"]))
     parts.append(_targets(report))
     return "\n\n".join(parts)
+
+
+def _decode_table(decode: dict) -> str:
+    rows = [
+        [
+            "once per question" if every == "0" else f"every {every} tokens",
+            f"{r['decode_ms_per_token']:.1f}",
+            _fmt_bytes(r["decode_bytes_per_question"]),
+            "-" if r["decode_recall"] is None else f"{r['decode_recall']:.3f}",
+            f"{r['prefill_recall']:.3f}",
+        ]
+        for every, r in decode.items()
+    ]
+    header = ["re-scoring", "decode ms/tok", "bytes/answer", "decode recall", "prefill recall"]
+    return _table("Decode: re-scoring interval (cluster mode)", header, rows)
+
+
+def _scenario_c_table(c: dict) -> str:
+    rows = [
+        [mode, f"{p['minutes']:.1f}", f"{p['ttft_s'] * 1e3:.1f}", _fmt_bytes(p["peak_bytes"])]
+        for mode, points in c.items()
+        for p in points
+    ]
+    return _table("Scenario C: scaling with stream length", ["mode", "minutes", "TTFT ms", "peak GPU mem"], rows)
+
+
+def _scenario_b_table(b: dict) -> str:
+    rows = [
+        [
+            mode,
+            str(r["cameras"]),
+            f"{r['ingest_frames_per_s']:.1f}",
+            f"{r.get('ingest_pass_ms', 0):.0f}",
+            _yes_no(r.get("real_time")),
+            f"{r.get('vision_ms_per_pass', 0):.0f}",
+            _host_split(r.get("host_ms_per_pass")),
+            f"{r['ttft_p50_ms']:.1f}",
+            f"{r['ttft_p99_ms']:.1f}",
+            f"{r['hit_ratio']:.2f}",
+            _fmt_bytes(r["device_bytes_used"]),
+            _fmt_bytes(r["host_bytes_used"]),
+        ]
+        for mode, r in b.items()
+    ]
+    header = [
+        "mode", "cameras", "ingest frames/s", "pass ms", "real-time (pass <= 1 s)", "vision ms",
+        "host ms: queue tower / queue LM / wait / place", "TTFT p50 ms", "p99 ms", "hit ratio", "device", "host",
+    ]  # fmt: skip
+    return _table("Scenario B: many cameras (aggregate frames/s of pre-decoded frames)", header, rows)
 
 
 def _yes_no(value: bool | None) -> str:

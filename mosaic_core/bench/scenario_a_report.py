@@ -12,36 +12,54 @@ def format_scenario_a(report: dict) -> list[tuple[str, list[str], list[list[str]
     """The scenario A tables as ``(title, header, rows)``: the headline, then those of them the report has data for:
     the staging by part of the prefill, recall against chance, the planted span found by budget."""
     a, pcie = report["A"], report.get("pcie_gbs", 0.0)
+    tables = [_headline_table(report, a, pcie)]
+    by_part = _transfer_table(a, pcie)
+    if by_part:
+        tables.append(by_part)
+    chance = _chance_table(a)
+    if chance:
+        tables.append(chance)
+    by_budget = _by_budget(a)
+    if by_budget:
+        tables.append(by_budget)
+    return tables
+
+
+def _headline_table(report: dict, a: dict, pcie: float):
     # measured per row by newer runs; older results files carry one figure that assumed 128 tokens per frame
     history = next((r["history_tokens"] for r in a.values() if "history_tokens" in r), report.get("history_tokens"))
     budget = report.get("budget_tokens")
     share = f"{budget / history:.1%} of {history:,} history tokens" if budget and history else "?"
-    headline = []
-    for label, r in a.items():
-        headline.append(
-            [
-                label,
-                f"{r['ttft_p50_ms']:.1f}",
-                f"{r['ttft_p95_ms']:.1f}",
-                f"{r['decode_ms_per_token']:.1f}",
-                _mib(r["bytes_per_question"]),
-                _mib(r["bytes_all_per_question"]),
-                f"{r['copies_per_question']:.0f}",
-                _num(r["transfer_gbs"], "{:.1f}"),
-                _num(r["hit_ratio"], "{:.2f}"),
-                f"{r['peak_gpu_bytes'] / GIB:.1f}",
-                _num(r["recall"], "{:.3f}"),
-                _num(r["probe_found"], "{:.3f}"),
-                _num(r.get("kl_vs_full"), "{:.2e}"),
-                _num(r.get("hidden_rel_error"), "{:.2e}"),
-            ]
-        )
+    headline = [
+        [
+            label,
+            f"{r['ttft_p50_ms']:.1f}",
+            f"{r['ttft_p95_ms']:.1f}",
+            f"{r['decode_ms_per_token']:.1f}",
+            _mib(r["bytes_per_question"]),
+            _mib(r["bytes_all_per_question"]),
+            f"{r['copies_per_question']:.0f}",
+            _num(r["transfer_gbs"], "{:.1f}"),
+            _num(r["hit_ratio"], "{:.2f}"),
+            f"{r['peak_gpu_bytes'] / GIB:.1f}",
+            _num(r["recall"], "{:.3f}"),
+            _num(r["probe_found"], "{:.3f}"),
+            _num(r.get("kl_vs_full"), "{:.2e}"),
+            _num(r.get("hidden_rel_error"), "{:.2e}"),
+        ]
+        for label, r in a.items()
+    ]
     header = [
         "variant", "TTFT p50 ms", "p95", "decode ms/tok", "MiB/q retr", "MiB/q all", "slabs/q", "xfer GB/s",
         "hit", "peak GiB", "recall", "probe found", "KL vs full", "hidden err",
     ]  # fmt: skip
     title = f"Scenario A: one stream, one engine per variant (budget {share}; PCIe {pcie:.1f} GB/s)"
-    tables = [(title, header, headline)]
+    return title, header, headline
+
+
+def _chance_table(a: dict):
+    """Each retrieving variant's units chosen by every scorer of ``SWEEP`` on the same queries, and the ceiling where
+    measured; None where no variant measured them."""
     chance = []
     for label in ("rekv-token", "frame", "cluster"):
         r = a.get(label)
@@ -60,20 +78,14 @@ def format_scenario_a(report: dict) -> list[tuple[str, list[str], list[list[str]
         if UNIT_CEILING in r["recall_by_scorer"]:
             ceiling = _num(r["recall_by_scorer"][UNIT_CEILING], "{:.3f}")
             chance.append([f"{unit} ({label} engine)", "ceiling: true mass per token", ceiling, "-"])
-    by_part = _transfer_table(a, pcie)
-    if by_part:
-        tables.append(by_part)
-    if chance:
-        masses = [f"{r['probe_span_mass']:.2f}" for r in a.values() if r.get("probe_span_mass") is not None]
-        title = (
-            "Recall against chance: the same queries and units, each scorer's choice (planted span's share of full "
-            f"attention: {', '.join(masses)})"
-        )
-        tables.append((title, ["units", "scorer", "recall (real queries)", "planted span found"], chance))
-    by_budget = _by_budget(a)
-    if by_budget:
-        tables.append(by_budget)
-    return tables
+    if not chance:
+        return None
+    masses = [f"{r['probe_span_mass']:.2f}" for r in a.values() if r.get("probe_span_mass") is not None]
+    title = (
+        "Recall against chance: the same queries and units, each scorer's choice (planted span's share of full "
+        f"attention: {', '.join(masses)})"
+    )
+    return title, ["units", "scorer", "recall (real queries)", "planted span found"], chance
 
 
 def _transfer_table(a: dict, pcie: float):

@@ -90,11 +90,7 @@ def scenario_b(
         row = mode.value if len(pause_variants) == 1 else f"{mode.value} {variant.name}"
         row = f"{row} tower-stream" if tower_stream else row
         row = f"{row} {s.cameras} cameras" if name_cameras else row
-        config = dataclasses.replace(
-            _cameras_config(model, s, mode),
-            keyframes_per_cluster=keyframes_per_cluster,
-            tower_stream=tower_stream,
-        )
+        config = _cameras_config(model, s, mode, keyframes_per_cluster=keyframes_per_cluster, tower_stream=tower_stream)
         if data_dir is not None:
             config = dataclasses.replace(
                 config,
@@ -102,99 +98,148 @@ def scenario_b(
                 durable_writers=durable_writers,
                 durable_pending_bytes=durable_pending_bytes,
             )
-        engine = Engine(model, config)
-        retries_before = _alloc_retries()
-        for c in range(s.cameras):
-            engine.open_stream(f"cam{c:03d}")
-        half = s.camera_seconds // 2
-        engine.ingest([frames[0] for frames in per_camera])  # warm-up: the first pass compiles and allocates
-        t0, t0_unix = time.perf_counter(), time.time()
-        progress = Progress(f"B/{row}: passes", s.camera_seconds - 1)  # a line every 5 s, with an ETA
-        calls = _ingest_only(engine, s, per_camera, variant, progress)
-        ingest_s = time.perf_counter() - t0
-        ingest_only_unix_s = [t0_unix, time.time()]
-        fps = s.cameras * (half - 1) / ingest_s
-        cluster_ids = [c.cluster_id for n in range(s.cameras) for c in engine.clusters(f"cam{n:03d}")]
-        digest = _stored_digest(engine, calls, cluster_ids)
-        twin = digests.setdefault((mode, variant), digest) if not tower_stream else digests.get((mode, variant))
-
-        ttfts, ttfts_device = _ingest_with_questions(engine, s, per_camera, variant, progress)
-        if profile_to is not None and mode is RetrievalMode.CLUSTER and variant == pause_variants[0]:
-            batches = [[frames[k] for frames in per_camera] for k in range(3)]
-            profile_ingest(engine, batches, profile_to, [f"cam{c:03d}" for c in range(3)])
-        stats = engine.stats()
-        durable = None if engine.history is None else engine.history.store.snapshot_stats()
-        total_kv = sum(sum(engine.stream_stats(f"cam{c:03d}").bytes_by_tier.values()) for c in range(s.cameras))
-        closing = time.perf_counter()
-        engine.close()  # with a data directory: waits until every sealed cluster queued so far is on disk
-        close_s = time.perf_counter() - closing
-        measured_s = time.perf_counter() - t0
-        snapshot_s = None if engine.history is None else engine.history.snapshot_s
-        results[row] = {
-            "cameras": s.cameras,
-            "clips": list(clips),
-            "total_kv_bytes": total_kv,
-            "device_budget_bytes": config.device_budget_bytes,
-            "ingest_frames_per_s": fps,
-            "ingest_pass_ms": ingest_s / (half - 1) * 1e3,
-            "real_time": ingest_s / (half - 1) <= 1.0,  # a pass of one frame per camera within a second of video
-            "ingest_only_unix_s": ingest_only_unix_s,  # wall-clock span of the passes above (bench.sampled_engine)
-            "vision_ms_per_pass": statistics.median(c.encode_s for c in calls) * 1e3,
-            # the host's time in a pass (medians), by what it was doing: queuing the vision tower and the language
-            # model, waiting for the device, placing frames into clusters (mosaic_core.engine.results.IngestResult)
-            "host_ms_per_pass": {
-                part: statistics.median(getattr(c, f"{part}_s") for c in calls) * 1e3
-                for part in ("encode", "issue", "wait", "place")
-            },
-            "ttft_p50_ms": percentile(ttfts, 0.5) * 1e3,
-            "ttft_p99_ms": percentile(ttfts, 0.99) * 1e3,
-            # on the GPU's clock, from reaching the question to its first token (host stalls inside it included)
-            "ttft_device_p50_ms": None if None in ttfts_device else percentile(ttfts_device, 0.5) * 1e3,
-            "ttfts_ms": [round(t * 1e3, 1) for t in ttfts],  # in order: which questions were slow
-            "hit_ratio": stats.device_hit_ratio,  # measured in every mode
-            "device_bytes_used": stats.used_bytes_by_tier["device"],
-            "host_bytes_used": stats.used_bytes_by_tier["host"],
-            "durable": data_dir is not None,
-            "keyframes_per_cluster": config.keyframes_per_cluster,
-            "pauses": variant.name,  # off: questions asked after the ingest call
-            "tower_stream": engine.parts.tower_stream is not None,  # what ran: on the CPU there is none
-            "stored_digest": {"clusters_opened": digest["clusters_opened"], "clusters": len(cluster_ids)},
-            # with the tower on its own stream: whether the same frames stored the same clusters and keys as without
-            "stored_as_tower_off": None if not tower_stream or twin is None else _digests_agree(digest, twin),
-            "close_s": close_s,
-            # the caching allocator's: memory it holds, and retries after failed allocations (each frees its cache,
-            # waiting for the whole device) while this row ran; None off CUDA
-            "cuda_reserved_bytes": torch.cuda.memory_reserved() if torch.cuda.is_available() else None,
-            "cuda_alloc_retries": None if retries_before is None else _alloc_retries() - retries_before,
-            # captures block the engine thread: a question that captures waits for them
-            "graph_captures": _graph_captures(engine),
-        }
-        if durable is not None:  # before closing: what held ingest back, and how busy the file writers were
-            results[row]["durable_writes"] = {
-                "writers": config.durable_writers,
-                "pending_bytes_bound": config.durable_pending_bytes,
-                "submit_wait_s": durable.submit_wait_s,
-                "staging_wait_s": durable.staging_wait_s,
-                "snapshot_s": snapshot_s,  # the engine thread's, making the writers' snapshots
-                "file_write_s": durable.file_write_s,
-                "bytes_written": durable.bytes_written,
-                "clusters_written": durable.clusters_written,
-                "seal_to_durable_s_max": durable.seal_to_durable_s_max,
-                "seconds_measured": measured_s,
-            }
+        row_profile = profile_to if mode is RetrievalMode.CLUSTER and variant == pause_variants[0] else None
+        twin = digests.get((mode, variant)) if tower_stream else None
+        results[row], digest = _run_row(
+            model, config, s, row, variant, per_camera, clips=clips, twin=twin, profile_to=row_profile
+        )
+        if not tower_stream:
+            digests.setdefault((mode, variant), digest)
         log(f"B/{row}: {json.dumps(results[row])}")
-        del engine  # the next engine takes the device budget afresh
-        gc.collect()
+        gc.collect()  # the row's engine is gone: the next one takes the device budget afresh
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return results
 
 
-def _cameras_config(model, s: BenchSettings, mode: RetrievalMode) -> EngineConfig:
+def _run_row(
+    model,
+    config: EngineConfig,
+    s: BenchSettings,
+    row: str,
+    variant: PauseVariant,
+    per_camera: list[list[FrameInput]],
+    *,
+    clips: tuple[str, ...],
+    twin: dict | None,
+    profile_to: Path | None,
+) -> tuple[dict, dict]:
+    """One row of scenario B on an engine of its own, closed before it returns. Returns the row's figures and the
+    digest of what its ingest-only passes stored; ``twin`` is the digest of the same row without the tower on its
+    own stream, if one ran."""
+    engine = Engine(model, config)
+    retries_before = _alloc_retries()
+    for c in range(s.cameras):
+        engine.open_stream(f"cam{c:03d}")
+    engine.ingest([frames[0] for frames in per_camera])  # warm-up: the first pass compiles and allocates
+    t0, t0_unix = time.perf_counter(), time.time()
+    progress = Progress(f"B/{row}: passes", s.camera_seconds - 1)  # a line every 5 s, with an ETA
+    calls = _ingest_only(engine, s, per_camera, variant, progress)
+    ingest = _ingest_figures(s, calls, time.perf_counter() - t0, [t0_unix, time.time()])
+    cluster_ids = [c.cluster_id for n in range(s.cameras) for c in engine.clusters(f"cam{n:03d}")]
+    digest = _stored_digest(engine, calls, cluster_ids)
+
+    ttfts, ttfts_device = _ingest_with_questions(engine, s, per_camera, variant, progress)
+    if profile_to is not None:
+        batches = [[frames[k] for frames in per_camera] for k in range(3)]
+        profile_ingest(engine, batches, profile_to, [f"cam{c:03d}" for c in range(3)])
+    stats = engine.stats()
+    durable = None if engine.history is None else engine.history.store.snapshot_stats()
+    total_kv = sum(sum(engine.stream_stats(f"cam{c:03d}").bytes_by_tier.values()) for c in range(s.cameras))
+    closing = time.perf_counter()
+    engine.close()  # with a data directory: waits until every sealed cluster queued so far is on disk
+    close_s = time.perf_counter() - closing
+    measured_s = time.perf_counter() - t0
+    result = {
+        "cameras": s.cameras,
+        "clips": list(clips),
+        "total_kv_bytes": total_kv,
+        "device_budget_bytes": config.device_budget_bytes,
+        **ingest,
+        **_ttft_figures(ttfts, ttfts_device),
+        "hit_ratio": stats.device_hit_ratio,  # measured in every mode
+        "device_bytes_used": stats.used_bytes_by_tier["device"],
+        "host_bytes_used": stats.used_bytes_by_tier["host"],
+        "durable": config.data_dir is not None,
+        "keyframes_per_cluster": config.keyframes_per_cluster,
+        "pauses": variant.name,  # off: questions asked after the ingest call
+        "tower_stream": engine.parts.tower_stream is not None,  # what ran: on the CPU there is none
+        "stored_digest": {"clusters_opened": digest["clusters_opened"], "clusters": len(cluster_ids)},
+        # with the tower on its own stream: whether the same frames stored the same clusters and keys as without
+        "stored_as_tower_off": None if twin is None else _digests_agree(digest, twin),
+        "close_s": close_s,
+        **_allocator_figures(retries_before),
+        # captures block the engine thread: a question that captures waits for them
+        "graph_captures": _graph_captures(engine),
+    }
+    if durable is not None:  # before closing: what held ingest back, and how busy the file writers were
+        result["durable_writes"] = _durable_writes(config, durable, engine.history.snapshot_s, measured_s)
+    return result, digest
+
+
+def _allocator_figures(retries_before: int | None) -> dict:
+    """The caching allocator's: memory it holds, and retries after failed allocations (each frees its cache,
+    waiting for the whole device) since ``retries_before`` was read; None off CUDA."""
+    return {
+        "cuda_reserved_bytes": torch.cuda.memory_reserved() if torch.cuda.is_available() else None,
+        "cuda_alloc_retries": None if retries_before is None else _alloc_retries() - retries_before,
+    }
+
+
+def _durable_writes(config: EngineConfig, durable, snapshot_s: float, measured_s: float) -> dict:
+    """What held ingest back and how busy the record writers were, from the store's stats taken before closing;
+    ``snapshot_s`` is the engine thread's time making the writers' snapshots."""
+    return {
+        "writers": config.durable_writers,
+        "pending_bytes_bound": config.durable_pending_bytes,
+        "submit_wait_s": durable.submit_wait_s,
+        "staging_wait_s": durable.staging_wait_s,
+        "snapshot_s": snapshot_s,
+        "file_write_s": durable.file_write_s,
+        "bytes_written": durable.bytes_written,
+        "clusters_written": durable.clusters_written,
+        "seal_to_durable_s_max": durable.seal_to_durable_s_max,
+        "seconds_measured": measured_s,
+    }
+
+
+def _ingest_figures(s: BenchSettings, calls: list[IngestResult], ingest_s: float, unix_span: list[float]) -> dict:
+    """The ingest-only passes' pace, and where the host's time in a pass went."""
+    passes = s.camera_seconds // 2 - 1
+    return {
+        "ingest_frames_per_s": s.cameras * passes / ingest_s,
+        "ingest_pass_ms": ingest_s / passes * 1e3,
+        "real_time": ingest_s / passes <= 1.0,  # a pass of one frame per camera within a second of video
+        "ingest_only_unix_s": unix_span,  # wall-clock span of the passes above (bench.sampled_engine)
+        "vision_ms_per_pass": statistics.median(c.encode_s for c in calls) * 1e3,
+        # the host's time in a pass (medians), by what it was doing: queuing the vision tower and the language
+        # model, waiting for the device, placing frames into clusters (mosaic_core.engine.results.IngestResult)
+        "host_ms_per_pass": {
+            part: statistics.median(getattr(c, f"{part}_s") for c in calls) * 1e3
+            for part in ("encode", "issue", "wait", "place")
+        },
+    }
+
+
+def _ttft_figures(ttfts: list[float], ttfts_device: list[float | None]) -> dict:
+    return {
+        "ttft_p50_ms": percentile(ttfts, 0.5) * 1e3,
+        "ttft_p99_ms": percentile(ttfts, 0.99) * 1e3,
+        # on the GPU's clock, from reaching the question to its first token (host stalls inside it included)
+        "ttft_device_p50_ms": None if None in ttfts_device else percentile(ttfts_device, 0.5) * 1e3,
+        "ttfts_ms": [round(t * 1e3, 1) for t in ttfts],  # in order: which questions were slow
+    }
+
+
+def _cameras_config(
+    model, s: BenchSettings, mode: RetrievalMode, *, keyframes_per_cluster: int, tower_stream: bool
+) -> EngineConfig:
     """The engine of scenario B's cameras: a frame per camera in a pass, and a small window per camera, which keeps
     32 windows well inside a device budget far below the cameras' KV."""
     config = dataclasses.replace(
         engine_config(s, mode),
+        keyframes_per_cluster=keyframes_per_cluster,
+        tower_stream=tower_stream,
         max_frames_per_pass=1,
         local_window_tokens=s.camera_window_tokens,
         device_budget_bytes=s.camera_device_budget_bytes,

@@ -161,6 +161,57 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.model == "7b-attention":
+        model = build_model(args.layers, args.intermediate)
+    else:
+        from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
+
+        model = Qwen25VLAdapter.from_preset(args.model)
+    frames = looped(args.frames, args.fps)
+    tokens = model.choose_geometry(*frames[0].rgb.shape[:2], args.tokens_per_frame).tokens_per_frame
+    window_frames = 4
+    history = args.frames * tokens
+    budgets = tuple(round(f * history) for f in (0.05, 0.10, 0.20, 0.40))
+    base = EngineConfig(
+        target_tokens_per_frame=args.tokens_per_frame,
+        page_tokens=tokens,
+        local_window_tokens=window_frames * tokens,
+        retrieval_budget_tokens=budgets[1],
+        # a quarter of the history, beside what one question and the window need, so that retrieval moves bytes
+        device_budget_bytes=(history // 4 + 2 * (budgets[1] + base_window(tokens, window_frames)))
+        * model.kv_spec.bytes_per_token,
+        formation=FormationConfig(max_tokens=min(budgets[1], args.cluster_frames * tokens)),
+    )
+    loop_frames = round(10.0 * args.fps)  # bikes.mp4 lasts 10 s
+    probes = probe_sets(loop_frames, args.frames - window_frames - 1, args.span_frames, args.probes)
+    result = {
+        "command": "python -m mosaic_core.bench.shaping " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "header": (
+            f"{args.frames} frames of bikes.mp4 looped at {args.fps} fps ({loop_frames} per loop), {tokens} tokens "
+            f"each, {history} history tokens; model {model.name} (random weights); cluster "
+            f"cap {base.formation.max_tokens} tokens; engine budget {base.retrieval_budget_tokens}; planted span "
+            f"found at budgets {budgets} (5/10/20/40% of history)"
+        ),
+        "budgets": budgets,
+        "variants": {},
+    }
+    for label, config in _variants(base, args).items():
+        t0 = time.perf_counter()
+        result["variants"][label] = run_variant(model, frames, config, probes, budgets, log, rounds=args.rounds)
+        log(f"{label}: {time.perf_counter() - t0:.0f} s {json.dumps(result['variants'][label])}")
+    with open(f"{args.out}.json", "w") as f:
+        json.dump(result, f, indent=1)
+    report = format_report(result)
+    with open(f"{args.out}.txt", "w") as f:
+        f.write(f"$ {result['command']}\n{report}\n")
+    print(report)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="results path without suffix: writes .json and .txt")
     p.add_argument("--frames", type=int, default=160)
@@ -188,32 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         "--key-weight", default="", help="comma-separated FormationConfig.key_weight values to compare with 0"
     )
     p.add_argument("--rounds", type=int, default=1, help="rounds of the same probes (splits need 2 or more)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    if args.model == "7b-attention":
-        model = build_model(args.layers, args.intermediate)
-    else:
-        from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
+    return p
 
-        model = Qwen25VLAdapter.from_preset(args.model)
-    frames = looped(args.frames, args.fps)
-    tokens = model.choose_geometry(*frames[0].rgb.shape[:2], args.tokens_per_frame).tokens_per_frame
-    window_frames = 4
-    history = args.frames * tokens
-    budgets = tuple(round(f * history) for f in (0.05, 0.10, 0.20, 0.40))
-    base = EngineConfig(
-        target_tokens_per_frame=args.tokens_per_frame,
-        page_tokens=tokens,
-        local_window_tokens=window_frames * tokens,
-        retrieval_budget_tokens=budgets[1],
-        # a quarter of the history, beside what one question and the window need, so that retrieval moves bytes
-        device_budget_bytes=(history // 4 + 2 * (budgets[1] + base_window(tokens, window_frames)))
-        * model.kv_spec.bytes_per_token,
-        formation=FormationConfig(max_tokens=min(budgets[1], args.cluster_frames * tokens)),
-    )
-    loop_frames = round(10.0 * args.fps)  # bikes.mp4 lasts 10 s
-    probes = probe_sets(loop_frames, args.frames - window_frames - 1, args.span_frames, args.probes)
+
+def _variants(base: EngineConfig, args: argparse.Namespace) -> dict[str, EngineConfig]:
+    """The engines compared, by label: ``base`` (joins off, or the baseline without --join), then one per setting
+    of --join, --merges, --key-weight and --split, in that order."""
     variants = {"joins off": base} if args.join else {"baseline": base}
     for value in [float(v) for v in args.join.split(",") if v]:
         formation = dataclasses.replace(base.formation, join_min_similarity=value)
@@ -235,28 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             base.formation, split_min_questions=int(min_questions), split_min_density_ratio=float(ratio)
         )
         variants[f"splits {min_questions}q x{ratio}"] = dataclasses.replace(base, formation=formation)
-    result = {
-        "command": "python -m mosaic_core.bench.shaping " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "header": (
-            f"{args.frames} frames of bikes.mp4 looped at {args.fps} fps ({loop_frames} per loop), {tokens} tokens "
-            f"each, {history} history tokens; model {model.name} (random weights); cluster "
-            f"cap {base.formation.max_tokens} tokens; engine budget {base.retrieval_budget_tokens}; planted span "
-            f"found at budgets {budgets} (5/10/20/40% of history)"
-        ),
-        "budgets": budgets,
-        "variants": {},
-    }
-    for label, config in variants.items():
-        t0 = time.perf_counter()
-        result["variants"][label] = run_variant(model, frames, config, probes, budgets, log, rounds=args.rounds)
-        log(f"{label}: {time.perf_counter() - t0:.0f} s {json.dumps(result['variants'][label])}")
-    with open(f"{args.out}.json", "w") as f:
-        json.dump(result, f, indent=1)
-    report = format_report(result)
-    with open(f"{args.out}.txt", "w") as f:
-        f.write(f"$ {result['command']}\n{report}\n")
-    print(report)
-    return 0
+    return variants
 
 
 if __name__ == "__main__":

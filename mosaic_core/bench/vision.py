@@ -138,15 +138,7 @@ def measure(
     results: dict[str, dict[int, dict]] = {row: {} for row in rows}
     reference: dict[int, torch.Tensor] = {}
     for row in rows:
-        _set_attention(tower, Qwen2_5_VLVisionAttention if row == "transformers" else BatchedChunkAttention)
-        if row == "padded-mlp":
-            log(f"widened {pad_mlp_widths(tower)} MLPs to a multiple of 64 units")
-        if row == "matmul-patch-embed":
-            log(f"patch embedding by matrix product: {embed_patches_by_matmul(tower)} module")
-        if row == VARLEN_ROW:
-            log(f"variable-length chunks in {hold_vision_attention(tower, 'varlen')} attentions")
-        if row == COMPILED_ROW:
-            log(f"fused the element-wise work of {fuse_elementwise(tower)} modules")
+        _change_tower_for(tower, row, log)
         for n in batch_sizes:
             vision = inputs[n]
             if row in ("transformers", "batched-chunks"):
@@ -176,6 +168,20 @@ def measure(
         "mlp_width": config.intermediate_size,
         "rows": results,
     }
+
+
+def _change_tower_for(tower: torch.nn.Module, row: str, log) -> None:
+    """Makes the change ``row`` adds to the rows before it (the module docstring lists them), and logs what it
+    changed."""
+    _set_attention(tower, Qwen2_5_VLVisionAttention if row == "transformers" else BatchedChunkAttention)
+    if row == "padded-mlp":
+        log(f"widened {pad_mlp_widths(tower)} MLPs to a multiple of 64 units")
+    if row == "matmul-patch-embed":
+        log(f"patch embedding by matrix product: {embed_patches_by_matmul(tower)} module")
+    if row == VARLEN_ROW:
+        log(f"variable-length chunks in {hold_vision_attention(tower, 'varlen')} attentions")
+    if row == COMPILED_ROW:
+        log(f"fused the element-wise work of {fuse_elementwise(tower)} modules")
 
 
 def format_table(report: dict) -> str:
