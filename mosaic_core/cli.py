@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from mosaic_core.checks import device_problem, model_problem, resolve_video
+from mosaic_core.cli_answer import print_evidence, print_stats, stream_answer
 from mosaic_core.errors import ConfigError, MosaicError
-from mosaic_core.terminal import Progress, escape_for_terminal, format_span
+from mosaic_core.terminal import Progress
 
 RANDOM_WEIGHTS_NOTE = (
     "note: preset models have random weights, so the answer text is meaningless; the evidence spans, "
@@ -235,11 +236,8 @@ def _add_fidelity(sub) -> None:
 def _run_ask_video(args) -> int:
     source = resolve_video(args.video)  # mistakes first, before seconds of imports
     _check_model_and_device(args)
-    from mosaic_core.config import MIB, EngineConfig
-    from mosaic_core.engine.engine import Engine
-    from mosaic_core.engine.results import Answer, FrameInput
-    from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter
-    from mosaic_core.model.video import iter_video_frames, probe_video
+    from mosaic_core.model.qwen2_5_vl import Qwen25VLAdapter  # torch and transformers load before PyAV, as before
+    from mosaic_core.model.video import probe_video
 
     info = probe_video(source)
     expected = math.ceil((info.duration_s or 0.0) * args.fps - 1e-6) or 1
@@ -250,6 +248,22 @@ def _run_ask_video(args) -> int:
         args.window_tokens = min(256, max(1, expected // 2) * args.tokens_per_frame)
     _status(f"loading model {args.model} ...")
     model = Qwen25VLAdapter.load(args.model, device=args.device or _default_device())
+    engine = _ask_video_engine(model, args)
+    engine.open_stream("video", fps=args.fps)
+    done, encode_s = _encode_video(engine, source, args, expected)
+    answer = stream_answer(engine, args)
+    print(RANDOM_WEIGHTS_NOTE if args.model in ("tiny", "qwen2.5-vl-7b") else "")
+    print_evidence(answer)
+    print_stats(engine, answer, done, encode_s)
+    return 0
+
+
+def _ask_video_engine(model, args):
+    """An engine on ``model`` whose device budget holds twice the question's working set, unless
+    ``--device-budget-mib`` sets it."""
+    from mosaic_core.config import MIB, EngineConfig
+    from mosaic_core.engine.engine import Engine
+
     # retrieved clusters, the window, and the question's own tokens (its text and answer), which the paged arena
     # also places in device pages
     working_set_tokens = args.budget_tokens + args.window_tokens + QUESTION_TEXT_TOKENS + args.max_new_tokens
@@ -266,8 +280,15 @@ def _run_ask_video(args) -> int:
         device_budget_bytes=device_budget,
         formation=_formation(args, args.budget_tokens),
     )
-    engine = Engine(model, config)
-    engine.open_stream("video", fps=args.fps)
+    return Engine(model, config)
+
+
+def _encode_video(engine, source: str, args, expected: int) -> tuple[int, float]:
+    """Ingests the clip's frames into the stream ``video`` in calls of 8, showing progress; returns the frames
+    encoded and the seconds it took."""
+    from mosaic_core.engine.results import FrameInput
+    from mosaic_core.model.video import iter_video_frames
+
     start = time.perf_counter()
     progress = Progress("encoding", expected)
     batch: list[FrameInput] = []
@@ -282,53 +303,7 @@ def _run_ask_video(args) -> int:
         done += engine.ingest(batch).num_frames
     progress.total = done  # the clip's duration is an estimate; the count is what was encoded
     progress.update(done, _rate(done, start))
-    encode_s = time.perf_counter() - start
-    print(f"question: {escape_for_terminal(args.question)}")
-    print("answer:   ", end="", flush=True)
-    answer = None
-    for event in engine.ask("video", args.question, max_new_tokens=args.max_new_tokens):
-        if isinstance(event, Answer):
-            answer = event
-        else:
-            print(escape_for_terminal(event.text), end="", flush=True)
-    print()
-    print(RANDOM_WEIGHTS_NOTE if args.model in ("tiny", "qwen2.5-vl-7b") else "")
-    _print_evidence(answer)
-    _print_stats(engine, answer, done, encode_s)
-    return 0
-
-
-def _print_evidence(answer) -> None:
-    print("evidence (ranked time spans the answer drew on):")
-    for span in answer.evidence:
-        print(f"  #{span.rank}  {format_span(span.start_s, span.end_s):>15}  score {span.score:.3f}  {span.cluster_id}")
-    if not answer.evidence:
-        print("  (none: the stream is still shorter than the local window)")
-
-
-def _print_stats(engine, answer, num_frames: int, encode_s: float) -> None:
-    stream = engine.stream_stats("video")
-    stats = engine.stats()
-    r, t = answer.retrieval, answer.timings
-    rows = [
-        ("mode", stats.mode),
-        ("frames", f"{num_frames} ({stream.tokens_per_frame} tokens each)"),
-        ("tokens", f"{num_frames * (stream.tokens_per_frame or 0)} visual + {stream.sink_tokens} sink"),
-        ("clusters", f"{stream.num_clusters} " + _tiers(stream.clusters_by_tier)),
-        ("bytes per tier", _tiers(stream.bytes_by_tier)),
-        ("encode", f"{encode_s:.2f} s ({num_frames / max(encode_s, 1e-9):.1f} frames/s)"),
-        ("retrieved", f"{r.num_clusters_retrieved} clusters, {r.num_tokens_retrieved} tokens per layer"),
-        ("moved to device", f"{r.bytes_fetched:,} bytes in {r.num_copies} copies"),
-        ("time to first token", f"{t.time_to_first_token_s * 1e3:.1f} ms"),
-        ("decode", f"{t.decode_s_per_token * 1e3:.1f} ms/token over {t.num_tokens} tokens"),
-    ]
-    print("stats:")
-    for name, value in rows:
-        print(f"  {name:<20} {value}")
-
-
-def _tiers(values: dict) -> str:
-    return "(" + ", ".join(f"{k} {v:,}" for k, v in values.items()) + ")"
+    return done, time.perf_counter() - start
 
 
 def _run_fidelity(args) -> int:

@@ -54,6 +54,21 @@ class FidelityRow:
     probe_span_mass: float | None = None
 
 
+@dataclass(slots=True)
+class _ModeRun:
+    """One mode's engine at one budget: its stream, the questions' answers, each question's recall by scorer, and the
+    planted probes."""
+
+    stream_id: str
+    answers: list
+    sweeps: list
+    probes: list[ProbeRequest]
+
+    @property
+    def last_hidden(self) -> list[torch.Tensor]:
+        return [a.last_hidden for a in self.answers]
+
+
 def run_fidelity(
     model: Qwen25VLAdapter,
     frames: Sequence[FrameInput],
@@ -88,47 +103,68 @@ def run_fidelity(
             where = f"budget {budget} tokens, mode {mode.value}"
             config = dataclasses.replace(base, mode=mode, retrieval_budget_tokens=budget)
             engine = Engine(model, config)
-            stream_id = frames[0].stream_id
-            engine.open_stream(stream_id)
-            for i in range(0, len(frames), batch_frames):
-                engine.ingest(frames[i : i + batch_frames])
-                step(f"{where}: ingesting")
-            answers, sweeps = [], []
-            for question in questions:
-                with probing(ProbeRequest(sweep_scorers=SWEEP)) as request:
-                    answers.append(engine.answer(stream_id, question, max_new_tokens=1, measure_recall=True))
-                sweeps.append(request.recall)
-                step(f"{where}: questions")
-            probes = []
-            window_frames = base.local_window_tokens // max(1, engine.stream_stats(stream_id).tokens_per_frame or 1)
-            for span in probe_spans(len(frames) - window_frames - 1, NUM_PROBES, span_frames=2):
-                with probing(ProbeRequest(span=span, sweep_scorers=SWEEP)) as request:
-                    engine.answer(stream_id, "Planted probe.", max_new_tokens=1)
-                probes.append(request)
-                step(f"{where}: planted probes")
-            hidden = [a.last_hidden for a in answers]
+            run = _ask_and_probe(engine, frames, base, questions, batch_frames, where=where, step=step)
             if mode is RetrievalMode.FULL:
-                reference = hidden
-            errors = [
-                float(torch.linalg.vector_norm(h - r) / torch.linalg.vector_norm(r))
-                for h, r in zip(hidden, reference, strict=True)
-            ]
-            rows.append(
-                FidelityRow(
-                    budget_tokens=budget,
-                    mode=mode.value,
-                    attention_recall=_mean_or_none([a.retrieval.attention_recall for a in answers]),
-                    hidden_rel_error=_mean(errors),
-                    bytes_per_question=_mean([a.retrieval.bytes_fetched for a in answers]),
-                    copies_per_question=_mean([a.retrieval.num_copies for a in answers]),
-                    clusters=len(engine.clusters(stream_id)),
-                    kl_vs_full=_mean([next_token_kl(model, r, h) for h, r in zip(hidden, reference, strict=True)]),
-                    recall_by_scorer=_mean_by_key(sweeps),
-                    probe_found_by_scorer=_mean_by_key([p.span_found for p in probes]),
-                    probe_span_mass=_mean_or_none([p.span_mass for p in probes]),
-                )
-            )
+                reference = run.last_hidden
+            rows.append(_fidelity_row(model, engine, run, budget=budget, mode=mode, reference=reference))
     return rows
+
+
+def _ask_and_probe(
+    engine: Engine,
+    frames: Sequence[FrameInput],
+    base: EngineConfig,
+    questions: Sequence[str],
+    batch_frames: int,
+    *,
+    where: str,
+    step: Callable[[str], None],
+) -> _ModeRun:
+    """Ingests ``frames`` into a fresh ``engine``, asks every question (one token, every scorer's recall swept) and
+    the planted probes, calling ``step`` after each batch, question and probe with a note that starts with ``where``."""
+    stream_id = frames[0].stream_id
+    engine.open_stream(stream_id)
+    for i in range(0, len(frames), batch_frames):
+        engine.ingest(frames[i : i + batch_frames])
+        step(f"{where}: ingesting")
+    answers, sweeps = [], []
+    for question in questions:
+        with probing(ProbeRequest(sweep_scorers=SWEEP)) as request:
+            answers.append(engine.answer(stream_id, question, max_new_tokens=1, measure_recall=True))
+        sweeps.append(request.recall)
+        step(f"{where}: questions")
+    probes = []
+    window_frames = base.local_window_tokens // max(1, engine.stream_stats(stream_id).tokens_per_frame or 1)
+    for span in probe_spans(len(frames) - window_frames - 1, NUM_PROBES, span_frames=2):
+        with probing(ProbeRequest(span=span, sweep_scorers=SWEEP)) as request:
+            engine.answer(stream_id, "Planted probe.", max_new_tokens=1)
+        probes.append(request)
+        step(f"{where}: planted probes")
+    return _ModeRun(stream_id, answers, sweeps, probes)
+
+
+def _fidelity_row(
+    model: Qwen25VLAdapter, engine: Engine, run: _ModeRun, *, budget: int, mode: RetrievalMode, reference: list
+) -> FidelityRow:
+    """The row of one mode at one budget, its answers' last hidden states compared with ``reference`` (full's)."""
+    answers, probes, hidden = run.answers, run.probes, run.last_hidden
+    errors = [
+        float(torch.linalg.vector_norm(h - r) / torch.linalg.vector_norm(r))
+        for h, r in zip(hidden, reference, strict=True)
+    ]
+    return FidelityRow(
+        budget_tokens=budget,
+        mode=mode.value,
+        attention_recall=_mean_or_none([a.retrieval.attention_recall for a in answers]),
+        hidden_rel_error=_mean(errors),
+        bytes_per_question=_mean([a.retrieval.bytes_fetched for a in answers]),
+        copies_per_question=_mean([a.retrieval.num_copies for a in answers]),
+        clusters=len(engine.clusters(run.stream_id)),
+        kl_vs_full=_mean([next_token_kl(model, r, h) for h, r in zip(hidden, reference, strict=True)]),
+        recall_by_scorer=_mean_by_key(run.sweeps),
+        probe_found_by_scorer=_mean_by_key([p.span_found for p in probes]),
+        probe_span_mass=_mean_or_none([p.span_mass for p in probes]),
+    )
 
 
 def format_table(rows: Sequence[FidelityRow]) -> str:

@@ -45,7 +45,16 @@ from services.bench_service_metrics import StreamSample, stream_samples
 from services.bench_service_procs import cpu_seconds, gpu_memory_used_mib, tree_cpu, worker_gpu_memory_mib
 from services.bench_service_report import describe, step_row, table, write
 from services.bench_service_step import LAG_LIMIT_S, LOAD_EDGE_FRAMES_PER_CAMERA, StepResult
-from services.bench_service_window import Scrapes, camera_figures, engine_figures, push_figures, question_figures
+from services.bench_service_window import (
+    Scrapes,
+    camera_figures,
+    cpu_figures,
+    decode_cpu_estimate,
+    engine_figures,
+    gpu_figures,
+    push_figures,
+    question_figures,
+)
 from services.config import ServiceConfig
 from services.local_service import LocalService, stop_services_on_sigterm
 
@@ -76,29 +85,13 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
     t0 = time.monotonic()
     pushes0, push_errors0 = load.push_counts()
     cpu0 = (cpu_seconds(service.server.pid), tree_cpu(worker_pid))
-    gpu: list[tuple[float | None, str | None]] = []
-    while time.monotonic() - t0 < args.measure_s:
-        time.sleep(1.0)
-        scrapes.add(service.metrics_text(), time.monotonic())
-        worker_tree = tree_cpu(worker_pid)
-        gpu.append(worker_gpu_memory_mib(worker_tree.pids if worker_tree else ()))
+    gpu = _sample_each_second(service, scrapes, worker_pid, t0, args.measure_s)
     t1 = time.monotonic()
     elapsed = t1 - t0
     pushes1, push_errors1 = load.push_counts()
     cpu1 = (cpu_seconds(service.server.pid), tree_cpu(worker_pid))
     questions = load.window(t0, t1, wait_s=QUESTION_WAIT_S)
     pulled = sum(1 for c in cameras if c.startswith("pull-"))
-    decode_estimate = None
-    if decode_cost_s.get("jpeg_s") is not None:
-        decode_estimate = args.fps * ((len(cameras) - pulled) * decode_cost_s["jpeg_s"])
-        decode_estimate += args.fps * pulled * (decode_cost_s.get("video_s") or 0.0)
-    router_cpu = None if None in (cpu0[0], cpu1[0]) else (cpu1[0] - cpu0[0]) / elapsed
-    worker_cpu = decode_cpu = None
-    if cpu0[1] is not None and cpu1[1] is not None:
-        worker_cpu = (cpu1[1].total_s - cpu0[1].total_s) / elapsed
-        if len(cpu1[1].pids) > 1 and pulled and not args.decode_sources_in_threads:
-            decode_cpu = (cpu1[1].decode_s - cpu0[1].decode_s) / elapsed
-    gpu_seen = [g for g in gpu if g[0] is not None]
     cams = camera_figures(scrapes, elapsed)
     pushes = push_delta(pushes0, pushes1)
     return StepResult(
@@ -115,17 +108,30 @@ def measure_step(service: LocalService, load: Load, cameras: list[str], args, de
         push_errors=dict(push_errors1 - push_errors0),
         stats_errors=dict(scrapes.errors),
         **question_figures(questions, args.questions_per_s, elapsed),
-        gpu_memory_used_mib=max((g[0] for g in gpu_seen), default=None),
-        gpu_memory_source=gpu_seen[0][1] if gpu_seen else None,
-        router_cpu_per_s=router_cpu,
-        worker_cpu_per_s=worker_cpu,
-        decode_cpu_per_s=decode_cpu,
-        decode_cpu_estimate_per_s=decode_estimate,
+        **gpu_figures(gpu),
+        **cpu_figures(cpu0, cpu1, elapsed, pulled=pulled, decode_in_threads=args.decode_sources_in_threads),
+        decode_cpu_estimate_per_s=decode_cpu_estimate(
+            decode_cost_s, fps=args.fps, num_cameras=len(cameras), pulled=pulled
+        ),
         **engine_figures(scrapes, elapsed),
         worker_gil=gil_probe.wait_share(gil_before, gil_probe.read_latest(service.workdir, "worker-*")),
         engine_stacks=stack_probe.busiest(stacks_before, stack_probe.read_latest(service.workdir, "worker-*")),
         settled_after_s=settled_after_s,
     )
+
+
+def _sample_each_second(
+    service: LocalService, scrapes: Scrapes, worker_pid: int | None, t0: float, measure_s: float
+) -> list[tuple[float | None, str | None]]:
+    """Adds a /metrics scrape to ``scrapes`` once a second until ``measure_s`` after ``t0``; returns the worker's GPU
+    memory read after each (``worker_gpu_memory_mib``)."""
+    gpu: list[tuple[float | None, str | None]] = []
+    while time.monotonic() - t0 < measure_s:
+        time.sleep(1.0)
+        scrapes.add(service.metrics_text(), time.monotonic())
+        worker_tree = tree_cpu(worker_pid)
+        gpu.append(worker_gpu_memory_mib(worker_tree.pids if worker_tree else ()))
+    return gpu
 
 
 def service_max_batch_frames(args) -> int:

@@ -28,6 +28,7 @@ from services.bench_service_metrics import (
     tier_totals,
     total_queue_depth,
 )
+from services.bench_service_procs import TreeCpu
 
 INGEST_LATENCY = "mosaic_ingest_latency_seconds"
 
@@ -107,6 +108,44 @@ def engine_figures(scrapes: Scrapes, elapsed_s: float) -> dict:
         "durable": durable_rates(scrapes.durable[0], scrapes.durable[-1], elapsed_s) if scrapes.durable else None,
         "tiers": tier_summary(scrapes.tiers[0], scrapes.tiers[-1], elapsed_s) if scrapes.tiers else None,
         "question_start_gaps": start_gaps(scrapes.gaps[0], scrapes.gaps[-1]) if scrapes.gaps else {},
+    }
+
+
+def cpu_figures(
+    before: tuple[float | None, TreeCpu | None],
+    after: tuple[float | None, TreeCpu | None],
+    elapsed_s: float,
+    *,
+    pulled: int,
+    decode_in_threads: bool,
+) -> dict:
+    """CPU seconds a second in the window, from (router process, worker process tree) readings at its ends: the
+    router's, the worker tree's, and its decoding processes' where pulled cameras decode in processes of their own."""
+    router_cpu = None if None in (before[0], after[0]) else (after[0] - before[0]) / elapsed_s
+    worker_cpu = decode_cpu = None
+    if before[1] is not None and after[1] is not None:
+        worker_cpu = (after[1].total_s - before[1].total_s) / elapsed_s
+        if len(after[1].pids) > 1 and pulled and not decode_in_threads:
+            decode_cpu = (after[1].decode_s - before[1].decode_s) / elapsed_s
+    return {"router_cpu_per_s": router_cpu, "worker_cpu_per_s": worker_cpu, "decode_cpu_per_s": decode_cpu}
+
+
+def decode_cpu_estimate(decode_cost_s: dict, *, fps: float, num_cameras: int, pulled: int) -> float | None:
+    """CPU seconds a second that decoding every camera's frames should take, from the measured cost of one frame:
+    a JPEG for each pushed camera, a video frame for each pulled one; None without a JPEG cost."""
+    if decode_cost_s.get("jpeg_s") is None:
+        return None
+    estimate = fps * ((num_cameras - pulled) * decode_cost_s["jpeg_s"])
+    estimate += fps * pulled * (decode_cost_s.get("video_s") or 0.0)
+    return estimate
+
+
+def gpu_figures(samples: list[tuple[float | None, str | None]]) -> dict:
+    """The most GPU memory the worker held in the window's samples, and where the first figure came from."""
+    seen = [g for g in samples if g[0] is not None]
+    return {
+        "gpu_memory_used_mib": max((g[0] for g in seen), default=None),
+        "gpu_memory_source": seen[0][1] if seen else None,
     }
 
 

@@ -115,9 +115,18 @@ def add_service_commands(subparsers) -> None:
 def run_serve(args) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
+    config = _preflighted_config(args)
+    if config is None:
+        return 2
+    log.info("preflight passed after %.1fs; loading Ray, gRPC and the engine's modules ...", time.monotonic() - started)
+    return _serve_on_ray(config, debug=args.log_level == "DEBUG", started=started)
+
+
+def _preflighted_config(args):
+    """The service config from ``--config`` and the serve flags once it passed preflight, or None once the reasons
+    it cannot serve are printed."""
     from services.config import ServiceConfig, load_config
     from services.preflight import preflight_problems
-    from services.url_text import host_in_address
 
     overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in _SERVE_FLAGS}
     if args.source_roots is not None:
@@ -126,7 +135,7 @@ def run_serve(args) -> int:
                 "error: this build's service config has no source_roots yet, so --source-root cannot be used.",
                 file=sys.stderr,
             )
-            return 2
+            return None
         overrides["source_roots"] = [str(Path(root).expanduser().resolve()) for root in args.source_roots]
     overrides["console"] = args.console
     config = load_config(args.config, **overrides)  # a ConfigError is one sentence, exit 2 (mosaic_core.cli)
@@ -135,24 +144,27 @@ def run_serve(args) -> int:
     problems = preflight_problems(config)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
-    if problems:
-        return 2
-    log.info("preflight passed after %.1fs; loading Ray, gRPC and the engine's modules ...", time.monotonic() - started)
+    return None if problems else config
+
+
+def _say_ready(server, config, *, host: str, started: float) -> None:
+    log.info("ready after %.1fs", time.monotonic() - started)
+    print(
+        f"mosaic serving: gRPC {host}:{server.grpc_port} ({'TLS' if config.tls_cert else 'plaintext'}"
+        f"{', API key required' if config.api_key else ''}), metrics http://{host}:"
+        f"{server.metrics_port}/metrics, {config.workers} worker(s), model {config.model}, mode {config.mode}",
+        flush=True,
+    )
+    if server.console_port:
+        scheme = "https" if config.tls_cert else "http"
+        print(f"mosaic console: {scheme}://{host}:{server.console_port}/", flush=True)
+
+
+def _serve_on_ray(config, *, debug: bool, started: float) -> int:
+    """Starts Ray and serves until the router stops, saying while the workers start and once it is ready."""
+    from services.url_text import host_in_address
 
     host = host_in_address(config.host)
-
-    def ready(server) -> None:
-        log.info("ready after %.1fs", time.monotonic() - started)
-        print(
-            f"mosaic serving: gRPC {host}:{server.grpc_port} ({'TLS' if config.tls_cert else 'plaintext'}"
-            f"{', API key required' if config.api_key else ''}), metrics http://{host}:"
-            f"{server.metrics_port}/metrics, {config.workers} worker(s), model {config.model}, mode {config.mode}",
-            flush=True,
-        )
-        if server.console_port:
-            scheme = "https" if config.tls_cert else "http"
-            print(f"mosaic console: {scheme}://{host}:{server.console_port}/", flush=True)
-
     # Ray's crash handler would catch SIGTERM in this (driver) process, print a stack and abort; the service
     # handles SIGTERM itself to drain calls, so the handler stays off here unless the operator sets it.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
@@ -162,7 +174,6 @@ def run_serve(args) -> int:
 
     from services.router import serve  # imports ray; kept out of the client commands' start-up
 
-    debug = args.log_level == "DEBUG"
     to_driver = config.ray_log_to_driver if "ray_log_to_driver" in config.model_fields_set else debug
     log.info("starting Ray (%s) ...", config.ray_address)
     ray_started = time.monotonic()
@@ -180,7 +191,7 @@ def run_serve(args) -> int:
 
         def on_ready(server) -> None:
             starting.cancel()
-            ready(server)
+            _say_ready(server, config, host=host, started=started)
 
         try:
             return await serve(config, on_ready=on_ready)

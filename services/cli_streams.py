@@ -268,20 +268,9 @@ def run_push(args) -> int:
         print(f"error: Folder {args.path!r} has no .jpg, .jpeg or .png images.", file=sys.stderr)
         return 2
     with open_client(args) as client:
-        try:
-            stream = client.get_stream(args.stream_id)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.NOT_FOUND or not args.create:
-                if err.code() == grpc.StatusCode.NOT_FOUND:
-                    print(
-                        f"error: Stream {args.stream_id!r} does not exist; create it with "
-                        f"`mosaic streams add {args.stream_id} --push` or pass --create.",
-                        file=sys.stderr,
-                    )
-                    return 1
-                raise
-            stream = client.create_stream(args.stream_id, fps=args.fps or 1.0)
-            print(f"created stream {args.stream_id} (push) on worker {stream.worker_id or '-'}")
+        stream = _stream_to_push_to(client, args)
+        if stream is None:
+            return 1
         if stream.HasField("source_url"):
             sentence = f"Stream {args.stream_id!r} pulls {stream.source_url}; push only to a stream added with --push."
             print(f"error: {sentence}", file=sys.stderr)
@@ -289,17 +278,7 @@ def run_push(args) -> int:
         fps = args.fps or stream.fps or 1.0
         if stream.fps and fps > stream.fps:
             print(f"note: {args.stream_id} keeps {stream.fps:g} frames/s, so it samples what is pushed at {fps:g}")
-        # A pushed camera's clock is wall-clock time, and it must keep increasing: continue after its last frame.
-        start_s = time.time() if args.start_s is None else args.start_s
-        if stream.stats.HasField("last_timestamp_s"):
-            start_s = max(start_s, stream.stats.last_timestamp_s + 1.0 / fps)
-        frames = _image_frames(images, args.stream_id, fps, start_s) if images else None
-        if frames is None:
-            frames = _video_frames(str(path), args.stream_id, fps, start_s, args.max_frames)
-        total = len(images) if images else _estimate_frames(str(path), fps)
-        if args.max_frames:
-            frames = _take(frames, args.max_frames)
-            total = min(total, args.max_frames)
+        frames, total = _frames_to_push(args, path, images, stream, fps)
         progress = Progress(f"pushing to {args.stream_id}", total)
         read = _Reading(_paced(frames, fps, args.realtime, progress))
         try:
@@ -313,6 +292,45 @@ def run_push(args) -> int:
     for error in list(response.errors)[:5]:
         print(f"  frame {error.index}: {escape_for_terminal(error.reason)}")
     return 0 if response.frames_rejected == 0 else 1
+
+
+def _stream_to_push_to(client, args):
+    """The stream ``mosaic push`` sends to, created first where it does not exist and ``--create`` is given; None once
+    its absence is printed."""
+    import grpc
+
+    try:
+        return client.get_stream(args.stream_id)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND or not args.create:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                print(
+                    f"error: Stream {args.stream_id!r} does not exist; create it with "
+                    f"`mosaic streams add {args.stream_id} --push` or pass --create.",
+                    file=sys.stderr,
+                )
+                return None
+            raise
+        stream = client.create_stream(args.stream_id, fps=args.fps or 1.0)
+        print(f"created stream {args.stream_id} (push) on worker {stream.worker_id or '-'}")
+        return stream
+
+
+def _frames_to_push(args, path: Path, images: list[Path] | None, stream, fps: float) -> tuple[Iterator, int]:
+    """The frames to push (at most ``--max-frames``), timestamped from ``--start-s`` or now but after the stream's
+    last frame, and how many there are (a video's estimated from its length)."""
+    # A pushed camera's clock is wall-clock time, and it must keep increasing: continue after its last frame.
+    start_s = time.time() if args.start_s is None else args.start_s
+    if stream.stats.HasField("last_timestamp_s"):
+        start_s = max(start_s, stream.stats.last_timestamp_s + 1.0 / fps)
+    frames = _image_frames(images, args.stream_id, fps, start_s) if images else None
+    if frames is None:
+        frames = _video_frames(str(path), args.stream_id, fps, start_s, args.max_frames)
+    total = len(images) if images else _estimate_frames(str(path), fps)
+    if args.max_frames:
+        frames = _take(frames, args.max_frames)
+        total = min(total, args.max_frames)
+    return frames, total
 
 
 def push_summary(stream_id: str, response, *, stream_fps: float) -> str:

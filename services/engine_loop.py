@@ -60,6 +60,24 @@ STATS_REFRESH_S = 0.5
 DEFAULT_ANSWER_SLICE_S = 0.25
 
 
+def _check_settings(
+    max_questions_per_stream: int,
+    ingest_pause_lookahead: int,
+    answer_slice_s: float,
+    pause_settings: tuple[int, int, int, int],
+) -> None:
+    """Raises ValueError unless the loop's settings are in range; ``pause_settings`` holds ingest_pause_layers,
+    ingest_pause_frames, ingest_pause_blocks and ingest_pause_placed, in this order."""
+    if min(max_questions_per_stream, ingest_pause_lookahead) < 1 or min(answer_slice_s, *pause_settings) < 0:
+        ingest_pause_layers, ingest_pause_frames, ingest_pause_blocks, ingest_pause_placed = pause_settings
+        raise ValueError(
+            f"max_questions_per_stream={max_questions_per_stream} and ingest_pause_lookahead="
+            f"{ingest_pause_lookahead} must be >= 1, answer_slice_s={answer_slice_s}, ingest_pause_layers="
+            f"{ingest_pause_layers}, ingest_pause_frames={ingest_pause_frames}, ingest_pause_blocks="
+            f"{ingest_pause_blocks} and ingest_pause_placed={ingest_pause_placed} >= 0"
+        )
+
+
 class EngineLoop:
     """Owns the engine thread.
 
@@ -107,13 +125,7 @@ class EngineLoop:
         encode_ahead: bool = False,
     ) -> None:
         pause_settings = (ingest_pause_layers, ingest_pause_frames, ingest_pause_blocks, ingest_pause_placed)
-        if min(max_questions_per_stream, ingest_pause_lookahead) < 1 or min(answer_slice_s, *pause_settings) < 0:
-            raise ValueError(
-                f"max_questions_per_stream={max_questions_per_stream} and ingest_pause_lookahead="
-                f"{ingest_pause_lookahead} must be >= 1, answer_slice_s={answer_slice_s}, ingest_pause_layers="
-                f"{ingest_pause_layers}, ingest_pause_frames={ingest_pause_frames}, ingest_pause_blocks="
-                f"{ingest_pause_blocks} and ingest_pause_placed={ingest_pause_placed} >= 0"
-            )
+        _check_settings(max_questions_per_stream, ingest_pause_lookahead, answer_slice_s, pause_settings)
         self.engine = engine
         self.queues = queues
         self.wake = queues.wake

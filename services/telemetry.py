@@ -19,7 +19,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from services.metrics import ALLOCATOR_EVENTS, HOST_CHUNK_HOWS, TRANSFER_DIRECTIONS, MosaicMetrics
+from services.memory_metrics import ALLOCATOR_EVENTS, HOST_CHUNK_HOWS, TRANSFER_DIRECTIONS
+from services.metrics import MosaicMetrics
 
 MAX_BUFFERED_OBSERVATIONS = 10_000  # per drain interval; beyond it the oldest observations are skipped
 FORGOTTEN_FOR_S = 60.0  # a deleted stream's frames still on their way (a source thread's last) go uncounted this long

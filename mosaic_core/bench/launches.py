@@ -108,7 +108,57 @@ class Counter(TorchDispatchMode):
         ``non_blocking`` counts as one blocking copy, as does a host builder called with ``device=``.
         """
         self._paused_s = 0.0
-        saved = []
+        saved: list[tuple[object, str, object]] = []  # (owner, name, original) of every patched attribute
+        self._patch_attention(saved)
+        self._patch_syncs(saved)
+        self._patch_host_copies(saved)
+        try:
+            with self if dispatch else contextlib.nullcontext():
+                yield self
+        finally:
+            for owner, name, value in reversed(saved):
+                setattr(owner, name, value)
+
+    def _patch_attention(self, saved: list) -> None:
+        """Counts the calls of the attention entry points, and pauses the counts and the host clock inside them."""
+
+        def attention(fn):
+            def wrapper(*args, **kwargs):
+                self.counts.attention_calls += 1
+                self.paused += 1
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self._paused_s += time.perf_counter() - start
+                    self.paused -= 1
+
+            return wrapper
+
+        for module_name in ("mosaic_core.engine.plans", "mosaic_core.engine.attend", "mosaic_core.engine.retrieval"):
+            module = importlib.import_module(module_name)
+            for name in ("attend_paged", "attend_over", "past_logsumexp"):
+                if hasattr(module, name):
+                    saved.append((module, name, getattr(module, name)))
+                    setattr(module, name, attention(getattr(module, name)))
+
+    def _patch_syncs(self, saved: list) -> None:
+        """Counts ``Tensor.tolist`` and ``Tensor.cpu`` as syncs."""
+
+        def counted(fn, field):
+            def wrapper(*args, **kwargs):
+                if not self.paused:
+                    setattr(self.counts, field, getattr(self.counts, field) + 1)
+                return fn(*args, **kwargs)
+
+            return wrapper
+
+        for name in ("tolist", "cpu"):
+            saved.append((torch.Tensor, name, getattr(torch.Tensor, name)))
+            setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name), "syncs"))
+
+    def _patch_host_copies(self, saved: list) -> None:
+        """Counts the tensors the host builders return, and the blocking copies of them to a device (``patched``)."""
         built = weakref.WeakValueDictionary()  # id -> tensor (tensors compare elementwise, so no WeakSet)
 
         def builder(fn):
@@ -134,47 +184,11 @@ class Counter(TorchDispatchMode):
 
             return wrapper
 
-        def attention(fn):
-            def wrapper(*args, **kwargs):
-                self.counts.attention_calls += 1
-                self.paused += 1
-                start = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    self._paused_s += time.perf_counter() - start
-                    self.paused -= 1
-
-            return wrapper
-
-        def counted(fn, field):
-            def wrapper(*args, **kwargs):
-                if not self.paused:
-                    setattr(self.counts, field, getattr(self.counts, field) + 1)
-                return fn(*args, **kwargs)
-
-            return wrapper
-
-        for module_name in ("mosaic_core.engine.plans", "mosaic_core.engine.attend", "mosaic_core.engine.retrieval"):
-            module = importlib.import_module(module_name)
-            for name in ("attend_paged", "attend_over", "past_logsumexp"):
-                if hasattr(module, name):
-                    saved.append((module, name, getattr(module, name)))
-                    setattr(module, name, attention(getattr(module, name)))
-        for name in ("tolist", "cpu"):
-            saved.append((torch.Tensor, name, getattr(torch.Tensor, name)))
-            setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name), "syncs"))
         saved.append((torch.Tensor, "to", torch.Tensor.to))
         torch.Tensor.to = to(torch.Tensor.to)
         for name in _HOST_BUILDERS:
             saved.append((torch, name, getattr(torch, name)))
             setattr(torch, name, builder(getattr(torch, name)))
-        try:
-            with self if dispatch else contextlib.nullcontext():
-                yield self
-        finally:
-            for owner, name, value in reversed(saved):
-                setattr(owner, name, value)
 
 
 def _written_bytes(name: str, args, out) -> int:
