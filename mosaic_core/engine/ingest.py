@@ -139,7 +139,8 @@ def ingest(
 
 def _tower_features(parts: EngineParts, taking, pauses: IngestPauses | None, encoded: EncodedFrames | None):
     """The vision tower's output for the frames taken in: ``encoded``'s (queued ahead for these very frames), or a
-    tower queued now; read on the language model's stream where the tower has a stream of its own."""
+    tower queued now. Where the tower runs on a stream of its own, the language model's stream waits for it on the
+    device."""
     work = encoded.work if encoded is not None else queue_tower(parts, taking, pauses)
     work.read_on(torch.cuda.current_stream(parts.model.device) if parts.tower_stream is not None else None)
     return work.features
