@@ -236,6 +236,17 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", RetrievalMode.parse(self.mode))
+        self._check_sizes()
+        self._check_budget_dependencies()
+        self._check_fetching_and_staging()
+        if self.scorer is not None and self.scorer not in SCORER_NAMES:
+            raise UnknownPolicyError(f"unknown scorer {self.scorer!r}; valid scorers are: {', '.join(SCORER_NAMES)}")
+        self._check_keyframes()
+        if not 0.0 < self.merge_min_joint_fraction <= 1.0:
+            raise ConfigError(f"merge_min_joint_fraction must be in (0, 1], got {self.merge_min_joint_fraction}")
+
+    def _check_sizes(self) -> None:
+        """Counts, budgets and sizes: each in its range."""
         positive = {
             "target_tokens_per_frame": self.target_tokens_per_frame,
             "local_window_tokens": self.local_window_tokens,
@@ -266,6 +277,10 @@ class EngineConfig:
                 f"disk_budget_bytes and rescore_every_tokens must be >= 0, got "
                 f"{self.disk_budget_bytes} and {self.rescore_every_tokens}"
             )
+
+    def _check_budget_dependencies(self) -> None:
+        """Settings that hold only with others: a disk or history budget needs its directory, and a cluster fits in one
+        retrieval."""
         if self.disk_budget_bytes > 0 and not (self.disk_dir or self.data_dir):
             raise ConfigError(f"disk_budget_bytes={self.disk_budget_bytes} needs disk_dir to be set")
         if self.history_budget_bytes < 0 or (self.history_budget_bytes > 0 and not self.data_dir):
@@ -278,6 +293,9 @@ class EngineConfig:
                 f"formation.max_tokens={self.formation.max_tokens} exceeds retrieval_budget_tokens="
                 f"{self.retrieval_budget_tokens}: a cluster must fit in one retrieval"
             )
+
+    def _check_fetching_and_staging(self) -> None:
+        """The settings of fetching clusters and staging them into the device tier."""
         if self.prefetch_after_layer is not None and self.prefetch_after_layer < 0:
             raise ConfigError(f"prefetch_after_layer must be >= 0 or None, got {self.prefetch_after_layer}")
         if any(not isinstance(n, int) or n <= 0 for n in self.staging_groups):
@@ -288,8 +306,9 @@ class EngineConfig:
             )
         if self.staging_copy not in ("kernel", "dma"):
             raise ConfigError(f"staging_copy must be 'kernel' or 'dma', got {self.staging_copy!r}")
-        if self.scorer is not None and self.scorer not in SCORER_NAMES:
-            raise UnknownPolicyError(f"unknown scorer {self.scorer!r}; valid scorers are: {', '.join(SCORER_NAMES)}")
+
+    def _check_keyframes(self) -> None:
+        """The settings of keeping and encoding sealed clusters' keyframes."""
         if not (isinstance(self.keyframes_per_cluster, int) and 0 <= self.keyframes_per_cluster <= 16):
             raise ConfigError(f"keyframes_per_cluster must be an int in 0..16, got {self.keyframes_per_cluster!r}")
         if not (isinstance(self.keyframe_long_side_px, int) and 16 <= self.keyframe_long_side_px <= 1024):
@@ -298,5 +317,3 @@ class EngineConfig:
             raise ConfigError(f"keyframe_jpeg_quality must be an int in 1..95, got {self.keyframe_jpeg_quality!r}")
         if not (isinstance(self.keyframe_encode_threads, int) and 0 <= self.keyframe_encode_threads <= 8):
             raise ConfigError(f"keyframe_encode_threads must be an int in 0..8, got {self.keyframe_encode_threads!r}")
-        if not 0.0 < self.merge_min_joint_fraction <= 1.0:
-            raise ConfigError(f"merge_min_joint_fraction must be in (0, 1], got {self.merge_min_joint_fraction}")

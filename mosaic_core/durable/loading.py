@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mosaic_core.durable.checks import (
+    KVShape,
     check_opened,
     check_summary,
     clean_state,
@@ -29,6 +30,7 @@ from mosaic_core.durable.manifest import (
     DAMAGED_PREFIX,
     RECORD_SUFFIX,
     ClusterEntry,
+    ManifestState,
     ManifestWriter,
     fsync_dir,
     read_state,
@@ -128,39 +130,10 @@ class StreamLoadingMixin:
             log.warning("stream %s: its journal has fields this version does not know (%s), written by a newer "
                         "version: ignored, and dropped when the journal is next compacted", stream_id,
                         ", ".join(sorted(manifest.unknown_fields)))  # fmt: skip
-        summaries, unreadable, disk_errors = {}, [], 0
-        expected = None if self.kv_shape is None else self.kv_shape.summary_shape  # else: the first record's
         failed_before = read_failed_before(stream_dir)
-        for entry in manifest.clusters.values():
-            try:
-                summary = read_summary(stream_dir / entry.file)
-            except OSError as err:
-                if not isinstance(err, FileNotFoundError):  # the disk failed, not the record (``checks``)
-                    if not failed_before:  # the whole stream is left for the next start, noted
-                        note_read_error(stream_dir, entry.file, err)
-                        raise
-                    disk_errors += 1  # at the second start in a row: set aside, as a garbled record is
-                unreadable.append((entry, err))
-                continue
-            except Exception as err:  # a missing or garbled file costs that cluster, not the stream
-                unreadable.append((entry, err))
-                continue
-            expected = expected or tuple(summary.key_sum.shape)
-            check_summary(summary, expected, entry.cluster_id)  # another model's KV sets the whole stream aside
-            summaries[entry.cluster_id] = summary
+        summaries, unreadable, disk_errors = _read_summaries(stream_dir, manifest, self.kv_shape, failed_before)
         state = clean_state(read_state(stream_dir), stream_id)
-        live = {entry.file for entry in manifest.clusters.values()}
-        # A damaged journal may have named some of the files no line names now: they are kept, for a person.
-        damaged = manifest.damaged_lines or any(stream_dir.glob(f"{DAMAGED_PREFIX}*"))
-        if manifest.damaged_lines:
-            log.error(
-                "stream %s: %d damaged journal lines skipped in %s; the journal as it was and the record files "
-                "no line names are kept in that folder", stream_id, manifest.damaged_lines, stream_dir,
-            )  # fmt: skip
-        for path in stream_dir.iterdir():
-            orphan = path.suffix == RECORD_SUFFIX and path.name not in live
-            if path.name.endswith(".tmp") or (orphan and not damaged):
-                path.unlink(missing_ok=True)
+        _remove_leftovers(stream_dir, manifest, stream_id)
         if disk_errors:
             log.error("stream %s: the disk failed to read its records at the last start, and %d of them again at "
                       "this one: those are set aside, and the rest of the stream is restored", stream_id,
@@ -219,3 +192,48 @@ class StreamLoadingMixin:
         with self._cv:
             self.stats.clusters_set_aside += 1
             self.stats.last_set_aside = f"cluster {entry.cluster_id} (kept {kept}): {type(err).__name__}: {err}"
+
+
+def _read_summaries(
+    stream_dir: Path, manifest: ManifestState, kv_shape: KVShape | None, failed_before: bool
+) -> tuple[dict[str, ClusterSummary], list[tuple[ClusterEntry, Exception]], int]:
+    """The summaries of a stream's clusters, the clusters whose summary cannot be read (with why), and how many of
+    those the disk failed to read a second start in a row. The disk failing at a first start raises: the whole
+    stream is left for the next start, noted (``checks``)."""
+    summaries, unreadable, disk_errors = {}, [], 0
+    expected = None if kv_shape is None else kv_shape.summary_shape  # else: the first record's
+    for entry in manifest.clusters.values():
+        try:
+            summary = read_summary(stream_dir / entry.file)
+        except OSError as err:
+            if not isinstance(err, FileNotFoundError):  # the disk failed, not the record (``checks``)
+                if not failed_before:  # the whole stream is left for the next start, noted
+                    note_read_error(stream_dir, entry.file, err)
+                    raise
+                disk_errors += 1  # at the second start in a row: set aside, as a garbled record is
+            unreadable.append((entry, err))
+            continue
+        except Exception as err:  # a missing or garbled file costs that cluster, not the stream
+            unreadable.append((entry, err))
+            continue
+        expected = expected or tuple(summary.key_sum.shape)
+        check_summary(summary, expected, entry.cluster_id)  # another model's KV sets the whole stream aside
+        summaries[entry.cluster_id] = summary
+    return summaries, unreadable, disk_errors
+
+
+def _remove_leftovers(stream_dir: Path, manifest: ManifestState, stream_id: str) -> None:
+    """Removes a stream's unfinished writes, and its record files no journal line names unless the journal is
+    damaged."""
+    live = {entry.file for entry in manifest.clusters.values()}
+    # A damaged journal may have named some of the files no line names now: they are kept, for a person.
+    damaged = manifest.damaged_lines or any(stream_dir.glob(f"{DAMAGED_PREFIX}*"))
+    if manifest.damaged_lines:
+        log.error(
+            "stream %s: %d damaged journal lines skipped in %s; the journal as it was and the record files "
+            "no line names are kept in that folder", stream_id, manifest.damaged_lines, stream_dir,
+        )  # fmt: skip
+    for path in stream_dir.iterdir():
+        orphan = path.suffix == RECORD_SUFFIX and path.name not in live
+        if path.name.endswith(".tmp") or (orphan and not damaged):
+            path.unlink(missing_ok=True)

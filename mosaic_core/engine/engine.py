@@ -66,68 +66,81 @@ class Engine(StreamLifecycleMixin, WarmUpMixin, IntrospectionMixin):
         if model.device.type == "cuda":
             compiles.install()  # EngineStats.kernel_compiles
             fault_pages_before_pinning()  # pinning a host chunk ahead then holds the driver (and this thread) briefly
-        # Full mode is the no-eviction baseline: its device tier is accounted but never limits.
-        device_bytes = UNLIMITED_BYTES if self.config.mode is RetrievalMode.FULL else self.config.device_budget_bytes
-        disk_bytes, disk_dir = self.config.disk_budget_bytes, self.config.disk_dir
         self.retired = RetiredNumbers(self.config.retired_ids_dir or self.config.data_dir)
         durable = self._durable_store(model.device) if self.config.data_dir else None
+        self.tiering = self._tier_manager(durable)
+        keyframes = self._keyframe_settings(on_disk=durable is not None)
+        self.history = None if durable is None else HistoryKeeper(durable, self.tiering, keyframes)
+        self._keyframes_dropped_by_closed = 0  # streams closed since the engine started (``stats``)
+        self.tracker = CoRetrievalTracker(self.tiering.residency)
+        self.streams: dict[str, StreamState] = {}
+        self.parts = self._engine_parts(keyframes)
+        self._check_device_budget()
+
+    def _device_tier_bytes(self) -> int:
+        # Full mode is the no-eviction baseline: its device tier is accounted but never limits.
+        return UNLIMITED_BYTES if self.config.mode is RetrievalMode.FULL else self.config.device_budget_bytes
+
+    def _tier_manager(self, durable: DurableStore | None) -> TierManager:
+        """The tiers' budgets, residency and pages; with a durable store, a disk tier even where none is configured."""
+        config, device = self.config, self.model.device
+        disk_bytes, disk_dir = config.disk_budget_bytes, config.disk_dir
         if durable is not None:
             # Sealed clusters are on disk anyway: the disk tier is on, bounded by retention unless a budget is set.
             disk_bytes = disk_bytes or UNLIMITED_BYTES
             if disk_dir is None:
-                disk_dir = str(Path(self.config.data_dir) / ".spill")  # cleared of a previous process's by KVTiers
+                disk_dir = str(Path(config.data_dir) / ".spill")  # cleared of a previous process's by KVTiers
         budgets = TierBudgets(
-            device_bytes=device_bytes,
-            host_bytes=self.config.host_budget_bytes,
+            device_bytes=self._device_tier_bytes(),
+            host_bytes=config.host_budget_bytes,
             disk_bytes=disk_bytes,
         )
-        residency = ResidencyManager(budgets, policy=self.config.eviction_policy)
-        full = self.config.mode is RetrievalMode.FULL
+        residency = ResidencyManager(budgets, policy=config.eviction_policy)
+        full = config.mode is RetrievalMode.FULL
         tiers = KVTiers(
             self.spec,
             residency,
-            device=model.device,
-            page_tokens=self.config.page_tokens or model.largest_frame_tokens(self.config.target_tokens_per_frame),
+            device=device,
+            page_tokens=config.page_tokens or self.model.largest_frame_tokens(config.target_tokens_per_frame),
             # full mode has no budget: its pool starts at the configured size and doubles when it runs out
-            device_bytes=self.config.device_budget_bytes,
+            device_bytes=config.device_budget_bytes,
             grow_device=full,
-            host_bytes=self.config.host_budget_bytes,
-            pinned_host_bytes=self.config.pinned_host_bytes if model.device.type == "cuda" else 0,
+            host_bytes=config.host_budget_bytes,
+            pinned_host_bytes=config.pinned_host_bytes if device.type == "cuda" else 0,
             disk_dir=disk_dir,
             durable=durable,
         )
-        self.tiering = TierManager(residency, tiers, SummaryIndex(self.spec, residency, device=model.device))
-        keyframes = self._keyframe_settings(on_disk=durable is not None)
-        self.history = None if durable is None else HistoryKeeper(durable, self.tiering, keyframes)
-        self._keyframes_dropped_by_closed = 0  # streams closed since the engine started (``stats``)
-        self.tracker = CoRetrievalTracker(residency)
-        self.streams: dict[str, StreamState] = {}
-        self.parts = EngineParts(
+        return TierManager(residency, tiers, SummaryIndex(self.spec, residency, device=device))
+
+    def _engine_parts(self, keyframes: KeyframeSettings) -> EngineParts:
+        """What ingest and questions share, with the CUDA graphs and streams they run on."""
+        model, config, pools = self.model, self.config, self.tiering.tiers.pools
+        on_cuda = model.device.type == "cuda"
+        return EngineParts(
             model=model,
-            config=self.config,
+            config=config,
             spec=self.spec,
             tiering=self.tiering,
             tracker=self.tracker,
             history=self.history,
             keyframes=keyframes,
             streams=self.streams,
-            decode_graphs=DecodeGraphs(
-                model, self.tiering.tiers.pools, self.spec.num_layers, enabled=self.config.decode_graphs
-            ),
+            decode_graphs=DecodeGraphs(model, pools, self.spec.num_layers, enabled=config.decode_graphs),
             prefill_graphs=PrefillGraphs(
                 model,
-                self.tiering.tiers.pools,
-                enabled=self.config.prefill_graphs,
-                segment_layers=self.config.prefill_graph_layers,
-                anchor=self.config.anchor_graphs,
+                pools,
+                enabled=config.prefill_graphs,
+                segment_layers=config.prefill_graph_layers,
+                anchor=config.anchor_graphs,
             ),
             frame_staging=FrameStaging(model.device),
             # the highest priority there is: a stream's priority is clamped into the device's range
-            question_stream=torch.cuda.Stream(model.device, priority=-100) if model.device.type == "cuda" else None,
-            tower_stream=(
-                torch.cuda.Stream(model.device) if model.device.type == "cuda" and self.config.tower_stream else None
-            ),
+            question_stream=torch.cuda.Stream(model.device, priority=-100) if on_cuda else None,
+            tower_stream=torch.cuda.Stream(model.device) if on_cuda and config.tower_stream else None,
         )
+
+    def _check_device_budget(self) -> None:
+        device_bytes = self._device_tier_bytes()
         working_set = self.config.retrieval_budget_tokens * self.spec.bytes_per_token
         window = self.config.local_window_tokens * self.spec.bytes_per_token
         if self.config.mode is not RetrievalMode.FULL and device_bytes < working_set + window:

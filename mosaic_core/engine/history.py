@@ -209,27 +209,8 @@ class HistoryKeeper:
         entries = sorted(stored.clusters, key=lambda e: (e.start_s, e.cluster_id))
         saved = stored.state
         last_ts = _max(saved.get("last_timestamp_s"), *(e.end_s for e in entries))
-        first_frame_index = int(stored.stream.get("first_frame_index") or 0)  # journals before it was kept: 0
-        # A count, not an index: indices skip past each restart's reserved block. The saved one is at most
-        # state_interval_s old; the sealed clusters' frames bound it from below.
-        frames_ingested = max(saved.get("frames_ingested") or 0, sum(len(e.frame_indices) for e in entries))
-        next_frame_index = max(
-            [first_frame_index + frames_ingested, stored.next_frame_index] + [max(e.frame_indices) + 1 for e in entries]
-        )
-        records = [
-            ClusterRecord(
-                cluster_id=e.cluster_id,
-                stream_id=state.stream_id,
-                frame_indices=list(e.frame_indices),
-                start_s=e.start_s,
-                end_s=e.end_s,
-                num_tokens=e.num_tokens,
-                sealed=True,
-                frame_timestamps_s=list(e.frame_timestamps_s),
-                frame_num_tokens=list(e.frame_num_tokens),
-            )
-            for e in entries
-        ]
+        first_frame_index, frames_ingested, next_frame_index = _restored_frame_counts(stored, entries)
+        records = _sealed_records(state.stream_id, entries)
         # the first line's start too: the reservation after it may never have been written (a crash, a full disk)
         next_number = max(stored.next_cluster_number, int(stored.stream.get("first_cluster_number") or 0))
         state.former.adopt(
@@ -241,37 +222,46 @@ class HistoryKeeper:
         state.first_frame_index = first_frame_index
         state.next_frame_index = next_frame_index
         state.frames_ingested = frames_ingested
+        self._reserve_restored_ids(state, next_number, next_frame_index)
+        state.first_timestamp_s = _min(saved.get("first_timestamp_s"), *(e.start_s for e in entries))
+        state.last_timestamp_s = last_ts
+        state.text_cursor = max([state.text_cursor, saved.get("text_cursor") or 0] + [e.position_end for e in entries])
+        for entry in entries:
+            self._adopt_cluster(state, entry, summaries[entry.cluster_id])
+        self._log_disk_past_budget(state.stream_id)
+        return RestoredStream(state.stream_id, stored.stream.get("meta") or {}, saved, len(entries), last_ts)
+
+    def _reserve_restored_ids(self, state: StreamState, next_number: int, next_frame_index: int) -> None:
         self._reserved[state.stream_id] = (next_number, next_frame_index)
         try:
             self.ensure_ids(state)
         except OSError as err:  # nothing given out yet, reserved stays as set: the first id given out tries again
             log.error("stream %s: cannot reserve its next ids in its journal (%s); it is restored, and its first "
                       "ingest tries again", state.stream_id, err)  # fmt: skip
-        state.first_timestamp_s = _min(saved.get("first_timestamp_s"), *(e.start_s for e in entries))
-        state.last_timestamp_s = last_ts
-        state.text_cursor = max([state.text_cursor, saved.get("text_cursor") or 0] + [e.position_end for e in entries])
-        for entry in entries:
-            summary = summaries[entry.cluster_id]
-            footprint = self.tiering.tiers.footprint_bytes(entry.num_tokens)  # the pages it takes once fetched
-            self.tiering.residency.add(entry.cluster_id, state.stream_id, footprint, Tier.DISK, past_budget=True)
-            self.tiering.summaries.put(entry.cluster_id, summary.key_sum, summary.key_sumsq, summary.key_count)
-            self.tiering.tiers.adopt(entry.cluster_id)
-            self._adopt_keyframes(state, entry)
-            keyframe_bytes = sum(k["num_bytes"] for k in entry.keyframes)
-            self.ledger.add(
-                state.stream_id,
-                entry.cluster_id,
-                sealed_unix_s=self._written_unix_s(state.stream_id, entry),
-                num_bytes=entry.num_bytes + keyframe_bytes,
-            )
+
+    def _adopt_cluster(self, state: StreamState, entry: ClusterEntry, summary: ClusterSummary) -> None:
+        """One sealed cluster of a restored stream: on disk, its summary scored, its keyframes and bytes kept."""
+        footprint = self.tiering.tiers.footprint_bytes(entry.num_tokens)  # the pages it takes once fetched
+        self.tiering.residency.add(entry.cluster_id, state.stream_id, footprint, Tier.DISK, past_budget=True)
+        self.tiering.summaries.put(entry.cluster_id, summary.key_sum, summary.key_sumsq, summary.key_count)
+        self.tiering.tiers.adopt(entry.cluster_id)
+        self._adopt_keyframes(state, entry)
+        keyframe_bytes = sum(k["num_bytes"] for k in entry.keyframes)
+        self.ledger.add(
+            state.stream_id,
+            entry.cluster_id,
+            sealed_unix_s=self._written_unix_s(state.stream_id, entry),
+            num_bytes=entry.num_bytes + keyframe_bytes,
+        )
+
+    def _log_disk_past_budget(self, stream_id: str) -> None:
         residency = self.tiering.residency
         if residency.free_bytes(Tier.DISK) < 0:
             log.error(
                 "stream %s: the disk tier now holds %d bytes against its budget of %d; new clusters cannot spill "
                 "to disk until retention frees room: raise disk_budget_bytes or shorten retention",
-                state.stream_id, residency.used_bytes(Tier.DISK), residency.capacity_bytes(Tier.DISK),
+                stream_id, residency.used_bytes(Tier.DISK), residency.capacity_bytes(Tier.DISK),
             )  # fmt: skip
-        return RestoredStream(state.stream_id, stored.stream.get("meta") or {}, saved, len(entries), last_ts)
 
     def _written_unix_s(self, stream_id: str, entry: ClusterEntry) -> float:
         """The age the history budget goes by: as the journal keeps it, or for an older record, when it was
@@ -316,3 +306,32 @@ def _max(*values):
 def _min(*values):
     present = [v for v in values if v is not None]
     return min(present) if present else None
+
+
+def _restored_frame_counts(stored: StoredStream, entries: list[ClusterEntry]) -> tuple[int, int, int]:
+    """A restored stream's first frame index, frames ingested and next frame index."""
+    first_frame_index = int(stored.stream.get("first_frame_index") or 0)  # journals before it was kept: 0
+    # A count, not an index: indices skip past each restart's reserved block. The saved one is at most
+    # state_interval_s old; the sealed clusters' frames bound it from below.
+    frames_ingested = max(stored.state.get("frames_ingested") or 0, sum(len(e.frame_indices) for e in entries))
+    next_frame_index = max(
+        [first_frame_index + frames_ingested, stored.next_frame_index] + [max(e.frame_indices) + 1 for e in entries]
+    )
+    return first_frame_index, frames_ingested, next_frame_index
+
+
+def _sealed_records(stream_id: str, entries: list[ClusterEntry]) -> list[ClusterRecord]:
+    return [
+        ClusterRecord(
+            cluster_id=e.cluster_id,
+            stream_id=stream_id,
+            frame_indices=list(e.frame_indices),
+            start_s=e.start_s,
+            end_s=e.end_s,
+            num_tokens=e.num_tokens,
+            sealed=True,
+            frame_timestamps_s=list(e.frame_timestamps_s),
+            frame_num_tokens=list(e.frame_num_tokens),
+        )
+        for e in entries
+    ]

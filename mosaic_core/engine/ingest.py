@@ -12,7 +12,7 @@ import functools
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,6 +45,17 @@ class _HostTimes:
     issue_s: float = 0.0
     wait_s: float = 0.0
     place_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _Passes:
+    """What an ingest call's forward passes did, added up pass by pass."""
+
+    taken: dict[str, int]  # frames taken in, per stream of the call
+    times: _HostTimes = field(default_factory=_HostTimes)
+    num_passes: int = 0
+    num_clusters_opened: int = 0
+    attended: list[int] = field(default_factory=list)  # tokens each frame attended to, in the order placed
 
 
 def encode(parts: EngineParts, frames: Sequence[FrameInput], pauses: IngestPauses | None = None) -> EncodedFrames:
@@ -102,14 +113,46 @@ def ingest(
     _begin_call(parts, pauses)
     start = time.perf_counter()
     encoded_ahead = encoded is not None and encoded.is_for(frames, parts.streams)
-    work = encoded.work if encoded_ahead else queue_tower(parts, taking, pauses)
-    work.read_on(torch.cuda.current_stream(parts.model.device) if parts.tower_stream is not None else None)
-    features = work.features
+    features = _tower_features(parts, taking, pauses, encoded if encoded_ahead else None)
     encode_s = time.perf_counter() - start
-    attended: list[int] = []
-    num_opened = num_passes = 0
-    taken: dict[str, int] = dict.fromkeys(by_stream, 0)
-    times = _HostTimes()
+    passes = _run_passes(parts, by_stream, taking, features, held_back, pauses)
+    if parts.history is not None:
+        for stream_id in taking:
+            parts.history.note_progress(parts.streams[stream_id])
+    taken = passes.taken
+    refused = {sid: len(items) - taken[sid] for sid, items in by_stream.items() if taken[sid] < len(items)}
+    return IngestResult(
+        num_frames=len(frames) - sum(refused.values()),
+        num_forward_passes=passes.num_passes,
+        num_clusters_opened=passes.num_clusters_opened,
+        encode_s=encode_s,
+        prefill_s=time.perf_counter() - start - encode_s,
+        attended_tokens_per_frame=passes.attended,
+        issue_s=passes.times.issue_s,
+        wait_s=passes.times.wait_s,
+        place_s=passes.times.place_s,
+        encoded_ahead=encoded_ahead,
+        refused=refused,
+        held_back={sid: why_held_back(err) for sid, err in held_back.items()},
+    )
+
+
+def _tower_features(parts: EngineParts, taking, pauses: IngestPauses | None, encoded: EncodedFrames | None):
+    """The vision tower's output for the frames taken in: ``encoded``'s (queued ahead for these very frames), or a
+    tower queued now. Where the tower runs on a stream of its own, the language model's stream waits for it on the
+    device."""
+    work = encoded.work if encoded is not None else queue_tower(parts, taking, pauses)
+    work.read_on(torch.cuda.current_stream(parts.model.device) if parts.tower_stream is not None else None)
+    return work.features
+
+
+def _run_passes(
+    parts: EngineParts, by_stream, taking, features, held_back: dict[str, Exception], pauses: IngestPauses | None
+) -> _Passes:
+    """Every forward pass of a call, in rounds: round r carries the r-th ``config.max_frames_per_pass`` frames of
+    each stream that has them, in passes of rows of similar length (``_pass_groups``). A stream whose frames find no
+    room as they leave its window joins ``held_back``, and takes no frames in from the next round on."""
+    passes = _Passes(taken=dict.fromkeys(by_stream, 0))
     chunk = parts.config.max_frames_per_pass
     rounds = max(-(-len(items) // chunk) for items in taking.values())
     for r in range(rounds):
@@ -123,31 +166,14 @@ def ingest(
             if r * chunk < len(items) and sid not in held_back
         ]
         for group in _pass_groups(rows, features):
-            opened, tokens, no_room = _ingest_pass(parts, group, features, pauses, times)
-            num_passes += 1
-            num_opened += opened
-            attended.extend(tokens)
+            opened, tokens, no_room = _ingest_pass(parts, group, features, pauses, passes.times)
+            passes.num_passes += 1
+            passes.num_clusters_opened += opened
+            passes.attended.extend(tokens)
             held_back.update(no_room)
             for sid, indices, _ in group:
-                taken[sid] += len(indices)
-    if parts.history is not None:
-        for stream_id in taking:
-            parts.history.note_progress(parts.streams[stream_id])
-    refused = {sid: len(items) - taken[sid] for sid, items in by_stream.items() if taken[sid] < len(items)}
-    return IngestResult(
-        num_frames=len(frames) - sum(refused.values()),
-        num_forward_passes=num_passes,
-        num_clusters_opened=num_opened,
-        encode_s=encode_s,
-        prefill_s=time.perf_counter() - start - encode_s,
-        attended_tokens_per_frame=attended,
-        issue_s=times.issue_s,
-        wait_s=times.wait_s,
-        place_s=times.place_s,
-        encoded_ahead=encoded_ahead,
-        refused=refused,
-        held_back={sid: why_held_back(err) for sid, err in held_back.items()},
-    )
+                passes.taken[sid] += len(indices)
+    return passes
 
 
 def _nothing_taken(by_stream, held_back: dict[str, Exception]) -> IngestResult:
@@ -209,6 +235,34 @@ def _ingest_pass(
     if pauses is not None:
         pauses.begin_pass()
     start = time.perf_counter()
+    inputs = _prepare_pass(parts, rows, features, pauses)
+    shaping, first_readback = _queue_pass(parts, rows, features, inputs)
+    issued = time.perf_counter()
+    first = first_readback.values()
+    waited = time.perf_counter()
+    opened, attended, held_back = _place_rows(parts, rows, features, inputs, shaping, first_readback, first, pauses)
+    times.issue_s += issued - start
+    times.wait_s += waited - issued
+    times.place_s += time.perf_counter() - waited
+    return opened, attended, held_back
+
+
+@dataclass(slots=True)
+class _PassInputs:
+    """A forward pass's inputs, uploaded, with the device pages each frame's KV is written to."""
+
+    states: list[StreamState]  # one per row
+    row_tokens: list[int]  # each row's tokens, its left pad not counted
+    input_ids: torch.Tensor  # [rows, width]
+    position_ids: torch.Tensor  # [3, rows, width]
+    embeds: torch.Tensor  # [tokens of every frame of the pass, hidden]
+    frame_pages: list[list[list[int]]]  # per row, per frame: its pages
+    frame_fills: list[list[list[int]]]  # per row, per frame: the tokens in each of its pages
+    plan: IngestPlan
+
+
+def _prepare_pass(parts: EngineParts, rows, features, pauses: IngestPauses | None) -> _PassInputs:
+    """Uploads a pass's token and position ids (rows left-padded to the longest), and takes each frame's pages."""
     states = [parts.streams[sid] for sid, _, _ in rows]
     row_tokens = [_row_tokens(row, features) for row in rows]
     width = max(row_tokens)
@@ -234,26 +288,49 @@ def _ingest_pass(
         pauses=pauses,
     )
     position_ids = pools.upload(positions, torch.long)
+    return _PassInputs(states, row_tokens, input_ids, position_ids, embeds, frame_pages, frame_fills, plan)
 
-    # Each row's first frame is compared with its open cluster in one batch, read back once; later frames of a row
-    # depend on the decisions before them, so they are compared one by one. Compared by their pictures alone
-    # (formation.key_weight 0), the first frames need only the tower's output: their comparison is queued before
-    # the language model and read as soon as it is done, so the host places frames while the language model runs.
-    def compare_first_frames():
-        shaping = _shaping_summaries(parts, rows, features, frame_pages, frame_fills)
-        return shaping, CoherenceReadback([state.open_sums for state in states], [row[0] for row in shaping])
 
+def _queue_pass(parts: EngineParts, rows, features, inputs: _PassInputs):
+    """Queues the language model's pass and the comparison of each row's first frame with its open cluster, in the
+    order formation needs; returns what formation compares (``_shaping_summaries``) and the comparison, not read yet.
+
+    Each row's first frame is compared with its open cluster in one batch, read back once; later frames of a row
+    depend on the decisions before them, so they are compared one by one (``_place_rows``). Compared by their
+    pictures alone (formation.key_weight 0), the first frames need only the tower's output: their comparison is
+    queued before the language model and read as soon as it is done, so the host places frames while the language
+    model runs."""
     by_pictures = parts.config.formation.key_weight == 0
     if by_pictures:
-        shaping, first_readback = compare_first_frames()
-    parts.model.forward(input_ids=input_ids, position_ids=position_ids, plan=plan, frame_embeds=embeds)
+        shaping, first_readback = _compare_first_frames(parts, rows, features, inputs)
+    parts.model.forward(
+        input_ids=inputs.input_ids, position_ids=inputs.position_ids, plan=inputs.plan, frame_embeds=inputs.embeds
+    )
     if not by_pictures:  # the frames' keys at the choosing layer come from this pass
-        shaping, first_readback = compare_first_frames()
+        shaping, first_readback = _compare_first_frames(parts, rows, features, inputs)
+    return shaping, first_readback
+
+
+def _compare_first_frames(parts: EngineParts, rows, features, inputs: _PassInputs):
+    shaping = _shaping_summaries(parts, rows, features, inputs.frame_pages, inputs.frame_fills)
+    return shaping, CoherenceReadback([state.open_sums for state in inputs.states], [row[0] for row in shaping])
+
+
+def _place_rows(
+    parts: EngineParts,
+    rows,
+    features,
+    inputs: _PassInputs,
+    shaping: list[list[torch.Tensor]],
+    first_readback: CoherenceReadback,
+    first: list[tuple[float | None, float | None]],
+    pauses: IngestPauses | None,
+) -> tuple[int, list[int], dict[str, Exception]]:
+    """Places a pass's frames into clusters, row by row, and stores the clusters of the frames leaving the windows
+    (at each placement pause, and at the end). Returns the clusters opened, the tokens each frame attended to, and
+    the streams held back (``store_in_clusters``). ``first`` is ``first_readback``'s values, already read."""
     opened, attended, leaving, held_back = 0, [], [], {}
-    issued = time.perf_counter()
-    first = first_readback.values()
-    waited = time.perf_counter()
-    for row, (state, (sid, indices, frames)) in enumerate(zip(states, rows, strict=True)):
+    for row, (state, (sid, indices, frames)) in enumerate(zip(inputs.states, rows, strict=True)):
         end = 0
         for n, (i, frame) in enumerate(zip(indices, frames, strict=True)):
             frame_embeds, summary, small_of = features[(sid, i)]
@@ -264,18 +341,15 @@ def _ingest_pass(
                 readback, index = CoherenceReadback([state.open_sums], [shaping[row][n]]), 0
                 coherence = readback.values()[0]
             open_after = functools.partial(readback.open_after, index)
-            pages, fills = frame_pages[row][n], frame_fills[row][n]
+            pages, fills = inputs.frame_pages[row][n], inputs.frame_fills[row][n]
             opened += _place_frame(parts, state, frame, pages, fills, summary, coherence, open_after, small_of)
             leaving += [(state, old) for old in state.pop_overflow(parts.config.local_window_tokens)]
-            attended.append(plan.attended_tokens[row] - (row_tokens[row] - end))
+            attended.append(inputs.plan.attended_tokens[row] - (inputs.row_tokens[row] - end))
         if pauses is not None and pauses.placed(len(frames), last_of_pass=row == len(rows) - 1):
             held_back.update(store_in_clusters(parts, leaving))
             leaving = []
             pauses.pause(parts.model.device)
     held_back.update(store_in_clusters(parts, leaving))
-    times.issue_s += issued - start
-    times.wait_s += waited - issued
-    times.place_s += time.perf_counter() - waited
     return opened, attended, held_back
 
 

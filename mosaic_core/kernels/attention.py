@@ -25,14 +25,19 @@ import torch
 from mosaic_core.errors import InvalidArgumentError
 from mosaic_core.kernels import (
     cdiv,
-    check_index_dtype,
-    check_kernel_device,
     check_rank,
     interpret_mode,
     launchable,
     next_power_of_2,
 )
-from mosaic_core.kernels.attention_checks import check_attention_args, check_kv_lens, check_slot_args, out_4d
+from mosaic_core.kernels.attention_checks import (
+    check_attention_args,
+    check_kv_lens,
+    check_page_table_args,
+    check_pages_in_use,
+    check_slot_args,
+    out_4d,
+)
 from mosaic_core.kernels.attention_kernels import attention_merge_kernel, attention_partial_kernel
 from mosaic_core.kernels.attention_plan import AttentionLaunch, AttentionTiles, kernel_config, plan_splits
 
@@ -196,28 +201,12 @@ def paged_decode_attention(
     Raises:
         InvalidArgumentError: On mismatched shapes, dtypes or devices, or lengths or page ids out of range.
     """
-    check_rank("q", q, 3, "[batch, num_q_heads, head_dim]")
-    check_rank("k_pages", k_pages, 4, "[num_pages, num_kv_heads, page_tokens, head_dim]")
-    check_rank("page_table", page_table, 2, "[batch, max_pages]")
-    check_attention_args(q, k_pages, v_pages, q.shape[1], k_pages.shape[1], scale)
-    check_index_dtype("page_table", page_table)
-    check_kernel_device("page_table", page_table, q.device)
+    check_page_table_args(q, k_pages, v_pages, page_table, scale)
     batch, page_tokens = q.shape[0], k_pages.shape[2]
-    if page_table.shape[0] != batch or page_tokens == 0:
-        raise InvalidArgumentError(
-            f"page_table {tuple(page_table.shape)} must have batch={batch} rows (q {tuple(q.shape)}), "
-            f"k_pages {tuple(k_pages.shape)} must have page_tokens > 0"
-        )
     max_tokens = page_table.shape[1] * page_tokens
     check_kv_lens(kv_lens, batch, max_tokens, q.device, validate)
     if validate and batch:
-        used = torch.arange(page_table.shape[1], device=q.device)[None, :] * page_tokens < kv_lens[:, None]
-        pages = page_table[used]
-        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_pages.shape[0]):
-            raise InvalidArgumentError(
-                f"page ids in use span [{int(pages.min())}, {int(pages.max())}], outside the "
-                f"{k_pages.shape[0]} pages of k_pages {tuple(k_pages.shape)}"
-            )
+        check_pages_in_use(page_table, kv_lens, k_pages)
     out = out_4d(out, tuple(q.shape), q)
     launch = AttentionLaunch(
         batch=batch, num_q_heads=q.shape[1], num_kv_heads=k_pages.shape[1], q_len=1, head_dim=q.shape[2],

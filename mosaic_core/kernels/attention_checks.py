@@ -45,6 +45,36 @@ def check_slot_args(
         raise InvalidArgumentError(f"slot_table {tuple(slot_table.shape)} must have batch={q.shape[0]} rows")
 
 
+def check_page_table_args(
+    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor, scale: float
+) -> None:
+    """The checks of the page-table entry point; ``q`` ``[batch, num_q_heads, head_dim]``."""
+    check_rank("q", q, 3, "[batch, num_q_heads, head_dim]")
+    check_rank("k_pages", k_pages, 4, "[num_pages, num_kv_heads, page_tokens, head_dim]")
+    check_rank("page_table", page_table, 2, "[batch, max_pages]")
+    check_attention_args(q, k_pages, v_pages, q.shape[1], k_pages.shape[1], scale)
+    check_index_dtype("page_table", page_table)
+    check_kernel_device("page_table", page_table, q.device)
+    batch, page_tokens = q.shape[0], k_pages.shape[2]
+    if page_table.shape[0] != batch or page_tokens == 0:
+        raise InvalidArgumentError(
+            f"page_table {tuple(page_table.shape)} must have batch={batch} rows (q {tuple(q.shape)}), "
+            f"k_pages {tuple(k_pages.shape)} must have page_tokens > 0"
+        )
+
+
+def check_pages_in_use(page_table: torch.Tensor, kv_lens: torch.Tensor, k_pages: torch.Tensor) -> None:
+    """Refuses a page id outside ``k_pages`` among the pages ``kv_lens`` reaches; synchronizes with the device."""
+    page_tokens = k_pages.shape[2]
+    used = torch.arange(page_table.shape[1], device=page_table.device)[None, :] * page_tokens < kv_lens[:, None]
+    pages = page_table[used]
+    if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_pages.shape[0]):
+        raise InvalidArgumentError(
+            f"page ids in use span [{int(pages.min())}, {int(pages.max())}], outside the "
+            f"{k_pages.shape[0]} pages of k_pages {tuple(k_pages.shape)}"
+        )
+
+
 def check_kv_lens(kv_lens: torch.Tensor, batch: int, max_tokens: int, device: torch.device, validate: bool) -> None:
     check_rank("kv_lens", kv_lens, 1, "[batch]")
     check_index_dtype("kv_lens", kv_lens)

@@ -292,6 +292,49 @@ def _check_sides(width: int, height: int, source: str) -> None:
         )
 
 
+class _PassClock:
+    """A decode pass's clock: each frame's time from the pass's first frame, moving only forward. A frame without a
+    timestamp comes one frame step after the last; a network source whose timestamps restart carries on from its
+    last time (module doc)."""
+
+    def __init__(self, stream, *, seekable: bool) -> None:
+        self._stream = stream
+        self._seekable = seekable
+        self.time_base = stream.time_base or Fraction(1, 90000)
+        rate = stream.average_rate or stream.guessed_rate
+        self._default_step = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)
+        self.first_pts: int | None = None
+        self.end_time: Fraction | None = None  # the clip's duration from the container, once first_pts is known
+        self.last_time: Fraction | None = None
+        self.last_step = Fraction(0)
+        self._reset_shift = Fraction(0)  # added to the timestamps since the source's clock last restarted
+
+    def advance(self, frame) -> Fraction | None:
+        """``frame``'s time in the pass, which becomes the clock's last; None for a frame out of order or repeated."""
+        step = frame.duration * self.time_base if frame.duration else self._default_step
+        if frame.pts is None:  # some raw streams carry no timestamps: assume a steady rate
+            rel_time = Fraction(0) if self.last_time is None else self.last_time + step
+        else:
+            if self.first_pts is None:
+                self._start(frame.pts)
+            rel_time = (frame.pts - self.first_pts) * self.time_base + self._reset_shift
+        last_time = self.last_time
+        if not self._seekable and last_time is not None and rel_time < last_time - RESET_MIN_STEPS * step:
+            self._reset_shift += last_time + self.last_step - rel_time  # the source's clock restarted: carry on
+            rel_time = last_time + self.last_step
+        if last_time is not None and rel_time <= last_time:
+            return None  # the stream clock only moves forward
+        self.last_time, self.last_step = rel_time, step
+        return rel_time
+
+    def _start(self, first_pts: int) -> None:
+        self.first_pts = first_pts
+        stream = self._stream
+        if self._seekable and stream.duration:
+            start = stream.start_time if stream.start_time is not None else first_pts
+            self.end_time = (stream.duration - (first_pts - start)) * self.time_base
+
+
 def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Generator[tuple, None, Fraction]:
     """Yields ``(stream time, frame)`` of the frames ``sampler`` takes in one pass; returns the clip duration.
 
@@ -304,14 +347,7 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
         stream.thread_type = "AUTO"
         stream.codec_context.options = dict(DECODER_OPTIONS)
         _check_sides(stream.codec_context.width, stream.codec_context.height, source)
-        time_base = stream.time_base or Fraction(1, 90000)
-        rate = stream.average_rate or stream.guessed_rate
-        default_step = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)
-        first_pts: int | None = None
-        end_time: Fraction | None = None  # the clip's duration from the container, once first_pts is known
-        last_time: Fraction | None = None
-        last_step = Fraction(0)
-        reset_shift = Fraction(0)  # added to the timestamps since the source's clock last restarted
+        clock = _PassClock(stream, seekable=seekable)
         sought: Fraction | None = None  # the instant the last seek went for; never seek for one twice
         num_frames = 0
         frames = container.decode(stream)
@@ -322,31 +358,18 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
                 except StopIteration:
                     break
                 _check_sides(frame.width, frame.height, source)
-                step = frame.duration * time_base if frame.duration else default_step
-                if frame.pts is None:  # some raw streams carry no timestamps: assume a steady rate
-                    rel_time = Fraction(0) if last_time is None else last_time + step
-                else:
-                    if first_pts is None:
-                        first_pts = frame.pts
-                        if seekable and stream.duration:
-                            start = stream.start_time if stream.start_time is not None else first_pts
-                            end_time = (stream.duration - (first_pts - start)) * time_base
-                    rel_time = (frame.pts - first_pts) * time_base + reset_shift
-                if not seekable and last_time is not None and rel_time < last_time - RESET_MIN_STEPS * step:
-                    reset_shift += last_time + last_step - rel_time  # the source's clock restarted: carry on
-                    rel_time = last_time + last_step
-                if last_time is not None and rel_time <= last_time:
-                    continue  # out of order or repeated: the stream clock only moves forward
-                last_time, last_step = rel_time, step
+                rel_time = clock.advance(frame)
+                if rel_time is None:
+                    continue  # out of order or repeated
                 num_frames += 1
                 if sampler.take(pass_offset + rel_time):
                     yield pass_offset + rel_time, frame
                 wanted = sampler.next_time() - pass_offset  # the next instant, in this pass's time
-                if end_time is not None and wanted >= end_time:
-                    return end_time  # no frame of this pass is sampled any more
-                if seekable and first_pts is not None and wanted - rel_time > SEEK_MIN_GAP_S and wanted != sought:
+                if clock.end_time is not None and wanted >= clock.end_time:
+                    return clock.end_time  # no frame of this pass is sampled any more
+                if seekable and clock.first_pts is not None and wanted - rel_time > SEEK_MIN_GAP_S and wanted != sought:
                     sought = wanted
-                    container.seek(first_pts + math.floor(wanted / time_base), stream=stream, backward=True)
+                    container.seek(clock.first_pts + math.floor(wanted / clock.time_base), stream=stream, backward=True)
                     frames = container.decode(stream)
         except av.FFmpegError as err:
             raise InvalidFrameError(
@@ -355,4 +378,4 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
             ) from err
     if num_frames == 0:
         raise InvalidArgumentError(f"Video source {source!r} has a video stream but no decodable frames.")
-    return last_time + last_step
+    return clock.last_time + clock.last_step
