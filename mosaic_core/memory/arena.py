@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -87,6 +88,8 @@ class PagePools:
         )
         ahead = self.pin if grow_host_ahead is None else grow_host_ahead
         self._maker = ChunkMaker(self._new_host_chunk) if ahead else None
+        if self._maker is not None:  # pools dropped without a close leave no thread behind
+            weakref.finalize(self, self._maker.stop)
         self._ahead: Future | None = None  # the next chunk, being made or made, until a take adopts it
         self.host_growth = HostGrowth()
         if pinned_host_bytes:

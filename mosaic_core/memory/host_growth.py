@@ -94,10 +94,20 @@ class ChunkMaker:
             self._thread.join()
             self._thread = None
 
+    def stop(self) -> None:
+        """Has the thread stop once it has made the chunks queued so far, without waiting for it: for pools that are
+        gone without a close (their finalizer), whose chunks no one will take."""
+        if self._thread is not None:
+            self._requests.put(None)
+            self._thread = None
+
     def _run(self) -> None:
         while (request := self._requests.get()) is not None:
-            num_pages, made = request
-            try:
-                made.set_result(self._allocate(num_pages))
-            except Exception as error:  # handed to the pool, which raises it in the take that needs the pages
-                made.set_exception(error)
+            self._make(*request)
+            del request  # the chunk is its future's, held by the pool: not by this thread while it waits for the next
+
+    def _make(self, num_pages: int, made: Future) -> None:
+        try:
+            made.set_result(self._allocate(num_pages))
+        except Exception as error:  # handed to the pool, which raises it in the take that needs the pages
+            made.set_exception(error)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -159,6 +160,20 @@ def test_close_joins_the_makers_thread_and_later_takes_allocate_on_their_own():
     pools.take(Tier.HOST, 6)  # the chunk made before the close, then one allocated here
     assert (pools.host_growth.ahead_chunks, pools.host_growth.sync_chunks) == (2, 1)
     assert chunks.off_thread == 2
+
+
+def test_pools_dropped_without_a_close_stop_their_thread_and_free_the_chunk_made_ahead():
+    chunks = Chunks()
+    pools = _pools(10, chunks)
+    _settled(chunks, 1)
+    (maker,) = {thread for _, thread in chunks.made}
+    chunk = weakref.ref(pools._ahead.result())
+
+    del pools  # no close: an engine a bench or a test builds and drops
+
+    maker.join(timeout=5)
+    assert not maker.is_alive(), "the maker's thread outlived its pools"
+    assert chunk() is None, "the chunk made ahead outlived its pools"
 
 
 def test_a_failed_chunk_made_ahead_fails_the_take_that_needs_it_and_the_next_take_allocates_again():
