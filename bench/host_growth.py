@@ -1,14 +1,16 @@
 """How long the engine thread waits for the host pool to grow, with the next chunk pinned ahead and without.
 
-    python -m bench.host_growth [--gib 4] [--window-pages 8] [--every-ms 50] [--pin-by register] [--device cuda]
-        --out FILE.json
+    python -m bench.host_growth [--gib 4] [--window-pages 8] [--every-ms 50] [--start-ms 1000] [--pin-by register]
+        [--device cuda] --out FILE.json
 
 At 256 cameras on an H100 the device tier was full and windows left it for the host at about 1.1 GB/s, so the host
 pool pinned a new 256-MiB chunk about every 0.23 s, on the engine thread, inside ``keep_host_copy``: 100 ms and more
 at a time. This script builds the arena's pools with the 7B model's pages (28 layers, 4 KV heads, head_dim 128,
 bf16, 126-token pages, 6.9 MiB), and like that engine thread takes a window of ``--window-pages`` host pages every
 ``--every-ms``, queues their copy from device pages on the side stream, queues a matrix product on the compute
-stream and sleeps the rest of the period, until ``--gib`` of host pool is taken; once with the next chunk pinned on
+stream and sleeps the rest of the period, until ``--gib`` of host pool is taken, starting ``--start-ms`` after the
+pools are made (an engine's start and its first minutes come before its first host page; with growth ahead the pools
+pin their first chunk meanwhile); once with the next chunk pinned on
 the engine thread (``grow_host_ahead`` off) and once ahead on the pool's own thread (on), in one process. Both pools
 are kept until the end, so the second run pins fresh memory rather than the caching host allocator's freed blocks.
 
@@ -47,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gib", type=float, default=4.0, help="host pool each run takes, in GiB (its capacity)")
     parser.add_argument("--window-pages", type=int, default=8, help="host pages one take asks for")
     parser.add_argument("--every-ms", type=float, default=50.0, help="period of the takes")
+    parser.add_argument(
+        "--start-ms", type=float, default=1000.0, help="wait between making the pools and the first take"
+    )
     parser.add_argument("--matmul", type=int, default=2048, help="side of the bf16 product queued each step (0: none)")
     parser.add_argument("--chunk-mib", type=int, default=arena.HOST_CHUNK_BYTES >> 20, help="host chunk size")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -62,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("gib", "window_pages", "every_ms", "chunk_mib"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.start_ms < 0:
+        parser.error(f"--start-ms must not be negative, got {args.start_ms}")
     return args
 
 
@@ -72,6 +79,7 @@ def _run(args: argparse.Namespace, device: torch.device, *, ahead: bool) -> tupl
         host_bytes=int(args.gib * 2**30), transfers=TransferEngine(device), grow_host_ahead=ahead,
     )  # fmt: skip
     window = pools.take(Tier.DEVICE, args.window_pages)
+    time.sleep(args.start_ms / 1e3)
     gpu_work = device.type == "cuda" and args.matmul > 0
     product = torch.randn(args.matmul, args.matmul, device=device, dtype=torch.bfloat16) if gpu_work else None
     takes, steps = [], []

@@ -16,6 +16,7 @@ def test_the_bench_runs_both_ways_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(arena, "HOST_CHUNK_BYTES", arena.HOST_CHUNK_BYTES)  # restored after ``--chunk-mib``
     out = tmp_path / "host-growth.json"
     flags = ["--device", "cpu", "--gib", "0.05", "--chunk-mib", "16", "--window-pages", "1", "--every-ms", "1"]
+    flags += ["--start-ms", "100"]
 
     assert host_growth.main([*flags, "--out", str(out)]) == 0
 
