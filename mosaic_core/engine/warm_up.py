@@ -91,6 +91,8 @@ class WarmUpMixin:
                     step("the questions again, with no history (no device room for it beside them)")
                     self._forget_stream(state)
                     state, with_history = self._open_state(WARM_UP_STREAM, 1.0, None), False
+                    # Told apart from the first try's steps: a state the router saw before is not progress.
+                    asks = (*asks[:3], lambda text: step(f"{text}, again with no history"))
                     asked, batches = self._warm_up_questions(*asks)
             finally:
                 if state is not None:
