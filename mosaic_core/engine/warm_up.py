@@ -75,7 +75,10 @@ class WarmUpMixin:
         graphs = self.parts.decode_graphs
         if decode_batch is None:
             decode_batch = graphs.max_batch if graphs.enabled else 1
-        asks = (max_question_tokens, max_new_tokens, decode_batch, step)
+
+        def ask_questions(tell: Callable[[str], None]):
+            return self._warm_up_questions(max_question_tokens, max_new_tokens, decode_batch, tell)
+
         state = None
         with self._users_counts_kept():
             try:
@@ -83,7 +86,7 @@ class WarmUpMixin:
                 state = self._open_state(WARM_UP_STREAM, 1.0, None)
                 with_history = self._warm_up_history(state, step) if ingest else False
                 try:
-                    asked, batches = self._warm_up_questions(*asks)
+                    asked, batches = ask_questions(step)
                 except CapacityError:
                     if not with_history:
                         raise
@@ -92,8 +95,7 @@ class WarmUpMixin:
                     self._forget_stream(state)
                     state, with_history = self._open_state(WARM_UP_STREAM, 1.0, None), False
                     # Told apart from the first try's steps: a state the router saw before is not progress.
-                    asks = (*asks[:3], lambda text: step(f"{text}, again with no history"))
-                    asked, batches = self._warm_up_questions(*asks)
+                    asked, batches = ask_questions(lambda text: step(f"{text}, again with no history"))
             finally:
                 if state is not None:
                     self._forget_stream(state)
