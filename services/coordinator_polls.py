@@ -134,7 +134,7 @@ class TelemetryPollsMixin:
                 self._last_lags.update((s, lag) for s, lag in result.lags_s.items() if s in self.placement)
                 apply_delta(self.metrics, result, open_streams=set(self.placement))
                 if not isinstance(keyframe_stats, BaseException):
-                    self.metrics.set_keyframes(index, *keyframe_stats)
+                    self.metrics.memory.set_keyframes(index, *keyframe_stats)
             except Exception:
                 log.exception("worker %d's telemetry could not be applied this round", index)
         self._alive = alive

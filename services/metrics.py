@@ -216,32 +216,6 @@ class MosaicMetrics:
         mode = check_label("mode", mode, MODES)
         self.retrieval_latency_seconds.labels(mode).observe(non_negative("retrieval latency", s))
 
-    # --- memory (MemoryMetrics documents them) -----------------------------------------------------
-
-    def add_transfer_bytes(self, worker: int | str, direction: str, n: int) -> None:
-        self.memory.add_transfer_bytes(worker, direction, n)
-
-    def set_tier(self, worker: int | str, tier: str, used_bytes: int, capacity_bytes: int, num_clusters: int) -> None:
-        self.memory.set_tier(worker, tier, used_bytes, capacity_bytes, num_clusters)
-
-    def set_worker_health(self, worker: int | str, *, sources_failing: int, engine_stalled_s: float) -> None:
-        self.memory.set_worker_health(worker, sources_failing=sources_failing, engine_stalled_s=engine_stalled_s)
-
-    def set_hit_ratio(self, worker: int | str, r: float) -> None:
-        self.memory.set_hit_ratio(worker, r)
-
-    def add_allocator_events(self, worker: int | str, event: str, n: int) -> None:
-        self.memory.add_allocator_events(worker, event, n)
-
-    def add_kernel_compiles(self, worker: int | str, n: int) -> None:
-        self.memory.add_kernel_compiles(worker, n)
-
-    def add_host_growth(self, worker: int | str, chunks: dict[str, int], wait_s: float) -> None:
-        self.memory.add_host_growth(worker, chunks, wait_s)
-
-    def set_keyframes(self, worker: int | str, num_bytes: int, dropped: int) -> None:
-        self.memory.set_keyframes(worker, num_bytes, dropped)
-
     def forget_worker(self, worker: int | str) -> None:
         """Drops the series of a worker that stopped answering: its gauges would otherwise freeze at their last
         values. Its engine counters and histograms go too and start again from 0 when it answers (a reset, to

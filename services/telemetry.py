@@ -310,19 +310,21 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
         if stream_id in open_streams:
             metrics.streams.set_stream_lag(stream_id, seconds)
     for tier, gauges in delta.tiers.items():
-        metrics.set_tier(worker, tier, gauges.used_bytes, gauges.capacity_bytes, gauges.num_clusters)
+        metrics.memory.set_tier(worker, tier, gauges.used_bytes, gauges.capacity_bytes, gauges.num_clusters)
     for direction, n in delta.transfer_bytes.items():
         if n:
-            metrics.add_transfer_bytes(worker, direction, n)
+            metrics.memory.add_transfer_bytes(worker, direction, n)
     for event, n in delta.allocator_events.items():
         if n:
-            metrics.add_allocator_events(worker, event, n)
+            metrics.memory.add_allocator_events(worker, event, n)
     if delta.kernel_compiles:
-        metrics.add_kernel_compiles(worker, delta.kernel_compiles)
+        metrics.memory.add_kernel_compiles(worker, delta.kernel_compiles)
     if any(delta.host_chunks.values()) or delta.host_grow_wait_s:
-        metrics.add_host_growth(worker, delta.host_chunks, delta.host_grow_wait_s)
-    metrics.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
-    metrics.set_worker_health(worker, sources_failing=delta.sources_failing, engine_stalled_s=delta.engine_stalled_s)
+        metrics.memory.add_host_growth(worker, delta.host_chunks, delta.host_grow_wait_s)
+    metrics.memory.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
+    metrics.memory.set_worker_health(
+        worker, sources_failing=delta.sources_failing, engine_stalled_s=delta.engine_stalled_s
+    )
     for part, seconds in delta.loop_seconds.items():
         metrics.engine_loop.add_engine_loop_seconds(worker, part, seconds)
     for between, seconds in delta.question_start_gaps:

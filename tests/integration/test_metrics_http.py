@@ -56,7 +56,7 @@ def test_promtool_accepts_the_exposition(server_and_metrics) -> None:
     metrics.streams.frame_received("cam-1")
     metrics.streams.frame_dropped("cam-1", "queue_full")
     metrics.observe_ingest_latency(0, 0.1)
-    metrics.set_tier(1, "device", 10, 100, 1)
+    metrics.memory.set_tier(1, "device", 10, 100, 1)
     _, text = scrape(server.port)
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr

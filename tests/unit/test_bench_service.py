@@ -187,14 +187,14 @@ def test_tier_summary_reads_each_tiers_use_and_the_bytes_moved_from_the_service_
 
     metrics = MosaicMetrics()
     for worker in (0, 1):
-        metrics.set_tier(worker, "device", 3 * GIB, 4 * GIB, 10)
-        metrics.set_tier(worker, "host", GIB, 8 * GIB, 5)
-        metrics.set_tier(worker, "disk", 0, 2**62, 0)  # the durable history's disk tier without a budget
-        metrics.add_transfer_bytes(worker, "device_to_host", 10**8)
+        metrics.memory.set_tier(worker, "device", 3 * GIB, 4 * GIB, 10)
+        metrics.memory.set_tier(worker, "host", GIB, 8 * GIB, 5)
+        metrics.memory.set_tier(worker, "disk", 0, 2**62, 0)  # the durable history's disk tier without a budget
+        metrics.memory.add_transfer_bytes(worker, "device_to_host", 10**8)
     before = tier_totals(metrics.scrape())
-    metrics.set_tier(0, "device", 4 * GIB, 4 * GIB, 12)
-    metrics.add_transfer_bytes(1, "device_to_host", 5 * 10**8)
-    metrics.add_transfer_bytes(0, "host_to_device", 2 * 10**8)
+    metrics.memory.set_tier(0, "device", 4 * GIB, 4 * GIB, 12)
+    metrics.memory.add_transfer_bytes(1, "device_to_host", 5 * 10**8)
+    metrics.memory.add_transfer_bytes(0, "host_to_device", 2 * 10**8)
     summary = tier_summary(before, tier_totals(metrics.scrape()), elapsed_s=10.0)
     assert summary["used_gib:device"] == pytest.approx(7.0)  # the step's end, summed over workers
     assert summary["capacity_gib:device"] == pytest.approx(8.0)

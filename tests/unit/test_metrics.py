@@ -150,15 +150,15 @@ def test_every_method_moves_its_metric() -> None:
     m.observe_ttft("cluster", 0.03)
     m.observe_inter_token("token", 0.008)
     m.observe_retrieval("full", 0.001)
-    m.add_transfer_bytes(0, "host_to_device", 1 << 20)
-    m.add_allocator_events(0, "retries", 2)
-    m.set_tier(0, "host", used_bytes=100, capacity_bytes=1000, num_clusters=4)
-    m.set_hit_ratio(0, 0.75)
+    m.memory.add_transfer_bytes(0, "host_to_device", 1 << 20)
+    m.memory.add_allocator_events(0, "retries", 2)
+    m.memory.set_tier(0, "host", used_bytes=100, capacity_bytes=1000, num_clusters=4)
+    m.memory.set_hit_ratio(0, 0.75)
     m.set_active_streams(12)
     m.set_workers_up(2)
     m.error("RESOURCE_EXHAUSTED")
-    m.set_keyframes(0, num_bytes=4096, dropped=2)
-    m.set_keyframes(0, num_bytes=1024, dropped=1)
+    m.memory.set_keyframes(0, num_bytes=4096, dropped=2)
+    m.memory.set_keyframes(0, num_bytes=1024, dropped=1)
     s = lambda name, **kw: sample(m, name, **kw)  # noqa: E731
     assert s("mosaic_frames_received_total", stream="cam-1") == 5
     assert s("mosaic_frames_ingested_total", stream="cam-1") == 3
@@ -254,9 +254,9 @@ def test_forget_stream_frees_its_series_and_slot() -> None:
 
 def test_forget_worker() -> None:
     m = MosaicMetrics()
-    m.set_tier(3, "disk", 1, 2, 3)
-    m.add_transfer_bytes(3, "disk_to_host", 5)
-    m.set_hit_ratio(3, 0.5)
+    m.memory.set_tier(3, "disk", 1, 2, 3)
+    m.memory.add_transfer_bytes(3, "disk_to_host", 5)
+    m.memory.set_hit_ratio(3, 0.5)
     m.forget_worker("3")
     text = m.scrape()
     assert 'worker="3"' not in text
@@ -268,15 +268,15 @@ def test_forget_worker() -> None:
         lambda m: m.streams.frame_dropped("a", "overflow"),
         lambda m: m.query_finished("success"),
         lambda m: m.observe_ttft("mosaic", 0.1),
-        lambda m: m.add_transfer_bytes(0, "device_to_disk", 1),
-        lambda m: m.set_tier(0, "gpu", 1, 1, 1),
+        lambda m: m.memory.add_transfer_bytes(0, "device_to_disk", 1),
+        lambda m: m.memory.set_tier(0, "gpu", 1, 1, 1),
         lambda m: m.error("OK"),
         lambda m: m.error("not_found"),
         lambda m: m.observe_ingest_latency("gpu0", 0.1),
-        lambda m: m.set_hit_ratio(0, 1.5),
+        lambda m: m.memory.set_hit_ratio(0, 1.5),
         lambda m: m.streams.set_ingest_queue_depth("a", -1),
         lambda m: m.observe_retrieval("cluster", float("nan")),
-        lambda m: m.add_transfer_bytes(0, "host_to_disk", -1),
+        lambda m: m.memory.add_transfer_bytes(0, "host_to_disk", -1),
         lambda m: m.engine_loop.add_engine_loop_seconds(0, "decode", 1.0),
         lambda m: m.engine_loop.add_engine_loop_seconds(0, "idle", -1.0),
     ],
