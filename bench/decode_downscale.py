@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mosaic_core.model.pixels import model_pixels
+from mosaic_core.model.geometry import model_pixels
 from mosaic_core.model.video import iter_video_frames, sample_clip_path
 from services.frames import decode_frame, decode_picture, encode_image
 from services.gen.mosaic.v1 import mosaic_pb2 as pb

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mosaic_core.bookkeeping.formation_config import FormationConfig
 from mosaic_core.config import MIB, EngineConfig
 from mosaic_core.errors import ConfigError
-from mosaic_core.model.pixels import model_pixels
+from mosaic_core.model.geometry import model_pixels
 from services.metadata.schema import DEFAULT_TIMEOUT_S
 from services.source_hosts import DEFAULT_BLOCKED_NETWORKS, parse_networks
 

@@ -19,7 +19,8 @@ import av
 import numpy as np
 
 from mosaic_core.errors import InvalidFrameError
-from mosaic_core.model.pixels import downscaled_size, validate_frames
+from mosaic_core.model.geometry import downscaled_size
+from mosaic_core.model.pixels import validate_frames
 from mosaic_core.model.video import MAX_SIDE_PX, frame_rgb
 
 JPEG_MAGIC = b"\xff\xd8\xff"

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from mosaic_core.engine.keyframe_store import MAX_IDS_PER_LOOKUP
 from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, MosaicError, UnknownStreamError, cut
-from mosaic_core.model.pixels import downscaled_size
+from mosaic_core.model.geometry import downscaled_size
 from services import convert
 from services.coordinator import Coordinator
 from services.errors import DeadlineError, QueueFullError, UnavailableError, abort

@@ -53,7 +53,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLVisionAttention,
 )
 
-from mosaic_core.model.pixels import choose_geometry, frames_to_vision_input
+from mosaic_core.model.geometry import choose_geometry
+from mosaic_core.model.pixels import frames_to_vision_input
 from mosaic_core.model.presets import preset_config_kwargs
 from mosaic_core.model.vision_attention import BatchedChunkAttention, hold_vision_attention
 from mosaic_core.model.vision_tower import (

@@ -25,7 +25,7 @@ from mosaic_core.bookkeeping.formation import ClusterFormer
 from mosaic_core.engine.coherence import OpenSums
 from mosaic_core.errors import InvalidArgumentError, StreamClosedError, TimestampOrderError, shown
 from mosaic_core.memory.arena import PagePools
-from mosaic_core.model.pixels import VisionGeometry
+from mosaic_core.model.geometry import VisionGeometry
 
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # the whole id (fullmatch): "$" lets "\n" end it
 

@@ -21,7 +21,7 @@ from mosaic_core.engine.results import FrameInput
 from mosaic_core.engine.stream import StreamState
 from mosaic_core.engine.thumbnails import ThumbnailBatch
 from mosaic_core.errors import BudgetError, MosaicError
-from mosaic_core.model.pixels import VisionGeometry
+from mosaic_core.model.geometry import VisionGeometry
 
 
 @dataclass(frozen=True, slots=True)

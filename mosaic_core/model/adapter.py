@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mosaic_core.memory.layout import KVSpec
-from mosaic_core.model.pixels import VisionGeometry
+from mosaic_core.model.geometry import VisionGeometry
 
 
 @runtime_checkable

@@ -34,14 +34,8 @@ from mosaic_core.errors import ConfigError
 from mosaic_core.memory.layout import KVSpec
 from mosaic_core.model.attention_hook import MOSAIC_ATTENTION, PLAN_KWARG, AttentionPlan
 from mosaic_core.model.frame_upload import UploadedFrames
-from mosaic_core.model.pixels import (
-    VisionGeometry,
-    choose_geometry,
-    frames_to_vision_input,
-    largest_frame_tokens,
-    resize_groups,
-    vision_input_from_pixels,
-)
+from mosaic_core.model.geometry import VisionGeometry, choose_geometry, largest_frame_tokens
+from mosaic_core.model.pixels import frames_to_vision_input, resize_groups, vision_input_from_pixels
 from mosaic_core.model.presets import PRESETS, preset_config_kwargs
 from mosaic_core.model.text_fusion import fuse_text_elementwise
 from mosaic_core.model.tokenizer import chat_prefix, load_qwen_tokenizer, question_token_ids

@@ -49,7 +49,7 @@ import av
 import numpy as np
 
 from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, NotFoundError, RefusedSourceError
-from mosaic_core.model.pixels import downscaled_size
+from mosaic_core.model.geometry import downscaled_size
 
 OPEN_TIMEOUT_S = 10.0  # for network sources; a stalled camera must not hang a worker forever
 SEEK_MIN_GAP_S = 1.0  # seek only past more than this much video; shorter gaps are cheaper to decode through
@@ -112,7 +112,7 @@ def iter_video_frames(
         loop: at the end of the source, open it again and continue the clock one clip duration later.
         start_offset_s: timestamp of the first frame; the rest follow on the source's presentation times.
         max_pixels: a frame with more pixels is scaled down to at most this many as it is converted to RGB (area
-            interpolation, aspect ratio kept: ``pixels.downscaled_size``); None keeps the source's size.
+            interpolation, aspect ratio kept: ``geometry.downscaled_size``); None keeps the source's size.
 
     Raises:
         InvalidArgumentError: bad ``fps``/``max_frames``/``start_offset_s``, or a source that cannot be

@@ -40,7 +40,7 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 
 from mosaic_core.memory.transfer import upload
 from mosaic_core.model import vision_attention
-from mosaic_core.model.pixels import VisionGeometry
+from mosaic_core.model.geometry import VisionGeometry
 
 MLP_WIDTH_MULTIPLE = 64
 

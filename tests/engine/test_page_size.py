@@ -9,7 +9,7 @@ from engine_helpers import SMALL, feed, make_engine
 
 from mosaic_core.bookkeeping.tiers import Tier
 from mosaic_core.errors import ConfigError
-from mosaic_core.model.pixels import choose_geometry, largest_frame_tokens
+from mosaic_core.model.geometry import choose_geometry, largest_frame_tokens
 
 
 def test_a_cluster_at_the_default_page_size_takes_one_page_a_frame_with_nothing_wasted(tiny_model, bikes_frames):

@@ -13,7 +13,7 @@ from transformers import Qwen2_5_VLConfig
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from mosaic_core.model import vision_attention
-from mosaic_core.model.pixels import choose_geometry
+from mosaic_core.model.geometry import choose_geometry
 from mosaic_core.model.presets import preset_config_kwargs
 from mosaic_core.model.vision_tower import TowerInputs
 

@@ -16,7 +16,7 @@ import pytest
 from http_pages import serving
 
 from mosaic_core.errors import InvalidArgumentError
-from mosaic_core.model.pixels import downscaled_size
+from mosaic_core.model.geometry import downscaled_size
 from mosaic_core.model.video import iter_video_frames, probe_video, sample_clip_path
 from services.source_decoding import iter_frames_in_child
 from services.sources import SourceReader, SourceState

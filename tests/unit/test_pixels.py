@@ -7,15 +7,8 @@ import pytest
 import torch
 
 from mosaic_core.errors import ConfigError, EmptyBatchError, InvalidFrameError
-from mosaic_core.model.pixels import (
-    CLIP_MEAN,
-    CLIP_STD,
-    VisionGeometry,
-    choose_geometry,
-    frames_to_vision_input,
-    resize_frames,
-    validate_frames,
-)
+from mosaic_core.model.geometry import VisionGeometry, choose_geometry
+from mosaic_core.model.pixels import CLIP_MEAN, CLIP_STD, frames_to_vision_input, resize_frames, validate_frames
 
 GEOMETRY = VisionGeometry(height_px=56, width_px=84)  # 4 x 6 patches, 2 x 3 merge windows
 

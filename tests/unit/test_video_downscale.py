@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mosaic_core.errors import InvalidArgumentError
-from mosaic_core.model.pixels import choose_geometry, downscaled_size, model_pixels
+from mosaic_core.model.geometry import choose_geometry, downscaled_size, model_pixels
 from mosaic_core.model.video import iter_video_frames, sample_clip_path
 from services.config import ServiceConfig
 from services.frames import decode_frame, encode_image, jpeg_lowres
