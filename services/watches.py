@@ -18,7 +18,7 @@
   router's cooldowns only for streams it restored (``WorkerWatches.set_watches``), so a sync that read them before
   the forget cannot hand them to a stream created again under the id, which starts without its predecessor's.
 - **A question the engine would refuse** (past ``max_question_tokens``, as Ask refuses it) is refused by
-  ``create``. The router counts its tokens itself, with the engine's tokenizer and chat template (loaded at
+  ``create``. The router counts its tokens itself (``WatchQuestionLimit``, with the tokenizer loaded at
   ``start``), so the check needs no worker: it neither waits for one nor fails because none is ready.
   Stored watches from before the check are loaded as they are and named in the log (docs/watches.md).
 """
@@ -34,14 +34,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mosaic_core.engine.questions import check_question_length
 from mosaic_core.engine.stream import check_stream_id
-from mosaic_core.errors import AlreadyExistsError, CapacityError, InvalidArgumentError, NotFoundError
-from mosaic_core.model.tokenizer import load_qwen_tokenizer, question_token_ids
+from mosaic_core.errors import AlreadyExistsError, CapacityError, NotFoundError
 from services.errors import UnavailableError, UnknownWatchError, is_store_outage
 from services.metadata.watches import WatchState, WatchStore
 from services.metrics import MosaicMetrics
 from services.outage_log import StoreOutageLog
+from services.watch_questions import WatchQuestionLimit
 from services.watches_spec import FiredEvent, WatchRecord, WatchReport, check_watch_id
 from services.watches_subscribers import WatchSubscribersMixin
 from services.watches_webhook import Delivery, WebhookSender, check_webhook_url
@@ -76,7 +75,7 @@ class WatchRegistry(WatchSubscribersMixin):
         self.coordinator = coordinator
         self.metrics = metrics.watches
         self.config = config
-        self.max_question_tokens = config.engine_config().max_question_tokens  # the workers' engines' limit
+        self.question_limit = WatchQuestionLimit(config.engine_config().max_question_tokens)
         self._records: dict[str, WatchRecord] = {}
         self._version = 0  # bumped by every create and delete here, so a reload never applies a stale read
         self._new_event = asyncio.Condition()
@@ -106,7 +105,7 @@ class WatchRegistry(WatchSubscribersMixin):
         self._epoch = await asyncio.to_thread(self.store.claim_epoch, uuid.uuid4().hex)
         records = await asyncio.to_thread(self.store.list_watches)
         self._records = {r.watch_id: r for r in records}
-        await asyncio.to_thread(self._name_questions_past_the_limit, records)
+        await asyncio.to_thread(self.question_limit.load_and_name, records)
         self._last_event_id = await asyncio.to_thread(self.store.last_event_id)
         self.metrics.set_watches(len(self._records))
         await self.sync_workers()
@@ -171,7 +170,7 @@ class WatchRegistry(WatchSubscribersMixin):
                 raise NotFoundError(f"unknown stream {stream_id!r}; create it first or leave stream_ids empty")
         if record.webhook_url is not None:
             check_webhook_url(record.webhook_url, self.config.webhook_allowed_urls)
-        await asyncio.to_thread(self._check_question_length, record.question)
+        await asyncio.to_thread(self.question_limit.check, record.question)
         if record.watch_id in self._records or record.watch_id in self._creating:
             raise AlreadyExistsError(f"watch {record.watch_id!r} already exists")
         num_watches = len(self._records) + len(self._creating)
@@ -190,28 +189,6 @@ class WatchRegistry(WatchSubscribersMixin):
         self.metrics.set_watches(len(self._records))
         await self._push_to_workers("created", record.watch_id)
         return record, WatchState()
-
-    def _check_question_length(self, question: str) -> None:
-        """Ask's limit: a watch answers its question as Ask does, so the engine would refuse it in every event."""
-        check_question_length(len(question_token_ids(question)), self.max_question_tokens)
-
-    def _name_questions_past_the_limit(self, records: list[WatchRecord]) -> None:
-        """Loads the tokenizer, so the first CreateWatch does not wait for it, and logs the stored watches whose
-        question is past the limit (``_name_past_the_limit``)."""
-        load_qwen_tokenizer()
-        self._name_past_the_limit(records)
-
-    def _name_past_the_limit(self, records: list[WatchRecord]) -> None:
-        """Logs the watches whose question is past the limit (created before CreateWatch checked it, here or through
-        another router). They stay as they are: each is still scored and fires, and its events carry the engine's
-        refusal as their ``answer_error``."""
-        for record in records:
-            try:
-                self._check_question_length(record.question)
-            except InvalidArgumentError as err:
-                log.warning("watch %r cannot be answered (%s); it was created before CreateWatch checked that, and "
-                            "its events say so in answer_error. Delete it and create it with a shorter question",
-                            record.watch_id, err)  # fmt: skip
 
     async def list(self) -> list[tuple[WatchRecord, WatchState]]:
         records = await asyncio.to_thread(self.store.list_watches)
@@ -276,7 +253,8 @@ class WatchRegistry(WatchSubscribersMixin):
         if version == self._version and records != self._records:  # added, removed, or replaced under its id
             seen, self._records = self._records, records
             # Only those new here: the loop comes every few seconds, and each over-long watch is named once.
-            await asyncio.to_thread(self._name_past_the_limit, [r for i, r in records.items() if seen.get(i) != r])
+            new_here = [r for i, r in records.items() if seen.get(i) != r]
+            await asyncio.to_thread(self.question_limit.name_past_the_limit, new_here)
             self.metrics.set_watches(len(records))
             await self.sync_workers()
             await self._wake_subscribers()
