@@ -90,6 +90,12 @@ class MemoryMetrics:
             ["worker"],
             registry=r,
         )
+        self.host_pool_bytes = Gauge(
+            "mosaic_host_pool_bytes",
+            "Host memory a worker's host page pool holds (pinned on a GPU worker), the chunk pinned ahead included.",
+            ["worker"],
+            registry=r,
+        )
 
     def _add_keyframes(self, r: CollectorRegistry) -> None:
         """Keyframes (docs/durability.md); the kernel compiles sit between their two families to keep the scrape's
@@ -151,6 +157,9 @@ class MemoryMetrics:
             )
         self.host_grow_wait_seconds_total.labels(label).inc(non_negative("host grow wait", wait_s))
 
+    def set_host_pool_bytes(self, worker: int | str, num_bytes: int) -> None:
+        self.host_pool_bytes.labels(worker_label(worker)).set(non_negative("host pool bytes", num_bytes))
+
     def set_keyframes(self, worker: int | str, num_bytes: int, dropped: int) -> None:
         """A worker's keyframe bytes now (gauge) and keyframes dropped since the last call (increment)."""
         label = worker_label(worker)
@@ -162,7 +171,7 @@ class MemoryMetrics:
         label = worker_label(worker)
         for metric in (
             self.cluster_device_hit_ratio, self.keyframe_bytes, self.kernel_compiles_total, self.sources_failing,
-            self.engine_stalled_seconds, self.host_grow_wait_seconds_total,
+            self.engine_stalled_seconds, self.host_grow_wait_seconds_total, self.host_pool_bytes,
         ):  # fmt: skip
             with contextlib.suppress(KeyError):  # a series never set
                 metric.remove(label)
@@ -181,7 +190,7 @@ class MemoryMetrics:
         self.cluster_device_hit_ratio.labels(worker)
         for metric in (
             self.keyframe_bytes, self.keyframes_dropped_total, self.kernel_compiles_total, self.sources_failing,
-            self.engine_stalled_seconds, self.host_grow_wait_seconds_total,
+            self.engine_stalled_seconds, self.host_grow_wait_seconds_total, self.host_pool_bytes,
         ):  # fmt: skip
             metric.labels(worker)
         for direction in TRANSFER_DIRECTIONS:

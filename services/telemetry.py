@@ -134,6 +134,7 @@ class TelemetryDelta:
     kernel_compiles: int = 0  # increment of EngineStats.kernel_compiles
     host_chunks: dict[str, int] = field(default_factory=dict)  # increments, by HOST_CHUNK_HOWS
     host_grow_wait_s: float = 0.0  # increment of EngineStats.host_grow_wait_s
+    host_pool_bytes: int = 0  # EngineStats.host_pool_bytes at the drain
     device_hit_ratio: float = 0.0
     durability: DurabilityHealth | None = None
     # Seconds the worker's engine thread has gone without a chance to start a question: it ingests, runs commands
@@ -278,6 +279,7 @@ class WorkerTelemetry:
             self._host_chunks_seen[how] = total
         delta.host_grow_wait_s = max(0.0, engine_stats.host_grow_wait_s - self._host_grow_wait_seen)
         self._host_grow_wait_seen = engine_stats.host_grow_wait_s
+        delta.host_pool_bytes = engine_stats.host_pool_bytes
 
 
 def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: set[str]) -> None:
@@ -321,6 +323,7 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
         metrics.memory.add_kernel_compiles(worker, delta.kernel_compiles)
     if any(delta.host_chunks.values()) or delta.host_grow_wait_s:
         metrics.memory.add_host_growth(worker, delta.host_chunks, delta.host_grow_wait_s)
+    metrics.memory.set_host_pool_bytes(worker, delta.host_pool_bytes)
     metrics.memory.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
     metrics.memory.set_worker_health(
         worker, sources_failing=delta.sources_failing, engine_stalled_s=delta.engine_stalled_s

@@ -87,6 +87,7 @@ class IntrospectionMixin:
             host_chunks_ahead=growth.ahead_chunks,
             host_chunks_sync=growth.sync_chunks,
             host_grow_wait_s=growth.wait_s,
+            host_pool_bytes=self.tiering.tiers.pools.host_pool_bytes,
         )
 
 

@@ -211,3 +211,6 @@ class EngineStats:
     host_chunks_ahead: int = 0
     host_chunks_sync: int = 0
     host_grow_wait_s: float = 0.0
+    # Host memory the host page pool holds now (pinned under CUDA), the chunk made ahead included once it is made: a
+    # CUDA engine makes its first chunk as it starts, before any cluster leaves the device.
+    host_pool_bytes: int = 0

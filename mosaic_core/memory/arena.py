@@ -104,6 +104,15 @@ class PagePools:
     def device_pool_bytes(self) -> int:
         return self.device_pool.numel() * self.device_pool.element_size()
 
+    @property
+    def host_pool_bytes(self) -> int:
+        """Host memory the pool holds (pinned under CUDA): its chunks, and the chunk made ahead once it is made,
+        though no take has adopted it yet."""
+        chunks = [*self.host_chunks]
+        if self._ahead is not None and self._ahead.done() and self._ahead.exception() is None:
+            chunks.append(self._ahead.result())
+        return sum(chunk.numel() * chunk.element_size() for chunk in chunks)
+
     # -- pages ----------------------------------------------------------------------------------------------
     def take(self, tier: Tier, num_pages: int) -> list[int] | None:
         """``num_pages`` free pages of ``tier``'s pool, or None when it cannot hold them."""

@@ -73,11 +73,21 @@ def _settled(chunks: Chunks, count: int) -> None:
     pytest.fail(f"{len(chunks.made)} chunks allocated, {count} expected")
 
 
+def _host_pool_bytes_once_made(pools: PagePools) -> int:
+    """``host_pool_bytes`` once it counts a chunk (its future is set just after the allocation returns)."""
+    for _ in range(2000):
+        if pools.host_pool_bytes:
+            break
+        threading.Event().wait(0.005)
+    return pools.host_pool_bytes
+
+
 def test_the_next_chunk_is_made_off_the_taking_thread_and_adopted_when_needed():
     chunks = Chunks()
     pools = _pools(10, chunks)
     _settled(chunks, 1)  # no page free as the pools are made: the first chunk is made ahead
     assert len(pools.host_chunks) == 0, "a chunk made ahead is the pool's only once a take needs it"
+    assert _host_pool_bytes_once_made(pools) == 3 * pools.page_bytes, "yet its memory is held, and said so"
     assert pools.take(Tier.HOST, 2) == [0, 1]
     _settled(chunks, 2)  # 1 page free, below a chunk's 3: the next is made ahead
     assert len(pools.host_chunks) == 1

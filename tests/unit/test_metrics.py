@@ -40,6 +40,7 @@ SPEC = {
     "mosaic_kernel_compiles_total": ("counter", {"worker"}),
     "mosaic_host_chunks_total": ("counter", {"worker", "how"}),
     "mosaic_host_grow_wait_seconds_total": ("counter", {"worker"}),
+    "mosaic_host_pool_bytes": ("gauge", {"worker"}),
     "mosaic_tier_used_bytes": ("gauge", {"worker", "tier"}),
     "mosaic_tier_capacity_bytes": ("gauge", {"worker", "tier"}),
     "mosaic_clusters": ("gauge", {"worker", "tier"}),
@@ -406,6 +407,7 @@ def test_host_growth_reaches_its_counters_as_increments_of_the_engines_totals() 
             mode="cluster", num_streams=0, used_bytes_by_tier=tiers, capacity_bytes_by_tier=tiers,
             clusters_by_tier=tiers, transfer_bytes_by_direction={}, transfer_copies_by_direction={},
             device_hit_ratio=0.0, host_chunks_ahead=ahead, host_chunks_sync=sync, host_grow_wait_s=wait_s,
+            host_pool_bytes=(ahead + sync) << 28,
         )  # fmt: skip
 
     m, telemetry = MosaicMetrics(), WorkerTelemetry("0")
@@ -416,8 +418,10 @@ def test_host_growth_reaches_its_counters_as_increments_of_the_engines_totals() 
     assert sample(m, "mosaic_host_chunks_total", worker="0", how="ahead") == 7
     assert sample(m, "mosaic_host_chunks_total", worker="0", how="sync") == 2
     assert sample(m, "mosaic_host_grow_wait_seconds_total", worker="0") == pytest.approx(0.5)
+    assert sample(m, "mosaic_host_pool_bytes", worker="0") == 9 << 28  # the last drain's, not a sum
     m.forget_worker(0)
     assert sample(m, "mosaic_host_chunks_total", worker="0", how="ahead") is None
+    assert sample(m, "mosaic_host_pool_bytes", worker="0") is None
 
 
 def test_every_mode_the_service_accepts_is_observed() -> None:
