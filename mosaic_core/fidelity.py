@@ -103,10 +103,13 @@ def run_fidelity(
             where = f"budget {budget} tokens, mode {mode.value}"
             config = dataclasses.replace(base, mode=mode, retrieval_budget_tokens=budget)
             engine = Engine(model, config)
-            run = _ask_and_probe(engine, frames, base, questions, batch_frames, where=where, step=step)
-            if mode is RetrievalMode.FULL:
-                reference = run.last_hidden
-            rows.append(_fidelity_row(model, engine, run, budget=budget, mode=mode, reference=reference))
+            try:  # closed here, not when collected: each engine's pinned host chunk goes before the next pins one
+                run = _ask_and_probe(engine, frames, base, questions, batch_frames, where=where, step=step)
+                if mode is RetrievalMode.FULL:
+                    reference = run.last_hidden
+                rows.append(_fidelity_row(model, engine, run, budget=budget, mode=mode, reference=reference))
+            finally:
+                engine.close()
     return rows
 
 
