@@ -5,7 +5,7 @@ thread that appends one JSON line every ``MOSAIC_HEAP_INTERVAL_S`` seconds (defa
 ``<dir>/heap-<role>-<pid>.jsonl``:
 
     {"t": 1764612000.0, "traced_bytes": 81234567, "objects": 412345,
-     "growth": [["mosaic_core/engine/ingest.py:120", 1048576, 2048], ...]}
+     "growth": [["mosaic_core/engine/ingest_pass.py:166", 1048576, 2048], ...]}
 
 ``traced_bytes`` is what Python's allocator holds (tensor storage is not in it); ``objects`` is the number of
 objects the garbage collector tracks; ``growth`` lists the ten source lines whose traced bytes grew most since

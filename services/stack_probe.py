@@ -9,7 +9,7 @@ and so delays the sampler (a kernel launch waiting for room in a full queue, for
 the line that made it or the next one. Once a second it replaces ``<dir>/stacks-<role>-<pid>.json``
 with the totals so far, in seconds:
 
-    {"t": 1764612000.0, "sampled_s": 61.2, "self": {"ingest_pass.py:_place_frame:287": 1.4, ...},
+    {"t": 1764612000.0, "sampled_s": 61.2, "self": {"ingest_pass.py:_place_frame:240": 1.4, ...},
      "inclusive": {"ingest_pass.py:_place_frame": 9.1, ...}}
 
 ``self`` is by innermost line (where the thread was), ``inclusive`` by function anywhere on the stack (what it was
