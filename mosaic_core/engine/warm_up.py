@@ -132,12 +132,11 @@ class WarmUpMixin:
         decoding together; returns how many questions, and the counts."""
         asked, batches = 0, []
         lengths = range(QUESTION_STEP, max_question_tokens + 1, QUESTION_STEP)
-        for number, length in enumerate(lengths, start=1):
-            question = self._question_of_length(length)
-            if question is not None:
-                step(f"question {number} of {len(lengths)} (prefill graphs)")
-                self.answer(WARM_UP_STREAM, question, max_new_tokens=max_new_tokens)
-                asked += 1
+        questions = [question for length in lengths if (question := self._question_of_length(length)) is not None]
+        for number, question in enumerate(questions, start=1):
+            step(f"question {number} of {len(questions)} (prefill graphs)")
+            self.answer(WARM_UP_STREAM, question, max_new_tokens=max_new_tokens)
+            asked += 1
         for count in range(2, decode_batch + 1):
             step(f"{count} answers decoded together (decode graphs, 2 to {decode_batch})")
             try:
