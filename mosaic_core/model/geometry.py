@@ -2,7 +2,7 @@
 
 ``choose_geometry`` picks a frame size near a target of LLM tokens per frame for a source's aspect ratio;
 ``largest_frame_tokens`` bounds what it gives any source (the KV arena's page length), and ``downscaled_size``
-shrinks a source ahead of decoding without changing its geometry. The pixels themselves are ``pixels``'s.
+shrinks a source ahead of decoding without changing its geometry. The resizing and patching are ``pixels``'s.
 """
 
 from __future__ import annotations
