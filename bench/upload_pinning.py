@@ -3,8 +3,8 @@ with torch pinning as the engine has it pin (``--pin-by register``: pages faulte
 with torch's default (``alloc``: ``cudaHostAlloc``). One setting per process, since it is process-wide; run it once
 for each, alternating, to see the run-to-run spread.
 
-    MODE=alloc python -m bench.upload_pinning
-    MODE=register python -m bench.upload_pinning
+    python -m bench.upload_pinning --pin-by alloc
+    python -m bench.upload_pinning --pin-by register
 
 For each size (512 B, 32 KiB, 512 KiB of int64): 200 uploads to warm the caching host allocator, then 3,000 timed,
 reported per call on the host alone and with the copies done. The uploads reuse the allocator's cached blocks once
@@ -13,7 +13,7 @@ it is warm, so this measures the steady state, not the first pinning of a size.
 
 from __future__ import annotations
 
-import os
+import argparse
 import time
 
 import numpy as np
@@ -28,7 +28,9 @@ TIMED_CALLS = 3000
 
 
 def main() -> None:
-    mode = os.environ["MODE"]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pin-by", choices=("alloc", "register"), required=True, help="how torch pins host memory")
+    mode = parser.parse_args().pin_by
     if mode == "register":
         fault_pages_before_pinning()
     device = torch.device("cuda")

@@ -108,10 +108,10 @@ class PagePools:
     def host_pool_bytes(self) -> int:
         """Host memory the pool holds (pinned under CUDA): its chunks, and the chunk made ahead once it is made,
         though no take has adopted it yet."""
-        chunks = [*self.host_chunks]
+        pages = self.host_pages.num_pages  # the adopted chunks' pages
         if self._ahead is not None and self._ahead.done() and self._ahead.exception() is None:
-            chunks.append(self._ahead.result())
-        return sum(chunk.numel() * chunk.element_size() for chunk in chunks)
+            pages += self._ahead.result().shape[0]
+        return pages * self.page_bytes
 
     # -- pages ----------------------------------------------------------------------------------------------
     def take(self, tier: Tier, num_pages: int) -> list[int] | None:
