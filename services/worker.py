@@ -32,6 +32,7 @@ from services.config import ServiceConfig
 from services.engine_loop import service_loop
 from services.gone_workers import delete_history_of_gone_worker
 from services.ingest_queue import IngestQueues
+from services.load_watch import rss_bytes
 from services.metadata.base import MetadataStore, StreamRecord
 from services.preflight import unserved_history_problem
 from services.publisher import MetadataPublisher, WorkerView
@@ -196,7 +197,7 @@ class WorkerCore:
             len(self.sessions),
             free,
             self.restored_streams,
-            _rss_bytes(),
+            rss_bytes(),
             os.getpid(),
         )
 
@@ -381,12 +382,3 @@ class WorkerCore:
     def _retention_s(self, stream_id: str) -> float:
         session = self.sessions.get(stream_id)
         return 0.0 if session is None else session.record.retention_s
-
-
-def _rss_bytes() -> int:
-    """Resident memory of this process (Linux ``/proc``; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0

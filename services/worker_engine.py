@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from mosaic_core.config import budget_workspace_bytes
 from services.config import ServiceConfig
+from services.load_watch import LoadWatch, checkpoint_bytes
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ def worker_subdir(worker_id: str | int) -> str:
 def build_engine(worker_id: str, config: ServiceConfig, on_stage: Callable[[str], None] | None = None):
     """Worker ``worker_id``'s engine: its model loaded, and on CUDA its graphs and kernels warmed up.
     ``on_stage`` hears each stage as it begins (``building its engine: loading the model tiny``, then each
-    warm-up step), for the worker's start state."""
+    warm-up step), and the load's memory taken so far as it moves (``LoadWatch``), for the worker's start state."""
     import torch
 
     from mosaic_core.engine.engine import Engine
@@ -30,15 +31,21 @@ def build_engine(worker_id: str, config: ServiceConfig, on_stage: Callable[[str]
     dtype = torch.bfloat16 if device == "cuda" else None
     engine_config = config.engine_config(worker_subdir=worker_subdir(worker_id))
     tell = on_stage or _unheard
-    tell(f"building its engine: loading the model {config.model}")
-    engine = Engine.from_model(
-        config.model,
-        engine_config,
-        device=device,
-        dtype=dtype,
-        device_budget_share=config.device_budget_share,
-        vision_attention=config.vision_attention,
+    load = LoadWatch(
+        f"building its engine: loading the model {config.model}",
+        tell,
+        checkpoint_bytes=checkpoint_bytes(config.model),
+        device_bytes=torch.cuda.memory_allocated if device == "cuda" else None,
     )
+    with load:
+        engine = Engine.from_model(
+            config.model,
+            engine_config,
+            device=device,
+            dtype=dtype,
+            device_budget_share=config.device_budget_share,
+            vision_attention=config.vision_attention,
+        )
     if engine.config.device_budget_bytes != engine_config.device_budget_bytes:
         log.info(
             "device budget %.1f GiB: %.0f%% of the GPU memory free once the model was loaded, less %.1f GiB",
