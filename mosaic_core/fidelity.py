@@ -121,8 +121,9 @@ def _mode_run(
     step: Callable[[str], None],
 ) -> _ModeRun:
     """One mode's run at one budget, on an engine of its own that is closed and dropped on return, before the caller
-    builds the next: its device pool and pinned host chunk go then, not while the next engine makes its own (a
-    ``close`` stops its threads but frees no memory, and a local of ``run_fidelity`` would hold it until rebound)."""
+    builds the next: its device pool and pinned host chunk go back to torch's caching allocators then, for the next
+    engine to reuse, rather than being held while it makes its own (a ``close`` stops the engine's threads but frees
+    no memory, and a local of ``run_fidelity`` would hold the engine until rebound)."""
     engine = Engine(model, config)
     try:
         return _ask_and_probe(engine, frames, config, questions, batch_frames, where=where, step=step)
