@@ -56,13 +56,14 @@ class FidelityRow:
 
 @dataclass(slots=True)
 class _ModeRun:
-    """One mode's engine at one budget: its stream, the questions' answers, each question's recall by scorer, and the
-    planted probes."""
+    """One mode's engine at one budget: its stream, the questions' answers, each question's recall by scorer, the
+    planted probes, and the stream's clusters at the end (the engine is gone by the time its row is made)."""
 
     stream_id: str
     answers: list
     sweeps: list
     probes: list[ProbeRequest]
+    num_clusters: int
 
     @property
     def last_hidden(self) -> list[torch.Tensor]:
@@ -102,15 +103,32 @@ def run_fidelity(
         for mode in RetrievalMode:
             where = f"budget {budget} tokens, mode {mode.value}"
             config = dataclasses.replace(base, mode=mode, retrieval_budget_tokens=budget)
-            engine = Engine(model, config)
-            try:  # closed here, not when collected: each engine's pinned host chunk goes before the next pins one
-                run = _ask_and_probe(engine, frames, base, questions, batch_frames, where=where, step=step)
-                if mode is RetrievalMode.FULL:
-                    reference = run.last_hidden
-                rows.append(_fidelity_row(model, engine, run, budget=budget, mode=mode, reference=reference))
-            finally:
-                engine.close()
+            run = _mode_run(model, config, frames, questions, batch_frames, where=where, step=step)
+            if mode is RetrievalMode.FULL:
+                reference = run.last_hidden
+            rows.append(_fidelity_row(model, run, budget=budget, mode=mode, reference=reference))
     return rows
+
+
+def _mode_run(
+    model: Qwen25VLAdapter,
+    config: EngineConfig,
+    frames: Sequence[FrameInput],
+    questions: Sequence[str],
+    batch_frames: int,
+    *,
+    where: str,
+    step: Callable[[str], None],
+) -> _ModeRun:
+    """One mode's run at one budget, on an engine of its own that is closed and dropped on return, before the caller
+    builds the next: its device pool and pinned host chunk go back to torch's caching allocators then, for the next
+    engine to reuse, rather than being held while it makes its own (a ``close`` stops the engine's threads but frees
+    no memory, and a local of ``run_fidelity`` would hold the engine until rebound)."""
+    engine = Engine(model, config)
+    try:
+        return _ask_and_probe(engine, frames, config, questions, batch_frames, where=where, step=step)
+    finally:
+        engine.close()
 
 
 def _ask_and_probe(
@@ -143,11 +161,11 @@ def _ask_and_probe(
             engine.answer(stream_id, "Planted probe.", max_new_tokens=1)
         probes.append(request)
         step(f"{where}: planted probes")
-    return _ModeRun(stream_id, answers, sweeps, probes)
+    return _ModeRun(stream_id, answers, sweeps, probes, num_clusters=len(engine.clusters(stream_id)))
 
 
 def _fidelity_row(
-    model: Qwen25VLAdapter, engine: Engine, run: _ModeRun, *, budget: int, mode: RetrievalMode, reference: list
+    model: Qwen25VLAdapter, run: _ModeRun, *, budget: int, mode: RetrievalMode, reference: list
 ) -> FidelityRow:
     """The row of one mode at one budget, its answers' last hidden states compared with ``reference`` (full's)."""
     answers, probes, hidden = run.answers, run.probes, run.last_hidden
@@ -162,7 +180,7 @@ def _fidelity_row(
         hidden_rel_error=_mean(errors),
         bytes_per_question=_mean([a.retrieval.bytes_fetched for a in answers]),
         copies_per_question=_mean([a.retrieval.num_copies for a in answers]),
-        clusters=len(engine.clusters(run.stream_id)),
+        clusters=run.num_clusters,
         kl_vs_full=_mean([next_token_kl(model, r, h) for h, r in zip(hidden, reference, strict=True)]),
         recall_by_scorer=_mean_by_key(run.sweeps),
         probe_found_by_scorer=_mean_by_key([p.span_found for p in probes]),

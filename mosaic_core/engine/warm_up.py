@@ -130,13 +130,12 @@ class WarmUpMixin:
     ):
         """``warm_up``'s questions on its scratch stream: one of each prefill-graph length, then each count of answers
         decoding together; returns how many questions, and the counts."""
-        asked, batches = 0, []
+        batches = []
         lengths = range(QUESTION_STEP, max_question_tokens + 1, QUESTION_STEP)
         questions = [question for length in lengths if (question := self._question_of_length(length)) is not None]
         for number, question in enumerate(questions, start=1):
             step(f"question {number} of {len(questions)} (prefill graphs)")
             self.answer(WARM_UP_STREAM, question, max_new_tokens=max_new_tokens)
-            asked += 1
         for count in range(2, decode_batch + 1):
             step(f"{count} answers decoded together (decode graphs, 2 to {decode_batch})")
             try:
@@ -145,7 +144,7 @@ class WarmUpMixin:
                 log.info("warm-up: no device room for %d answers at once; no larger batch warmed up: %s", count, err)
                 break
             batches.append(count)
-        return asked, tuple(batches)
+        return len(questions), tuple(batches)
 
     def _answer_together(self, stream_id: str, question: str, count: int) -> None:
         """``count`` answers of two tokens each, asked at once and read in turn, as the service's engine loop reads

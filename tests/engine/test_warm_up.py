@@ -242,3 +242,16 @@ def test_warm_up_tells_each_step_as_it_begins_in_order(tiny_model):
     ]
     assert history and len(set(steps)) == len(steps)  # each step a new state: the router's silence timer restarts
     engine.close()
+
+
+def test_the_question_count_it_tells_leaves_out_a_length_no_question_lands_on(tiny_model, monkeypatch):
+    """A real chat template makes the shortest question longer than the first prefill length: that length has no
+    question, and the steps count only the questions asked, so the last one told is 'question N of N'."""
+    engine = make_engine(tiny_model)
+    of_length = engine._question_of_length
+    monkeypatch.setattr(engine, "_question_of_length", lambda padded: None if padded == 16 else of_length(padded))
+    steps: list[str] = []
+    warm = engine.warm_up(max_new_tokens=2, max_question_tokens=48, decode_batch=1, ingest=False, on_step=steps.append)
+    assert warm.questions == 2
+    assert steps == ["question 1 of 2 (prefill graphs)", "question 2 of 2 (prefill graphs)"]
+    engine.close()

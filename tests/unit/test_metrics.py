@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.metrics import MosaicMetrics
 from services.stream_metrics import STREAM_OTHER
 
-# name -> (type, labels), copied from SERVICE_SPEC.md.
+# Every family the service exports -> (type, labels); a new one is added here on purpose.
 SPEC = {
     "mosaic_frames_received_total": ("counter", {"stream"}),
     "mosaic_frames_ingested_total": ("counter", {"stream"}),
@@ -434,3 +434,21 @@ def test_every_mode_the_service_accepts_is_observed() -> None:
     for mode in get_args(ServiceConfig.model_fields["mode"].annotation):
         metrics.observe_ttft(mode, 0.1)
         assert metrics.registry.get_sample_value("mosaic_time_to_first_token_seconds_count", {"mode": mode}) == 1
+
+
+def test_a_drain_without_engine_stats_leaves_the_host_pool_gauge_as_it_was() -> None:
+    """A worker's loop has no engine stats until its first refresh: a drain then knows nothing of the pool, which
+    holds its first chunk from the start, and must not say it holds nothing (the tier gauges are left as they are
+    too)."""
+    from mosaic_core.engine.results import EngineStats
+    from services.telemetry import WorkerTelemetry, apply_delta
+
+    tiers = {"device": 0, "host": 0, "disk": 0}
+    stats = EngineStats(
+        mode="cluster", num_streams=0, used_bytes_by_tier=tiers, capacity_bytes_by_tier=tiers, clusters_by_tier=tiers,
+        transfer_bytes_by_direction={}, transfer_copies_by_direction={}, device_hit_ratio=0.0, host_pool_bytes=1 << 28,
+    )  # fmt: skip
+    m, telemetry = MosaicMetrics(), WorkerTelemetry("0")
+    apply_delta(m, telemetry.drain(queue_depths={}, lags_s={}, engine_stats=stats), open_streams=set())
+    apply_delta(m, telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None), open_streams=set())
+    assert sample(m, "mosaic_host_pool_bytes", worker="0") == 1 << 28
