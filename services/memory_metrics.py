@@ -92,7 +92,8 @@ class MemoryMetrics:
         )
         self.host_pool_bytes = Gauge(
             "mosaic_host_pool_bytes",
-            "Host memory a worker's host page pool holds (pinned on a GPU worker), the chunk pinned ahead included.",
+            "Host memory a worker's host page pool holds (pinned on a GPU worker), the chunk pinned ahead included: "
+            "the bytes its chunks asked for, which torch's pinned allocator rounds up to a power of two.",
             ["worker"],
             registry=r,
         )

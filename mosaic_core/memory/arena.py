@@ -109,8 +109,9 @@ class PagePools:
         """Host memory the pool holds (pinned under CUDA): its chunks, and the chunk made ahead once it is made,
         though no take has adopted it yet."""
         pages = self.host_pages.num_pages  # the adopted chunks' pages
-        if self._ahead is not None and self._ahead.done() and self._ahead.exception() is None:
-            pages += self._ahead.result().shape[0]
+        ahead = self._ahead  # read once: a take on the engine thread may adopt it meanwhile
+        if ahead is not None and ahead.done() and ahead.exception() is None:
+            pages += ahead.result().shape[0]
         return pages * self.page_bytes
 
     # -- pages ----------------------------------------------------------------------------------------------
