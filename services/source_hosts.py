@@ -81,6 +81,17 @@ def ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
+def numeric_address(host: str) -> str | None:
+    """The address the system's resolver reads ``host`` as with no lookup (``getaddrinfo``'s ``AI_NUMERICHOST``),
+    or None for a name. Besides the dotted quad it takes inet_aton's forms (``127.1``, ``2130706433``,
+    ``0x7f.0.0.1``), which FFmpeg connects to as the address they stand for, so they are addresses as written."""
+    try:
+        answers = socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError, ValueError):
+        return None
+    return str(answers[0][4][0]) if answers else None
+
+
 def blocked(address: str, networks: tuple[Network, ...]) -> bool:
     """Whether ``address`` (an IP address, as ``ip_of`` reads it) is in one of ``networks``."""
     ip = ip_of(address)
@@ -129,7 +140,7 @@ def literal_refusal(url: str, networks: tuple[Network, ...]) -> str | None:
     host = "" if named is None else named[0].rstrip(".").lower()
     if host in ("", "localhost") or host.endswith(".localhost"):
         host = "127.0.0.1"
-    if blocked(host, networks):
+    if blocked(host, networks) or blocked(numeric_address(host) or "", networks):
         shown = "(none)" if named is None else repr(named[0])
         return f"source host {shown} is in a network this server does not open (source_blocked_networks)"
     return None

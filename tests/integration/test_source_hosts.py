@@ -41,6 +41,25 @@ def test_a_host_in_a_blocked_network_is_refused_as_written(url):
     assert "pw" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://2130706433/a.mp4",  # 127.0.0.1 as one decimal number
+        "rtsp://127.1/live",  # shorthand: the last part fills the rest
+        "http://0x7f.0.0.1/a.mp4",  # hexadecimal
+        "http://017700000001/a.mp4",  # octal
+        "http://0/a.mp4",  # 0.0.0.0
+        "http://2852039166/latest/meta-data/",  # 169.254.169.254
+        "http://169.254.43518/latest/meta-data/",
+    ],
+)
+def test_a_blocked_address_written_in_a_shorthand_or_another_base_is_refused_as_written(url):
+    """FFmpeg's resolver reads these as the addresses they stand for, without any lookup, and connects there: they
+    are addresses as written, and CreateStream refuses them as it refuses the dotted form."""
+    with pytest.raises(InvalidArgumentError, match="source_blocked_networks"):
+        check_source_url(url)
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:80x/secret", "rtsp://169.254.169.254:80abc/", "http://cam:+80/"])
 def test_a_port_that_is_no_number_is_refused_before_and_at_the_connect(url):
     """FFmpeg reads a port's leading digits (``80x`` is 80) where Python reads no port: such a URL must not pass
