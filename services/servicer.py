@@ -39,7 +39,7 @@ from services.gen.mosaic.v1 import mosaic_pb2_grpc
 from services.metrics import MosaicMetrics
 from services.scheduler import QueryQueue
 from services.source_policy import SourcePolicy
-from services.watches_convert import event_to_proto, record_from_request, watch_to_proto
+from services.watches_convert import check_listing_room, event_to_proto, record_from_request, watch_to_proto
 from services.worker_results import FrameRejection, PushResult
 
 log = logging.getLogger(__name__)
@@ -337,7 +337,9 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         try:
             threshold, cooldown_s = self.watch_defaults
             record = record_from_request(request, default_threshold=threshold, default_cooldown_s=cooldown_s)
-            return watch_to_proto(*await self._registry().create(record))
+            registry = self._registry()
+            check_listing_room(registry.records(), record, self.max_reply_bytes)
+            return watch_to_proto(*await registry.create(record))
         except Exception as err:
             await abort(context, err, self.metrics)
 

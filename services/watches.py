@@ -190,6 +190,10 @@ class WatchRegistry(WatchSubscribersMixin):
         await self._push_to_workers("created", record.watch_id)
         return record, WatchState()
 
+    def records(self) -> list[WatchRecord]:
+        """The watches this router holds now (those created through another router come with the next reload)."""
+        return list(self._records.values())
+
     async def list(self) -> list[tuple[WatchRecord, WatchState]]:
         records = await asyncio.to_thread(self.store.list_watches)
         states = await asyncio.gather(*(asyncio.to_thread(self.store.state, r.watch_id) for r in records))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from mosaic_core.errors import InvalidArgumentError
+from mosaic_core.config import MIB
+from mosaic_core.errors import CapacityError, InvalidArgumentError
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.labels import check_labels
 from services.metadata.watches import WatchState
@@ -17,6 +18,34 @@ from services.watches_webhook import redact
 # CreateWatch as a stream's source_url is. A signing secret is a key of a few dozen bytes.
 MAX_WEBHOOK_URL_CHARS = 2048
 MAX_WEBHOOK_SECRET_CHARS = 256
+
+
+# A watch's state as ListWatches sends it at its widest (both counters set), for its entry's size in the reply
+_WIDEST_STATE = WatchState(num_events=2**63 - 1, last_event_unix_s=1.0)
+
+
+def listed_bytes(record: WatchRecord) -> int:
+    """The bytes ``record`` takes in a ListWatches reply (its counters at their widest)."""
+    return pb.ListWatchesResponse(watches=[watch_to_proto(record, _WIDEST_STATE)]).ByteSize()
+
+
+def check_listing_room(records: list[WatchRecord], record: WatchRecord, max_bytes: int | None) -> None:
+    """Refuses a new watch that would take ListWatches' one reply past ``max_bytes`` (the server's message limit):
+    gRPC would fail every ListWatches then, with no sentence, until watches were deleted. Each watch's labels,
+    question and stream ids are bounded, but not those of ``max_watches`` watches together.
+
+    Raises:
+        CapacityError: the reply would not fit, with its size.
+    """
+    if max_bytes is None:
+        return
+    size = listed_bytes(record) + sum(listed_bytes(r) for r in records if r.watch_id != record.watch_id)
+    if size > max_bytes:
+        raise CapacityError(
+            f"watch {record.watch_id!r} would take the ListWatches reply to {size / MIB:.2f} MiB, past the server's "
+            f"message limit of {max_bytes / MIB:.2f} MiB (max_message_bytes); delete watches, or give this one fewer "
+            "or shorter labels and stream ids"
+        )
 
 
 def record_from_request(request: pb.CreateWatchRequest, *, default_threshold: float, default_cooldown_s: float):
