@@ -69,7 +69,10 @@ def ray_init_options(config: ServiceConfig, **overrides) -> dict:
 
 
 def _is_loopback(host: str) -> bool:
+    """Whether gRPC binds ``host`` to loopback only: a loopback address (an IPv4-mapped one included) or the name
+    ``localhost`` in any case, as the resolver reads it."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return host == "localhost"
+        return host.lower() == "localhost"
+    return (ip.ipv4_mapped or ip).is_loopback if ip.version == 6 else ip.is_loopback

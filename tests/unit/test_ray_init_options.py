@@ -28,3 +28,22 @@ def test_the_default_is_the_machines_core_count():
     from services.ray_setup import ray_init_options
 
     assert ray_init_options(ServiceConfig())["num_cpus"] == os.cpu_count()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "LOCALHOST", "::ffff:127.0.0.1"])
+def test_a_loopback_host_in_any_spelling_keeps_ray_on_loopback(host):
+    """gRPC binds ``--host LOCALHOST`` to loopback (a name is read in any case) and ``::ffff:127.0.0.1`` to the
+    IPv4-mapped loopback: Ray must then stay on loopback too, or its ports listen on every interface while the
+    service's own listen on loopback only (docs/security.md)."""
+    from services.config import ServiceConfig
+    from services.ray_setup import LOOPBACK, ray_init_options
+
+    assert ray_init_options(ServiceConfig(host=host)).get("_node_ip_address") == LOOPBACK
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "localhost.example.com"])
+def test_a_host_that_is_not_loopback_leaves_ray_its_address(host):
+    from services.config import ServiceConfig
+    from services.ray_setup import ray_init_options
+
+    assert "_node_ip_address" not in ray_init_options(ServiceConfig(host=host))
