@@ -29,6 +29,7 @@ from services.gen.mosaic.v1 import mosaic_pb2_grpc
 
 API_KEY_HEADER = "x-api-key"
 RETRY_AFTER_KEY = "retry-after-ms"
+LIST_PAGE_SIZE = 200  # streams per ListStreams reply: 200 with the largest labels allowed fit the default 16 MiB
 SERVICE_NAME = "mosaic.v1.Mosaic"
 
 
@@ -135,9 +136,16 @@ class MosaicClient:
         request = pb.GetStreamRequest(stream_id=stream_id)
         return self.stub.GetStream(request, timeout=self.timeout_s, metadata=self.metadata)
 
-    def list_streams(self) -> list[pb.Stream]:
-        response = self.stub.ListStreams(pb.ListStreamsRequest(), timeout=self.timeout_s, metadata=self.metadata)
-        return list(response.streams)
+    def list_streams(self, page_size: int = LIST_PAGE_SIZE) -> list[pb.Stream]:
+        """Every stream, in stream-id order, asked for ``page_size`` at a time."""
+        streams, token = [], ""
+        while True:
+            request = pb.ListStreamsRequest(page_size=page_size, page_token=token)
+            response = self.stub.ListStreams(request, timeout=self.timeout_s, metadata=self.metadata)
+            streams += response.streams
+            token = response.next_page_token
+            if not token:
+                return streams
 
     # -- ingest -------------------------------------------------------------------------------------
     def push_frames(

@@ -9,8 +9,8 @@ import time
 from mosaic_core.config import MIB
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.engine.results import Answer, EvidenceSpan
-from mosaic_core.engine.stream import check_stream_id
-from mosaic_core.errors import CapacityError, InvalidArgumentError
+from mosaic_core.engine.stream import STREAM_ID_PATTERN, check_stream_id
+from mosaic_core.errors import CapacityError, InvalidArgumentError, shown
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.labels import check_labels
 from services.metadata.base import StreamRecord
@@ -18,6 +18,7 @@ from services.url_text import without_credentials
 from services.worker_results import PushResult, StreamInfo
 
 DEFAULT_FPS = 1.0
+PAGE_TOKEN_ROOM_BYTES = 130  # a next_page_token in a reply: a stream id of up to 128 bytes, its tag and its length
 DEFAULT_MAX_FPS = 60.0  # a camera sampled faster than this is a mistake or an attack on the worker
 # One frame a day: a source reader waits 1/fps between frames, and far slower rates overflow its timer.
 MIN_FPS = 1 / 86400
@@ -56,6 +57,40 @@ def record_from_request(request: pb.CreateStreamRequest, *, max_fps: float = DEF
         retention_s=request.retention_s,
         created_s=time.time(),
         labels=dict(request.labels),
+    )
+
+
+def streams_page(
+    infos: list[StreamInfo], *, page_size: int, page_token: str, max_bytes: int | None = None
+) -> pb.ListStreamsResponse:
+    """ListStreams' reply: the streams after ``page_token`` (the last stream id of the page before) in stream-id
+    order, at most ``page_size`` of them (every one with 0), and the token of the page after while more follow.
+
+    Raises:
+        InvalidArgumentError: a negative ``page_size``, or a ``page_token`` that is no stream id.
+        CapacityError: with ``max_bytes`` (the server's message limit), the reply would be larger; the sentence says
+            what page size fits, instead of gRPC's own refusal to send it.
+    """
+    if page_size < 0:
+        raise InvalidArgumentError(f"page_size {page_size} is negative: use 0 for every stream, or a count")
+    if page_token and not STREAM_ID_PATTERN.fullmatch(page_token):
+        raise InvalidArgumentError(
+            f"page_token {shown(page_token)} is not one this server gives: pass the next_page_token of the page before"
+        )
+    after = sorted((info for info in infos if info.record.stream_id > page_token), key=lambda i: i.record.stream_id)
+    listed = after if page_size == 0 else after[:page_size]
+    reply = pb.ListStreamsResponse(streams=[stream_to_proto(info) for info in listed])
+    if len(listed) < len(after):
+        reply.next_page_token = listed[-1].record.stream_id
+    if max_bytes is None or reply.ByteSize() <= max_bytes:
+        return reply
+    # A repeated field's bytes are the sum of its entries', so the reply of the first k streams is a running sum.
+    sizes = itertools.accumulate(pb.ListStreamsResponse(streams=[s]).ByteSize() for s in reply.streams)
+    fit = sum(1 for size in sizes if size <= max_bytes - PAGE_TOKEN_ROOM_BYTES)
+    what = f"list them with a page_size of at most {fit}" if fit else "even one stream is larger than that"
+    raise CapacityError(
+        f"the {len(listed)} streams asked for come to {reply.ByteSize() / MIB:.2f} MiB, more than the server's "
+        f"message limit of {max_bytes / MIB:.2f} MiB (max_message_bytes); {what}"
     )
 
 

@@ -70,8 +70,8 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             leaves the check to the workers.
         decode_max_pixels: pushed frames with more pixels are scaled down to this many as they are decoded
             (``ServiceConfig.decode_oversample``); None keeps their size.
-        max_reply_bytes: the server's message limit (``max_message_bytes``): GetKeyframes refuses a reply larger
-            than that with a sentence (None: no check).
+        max_reply_bytes: the server's message limit (``max_message_bytes``): GetKeyframes, ListStreams and CreateWatch
+            refuse a reply (or a watch list) larger than that with a sentence (None: no check).
         decode_threads: threads that decode pushed JPEG/PNG frames and scale frames down (``close`` lets them go),
             apart from the event loop's default executor (``ServiceConfig.decode_threads``).
     """
@@ -142,7 +142,9 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
     async def ListStreams(self, request, context):
         try:
             infos = await self.coordinator.list_streams()
-            return pb.ListStreamsResponse(streams=[convert.stream_to_proto(i) for i in infos])
+            return convert.streams_page(
+                infos, page_size=request.page_size, page_token=request.page_token, max_bytes=self.max_reply_bytes
+            )
         except Exception as err:
             await abort(context, err, self.metrics)
 

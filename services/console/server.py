@@ -33,6 +33,7 @@ import grpc
 from aiohttp import web
 
 from mosaic_core.errors import ConfigError
+from services.client import LIST_PAGE_SIZE
 from services.config import ServiceConfig
 from services.console import convert
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
@@ -147,8 +148,14 @@ class ConsoleServer:
         return web.Response(body=body, headers={"Content-Type": kind})
 
     async def _streams(self, request: web.Request) -> web.Response:
-        reply = await self._stub.ListStreams(pb.ListStreamsRequest(), **self._call_options(request))
-        return web.json_response({"streams": [convert.stream_json(s) for s in reply.streams]})
+        streams, token = [], ""
+        while True:  # page by page, as a reply of every stream may pass the server's message limit
+            page = pb.ListStreamsRequest(page_size=LIST_PAGE_SIZE, page_token=token)
+            reply = await self._stub.ListStreams(page, **self._call_options(request))
+            streams += [convert.stream_json(s) for s in reply.streams]
+            token = reply.next_page_token
+            if not token:
+                return web.json_response({"streams": streams})
 
     async def _keyframes(self, request: web.Request) -> web.Response:
         query = request.query

@@ -89,6 +89,7 @@ CASES = [
     ("create-slash-id", lambda c: c.create_stream("a/b"), "INVALID_ARGUMENT", "letters, digits", "'/'"),
     ("delete-bad-id", lambda c: c.delete_stream("a b"), "INVALID_ARGUMENT", "letters, digits", "'/'"),
     ("query-bad-id", lambda c: c.ask("what?", ["a/b"]), "INVALID_ARGUMENT", "letters, digits", "'/'"),
+    ("list-page-size-negative", lambda c: c.list_streams(page_size=-1), "INVALID_ARGUMENT", "page_size -1", ""),
 ]  # fmt: skip
 
 
@@ -155,8 +156,10 @@ def test_creates_sent_at_once_make_every_id_and_each_only_once(client, stream):
     try:
         assert outcomes[1:5] == ["OK"] * 4
         assert sorted([outcomes[0], *outcomes[5:]]) == ["ALREADY_EXISTS", "ALREADY_EXISTS", "OK"]
-        listed = [s.stream_id for s in client.list_streams() if s.stream_id.startswith("h-par-")]
+        listed = [s.stream_id for s in client.list_streams(page_size=0) if s.stream_id.startswith("h-par-")]
         assert sorted(listed) == ids
+        every = [s.stream_id for s in client.list_streams(page_size=0)]
+        assert [s.stream_id for s in client.list_streams(page_size=2)] == sorted(every)  # page by page, in id order
     finally:
         for stream_id in ids:
             client.delete_stream(stream_id)
