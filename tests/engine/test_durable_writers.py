@@ -284,6 +284,39 @@ def test_writes_that_fail_past_every_retry_pause_land_once_the_disk_has_room(tmp
     assert _restored(tmp_path) == {"cam": ["cam/c000001", "cam/c000002", "cam/c000003"]}
 
 
+def test_deleting_a_stream_frees_a_full_disk_that_another_streams_write_waits_on(tmp_path, monkeypatch):
+    """The disk is full, and one camera's record write fails and is retried; the operator deletes another camera to
+    free room. Its folder's bytes must leave the disk while the failing commit waits, not behind it in the queue
+    (a rename into the trash frees nothing), or the room never comes and every later commit waits for good."""
+    monkeypatch.setattr(write_behind_module, "RETRY_S", (0.01,))
+    real_write_atomic = write_behind_module.write_atomic
+    trash = tmp_path / ".trash"
+
+    def full_while_the_old_history_is_on_disk(path, data):
+        old_history = (tmp_path / "old").exists() or (trash.exists() and any(trash.iterdir()))
+        if old_history and path.suffix == RECORD_SUFFIX:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_atomic(path, data)
+
+    store = DurableStore(tmp_path, writers=1)
+    try:
+        store.create_stream("old", {"fps": 1.0})
+        store.submit("old", add=[_seal("old", 1)])
+        assert store.flush(WAIT_S)
+        monkeypatch.setattr(write_behind_module, "write_atomic", full_while_the_old_history_is_on_disk)
+        store.create_stream("cam", {"fps": 1.0})
+        store.submit("cam", add=[_seal("cam", 1)])
+        deadline = time.monotonic() + WAIT_S
+        while store.snapshot_stats().write_errors == 0:
+            assert time.monotonic() < deadline, "the write did not fail"
+            time.sleep(0.01)
+        store.delete_stream("old")
+        assert store.flush(WAIT_S), "the deleted stream's folder stayed on the full disk behind the failing commit"
+    finally:
+        store.close(WAIT_S)
+    assert _restored(tmp_path) == {"cam": ["cam/c000001"]}
+
+
 def test_a_deleted_streams_commit_never_lands_in_a_new_stream_of_its_name(tmp_path, monkeypatch):
     """A record write fails and waits out its retry pause; meanwhile the camera is deleted and added again under its
     id. The old commit belongs to neither: the new stream's journal and folder get nothing of it."""
