@@ -30,6 +30,7 @@ them, unless the stream's journal was ever damaged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -296,12 +297,19 @@ def write_atomic(path: Path, data: bytes | Sequence[bytes | memoryview]) -> None
     """Temporary file, fsync, rename, fsync of the directory: a reader sees the old file or the new one. ``data``
     may be chunks, written in order."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        for chunk in [data] if isinstance(data, bytes) else data:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Kept, a partial file would hold the room it took on a full disk until its own retry: a write at the
+        # head of the queue, retried, would never get the room freed for it.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

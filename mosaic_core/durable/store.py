@@ -125,6 +125,7 @@ class DurableStore(StreamLoadingMixin, WriteBehindMixin):
         self._states: dict[str, dict] = {}
         self._dirty: set[str] = set()
         self._writing_states = False  # states taken off ``_dirty`` and not on disk yet
+        self._emptying = 0  # callers of ``empty_trash`` removing folders they took off the queue
         self._state_failures = 0  # state writes that failed since the last that did not, for the log's pace
         self._stop = False
         self._files = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="durable-file")
@@ -322,7 +323,7 @@ class DurableStore(StreamLoadingMixin, WriteBehindMixin):
             return not self._unwritten()
 
     def _unwritten(self) -> bool:
-        return bool(self._queue or self._busy or self._dirty or self._writing_states)
+        return bool(self._queue or self._busy or self._dirty or self._writing_states or self._emptying)
 
     def close(self, timeout_s: float = 60.0) -> None:
         self.flush(timeout_s)

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import time
+from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import asdict, dataclass, field
@@ -117,6 +118,7 @@ class WriteBehindMixin:
                 if self._stop:
                     log.error("the store is closing: %s stays unwritten after %d attempts", op, attempt + 1)
                     break
+                self.empty_trash()  # a full disk gets its room from a delete queued behind this op
                 time.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
                 attempt += 1
         with self._cv:
@@ -124,6 +126,25 @@ class WriteBehindMixin:
                 self._queue.popleft()
             self._busy = False
             self._cv.notify_all()
+
+    def empty_trash(self) -> None:
+        """Removes now, out of their turn in the queue, the folders of deleted streams that wait in the trash: a
+        rename into the trash frees no byte, and a commit that fails for want of room (retried at the queue's head)
+        must not hold back the removal that gives it that room. Safe from any thread: each folder is taken off the
+        queue, under the lock, by one caller."""
+        with self._cv:
+            folders = [op for op in self._queue if isinstance(op, Path)]
+            if not folders:
+                return
+            self._queue = deque(op for op in self._queue if not isinstance(op, Path))
+            self._emptying += 1  # ``flush`` waits for them as it would for the queue
+        try:
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)  # in the trash: nothing else touches it
+        finally:
+            with self._cv:
+                self._emptying -= 1
+                self._cv.notify_all()
 
     def _write_record(self, stream_dir: Path, seal: Seal) -> None:
         """One record file, on disk before this returns (on a pool thread)."""

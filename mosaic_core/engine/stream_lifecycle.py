@@ -225,6 +225,9 @@ class StreamLifecycleMixin:
         if forgets:
             self.history.close(stream_id)  # first: once this returns, a restart cannot bring the stream back
         if not retired:
+            # A move into the trash frees no byte, and the writer may empty it only after the commits ahead of it
+            # (one of which may wait for this very room): the history's bytes leave the full disk here, first.
+            self.history.store.empty_trash()
             try:
                 self.retired.retire(stream_id, ended_at)  # in the room the history left
             except OSError as err:

@@ -30,7 +30,7 @@ from mosaic_core.durable.manifest import (
     decode_line,
     replay,
 )
-from mosaic_core.durable.records import ClusterSummary
+from mosaic_core.durable.records import ClusterSummary, encode_pages
 from mosaic_core.durable.store import DurableStore
 from mosaic_core.durable.write_behind import Seal
 
@@ -282,6 +282,124 @@ def test_writes_that_fail_past_every_retry_pause_land_once_the_disk_has_room(tmp
     finally:
         store.close()
     assert _restored(tmp_path) == {"cam": ["cam/c000001", "cam/c000002", "cam/c000003"]}
+
+
+def test_deleting_a_stream_frees_a_full_disk_that_another_streams_write_waits_on(tmp_path, monkeypatch):
+    """The disk is full, and one camera's record write fails and is retried; the operator deletes another camera to
+    free room. Its folder's bytes must leave the disk while the failing commit waits, not behind it in the queue
+    (a rename into the trash frees nothing), or the room never comes and every later commit waits for good."""
+    monkeypatch.setattr(write_behind_module, "RETRY_S", (0.01,))
+    real_write_atomic = write_behind_module.write_atomic
+    trash = tmp_path / ".trash"
+
+    def full_while_the_old_history_is_on_disk(path, data):
+        old_history = (tmp_path / "old").exists() or (trash.exists() and any(trash.iterdir()))
+        if old_history and path.suffix == RECORD_SUFFIX:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_atomic(path, data)
+
+    store = DurableStore(tmp_path, writers=1)
+    try:
+        store.create_stream("old", {"fps": 1.0})
+        store.submit("old", add=[_seal("old", 1)])
+        assert store.flush(WAIT_S)
+        monkeypatch.setattr(write_behind_module, "write_atomic", full_while_the_old_history_is_on_disk)
+        store.create_stream("cam", {"fps": 1.0})
+        store.submit("cam", add=[_seal("cam", 1)])
+        deadline = time.monotonic() + WAIT_S
+        while store.snapshot_stats().write_errors == 0:
+            assert time.monotonic() < deadline, "the write did not fail"
+            time.sleep(0.01)
+        store.delete_stream("old")
+        assert store.flush(WAIT_S), "the deleted stream's folder stayed on the full disk behind the failing commit"
+    finally:
+        store.close(WAIT_S)
+    assert _restored(tmp_path) == {"cam": ["cam/c000001"]}
+
+
+class SmallDisk:
+    """A volume of ``capacity`` bytes holding every file under ``root``: a record's temporary file written past the
+    room left gets the bytes that fit, then ENOSPC, as a full disk does."""
+
+    def __init__(self, root: Path, *, room: int) -> None:
+        self.root = root
+        self.capacity = self.used() + room
+
+    def used(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def room(self) -> int:
+        return self.capacity - self.used()
+
+    def open_records_on_it(self, monkeypatch) -> None:
+        real_open, disk = Path.open, self
+
+        def open_on_disk(path, mode="r", *args, **kwargs):
+            f = real_open(path, mode, *args, **kwargs)
+            return _OnDisk(f, disk) if mode == "wb" and path.name.endswith(f"{RECORD_SUFFIX}.tmp") else f
+
+        monkeypatch.setattr(Path, "open", open_on_disk)
+
+
+class _OnDisk:
+    def __init__(self, f, disk: SmallDisk) -> None:
+        self._f, self._disk = f, disk
+
+    def write(self, chunk) -> int:
+        data = memoryview(chunk).cast("B")
+        room = max(self._disk.room(), 0)
+        self._f.write(data[:room])
+        self._f.flush()
+        if len(data) > room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return len(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def test_a_failed_record_write_leaves_no_partial_file_holding_the_room_another_needs(tmp_path, monkeypatch):
+    """Two record writes fail on a full disk; the first one's failed part-way and kept what it had written in its
+    temporary file. Once room is freed for one record, the commit at the head of the queue must find it: a failed
+    write that keeps its partial file holds that room for good, and neither cluster is ever written."""
+    monkeypatch.setattr(write_behind_module, "RETRY_S", (0.01,))
+    first, second = Gate(), _seal("cam", 2, tokens=256)
+    record_bytes = sum(memoryview(chunk).nbytes for chunk in encode_pages(second.pages, second.summary)[0])
+    store = DurableStore(tmp_path, writers=2)
+    try:
+        store.create_stream("cam", {"fps": 1.0})
+        ballast = tmp_path / "other-data"
+        ballast.write_bytes(b"x" * (record_bytes * 3 // 4))
+        disk = SmallDisk(tmp_path, room=record_bytes // 2)
+        disk.open_records_on_it(monkeypatch)
+        store.submit("cam", add=[_seal("cam", 1, first, tokens=256)])
+        store.submit("cam", add=[second])  # written while the first waits: half of it fits
+        deadline = time.monotonic() + WAIT_S
+        while not second.written.done():
+            assert time.monotonic() < deadline, "the second record's write did not end"
+            time.sleep(0.01)
+        assert second.written.exception() is not None, "the second record fit: the disk is not full"
+        first.open()
+        while store.snapshot_stats().write_errors == 0:  # the first fails too, and is retried
+            assert time.monotonic() < deadline, "the first record's write did not fail"
+            time.sleep(0.01)
+        ballast.unlink()  # room for one record, not two
+        while "cam/c000001" not in replay(tmp_path / "cam").clusters:
+            assert time.monotonic() < deadline, f"the first record never found the room freed ({disk.room()} left)"
+            time.sleep(0.01)
+        disk.capacity += 10 * record_bytes
+        assert store.flush(WAIT_S)
+    finally:
+        first.open()
+        store.close(WAIT_S)
+    assert _restored(tmp_path) == {"cam": ["cam/c000001", "cam/c000002"]}
+    assert sorted(p.name for p in (tmp_path / "cam").glob("*.tmp")) == []
 
 
 def test_a_deleted_streams_commit_never_lands_in_a_new_stream_of_its_name(tmp_path, monkeypatch):

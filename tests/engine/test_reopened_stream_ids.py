@@ -288,3 +288,44 @@ def test_a_stream_is_deleted_on_a_full_disk_and_its_numbers_kept_in_the_room_it_
         _assert_gone(again, "cam", old_clusters, old_keyframes)
     finally:
         again.close()
+
+
+def test_a_deleted_streams_numbers_are_kept_once_its_bytes_leave_a_full_disk(
+    tiny_model, bikes_frames, tmp_path, monkeypatch
+):
+    """The test above, with a disk that stays full until the deleted history's bytes are gone: its move into the trash
+    frees none, and the durable writer that empties the trash may be busy with another stream's commit (here, a
+    record write held at a gate). The delete must empty it before it writes the numbers in the room it left."""
+    from mosaic_core.durable import retired as retired_module
+    from mosaic_core.durable.loading import TRASH
+    from mosaic_core.durable.retired import StreamNumbers
+    from tests.engine.test_durable_writers import WAIT_S, Gate, _seal
+
+    engine = make_engine(tiny_model, data_dir=str(tmp_path))
+    engine.open_stream("cam", fps=4.0)
+    feed(engine, "cam", bikes_frames[:16])
+    state = engine.stream("cam")
+    ended_at = StreamNumbers(next_cluster_number=state.former.next_number, next_frame_index=state.next_frame_index)
+    engine.open_stream("other", fps=4.0)
+    store = engine.history.store
+    history_dir, trash = store.stream_dir("cam"), store.root / TRASH
+    held = Gate()
+    store.submit("other", add=[_seal("other", 900, held)])
+    assert held.reached.wait(WAIT_S)
+    real_write_atomic = retired_module.write_atomic
+
+    def full_while_the_history_is_on_disk(path, data):
+        if history_dir.exists() or (trash.exists() and any(trash.iterdir())):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_atomic(path, data)
+
+    monkeypatch.setattr(retired_module, "write_atomic", full_while_the_history_is_on_disk)
+    try:
+        engine.close_stream("cam")
+    finally:
+        held.open()
+    try:
+        assert not history_dir.exists() and "cam" not in engine.streams
+        assert engine.retired.start_of("cam") == ended_at, "the deleted stream's numbers were not kept"
+    finally:
+        engine.close()
