@@ -126,7 +126,9 @@ def clean_state(state: object, stream_id: str) -> dict:
 def move_aside(root: Path, path: Path, name: str) -> Path:
     """Moves ``path`` (a stream's folder, or one record) under ``root/.unreadable``, as ``name`` and 8 hex digits."""
     kept = root / UNREADABLE / f"{name}-{uuid.uuid4().hex[:8]}"
-    kept.parent.mkdir(exist_ok=True)
+    if not kept.parent.is_dir():  # on disk before what moves into it
+        kept.parent.mkdir(exist_ok=True)
+        fsync_dir(root)
     path.rename(kept)
     fsync_dir(path.parent)
     fsync_dir(kept.parent)

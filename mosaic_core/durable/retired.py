@@ -31,6 +31,7 @@ from mosaic_core.durable.manifest import (
     STATE_NAME,
     cluster_number,
     decode_line,
+    fsync_dir,
     is_number,
     write_atomic,
 )
@@ -79,7 +80,9 @@ class RetiredNumbers:
         if self._dir is None:
             self._in_memory[stream_id] = kept
             return
-        self._dir.mkdir(parents=True, exist_ok=True)
+        if not self._dir.is_dir():  # made once, and on disk before the file in it: a power cut keeps both or neither
+            self._dir.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self._dir.parent)
         body = {"next_cluster_number": kept.next_cluster_number, "next_frame_index": kept.next_frame_index}
         write_atomic(self._dir / f"{stream_id}.json", json.dumps(body, sort_keys=True).encode())
 
