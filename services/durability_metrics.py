@@ -175,8 +175,10 @@ class DurabilityMetrics:
             self.durable_unserved_streams.labels(label, reason).set(unserved)
 
     def prime_worker(self, worker: str) -> None:
+        """A worker's zero-valued series, but ``mosaic_metadata_store_up``'s: its 0 says the last write failed, and
+        before the worker's first report (minutes, as it loads its model) nothing is known of its writes."""
         for metric in (
-            self.worker_pid, self.metadata_store_up, self.metadata_queue_depth, self.metadata_writes_dropped_total,
+            self.worker_pid, self.metadata_queue_depth, self.metadata_writes_dropped_total,
             self.metadata_resyncs_total, self.durable_pending_clusters, self.durable_oldest_pending_seconds,
             self.durable_clusters_written_total, self.durable_write_errors_total, self.durable_bytes_written_total,
             self.durable_write_seconds_total, self.durable_ingest_wait_seconds_total, self.durable_writers,

@@ -254,7 +254,8 @@ class MosaicMetrics:
         """Creates a zero-valued series in every family, so a fresh scrape lists every metric.
 
         Enum-labelled families get every value; stream families get ``_other``; worker families get
-        ``worker_ids``. Priming never changes a value that is already there.
+        ``worker_ids``, but ``mosaic_metadata_store_up`` (``DurabilityMetrics.prime_worker`` says why). Priming never
+        changes a value that is already there.
         """
         self.streams.prime()
         for outcome in QUERY_OUTCOMES:

@@ -80,6 +80,8 @@ SPEC = {
     "mosaic_watch_subscribers": ("gauge", set()),
     "mosaic_watch_webhook_deliveries_total": ("counter", {"outcome"}),
 }
+# Families prime() leaves without a sample: any value would claim what is not known before a worker reports.
+UNKNOWN_UNTIL_REPORTED = {"mosaic_metadata_store_up"}
 
 
 def families(metrics: MosaicMetrics) -> dict:
@@ -112,7 +114,7 @@ def test_primed_scrape_lists_exactly_the_spec_families() -> None:
         family = got[name]
         assert family.type == kind, name
         assert family.documentation, f"{name} has no help text"
-        assert family.samples, f"{name} emits no sample after prime()"
+        assert family.samples or name in UNKNOWN_UNTIL_REPORTED, f"{name} emits no sample after prime()"
         for s in family.samples:
             assert s.name.startswith("mosaic_")
             assert set(s.labels) - {"le"} == labels, (name, s.labels)
@@ -452,3 +454,18 @@ def test_a_drain_without_engine_stats_leaves_the_host_pool_gauge_as_it_was() -> 
     apply_delta(m, telemetry.drain(queue_depths={}, lags_s={}, engine_stats=stats), open_streams=set())
     apply_delta(m, telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None), open_streams=set())
     assert sample(m, "mosaic_host_pool_bytes", worker="0") == 1 << 28
+
+
+def test_a_worker_not_heard_from_yet_is_not_said_to_have_lost_its_metadata_store() -> None:
+    """The router primes its workers' series as it starts, minutes before a worker that loads its model first
+    reports: a primed 0 read as "its last metadata write failed", and MosaicMetadataStoreDown (== 0 for 2 minutes)
+    fired through every slow start. Unknown is no series, as after ``forget_worker``; the first report sets it."""
+    from services.telemetry import DurabilityHealth
+
+    m = MosaicMetrics()
+    m.prime(worker_ids=("0",))
+    assert sample(m, "mosaic_metadata_store_up", worker="0") is None
+    m.durability.set_health("0", DurabilityHealth(pid=7, store_up=True))
+    assert sample(m, "mosaic_metadata_store_up", worker="0") == 1
+    m.durability.set_health("0", DurabilityHealth(pid=7, store_up=False))
+    assert sample(m, "mosaic_metadata_store_up", worker="0") == 0
