@@ -135,7 +135,7 @@ class TelemetryDelta:
     host_chunks: dict[str, int] = field(default_factory=dict)  # increments, by HOST_CHUNK_HOWS
     host_grow_wait_s: float = 0.0  # increment of EngineStats.host_grow_wait_s
     host_pool_bytes: int | None = None  # EngineStats.host_pool_bytes at the drain (None: no stats yet)
-    device_hit_ratio: float = 0.0
+    device_hit_ratio: float | None = None  # None: no engine stats yet
     durability: DurabilityHealth | None = None
     # Seconds the worker's engine thread has gone without a chance to start a question: it ingests, runs commands
     # and answers between such chances, so a stuck one (a hung GPU call, a deadlock) lets this grow without end.
@@ -325,7 +325,8 @@ def apply_delta(metrics: MosaicMetrics, delta: TelemetryDelta, *, open_streams: 
         metrics.memory.add_host_growth(worker, delta.host_chunks, delta.host_grow_wait_s)
     if delta.host_pool_bytes is not None:  # not known before the engine loop's first stats: left as it was
         metrics.memory.set_host_pool_bytes(worker, delta.host_pool_bytes)
-    metrics.memory.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
+    if delta.device_hit_ratio is not None:  # unknown before the engine loop's first stats: left as it was
+        metrics.memory.set_hit_ratio(worker, min(1.0, max(0.0, delta.device_hit_ratio)))
     metrics.memory.set_worker_health(
         worker, sources_failing=delta.sources_failing, engine_stalled_s=delta.engine_stalled_s
     )

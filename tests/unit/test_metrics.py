@@ -469,3 +469,23 @@ def test_a_worker_not_heard_from_yet_is_not_said_to_have_lost_its_metadata_store
     assert sample(m, "mosaic_metadata_store_up", worker="0") == 1
     m.durability.set_health("0", DurabilityHealth(pid=7, store_up=False))
     assert sample(m, "mosaic_metadata_store_up", worker="0") == 0
+
+
+def test_a_drain_without_engine_stats_leaves_the_device_hit_ratio_as_it_was() -> None:
+    """Nor does such a drain know the hit ratio: it must not read 0 (no retrieved cluster on the device) for a
+    worker whose engine has not reported it yet."""
+    from mosaic_core.engine.results import EngineStats
+    from services.telemetry import WorkerTelemetry, apply_delta
+
+    tiers = {"device": 0, "host": 0, "disk": 0}
+    stats = EngineStats(
+        mode="cluster", num_streams=0, used_bytes_by_tier=tiers, capacity_bytes_by_tier=tiers, clusters_by_tier=tiers,
+        transfer_bytes_by_direction={}, transfer_copies_by_direction={}, device_hit_ratio=0.75,
+    )  # fmt: skip
+    m, telemetry = MosaicMetrics(), WorkerTelemetry("0")
+    apply_delta(m, telemetry.drain(queue_depths={}, lags_s={}, engine_stats=stats), open_streams=set())
+    apply_delta(m, telemetry.drain(queue_depths={}, lags_s={}, engine_stats=None), open_streams=set())
+    assert sample(m, "mosaic_cluster_device_hit_ratio", worker="0") == 0.75
+    fresh = MosaicMetrics()
+    apply_delta(fresh, WorkerTelemetry("1").drain(queue_depths={}, lags_s={}, engine_stats=None), open_streams=set())
+    assert sample(fresh, "mosaic_cluster_device_hit_ratio", worker="1") is None
