@@ -49,10 +49,8 @@ class ActiveHours:
             if not _HHMM.fullmatch(getattr(self, name)):
                 value = shown(getattr(self, name))
                 raise InvalidArgumentError(f"active hours {name} {value} is not HH:MM (00:00-23:59)")
-        if self.start == self.end:
-            raise InvalidArgumentError(
-                f"active hours start and end are both {self.start}; leave them unset for all day"
-            )
+        if _minutes(self.start) == _minutes(self.end):  # compared as times: "8:00" is "08:00"
+            raise InvalidArgumentError(f"active hours start and end are both {self.end}; leave them unset for all day")
         unknown = InvalidArgumentError(
             f"timezone {shown(self.timezone)} is not a known IANA time zone name (such as 'UTC' or 'Europe/Berlin')"
         )
