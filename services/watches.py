@@ -341,10 +341,10 @@ class WatchRegistry(WatchSubscribersMixin):
     async def _record(self, event: FiredEvent, take: _Take | None = None) -> None:
         """Stores, publishes and forwards one event of the report ``take``."""
         record = self._records.get(event.watch_id)
-        if record is None:
-            return  # deleted since the worker fired it
+        if record is None or record.created_s != event.watch_created_s:
+            return  # deleted since the worker fired it (and maybe created again under its id: not this one's event)
         payload = dataclasses.asdict(event) | {"question": record.question, "labels": dict(record.labels)}
-        del payload["sets_cooldown"]
+        del payload["sets_cooldown"], payload["watch_created_s"]
         sets_cooldown = event.sets_cooldown and (take is None or event.stream_id not in take.deleted_stream_ids)
         try:
             stored = await self._append(event, payload, sets_cooldown)

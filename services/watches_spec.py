@@ -49,10 +49,8 @@ class ActiveHours:
             if not _HHMM.fullmatch(getattr(self, name)):
                 value = shown(getattr(self, name))
                 raise InvalidArgumentError(f"active hours {name} {value} is not HH:MM (00:00-23:59)")
-        if self.start == self.end:
-            raise InvalidArgumentError(
-                f"active hours start and end are both {self.start}; leave them unset for all day"
-            )
+        if _minutes(self.start) == _minutes(self.end):  # compared as times: "8:00" is "08:00"
+            raise InvalidArgumentError(f"active hours start and end are both {self.end}; leave them unset for all day")
         unknown = InvalidArgumentError(
             f"timezone {shown(self.timezone)} is not a known IANA time zone name (such as 'UTC' or 'Europe/Berlin')"
         )
@@ -139,13 +137,15 @@ class WatchRecord:
             active_hours=self.active_hours,
             max_answer_tokens=self.max_answer_tokens,
             fired_until_s=dict(fired_until_s),
+            created_s=self.created_s,
         )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WatchSpec:
     """A watch as a worker evaluates it; ``fired_until_s`` is the end (stream clock) of each stream's last
-    event, so a restarted worker keeps the cooldown."""
+    event, so a restarted worker keeps the cooldown. ``created_s`` tells a watch from one deleted before it under
+    the same id (watches have no update: a change is a delete and a create)."""
 
     watch_id: str
     question: str
@@ -155,6 +155,7 @@ class WatchSpec:
     active_hours: ActiveHours | None
     max_answer_tokens: int
     fired_until_s: dict[str, float]
+    created_s: float = 0.0
 
     def applies_to(self, stream_id: str) -> bool:
         return not self.stream_ids or stream_id in self.stream_ids
@@ -177,6 +178,9 @@ class FiredEvent:
     # False for an event of a stream deleted since it fired: it is stored and delivered, but its cooldown would
     # outlive the stream and hold back a stream created again under the id
     sets_cooldown: bool = True
+    # The ``created_s`` of the watch that fired: the router drops the event if the watch was deleted and created
+    # again under its id before the event came (an answer finishing late), since it answers the old question
+    watch_created_s: float = 0.0
 
 
 @dataclass(slots=True)

@@ -7,7 +7,8 @@ a path prefix; a URL matches when scheme, host and port are equal and its path c
 a ``/`` boundary (``https://hooks.example.com/mosaic`` allows ``.../mosaic/cam7`` but not ``.../mosaic-evil``,
 nor ``https://hooks.example.com.evil.net/...``). URLs with user info are refused, and so are paths with dot
 segments or percent-encoded ``/``, ``.`` or ``\\`` (a receiver that decodes them could land outside the
-prefix). Redirects are not followed.
+prefix), and paths or queries with a space, a control or a non-ASCII character (HTTP cannot send them
+unencoded). Redirects are not followed.
 
 **Secrets in URLs.** Slack- and Teams-style webhook URLs carry a secret in the path, so logs name only a
 URL's ``scheme://host[:port]`` (``origin``) and ``ListWatches`` returns ``redact`` of it (the origin and
@@ -113,6 +114,12 @@ def _unsafe_path(path: str) -> bool:
     )
 
 
+def _sendable(path_and_query: str) -> bool:
+    """Only printable ASCII: ``http.client`` refuses anything else in a request line (raising an error that quotes
+    the whole path, a Slack-style secret included), so such a webhook could never be delivered."""
+    return all("!" <= c <= "~" for c in path_and_query)
+
+
 def _under(url: _Target, prefix: _Target) -> bool:
     if (url.scheme, url.host, url.port) != (prefix.scheme, prefix.host, prefix.port):
         return False
@@ -136,6 +143,11 @@ def check_webhook_url(url: str, allowed_prefixes: list[str]) -> str:
         raise InvalidArgumentError(
             f"webhook URL {redact(url)!r} has a path with '.' or '..' segments, a backslash, or a percent-encoded "
             "'/', '.' or '\\'; give the plain path"
+        )
+    if not _sendable(target.path + "?" + urlsplit(url).query):
+        raise InvalidArgumentError(
+            f"webhook URL {redact(url)!r} has a space, a control character or a non-ASCII character in its path or "
+            "query, which HTTP cannot send; percent-encode it"
         )
     if not any(_under(target, p) for p in map(_parse, allowed_prefixes) if p is not None):
         raise InvalidArgumentError(

@@ -125,7 +125,12 @@ class WorkerWatches:
         with self._cond:
             self._have_watch_list = True
             old_questions = {s.question for s in self._specs.values()}
-            self._specs = {s.watch_id: s for s in specs}
+            old_specs, self._specs = self._specs, {s.watch_id: s for s in specs}
+            # Deleted and created again under its id since the last list (through another router, or the list
+            # without it never came): the new watch starts without the old one's cooldowns.
+            replaced = {w for w, s in self._specs.items() if w in old_specs and old_specs[w].created_s != s.created_s}
+            for key in [k for k in self._fired_until if k[0] in replaced]:
+                del self._fired_until[key]
             for spec in specs:
                 for stream_id, until in spec.fired_until_s.items():
                     key = (spec.watch_id, stream_id)
@@ -272,6 +277,7 @@ class WorkerWatches:
             answer_error="",
             sealed_unix_s=sealed_unix_s,
             fired_unix_s=0.0,
+            watch_created_s=watch.created_s,
         )
         job = QuestionJob(
             question_id=f"watch-{watch.watch_id}-{uuid.uuid4().hex[:8]}",

@@ -130,6 +130,19 @@ def test_a_failed_delivery_logs_only_the_origin(receiver, caplog):
     assert "failed after 1 attempts" in caplog.text and "SECRET-PATH" not in caplog.text
 
 
+@pytest.mark.parametrize("rest", ["/T000 SECRET", "/T000/SECRET\x7f", "/T000/SÉCRET", "/t?token=SECRET abc"])
+def test_a_url_that_http_cannot_send_is_refused_and_its_path_is_never_logged(receiver, caplog, rest):
+    """A space, a control or a non-ASCII character in a path or query is no URL http.client will send: such a
+    webhook could never be delivered, and the error http.client gives quotes the whole path, Slack-style secret
+    included, into the log on every event's last attempt. CreateWatch refuses it; one stored before is not sent."""
+    with pytest.raises(InvalidArgumentError, match="percent-encode") as refused:
+        check_webhook_url(receiver["prefix"] + rest, [receiver["prefix"]])
+    assert "SECRET" not in str(refused.value) and "SÉCRET" not in str(refused.value)
+    outcomes = _send(receiver, [Delivery(receiver["prefix"] + rest, "", 1, {"a": 1})], max_attempts=2)
+    assert outcomes == ["failed"] and receiver["got"] == []
+    assert "SECRET" not in caplog.text and "SÉCRET" not in caplog.text
+
+
 def test_the_cli_reads_the_secret_from_the_environment(monkeypatch):
     from argparse import Namespace
 

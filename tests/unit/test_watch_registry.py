@@ -6,9 +6,12 @@ import asyncio
 import dataclasses
 import threading
 import time
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import pytest
 
+from mosaic_core.engine.watching import SealedSpan
 from mosaic_core.errors import AlreadyExistsError, CapacityError, InvalidArgumentError, NotFoundError
 from services.config import load_config
 from services.coordinator import Coordinator
@@ -19,6 +22,7 @@ from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
 from services.watches import WatchRegistry
 from services.watches_spec import FiredEvent, WatchRecord, WatchReport
+from services.watches_worker import WorkerWatches
 
 
 class _FlakyStore(InMemoryWatchStore):
@@ -522,5 +526,57 @@ def test_a_delete_stream_whose_client_goes_away_still_clears_the_streams_cooldow
         worker.release.set()
         assert await _cooldowns_cleared(store) == {}
         assert "gate" not in registry.coordinator.placement
+
+    asyncio.run(run())
+
+
+class _HeldAnswers:
+    """An engine loop whose background queue keeps each watch answer until the test finishes it."""
+
+    def __init__(self) -> None:
+        self.jobs = []
+        self.questions = self
+
+    def submit_background(self, job) -> bool:
+        self.jobs.append(job)
+        return True
+
+    def post(self, fn, **kwargs) -> Future:
+        done = Future()
+        done.set_result(fn(**kwargs))
+        return done
+
+
+def test_an_answer_of_a_deleted_watch_is_not_stored_under_one_created_again_with_its_id():
+    """Watches have no update: a user changes one by deleting it and creating it again under its id (docs/watches.md
+    says so for a question past the limit). An event the old watch fired, whose answer finishes after that (answers
+    wait seconds for an idle engine), belongs to the old question: it must not be stored, delivered and counted as the
+    new watch's, nor hold the new watch back with the old one's cooldown, on the router or on the worker."""
+
+    async def run():
+        registry = _registry()
+        await registry.create(WatchRecord(watch_id="w", question="Is a truck at the gate?", stream_ids=["cam"],
+                                          created_s=time.time()))  # fmt: skip
+        engine = SimpleNamespace(streams={"cam": None}, spec=SimpleNamespace(num_layers=2))
+        loop = _HeldAnswers()
+        worker = WorkerWatches(engine, loop, retention_s=lambda stream_id: 0.0)
+        worker.set_watches([r.for_worker({}) for r in registry.records()])
+        old = worker._specs["w"]
+        first = SealedSpan("cam/c000001", "cam", 0.0, 10.0)
+        assert worker._passes(old, "cam", first)
+        worker._answer(old, first, 2.0, time.time(), worker._incarnations.setdefault("cam", object()))
+
+        # Deleted and created again, here or through another router: the worker may get the new list at once.
+        await registry.delete("w")
+        await registry.create(WatchRecord(watch_id="w", question="Is a bus at the gate?", stream_ids=["cam"],
+                                          cooldown_s=60.0, created_s=time.time()))  # fmt: skip
+        worker.set_watches([r.for_worker({}) for r in registry.records()])
+        job = loop.jobs.pop()
+        job.on_finish(job, None)  # the old watch's answer ends now
+        await registry._absorb(worker.take(0.0))
+        assert registry.store.events_after("w", 0, 10) == []
+        assert registry.store.state("w").num_events == 0 and registry.store.state("w").fired_until_s == {}
+        # The new watch's first match, 5 s after the old watch's event, is not its cooldown.
+        assert worker._passes(worker._specs["w"], "cam", SealedSpan("cam/c000002", "cam", 15.0, 20.0))
 
     asyncio.run(run())

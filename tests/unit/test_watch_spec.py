@@ -63,6 +63,7 @@ def test_watch_record_refuses_bad_fields_with_a_sentence(fields, words):
 @pytest.mark.parametrize(
     ("start", "end", "timezone", "words"),
     [("8", "18:00", "UTC", "HH:MM"), ("08:00", "24:00", "UTC", "HH:MM"), ("08:00", "08:00", "UTC", "both"),
+     ("8:00", "08:00", "UTC", "both"),  # the same time written two ways: it read as all day
      ("08:00", "09:00", "Nowhere/City", "time zone"),
      ("08:00", "09:00", "a/" * 300 + "b", "time zone")],  # nested deep enough to exhaust zoneinfo's recursion
 )  # fmt: skip
