@@ -12,11 +12,11 @@ carries on one step after the last frame, and the frames after it are sampled on
 behind is one out of order or repeated, and skipped. A local file's frames go back after each of its seeks, so its
 clock is never re-based.
 
-Only the frames that are sampled need decoding, where the container allows it: in a local file, when the next
-instant lies more than ``SEEK_MIN_GAP_S`` ahead, the decoder seeks to the keyframe at or before it and decodes
-from there (a sparse sampler skips whole groups of pictures); and a pass ends as soon as the next instant lies
-beyond the clip's known duration. Frames from a keyframe on decode exactly as in a full pass, so the samples
-are the same pixels either way.
+Only the frames that are sampled need decoding, where the container allows it: in a local file whose container
+has a keyframe index (``SEEK_FORMATS``), when the next instant lies more than ``SEEK_MIN_GAP_S`` ahead, the decoder
+seeks to the keyframe at or before it and decodes from there (a sparse sampler skips whole groups of pictures);
+and a pass ends as soon as the next instant lies beyond the clip's known duration. Frames from a keyframe on decode
+exactly as in a full pass, so the samples are the same pixels either way.
 
 FFmpeg opens only the protocols the source's own scheme needs (``protocol_whitelist``): a local file reads
 files only, an ``http(s)`` URL speaks HTTP over TCP/TLS only, ``rtsp(s)`` RTSP/RTP over TCP/UDP/TLS; any other
@@ -53,6 +53,10 @@ from mosaic_core.model.geometry import downscaled_size
 
 OPEN_TIMEOUT_S = 10.0  # for network sources; a stalled camera must not hang a worker forever
 SEEK_MIN_GAP_S = 1.0  # seek only past more than this much video; shorter gaps are cheaper to decode through
+# The demuxers whose seek lands on a keyframe at or before its target, from the container's index. MPEG-TS and MPEG-PS
+# (and raw streams) seek by timestamp to a packet that need not be a keyframe, and the decoder then drops every frame
+# up to the next keyframe: a sample as late as a group of pictures is long, and fewer samples than instants.
+SEEK_FORMATS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv"})
 RESET_MIN_STEPS = 4  # a network source's frame this many frame steps behind the last one: its timestamps restarted
 # The largest side of a picture decoded from a source or a pushed image. FFmpeg's decoder refuses a picture of more
 # than its square before allocating it, so a source that sends a huge picture cannot exhaust a worker's memory.
@@ -338,11 +342,12 @@ class _PassClock:
 def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Generator[tuple, None, Fraction]:
     """Yields ``(stream time, frame)`` of the frames ``sampler`` takes in one pass; returns the clip duration.
 
-    In a local file it seeks over long gaps between instants and stops once the next instant is past the
-    clip's end (module doc); elsewhere it decodes every frame in order.
+    In a local file it seeks over long gaps between instants (where its container has a keyframe index) and stops
+    once the next instant is past the clip's end (module doc); elsewhere it decodes every frame in order.
     """
     seekable = source_scheme(source) == "file"
     with _open(source) as container:
+        seeks = seekable and container.format.name in SEEK_FORMATS
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.codec_context.options = dict(DECODER_OPTIONS)
@@ -367,7 +372,7 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
                 wanted = sampler.next_time() - pass_offset  # the next instant, in this pass's time
                 if clock.end_time is not None and wanted >= clock.end_time:
                     return clock.end_time  # no frame of this pass is sampled any more
-                if seekable and clock.first_pts is not None and wanted - rel_time > SEEK_MIN_GAP_S and wanted != sought:
+                if seeks and clock.first_pts is not None and wanted - rel_time > SEEK_MIN_GAP_S and wanted != sought:
                     sought = wanted
                     container.seek(clock.first_pts + math.floor(wanted / clock.time_base), stream=stream, backward=True)
                     frames = container.decode(stream)

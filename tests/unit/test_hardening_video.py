@@ -51,6 +51,52 @@ def test_seeking_sampler_gives_the_same_frames_as_a_full_decode(fps: Fraction) -
         np.testing.assert_array_equal(frame.rgb, rgb)
 
 
+def _bikes_in(container_format: str, path: str) -> str:
+    """bikes.mp4's H.264 packets, unchanged, in another container."""
+    with av.open(sample_clip_path(BIKES)) as source, av.open(path, "w", format=container_format) as out:
+        stream = source.streams.video[0]
+        out_stream = out.add_stream_from_template(stream)
+        for packet in source.demux(stream):
+            if packet.dts is not None:
+                packet.stream = out_stream
+                out.mux(packet)
+    return path
+
+
+def _one_keyframe_clip(container_format: str, path: str) -> str:
+    """10 s of 25-fps MPEG-2 with a keyframe at its start only, as a camera with a long group of pictures records."""
+    with av.open(path, "w", format=container_format) as out:
+        stream = out.add_stream("mpeg2video", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = 250
+        for i in range(250):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i, np.uint8), format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_clip", "container_format", "suffix"),
+    [(_bikes_in, "mpegts", "ts"), (_one_keyframe_clip, "mpegts", "ts"), (_one_keyframe_clip, "mpeg", "mpg")],
+    ids=["bikes-ts", "one-keyframe-ts", "one-keyframe-ps"],
+)
+@pytest.mark.parametrize("fps", [Fraction(1, 3), Fraction(1, 2)])
+def test_a_sparse_sampler_of_a_file_without_a_keyframe_index_gives_the_frames_of_a_full_decode(
+    tmp_path, make_clip, container_format: str, suffix: str, fps: Fraction
+) -> None:
+    """MPEG-TS and MPEG-PS seek by timestamp to a packet that need not be a keyframe; the decoder then drops every
+    frame up to the next keyframe, so a seek for the instant at 2 s gave bikes' frame at 3.04 s (its next keyframe),
+    and a clip with one keyframe gave its first frame only. A camera's recording is often MPEG-TS."""
+    path = make_clip(container_format, str(tmp_path / f"clip.{suffix}"))
+    reference = _reference_samples(path, Fraction(float(fps)), num_passes=1, clip_s=Fraction(10))
+    got = list(iter_video_frames(path, fps=float(fps)))
+    assert [f.timestamp_s for f in got] == pytest.approx([t for t, _ in reference], abs=1e-9)
+    for frame, (_, rgb) in zip(got, reference, strict=True):
+        np.testing.assert_array_equal(frame.rgb, rgb)
+
+
 def test_sparse_sampling_costs_less_cpu_than_decoding_every_frame(monkeypatch) -> None:
     path = sample_clip_path(BIKES)
 
