@@ -15,8 +15,8 @@ clock is never re-based.
 Only the frames that are sampled need decoding, where the container allows it: in a local file whose container
 has a keyframe index (``SEEK_FORMATS``), when the next instant lies more than ``SEEK_MIN_GAP_S`` ahead, the decoder
 seeks to the keyframe at or before it and decodes from there (a sparse sampler skips whole groups of pictures);
-and a pass ends as soon as the next instant lies beyond the clip's known duration. Frames from a keyframe on decode
-exactly as in a full pass, so the samples are the same pixels either way.
+and a pass ends as soon as the next instant lies beyond the clip's duration that index gives. Frames from a keyframe
+on decode exactly as in a full pass, so the samples are the same pixels either way.
 
 FFmpeg opens only the protocols the source's own scheme needs (``protocol_whitelist``): a local file reads
 files only, an ``http(s)`` URL speaks HTTP over TCP/TLS only, ``rtsp(s)`` RTSP/RTP over TCP/UDP/TLS; any other
@@ -53,9 +53,11 @@ from mosaic_core.model.geometry import downscaled_size
 
 OPEN_TIMEOUT_S = 10.0  # for network sources; a stalled camera must not hang a worker forever
 SEEK_MIN_GAP_S = 1.0  # seek only past more than this much video; shorter gaps are cheaper to decode through
-# The demuxers whose seek lands on a keyframe at or before its target, from the container's index. MPEG-TS and MPEG-PS
-# (and raw streams) seek by timestamp to a packet that need not be a keyframe, and the decoder then drops every frame
-# up to the next keyframe: a sample as late as a group of pictures is long, and fewer samples than instants.
+# The demuxers whose seek lands on a keyframe at or before its target, and whose duration is exact, from the
+# container's index. MPEG-TS and MPEG-PS (and raw streams) seek by timestamp to a packet that need not be a keyframe,
+# and the decoder then drops every frame up to the next keyframe (a sample as late as a group of pictures is long, and
+# fewer samples than instants); their duration is an estimate from the timestamps near the end (an MPEG-PS clip of
+# 10 s says 9.36 s), so a pass that ended there would leave out the frames after it.
 SEEK_FORMATS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv"})
 RESET_MIN_STEPS = 4  # a network source's frame this many frame steps behind the last one: its timestamps restarted
 # The largest side of a picture decoded from a source or a pushed image. FFmpeg's decoder refuses a picture of more
@@ -301,9 +303,10 @@ class _PassClock:
     timestamp comes one frame step after the last; a network source whose timestamps restart carries on from its
     last time (module doc)."""
 
-    def __init__(self, stream, *, seekable: bool) -> None:
+    def __init__(self, stream, *, seekable: bool, indexed: bool) -> None:
         self._stream = stream
         self._seekable = seekable
+        self._indexed = indexed  # a local file whose container's index gives its exact duration (``SEEK_FORMATS``)
         self.time_base = stream.time_base or Fraction(1, 90000)
         rate = stream.average_rate or stream.guessed_rate
         self._default_step = Fraction(1) / Fraction(rate) if rate else Fraction(1, 25)
@@ -334,7 +337,7 @@ class _PassClock:
     def _start(self, first_pts: int) -> None:
         self.first_pts = first_pts
         stream = self._stream
-        if self._seekable and stream.duration:
+        if self._indexed and stream.duration:
             start = stream.start_time if stream.start_time is not None else first_pts
             self.end_time = (stream.duration - (first_pts - start)) * self.time_base
 
@@ -342,8 +345,8 @@ class _PassClock:
 def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Generator[tuple, None, Fraction]:
     """Yields ``(stream time, frame)`` of the frames ``sampler`` takes in one pass; returns the clip duration.
 
-    In a local file it seeks over long gaps between instants (where its container has a keyframe index) and stops
-    once the next instant is past the clip's end (module doc); elsewhere it decodes every frame in order.
+    In a local file whose container has an index it seeks over long gaps between instants and stops once the next
+    instant is past the clip's end (module doc); elsewhere it decodes every frame in order.
     """
     seekable = source_scheme(source) == "file"
     with _open(source) as container:
@@ -352,7 +355,7 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
         stream.thread_type = "AUTO"
         stream.codec_context.options = dict(DECODER_OPTIONS)
         _check_sides(stream.codec_context.width, stream.codec_context.height, source)
-        clock = _PassClock(stream, seekable=seekable)
+        clock = _PassClock(stream, seekable=seekable, indexed=seeks)
         sought: Fraction | None = None  # the instant the last seek went for; never seek for one twice
         num_frames = 0
         frames = container.decode(stream)

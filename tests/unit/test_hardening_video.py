@@ -97,6 +97,16 @@ def test_a_sparse_sampler_of_a_file_without_a_keyframe_index_gives_the_frames_of
         np.testing.assert_array_equal(frame.rgb, rgb)
 
 
+@pytest.mark.parametrize("fps", [Fraction(5), Fraction(25)])
+def test_a_file_whose_container_only_estimates_its_duration_is_read_to_its_last_frame(tmp_path, fps) -> None:
+    """FFmpeg estimates an MPEG-PS file's duration from the timestamps near its end: 9.36 s for this 10-s clip. A pass
+    that ended where the next instant passed that estimate left out its last 0.64 s, 16 frames at 25 fps."""
+    path = _one_keyframe_clip("mpeg", str(tmp_path / "clip.mpg"))
+    reference = _reference_samples(path, fps, num_passes=1, clip_s=Fraction(10))
+    got = list(iter_video_frames(path, fps=float(fps)))
+    assert [f.timestamp_s for f in got] == pytest.approx([t for t, _ in reference], abs=1e-9)
+
+
 def test_sparse_sampling_costs_less_cpu_than_decoding_every_frame(monkeypatch) -> None:
     path = sample_clip_path(BIKES)
 
