@@ -592,3 +592,20 @@ def test_every_ray_process_and_the_router_share_one_ray_token(render, rendered) 
     assert _find(off, "Secret", "mosaic-ray-token") == []
     for container in _ray_containers(off):
         assert "RAY_AUTH_MODE" not in _env(container) and "RAY_AUTH_TOKEN" not in _env(container)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_every_probe_takes_its_timeout_from_the_values(render, tls: bool) -> None:
+    """The schema accepts timeoutSeconds for each of the three probes, so none may drop it. Left unset, a probe gets
+    kubelet's 1 s: under TLS the exec health check (a Python process importing grpc, with its own 3 s deadline)
+    can take longer than that on a busy node, and 120 such failures restart the router in a loop."""
+    values: dict[str, Any] = {
+        "router": {"probes": {p: {"timeoutSeconds": 7} for p in ("startup", "liveness", "readiness")}}
+    }
+    if tls:
+        values["tls"] = {"enabled": True, "cert": "c", "key": "k"}
+    router = _router(render(values))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert router[probe]["timeoutSeconds"] == 7, probe
+    defaults = _router(render({"tls": values["tls"]} if tls else {}))
+    assert defaults["startupProbe"]["timeoutSeconds"] == defaults["livenessProbe"]["timeoutSeconds"] == 5
