@@ -609,3 +609,12 @@ def test_every_probe_takes_its_timeout_from_the_values(render, tls: bool) -> Non
         assert router[probe]["timeoutSeconds"] == 7, probe
     defaults = _router(render({"tls": values["tls"]} if tls else {}))
     assert defaults["startupProbe"]["timeoutSeconds"] == defaults["livenessProbe"]["timeoutSeconds"] == 5
+
+
+@pytest.mark.parametrize("option", ["host", "grpc_port", "metrics_port", "ray_address", "tls_cert", "tls_key"])
+def test_serve_options_the_router_flags_set_are_refused(render, option: str) -> None:
+    """The router's command line sets these, and `mosaic serve` lets a flag win over the config file: in
+    engine.serveOptions they would be ignored without a word (or, tls_* with tls.enabled off, turn on TLS that the
+    native gRPC probes cannot speak). values.yaml promises such keys are refused."""
+    with pytest.raises(helm_python.HelmError, match=re.escape(f"engine.serveOptions.{option} is set by the chart")):
+        render({"engine": {"serveOptions": {option: "x"}}})
