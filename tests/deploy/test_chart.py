@@ -618,3 +618,28 @@ def test_serve_options_the_router_flags_set_are_refused(render, option: str) -> 
     native gRPC probes cannot speak). values.yaml promises such keys are refused."""
     with pytest.raises(helm_python.HelmError, match=re.escape(f"engine.serveOptions.{option} is set by the chart")):
         render({"engine": {"serveOptions": {option: "x"}}})
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"history": {"budget": "1.5Ti"}},
+        {"history": {"size": "2.5Ti"}, "diskTier": {"enabled": True, "budget": "1Ti"}},
+        {"ray": {"worker": {"shmSize": "1.5Gi"}}},
+        {"ray": {"head": {"shmSize": "2.5Gi"}}},
+        {"ray": {"worker": {"resources": {"limits": {"memory": "200.5Gi"}}}}},
+    ],
+    ids=["history.budget", "history.size", "worker.shmSize", "head.shmSize", "worker.limits.memory"],
+)
+def test_decimal_quantities_the_schema_accepts_render(check_chart, render, values) -> None:
+    """values.schema.json takes these as Kubernetes quantities, decimals included ("1.5Gi"); the chart must then
+    turn them into bytes, not fail the install saying they are not byte sizes."""
+    manifests = render(values)
+    assert check_chart.validate(manifests) == []
+
+
+def test_decimal_quantities_become_the_bytes_they_name(render) -> None:
+    manifests = render({"history": {"budget": "1.5Ti"}, "ray": {"worker": {"shmSize": "1.5Gi"}}})
+    assert _engine_config(manifests)["history_budget_bytes"] == 3 * 1024**4 // 2
+    params = _one(manifests, "RayCluster")["spec"]["workerGroupSpecs"][0]["rayStartParams"]
+    assert params["object-store-memory"] == str(3 * GIB // 2 * 4 // 5)
