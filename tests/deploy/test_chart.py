@@ -643,3 +643,11 @@ def test_decimal_quantities_become_the_bytes_they_name(render) -> None:
     assert _engine_config(manifests)["history_budget_bytes"] == 3 * 1024**4 // 2
     params = _one(manifests, "RayCluster")["spec"]["workerGroupSpecs"][0]["rayStartParams"]
     assert params["object-store-memory"] == str(3 * GIB // 2 * 4 // 5)
+
+
+@pytest.mark.parametrize(("size", "expected"), [("010Gi", 10 * GIB), ("08Gi", 8 * GIB), ("064", 64)])
+def test_byte_sizes_with_leading_zeros_keep_their_decimal_value(render, size: str, expected: int) -> None:
+    """The schema's byte patterns accept leading zeros, and Kubernetes reads "010Gi" as 10Gi. Sprig's int64 parses
+    a leading 0 as octal: "010Gi" became 8 GiB and "08Gi" (no octal number) 0 bytes, a host tier of nothing."""
+    values = {"engine": {"hostBudget": size}, "ray": {"worker": {"resources": {"limits": {"memory": "1000Gi"}}}}}
+    assert _engine_config(render(values))["host_budget_bytes"] == expected

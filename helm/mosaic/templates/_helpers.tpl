@@ -117,7 +117,9 @@ up, as Kubernetes does. Numbers arrive from values as float64, which is exact fo
 {{- $unit = get $units $suffix }}
 {{- end }}
 {{- $parts := splitList "." $digits }}
-{{- $bytes := mul (int64 (index $parts 0)) $unit }}
+{{- /* Without its leading zeros: Sprig's int64 reads "010" as octal 8, and "08" as 0. */}}
+{{- $whole := regexReplaceAll "^0+([0-9])" (index $parts 0) "${1}" }}
+{{- $bytes := mul (int64 $whole) $unit }}
 {{- if eq (len $parts) 2 }}
 {{- /* The fraction alone goes through float64: its digits times the unit, over 10^digits. */}}
 {{- $fraction := index $parts 1 }}
