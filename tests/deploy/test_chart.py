@@ -473,6 +473,7 @@ def test_inconsistent_values_fail_with_a_clear_message(render, values, message: 
         {"monitoring": {"serviceMonitor": {"interval": "15 seconds"}}},
         {"replicaCount": 3},
         {"router": {"replicas": 2}},
+        {"ray": {"worker": {"groupName": ""}}},  # would render `groupName: null`, which no RayCluster takes
     ],
 )
 def test_schema_rejects_bad_values(render, values) -> None:
