@@ -652,3 +652,36 @@ def test_byte_sizes_with_leading_zeros_keep_their_decimal_value(render, size: st
     a leading 0 as octal: "010Gi" became 8 GiB and "08Gi" (no octal number) 0 bytes, a host tier of nothing."""
     values = {"engine": {"hostBudget": size}, "ray": {"worker": {"resources": {"limits": {"memory": "1000Gi"}}}}}
     assert _engine_config(render(values))["host_budget_bytes"] == expected
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "target_tokens_per_frame",
+        "local_window_tokens",
+        "retrieval_budget_tokens",
+        "mode",
+        "host_budget_bytes",
+        "device_budget_bytes",
+        "disk_budget_bytes",
+        "history_budget_bytes",
+        "disk_dir",
+        "data_dir",
+    ],
+)
+def test_engine_extra_fields_the_chart_sets_are_refused(render, field: str) -> None:
+    """The first three would be a second `engine:` key beside the chart's own (YAML keeps the last, so the value
+    of engine.targetTokensPerFrame and friends was dropped); the rest `mosaic serve` overwrites from the top-level
+    options the chart writes, so engine.extra's value was ignored without a word."""
+    with pytest.raises(helm_python.HelmError, match=re.escape(f"engine.extra.{field} is set by the chart")):
+        render({"engine": {"extra": {field: 1}}})
+
+
+def test_engine_extra_fields_the_service_would_overwrite_are_the_refused_ones(tmp_path: Path) -> None:
+    """The service's own list, checked: an `engine:` field that ServiceConfig.engine_config overwrites."""
+    from services.config import load_config
+
+    path = tmp_path / "engine.yaml"
+    path.write_text("host_budget_bytes: 1024\nengine: {host_budget_bytes: 2048, data_dir: /elsewhere}\n")
+    engine = load_config(path).engine_config()
+    assert engine.host_budget_bytes == 1024 and engine.data_dir is None
