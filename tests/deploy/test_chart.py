@@ -685,3 +685,19 @@ def test_engine_extra_fields_the_service_would_overwrite_are_the_refused_ones(tm
     path.write_text("host_budget_bytes: 1024\nengine: {host_budget_bytes: 2048, data_dir: /elsewhere}\n")
     engine = load_config(path).engine_config()
     assert engine.host_budget_bytes == 1024 and engine.data_dir is None
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"engine": {"deviceBudget": 0}}, "engine.deviceBudget"),
+        ({"engine": {"deviceBudget": "0Gi"}}, "engine.deviceBudget"),
+        ({"engine": {"maxMessageBytes": 512}}, "engine.maxMessageBytes"),
+        ({"router": {"grpcPort": 9464}}, "router.grpcPort"),
+    ],
+)
+def test_values_mosaic_serve_refuses_at_start_fail_the_install(render, values, message: str) -> None:
+    """device_budget_bytes must be above 0 and max_message_bytes at least 1024 (services.config), and the gRPC and
+    metrics ports must differ (services.preflight): rendered, the router would exit at every start instead."""
+    with pytest.raises(helm_python.HelmError, match=re.escape(message)):
+        render(values)
