@@ -473,6 +473,7 @@ def test_inconsistent_values_fail_with_a_clear_message(render, values, message: 
         {"monitoring": {"serviceMonitor": {"interval": "15 seconds"}}},
         {"replicaCount": 3},
         {"router": {"replicas": 2}},
+        {"ray": {"worker": {"groupName": ""}}},  # would render `groupName: null`, which no RayCluster takes
     ],
 )
 def test_schema_rejects_bad_values(render, values) -> None:
@@ -592,3 +593,111 @@ def test_every_ray_process_and_the_router_share_one_ray_token(render, rendered) 
     assert _find(off, "Secret", "mosaic-ray-token") == []
     for container in _ray_containers(off):
         assert "RAY_AUTH_MODE" not in _env(container) and "RAY_AUTH_TOKEN" not in _env(container)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_every_probe_takes_its_timeout_from_the_values(render, tls: bool) -> None:
+    """The schema accepts timeoutSeconds for each of the three probes, so none may drop it. Left unset, a probe gets
+    kubelet's 1 s: under TLS the exec health check (a Python process importing grpc, with its own 3 s deadline)
+    can take longer than that on a busy node, and 120 such failures restart the router in a loop."""
+    values: dict[str, Any] = {
+        "router": {"probes": {p: {"timeoutSeconds": 7} for p in ("startup", "liveness", "readiness")}}
+    }
+    if tls:
+        values["tls"] = {"enabled": True, "cert": "c", "key": "k"}
+    router = _router(render(values))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert router[probe]["timeoutSeconds"] == 7, probe
+    defaults = _router(render({"tls": values["tls"]} if tls else {}))
+    assert defaults["startupProbe"]["timeoutSeconds"] == defaults["livenessProbe"]["timeoutSeconds"] == 5
+
+
+@pytest.mark.parametrize("option", ["host", "grpc_port", "metrics_port", "ray_address", "tls_cert", "tls_key"])
+def test_serve_options_the_router_flags_set_are_refused(render, option: str) -> None:
+    """The router's command line sets these, and `mosaic serve` lets a flag win over the config file: in
+    engine.serveOptions they would be ignored without a word (or, tls_* with tls.enabled off, turn on TLS that the
+    native gRPC probes cannot speak). values.yaml promises such keys are refused."""
+    with pytest.raises(helm_python.HelmError, match=re.escape(f"engine.serveOptions.{option} is set by the chart")):
+        render({"engine": {"serveOptions": {option: "x"}}})
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"history": {"budget": "1.5Ti"}},
+        {"history": {"size": "2.5Ti"}, "diskTier": {"enabled": True, "budget": "1Ti"}},
+        {"ray": {"worker": {"shmSize": "1.5Gi"}}},
+        {"ray": {"head": {"shmSize": "2.5Gi"}}},
+        {"ray": {"worker": {"resources": {"limits": {"memory": "200.5Gi"}}}}},
+    ],
+    ids=["history.budget", "history.size", "worker.shmSize", "head.shmSize", "worker.limits.memory"],
+)
+def test_decimal_quantities_the_schema_accepts_render(check_chart, render, values) -> None:
+    """values.schema.json takes these as Kubernetes quantities, decimals included ("1.5Gi"); the chart must then
+    turn them into bytes, not fail the install saying they are not byte sizes."""
+    manifests = render(values)
+    assert check_chart.validate(manifests) == []
+
+
+def test_decimal_quantities_become_the_bytes_they_name(render) -> None:
+    manifests = render({"history": {"budget": "1.5Ti"}, "ray": {"worker": {"shmSize": "1.5Gi"}}})
+    assert _engine_config(manifests)["history_budget_bytes"] == 3 * 1024**4 // 2
+    params = _one(manifests, "RayCluster")["spec"]["workerGroupSpecs"][0]["rayStartParams"]
+    assert params["object-store-memory"] == str(3 * GIB // 2 * 4 // 5)
+
+
+@pytest.mark.parametrize(("size", "expected"), [("010Gi", 10 * GIB), ("08Gi", 8 * GIB), ("064", 64)])
+def test_byte_sizes_with_leading_zeros_keep_their_decimal_value(render, size: str, expected: int) -> None:
+    """The schema's byte patterns accept leading zeros, and Kubernetes reads "010Gi" as 10Gi. Sprig's int64 parses
+    a leading 0 as octal: "010Gi" became 8 GiB and "08Gi" (no octal number) 0 bytes, a host tier of nothing."""
+    values = {"engine": {"hostBudget": size}, "ray": {"worker": {"resources": {"limits": {"memory": "1000Gi"}}}}}
+    assert _engine_config(render(values))["host_budget_bytes"] == expected
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "target_tokens_per_frame",
+        "local_window_tokens",
+        "retrieval_budget_tokens",
+        "mode",
+        "host_budget_bytes",
+        "device_budget_bytes",
+        "disk_budget_bytes",
+        "history_budget_bytes",
+        "disk_dir",
+        "data_dir",
+    ],
+)
+def test_engine_extra_fields_the_chart_sets_are_refused(render, field: str) -> None:
+    """The first three would be a second `engine:` key beside the chart's own (YAML keeps the last, so the value
+    of engine.targetTokensPerFrame and friends was dropped); the rest `mosaic serve` overwrites from the top-level
+    options the chart writes, so engine.extra's value was ignored without a word."""
+    with pytest.raises(helm_python.HelmError, match=re.escape(f"engine.extra.{field} is set by the chart")):
+        render({"engine": {"extra": {field: 1}}})
+
+
+def test_engine_extra_fields_the_service_would_overwrite_are_the_refused_ones(tmp_path: Path) -> None:
+    """The service's own list, checked: an `engine:` field that ServiceConfig.engine_config overwrites."""
+    from services.config import load_config
+
+    path = tmp_path / "engine.yaml"
+    path.write_text("host_budget_bytes: 1024\nengine: {host_budget_bytes: 2048, data_dir: /elsewhere}\n")
+    engine = load_config(path).engine_config()
+    assert engine.host_budget_bytes == 1024 and engine.data_dir is None
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"engine": {"deviceBudget": 0}}, "engine.deviceBudget"),
+        ({"engine": {"deviceBudget": "0Gi"}}, "engine.deviceBudget"),
+        ({"engine": {"maxMessageBytes": 512}}, "engine.maxMessageBytes"),
+        ({"router": {"grpcPort": 9464}}, "router.grpcPort"),
+    ],
+)
+def test_values_mosaic_serve_refuses_at_start_fail_the_install(render, values, message: str) -> None:
+    """device_budget_bytes must be above 0 and max_message_bytes at least 1024 (services.config), and the gRPC and
+    metrics ports must differ (services.preflight): rendered, the router would exit at every start instead."""
+    with pytest.raises(helm_python.HelmError, match=re.escape(message)):
+        render(values)

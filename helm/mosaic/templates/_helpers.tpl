@@ -100,22 +100,33 @@ app.kubernetes.io/part-of: mosaic
 {{- end }}
 
 {{/*
-Bytes from an integer or a Kubernetes quantity string with a binary (Ki..Pi) or decimal (k..P) suffix.
-Numbers arrive from values as float64, which is exact for every byte count below 2^53.
+Bytes from an integer or a Kubernetes quantity string with a binary (Ki..Pi) or decimal (k..P) suffix, decimals
+included ("1.5Gi", which values.schema.json accepts wherever it takes a quantity); a fraction of a byte is rounded
+up, as Kubernetes does. Numbers arrive from values as float64, which is exact for every byte count below 2^53.
 */}}
 {{- define "mosaic.bytes" -}}
 {{- if kindIs "string" . }}
 {{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 }}
 {{- $suffix := regexFind "(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)$" . }}
 {{- $digits := trimSuffix $suffix . }}
-{{- if not (regexMatch "^[0-9]+$" $digits) }}
-{{- fail (printf "%q is not a byte size (an integer, optionally with a Ki/Mi/Gi/Ti/Pi or k/M/G/T/P suffix)" .) }}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?$" $digits) }}
+{{- fail (printf "%q is not a byte size (a number, optionally with a Ki/Mi/Gi/Ti/Pi or k/M/G/T/P suffix)" .) }}
 {{- end }}
+{{- $unit := 1 }}
 {{- if $suffix }}
-{{- mul (int64 $digits) (get $units $suffix) }}
-{{- else }}
-{{- int64 $digits }}
+{{- $unit = get $units $suffix }}
 {{- end }}
+{{- $parts := splitList "." $digits }}
+{{- /* Without its leading zeros: Sprig's int64 reads "010" as octal 8, and "08" as 0. */}}
+{{- $whole := regexReplaceAll "^0+([0-9])" (index $parts 0) "${1}" }}
+{{- $bytes := mul (int64 $whole) $unit }}
+{{- if eq (len $parts) 2 }}
+{{- /* The fraction alone goes through float64: its digits times the unit, over 10^digits. */}}
+{{- $fraction := index $parts 1 }}
+{{- $scale := printf "1%s" (repeat (len $fraction) "0") | float64 }}
+{{- $bytes = add $bytes (divf (mulf (float64 $fraction) $unit) $scale | ceil | int64) }}
+{{- end }}
+{{- $bytes }}
 {{- else }}
 {{- int64 . }}
 {{- end }}
