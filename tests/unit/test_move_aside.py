@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import mosaic_core.durable.checks as checks
 from mosaic_core.durable.checks import UNREADABLE, move_aside
 
 
-def test_the_unreadable_folder_is_synced_into_the_data_folder_before_anything_moves_in(tmp_path, monkeypatch):
-    synced: list[str] = []
-    real_fsync_dir = checks.fsync_dir
-
-    def fsync_dir(directory):
-        synced.append(str(directory))
-        real_fsync_dir(directory)
-
-    monkeypatch.setattr(checks, "fsync_dir", fsync_dir)
+def test_the_unreadable_folder_is_synced_into_the_data_folder_before_anything_moves_in(tmp_path, synced_dirs):
+    synced = synced_dirs
     stream = tmp_path / "cam"
     stream.mkdir()
     (stream / "c-1.record").write_bytes(b"torn")

@@ -90,21 +90,10 @@ def test_a_folder_set_aside_gives_its_numbers_even_where_its_journal_does_not_re
     assert numbers_given_out(tmp_path) == StreamNumbers(next_cluster_number=81, next_frame_index=5010)
 
 
-def test_the_hidden_folder_is_synced_into_its_parent_before_the_first_numbers_go_in(tmp_path, monkeypatch):
+def test_the_hidden_folder_is_synced_into_its_parent_before_the_first_numbers_go_in(tmp_path, synced_dirs):
     """A power cut after the first retirement must not lose the folder its file is in: the data folder's entry for
     it is synced once, as it is made."""
-    import mosaic_core.durable.manifest as manifest
-    import mosaic_core.durable.retired as retired_module
-
-    synced: list[str] = []
-    real_fsync_dir = manifest.fsync_dir
-
-    def fsync_dir(directory):
-        synced.append(str(directory))
-        real_fsync_dir(directory)
-
-    monkeypatch.setattr(retired_module, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(manifest, "fsync_dir", fsync_dir)
+    synced = synced_dirs
     retired = RetiredNumbers(tmp_path)
     retired.retire("cam", ENDED)
     hidden = str(tmp_path / RETIRED_DIR)
