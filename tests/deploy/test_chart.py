@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,25 @@ def test_bundled_redis(render) -> None:
         "name": "my-redis",
         "key": "pw",
     }
+
+
+@pytest.mark.parametrize(
+    ("answer", "alive", "ready"),
+    [("PONG", True, True), ("LOADING Redis is loading the dataset in memory", True, False), ("", False, False)],
+    ids=["serving", "loading", "silent"],
+)
+def test_bundled_redis_stays_alive_while_it_loads_its_data(render, tmp_path, answer, alive, ready) -> None:
+    """Redis answers LOADING while it replays its append-only file, for as long as the file takes: the liveness
+    probe must not kill it then (it would never finish), and readiness waits for PONG. Each probe's own command
+    runs here, against a redis-cli that answers as Redis would."""
+    redis = _one(render({}), "StatefulSet", "mosaic-redis")["spec"]["template"]["spec"]["containers"][0]
+    fake = tmp_path / "redis-cli"
+    fake.write_text(f"#!/bin/sh\necho '{answer}'\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    for probe, expected in (("livenessProbe", alive), ("readinessProbe", ready)):
+        command = redis[probe]["exec"]["command"]
+        assert (subprocess.run(command, env=env, check=False).returncode == 0) is expected, (probe, answer)
 
 
 def test_external_redis(rendered) -> None:
