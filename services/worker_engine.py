@@ -31,13 +31,12 @@ def build_engine(worker_id: str, config: ServiceConfig, on_stage: Callable[[str]
     dtype = torch.bfloat16 if device == "cuda" else None
     engine_config = config.engine_config(worker_subdir=worker_subdir(worker_id))
     tell = on_stage or _unheard
-    load = LoadWatch(
+    with LoadWatch(
         f"building its engine: loading the model {config.model}",
         tell,
         checkpoint_bytes=checkpoint_bytes(config.model),
         device_bytes=torch.cuda.memory_allocated if device == "cuda" else None,
-    )
-    with load:
+    ):
         engine = Engine.from_model(
             config.model,
             engine_config,
