@@ -55,7 +55,11 @@ def test_a_call_runs_benchmarks_and_tests_that_exist(script, tmp_path):
     for argv in commands:
         if argv[: len(BENCH)] == BENCH:
             _check_bench(argv, tmp_path)
-        elif argv[:2] == ["python3", "-m"] and argv[2] in ("bench.copy_runs_sweep", "bench.host_growth"):
+        elif argv[:2] == ["python3", "-m"] and argv[2] in (
+            "bench.copy_runs_sweep",
+            "bench.host_growth",
+            "bench.host_touch",
+        ):
             flags = importlib.import_module(argv[2]).parse_args(argv[3:])  # exits with status 2 on a bad flag
             assert flags.out.parent == tmp_path, "results outside $OUT do not come back"
         elif argv[: len(PYTEST)] == PYTEST:
