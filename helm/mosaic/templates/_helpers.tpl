@@ -66,6 +66,19 @@ app.kubernetes.io/part-of: mosaic
 {{- printf "%s-router" (include "mosaic.fullname" .) }}
 {{- end }}
 
+{{/* The router's metrics-only Service, always ClusterIP. */}}
+{{- define "mosaic.routerMetricsName" -}}
+{{- printf "%s-router-metrics" (include "mosaic.fullname" .) }}
+{{- end }}
+
+{{/*
+The `job` (and `service`) label of the router's scraped series: the router Service's name, as when that Service
+carried the metrics port too. The ServiceMonitor sets it, and mosaic:workers_expected carries it.
+*/}}
+{{- define "mosaic.scrapeJob" -}}
+{{- include "mosaic.routerName" . }}
+{{- end }}
+
 {{- define "mosaic.redisName" -}}
 {{- printf "%s-redis" (include "mosaic.fullname" .) }}
 {{- end }}
