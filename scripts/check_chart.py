@@ -206,12 +206,19 @@ _RAYCLUSTER_SPEC = _obj(
     required=("headGroupSpec",),
 )
 # Prometheus Operator monitoring.coreos.com/v1 (pkg/apis/monitoring/v1): the fields stable since 0.60.
+_RELABEL = _obj({
+    "sourceLabels": {"type": "array", "items": _STR}, "separator": _STR, "targetLabel": _STR, "regex": _STR,
+    "modulus": _INT, "replacement": _STR,
+    "action": {"enum": ["replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep", "lowercase",
+                        "uppercase", "keepequal", "dropequal"]},
+})
 _ENDPOINT = _obj({
     "port": _STR, "targetPort": {"type": ["string", "integer"]}, "path": _STR,
     "scheme": {"enum": ["http", "https"]}, "params": _ANY_OBJ, "interval": _DURATION,
     "scrapeTimeout": _DURATION, "tlsConfig": _ANY_OBJ, "bearerTokenSecret": _ANY_OBJ,
     "authorization": _ANY_OBJ, "basicAuth": _ANY_OBJ, "oauth2": _ANY_OBJ, "honorLabels": _BOOL,
-    "honorTimestamps": _BOOL, "metricRelabelings": {"type": "array"}, "relabelings": {"type": "array"},
+    "honorTimestamps": _BOOL, "metricRelabelings": {"type": "array", "items": _RELABEL},
+    "relabelings": {"type": "array", "items": _RELABEL},
     "proxyUrl": _STR, "followRedirects": _BOOL, "enableHttp2": _BOOL, "filterRunning": _BOOL,
 })
 _SERVICEMONITOR_SPEC = _obj(

@@ -126,23 +126,6 @@ def _chart_rules(check_chart, release: str, num_pods: int) -> dict:
     return {"groups": rule["spec"]["groups"]}
 
 
-def test_chart_labels_the_expected_count_as_its_scrapes_are_labelled(check_chart) -> None:
-    """The Prometheus Operator labels a ServiceMonitor's series namespace=<Service namespace> and job=<Service
-    name> (no jobLabel set); the chart's mosaic:workers_expected carries the same two."""
-    values = {"monitoring": {"prometheusRule": {"enabled": True}, "serviceMonitor": {"enabled": True}}}
-    manifests = check_chart.render_manifests(values)
-    monitor = next(doc for doc in manifests if doc["kind"] == "ServiceMonitor")
-    assert "jobLabel" not in monitor["spec"]
-    [service] = [
-        doc
-        for doc in manifests
-        if doc["kind"] == "Service"
-        and monitor["spec"]["selector"]["matchLabels"].items() <= doc["metadata"]["labels"].items()
-    ]
-    [record] = [r for g in _chart_rules(check_chart, "mosaic", 1)["groups"] for r in g["rules"] if "record" in r]
-    assert record["labels"] == {"namespace": check_chart.NAMESPACE, "job": service["metadata"]["name"]}
-
-
 @needs_promtool
 def test_two_releases_compare_with_their_own_worker_count(check_chart, tmp_path: Path) -> None:
     """Releases alpha (2 worker pods) and beta (1) scraped by one Prometheus: alpha losing a worker fires for alpha

@@ -101,6 +101,7 @@ def test_lint_reports_problems(check_chart) -> None:
         ("RayCluster", ["spec", "headGroupSpec", "template", "spec", "nodeSelector"], "x", "nodeSelector"),
         ("ServiceMonitor", ["spec", "endpoints", 0, "interval"], "15 seconds", "interval"),
         ("ServiceMonitor", ["spec", "selector", "matchLabel"], {}, "matchLabel"),
+        ("ServiceMonitor", ["spec", "endpoints", 0, "relabelings", 0, "target_label"], "job", "target_label"),
         ("PrometheusRule", ["spec", "groups", 0, "rules", 0, "expresion"], "up", "expresion"),
         ("PrometheusRule", ["metadata", "labelz"], {}, "labelz"),
     ],
@@ -394,7 +395,9 @@ def test_router_runs_mosaic_serve_against_the_ray_head(rendered) -> None:
     assert "--redis-url" not in args and "--api-key" not in args, "secrets belong in env, not in argv"
     assert {p["name"]: p["containerPort"] for p in router["ports"]} == {"grpc": 50051, "metrics": 9464}
     service = _one(manifests, "Service", "mosaic-router")
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 50051, "metrics": 9464}
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 50051}
+    metrics = _one(manifests, "Service", "mosaic-router-metrics")
+    assert {p["name"]: p["port"] for p in metrics["spec"]["ports"]} == {"metrics": 9464}
 
 
 def test_router_args_parse_with_the_real_cli(rendered) -> None:

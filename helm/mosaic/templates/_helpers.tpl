@@ -66,6 +66,19 @@ app.kubernetes.io/part-of: mosaic
 {{- printf "%s-router" (include "mosaic.fullname" .) }}
 {{- end }}
 
+{{/* The router's metrics-only Service, always ClusterIP. */}}
+{{- define "mosaic.routerMetricsName" -}}
+{{- printf "%s-router-metrics" (include "mosaic.fullname" .) }}
+{{- end }}
+
+{{/*
+The `job` (and `service`) label of the router's scraped series: the router Service's name, as when that Service
+carried the metrics port too. The ServiceMonitor sets it, and mosaic:workers_expected carries it.
+*/}}
+{{- define "mosaic.scrapeJob" -}}
+{{- include "mosaic.routerName" . }}
+{{- end }}
+
 {{- define "mosaic.redisName" -}}
 {{- printf "%s-redis" (include "mosaic.fullname" .) }}
 {{- end }}
@@ -156,11 +169,43 @@ up, as Kubernetes does. Numbers arrive from values as float64, which is exact fo
 {{- end }}
 {{- end }}
 
+{{/*
+Every container of the chart. The root filesystem is read-only: each pod mounts a volume wherever its processes write
+(docs/security.md lists them), and KubeRay's wait-gcs-ready init container copies the Ray container's security
+context, environment and mounts.
+*/}}
 {{- define "mosaic.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
 capabilities:
   drop:
     - ALL
+{{- end }}
+
+{{/*
+Environment of the Ray head and workers. HOME moves to the /tmp emptyDir, as on the router: the image's home
+(/home/mosaic) is on the read-only root, and the caches go under HOME (~/.cache: Mosaic's tokenizer, torch and
+Hugging Face; ~/.triton; CUDA's ~/.nv; Ray's ~/.ray).
+*/}}
+{{- define "mosaic.rayEnv" -}}
+- name: HOME
+  value: /tmp
+{{- include "mosaic.rayAuthEnv" . }}
+{{- end }}
+
+{{/*
+`ray start` directories (temp-dir, the session, logs and spilled objects; plasma-directory, the object store's
+files) must be on a volume: under /tmp or /dev/shm, the emptyDirs of every Ray pod.
+*/}}
+{{- define "mosaic.checkRayStartDirs" -}}
+{{- range $group, $params := dict "head" .Values.ray.head.rayStartParams "worker" .Values.ray.worker.rayStartParams }}
+{{- range $param := list "temp-dir" "plasma-directory" }}
+{{- $dir := get $params $param | toString | clean }}
+{{- if and (hasKey $params $param) (not (or (hasPrefix "/tmp/" $dir) (hasPrefix "/dev/shm/" $dir) (eq $dir "/tmp") (eq $dir "/dev/shm"))) }}
+{{- fail (printf "ray.%s.rayStartParams.%s=%v is on the read-only root filesystem: put it under /tmp or /dev/shm" $group $param (get $params $param)) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Volume for the model checkpoints, when enabled. */}}
