@@ -95,3 +95,20 @@ def test_a_pulled_stream_restarted_before_its_first_ingest_goes_on_with_its_cloc
         assert started_unix - 0.5 <= epoch_unix + first_s <= time.time(), (epoch_unix + first_s, started_unix)
     finally:
         second.shutdown()
+
+
+def test_where_a_pulled_sources_clock_started_is_on_disk_before_its_first_frame_is_queued(tiny_model, tmp_path):
+    worker = _worker(tiny_model, _config(tmp_path))
+    store = worker.engine.history.store
+    interval_s = store.state_interval_s
+    store.state_interval_s = time.monotonic() + 3600  # the writer's own passes write no state while this is set
+    gate = _open_held(worker)
+    try:
+        _wait(lambda: worker.queues.depth("gate") >= 1, "frame queued")
+        on_disk = read_state(store.stream_dir("gate")).get("clock_epoch_unix")
+        assert on_disk is not None, "a crash now would lose where the source's clock started"
+        assert on_disk == worker.sessions["gate"].clock_epoch_unix
+    finally:
+        store.state_interval_s = interval_s
+        gate.set()
+        worker.shutdown()
