@@ -3,6 +3,7 @@ sampled to its fps here, a pulled source's as its reader sampled them; each coun
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -16,13 +17,15 @@ from services.stream_metrics import DROP_REASONS
 from services.telemetry import WorkerTelemetry
 from services.worker_results import FrameRejection, PushResult
 
+log = logging.getLogger(__name__)
+
 
 class FrameIntake:
     """Queues one worker's frames and counts them.
 
     Args:
         config: the service's settings (``max_push_skew_s``).
-        engine: the worker's engine (a pulled stream's clock is saved in its state at its first frame).
+        engine: the worker's engine (where a pulled stream's clock started is written to its state at its first frame).
         queues: the worker's bounded ingest queues.
         telemetry: the worker's per-stream counters.
         sessions: the worker's open streams, shared with the worker (a frame of a stream not in it is refused).
@@ -81,6 +84,8 @@ class FrameIntake:
         if pushed:
             session.check_push(timestamp_s, now=now, max_skew_s=self.config.max_push_skew_s)
         rgb = validate_frames(rgb)[0]  # a bad frame is refused here, never reaching a shared batch
+        if not pushed and session.clock_epoch_unix is None:
+            self._start_clock(session, timestamp_s)
         # A source reader's frames come sampled to the stream's fps; only pushed ones are sampled here.
         outcome = self.queues.put(QueuedFrame(stream_id, timestamp_s, rgb, now), presampled=not pushed)
         if outcome is PutOutcome.SAMPLED_OUT:
@@ -88,10 +93,19 @@ class FrameIntake:
         session.last_offered_s = timestamp_s
         if session.anchor is None:
             session.anchor = (now, timestamp_s)
-            if not pushed and session.clock_epoch_unix is None:
-                session.clock_epoch_unix = time.time() - timestamp_s
-                self.engine.save_stream_state(stream_id, clock_epoch_unix=session.clock_epoch_unix)
         self.telemetry.received(stream_id)
         if outcome is PutOutcome.QUEUED_DROPPED_OLDEST:
             self.telemetry.dropped(stream_id, "queue_full")
         return outcome
+
+    def _start_clock(self, session: StreamSession, timestamp_s: float) -> None:
+        """A pulled stream's first frame maps its clock to the wall clock (``clock_epoch_unix``), on disk before the
+        frame is queued: a worker restarted before the next saved state, or before the frame's ingest, goes on with
+        this clock (``WorkerStreams._start_source``). A write that fails is logged; the start is saved with the
+        stream's next state."""
+        session.clock_epoch_unix = time.time() - timestamp_s
+        try:
+            self.engine.write_stream_state(session.stream_id, clock_epoch_unix=session.clock_epoch_unix)
+        except OSError as err:
+            log.error("stream %s: where its source's clock started is not on disk yet (%s); a restart before the "
+                      "next saved state starts the clock again", session.stream_id, err)  # fmt: skip

@@ -191,13 +191,14 @@ class WorkerStreams:
 
     def _start_source(self, record: StreamRecord, *, resume_after_s: float | None) -> None:
         """Starts pulling. After a restart the stream clock goes on from where it was: past the last recorded
-        frame, and, when the source's wall-clock start is known, at the wall-clock time that passed since."""
+        frame, and, when the source's wall-clock start is known, at the wall-clock time that passed since. The
+        latter holds when no frame was recorded too (the worker died before the first ingest): started at 0 again,
+        the clock would disagree with the restored start that evidence times and watches read, and stamp new video
+        with times the stream had already used."""
         session = self.sessions[record.stream_id]
-        offset_s = 0.0
-        if resume_after_s is not None:
-            offset_s = resume_after_s + 1.0 / record.fps
-            if session.clock_epoch_unix is not None:
-                offset_s = max(offset_s, time.time() - session.clock_epoch_unix)
+        offset_s = 0.0 if resume_after_s is None else resume_after_s + 1.0 / record.fps
+        if session.clock_epoch_unix is not None:
+            offset_s = max(offset_s, time.time() - session.clock_epoch_unix)
 
         def sink(timestamp_s: float, rgb: np.ndarray, sid: str = record.stream_id) -> None:
             self._offer(sid, timestamp_s + offset_s, rgb)

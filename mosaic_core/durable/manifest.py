@@ -4,7 +4,8 @@ Plain Python (no torch), so it can be read and tested without the engine. One di
 
     <root>/<stream_id>/
         manifest.jsonl     one JSON object a line, each with its own CRC-32: the journal
-        state.json         the stream's clock and counters, replaced atomically (at most a few seconds stale)
+        state.json         the stream's clock and counters, replaced atomically (at most a few seconds stale, but
+                           for fields written at once: ``DurableStore.write_state``)
         c000012.mkv        one sealed cluster's record (see ``records``), written before its journal line
 
 Journal lines:

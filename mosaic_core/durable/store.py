@@ -48,11 +48,18 @@ from safetensors import safe_open
 
 from mosaic_core.durable.checks import KVShape
 from mosaic_core.durable.loading import NEW_PREFIX, StreamLoadingMixin, move_to_trash
-from mosaic_core.durable.manifest import ClusterEntry, ManifestState, ManifestWriter, fsync_dir
+from mosaic_core.durable.manifest import (
+    STATE_NAME,
+    ClusterEntry,
+    ManifestState,
+    ManifestWriter,
+    fsync_dir,
+    write_atomic,
+)
 from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, decode_pages, from_pages
 from mosaic_core.durable.retired import RetiredNumbers
 from mosaic_core.durable.staging import StagingArena
-from mosaic_core.durable.write_behind import Commit, Seal, WriteBehindMixin
+from mosaic_core.durable.write_behind import Commit, Seal, WriteBehindMixin, json_bytes
 from mosaic_core.errors import AlreadyExistsError, UnknownClusterError
 
 log = logging.getLogger(__name__)
@@ -208,6 +215,27 @@ class DurableStore(StreamLoadingMixin, WriteBehindMixin):
             if stream_id in self._states:
                 self._states[stream_id].update(fields)
                 self._dirty.add(stream_id)
+
+    def write_state(self, stream_id: str, **fields) -> None:
+        """Merges ``fields`` into the stream's state as ``update_state`` does, and writes the state before returning:
+        for a field a restart must find even after a crash within ``state_interval_s``. A stream this store does
+        not hold (deleted meanwhile) writes nothing.
+
+        Raises:
+            OSError: the write failed; the state is written again at the writer's next pass.
+        """
+        with self._io:  # the writer takes each state as it writes it, under this lock: it never writes an older one
+            with self._cv:
+                if stream_id not in self._states:
+                    return
+                self._states[stream_id].update(fields)
+                state = dict(self._states[stream_id])
+            try:
+                write_atomic(self.stream_dir(stream_id) / STATE_NAME, json_bytes(state))
+            except OSError:
+                with self._cv:
+                    self._dirty.add(stream_id)
+                raise
 
     def state(self, stream_id: str) -> dict:
         with self._cv:

@@ -217,17 +217,17 @@ class WriteBehindMixin:
 
     def _write_states(self) -> None:
         with self._cv:  # each state with its journal: a stream opened again under its id has another
-            dirty = {
-                sid: (dict(self._states[sid]), self._writers.get(sid)) for sid in self._dirty if sid in self._states
-            }
+            dirty = {sid: self._writers.get(sid) for sid in self._dirty if sid in self._states}
             self._dirty.clear()
             self._writing_states = True
-        for stream_id, (state, writer) in dirty.items():
+        for stream_id, writer in dirty.items():
             with self._io:
+                with self._cv:  # taken now, under the lock ``write_state`` writes under: never older than its write
+                    state = dict(self._states.get(stream_id, {}))
                 if not self._current(stream_id, writer):
                     continue
                 try:
-                    write_atomic(self.stream_dir(stream_id) / STATE_NAME, _json_bytes(state))
+                    write_atomic(self.stream_dir(stream_id) / STATE_NAME, json_bytes(state))
                     self._state_failures = 0
                 except Exception as err:  # an OSError, or anything else, must not end the writer
                     with self._cv:  # counted, and written again at the next interval (the newest state then)
@@ -244,5 +244,5 @@ class WriteBehindMixin:
             self._cv.notify_all()
 
 
-def _json_bytes(value: dict) -> bytes:
+def json_bytes(value: dict) -> bytes:
     return json.dumps(value, sort_keys=True).encode()

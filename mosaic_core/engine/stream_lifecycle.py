@@ -170,6 +170,16 @@ class StreamLifecycleMixin:
         if self.history is not None:
             self.history.store.update_state(stream_id, **fields)
 
+    def write_stream_state(self, stream_id: str, **fields) -> None:
+        """``save_stream_state``, but on disk when it returns: for a field a crash must not lose, even one within the
+        second or so a saved state may wait (``DurableStore.write_state``).
+
+        Raises:
+            OSError: the write failed; the fields are kept, and written with the next saved state.
+        """
+        if self.history is not None:
+            self.history.store.write_state(stream_id, **fields)
+
     def _open_state(
         self, stream_id: str, fps: float, system_prompt: str | None, *, start: StreamNumbers = FROM_ZERO
     ) -> StreamState:
