@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from mosaic_core.config import budget_workspace_bytes
+from mosaic_core.errors import ConfigError
 from services.config import ServiceConfig
 from services.load_watch import LoadWatch, checkpoint_bytes
 
@@ -26,7 +27,13 @@ def build_engine(worker_id: str, config: ServiceConfig, on_stage: Callable[[str]
 
     from mosaic_core.engine.engine import Engine
 
-    device = "cuda" if config.worker_gpus > 0 and torch.cuda.is_available() else "cpu"
+    if config.worker_gpus > 0 and not torch.cuda.is_available():
+        raise ConfigError(
+            f"this worker was given a GPU (worker_gpus={config.worker_gpus:g}), but its torch {torch.__version__} "
+            f"sees none (CUDA build: {'yes, ' + torch.version.cuda if torch.version.cuda else 'no'}): install torch's "
+            "CUDA build, or run with --worker-gpus 0 for CPU workers"
+        )
+    device = "cuda" if config.worker_gpus > 0 else "cpu"
     # Presets default to float32, which on a GPU doubles the weights' memory and leaves the tensor cores idle.
     dtype = torch.bfloat16 if device == "cuda" else None
     engine_config = config.engine_config(worker_subdir=worker_subdir(worker_id))

@@ -81,3 +81,14 @@ def test_a_cpu_worker_keeps_the_configured_device_budget_whatever_the_share(tmp_
         model="tiny", worker_gpus=0.0, data_dir=str(tmp_path), device_budget_bytes=64 * 2**20, device_budget_share=0.5
     )
     assert build_engine("0", config).config.device_budget_bytes == 64 * 2**20
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch that sees no GPU")
+def test_a_worker_given_a_gpu_its_torch_cannot_see_refuses_to_start_on_the_cpu(tmp_path):
+    """A CPU build of torch on a GPU host: the worker used to build its engine on the CPU without a word."""
+    from mosaic_core.errors import ConfigError
+    from services.config import ServiceConfig
+    from services.worker_engine import build_engine
+
+    with pytest.raises(ConfigError, match=r"worker_gpus=1.*sees none.*--worker-gpus 0"):
+        build_engine("0", ServiceConfig(model="tiny", worker_gpus=1.0, data_dir=str(tmp_path)))
