@@ -12,6 +12,7 @@ and metrics are real.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -63,7 +64,8 @@ def run_demo(args) -> int:
         shutdown_grace_s=1.0,
         engine={"target_tokens_per_frame": 16, "local_window_tokens": 64, "retrieval_budget_tokens": 256},
     )
-    print(f"[{_t(started)}] camera history is kept in {data_dir}; sample clips are read from {clip_root}")
+    kept = "" if args.data_dir else " until the demo ends (--data-dir DIR keeps it)"
+    print(f"[{_t(started)}] camera history is kept in {data_dir}{kept}; sample clips are read from {clip_root}")
     print(f"[{_t(started)}] starting the server ({args.workers} worker(s); building engines takes a while) ...")
     # Ray starts here, on the main thread; the server (on its own thread) then uses it.
     ray_log = start_ray(
@@ -77,6 +79,8 @@ def run_demo(args) -> int:
         _run_with_server(ServerThread(config), args, started)
     finally:
         ray.shutdown()
+        if not args.data_dir:  # a folder of its own: nothing in it outlives the demo
+            shutil.rmtree(data_dir, ignore_errors=True)
     print(f"[{_t(started)}] done.")
     return 0
 

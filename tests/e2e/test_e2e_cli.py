@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -112,6 +113,8 @@ def test_demo_runs_from_scratch_and_exits_cleanly():
     for row in ("frames ingested", "questions ok", "mean time to first token", "workers up"):
         assert row in out
     assert out.rstrip().endswith("done.")
+    history = Path(re.search(r"camera history is kept in (\S+) until the demo ends", out).group(1))
+    assert history.name.startswith("mosaic-demo-") and not history.exists()  # its own folder, gone with it
     print(f"demo took {time.monotonic() - started:.0f}s")
 
 
