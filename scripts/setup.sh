@@ -24,6 +24,14 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 
 step() { printf '\n==> [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
+# pyproject.toml's requires-python, checked before anything is installed (pip would refuse the project only after
+# torch).
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "error: Mosaic needs Python 3.11 or newer; $PYTHON is $("$PYTHON" --version 2>/dev/null || echo "not found")." \
+        "Run with PYTHON=python3.11 (or newer) scripts/setup.sh" >&2
+    exit 2
+fi
+
 if [[ -z "${MOSAIC_NO_APT:-}" ]] && command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
     missing=()
     command -v redis-server >/dev/null || missing+=(redis-server)
