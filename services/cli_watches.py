@@ -145,21 +145,25 @@ def run_watch_tail(args) -> int:
 
     with open_client(args) as client:
         call = client.watch_events(args.watch_ids, after_event_id=args.after, timeout_s=args.timeout_s)
-        seen = 0
+        seen, last_id = 0, args.after
         try:
             for event in call:
                 print_watch_event(event)
-                seen += 1
+                seen, last_id = seen + 1, event.event_id
                 if args.count and seen >= args.count:
-                    break
+                    return 0
         except KeyboardInterrupt:
-            pass
+            return 0
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
+            return 0
         finally:
             call.cancel()
-    return 0
+    resume = "" if last_id is None else f"; --after {last_id} resumes after the last one shown"
+    print(f"error: the server ended the event stream after {seen} event(s): a watch it followed was deleted, or the "
+          f"server is stopping{resume}", file=sys.stderr)  # fmt: skip
+    return 1
 
 
 def print_watch_event(event) -> None:

@@ -279,6 +279,21 @@ def _mosaic(svc, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
 
 
+def _tail_in_background(svc, watch_id: str) -> subprocess.Popen:
+    """``mosaic watch tail WATCH_ID``, returned once the server counts it among its subscribers."""
+    before = metric(svc.server.metrics_url, "mosaic_watch_subscribers")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "mosaic_core.cli", "watch", "tail", watch_id, "--target", svc.server.target]
+    tail = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for(lambda: metric(svc.server.metrics_url, "mosaic_watch_subscribers") > before, timeout_s=60,
+                 what="the tail's subscription")  # fmt: skip
+    except AssertionError:
+        tail.kill()
+        raise
+    return tail
+
+
 def test_watch_commands(svc, calibration):
     made = _mosaic(
         svc, "watch", "create", "--question", "Cyclist?", "--stream", "cal", "--threshold", "1e9", "--id", "cli-w",
@@ -292,7 +307,13 @@ def test_watch_commands(svc, calibration):
     lines = [line for line in tail.stdout.splitlines() if line.startswith("#")]
     assert tail.returncode == 0 and len(lines) == 2 and all(" cal-all cal " in line for line in lines), tail.stdout
     assert lines[0].startswith(f"#{calibration[0].event_id} ")
-    assert _mosaic(svc, "watch", "delete", "cli-w").returncode == 0
+    following = _tail_in_background(svc, "cli-w")
+    try:
+        assert _mosaic(svc, "watch", "delete", "cli-w").returncode == 0
+        _, stderr = following.communicate(timeout=30)
+    finally:
+        following.kill()
+    assert following.returncode == 1 and "the server ended the event stream after 0 event(s)" in stderr, stderr
     again = _mosaic(svc, "watch", "delete", "cli-w")
     assert again.returncode == 1 and "NOT_FOUND: unknown watch 'cli-w'" in again.stderr
     bad = _mosaic(svc, "watch", "create", "--question", "q", "--hours", "0800")
