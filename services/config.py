@@ -52,6 +52,9 @@ class ServiceConfig(BaseModel):
     grpc_port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9464, ge=0, le=65535)
     api_key: str | None = None
+    # A file of API keys, one a line, read again when it changes (services.api_keys): keys rotate without a restart.
+    # Instead of api_key (and MOSAIC_API_KEY, which is then ignored).
+    api_key_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     max_message_bytes: int = Field(16 * MIB, ge=1024)
@@ -262,6 +265,14 @@ class ServiceConfig(BaseModel):
             )
         if self.api_key is not None and self.api_key != self.api_key.strip():
             raise ValueError(f"api_key (or {API_KEY_ENV}) starts or ends with spaces; no client would send them")
+        if self.api_key_file is not None:
+            from services.api_keys import read_key_file  # raises ConfigError naming the file and the bad line
+
+            if self.api_key is not None:
+                raise ValueError(
+                    "api_key and api_key_file both set; give one (a file's keys can change without a restart)"
+                )
+            read_key_file(self.api_key_file)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(
                 f"tls_cert and tls_key go together, got tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}"
@@ -339,6 +350,8 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
             raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
     for name, env in _ENV_FIELDS.items():
+        if name == "api_key" and (overrides.get("api_key_file") or values.get("api_key_file")):
+            continue  # the key file stands in for the key, wherever that would come from
         if values.get(name) is None and os.environ.get(env):
             values[name] = os.environ[env]
     values.update({k: v for k, v in overrides.items() if v is not None})

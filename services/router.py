@@ -16,8 +16,9 @@ is left of the pod's grace (``GRACE_PAST_CALLS_S`` past ``shutdown_grace_s``, as
 back its last telemetry (the frames it ingested or dropped as it stopped) for the metrics, and the workers, the store
 actor and Ray are stopped.
 
-Authentication: with an API key configured, every call except health and reflection must carry it in the
-``x-api-key`` metadata header; otherwise UNAUTHENTICATED (counted in ``mosaic_errors_total``).
+Authentication: with an API key (or a key file, ``services.api_keys``) configured, every call except health and
+reflection must carry a key in the ``x-api-key`` metadata header; otherwise UNAUTHENTICATED (counted in
+``mosaic_errors_total``).
 
 Ray is started (or joined) with ``services.ray_setup.init_ray``, which binds a local cluster to loopback when
 the host is.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import shutil
 import signal
@@ -41,6 +41,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from services import gil_probe, heap_probe
+from services.api_keys import ApiKeys
 from services.config import ServiceConfig
 from services.console.server import ConsoleServer
 from services.coordinator import Coordinator
@@ -73,10 +74,10 @@ MIN_WORKER_STOP_S = 1.0
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without the right ``x-api-key``; health and reflection stay open to probes."""
+    """Refuses calls without one of the ``keys`` in ``x-api-key``; health and reflection stay open to probes."""
 
-    def __init__(self, api_key: str, metrics: MosaicMetrics) -> None:
-        self._key = api_key.encode()
+    def __init__(self, keys: ApiKeys, metrics: MosaicMetrics) -> None:
+        self._keys = keys
         self._metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -85,8 +86,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = metadata.get(API_KEY_HEADER, "")
-        given = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given, self._key):
+        if given and self._keys.matches(given):
             return handler
         return _deny(handler, self._metrics, "missing" if not given else "wrong")
 
@@ -162,8 +162,9 @@ class MosaicServer:
     async def _start_grpc(self, queue: QueryQueue) -> None:
         cfg = self.config
         interceptors = [RequestLogInterceptor()]  # outermost: refused calls are logged too
-        if cfg.api_key:
-            interceptors.append(ApiKeyInterceptor(cfg.api_key, self.metrics))
+        if cfg.api_key or cfg.api_key_file:
+            keys = ApiKeys(key=cfg.api_key) if cfg.api_key else ApiKeys(path=cfg.api_key_file)
+            interceptors.append(ApiKeyInterceptor(keys, self.metrics))
         options = [
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
