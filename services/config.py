@@ -120,6 +120,10 @@ class ServiceConfig(BaseModel):
     # 150 cameras on an H100 fell behind (127 frames/s against 156 with 128, bench/NOTES.md, session 40).
     max_batch_frames: int = Field(128, ge=1)
     max_push_calls: int = Field(64, ge=1)
+    # A PushFrames call that sends no frame for this long ends (DEADLINE_EXCEEDED), so that calls a client left open,
+    # or whose client died with its connection left half-open, do not hold the max_push_calls places from every other
+    # camera. A camera that pushes less often than this opens a call per frame, or per few.
+    push_idle_timeout_s: float = Field(60.0, gt=0)
     max_stream_fps: float = Field(60.0, gt=0)
     # Share of a worker's measured ingest rate that its streams' fps may add up to; 0 admits every stream.
     ingest_headroom: float = Field(0.8, ge=0, le=1)

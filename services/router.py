@@ -181,6 +181,7 @@ class MosaicServer:
             mode=cfg.mode,
             default_max_new_tokens=cfg.default_max_new_tokens,
             max_push_calls=cfg.max_push_calls,
+            push_idle_timeout_s=cfg.push_idle_timeout_s,
             max_fps=cfg.max_stream_fps,
             source_policy=SourcePolicy.of(cfg),
             decode_max_pixels=cfg.decode_max_pixels(),
