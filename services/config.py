@@ -58,6 +58,11 @@ class ServiceConfig(BaseModel):
     tls_cert: str | None = None
     tls_key: str | None = None
     max_message_bytes: int = Field(16 * MIB, ge=1024)
+    # The router sends a keepalive ping to a client connection with calls open at most every grpc_keepalive_s, and
+    # closes it (ending its calls) when a ping is not answered within grpc_keepalive_timeout_s: a client gone without
+    # closing its connection frees its WatchEvents subscriber place and its questions within about 80 s, not hours.
+    grpc_keepalive_s: float = Field(60.0, gt=0)
+    grpc_keepalive_timeout_s: float = Field(20.0, gt=0)
     # The operator console (docs/console.md): a web page on this port of ``host``, off unless asked for.
     console: bool = False
     console_port: int = Field(8080, ge=0, le=65535)

@@ -165,12 +165,7 @@ class MosaicServer:
         if cfg.api_key or cfg.api_key_file:
             keys = ApiKeys(key=cfg.api_key) if cfg.api_key else ApiKeys(path=cfg.api_key_file)
             interceptors.append(ApiKeyInterceptor(keys, self.metrics))
-        options = [
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        self._server = grpc.aio.server(interceptors=interceptors, options=options)
+        self._server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(cfg))
         # Handlers must be registered before start; until the workers are up the coordinator has none, so
         # calls fail with NOT_FOUND/UNAVAILABLE while readiness reports NOT_SERVING.
         self.coordinator = Coordinator([], None, self.metrics)
@@ -342,6 +337,23 @@ class MosaicServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def grpc_server_options(cfg: ServiceConfig) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message limits, and keepalive pings that find a client gone without
+    closing its connection (a node lost, a NAT that forgot it), whose calls would otherwise hold their places
+    (WatchEvents subscribers, questions) until gRPC's default first ping, two hours in."""
+    return [
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", round(cfg.grpc_keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(cfg.grpc_keepalive_timeout_s * 1000)),
+        # How long the installed gRPC (1.85) waits for a ping's answer before it closes the connection: with
+        # keepalive_timeout_ms alone, a connection whose ping went unanswered stayed open, its calls with it, for the
+        # 12 s watched (tests/integration/test_gone_clients.py's set-up).
+        ("grpc.http2.ping_timeout_ms", round(cfg.grpc_keepalive_timeout_s * 1000)),
+    ]
 
 
 def _enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:
