@@ -124,6 +124,11 @@ class ServiceConfig(BaseModel):
     # question latency only when ingest_pause_layers is 0. 128, what every GPU figure of the service used: with 64,
     # 150 cameras on an H100 fell behind (127 frames/s against 156 with 128, bench/NOTES.md, session 40).
     max_batch_frames: int = Field(128, ge=1)
+    # Streams the router takes per worker (the server's limit is this times workers); CreateStream beyond is
+    # RESOURCE_EXHAUSTED. Each stream takes room in its worker's device budget, a queue of frames and, when pulled, a
+    # decoding child process (about 55 MB), so one client creating streams without end would take every worker down
+    # with it. Twice the most cameras one worker was run with in the service benchmark (256, bench/NOTES.md).
+    max_streams_per_worker: int = Field(512, ge=1)
     max_push_calls: int = Field(64, ge=1)
     # A PushFrames call that sends no frame for this long ends (DEADLINE_EXCEEDED), so that calls a client left open,
     # or whose client died with its connection left half-open, do not hold the max_push_calls places from every other

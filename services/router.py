@@ -177,6 +177,7 @@ class MosaicServer:
             default_max_new_tokens=cfg.default_max_new_tokens,
             max_push_calls=cfg.max_push_calls,
             push_idle_timeout_s=cfg.push_idle_timeout_s,
+            max_streams=cfg.max_streams_per_worker * cfg.workers,
             max_fps=cfg.max_stream_fps,
             source_policy=SourcePolicy.of(cfg),
             decode_max_pixels=cfg.decode_max_pixels(),

@@ -27,7 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mosaic_core.engine.keyframe_store import MAX_IDS_PER_LOOKUP
 from mosaic_core.engine.stream import check_stream_id
-from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, MosaicError, UnknownStreamError, cut
+from mosaic_core.errors import (
+    CapacityError,
+    InvalidArgumentError,
+    InvalidFrameError,
+    MosaicError,
+    UnknownStreamError,
+    cut,
+)
 from mosaic_core.model.geometry import downscaled_size
 from services import convert
 from services.coordinator import Coordinator
@@ -65,6 +72,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         mode: retrieval mode label for the latency histograms.
         default_max_new_tokens: used when a question asks for 0.
         max_push_calls: concurrent PushFrames calls accepted; beyond, RESOURCE_EXHAUSTED.
+        max_streams: streams the server holds at most; CreateStream beyond is RESOURCE_EXHAUSTED (None: no limit).
         push_idle_timeout_s: a PushFrames call that sends no frame for this long ends with DEADLINE_EXCEEDED, giving
             its place back.
         evidence_spans: spans in a merged answer.
@@ -90,6 +98,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         default_max_new_tokens: int,
         max_push_calls: int,
         push_idle_timeout_s: float = DEFAULT_PUSH_IDLE_TIMEOUT_S,
+        max_streams: int | None = None,
         evidence_spans: int = 5,
         max_fps: float = convert.DEFAULT_MAX_FPS,
         source_policy: SourcePolicy | None = None,
@@ -104,6 +113,8 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         self.default_max_new_tokens = default_max_new_tokens
         self.max_push_calls = max_push_calls
         self.push_idle_timeout_s = push_idle_timeout_s
+        self.max_streams = max_streams
+        self._num_creating = 0
         self.evidence_spans = evidence_spans
         self.max_fps = max_fps
         self.source_policy = source_policy
@@ -120,10 +131,25 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             record = convert.record_from_request(request, max_fps=self.max_fps)
             if record.source_url is not None and self.source_policy is not None:
                 self.source_policy.check(record.source_url, must_exist=False)
-            info = await self.coordinator.create_stream(record)
+            self._check_stream_room(record.stream_id)
+            self._num_creating += 1  # counted until placed, so creates side by side cannot pass the limit
+            try:
+                info = await self.coordinator.create_stream(record)
+            finally:
+                self._num_creating -= 1
             return convert.stream_to_proto(info)
         except Exception as err:
             await abort(context, err, self.metrics)
+
+    def _check_stream_room(self, stream_id: str) -> None:
+        """Raises ``CapacityError`` (RESOURCE_EXHAUSTED) when the server holds ``max_streams`` streams already."""
+        num_streams = len(self.coordinator.placement) + self._num_creating
+        if self.max_streams is None or num_streams < self.max_streams or stream_id in self.coordinator.placement:
+            return
+        raise CapacityError(
+            f"the server has {num_streams} streams, created or being created, its limit ({self.max_streams}: "
+            "max_streams_per_worker for each worker); delete streams or add workers"
+        )
 
     async def DeleteStream(self, request, context):
         try:
