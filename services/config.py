@@ -51,7 +51,7 @@ class ServiceConfig(BaseModel):
     host: str = "127.0.0.1"
     grpc_port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9464, ge=0, le=65535)
-    api_key: str | None = None
+    api_key: str | None = Field(None, repr=False)  # never in the config's text (a log line, a traceback)
     # A file of API keys, one a line, read again when it changes (services.api_keys): keys rotate without a restart.
     # Instead of api_key (and MOSAIC_API_KEY, which is then ignored).
     api_key_file: str | None = None

@@ -56,3 +56,10 @@ def test_a_key_file_no_client_could_use_is_refused_at_start_without_showing_the_
     assert "s3cret" not in str(info.value) and "k\x07ey" not in str(info.value)
     with pytest.raises(ConfigError, match="cannot read the API key file"):
         load_config(None, api_key_file=str(tmp_path / "missing"))
+
+
+def test_the_key_never_shows_in_the_config_as_text():
+    """A config in a log line or a traceback's locals must not carry the key with it."""
+    config = load_config(None, api_key="s3cret-key")
+    assert config.api_key == "s3cret-key"
+    assert "s3cret" not in repr(config) and "s3cret" not in str(config)
