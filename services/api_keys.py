@@ -2,8 +2,8 @@
 (``api_key_file``) that is read again when it changes, so a key is rotated without a restart.
 
 Rotation with a file: add the new key as a second line, move the clients to it, then remove the old line. A
-Kubernetes Secret mounted as a volume is such a file (the kubelet swaps it in place when the Secret changes, within
-about a minute); a Secret passed as an environment variable is read once, at start.
+Kubernetes Secret mounted as a volume without ``subPath`` is such a file (the kubelet swaps in a new one some time
+after the Secret changes); a Secret passed as an environment variable is read once, at start.
 
 Keys are compared in constant time, each as its SHA-256 digest, so neither a key's characters nor its length shows
 in how long a refusal takes. No key ever appears in a log line.
