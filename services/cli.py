@@ -50,6 +50,7 @@ _SERVE_FLAGS = (
     ("--disk-budget-bytes", int, "disk KV budget per worker (0: no disk tier)"),
     ("--mode", str, "retrieval mode: full, token, frame or cluster (default cluster)"),
     ("--api-key", str, f"require this key in x-api-key (or set {API_KEY_ENV})"),
+    ("--api-key-file", str, "require one of this file's keys (one a line; read again when it changes)"),
     ("--tls-cert", str, "PEM certificate chain; enables TLS with --tls-key"),
     ("--tls-key", str, "PEM private key"),
     ("--max-message-bytes", int, "largest gRPC message (default 16 MiB)"),
@@ -151,7 +152,7 @@ def _say_ready(server, config, *, host: str, started: float) -> None:
     log.info("ready after %.1fs", time.monotonic() - started)
     print(
         f"mosaic serving: gRPC {host}:{server.grpc_port} ({'TLS' if config.tls_cert else 'plaintext'}"
-        f"{', API key required' if config.api_key else ''}), metrics http://{host}:"
+        f"{', API key required' if config.api_key or config.api_key_file else ''}), metrics http://{host}:"
         f"{server.metrics_port}/metrics, {config.workers} worker(s), model {config.model}, mode {config.mode}",
         flush=True,
     )

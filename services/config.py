@@ -51,10 +51,18 @@ class ServiceConfig(BaseModel):
     host: str = "127.0.0.1"
     grpc_port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9464, ge=0, le=65535)
-    api_key: str | None = None
+    api_key: str | None = Field(None, repr=False)  # never in the config's text (a log line, a traceback)
+    # A file of API keys, one a line, read again when it changes (services.api_keys): keys rotate without a restart.
+    # Instead of api_key (and MOSAIC_API_KEY, which is then ignored).
+    api_key_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     max_message_bytes: int = Field(16 * MIB, ge=1024)
+    # The router sends a keepalive ping to a client connection with calls open at most every grpc_keepalive_s, and
+    # closes it (ending its calls) when a ping is not answered within grpc_keepalive_timeout_s: a client gone without
+    # closing its connection frees its WatchEvents subscriber place and its questions within about 80 s, not hours.
+    grpc_keepalive_s: float = Field(60.0, gt=0)
+    grpc_keepalive_timeout_s: float = Field(20.0, gt=0)
     # The operator console (docs/console.md): a web page on this port of ``host``, off unless asked for.
     console: bool = False
     console_port: int = Field(8080, ge=0, le=65535)
@@ -116,7 +124,16 @@ class ServiceConfig(BaseModel):
     # question latency only when ingest_pause_layers is 0. 128, what every GPU figure of the service used: with 64,
     # 150 cameras on an H100 fell behind (127 frames/s against 156 with 128, bench/NOTES.md, session 40).
     max_batch_frames: int = Field(128, ge=1)
+    # Streams the router takes per worker (the server's limit is this times workers); CreateStream beyond is
+    # RESOURCE_EXHAUSTED. Each stream takes room in its worker's device budget, a queue of frames and, when pulled, a
+    # decoding child process (about 55 MB), so one client creating streams without end would take every worker down
+    # with it. Twice the most cameras one worker was run with in the service benchmark (256, bench/NOTES.md).
+    max_streams_per_worker: int = Field(512, ge=1)
     max_push_calls: int = Field(64, ge=1)
+    # A PushFrames call that sends no frame for this long ends (DEADLINE_EXCEEDED), so that calls a client left open,
+    # or whose client died with its connection left half-open, do not hold the max_push_calls places from every other
+    # camera. A camera that pushes less often than this opens a call per frame, or per few.
+    push_idle_timeout_s: float = Field(60.0, gt=0)
     max_stream_fps: float = Field(60.0, gt=0)
     # Share of a worker's measured ingest rate that its streams' fps may add up to; 0 admits every stream.
     ingest_headroom: float = Field(0.8, ge=0, le=1)
@@ -262,6 +279,14 @@ class ServiceConfig(BaseModel):
             )
         if self.api_key is not None and self.api_key != self.api_key.strip():
             raise ValueError(f"api_key (or {API_KEY_ENV}) starts or ends with spaces; no client would send them")
+        if self.api_key_file is not None:
+            from services.api_keys import read_key_file  # raises ConfigError naming the file and the bad line
+
+            if self.api_key is not None:
+                raise ValueError(
+                    "api_key and api_key_file both set; give one (a file's keys can change without a restart)"
+                )
+            read_key_file(self.api_key_file)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(
                 f"tls_cert and tls_key go together, got tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}"
@@ -339,6 +364,8 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
             raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
     for name, env in _ENV_FIELDS.items():
+        if name == "api_key" and (overrides.get("api_key_file") or values.get("api_key_file")):
+            continue  # the key file stands in for the key, wherever that would come from
         if values.get(name) is None and os.environ.get(env):
             values[name] = os.environ[env]
     values.update({k: v for k, v in overrides.items() if v is not None})

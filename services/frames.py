@@ -6,8 +6,9 @@ from the magic bytes rather than trusted from the client, and the picture's size
 with the size limit. A header can also lie to that reading and not to FFmpeg (a second JPEG start-of-frame inside
 a segment FFmpeg scans and the walk skips), so the decoder itself is bounded too: FFmpeg's ``max_pixels`` refuses
 a picture of more than ``MAX_SIDE_PX`` squared pixels before it allocates it, and a decoded picture with a side over
-``MAX_SIDE_PX`` is refused. Every failure is an ``InvalidFrameError`` (INVALID_ARGUMENT) naming what was wrong;
-nothing here touches a stream, so a bad frame harms no one.
+``MAX_SIDE_PX`` is refused. A PNG whose header's size, bit depth and colour type add up to more decoded bytes than
+``MAX_PNG_DECODED_BYTES`` is refused before decoding too. Every failure is an ``InvalidFrameError``
+(INVALID_ARGUMENT) naming what was wrong; nothing here touches a stream, so a bad frame harms no one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from mosaic_core.model.video import MAX_SIDE_PX, frame_rgb
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Samples per pixel of each PNG colour type (IHDR byte 25): grey, RGB, palette, grey + alpha, RGBA.
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# The most bytes FFmpeg may decode a PNG into: those of an 8-bit RGB picture of MAX_SIDE_PX squared. A PNG is never
+# shrunk as it is decoded (a JPEG is, by ``lowres``), and a 16-bit RGBA one of 8192x8192 px (500 KB, well within a
+# message) took 4.2 s and over 500 MB to decode on this project's CPU, against 0.95 s for 8-bit RGB: a few of them
+# held every decode thread, and the router's memory, from the other cameras' frames.
+MAX_PNG_DECODED_BYTES = 3 * MAX_SIDE_PX * MAX_SIDE_PX
 
 
 def sniff_codec(data: bytes) -> str:
@@ -78,6 +86,26 @@ def check_image_size(data: bytes, codec: str) -> None:
             f"the {codec_name(codec)} frame ({len(data)} bytes) cannot be decoded: it names no picture size ({where})"
         )
     check_sides(*size, codec)
+    if codec == "png":
+        check_png_bytes(data, *size)
+
+
+def check_png_bytes(data: bytes, width: int, height: int) -> None:
+    """Refuses a PNG whose decoded picture (its IHDR's size, bit depth and colour type) would take more than
+    ``MAX_PNG_DECODED_BYTES``; an unknown colour type is left to the decoder, which refuses it."""
+    if len(data) < 26:
+        return  # the decoder refuses a header this short
+    depth, colour_type = data[24], data[25]
+    channels = PNG_CHANNELS.get(colour_type)
+    if channels is None:
+        return
+    decoded = width * height * max(1, channels * depth // 8)
+    if decoded > MAX_PNG_DECODED_BYTES:
+        raise InvalidFrameError(
+            f"the PNG frame is {width}x{height} px of {channels * depth} bits per pixel, {decoded / 2**20:.0f} MiB "
+            f"decoded; at most {MAX_PNG_DECODED_BYTES / 2**20:.0f} MiB (8-bit RGB of {MAX_SIDE_PX}x{MAX_SIDE_PX} px) "
+            "is decoded: send fewer bits per pixel or a smaller picture"
+        )
 
 
 def check_sides(width: int, height: int, codec: str) -> None:

@@ -16,8 +16,9 @@ is left of the pod's grace (``GRACE_PAST_CALLS_S`` past ``shutdown_grace_s``, as
 back its last telemetry (the frames it ingested or dropped as it stopped) for the metrics, and the workers, the store
 actor and Ray are stopped.
 
-Authentication: with an API key configured, every call except health and reflection must carry it in the
-``x-api-key`` metadata header; otherwise UNAUTHENTICATED (counted in ``mosaic_errors_total``).
+Authentication: with an API key (or a key file, ``services.api_keys``) configured, every call except health and
+reflection must carry a key in the ``x-api-key`` metadata header; otherwise UNAUTHENTICATED (counted in
+``mosaic_errors_total``).
 
 Ray is started (or joined) with ``services.ray_setup.init_ray``, which binds a local cluster to loopback when
 the host is.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import shutil
 import signal
@@ -41,6 +41,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from services import gil_probe, heap_probe
+from services.api_keys import ApiKeys
 from services.config import ServiceConfig
 from services.console.server import ConsoleServer
 from services.coordinator import Coordinator
@@ -73,10 +74,10 @@ MIN_WORKER_STOP_S = 1.0
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without the right ``x-api-key``; health and reflection stay open to probes."""
+    """Refuses calls without one of the ``keys`` in ``x-api-key``; health and reflection stay open to probes."""
 
-    def __init__(self, api_key: str, metrics: MosaicMetrics) -> None:
-        self._key = api_key.encode()
+    def __init__(self, keys: ApiKeys, metrics: MosaicMetrics) -> None:
+        self._keys = keys
         self._metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -85,8 +86,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = metadata.get(API_KEY_HEADER, "")
-        given = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given, self._key):
+        if given and self._keys.matches(given):
             return handler
         return _deny(handler, self._metrics, "missing" if not given else "wrong")
 
@@ -162,14 +162,10 @@ class MosaicServer:
     async def _start_grpc(self, queue: QueryQueue) -> None:
         cfg = self.config
         interceptors = [RequestLogInterceptor()]  # outermost: refused calls are logged too
-        if cfg.api_key:
-            interceptors.append(ApiKeyInterceptor(cfg.api_key, self.metrics))
-        options = [
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        self._server = grpc.aio.server(interceptors=interceptors, options=options)
+        if cfg.api_key or cfg.api_key_file:
+            keys = ApiKeys(key=cfg.api_key) if cfg.api_key else ApiKeys(path=cfg.api_key_file)
+            interceptors.append(ApiKeyInterceptor(keys, self.metrics))
+        self._server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(cfg))
         # Handlers must be registered before start; until the workers are up the coordinator has none, so
         # calls fail with NOT_FOUND/UNAVAILABLE while readiness reports NOT_SERVING.
         self.coordinator = Coordinator([], None, self.metrics)
@@ -180,6 +176,8 @@ class MosaicServer:
             mode=cfg.mode,
             default_max_new_tokens=cfg.default_max_new_tokens,
             max_push_calls=cfg.max_push_calls,
+            push_idle_timeout_s=cfg.push_idle_timeout_s,
+            max_streams=cfg.max_streams_per_worker * cfg.workers,
             max_fps=cfg.max_stream_fps,
             source_policy=SourcePolicy.of(cfg),
             decode_max_pixels=cfg.decode_max_pixels(),
@@ -340,6 +338,23 @@ class MosaicServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def grpc_server_options(cfg: ServiceConfig) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message limits, and keepalive pings that find a client gone without
+    closing its connection (a node lost, a NAT that forgot it), whose calls would otherwise hold their places
+    (WatchEvents subscribers, questions) until gRPC's default first ping, two hours in."""
+    return [
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", round(cfg.grpc_keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(cfg.grpc_keepalive_timeout_s * 1000)),
+        # How long the installed gRPC (1.85) waits for a ping's answer before it closes the connection: with
+        # keepalive_timeout_ms alone, a connection whose ping went unanswered stayed open, its calls with it, for the
+        # 12 s watched (tests/integration/test_gone_clients.py's set-up).
+        ("grpc.http2.ping_timeout_ms", round(cfg.grpc_keepalive_timeout_s * 1000)),
+    ]
 
 
 def _enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:

@@ -27,7 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mosaic_core.engine.keyframe_store import MAX_IDS_PER_LOOKUP
 from mosaic_core.engine.stream import check_stream_id
-from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, MosaicError, UnknownStreamError, cut
+from mosaic_core.errors import (
+    CapacityError,
+    InvalidArgumentError,
+    InvalidFrameError,
+    MosaicError,
+    UnknownStreamError,
+    cut,
+)
 from mosaic_core.model.geometry import downscaled_size
 from services import convert
 from services.coordinator import Coordinator
@@ -36,6 +43,7 @@ from services.fanout import Chunk, merge_answers, merged_evidence
 from services.frames import decode_frame
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.gen.mosaic.v1 import mosaic_pb2_grpc
+from services.idle_watch import IdleWatch
 from services.metrics import MosaicMetrics
 from services.scheduler import QueryQueue
 from services.source_policy import SourcePolicy
@@ -51,6 +59,7 @@ WORKER_DEADLINE_MARGIN_S = 0.05
 PRIORITIES = {value: name for name, value in pb.Priority.items()}
 NO_DEADLINE_TIMEOUT_S = 600.0  # a question without a deadline still ends
 PUSH_RETRY_AFTER_S = 1.0
+DEFAULT_PUSH_IDLE_TIMEOUT_S = 60.0  # ServiceConfig.push_idle_timeout_s
 
 
 class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
@@ -63,6 +72,9 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         mode: retrieval mode label for the latency histograms.
         default_max_new_tokens: used when a question asks for 0.
         max_push_calls: concurrent PushFrames calls accepted; beyond, RESOURCE_EXHAUSTED.
+        max_streams: streams the server holds at most; CreateStream beyond is RESOURCE_EXHAUSTED (None: no limit).
+        push_idle_timeout_s: a PushFrames call that sends no frame for this long ends with DEADLINE_EXCEEDED, giving
+            its place back.
         evidence_spans: spans in a merged answer.
         max_fps: the highest fps a stream may ask for.
         source_policy: what ``source_url`` is checked against here (its scheme, root and host as written), before
@@ -85,6 +97,8 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         mode: str,
         default_max_new_tokens: int,
         max_push_calls: int,
+        push_idle_timeout_s: float = DEFAULT_PUSH_IDLE_TIMEOUT_S,
+        max_streams: int | None = None,
         evidence_spans: int = 5,
         max_fps: float = convert.DEFAULT_MAX_FPS,
         source_policy: SourcePolicy | None = None,
@@ -98,6 +112,9 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         self.mode = mode
         self.default_max_new_tokens = default_max_new_tokens
         self.max_push_calls = max_push_calls
+        self.push_idle_timeout_s = push_idle_timeout_s
+        self.max_streams = max_streams
+        self._num_creating = 0
         self.evidence_spans = evidence_spans
         self.max_fps = max_fps
         self.source_policy = source_policy
@@ -114,10 +131,25 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             record = convert.record_from_request(request, max_fps=self.max_fps)
             if record.source_url is not None and self.source_policy is not None:
                 self.source_policy.check(record.source_url, must_exist=False)
-            info = await self.coordinator.create_stream(record)
+            self._check_stream_room(record.stream_id)
+            self._num_creating += 1  # counted until placed, so creates side by side cannot pass the limit
+            try:
+                info = await self.coordinator.create_stream(record)
+            finally:
+                self._num_creating -= 1
             return convert.stream_to_proto(info)
         except Exception as err:
             await abort(context, err, self.metrics)
+
+    def _check_stream_room(self, stream_id: str) -> None:
+        """Raises ``CapacityError`` (RESOURCE_EXHAUSTED) when the server holds ``max_streams`` streams already."""
+        num_streams = len(self.coordinator.placement) + self._num_creating
+        if self.max_streams is None or num_streams < self.max_streams or stream_id in self.coordinator.placement:
+            return
+        raise CapacityError(
+            f"the server has {num_streams} streams, created or being created, its limit ({self.max_streams}: "
+            "max_streams_per_worker for each worker); delete streams or add workers"
+        )
 
     async def DeleteStream(self, request, context):
         try:
@@ -178,14 +210,16 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         try:
             totals = PushResult()  # its rejections: the first convert.MAX_FRAME_ERRORS, which the answer lists
             num_rejected = index = 0
-            async for frame in request_iterator:
-                part = await self._push_one(index, frame)
-                totals.accepted += part.accepted
-                totals.dropped += part.dropped
-                totals.sampled_out += part.sampled_out
-                num_rejected += len(part.rejected)
-                totals.rejected.extend(part.rejected[: max(0, convert.MAX_FRAME_ERRORS - len(totals.rejected))])
-                index += 1
+            frames = aiter(request_iterator)
+            with IdleWatch(self.push_idle_timeout_s) as idle:
+                while (frame := await self._next_frame(frames, idle, totals)) is not None:
+                    part = await self._push_one(index, frame)
+                    totals.accepted += part.accepted
+                    totals.dropped += part.dropped
+                    totals.sampled_out += part.sampled_out
+                    num_rejected += len(part.rejected)
+                    totals.rejected.extend(part.rejected[: max(0, convert.MAX_FRAME_ERRORS - len(totals.rejected))])
+                    index += 1
             if num_rejected and num_rejected == index:  # every frame of the call refused
                 raise _all_refused(totals, num_rejected)
             return convert.push_response(totals, num_rejected=num_rejected)
@@ -193,6 +227,22 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             await abort(context, err, self.metrics)
         finally:
             self._num_push_calls -= 1
+
+    async def _next_frame(self, frames, idle: IdleWatch, totals: PushResult):
+        """The call's next frame, or None once the client is done; a wait of ``push_idle_timeout_s`` ends the call."""
+        try:
+            with idle.waiting():
+                return await anext(frames)
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            if not idle.fired or asyncio.current_task().uncancel() > 0:
+                raise  # the client went away, or the server stops
+            raise DeadlineError(
+                f"no frame arrived for {self.push_idle_timeout_s:g} s, so this PushFrames call ended to free its place "
+                f"(the server takes {self.max_push_calls} at once); {totals.accepted} frames of it were taken before. "
+                "Open a new call for the next frames"
+            ) from None
 
     async def _push_one(self, index: int, frame) -> PushResult:
         try:

@@ -126,7 +126,7 @@ class ConsoleServer:
             ) from err
         self.port = self._runner.addresses[0][1]
         log.info("console on %s://%s:%d/", "https" if cfg.tls_cert else "http", cfg.host, self.port)
-        if not cfg.api_key:
+        if not (cfg.api_key or cfg.api_key_file):
             log.warning(
                 "the console runs without an API key: anyone who reaches %s:%d, and any web page whose host name "
                 "is made to resolve there (DNS rebinding), can read the cameras and ask questions; set --api-key",

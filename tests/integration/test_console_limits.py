@@ -12,6 +12,7 @@ import threading
 import grpc
 import pytest
 
+from services.api_keys import ApiKeys
 from services.config import load_config
 from services.console import server as console_server
 from services.console.server import ConsoleServer
@@ -46,7 +47,7 @@ def console_port(monkeypatch):
             default_max_new_tokens=8, max_push_calls=4,
         )  # fmt: skip
         servicer.watches = WatchRegistry(InMemoryWatchStore(), coordinator, metrics, config)
-        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(KEY, metrics)])
+        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(ApiKeys(key=KEY), metrics)])
         mosaic_pb2_grpc.add_MosaicServicer_to_server(servicer, server)
         console = ConsoleServer(config)
         console.bind_grpc(server)

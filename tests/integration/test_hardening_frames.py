@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 import zlib
 from fractions import Fraction
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from mosaic_core.errors import InvalidFrameError
-from services.frames import MAX_SIDE_PX, decode_image, encode_image, image_size, sniff_codec
+from services.frames import MAX_SIDE_PX, PNG_MAGIC, decode_image, encode_image, image_size, sniff_codec
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "png"])
@@ -109,3 +110,31 @@ def test_a_png_whose_first_chunk_is_not_ihdr_is_refused_before_decoding():
     chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
     with pytest.raises(InvalidFrameError, match=r"names no picture size \(no IHDR chunk first\)"):
         decode_image(png[:8] + chunk + png[8:])
+
+
+def _blank_png(width: int, height: int, depth: int, colour_type: int, channels: int) -> bytes:
+    """A valid all-zero PNG, streamed row by row: a few hundred KB however large the picture."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row, parts = zlib.compressobj(9), b"\x00" * (1 + width * channels * depth // 8), []
+    for _ in range(height):
+        parts.append(packer.compress(row))
+    parts.append(packer.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    return PNG_MAGIC + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def test_a_png_that_would_decode_to_more_bytes_than_8bit_rgb_at_the_largest_size_is_refused_before_decoding():
+    """A 16-bit RGBA PNG of 8192x8192 px is 500 KB: decoded, it took seconds and over 500 MB of the router's."""
+    bomb = _blank_png(MAX_SIDE_PX, MAX_SIDE_PX, 16, 6, 4)
+    assert len(bomb) < 1 << 20  # it fits any gRPC message
+    started = time.perf_counter()
+    with pytest.raises(InvalidFrameError, match=rf"{MAX_SIDE_PX}x{MAX_SIDE_PX} px of 64 bits per pixel, 512 MiB"):
+        decode_image(bomb, 4 * 401_408)
+    assert time.perf_counter() - started < 0.5  # refused from its header, not after a decode
+    # The same picture at the bytes of 8-bit RGB still decodes, and so does 16-bit RGBA of a 4K camera.
+    for width, height, depth, colour_type, channels in ((2048, 2048, 8, 2, 3), (3840, 2160, 16, 6, 4)):
+        picture = decode_image(_blank_png(width, height, depth, colour_type, channels))
+        assert picture.shape == (height, width, 3)
