@@ -63,12 +63,12 @@ def ray_init_options(config: ServiceConfig, **overrides) -> dict:
     options: dict = {"num_cpus": num_cpus, "include_dashboard": dashboard}
     if dashboard:
         options["dashboard_host"] = LOOPBACK
-    if _is_loopback(config.host):
+    if is_loopback(config.host):
         options["_node_ip_address"] = LOOPBACK
     return {**options, **overrides}
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     """Whether gRPC binds ``host`` to loopback only: a loopback address (an IPv4-mapped one included) or the name
     ``localhost`` in any case, as the resolver reads it."""
     try:

@@ -49,7 +49,7 @@ from services.errors import UnauthenticatedError, status_for
 from services.gen.mosaic.v1 import mosaic_pb2, mosaic_pb2_grpc
 from services.metadata.watches import InMemoryWatchStore, RedisWatchStore
 from services.metrics import MosaicMetrics
-from services.ray_setup import init_ray
+from services.ray_setup import init_ray, is_loopback
 from services.request_log import RequestLogInterceptor, replace_behaviour
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
@@ -195,6 +195,8 @@ class MosaicServer:
             self.grpc_port = self._server.add_secure_port(address, creds)
         else:
             self.grpc_port = self._server.add_insecure_port(address)
+            if warning := clear_text_key_warning(cfg):
+                log.warning(warning)
         if cfg.console:
             self._console = ConsoleServer(cfg)
             self._console.bind_grpc(self._server)
@@ -230,7 +232,7 @@ class MosaicServer:
         self.coordinator.store = store
         self.coordinator.data_dir = cfg.data_dir
         actor_cls = worker_actor(cfg)
-        self._workers = [actor_cls.remote(str(i), cfg, worker_store) for i in range(cfg.workers)]
+        self._workers = [actor_cls.remote(str(i), worker_config(cfg), worker_store) for i in range(cfg.workers)]
         self.coordinator.workers = self._workers
         await self.coordinator.start(cfg.worker_start_timeout_s)
         if cfg.redis_url:
@@ -355,6 +357,22 @@ def grpc_server_options(cfg: ServiceConfig) -> list[tuple[str, int]]:
         # 12 s watched (tests/integration/test_gone_clients.py's set-up).
         ("grpc.http2.ping_timeout_ms", round(cfg.grpc_keepalive_timeout_s * 1000)),
     ]
+
+
+def worker_config(cfg: ServiceConfig) -> ServiceConfig:
+    """The settings a worker is made with: the router's, less the API keys, which workers never check. Ray keeps an
+    actor's arguments (in its control store, to restart it), so a key there would outlive its rotation."""
+    return cfg.model_copy(update={"api_key": None, "api_key_file": None})
+
+
+def clear_text_key_warning(cfg: ServiceConfig) -> str | None:
+    """What to warn of when gRPC without TLS, on more than loopback, carries API keys; None when nothing."""
+    if not (cfg.api_key or cfg.api_key_file) or cfg.tls_cert or is_loopback(cfg.host):
+        return None
+    return (
+        f"gRPC on {cfg.host} has no TLS: API keys cross the network in clear text; pass --tls-cert and --tls-key, "
+        "or keep a TLS-terminating proxy or mesh in front"
+    )
 
 
 def _enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:
