@@ -251,3 +251,16 @@ def test_merge_skips_a_stream_out_of_range_but_fails_when_all_are():
                 }
             )
         )
+
+
+def test_merge_leaves_out_a_stream_deleted_mid_answer_and_starts_the_next_answer_on_a_line_of_its_own():
+    async def scenario():
+        sources = {
+            "gone": _events("gone", 2, 0.0, 0.5, UnknownStreamError("stream 'gone' was deleted")),
+            "kept": _events("kept", 2, 0.02, 0.7),
+        }
+        return [item async for item in merge_answers(sources, headers=True)]
+
+    items = asyncio.run(scenario())
+    assert "".join(i.text for i in items if isinstance(i, Chunk)) == "[gone] gone0 gone1 \n[kept] kept0 kept1 \n"
+    assert [i.stream_id for i in items if isinstance(i, Answer)] == ["kept"]
