@@ -12,7 +12,9 @@ The question runs on every target stream at once (their workers may differ), and
 
 A stream whose history does not reach the question's time range (OUT_OF_RANGE), that has no frames yet, or that
 was deleted after the question was checked (NOT_FOUND) is left out of a multi-stream answer; the call fails with the
-first such status only when every stream is left out.
+first such status only when every stream is left out. Any other failure of one stream fails the call as soon as it
+arrives, even while another stream's answer is being streamed: the call would fail anyway, and the other answers are
+cancelled instead of decoded for nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +53,11 @@ async def merge_answers(sources: dict[str, AsyncIterator[object]], *, headers: b
                 arrived.set()
             await queues[stream_id].put(_END)
         except Exception as err:
-            await queues[stream_id].put(err)
+            if headers and isinstance(err, _SKIPPED):
+                queues[stream_id].put_nowait(err)
+            else:  # into every queue, so the answer being streamed now ends with it
+                for queue in queues.values():
+                    queue.put_nowait(err)
         arrived.set()
 
     tasks = [asyncio.create_task(pump(sid, events)) for sid, events in sources.items()]
