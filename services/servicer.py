@@ -282,6 +282,10 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         stream_ids = [check_stream_id(s) for s in dict.fromkeys(request.stream_ids)] or sorted(
             self.coordinator.placement
         )
+        if not stream_ids and not self.coordinator.started:  # its workers have not said which streams they hold yet
+            raise UnavailableError(
+                "the server is starting and its workers are restoring their streams; retry in a few seconds"
+            )
         if not stream_ids:
             raise UnknownStreamError("there are no streams to ask about; create one first")
         for stream_id in stream_ids:
