@@ -49,7 +49,9 @@ DEADLINE_MARGIN_S = 0.05  # answer DEADLINE_EXCEEDED ourselves just before the c
 # arrives and is read, instead of the router abandoning the answer stream with the error still in flight.
 WORKER_DEADLINE_MARGIN_S = 0.05
 PRIORITIES = {value: name for name, value in pb.Priority.items()}
-NO_DEADLINE_TIMEOUT_S = 600.0  # a question without a deadline still ends
+# A question ends by then, whether it has no deadline or a later one: a wait of centuries overflowed the worker's
+# thread waits (``threading.TIMEOUT_MAX``), and its answer failed INTERNAL.
+MAX_QUESTION_S = 600.0
 PUSH_RETRY_AFTER_S = 1.0
 
 
@@ -241,7 +243,9 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         try:
             stream_ids, time_range = self._check_query(request)
             remaining = context.time_remaining()
-            budget_s = NO_DEADLINE_TIMEOUT_S if remaining is None else max(0.0, remaining - DEADLINE_MARGIN_S)
+            budget_s = (
+                MAX_QUESTION_S if remaining is None else max(0.0, min(remaining, MAX_QUESTION_S) - DEADLINE_MARGIN_S)
+            )
             ticket = self.queue.admit(",".join(stream_ids), request.priority or pb.PRIORITY_NORMAL)
         except Exception as err:
             self.metrics.query_finished("rejected" if isinstance(err, QueueFullError) else "error")

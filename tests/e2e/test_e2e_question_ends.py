@@ -54,6 +54,25 @@ def test_a_question_closed_while_its_answer_is_sent_is_counted(service, stream):
     assert metric(service.metrics_url, "mosaic_query_queue_depth") == 0
 
 
+class _FarCall(_OpenCall):
+    """A call whose deadline is centuries away, as a client may set (gRPC carries up to 99,999,999 hours)."""
+
+    def time_remaining(self) -> float:
+        return 1e10
+
+
+def test_a_question_with_a_deadline_centuries_away_is_answered(service, stream):
+    """A wait that long overflows the worker's thread waits (``threading.TIMEOUT_MAX``, about 292 years): the answer
+    ended INTERNAL. A question ends by ``MAX_QUESTION_S`` whatever its deadline, as one with none does."""
+    request = pb.QueryRequest(stream_ids=[stream], question="What moved?", max_new_tokens=2)
+
+    async def ask() -> list:
+        return [event async for event in service.server.servicer.Query(request, _FarCall())]
+
+    events = service.run(ask())
+    assert events[-1].WhichOneof("event") == "timings"
+
+
 def test_a_question_the_worker_refuses_is_counted_rejected(client, service, stream):
     """The stream's worker takes ``max_questions_per_stream`` (4) questions of a stream; the next is refused with
     RESOURCE_EXHAUSTED, counted as rejected as the router's own full queue is, not as an error."""
