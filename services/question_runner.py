@@ -361,4 +361,4 @@ class QuestionRunner:
             self._closed = True
             left = self._questions + list(self._pending_questions) + list(self._background)
         for job in left:
-            self._finish(job, QuestionCancelled("the worker is shutting down"))
+            self._finish(job, UnavailableError("the worker is shutting down; ask again once it is back"))
