@@ -1,7 +1,7 @@
 """A worker process killed (SIGKILL, by its PID) while it answers: the client gets UNAVAILABLE with a sentence within
 seconds, a question over several streams fails then too rather than after the other answers end, nothing is left
-held in the router (its question queue, the running gauge), and once Ray has restarted the worker its streams answer
-again.
+held in the router (its question queue; ``mosaic_queries_running`` back to 0), and once Ray has restarted the worker
+its streams answer again.
 
 Real local Ray (the e2e suite's one cluster), the real gRPC server with two workers of this module's own (each killed
 once, well within Ray's restarts), tiny preset on the CPU. Every wait is bounded.
@@ -70,6 +70,7 @@ def _kill_when(server, stream_ids: list[str], victim_of) -> tuple[list[pb.QueryE
             for event in call:
                 events.append(event)
                 if killed_s is None and event.token.token_ids:
+                    assert metric(server.metrics_url, "mosaic_queries_running") == 1
                     victim = victim_of(events)
                     pid = wait_for(lambda v=victim: _pid(server, v), timeout_s=60, what=f"worker {victim}'s pid")
                     os.kill(pid, signal.SIGKILL)
@@ -90,6 +91,7 @@ def _nothing_held(server) -> None:
     queue = server.server.servicer.queue
     wait_for(lambda: queue.num_running == 0 and queue.num_waiting == 0, timeout_s=10, what="the router's queue empty")
     assert metric(server.metrics_url, "mosaic_query_queue_depth") == 0
+    assert metric(server.metrics_url, "mosaic_queries_running") == 0
 
 
 def test_a_question_whose_worker_is_killed_mid_answer_is_unavailable_within_seconds(server):

@@ -190,6 +190,28 @@ def test_waiting_past_the_deadline_leaves_the_queue():
     assert asyncio.run(scenario()) == 0
 
 
+def test_the_running_gauge_follows_every_grant_and_release_back_to_zero():
+    """What ``mosaic_queries_running`` is set to: the questions let run after each change, a waiter let run in a
+    release's place included, and 0 once all have ended however they ended."""
+
+    async def scenario():
+        reported = []
+        queue = QueryQueue(max_waiting=2, max_running=2, on_running=reported.append)
+        first, second = queue.admit("a", 2), queue.admit("b", 2)
+        after = [reported[-1]]
+        third = queue.admit("c", 2)  # waits
+        queue.release(first)  # the third runs in its place
+        after.append(reported[-1])
+        queue.release(second)
+        after.append(reported[-1])
+        queue.release(third)
+        queue.release(third)  # twice: nothing more to release
+        after.append(reported[-1])
+        return after
+
+    assert asyncio.run(scenario()) == [2, 2, 1, 0]
+
+
 # -- cross-stream merging --------------------------------------------------------------------------
 
 
