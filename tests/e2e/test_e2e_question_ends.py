@@ -126,6 +126,37 @@ def test_a_question_the_worker_refuses_is_counted_rejected(client, service, stre
     assert metric(service.metrics_url, "mosaic_queries_total", outcome="error") == errors_before
 
 
+def test_a_question_cancelled_or_past_its_deadline_mid_answer_ends_on_its_worker(client, service, stream):
+    """The worker stops decoding it and gives its place back (``questions_of`` back to 0, within seconds), and the
+    router holds nothing of it; each is counted, as an error and as a deadline."""
+    import ray
+
+    coordinator = service.server.coordinator
+    worker = coordinator.workers[coordinator.placement[stream]]
+
+    def ended_on_the_worker() -> None:
+        deadline = time.monotonic() + 10
+        while ray.get(worker.questions_of.remote(stream), timeout=30) > 0:
+            assert time.monotonic() < deadline, "the worker went on with the question"
+            time.sleep(0.05)
+        assert service.server.servicer.queue.num_running == 0
+        assert metric(service.metrics_url, "mosaic_queries_running") == 0
+
+    counts = {o: metric(service.metrics_url, "mosaic_queries_total", outcome=o) for o in ("error", "deadline")}
+    request = pb.QueryRequest(stream_ids=[stream], question="Describe everything.", max_new_tokens=400)
+    call = client.stub.Query(request, timeout=60, metadata=METADATA)
+    for _, event in zip(range(3), call, strict=False):  # two tokens or so: it is answering
+        assert event.WhichOneof("event") == "token"
+    call.cancel()
+    ended_on_the_worker()
+    with pytest.raises(grpc.RpcError) as late:
+        client.ask("Describe everything.", [stream], max_new_tokens=400, timeout_s=1.0)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline passed" in late.value.details()
+    ended_on_the_worker()
+    assert metric(service.metrics_url, "mosaic_queries_total", outcome="error") == counts["error"] + 1
+    assert metric(service.metrics_url, "mosaic_queries_total", outcome="deadline") == counts["deadline"] + 1
+
+
 # Greedy answers of random weights may end at once; each attempt asks another question on a fresh stream.
 LONG_QUESTIONS = ("Describe everything.", "List every moving thing, in order.", "Tell the whole story of this stream.")
 
