@@ -398,4 +398,7 @@ class Coordinator(TelemetryPollsMixin):
                 log.error("worker %d is gone for good (Ray will not restart it again): %s", index, err)
             raise gone_error(index, MAX_RESTARTS) from None
         except ray.exceptions.RayActorError as err:
-            raise UnavailableError(f"worker {index} is unavailable (restarting or gone): {err}") from None
+            # Not gone for good (ActorDiedError, above): the client may retry, and is told so before Ray's own words.
+            raise UnavailableError(
+                f"worker {index} is unavailable (restarting, or cut off); retry shortly. Ray: {err}"
+            ) from None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from mosaic_core.errors import CapacityError, MosaicError, NotFoundError, OutOfRangeError
+from mosaic_core.errors import CapacityError, MosaicError, NotFoundError, OutOfRangeError, UnknownStreamError
 
 RETRY_AFTER_KEY = "retry-after-ms"
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the header of a task error's text
@@ -60,6 +60,11 @@ class QuestionCancelled(MosaicError):
     """The router gave up on the question (client went away)."""
 
     grpc_code = "CANCELLED"
+
+
+class StreamDeletedError(UnknownStreamError):
+    """The stream was deleted while a question about it waited or was answered: NOT_FOUND, as a question asked after
+    the delete is (CANCELLED would tell the client that it cancelled the call itself)."""
 
 
 class UnavailableError(MosaicError):

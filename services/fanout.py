@@ -10,8 +10,11 @@ The question runs on every target stream at once (their workers may differ), and
 - the evidence of all answers is merged and ranked by score, so the top span names the camera whose
   history best matches the question ("which camera saw X" reads off ``evidence.spans[0].stream_id``).
 
-A stream whose history does not reach the question's time range (OUT_OF_RANGE) is left out of a
-multi-stream answer; the call fails with OUT_OF_RANGE only when every stream is.
+A stream whose history does not reach the question's time range (OUT_OF_RANGE), that has no frames yet, or that
+was deleted after the question was checked (NOT_FOUND) is left out of a multi-stream answer; the call fails with the
+first such status only when every stream is left out. Any other failure of one stream fails the call as soon as it
+arrives, even while another stream's answer is being streamed: the call would fail anyway, and the other answers are
+cancelled instead of decoded for nothing.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from mosaic_core.engine.results import Answer, EvidenceSpan, TokenEvent
-from mosaic_core.errors import OutOfRangeError
+from mosaic_core.errors import OutOfRangeError, UnknownStreamError
 
 _END = object()
+# Left out of a multi-stream answer: no history in the range or no frames yet (OutOfRangeError), or deleted since the
+# question was checked (UnknownStreamError: the servicer refuses a question naming an unknown stream before this).
+_SKIPPED = (OutOfRangeError, UnknownStreamError)
 
 
 @dataclass(slots=True)
@@ -47,18 +53,22 @@ async def merge_answers(sources: dict[str, AsyncIterator[object]], *, headers: b
                 arrived.set()
             await queues[stream_id].put(_END)
         except Exception as err:
-            await queues[stream_id].put(err)
+            if headers and isinstance(err, _SKIPPED):
+                queues[stream_id].put_nowait(err)
+            else:  # into every queue, so the answer being streamed now ends with it
+                for queue in queues.values():
+                    queue.put_nowait(err)
         arrived.set()
 
     tasks = [asyncio.create_task(pump(sid, events)) for sid, events in sources.items()]
     answers: list[Answer] = []
-    out_of_range: list[OutOfRangeError] = []
+    skipped: list[Exception] = []
     try:
         remaining = list(sources)
         while remaining:
             active = await _next_ready(remaining, queues, arrived)
             remaining.remove(active)
-            async for item in _drain(active, queues[active], headers=headers, out_of_range=out_of_range):
+            async for item in _drain(active, queues[active], headers=headers, skipped=skipped):
                 if isinstance(item, Answer):
                     answers.append(item)
                 else:
@@ -67,8 +77,8 @@ async def merge_answers(sources: dict[str, AsyncIterator[object]], *, headers: b
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    if not answers and out_of_range:
-        raise out_of_range[0]
+    if not answers and skipped:
+        raise skipped[0]
     for answer in answers:
         yield answer
 
@@ -82,11 +92,13 @@ async def _next_ready(remaining: list[str], queues: dict[str, asyncio.Queue], ar
         await arrived.wait()
 
 
-async def _drain(stream_id: str, queue: asyncio.Queue, *, headers: bool, out_of_range: list) -> AsyncIterator:
+async def _drain(stream_id: str, queue: asyncio.Queue, *, headers: bool, skipped: list) -> AsyncIterator:
     started = False
     while (event := await queue.get()) is not _END:
-        if isinstance(event, OutOfRangeError) and headers:
-            out_of_range.append(event)  # nothing of this camera in the range; the others still answer
+        if isinstance(event, _SKIPPED) and headers:
+            skipped.append(event)  # nothing of this camera to answer from; the others still answer
+            if started:  # deleted mid-answer: the next answer starts on a line of its own
+                yield Chunk(stream_id, "\n")
             return
         if isinstance(event, BaseException):
             raise event

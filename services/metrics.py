@@ -140,6 +140,11 @@ class MosaicMetrics:
         self.query_queue_depth = Gauge(
             "mosaic_query_queue_depth", "Questions waiting in the router's bounded queue.", registry=r
         )
+        self.queries_running = Gauge(
+            "mosaic_queries_running",
+            "Questions the router's queue lets run now (at most query_concurrency), answering or being answered.",
+            registry=r,
+        )
         self.queries_total = Counter("mosaic_queries_total", "Questions finished, by outcome.", ["outcome"], registry=r)
         self.time_to_first_token_seconds = Histogram(
             "mosaic_time_to_first_token_seconds",
@@ -201,6 +206,9 @@ class MosaicMetrics:
 
     def set_query_queue_depth(self, n: int) -> None:
         self.query_queue_depth.set(non_negative("query queue depth", n))
+
+    def set_queries_running(self, n: int) -> None:
+        self.queries_running.set(non_negative("questions running", n))
 
     def query_finished(self, outcome: str) -> None:
         self.queries_total.labels(check_label("outcome", outcome, QUERY_OUTCOMES)).inc()

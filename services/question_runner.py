@@ -31,7 +31,14 @@ from collections import defaultdict, deque
 
 from mosaic_core.engine.results import Answer
 from mosaic_core.errors import CapacityError, OutOfRangeError
-from services.errors import DeadlineError, NoFramesYetError, QuestionCancelled, QueueFullError, UnavailableError
+from services.errors import (
+    DeadlineError,
+    NoFramesYetError,
+    QuestionCancelled,
+    QueueFullError,
+    StreamDeletedError,
+    UnavailableError,
+)
 from services.question_job import DONE, QuestionJob
 from services.telemetry import WorkerTelemetry
 from services.tier_sync import TierSync
@@ -223,7 +230,7 @@ class QuestionRunner:
         for job in list(self._background):
             if job.stream_id not in self.engine.streams:
                 self._background.remove(job)
-                self._finish(job, QuestionCancelled(f"stream {job.stream_id!r} was deleted"))
+                self._finish(job, StreamDeletedError(f"stream {job.stream_id!r} was deleted"))
             elif job.cancelled.is_set() or now > job.deadline_s:
                 self._background.remove(job)
                 self._step(job)  # ends it with its cancellation or deadline
@@ -346,7 +353,7 @@ class QuestionRunner:
                 self._pending_questions.remove(job)
             if job in self._background:
                 self._background.remove(job)
-            self._finish(job, QuestionCancelled(f"stream {stream_id!r} was deleted"))
+            self._finish(job, StreamDeletedError(f"stream {stream_id!r} was deleted before its answer was done"))
 
     def close(self) -> None:
         """Ends every question as the engine thread stops, and takes no more (``submit`` refuses them)."""
@@ -354,4 +361,4 @@ class QuestionRunner:
             self._closed = True
             left = self._questions + list(self._pending_questions) + list(self._background)
         for job in left:
-            self._finish(job, QuestionCancelled("the worker is shutting down"))
+            self._finish(job, UnavailableError("the worker is shutting down; ask again once it is back"))

@@ -142,6 +142,7 @@ class MosaicServer:
             max_waiting=cfg.query_queue_size,
             max_running=cfg.query_concurrency,
             on_depth=self.metrics.set_query_queue_depth,
+            on_running=self.metrics.set_queries_running,
         )
         # Ray first: it forks its daemons, which is noisy (and unsafe) once gRPC threads are running.
         self.start_ray()

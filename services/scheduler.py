@@ -46,14 +46,16 @@ class QueryQueue:
         max_waiting: questions that may wait; more are refused.
         max_running: questions that may run at once.
         on_depth: called with the number waiting after every change (the queue-depth gauge).
+        on_running: called with the number running after every change (the running gauge).
     """
 
-    def __init__(self, *, max_waiting: int, max_running: int, on_depth=None) -> None:
+    def __init__(self, *, max_waiting: int, max_running: int, on_depth=None, on_running=None) -> None:
         if max_waiting < 1 or max_running < 1:
             raise ValueError(f"max_waiting={max_waiting} and max_running={max_running} must be >= 1")
         self.max_waiting = max_waiting
         self.max_running = max_running
         self._on_depth = on_depth or (lambda n: None)
+        self._on_running = on_running or (lambda n: None)
         self._classes: dict[int, OrderedDict[str, deque[Ticket]]] = {}
         self._num_waiting = 0
         self._running: set[Ticket] = set()
@@ -122,10 +124,12 @@ class QueryQueue:
         run_s = time.monotonic() - (ticket.started_s or ticket.enqueued_s)
         self._avg_run_s += _EWMA_WEIGHT * (run_s - self._avg_run_s)
         self._grant_next()
+        self._on_running(len(self._running))
 
     def _grant(self, ticket: Ticket) -> None:
         ticket.started_s = time.monotonic()
         self._running.add(ticket)
+        self._on_running(len(self._running))
         if not ticket.granted.done():
             ticket.granted.set_result(None)
 

@@ -57,7 +57,9 @@ DEADLINE_MARGIN_S = 0.05  # answer DEADLINE_EXCEEDED ourselves just before the c
 # arrives and is read, instead of the router abandoning the answer stream with the error still in flight.
 WORKER_DEADLINE_MARGIN_S = 0.05
 PRIORITIES = {value: name for name, value in pb.Priority.items()}
-NO_DEADLINE_TIMEOUT_S = 600.0  # a question without a deadline still ends
+# A question ends by then, whether it has no deadline or a later one: a wait of centuries overflowed the worker's
+# thread waits (``threading.TIMEOUT_MAX``), and its answer failed INTERNAL.
+MAX_QUESTION_S = 600.0
 PUSH_RETRY_AFTER_S = 1.0
 DEFAULT_PUSH_IDLE_TIMEOUT_S = 60.0  # ServiceConfig.push_idle_timeout_s
 
@@ -291,7 +293,9 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         try:
             stream_ids, time_range = self._check_query(request)
             remaining = context.time_remaining()
-            budget_s = NO_DEADLINE_TIMEOUT_S if remaining is None else max(0.0, remaining - DEADLINE_MARGIN_S)
+            budget_s = (
+                MAX_QUESTION_S if remaining is None else max(0.0, min(remaining, MAX_QUESTION_S) - DEADLINE_MARGIN_S)
+            )
             ticket = self.queue.admit(",".join(stream_ids), request.priority or pb.PRIORITY_NORMAL)
         except Exception as err:
             self.metrics.query_finished("rejected" if isinstance(err, QueueFullError) else "error")
@@ -332,6 +336,10 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         stream_ids = [check_stream_id(s) for s in dict.fromkeys(request.stream_ids)] or sorted(
             self.coordinator.placement
         )
+        if not stream_ids and not self.coordinator.started:  # its workers have not said which streams they hold yet
+            raise UnavailableError(
+                "the server is starting and its workers are restoring their streams; retry in a few seconds"
+            )
         if not stream_ids:
             raise UnknownStreamError("there are no streams to ask about; create one first")
         for stream_id in stream_ids:

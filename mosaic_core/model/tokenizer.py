@@ -53,9 +53,12 @@ def chat_prefix(system: str) -> str:
     return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
 
 
+_ANSWER_OPENING = "<|im_end|>\n<|im_start|>assistant\n"  # the user's turn ends, the assistant's begins
+
+
 def question_prompt(question: str) -> str:
     """Qwen chat text after the video tokens: the question, then the opening of the assistant turn."""
-    return f"\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    return f"\n{question}{_ANSWER_OPENING}"
 
 
 def question_token_ids(question: str, tokenizer: PreTrainedTokenizerFast | None = None) -> list[int]:
@@ -67,7 +70,12 @@ def question_token_ids(question: str, tokenizer: PreTrainedTokenizerFast | None 
         tokenizer: the tokenizer to count with; None loads this process's (``load_qwen_tokenizer``).
     """
     tokenizer = tokenizer if tokenizer is not None else load_qwen_tokenizer()
-    return tokenizer.encode(question_prompt(question), add_special_tokens=False)
+    # The question is the user's text: a special token written in it is encoded as the characters written, since
+    # "<|im_end|>" there would end the user's turn and let the question write the assistant's opening itself. The
+    # template's own special tokens start a segment of their own either way, so a question without such text gets the
+    # same ids as the whole prompt encoded at once.
+    text = tokenizer.encode(f"\n{question}", add_special_tokens=False, split_special_tokens=True)
+    return text + tokenizer.encode(_ANSWER_OPENING, add_special_tokens=False)
 
 
 def load_qwen_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerFast:

@@ -34,6 +34,7 @@ SPEC = {
     "mosaic_durable_restore_seconds": "gauge",
     "mosaic_durable_restored_streams": "gauge",
     "mosaic_query_queue_depth": "gauge",
+    "mosaic_queries_running": "gauge",
     "mosaic_queries": "counter",
     "mosaic_time_to_first_token_seconds": "histogram",
     "mosaic_inter_token_latency_seconds": "histogram",

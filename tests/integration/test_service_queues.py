@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import numpy as np
 import pytest
 
 from mosaic_core.engine.results import Answer, AnswerTimings, EvidenceSpan, RetrievalStats, TokenEvent
 from mosaic_core.errors import InvalidArgumentError, OutOfRangeError, TimestampOrderError, UnknownStreamError
-from services.errors import DeadlineError, QueueFullError, status_for
+from services.errors import DeadlineError, QueueFullError, UnavailableError, status_for
 from services.fanout import Chunk, merge_answers, merged_evidence
 from services.ingest_queue import IngestQueues, PutOutcome, QueuedFrame
 from services.scheduler import QueryQueue
@@ -189,6 +190,28 @@ def test_waiting_past_the_deadline_leaves_the_queue():
     assert asyncio.run(scenario()) == 0
 
 
+def test_the_running_gauge_follows_every_grant_and_release_back_to_zero():
+    """What ``mosaic_queries_running`` is set to: the questions let run after each change, a waiter let run in a
+    release's place included, and 0 once all have ended however they ended."""
+
+    async def scenario():
+        reported = []
+        queue = QueryQueue(max_waiting=2, max_running=2, on_running=reported.append)
+        first, second = queue.admit("a", 2), queue.admit("b", 2)
+        after = [reported[-1]]
+        third = queue.admit("c", 2)  # waits
+        queue.release(first)  # the third runs in its place
+        after.append(reported[-1])
+        queue.release(second)
+        after.append(reported[-1])
+        queue.release(third)
+        queue.release(third)  # twice: nothing more to release
+        after.append(reported[-1])
+        return after
+
+    assert asyncio.run(scenario()) == [2, 2, 1, 0]
+
+
 # -- cross-stream merging --------------------------------------------------------------------------
 
 
@@ -251,3 +274,47 @@ def test_merge_skips_a_stream_out_of_range_but_fails_when_all_are():
                 }
             )
         )
+
+
+def test_merge_leaves_out_a_stream_deleted_mid_answer_and_starts_the_next_answer_on_a_line_of_its_own():
+    async def scenario():
+        sources = {
+            "gone": _events("gone", 2, 0.0, 0.5, UnknownStreamError("stream 'gone' was deleted")),
+            "kept": _events("kept", 2, 0.02, 0.7),
+        }
+        return [item async for item in merge_answers(sources, headers=True)]
+
+    items = asyncio.run(scenario())
+    assert "".join(i.text for i in items if isinstance(i, Chunk)) == "[gone] gone0 gone1 \n[kept] kept0 kept1 \n"
+    assert [i.stream_id for i in items if isinstance(i, Answer)] == ["kept"]
+
+
+def test_merge_fails_as_soon_as_a_stream_fails_while_another_answer_streams():
+    """A stream that fails for any other reason (its worker died: UNAVAILABLE) fails the call when it fails, not once
+    the answer being streamed ends: the call fails either way, and the other answers stop decoding for nothing."""
+    ended = []
+
+    async def failing_late():
+        await asyncio.sleep(0.05)  # after the other answer has begun streaming
+        raise UnavailableError("worker 1 is unavailable")
+        yield  # an async generator, as the coordinator's answers are
+
+    async def long_answer():
+        try:
+            async for event in _events("long", 1000, 0.01, 0.5):
+                yield event
+        finally:
+            ended.append("long")
+
+    async def scenario():
+        received = []
+        with pytest.raises(UnavailableError):
+            async for item in merge_answers({"long": long_answer(), "dead": failing_late()}, headers=True):
+                received.append(item)
+        return received
+
+    started_s = time.monotonic()
+    received = asyncio.run(scenario())
+    assert 0 < len(received) < 100, "the failure waited for the other answer to end"
+    assert time.monotonic() - started_s < 2.0
+    assert ended == ["long"]  # the other answer was closed, not left decoding

@@ -31,6 +31,7 @@ SPEC = {
     "mosaic_durable_restore_seconds": ("gauge", {"worker"}),
     "mosaic_durable_restored_streams": ("gauge", {"worker"}),
     "mosaic_query_queue_depth": ("gauge", set()),
+    "mosaic_queries_running": ("gauge", set()),
     "mosaic_queries_total": ("counter", {"outcome"}),
     "mosaic_time_to_first_token_seconds": ("histogram", {"mode"}),
     "mosaic_inter_token_latency_seconds": ("histogram", {"mode"}),
