@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import inspect
 import json
 import re
 import subprocess
@@ -308,6 +309,18 @@ def test_a_new_api_key_in_the_values_leaves_the_router_running(render) -> None:
         return _one(manifests, "Deployment", "mosaic-router")["spec"]["template"]
 
     assert template("old-key") == template("old-key\nnew-key\n")
+
+
+def test_the_rotation_docs_name_the_file_and_the_log_line_of_the_router(rendered) -> None:
+    """docs/deploy.md tells operators which flag the router runs with and which log line shows a new key taken."""
+    from services import api_keys
+
+    args = _router(rendered["all-enabled"])["args"]
+    path = args[args.index("--api-key-file") + 1]
+    docs = " ".join((REPO_ROOT / "docs" / "deploy.md").read_text().split())
+    assert f"--api-key-file {path}" in docs
+    assert inspect.getsource(api_keys).count('"API key file %s read again: %d key(s) accepted from now on"') == 1
+    assert f"API key file {path} read again: 2 key(s) accepted from now on" in docs
 
 
 def test_tls_off_uses_native_grpc_probes(rendered) -> None:
