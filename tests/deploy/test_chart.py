@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import inspect
 import json
 import re
 import subprocess
@@ -225,23 +227,100 @@ def test_external_redis(rendered) -> None:
     assert "MOSAIC_REDIS_PASSWORD" not in env
 
 
+def _api_key_secret_volume(manifests: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The Secret volume the router reads `--api-key-file` from, or None without the flag.
+
+    Checks that the flag names the file of the volume's one item, mounted read-only and without subPath: the kubelet
+    never updates a subPath mount, so a rotation through one would keep the old keys.
+    """
+    pod = _one(manifests, "Deployment", "mosaic-router")["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    if "--api-key-file" not in args:
+        return None
+    path = args[args.index("--api-key-file") + 1]
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    assert mount.get("readOnly") is True and "subPath" not in mount, mount
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert [item["path"] for item in volume["secret"]["items"]] == [path.removeprefix(mount["mountPath"] + "/")]
+    return volume["secret"]
+
+
 @pytest.mark.parametrize("enabled", [False, True])
 def test_api_key(render, enabled: bool) -> None:
     manifests = render({"auth": {"enabled": enabled}})
     secrets = _find(manifests, "Secret", "mosaic-api-key")
-    env = _env(_router(manifests))
+    pod = _one(manifests, "Deployment", "mosaic-router")["spec"]["template"]["spec"]
+    assert "MOSAIC_API_KEY" not in _env(_router(manifests)), "read once at start: a rotation would need a restart"
     if not enabled:
-        assert secrets == [] and "MOSAIC_API_KEY" not in env
+        assert secrets == [] and _api_key_secret_volume(manifests) is None
+        assert not [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "mosaic-api-key"]
         return
     assert len(secrets) == 1 and len(secrets[0]["data"]["api-key"]) > 40  # generated, base64 of 40 characters
-    assert env["MOSAIC_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "mosaic-api-key", "key": "api-key"}
+    secret = _api_key_secret_volume(manifests)
+    assert secret is not None and secret["secretName"] == "mosaic-api-key"
+    assert [item["key"] for item in secret["items"]] == ["api-key"]
 
 
-def test_api_key_from_existing_secret(rendered) -> None:
+def test_api_key_from_existing_secret(render, rendered) -> None:
     manifests = rendered["external-redis"]
     assert _find(manifests, "Secret", "mosaic-api-key") == []
-    ref = _env(_router(manifests))["MOSAIC_API_KEY"]["valueFrom"]["secretKeyRef"]
-    assert ref == {"name": "mosaic-api-key", "key": "api-key"}
+    secret = _api_key_secret_volume(manifests)
+    assert secret is not None and secret["secretName"] == "mosaic-api-key"
+    assert [item["key"] for item in secret["items"]] == ["api-key"]
+    manifests = render({"auth": {"enabled": True, "existingSecret": "my-keys", "existingSecretKey": "keys.txt"}})
+    assert _find(manifests, "Secret", "mosaic-api-key") == []
+    secret = _api_key_secret_volume(manifests)
+    assert secret is not None and secret["secretName"] == "my-keys"
+    assert [item["key"] for item in secret["items"]] == ["keys.txt"], "only the key the router reads is mounted"
+
+
+def test_the_router_accepts_every_line_of_the_mounted_secret(render, tmp_path: Path, monkeypatch) -> None:
+    """The Secret's value is the key file, one key a line: two lines while clients move to a new key. The volume is
+    laid out as the kubelet would, and the router's own flags and config load over it."""
+    from mosaic_core.cli import build_parser
+    from services.api_keys import ApiKeys
+    from services.config import load_config
+
+    manifests = render({"auth": {"enabled": True, "apiKey": "old-key\nnew-key\n"}})
+    secret = _api_key_secret_volume(manifests)
+    assert secret is not None
+    data = _one(manifests, "Secret", "mosaic-api-key")["data"]
+    pod = _one(manifests, "Deployment", "mosaic-router")["spec"]["template"]["spec"]
+    args = build_parser().parse_args(pod["containers"][0]["args"])
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if args.api_key_file.startswith(m["mountPath"] + "/")]
+    for item in secret["items"]:
+        (tmp_path / item["path"]).write_bytes(base64.b64decode(data[item["key"]]))
+    key_file = tmp_path / args.api_key_file.removeprefix(mount["mountPath"] + "/")
+    config_file = tmp_path / "engine.yaml"
+    config_file.write_text(_one(manifests, "ConfigMap", "mosaic-engine")["data"]["engine.yaml"])
+    monkeypatch.setenv("MOSAIC_API_KEY", "stale-key")  # ignored beside a key file
+    config = load_config(config_file, api_key_file=str(key_file))
+    assert config.api_key is None
+    keys = ApiKeys(path=config.api_key_file)
+    assert keys.matches("old-key") and keys.matches("new-key") and not keys.matches("stale-key")
+
+
+def test_a_new_api_key_in_the_values_leaves_the_router_running(render) -> None:
+    """`helm upgrade` with a second key changes the Secret alone: the kubelet updates the mounted file, and the
+    router's pod template (which a change would roll, restarting every worker) stays the same."""
+
+    def template(api_key: str) -> dict[str, Any]:
+        manifests = render({"auth": {"enabled": True, "apiKey": api_key}})
+        return _one(manifests, "Deployment", "mosaic-router")["spec"]["template"]
+
+    assert template("old-key") == template("old-key\nnew-key\n")
+
+
+def test_the_rotation_docs_name_the_file_and_the_log_line_of_the_router(rendered) -> None:
+    """docs/deploy.md tells operators which flag the router runs with and which log line shows a new key taken."""
+    from services import api_keys
+
+    args = _router(rendered["all-enabled"])["args"]
+    path = args[args.index("--api-key-file") + 1]
+    docs = " ".join((REPO_ROOT / "docs" / "deploy.md").read_text().split())
+    assert f"--api-key-file {path}" in docs
+    assert inspect.getsource(api_keys).count('"API key file %s read again: %d key(s) accepted from now on"') == 1
+    assert f"API key file {path} read again: 2 key(s) accepted from now on" in docs
 
 
 def test_tls_off_uses_native_grpc_probes(rendered) -> None:
@@ -473,6 +552,7 @@ def test_config_change_rolls_the_router(render) -> None:
         ({"diskTier": {"enabled": True, "budget": "600Gi"}}, "history.size=500Gi is below diskTier.budget x 1"),
         ({"engine": {"serveOptions": {"data_dir": "/tmp"}}}, "engine.serveOptions.data_dir is set by the chart"),
         ({"engine": {"serveOptions": {"api_key": "k"}}}, "engine.serveOptions.api_key is set by the chart"),
+        ({"engine": {"serveOptions": {"api_key_file": "/k"}}}, "engine.serveOptions.api_key_file is set by the chart"),
         ({"engine": {"workerGpus": 2}}, "no worker actor fits"),
         ({"modelStorage": {"enabled": True}}, "modelStorage.existingClaim"),
     ],
