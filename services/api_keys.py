@@ -23,6 +23,7 @@ from mosaic_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 # How often the key file is looked at (one stat) while calls come in; a changed file is read on the next call after.
+# A call whose key matches none has it looked at again at once.
 RECHECK_S = 1.0
 
 
@@ -83,19 +84,28 @@ class ApiKeys:
             self._digests = [_digest(k) for k in read_key_file(path)]
 
     def matches(self, given: str | bytes) -> bool:
-        """Whether ``given`` is one of the keys; every key is compared, in constant time."""
+        """Whether ``given`` is one of the keys; every key is compared, in constant time. A key that matches none
+        has the file looked at again first, however recently it was: a key just added is never refused."""
         self._reload_if_changed()
         digest = _digest(given)
+        if self._known(digest):
+            return True
+        if self.path is None:
+            return False
+        self._reload_if_changed(now=True)
+        return self._known(digest)
+
+    def _known(self, digest: bytes) -> bool:
         found = False
         for known in self._digests:
             found |= hmac.compare_digest(digest, known)
         return found
 
-    def _reload_if_changed(self) -> None:
-        if self.path is None or time.monotonic() < self._next_check_s:
+    def _reload_if_changed(self, *, now: bool = False) -> None:
+        if self.path is None or (not now and time.monotonic() < self._next_check_s):
             return
         with self._lock:
-            if time.monotonic() < self._next_check_s:
+            if not now and time.monotonic() < self._next_check_s:
                 return
             self._next_check_s = time.monotonic() + RECHECK_S
             try:
