@@ -130,6 +130,10 @@ class ServiceConfig(BaseModel):
     # with it. Twice the most cameras one worker was run with in the service benchmark (256, bench/NOTES.md).
     max_streams_per_worker: int = Field(512, ge=1)
     max_push_calls: int = Field(64, ge=1)
+    # Calls of every method held open at once, the health check apart (services.call_limit): a bound over the
+    # per-method ones (max_push_calls, max_watch_subscribers, the question queue) that also covers the health Watch
+    # and reflection streams, which need no API key.
+    max_open_calls: int = Field(2048, ge=1)
     # A PushFrames call that sends no frame for this long ends (DEADLINE_EXCEEDED), so that calls a client left open,
     # or whose client died with its connection left half-open, do not hold the max_push_calls places from every other
     # camera. A camera that pushes less often than this opens a call per frame, or per few.

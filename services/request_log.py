@@ -6,6 +6,7 @@ default level it costs one check per call.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -36,8 +37,7 @@ def _logged(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandle
         async def behaviour(request, context):
             started, error = time.perf_counter(), None
             try:
-                async for response in inner(request, context):
-                    yield response
+                await stream_responses(inner, request, context)
             except BaseException as err:
                 error = err
                 raise
@@ -58,6 +58,17 @@ def _logged(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandle
                 finish(context, started, error)
 
     return replace_behaviour(handler, behaviour)
+
+
+async def stream_responses(behaviour, request, context) -> None:
+    """Runs a response-streaming ``behaviour`` of either kind gRPC takes: an async generator, whose responses are
+    written here, or a coroutine that writes its own (``context.write``, as grpc_health's Watch does)."""
+    result = behaviour(request, context)
+    if inspect.isasyncgen(result):
+        async for response in result:
+            await context.write(response)
+    else:
+        await result
 
 
 def replace_behaviour(handler: grpc.RpcMethodHandler, behaviour) -> grpc.RpcMethodHandler:

@@ -42,6 +42,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from services import gil_probe, heap_probe
 from services.api_keys import ApiKeys
+from services.call_limit import CallLimitInterceptor
 from services.config import ServiceConfig
 from services.console.server import ConsoleServer
 from services.coordinator import Coordinator
@@ -163,6 +164,7 @@ class MosaicServer:
     async def _start_grpc(self, queue: QueryQueue) -> None:
         cfg = self.config
         interceptors = [RequestLogInterceptor()]  # outermost: refused calls are logged too
+        interceptors.append(CallLimitInterceptor(cfg.max_open_calls, self.metrics))
         if cfg.api_key or cfg.api_key_file:
             keys = ApiKeys(key=cfg.api_key) if cfg.api_key else ApiKeys(path=cfg.api_key_file)
             interceptors.append(ApiKeyInterceptor(keys, self.metrics))

@@ -42,3 +42,26 @@ def test_nothing_is_logged_above_debug(caplog):
     with caplog.at_level(logging.INFO, logger="mosaic.requests"):
         asyncio.run(_serve_and_call())
     assert not [r for r in caplog.records if r.name == "mosaic.requests"]
+
+
+def test_a_health_watch_is_answered_and_logged_at_debug(caplog):
+    """grpc_health's Watch writes its answers itself (a coroutine, not a generator of them)."""
+
+    async def watch_once():
+        server = grpc.aio.server(interceptors=[RequestLogInterceptor()])
+        servicer = health.aio.HealthServicer()
+        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+                first = await asyncio.wait_for(call.read(), 10)
+                call.cancel()
+                return first.status
+        finally:
+            await server.stop(None)
+
+    with caplog.at_level(logging.DEBUG, logger="mosaic.requests"):
+        assert asyncio.run(watch_once()) == health_pb2.HealthCheckResponse.SERVING
