@@ -23,6 +23,7 @@ import math
 
 log = logging.getLogger(__name__)
 FILE_OFFSETS = "file_offsets_s"  # the state field that holds the segments
+SOURCE_LAST_OFFERED = "source_last_offered_s"  # the state field: the stream time of the last frame its source queued
 
 
 def file_position_s(segments: object, stream_time_s: float) -> float | None:
@@ -65,3 +66,12 @@ def _checked(segments: object) -> list[tuple[float | None, float]] | None:
 
 def _is_time(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_to_its_end(state: dict, last_sealed_s: float | None) -> bool:
+    """Whether a file whose source had ended (``source_ended``) was recorded to its last frame: that frame's time
+    (``SOURCE_LAST_OFFERED``) is in a sealed cluster. A state without it (an older release's) says yes, as it did."""
+    last_offered_s = state.get(SOURCE_LAST_OFFERED)
+    if not _is_time(last_offered_s):
+        return True
+    return last_sealed_s is not None and last_sealed_s >= last_offered_s

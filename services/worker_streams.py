@@ -28,7 +28,7 @@ from services.metadata.base import StreamRecord
 from services.publisher import DeleteStream, MetadataPublisher, PutStream
 from services.session import StreamSession
 from services.source_policy import SourcePolicy
-from services.source_resume import FILE_OFFSETS, file_position_s, segments_after_restart
+from services.source_resume import FILE_OFFSETS, file_position_s, read_to_its_end, segments_after_restart
 from services.sources import NETWORK_SCHEMES, SourceReader, SourceState
 from services.telemetry import StreamTotals, WorkerTelemetry
 from services.tier_sync import TierSync
@@ -112,7 +112,7 @@ class WorkerStreams:
             with self._lock:
                 self.sessions[record.stream_id] = session
             self.queues.add_stream(record.stream_id, record.fps)
-            if record.source_url and stream.state.get("source_ended"):
+            if record.source_url and stream.state.get("source_ended") and self._ended_whole(record, stream):
                 session.source = SourceReader.never_started(
                     record.source_url, SourceState.ENDED, fps=record.fps, sink=_no_frames
                 )
@@ -135,6 +135,15 @@ class WorkerStreams:
                  "%d", self.worker_id, len(restored), "stream" if len(restored) == 1 else "streams",
                  time.monotonic() - started_s, not_pulled, refused)  # fmt: skip
         return restored
+
+    @staticmethod
+    def _ended_whole(record: StreamRecord, stream: RestoredStream) -> bool:
+        """Whether an ended source stays ended: a network source does; a file whose last frames are not in its sealed
+        clusters (dropped at a graceful stop, still queued after its 2 s of ingest, or lost with a crash after its end
+        was saved) goes on reading them (``_file_offset_s``)."""
+        if record.source_url.lower().startswith(NETWORK_SCHEMES):
+            return True
+        return read_to_its_end(stream.state, stream.last_sealed_s)
 
     def open_stream(self, record: StreamRecord) -> None:
         """Opens the stream in the engine and, for a source stream, starts pulling it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.source_resume import file_position_s, segments_after_restart
+from services.source_resume import file_position_s, read_to_its_end, segments_after_restart
 
 
 @pytest.mark.parametrize(
@@ -50,3 +50,17 @@ def test_restarts_keep_what_a_later_restart_needs() -> None:
 def test_a_restart_before_any_frame_was_given_out_starts_one_segment_for_every_frame() -> None:
     assert segments_after_restart([[40.0, 55.0]], after_s=None, offset_s=9.0) == [[None, 9.0]]
     assert segments_after_restart("garbled", after_s=40.0, offset_s=9.0) == [[40.0, 9.0]]
+
+
+@pytest.mark.parametrize(
+    ("state", "last_sealed_s", "ended"),
+    [
+        ({}, None, True),  # an older release's state: ended, as it was
+        ({"source_last_offered_s": None}, 3.0, True),
+        ({"source_last_offered_s": 3.75}, 3.75, True),
+        ({"source_last_offered_s": 3.75}, 2.5, False),  # its last frames are in no sealed cluster: read them
+        ({"source_last_offered_s": 3.75}, None, False),
+    ],
+)
+def test_an_ended_file_stays_ended_only_when_its_last_frame_is_recorded(state, last_sealed_s, ended) -> None:
+    assert read_to_its_end(state, last_sealed_s) is ended
