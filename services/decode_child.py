@@ -18,6 +18,7 @@ decodes at most one such frame ahead of what its reader has taken (smaller frame
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import sys
@@ -40,6 +41,8 @@ def write_message(out, header: dict, pixels: np.ndarray | None = None) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # On stderr, which is the worker's: how far a decode up to a resumed file's position has come.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     source = os.environ[SOURCE_ENV]
     fps, loop, start_offset_s, max_pixels = float(argv[0]), argv[1] == "1", float(argv[2]), int(argv[3]) or None
     resume_after_s = None if argv[4] == "none" else float(argv[4])
