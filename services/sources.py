@@ -267,11 +267,16 @@ class SourceReader:
         else:
             frames = iter_video_frames(self.url, **sampling)
         wall_start = time.monotonic()
+        # A resumed read's pace starts at its first frame: the decoding up to its position (a whole file's, in a
+        # container without an index) would otherwise be made up for by a burst that overflows the ingest queue.
+        pace_at_first = resume_after_s is not None
         with contextlib.closing(frames):  # a child process goes with its iterator
             for frame in frames:
                 if self._stop.is_set():
                     return False
                 if self.realtime:
+                    if pace_at_first:
+                        wall_start, pace_at_first = time.monotonic(), False
                     wait_s = wall_start + (frame.timestamp_s - paced_from_s) - time.monotonic()
                     if self.is_live and wait_s > LIVE_JUMP_S:  # a camera's clock jumped: it still sends in real time
                         wall_start -= wait_s
