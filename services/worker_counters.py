@@ -79,7 +79,8 @@ class WorkerCounters:
             session = self.sessions.get(stream_id)
             if session is not None and session.source is not None:  # a restart must not read an ended clip again
                 fields["source_ended"] = session.source.progress().state is SourceState.ENDED
-                # unless its last frames never made it into the history (dropped at a shutdown): a file resumes there
+                # unless its last frames are in no sealed cluster (dropped at a stop, lost in a crash): a file reads
+                # them again (``WorkerStreams._ended_whole``)
                 fields[SOURCE_LAST_OFFERED] = session.last_offered_s
             watermark_s = self.watches.watermark_of(stream_id)
             if watermark_s is not None:
