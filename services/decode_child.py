@@ -1,10 +1,10 @@
-"""``MOSAIC_DECODE_SOURCE=SOURCE python -m services.decode_child FPS LOOP START_OFFSET_S MAX_PIXELS``: a source's
-sampled frames, on stdout. The source comes in the environment, not the arguments: every user of the host sees a
-process's arguments, and a camera URL may carry its password.
+"""``MOSAIC_DECODE_SOURCE=SOURCE python -m services.decode_child FPS LOOP START_OFFSET_S MAX_PIXELS RESUME_AFTER_S``:
+a source's sampled frames, on stdout. The source comes in the environment, not the arguments: every user of the host
+sees a process's arguments, and a camera URL may carry its password.
 
 The child side of ``services.source_decoding``. It runs ``iter_video_frames(SOURCE, fps=FPS, loop=LOOP == "1",
-start_offset_s=START_OFFSET_S, max_pixels=MAX_PIXELS or None)`` and writes one message per sampled frame, then one
-for the end or the error:
+start_offset_s=START_OFFSET_S, max_pixels=MAX_PIXELS or None, resume_after_s=RESUME_AFTER_S)`` (``none`` for None)
+and writes one message per sampled frame, then one for the end or the error:
 
     message = length (4 bytes, little-endian) + JSON header [+ raw pixels]
     {"t": 12.0, "shape": [272, 640, 3]}  followed by height x width x 3 bytes of RGB
@@ -18,6 +18,7 @@ decodes at most one such frame ahead of what its reader has taken (smaller frame
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import sys
@@ -40,13 +41,21 @@ def write_message(out, header: dict, pixels: np.ndarray | None = None) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # On stderr, which is the worker's: how far a decode up to a resumed file's position has come.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     source = os.environ[SOURCE_ENV]
     fps, loop, start_offset_s, max_pixels = float(argv[0]), argv[1] == "1", float(argv[2]), int(argv[3]) or None
+    resume_after_s = None if argv[4] == "none" else float(argv[4])
     out = sys.stdout.buffer
     try:
         try:
             for frame in iter_video_frames(
-                source, fps=fps, loop=loop, start_offset_s=start_offset_s, max_pixels=max_pixels
+                source,
+                fps=fps,
+                loop=loop,
+                start_offset_s=start_offset_s,
+                max_pixels=max_pixels,
+                resume_after_s=resume_after_s,
             ):
                 rgb = np.ascontiguousarray(frame.rgb, dtype=np.uint8)
                 write_message(out, {"t": frame.timestamp_s, "shape": list(rgb.shape)}, rgb)

@@ -46,13 +46,16 @@ def iter_frames_in_child(
     loop: bool,
     start_offset_s: float,
     max_pixels: int | None = None,
+    resume_after_s: float | None = None,
     stop: threading.Event | None = None,
 ) -> Iterator[SampledFrame]:
-    """``iter_video_frames(source, fps=fps, loop=loop, start_offset_s=start_offset_s, max_pixels=max_pixels)``,
-    decoded in a child process; ends early, without an error, once ``stop`` is set."""
+    """``iter_video_frames(source, fps=fps, loop=loop, start_offset_s=start_offset_s, max_pixels=max_pixels,
+    resume_after_s=resume_after_s)``, decoded in a child process; ends early, without an error, once ``stop`` is
+    set."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_CODE_ROOT, os.environ.get("PYTHONPATH")) if p)}
     env[SOURCE_ENV] = source  # not in the arguments, which any user of the host sees: a URL may carry a password
     args = [repr(float(fps)), "1" if loop else "0", repr(float(start_offset_s)), str(max_pixels or 0)]
+    args.append("none" if resume_after_s is None else repr(float(resume_after_s)))
     child = subprocess.Popen(
         [sys.executable, "-m", "services.decode_child", *args], stdout=subprocess.PIPE, env=env, bufsize=0
     )

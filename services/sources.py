@@ -99,6 +99,8 @@ class SourceReader:
             kept (``iter_video_frames``); None keeps the source's size.
         blocked_networks: before every connect to a network source, its host's addresses are resolved, and one in
             these networks stops the reader in ERROR (``services.source_hosts.resolved_refusal``).
+        resume_after_s: the first read yields only the frames after this time of the source's own clock (a restart's
+            position in a file: ``iter_video_frames``), paced from there; None starts at the first frame.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class SourceReader:
         decode_in_child: bool = False,
         max_pixels: int | None = None,
         blocked_networks: tuple[Network, ...] = DEFAULT_BLOCKED,
+        resume_after_s: float | None = None,
     ) -> None:
         if max_failures < 1 or max_refused_frames < 1:
             raise ConfigError(f"max_failures={max_failures} and max_refused_frames={max_refused_frames} must be >= 1")
@@ -133,6 +136,7 @@ class SourceReader:
         self.decode_in_child = decode_in_child
         self.max_pixels = max_pixels
         self.blocked_networks = blocked_networks
+        self._resume_after_s = resume_after_s  # for the first read only
         self._num_refused = 0  # frames in a row the sink refused
         self._clock_epoch_unix: float | None = None  # wall-clock time at which this reader's clock read 0
         self._logged: dict[str, float] = {}  # what -> monotonic time it was last logged
@@ -253,17 +257,27 @@ class SourceReader:
             offset_s = max(offset_s, time.time() - self._clock_epoch_unix)
         loop = self.loop and not self.is_network
         sampling = {"fps": self.fps, "loop": loop, "start_offset_s": offset_s, "max_pixels": self.max_pixels}
+        resume_after_s, self._resume_after_s = self._resume_after_s, None
+        paced_from_s = offset_s  # the time the pace starts at: a resumed read's first frame comes right after it
+        if resume_after_s is not None:
+            sampling["resume_after_s"] = resume_after_s
+            paced_from_s += resume_after_s
         if self.decode_in_child:
             frames = iter_frames_in_child(self.url, **sampling, stop=self._stop)
         else:
             frames = iter_video_frames(self.url, **sampling)
         wall_start = time.monotonic()
+        # A resumed read's pace starts at its first frame: the decoding up to its position (a whole file's, in a
+        # container without an index) would otherwise be made up for by a burst that overflows the ingest queue.
+        pace_at_first = resume_after_s is not None
         with contextlib.closing(frames):  # a child process goes with its iterator
             for frame in frames:
                 if self._stop.is_set():
                     return False
                 if self.realtime:
-                    wait_s = wall_start + (frame.timestamp_s - offset_s) - time.monotonic()
+                    if pace_at_first:
+                        wall_start, pace_at_first = time.monotonic(), False
+                    wait_s = wall_start + (frame.timestamp_s - paced_from_s) - time.monotonic()
                     if self.is_live and wait_s > LIVE_JUMP_S:  # a camera's clock jumped: it still sends in real time
                         wall_start -= wait_s
                         wait_s = 0.0

@@ -11,6 +11,7 @@ from services.engine_loop import EngineLoop
 from services.ingest_queue import IngestQueues
 from services.publisher import MetadataPublisher
 from services.session import StreamSession
+from services.source_resume import SOURCE_LAST_OFFERED
 from services.sources import SourceState
 from services.telemetry import DurabilityHealth, TelemetryDelta, WorkerTelemetry, durability_health
 from services.watches_worker import WorkerWatches
@@ -78,6 +79,9 @@ class WorkerCounters:
             session = self.sessions.get(stream_id)
             if session is not None and session.source is not None:  # a restart must not read an ended clip again
                 fields["source_ended"] = session.source.progress().state is SourceState.ENDED
+                # unless its last frames are in no sealed cluster (dropped at a stop, lost in a crash): a file reads
+                # them again (``WorkerStreams._ended_whole``)
+                fields[SOURCE_LAST_OFFERED] = session.last_offered_s
             watermark_s = self.watches.watermark_of(stream_id)
             if watermark_s is not None:
                 fields["watch_watermark_s"] = watermark_s

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mosaic_core.durable.progress import RestoreProgress
+from mosaic_core.engine.history import RestoredStream
 from mosaic_core.engine.keyframes import Keyframe
 from mosaic_core.errors import AlreadyExistsError, BudgetError, CapacityError, MosaicError, UnknownStreamError
 from mosaic_core.model.video import probe_video
@@ -27,6 +28,7 @@ from services.metadata.base import StreamRecord
 from services.publisher import DeleteStream, MetadataPublisher, PutStream
 from services.session import StreamSession
 from services.source_policy import SourcePolicy
+from services.source_resume import FILE_OFFSETS, file_position_s, read_to_its_end, segments_after_restart
 from services.sources import NETWORK_SCHEMES, SourceReader, SourceState
 from services.telemetry import StreamTotals, WorkerTelemetry
 from services.tier_sync import TierSync
@@ -110,13 +112,13 @@ class WorkerStreams:
             with self._lock:
                 self.sessions[record.stream_id] = session
             self.queues.add_stream(record.stream_id, record.fps)
-            if record.source_url and stream.state.get("source_ended"):
+            if record.source_url and stream.state.get("source_ended") and self._ended_whole(record, stream):
                 session.source = SourceReader.never_started(
                     record.source_url, SourceState.ENDED, fps=record.fps, sink=_no_frames
                 )
             elif record.source_url:
                 try:
-                    self._start_source(record, resume_after_s=stream.last_timestamp_s)
+                    self._start_source(record, resume_after_s=stream.last_timestamp_s, restored=stream)
                 except MosaicError as err:  # the file is gone, or the config no longer allows it: this stream only
                     reason = f"its source is no longer opened here: {err}"  # the check's sentence hides a password
                     log.error("worker %s restored stream %s without pulling it: %s", self.worker_id,
@@ -133,6 +135,15 @@ class WorkerStreams:
                  "%d", self.worker_id, len(restored), "stream" if len(restored) == 1 else "streams",
                  time.monotonic() - started_s, not_pulled, refused)  # fmt: skip
         return restored
+
+    @staticmethod
+    def _ended_whole(record: StreamRecord, stream: RestoredStream) -> bool:
+        """Whether an ended source stays ended: a network source does; a file whose last frames are not in its sealed
+        clusters (dropped at a graceful stop, still queued after its 2 s of ingest, or lost with a crash after its end
+        was saved) goes on reading them (``_file_offset_s``)."""
+        if record.source_url.lower().startswith(NETWORK_SCHEMES):
+            return True
+        return read_to_its_end(stream.state, stream.last_sealed_s)
 
     def open_stream(self, record: StreamRecord) -> None:
         """Opens the stream in the engine and, for a source stream, starts pulling it."""
@@ -189,16 +200,22 @@ class WorkerStreams:
         log.warning("worker %s: stream %s opened after its CreateStream gave up; closed again", self.worker_id,
                     stream_id)  # fmt: skip
 
-    def _start_source(self, record: StreamRecord, *, resume_after_s: float | None) -> None:
+    def _start_source(
+        self, record: StreamRecord, *, resume_after_s: float | None, restored: RestoredStream | None = None
+    ) -> None:
         """Starts pulling. After a restart the stream clock goes on from where it was: past the last recorded
         frame, and, when the source's wall-clock start is known, at the wall-clock time that passed since. The
         latter holds when no frame was recorded too (the worker died before the first ingest): started at 0 again,
         the clock would disagree with the restored start that evidence times and watches read, and stamp new video
-        with times the stream had already used."""
+        with times the stream had already used. A restarted local file goes on from its position (``_file_offset_s``);
+        a network source, http(s) included (it may be a live camera's MJPEG or MPEG-TS), from where it is now."""
         session = self.sessions[record.stream_id]
         offset_s = 0.0 if resume_after_s is None else resume_after_s + 1.0 / record.fps
         if session.clock_epoch_unix is not None:
             offset_s = max(offset_s, time.time() - session.clock_epoch_unix)
+        position_s = None
+        if restored is not None and not record.source_url.lower().startswith(NETWORK_SCHEMES):
+            offset_s, position_s = self._file_offset_s(session, restored, offset_s)
 
         def sink(timestamp_s: float, rgb: np.ndarray, sid: str = record.stream_id) -> None:
             self._offer(sid, timestamp_s + offset_s, rgb)
@@ -218,8 +235,38 @@ class WorkerStreams:
             decode_in_child=cfg.decode_sources_in_processes,
             max_pixels=cfg.decode_max_pixels(),
             blocked_networks=policy.blocked_networks,
+            resume_after_s=position_s,
         )
         session.source = reader.start()
+
+    def _file_offset_s(
+        self, session: StreamSession, restored: RestoredStream, clock_offset_s: float
+    ) -> tuple[float, float | None]:
+        """A restarted file's ``(offset of its stream time from its file time, file time to resume after)``.
+
+        It resumes after the file time of the newest frame of its sealed clusters: the history a crash leaves
+        (``services.source_resume``). The frames after it that were queued, or ingested into the window or the open
+        cluster, did not outlive the worker, so they are read again, stamped on the clock as it goes on now: the first
+        right after the later of the last frame time given out and the wall clock's time since the clock started.
+        With no sealed cluster the file is read from its start, at ``clock_offset_s``. The offset is written to the
+        stream's state before the reader starts, so that a later restart finds the file time of any frame this one
+        stamps.
+        """
+        saved = restored.state.get(FILE_OFFSETS)
+        position_s = None if restored.last_sealed_s is None else file_position_s(saved, restored.last_sealed_s)
+        offset_s = clock_offset_s
+        if position_s is not None:
+            clock_s = restored.last_timestamp_s  # set where a cluster is: no older than its frames
+            if session.clock_epoch_unix is not None:
+                clock_s = max(clock_s, time.time() - session.clock_epoch_unix)
+            offset_s = clock_s - position_s
+        segments = segments_after_restart(saved, after_s=restored.last_timestamp_s, offset_s=offset_s)
+        try:
+            self.engine.write_stream_state(session.stream_id, **{FILE_OFFSETS: segments})
+        except OSError as err:
+            log.error("stream %s: where its file's clock goes on is not on disk yet (%s); a restart before the next "
+                      "saved state may resume the file at another position", session.stream_id, err)  # fmt: skip
+        return offset_s, position_s
 
     def close_stream(self, stream_id: str) -> int:
         """Ends the stream's questions, drops its queued frames, frees its KV and its durable history; returns

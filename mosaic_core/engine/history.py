@@ -47,7 +47,10 @@ class RestoredStream:
     meta: dict
     state: dict
     num_clusters: int
-    last_timestamp_s: float | None
+    last_timestamp_s: float | None  # the newest frame time the stream gave out: a new frame comes after it
+    # The newest frame time of its sealed clusters: the history a crash left (the frames after it, up to
+    # ``last_timestamp_s``, were in its window or open cluster); None with no sealed cluster.
+    last_sealed_s: float | None = None
 
 
 class HistoryKeeper:
@@ -229,7 +232,9 @@ class HistoryKeeper:
         for entry in entries:
             self._adopt_cluster(state, entry, summaries[entry.cluster_id])
         self._log_disk_past_budget(state.stream_id)
-        return RestoredStream(state.stream_id, stored.stream.get("meta") or {}, saved, len(entries), last_ts)
+        last_sealed_s = _max(*(e.end_s for e in entries))
+        meta = stored.stream.get("meta") or {}
+        return RestoredStream(state.stream_id, meta, saved, len(entries), last_ts, last_sealed_s=last_sealed_s)
 
     def _reserve_restored_ids(self, state: StreamState, next_number: int, next_frame_index: int) -> None:
         self._reserved[state.stream_id] = (next_number, next_frame_index)

@@ -18,6 +18,13 @@ seeks to the keyframe at or before it and decodes from there (a sparse sampler s
 and a pass ends as soon as the next instant lies beyond the clip's duration that index gives. Frames from a keyframe
 on decode exactly as in a full pass, so the samples are the same pixels either way.
 
+A sampler may resume after a time (``resume_after_s``: that of the last frame taken before, a restart's position in
+a file): it yields what a sampler from the start would yield after it, on the same times and in the same passes. The
+instants it takes next depend only on the last frame that went by (the first instant after its time), so the frames
+before the position need no sampling, only to be passed: a looping source's whole passes before it are not opened
+(their duration known from the first), an indexed file seeks to the keyframe at or before it, and any other source is
+decoded up to it and its frames discarded, with a log line of its progress every ``PROGRESS_EVERY_S``.
+
 FFmpeg opens only the protocols the source's own scheme needs (``protocol_whitelist``): a local file reads
 files only, an ``http(s)`` URL speaks HTTP over TCP/TLS only, ``rtsp(s)`` RTSP/RTP over TCP/UDP/TLS; any other
 scheme (``concat:``, ``data:``, ``ftp://``, ``tcp://``...) is refused before FFmpeg sees it. From a file or over
@@ -37,9 +44,11 @@ pixels before it allocates it (FFmpeg's ``max_pixels``), whatever the header sai
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 import re
+import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -51,6 +60,8 @@ import numpy as np
 from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, NotFoundError, RefusedSourceError
 from mosaic_core.model.geometry import downscaled_size
 
+log = logging.getLogger(__name__)
+
 OPEN_TIMEOUT_S = 10.0  # for network sources; a stalled camera must not hang a worker forever
 SEEK_MIN_GAP_S = 1.0  # seek only past more than this much video; shorter gaps are cheaper to decode through
 # The demuxers whose seek lands on a keyframe at or before its target, and whose duration is exact, from the
@@ -59,6 +70,10 @@ SEEK_MIN_GAP_S = 1.0  # seek only past more than this much video; shorter gaps a
 # fewer samples than instants); their duration is an estimate from the timestamps near the end (an MPEG-PS clip of
 # 10 s says 9.36 s), so a pass that ended there would leave out the frames after it.
 SEEK_FORMATS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv"})
+# A frame at most this far after ``resume_after_s`` is the frame taken there: a timestamp that went through a float
+# comes back within about 1e-9 s of its exact time, and frames, and instants, lie at least a time base tick apart.
+RESUME_TOLERANCE_S = Fraction(1, 10**6)
+PROGRESS_EVERY_S = 10.0  # how often a long decode up to ``resume_after_s`` logs how far it has come
 RESET_MIN_STEPS = 4  # a network source's frame this many frame steps behind the last one: its timestamps restarted
 # The largest side of a picture decoded from a source or a pushed image. FFmpeg's decoder refuses a picture of more
 # than its square before allocating it, so a source that sends a huge picture cannot exhaust a worker's memory.
@@ -108,6 +123,7 @@ def iter_video_frames(
     loop: bool = False,
     start_offset_s: float = 0.0,
     max_pixels: int | None = None,
+    resume_after_s: float | None = None,
 ) -> Iterator[SampledFrame]:
     """Decodes ``source`` and yields frames sampled at ``fps``, with strictly increasing timestamps.
 
@@ -119,10 +135,14 @@ def iter_video_frames(
         start_offset_s: timestamp of the first frame; the rest follow on the source's presentation times.
         max_pixels: a frame with more pixels is scaled down to at most this many as it is converted to RGB (area
             interpolation, aspect ratio kept: ``geometry.downscaled_size``); None keeps the source's size.
+        resume_after_s: yield only the frames a call without it would yield after this time (less
+            ``start_offset_s``: the time of the last frame taken before), on the same times, passes included; the
+            ones before are decoded only as far as the position needs (module doc: a seek in an indexed file, else
+            decoded and discarded, logging its progress every ``PROGRESS_EVERY_S``). None starts at the first frame.
 
     Raises:
-        InvalidArgumentError: bad ``fps``/``max_frames``/``start_offset_s``, or a source that cannot be
-            opened, has no video stream, or decodes to no frames.
+        InvalidArgumentError: bad ``fps``/``max_frames``/``start_offset_s``/``resume_after_s``, or a source that
+            cannot be opened, has no video stream, or decodes to no frames.
         InvalidFrameError: decoding failed part-way through the source.
     """
     if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
@@ -133,11 +153,18 @@ def iter_video_frames(
         raise InvalidArgumentError(f"start_offset_s must be a finite number >= 0, got {start_offset_s!r}.")
     if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 1):
         raise InvalidArgumentError(f"max_pixels must be None or an integer >= 1, got {max_pixels!r}.")
+    if resume_after_s is not None and not (
+        isinstance(resume_after_s, (int, float)) and math.isfinite(resume_after_s) and resume_after_s >= 0
+    ):
+        raise InvalidArgumentError(f"resume_after_s must be None or a finite number >= 0, got {resume_after_s!r}.")
     sampler = _Sampler(fps=Fraction(fps))
+    skip_to = None if resume_after_s is None else Fraction(resume_after_s) + RESUME_TOLERANCE_S
+    if skip_to is not None:  # as a call without it leaves the sampler at that frame (``_Sampler.passed``)
+        sampler.passed(skip_to)
     pass_offset = Fraction(0)
     num_yielded = 0
     while max_frames is None or num_yielded < max_frames:
-        samples = _sample_pass(source, sampler, pass_offset)
+        samples = _sample_pass(source, sampler, pass_offset, skip_to)
         clip_duration = Fraction(0)
         while True:
             try:
@@ -153,8 +180,9 @@ def iter_video_frames(
         if not loop:
             return
         pass_offset += clip_duration
-        if clip_duration > 0:  # passes that hold no instant are not opened (an fps far below one a clip)
-            pass_offset += max(0, (sampler.next_time() - pass_offset) // clip_duration) * clip_duration
+        if clip_duration > 0:  # passes that hold no instant, or lie before skip_to, are not opened
+            wanted = sampler.next_time() if skip_to is None else max(sampler.next_time(), skip_to)
+            pass_offset += max(0, (wanted - pass_offset) // clip_duration) * clip_duration
 
 
 def frame_rgb(frame, max_pixels: int | None = None) -> np.ndarray:
@@ -225,6 +253,11 @@ class _Sampler:
     def next_time(self) -> Fraction:
         """Stream time of the next instant still waiting for a frame."""
         return self.next_instant / self.fps
+
+    def passed(self, stream_time: Fraction) -> None:
+        """A frame at ``stream_time`` went by untaken, as it would have been taken or not: after any frame the next
+        instant is the first after its time, whichever frame served the ones before."""
+        self.next_instant = math.floor(stream_time * self.fps) + 1
 
     def take(self, stream_time: Fraction) -> bool:
         if stream_time * self.fps < self.next_instant:
@@ -342,11 +375,14 @@ class _PassClock:
             self.end_time = (stream.duration - (first_pts - start)) * self.time_base
 
 
-def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Generator[tuple, None, Fraction]:
-    """Yields ``(stream time, frame)`` of the frames ``sampler`` takes in one pass; returns the clip duration.
+def _sample_pass(
+    source: str, sampler: _Sampler, pass_offset: Fraction, skip_to: Fraction | None = None
+) -> Generator[tuple, None, Fraction]:
+    """Yields ``(stream time, frame)`` of the frames ``sampler`` takes in one pass after ``skip_to``; returns the clip
+    duration.
 
-    In a local file whose container has an index it seeks over long gaps between instants and stops once the next
-    instant is past the clip's end (module doc); elsewhere it decodes every frame in order.
+    In a local file whose container has an index it seeks over long gaps between instants (and up to ``skip_to``) and
+    stops once the next instant is past the clip's end (module doc); elsewhere it decodes every frame in order.
     """
     seekable = source_scheme(source) == "file"
     with _open(source) as container:
@@ -358,6 +394,7 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
         clock = _PassClock(stream, seekable=seekable, indexed=seeks)
         sought: Fraction | None = None  # the instant the last seek went for; never seek for one twice
         num_frames = 0
+        skipping = _SkipProgress(source, skip_to)
         frames = container.decode(stream)
         try:
             while True:
@@ -370,9 +407,11 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
                 if rel_time is None:
                     continue  # out of order or repeated
                 num_frames += 1
-                if sampler.take(pass_offset + rel_time):
+                if skipping.before(pass_offset + rel_time):
+                    sampler.passed(pass_offset + rel_time)  # taken, or not, before the resume: never again
+                elif sampler.take(pass_offset + rel_time):
                     yield pass_offset + rel_time, frame
-                wanted = sampler.next_time() - pass_offset  # the next instant, in this pass's time
+                wanted = max(sampler.next_time(), skipping.until) - pass_offset  # in this pass's time
                 if clock.end_time is not None and wanted >= clock.end_time:
                     return clock.end_time  # no frame of this pass is sampled any more
                 if seeks and clock.first_pts is not None and wanted - rel_time > SEEK_MIN_GAP_S and wanted != sought:
@@ -387,3 +426,24 @@ def _sample_pass(source: str, sampler: _Sampler, pass_offset: Fraction) -> Gener
     if num_frames == 0:
         raise InvalidArgumentError(f"Video source {source!r} has a video stream but no decodable frames.")
     return clock.last_time + clock.last_step
+
+
+class _SkipProgress:
+    """Which frames of a pass come before a resume's position (``iter_video_frames``'s ``resume_after_s``), and a
+    log line every ``PROGRESS_EVERY_S`` while frames are decoded only to reach it."""
+
+    def __init__(self, source: str, skip_to: Fraction | None) -> None:
+        self.until = Fraction(0) if skip_to is None else skip_to  # nothing before the first instant
+        self._skip_to = skip_to
+        self._shown = source if source_scheme(source) == "file" else "a network source"  # a URL may hold a password
+        self._started_s = self._logged_s = time.monotonic()
+
+    def before(self, stream_time: Fraction) -> bool:
+        if self._skip_to is None or stream_time > self._skip_to:
+            return False
+        now_s = time.monotonic()
+        if now_s - self._logged_s >= PROGRESS_EVERY_S:
+            self._logged_s = now_s
+            log.info("resuming %s at %.3f s: decoded up to %.3f s in %.0f s", self._shown, float(self._skip_to),
+                     float(stream_time), now_s - self._started_s)  # fmt: skip
+        return True

@@ -297,31 +297,52 @@ def test_after_a_crash_a_stream_never_shows_fewer_frames_received_than_ingested(
 
 
 def test_a_clip_read_to_its_end_is_not_read_again_after_a_restart(tiny_model, tmp_path):
-    """A file source that ended stays ENDED across a restart: read again, it came back as new history with later
-    timestamps, at every restart."""
+    """A file source that ended stays ENDED across a restart once its frames are in sealed clusters: read again, it
+    came back as new history with later timestamps, at every restart. A crash loses the frames still in the window
+    (docs/durability.md); those, and only those, are read again."""
+    from mosaic_core.durable.manifest import replay
+    from mosaic_core.model.video import iter_video_frames
     from services.sources import SourceState
 
-    clips = os.path.dirname(sample_clip_path("carphone_pristine.mp4"))
-    config = load_config(None, data_dir=str(tmp_path), source_roots=[clips], engine={"target_tokens_per_frame": 16})
+    clip = sample_clip_path("carphone_pristine.mp4")
+    engine = {"target_tokens_per_frame": 16, "local_window_tokens": 32, "formation": {"max_tokens": 32}}
+    config = load_config(None, data_dir=str(tmp_path), source_roots=[os.path.dirname(clip)], engine=engine)
     store = InMemoryMetadataStore()
     first = _worker(tiny_model, config, store)
-    first.open_stream(StreamRecord(stream_id="clip", fps=2.0, source_url=sample_clip_path("carphone_pristine.mp4")))
+    first.open_stream(StreamRecord(stream_id="clip", fps=2.0, source_url=clip))
     deadline = time.monotonic() + 60
     while first.sessions["clip"].source.progress().state is not SourceState.ENDED:  # 4 s of clip, paced
         assert time.monotonic() < deadline, first.sessions["clip"].source.progress()
         time.sleep(0.1)
     _wait_ingested(first, "clip", first.sessions["clip"].source.progress().frames_read)
     first.drain_telemetry()  # what the router's poll does every few seconds: the stream's state is saved
-    ingested = first.telemetry.totals("clip").ingested
     second = _crash_and_restart(first, tiny_model, config, store)
+    stream_dir = second.engine.history.store.stream_dir("clip")
     try:
-        assert second.restored_streams == ["clip"]
-        assert second.sessions["clip"].source.progress().state is SourceState.ENDED
-        time.sleep(1.5)  # three frames' time at 2 fps, were it read again
-        assert second.telemetry.totals("clip").ingested == ingested
-        assert second.queues.depth("clip") == 0
+        sealed = [t for e in replay(stream_dir).clusters.values() for t in e.frame_timestamps_s]
+        file_times = [f.timestamp_s for f in iter_video_frames(clip, fps=2.0)]
+        lost = [t for t in file_times if t > max(sealed, default=-1.0)]
+        assert second.restored_streams == ["clip"] and sealed and lost  # the window's frames were lost
+        source = second.sessions["clip"].source
+        while source.progress().state is not SourceState.ENDED:
+            assert time.monotonic() < deadline, source.progress()
+            time.sleep(0.1)
+        assert source.progress().frames_read == len(lost)
     finally:
-        second.shutdown()
+        second.shutdown()  # a graceful stop: every frame ingested is in a sealed cluster
+    third = _worker(tiny_model, config, store)
+    try:
+        assert third.sessions["clip"].source.progress().state is SourceState.ENDED
+        ingested = third.telemetry.totals("clip").ingested
+        time.sleep(1.5)  # three frames' time at 2 fps, were it read again
+        assert third.sessions["clip"].source.progress().frames_read == 0
+        assert third.telemetry.totals("clip").ingested == ingested
+        assert third.queues.depth("clip") == 0
+        history = sorted(t for e in replay(stream_dir).clusters.values() for t in e.frame_timestamps_s)
+        assert len(history) == len(file_times) and history[: len(sealed)] == sealed  # the clip once; the lost frames
+        assert history[len(sealed)] > file_times[-1]  # came again on the clock as it went on after the crash
+    finally:
+        third.shutdown()
 
 
 def test_frames_the_router_could_not_decode_stay_counted_after_a_restart(tiny_model, tmp_path):
