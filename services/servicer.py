@@ -314,7 +314,8 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             await abort(context, DeadlineError(_deadline_sentence(received_s)), self.metrics)
         except (asyncio.CancelledError, GeneratorExit):  # the client went away: cancelled, or closed while sent to
             remaining = context.time_remaining()
-            self.metrics.query_finished("deadline" if remaining is not None and remaining <= 0 else "error")
+            # A hang-up is the client's choice, not a failure of the server: counted apart, so it does not read as one.
+            self.metrics.query_finished("deadline" if remaining is not None and remaining <= 0 else "cancelled")
             raise
         except Exception as err:
             self.metrics.query_finished("rejected" if isinstance(err, QueueFullError) else "error")
