@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from mosaic_core.bookkeeping.formation_config import FormationConfig
-from mosaic_core.errors import ConfigError, UnknownPolicyError
+from mosaic_core.errors import ConfigError, InvalidArgumentError, UnknownPolicyError
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -25,6 +25,20 @@ BUDGET_WORKSPACE_BYTES = 2 * GIB
 TOWER_STREAM_WORKSPACE_BYTES = 5 * GIB // 2
 # The share of free GPU memory the benchmarks (engine scenario B, the service's) give the device budget.
 BENCH_DEVICE_BUDGET_SHARE = 0.8
+
+
+MAX_NEW_TOKENS_LIMIT = 512  # EngineConfig.max_new_tokens_limit's default
+
+
+def check_max_new_tokens(max_new_tokens: int, limit: int) -> None:
+    """Refuses an answer length outside ``1..limit``: the engine's check, and the router's before a question takes
+    a queue slot, in one sentence.
+
+    Raises:
+        InvalidArgumentError: ``max_new_tokens`` is below 1 or above ``limit``.
+    """
+    if not 0 < max_new_tokens <= limit:
+        raise InvalidArgumentError(f"max_new_tokens must be in 1..{limit}, got {max_new_tokens}")
 
 
 def budget_workspace_bytes(*, tower_stream: bool) -> int:
@@ -223,7 +237,7 @@ class EngineConfig:
     staging_batch: bool = True
     tower_stream: bool = False
     max_question_tokens: int = 512
-    max_new_tokens_limit: int = 512
+    max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT
     evidence_spans: int = 5
     merge_min_questions: int = 3
     merge_min_joint_fraction: float = 0.8

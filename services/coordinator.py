@@ -22,7 +22,8 @@ deletes the stream's history in the worker's folder (from the router, or a live 
 it), its metadata and what the router knows of it.
 
 The telemetry poll (which workers answer, which are stalled, and what a worker that stops answering leaves in the
-metrics) is ``TelemetryPollsMixin`` in ``services.coordinator_polls``, mixed into ``Coordinator``.
+metrics) is ``TelemetryPollsMixin`` in ``services.coordinator_polls``, and a question's answer is
+``QuestionsMixin.ask`` in ``services.coordinator_questions``, both mixed into ``Coordinator``.
 """
 
 from __future__ import annotations
@@ -31,28 +32,27 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
 
 import ray
 
 from mosaic_core.engine.keyframes import Keyframe
-from mosaic_core.engine.results import Answer
 from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import AlreadyExistsError, CapacityError, MosaicError, StateError, UnknownStreamError
 from services.coordinator_polls import TelemetryPollsMixin
+from services.coordinator_questions import QuestionsMixin
 from services.coordinator_start import wait_for_workers
 from services.errors import UnavailableError, WorkerGoneError, unwrap
 from services.gone_workers import delete_history_of_gone_worker, gone_error, unreachable_error
 from services.metadata.base import MetadataStore, StreamRecord
 from services.metrics import MosaicMetrics
-from services.worker_actor import MAX_RESTARTS, send_ask, telemetry_call
+from services.worker_actor import MAX_RESTARTS, telemetry_call
 from services.worker_results import FrameRejection, PushResult, StreamInfo, WorkerInfo
 
 log = logging.getLogger(__name__)
 DELETES_KEPT_S = 60.0  # how long a delete's end is remembered against listings asked before it
 
 
-class Coordinator(TelemetryPollsMixin):
+class Coordinator(TelemetryPollsMixin, QuestionsMixin):
     """Streams, workers and routing for one router process.
 
     Args:
@@ -76,6 +76,8 @@ class Coordinator(TelemetryPollsMixin):
         self._stalled: set[int] = set()
         self._pids: dict[int, int] = {}  # worker index -> its process, as its last answer gave it
         self._down_since: dict[int, float] = {}  # worker index -> when it first missed a poll (monotonic)
+        self._down_signals: dict[int, asyncio.Future] = {}  # worker index -> resolved when a poll marks it down
+        self._cancels: set[asyncio.Task] = set()  # cancels sent to workers, until they answer
         self._last_lags: dict[str, float] = {}  # stream -> the lag its worker last reported
         self._to_list: set[int] = set()  # workers back whose streams could not be listed yet
         self._pending: dict[tuple[str, int], asyncio.Future] = {}  # (call, worker) -> an answer a poll waits for
@@ -354,36 +356,6 @@ class Coordinator(TelemetryPollsMixin):
             log.warning("worker %d did not count a dropped frame of %s (%s): %s", index, stream_id, reason, err)
             return False
         return True
-
-    # -- questions ----------------------------------------------------------------------------------
-    async def ask(
-        self,
-        question_id: str,
-        stream_id: str,
-        question: str,
-        *,
-        max_new_tokens: int,
-        time_range,
-        timeout_s: float,
-    ) -> AsyncIterator[object]:
-        """One stream's answer: ``TokenEvent``s then the ``Answer``; cancels the worker side if abandoned."""
-        index = self._index_of(stream_id)
-        worker = self.workers[index]
-        sent_s = time.monotonic()
-        refs = send_ask(worker, question_id, stream_id, question, max_new_tokens, time_range, timeout_s)
-        first_back_s = None
-        finished = False
-        try:
-            async for ref in refs:
-                event = await self._call(index, ref)
-                first_back_s = first_back_s or time.monotonic()
-                if isinstance(event, Answer):
-                    event.timings.transport_s = max(0.0, first_back_s - sent_s - event.timings.worker_first_token_s)
-                yield event
-            finished = True
-        finally:
-            if not finished:
-                worker.cancel.remote(question_id)
 
     async def _call(self, index: int, ref):
         """Awaits a worker call, unwrapping its error; a dead worker is UNAVAILABLE."""

@@ -5,6 +5,10 @@ counters into the router's metrics and tracks which workers answer, which are st
 last healthy values. Its streams' lag goes on growing from the last value it reported, since they ingest nothing,
 and their queue depth reads 0, as its queues went with it.
 
+**A worker marked down** (it missed a poll: frozen, hung or restarting; or its engine thread is stuck, ``_note_stall``)
+ends the questions the router is waiting on it for (``down_signal``): each ends UNAVAILABLE with a sentence naming the
+worker (``down_error``) within a poll of the worker going silent, not at its deadline.
+
 **A worker that comes back** (it answers after missing a poll, or from another process) is asked which streams it
 holds (``_take_streams_of``; ``services.coordinator``'s module doc says why).
 """
@@ -16,6 +20,7 @@ import logging
 import time
 
 from mosaic_core.errors import MosaicError
+from services.errors import UnavailableError
 from services.telemetry import TelemetryDelta, apply_delta
 from services.worker_actor import telemetry_call
 
@@ -27,8 +32,32 @@ ENGINE_STALL_S = 300.0
 
 class TelemetryPollsMixin:
     """``Coordinator``'s telemetry poll, mixed into it: uses the coordinator's ``workers``, ``placement``,
-    ``metrics``, ``_alive``, ``_gone``, ``_stalled``, ``_pids``, ``_down_since``, ``_last_lags``, ``_to_list`` and
-    ``_pending``, and its ``_call`` and ``_adopt``."""
+    ``metrics``, ``_alive``, ``_gone``, ``_stalled``, ``_pids``, ``_down_since``, ``_down_signals``, ``_last_lags``,
+    ``_to_list`` and ``_pending``, and its ``_call`` and ``_adopt``."""
+
+    def down_signal(self, index: int) -> asyncio.Future:
+        """A future that resolves when a poll finds worker ``index`` silent; one per worker, shared by its questions."""
+        signal = self._down_signals.get(index)
+        if signal is None:
+            signal = self._down_signals[index] = asyncio.get_running_loop().create_future()
+        return signal
+
+    def _mark_down(self, index: int) -> None:
+        signal = self._down_signals.pop(index, None)
+        if signal is not None and not signal.done():
+            signal.set_result(None)
+
+    def down_error(self, index: int, stream_id: str) -> UnavailableError:
+        """What a question about ``stream_id`` ends with when its worker ``index`` is marked down."""
+        if index in self._alive and index in self._stalled:
+            why = f"its engine thread has been stuck for over {ENGINE_STALL_S:.0f} s"
+        else:
+            silent_s = time.monotonic() - self._down_since.get(index, time.monotonic())
+            why = f"it stopped answering the router {silent_s:.0f} s ago: frozen, hung or restarting"
+        return UnavailableError(
+            f"worker {index} is unavailable ({why}), so the question about its stream {stream_id!r} was not answered; "
+            "retry shortly"
+        )
 
     async def _delta_of(self, kind: str, index: int, call, timeout_s: float):
         """A worker's answer to a call that hands over what changed since its last one (``call()`` sends it). One
@@ -78,6 +107,7 @@ class TelemetryPollsMixin:
         (it answers polls from another thread); it is again once the thread moves."""
         if stalled_s > ENGINE_STALL_S and index not in self._stalled:
             self._stalled.add(index)
+            self._mark_down(index)  # its questions would wait for a thread that does not move
             log.error("worker %d's engine thread has been stuck for %.0f s: it takes no questions or streams until it "
                       "moves", index, stalled_s)  # fmt: skip
         elif stalled_s <= ENGINE_STALL_S and index in self._stalled:
@@ -115,6 +145,7 @@ class TelemetryPollsMixin:
                 self._down_since.setdefault(index, now)
                 if index in self._alive:
                     self.metrics.forget_worker(index)
+                self._mark_down(index)
                 self._report_silent_streams(index, now)
                 continue
             alive.add(index)

@@ -31,7 +31,8 @@ from services.metric_checks import check_label, non_negative, worker_label
 from services.stream_metrics import DEFAULT_MAX_STREAM_LABELS, StreamMetrics
 from services.watch_metrics import WatchMetrics
 
-QUERY_OUTCOMES = ("ok", "error", "rejected", "deadline")
+# "cancelled": the client went away before its answer ended (not an error of the server).
+QUERY_OUTCOMES = ("ok", "error", "rejected", "deadline", "cancelled")
 MODES = tuple(mode.value for mode in RetrievalMode)  # every mode the service may run
 # Every gRPC status code an RPC can fail with (OK is not an error).
 ERROR_CODES = (

@@ -178,6 +178,7 @@ class MosaicServer:
             self.metrics,
             mode=cfg.mode,
             default_max_new_tokens=cfg.default_max_new_tokens,
+            max_new_tokens_limit=cfg.engine_config().max_new_tokens_limit,  # the workers' own: one source, no drift
             max_push_calls=cfg.max_push_calls,
             push_idle_timeout_s=cfg.push_idle_timeout_s,
             max_streams=cfg.max_streams_per_worker * cfg.workers,

@@ -25,6 +25,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from mosaic_core.config import MAX_NEW_TOKENS_LIMIT, check_max_new_tokens
 from mosaic_core.engine.keyframe_store import MAX_IDS_PER_LOOKUP
 from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import (
@@ -73,6 +74,8 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         metrics: the router's metrics.
         mode: retrieval mode label for the latency histograms.
         default_max_new_tokens: used when a question asks for 0.
+        max_new_tokens_limit: the most a question may ask for, the workers' own limit (``EngineConfig``); a question
+            asking more is refused here, before it takes a queue slot.
         max_push_calls: concurrent PushFrames calls accepted; beyond, RESOURCE_EXHAUSTED.
         max_streams: streams the server holds at most; CreateStream beyond is RESOURCE_EXHAUSTED (None: no limit).
         push_idle_timeout_s: a PushFrames call that sends no frame for this long ends with DEADLINE_EXCEEDED, giving
@@ -99,6 +102,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         mode: str,
         default_max_new_tokens: int,
         max_push_calls: int,
+        max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
         push_idle_timeout_s: float = DEFAULT_PUSH_IDLE_TIMEOUT_S,
         max_streams: int | None = None,
         evidence_spans: int = 5,
@@ -113,6 +117,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         self.metrics = metrics
         self.mode = mode
         self.default_max_new_tokens = default_max_new_tokens
+        self.max_new_tokens_limit = max_new_tokens_limit
         self.max_push_calls = max_push_calls
         self.push_idle_timeout_s = push_idle_timeout_s
         self.max_streams = max_streams
@@ -314,7 +319,8 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             await abort(context, DeadlineError(_deadline_sentence(received_s)), self.metrics)
         except (asyncio.CancelledError, GeneratorExit):  # the client went away: cancelled, or closed while sent to
             remaining = context.time_remaining()
-            self.metrics.query_finished("deadline" if remaining is not None and remaining <= 0 else "error")
+            # A hang-up is the client's choice, not a failure of the server: counted apart, so it does not read as one.
+            self.metrics.query_finished("deadline" if remaining is not None and remaining <= 0 else "cancelled")
             raise
         except Exception as err:
             self.metrics.query_finished("rejected" if isinstance(err, QueueFullError) else "error")
@@ -346,6 +352,8 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
             self.coordinator.worker_of(stream_id)
         if request.max_new_tokens < 0:
             raise InvalidArgumentError(f"max_new_tokens must be >= 0 (0: server default), got {request.max_new_tokens}")
+        if request.max_new_tokens:  # 0 takes the server's default
+            check_max_new_tokens(request.max_new_tokens, self.max_new_tokens_limit)
         return stream_ids, convert.time_range_from_request(request)
 
     async def _answer(self, request, stream_ids, time_range, timeout_s, received_s, queue_s):

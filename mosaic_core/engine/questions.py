@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch.profiler import record_function
 
-from mosaic_core.config import RetrievalMode
+from mosaic_core.config import RetrievalMode, check_max_new_tokens
 from mosaic_core.engine.machinery import machinery_for
 from mosaic_core.engine.maintenance import apply_merges
 from mosaic_core.engine.parts import EngineParts
@@ -198,9 +198,7 @@ def widest_question_tokens(config, state: StreamState) -> int:
 def _check_question(parts, question: str, max_new_tokens: int) -> list[int]:
     if not isinstance(question, str) or not question.strip():
         raise InvalidArgumentError("the question is empty; ask something about the stream")
-    limit = parts.config.max_new_tokens_limit
-    if not 0 < max_new_tokens <= limit:
-        raise InvalidArgumentError(f"max_new_tokens must be in 1..{limit}, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens, parts.config.max_new_tokens_limit)
     ids = parts.model.question_ids(question)
     check_question_length(len(ids), parts.config.max_question_tokens)
     return ids

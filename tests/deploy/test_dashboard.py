@@ -147,3 +147,13 @@ def test_worker_restarts_count_a_new_process_not_a_workers_first_report(dashboar
     result = subprocess.run(["promtool", "test", "rules", str(tmp_path / "test.yaml")], capture_output=True,
                             text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_questions_panel_names_every_outcome(dashboard) -> None:
+    """Its legend shows each outcome as its own series; the description says what each is, so an operator does not
+    read a new one (``cancelled``: hang-ups) as errors."""
+    from services.metrics import QUERY_OUTCOMES
+
+    (panel,) = [p for p in _panels(dashboard) if p["title"] == "Questions by outcome"]
+    missing = [o for o in QUERY_OUTCOMES if not re.search(rf"\b{o}\b", panel["description"])]
+    assert not missing, f"outcomes the panel's description does not name: {missing}"

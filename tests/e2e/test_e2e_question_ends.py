@@ -39,8 +39,9 @@ class _OpenCall:
 
 def test_a_question_closed_while_its_answer_is_sent_is_counted(service, stream):
     """grpc.aio closes a server-streaming handler at its ``yield`` when the client goes away while an answer is
-    being sent to it; that question still counts, as an error (the client did not get its answer)."""
-    errors_before = metric(service.metrics_url, "mosaic_queries_total", outcome="error")
+    being sent to it; that question still counts, as cancelled (the client's choice), not as an error, which alerts
+    and dashboards read as the server failing."""
+    counts = {o: metric(service.metrics_url, "mosaic_queries_total", outcome=o) for o in ("error", "cancelled")}
     request = pb.QueryRequest(stream_ids=[stream], question="Describe everything.", max_new_tokens=64)
 
     async def read_two_events_then_close() -> None:
@@ -50,7 +51,8 @@ def test_a_question_closed_while_its_answer_is_sent_is_counted(service, stream):
         await call.aclose()
 
     service.run(read_two_events_then_close())
-    assert metric(service.metrics_url, "mosaic_queries_total", outcome="error") == errors_before + 1
+    assert metric(service.metrics_url, "mosaic_queries_total", outcome="cancelled") == counts["cancelled"] + 1
+    assert metric(service.metrics_url, "mosaic_queries_total", outcome="error") == counts["error"]
     assert metric(service.metrics_url, "mosaic_query_queue_depth") == 0
 
 
@@ -128,7 +130,7 @@ def test_a_question_the_worker_refuses_is_counted_rejected(client, service, stre
 
 def test_a_question_cancelled_or_past_its_deadline_mid_answer_ends_on_its_worker(client, service, stream):
     """The worker stops decoding it and gives its place back (``questions_of`` back to 0, within seconds), and the
-    router holds nothing of it; each is counted, as an error and as a deadline."""
+    router holds nothing of it; each is counted, as cancelled (not an error) and as a deadline."""
     import ray
 
     coordinator = service.server.coordinator
@@ -142,7 +144,8 @@ def test_a_question_cancelled_or_past_its_deadline_mid_answer_ends_on_its_worker
         assert service.server.servicer.queue.num_running == 0
         assert metric(service.metrics_url, "mosaic_queries_running") == 0
 
-    counts = {o: metric(service.metrics_url, "mosaic_queries_total", outcome=o) for o in ("error", "deadline")}
+    outcomes = ("error", "deadline", "cancelled")
+    counts = {o: metric(service.metrics_url, "mosaic_queries_total", outcome=o) for o in outcomes}
     request = pb.QueryRequest(stream_ids=[stream], question="Describe everything.", max_new_tokens=400)
     call = client.stub.Query(request, timeout=60, metadata=METADATA)
     for _, event in zip(range(3), call, strict=False):  # two tokens or so: it is answering
@@ -153,7 +156,8 @@ def test_a_question_cancelled_or_past_its_deadline_mid_answer_ends_on_its_worker
         client.ask("Describe everything.", [stream], max_new_tokens=400, timeout_s=1.0)
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline passed" in late.value.details()
     ended_on_the_worker()
-    assert metric(service.metrics_url, "mosaic_queries_total", outcome="error") == counts["error"] + 1
+    assert metric(service.metrics_url, "mosaic_queries_total", outcome="cancelled") == counts["cancelled"] + 1
+    assert metric(service.metrics_url, "mosaic_queries_total", outcome="error") == counts["error"]
     assert metric(service.metrics_url, "mosaic_queries_total", outcome="deadline") == counts["deadline"] + 1
 
 

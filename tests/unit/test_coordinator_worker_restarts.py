@@ -299,6 +299,45 @@ def test_a_worker_whose_engine_thread_is_stuck_is_not_ready_until_it_moves():
     asyncio.run(scenario())
 
 
+def test_questions_waiting_on_a_worker_end_when_a_poll_marks_it_down_stuck_or_silent():
+    """A stuck engine thread (the worker answers polls) and a worker that stops answering both end the answers
+    waiting on it (``down_signal``), and a question sent to it then is refused at once, UNAVAILABLE naming why."""
+    from services.coordinator_polls import ENGINE_STALL_S
+
+    def ask(coordinator):
+        return anext(coordinator.ask("q", "cam", "what?", max_new_tokens=2, time_range=None, timeout_s=5.0))
+
+    async def scenario():
+        worker = Worker(0)
+        coordinator = await _started(worker)
+        await coordinator.create_stream(StreamRecord(stream_id="cam", fps=1.0))
+        waiting = coordinator.down_signal(0)
+        drain = worker._drain_telemetry
+
+        def stuck():
+            delta = drain()
+            delta.engine_stalled_s = ENGINE_STALL_S + 1.0
+            return delta
+
+        worker.drain_telemetry = _Method(worker._live(stuck))
+        await coordinator.poll_telemetry(1.0)
+        assert waiting.done()
+        with pytest.raises(UnavailableError, match=r"worker 0 is unavailable \(its engine thread has been stuck"):
+            await ask(coordinator)
+        worker.drain_telemetry = _Method(worker._live(drain))
+        await coordinator.poll_telemetry(1.0)
+        assert coordinator.ready_workers == {0}
+        waiting = coordinator.down_signal(0)
+        worker.alive = False
+        await coordinator.poll_telemetry(1.0)
+        assert waiting.done()
+        with pytest.raises(UnavailableError, match="worker 0 is unavailable \\(it stopped answering the router") as err:
+            await ask(coordinator)
+        assert "'cam'" in str(err.value) and "retry shortly" in str(err.value)
+
+    asyncio.run(scenario())
+
+
 def test_the_routers_polls_run_on_the_workers_telemetry_threads():
     """A worker's control threads may all wait for its engine thread (stream calls, keyframes of every camera): a
     poll queued behind them timed out, and the router counted a busy worker down. Its polls have threads of their
