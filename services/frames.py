@@ -22,7 +22,8 @@ import numpy as np
 from mosaic_core.errors import InvalidFrameError
 from mosaic_core.model.geometry import downscaled_size
 from mosaic_core.model.pixels import validate_frames
-from mosaic_core.model.video import MAX_SIDE_PX, frame_rgb
+from mosaic_core.model.video import frame_rgb
+from mosaic_core.model.video_sources import MAX_SIDE_PX
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,7 @@ Two checks, since a name can resolve anywhere:
 
 FFmpeg resolves the name again as it connects, so a name whose DNS answer changes between the two (DNS rebinding)
 is not covered; HTTP redirects and playlists (HLS, DASH), whose entries name hosts of their own, are refused
-outright (``mosaic_core.model.video.open_options``), but an RTSP server's redirect is followed. Restricting the
+outright (``mosaic_core.model.video_sources.open_options``), but an RTSP server's redirect is followed. Restricting the
 workers' egress closes both (``docs/security.md``).
 """
 

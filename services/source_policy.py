@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from mosaic_core.errors import ConfigError, InvalidArgumentError
-from mosaic_core.model.video import PROTOCOLS_BY_SCHEME, source_scheme
+from mosaic_core.model.video_sources import PROTOCOLS_BY_SCHEME, source_scheme
 from services.source_hosts import DEFAULT_BLOCKED_NETWORKS, Network, literal_refusal, parse_networks
 from services.url_text import without_credentials
 

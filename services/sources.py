@@ -1,9 +1,10 @@
 """Server-side ingest from a file, URL or ``rtsp://`` source: sample at the stream's fps, pace, reconnect.
 
 Which sources are allowed is checked at CreateStream (``services.source_policy``). FFmpeg itself opens only the
-protocols the source's own scheme needs (``mosaic_core.model.video.protocol_whitelist``), so a redirect cannot reach
-another protocol. A URL's host may not be in a blocked network (``services.source_hosts``: loopback, with this
-machine's own addresses, and link-local by default), as written at CreateStream and as resolved before every connect.
+protocols the source's own scheme needs (``mosaic_core.model.video_sources.protocol_whitelist``), so a redirect
+cannot reach another protocol. A URL's host may not be in a blocked network (``services.source_hosts``: loopback,
+with this machine's own addresses, and link-local by default), as written at CreateStream and as resolved before
+every connect.
 
 One ``SourceReader`` thread per stream decodes with PyAV (``mosaic_core.model.video.iter_video_frames``), or,
 with ``decode_in_child``, reads what a child process decodes (``services.source_decoding``), and hands each sampled

@@ -25,16 +25,8 @@ before the position need no sampling, only to be passed: a looping source's whol
 (their duration known from the first), an indexed file seeks to the keyframe at or before it, and any other source is
 decoded up to it and its frames discarded, with a log line of its progress every ``PROGRESS_EVERY_S``.
 
-FFmpeg opens only the protocols the source's own scheme needs (``protocol_whitelist``): a local file reads
-files only, an ``http(s)`` URL speaks HTTP over TCP/TLS only, ``rtsp(s)`` RTSP/RTP over TCP/UDP/TLS; any other
-scheme (``concat:``, ``data:``, ``ftp://``, ``tcp://``...) is refused before FFmpeg sees it. From a file or over
-HTTP it reads only the containers of ``SOURCE_FORMATS`` (``format_whitelist``): an HLS or DASH playlist is refused
-before any of its entries is opened, since they name hosts, or files outside the source roots, that no check of the
-source saw.
-
-A source's pictures are bounded as pushed images are: a side over ``MAX_SIDE_PX``, in the container's header or in a
-decoded frame, is an ``InvalidFrameError``, and the decoder refuses a picture of more than ``MAX_SIDE_PX`` squared
-pixels before it allocates it (FFmpeg's ``max_pixels``), whatever the header said.
+How a source is opened (its scheme's protocols, the containers read, the bound on a picture's size):
+``mosaic_core.model.video_sources``.
 
     pass 0 frames  |0    |1    |2    |3        clip duration D = last frame time + its duration
     pass 1 frames                        |D   |D+1  ...
@@ -47,7 +39,6 @@ import importlib.util
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -57,12 +48,18 @@ from pathlib import Path
 import av
 import numpy as np
 
-from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, NotFoundError, RefusedSourceError
+from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, NotFoundError
 from mosaic_core.model.geometry import downscaled_size
+from mosaic_core.model.video_sources import (
+    DECODER_OPTIONS,
+    MAX_SIDE_PX,
+    check_sides,
+    open_source,
+    source_scheme,
+)
 
 log = logging.getLogger(__name__)
 
-OPEN_TIMEOUT_S = 10.0  # for network sources; a stalled camera must not hang a worker forever
 SEEK_MIN_GAP_S = 1.0  # seek only past more than this much video; shorter gaps are cheaper to decode through
 # The demuxers whose seek lands on a keyframe at or before its target, and whose duration is exact, from the
 # container's index. MPEG-TS and MPEG-PS (and raw streams) seek by timestamp to a packet that need not be a keyframe,
@@ -75,25 +72,6 @@ SEEK_FORMATS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "fl
 RESUME_TOLERANCE_S = Fraction(1, 10**6)
 PROGRESS_EVERY_S = 10.0  # how often a long decode up to ``resume_after_s`` logs how far it has come
 RESET_MIN_STEPS = 4  # a network source's frame this many frame steps behind the last one: its timestamps restarted
-# The largest side of a picture decoded from a source or a pushed image. FFmpeg's decoder refuses a picture of more
-# than its square before allocating it, so a source that sends a huge picture cannot exhaust a worker's memory.
-MAX_SIDE_PX = 8192
-DECODER_OPTIONS = {"max_pixels": str(MAX_SIDE_PX * MAX_SIDE_PX)}
-# FFmpeg protocols each source scheme may use, nested ones included (RTSP runs over RTP/UDP/TCP, HTTPS over TLS).
-PROTOCOLS_BY_SCHEME = {
-    "file": "file",
-    "rtsp": "rtsp,rtp,srtp,udp,tcp,tls",
-    "rtsps": "rtsp,rtp,srtp,udp,tcp,tls",
-    "http": "http,https,tcp,tls,crypto,httpproxy",
-    "https": "http,https,tcp,tls,crypto,httpproxy",
-}
-# The demuxers a file or http(s) source may use: the containers that cameras and video files come in, and a camera's
-# snapshot picture. No playlist or manifest (HLS, DASH, concat, IMF): their demuxers open the URLs or files they list,
-# on hosts or outside the source roots, where no check of the source saw.
-SOURCE_FORMATS = (
-    "mpjpeg,mjpeg,mpegts,mov,matroska,flv,live_flv,avi,asf,mpeg,mpegvideo,h264,hevc,m4v,ogg,ivf,"
-    "jpeg_pipe,png_pipe,webp_pipe"
-)
 _VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".yuv")
 
 
@@ -201,7 +179,7 @@ def probe_video(source: str) -> VideoInfo:
     Raises:
         InvalidArgumentError: the source cannot be opened or has no video stream.
     """
-    with _open(source) as container:
+    with open_source(source) as container:
         stream = container.streams.video[0]
         if stream.duration is not None and stream.time_base is not None:
             duration_s = float(stream.duration * stream.time_base)
@@ -267,70 +245,6 @@ class _Sampler:
         return True
 
 
-def source_scheme(source: str) -> str:
-    """The URL scheme of ``source`` in lower case; ``file`` for a plain path."""
-    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", str(source))
-    if match is None or len(match.group(1)) == 1:  # "C:" is a drive letter, not a scheme
-        return "file"
-    return match.group(1).lower()
-
-
-def protocol_whitelist(source: str) -> str:
-    """FFmpeg's ``protocol_whitelist`` for ``source``: only what its own scheme needs.
-
-    Raises:
-        InvalidArgumentError: a scheme that no camera or video file uses (``concat:``, ``data:``, ``ftp://``...).
-    """
-    scheme = source_scheme(source)
-    if str(source).lower().startswith("file:"):
-        scheme = "file:"  # file: URLs are refused: a local source is a plain path
-    protocols = PROTOCOLS_BY_SCHEME.get(scheme)
-    if protocols is None:
-        allowed = ", ".join(f"{s}://" for s in PROTOCOLS_BY_SCHEME if s != "file")
-        raise InvalidArgumentError(f"Video source scheme {scheme!r} is not supported; use a file path or {allowed}.")
-    return protocols
-
-
-def open_options(source: str) -> dict[str, str]:
-    """FFmpeg's options for opening ``source``: the protocols its scheme may use, the decoder's bound on a picture's
-    pixels (opening decodes a picture to learn the stream's size), RTSP over TCP, over HTTP no redirects, and from a
-    file or over HTTP only the containers of ``SOURCE_FORMATS`` (the scheme in any case, as the protocol check reads
-    it). A redirect, or a playlist's entries, would take the connection to a host, or a file outside the source
-    roots, that no check of the source saw."""
-    options = {"protocol_whitelist": protocol_whitelist(source), **DECODER_OPTIONS}  # probing decodes a picture too
-    scheme = source_scheme(source)
-    if scheme in ("rtsp", "rtsps"):
-        options["rtsp_transport"] = "tcp"
-    if scheme in ("http", "https"):
-        options["max_redirects"] = "0"
-    if scheme in ("file", "http", "https"):
-        options["format_whitelist"] = SOURCE_FORMATS
-    return options
-
-
-def _open(source: str) -> av.container.InputContainer:
-    options = open_options(source)
-    try:
-        container = av.open(str(source), mode="r", timeout=OPEN_TIMEOUT_S, options=options)
-    except (av.FFmpegError, OSError) as err:
-        if "format_whitelist" in options and isinstance(err, av.ArgumentError):  # a container the list refused
-            hint = f"if it is a playlist or another container: this server reads {SOURCE_FORMATS} only"
-            raise RefusedSourceError(f"Cannot open video source {source!r}: {err} ({hint}).") from err
-        raise InvalidArgumentError(f"Cannot open video source {source!r}: {err}.") from err
-    if not container.streams.video:
-        container.close()
-        raise InvalidArgumentError(f"Video source {source!r} has no video stream.")
-    return container
-
-
-def _check_sides(width: int, height: int, source: str) -> None:
-    if width > MAX_SIDE_PX or height > MAX_SIDE_PX:
-        raise InvalidFrameError(
-            f"Video source {source!r} has {width}x{height} px pictures (width x height): each side must be at most "
-            f"{MAX_SIDE_PX} px."
-        )
-
-
 class _PassClock:
     """A decode pass's clock: each frame's time from the pass's first frame, moving only forward. A frame without a
     timestamp comes one frame step after the last; a network source whose timestamps restart carries on from its
@@ -385,12 +299,12 @@ def _sample_pass(
     stops once the next instant is past the clip's end (module doc); elsewhere it decodes every frame in order.
     """
     seekable = source_scheme(source) == "file"
-    with _open(source) as container:
+    with open_source(source) as container:
         seeks = seekable and container.format.name in SEEK_FORMATS
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.codec_context.options = dict(DECODER_OPTIONS)
-        _check_sides(stream.codec_context.width, stream.codec_context.height, source)
+        check_sides(stream.codec_context.width, stream.codec_context.height, source)
         clock = _PassClock(stream, seekable=seekable, indexed=seeks)
         sought: Fraction | None = None  # the instant the last seek went for; never seek for one twice
         num_frames = 0
@@ -402,7 +316,7 @@ def _sample_pass(
                     frame = next(frames)
                 except StopIteration:
                     break
-                _check_sides(frame.width, frame.height, source)
+                check_sides(frame.width, frame.height, source)
                 rel_time = clock.advance(frame)
                 if rel_time is None:
                     continue  # out of order or repeated

@@ -16,7 +16,8 @@ import pytest
 from source_runs import read_to_end
 
 from mosaic_core.errors import InvalidFrameError
-from mosaic_core.model.video import MAX_SIDE_PX, iter_video_frames
+from mosaic_core.model.video import iter_video_frames
+from mosaic_core.model.video_sources import MAX_SIDE_PX
 from services.frames import PNG_MAGIC
 from services.sources import SourceState
 

@@ -11,7 +11,8 @@ import pytest
 
 from mosaic_core.errors import InvalidArgumentError
 from mosaic_core.model import video
-from mosaic_core.model.video import iter_video_frames, protocol_whitelist, sample_clip_path
+from mosaic_core.model.video import iter_video_frames, sample_clip_path
+from mosaic_core.model.video_sources import protocol_whitelist
 
 BIKES = "bikes.mp4"  # 640x272, 250 frames at 25 fps, a keyframe about every 2 s
 
@@ -141,7 +142,7 @@ def test_whitelist_follows_the_scheme() -> None:
 @pytest.mark.parametrize("url", ["rtsp://cam.local/live", "RTSP://cam.local/live", "Rtsps://cam.local/live"])
 def test_rtsp_is_opened_over_tcp_whatever_the_case_of_its_scheme(url):
     """The protocol check reads the scheme in any case, so the transport does too (UDP loses frames on lossy links)."""
-    from mosaic_core.model.video import open_options
+    from mosaic_core.model.video_sources import open_options
 
     assert open_options(url)["rtsp_transport"] == "tcp"
     assert "rtsp_transport" not in open_options("http://cam.local/live.mp4")
@@ -150,7 +151,7 @@ def test_rtsp_is_opened_over_tcp_whatever_the_case_of_its_scheme(url):
 @pytest.mark.parametrize("url", ["http://cam.local/live.m3u8", "HTTPS://cam.local/live.mpd"])
 def test_http_reads_no_container_that_opens_further_urls(url):
     """A playlist's demuxer fetches the URLs it lists, on hosts that no check of the source URL saw."""
-    from mosaic_core.model.video import open_options
+    from mosaic_core.model.video_sources import open_options
 
     formats = open_options(url)["format_whitelist"].split(",")
     assert {"mov", "mpegts", "mpjpeg"} <= set(formats)

@@ -76,8 +76,8 @@ def test_a_rate_far_below_one_frame_a_clip_opens_only_the_passes_it_samples(monk
     import mosaic_core.model.video as video
 
     opened = []
-    real_open = video._open
-    monkeypatch.setattr(video, "_open", lambda source: opened.append(source) or real_open(source))
+    real_open = video.open_source
+    monkeypatch.setattr(video, "open_source", lambda source: opened.append(source) or real_open(source))
     frames = list(iter_video_frames(sample_clip_path(CARPHONE), fps=0.001, loop=True, max_frames=3))
     stamps = timestamps(frames)
     # each instant k * 1,000 s takes the first frame at or after it (the clip's frames are 1/30 s apart)

@@ -60,8 +60,8 @@ def test_a_resumed_looping_file_opens_no_pass_before_its_position(monkeypatch) -
     not the 99 between."""
     path = sample_clip_path(CARPHONE)
     opened = []
-    real_open = video._open
-    monkeypatch.setattr(video, "_open", lambda source: opened.append(source) or real_open(source))
+    real_open = video.open_source
+    monkeypatch.setattr(video, "open_source", lambda source: opened.append(source) or real_open(source))
     frames = list(iter_video_frames(path, fps=2.0, loop=True, max_frames=3, resume_after_s=100 * 4.004 + 1.0))
     assert len(opened) == 2
     # The instants at 401.5, 402 and 402.5 s, in the pass that starts at 400.4 s: its frames 33, 48 and 63.
