@@ -11,9 +11,7 @@ selector and the ids (``Engine.keyframes``).
 Standing questions (CreateWatch, ListWatches, DeleteWatch, WatchEvents) go to the router's ``WatchRegistry``
 (``services.watches``); until the backend is up they answer UNAVAILABLE.
 
-PushFrames reports unusable frames per frame (``PushFramesResponse.errors``) and keeps the good ones; only
-when *no* frame of the call was usable does the call itself fail, with the first frame's status
-(INVALID_ARGUMENT for a corrupt frame or bad shape, NOT_FOUND for an unknown stream).
+PushFrames: ``services.push_calls``.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import contextlib
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 from mosaic_core.config import MAX_NEW_TOKENS_LIMIT, check_max_new_tokens
 from mosaic_core.engine.keyframe_store import MAX_IDS_PER_LOOKUP
@@ -31,25 +28,19 @@ from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import (
     CapacityError,
     InvalidArgumentError,
-    InvalidFrameError,
-    MosaicError,
     UnknownStreamError,
-    cut,
 )
-from mosaic_core.model.geometry import downscaled_size
 from services import convert
 from services.coordinator import Coordinator
 from services.errors import DeadlineError, QueueFullError, UnavailableError, abort
 from services.fanout import Chunk, merge_answers, merged_evidence
-from services.frames import decode_frame
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.gen.mosaic.v1 import mosaic_pb2_grpc
-from services.idle_watch import IdleWatch
 from services.metrics import MosaicMetrics
+from services.push_calls import DEFAULT_IDLE_TIMEOUT_S, PushCalls
 from services.scheduler import QueryQueue
 from services.source_policy import SourcePolicy
 from services.watches_convert import check_listing_room, event_to_proto, record_from_request, watch_to_proto
-from services.worker_results import FrameRejection, PushResult
 
 log = logging.getLogger(__name__)
 MAX_QUESTION_CHARS = 8192  # a question's characters; the engine's own limit is in tokens (512 by default)
@@ -61,8 +52,6 @@ PRIORITIES = {value: name for name, value in pb.Priority.items()}
 # A question ends by then, whether it has no deadline or a later one: a wait of centuries overflowed the worker's
 # thread waits (``threading.TIMEOUT_MAX``), and its answer failed INTERNAL.
 MAX_QUESTION_S = 600.0
-PUSH_RETRY_AFTER_S = 1.0
-DEFAULT_PUSH_IDLE_TIMEOUT_S = 60.0  # ServiceConfig.push_idle_timeout_s
 
 
 class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
@@ -103,7 +92,7 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         default_max_new_tokens: int,
         max_push_calls: int,
         max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
-        push_idle_timeout_s: float = DEFAULT_PUSH_IDLE_TIMEOUT_S,
+        push_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         max_streams: int | None = None,
         evidence_spans: int = 5,
         max_fps: float = convert.DEFAULT_MAX_FPS,
@@ -118,19 +107,22 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
         self.mode = mode
         self.default_max_new_tokens = default_max_new_tokens
         self.max_new_tokens_limit = max_new_tokens_limit
-        self.max_push_calls = max_push_calls
-        self.push_idle_timeout_s = push_idle_timeout_s
         self.max_streams = max_streams
         self._num_creating = 0
         self.evidence_spans = evidence_spans
         self.max_fps = max_fps
         self.source_policy = source_policy
-        self.decode_max_pixels = decode_max_pixels
         self.max_reply_bytes = max_reply_bytes  # the server's message limit, for replies that grow with the data
         self.watches = None  # the router's WatchRegistry, once the backend is up
         self.watch_defaults = (1.0, 60.0)  # (threshold, cooldown_s) for requests that leave them unset
-        self._num_push_calls = 0
-        self._decoder = ThreadPoolExecutor(decode_threads, thread_name_prefix="mosaic-decode")
+        self.pushes = PushCalls(
+            coordinator,
+            metrics,
+            max_calls=max_push_calls,
+            idle_timeout_s=push_idle_timeout_s,
+            decode_max_pixels=decode_max_pixels,
+            decode_threads=decode_threads,
+        )
 
     # -- streams ------------------------------------------------------------------------------------
     async def CreateStream(self, request, context):
@@ -206,91 +198,11 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
 
     # -- ingest -------------------------------------------------------------------------------------
     async def PushFrames(self, request_iterator, context):
-        if self._num_push_calls >= self.max_push_calls:
-            err = QueueFullError(
-                f"the server is taking {self._num_push_calls} PushFrames calls already, its limit; "
-                f"retry in about {PUSH_RETRY_AFTER_S * 1000:.0f} ms or send several streams in one call",
-                retry_after_s=PUSH_RETRY_AFTER_S,
-            )
-            await abort(context, err, self.metrics)
-        self._num_push_calls += 1
-        try:
-            totals = PushResult()  # its rejections: the first convert.MAX_FRAME_ERRORS, which the answer lists
-            num_rejected = index = 0
-            frames = aiter(request_iterator)
-            with IdleWatch(self.push_idle_timeout_s) as idle:
-                while (frame := await self._next_frame(frames, idle, totals)) is not None:
-                    part = await self._push_one(index, frame)
-                    totals.accepted += part.accepted
-                    totals.dropped += part.dropped
-                    totals.sampled_out += part.sampled_out
-                    num_rejected += len(part.rejected)
-                    totals.rejected.extend(part.rejected[: max(0, convert.MAX_FRAME_ERRORS - len(totals.rejected))])
-                    index += 1
-            if num_rejected and num_rejected == index:  # every frame of the call refused
-                raise _all_refused(totals, num_rejected)
-            return convert.push_response(totals, num_rejected=num_rejected)
-        except Exception as err:
-            await abort(context, err, self.metrics)
-        finally:
-            self._num_push_calls -= 1
-
-    async def _next_frame(self, frames, idle: IdleWatch, totals: PushResult):
-        """The call's next frame, or None once the client is done; a wait of ``push_idle_timeout_s`` ends the call."""
-        try:
-            with idle.waiting():
-                return await anext(frames)
-        except StopAsyncIteration:
-            return None
-        except asyncio.CancelledError:
-            if not idle.fired or asyncio.current_task().uncancel() > 0:
-                raise  # the client went away, or the server stops
-            raise DeadlineError(
-                f"no frame arrived for {self.push_idle_timeout_s:g} s, so this PushFrames call ended to free its place "
-                f"(the server takes {self.max_push_calls} at once); {totals.accepted} frames of it were taken before. "
-                "Open a new call for the next frames"
-            ) from None
-
-    async def _push_one(self, index: int, frame) -> PushResult:
-        try:
-            check_stream_id(frame.stream_id)
-        except InvalidArgumentError as err:
-            return PushResult(rejected=[FrameRejection(index, cut(frame.stream_id, 128), str(err), err.grpc_code)])
-        try:
-            # JPEG/PNG decoding and scaling down take milliseconds: off the event loop, and off its default executor,
-            # so the store reads there do not wait behind decodes, nor decodes behind reads of a slow store. Other raw
-            # frames only get reshaped.
-            if frame.WhichOneof("payload") == "encoded" or self._scaled_down(frame):
-                loop = asyncio.get_running_loop()
-                rgb = await loop.run_in_executor(self._decoder, decode_frame, frame, self.decode_max_pixels)
-            else:
-                rgb = decode_frame(frame, self.decode_max_pixels)
-        except InvalidFrameError as err:
-            await self._count_undecodable(frame.stream_id)
-            return PushResult(rejected=[FrameRejection(index, frame.stream_id, str(err), err.grpc_code)])
-        return await self.coordinator.push([(index, frame.stream_id, frame.timestamp_s, rgb)])
+        return await self.pushes.serve(request_iterator, context)
 
     def close(self) -> None:
-        """Lets the decode threads go, each once its frame is decoded; for after the server has stopped (a frame pushed
-        after it is not decoded)."""
-        self._decoder.shutdown(wait=False, cancel_futures=True)
-
-    async def _count_undecodable(self, stream_id: str) -> None:
-        """A frame of ``stream_id`` that could not be decoded: counted by the stream's worker, with the stream's other
-        drops (GetStream, the metric, restarts); where that worker cannot take it, by the metric here, unless the
-        stream was deleted meanwhile (its series would come back). Frames of unknown streams are not counted."""
-        coordinator = self.coordinator
-        if stream_id not in coordinator.placement or await coordinator.count_dropped(stream_id, "decode_error"):
-            return
-        if stream_id in coordinator.placement:  # read again: the placement may have changed during the call
-            self.metrics.streams.frame_dropped(stream_id, "decode_error")
-
-    def _scaled_down(self, frame) -> bool:
-        """Whether a raw frame is larger than ``decode_max_pixels`` and so is scaled down as it is decoded."""
-        if frame.WhichOneof("payload") != "raw":
-            return False
-        size = (frame.raw.height, frame.raw.width)
-        return downscaled_size(*size, self.decode_max_pixels) != size
+        """Lets the decode threads go (``PushCalls.close``); for after the server has stopped."""
+        self.pushes.close()
 
     # -- questions ----------------------------------------------------------------------------------
     async def Query(self, request, context):
@@ -434,20 +346,6 @@ class MosaicServicer(mosaic_pb2_grpc.MosaicServicer):
                     yield event_to_proto(item)
         except Exception as err:
             await abort(context, err, self.metrics)
-
-
-class _RefusedFramesError(MosaicError):
-    """Every frame of a PushFrames call was refused: the call fails with the first refusal's status."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.grpc_code = code
-
-
-def _all_refused(totals: PushResult, count: int) -> _RefusedFramesError:
-    first = totals.rejected[0]
-    what = "the frame" if count == 1 else f"all {count} frames"
-    return _RefusedFramesError(f"{what} of this call refused; frame {first.index}: {first.reason}", first.code)
 
 
 def _deadline_sentence(received_s: float) -> str:

@@ -15,11 +15,11 @@ IDLE_S = 0.5
 
 def test_idle_push_calls_end_and_free_their_slots_while_a_busy_one_goes_on():
     servicer = bare_servicer()  # max_push_calls=4
-    servicer.push_idle_timeout_s = IDLE_S
+    servicer.pushes.idle_timeout_s = IDLE_S
 
     async def run():
         async with served(servicer) as stub:
-            idle = [stub.PushFrames() for _ in range(servicer.max_push_calls)]  # open, and never written to
+            idle = [stub.PushFrames() for _ in range(servicer.pushes.max_calls)]  # open, and never written to
             await asyncio.sleep(0.1)
             with_no_room = await _code(stub.PushFrames())
             idle_ends = await asyncio.wait_for(asyncio.gather(*map(_code, idle)), 10 * IDLE_S)
