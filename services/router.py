@@ -16,9 +16,7 @@ is left of the pod's grace (``GRACE_PAST_CALLS_S`` past ``shutdown_grace_s``, as
 back its last telemetry (the frames it ingested or dropped as it stopped) for the metrics, and the workers, the store
 actor and Ray are stopped.
 
-Authentication: with an API key (or a key file, ``services.api_keys``) configured, every call except health and
-reflection must carry a key in the ``x-api-key`` metadata header; otherwise UNAUTHENTICATED (counted in
-``mosaic_errors_total``).
+Authentication: ``services.auth``. Calls open at once are bounded: ``services.call_limit``.
 
 Ray is started (or joined) with ``services.ray_setup.init_ray``, which binds a local cluster to loopback when
 the host is.
@@ -42,16 +40,16 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from services import gil_probe, heap_probe
 from services.api_keys import ApiKeys
+from services.auth import ApiKeyInterceptor, clear_text_key_warning
 from services.call_limit import CallLimitInterceptor
 from services.config import ServiceConfig
 from services.console.server import ConsoleServer
 from services.coordinator import Coordinator
-from services.errors import UnauthenticatedError, status_for
 from services.gen.mosaic.v1 import mosaic_pb2, mosaic_pb2_grpc
 from services.metadata.watches import InMemoryWatchStore, RedisWatchStore
 from services.metrics import MosaicMetrics
-from services.ray_setup import init_ray, is_loopback
-from services.request_log import RequestLogInterceptor, replace_behaviour
+from services.ray_setup import init_ray
+from services.request_log import RequestLogInterceptor
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
 from services.source_policy import SourcePolicy
@@ -62,8 +60,6 @@ from services.worker_actor import worker_actor
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = mosaic_pb2.DESCRIPTOR.services_by_name["Mosaic"].full_name
-API_KEY_HEADER = "x-api-key"
-_OPEN_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 # The Helm chart sets shutdown_grace_s to the pod's terminationGracePeriodSeconds less this: the time past the calls'
 # grace, from SIGTERM on, that the router has before the kubelet's SIGKILL to stop its workers, its stores and Ray.
@@ -72,36 +68,6 @@ GRACE_PAST_CALLS_S = 20.0
 AFTER_WORKERS_S = 4.0
 # A worker's shutdown gets at least this long, even when the draining calls used up the pod's grace.
 MIN_WORKER_STOP_S = 1.0
-
-
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without one of the ``keys`` in ``x-api-key``; health and reflection stay open to probes."""
-
-    def __init__(self, keys: ApiKeys, metrics: MosaicMetrics) -> None:
-        self._keys = keys
-        self._metrics = metrics
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(_OPEN_METHOD_PREFIXES):
-            return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        given = metadata.get(API_KEY_HEADER, "")
-        if given and self._keys.matches(given):
-            return handler
-        return _deny(handler, self._metrics, "missing" if not given else "wrong")
-
-
-def _deny(handler: grpc.RpcMethodHandler, metrics: MosaicMetrics, what: str) -> grpc.RpcMethodHandler:
-    status = status_for(
-        UnauthenticatedError(f"the {API_KEY_HEADER} metadata header is {what}; send the server's API key")
-    )
-
-    async def refuse(request, context):
-        metrics.error(status.code.name)
-        await context.abort(status.code, status.message)
-
-    return replace_behaviour(handler, refuse)
 
 
 class MosaicServer:
@@ -367,16 +333,6 @@ def worker_config(cfg: ServiceConfig) -> ServiceConfig:
     """The settings a worker is made with: the router's, less the API keys, which workers never check. Ray keeps an
     actor's arguments (in its control store, to restart it), so a key there would outlive its rotation."""
     return cfg.model_copy(update={"api_key": None, "api_key_file": None})
-
-
-def clear_text_key_warning(cfg: ServiceConfig) -> str | None:
-    """What to warn of when gRPC without TLS, on more than loopback, carries API keys; None when nothing."""
-    if not (cfg.api_key or cfg.api_key_file) or cfg.tls_cert or is_loopback(cfg.host):
-        return None
-    return (
-        f"gRPC on {cfg.host} has no TLS: API keys cross the network in clear text; pass --tls-cert and --tls-key, "
-        "or keep a TLS-terminating proxy or mesh in front"
-    )
 
 
 def _enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:

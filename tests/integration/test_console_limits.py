@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from services.api_keys import ApiKeys
+from services.auth import ApiKeyInterceptor
 from services.config import load_config
 from services.console import server as console_server
 from services.console.server import ConsoleServer
@@ -20,7 +21,6 @@ from services.coordinator import Coordinator
 from services.gen.mosaic.v1 import mosaic_pb2_grpc
 from services.metadata.watches import InMemoryWatchStore
 from services.metrics import MosaicMetrics
-from services.router import ApiKeyInterceptor
 from services.scheduler import QueryQueue
 from services.servicer import MosaicServicer
 from services.watches import WatchRegistry

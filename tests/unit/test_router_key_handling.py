@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from services.auth import clear_text_key_warning
 from services.config import ServiceConfig
-from services.router import clear_text_key_warning, worker_config
+from services.router import worker_config
 
 
 def test_a_worker_is_made_without_the_api_key(tmp_path):
