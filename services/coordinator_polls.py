@@ -5,9 +5,10 @@ counters into the router's metrics and tracks which workers answer, which are st
 last healthy values. Its streams' lag goes on growing from the last value it reported, since they ingest nothing,
 and their queue depth reads 0, as its queues went with it.
 
-**A worker marked down** (it missed a poll: frozen, hung or restarting; or its engine thread is stuck, ``_note_stall``)
-ends the questions the router is waiting on it for (``down_signal``): each ends UNAVAILABLE with a sentence naming the
-worker (``down_error``) within a poll of the worker going silent, not at its deadline.
+**A worker marked down** (it missed polls for ``DOWN_AFTER_S``, two in a row at the least: frozen, hung or restarting;
+or its engine thread is stuck, ``_note_stall``) ends the questions the router is waiting on it for (``down_signal``):
+each ends UNAVAILABLE with a sentence naming the worker (``down_error``) within two polls of the worker going silent,
+not at its deadline.
 
 **A worker that comes back** (it answers after missing a poll, or from another process) is asked which streams it
 holds (``_take_streams_of``; ``services.coordinator``'s module doc says why).
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 # An engine thread with no chance to start a question for this long is stuck: an ingest call takes about a second,
 # a first compile or graph capture tens of seconds.
 ENGINE_STALL_S = 300.0
+# A worker silent this long since its first missed poll is down for its questions (``is_down``): a second poll in a
+# row at the earliest, so one late answer from a busy worker (the poll's timeout is 5 s) ends none of them.
+DOWN_AFTER_S = 5.0
 
 
 class TelemetryPollsMixin:
@@ -41,6 +45,12 @@ class TelemetryPollsMixin:
         if signal is None:
             signal = self._down_signals[index] = asyncio.get_running_loop().create_future()
         return signal
+
+    def is_down(self, index: int) -> bool:
+        """Whether worker ``index``'s questions end (``down_signal``): its engine thread is stuck, or it has missed
+        polls for ``DOWN_AFTER_S``."""
+        silent_since = self._down_since.get(index)
+        return index in self._stalled or (silent_since is not None and time.monotonic() - silent_since >= DOWN_AFTER_S)
 
     def _mark_down(self, index: int) -> None:
         signal = self._down_signals.pop(index, None)
@@ -145,7 +155,8 @@ class TelemetryPollsMixin:
                 self._down_since.setdefault(index, now)
                 if index in self._alive:
                     self.metrics.forget_worker(index)
-                self._mark_down(index)
+                if self.is_down(index):
+                    self._mark_down(index)
                 self._report_silent_streams(index, now)
                 continue
             alive.add(index)

@@ -2,7 +2,7 @@
 
 **A worker marked down** by the telemetry poll (``services.coordinator_polls``) ends the answers the router waits
 for from it at once, UNAVAILABLE with a sentence naming it: a frozen or hung worker would otherwise hold them until
-their deadline (at most ``MAX_QUESTION_S``), and a question sent after it went silent is refused at once.
+their deadline (at most ``MAX_QUESTION_S``), and a question sent to it while it is down is refused at once.
 
 **A cancel goes to the worker only when the router abandons an answer** (its client went away, its deadline passed
 in the router, or another stream of the question failed) while the worker is live. A worker that ended the answer
@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class QuestionsMixin:
-    """``Coordinator``'s questions, mixed into it: uses the coordinator's ``workers``, ``started``, ``ready_workers``,
-    ``_alive``, ``_gone`` and ``_cancels``, and its ``_index_of``, ``_call``, ``down_signal`` and ``down_error``."""
+    """``Coordinator``'s questions, mixed into it: uses the coordinator's ``workers``, ``started``, ``_alive``,
+    ``_gone`` and ``_cancels``, and its ``_index_of``, ``_call``, ``is_down``, ``down_signal`` and ``down_error``."""
 
     async def ask(
         self,
@@ -46,7 +46,7 @@ class QuestionsMixin:
         """
         index = self._index_of(stream_id)
         worker = self.workers[index]
-        if self.started and index not in self.ready_workers:
+        if self.started and self.is_down(index):
             raise self.down_error(index, stream_id)
         down = self.down_signal(index)
         sent_s = time.monotonic()

@@ -27,7 +27,7 @@ STREAM = "down-0"
 QUESTIONS = ("Describe everything.", "List every moving thing, in order.", "Tell the whole story of this stream.")
 MAX_NEW_TOKENS = 512  # seconds of decoding on the CPU: the freeze comes long before such an answer ends
 DEADLINE_S = 120.0  # the client's: the answer must end long before it
-ENDED_WITHIN_S = 20.0  # from the freeze to the client's status: the poll's 5 s timeout, and its interval
+ENDED_WITHIN_S = 20.0  # from the freeze to the client's status: two polls' 5 s timeouts, and their interval
 
 
 @pytest.fixture(scope="module")

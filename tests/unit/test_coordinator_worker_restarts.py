@@ -14,6 +14,7 @@ import pytest
 import ray.exceptions
 
 from mosaic_core.errors import AlreadyExistsError, UnknownStreamError
+from services import coordinator_polls
 from services.config import load_config
 from services.coordinator import Coordinator
 from services.errors import UnavailableError, WorkerGoneError
@@ -299,7 +300,7 @@ def test_a_worker_whose_engine_thread_is_stuck_is_not_ready_until_it_moves():
     asyncio.run(scenario())
 
 
-def test_questions_waiting_on_a_worker_end_when_a_poll_marks_it_down_stuck_or_silent():
+def test_questions_waiting_on_a_worker_end_when_a_poll_marks_it_down_stuck_or_silent(monkeypatch):
     """A stuck engine thread (the worker answers polls) and a worker that stops answering both end the answers
     waiting on it (``down_signal``), and a question sent to it then is refused at once, UNAVAILABLE naming why."""
     from services.coordinator_polls import ENGINE_STALL_S
@@ -329,6 +330,10 @@ def test_questions_waiting_on_a_worker_end_when_a_poll_marks_it_down_stuck_or_si
         assert coordinator.ready_workers == {0}
         waiting = coordinator.down_signal(0)
         worker.alive = False
+        await coordinator.poll_telemetry(1.0)
+        assert not waiting.done() and not coordinator.is_down(0)  # one late answer from a busy worker ends nothing
+        monkeypatch.setattr(coordinator_polls, "DOWN_AFTER_S", 0.05)
+        await asyncio.sleep(0.06)
         await coordinator.poll_telemetry(1.0)
         assert waiting.done()
         with pytest.raises(UnavailableError, match="worker 0 is unavailable \\(it stopped answering the router") as err:
