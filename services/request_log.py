@@ -6,6 +6,7 @@ default level it costs one check per call.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -64,11 +65,12 @@ async def stream_responses(behaviour, request, context) -> None:
     """Runs a response-streaming ``behaviour`` of either kind gRPC takes: an async generator, whose responses are
     written here, or a coroutine that writes its own (``context.write``, as grpc_health's Watch does)."""
     result = behaviour(request, context)
-    if inspect.isasyncgen(result):
+    if not inspect.isasyncgen(result):
+        await result
+        return
+    async with contextlib.aclosing(result):  # closed here, not when collected, however the call ends
         async for response in result:
             await context.write(response)
-    else:
-        await result
 
 
 def replace_behaviour(handler: grpc.RpcMethodHandler, behaviour) -> grpc.RpcMethodHandler:

@@ -25,11 +25,7 @@ import uuid
 from mosaic_core.config import MAX_NEW_TOKENS_LIMIT, check_max_new_tokens
 from mosaic_core.engine.keyframe_store import MAX_IDS_PER_LOOKUP
 from mosaic_core.engine.stream import check_stream_id
-from mosaic_core.errors import (
-    CapacityError,
-    InvalidArgumentError,
-    UnknownStreamError,
-)
+from mosaic_core.errors import CapacityError, InvalidArgumentError, UnknownStreamError
 from services import convert
 from services.coordinator import Coordinator
 from services.errors import DeadlineError, QueueFullError, UnavailableError, abort
