@@ -275,17 +275,11 @@ class ServiceConfig(BaseModel):
 
         check_source_schemes(self.allowed_source_schemes)
         parse_networks(self.source_blocked_networks)  # raises ConfigError naming one that is not a network
-        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
-            raise ValueError(
-                f"api_key (or {API_KEY_ENV}) must be printable ASCII, which gRPC metadata can carry; it has "
-                f"{'a line break or other control character' if self.api_key.isascii() else 'a non-ASCII character'}"
-                " (a key file's trailing newline?)"
-            )
-        if self.api_key is not None and self.api_key != self.api_key.strip():
-            raise ValueError(f"api_key (or {API_KEY_ENV}) starts or ends with spaces; no client would send them")
-        if self.api_key_file is not None:
-            from services.api_keys import read_key_file  # raises ConfigError naming the file and the bad line
+        from services.api_keys import check_key, read_key_file  # raise naming the setting, or the file's bad line
 
+        if self.api_key is not None:
+            check_key(self.api_key, f"api_key (or {API_KEY_ENV})")
+        if self.api_key_file is not None:
             if self.api_key is not None:
                 raise ValueError(
                     "api_key and api_key_file both set; give one (a file's keys can change without a restart)"
