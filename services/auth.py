@@ -26,13 +26,18 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(_OPEN_METHOD_PREFIXES):
+        if handler is None or not checks_key(handler_call_details.method):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = metadata.get(API_KEY_HEADER, "")
         if given and self._keys.matches(given):
             return handler
         return _deny(handler, self._metrics, "missing" if not given else "wrong")
+
+
+def checks_key(method: str) -> bool:
+    """Whether ``ApiKeyInterceptor`` asks calls of ``method`` (``/package.Service/Method``) for a key."""
+    return not method.startswith(_OPEN_METHOD_PREFIXES)
 
 
 def _deny(handler: grpc.RpcMethodHandler, metrics: MosaicMetrics, what: str) -> grpc.RpcMethodHandler:
