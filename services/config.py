@@ -134,6 +134,11 @@ class ServiceConfig(BaseModel):
     # per-method ones (max_push_calls, max_watch_subscribers, the question queue) that also covers the health Watch
     # and reflection streams, which need no API key.
     max_open_calls: int = Field(2048, ge=1)
+    # Of those, the calls one client may hold open, and its PushFrames calls (of max_push_calls), so that one client
+    # cannot lock the others out (services.call_limit). A client is an API key where keys are checked, else a host:
+    # clients that share a key, or reach the router through one proxy without keys, share these places.
+    max_open_calls_per_client: int = Field(256, ge=1)
+    max_push_calls_per_client: int = Field(16, ge=1)
     # A PushFrames call that sends no frame for this long ends (DEADLINE_EXCEEDED), so that calls a client left open,
     # or whose client died with its connection left half-open, do not hold the max_push_calls places from every other
     # camera. A camera that pushes less often than this opens a call per frame, or per few.

@@ -129,12 +129,7 @@ class MosaicServer:
 
     async def _start_grpc(self, queue: QueryQueue) -> None:
         cfg = self.config
-        interceptors = [RequestLogInterceptor()]  # outermost: refused calls are logged too
-        interceptors.append(CallLimitInterceptor(cfg.max_open_calls, self.metrics))
-        if cfg.api_key or cfg.api_key_file:
-            keys = ApiKeys(key=cfg.api_key) if cfg.api_key else ApiKeys(path=cfg.api_key_file)
-            interceptors.append(ApiKeyInterceptor(keys, self.metrics))
-        self._server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(cfg))
+        self._server = grpc.aio.server(interceptors=interceptors(cfg, self.metrics), options=grpc_server_options(cfg))
         # Handlers must be registered before start; until the workers are up the coordinator has none, so
         # calls fail with NOT_FOUND/UNAVAILABLE while readiness reports NOT_SERVING.
         self.coordinator = Coordinator([], None, self.metrics)
@@ -310,6 +305,27 @@ class MosaicServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def interceptors(cfg: ServiceConfig, metrics: MosaicMetrics) -> list[grpc.aio.ServerInterceptor]:
+    """The router's interceptors, outermost first: the request log (refused calls are logged too), the API key check
+    where keys are set, then the call limits, so that a call without a valid key takes no place and does not learn
+    how busy the server is."""
+    by_api_key = bool(cfg.api_key or cfg.api_key_file)
+    chain: list[grpc.aio.ServerInterceptor] = [RequestLogInterceptor()]
+    if by_api_key:
+        keys = ApiKeys(key=cfg.api_key) if cfg.api_key else ApiKeys(path=cfg.api_key_file)
+        chain.append(ApiKeyInterceptor(keys, metrics))
+    chain.append(
+        CallLimitInterceptor(
+            cfg.max_open_calls,
+            metrics,
+            max_open_calls_per_client=cfg.max_open_calls_per_client,
+            max_push_calls_per_client=cfg.max_push_calls_per_client,
+            by_api_key=by_api_key,
+        )
+    )
+    return chain
 
 
 def grpc_server_options(cfg: ServiceConfig) -> list[tuple[str, int]]:

@@ -1,0 +1,32 @@
+"""The router's interceptors: the API key check before the call limits, so a call without a valid key takes no
+place, and the limits as configured, per client by API key only where keys are checked."""
+
+from __future__ import annotations
+
+from services.auth import ApiKeyInterceptor
+from services.call_limit import CallLimitInterceptor
+from services.config import ServiceConfig
+from services.metrics import MosaicMetrics
+from services.request_log import RequestLogInterceptor
+from services.router import interceptors
+
+
+def test_the_key_is_checked_before_a_call_takes_a_place():
+    cfg = ServiceConfig(
+        api_key="s3cret-key", max_open_calls=100, max_open_calls_per_client=7, max_push_calls_per_client=3
+    )
+
+    chain = interceptors(cfg, MosaicMetrics())
+
+    assert [type(i) for i in chain] == [RequestLogInterceptor, ApiKeyInterceptor, CallLimitInterceptor]
+    limits = chain[-1]
+    assert limits.max_open_calls == 100 and limits.by_api_key
+    assert (limits.client_calls.max_per_client, limits.client_pushes.max_per_client) == (7, 3)
+
+
+def test_without_keys_a_client_is_its_host():
+    chain = interceptors(ServiceConfig(), MosaicMetrics())
+
+    assert [type(i) for i in chain] == [RequestLogInterceptor, CallLimitInterceptor]
+    assert not chain[-1].by_api_key
+    assert chain[-1].client_calls.max_per_client == ServiceConfig().max_open_calls_per_client
