@@ -241,9 +241,6 @@ def service_overrides(args, clip: str) -> dict:
         ),
         "host_budget_bytes": int(args.host_budget_gib * 2**30),
         "max_push_calls": max(64, 2 * args.push_clients),
-        # every camera of the bench pushes from this one host, which the router would take for one client
-        "max_push_calls_per_client": max(64, 2 * args.push_clients),
-        "max_open_calls_per_client": ServiceConfig.model_fields["max_open_calls"].default,
         "max_batch_frames": args.max_batch_frames,
         "engine": {
             "target_tokens_per_frame": args.tokens_per_frame,

@@ -136,9 +136,10 @@ class ServiceConfig(BaseModel):
     max_open_calls: int = Field(2048, ge=1)
     # Of those, the calls one client may hold open, and its PushFrames calls (of max_push_calls), so that one client
     # cannot lock the others out (services.call_limit). A client is an API key where keys are checked, else a host:
-    # clients that share a key, or reach the router through one proxy without keys, share these places.
-    max_open_calls_per_client: int = Field(256, ge=1)
-    max_push_calls_per_client: int = Field(16, ge=1)
+    # clients that share a key, or reach the router through one proxy without keys, share these places. None: the
+    # server's own limit (max_open_calls, max_push_calls), since a deployment's one backend is often its only client.
+    max_open_calls_per_client: int | None = Field(None, ge=1)
+    max_push_calls_per_client: int | None = Field(None, ge=1)
     # A PushFrames call that sends no frame for this long ends (DEADLINE_EXCEEDED), so that calls a client left open,
     # or whose client died with its connection left half-open, do not hold the max_push_calls places from every other
     # camera. A camera that pushes less often than this opens a call per frame, or per few.

@@ -29,4 +29,11 @@ def test_without_keys_a_client_is_its_host():
 
     assert [type(i) for i in chain] == [RequestLogInterceptor, CallLimitInterceptor]
     assert not chain[-1].by_api_key
-    assert chain[-1].client_calls.max_per_client == ServiceConfig().max_open_calls_per_client
+
+
+def test_unless_set_a_client_may_take_the_servers_every_place():
+    cfg = ServiceConfig(max_open_calls=100, max_push_calls=9)
+
+    limits = interceptors(cfg, MosaicMetrics())[-1]
+
+    assert (limits.client_calls.max_per_client, limits.client_pushes.max_per_client) == (100, 9)
