@@ -316,7 +316,8 @@ class Coordinator(TelemetryPollsMixin, QuestionsMixin):
 
     # -- ingest -------------------------------------------------------------------------------------
     async def push(self, frames: list[tuple[int, str, float, object]]) -> PushResult:
-        """Routes decoded frames ``(index, stream, timestamp_s, rgb)`` to their workers."""
+        """Routes frames ``(index, stream, timestamp_s, rgb)``, decoded or without pixels (``rgb`` None), to their
+        workers."""
         result = PushResult()
         by_worker: dict[int, list] = defaultdict(list)
         for item in frames:
@@ -340,6 +341,8 @@ class Coordinator(TelemetryPollsMixin, QuestionsMixin):
             result.dropped += part.dropped
             result.sampled_out += part.sampled_out
             result.rejected.extend(part.rejected)
+            result.needs_pixels.extend(part.needs_pixels)
+            result.grids.update(part.grids)
         result.rejected.sort(key=lambda r: r.index)
         return result
 

@@ -163,6 +163,13 @@ def jpeg_lowres(data: bytes, max_pixels: int | None) -> int:
 
 def decode_raw(rgb: bytes, *, height: int, width: int, channels: int) -> np.ndarray:
     """Checks a raw frame's shape against its byte count and returns it as ``[H, W, 3]`` uint8."""
+    check_raw_shape(rgb, height=height, width=width, channels=channels)
+    return np.frombuffer(rgb, dtype=np.uint8).reshape(height, width, channels).copy()
+
+
+def check_raw_shape(rgb: bytes, *, height: int, width: int, channels: int) -> None:
+    """Refuses a raw frame that is not RGB, has a side out of 1..``MAX_SIDE_PX``, or bytes that do not fill its
+    shape."""
     if channels != 3:
         raise InvalidFrameError(f"raw frames must have 3 channels (RGB), got channels={channels}")
     if not (0 < height <= MAX_SIDE_PX and 0 < width <= MAX_SIDE_PX):
@@ -174,7 +181,6 @@ def decode_raw(rgb: bytes, *, height: int, width: int, channels: int) -> np.ndar
         raise InvalidFrameError(
             f"raw frame of shape {height}x{width}x{channels} needs {expected} bytes, got {len(rgb)}"
         )
-    return np.frombuffer(rgb, dtype=np.uint8).reshape(height, width, channels).copy()
 
 
 def decode_frame(frame, max_pixels: int | None = None) -> np.ndarray:
@@ -190,6 +196,19 @@ def decode_frame(frame, max_pixels: int | None = None) -> np.ndarray:
             return rgb
         return frame_rgb(av.VideoFrame.from_ndarray(rgb, format="rgb24"), max_pixels)
     raise InvalidFrameError("the frame has no payload: set `encoded` (JPEG/PNG) or `raw`")
+
+
+def check_header(frame) -> None:
+    """Checks a ``mosaic.v1.Frame`` message as far as it can be without decoding it, raising as ``decode_frame`` would:
+    its payload, an encoded picture's codec and size from its header, a raw picture's shape against its bytes."""
+    payload = frame.WhichOneof("payload")
+    if payload == "encoded":
+        check_image_size(frame.encoded, sniff_codec(frame.encoded))
+    elif payload == "raw":
+        raw = frame.raw
+        check_raw_shape(raw.rgb, height=raw.height, width=raw.width, channels=raw.channels)
+    else:
+        raise InvalidFrameError("the frame has no payload: set `encoded` (JPEG/PNG) or `raw`")
 
 
 def encode_image(rgb: np.ndarray, fmt: str = "jpeg") -> bytes:

@@ -6,9 +6,11 @@ camera the newest frame is the one worth encoding; every drop is counted by the 
 
 Sampling to the stream's fps runs on a grid anchored at the stream's first frame: frame ``t`` is kept when
 ``floor((t - t0) * fps)`` is larger than that of the last kept frame, so 25 fps pushed into a 5 fps stream
-keeps every fifth frame without drift. That grid is for pushed frames: a source reader's frames arrive sampled to the
-stream's fps already (``put(..., presampled=True)``) and are all queued, since a second grid, with its own anchor and
-margin, would refuse some frames the reader kept.
+keeps every fifth frame without drift (``services.push_sampling``, where the router's guess of it is too). A pushed
+frame the router sent without its pixels, guessing it sampled out, is decided by ``sample_out`` as ``put`` would.
+That grid is for pushed frames: a source reader's frames arrive sampled to the stream's fps already
+(``put(..., presampled=True)``) and are all queued, since a second grid, with its own anchor and margin, would refuse
+some frames the reader kept.
 
 **How far behind a stream is** (``oldest_wait_s``) is measured from the arrival of the oldest frame still
 waiting, and frames dropped while waiting do not reset it: a stream whose queue keeps overflowing because
@@ -32,10 +34,8 @@ from mosaic_core.errors import (
     TimestampOrderError,
     UnknownStreamError,
 )
+from services.push_sampling import SamplingGrid, grid_slot
 
-# A frame up to this share of a frame interval early still takes its slot: Unix timestamps carry float error (about
-# 1e-7 s in ``t - t0``) and cameras jitter; a smaller margin sampled out a third of a 3-fps camera pushed at 3 fps.
-_GRID_EPS = 0.05
 # A frame's timestamp (seconds since its stream started, or Unix time) lies within this of 0: about 3,000 years,
 # far enough for any clock, near enough that the sampling grid's arithmetic stays finite.
 MAX_TIMESTAMP_S = 1e11
@@ -112,24 +112,10 @@ class IngestQueues:
             UnknownStreamError: the stream has no queue on this worker.
             TimestampOrderError: the timestamp is not after the stream's previous frame.
         """
-        if not (math.isfinite(frame.timestamp_s) and abs(frame.timestamp_s) <= MAX_TIMESTAMP_S):
-            raise InvalidArgumentError(
-                f"frame timestamp {frame.timestamp_s!r} must be finite and within {MAX_TIMESTAMP_S:g} s of 0"
-            )
         with self._lock:
-            queue = self._queues.get(frame.stream_id)
-            if queue is None:
-                raise UnknownStreamError(f"unknown stream {frame.stream_id!r}")
-            last = queue.last_timestamp_s
-            if last is not None and not frame.timestamp_s > last:
-                raise TimestampOrderError(
-                    f"stream {frame.stream_id!r}: timestamp {frame.timestamp_s:.3f}s is not after the "
-                    f"previous frame's {last:.3f}s; timestamps must increase"
-                )
-            first = frame.timestamp_s if queue.first_timestamp_s is None else queue.first_timestamp_s
-            slot = math.floor((frame.timestamp_s - first) * queue.fps + _GRID_EPS)  # before the queue changes
+            queue, slot = self._next_slot(frame.stream_id, frame.timestamp_s)
             queue.last_timestamp_s = frame.timestamp_s
-            queue.first_timestamp_s = first
+            queue.first_timestamp_s = frame.timestamp_s if queue.first_timestamp_s is None else queue.first_timestamp_s
             if slot <= queue.last_slot and not presampled:
                 return PutOutcome.SAMPLED_OUT
             queue.last_slot = slot
@@ -141,6 +127,52 @@ class IngestQueues:
                 queue.behind_since_s = frame.received_s
         self.wake.set()
         return PutOutcome.QUEUED_DROPPED_OLDEST if dropped else PutOutcome.QUEUED
+
+    def sample_out(self, stream_id: str, timestamp_s: float) -> bool:
+        """A pushed frame known by its timestamp only: True, with the stream's grid left as ``put`` leaves it, when
+        ``put`` would sample it out; False, nothing changed, when ``put`` would queue it (its pixels are needed).
+
+        Raises:
+            as ``put``, for the same frames.
+        """
+        with self._lock:
+            queue, slot = self._next_slot(stream_id, timestamp_s)
+            if slot > queue.last_slot:
+                return False
+            queue.last_timestamp_s = timestamp_s
+            return True
+
+    def grid(self, stream_id: str) -> SamplingGrid | None:
+        """The stream's sampling grid as its next frame meets it; None before its first frame or for no such stream."""
+        with self._lock:
+            queue = self._queues.get(stream_id)
+            if queue is None or queue.first_timestamp_s is None:
+                return None
+            return SamplingGrid(
+                fps=queue.fps,
+                first_timestamp_s=queue.first_timestamp_s,
+                last_slot=queue.last_slot,
+                last_timestamp_s=queue.last_timestamp_s,
+            )
+
+    def _next_slot(self, stream_id: str, timestamp_s: float) -> tuple[_StreamQueue, int]:
+        """The stream's queue and the slot of its next frame at ``timestamp_s``, once the frame passed ``put``'s checks;
+        under the lock."""
+        if not (math.isfinite(timestamp_s) and abs(timestamp_s) <= MAX_TIMESTAMP_S):
+            raise InvalidArgumentError(
+                f"frame timestamp {timestamp_s!r} must be finite and within {MAX_TIMESTAMP_S:g} s of 0"
+            )
+        queue = self._queues.get(stream_id)
+        if queue is None:
+            raise UnknownStreamError(f"unknown stream {stream_id!r}")
+        last = queue.last_timestamp_s
+        if last is not None and not timestamp_s > last:
+            raise TimestampOrderError(
+                f"stream {stream_id!r}: timestamp {timestamp_s:.3f}s is not after the "
+                f"previous frame's {last:.3f}s; timestamps must increase"
+            )
+        first = timestamp_s if queue.first_timestamp_s is None else queue.first_timestamp_s
+        return queue, grid_slot(timestamp_s, first, queue.fps)
 
     def take_call(self, max_frames: int, frames_per_stream: int = 1, *, hold: bool = False) -> list[QueuedFrame]:
         """Frames for one ingest call: the streams longest behind (``oldest_wait_s``) first, up to ``max_frames``.

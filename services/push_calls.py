@@ -5,6 +5,10 @@ of the call was usable does the call itself fail, with the first frame's status 
 or bad shape, NOT_FOUND for an unknown stream). At most ``max_calls`` calls run at once (RESOURCE_EXHAUSTED with a
 retry hint beyond), and a call that sends no frame for ``idle_timeout_s`` ends (DEADLINE_EXCEEDED), giving its place
 back.
+
+A frame its stream's worker will sample out (``services.push_sampling``, as the router last heard of the stream's grid)
+is not decoded: it goes to the worker without its pixels, and the worker counts it as it would the decoded frame, or
+asks for its pixels, where the router's guess was out of date.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from mosaic_core.model.geometry import downscaled_size
 from services import convert
 from services.coordinator import Coordinator
 from services.errors import DeadlineError, QueueFullError, abort
-from services.frames import decode_frame
+from services.frames import check_header, decode_frame
 from services.idle_watch import IdleWatch
 from services.metrics import MosaicMetrics
+from services.push_sampling import PushSampling
 from services.worker_results import FrameRejection, PushResult
 
 RETRY_AFTER_S = 1.0
@@ -55,6 +60,7 @@ class PushCalls:
         self.idle_timeout_s = idle_timeout_s
         self.decode_max_pixels = decode_max_pixels
         self._num_calls = 0
+        self.sampling = PushSampling()
         self._decoder = ThreadPoolExecutor(decode_threads, thread_name_prefix="mosaic-decode")
 
     async def serve(self, request_iterator, context):
@@ -109,6 +115,10 @@ class PushCalls:
             check_stream_id(frame.stream_id)
         except InvalidArgumentError as err:
             return PushResult(rejected=[FrameRejection(index, cut(frame.stream_id, 128), str(err), err.grpc_code)])
+        if self._may_skip_decoding(frame):
+            part = await self._push([(index, frame.stream_id, frame.timestamp_s, None)])
+            if index not in part.needs_pixels:
+                return part
         try:
             # JPEG/PNG decoding and scaling down take milliseconds: off the event loop, and off its default executor,
             # so the store reads there do not wait behind decodes, nor decodes behind reads of a slow store. Other raw
@@ -121,7 +131,26 @@ class PushCalls:
         except InvalidFrameError as err:
             await self._count_undecodable(frame.stream_id)
             return PushResult(rejected=[FrameRejection(index, frame.stream_id, str(err), err.grpc_code)])
-        return await self.coordinator.push([(index, frame.stream_id, frame.timestamp_s, rgb)])
+        return await self._push([(index, frame.stream_id, frame.timestamp_s, rgb)])
+
+    def _may_skip_decoding(self, frame) -> bool:
+        """Whether the frame's worker will likely sample it out, and its header reads well: a frame that cannot be
+        decoded is refused as such, with its header's error, never sent without its pixels."""
+        if not self.sampling.skips(frame.stream_id, frame.timestamp_s):
+            return False
+        try:
+            check_header(frame)
+        except InvalidFrameError:
+            return False
+        return True
+
+    async def _push(self, frames: list) -> PushResult:
+        """``Coordinator.push``, learning from the reply the grids of the frames' streams (``PushSampling``)."""
+        part = await self.coordinator.push(frames)
+        self.sampling.learn(part.grids)
+        if self.sampling.num_streams > len(self.coordinator.placement):
+            self.sampling.keep_only(self.coordinator.placement)
+        return part
 
     def close(self) -> None:
         """Lets the decode threads go, each once its frame is decoded; for after the server has stopped (a frame pushed

@@ -306,9 +306,9 @@ class WorkerCore:
         self._start.check_ready()
         self.frames.count_dropped(stream_id, reason)
 
-    def push(self, frames: list[tuple[int, str, float, np.ndarray]]) -> PushResult:
-        """Queues decoded frames ``(index in the call, stream, timestamp_s, rgb)``; never raises per frame
-        (``FrameIntake.push``)."""
+    def push(self, frames: list[tuple[int, str, float, np.ndarray | None]]) -> PushResult:
+        """Queues decoded frames ``(index in the call, stream, timestamp_s, rgb)``, or decides frames sent without their
+        pixels (``rgb`` None); never raises per frame (``FrameIntake.push``)."""
         self._start.check_ready()
         return self.frames.push(frames)
 

@@ -53,27 +53,48 @@ class FrameIntake:
         if stream_id in self.sessions:
             self.telemetry.dropped(stream_id, reason)
 
-    def push(self, frames: list[tuple[int, str, float, np.ndarray]]) -> PushResult:
+    def push(self, frames: list[tuple[int, str, float, np.ndarray | None]]) -> PushResult:
         """Queues decoded frames ``(index in the call, stream, timestamp_s, rgb)``; never raises per frame.
 
         ``accepted`` counts the frames queued (as GetStream's ``frames_received`` does), ``rejected`` the refused and
         ``sampled_out`` those in a 1/fps slot of their stream's grid that an earlier frame took (``IngestQueues.put``).
+        A frame without its pixels (``rgb`` None: the router guessed it sampled out) is checked as a whole one would be;
+        where it would be queued, nothing changes and its index goes in ``needs_pixels``. ``grids`` gives each stream's
+        sampling grid after the call.
         """
         result = PushResult()
         for index, stream_id, timestamp_s, rgb in frames:
             try:
-                outcome = self.offer(stream_id, timestamp_s, rgb, pushed=True)
+                if rgb is None:
+                    outcome = self.sample_out(stream_id, timestamp_s)
+                else:
+                    outcome = self.offer(stream_id, timestamp_s, rgb, pushed=True)
             except MosaicError as err:
                 result.rejected.append(FrameRejection(index, stream_id, str(err), err.grpc_code))
                 if stream_id in self.sessions:
                     self.telemetry.dropped(stream_id, "invalid")
+                continue
+            if outcome is None:
+                result.needs_pixels.append(index)
                 continue
             if outcome is PutOutcome.SAMPLED_OUT:
                 result.sampled_out += 1
                 continue
             result.accepted += 1
             result.dropped += outcome is PutOutcome.QUEUED_DROPPED_OLDEST
+        for stream_id in {stream_id for _, stream_id, _, _ in frames}:
+            if (grid := self.queues.grid(stream_id)) is not None:
+                result.grids[stream_id] = grid
         return result
+
+    def sample_out(self, stream_id: str, timestamp_s: float) -> PutOutcome | None:
+        """A pushed frame of ``stream_id`` without its pixels, through ``offer``'s checks: SAMPLED_OUT where its slot is
+        taken, None (its pixels are needed, nothing changed) where it would be queued."""
+        session = self.sessions.get(stream_id)
+        if session is None:
+            raise UnknownStreamError(f"unknown stream {stream_id!r}")
+        session.check_push(timestamp_s, now=time.monotonic(), max_skew_s=self.config.max_push_skew_s)
+        return PutOutcome.SAMPLED_OUT if self.queues.sample_out(stream_id, timestamp_s) else None
 
     def offer(self, stream_id: str, timestamp_s: float, rgb: np.ndarray, *, pushed: bool = False) -> PutOutcome:
         """Queues one frame of ``stream_id``: a pushed one (``pushed``) or one of its pulled source's."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.metadata.base import StreamRecord
+from services.push_sampling import SamplingGrid
 
 
 @dataclass(slots=True)
@@ -38,10 +39,15 @@ class FrameRejection:
 
 @dataclass(slots=True)
 class PushResult:
+    """What became of pushed frames; ``needs_pixels`` lists those sent without pixels that their worker would keep,
+    ``grids`` the sampling grids of the frames' streams as their worker left them (``services.push_sampling``)."""
+
     accepted: int = 0
     dropped: int = 0
     sampled_out: int = 0
     rejected: list[FrameRejection] = field(default_factory=list)
+    needs_pixels: list[int] = field(default_factory=list)
+    grids: dict[str, SamplingGrid] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
