@@ -28,7 +28,7 @@ from services.metadata.base import StreamRecord
 from services.publisher import DeleteStream, MetadataPublisher, PutStream
 from services.session import StreamSession
 from services.source_policy import SourcePolicy
-from services.source_resume import FILE_OFFSETS, file_position_s, read_to_its_end, segments_after_restart
+from services.source_resume import FILE_OFFSETS, FileResume, file_resume, read_to_its_end, stream_time_s
 from services.sources import NETWORK_SCHEMES, SourceReader, SourceState
 from services.telemetry import StreamTotals, WorkerTelemetry
 from services.tier_sync import TierSync
@@ -140,7 +140,7 @@ class WorkerStreams:
     def _ended_whole(record: StreamRecord, stream: RestoredStream) -> bool:
         """Whether an ended source stays ended: a network source does; a file whose last frames are not in its sealed
         clusters (dropped at a graceful stop, still queued after its 2 s of ingest, or lost with a crash after its end
-        was saved) goes on reading them (``_file_offset_s``)."""
+        was saved) goes on reading them (``_file_resume``)."""
         if record.source_url.lower().startswith(NETWORK_SCHEMES):
             return True
         return read_to_its_end(stream.state, stream.last_sealed_s)
@@ -207,18 +207,20 @@ class WorkerStreams:
         frame, and, when the source's wall-clock start is known, at the wall-clock time that passed since. The
         latter holds when no frame was recorded too (the worker died before the first ingest): started at 0 again,
         the clock would disagree with the restored start that evidence times and watches read, and stamp new video
-        with times the stream had already used. A restarted local file goes on from its position (``_file_offset_s``);
-        a network source, http(s) included (it may be a live camera's MJPEG or MPEG-TS), from where it is now."""
+        with times the stream had already used. A restarted local file goes on from its position, its frames the
+        stream had given out before at the times they had (``_file_resume``); a network source, http(s) included (it
+        may be a live camera's MJPEG or MPEG-TS), from where it is now."""
         session = self.sessions[record.stream_id]
         offset_s = 0.0 if resume_after_s is None else resume_after_s + 1.0 / record.fps
         if session.clock_epoch_unix is not None:
             offset_s = max(offset_s, time.time() - session.clock_epoch_unix)
-        position_s = None
+        position_s, stamps = None, ((None, offset_s),)
         if restored is not None and not record.source_url.lower().startswith(NETWORK_SCHEMES):
-            offset_s, position_s = self._file_offset_s(session, restored, offset_s)
+            resume = self._file_resume(session, restored, offset_s)
+            position_s, stamps = resume.position_s, resume.stamps
 
         def sink(timestamp_s: float, rgb: np.ndarray, sid: str = record.stream_id) -> None:
-            self._offer(sid, timestamp_s + offset_s, rgb)
+            self._offer(sid, stream_time_s(stamps, timestamp_s), rgb)
 
         cfg = self.config
         policy = SourcePolicy.of(cfg)
@@ -239,34 +241,33 @@ class WorkerStreams:
         )
         session.source = reader.start()
 
-    def _file_offset_s(
-        self, session: StreamSession, restored: RestoredStream, clock_offset_s: float
-    ) -> tuple[float, float | None]:
-        """A restarted file's ``(offset of its stream time from its file time, file time to resume after)``.
+    def _file_resume(self, session: StreamSession, restored: RestoredStream, clock_offset_s: float) -> FileResume:
+        """Where a restarted file goes on, and the stream times of its frames (``services.source_resume``).
 
-        It resumes after the file time of the newest frame of its sealed clusters: the history a crash leaves
-        (``services.source_resume``). The frames after it that were queued, or ingested into the window or the open
-        cluster, did not outlive the worker, so they are read again, stamped on the clock as it goes on now: the first
-        right after the later of the last frame time given out and the wall clock's time since the clock started.
-        With no sealed cluster the file is read from its start, at ``clock_offset_s``. The offset is written to the
-        stream's state before the reader starts, so that a later restart finds the file time of any frame this one
-        stamps.
+        It resumes after the file time of the newest frame of its sealed clusters: the history a crash leaves. The
+        frames after it that were queued, or ingested into the window or the open cluster, did not outlive the worker,
+        so they are read again: those the stream had given out at the times they had, for which the engine's stream
+        first goes back to that newest sealed frame (answers, watch events and keyframes may have cited them), and
+        the frames after those on the clock as it goes on now, at the wall clock's time since the clock started. The
+        segments are written to the stream's state before the reader starts, so that a later restart finds the file
+        time of any frame this one stamps. With no sealed cluster, or segments that are not readable, the file is
+        read from its start at ``clock_offset_s``, after every time given out.
         """
-        saved = restored.state.get(FILE_OFFSETS)
-        position_s = None if restored.last_sealed_s is None else file_position_s(saved, restored.last_sealed_s)
-        offset_s = clock_offset_s
-        if position_s is not None:
-            clock_s = restored.last_timestamp_s  # set where a cluster is: no older than its frames
-            if session.clock_epoch_unix is not None:
-                clock_s = max(clock_s, time.time() - session.clock_epoch_unix)
-            offset_s = clock_s - position_s
-        segments = segments_after_restart(saved, after_s=restored.last_timestamp_s, offset_s=offset_s)
+        resume = file_resume(
+            restored.state,
+            last_sealed_s=restored.last_sealed_s,
+            last_timestamp_s=restored.last_timestamp_s,
+            clock_s=None if session.clock_epoch_unix is None else time.time() - session.clock_epoch_unix,
+            fallback_offset_s=clock_offset_s,
+        )
+        if resume.rewinds:
+            self.loop.call(self.engine.rewind_to_sealed, session.stream_id)
         try:
-            self.engine.write_stream_state(session.stream_id, **{FILE_OFFSETS: segments})
+            self.engine.write_stream_state(session.stream_id, **{FILE_OFFSETS: resume.segments})
         except OSError as err:
             log.error("stream %s: where its file's clock goes on is not on disk yet (%s); a restart before the next "
                       "saved state may resume the file at another position", session.stream_id, err)  # fmt: skip
-        return offset_s, position_s
+        return resume
 
     def close_stream(self, stream_id: str) -> int:
         """Ends the stream's questions, drops its queued frames, frees its KV and its durable history; returns

@@ -323,6 +323,19 @@ class ClusterFormer:
         self._last_frame_index = last_frame_index
         self._last_timestamp_s = last_timestamp_s
 
+    def rewind_to_sealed(self) -> float | None:
+        """Takes the time a next frame must come after back to the newest frame of the records (None: there is no
+        record), for a restored stream whose frames after it were lost and come again at the times they had; frame
+        indices go on as they were. Returns that time.
+
+        Raises:
+            StateError: a cluster is open (a frame came since the restore).
+        """
+        if self._open() is not None:
+            raise StateError(f"stream {self.stream_id!r} has an open cluster; only a restored stream rewinds")
+        self._last_timestamp_s = max((record.end_s for record in self._records), default=None)
+        return self._last_timestamp_s
+
     @property
     def next_number(self) -> int:
         """The number the next new cluster will get."""

@@ -115,6 +115,23 @@ class StreamLifecycleMixin:
             self.history.store.set_aside(stored.stream_id, f"adopting it failed: {type(err).__name__}: {err}")
             return None
 
+    def rewind_to_sealed(self, stream_id: str) -> float | None:
+        """Takes a restored stream's newest frame time back to the newest frame of its sealed clusters (with none,
+        it has no first frame either), so that the frames a crash lost after it may be ingested again at the times
+        they had (a file read again from its position). Frame indices and cluster numbers go on past every one
+        given out before. Returns that time.
+
+        Raises:
+            StateError: the stream took a frame since it was restored.
+        """
+        state = self.stream(stream_id)
+        if state.local:
+            raise StateError(f"stream {stream_id!r} took frames since it was restored; it cannot rewind")
+        state.last_timestamp_s = state.former.rewind_to_sealed()
+        if state.last_timestamp_s is None:
+            state.first_timestamp_s = None
+        return state.last_timestamp_s
+
     def checkpoint(self) -> None:
         """Seals every open cluster, moves every local window into its clusters and waits until all of it is
         durable: a graceful shutdown loses nothing. Frames after this start new clusters. The wait is logged: what

@@ -19,7 +19,7 @@ from mosaic_core.config import MIB
 from mosaic_core.durable.manifest import MANIFEST_NAME, RECORD_SUFFIX, encode_line, replay
 from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, encode_pages, to_pages
 from mosaic_core.engine.results import FrameInput
-from mosaic_core.errors import InvalidArgumentError
+from mosaic_core.errors import InvalidArgumentError, StateError
 from mosaic_core.memory.tiers import KVTiers
 from tests.engine.engine_helpers import feed, make_engine
 
@@ -76,6 +76,33 @@ def test_sealed_clusters_come_back_in_a_new_engine(tiny_model, bikes_frames, tmp
     feed(second, "cam", bikes_frames[:12], offset_s=last_ts + 1.0)
     new_ids = {c.cluster_id for c in second.clusters("cam")} - set(before)
     assert new_ids and min(new_ids) > max(before)
+    second.close()
+
+
+def test_a_rewound_stream_takes_its_lost_frames_again_at_their_times(tiny_model, bikes_frames, tmp_path):
+    first = make_engine(tiny_model, data_dir=str(tmp_path))
+    first.open_stream("cam", fps=2.0)
+    feed(first, "cam", bikes_frames[:24])
+    assert first.history.store.flush(30)
+    sealed = replay(first.history.store.stream_dir("cam")).clusters
+    first.close()  # the window and the open cluster are lost, as in a crash
+    last_sealed_s = max(e.end_s for e in sealed.values())
+    lost = [(t, rgb) for t, rgb in bikes_frames[:24] if t > last_sealed_s]
+    assert lost, "24 frames must leave some in the window and the open cluster"
+
+    second = make_engine(tiny_model, data_dir=str(tmp_path))
+    (restored,) = second.restore_streams()
+    assert (restored.last_timestamp_s, restored.last_sealed_s) == (bikes_frames[23][0], last_sealed_s)
+    with pytest.raises(Exception, match="not after"):
+        feed(second, "cam", lost[:1])
+    assert second.rewind_to_sealed("cam") == last_sealed_s == second.stream_stats("cam").last_timestamp_s
+    feed(second, "cam", lost)
+    new = [r for r in second.stream("cam").former.records_to_read() if r.cluster_id not in sealed]
+    assert new and min(r.cluster_id for r in new) > max(sealed)  # new ids, the lost frames' times
+    assert [t for r in new for t in r.frame_timestamps_s] == [t for t, _ in lost]
+    assert second.stream_stats("cam").last_timestamp_s == lost[-1][0]
+    with pytest.raises(StateError, match="cannot rewind"):
+        second.rewind_to_sealed("cam")
     second.close()
 
 

@@ -2,7 +2,9 @@
 
 A restarted worker read a file that was not yet read to its end again from its start, under later timestamps: the
 stream's history held the same video twice. It now resumes after the newest frame of its sealed clusters, what a
-crash leaves; the frames after it that were in the ingest queue or the engine's window are read again.
+crash leaves; the frames after it that were in the ingest queue or the engine's window are read again, at the times
+the stream had given them (an answer's evidence or a watch event may cite one), and the frames after those on the
+clock as it goes on.
 
 Real in-process workers (no Ray) on a real data directory, reading a real clip. The crash is the first worker's data
 directory copied while its engine thread is held (frames queued, not ingested) and its writers have written what it
@@ -25,7 +27,7 @@ from services import worker as worker_module
 from services.config import load_config
 from services.metadata import StreamRecord
 from services.metadata.memory import InMemoryMetadataStore
-from services.source_resume import FILE_OFFSETS, SOURCE_LAST_OFFERED
+from services.source_resume import FILE_OFFSETS, SOURCE_LAST_OFFERED, file_position_s
 from services.sources import SourceState
 from services.worker import WorkerCore
 
@@ -97,16 +99,74 @@ def test_a_pulled_file_restarted_after_a_crash_goes_on_from_its_position(tiny_mo
 
     history = _frame_times(tmp_path / "after" / "w0" / "yard")
     assert history[: len(sealed)] == sealed
-    resumed = np.array(history[len(sealed) :])
-    # The file once: every frame after the sealed ones, none twice, none left out, on the file's own spacing.
+    # The file once: every frame after the sealed ones, none twice, none left out.
     assert len(history) == len(file_times), (len(history), len(file_times), len(sealed))
     assert np.all(np.diff(history) > 0)
-    np.testing.assert_allclose(resumed - resumed[0], np.array(file_times[len(sealed) :]) - file_times[len(sealed)],
-                               atol=1e-6)  # fmt: skip
-    # Stamped after every time the first worker gave out, at the offset its state keeps for a later restart.
-    assert given_out_s is None or resumed[0] > given_out_s
-    assert resumed[0] > sealed[-1]
-    assert segments[-1][1] == resumed[0] - file_times[len(sealed)]
+    # The frames the first worker had given out, ingested but in no sealed cluster, have the times they had: the
+    # time of the newest one is a frame time of the history again.
+    assert given_out_s > sealed[-1]
+    assert given_out_s in history
+    last_given_out_s, offset_s = segments[-1]
+    assert last_given_out_s >= given_out_s
+    num_kept = sum(t <= last_given_out_s for t in file_times)
+    assert history[:num_kept] == file_times[:num_kept]
+    # The frames after them at the offset its state keeps for a later restart, after every time given out.
+    assert history[num_kept] > last_given_out_s
+    np.testing.assert_allclose(np.array(history[num_kept:]) - file_times[num_kept:], offset_s, atol=1e-6)
+
+
+def _crash_when(worker: WorkerCore, ready, data_dir, copy_dir) -> tuple[list[float], float]:
+    """Once ``ready()``, holds ``worker``'s engine thread until its source queued 2 more frames, and copies its data
+    directory as a crash then leaves it; returns the stream's sealed frame times and the newest frame time it had given
+    out (ingested) then."""
+    stream_dir = worker.engine.history.store.stream_dir("yard")
+    gate = threading.Event()
+    try:
+        _wait(ready, "the stream to come so far", 60)
+        worker.loop.post(gate.wait, 60)  # from here nothing is ingested: what the reader reads is queued
+        session = worker.sessions["yard"]
+        queued_from_s = session.last_offered_s
+        _wait(lambda: session.last_offered_s >= queued_from_s + 2 / FPS, "2 frames queued behind the held engine")
+        assert worker.engine.history.store.flush(30)
+        shutil.copytree(data_dir, copy_dir)
+        return _frame_times(stream_dir), read_state(stream_dir)["last_timestamp_s"]
+    finally:
+        gate.set()
+        worker.shutdown()
+
+
+def test_a_second_crash_after_frames_took_their_times_back_still_finds_each_frames_file_time(tiny_model, tmp_path):
+    file_times = [f.timestamp_s for f in iter_video_frames(sample_clip_path(CLIP), fps=FPS)]
+    first = _worker(tiny_model, _config(tmp_path / "0"))
+    first.open_stream(StreamRecord(stream_id="yard", fps=FPS, source_url=sample_clip_path(CLIP)))
+    stream_dir = first.engine.history.store.stream_dir("yard")
+    _, given_out_s = _crash_when(first, lambda: len(_frame_times(stream_dir)) >= 4, tmp_path / "0", tmp_path / "1")
+
+    second = _worker(tiny_model, _config(tmp_path / "1"))
+    last_given_out_s = read_state(second.engine.history.store.stream_dir("yard"))[FILE_OFFSETS][-1][0]
+    stream = second.engine.streams["yard"]
+    # Crashed again once frames past those given out before are in, on the clock as it went on after the restart.
+    sealed, given_out_again_s = _crash_when(
+        second, lambda: (stream.last_timestamp_s or 0.0) > last_given_out_s, tmp_path / "1", tmp_path / "2"
+    )
+    assert given_out_again_s > max(sealed[-1], last_given_out_s)
+
+    third = _worker(tiny_model, _config(tmp_path / "2"))
+    try:
+        source = third.sessions["yard"].source
+        _wait(lambda: source.progress().state is SourceState.ENDED, "the file read to its end", 60)
+        _wait(lambda: third.queues.depth("yard") == 0, "the queue drained")
+        third.loop.call(lambda: None)
+        segments = read_state(third.engine.history.store.stream_dir("yard"))[FILE_OFFSETS]
+    finally:
+        third.shutdown()
+    history = _frame_times(tmp_path / "2" / "w0" / "yard")
+    assert len(history) == len(file_times) and np.all(np.diff(history) > 0)
+    assert history[: len(sealed)] == sealed
+    assert given_out_s in history and given_out_again_s in history  # each crash's frames given out, at their times
+    # The segments saved find the file time of every frame read after the last crash, whichever reader stamped it.
+    positions = [file_position_s(segments, t) for t in history[len(sealed) :]]
+    np.testing.assert_allclose(positions, file_times[len(sealed) :], atol=1e-6)
 
 
 def test_a_file_whose_last_frames_a_stop_dropped_reads_them_after_its_restart(tiny_model, tmp_path, monkeypatch):

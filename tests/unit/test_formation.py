@@ -132,6 +132,28 @@ def test_seal_makes_the_next_frame_start_a_cluster() -> None:
     assert (decision.join, decision.reason, decision.cluster_id) == (False, "first", "cam/c000001")
 
 
+def test_a_restored_former_rewinds_to_its_newest_sealed_frame() -> None:
+    first = ClusterFormer("cam", CFG)
+    feed(first, [(0.0, 10, None, None), (1.0, 10, 0.99, 0.99), (7.0, 10, None, None)])  # c1 starts at a gap
+    sealed = first.records()[0]
+    sealed.sealed = True
+    # Restored after a crash that lost c1's frame at 7.0 and more after it, up to 9.0: its last frame time.
+    former = ClusterFormer("cam", CFG)
+    former.adopt([sealed], next_number=64, last_frame_index=40, last_timestamp_s=9.0)
+    with pytest.raises(TimestampOrderError, match=r"not after 9\.0s"):
+        former.decide(timestamp_s=7.0, num_tokens=10, similarity=None, cohesion_after=None)
+    assert former.rewind_to_sealed() == 1.0
+    decision = former.decide(timestamp_s=7.0, num_tokens=10, similarity=None, cohesion_after=None)
+    record = former.commit(decision, frame_index=41, timestamp_s=7.0, num_tokens=10)
+    assert (record.cluster_id, record.frame_timestamps_s) == ("cam/c000064", [7.0])  # a new id, the lost frame's time
+    with pytest.raises(InvalidArgumentError, match="frame index 40 after 41"):
+        former.commit(former.decide(timestamp_s=8.0, num_tokens=10, similarity=0.99, cohesion_after=0.99),
+                      frame_index=40, timestamp_s=8.0, num_tokens=10)  # fmt: skip
+    with pytest.raises(StateError, match="open cluster"):
+        former.rewind_to_sealed()
+    assert ClusterFormer("cam", CFG).rewind_to_sealed() is None
+
+
 def test_frame_validation() -> None:
     former = ClusterFormer("cam", CFG)
     feed(former, [(1.0, 10, None, None)])
