@@ -136,8 +136,9 @@ class ServiceConfig(BaseModel):
     max_open_calls: int = Field(2048, ge=1)
     # Of those, the calls one client may hold open, and its PushFrames calls (of max_push_calls), so that one client
     # cannot lock the others out (services.call_limit). A client is an API key where keys are checked, else a host:
-    # clients that share a key, or reach the router through one proxy without keys, share these places. None: the
-    # server's own limit (max_open_calls, max_push_calls), since a deployment's one backend is often its only client.
+    # clients that share a key, or reach the router through one proxy without keys, share these places. None: no cap
+    # of a client's own, only the server's, since a deployment's one backend is often its only client. At most the
+    # server's limit.
     max_open_calls_per_client: int | None = Field(None, ge=1)
     max_push_calls_per_client: int | None = Field(None, ge=1)
     # A PushFrames call that sends no frame for this long ends (DEADLINE_EXCEEDED), so that calls a client left open,
@@ -291,6 +292,15 @@ class ServiceConfig(BaseModel):
                     "api_key and api_key_file both set; give one (a file's keys can change without a restart)"
                 )
             read_key_file(self.api_key_file)
+        for per_client, server in (
+            ("max_open_calls_per_client", "max_open_calls"),
+            ("max_push_calls_per_client", "max_push_calls"),
+        ):
+            if (getattr(self, per_client) or 0) > getattr(self, server):
+                raise ValueError(
+                    f"{per_client}={getattr(self, per_client)} is more than {server}={getattr(self, server)}, the "
+                    "server's limit for every client together; set it lower, or leave it unset"
+                )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(
                 f"tls_cert and tls_key go together, got tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}"

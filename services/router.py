@@ -320,8 +320,8 @@ def interceptors(cfg: ServiceConfig, metrics: MosaicMetrics) -> list[grpc.aio.Se
         CallLimitInterceptor(
             cfg.max_open_calls,
             metrics,
-            max_open_calls_per_client=cfg.max_open_calls_per_client or cfg.max_open_calls,
-            max_push_calls_per_client=cfg.max_push_calls_per_client or cfg.max_push_calls,
+            max_open_calls_per_client=cfg.max_open_calls_per_client,
+            max_push_calls_per_client=cfg.max_push_calls_per_client,
             by_api_key=by_api_key,
         )
     )

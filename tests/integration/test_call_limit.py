@@ -16,6 +16,7 @@ from bare_router import bare_servicer
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.call_limit import CallLimitInterceptor
+from services.client import retry_after_s
 from services.config import ServiceConfig
 from services.gen.mosaic.v1 import mosaic_pb2 as pb
 from services.gen.mosaic.v1 import mosaic_pb2_grpc
@@ -52,11 +53,8 @@ async def _limited_server(cfg: ServiceConfig, metrics: MosaicMetrics, servicer=N
 
 
 def _limits(max_open_calls: int, **settings) -> ServiceConfig:
-    """A config whose per-client limits are the server's unless ``settings`` say otherwise."""
-    return ServiceConfig(
-        max_open_calls=max_open_calls,
-        **{"max_open_calls_per_client": max_open_calls, "max_push_calls_per_client": max_open_calls, **settings},
-    )
+    """A config with ``max_open_calls`` and ``settings``; its per-client limits unset unless those set them."""
+    return ServiceConfig(max_open_calls=max_open_calls, **settings)
 
 
 async def _watch(stub, metadata=None):
@@ -193,7 +191,30 @@ def test_one_api_key_past_its_caps_is_refused_while_another_key_gets_through(tmp
         "this client (calls with this API key) has 1 PushFrames calls open, its limit (max_push_calls_per_client)"
         in push_refusal.details()
     )
+    assert retry_after_s(push_refusal) == 1.0
     assert b_held
+
+
+def test_unset_per_client_limits_leave_one_client_every_place_of_the_server():
+    """With the per-client limits unset (the default), one client may hold every PushFrames place; the call past
+    them is refused by the server's own limit, max_push_calls, with its retry hint, not by a client's."""
+    servicer = bare_servicer(push_idle_timeout_s=30)  # max_push_calls=4
+
+    async def run():
+        async with _limited_server(ServiceConfig(max_push_calls=4), servicer.metrics, servicer) as (tcp, _, limits):
+            stub = mosaic_pb2_grpc.MosaicStub(tcp)
+            held = [await _held_push(stub, "", limits) for _ in range(4)]
+            all_held = not any(call.done() for call in held)
+            refused = await _refused_push(stub, "")
+            for call in held:
+                call.cancel()
+            return all_held, refused
+
+    all_held, refused = asyncio.run(run())
+    assert all_held, "one client was refused a PushFrames place while the server had some"
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "PushFrames calls already, its limit" in refused.details() and "per_client" not in refused.details()
+    assert retry_after_s(refused) == 1.0
 
 
 def test_a_key_nobody_checks_names_no_client(tmp_path):

@@ -3,6 +3,8 @@ place, and the limits as configured, per client by API key only where keys are c
 
 from __future__ import annotations
 
+import pytest
+
 from services.auth import ApiKeyInterceptor
 from services.call_limit import CallLimitInterceptor
 from services.config import ServiceConfig
@@ -31,9 +33,15 @@ def test_without_keys_a_client_is_its_host():
     assert not chain[-1].by_api_key
 
 
-def test_unless_set_a_client_may_take_the_servers_every_place():
-    cfg = ServiceConfig(max_open_calls=100, max_push_calls=9)
+def test_unless_set_a_client_has_no_cap_of_its_own():
+    limits = interceptors(ServiceConfig(max_open_calls=100, max_push_calls=9), MosaicMetrics())[-1]
 
-    limits = interceptors(cfg, MosaicMetrics())[-1]
+    assert limits.client_calls is None and limits.client_pushes is None
 
-    assert (limits.client_calls.max_per_client, limits.client_pushes.max_per_client) == (100, 9)
+
+@pytest.mark.parametrize("setting, server", [("max_open_calls_per_client", "max_open_calls"),
+                                             ("max_push_calls_per_client", "max_push_calls")])  # fmt: skip
+def test_a_client_cap_above_the_servers_is_refused(setting, server):
+    with pytest.raises(ValueError, match=f"{setting}=11 is more than {server}=10"):
+        ServiceConfig(**{server: 10, setting: 11})
+    assert getattr(ServiceConfig(**{server: 10, setting: 10}), setting) == 10
