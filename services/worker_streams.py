@@ -211,6 +211,11 @@ class WorkerStreams:
         stream had given out before at the times they had (``_file_resume``); a network source, http(s) included (it
         may be a live camera's MJPEG or MPEG-TS), from where it is now."""
         session = self.sessions[record.stream_id]
+        cfg = self.config
+        policy = SourcePolicy.of(cfg)
+        # The path to open: symlinks and '..' resolved, checked against the roots, before a restored stream's clock
+        # or history changes for it.
+        source = policy.check(record.source_url)
         offset_s = 0.0 if resume_after_s is None else resume_after_s + 1.0 / record.fps
         if session.clock_epoch_unix is not None:
             offset_s = max(offset_s, time.time() - session.clock_epoch_unix)
@@ -222,10 +227,6 @@ class WorkerStreams:
         def sink(timestamp_s: float, rgb: np.ndarray, sid: str = record.stream_id) -> None:
             self._offer(sid, stream_time_s(stamps, timestamp_s), rgb)
 
-        cfg = self.config
-        policy = SourcePolicy.of(cfg)
-        # The path to open: symlinks and '..' resolved, checked against the roots.
-        source = policy.check(record.source_url)
         reader = SourceReader(
             source,
             fps=record.fps,

@@ -19,7 +19,7 @@ from mosaic_core.config import MIB
 from mosaic_core.durable.manifest import MANIFEST_NAME, RECORD_SUFFIX, encode_line, replay
 from mosaic_core.durable.records import ClusterSummary, CorruptRecordError, decode_cluster, encode_pages, to_pages
 from mosaic_core.engine.results import FrameInput
-from mosaic_core.errors import InvalidArgumentError, StateError
+from mosaic_core.errors import InvalidArgumentError, StateError, TimestampOrderError
 from mosaic_core.memory.tiers import KVTiers
 from tests.engine.engine_helpers import feed, make_engine
 
@@ -93,7 +93,7 @@ def test_a_rewound_stream_takes_its_lost_frames_again_at_their_times(tiny_model,
     second = make_engine(tiny_model, data_dir=str(tmp_path))
     (restored,) = second.restore_streams()
     assert (restored.last_timestamp_s, restored.last_sealed_s) == (bikes_frames[23][0], last_sealed_s)
-    with pytest.raises(Exception, match="not after"):
+    with pytest.raises(TimestampOrderError, match="not after"):
         feed(second, "cam", lost[:1])
     assert second.rewind_to_sealed("cam") == last_sealed_s == second.stream_stats("cam").last_timestamp_s
     feed(second, "cam", lost)
