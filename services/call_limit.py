@@ -26,7 +26,7 @@ from services.request_log import replace_behaviour, stream_responses
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 PUSH_FRAMES = "/mosaic.v1.Mosaic/PushFrames"
-PUSH_RETRY_AFTER_S = 1.0  # the retry hint of a client's PushFrames call refused (as PushCalls gives the server's)
+PUSH_RETRY_AFTER_S = 1.0  # the retry hint of a refused PushFrames call: past its client's limit, or the server's
 
 
 class CallLimitInterceptor(grpc.aio.ServerInterceptor):

@@ -20,6 +20,7 @@ from mosaic_core.engine.stream import check_stream_id
 from mosaic_core.errors import InvalidArgumentError, InvalidFrameError, MosaicError, cut
 from mosaic_core.model.geometry import downscaled_size
 from services import convert
+from services.call_limit import PUSH_RETRY_AFTER_S
 from services.coordinator import Coordinator
 from services.errors import DeadlineError, QueueFullError, abort
 from services.frames import check_header, decode_frame
@@ -28,7 +29,6 @@ from services.metrics import MosaicMetrics
 from services.push_sampling import PushSampling
 from services.worker_results import FrameRejection, PushResult
 
-RETRY_AFTER_S = 1.0
 DEFAULT_IDLE_TIMEOUT_S = 60.0  # ServiceConfig.push_idle_timeout_s
 
 
@@ -68,8 +68,8 @@ class PushCalls:
         if self._num_calls >= self.max_calls:
             err = QueueFullError(
                 f"the server is taking {self._num_calls} PushFrames calls already, its limit; "
-                f"retry in about {RETRY_AFTER_S * 1000:.0f} ms or send several streams in one call",
-                retry_after_s=RETRY_AFTER_S,
+                f"retry in about {PUSH_RETRY_AFTER_S * 1000:.0f} ms or send several streams in one call",
+                retry_after_s=PUSH_RETRY_AFTER_S,
             )
             await abort(context, err, self.metrics)
         self._num_calls += 1
